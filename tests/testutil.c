@@ -1,0 +1,128 @@
+#include "testutil.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+const char *tsr_test_data_dir(void) {
+    const char *dir = getenv("TESSERA_TEST_DATA");
+    return dir && *dir ? dir : "../shared";
+}
+
+char *tsr_test_data_path(const char *rel) {
+    const char *dir = tsr_test_data_dir();
+    size_t n = strlen(dir) + strlen(rel) + 2;
+    char *path = malloc(n);
+    snprintf(path, n, "%s/%s", dir, rel);
+    if (access(path, R_OK) != 0) {
+        free(path);
+        return NULL;
+    }
+    return path;
+}
+
+char *tsr_test_require_data(const char *rel) {
+    char *path = tsr_test_data_path(rel);
+    if (!path) {
+        printf("skipped: %s/%s is absent (set TESSERA_TEST_DATA to the shared data folder)\n",
+               tsr_test_data_dir(), rel);
+        exit(77);
+    }
+    return path;
+}
+
+char *tsr_test_read_file(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap + 1);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap) buf = realloc(buf, (cap *= 2) + 1);
+    }
+    fclose(f);
+    buf[n] = '\0';
+    if (size) *size = n;
+    return buf;
+}
+
+int tsr_test_write_file(const char *path, const void *data, size_t size) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return -1;
+    size_t put = fwrite(data, 1, size, f);
+    return (fclose(f) == 0 && put == size) ? 0 : -1;
+}
+
+char *tsr_test_tmpdir(void) {
+    const char *base = getenv("TMPDIR");
+    char tmpl[4096];
+    snprintf(tmpl, sizeof tmpl, "%s/tessera-test-XXXXXX", base && *base ? base : "/tmp");
+    if (!mkdtemp(tmpl)) return NULL;
+    return strdup(tmpl);
+}
+
+/* Drains both pipes together so a child that fills one does not block. */
+static void drain(int fd_out, int fd_err, char **out, char **err) {
+    struct pollfd fds[2] = {{fd_out, POLLIN, 0}, {fd_err, POLLIN, 0}};
+    char *bufs[2] = {NULL, NULL};
+    size_t lens[2] = {0, 0};
+    int open_fds = 2;
+    while (open_fds > 0) {
+        if (poll(fds, 2, -1) < 0) break;
+        for (int i = 0; i < 2; i++) {
+            if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            char chunk[8192];
+            ssize_t got = read(fds[i].fd, chunk, sizeof chunk);
+            if (got <= 0) {
+                close(fds[i].fd);
+                fds[i].fd = -1;
+                open_fds--;
+                continue;
+            }
+            bufs[i] = realloc(bufs[i], lens[i] + (size_t)got + 1);
+            memcpy(bufs[i] + lens[i], chunk, (size_t)got);
+            lens[i] += (size_t)got;
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        if (!bufs[i]) bufs[i] = calloc(1, 1);
+        else bufs[i][lens[i]] = '\0';
+    if (out) *out = bufs[0]; else free(bufs[0]);
+    if (err) *err = bufs[1]; else free(bufs[1]);
+}
+
+int tsr_test_run(char *const argv[], char **out, char **err) {
+    int po[2], pe[2];
+    if (pipe(po) != 0 || pipe(pe) != 0) return -1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_RDONLY);
+        dup2(devnull, 0);
+        dup2(po[1], 1);
+        dup2(pe[1], 2);
+        close(po[0]); close(pe[0]); close(po[1]); close(pe[1]);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(po[1]);
+    close(pe[1]);
+    drain(po[0], pe[0], out, err);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+const char *tsr_test_env(const char *name) {
+    const char *v = getenv(name);
+    if (!v || !*v) {
+        fprintf(stderr, "test environment variable %s is not set (run the tests through ctest)\n", name);
+        abort();
+    }
+    return v;
+}

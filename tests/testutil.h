@@ -1,0 +1,34 @@
+/* Helpers shared by the Check tests. */
+#ifndef TSR_TESTUTIL_H
+#define TSR_TESTUTIL_H
+
+#include <stddef.h>
+
+/* The shared test data folder: $TESSERA_TEST_DATA, else ../shared. */
+const char *tsr_test_data_dir(void);
+
+/* Path of `rel` inside the shared data folder (malloc'd), or NULL when the file is missing. */
+char *tsr_test_data_path(const char *rel);
+
+/* Exits with the ctest skip code (77) after printing "skipped: <reason>" when `rel` is missing
+ * from the shared data folder; returns its path (malloc'd) otherwise. */
+char *tsr_test_require_data(const char *rel);
+
+/* Reads a whole file (malloc'd, NUL-terminated beyond *size). NULL when unreadable. */
+char *tsr_test_read_file(const char *path, size_t *size);
+
+/* Writes `size` bytes to `path`; returns 0 on success. */
+int tsr_test_write_file(const char *path, const void *data, size_t size);
+
+/* A fresh private temporary folder (malloc'd path, mode 0700). */
+char *tsr_test_tmpdir(void);
+
+/* Runs `argv` (argv[0] is a path) with stdout and stderr captured into malloc'd strings
+ * (either pointer may be NULL to discard). Returns the exit status, or -1 if it did not exit
+ * normally (a crash). */
+int tsr_test_run(char *const argv[], char **out, char **err);
+
+/* Environment values set by ctest; abort with a message when absent. */
+const char *tsr_test_env(const char *name);
+
+#endif
