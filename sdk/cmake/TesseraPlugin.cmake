@@ -1,20 +1,55 @@
 # tessera_add_plugin(NAME SOURCES src.c... [LIBS target...])
 #
-# Builds a Tessera plugin: a MODULE library that exports only tessera_plugin_entry, linked
-# against the SDK (Tessera::sdk: the ABI headers and <tessera/sdk.h>). The shipped plugins use
-# this function in tree exactly as a third party uses it after find_package(Tessera).
+# Builds a Tessera plugin: a MODULE library NAME.so that exports only tessera_plugin_entry,
+# linked against the SDK (Tessera::sdk: the ABI headers and <tessera/sdk.h>). The shipped
+# plugins use this function in tree exactly as a third party uses it after
+# find_package(Tessera).
+#
+# Where the plugin goes, read when the function is called (set them before to override):
+#   TESSERA_PLUGIN_BUILD_DIR    folder of the built .so. Default out of tree:
+#                               ${CMAKE_BINARY_DIR}/plugins, so that
+#                               TESSERA_PLUGIN_PATH=<build>/plugins finds every plugin of a
+#                               project.
+#   TESSERA_PLUGIN_INSTALL_DIR  install folder, relative to CMAKE_INSTALL_PREFIX or absolute.
+#                               Default out of tree: ${CMAKE_INSTALL_LIBDIR}/tessera/plugins.
+#                               Set it to an empty string to install nothing.
+# The Tessera build itself sets both to its own plugin folders.
+include_guard(GLOBAL)
+include(GNUInstallDirs)
+
 function(tessera_add_plugin name)
   cmake_parse_arguments(P "" "" "SOURCES;LIBS" ${ARGN})
+  if(NOT P_SOURCES)
+    message(FATAL_ERROR "tessera_add_plugin(${name}): no SOURCES given")
+  endif()
   add_library(${name} MODULE ${P_SOURCES})
   target_link_libraries(${name} PRIVATE Tessera::sdk ${P_LIBS})
+  # Hidden visibility keeps every symbol but the entry point private, so two plugins that
+  # both define a helper of the same name cannot bind to each other's copy.
   set_target_properties(${name} PROPERTIES
     PREFIX ""
     C_VISIBILITY_PRESET hidden
+    CXX_VISIBILITY_PRESET hidden
+    VISIBILITY_INLINES_HIDDEN ON
     C_STANDARD 11)
+
   if(DEFINED TESSERA_PLUGIN_BUILD_DIR)
-    set_target_properties(${name} PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${TESSERA_PLUGIN_BUILD_DIR})
+    set(build_dir "${TESSERA_PLUGIN_BUILD_DIR}")
+  else()
+    set(build_dir "${CMAKE_BINARY_DIR}/plugins")
   endif()
+  set_target_properties(${name} PROPERTIES LIBRARY_OUTPUT_DIRECTORY "${build_dir}")
+
   if(DEFINED TESSERA_PLUGIN_INSTALL_DIR)
-    install(TARGETS ${name} LIBRARY DESTINATION ${TESSERA_PLUGIN_INSTALL_DIR})
+    set(install_dir "${TESSERA_PLUGIN_INSTALL_DIR}")
+  else()
+    set(install_dir "${CMAKE_INSTALL_LIBDIR}/tessera/plugins")
+  endif()
+  if(NOT install_dir STREQUAL "")
+    # The host refuses plugin files that others can write: install them 0755 whatever the
+    # umask of the machine that builds the package.
+    install(TARGETS ${name} LIBRARY DESTINATION "${install_dir}"
+      PERMISSIONS OWNER_READ OWNER_WRITE OWNER_EXECUTE GROUP_READ GROUP_EXECUTE
+                  WORLD_READ WORLD_EXECUTE)
   endif()
 endfunction()

@@ -1,0 +1,33 @@
+/* The `tessera` command line: one function per subcommand, each returning the exit status. */
+#ifndef TSR_HOST_CLI_H
+#define TSR_HOST_CLI_H
+
+#include <stdbool.h>
+
+#include "config.h"
+#include "loader.h"
+
+/* Exit statuses: 0 success, 1 the work failed (bad input, refused plugin...), 2 bad usage. */
+enum { TSR_EXIT_OK = 0, TSR_EXIT_FAIL = 1, TSR_EXIT_USAGE = 2 };
+
+int tsr_cli_plugins(int argc, char **argv);
+int tsr_cli_run(int argc, char **argv);
+int tsr_cli_logits(int argc, char **argv);
+int tsr_cli_tokenize(int argc, char **argv);
+int tsr_cli_validate(int argc, char **argv);
+
+/* Prints "tessera: <message>" on stderr. */
+void tsr_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* True when argv[i] is -h or --help. */
+bool tsr_cli_is_help(const char *arg);
+
+/* A registry scanned with the standard search order plus `extra_dirs`; load problems are
+ * printed as warnings when `report` is set. */
+tsr_registry *tsr_cli_registry(tsr_pool *pool, char *const *extra_dirs, size_t n_extra,
+                               bool report);
+
+/* The registry lookup tsr_config_bind needs. */
+const tsr_plugin_desc *tsr_cli_find_plugin(void *registry, int32_t stage, const char *name);
+
+#endif

@@ -1,0 +1,19 @@
+/* The host's thread pool: plugins reach it through tsr_host.parallel_for. */
+#ifndef TSR_HOST_POOL_H
+#define TSR_HOST_POOL_H
+
+#include <tessera/common.h>
+
+typedef struct tsr_pool tsr_pool;
+
+/* n_threads >= 1 counts the caller: n_threads - 1 workers are started. NULL on failure. */
+tsr_pool *tsr_pool_create(int n_threads);
+void tsr_pool_free(tsr_pool *pool);
+int tsr_pool_size(const tsr_pool *pool);
+
+/* Runs fn(arg, ith, nth) for ith in [0, nth) with nth = pool size, the caller running ith 0,
+ * and returns when all have finished. A call from inside a task (nested) runs all of its
+ * tasks serially on the calling thread. */
+void tsr_pool_run(tsr_pool *pool, tsr_task_fn fn, void *arg);
+
+#endif

@@ -1,0 +1,90 @@
+/* Kernels with only the scalar version: RoPE and the elementwise ops. They are cheap next to
+ * the products, and gcc vectorises the simple loops on its own. */
+#include "internal.h"
+
+#include <math.h>
+
+/* theta_i = pos * freq_scale * base^(-2i/n_rot), the power by repeated f32 multiplication as
+ * llama.cpp computes it (its logits are the reference); the rotation is the same in both
+ * modes, only the pairing differs. */
+static inline void rope_pair(float *x, int64_t i, int64_t half, tsr_rope_mode mode, float c,
+                             float s) {
+    int64_t a = mode == TSR_ROPE_MODE_NEOX ? i : 2 * i;
+    int64_t b = mode == TSR_ROPE_MODE_NEOX ? i + half : 2 * i + 1;
+    float x0 = x[a], x1 = x[b];
+    x[a] = x0 * c - x1 * s;
+    x[b] = x0 * s + x1 * c;
+}
+
+static void rope_cache_row(float *cs, int32_t pos, int64_t n_rot, float base, float freq_scale) {
+    float theta_scale = powf(base, -2.0f / (float)n_rot);
+    float theta = (float)pos;
+    for (int64_t i = 0; i < n_rot / 2; i++) {
+        float th = theta * freq_scale;
+        cs[2 * i] = cosf(th);
+        cs[2 * i + 1] = sinf(th);
+        theta *= theta_scale;
+    }
+}
+
+void tsr_rope_cache(float *cs, const int32_t *pos, int64_t n_tok, int64_t n_rot, float base,
+                    float freq_scale, int ith, int nth) {
+    int64_t t0, t1;
+    tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
+    for (int64_t t = t0; t < t1; t++)
+        rope_cache_row(cs + t * n_rot, pos[t], n_rot, base, freq_scale);
+}
+
+void tsr_rope_apply(float *x, const float *cs, int64_t n_tok, int64_t n_head, int64_t head_dim,
+                    int64_t n_rot, tsr_rope_mode mode, int ith, int nth) {
+    int64_t i0, i1;
+    tsr_thread_slice(&i0, &i1, n_tok * n_head, 1, ith, nth);
+    for (int64_t i = i0; i < i1; i++) {
+        const float *c = cs + (i / n_head) * n_rot;
+        for (int64_t j = 0; j < n_rot / 2; j++)
+            rope_pair(x + i * head_dim, j, n_rot / 2, mode, c[2 * j], c[2 * j + 1]);
+    }
+}
+
+/* cos and sin are recomputed for every head, which is what the two-step form avoids. */
+void tsr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t head_dim,
+              int64_t n_rot, tsr_rope_mode mode, float base, float freq_scale, int ith,
+              int nth) {
+    int64_t i0, i1;
+    tsr_thread_slice(&i0, &i1, n_tok * n_head, 1, ith, nth);
+    float theta_scale = powf(base, -2.0f / (float)n_rot);
+    int64_t half = n_rot / 2;
+    for (int64_t i = i0; i < i1; i++) {
+        float *row = x + i * head_dim;
+        float theta = (float)pos[i / n_head];
+        for (int64_t j = 0; j < half; j++) {
+            float th = theta * freq_scale;
+            rope_pair(row, j, half, mode, cosf(th), sinf(th));
+            theta *= theta_scale;
+        }
+    }
+}
+
+void tsr_silu(float *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
+}
+
+void tsr_swiglu(float *y, const float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+void tsr_add(float *y, const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+void tsr_scale(float *y, const float *x, float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * s;
+}
+
+int64_t tsr_argmax(const float *x, int64_t n) {
+    if (n <= 0) return -1;
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!isnan(x[i]) && (best < 0 || x[i] > x[best])) best = i;
+    return best < 0 ? 0 : best;
+}

@@ -1,0 +1,58 @@
+/* The table each ISA file fills, and what the ISA files share. Not installed. */
+#ifndef TSR_KERNELS_CPU_INTERNAL_H
+#define TSR_KERNELS_CPU_INTERNAL_H
+
+#include <tessera/kernels_cpu.h>
+
+/* The weight formats tsr_matmul multiplies, as indices into tsr_cpu_ops.mm_tile. */
+enum { TSR_MM_F32, TSR_MM_F16, TSR_MM_BF16, TSR_MM_Q8_0, TSR_MM_COUNT };
+
+/* A tile of a matrix product: y[t * ldy + r] = dot(row r of w, row t of x) for r < n_r,
+ * t < n_t, with n_r <= tile_rows and n_t <= tile_toks of the table. Each value must not
+ * depend on n_r, n_t or on where the tile lies, so tiling never changes a result. */
+typedef void (*tsr_mm_tile_fn)(float *y, int64_t ldy,           // (n_t, ldy)
+                               const void *w, size_t w_stride,  // (n_r, w_stride) bytes
+                               const void *x, size_t x_stride,  // (n_t, x_stride) bytes
+                               int64_t n_in, int n_r, int n_t);
+
+/* One ISA's kernels. A NULL entry falls back to the level below (AVX-512 -> AVX2 -> scalar),
+ * so an ISA file only fills what it speeds up; the scalar table is complete. Row functions
+ * take one row; the public wrappers loop and slice. */
+typedef struct tsr_cpu_ops {
+    tsr_cpu_level level;
+    int tile_rows, tile_toks;
+    tsr_mm_tile_fn mm_tile[TSR_MM_COUNT];
+    void (*fp16_to_fp32_row)(float *y, const uint16_t *x, int64_t n);
+    void (*fp32_to_fp16_row)(uint16_t *y, const float *x, int64_t n);
+    void (*bf16_to_fp32_row)(float *y, const uint16_t *x, int64_t n);
+    void (*fp32_to_bf16_row)(uint16_t *y, const float *x, int64_t n);
+    void (*q8_0_quantize_row)(tsr_block_q8_0 *y, const float *x, int64_t n);
+    void (*rms_norm_row)(float *y, const float *x, const float *w, int64_t n, float eps);
+    void (*softmax_row)(float *y, const float *x, int64_t n);
+    float (*dot_f32)(const float *x, const float *y, int64_t n);
+    float (*dot_f16)(const uint16_t *x, const uint16_t *y, int64_t n);
+    void (*axpy_f32)(float *y, float a, const float *x, int64_t n);
+    void (*axpy_f16)(float *y, float a, const uint16_t *x, int64_t n);
+} tsr_cpu_ops;
+
+extern const tsr_cpu_ops tsr_cpu_ops_scalar;
+#if defined(TSR_KERNELS_X86)
+extern const tsr_cpu_ops tsr_cpu_ops_avx2;
+extern const tsr_cpu_ops tsr_cpu_ops_avx512;
+#endif
+
+/* Q8_0 row dots, in every ISA, accumulate block b's scaled integer dot into lane b % 8 of an
+ * f32 accumulator and then add the lanes in this order, so they agree bit for bit. */
+#define TSR_Q8_LANES 8
+static inline float tsr_q8_lanes_sum(const float a[TSR_Q8_LANES]) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+/* The integer dot of one Q8_0 block pair (exact), shared by the scalar path and SIMD tails. */
+static inline int32_t tsr_q8_block_idot(const int8_t *a, const int8_t *b) {
+    int32_t s = 0;
+    for (int i = 0; i < TSR_Q8_0_BLOCK; i++) s += (int32_t)a[i] * (int32_t)b[i];
+    return s;
+}
+
+#endif

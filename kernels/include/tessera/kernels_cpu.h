@@ -1,0 +1,183 @@
+/*
+ * <tessera/kernels_cpu.h> -- CPU compute kernels shared by the backend, quantizer and attention
+ * plugins. Plain functions, no plugin ABI.
+ *
+ * Conventions. The output pointer comes first, sizes are explicit, and every buffer carries a
+ * shape comment, innermost dimension last: `// (n_tok, n_out)`. Kernels that are worth running
+ * on several threads take a thread slice (ith, nth): thread ith of nth handles a contiguous
+ * chunk of rows (tsr_thread_slice). Rows are split, never reductions, so every result is
+ * bit-identical for every nth.
+ *
+ * Dispatch. Each kernel has a scalar reference and, for the hot ones, AVX2 (+FMA, F16C) and
+ * AVX-512 (F, BW, VL, DQ, VNNI, BF16) versions. The level is chosen once from cpuid; the
+ * environment variable TESSERA_CPU_LEVEL=scalar|avx2|avx512 or tsr_cpu_level_set() lowers it
+ * (tests use this to compare every path with the reference). Results of different levels agree
+ * within the tolerances stated in kernels/README.md; Q8_0 products agree bit for bit.
+ *
+ * Thread safety. All kernels are [any]: they keep no state besides the dispatch level, which
+ * tsr_cpu_level_set changes for the whole process (call it before starting work).
+ */
+#ifndef TESSERA_KERNELS_CPU_H
+#define TESSERA_KERNELS_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <tessera/common.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------- */
+/* Dispatch level                                                                            */
+
+typedef enum tsr_cpu_level {
+    TSR_CPU_LEVEL_SCALAR = 0,
+    TSR_CPU_LEVEL_AVX2 = 1,   /* AVX2 + FMA + F16C */
+    TSR_CPU_LEVEL_AVX512 = 2  /* AVX-512 F/BW/VL/DQ/VNNI/BF16 */
+} tsr_cpu_level;
+
+/* The best level this machine and this build support (ignores TESSERA_CPU_LEVEL). */
+tsr_cpu_level tsr_cpu_level_best(void);
+
+/* The level in use: the best one, lowered by TESSERA_CPU_LEVEL when set to a known name. */
+tsr_cpu_level tsr_cpu_level_get(void);
+
+/* Selects `level` for the whole process. TSR_E_UNSUPPORTED when the machine or the build
+ * cannot run it (the level in use is then unchanged), TSR_E_INVALID for an unknown value. */
+tsr_status tsr_cpu_level_set(tsr_cpu_level level);
+
+/* "scalar", "avx2", "avx512"; "?" for other values. */
+const char *tsr_cpu_level_name(tsr_cpu_level level);
+
+/* The chunk [*begin, *end) of n items that thread ith of nth handles: contiguous, boundaries
+ * on multiples of `align` (except n itself), as even as that allows; empty when ith >= nth. */
+void tsr_thread_slice(int64_t *begin, int64_t *end, int64_t n, int64_t align, int ith, int nth);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Number formats                                                                            */
+
+/* GGUF Q8_0: 32 weights per block, value = fp16(d) * q. */
+#define TSR_Q8_0_BLOCK 32
+typedef struct tsr_block_q8_0 {
+    uint16_t d;       /* scale, IEEE binary16 bits */
+    int8_t q[TSR_Q8_0_BLOCK];
+} tsr_block_q8_0;
+
+/* Exact IEEE conversions: subnormals, infinities and signs are kept; a NaN stays a NaN with
+ * its sign and the top of its payload, made quiet. fp32 -> fp16/bf16 rounds to nearest even. */
+float tsr_fp16_to_fp32(uint16_t h);
+uint16_t tsr_fp32_to_fp16(float f);
+float tsr_bf16_to_fp32(uint16_t b);
+uint16_t tsr_fp32_to_bf16(float f);
+
+void tsr_fp16_to_fp32_row(float *y, const uint16_t *x, int64_t n);  // y: (n), x: (n)
+void tsr_fp32_to_fp16_row(uint16_t *y, const float *x, int64_t n);  // y: (n), x: (n)
+void tsr_bf16_to_fp32_row(float *y, const uint16_t *x, int64_t n);  // y: (n), x: (n)
+void tsr_fp32_to_bf16_row(uint16_t *y, const float *x, int64_t n);  // y: (n), x: (n)
+
+/* Quantizes n values (a multiple of 32) to Q8_0 as llama.cpp does on x86: per block
+ * amax = max|x|, d = fp16(amax / 127), q = round_to_nearest_even(x * (127 / amax)),
+ * all zero when amax is 0. */
+void tsr_q8_0_quantize_row(tsr_block_q8_0 *y, const float *x, int64_t n);  // y: (n/32)
+void tsr_q8_0_dequantize_row(float *y, const tsr_block_q8_0 *x, int64_t n); // y: (n)
+
+/* Bytes of a row of n elements of `dtype` (F32, F16, BF16, Q8_0); 0 when the type is not one
+ * of these or n is not a whole number of its blocks. */
+size_t tsr_row_size(int32_t dtype, int64_t n);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Matrix products: y[t][r] = sum_k W[r][k] * x[t][k]                                        */
+/*                                                                                           */
+/* Numerics follow llama.cpp, so logits match its references: the activations are first     */
+/* converted to the weights' "activation type" (F32 -> F32, F16 -> F16, BF16 -> BF16,        */
+/* Q8_0 -> Q8_0 blocks of 32), once per product with tsr_matmul_prepare; each row dot then   */
+/* multiplies exactly and accumulates in f32 lanes (the scalar reference: in double). Q8_0:  */
+/* an exact integer dot per block, scaled by d_w * d_x and summed in f32 in a fixed order.   */
+/* Prepared Q8_0 activations must hold quants in [-127, 127], as tsr_q8_0_quantize_row makes */
+/* them; weight quants may be anything in [-128, 127].                                        */
+
+/* The activation type for weights of `wtype`, or -1 when the kernels cannot multiply it. */
+int32_t tsr_matmul_act_type(int32_t wtype);
+
+/* Converts the activation rows to `act_type`. Slices tokens. TSR_E_UNSUPPORTED for another
+ * type, TSR_E_INVALID when n_in is not a whole number of blocks. */
+tsr_status tsr_matmul_prepare(void *xp,         // (n_tok, tsr_row_size(act_type, n_in)) bytes
+                              int32_t act_type,
+                              const float *x,   // (n_tok, n_in)
+                              int64_t n_tok, int64_t n_in, int ith, int nth);
+
+/* The product for the output rows of slice ith of nth (rows split in multiples of 16). Each
+ * y value is the same whatever n_tok, n_out and the slice: tokens and rows are tiled
+ * (up to 4 rows x 4 tokens on AVX-512) only to reuse loads. Errors as tsr_matmul_prepare. */
+tsr_status tsr_matmul(float *y,           // (n_tok, ldy), columns [0, n_out) written
+                      int64_t ldy,        // >= n_out
+                      const void *w,      // (n_out, tsr_row_size(wtype, n_in)) bytes
+                      int32_t wtype,
+                      const void *xp,     // (n_tok, tsr_row_size(act_type, n_in)), prepared
+                      int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
+
+/* One row dot, the same value tsr_matmul computes: w is one weight row of `wtype`, xp one
+ * prepared activation row. Returns 0 for a type tsr_matmul_act_type refuses. */
+float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Row and elementwise ops (f32). In-place use (y == x) is allowed where y and x have the     */
+/* same shape. Elementwise ops have no thread slice: split them by offsetting the pointers.  */
+
+/* y = x / sqrt(mean(x^2) + eps) * w per row, the sum of squares in double (as llama.cpp);
+ * w may be NULL (no weight). Slices rows. */
+void tsr_rms_norm(float *y,        // (n_rows, n)
+                  const float *x,  // (n_rows, n)
+                  const float *w,  // (n) or NULL
+                  int64_t n_rows, int64_t n, float eps, int ith, int nth);
+
+/* Max-subtracted softmax per row, the sum of exponentials in double. Slices rows. */
+void tsr_softmax(float *y, const float *x, int64_t n_rows, int64_t n, int ith, int nth);
+
+typedef enum tsr_rope_mode {
+    TSR_ROPE_MODE_NORMAL = 0, /* rotates pairs (2i, 2i+1) (llama) */
+    TSR_ROPE_MODE_NEOX = 2    /* rotates pairs (i, i + n_rot/2) (NeoX, Qwen2); ggml's value */
+} tsr_rope_mode;
+
+/* Rotary embedding, in place, of the first n_rot (even, <= head_dim) dims of each head:
+ * theta_i = pos * freq_scale * base^(-2i/n_rot), computed as llama.cpp does (f32, the power
+ * by repeated multiplication). Slices the n_tok * n_head rows. */
+void tsr_rope(float *x,             // (n_tok, n_head, head_dim)
+              const int32_t *pos,   // (n_tok)
+              int64_t n_tok, int64_t n_head, int64_t head_dim, int64_t n_rot,
+              tsr_rope_mode mode, float base, float freq_scale, int ith, int nth);
+
+/* The same in two steps, to compute the cos/sin table once for every layer of a batch.
+ * tsr_rope_cache slices tokens; tsr_rope_apply gives results identical to tsr_rope. */
+void tsr_rope_cache(float *cs,            // (n_tok, n_rot/2, 2): cos, sin of theta_i
+                    const int32_t *pos,   // (n_tok)
+                    int64_t n_tok, int64_t n_rot, float base, float freq_scale,
+                    int ith, int nth);
+void tsr_rope_apply(float *x,             // (n_tok, n_head, head_dim)
+                    const float *cs,      // (n_tok, n_rot/2, 2)
+                    int64_t n_tok, int64_t n_head, int64_t head_dim, int64_t n_rot,
+                    tsr_rope_mode mode, int ith, int nth);
+
+void tsr_silu(float *y, const float *x, int64_t n);                    // y = x / (1 + e^-x)
+void tsr_swiglu(float *y, const float *g, const float *u, int64_t n);  // y = silu(g) * u
+void tsr_add(float *y, const float *a, const float *b, int64_t n);     // y = a + b
+void tsr_scale(float *y, const float *x, float s, int64_t n);          // y = x * s
+
+/* Index of the largest value, the lowest index among equals; NaNs never win (0 when all are
+ * NaN); -1 if n <= 0. */
+int64_t tsr_argmax(const float *x, int64_t n);
+
+/* Attention helpers. dot: sum x[i]*y[i] accumulated in f32 (f16 inputs: exact products).
+ * axpy: y += a * x. */
+float tsr_dot_f32(const float *x, const float *y, int64_t n);       // x, y: (n)
+float tsr_dot_f16(const uint16_t *x, const uint16_t *y, int64_t n); // x, y: (n) fp16
+void tsr_axpy_f32(float *y, float a, const float *x, int64_t n);    // y, x: (n)
+void tsr_axpy_f16(float *y, float a, const uint16_t *x, int64_t n); // y: (n), x: (n) fp16
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,318 @@
+/*
+ * attention 'flash': the same result as 'reference' computed the FlashAttention way (Dao et
+ * al. 2022): keys are read in tiles of `tile` entries and the softmax is computed online, with
+ * a running maximum m and normaliser l per (query, head); when a tile raises the maximum the
+ * accumulator and l are rescaled by exp(m_old - m_new). No (queries x entries) score matrix is
+ * ever held, and each K/V tile is read (converted, for F16 or loaded views) once for all the
+ * query heads of its KV head and a block of queries.
+ *
+ * Parallel work items are (block of FLASH_QB queries, KV head); each item is computed whole by
+ * one task, so results do not depend on the thread count. score_acc needs the final m and l of
+ * every (query, head), so it is a second pass over scores only (no V), run only when a view
+ * asks for it and split over (KV head, key tile) so each entry's sum has a fixed order.
+ */
+#include <math.h>
+#include <stdatomic.h>
+
+#include <tessera/sdk.h>
+#include <tessera/sdk_kv.h>
+
+/* Queries per work item: enough to reuse a K/V tile from cache, few enough to keep
+ * parallelism for short prefills. */
+#define FLASH_QB 8
+
+typedef struct flash_attn {
+    const tsr_host *host;
+    int32_t n_layer, n_head, n_kv_head, head_dim;
+    int32_t tile;
+} flash_attn;
+
+typedef struct flash_job {
+    const flash_attn *a;
+    const tsr_attention_call *call;
+    int64_t max_view_n;
+    float *stat;            /* (n_q, n_head, 2): final running max and normaliser */
+    int64_t n_items;
+    atomic_int failed;
+} flash_job;
+
+/* Four partial sums: independent chains the compiler can overlap. */
+static float flash_dot(const float *a, const float *b, int32_t d) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int32_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < d; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static void flash_task(void *arg, int ith, int nth) {
+    flash_job *job = arg;
+    const flash_attn *a = job->a;
+    const tsr_attention_call *c = job->call;
+    const int32_t hd = a->head_dim, group = a->n_head / a->n_kv_head, tile = a->tile;
+    int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
+    if (first == last) return;
+
+    /* kt, vt (tile, hd) | s (tile) | per (query, group head): q*scale (hd), acc (hd), m, l */
+    int32_t n_state = FLASH_QB * group;
+    size_t n_floats = 2 * (size_t)tile * (size_t)hd + (size_t)tile +
+                      (size_t)n_state * (2 * (size_t)hd + 2);
+    float *mem = a->host->alloc(a->host->ctx, n_floats * sizeof(float), 0);
+    if (!mem) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    float *kt = mem, *vt = kt + (size_t)tile * hd, *s = vt + (size_t)tile * hd;
+    float *qs = s + tile, *acc = qs + (size_t)n_state * hd, *ml = acc + (size_t)n_state * hd;
+
+    for (int64_t it = first; it < last; it++) {
+        int32_t g = (int32_t)(it % a->n_kv_head);
+        int64_t i0 = (it / a->n_kv_head) * FLASH_QB;
+        int64_t nq = c->n_q - i0 < FLASH_QB ? c->n_q - i0 : FLASH_QB;
+        const tsr_kv_view *v = &c->views[g];
+        int32_t qpos_max = INT32_MIN;
+        for (int64_t qi = 0; qi < nq; qi++) {
+            if (c->q_pos[i0 + qi] > qpos_max) qpos_max = c->q_pos[i0 + qi];
+            for (int32_t hg = 0; hg < group; hg++) {
+                int64_t st = qi * group + hg;
+                const float *q = c->q + ((i0 + qi) * a->n_head + g * group + hg) * hd;
+                for (int32_t d = 0; d < hd; d++) {
+                    qs[st * hd + d] = q[d] * c->scale;
+                    acc[st * hd + d] = 0.0f;
+                }
+                ml[2 * st] = -INFINITY;
+                ml[2 * st + 1] = 0.0f;
+            }
+        }
+        for (int64_t j0 = 0; j0 < v->n; j0 += tile) {
+            int64_t nb = v->n - j0 < tile ? v->n - j0 : tile;
+            int any = 0;
+            for (int64_t r = 0; r < nb && !any; r++) any = v->pos[j0 + r] <= qpos_max;
+            if (!any) continue; /* the whole tile lies in every query's future */
+            size_t kst, vst;
+            const float *k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
+            const float *vv = tsr_kv_view_rows(v, 1, j0, nb, hd, vt, &vst);
+            for (int64_t qi = 0; qi < nq; qi++) {
+                int32_t qpos = c->q_pos[i0 + qi];
+                for (int32_t hg = 0; hg < group; hg++) {
+                    int64_t st = qi * group + hg;
+                    float mt = -INFINITY;
+                    for (int64_t r = 0; r < nb; r++) {
+                        if (v->pos[j0 + r] > qpos) {
+                            s[r] = -INFINITY;
+                            continue;
+                        }
+                        s[r] = flash_dot(qs + st * hd, k + (size_t)r * kst, hd);
+                        if (s[r] > mt) mt = s[r];
+                    }
+                    if (mt == -INFINITY) continue;
+                    float m_old = ml[2 * st];
+                    float m_new = mt > m_old ? mt : m_old;
+                    float *o = acc + st * hd;
+                    if (m_new > m_old) {
+                        float alpha = expf(m_old - m_new); /* 0 on the first visible tile */
+                        ml[2 * st + 1] *= alpha;
+                        for (int32_t d = 0; d < hd; d++) o[d] *= alpha;
+                        ml[2 * st] = m_new;
+                    }
+                    float l = 0.0f;
+                    for (int64_t r = 0; r < nb; r++) {
+                        if (s[r] == -INFINITY) continue;
+                        float p = expf(s[r] - m_new);
+                        l += p;
+                        const float *vr = vv + (size_t)r * vst;
+                        for (int32_t d = 0; d < hd; d++) o[d] += p * vr[d];
+                    }
+                    ml[2 * st + 1] += l;
+                }
+            }
+        }
+        for (int64_t qi = 0; qi < nq; qi++) {
+            for (int32_t hg = 0; hg < group; hg++) {
+                int64_t st = qi * group + hg;
+                int64_t pair = (i0 + qi) * a->n_head + g * group + hg;
+                float l = ml[2 * st + 1];
+                float *out = c->out + pair * hd;
+                /* No visible entry: zeros, as in 'reference'. */
+                for (int32_t d = 0; d < hd; d++) out[d] = l > 0.0f ? acc[st * hd + d] / l : 0.0f;
+                job->stat[2 * pair] = ml[2 * st];
+                job->stat[2 * pair + 1] = l;
+            }
+        }
+    }
+    a->host->free(a->host->ctx, mem);
+}
+
+/* Scores only: item (g, key tile); each entry sums its probabilities over the group's heads,
+ * then the queries, in that order. Scores are recomputed exactly as flash_task computed them
+ * (same scaled query, same dot product), so p <= 1 and they sum to 1 per query. */
+static void flash_score_task(void *arg, int ith, int nth) {
+    flash_job *job = arg;
+    const flash_attn *a = job->a;
+    const tsr_attention_call *c = job->call;
+    const int32_t hd = a->head_dim, group = a->n_head / a->n_kv_head, tile = a->tile;
+    int64_t tiles = (job->max_view_n + tile - 1) / tile;
+    int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
+    if (first == last) return;
+
+    size_t n_floats = (size_t)tile * (size_t)hd + (size_t)hd + (size_t)tile;
+    float *mem = a->host->alloc(a->host->ctx, n_floats * sizeof(float), 0);
+    if (!mem) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    float *kt = mem, *qs = kt + (size_t)tile * hd, *sum = qs + hd;
+
+    for (int64_t it = first; it < last; it++) {
+        int32_t g = (int32_t)(it / tiles);
+        int64_t j0 = (it % tiles) * tile;
+        const tsr_kv_view *v = &c->views[g];
+        if (!v->score_acc || j0 >= v->n) continue;
+        int64_t nb = v->n - j0 < tile ? v->n - j0 : tile;
+        size_t kst;
+        const float *k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
+        for (int64_t r = 0; r < nb; r++) sum[r] = 0.0f;
+        for (int32_t h = g * group; h < (g + 1) * group; h++) {
+            for (int64_t i = 0; i < c->n_q; i++) {
+                int32_t qpos = c->q_pos[i];
+                int64_t pair = i * a->n_head + h;
+                float m = job->stat[2 * pair], l = job->stat[2 * pair + 1];
+                if (qpos < v->score_from_pos || l <= 0.0f) continue;
+                const float *q = c->q + pair * hd;
+                for (int32_t d = 0; d < hd; d++) qs[d] = q[d] * c->scale;
+                for (int64_t r = 0; r < nb; r++) {
+                    if (v->pos[j0 + r] > qpos) continue;
+                    sum[r] += expf(flash_dot(qs, k + (size_t)r * kst, hd) - m) / l;
+                }
+            }
+        }
+        for (int64_t r = 0; r < nb; r++) v->score_acc[j0 + r] += sum[r];
+    }
+    a->host->free(a->host->ctx, mem);
+}
+
+static tsr_status flash_check_call(const flash_attn *a, const tsr_attention_call *c) {
+    const tsr_host *host = a->host;
+    if (c->layer < 0 || c->layer >= a->n_layer) {
+        host->set_error(host->ctx, "forward: layer %d outside [0, %d)", (int)c->layer,
+                        (int)a->n_layer);
+        return TSR_E_RANGE;
+    }
+    if (c->n_q < 0 || (c->n_q > 0 && (!c->q || !c->q_pos || !c->out)) || !c->views) {
+        host->set_error(host->ctx, "forward: layer %d: missing q, q_pos, out or views",
+                        (int)c->layer);
+        return TSR_E_INVALID;
+    }
+    for (int32_t g = 0; g < a->n_kv_head; g++) {
+        const tsr_kv_view *v = &c->views[g];
+        if (v->n < 0 || (v->n > 0 && !v->pos) || !tsr_kv_view_readable(v)) {
+            host->set_error(host->ctx,
+                            "forward: layer %d: view of KV head %d is not readable (n %lld, "
+                            "dtype %d: F32/F16 need k, v and pos; others need load_k/load_v)",
+                            (int)c->layer, (int)g, (long long)v->n, (int)v->dtype);
+            return TSR_E_INVALID;
+        }
+    }
+    return TSR_OK;
+}
+
+static tsr_status flash_forward(void *self, const tsr_attention_call *call) {
+    flash_attn *a = self;
+    tsr_status st = flash_check_call(a, call);
+    if (st < 0) return st;
+    if (call->n_q == 0) return TSR_OK;
+
+    flash_job job = {.a = a, .call = call};
+    int any_scores = 0;
+    for (int32_t g = 0; g < a->n_kv_head; g++) {
+        if (call->views[g].n > job.max_view_n) job.max_view_n = call->views[g].n;
+        any_scores |= call->views[g].score_acc != NULL;
+    }
+    atomic_init(&job.failed, 0);
+    job.stat = a->host->alloc(a->host->ctx, (size_t)(call->n_q * a->n_head) * 2 * sizeof(float), 0);
+    if (!job.stat) goto nomem;
+    job.n_items = (call->n_q + FLASH_QB - 1) / FLASH_QB * a->n_kv_head;
+    a->host->parallel_for(a->host->ctx, flash_task, &job);
+    if (!atomic_load(&job.failed) && any_scores) {
+        job.n_items = a->n_kv_head * ((job.max_view_n + a->tile - 1) / a->tile);
+        a->host->parallel_for(a->host->ctx, flash_score_task, &job);
+    }
+    a->host->free(a->host->ctx, job.stat);
+    if (atomic_load(&job.failed)) goto nomem;
+    return TSR_OK;
+nomem:
+    a->host->set_error(a->host->ctx, "forward: layer %d: out of memory for %lld queries over %lld "
+                       "entries", (int)call->layer, (long long)call->n_q,
+                       (long long)job.max_view_n);
+    return TSR_E_NOMEM;
+}
+
+static tsr_status flash_create(const tsr_host *host, const tsr_params *params,
+                               const tsr_attention_init *init, void **out) {
+    if (init->n_layer <= 0 || init->n_head <= 0 || init->n_kv_head <= 0 || init->head_dim <= 0 ||
+        init->n_head % init->n_kv_head != 0) {
+        host->set_error(host->ctx,
+                        "shape n_layer %d, n_head %d, n_kv_head %d, head_dim %d: expected "
+                        "positive sizes with n_head a multiple of n_kv_head",
+                        (int)init->n_layer, (int)init->n_head, (int)init->n_kv_head,
+                        (int)init->head_dim);
+        return TSR_E_INVALID;
+    }
+    if (init->backend_name && strcmp(init->backend_name, "cpu") != 0) {
+        host->set_error(host->ctx, "backend '%s': this plugin reads host memory only (cpu)",
+                        init->backend_name);
+        return TSR_E_UNSUPPORTED;
+    }
+    int64_t tile = tsr_param_int(params, "tile");
+    if (tile < 8 || tile > 1024) {
+        host->set_error(host->ctx, "tile %lld: expected an integer in [8, 1024]", (long long)tile);
+        return TSR_E_INVALID;
+    }
+    flash_attn *a = tsr_calloc(host, 1, sizeof *a);
+    if (!a) {
+        host->set_error(host->ctx, "out of memory");
+        return TSR_E_NOMEM;
+    }
+    a->host = host;
+    a->n_layer = init->n_layer;
+    a->n_head = init->n_head;
+    a->n_kv_head = init->n_kv_head;
+    a->head_dim = init->head_dim;
+    a->tile = (int32_t)tile;
+    *out = a;
+    return TSR_OK;
+}
+
+static void flash_destroy(void *self) {
+    flash_attn *a = self;
+    a->host->free(a->host->ctx, a);
+}
+
+static const tsr_param_def flash_params[] = {
+    {TSR_SIZED(tsr_param_def), .name = "tile", .type = TSR_PARAM_INT, .default_value = "64",
+     .min = 8, .max = 1024, .unit = "entries",
+     .doc = "keys read per step of the online softmax"},
+};
+
+static const tsr_attention_vtable flash_vtable = {
+    TSR_SIZED(tsr_attention_vtable),
+    .create = flash_create,
+    .destroy = flash_destroy,
+    .forward = flash_forward,
+};
+
+static const tsr_plugin_desc flash_desc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_ATTENTION, ATTENTION),
+    .name = "flash",
+    .version = "1.0",
+    .description = "tiled attention with an online softmax (FlashAttention-style), f32",
+    TSR_PARAMS(flash_params),
+    .vtable = &flash_vtable,
+};
+
+TSR_PLUGIN_EXPORT(&flash_desc)

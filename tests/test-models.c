@@ -1,0 +1,365 @@
+/* Real models end to end through the library: the fixture models against llama.cpp's logits
+ * and greedy ids, stories260K against llama2.c's, and the invariants of the pipeline
+ * (attention plugins agree, thread count does not matter, streaming memory stays flat,
+ * sampling is reproducible). Needs the shared data folder; skips without it. */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "loader.h"
+#include "model.h"
+#include "pipeline.h"
+#include "testutil.h"
+
+typedef struct run {
+    tsr_pool *pool;
+    tsr_registry *reg;
+    tsr_config *cfg;
+    tsr_model *model;
+    tsr_pipeline *pl;
+} run;
+
+static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
+    const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
+    return r ? r->desc : NULL;
+}
+
+/* Opens `model_rel` (inside the shared data) with the pipeline `yaml` for n_ctx positions. */
+static void run_open(run *r, const char *model_rel, const char *yaml, int32_t n_ctx) {
+    memset(r, 0, sizeof *r);
+    tsr_error err = {{0}};
+    ck_assert_int_ge(tsr_config_load_string(yaml, "test.yaml", &r->cfg, &err), 0);
+    r->reg = tsr_registry_create(NULL);
+    ck_assert_int_ge(tsr_registry_scan_dir(r->reg, tsr_test_env("TESSERA_PLUGIN_DIR"), &err), 1);
+    if (tsr_config_bind(r->cfg, find_plugin, r->reg, &err) < 0) ck_abort_msg("%s", err.msg);
+    r->pool = tsr_pool_create(tsr_config_threads(r->cfg));
+    char *path = tsr_test_data_path(model_rel);
+    ck_assert_msg(path != NULL, "%s missing", model_rel);
+    if (tsr_model_load(path, &r->model, &err) < 0) ck_abort_msg("%s", err.msg);
+    free(path);
+    if (tsr_pipeline_create(r->cfg, r->reg, r->model, r->pool, n_ctx, &r->pl, &err) < 0)
+        ck_abort_msg("%s", err.msg);
+}
+
+static void run_close(run *r) {
+    tsr_pipeline_free(r->pl);
+    tsr_model_free(r->model);
+    tsr_registry_free(r->reg);
+    tsr_pool_free(r->pool);
+    tsr_config_free(r->cfg);
+}
+
+static const char *const greedy_yaml =
+    "tessera: 1\nbackend: { plugin: cpu, threads: 1 }\nattention: { plugin: flash }\n"
+    "cache: { plugin: full }\ndecoder: { plugin: greedy }\n";
+
+/* Reads whitespace-separated integers (ids) or floats (margins) from a shared file. */
+static double *read_numbers(const char *rel, size_t *n) {
+    char *path = tsr_test_data_path(rel);
+    ck_assert_msg(path != NULL, "%s missing", rel);
+    char *text = tsr_test_read_file(path, NULL);
+    free(path);
+    size_t cap = 64;
+    double *v = malloc(cap * sizeof *v);
+    *n = 0;
+    char *p = text, *end;
+    for (double x = strtod(p, &end); end != p; x = strtod(p = end, &end)) {
+        if (*n == cap) v = realloc(v, (cap *= 2) * sizeof *v);
+        v[(*n)++] = x;
+    }
+    free(text);
+    return v;
+}
+
+static float *read_floats(const char *rel, size_t *n) {
+    char *path = tsr_test_data_path(rel);
+    ck_assert_msg(path != NULL, "%s missing", rel);
+    size_t size;
+    float *v = (float *)tsr_test_read_file(path, &size);
+    free(path);
+    *n = size / sizeof(float);
+    return v;
+}
+
+/* Logits of every position of `ids`, one batch from an empty cache. */
+static float *all_logits(run *r, const double *ids, size_t n) {
+    tsr_error err = {{0}};
+    tsr_batch_entry *b = calloc(n, sizeof *b);
+    for (size_t i = 0; i < n; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)i, .token = (int32_t)ids[i], .want_logits = 1};
+    float *logits = malloc(n * (size_t)r->model->hp.n_vocab * sizeof *logits);
+    ck_assert_int_ge(tsr_pipeline_seq_begin(r->pl, 0, &err), 0);
+    if (tsr_pipeline_forward(r->pl, b, (int64_t)n, logits, &err) < 0) ck_abort_msg("%s", err.msg);
+    tsr_pipeline_seq_end(r->pl, 0);
+    free(b);
+    return logits;
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - (double)b[i]));
+    return m;
+}
+
+typedef struct fixture {
+    const char *model; /* under fixtures/models/, or a path under the data folder */
+    const char *ref;   /* name used in fixtures/ref/ */
+    double logit_tol;
+    bool exact_greedy; /* F32: every id must match; else up to the first fragile step */
+} fixture;
+
+static const fixture fixtures[] = {
+    {"fixtures/models/llama-tiny-f32.gguf", "llama-tiny-f32", 1e-4, true},
+    {"fixtures/models/qwen2-tiny-f32.gguf", "qwen2-tiny-f32", 1e-4, true},
+    {"models/stories260K.gguf", "stories260K", 1e-4, true},
+    {"fixtures/models/llama-tiny-f16.gguf", "llama-tiny-f16", 2e-2, false},
+    {"fixtures/models/llama-tiny-q8_0.gguf", "llama-tiny-q8_0", 2e-2, false},
+    {"fixtures/models/qwen2-tiny-q8_0.gguf", "qwen2-tiny-q8_0", 2e-2, false},
+};
+#define N_FIXTURES (sizeof fixtures / sizeof fixtures[0])
+
+START_TEST(fixture_logits_match_llama_cpp) {
+    const fixture *f = &fixtures[_i];
+    size_t n_ids, n_ref;
+    double *ids = read_numbers("fixtures/inputs/seq64.txt", &n_ids);
+    char ref[256];
+    snprintf(ref, sizeof ref, "fixtures/ref/%s.logits-seq64.f32", f->ref);
+    float *want = read_floats(ref, &n_ref);
+    run r;
+    run_open(&r, f->model, greedy_yaml, 512);
+    ck_assert_uint_eq(n_ref, n_ids * (size_t)r.model->hp.n_vocab);
+    float *got = all_logits(&r, ids, n_ids);
+    double diff = max_abs_diff(got, want, n_ref);
+    ck_assert_msg(diff <= f->logit_tol, "%s: max |logit - llama.cpp| = %g > %g", f->ref, diff,
+                  f->logit_tol);
+    free(got);
+    free(want);
+    free(ids);
+    run_close(&r);
+}
+END_TEST
+
+typedef struct id_sink {
+    int32_t ids[4096];
+    int64_t n;
+    tsr_pipeline *pl;
+    int64_t kv_at; /* record kv bytes when this many tokens were emitted */
+    uint64_t kv_bytes_then;
+} id_sink;
+
+static void collect(void *ctx, const int32_t *tokens, int64_t n) {
+    id_sink *s = ctx;
+    for (int64_t i = 0; i < n && s->n < 4096; i++) {
+        s->ids[s->n++] = tokens[i];
+        if (s->n == s->kv_at) s->kv_bytes_then = tsr_pipeline_kv_bytes(s->pl);
+    }
+}
+
+static void generate(run *r, const double *prompt, size_t n_prompt, int64_t n_new, id_sink *sink) {
+    int32_t p[64];
+    for (size_t i = 0; i < n_prompt; i++) p[i] = (int32_t)prompt[i];
+    tsr_error err = {{0}};
+    int64_t n_gen = 0;
+    sink->pl = r->pl;
+    if (tsr_pipeline_generate(r->pl, p, (int64_t)n_prompt, n_new, NULL, NULL, collect, sink,
+                              &n_gen, &err) < 0)
+        ck_abort_msg("%s", err.msg);
+    ck_assert_int_eq(n_gen, sink->n);
+}
+
+START_TEST(fixture_greedy_matches_llama_cpp) {
+    const fixture *f = &fixtures[_i];
+    size_t n_prompt, n_want, n_margin;
+    bool once = strstr(f->ref, "stories260K") != NULL;
+    double *prompt = read_numbers(once ? "fixtures/inputs/prompt-once.txt" : "fixtures/inputs/prompt8.txt",
+                                  &n_prompt);
+    char rel[256];
+    snprintf(rel, sizeof rel, "fixtures/ref/%s.greedy48%s.txt", f->ref, once ? "-once" : "");
+    double *want = read_numbers(rel, &n_want);
+    snprintf(rel, sizeof rel, "fixtures/ref/%s.greedy48%s-margins.txt", f->ref, once ? "-once" : "");
+    double *margins = read_numbers(rel, &n_margin);
+    run r;
+    run_open(&r, f->model, greedy_yaml, 512);
+    id_sink sink = {.kv_at = -1};
+    generate(&r, prompt, n_prompt, (int64_t)n_want, &sink);
+    ck_assert_int_eq(sink.n, (int64_t)n_want);
+    for (size_t i = 0; i < n_want; i++) {
+        /* A quantized model may legitimately diverge once the reference's own top-2 margin is
+         * within the quantization noise. */
+        if (!f->exact_greedy && margins[i] < 0.005) break;
+        ck_assert_msg(sink.ids[i] == (int32_t)want[i], "%s: step %zu: id %d, llama.cpp %d",
+                      f->ref, i, sink.ids[i], (int32_t)want[i]);
+    }
+    free(prompt);
+    free(want);
+    free(margins);
+    run_close(&r);
+}
+END_TEST
+
+START_TEST(llama_tiny_seq300_logits) {
+    size_t n_ids, n_ref;
+    double *ids = read_numbers("fixtures/inputs/seq300.txt", &n_ids);
+    float *want = read_floats("fixtures/ref/llama-tiny-f32.logits-seq300.f32", &n_ref);
+    run r;
+    run_open(&r, "fixtures/models/llama-tiny-f32.gguf", greedy_yaml, 512);
+    float *got = all_logits(&r, ids, n_ids);
+    double diff = max_abs_diff(got, want, n_ref);
+    ck_assert_msg(diff <= 1e-4, "max |diff| %g", diff);
+    free(got);
+    free(want);
+    free(ids);
+    run_close(&r);
+}
+END_TEST
+
+/* run.c's logits for "Lily and Tom", row i after forwarding ids[i] at position i. */
+START_TEST(stories260K_bin_logits_match_llama2c) {
+    size_t n_ids, n_ref;
+    double *ids = read_numbers("models/stories260K.greedy.lily.ids.txt", &n_ids);
+    float *want = read_floats("models/stories260K.greedy.lily.logits.f32", &n_ref);
+    size_t rows = n_ref / 512;
+    run r;
+    run_open(&r, "models/stories260K.bin", greedy_yaml, 512);
+    float *got = all_logits(&r, ids, rows);
+    double diff = max_abs_diff(got, want, n_ref);
+    ck_assert_msg(diff <= 1e-4, "max |logit - run.c| = %g", diff);
+    free(got);
+    free(want);
+    free(ids);
+    run_close(&r);
+}
+END_TEST
+
+/* The .bin checkpoint and the GGUF are the same weights: the same logits. */
+START_TEST(stories260K_bin_equals_gguf) {
+    size_t n_ids;
+    double *ids = read_numbers("fixtures/inputs/seq64.txt", &n_ids);
+    run a, b;
+    run_open(&a, "models/stories260K.bin", greedy_yaml, 512);
+    run_open(&b, "models/stories260K.gguf", greedy_yaml, 512);
+    float *la = all_logits(&a, ids, n_ids), *lb = all_logits(&b, ids, n_ids);
+    ck_assert_msg(memcmp(la, lb, n_ids * 512 * sizeof(float)) == 0, "logits differ");
+    free(la);
+    free(lb);
+    free(ids);
+    run_close(&a);
+    run_close(&b);
+}
+END_TEST
+
+START_TEST(reference_and_flash_attention_agree) {
+    size_t n_ids;
+    double *ids = read_numbers("fixtures/inputs/seq300.txt", &n_ids);
+    const char *ref_yaml = "tessera: 1\nattention: { plugin: reference }\ndecoder: { plugin: greedy }\n";
+    run a, b;
+    run_open(&a, "fixtures/models/llama-tiny-f32.gguf", greedy_yaml, 512);
+    run_open(&b, "fixtures/models/llama-tiny-f32.gguf", ref_yaml, 512);
+    float *la = all_logits(&a, ids, n_ids), *lb = all_logits(&b, ids, n_ids);
+    double diff = max_abs_diff(la, lb, n_ids * 512);
+    ck_assert_msg(diff <= 1e-5, "flash vs reference: %g", diff);
+    free(la);
+    free(lb);
+    free(ids);
+    run_close(&a);
+    run_close(&b);
+}
+END_TEST
+
+START_TEST(thread_count_does_not_change_logits) {
+    size_t n_ids;
+    double *ids = read_numbers("fixtures/inputs/seq64.txt", &n_ids);
+    const char *two = "tessera: 1\nbackend: { plugin: cpu, threads: 2 }\ndecoder: { plugin: greedy }\n";
+    const char *three = "tessera: 1\nbackend: { plugin: cpu, threads: 3 }\ndecoder: { plugin: greedy }\n";
+    const char *models[] = {"fixtures/models/llama-tiny-q8_0.gguf", "fixtures/models/llama-tiny-f16.gguf"};
+    for (size_t m = 0; m < 2; m++) {
+        run a, b, c;
+        run_open(&a, models[m], greedy_yaml, 512);
+        run_open(&b, models[m], two, 512);
+        run_open(&c, models[m], three, 512);
+        float *la = all_logits(&a, ids, n_ids), *lb = all_logits(&b, ids, n_ids),
+              *lc = all_logits(&c, ids, n_ids);
+        ck_assert_msg(memcmp(la, lb, n_ids * 512 * sizeof(float)) == 0, "%s: 1 vs 2 threads", models[m]);
+        ck_assert_msg(memcmp(la, lc, n_ids * 512 * sizeof(float)) == 0, "%s: 1 vs 3 threads", models[m]);
+        free(la);
+        free(lb);
+        free(lc);
+        run_close(&a);
+        run_close(&b);
+        run_close(&c);
+    }
+    free(ids);
+}
+END_TEST
+
+START_TEST(streaming_cache_memory_is_flat) {
+    const char *yaml = "tessera: 1\ncache: { plugin: streaming, sink: 4, window: 60 }\n"
+                       "decoder: { plugin: sample, seed: 7 }\n";
+    run r;
+    run_open(&r, "models/stories260K.gguf", yaml, 2100);
+    double prompt[] = {1, 403, 407, 261, 378};
+    id_sink sink = {.kv_at = 100};
+    generate(&r, prompt, 5, 2000, &sink);
+    ck_assert_int_eq(sink.n, 2000);
+    uint64_t end = tsr_pipeline_kv_bytes(r.pl);
+    ck_assert_uint_gt(sink.kv_bytes_then, 0);
+    ck_assert_msg(end == sink.kv_bytes_then, "KV bytes grew from %llu (after 100 tokens) to %llu "
+                  "(after 2000)", (unsigned long long)sink.kv_bytes_then, (unsigned long long)end);
+    run_close(&r);
+}
+END_TEST
+
+START_TEST(sampling_is_reproducible_per_seed) {
+    const char *seed1 = "tessera: 1\ndecoder: { plugin: sample, temperature: 1.0, seed: 1 }\n";
+    const char *seed2 = "tessera: 1\ndecoder: { plugin: sample, temperature: 1.0, seed: 2 }\n";
+    double prompt[] = {1, 403, 407, 261, 378};
+    id_sink a = {.kv_at = -1}, b = {.kv_at = -1}, c = {.kv_at = -1};
+    run r;
+    run_open(&r, "models/stories260K.gguf", seed1, 512);
+    generate(&r, prompt, 5, 100, &a);
+    run_close(&r);
+    run_open(&r, "models/stories260K.gguf", seed1, 512);
+    generate(&r, prompt, 5, 100, &b);
+    run_close(&r);
+    run_open(&r, "models/stories260K.gguf", seed2, 512);
+    generate(&r, prompt, 5, 100, &c);
+    run_close(&r);
+    ck_assert_int_eq(a.n, b.n);
+    ck_assert_mem_eq(a.ids, b.ids, (size_t)a.n * sizeof(int32_t));
+    ck_assert_msg(a.n != c.n || memcmp(a.ids, c.ids, (size_t)a.n * sizeof(int32_t)) != 0,
+                  "seeds 1 and 2 gave the same 100 tokens");
+}
+END_TEST
+
+int main(void) {
+    char *probe = tsr_test_require_data("fixtures/models/llama-tiny-f32.gguf");
+    free(probe);
+    free(tsr_test_require_data("models/stories260K.bin"));
+    Suite *s = suite_create("models");
+    TCase *tc = tcase_create("fixtures");
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, fixture_logits_match_llama_cpp, 0, (int)N_FIXTURES);
+    tcase_add_loop_test(tc, fixture_greedy_matches_llama_cpp, 0, (int)N_FIXTURES);
+    tcase_add_test(tc, llama_tiny_seq300_logits);
+    suite_add_tcase(s, tc);
+    TCase *st = tcase_create("stories260K");
+    tcase_set_timeout(st, 300);
+    tcase_add_test(st, stories260K_bin_logits_match_llama2c);
+    tcase_add_test(st, stories260K_bin_equals_gguf);
+    suite_add_tcase(s, st);
+    TCase *inv = tcase_create("invariants");
+    tcase_set_timeout(inv, 600);
+    tcase_add_test(inv, reference_and_flash_attention_agree);
+    tcase_add_test(inv, thread_count_does_not_change_logits);
+    tcase_add_test(inv, streaming_cache_memory_is_flat);
+    tcase_add_test(inv, sampling_is_reproducible_per_seed);
+    suite_add_tcase(s, inv);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
