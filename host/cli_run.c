@@ -7,141 +7,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cli.h"
+#include "cli_session.h"
 #include "gguf.h"
 #include "llama2c.h"
 #include "model.h"
 #include "pipeline.h"
 #include "tokenizer.h"
-
-/* Everything a model command needs, opened in dependency order and closed in reverse. */
-typedef struct session {
-    tsr_config *cfg;
-    tsr_pool *pool;
-    tsr_registry *reg;
-    tsr_model *model;
-    tsr_tokenizer *tok;
-    tsr_pipeline *pl;
-} session;
-
-static void session_close(session *s) {
-    tsr_pipeline_free(s->pl);
-    tsr_tokenizer_free(s->tok);
-    tsr_model_free(s->model);
-    tsr_registry_free(s->reg);
-    tsr_pool_free(s->pool);
-    tsr_config_free(s->cfg);
-    memset(s, 0, sizeof *s);
-}
-
-/* Options shared by run and logits. */
-typedef struct model_opts {
-    const char *config;
-    const char *model;
-    const char *tokenizer;
-    char **sets;
-    size_t n_sets;
-    int threads; /* 0: from the config */
-} model_opts;
-
-static double seconds_since(const struct timespec *t0) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) * 1e-9;
-}
-
-/* A tokenizer file given with --tokenizer is a llama2.c tok*.bin or a GGUF holding a
- * vocabulary; without one, the model file's own vocabulary. */
-static tsr_status open_tokenizer(const char *model_path, const char *tok_path,
-                                 const tsr_gguf *model_file, bool model_is_gguf, uint32_t n_vocab,
-                                 tsr_tokenizer **out, tsr_error *err) {
-    if (tok_path && tsr_file_is_gguf(tok_path)) {
-        tsr_gguf *g = NULL;
-        tsr_status st = tsr_gguf_open(tok_path, &g, err);
-        if (st >= 0) st = tsr_tokenizer_from_gguf(g, out, err);
-        tsr_gguf_close(g);
-        return st;
-    }
-    if (tok_path) return tsr_tokenizer_from_llama2c(tok_path, n_vocab, out, err);
-    if (!model_is_gguf)
-        return tsr_error_set(err, TSR_E_INVALID,
-                             "%s: a llama2.c checkpoint holds no vocabulary; pass its tokenizer "
-                             "with --tokenizer (e.g. tok512.bin)", model_path);
-    return tsr_tokenizer_from_gguf(model_file, out, err);
-}
-
-/* Config (or the default pipeline), --set overrides, the plugins, the model and its tokenizer.
- * The pipeline is made by the caller, once it knows the context it needs. */
-static tsr_status session_open(session *s, const model_opts *o, tsr_error *err) {
-    memset(s, 0, sizeof *s);
-    tsr_status st = o->config ? tsr_config_load(o->config, &s->cfg, err)
-                              : tsr_config_default(&s->cfg, err);
-    if (st < 0) return st;
-    for (size_t i = 0; i < o->n_sets; i++)
-        if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
-    if (o->threads > 0) {
-        char set[64];
-        snprintf(set, sizeof set, "backend.threads=%d", o->threads);
-        if ((st = tsr_config_set(s->cfg, set, err)) < 0) return st;
-    }
-    s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
-    if ((st = tsr_config_bind(s->cfg, tsr_cli_find_plugin, s->reg, err)) < 0) return st;
-
-    const char *model_path = o->model ? o->model : s->cfg->model_path;
-    if (!model_path)
-        return tsr_error_set(err, TSR_E_INVALID, "no model given: pass -m MODEL or set model.path "
-                             "in the config");
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    if ((st = tsr_model_load(model_path, &s->model, err)) < 0) return st;
-    const char *tok_path = o->tokenizer ? o->tokenizer : s->cfg->tokenizer_path;
-    if ((st = open_tokenizer(model_path, tok_path, s->model->file, !s->model->from_llama2c,
-                             (uint32_t)s->model->hp.n_vocab, &s->tok, err)) < 0)
-        return st;
-    if (tsr_tokenizer_n_vocab(s->tok) != (uint32_t)s->model->hp.n_vocab)
-        return tsr_error_set(err, TSR_E_INVALID, "%s: the tokenizer has %u tokens but the model "
-                             "%d", tok_path ? tok_path : model_path, tsr_tokenizer_n_vocab(s->tok),
-                             s->model->hp.n_vocab);
-    /* The pool exists only now: its size comes from the bound backend parameters. */
-    s->pool = tsr_pool_create(tsr_config_threads(s->cfg));
-    tsr_log(TSR_LOG_INFO, "run", "model %s loaded in %.3f s", model_path, seconds_since(&t0));
-    return TSR_OK;
-}
-
-static tsr_status session_pipeline(session *s, int32_t n_ctx, tsr_error *err) {
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    tsr_status st = tsr_pipeline_create(s->cfg, s->reg, s->model, s->pool, n_ctx, &s->pl, err);
-    if (st < 0) return st;
-    tsr_log(TSR_LOG_INFO, "run", "pipeline ready in %.3f s", seconds_since(&t0));
-    return tsr_pipeline_run_hooks(s->pl, TSR_HOOK_AFTER_LOAD, err);
-}
-
-/* Parses the options run and logits share; returns 1 when argv[*i] was one of them, 0 when
- * not, -1 on a usage error. */
-static int take_model_opt(int argc, char **argv, int *i, model_opts *o) {
-    const char *a = argv[*i];
-    bool has_value = *i + 1 < argc;
-    if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-        if (!has_value) return -1;
-        o->model = argv[++*i];
-    } else if (!strcmp(a, "--tokenizer")) {
-        if (!has_value) return -1;
-        o->tokenizer = argv[++*i];
-    } else if (!strcmp(a, "--set")) {
-        if (!has_value) return -1;
-        o->sets[o->n_sets++] = argv[++*i];
-    } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-        if (!has_value) return -1;
-        o->threads = atoi(argv[++*i]);
-        if (o->threads <= 0) return -1;
-    } else if (a[0] != '-' && !o->config) {
-        o->config = a;
-    } else {
-        return 0;
-    }
-    return 1;
-}
 
 /* ---- run ------------------------------------------------------------------------------- */
 
@@ -195,7 +66,7 @@ int tsr_cli_run(int argc, char **argv) {
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        int took = take_model_opt(argc, argv, &i, &o);
+        int took = tsr_session_take_opt(argc, argv, &i, &o);
         if (took == 1) continue;
         bool has_value = i + 1 < argc;
         if (took == 0 && has_value && !strcmp(argv[i], "-p")) prompt = argv[++i];
@@ -227,7 +98,7 @@ int tsr_cli_run(int argc, char **argv) {
     int32_t *ids = NULL;
     size_t n_ids = 0;
     int status = TSR_EXIT_FAIL;
-    if (session_open(&s, &o, &err) < 0) goto fail;
+    if (tsr_session_open(&s, &o, &err) < 0) goto fail;
     if (!prompt) prompt = s.cfg->generate.prompt ? s.cfg->generate.prompt : "";
     if (n_new < 0) n_new = s.cfg->generate.max_tokens >= 0 ? s.cfg->generate.max_tokens : 256;
     if (tsr_tokenize(s.tok, prompt, strlen(prompt), true, false, &ids, &n_ids, &err) < 0) goto fail;
@@ -236,7 +107,7 @@ int tsr_cli_run(int argc, char **argv) {
                       "give a prompt with -p");
         goto fail;
     }
-    if (session_pipeline(&s, (int32_t)(n_ids + (size_t)n_new), &err) < 0) goto fail;
+    if (tsr_session_pipeline(&s, (int32_t)(n_ids + (size_t)n_new), &err) < 0) goto fail;
 
     printer p = {.tok = s.tok, .prev = -1};
     print_tokens(&p, ids, (int64_t)n_ids);
@@ -246,7 +117,7 @@ int tsr_cli_run(int argc, char **argv) {
     int64_t n_gen = 0;
     tsr_status st = tsr_pipeline_generate(s.pl, ids, (int64_t)n_ids, n_new, is_eog, &e,
                                           print_tokens, &p, &n_gen, &err);
-    double secs = seconds_since(&t0);
+    double secs = tsr_seconds_since(&t0);
     fputc('\n', stdout);
     fflush(stdout);
     if (st < 0) goto fail;
@@ -264,7 +135,7 @@ fail:
     tsr_cli_error("%s", err.msg);
 done:
     free(ids);
-    session_close(&s);
+    tsr_session_close(&s);
     free(o.sets);
     return status;
 }
@@ -327,7 +198,7 @@ int tsr_cli_logits(int argc, char **argv) {
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        int took = take_model_opt(argc, argv, &i, &o);
+        int took = tsr_session_take_opt(argc, argv, &i, &o);
         if (took == 1) continue;
         if (took == 0 && i + 1 < argc && !strcmp(argv[i], "--tokens")) tokens = argv[++i];
         else if (took == 0 && i + 1 < argc && !strcmp(argv[i], "--out")) out_path = argv[++i];
@@ -353,8 +224,8 @@ int tsr_cli_logits(int argc, char **argv) {
         memset(&s, 0, sizeof s);
         goto fail;
     }
-    if (session_open(&s, &o, &err) < 0) goto fail;
-    if (session_pipeline(&s, (int32_t)n, &err) < 0) goto fail;
+    if (tsr_session_open(&s, &o, &err) < 0) goto fail;
+    if (tsr_session_pipeline(&s, (int32_t)n, &err) < 0) goto fail;
     int32_t nv = s.model->hp.n_vocab;
     batch = calloc(n, sizeof *batch);
     logits = malloc(n * (size_t)nv * sizeof *logits);
@@ -371,7 +242,7 @@ done:
     free(batch);
     free(logits);
     free(ids);
-    session_close(&s);
+    tsr_session_close(&s);
     free(o.sets);
     return status;
 }
@@ -419,7 +290,7 @@ int tsr_cli_tokenize(int argc, char **argv) {
         if (tsr_llama2c_open(model_path, &g, &err) < 0) goto fail;
         n_vocab = (uint32_t)tsr_gguf_u64_or(g, "llama.vocab_size", 0);
     }
-    if (open_tokenizer(model_path, tok_path, g, is_gguf, n_vocab, &tok, &err) < 0) goto fail;
+    if (tsr_session_open_tokenizer(model_path, tok_path, g, is_gguf, n_vocab, &tok, &err) < 0) goto fail;
     if (file) {
         FILE *f = fopen(file, "rb");
         if (!f) {

@@ -19,8 +19,9 @@ const tsr_command *tsr_command_find(const tsr_plugin_desc *desc, const char *nam
 /* Calls `cmd` with `args` (text, one per non-instance parameter), converting each to the
  * parameter's type and refusing a wrong count or a value that does not parse. `instance` is
  * passed for an 'I' parameter (it must then be non-NULL). The result is printed into `ret`
- * ("" for void). A command with returns_status that returns a negative value is an error
- * whose message is `plugin_error` (the text the plugin left through set_error). */
+ * ("" for void). A command with returns_status that returns a negative value fails with
+ * "command 'x' failed (status N)"; the caller adds the text the plugin left through
+ * set_error, which only it can reach (tsr_services_take_error). */
 tsr_status tsr_command_call(const tsr_command *cmd, void *instance, const char *const *args,
                             size_t n_args, char *ret, size_t ret_cap, tsr_error *err);
 

@@ -480,7 +480,8 @@ static tsr_status walk_range(walk *w, const ynode *n, const char *path, tsr_laye
         snprintf(sub, sizeof sub, "%s.range[%d]", path, i);
         tsr_status st = expect_kind(w, item, YN_SCALAR, sub);
         tsr_param_value pv;
-        if (st == TSR_OK) st = tsr_param_parse(&layer_def, item->text, path, item->loc, &pv, w->err);
+        if (st == TSR_OK)
+            st = tsr_param_parse(&layer_def, item->text, path, item->loc, &pv, w->err);
         if (st < 0) return st;
         v[i] = pv.u.i;
     }

@@ -30,6 +30,8 @@ static void usage(FILE *f) {
             "  run [CONFIG] -m MODEL [-p PROMPT] [-n N] [--set K=V]...  generate text\n"
             "  logits -m MODEL [CONFIG] --tokens \"IDS\" --out FILE     raw float32 logits\n"
             "  tokenize -m MODEL (-p TEXT | -f FILE) [--no-bos]         token ids of a text\n"
+            "  bench -m MODEL [CONFIG] [-p 512] [-n 128] [-t 1,2] [--json] speed, roofline\n"
+            "  perplexity -m MODEL [CONFIG] -f TEXT [--ctx N] [--json]  quality on a text\n"
             "  plugins list | info NAME | call NAME FUNC [ARGS...]   the plugins found\n"
             "  validate CONFIG.yaml [--set K=V]...                      check a pipeline\n"
             "\n"
@@ -70,6 +72,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "run")) return tsr_cli_run(sub_argc, sub_argv);
     if (!strcmp(cmd, "logits")) return tsr_cli_logits(sub_argc, sub_argv);
     if (!strcmp(cmd, "tokenize")) return tsr_cli_tokenize(sub_argc, sub_argv);
+    if (!strcmp(cmd, "bench")) return tsr_cli_bench(sub_argc, sub_argv);
+    if (!strcmp(cmd, "perplexity")) return tsr_cli_perplexity(sub_argc, sub_argv);
     if (!strcmp(cmd, "plugins")) return tsr_cli_plugins(sub_argc, sub_argv);
     if (!strcmp(cmd, "validate")) return tsr_cli_validate(sub_argc, sub_argv);
     tsr_cli_error("unknown command '%s' (see tessera --help)", cmd);

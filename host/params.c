@@ -191,8 +191,8 @@ tsr_status tsr_param_table_check(const tsr_param_def *defs, uint32_t n, const ch
                                  "%s: parameter %u: struct_size %u, expected %zu (use TSR_SIZED)",
                                  who, i, d->struct_size, sizeof *d);
         if (!name_ok(d->name))
-            return tsr_error_set(err, TSR_E_INVALID, "%s: parameter %u: name '%s' is not [a-z0-9_]+",
-                                 who, i,
+            return tsr_error_set(err, TSR_E_INVALID,
+                                 "%s: parameter %u: name '%s' is not [a-z0-9_]+", who, i,
                                  d->name ? tsr_text_excerpt(text, sizeof text, d->name) : "(null)");
         for (uint32_t j = 0; j < i; j++)
             if (strcmp(defs[j].name, d->name) == 0)
@@ -208,7 +208,8 @@ tsr_status tsr_param_table_check(const tsr_param_def *defs, uint32_t n, const ch
         if (d->type == TSR_PARAM_INT && param_bounded(d) &&
             (d->min != floor(d->min) || d->max != floor(d->max)))
             return tsr_error_set(err, TSR_E_INVALID,
-                                 "%s: parameter '%s': integer bounds [%g, %g] are not whole numbers",
+                                 "%s: parameter '%s': integer bounds [%g, %g] are not whole "
+                                 "numbers",
                                  who, d->name, d->min, d->max);
         if (d->type == TSR_PARAM_ENUM) {
             if (!d->choices || !d->choices[0])
@@ -217,7 +218,8 @@ tsr_status tsr_param_table_check(const tsr_param_def *defs, uint32_t n, const ch
             for (size_t c = 0; d->choices[c]; c++) {
                 if (!*d->choices[c])
                     return tsr_error_set(err, TSR_E_INVALID,
-                                         "%s: parameter '%s': choice %zu is empty", who, d->name, c);
+                                         "%s: parameter '%s': choice %zu is empty", who, d->name,
+                                         c);
                 for (size_t e = 0; e < c; e++)
                     if (strcmp(d->choices[e], d->choices[c]) == 0)
                         return tsr_error_set(err, TSR_E_INVALID,
@@ -304,7 +306,8 @@ tsr_status tsr_params_bind(const tsr_param_def *defs, uint32_t n, const char *pl
         if (d->type == TSR_PARAM_STRING || d->type == TSR_PARAM_ENUM) {
             out->strings[i] = strdup(text);
             if (!out->strings[i])
-                return bind_fail(out, tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", section));
+                return bind_fail(out,
+                                 tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", section));
             out->values[i].s = out->strings[i];
         }
     }

@@ -30,8 +30,10 @@ typedef struct tsr_bound_params {
     char **strings;          /* (params.count) owned copies of STRING/ENUM texts, else NULL */
 } tsr_bound_params;
 
-/* Checks a plugin's own table: names well-formed and unique, known types, defaults that
- * parse and lie in range, ENUM choices present. The loader refuses a plugin that fails.
+/* Checks a plugin's own table: struct_size equal to the host's (the table is an array, so
+ * another element size would misplace every entry), names well-formed and unique, known types,
+ * whole-number INT bounds, defaults that parse and lie in range, ENUM choices present, non-empty
+ * and unique. The loader refuses a plugin that fails.
  * `who` prefixes the message (e.g. "cache-foo.so: plugin 'foo'"). */
 tsr_status tsr_param_table_check(const tsr_param_def *defs, uint32_t n, const char *who,
                                  tsr_error *err);

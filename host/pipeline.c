@@ -256,6 +256,14 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
         .n_vocab = pl->hp.n_vocab, .n_seq_max = 16, .n_threads = tsr_pool_size(pool),
         .backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin};
     tsr_status st;
+    for (size_t i = 0; i < cfg->n_layers; i++)
+        if (cfg->layers[i].last >= n_layer) {
+            const tsr_src_loc *at = &cfg->layers[i].loc;
+            st = tsr_error_set(err, TSR_E_RANGE, "%s:%d:%d: layers: range [%d, %d] is beyond "
+                               "the model's %d layers (0 to %d)", at->file, at->line, at->col,
+                               cfg->layers[i].first, cfg->layers[i].last, n_layer, n_layer - 1);
+            goto fail;
+        }
     if ((st = create_instance(pl, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND], &shape,
                               &pl->stage_main[TSR_STAGE_BACKEND], err)) < 0)
         goto fail;
@@ -687,6 +695,16 @@ tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_
 }
 
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl) { return &pl->times; }
+
+static uint64_t weight_bytes(const weight *w) {
+    return (uint64_t)w->t.row_bytes * (uint64_t)(w->t.ne[1] * w->t.ne[2] * w->t.ne[3]);
+}
+
+uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl) {
+    uint64_t total = weight_bytes(&pl->output);
+    for (size_t i = 0; i < (size_t)pl->hp.n_layer * W_PER_LAYER; i++) total += weight_bytes(&pl->weights[i]);
+    return total;
+}
 
 uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl) {
     uint64_t total = 0;

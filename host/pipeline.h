@@ -58,6 +58,9 @@ tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_
 tsr_status tsr_pipeline_run_hooks(tsr_pipeline *pl, int32_t event, tsr_error *err);
 
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl);
+/* Bytes of the prepared weights one token reads: every block matrix and the output head. */
+uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl);
+
 /* Sum of the cache policies' bytes_reserved now (0 when none reports stats). */
 uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl);
 

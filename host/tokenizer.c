@@ -532,7 +532,7 @@ static int tokenize_ids(const tsr_tokenizer *t, const char *text, size_t len, bo
                         bool parse_special, tsr_ids *ids) {
     int rc = TSR_OK;
     if (t->kind == TSR_TOKENIZER_LLAMA2C) {
-        if (add_special && (rc = tsr_ids_push(ids, t->bos))) return rc;
+        if (add_special && t->bos >= 0 && (rc = tsr_ids_push(ids, t->bos))) return rc;
         return tsr_llama2c_tokenize(t, text, len, ids);
     }
     fragments fr = {0};

@@ -56,12 +56,17 @@ static const pre_def pre_defs[] = {
     {LIST("glm4", "chatglm-bpe"), LIST(RX_LLAMA3), false, false, true},
     {LIST("deepseek-llm"),
      LIST("[\r\n]",
-          "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\\x{1F7D}ᾀ-ᾴᾶ-ᾼ\\x{1FBE}ῂ-ῄῆ-ῌῐ-\\x{1FD3}ῖ-\\x{1FDB}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\\x{2126}ℨ\\x{212A}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
-          "\\s?[!-/:-~！-／：-～‘-‟　-。]+", "\\s+$", "[一-龥ࠀ-一가-퟿]+", "\\p{N}+"),
+          "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ"
+          "-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\\x{1F7D}ᾀ-ᾴᾶ-ᾼ"
+          "\\x{1FBE}ῂ-ῄῆ-ῌῐ-\\x{1FD3}ῖ-\\x{1FDB}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ"
+          "\\x{2126}ℨ\\x{212A}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎ"
+          "ꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+          "\\s?[!-/:-~！-／：-～‘-‟　-。]+", "\\s+$", "[一-龥ࠀ-一가-퟿]+",
+          "\\p{N}+"),
      false, false, false},
     {LIST("deepseek-coder"),
-     LIST("[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}"), false, false,
-     false},
+     LIST("[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}"), false,
+     false, false},
     {LIST("deepseek-v3", "hunyuan-dense"),
      LIST("\\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
           "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?"
@@ -621,7 +626,8 @@ static int bpe_word(word_ctx *w, const char *text, size_t len, tsr_ids *out) {
     }
     w->heap.n = 0;
     int rc = TSR_OK;
-    for (size_t i = 1; i < n_sym && !rc; i++) rc = add_bigram(w, text, (int32_t)i - 1, (int32_t)i);
+    for (size_t i = 1; i < n_sym && !rc; i++)
+        rc = add_bigram(w, text, (int32_t)i - 1, (int32_t)i);
     while (w->heap.n && !rc) {
         bbigram b = bheap_pop(&w->heap);
         bsym *l = &w->sym[b.left], *r = &w->sym[b.right];
@@ -658,7 +664,8 @@ int tsr_bpe_tokenize(const tsr_tokenizer *t, const char *text, size_t len, tsr_i
     char *enc = NULL;
     int rc = TSR_E_NOMEM;
     if (!cps || !pieces || !md) goto done;
-    for (size_t i = 0; i < len;) i += get_utf8((const unsigned char *)text + i, len - i, &cps[s.n_cp++]);
+    for (size_t i = 0; i < len;)
+        i += get_utf8((const unsigned char *)text + i, len - i, &cps[s.n_cp++]);
     s.real = malloc(s.n_cp * 4 + 1);
     s.real_off = malloc((s.n_cp + 1) * sizeof *s.real_off);
     s.alt_off = malloc((s.n_cp + 1) * sizeof *s.alt_off);

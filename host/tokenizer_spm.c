@@ -93,7 +93,8 @@ int tsr_spm_tokenize(const tsr_tokenizer *t, const char *raw, size_t raw_len, ts
     size_t len = raw_len + 2 * n_spaces;
     char *text = malloc(len ? len : 1);
     size_t n_sym = 0;
-    symbol *sym = malloc((raw_len ? raw_len : 1) * sizeof *sym);
+    /* one symbol per byte at most: a lead byte before a U+2581 may swallow part of it */
+    symbol *sym = malloc((len ? len : 1) * sizeof *sym);
     heap h = {0};
     int rc = TSR_E_NOMEM;
     if (!text || !sym) goto done;

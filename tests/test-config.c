@@ -310,7 +310,8 @@ static const struct {
      "bad.yaml:3:47: layers[0]: unknown key 'size'; known: range, quantizer, attention, cache"},
     {"tessera: 1\nlayers:\n  - { range: [0, 1], cache: { size: 2 } }\n",
      "bad.yaml:3:29: layers[0].cache: missing `plugin:` (which cache plugin to use)"},
-    {"tessera: 1\nhooks: { on: at_end }\n", "bad.yaml:2:8: hooks: expected a sequence, got a mapping"},
+    {"tessera: 1\nhooks: { on: at_end }\n",
+     "bad.yaml:2:8: hooks: expected a sequence, got a mapping"},
     {"tessera: 1\nhooks:\n  - { on: at_end, stage: cache }\n",
      "bad.yaml:3:5: hooks[0]: missing `call:` (the command's name)"},
     {"tessera: 1\nhooks:\n  - { stage: cache, call: x }\n",
@@ -505,8 +506,8 @@ START_TEST(set_overrides) {
     ck_assert_int_eq(tsr_config_set(cfg, "cache.plugin=full", &err), TSR_OK);
     ck_assert_ptr_null(cfg->stage[TSR_STAGE_CACHE].bound.values);
     ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_E_INVALID);
-    ck_assert_str_eq(err.msg,
-                     "ok.yaml:7:33: cache: unknown parameter 'sink' for plugin 'full'; it takes none");
+    ck_assert_str_eq(err.msg, "ok.yaml:7:33: cache: unknown parameter 'sink' for plugin 'full'; "
+                              "it takes none");
     /* a bad value given with --set is reported at bind time, as from the file */
     tsr_config_free(cfg);
     cfg = load_ok("tessera: 1\n");

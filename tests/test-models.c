@@ -146,15 +146,16 @@ typedef struct id_sink {
     int32_t ids[4096];
     int64_t n;
     tsr_pipeline *pl;
-    int64_t kv_at; /* record kv bytes when this many tokens were emitted */
-    uint64_t kv_bytes_then;
+    int64_t kv_at[2]; /* record the KV bytes when this many tokens were emitted */
+    uint64_t kv_bytes[2];
 } id_sink;
 
 static void collect(void *ctx, const int32_t *tokens, int64_t n) {
     id_sink *s = ctx;
     for (int64_t i = 0; i < n && s->n < 4096; i++) {
         s->ids[s->n++] = tokens[i];
-        if (s->n == s->kv_at) s->kv_bytes_then = tsr_pipeline_kv_bytes(s->pl);
+        for (int k = 0; k < 2; k++)
+            if (s->n == s->kv_at[k]) s->kv_bytes[k] = tsr_pipeline_kv_bytes(s->pl);
     }
 }
 
@@ -183,7 +184,7 @@ START_TEST(fixture_greedy_matches_llama_cpp) {
     double *margins = read_numbers(rel, &n_margin);
     run r;
     run_open(&r, f->model, greedy_yaml, 512);
-    id_sink sink = {.kv_at = -1};
+    id_sink sink = {.kv_at = {-1, -1}};
     generate(&r, prompt, n_prompt, (int64_t)n_want, &sink);
     ck_assert_int_eq(sink.n, (int64_t)n_want);
     for (size_t i = 0; i < n_want; i++) {
@@ -301,13 +302,13 @@ START_TEST(streaming_cache_memory_is_flat) {
     run r;
     run_open(&r, "models/stories260K.gguf", yaml, 2100);
     double prompt[] = {1, 403, 407, 261, 378};
-    id_sink sink = {.kv_at = 100};
+    id_sink sink = {.kv_at = {100, 2000}};
     generate(&r, prompt, 5, 2000, &sink);
     ck_assert_int_eq(sink.n, 2000);
-    uint64_t end = tsr_pipeline_kv_bytes(r.pl);
-    ck_assert_uint_gt(sink.kv_bytes_then, 0);
-    ck_assert_msg(end == sink.kv_bytes_then, "KV bytes grew from %llu (after 100 tokens) to %llu "
-                  "(after 2000)", (unsigned long long)sink.kv_bytes_then, (unsigned long long)end);
+    ck_assert_uint_gt(sink.kv_bytes[0], 0);
+    ck_assert_msg(sink.kv_bytes[1] == sink.kv_bytes[0], "KV bytes grew from %llu (after 100 "
+                  "tokens) to %llu (after 2000)", (unsigned long long)sink.kv_bytes[0],
+                  (unsigned long long)sink.kv_bytes[1]);
     run_close(&r);
 }
 END_TEST
@@ -316,7 +317,7 @@ START_TEST(sampling_is_reproducible_per_seed) {
     const char *seed1 = "tessera: 1\ndecoder: { plugin: sample, temperature: 1.0, seed: 1 }\n";
     const char *seed2 = "tessera: 1\ndecoder: { plugin: sample, temperature: 1.0, seed: 2 }\n";
     double prompt[] = {1, 403, 407, 261, 378};
-    id_sink a = {.kv_at = -1}, b = {.kv_at = -1}, c = {.kv_at = -1};
+    id_sink a = {.kv_at = {-1, -1}}, b = {.kv_at = {-1, -1}}, c = {.kv_at = {-1, -1}};
     run r;
     run_open(&r, "models/stories260K.gguf", seed1, 512);
     generate(&r, prompt, 5, 100, &a);

@@ -97,8 +97,8 @@ START_TEST(int_range) {
     ck_assert_int_eq(parse(0, "1048576", &v, &err), TSR_OK);
     ck_assert_int_eq(v.u.i, 1048576);
     ck_assert_int_eq(parse(0, "1048577", &v, &err), TSR_E_INVALID);
-    ck_assert_str_eq(err.msg,
-                     "p.yaml:3:9: cache.window: expected an integer in [1, 1048576], got '1048577'");
+    ck_assert_str_eq(err.msg, "p.yaml:3:9: cache.window: expected an integer in [1, 1048576], "
+                              "got '1048577'");
     ck_assert_int_eq(parse(0, "0", &v, &err), TSR_E_INVALID);
     ck_assert_str_eq(err.msg,
                      "p.yaml:3:9: cache.window: expected an integer in [1, 1048576], got '0'");
@@ -110,8 +110,8 @@ START_TEST(int_range) {
         DEF(.name = "seed", .type = TSR_PARAM_INT, .min = 0, .max = 0x1p63);
     ck_assert_int_eq(tsr_param_parse(&seed, "9223372036854775807", "d", at, &v, &err), TSR_OK);
     ck_assert_int_eq(tsr_param_parse(&seed, "-1", "d", at, &v, &err), TSR_E_INVALID);
-    ck_assert_str_eq(err.msg,
-                     "p.yaml:3:9: d.seed: expected an integer in [0, 9223372036854775807], got '-1'");
+    ck_assert_str_eq(err.msg, "p.yaml:3:9: d.seed: expected an integer in "
+                              "[0, 9223372036854775807], got '-1'");
 }
 END_TEST
 
@@ -219,10 +219,11 @@ START_TEST(bind_unknown_key) {
         tsr_params_bind(cache_params, N_CACHE, "streaming", "layers[1].cache", at, kv, 2, &b, &err),
         TSR_E_INVALID);
     ck_assert_str_eq(err.msg, "p.yaml:5:3: layers[1].cache: unknown parameter 'windw' for plugin "
-                              "'streaming'; known: window, sink, ratio, verbose, mode, tag, budget");
+                              "'streaming'; known: window, sink, ratio, verbose, mode, tag, "
+                              "budget");
     ck_assert_int_eq(tsr_params_bind(NULL, 0, "full", "cache", at, kv, 1, &b, &err), TSR_E_INVALID);
-    ck_assert_str_eq(err.msg,
-                     "p.yaml:4:3: cache: unknown parameter 'budget' for plugin 'full'; it takes none");
+    ck_assert_str_eq(err.msg, "p.yaml:4:3: cache: unknown parameter 'budget' for plugin 'full'; "
+                              "it takes none");
     ck_assert_int_eq(tsr_params_bind(NULL, 0, "full", "cache", at, NULL, 0, &b, &err), TSR_OK);
     ck_assert_uint_eq(b.params.count, 0);
     tsr_bound_params_free(&b);
@@ -311,7 +312,8 @@ START_TEST(table_check) {
     check_table_fails((tsr_param_def)DEF(.name = "k", .type = TSR_PARAM_INT, .min = 0.5, .max = 4),
                       "cache-x.so: plugin 'x': parameter 'k': integer bounds [0.5, 4] are not "
                       "whole numbers");
-    check_table_fails((tsr_param_def)DEF(.name = "k", .type = TSR_PARAM_FLOAT, .min = NAN, .max = 4),
+    check_table_fails((tsr_param_def)DEF(.name = "k", .type = TSR_PARAM_FLOAT, .min = NAN,
+                                         .max = 4),
                       "cache-x.so: plugin 'x': parameter 'k': min or max is NaN");
 }
 END_TEST
@@ -323,8 +325,10 @@ START_TEST(table_print) {
     tsr_param_table_print(f, cache_params, N_CACHE);
     fclose(f);
     ck_assert_str_eq(text,
-                     "  window   int     default 128        [1, 1048576] tokens  recent tokens kept\n"
-                     "  sink     int     default 4          [0, 64] tokens       first tokens always kept\n"
+                     "  window   int     default 128        [1, 1048576] tokens  "
+                     "recent tokens kept\n"
+                     "  sink     int     default 4          [0, 64] tokens       "
+                     "first tokens always kept\n"
                      "  ratio    float   default 0.5        [0, 1]               fraction kept\n"
                      "  verbose  bool    default false                           log evictions\n"
                      "  mode     enum    default streaming  full|streaming|h2o   eviction rule\n"

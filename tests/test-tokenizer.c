@@ -279,7 +279,8 @@ START_TEST(bpe_every_pre_tokenizer) {
                          TSR_OK);
         char *s = detok(tok, ids, n);
         /* invalid UTF-8 reads as U+FFFD, as in llama.cpp */
-        ck_assert_msg(strstr(s, "\xef\xbf\xbd\xef\xbf\xbd end   ") != NULL, "%s: '%s'", names[i], s);
+        ck_assert_msg(strstr(s, "\xef\xbf\xbd\xef\xbf\xbd end   ") != NULL, "%s: '%s'", names[i],
+                      s);
         ck_assert_msg(strncmp(s, text, strlen(text) - 9) == 0, "%s: '%s'", names[i], s);
         free(s);
         free(ids);

@@ -138,6 +138,9 @@ typedef enum tsr_param_type {
     TSR_PARAM_ENUM = 5    /* one of `choices`; passed as its index and its text */
 } tsr_param_type;
 
+/* Parameter definitions and commands (below) are elements of arrays: their size is their
+ * stride, so these two structs never grow. A later ABI that needs more per-parameter facts
+ * adds a parallel table to the descriptor instead. */
 typedef struct tsr_param_def {
     uint32_t struct_size;
     const char *name;            /* [a-z0-9_]+, unique within the plugin */

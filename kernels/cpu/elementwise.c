@@ -7,7 +7,7 @@
 /* theta_i = pos * freq_scale * base^(-2i/n_rot), the power by repeated f32 multiplication as
  * llama.cpp computes it (its logits are the reference); the rotation is the same in both
  * modes, only the pairing differs. */
-static inline void rope_pair(float *x, int64_t i, int64_t half, tsr_rope_mode mode, float c,
+static inline void rope_pair(float *x, int64_t i, int64_t half, tsr_cpu_rope_mode mode, float c,
                              float s) {
     int64_t a = mode == TSR_ROPE_MODE_NEOX ? i : 2 * i;
     int64_t b = mode == TSR_ROPE_MODE_NEOX ? i + half : 2 * i + 1;
@@ -36,7 +36,7 @@ void tsr_rope_cache(float *cs, const int32_t *pos, int64_t n_tok, int64_t n_rot,
 }
 
 void tsr_rope_apply(float *x, const float *cs, int64_t n_tok, int64_t n_head, int64_t head_dim,
-                    int64_t n_rot, tsr_rope_mode mode, int ith, int nth) {
+                    int64_t n_rot, tsr_cpu_rope_mode mode, int ith, int nth) {
     int64_t i0, i1;
     tsr_thread_slice(&i0, &i1, n_tok * n_head, 1, ith, nth);
     for (int64_t i = i0; i < i1; i++) {
@@ -48,7 +48,7 @@ void tsr_rope_apply(float *x, const float *cs, int64_t n_tok, int64_t n_head, in
 
 /* cos and sin are recomputed for every head, which is what the two-step form avoids. */
 void tsr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t head_dim,
-              int64_t n_rot, tsr_rope_mode mode, float base, float freq_scale, int ith,
+              int64_t n_rot, tsr_cpu_rope_mode mode, float base, float freq_scale, int ith,
               int nth) {
     int64_t i0, i1;
     tsr_thread_slice(&i0, &i1, n_tok * n_head, 1, ith, nth);

@@ -331,7 +331,8 @@ static const char *const full_dtypes[] = {"f32", "f16", NULL};
 
 static const tsr_param_def full_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "dtype", .type = TSR_PARAM_ENUM, .default_value = "f32",
-     .choices = full_dtypes, .doc = "storage of K/V rows: f32, or f16 (IEEE half, half the memory)"},
+     .choices = full_dtypes,
+     .doc = "storage of K/V rows: f32, or f16 (IEEE half, half the memory)"},
 };
 
 static const tsr_cache_vtable full_vtable = {

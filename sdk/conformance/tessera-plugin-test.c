@@ -30,6 +30,7 @@
 #include <tessera/decoder.h>
 #include <tessera/quantizer.h>
 #include <tessera/router.h>
+#include <tessera/sdk_kv.h>
 
 #include "commands.h"
 #include "config.h"
@@ -185,18 +186,6 @@ static float rng_uniform(uint64_t *s) {
 
 static void fill_random(float *x, size_t n, uint64_t *s) {
     for (size_t i = 0; i < n; i++) x[i] = rng_uniform(s);
-}
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-    float mag;
-    if (exp == 0)
-        mag = ldexpf((float)mant, -24);
-    else if (exp == 31)
-        mag = mant ? NAN : INFINITY;
-    else
-        mag = ldexpf((float)(mant | 0x400), (int)exp - 25);
-    return sign ? -mag : mag;
 }
 
 static bool all_finite(const float *x, size_t n) {
@@ -547,8 +536,7 @@ static void check_cycles(const runner *r, check *c) {
 static void check_views(check *c, const tsr_cache_init *in, int32_t layer, const tsr_kv_view *vw,
                         int64_t n_stored, const float *k_all, const float *v_all) {
     const int32_t hd = in->head_dim, nkv = in->n_kv_head;
-    float *got = malloc((size_t)hd * sizeof *got);
-    float *ref = malloc((size_t)hd * sizeof *ref);
+    float *scratch = malloc((size_t)hd * sizeof *scratch);
     char *seen = calloc((size_t)n_stored, 1);
     for (int32_t h = 0; h < nkv && !c->failed; h++) {
         const tsr_kv_view *v = &vw[h];
@@ -561,10 +549,9 @@ static void check_views(check *c, const tsr_cache_init *in, int32_t layer, const
             fail(c, "layer %d head %d: view pos is NULL", layer, h);
             break;
         }
-        bool loads = v->dtype != TSR_DTYPE_F32 && v->dtype != TSR_DTYPE_F16;
-        if (v->n > 0 && (loads ? !v->load_k || !v->load_v : !v->k || !v->v)) {
-            fail(c, "layer %d head %d: view of dtype %d lacks its %s", layer, h, v->dtype,
-                 loads ? "load_k/load_v" : "k/v data");
+        if (!tsr_kv_view_readable(v)) {
+            fail(c, "layer %d head %d: view of dtype %d is not readable (F32/F16 without k/v, "
+                    "or another dtype without load_k/load_v)", layer, h, v->dtype);
             break;
         }
         memset(seen, 0, (size_t)n_stored);
@@ -577,22 +564,14 @@ static void check_views(check *c, const tsr_cache_init *in, int32_t layer, const
                 break;
             }
             seen[p] = 1;
-            for (int kv = 0; kv < 2; kv++) {
-                const float *src = (kv ? v_all : k_all) + ((size_t)p * nkv + h) * hd;
-                const void *base = kv ? v->v : v->k;
-                size_t stride = kv ? v->v_stride : v->k_stride;
-                if (loads) {
-                    (kv ? v->load_v : v->load_k)(v->load_ctx, j, 1, got);
-                } else if (v->dtype == TSR_DTYPE_F32) {
-                    memcpy(got, (const char *)base + (size_t)j * stride, (size_t)hd * 4);
-                } else {
-                    const uint16_t *row = (const void *)((const char *)base + (size_t)j * stride);
-                    for (int32_t i = 0; i < hd; i++) got[i] = half_to_float(row[i]);
-                }
+            /* Read as attention reads it: the SDK's view reader, whatever the storage. */
+            for (int values = 0; values < 2; values++) {
+                const float *src = (values ? v_all : k_all) + ((size_t)p * nkv + h) * hd;
+                size_t stride;
+                const float *got = tsr_kv_view_rows(v, values, j, 1, hd, scratch, &stride);
                 for (int32_t i = 0; i < hd; i++) {
-                    ref[i] = src[i];
-                    err_num += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
-                    err_den += (double)ref[i] * ref[i];
+                    err_num += ((double)got[i] - src[i]) * ((double)got[i] - src[i]);
+                    err_den += (double)src[i] * src[i];
                 }
             }
         }
@@ -604,8 +583,7 @@ static void check_views(check *c, const tsr_cache_init *in, int32_t layer, const
             note(c, "%lld stored -> view of %lld entries, dtype %d, rel rmse %.3g",
                  (long long)n_stored, (long long)v->n, v->dtype, e);
     }
-    free(got);
-    free(ref);
+    free(scratch);
     free(seen);
 }
 

@@ -46,7 +46,8 @@ run "cmake install (author prefix)" cmake --install "$work/cmake-build" --prefix
     die "cmake install: template-greedy.so is not under <prefix>/<libdir>/tessera/plugins"
 
 # 2. pkg-config and a compiler, no build system.
-export PKG_CONFIG_PATH="$(dirname "$pc")"
+PKG_CONFIG_PATH=$(dirname "$pc")
+export PKG_CONFIG_PATH
 cflags=$(pkg-config --cflags tessera) || die "pkg-config --cflags tessera"
 plugindir=$(pkg-config --variable=plugindir tessera) || die "pkg-config --variable=plugindir"
 [ "$(realpath -m "$plugindir")" = "$(realpath -m "$(dirname "$pc")/../tessera/plugins")" ] ||

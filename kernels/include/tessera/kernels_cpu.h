@@ -87,6 +87,14 @@ void tsr_q8_0_dequantize_row(float *y, const tsr_block_q8_0 *x, int64_t n); // y
  * of these or n is not a whole number of its blocks. */
 size_t tsr_row_size(int32_t dtype, int64_t n);
 
+/* Converts one row of n elements of `dtype` (F32, F16, BF16, Q8_0) to f32, exactly (every
+ * value of these types is an f32). TSR_E_UNSUPPORTED for another type, TSR_E_INVALID when n
+ * is not a whole number of its blocks. */
+tsr_status tsr_row_to_f32(float *y,       // (n)
+                          int32_t dtype,
+                          const void *x,  // tsr_row_size(dtype, n) bytes
+                          int64_t n);
+
 /* ---------------------------------------------------------------------------------------- */
 /* Matrix products: y[t][r] = sum_k W[r][k] * x[t][k]                                        */
 /*                                                                                           */
@@ -136,10 +144,12 @@ void tsr_rms_norm(float *y,        // (n_rows, n)
 /* Max-subtracted softmax per row, the sum of exponentials in double. Slices rows. */
 void tsr_softmax(float *y, const float *x, int64_t n_rows, int64_t n, int ith, int nth);
 
-typedef enum tsr_rope_mode {
+/* The values of <tessera/backend.h>'s tsr_rope_mode, under a name of its own so that a
+ * backend plugin can include both headers. */
+typedef enum tsr_cpu_rope_mode {
     TSR_ROPE_MODE_NORMAL = 0, /* rotates pairs (2i, 2i+1) (llama) */
     TSR_ROPE_MODE_NEOX = 2    /* rotates pairs (i, i + n_rot/2) (NeoX, Qwen2); ggml's value */
-} tsr_rope_mode;
+} tsr_cpu_rope_mode;
 
 /* Rotary embedding, in place, of the first n_rot (even, <= head_dim) dims of each head:
  * theta_i = pos * freq_scale * base^(-2i/n_rot), computed as llama.cpp does (f32, the power
@@ -147,7 +157,7 @@ typedef enum tsr_rope_mode {
 void tsr_rope(float *x,             // (n_tok, n_head, head_dim)
               const int32_t *pos,   // (n_tok)
               int64_t n_tok, int64_t n_head, int64_t head_dim, int64_t n_rot,
-              tsr_rope_mode mode, float base, float freq_scale, int ith, int nth);
+              tsr_cpu_rope_mode mode, float base, float freq_scale, int ith, int nth);
 
 /* The same in two steps, to compute the cos/sin table once for every layer of a batch.
  * tsr_rope_cache slices tokens; tsr_rope_apply gives results identical to tsr_rope. */
@@ -158,7 +168,7 @@ void tsr_rope_cache(float *cs,            // (n_tok, n_rot/2, 2): cos, sin of th
 void tsr_rope_apply(float *x,             // (n_tok, n_head, head_dim)
                     const float *cs,      // (n_tok, n_rot/2, 2)
                     int64_t n_tok, int64_t n_head, int64_t head_dim, int64_t n_rot,
-                    tsr_rope_mode mode, int ith, int nth);
+                    tsr_cpu_rope_mode mode, int ith, int nth);
 
 void tsr_silu(float *y, const float *x, int64_t n);                    // y = x / (1 + e^-x)
 void tsr_swiglu(float *y, const float *g, const float *u, int64_t n);  // y = silu(g) * u
@@ -175,6 +185,122 @@ float tsr_dot_f32(const float *x, const float *y, int64_t n);       // x, y: (n)
 float tsr_dot_f16(const uint16_t *x, const uint16_t *y, int64_t n); // x, y: (n) fp16
 void tsr_axpy_f32(float *y, float a, const float *x, int64_t n);    // y, x: (n)
 void tsr_axpy_f16(float *y, float a, const uint16_t *x, int64_t n); // y: (n), x: (n) fp16
+
+/* ---------------------------------------------------------------------------------------- */
+/* GGUF quantized formats (kernels/cpu/quants_*.c)                                           */
+/*                                                                                           */
+/* The block layouts of the GGUF (ggml) format, little-endian, no padding; scales are IEEE    */
+/* binary16 bits unless stated. tsr_matmul, tsr_matmul_prepare, tsr_row_dot, tsr_row_size and */
+/* tsr_matmul_act_type accept every type below. Activations are quantized as llama.cpp does   */
+/* on x86: Q4_0, Q5_0, Q8_0, IQ4_NL weights -> Q8_0; Q4_1, Q5_1 -> Q8_1; Q2_K..Q6_K, IQ4_XS  */
+/* -> Q8_K. Each block's integer dot is exact; the f32 sum of blocks has a fixed order        */
+/* (block b into lane b % 8, lanes added as for Q8_0), so every ISA gives the same bits.      */
+
+#define TSR_QK 32   /* elements of a Q4_0, Q4_1, Q5_0, Q5_1, Q8_1, IQ4_NL block */
+#define TSR_QK_K 256 /* elements of a K-quant, Q8_K or IQ4_XS super-block */
+
+typedef struct tsr_block_q4_0 { /* value = d * (q - 8); q[j] low nibble, q[j+16] high */
+    uint16_t d;
+    uint8_t qs[TSR_QK / 2];
+} tsr_block_q4_0;
+
+typedef struct tsr_block_q4_1 { /* value = d * q + m */
+    uint16_t d, m;
+    uint8_t qs[TSR_QK / 2];
+} tsr_block_q4_1;
+
+typedef struct tsr_block_q5_0 { /* value = d * (q - 16); bit 4 of q[j] is bit j of qh */
+    uint16_t d;
+    uint8_t qh[4];
+    uint8_t qs[TSR_QK / 2];
+} tsr_block_q5_0;
+
+typedef struct tsr_block_q5_1 { /* value = d * q + m */
+    uint16_t d, m;
+    uint8_t qh[4];
+    uint8_t qs[TSR_QK / 2];
+} tsr_block_q5_1;
+
+typedef struct tsr_block_q8_1 { /* value = d * q; s = fp16(d * sum(q)) */
+    uint16_t d, s;
+    int8_t qs[TSR_QK];
+} tsr_block_q8_1;
+
+typedef struct tsr_block_q2_k { /* 16 groups of 16: d * (scales & 15) * q - dmin * (scales >> 4) */
+    uint8_t scales[TSR_QK_K / 16];
+    uint8_t qs[TSR_QK_K / 4];
+    uint16_t d, dmin;
+} tsr_block_q2_k;
+
+typedef struct tsr_block_q3_k { /* 16 groups of 16: d * (scale6 - 32) * (q2 - 4 * !hbit) */
+    uint8_t hmask[TSR_QK_K / 8];
+    uint8_t qs[TSR_QK_K / 4];
+    uint8_t scales[12];
+    uint16_t d;
+} tsr_block_q3_k;
+
+typedef struct tsr_block_q4_k { /* 8 groups of 32: d * scale6 * q - dmin * min6 */
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[TSR_QK_K / 2];
+} tsr_block_q4_k;
+
+typedef struct tsr_block_q5_k { /* as Q4_K with a fifth bit in qh */
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[TSR_QK_K / 8];
+    uint8_t qs[TSR_QK_K / 2];
+} tsr_block_q5_k;
+
+typedef struct tsr_block_q6_k { /* 16 groups of 16: d * scales * (q6 - 32) */
+    uint8_t ql[TSR_QK_K / 2];
+    uint8_t qh[TSR_QK_K / 4];
+    int8_t scales[TSR_QK_K / 16];
+    uint16_t d;
+} tsr_block_q6_k;
+
+typedef struct tsr_block_q8_k { /* value = d * q (d is f32); bsums: sums of 16 quants */
+    float d;
+    int8_t qs[TSR_QK_K];
+    int16_t bsums[TSR_QK_K / 16];
+} tsr_block_q8_k;
+
+typedef struct tsr_block_iq4_nl { /* value = d * kvalues[q], the 16 non-linear levels */
+    uint16_t d;
+    uint8_t qs[TSR_QK / 2];
+} tsr_block_iq4_nl;
+
+typedef struct tsr_block_iq4_xs { /* 8 groups of 32: d * (scale6 - 32) * kvalues[q] */
+    uint16_t d;
+    uint16_t scales_h;
+    uint8_t scales_l[TSR_QK_K / 64];
+    uint8_t qs[TSR_QK_K / 2];
+} tsr_block_iq4_xs;
+
+/* Elements per block of `dtype` (1 for F32, F16, BF16) and bytes per block; 0 for a type the
+ * kernels do not know. tsr_row_size(dtype, n) = n / block elements * block bytes. */
+int64_t tsr_dtype_block_elems(int32_t dtype);
+size_t tsr_dtype_block_bytes(int32_t dtype);
+
+/* Quantizes n values (a whole number of blocks) to `dtype` with the reference quantizer of
+ * llama.cpp's `llama-quantize` (no importance matrix): F32, F16, BF16, Q4_0, Q4_1, Q5_0,
+ * Q5_1, Q8_0, Q8_1, Q8_K give byte-identical output; Q2_K..Q6_K use the same searches of
+ * scale and min; IQ4_NL and IQ4_XS search the block scale over the same candidates.
+ * Note: Q8_0 here is the weight quantizer (q = round-half-away(x / d)), not the activation
+ * one of tsr_q8_0_quantize_row. TSR_E_UNSUPPORTED for another type, TSR_E_INVALID when n
+ * is not a whole number of blocks. Single-threaded; split rows to parallelize. */
+tsr_status tsr_quantize_row(int32_t dtype, void *dst, const float *src, int64_t n);
+
+/* The exact values of n elements of `dtype` (any type above, F32, F16, BF16). Errors as
+ * tsr_quantize_row. */
+tsr_status tsr_dequantize_row(int32_t dtype, float *dst, const void *src, int64_t n);
+
+/* Activation quantizers, as llama.cpp on x86. Q8_1: the Q8_0 blocks of
+ * tsr_q8_0_quantize_row plus s = fp16(d * sum(q)) with d = amax / 127 in f32. Q8_K:
+ * iscale = -127 / x[argmax |x|], q = min(127, rne(iscale * x)), d = 1 / iscale; all zero
+ * for a zero block. n: a multiple of 32 (Q8_1) or 256 (Q8_K). */
+void tsr_q8_1_quantize_row(tsr_block_q8_1 *y, const float *x, int64_t n); // y: (n/32)
+void tsr_q8_k_quantize_row(tsr_block_q8_k *y, const float *x, int64_t n); // y: (n/256)
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,126 @@
+/* The GGUF quantized formats: what quants_ref.c, quants_dot.c and the ISA files share, and
+ * the entry points dispatch.c forwards to. Not installed.
+ *
+ * Every product of a quantized weight row with a prepared activation row is a sum over
+ * blocks. A block's integer part is exact, so any ISA may compute it any way it likes; the
+ * f32 part is fixed here (tsr_qk_*_value and the legacy lane rule), which is why every ISA
+ * gives the same bits. */
+#ifndef TSR_KERNELS_CPU_QUANTS_H
+#define TSR_KERNELS_CPU_QUANTS_H
+
+#include "internal.h"
+
+#include <string.h>
+
+/* The weight formats the quantized products handle, as indices into tsr_quant_ops.tile. */
+enum {
+    TSR_QM_Q4_0, TSR_QM_Q4_1, TSR_QM_Q5_0, TSR_QM_Q5_1, TSR_QM_Q8_0, TSR_QM_IQ4_NL,
+    TSR_QM_Q2_K, TSR_QM_Q3_K, TSR_QM_Q4_K, TSR_QM_Q5_K, TSR_QM_Q6_K, TSR_QM_IQ4_XS,
+    TSR_QM_COUNT
+};
+
+/* Tiles of the quantized products are at most this many rows by tokens, at every level. */
+#define TSR_QM_TILE 4
+
+/* One ISA's quantized kernels; NULL entries fall back to the level below. */
+typedef struct tsr_quant_ops {
+    tsr_mm_tile_fn tile[TSR_QM_COUNT];
+    void (*q8_1_quantize_row)(tsr_block_q8_1 *y, const float *x, int64_t n);
+    void (*q8_k_quantize_row)(tsr_block_q8_k *y, const float *x, int64_t n);
+} tsr_quant_ops;
+
+extern const tsr_quant_ops tsr_quant_ops_scalar;
+#if defined(TSR_KERNELS_X86)
+extern const tsr_quant_ops tsr_quant_ops_avx2;
+extern const tsr_quant_ops tsr_quant_ops_avx512;
+#endif
+
+/* The 16 levels of IQ4_NL and IQ4_XS. */
+extern const int8_t tsr_iq4nl_values[16];
+
+/* Hooks of dispatch.c's public functions: -1 / 0 / TSR_E_UNSUPPORTED for other types. */
+int tsr_quant_mm_index(int32_t wtype);
+int32_t tsr_quant_act_type(int32_t wtype);
+size_t tsr_quant_row_size(int32_t dtype, int64_t n);
+tsr_status tsr_quant_prepare_row(int32_t act_type, void *dst, const float *src, int64_t n);
+tsr_status tsr_quant_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
+                            int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
+float tsr_quant_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Scale fields                                                                              */
+
+/* Q4_K / Q5_K: the 6-bit scale and min of group j (0..7) from the 12 packed bytes. */
+static inline void tsr_qk_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Q3_K: the 16 signed 6-bit group scales (stored + 32). */
+static inline void tsr_q3k_scales(const uint8_t *s, int sc[16]) {
+    for (int j = 0; j < 16; j++) {
+        int lo = j < 8 ? s[j] & 0xf : s[j - 8] >> 4;
+        sc[j] = (lo | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+    }
+}
+
+/* IQ4_XS: the signed 6-bit scale of group j (0..7). */
+static inline int tsr_iq4xs_scale(const tsr_block_iq4_xs *b, int j) {
+    return (((b->scales_l[j / 2] >> (4 * (j % 2))) & 0xf) | (((b->scales_h >> (2 * j)) & 3) << 4))
+           - 32;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The f32 part of the products                                                              */
+
+/* Legacy (32-element) blocks: block b's value goes into lane b % TSR_Q8_LANES, the lanes are
+ * added by tsr_q8_lanes_sum. Q4_0, Q5_0, Q8_0, IQ4_NL: isum * (dw * dx); Q4_1, Q5_1 add
+ * mw * sx (sx = d * sum of the activation quants, the Q8_1 block's s). */
+static inline float tsr_q_legacy_value(int32_t isum, float dw, float dx) {
+    return (float)isum * (dw * dx);
+}
+static inline float tsr_q_legacy_value_m(int32_t isum, float dw, float dx, float mw, float sx) {
+    return (float)isum * (dw * dx) + mw * sx;
+}
+
+/* K super-blocks (256 elements, Q8_K activations): isum = sum over groups of scale * integer
+ * dot, msum = sum over groups of min * activation group sum. Super-block b's value goes into
+ * lane b % TSR_Q8_LANES as well. */
+static inline float tsr_qk_value(int32_t isum, int32_t msum, float dw, float dmin, float dx) {
+    return (dx * dw) * (float)isum - (dx * dmin) * (float)msum;
+}
+
+/* The integer parts of one super-block, from the scalar reference (quants_dot.c); the ISA
+ * files use them for row tails. */
+void tsr_qk_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t *isum, int32_t *msum);
+
+/* d and dmin (0 for types without) of a K-type weight block, as f32. */
+static inline void tsr_qk_block_scales(int qm, const void *w, float *d, float *dmin) {
+    uint16_t h = 0, hm = 0;
+    switch (qm) {
+    case TSR_QM_Q2_K:
+        h = ((const tsr_block_q2_k *)w)->d;
+        hm = ((const tsr_block_q2_k *)w)->dmin;
+        break;
+    case TSR_QM_Q3_K: h = ((const tsr_block_q3_k *)w)->d; break;
+    case TSR_QM_Q4_K:
+        h = ((const tsr_block_q4_k *)w)->d;
+        hm = ((const tsr_block_q4_k *)w)->dmin;
+        break;
+    case TSR_QM_Q5_K:
+        h = ((const tsr_block_q5_k *)w)->d;
+        hm = ((const tsr_block_q5_k *)w)->dmin;
+        break;
+    case TSR_QM_Q6_K: h = ((const tsr_block_q6_k *)w)->d; break;
+    case TSR_QM_IQ4_XS: h = ((const tsr_block_iq4_xs *)w)->d; break;
+    }
+    *d = tsr_fp16_to_fp32(h);
+    *dmin = tsr_fp16_to_fp32(hm);
+}
+
+#endif
