@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include "cli_session.h"
 #include "dtype.h"
@@ -100,6 +101,7 @@ typedef struct bench_row {
     tsr_stage_times times; /* over the decode runs */
     double decode_secs;
     uint64_t kv_bytes;
+    double peak_rss_mib; /* before the bandwidth measurement allocates its buffer */
 } bench_row;
 
 static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int threads,
@@ -152,6 +154,7 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     row->kv_bytes = probe.kv_bytes;
     mean_std(pp, b->reps, &row->pp_mean, &row->pp_std);
     mean_std(tg, b->reps, &row->tg_mean, &row->tg_std);
+    row->peak_rss_mib = peak_rss_mib();
     /* The machine's read bandwidth with the same threads, measured right after the runs so
      * both see the same neighbours on this shared machine. */
     row->read_gbs = tsr_measure_read_bandwidth(s.pool, (size_t)1 << 30, 5);
@@ -194,7 +197,7 @@ static void print_markdown(const char *model_path, const char *type, const tsr_m
         printf("| %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %llu | %.1f MiB |\n",
                r->threads, (double)t->matmul * pct, (double)t->attention * pct,
                (double)t->cache * pct, (double)t->decoder * pct, (double)t->other_ops * pct,
-               (total - staged) * pct, (unsigned long long)r->kv_bytes, peak_rss_mib());
+               (total - staged) * pct, (unsigned long long)r->kv_bytes, r->peak_rss_mib);
     }
 }
 
@@ -205,8 +208,9 @@ static void print_json(const char *model_path, const char *type, const tsr_model
         const bench_row *r = &rows[i];
         const tsr_stage_times *t = &r->times;
         json_array_append_new(results, json_pack(
-            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
-            "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen,
+            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "peak_rss_mib",
+            r->peak_rss_mib,
             "prefill_tps_mean", r->pp_mean, "prefill_tps_std", r->pp_std,
             "decode_tps_mean", r->tg_mean, "decode_tps_std", r->tg_std,
             "decode_weight_gbs", r->weight_gb_per_s, "machine_read_gbs", r->read_gbs,
@@ -216,10 +220,10 @@ static void print_json(const char *model_path, const char *type, const tsr_model
             (double)t->decoder * 1e-9, "other_ops", (double)t->other_ops * 1e-9, "total",
             r->decode_secs));
     }
-    json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:i, s:f, s:o}", "model", model_path,
+    json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:i, s:o}", "model", model_path,
                              "type", type, "n_layer", m->hp.n_layer, "n_embd", m->hp.n_embd,
                              "weight_bytes_per_token", (json_int_t)weight_bytes, "repetitions",
-                             b->reps, "peak_rss_mib", peak_rss_mib(), "results", results);
+                             b->reps, "results", results);
     char *text = json_dumps(root, JSON_INDENT(2));
     printf("%s\n", text);
     free(text);
@@ -388,6 +392,7 @@ int tsr_cli_perplexity(int argc, char **argv) {
     long count = 0;
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    const bool interactive = isatty(2);
     for (long c = 0; c < n_chunks; c++) {
         const int32_t *chunk = ids + c * ctx;
         for (long j = 0; j < ctx; j++)
@@ -404,10 +409,11 @@ int tsr_cli_perplexity(int argc, char **argv) {
             sum2 += v * v;
             count++;
         }
-        fprintf(stderr, "\rtessera: perplexity: chunk %ld/%ld, ppl %.4f, %.1f s", c + 1, n_chunks,
-                exp(sum / (double)count), tsr_seconds_since(&t0));
+        if (interactive || c + 1 == n_chunks)
+            fprintf(stderr, "%stessera: perplexity: chunk %ld/%ld, ppl %.4f, %.1f s%s",
+                    interactive ? "\r" : "", c + 1, n_chunks, exp(sum / (double)count),
+                    tsr_seconds_since(&t0), c + 1 == n_chunks ? "\n" : "");
     }
-    fputc('\n', stderr);
     /* As llama.cpp: the standard error of the mean NLL, carried to the perplexity. */
     double mean = sum / (double)count;
     double var = sum2 / (double)count - mean * mean;

@@ -620,7 +620,8 @@ static int bpe_word(word_ctx *w, const char *text, size_t len, tsr_ids *out) {
     for (size_t off = 0; off < len;) {
         size_t n = tsr_utf8_len((unsigned char)text[off]);
         if (n > len - off) n = len - off;
-        w->sym[n_sym] = (bsym){(int32_t)n_sym - 1, off + n == len ? -1 : (int32_t)n_sym + 1, off, n};
+        int32_t next = off + n == len ? -1 : (int32_t)n_sym + 1;
+        w->sym[n_sym] = (bsym){(int32_t)n_sym - 1, next, off, n};
         n_sym++;
         off += n;
     }

@@ -103,6 +103,15 @@ START_TEST(spm_merges_by_score) {
     /* no pair of "▁ll" or "l▁" exists; "lo" is not a piece */
     EXPECT(tok, "lo", false, false, 259, 262, 263);
     EXPECT(tok, "", true, false, 1);
+    /* caller buffer: too small gives the count needed and the ids that fit */
+    int32_t buf[2] = {-7, -7};
+    size_t n;
+    tsr_error err = {{0}};
+    ck_assert_int_eq(tsr_tokenize_buf(tok, "lo", 2, true, false, buf, 2, &n, &err), TSR_E_RANGE);
+    ck_assert_uint_eq(n, 4);
+    ck_assert(buf[0] == 1 && buf[1] == 259);
+    ck_assert_int_eq(tsr_tokenize_buf(tok, "hello", 5, true, false, buf, 2, &n, &err), TSR_OK);
+    ck_assert(n == 2 && buf[0] == 1 && buf[1] == 268);
     ck_assert_int_eq(tsr_tokenizer_bos(tok), 1);
     ck_assert_int_eq(tsr_tokenizer_eos(tok), 2);
     ck_assert(tsr_token_is_eog(tok, 2));
