@@ -29,7 +29,9 @@ bool tsr_cli_is_help(const char *arg);
 tsr_registry *tsr_cli_registry(tsr_pool *pool, char *const *extra_dirs, size_t n_extra,
                                bool report);
 
-/* The registry lookup tsr_config_bind needs. */
-const tsr_plugin_desc *tsr_cli_find_plugin(void *registry, int32_t stage, const char *name);
+/* Binds the config's plugins against the registry. When a configured plugin is missing
+ * because its object was refused at load, the error is that refusal (which names the file,
+ * the stage and both versions) rather than "unknown plugin". */
+tsr_status tsr_cli_bind(tsr_config *cfg, tsr_registry *reg, tsr_error *err);
 
 #endif

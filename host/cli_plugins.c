@@ -31,9 +31,23 @@ tsr_registry *tsr_cli_registry(tsr_pool *pool, char *const *extra_dirs, size_t n
     return reg;
 }
 
-const tsr_plugin_desc *tsr_cli_find_plugin(void *registry, int32_t stage, const char *name) {
-    const tsr_plugin_ref *ref = tsr_registry_find(registry, stage, name);
+typedef struct finder {
+    tsr_registry *reg;
+    const char *refusal; /* of the last plugin that could not be found */
+} finder;
+
+static const tsr_plugin_desc *find_plugin(void *ctx, int32_t stage, const char *name) {
+    finder *f = ctx;
+    const tsr_plugin_ref *ref = tsr_registry_find(f->reg, stage, name);
+    if (!ref) f->refusal = tsr_registry_refusal(f->reg, name);
     return ref ? ref->desc : NULL;
+}
+
+tsr_status tsr_cli_bind(tsr_config *cfg, tsr_registry *reg, tsr_error *err) {
+    finder f = {.reg = reg};
+    tsr_status st = tsr_config_bind(cfg, find_plugin, &f, err);
+    if (st < 0 && f.refusal) tsr_error_set(err, st, "%s", f.refusal);
+    return st;
 }
 
 /* Options every plugins subcommand accepts: --plugin-dir DIR (repeatable). The remaining
@@ -232,7 +246,7 @@ int tsr_cli_validate(int argc, char **argv) {
         if (tsr_config_set(cfg, sets[i], &err) < 0) goto fail;
     pool = tsr_pool_create(1);
     reg = tsr_cli_registry(pool, cfg->plugin_dirs, cfg->n_plugin_dirs, false);
-    if (tsr_config_bind(cfg, tsr_cli_find_plugin, reg, &err) < 0) goto fail;
+    if (tsr_cli_bind(cfg, reg, &err) < 0) goto fail;
     if (check_hooks(cfg, reg, &err) < 0) goto fail;
     printf("%s: ok\n", path);
     status = TSR_EXIT_OK;

@@ -53,7 +53,7 @@ tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
         if ((st = tsr_config_set(s->cfg, set, err)) < 0) return st;
     }
     s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
-    if ((st = tsr_config_bind(s->cfg, tsr_cli_find_plugin, s->reg, err)) < 0) return st;
+    if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
 
     const char *model_path = o->model ? o->model : s->cfg->model_path;
     if (!model_path)

@@ -113,6 +113,8 @@ struct tsr_registry {
     size_t n_refs;
     char **diags;
     size_t n_diags;
+    char **refused_names, **refused_why; /* plugins refused at load, with their reason */
+    size_t n_refused;
     char **scanned_dirs; /* folders already scanned, in search order */
     size_t n_scanned;
 };
@@ -159,6 +161,12 @@ void tsr_registry_free(tsr_registry *reg) {
     }
     for (size_t i = 0; i < reg->n_objects; i++) object_free(reg->objects[i]);
     for (size_t i = 0; i < reg->n_diags; i++) free(reg->diags[i]);
+    for (size_t i = 0; i < reg->n_refused; i++) {
+        free(reg->refused_names[i]);
+        free(reg->refused_why[i]);
+    }
+    free(reg->refused_names);
+    free(reg->refused_why);
     for (size_t i = 0; i < reg->n_scanned; i++) free(reg->scanned_dirs[i]);
     free(reg->refs);
     free(reg->objects);
@@ -174,6 +182,12 @@ const tsr_plugin_ref *tsr_registry_at(const tsr_registry *reg, size_t i) {
 size_t tsr_registry_n_diagnostics(const tsr_registry *reg) { return reg->n_diags; }
 const char *tsr_registry_diagnostic(const tsr_registry *reg, size_t i) {
     return i < reg->n_diags ? reg->diags[i] : NULL;
+}
+
+const char *tsr_registry_refusal(const tsr_registry *reg, const char *name) {
+    for (size_t i = 0; i < reg->n_refused; i++)
+        if (strcmp(reg->refused_names[i], name) == 0) return reg->refused_why[i];
+    return NULL;
 }
 
 const tsr_plugin_ref *tsr_registry_find(const tsr_registry *reg, int32_t stage, const char *name) {
@@ -452,6 +466,13 @@ tsr_status tsr_registry_load_file(tsr_registry *reg, const char *path, tsr_error
         if (checked < 0) {
             refusal = checked;
             add_diag(reg, "%s", why.msg);
+            if (d && d->struct_size >= offsetof(tsr_plugin_desc, name) + sizeof(d->name) &&
+                d->name) {
+                reg->refused_names = grow(reg->refused_names, reg->n_refused, sizeof(char *));
+                reg->refused_why = grow(reg->refused_why, reg->n_refused, sizeof(char *));
+                reg->refused_names[reg->n_refused] = strdup(d->name);
+                reg->refused_why[reg->n_refused++] = strdup(why.msg);
+            }
             continue;
         }
         const tsr_plugin_ref *prev = tsr_registry_find(reg, 0, d->name);

@@ -56,6 +56,10 @@ const tsr_plugin_ref *tsr_registry_find(const tsr_registry *reg, int32_t stage, 
 size_t tsr_registry_n_diagnostics(const tsr_registry *reg);
 const char *tsr_registry_diagnostic(const tsr_registry *reg, size_t i);
 
+/* The diagnostic that explains why a plugin named `name` was refused at load (version,
+ * callbacks, duplicate...), or NULL when no object offered such a plugin. */
+const char *tsr_registry_refusal(const tsr_registry *reg, const char *name);
+
 /* A live plugin instance. */
 typedef struct tsr_instance {
     const tsr_plugin_ref *ref;

@@ -201,6 +201,38 @@ START_TEST(llama2c_model_needs_tokenizer) {
 }
 END_TEST
 
+/* hooks: call plugin commands through libffi on the live instances of a running pipeline. */
+START_TEST(hooks_run_on_live_instances) {
+    char *dir = tsr_test_tmpdir();
+    char yaml_path[4096], stats[4096], yaml[12288];
+    snprintf(yaml_path, sizeof yaml_path, "%s/p.yaml", dir);
+    snprintf(stats, sizeof stats, "%s/stats.txt", dir);
+    snprintf(yaml, sizeof yaml,
+             "tessera: 1\ncache: { plugin: streaming, sink: 4, window: 28 }\n"
+             "decoder: { plugin: greedy }\nhooks:\n"
+             "  - { on: after_step, stage: cache, call: reset_counters }\n"
+             "  - { on: at_end, stage: cache, call: dump_stats, args: [\"%s\"] }\n", stats);
+    ck_assert_int_eq(tsr_test_write_file(yaml_path, yaml, strlen(yaml)), 0);
+    char *model = data("models/stories260K.gguf");
+    const char *args[] = {"run", yaml_path, "-m", model, "-p", "Once upon a time", "-n", "100", NULL};
+    char *err;
+    int status = tessera(NULL, &err, args);
+    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    char *text = tsr_test_read_file(stats, NULL);
+    /* Eviction happens at a store; after_step reset the counters after the last one, so the
+     * end-of-run dump counts none (without the reset it would count thousands). */
+    ck_assert_msg(text && strstr(text, "# streaming: sink 4 window 28\n"), "%s", text);
+    ck_assert_msg(strstr(text, "\nevicted 0\n"), "%s", text);
+    free(text);
+    free(err);
+    free(model);
+    unlink(stats);
+    unlink(yaml_path);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
 int main(void) {
     free(tsr_test_require_data("models/stories260K.bin"));
     Suite *s = suite_create("cli-models");
@@ -214,6 +246,7 @@ int main(void) {
     tcase_add_test(tc, tokenize_file_with_vocab_only_gguf);
     tcase_add_test(tc, bad_model_file_is_one_line);
     tcase_add_test(tc, llama2c_model_needs_tokenizer);
+    tcase_add_test(tc, hooks_run_on_live_instances);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -40,7 +40,8 @@ typedef struct tsr_attention_call {
     const int32_t *q_pos;      /* (n_q) */
     float scale;               /* usually 1/sqrt(head_dim) */
     const tsr_kv_view *views;  /* (n_kv_head); query head h reads views[h / (n_head/n_kv_head)] */
-    float *out;                /* (n_q, n_head, head_dim), written entirely */
+    float *out;                /* (n_q, n_head, head_dim), written entirely; zeros for a
+                                  query that sees no entry */
 } tsr_attention_call;
 
 typedef struct tsr_attention_vtable {

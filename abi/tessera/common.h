@@ -206,7 +206,8 @@ typedef struct tsr_host {
         ;
 
     /* [any] Accounted allocation. `align` is a power of two (0 = default, 64 bytes). Returns
-     * NULL on failure. Memory is freed with `free` and never by the C library's free(). */
+     * NULL on failure. Memory is freed with `free` and never by the C library's free();
+     * free(ctx, NULL) does nothing. */
     void *(*alloc)(void *ctx, size_t size, size_t align);
     void (*free)(void *ctx, void *ptr);
 

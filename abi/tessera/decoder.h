@@ -64,7 +64,7 @@ typedef struct tsr_generate_request {
     uint32_t struct_size;
     const int32_t *prompt;    /* (n_prompt) token ids, BOS included when the model wants it */
     int64_t n_prompt;         /* >= 1 */
-    int64_t max_new_tokens;   /* the host's emit() also enforces it */
+    int64_t max_new_tokens;   /* >= 0; 0 emits nothing. The host's emit() also enforces it */
 } tsr_generate_request;
 
 typedef struct tsr_decoder_vtable {

@@ -1,5 +1,6 @@
 /* Level selection and the public entry points that dispatch to an ISA's table. */
 #include "internal.h"
+#include "quants.h"
 
 #if defined(TSR_KERNELS_X86)
 #include <cpuid.h>
@@ -155,7 +156,7 @@ size_t tsr_row_size(int32_t dtype, int64_t n) {
     case TSR_DTYPE_Q8_0:
         return n % TSR_Q8_0_BLOCK ? 0 : (size_t)(n / TSR_Q8_0_BLOCK) * sizeof(tsr_block_q8_0);
     }
-    return 0;
+    return tsr_quant_row_size(dtype, n);
 }
 
 tsr_status tsr_row_to_f32(float *y, int32_t dtype, const void *x, int64_t n) {
@@ -179,7 +180,7 @@ int32_t tsr_matmul_act_type(int32_t wtype) {
     case TSR_DTYPE_BF16:
     case TSR_DTYPE_Q8_0: return wtype;
     }
-    return -1;
+    return tsr_quant_act_type(wtype);
 }
 
 static int mm_index(int32_t wtype) {
@@ -200,6 +201,15 @@ static tsr_status check_types(int32_t type, int64_t n_in) {
 
 tsr_status tsr_matmul_prepare(void *xp, int32_t act_type, const float *x, int64_t n_tok,
                               int64_t n_in, int ith, int nth) {
+    if (act_type == TSR_DTYPE_Q8_1 || act_type == TSR_DTYPE_Q8_K) {
+        if (n_in < 0 || tsr_row_size(act_type, n_in) == 0) return TSR_E_INVALID;
+        size_t row = tsr_row_size(act_type, n_in);
+        int64_t t0, t1;
+        tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
+        for (int64_t t = t0; t < t1; t++)
+            tsr_quant_prepare_row(act_type, (char *)xp + t * row, x + t * n_in, n_in);
+        return TSR_OK;
+    }
     tsr_status st = check_types(act_type, n_in);
     if (st) return st;
     const tsr_cpu_ops *o = ops();
@@ -224,6 +234,8 @@ tsr_status tsr_matmul_prepare(void *xp, int32_t act_type, const float *x, int64_
 /* Rows outside, tokens inside: a tile's weight rows stay in cache while every token passes. */
 tsr_status tsr_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                       int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth) {
+    if (tsr_quant_mm_index(wtype) >= 0) /* GGUF block types, Q8_0 included: quants_dot.c */
+        return tsr_quant_matmul(y, ldy, w, wtype, xp, n_tok, n_in, n_out, ith, nth);
     tsr_status st = check_types(wtype, n_in);
     if (st) return st;
     if (ldy < n_out) return TSR_E_INVALID;
@@ -245,6 +257,7 @@ tsr_status tsr_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const
 }
 
 float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp) {
+    if (tsr_quant_mm_index(wtype) >= 0) return tsr_quant_row_dot(wtype, n, w, xp);
     float y = 0.0f;
     if (check_types(wtype, n)) return 0.0f;
     size_t stride = tsr_row_size(wtype, n);

@@ -35,6 +35,10 @@ extern const tsr_quant_ops tsr_quant_ops_avx2;
 extern const tsr_quant_ops tsr_quant_ops_avx512;
 #endif
 
+/* The scalar activation quantizers (quants_ref.c). */
+void tsr_q8_1_quantize_row_ref(tsr_block_q8_1 *y, const float *x, int64_t n);
+void tsr_q8_k_quantize_row_ref(tsr_block_q8_k *y, const float *x, int64_t n);
+
 /* The 16 levels of IQ4_NL and IQ4_XS. */
 extern const int8_t tsr_iq4nl_values[16];
 

@@ -343,7 +343,8 @@ typedef struct mm_job {
     float *y;          // (n_tok, n_out)
     const float *x;    // (n_tok, n_in)
     int64_t n_tok;
-    float *scratch;    // f32 path: (nth, n_in)
+    uint8_t *scratch;  // (nth, scratch_bytes): a dequantized row, or the unpacked codes
+    size_t scratch_bytes;
     int8_t *q;         // int8 path: (n_tok, n_pad)
     int32_t *gsum;     // (n_tok, n_pad / group)
     float *d;          // (n_tok)
@@ -365,11 +366,12 @@ static void mm_task(void *arg, int ith, int nth) {
     int64_t n_in = j->h->n_in, n_out = j->h->n_out, r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
     tsr_rq_act act = {j->q, j->gsum, j->d, j->n_pad, j->group};
-    float *row = j->scratch ? j->scratch + (size_t)ith * (size_t)n_in : NULL;
+    uint8_t *scratch = j->scratch + (size_t)ith * j->scratch_bytes;
+    float *row = (float *)scratch;
     for (int64_t r = r0; r < r1; r++) {
         rq_row q = row_at(j->h, r);
-        if (j->q) {
-            j->codec->dot_q8(j->cfg, j->y + r, n_out, q.row, &act, j->n_tok, n_in);
+        if (j->group > 0) {
+            j->codec->dot_q8(j->cfg, j->y + r, n_out, q.row, &act, j->n_tok, n_in, scratch);
             continue;
         }
         j->codec->dequantize_row(j->cfg, row, q.row, q.tail, q.tail_bytes, n_in);
@@ -391,21 +393,26 @@ tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float 
                 .n_tok = n};
     const char *name = w->name ? w->name : codec->name;
     j.group = codec->act_group ? codec->act_group(j.cfg) : 0;
-    void *buf;
+    int nth = host->n_threads(host->ctx);
+    size_t nq = 0, ng = 0;
     if (j.group > 0) {
         j.n_pad = (h->n_in + j.group - 1) / j.group * j.group;
-        size_t nq = (size_t)(n * j.n_pad), ng = (size_t)(n * (j.n_pad / j.group));
-        size_t off_g = (nq + 63) & ~(size_t)63, off_d = off_g + ng * sizeof(int32_t);
-        if (!(buf = alloc_or_fail(host, off_d + (size_t)n * sizeof(float), name)))
-            return TSR_E_NOMEM;
-        j.q = buf;
-        j.gsum = (int32_t *)((uint8_t *)buf + off_g);
-        j.d = (float *)((uint8_t *)buf + off_d);
+        nq = (size_t)(n * j.n_pad);
+        ng = (size_t)(n * (j.n_pad / j.group));
+    }
+    j.scratch_bytes = (size_t)align_up(j.group > 0 ? (uint64_t)j.n_pad
+                                                   : (uint64_t)h->n_in * sizeof(float));
+    /* One block: per-thread scratch, then the int8 activations, group sums and scales. */
+    size_t off_q = j.scratch_bytes * (size_t)nth, off_g = off_q + (size_t)align_up(nq);
+    size_t off_d = off_g + ng * sizeof(int32_t);
+    uint8_t *buf = alloc_or_fail(host, off_d + (size_t)n * sizeof(float), name);
+    if (!buf) return TSR_E_NOMEM;
+    j.scratch = buf;
+    if (j.group > 0) {
+        j.q = (int8_t *)(buf + off_q);
+        j.gsum = (int32_t *)(buf + off_g);
+        j.d = (float *)(buf + off_d);
         host->parallel_for(host->ctx, act_task, &j);
-    } else {
-        size_t bytes = (size_t)host->n_threads(host->ctx) * (size_t)h->n_in * sizeof(float);
-        if (!(buf = alloc_or_fail(host, bytes, name))) return TSR_E_NOMEM;
-        j.scratch = buf;
     }
     host->parallel_for(host->ctx, mm_task, &j);
     host->free(host->ctx, buf);

@@ -15,10 +15,13 @@
 #ifndef TESSERA_KERNELS_RESEARCH_H
 #define TESSERA_KERNELS_RESEARCH_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <tessera/common.h>
+#include <tessera/kernels_cpu.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -34,6 +37,24 @@ void tsr_rq_pack(uint8_t *dst, const uint8_t *codes, int64_t n, int bits);
 void tsr_rq_unpack(uint8_t *codes,        // (n)
                    const uint8_t *src,    // tsr_rq_packed_bytes(n, bits) bytes
                    int64_t n, int bits);
+
+/* fp16 fields of the row formats, at any alignment. Store returns the value as stored. */
+static inline float tsr_rq_load_f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    return tsr_fp16_to_fp32(h);
+}
+static inline float tsr_rq_store_f16(uint8_t *p, float v) {
+    uint16_t h = tsr_fp32_to_fp16(v);
+    memcpy(p, &h, sizeof h);
+    return tsr_fp16_to_fp32(h);
+}
+
+/* Round to nearest (ties to even) and clamp to [lo, hi]; NaN gives lo. */
+static inline int32_t tsr_rq_round(float v, int32_t lo, int32_t hi) {
+    float r = nearbyintf(v);
+    return r >= (float)hi ? hi : r > (float)lo ? (int32_t)r : lo;
+}
 
 /* ---------------------------------------------------------------------------------------- */
 /* Integer products                                                                          */
@@ -82,9 +103,10 @@ typedef struct tsr_rq_codec {
     /* Optional: group of int8 activations that dot_q8 wants (returns 0 for f32 activations,
      * and the driver then multiplies dequantized rows with tsr_dot_f32). */
     int64_t (*act_group)(const void *cfg);
-    /* With int8 activations: y[t * ldy] (t < n_tok) = the product of the row with token t. */
+    /* With int8 activations: y[t * ldy] (t < n_tok) = the product of the row with token t.
+     * scratch: act->n_pad bytes of the calling thread, for the unpacked codes. */
     void (*dot_q8)(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                   const tsr_rq_act *act, int64_t n_tok, int64_t n_in);
+                   const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch);
 } tsr_rq_codec;
 
 /* What tsr_rq_quantize reports. */

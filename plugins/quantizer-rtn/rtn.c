@@ -1,0 +1,194 @@
+/*
+ * quantizer 'rtn': group-wise round-to-nearest weights of 2..8 bits (FineQuant, Kim et al.
+ * 2023, with a fixed group size), an fp16 scale per group and, when asymmetric, an fp16
+ * minimum. Row layout (n_g = ceil(n_in / group) groups, the last one may be short):
+ *   fp16 scale[n_g] | fp16 min[n_g] (asymmetric only) | codes, `bits` each, n_g * group
+ * Symmetric: w = d * (c - qmax), qmax = 2^(bits-1) - 1, d = amax / qmax.
+ * Asymmetric: w = m + d * c, m = min, d = (max - min) / (2^bits - 1).
+ * The product dequantizes each row once per call and multiplies it with the f32 activations
+ * (tsr_dot_f32): weight-only quantization, as FineQuant's fp16-activation kernels.
+ */
+#include <tessera/kernels_research.h>
+#include <tessera/sdk.h>
+
+#define RTN_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 100)
+#define RTN_GROUP_MAX 256
+
+typedef struct rtn_cfg {
+    int32_t bits, group, symmetric;
+} rtn_cfg;
+
+typedef struct rtn {
+    const tsr_host *host;
+    rtn_cfg cfg;
+} rtn;
+
+static int64_t rtn_groups(const rtn_cfg *c, int64_t n_in) {
+    return (n_in + c->group - 1) / c->group;
+}
+
+static size_t rtn_stat_bytes(const rtn_cfg *c, int64_t n_in) {
+    return (size_t)rtn_groups(c, n_in) * (c->symmetric ? 2 : 4);
+}
+
+static size_t rtn_row_bytes(const void *cfg, int64_t n_in) {
+    const rtn_cfg *c = cfg;
+    return rtn_stat_bytes(c, n_in) + tsr_rq_packed_bytes(rtn_groups(c, n_in) * c->group, c->bits);
+}
+
+static void rtn_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, const float *w,
+                             int64_t n_in) {
+    (void)tail;
+    const rtn_cfg *c = cfg;
+    int64_t n_g = rtn_groups(c, n_in);
+    uint8_t *mins = row + 2 * n_g, *codes = row + rtn_stat_bytes(c, n_in);
+    int32_t qmax = (1 << (c->bits - 1)) - 1, levels = (1 << c->bits) - 1;
+    uint8_t q[RTN_GROUP_MAX];
+    for (int64_t g = 0; g < n_g; g++) {
+        const float *x = w + g * c->group;
+        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        float lo = x[0], hi = x[0], amax = 0.0f;
+        for (int64_t i = 0; i < len; i++) {
+            lo = fminf(lo, x[i]);
+            hi = fmaxf(hi, x[i]);
+            amax = fmaxf(amax, fabsf(x[i]));
+        }
+        if (c->symmetric) {
+            /* Codes are computed from the stored (rounded) scale, so dequantization is exact
+             * to what was chosen here. */
+            float d = tsr_rq_store_f16(row + 2 * g, amax / (float)qmax);
+            float id = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int64_t i = 0; i < c->group; i++)
+                q[i] = (uint8_t)(i < len ? tsr_rq_round(x[i] * id, -qmax, qmax) + qmax : qmax);
+        } else {
+            float d = tsr_rq_store_f16(row + 2 * g, (hi - lo) / (float)levels);
+            float m = tsr_rq_store_f16(mins + 2 * g, lo);
+            float id = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int64_t i = 0; i < c->group; i++)
+                q[i] = (uint8_t)(i < len ? tsr_rq_round((x[i] - m) * id, 0, levels) : 0);
+        }
+        tsr_rq_pack(codes + g * c->group * c->bits / 8, q, c->group, c->bits);
+    }
+}
+
+static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, const uint8_t *tail,
+                               size_t tail_bytes, int64_t n_in) {
+    (void)tail;
+    (void)tail_bytes;
+    const rtn_cfg *c = cfg;
+    int64_t n_g = rtn_groups(c, n_in);
+    const uint8_t *mins = row + 2 * n_g, *codes = row + rtn_stat_bytes(c, n_in);
+    int32_t qmax = (1 << (c->bits - 1)) - 1;
+    uint8_t q[RTN_GROUP_MAX];
+    for (int64_t g = 0; g < n_g; g++) {
+        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        tsr_rq_unpack(q, codes + g * c->group * c->bits / 8, len, c->bits);
+        float d = tsr_rq_load_f16(row + 2 * g);
+        float *out = y + g * c->group;
+        if (c->symmetric) {
+            for (int64_t i = 0; i < len; i++) out[i] = d * (float)((int32_t)q[i] - qmax);
+        } else {
+            float m = tsr_rq_load_f16(mins + 2 * g);
+            for (int64_t i = 0; i < len; i++) out[i] = m + d * (float)q[i];
+        }
+    }
+}
+
+static const tsr_rq_codec rtn_codec = {
+    .dtype = RTN_DTYPE,
+    .name = "rtn",
+    .row_bytes = rtn_row_bytes,
+    .quantize_row = rtn_quantize_row,
+    .dequantize_row = rtn_dequantize_row,
+};
+
+/* ---- plugin ---------------------------------------------------------------------------- */
+
+static tsr_status rtn_create(const tsr_host *host, const tsr_params *params,
+                             const tsr_quantizer_init *init, void **out) {
+    (void)init;
+    rtn_cfg cfg = {(int32_t)tsr_param_int(params, "bits"), (int32_t)tsr_param_int(params, "group"),
+                   tsr_param_bool(params, "symmetric")};
+    if (cfg.group % 8) {
+        host->set_error(host->ctx, "group: %d is not a multiple of 8", (int)cfg.group);
+        return TSR_E_INVALID;
+    }
+    rtn *q = tsr_calloc(host, 1, sizeof *q);
+    if (!q) return TSR_E_NOMEM;
+    q->host = host;
+    q->cfg = cfg;
+    *out = q;
+    return TSR_OK;
+}
+
+static void rtn_destroy(void *self) {
+    rtn *q = self;
+    q->host->free(q->host->ctx, q);
+}
+
+static tsr_status rtn_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
+    rtn *q = self;
+    tsr_rq_report rep;
+    tsr_status st = tsr_rq_quantize(q->host, &rtn_codec, &q->cfg, sizeof q->cfg, &in->src,
+                                    &out->dst, &rep);
+    if (st < 0) return st;
+    out->bits_per_weight = rep.bits_per_weight;
+    out->rel_rmse = rep.rel_rmse;
+    out->owns_data = 1;
+    q->host->log(q->host->ctx, TSR_LOG_INFO,
+                 "%s (layer %d, %s): rtn %d-bit %s group %d: %.3f bits/weight, rel_rmse %.5f",
+                 in->src.name ? in->src.name : "?", (int)in->layer, in->role ? in->role : "?",
+                 (int)q->cfg.bits, q->cfg.symmetric ? "sym" : "asym", (int)q->cfg.group,
+                 rep.bits_per_weight, rep.rel_rmse);
+    return TSR_OK;
+}
+
+static void rtn_release(void *self, tsr_tensor *w) {
+    rtn *q = self;
+    tsr_rq_release(q->host, w);
+}
+
+static tsr_status rtn_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                             int64_t n) {
+    rtn *q = self;
+    return tsr_rq_matmul(q->host, &rtn_codec, y, w, x, n);
+}
+
+static tsr_status rtn_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
+                                      int64_t n_rows) {
+    rtn *q = self;
+    return tsr_rq_dequantize_rows(q->host, &rtn_codec, y, w, row0, n_rows);
+}
+
+static const tsr_param_def rtn_params[] = {
+    {TSR_SIZED(tsr_param_def), .name = "bits", .type = TSR_PARAM_INT, .default_value = "4",
+     .min = 2, .max = 8, .unit = "bits", .doc = "bits per weight code"},
+    {TSR_SIZED(tsr_param_def), .name = "group", .type = TSR_PARAM_INT, .default_value = "64",
+     .min = 32, .max = RTN_GROUP_MAX, .unit = "weights",
+     .doc = "weights per scale along a row, a multiple of 8 (a row's last group may be short)"},
+    {TSR_SIZED(tsr_param_def), .name = "symmetric", .type = TSR_PARAM_BOOL,
+     .default_value = "true",
+     .doc = "true: scale only, codes around zero; false: scale and minimum per group"},
+};
+
+static const tsr_quantizer_vtable rtn_vtable = {
+    TSR_SIZED(tsr_quantizer_vtable),
+    .create = rtn_create,
+    .destroy = rtn_destroy,
+    .prepare = rtn_prepare,
+    .release = rtn_release,
+    .matmul = rtn_matmul,
+    .dequantize_rows = rtn_dequantize_rows,
+};
+
+static const tsr_plugin_desc rtn_desc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER),
+    .name = "rtn",
+    .version = "1.0",
+    .description = "group-wise round-to-nearest weights (2..8 bits, fp16 scales) converted from "
+                   "F32/F16/BF16 at load; f32 activations",
+    TSR_PARAMS(rtn_params),
+    .vtable = &rtn_vtable,
+};
+
+TSR_PLUGIN_EXPORT(&rtn_desc)

@@ -1,0 +1,271 @@
+/* The `tessera` program without model files: versions, help, plugin listing and info, plugin
+ * commands through libffi, validation of configs, and refusals of incompatible plugins. */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <tessera/cache.h>
+#include <tessera/common.h>
+
+#include "testutil.h"
+
+/* Runs tessera with `args` (NULL-terminated); returns the exit status. */
+static int tessera(char **out, char **err, const char *const *args) {
+    char *argv[64];
+    int n = 0;
+    argv[n++] = (char *)tsr_test_env("TESSERA_BIN");
+    for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
+    argv[n] = NULL;
+    return tsr_test_run(argv, out, err);
+}
+
+/* A config file in a fresh folder; returns its path (malloc'd). */
+static char *write_config(const char *text) {
+    char *dir = tsr_test_tmpdir();
+    char *path = malloc(strlen(dir) + 16);
+    sprintf(path, "%s/p.yaml", dir);
+    ck_assert_int_eq(tsr_test_write_file(path, text, strlen(text)), 0);
+    free(dir);
+    return path;
+}
+
+static void remove_config(char *path) {
+    unlink(path);
+    *strrchr(path, '/') = '\0';
+    rmdir(path);
+    free(path);
+}
+
+START_TEST(version_names_every_abi) {
+    char *out;
+    const char *args[] = {"--version", NULL};
+    ck_assert_int_eq(tessera(&out, NULL, args), 0);
+    char want[512];
+    snprintf(want, sizeof want,
+             "plugin ABI: common %d.%d, backend 1.0, quantizer 1.0, attention 1.0, cache %d.%d, "
+             "decoder 1.0, router 1.0\n", TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR,
+             TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR);
+    ck_assert_msg(strncmp(out, "tessera ", 8) == 0 && strstr(out, want), "%s", out);
+    free(out);
+}
+END_TEST
+
+static const char *const subcommands[] = {"run", "logits", "tokenize", "bench", "perplexity",
+                                          "validate", "plugins"};
+
+START_TEST(every_subcommand_has_help) {
+    char *out, *err;
+    const char *args[] = {subcommands[_i], "--help", NULL};
+    ck_assert_int_eq(tessera(&out, &err, args), 0);
+    char want[64];
+    snprintf(want, sizeof want, "usage: tessera %s", subcommands[_i]);
+    ck_assert_msg(strncmp(out, want, strlen(want)) == 0, "%s --help printed: %s", subcommands[_i], out);
+    ck_assert_str_eq(err, "");
+    free(out);
+    free(err);
+}
+END_TEST
+
+START_TEST(unknown_command_is_a_usage_error) {
+    char *err;
+    const char *args[] = {"frobnicate", NULL};
+    ck_assert_int_eq(tessera(NULL, &err, args), 2);
+    ck_assert_str_eq(err, "tessera: unknown command 'frobnicate' (see tessera --help)\n");
+    free(err);
+}
+END_TEST
+
+START_TEST(plugins_list_shows_shipped_plugins_and_skips_bad_objects) {
+    char *dir = tsr_test_tmpdir();
+    char bad[4096];
+    snprintf(bad, sizeof bad, "%s/broken.so", dir);
+    ck_assert_int_eq(tsr_test_write_file(bad, "not elf", 7), 0);
+    char *out, *err;
+    const char *args[] = {"plugins", "--plugin-dir", dir, "list", NULL};
+    ck_assert_int_eq(tessera(&out, &err, args), 0);
+    const char *shipped[] = {"cpu", "gguf", "flash", "reference", "full", "streaming", "greedy",
+                             "sample"};
+    for (size_t i = 0; i < sizeof shipped / sizeof shipped[0]; i++) {
+        char line[64];
+        snprintf(line, sizeof line, "\n%-20s ", shipped[i]);
+        ck_assert_msg(strstr(out, line), "'%s' not listed:\n%s", shipped[i], out);
+    }
+    char want[8192];
+    snprintf(want, sizeof want, "tessera: warning: %s: not a shared object (no ELF header); plugin "
+             "files are built with tessera_add_plugin() (skipped)\n", bad);
+    ck_assert_str_eq(err, want);
+    unlink(bad);
+    rmdir(dir);
+    free(dir);
+    free(out);
+    free(err);
+}
+END_TEST
+
+START_TEST(plugins_info_prints_parameters) {
+    char *out;
+    const char *args[] = {"plugins", "info", "sample", NULL};
+    ck_assert_int_eq(tessera(&out, NULL, args), 0);
+    ck_assert_msg(strstr(out, "stage:    decoder") && strstr(out, "parameters:") &&
+                      strstr(out, "  temperature ") && strstr(out, "  seed "),
+                  "%s", out);
+    free(out);
+    char *err;
+    const char *none[] = {"plugins", "info", "nosuch", NULL};
+    ck_assert_int_eq(tessera(NULL, &err, none), 1);
+    ck_assert_str_eq(err, "tessera: no plugin named 'nosuch' (see `tessera plugins list`)\n");
+    free(err);
+}
+END_TEST
+
+START_TEST(plugins_call_goes_through_libffi) {
+    char *dir = tsr_test_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s/stats.txt", dir);
+    char *out, *err;
+    const char *args[] = {"plugins", "call", "streaming", "dump_stats", path, NULL};
+    ck_assert_int_eq(tessera(&out, &err, args), 0);
+    ck_assert_str_eq(out, "0\n");
+    char *stats = tsr_test_read_file(path, NULL);
+    ck_assert_msg(stats && strncmp(stats, "# streaming: sink 4 window 252\n", 31) == 0, "%s", stats);
+    free(stats);
+    free(out);
+    free(err);
+    const char *missing[] = {"plugins", "call", "streaming", "dump_stats", NULL};
+    ck_assert_int_eq(tessera(NULL, &err, missing), 1);
+    ck_assert_str_eq(err, "tessera: command 'dump_stats' takes 1 argument (i(Is)), got 0\n");
+    free(err);
+    const char *nofunc[] = {"plugins", "call", "streaming", "nosuch", NULL};
+    ck_assert_int_eq(tessera(NULL, &err, nofunc), 1);
+    ck_assert_str_eq(err, "tessera: plugin 'streaming' has no command 'nosuch' (see `tessera "
+                     "plugins info streaming`)\n");
+    free(err);
+    unlink(path);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
+static const char *const shipped_configs[] = {"default.yaml", "greedy.yaml", "streaming-llm.yaml"};
+
+START_TEST(shipped_configs_validate) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/configs/%s", tsr_test_env("TESSERA_SOURCE_DIR"),
+             shipped_configs[_i]);
+    char *out, *err;
+    const char *args[] = {"validate", path, NULL};
+    int status = tessera(&out, &err, args);
+    ck_assert_msg(status == 0, "%s: %s", path, err);
+    free(out);
+    free(err);
+}
+END_TEST
+
+/* Each bad pipeline gets one line naming the file, the line and the column. */
+typedef struct bad_config {
+    const char *yaml;
+    const char *set; /* a --set, or NULL */
+    const char *error; /* after "tessera: <path>:" */
+} bad_config;
+
+static const bad_config bad_configs[] = {
+    {"tessera: 1\ncache: { plugin: nosuch }\n", NULL,
+     "2:18: cache: unknown plugin 'nosuch' (see `tessera plugins list`)"},
+    {"tessera: 1\ncache: { plugin: streaming, window: 0 }\n", NULL,
+     "2:29: cache.window: expected an integer in [1, 1048576], got '0'"},
+    {"tessera: 1\ncache: { plugin: streaming, windw: 8 }\n", NULL,
+     "2:29: cache: unknown parameter 'windw' for plugin 'streaming'; known: sink, window, dtype"},
+    {"tessera: 1\ndecoder: { plugin: sample, temperature: hot }\n", NULL,
+     "2:28: decoder.temperature: expected a number in [0, 100], got 'hot'"},
+    {"tessera: 1\ncache: { plugin: streaming }\nhooks:\n  - { on: at_end, stage: cache, call: nosuch }\n",
+     NULL, "4:5: hooks: plugin 'streaming' has no command 'nosuch'"},
+};
+
+START_TEST(bad_configs_name_file_line_column) {
+    const bad_config *c = &bad_configs[_i];
+    char *path = write_config(c->yaml);
+    char *err;
+    const char *args[] = {"validate", path, c->set ? "--set" : NULL, c->set, NULL};
+    ck_assert_int_eq(tessera(NULL, &err, args), 1);
+    char want[4200];
+    snprintf(want, sizeof want, "tessera: %s:%s\n", path, c->error);
+    ck_assert_str_eq(err, want);
+    free(err);
+    remove_config(path);
+}
+END_TEST
+
+START_TEST(set_overrides_are_validated) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/configs/streaming-llm.yaml", tsr_test_env("TESSERA_SOURCE_DIR"));
+    char *err;
+    const char *ok[] = {"validate", path, "--set", "cache.window=256", NULL};
+    ck_assert_int_eq(tessera(NULL, NULL, ok), 0);
+    const char *bad[] = {"validate", path, "--set", "cache.window=-3", NULL};
+    ck_assert_int_eq(tessera(NULL, &err, bad), 1);
+    ck_assert_str_eq(err, "tessera: --set: cache.window: expected an integer in [1, 1048576], "
+                          "got '-3'\n");
+    free(err);
+}
+END_TEST
+
+/* Plugins built for another version of their stage are refused by name, file and versions,
+ * and the program exits non-zero instead of running them. */
+typedef struct refused {
+    const char *folder, *file, *name, *why;
+} refused;
+
+static const refused refusals[] = {
+    {"minor-newer", "fx_minor_newer.so", "fx-minor-newer",
+     "needs cache ABI 1.1, this host speaks 1.0; update Tessera"},
+    {"major-other", "fx_major_other.so", "fx-major-other",
+     "built for cache ABI 2.x, this host speaks 1.0; rebuild it against the 1.x SDK"},
+};
+
+START_TEST(incompatible_plugin_is_refused_in_a_pipeline) {
+    const refused *r = &refusals[_i];
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/test-plugins/%s", tsr_test_env("TESSERA_TEST_BUILD_DIR"), r->folder);
+    char yaml[8192];
+    snprintf(yaml, sizeof yaml, "tessera: 1\nplugin_dirs: [\"%s\"]\ncache: { plugin: %s }\n", dir,
+             r->name);
+    char *path = write_config(yaml);
+    char *err;
+    const char *args[] = {"validate", path, NULL};
+    ck_assert_int_eq(tessera(NULL, &err, args), 1);
+    char want[8192];
+    snprintf(want, sizeof want, "tessera: %s/%s: plugin '%s': %s\n", dir, r->file, r->name, r->why);
+    ck_assert_str_eq(err, want);
+    free(err);
+    remove_config(path);
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("cli");
+    TCase *tc = tcase_create("cli");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, version_names_every_abi);
+    tcase_add_loop_test(tc, every_subcommand_has_help, 0,
+                        (int)(sizeof subcommands / sizeof subcommands[0]));
+    tcase_add_test(tc, unknown_command_is_a_usage_error);
+    tcase_add_test(tc, plugins_list_shows_shipped_plugins_and_skips_bad_objects);
+    tcase_add_test(tc, plugins_info_prints_parameters);
+    tcase_add_test(tc, plugins_call_goes_through_libffi);
+    tcase_add_loop_test(tc, shipped_configs_validate, 0,
+                        (int)(sizeof shipped_configs / sizeof shipped_configs[0]));
+    tcase_add_loop_test(tc, bad_configs_name_file_line_column, 0,
+                        (int)(sizeof bad_configs / sizeof bad_configs[0]));
+    tcase_add_test(tc, set_overrides_are_validated);
+    tcase_add_loop_test(tc, incompatible_plugin_is_refused_in_a_pipeline, 0,
+                        (int)(sizeof refusals / sizeof refusals[0]));
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
