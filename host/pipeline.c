@@ -8,6 +8,7 @@
 
 #include "commands.h"
 #include "dtype.h"
+#include "instances.h"
 #include "stage_init.h"
 
 /* The seven matrices of a block, in the order the graph uses them. */
@@ -30,15 +31,12 @@ typedef struct seq_state {
 
 struct tsr_pipeline {
     const tsr_config *cfg;
-    const tsr_registry *reg;
     const tsr_model *model;
-    tsr_pool *pool;
     tsr_hparams hp;
     int32_t n_ctx;
 
     tsr_instance *stage_main[TSR_STAGE_COUNT + 1]; /* the top-level instance of each stage */
-    tsr_instance **owned;  /* every instance, for destruction and lifecycle calls */
-    size_t n_owned;
+    tsr_instance_set instances; /* every instance, for lifecycle calls and destruction */
     tsr_instance **quantizer_at, **attention_at, **cache_at; /* (n_layer) */
 
     const tsr_backend_vtable *be;
@@ -78,48 +76,6 @@ int tsr_config_threads(const tsr_config *cfg) {
         if (!strcmp(b->params.defs[i].name, "threads") && b->params.defs[i].type == TSR_PARAM_INT)
             return b->values[i].u.i > 0 ? (int)b->values[i].u.i : 1;
     return 1;
-}
-
-/* ---- instances ------------------------------------------------------------------------- */
-
-static tsr_status create_instance(tsr_pipeline *pl, int32_t stage, const tsr_stage_conf *sc,
-                                  const tsr_model_shape *shape, tsr_instance **out, tsr_error *err) {
-    const tsr_plugin_ref *ref = tsr_registry_find(pl->reg, stage, sc->plugin);
-    if (!ref)
-        return tsr_error_set(err, TSR_E_INVALID, "%s: unknown plugin '%s' (see `tessera plugins list`)",
-                             tsr_stage_name(stage), sc->plugin);
-    tsr_stage_init init;
-    tsr_status st = tsr_instance_create(ref, pl->pool, &sc->bound.params,
-                                        tsr_stage_init_fill(stage, shape, &init), out, err);
-    if (st < 0) return st;
-    pl->owned = realloc(pl->owned, (pl->n_owned + 1) * sizeof *pl->owned);
-    pl->owned[pl->n_owned++] = *out;
-    return TSR_OK;
-}
-
-/* Instances of a stage that layers may override: the top-level one, plus one per `layers:`
- * entry that names the stage. */
-static tsr_status create_per_layer(tsr_pipeline *pl, int32_t stage, const tsr_model_shape *shape,
-                                   tsr_instance **at, tsr_error *err) {
-    const tsr_stage_conf *top = &pl->cfg->stage[stage];
-    tsr_status st = create_instance(pl, stage, top, shape, &pl->stage_main[stage], err);
-    if (st < 0) return st;
-    const tsr_stage_conf **made_for = calloc((size_t)pl->hp.n_layer, sizeof *made_for);
-    for (int32_t l = 0; l < pl->hp.n_layer; l++) {
-        const tsr_stage_conf *sc = tsr_config_stage_at(pl->cfg, stage, l);
-        if (sc == top) {
-            at[l] = pl->stage_main[stage];
-            continue;
-        }
-        /* Layers covered by one override entry share its instance. */
-        at[l] = NULL;
-        for (int32_t j = 0; j < l; j++)
-            if (made_for[j] == sc) at[l] = at[j];
-        if (!at[l] && (st = create_instance(pl, stage, sc, shape, &at[l], err)) < 0) break;
-        made_for[l] = sc;
-    }
-    free(made_for);
-    return st;
 }
 
 /* ---- weights --------------------------------------------------------------------------- */
@@ -239,9 +195,8 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
     tsr_pipeline *pl = calloc(1, sizeof *pl);
     if (!pl) return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
     pl->cfg = cfg;
-    pl->reg = reg;
+    pl->instances = (tsr_instance_set){.reg = reg, .pool = pool};
     pl->model = model;
-    pl->pool = pool;
     pl->hp = model->hp;
     pl->n_ctx = n_ctx;
     int32_t n_layer = pl->hp.n_layer;
@@ -264,16 +219,21 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
                                cfg->layers[i].first, cfg->layers[i].last, n_layer, n_layer - 1);
             goto fail;
         }
-    if ((st = create_instance(pl, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND], &shape,
-                              &pl->stage_main[TSR_STAGE_BACKEND], err)) < 0)
+    tsr_instance_set *set = &pl->instances;
+    if ((st = tsr_instance_set_add(set, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND], &shape,
+                                   &pl->stage_main[TSR_STAGE_BACKEND], err)) < 0)
         goto fail;
     pl->be = pl->stage_main[TSR_STAGE_BACKEND]->vtable;
     pl->be_self = pl->stage_main[TSR_STAGE_BACKEND]->self;
-    if ((st = create_per_layer(pl, TSR_STAGE_QUANTIZER, &shape, pl->quantizer_at, err)) < 0 ||
-        (st = create_per_layer(pl, TSR_STAGE_ATTENTION, &shape, pl->attention_at, err)) < 0 ||
-        (st = create_per_layer(pl, TSR_STAGE_CACHE, &shape, pl->cache_at, err)) < 0 ||
-        (st = create_instance(pl, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
-                              &pl->stage_main[TSR_STAGE_DECODER], err)) < 0)
+    tsr_instance **main = pl->stage_main;
+    if ((st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_QUANTIZER, &shape,
+                                         &main[TSR_STAGE_QUANTIZER], pl->quantizer_at, err)) < 0 ||
+        (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ATTENTION, &shape,
+                                         &main[TSR_STAGE_ATTENTION], pl->attention_at, err)) < 0 ||
+        (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_CACHE, &shape,
+                                         &main[TSR_STAGE_CACHE], pl->cache_at, err)) < 0 ||
+        (st = tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
+                                   &main[TSR_STAGE_DECODER], err)) < 0)
         goto fail;
     if (!pl->be->supports(pl->be_self, model->tok_embd.dtype)) {
         st = tsr_error_set(err, TSR_E_UNSUPPORTED,
@@ -297,11 +257,7 @@ void tsr_pipeline_free(tsr_pipeline *pl) {
     release_weight(&pl->output);
     while (pl->n_seqs) tsr_pipeline_seq_end(pl, pl->seqs[pl->n_seqs - 1].id);
     if (pl->be) free_buffers(pl);
-    /* The backend goes last: the other instances may hold its buffers. */
-    for (size_t i = pl->n_owned; i-- > 0;)
-        if (pl->owned[i] != pl->stage_main[TSR_STAGE_BACKEND]) tsr_instance_destroy(pl->owned[i]);
-    tsr_instance_destroy(pl->stage_main[TSR_STAGE_BACKEND]);
-    free(pl->owned);
+    tsr_instance_set_free(&pl->instances);
     free(pl->weights);
     free(pl->quantizer_at);
     free(pl->attention_at);
@@ -321,8 +277,8 @@ static seq_state *find_seq(tsr_pipeline *pl, int64_t id) {
 
 /* Each distinct instance of `stage` once, for lifecycle calls. */
 #define FOR_EACH_INSTANCE(pl, stage_value, var)                                         \
-    for (size_t var##_i = 0; var##_i < (pl)->n_owned; var##_i++)                        \
-        for (tsr_instance *var = (pl)->owned[var##_i];                                   \
+    for (size_t var##_i = 0; var##_i < (pl)->instances.n_owned; var##_i++)              \
+        for (tsr_instance *var = (pl)->instances.owned[var##_i];                         \
              var && var->ref->desc->stage == (stage_value); var = NULL)
 
 tsr_status tsr_pipeline_seq_begin(tsr_pipeline *pl, int64_t seq_id, tsr_error *err) {

@@ -51,6 +51,16 @@ tsr_status tsr_quant_matmul(float *y, int64_t ldy, const void *w, int32_t wtype,
                             int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
 float tsr_quant_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
 
+/* Bytes of a weight block of index qm. */
+static inline size_t tsr_qm_block_bytes(int qm) {
+    static const size_t bytes[TSR_QM_COUNT] = {
+        sizeof(tsr_block_q4_0), sizeof(tsr_block_q4_1), sizeof(tsr_block_q5_0),
+        sizeof(tsr_block_q5_1), sizeof(tsr_block_q8_0), sizeof(tsr_block_iq4_nl),
+        sizeof(tsr_block_q2_k), sizeof(tsr_block_q3_k), sizeof(tsr_block_q4_k),
+        sizeof(tsr_block_q5_k), sizeof(tsr_block_q6_k), sizeof(tsr_block_iq4_xs)};
+    return bytes[qm];
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Scale fields                                                                              */
 

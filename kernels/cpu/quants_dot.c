@@ -210,17 +210,9 @@ static float dot_legacy(int qm, const void *w, const void *x, int64_t nb) {
     return tsr_q8_lanes_sum(lanes);
 }
 
-static size_t qm_block_bytes(int qm) {
-    static const int32_t types[TSR_QM_COUNT] = {
-        TSR_DTYPE_Q4_0, TSR_DTYPE_Q4_1, TSR_DTYPE_Q5_0, TSR_DTYPE_Q5_1, TSR_DTYPE_Q8_0,
-        TSR_DTYPE_IQ4_NL, TSR_DTYPE_Q2_K, TSR_DTYPE_Q3_K, TSR_DTYPE_Q4_K, TSR_DTYPE_Q5_K,
-        TSR_DTYPE_Q6_K, TSR_DTYPE_IQ4_XS};
-    return tsr_dtype_block_bytes(types[qm]);
-}
-
 static float dot_k(int qm, const void *w, const tsr_block_q8_k *x, int64_t nb) {
     float lanes[TSR_Q8_LANES] = {0};
-    size_t bytes = qm_block_bytes(qm);
+    size_t bytes = tsr_qm_block_bytes(qm);
     for (int64_t b = 0; b < nb; b++) {
         const void *wb = (const char *)w + b * bytes;
         int32_t is, ms;

@@ -1,0 +1,329 @@
+/*
+ * quantizer 'spqr': the representation of SpQR (Dettmers et al. 2023). Weights are quantized
+ * in small groups of `group` (beta1) along a row, asymmetric min-max with `bits` codes; each
+ * group's scale and zero are themselves quantized to `stats_bits` in second-level groups of
+ * `stats_group` (beta2) consecutive groups, with fp16 minimum and step per second-level group;
+ * weights far from their group are kept apart as fp16 outliers with a 16-bit column index, in
+ * CSR (a uint32 offset per row).
+ *
+ * Outlier rule (a simplification, no calibration data): w is an outlier when
+ * |w - mean| > outlier_threshold * std of its group (population std, over the whole group).
+ * The paper ranks weights by their GPTQ sensitivity, which needs the inputs' Hessian. Note a
+ * group of n values has no value beyond sqrt(n - 1) std, so the threshold must stay below it.
+ *
+ * Row layout (n_g = ceil(n_in / group), n_s = ceil(n_g / stats_group)):
+ *   fp16 (scale min, scale step, zero min, zero step)[n_s] | scale codes[n_g] | zero codes[n_g]
+ *   | weight codes[n_g * group]; codes packed, each stream starting on a byte.
+ * Tail of a row: (uint16 column, fp16 value)[outliers of the row].
+ * w = s * (c - z), s and z decoded from their codes: s = s_min + s_step * code.
+ */
+#include <tessera/kernels_research.h>
+#include <tessera/sdk.h>
+
+#define SPQR_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 120)
+#define SPQR_GROUP_MAX 128
+#define SPQR_SGROUP_MAX 64
+
+typedef struct spqr_cfg {
+    int32_t bits, group, stats_bits, stats_group;
+    float threshold;
+} spqr_cfg;
+
+typedef struct spqr {
+    const tsr_host *host;
+    spqr_cfg cfg;
+    uint64_t tensors, weights, outliers; /* totals of this instance, for `stats` */
+} spqr;
+
+typedef struct spqr_layout {
+    int64_t n_g, n_s;
+    size_t stats, scodes, zcodes, wcodes; /* byte offsets in the row */
+    size_t bytes;
+} spqr_layout;
+
+static spqr_layout spqr_layout_of(const spqr_cfg *c, int64_t n_in) {
+    spqr_layout l;
+    l.n_g = (n_in + c->group - 1) / c->group;
+    l.n_s = (l.n_g + c->stats_group - 1) / c->stats_group;
+    l.stats = 0;
+    l.scodes = 8 * (size_t)l.n_s;
+    l.zcodes = l.scodes + tsr_rq_packed_bytes(l.n_g, c->stats_bits);
+    l.wcodes = l.zcodes + tsr_rq_packed_bytes(l.n_g, c->stats_bits);
+    l.bytes = l.wcodes + tsr_rq_packed_bytes(l.n_g * c->group, c->bits);
+    return l;
+}
+
+static size_t spqr_row_bytes(const void *cfg, int64_t n_in) {
+    return spqr_layout_of(cfg, n_in).bytes;
+}
+
+/* Marks the outliers of group x (len) in out[] and returns their count. */
+static int64_t spqr_outliers(const spqr_cfg *c, const float *x, int64_t len, uint8_t *out) {
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < len; i++) mean += x[i];
+    mean /= (double)len;
+    for (int64_t i = 0; i < len; i++) var += ((double)x[i] - mean) * ((double)x[i] - mean);
+    double lim = (double)c->threshold * sqrt(var / (double)len);
+    int64_t n = 0;
+    for (int64_t i = 0; i < len; i++) {
+        out[i] = lim > 0 && fabs((double)x[i] - mean) > lim;
+        n += out[i];
+    }
+    return n;
+}
+
+static int64_t spqr_group_len(const spqr_cfg *c, int64_t g, int64_t n_in) {
+    return n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+}
+
+static size_t spqr_tail_bytes(const void *cfg, const float *w, int64_t n_in) {
+    const spqr_cfg *c = cfg;
+    int64_t n_g = spqr_layout_of(c, n_in).n_g, n = 0;
+    uint8_t mask[SPQR_GROUP_MAX];
+    for (int64_t g = 0; g < n_g; g++)
+        n += spqr_outliers(c, w + g * c->group, spqr_group_len(c, g, n_in), mask);
+    return 4 * (size_t)n;
+}
+
+/* Quantizes v[0..n) to `bits` over their own range: stores fp16 min and step at st, codes in
+ * code[], and returns the decoded values in v. */
+static void spqr_stats_quantize(float *v, uint8_t *code, int64_t n, int bits, uint8_t *st) {
+    float lo = v[0], hi = v[0];
+    for (int64_t i = 1; i < n; i++) {
+        lo = fminf(lo, v[i]);
+        hi = fmaxf(hi, v[i]);
+    }
+    int32_t levels = (1 << bits) - 1;
+    float m = tsr_rq_store_f16(st, lo), step = tsr_rq_store_f16(st + 2, (hi - lo) / levels);
+    for (int64_t i = 0; i < n; i++) {
+        code[i] = (uint8_t)(step > 0.0f ? tsr_rq_round((v[i] - m) / step, 0, levels) : 0);
+        v[i] = m + step * (float)code[i];
+    }
+}
+
+static void spqr_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, const float *w,
+                              int64_t n_in) {
+    const spqr_cfg *c = cfg;
+    spqr_layout l = spqr_layout_of(c, n_in);
+    int32_t levels = (1 << c->bits) - 1;
+    uint8_t mask[SPQR_GROUP_MAX], q[SPQR_GROUP_MAX], sc[SPQR_SGROUP_MAX], zc[SPQR_SGROUP_MAX];
+    float s[SPQR_SGROUP_MAX], z[SPQR_SGROUP_MAX];
+    size_t n_out = 0;
+    for (int64_t sg = 0; sg < l.n_s; sg++) {
+        int64_t g0 = sg * c->stats_group;
+        int64_t n = l.n_g - g0 < c->stats_group ? l.n_g - g0 : c->stats_group;
+        /* First level: min-max of the inliers of each group. */
+        for (int64_t k = 0; k < n; k++) {
+            int64_t g = g0 + k, len = spqr_group_len(c, g, n_in);
+            const float *x = w + g * c->group;
+            spqr_outliers(c, x, len, mask);
+            float lo = 0.0f, hi = 0.0f;
+            int any = 0;
+            for (int64_t i = 0; i < len; i++) {
+                if (mask[i]) continue;
+                lo = any ? fminf(lo, x[i]) : x[i];
+                hi = any ? fmaxf(hi, x[i]) : x[i];
+                any = 1;
+            }
+            s[k] = (hi - lo) / (float)levels;
+            /* A constant group keeps its value: code 0 at zero -levels or +levels. */
+            if (s[k] == 0.0f) s[k] = fabsf(lo) / (float)levels;
+            z[k] = s[k] > 0.0f ? -lo / s[k] : 0.0f;
+        }
+        /* Second level: the statistics themselves, to stats_bits. */
+        uint8_t *st = row + l.stats + 8 * (size_t)sg;
+        spqr_stats_quantize(s, sc, n, c->stats_bits, st);
+        spqr_stats_quantize(z, zc, n, c->stats_bits, st + 4);
+        for (int64_t k = 0; k < n; k++) {
+            int64_t g = g0 + k, len = spqr_group_len(c, g, n_in);
+            const float *x = w + g * c->group;
+            spqr_outliers(c, x, len, mask);
+            float is = s[k] > 0.0f ? 1.0f / s[k] : 0.0f;
+            for (int64_t i = 0; i < c->group; i++) {
+                q[i] = (uint8_t)(i < len && s[k] > 0.0f
+                                     ? tsr_rq_round(x[i] * is + z[k], 0, levels)
+                                     : 0);
+                if (i < len && mask[i]) {
+                    uint16_t col = (uint16_t)(g * c->group + i);
+                    memcpy(tail + 4 * n_out, &col, 2);
+                    tsr_rq_store_f16(tail + 4 * n_out + 2, x[i]);
+                    n_out++;
+                }
+            }
+            tsr_rq_pack(row + l.wcodes + (size_t)(g * c->group * c->bits / 8), q, c->group,
+                        c->bits);
+        }
+        /* Stats codes are bit-packed across second-level groups (the row starts zeroed). */
+        for (int64_t k = 0; k < n; k++) {
+            int64_t bit = (g0 + k) * c->stats_bits;
+            for (int b = 0; b < c->stats_bits; b++, bit++) {
+                row[l.scodes + (size_t)(bit >> 3)] |= (uint8_t)(((sc[k] >> b) & 1) << (bit & 7));
+                row[l.zcodes + (size_t)(bit >> 3)] |= (uint8_t)(((zc[k] >> b) & 1) << (bit & 7));
+            }
+        }
+    }
+}
+
+static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
+                                const uint8_t *tail, size_t tail_bytes, int64_t n_in) {
+    const spqr_cfg *c = cfg;
+    spqr_layout l = spqr_layout_of(c, n_in);
+    uint8_t q[SPQR_GROUP_MAX], sc, zc;
+    for (int64_t g = 0; g < l.n_g; g++) {
+        const uint8_t *st = row + l.stats + 8 * (size_t)(g / c->stats_group);
+        int64_t bit = g * c->stats_bits, len = spqr_group_len(c, g, n_in);
+        uint32_t sv = 0, zv = 0;
+        for (int b = 0; b < c->stats_bits; b++, bit++) {
+            sv |= (uint32_t)((row[l.scodes + (size_t)(bit >> 3)] >> (bit & 7)) & 1) << b;
+            zv |= (uint32_t)((row[l.zcodes + (size_t)(bit >> 3)] >> (bit & 7)) & 1) << b;
+        }
+        sc = (uint8_t)sv;
+        zc = (uint8_t)zv;
+        float s = tsr_rq_load_f16(st) + tsr_rq_load_f16(st + 2) * (float)sc;
+        float z = tsr_rq_load_f16(st + 4) + tsr_rq_load_f16(st + 6) * (float)zc;
+        tsr_rq_unpack(q, row + l.wcodes + (size_t)(g * c->group * c->bits / 8), len, c->bits);
+        for (int64_t i = 0; i < len; i++) y[g * c->group + i] = s * ((float)q[i] - z);
+    }
+    for (size_t k = 0; k + 4 <= tail_bytes; k += 4) {
+        uint16_t col;
+        memcpy(&col, tail + k, 2);
+        y[col] = tsr_rq_load_f16(tail + k + 2);
+    }
+}
+
+static const tsr_rq_codec spqr_codec = {
+    .dtype = SPQR_DTYPE,
+    .name = "spqr",
+    .row_bytes = spqr_row_bytes,
+    .tail_bytes = spqr_tail_bytes,
+    .quantize_row = spqr_quantize_row,
+    .dequantize_row = spqr_dequantize_row,
+};
+
+/* ---- plugin ---------------------------------------------------------------------------- */
+
+static tsr_status spqr_create(const tsr_host *host, const tsr_params *params,
+                              const tsr_quantizer_init *init, void **out) {
+    (void)init;
+    spqr_cfg cfg = {(int32_t)tsr_param_int(params, "bits"), (int32_t)tsr_param_int(params, "group"),
+                    (int32_t)tsr_param_int(params, "stats_bits"),
+                    (int32_t)tsr_param_int(params, "stats_group"),
+                    (float)tsr_param_float(params, "outlier_threshold")};
+    if (cfg.group % 8) {
+        host->set_error(host->ctx, "group: %d is not a multiple of 8", (int)cfg.group);
+        return TSR_E_INVALID;
+    }
+    spqr *q = tsr_calloc(host, 1, sizeof *q);
+    if (!q) return TSR_E_NOMEM;
+    q->host = host;
+    q->cfg = cfg;
+    *out = q;
+    return TSR_OK;
+}
+
+static void spqr_destroy(void *self) {
+    spqr *q = self;
+    q->host->free(q->host->ctx, q);
+}
+
+static tsr_status spqr_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
+    spqr *q = self;
+    const char *name = in->src.name ? in->src.name : "?";
+    if (in->src.ne[0] > 65536) {
+        q->host->set_error(q->host->ctx, "%s: rows of %lld weights: spqr's 16-bit outlier "
+                           "columns reach 65536", name, (long long)in->src.ne[0]);
+        return TSR_E_UNSUPPORTED;
+    }
+    tsr_rq_report rep;
+    tsr_status st = tsr_rq_quantize(q->host, &spqr_codec, &q->cfg, sizeof q->cfg, &in->src,
+                                    &out->dst, &rep);
+    if (st < 0) return st;
+    out->bits_per_weight = rep.bits_per_weight;
+    out->rel_rmse = rep.rel_rmse;
+    out->owns_data = 1;
+    uint64_t n = (uint64_t)in->src.ne[0] * (uint64_t)in->src.ne[1], n_out = rep.tail_bytes / 4;
+    q->tensors++;
+    q->weights += n;
+    q->outliers += n_out;
+    q->host->log(q->host->ctx, TSR_LOG_INFO,
+                 "%s (layer %d, %s): spqr %d-bit group %d, stats %d-bit x %d: %.3f bits/weight, "
+                 "rel_rmse %.5f, outliers %llu (%.4f%%)",
+                 name, (int)in->layer, in->role ? in->role : "?", (int)q->cfg.bits,
+                 (int)q->cfg.group, (int)q->cfg.stats_bits, (int)q->cfg.stats_group,
+                 rep.bits_per_weight, rep.rel_rmse, (unsigned long long)n_out,
+                 100.0 * (double)n_out / (double)n);
+    return TSR_OK;
+}
+
+static void spqr_release(void *self, tsr_tensor *w) {
+    spqr *q = self;
+    tsr_rq_release(q->host, w);
+}
+
+static tsr_status spqr_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                              int64_t n) {
+    spqr *q = self;
+    return tsr_rq_matmul(q->host, &spqr_codec, y, w, x, n);
+}
+
+static tsr_status spqr_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
+                                       int64_t n_rows) {
+    spqr *q = self;
+    return tsr_rq_dequantize_rows(q->host, &spqr_codec, y, w, row0, n_rows);
+}
+
+/* Command `stats`: the totals of every tensor this instance prepared. */
+static void spqr_stats(void *self) {
+    spqr *q = self;
+    q->host->log(q->host->ctx, TSR_LOG_INFO,
+                 "spqr: %llu tensors, %llu weights, %llu outliers (%.4f%%)",
+                 (unsigned long long)q->tensors, (unsigned long long)q->weights,
+                 (unsigned long long)q->outliers,
+                 q->weights ? 100.0 * (double)q->outliers / (double)q->weights : 0.0);
+}
+
+static const tsr_command spqr_commands[] = {
+    {TSR_SIZED(tsr_command), .name = "stats", .signature = "v(I)",
+     .fn = (void (*)(void))spqr_stats,
+     .doc = "logs the tensors, weights and outliers (count and fraction) prepared so far"},
+};
+
+static const tsr_param_def spqr_params[] = {
+    {TSR_SIZED(tsr_param_def), .name = "bits", .type = TSR_PARAM_INT, .default_value = "3",
+     .min = 2, .max = 8, .unit = "bits", .doc = "bits per weight code"},
+    {TSR_SIZED(tsr_param_def), .name = "group", .type = TSR_PARAM_INT, .default_value = "16",
+     .min = 8, .max = SPQR_GROUP_MAX, .unit = "weights",
+     .doc = "beta1: weights per first-level scale and zero, a multiple of 8"},
+    {TSR_SIZED(tsr_param_def), .name = "outlier_threshold", .type = TSR_PARAM_FLOAT,
+     .default_value = "3.5", .min = 0.5, .max = 100, .unit = "std",
+     .doc = "outlier when |w - group mean| exceeds this many group standard deviations"},
+    {TSR_SIZED(tsr_param_def), .name = "stats_bits", .type = TSR_PARAM_INT,
+     .default_value = "3", .min = 2, .max = 8, .unit = "bits",
+     .doc = "bits of each quantized first-level scale and zero"},
+    {TSR_SIZED(tsr_param_def), .name = "stats_group", .type = TSR_PARAM_INT,
+     .default_value = "16", .min = 1, .max = SPQR_SGROUP_MAX, .unit = "groups",
+     .doc = "beta2: first-level groups per second-level (fp16) min and step"},
+};
+
+static const tsr_quantizer_vtable spqr_vtable = {
+    TSR_SIZED(tsr_quantizer_vtable),
+    .create = spqr_create,
+    .destroy = spqr_destroy,
+    .prepare = spqr_prepare,
+    .release = spqr_release,
+    .matmul = spqr_matmul,
+    .dequantize_rows = spqr_dequantize_rows,
+};
+
+static const tsr_plugin_desc spqr_desc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER),
+    .name = "spqr",
+    .version = "1.0",
+    .description = "SpQR: small groups with quantized statistics plus fp16 outliers (CSR), "
+                   "from F32/F16/BF16; f32 activations (command stats)",
+    TSR_PARAMS(spqr_params),
+    TSR_COMMANDS(spqr_commands),
+    .vtable = &spqr_vtable,
+};
+
+TSR_PLUGIN_EXPORT(&spqr_desc)
