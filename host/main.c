@@ -32,6 +32,8 @@ static void usage(FILE *f) {
             "  tokenize -m MODEL (-p TEXT | -f FILE) [--no-bos]         token ids of a text\n"
             "  bench -m MODEL [CONFIG] [-p 512] [-n 128] [-t 1,2] [--json] speed, roofline\n"
             "  perplexity -m MODEL [CONFIG] -f TEXT [--ctx N] [--json]  quality on a text\n"
+            "  quantize IN OUT TYPE [--config CONFIG] [--set K=V]...   write a quantized GGUF\n"
+            "  synth --shape NAME --type TYPE -o FILE                 random model of a real shape\n"
             "  plugins list | info NAME | call NAME FUNC [ARGS...]   the plugins found\n"
             "  validate CONFIG.yaml [--set K=V]...                      check a pipeline\n"
             "\n"
@@ -74,6 +76,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokenize")) return tsr_cli_tokenize(sub_argc, sub_argv);
     if (!strcmp(cmd, "bench")) return tsr_cli_bench(sub_argc, sub_argv);
     if (!strcmp(cmd, "perplexity")) return tsr_cli_perplexity(sub_argc, sub_argv);
+    if (!strcmp(cmd, "quantize")) return tsr_cli_quantize(sub_argc, sub_argv);
+    if (!strcmp(cmd, "synth")) return tsr_cli_synth(sub_argc, sub_argv);
     if (!strcmp(cmd, "plugins")) return tsr_cli_plugins(sub_argc, sub_argv);
     if (!strcmp(cmd, "validate")) return tsr_cli_validate(sub_argc, sub_argv);
     tsr_cli_error("unknown command '%s' (see tessera --help)", cmd);

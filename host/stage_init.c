@@ -16,7 +16,8 @@ const void *tsr_stage_init_fill(int32_t stage, const tsr_model_shape *s, tsr_sta
         out->backend = (tsr_backend_init){sizeof(tsr_backend_init), s->n_threads};
         return &out->backend;
     case TSR_STAGE_QUANTIZER:
-        out->quantizer = (tsr_quantizer_init){sizeof(tsr_quantizer_init), s->backend_name};
+        out->quantizer = (tsr_quantizer_init){sizeof(tsr_quantizer_init), s->backend_name,
+                                              s->n_layer};
         return &out->quantizer;
     case TSR_STAGE_ATTENTION:
         out->attention = (tsr_attention_init){sizeof(tsr_attention_init), s->n_layer, s->n_head,

@@ -24,6 +24,7 @@ extern "C" {
 typedef struct tsr_quantizer_init {
     uint32_t struct_size;
     const char *backend_name; /* the running backend plugin's name, e.g. "cpu" */
+    int32_t n_layer;          /* blocks in the model, for recipes that vary by depth */
 } tsr_quantizer_init;
 
 /* One weight offered at load time. Everything here is borrowed for the duration of the call;

@@ -1,0 +1,637 @@
+/* The research quantizers (rtn, int6, spqr, w4a8) through the host's loader: formats and
+ * their error bounds on random matrices, products against dequantize-then-dot, independence
+ * of threads and SIMD level, source types; then whole models through the pipeline. */
+#include <check.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <tessera/kernels_research.h>
+
+#include "commands.h"
+#include "config.h"
+#include "loader.h"
+#include "model.h"
+#include "pipeline.h"
+#include "stage_init.h"
+#include "testutil.h"
+
+/* ---- a quantizer instance made by the host ---------------------------------------------- */
+
+typedef struct qz {
+    tsr_config *cfg;
+    tsr_registry *reg;
+    tsr_pool *pool;
+    tsr_instance *inst;
+    const tsr_quantizer_vtable *vt;
+} qz;
+
+static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
+    const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
+    return r ? r->desc : NULL;
+}
+
+/* `quantizer` is the YAML flow mapping, e.g. "{ plugin: rtn, bits: 8 }". */
+static void qz_open(qz *q, const char *quantizer, int threads) {
+    memset(q, 0, sizeof *q);
+    char yaml[512];
+    snprintf(yaml, sizeof yaml, "tessera: 1\nbackend: { plugin: cpu, threads: %d }\n"
+             "quantizer: %s\n", threads, quantizer);
+    tsr_error err = {{0}};
+    if (tsr_config_load_string(yaml, "test.yaml", &q->cfg, &err) < 0) ck_abort_msg("%s", err.msg);
+    q->reg = tsr_registry_create(NULL);
+    ck_assert_int_ge(tsr_registry_scan_dir(q->reg, tsr_test_env("TESSERA_PLUGIN_DIR"), &err), 1);
+    if (tsr_config_bind(q->cfg, find_plugin, q->reg, &err) < 0) ck_abort_msg("%s", err.msg);
+    q->pool = tsr_pool_create(threads);
+    const tsr_stage_conf *sc = &q->cfg->stage[TSR_STAGE_QUANTIZER];
+    const tsr_plugin_ref *ref = tsr_registry_find(q->reg, TSR_STAGE_QUANTIZER, sc->plugin);
+    ck_assert_ptr_nonnull(ref);
+    tsr_model_shape shape = tsr_model_shape_synthetic();
+    tsr_stage_init init;
+    if (tsr_instance_create(ref, q->pool, &sc->bound.params,
+                            tsr_stage_init_fill(TSR_STAGE_QUANTIZER, &shape, &init), &q->inst,
+                            &err) < 0)
+        ck_abort_msg("%s", err.msg);
+    q->vt = q->inst->vtable;
+}
+
+static void qz_close(qz *q) {
+    ck_assert_uint_eq(tsr_instance_destroy(q->inst), 0); /* every tensor released */
+    tsr_pool_free(q->pool);
+    tsr_registry_free(q->reg);
+    tsr_config_free(q->cfg);
+}
+
+/* Deterministic N(0, 1) values (Box-Muller over an LCG). */
+static float *gauss(size_t n, uint64_t seed) {
+    float *v = malloc(n * sizeof *v);
+    for (size_t i = 0; i < n; i += 2) {
+        double u[2];
+        for (int k = 0; k < 2; k++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            u[k] = ((double)(seed >> 11) + 0.5) / 9007199254740992.0;
+        }
+        double r = sqrt(-2 * log(u[0]));
+        v[i] = (float)(r * cos(2 * M_PI * u[1]));
+        if (i + 1 < n) v[i + 1] = (float)(r * sin(2 * M_PI * u[1]));
+    }
+    return v;
+}
+
+static tsr_tensor tensor_of(int32_t dtype, const void *data, int64_t n_in, int64_t n_out) {
+    size_t es = dtype == TSR_DTYPE_F32 ? 4 : 2;
+    return (tsr_tensor){.struct_size = sizeof(tsr_tensor), .dtype = dtype, .n_dims = 2,
+                        .ne = {n_in, n_out, 1, 1}, .row_bytes = es * (size_t)n_in,
+                        .data = (void *)data, .name = "test.weight"};
+}
+
+static tsr_status qz_prepare(qz *q, const tsr_tensor *src, tsr_weight_out *out) {
+    tsr_weight_in in = {.struct_size = sizeof in, .src = *src, .layer = 0, .role = "ffn_up"};
+    *out = (tsr_weight_out){.struct_size = sizeof *out};
+    return q->vt->prepare(q->inst->self, &in, out);
+}
+
+static float *qz_dequant(qz *q, const tsr_tensor *w) {
+    float *y = malloc((size_t)(w->ne[0] * w->ne[1]) * sizeof *y);
+    ck_assert_int_eq(q->vt->dequantize_rows(q->inst->self, y, w, 0, w->ne[1]), TSR_OK);
+    return y;
+}
+
+static double rel_rmse(const float *a, const float *b, size_t n) {
+    double e = 0, s = 0;
+    for (size_t i = 0; i < n; i++) {
+        e += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        s += (double)a[i] * a[i];
+    }
+    return sqrt(e / s);
+}
+
+/* Quantizes a gaussian (n_out, n_in) matrix with `quantizer`; returns rel_rmse and checks that
+ * the reported one is the error of dequantize_rows. */
+static double quantized_error(const char *quantizer, int64_t n_in, int64_t n_out, double *bpw) {
+    qz q;
+    qz_open(&q, quantizer, 2);
+    float *w = gauss((size_t)(n_in * n_out), 7);
+    tsr_tensor src = tensor_of(TSR_DTYPE_F32, w, n_in, n_out);
+    tsr_weight_out out;
+    ck_assert_int_eq(qz_prepare(&q, &src, &out), TSR_OK);
+    ck_assert_int_eq(out.owns_data, 1);
+    ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
+    float *back = qz_dequant(&q, &out.dst);
+    double e = rel_rmse(w, back, (size_t)(n_in * n_out));
+    ck_assert_msg(fabs(e - out.rel_rmse) <= 1e-9 * (1 + e), "%s: reported %g, measured %g",
+                  quantizer, out.rel_rmse, e);
+    if (bpw) *bpw = out.bits_per_weight;
+    q.vt->release(q.inst->self, &out.dst);
+    free(back);
+    free(w);
+    qz_close(&q);
+    return e;
+}
+
+/* ---- formats ---------------------------------------------------------------------------- */
+
+START_TEST(rtn_error_falls_with_bits) {
+    double prev = INFINITY, bpw;
+    for (int bits = 2; bits <= 8; bits++) {
+        char yaml[96];
+        snprintf(yaml, sizeof yaml, "{ plugin: rtn, bits: %d }", bits);
+        double e = quantized_error(yaml, 256, 48, &bpw);
+        ck_assert_msg(e < prev, "%d bits: rel_rmse %g not below %g", bits, e, prev);
+        /* codes + one fp16 scale per 64 weights */
+        ck_assert_double_eq_tol(bpw, bits + 16.0 / 64, 1e-12);
+        prev = e;
+    }
+    ck_assert_msg(prev < 0.005, "8-bit rel_rmse %g", prev);
+    double e4 = quantized_error("{ plugin: rtn, bits: 4, symmetric: false, group: 32 }", 256, 48,
+                                &bpw);
+    ck_assert_double_eq_tol(bpw, 4 + 32.0 / 32, 1e-12);
+    ck_assert_double_lt(e4, quantized_error("{ plugin: rtn, bits: 4 }", 256, 48, NULL));
+}
+END_TEST
+
+/* Every symmetric code is the nearest level: |w - w'| <= d/2 with d = fp16(amax / qmax) of its
+ * group, also in a row whose last group is short (172 = stories260K's n_ff). */
+START_TEST(rtn_rounds_to_nearest) {
+    const int64_t n_in = 172, n_out = 8, group = 64;
+    qz q;
+    qz_open(&q, "{ plugin: rtn, bits: 5, group: 64 }", 1);
+    float *w = gauss((size_t)(n_in * n_out), 3);
+    tsr_tensor src = tensor_of(TSR_DTYPE_F32, w, n_in, n_out);
+    tsr_weight_out out;
+    ck_assert_int_eq(qz_prepare(&q, &src, &out), TSR_OK);
+    float *back = qz_dequant(&q, &out.dst);
+    for (int64_t r = 0; r < n_out; r++)
+        for (int64_t g0 = 0; g0 < n_in; g0 += group) {
+            int64_t len = n_in - g0 < group ? n_in - g0 : group;
+            float amax = 0;
+            for (int64_t i = 0; i < len; i++) amax = fmaxf(amax, fabsf(w[r * n_in + g0 + i]));
+            float d = tsr_fp16_to_fp32(tsr_fp32_to_fp16(amax / 15.0f));
+            for (int64_t i = 0; i < len; i++) {
+                float a = w[r * n_in + g0 + i], b = back[r * n_in + g0 + i];
+                ck_assert_msg(fabsf(a - b) <= d * 0.5f * (1 + 1e-5f) + 1e-7f,
+                              "row %lld col %lld: %g -> %g (d %g)", (long long)r,
+                              (long long)(g0 + i), a, b, d);
+            }
+        }
+    q.vt->release(q.inst->self, &out.dst);
+    free(back);
+    free(w);
+    qz_close(&q);
+}
+END_TEST
+
+START_TEST(int6_and_w4a8_errors) {
+    double bpw;
+    double e6 = quantized_error("{ plugin: int6 }", 256, 32, &bpw);
+    ck_assert_double_eq_tol(bpw, 6 + 16.0 / 128, 1e-12);
+    double e4 = quantized_error("{ plugin: w4a8 }", 256, 32, &bpw);
+    /* 4-bit codes, (uint8 scale, uint8 zero) per 128, one fp16 channel scale per row */
+    ck_assert_double_eq_tol(bpw, 4 + 16.0 / 128 + 16.0 / 256, 1e-12);
+    double e8 = quantized_error("{ plugin: rtn, bits: 8 }", 256, 32, NULL);
+    ck_assert_msg(e8 < e6 && e6 < e4, "rel_rmse 8-bit %g, int6 %g, w4a8 %g", e8, e6, e4);
+    ck_assert_double_lt(e6, 0.02);
+    ck_assert_double_lt(e4, 0.15);
+    /* progressive quantization costs at most a little over plain 4-bit groups of 128 */
+    ck_assert_double_lt(e4, 1.25 * quantized_error("{ plugin: rtn, bits: 4, group: 128 }", 256,
+                                                   32, NULL));
+}
+END_TEST
+
+/* Redirects stderr (the host's log) into a temporary file while `fn` runs. */
+static char *capture_stderr(void (*fn)(void *), void *arg) {
+    char path[] = "/tmp/tsr-quant-logXXXXXX";
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    fflush(stderr);
+    int saved = dup(2);
+    dup2(fd, 2);
+    fn(arg);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    close(fd);
+    char *text = tsr_test_read_file(path, NULL);
+    unlink(path);
+    return text;
+}
+
+typedef struct spqr_case {
+    qz q;
+    tsr_tensor src;
+    tsr_weight_out out;
+} spqr_case;
+
+static void spqr_prepare_logged(void *arg) {
+    spqr_case *c = arg;
+    ck_assert_int_eq(qz_prepare(&c->q, &c->src, &c->out), TSR_OK);
+}
+
+static void spqr_stats_call(void *arg) {
+    spqr_case *c = arg;
+    const tsr_command *cmd = tsr_command_find(c->q.inst->ref->desc, "stats");
+    ck_assert_ptr_nonnull(cmd);
+    char ret[64];
+    tsr_error err = {{0}};
+    ck_assert_int_eq(tsr_command_call(cmd, c->q.inst->self, NULL, 0, ret, sizeof ret, &err), 0);
+}
+
+/* Planted outliers (40 sigma) are kept exactly (to fp16), counted, logged and reported. */
+START_TEST(spqr_keeps_outliers) {
+    const int64_t n_in = 256, n_out = 32;
+    float *w = gauss((size_t)(n_in * n_out), 11);
+    for (int64_t r = 0; r < n_out; r += 2) w[r * n_in + (r * 37) % n_in] = 40.0f;
+    tsr_log_set_level(TSR_LOG_INFO);
+    spqr_case c;
+    qz_open(&c.q, "{ plugin: spqr }", 2);
+    c.src = tensor_of(TSR_DTYPE_F32, w, n_in, n_out);
+    char *log = capture_stderr(spqr_prepare_logged, &c);
+    ck_assert_msg(strstr(log, "test.weight (layer 0, ffn_up): spqr 3-bit group 16") != NULL,
+                  "log: %s", log);
+    float *back = qz_dequant(&c.q, &c.out.dst);
+    for (int64_t r = 0; r < n_out; r += 2)
+        ck_assert_float_eq(back[r * n_in + (r * 37) % n_in], 40.0f);
+    /* the outlier count in the log, and its cost: 32 bits each */
+    unsigned long long n_outliers = 0;
+    const char *at = strstr(log, "outliers ");
+    ck_assert_ptr_nonnull(at);
+    ck_assert_int_eq(sscanf(at, "outliers %llu", &n_outliers), 1);
+    ck_assert_uint_ge(n_outliers, n_out / 2);
+    ck_assert_uint_lt(n_outliers, (unsigned long long)(n_in * n_out) / 50);
+    /* 3-bit codes + 2 * 3-bit stats / 16 + 4 fp16 per 256 weights + row offsets + outliers */
+    double want = 3 + 6.0 / 16 + 64.0 / 256 + 32.0 * (n_out + 1) / (double)(n_in * n_out) +
+                  32.0 * (double)n_outliers / (double)(n_in * n_out);
+    ck_assert_double_eq_tol(c.out.bits_per_weight, want, 1e-9);
+    double e = rel_rmse(w, back, (size_t)(n_in * n_out));
+    ck_assert_double_lt(e, 0.25);
+    free(log);
+    log = capture_stderr(spqr_stats_call, &c);
+    char want_line[128];
+    snprintf(want_line, sizeof want_line, "spqr: 1 tensors, %lld weights, %llu outliers",
+             (long long)(n_in * n_out), n_outliers);
+    ck_assert_msg(strstr(log, want_line) != NULL, "stats: %s", log);
+    free(log);
+    c.q.vt->release(c.q.inst->self, &c.out.dst);
+    qz_close(&c.q);
+    free(back);
+
+    /* Without outliers (threshold above sqrt(15), unreachable in groups of 16) the error is
+     * larger: the planted values stretch their groups' ranges. */
+    double plain = quantized_error("{ plugin: spqr, outlier_threshold: 4 }", n_in, n_out, NULL);
+    ck_assert_double_gt(plain, 0);
+    qz q;
+    qz_open(&q, "{ plugin: spqr, outlier_threshold: 4 }", 1);
+    tsr_tensor src = tensor_of(TSR_DTYPE_F32, w, n_in, n_out);
+    tsr_weight_out out;
+    ck_assert_int_eq(qz_prepare(&q, &src, &out), TSR_OK);
+    ck_assert_double_gt(out.rel_rmse, 2 * e);
+    q.vt->release(q.inst->self, &out.dst);
+    qz_close(&q);
+    free(w);
+}
+END_TEST
+
+/* ---- products --------------------------------------------------------------------------- */
+
+static const char *const all_quantizers[] = {
+    "{ plugin: rtn }", "{ plugin: rtn, bits: 3, symmetric: false, group: 32 }",
+    "{ plugin: int6 }", "{ plugin: int6, act_bits: 8, group: 64 }", "{ plugin: spqr }",
+    "{ plugin: w4a8 }", "{ plugin: w4a8, group: 32 }",
+};
+#define N_QUANTIZERS (sizeof all_quantizers / sizeof all_quantizers[0])
+
+/* Quantizes a (n_out, n_in) matrix and multiplies n_tok tokens; returns y (n_tok, n_out) and
+ * optionally the dequantized weights. */
+static float *product(const char *quantizer, int threads, int64_t n_in, int64_t n_out,
+                      int64_t n_tok, float **wq) {
+    qz q;
+    qz_open(&q, quantizer, threads);
+    float *w = gauss((size_t)(n_in * n_out), 5), *x = gauss((size_t)(n_in * n_tok), 9);
+    tsr_tensor src = tensor_of(TSR_DTYPE_F32, w, n_in, n_out);
+    tsr_weight_out out;
+    ck_assert_int_eq(qz_prepare(&q, &src, &out), TSR_OK);
+    float *y = malloc((size_t)(n_tok * n_out) * sizeof *y);
+    ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_tok), TSR_OK);
+    if (wq) *wq = qz_dequant(&q, &out.dst);
+    q.vt->release(q.inst->self, &out.dst);
+    qz_close(&q);
+    free(w);
+    free(x);
+    return y;
+}
+
+/* f32 activations: exactly tsr_dot_f32(dequantized row, x). int8 activations: the double sum
+ * of dequantized weights times the per-token int8 activations, within float rounding. */
+START_TEST(matmul_equals_dequantized_product) {
+    const char *name = all_quantizers[_i];
+    const int64_t n_in = 172, n_out = 40, n_tok = 5;
+    float *wq, *y = product(name, 2, n_in, n_out, n_tok, &wq);
+    float *x = gauss((size_t)(n_in * n_tok), 9);
+    int act8 = strstr(name, "w4a8") || strstr(name, "act_bits: 8");
+    int64_t group = strstr(name, "group: 32") ? 32 : strstr(name, "group: 64") ? 64 : 128;
+    int64_t n_pad = (n_in + group - 1) / group * group;
+    int8_t *qa = malloc((size_t)n_pad);
+    int32_t gsum[8];
+    for (int64_t t = 0; t < n_tok; t++) {
+        float d = 0;
+        if (act8) tsr_rq_act_quantize_row(qa, gsum, &d, x + t * n_in, n_in, n_pad, group);
+        for (int64_t r = 0; r < n_out; r++) {
+            float got = y[t * n_out + r];
+            if (!act8) {
+                float want = tsr_dot_f32(wq + r * n_in, x + t * n_in, n_in);
+                ck_assert_msg(got == want, "%s: (%lld, %lld): %.9g != %.9g", name, (long long)t,
+                              (long long)r, got, want);
+                continue;
+            }
+            double want = 0, mag = 0;
+            for (int64_t i = 0; i < n_in; i++) {
+                double term = (double)wq[r * n_in + i] * ((double)d * qa[i]);
+                want += term;
+                mag += fabs(term);
+            }
+            ck_assert_msg(fabs(got - want) <= 1e-5 * mag, "%s: (%lld, %lld): %.9g vs %.9g",
+                          name, (long long)t, (long long)r, got, want);
+        }
+    }
+    free(qa);
+    free(x);
+    free(wq);
+    free(y);
+}
+END_TEST
+
+/* The same bits whatever the thread count and the batch: a token alone gives the row it
+ * gets inside a batch of 7. */
+START_TEST(matmul_independent_of_threads_and_batch) {
+    const char *name = all_quantizers[_i];
+    const int64_t n_in = 256, n_out = 70, n_tok = 7;
+    float *y1 = product(name, 1, n_in, n_out, n_tok, NULL);
+    float *y3 = product(name, 3, n_in, n_out, n_tok, NULL);
+    ck_assert_msg(memcmp(y1, y3, (size_t)(n_tok * n_out) * sizeof(float)) == 0, "%s", name);
+    float *one = product(name, 2, n_in, n_out, 1, NULL);
+    ck_assert_msg(memcmp(y1, one, (size_t)n_out * sizeof(float)) == 0, "%s: batch", name);
+    free(y1);
+    free(y3);
+    free(one);
+}
+END_TEST
+
+START_TEST(simd_equals_scalar) {
+    tsr_cpu_level best = tsr_cpu_level_best();
+    for (size_t k = 0; k < N_QUANTIZERS; k++) {
+        ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
+        float *ys = product(all_quantizers[k], 2, 320, 33, 3, NULL);
+        for (int lv = TSR_CPU_LEVEL_AVX2; lv <= (int)best; lv++) {
+            ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+            float *yv = product(all_quantizers[k], 2, 320, 33, 3, NULL);
+            ck_assert_msg(memcmp(ys, yv, 33 * 3 * sizeof(float)) == 0, "%s at %s",
+                          all_quantizers[k], tsr_cpu_level_name((tsr_cpu_level)lv));
+            free(yv);
+        }
+        free(ys);
+    }
+    /* the integer dot itself, every length up to 200 */
+    uint8_t u[200];
+    int8_t s[200];
+    for (int i = 0; i < 200; i++) {
+        u[i] = (uint8_t)((i * 37 + 11) % 128);
+        s[i] = (int8_t)((i * 53) % 255 - 127);
+    }
+    for (int n = 0; n <= 200; n++) {
+        int32_t want = 0;
+        for (int i = 0; i < n; i++) want += u[i] * s[i];
+        for (int lv = 0; lv <= (int)best; lv++) {
+            ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+            ck_assert_int_eq(tsr_rq_dot_u8s8(u, s, n), want);
+        }
+    }
+}
+END_TEST
+
+/* ---- sources ---------------------------------------------------------------------------- */
+
+/* F16 and BF16 sources give the tensor F32 gives for the same (rounded) values; a quantized
+ * source is refused with a message naming its type and pointing to 'gguf'. */
+START_TEST(source_types) {
+    const char *name = all_quantizers[_i];
+    const int64_t n_in = 128, n_out = 16;
+    size_t n = (size_t)(n_in * n_out);
+    float *w = gauss(n, 21), *wr = malloc(n * sizeof *wr);
+    uint16_t *h = malloc(n * sizeof *h);
+    qz q;
+    qz_open(&q, name, 2);
+    for (int k = 0; k < 2; k++) {
+        int32_t dt = k ? TSR_DTYPE_BF16 : TSR_DTYPE_F16;
+        if (k) tsr_fp32_to_bf16_row(h, w, (int64_t)n);
+        else tsr_fp32_to_fp16_row(h, w, (int64_t)n);
+        tsr_row_to_f32(wr, dt, h, (int64_t)n);
+        tsr_tensor s16 = tensor_of(dt, h, n_in, n_out), s32 = tensor_of(TSR_DTYPE_F32, wr, n_in,
+                                                                          n_out);
+        tsr_weight_out a, b;
+        ck_assert_int_eq(qz_prepare(&q, &s16, &a), TSR_OK);
+        ck_assert_int_eq(qz_prepare(&q, &s32, &b), TSR_OK);
+        float *da = qz_dequant(&q, &a.dst), *db = qz_dequant(&q, &b.dst);
+        ck_assert_msg(memcmp(da, db, n * sizeof *da) == 0, "%s: type %d", name, (int)dt);
+        ck_assert_double_eq(a.rel_rmse, b.rel_rmse);
+        q.vt->release(q.inst->self, &a.dst);
+        q.vt->release(q.inst->self, &b.dst);
+        free(da);
+        free(db);
+    }
+    tsr_tensor q8 = tensor_of(TSR_DTYPE_F16, h, n_in, n_out);
+    q8.dtype = TSR_DTYPE_Q8_0;
+    q8.row_bytes = (size_t)n_in / 32 * 34;
+    tsr_weight_out o;
+    ck_assert_int_eq(qz_prepare(&q, &q8, &o), TSR_E_UNSUPPORTED);
+    const char *msg = tsr_services_take_error(&q.inst->services, "");
+    ck_assert_msg(strstr(msg, "test.weight: type Q8_0") && strstr(msg, "'gguf'"), "%s", msg);
+    /* rows outside the tensor */
+    tsr_tensor src = tensor_of(TSR_DTYPE_F32, w, n_in, n_out);
+    ck_assert_int_eq(qz_prepare(&q, &src, &o), TSR_OK);
+    ck_assert_int_eq(q.vt->dequantize_rows(q.inst->self, wr, &o.dst, n_out - 1, 2), TSR_E_RANGE);
+    q.vt->release(q.inst->self, &o.dst);
+    qz_close(&q);
+    free(w);
+    free(wr);
+    free(h);
+}
+END_TEST
+
+/* ---- whole models ----------------------------------------------------------------------- */
+
+typedef struct run {
+    tsr_pool *pool;
+    tsr_registry *reg;
+    tsr_config *cfg;
+    tsr_model *model;
+    tsr_pipeline *pl;
+} run;
+
+static const char *const seq64 = "fixtures/inputs/seq64.txt";
+
+/* Logits of every position of the fixture's seq64, with quantizer line `quantizer` and an
+ * optional `extra` YAML section (layers: ...). */
+static float *model_logits(const char *model_rel, const char *quantizer, const char *extra,
+                           size_t *n_out) {
+    char *path = tsr_test_data_path(model_rel), *ids_path = tsr_test_data_path(seq64);
+    ck_assert_msg(path && ids_path, "%s or %s missing", model_rel, seq64);
+    char yaml[1024];
+    snprintf(yaml, sizeof yaml,
+             "tessera: 1\nbackend: { plugin: cpu, threads: 2 }\nquantizer: %s\n"
+             "attention: { plugin: flash }\ncache: { plugin: full }\ndecoder: { plugin: greedy }\n"
+             "%s",
+             quantizer, extra ? extra : "");
+    run r = {0};
+    tsr_error err = {{0}};
+    if (tsr_config_load_string(yaml, "test.yaml", &r.cfg, &err) < 0) ck_abort_msg("%s", err.msg);
+    r.reg = tsr_registry_create(NULL);
+    ck_assert_int_ge(tsr_registry_scan_dir(r.reg, tsr_test_env("TESSERA_PLUGIN_DIR"), &err), 1);
+    if (tsr_config_bind(r.cfg, find_plugin, r.reg, &err) < 0) ck_abort_msg("%s", err.msg);
+    r.pool = tsr_pool_create(tsr_config_threads(r.cfg));
+    if (tsr_model_load(path, &r.model, &err) < 0) ck_abort_msg("%s", err.msg);
+    if (tsr_pipeline_create(r.cfg, r.reg, r.model, r.pool, 128, &r.pl, &err) < 0)
+        ck_abort_msg("%s: %s", quantizer, err.msg);
+
+    char *text = tsr_test_read_file(ids_path, NULL);
+    tsr_batch_entry b[64];
+    int n = 0;
+    for (char *p = text, *end; n < 64; p = end, n++) {
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        b[n] = (tsr_batch_entry){.seq_id = 0, .pos = n, .token = (int32_t)v, .want_logits = 1};
+    }
+    size_t n_vocab = (size_t)r.model->hp.n_vocab;
+    float *logits = malloc((size_t)n * n_vocab * sizeof *logits);
+    ck_assert_int_ge(tsr_pipeline_seq_begin(r.pl, 0, &err), 0);
+    if (tsr_pipeline_forward(r.pl, b, n, logits, &err) < 0) ck_abort_msg("%s", err.msg);
+    tsr_pipeline_seq_end(r.pl, 0);
+    *n_out = (size_t)n * n_vocab;
+    for (size_t i = 0; i < *n_out; i++) ck_assert_msg(isfinite(logits[i]), "%s", quantizer);
+    tsr_pipeline_free(r.pl);
+    tsr_model_free(r.model);
+    tsr_registry_free(r.reg);
+    tsr_pool_free(r.pool);
+    tsr_config_free(r.cfg);
+    free(text);
+    free(path);
+    free(ids_path);
+    return logits;
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - b[i]));
+    return m;
+}
+
+static const char *const models[] = {"fixtures/models/llama-tiny-f32.gguf",
+                                     "models/stories260K.gguf"};
+
+START_TEST(model_rtn8_matches_f32) {
+    size_t n, n8;
+    float *ref = model_logits(models[_i], "{ plugin: gguf }", NULL, &n);
+    float *q8 = model_logits(models[_i], "{ plugin: rtn, bits: 8 }", NULL, &n8);
+    ck_assert_uint_eq(n, n8);
+    double d = max_abs_diff(ref, q8, n);
+    ck_assert_msg(d <= 1e-2, "%s: max |rtn8 - f32| = %g", models[_i], d);
+    free(ref);
+    free(q8);
+}
+END_TEST
+
+/* Every quantizer runs stories260K; its logits stay near the F32 ones, the bound set by its
+ * bit width. */
+START_TEST(every_quantizer_runs_stories) {
+    static const struct {
+        const char *q;
+        double tol;
+    } cases[] = {
+        {"{ plugin: rtn }", 0.5},
+        {"{ plugin: rtn, bits: 3, symmetric: false, group: 32 }", 1.5},
+        {"{ plugin: int6 }", 0.25},
+        {"{ plugin: int6, act_bits: 8 }", 0.25},
+        {"{ plugin: spqr }", 1.5},
+        {"{ plugin: w4a8 }", 1.0},
+    };
+    size_t n, nq;
+    float *ref = model_logits(models[1], "{ plugin: gguf }", NULL, &n);
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        float *got = model_logits(models[1], cases[k].q, NULL, &nq);
+        ck_assert_uint_eq(n, nq);
+        double d = max_abs_diff(ref, got, n);
+        fprintf(stderr, "stories260K %s: max |logit - f32| = %g\n", cases[k].q, d);
+        ck_assert_msg(d > 0 && d <= cases[k].tol, "%s: max |logit - f32| = %g", cases[k].q, d);
+        free(got);
+    }
+    free(ref);
+}
+END_TEST
+
+/* layers: override: rtn 8-bit on layer 0, int6 elsewhere. Differs from all-int6 and from
+ * all-rtn8 (so both instances multiplied), and stays near F32. */
+START_TEST(per_layer_mix) {
+    static const char *const mix =
+        "layers:\n  - { range: [0, 0], quantizer: { plugin: rtn, bits: 8 } }\n";
+    size_t n, n1, n2, n3;
+    float *ref = model_logits(models[1], "{ plugin: gguf }", NULL, &n);
+    float *got = model_logits(models[1], "{ plugin: int6 }", mix, &n1);
+    float *i6 = model_logits(models[1], "{ plugin: int6 }", NULL, &n2);
+    float *r8 = model_logits(models[1], "{ plugin: rtn, bits: 8 }", NULL, &n3);
+    ck_assert_uint_eq(n, n1);
+    ck_assert_double_gt(max_abs_diff(got, i6, n), 0);
+    ck_assert_double_gt(max_abs_diff(got, r8, n), 0);
+    ck_assert_double_le(max_abs_diff(got, ref, n), 0.25);
+    free(ref);
+    free(got);
+    free(i6);
+    free(r8);
+}
+END_TEST
+
+static Suite *suite(void) {
+    Suite *s = suite_create("quantizers");
+    TCase *tc = tcase_create("formats");
+    tcase_add_test(tc, rtn_error_falls_with_bits);
+    tcase_add_test(tc, rtn_rounds_to_nearest);
+    tcase_add_test(tc, int6_and_w4a8_errors);
+    tcase_add_test(tc, spqr_keeps_outliers);
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("products");
+    tcase_add_loop_test(tc, matmul_equals_dequantized_product, 0, N_QUANTIZERS);
+    tcase_add_loop_test(tc, matmul_independent_of_threads_and_batch, 0, N_QUANTIZERS);
+    tcase_add_test(tc, simd_equals_scalar);
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("sources");
+    tcase_add_loop_test(tc, source_types, 0, N_QUANTIZERS);
+    suite_add_tcase(s, tc);
+    /* The models come from the shared data folder: without it, only the unit cases run. */
+    char *have[] = {tsr_test_data_path(models[0]), tsr_test_data_path(models[1]),
+                    tsr_test_data_path(seq64)};
+    int complete = have[0] && have[1] && have[2];
+    for (int i = 0; i < 3; i++) free(have[i]);
+    if (!complete) {
+        printf("skipped: the model cases need %s, %s and %s in %s\n", models[0], models[1],
+               seq64, tsr_test_data_dir());
+        return s;
+    }
+    tc = tcase_create("models");
+    tcase_add_loop_test(tc, model_rtn8_matches_f32, 0, 2);
+    tcase_add_test(tc, every_quantizer_runs_stories);
+    tcase_add_test(tc, per_layer_mix);
+    tcase_set_timeout(tc, 120);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void) {
+    SRunner *sr = srunner_create(suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
