@@ -160,17 +160,7 @@ size_t tsr_row_size(int32_t dtype, int64_t n) {
 }
 
 tsr_status tsr_row_to_f32(float *y, int32_t dtype, const void *x, int64_t n) {
-    if (n < 0) return TSR_E_INVALID;
-    switch (dtype) {
-    case TSR_DTYPE_F32: memmove(y, x, (size_t)n * sizeof(float)); return TSR_OK;
-    case TSR_DTYPE_F16: tsr_fp16_to_fp32_row(y, x, n); return TSR_OK;
-    case TSR_DTYPE_BF16: tsr_bf16_to_fp32_row(y, x, n); return TSR_OK;
-    case TSR_DTYPE_Q8_0:
-        if (n % TSR_Q8_0_BLOCK) return TSR_E_INVALID;
-        tsr_q8_0_dequantize_row(y, x, n);
-        return TSR_OK;
-    }
-    return TSR_E_UNSUPPORTED;
+    return tsr_dequantize_row(dtype, y, x, n);
 }
 
 int32_t tsr_matmul_act_type(int32_t wtype) {

@@ -109,8 +109,7 @@ static inline float tsr_qk_value(int32_t isum, int32_t msum, float dw, float dmi
     return (dx * dw) * (float)isum - (dx * dmin) * (float)msum;
 }
 
-/* The integer parts of one super-block, from the scalar reference (quants_dot.c); the ISA
- * files use them for row tails. */
+/* The integer parts of one super-block: the scalar reference (quants_dot.c). */
 void tsr_qk_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t *isum, int32_t *msum);
 
 /* d and dmin (0 for types without) of a K-type weight block, as f32. */

@@ -645,7 +645,8 @@ static void quant_qk_asym(uint16_t *dd, uint16_t *dmin, uint8_t scales[12], uint
     memset(scales, 0, 12);
     for (int g = 0; g < 8; g++) {
         /* uint8_t before the clamp, as the reference */
-        int ls = (uint8_t)nearest_int(inv_scale * sc[g]), lm = (uint8_t)nearest_int(inv_min * mn[g]);
+        int ls = (uint8_t)nearest_int(inv_scale * sc[g]);
+        int lm = (uint8_t)nearest_int(inv_min * mn[g]);
         pack_scales_k(scales, g, ls < 63 ? ls : 63, lm < 63 ? lm : 63);
     }
     *dd = f2h(max_scale / 63.0f);
@@ -716,8 +717,8 @@ static void quant_q6_k(tsr_block_q6_k *y, const float *x, int64_t nb) {
                 const int8_t *p = L + 128 * h + l;
                 y[b].ql[64 * h + l] = (uint8_t)((p[0] & 0xf) | (p[64] & 0xf) << 4);
                 y[b].ql[64 * h + 32 + l] = (uint8_t)((p[32] & 0xf) | (p[96] & 0xf) << 4);
-                y[b].qh[32 * h + l] =
-                    (uint8_t)(p[0] >> 4 | (p[32] >> 4) << 2 | (p[64] >> 4) << 4 | (p[96] >> 4) << 6);
+                y[b].qh[32 * h + l] = (uint8_t)(p[0] >> 4 | (p[32] >> 4) << 2 |
+                                                (p[64] >> 4) << 4 | (p[96] >> 4) << 6);
             }
     }
 }

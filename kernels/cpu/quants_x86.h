@@ -40,40 +40,42 @@ TSR_INLINE __m256i qx_iq4_lookup(__m256i nib) {
     return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(t), nib);
 }
 
-/* One legacy block as 32 int8 (offsets removed); *d its scale, *m its min (Q4_1, Q5_1). */
-TSR_INLINE __m256i qx_unpack_legacy(int qm, const void *w, int64_t b, float *d, float *m) {
+/* One legacy block as 32 int8 (offsets removed); *d its scale, *m its min (Q4_1, Q5_1), as
+ * fp16 bits: eight at a time are converted by vcvtph2ps, exactly as tsr_fp16_to_fp32. */
+TSR_INLINE __m256i qx_unpack_legacy(int qm, const void *w, int64_t b, uint16_t *d,
+                                    uint16_t *m) {
     switch (qm) {
     case TSR_QM_Q4_0: {
         const tsr_block_q4_0 *p = (const tsr_block_q4_0 *)w + b;
-        *d = tsr_fp16_to_fp32(p->d);
+        *d = p->d;
         return _mm256_sub_epi8(qx_nibbles(p->qs), _mm256_set1_epi8(8));
     }
     case TSR_QM_Q4_1: {
         const tsr_block_q4_1 *p = (const tsr_block_q4_1 *)w + b;
-        *d = tsr_fp16_to_fp32(p->d);
-        *m = tsr_fp16_to_fp32(p->m);
+        *d = p->d;
+        *m = p->m;
         return qx_nibbles(p->qs);
     }
     case TSR_QM_Q5_0: {
         const tsr_block_q5_0 *p = (const tsr_block_q5_0 *)w + b;
-        *d = tsr_fp16_to_fp32(p->d);
+        *d = p->d;
         __m256i v = _mm256_or_si256(qx_nibbles(p->qs), qx_bit4(p->qh));
         return _mm256_sub_epi8(v, _mm256_set1_epi8(16));
     }
     case TSR_QM_Q5_1: {
         const tsr_block_q5_1 *p = (const tsr_block_q5_1 *)w + b;
-        *d = tsr_fp16_to_fp32(p->d);
-        *m = tsr_fp16_to_fp32(p->m);
+        *d = p->d;
+        *m = p->m;
         return _mm256_or_si256(qx_nibbles(p->qs), qx_bit4(p->qh));
     }
     case TSR_QM_IQ4_NL: {
         const tsr_block_iq4_nl *p = (const tsr_block_iq4_nl *)w + b;
-        *d = tsr_fp16_to_fp32(p->d);
+        *d = p->d;
         return qx_iq4_lookup(qx_nibbles(p->qs));
     }
     default: {
         const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)w + b;
-        *d = tsr_fp16_to_fp32(p->d);
+        *d = p->d;
         return _mm256_loadu_si256((const __m256i *)p->q);
     }
     }
@@ -99,7 +101,7 @@ TSR_INLINE void qx_tile_legacy(int qm, float *y, int64_t ldy, const void *w, siz
     for (int r = 0; r < n_r; r++)
         for (int t = 0; t < n_t; t++) acc[r][t] = _mm256_setzero_ps();
     __m256i wq[TSR_QM_TILE][8];
-    float dw[TSR_QM_TILE][8], mw[TSR_QM_TILE][8];
+    uint16_t dw[TSR_QM_TILE][8], mw[TSR_QM_TILE][8];
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
         for (int r = 0; r < n_r; r++)
@@ -125,9 +127,13 @@ TSR_INLINE void qx_tile_legacy(int qm, float *y, int64_t ldy, const void *w, siz
                         p[i] = TSR_QX_DPBUSD(_mm256_setzero_si256(), wq[r][i], xq[i]);
                 else
                     for (int i = 0; i < 8; i++) p[i] = qx_dot_signed(wq[r][i], xq[i]);
+                __m256 dwr = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dw[r]));
                 __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(tsr_x86_reduce8(p)),
-                                         _mm256_mul_ps(_mm256_loadu_ps(dw[r]), dx));
-                if (xm) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_loadu_ps(mw[r]), sx));
+                                         _mm256_mul_ps(dwr, dx));
+                if (xm) {
+                    __m256 mwr = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mw[r]));
+                    v = _mm256_add_ps(v, _mm256_mul_ps(mwr, sx));
+                }
                 acc[r][t] = _mm256_add_ps(acc[r][t], v);
             }
         }
@@ -139,7 +145,7 @@ TSR_INLINE void qx_tile_legacy(int qm, float *y, int64_t ldy, const void *w, siz
             float lanes[8];
             _mm256_storeu_ps(lanes, acc[r][t]);
             for (int64_t k = b; k < nb; k++) {
-                float d, m = 0.0f;
+                uint16_t d, m = 0;
                 int8_t q[32];
                 _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, k, &d, &m));
                 const char *xb = xr + k * xbytes;
@@ -147,9 +153,10 @@ TSR_INLINE void qx_tile_legacy(int qm, float *y, int64_t ldy, const void *w, siz
                 memcpy(&hd, xb, 2);
                 if (xm) memcpy(&hs, xb + 2, 2);
                 int32_t is = tsr_q8_block_idot(q, (const int8_t *)(xb + xq_off));
-                lanes[k % 8] +=
-                    xm ? tsr_q_legacy_value_m(is, d, tsr_fp16_to_fp32(hd), m, tsr_fp16_to_fp32(hs))
-                       : tsr_q_legacy_value(is, d, tsr_fp16_to_fp32(hd));
+                float dwf = tsr_fp16_to_fp32(d), dxf = tsr_fp16_to_fp32(hd);
+                lanes[k % 8] += xm ? tsr_q_legacy_value_m(is, dwf, dxf, tsr_fp16_to_fp32(m),
+                                                          tsr_fp16_to_fp32(hs))
+                                   : tsr_q_legacy_value(is, dwf, dxf);
             }
             y[t * ldy + r] = tsr_q8_lanes_sum(lanes);
         }

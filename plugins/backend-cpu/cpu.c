@@ -2,10 +2,11 @@
  * backend 'cpu': tensors in host memory, ops on the host's thread pool, the arithmetic of the
  * shared kernels (<tessera/kernels_cpu.h>: scalar, AVX2 or AVX-512, chosen once from cpuid).
  *
- * Products. Weights are multiplied in place, in their own format (F32, F16, BF16, Q8_0): the
- * activations are converted once per call to the weights' activation type (F16, BF16, Q8_0
- * blocks, as llama.cpp does), into a scratch buffer the instance keeps and grows, then the
- * output rows are split over the pool. Every op splits rows or elements, never a sum, so each
+ * Products. Weights are multiplied in place, in their own format -- every type the kernels
+ * multiply (tsr_matmul_act_type: F32, F16, BF16, Q8_0 at least): the activations are
+ * converted once per call to the weights' activation type (F16, BF16, Q8_0 blocks, as
+ * llama.cpp does), into a scratch buffer the instance keeps and grows, then the output rows
+ * are split over the pool. Every op splits rows or elements, never a sum, so each
  * value is computed by exactly one thread in a fixed order: results are bit-identical for
  * every pool size.
  */
@@ -27,16 +28,6 @@ typedef struct cpu_backend {
 static void cpu_run(const cpu_backend *b, tsr_task_fn fn, void *arg, int64_t work) {
     if (work < CPU_SERIAL_BELOW) fn(arg, 0, 1);
     else b->host->parallel_for(b->host->ctx, fn, arg);
-}
-
-static const char *cpu_dtype_name(int32_t dtype) {
-    switch (dtype) {
-    case TSR_DTYPE_F32: return "F32";
-    case TSR_DTYPE_F16: return "F16";
-    case TSR_DTYPE_BF16: return "BF16";
-    case TSR_DTYPE_Q8_0: return "Q8_0";
-    }
-    return "a type of another plugin";
 }
 
 /* ---- lifecycle -------------------------------------------------------------------------- */
@@ -77,21 +68,21 @@ static tsr_status cpu_check_weight(const cpu_backend *b, const char *op, const t
                                    int packed) {
     const char *name = w->name ? w->name : "weight";
     if (tsr_matmul_act_type(w->dtype) < 0) {
-        b->host->set_error(b->host->ctx, "%s: %s: type %d is not one of F32, F16, BF16, Q8_0",
+        b->host->set_error(b->host->ctx, "%s: %s: the CPU kernels have no product for type %d",
                            op, name, (int)w->dtype);
         return TSR_E_UNSUPPORTED;
     }
     size_t need = tsr_row_size(w->dtype, w->ne[0]);
     if (w->ne[0] <= 0 || need == 0) {
         b->host->set_error(b->host->ctx, "%s: %s: a row of %lld elements is not a whole number "
-                           "of %s blocks", op, name, (long long)w->ne[0],
-                           cpu_dtype_name(w->dtype));
+                           "of blocks of type %d", op, name, (long long)w->ne[0],
+                           (int)w->dtype);
         return TSR_E_INVALID;
     }
     if (packed ? w->row_bytes != need : w->row_bytes < need) {
         b->host->set_error(b->host->ctx, "%s: %s: row_bytes %zu, expected %s%zu for %lld "
-                           "elements of %s", op, name, w->row_bytes, packed ? "" : "at least ",
-                           need, (long long)w->ne[0], cpu_dtype_name(w->dtype));
+                           "elements of type %d", op, name, w->row_bytes,
+                           packed ? "" : "at least ", need, (long long)w->ne[0], (int)w->dtype);
         return TSR_E_INVALID;
     }
     return TSR_OK;
@@ -154,8 +145,9 @@ static tsr_status cpu_matmul(void *self, float *y, const tsr_tensor *w, const fl
     }
     cpu_run(b, mm_task, &j, j.n_out * j.n_in * n);
     if (atomic_load(&j.failed)) {
-        b->host->set_error(b->host->ctx, "matmul: the kernels refused %s (%lld x %lld)",
-                           cpu_dtype_name(w->dtype), (long long)j.n_out, (long long)j.n_in);
+        b->host->set_error(b->host->ctx, "matmul: %s: the kernels refused type %d (%lld x %lld)",
+                           w->name ? w->name : "weight", (int)w->dtype, (long long)j.n_out,
+                           (long long)j.n_in);
         return TSR_E_INTERNAL;
     }
     return TSR_OK;
@@ -166,6 +158,7 @@ typedef struct rows_job {
     const tsr_tensor *w;
     const int32_t *ids;   /* (n) */
     int64_t n;
+    atomic_int failed;    /* the kernels cannot convert rows of this type */
 } rows_job;
 
 static void rows_task(void *arg, int ith, int nth) {
@@ -173,8 +166,10 @@ static void rows_task(void *arg, int ith, int nth) {
     int64_t i0, i1, dim = j->w->ne[0];
     tsr_thread_slice(&i0, &i1, j->n, 1, ith, nth);
     for (int64_t i = i0; i < i1; i++)
-        (void)tsr_row_to_f32(j->y + i * dim, j->w->dtype,
-                             (const char *)j->w->data + (size_t)j->ids[i] * j->w->row_bytes, dim);
+        if (tsr_row_to_f32(j->y + i * dim, j->w->dtype,
+                           (const char *)j->w->data + (size_t)j->ids[i] * j->w->row_bytes,
+                           dim) < 0)
+            atomic_store(&j->failed, 1);
 }
 
 static tsr_status cpu_get_rows(void *self, float *y, const tsr_tensor *w, const int32_t *ids,
@@ -192,6 +187,11 @@ static tsr_status cpu_get_rows(void *self, float *y, const tsr_tensor *w, const 
     }
     rows_job j = {.y = y, .w = w, .ids = ids, .n = n};
     cpu_run(b, rows_task, &j, n * w->ne[0]);
+    if (atomic_load(&j.failed)) {
+        b->host->set_error(b->host->ctx, "get_rows: %s: the CPU kernels cannot convert rows of "
+                           "type %d to f32", w->name ? w->name : "table", (int)w->dtype);
+        return TSR_E_UNSUPPORTED;
+    }
     return TSR_OK;
 }
 
@@ -376,8 +376,8 @@ static const tsr_plugin_desc cpu_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND),
     .name = "cpu",
     .version = "1.0",
-    .description = "host memory and thread pool; F32/F16/BF16/Q8_0 products in place, "
-                   "scalar/AVX2/AVX-512 kernels chosen at run time (command isa)",
+    .description = "host memory and thread pool; weights multiplied in place (F32, F16, BF16, "
+                   "Q8_0...), scalar/AVX2/AVX-512 kernels chosen at run time (command isa)",
     TSR_PARAMS(cpu_params),
     TSR_COMMANDS(cpu_commands),
     .vtable = &cpu_vtable,

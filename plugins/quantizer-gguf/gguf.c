@@ -1,9 +1,9 @@
 /*
  * quantizer 'gguf': the model file's own formats. Every weight stays where the file mapping
- * put it (zero copy, nothing allocated) and the backend multiplies it natively. This version
- * keeps the types the CPU kernels multiply -- F32, F16, BF16, Q8_0 -- and refuses the others
- * by name, so a model with K-quants fails at load time with one clear line instead of at the
- * first product.
+ * put it (zero copy, nothing allocated) and the backend multiplies it natively. It keeps the
+ * types the CPU kernels multiply (tsr_matmul_act_type: F32, F16, BF16, Q8_0 at least) and
+ * refuses the others by name, so a model with a type nobody can multiply fails at load time
+ * with one clear line instead of at the first product.
  */
 #include <tessera/kernels_cpu.h>
 #include <tessera/sdk.h>
@@ -67,8 +67,8 @@ static tsr_status gguf_check(const gguf_quantizer *q, const char *what, const ts
     if (tsr_matmul_act_type(t->dtype) < 0) {
         const char *type = gguf_type_name(t->dtype);
         if (type)
-            q->host->set_error(q->host->ctx, "%s: %s: type %s is not supported yet (this "
-                               "version keeps F32, F16, BF16 and Q8_0)", what, name, type);
+            q->host->set_error(q->host->ctx, "%s: %s: type %s has no matrix product in the "
+                               "CPU kernels", what, name, type);
         else
             q->host->set_error(q->host->ctx, "%s: %s: type %d is not a GGUF type", what, name,
                                (int)t->dtype);
@@ -134,7 +134,7 @@ static const tsr_plugin_desc gguf_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER),
     .name = "gguf",
     .version = "1.0",
-    .description = "the file's own formats, kept in place (F32, F16, BF16, Q8_0)",
+    .description = "the file's own formats, kept in place (F32, F16, BF16, Q8_0...)",
     .vtable = &gguf_vtable,
 };
 

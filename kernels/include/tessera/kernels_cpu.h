@@ -87,9 +87,8 @@ void tsr_q8_0_dequantize_row(float *y, const tsr_block_q8_0 *x, int64_t n); // y
  * of these or n is not a whole number of its blocks. */
 size_t tsr_row_size(int32_t dtype, int64_t n);
 
-/* Converts one row of n elements of `dtype` (F32, F16, BF16, Q8_0) to f32, exactly (every
- * value of these types is an f32). TSR_E_UNSUPPORTED for another type, TSR_E_INVALID when n
- * is not a whole number of its blocks. */
+/* Converts one row of n elements of `dtype` to f32, exactly: tsr_dequantize_row (below, every
+ * type the kernels know) with the output first, as the other row functions here. */
 tsr_status tsr_row_to_f32(float *y,       // (n)
                           int32_t dtype,
                           const void *x,  // tsr_row_size(dtype, n) bytes
