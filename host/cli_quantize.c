@@ -170,13 +170,26 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
     return TSR_OK;
 }
 
-static void set_file_type(quant_job *j, const char *type) {
+/* llama.cpp's file type for TYPE, or -1 for a name it does not have. */
+static int32_t file_type_of(const char *type) {
     for (size_t i = 0; i < sizeof file_types / sizeof file_types[0]; i++)
-        if (!strcmp(file_types[i].name, type)) {
-            tsr_gguf_writer_set_uint(j->w, "general.file_type", TSR_GGUF_UINT32,
-                                     (uint64_t)file_types[i].file_type);
-            tsr_gguf_writer_set_uint(j->w, "general.quantization_version", TSR_GGUF_UINT32, 2);
-        }
+        if (!strcmp(file_types[i].name, type)) return file_types[i].file_type;
+    return -1;
+}
+
+/* Copies `in`'s keys in order, then the quantization version and the file type at the end,
+ * where llama-quantize puts them (it removes and appends them), so our files and its files
+ * are byte-identical. */
+static void copy_keys(quant_job *j, const tsr_gguf *in, const char *type) {
+    for (int64_t k = 0; in && k < tsr_gguf_n_keys(in); k++) {
+        const char *key = tsr_gguf_key_name(in, k);
+        if (strcmp(key, "general.file_type") && strcmp(key, "general.quantization_version"))
+            tsr_gguf_writer_copy_key(j->w, in, k);
+    }
+    int32_t ft = file_type_of(type);
+    if (ft < 0) return;
+    tsr_gguf_writer_set_uint(j->w, "general.quantization_version", TSR_GGUF_UINT32, 2);
+    tsr_gguf_writer_set_uint(j->w, "general.file_type", TSR_GGUF_UINT32, (uint64_t)ft);
 }
 
 static tsr_status job_write(quant_job *j, const char *path, bool json, tsr_error *err) {
@@ -197,6 +210,17 @@ static tsr_status job_write(quant_job *j, const char *path, bool json, tsr_error
 }
 
 /* ---- quantize -------------------------------------------------------------------------- */
+
+/* llama-quantize writes tensors ordered by block number (tensors outside blocks first), then
+ * by name; writing them the same way makes the files comparable byte for byte. */
+static int cmp_tensor_order(const void *pa, const void *pb) {
+    const tsr_gguf_tensor *a = *(const tsr_gguf_tensor *const *)pa;
+    const tsr_gguf_tensor *b = *(const tsr_gguf_tensor *const *)pb;
+    char role[128];
+    int32_t la = layer_of(a->name, role, sizeof role), lb = layer_of(b->name, role, sizeof role);
+    if (la != lb) return la < lb ? -1 : 1;
+    return strcmp(a->name, b->name);
+}
 
 int tsr_cli_quantize(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
@@ -233,6 +257,7 @@ int tsr_cli_quantize(int argc, char **argv) {
     }
     tsr_error err;
     tsr_gguf *in = NULL;
+    const tsr_gguf_tensor **order = NULL;
     quant_job j;
     memset(&j, 0, sizeof j);
     int status = TSR_EXIT_FAIL;
@@ -247,15 +272,13 @@ int tsr_cli_quantize(int argc, char **argv) {
         n_layer = (int32_t)tsr_gguf_u64_or(in, key, 0);
     }
     if (job_open(&j, &o, pos[2], n_layer, &err) < 0) goto fail;
-    for (int64_t k = 0; k < tsr_gguf_n_keys(in); k++) {
-        const char *key = tsr_gguf_key_name(in, k);
-        if (strcmp(key, "general.file_type") && strcmp(key, "general.quantization_version") &&
-            strcmp(key, "general.alignment"))
-            tsr_gguf_writer_copy_key(j.w, in, k);
-    }
-    set_file_type(&j, pos[2]);
-    for (int64_t t = 0; t < tsr_gguf_n_tensors(in); t++) {
-        const tsr_gguf_tensor *x = tsr_gguf_tensor_at(in, t);
+    copy_keys(&j, in, pos[2]);
+    int64_t n_tensors = tsr_gguf_n_tensors(in);
+    order = malloc((size_t)(n_tensors > 0 ? n_tensors : 1) * sizeof *order);
+    for (int64_t t = 0; t < n_tensors; t++) order[t] = tsr_gguf_tensor_at(in, t);
+    qsort(order, (size_t)n_tensors, sizeof *order, cmp_tensor_order);
+    for (int64_t t = 0; t < n_tensors; t++) {
+        const tsr_gguf_tensor *x = order[t];
         if (job_tensor(&j, x->name, x->dtype, x->n_dims ? x->n_dims : 1, x->ne, (void *)x->data,
                        NULL, &err) < 0)
             goto fail;
@@ -267,6 +290,7 @@ fail:
     tsr_cli_error("%s", err.msg);
 done:
     job_close(&j);
+    free(order);
     tsr_gguf_close(in);
     free(o.sets);
     return status;
@@ -432,7 +456,7 @@ int tsr_cli_synth(int argc, char **argv) {
     if (job_open(&j, &o, type, sh->n_layer, &err) < 0) goto fail;
     synth_metadata(j.w, sh);
     synth_vocab(j.w, sh->n_vocab);
-    set_file_type(&j, type);
+    copy_keys(&j, NULL, type);
     const int64_t e = sh->n_embd, hd = sh->n_embd / sh->n_head, kv = hd * sh->n_kv_head;
     uint64_t index = 0;
     const float w = 0.02f;

@@ -1,15 +1,43 @@
 /*
- * quantizer 'gguf': the model file's own formats. Every weight stays where the file mapping
- * put it (zero copy, nothing allocated) and the backend multiplies it natively. It keeps the
- * types the CPU kernels multiply (tsr_matmul_act_type: F32, F16, BF16, Q8_0 at least) and
- * refuses the others by name, so a model with a type nobody can multiply fails at load time
- * with one clear line instead of at the first product.
+ * quantizer 'gguf': GGUF's own formats. With `type: keep` (the default) every weight stays
+ * where the file mapping put it (zero copy, nothing allocated) and the backend multiplies it
+ * natively; types the CPU kernels cannot multiply are refused by name at load time. With any
+ * other `type`, each weight matrix is converted to that GGUF type when the model loads (or
+ * when `tessera quantize` writes a file), following llama.cpp's recipes: which tensors of a
+ * "_m"/"_s" mix get more bits, and which fallback a row too short for 256-element blocks gets.
  */
 #include <tessera/kernels_cpu.h>
 #include <tessera/sdk.h>
 
+#include <math.h>
+#include <stdbool.h>
+#include <string.h>
+
+/* The values of `type`, in the order of the recipe enum below. */
+static const char *const type_choices[] = {
+    "keep", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m",
+    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs", NULL};
+typedef enum recipe {
+    KEEP, F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S,
+    Q5_K_M, Q6_K, IQ4_NL, IQ4_XS
+} recipe;
+static const int32_t recipe_base[] = {
+    -1, TSR_DTYPE_F32, TSR_DTYPE_F16, TSR_DTYPE_BF16, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_0,
+    TSR_DTYPE_Q4_1, TSR_DTYPE_Q5_0, TSR_DTYPE_Q5_1, TSR_DTYPE_Q2_K, TSR_DTYPE_Q3_K,
+    TSR_DTYPE_Q4_K, TSR_DTYPE_Q4_K, TSR_DTYPE_Q5_K, TSR_DTYPE_Q5_K, TSR_DTYPE_Q6_K,
+    TSR_DTYPE_IQ4_NL, TSR_DTYPE_IQ4_XS};
+
+static const tsr_param_def gguf_params[] = {
+    {TSR_SIZED(tsr_param_def), .name = "type", .type = TSR_PARAM_ENUM, .default_value = "keep",
+     .min = 1, .max = 0, .choices = type_choices,
+     .doc = "keep the file's types, or convert every weight matrix to this GGUF type at load "
+            "(llama.cpp's recipes for the _s/_m mixes)"},
+};
+
 typedef struct gguf_quantizer {
     const tsr_host *host;
+    recipe recipe;
+    int32_t n_layer;
 } gguf_quantizer;
 
 /* GGUF's own names (ggml_type_name) for the types a file may hold. */
@@ -43,14 +71,14 @@ static const char *gguf_type_name(int32_t dtype) {
 
 static tsr_status gguf_create(const tsr_host *host, const tsr_params *params,
                               const tsr_quantizer_init *init, void **out) {
-    (void)params;
-    (void)init;
     gguf_quantizer *q = tsr_calloc(host, 1, sizeof *q);
     if (!q) {
         host->set_error(host->ctx, "out of memory");
         return TSR_E_NOMEM;
     }
     q->host = host;
+    q->recipe = (recipe)tsr_param_int(params, "type");
+    q->n_layer = init->n_layer;
     *out = q;
     return TSR_OK;
 }
@@ -84,22 +112,152 @@ static tsr_status gguf_check(const gguf_quantizer *q, const char *what, const ts
     return TSR_OK;
 }
 
+/* llama.cpp gives these layers of attn_v and ffn_down more bits in its _M mixes: the first
+ * and last eighth, and every third one between. */
+static bool use_more_bits(int32_t layer, int32_t n_layer) {
+    return layer < n_layer / 8 || layer >= 7 * n_layer / 8 || (layer - n_layer / 8) % 3 == 2;
+}
+
+/* The type `role` of `layer` gets under the recipe, before the row-length fallback. */
+static int32_t recipe_type(const gguf_quantizer *q, const char *role, int32_t layer) {
+    recipe r = q->recipe;
+    int32_t base = recipe_base[r];
+    bool k_mix = r >= Q2_K && r <= IQ4_XS;
+    bool low_bits = r >= Q4_0; /* everything below 8 bits */
+    if (!strcmp(role, "output")) return low_bits ? TSR_DTYPE_Q6_K : base;
+    if (!k_mix || layer < 0) return base;
+    if (!strcmp(role, "attn_v")) {
+        if (r == Q2_K) return TSR_DTYPE_Q3_K;
+        if (r == Q3_K_M) return layer < 2 ? TSR_DTYPE_Q5_K : TSR_DTYPE_Q4_K;
+        if (r == Q4_K_S) return layer < q->n_layer / 8 ? TSR_DTYPE_Q5_K : base;
+        if ((r == Q4_K_M || r == Q5_K_M) && use_more_bits(layer, q->n_layer)) return TSR_DTYPE_Q6_K;
+    } else if (!strcmp(role, "ffn_down")) {
+        if (r == Q3_K_M) return layer < q->n_layer / 16 ? TSR_DTYPE_Q5_K : TSR_DTYPE_Q4_K;
+        if ((r == Q4_K_M || r == Q5_K_M) && use_more_bits(layer, q->n_layer)) return TSR_DTYPE_Q6_K;
+    } else if (!strcmp(role, "attn_output") && r == Q3_K_M) {
+        return TSR_DTYPE_Q4_K;
+    }
+    return base;
+}
+
+/* Rows that do not hold whole 256-element blocks fall back as llama.cpp does; rows that do not
+ * hold whole 32-element blocks keep 16 bits. */
+static int32_t fit_row(int32_t type, int64_t n) {
+    if (n % tsr_dtype_block_elems(type) == 0) return type;
+    switch (type) {
+    case TSR_DTYPE_Q2_K: case TSR_DTYPE_Q3_K: case TSR_DTYPE_IQ4_XS: type = TSR_DTYPE_IQ4_NL; break;
+    case TSR_DTYPE_Q4_K: type = TSR_DTYPE_Q5_0; break;
+    case TSR_DTYPE_Q5_K: type = TSR_DTYPE_Q5_1; break;
+    case TSR_DTYPE_Q6_K: type = TSR_DTYPE_Q8_0; break;
+    default: break;
+    }
+    return n % tsr_dtype_block_elems(type) == 0 ? type : TSR_DTYPE_F16;
+}
+
+typedef struct convert_job {
+    const tsr_tensor *src;
+    void *dst;
+    int32_t type;
+    size_t dst_row_bytes;
+    int64_t rows;
+    float *scratch;     /* (nth, 2, ne[0]) */
+    double *err2, *ref2; /* (nth) */
+    tsr_status status;
+} convert_job;
+
+/* Each thread converts a contiguous range of rows: decode to f32, encode to the new type, and
+ * decode again to measure what the conversion lost. */
+static void convert_rows(void *arg, int ith, int nth) {
+    convert_job *j = arg;
+    int64_t n = j->src->ne[0], begin = j->rows * ith / nth, end = j->rows * (ith + 1) / nth;
+    float *row = j->scratch + (size_t)ith * 2 * (size_t)n, *back = row + n;
+    double err2 = 0, ref2 = 0;
+    for (int64_t r = begin; r < end; r++) {
+        const void *in = (const char *)j->src->data + (size_t)r * j->src->row_bytes;
+        void *out = (char *)j->dst + (size_t)r * j->dst_row_bytes;
+        if (tsr_dequantize_row(j->src->dtype, row, in, n) < 0 ||
+            tsr_quantize_row(j->type, out, row, n) < 0 || tsr_dequantize_row(j->type, back, out, n) < 0) {
+            j->status = TSR_E_INVALID;
+            return;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            double d = (double)back[i] - (double)row[i];
+            err2 += d * d;
+            ref2 += (double)row[i] * (double)row[i];
+        }
+    }
+    j->err2[ith] = err2;
+    j->ref2[ith] = ref2;
+}
+
 static tsr_status gguf_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
     gguf_quantizer *q = self;
-    tsr_status st = gguf_check(q, "prepare", &in->src);
-    if (st < 0) return st;
-    out->dst = in->src;
-    out->dst.extra = NULL;
-    out->bits_per_weight = 8.0 * (double)in->src.row_bytes / (double)in->src.ne[0];
-    out->rel_rmse = 0.0;
-    out->owns_data = 0;
+    const tsr_host *h = q->host;
+    const tsr_tensor *src = &in->src;
+    int32_t type = q->recipe == KEEP ? src->dtype : fit_row(recipe_type(q, in->role, in->layer), src->ne[0]);
+    if (type == src->dtype) {
+        tsr_status st = gguf_check(q, "prepare", src);
+        if (st < 0) return st;
+        out->dst = *src;
+        out->dst.extra = NULL;
+        out->bits_per_weight = 8.0 * (double)src->row_bytes / (double)src->ne[0];
+        out->rel_rmse = 0.0;
+        out->owns_data = 0;
+        return TSR_OK;
+    }
+    const char *name = src->name ? src->name : in->role;
+    if (tsr_dtype_block_elems(src->dtype) <= 0 || src->ne[0] % tsr_dtype_block_elems(src->dtype)) {
+        h->set_error(h->ctx, "prepare: %s: cannot read type %s to convert it", name,
+                     gguf_type_name(src->dtype) ? gguf_type_name(src->dtype) : "?");
+        return TSR_E_UNSUPPORTED;
+    }
+    int64_t rows = src->ne[1] * src->ne[2] * src->ne[3];
+    int nth = h->n_threads(h->ctx);
+    convert_job j = {.src = src, .type = type, .rows = rows,
+                     .dst_row_bytes = tsr_row_size(type, src->ne[0])};
+    j.dst = h->alloc(h->ctx, j.dst_row_bytes * (size_t)rows, 0);
+    j.scratch = tsr_calloc(h, (size_t)nth * 2, (size_t)src->ne[0] * sizeof(float));
+    j.err2 = tsr_calloc(h, (size_t)nth, sizeof(double));
+    j.ref2 = tsr_calloc(h, (size_t)nth, sizeof(double));
+    if (!j.dst || !j.scratch || !j.err2 || !j.ref2) {
+        h->free(h->ctx, j.dst);
+        h->free(h->ctx, j.scratch);
+        h->free(h->ctx, j.err2);
+        h->free(h->ctx, j.ref2);
+        h->set_error(h->ctx, "prepare: %s: out of memory converting to %s", name, gguf_type_name(type));
+        return TSR_E_NOMEM;
+    }
+    h->parallel_for(h->ctx, convert_rows, &j);
+    double err2 = 0, ref2 = 0;
+    for (int t = 0; t < nth; t++) {
+        err2 += j.err2[t];
+        ref2 += j.ref2[t];
+    }
+    h->free(h->ctx, j.scratch);
+    h->free(h->ctx, j.err2);
+    h->free(h->ctx, j.ref2);
+    if (j.status < 0) {
+        h->free(h->ctx, j.dst);
+        h->set_error(h->ctx, "prepare: %s: converting %s to %s failed", name,
+                     gguf_type_name(src->dtype), gguf_type_name(type));
+        return j.status;
+    }
+    out->dst = *src;
+    out->dst.dtype = type;
+    out->dst.row_bytes = j.dst_row_bytes;
+    out->dst.data = j.dst;
+    out->dst.extra = j.dst; /* marks memory this quantizer allocated */
+    out->bits_per_weight = 8.0 * (double)j.dst_row_bytes / (double)src->ne[0];
+    out->rel_rmse = ref2 > 0 ? sqrt(err2 / ref2) : 0.0;
+    out->owns_data = 1;
     return TSR_OK;
 }
 
-/* In-place tensors own nothing. */
+/* Tensors kept in place own nothing; converted ones carry their allocation in `extra`. */
 static void gguf_release(void *self, tsr_tensor *w) {
-    (void)self;
-    (void)w;
+    gguf_quantizer *q = self;
+    q->host->free(q->host->ctx, w->extra);
+    w->extra = NULL;
 }
 
 static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
@@ -134,7 +292,9 @@ static const tsr_plugin_desc gguf_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER),
     .name = "gguf",
     .version = "1.0",
-    .description = "the file's own formats, kept in place (F32, F16, BF16, Q8_0...)",
+    .description = "GGUF formats: the file's own kept in place, or converted at load (q8_0, "
+                   "q4_0, q4_k_m...)",
+    TSR_PARAMS(gguf_params),
     .vtable = &gguf_vtable,
 };
 
