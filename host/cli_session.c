@@ -76,10 +76,20 @@ tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
     return TSR_OK;
 }
 
+/* A progress line on stderr, only once loading has taken more than a second. */
+static void show_progress(void *ctx, const char *what, int64_t done, int64_t total) {
+    const struct timespec *t0 = ctx;
+    if (tsr_seconds_since(t0) < 1.0) return;
+    fprintf(stderr, "\rtessera: %s %lld/%lld%s", what, (long long)done, (long long)total,
+            done == total ? "\n" : "");
+}
+
 tsr_status tsr_session_pipeline(session *s, int32_t n_ctx, tsr_error *err) {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    tsr_progress_set(show_progress, &t0);
     tsr_status st = tsr_pipeline_create(s->cfg, s->reg, s->model, s->pool, n_ctx, &s->pl, err);
+    tsr_progress_set(NULL, NULL);
     if (st < 0) return st;
     tsr_log(TSR_LOG_INFO, "run", "pipeline ready in %.3f s", tsr_seconds_since(&t0));
     return tsr_pipeline_run_hooks(s->pl, TSR_HOOK_AFTER_LOAD, err);

@@ -9,6 +9,17 @@
 #include "version.h"
 
 static atomic_int log_level = TSR_LOG_WARN;
+static tsr_progress_fn progress_fn;
+static void *progress_ctx;
+
+void tsr_progress_set(tsr_progress_fn fn, void *ctx) {
+    progress_fn = fn;
+    progress_ctx = ctx;
+}
+
+void tsr_progress_report(const char *what, int64_t done, int64_t total) {
+    if (progress_fn) progress_fn(progress_ctx, what, done, total);
+}
 
 void tsr_log_set_level(int32_t level) { atomic_store(&log_level, level); }
 int32_t tsr_log_get_level(void) { return atomic_load(&log_level); }

@@ -30,6 +30,12 @@ int32_t tsr_log_get_level(void);
 void tsr_log(int32_t level, const char *who, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Progress of long host work (preparing weights), for a front end to show. The handler is
+ * process-wide; NULL (the default) shows nothing. `done` runs from 1 to `total`. */
+typedef void (*tsr_progress_fn)(void *ctx, const char *what, int64_t done, int64_t total);
+void tsr_progress_set(tsr_progress_fn fn, void *ctx);
+void tsr_progress_report(const char *what, int64_t done, int64_t total);
+
 /* Initialises `s` (zeroed by the caller or not) for a plugin object or instance. */
 void tsr_services_init(tsr_services *s, const char *name, tsr_pool *pool);
 

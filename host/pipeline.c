@@ -125,6 +125,7 @@ static tsr_status prepare_weights(tsr_pipeline *pl, tsr_error *err) {
                                            &pl->weights[l * W_PER_LAYER + i], err);
             if (st < 0) return st;
         }
+        tsr_progress_report("preparing weights", l + 1, n_layer);
     }
     return prepare_weight(pl, pl->stage_main[TSR_STAGE_QUANTIZER], &pl->model->output, -1,
                           "output", &pl->output, err);
