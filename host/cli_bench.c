@@ -38,7 +38,23 @@ static const char *main_dtype(const tsr_model *m) {
     return tsr_dtype_name(best);
 }
 
+/* Linux's resident high-water mark (VmHWM) can be reset, so each thread count reports its
+ * own peak rather than an earlier one's bandwidth buffer; elsewhere, the lifetime peak. */
+static void reset_peak_rss(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (!f) return;
+    fputs("5", f);
+    fclose(f);
+}
+
 static double peak_rss_mib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kib = -1;
+    while (f && kib < 0 && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %ld kB", &kib) != 1) kib = -1;
+    if (f) fclose(f);
+    if (kib >= 0) return (double)kib / 1024.0;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     return (double)ru.ru_maxrss / 1024.0;
@@ -50,6 +66,7 @@ typedef struct bench_opts {
     int n_prompt, n_gen, reps;
     int threads[16];
     int n_threads;
+    int bandwidth_mib; /* the buffer the bandwidth measurement reads */
     bool json;
 } bench_opts;
 
@@ -109,6 +126,7 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
                                 tsr_error *err) {
     model_opts o = *base;
     o.threads = threads;
+    reset_peak_rss();
     session s;
     tsr_status st = tsr_session_open(&s, &o, err);
     if (st < 0) goto done;
@@ -157,7 +175,7 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     row->peak_rss_mib = peak_rss_mib();
     /* The machine's read bandwidth with the same threads, measured right after the runs so
      * both see the same neighbours on this shared machine. */
-    row->read_gbs = tsr_measure_read_bandwidth(s.pool, (size_t)1 << 30, 5);
+    row->read_gbs = tsr_measure_read_bandwidth(s.pool, (size_t)b->bandwidth_mib << 20, 5);
     row->weight_gb_per_s = (double)*weight_bytes * row->tg_mean * 1e-9;
     row->roofline = row->read_gbs > 0 ? row->weight_gb_per_s / row->read_gbs : 0;
 out:
@@ -246,16 +264,18 @@ static int parse_thread_list(const char *text, bench_opts *b) {
 
 int tsr_cli_bench(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
-    bench_opts b = {.n_prompt = 512, .n_gen = 128, .reps = 5, .threads = {1}, .n_threads = 1};
+    bench_opts b = {.n_prompt = 512, .n_gen = 128, .reps = 5, .threads = {1}, .n_threads = 1,
+                    .bandwidth_mib = 1024};
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-t 1,2] [-r 5]\n"
-                   "                     [--json] [--set K=V]...\n"
+                   "                     [--bandwidth-mib 1024] [--json] [--set K=V]...\n"
                    "Prefill (-p tokens in one batch) and decode (-n tokens one by one) speed for\n"
                    "each thread count, mean and deviation over -r repetitions after a warm-up;\n"
                    "the weights read per decoded token, the machine's own read bandwidth measured\n"
                    "in the same run, and the fraction of that roofline decode reaches; where the\n"
-                   "decode time goes, stage by stage.\n");
+                   "decode time goes, stage by stage. --bandwidth-mib sizes the buffer the\n"
+                   "bandwidth measurement reads; keep it well above the last-level cache.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }
@@ -271,10 +291,13 @@ int tsr_cli_bench(int argc, char **argv) {
         else if (took == 0 && has_value && !strcmp(argv[i], "-p")) b.n_prompt = atoi(argv[++i]);
         else if (took == 0 && has_value && !strcmp(argv[i], "-n")) b.n_gen = atoi(argv[++i]);
         else if (took == 0 && has_value && !strcmp(argv[i], "-r")) b.reps = atoi(argv[++i]);
+        else if (took == 0 && has_value && !strcmp(argv[i], "--bandwidth-mib"))
+            b.bandwidth_mib = atoi(argv[++i]);
         else if (took == 0 && has_value && !strcmp(argv[i], "-t")) {
             if (parse_thread_list(argv[++i], &b) < 0) took = -1;
         } else took = -1;
-        if (took < 0 || b.n_prompt < 0 || b.n_gen < 0 || b.reps < 1) {
+        if (took < 0 || b.n_prompt < 0 || b.n_gen < 0 || b.reps < 1 || b.bandwidth_mib < 1 ||
+            b.bandwidth_mib > (1 << 20)) {
             tsr_cli_error("bench: bad argument '%s' (see tessera bench --help)", argv[i]);
             free(o.sets);
             return TSR_EXIT_USAGE;
@@ -420,11 +443,14 @@ int tsr_cli_perplexity(int argc, char **argv) {
     double se = count > 1 && var > 0 ? sqrt(var / (double)(count - 1)) : 0;
     double ppl = exp(mean);
     if (json) {
-        json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:f, s:f, s:f, s:f}", "model",
-                                 o.model ? o.model : s.cfg->model_path, "text", text_path,
-                                 "ctx", (int)ctx, "chunks", (int)n_chunks, "scored_tokens",
-                                 (json_int_t)count, "mean_nll", mean, "mean_nll_stderr", se,
-                                 "ppl", ppl, "ppl_stderr", ppl * se);
+        double bits, rmse;
+        tsr_pipeline_weight_quality(s.pl, &bits, &rmse);
+        json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:f, s:f, s:f, s:f, s:f, s:f}",
+                                 "model", o.model ? o.model : s.cfg->model_path, "text",
+                                 text_path, "ctx", (int)ctx, "chunks", (int)n_chunks,
+                                 "scored_tokens", (json_int_t)count, "mean_nll", mean,
+                                 "mean_nll_stderr", se, "ppl", ppl, "ppl_stderr", ppl * se,
+                                 "bits_per_weight", bits, "mean_rel_rmse", rmse);
         char *out = json_dumps(root, JSON_INDENT(2));
         printf("%s\n", out);
         free(out);

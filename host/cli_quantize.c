@@ -44,9 +44,30 @@ typedef struct quant_job {
     tsr_gguf_writer *w;
     prepared *done;
     size_t n_done;
+    bool tied;            /* no output.weight: token_embd is the output matrix too */
     double bits, weights; /* for the average bits per weight */
     json_t *report;       /* one object per tensor */
 } quant_job;
+
+static const tsr_param_def *find_param(const tsr_plugin_desc *desc, const char *name) {
+    for (uint32_t i = 0; desc && i < desc->n_params; i++)
+        if (!strcmp(desc->params[i].name, name)) return &desc->params[i];
+    return NULL;
+}
+
+/* TYPE against the choices of the quantizer's `type`, named as the command line names it. */
+static tsr_status check_type(const tsr_plugin_desc *desc, const tsr_param_def *def,
+                             const char *type, tsr_error *err) {
+    if (!def->choices) return TSR_OK;
+    char list[768] = "";
+    for (size_t i = 0; def->choices[i]; i++) {
+        if (!strcmp(def->choices[i], type)) return TSR_OK;
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "",
+                 def->choices[i]);
+    }
+    return tsr_error_set(err, TSR_E_INVALID, "quantize: TYPE '%s': quantizer '%s' expects one of "
+                         "%s", type, desc->name, list);
+}
 
 static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, int32_t n_layer,
                            tsr_error *err) {
@@ -55,13 +76,23 @@ static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, 
     tsr_status st = o->config ? tsr_config_load(o->config, &s->cfg, err)
                               : tsr_config_default(&s->cfg, err);
     if (st < 0) return st;
-    char set[96];
-    snprintf(set, sizeof set, "quantizer.type=%s", type);
-    if ((st = tsr_config_set(s->cfg, set, err)) < 0) return st;
     for (size_t i = 0; i < o->n_sets; i++)
         if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
     s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
     if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
+    /* TYPE goes to the quantizer's `type`; one without that parameter makes its own format,
+     * and its first weight then says whether a GGUF file can hold it. */
+    const tsr_plugin_ref *ref = tsr_registry_find(s->reg, TSR_STAGE_QUANTIZER,
+                                                  s->cfg->stage[TSR_STAGE_QUANTIZER].plugin);
+    const tsr_param_def *def = ref ? find_param(ref->desc, "type") : NULL;
+    if (def) {
+        char set[96];
+        snprintf(set, sizeof set, "quantizer.type=%s", type);
+        if ((st = check_type(ref->desc, def, type, err)) < 0 ||
+            (st = tsr_config_set(s->cfg, set, err)) < 0 ||
+            (st = tsr_cli_bind(s->cfg, s->reg, err)) < 0)
+            return st;
+    }
     s->pool = tsr_pool_create(o->threads > 0 ? o->threads : tsr_config_threads(s->cfg));
     j->set = (tsr_instance_set){.reg = s->reg, .pool = s->pool};
     j->n_layer = n_layer;
@@ -129,6 +160,8 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
     }
     char role[128];
     int32_t layer = layer_of(name, role, sizeof role);
+    /* llama.cpp quantizes a shared embedding as the output matrix it also is. */
+    if (j->tied && !strcmp(role, "token_embd")) snprintf(role, sizeof role, "output");
     tsr_instance *q = layer >= 0 && layer < j->n_layer ? j->at[layer] : j->main;
     const tsr_quantizer_vtable *qv = q->vtable;
     tsr_weight_in in = {.struct_size = sizeof in, .layer = layer, .role = role,
@@ -272,6 +305,7 @@ int tsr_cli_quantize(int argc, char **argv) {
         n_layer = (int32_t)tsr_gguf_u64_or(in, key, 0);
     }
     if (job_open(&j, &o, pos[2], n_layer, &err) < 0) goto fail;
+    j.tied = !tsr_gguf_find_tensor(in, "output.weight");
     copy_keys(&j, in, pos[2]);
     int64_t n_tensors = tsr_gguf_n_tensors(in);
     order = malloc((size_t)(n_tensors > 0 ? n_tensors : 1) * sizeof *order);
@@ -445,8 +479,18 @@ int tsr_cli_synth(int argc, char **argv) {
     for (size_t s = 0; shape_name && s < sizeof shapes / sizeof shapes[0]; s++)
         if (!strcmp(shapes[s].name, shape_name)) sh = &shapes[s];
     if (!sh || !out) {
-        tsr_cli_error("synth: %s (see tessera synth --help)",
-                      !out ? "-o FILE is required" : "unknown or missing --shape");
+        char names[256] = "";
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", s ? ", " : "",
+                     shapes[s].name);
+        if (!shape_name)
+            tsr_cli_error("synth: --shape NAME is required; shapes: %s (see tessera synth --help)",
+                          names);
+        else if (!sh)
+            tsr_cli_error("synth: unknown shape '%s'; shapes: %s (see tessera synth --help)",
+                          shape_name, names);
+        else
+            tsr_cli_error("synth: -o FILE is required (see tessera synth --help)");
         free(o.sets);
         return TSR_EXIT_USAGE;
     }

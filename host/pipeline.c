@@ -44,6 +44,7 @@ struct tsr_pipeline {
 
     weight *weights; /* (n_layer, W_PER_LAYER) */
     weight output;
+    double n_weights, bits_sum, rmse_sum; /* over the prepared matrices, weighted by size */
 
     /* Activations in the backend's memory, sized for `cap` rows. */
     int64_t cap;
@@ -95,6 +96,14 @@ static tsr_status prepare_weight(tsr_pipeline *pl, tsr_instance *qi, const tsr_t
     w->t = out.dst;
     w->quantizer = qi;
     w->prepared = true;
+    double n = (double)src->ne[0] * (double)src->ne[1] * (double)src->ne[2] * (double)src->ne[3];
+    pl->n_weights += n;
+    pl->bits_sum += out.bits_per_weight * n;
+    pl->rmse_sum += out.rel_rmse * n;
+    tsr_log(TSR_LOG_DEBUG, qi->ref->desc->name, "%s: %s -> %s, %.3f bits per weight, relative "
+            "RMSE %.4g", src->name ? src->name : role, tsr_dtype_name(src->dtype),
+            out.dst.dtype < TSR_DTYPE_PLUGIN_FIRST ? tsr_dtype_name(out.dst.dtype) : "own format",
+            out.bits_per_weight, out.rel_rmse);
     w->quantizer_matmul = !pl->be->supports(pl->be_self, w->t.dtype);
     if (w->quantizer_matmul && !qv->matmul)
         return tsr_error_set(err, TSR_E_UNSUPPORTED,
@@ -652,6 +661,12 @@ tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_
 }
 
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl) { return &pl->times; }
+
+void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
+                                 double *rel_rmse) {
+    *bits_per_weight = pl->n_weights > 0 ? pl->bits_sum / pl->n_weights : 0;
+    *rel_rmse = pl->n_weights > 0 ? pl->rmse_sum / pl->n_weights : 0;
+}
 
 static uint64_t weight_bytes(const weight *w) {
     return (uint64_t)w->t.row_bytes * (uint64_t)(w->t.ne[1] * w->t.ne[2] * w->t.ne[3]);

@@ -58,6 +58,11 @@ tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_
 tsr_status tsr_pipeline_run_hooks(tsr_pipeline *pl, int32_t event, tsr_error *err);
 
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl);
+/* What the quantizers made of the weight matrices: bits per weight and relative RMSE, both
+ * averaged over all weights (each matrix weighted by its size). */
+void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
+                                 double *rel_rmse);
+
 /* Bytes of the prepared weights one token reads: every block matrix and the output head. */
 uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl);
 

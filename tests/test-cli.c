@@ -54,7 +54,7 @@ START_TEST(version_names_every_abi) {
 END_TEST
 
 static const char *const subcommands[] = {"run", "logits", "tokenize", "bench", "perplexity",
-                                          "validate", "plugins"};
+                                          "quantize", "synth", "validate", "plugins"};
 
 START_TEST(every_subcommand_has_help) {
     char *out, *err;

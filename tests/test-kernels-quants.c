@@ -426,7 +426,7 @@ END_TEST
  * on shapes that leave partial tiles and partial 8-block groups. */
 START_TEST(test_products_levels) {
     const int64_t shapes[][3] = {{256, 1, 1}, {512 + 256, 7, 5}, {2048 + 512, 13, 9},
-                                 {256 * 9, 4, 4}};
+                                 {256 * 9, 4, 4}, {256 * 3, 3, 70}};
     tsr_cpu_level best = tsr_cpu_level_best();
     for (int i = 0; i < N_TYPES; i++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {

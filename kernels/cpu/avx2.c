@@ -167,6 +167,94 @@ static void axpy_f16(float *y, float a, const uint16_t *x, int64_t n) {
     for (; i < n; i++) y[i] += a * tsr_fp16_to_fp32(x[i]);
 }
 
+/* tsr_expf on 8 lanes. 2^n is applied as 2^h * 2^(n-h) with h = n >> 1: both factors are
+ * normal for |n| <= 192, the first product is exact, so the second rounds once, as
+ * AVX-512's vscalefps does (that matters only for subnormal results). */
+static __m256 expf8(__m256 x) {
+    const __m256 shift = _mm256_set1_ps(TSR_EXP_SHIFT);
+    __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(TSR_EXP_LOG2E), shift), shift);
+    __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(TSR_EXP_LN2_LO),
+                                _mm256_fnmadd_ps(n, _mm256_set1_ps(TSR_EXP_LN2_HI), x));
+    __m256 u = _mm256_mul_ps(b, b);
+    __m256 p = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(TSR_EXP_C5), b,
+                                        _mm256_set1_ps(TSR_EXP_C4)),
+                        u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(TSR_EXP_C3), b,
+                                        _mm256_set1_ps(TSR_EXP_C2))),
+        u, _mm256_fmadd_ps(_mm256_set1_ps(TSR_EXP_C1), b, _mm256_set1_ps(1.0f)));
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i h = _mm256_srai_epi32(ni, 1), bias = _mm256_set1_epi32(127);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+    __m256 s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
+    __m256 r = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    __m256 absn = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), n);
+    __m256 big = _mm256_cmp_ps(absn, _mm256_set1_ps(TSR_EXP_LIMIT), _CMP_GT_OQ);
+    __m256 pos = _mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_GT_OQ);
+    return _mm256_blendv_ps(r, _mm256_and_ps(pos, _mm256_set1_ps(INFINITY)), big);
+}
+
+/* ggml's 16-value chunks as two halves: tsr_softmax_chunk_sum's order. */
+static float chunk_sum(__m256 lo, __m256 hi) {
+    __m256 a = _mm256_add_ps(lo, hi);
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+static void softmax_row(float *y, const float *x, int64_t n) {
+    float max = -INFINITY;
+    for (int64_t i = 0; i < n; i++) max = fmaxf(max, x[i]);
+    __m256 vmax = _mm256_set1_ps(max);
+    double sum = 0.0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 lo = expf8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax));
+        __m256 hi = expf8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vmax));
+        _mm256_storeu_ps(y + i, lo);
+        _mm256_storeu_ps(y + i + 8, hi);
+        sum += chunk_sum(lo, hi);
+    }
+    sum = tsr_softmax_tail(y, x, i, n, max, sum);
+    float inv = (float)(1.0 / sum);
+    __m256 vinv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(y + i), vinv));
+    for (; i < n; i++) y[i] *= inv;
+}
+
+static __m256 silu8(__m256 x) {
+    __m256 e = expf8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+/* Tails through zero-padded copies: the lanes are independent, so the bits are the same. */
+static void silu_row(float *y, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, silu8(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        float t[8] = {0};
+        memcpy(t, x + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(t, silu8(_mm256_loadu_ps(t)));
+        memcpy(y + i, t, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+static void swiglu_row(float *y, const float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)),
+                                              _mm256_loadu_ps(u + i)));
+    if (i < n) {
+        float tg[8] = {0}, tu[8] = {0};
+        memcpy(tg, g + i, (size_t)(n - i) * sizeof(float));
+        memcpy(tu, u + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(tg, _mm256_mul_ps(silu8(_mm256_loadu_ps(tg)), _mm256_loadu_ps(tu)));
+        memcpy(y + i, tg, (size_t)(n - i) * sizeof(float));
+    }
+}
+
 const tsr_cpu_ops tsr_cpu_ops_avx2 = {
     .level = TSR_CPU_LEVEL_AVX2,
     .tile_rows = TILE_ROWS,
@@ -178,6 +266,9 @@ const tsr_cpu_ops tsr_cpu_ops_avx2 = {
     .fp32_to_bf16_row = fp32_to_bf16_row,
     .q8_0_quantize_row = q8_0_quantize_row,
     .rms_norm_row = rms_norm_row,
+    .softmax_row = softmax_row,
+    .silu_row = silu_row,
+    .swiglu_row = swiglu_row,
     .dot_f32 = dot_f32,
     .dot_f16 = dot_f16,
     .axpy_f32 = axpy_f32,

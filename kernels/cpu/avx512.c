@@ -205,6 +205,75 @@ static void axpy_f16(float *y, float a, const uint16_t *x, int64_t n) {
     }
 }
 
+/* tsr_expf on 16 lanes: ggml's AVX-512 exp itself, vscalefps included. */
+static __m512 expf16(__m512 x) {
+    const __m512 shift = _mm512_set1_ps(TSR_EXP_SHIFT);
+    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(TSR_EXP_LOG2E), shift), shift);
+    __m512 b = _mm512_fnmadd_ps(n, _mm512_set1_ps(TSR_EXP_LN2_LO),
+                                _mm512_fnmadd_ps(n, _mm512_set1_ps(TSR_EXP_LN2_HI), x));
+    __m512 u = _mm512_mul_ps(b, b);
+    __m512 p = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(TSR_EXP_C5), b,
+                                        _mm512_set1_ps(TSR_EXP_C4)),
+                        u,
+                        _mm512_fmadd_ps(_mm512_set1_ps(TSR_EXP_C3), b,
+                                        _mm512_set1_ps(TSR_EXP_C2))),
+        u, _mm512_fmadd_ps(_mm512_set1_ps(TSR_EXP_C1), b, _mm512_set1_ps(1.0f)));
+    __m512 r = _mm512_scalef_ps(p, n);
+    __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(TSR_EXP_LIMIT),
+                                       _CMP_GT_OQ);
+    __mmask16 pos = _mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return _mm512_mask_blend_ps(big, r, _mm512_maskz_mov_ps(pos, _mm512_set1_ps(INFINITY)));
+}
+
+/* tsr_softmax_chunk_sum's order. */
+static float chunk_sum(__m512 v) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+static void softmax_row(float *y, const float *x, int64_t n) {
+    float max = -INFINITY;
+    for (int64_t i = 0; i < n; i++) max = fmaxf(max, x[i]);
+    double sum = 0.0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = expf16(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(max)));
+        _mm512_storeu_ps(y + i, e);
+        sum += chunk_sum(e);
+    }
+    sum = tsr_softmax_tail(y, x, i, n, max, sum);
+    float inv = (float)(1.0 / sum);
+    __m512 vinv = _mm512_set1_ps(inv);
+    for (i = 0; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), vinv));
+    for (; i < n; i++) y[i] *= inv;
+}
+
+static __m512 silu16(__m512 x) {
+    __m512 e = expf16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+/* Tails through masked lanes: the lanes are independent, so the bits are the same. */
+static void silu_row(float *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, silu16(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+static void swiglu_row(float *y, const float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = _mm512_mul_ps(silu16(_mm512_maskz_loadu_ps(m, g + i)),
+                                 _mm512_maskz_loadu_ps(m, u + i));
+        _mm512_mask_storeu_ps(y + i, m, v);
+    }
+}
+
 /* bf16 -> fp32 is a shift: the AVX2 version is already load-bound. */
 const tsr_cpu_ops tsr_cpu_ops_avx512 = {
     .level = TSR_CPU_LEVEL_AVX512,
@@ -216,6 +285,9 @@ const tsr_cpu_ops tsr_cpu_ops_avx512 = {
     .fp32_to_bf16_row = fp32_to_bf16_row,
     .q8_0_quantize_row = q8_0_quantize_row,
     .rms_norm_row = rms_norm_row,
+    .softmax_row = softmax_row,
+    .silu_row = silu_row,
+    .swiglu_row = swiglu_row,
     .dot_f32 = dot_f32,
     .dot_f16 = dot_f16,
     .axpy_f32 = axpy_f32,

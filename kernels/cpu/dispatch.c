@@ -30,6 +30,8 @@ static void fill_table(tsr_cpu_ops *dst, const tsr_cpu_ops *src, const tsr_cpu_o
     FILL(q8_0_quantize_row);
     FILL(rms_norm_row);
     FILL(softmax_row);
+    FILL(silu_row);
+    FILL(swiglu_row);
     FILL(dot_f32);
     FILL(dot_f16);
     FILL(axpy_f32);
@@ -270,6 +272,14 @@ void tsr_softmax(float *y, const float *x, int64_t n_rows, int64_t n, int ith, i
     int64_t i0, i1;
     tsr_thread_slice(&i0, &i1, n_rows, 1, ith, nth);
     for (int64_t i = i0; i < i1; i++) o->softmax_row(y + i * n, x + i * n, n);
+}
+
+void tsr_silu(float *y, const float *x, int64_t n) {
+    ops()->silu_row(y, x, n);
+}
+
+void tsr_swiglu(float *y, const float *g, const float *u, int64_t n) {
+    ops()->swiglu_row(y, g, u, n);
 }
 
 float tsr_dot_f32(const float *x, const float *y, int64_t n) {

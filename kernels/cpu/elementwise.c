@@ -1,5 +1,5 @@
-/* Kernels with only the scalar version: RoPE and the elementwise ops. They are cheap next to
- * the products, and gcc vectorises the simple loops on its own. */
+/* Kernels with only the scalar version: RoPE and the simple elementwise ops. They are cheap
+ * next to the products, and gcc vectorises the simple loops on its own. */
 #include "internal.h"
 
 #include <math.h>
@@ -63,14 +63,6 @@ void tsr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64
             theta *= theta_scale;
         }
     }
-}
-
-void tsr_silu(float *y, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
-}
-
-void tsr_swiglu(float *y, const float *g, const float *u, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 void tsr_add(float *y, const float *a, const float *b, int64_t n) {

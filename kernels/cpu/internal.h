@@ -29,6 +29,8 @@ typedef struct tsr_cpu_ops {
     void (*q8_0_quantize_row)(tsr_block_q8_0 *y, const float *x, int64_t n);
     void (*rms_norm_row)(float *y, const float *x, const float *w, int64_t n, float eps);
     void (*softmax_row)(float *y, const float *x, int64_t n);
+    void (*silu_row)(float *y, const float *x, int64_t n);
+    void (*swiglu_row)(float *y, const float *g, const float *u, int64_t n);
     float (*dot_f32)(const float *x, const float *y, int64_t n);
     float (*dot_f16)(const uint16_t *x, const uint16_t *y, int64_t n);
     void (*axpy_f32)(float *y, float a, const float *x, int64_t n);
@@ -54,5 +56,32 @@ static inline int32_t tsr_q8_block_idot(const int8_t *a, const int8_t *b) {
     for (int i = 0; i < TSR_Q8_0_BLOCK; i++) s += (int32_t)a[i] * (int32_t)b[i];
     return s;
 }
+
+/* tsr_expf's constants (ggml's ggml_v_expf, AVX-512 form): n = rne(x * log2 e) by the
+ * 1.5 * 2^23 shift, b = x - n * ln 2 in two parts, e^b by a degree-5 polynomial, 2^n by
+ * scaling; |n| > 192 gives 0 or infinity. */
+#define TSR_EXP_SHIFT 0x1.8p23f
+#define TSR_EXP_LOG2E 0x1.715476p+0f
+#define TSR_EXP_LN2_HI 0x1.62e4p-1f
+#define TSR_EXP_LN2_LO 0x1.7f7d1cp-20f
+#define TSR_EXP_C1 0x1.ffffecp-1f
+#define TSR_EXP_C2 0x1.fffdb6p-2f
+#define TSR_EXP_C3 0x1.555e66p-3f
+#define TSR_EXP_C4 0x1.573e2ep-5f
+#define TSR_EXP_C5 0x1.0e4020p-7f
+#define TSR_EXP_LIMIT 192.0f
+
+/* Softmax rows follow ggml's soft_max: the vector exp on whole chunks of TSR_SOFTMAX_CHUNK
+ * values, each chunk's sum taken in f32 in tsr_softmax_chunk_sum's order then added to a
+ * double; the C library's expf on the rest (ggml's scalar tail). */
+#define TSR_SOFTMAX_CHUNK 16
+static inline float tsr_softmax_chunk_sum(const float v[TSR_SOFTMAX_CHUNK]) {
+    float a[8];
+    for (int i = 0; i < 8; i++) a[i] = v[i] + v[i + 8];
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+/* The tail of a softmax row from index i: libm's expf, as ggml; returns the updated sum. */
+double tsr_softmax_tail(float *y, const float *x, int64_t i, int64_t n, float max, double sum);
 
 #endif

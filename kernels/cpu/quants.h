@@ -22,9 +22,17 @@ enum {
 /* Tiles of the quantized products are at most this many rows by tokens, at every level. */
 #define TSR_QM_TILE 4
 
+/* A whole thread slice: y[t * ldy + r] for the n_rows rows of w and the n_tok prepared rows
+ * of x, with the values of the tiles bit for bit. Returns 0, or -1 when it could not get its
+ * scratch memory (the caller then runs the tiles). */
+typedef int (*tsr_quant_mm_fn)(float *y, int64_t ldy, const void *w, size_t w_stride,
+                               const void *x, size_t x_stride, int64_t n_in, int64_t n_rows,
+                               int64_t n_tok);
+
 /* One ISA's quantized kernels; NULL entries fall back to the level below. */
 typedef struct tsr_quant_ops {
     tsr_mm_tile_fn tile[TSR_QM_COUNT];
+    tsr_quant_mm_fn mm[TSR_QM_COUNT]; /* optional: faster than looping the tiles */
     void (*q8_1_quantize_row)(tsr_block_q8_1 *y, const float *x, int64_t n);
     void (*q8_k_quantize_row)(tsr_block_q8_k *y, const float *x, int64_t n);
 } tsr_quant_ops;

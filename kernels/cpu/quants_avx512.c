@@ -1,6 +1,382 @@
-/* Quantized products with AVX-512 VNNI at 256 bits: vpdpbusd sums four u8 x s8 products per
- * lane in 32 bits, without vpmaddubsw's 16-bit saturation. */
+/* Quantized products with AVX-512 VNNI. The tiles are quants_x86.h's with 256-bit vpdpbusd
+ * (four u8 x s8 products per lane summed in 32 bits, without vpmaddubsw's saturation); Q4_0,
+ * Q8_0, Q4_K and Q6_K also have whole-slice kernels at 512 bits, which are what decode and
+ * prefill run:
+ *
+ * - Q4_0, Q8_0: sixteen blocks at a time, transposed so that lane j of every vector belongs to
+ *   block j. vpdpbusd then leaves each block's integer dot in its own lane with no horizontal
+ *   sum, and the scales, the f32 products and the lane adds of quants.h run sixteen blocks per
+ *   instruction. The activations are transposed once per call (a few KiB a token), the weights
+ *   as they are loaded. Weights are made unsigned (Q4_0 nibbles as stored, Q8_0 + 128) and the
+ *   offset is taken back with the activation block sums.
+ * - Q4_K, Q6_K: a super-block in four vectors of 64 quants; vpmaddubsw pairs, vpdpwssd by the
+ *   group scales, and the horizontal sums of eight super-blocks done together.
+ *
+ * Integer parts are exact whatever the order; the f32 parts are those of quants.h in the same
+ * order, so the values are the scalar reference's bit for bit. */
 #define TSR_QX_DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #include "quants_x86.h"
 
-const tsr_quant_ops tsr_quant_ops_avx512 = QX_OPS;
+#include <stdlib.h>
+
+/* ---------------------------------------------------------------------------------------- */
+/* Q4_0, Q8_0                                                                                */
+
+#define QA_G 16 /* blocks per group: one per lane */
+
+/* Sixteen activation blocks of one token, transposed: q[k] holds dword k (quants 4k..4k+3)
+ * of block j at bytes 4j..4j+3; d the scales as f32, s the sums of the quants. */
+typedef struct qa_xgroup {
+    int8_t q[8][64];
+    float d[QA_G];
+    int32_t s[QA_G];
+} qa_xgroup;
+
+/* Tokens [0, n_tok) of x, groups [0, ng): xg[g * n_tok + t]. */
+static void qa_pack_x(qa_xgroup *xg, const void *x, size_t x_stride, int64_t ng,
+                      int64_t n_tok) {
+    for (int64_t t = 0; t < n_tok; t++) {
+        const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)((const char *)x + t * x_stride);
+        for (int64_t g = 0; g < ng; g++) {
+            qa_xgroup *o = &xg[g * n_tok + t];
+            for (int j = 0; j < QA_G; j++) {
+                const tsr_block_q8_0 *b = &xb[g * QA_G + j];
+                o->d[j] = _cvtsh_ss(b->d);
+                __m256i q = _mm256_loadu_si256((const __m256i *)b->q);
+                __m256i s = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s),
+                                           _mm256_extracti128_si256(s, 1));
+                s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+                o->s[j] = _mm_cvtsi128_si32(s4);
+                for (int k = 0; k < 8; k++) memcpy(&o->q[k][4 * j], b->q + 4 * k, 4);
+            }
+        }
+    }
+}
+
+/* Four vectors whose 128-bit lane i holds 16 bytes of block 4i + g (g = 0..3) -> four
+ * vectors t[m] whose lane p = 4i + g holds dword m of those 16 bytes: blocks in order. */
+TSR_INLINE void qa_transpose4(__m512i t[4], const __m512i q[4]) {
+    __m512i a = _mm512_unpacklo_epi32(q[0], q[1]), b = _mm512_unpackhi_epi32(q[0], q[1]);
+    __m512i c = _mm512_unpacklo_epi32(q[2], q[3]), d = _mm512_unpackhi_epi32(q[2], q[3]);
+    t[0] = _mm512_unpacklo_epi64(a, c);
+    t[1] = _mm512_unpackhi_epi64(a, c);
+    t[2] = _mm512_unpacklo_epi64(b, d);
+    t[3] = _mm512_unpackhi_epi64(b, d);
+}
+
+/* 16 bytes at p + off of blocks g, g + 4, g + 8, g + 12 (stride bytes apart). */
+TSR_INLINE __m512i qa_load4(const char *p, size_t stride, int g, size_t off) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + g * stride + off)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (g + 4) * stride + off)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (g + 8) * stride + off)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (g + 12) * stride + off)),
+                              3);
+}
+
+/* Sixteen weight blocks from p as unsigned transposed quants w[8] and their scales. */
+TSR_INLINE __m512 qa_load_w(int qm, const char *p, __m512i w[8]) {
+    const size_t stride = qm == TSR_QM_Q4_0 ? sizeof(tsr_block_q4_0) : sizeof(tsr_block_q8_0);
+    __m512i q[4], t[4];
+    if (qm == TSR_QM_Q4_0) {
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        for (int g = 0; g < 4; g++) q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q4_0, qs));
+        qa_transpose4(t, q);
+        for (int m = 0; m < 4; m++) {
+            w[m] = _mm512_and_si512(t[m], m4);
+            w[4 + m] = _mm512_and_si512(_mm512_srli_epi16(t[m], 4), m4);
+        }
+    } else {
+        const __m512i bias = _mm512_set1_epi8((char)0x80);
+        for (int h = 0; h < 2; h++) {
+            for (int g = 0; g < 4; g++)
+                q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q8_0, q) + 16 * h);
+            qa_transpose4(t, q);
+            for (int m = 0; m < 4; m++) w[4 * h + m] = _mm512_xor_si512(t[m], bias);
+        }
+    }
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)stride));
+    __m512i h = _mm512_i32gather_epi32(idx, p, 1); /* d is at offset 0 of both block types */
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+}
+
+/* Lane b % 8 of acc += value of block b, for the sixteen blocks of one token. */
+TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_xgroup *x,
+                           int shift) {
+    __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(x->q[0]));
+    __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_load_si512(x->q[4]));
+    for (int k = 1; k < 4; k++) {
+        a0 = _mm512_dpbusd_epi32(a0, w[k], _mm512_load_si512(x->q[k]));
+        a1 = _mm512_dpbusd_epi32(a1, w[4 + k], _mm512_load_si512(x->q[4 + k]));
+    }
+    __m512i is = _mm512_sub_epi32(_mm512_add_epi32(a0, a1),
+                                  _mm512_slli_epi32(_mm512_load_si512(x->s), shift));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_load_ps(x->d)));
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(v));
+    return _mm256_add_ps(acc, _mm512_extractf32x8_ps(v, 1));
+}
+
+/* Tokens pass in chunks whose transposed activations stay in L2 while the rows go by. */
+#define QA_CHUNK_BYTES (512 * 1024)
+#define QA_TOK_MAX 64
+
+static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                 size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    const int64_t nb = n_in / TSR_QK, ng = nb / QA_G;
+    const int shift = qm == TSR_QM_Q4_0 ? 3 : 7; /* the offsets: 8 and 128 */
+    int64_t tc = ng ? QA_CHUNK_BYTES / (ng * (int64_t)sizeof(qa_xgroup)) : QA_TOK_MAX;
+    tc = tc < 1 ? 1 : tc > QA_TOK_MAX ? QA_TOK_MAX : tc;
+    tc = tc < n_tok ? tc : n_tok;
+    qa_xgroup *xg = NULL;
+    if (ng) {
+        xg = aligned_alloc(64, (size_t)(ng * tc) * sizeof *xg);
+        if (!xg) return -1;
+    }
+    const size_t bytes = tsr_qm_block_bytes(qm);
+    __m256 lanes[QA_TOK_MAX];
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tc) {
+        const int64_t nt = n_tok - t0 < tc ? n_tok - t0 : tc;
+        const char *xt = (const char *)x + t0 * x_stride;
+        qa_pack_x(xg, xt, x_stride, ng, nt);
+        for (int64_t r = 0; r < n_rows; r++) {
+            const char *wr = (const char *)w + r * w_stride;
+            for (int64_t t = 0; t < nt; t++) lanes[t] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                __m512i wq[8];
+                __m512 dw = qa_load_w(qm, wr + g * QA_G * bytes, wq);
+                for (int64_t t = 0; t < nt; t++)
+                    lanes[t] = qa_group(lanes[t], wq, dw, &xg[g * nt + t], shift);
+            }
+            for (int64_t t = 0; t < nt; t++) {
+                float l[8];
+                _mm256_storeu_ps(l, lanes[t]);
+                const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)(xt + t * x_stride);
+                for (int64_t b = ng * QA_G; b < nb; b++) {
+                    uint16_t d, m;
+                    int8_t q[TSR_QK];
+                    _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, b, &d, &m));
+                    l[b % 8] += tsr_q_legacy_value(tsr_q8_block_idot(q, xb[b].q),
+                                                   tsr_fp16_to_fp32(d),
+                                                   tsr_fp16_to_fp32(xb[b].d));
+                }
+                y[(t0 + t) * ldy + r] = tsr_q8_lanes_sum(l);
+            }
+        }
+    }
+    free(xg);
+    return 0;
+}
+
+static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                      size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    return qa_mm(TSR_QM_Q4_0, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
+}
+
+static int qa_mm_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                      size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    return qa_mm(TSR_QM_Q8_0, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Q4_K, Q6_K                                                                                */
+
+/* A super-block in registers: u[i] the unsigned quants 64 i .. 64 i + 63 (in the activations'
+ * order), sc[i] the scale of each of their 32 pairs, ms the 16-bit weights of the 16 bsums
+ * (Q4_K: the mins, for msum; Q6_K: the scales, for the -32 offset). */
+typedef struct qb_sb {
+    __m512i u[4], sc[4];
+    __m256i ms;
+    float d, dmin;
+} qb_sb;
+
+/* Words 0-15 of the result: word a of v; words 16-31: word b. */
+TSR_INLINE __m512i qb_spread2(__m512i v, int a, int b) {
+    return _mm512_permutexvar_epi16(
+        _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1), v);
+}
+
+TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, qb_sb *k) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    for (int i = 0; i < 4; i++) { /* low nibbles: group 2i, high: group 2i + 1 */
+        __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p->qs + 32 * i)));
+        k->u[i] = _mm512_and_si512(_mm512_srlv_epi16(q, sh), m4);
+    }
+    /* the eight 6-bit scales and mins (tsr_qk_scale_min), four bytes at a time */
+    uint32_t s0, s1, s2;
+    memcpy(&s0, p->scales, 4);
+    memcpy(&s1, p->scales + 4, 4);
+    memcpy(&s2, p->scales + 8, 4);
+    const uint32_t m6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, hi2 = 0x03030303u;
+    uint64_t sc = (uint64_t)(s0 & m6) |
+                  (uint64_t)((s2 & lo4) | (((s0 >> 6) & hi2) << 4)) << 32;
+    uint64_t mn = (uint64_t)(s1 & m6) |
+                  (uint64_t)(((s2 >> 4) & lo4) | (((s1 >> 6) & hi2) << 4)) << 32;
+    __m512i scw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)sc)));
+    for (int i = 0; i < 4; i++) k->sc[i] = qb_spread2(scw, 2 * i, 2 * i + 1);
+    __m128i mw = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)mn));
+    k->ms = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi16(mw, mw)),
+                                    _mm_unpackhi_epi16(mw, mw), 1);
+    k->d = _cvtsh_ss(p->d);
+    k->dmin = _cvtsh_ss(p->dmin);
+}
+
+TSR_INLINE void qb_load_q6_k(const tsr_block_q6_k *p, qb_sb *k) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        __m512i l = _mm512_loadu_si512(p->ql + 64 * h);
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p->qh + 32 * h)));
+        for (int s = 0; s < 2; s++) { /* quants 128 h + 64 s ..: qh bits 4s, 4s + 2 */
+            __m512i sh = _mm512_inserti64x4(_mm512_set1_epi16((short)(4 * s)),
+                                            _mm256_set1_epi16((short)(4 * s + 2)), 1);
+            __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, sh), m3);
+            __m512i lo = _mm512_and_si512(s ? _mm512_srli_epi16(l, 4) : l, m4);
+            k->u[2 * h + s] = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+        }
+    }
+    __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p->scales));
+    __m512i sz = _mm512_castsi256_si512(scw);
+    for (int i = 0; i < 4; i++) /* vector i: groups 4i .. 4i + 3, eight pairs each */
+        k->sc[i] = _mm512_permutexvar_epi16(
+            _mm512_setr_epi32((4 * i) * 0x10001, (4 * i) * 0x10001,
+                              (4 * i) * 0x10001, (4 * i) * 0x10001, (4 * i + 1) * 0x10001,
+                              (4 * i + 1) * 0x10001, (4 * i + 1) * 0x10001,
+                              (4 * i + 1) * 0x10001, (4 * i + 2) * 0x10001,
+                              (4 * i + 2) * 0x10001, (4 * i + 2) * 0x10001,
+                              (4 * i + 2) * 0x10001, (4 * i + 3) * 0x10001,
+                              (4 * i + 3) * 0x10001, (4 * i + 3) * 0x10001,
+                              (4 * i + 3) * 0x10001),
+            sz);
+    k->ms = scw;
+    k->d = _cvtsh_ss(p->d);
+    k->dmin = 0.0f;
+}
+
+/* The scaled integer dot of a super-block with one Q8_K block, as 16 partial sums. */
+TSR_INLINE __m512i qb_dot(const qb_sb *k, const tsr_block_q8_k *x) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < 4; i++)
+        acc = _mm512_dpwssd_epi32(
+            acc, _mm512_maddubs_epi16(k->u[i], _mm512_loadu_si512(x->qs + 64 * i)), k->sc[i]);
+    return acc;
+}
+
+/* Partial sums of up to 8 super-blocks, laid out as [a (256 bits) | b (256 bits)] in c[4]
+ * (a = 2i, b = 2i + 1) -> their 8 totals in order. */
+TSR_INLINE __m256i qb_hsum_pairs(const __m512i c[4]) {
+    __m512i e0 = _mm512_add_epi32(_mm512_shuffle_i64x2(c[0], c[1], 0x88),
+                                  _mm512_shuffle_i64x2(c[0], c[1], 0xdd));
+    __m512i e1 = _mm512_add_epi32(_mm512_shuffle_i64x2(c[2], c[3], 0x88),
+                                  _mm512_shuffle_i64x2(c[2], c[3], 0xdd));
+    /* lane i of e0: super-block i, of e1: super-block 4 + i */
+    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi32(e0, e1), _mm512_unpackhi_epi32(e0, e1));
+    u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, _MM_PERM_BADC));
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), u));
+}
+
+TSR_INLINE __m256i qb_hsum8(const __m512i a[8]) {
+    __m512i c[4];
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0x44),
+                                _mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0xee));
+    return qb_hsum_pairs(c);
+}
+
+#define QB_TOK 16 /* tokens whose partial sums wait for the horizontal sums */
+
+static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                 size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    const int64_t nsb = n_in / TSR_QK_K;
+    const size_t bytes = tsr_qm_block_bytes(qm);
+    __m512i acc[QB_TOK][8];
+    __m256i ms[QB_TOK][8];
+    __m256 lanes[QB_TOK];
+    for (int64_t r = 0; r < n_rows; r++) {
+        const char *wr = (const char *)w + r * w_stride;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += QB_TOK) {
+            const int nt = (int)(n_tok - t0 < QB_TOK ? n_tok - t0 : QB_TOK);
+            const char *xt = (const char *)x + t0 * x_stride;
+            for (int t = 0; t < nt; t++) lanes[t] = _mm256_setzero_ps();
+            for (int64_t s0 = 0; s0 < nsb; s0 += 8) {
+                const int n = (int)(nsb - s0 < 8 ? nsb - s0 : 8);
+                float dw[8] = {0}, dm[8] = {0};
+                for (int s = 0; s < 8; s++) {
+                    if (s >= n) {
+                        for (int t = 0; t < nt; t++) {
+                            acc[t][s] = _mm512_setzero_si512();
+                            ms[t][s] = _mm256_setzero_si256();
+                        }
+                        continue;
+                    }
+                    qb_sb k;
+                    const void *wb = wr + (s0 + s) * bytes;
+                    if (qm == TSR_QM_Q4_K)
+                        qb_load_q4_k(wb, &k);
+                    else
+                        qb_load_q6_k(wb, &k);
+                    dw[s] = k.d;
+                    dm[s] = k.dmin;
+                    for (int t = 0; t < nt; t++) {
+                        const tsr_block_q8_k *xb =
+                            (const tsr_block_q8_k *)(xt + t * x_stride) + s0 + s;
+                        acc[t][s] = qb_dot(&k, xb);
+                        ms[t][s] = _mm256_madd_epi16(
+                            k.ms, _mm256_loadu_si256((const __m256i *)xb->bsums));
+                    }
+                }
+                const __m256 vdw = _mm256_loadu_ps(dw), vdm = _mm256_loadu_ps(dm);
+                const __mmask8 valid = (__mmask8)((1u << n) - 1);
+                for (int t = 0; t < nt; t++) {
+                    const tsr_block_q8_k *xb = (const tsr_block_q8_k *)(xt + t * x_stride) + s0;
+                    float dx[8] = {0};
+                    for (int s = 0; s < n; s++) dx[s] = xb[s].d;
+                    __m512i c[4];
+                    for (int i = 0; i < 4; i++)
+                        c[i] = _mm512_inserti64x4(_mm512_castsi256_si512(ms[t][2 * i]),
+                                                  ms[t][2 * i + 1], 1);
+                    __m256i is = qb_hsum8(acc[t]), m = qb_hsum_pairs(c);
+                    if (qm == TSR_QM_Q6_K) { /* isum - 32 * sum of scale * bsum; no msum */
+                        is = _mm256_sub_epi32(is, _mm256_slli_epi32(m, 5));
+                        m = _mm256_setzero_si256();
+                    }
+                    __m256 vdx = _mm256_loadu_ps(dx);
+                    __m256 v = _mm256_sub_ps(
+                        _mm256_mul_ps(_mm256_mul_ps(vdx, vdw), _mm256_cvtepi32_ps(is)),
+                        _mm256_mul_ps(_mm256_mul_ps(vdx, vdm), _mm256_cvtepi32_ps(m)));
+                    lanes[t] = _mm256_mask_add_ps(lanes[t], valid, lanes[t], v);
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                float l[8];
+                _mm256_storeu_ps(l, lanes[t]);
+                y[(t0 + t) * ldy + r] = tsr_q8_lanes_sum(l);
+            }
+        }
+    }
+    return 0;
+}
+
+static int qb_mm_q4_k(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                      size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    return qb_mm(TSR_QM_Q4_K, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
+}
+
+static int qb_mm_q6_k(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                      size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    return qb_mm(TSR_QM_Q6_K, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+const tsr_quant_ops tsr_quant_ops_avx512 = {
+    .tile = {qx_tile_q4_0, qx_tile_q4_1, qx_tile_q5_0, qx_tile_q5_1, qx_tile_q8_0,
+             qx_tile_iq4_nl, qx_tile_q2_k, qx_tile_q3_k, qx_tile_q4_k, qx_tile_q5_k,
+             qx_tile_q6_k, qx_tile_iq4_xs},
+    .mm = {[TSR_QM_Q4_0] = qa_mm_q4_0, [TSR_QM_Q8_0] = qa_mm_q8_0, [TSR_QM_Q4_K] = qb_mm_q4_k,
+           [TSR_QM_Q6_K] = qb_mm_q6_k},
+};

@@ -262,8 +262,10 @@ static pthread_once_t g_qonce = PTHREAD_ONCE_INIT;
 #if defined(TSR_KERNELS_X86)
 static void fill(tsr_quant_ops *dst, const tsr_quant_ops *src, const tsr_quant_ops *below) {
     *dst = *src;
-    for (int i = 0; i < TSR_QM_COUNT; i++)
+    for (int i = 0; i < TSR_QM_COUNT; i++) {
         if (!dst->tile[i]) dst->tile[i] = below->tile[i];
+        if (!dst->mm[i]) dst->mm[i] = below->mm[i];
+    }
     if (!dst->q8_1_quantize_row) dst->q8_1_quantize_row = below->q8_1_quantize_row;
     if (!dst->q8_k_quantize_row) dst->q8_k_quantize_row = below->q8_k_quantize_row;
 }
@@ -342,11 +344,17 @@ tsr_status tsr_quant_matmul(float *y, int64_t ldy, const void *w, int32_t wtype,
     tsr_status st = check(wtype, n_in);
     if (st) return st;
     if (ldy < n_out) return TSR_E_INVALID;
-    tsr_mm_tile_fn tile = qops()->tile[tsr_quant_mm_index(wtype)];
+    const tsr_quant_ops *o = qops();
+    int qm = tsr_quant_mm_index(wtype);
+    tsr_mm_tile_fn tile = o->tile[qm];
     size_t w_stride = tsr_row_size(wtype, n_in);
     size_t x_stride = tsr_row_size(tsr_quant_act_type(wtype), n_in);
     int64_t r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
+    if (r0 < r1 && n_tok > 0 && o->mm[qm] &&
+        o->mm[qm](y + r0, ldy, (const char *)w + r0 * w_stride, w_stride, xp, x_stride, n_in,
+                  r1 - r0, n_tok) == 0)
+        return TSR_OK;
     for (int64_t r = r0; r < r1; r += TSR_QM_TILE) {
         int n_r = (int)(r1 - r < TSR_QM_TILE ? r1 - r : TSR_QM_TILE);
         for (int64_t t = 0; t < n_tok; t += TSR_QM_TILE) {

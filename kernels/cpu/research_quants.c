@@ -418,3 +418,74 @@ tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float 
     host->free(host->ctx, buf);
     return TSR_OK;
 }
+
+/* ---- the quantizer plugin glue --------------------------------------------------------- */
+
+tsr_status tsr_rq_check_group(const tsr_host *host, int64_t group, int64_t multiple) {
+    if (group % multiple == 0) return TSR_OK;
+    host->set_error(host->ctx, "group: %lld is not a multiple of %lld", (long long)group,
+                    (long long)multiple);
+    return TSR_E_INVALID;
+}
+
+tsr_status tsr_rq_quantizer_create(const tsr_host *host, const tsr_rq_codec *codec,
+                                   const void *cfg, size_t cfg_bytes, void **out) {
+    /* One block: the instance, then its copy of the configuration. */
+    size_t cfg_off = (size_t)align_up(sizeof(tsr_rq_quantizer));
+    tsr_rq_quantizer *q = alloc_or_fail(host, cfg_off + cfg_bytes, codec->name);
+    if (!q) return TSR_E_NOMEM;
+    memcpy((uint8_t *)q + cfg_off, cfg, cfg_bytes);
+    *q = (tsr_rq_quantizer){.host = host, .codec = codec, .cfg = (uint8_t *)q + cfg_off,
+                            .cfg_bytes = cfg_bytes};
+    *out = q;
+    return TSR_OK;
+}
+
+void tsr_rq_quantizer_destroy(void *self) {
+    tsr_rq_quantizer *q = self;
+    q->host->free(q->host->ctx, q);
+}
+
+tsr_status tsr_rq_quantizer_quantize(tsr_rq_quantizer *q, const tsr_weight_in *in,
+                                     tsr_weight_out *out, tsr_rq_report *report) {
+    tsr_status st = tsr_rq_quantize(q->host, q->codec, q->cfg, q->cfg_bytes, &in->src,
+                                    &out->dst, report);
+    if (st < 0) return st;
+    out->bits_per_weight = report->bits_per_weight;
+    out->rel_rmse = report->rel_rmse;
+    out->owns_data = 1;
+    q->tensors++;
+    q->weights += (uint64_t)in->src.ne[0] * (uint64_t)in->src.ne[1];
+    q->tail_bytes += report->tail_bytes;
+    return TSR_OK;
+}
+
+tsr_status tsr_rq_quantizer_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
+    tsr_rq_quantizer *q = self;
+    tsr_rq_report rep;
+    tsr_status st = tsr_rq_quantizer_quantize(q, in, out, &rep);
+    if (st < 0) return st;
+    char what[128];
+    q->codec->describe(q->cfg, what, sizeof what);
+    q->host->log(q->host->ctx, TSR_LOG_INFO, "%s (layer %d, %s): %s: %.3f bits/weight, "
+                 "rel_rmse %.5f", in->src.name ? in->src.name : "?", (int)in->layer,
+                 in->role ? in->role : "?", what, rep.bits_per_weight, rep.rel_rmse);
+    return TSR_OK;
+}
+
+void tsr_rq_quantizer_release(void *self, tsr_tensor *w) {
+    tsr_rq_quantizer *q = self;
+    tsr_rq_release(q->host, w);
+}
+
+tsr_status tsr_rq_quantizer_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                                   int64_t n) {
+    tsr_rq_quantizer *q = self;
+    return tsr_rq_matmul(q->host, q->codec, y, w, x, n);
+}
+
+tsr_status tsr_rq_quantizer_dequantize_rows(void *self, float *y, const tsr_tensor *w,
+                                            int64_t row0, int64_t n_rows) {
+    tsr_rq_quantizer *q = self;
+    return tsr_rq_dequantize_rows(q->host, q->codec, y, w, row0, n_rows);
+}

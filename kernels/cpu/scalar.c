@@ -139,16 +139,52 @@ static void rms_norm_row(float *y, const float *x, const float *w, int64_t n, fl
     for (int64_t i = 0; i < n; i++) y[i] = w ? x[i] * scale * w[i] : x[i] * scale;
 }
 
+/* ggml's vector exp emulated one value at a time: each fmaf is one of its fused steps and
+ * ldexpf rounds once, as vscalefps does, so the SIMD paths give these bits. */
+float tsr_expf(float x) {
+    float n = fmaf(x, TSR_EXP_LOG2E, TSR_EXP_SHIFT) - TSR_EXP_SHIFT;
+    float b = fmaf(-n, TSR_EXP_LN2_LO, fmaf(-n, TSR_EXP_LN2_HI, x));
+    float u = b * b;
+    float j = fmaf(fmaf(fmaf(TSR_EXP_C5, b, TSR_EXP_C4), u, fmaf(TSR_EXP_C3, b, TSR_EXP_C2)), u,
+                   fmaf(TSR_EXP_C1, b, 1.0f));
+    if (isnan(n)) return j;
+    if (fabsf(n) > TSR_EXP_LIMIT) return n > 0.0f ? INFINITY : 0.0f;
+    return ldexpf(j, (int)n);
+}
+
+double tsr_softmax_tail(float *y, const float *x, int64_t i, int64_t n, float max, double sum) {
+    for (; i < n; i++) {
+        y[i] = expf(x[i] - max);
+        sum += y[i];
+    }
+    return sum;
+}
+
 static void softmax_row(float *y, const float *x, int64_t n) {
     float max = -INFINITY;
     for (int64_t i = 0; i < n; i++) max = fmaxf(max, x[i]);
     double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        y[i] = expf(x[i] - max);
-        sum += y[i];
+    int64_t i = 0;
+    for (; i + TSR_SOFTMAX_CHUNK <= n; i += TSR_SOFTMAX_CHUNK) {
+        for (int k = 0; k < TSR_SOFTMAX_CHUNK; k++) y[i + k] = tsr_expf(x[i + k] - max);
+        sum += tsr_softmax_chunk_sum(y + i);
     }
+    sum = tsr_softmax_tail(y, x, i, n, max, sum);
     float inv = (float)(1.0 / sum);
-    for (int64_t i = 0; i < n; i++) y[i] *= inv;
+    for (i = 0; i < n; i++) y[i] *= inv;
+}
+
+/* 0 - x rather than -x, as ggml: exp(+0) and exp(-0) agree anyway, the form is kept exact. */
+static float silu(float x) {
+    return x / (1.0f + tsr_expf(0.0f - x));
+}
+
+static void silu_row(float *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = silu(x[i]);
+}
+
+static void swiglu_row(float *y, const float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = silu(g[i]) * u[i];
 }
 
 static void axpy_f32(float *y, float a, const float *x, int64_t n) {
@@ -171,6 +207,8 @@ const tsr_cpu_ops tsr_cpu_ops_scalar = {
     .q8_0_quantize_row = q8_0_quantize_row,
     .rms_norm_row = rms_norm_row,
     .softmax_row = softmax_row,
+    .silu_row = silu_row,
+    .swiglu_row = swiglu_row,
     .dot_f32 = dot_f32_ref,
     .dot_f16 = dot_f16_ref,
     .axpy_f32 = axpy_f32,

@@ -118,24 +118,33 @@ static bool use_more_bits(int32_t layer, int32_t n_layer) {
     return layer < n_layer / 8 || layer >= 7 * n_layer / 8 || (layer - n_layer / 8) % 3 == 2;
 }
 
-/* The type `role` of `layer` gets under the recipe, before the row-length fallback. */
-static int32_t recipe_type(const gguf_quantizer *q, const char *role, int32_t layer) {
+/* The type `role` of `layer` gets under the recipe (llama.cpp's llama_tensor_get_type), before
+ * the row-length fallback. */
+static int32_t recipe_type(const gguf_quantizer *q, const tsr_tensor *src, const char *role,
+                           int32_t layer) {
     recipe r = q->recipe;
-    int32_t base = recipe_base[r];
+    int32_t base = recipe_base[r], n = q->n_layer;
     bool k_mix = r >= Q2_K && r <= IQ4_XS;
     bool low_bits = r >= Q4_0; /* everything below 8 bits */
     if (!strcmp(role, "output")) return low_bits ? TSR_DTYPE_Q6_K : base;
     if (!k_mix || layer < 0) return base;
     if (!strcmp(role, "attn_v")) {
-        if (r == Q2_K) return TSR_DTYPE_Q3_K;
+        /* Four or more query heads per KV head: attn_v is (n_kv_head * head_dim) rows of n_embd,
+         * at most a quarter of attn_q's n_head * head_dim = n_embd rows. */
+        bool gqa4 = src->ne[1] > 0 && src->ne[0] >= 4 * src->ne[1];
+        if (r == Q2_K) return gqa4 ? TSR_DTYPE_Q4_K : TSR_DTYPE_Q3_K;
         if (r == Q3_K_M) return layer < 2 ? TSR_DTYPE_Q5_K : TSR_DTYPE_Q4_K;
-        if (r == Q4_K_S) return layer < q->n_layer / 8 ? TSR_DTYPE_Q5_K : base;
-        if ((r == Q4_K_M || r == Q5_K_M) && use_more_bits(layer, q->n_layer)) return TSR_DTYPE_Q6_K;
-    } else if (!strcmp(role, "ffn_down")) {
-        if (r == Q3_K_M) return layer < q->n_layer / 16 ? TSR_DTYPE_Q5_K : TSR_DTYPE_Q4_K;
-        if ((r == Q4_K_M || r == Q5_K_M) && use_more_bits(layer, q->n_layer)) return TSR_DTYPE_Q6_K;
-    } else if (!strcmp(role, "attn_output") && r == Q3_K_M) {
-        return TSR_DTYPE_Q4_K;
+        if ((r == IQ4_NL || r == IQ4_XS) && gqa4) return TSR_DTYPE_Q5_K;
+        if ((r == Q4_K_M || r == Q5_K_M) && use_more_bits(layer, n)) return TSR_DTYPE_Q6_K;
+        if (r == Q4_K_S && layer < 4) return TSR_DTYPE_Q5_K;
+    } else if (!strncmp(role, "ffn_down", 8)) { /* experts' ffn_down_exps too */
+        if (r == Q2_K) return TSR_DTYPE_Q3_K;
+        if (r == Q3_K_M) return layer < n / 16 ? TSR_DTYPE_Q5_K : TSR_DTYPE_Q4_K;
+        if ((r == Q4_K_M || r == Q5_K_M) && use_more_bits(layer, n)) return TSR_DTYPE_Q6_K;
+        if ((r == Q4_K_S || r == IQ4_NL || r == IQ4_XS) && layer < n / 8) return TSR_DTYPE_Q5_K;
+    } else if (!strcmp(role, "attn_output")) {
+        if (r == Q2_K) return TSR_DTYPE_Q3_K;
+        if (r == Q3_K_M) return TSR_DTYPE_Q4_K;
     }
     return base;
 }
@@ -194,7 +203,9 @@ static tsr_status gguf_prepare(void *self, const tsr_weight_in *in, tsr_weight_o
     gguf_quantizer *q = self;
     const tsr_host *h = q->host;
     const tsr_tensor *src = &in->src;
-    int32_t type = q->recipe == KEEP ? src->dtype : fit_row(recipe_type(q, in->role, in->layer), src->ne[0]);
+    int32_t type = q->recipe == KEEP
+                       ? src->dtype
+                       : fit_row(recipe_type(q, src, in->role, in->layer), src->ne[0]);
     if (type == src->dtype) {
         tsr_status st = gguf_check(q, "prepare", src);
         if (st < 0) return st;

@@ -140,7 +140,18 @@ void tsr_rms_norm(float *y,        // (n_rows, n)
                   const float *w,  // (n) or NULL
                   int64_t n_rows, int64_t n, float eps, int ith, int nth);
 
-/* Max-subtracted softmax per row, the sum of exponentials in double. Slices rows. */
+/* e^x computed as llama.cpp's CPU backend does (ggml's vectorised exp, its AVX-512 form):
+ * n = round(x * log2 e), e^(x - n ln 2) by a degree-5 polynomial, scaled by 2^n with one
+ * rounding; within 2 ulp of e^x for normal results, infinity from x ~ 88.73 (overflow), 0
+ * when |n| > 192 and x < 0, NaN for NaN.
+ * Every level gives these bits; tsr_silu, tsr_swiglu and tsr_softmax use it, so activations
+ * and attention weights round as llama.cpp's do. [any] */
+float tsr_expf(float x);
+
+/* Max-subtracted softmax per row, as ggml's soft_max: tsr_expf on whole chunks of 16 values,
+ * each chunk summed in f32 (a fixed tree) and added to a double; the C library's expf on the
+ * last n % 16 values (ggml's scalar tail), added in double; then multiplied by
+ * (float)(1 / sum). Slices rows. */
 void tsr_softmax(float *y, const float *x, int64_t n_rows, int64_t n, int ith, int nth);
 
 /* The values of <tessera/backend.h>'s tsr_rope_mode, under a name of its own so that a
@@ -169,7 +180,8 @@ void tsr_rope_apply(float *x,             // (n_tok, n_head, head_dim)
                     int64_t n_tok, int64_t n_head, int64_t head_dim, int64_t n_rot,
                     tsr_cpu_rope_mode mode, int ith, int nth);
 
-void tsr_silu(float *y, const float *x, int64_t n);                    // y = x / (1 + e^-x)
+/* silu(x) = x / (1 + tsr_expf(0 - x)), three roundings as ggml's vector silu. */
+void tsr_silu(float *y, const float *x, int64_t n);                    // y = silu(x)
 void tsr_swiglu(float *y, const float *g, const float *u, int64_t n);  // y = silu(g) * u
 void tsr_add(float *y, const float *a, const float *b, int64_t n);     // y = a + b
 void tsr_scale(float *y, const float *x, float s, int64_t n);          // y = x * s

@@ -22,6 +22,7 @@
 
 #include <tessera/common.h>
 #include <tessera/kernels_cpu.h>
+#include <tessera/quantizer.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -48,6 +49,15 @@ static inline float tsr_rq_store_f16(uint8_t *p, float v) {
     uint16_t h = tsr_fp32_to_fp16(v);
     memcpy(p, &h, sizeof h);
     return tsr_fp16_to_fp32(h);
+}
+
+/* Groups of `group` weights along a row of n_in (the last one may be short), and the length
+ * of group g. */
+static inline int64_t tsr_rq_groups(int64_t n_in, int64_t group) {
+    return (n_in + group - 1) / group;
+}
+static inline int64_t tsr_rq_group_len(int64_t g, int64_t group, int64_t n_in) {
+    return n_in - g * group < group ? n_in - g * group : group;
 }
 
 /* Round to nearest (ties to even) and clamp to [lo, hi]; NaN gives lo. */
@@ -107,6 +117,9 @@ typedef struct tsr_rq_codec {
      * scratch: act->n_pad bytes of the calling thread, for the unpacked codes. */
     void (*dot_q8)(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                    const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch);
+    /* Writes cfg as the log names it, e.g. "rtn 4-bit sym group 64" (NUL-terminated, cut to
+     * size). */
+    void (*describe)(const void *cfg, char *buf, size_t size);
 } tsr_rq_codec;
 
 /* What tsr_rq_quantize reports. */
@@ -142,6 +155,49 @@ tsr_status tsr_rq_dequantize_rows(const tsr_host *host, const tsr_rq_codec *code
  * x is quantized per token by tsr_rq_act_quantize_row and the codec's dot_q8 multiplies. */
 tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float *y,
                          const tsr_tensor *w, const float *x, int64_t n);
+
+/* ---------------------------------------------------------------------------------------- */
+/* A quantizer plugin over one codec                                                         */
+/*                                                                                           */
+/* The tsr_quantizer_vtable of a research quantizer is its codec and configuration plus the  */
+/* same glue in every plugin; these are that glue. The plugin's create reads its parameters  */
+/* into a configuration and calls tsr_rq_quantizer_create; `self` of the callbacks below is  */
+/* the instance it made.                                                                     */
+
+typedef struct tsr_rq_quantizer {
+    const tsr_host *host;
+    const tsr_rq_codec *codec;
+    uint64_t tensors, weights, tail_bytes; /* totals of every tensor prepared, for commands */
+    const void *cfg;                       /* the configuration, in the instance's block */
+    size_t cfg_bytes;
+} tsr_rq_quantizer;
+
+/* [main] TSR_E_INVALID, with "group: <group> is not a multiple of <multiple>", unless it is. */
+tsr_status tsr_rq_check_group(const tsr_host *host, int64_t group, int64_t multiple);
+
+/* [main] An instance quantizing with `codec` and a copy of cfg (cfg_bytes) into *out. */
+tsr_status tsr_rq_quantizer_create(const tsr_host *host, const tsr_rq_codec *codec,
+                                   const void *cfg, size_t cfg_bytes, void **out);
+
+/* [main] Quantizes in->src into out (owns_data, bits_per_weight, rel_rmse set) and adds it to
+ * the instance's totals; *report gets what tsr_rq_quantize reported. Logs nothing. */
+tsr_status tsr_rq_quantizer_quantize(tsr_rq_quantizer *q, const tsr_weight_in *in,
+                                     tsr_weight_out *out, tsr_rq_report *report);
+
+/* The vtable callbacks. prepare is tsr_rq_quantizer_quantize plus one INFO log line:
+ * "<tensor> (layer <l>, <role>): <codec->describe>: <b> bits/weight, rel_rmse <e>". */
+void tsr_rq_quantizer_destroy(void *self);
+tsr_status tsr_rq_quantizer_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out);
+void tsr_rq_quantizer_release(void *self, tsr_tensor *w);
+tsr_status tsr_rq_quantizer_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                                   int64_t n);
+tsr_status tsr_rq_quantizer_dequantize_rows(void *self, float *y, const tsr_tensor *w,
+                                            int64_t row0, int64_t n_rows);
+
+/* The vtable entries but create and prepare, for a plugin that adds nothing to them. */
+#define TSR_RQ_QUANTIZER_CALLBACKS                                                         \
+    .destroy = tsr_rq_quantizer_destroy, .release = tsr_rq_quantizer_release,             \
+    .matmul = tsr_rq_quantizer_matmul, .dequantize_rows = tsr_rq_quantizer_dequantize_rows
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,389 @@
+/*
+ * <tessera/sdk_cache.h> -- the bookkeeping of a cache policy that keeps K/V rows in host
+ * memory: sequence slots, the rows of each (sequence, layer) per KV head in f32 or f16, the
+ * memory and entry counters, and the vtable callbacks that hold no policy of their own
+ * (seq_begin, seq_end, seq_fork, seq_truncate, view, stats, destroy).
+ *
+ * A policy's instance starts with a tsr_kv_store (its FIRST member, so the instance pointer
+ * is the store's and these callbacks go straight into its tsr_cache_vtable); the policy keeps
+ * only its rules: when a layer grows (tsr_kv_rows_resize), what it evicts (tsr_kv_rows_move,
+ * evicted_max_pos, the `evicted` counter), and its store callback, which checks the write
+ * (tsr_kv_store_check_write) and appends it (tsr_kv_rows_append).
+ *
+ *   typedef struct my_cache { tsr_kv_store kv; int64_t window; } my_cache;
+ *   create:  tsr_kv_store_create(host, params, init, sizeof(my_cache), 0, out)
+ *   static const tsr_cache_vtable vt = { TSR_SIZED(tsr_cache_vtable), .create = my_create,
+ *       .destroy = tsr_kv_store_destroy, .store = my_store, TSR_KV_STORE_CALLBACKS };
+ *
+ * Header-only, like <tessera/sdk.h>: all memory goes through the host's allocator, and every
+ * function runs on the thread that called into the policy ([main]).
+ */
+#ifndef TESSERA_SDK_CACHE_H
+#define TESSERA_SDK_CACHE_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include <tessera/cache.h>
+#include <tessera/sdk.h>
+#include <tessera/sdk_kv.h>
+
+/* The entries of one (sequence, layer): the same entries, in the same slots, for every head. */
+typedef struct tsr_kv_rows {
+    int64_t n, cap;          /* entries held, rows reserved per KV head */
+    int32_t *pos;            /* (cap) position of each entry */
+    uint64_t *stamp;         /* (cap) arrival number, oldest smallest; NULL without stamps */
+    char *k, *v;             /* (n_kv_head, cap, head_dim) in the store's dtype */
+    int32_t evicted_max_pos; /* highest position the policy evicted, -1 when none: what
+                                seq_truncate can no longer honour */
+} tsr_kv_rows;
+
+typedef struct tsr_kv_seq {
+    int64_t id;
+    int alive;
+    uint64_t next_stamp;  /* stamp of the next entry stored (from 1: 0 can mark a free slot) */
+    tsr_kv_rows *layers;  /* (n_layer) */
+} tsr_kv_seq;
+
+typedef struct tsr_kv_store {
+    const tsr_host *host;
+    int32_t n_layer, n_kv_head, head_dim, n_ctx, n_seq_max;
+    int32_t dtype;          /* TSR_DTYPE_F32 or TSR_DTYPE_F16 */
+    size_t row_bytes;       /* one head's row of head_dim elements */
+    int stamps;             /* rows keep arrival stamps (policies that evict the oldest) */
+    tsr_kv_seq *seqs;       /* (n_seq_max) slots */
+    uint64_t bytes_reserved, bytes_peak; /* K/V rows reserved now, and at most */
+    int64_t entries;        /* rows held, all sequences, layers and heads */
+    int64_t evicted;        /* rows the policy dropped (it counts them), for stats */
+} tsr_kv_store;
+
+static inline uint64_t tsr_kv_store_bytes_(const tsr_kv_store *s, int64_t cap) {
+    return 2 * (uint64_t)s->n_kv_head * (uint64_t)cap * s->row_bytes;
+}
+
+/* Allocates the policy's instance (self_bytes, zeroed, a tsr_kv_store first) into *out and
+ * sets the store up from init and the policy's ENUM parameter "dtype" (index 0 "f32", 1 "f16").
+ * Refuses a shape with a non-positive size (n_ctx is the policy's to check, if it uses it) and
+ * any backend but "cpu". Free the instance with tsr_kv_store_destroy. */
+static inline tsr_status tsr_kv_store_create(const tsr_host *host, const tsr_params *params,
+                                             const tsr_cache_init *init, size_t self_bytes,
+                                             int stamps, void **out) {
+    if (init->n_layer <= 0 || init->n_kv_head <= 0 || init->head_dim <= 0 ||
+        init->n_seq_max <= 0) {
+        host->set_error(host->ctx, "shape n_layer %d, n_kv_head %d, head_dim %d, n_seq_max %d: "
+                        "expected positive sizes", (int)init->n_layer, (int)init->n_kv_head,
+                        (int)init->head_dim, (int)init->n_seq_max);
+        return TSR_E_INVALID;
+    }
+    if (init->backend_name && strcmp(init->backend_name, "cpu") != 0) {
+        host->set_error(host->ctx, "backend '%s': this policy keeps K/V in host memory (cpu)",
+                        init->backend_name);
+        return TSR_E_UNSUPPORTED;
+    }
+    tsr_kv_store *s = tsr_calloc(host, 1, self_bytes);
+    if (s) s->seqs = tsr_calloc(host, (size_t)init->n_seq_max, sizeof(tsr_kv_seq));
+    if (!s || !s->seqs) {
+        if (s) host->free(host->ctx, s);
+        host->set_error(host->ctx, "out of memory");
+        return TSR_E_NOMEM;
+    }
+    s->host = host;
+    s->n_layer = init->n_layer;
+    s->n_kv_head = init->n_kv_head;
+    s->head_dim = init->head_dim;
+    s->n_ctx = init->n_ctx;
+    s->n_seq_max = init->n_seq_max;
+    s->dtype = tsr_param_int(params, "dtype") == 1 ? TSR_DTYPE_F16 : TSR_DTYPE_F32;
+    s->row_bytes = (size_t)init->head_dim * (s->dtype == TSR_DTYPE_F16 ? 2 : 4);
+    s->stamps = stamps;
+    *out = s;
+    return TSR_OK;
+}
+
+static inline tsr_kv_seq *tsr_kv_store_find(tsr_kv_store *s, int64_t id) {
+    for (int32_t i = 0; i < s->n_seq_max; i++)
+        if (s->seqs[i].alive && s->seqs[i].id == id) return &s->seqs[i];
+    return NULL;
+}
+
+/* The live sequence `id`, or NULL with "<what>: unknown sequence <id>" set. */
+static inline tsr_kv_seq *tsr_kv_store_find_or_fail(tsr_kv_store *s, int64_t id,
+                                                    const char *what) {
+    tsr_kv_seq *q = tsr_kv_store_find(s, id);
+    if (!q) s->host->set_error(s->host->ctx, "%s: unknown sequence %lld", what, (long long)id);
+    return q;
+}
+
+static inline void tsr_kv_rows_free_arrays_(const tsr_host *h, int32_t *pos, uint64_t *stamp,
+                                            char *k, char *v) {
+    h->free(h->ctx, pos);
+    h->free(h->ctx, stamp);
+    h->free(h->ctx, k);
+    h->free(h->ctx, v);
+}
+
+/* Moves the layer to `cap` rows per head (cap >= L->n), keeping its entries, and accounts
+ * the change in bytes_reserved / bytes_peak. */
+static inline tsr_status tsr_kv_rows_resize(tsr_kv_store *s, tsr_kv_rows *L, int64_t cap) {
+    const tsr_host *h = s->host;
+    size_t head_bytes = (size_t)cap * s->row_bytes;
+    int32_t *pos = h->alloc(h->ctx, (size_t)cap * sizeof(int32_t), 0);
+    uint64_t *stamp = s->stamps ? h->alloc(h->ctx, (size_t)cap * sizeof(uint64_t), 0) : NULL;
+    char *k = h->alloc(h->ctx, (size_t)s->n_kv_head * head_bytes, 0);
+    char *v = h->alloc(h->ctx, (size_t)s->n_kv_head * head_bytes, 0);
+    if (!pos || (s->stamps && !stamp) || !k || !v) {
+        tsr_kv_rows_free_arrays_(h, pos, stamp, k, v);
+        h->set_error(h->ctx, "out of memory growing a layer to %lld rows", (long long)cap);
+        return TSR_E_NOMEM;
+    }
+    if (L->n) {
+        memcpy(pos, L->pos, (size_t)L->n * sizeof(int32_t));
+        if (stamp) memcpy(stamp, L->stamp, (size_t)L->n * sizeof(uint64_t));
+        size_t used = (size_t)L->n * s->row_bytes, old_head = (size_t)L->cap * s->row_bytes;
+        for (int32_t hd = 0; hd < s->n_kv_head; hd++) {
+            memcpy(k + hd * head_bytes, L->k + hd * old_head, used);
+            memcpy(v + hd * head_bytes, L->v + hd * old_head, used);
+        }
+    }
+    tsr_kv_rows_free_arrays_(h, L->pos, L->stamp, L->k, L->v);
+    s->bytes_reserved = s->bytes_reserved - tsr_kv_store_bytes_(s, L->cap) +
+                        tsr_kv_store_bytes_(s, cap);
+    if (s->bytes_reserved > s->bytes_peak) s->bytes_peak = s->bytes_reserved;
+    L->pos = pos;
+    L->stamp = stamp;
+    L->k = k;
+    L->v = v;
+    L->cap = cap;
+    return TSR_OK;
+}
+
+/* Frees the layer's rows and takes them out of the counters; the layer is left empty. */
+static inline void tsr_kv_rows_free(tsr_kv_store *s, tsr_kv_rows *L) {
+    tsr_kv_rows_free_arrays_(s->host, L->pos, L->stamp, L->k, L->v);
+    s->bytes_reserved -= tsr_kv_store_bytes_(s, L->cap);
+    s->entries -= L->n * s->n_kv_head;
+    *L = (tsr_kv_rows){0};
+}
+
+/* Copies entry `from` (position, stamp, every head's K and V rows) over entry `to`. */
+static inline void tsr_kv_rows_move(const tsr_kv_store *s, tsr_kv_rows *L, int64_t to,
+                                    int64_t from) {
+    size_t head_bytes = (size_t)L->cap * s->row_bytes, rb = s->row_bytes;
+    L->pos[to] = L->pos[from];
+    if (L->stamp) L->stamp[to] = L->stamp[from];
+    for (int32_t h = 0; h < s->n_kv_head; h++) {
+        char *kh = L->k + h * head_bytes, *vh = L->v + h * head_bytes;
+        memcpy(kh + (size_t)to * rb, kh + (size_t)from * rb, rb);
+        memcpy(vh + (size_t)to * rb, vh + (size_t)from * rb, rb);
+    }
+}
+
+static inline void tsr_kv_store_put_row_(const tsr_kv_store *s, char *dst, const float *src) {
+    if (s->dtype == TSR_DTYPE_F32) {
+        memcpy(dst, src, s->row_bytes);
+        return;
+    }
+    for (int32_t d = 0; d < s->head_dim; d++) {
+        uint16_t h = tsr_f32_to_f16(src[d]);
+        memcpy(dst + 2 * (size_t)d, &h, 2);
+    }
+}
+
+/* The checks every store callback starts with: a live sequence, a layer in range, and rows
+ * that come with their positions, keys and values. Sets *seq on success. */
+static inline tsr_status tsr_kv_store_check_write(tsr_kv_store *s, const tsr_kv_write *w,
+                                                  tsr_kv_seq **seq) {
+    const tsr_host *h = s->host;
+    *seq = tsr_kv_store_find_or_fail(s, w->seq_id, "store");
+    if (!*seq) return TSR_E_INVALID;
+    if (w->layer < 0 || w->layer >= s->n_layer) {
+        h->set_error(h->ctx, "store: layer %d outside [0, %d)", (int)w->layer, (int)s->n_layer);
+        return TSR_E_RANGE;
+    }
+    if (w->n < 0 || (w->n > 0 && (!w->pos || !w->k || !w->v))) {
+        h->set_error(h->ctx, "store: layer %d: %lld rows without pos, k or v", (int)w->layer,
+                     (long long)w->n);
+        return TSR_E_INVALID;
+    }
+    return TSR_OK;
+}
+
+/* Appends the write's rows after the L->n held (the caller made room: L->cap >= L->n + w->n),
+ * converted to the store's dtype, with the sequence's next stamps. */
+static inline void tsr_kv_rows_append(tsr_kv_store *s, tsr_kv_seq *seq, tsr_kv_rows *L,
+                                      const tsr_kv_write *w) {
+    size_t head_bytes = (size_t)L->cap * s->row_bytes;
+    for (int64_t t = 0; t < w->n; t++) {
+        L->pos[L->n + t] = w->pos[t];
+        if (L->stamp) L->stamp[L->n + t] = seq->next_stamp++;
+        for (int32_t hd = 0; hd < s->n_kv_head; hd++) {
+            size_t src = ((size_t)t * (size_t)s->n_kv_head + (size_t)hd) * (size_t)s->head_dim;
+            size_t dst = hd * head_bytes + (size_t)(L->n + t) * s->row_bytes;
+            tsr_kv_store_put_row_(s, L->k + dst, w->k + src);
+            tsr_kv_store_put_row_(s, L->v + dst, w->v + src);
+        }
+    }
+    L->n += w->n;
+    s->entries += w->n * s->n_kv_head;
+}
+
+/* ---- vtable callbacks: `self` is the policy's instance, a tsr_kv_store first ------------- */
+
+static inline tsr_status tsr_kv_store_seq_begin(void *self, int64_t id) {
+    tsr_kv_store *s = self;
+    if (tsr_kv_store_find(s, id)) {
+        s->host->set_error(s->host->ctx, "seq_begin: sequence %lld is already alive",
+                           (long long)id);
+        return TSR_E_STATE;
+    }
+    for (int32_t i = 0; i < s->n_seq_max; i++) {
+        tsr_kv_seq *q = &s->seqs[i];
+        if (q->alive) continue;
+        q->layers = tsr_calloc(s->host, (size_t)s->n_layer, sizeof(tsr_kv_rows));
+        if (!q->layers) {
+            s->host->set_error(s->host->ctx, "seq_begin: out of memory");
+            return TSR_E_NOMEM;
+        }
+        for (int32_t l = 0; l < s->n_layer; l++) q->layers[l].evicted_max_pos = -1;
+        q->id = id;
+        q->alive = 1;
+        q->next_stamp = 1;
+        return TSR_OK;
+    }
+    s->host->set_error(s->host->ctx, "seq_begin: sequence %lld: all %d sequences (n_seq_max) are "
+                       "alive", (long long)id, (int)s->n_seq_max);
+    return TSR_E_RANGE;
+}
+
+/* Frees every layer of a live sequence and its slot. */
+static inline void tsr_kv_store_seq_free(tsr_kv_store *s, tsr_kv_seq *q) {
+    for (int32_t l = 0; l < s->n_layer; l++) tsr_kv_rows_free(s, &q->layers[l]);
+    s->host->free(s->host->ctx, q->layers);
+    *q = (tsr_kv_seq){0};
+}
+
+static inline void tsr_kv_store_seq_end(void *self, int64_t id) {
+    tsr_kv_store *s = self;
+    tsr_kv_seq *q = tsr_kv_store_find(s, id);
+    if (q) tsr_kv_store_seq_free(s, q);
+}
+
+static inline tsr_status tsr_kv_store_seq_fork(void *self, int64_t src, int64_t dst) {
+    tsr_kv_store *s = self;
+    tsr_kv_seq *from_seq = tsr_kv_store_find_or_fail(s, src, "seq_fork");
+    if (!from_seq) return TSR_E_INVALID;
+    tsr_status st = tsr_kv_store_seq_begin(s, dst);
+    if (st < 0) return st;
+    tsr_kv_seq *to_seq = tsr_kv_store_find(s, dst);
+    to_seq->next_stamp = from_seq->next_stamp;
+    for (int32_t l = 0; l < s->n_layer; l++) {
+        const tsr_kv_rows *from = &from_seq->layers[l];
+        tsr_kv_rows *to = &to_seq->layers[l];
+        to->evicted_max_pos = from->evicted_max_pos;
+        if (!from->cap) continue;
+        st = tsr_kv_rows_resize(s, to, from->cap);
+        if (st < 0) {
+            tsr_kv_store_seq_free(s, to_seq);
+            return st;
+        }
+        memcpy(to->pos, from->pos, (size_t)from->n * sizeof(int32_t));
+        if (to->stamp) memcpy(to->stamp, from->stamp, (size_t)from->n * sizeof(uint64_t));
+        size_t bytes = (size_t)s->n_kv_head * (size_t)from->cap * s->row_bytes;
+        memcpy(to->k, from->k, bytes);
+        memcpy(to->v, from->v, bytes);
+        to->n = from->n;
+        s->entries += to->n * s->n_kv_head;
+    }
+    return TSR_OK;
+}
+
+/* Keeps the entries below n_pos, in their order; TSR_E_UNSUPPORTED (nothing changed) when a
+ * layer already evicted a position at or after the cut. */
+static inline tsr_status tsr_kv_store_seq_truncate(void *self, int64_t id, int32_t n_pos) {
+    tsr_kv_store *s = self;
+    tsr_kv_seq *q = tsr_kv_store_find_or_fail(s, id, "seq_truncate");
+    if (!q) return TSR_E_INVALID;
+    if (n_pos < 0) {
+        s->host->set_error(s->host->ctx, "seq_truncate: sequence %lld: position %d is negative",
+                           (long long)id, (int)n_pos);
+        return TSR_E_RANGE;
+    }
+    for (int32_t l = 0; l < s->n_layer; l++) {
+        if (q->layers[l].evicted_max_pos >= n_pos) {
+            s->host->set_error(s->host->ctx,
+                               "seq_truncate: sequence %lld: layer %d already evicted position "
+                               "%d >= %d; this policy cannot bring it back",
+                               (long long)id, (int)l, (int)q->layers[l].evicted_max_pos,
+                               (int)n_pos);
+            return TSR_E_UNSUPPORTED;
+        }
+    }
+    for (int32_t l = 0; l < s->n_layer; l++) {
+        tsr_kv_rows *L = &q->layers[l];
+        int64_t kept = 0;
+        for (int64_t j = 0; j < L->n; j++) {
+            if (L->pos[j] >= n_pos) continue;
+            if (kept != j) tsr_kv_rows_move(s, L, kept, j);
+            kept++;
+        }
+        s->entries -= (L->n - kept) * s->n_kv_head;
+        L->n = kept;
+    }
+    return TSR_OK;
+}
+
+/* Every KV head sees all the entries the layer holds, in slot order. */
+static inline tsr_status tsr_kv_store_view(void *self, int64_t id, int32_t layer, int32_t phase,
+                                           tsr_kv_view *views) {
+    (void)phase;
+    tsr_kv_store *s = self;
+    tsr_kv_seq *q = tsr_kv_store_find_or_fail(s, id, "view");
+    if (!q) return TSR_E_INVALID;
+    if (layer < 0 || layer >= s->n_layer) {
+        s->host->set_error(s->host->ctx, "view: layer %d outside [0, %d)", (int)layer,
+                           (int)s->n_layer);
+        return TSR_E_RANGE;
+    }
+    const tsr_kv_rows *L = &q->layers[layer];
+    size_t head_bytes = (size_t)L->cap * s->row_bytes;
+    for (int32_t h = 0; h < s->n_kv_head; h++) {
+        views[h] = (tsr_kv_view){
+            TSR_SIZED(tsr_kv_view),
+            .n = L->n,
+            .pos = L->pos,
+            .dtype = s->dtype,
+            .k = L->k ? L->k + h * head_bytes : NULL,
+            .v = L->v ? L->v + h * head_bytes : NULL,
+            .k_stride = s->row_bytes,
+            .v_stride = s->row_bytes,
+        };
+    }
+    return TSR_OK;
+}
+
+static inline void tsr_kv_store_stats(void *self, tsr_cache_stats *out) {
+    const tsr_kv_store *s = self;
+    out->bytes_reserved = s->bytes_reserved;
+    out->bytes_peak = s->bytes_peak;
+    out->entries = s->entries;
+    out->evicted = s->evicted;
+}
+
+/* Frees every live sequence, the slots and the instance itself. A policy with storage of its
+ * own frees that first, then calls this. */
+static inline void tsr_kv_store_destroy(void *self) {
+    tsr_kv_store *s = self;
+    for (int32_t i = 0; i < s->n_seq_max; i++)
+        if (s->seqs[i].alive) tsr_kv_store_seq_free(s, &s->seqs[i]);
+    s->host->free(s->host->ctx, s->seqs);
+    s->host->free(s->host->ctx, s);
+}
+
+/* The vtable entries that need nothing of a policy but its tsr_kv_store (a policy with hooks
+ * of its own there lists them one by one instead). */
+#define TSR_KV_STORE_CALLBACKS                                                             \
+    .seq_begin = tsr_kv_store_seq_begin, .seq_end = tsr_kv_store_seq_end,                 \
+    .seq_fork = tsr_kv_store_seq_fork, .seq_truncate = tsr_kv_store_seq_truncate,         \
+    .view = tsr_kv_store_view, .stats = tsr_kv_store_stats
+
+#endif /* TESSERA_SDK_CACHE_H */

@@ -1,0 +1,656 @@
+/* `tessera quantize`, `synth`, `bench` and `perplexity`, run as a user runs them: files
+ * byte-identical to llama-quantize's, llama.cpp's type recipes and fallbacks, load-time
+ * conversion equal to converted files, reports that parse, and one error line each.
+ * Needs the shared data folder (skips without it). */
+#include <check.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+#define LLAMA_TINY "fixtures/models/llama-tiny-f32.gguf"
+#define STORIES "models/stories260K.gguf"
+#define VAL_TEXT "data/tinystories_val.txt"
+
+static char *data(const char *rel) {
+    char *p = tsr_test_data_path(rel);
+    ck_assert_msg(p != NULL, "%s missing", rel);
+    return p;
+}
+
+/* Runs tessera with `args` (NULL-terminated), returns the exit status. */
+static int tessera(char **out, char **err, const char *const *args) {
+    char *argv[64];
+    int n = 0;
+    argv[n++] = (char *)tsr_test_env("TESSERA_BIN");
+    for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
+    argv[n] = NULL;
+    return tsr_test_run(argv, out, err);
+}
+
+/* A private folder for one test; files made in it are removed by tmp_free. */
+typedef struct tmp {
+    char *dir;
+    char paths[16][4096];
+    int n;
+} tmp;
+
+static const char *tmp_path(tmp *t, const char *name) {
+    if (!t->dir) t->dir = tsr_test_tmpdir();
+    ck_assert(t->dir != NULL && t->n < 16);
+    snprintf(t->paths[t->n], sizeof t->paths[0], "%s/%s", t->dir, name);
+    return t->paths[t->n++];
+}
+
+static void tmp_free(tmp *t) {
+    for (int i = 0; i < t->n; i++) unlink(t->paths[i]);
+    if (t->dir) ck_assert_msg(rmdir(t->dir) == 0, "%s: something was left behind", t->dir);
+    free(t->dir);
+}
+
+/* Runs a command that must succeed and print one JSON document; returns it parsed. */
+static json_t *run_json(const char *const *args) {
+    char *out, *err;
+    int status = tessera(&out, &err, args);
+    ck_assert_msg(status == 0, "%s: exit %d: %s", args[0], status, err);
+    json_error_t jerr;
+    json_t *root = json_loads(out, 0, &jerr);
+    ck_assert_msg(root != NULL, "%s --json: line %d: %s\n%s", args[0], jerr.line, jerr.text, out);
+    free(out);
+    free(err);
+    return root;
+}
+
+/* A command that must fail with exit `want` and exactly one line on stderr; returns it. */
+static char *run_error(int want, const char *const *args) {
+    char *out, *err;
+    int status = tessera(&out, &err, args);
+    ck_assert_msg(status == want, "%s: exit %d, expected %d: %s", args[0], status, want, err);
+    ck_assert_msg(strncmp(err, "tessera: ", 9) == 0 && strchr(err, '\n') == err + strlen(err) - 1,
+                  "not one line: %s", err);
+    ck_assert_str_eq(out, "");
+    free(out);
+    return err;
+}
+
+static bool files_equal(const char *a, const char *b, size_t *size) {
+    size_t na, nb;
+    char *x = tsr_test_read_file(a, &na), *y = tsr_test_read_file(b, &nb);
+    ck_assert_msg(x && y, "cannot read %s or %s", a, b);
+    bool same = na == nb && memcmp(x, y, na) == 0;
+    if (size) *size = na;
+    free(x);
+    free(y);
+    return same;
+}
+
+/* The quantize report of llama-tiny-f32 to `type` (written to a file that is then removed). */
+static json_t *quantize_report(const char *type) {
+    tmp t = {0};
+    char *in = data(LLAMA_TINY);
+    const char *args[] = {"quantize", in, tmp_path(&t, "out.gguf"), type, "--json", NULL};
+    json_t *root = run_json(args);
+    free(in);
+    tmp_free(&t);
+    return root;
+}
+
+/* The type the report gives `tensor`. */
+static const char *report_type(json_t *root, const char *tensor) {
+    size_t i;
+    json_t *t;
+    json_array_foreach(json_object_get(root, "tensors"), i, t)
+        if (!strcmp(json_string_value(json_object_get(t, "tensor")), tensor))
+            return json_string_value(json_object_get(t, "to"));
+    ck_abort_msg("report has no tensor %s", tensor);
+    return NULL;
+}
+
+static double mean_rel_rmse(json_t *root) {
+    size_t i;
+    json_t *t;
+    double sum = 0;
+    json_t *tensors = json_object_get(root, "tensors");
+    json_array_foreach(tensors, i, t) sum += json_real_value(json_object_get(t, "rel_rmse"));
+    return sum / (double)json_array_size(tensors);
+}
+
+/* ---- quantize: llama-quantize's files, byte for byte ------------------------------------ */
+
+static const struct {
+    const char *type, *line;
+} identical[] = {
+    {"q8_0", "1835008 weights quantized, 8.500 bits per weight"},
+    {"q4_0", "1835008 weights quantized, 4.647 bits per weight"},
+    {"q4_k_m", "1835008 weights quantized, 4.905 bits per weight"},
+    {"q6_k", "1835008 weights quantized, 6.562 bits per weight"},
+    {"f16", "1835008 weights quantized, 16.000 bits per weight"},
+};
+
+START_TEST(quantize_matches_llama_quantize) {
+    tmp t = {0};
+    char *in = data(LLAMA_TINY);
+    char rel[128];
+    snprintf(rel, sizeof rel, "fixtures/models/llama-tiny-%s.gguf", identical[_i].type);
+    char *want = data(rel);
+    const char *out_path = tmp_path(&t, "out.gguf");
+    const char *args[] = {"quantize", in, out_path, identical[_i].type, NULL};
+    char *out, *err;
+    int status = tessera(&out, &err, args);
+    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    char line[4300];
+    snprintf(line, sizeof line, "%s: %s\n", out_path, identical[_i].line);
+    ck_assert_str_eq(out, line);
+    size_t size;
+    ck_assert_msg(files_equal(out_path, want, &size), "%s differs from llama-quantize's %s",
+                  identical[_i].type, rel);
+    ck_assert_uint_gt(size, 0);
+    free(out);
+    free(err);
+    free(in);
+    free(want);
+    tmp_free(&t);
+}
+END_TEST
+
+/* --json: 16 matrices (2 blocks of 7, token_embd, output), each with its exact storage cost. */
+START_TEST(quantize_json_bits_per_weight) {
+    json_t *q8 = quantize_report("q8_0");
+    ck_assert_double_eq(json_real_value(json_object_get(q8, "weights")), 1835008.0);
+    ck_assert_double_eq(json_real_value(json_object_get(q8, "bits_per_weight")), 8.5);
+    json_t *tensors = json_object_get(q8, "tensors");
+    ck_assert_uint_eq(json_array_size(tensors), 16);
+    size_t i;
+    json_t *x;
+    json_array_foreach(tensors, i, x) {
+        ck_assert_str_eq(json_string_value(json_object_get(x, "from")), "F32");
+        ck_assert_str_eq(json_string_value(json_object_get(x, "to")), "Q8_0");
+        ck_assert_double_eq(json_real_value(json_object_get(x, "bits_per_weight")), 8.5);
+        double e = json_real_value(json_object_get(x, "rel_rmse"));
+        ck_assert_msg(e > 0 && e < 0.01, "%s: rel_rmse %g",
+                      json_string_value(json_object_get(x, "tensor")), e);
+    }
+    json_decref(q8);
+    /* Q4_0: 18 bytes per 32 weights; the output matrix gets Q6_K (210 bytes per 256). */
+    json_t *q4 = quantize_report("q4_0");
+    json_array_foreach(json_object_get(q4, "tensors"), i, x) {
+        const char *name = json_string_value(json_object_get(x, "tensor"));
+        bool output = !strcmp(name, "output.weight");
+        ck_assert_str_eq(json_string_value(json_object_get(x, "to")), output ? "Q6_K" : "Q4_0");
+        ck_assert_double_eq(json_real_value(json_object_get(x, "bits_per_weight")),
+                            output ? 6.5625 : 4.5);
+    }
+    json_decref(q4);
+}
+END_TEST
+
+/* ---- quantize: llama.cpp's recipes and the error they cost ------------------------------ */
+
+/* llama.cpp's llama_tensor_get_type for llama-tiny (2 blocks, 8 heads over 4 KV heads, rows of
+ * 256 and 768): the type of each role in block 0 and block 1. */
+static const struct {
+    const char *type;
+    const char *q, *k, *v0, *v1, *o, *gate, *up, *down0, *down1, *embd, *output;
+} recipes[] = {
+    {"q2_k", "Q2_K", "Q2_K", "Q3_K", "Q3_K", "Q3_K", "Q2_K", "Q2_K",
+     "Q3_K", "Q3_K", "Q2_K", "Q6_K"},
+    {"q3_k_m", "Q3_K", "Q3_K", "Q5_K", "Q5_K", "Q4_K", "Q3_K", "Q3_K", "Q4_K", "Q4_K", "Q3_K",
+     "Q6_K"},
+    {"q4_k_s", "Q4_K", "Q4_K", "Q5_K", "Q5_K", "Q4_K", "Q4_K", "Q4_K", "Q4_K", "Q4_K", "Q4_K",
+     "Q6_K"},
+    {"q4_k_m", "Q4_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K",
+     "Q6_K"},
+    {"q5_k_m", "Q5_K", "Q5_K", "Q5_K", "Q6_K", "Q5_K", "Q5_K", "Q5_K", "Q5_K", "Q6_K", "Q5_K",
+     "Q6_K"},
+    {"iq4_xs", "IQ4_XS", "IQ4_XS", "IQ4_XS", "IQ4_XS", "IQ4_XS", "IQ4_XS", "IQ4_XS", "IQ4_XS",
+     "IQ4_XS", "IQ4_XS", "Q6_K"},
+    {"q4_1", "Q4_1", "Q4_1", "Q4_1", "Q4_1", "Q4_1", "Q4_1", "Q4_1",
+     "Q4_1", "Q4_1", "Q4_1", "Q6_K"},
+    {"q5_0", "Q5_0", "Q5_0", "Q5_0", "Q5_0", "Q5_0", "Q5_0", "Q5_0",
+     "Q5_0", "Q5_0", "Q5_0", "Q6_K"},
+    {"q5_1", "Q5_1", "Q5_1", "Q5_1", "Q5_1", "Q5_1", "Q5_1", "Q5_1",
+     "Q5_1", "Q5_1", "Q5_1", "Q6_K"},
+};
+
+START_TEST(quantize_follows_llama_cpp_recipes) {
+    json_t *r = quantize_report(recipes[_i].type);
+    const struct {
+        const char *tensor, *want;
+    } rows[] = {
+        {"blk.0.attn_q.weight", recipes[_i].q},     {"blk.1.attn_q.weight", recipes[_i].q},
+        {"blk.0.attn_k.weight", recipes[_i].k},     {"blk.0.attn_v.weight", recipes[_i].v0},
+        {"blk.1.attn_v.weight", recipes[_i].v1},    {"blk.0.attn_output.weight", recipes[_i].o},
+        {"blk.1.attn_output.weight", recipes[_i].o}, {"blk.0.ffn_gate.weight", recipes[_i].gate},
+        {"blk.0.ffn_up.weight", recipes[_i].up},    {"blk.0.ffn_down.weight", recipes[_i].down0},
+        {"blk.1.ffn_down.weight", recipes[_i].down1}, {"token_embd.weight", recipes[_i].embd},
+        {"output.weight", recipes[_i].output},
+    };
+    for (size_t k = 0; k < sizeof rows / sizeof rows[0]; k++)
+        ck_assert_msg(!strcmp(report_type(r, rows[k].tensor), rows[k].want), "%s: %s is %s, "
+                      "llama.cpp makes %s", recipes[_i].type, rows[k].tensor,
+                      report_type(r, rows[k].tensor), rows[k].want);
+    json_decref(r);
+}
+END_TEST
+
+/* The converted files load and run; their logits are finite. */
+static const char *const runnable[] = {"q2_k", "q3_k_m", "q4_k_s", "q5_k_m", "q4_1", "q5_0",
+                                       "q5_1", "iq4_nl", "iq4_xs", "bf16"};
+
+START_TEST(quantized_files_run) {
+    tmp t = {0};
+    char *in = data(LLAMA_TINY);
+    const char *model = tmp_path(&t, "model.gguf"), *logits = tmp_path(&t, "logits.f32");
+    const char *q_args[] = {"quantize", in, model, runnable[_i], NULL};
+    char *err;
+    int status = tessera(NULL, &err, q_args);
+    ck_assert_msg(status == 0, "quantize %s: exit %d: %s", runnable[_i], status, err);
+    free(err);
+    const char *l_args[] = {"logits", "-m", model, "--tokens", "1 17 300 42", "--out", logits,
+                            NULL};
+    status = tessera(NULL, &err, l_args);
+    ck_assert_msg(status == 0, "logits on %s: exit %d: %s", runnable[_i], status, err);
+    size_t size;
+    float *v = (float *)tsr_test_read_file(logits, &size);
+    ck_assert_uint_eq(size, 4 * 512 * sizeof(float));
+    for (size_t i = 0; i < size / sizeof(float); i++)
+        ck_assert_msg(isfinite(v[i]), "%s: logit %zu is %g", runnable[_i], i, v[i]);
+    free(v);
+    free(err);
+    free(in);
+    tmp_free(&t);
+}
+END_TEST
+
+START_TEST(rmse_falls_as_bits_rise) {
+    static const char *const ladder[] = {"q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0"};
+    double prev = INFINITY, prev_bits = 0;
+    for (size_t i = 0; i < sizeof ladder / sizeof ladder[0]; i++) {
+        json_t *r = quantize_report(ladder[i]);
+        double e = mean_rel_rmse(r), bits = json_real_value(json_object_get(r, "bits_per_weight"));
+        ck_assert_msg(e > 0 && e < prev, "%s: mean rel_rmse %g, not below %g", ladder[i], e, prev);
+        ck_assert_msg(bits > prev_bits, "%s: %g bits per weight", ladder[i], bits);
+        prev = e;
+        prev_bits = bits;
+        json_decref(r);
+    }
+}
+END_TEST
+
+/* stories260K's rows of 64 and 172 hold no 256-element block: llama.cpp's fallbacks apply
+ * (Q4_K -> Q5_0, Q6_K -> Q8_0, and 16 bits where even 32-blocks do not fit). */
+START_TEST(short_rows_fall_back) {
+    tmp t = {0};
+    char *in = data(STORIES);
+    const char *model = tmp_path(&t, "s.gguf");
+    const char *args[] = {"quantize", in, model, "q4_k_m", "--json", NULL};
+    json_t *r = run_json(args);
+    size_t i;
+    json_t *x;
+    json_array_foreach(json_object_get(r, "tensors"), i, x) {
+        const char *name = json_string_value(json_object_get(x, "tensor"));
+        const char *to = json_string_value(json_object_get(x, "to"));
+        int layer = -1;
+        sscanf(name, "blk.%d.", &layer);
+        /* use_more_bits for 5 blocks: layers 2 and 4 (every third after n/8, and the last). */
+        bool more = layer == 2 || layer == 4;
+        const char *want = !strcmp(name, "output.weight")         ? "Q8_0"
+                           : strstr(name, "ffn_down")              ? "F16"
+                           : strstr(name, "attn_v") && more        ? "Q8_0"
+                                                                   : "Q5_0";
+        ck_assert_msg(!strcmp(to, want), "%s: %s, expected %s", name, to, want);
+    }
+    ck_assert_uint_eq(json_array_size(json_object_get(r, "tensors")), 37);
+    json_decref(r);
+    char *out, *err;
+    const char *run[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "24",
+                         "--temperature", "0", NULL};
+    int status = tessera(&out, &err, run);
+    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    ck_assert_msg(strncmp(out, "Once upon a time", 16) == 0 && strlen(out) > 40, "%s", out);
+    free(out);
+    free(err);
+    free(in);
+    tmp_free(&t);
+}
+END_TEST
+
+/* A pipeline converting at load multiplies exactly the weights llama-quantize wrote. */
+static const char *const at_load[] = {"q8_0", "q4_0", "q4_k_m", "q6_k"};
+
+START_TEST(load_time_conversion_equals_file) {
+    tmp t = {0};
+    char *f32 = data(LLAMA_TINY);
+    char rel[128], set[64];
+    snprintf(rel, sizeof rel, "fixtures/models/llama-tiny-%s.gguf", at_load[_i]);
+    snprintf(set, sizeof set, "quantizer.type=%s", at_load[_i]);
+    char *fixture = data(rel);
+    const char *a = tmp_path(&t, "converted.f32"), *b = tmp_path(&t, "file.f32");
+    const char *tokens = "1 5 9 200 3 77 411";
+    const char *conv[] = {"logits", "-m", f32, "--set", set, "--tokens", tokens, "--out", a, NULL};
+    const char *file[] = {"logits", "-m", fixture, "--tokens", tokens, "--out", b, NULL};
+    char *err;
+    int status = tessera(NULL, &err, conv);
+    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    free(err);
+    status = tessera(NULL, &err, file);
+    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    free(err);
+    size_t size;
+    ck_assert_msg(files_equal(a, b, &size), "%s at load: logits differ from %s's", at_load[_i],
+                  rel);
+    ck_assert_uint_eq(size, 7 * 512 * sizeof(float));
+    free(f32);
+    free(fixture);
+    tmp_free(&t);
+}
+END_TEST
+
+/* ---- quantize: errors ------------------------------------------------------------------- */
+
+START_TEST(quantize_bad_type) {
+    tmp t = {0};
+    char *in = data(LLAMA_TINY);
+    const char *out = tmp_path(&t, "out.gguf");
+    const char *args[] = {"quantize", in, out, "q9_9", NULL};
+    char *err = run_error(1, args);
+    ck_assert_str_eq(err, "tessera: quantize: TYPE 'q9_9': quantizer 'gguf' expects one of keep, "
+                          "f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, "
+                          "q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs\n");
+    ck_assert_int_ne(access(out, F_OK), 0);
+    free(err);
+    free(in);
+    tmp_free(&t);
+}
+END_TEST
+
+START_TEST(quantize_research_quantizer_refused) {
+    tmp t = {0};
+    char *in = data(LLAMA_TINY);
+    const char *yaml = tmp_path(&t, "rtn.yaml"), *out = tmp_path(&t, "out.gguf");
+    const char *text = "tessera: 1\nquantizer: { plugin: rtn }\n";
+    ck_assert_int_eq(tsr_test_write_file(yaml, text, strlen(text)), 0);
+    const char *args[] = {"quantize", in, out, "q8_0", "--config", yaml, NULL};
+    char *err = run_error(1, args);
+    ck_assert_msg(strstr(err, "quantizer 'rtn' stores ") && strstr(err, "a GGUF file cannot hold"),
+                  "%s", err);
+    ck_assert_int_ne(access(out, F_OK), 0);
+    free(err);
+    free(in);
+    tmp_free(&t);
+}
+END_TEST
+
+START_TEST(quantize_missing_input) {
+    tmp t = {0};
+    const char *in = tmp_path(&t, "absent.gguf"), *out = tmp_path(&t, "out.gguf");
+    const char *args[] = {"quantize", in, out, "q8_0", NULL};
+    char *err = run_error(1, args);
+    char want[4200];
+    snprintf(want, sizeof want, "tessera: %s: cannot open: No such file or directory\n", in);
+    ck_assert_str_eq(err, want);
+    ck_assert_int_ne(access(out, F_OK), 0);
+    free(err);
+    tmp_free(&t);
+}
+END_TEST
+
+/* The file is written beside OUT and renamed: a folder that cannot be written leaves nothing. */
+START_TEST(quantize_output_folder_missing) {
+    tmp t = {0};
+    char *in = data(LLAMA_TINY);
+    const char *folder = tmp_path(&t, "absent");
+    char out[4200];
+    snprintf(out, sizeof out, "%s/out.gguf", folder);
+    const char *args[] = {"quantize", in, out, "q8_0", NULL};
+    char *err = run_error(1, args);
+    ck_assert_msg(strstr(err, out) && strstr(err, "No such file or directory"), "%s", err);
+    ck_assert_int_ne(access(folder, F_OK), 0);
+    free(err);
+    free(in);
+    tmp_free(&t); /* fails if anything is left in the test folder */
+}
+END_TEST
+
+START_TEST(quantize_usage) {
+    const char *args[] = {"quantize", "in.gguf", "out.gguf", NULL};
+    char *err = run_error(2, args);
+    ck_assert_str_eq(err,
+                     "tessera: quantize: expected IN OUT TYPE (see tessera quantize --help)\n");
+    free(err);
+}
+END_TEST
+
+/* ---- synth ------------------------------------------------------------------------------ */
+
+START_TEST(synth_is_deterministic) {
+    tmp t = {0};
+    const char *a = tmp_path(&t, "a.gguf"), *b = tmp_path(&t, "b.gguf");
+    const char *c = tmp_path(&t, "c.gguf");
+    const char *files[] = {a, b, c}, *seeds[] = {"1", "1", "2"};
+    for (int i = 0; i < 3; i++) {
+        const char *args[] = {"synth", "--shape", "tiny", "--type", "q8_0", "--seed", seeds[i],
+                              "-o", files[i], NULL};
+        char *out, *err;
+        int status = tessera(&out, &err, args);
+        ck_assert_msg(status == 0, "exit %d: %s", status, err);
+        char want[4300];
+        snprintf(want, sizeof want, "%s: 114688 weights quantized, 8.500 bits per weight\n",
+                 files[i]);
+        ck_assert_str_eq(out, want);
+        free(out);
+        free(err);
+    }
+    size_t size_a, size_c;
+    ck_assert_msg(files_equal(a, b, &size_a), "same seed, different files");
+    ck_assert_msg(!files_equal(a, c, &size_c), "different seeds, same file");
+    ck_assert_uint_eq(size_a, size_c);
+    /* It runs, and its SentencePiece-style vocabulary tokenizes (byte fallback for "▁Hello",
+     * then "▁w" as a piece: 259 + 'w' - 'a'). */
+    const char *run[] = {"run", "-m", a, "-n", "8", "--temperature", "0", NULL};
+    char *err;
+    int status = tessera(NULL, &err, run);
+    ck_assert_msg(status == 0, "run: exit %d: %s", status, err);
+    free(err);
+    char *out;
+    const char *tok[] = {"tokenize", "-m", a, "-p", "Hello world", NULL};
+    ck_assert_int_eq(tessera(&out, NULL, tok), 0);
+    ck_assert_str_eq(out, "1 229 153 132 75 104 111 111 114 281 114 117 111 103\n");
+    free(out);
+    tmp_free(&t);
+}
+END_TEST
+
+static const char *const synth_types[] = {"f32", "f16", "q8_0", "q4_0", "q4_k_m"};
+
+START_TEST(synth_types_load) {
+    tmp t = {0};
+    const char *model = tmp_path(&t, "m.gguf"), *logits = tmp_path(&t, "l.f32");
+    const char *args[] = {"synth", "--shape", "tiny", "--type", synth_types[_i], "-o", model,
+                          "--json", NULL};
+    json_t *r = run_json(args);
+    ck_assert_double_eq(json_real_value(json_object_get(r, "weights")), 114688.0);
+    json_decref(r);
+    const char *l_args[] = {"logits", "-m", model, "--tokens", "1 300 4", "--out", logits, NULL};
+    char *err;
+    int status = tessera(NULL, &err, l_args);
+    ck_assert_msg(status == 0, "%s: exit %d: %s", synth_types[_i], status, err);
+    size_t size;
+    free(tsr_test_read_file(logits, &size));
+    ck_assert_uint_eq(size, 3 * 320 * sizeof(float));
+    free(err);
+    tmp_free(&t);
+}
+END_TEST
+
+START_TEST(synth_shapes) {
+    char *out;
+    const char *help[] = {"synth", "--help", NULL};
+    ck_assert_int_eq(tessera(&out, NULL, help), 0);
+    ck_assert_msg(strstr(out, " tinyllama-1.1b") && strstr(out, " qwen2.5-0.5b") &&
+                      strstr(out, " llama-7b") && strstr(out, " tiny"), "%s", out);
+    free(out);
+    const char *bad[] = {"synth", "--shape", "gpt-5", "-o", "x.gguf", NULL};
+    char *err = run_error(2, bad);
+    ck_assert_str_eq(err, "tessera: synth: unknown shape 'gpt-5'; shapes: tinyllama-1.1b, "
+                          "qwen2.5-0.5b, llama-7b, tiny (see tessera synth --help)\n");
+    free(err);
+    ck_assert_int_ne(access("x.gguf", F_OK), 0);
+}
+END_TEST
+
+/* ---- bench ------------------------------------------------------------------------------ */
+
+START_TEST(bench_reports) {
+    char *model = data(STORIES);
+    const char *args[] = {"bench", "-m", model, "-p", "16", "-n", "8", "-r", "2", "-t", "1,2",
+                          "--bandwidth-mib", "32", "--json", NULL};
+    json_t *r = run_json(args);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "n_layer")), 5);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "n_embd")), 64);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "type")), "F32");
+    ck_assert_int_gt(json_integer_value(json_object_get(r, "weight_bytes_per_token")), 0);
+    json_t *results = json_object_get(r, "results");
+    ck_assert_uint_eq(json_array_size(results), 2);
+    for (size_t i = 0; i < 2; i++) {
+        json_t *x = json_array_get(results, i);
+        ck_assert_int_eq(json_integer_value(json_object_get(x, "threads")), (json_int_t)i + 1);
+        const char *keys[] = {"prefill_tps_mean", "decode_tps_mean", "machine_read_gbs",
+                              "peak_rss_mib"};
+        for (size_t k = 0; k < 4; k++) {
+            double v = json_real_value(json_object_get(x, keys[k]));
+            ck_assert_msg(isfinite(v) && v > 0, "%s = %g", keys[k], v);
+        }
+        double roof = json_real_value(json_object_get(x, "roofline_fraction"));
+        ck_assert_msg(roof > 0 && roof < 5, "roofline_fraction %g", roof);
+        /* Whole positions of 5 layers x (K + V) x 32 floats, at least the 9 decoded. */
+        json_int_t kv = json_integer_value(json_object_get(x, "kv_bytes"));
+        ck_assert_msg(kv >= 9 * 1280 && kv % 1280 == 0, "kv_bytes %lld", (long long)kv);
+        /* The bandwidth buffer of one thread count must not count in the next one's RSS. */
+        ck_assert_msg(json_real_value(json_object_get(x, "peak_rss_mib")) < 1024, "peak RSS");
+    }
+    json_decref(r);
+    char *out;
+    const char *md[] = {"bench", "-m", model, "-p", "8", "-n", "4", "-r", "1",
+                        "--bandwidth-mib", "16", NULL};
+    ck_assert_int_eq(tessera(&out, NULL, md), 0);
+    ck_assert_msg(strncmp(out, "| model | type | weights | threads | test | tokens/s | weights "
+                               "read | roofline |\n", 76) == 0, "%s", out);
+    ck_assert_msg(strstr(out, "| stories260K.gguf | F32 | ") && strstr(out, "| pp8 |") &&
+                      strstr(out, "| tg4 |"), "%s", out);
+    free(out);
+    const char *bad[] = {"bench", "-m", model, "-t", "0", NULL};
+    char *err = run_error(2, bad);
+    free(err);
+    free(model);
+}
+END_TEST
+
+/* ---- perplexity ------------------------------------------------------------------------- */
+
+static double ppl_of(const char *model, const char *config, const char *set) {
+    char *text = data(VAL_TEXT);
+    const char *args[16] = {"perplexity", "-m", model, "-f", text, "--ctx", "128", "--chunks", "8",
+                            "--json"};
+    int n = 10;
+    if (config) args[n++] = config;
+    if (set) {
+        args[n++] = "--set";
+        args[n++] = set;
+    }
+    args[n] = NULL;
+    json_t *r = run_json(args);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "ctx")), 128);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "chunks")), 8);
+    /* The second half of each chunk, less its last position: 8 x 63. */
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "scored_tokens")), 8 * 63);
+    double ppl = json_real_value(json_object_get(r, "ppl"));
+    double nll = json_real_value(json_object_get(r, "mean_nll"));
+    ck_assert_msg(isfinite(ppl) && ppl > 1 && ppl < 20, "ppl %g", ppl);
+    ck_assert_double_eq_tol(ppl, exp(nll), 1e-9 * ppl);
+    ck_assert_msg(json_real_value(json_object_get(r, "ppl_stderr")) > 0, "no standard error");
+    json_decref(r);
+    free(text);
+    return ppl;
+}
+
+START_TEST(perplexity_stable) {
+    tmp t = {0};
+    char *model = data(STORIES);
+    double a = ppl_of(model, NULL, NULL), b = ppl_of(model, NULL, NULL);
+    ck_assert_msg(a == b, "%.17g then %.17g", a, b);
+    const char *yaml = tmp_path(&t, "reference.yaml");
+    const char *text = "tessera: 1\nattention: { plugin: reference }\n";
+    ck_assert_int_eq(tsr_test_write_file(yaml, text, strlen(text)), 0);
+    double ref = ppl_of(model, yaml, NULL);
+    ck_assert_msg(fabs(ref - a) <= 1e-4 * a, "reference %.9g, flash %.9g", ref, a);
+    double q8 = ppl_of(model, NULL, "quantizer.type=q8_0");
+    ck_assert_msg(fabs(q8 - a) <= 0.05 * a && q8 != a, "q8_0 %.9g, f32 %.9g", q8, a);
+    free(model);
+    tmp_free(&t);
+}
+END_TEST
+
+START_TEST(perplexity_short_text) {
+    tmp t = {0};
+    char *model = data(STORIES);
+    const char *path = tmp_path(&t, "short.txt");
+    ck_assert_int_eq(tsr_test_write_file(path, "Once upon a time", 16), 0);
+    const char *args[] = {"perplexity", "-m", model, "-f", path, "--ctx", "128", NULL};
+    char *err = run_error(1, args);
+    char want[4200];
+    snprintf(want, sizeof want, "tessera: %s: 5 tokens, fewer than one chunk of --ctx 128\n", path);
+    ck_assert_str_eq(err, want);
+    free(err);
+    free(model);
+    tmp_free(&t);
+}
+END_TEST
+
+int main(void) {
+    free(tsr_test_require_data(LLAMA_TINY));
+    free(tsr_test_require_data("fixtures/models/llama-tiny-q4_k_m.gguf"));
+    free(tsr_test_require_data(STORIES));
+    free(tsr_test_require_data(VAL_TEXT));
+    Suite *s = suite_create("cli-quantize");
+    TCase *tc = tcase_create("quantize");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, quantize_matches_llama_quantize, 0,
+                        (int)(sizeof identical / sizeof identical[0]));
+    tcase_add_test(tc, quantize_json_bits_per_weight);
+    tcase_add_loop_test(tc, quantize_follows_llama_cpp_recipes, 0,
+                        (int)(sizeof recipes / sizeof recipes[0]));
+    tcase_add_loop_test(tc, quantized_files_run, 0, (int)(sizeof runnable / sizeof runnable[0]));
+    tcase_add_test(tc, rmse_falls_as_bits_rise);
+    tcase_add_test(tc, short_rows_fall_back);
+    tcase_add_loop_test(tc, load_time_conversion_equals_file, 0,
+                        (int)(sizeof at_load / sizeof at_load[0]));
+    tcase_add_test(tc, quantize_bad_type);
+    tcase_add_test(tc, quantize_research_quantizer_refused);
+    tcase_add_test(tc, quantize_missing_input);
+    tcase_add_test(tc, quantize_output_folder_missing);
+    tcase_add_test(tc, quantize_usage);
+    suite_add_tcase(s, tc);
+    TCase *ts = tcase_create("synth");
+    tcase_set_timeout(ts, 120);
+    tcase_add_test(ts, synth_is_deterministic);
+    tcase_add_loop_test(ts, synth_types_load, 0, (int)(sizeof synth_types / sizeof synth_types[0]));
+    tcase_add_test(ts, synth_shapes);
+    suite_add_tcase(s, ts);
+    TCase *tb = tcase_create("bench-perplexity");
+    tcase_set_timeout(tb, 120);
+    tcase_add_test(tb, bench_reports);
+    tcase_add_test(tb, perplexity_stable);
+    tcase_add_test(tb, perplexity_short_text);
+    suite_add_tcase(s, tb);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
