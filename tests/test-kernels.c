@@ -537,6 +537,68 @@ START_TEST(test_softmax) {
 }
 END_TEST
 
+/* ggml's exp: within 2 ulp of exp() over the whole range (absolute 2^-149 for subnormal
+ * results), its cut-offs and special values. */
+START_TEST(test_expf) {
+    for (int64_t k = 0; k <= 400000; k++) {
+        float x = -104.0f + (float)k * (193.0f / 400000.0f);
+        double want = exp((double)x);
+        float got = tsr_expf(x);
+        if (want > FLT_MAX) {
+            ck_assert_msg(isinf(got), "x %a: %a, want overflow", x, got);
+            continue;
+        }
+        ck_assert_msg(fabs(got - want) <= 2 * FLT_EPSILON * want + 0x1p-149, "x %a: %a vs %a",
+                      x, got, want);
+    }
+    ck_assert(tsr_expf(0.0f) == 1.0f && tsr_expf(-0.0f) == 1.0f);
+    ck_assert(tsr_expf(-INFINITY) == 0.0f && tsr_expf(-134.0f) == 0.0f);
+    ck_assert(isinf(tsr_expf(INFINITY)) && isinf(tsr_expf(89.0f)) && isinf(tsr_expf(1e30f)));
+    ck_assert(isnan(tsr_expf(NAN)));
+}
+END_TEST
+
+/* Softmax, silu and swiglu: every SIMD level gives the scalar bits, for row lengths with and
+ * without a tail, values down to the subnormal range of exp and special values. */
+static int same_bits_or_nan(float a, float b) {
+    return (isnan(a) && isnan(b)) || memcmp(&a, &b, sizeof a) == 0;
+}
+
+START_TEST(test_exp_ops_levels) {
+    tsr_cpu_level lv[2];
+    int n_lv = simd_levels(lv);
+    const int64_t ns[] = {1, 5, 16, 37, 64, 100};
+    float x[100], g[100], u[100], ref[100], y[100];
+    rng_seed(34);
+    for (size_t c = 0; c < sizeof ns / sizeof ns[0]; c++) {
+        int64_t n = ns[c];
+        for (int64_t i = 0; i < n; i++) x[i] = -115.0f * (float)i / (float)n; /* to max - 115 */
+        fill(g, n, 100.0f);
+        fill(u, n, 3.0f);
+        if (n > 5) {
+            g[0] = 0.0f, g[1] = -0.0f, g[2] = INFINITY, g[3] = -INFINITY, g[4] = NAN;
+            x[n - 1] = -INFINITY; /* a masked entry */
+        }
+        for (int op = 0; op < 3; op++) {
+            use_level(TSR_CPU_LEVEL_SCALAR);
+            if (op == 0) tsr_softmax(ref, x, 1, n, 0, 1);
+            if (op == 1) tsr_silu(ref, g, n);
+            if (op == 2) tsr_swiglu(ref, g, u, n);
+            for (int l = 0; l < n_lv; l++) {
+                use_level(lv[l]);
+                if (op == 0) tsr_softmax(y, x, 1, n, 0, 1);
+                if (op == 1) tsr_silu(y, g, n);
+                if (op == 2) tsr_swiglu(y, g, u, n);
+                for (int64_t i = 0; i < n; i++)
+                    ck_assert_msg(same_bits_or_nan(y[i], ref[i]), "op %d level %d n %ld [%ld]: "
+                                  "%a vs scalar %a", op, (int)lv[l], (long)n, (long)i, y[i],
+                                  ref[i]);
+            }
+        }
+    }
+}
+END_TEST
+
 /* Both modes against a double formula; tolerance: f32 theta carries a relative error of at
  * most (2i + 3) ulp after i multiplications by an inexact scale; cos/sin add a few ulp. */
 START_TEST(test_rope) {
@@ -676,6 +738,8 @@ static Suite *kernels_suite(void) {
     ADD(test_matmul_errors);
     ADD(test_rms_norm);
     ADD(test_softmax);
+    ADD(test_expf);
+    ADD(test_exp_ops_levels);
     ADD(test_rope);
     ADD(test_elementwise);
     ADD(test_dot_axpy);

@@ -76,6 +76,26 @@ TSR_INLINE __m512i qa_load4(const char *p, size_t stride, int g, size_t off) {
                               3);
 }
 
+/* The scales (fp16 bits) of sixteen Q4_0 blocks: d of block j is word 9 j, so blocks 0-7
+ * lie in the first 128 bytes and blocks 8-15 in the 128 from block 8. */
+TSR_INLINE __m256i qa_d_q4_0(const char *p) {
+    static const uint16_t at[32] = {0, 9, 18, 27, 36, 45, 54, 63};
+    const __m512i idx = _mm512_loadu_si512(at);
+    const char *q = p + 8 * sizeof(tsr_block_q4_0);
+    __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx,
+                                           _mm512_loadu_si512(p + 64));
+    __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(q), idx,
+                                           _mm512_loadu_si512(q + 64));
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_castsi512_si128(lo)),
+                                   _mm512_castsi512_si128(hi), 1);
+}
+
+TSR_INLINE __m256i qa_d_q8_0(const char *p) {
+    uint16_t h[QA_G];
+    for (int j = 0; j < QA_G; j++) memcpy(&h[j], p + j * sizeof(tsr_block_q8_0), 2);
+    return _mm256_loadu_si256((const __m256i *)h);
+}
+
 /* Sixteen weight blocks from p as unsigned transposed quants w[8] and their scales. */
 TSR_INLINE __m512 qa_load_w(int qm, const char *p, __m512i w[8]) {
     const size_t stride = qm == TSR_QM_Q4_0 ? sizeof(tsr_block_q4_0) : sizeof(tsr_block_q8_0);
@@ -97,11 +117,7 @@ TSR_INLINE __m512 qa_load_w(int qm, const char *p, __m512i w[8]) {
             for (int m = 0; m < 4; m++) w[4 * h + m] = _mm512_xor_si512(t[m], bias);
         }
     }
-    const __m512i idx = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((int)stride));
-    __m512i h = _mm512_i32gather_epi32(idx, p, 1); /* d is at offset 0 of both block types */
-    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+    return _mm512_cvtph_ps(qm == TSR_QM_Q4_0 ? qa_d_q4_0(p) : qa_d_q8_0(p));
 }
 
 /* Lane b % 8 of acc += value of block b, for the sixteen blocks of one token. */

@@ -8,6 +8,8 @@
  * act_bits 8: activations are quantized per token to int8 (d_a = amax / 127) and each group
  * is an exact integer dot: y = d_a * sum_g d_g * (sum c * a - 32 * sum a).
  */
+#include <stdio.h>
+
 #include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
 
@@ -18,18 +20,9 @@ typedef struct int6_cfg {
     int32_t group, act8;
 } int6_cfg;
 
-typedef struct int6 {
-    const tsr_host *host;
-    int6_cfg cfg;
-} int6;
-
-static int64_t int6_groups(const int6_cfg *c, int64_t n_in) {
-    return (n_in + c->group - 1) / c->group;
-}
-
 static size_t int6_row_bytes(const void *cfg, int64_t n_in) {
     const int6_cfg *c = cfg;
-    int64_t n_g = int6_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     return 2 * (size_t)n_g + tsr_rq_packed_bytes(n_g * c->group, 6);
 }
 
@@ -37,11 +30,11 @@ static void int6_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
                               int64_t n_in) {
     (void)tail;
     const int6_cfg *c = cfg;
-    int64_t n_g = int6_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     uint8_t *codes = row + 2 * n_g, q[INT6_GROUP_MAX];
     for (int64_t g = 0; g < n_g; g++) {
         const float *x = w + g * c->group;
-        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        int64_t len = tsr_rq_group_len(g, c->group, n_in);
         float amax = 0.0f;
         for (int64_t i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[i]));
         float d = tsr_rq_store_f16(row + 2 * g, amax / 31.0f);
@@ -57,11 +50,11 @@ static void int6_dequantize_row(const void *cfg, float *y, const uint8_t *row,
     (void)tail;
     (void)tail_bytes;
     const int6_cfg *c = cfg;
-    int64_t n_g = int6_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     const uint8_t *codes = row + 2 * n_g;
     uint8_t q[INT6_GROUP_MAX];
     for (int64_t g = 0; g < n_g; g++) {
-        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        int64_t len = tsr_rq_group_len(g, c->group, n_in);
         tsr_rq_unpack(q, codes + g * c->group * 6 / 8, len, 6);
         float d = tsr_rq_load_f16(row + 2 * g);
         for (int64_t i = 0; i < len; i++) y[g * c->group + i] = d * (float)((int32_t)q[i] - 32);
@@ -76,7 +69,7 @@ static int64_t int6_act_group(const void *cfg) {
 static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                         const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
     const int6_cfg *c = cfg;
-    int64_t n_g = int6_groups(c, n_in), n_pad = n_g * c->group;
+    int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;
     tsr_rq_unpack(codes, row + 2 * n_g, n_pad, 6);
     for (int64_t t = 0; t < n_tok; t++) {
         const int8_t *a = act->q + t * act->n_pad;
@@ -90,6 +83,12 @@ static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *r
     }
 }
 
+static void int6_describe(const void *cfg, char *buf, size_t size) {
+    const int6_cfg *c = cfg;
+    snprintf(buf, size, "int6 group %d, %s activations", (int)c->group,
+             c->act8 ? "int8" : "f32");
+}
+
 static const tsr_rq_codec int6_codec = {
     .dtype = INT6_DTYPE,
     .name = "int6",
@@ -98,6 +97,7 @@ static const tsr_rq_codec int6_codec = {
     .dequantize_row = int6_dequantize_row,
     .act_group = int6_act_group,
     .dot_q8 = int6_dot_q8,
+    .describe = int6_describe,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */
@@ -108,56 +108,8 @@ static tsr_status int6_create(const tsr_host *host, const tsr_params *params,
     /* choices {"8", "16"}: index 0 is 8-bit activations. */
     int6_cfg cfg = {(int32_t)tsr_param_int(params, "group"),
                     tsr_param_int(params, "act_bits") == 0};
-    if (cfg.group % 32) {
-        host->set_error(host->ctx, "group: %d is not a multiple of 32", (int)cfg.group);
-        return TSR_E_INVALID;
-    }
-    int6 *q = tsr_calloc(host, 1, sizeof *q);
-    if (!q) return TSR_E_NOMEM;
-    q->host = host;
-    q->cfg = cfg;
-    *out = q;
-    return TSR_OK;
-}
-
-static void int6_destroy(void *self) {
-    int6 *q = self;
-    q->host->free(q->host->ctx, q);
-}
-
-static tsr_status int6_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
-    int6 *q = self;
-    tsr_rq_report rep;
-    tsr_status st = tsr_rq_quantize(q->host, &int6_codec, &q->cfg, sizeof q->cfg, &in->src,
-                                    &out->dst, &rep);
-    if (st < 0) return st;
-    out->bits_per_weight = rep.bits_per_weight;
-    out->rel_rmse = rep.rel_rmse;
-    out->owns_data = 1;
-    q->host->log(q->host->ctx, TSR_LOG_INFO,
-                 "%s (layer %d, %s): int6 group %d, %s activations: %.3f bits/weight, "
-                 "rel_rmse %.5f",
-                 in->src.name ? in->src.name : "?", (int)in->layer, in->role ? in->role : "?",
-                 (int)q->cfg.group, q->cfg.act8 ? "int8" : "f32", rep.bits_per_weight,
-                 rep.rel_rmse);
-    return TSR_OK;
-}
-
-static void int6_release(void *self, tsr_tensor *w) {
-    int6 *q = self;
-    tsr_rq_release(q->host, w);
-}
-
-static tsr_status int6_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
-                              int64_t n) {
-    int6 *q = self;
-    return tsr_rq_matmul(q->host, &int6_codec, y, w, x, n);
-}
-
-static tsr_status int6_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
-                                       int64_t n_rows) {
-    int6 *q = self;
-    return tsr_rq_dequantize_rows(q->host, &int6_codec, y, w, row0, n_rows);
+    tsr_status st = tsr_rq_check_group(host, cfg.group, 32);
+    return st < 0 ? st : tsr_rq_quantizer_create(host, &int6_codec, &cfg, sizeof cfg, out);
 }
 
 static const char *const int6_act_choices[] = {"8", "16", NULL};
@@ -174,11 +126,8 @@ static const tsr_param_def int6_params[] = {
 static const tsr_quantizer_vtable int6_vtable = {
     TSR_SIZED(tsr_quantizer_vtable),
     .create = int6_create,
-    .destroy = int6_destroy,
-    .prepare = int6_prepare,
-    .release = int6_release,
-    .matmul = int6_matmul,
-    .dequantize_rows = int6_dequantize_rows,
+    .prepare = tsr_rq_quantizer_prepare,
+    TSR_RQ_QUANTIZER_CALLBACKS,
 };
 
 static const tsr_plugin_desc int6_desc = {

@@ -8,6 +8,8 @@
  * The product dequantizes each row once per call and multiplies it with the f32 activations
  * (tsr_dot_f32): weight-only quantization, as FineQuant's fp16-activation kernels.
  */
+#include <stdio.h>
+
 #include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
 
@@ -18,35 +20,27 @@ typedef struct rtn_cfg {
     int32_t bits, group, symmetric;
 } rtn_cfg;
 
-typedef struct rtn {
-    const tsr_host *host;
-    rtn_cfg cfg;
-} rtn;
-
-static int64_t rtn_groups(const rtn_cfg *c, int64_t n_in) {
-    return (n_in + c->group - 1) / c->group;
-}
-
 static size_t rtn_stat_bytes(const rtn_cfg *c, int64_t n_in) {
-    return (size_t)rtn_groups(c, n_in) * (c->symmetric ? 2 : 4);
+    return (size_t)tsr_rq_groups(n_in, c->group) * (c->symmetric ? 2 : 4);
 }
 
 static size_t rtn_row_bytes(const void *cfg, int64_t n_in) {
     const rtn_cfg *c = cfg;
-    return rtn_stat_bytes(c, n_in) + tsr_rq_packed_bytes(rtn_groups(c, n_in) * c->group, c->bits);
+    int64_t n_codes = tsr_rq_groups(n_in, c->group) * c->group;
+    return rtn_stat_bytes(c, n_in) + tsr_rq_packed_bytes(n_codes, c->bits);
 }
 
 static void rtn_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, const float *w,
                              int64_t n_in) {
     (void)tail;
     const rtn_cfg *c = cfg;
-    int64_t n_g = rtn_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     uint8_t *mins = row + 2 * n_g, *codes = row + rtn_stat_bytes(c, n_in);
     int32_t qmax = (1 << (c->bits - 1)) - 1, levels = (1 << c->bits) - 1;
     uint8_t q[RTN_GROUP_MAX];
     for (int64_t g = 0; g < n_g; g++) {
         const float *x = w + g * c->group;
-        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        int64_t len = tsr_rq_group_len(g, c->group, n_in);
         float lo = x[0], hi = x[0], amax = 0.0f;
         for (int64_t i = 0; i < len; i++) {
             lo = fminf(lo, x[i]);
@@ -76,12 +70,12 @@ static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, co
     (void)tail;
     (void)tail_bytes;
     const rtn_cfg *c = cfg;
-    int64_t n_g = rtn_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     const uint8_t *mins = row + 2 * n_g, *codes = row + rtn_stat_bytes(c, n_in);
     int32_t qmax = (1 << (c->bits - 1)) - 1;
     uint8_t q[RTN_GROUP_MAX];
     for (int64_t g = 0; g < n_g; g++) {
-        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        int64_t len = tsr_rq_group_len(g, c->group, n_in);
         tsr_rq_unpack(q, codes + g * c->group * c->bits / 8, len, c->bits);
         float d = tsr_rq_load_f16(row + 2 * g);
         float *out = y + g * c->group;
@@ -94,12 +88,19 @@ static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, co
     }
 }
 
+static void rtn_describe(const void *cfg, char *buf, size_t size) {
+    const rtn_cfg *c = cfg;
+    snprintf(buf, size, "rtn %d-bit %s group %d", (int)c->bits, c->symmetric ? "sym" : "asym",
+             (int)c->group);
+}
+
 static const tsr_rq_codec rtn_codec = {
     .dtype = RTN_DTYPE,
     .name = "rtn",
     .row_bytes = rtn_row_bytes,
     .quantize_row = rtn_quantize_row,
     .dequantize_row = rtn_dequantize_row,
+    .describe = rtn_describe,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */
@@ -109,55 +110,8 @@ static tsr_status rtn_create(const tsr_host *host, const tsr_params *params,
     (void)init;
     rtn_cfg cfg = {(int32_t)tsr_param_int(params, "bits"), (int32_t)tsr_param_int(params, "group"),
                    tsr_param_bool(params, "symmetric")};
-    if (cfg.group % 8) {
-        host->set_error(host->ctx, "group: %d is not a multiple of 8", (int)cfg.group);
-        return TSR_E_INVALID;
-    }
-    rtn *q = tsr_calloc(host, 1, sizeof *q);
-    if (!q) return TSR_E_NOMEM;
-    q->host = host;
-    q->cfg = cfg;
-    *out = q;
-    return TSR_OK;
-}
-
-static void rtn_destroy(void *self) {
-    rtn *q = self;
-    q->host->free(q->host->ctx, q);
-}
-
-static tsr_status rtn_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
-    rtn *q = self;
-    tsr_rq_report rep;
-    tsr_status st = tsr_rq_quantize(q->host, &rtn_codec, &q->cfg, sizeof q->cfg, &in->src,
-                                    &out->dst, &rep);
-    if (st < 0) return st;
-    out->bits_per_weight = rep.bits_per_weight;
-    out->rel_rmse = rep.rel_rmse;
-    out->owns_data = 1;
-    q->host->log(q->host->ctx, TSR_LOG_INFO,
-                 "%s (layer %d, %s): rtn %d-bit %s group %d: %.3f bits/weight, rel_rmse %.5f",
-                 in->src.name ? in->src.name : "?", (int)in->layer, in->role ? in->role : "?",
-                 (int)q->cfg.bits, q->cfg.symmetric ? "sym" : "asym", (int)q->cfg.group,
-                 rep.bits_per_weight, rep.rel_rmse);
-    return TSR_OK;
-}
-
-static void rtn_release(void *self, tsr_tensor *w) {
-    rtn *q = self;
-    tsr_rq_release(q->host, w);
-}
-
-static tsr_status rtn_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
-                             int64_t n) {
-    rtn *q = self;
-    return tsr_rq_matmul(q->host, &rtn_codec, y, w, x, n);
-}
-
-static tsr_status rtn_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
-                                      int64_t n_rows) {
-    rtn *q = self;
-    return tsr_rq_dequantize_rows(q->host, &rtn_codec, y, w, row0, n_rows);
+    tsr_status st = tsr_rq_check_group(host, cfg.group, 8);
+    return st < 0 ? st : tsr_rq_quantizer_create(host, &rtn_codec, &cfg, sizeof cfg, out);
 }
 
 static const tsr_param_def rtn_params[] = {
@@ -174,11 +128,8 @@ static const tsr_param_def rtn_params[] = {
 static const tsr_quantizer_vtable rtn_vtable = {
     TSR_SIZED(tsr_quantizer_vtable),
     .create = rtn_create,
-    .destroy = rtn_destroy,
-    .prepare = rtn_prepare,
-    .release = rtn_release,
-    .matmul = rtn_matmul,
-    .dequantize_rows = rtn_dequantize_rows,
+    .prepare = tsr_rq_quantizer_prepare,
+    TSR_RQ_QUANTIZER_CALLBACKS,
 };
 
 static const tsr_plugin_desc rtn_desc = {

@@ -17,23 +17,20 @@
  * Tail of a row: (uint16 column, fp16 value)[outliers of the row].
  * w = s * (c - z), s and z decoded from their codes: s = s_min + s_step * code.
  */
+#include <stdio.h>
+
 #include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
 
 #define SPQR_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 120)
 #define SPQR_GROUP_MAX 128
 #define SPQR_SGROUP_MAX 64
+#define SPQR_OUTLIER_BYTES 4 /* a tail entry: uint16 column, fp16 value */
 
 typedef struct spqr_cfg {
     int32_t bits, group, stats_bits, stats_group;
     float threshold;
 } spqr_cfg;
-
-typedef struct spqr {
-    const tsr_host *host;
-    spqr_cfg cfg;
-    uint64_t tensors, weights, outliers; /* totals of this instance, for `stats` */
-} spqr;
 
 typedef struct spqr_layout {
     int64_t n_g, n_s;
@@ -43,8 +40,8 @@ typedef struct spqr_layout {
 
 static spqr_layout spqr_layout_of(const spqr_cfg *c, int64_t n_in) {
     spqr_layout l;
-    l.n_g = (n_in + c->group - 1) / c->group;
-    l.n_s = (l.n_g + c->stats_group - 1) / c->stats_group;
+    l.n_g = tsr_rq_groups(n_in, c->group);
+    l.n_s = tsr_rq_groups(l.n_g, c->stats_group);
     l.stats = 0;
     l.scodes = 8 * (size_t)l.n_s;
     l.zcodes = l.scodes + tsr_rq_packed_bytes(l.n_g, c->stats_bits);
@@ -72,17 +69,13 @@ static int64_t spqr_outliers(const spqr_cfg *c, const float *x, int64_t len, uin
     return n;
 }
 
-static int64_t spqr_group_len(const spqr_cfg *c, int64_t g, int64_t n_in) {
-    return n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
-}
-
 static size_t spqr_tail_bytes(const void *cfg, const float *w, int64_t n_in) {
     const spqr_cfg *c = cfg;
     int64_t n_g = spqr_layout_of(c, n_in).n_g, n = 0;
     uint8_t mask[SPQR_GROUP_MAX];
     for (int64_t g = 0; g < n_g; g++)
-        n += spqr_outliers(c, w + g * c->group, spqr_group_len(c, g, n_in), mask);
-    return 4 * (size_t)n;
+        n += spqr_outliers(c, w + g * c->group, tsr_rq_group_len(g, c->group, n_in), mask);
+    return SPQR_OUTLIER_BYTES * (size_t)n;
 }
 
 /* Quantizes v[0..n) to `bits` over their own range: stores fp16 min and step at st, codes in
@@ -114,7 +107,7 @@ static void spqr_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
         int64_t n = l.n_g - g0 < c->stats_group ? l.n_g - g0 : c->stats_group;
         /* First level: min-max of the inliers of each group. */
         for (int64_t k = 0; k < n; k++) {
-            int64_t g = g0 + k, len = spqr_group_len(c, g, n_in);
+            int64_t g = g0 + k, len = tsr_rq_group_len(g, c->group, n_in);
             const float *x = w + g * c->group;
             spqr_outliers(c, x, len, mask);
             float lo = 0.0f, hi = 0.0f;
@@ -135,7 +128,7 @@ static void spqr_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
         spqr_stats_quantize(s, sc, n, c->stats_bits, st);
         spqr_stats_quantize(z, zc, n, c->stats_bits, st + 4);
         for (int64_t k = 0; k < n; k++) {
-            int64_t g = g0 + k, len = spqr_group_len(c, g, n_in);
+            int64_t g = g0 + k, len = tsr_rq_group_len(g, c->group, n_in);
             const float *x = w + g * c->group;
             spqr_outliers(c, x, len, mask);
             float is = s[k] > 0.0f ? 1.0f / s[k] : 0.0f;
@@ -145,8 +138,8 @@ static void spqr_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
                                      : 0);
                 if (i < len && mask[i]) {
                     uint16_t col = (uint16_t)(g * c->group + i);
-                    memcpy(tail + 4 * n_out, &col, 2);
-                    tsr_rq_store_f16(tail + 4 * n_out + 2, x[i]);
+                    memcpy(tail + SPQR_OUTLIER_BYTES * n_out, &col, 2);
+                    tsr_rq_store_f16(tail + SPQR_OUTLIER_BYTES * n_out + 2, x[i]);
                     n_out++;
                 }
             }
@@ -171,7 +164,7 @@ static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
     uint8_t q[SPQR_GROUP_MAX], sc, zc;
     for (int64_t g = 0; g < l.n_g; g++) {
         const uint8_t *st = row + l.stats + 8 * (size_t)(g / c->stats_group);
-        int64_t bit = g * c->stats_bits, len = spqr_group_len(c, g, n_in);
+        int64_t bit = g * c->stats_bits, len = tsr_rq_group_len(g, c->group, n_in);
         uint32_t sv = 0, zv = 0;
         for (int b = 0; b < c->stats_bits; b++, bit++) {
             sv |= (uint32_t)((row[l.scodes + (size_t)(bit >> 3)] >> (bit & 7)) & 1) << b;
@@ -184,11 +177,17 @@ static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
         tsr_rq_unpack(q, row + l.wcodes + (size_t)(g * c->group * c->bits / 8), len, c->bits);
         for (int64_t i = 0; i < len; i++) y[g * c->group + i] = s * ((float)q[i] - z);
     }
-    for (size_t k = 0; k + 4 <= tail_bytes; k += 4) {
+    for (size_t k = 0; k + SPQR_OUTLIER_BYTES <= tail_bytes; k += SPQR_OUTLIER_BYTES) {
         uint16_t col;
         memcpy(&col, tail + k, 2);
         y[col] = tsr_rq_load_f16(tail + k + 2);
     }
+}
+
+static void spqr_describe(const void *cfg, char *buf, size_t size) {
+    const spqr_cfg *c = cfg;
+    snprintf(buf, size, "spqr %d-bit group %d, stats %d-bit x %d", (int)c->bits, (int)c->group,
+             (int)c->stats_bits, (int)c->stats_group);
 }
 
 static const tsr_rq_codec spqr_codec = {
@@ -198,6 +197,7 @@ static const tsr_rq_codec spqr_codec = {
     .tail_bytes = spqr_tail_bytes,
     .quantize_row = spqr_quantize_row,
     .dequantize_row = spqr_dequantize_row,
+    .describe = spqr_describe,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */
@@ -209,25 +209,14 @@ static tsr_status spqr_create(const tsr_host *host, const tsr_params *params,
                     (int32_t)tsr_param_int(params, "stats_bits"),
                     (int32_t)tsr_param_int(params, "stats_group"),
                     (float)tsr_param_float(params, "outlier_threshold")};
-    if (cfg.group % 8) {
-        host->set_error(host->ctx, "group: %d is not a multiple of 8", (int)cfg.group);
-        return TSR_E_INVALID;
-    }
-    spqr *q = tsr_calloc(host, 1, sizeof *q);
-    if (!q) return TSR_E_NOMEM;
-    q->host = host;
-    q->cfg = cfg;
-    *out = q;
-    return TSR_OK;
+    tsr_status st = tsr_rq_check_group(host, cfg.group, 8);
+    return st < 0 ? st : tsr_rq_quantizer_create(host, &spqr_codec, &cfg, sizeof cfg, out);
 }
 
-static void spqr_destroy(void *self) {
-    spqr *q = self;
-    q->host->free(q->host->ctx, q);
-}
-
+/* tsr_rq_quantizer_prepare plus SpQR's limits: rows whose outlier columns fit 16 bits, and
+ * the outlier count in the log line. */
 static tsr_status spqr_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
-    spqr *q = self;
+    tsr_rq_quantizer *q = self;
     const char *name = in->src.name ? in->src.name : "?";
     if (in->src.ne[0] > 65536) {
         q->host->set_error(q->host->ctx, "%s: rows of %lld weights: spqr's 16-bit outlier "
@@ -235,51 +224,28 @@ static tsr_status spqr_prepare(void *self, const tsr_weight_in *in, tsr_weight_o
         return TSR_E_UNSUPPORTED;
     }
     tsr_rq_report rep;
-    tsr_status st = tsr_rq_quantize(q->host, &spqr_codec, &q->cfg, sizeof q->cfg, &in->src,
-                                    &out->dst, &rep);
+    tsr_status st = tsr_rq_quantizer_quantize(q, in, out, &rep);
     if (st < 0) return st;
-    out->bits_per_weight = rep.bits_per_weight;
-    out->rel_rmse = rep.rel_rmse;
-    out->owns_data = 1;
-    uint64_t n = (uint64_t)in->src.ne[0] * (uint64_t)in->src.ne[1], n_out = rep.tail_bytes / 4;
-    q->tensors++;
-    q->weights += n;
-    q->outliers += n_out;
+    uint64_t n = (uint64_t)in->src.ne[0] * (uint64_t)in->src.ne[1];
+    uint64_t n_out = rep.tail_bytes / SPQR_OUTLIER_BYTES;
+    char what[128];
+    spqr_describe(q->cfg, what, sizeof what);
     q->host->log(q->host->ctx, TSR_LOG_INFO,
-                 "%s (layer %d, %s): spqr %d-bit group %d, stats %d-bit x %d: %.3f bits/weight, "
-                 "rel_rmse %.5f, outliers %llu (%.4f%%)",
-                 name, (int)in->layer, in->role ? in->role : "?", (int)q->cfg.bits,
-                 (int)q->cfg.group, (int)q->cfg.stats_bits, (int)q->cfg.stats_group,
-                 rep.bits_per_weight, rep.rel_rmse, (unsigned long long)n_out,
-                 100.0 * (double)n_out / (double)n);
+                 "%s (layer %d, %s): %s: %.3f bits/weight, rel_rmse %.5f, outliers %llu (%.4f%%)",
+                 name, (int)in->layer, in->role ? in->role : "?", what, rep.bits_per_weight,
+                 rep.rel_rmse, (unsigned long long)n_out, 100.0 * (double)n_out / (double)n);
     return TSR_OK;
-}
-
-static void spqr_release(void *self, tsr_tensor *w) {
-    spqr *q = self;
-    tsr_rq_release(q->host, w);
-}
-
-static tsr_status spqr_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
-                              int64_t n) {
-    spqr *q = self;
-    return tsr_rq_matmul(q->host, &spqr_codec, y, w, x, n);
-}
-
-static tsr_status spqr_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
-                                       int64_t n_rows) {
-    spqr *q = self;
-    return tsr_rq_dequantize_rows(q->host, &spqr_codec, y, w, row0, n_rows);
 }
 
 /* Command `stats`: the totals of every tensor this instance prepared. */
 static void spqr_stats(void *self) {
-    spqr *q = self;
+    tsr_rq_quantizer *q = self;
+    uint64_t outliers = q->tail_bytes / SPQR_OUTLIER_BYTES;
     q->host->log(q->host->ctx, TSR_LOG_INFO,
                  "spqr: %llu tensors, %llu weights, %llu outliers (%.4f%%)",
                  (unsigned long long)q->tensors, (unsigned long long)q->weights,
-                 (unsigned long long)q->outliers,
-                 q->weights ? 100.0 * (double)q->outliers / (double)q->weights : 0.0);
+                 (unsigned long long)outliers,
+                 q->weights ? 100.0 * (double)outliers / (double)q->weights : 0.0);
 }
 
 static const tsr_command spqr_commands[] = {
@@ -308,11 +274,8 @@ static const tsr_param_def spqr_params[] = {
 static const tsr_quantizer_vtable spqr_vtable = {
     TSR_SIZED(tsr_quantizer_vtable),
     .create = spqr_create,
-    .destroy = spqr_destroy,
     .prepare = spqr_prepare,
-    .release = spqr_release,
-    .matmul = spqr_matmul,
-    .dequantize_rows = spqr_dequantize_rows,
+    TSR_RQ_QUANTIZER_CALLBACKS,
 };
 
 static const tsr_plugin_desc spqr_desc = {

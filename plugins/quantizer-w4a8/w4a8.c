@@ -9,6 +9,8 @@
  * integer sum per row, scales applied after the multiplication as QServe does:
  *   y = s1 * d_a * sum_g s2_g * (sum_i c_i * a_i - z_g * sum_i a_i).
  */
+#include <stdio.h>
+
 #include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
 
@@ -19,18 +21,9 @@ typedef struct w4a8_cfg {
     int32_t group;
 } w4a8_cfg;
 
-typedef struct w4a8 {
-    const tsr_host *host;
-    w4a8_cfg cfg;
-} w4a8;
-
-static int64_t w4a8_groups(const w4a8_cfg *c, int64_t n_in) {
-    return (n_in + c->group - 1) / c->group;
-}
-
 static size_t w4a8_row_bytes(const void *cfg, int64_t n_in) {
     const w4a8_cfg *c = cfg;
-    int64_t n_g = w4a8_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     return 2 + 2 * (size_t)n_g + tsr_rq_packed_bytes(n_g * c->group, 4);
 }
 
@@ -38,7 +31,7 @@ static void w4a8_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
                               int64_t n_in) {
     (void)tail;
     const w4a8_cfg *c = cfg;
-    int64_t n_g = w4a8_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     uint8_t *gs = row + 2, *codes = row + 2 + 2 * n_g, q[256];
     float amax = 0.0f;
     for (int64_t i = 0; i < n_in; i++) amax = fmaxf(amax, fabsf(w[i]));
@@ -46,7 +39,7 @@ static void w4a8_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
     float is1 = s1 > 0.0f ? 1.0f / s1 : 0.0f;
     for (int64_t g = 0; g < n_g; g++) {
         const float *x = w + g * c->group;
-        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        int64_t len = tsr_rq_group_len(g, c->group, n_in);
         int32_t q8[256], lo = 0, hi = 0;
         for (int64_t i = 0; i < len; i++) {
             q8[i] = tsr_rq_round(x[i] * is1, -W4A8_PROTECT, W4A8_PROTECT);
@@ -69,12 +62,12 @@ static void w4a8_dequantize_row(const void *cfg, float *y, const uint8_t *row,
     (void)tail;
     (void)tail_bytes;
     const w4a8_cfg *c = cfg;
-    int64_t n_g = w4a8_groups(c, n_in);
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     const uint8_t *gs = row + 2, *codes = row + 2 + 2 * n_g;
     float s1 = tsr_rq_load_f16(row);
     uint8_t q[256];
     for (int64_t g = 0; g < n_g; g++) {
-        int64_t len = n_in - g * c->group < c->group ? n_in - g * c->group : c->group;
+        int64_t len = tsr_rq_group_len(g, c->group, n_in);
         int32_t s2 = gs[2 * g], z = gs[2 * g + 1];
         tsr_rq_unpack(q, codes + g * c->group / 2, len, 4);
         for (int64_t i = 0; i < len; i++)
@@ -89,7 +82,7 @@ static int64_t w4a8_act_group(const void *cfg) {
 static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                         const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
     const w4a8_cfg *c = cfg;
-    int64_t n_g = w4a8_groups(c, n_in), n_pad = n_g * c->group;
+    int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;
     const uint8_t *gs = row + 2;
     float s1 = tsr_rq_load_f16(row);
     tsr_rq_unpack(codes, row + 2 + 2 * n_g, n_pad, 4);
@@ -105,6 +98,10 @@ static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *r
     }
 }
 
+static void w4a8_describe(const void *cfg, char *buf, size_t size) {
+    snprintf(buf, size, "w4a8 group %d", (int)((const w4a8_cfg *)cfg)->group);
+}
+
 static const tsr_rq_codec w4a8_codec = {
     .dtype = W4A8_DTYPE,
     .name = "w4a8",
@@ -113,6 +110,7 @@ static const tsr_rq_codec w4a8_codec = {
     .dequantize_row = w4a8_dequantize_row,
     .act_group = w4a8_act_group,
     .dot_q8 = w4a8_dot_q8,
+    .describe = w4a8_describe,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */
@@ -121,54 +119,8 @@ static tsr_status w4a8_create(const tsr_host *host, const tsr_params *params,
                               const tsr_quantizer_init *init, void **out) {
     (void)init;
     w4a8_cfg cfg = {(int32_t)tsr_param_int(params, "group")};
-    if (cfg.group % 32) {
-        host->set_error(host->ctx, "group: %d is not a multiple of 32", (int)cfg.group);
-        return TSR_E_INVALID;
-    }
-    w4a8 *q = tsr_calloc(host, 1, sizeof *q);
-    if (!q) return TSR_E_NOMEM;
-    q->host = host;
-    q->cfg = cfg;
-    *out = q;
-    return TSR_OK;
-}
-
-static void w4a8_destroy(void *self) {
-    w4a8 *q = self;
-    q->host->free(q->host->ctx, q);
-}
-
-static tsr_status w4a8_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
-    w4a8 *q = self;
-    tsr_rq_report rep;
-    tsr_status st = tsr_rq_quantize(q->host, &w4a8_codec, &q->cfg, sizeof q->cfg, &in->src,
-                                    &out->dst, &rep);
-    if (st < 0) return st;
-    out->bits_per_weight = rep.bits_per_weight;
-    out->rel_rmse = rep.rel_rmse;
-    out->owns_data = 1;
-    q->host->log(q->host->ctx, TSR_LOG_INFO,
-                 "%s (layer %d, %s): w4a8 group %d: %.3f bits/weight, rel_rmse %.5f",
-                 in->src.name ? in->src.name : "?", (int)in->layer, in->role ? in->role : "?",
-                 (int)q->cfg.group, rep.bits_per_weight, rep.rel_rmse);
-    return TSR_OK;
-}
-
-static void w4a8_release(void *self, tsr_tensor *w) {
-    w4a8 *q = self;
-    tsr_rq_release(q->host, w);
-}
-
-static tsr_status w4a8_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
-                              int64_t n) {
-    w4a8 *q = self;
-    return tsr_rq_matmul(q->host, &w4a8_codec, y, w, x, n);
-}
-
-static tsr_status w4a8_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
-                                       int64_t n_rows) {
-    w4a8 *q = self;
-    return tsr_rq_dequantize_rows(q->host, &w4a8_codec, y, w, row0, n_rows);
+    tsr_status st = tsr_rq_check_group(host, cfg.group, 32);
+    return st < 0 ? st : tsr_rq_quantizer_create(host, &w4a8_codec, &cfg, sizeof cfg, out);
 }
 
 static const tsr_param_def w4a8_params[] = {
@@ -180,11 +132,8 @@ static const tsr_param_def w4a8_params[] = {
 static const tsr_quantizer_vtable w4a8_vtable = {
     TSR_SIZED(tsr_quantizer_vtable),
     .create = w4a8_create,
-    .destroy = w4a8_destroy,
-    .prepare = w4a8_prepare,
-    .release = w4a8_release,
-    .matmul = w4a8_matmul,
-    .dequantize_rows = w4a8_dequantize_rows,
+    .prepare = tsr_rq_quantizer_prepare,
+    TSR_RQ_QUANTIZER_CALLBACKS,
 };
 
 static const tsr_plugin_desc w4a8_desc = {
