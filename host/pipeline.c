@@ -44,6 +44,7 @@ struct tsr_pipeline {
 
     weight *weights; /* (n_layer, W_PER_LAYER) */
     weight output;
+    weight tok_embd; /* prepared == false: the file's own rows */
     double n_weights, bits_sum, rmse_sum; /* over the prepared matrices, weighted by size */
 
     /* Activations in the backend's memory, sized for `cap` rows. */
@@ -136,8 +137,24 @@ static tsr_status prepare_weights(tsr_pipeline *pl, tsr_error *err) {
         }
         tsr_progress_report("preparing weights", l + 1, n_layer);
     }
-    return prepare_weight(pl, pl->stage_main[TSR_STAGE_QUANTIZER], &pl->model->output, -1,
-                          "output", &pl->output, err);
+    tsr_instance *qi = pl->stage_main[TSR_STAGE_QUANTIZER];
+    tsr_status st = prepare_weight(pl, qi, &pl->model->output, -1, "output", &pl->output, err);
+    if (st < 0 || pl->model->output.data == pl->model->tok_embd.data) return st;
+    /* The embedding goes through the quantizer too, so a conversion at load gives the rows a
+     * converted file would hold; a format the backend cannot read rows of stays the file's. */
+    weight *w = &pl->tok_embd;
+    st = prepare_weight(pl, qi, &pl->model->tok_embd, -1, "token_embd", w, err);
+    if (st >= 0 && !pl->be->supports(pl->be_self, w->t.dtype)) release_weight(w);
+    return st;
+}
+
+/* The rows the forward pass reads the embeddings from. */
+static const tsr_tensor *embeddings(const tsr_pipeline *pl) {
+    if (pl->tok_embd.prepared) return &pl->tok_embd.t;
+    if (pl->model->output.data == pl->model->tok_embd.data && pl->output.prepared &&
+        !pl->output.quantizer_matmul)
+        return &pl->output.t;
+    return &pl->model->tok_embd;
 }
 
 /* ---- buffers --------------------------------------------------------------------------- */
@@ -265,6 +282,7 @@ void tsr_pipeline_free(tsr_pipeline *pl) {
     for (size_t i = 0; pl->weights && i < (size_t)pl->hp.n_layer * W_PER_LAYER; i++)
         release_weight(&pl->weights[i]);
     release_weight(&pl->output);
+    release_weight(&pl->tok_embd);
     while (pl->n_seqs) tsr_pipeline_seq_end(pl, pl->seqs[pl->n_seqs - 1].id);
     if (pl->be) free_buffers(pl);
     tsr_instance_set_free(&pl->instances);
@@ -472,7 +490,7 @@ tsr_status tsr_pipeline_forward(tsr_pipeline *pl, const tsr_batch_entry *entries
         pl->pos[i] = b->pos;
     }
     const int64_t e = hp->n_embd, nv = hp->n_vocab;
-    OP(pl->be->get_rows(pl->be_self, pl->x, &pl->model->tok_embd, pl->ids, n));
+    OP(pl->be->get_rows(pl->be_self, pl->x, embeddings(pl), pl->ids, n));
     for (int32_t l = 0; l < hp->n_layer; l++)
         if ((st = layer_forward(pl, l, entries, n, err)) < 0) return st;
     if ((st = end_of_forward(pl, entries, n, err)) < 0) return st;

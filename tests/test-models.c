@@ -111,13 +111,30 @@ typedef struct fixture {
     bool exact_greedy; /* F32: every id must match; else up to the first fragile step */
 } fixture;
 
+/* Quantized models match llama.cpp within 1e-3 when every activation that gets quantized
+ * (to F16, Q8_0 or Q8_K) has llama.cpp's bits: one value an ulp away from a rounding tie
+ * changes a quant and then the logits by ~1e-2. Measured max |diff| (seq64): f16 6.1e-4,
+ * qwen2 q8_0 1.2e-7, q4_0 2.4e-7, q6_k 3.6e-7. Two fixtures still cross a tie:
+ * - llama-tiny-q8_0 (1.3e-2 from row 37): layer 0 ffn_down's input at position 37, element
+ *   61 is 1 ulp from a Q8_0 tie (x * 127/amax = -112.500008): gate and up differ from
+ *   llama.cpp by an ulp because our Q8_0 row dot adds block b into f32 lane b % 8, where
+ *   llama.cpp's x86 kernels fma each block's four-element partial dots into eight lanes.
+ *   With that order the first 12 rows are bit-exact and qwen2 q8_0 is exact everywhere.
+ * - llama-tiny-q4_k_m (2.6e-2 from row 41), and llama-tiny-q8_0 again from row 12 once the
+ *   dot order is fixed: the attention output of layer 0 (input of attn_output) lands on or
+ *   within 3 ulp of a tie (position 41 element 76; position 12 element 98): our attention
+ *   ('flash': online softmax, q pre-scaled) does not round as llama.cpp's non-flash path
+ *   (f32 K.Q dots, scale, soft_max with ggml's exp, V products in 16 fma lanes). */
 static const fixture fixtures[] = {
     {"fixtures/models/llama-tiny-f32.gguf", "llama-tiny-f32", 1e-4, true},
     {"fixtures/models/qwen2-tiny-f32.gguf", "qwen2-tiny-f32", 1e-4, true},
     {"models/stories260K.gguf", "stories260K", 1e-4, true},
-    {"fixtures/models/llama-tiny-f16.gguf", "llama-tiny-f16", 2e-2, false},
+    {"fixtures/models/llama-tiny-f16.gguf", "llama-tiny-f16", 1e-3, false},
     {"fixtures/models/llama-tiny-q8_0.gguf", "llama-tiny-q8_0", 2e-2, false},
-    {"fixtures/models/qwen2-tiny-q8_0.gguf", "qwen2-tiny-q8_0", 2e-2, false},
+    {"fixtures/models/qwen2-tiny-q8_0.gguf", "qwen2-tiny-q8_0", 1e-3, false},
+    {"fixtures/models/llama-tiny-q4_0.gguf", "llama-tiny-q4_0", 1e-3, false},
+    {"fixtures/models/llama-tiny-q4_k_m.gguf", "llama-tiny-q4_k_m", 3e-2, false},
+    {"fixtures/models/llama-tiny-q6_k.gguf", "llama-tiny-q6_k", 1e-3, false},
 };
 #define N_FIXTURES (sizeof fixtures / sizeof fixtures[0])
 
