@@ -585,9 +585,5 @@ int main(void) {
     tcase_add_loop_test(q, quantizer_keeps_types_in_place, 0, N_WEIGHT_TYPES);
     tcase_add_test(q, quantizer_refuses_other_types);
     suite_add_tcase(s, q);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }

@@ -10,22 +10,6 @@
 
 #include "testutil.h"
 
-static char *data(const char *rel) {
-    char *p = tsr_test_data_path(rel);
-    ck_assert_msg(p != NULL, "%s missing", rel);
-    return p;
-}
-
-/* Runs tessera with `args` (NULL-terminated), returns the exit status. */
-static int tessera(char **out, char **err, const char *const *args) {
-    char *argv[64];
-    int n = 0;
-    argv[n++] = (char *)tsr_test_env("TESSERA_BIN");
-    for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
-    argv[n] = NULL;
-    return tsr_test_run(argv, out, err);
-}
-
 /* run.c's -n counts positions after BOS including the prompt; ours counts new tokens. */
 typedef struct greedy_case {
     const char *prompt;
@@ -40,7 +24,7 @@ static const greedy_case cases[] = {
 };
 
 static void check_greedy_text(const char *model, const char *tokenizer, const greedy_case *c) {
-    char *ref = data(c->reference);
+    char *ref = tsr_test_data(c->reference);
     char *want = tsr_test_read_file(ref, NULL);
     free(ref);
     char n[16];
@@ -50,7 +34,7 @@ static void check_greedy_text(const char *model, const char *tokenizer, const gr
                               "--temperature", "0", NULL};
     const char *without_tok[] = {"run", "-m", model, "-p", c->prompt, "-n", n, "--temperature", "0",
                                  NULL};
-    int status = tessera(&out, &err, tokenizer ? with_tok : without_tok);
+    int status = tsr_test_tessera(&out, &err, tokenizer ? with_tok : without_tok);
     ck_assert_msg(status == 0, "exit %d: %s", status, err);
     ck_assert_msg(strcmp(out, want) == 0, "prompt '%s':\n--- got\n%s\n--- llama2.c\n%s", c->prompt,
                   out, want);
@@ -60,7 +44,8 @@ static void check_greedy_text(const char *model, const char *tokenizer, const gr
 }
 
 START_TEST(run_bin_matches_llama2c_text) {
-    char *model = data("models/stories260K.bin"), *tok = data("models/tok512.bin");
+    char *model = tsr_test_data("models/stories260K.bin");
+    char *tok = tsr_test_data("models/tok512.bin");
     check_greedy_text(model, tok, &cases[_i]);
     free(model);
     free(tok);
@@ -68,14 +53,14 @@ START_TEST(run_bin_matches_llama2c_text) {
 END_TEST
 
 START_TEST(run_gguf_matches_llama2c_text) {
-    char *model = data("models/stories260K.gguf");
+    char *model = tsr_test_data("models/stories260K.gguf");
     check_greedy_text(model, NULL, &cases[_i]);
     free(model);
 }
 END_TEST
 
 START_TEST(logits_file_matches_llama2c) {
-    char *ids_path = data("models/stories260K.greedy.lily.ids.txt");
+    char *ids_path = tsr_test_data("models/stories260K.greedy.lily.ids.txt");
     char *ids_text = tsr_test_read_file(ids_path, NULL);
     free(ids_path);
     /* The first 200 ids: the file has 201 (BOS + 200), and run.c dumped 200 rows. */
@@ -85,15 +70,16 @@ START_TEST(logits_file_matches_llama2c) {
     char *dir = tsr_test_tmpdir();
     char out_path[4096];
     snprintf(out_path, sizeof out_path, "%s/lily.f32", dir);
-    char *model = data("models/stories260K.bin"), *tok = data("models/tok512.bin");
+    char *model = tsr_test_data("models/stories260K.bin");
+    char *tok = tsr_test_data("models/tok512.bin");
     const char *args[] = {"logits", "-m", model, "--tokenizer", tok, "--tokens", ids_text, "--out",
                           out_path, NULL};
     char *err;
-    int status = tessera(NULL, &err, args);
+    int status = tsr_test_tessera(NULL, &err, args);
     ck_assert_msg(status == 0, "exit %d: %s", status, err);
     size_t got_size, want_size;
     float *got = (float *)tsr_test_read_file(out_path, &got_size);
-    char *ref = data("models/stories260K.greedy.lily.logits.f32");
+    char *ref = tsr_test_data("models/stories260K.greedy.lily.logits.f32");
     float *want = (float *)tsr_test_read_file(ref, &want_size);
     free(ref);
     ck_assert_uint_eq(got_size, want_size);
@@ -116,10 +102,10 @@ START_TEST(logits_failure_leaves_no_file) {
     char *dir = tsr_test_tmpdir();
     char out_path[4096];
     snprintf(out_path, sizeof out_path, "%s/out.f32", dir);
-    char *model = data("models/stories260K.gguf");
+    char *model = tsr_test_data("models/stories260K.gguf");
     const char *args[] = {"logits", "-m", model, "--tokens", "1 99999", "--out", out_path, NULL};
     char *err;
-    ck_assert_int_eq(tessera(NULL, &err, args), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
     ck_assert_str_eq(err, "tessera: forward: token 99999 is outside the vocabulary (512 tokens)\n");
     ck_assert_int_ne(access(out_path, F_OK), 0);
     rmdir(dir);
@@ -130,14 +116,14 @@ START_TEST(logits_failure_leaves_no_file) {
 END_TEST
 
 START_TEST(tokenize_prints_ids) {
-    char *model = data("models/stories260K.gguf");
+    char *model = tsr_test_data("models/stories260K.gguf");
     char *out;
     const char *args[] = {"tokenize", "-m", model, "-p", "Once upon a time", NULL};
-    ck_assert_int_eq(tessera(&out, NULL, args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, args), 0);
     ck_assert_str_eq(out, "1 403 407 261 378\n");
     free(out);
     const char *no_bos[] = {"tokenize", "-m", model, "-p", "Once upon a time", "--no-bos", NULL};
-    ck_assert_int_eq(tessera(&out, NULL, no_bos), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, no_bos), 0);
     ck_assert_str_eq(out, "403 407 261 378\n");
     free(out);
     free(model);
@@ -146,7 +132,7 @@ END_TEST
 
 /* -f takes the bytes as they are, trailing newline included; vocab-only GGUFs work. */
 START_TEST(tokenize_file_with_vocab_only_gguf) {
-    char *vocab = data("fixtures/vocab/ggml-vocab-llama-spm.gguf");
+    char *vocab = tsr_test_data("fixtures/vocab/ggml-vocab-llama-spm.gguf");
     char *dir = tsr_test_tmpdir();
     char path[4096];
     snprintf(path, sizeof path, "%s/in.txt", dir);
@@ -154,8 +140,8 @@ START_TEST(tokenize_file_with_vocab_only_gguf) {
     char *a, *b;
     const char *file_args[] = {"tokenize", "-m", vocab, "-f", path, "--no-bos", NULL};
     const char *text_args[] = {"tokenize", "-m", vocab, "-p", "Hello world", "--no-bos", NULL};
-    ck_assert_int_eq(tessera(&a, NULL, file_args), 0);
-    ck_assert_int_eq(tessera(&b, NULL, text_args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&a, NULL, file_args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&b, NULL, text_args), 0);
     /* llama.cpp's SentencePiece vocabulary: "Hello world" -> 15043 3186; the newline is
      * <0x0A> = 13. */
     ck_assert_str_eq(b, "15043 3186\n");
@@ -176,7 +162,7 @@ START_TEST(bad_model_file_is_one_line) {
     ck_assert_int_eq(tsr_test_write_file(path, "GGUF\x03\x00\x00\x00", 8), 0);
     char *err;
     const char *args[] = {"run", "-m", path, "-p", "x", NULL};
-    ck_assert_int_eq(tessera(NULL, &err, args), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
     ck_assert_msg(strncmp(err, "tessera: ", 9) == 0 && strstr(err, path) &&
                       strchr(err, '\n') == err + strlen(err) - 1,
                   "not one line naming the file: %s", err);
@@ -188,10 +174,10 @@ START_TEST(bad_model_file_is_one_line) {
 END_TEST
 
 START_TEST(llama2c_model_needs_tokenizer) {
-    char *model = data("models/stories260K.bin");
+    char *model = tsr_test_data("models/stories260K.bin");
     char *err;
     const char *args[] = {"run", "-m", model, "-p", "x", NULL};
-    ck_assert_int_eq(tessera(NULL, &err, args), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
     char want[4200];
     snprintf(want, sizeof want, "tessera: %s: a llama2.c checkpoint holds no vocabulary; pass its "
              "tokenizer with --tokenizer (e.g. tok512.bin)\n", model);
@@ -213,10 +199,10 @@ START_TEST(hooks_run_on_live_instances) {
              "  - { on: after_step, stage: cache, call: reset_counters }\n"
              "  - { on: at_end, stage: cache, call: dump_stats, args: [\"%s\"] }\n", stats);
     ck_assert_int_eq(tsr_test_write_file(yaml_path, yaml, strlen(yaml)), 0);
-    char *model = data("models/stories260K.gguf");
+    char *model = tsr_test_data("models/stories260K.gguf");
     const char *args[] = {"run", yaml_path, "-m", model, "-p", "Once upon a time", "-n", "100", NULL};
     char *err;
-    int status = tessera(NULL, &err, args);
+    int status = tsr_test_tessera(NULL, &err, args);
     ck_assert_msg(status == 0, "exit %d: %s", status, err);
     char *text = tsr_test_read_file(stats, NULL);
     /* Eviction happens at a store; after_step reset the counters after the last one, so the
@@ -248,9 +234,5 @@ int main(void) {
     tcase_add_test(tc, llama2c_model_needs_tokenizer);
     tcase_add_test(tc, hooks_run_on_live_instances);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }

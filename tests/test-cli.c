@@ -12,16 +12,6 @@
 
 #include "testutil.h"
 
-/* Runs tessera with `args` (NULL-terminated); returns the exit status. */
-static int tessera(char **out, char **err, const char *const *args) {
-    char *argv[64];
-    int n = 0;
-    argv[n++] = (char *)tsr_test_env("TESSERA_BIN");
-    for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
-    argv[n] = NULL;
-    return tsr_test_run(argv, out, err);
-}
-
 /* A config file in a fresh folder; returns its path (malloc'd). */
 static char *write_config(const char *text) {
     char *dir = tsr_test_tmpdir();
@@ -42,7 +32,7 @@ static void remove_config(char *path) {
 START_TEST(version_names_every_abi) {
     char *out;
     const char *args[] = {"--version", NULL};
-    ck_assert_int_eq(tessera(&out, NULL, args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, args), 0);
     char want[512];
     snprintf(want, sizeof want,
              "plugin ABI: common %d.%d, backend 1.0, quantizer 1.0, attention 1.0, cache %d.%d, "
@@ -59,7 +49,7 @@ static const char *const subcommands[] = {"run", "logits", "tokenize", "bench", 
 START_TEST(every_subcommand_has_help) {
     char *out, *err;
     const char *args[] = {subcommands[_i], "--help", NULL};
-    ck_assert_int_eq(tessera(&out, &err, args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
     char want[64];
     snprintf(want, sizeof want, "usage: tessera %s", subcommands[_i]);
     ck_assert_msg(strncmp(out, want, strlen(want)) == 0, "%s --help printed: %s", subcommands[_i], out);
@@ -72,7 +62,7 @@ END_TEST
 START_TEST(unknown_command_is_a_usage_error) {
     char *err;
     const char *args[] = {"frobnicate", NULL};
-    ck_assert_int_eq(tessera(NULL, &err, args), 2);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 2);
     ck_assert_str_eq(err, "tessera: unknown command 'frobnicate' (see tessera --help)\n");
     free(err);
 }
@@ -85,7 +75,7 @@ START_TEST(plugins_list_shows_shipped_plugins_and_skips_bad_objects) {
     ck_assert_int_eq(tsr_test_write_file(bad, "not elf", 7), 0);
     char *out, *err;
     const char *args[] = {"plugins", "--plugin-dir", dir, "list", NULL};
-    ck_assert_int_eq(tessera(&out, &err, args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
     const char *shipped[] = {"cpu", "gguf", "flash", "reference", "full", "streaming", "greedy",
                              "sample"};
     for (size_t i = 0; i < sizeof shipped / sizeof shipped[0]; i++) {
@@ -108,14 +98,14 @@ END_TEST
 START_TEST(plugins_info_prints_parameters) {
     char *out;
     const char *args[] = {"plugins", "info", "sample", NULL};
-    ck_assert_int_eq(tessera(&out, NULL, args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, args), 0);
     ck_assert_msg(strstr(out, "stage:    decoder") && strstr(out, "parameters:") &&
                       strstr(out, "  temperature ") && strstr(out, "  seed "),
                   "%s", out);
     free(out);
     char *err;
     const char *none[] = {"plugins", "info", "nosuch", NULL};
-    ck_assert_int_eq(tessera(NULL, &err, none), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, none), 1);
     ck_assert_str_eq(err, "tessera: no plugin named 'nosuch' (see `tessera plugins list`)\n");
     free(err);
 }
@@ -127,7 +117,7 @@ START_TEST(plugins_call_goes_through_libffi) {
     snprintf(path, sizeof path, "%s/stats.txt", dir);
     char *out, *err;
     const char *args[] = {"plugins", "call", "streaming", "dump_stats", path, NULL};
-    ck_assert_int_eq(tessera(&out, &err, args), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
     ck_assert_str_eq(out, "0\n");
     char *stats = tsr_test_read_file(path, NULL);
     ck_assert_msg(stats && strncmp(stats, "# streaming: sink 4 window 252\n", 31) == 0, "%s", stats);
@@ -135,11 +125,11 @@ START_TEST(plugins_call_goes_through_libffi) {
     free(out);
     free(err);
     const char *missing[] = {"plugins", "call", "streaming", "dump_stats", NULL};
-    ck_assert_int_eq(tessera(NULL, &err, missing), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, missing), 1);
     ck_assert_str_eq(err, "tessera: command 'dump_stats' takes 1 argument (i(Is)), got 0\n");
     free(err);
     const char *nofunc[] = {"plugins", "call", "streaming", "nosuch", NULL};
-    ck_assert_int_eq(tessera(NULL, &err, nofunc), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, nofunc), 1);
     ck_assert_str_eq(err, "tessera: plugin 'streaming' has no command 'nosuch' (see `tessera "
                      "plugins info streaming`)\n");
     free(err);
@@ -157,7 +147,7 @@ START_TEST(shipped_configs_validate) {
              shipped_configs[_i]);
     char *out, *err;
     const char *args[] = {"validate", path, NULL};
-    int status = tessera(&out, &err, args);
+    int status = tsr_test_tessera(&out, &err, args);
     ck_assert_msg(status == 0, "%s: %s", path, err);
     free(out);
     free(err);
@@ -189,7 +179,7 @@ START_TEST(bad_configs_name_file_line_column) {
     char *path = write_config(c->yaml);
     char *err;
     const char *args[] = {"validate", path, c->set ? "--set" : NULL, c->set, NULL};
-    ck_assert_int_eq(tessera(NULL, &err, args), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
     char want[4200];
     snprintf(want, sizeof want, "tessera: %s:%s\n", path, c->error);
     ck_assert_str_eq(err, want);
@@ -203,9 +193,9 @@ START_TEST(set_overrides_are_validated) {
     snprintf(path, sizeof path, "%s/configs/streaming-llm.yaml", tsr_test_env("TESSERA_SOURCE_DIR"));
     char *err;
     const char *ok[] = {"validate", path, "--set", "cache.window=256", NULL};
-    ck_assert_int_eq(tessera(NULL, NULL, ok), 0);
+    ck_assert_int_eq(tsr_test_tessera(NULL, NULL, ok), 0);
     const char *bad[] = {"validate", path, "--set", "cache.window=-3", NULL};
-    ck_assert_int_eq(tessera(NULL, &err, bad), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, bad), 1);
     ck_assert_str_eq(err, "tessera: --set: cache.window: expected an integer in [1, 1048576], "
                           "got '-3'\n");
     free(err);
@@ -235,7 +225,7 @@ START_TEST(incompatible_plugin_is_refused_in_a_pipeline) {
     char *path = write_config(yaml);
     char *err;
     const char *args[] = {"validate", path, NULL};
-    ck_assert_int_eq(tessera(NULL, &err, args), 1);
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
     char want[8192];
     snprintf(want, sizeof want, "tessera: %s/%s: plugin '%s': %s\n", dir, r->file, r->name, r->why);
     ck_assert_str_eq(err, want);
@@ -263,9 +253,5 @@ int main(void) {
     tcase_add_loop_test(tc, incompatible_plugin_is_refused_in_a_pipeline, 0,
                         (int)(sizeof refusals / sizeof refusals[0]));
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }

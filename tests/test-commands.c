@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "commands.h"
+#include "testutil.h"
 
 /* ---- functions called through libffi ------------------------------------------------------ */
 
@@ -363,9 +364,5 @@ static Suite *commands_suite(void) {
 }
 
 int main(void) {
-    SRunner *sr = srunner_create(commands_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tsr_test_run_suite(commands_suite());
 }

@@ -237,9 +237,5 @@ int main(void) {
     /* Skip as a whole, before forking, when the shared data is absent. */
     free(tsr_test_require_data("fixtures/models/llama-tiny-f32.gguf"));
     free(tsr_test_require_data("models/stories260K.gguf"));
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tsr_test_run_suite(s);
 }

@@ -1018,9 +1018,5 @@ static Suite *gguf_suite(void) {
 }
 
 int main(void) {
-    SRunner *sr = srunner_create(gguf_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tsr_test_run_suite(gguf_suite());
 }

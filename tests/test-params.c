@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "params.h"
+#include "testutil.h"
 
 #define DEF(...) {.struct_size = sizeof(tsr_param_def), __VA_ARGS__}
 
@@ -375,9 +376,5 @@ static Suite *params_suite(void) {
 }
 
 int main(void) {
-    SRunner *sr = srunner_create(params_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tsr_test_run_suite(params_suite());
 }

@@ -9,6 +9,7 @@
 
 #include "host_services.h"
 #include "pool.h"
+#include "testutil.h"
 
 #define MAX_TH 8
 
@@ -294,9 +295,5 @@ static Suite *pool_suite(void) {
 }
 
 int main(void) {
-    SRunner *sr = srunner_create(pool_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tsr_test_run_suite(pool_suite());
 }

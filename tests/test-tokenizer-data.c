@@ -215,9 +215,5 @@ int main(void) {
     tcase_add_test(tc, llama2c_encode);
     tcase_add_test(tc, llama2c_decode_run_c_outputs);
     suite_add_tcase(s, tc);
-    SRunner *r = srunner_create(s);
-    srunner_run_all(r, CK_NORMAL);
-    int failed = srunner_ntests_failed(r);
-    srunner_free(r);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }

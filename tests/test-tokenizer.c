@@ -655,9 +655,5 @@ int main(void) {
     tcase_add_test(tc, gguf_tokenizer_ok);
     tcase_add_test(tc, gguf_tokenizer_malformed);
     suite_add_tcase(s, tc);
-    SRunner *r = srunner_create(s);
-    srunner_run_all(r, CK_NORMAL);
-    int failed = srunner_ntests_failed(r);
-    srunner_free(r);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }

@@ -36,6 +36,12 @@ char *tsr_test_require_data(const char *rel) {
     return path;
 }
 
+char *tsr_test_data(const char *rel) {
+    char *path = tsr_test_data_path(rel);
+    ck_assert_msg(path != NULL, "%s/%s missing", tsr_test_data_dir(), rel);
+    return path;
+}
+
 char *tsr_test_read_file(const char *path, size_t *size) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -116,6 +122,23 @@ int tsr_test_run(char *const argv[], char **out, char **err) {
     int status = 0;
     waitpid(pid, &status, 0);
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+int tsr_test_tessera(char **out, char **err, const char *const *args) {
+    char *argv[64];
+    int n = 0;
+    argv[n++] = (char *)tsr_test_env("TESSERA_BIN");
+    for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
+    argv[n] = NULL;
+    return tsr_test_run(argv, out, err);
+}
+
+int tsr_test_run_suite(Suite *s) {
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
 const char *tsr_test_env(const char *name) {

@@ -4,6 +4,8 @@
 
 #include <stddef.h>
 
+#include <check.h>
+
 /* The shared test data folder: $TESSERA_TEST_DATA, else ../shared. */
 const char *tsr_test_data_dir(void);
 
@@ -13,6 +15,10 @@ char *tsr_test_data_path(const char *rel);
 /* Exits with the ctest skip code (77) after printing "skipped: <reason>" when `rel` is missing
  * from the shared data folder; returns its path (malloc'd) otherwise. */
 char *tsr_test_require_data(const char *rel);
+
+/* Path of `rel` inside the shared data folder (malloc'd); fails the running test when the file
+ * is missing (for tests whose main() already skipped without the shared folder). */
+char *tsr_test_data(const char *rel);
 
 /* Reads a whole file (malloc'd, NUL-terminated beyond *size). NULL when unreadable. */
 char *tsr_test_read_file(const char *path, size_t *size);
@@ -27,6 +33,14 @@ char *tsr_test_tmpdir(void);
  * (either pointer may be NULL to discard). Returns the exit status, or -1 if it did not exit
  * normally (a crash). */
 int tsr_test_run(char *const argv[], char **out, char **err);
+
+/* Runs the tessera program ($TESSERA_BIN) with `args` (NULL-terminated, at most 62) like
+ * tsr_test_run. */
+int tsr_test_tessera(char **out, char **err, const char *const *args);
+
+/* Runs every test of `s` (fork mode unless CK_FORK=no), prints Check's summary and returns
+ * the process exit status: 0 when every test passed, 1 otherwise. Frees the suite. */
+int tsr_test_run_suite(Suite *s);
 
 /* Environment values set by ctest; abort with a message when absent. */
 const char *tsr_test_env(const char *name);
