@@ -332,11 +332,7 @@ START_TEST(test_find) {
 END_TEST
 
 static Suite *commands_suite(void) {
-    Suite *s = suite_create("commands");
-    struct {
-        const char *name;
-        const TTest *test;
-    } cases[] = {
+    const tsr_test_case cases[] = {
         {"int32", test_int32},
         {"int64", test_int64},
         {"double", test_double},
@@ -355,12 +351,7 @@ static Suite *commands_suite(void) {
         {"check_fn_size", test_check_null_fn_and_size},
         {"find", test_find},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        TCase *tc = tcase_create(cases[i].name);
-        tcase_add_test(tc, cases[i].test);
-        suite_add_tcase(s, tc);
-    }
-    return s;
+    return tsr_test_suite("commands", cases, sizeof cases / sizeof cases[0]);
 }
 
 int main(void) {

@@ -74,6 +74,15 @@ static gguf_bytes valid_file(size_t *at_offset) {
     return b;
 }
 
+/* A file (no tensors) whose one key is `name` of `type`: its value is the caller's to write. */
+static gguf_bytes one_key(const char *name, uint32_t type) {
+    gguf_bytes b = {0};
+    gb_header(&b, 3, 0, 1);
+    gb_str(&b, name);
+    gb_u32(&b, type);
+    return b;
+}
+
 /* A header with no keys and one tensor info written by the caller; returns offsets. */
 static void tensor_file(gguf_bytes *b, uint32_t n_tensors) {
     gb_header(b, 3, n_tensors, 0);
@@ -621,10 +630,7 @@ START_TEST(truncated) {
 END_TEST
 
 START_TEST(truncated_scalar_value) {
-    gguf_bytes b = {0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "a.b");
-    gb_u32(&b, TSR_GGUF_UINT64);
+    gguf_bytes b = one_key("a.b", TSR_GGUF_UINT64);
     gb_u32(&b, 7); /* half of the u64 */
     gb_u32(&b, 7); /* padding so the key count check passes (13 bytes at least) */
     b.len -= 4;
@@ -656,10 +662,7 @@ START_TEST(huge_counts) {
 END_TEST
 
 START_TEST(huge_array_and_string_lengths) {
-    gguf_bytes b = {0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "arr");
-    gb_u32(&b, TSR_GGUF_ARRAY);
+    gguf_bytes b = one_key("arr", TSR_GGUF_ARRAY);
     gb_u32(&b, TSR_GGUF_UINT32);
     gb_u64(&b, 1ull << 61); /* times 4 bytes wraps to 0 in 64 bits */
     gb_u64(&b, 0);
@@ -667,10 +670,7 @@ START_TEST(huge_array_and_string_lengths) {
                      "the rest of the file (8 bytes)");
     free(b.p);
 
-    b = (gguf_bytes){0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "tokens");
-    gb_u32(&b, TSR_GGUF_ARRAY);
+    b = one_key("tokens", TSR_GGUF_ARRAY);
     gb_u32(&b, TSR_GGUF_STRING);
     gb_u64(&b, 3);
     gb_str(&b, "a");
@@ -691,28 +691,19 @@ START_TEST(huge_array_and_string_lengths) {
 END_TEST
 
 START_TEST(bad_metadata_types) {
-    gguf_bytes b = {0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "k");
-    gb_u32(&b, 13);
+    gguf_bytes b = one_key("k", 13);
     gb_u64(&b, 0);
     expect_error(&b, "t.gguf: offset 33: key 'k': unknown value type 13, expected 0 to 12");
     free(b.p);
 
-    b = (gguf_bytes){0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "k");
-    gb_u32(&b, TSR_GGUF_ARRAY);
+    b = one_key("k", TSR_GGUF_ARRAY);
     gb_u32(&b, 99);
     gb_u64(&b, 0);
     expect_error(&b, "t.gguf: offset 37: key 'k': unknown array element type 99, expected 0 to "
                      "12");
     free(b.p);
 
-    b = (gguf_bytes){0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "k");
-    gb_u32(&b, TSR_GGUF_ARRAY);
+    b = one_key("k", TSR_GGUF_ARRAY);
     gb_u32(&b, TSR_GGUF_ARRAY);
     gb_u64(&b, 0);
     expect_error(&b, "t.gguf: offset 37: key 'k': arrays of arrays are not supported");
@@ -750,18 +741,12 @@ END_TEST
 
 START_TEST(bad_alignment) {
     for (uint32_t a = 0; a < 4; a += 3) {
-        gguf_bytes b = {0};
-        gb_header(&b, 3, 0, 1);
-        gb_str(&b, "general.alignment");
-        gb_u32(&b, TSR_GGUF_UINT32);
+        gguf_bytes b = one_key("general.alignment", TSR_GGUF_UINT32);
         gb_u32(&b, a);
         expect_error(&b, fmt("t.gguf: key 'general.alignment': %u is not a power of two", a));
         free(b.p);
     }
-    gguf_bytes b = {0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "general.alignment");
-    gb_u32(&b, TSR_GGUF_STRING);
+    gguf_bytes b = one_key("general.alignment", TSR_GGUF_STRING);
     gb_str(&b, "32");
     expect_error(&b, "t.gguf: key 'general.alignment': expected an unsigned integer, found str");
     free(b.p);
@@ -801,63 +786,46 @@ START_TEST(bad_tensor_offsets) {
 }
 END_TEST
 
+/* Files with one bad tensor info (and no keys) followed by `data` bytes, and the error each
+ * must give at the offset of the info's field `at`. */
+typedef enum info_field { AT_N_DIMS, AT_NE0, AT_TYPE } info_field;
+
+static const struct bad_tensor {
+    const char *name;
+    uint32_t n_dims;
+    uint64_t ne[5];
+    uint32_t type;
+    size_t data;
+    info_field at;
+    const char *error; /* %zu: the offset */
+} bad_tensors[] = {
+    {"a", 1, {8}, 99, 64, AT_TYPE, "t.gguf: offset %zu: tensor 'a': unknown type 99"},
+    {"a", 1, {8}, 4 /* Q4_2, removed */, 64, AT_TYPE,
+     "t.gguf: offset %zu: tensor 'a': unknown type 4"},
+    {"w", 2, {33, 2}, TSR_DTYPE_Q8_0, 128, AT_TYPE,
+     "t.gguf: offset %zu: tensor 'w': ne[0] = 33 is not a multiple of the Q8_0 block size 32"},
+    {"w", 5, {1, 1, 1, 1, 1}, TSR_DTYPE_F32, 32, AT_N_DIMS,
+     "t.gguf: offset %zu: tensor 'w': 5 dimensions, at most 4 are supported"},
+    {"w", 2, {1ull << 40, 1ull << 40}, TSR_DTYPE_F32, 32, AT_TYPE,
+     "t.gguf: offset %zu: tensor 'w': 1099511627776 x 1099511627776 x 1 x 1 elements of F32 "
+     "overflow the size"},
+    {"w", 1, {UINT64_MAX}, TSR_DTYPE_F32, 32, AT_NE0,
+     "t.gguf: offset %zu: tensor 'w': ne[0] = 18446744073709551615 is too large"},
+};
+
 START_TEST(bad_tensor_types_and_shapes) {
-    size_t at;
-    gguf_bytes b = {0};
-    tensor_file(&b, 1);
-    tensor_info(&b, "a", 1, (uint64_t[]){8}, 99, 0, &at);
-    data_bytes(&b, 64);
-    expect_error(&b, fmt("t.gguf: offset %zu: tensor 'a': unknown type 99", at));
-    free(b.p);
-
-    b = (gguf_bytes){0};
-    tensor_file(&b, 1);
-    tensor_info(&b, "a", 1, (uint64_t[]){8}, 4 /* Q4_2, removed */, 0, &at);
-    data_bytes(&b, 64);
-    expect_error(&b, fmt("t.gguf: offset %zu: tensor 'a': unknown type 4", at));
-    free(b.p);
-
-    b = (gguf_bytes){0};
-    tensor_file(&b, 1);
-    tensor_info(&b, "w", 2, (uint64_t[]){33, 2}, TSR_DTYPE_Q8_0, 0, &at);
-    data_bytes(&b, 128);
-    expect_error(&b, fmt("t.gguf: offset %zu: tensor 'w': ne[0] = 33 is not a multiple of the "
-                         "Q8_0 block size 32", at));
-    free(b.p);
-
-    b = (gguf_bytes){0};
-    tensor_file(&b, 1);
-    gb_str(&b, "w");
-    at = b.len;
-    gb_u32(&b, 5);
-    for (int d = 0; d < 5; d++) gb_u64(&b, 1);
-    gb_u32(&b, TSR_DTYPE_F32);
-    gb_u64(&b, 0);
-    data_bytes(&b, 32);
-    expect_error(&b, fmt("t.gguf: offset %zu: tensor 'w': 5 dimensions, at most 4 are supported",
-                         at));
-    free(b.p);
-
-    b = (gguf_bytes){0};
-    tensor_file(&b, 1);
-    tensor_info(&b, "w", 2, (uint64_t[]){1ull << 40, 1ull << 40}, TSR_DTYPE_F32, 0, &at);
-    data_bytes(&b, 32);
-    expect_error(&b, fmt("t.gguf: offset %zu: tensor 'w': 1099511627776 x 1099511627776 x 1 x 1 "
-                         "elements of F32 overflow the size", at));
-    free(b.p);
-
-    b = (gguf_bytes){0};
-    tensor_file(&b, 1);
-    gb_str(&b, "w");
-    gb_u32(&b, 1);
-    at = b.len;
-    gb_u64(&b, UINT64_MAX);
-    gb_u32(&b, TSR_DTYPE_F32);
-    gb_u64(&b, 0);
-    data_bytes(&b, 32);
-    expect_error(&b, fmt("t.gguf: offset %zu: tensor 'w': ne[0] = 18446744073709551615 is too "
-                         "large", at));
-    free(b.p);
+    for (size_t i = 0; i < sizeof bad_tensors / sizeof bad_tensors[0]; i++) {
+        const struct bad_tensor *c = &bad_tensors[i];
+        gguf_bytes b = {0};
+        tensor_file(&b, 1);
+        size_t at[3];
+        at[AT_N_DIMS] = b.len + 8 + strlen(c->name); /* after the name's length and bytes */
+        at[AT_NE0] = at[AT_N_DIMS] + 4;
+        tensor_info(&b, c->name, c->n_dims, c->ne, c->type, 0, &at[AT_TYPE]);
+        data_bytes(&b, c->data);
+        expect_error(&b, fmt(c->error, at[c->at]));
+        free(b.p);
+    }
 }
 END_TEST
 
@@ -876,10 +844,7 @@ END_TEST
 
 START_TEST(vocab_only_file) {
     /* No tensors and no padding after the table: valid (llama.cpp's vocab files). */
-    gguf_bytes b = {0};
-    gb_header(&b, 3, 0, 1);
-    gb_str(&b, "tokenizer.ggml.tokens");
-    gb_u32(&b, TSR_GGUF_ARRAY);
+    gguf_bytes b = one_key("tokenizer.ggml.tokens", TSR_GGUF_ARRAY);
     gb_u32(&b, TSR_GGUF_STRING);
     gb_u64(&b, 2);
     gb_str(&b, "<unk>");
@@ -979,11 +944,7 @@ START_TEST(random_corruption) {
 END_TEST
 
 static Suite *gguf_suite(void) {
-    Suite *s = suite_create("gguf");
-    struct {
-        const char *name;
-        const TTest *fn;
-    } cases[] = {
+    const tsr_test_case cases[] = {
         {"dtype", dtype_sizes},
         {"round_trip_metadata", round_trip_metadata},
         {"round_trip_arrays", round_trip_arrays},
@@ -1009,12 +970,7 @@ static Suite *gguf_suite(void) {
         {"open_errors", open_errors},
         {"random_corruption", random_corruption},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        TCase *tc = tcase_create(cases[i].name);
-        tcase_add_test(tc, cases[i].fn);
-        suite_add_tcase(s, tc);
-    }
-    return s;
+    return tsr_test_suite("gguf", cases, sizeof cases / sizeof cases[0]);
 }
 
 int main(void) {

@@ -258,11 +258,7 @@ START_TEST(open_from_file) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("llama2c");
-    struct {
-        const char *name;
-        const TTest *fn;
-    } cases[] = {
+    const tsr_test_case cases[] = {
         {"tied", tied_checkpoint},
         {"metadata", metadata},
         {"untied", untied_checkpoint},
@@ -270,10 +266,5 @@ int main(void) {
         {"bad_headers", bad_headers},
         {"open_from_file", open_from_file},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        TCase *tc = tcase_create(cases[i].name);
-        tcase_add_test(tc, cases[i].fn);
-        suite_add_tcase(s, tc);
-    }
-    return tsr_test_run_suite(s);
+    return tsr_test_run_suite(tsr_test_suite("llama2c", cases, sizeof cases / sizeof cases[0]));
 }

@@ -510,8 +510,7 @@ static const char *const seq64 = "fixtures/inputs/seq64.txt";
  * optional `extra` YAML section (layers: ...). */
 static float *model_logits(const char *model_rel, const char *quantizer, const char *extra,
                            size_t *n_out) {
-    char *path = tsr_test_data_path(model_rel), *ids_path = tsr_test_data_path(seq64);
-    ck_assert_msg(path && ids_path, "%s or %s missing", model_rel, seq64);
+    char *path = tsr_test_data(model_rel), *ids_path = tsr_test_data(seq64);
     char yaml[1024];
     snprintf(yaml, sizeof yaml,
              "tessera: 1\nbackend: { plugin: cpu, threads: 2 }\nquantizer: %s\n"
@@ -564,16 +563,6 @@ static double max_abs_diff(const float *a, const float *b, size_t n) {
 static const char *const models[] = {"fixtures/models/llama-tiny-f32.gguf",
                                      "models/stories260K.gguf"};
 
-static float *read_f32_file(const char *rel, size_t *n) {
-    char *path = tsr_test_data_path(rel);
-    ck_assert_msg(path != NULL, "%s missing", rel);
-    size_t size;
-    float *v = (float *)tsr_test_read_file(path, &size);
-    free(path);
-    *n = size / sizeof *v;
-    return v;
-}
-
 /* Fraction of positions whose argmax (the greedy token) is the same. */
 static double argmax_agreement(const float *a, const float *b, size_t n, size_t n_vocab) {
     size_t same = 0;
@@ -596,8 +585,8 @@ START_TEST(model_rtn8_matches_f32) {
     double d = max_abs_diff(ref, q8, n), tol = 0.5;
     if (_i == 0) {
         size_t nf, nq;
-        float *lf = read_f32_file("fixtures/ref/llama-tiny-f32.logits-seq64.f32", &nf);
-        float *lq = read_f32_file("fixtures/ref/llama-tiny-q8_0.logits-seq64.f32", &nq);
+        float *lf = tsr_test_read_f32("fixtures/ref/llama-tiny-f32.logits-seq64.f32", &nf);
+        float *lq = tsr_test_read_f32("fixtures/ref/llama-tiny-q8_0.logits-seq64.f32", &nq);
         ck_assert_uint_eq(nf, nq);
         tol = max_abs_diff(lf, lq, nf);
         free(lf);

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "gguf_bytes.h"
+#include "gpt2_bytes.h"
 #include "testutil.h"
 #include "tokenizer.h"
 
@@ -167,25 +168,6 @@ END_TEST
 
 /* ---------------------------------------------------------------------------------------- */
 /* Byte-level BPE                                                                            */
-
-/* GPT-2's byte-to-unicode: printable Latin-1 bytes stand for themselves, the others for
- * U+0100 + their rank among them. */
-static size_t gpt2_char(int b, char *out) {
-    static int rank[256];
-    int r = 0;
-    for (int i = 0; i < 256; i++) {
-        bool self = (i >= 33 && i <= 126) || (i >= 161 && i <= 172) || (i >= 174);
-        rank[i] = self ? -1 : r++;
-    }
-    unsigned cp = rank[b] < 0 ? (unsigned)b : 256u + (unsigned)rank[b];
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        return 1;
-    }
-    out[0] = (char)(0xC0 | (cp >> 6));
-    out[1] = (char)(0x80 | (cp & 0x3F));
-    return 2;
-}
 
 /* ids 0..255: the byte characters in byte order; then the merges below in rank order; then
  * 265 "<|endoftext|>" (control) and 266 "<tool>" (user-defined). */

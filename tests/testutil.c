@@ -58,6 +58,15 @@ char *tsr_test_read_file(const char *path, size_t *size) {
     return buf;
 }
 
+float *tsr_test_read_f32(const char *rel, size_t *n) {
+    char *path = tsr_test_data(rel);
+    size_t size;
+    float *v = (float *)tsr_test_read_file(path, &size);
+    free(path);
+    *n = size / sizeof *v;
+    return v;
+}
+
 int tsr_test_write_file(const char *path, const void *data, size_t size) {
     FILE *f = fopen(path, "wb");
     if (!f) return -1;
@@ -131,6 +140,16 @@ int tsr_test_tessera(char **out, char **err, const char *const *args) {
     for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
     argv[n] = NULL;
     return tsr_test_run(argv, out, err);
+}
+
+Suite *tsr_test_suite(const char *name, const tsr_test_case *cases, size_t n) {
+    Suite *s = suite_create(name);
+    for (size_t i = 0; i < n; i++) {
+        TCase *tc = tcase_create(cases[i].name);
+        tcase_add_test(tc, cases[i].test);
+        suite_add_tcase(s, tc);
+    }
+    return s;
 }
 
 int tsr_test_run_suite(Suite *s) {

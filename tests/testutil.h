@@ -23,6 +23,10 @@ char *tsr_test_data(const char *rel);
 /* Reads a whole file (malloc'd, NUL-terminated beyond *size). NULL when unreadable. */
 char *tsr_test_read_file(const char *path, size_t *size);
 
+/* A raw little-endian float32 file of the shared data folder (malloc'd), its count in *n; fails
+ * the running test when the file is missing. */
+float *tsr_test_read_f32(const char *rel, size_t *n);
+
 /* Writes `size` bytes to `path`; returns 0 on success. */
 int tsr_test_write_file(const char *path, const void *data, size_t size);
 
@@ -37,6 +41,15 @@ int tsr_test_run(char *const argv[], char **out, char **err);
 /* Runs the tessera program ($TESSERA_BIN) with `args` (NULL-terminated, at most 62) like
  * tsr_test_run. */
 int tsr_test_tessera(char **out, char **err, const char *const *args);
+
+/* One feature's test and the name of the test case that holds it alone. */
+typedef struct tsr_test_case {
+    const char *name;
+    const TTest *test;
+} tsr_test_case;
+
+/* A suite `name` with one test case per entry of cases (n). */
+Suite *tsr_test_suite(const char *name, const tsr_test_case *cases, size_t n);
 
 /* Runs every test of `s` (fork mode unless CK_FORK=no), prints Check's summary and returns
  * the process exit status: 0 when every test passed, 1 otherwise. Frees the suite. */

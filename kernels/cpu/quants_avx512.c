@@ -136,9 +136,15 @@ TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_x
     return _mm256_add_ps(acc, _mm512_extractf32x8_ps(v, 1));
 }
 
-/* Tokens pass in chunks whose transposed activations stay in L2 while the rows go by. */
+/* Prefill: a chunk of tokens is transposed once; then blocks of rows take each group of
+ * sixteen weight blocks in turn, so that group's activations (QA_TOK_MAX x 640 bytes) are
+ * read from L1 by all the rows of the block instead of from L2 by each row. Decode (few
+ * tokens) goes row by row: one sequential stream the prefetcher can follow. */
 #define QA_CHUNK_BYTES (512 * 1024)
-#define QA_TOK_MAX 64
+#define QA_TOK_MAX 32
+#define QA_ROWS 16
+/* The hardware prefetcher alone leaves decode ~20% under the bandwidth: ask this far ahead. */
+#define QA_PREFETCH 8192
 
 static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                  size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
@@ -153,33 +159,42 @@ static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
         if (!xg) return -1;
     }
     const size_t bytes = tsr_qm_block_bytes(qm);
-    __m256 lanes[QA_TOK_MAX];
+    __m256 lanes[QA_ROWS][QA_TOK_MAX];
     for (int64_t t0 = 0; t0 < n_tok; t0 += tc) {
         const int64_t nt = n_tok - t0 < tc ? n_tok - t0 : tc;
         const char *xt = (const char *)x + t0 * x_stride;
         qa_pack_x(xg, xt, x_stride, ng, nt);
-        for (int64_t r = 0; r < n_rows; r++) {
-            const char *wr = (const char *)w + r * w_stride;
-            for (int64_t t = 0; t < nt; t++) lanes[t] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < ng; g++) {
-                __m512i wq[8];
-                __m512 dw = qa_load_w(qm, wr + g * QA_G * bytes, wq);
-                for (int64_t t = 0; t < nt; t++)
-                    lanes[t] = qa_group(lanes[t], wq, dw, &xg[g * nt + t], shift);
-            }
-            for (int64_t t = 0; t < nt; t++) {
-                float l[8];
-                _mm256_storeu_ps(l, lanes[t]);
-                const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)(xt + t * x_stride);
-                for (int64_t b = ng * QA_G; b < nb; b++) {
-                    uint16_t d, m;
-                    int8_t q[TSR_QK];
-                    _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, b, &d, &m));
-                    l[b % 8] += tsr_q_legacy_value(tsr_q8_block_idot(q, xb[b].q),
-                                                   tsr_fp16_to_fp32(d),
-                                                   tsr_fp16_to_fp32(xb[b].d));
+        const int64_t rows = nt >= 8 ? QA_ROWS : 1;
+        for (int64_t r0 = 0; r0 < n_rows; r0 += rows) {
+            const int64_t nr = n_rows - r0 < rows ? n_rows - r0 : rows;
+            for (int64_t i = 0; i < nr; i++)
+                for (int64_t t = 0; t < nt; t++) lanes[i][t] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++)
+                for (int64_t i = 0; i < nr; i++) {
+                    const char *wg = (const char *)w + (r0 + i) * w_stride + g * QA_G * bytes;
+                    for (size_t o = 0; o < QA_G * bytes; o += 64) /* rows follow each other */
+                        _mm_prefetch(wg + QA_PREFETCH + o, _MM_HINT_T0);
+                    __m512i wq[8];
+                    __m512 dw = qa_load_w(qm, wg, wq);
+                    for (int64_t t = 0; t < nt; t++)
+                        lanes[i][t] = qa_group(lanes[i][t], wq, dw, &xg[g * nt + t], shift);
                 }
-                y[(t0 + t) * ldy + r] = tsr_q8_lanes_sum(l);
+            for (int64_t i = 0; i < nr; i++) {
+                const char *wr = (const char *)w + (r0 + i) * w_stride;
+                for (int64_t t = 0; t < nt; t++) {
+                    float l[8];
+                    _mm256_storeu_ps(l, lanes[i][t]);
+                    const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)(xt + t * x_stride);
+                    for (int64_t b = ng * QA_G; b < nb; b++) {
+                        uint16_t d, m;
+                        int8_t q[TSR_QK];
+                        _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, b, &d, &m));
+                        l[b % 8] += tsr_q_legacy_value(tsr_q8_block_idot(q, xb[b].q),
+                                                       tsr_fp16_to_fp32(d),
+                                                       tsr_fp16_to_fp32(xb[b].d));
+                    }
+                    y[(t0 + t) * ldy + r0 + i] = tsr_q8_lanes_sum(l);
+                }
             }
         }
     }
@@ -200,27 +215,48 @@ static int qa_mm_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, con
 /* ---------------------------------------------------------------------------------------- */
 /* Q4_K, Q6_K                                                                                */
 
-/* A super-block in registers: u[i] the unsigned quants 64 i .. 64 i + 63 (in the activations'
- * order), sc[i] the scale of each of their 32 pairs, ms the 16-bit weights of the 16 bsums
- * (Q4_K: the mins, for msum; Q6_K: the scales, for the -32 offset). */
+/* The constants of the super-block loads, built once per call: GCC would otherwise build
+ * them again for every super-block. */
+typedef struct qb_consts {
+    __m512i m4, m3, spread[4], q6_sh[2];
+} qb_consts;
+
+/* Word a of the scales to words 0-15, word b to words 16-31. */
+static __m512i qb_spread_index(int a, int b) {
+    return _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1);
+}
+
+static void qb_consts_init(int qm, qb_consts *c) {
+    c->m4 = _mm512_set1_epi8(0x0f);
+    c->m3 = _mm512_set1_epi8(3);
+    for (int i = 0; i < 4; i++) /* Q4_K: vector i = groups (0, 2), (1, 3), (4, 6), (5, 7) */
+        c->spread[i] = qm == TSR_QM_Q4_K ? qb_spread_index(i / 2 * 4 + i % 2, i / 2 * 4 + i % 2 + 2)
+                                         : _mm512_setr_epi64(
+                                               (4 * i) * 0x0001000100010001ll,
+                                               (4 * i) * 0x0001000100010001ll,
+                                               (4 * i + 1) * 0x0001000100010001ll,
+                                               (4 * i + 1) * 0x0001000100010001ll,
+                                               (4 * i + 2) * 0x0001000100010001ll,
+                                               (4 * i + 2) * 0x0001000100010001ll,
+                                               (4 * i + 3) * 0x0001000100010001ll,
+                                               (4 * i + 3) * 0x0001000100010001ll);
+    for (int s = 0; s < 2; s++) /* Q6_K: quants 64 s .. of a half use qh bits 4s, 4s + 2 */
+        c->q6_sh[s] = qb_spread_index(4 * s, 4 * s + 2);
+}
+
+/* A super-block in registers: u[i] 64 unsigned quants in the order of the activations
+ * vector i (see qb_pack_x), sc[i] the scale of each of their 32 pairs, ms the 16-bit weights
+ * of the 16 bsums (Q4_K: the mins, for msum; Q6_K: the scales, for the -32 offset). */
 typedef struct qb_sb {
     __m512i u[4], sc[4];
     __m256i ms;
-    float d, dmin;
 } qb_sb;
 
-/* Words 0-15 of the result: word a of v; words 16-31: word b. */
-TSR_INLINE __m512i qb_spread2(__m512i v, int a, int b) {
-    return _mm512_permutexvar_epi16(
-        _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1), v);
-}
-
-TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, qb_sb *k) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    for (int i = 0; i < 4; i++) { /* low nibbles: group 2i, high: group 2i + 1 */
-        __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p->qs + 32 * i)));
-        k->u[i] = _mm512_and_si512(_mm512_srlv_epi16(q, sh), m4);
+TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, const qb_consts *c, qb_sb *k) {
+    for (int h = 0; h < 2; h++) { /* qs[64 h ..]: low nibbles groups 4h, 4h + 2, high 4h + 1, 4h + 3 */
+        __m512i q = _mm512_loadu_si512(p->qs + 64 * h);
+        k->u[2 * h] = _mm512_and_si512(q, c->m4);
+        k->u[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), c->m4);
     }
     /* the eight 6-bit scales and mins (tsr_qk_scale_min), four bytes at a time */
     uint32_t s0, s1, s2;
@@ -233,55 +269,61 @@ TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, qb_sb *k) {
     uint64_t mn = (uint64_t)(s1 & m6) |
                   (uint64_t)(((s2 >> 4) & lo4) | (((s1 >> 6) & hi2) << 4)) << 32;
     __m512i scw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)sc)));
-    for (int i = 0; i < 4; i++) k->sc[i] = qb_spread2(scw, 2 * i, 2 * i + 1);
+    for (int i = 0; i < 4; i++) k->sc[i] = _mm512_permutexvar_epi16(c->spread[i], scw);
     __m128i mw = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)mn));
     k->ms = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi16(mw, mw)),
                                     _mm_unpackhi_epi16(mw, mw), 1);
-    k->d = _cvtsh_ss(p->d);
-    k->dmin = _cvtsh_ss(p->dmin);
 }
 
-TSR_INLINE void qb_load_q6_k(const tsr_block_q6_k *p, qb_sb *k) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(3);
+TSR_INLINE void qb_load_q6_k(const tsr_block_q6_k *p, const qb_consts *c, qb_sb *k) {
     for (int h = 0; h < 2; h++) {
         __m512i l = _mm512_loadu_si512(p->ql + 64 * h);
         __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p->qh + 32 * h)));
-        for (int s = 0; s < 2; s++) { /* quants 128 h + 64 s ..: qh bits 4s, 4s + 2 */
-            __m512i sh = _mm512_inserti64x4(_mm512_set1_epi16((short)(4 * s)),
-                                            _mm256_set1_epi16((short)(4 * s + 2)), 1);
-            __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, sh), m3);
-            __m512i lo = _mm512_and_si512(s ? _mm512_srli_epi16(l, 4) : l, m4);
+        for (int s = 0; s < 2; s++) { /* quants 128 h + 64 s .. */
+            __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, c->q6_sh[s]), c->m3);
+            __m512i lo = _mm512_and_si512(s ? _mm512_srli_epi16(l, 4) : l, c->m4);
             k->u[2 * h + s] = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
         }
     }
     __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p->scales));
-    __m512i sz = _mm512_castsi256_si512(scw);
     for (int i = 0; i < 4; i++) /* vector i: groups 4i .. 4i + 3, eight pairs each */
-        k->sc[i] = _mm512_permutexvar_epi16(
-            _mm512_setr_epi32((4 * i) * 0x10001, (4 * i) * 0x10001,
-                              (4 * i) * 0x10001, (4 * i) * 0x10001, (4 * i + 1) * 0x10001,
-                              (4 * i + 1) * 0x10001, (4 * i + 1) * 0x10001,
-                              (4 * i + 1) * 0x10001, (4 * i + 2) * 0x10001,
-                              (4 * i + 2) * 0x10001, (4 * i + 2) * 0x10001,
-                              (4 * i + 2) * 0x10001, (4 * i + 3) * 0x10001,
-                              (4 * i + 3) * 0x10001, (4 * i + 3) * 0x10001,
-                              (4 * i + 3) * 0x10001),
-            sz);
+        k->sc[i] = _mm512_permutexvar_epi16(c->spread[i], _mm512_castsi256_si512(scw));
     k->ms = scw;
-    k->d = _cvtsh_ss(p->d);
-    k->dmin = 0.0f;
 }
 
-/* The scaled integer dot of a super-block with one Q8_K block, as 16 partial sums. */
-TSR_INLINE __m512i qb_dot(const qb_sb *k, const tsr_block_q8_k *x) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int i = 0; i < 4; i++)
-        acc = _mm512_dpwssd_epi32(
-            acc, _mm512_maddubs_epi16(k->u[i], _mm512_loadu_si512(x->qs + 64 * i)), k->sc[i]);
-    return acc;
+/* Q4_K activations: the quants of each super-block reordered to match qb_load_q4_k's vectors
+ * (quants 0-31 and 64-95, 32-63 and 96-127, then the same for the second half); Q6_K's are in
+ * order already and are read in place. */
+static void qb_pack_x(int8_t *xq, const void *x, size_t x_stride, int64_t nsb, int64_t n_tok) {
+    for (int64_t t = 0; t < n_tok; t++) {
+        const tsr_block_q8_k *xb = (const tsr_block_q8_k *)((const char *)x + t * x_stride);
+        for (int64_t b = 0; b < nsb; b++) {
+            int8_t *o = xq + (t * nsb + b) * TSR_QK_K;
+            for (int h = 0; h < 2; h++) {
+                __m512i a = _mm512_loadu_si512(xb[b].qs + 128 * h);
+                __m512i c = _mm512_loadu_si512(xb[b].qs + 128 * h + 64);
+                _mm512_storeu_si512(o + 128 * h, _mm512_shuffle_i64x2(a, c, 0x44));
+                _mm512_storeu_si512(o + 128 * h + 64, _mm512_shuffle_i64x2(a, c, 0xee));
+            }
+        }
+    }
 }
 
-/* Partial sums of up to 8 super-blocks, laid out as [a (256 bits) | b (256 bits)] in c[4]
+/* The scaled integer dot of a super-block with 256 activation quants, as 16 partial sums. */
+TSR_INLINE __m512i qb_dot(const qb_sb *k, const int8_t *xq) {
+    __m512i acc = _mm512_dpwssd_epi32(
+        _mm512_setzero_si512(), _mm512_maddubs_epi16(k->u[0], _mm512_loadu_si512(xq)), k->sc[0]);
+    __m512i acc2 = _mm512_dpwssd_epi32(
+        _mm512_setzero_si512(), _mm512_maddubs_epi16(k->u[1], _mm512_loadu_si512(xq + 64)),
+        k->sc[1]);
+    acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(k->u[2], _mm512_loadu_si512(xq + 128)),
+                              k->sc[2]);
+    acc2 = _mm512_dpwssd_epi32(
+        acc2, _mm512_maddubs_epi16(k->u[3], _mm512_loadu_si512(xq + 192)), k->sc[3]);
+    return _mm512_add_epi32(acc, acc2);
+}
+
+/* Partial sums of 8 super-blocks, laid out as [a (256 bits) | b (256 bits)] in c[4]
  * (a = 2i, b = 2i + 1) -> their 8 totals in order. */
 TSR_INLINE __m256i qb_hsum_pairs(const __m512i c[4]) {
     __m512i e0 = _mm512_add_epi32(_mm512_shuffle_i64x2(c[0], c[1], 0x88),
@@ -303,64 +345,83 @@ TSR_INLINE __m256i qb_hsum8(const __m512i a[8]) {
     return qb_hsum_pairs(c);
 }
 
-#define QB_TOK 16 /* tokens whose partial sums wait for the horizontal sums */
+#define QB_TOK 32 /* tokens whose partial sums wait for the horizontal sums */
 
 static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                  size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
     const int64_t nsb = n_in / TSR_QK_K;
     const size_t bytes = tsr_qm_block_bytes(qm);
+    const int q4 = qm == TSR_QM_Q4_K;
+    int8_t *xq = NULL;
+    if (q4 && nsb) {
+        int64_t tc = n_tok < QB_TOK ? n_tok : QB_TOK;
+        xq = aligned_alloc(64, (size_t)(tc * nsb) * TSR_QK_K);
+        if (!xq) return -1;
+    }
+    qb_consts c;
+    qb_consts_init(qm, &c);
     __m512i acc[QB_TOK][8];
     __m256i ms[QB_TOK][8];
     __m256 lanes[QB_TOK];
-    for (int64_t r = 0; r < n_rows; r++) {
-        const char *wr = (const char *)w + r * w_stride;
-        for (int64_t t0 = 0; t0 < n_tok; t0 += QB_TOK) {
-            const int nt = (int)(n_tok - t0 < QB_TOK ? n_tok - t0 : QB_TOK);
-            const char *xt = (const char *)x + t0 * x_stride;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += QB_TOK) {
+        const int nt = (int)(n_tok - t0 < QB_TOK ? n_tok - t0 : QB_TOK);
+        const char *xt = (const char *)x + t0 * x_stride;
+        if (q4) qb_pack_x(xq, xt, x_stride, nsb, nt);
+        for (int64_t r = 0; r < n_rows; r++) {
+            const char *wr = (const char *)w + r * w_stride;
             for (int t = 0; t < nt; t++) lanes[t] = _mm256_setzero_ps();
             for (int64_t s0 = 0; s0 < nsb; s0 += 8) {
                 const int n = (int)(nsb - s0 < 8 ? nsb - s0 : 8);
-                float dw[8] = {0}, dm[8] = {0};
-                for (int s = 0; s < 8; s++) {
-                    if (s >= n) {
-                        for (int t = 0; t < nt; t++) {
-                            acc[t][s] = _mm512_setzero_si512();
-                            ms[t][s] = _mm256_setzero_si256();
-                        }
-                        continue;
-                    }
+                uint16_t dh[16] = {0}; /* d and dmin of each super-block, fp16 */
+                for (int s = 0; s < n; s++) {
                     qb_sb k;
-                    const void *wb = wr + (s0 + s) * bytes;
-                    if (qm == TSR_QM_Q4_K)
-                        qb_load_q4_k(wb, &k);
-                    else
-                        qb_load_q6_k(wb, &k);
-                    dw[s] = k.d;
-                    dm[s] = k.dmin;
+                    const char *wb = wr + (s0 + s) * bytes;
+                    for (size_t o = 0; o < bytes; o += 64)
+                        _mm_prefetch(wb + QA_PREFETCH + o, _MM_HINT_T0);
+                    if (q4) {
+                        qb_load_q4_k((const tsr_block_q4_k *)wb, &c, &k);
+                        memcpy(&dh[2 * s], wb, 4); /* d, dmin */
+                    } else {
+                        qb_load_q6_k((const tsr_block_q6_k *)wb, &c, &k);
+                        memcpy(&dh[2 * s], &((const tsr_block_q6_k *)wb)->d, 2);
+                    }
                     for (int t = 0; t < nt; t++) {
                         const tsr_block_q8_k *xb =
                             (const tsr_block_q8_k *)(xt + t * x_stride) + s0 + s;
-                        acc[t][s] = qb_dot(&k, xb);
+                        acc[t][s] = qb_dot(&k, q4 ? xq + ((int64_t)t * nsb + s0 + s) * TSR_QK_K
+                                                  : xb->qs);
                         ms[t][s] = _mm256_madd_epi16(
                             k.ms, _mm256_loadu_si256((const __m256i *)xb->bsums));
                     }
                 }
-                const __m256 vdw = _mm256_loadu_ps(dw), vdm = _mm256_loadu_ps(dm);
+                for (int s = n; s < 8; s++)
+                    for (int t = 0; t < nt; t++) {
+                        acc[t][s] = _mm512_setzero_si512();
+                        ms[t][s] = _mm256_setzero_si256();
+                    }
+                const __m512 dd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh));
+                const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0,
+                                                       0, 0, 0);
+                const __m256 vdw = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, dd));
+                const __m256 vdm = _mm512_castps512_ps256(
+                    _mm512_permutexvar_ps(_mm512_add_epi32(even, _mm512_set1_epi32(1)), dd));
                 const __mmask8 valid = (__mmask8)((1u << n) - 1);
                 for (int t = 0; t < nt; t++) {
                     const tsr_block_q8_k *xb = (const tsr_block_q8_k *)(xt + t * x_stride) + s0;
-                    float dx[8] = {0};
-                    for (int s = 0; s < n; s++) dx[s] = xb[s].d;
-                    __m512i c[4];
+                    const __m256i xd_at = _mm256_mullo_epi32(
+                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                        _mm256_set1_epi32((int)sizeof(tsr_block_q8_k)));
+                    __m256 vdx = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), valid, xd_at,
+                                                           &xb->d, 1);
+                    __m512i cc[4];
                     for (int i = 0; i < 4; i++)
-                        c[i] = _mm512_inserti64x4(_mm512_castsi256_si512(ms[t][2 * i]),
-                                                  ms[t][2 * i + 1], 1);
-                    __m256i is = qb_hsum8(acc[t]), m = qb_hsum_pairs(c);
-                    if (qm == TSR_QM_Q6_K) { /* isum - 32 * sum of scale * bsum; no msum */
+                        cc[i] = _mm512_inserti64x4(_mm512_castsi256_si512(ms[t][2 * i]),
+                                                   ms[t][2 * i + 1], 1);
+                    __m256i is = qb_hsum8(acc[t]), m = qb_hsum_pairs(cc);
+                    if (!q4) { /* isum - 32 * sum of scale * bsum; no msum */
                         is = _mm256_sub_epi32(is, _mm256_slli_epi32(m, 5));
                         m = _mm256_setzero_si256();
                     }
-                    __m256 vdx = _mm256_loadu_ps(dx);
                     __m256 v = _mm256_sub_ps(
                         _mm256_mul_ps(_mm256_mul_ps(vdx, vdw), _mm256_cvtepi32_ps(is)),
                         _mm256_mul_ps(_mm256_mul_ps(vdx, vdm), _mm256_cvtepi32_ps(m)));
@@ -374,6 +435,7 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
             }
         }
     }
+    free(xq);
     return 0;
 }
 

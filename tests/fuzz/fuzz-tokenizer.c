@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../gpt2_bytes.h"
 #include "tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -16,20 +17,6 @@ static const char *const pres[] = {"default", "llama3", "qwen2", "deepseek-llm",
                                    "gpt-2", "tekken", "chameleon", "gpt-4o", "superbpe",
                                    "bailingmoe", "seed-coder", "viking"};
 #define N_PRES (sizeof pres / sizeof pres[0])
-
-static size_t gpt2_char(int b, char *out) {
-    int r = 0;
-    for (int i = 0; i < b; i++) r += !((i >= 33 && i <= 126) || (i >= 161 && i <= 172) || i >= 174);
-    bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
-    unsigned cp = self ? (unsigned)b : 256u + (unsigned)r;
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        return 1;
-    }
-    out[0] = (char)(0xC0 | (cp >> 6));
-    out[1] = (char)(0x80 | (cp & 0x3F));
-    return 2;
-}
 
 static tsr_tokenizer *make(int mode, const char *pre) {
     static char chars[256][8];
