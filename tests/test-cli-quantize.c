@@ -17,22 +17,6 @@
 #define STORIES "models/stories260K.gguf"
 #define VAL_TEXT "data/tinystories_val.txt"
 
-static char *data(const char *rel) {
-    char *p = tsr_test_data_path(rel);
-    ck_assert_msg(p != NULL, "%s missing", rel);
-    return p;
-}
-
-/* Runs tessera with `args` (NULL-terminated), returns the exit status. */
-static int tessera(char **out, char **err, const char *const *args) {
-    char *argv[64];
-    int n = 0;
-    argv[n++] = (char *)tsr_test_env("TESSERA_BIN");
-    for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
-    argv[n] = NULL;
-    return tsr_test_run(argv, out, err);
-}
-
 /* A private folder for one test; files made in it are removed by tmp_free. */
 typedef struct tmp {
     char *dir;
@@ -56,7 +40,7 @@ static void tmp_free(tmp *t) {
 /* Runs a command that must succeed and print one JSON document; returns it parsed. */
 static json_t *run_json(const char *const *args) {
     char *out, *err;
-    int status = tessera(&out, &err, args);
+    int status = tsr_test_tessera(&out, &err, args);
     ck_assert_msg(status == 0, "%s: exit %d: %s", args[0], status, err);
     json_error_t jerr;
     json_t *root = json_loads(out, 0, &jerr);
@@ -69,7 +53,7 @@ static json_t *run_json(const char *const *args) {
 /* A command that must fail with exit `want` and exactly one line on stderr; returns it. */
 static char *run_error(int want, const char *const *args) {
     char *out, *err;
-    int status = tessera(&out, &err, args);
+    int status = tsr_test_tessera(&out, &err, args);
     ck_assert_msg(status == want, "%s: exit %d, expected %d: %s", args[0], status, want, err);
     ck_assert_msg(strncmp(err, "tessera: ", 9) == 0 && strchr(err, '\n') == err + strlen(err) - 1,
                   "not one line: %s", err);
@@ -92,7 +76,7 @@ static bool files_equal(const char *a, const char *b, size_t *size) {
 /* The quantize report of llama-tiny-f32 to `type` (written to a file that is then removed). */
 static json_t *quantize_report(const char *type) {
     tmp t = {0};
-    char *in = data(LLAMA_TINY);
+    char *in = tsr_test_data(LLAMA_TINY);
     const char *args[] = {"quantize", in, tmp_path(&t, "out.gguf"), type, "--json", NULL};
     json_t *root = run_json(args);
     free(in);
@@ -134,14 +118,14 @@ static const struct {
 
 START_TEST(quantize_matches_llama_quantize) {
     tmp t = {0};
-    char *in = data(LLAMA_TINY);
+    char *in = tsr_test_data(LLAMA_TINY);
     char rel[128];
     snprintf(rel, sizeof rel, "fixtures/models/llama-tiny-%s.gguf", identical[_i].type);
-    char *want = data(rel);
+    char *want = tsr_test_data(rel);
     const char *out_path = tmp_path(&t, "out.gguf");
     const char *args[] = {"quantize", in, out_path, identical[_i].type, NULL};
     char *out, *err;
-    int status = tessera(&out, &err, args);
+    int status = tsr_test_tessera(&out, &err, args);
     ck_assert_msg(status == 0, "exit %d: %s", status, err);
     char line[4300];
     snprintf(line, sizeof line, "%s: %s\n", out_path, identical[_i].line);
@@ -244,16 +228,16 @@ static const char *const runnable[] = {"q2_k", "q3_k_m", "q4_k_s", "q5_k_m", "q4
 
 START_TEST(quantized_files_run) {
     tmp t = {0};
-    char *in = data(LLAMA_TINY);
+    char *in = tsr_test_data(LLAMA_TINY);
     const char *model = tmp_path(&t, "model.gguf"), *logits = tmp_path(&t, "logits.f32");
     const char *q_args[] = {"quantize", in, model, runnable[_i], NULL};
     char *err;
-    int status = tessera(NULL, &err, q_args);
+    int status = tsr_test_tessera(NULL, &err, q_args);
     ck_assert_msg(status == 0, "quantize %s: exit %d: %s", runnable[_i], status, err);
     free(err);
     const char *l_args[] = {"logits", "-m", model, "--tokens", "1 17 300 42", "--out", logits,
                             NULL};
-    status = tessera(NULL, &err, l_args);
+    status = tsr_test_tessera(NULL, &err, l_args);
     ck_assert_msg(status == 0, "logits on %s: exit %d: %s", runnable[_i], status, err);
     size_t size;
     float *v = (float *)tsr_test_read_file(logits, &size);
@@ -286,7 +270,7 @@ END_TEST
  * (Q4_K -> Q5_0, Q6_K -> Q8_0, and 16 bits where even 32-blocks do not fit). */
 START_TEST(short_rows_fall_back) {
     tmp t = {0};
-    char *in = data(STORIES);
+    char *in = tsr_test_data(STORIES);
     const char *model = tmp_path(&t, "s.gguf");
     const char *args[] = {"quantize", in, model, "q4_k_m", "--json", NULL};
     json_t *r = run_json(args);
@@ -310,7 +294,7 @@ START_TEST(short_rows_fall_back) {
     char *out, *err;
     const char *run[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "24",
                          "--temperature", "0", NULL};
-    int status = tessera(&out, &err, run);
+    int status = tsr_test_tessera(&out, &err, run);
     ck_assert_msg(status == 0, "exit %d: %s", status, err);
     ck_assert_msg(strncmp(out, "Once upon a time", 16) == 0 && strlen(out) > 40, "%s", out);
     free(out);
@@ -325,20 +309,20 @@ static const char *const at_load[] = {"q8_0", "q4_0", "q4_k_m", "q6_k"};
 
 START_TEST(load_time_conversion_equals_file) {
     tmp t = {0};
-    char *f32 = data(LLAMA_TINY);
+    char *f32 = tsr_test_data(LLAMA_TINY);
     char rel[128], set[64];
     snprintf(rel, sizeof rel, "fixtures/models/llama-tiny-%s.gguf", at_load[_i]);
     snprintf(set, sizeof set, "quantizer.type=%s", at_load[_i]);
-    char *fixture = data(rel);
+    char *fixture = tsr_test_data(rel);
     const char *a = tmp_path(&t, "converted.f32"), *b = tmp_path(&t, "file.f32");
     const char *tokens = "1 5 9 200 3 77 411";
     const char *conv[] = {"logits", "-m", f32, "--set", set, "--tokens", tokens, "--out", a, NULL};
     const char *file[] = {"logits", "-m", fixture, "--tokens", tokens, "--out", b, NULL};
     char *err;
-    int status = tessera(NULL, &err, conv);
+    int status = tsr_test_tessera(NULL, &err, conv);
     ck_assert_msg(status == 0, "exit %d: %s", status, err);
     free(err);
-    status = tessera(NULL, &err, file);
+    status = tsr_test_tessera(NULL, &err, file);
     ck_assert_msg(status == 0, "exit %d: %s", status, err);
     free(err);
     size_t size;
@@ -355,7 +339,7 @@ END_TEST
 
 START_TEST(quantize_bad_type) {
     tmp t = {0};
-    char *in = data(LLAMA_TINY);
+    char *in = tsr_test_data(LLAMA_TINY);
     const char *out = tmp_path(&t, "out.gguf");
     const char *args[] = {"quantize", in, out, "q9_9", NULL};
     char *err = run_error(1, args);
@@ -371,7 +355,7 @@ END_TEST
 
 START_TEST(quantize_research_quantizer_refused) {
     tmp t = {0};
-    char *in = data(LLAMA_TINY);
+    char *in = tsr_test_data(LLAMA_TINY);
     const char *yaml = tmp_path(&t, "rtn.yaml"), *out = tmp_path(&t, "out.gguf");
     const char *text = "tessera: 1\nquantizer: { plugin: rtn }\n";
     ck_assert_int_eq(tsr_test_write_file(yaml, text, strlen(text)), 0);
@@ -403,7 +387,7 @@ END_TEST
 /* The file is written beside OUT and renamed: a folder that cannot be written leaves nothing. */
 START_TEST(quantize_output_folder_missing) {
     tmp t = {0};
-    char *in = data(LLAMA_TINY);
+    char *in = tsr_test_data(LLAMA_TINY);
     const char *folder = tmp_path(&t, "absent");
     char out[4200];
     snprintf(out, sizeof out, "%s/out.gguf", folder);
@@ -437,7 +421,7 @@ START_TEST(synth_is_deterministic) {
         const char *args[] = {"synth", "--shape", "tiny", "--type", "q8_0", "--seed", seeds[i],
                               "-o", files[i], NULL};
         char *out, *err;
-        int status = tessera(&out, &err, args);
+        int status = tsr_test_tessera(&out, &err, args);
         ck_assert_msg(status == 0, "exit %d: %s", status, err);
         char want[4300];
         snprintf(want, sizeof want, "%s: 114688 weights quantized, 8.500 bits per weight\n",
@@ -454,12 +438,12 @@ START_TEST(synth_is_deterministic) {
      * then "▁w" as a piece: 259 + 'w' - 'a'). */
     const char *run[] = {"run", "-m", a, "-n", "8", "--temperature", "0", NULL};
     char *err;
-    int status = tessera(NULL, &err, run);
+    int status = tsr_test_tessera(NULL, &err, run);
     ck_assert_msg(status == 0, "run: exit %d: %s", status, err);
     free(err);
     char *out;
     const char *tok[] = {"tokenize", "-m", a, "-p", "Hello world", NULL};
-    ck_assert_int_eq(tessera(&out, NULL, tok), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, tok), 0);
     ck_assert_str_eq(out, "1 229 153 132 75 104 111 111 114 281 114 117 111 103\n");
     free(out);
     tmp_free(&t);
@@ -478,7 +462,7 @@ START_TEST(synth_types_load) {
     json_decref(r);
     const char *l_args[] = {"logits", "-m", model, "--tokens", "1 300 4", "--out", logits, NULL};
     char *err;
-    int status = tessera(NULL, &err, l_args);
+    int status = tsr_test_tessera(NULL, &err, l_args);
     ck_assert_msg(status == 0, "%s: exit %d: %s", synth_types[_i], status, err);
     size_t size;
     free(tsr_test_read_file(logits, &size));
@@ -491,7 +475,7 @@ END_TEST
 START_TEST(synth_shapes) {
     char *out;
     const char *help[] = {"synth", "--help", NULL};
-    ck_assert_int_eq(tessera(&out, NULL, help), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, help), 0);
     ck_assert_msg(strstr(out, " tinyllama-1.1b") && strstr(out, " qwen2.5-0.5b") &&
                       strstr(out, " llama-7b") && strstr(out, " tiny"), "%s", out);
     free(out);
@@ -507,7 +491,7 @@ END_TEST
 /* ---- bench ------------------------------------------------------------------------------ */
 
 START_TEST(bench_reports) {
-    char *model = data(STORIES);
+    char *model = tsr_test_data(STORIES);
     const char *args[] = {"bench", "-m", model, "-p", "16", "-n", "8", "-r", "2", "-t", "1,2",
                           "--bandwidth-mib", "32", "--json", NULL};
     json_t *r = run_json(args);
@@ -538,7 +522,7 @@ START_TEST(bench_reports) {
     char *out;
     const char *md[] = {"bench", "-m", model, "-p", "8", "-n", "4", "-r", "1",
                         "--bandwidth-mib", "16", NULL};
-    ck_assert_int_eq(tessera(&out, NULL, md), 0);
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, md), 0);
     ck_assert_msg(strncmp(out, "| model | type | weights | threads | test | tokens/s | weights "
                                "read | roofline |\n", 76) == 0, "%s", out);
     ck_assert_msg(strstr(out, "| stories260K.gguf | F32 | ") && strstr(out, "| pp8 |") &&
@@ -554,7 +538,7 @@ END_TEST
 /* ---- perplexity ------------------------------------------------------------------------- */
 
 static double ppl_of(const char *model, const char *config, const char *set) {
-    char *text = data(VAL_TEXT);
+    char *text = tsr_test_data(VAL_TEXT);
     const char *args[16] = {"perplexity", "-m", model, "-f", text, "--ctx", "128", "--chunks", "8",
                             "--json"};
     int n = 10;
@@ -581,7 +565,7 @@ static double ppl_of(const char *model, const char *config, const char *set) {
 
 START_TEST(perplexity_stable) {
     tmp t = {0};
-    char *model = data(STORIES);
+    char *model = tsr_test_data(STORIES);
     double a = ppl_of(model, NULL, NULL), b = ppl_of(model, NULL, NULL);
     ck_assert_msg(a == b, "%.17g then %.17g", a, b);
     const char *yaml = tmp_path(&t, "reference.yaml");
@@ -598,7 +582,7 @@ END_TEST
 
 START_TEST(perplexity_short_text) {
     tmp t = {0};
-    char *model = data(STORIES);
+    char *model = tsr_test_data(STORIES);
     const char *path = tmp_path(&t, "short.txt");
     ck_assert_int_eq(tsr_test_write_file(path, "Once upon a time", 16), 0);
     const char *args[] = {"perplexity", "-m", model, "-f", path, "--ctx", "128", NULL};
@@ -648,9 +632,5 @@ int main(void) {
     tcase_add_test(tb, perplexity_stable);
     tcase_add_test(tb, perplexity_short_text);
     suite_add_tcase(s, tb);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }
