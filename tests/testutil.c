@@ -60,8 +60,9 @@ char *tsr_test_read_file(const char *path, size_t *size) {
 
 float *tsr_test_read_f32(const char *rel, size_t *n) {
     char *path = tsr_test_data(rel);
-    size_t size;
+    size_t size = 0;
     float *v = (float *)tsr_test_read_file(path, &size);
+    ck_assert_msg(v != NULL, "%s cannot be read", path);
     free(path);
     *n = size / sizeof *v;
     return v;

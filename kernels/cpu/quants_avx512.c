@@ -337,15 +337,15 @@ TSR_INLINE __m256i qb_hsum_pairs(const __m512i c[4]) {
         _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), u));
 }
 
-TSR_INLINE __m256i qb_hsum8(const __m512i a[8]) {
-    __m512i c[4];
-    for (int i = 0; i < 4; i++)
-        c[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0x44),
-                                _mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0xee));
-    return qb_hsum_pairs(c);
+/* 16 partial sums -> 8, the layout qb_hsum_pairs takes two of. */
+TSR_INLINE __m256i qb_fold(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
 }
 
-#define QB_TOK 32 /* tokens whose partial sums wait for the horizontal sums */
+/* As for Q4_0: prefill takes blocks of rows per super-block so that the tokens' activations
+ * are read from L1 by every row of the block; decode goes row by row. */
+#define QB_TOK 16 /* tokens whose partial sums wait for the horizontal sums */
+#define QB_ROWS 4
 
 static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                  size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
@@ -360,79 +360,88 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
     }
     qb_consts c;
     qb_consts_init(qm, &c);
-    __m512i acc[QB_TOK][8];
-    __m256i ms[QB_TOK][8];
-    __m256 lanes[QB_TOK];
+    __m256i acc[QB_ROWS][QB_TOK][8], ms[QB_ROWS][QB_TOK][8];
+    __m256 lanes[QB_ROWS][QB_TOK];
+    uint16_t dh[QB_ROWS][16]; /* d and dmin of each super-block, fp16 */
+    const __m256i zero = _mm256_setzero_si256();
     for (int64_t t0 = 0; t0 < n_tok; t0 += QB_TOK) {
         const int nt = (int)(n_tok - t0 < QB_TOK ? n_tok - t0 : QB_TOK);
         const char *xt = (const char *)x + t0 * x_stride;
         if (q4) qb_pack_x(xq, xt, x_stride, nsb, nt);
-        for (int64_t r = 0; r < n_rows; r++) {
-            const char *wr = (const char *)w + r * w_stride;
-            for (int t = 0; t < nt; t++) lanes[t] = _mm256_setzero_ps();
+        const int64_t rows = nt >= 4 ? QB_ROWS : 1;
+        for (int64_t r0 = 0; r0 < n_rows; r0 += rows) {
+            const int nr = (int)(n_rows - r0 < rows ? n_rows - r0 : rows);
+            for (int i = 0; i < nr; i++)
+                for (int t = 0; t < nt; t++) lanes[i][t] = _mm256_setzero_ps();
             for (int64_t s0 = 0; s0 < nsb; s0 += 8) {
                 const int n = (int)(nsb - s0 < 8 ? nsb - s0 : 8);
-                uint16_t dh[16] = {0}; /* d and dmin of each super-block, fp16 */
-                for (int s = 0; s < n; s++) {
-                    qb_sb k;
-                    const char *wb = wr + (s0 + s) * bytes;
-                    for (size_t o = 0; o < bytes; o += 64)
-                        _mm_prefetch(wb + QA_PREFETCH + o, _MM_HINT_T0);
-                    if (q4) {
-                        qb_load_q4_k((const tsr_block_q4_k *)wb, &c, &k);
-                        memcpy(&dh[2 * s], wb, 4); /* d, dmin */
-                    } else {
-                        qb_load_q6_k((const tsr_block_q6_k *)wb, &c, &k);
-                        memcpy(&dh[2 * s], &((const tsr_block_q6_k *)wb)->d, 2);
+                memset(dh, 0, (size_t)nr * sizeof dh[0]);
+                for (int s = 0; s < n; s++)
+                    for (int i = 0; i < nr; i++) {
+                        qb_sb k;
+                        const char *wb = (const char *)w + (r0 + i) * w_stride + (s0 + s) * bytes;
+                        for (size_t o = 0; o < bytes; o += 64)
+                            _mm_prefetch(wb + QA_PREFETCH + o, _MM_HINT_T0);
+                        if (q4) {
+                            qb_load_q4_k((const tsr_block_q4_k *)wb, &c, &k);
+                            memcpy(&dh[i][2 * s], wb, 4); /* d, dmin */
+                        } else {
+                            qb_load_q6_k((const tsr_block_q6_k *)wb, &c, &k);
+                            memcpy(&dh[i][2 * s], &((const tsr_block_q6_k *)wb)->d, 2);
+                        }
+                        for (int t = 0; t < nt; t++) {
+                            const tsr_block_q8_k *xb =
+                                (const tsr_block_q8_k *)(xt + t * x_stride) + s0 + s;
+                            acc[i][t][s] = qb_fold(qb_dot(
+                                &k, q4 ? xq + ((int64_t)t * nsb + s0 + s) * TSR_QK_K : xb->qs));
+                            ms[i][t][s] = _mm256_madd_epi16(
+                                k.ms, _mm256_loadu_si256((const __m256i *)xb->bsums));
+                        }
                     }
-                    for (int t = 0; t < nt; t++) {
-                        const tsr_block_q8_k *xb =
-                            (const tsr_block_q8_k *)(xt + t * x_stride) + s0 + s;
-                        acc[t][s] = qb_dot(&k, q4 ? xq + ((int64_t)t * nsb + s0 + s) * TSR_QK_K
-                                                  : xb->qs);
-                        ms[t][s] = _mm256_madd_epi16(
-                            k.ms, _mm256_loadu_si256((const __m256i *)xb->bsums));
-                    }
-                }
                 for (int s = n; s < 8; s++)
-                    for (int t = 0; t < nt; t++) {
-                        acc[t][s] = _mm512_setzero_si512();
-                        ms[t][s] = _mm256_setzero_si256();
-                    }
-                const __m512 dd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh));
+                    for (int i = 0; i < nr; i++)
+                        for (int t = 0; t < nt; t++) acc[i][t][s] = ms[i][t][s] = zero;
+                const __mmask8 valid = (__mmask8)((1u << n) - 1);
                 const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0,
                                                        0, 0, 0);
-                const __m256 vdw = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, dd));
-                const __m256 vdm = _mm512_castps512_ps256(
-                    _mm512_permutexvar_ps(_mm512_add_epi32(even, _mm512_set1_epi32(1)), dd));
-                const __mmask8 valid = (__mmask8)((1u << n) - 1);
-                for (int t = 0; t < nt; t++) {
-                    const tsr_block_q8_k *xb = (const tsr_block_q8_k *)(xt + t * x_stride) + s0;
-                    const __m256i xd_at = _mm256_mullo_epi32(
-                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                        _mm256_set1_epi32((int)sizeof(tsr_block_q8_k)));
-                    __m256 vdx = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), valid, xd_at,
-                                                           &xb->d, 1);
-                    __m512i cc[4];
-                    for (int i = 0; i < 4; i++)
-                        cc[i] = _mm512_inserti64x4(_mm512_castsi256_si512(ms[t][2 * i]),
-                                                   ms[t][2 * i + 1], 1);
-                    __m256i is = qb_hsum8(acc[t]), m = qb_hsum_pairs(cc);
-                    if (!q4) { /* isum - 32 * sum of scale * bsum; no msum */
-                        is = _mm256_sub_epi32(is, _mm256_slli_epi32(m, 5));
-                        m = _mm256_setzero_si256();
+                const __m256i xd_at = _mm256_mullo_epi32(
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                    _mm256_set1_epi32((int)sizeof(tsr_block_q8_k)));
+                for (int i = 0; i < nr; i++) {
+                    const __m512 dd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh[i]));
+                    const __m256 vdw = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, dd));
+                    const __m256 vdm = _mm512_castps512_ps256(
+                        _mm512_permutexvar_ps(_mm512_add_epi32(even, _mm512_set1_epi32(1)), dd));
+                    for (int t = 0; t < nt; t++) {
+                        const tsr_block_q8_k *xb =
+                            (const tsr_block_q8_k *)(xt + t * x_stride) + s0;
+                        __m256 vdx = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), valid, xd_at,
+                                                               &xb->d, 1);
+                        __m512i ca[4], cm[4];
+                        for (int j = 0; j < 4; j++) {
+                            ca[j] = _mm512_inserti64x4(_mm512_castsi256_si512(acc[i][t][2 * j]),
+                                                       acc[i][t][2 * j + 1], 1);
+                            cm[j] = _mm512_inserti64x4(_mm512_castsi256_si512(ms[i][t][2 * j]),
+                                                       ms[i][t][2 * j + 1], 1);
+                        }
+                        __m256i is = qb_hsum_pairs(ca), m = qb_hsum_pairs(cm);
+                        if (!q4) { /* isum - 32 * sum of scale * bsum; no msum */
+                            is = _mm256_sub_epi32(is, _mm256_slli_epi32(m, 5));
+                            m = zero;
+                        }
+                        __m256 v = _mm256_sub_ps(
+                            _mm256_mul_ps(_mm256_mul_ps(vdx, vdw), _mm256_cvtepi32_ps(is)),
+                            _mm256_mul_ps(_mm256_mul_ps(vdx, vdm), _mm256_cvtepi32_ps(m)));
+                        lanes[i][t] = _mm256_mask_add_ps(lanes[i][t], valid, lanes[i][t], v);
                     }
-                    __m256 v = _mm256_sub_ps(
-                        _mm256_mul_ps(_mm256_mul_ps(vdx, vdw), _mm256_cvtepi32_ps(is)),
-                        _mm256_mul_ps(_mm256_mul_ps(vdx, vdm), _mm256_cvtepi32_ps(m)));
-                    lanes[t] = _mm256_mask_add_ps(lanes[t], valid, lanes[t], v);
                 }
             }
-            for (int t = 0; t < nt; t++) {
-                float l[8];
-                _mm256_storeu_ps(l, lanes[t]);
-                y[(t0 + t) * ldy + r] = tsr_q8_lanes_sum(l);
-            }
+            for (int i = 0; i < nr; i++)
+                for (int t = 0; t < nt; t++) {
+                    float l[8];
+                    _mm256_storeu_ps(l, lanes[i][t]);
+                    y[(t0 + t) * ldy + r0 + i] = tsr_q8_lanes_sum(l);
+                }
         }
     }
     free(xq);

@@ -1,4 +1,4 @@
-/* Kernels and the tensor driver of the research quantizers (<tessera/kernels_research.h>). */
+/* Kernels of the research quantizers (<tessera/kernels_research.h>). */
 #include <tessera/kernels_research.h>
 
 #include <math.h>
@@ -111,381 +111,88 @@ void tsr_rq_act_quantize_row(int8_t *q, int32_t *gsum, float *d, const float *x,
     }
 }
 
-/* ---- the tensor block ------------------------------------------------------------------ */
-
-#define RQ_MAGIC 0x51525354u /* "TSRQ" */
-#define RQ_ALIGN 64
-
-typedef struct rq_header {
-    uint32_t magic;
-    int32_t dtype;
-    int64_t n_in, n_out;
-    uint64_t row_bytes;
-    uint64_t cfg_off, rows_off, ptr_off, tail_off, total; /* ptr_off = 0: no tails */
-} rq_header;
-
-static uint64_t align_up(uint64_t x) {
-    return (x + RQ_ALIGN - 1) & ~(uint64_t)(RQ_ALIGN - 1);
+void tsr_rq_act_quantize(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n_tok,
+                         int64_t n, int64_t n_pad, int64_t group, int ith, int nth) {
+    int64_t t0, t1;
+    tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
+    for (int64_t t = t0; t < t1; t++)
+        tsr_rq_act_quantize_row(q + t * n_pad, gsum + t * (n_pad / group), d + t, x + t * n,
+                                n, n_pad, group);
 }
 
-static const rq_header *header_of(const tsr_rq_codec *codec, const tsr_tensor *w) {
-    const rq_header *h = w->data;
-    if (!h || w->dtype != codec->dtype || h->magic != RQ_MAGIC || h->dtype != codec->dtype)
-        return NULL;
-    return h;
-}
-
-const void *tsr_rq_config(const tsr_rq_codec *codec, const tsr_tensor *w) {
-    const rq_header *h = header_of(codec, w);
-    return h ? (const uint8_t *)h + h->cfg_off : NULL;
-}
+/* ---- matrices of a row codec ------------------------------------------------------------ */
 
 typedef struct rq_row {
-    const uint8_t *row, *tail;
+    uint8_t *row, *tail;
     size_t tail_bytes;
 } rq_row;
 
-static rq_row row_at(const rq_header *h, int64_t r) {
-    const uint8_t *base = (const uint8_t *)h;
-    rq_row out = {base + h->rows_off + (uint64_t)r * h->row_bytes, NULL, 0};
-    if (h->ptr_off) {
-        const uint32_t *ptr = (const uint32_t *)(base + h->ptr_off);
-        out.tail = base + h->tail_off + ptr[r];
-        out.tail_bytes = ptr[r + 1] - ptr[r];
+static rq_row row_at(const tsr_rq_matrix *m, int64_t r) {
+    rq_row out = {m->rows + (size_t)r * m->row_bytes, NULL, 0};
+    if (m->tail_off) {
+        out.tail = m->tails + m->tail_off[r];
+        out.tail_bytes = m->tail_off[r + 1] - m->tail_off[r];
     }
     return out;
 }
 
-static const char *src_type_name(int32_t dtype) {
-    switch (dtype) {
-    case TSR_DTYPE_Q4_0: return "Q4_0";
-    case TSR_DTYPE_Q4_1: return "Q4_1";
-    case TSR_DTYPE_Q5_0: return "Q5_0";
-    case TSR_DTYPE_Q5_1: return "Q5_1";
-    case TSR_DTYPE_Q8_0: return "Q8_0";
-    case TSR_DTYPE_Q2_K: return "Q2_K";
-    case TSR_DTYPE_Q3_K: return "Q3_K";
-    case TSR_DTYPE_Q4_K: return "Q4_K";
-    case TSR_DTYPE_Q5_K: return "Q5_K";
-    case TSR_DTYPE_Q6_K: return "Q6_K";
-    case TSR_DTYPE_IQ4_NL: return "IQ4_NL";
-    case TSR_DTYPE_IQ4_XS: return "IQ4_XS";
-    case TSR_DTYPE_F64: return "F64";
-    default: return dtype >= TSR_DTYPE_PLUGIN_FIRST ? "plugin-defined" : "non-float";
+static const uint8_t *src_row(const void *src, size_t src_row_bytes, int64_t r) {
+    return (const uint8_t *)src + (size_t)r * src_row_bytes;
+}
+
+void tsr_rq_matrix_tail_sizes(uint32_t *tail_len, const tsr_rq_matrix *m, const void *src,
+                              int32_t src_dtype, size_t src_row_bytes, float *scratch, int ith,
+                              int nth) {
+    int64_t r0, r1;
+    tsr_thread_slice(&r0, &r1, m->n_out, 1, ith, nth);
+    for (int64_t r = r0; r < r1; r++) {
+        tsr_row_to_f32(scratch, src_dtype, src_row(src, src_row_bytes, r), m->n_in);
+        tail_len[r] = (uint32_t)m->codec->tail_bytes(m->cfg, scratch, m->n_in);
     }
 }
 
-/* ---- quantization ---------------------------------------------------------------------- */
-
-typedef struct quant_job {
-    const tsr_rq_codec *codec;
-    const void *cfg;
-    const tsr_tensor *src;
-    float *scratch;     /* (nth, 2, n_in) */
-    uint8_t *block;     /* NULL in the sizing pass */
-    const rq_header *h;
-    uint32_t *tail_len; /* (n_out): sizing pass output */
-    double *err, *norm; /* (n_out) */
-} quant_job;
-
-static void quant_task(void *arg, int ith, int nth) {
-    quant_job *j = arg;
-    int64_t n_in = j->src->ne[0], n_out = j->src->ne[1], r0, r1;
-    tsr_thread_slice(&r0, &r1, n_out, 1, ith, nth);
-    float *w = j->scratch + (size_t)ith * 2 * (size_t)n_in, *back = w + n_in;
+void tsr_rq_matrix_quantize(const tsr_rq_matrix *m, double *err, double *norm, const void *src,
+                            int32_t src_dtype, size_t src_row_bytes, float *scratch, int ith,
+                            int nth) {
+    int64_t n_in = m->n_in, r0, r1;
+    tsr_thread_slice(&r0, &r1, m->n_out, 1, ith, nth);
+    float *w = scratch, *back = scratch + n_in;
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *src_row = (const uint8_t *)j->src->data + (size_t)r * j->src->row_bytes;
-        tsr_row_to_f32(w, j->src->dtype, src_row, n_in);
-        if (!j->block) {
-            j->tail_len[r] = (uint32_t)j->codec->tail_bytes(j->cfg, w, n_in);
-            continue;
-        }
-        rq_row q = row_at(j->h, r);
-        j->codec->quantize_row(j->cfg, (uint8_t *)q.row, (uint8_t *)q.tail, w, n_in);
-        j->codec->dequantize_row(j->cfg, back, q.row, q.tail, q.tail_bytes, n_in);
+        tsr_row_to_f32(w, src_dtype, src_row(src, src_row_bytes, r), n_in);
+        rq_row q = row_at(m, r);
+        m->codec->quantize_row(m->cfg, q.row, q.tail, w, n_in);
+        m->codec->dequantize_row(m->cfg, back, q.row, q.tail, q.tail_bytes, n_in);
         double e = 0, s = 0;
         for (int64_t i = 0; i < n_in; i++) {
             double dv = (double)w[i] - (double)back[i];
             e += dv * dv;
             s += (double)w[i] * (double)w[i];
         }
-        j->err[r] = e;
-        j->norm[r] = s;
+        err[r] = e;
+        norm[r] = s;
     }
 }
 
-static void *alloc_or_fail(const tsr_host *host, size_t bytes, const char *what) {
-    void *p = host->alloc(host->ctx, bytes ? bytes : 1, RQ_ALIGN);
-    if (!p) host->set_error(host->ctx, "%s: out of memory for %zu bytes", what, bytes);
-    return p;
-}
-
-tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_codec *codec, const void *cfg,
-                           size_t cfg_bytes, const tsr_tensor *src, tsr_tensor *dst,
-                           tsr_rq_report *report) {
-    const char *name = src->name ? src->name : "(unnamed tensor)";
-    if (src->dtype != TSR_DTYPE_F32 && src->dtype != TSR_DTYPE_F16 &&
-        src->dtype != TSR_DTYPE_BF16) {
-        host->set_error(host->ctx,
-                        "%s: type %s (%d): quantizer '%s' converts F32, F16 and BF16 weights "
-                        "only; use quantizer 'gguf' for a file that is already quantized",
-                        name, src_type_name(src->dtype), (int)src->dtype, codec->name);
-        return TSR_E_UNSUPPORTED;
-    }
-    int64_t n_in = src->ne[0], n_out = src->ne[1];
-    if (src->ne[2] != 1 || src->ne[3] != 1 || n_in <= 0 || n_out <= 0 ||
-        src->row_bytes < tsr_row_size(src->dtype, n_in)) {
-        host->set_error(host->ctx, "%s: quantizer '%s' takes 2-D weight matrices only", name,
-                        codec->name);
-        return TSR_E_UNSUPPORTED;
-    }
-    int nth = host->n_threads(host->ctx);
-    quant_job j = {codec, cfg, src, NULL, NULL, NULL, NULL, NULL, NULL};
-    size_t n_rows = (size_t)n_out;
-    tsr_status st = TSR_E_NOMEM;
-    uint8_t *block = NULL;
-    j.scratch = alloc_or_fail(host, (size_t)nth * 2 * (size_t)n_in * sizeof(float), name);
-    j.tail_len = alloc_or_fail(host, n_rows * sizeof(uint32_t), name);
-    j.err = alloc_or_fail(host, n_rows * sizeof(double), name);
-    j.norm = alloc_or_fail(host, n_rows * sizeof(double), name);
-    if (!j.scratch || !j.tail_len || !j.err || !j.norm) goto done;
-
-    uint64_t tail_total = 0;
-    if (codec->tail_bytes) {
-        host->parallel_for(host->ctx, quant_task, &j);
-        for (int64_t r = 0; r < n_out; r++) tail_total += j.tail_len[r];
-        if (tail_total > UINT32_MAX) {
-            host->set_error(host->ctx, "%s: quantizer '%s': %llu bytes of outliers exceed 4 GiB",
-                            name, codec->name, (unsigned long long)tail_total);
-            st = TSR_E_RANGE;
-            goto done;
-        }
-    }
-    rq_header h = {.magic = RQ_MAGIC, .dtype = codec->dtype, .n_in = n_in, .n_out = n_out,
-                   .row_bytes = codec->row_bytes(cfg, n_in)};
-    h.cfg_off = align_up(sizeof h);
-    h.rows_off = align_up(h.cfg_off + cfg_bytes);
-    uint64_t end = h.rows_off + h.row_bytes * n_rows;
-    if (codec->tail_bytes) {
-        h.ptr_off = align_up(end);
-        h.tail_off = h.ptr_off + (n_rows + 1) * sizeof(uint32_t);
-        end = h.tail_off + tail_total;
-    }
-    h.total = end;
-    if (!(block = alloc_or_fail(host, (size_t)h.total, name))) goto done;
-    memset(block, 0, (size_t)h.total);
-    memcpy(block, &h, sizeof h);
-    memcpy(block + h.cfg_off, cfg, cfg_bytes);
-    if (codec->tail_bytes) {
-        uint32_t *ptr = (uint32_t *)(block + h.ptr_off);
-        ptr[0] = 0;
-        for (int64_t r = 0; r < n_out; r++) ptr[r + 1] = ptr[r] + j.tail_len[r];
-    }
-    j.block = block;
-    j.h = (const rq_header *)block;
-    host->parallel_for(host->ctx, quant_task, &j);
-
-    double e = 0, s = 0;
-    for (int64_t r = 0; r < n_out; r++) {
-        e += j.err[r];
-        s += j.norm[r];
-    }
-    report->rel_rmse = s > 0 ? sqrt(e / s) : 0.0;
-    report->bits_per_weight = 8.0 * (double)(h.total - h.rows_off) / ((double)n_in * n_rows);
-    report->tail_bytes = tail_total;
-    *dst = (tsr_tensor){.struct_size = sizeof(tsr_tensor), .dtype = codec->dtype, .n_dims = 2,
-                        .ne = {n_in, n_out, 1, 1}, .row_bytes = (size_t)h.row_bytes,
-                        .data = block, .name = src->name, .extra = NULL};
-    block = NULL;
-    st = TSR_OK;
-done:
-    host->free(host->ctx, block);
-    host->free(host->ctx, j.scratch);
-    host->free(host->ctx, j.tail_len);
-    host->free(host->ctx, j.err);
-    host->free(host->ctx, j.norm);
-    return st;
-}
-
-void tsr_rq_release(const tsr_host *host, tsr_tensor *w) {
-    host->free(host->ctx, w->data);
-    w->data = NULL;
-}
-
-tsr_status tsr_rq_dequantize_rows(const tsr_host *host, const tsr_rq_codec *codec, float *y,
-                                  const tsr_tensor *w, int64_t row0, int64_t n_rows) {
-    const rq_header *h = header_of(codec, w);
-    if (!h) {
-        host->set_error(host->ctx, "quantizer '%s': tensor %s is not in its format (dtype %d)",
-                        codec->name, w->name ? w->name : "(unnamed)", (int)w->dtype);
-        return TSR_E_UNSUPPORTED;
-    }
-    if (row0 < 0 || n_rows < 0 || row0 + n_rows > h->n_out) {
-        host->set_error(host->ctx, "%s: rows [%lld, %lld) outside its %lld rows",
-                        w->name ? w->name : "(unnamed)", (long long)row0,
-                        (long long)(row0 + n_rows), (long long)h->n_out);
-        return TSR_E_RANGE;
-    }
-    const void *cfg = (const uint8_t *)h + h->cfg_off;
+void tsr_rq_matrix_dequantize(float *y, const tsr_rq_matrix *m, int64_t row0, int64_t n_rows) {
     for (int64_t r = 0; r < n_rows; r++) {
-        rq_row q = row_at(h, row0 + r);
-        codec->dequantize_row(cfg, y + r * h->n_in, q.row, q.tail, q.tail_bytes, h->n_in);
+        rq_row q = row_at(m, row0 + r);
+        m->codec->dequantize_row(m->cfg, y + r * m->n_in, q.row, q.tail, q.tail_bytes, m->n_in);
     }
-    return TSR_OK;
 }
 
-/* ---- products -------------------------------------------------------------------------- */
-
-typedef struct mm_job {
-    const tsr_rq_codec *codec;
-    const rq_header *h;
-    const void *cfg;
-    float *y;          // (n_tok, n_out)
-    const float *x;    // (n_tok, n_in)
-    int64_t n_tok;
-    uint8_t *scratch;  // (nth, scratch_bytes): a dequantized row, or the unpacked codes
-    size_t scratch_bytes;
-    int8_t *q;         // int8 path: (n_tok, n_pad)
-    int32_t *gsum;     // (n_tok, n_pad / group)
-    float *d;          // (n_tok)
-    int64_t n_pad, group;
-} mm_job;
-
-static void act_task(void *arg, int ith, int nth) {
-    mm_job *j = arg;
-    int64_t t0, t1;
-    tsr_thread_slice(&t0, &t1, j->n_tok, 1, ith, nth);
-    for (int64_t t = t0; t < t1; t++)
-        tsr_rq_act_quantize_row(j->q + t * j->n_pad, j->gsum + t * (j->n_pad / j->group),
-                                j->d + t, j->x + t * j->h->n_in, j->h->n_in, j->n_pad,
-                                j->group);
-}
-
-static void mm_task(void *arg, int ith, int nth) {
-    mm_job *j = arg;
-    int64_t n_in = j->h->n_in, n_out = j->h->n_out, r0, r1;
+void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const tsr_rq_act *act,
+                       int64_t n_tok, uint8_t *scratch, int ith, int nth) {
+    int64_t n_in = m->n_in, n_out = m->n_out, r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
-    tsr_rq_act act = {j->q, j->gsum, j->d, j->n_pad, j->group};
-    uint8_t *scratch = j->scratch + (size_t)ith * j->scratch_bytes;
     float *row = (float *)scratch;
     for (int64_t r = r0; r < r1; r++) {
-        rq_row q = row_at(j->h, r);
-        if (j->group > 0) {
-            j->codec->dot_q8(j->cfg, j->y + r, n_out, q.row, &act, j->n_tok, n_in, scratch);
+        rq_row q = row_at(m, r);
+        if (act) {
+            m->codec->dot_q8(m->cfg, y + r, n_out, q.row, act, n_tok, n_in, scratch);
             continue;
         }
-        j->codec->dequantize_row(j->cfg, row, q.row, q.tail, q.tail_bytes, n_in);
-        for (int64_t t = 0; t < j->n_tok; t++)
-            j->y[t * n_out + r] = tsr_dot_f32(row, j->x + t * n_in, n_in);
+        m->codec->dequantize_row(m->cfg, row, q.row, q.tail, q.tail_bytes, n_in);
+        for (int64_t t = 0; t < n_tok; t++)
+            y[t * n_out + r] = tsr_dot_f32(row, x + t * n_in, n_in);
     }
-}
-
-tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float *y,
-                         const tsr_tensor *w, const float *x, int64_t n) {
-    const rq_header *h = header_of(codec, w);
-    if (!h) {
-        host->set_error(host->ctx, "quantizer '%s' cannot multiply tensors of dtype %d",
-                        codec->name, (int)w->dtype);
-        return TSR_E_UNSUPPORTED;
-    }
-    if (n <= 0) return TSR_OK;
-    mm_job j = {.codec = codec, .h = h, .cfg = (const uint8_t *)h + h->cfg_off, .y = y, .x = x,
-                .n_tok = n};
-    const char *name = w->name ? w->name : codec->name;
-    j.group = codec->act_group ? codec->act_group(j.cfg) : 0;
-    int nth = host->n_threads(host->ctx);
-    size_t nq = 0, ng = 0;
-    if (j.group > 0) {
-        j.n_pad = (h->n_in + j.group - 1) / j.group * j.group;
-        nq = (size_t)(n * j.n_pad);
-        ng = (size_t)(n * (j.n_pad / j.group));
-    }
-    j.scratch_bytes = (size_t)align_up(j.group > 0 ? (uint64_t)j.n_pad
-                                                   : (uint64_t)h->n_in * sizeof(float));
-    /* One block: per-thread scratch, then the int8 activations, group sums and scales. */
-    size_t off_q = j.scratch_bytes * (size_t)nth, off_g = off_q + (size_t)align_up(nq);
-    size_t off_d = off_g + ng * sizeof(int32_t);
-    uint8_t *buf = alloc_or_fail(host, off_d + (size_t)n * sizeof(float), name);
-    if (!buf) return TSR_E_NOMEM;
-    j.scratch = buf;
-    if (j.group > 0) {
-        j.q = (int8_t *)(buf + off_q);
-        j.gsum = (int32_t *)(buf + off_g);
-        j.d = (float *)(buf + off_d);
-        host->parallel_for(host->ctx, act_task, &j);
-    }
-    host->parallel_for(host->ctx, mm_task, &j);
-    host->free(host->ctx, buf);
-    return TSR_OK;
-}
-
-/* ---- the quantizer plugin glue --------------------------------------------------------- */
-
-tsr_status tsr_rq_check_group(const tsr_host *host, int64_t group, int64_t multiple) {
-    if (group % multiple == 0) return TSR_OK;
-    host->set_error(host->ctx, "group: %lld is not a multiple of %lld", (long long)group,
-                    (long long)multiple);
-    return TSR_E_INVALID;
-}
-
-tsr_status tsr_rq_quantizer_create(const tsr_host *host, const tsr_rq_codec *codec,
-                                   const void *cfg, size_t cfg_bytes, void **out) {
-    /* One block: the instance, then its copy of the configuration. */
-    size_t cfg_off = (size_t)align_up(sizeof(tsr_rq_quantizer));
-    tsr_rq_quantizer *q = alloc_or_fail(host, cfg_off + cfg_bytes, codec->name);
-    if (!q) return TSR_E_NOMEM;
-    memcpy((uint8_t *)q + cfg_off, cfg, cfg_bytes);
-    *q = (tsr_rq_quantizer){.host = host, .codec = codec, .cfg = (uint8_t *)q + cfg_off,
-                            .cfg_bytes = cfg_bytes};
-    *out = q;
-    return TSR_OK;
-}
-
-void tsr_rq_quantizer_destroy(void *self) {
-    tsr_rq_quantizer *q = self;
-    q->host->free(q->host->ctx, q);
-}
-
-tsr_status tsr_rq_quantizer_quantize(tsr_rq_quantizer *q, const tsr_weight_in *in,
-                                     tsr_weight_out *out, tsr_rq_report *report) {
-    tsr_status st = tsr_rq_quantize(q->host, q->codec, q->cfg, q->cfg_bytes, &in->src,
-                                    &out->dst, report);
-    if (st < 0) return st;
-    out->bits_per_weight = report->bits_per_weight;
-    out->rel_rmse = report->rel_rmse;
-    out->owns_data = 1;
-    q->tensors++;
-    q->weights += (uint64_t)in->src.ne[0] * (uint64_t)in->src.ne[1];
-    q->tail_bytes += report->tail_bytes;
-    return TSR_OK;
-}
-
-tsr_status tsr_rq_quantizer_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
-    tsr_rq_quantizer *q = self;
-    tsr_rq_report rep;
-    tsr_status st = tsr_rq_quantizer_quantize(q, in, out, &rep);
-    if (st < 0) return st;
-    char what[128];
-    q->codec->describe(q->cfg, what, sizeof what);
-    q->host->log(q->host->ctx, TSR_LOG_INFO, "%s (layer %d, %s): %s: %.3f bits/weight, "
-                 "rel_rmse %.5f", in->src.name ? in->src.name : "?", (int)in->layer,
-                 in->role ? in->role : "?", what, rep.bits_per_weight, rep.rel_rmse);
-    return TSR_OK;
-}
-
-void tsr_rq_quantizer_release(void *self, tsr_tensor *w) {
-    tsr_rq_quantizer *q = self;
-    tsr_rq_release(q->host, w);
-}
-
-tsr_status tsr_rq_quantizer_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
-                                   int64_t n) {
-    tsr_rq_quantizer *q = self;
-    return tsr_rq_matmul(q->host, q->codec, y, w, x, n);
-}
-
-tsr_status tsr_rq_quantizer_dequantize_rows(void *self, float *y, const tsr_tensor *w,
-                                            int64_t row0, int64_t n_rows) {
-    tsr_rq_quantizer *q = self;
-    return tsr_rq_dequantize_rows(q->host, q->codec, y, w, row0, n_rows);
 }

@@ -19,17 +19,20 @@
  * row count m a multiple of 4; a dot is then 16 f32 fma lanes (term t into lane t % 16, in
  * order) reduced by _mm512_reduce_add_ps. Otherwise ggml_vec_dot_f32 runs: 4 x 16 fma lanes
  * over the first k & ~63 terms, the four registers added (0+2, 1+3, then the two), reduced
- * the same way, then the remaining terms in one fma chain (GCC contracts `sumf += x*y`).
+ * the same way, then the remaining terms one by one as `sumf += x*y` with two roundings, not
+ * an fma (the fixture references tell: with an fma chain, llama-tiny-q4_k_m's logits leave
+ * llama.cpp's from position 29 on, with two roundings they agree up to 48).
  *  - KQ: the right operand is Q permuted to (head_dim, tokens, heads), contiguous only for
  *    one token (then n = 1, refused) or one head: vec_dot, except with one head.
  *  - KQV: the right operand is the softmax output, contiguous: tinyBLAS from 2 tokens on
  *    (when n_kv % 16 == 0), vec_dot for a single token (decode).
  * The softmax is tsr_softmax (ggml's exp and summation order) on the n_kv scores.
  *
- * Every (query, head) is computed whole by one task with plain C (fmaf where ggml uses fma),
- * so the bits depend neither on the thread count nor on the CPU. F16 views are read exactly,
- * as 'reference' reads them; llama.cpp's F16 cache would also round Q and the probabilities
- * to F16, which this plugin does not model.
+ * Every (query, head) is computed whole by one task in plain C (fmaf where ggml has an fma;
+ * the build forbids the compiler any fma of its own), so the bits depend neither on the
+ * thread count nor on the CPU. F16 views are read exactly, as 'reference' reads them;
+ * llama.cpp's F16 cache would also round Q and the probabilities to F16, which this plugin
+ * does not model.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -70,7 +73,8 @@ static float ggml_hsum16(const float *v) {
 /* ggml_vec_dot_f32's four registers of lane sums (64 floats) folded and reduced. */
 static float ggml_fold64(const float *acc) {
     float r[GGML_LANES];
-    for (int l = 0; l < GGML_LANES; l++) r[l] = (acc[l] + acc[l + 32]) + (acc[l + 16] + acc[l + 48]);
+    for (int l = 0; l < GGML_LANES; l++)
+        r[l] = (acc[l] + acc[l + 32]) + (acc[l + 16] + acc[l + 48]);
     return ggml_hsum16(r);
 }
 
@@ -81,7 +85,7 @@ static float ggml_vec_dot(const float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < np; i += GGML_STEP)
         for (int l = 0; l < GGML_STEP; l++) acc[l] = fmaf(x[i + l], y[i + l], acc[l]);
     float s = ggml_fold64(acc);
-    for (int64_t i = np; i < n; i++) s = fmaf(x[i], y[i], s);
+    for (int64_t i = np; i < n; i++) s += x[i] * y[i];
     return s;
 }
 
@@ -94,8 +98,8 @@ static float ggml_tiny_dot(const float *x, const float *y, int64_t n) {
 }
 
 /* out[d] = sum over j < n_kv of p[j] * V[j][d], as mul_mat(V^T, KQ) rounds it: tinyBLAS when
- * `tiny`, else ggml_vec_dot_f32 over n_kv terms. Terms j >= n (unused cells) have p = 0: an
- * fma with a zero product leaves a lane as it is (lanes start at +0 and never become -0), so
+ * `tiny`, else ggml_vec_dot_f32 over n_kv terms. Terms j >= n (unused cells) have p = 0:
+ * adding a zero product leaves a sum as it is (sums start at +0 and never become -0), so
  * they are skipped. acc: (hd, 64) scratch. */
 static void ggml_pv(float *out, const float *p, int64_t n, int64_t n_kv, const float *v,
                     size_t vst, int32_t hd, int tiny, float *acc) {
@@ -112,7 +116,7 @@ static void ggml_pv(float *out, const float *p, int64_t n, int64_t n_kv, const f
         out[d] = tiny ? ggml_hsum16(acc + d * width) : ggml_fold64(acc + d * width);
     for (int64_t j = n_lanes; j < n; j++) {
         const float *vr = v + (size_t)j * vst;
-        for (int32_t d = 0; d < hd; d++) out[d] = fmaf(vr[d], p[j], out[d]);
+        for (int32_t d = 0; d < hd; d++) out[d] += vr[d] * p[j];
     }
 }
 

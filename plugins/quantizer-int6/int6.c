@@ -10,8 +10,8 @@
  */
 #include <stdio.h>
 
-#include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
+#include <tessera/sdk_rq.h>
 
 #define INT6_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 110)
 #define INT6_GROUP_MAX 256

@@ -10,8 +10,8 @@
  */
 #include <stdio.h>
 
-#include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
+#include <tessera/sdk_rq.h>
 
 #define RTN_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 100)
 #define RTN_GROUP_MAX 256

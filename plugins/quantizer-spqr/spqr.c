@@ -19,8 +19,8 @@
  */
 #include <stdio.h>
 
-#include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
+#include <tessera/sdk_rq.h>
 
 #define SPQR_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 120)
 #define SPQR_GROUP_MAX 128

@@ -11,8 +11,8 @@
  */
 #include <stdio.h>
 
-#include <tessera/kernels_research.h>
 #include <tessera/sdk.h>
+#include <tessera/sdk_rq.h>
 
 #define W4A8_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 130)
 #define W4A8_PROTECT 119

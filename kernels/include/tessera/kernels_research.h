@@ -1,16 +1,16 @@
 /*
- * <tessera/kernels_research.h> -- what the research quantizer plugins (rtn, int6, spqr, w4a8)
- * share: bit packing, per-token int8 activations, an exact u8 x s8 integer dot, and one
- * driver that turns a row codec into a quantized tensor, its dequantization and its product.
- * docs/quantizers.md describes the formats.
+ * <tessera/kernels_research.h> -- the compute kernels of the research quantizer plugins (rtn,
+ * int6, spqr, w4a8): bit packing, group helpers, per-token int8 activations, an exact
+ * u8 x s8 integer dot, and the row loops that quantize, dequantize and multiply a matrix of a
+ * row codec's format. docs/quantizers.md describes the formats.
  *
- * The driver is the only part of the kernels that sees host services: it takes the
- * tsr_host of <tessera/common.h> for allocation (host->alloc), threads (host->parallel_for)
- * and errors (host->set_error), so each plugin keeps only its format and its ABI glue.
+ * Plain functions, no plugin ABI: pointers and sizes in, a thread slice (ith, nth) where the
+ * work is worth splitting, scratch memory from the caller. The plugin glue over them (tensors,
+ * host allocation and threads, the quantizer vtable) is <tessera/sdk_rq.h>.
  *
  * Results never depend on the thread count: threads split rows (or tokens), never a sum.
  * Integer dots are exact, so every dispatch level (scalar, AVX2, AVX-512 VNNI) gives the same
- * bits; the level follows tsr_cpu_level_get().
+ * bits; the level follows tsr_cpu_level_get(). All functions are [any].
  */
 #ifndef TESSERA_KERNELS_RESEARCH_H
 #define TESSERA_KERNELS_RESEARCH_H
@@ -22,7 +22,6 @@
 
 #include <tessera/common.h>
 #include <tessera/kernels_cpu.h>
-#include <tessera/quantizer.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -82,7 +81,15 @@ void tsr_rq_act_quantize_row(int8_t *q,        // (n_pad)
                              const float *x,   // (n)
                              int64_t n, int64_t n_pad, int64_t group);
 
-/* Quantized activations of n_tok tokens, as the driver hands them to a codec. */
+/* tsr_rq_act_quantize_row on each of n_tok tokens. Slices tokens. */
+void tsr_rq_act_quantize(int8_t *q,        // (n_tok, n_pad)
+                         int32_t *gsum,    // (n_tok, n_pad / group)
+                         float *d,         // (n_tok)
+                         const float *x,   // (n_tok, n)
+                         int64_t n_tok, int64_t n, int64_t n_pad, int64_t group, int ith,
+                         int nth);
+
+/* Quantized activations of n_tok tokens, as tsr_rq_matrix_mul hands them to a codec. */
 typedef struct tsr_rq_act {
     const int8_t *q;      // (n_tok, n_pad)
     const int32_t *gsum;  // (n_tok, n_pad / group)
@@ -91,11 +98,11 @@ typedef struct tsr_rq_act {
 } tsr_rq_act;
 
 /* ---------------------------------------------------------------------------------------- */
-/* Row codecs and the tensor driver                                                          */
+/* Row codecs                                                                                */
 /*                                                                                           */
-/* A quantized tensor is one host->alloc block: a header, the codec's configuration, n_out   */
-/* rows of `row_bytes` each, and for codecs with a variable part (SpQR's outliers) the      */
-/* uint32 offsets (n_out + 1) of each row's tail followed by the tails.                      */
+/* A research format is a row codec: each row of n_in weights becomes `row_bytes` fixed      */
+/* bytes plus, for codecs with a variable part (SpQR's outliers), a tail of its own length.  */
+/* `cfg` is the codec's configuration (bits, group...), opaque to the kernels.               */
 
 typedef struct tsr_rq_codec {
     int32_t dtype;         /* the plugin dtype (>= TSR_DTYPE_PLUGIN_FIRST) of the tensors */
@@ -104,100 +111,73 @@ typedef struct tsr_rq_codec {
     size_t (*row_bytes)(const void *cfg, int64_t n_in);
     /* Optional: bytes of the variable tail of row w (n_in). NULL: no tails. */
     size_t (*tail_bytes)(const void *cfg, const float *w, int64_t n_in);
-    /* Quantizes row w (n_in) into row (row_bytes) and tail (tail_bytes, NULL without). */
+    /* Quantizes row w (n_in) into row (row_bytes, zeroed) and tail (tail_bytes, NULL
+     * without). */
     void (*quantize_row)(const void *cfg, uint8_t *row, uint8_t *tail, const float *w,
                          int64_t n_in);
     /* y (n_in) = the row's values. */
     void (*dequantize_row)(const void *cfg, float *y, const uint8_t *row, const uint8_t *tail,
                            size_t tail_bytes, int64_t n_in);
     /* Optional: group of int8 activations that dot_q8 wants (returns 0 for f32 activations,
-     * and the driver then multiplies dequantized rows with tsr_dot_f32). */
+     * and tsr_rq_matrix_mul then multiplies dequantized rows with tsr_dot_f32). */
     int64_t (*act_group)(const void *cfg);
     /* With int8 activations: y[t * ldy] (t < n_tok) = the product of the row with token t.
      * scratch: act->n_pad bytes of the calling thread, for the unpacked codes. */
     void (*dot_q8)(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                    const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch);
-    /* Writes cfg as the log names it, e.g. "rtn 4-bit sym group 64" (NUL-terminated, cut to
+    /* Writes cfg as a log names it, e.g. "rtn 4-bit sym group 64" (NUL-terminated, cut to
      * size). */
     void (*describe)(const void *cfg, char *buf, size_t size);
 } tsr_rq_codec;
 
-/* What tsr_rq_quantize reports. */
-typedef struct tsr_rq_report {
-    double bits_per_weight; /* every byte but the fixed header, per weight */
-    double rel_rmse;        /* ||W - dequant(Q)|| / ||W|| (0 for an all-zero W) */
-    uint64_t tail_bytes;    /* total bytes of the tails */
-} tsr_rq_report;
-
-/* [main] Quantizes the 2-D F32/F16/BF16 tensor `src` (ne = {n_in, n_out}) with `codec` and
- * its configuration `cfg` (cfg_bytes, copied into the tensor) into *dst, whose data is
- * allocated with host->alloc (free it with tsr_rq_release). Rows are quantized on
- * host->parallel_for. TSR_E_UNSUPPORTED (with a message through host->set_error naming the
- * tensor and its type) for other types or shapes, TSR_E_NOMEM when allocation fails. */
-tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_codec *codec, const void *cfg,
-                           size_t cfg_bytes, const tsr_tensor *src, tsr_tensor *dst,
-                           tsr_rq_report *report);
-
-/* [main] Frees what tsr_rq_quantize allocated for w and clears w->data. */
-void tsr_rq_release(const tsr_host *host, tsr_tensor *w);
-
-/* The configuration a tensor was quantized with (the copy inside its block), or NULL when w
- * is not a tensor of `codec`. */
-const void *tsr_rq_config(const tsr_rq_codec *codec, const tsr_tensor *w);
-
-/* [main] Rows [row0, row0 + n_rows) of w as f32 into y (n_rows, n_in). TSR_E_RANGE for rows
- * outside the tensor, TSR_E_UNSUPPORTED for a tensor of another codec. */
-tsr_status tsr_rq_dequantize_rows(const tsr_host *host, const tsr_rq_codec *codec, float *y,
-                                  const tsr_tensor *w, int64_t row0, int64_t n_rows);
-
-/* [main] y (n, n_out) = x (n, n_in) . W^T on host->parallel_for. With f32 activations each
- * value is tsr_dot_f32(dequantized row, x row); with int8 activations (codec->act_group > 0)
- * x is quantized per token by tsr_rq_act_quantize_row and the codec's dot_q8 multiplies. */
-tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float *y,
-                         const tsr_tensor *w, const float *x, int64_t n);
-
-/* ---------------------------------------------------------------------------------------- */
-/* A quantizer plugin over one codec                                                         */
-/*                                                                                           */
-/* The tsr_quantizer_vtable of a research quantizer is its codec and configuration plus the  */
-/* same glue in every plugin; these are that glue. The plugin's create reads its parameters  */
-/* into a configuration and calls tsr_rq_quantizer_create; `self` of the callbacks below is  */
-/* the instance it made.                                                                     */
-
-typedef struct tsr_rq_quantizer {
-    const tsr_host *host;
+/* A matrix in a codec's format: n_out rows of row_bytes, and for a codec with tails the
+ * offsets of each row's tail (CSR) and the tails themselves. Where the memory comes from is
+ * the caller's business (<tessera/sdk_rq.h> keeps all of it in one block per tensor). */
+typedef struct tsr_rq_matrix {
     const tsr_rq_codec *codec;
-    uint64_t tensors, weights, tail_bytes; /* totals of every tensor prepared, for commands */
-    const void *cfg;                       /* the configuration, in the instance's block */
-    size_t cfg_bytes;
-} tsr_rq_quantizer;
+    const void *cfg;
+    int64_t n_in, n_out;
+    size_t row_bytes;          /* codec->row_bytes(cfg, n_in) */
+    uint8_t *rows;             // (n_out, row_bytes)
+    const uint32_t *tail_off;  // (n_out + 1): row r's tail is tails[tail_off[r], tail_off[r+1]);
+                               // NULL when the codec has no tails
+    uint8_t *tails;            // (tail_off[n_out]) bytes
+} tsr_rq_matrix;
 
-/* [main] TSR_E_INVALID, with "group: <group> is not a multiple of <multiple>", unless it is. */
-tsr_status tsr_rq_check_group(const tsr_host *host, int64_t group, int64_t multiple);
+/* Tail bytes of each row of src (n_out, n_in) as codec->tail_bytes counts them, the sizing
+ * pass before the tails can be laid out: only m->codec, cfg, n_in and n_out are read, and
+ * the codec must have tail_bytes. src holds rows of src_dtype (F32, F16 or BF16) every
+ * src_row_bytes. scratch: n_in floats of the calling thread. Slices rows. */
+void tsr_rq_matrix_tail_sizes(uint32_t *tail_len,          // (n_out)
+                              const tsr_rq_matrix *m,
+                              const void *src, int32_t src_dtype, size_t src_row_bytes,
+                              float *scratch,              // (n_in)
+                              int ith, int nth);
 
-/* [main] An instance quantizing with `codec` and a copy of cfg (cfg_bytes) into *out. */
-tsr_status tsr_rq_quantizer_create(const tsr_host *host, const tsr_rq_codec *codec,
-                                   const void *cfg, size_t cfg_bytes, void **out);
+/* Quantizes the rows of src (as tsr_rq_matrix_tail_sizes) into m's rows and tails, which
+ * must be zeroed and, with tails, laid out from the sizing pass. err[r] and norm[r] get
+ * sum (w - dequant(q))^2 and sum w^2 of row r, in double. scratch: 2 * n_in floats of the
+ * calling thread. Slices rows. */
+void tsr_rq_matrix_quantize(const tsr_rq_matrix *m,
+                            double *err,                 // (n_out)
+                            double *norm,                // (n_out)
+                            const void *src, int32_t src_dtype, size_t src_row_bytes,
+                            float *scratch,              // (2, n_in)
+                            int ith, int nth);
 
-/* [main] Quantizes in->src into out (owns_data, bits_per_weight, rel_rmse set) and adds it to
- * the instance's totals; *report gets what tsr_rq_quantize reported. Logs nothing. */
-tsr_status tsr_rq_quantizer_quantize(tsr_rq_quantizer *q, const tsr_weight_in *in,
-                                     tsr_weight_out *out, tsr_rq_report *report);
+/* Rows [row0, row0 + n_rows) of m as f32; the caller checks the range. */
+void tsr_rq_matrix_dequantize(float *y,                  // (n_rows, n_in)
+                              const tsr_rq_matrix *m, int64_t row0, int64_t n_rows);
 
-/* The vtable callbacks. prepare is tsr_rq_quantizer_quantize plus one INFO log line:
- * "<tensor> (layer <l>, <role>): <codec->describe>: <b> bits/weight, rel_rmse <e>". */
-void tsr_rq_quantizer_destroy(void *self);
-tsr_status tsr_rq_quantizer_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out);
-void tsr_rq_quantizer_release(void *self, tsr_tensor *w);
-tsr_status tsr_rq_quantizer_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
-                                   int64_t n);
-tsr_status tsr_rq_quantizer_dequantize_rows(void *self, float *y, const tsr_tensor *w,
-                                            int64_t row0, int64_t n_rows);
-
-/* The vtable entries but create and prepare, for a plugin that adds nothing to them. */
-#define TSR_RQ_QUANTIZER_CALLBACKS                                                         \
-    .destroy = tsr_rq_quantizer_destroy, .release = tsr_rq_quantizer_release,             \
-    .matmul = tsr_rq_quantizer_matmul, .dequantize_rows = tsr_rq_quantizer_dequantize_rows
+/* y = x . W^T for the output rows of slice ith of nth (rows split in multiples of 16).
+ * act NULL: each value is tsr_dot_f32(dequantized row, x row), scratch n_in floats of the
+ * calling thread. act non-NULL (x quantized by tsr_rq_act_quantize with the codec's
+ * act_group): codec->dot_q8 multiplies, x is not read, scratch is act->n_pad bytes. */
+void tsr_rq_matrix_mul(float *y,                         // (n_tok, n_out)
+                       const tsr_rq_matrix *m,
+                       const float *x,                   // (n_tok, n_in)
+                       const tsr_rq_act *act, int64_t n_tok, uint8_t *scratch, int ith,
+                       int nth);
 
 #ifdef __cplusplus
 }
