@@ -229,17 +229,16 @@ static __m512i qb_spread_index(int a, int b) {
 static void qb_consts_init(int qm, qb_consts *c) {
     c->m4 = _mm512_set1_epi8(0x0f);
     c->m3 = _mm512_set1_epi8(3);
-    for (int i = 0; i < 4; i++) /* Q4_K: vector i = groups (0, 2), (1, 3), (4, 6), (5, 7) */
-        c->spread[i] = qm == TSR_QM_Q4_K ? qb_spread_index(i / 2 * 4 + i % 2, i / 2 * 4 + i % 2 + 2)
-                                         : _mm512_setr_epi64(
-                                               (4 * i) * 0x0001000100010001ll,
-                                               (4 * i) * 0x0001000100010001ll,
-                                               (4 * i + 1) * 0x0001000100010001ll,
-                                               (4 * i + 1) * 0x0001000100010001ll,
-                                               (4 * i + 2) * 0x0001000100010001ll,
-                                               (4 * i + 2) * 0x0001000100010001ll,
-                                               (4 * i + 3) * 0x0001000100010001ll,
-                                               (4 * i + 3) * 0x0001000100010001ll);
+    const long long w4 = 0x0001000100010001ll; /* a word in the four words of a qword */
+    for (int i = 0; i < 4; i++) {
+        if (qm == TSR_QM_Q4_K) /* vector i: groups (0, 2), (1, 3), (4, 6), (5, 7) */
+            c->spread[i] = qb_spread_index(i / 2 * 4 + i % 2, i / 2 * 4 + i % 2 + 2);
+        else /* Q6_K, vector i: groups 4i .. 4i + 3, eight words each */
+            c->spread[i] = _mm512_setr_epi64(4 * i * w4, 4 * i * w4, (4 * i + 1) * w4,
+                                             (4 * i + 1) * w4, (4 * i + 2) * w4,
+                                             (4 * i + 2) * w4, (4 * i + 3) * w4,
+                                             (4 * i + 3) * w4);
+    }
     for (int s = 0; s < 2; s++) /* Q6_K: quants 64 s .. of a half use qh bits 4s, 4s + 2 */
         c->q6_sh[s] = qb_spread_index(4 * s, 4 * s + 2);
 }
@@ -253,7 +252,8 @@ typedef struct qb_sb {
 } qb_sb;
 
 TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, const qb_consts *c, qb_sb *k) {
-    for (int h = 0; h < 2; h++) { /* qs[64 h ..]: low nibbles groups 4h, 4h + 2, high 4h + 1, 4h + 3 */
+    /* qs[64 h ..]: low nibbles are groups 4h and 4h + 2, high ones 4h + 1 and 4h + 3 */
+    for (int h = 0; h < 2; h++) {
         __m512i q = _mm512_loadu_si512(p->qs + 64 * h);
         k->u[2 * h] = _mm512_and_si512(q, c->m4);
         k->u[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), c->m4);
