@@ -17,5 +17,6 @@ echo "== build and test: AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S "$top" -B "$top/build-asan" -DCMAKE_BUILD_TYPE=Debug \
     -DTESSERA_SANITIZE=address,undefined >/dev/null
 cmake --build "$top/build-asan" -j"$jobs"
+# Sanitized code runs several times slower: stretch Check's per-test time limits to match.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    ctest --test-dir "$top/build-asan" --output-on-failure -j"$jobs"
+    CK_TIMEOUT_MULTIPLIER=4 ctest --test-dir "$top/build-asan" --output-on-failure -j"$jobs"
