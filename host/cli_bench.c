@@ -119,6 +119,7 @@ typedef struct bench_row {
     double decode_secs;
     uint64_t kv_bytes;
     double peak_rss_mib; /* before the bandwidth measurement allocates its buffer */
+    double bits_per_weight, rel_rmse; /* what the quantizers made of the weights */
 } bench_row;
 
 static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int threads,
@@ -132,6 +133,7 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     if (st < 0) goto done;
     if ((st = tsr_session_pipeline(&s, b->n_prompt + b->n_gen + 1, err)) < 0) goto done;
     *weight_bytes = tsr_pipeline_weight_bytes(s.pl);
+    tsr_pipeline_weight_quality(s.pl, &row->bits_per_weight, &row->rel_rmse);
     int32_t nv = s.model->hp.n_vocab, bos = tsr_tokenizer_bos(s.tok);
     if (bos < 0) bos = 0;
     int n = b->n_prompt;
@@ -226,9 +228,9 @@ static void print_json(const char *model_path, const char *type, const tsr_model
         const bench_row *r = &rows[i];
         const tsr_stage_times *t = &r->times;
         json_array_append_new(results, json_pack(
-            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
             "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "peak_rss_mib",
-            r->peak_rss_mib,
+            r->peak_rss_mib, "bits_per_weight", r->bits_per_weight, "mean_rel_rmse", r->rel_rmse,
             "prefill_tps_mean", r->pp_mean, "prefill_tps_std", r->pp_std,
             "decode_tps_mean", r->tg_mean, "decode_tps_std", r->tg_std,
             "decode_weight_gbs", r->weight_gb_per_s, "machine_read_gbs", r->read_gbs,

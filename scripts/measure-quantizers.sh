@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Measures each quantizer setting on stories260K: bits per weight, relative RMSE of the
 # weights and perplexity on the TinyStories text (llama.cpp's definition), printed as the
-# markdown rows of docs/quantizers.md.
+# markdown rows of docs/quantizers.md. With SPEED_MODEL set to an F32 GGUF of a real shape
+# (`tessera synth --shape tinyllama-1.1b --type f32 -o tl-f32.gguf`), each row also gets the
+# decode and prefill speed of that model with the quantizer converting it at load (1 thread).
 #   scripts/measure-quantizers.sh [build-folder]
 set -euo pipefail
 top="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,8 +34,14 @@ settings=(
 
 json_field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d$1)"; }
 
-echo "| quantizer | bits/weight | relative RMSE | perplexity (ctx $ctx) | ± |"
-echo "| --- | ---: | ---: | ---: | ---: |"
+speed_model="${SPEED_MODEL:-}"
+if [ -n "$speed_model" ]; then
+    echo "| quantizer | bits/weight | relative RMSE | perplexity (ctx $ctx) | ± | decode tok/s | roofline | prefill tok/s | bits/weight (tinyllama) |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+else
+    echo "| quantizer | bits/weight | relative RMSE | perplexity (ctx $ctx) | ± |"
+    echo "| --- | ---: | ---: | ---: | ---: |"
+fi
 for s in "${settings[@]}"; do
     label="${s%%|*}"
     sets=()
@@ -43,5 +51,14 @@ for s in "${settings[@]}"; do
     rmse="$(echo "$ppl_json" | json_field "['mean_rel_rmse']")"
     ppl="$(echo "$ppl_json" | json_field "['ppl']")"
     err="$(echo "$ppl_json" | json_field "['ppl_stderr']")"
-    printf "| %s | %.3f | %.4f | %.4f | %.4f |\n" "$label" "$bits" "$rmse" "$ppl" "$err"
+    printf "| %s | %.3f | %.4f | %.4f | %.4f |" "$label" "$bits" "$rmse" "$ppl" "$err"
+    if [ -n "$speed_model" ]; then
+        bench="$("$bin" bench -m "$speed_model" -p 64 -n 32 -r 2 -t 1 "${sets[@]}" --json 2>/dev/null)"
+        printf " %.2f | %.0f%% | %.1f | %.2f |" \
+            "$(echo "$bench" | json_field "['results'][0]['decode_tps_mean']")" \
+            "$(echo "$bench" | json_field "['results'][0]['roofline_fraction'] * 100")" \
+            "$(echo "$bench" | json_field "['results'][0]['prefill_tps_mean']")" \
+            "$(echo "$bench" | json_field "['results'][0]['bits_per_weight']")"
+    fi
+    echo
 done
