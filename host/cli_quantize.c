@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli_session.h"
 #include "dtype.h"
@@ -529,9 +530,9 @@ int tsr_cli_synth(int argc, char **argv) {
             if (synth_tensor(&j, seed, &index, name, t[i].ne0, t[i].ne1, t[i].mean, t[i].std, &err) < 0)
                 goto fail;
         }
-        fprintf(stderr, "\rtessera: synth: layer %d/%d", l + 1, sh->n_layer);
+        if (isatty(2)) fprintf(stderr, "\rtessera: synth: layer %d/%d", l + 1, sh->n_layer);
     }
-    fputc('\n', stderr);
+    if (isatty(2)) fputc('\n', stderr);
     if (job_write(&j, out, json, &err) < 0) goto fail;
     status = TSR_EXIT_OK;
     goto done;
