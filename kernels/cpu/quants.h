@@ -100,9 +100,10 @@ static inline int tsr_iq4xs_scale(const tsr_block_iq4_xs *b, int j) {
 /* ---------------------------------------------------------------------------------------- */
 /* The f32 part of the products                                                              */
 
-/* Legacy (32-element) blocks: block b's value goes into lane b % TSR_Q8_LANES, the lanes are
- * added by tsr_q8_lanes_sum. Q4_0, Q5_0, Q8_0, IQ4_NL: isum * (dw * dx); Q4_1, Q5_1 add
- * mw * sx (sx = d * sum of the activation quants, the Q8_1 block's s). */
+/* Q8_0 follows llama.cpp's lanes (tsr_q8_0_dot_ref, internal.h). The other legacy
+ * (32-element) blocks: block b's value goes into lane b % TSR_Q8_LANES, the lanes are added
+ * by tsr_q8_lanes_sum. Q4_0, Q5_0, IQ4_NL: isum * (dw * dx); Q4_1, Q5_1 add mw * sx (sx = d *
+ * sum of the activation quants, the Q8_1 block's s). */
 static inline float tsr_q_legacy_value(int32_t isum, float dw, float dx) {
     return (float)isum * (dw * dx);
 }
@@ -110,7 +111,27 @@ static inline float tsr_q_legacy_value_m(int32_t isum, float dw, float dx, float
     return (float)isum * (dw * dx) + mw * sx;
 }
 
-/* K super-blocks (256 elements, Q8_K activations): isum = sum over groups of scale * integer
+/* Q4_K and Q6_K follow llama.cpp's x86 kernels (ggml_vec_dot_q4_K_q8_K, _q6_K_q8_K), so that
+ * they round as its logits do: int32 lane k of a super-block is the sum of scale * quant *
+ * activation over the quants whose index within their 32 lies in 4k..4k+3 (Q6_K quants with
+ * their -32); each super-block adds lane k times dx * dw into f32 lane k with one fma, and
+ * Q4_K adds min lane m (mins of groups 2m, 2m + 1 times their activation sums) times
+ * -dx * dmin into a second, four-lane accumulator. The result is tsr_q8_lanes_sum of the
+ * eight lanes plus, for Q4_K, the four min lanes added as (0 + 2) + (1 + 3). */
+static inline int tsr_qk_llama_lanes(int qm) {
+    return qm == TSR_QM_Q4_K || qm == TSR_QM_Q6_K;
+}
+static inline float tsr_qk_llama_sum(int qm, const float acc[TSR_Q8_LANES], const float m[4]) {
+    float s = tsr_q8_lanes_sum(acc);
+    return qm == TSR_QM_Q4_K ? s + ((m[0] + m[2]) + (m[1] + m[3])) : s;
+}
+
+/* The integer lanes of one Q4_K / Q6_K super-block (mins: 0 for Q6_K): the scalar reference
+ * (quants_dot.c). */
+void tsr_qk_lane_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t lanes[8],
+                      int32_t mins[4]);
+
+/* The other K super-blocks (256 elements, Q8_K activations): isum = sum over groups of scale * integer
  * dot, msum = sum over groups of min * activation group sum. Super-block b's value goes into
  * lane b % TSR_Q8_LANES as well. */
 static inline float tsr_qk_value(int32_t isum, int32_t msum, float dw, float dmin, float dx) {

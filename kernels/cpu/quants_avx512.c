@@ -90,39 +90,22 @@ TSR_INLINE __m256i qa_d_q4_0(const char *p) {
                                    _mm512_castsi512_si128(hi), 1);
 }
 
-TSR_INLINE __m256i qa_d_q8_0(const char *p) {
-    uint16_t h[QA_G];
-    for (int j = 0; j < QA_G; j++) memcpy(&h[j], p + j * sizeof(tsr_block_q8_0), 2);
-    return _mm256_loadu_si256((const __m256i *)h);
-}
-
-/* Sixteen weight blocks from p as unsigned transposed quants w[8] and their scales. */
-TSR_INLINE __m512 qa_load_w(int qm, const char *p, __m512i w[8]) {
-    const size_t stride = qm == TSR_QM_Q4_0 ? sizeof(tsr_block_q4_0) : sizeof(tsr_block_q8_0);
+/* Sixteen Q4_0 weight blocks from p as transposed nibbles w[8] and their scales. */
+TSR_INLINE __m512 qa_load_w(const char *p, __m512i w[8]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512i q[4], t[4];
-    if (qm == TSR_QM_Q4_0) {
-        const __m512i m4 = _mm512_set1_epi8(0x0f);
-        for (int g = 0; g < 4; g++) q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q4_0, qs));
-        qa_transpose4(t, q);
-        for (int m = 0; m < 4; m++) {
-            w[m] = _mm512_and_si512(t[m], m4);
-            w[4 + m] = _mm512_and_si512(_mm512_srli_epi16(t[m], 4), m4);
-        }
-    } else {
-        const __m512i bias = _mm512_set1_epi8((char)0x80);
-        for (int h = 0; h < 2; h++) {
-            for (int g = 0; g < 4; g++)
-                q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q8_0, q) + 16 * h);
-            qa_transpose4(t, q);
-            for (int m = 0; m < 4; m++) w[4 * h + m] = _mm512_xor_si512(t[m], bias);
-        }
+    for (int g = 0; g < 4; g++)
+        q[g] = qa_load4(p, sizeof(tsr_block_q4_0), g, offsetof(tsr_block_q4_0, qs));
+    qa_transpose4(t, q);
+    for (int m = 0; m < 4; m++) {
+        w[m] = _mm512_and_si512(t[m], m4);
+        w[4 + m] = _mm512_and_si512(_mm512_srli_epi16(t[m], 4), m4);
     }
-    return _mm512_cvtph_ps(qm == TSR_QM_Q4_0 ? qa_d_q4_0(p) : qa_d_q8_0(p));
+    return _mm512_cvtph_ps(qa_d_q4_0(p));
 }
 
 /* Lane b % 8 of acc += value of block b, for the sixteen blocks of one token. */
-TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_xgroup *x,
-                           int shift) {
+TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_xgroup *x) {
     __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(x->q[0]));
     __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_load_si512(x->q[4]));
     for (int k = 1; k < 4; k++) {
@@ -130,7 +113,7 @@ TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_x
         a1 = _mm512_dpbusd_epi32(a1, w[4 + k], _mm512_load_si512(x->q[4 + k]));
     }
     __m512i is = _mm512_sub_epi32(_mm512_add_epi32(a0, a1),
-                                  _mm512_slli_epi32(_mm512_load_si512(x->s), shift));
+                                  _mm512_slli_epi32(_mm512_load_si512(x->s), 3));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_load_ps(x->d)));
     acc = _mm256_add_ps(acc, _mm512_castps512_ps256(v));
     return _mm256_add_ps(acc, _mm512_extractf32x8_ps(v, 1));
@@ -146,10 +129,9 @@ TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_x
 /* The hardware prefetcher alone leaves decode ~20% under the bandwidth: ask this far ahead. */
 #define QA_PREFETCH 8192
 
-static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                  size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
     const int64_t nb = n_in / TSR_QK, ng = nb / QA_G;
-    const int shift = qm == TSR_QM_Q4_0 ? 3 : 7; /* the offsets: 8 and 128 */
     int64_t tc = ng ? QA_CHUNK_BYTES / (ng * (int64_t)sizeof(qa_xgroup)) : QA_TOK_MAX;
     tc = tc < 1 ? 1 : tc > QA_TOK_MAX ? QA_TOK_MAX : tc;
     tc = tc < n_tok ? tc : n_tok;
@@ -158,7 +140,7 @@ static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
         xg = aligned_alloc(64, (size_t)(ng * tc) * sizeof *xg);
         if (!xg) return -1;
     }
-    const size_t bytes = tsr_qm_block_bytes(qm);
+    const size_t bytes = sizeof(tsr_block_q4_0);
     __m256 lanes[QA_ROWS][QA_TOK_MAX];
     for (int64_t t0 = 0; t0 < n_tok; t0 += tc) {
         const int64_t nt = n_tok - t0 < tc ? n_tok - t0 : tc;
@@ -175,9 +157,9 @@ static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
                     for (size_t o = 0; o < QA_G * bytes; o += 64) /* rows follow each other */
                         _mm_prefetch(wg + QA_PREFETCH + o, _MM_HINT_T0);
                     __m512i wq[8];
-                    __m512 dw = qa_load_w(qm, wg, wq);
+                    __m512 dw = qa_load_w(wg, wq);
                     for (int64_t t = 0; t < nt; t++)
-                        lanes[i][t] = qa_group(lanes[i][t], wq, dw, &xg[g * nt + t], shift);
+                        lanes[i][t] = qa_group(lanes[i][t], wq, dw, &xg[g * nt + t]);
                 }
             for (int64_t i = 0; i < nr; i++) {
                 const char *wr = (const char *)w + (r0 + i) * w_stride;
@@ -188,7 +170,7 @@ static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
                     for (int64_t b = ng * QA_G; b < nb; b++) {
                         uint16_t d, m;
                         int8_t q[TSR_QK];
-                        _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, b, &d, &m));
+                        _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(TSR_QM_Q4_0, wr, b, &d, &m));
                         l[b % 8] += tsr_q_legacy_value(tsr_q8_block_idot(q, xb[b].q),
                                                        tsr_fp16_to_fp32(d),
                                                        tsr_fp16_to_fp32(xb[b].d));
@@ -202,14 +184,47 @@ static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
     return 0;
 }
 
-static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
-                      size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
-    return qa_mm(TSR_QM_Q4_0, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
-}
+/* ---------------------------------------------------------------------------------------- */
+/* Q8_0                                                                                      */
 
-static int qa_mm_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+/* internal.h's llama.cpp order: each block's eight dword dots (256-bit vpdpbusd) go into the
+ * eight f32 lanes with one fma, block after block. That chain of fmas is serial, so four rows
+ * run side by side (four chains); their weights (4 x 34 bytes a block) stay in L1 while every
+ * token passes, and are prefetched during the first token's pass. */
+#define QC_ROWS 4
+
+static int qc_mm_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                       size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
-    return qa_mm(TSR_QM_Q8_0, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
+    const int64_t nb = n_in / TSR_QK;
+    int64_t r0 = 0;
+    for (; r0 + QC_ROWS <= n_rows; r0 += QC_ROWS) {
+        const tsr_block_q8_0 *wr[QC_ROWS];
+        for (int i = 0; i < QC_ROWS; i++)
+            wr[i] = (const tsr_block_q8_0 *)((const char *)w + (r0 + i) * w_stride);
+        for (int64_t t = 0; t < n_tok; t++) {
+            const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)((const char *)x + t * x_stride);
+            __m256 acc[QC_ROWS];
+            for (int i = 0; i < QC_ROWS; i++) acc[i] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const __m256i xq = _mm256_loadu_si256((const __m256i *)xb[b].q);
+                const float dx = _cvtsh_ss(xb[b].d);
+                for (int i = 0; i < QC_ROWS; i++) {
+                    if (t == 0) _mm_prefetch((const char *)&wr[i][b] + QA_PREFETCH, _MM_HINT_T0);
+                    __m256i wq = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
+                    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
+                                                    _mm256_sign_epi8(wq, wq),
+                                                    _mm256_sign_epi8(xq, wq));
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(wr[i][b].d) * dx),
+                                             _mm256_cvtepi32_ps(p), acc[i]);
+                }
+            }
+            for (int i = 0; i < QC_ROWS; i++) y[t * ldy + r0 + i] = tsr_x86_hsum8(acc[i]);
+        }
+    }
+    if (r0 < n_rows)
+        tsr_x86_mm_tile_q8_0(y + r0, ldy, (const char *)w + r0 * w_stride, w_stride, x,
+                             x_stride, n_in, (int)(n_rows - r0), (int)n_tok);
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -244,8 +259,8 @@ static void qb_consts_init(int qm, qb_consts *c) {
 }
 
 /* A super-block in registers: u[i] 64 unsigned quants in the order of the activations
- * vector i (see qb_pack_x), sc[i] the scale of each of their 32 pairs, ms the 16-bit weights
- * of the 16 bsums (Q4_K: the mins, for msum; Q6_K: the scales, for the -32 offset). */
+ * vector i (see qb_pack_x), sc[i] the scale of each of their 32 pairs, ms (Q4_K) the mins as
+ * 16-bit weights of the 16 bsums. */
 typedef struct qb_sb {
     __m512i u[4], sc[4];
     __m256i ms;
@@ -288,7 +303,6 @@ TSR_INLINE void qb_load_q6_k(const tsr_block_q6_k *p, const qb_consts *c, qb_sb 
     __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p->scales));
     for (int i = 0; i < 4; i++) /* vector i: groups 4i .. 4i + 3, eight pairs each */
         k->sc[i] = _mm512_permutexvar_epi16(c->spread[i], _mm512_castsi256_si512(scw));
-    k->ms = scw;
 }
 
 /* Q4_K activations: the quants of each super-block reordered to match qb_load_q4_k's vectors
@@ -309,42 +323,33 @@ static void qb_pack_x(int8_t *xq, const void *x, size_t x_stride, int64_t nsb, i
     }
 }
 
-/* The scaled integer dot of a super-block with 256 activation quants, as 16 partial sums. */
-TSR_INLINE __m512i qb_dot(const qb_sb *k, const int8_t *xq) {
-    __m512i acc = _mm512_dpwssd_epi32(
-        _mm512_setzero_si512(), _mm512_maddubs_epi16(k->u[0], _mm512_loadu_si512(xq)), k->sc[0]);
-    __m512i acc2 = _mm512_dpwssd_epi32(
-        _mm512_setzero_si512(), _mm512_maddubs_epi16(k->u[1], _mm512_loadu_si512(xq + 64)),
-        k->sc[1]);
-    acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(k->u[2], _mm512_loadu_si512(xq + 128)),
-                              k->sc[2]);
-    acc2 = _mm512_dpwssd_epi32(
-        acc2, _mm512_maddubs_epi16(k->u[3], _mm512_loadu_si512(xq + 192)), k->sc[3]);
+/* The scaled integer dot of a super-block with 256 activation quants, as 16 partial sums:
+ * dword j of vector i holds quants whose index within their 32 is in 4(j % 8)..+3 (both
+ * layouts, see qb_pack_x), so folding the halves gives quants.h's llama.cpp lanes. Q6_K
+ * (c32 not NULL) takes its -32 off the pairs, as llama.cpp does, so each lane is exact. */
+TSR_INLINE __m512i qb_dot(const qb_sb *k, const int8_t *xq, const __m512i *c32) {
+    __m512i p[4];
+    for (int i = 0; i < 4; i++) {
+        __m512i x = _mm512_loadu_si512(xq + 64 * i);
+        p[i] = _mm512_maddubs_epi16(k->u[i], x);
+        if (c32) p[i] = _mm512_sub_epi16(p[i], _mm512_maddubs_epi16(*c32, x));
+    }
+    __m512i acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p[0], k->sc[0]);
+    __m512i acc2 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p[1], k->sc[1]);
+    acc = _mm512_dpwssd_epi32(acc, p[2], k->sc[2]);
+    acc2 = _mm512_dpwssd_epi32(acc2, p[3], k->sc[3]);
     return _mm512_add_epi32(acc, acc2);
 }
 
-/* Partial sums of 8 super-blocks, laid out as [a (256 bits) | b (256 bits)] in c[4]
- * (a = 2i, b = 2i + 1) -> their 8 totals in order. */
-TSR_INLINE __m256i qb_hsum_pairs(const __m512i c[4]) {
-    __m512i e0 = _mm512_add_epi32(_mm512_shuffle_i64x2(c[0], c[1], 0x88),
-                                  _mm512_shuffle_i64x2(c[0], c[1], 0xdd));
-    __m512i e1 = _mm512_add_epi32(_mm512_shuffle_i64x2(c[2], c[3], 0x88),
-                                  _mm512_shuffle_i64x2(c[2], c[3], 0xdd));
-    /* lane i of e0: super-block i, of e1: super-block 4 + i */
-    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi32(e0, e1), _mm512_unpackhi_epi32(e0, e1));
-    u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, _MM_PERM_BADC));
-    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(
-        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), u));
-}
-
-/* 16 partial sums -> 8, the layout qb_hsum_pairs takes two of. */
+/* 16 partial sums -> the 8 lanes. */
 TSR_INLINE __m256i qb_fold(__m512i v) {
     return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
 }
 
 /* As for Q4_0: prefill takes blocks of rows per super-block so that the tokens' activations
- * are read from L1 by every row of the block; decode goes row by row. */
-#define QB_TOK 16 /* tokens whose partial sums wait for the horizontal sums */
+ * are read from L1 by every row of the block; decode goes row by row. Each (row, token) has
+ * quants.h's two accumulators, fed super-block after super-block. */
+#define QB_TOK 16 /* tokens packed at a time */
 #define QB_ROWS 4
 
 static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
@@ -360,10 +365,9 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
     }
     qb_consts c;
     qb_consts_init(qm, &c);
-    __m256i acc[QB_ROWS][QB_TOK][8], ms[QB_ROWS][QB_TOK][8];
-    __m256 lanes[QB_ROWS][QB_TOK];
-    uint16_t dh[QB_ROWS][16]; /* d and dmin of each super-block, fp16 */
-    const __m256i zero = _mm256_setzero_si256();
+    const __m512i c32 = _mm512_set1_epi8(32);
+    __m256 acc[QB_ROWS][QB_TOK];
+    __m128 accm[QB_ROWS][QB_TOK];
     for (int64_t t0 = 0; t0 < n_tok; t0 += QB_TOK) {
         const int nt = (int)(n_tok - t0 < QB_TOK ? n_tok - t0 : QB_TOK);
         const char *xt = (const char *)x + t0 * x_stride;
@@ -372,75 +376,45 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
         for (int64_t r0 = 0; r0 < n_rows; r0 += rows) {
             const int nr = (int)(n_rows - r0 < rows ? n_rows - r0 : rows);
             for (int i = 0; i < nr; i++)
-                for (int t = 0; t < nt; t++) lanes[i][t] = _mm256_setzero_ps();
-            for (int64_t s0 = 0; s0 < nsb; s0 += 8) {
-                const int n = (int)(nsb - s0 < 8 ? nsb - s0 : 8);
-                memset(dh, 0, (size_t)nr * sizeof dh[0]);
-                for (int s = 0; s < n; s++)
-                    for (int i = 0; i < nr; i++) {
-                        qb_sb k;
-                        const char *wb = (const char *)w + (r0 + i) * w_stride + (s0 + s) * bytes;
-                        for (size_t o = 0; o < bytes; o += 64)
-                            _mm_prefetch(wb + QA_PREFETCH + o, _MM_HINT_T0);
-                        if (q4) {
-                            qb_load_q4_k((const tsr_block_q4_k *)wb, &c, &k);
-                            memcpy(&dh[i][2 * s], wb, 4); /* d, dmin */
-                        } else {
-                            qb_load_q6_k((const tsr_block_q6_k *)wb, &c, &k);
-                            memcpy(&dh[i][2 * s], &((const tsr_block_q6_k *)wb)->d, 2);
-                        }
-                        for (int t = 0; t < nt; t++) {
-                            const tsr_block_q8_k *xb =
-                                (const tsr_block_q8_k *)(xt + t * x_stride) + s0 + s;
-                            acc[i][t][s] = qb_fold(qb_dot(
-                                &k, q4 ? xq + ((int64_t)t * nsb + s0 + s) * TSR_QK_K : xb->qs));
-                            ms[i][t][s] = _mm256_madd_epi16(
-                                k.ms, _mm256_loadu_si256((const __m256i *)xb->bsums));
-                        }
-                    }
-                for (int s = n; s < 8; s++)
-                    for (int i = 0; i < nr; i++)
-                        for (int t = 0; t < nt; t++) acc[i][t][s] = ms[i][t][s] = zero;
-                const __mmask8 valid = (__mmask8)((1u << n) - 1);
-                const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0,
-                                                       0, 0, 0);
-                const __m256i xd_at = _mm256_mullo_epi32(
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                    _mm256_set1_epi32((int)sizeof(tsr_block_q8_k)));
+                for (int t = 0; t < nt; t++) {
+                    acc[i][t] = _mm256_setzero_ps();
+                    accm[i][t] = _mm_setzero_ps();
+                }
+            for (int64_t sb = 0; sb < nsb; sb++)
                 for (int i = 0; i < nr; i++) {
-                    const __m512 dd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh[i]));
-                    const __m256 vdw = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, dd));
-                    const __m256 vdm = _mm512_castps512_ps256(
-                        _mm512_permutexvar_ps(_mm512_add_epi32(even, _mm512_set1_epi32(1)), dd));
+                    qb_sb k;
+                    float dw, dmin;
+                    const char *wb = (const char *)w + (r0 + i) * w_stride + sb * bytes;
+                    for (size_t o = 0; o < bytes; o += 64)
+                        _mm_prefetch(wb + QA_PREFETCH + o, _MM_HINT_T0);
+                    if (q4)
+                        qb_load_q4_k((const tsr_block_q4_k *)wb, &c, &k);
+                    else
+                        qb_load_q6_k((const tsr_block_q6_k *)wb, &c, &k);
+                    tsr_qk_block_scales(qm, wb, &dw, &dmin);
                     for (int t = 0; t < nt; t++) {
-                        const tsr_block_q8_k *xb =
-                            (const tsr_block_q8_k *)(xt + t * x_stride) + s0;
-                        __m256 vdx = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), valid, xd_at,
-                                                               &xb->d, 1);
-                        __m512i ca[4], cm[4];
-                        for (int j = 0; j < 4; j++) {
-                            ca[j] = _mm512_inserti64x4(_mm512_castsi256_si512(acc[i][t][2 * j]),
-                                                       acc[i][t][2 * j + 1], 1);
-                            cm[j] = _mm512_inserti64x4(_mm512_castsi256_si512(ms[i][t][2 * j]),
-                                                       ms[i][t][2 * j + 1], 1);
+                        const tsr_block_q8_k *xb = (const tsr_block_q8_k *)(xt + t * x_stride) + sb;
+                        __m256i l = qb_fold(
+                            q4 ? qb_dot(&k, xq + ((int64_t)t * nsb + sb) * TSR_QK_K, NULL)
+                               : qb_dot(&k, xb->qs, &c32));
+                        acc[i][t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * dw),
+                                                    _mm256_cvtepi32_ps(l), acc[i][t]);
+                        if (q4) { /* min lane m: groups 2m, 2m + 1 */
+                            __m256i m = _mm256_madd_epi16(
+                                k.ms, _mm256_loadu_si256((const __m256i *)xb->bsums));
+                            __m128i m4 = _mm_hadd_epi32(_mm256_castsi256_si128(m),
+                                                        _mm256_extracti128_si256(m, 1));
+                            accm[i][t] = _mm_fmadd_ps(_mm_set1_ps(-xb->d * dmin),
+                                                      _mm_cvtepi32_ps(m4), accm[i][t]);
                         }
-                        __m256i is = qb_hsum_pairs(ca), m = qb_hsum_pairs(cm);
-                        if (!q4) { /* isum - 32 * sum of scale * bsum; no msum */
-                            is = _mm256_sub_epi32(is, _mm256_slli_epi32(m, 5));
-                            m = zero;
-                        }
-                        __m256 v = _mm256_sub_ps(
-                            _mm256_mul_ps(_mm256_mul_ps(vdx, vdw), _mm256_cvtepi32_ps(is)),
-                            _mm256_mul_ps(_mm256_mul_ps(vdx, vdm), _mm256_cvtepi32_ps(m)));
-                        lanes[i][t] = _mm256_mask_add_ps(lanes[i][t], valid, lanes[i][t], v);
                     }
                 }
-            }
             for (int i = 0; i < nr; i++)
                 for (int t = 0; t < nt; t++) {
-                    float l[8];
-                    _mm256_storeu_ps(l, lanes[i][t]);
-                    y[(t0 + t) * ldy + r0 + i] = tsr_q8_lanes_sum(l);
+                    float l[8], m[4];
+                    _mm256_storeu_ps(l, acc[i][t]);
+                    _mm_storeu_ps(m, accm[i][t]);
+                    y[(t0 + t) * ldy + r0 + i] = tsr_qk_llama_sum(qm, l, m);
                 }
         }
     }
@@ -464,6 +438,6 @@ const tsr_quant_ops tsr_quant_ops_avx512 = {
     .tile = {qx_tile_q4_0, qx_tile_q4_1, qx_tile_q5_0, qx_tile_q5_1, qx_tile_q8_0,
              qx_tile_iq4_nl, qx_tile_q2_k, qx_tile_q3_k, qx_tile_q4_k, qx_tile_q5_k,
              qx_tile_q6_k, qx_tile_iq4_xs},
-    .mm = {[TSR_QM_Q4_0] = qa_mm_q4_0, [TSR_QM_Q8_0] = qa_mm_q8_0, [TSR_QM_Q4_K] = qb_mm_q4_k,
+    .mm = {[TSR_QM_Q4_0] = qa_mm_q4_0, [TSR_QM_Q8_0] = qc_mm_q8_0, [TSR_QM_Q4_K] = qb_mm_q4_k,
            [TSR_QM_Q6_K] = qb_mm_q6_k},
 };

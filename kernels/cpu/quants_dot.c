@@ -178,12 +178,6 @@ static float dot_legacy(int qm, const void *w, const void *x, int64_t nb) {
                                    tsr_fp16_to_fp32(x0->d));
             break;
         }
-        case TSR_QM_Q8_0: {
-            const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)w + b;
-            v = tsr_q_legacy_value(tsr_q8_block_idot(p->q, x0->q), tsr_fp16_to_fp32(p->d),
-                                   tsr_fp16_to_fp32(x0->d));
-            break;
-        }
         case TSR_QM_IQ4_NL: {
             const tsr_block_iq4_nl *p = (const tsr_block_iq4_nl *)w + b;
             v = tsr_q_legacy_value(idot_iq4_nl(p, x0->q), tsr_fp16_to_fp32(p->d),
@@ -210,7 +204,52 @@ static float dot_legacy(int qm, const void *w, const void *x, int64_t nb) {
     return tsr_q8_lanes_sum(lanes);
 }
 
+static float dot_q8_0(int qm, const void *w, const void *x, int64_t nb) {
+    (void)qm;
+    return tsr_q8_0_dot_ref(w, x, nb);
+}
+
+void tsr_qk_lane_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t lanes[8],
+                      int32_t mins[4]) {
+    memset(lanes, 0, 8 * sizeof *lanes);
+    memset(mins, 0, 4 * sizeof *mins);
+    if (qm == TSR_QM_Q4_K) {
+        const tsr_block_q4_k *p = w;
+        int sc[8], mn[8];
+        for (int g = 0; g < 8; g++) tsr_qk_scale_min(p->scales, g, &sc[g], &mn[g]);
+        for (int e = 0; e < TSR_QK_K; e++) {
+            int g = e / 32, q = (p->qs[32 * (g / 2) + e % 32] >> (4 * (g % 2))) & 0xf;
+            lanes[e % 32 / 4] += sc[g] * q * x->qs[e];
+        }
+        for (int m = 0; m < 4; m++)
+            for (int j = 0; j < 2; j++)
+                mins[m] += mn[2 * m + j] * (x->bsums[4 * m + 2 * j] + x->bsums[4 * m + 2 * j + 1]);
+    } else { /* Q6_K */
+        const tsr_block_q6_k *p = w;
+        for (int e = 0; e < TSR_QK_K; e++) {
+            int h = e / 128, c = (e % 128) / 32, i = e % 32;
+            int lo = (p->ql[64 * h + 32 * (c % 2) + i] >> (4 * (c / 2))) & 0xf;
+            int hi = (p->qh[32 * h + i] >> (2 * c)) & 3;
+            lanes[i / 4] += p->scales[e / 16] * ((lo | hi << 4) - 32) * x->qs[e];
+        }
+    }
+}
+
 static float dot_k(int qm, const void *w, const tsr_block_q8_k *x, int64_t nb) {
+    if (tsr_qk_llama_lanes(qm)) {
+        float acc[TSR_Q8_LANES] = {0}, accm[4] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const void *wb = (const char *)w + b * tsr_qm_block_bytes(qm);
+            int32_t l[TSR_Q8_LANES], m[4];
+            float d, dmin;
+            tsr_qk_lane_idot(qm, wb, &x[b], l, m);
+            tsr_qk_block_scales(qm, wb, &d, &dmin);
+            float dd = x[b].d * d, dm = -x[b].d * dmin;
+            for (int k = 0; k < TSR_Q8_LANES; k++) acc[k] = fmaf(dd, (float)l[k], acc[k]);
+            for (int k = 0; k < 4; k++) accm[k] = fmaf(dm, (float)m[k], accm[k]);
+        }
+        return tsr_qk_llama_sum(qm, acc, accm);
+    }
     float lanes[TSR_Q8_LANES] = {0};
     size_t bytes = tsr_qm_block_bytes(qm);
     for (int64_t b = 0; b < nb; b++) {
@@ -237,7 +276,7 @@ SCALAR_TILE(tile_q4_0, TSR_QM_Q4_0, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q4_1, TSR_QM_Q4_1, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q5_0, TSR_QM_Q5_0, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q5_1, TSR_QM_Q5_1, dot_legacy, void, TSR_QK)
-SCALAR_TILE(tile_q8_0, TSR_QM_Q8_0, dot_legacy, void, TSR_QK)
+SCALAR_TILE(tile_q8_0, TSR_QM_Q8_0, dot_q8_0, void, TSR_QK)
 SCALAR_TILE(tile_iq4_nl, TSR_QM_IQ4_NL, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q2_k, TSR_QM_Q2_K, dot_k, tsr_block_q8_k, TSR_QK_K)
 SCALAR_TILE(tile_q3_k, TSR_QM_Q3_K, dot_k, tsr_block_q8_k, TSR_QK_K)

@@ -11,7 +11,6 @@
 #include <float.h>
 #include <math.h>
 #include <string.h>
-#include <stdio.h>
 
 const int8_t tsr_iq4nl_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                      1,    13,   25,  38,  53,  69,  89,  113};
@@ -364,15 +363,6 @@ void tsr_q8_k_quantize_row_ref(tsr_block_q8_k *y, const float *x, int64_t n) {
             y[b].bsums[g] = (int16_t)s;
         }
         y[b].d = 1.0f / iscale;
-        {
-            float mg = 1.0f; int at = -1;
-            for (int j = 0; j < TSR_QK_K; j++) {
-                float p = iscale * x[j]; float f = p - floorf(p);
-                float m = fabsf(f - 0.5f);
-                if (m < mg) { mg = m; at = j; }
-            }
-            fprintf(stderr, "Q8K n=%lld b=%lld margin=%g at=%d\n", (long long)n, (long long)b, mg, at);
-        }
     }
 }
 

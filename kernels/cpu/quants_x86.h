@@ -68,15 +68,10 @@ TSR_INLINE __m256i qx_unpack_legacy(int qm, const void *w, int64_t b, uint16_t *
         *m = p->m;
         return _mm256_or_si256(qx_nibbles(p->qs), qx_bit4(p->qh));
     }
-    case TSR_QM_IQ4_NL: {
+    default: { /* IQ4_NL */
         const tsr_block_iq4_nl *p = (const tsr_block_iq4_nl *)w + b;
         *d = p->d;
         return qx_iq4_lookup(qx_nibbles(p->qs));
-    }
-    default: {
-        const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)w + b;
-        *d = p->d;
-        return _mm256_loadu_si256((const __m256i *)p->q);
     }
     }
 }
@@ -87,7 +82,7 @@ TSR_INLINE __m256i qx_dot_signed(__m256i a, __m256i b) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Legacy tiles: 8 blocks at a time, block b into lane b % 8 (the rule of quants.h)          */
+/* Legacy tiles but Q8_0: 8 blocks at a time, block b into lane b % 8 (the rule of quants.h) */
 
 /* x rows are Q8_0 (xm = 0) or Q8_1 (xm = 1) blocks: d at offset 0, s at 2 (Q8_1), quants
  * at xq_off, xbytes per block. */
@@ -298,8 +293,69 @@ TSR_INLINE float qx_k_value(const qx_kblock *k, const tsr_block_q8_k *x) {
     return tsr_qk_value(isum - k->off * osum, msum, k->d, k->dmin, x->d);
 }
 
+/* Q4_K, Q6_K: the integer lanes of quants.h's llama.cpp rule (lane k of the vpdpbusd of a
+ * 32-quant chunk holds quants 4k..4k+3, which is that rule's lane) and the four min lanes. */
+TSR_INLINE __m256i qx_k_lanes(const qx_kblock *k, const tsr_block_q8_k *x, int32_t mins[4]) {
+    __m256i acc = _mm256_setzero_si256();
+    const __m256i off = _mm256_set1_epi8((char)k->off);
+    for (int i = 0; i < 8; i++) {
+        __m256i xq = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * i));
+        __m256i p = TSR_QX_DPBUSD(_mm256_setzero_si256(), k->u[i], xq);
+        if (k->off) p = _mm256_sub_epi32(p, TSR_QX_DPBUSD(_mm256_setzero_si256(), off, xq));
+        __m256i s = _mm256_setr_epi32(k->sc[2 * i], k->sc[2 * i], k->sc[2 * i], k->sc[2 * i],
+                                      k->sc[2 * i + 1], k->sc[2 * i + 1], k->sc[2 * i + 1],
+                                      k->sc[2 * i + 1]);
+        acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(p, s));
+    }
+    for (int m = 0; m < 4; m++) {
+        mins[m] = 0;
+        for (int j = 0; j < 4; j++) mins[m] += k->mn[4 * m + j] * x->bsums[4 * m + j];
+    }
+    return acc;
+}
+
+TSR_INLINE void qx_tile_k_llama(int qm, float *y, int64_t ldy, const void *w, size_t w_stride,
+                                const void *x, size_t x_stride, int64_t n_in, int n_r,
+                                int n_t) {
+    const int64_t nb = n_in / TSR_QK_K;
+    const size_t bytes = tsr_qm_block_bytes(qm);
+    __m256 acc[TSR_QM_TILE][TSR_QM_TILE];
+    __m128 accm[TSR_QM_TILE][TSR_QM_TILE];
+    for (int r = 0; r < n_r; r++)
+        for (int t = 0; t < n_t; t++) {
+            acc[r][t] = _mm256_setzero_ps();
+            accm[r][t] = _mm_setzero_ps();
+        }
+    qx_kblock kb;
+    for (int64_t b = 0; b < nb; b++)
+        for (int r = 0; r < n_r; r++) {
+            qx_unpack_k(qm, (const char *)w + r * w_stride + b * bytes, &kb);
+            for (int t = 0; t < n_t; t++) {
+                const tsr_block_q8_k *xb = (const tsr_block_q8_k *)((const char *)x + t * x_stride) + b;
+                int32_t m[4];
+                __m256i l = qx_k_lanes(&kb, xb, m);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * kb.d), _mm256_cvtepi32_ps(l),
+                                            acc[r][t]);
+                accm[r][t] = _mm_fmadd_ps(_mm_set1_ps(-xb->d * kb.dmin),
+                                          _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)m)),
+                                          accm[r][t]);
+            }
+        }
+    for (int r = 0; r < n_r; r++)
+        for (int t = 0; t < n_t; t++) {
+            float l[TSR_Q8_LANES], m[4];
+            _mm256_storeu_ps(l, acc[r][t]);
+            _mm_storeu_ps(m, accm[r][t]);
+            y[t * ldy + r] = tsr_qk_llama_sum(qm, l, m);
+        }
+}
+
 TSR_INLINE void qx_tile_k(int qm, float *y, int64_t ldy, const void *w, size_t w_stride,
                           const void *x, size_t x_stride, int64_t n_in, int n_r, int n_t) {
+    if (tsr_qk_llama_lanes(qm)) {
+        qx_tile_k_llama(qm, y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);
+        return;
+    }
     const int64_t nb = n_in / TSR_QK_K;
     const size_t bytes = tsr_qm_block_bytes(qm);
     float lanes[TSR_QM_TILE][TSR_QM_TILE][TSR_Q8_LANES];
@@ -328,14 +384,9 @@ QX_TILE(qx_tile_q4_0, TSR_QM_Q4_0, legacy)
 QX_TILE(qx_tile_q4_1, TSR_QM_Q4_1, legacy)
 QX_TILE(qx_tile_q5_0, TSR_QM_Q5_0, legacy)
 QX_TILE(qx_tile_q5_1, TSR_QM_Q5_1, legacy)
-/* One token (decode): x86_common.h's pair loop has nothing to unpack and the same order. */
-static void qx_tile_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
-                         size_t x_stride, int64_t n_in, int n_r, int n_t) {
-    if (n_t == 1)
-        tsr_x86_mm_tile_q8_0(y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);
-    else
-        qx_tile_legacy(TSR_QM_Q8_0, y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);
-}
+/* Q8_0 keeps llama.cpp's per-block fma order: x86_common.h's pair loop, whose weights stay in
+ * L1 while the tile's tokens pass. */
+#define qx_tile_q8_0 tsr_x86_mm_tile_q8_0
 QX_TILE(qx_tile_iq4_nl, TSR_QM_IQ4_NL, legacy)
 QX_TILE(qx_tile_q2_k, TSR_QM_Q2_K, k)
 QX_TILE(qx_tile_q3_k, TSR_QM_Q3_K, k)
