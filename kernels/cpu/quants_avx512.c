@@ -291,6 +291,7 @@ TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, const qb_consts *c, qb_sb 
 }
 
 TSR_INLINE void qb_load_q6_k(const tsr_block_q6_k *p, const qb_consts *c, qb_sb *k) {
+    k->ms = _mm256_setzero_si256(); /* Q6_K has no mins */
     for (int h = 0; h < 2; h++) {
         __m512i l = _mm512_loadu_si512(p->ql + 64 * h);
         __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p->qh + 32 * h)));
