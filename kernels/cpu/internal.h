@@ -4,8 +4,6 @@
 
 #include <tessera/kernels_cpu.h>
 
-#include <math.h>
-
 /* The weight formats tsr_matmul multiplies, as indices into tsr_cpu_ops.mm_tile. */
 enum { TSR_MM_F32, TSR_MM_F16, TSR_MM_BF16, TSR_MM_Q8_0, TSR_MM_COUNT };
 
@@ -45,37 +43,19 @@ extern const tsr_cpu_ops tsr_cpu_ops_avx2;
 extern const tsr_cpu_ops tsr_cpu_ops_avx512;
 #endif
 
-/* Q8_0 row dots, in every ISA, follow llama.cpp's x86 kernels (ggml_vec_dot_q8_0_q8_0 and
- * llamafile's tinyBLAS), so that products of Q8_0 weights round as in its logits: lane i of
- * a block pair is the integer dot of quants 4i..4i+3 (what vpdpbusd, or vpmaddubsw then
- * vpmaddwd, leaves in int32 lane i), each block adds it times (dw * dx) into f32 lane i with
- * one fma, block after block, and the eight lanes are added by tsr_q8_lanes_sum (llama.cpp's
- * hsum_float_8). */
+/* Q8_0 row dots, in every ISA, accumulate block b's scaled integer dot into lane b % 8 of an
+ * f32 accumulator and then add the lanes in this order, so they agree bit for bit. The order
+ * is llama.cpp's hsum_float_8, which Q4_K and Q6_K (quants.h) follow throughout. */
 #define TSR_Q8_LANES 8
 static inline float tsr_q8_lanes_sum(const float a[TSR_Q8_LANES]) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
-/* The integer dot of one Q8_0 block pair (exact). */
+/* The integer dot of one Q8_0 block pair (exact), shared by the scalar path and SIMD tails. */
 static inline int32_t tsr_q8_block_idot(const int8_t *a, const int8_t *b) {
     int32_t s = 0;
     for (int i = 0; i < TSR_Q8_0_BLOCK; i++) s += (int32_t)a[i] * (int32_t)b[i];
     return s;
-}
-
-/* The scalar reference of that rule, which every ISA reproduces bit for bit. */
-static inline float tsr_q8_0_dot_ref(const tsr_block_q8_0 *w, const tsr_block_q8_0 *x,
-                                     int64_t nb) {
-    float acc[TSR_Q8_LANES] = {0};
-    for (int64_t b = 0; b < nb; b++) {
-        float d = tsr_fp16_to_fp32(w[b].d) * tsr_fp16_to_fp32(x[b].d);
-        for (int i = 0; i < TSR_Q8_LANES; i++) {
-            int32_t s = 0;
-            for (int k = 4 * i; k < 4 * i + 4; k++) s += (int32_t)w[b].q[k] * x[b].q[k];
-            acc[i] = fmaf(d, (float)s, acc[i]);
-        }
-    }
-    return tsr_q8_lanes_sum(acc);
 }
 
 /* tsr_expf's constants (ggml's ggml_v_expf, AVX-512 form): n = rne(x * log2 e) by the

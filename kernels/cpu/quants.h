@@ -100,10 +100,14 @@ static inline int tsr_iq4xs_scale(const tsr_block_iq4_xs *b, int j) {
 /* ---------------------------------------------------------------------------------------- */
 /* The f32 part of the products                                                              */
 
-/* Q8_0 follows llama.cpp's lanes (tsr_q8_0_dot_ref, internal.h). The other legacy
- * (32-element) blocks: block b's value goes into lane b % TSR_Q8_LANES, the lanes are added
- * by tsr_q8_lanes_sum. Q4_0, Q5_0, IQ4_NL: isum * (dw * dx); Q4_1, Q5_1 add mw * sx (sx = d *
- * sum of the activation quants, the Q8_1 block's s). */
+/* Legacy (32-element) blocks: block b's value goes into lane b % TSR_Q8_LANES, the lanes are
+ * added by tsr_q8_lanes_sum. Q4_0, Q5_0, Q8_0, IQ4_NL: isum * (dw * dx); Q4_1, Q5_1 add
+ * mw * sx (sx = d * sum of the activation quants, the Q8_1 block's s). Q8_0 keeps this order
+ * rather than llama.cpp's (one fma per block into eight lanes of four-quant dots, as Q4_K and
+ * Q6_K below): a whole block per lane lets the AVX-512 kernel take sixteen blocks at a time
+ * and decode at the memory bandwidth, where the serial fma chain ran ~25% under it, and
+ * llama.cpp's order alone did not bring llama-tiny-q8_0 within 1e-3 of its logits (a rounding
+ * tie in attention remains, see tests/test-models.c). */
 static inline float tsr_q_legacy_value(int32_t isum, float dw, float dx) {
     return (float)isum * (dw * dx);
 }
@@ -131,9 +135,9 @@ static inline float tsr_qk_llama_sum(int qm, const float acc[TSR_Q8_LANES], cons
 void tsr_qk_lane_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t lanes[8],
                       int32_t mins[4]);
 
-/* The other K super-blocks (256 elements, Q8_K activations): isum = sum over groups of scale * integer
- * dot, msum = sum over groups of min * activation group sum. Super-block b's value goes into
- * lane b % TSR_Q8_LANES as well. */
+/* The other K super-blocks (256 elements, Q8_K activations): isum = sum over groups of
+ * scale * integer dot, msum = sum over groups of min * activation group sum. Super-block b's
+ * value goes into lane b % TSR_Q8_LANES as well. */
 static inline float tsr_qk_value(int32_t isum, int32_t msum, float dw, float dmin, float dx) {
     return (dx * dw) * (float)isum - (dx * dmin) * (float)msum;
 }

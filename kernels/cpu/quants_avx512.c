@@ -90,22 +90,39 @@ TSR_INLINE __m256i qa_d_q4_0(const char *p) {
                                    _mm512_castsi512_si128(hi), 1);
 }
 
-/* Sixteen Q4_0 weight blocks from p as transposed nibbles w[8] and their scales. */
-TSR_INLINE __m512 qa_load_w(const char *p, __m512i w[8]) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
+TSR_INLINE __m256i qa_d_q8_0(const char *p) {
+    uint16_t h[QA_G];
+    for (int j = 0; j < QA_G; j++) memcpy(&h[j], p + j * sizeof(tsr_block_q8_0), 2);
+    return _mm256_loadu_si256((const __m256i *)h);
+}
+
+/* Sixteen weight blocks from p as unsigned transposed quants w[8] and their scales. */
+TSR_INLINE __m512 qa_load_w(int qm, const char *p, __m512i w[8]) {
+    const size_t stride = qm == TSR_QM_Q4_0 ? sizeof(tsr_block_q4_0) : sizeof(tsr_block_q8_0);
     __m512i q[4], t[4];
-    for (int g = 0; g < 4; g++)
-        q[g] = qa_load4(p, sizeof(tsr_block_q4_0), g, offsetof(tsr_block_q4_0, qs));
-    qa_transpose4(t, q);
-    for (int m = 0; m < 4; m++) {
-        w[m] = _mm512_and_si512(t[m], m4);
-        w[4 + m] = _mm512_and_si512(_mm512_srli_epi16(t[m], 4), m4);
+    if (qm == TSR_QM_Q4_0) {
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        for (int g = 0; g < 4; g++) q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q4_0, qs));
+        qa_transpose4(t, q);
+        for (int m = 0; m < 4; m++) {
+            w[m] = _mm512_and_si512(t[m], m4);
+            w[4 + m] = _mm512_and_si512(_mm512_srli_epi16(t[m], 4), m4);
+        }
+    } else {
+        const __m512i bias = _mm512_set1_epi8((char)0x80);
+        for (int h = 0; h < 2; h++) {
+            for (int g = 0; g < 4; g++)
+                q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q8_0, q) + 16 * h);
+            qa_transpose4(t, q);
+            for (int m = 0; m < 4; m++) w[4 * h + m] = _mm512_xor_si512(t[m], bias);
+        }
     }
-    return _mm512_cvtph_ps(qa_d_q4_0(p));
+    return _mm512_cvtph_ps(qm == TSR_QM_Q4_0 ? qa_d_q4_0(p) : qa_d_q8_0(p));
 }
 
 /* Lane b % 8 of acc += value of block b, for the sixteen blocks of one token. */
-TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_xgroup *x) {
+TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_xgroup *x,
+                           int shift) {
     __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(x->q[0]));
     __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_load_si512(x->q[4]));
     for (int k = 1; k < 4; k++) {
@@ -113,7 +130,7 @@ TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_x
         a1 = _mm512_dpbusd_epi32(a1, w[4 + k], _mm512_load_si512(x->q[4 + k]));
     }
     __m512i is = _mm512_sub_epi32(_mm512_add_epi32(a0, a1),
-                                  _mm512_slli_epi32(_mm512_load_si512(x->s), 3));
+                                  _mm512_slli_epi32(_mm512_load_si512(x->s), shift));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_load_ps(x->d)));
     acc = _mm256_add_ps(acc, _mm512_castps512_ps256(v));
     return _mm256_add_ps(acc, _mm512_extractf32x8_ps(v, 1));
@@ -129,9 +146,10 @@ TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_x
 /* The hardware prefetcher alone leaves decode ~20% under the bandwidth: ask this far ahead. */
 #define QA_PREFETCH 8192
 
-static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                  size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
     const int64_t nb = n_in / TSR_QK, ng = nb / QA_G;
+    const int shift = qm == TSR_QM_Q4_0 ? 3 : 7; /* the offsets: 8 and 128 */
     int64_t tc = ng ? QA_CHUNK_BYTES / (ng * (int64_t)sizeof(qa_xgroup)) : QA_TOK_MAX;
     tc = tc < 1 ? 1 : tc > QA_TOK_MAX ? QA_TOK_MAX : tc;
     tc = tc < n_tok ? tc : n_tok;
@@ -140,7 +158,7 @@ static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, con
         xg = aligned_alloc(64, (size_t)(ng * tc) * sizeof *xg);
         if (!xg) return -1;
     }
-    const size_t bytes = sizeof(tsr_block_q4_0);
+    const size_t bytes = tsr_qm_block_bytes(qm);
     __m256 lanes[QA_ROWS][QA_TOK_MAX];
     for (int64_t t0 = 0; t0 < n_tok; t0 += tc) {
         const int64_t nt = n_tok - t0 < tc ? n_tok - t0 : tc;
@@ -157,9 +175,9 @@ static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, con
                     for (size_t o = 0; o < QA_G * bytes; o += 64) /* rows follow each other */
                         _mm_prefetch(wg + QA_PREFETCH + o, _MM_HINT_T0);
                     __m512i wq[8];
-                    __m512 dw = qa_load_w(wg, wq);
+                    __m512 dw = qa_load_w(qm, wg, wq);
                     for (int64_t t = 0; t < nt; t++)
-                        lanes[i][t] = qa_group(lanes[i][t], wq, dw, &xg[g * nt + t]);
+                        lanes[i][t] = qa_group(lanes[i][t], wq, dw, &xg[g * nt + t], shift);
                 }
             for (int64_t i = 0; i < nr; i++) {
                 const char *wr = (const char *)w + (r0 + i) * w_stride;
@@ -170,7 +188,7 @@ static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, con
                     for (int64_t b = ng * QA_G; b < nb; b++) {
                         uint16_t d, m;
                         int8_t q[TSR_QK];
-                        _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(TSR_QM_Q4_0, wr, b, &d, &m));
+                        _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, b, &d, &m));
                         l[b % 8] += tsr_q_legacy_value(tsr_q8_block_idot(q, xb[b].q),
                                                        tsr_fp16_to_fp32(d),
                                                        tsr_fp16_to_fp32(xb[b].d));
@@ -184,47 +202,14 @@ static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, con
     return 0;
 }
 
-/* ---------------------------------------------------------------------------------------- */
-/* Q8_0                                                                                      */
-
-/* internal.h's llama.cpp order: each block's eight dword dots (256-bit vpdpbusd) go into the
- * eight f32 lanes with one fma, block after block. That chain of fmas is serial, so four rows
- * run side by side (four chains); their weights (4 x 34 bytes a block) stay in L1 while every
- * token passes, and are prefetched during the first token's pass. */
-#define QC_ROWS 4
-
-static int qc_mm_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+static int qa_mm_q4_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                       size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
-    const int64_t nb = n_in / TSR_QK;
-    int64_t r0 = 0;
-    for (; r0 + QC_ROWS <= n_rows; r0 += QC_ROWS) {
-        const tsr_block_q8_0 *wr[QC_ROWS];
-        for (int i = 0; i < QC_ROWS; i++)
-            wr[i] = (const tsr_block_q8_0 *)((const char *)w + (r0 + i) * w_stride);
-        for (int64_t t = 0; t < n_tok; t++) {
-            const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)((const char *)x + t * x_stride);
-            __m256 acc[QC_ROWS];
-            for (int i = 0; i < QC_ROWS; i++) acc[i] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                const __m256i xq = _mm256_loadu_si256((const __m256i *)xb[b].q);
-                const float dx = _cvtsh_ss(xb[b].d);
-                for (int i = 0; i < QC_ROWS; i++) {
-                    if (t == 0) _mm_prefetch((const char *)&wr[i][b] + QA_PREFETCH, _MM_HINT_T0);
-                    __m256i wq = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
-                    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
-                                                    _mm256_sign_epi8(wq, wq),
-                                                    _mm256_sign_epi8(xq, wq));
-                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(wr[i][b].d) * dx),
-                                             _mm256_cvtepi32_ps(p), acc[i]);
-                }
-            }
-            for (int i = 0; i < QC_ROWS; i++) y[t * ldy + r0 + i] = tsr_x86_hsum8(acc[i]);
-        }
-    }
-    if (r0 < n_rows)
-        tsr_x86_mm_tile_q8_0(y + r0, ldy, (const char *)w + r0 * w_stride, w_stride, x,
-                             x_stride, n_in, (int)(n_rows - r0), (int)n_tok);
-    return 0;
+    return qa_mm(TSR_QM_Q4_0, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
+}
+
+static int qa_mm_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                      size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    return qa_mm(TSR_QM_Q8_0, y, ldy, w, w_stride, x, x_stride, n_in, n_rows, n_tok);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -384,15 +369,21 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
             for (int64_t sb = 0; sb < nsb; sb++)
                 for (int i = 0; i < nr; i++) {
                     qb_sb k;
-                    float dw, dmin;
+                    float dw, dmin = 0;
                     const char *wb = (const char *)w + (r0 + i) * w_stride + sb * bytes;
                     for (size_t o = 0; o < bytes; o += 64)
                         _mm_prefetch(wb + QA_PREFETCH + o, _MM_HINT_T0);
-                    if (q4)
-                        qb_load_q4_k((const tsr_block_q4_k *)wb, &c, &k);
-                    else
-                        qb_load_q6_k((const tsr_block_q6_k *)wb, &c, &k);
-                    tsr_qk_block_scales(qm, wb, &dw, &dmin);
+                    /* The scales by F16C in line: a call would spill the constants' zmm. */
+                    if (q4) {
+                        const tsr_block_q4_k *p = (const tsr_block_q4_k *)wb;
+                        qb_load_q4_k(p, &c, &k);
+                        dw = _cvtsh_ss(p->d);
+                        dmin = _cvtsh_ss(p->dmin);
+                    } else {
+                        const tsr_block_q6_k *p = (const tsr_block_q6_k *)wb;
+                        qb_load_q6_k(p, &c, &k);
+                        dw = _cvtsh_ss(p->d);
+                    }
                     for (int t = 0; t < nt; t++) {
                         const tsr_block_q8_k *xb = (const tsr_block_q8_k *)(xt + t * x_stride) + sb;
                         __m256i l = qb_fold(
@@ -439,6 +430,6 @@ const tsr_quant_ops tsr_quant_ops_avx512 = {
     .tile = {qx_tile_q4_0, qx_tile_q4_1, qx_tile_q5_0, qx_tile_q5_1, qx_tile_q8_0,
              qx_tile_iq4_nl, qx_tile_q2_k, qx_tile_q3_k, qx_tile_q4_k, qx_tile_q5_k,
              qx_tile_q6_k, qx_tile_iq4_xs},
-    .mm = {[TSR_QM_Q4_0] = qa_mm_q4_0, [TSR_QM_Q8_0] = qc_mm_q8_0, [TSR_QM_Q4_K] = qb_mm_q4_k,
+    .mm = {[TSR_QM_Q4_0] = qa_mm_q4_0, [TSR_QM_Q8_0] = qa_mm_q8_0, [TSR_QM_Q4_K] = qb_mm_q4_k,
            [TSR_QM_Q6_K] = qb_mm_q6_k},
 };

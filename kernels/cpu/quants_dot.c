@@ -2,6 +2,7 @@
  * type, the level tables and the entry points dispatch.c forwards to. */
 #include "quants.h"
 
+#include <math.h>
 #include <pthread.h>
 
 /* ---------------------------------------------------------------------------------------- */
@@ -178,6 +179,12 @@ static float dot_legacy(int qm, const void *w, const void *x, int64_t nb) {
                                    tsr_fp16_to_fp32(x0->d));
             break;
         }
+        case TSR_QM_Q8_0: {
+            const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)w + b;
+            v = tsr_q_legacy_value(tsr_q8_block_idot(p->q, x0->q), tsr_fp16_to_fp32(p->d),
+                                   tsr_fp16_to_fp32(x0->d));
+            break;
+        }
         case TSR_QM_IQ4_NL: {
             const tsr_block_iq4_nl *p = (const tsr_block_iq4_nl *)w + b;
             v = tsr_q_legacy_value(idot_iq4_nl(p, x0->q), tsr_fp16_to_fp32(p->d),
@@ -202,11 +209,6 @@ static float dot_legacy(int qm, const void *w, const void *x, int64_t nb) {
         lanes[b % TSR_Q8_LANES] += v;
     }
     return tsr_q8_lanes_sum(lanes);
-}
-
-static float dot_q8_0(int qm, const void *w, const void *x, int64_t nb) {
-    (void)qm;
-    return tsr_q8_0_dot_ref(w, x, nb);
 }
 
 void tsr_qk_lane_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t lanes[8],
@@ -276,7 +278,7 @@ SCALAR_TILE(tile_q4_0, TSR_QM_Q4_0, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q4_1, TSR_QM_Q4_1, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q5_0, TSR_QM_Q5_0, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q5_1, TSR_QM_Q5_1, dot_legacy, void, TSR_QK)
-SCALAR_TILE(tile_q8_0, TSR_QM_Q8_0, dot_q8_0, void, TSR_QK)
+SCALAR_TILE(tile_q8_0, TSR_QM_Q8_0, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_iq4_nl, TSR_QM_IQ4_NL, dot_legacy, void, TSR_QK)
 SCALAR_TILE(tile_q2_k, TSR_QM_Q2_K, dot_k, tsr_block_q8_k, TSR_QK_K)
 SCALAR_TILE(tile_q3_k, TSR_QM_Q3_K, dot_k, tsr_block_q8_k, TSR_QK_K)

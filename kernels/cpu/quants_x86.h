@@ -68,10 +68,15 @@ TSR_INLINE __m256i qx_unpack_legacy(int qm, const void *w, int64_t b, uint16_t *
         *m = p->m;
         return _mm256_or_si256(qx_nibbles(p->qs), qx_bit4(p->qh));
     }
-    default: { /* IQ4_NL */
+    case TSR_QM_IQ4_NL: {
         const tsr_block_iq4_nl *p = (const tsr_block_iq4_nl *)w + b;
         *d = p->d;
         return qx_iq4_lookup(qx_nibbles(p->qs));
+    }
+    default: {
+        const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)w + b;
+        *d = p->d;
+        return _mm256_loadu_si256((const __m256i *)p->q);
     }
     }
 }
@@ -82,7 +87,7 @@ TSR_INLINE __m256i qx_dot_signed(__m256i a, __m256i b) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Legacy tiles but Q8_0: 8 blocks at a time, block b into lane b % 8 (the rule of quants.h) */
+/* Legacy tiles: 8 blocks at a time, block b into lane b % 8 (the rule of quants.h)          */
 
 /* x rows are Q8_0 (xm = 0) or Q8_1 (xm = 1) blocks: d at offset 0, s at 2 (Q8_1), quants
  * at xq_off, xbytes per block. */
@@ -331,7 +336,8 @@ TSR_INLINE void qx_tile_k_llama(int qm, float *y, int64_t ldy, const void *w, si
         for (int r = 0; r < n_r; r++) {
             qx_unpack_k(qm, (const char *)w + r * w_stride + b * bytes, &kb);
             for (int t = 0; t < n_t; t++) {
-                const tsr_block_q8_k *xb = (const tsr_block_q8_k *)((const char *)x + t * x_stride) + b;
+                const tsr_block_q8_k *xb =
+                    (const tsr_block_q8_k *)((const char *)x + t * x_stride) + b;
                 int32_t m[4];
                 __m256i l = qx_k_lanes(&kb, xb, m);
                 acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * kb.d), _mm256_cvtepi32_ps(l),
@@ -384,9 +390,14 @@ QX_TILE(qx_tile_q4_0, TSR_QM_Q4_0, legacy)
 QX_TILE(qx_tile_q4_1, TSR_QM_Q4_1, legacy)
 QX_TILE(qx_tile_q5_0, TSR_QM_Q5_0, legacy)
 QX_TILE(qx_tile_q5_1, TSR_QM_Q5_1, legacy)
-/* Q8_0 keeps llama.cpp's per-block fma order: x86_common.h's pair loop, whose weights stay in
- * L1 while the tile's tokens pass. */
-#define qx_tile_q8_0 tsr_x86_mm_tile_q8_0
+/* One token (decode): x86_common.h's pair loop has nothing to unpack and the same order. */
+static void qx_tile_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
+                         size_t x_stride, int64_t n_in, int n_r, int n_t) {
+    if (n_t == 1)
+        tsr_x86_mm_tile_q8_0(y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);
+    else
+        qx_tile_legacy(TSR_QM_Q8_0, y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);
+}
 QX_TILE(qx_tile_iq4_nl, TSR_QM_IQ4_NL, legacy)
 QX_TILE(qx_tile_q2_k, TSR_QM_Q2_K, k)
 QX_TILE(qx_tile_q3_k, TSR_QM_Q3_K, k)

@@ -111,7 +111,12 @@ static float dot_bf16_ref(const uint16_t *w, const uint16_t *x, int64_t n) {
 }
 
 static float dot_q8_0_ref(const tsr_block_q8_0 *w, const tsr_block_q8_0 *x, int64_t n) {
-    return tsr_q8_0_dot_ref(w, x, n / TSR_Q8_0_BLOCK);
+    float acc[TSR_Q8_LANES] = {0};
+    for (int64_t b = 0; b < n / TSR_Q8_0_BLOCK; b++) {
+        float d = tsr_fp16_to_fp32(w[b].d) * tsr_fp16_to_fp32(x[b].d);
+        acc[b % TSR_Q8_LANES] += (float)tsr_q8_block_idot(w[b].q, x[b].q) * d;
+    }
+    return tsr_q8_lanes_sum(acc);
 }
 
 #define REF_TILE(name, dot, type)                                                              \

@@ -37,16 +37,32 @@ TSR_INLINE __m256i tsr_x86_reduce8(const __m256i v[8]) {
                             _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-/* A Q8_0 row dot in tsr_q8_0_dot_ref's order (internal.h), so bit-identical to it. */
+/* A Q8_0 row dot, bit-identical to the scalar reference: integer block dots (exact), eight
+ * blocks at a time scaled and added into lane b % 8, the lanes summed in the shared order. */
 TSR_INLINE float tsr_x86_q8_dot(const tsr_block_q8_0 *w, const tsr_block_q8_0 *x, int64_t nb) {
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i p = TSR_Q8_BLOCK_DOT(_mm256_loadu_si256((const __m256i *)w[b].q),
-                                     _mm256_loadu_si256((const __m256i *)x[b].q));
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        __m256i v[8];
+        uint16_t dw[8], dx[8];
+        for (int i = 0; i < 8; i++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)w[b + i].q);
+            __m256i c = _mm256_loadu_si256((const __m256i *)x[b + i].q);
+            v[i] = TSR_Q8_BLOCK_DOT(a, c);
+            dw[i] = w[b + i].d;
+            dx[i] = x[b + i].d;
+        }
+        __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dw)),
+                                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dx)));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(tsr_x86_reduce8(v)), d));
     }
-    return tsr_x86_hsum8(acc);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (; b < nb; b++) {
+        float d = tsr_fp16_to_fp32(w[b].d) * tsr_fp16_to_fp32(x[b].d);
+        lanes[b % 8] += (float)tsr_q8_block_idot(w[b].q, x[b].q) * d;
+    }
+    return tsr_q8_lanes_sum(lanes);
 }
 
 /* The weights of a tile stay in L1 while its tokens pass, so pairs are simply looped. */
