@@ -105,7 +105,7 @@ static inline int tsr_iq4xs_scale(const tsr_block_iq4_xs *b, int j) {
  * mw * sx (sx = d * sum of the activation quants, the Q8_1 block's s). Q8_0 keeps this order
  * rather than llama.cpp's (one fma per block into eight lanes of four-quant dots, as Q4_K and
  * Q6_K below): a whole block per lane lets the AVX-512 kernel take sixteen blocks at a time
- * and decode at the memory bandwidth, where the serial fma chain ran ~25% under it, and
+ * and decode at ~90% of the memory bandwidth, where the serial fma chain reached 60%, and
  * llama.cpp's order alone did not bring llama-tiny-q8_0 within 1e-3 of its logits (a rounding
  * tie in attention remains, see tests/test-models.c). */
 static inline float tsr_q_legacy_value(int32_t isum, float dw, float dx) {
