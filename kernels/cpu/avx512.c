@@ -11,9 +11,6 @@
  * vectors: 21 of the 32 registers). BF16 uses vdpbf16ps, 32 elements a step. */
 #define TILE_ROWS 4
 #define TILE_TOKS 4
-/* Decode streams the weights once: the hardware prefetcher alone leaves ~15% of the
- * bandwidth unused with four rows in flight. */
-#define MM_PREFETCH 4096
 
 static __m512 load_f32(const void *p) {
     return _mm512_loadu_ps(p);
