@@ -16,6 +16,7 @@
 #include "loader.h"
 #include "params.h"
 #include "stage_init.h"
+#include "stage_plugin_fixtures.h"
 #include "testutil.h"
 
 /* One attention plugin instance with everything it borrows. */
@@ -65,138 +66,24 @@ static void fx_close(fx *f) {
     tsr_pool_free(f->pool);
 }
 
-/* Deterministic data: xorshift64*, uniform in [-1, 1). */
-static uint64_t rng_state;
-static float rng_float(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t x = rng_state * 0x2545F4914F6CDD1DULL;
-    return (float)((double)(x >> 11) * 0x1p-53 * 2.0 - 1.0);
+/* attn_case_make's problem, whose first query (of several) lies one position further back. */
+static void problem_make(attn_case *c, uint64_t seed, int32_t n_head, int32_t n_kv_head,
+                         int32_t hd, int64_t n_q, int64_t n_kv) {
+    attn_case_make(c, seed, n_head, n_kv_head, hd, n_q, n_kv);
+    if (n_q > 1) c->q_pos[0]--;
 }
-
-/* A random problem: n_kv entries per KV head, rows `stride` floats apart, positions with holes
- * in shuffled order; the first of several queries sees nothing. */
-typedef struct problem {
-    int32_t n_head, n_kv_head, hd, stride;
-    int64_t n_q, n_kv;
-    float *q, *k, *v;    /* q (n_q, n_head, hd); k, v (n_kv_head, n_kv, stride) */
-    uint16_t *k16, *v16;
-    int32_t *q_pos, *kv_pos;
-} problem;
-
-static void problem_make(problem *c, uint64_t seed, int32_t n_head, int32_t n_kv_head, int32_t hd,
-                         int64_t n_q, int64_t n_kv) {
-    rng_state = seed * 2654435761u + 1;
-    *c = (problem){.n_head = n_head, .n_kv_head = n_kv_head, .hd = hd, .stride = hd + 3,
-                   .n_q = n_q, .n_kv = n_kv};
-    size_t kv_elems = (size_t)(n_kv_head * n_kv * c->stride);
-    c->q = malloc(sizeof(float) * (size_t)(n_q * n_head * hd));
-    c->k = malloc(sizeof(float) * kv_elems);
-    c->v = malloc(sizeof(float) * kv_elems);
-    c->k16 = malloc(2 * kv_elems);
-    c->v16 = malloc(2 * kv_elems);
-    c->q_pos = malloc(sizeof(int32_t) * (size_t)n_q);
-    c->kv_pos = malloc(sizeof(int32_t) * (size_t)(n_kv ? n_kv : 1));
-    for (int64_t i = 0; i < n_q * n_head * hd; i++) c->q[i] = 2.0f * rng_float();
-    for (size_t i = 0; i < kv_elems; i++) {
-        c->k[i] = 2.0f * rng_float();
-        c->v[i] = rng_float();
-        c->k16[i] = tsr_f32_to_f16(c->k[i]);
-        c->v16[i] = tsr_f32_to_f16(c->v[i]);
-    }
-    int32_t p = 0;
-    for (int64_t j = 0; j < n_kv; j++) {
-        p += 1 + (int32_t)((rng_float() + 1.0f) * 1.5f);
-        c->kv_pos[j] = p;
-    }
-    for (int64_t j = n_kv - 1; j > 0; j--) {
-        int64_t r = (int64_t)((rng_float() + 1.0f) * 0.5f * (float)(j + 1)) % (j + 1);
-        int32_t t = c->kv_pos[j];
-        c->kv_pos[j] = c->kv_pos[r];
-        c->kv_pos[r] = t;
-    }
-    for (int64_t i = 0; i < n_q; i++)
-        c->q_pos[i] = (int32_t)(p * (i + 1) / n_q) - (i == 0 && n_q > 1) * (p + 1);
-}
-
-static void problem_free(problem *c) {
-    free(c->q);
-    free(c->k);
-    free(c->v);
-    free(c->k16);
-    free(c->v16);
-    free(c->q_pos);
-    free(c->kv_pos);
-}
-
-typedef struct load_src {
-    const float *k, *v;
-    int32_t stride, hd;
-} load_src;
-
-static void load_rows(const float *base, const load_src *s, int64_t j0, int64_t n, float *dst) {
-    for (int64_t r = 0; r < n; r++)
-        memcpy(dst + r * s->hd, base + (j0 + r) * s->stride, sizeof(float) * (size_t)s->hd);
-}
-static void load_k_rows(const void *ctx, int64_t j0, int64_t n, float *dst) {
-    load_rows(((const load_src *)ctx)->k, ctx, j0, n, dst);
-}
-static void load_v_rows(const void *ctx, int64_t j0, int64_t n, float *dst) {
-    load_rows(((const load_src *)ctx)->v, ctx, j0, n, dst);
-}
-
-enum { VIEW_F32, VIEW_F16, VIEW_LOADED };
 
 /* out (n_q, n_head, hd); score_acc (n_kv_head, n_kv) or NULL. */
-static tsr_status problem_run(fx *f, const problem *c, int kind, int32_t score_from, float *out,
+static tsr_status problem_run(fx *f, const attn_case *c, int kind, int32_t score_from, float *out,
                               float *score_acc) {
     tsr_kv_view views[16];
     load_src srcs[16];
-    for (int32_t g = 0; g < c->n_kv_head; g++) {
-        size_t off = (size_t)(g * c->n_kv * c->stride);
-        views[g] = (tsr_kv_view){TSR_SIZED(tsr_kv_view), .n = c->n_kv, .pos = c->kv_pos};
-        if (kind == VIEW_F16) {
-            views[g].dtype = TSR_DTYPE_F16;
-            views[g].k = c->k16 + off;
-            views[g].v = c->v16 + off;
-            views[g].k_stride = views[g].v_stride = 2 * (size_t)c->stride;
-        } else if (kind == VIEW_F32) {
-            views[g].dtype = TSR_DTYPE_F32;
-            views[g].k = c->k + off;
-            views[g].v = c->v + off;
-            views[g].k_stride = views[g].v_stride = 4 * (size_t)c->stride;
-        } else {
-            views[g].dtype = TSR_DTYPE_PLUGIN_FIRST + 3;
-            srcs[g] = (load_src){c->k + off, c->v + off, c->stride, c->hd};
-            views[g].load_k = load_k_rows;
-            views[g].load_v = load_v_rows;
-            views[g].load_ctx = &srcs[g];
-        }
-        if (score_acc) {
-            views[g].score_acc = score_acc + g * c->n_kv;
-            views[g].score_from_pos = score_from;
-        }
-    }
+    attn_case_views(c, kind, TSR_DTYPE_PLUGIN_FIRST + 3, score_from, score_acc, views, srcs);
     tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .layer = 0,
                                .phase = TSR_PHASE_PREFILL, .n_q = c->n_q, .q = c->q,
-                               .q_pos = c->q_pos, .scale = 1.0f / sqrtf((float)c->hd),
+                               .q_pos = c->q_pos, .scale = 1.0f / sqrtf((float)c->head_dim),
                                .views = views, .out = out};
     return f->vt->forward(f->inst->self, &call);
-}
-
-/* max |ref - got| over each (query, head) row <= tol * max |ref| of that row. */
-static void assert_rows_close(const float *ref, const float *got, int64_t n_rows, int32_t hd,
-                              double tol, const char *what) {
-    for (int64_t r = 0; r < n_rows; r++) {
-        double scale = 0.0, diff = 0.0;
-        for (int32_t d = 0; d < hd; d++) {
-            scale = fmax(scale, fabs(ref[r * hd + d]));
-            diff = fmax(diff, fabs((double)ref[r * hd + d] - got[r * hd + d]));
-        }
-        ck_assert_msg(diff <= tol * scale, "%s: row %lld: max diff %g, row scale %g", what,
-                      (long long)r, diff, scale);
-    }
 }
 
 /* (n_head, n_kv_head, head_dim, n_q, n_kv): decode (n_q 1) and prompt shapes, head_dim
@@ -209,21 +96,21 @@ static const int32_t cases[][5] = {
 
 START_TEST(test_matches_reference) {
     const int32_t *s = cases[_i];
-    problem c;
+    attn_case c;
     problem_make(&c, 500 + (uint64_t)_i, s[0], s[1], s[2], s[3], s[4]);
     fx ref, gg;
-    fx_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.hd, 4096);
-    fx_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.hd, 4096);
-    size_t n_out = (size_t)(c.n_q * c.n_head * c.hd);
+    fx_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    fx_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    size_t n_out = (size_t)(c.n_q * c.n_head * c.head_dim);
     float *o_ref = malloc(n_out * sizeof(float)), *o_gg = malloc(n_out * sizeof(float));
     float *o_loaded = malloc(n_out * sizeof(float));
     const char *names[] = {"f32", "f16", "loaded"};
     for (int kind = VIEW_F32; kind <= VIEW_LOADED; kind++) {
         ck_assert_int_eq(problem_run(&ref, &c, kind, 0, o_ref, NULL), TSR_OK);
         ck_assert_int_eq(problem_run(&gg, &c, kind, 0, o_gg, NULL), TSR_OK);
-        assert_rows_close(o_ref, o_gg, c.n_q * c.n_head, c.hd, 1e-5, names[kind]);
+        assert_rows_close(o_ref, o_gg, c.n_q * c.n_head, c.head_dim, 1e-5, names[kind]);
         /* The first of several queries sees nothing: zeros. */
-        for (int32_t d = 0; d < c.n_head * c.hd && c.n_q > 1; d++)
+        for (int32_t d = 0; d < c.n_head * c.head_dim && c.n_q > 1; d++)
             ck_assert_float_eq(o_gg[d], 0.0f);
         if (kind == VIEW_F32) memcpy(o_loaded, o_gg, n_out * sizeof(float));
     }
@@ -234,17 +121,17 @@ START_TEST(test_matches_reference) {
     free(o_loaded);
     fx_close(&ref);
     fx_close(&gg);
-    problem_free(&c);
+    attn_case_free(&c);
 }
 END_TEST
 
 START_TEST(test_score_acc_matches_reference) {
-    problem c;
+    attn_case c;
     problem_make(&c, 77, 8, 2, 32, 23, 190);
     fx ref, gg;
-    fx_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.hd, 4096);
-    fx_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.hd, 4096);
-    size_t n_out = (size_t)(c.n_q * c.n_head * c.hd), n_acc = (size_t)(c.n_kv_head * c.n_kv);
+    fx_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    fx_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    size_t n_out = (size_t)(c.n_q * c.n_head * c.head_dim), n_acc = (size_t)(c.n_kv_head * c.n_kv);
     float *o_ref = malloc(n_out * sizeof(float)), *o_gg = malloc(n_out * sizeof(float));
     float *o_plain = malloc(n_out * sizeof(float));
     float *a_ref = calloc(n_acc, sizeof(float)), *a_gg = calloc(n_acc, sizeof(float));
@@ -276,18 +163,18 @@ START_TEST(test_score_acc_matches_reference) {
     free(a_gg);
     fx_close(&ref);
     fx_close(&gg);
-    problem_free(&c);
+    attn_case_free(&c);
 }
 END_TEST
 
 START_TEST(test_thread_independent) {
-    problem c;
+    attn_case c;
     problem_make(&c, 11, 8, 2, 16, 21, 333);
-    size_t n_out = (size_t)(c.n_q * c.n_head * c.hd), n_acc = (size_t)(c.n_kv_head * c.n_kv);
+    size_t n_out = (size_t)(c.n_q * c.n_head * c.head_dim), n_acc = (size_t)(c.n_kv_head * c.n_kv);
     float *out[3], *acc[3], *plain[3];
     for (int t = 0; t < 3; t++) {
         fx f;
-        fx_open(&f, t + 1, "ggml", NULL, c.n_head, c.n_kv_head, c.hd, 4096);
+        fx_open(&f, t + 1, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
         ck_assert_int_eq(tsr_pool_size(f.pool), t + 1);
         out[t] = malloc(n_out * sizeof(float));
         plain[t] = malloc(n_out * sizeof(float));
@@ -306,7 +193,7 @@ START_TEST(test_thread_independent) {
         free(plain[t]);
         free(acc[t]);
     }
-    problem_free(&c);
+    attn_case_free(&c);
 }
 END_TEST
 

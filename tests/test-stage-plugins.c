@@ -14,6 +14,7 @@
 #include "loader.h"
 #include "params.h"
 #include "stage_init.h"
+#include "stage_plugin_fixtures.h"
 #include "testutil.h"
 
 /* ---- fixtures ------------------------------------------------------------------------------ */
@@ -77,96 +78,7 @@ static const char *fx_error(fx *f) {
     return tsr_services_take_error(&f->inst->services, "");
 }
 
-/* Deterministic data: xorshift64*, uniform in [-1, 1). */
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 2654435761u + 1; }
-static float rng_float(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t x = rng_state * 0x2545F4914F6CDD1DULL;
-    return (float)((double)(x >> 11) * 0x1p-53 * 2.0 - 1.0);
-}
-
 /* ---- attention ----------------------------------------------------------------------------- */
-
-/* One attention problem: n_kv entries per KV head with positions (holes, any order), stored
- * with a row stride larger than head_dim, and n_q queries. */
-typedef struct attn_case {
-    int32_t n_head, n_kv_head, head_dim;
-    int64_t n_q, n_kv;
-    float *q, *k, *v;      /* q (n_q, n_head, hd); k, v (n_kv_head, n_kv, stride) */
-    uint16_t *k16, *v16;   /* the same in F16 */
-    int32_t *q_pos, *kv_pos;
-    int32_t stride;        /* elements between rows */
-} attn_case;
-
-static void attn_case_make(attn_case *c, uint64_t seed, int32_t n_head, int32_t n_kv_head,
-                           int32_t hd, int64_t n_q, int64_t n_kv) {
-    rng_seed(seed);
-    *c = (attn_case){.n_head = n_head, .n_kv_head = n_kv_head, .head_dim = hd, .n_q = n_q,
-                     .n_kv = n_kv, .stride = hd + 3};
-    size_t kv_elems = (size_t)(n_kv_head * n_kv * c->stride);
-    c->q = malloc(sizeof(float) * (size_t)(n_q * n_head * hd));
-    c->k = malloc(sizeof(float) * kv_elems);
-    c->v = malloc(sizeof(float) * kv_elems);
-    c->k16 = malloc(2 * kv_elems);
-    c->v16 = malloc(2 * kv_elems);
-    c->q_pos = malloc(sizeof(int32_t) * (size_t)n_q);
-    c->kv_pos = malloc(sizeof(int32_t) * (size_t)n_kv);
-    for (int64_t i = 0; i < n_q * n_head * hd; i++) c->q[i] = 2.0f * rng_float();
-    for (size_t i = 0; i < kv_elems; i++) {
-        c->k[i] = 2.0f * rng_float();
-        c->v[i] = rng_float();
-        c->k16[i] = tsr_f32_to_f16(c->k[i]);
-        c->v16[i] = tsr_f32_to_f16(c->v[i]);
-    }
-    /* Positions with holes (as after eviction): every entry skips 0..2 positions; then the
-     * order is shuffled, which views allow. */
-    int32_t p = 0;
-    for (int64_t j = 0; j < n_kv; j++) {
-        p += 1 + (int32_t)((rng_float() + 1.0f) * 1.5f);
-        c->kv_pos[j] = p;
-    }
-    for (int64_t j = n_kv - 1; j > 0; j--) {
-        int64_t r = (int64_t)((rng_float() + 1.0f) * 0.5f * (float)(j + 1)) % (j + 1);
-        int32_t t = c->kv_pos[j];
-        c->kv_pos[j] = c->kv_pos[r];
-        c->kv_pos[r] = t;
-    }
-    /* Queries spread over the whole range; with several, the first one sees nothing. */
-    for (int64_t i = 0; i < n_q; i++)
-        c->q_pos[i] = (int32_t)(p * (i + 1) / n_q) - (i == 0 && n_q > 1) * p;
-}
-
-static void attn_case_free(attn_case *c) {
-    free(c->q);
-    free(c->k);
-    free(c->v);
-    free(c->k16);
-    free(c->v16);
-    free(c->q_pos);
-    free(c->kv_pos);
-}
-
-/* Loaders for a "plugin dtype" view: rows of f32 arrays described by load_ctx. */
-typedef struct load_src {
-    const float *k, *v;
-    int32_t stride, hd;
-} load_src;
-
-static void load_rows(const float *base, const load_src *s, int64_t j0, int64_t n, float *dst) {
-    for (int64_t r = 0; r < n; r++)
-        memcpy(dst + r * s->hd, base + (j0 + r) * s->stride, sizeof(float) * (size_t)s->hd);
-}
-static void load_k_rows(const void *ctx, int64_t j0, int64_t n, float *dst) {
-    load_rows(((const load_src *)ctx)->k, ctx, j0, n, dst);
-}
-static void load_v_rows(const void *ctx, int64_t j0, int64_t n, float *dst) {
-    load_rows(((const load_src *)ctx)->v, ctx, j0, n, dst);
-}
-
-enum { VIEW_F32, VIEW_F16, VIEW_LOADED };
 
 /* Runs `f` (an attention instance) on the case; out (n_q, n_head, hd); score_acc
  * (n_kv_head, n_kv) or NULL. */
@@ -175,31 +87,7 @@ static tsr_status attn_run(fx *f, const attn_case *c, int kind, int32_t score_fr
     tsr_kv_view views[16];
     load_src srcs[16];
     int32_t hd = c->head_dim;
-    for (int32_t g = 0; g < c->n_kv_head; g++) {
-        size_t off = (size_t)(g * c->n_kv * c->stride);
-        views[g] = (tsr_kv_view){TSR_SIZED(tsr_kv_view), .n = c->n_kv, .pos = c->kv_pos};
-        if (kind == VIEW_F16) {
-            views[g].dtype = TSR_DTYPE_F16;
-            views[g].k = c->k16 + off;
-            views[g].v = c->v16 + off;
-            views[g].k_stride = views[g].v_stride = 2 * (size_t)c->stride;
-        } else if (kind == VIEW_F32) {
-            views[g].dtype = TSR_DTYPE_F32;
-            views[g].k = c->k + off;
-            views[g].v = c->v + off;
-            views[g].k_stride = views[g].v_stride = 4 * (size_t)c->stride;
-        } else {
-            views[g].dtype = TSR_DTYPE_PLUGIN_FIRST + 7;
-            srcs[g] = (load_src){c->k + off, c->v + off, c->stride, hd};
-            views[g].load_k = load_k_rows;
-            views[g].load_v = load_v_rows;
-            views[g].load_ctx = &srcs[g];
-        }
-        if (score_acc) {
-            views[g].score_acc = score_acc + g * c->n_kv;
-            views[g].score_from_pos = score_from;
-        }
-    }
+    attn_case_views(c, kind, TSR_DTYPE_PLUGIN_FIRST + 7, score_from, score_acc, views, srcs);
     tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .seq_id = 0, .layer = 1,
                                .phase = TSR_PHASE_PREFILL, .n_q = c->n_q, .q = c->q,
                                .q_pos = c->q_pos, .scale = 1.0f / sqrtf((float)hd),
@@ -215,20 +103,6 @@ static tsr_model_shape attn_shape(const attn_case *c) {
     s.head_dim = c->head_dim;
     s.n_ctx = 1 << 16;
     return s;
-}
-
-/* max |a - b| over each (query, head) row <= tol * max |ref| of that row. */
-static void assert_rows_close(const float *ref, const float *got, int64_t n_rows, int32_t hd,
-                              double tol, const char *what) {
-    for (int64_t r = 0; r < n_rows; r++) {
-        double scale = 0.0, diff = 0.0;
-        for (int32_t d = 0; d < hd; d++) {
-            scale = fmax(scale, fabs(ref[r * hd + d]));
-            diff = fmax(diff, fabs((double)ref[r * hd + d] - got[r * hd + d]));
-        }
-        ck_assert_msg(diff <= tol * scale, "%s: row %lld: max diff %g, row scale %g", what,
-                      (long long)r, diff, scale);
-    }
 }
 
 START_TEST(test_half_conversion) {

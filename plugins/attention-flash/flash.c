@@ -14,16 +14,14 @@
 #include <math.h>
 #include <stdatomic.h>
 
-#include <tessera/sdk.h>
-#include <tessera/sdk_kv.h>
+#include <tessera/sdk_attention.h>
 
 /* Queries per work item: enough to reuse a K/V tile from cache, few enough to keep
  * parallelism for short prefills. */
 #define FLASH_QB 8
 
 typedef struct flash_attn {
-    const tsr_host *host;
-    int32_t n_layer, n_head, n_kv_head, head_dim;
+    tsr_attention_shape sh; /* first: tsr_attention_new / _destroy rely on it */
     int32_t tile;
 } flash_attn;
 
@@ -54,7 +52,7 @@ static void flash_task(void *arg, int ith, int nth) {
     flash_job *job = arg;
     const flash_attn *a = job->a;
     const tsr_attention_call *c = job->call;
-    const int32_t hd = a->head_dim, group = a->n_head / a->n_kv_head, tile = a->tile;
+    const int32_t hd = a->sh.head_dim, group = a->sh.n_head / a->sh.n_kv_head, tile = a->tile;
     int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
     if (first == last) return;
 
@@ -62,7 +60,7 @@ static void flash_task(void *arg, int ith, int nth) {
     int32_t n_state = FLASH_QB * group;
     size_t n_floats = 2 * (size_t)tile * (size_t)hd + (size_t)tile +
                       (size_t)n_state * (2 * (size_t)hd + 2);
-    float *mem = a->host->alloc(a->host->ctx, n_floats * sizeof(float), 0);
+    float *mem = a->sh.host->alloc(a->sh.host->ctx, n_floats * sizeof(float), 0);
     if (!mem) {
         atomic_store(&job->failed, 1);
         return;
@@ -71,8 +69,8 @@ static void flash_task(void *arg, int ith, int nth) {
     float *qs = s + tile, *acc = qs + (size_t)n_state * hd, *ml = acc + (size_t)n_state * hd;
 
     for (int64_t it = first; it < last; it++) {
-        int32_t g = (int32_t)(it % a->n_kv_head);
-        int64_t i0 = (it / a->n_kv_head) * FLASH_QB;
+        int32_t g = (int32_t)(it % a->sh.n_kv_head);
+        int64_t i0 = (it / a->sh.n_kv_head) * FLASH_QB;
         int64_t nq = c->n_q - i0 < FLASH_QB ? c->n_q - i0 : FLASH_QB;
         const tsr_kv_view *v = &c->views[g];
         int32_t qpos_max = INT32_MIN;
@@ -80,7 +78,7 @@ static void flash_task(void *arg, int ith, int nth) {
             if (c->q_pos[i0 + qi] > qpos_max) qpos_max = c->q_pos[i0 + qi];
             for (int32_t hg = 0; hg < group; hg++) {
                 int64_t st = qi * group + hg;
-                const float *q = c->q + ((i0 + qi) * a->n_head + g * group + hg) * hd;
+                const float *q = c->q + ((i0 + qi) * a->sh.n_head + g * group + hg) * hd;
                 for (int32_t d = 0; d < hd; d++) {
                     qs[st * hd + d] = q[d] * c->scale;
                     acc[st * hd + d] = 0.0f;
@@ -135,7 +133,7 @@ static void flash_task(void *arg, int ith, int nth) {
         for (int64_t qi = 0; qi < nq; qi++) {
             for (int32_t hg = 0; hg < group; hg++) {
                 int64_t st = qi * group + hg;
-                int64_t pair = (i0 + qi) * a->n_head + g * group + hg;
+                int64_t pair = (i0 + qi) * a->sh.n_head + g * group + hg;
                 float l = ml[2 * st + 1];
                 float *out = c->out + pair * hd;
                 /* No visible entry: zeros, as in 'reference'. */
@@ -145,7 +143,7 @@ static void flash_task(void *arg, int ith, int nth) {
             }
         }
     }
-    a->host->free(a->host->ctx, mem);
+    a->sh.host->free(a->sh.host->ctx, mem);
 }
 
 /* Scores only: item (g, key tile); each entry sums its probabilities over the group's heads,
@@ -155,13 +153,13 @@ static void flash_score_task(void *arg, int ith, int nth) {
     flash_job *job = arg;
     const flash_attn *a = job->a;
     const tsr_attention_call *c = job->call;
-    const int32_t hd = a->head_dim, group = a->n_head / a->n_kv_head, tile = a->tile;
+    const int32_t hd = a->sh.head_dim, group = a->sh.n_head / a->sh.n_kv_head, tile = a->tile;
     int64_t tiles = (job->max_view_n + tile - 1) / tile;
     int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
     if (first == last) return;
 
     size_t n_floats = (size_t)tile * (size_t)hd + (size_t)hd + (size_t)tile;
-    float *mem = a->host->alloc(a->host->ctx, n_floats * sizeof(float), 0);
+    float *mem = a->sh.host->alloc(a->sh.host->ctx, n_floats * sizeof(float), 0);
     if (!mem) {
         atomic_store(&job->failed, 1);
         return;
@@ -180,7 +178,7 @@ static void flash_score_task(void *arg, int ith, int nth) {
         for (int32_t h = g * group; h < (g + 1) * group; h++) {
             for (int64_t i = 0; i < c->n_q; i++) {
                 int32_t qpos = c->q_pos[i];
-                int64_t pair = i * a->n_head + h;
+                int64_t pair = i * a->sh.n_head + h;
                 float m = job->stat[2 * pair], l = job->stat[2 * pair + 1];
                 if (qpos < v->score_from_pos || l <= 0.0f) continue;
                 const float *q = c->q + pair * hd;
@@ -193,104 +191,48 @@ static void flash_score_task(void *arg, int ith, int nth) {
         }
         for (int64_t r = 0; r < nb; r++) v->score_acc[j0 + r] += sum[r];
     }
-    a->host->free(a->host->ctx, mem);
-}
-
-static tsr_status flash_check_call(const flash_attn *a, const tsr_attention_call *c) {
-    const tsr_host *host = a->host;
-    if (c->layer < 0 || c->layer >= a->n_layer) {
-        host->set_error(host->ctx, "forward: layer %d outside [0, %d)", (int)c->layer,
-                        (int)a->n_layer);
-        return TSR_E_RANGE;
-    }
-    if (c->n_q < 0 || (c->n_q > 0 && (!c->q || !c->q_pos || !c->out)) || !c->views) {
-        host->set_error(host->ctx, "forward: layer %d: missing q, q_pos, out or views",
-                        (int)c->layer);
-        return TSR_E_INVALID;
-    }
-    for (int32_t g = 0; g < a->n_kv_head; g++) {
-        const tsr_kv_view *v = &c->views[g];
-        if (v->n < 0 || (v->n > 0 && !v->pos) || !tsr_kv_view_readable(v)) {
-            host->set_error(host->ctx,
-                            "forward: layer %d: view of KV head %d is not readable (n %lld, "
-                            "dtype %d: F32/F16 need k, v and pos; others need load_k/load_v)",
-                            (int)c->layer, (int)g, (long long)v->n, (int)v->dtype);
-            return TSR_E_INVALID;
-        }
-    }
-    return TSR_OK;
+    a->sh.host->free(a->sh.host->ctx, mem);
 }
 
 static tsr_status flash_forward(void *self, const tsr_attention_call *call) {
     flash_attn *a = self;
-    tsr_status st = flash_check_call(a, call);
+    tsr_status st = tsr_attention_check_call(&a->sh, call);
     if (st < 0) return st;
     if (call->n_q == 0) return TSR_OK;
 
     flash_job job = {.a = a, .call = call};
-    int any_scores = 0;
-    for (int32_t g = 0; g < a->n_kv_head; g++) {
-        if (call->views[g].n > job.max_view_n) job.max_view_n = call->views[g].n;
-        any_scores |= call->views[g].score_acc != NULL;
-    }
+    int any_scores = tsr_attention_scan_views(&a->sh, call, &job.max_view_n);
     atomic_init(&job.failed, 0);
-    job.stat = a->host->alloc(a->host->ctx, (size_t)(call->n_q * a->n_head) * 2 * sizeof(float), 0);
+    const tsr_host *host = a->sh.host;
+    job.stat = host->alloc(host->ctx, (size_t)(call->n_q * a->sh.n_head) * 2 * sizeof(float), 0);
     if (!job.stat) goto nomem;
-    job.n_items = (call->n_q + FLASH_QB - 1) / FLASH_QB * a->n_kv_head;
-    a->host->parallel_for(a->host->ctx, flash_task, &job);
+    job.n_items = (call->n_q + FLASH_QB - 1) / FLASH_QB * a->sh.n_kv_head;
+    host->parallel_for(host->ctx, flash_task, &job);
     if (!atomic_load(&job.failed) && any_scores) {
-        job.n_items = a->n_kv_head * ((job.max_view_n + a->tile - 1) / a->tile);
-        a->host->parallel_for(a->host->ctx, flash_score_task, &job);
+        job.n_items = a->sh.n_kv_head * ((job.max_view_n + a->tile - 1) / a->tile);
+        host->parallel_for(host->ctx, flash_score_task, &job);
     }
-    a->host->free(a->host->ctx, job.stat);
+    host->free(host->ctx, job.stat);
     if (atomic_load(&job.failed)) goto nomem;
     return TSR_OK;
 nomem:
-    a->host->set_error(a->host->ctx, "forward: layer %d: out of memory for %lld queries over %lld "
-                       "entries", (int)call->layer, (long long)call->n_q,
-                       (long long)job.max_view_n);
-    return TSR_E_NOMEM;
+    return tsr_attention_nomem(&a->sh, call, job.max_view_n);
 }
 
 static tsr_status flash_create(const tsr_host *host, const tsr_params *params,
                                const tsr_attention_init *init, void **out) {
-    if (init->n_layer <= 0 || init->n_head <= 0 || init->n_kv_head <= 0 || init->head_dim <= 0 ||
-        init->n_head % init->n_kv_head != 0) {
-        host->set_error(host->ctx,
-                        "shape n_layer %d, n_head %d, n_kv_head %d, head_dim %d: expected "
-                        "positive sizes with n_head a multiple of n_kv_head",
-                        (int)init->n_layer, (int)init->n_head, (int)init->n_kv_head,
-                        (int)init->head_dim);
-        return TSR_E_INVALID;
-    }
-    if (init->backend_name && strcmp(init->backend_name, "cpu") != 0) {
-        host->set_error(host->ctx, "backend '%s': this plugin reads host memory only (cpu)",
-                        init->backend_name);
-        return TSR_E_UNSUPPORTED;
-    }
+    tsr_status st = tsr_attention_check_init(host, init, 0);
+    if (st < 0) return st;
     int64_t tile = tsr_param_int(params, "tile");
     if (tile < 8 || tile > 1024) {
         host->set_error(host->ctx, "tile %lld: expected an integer in [8, 1024]", (long long)tile);
         return TSR_E_INVALID;
     }
-    flash_attn *a = tsr_calloc(host, 1, sizeof *a);
-    if (!a) {
-        host->set_error(host->ctx, "out of memory");
-        return TSR_E_NOMEM;
-    }
-    a->host = host;
-    a->n_layer = init->n_layer;
-    a->n_head = init->n_head;
-    a->n_kv_head = init->n_kv_head;
-    a->head_dim = init->head_dim;
+    flash_attn *a = tsr_attention_new(host, init, sizeof *a);
+    if (!a) return TSR_E_NOMEM;
     a->tile = (int32_t)tile;
     *out = a;
     return TSR_OK;
-}
-
-static void flash_destroy(void *self) {
-    flash_attn *a = self;
-    a->host->free(a->host->ctx, a);
 }
 
 static const tsr_param_def flash_params[] = {
@@ -302,7 +244,7 @@ static const tsr_param_def flash_params[] = {
 static const tsr_attention_vtable flash_vtable = {
     TSR_SIZED(tsr_attention_vtable),
     .create = flash_create,
-    .destroy = flash_destroy,
+    .destroy = tsr_attention_destroy,
     .forward = flash_forward,
 };
 

@@ -38,8 +38,7 @@
 #include <stdatomic.h>
 
 #include <tessera/kernels_cpu.h>
-#include <tessera/sdk.h>
-#include <tessera/sdk_kv.h>
+#include <tessera/sdk_attention.h>
 
 /* Queries per work item: each item converts (F16 / loaded views) its KV head's rows once. */
 #define GGML_QB 16
@@ -48,8 +47,7 @@
 #define GGML_STEP 64
 
 typedef struct ggml_attn {
-    const tsr_host *host;
-    int32_t n_layer, n_head, n_kv_head, head_dim;
+    tsr_attention_shape sh; /* first: tsr_attention_new / _destroy rely on it */
     int64_t kv_pad;  /* n_kv is a multiple of this */
     int64_t kv_size; /* llama.cpp's cache size: n_ctx rounded up to kv_pad */
 } ggml_attn;
@@ -132,20 +130,20 @@ static void ggml_task(void *arg, int ith, int nth) {
     ggml_job *job = arg;
     const ggml_attn *a = job->a;
     const tsr_attention_call *c = job->call;
-    const int32_t hd = a->head_dim, group = a->n_head / a->n_kv_head;
-    int64_t n_items = job->items_per_head * a->n_kv_head;
+    const int32_t hd = a->sh.head_dim, group = a->sh.n_head / a->sh.n_kv_head;
+    int64_t n_items = job->items_per_head * a->sh.n_kv_head;
     int64_t first = n_items * ith / nth, last = n_items * (ith + 1) / nth;
     if (first == last) return;
 
     /* Which mul_mat path llama.cpp takes (see the top of the file). */
     const int prompt = c->n_q >= 2;
-    const int kq_tiny = prompt && a->n_head == 1 && hd % GGML_LANES == 0;
+    const int kq_tiny = prompt && a->sh.n_head == 1 && hd % GGML_LANES == 0;
     const int pv_tiny_shape = prompt && hd % 4 == 0;
 
     size_t rows = (size_t)job->max_n * (size_t)hd;
     size_t n_floats = 2 * rows + 2 * (size_t)job->max_kv + (size_t)hd * GGML_STEP;
     size_t bytes = n_floats * sizeof(float) + (size_t)job->max_n * sizeof(double);
-    char *mem = a->host->alloc(a->host->ctx, bytes, 0);
+    char *mem = a->sh.host->alloc(a->sh.host->ctx, bytes, 0);
     if (!mem) {
         atomic_store(&job->failed, 1);
         return;
@@ -174,7 +172,7 @@ static void ggml_task(void *arg, int ith, int nth) {
         for (int64_t i = i0; i < i1; i++) {
             int32_t qpos = c->q_pos[i];
             for (int32_t h = g * group; h < (g + 1) * group; h++) {
-                int64_t pair = i * a->n_head + h;
+                int64_t pair = i * a->sh.n_head + h;
                 const float *q = c->q + pair * hd;
                 float *out = c->out + pair * hd;
                 int any = 0;
@@ -202,42 +200,17 @@ static void ggml_task(void *arg, int ith, int nth) {
         if (scoring)
             for (int64_t j = 0; j < n; j++) v->score_acc[j] += (float)sums[j];
     }
-    a->host->free(a->host->ctx, mem);
-}
-
-static tsr_status ggml_check_call(const ggml_attn *a, const tsr_attention_call *c) {
-    const tsr_host *host = a->host;
-    if (c->layer < 0 || c->layer >= a->n_layer) {
-        host->set_error(host->ctx, "forward: layer %d outside [0, %d)", (int)c->layer,
-                        (int)a->n_layer);
-        return TSR_E_RANGE;
-    }
-    if (c->n_q < 0 || (c->n_q > 0 && (!c->q || !c->q_pos || !c->out)) || !c->views) {
-        host->set_error(host->ctx, "forward: layer %d: missing q, q_pos, out or views",
-                        (int)c->layer);
-        return TSR_E_INVALID;
-    }
-    for (int32_t g = 0; g < a->n_kv_head; g++) {
-        const tsr_kv_view *v = &c->views[g];
-        if (v->n < 0 || (v->n > 0 && !v->pos) || !tsr_kv_view_readable(v)) {
-            host->set_error(host->ctx,
-                            "forward: layer %d: view of KV head %d is not readable (n %lld, "
-                            "dtype %d: F32/F16 need k, v and pos; others need load_k/load_v)",
-                            (int)c->layer, (int)g, (long long)v->n, (int)v->dtype);
-            return TSR_E_INVALID;
-        }
-    }
-    return TSR_OK;
+    a->sh.host->free(a->sh.host->ctx, mem);
 }
 
 static tsr_status ggml_forward(void *self, const tsr_attention_call *call) {
     ggml_attn *a = self;
-    tsr_status st = ggml_check_call(a, call);
+    tsr_status st = tsr_attention_check_call(&a->sh, call);
     if (st < 0) return st;
     if (call->n_q == 0) return TSR_OK;
 
     ggml_job job = {.a = a, .call = call, .q_per_item = GGML_QB};
-    for (int32_t g = 0; g < a->n_kv_head; g++) {
+    for (int32_t g = 0; g < a->sh.n_kv_head; g++) {
         const tsr_kv_view *v = &call->views[g];
         if (v->n > job.max_n) job.max_n = v->n;
         if (ggml_n_kv(a, v->n) > job.max_kv) job.max_kv = ggml_n_kv(a, v->n);
@@ -245,57 +218,27 @@ static tsr_status ggml_forward(void *self, const tsr_attention_call *call) {
     }
     job.items_per_head = (call->n_q + job.q_per_item - 1) / job.q_per_item;
     atomic_init(&job.failed, 0);
-    a->host->parallel_for(a->host->ctx, ggml_task, &job);
-    if (atomic_load(&job.failed)) {
-        a->host->set_error(a->host->ctx, "forward: layer %d: out of memory for %lld queries "
-                           "over %lld entries", (int)call->layer, (long long)call->n_q,
-                           (long long)job.max_n);
-        return TSR_E_NOMEM;
-    }
+    a->sh.host->parallel_for(a->sh.host->ctx, ggml_task, &job);
+    if (atomic_load(&job.failed)) return tsr_attention_nomem(&a->sh, call, job.max_n);
     return TSR_OK;
 }
 
 static tsr_status ggml_create(const tsr_host *host, const tsr_params *params,
                               const tsr_attention_init *init, void **out) {
-    if (init->n_layer <= 0 || init->n_head <= 0 || init->n_kv_head <= 0 || init->head_dim <= 0 ||
-        init->n_head % init->n_kv_head != 0 || init->n_ctx <= 0) {
-        host->set_error(host->ctx,
-                        "shape n_layer %d, n_head %d, n_kv_head %d, head_dim %d, n_ctx %d: "
-                        "expected positive sizes with n_head a multiple of n_kv_head",
-                        (int)init->n_layer, (int)init->n_head, (int)init->n_kv_head,
-                        (int)init->head_dim, (int)init->n_ctx);
-        return TSR_E_INVALID;
-    }
-    if (init->backend_name && strcmp(init->backend_name, "cpu") != 0) {
-        host->set_error(host->ctx, "backend '%s': this plugin reads host memory only (cpu)",
-                        init->backend_name);
-        return TSR_E_UNSUPPORTED;
-    }
+    tsr_status st = tsr_attention_check_init(host, init, 1);
+    if (st < 0) return st;
     int64_t pad = tsr_param_int(params, "kv_pad");
     if (pad < 1 || pad > 4096) {
         host->set_error(host->ctx, "kv_pad %lld: expected an integer in [1, 4096]",
                         (long long)pad);
         return TSR_E_INVALID;
     }
-    ggml_attn *a = tsr_calloc(host, 1, sizeof *a);
-    if (!a) {
-        host->set_error(host->ctx, "out of memory");
-        return TSR_E_NOMEM;
-    }
-    a->host = host;
-    a->n_layer = init->n_layer;
-    a->n_head = init->n_head;
-    a->n_kv_head = init->n_kv_head;
-    a->head_dim = init->head_dim;
+    ggml_attn *a = tsr_attention_new(host, init, sizeof *a);
+    if (!a) return TSR_E_NOMEM;
     a->kv_pad = pad;
     a->kv_size = ((int64_t)init->n_ctx + pad - 1) / pad * pad;
     *out = a;
     return TSR_OK;
-}
-
-static void ggml_destroy(void *self) {
-    ggml_attn *a = self;
-    a->host->free(a->host->ctx, a);
 }
 
 static const tsr_param_def ggml_params[] = {
@@ -308,7 +251,7 @@ static const tsr_param_def ggml_params[] = {
 static const tsr_attention_vtable ggml_vtable = {
     TSR_SIZED(tsr_attention_vtable),
     .create = ggml_create,
-    .destroy = ggml_destroy,
+    .destroy = tsr_attention_destroy,
     .forward = ggml_forward,
 };
 
