@@ -121,7 +121,6 @@ int tsr_cli_run(int argc, char **argv) {
     fputc('\n', stdout);
     fflush(stdout);
     if (st < 0) goto fail;
-    if (tsr_pipeline_run_hooks(s.pl, TSR_HOOK_AT_END, &err) < 0) goto fail;
     const tsr_stage_times *t = tsr_pipeline_times(s.pl);
     fprintf(stderr,
             "tessera: %zu prompt + %lld new tokens in %.3f s (%.1f tokens/s); matmul %.1f ms, "

@@ -668,6 +668,9 @@ tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_
     if (max_new_tokens > 0) st = dv->generate(dec->self, &api, &req);
     uint64_t spent = now_ns() - t0, host = host_time(pl) - host0;
     pl->times.decoder += spent > host ? spent - host : 0;
+    /* at_end hooks see the request's state (its cache, its counters) before it is freed. */
+    if (st >= 0 && !g.host_failed && tsr_pipeline_run_hooks(pl, TSR_HOOK_AT_END, &g.host_err) < 0)
+        g.host_failed = true;
     while (pl->n_seqs) tsr_pipeline_seq_end(pl, pl->seqs[pl->n_seqs - 1].id);
     *n_generated = g.n_emitted;
     if (g.host_failed) {
