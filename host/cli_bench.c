@@ -340,21 +340,6 @@ static double nll(const float *logits, int32_t n_vocab, int32_t target) {
     return log(sum) - ((double)logits[target] - max);
 }
 
-static char *read_text(const char *path, size_t *len, tsr_error *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 20, n = 0, got;
-    char *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n, f)) > 0)
-        if ((n += got) == cap) buf = realloc(buf, cap *= 2);
-    fclose(f);
-    *len = n;
-    return buf;
-}
-
 int tsr_cli_perplexity(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     const char *text_path = NULL;
@@ -397,7 +382,7 @@ int tsr_cli_perplexity(int argc, char **argv) {
     float *logits = NULL;
     size_t len = 0, n_ids = 0;
     int status = TSR_EXIT_FAIL;
-    if (!(text = read_text(text_path, &len, &err))) goto fail;
+    if (!(text = tsr_session_read_file(text_path, &len, &err))) goto fail;
     if (tsr_session_open(&s, &o, &err) < 0) goto fail;
     if (tsr_tokenize(s.tok, text, len, true, false, &ids, &n_ids, &err) < 0) goto fail;
     long n_chunks = (long)n_ids / ctx;

@@ -291,17 +291,7 @@ int tsr_cli_tokenize(int argc, char **argv) {
     }
     if (tsr_session_open_tokenizer(model_path, tok_path, g, is_gguf, n_vocab, &tok, &err) < 0) goto fail;
     if (file) {
-        FILE *f = fopen(file, "rb");
-        if (!f) {
-            tsr_error_set(&err, TSR_E_IO, "%s: cannot open: %s", file, strerror(errno));
-            goto fail;
-        }
-        size_t cap = 1 << 16;
-        buf = malloc(cap);
-        size_t got;
-        while ((got = fread(buf + len, 1, cap - len, f)) > 0)
-            if ((len += got) == cap) buf = realloc(buf, cap *= 2);
-        fclose(f);
+        if (!(buf = tsr_session_read_file(file, &len, &err))) goto fail;
         text = buf;
     } else {
         len = strlen(text);

@@ -1,4 +1,5 @@
 /* Opening what the model commands share. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,22 @@ void tsr_session_close(session *s) {
     tsr_pool_free(s->pool);
     tsr_config_free(s->cfg);
     memset(s, 0, sizeof *s);
+}
+
+char *tsr_session_read_file(const char *path, size_t *size, tsr_error *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0, got;
+    char *buf = malloc(cap);
+    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0)
+        if ((n += got) == cap) buf = realloc(buf, cap *= 2);
+    fclose(f);
+    if (!buf) tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", path);
+    *size = n;
+    return buf;
 }
 
 double tsr_seconds_since(const struct timespec *t0) {

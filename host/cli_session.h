@@ -49,4 +49,8 @@ void tsr_session_close(session *s);
 
 double tsr_seconds_since(const struct timespec *t0);
 
+/* A whole file's bytes as they are (malloc'd; *size its length), for -f arguments; NULL with
+ * err filled when it cannot be read. */
+char *tsr_session_read_file(const char *path, size_t *size, tsr_error *err);
+
 #endif

@@ -309,6 +309,14 @@ static seq_state *find_seq(tsr_pipeline *pl, int64_t id) {
         for (tsr_instance *var = (pl)->instances.owned[var##_i];                         \
              var && var->ref->desc->stage == (stage_value); var = NULL)
 
+static void add_seq(tsr_pipeline *pl, int64_t id, bool prefilled) {
+    if (pl->n_seqs == pl->cap_seqs) {
+        pl->cap_seqs = pl->cap_seqs ? pl->cap_seqs * 2 : 4;
+        pl->seqs = realloc(pl->seqs, pl->cap_seqs * sizeof *pl->seqs);
+    }
+    pl->seqs[pl->n_seqs++] = (seq_state){.id = id, .prefilled = prefilled};
+}
+
 tsr_status tsr_pipeline_seq_begin(tsr_pipeline *pl, int64_t seq_id, tsr_error *err) {
     if (find_seq(pl, seq_id))
         return tsr_error_set(err, TSR_E_STATE, "sequence %lld is already running", (long long)seq_id);
@@ -322,11 +330,7 @@ tsr_status tsr_pipeline_seq_begin(tsr_pipeline *pl, int64_t seq_id, tsr_error *e
         tsr_status st = av->seq_begin ? av->seq_begin(a->self, seq_id) : TSR_OK;
         if (st < 0) return plugin_failed(a, st, "seq_begin", err);
     }
-    if (pl->n_seqs == pl->cap_seqs) {
-        pl->cap_seqs = pl->cap_seqs ? pl->cap_seqs * 2 : 4;
-        pl->seqs = realloc(pl->seqs, pl->cap_seqs * sizeof *pl->seqs);
-    }
-    pl->seqs[pl->n_seqs++] = (seq_state){.id = seq_id};
+    add_seq(pl, seq_id, false);
     return TSR_OK;
 }
 
@@ -584,11 +588,7 @@ static tsr_status api_seq_fork(void *ctx, int64_t src, int64_t dst) {
             return plugin_failed(c, st, "seq_fork", &g->host_err);
         }
     }
-    if (pl->n_seqs == pl->cap_seqs) {
-        pl->cap_seqs = pl->cap_seqs ? pl->cap_seqs * 2 : 4;
-        pl->seqs = realloc(pl->seqs, pl->cap_seqs * sizeof *pl->seqs);
-    }
-    pl->seqs[pl->n_seqs++] = (seq_state){.id = dst, .prefilled = prefilled};
+    add_seq(pl, dst, prefilled);
     return TSR_OK;
 }
 
