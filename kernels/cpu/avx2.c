@@ -1,8 +1,5 @@
 /* AVX2 + FMA + F16C kernels. Compiled with -mavx2 -mfma -mf16c; called only when cpuid says
  * the machine has them. */
-#define TSR_Q8_BLOCK_DOT(a, b)                                                                  \
-    _mm256_madd_epi16(_mm256_maddubs_epi16(tsr_x86_abs_a(a), tsr_x86_sign_b(b, a)),            \
-                      _mm256_set1_epi16(1))
 #include "x86_common.h"
 
 #include <math.h>
@@ -259,7 +256,7 @@ const tsr_cpu_ops tsr_cpu_ops_avx2 = {
     .level = TSR_CPU_LEVEL_AVX2,
     .tile_rows = TILE_ROWS,
     .tile_toks = TILE_TOKS,
-    .mm_tile = {mm_tile_f32, mm_tile_f16, mm_tile_bf16, tsr_x86_mm_tile_q8_0},
+    .mm_tile = {mm_tile_f32, mm_tile_f16, mm_tile_bf16},
     .fp16_to_fp32_row = fp16_to_fp32_row,
     .fp32_to_fp16_row = fp32_to_fp16_row,
     .bf16_to_fp32_row = bf16_to_fp32_row,

@@ -1,8 +1,5 @@
 /* AVX-512 kernels (F, BW, VL, DQ, VNNI, BF16). Compiled with those -m flags; called only when
- * cpuid says the machine has all of them. Q8_0 uses 256-bit VNNI (vpdpbusd), which keeps the
- * block-per-register layout of the AVX2 path and costs the same on Zen 4's 256-bit units. */
-#define TSR_Q8_BLOCK_DOT(a, b)                                                                  \
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), tsr_x86_abs_a(a), tsr_x86_sign_b(b, a))
+ * cpuid says the machine has all of them. */
 #include "x86_common.h"
 
 #include <math.h>
@@ -282,7 +279,7 @@ const tsr_cpu_ops tsr_cpu_ops_avx512 = {
     .level = TSR_CPU_LEVEL_AVX512,
     .tile_rows = TILE_ROWS,
     .tile_toks = TILE_TOKS,
-    .mm_tile = {mm_tile_f32, mm_tile_f16, mm_tile_bf16, tsr_x86_mm_tile_q8_0},
+    .mm_tile = {mm_tile_f32, mm_tile_f16, mm_tile_bf16},
     .fp16_to_fp32_row = fp16_to_fp32_row,
     .fp32_to_fp16_row = fp32_to_fp16_row,
     .fp32_to_bf16_row = fp32_to_bf16_row,

@@ -169,8 +169,7 @@ int32_t tsr_matmul_act_type(int32_t wtype) {
     switch (wtype) {
     case TSR_DTYPE_F32:
     case TSR_DTYPE_F16:
-    case TSR_DTYPE_BF16:
-    case TSR_DTYPE_Q8_0: return wtype;
+    case TSR_DTYPE_BF16: return wtype;
     }
     return tsr_quant_act_type(wtype);
 }
@@ -180,13 +179,13 @@ static int mm_index(int32_t wtype) {
     case TSR_DTYPE_F32: return TSR_MM_F32;
     case TSR_DTYPE_F16: return TSR_MM_F16;
     case TSR_DTYPE_BF16: return TSR_MM_BF16;
-    case TSR_DTYPE_Q8_0: return TSR_MM_Q8_0;
     }
     return -1;
 }
 
+/* A float weight type (or, for activations, also Q8_0) and a row length it can hold. */
 static tsr_status check_types(int32_t type, int64_t n_in) {
-    if (mm_index(type) < 0) return TSR_E_UNSUPPORTED;
+    if (mm_index(type) < 0 && type != TSR_DTYPE_Q8_0) return TSR_E_UNSUPPORTED;
     if (n_in < 0 || (n_in > 0 && tsr_row_size(type, n_in) == 0)) return TSR_E_INVALID;
     return TSR_OK;
 }

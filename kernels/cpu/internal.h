@@ -4,8 +4,9 @@
 
 #include <tessera/kernels_cpu.h>
 
-/* The weight formats tsr_matmul multiplies, as indices into tsr_cpu_ops.mm_tile. */
-enum { TSR_MM_F32, TSR_MM_F16, TSR_MM_BF16, TSR_MM_Q8_0, TSR_MM_COUNT };
+/* The float weight formats tsr_matmul multiplies, as indices into tsr_cpu_ops.mm_tile; the
+ * block formats (Q8_0 among them) are quants_dot.c's. */
+enum { TSR_MM_F32, TSR_MM_F16, TSR_MM_BF16, TSR_MM_COUNT };
 
 /* A tile of a matrix product: y[t * ldy + r] = dot(row r of w, row t of x) for r < n_r,
  * t < n_t, with n_r <= tile_rows and n_t <= tile_toks of the table. Each value must not
@@ -43,19 +44,11 @@ extern const tsr_cpu_ops tsr_cpu_ops_avx2;
 extern const tsr_cpu_ops tsr_cpu_ops_avx512;
 #endif
 
-/* Q8_0 row dots, in every ISA, accumulate block b's scaled integer dot into lane b % 8 of an
- * f32 accumulator and then add the lanes in this order, so they agree bit for bit. The order
- * is llama.cpp's hsum_float_8, which Q4_K and Q6_K (quants.h) follow throughout. */
+/* The quantized products (quants.h) keep eight f32 lanes per dot and add them in this order,
+ * llama.cpp's hsum_float_8. */
 #define TSR_Q8_LANES 8
 static inline float tsr_q8_lanes_sum(const float a[TSR_Q8_LANES]) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-/* The integer dot of one Q8_0 block pair (exact), shared by the scalar path and SIMD tails. */
-static inline int32_t tsr_q8_block_idot(const int8_t *a, const int8_t *b) {
-    int32_t s = 0;
-    for (int i = 0; i < TSR_Q8_0_BLOCK; i++) s += (int32_t)a[i] * (int32_t)b[i];
-    return s;
 }
 
 /* tsr_expf's constants (ggml's ggml_v_expf, AVX-512 form): n = rne(x * log2 e) by the

@@ -3,8 +3,8 @@
  *
  * Every product of a quantized weight row with a prepared activation row is a sum over
  * blocks. A block's integer part is exact, so any ISA may compute it any way it likes; the
- * f32 part is fixed here (tsr_qk_*_value and the legacy lane rule), which is why every ISA
- * gives the same bits. */
+ * f32 part is fixed here (the legacy and llama.cpp lane rules, tsr_qk_value), which is why
+ * every ISA gives the same bits. */
 #ifndef TSR_KERNELS_CPU_QUANTS_H
 #define TSR_KERNELS_CPU_QUANTS_H
 
@@ -100,19 +100,15 @@ static inline int tsr_iq4xs_scale(const tsr_block_iq4_xs *b, int j) {
 /* ---------------------------------------------------------------------------------------- */
 /* The f32 part of the products                                                              */
 
-/* Legacy (32-element) blocks: block b's value goes into lane b % TSR_Q8_LANES, the lanes are
- * added by tsr_q8_lanes_sum. Q4_0, Q5_0, Q8_0, IQ4_NL: isum * (dw * dx); Q4_1, Q5_1 add
- * mw * sx (sx = d * sum of the activation quants, the Q8_1 block's s). Q8_0 keeps this order
- * rather than llama.cpp's (one fma per block into eight lanes of four-quant dots, as Q4_K and
- * Q6_K below): a whole block per lane lets the AVX-512 kernel take sixteen blocks at a time
- * and decode at ~90% of the memory bandwidth, where the serial fma chain reached 60%, and
- * llama.cpp's order alone did not bring llama-tiny-q8_0 within 1e-3 of its logits (a rounding
- * tie in attention remains, see tests/test-models.c). */
-static inline float tsr_q_legacy_value(int32_t isum, float dw, float dx) {
-    return (float)isum * (dw * dx);
-}
-static inline float tsr_q_legacy_value_m(int32_t isum, float dw, float dx, float mw, float sx) {
-    return (float)isum * (dw * dx) + mw * sx;
+/* Legacy (32-element) blocks follow llama.cpp's x86 kernels (ggml_vec_dot_q4_0_q8_0 and its
+ * kin, and llamafile's tinyBLAS, which round alike), so that they round as its logits do:
+ * int32 lane k (0..7) of a block is the dot of its quants 4k..4k+3 with the activation's;
+ * each block adds lane k times dw * dx (one f32 product) into f32 lane k with one fma; the
+ * value is tsr_q8_lanes_sum of the eight lanes. Q4_1 and Q5_1 (Q8_1 activations) also add
+ * mw * sx into one f32 with an fma per block (GCC contracts llama.cpp's `summs += m * s`),
+ * added to the lanes' sum at the end. */
+static inline int tsr_q_legacy_has_min(int qm) {
+    return qm == TSR_QM_Q4_1 || qm == TSR_QM_Q5_1;
 }
 
 /* Q4_K and Q6_K follow llama.cpp's x86 kernels (ggml_vec_dot_q4_K_q8_K, _q6_K_q8_K), so that

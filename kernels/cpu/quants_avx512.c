@@ -1,14 +1,12 @@
 /* Quantized products with AVX-512 VNNI. The tiles are quants_x86.h's with 256-bit vpdpbusd
  * (four u8 x s8 products per lane summed in 32 bits, without vpmaddubsw's saturation); Q4_0,
- * Q8_0, Q4_K and Q6_K also have whole-slice kernels at 512 bits, which are what decode and
- * prefill run:
+ * Q8_0, Q4_K and Q6_K also have whole-slice kernels, which are what decode and prefill run:
  *
- * - Q4_0, Q8_0: sixteen blocks at a time, transposed so that lane j of every vector belongs to
- *   block j. vpdpbusd then leaves each block's integer dot in its own lane with no horizontal
- *   sum, and the scales, the f32 products and the lane adds of quants.h run sixteen blocks per
- *   instruction. The activations are transposed once per call (a few KiB a token), the weights
- *   as they are loaded. Weights are made unsigned (Q4_0 nibbles as stored, Q8_0 + 128) and the
- *   offset is taken back with the activation block sums.
+ * - Q4_0, Q8_0: one vpdpbusd gives a block's eight lanes (quants.h's rule) with the weights
+ *   made unsigned (Q4_0 nibbles as stored, Q8_0 + 128) and the offset taken back by starting
+ *   from the activation block's lane sums times -offset, prepared once per call; the scales
+ *   dw * dx of sixteen blocks come from one 16-lane product; each block is one fma into the
+ *   (row, token)'s eight lanes. Prefill holds 4 rows x 4 tokens of accumulators.
  * - Q4_K, Q6_K: a super-block in four vectors of 64 quants; vpmaddubsw pairs, vpdpwssd by the
  *   group scales, and the horizontal sums of eight super-blocks done together.
  *
@@ -22,183 +20,259 @@
 /* ---------------------------------------------------------------------------------------- */
 /* Q4_0, Q8_0                                                                                */
 
-#define QA_G 16 /* blocks per group: one per lane */
+/* Two activation blocks, two cache lines: their quants, then the offset's correction per
+ * lane, -off * (the sum of the lane's four quants), which is vpdpbusd's starting value. In
+ * pairs so that decode takes two blocks per 512-bit instruction. */
+typedef struct qa_xpair {
+    int8_t q[2][TSR_QK];
+    int32_t nc[2][8];
+} qa_xpair;
 
-/* Sixteen activation blocks of one token, transposed: q[k] holds dword k (quants 4k..4k+3)
- * of block j at bytes 4j..4j+3; d the scales as f32, s the sums of the quants. */
-typedef struct qa_xgroup {
-    int8_t q[8][64];
-    float d[QA_G];
-    int32_t s[QA_G];
-} qa_xgroup;
+#define QA_G 16 /* blocks per step: their scales dw * dx are made by one 16-lane product */
+#define QA_ROWS 4     /* prefill tiles: QA_ROWS x QA_TOK accumulators */
+#define QA_TOK 4
+#define QA_DEC_ROWS 2 /* decode: rows read side by side (more streams prefetch worse) */
+/* Decode prefetches this many rows ahead of the rows it reads: the hardware prefetcher alone
+ * leaves it ~25% under the bandwidth (measured 8 rows best of 1..24, and rows beat a fixed
+ * distance in bytes: rows of 2 to 11 KiB). */
+#define QA_PREFETCH_ROWS 8
+/* Activations prepared at a time (per thread). */
+#define QA_CHUNK_BYTES (512 * 1024)
 
-/* Tokens [0, n_tok) of x, groups [0, ng): xg[g * n_tok + t]. */
-static void qa_pack_x(qa_xgroup *xg, const void *x, size_t x_stride, int64_t ng,
-                      int64_t n_tok) {
+/* Weights are made unsigned: Q4_0 nibbles as stored (w + 8), Q8_0 quants + 128. */
+TSR_INLINE int qa_offset_shift(int qm) {
+    return qm == TSR_QM_Q4_0 ? 3 : 7;
+}
+
+TSR_INLINE __m256i qa_unsigned_quants(int qm, const char *block) {
+    if (qm == TSR_QM_Q4_0) return qx_nibbles(((const tsr_block_q4_0 *)block)->qs);
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)((const tsr_block_q8_0 *)block)->q),
+                            _mm256_set1_epi8((char)0x80));
+}
+
+/* The unsigned quants of two consecutive blocks, the first in the low half. */
+TSR_INLINE __m512i qa_unsigned_quants2(int qm, const char *block) {
+    if (qm == TSR_QM_Q4_0) {
+        const tsr_block_q4_0 *p = (const tsr_block_q4_0 *)block;
+        __m256i a = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p[0].qs)),
+            _mm_loadu_si128((const __m128i *)p[1].qs), 1);
+        /* 128-bit lanes: block 0's nibbles twice, block 1's twice; high nibbles from odd ones */
+        __m512i z = _mm512_shuffle_i64x2(_mm512_castsi256_si512(a), _mm512_castsi256_si512(a),
+                                         _MM_SHUFFLE(1, 1, 0, 0));
+        const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004ll, 0x0004000400040004ll,
+                                                0, 0, 0x0004000400040004ll, 0x0004000400040004ll);
+        return _mm512_and_si512(_mm512_srlv_epi16(z, shift), _mm512_set1_epi8(0x0f));
+    }
+    const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)block;
+    __m512i q = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p[0].q)),
+        _mm256_loadu_si256((const __m256i *)p[1].q), 1);
+    return _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+}
+
+/* Both block types start with their fp16 scale. */
+TSR_INLINE float qa_scale(const char *block) {
+    uint16_t h;
+    memcpy(&h, block, sizeof h);
+    return _cvtsh_ss(h);
+}
+
+/* The fp16 scales of the first n (<= 16) of the blocks at p as f32, zero past n. The scale
+ * of block j is 16-bit word 9j (Q4_0) or 17j (Q8_0) from p: whole chunks pick the sixteen
+ * words out of the 64-byte lines with word permutes (a gather, or a scalar load per block,
+ * costs more than the product it feeds); a short chunk, which may end the tensor, goes
+ * block by block. */
+TSR_INLINE __m512 qa_scales16(int qm, const char *p, int n) {
+    if (n < QA_G) {
+        const size_t bytes = tsr_qm_block_bytes(qm);
+        float d[QA_G] = {0};
+        for (int j = 0; j < n; j++) d[j] = qa_scale(p + j * bytes);
+        return _mm512_loadu_ps(d);
+    }
+    __m512i h = _mm512_setzero_si512();
+    if (qm == TSR_QM_Q4_0) { /* blocks 8g..8g+3 within 128 bytes from 144 g */
+        static const uint16_t at[32] = {0, 9, 18, 27, 36, 45, 54, 63};
+        const __m512i idx = _mm512_loadu_si512(at);
+        for (int g = 0; g < 2; g++) {
+            const char *q = p + 144 * g;
+            __m512i v = _mm512_permutex2var_epi16(_mm512_loadu_si512(q), idx,
+                                                  _mm512_loadu_si512(q + 64));
+            h = _mm512_mask_expand_epi64(h, (__mmask8)(3 << (2 * g)), v);
+        }
+    } else { /* blocks 4g..4g+3 at words 68g + 17i, within the 128 bytes from 136 g */
+        static const uint16_t at[32] = {0, 17, 34, 51};
+        const __m512i idx = _mm512_loadu_si512(at);
+        for (int g = 0; g < 4; g++) {
+            const char *q = p + 136 * g;
+            __m512i v = _mm512_permutex2var_epi16(_mm512_loadu_si512(q), idx,
+                                                  _mm512_loadu_si512(q + 64));
+            h = _mm512_mask_expand_epi64(h, (__mmask8)(1 << g), v);
+        }
+    }
+    return _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+}
+
+/* Tokens [0, n_tok) of x as xp[t * nbp / 2 + b / 2] and their scales dx[t * nbp + b], the
+ * scales of blocks nb..nbp-1 zero (nbp is even). */
+static void qa_pack_x(qa_xpair *xp, float *dx, const void *x, size_t x_stride, int64_t nb,
+                      int64_t nbp, int64_t n_tok, int shift) {
+    const __m256i ones = _mm256_set1_epi8(1);
     for (int64_t t = 0; t < n_tok; t++) {
-        const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)((const char *)x + t * x_stride);
-        for (int64_t g = 0; g < ng; g++) {
-            qa_xgroup *o = &xg[g * n_tok + t];
-            for (int j = 0; j < QA_G; j++) {
-                const tsr_block_q8_0 *b = &xb[g * QA_G + j];
-                o->d[j] = _cvtsh_ss(b->d);
-                __m256i q = _mm256_loadu_si256((const __m256i *)b->q);
-                __m256i s = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
-                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s),
-                                           _mm256_extracti128_si256(s, 1));
-                s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
-                o->s[j] = _mm_cvtsi128_si32(s4);
-                for (int k = 0; k < 8; k++) memcpy(&o->q[k][4 * j], b->q + 4 * k, 4);
+        const tsr_block_q8_0 *src = (const tsr_block_q8_0 *)((const char *)x + t * x_stride);
+        qa_xpair *o = xp + t * nbp / 2;
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)src[b].q);
+            __m256i sum4 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, q);
+            _mm256_store_si256((__m256i *)o[b / 2].q[b % 2], q);
+            _mm256_store_si256((__m256i *)o[b / 2].nc[b % 2],
+                               _mm256_sub_epi32(_mm256_setzero_si256(),
+                                                _mm256_slli_epi32(sum4, shift)));
+            dx[t * nbp + b] = _cvtsh_ss(src[b].d);
+        }
+        for (int64_t b = nb; b < nbp; b++) dx[t * nbp + b] = 0.0f;
+    }
+}
+
+/* The 8 lanes of quants.h's rule, as f32, for unsigned weight quants u and activation block
+ * b of the pairs xp. */
+TSR_INLINE __m256 qa_lanes(__m256i u, const qa_xpair *xp, int64_t b) {
+    const qa_xpair *a = &xp[b / 2];
+    return _mm256_cvtepi32_ps(
+        _mm256_dpbusd_epi32(_mm256_load_si256((const __m256i *)a->nc[b % 2]), u,
+                            _mm256_load_si256((const __m256i *)a->q[b % 2])));
+}
+
+/* Decode: QA_DEC_ROWS rows of one token, their weights read once, straight from the file, two
+ * blocks per vpdpbusd. The rows' fma chains are independent, which hides the fma latency of
+ * each. */
+static void qa_rows_1tok(int qm, float *y, const char *w, size_t w_stride, int nr,
+                         const qa_xpair *xp, const float *dx, int64_t nb) {
+    const size_t bytes = tsr_qm_block_bytes(qm), ahead = QA_PREFETCH_ROWS * w_stride;
+    const char *row[QA_DEC_ROWS];
+    for (int r = 0; r < QA_DEC_ROWS; r++) row[r] = w + (r < nr ? r : nr - 1) * w_stride;
+    __m256 acc[QA_DEC_ROWS];
+    for (int r = 0; r < QA_DEC_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += QA_G) {
+        const int n = nb - b0 < QA_G ? (int)(nb - b0) : QA_G;
+        float sc[QA_DEC_ROWS][QA_G] __attribute__((aligned(64)));
+        for (int r = 0; r < QA_DEC_ROWS; r++) {
+            const char *p = row[r] + b0 * bytes;
+            for (size_t o = 0; o < (size_t)n * bytes; o += 64)
+                _mm_prefetch(p + ahead + o, _MM_HINT_T0);
+            _mm512_store_ps(sc[r], _mm512_mul_ps(qa_scales16(qm, p, n),
+                                                 _mm512_loadu_ps(dx + b0)));
+        }
+        int j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const qa_xpair *a = &xp[(b0 + j) / 2];
+            const __m512i nc = _mm512_load_si512(a->nc), q = _mm512_load_si512(a->q);
+            for (int r = 0; r < QA_DEC_ROWS; r++) {
+                __m512i u = qa_unsigned_quants2(qm, row[r] + (b0 + j) * bytes);
+                __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, u, q));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sc[r][j]), _mm512_castps512_ps256(f),
+                                         acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sc[r][j + 1]),
+                                         _mm512_extractf32x8_ps(f, 1), acc[r]);
             }
         }
+        for (; j < n; j++)
+            for (int r = 0; r < QA_DEC_ROWS; r++) {
+                __m256i u = qa_unsigned_quants(qm, row[r] + (b0 + j) * bytes);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sc[r][j]), qa_lanes(u, xp, b0 + j),
+                                         acc[r]);
+            }
     }
+    for (int r = 0; r < nr; r++) y[r] = tsr_x86_hsum8(acc[r]);
 }
 
-/* Four vectors whose 128-bit lane i holds 16 bytes of block 4i + g (g = 0..3) -> four
- * vectors t[m] whose lane p = 4i + g holds dword m of those 16 bytes: blocks in order. */
-TSR_INLINE void qa_transpose4(__m512i t[4], const __m512i q[4]) {
-    __m512i a = _mm512_unpacklo_epi32(q[0], q[1]), b = _mm512_unpackhi_epi32(q[0], q[1]);
-    __m512i c = _mm512_unpacklo_epi32(q[2], q[3]), d = _mm512_unpackhi_epi32(q[2], q[3]);
-    t[0] = _mm512_unpacklo_epi64(a, c);
-    t[1] = _mm512_unpackhi_epi64(a, c);
-    t[2] = _mm512_unpacklo_epi64(b, d);
-    t[3] = _mm512_unpackhi_epi64(b, d);
-}
-
-/* 16 bytes at p + off of blocks g, g + 4, g + 8, g + 12 (stride bytes apart). */
-TSR_INLINE __m512i qa_load4(const char *p, size_t stride, int g, size_t off) {
-    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + g * stride + off)));
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (g + 4) * stride + off)), 1);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (g + 8) * stride + off)), 2);
-    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (g + 12) * stride + off)),
-                              3);
-}
-
-/* The scales (fp16 bits) of sixteen Q4_0 blocks: d of block j is word 9 j, so blocks 0-7
- * lie in the first 128 bytes and blocks 8-15 in the 128 from block 8. */
-TSR_INLINE __m256i qa_d_q4_0(const char *p) {
-    static const uint16_t at[32] = {0, 9, 18, 27, 36, 45, 54, 63};
-    const __m512i idx = _mm512_loadu_si512(at);
-    const char *q = p + 8 * sizeof(tsr_block_q4_0);
-    __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx,
-                                           _mm512_loadu_si512(p + 64));
-    __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(q), idx,
-                                           _mm512_loadu_si512(q + 64));
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_castsi512_si128(lo)),
-                                   _mm512_castsi512_si128(hi), 1);
-}
-
-TSR_INLINE __m256i qa_d_q8_0(const char *p) {
-    uint16_t h[QA_G];
-    for (int j = 0; j < QA_G; j++) memcpy(&h[j], p + j * sizeof(tsr_block_q8_0), 2);
-    return _mm256_loadu_si256((const __m256i *)h);
-}
-
-/* Sixteen weight blocks from p as unsigned transposed quants w[8] and their scales. */
-TSR_INLINE __m512 qa_load_w(int qm, const char *p, __m512i w[8]) {
-    const size_t stride = qm == TSR_QM_Q4_0 ? sizeof(tsr_block_q4_0) : sizeof(tsr_block_q8_0);
-    __m512i q[4], t[4];
-    if (qm == TSR_QM_Q4_0) {
-        const __m512i m4 = _mm512_set1_epi8(0x0f);
-        for (int g = 0; g < 4; g++) q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q4_0, qs));
-        qa_transpose4(t, q);
-        for (int m = 0; m < 4; m++) {
-            w[m] = _mm512_and_si512(t[m], m4);
-            w[4 + m] = _mm512_and_si512(_mm512_srli_epi16(t[m], 4), m4);
+/* Prefill: QA_ROWS rows unpacked once (u, dw), then QA_TOK tokens at a time: each weight
+ * vector serves four tokens from a register, each activation block four rows. Missing rows
+ * or tokens of a short tile repeat the last one and are not stored. */
+static void qa_rows_toks(float *y, int64_t ldy, const __m256i *u, const float *dw, int nr,
+                         const qa_xpair *xp, const float *dx, int64_t nb, int64_t nbp,
+                         int nt) {
+    for (int t0 = 0; t0 < nt; t0 += QA_TOK) {
+        const int ntt = nt - t0 < QA_TOK ? nt - t0 : QA_TOK;
+        int64_t tok[QA_TOK], rw[QA_ROWS];
+        for (int t = 0; t < QA_TOK; t++) tok[t] = t0 + (t < ntt ? t : ntt - 1);
+        for (int r = 0; r < QA_ROWS; r++) rw[r] = r < nr ? r : nr - 1;
+        __m256 acc[QA_ROWS][QA_TOK];
+        for (int r = 0; r < QA_ROWS; r++)
+            for (int t = 0; t < QA_TOK; t++) acc[r][t] = _mm256_setzero_ps();
+        for (int64_t b0 = 0; b0 < nb; b0 += QA_G) {
+            const int n = nb - b0 < QA_G ? (int)(nb - b0) : QA_G;
+            float sc[QA_ROWS][QA_TOK][QA_G] __attribute__((aligned(64)));
+            for (int r = 0; r < QA_ROWS; r++)
+                for (int t = 0; t < QA_TOK; t++)
+                    _mm512_store_ps(sc[r][t], _mm512_mul_ps(_mm512_load_ps(dw + rw[r] * nbp + b0),
+                                                            _mm512_load_ps(dx + tok[t] * nbp + b0)));
+            for (int j = 0; j < n; j++) {
+                __m256i uw[QA_ROWS];
+                for (int r = 0; r < QA_ROWS; r++) uw[r] = u[rw[r] * nbp + b0 + j];
+                for (int t = 0; t < QA_TOK; t++) {
+                    const qa_xpair *xt = xp + tok[t] * nbp / 2;
+                    for (int r = 0; r < QA_ROWS; r++)
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(sc[r][t][j]),
+                                                    qa_lanes(uw[r], xt, b0 + j), acc[r][t]);
+                }
+            }
         }
-    } else {
-        const __m512i bias = _mm512_set1_epi8((char)0x80);
-        for (int h = 0; h < 2; h++) {
-            for (int g = 0; g < 4; g++)
-                q[g] = qa_load4(p, stride, g, offsetof(tsr_block_q8_0, q) + 16 * h);
-            qa_transpose4(t, q);
-            for (int m = 0; m < 4; m++) w[4 * h + m] = _mm512_xor_si512(t[m], bias);
-        }
+        for (int t = 0; t < ntt; t++)
+            for (int r = 0; r < nr; r++) y[(t0 + t) * ldy + r] = tsr_x86_hsum8(acc[r][t]);
     }
-    return _mm512_cvtph_ps(qm == TSR_QM_Q4_0 ? qa_d_q4_0(p) : qa_d_q8_0(p));
 }
-
-/* Lane b % 8 of acc += value of block b, for the sixteen blocks of one token. */
-TSR_INLINE __m256 qa_group(__m256 acc, const __m512i w[8], __m512 dw, const qa_xgroup *x,
-                           int shift) {
-    __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(x->q[0]));
-    __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_load_si512(x->q[4]));
-    for (int k = 1; k < 4; k++) {
-        a0 = _mm512_dpbusd_epi32(a0, w[k], _mm512_load_si512(x->q[k]));
-        a1 = _mm512_dpbusd_epi32(a1, w[4 + k], _mm512_load_si512(x->q[4 + k]));
-    }
-    __m512i is = _mm512_sub_epi32(_mm512_add_epi32(a0, a1),
-                                  _mm512_slli_epi32(_mm512_load_si512(x->s), shift));
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_load_ps(x->d)));
-    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(v));
-    return _mm256_add_ps(acc, _mm512_extractf32x8_ps(v, 1));
-}
-
-/* Prefill: a chunk of tokens is transposed once; then blocks of rows take each group of
- * sixteen weight blocks in turn, so that group's activations (QA_TOK_MAX x 640 bytes) are
- * read from L1 by all the rows of the block instead of from L2 by each row. Decode (few
- * tokens) goes row by row: one sequential stream the prefetcher can follow. */
-#define QA_CHUNK_BYTES (512 * 1024)
-#define QA_TOK_MAX 32
-#define QA_ROWS 16
-/* The hardware prefetcher alone leaves decode ~20% under the bandwidth: ask this far ahead. */
-#define QA_PREFETCH 8192
 
 static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                  size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
-    const int64_t nb = n_in / TSR_QK, ng = nb / QA_G;
-    const int shift = qm == TSR_QM_Q4_0 ? 3 : 7; /* the offsets: 8 and 128 */
-    int64_t tc = ng ? QA_CHUNK_BYTES / (ng * (int64_t)sizeof(qa_xgroup)) : QA_TOK_MAX;
-    tc = tc < 1 ? 1 : tc > QA_TOK_MAX ? QA_TOK_MAX : tc;
-    tc = tc < n_tok ? tc : n_tok;
-    qa_xgroup *xg = NULL;
-    if (ng) {
-        xg = aligned_alloc(64, (size_t)(ng * tc) * sizeof *xg);
-        if (!xg) return -1;
-    }
+    const int64_t nb = n_in / TSR_QK, nbp = (nb + QA_G - 1) / QA_G * QA_G;
     const size_t bytes = tsr_qm_block_bytes(qm);
-    __m256 lanes[QA_ROWS][QA_TOK_MAX];
+    const size_t per_tok = (size_t)nbp * (sizeof(qa_xpair) / 2 + sizeof(float));
+    int64_t tc = (int64_t)(QA_CHUNK_BYTES / (per_tok ? per_tok : 1));
+    tc = tc < QA_TOK ? QA_TOK : tc;
+    tc = tc < n_tok ? tc : n_tok;
+    const int decode = n_tok < QA_TOK;
+    /* xp, dx for tc tokens; for prefill also u, dw of QA_ROWS rows */
+    size_t xp_bytes = (size_t)(tc * nbp / 2) * sizeof(qa_xpair);
+    size_t dx_bytes = (size_t)(tc * nbp) * sizeof(float);
+    size_t u_bytes = decode ? 0 : (size_t)(QA_ROWS * nbp) * sizeof(__m256i);
+    size_t dw_bytes = decode ? 0 : (size_t)(QA_ROWS * nbp) * sizeof(float);
+    char *mem = aligned_alloc(64, xp_bytes + dx_bytes + u_bytes + dw_bytes + 64);
+    if (!mem) return -1;
+    qa_xpair *xp = (qa_xpair *)mem;
+    float *dx = (float *)(mem + xp_bytes);
+    __m256i *u = (__m256i *)(mem + xp_bytes + dx_bytes);
+    float *dw = (float *)(mem + xp_bytes + dx_bytes + u_bytes);
     for (int64_t t0 = 0; t0 < n_tok; t0 += tc) {
         const int64_t nt = n_tok - t0 < tc ? n_tok - t0 : tc;
-        const char *xt = (const char *)x + t0 * x_stride;
-        qa_pack_x(xg, xt, x_stride, ng, nt);
-        const int64_t rows = nt >= 8 ? QA_ROWS : 1;
-        for (int64_t r0 = 0; r0 < n_rows; r0 += rows) {
-            const int64_t nr = n_rows - r0 < rows ? n_rows - r0 : rows;
-            for (int64_t i = 0; i < nr; i++)
-                for (int64_t t = 0; t < nt; t++) lanes[i][t] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < ng; g++)
-                for (int64_t i = 0; i < nr; i++) {
-                    const char *wg = (const char *)w + (r0 + i) * w_stride + g * QA_G * bytes;
-                    for (size_t o = 0; o < QA_G * bytes; o += 64) /* rows follow each other */
-                        _mm_prefetch(wg + QA_PREFETCH + o, _MM_HINT_T0);
-                    __m512i wq[8];
-                    __m512 dw = qa_load_w(qm, wg, wq);
-                    for (int64_t t = 0; t < nt; t++)
-                        lanes[i][t] = qa_group(lanes[i][t], wq, dw, &xg[g * nt + t], shift);
-                }
-            for (int64_t i = 0; i < nr; i++) {
-                const char *wr = (const char *)w + (r0 + i) * w_stride;
-                for (int64_t t = 0; t < nt; t++) {
-                    float l[8];
-                    _mm256_storeu_ps(l, lanes[i][t]);
-                    const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)(xt + t * x_stride);
-                    for (int64_t b = ng * QA_G; b < nb; b++) {
-                        uint16_t d, m;
-                        int8_t q[TSR_QK];
-                        _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, b, &d, &m));
-                        l[b % 8] += tsr_q_legacy_value(tsr_q8_block_idot(q, xb[b].q),
-                                                       tsr_fp16_to_fp32(d),
-                                                       tsr_fp16_to_fp32(xb[b].d));
+        qa_pack_x(xp, dx, (const char *)x + t0 * x_stride, x_stride, nb, nbp, nt,
+                  qa_offset_shift(qm));
+        for (int64_t r0 = 0; r0 < n_rows; r0 += QA_ROWS) {
+            const int nr = n_rows - r0 < QA_ROWS ? (int)(n_rows - r0) : QA_ROWS;
+            const char *wr = (const char *)w + r0 * w_stride;
+            if (decode) {
+                for (int64_t t = 0; t < nt; t++)
+                    for (int i = 0; i < nr; i += QA_DEC_ROWS) {
+                        const int nd = nr - i < QA_DEC_ROWS ? nr - i : QA_DEC_ROWS;
+                        float v[QA_DEC_ROWS];
+                        qa_rows_1tok(qm, v, wr + i * w_stride, w_stride, nd, xp + t * nbp / 2,
+                                     dx + t * nbp, nb);
+                        memcpy(y + (t0 + t) * ldy + r0 + i, v, (size_t)nd * sizeof(float));
                     }
-                    y[(t0 + t) * ldy + r0 + i] = tsr_q8_lanes_sum(l);
-                }
+                continue;
             }
+            for (int r = 0; r < nr; r++) {
+                for (int64_t b = 0; b < nb; b++) {
+                    const char *blk = wr + r * w_stride + b * bytes;
+                    u[r * nbp + b] = qa_unsigned_quants(qm, blk);
+                    dw[r * nbp + b] = qa_scale(blk);
+                }
+                for (int64_t b = nb; b < nbp; b++) dw[r * nbp + b] = 0.0f;
+            }
+            qa_rows_toks(y + t0 * ldy + r0, ldy, u, dw, nr, xp, dx, nb, nbp, (int)nt);
         }
     }
-    free(xg);
+    free(mem);
     return 0;
 }
 
@@ -336,6 +410,8 @@ TSR_INLINE __m256i qb_fold(__m512i v) {
  * are read from L1 by every row of the block; decode goes row by row. Each (row, token) has
  * quants.h's two accumulators, fed super-block after super-block. */
 #define QB_TOK 16 /* tokens packed at a time */
+/* The hardware prefetcher alone leaves decode ~20% under the bandwidth: ask this far ahead. */
+#define QB_PREFETCH 8192
 #define QB_ROWS 4
 
 static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
@@ -372,7 +448,7 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
                     float dw, dmin = 0;
                     const char *wb = (const char *)w + (r0 + i) * w_stride + sb * bytes;
                     for (size_t o = 0; o < bytes; o += 64)
-                        _mm_prefetch(wb + QA_PREFETCH + o, _MM_HINT_T0);
+                        _mm_prefetch(wb + QB_PREFETCH + o, _MM_HINT_T0);
                     /* The scales by F16C in line: a call would spill the constants' zmm. */
                     if (q4) {
                         const tsr_block_q4_k *p = (const tsr_block_q4_k *)wb;

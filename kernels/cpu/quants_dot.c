@@ -8,52 +8,58 @@
 /* ---------------------------------------------------------------------------------------- */
 /* Integer parts                                                                             */
 
-static int32_t idot_q4_0(const tsr_block_q4_0 *w, const int8_t *x) {
-    int32_t s = 0;
-    for (int j = 0; j < TSR_QK / 2; j++)
-        s += ((w->qs[j] & 0xf) - 8) * x[j] + ((w->qs[j] >> 4) - 8) * x[j + TSR_QK / 2];
-    return s;
-}
-
-static int32_t idot_q4_1(const tsr_block_q4_1 *w, const int8_t *x) {
-    int32_t s = 0;
-    for (int j = 0; j < TSR_QK / 2; j++)
-        s += (w->qs[j] & 0xf) * x[j] + (w->qs[j] >> 4) * x[j + TSR_QK / 2];
-    return s;
-}
-
-/* The 5-bit quants of a Q5_0 / Q5_1 block, without the Q5_0 offset. */
-static void q5_unpack(int8_t q[TSR_QK], const uint8_t qs[16], const uint8_t qh[4]) {
-    uint32_t h = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 |
-                 (uint32_t)qh[3] << 24;
-    for (int j = 0; j < TSR_QK / 2; j++) {
-        q[j] = (int8_t)((qs[j] & 0xf) | ((h >> j) & 1) << 4);
-        q[j + 16] = (int8_t)((qs[j] >> 4) | ((h >> (j + 16)) & 1) << 4);
+/* The quants of legacy block b as int8, offsets removed (Q4_1, Q5_1 keep theirs: their mins
+ * carry them); *d and *m its scale and min as fp16 bits (m: Q4_1, Q5_1 only). */
+static void legacy_unpack(int qm, const void *w, int64_t b, int8_t q[TSR_QK], uint16_t *d,
+                          uint16_t *m) {
+    const uint8_t *qs, *qh = NULL;
+    int off = 0;
+    switch (qm) {
+    case TSR_QM_Q4_0: {
+        const tsr_block_q4_0 *p = (const tsr_block_q4_0 *)w + b;
+        *d = p->d, qs = p->qs, off = 8;
+        break;
     }
-}
-
-static int32_t idot_q5_0(const tsr_block_q5_0 *w, const int8_t *x) {
-    int8_t q[TSR_QK];
-    q5_unpack(q, w->qs, w->qh);
-    int32_t s = 0;
-    for (int j = 0; j < TSR_QK; j++) s += (q[j] - 16) * x[j];
-    return s;
-}
-
-static int32_t idot_q5_1(const tsr_block_q5_1 *w, const int8_t *x) {
-    int8_t q[TSR_QK];
-    q5_unpack(q, w->qs, w->qh);
-    int32_t s = 0;
-    for (int j = 0; j < TSR_QK; j++) s += q[j] * x[j];
-    return s;
-}
-
-static int32_t idot_iq4_nl(const tsr_block_iq4_nl *w, const int8_t *x) {
-    int32_t s = 0;
-    for (int j = 0; j < TSR_QK / 2; j++)
-        s += tsr_iq4nl_values[w->qs[j] & 0xf] * x[j] +
-             tsr_iq4nl_values[w->qs[j] >> 4] * x[j + TSR_QK / 2];
-    return s;
+    case TSR_QM_Q4_1: {
+        const tsr_block_q4_1 *p = (const tsr_block_q4_1 *)w + b;
+        *d = p->d, *m = p->m, qs = p->qs;
+        break;
+    }
+    case TSR_QM_Q5_0: {
+        const tsr_block_q5_0 *p = (const tsr_block_q5_0 *)w + b;
+        *d = p->d, qs = p->qs, qh = p->qh, off = 16;
+        break;
+    }
+    case TSR_QM_Q5_1: {
+        const tsr_block_q5_1 *p = (const tsr_block_q5_1 *)w + b;
+        *d = p->d, *m = p->m, qs = p->qs, qh = p->qh;
+        break;
+    }
+    case TSR_QM_IQ4_NL: {
+        const tsr_block_iq4_nl *p = (const tsr_block_iq4_nl *)w + b;
+        *d = p->d;
+        for (int j = 0; j < TSR_QK / 2; j++) {
+            q[j] = tsr_iq4nl_values[p->qs[j] & 0xf];
+            q[j + TSR_QK / 2] = tsr_iq4nl_values[p->qs[j] >> 4];
+        }
+        return;
+    }
+    default: {
+        const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)w + b;
+        *d = p->d;
+        memcpy(q, p->q, TSR_QK);
+        return;
+    }
+    }
+    /* 4-bit quants: low nibbles are elements 0-15, high ones 16-31; the fifth bit of
+     * element j is bit j of qh. */
+    uint32_t h = 0;
+    if (qh) h = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 |
+                (uint32_t)qh[3] << 24;
+    for (int j = 0; j < TSR_QK / 2; j++) {
+        q[j] = (int8_t)(((qs[j] & 0xf) | ((h >> j) & 1) << 4) - off);
+        q[j + 16] = (int8_t)(((qs[j] >> 4) | ((h >> (j + 16)) & 1) << 4) - off);
+    }
 }
 
 /* Element e of the 2-bit planes of Q2_K / Q3_K (see quants_ref.c). */
@@ -161,54 +167,24 @@ void tsr_qk_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t *isum, 
 /* Scalar tiles                                                                              */
 
 static float dot_legacy(int qm, const void *w, const void *x, int64_t nb) {
-    float lanes[TSR_Q8_LANES] = {0};
+    const int xm = tsr_q_legacy_has_min(qm);
+    float acc[TSR_Q8_LANES] = {0}, mins = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        float v = 0.0f;
+        int8_t q[TSR_QK];
+        uint16_t dw, mw = 0;
+        legacy_unpack(qm, w, b, q, &dw, &mw);
         const tsr_block_q8_0 *x0 = (const tsr_block_q8_0 *)x + b;
         const tsr_block_q8_1 *x1 = (const tsr_block_q8_1 *)x + b;
-        switch (qm) {
-        case TSR_QM_Q4_0: {
-            const tsr_block_q4_0 *p = (const tsr_block_q4_0 *)w + b;
-            v = tsr_q_legacy_value(idot_q4_0(p, x0->q), tsr_fp16_to_fp32(p->d),
-                                   tsr_fp16_to_fp32(x0->d));
-            break;
+        const int8_t *xq = xm ? x1->qs : x0->q;
+        float s = tsr_fp16_to_fp32(dw) * tsr_fp16_to_fp32(xm ? x1->d : x0->d);
+        for (int k = 0; k < TSR_Q8_LANES; k++) {
+            int32_t l = 0;
+            for (int j = 4 * k; j < 4 * k + 4; j++) l += q[j] * xq[j];
+            acc[k] = fmaf(s, (float)l, acc[k]);
         }
-        case TSR_QM_Q5_0: {
-            const tsr_block_q5_0 *p = (const tsr_block_q5_0 *)w + b;
-            v = tsr_q_legacy_value(idot_q5_0(p, x0->q), tsr_fp16_to_fp32(p->d),
-                                   tsr_fp16_to_fp32(x0->d));
-            break;
-        }
-        case TSR_QM_Q8_0: {
-            const tsr_block_q8_0 *p = (const tsr_block_q8_0 *)w + b;
-            v = tsr_q_legacy_value(tsr_q8_block_idot(p->q, x0->q), tsr_fp16_to_fp32(p->d),
-                                   tsr_fp16_to_fp32(x0->d));
-            break;
-        }
-        case TSR_QM_IQ4_NL: {
-            const tsr_block_iq4_nl *p = (const tsr_block_iq4_nl *)w + b;
-            v = tsr_q_legacy_value(idot_iq4_nl(p, x0->q), tsr_fp16_to_fp32(p->d),
-                                   tsr_fp16_to_fp32(x0->d));
-            break;
-        }
-        case TSR_QM_Q4_1: {
-            const tsr_block_q4_1 *p = (const tsr_block_q4_1 *)w + b;
-            v = tsr_q_legacy_value_m(idot_q4_1(p, x1->qs), tsr_fp16_to_fp32(p->d),
-                                     tsr_fp16_to_fp32(x1->d), tsr_fp16_to_fp32(p->m),
-                                     tsr_fp16_to_fp32(x1->s));
-            break;
-        }
-        case TSR_QM_Q5_1: {
-            const tsr_block_q5_1 *p = (const tsr_block_q5_1 *)w + b;
-            v = tsr_q_legacy_value_m(idot_q5_1(p, x1->qs), tsr_fp16_to_fp32(p->d),
-                                     tsr_fp16_to_fp32(x1->d), tsr_fp16_to_fp32(p->m),
-                                     tsr_fp16_to_fp32(x1->s));
-            break;
-        }
-        }
-        lanes[b % TSR_Q8_LANES] += v;
+        if (xm) mins = fmaf(tsr_fp16_to_fp32(mw), tsr_fp16_to_fp32(x1->s), mins);
     }
-    return tsr_q8_lanes_sum(lanes);
+    return xm ? tsr_q8_lanes_sum(acc) + mins : tsr_q8_lanes_sum(acc);
 }
 
 void tsr_qk_lane_idot(int qm, const void *w, const tsr_block_q8_k *x, int32_t lanes[8],

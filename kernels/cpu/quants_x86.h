@@ -9,9 +9,9 @@
 
 #include "quants.h"
 
-#define TSR_Q8_BLOCK_DOT(a, b)                                                                 \
-    TSR_QX_DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8((a), (a)), _mm256_sign_epi8((b), (a)))
 #include "x86_common.h"
+
+#include <math.h>
 
 /* ---------------------------------------------------------------------------------------- */
 /* Unpacking to int8                                                                         */
@@ -87,80 +87,45 @@ TSR_INLINE __m256i qx_dot_signed(__m256i a, __m256i b) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Legacy tiles: 8 blocks at a time, block b into lane b % 8 (the rule of quants.h)          */
+/* Legacy tiles: quants.h's rule, one block at a time                                         */
 
-/* x rows are Q8_0 (xm = 0) or Q8_1 (xm = 1) blocks: d at offset 0, s at 2 (Q8_1), quants
- * at xq_off, xbytes per block. */
+/* The 8 int32 lanes of legacy block b of w with activation block b of x (Q8_0, or Q8_1 for
+ * the types with a min), and the block's f32 scale dw * dx; *mwsx the min's term. */
+TSR_INLINE __m256i qx_legacy_lanes(int qm, const void *w, const void *x, int64_t b, float *s,
+                                   float *mw, float *sx) {
+    uint16_t dw, mh = 0;
+    __m256i q = qx_unpack_legacy(qm, w, b, &dw, &mh);
+    if (tsr_q_legacy_has_min(qm)) {
+        const tsr_block_q8_1 *xb = (const tsr_block_q8_1 *)x + b;
+        *s = _cvtsh_ss(dw) * _cvtsh_ss(xb->d);
+        *mw = _cvtsh_ss(mh);
+        *sx = _cvtsh_ss(xb->s);
+        return TSR_QX_DPBUSD(_mm256_setzero_si256(), q,
+                             _mm256_loadu_si256((const __m256i *)xb->qs));
+    }
+    const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)x + b;
+    *s = _cvtsh_ss(dw) * _cvtsh_ss(xb->d);
+    return qx_dot_signed(q, _mm256_loadu_si256((const __m256i *)xb->q));
+}
+
 TSR_INLINE void qx_tile_legacy(int qm, float *y, int64_t ldy, const void *w, size_t w_stride,
                                const void *x, size_t x_stride, int64_t n_in, int n_r, int n_t) {
-    const int xm = qm == TSR_QM_Q4_1 || qm == TSR_QM_Q5_1;
-    const size_t xbytes = xm ? sizeof(tsr_block_q8_1) : sizeof(tsr_block_q8_0);
-    const size_t xq_off = xm ? offsetof(tsr_block_q8_1, qs) : offsetof(tsr_block_q8_0, q);
     const int64_t nb = n_in / TSR_QK;
-    __m256 acc[TSR_QM_TILE][TSR_QM_TILE];
     for (int r = 0; r < n_r; r++)
-        for (int t = 0; t < n_t; t++) acc[r][t] = _mm256_setzero_ps();
-    __m256i wq[TSR_QM_TILE][8];
-    uint16_t dw[TSR_QM_TILE][8], mw[TSR_QM_TILE][8];
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        for (int r = 0; r < n_r; r++)
-            for (int i = 0; i < 8; i++)
-                wq[r][i] = qx_unpack_legacy(qm, (const char *)w + r * w_stride, b + i, &dw[r][i],
-                                            &mw[r][i]);
         for (int t = 0; t < n_t; t++) {
-            const char *xb = (const char *)x + t * x_stride + b * xbytes;
-            uint16_t hd[8], hs[8];
-            __m256i xq[8];
-            for (int i = 0; i < 8; i++) {
-                memcpy(&hd[i], xb + i * xbytes, 2);
-                if (xm) memcpy(&hs[i], xb + i * xbytes + 2, 2);
-                xq[i] = _mm256_loadu_si256((const __m256i *)(xb + i * xbytes + xq_off));
+            const void *wr = (const char *)w + r * w_stride;
+            const void *xr = (const char *)x + t * x_stride;
+            __m256 acc = _mm256_setzero_ps();
+            float mins = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                float s, mw = 0.0f, sx = 0.0f;
+                __m256i l = qx_legacy_lanes(qm, wr, xr, b, &s, &mw, &sx);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(l), acc);
+                mins = fmaf(mw, sx, mins);
             }
-            __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hd));
-            __m256 sx = xm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hs))
-                           : _mm256_setzero_ps();
-            for (int r = 0; r < n_r; r++) {
-                __m256i p[8];
-                if (xm) /* Q4_1, Q5_1 weights are unsigned */
-                    for (int i = 0; i < 8; i++)
-                        p[i] = TSR_QX_DPBUSD(_mm256_setzero_si256(), wq[r][i], xq[i]);
-                else
-                    for (int i = 0; i < 8; i++) p[i] = qx_dot_signed(wq[r][i], xq[i]);
-                __m256 dwr = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dw[r]));
-                __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(tsr_x86_reduce8(p)),
-                                         _mm256_mul_ps(dwr, dx));
-                if (xm) {
-                    __m256 mwr = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mw[r]));
-                    v = _mm256_add_ps(v, _mm256_mul_ps(mwr, sx));
-                }
-                acc[r][t] = _mm256_add_ps(acc[r][t], v);
-            }
+            float v = tsr_x86_hsum8(acc);
+            y[t * ldy + r] = tsr_q_legacy_has_min(qm) ? v + mins : v;
         }
-    }
-    for (int r = 0; r < n_r; r++) {
-        const void *wr = (const char *)w + r * w_stride;
-        for (int t = 0; t < n_t; t++) {
-            const char *xr = (const char *)x + t * x_stride;
-            float lanes[8];
-            _mm256_storeu_ps(lanes, acc[r][t]);
-            for (int64_t k = b; k < nb; k++) {
-                uint16_t d, m = 0;
-                int8_t q[32];
-                _mm256_storeu_si256((__m256i *)q, qx_unpack_legacy(qm, wr, k, &d, &m));
-                const char *xb = xr + k * xbytes;
-                uint16_t hd, hs = 0;
-                memcpy(&hd, xb, 2);
-                if (xm) memcpy(&hs, xb + 2, 2);
-                int32_t is = tsr_q8_block_idot(q, (const int8_t *)(xb + xq_off));
-                float dwf = tsr_fp16_to_fp32(d), dxf = tsr_fp16_to_fp32(hd);
-                lanes[k % 8] += xm ? tsr_q_legacy_value_m(is, dwf, dxf, tsr_fp16_to_fp32(m),
-                                                          tsr_fp16_to_fp32(hs))
-                                   : tsr_q_legacy_value(is, dwf, dxf);
-            }
-            y[t * ldy + r] = tsr_q8_lanes_sum(lanes);
-        }
-    }
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -390,14 +355,7 @@ QX_TILE(qx_tile_q4_0, TSR_QM_Q4_0, legacy)
 QX_TILE(qx_tile_q4_1, TSR_QM_Q4_1, legacy)
 QX_TILE(qx_tile_q5_0, TSR_QM_Q5_0, legacy)
 QX_TILE(qx_tile_q5_1, TSR_QM_Q5_1, legacy)
-/* One token (decode): x86_common.h's pair loop has nothing to unpack and the same order. */
-static void qx_tile_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
-                         size_t x_stride, int64_t n_in, int n_r, int n_t) {
-    if (n_t == 1)
-        tsr_x86_mm_tile_q8_0(y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);
-    else
-        qx_tile_legacy(TSR_QM_Q8_0, y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);
-}
+QX_TILE(qx_tile_q8_0, TSR_QM_Q8_0, legacy)
 QX_TILE(qx_tile_iq4_nl, TSR_QM_IQ4_NL, legacy)
 QX_TILE(qx_tile_q2_k, TSR_QM_Q2_K, k)
 QX_TILE(qx_tile_q3_k, TSR_QM_Q3_K, k)

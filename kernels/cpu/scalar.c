@@ -110,15 +110,6 @@ static float dot_bf16_ref(const uint16_t *w, const uint16_t *x, int64_t n) {
     return (float)s;
 }
 
-static float dot_q8_0_ref(const tsr_block_q8_0 *w, const tsr_block_q8_0 *x, int64_t n) {
-    float acc[TSR_Q8_LANES] = {0};
-    for (int64_t b = 0; b < n / TSR_Q8_0_BLOCK; b++) {
-        float d = tsr_fp16_to_fp32(w[b].d) * tsr_fp16_to_fp32(x[b].d);
-        acc[b % TSR_Q8_LANES] += (float)tsr_q8_block_idot(w[b].q, x[b].q) * d;
-    }
-    return tsr_q8_lanes_sum(acc);
-}
-
 #define REF_TILE(name, dot, type)                                                              \
     static void name(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,    \
                      size_t x_stride, int64_t n_in, int n_r, int n_t) {                       \
@@ -130,7 +121,6 @@ static float dot_q8_0_ref(const tsr_block_q8_0 *w, const tsr_block_q8_0 *x, int6
 REF_TILE(mm_tile_f32, dot_f32_ref, float)
 REF_TILE(mm_tile_f16, dot_f16_ref, uint16_t)
 REF_TILE(mm_tile_bf16, dot_bf16_ref, uint16_t)
-REF_TILE(mm_tile_q8_0, dot_q8_0_ref, tsr_block_q8_0)
 
 static void rms_norm_row(float *y, const float *x, const float *w, int64_t n, float eps) {
     double sum = 0.0;
@@ -199,7 +189,7 @@ const tsr_cpu_ops tsr_cpu_ops_scalar = {
     .level = TSR_CPU_LEVEL_SCALAR,
     .tile_rows = 1,
     .tile_toks = 1,
-    .mm_tile = {mm_tile_f32, mm_tile_f16, mm_tile_bf16, mm_tile_q8_0},
+    .mm_tile = {mm_tile_f32, mm_tile_f16, mm_tile_bf16},
     .fp16_to_fp32_row = fp16_to_fp32_row,
     .fp32_to_fp16_row = fp32_to_fp16_row,
     .bf16_to_fp32_row = bf16_to_fp32_row,
