@@ -44,6 +44,13 @@ extern const tsr_cpu_ops tsr_cpu_ops_avx2;
 extern const tsr_cpu_ops tsr_cpu_ops_avx512;
 #endif
 
+/* Decode reads every weight row once. Its kernels read two rows side by side, one from each
+ * half of the thread's slice, so that each is the next row of a long sequential stream: two
+ * such streams read at the full bandwidth of a core, where neighbouring rows read side by side
+ * (a zig-zag the prefetchers follow badly) lose up to a third of it. Each stream also gets a
+ * software prefetch this many bytes ahead. */
+#define TSR_STREAM_PREFETCH 4096
+
 /* The quantized products (quants.h) keep eight f32 lanes per dot and add them in this order,
  * llama.cpp's hsum_float_8. */
 #define TSR_Q8_LANES 8

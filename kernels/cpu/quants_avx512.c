@@ -31,11 +31,7 @@ typedef struct qa_xpair {
 #define QA_G 16 /* blocks per step: their scales dw * dx are made by one 16-lane product */
 #define QA_ROWS 4     /* prefill tiles: QA_ROWS x QA_TOK accumulators */
 #define QA_TOK 4
-#define QA_DEC_ROWS 2 /* decode: rows read side by side (more streams prefetch worse) */
-/* Decode prefetches this many rows ahead of the rows it reads: the hardware prefetcher alone
- * leaves it ~25% under the bandwidth (measured 8 rows best of 1..24, and rows beat a fixed
- * distance in bytes: rows of 2 to 11 KiB). */
-#define QA_PREFETCH_ROWS 8
+#define QA_DEC_ROWS 2 /* decode: rows read side by side, from the two halves of the slice */
 /* Activations prepared at a time (per thread). */
 #define QA_CHUNK_BYTES (512 * 1024)
 
@@ -143,12 +139,12 @@ TSR_INLINE __m256 qa_lanes(__m256i u, const qa_xpair *xp, int64_t b) {
                             _mm256_load_si256((const __m256i *)a->q[b % 2])));
 }
 
-/* Decode: QA_DEC_ROWS rows of one token, their weights read once, straight from the file, two
- * blocks per vpdpbusd. The rows' fma chains are independent, which hides the fma latency of
- * each. */
+/* Decode: QA_DEC_ROWS rows of one token, w_stride apart, their weights read once, straight
+ * from the file, two blocks per vpdpbusd. The rows' fma chains are independent, which hides
+ * the fma latency of each; the caller makes each row the next of a sequential stream. */
 static void qa_rows_1tok(int qm, float *y, const char *w, size_t w_stride, int nr,
                          const qa_xpair *xp, const float *dx, int64_t nb) {
-    const size_t bytes = tsr_qm_block_bytes(qm), ahead = QA_PREFETCH_ROWS * w_stride;
+    const size_t bytes = tsr_qm_block_bytes(qm);
     const char *row[QA_DEC_ROWS];
     for (int r = 0; r < QA_DEC_ROWS; r++) row[r] = w + (r < nr ? r : nr - 1) * w_stride;
     __m256 acc[QA_DEC_ROWS];
@@ -159,7 +155,7 @@ static void qa_rows_1tok(int qm, float *y, const char *w, size_t w_stride, int n
         for (int r = 0; r < QA_DEC_ROWS; r++) {
             const char *p = row[r] + b0 * bytes;
             for (size_t o = 0; o < (size_t)n * bytes; o += 64)
-                _mm_prefetch(p + ahead + o, _MM_HINT_T0);
+                _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
             _mm512_store_ps(sc[r], _mm512_mul_ps(qa_scales16(qm, p, n),
                                                  _mm512_loadu_ps(dx + b0)));
         }
@@ -247,20 +243,22 @@ static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
         const int64_t nt = n_tok - t0 < tc ? n_tok - t0 : tc;
         qa_pack_x(xp, dx, (const char *)x + t0 * x_stride, x_stride, nb, nbp, nt,
                   qa_offset_shift(qm));
+        if (decode) { /* rows i and i + h: two streams (TSR_STREAM_PREFETCH) */
+            const int64_t h = (n_rows + 1) / 2;
+            for (int64_t t = 0; t < nt; t++)
+                for (int64_t i = 0; i < h; i++) {
+                    const int nd = i + h < n_rows ? 2 : 1;
+                    float v[QA_DEC_ROWS];
+                    qa_rows_1tok(qm, v, (const char *)w + i * w_stride, (size_t)h * w_stride, nd,
+                                 xp + t * nbp / 2, dx + t * nbp, nb);
+                    y[(t0 + t) * ldy + i] = v[0];
+                    if (nd == 2) y[(t0 + t) * ldy + i + h] = v[1];
+                }
+            continue;
+        }
         for (int64_t r0 = 0; r0 < n_rows; r0 += QA_ROWS) {
             const int nr = n_rows - r0 < QA_ROWS ? (int)(n_rows - r0) : QA_ROWS;
             const char *wr = (const char *)w + r0 * w_stride;
-            if (decode) {
-                for (int64_t t = 0; t < nt; t++)
-                    for (int i = 0; i < nr; i += QA_DEC_ROWS) {
-                        const int nd = nr - i < QA_DEC_ROWS ? nr - i : QA_DEC_ROWS;
-                        float v[QA_DEC_ROWS];
-                        qa_rows_1tok(qm, v, wr + i * w_stride, w_stride, nd, xp + t * nbp / 2,
-                                     dx + t * nbp, nb);
-                        memcpy(y + (t0 + t) * ldy + r0 + i, v, (size_t)nd * sizeof(float));
-                    }
-                continue;
-            }
             for (int r = 0; r < nr; r++) {
                 for (int64_t b = 0; b < nb; b++) {
                     const char *blk = wr + r * w_stride + b * bytes;
@@ -410,8 +408,6 @@ TSR_INLINE __m256i qb_fold(__m512i v) {
  * are read from L1 by every row of the block; decode goes row by row. Each (row, token) has
  * quants.h's two accumulators, fed super-block after super-block. */
 #define QB_TOK 16 /* tokens packed at a time */
-/* The hardware prefetcher alone leaves decode ~20% under the bandwidth: ask this far ahead. */
-#define QB_PREFETCH 8192
 #define QB_ROWS 4
 
 static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
@@ -448,7 +444,7 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
                     float dw, dmin = 0;
                     const char *wb = (const char *)w + (r0 + i) * w_stride + sb * bytes;
                     for (size_t o = 0; o < bytes; o += 64)
-                        _mm_prefetch(wb + QB_PREFETCH + o, _MM_HINT_T0);
+                        _mm_prefetch(wb + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
                     /* The scales by F16C in line: a call would spill the constants' zmm. */
                     if (q4) {
                         const tsr_block_q4_k *p = (const tsr_block_q4_k *)wb;
