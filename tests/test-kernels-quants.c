@@ -423,10 +423,12 @@ START_TEST(test_products_exact) {
 END_TEST
 
 /* Every SIMD level gives the scalar reference's bits, for prepared activations and products,
- * on shapes that leave partial tiles and partial 8-block groups. */
+ * on shapes that leave partial tiles and partial 16-block groups, and for one or two tokens
+ * (decode's row pairs, odd row counts). */
 START_TEST(test_products_levels) {
-    const int64_t shapes[][3] = {{256, 1, 1}, {512 + 256, 7, 5}, {2048 + 512, 13, 9},
-                                 {256 * 9, 4, 4}, {256 * 3, 3, 70}};
+    const int64_t shapes[][3] = {{256, 1, 1},    {512 + 256, 7, 5}, {2048 + 512, 13, 9},
+                                 {256 * 9, 4, 4}, {256 * 3, 3, 70},  {1024, 13, 1},
+                                 {512, 6, 2}};
     tsr_cpu_level best = tsr_cpu_level_best();
     for (int i = 0; i < N_TYPES; i++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
