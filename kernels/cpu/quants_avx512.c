@@ -33,7 +33,7 @@ typedef struct qa_xpair {
 #define QA_TOK 4
 #define QA_DEC_ROWS 2 /* decode: rows read side by side, from the two halves of the slice */
 /* Activations prepared at a time (per thread). */
-#define QA_CHUNK_BYTES (512 * 1024)
+#define QA_CHUNK_BYTES (4 * 1024 * 1024)
 
 /* Weights are made unsigned: Q4_0 nibbles as stored (w + 8), Q8_0 quants + 128. */
 TSR_INLINE int qa_offset_shift(int qm) {
