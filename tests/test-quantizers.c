@@ -427,6 +427,22 @@ START_TEST(simd_equals_scalar) {
         }
         free(ys);
     }
+    /* the bit streams: every width, lengths around the 8- and 64-code steps, every level */
+    uint8_t codes[300], packed[300], got[300];
+    for (int bits = 1; bits <= 8; bits++)
+        for (int n = 0; n <= 300; n += n < 10 ? 1 : 7) {
+            for (int i = 0; i < n; i++) codes[i] = (uint8_t)((i * 97 + bits * 13) & ((1 << bits) - 1));
+            memset(packed, 0xa5, sizeof packed);
+            tsr_rq_pack(packed, codes, n, bits);
+            for (int lv = 0; lv <= (int)best; lv++) {
+                ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+                memset(got, 0xee, sizeof got);
+                tsr_rq_unpack(got, packed, n, bits);
+                ck_assert_msg(memcmp(got, codes, (size_t)n) == 0, "bits %d n %d level %s", bits,
+                              n, tsr_cpu_level_name((tsr_cpu_level)lv));
+                ck_assert_int_eq(got[n], 0xee); /* nothing written past n */
+            }
+        }
     /* the integer dot itself, every length up to 200 */
     uint8_t u[200];
     int8_t s[200];

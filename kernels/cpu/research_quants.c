@@ -2,6 +2,7 @@
 #include <tessera/kernels_research.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 #include <tessera/kernels_cpu.h>
@@ -28,14 +29,72 @@ void tsr_rq_pack(uint8_t *dst, const uint8_t *codes, int64_t n, int bits) {
     }
 }
 
-void tsr_rq_unpack(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
-    uint32_t mask = (1u << bits) - 1;
-    for (int64_t i = 0; i < n; i++) {
+/* Eight codes fill exactly `bits` bytes: one 64-bit word, shifted. */
+static void unpack_words(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
+    const uint64_t mask = (1u << bits) - 1;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const uint8_t *p = src + i / 8 * bits;
+        uint64_t v = 0;
+        for (int j = 0; j < bits; j++) v |= (uint64_t)p[j] << (8 * j);
+        for (int k = 0; k < 8; k++) codes[i + k] = (uint8_t)((v >> (k * bits)) & mask);
+    }
+    for (; i < n; i++) {
         int64_t bit = i * bits;
         uint32_t v = src[bit >> 3];
         if ((bit & 7) + bits > 8) v |= (uint32_t)src[(bit >> 3) + 1] << 8;
         codes[i] = (uint8_t)((v >> (bit & 7)) & mask);
     }
+}
+
+#ifdef RQ_X86
+/* 64 codes per step: vpermb puts each group of eight codes' `bits` bytes in a 64-bit lane of
+ * its own, vpmultishiftqb takes code k from bit k * bits of the lane. The loads and stores are
+ * masked to the stream, so nothing past it is touched. */
+static uint8_t g_vbmi_perm[9][64], g_vbmi_shift[9][64];
+static pthread_once_t g_vbmi_once = PTHREAD_ONCE_INIT;
+
+static void vbmi_tables(void) {
+    for (int bits = 1; bits <= 8; bits++)
+        for (int g = 0; g < 8; g++)
+            for (int j = 0; j < 8; j++) {
+                g_vbmi_perm[bits][8 * g + j] = (uint8_t)(g * bits + (j < bits ? j : 0));
+                g_vbmi_shift[bits][8 * g + j] = (uint8_t)(j * bits);
+            }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) static void
+unpack_vbmi(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
+    pthread_once(&g_vbmi_once, vbmi_tables);
+    const __m512i idx = _mm512_loadu_si512(g_vbmi_perm[bits]);
+    const __m512i ctl = _mm512_loadu_si512(g_vbmi_shift[bits]);
+    const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1));
+    for (int64_t i = 0; i < n; i += 64) {
+        int64_t m = n - i < 64 ? n - i : 64;
+        int64_t nbytes = (m * bits + 7) / 8;
+        __mmask64 lm = nbytes == 64 ? ~(__mmask64)0 : ((__mmask64)1 << nbytes) - 1;
+        __mmask64 sm = m == 64 ? ~(__mmask64)0 : ((__mmask64)1 << m) - 1;
+        __m512i in = _mm512_maskz_loadu_epi8(lm, src + i / 8 * bits);
+        __m512i v = _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, in));
+        _mm512_mask_storeu_epi8(codes + i, sm, _mm512_and_si512(v, mask));
+    }
+}
+
+static int has_vbmi(void) {
+    static int v = -1;
+    if (v < 0) v = __builtin_cpu_supports("avx512vbmi") ? 1 : 0;
+    return v;
+}
+#endif
+
+void tsr_rq_unpack(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
+#ifdef RQ_X86
+    if (tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512 && has_vbmi()) {
+        unpack_vbmi(codes, src, n, bits);
+        return;
+    }
+#endif
+    unpack_words(codes, src, n, bits);
 }
 
 /* ---- integer dot ----------------------------------------------------------------------- */

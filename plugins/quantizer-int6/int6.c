@@ -45,17 +45,17 @@ static void int6_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
     }
 }
 
-static void int6_dequantize_row(const void *cfg, float *y, const uint8_t *row,
+TSR_RQ_VECTOR_CLONES static void int6_dequantize_row(const void *cfg, float *y, const uint8_t *row,
                                 const uint8_t *tail, size_t tail_bytes, int64_t n_in) {
     (void)tail;
     (void)tail_bytes;
     const int6_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group);
     const uint8_t *codes = row + 2 * n_g;
-    uint8_t q[INT6_GROUP_MAX];
+    uint8_t buf[TSR_RQ_CHUNK];
     for (int64_t g = 0; g < n_g; g++) {
         int64_t len = tsr_rq_group_len(g, c->group, n_in);
-        tsr_rq_unpack(q, codes + g * c->group * 6 / 8, len, 6);
+        const uint8_t *q = tsr_rq_group_codes(buf, codes, g, n_g, c->group, 6);
         float d = tsr_rq_load_f16(row + 2 * g);
         for (int64_t i = 0; i < len; i++) y[g * c->group + i] = d * (float)((int32_t)q[i] - 32);
     }
@@ -66,7 +66,7 @@ static int64_t int6_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
-static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+TSR_RQ_VECTOR_CLONES static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                         const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
     const int6_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;

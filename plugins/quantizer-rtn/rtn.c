@@ -65,7 +65,7 @@ static void rtn_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, const
     }
 }
 
-static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, const uint8_t *tail,
+TSR_RQ_VECTOR_CLONES static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, const uint8_t *tail,
                                size_t tail_bytes, int64_t n_in) {
     (void)tail;
     (void)tail_bytes;
@@ -73,10 +73,10 @@ static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, co
     int64_t n_g = tsr_rq_groups(n_in, c->group);
     const uint8_t *mins = row + 2 * n_g, *codes = row + rtn_stat_bytes(c, n_in);
     int32_t qmax = (1 << (c->bits - 1)) - 1;
-    uint8_t q[RTN_GROUP_MAX];
+    uint8_t buf[TSR_RQ_CHUNK];
     for (int64_t g = 0; g < n_g; g++) {
         int64_t len = tsr_rq_group_len(g, c->group, n_in);
-        tsr_rq_unpack(q, codes + g * c->group * c->bits / 8, len, c->bits);
+        const uint8_t *q = tsr_rq_group_codes(buf, codes, g, n_g, c->group, c->bits);
         float d = tsr_rq_load_f16(row + 2 * g);
         float *out = y + g * c->group;
         if (c->symmetric) {

@@ -157,24 +157,23 @@ static void spqr_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
     }
 }
 
-static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
+TSR_RQ_VECTOR_CLONES static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
                                 const uint8_t *tail, size_t tail_bytes, int64_t n_in) {
     const spqr_cfg *c = cfg;
     spqr_layout l = spqr_layout_of(c, n_in);
-    uint8_t q[SPQR_GROUP_MAX], sc, zc;
+    uint8_t buf[TSR_RQ_CHUNK], sbuf[TSR_RQ_CHUNK], zbuf[TSR_RQ_CHUNK];
+    float s0 = 0, s1 = 0, z0 = 0, z1 = 0;
     for (int64_t g = 0; g < l.n_g; g++) {
-        const uint8_t *st = row + l.stats + 8 * (size_t)(g / c->stats_group);
-        int64_t bit = g * c->stats_bits, len = tsr_rq_group_len(g, c->group, n_in);
-        uint32_t sv = 0, zv = 0;
-        for (int b = 0; b < c->stats_bits; b++, bit++) {
-            sv |= (uint32_t)((row[l.scodes + (size_t)(bit >> 3)] >> (bit & 7)) & 1) << b;
-            zv |= (uint32_t)((row[l.zcodes + (size_t)(bit >> 3)] >> (bit & 7)) & 1) << b;
+        if (g % c->stats_group == 0) { /* the second-level (fp16) min and step of s and z */
+            const uint8_t *st = row + l.stats + 8 * (size_t)(g / c->stats_group);
+            s0 = tsr_rq_load_f16(st), s1 = tsr_rq_load_f16(st + 2);
+            z0 = tsr_rq_load_f16(st + 4), z1 = tsr_rq_load_f16(st + 6);
         }
-        sc = (uint8_t)sv;
-        zc = (uint8_t)zv;
-        float s = tsr_rq_load_f16(st) + tsr_rq_load_f16(st + 2) * (float)sc;
-        float z = tsr_rq_load_f16(st + 4) + tsr_rq_load_f16(st + 6) * (float)zc;
-        tsr_rq_unpack(q, row + l.wcodes + (size_t)(g * c->group * c->bits / 8), len, c->bits);
+        uint8_t sc = *tsr_rq_group_codes(sbuf, row + l.scodes, g, l.n_g, 1, c->stats_bits);
+        uint8_t zc = *tsr_rq_group_codes(zbuf, row + l.zcodes, g, l.n_g, 1, c->stats_bits);
+        float s = s0 + s1 * (float)sc, z = z0 + z1 * (float)zc;
+        int64_t len = tsr_rq_group_len(g, c->group, n_in);
+        const uint8_t *q = tsr_rq_group_codes(buf, row + l.wcodes, g, l.n_g, c->group, c->bits);
         for (int64_t i = 0; i < len; i++) y[g * c->group + i] = s * ((float)q[i] - z);
     }
     for (size_t k = 0; k + SPQR_OUTLIER_BYTES <= tail_bytes; k += SPQR_OUTLIER_BYTES) {

@@ -57,7 +57,7 @@ static void w4a8_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
     }
 }
 
-static void w4a8_dequantize_row(const void *cfg, float *y, const uint8_t *row,
+TSR_RQ_VECTOR_CLONES static void w4a8_dequantize_row(const void *cfg, float *y, const uint8_t *row,
                                 const uint8_t *tail, size_t tail_bytes, int64_t n_in) {
     (void)tail;
     (void)tail_bytes;
@@ -65,11 +65,11 @@ static void w4a8_dequantize_row(const void *cfg, float *y, const uint8_t *row,
     int64_t n_g = tsr_rq_groups(n_in, c->group);
     const uint8_t *gs = row + 2, *codes = row + 2 + 2 * n_g;
     float s1 = tsr_rq_load_f16(row);
-    uint8_t q[256];
+    uint8_t buf[TSR_RQ_CHUNK];
     for (int64_t g = 0; g < n_g; g++) {
         int64_t len = tsr_rq_group_len(g, c->group, n_in);
         int32_t s2 = gs[2 * g], z = gs[2 * g + 1];
-        tsr_rq_unpack(q, codes + g * c->group / 2, len, 4);
+        const uint8_t *q = tsr_rq_group_codes(buf, codes, g, n_g, c->group, 4);
         for (int64_t i = 0; i < len; i++)
             y[g * c->group + i] = s1 * (float)(s2 * ((int32_t)q[i] - z));
     }
@@ -79,7 +79,7 @@ static int64_t w4a8_act_group(const void *cfg) {
     return ((const w4a8_cfg *)cfg)->group;
 }
 
-static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+TSR_RQ_VECTOR_CLONES static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                         const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
     const w4a8_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;
