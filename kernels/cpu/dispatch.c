@@ -222,6 +222,18 @@ tsr_status tsr_matmul_prepare(void *xp, int32_t act_type, const float *x, int64_
     return TSR_OK;
 }
 
+void tsr_stream_rows(tsr_mm_tile_fn tile, float *y, const void *w, size_t w_stride,
+                     const void *x, int64_t n_in, int64_t r0, int64_t r1) {
+    const int64_t h = (r1 - r0 + 1) / 2;
+    for (int64_t i = r0; i < r0 + h; i++) {
+        float v[2];
+        int n_r = i + h < r1 ? 2 : 1;
+        tile(v, 2, (const char *)w + i * w_stride, (size_t)h * w_stride, x, 0, n_in, n_r, 1);
+        y[i] = v[0];
+        if (n_r == 2) y[i + h] = v[1];
+    }
+}
+
 /* Rows outside, tokens inside: a tile's weight rows stay in cache while every token passes. */
 tsr_status tsr_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                       int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth) {
@@ -236,16 +248,8 @@ tsr_status tsr_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const
     size_t x_stride = tsr_row_size(tsr_matmul_act_type(wtype), n_in);
     int64_t r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
-    if (n_tok == 1) { /* rows i and i + h side by side: two streams (TSR_STREAM_PREFETCH) */
-        const int64_t h = (r1 - r0 + 1) / 2;
-        for (int64_t i = r0; i < r0 + h; i++) {
-            float v[2];
-            int n_r = i + h < r1 ? 2 : 1;
-            tile(v, 2, (const char *)w + i * w_stride, (size_t)h * w_stride, xp, x_stride, n_in,
-                 n_r, 1);
-            y[i] = v[0];
-            if (n_r == 2) y[i + h] = v[1];
-        }
+    if (n_tok == 1) {
+        tsr_stream_rows(tile, y, w, w_stride, xp, n_in, r0, r1);
         return TSR_OK;
     }
     for (int64_t r = r0; r < r1; r += o->tile_rows) {

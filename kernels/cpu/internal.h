@@ -51,6 +51,10 @@ extern const tsr_cpu_ops tsr_cpu_ops_avx512;
  * software prefetch this many bytes ahead. */
 #define TSR_STREAM_PREFETCH 4096
 
+/* One token's product over rows [r0, r1) in that order: `tile` on rows i and i + h. */
+void tsr_stream_rows(tsr_mm_tile_fn tile, float *y, const void *w, size_t w_stride,
+                     const void *x, int64_t n_in, int64_t r0, int64_t r1);
+
 /* The quantized products (quants.h) keep eight f32 lanes per dot and add them in this order,
  * llama.cpp's hsum_float_8. */
 #define TSR_Q8_LANES 8

@@ -372,6 +372,10 @@ tsr_status tsr_quant_matmul(float *y, int64_t ldy, const void *w, int32_t wtype,
         o->mm[qm](y + r0, ldy, (const char *)w + r0 * w_stride, w_stride, xp, x_stride, n_in,
                   r1 - r0, n_tok) == 0)
         return TSR_OK;
+    if (n_tok == 1) {
+        tsr_stream_rows(tile, y, w, w_stride, xp, n_in, r0, r1);
+        return TSR_OK;
+    }
     for (int64_t r = r0; r < r1; r += TSR_QM_TILE) {
         int n_r = (int)(r1 - r < TSR_QM_TILE ? r1 - r : TSR_QM_TILE);
         for (int64_t t = 0; t < n_tok; t += TSR_QM_TILE) {

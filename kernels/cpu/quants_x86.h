@@ -89,42 +89,47 @@ TSR_INLINE __m256i qx_dot_signed(__m256i a, __m256i b) {
 /* ---------------------------------------------------------------------------------------- */
 /* Legacy tiles: quants.h's rule, one block at a time                                         */
 
-/* The 8 int32 lanes of legacy block b of w with activation block b of x (Q8_0, or Q8_1 for
- * the types with a min), and the block's f32 scale dw * dx; *mwsx the min's term. */
-TSR_INLINE __m256i qx_legacy_lanes(int qm, const void *w, const void *x, int64_t b, float *s,
-                                   float *mw, float *sx) {
-    uint16_t dw, mh = 0;
-    __m256i q = qx_unpack_legacy(qm, w, b, &dw, &mh);
-    if (tsr_q_legacy_has_min(qm)) {
-        const tsr_block_q8_1 *xb = (const tsr_block_q8_1 *)x + b;
-        *s = _cvtsh_ss(dw) * _cvtsh_ss(xb->d);
-        *mw = _cvtsh_ss(mh);
-        *sx = _cvtsh_ss(xb->s);
-        return TSR_QX_DPBUSD(_mm256_setzero_si256(), q,
-                             _mm256_loadu_si256((const __m256i *)xb->qs));
-    }
-    const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)x + b;
-    *s = _cvtsh_ss(dw) * _cvtsh_ss(xb->d);
-    return qx_dot_signed(q, _mm256_loadu_si256((const __m256i *)xb->q));
-}
-
+/* Each weight block is unpacked once for the tile's tokens; every (row, token) has its own
+ * eight lanes (and min sum), fed block after block. */
 TSR_INLINE void qx_tile_legacy(int qm, float *y, int64_t ldy, const void *w, size_t w_stride,
                                const void *x, size_t x_stride, int64_t n_in, int n_r, int n_t) {
+    const int xm = tsr_q_legacy_has_min(qm);
+    const size_t xbytes = xm ? sizeof(tsr_block_q8_1) : sizeof(tsr_block_q8_0);
+    const size_t xq_off = xm ? offsetof(tsr_block_q8_1, qs) : offsetof(tsr_block_q8_0, q);
     const int64_t nb = n_in / TSR_QK;
+    __m256 acc[TSR_QM_TILE][TSR_QM_TILE];
+    float mins[TSR_QM_TILE][TSR_QM_TILE] = {{0}};
+    for (int r = 0; r < n_r; r++)
+        for (int t = 0; t < n_t; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wq[TSR_QM_TILE];
+        float dw[TSR_QM_TILE], mw[TSR_QM_TILE];
+        for (int r = 0; r < n_r; r++) {
+            uint16_t d, m = 0;
+            wq[r] = qx_unpack_legacy(qm, (const char *)w + r * w_stride, b, &d, &m);
+            dw[r] = _cvtsh_ss(d);
+            mw[r] = _cvtsh_ss(m);
+        }
+        for (int t = 0; t < n_t; t++) {
+            const char *xb = (const char *)x + t * x_stride + b * xbytes;
+            uint16_t hd, hs = 0;
+            memcpy(&hd, xb, 2);
+            if (xm) memcpy(&hs, xb + 2, 2);
+            const float dx = _cvtsh_ss(hd), sx = _cvtsh_ss(hs);
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb + xq_off));
+            for (int r = 0; r < n_r; r++) {
+                __m256i l = xm ? TSR_QX_DPBUSD(_mm256_setzero_si256(), wq[r], xq)
+                               : qx_dot_signed(wq[r], xq);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(l),
+                                            acc[r][t]);
+                if (xm) mins[r][t] = fmaf(mw[r], sx, mins[r][t]);
+            }
+        }
+    }
     for (int r = 0; r < n_r; r++)
         for (int t = 0; t < n_t; t++) {
-            const void *wr = (const char *)w + r * w_stride;
-            const void *xr = (const char *)x + t * x_stride;
-            __m256 acc = _mm256_setzero_ps();
-            float mins = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                float s, mw = 0.0f, sx = 0.0f;
-                __m256i l = qx_legacy_lanes(qm, wr, xr, b, &s, &mw, &sx);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(l), acc);
-                mins = fmaf(mw, sx, mins);
-            }
-            float v = tsr_x86_hsum8(acc);
-            y[t * ldy + r] = tsr_q_legacy_has_min(qm) ? v + mins : v;
+            float v = tsr_x86_hsum8(acc[r][t]);
+            y[t * ldy + r] = xm ? v + mins[r][t] : v;
         }
 }
 

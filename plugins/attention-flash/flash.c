@@ -48,6 +48,7 @@ static float flash_dot(const float *a, const float *b, int32_t d) {
     return (s0 + s1) + (s2 + s3);
 }
 
+TSR_VECTOR_CLONES
 static void flash_task(void *arg, int ith, int nth) {
     flash_job *job = arg;
     const flash_attn *a = job->a;
@@ -149,6 +150,7 @@ static void flash_task(void *arg, int ith, int nth) {
 /* Scores only: item (g, key tile); each entry sums its probabilities over the group's heads,
  * then the queries, in that order. Scores are recomputed exactly as flash_task computed them
  * (same scaled query, same dot product), so p <= 1 and they sum to 1 per query. */
+TSR_VECTOR_CLONES
 static void flash_score_task(void *arg, int ith, int nth) {
     flash_job *job = arg;
     const flash_attn *a = job->a;

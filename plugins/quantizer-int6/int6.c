@@ -45,7 +45,8 @@ static void int6_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
     }
 }
 
-TSR_RQ_VECTOR_CLONES static void int6_dequantize_row(const void *cfg, float *y, const uint8_t *row,
+TSR_VECTOR_CLONES
+static void int6_dequantize_row(const void *cfg, float *y, const uint8_t *row,
                                 const uint8_t *tail, size_t tail_bytes, int64_t n_in) {
     (void)tail;
     (void)tail_bytes;
@@ -66,7 +67,8 @@ static int64_t int6_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
-TSR_RQ_VECTOR_CLONES static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+TSR_VECTOR_CLONES
+static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                         const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
     const int6_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;

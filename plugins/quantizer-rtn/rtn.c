@@ -65,7 +65,8 @@ static void rtn_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, const
     }
 }
 
-TSR_RQ_VECTOR_CLONES static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, const uint8_t *tail,
+TSR_VECTOR_CLONES
+static void rtn_dequantize_row(const void *cfg, float *y, const uint8_t *row, const uint8_t *tail,
                                size_t tail_bytes, int64_t n_in) {
     (void)tail;
     (void)tail_bytes;

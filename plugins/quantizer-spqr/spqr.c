@@ -157,7 +157,8 @@ static void spqr_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
     }
 }
 
-TSR_RQ_VECTOR_CLONES static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
+TSR_VECTOR_CLONES
+static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
                                 const uint8_t *tail, size_t tail_bytes, int64_t n_in) {
     const spqr_cfg *c = cfg;
     spqr_layout l = spqr_layout_of(c, n_in);

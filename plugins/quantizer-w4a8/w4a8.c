@@ -57,7 +57,8 @@ static void w4a8_quantize_row(const void *cfg, uint8_t *row, uint8_t *tail, cons
     }
 }
 
-TSR_RQ_VECTOR_CLONES static void w4a8_dequantize_row(const void *cfg, float *y, const uint8_t *row,
+TSR_VECTOR_CLONES
+static void w4a8_dequantize_row(const void *cfg, float *y, const uint8_t *row,
                                 const uint8_t *tail, size_t tail_bytes, int64_t n_in) {
     (void)tail;
     (void)tail_bytes;
@@ -79,7 +80,8 @@ static int64_t w4a8_act_group(const void *cfg) {
     return ((const w4a8_cfg *)cfg)->group;
 }
 
-TSR_RQ_VECTOR_CLONES static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+TSR_VECTOR_CLONES
+static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                         const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
     const w4a8_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;

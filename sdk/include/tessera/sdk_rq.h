@@ -33,16 +33,6 @@
 #include <tessera/quantizer.h>
 #include <tessera/sdk.h>
 
-/* For a codec's hot loops (dequantize_row, dot_q8): besides the baseline build, clones the
- * compiler vectorises for AVX-512 and AVX2, one picked for the machine when the plugin is
- * loaded (an ifunc). Plugins are built for the baseline ISA, like any third-party object, and
- * a 16-lane loop converts codes to floats about four times as fast as SSE2's. */
-#if defined(__x86_64__) && defined(__GNUC__)
-#define TSR_RQ_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TSR_RQ_VECTOR_CLONES
-#endif
-
 /* [any] The codes of group g of a row whose groups (`group` codes of `bits` each) follow one
  * another from `codes`, for a loop that visits g = 0, 1, ... n_g - 1 in order: when g starts a
  * chunk, the chunk's groups are unpacked into buf (TSR_RQ_CHUNK bytes) by one call, which is
