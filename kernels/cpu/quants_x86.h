@@ -351,10 +351,15 @@ TSR_INLINE void qx_tile_k(int qm, float *y, int64_t ldy, const void *w, size_t w
 
 /* ---------------------------------------------------------------------------------------- */
 
+/* Decode's shape (two rows, one token) gets its own copy, with the accumulators in
+ * registers. */
 #define QX_TILE(name, qm, kind)                                                                \
     static void name(float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,    \
                      size_t x_stride, int64_t n_in, int n_r, int n_t) {                       \
-        qx_tile_##kind(qm, y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);                 \
+        if (n_r == 2 && n_t == 1)                                                              \
+            qx_tile_##kind(qm, y, ldy, w, w_stride, x, x_stride, n_in, 2, 1);                 \
+        else                                                                                   \
+            qx_tile_##kind(qm, y, ldy, w, w_stride, x, x_stride, n_in, n_r, n_t);             \
     }
 QX_TILE(qx_tile_q4_0, TSR_QM_Q4_0, legacy)
 QX_TILE(qx_tile_q4_1, TSR_QM_Q4_1, legacy)
