@@ -431,7 +431,8 @@ START_TEST(simd_equals_scalar) {
     uint8_t codes[300], packed[300], got[300];
     for (int bits = 1; bits <= 8; bits++)
         for (int n = 0; n <= 300; n += n < 10 ? 1 : 7) {
-            for (int i = 0; i < n; i++) codes[i] = (uint8_t)((i * 97 + bits * 13) & ((1 << bits) - 1));
+            for (int i = 0; i < n; i++)
+                codes[i] = (uint8_t)((i * 97 + bits * 13) & ((1 << bits) - 1));
             memset(packed, 0xa5, sizeof packed);
             tsr_rq_pack(packed, codes, n, bits);
             for (int lv = 0; lv <= (int)best; lv++) {

@@ -200,9 +200,11 @@ static void qa_rows_toks(float *y, int64_t ldy, const __m256i *u, const float *d
             const int n = nb - b0 < QA_G ? (int)(nb - b0) : QA_G;
             float sc[QA_ROWS][QA_TOK][QA_G] __attribute__((aligned(64)));
             for (int r = 0; r < QA_ROWS; r++)
-                for (int t = 0; t < QA_TOK; t++)
-                    _mm512_store_ps(sc[r][t], _mm512_mul_ps(_mm512_load_ps(dw + rw[r] * nbp + b0),
-                                                            _mm512_load_ps(dx + tok[t] * nbp + b0)));
+                for (int t = 0; t < QA_TOK; t++) {
+                    __m512 a = _mm512_load_ps(dw + rw[r] * nbp + b0);
+                    _mm512_store_ps(sc[r][t],
+                                    _mm512_mul_ps(a, _mm512_load_ps(dx + tok[t] * nbp + b0)));
+                }
             for (int j = 0; j < n; j++) {
                 __m256i uw[QA_ROWS];
                 for (int r = 0; r < QA_ROWS; r++) uw[r] = u[rw[r] * nbp + b0 + j];

@@ -4,7 +4,9 @@
  * a running maximum m and normaliser l per (query, head); when a tile raises the maximum the
  * accumulator and l are rescaled by exp(m_old - m_new). No (queries x entries) score matrix is
  * ever held, and each K/V tile is read (converted, for F16 or loaded views) once for all the
- * query heads of its KV head and a block of queries.
+ * query heads of its KV head and a block of queries. The K tile is also transposed once, so
+ * that a query's scores against sixteen keys are sixteen-lane products (flash_scores), with
+ * every key's terms in flash_dot's order.
  *
  * Parallel work items are (block of FLASH_QB queries, KV head); each item is computed whole by
  * one task, so results do not depend on the thread count. score_acc needs the final m and l of
@@ -34,8 +36,10 @@ typedef struct flash_job {
     atomic_int failed;
 } flash_job;
 
-/* Four partial sums: independent chains the compiler can overlap. */
-static float flash_dot(const float *a, const float *b, int32_t d) {
+/* A score: four partial sums (terms i % 4) added as (0 + 1) + (2 + 3); each term a product
+ * then an add (the build keeps the compiler from fusing them). */
+static inline __attribute__((always_inline)) float flash_dot(const float *a, const float *b,
+                                                             int32_t d) {
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
     int32_t i = 0;
     for (; i + 4 <= d; i += 4) {
@@ -48,6 +52,37 @@ static float flash_dot(const float *a, const float *b, int32_t d) {
     return (s0 + s1) + (s2 + s3);
 }
 
+/* Keys scored together: one vector register per partial sum in the widest clone. */
+#define FLASH_KB 16
+
+/* flash_dot of q with each of nb keys, the same bits, from the tile's keys transposed (kT: hd
+ * rows of kstride >= nb rounded up to FLASH_KB, zero past nb): the inner loops run across
+ * keys, which vectorises without reordering any key's terms. */
+static inline __attribute__((always_inline)) void flash_scores(float *s, const float *q,
+                                                               const float *kT, int64_t nb,
+                                                               int32_t hd, int64_t kstride) {
+    for (int64_t r0 = 0; r0 < nb; r0 += FLASH_KB) {
+        float a0[FLASH_KB] = {0}, a1[FLASH_KB] = {0}, a2[FLASH_KB] = {0}, a3[FLASH_KB] = {0};
+        const float *k = kT + r0;
+        int32_t d = 0;
+        for (; d + 4 <= hd; d += 4) {
+            const float *k0 = k + (size_t)d * kstride, *k1 = k0 + kstride, *k2 = k1 + kstride,
+                        *k3 = k2 + kstride;
+            const float q0 = q[d], q1 = q[d + 1], q2 = q[d + 2], q3 = q[d + 3];
+            for (int j = 0; j < FLASH_KB; j++) {
+                a0[j] += q0 * k0[j];
+                a1[j] += q1 * k1[j];
+                a2[j] += q2 * k2[j];
+                a3[j] += q3 * k3[j];
+            }
+        }
+        for (; d < hd; d++)
+            for (int j = 0; j < FLASH_KB; j++) a0[j] += q[d] * k[(size_t)d * kstride + j];
+        int64_t n = nb - r0 < FLASH_KB ? nb - r0 : FLASH_KB;
+        for (int64_t j = 0; j < n; j++) s[r0 + j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
+    }
+}
+
 TSR_VECTOR_CLONES
 static void flash_task(void *arg, int ith, int nth) {
     flash_job *job = arg;
@@ -57,16 +92,19 @@ static void flash_task(void *arg, int ith, int nth) {
     int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
     if (first == last) return;
 
-    /* kt, vt (tile, hd) | s (tile) | per (query, group head): q*scale (hd), acc (hd), m, l */
+    /* kt, vt (tile, hd) | kT (hd, kstride) | s (tile) | per (query, group head): q*scale (hd),
+     * acc (hd), m, l */
     int32_t n_state = FLASH_QB * group;
-    size_t n_floats = 2 * (size_t)tile * (size_t)hd + (size_t)tile +
+    const int64_t kstride = (tile + FLASH_KB - 1) / FLASH_KB * FLASH_KB;
+    size_t n_floats = (2 * (size_t)tile + (size_t)kstride) * (size_t)hd + (size_t)tile +
                       (size_t)n_state * (2 * (size_t)hd + 2);
     float *mem = a->sh.host->alloc(a->sh.host->ctx, n_floats * sizeof(float), 0);
     if (!mem) {
         atomic_store(&job->failed, 1);
         return;
     }
-    float *kt = mem, *vt = kt + (size_t)tile * hd, *s = vt + (size_t)tile * hd;
+    float *kt = mem, *vt = kt + (size_t)tile * hd, *kT = vt + (size_t)tile * hd;
+    float *s = kT + (size_t)kstride * hd;
     float *qs = s + tile, *acc = qs + (size_t)n_state * hd, *ml = acc + (size_t)n_state * hd;
 
     for (int64_t it = first; it < last; it++) {
@@ -96,18 +134,21 @@ static void flash_task(void *arg, int ith, int nth) {
             size_t kst, vst;
             const float *k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
             const float *vv = tsr_kv_view_rows(v, 1, j0, nb, hd, vt, &vst);
+            const int64_t nbk = (nb + FLASH_KB - 1) / FLASH_KB * FLASH_KB;
+            for (int32_t d = 0; d < hd; d++)
+                for (int64_t r = 0; r < nbk; r++)
+                    kT[(size_t)d * kstride + r] = r < nb ? k[(size_t)r * kst + d] : 0.0f;
             for (int64_t qi = 0; qi < nq; qi++) {
                 int32_t qpos = c->q_pos[i0 + qi];
                 for (int32_t hg = 0; hg < group; hg++) {
                     int64_t st = qi * group + hg;
                     float mt = -INFINITY;
+                    flash_scores(s, qs + st * hd, kT, nb, hd, kstride);
                     for (int64_t r = 0; r < nb; r++) {
-                        if (v->pos[j0 + r] > qpos) {
+                        if (v->pos[j0 + r] > qpos)
                             s[r] = -INFINITY;
-                            continue;
-                        }
-                        s[r] = flash_dot(qs + st * hd, k + (size_t)r * kst, hd);
-                        if (s[r] > mt) mt = s[r];
+                        else if (s[r] > mt)
+                            mt = s[r];
                     }
                     if (mt == -INFINITY) continue;
                     float m_old = ml[2 * st];
