@@ -222,16 +222,33 @@ tsr_status tsr_matmul_prepare(void *xp, int32_t act_type, const float *x, int64_
     return TSR_OK;
 }
 
-void tsr_stream_rows(tsr_mm_tile_fn tile, float *y, const void *w, size_t w_stride,
-                     const void *x, int64_t n_in, int64_t r0, int64_t r1) {
+void tsr_stream_row_pairs(tsr_row_pair_fn pair, void *ctx, float *y, const void *w,
+                          size_t w_stride, int64_t r0, int64_t r1) {
     const int64_t h = (r1 - r0 + 1) / 2;
     for (int64_t i = r0; i < r0 + h; i++) {
         float v[2];
         int n_r = i + h < r1 ? 2 : 1;
-        tile(v, 2, (const char *)w + i * w_stride, (size_t)h * w_stride, x, 0, n_in, n_r, 1);
+        pair(ctx, v, (const char *)w + i * w_stride, (size_t)h * w_stride, n_r);
         y[i] = v[0];
         if (n_r == 2) y[i + h] = v[1];
     }
+}
+
+typedef struct tile_pair {
+    tsr_mm_tile_fn tile;
+    const void *x;
+    int64_t n_in;
+} tile_pair;
+
+static void tile_pair_run(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
+    const tile_pair *p = ctx;
+    p->tile(v, 2, w, partner, p->x, 0, p->n_in, n_r, 1);
+}
+
+void tsr_stream_rows(tsr_mm_tile_fn tile, float *y, const void *w, size_t w_stride,
+                     const void *x, int64_t n_in, int64_t r0, int64_t r1) {
+    tile_pair p = {tile, x, n_in};
+    tsr_stream_row_pairs(tile_pair_run, &p, y, w, w_stride, r0, r1);
 }
 
 /* Rows outside, tokens inside: a tile's weight rows stay in cache while every token passes. */

@@ -51,7 +51,16 @@ extern const tsr_cpu_ops tsr_cpu_ops_avx512;
  * software prefetch this many bytes ahead. */
 #define TSR_STREAM_PREFETCH 4096
 
-/* One token's product over rows [r0, r1) in that order: `tile` on rows i and i + h. */
+/* One token's values of row i and of row i + h (n_r = 2), or of row i alone (n_r = 1), into
+ * v; w is row i, and row i + h lies `partner` bytes further. */
+typedef void (*tsr_row_pair_fn)(void *ctx, float v[2], const char *w, size_t partner, int n_r);
+
+/* One token's product over rows [r0, r1) of w (w_stride apart) into y[r0, r1): `pair` on rows
+ * i and i + h, h half the rows, so that each of the two is a sequential stream. */
+void tsr_stream_row_pairs(tsr_row_pair_fn pair, void *ctx, float *y, const void *w,
+                          size_t w_stride, int64_t r0, int64_t r1);
+
+/* tsr_stream_row_pairs with a tile of two rows and one token as the pair. */
 void tsr_stream_rows(tsr_mm_tile_fn tile, float *y, const void *w, size_t w_stride,
                      const void *x, int64_t n_in, int64_t r0, int64_t r1);
 

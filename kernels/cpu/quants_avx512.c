@@ -182,6 +182,23 @@ static void qa_rows_1tok(int qm, float *y, const char *w, size_t w_stride, int n
     for (int r = 0; r < nr; r++) y[r] = tsr_x86_hsum8(acc[r]);
 }
 
+/* tsr_row_pair_fn's of the two types, for one token's prepared activations. */
+typedef struct qa_token {
+    const qa_xpair *xp;
+    const float *dx;
+    int64_t nb;
+} qa_token;
+
+static void qa_pair_q4_0(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
+    const qa_token *t = ctx;
+    qa_rows_1tok(TSR_QM_Q4_0, v, w, partner, n_r, t->xp, t->dx, t->nb);
+}
+
+static void qa_pair_q8_0(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
+    const qa_token *t = ctx;
+    qa_rows_1tok(TSR_QM_Q8_0, v, w, partner, n_r, t->xp, t->dx, t->nb);
+}
+
 /* Prefill: QA_ROWS rows unpacked once (u, dw), then QA_TOK tokens at a time: each weight
  * vector serves four tokens from a register, each activation block four rows. Missing rows
  * or tokens of a short tile repeat the last one and are not stored. */
@@ -245,17 +262,12 @@ static int qa_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
         const int64_t nt = n_tok - t0 < tc ? n_tok - t0 : tc;
         qa_pack_x(xp, dx, (const char *)x + t0 * x_stride, x_stride, nb, nbp, nt,
                   qa_offset_shift(qm));
-        if (decode) { /* rows i and i + h: two streams (TSR_STREAM_PREFETCH) */
-            const int64_t h = (n_rows + 1) / 2;
-            for (int64_t t = 0; t < nt; t++)
-                for (int64_t i = 0; i < h; i++) {
-                    const int nd = i + h < n_rows ? 2 : 1;
-                    float v[QA_DEC_ROWS];
-                    qa_rows_1tok(qm, v, (const char *)w + i * w_stride, (size_t)h * w_stride, nd,
-                                 xp + t * nbp / 2, dx + t * nbp, nb);
-                    y[(t0 + t) * ldy + i] = v[0];
-                    if (nd == 2) y[(t0 + t) * ldy + i + h] = v[1];
-                }
+        if (decode) {
+            for (int64_t t = 0; t < nt; t++) {
+                qa_token tok = {xp + t * nbp / 2, dx + t * nbp, nb};
+                tsr_stream_row_pairs(qm == TSR_QM_Q4_0 ? qa_pair_q4_0 : qa_pair_q8_0, &tok,
+                                     y + (t0 + t) * ldy, w, w_stride, 0, n_rows);
+            }
             continue;
         }
         for (int64_t r0 = 0; r0 < n_rows; r0 += QA_ROWS) {
