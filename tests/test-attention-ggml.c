@@ -308,9 +308,5 @@ int main(void) {
     tcase_add_test(tc, test_score_dot_lanes);
     tcase_add_test(tc, test_errors);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }

@@ -187,9 +187,5 @@ static Suite *suite(void) {
 int main(void) {
     /* skip (77) as a whole when the shared data is absent */
     free(tsr_test_require_data("fixtures/models/llama-tiny-f32.gguf"));
-    SRunner *sr = srunner_create(suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tsr_test_run_suite(suite());
 }

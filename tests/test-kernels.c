@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "testutil.h"
+
 /* ---- helpers ---------------------------------------------------------------------------- */
 
 static uint64_t g_rng;
@@ -758,9 +760,5 @@ static Suite *kernels_suite(void) {
 }
 
 int main(void) {
-    SRunner *sr = srunner_create(kernels_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tsr_test_run_suite(kernels_suite());
 }

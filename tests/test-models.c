@@ -390,9 +390,5 @@ int main(void) {
     tcase_add_test(inv, streaming_cache_memory_is_flat);
     tcase_add_test(inv, sampling_is_reproducible_per_seed);
     suite_add_tcase(s, inv);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return tsr_test_run_suite(s);
 }
