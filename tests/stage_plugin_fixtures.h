@@ -13,16 +13,11 @@
 #include <tessera/sdk.h>
 #include <tessera/sdk_kv.h>
 
-/* Deterministic data: xorshift64*, uniform in [-1, 1). */
+#include "testutil.h"
+
+/* Deterministic data (tsr_test_rng_unit). */
 static uint64_t rng_state;
 static inline void rng_seed(uint64_t s) { rng_state = s * 2654435761u + 1; }
-static inline float rng_float(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t x = rng_state * 0x2545F4914F6CDD1DULL;
-    return (float)((double)(x >> 11) * 0x1p-53 * 2.0 - 1.0);
-}
 
 /* One attention problem: n_kv entries per KV head with positions (holes, any order), stored
  * with a row stride larger than head_dim, and n_q queries. */
@@ -48,10 +43,10 @@ static inline void attn_case_make(attn_case *c, uint64_t seed, int32_t n_head, i
     c->v16 = malloc(2 * kv_elems);
     c->q_pos = malloc(sizeof(int32_t) * (size_t)n_q);
     c->kv_pos = malloc(sizeof(int32_t) * (size_t)(n_kv ? n_kv : 1));
-    for (int64_t i = 0; i < n_q * n_head * hd; i++) c->q[i] = 2.0f * rng_float();
+    for (int64_t i = 0; i < n_q * n_head * hd; i++) c->q[i] = 2.0f * tsr_test_rng_unit(&rng_state);
     for (size_t i = 0; i < kv_elems; i++) {
-        c->k[i] = 2.0f * rng_float();
-        c->v[i] = rng_float();
+        c->k[i] = 2.0f * tsr_test_rng_unit(&rng_state);
+        c->v[i] = tsr_test_rng_unit(&rng_state);
         c->k16[i] = tsr_f32_to_f16(c->k[i]);
         c->v16[i] = tsr_f32_to_f16(c->v[i]);
     }
@@ -59,11 +54,11 @@ static inline void attn_case_make(attn_case *c, uint64_t seed, int32_t n_head, i
      * order is shuffled, which views allow. */
     int32_t p = 0;
     for (int64_t j = 0; j < n_kv; j++) {
-        p += 1 + (int32_t)((rng_float() + 1.0f) * 1.5f);
+        p += 1 + (int32_t)((tsr_test_rng_unit(&rng_state) + 1.0f) * 1.5f);
         c->kv_pos[j] = p;
     }
     for (int64_t j = n_kv - 1; j > 0; j--) {
-        int64_t r = (int64_t)((rng_float() + 1.0f) * 0.5f * (float)(j + 1)) % (j + 1);
+        int64_t r = (int64_t)((tsr_test_rng_unit(&rng_state) + 1.0f) * 0.5f * (float)(j + 1)) % (j + 1);
         int32_t t = c->kv_pos[j];
         c->kv_pos[j] = c->kv_pos[r];
         c->kv_pos[r] = t;

@@ -21,23 +21,13 @@ static void rng_seed(uint64_t s) {
     g_rng = s * 0x9e3779b97f4a7c15ull + 1;
 }
 
-static uint64_t rng_u64(void) { /* xorshift64* */
-    g_rng ^= g_rng >> 12;
-    g_rng ^= g_rng << 25;
-    g_rng ^= g_rng >> 27;
-    return g_rng * 0x2545f4914f6cdd1dull;
-}
-
-static float rng_unit(void) { /* [-1, 1) */
-    return (float)((double)(rng_u64() >> 11) * 0x1p-53 * 2.0 - 1.0);
-}
 
 static void fill(float *x, int64_t n, float scale) {
-    for (int64_t i = 0; i < n; i++) x[i] = rng_unit() * scale;
+    for (int64_t i = 0; i < n; i++) x[i] = tsr_test_rng_unit(&g_rng) * scale;
 }
 
 static void fill_bytes(void *p, size_t n) {
-    for (size_t i = 0; i < n; i++) ((unsigned char *)p)[i] = (unsigned char)rng_u64();
+    for (size_t i = 0; i < n; i++) ((unsigned char *)p)[i] = (unsigned char)tsr_test_rng_u64(&g_rng);
 }
 
 static uint32_t f32_bits(float f) {
@@ -59,8 +49,8 @@ static void set_scales(int32_t t, void *w, size_t bytes) {
     size_t bb = tsr_dtype_block_bytes(t);
     for (size_t off = 0; off < bytes; off += bb) {
         unsigned char *b = (unsigned char *)w + off;
-        uint16_t d = tsr_fp32_to_fp16(rng_unit() * 0.01f);
-        uint16_t m = tsr_fp32_to_fp16(rng_unit() * 0.01f);
+        uint16_t d = tsr_fp32_to_fp16(tsr_test_rng_unit(&g_rng) * 0.01f);
+        uint16_t m = tsr_fp32_to_fp16(tsr_test_rng_unit(&g_rng) * 0.01f);
         switch (t) {
         case TSR_DTYPE_Q4_0:
         case TSR_DTYPE_Q5_0:

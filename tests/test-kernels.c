@@ -19,16 +19,6 @@ static void rng_seed(uint64_t s) {
     g_rng = s * 0x9e3779b97f4a7c15ull + 1;
 }
 
-static uint64_t rng_u64(void) { /* xorshift64* */
-    g_rng ^= g_rng >> 12;
-    g_rng ^= g_rng << 25;
-    g_rng ^= g_rng >> 27;
-    return g_rng * 0x2545f4914f6cdd1dull;
-}
-
-static float rng_unit(void) { /* [-1, 1) */
-    return (float)((double)(rng_u64() >> 11) * 0x1p-53 * 2.0 - 1.0);
-}
 
 static float bits_f32(uint32_t u) {
     float f;
@@ -43,7 +33,7 @@ static uint32_t f32_bits(float f) {
 }
 
 static void fill(float *x, int64_t n, float scale) {
-    for (int64_t i = 0; i < n; i++) x[i] = rng_unit() * scale;
+    for (int64_t i = 0; i < n; i++) x[i] = tsr_test_rng_unit(&g_rng) * scale;
 }
 
 /* The SIMD levels this machine runs; the scalar one is the reference. */
@@ -196,8 +186,8 @@ START_TEST(test_conversions_simd) {
     uint16_t *h = malloc(N * sizeof *h), *g = malloc(N * sizeof *g), *s = malloc(N * 2);
     rng_seed(1);
     for (int i = 0; i < N; i++) {
-        x[i] = bits_f32((uint32_t)rng_u64());
-        s[i] = (uint16_t)rng_u64();
+        x[i] = bits_f32((uint32_t)tsr_test_rng_u64(&g_rng));
+        s[i] = (uint16_t)tsr_test_rng_u64(&g_rng);
     }
     int64_t n = N - 5; /* a ragged tail */
     use_level(TSR_CPU_LEVEL_SCALAR);
@@ -245,7 +235,7 @@ START_TEST(test_q8_0_quantize) {
     tsr_block_q8_0 *ref = malloc(NB * sizeof *ref), *got = malloc(NB * sizeof *got);
     rng_seed(2);
     for (int b = 0; b < NB; b++) {
-        float scale = b == 5 ? 0.0f : ldexpf(1.0f, (int)(rng_u64() % 40) - 20);
+        float scale = b == 5 ? 0.0f : ldexpf(1.0f, (int)(tsr_test_rng_u64(&g_rng) % 40) - 20);
         fill(x + b * 32, 32, scale);
     }
     for (int i = 0; i < 32; i++) x[7 * 32 + i] = (float)(i - 16) * 0.5f; /* exact ties */
@@ -291,13 +281,13 @@ static void *make_weights(int32_t type, int64_t n_out, int64_t n_in) {
         if (type == TSR_DTYPE_Q8_0) {
             tsr_block_q8_0 *b = dst;
             for (int64_t i = 0; i < n_in / 32; i++) {
-                b[i].d = tsr_fp32_to_fp16(ldexpf(1.0f + rng_unit() * 0.5f, -9));
-                for (int j = 0; j < 32; j++) b[i].q[j] = (int8_t)(rng_u64() & 0xff);
+                b[i].d = tsr_fp32_to_fp16(ldexpf(1.0f + tsr_test_rng_unit(&g_rng) * 0.5f, -9));
+                for (int j = 0; j < 32; j++) b[i].q[j] = (int8_t)(tsr_test_rng_u64(&g_rng) & 0xff);
             }
             continue;
         }
         for (int64_t i = 0; i < n_in; i++) {
-            float v = rng_unit();
+            float v = tsr_test_rng_unit(&g_rng);
             if (type == TSR_DTYPE_F32) ((float *)dst)[i] = v;
             if (type == TSR_DTYPE_F16) ((uint16_t *)dst)[i] = tsr_fp32_to_fp16(v);
             if (type == TSR_DTYPE_BF16) ((uint16_t *)dst)[i] = tsr_fp32_to_bf16(v);

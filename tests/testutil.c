@@ -161,6 +161,17 @@ int tsr_test_run_suite(Suite *s) {
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
+uint64_t tsr_test_rng_u64(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return *state * 0x2545f4914f6cdd1dull;
+}
+
+float tsr_test_rng_unit(uint64_t *state) {
+    return (float)((double)(tsr_test_rng_u64(state) >> 11) * 0x1p-53 * 2.0 - 1.0);
+}
+
 const char *tsr_test_env(const char *name) {
     const char *v = getenv(name);
     if (!v || !*v) {

@@ -3,6 +3,7 @@
 #define TSR_TESTUTIL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <check.h>
 
@@ -54,6 +55,11 @@ Suite *tsr_test_suite(const char *name, const tsr_test_case *cases, size_t n);
 /* Runs every test of `s` (fork mode unless CK_FORK=no), prints Check's summary and returns
  * the process exit status: 0 when every test passed, 1 otherwise. Frees the suite. */
 int tsr_test_run_suite(Suite *s);
+
+/* Deterministic test data, so that failures reproduce: the next value of the xorshift64*
+ * generator whose state is *state (not 0), and that value as a float uniform in [-1, 1). */
+uint64_t tsr_test_rng_u64(uint64_t *state);
+float tsr_test_rng_unit(uint64_t *state);
 
 /* Environment values set by ctest; abort with a message when absent. */
 const char *tsr_test_env(const char *name);
