@@ -1,18 +1,24 @@
-/* Attention test data shared by the tests that load attention plugins: a deterministic random
- * problem (queries, K/V in F32 and F16, positions with holes in any order), the views that
- * expose it as F32, F16 or loaded ("plugin dtype") storage, and the row-wise comparison. */
+/* Shared by the tests that load stage plugins from their .so files: an instance opened through
+ * the host's loader (registry, parameters bound from text, stage init from a shape), and
+ * attention test data: a deterministic random problem (queries, K/V in F32 and F16, positions
+ * with holes in any order), the views that expose it as F32, F16 or loaded ("plugin dtype")
+ * storage, a run of it, and the row-wise comparison. */
 #ifndef TESSERA_TESTS_STAGE_PLUGIN_FIXTURES_H
 #define TESSERA_TESTS_STAGE_PLUGIN_FIXTURES_H
 
 #include <check.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <tessera/sdk.h>
 #include <tessera/sdk_kv.h>
 
+#include "loader.h"
+#include "params.h"
+#include "stage_init.h"
 #include "testutil.h"
 
 /* Deterministic data (tsr_test_rng_unit). */
@@ -143,6 +149,88 @@ static inline void assert_rows_close(const float *ref, const float *got, int64_t
         ck_assert_msg(diff <= tol * scale, "%s: row %lld: max diff %g, row scale %g", what,
                       (long long)r, diff, scale);
     }
+}
+
+/* ---- plugin instances ---------------------------------------------------------------------- */
+
+/* One plugin instance with everything it borrows. */
+typedef struct fx {
+    tsr_pool *pool;
+    tsr_registry *reg;
+    tsr_bound_params bound;
+    tsr_instance *inst;
+    const void *vt;
+} fx;
+
+/* `kv`: NULL-terminated "key=value" texts, as a config would give them. */
+static inline void fx_open(fx *f, int n_threads, int32_t stage, const char *file, const char *name,
+                    const char *const *kv, const tsr_model_shape *shape) {
+    tsr_error err = {{0}};
+    memset(f, 0, sizeof *f);
+    f->pool = tsr_pool_create(n_threads);
+    ck_assert_ptr_nonnull(f->pool);
+    f->reg = tsr_registry_create(f->pool);
+    ck_assert_ptr_nonnull(f->reg);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", tsr_test_env("TESSERA_PLUGIN_DIR"), file);
+    tsr_status st = tsr_registry_load_file(f->reg, path, &err);
+    ck_assert_msg(st == TSR_OK, "%s", err.msg);
+    const tsr_plugin_ref *ref = tsr_registry_find(f->reg, stage, name);
+    ck_assert_msg(ref != NULL, "plugin %s not registered from %s", name, path);
+
+    tsr_kv_text items[16];
+    size_t n = 0;
+    for (; kv && kv[n]; n++) {
+        ck_assert_uint_lt(n, 16);
+        char *text = strdup(kv[n]);
+        char *eq = strchr(text, '=');
+        ck_assert_ptr_nonnull(eq);
+        *eq = '\0';
+        items[n] = (tsr_kv_text){.key = text, .value = eq + 1, .loc = {"test", 0, 0}};
+    }
+    st = tsr_params_bind(ref->desc->params, ref->desc->n_params, name, "stage",
+                         (tsr_src_loc){"test", 0, 0}, items, n, &f->bound, &err);
+    for (size_t i = 0; i < n; i++) free(items[i].key);
+    ck_assert_msg(st == TSR_OK, "%s", err.msg);
+
+    tsr_model_shape synthetic = tsr_model_shape_synthetic();
+    tsr_stage_init init;
+    const void *initp = tsr_stage_init_fill(stage, shape ? shape : &synthetic, &init);
+    st = tsr_instance_create(ref, f->pool, &f->bound.params, initp, &f->inst, &err);
+    ck_assert_msg(st == TSR_OK, "%s", err.msg);
+    f->vt = f->inst->vtable;
+}
+
+static inline void fx_close(fx *f) {
+    ck_assert_uint_eq(tsr_instance_destroy(f->inst), 0); /* no leak through host->alloc */
+    tsr_bound_params_free(&f->bound);
+    tsr_registry_free(f->reg);
+    tsr_pool_free(f->pool);
+}
+
+static inline const char *fx_error(fx *f) {
+    return tsr_services_take_error(&f->inst->services, "");
+}
+
+/* An attention instance's forward. */
+static inline tsr_status fx_attention_forward(fx *f, const tsr_attention_call *call) {
+    const tsr_attention_vtable *vt = f->vt;
+    return vt->forward(f->inst->self, call);
+}
+
+/* Runs `f` (an attention instance) on the case; out (n_q, n_head, hd); score_acc
+ * (n_kv_head, n_kv) or NULL. */
+static inline tsr_status attn_run(fx *f, const attn_case *c, int kind, int32_t score_from,
+                                  float *out, float *score_acc) {
+    tsr_kv_view views[16];
+    load_src srcs[16];
+    int32_t hd = c->head_dim;
+    attn_case_views(c, kind, TSR_DTYPE_PLUGIN_FIRST + 7, score_from, score_acc, views, srcs);
+    tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .seq_id = 0, .layer = 1,
+                               .phase = TSR_PHASE_PREFILL, .n_q = c->n_q, .q = c->q,
+                               .q_pos = c->q_pos, .scale = 1.0f / sqrtf((float)hd),
+                               .views = views, .out = out};
+    return fx_attention_forward(f, &call);
 }
 
 #endif

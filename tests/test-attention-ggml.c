@@ -19,51 +19,20 @@
 #include "stage_plugin_fixtures.h"
 #include "testutil.h"
 
-/* One attention plugin instance with everything it borrows. */
-typedef struct fx {
-    tsr_pool *pool;
-    tsr_registry *reg;
-    tsr_bound_params bound;
-    tsr_instance *inst;
-    const tsr_attention_vtable *vt;
-} fx;
-
-/* `kv_pad`: the parameter's text, or NULL for its default. */
-static void fx_open(fx *f, int n_threads, const char *plugin, const char *kv_pad,
-                    int32_t n_head, int32_t n_kv_head, int32_t head_dim, int32_t n_ctx) {
-    tsr_error err = {{0}};
-    memset(f, 0, sizeof *f);
-    f->pool = tsr_pool_create(n_threads);
-    f->reg = tsr_registry_create(f->pool);
-    char path[4096];
-    snprintf(path, sizeof path, "%s/attention-%s.so", tsr_test_env("TESSERA_PLUGIN_DIR"), plugin);
-    ck_assert_msg(tsr_registry_load_file(f->reg, path, &err) == TSR_OK, "%s", err.msg);
-    const tsr_plugin_ref *ref = tsr_registry_find(f->reg, TSR_STAGE_ATTENTION, plugin);
-    ck_assert_ptr_nonnull(ref);
-    char key[] = "kv_pad", value[32];
-    snprintf(value, sizeof value, "%s", kv_pad ? kv_pad : "");
-    tsr_kv_text item = {.key = key, .value = value, .loc = {"test", 0, 0}};
-    tsr_status st = tsr_params_bind(ref->desc->params, ref->desc->n_params, plugin, "attention",
-                                    (tsr_src_loc){"test", 0, 0}, &item, kv_pad ? 1 : 0,
-                                    &f->bound, &err);
-    ck_assert_msg(st == TSR_OK, "%s", err.msg);
+/* The attention plugin `name` for a shape; `kv_pad`: the parameter's text, or NULL for its
+ * default. */
+static void attn_open(fx *f, int n_threads, const char *name, const char *kv_pad, int32_t n_head,
+                      int32_t n_kv_head, int32_t head_dim, int32_t n_ctx) {
     tsr_model_shape shape = tsr_model_shape_synthetic();
     shape.n_head = n_head;
     shape.n_kv_head = n_kv_head;
     shape.head_dim = head_dim;
     shape.n_ctx = n_ctx;
-    tsr_stage_init init;
-    const void *initp = tsr_stage_init_fill(TSR_STAGE_ATTENTION, &shape, &init);
-    st = tsr_instance_create(ref, f->pool, &f->bound.params, initp, &f->inst, &err);
-    ck_assert_msg(st == TSR_OK, "%s", err.msg);
-    f->vt = f->inst->vtable;
-}
-
-static void fx_close(fx *f) {
-    ck_assert_uint_eq(tsr_instance_destroy(f->inst), 0); /* nothing leaked through host->alloc */
-    tsr_bound_params_free(&f->bound);
-    tsr_registry_free(f->reg);
-    tsr_pool_free(f->pool);
+    char file[64], pad[64];
+    snprintf(file, sizeof file, "attention-%s.so", name);
+    snprintf(pad, sizeof pad, "kv_pad=%s", kv_pad ? kv_pad : "");
+    const char *const kv[] = {pad, NULL};
+    fx_open(f, n_threads, TSR_STAGE_ATTENTION, file, name, kv_pad ? kv : NULL, &shape);
 }
 
 /* attn_case_make's problem, whose first query (of several) lies one position further back. */
@@ -71,19 +40,6 @@ static void problem_make(attn_case *c, uint64_t seed, int32_t n_head, int32_t n_
                          int32_t hd, int64_t n_q, int64_t n_kv) {
     attn_case_make(c, seed, n_head, n_kv_head, hd, n_q, n_kv);
     if (n_q > 1) c->q_pos[0]--;
-}
-
-/* out (n_q, n_head, hd); score_acc (n_kv_head, n_kv) or NULL. */
-static tsr_status problem_run(fx *f, const attn_case *c, int kind, int32_t score_from, float *out,
-                              float *score_acc) {
-    tsr_kv_view views[16];
-    load_src srcs[16];
-    attn_case_views(c, kind, TSR_DTYPE_PLUGIN_FIRST + 3, score_from, score_acc, views, srcs);
-    tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .layer = 0,
-                               .phase = TSR_PHASE_PREFILL, .n_q = c->n_q, .q = c->q,
-                               .q_pos = c->q_pos, .scale = 1.0f / sqrtf((float)c->head_dim),
-                               .views = views, .out = out};
-    return f->vt->forward(f->inst->self, &call);
 }
 
 /* (n_head, n_kv_head, head_dim, n_q, n_kv): decode (n_q 1) and prompt shapes, head_dim
@@ -99,15 +55,15 @@ START_TEST(test_matches_reference) {
     attn_case c;
     problem_make(&c, 500 + (uint64_t)_i, s[0], s[1], s[2], s[3], s[4]);
     fx ref, gg;
-    fx_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
-    fx_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    attn_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    attn_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
     size_t n_out = (size_t)(c.n_q * c.n_head * c.head_dim);
     float *o_ref = malloc(n_out * sizeof(float)), *o_gg = malloc(n_out * sizeof(float));
     float *o_loaded = malloc(n_out * sizeof(float));
     const char *names[] = {"f32", "f16", "loaded"};
     for (int kind = VIEW_F32; kind <= VIEW_LOADED; kind++) {
-        ck_assert_int_eq(problem_run(&ref, &c, kind, 0, o_ref, NULL), TSR_OK);
-        ck_assert_int_eq(problem_run(&gg, &c, kind, 0, o_gg, NULL), TSR_OK);
+        ck_assert_int_eq(attn_run(&ref, &c, kind, 0, o_ref, NULL), TSR_OK);
+        ck_assert_int_eq(attn_run(&gg, &c, kind, 0, o_gg, NULL), TSR_OK);
         assert_rows_close(o_ref, o_gg, c.n_q * c.n_head, c.head_dim, 1e-5, names[kind]);
         /* The first of several queries sees nothing: zeros. */
         for (int32_t d = 0; d < c.n_head * c.head_dim && c.n_q > 1; d++)
@@ -129,15 +85,15 @@ START_TEST(test_score_acc_matches_reference) {
     attn_case c;
     problem_make(&c, 77, 8, 2, 32, 23, 190);
     fx ref, gg;
-    fx_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
-    fx_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    attn_open(&ref, 2, "reference", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+    attn_open(&gg, 2, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
     size_t n_out = (size_t)(c.n_q * c.n_head * c.head_dim), n_acc = (size_t)(c.n_kv_head * c.n_kv);
     float *o_ref = malloc(n_out * sizeof(float)), *o_gg = malloc(n_out * sizeof(float));
     float *o_plain = malloc(n_out * sizeof(float));
     float *a_ref = calloc(n_acc, sizeof(float)), *a_gg = calloc(n_acc, sizeof(float));
     int32_t from = c.q_pos[c.n_q / 2];
-    ck_assert_int_eq(problem_run(&ref, &c, VIEW_F32, from, o_ref, a_ref), TSR_OK);
-    ck_assert_int_eq(problem_run(&gg, &c, VIEW_F32, from, o_gg, a_gg), TSR_OK);
+    ck_assert_int_eq(attn_run(&ref, &c, VIEW_F32, from, o_ref, a_ref), TSR_OK);
+    ck_assert_int_eq(attn_run(&gg, &c, VIEW_F32, from, o_gg, a_gg), TSR_OK);
     double total = 0.0;
     for (size_t j = 0; j < n_acc; j++) {
         ck_assert_msg(fabs(a_ref[j] - a_gg[j]) <= 1e-5 * fmax(1.0, fabs(a_ref[j])),
@@ -149,10 +105,10 @@ START_TEST(test_score_acc_matches_reference) {
     for (int64_t i = 0; i < c.n_q; i++) observed += c.q_pos[i] >= from;
     ck_assert_double_eq_tol(total, (double)(observed * c.n_head), 1e-4);
     /* Asking for scores changes the work split, not the output. */
-    ck_assert_int_eq(problem_run(&gg, &c, VIEW_F32, from, o_plain, NULL), TSR_OK);
+    ck_assert_int_eq(attn_run(&gg, &c, VIEW_F32, from, o_plain, NULL), TSR_OK);
     ck_assert_mem_eq(o_plain, o_gg, n_out * sizeof(float));
     /* score_acc is added to, not overwritten. */
-    ck_assert_int_eq(problem_run(&gg, &c, VIEW_F32, from, o_gg, a_gg), TSR_OK);
+    ck_assert_int_eq(attn_run(&gg, &c, VIEW_F32, from, o_gg, a_gg), TSR_OK);
     double twice = 0.0;
     for (size_t j = 0; j < n_acc; j++) twice += a_gg[j];
     ck_assert_double_eq_tol(twice, 2.0 * total, 1e-3);
@@ -174,13 +130,13 @@ START_TEST(test_thread_independent) {
     float *out[3], *acc[3], *plain[3];
     for (int t = 0; t < 3; t++) {
         fx f;
-        fx_open(&f, t + 1, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
+        attn_open(&f, t + 1, "ggml", NULL, c.n_head, c.n_kv_head, c.head_dim, 4096);
         ck_assert_int_eq(tsr_pool_size(f.pool), t + 1);
         out[t] = malloc(n_out * sizeof(float));
         plain[t] = malloc(n_out * sizeof(float));
         acc[t] = calloc(n_acc, sizeof(float));
-        ck_assert_int_eq(problem_run(&f, &c, VIEW_F16, c.q_pos[3], out[t], acc[t]), TSR_OK);
-        ck_assert_int_eq(problem_run(&f, &c, VIEW_F32, 0, plain[t], NULL), TSR_OK);
+        ck_assert_int_eq(attn_run(&f, &c, VIEW_F16, c.q_pos[3], out[t], acc[t]), TSR_OK);
+        ck_assert_int_eq(attn_run(&f, &c, VIEW_F32, 0, plain[t], NULL), TSR_OK);
         fx_close(&f);
     }
     for (int t = 1; t < 3; t++) {
@@ -202,7 +158,7 @@ END_TEST
 static float run_small(const char *kv_pad, int32_t hd, int64_t n, const float *k,
                        const float *v, int64_t n_q, const float *q) {
     fx f;
-    fx_open(&f, 1, "ggml", kv_pad, 1, 1, hd, 512);
+    attn_open(&f, 1, "ggml", kv_pad, 1, 1, hd, 512);
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)n), qpos[4];
     for (int64_t j = 0; j < n; j++) pos[j] = (int32_t)j;
     float *qq = malloc(sizeof(float) * (size_t)(n_q * hd)), out[4 * 80];
@@ -215,7 +171,7 @@ static float run_small(const char *kv_pad, int32_t hd, int64_t n, const float *k
     tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .layer = 0, .n_q = n_q, .q = qq,
                                .q_pos = qpos, .scale = 1.0f / sqrtf((float)hd), .views = &view,
                                .out = out};
-    ck_assert_int_eq(f.vt->forward(f.inst->self, &call), TSR_OK);
+    ck_assert_int_eq(fx_attention_forward(&f, &call), TSR_OK);
     fx_close(&f);
     free(pos);
     free(qq);
@@ -282,17 +238,17 @@ END_TEST
 
 START_TEST(test_errors) {
     fx f;
-    fx_open(&f, 1, "ggml", NULL, 2, 1, 8, 64);
+    attn_open(&f, 1, "ggml", NULL, 2, 1, 8, 64);
     float q[16] = {0}, out[16];
     int32_t qpos = 0;
     tsr_kv_view view = {TSR_SIZED(tsr_kv_view), .n = 1, .dtype = TSR_DTYPE_F32};
     tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .layer = 2, .n_q = 1, .q = q,
                                .q_pos = &qpos, .scale = 1.0f, .views = &view, .out = out};
-    ck_assert_int_eq(f.vt->forward(f.inst->self, &call), TSR_E_RANGE);
-    ck_assert_ptr_nonnull(strstr(tsr_services_take_error(&f.inst->services, ""), "layer 2"));
+    ck_assert_int_eq(fx_attention_forward(&f, &call), TSR_E_RANGE);
+    ck_assert_ptr_nonnull(strstr(fx_error(&f), "layer 2"));
     call.layer = 0; /* a view without pos, k or v */
-    ck_assert_int_eq(f.vt->forward(f.inst->self, &call), TSR_E_INVALID);
-    ck_assert_ptr_nonnull(strstr(tsr_services_take_error(&f.inst->services, ""), "KV head 0"));
+    ck_assert_int_eq(fx_attention_forward(&f, &call), TSR_E_INVALID);
+    ck_assert_ptr_nonnull(strstr(fx_error(&f), "KV head 0"));
     fx_close(&f);
 }
 END_TEST
