@@ -38,15 +38,21 @@ static void tmp_free(tmp *t) {
 }
 
 /* Runs a command that must succeed and print one JSON document; returns it parsed. */
-static json_t *run_json(const char *const *args) {
+/* A command that must succeed; returns its stdout. */
+static char *run_ok(const char *const *args) {
     char *out, *err;
     int status = tsr_test_tessera(&out, &err, args);
     ck_assert_msg(status == 0, "%s: exit %d: %s", args[0], status, err);
+    free(err);
+    return out;
+}
+
+static json_t *run_json(const char *const *args) {
+    char *out = run_ok(args);
     json_error_t jerr;
     json_t *root = json_loads(out, 0, &jerr);
     ck_assert_msg(root != NULL, "%s --json: line %d: %s\n%s", args[0], jerr.line, jerr.text, out);
     free(out);
-    free(err);
     return root;
 }
 
@@ -124,9 +130,7 @@ START_TEST(quantize_matches_llama_quantize) {
     char *want = tsr_test_data(rel);
     const char *out_path = tmp_path(&t, "out.gguf");
     const char *args[] = {"quantize", in, out_path, identical[_i].type, NULL};
-    char *out, *err;
-    int status = tsr_test_tessera(&out, &err, args);
-    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    char *out = run_ok(args);
     char line[4300];
     snprintf(line, sizeof line, "%s: %s\n", out_path, identical[_i].line);
     ck_assert_str_eq(out, line);
@@ -135,7 +139,6 @@ START_TEST(quantize_matches_llama_quantize) {
                   identical[_i].type, rel);
     ck_assert_uint_gt(size, 0);
     free(out);
-    free(err);
     free(in);
     free(want);
     tmp_free(&t);
@@ -231,21 +234,16 @@ START_TEST(quantized_files_run) {
     char *in = tsr_test_data(LLAMA_TINY);
     const char *model = tmp_path(&t, "model.gguf"), *logits = tmp_path(&t, "logits.f32");
     const char *q_args[] = {"quantize", in, model, runnable[_i], NULL};
-    char *err;
-    int status = tsr_test_tessera(NULL, &err, q_args);
-    ck_assert_msg(status == 0, "quantize %s: exit %d: %s", runnable[_i], status, err);
-    free(err);
+    free(run_ok(q_args));
     const char *l_args[] = {"logits", "-m", model, "--tokens", "1 17 300 42", "--out", logits,
                             NULL};
-    status = tsr_test_tessera(NULL, &err, l_args);
-    ck_assert_msg(status == 0, "logits on %s: exit %d: %s", runnable[_i], status, err);
+    free(run_ok(l_args));
     size_t size;
     float *v = (float *)tsr_test_read_file(logits, &size);
     ck_assert_uint_eq(size, 4 * 512 * sizeof(float));
     for (size_t i = 0; i < size / sizeof(float); i++)
         ck_assert_msg(isfinite(v[i]), "%s: logit %zu is %g", runnable[_i], i, v[i]);
     free(v);
-    free(err);
     free(in);
     tmp_free(&t);
 }
@@ -291,14 +289,11 @@ START_TEST(short_rows_fall_back) {
     }
     ck_assert_uint_eq(json_array_size(json_object_get(r, "tensors")), 37);
     json_decref(r);
-    char *out, *err;
     const char *run[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "24",
                          "--temperature", "0", NULL};
-    int status = tsr_test_tessera(&out, &err, run);
-    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    char *out = run_ok(run);
     ck_assert_msg(strncmp(out, "Once upon a time", 16) == 0 && strlen(out) > 40, "%s", out);
     free(out);
-    free(err);
     free(in);
     tmp_free(&t);
 }
@@ -318,13 +313,8 @@ START_TEST(load_time_conversion_equals_file) {
     const char *tokens = "1 5 9 200 3 77 411";
     const char *conv[] = {"logits", "-m", f32, "--set", set, "--tokens", tokens, "--out", a, NULL};
     const char *file[] = {"logits", "-m", fixture, "--tokens", tokens, "--out", b, NULL};
-    char *err;
-    int status = tsr_test_tessera(NULL, &err, conv);
-    ck_assert_msg(status == 0, "exit %d: %s", status, err);
-    free(err);
-    status = tsr_test_tessera(NULL, &err, file);
-    ck_assert_msg(status == 0, "exit %d: %s", status, err);
-    free(err);
+    free(run_ok(conv));
+    free(run_ok(file));
     size_t size;
     ck_assert_msg(files_equal(a, b, &size), "%s at load: logits differ from %s's", at_load[_i],
                   rel);
@@ -420,15 +410,12 @@ START_TEST(synth_is_deterministic) {
     for (int i = 0; i < 3; i++) {
         const char *args[] = {"synth", "--shape", "tiny", "--type", "q8_0", "--seed", seeds[i],
                               "-o", files[i], NULL};
-        char *out, *err;
-        int status = tsr_test_tessera(&out, &err, args);
-        ck_assert_msg(status == 0, "exit %d: %s", status, err);
+        char *out = run_ok(args);
         char want[4300];
         snprintf(want, sizeof want, "%s: 114688 weights quantized, 8.500 bits per weight\n",
                  files[i]);
         ck_assert_str_eq(out, want);
         free(out);
-        free(err);
     }
     size_t size_a, size_c;
     ck_assert_msg(files_equal(a, b, &size_a), "same seed, different files");
@@ -437,13 +424,9 @@ START_TEST(synth_is_deterministic) {
     /* It runs, and its SentencePiece-style vocabulary tokenizes (byte fallback for "▁Hello",
      * then "▁w" as a piece: 259 + 'w' - 'a'). */
     const char *run[] = {"run", "-m", a, "-n", "8", "--temperature", "0", NULL};
-    char *err;
-    int status = tsr_test_tessera(NULL, &err, run);
-    ck_assert_msg(status == 0, "run: exit %d: %s", status, err);
-    free(err);
-    char *out;
+    free(run_ok(run));
     const char *tok[] = {"tokenize", "-m", a, "-p", "Hello world", NULL};
-    ck_assert_int_eq(tsr_test_tessera(&out, NULL, tok), 0);
+    char *out = run_ok(tok);
     ck_assert_str_eq(out, "1 229 153 132 75 104 111 111 114 281 114 117 111 103\n");
     free(out);
     tmp_free(&t);
@@ -461,21 +444,17 @@ START_TEST(synth_types_load) {
     ck_assert_double_eq(json_real_value(json_object_get(r, "weights")), 114688.0);
     json_decref(r);
     const char *l_args[] = {"logits", "-m", model, "--tokens", "1 300 4", "--out", logits, NULL};
-    char *err;
-    int status = tsr_test_tessera(NULL, &err, l_args);
-    ck_assert_msg(status == 0, "%s: exit %d: %s", synth_types[_i], status, err);
+    free(run_ok(l_args));
     size_t size;
     free(tsr_test_read_file(logits, &size));
     ck_assert_uint_eq(size, 3 * 320 * sizeof(float));
-    free(err);
     tmp_free(&t);
 }
 END_TEST
 
 START_TEST(synth_shapes) {
-    char *out;
     const char *help[] = {"synth", "--help", NULL};
-    ck_assert_int_eq(tsr_test_tessera(&out, NULL, help), 0);
+    char *out = run_ok(help);
     ck_assert_msg(strstr(out, " tinyllama-1.1b") && strstr(out, " qwen2.5-0.5b") &&
                       strstr(out, " llama-7b") && strstr(out, " tiny"), "%s", out);
     free(out);
@@ -519,10 +498,9 @@ START_TEST(bench_reports) {
         ck_assert_msg(json_real_value(json_object_get(x, "peak_rss_mib")) < 1024, "peak RSS");
     }
     json_decref(r);
-    char *out;
     const char *md[] = {"bench", "-m", model, "-p", "8", "-n", "4", "-r", "1",
                         "--bandwidth-mib", "16", NULL};
-    ck_assert_int_eq(tsr_test_tessera(&out, NULL, md), 0);
+    char *out = run_ok(md);
     ck_assert_msg(strncmp(out, "| model | type | weights | threads | test | tokens/s | weights "
                                "read | roofline |\n", 76) == 0, "%s", out);
     ck_assert_msg(strstr(out, "| stories260K.gguf | F32 | ") && strstr(out, "| pp8 |") &&
