@@ -183,17 +183,16 @@ static int mm_index(int32_t wtype) {
     return -1;
 }
 
-/* A float weight type (or, for activations, also Q8_0) and a row length it can hold. */
 static tsr_status check_types(int32_t type, int64_t n_in) {
-    if (mm_index(type) < 0 && type != TSR_DTYPE_Q8_0) return TSR_E_UNSUPPORTED;
+    if (mm_index(type) < 0) return TSR_E_UNSUPPORTED;
     if (n_in < 0 || (n_in > 0 && tsr_row_size(type, n_in) == 0)) return TSR_E_INVALID;
     return TSR_OK;
 }
 
 tsr_status tsr_matmul_prepare(void *xp, int32_t act_type, const float *x, int64_t n_tok,
                               int64_t n_in, int ith, int nth) {
-    if (act_type == TSR_DTYPE_Q8_1 || act_type == TSR_DTYPE_Q8_K) {
-        if (n_in < 0 || tsr_row_size(act_type, n_in) == 0) return TSR_E_INVALID;
+    if (act_type == TSR_DTYPE_Q8_0 || act_type == TSR_DTYPE_Q8_1 || act_type == TSR_DTYPE_Q8_K) {
+        if (n_in < 0 || (n_in > 0 && tsr_row_size(act_type, n_in) == 0)) return TSR_E_INVALID;
         size_t row = tsr_row_size(act_type, n_in);
         int64_t t0, t1;
         tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
@@ -216,7 +215,6 @@ tsr_status tsr_matmul_prepare(void *xp, int32_t act_type, const float *x, int64_
             break;
         case TSR_DTYPE_F16: o->fp32_to_fp16_row(dst, src, n_in); break;
         case TSR_DTYPE_BF16: o->fp32_to_bf16_row(dst, src, n_in); break;
-        case TSR_DTYPE_Q8_0: o->q8_0_quantize_row(dst, src, n_in); break;
         }
     }
     return TSR_OK;

@@ -339,7 +339,9 @@ int32_t tsr_quant_act_type(int32_t wtype) {
 
 tsr_status tsr_quant_prepare_row(int32_t act_type, void *dst, const float *src, int64_t n) {
     const tsr_quant_ops *o = qops();
-    if (act_type == TSR_DTYPE_Q8_1)
+    if (act_type == TSR_DTYPE_Q8_0)
+        tsr_q8_0_quantize_row(dst, src, n);
+    else if (act_type == TSR_DTYPE_Q8_1)
         o->q8_1_quantize_row(dst, src, n);
     else if (act_type == TSR_DTYPE_Q8_K)
         o->q8_k_quantize_row(dst, src, n);
