@@ -14,6 +14,7 @@
 static tsr_cpu_ops g_tables[3];
 static tsr_cpu_level g_best = TSR_CPU_LEVEL_SCALAR;
 static atomic_int g_level;
+static int g_vbmi; /* the AVX-512 machine also has VBMI */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 #if defined(TSR_KERNELS_X86)
@@ -56,7 +57,9 @@ static tsr_cpu_level detect(void) {
     const unsigned f_dq_bw_vl = 1u << 16 | 1u << 17 | 1u << 30 | 1u << 31;
     if ((b & f_dq_bw_vl) != f_dq_bw_vl || !(c & (1u << 11)) || (xlo & 0xe0u) != 0xe0u)
         return TSR_CPU_LEVEL_AVX2;
+    const int vbmi = (c >> 1) & 1;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return TSR_CPU_LEVEL_AVX2;
+    g_vbmi = vbmi;
     return TSR_CPU_LEVEL_AVX512;
 }
 #endif
@@ -85,6 +88,10 @@ static void init_once(void) {
 static const tsr_cpu_ops *ops(void) {
     pthread_once(&g_once, init_once);
     return &g_tables[atomic_load_explicit(&g_level, memory_order_relaxed)];
+}
+
+int tsr_cpu_avx512_vbmi(void) {
+    return tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512 && g_vbmi;
 }
 
 tsr_cpu_level tsr_cpu_level_best(void) {

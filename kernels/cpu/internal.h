@@ -44,6 +44,10 @@ extern const tsr_cpu_ops tsr_cpu_ops_avx2;
 extern const tsr_cpu_ops tsr_cpu_ops_avx512;
 #endif
 
+/* Whether the running level is AVX-512 on a CPU that also has VBMI (byte permutes and
+ * multishifts), which the level itself does not require. */
+int tsr_cpu_avx512_vbmi(void);
+
 /* Decode reads every weight row once. Its kernels read two rows side by side, one from each
  * half of the thread's slice, so that each is the next row of a long sequential stream: two
  * such streams read at the full bandwidth of a core, where neighbouring rows read side by side

@@ -7,6 +7,8 @@
 
 #include <tessera/kernels_cpu.h>
 
+#include "internal.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define RQ_X86 1
@@ -79,17 +81,11 @@ unpack_vbmi(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
         _mm512_mask_storeu_epi8(codes + i, sm, _mm512_and_si512(v, mask));
     }
 }
-
-static int has_vbmi(void) {
-    static int v = -1;
-    if (v < 0) v = __builtin_cpu_supports("avx512vbmi") ? 1 : 0;
-    return v;
-}
 #endif
 
 void tsr_rq_unpack(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
 #ifdef RQ_X86
-    if (tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512 && has_vbmi()) {
+    if (tsr_cpu_avx512_vbmi()) {
         unpack_vbmi(codes, src, n, bits);
         return;
     }
