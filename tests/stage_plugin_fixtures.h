@@ -16,9 +16,9 @@
 #include <tessera/sdk.h>
 #include <tessera/sdk_kv.h>
 
-#include "loader.h"
-#include "params.h"
-#include "stage_init.h"
+#include "plugin/loader.h"
+#include "config/params.h"
+#include "plugin/stage_init.h"
 #include "testutil.h"
 
 /* Deterministic data (tsr_test_rng_unit). */

@@ -11,10 +11,10 @@
 
 #include <tessera/kernels_cpu.h>
 
-#include "commands.h"
-#include "loader.h"
-#include "params.h"
-#include "stage_init.h"
+#include "plugin/commands.h"
+#include "plugin/loader.h"
+#include "config/params.h"
+#include "plugin/stage_init.h"
 #include "testutil.h"
 
 /* ---- instances -------------------------------------------------------------------------- */

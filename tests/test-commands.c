@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "commands.h"
+#include "plugin/commands.h"
 #include "testutil.h"
 
 /* ---- functions called through libffi ------------------------------------------------------ */

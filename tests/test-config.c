@@ -8,7 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "config.h"
+#include "config/config.h"
 #include "testutil.h"
 
 #define DEF(...) {.struct_size = sizeof(tsr_param_def), __VA_ARGS__}

@@ -7,10 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dtype.h"
-#include "gguf.h"
-#include "gguf_write.h"
-#include "llama2c.h"
+#include "files/dtype.h"
+#include "files/gguf.h"
+#include "files/gguf_write.h"
+#include "files/llama2c.h"
 #include "testutil.h"
 
 static tsr_gguf *open_data(const char *rel) {

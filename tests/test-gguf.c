@@ -10,9 +10,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "dtype.h"
-#include "gguf.h"
-#include "gguf_write.h"
+#include "files/dtype.h"
+#include "files/gguf.h"
+#include "files/gguf_write.h"
 #include "gguf_bytes.h"
 #include "testutil.h"
 

@@ -9,8 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "error.h"
-#include "gguf.h"
+#include "base/error.h"
+#include "files/gguf.h"
 #include "testutil.h"
 
 static tsr_gguf *open_fixture(const char *rel) {

@@ -7,9 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dtype.h"
-#include "gguf.h"
-#include "llama2c.h"
+#include "files/dtype.h"
+#include "files/gguf.h"
+#include "files/llama2c.h"
 #include "testutil.h"
 
 enum { DIM = 8, HIDDEN = 12, LAYERS = 2, HEADS = 4, KV_HEADS = 2, VOCAB = 10, SEQ = 3 };

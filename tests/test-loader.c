@@ -12,8 +12,8 @@
 #include <tessera/cache.h>
 #include <tessera/router.h>
 
-#include "commands.h"
-#include "loader.h"
+#include "plugin/commands.h"
+#include "plugin/loader.h"
 #include "testutil.h"
 
 #define PATH_CAP 512

@@ -8,10 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
-#include "loader.h"
-#include "model.h"
-#include "pipeline.h"
+#include "config/config.h"
+#include "plugin/loader.h"
+#include "model/model.h"
+#include "pipeline/pipeline.h"
 #include "testutil.h"
 
 typedef struct run {

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "params.h"
+#include "config/params.h"
 #include "testutil.h"
 
 #define DEF(...) {.struct_size = sizeof(tsr_param_def), __VA_ARGS__}

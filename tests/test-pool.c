@@ -7,8 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "host_services.h"
-#include "pool.h"
+#include "plugin/host_services.h"
+#include "plugin/pool.h"
 #include "testutil.h"
 
 #define MAX_TH 8

@@ -11,12 +11,12 @@
 
 #include <tessera/kernels_research.h>
 
-#include "commands.h"
-#include "config.h"
-#include "loader.h"
-#include "model.h"
-#include "pipeline.h"
-#include "stage_init.h"
+#include "plugin/commands.h"
+#include "config/config.h"
+#include "plugin/loader.h"
+#include "model/model.h"
+#include "pipeline/pipeline.h"
+#include "plugin/stage_init.h"
 #include "testutil.h"
 
 /* ---- a quantizer instance made by the host ---------------------------------------------- */

@@ -10,10 +10,10 @@
 #include <tessera/sdk.h>
 #include <tessera/sdk_kv.h>
 
-#include "commands.h"
-#include "loader.h"
-#include "params.h"
-#include "stage_init.h"
+#include "plugin/commands.h"
+#include "plugin/loader.h"
+#include "config/params.h"
+#include "plugin/stage_init.h"
 #include "stage_plugin_fixtures.h"
 #include "testutil.h"
 

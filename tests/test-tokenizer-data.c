@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "testutil.h"
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 static tsr_tokenizer *open_gguf_tokenizer(const char *rel) {
     char *path = tsr_test_require_data(rel);

@@ -11,7 +11,7 @@
 #include "gguf_bytes.h"
 #include "gpt2_bytes.h"
 #include "testutil.h"
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 /* ---------------------------------------------------------------------------------------- */
 /* Helpers                                                                                   */

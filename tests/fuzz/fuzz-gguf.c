@@ -3,8 +3,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "gguf.h"
-#include "llama2c.h"
+#include "files/gguf.h"
+#include "files/llama2c.h"
 
 /* Touches everything the model exposes so a bad pointer or length shows under ASan. */
 static uint64_t walk(const tsr_gguf *g) {

@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "../gpt2_bytes.h"
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -1,0 +1,458 @@
+/* `tessera bench` and `tessera perplexity`: speed and quality, measured. */
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "cli/cli_session.h"
+#include "files/dtype.h"
+#include "cli/membw.h"
+
+/* Mean and sample deviation of n values. */
+static void mean_std(const double *v, int n, double *mean, double *std) {
+    double s = 0, s2 = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    *mean = n ? s / n : 0;
+    for (int i = 0; i < n; i++) s2 += (v[i] - *mean) * (v[i] - *mean);
+    *std = n > 1 ? sqrt(s2 / (n - 1)) : 0;
+}
+
+/* The weight type that holds most of the model's bytes, as the model's "type". */
+static const char *main_dtype(const tsr_model *m) {
+    uint64_t bytes[64] = {0};
+    for (int32_t l = 0; l < m->hp.n_layer; l++) {
+        const tsr_tensor *t[] = {&m->layers[l].wq, &m->layers[l].wk, &m->layers[l].wv,
+                                 &m->layers[l].wo, &m->layers[l].ffn_gate, &m->layers[l].ffn_up,
+                                 &m->layers[l].ffn_down};
+        for (size_t i = 0; i < 7; i++)
+            if (t[i]->dtype >= 0 && t[i]->dtype < 64)
+                bytes[t[i]->dtype] += t[i]->row_bytes * (uint64_t)t[i]->ne[1];
+    }
+    int best = 0;
+    for (int d = 1; d < 64; d++)
+        if (bytes[d] > bytes[best]) best = d;
+    return tsr_dtype_name(best);
+}
+
+/* Linux's resident high-water mark (VmHWM) can be reset, so each thread count reports its
+ * own peak rather than an earlier one's bandwidth buffer; elsewhere, the lifetime peak. */
+static void reset_peak_rss(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (!f) return;
+    fputs("5", f);
+    fclose(f);
+}
+
+static double peak_rss_mib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kib = -1;
+    while (f && kib < 0 && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %ld kB", &kib) != 1) kib = -1;
+    if (f) fclose(f);
+    if (kib >= 0) return (double)kib / 1024.0;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0;
+}
+
+/* ---- bench ----------------------------------------------------------------------------- */
+
+typedef struct bench_opts {
+    int n_prompt, n_gen, reps;
+    int threads[16];
+    int n_threads;
+    int bandwidth_mib; /* the buffer the bandwidth measurement reads */
+    bool json;
+} bench_opts;
+
+typedef struct kv_probe {
+    tsr_pipeline *pl;
+    int64_t emitted, at;
+    uint64_t kv_bytes;
+} kv_probe;
+
+static void probe_tokens(void *ctx, const int32_t *tokens, int64_t n) {
+    kv_probe *p = ctx;
+    (void)tokens;
+    p->emitted += n;
+    if (p->emitted >= p->at && !p->kv_bytes) p->kv_bytes = tsr_pipeline_kv_bytes(p->pl);
+}
+
+/* One prefill of n tokens from an empty cache; returns seconds. */
+static tsr_status time_prefill(session *s, const tsr_batch_entry *batch, int n, float *logits,
+                               double *secs, tsr_error *err) {
+    tsr_status st = tsr_pipeline_seq_begin(s->pl, 0, err);
+    if (st < 0) return st;
+    uint64_t t0 = tsr_clock_ns();
+    st = tsr_pipeline_forward(s->pl, batch, n, logits, err);
+    *secs = tsr_clock_seconds_since(t0);
+    tsr_pipeline_seq_end(s->pl, 0);
+    return st;
+}
+
+/* n decode steps of one token each, through the decoder stage; returns seconds. */
+static tsr_status time_decode(session *s, int32_t bos, int n, kv_probe *probe, double *secs,
+                              tsr_error *err) {
+    int64_t made = 0;
+    uint64_t t0 = tsr_clock_ns();
+    tsr_status st = tsr_pipeline_generate(s->pl, &bos, 1, n, NULL, NULL, probe_tokens, probe,
+                                          &made, err);
+    *secs = tsr_clock_seconds_since(t0);
+    if (st >= 0 && made != n)
+        st = tsr_error_set(err, TSR_E_STATE, "bench: the decoder stopped after %lld of %d tokens",
+                           (long long)made, n);
+    return st;
+}
+
+typedef struct bench_row {
+    int threads;
+    double pp_mean, pp_std, tg_mean, tg_std;
+    double read_gbs, weight_gb_per_s, roofline;
+    tsr_stage_times times; /* over the decode runs */
+    double decode_secs;
+    uint64_t kv_bytes;
+    double peak_rss_mib; /* before the bandwidth measurement allocates its buffer */
+    double bits_per_weight, rel_rmse; /* what the quantizers made of the weights */
+} bench_row;
+
+static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int threads,
+                                bench_row *row, uint64_t *weight_bytes, session *keep,
+                                tsr_error *err) {
+    model_opts o = *base;
+    o.threads = threads;
+    reset_peak_rss();
+    session s;
+    tsr_status st = tsr_session_open(&s, &o, err);
+    if (st < 0) goto done;
+    if ((st = tsr_session_pipeline(&s, b->n_prompt + b->n_gen + 1, err)) < 0) goto done;
+    *weight_bytes = tsr_pipeline_weight_bytes(s.pl);
+    tsr_pipeline_weight_quality(s.pl, &row->bits_per_weight, &row->rel_rmse);
+    int32_t nv = s.model->hp.n_vocab, bos = tsr_tokenizer_bos(s.tok);
+    if (bos < 0) bos = 0;
+    int n = b->n_prompt;
+    tsr_batch_entry *batch = calloc((size_t)n, sizeof *batch);
+    float *logits = malloc((size_t)nv * sizeof *logits);
+    /* Fixed pseudo-random prompt ids: every run reads the same rows of the embedding. */
+    uint32_t rng = 12345;
+    for (int i = 0; i < n; i++) {
+        rng = rng * 1664525u + 1013904223u;
+        batch[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = (int32_t)(rng % (uint32_t)nv),
+                                     .want_logits = i == n - 1};
+    }
+    double secs, warm;
+    double *pp = calloc((size_t)b->reps, sizeof *pp), *tg = calloc((size_t)b->reps, sizeof *tg);
+    kv_probe probe = {.pl = s.pl, .at = b->n_gen};
+    /* Warm-up: page in the weights and settle the caches before timing. */
+    if ((st = time_prefill(&s, batch, n < 32 ? n : 32, logits, &warm, err)) < 0) goto out;
+    if ((st = time_decode(&s, bos, b->n_gen < 4 ? b->n_gen : 4, &probe, &warm, err)) < 0) goto out;
+    for (int r = 0; r < b->reps && n > 0; r++) {
+        if ((st = time_prefill(&s, batch, n, logits, &secs, err)) < 0) goto out;
+        pp[r] = n / secs;
+    }
+    tsr_stage_times before = *tsr_pipeline_times(s.pl);
+    double decode_secs = 0;
+    for (int r = 0; r < b->reps && b->n_gen > 0; r++) {
+        probe = (kv_probe){.pl = s.pl, .at = b->n_gen};
+        if ((st = time_decode(&s, bos, b->n_gen, &probe, &secs, err)) < 0) goto out;
+        tg[r] = b->n_gen / secs;
+        decode_secs += secs;
+    }
+    const tsr_stage_times *after = tsr_pipeline_times(s.pl);
+    row->times = (tsr_stage_times){
+        .matmul = after->matmul - before.matmul, .attention = after->attention - before.attention,
+        .cache = after->cache - before.cache, .decoder = after->decoder - before.decoder,
+        .other_ops = after->other_ops - before.other_ops};
+    row->decode_secs = decode_secs;
+    row->threads = threads;
+    row->kv_bytes = probe.kv_bytes;
+    mean_std(pp, b->reps, &row->pp_mean, &row->pp_std);
+    mean_std(tg, b->reps, &row->tg_mean, &row->tg_std);
+    row->peak_rss_mib = peak_rss_mib();
+    /* The machine's read bandwidth with the same threads, measured right after the runs so
+     * both see the same neighbours on this shared machine. */
+    row->read_gbs = tsr_measure_read_bandwidth(s.pool, (size_t)b->bandwidth_mib << 20, 5);
+    row->weight_gb_per_s = (double)*weight_bytes * row->tg_mean * 1e-9;
+    row->roofline = row->read_gbs > 0 ? row->weight_gb_per_s / row->read_gbs : 0;
+out:
+    free(pp);
+    free(tg);
+    free(batch);
+    free(logits);
+done:
+    if (st >= 0 && keep && !keep->model) *keep = s;
+    else tsr_session_close(&s);
+    return st;
+}
+
+static void print_markdown(const char *model_path, const char *type, const tsr_model *m,
+                           uint64_t weight_bytes, const bench_opts *b, const bench_row *rows) {
+    printf("| model | type | weights | threads | test | tokens/s | weights read | roofline |\n");
+    printf("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |\n");
+    const char *name = strrchr(model_path, '/') ? strrchr(model_path, '/') + 1 : model_path;
+    (void)m;
+    for (int i = 0; i < b->n_threads; i++) {
+        const bench_row *r = &rows[i];
+        printf("| %s | %s | %.1f MiB | %d | pp%d | %.2f ± %.2f | | |\n", name, type,
+               (double)weight_bytes / 1048576.0, r->threads, b->n_prompt, r->pp_mean, r->pp_std);
+        printf("| %s | %s | %.1f MiB | %d | tg%d | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% |\n",
+               name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, r->tg_mean,
+               r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
+    }
+    printf("\n| threads | decode time in: matmul | attention | cache | decoder | other ops | host |"
+           " KV bytes | peak RSS |\n");
+    printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for (int i = 0; i < b->n_threads; i++) {
+        const bench_row *r = &rows[i];
+        double total = r->decode_secs * 1e9;
+        const tsr_stage_times *t = &r->times;
+        double staged = (double)(t->matmul + t->attention + t->cache + t->decoder + t->other_ops);
+        double pct = total > 0 ? 100.0 / total : 0;
+        printf("| %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %llu | %.1f MiB |\n",
+               r->threads, (double)t->matmul * pct, (double)t->attention * pct,
+               (double)t->cache * pct, (double)t->decoder * pct, (double)t->other_ops * pct,
+               (total - staged) * pct, (unsigned long long)r->kv_bytes, r->peak_rss_mib);
+    }
+}
+
+static void print_json(const char *model_path, const char *type, const tsr_model *m,
+                       uint64_t weight_bytes, const bench_opts *b, const bench_row *rows) {
+    json_t *results = json_array();
+    for (int i = 0; i < b->n_threads; i++) {
+        const bench_row *r = &rows[i];
+        const tsr_stage_times *t = &r->times;
+        json_array_append_new(results, json_pack(
+            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "peak_rss_mib",
+            r->peak_rss_mib, "bits_per_weight", r->bits_per_weight, "mean_rel_rmse", r->rel_rmse,
+            "prefill_tps_mean", r->pp_mean, "prefill_tps_std", r->pp_std,
+            "decode_tps_mean", r->tg_mean, "decode_tps_std", r->tg_std,
+            "decode_weight_gbs", r->weight_gb_per_s, "machine_read_gbs", r->read_gbs,
+            "roofline_fraction", r->roofline, "kv_bytes", (json_int_t)r->kv_bytes,
+            "decode_seconds", "matmul", (double)t->matmul * 1e-9, "attention",
+            (double)t->attention * 1e-9, "cache", (double)t->cache * 1e-9, "decoder",
+            (double)t->decoder * 1e-9, "other_ops", (double)t->other_ops * 1e-9, "total",
+            r->decode_secs));
+    }
+    json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:i, s:o}", "model", model_path,
+                             "type", type, "n_layer", m->hp.n_layer, "n_embd", m->hp.n_embd,
+                             "weight_bytes_per_token", (json_int_t)weight_bytes, "repetitions",
+                             b->reps, "results", results);
+    char *text = json_dumps(root, JSON_INDENT(2));
+    printf("%s\n", text);
+    free(text);
+    json_decref(root);
+}
+
+static int parse_thread_list(const char *text, bench_opts *b) {
+    b->n_threads = 0;
+    const char *p = text;
+    while (*p && b->n_threads < 16) {
+        char *end;
+        long t = strtol(p, &end, 10);
+        if (end == p || t < 1 || t > 256) return -1;
+        b->threads[b->n_threads++] = (int)t;
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return b->n_threads > 0 ? 0 : -1;
+}
+
+int tsr_cli_bench(int argc, char **argv) {
+    model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
+    bench_opts b = {.n_prompt = 512, .n_gen = 128, .reps = 5, .threads = {1}, .n_threads = 1,
+                    .bandwidth_mib = 1024};
+    for (int i = 1; i < argc; i++) {
+        if (tsr_cli_is_help(argv[i])) {
+            printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-t 1,2] [-r 5]\n"
+                   "                     [--bandwidth-mib 1024] [--json] [--set K=V]...\n"
+                   "Prefill (-p tokens in one batch) and decode (-n tokens one by one) speed for\n"
+                   "each thread count, mean and deviation over -r repetitions after a warm-up;\n"
+                   "the weights read per decoded token, the machine's own read bandwidth measured\n"
+                   "in the same run, and the fraction of that roofline decode reaches; where the\n"
+                   "decode time goes, stage by stage. --bandwidth-mib sizes the buffer the\n"
+                   "bandwidth measurement reads; keep it well above the last-level cache.\n");
+            free(o.sets);
+            return TSR_EXIT_OK;
+        }
+        int took = tsr_session_take_opt(argc, argv, &i, &o);
+        if (took == 1 && o.threads > 0) {
+            /* -t here is a list: take it back from the shared parser. */
+            took = parse_thread_list(argv[i], &b) == 0 ? 1 : -1;
+            o.threads = 0;
+        }
+        if (took == 1) continue;
+        bool has_value = i + 1 < argc;
+        if (took == 0 && !strcmp(argv[i], "--json")) b.json = true;
+        else if (took == 0 && has_value && !strcmp(argv[i], "-p")) b.n_prompt = atoi(argv[++i]);
+        else if (took == 0 && has_value && !strcmp(argv[i], "-n")) b.n_gen = atoi(argv[++i]);
+        else if (took == 0 && has_value && !strcmp(argv[i], "-r")) b.reps = atoi(argv[++i]);
+        else if (took == 0 && has_value && !strcmp(argv[i], "--bandwidth-mib"))
+            b.bandwidth_mib = atoi(argv[++i]);
+        else if (took == 0 && has_value && !strcmp(argv[i], "-t")) {
+            if (parse_thread_list(argv[++i], &b) < 0) took = -1;
+        } else took = -1;
+        if (took < 0 || b.n_prompt < 0 || b.n_gen < 0 || b.reps < 1 || b.bandwidth_mib < 1 ||
+            b.bandwidth_mib > (1 << 20)) {
+            tsr_cli_error("bench: bad argument '%s' (see tessera bench --help)", argv[i]);
+            free(o.sets);
+            return TSR_EXIT_USAGE;
+        }
+    }
+    bench_row rows[16];
+    memset(rows, 0, sizeof rows);
+    tsr_error err;
+    session first = {0};
+    uint64_t weight_bytes = 0;
+    int status = TSR_EXIT_FAIL;
+    for (int i = 0; i < b.n_threads; i++) {
+        fprintf(stderr, "tessera: bench: %d thread%s...\n", b.threads[i], b.threads[i] > 1 ? "s" : "");
+        if (bench_threads(&o, &b, b.threads[i], &rows[i], &weight_bytes, &first, &err) < 0)
+            goto fail;
+    }
+    const char *path = o.model ? o.model : first.cfg->model_path;
+    if (b.json) print_json(path, main_dtype(first.model), first.model, weight_bytes, &b, rows);
+    else print_markdown(path, main_dtype(first.model), first.model, weight_bytes, &b, rows);
+    status = TSR_EXIT_OK;
+    goto done;
+fail:
+    tsr_cli_error("%s", err.msg);
+done:
+    tsr_session_close(&first);
+    free(o.sets);
+    return status;
+}
+
+/* ---- perplexity ------------------------------------------------------------------------ */
+
+/* -log softmax(logits)[target], in double. */
+static double nll(const float *logits, int32_t n_vocab, int32_t target) {
+    double max = logits[0];
+    for (int32_t i = 1; i < n_vocab; i++) max = fmax(max, logits[i]);
+    double sum = 0;
+    for (int32_t i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
+    return log(sum) - ((double)logits[target] - max);
+}
+
+int tsr_cli_perplexity(int argc, char **argv) {
+    model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
+    const char *text_path = NULL;
+    long ctx = 512, max_chunks = -1;
+    bool json = false;
+    for (int i = 1; i < argc; i++) {
+        if (tsr_cli_is_help(argv[i])) {
+            printf("usage: tessera perplexity -m MODEL [CONFIG.yaml] -f TEXT [--ctx 512]\n"
+                   "                          [--chunks K] [--json] [-t T] [--set K=V]...\n"
+                   "llama.cpp's definition: the tokenized text is cut into chunks of --ctx tokens\n"
+                   "(each starting with BOS), each chunk runs from an empty cache, and the second\n"
+                   "half of each chunk is scored. Prints the perplexity and its standard error.\n");
+            free(o.sets);
+            return TSR_EXIT_OK;
+        }
+        int took = tsr_session_take_opt(argc, argv, &i, &o);
+        if (took == 1) continue;
+        bool has_value = i + 1 < argc;
+        if (took == 0 && has_value && !strcmp(argv[i], "-f")) text_path = argv[++i];
+        else if (took == 0 && has_value && !strcmp(argv[i], "--ctx")) ctx = atol(argv[++i]);
+        else if (took == 0 && has_value && !strcmp(argv[i], "--chunks")) max_chunks = atol(argv[++i]);
+        else if (took == 0 && !strcmp(argv[i], "--json")) json = true;
+        else took = -1;
+        if (took < 0 || ctx < 4 || ctx > (1 << 20)) {
+            tsr_cli_error("perplexity: bad argument '%s' (see tessera perplexity --help)", argv[i]);
+            free(o.sets);
+            return TSR_EXIT_USAGE;
+        }
+    }
+    if (!text_path) {
+        tsr_cli_error("perplexity: -f TEXT is required (see tessera perplexity --help)");
+        free(o.sets);
+        return TSR_EXIT_USAGE;
+    }
+    tsr_error err;
+    session s = {0};
+    char *text = NULL;
+    int32_t *ids = NULL;
+    tsr_batch_entry *batch = NULL;
+    float *logits = NULL;
+    size_t len = 0, n_ids = 0;
+    int status = TSR_EXIT_FAIL;
+    if (!(text = tsr_session_read_file(text_path, &len, &err))) goto fail;
+    if (tsr_session_open(&s, &o, &err) < 0) goto fail;
+    if (tsr_tokenize(s.tok, text, len, true, false, &ids, &n_ids, &err) < 0) goto fail;
+    long n_chunks = (long)n_ids / ctx;
+    if (max_chunks >= 0 && max_chunks < n_chunks) n_chunks = max_chunks;
+    if (n_chunks < 1) {
+        tsr_error_set(&err, TSR_E_INVALID, "%s: %zu tokens, fewer than one chunk of --ctx %ld",
+                      text_path, n_ids, ctx);
+        goto fail;
+    }
+    if (tsr_session_pipeline(&s, (int32_t)ctx, &err) < 0) goto fail;
+    const int32_t nv = s.model->hp.n_vocab, bos = tsr_tokenizer_bos(s.tok);
+    const bool add_bos = tsr_tokenizer_add_bos(s.tok) && bos >= 0;
+    const long first = ctx / 2;
+    batch = calloc((size_t)ctx, sizeof *batch);
+    logits = malloc((size_t)(ctx - first) * (size_t)nv * sizeof *logits);
+    double sum = 0, sum2 = 0;
+    long count = 0;
+    uint64_t t0 = tsr_clock_ns();
+    const bool interactive = isatty(2);
+    for (long c = 0; c < n_chunks; c++) {
+        const int32_t *chunk = ids + c * ctx;
+        for (long j = 0; j < ctx; j++)
+            batch[j] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)j,
+                                         .token = j == 0 && add_bos ? bos : chunk[j],
+                                         .want_logits = j >= first};
+        if (tsr_pipeline_seq_begin(s.pl, 0, &err) < 0) goto fail;
+        tsr_status st = tsr_pipeline_forward(s.pl, batch, ctx, logits, &err);
+        tsr_pipeline_seq_end(s.pl, 0);
+        if (st < 0) goto fail;
+        for (long j = first; j < ctx - 1; j++) {
+            double v = nll(logits + (size_t)(j - first) * (size_t)nv, nv, chunk[j + 1]);
+            sum += v;
+            sum2 += v * v;
+            count++;
+        }
+        if (interactive || c + 1 == n_chunks)
+            fprintf(stderr, "%stessera: perplexity: chunk %ld/%ld, ppl %.4f, %.1f s%s",
+                    interactive ? "\r" : "", c + 1, n_chunks, exp(sum / (double)count),
+                    tsr_clock_seconds_since(t0), c + 1 == n_chunks ? "\n" : "");
+    }
+    /* As llama.cpp: the standard error of the mean NLL, carried to the perplexity. */
+    double mean = sum / (double)count;
+    double var = sum2 / (double)count - mean * mean;
+    double se = count > 1 && var > 0 ? sqrt(var / (double)(count - 1)) : 0;
+    double ppl = exp(mean);
+    if (json) {
+        double bits, rmse;
+        tsr_pipeline_weight_quality(s.pl, &bits, &rmse);
+        json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:f, s:f, s:f, s:f, s:f, s:f}",
+                                 "model", o.model ? o.model : s.cfg->model_path, "text",
+                                 text_path, "ctx", (int)ctx, "chunks", (int)n_chunks,
+                                 "scored_tokens", (json_int_t)count, "mean_nll", mean,
+                                 "mean_nll_stderr", se, "ppl", ppl, "ppl_stderr", ppl * se,
+                                 "bits_per_weight", bits, "mean_rel_rmse", rmse);
+        char *out = json_dumps(root, JSON_INDENT(2));
+        printf("%s\n", out);
+        free(out);
+        json_decref(root);
+    } else {
+        printf("PPL = %.4f +/- %.4f (%ld chunks of %ld tokens, %ld scored)\n", ppl, ppl * se,
+               n_chunks, ctx, count);
+    }
+    status = TSR_EXIT_OK;
+    goto done;
+fail:
+    tsr_cli_error("%s", err.msg);
+done:
+    free(text);
+    free(ids);
+    free(batch);
+    free(logits);
+    tsr_session_close(&s);
+    free(o.sets);
+    return status;
+}

@@ -1,0 +1,262 @@
+/* `tessera plugins ...` and `tessera validate`. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "plugin/commands.h"
+#include "config/params.h"
+#include "plugin/stage_init.h"
+
+void tsr_cli_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("tessera: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+bool tsr_cli_is_help(const char *arg) { return !strcmp(arg, "-h") || !strcmp(arg, "--help"); }
+
+tsr_registry *tsr_cli_registry(tsr_pool *pool, char *const *extra_dirs, size_t n_extra,
+                               bool report) {
+    tsr_registry *reg = tsr_registry_create(pool);
+    if (!reg) return NULL;
+    tsr_registry_scan_default(reg, extra_dirs, n_extra);
+    if (report)
+        for (size_t i = 0; i < tsr_registry_n_diagnostics(reg); i++)
+            fprintf(stderr, "tessera: warning: %s\n", tsr_registry_diagnostic(reg, i));
+    return reg;
+}
+
+typedef struct finder {
+    tsr_registry *reg;
+    const char *refusal; /* of the last plugin that could not be found */
+} finder;
+
+static const tsr_plugin_desc *find_plugin(void *ctx, int32_t stage, const char *name) {
+    finder *f = ctx;
+    const tsr_plugin_ref *ref = tsr_registry_find(f->reg, stage, name);
+    if (!ref) f->refusal = tsr_registry_refusal(f->reg, name);
+    return ref ? ref->desc : NULL;
+}
+
+tsr_status tsr_cli_bind(tsr_config *cfg, tsr_registry *reg, tsr_error *err) {
+    finder f = {.reg = reg};
+    tsr_status st = tsr_config_bind(cfg, find_plugin, &f, err);
+    if (st < 0 && f.refusal) tsr_error_set(err, st, "%s", f.refusal);
+    return st;
+}
+
+/* Options every plugins subcommand accepts: --plugin-dir DIR (repeatable). The remaining
+ * arguments are compacted to the front of argv; returns their count. */
+static int take_plugin_dirs(int argc, char **argv, char **dirs, size_t *n_dirs, size_t cap) {
+    int out = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--plugin-dir") && i + 1 < argc && *n_dirs < cap) {
+            dirs[(*n_dirs)++] = argv[++i];
+            continue;
+        }
+        argv[out++] = argv[i];
+    }
+    return out;
+}
+
+static void plugins_usage(FILE *f) {
+    fprintf(f,
+            "usage: tessera plugins [--plugin-dir DIR]... list\n"
+            "       tessera plugins [--plugin-dir DIR]... info NAME\n"
+            "       tessera plugins [--plugin-dir DIR]... call NAME FUNC [ARGS...]\n"
+            "\n"
+            "Plugins are searched in the --plugin-dir folders, then TESSERA_PLUGIN_PATH\n"
+            "(colon-separated), then the install folder. `call` runs a command the plugin\n"
+            "exports (see `info`) on a fresh instance with default parameters.\n");
+}
+
+static int plugins_list(tsr_registry *reg) {
+    size_t n = tsr_registry_count(reg);
+    printf("%-20s %-10s %-8s %-6s %s\n", "NAME", "STAGE", "VERSION", "USABLE", "DESCRIPTION");
+    for (int32_t stage = 1; stage <= TSR_STAGE_COUNT; stage++)
+        for (size_t i = 0; i < n; i++) {
+            const tsr_plugin_ref *r = tsr_registry_at(reg, i);
+            if (r->desc->stage != stage) continue;
+            printf("%-20s %-10s %-8s %-6s %s\n", r->desc->name, tsr_stage_name(stage),
+                   r->desc->version ? r->desc->version : "-", r->score > 0 ? "yes" : "no",
+                   r->desc->description ? r->desc->description : "");
+        }
+    if (n == 0) printf("(no plugins found)\n");
+    return TSR_EXIT_OK;
+}
+
+static int plugins_info(tsr_registry *reg, const char *name) {
+    const tsr_plugin_ref *r = tsr_registry_find(reg, 0, name);
+    if (!r) {
+        tsr_cli_error("no plugin named '%s' (see `tessera plugins list`)", name);
+        return TSR_EXIT_FAIL;
+    }
+    const tsr_plugin_desc *d = r->desc;
+    printf("%s %s: %s\n", d->name, d->version ? d->version : "", d->description ? d->description : "");
+    printf("  stage:    %s (ABI %u.%u needed, host has %u.%u)\n", tsr_stage_name(d->stage),
+           d->stage_major, d->stage_minor_needed, tsr_stage_abi_major(d->stage),
+           tsr_stage_abi_minor(d->stage));
+    printf("  file:     %s\n", r->path);
+    if (r->score > 0) printf("  usable:   yes (score %d)\n", r->score);
+    else printf("  usable:   no: %s\n", r->unusable);
+    printf("parameters:\n");
+    if (d->n_params) tsr_param_table_print(stdout, d->params, d->n_params);
+    else printf("  (none)\n");
+    if (d->n_commands) {
+        printf("commands:\n");
+        for (uint32_t i = 0; i < d->n_commands; i++)
+            printf("  %-16s %-10s %s\n", d->commands[i].name, d->commands[i].signature,
+                   d->commands[i].doc ? d->commands[i].doc : "");
+    }
+    return TSR_EXIT_OK;
+}
+
+static int plugins_call(tsr_registry *reg, tsr_pool *pool, int argc, char **argv) {
+    const char *name = argv[0], *func = argv[1];
+    const tsr_plugin_ref *r = tsr_registry_find(reg, 0, name);
+    if (!r) {
+        tsr_cli_error("no plugin named '%s' (see `tessera plugins list`)", name);
+        return TSR_EXIT_FAIL;
+    }
+    const tsr_command *cmd = tsr_command_find(r->desc, func);
+    if (!cmd) {
+        tsr_cli_error("plugin '%s' has no command '%s' (see `tessera plugins info %s`)", name,
+                      func, name);
+        return TSR_EXIT_FAIL;
+    }
+    tsr_error err;
+    tsr_instance *inst = NULL;
+    tsr_bound_params bound = {0};
+    int status = TSR_EXIT_FAIL;
+    if (strstr(cmd->signature, "(I")) {
+        if (tsr_params_bind(r->desc->params, r->desc->n_params, r->desc->name,
+                            tsr_stage_name(r->desc->stage), (tsr_src_loc){"defaults", 0, 0},
+                            NULL, 0, &bound, &err) < 0)
+            goto fail;
+        tsr_model_shape shape = tsr_model_shape_synthetic();
+        tsr_stage_init init;
+        if (tsr_instance_create(r, pool, &bound.params,
+                                tsr_stage_init_fill(r->desc->stage, &shape, &init), &inst,
+                                &err) < 0)
+            goto fail;
+    }
+    char ret[4096];
+    if (tsr_command_call(cmd, inst ? inst->self : NULL, (const char *const *)argv + 2,
+                         (size_t)argc - 2, ret, sizeof ret, &err) < 0) {
+        if (inst) {
+            const char *why = tsr_services_take_error(&inst->services, NULL);
+            if (why) snprintf(err.msg + strlen(err.msg), sizeof err.msg - strlen(err.msg), ": %s", why);
+        }
+        goto fail;
+    }
+    if (*ret) printf("%s\n", ret);
+    status = TSR_EXIT_OK;
+    goto done;
+fail:
+    tsr_cli_error("%s", err.msg);
+done:
+    tsr_instance_destroy(inst);
+    tsr_bound_params_free(&bound);
+    return status;
+}
+
+int tsr_cli_plugins(int argc, char **argv) {
+    char *dirs[16];
+    size_t n_dirs = 0;
+    argv++;
+    argc = take_plugin_dirs(argc - 1, argv, dirs, &n_dirs, 16);
+    if (argc == 0 || tsr_cli_is_help(argv[0])) {
+        plugins_usage(argc == 0 ? stderr : stdout);
+        return argc == 0 ? TSR_EXIT_USAGE : TSR_EXIT_OK;
+    }
+    const char *sub = argv[0];
+    int need = !strcmp(sub, "list") ? 1 : !strcmp(sub, "info") ? 2 : !strcmp(sub, "call") ? 3 : 0;
+    if (need == 0 || argc < need || (need < 3 && argc != need)) {
+        plugins_usage(stderr);
+        return TSR_EXIT_USAGE;
+    }
+    tsr_pool *pool = tsr_pool_create(1);
+    tsr_registry *reg = tsr_cli_registry(pool, dirs, n_dirs, true);
+    int status;
+    if (need == 1) status = plugins_list(reg);
+    else if (need == 2) status = plugins_info(reg, argv[1]);
+    else status = plugins_call(reg, pool, argc - 1, argv + 1);
+    tsr_registry_free(reg);
+    tsr_pool_free(pool);
+    return status;
+}
+
+/* Checks that each hook names a configured stage, an existing command of its plugin, and
+ * arguments that suit the command's signature. */
+static tsr_status check_hooks(const tsr_config *cfg, tsr_registry *reg, tsr_error *err) {
+    for (size_t i = 0; i < cfg->n_hooks; i++) {
+        const tsr_hook_conf *h = &cfg->hooks[i];
+        const tsr_stage_conf *sc = &cfg->stage[h->stage];
+        const tsr_plugin_ref *r = sc->plugin ? tsr_registry_find(reg, h->stage, sc->plugin) : NULL;
+        if (!r)
+            return tsr_error_set(err, TSR_E_INVALID,
+                                 "%s:%d:%d: hooks: stage '%s' has no plugin configured",
+                                 h->loc.file, h->loc.line, h->loc.col, tsr_stage_name(h->stage));
+        const tsr_command *cmd = tsr_command_find(r->desc, h->command);
+        if (!cmd)
+            return tsr_error_set(err, TSR_E_INVALID,
+                                 "%s:%d:%d: hooks: plugin '%s' has no command '%s'", h->loc.file,
+                                 h->loc.line, h->loc.col, sc->plugin, h->command);
+    }
+    return TSR_OK;
+}
+
+int tsr_cli_validate(int argc, char **argv) {
+    const char *path = NULL;
+    char **sets = calloc((size_t)argc, sizeof *sets);
+    size_t n_sets = 0;
+    for (int i = 1; i < argc; i++) {
+        if (tsr_cli_is_help(argv[i])) {
+            printf("usage: tessera validate CONFIG.yaml [--set K=V]...\n"
+                   "Checks the file's shape, that every plugin exists, and every parameter\n"
+                   "value against the plugin's declared parameters.\n");
+            free(sets);
+            return TSR_EXIT_OK;
+        }
+        if (!strcmp(argv[i], "--set") && i + 1 < argc) sets[n_sets++] = argv[++i];
+        else if (!path && argv[i][0] != '-') path = argv[i];
+        else {
+            tsr_cli_error("validate: unexpected argument '%s'", argv[i]);
+            free(sets);
+            return TSR_EXIT_USAGE;
+        }
+    }
+    if (!path) {
+        tsr_cli_error("validate: no CONFIG.yaml given (see tessera validate --help)");
+        free(sets);
+        return TSR_EXIT_USAGE;
+    }
+    tsr_error err;
+    tsr_config *cfg = NULL;
+    tsr_registry *reg = NULL;
+    tsr_pool *pool = NULL;
+    int status = TSR_EXIT_FAIL;
+    if (tsr_config_load(path, &cfg, &err) < 0) goto fail;
+    for (size_t i = 0; i < n_sets; i++)
+        if (tsr_config_set(cfg, sets[i], &err) < 0) goto fail;
+    pool = tsr_pool_create(1);
+    reg = tsr_cli_registry(pool, cfg->plugin_dirs, cfg->n_plugin_dirs, false);
+    if (tsr_cli_bind(cfg, reg, &err) < 0) goto fail;
+    if (check_hooks(cfg, reg, &err) < 0) goto fail;
+    printf("%s: ok\n", path);
+    status = TSR_EXIT_OK;
+    goto done;
+fail:
+    tsr_cli_error("%s", err.msg);
+done:
+    tsr_config_free(cfg);
+    tsr_registry_free(reg);
+    tsr_pool_free(pool);
+    free(sets);
+    return status;
+}

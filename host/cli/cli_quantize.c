@@ -1,0 +1,537 @@
+/* `tessera quantize` and `tessera synth`: GGUF files written through the quantizer stage.
+ *
+ * Both offer every weight matrix to the quantizer configured for its layer (the default
+ * pipeline's, unless a config says otherwise), with the quantizer's `type` parameter set to the
+ * TYPE asked for, and write what it returns. A quantizer that makes a format of its own
+ * (a plugin dtype) cannot be written to GGUF, and says so. */
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli_session.h"
+#include "files/dtype.h"
+#include "files/gguf_write.h"
+#include "model/weights.h"
+#include "plugin/instances.h"
+#include "files/llama2c.h"
+
+/* llama.cpp's file types (general.file_type), by the TYPE names `tessera quantize` accepts. */
+static const struct {
+    const char *name;
+    int32_t file_type;
+} file_types[] = {
+    {"f32", 0},     {"f16", 1},     {"q4_0", 2},    {"q4_1", 3},     {"q8_0", 7},
+    {"q5_0", 8},    {"q5_1", 9},    {"q2_k", 10},   {"q3_k_m", 12},  {"q4_k_s", 14},
+    {"q4_k_m", 15}, {"q5_k_s", 16}, {"q5_k_m", 17}, {"q6_k", 18},    {"iq4_nl", 25},
+    {"iq4_xs", 30}, {"bf16", 32},
+};
+
+typedef struct prepared {
+    tsr_weight w;  /* not prepared for tensors copied as they are */
+    float *source; /* synthetic source data to free after writing, or NULL */
+} prepared;
+
+/* A GGUF being written through the quantizer stage. */
+typedef struct quant_job {
+    session s; /* config, plugins and pool; no model or pipeline */
+    tsr_instance_set set;
+    tsr_instance *main;
+    tsr_instance **at; /* (n_layer) */
+    int32_t n_layer;
+    tsr_gguf_writer *w;
+    prepared *done;
+    size_t n_done;
+    bool tied;            /* no output.weight: token_embd is the output matrix too */
+    double bits, weights; /* for the average bits per weight */
+    json_t *report;       /* one object per tensor */
+} quant_job;
+
+static const tsr_param_def *find_param(const tsr_plugin_desc *desc, const char *name) {
+    for (uint32_t i = 0; desc && i < desc->n_params; i++)
+        if (!strcmp(desc->params[i].name, name)) return &desc->params[i];
+    return NULL;
+}
+
+/* TYPE against the choices of the quantizer's `type`, named as the command line names it. */
+static tsr_status check_type(const tsr_plugin_desc *desc, const tsr_param_def *def,
+                             const char *type, tsr_error *err) {
+    if (!def->choices) return TSR_OK;
+    char list[768] = "";
+    for (size_t i = 0; def->choices[i]; i++) {
+        if (!strcmp(def->choices[i], type)) return TSR_OK;
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "",
+                 def->choices[i]);
+    }
+    return tsr_error_set(err, TSR_E_INVALID, "quantize: TYPE '%s': quantizer '%s' expects one of "
+                         "%s", type, desc->name, list);
+}
+
+static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, int32_t n_layer,
+                           tsr_error *err) {
+    memset(j, 0, sizeof *j);
+    session *s = &j->s;
+    tsr_status st = o->config ? tsr_config_load(o->config, &s->cfg, err)
+                              : tsr_config_default(&s->cfg, err);
+    if (st < 0) return st;
+    for (size_t i = 0; i < o->n_sets; i++)
+        if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
+    s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
+    if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
+    /* TYPE goes to the quantizer's `type`; one without that parameter makes its own format,
+     * and its first weight then says whether a GGUF file can hold it. */
+    const tsr_plugin_ref *ref = tsr_registry_find(s->reg, TSR_STAGE_QUANTIZER,
+                                                  s->cfg->stage[TSR_STAGE_QUANTIZER].plugin);
+    const tsr_param_def *def = ref ? find_param(ref->desc, "type") : NULL;
+    if (def) {
+        char set[96];
+        snprintf(set, sizeof set, "quantizer.type=%s", type);
+        if ((st = check_type(ref->desc, def, type, err)) < 0 ||
+            (st = tsr_config_set(s->cfg, set, err)) < 0 ||
+            (st = tsr_cli_bind(s->cfg, s->reg, err)) < 0)
+            return st;
+    }
+    s->pool = tsr_pool_create(o->threads > 0 ? o->threads : tsr_config_threads(s->cfg));
+    j->set = (tsr_instance_set){.reg = s->reg, .pool = s->pool};
+    j->n_layer = n_layer;
+    j->at = calloc((size_t)(n_layer > 0 ? n_layer : 1), sizeof *j->at);
+    tsr_model_shape shape = tsr_model_shape_synthetic();
+    shape.n_layer = n_layer;
+    shape.backend_name = s->cfg->stage[TSR_STAGE_BACKEND].plugin;
+    if ((st = tsr_instance_set_per_layer(&j->set, s->cfg, TSR_STAGE_QUANTIZER, &shape, &j->main,
+                                         j->at, err)) < 0)
+        return st;
+    j->w = tsr_gguf_writer_new();
+    j->report = json_array();
+    return TSR_OK;
+}
+
+static void job_close(quant_job *j) {
+    for (size_t i = 0; i < j->n_done; i++) {
+        tsr_weight_release(&j->done[i].w);
+        free(j->done[i].source);
+    }
+    free(j->done);
+    tsr_gguf_writer_free(j->w);
+    json_decref(j->report);
+    tsr_instance_set_free(&j->set);
+    free(j->at);
+    tsr_session_close(&j->s);
+}
+
+/* blk.N.<role>.weight -> N and role; other names -> -1 and the name without ".weight". */
+static int32_t layer_of(const char *name, char *role, size_t cap) {
+    int32_t layer = -1;
+    int used = 0;
+    if (sscanf(name, "blk.%d.%n", &layer, &used) != 1 || used == 0) {
+        layer = -1;
+        used = 0;
+    }
+    snprintf(role, cap, "%s", name + used);
+    char *dot = strstr(role, ".weight");
+    if (dot) *dot = '\0';
+    return layer;
+}
+
+/* Matrices go through the quantizer; norms, biases and the MoE router stay as they are, as
+ * llama.cpp keeps them. */
+static bool is_quantized(const char *name, uint32_t n_dims) {
+    size_t len = strlen(name);
+    return n_dims >= 2 && len > 7 && !strcmp(name + len - 7, ".weight") &&
+           !strstr(name, "ffn_gate_inp");
+}
+
+/* Adds one tensor; `source` (malloc'd, or NULL when borrowed) is kept until written. */
+static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint32_t n_dims,
+                             const int64_t *ne, void *data, float *source, tsr_error *err) {
+    prepared *grown = realloc(j->done, (j->n_done + 1) * sizeof *j->done);
+    if (!grown) return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
+    j->done = grown;
+    if (!is_quantized(name, n_dims)) {
+        if (tsr_gguf_writer_add_tensor(j->w, name, dtype, n_dims, ne, data) < 0)
+            return tsr_error_set(err, TSR_E_INVALID, "%s: cannot add the tensor", name);
+        j->done[j->n_done++] = (prepared){.source = source};
+        return TSR_OK;
+    }
+    char role[128];
+    int32_t layer = layer_of(name, role, sizeof role);
+    /* llama.cpp quantizes a shared embedding as the output matrix it also is. */
+    if (j->tied && !strcmp(role, "token_embd")) snprintf(role, sizeof role, "output");
+    tsr_instance *q = layer >= 0 && layer < j->n_layer ? j->at[layer] : j->main;
+    tsr_tensor src = {.struct_size = sizeof src, .dtype = dtype, .n_dims = n_dims,
+                      .ne = {ne[0], n_dims > 1 ? ne[1] : 1, n_dims > 2 ? ne[2] : 1,
+                             n_dims > 3 ? ne[3] : 1},
+                      .row_bytes = tsr_dtype_row_bytes(dtype, ne[0]), .data = data, .name = name};
+    tsr_weight_out out;
+    tsr_weight *w = &j->done[j->n_done].w;
+    tsr_status st = tsr_weight_prepare(q, &src, layer, role, w, &out, err);
+    if (st < 0) return st;
+    /* A converted copy no longer needs its source: a 7B model need not sit in memory twice. */
+    if (source && out.dst.data != data) {
+        free(source);
+        source = NULL;
+    }
+    j->done[j->n_done++].source = source;
+    if (out.dst.dtype >= TSR_DTYPE_PLUGIN_FIRST || !tsr_dtype_known(out.dst.dtype))
+        return tsr_error_set(err, TSR_E_UNSUPPORTED,
+                             "quantizer '%s' stores %s in a format of its own (type %d), which a "
+                             "GGUF file cannot hold; it quantizes at load time instead (use it in "
+                             "a pipeline's quantizer: section)", q->ref->desc->name, name,
+                             out.dst.dtype);
+    if (tsr_gguf_writer_add_tensor(j->w, name, out.dst.dtype, n_dims, ne, out.dst.data) < 0)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: cannot add the tensor", name);
+    double n = (double)src.ne[0] * (double)src.ne[1] * (double)src.ne[2] * (double)src.ne[3];
+    j->bits += out.bits_per_weight * n;
+    j->weights += n;
+    json_array_append_new(j->report, json_pack("{s:s, s:s, s:s, s:f, s:f}", "tensor", name, "from",
+                                               tsr_dtype_name(dtype), "to",
+                                               tsr_dtype_name(out.dst.dtype), "bits_per_weight",
+                                               out.bits_per_weight, "rel_rmse", out.rel_rmse));
+    tsr_log(TSR_LOG_INFO, "quantize", "%s: %s -> %s, %.3f bits per weight, relative RMSE %.3g",
+            name, tsr_dtype_name(dtype), tsr_dtype_name(out.dst.dtype), out.bits_per_weight,
+            out.rel_rmse);
+    return TSR_OK;
+}
+
+/* llama.cpp's file type for TYPE, or -1 for a name it does not have. */
+static int32_t file_type_of(const char *type) {
+    for (size_t i = 0; i < sizeof file_types / sizeof file_types[0]; i++)
+        if (!strcmp(file_types[i].name, type)) return file_types[i].file_type;
+    return -1;
+}
+
+/* Copies `in`'s keys in order, then the quantization version and the file type at the end,
+ * where llama-quantize puts them (it removes and appends them), so our files and its files
+ * are byte-identical. */
+static void copy_keys(quant_job *j, const tsr_gguf *in, const char *type) {
+    for (int64_t k = 0; in && k < tsr_gguf_n_keys(in); k++) {
+        const char *key = tsr_gguf_key_name(in, k);
+        if (strcmp(key, "general.file_type") && strcmp(key, "general.quantization_version"))
+            tsr_gguf_writer_copy_key(j->w, in, k);
+    }
+    int32_t ft = file_type_of(type);
+    if (ft < 0) return;
+    tsr_gguf_writer_set_uint(j->w, "general.quantization_version", TSR_GGUF_UINT32, 2);
+    tsr_gguf_writer_set_uint(j->w, "general.file_type", TSR_GGUF_UINT32, (uint64_t)ft);
+}
+
+static tsr_status job_write(quant_job *j, const char *path, bool json, tsr_error *err) {
+    tsr_status st = tsr_gguf_writer_write(j->w, path, err);
+    if (st < 0) return st;
+    double bpw = j->weights > 0 ? j->bits / j->weights : 0;
+    if (json) {
+        json_t *root = json_pack("{s:s, s:f, s:f, s:O}", "output", path, "weights", j->weights,
+                                 "bits_per_weight", bpw, "tensors", j->report);
+        char *text = json_dumps(root, JSON_INDENT(2));
+        printf("%s\n", text);
+        free(text);
+        json_decref(root);
+    } else {
+        printf("%s: %.0f weights quantized, %.3f bits per weight\n", path, j->weights, bpw);
+    }
+    return TSR_OK;
+}
+
+/* ---- quantize -------------------------------------------------------------------------- */
+
+/* llama-quantize writes tensors ordered by block number (tensors outside blocks first), then
+ * by name; writing them the same way makes the files comparable byte for byte. */
+static int cmp_tensor_order(const void *pa, const void *pb) {
+    const tsr_gguf_tensor *a = *(const tsr_gguf_tensor *const *)pa;
+    const tsr_gguf_tensor *b = *(const tsr_gguf_tensor *const *)pb;
+    char role[128];
+    int32_t la = layer_of(a->name, role, sizeof role), lb = layer_of(b->name, role, sizeof role);
+    if (la != lb) return la < lb ? -1 : 1;
+    return strcmp(a->name, b->name);
+}
+
+int tsr_cli_quantize(int argc, char **argv) {
+    model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
+    const char *pos[3] = {NULL, NULL, NULL};
+    int n_pos = 0;
+    bool json = false;
+    for (int i = 1; i < argc; i++) {
+        if (tsr_cli_is_help(argv[i])) {
+            printf("usage: tessera quantize IN.gguf OUT.gguf TYPE [--config CONFIG.yaml]\n"
+                   "                        [--set K=V]... [-t THREADS] [--json]\n"
+                   "Writes OUT with every weight matrix of IN quantized by the configured\n"
+                   "quantizer (default: gguf) with its `type` set to TYPE, per layer as the\n"
+                   "config's layers: say. Norms and biases are copied. TYPE is one of the\n"
+                   "quantizer's types (see `tessera plugins info gguf`).\n");
+            free(o.sets);
+            return TSR_EXIT_OK;
+        }
+        bool has_value = i + 1 < argc;
+        if (has_value && !strcmp(argv[i], "--config")) o.config = argv[++i];
+        else if (has_value && !strcmp(argv[i], "--set")) o.sets[o.n_sets++] = argv[++i];
+        else if (has_value && !strcmp(argv[i], "-t")) o.threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--json")) json = true;
+        else if (argv[i][0] != '-' && n_pos < 3) pos[n_pos++] = argv[i];
+        else {
+            tsr_cli_error("quantize: bad argument '%s' (see tessera quantize --help)", argv[i]);
+            free(o.sets);
+            return TSR_EXIT_USAGE;
+        }
+    }
+    if (n_pos != 3) {
+        tsr_cli_error("quantize: expected IN OUT TYPE (see tessera quantize --help)");
+        free(o.sets);
+        return TSR_EXIT_USAGE;
+    }
+    tsr_error err;
+    tsr_gguf *in = NULL;
+    const tsr_gguf_tensor **order = NULL;
+    quant_job j;
+    memset(&j, 0, sizeof j);
+    int status = TSR_EXIT_FAIL;
+    tsr_status st = tsr_file_is_gguf(pos[0]) ? tsr_gguf_open(pos[0], &in, &err)
+                                             : tsr_llama2c_open(pos[0], &in, &err);
+    if (st < 0) goto fail;
+    tsr_gguf_str arch;
+    int32_t n_layer = 0;
+    if (tsr_gguf_get_str(in, "general.architecture", &arch, NULL)) {
+        char key[96];
+        snprintf(key, sizeof key, "%.*s.block_count", (int)(arch.len < 64 ? arch.len : 64), arch.ptr);
+        n_layer = (int32_t)tsr_gguf_u64_or(in, key, 0);
+    }
+    if (job_open(&j, &o, pos[2], n_layer, &err) < 0) goto fail;
+    j.tied = !tsr_gguf_find_tensor(in, "output.weight");
+    copy_keys(&j, in, pos[2]);
+    int64_t n_tensors = tsr_gguf_n_tensors(in);
+    order = malloc((size_t)(n_tensors > 0 ? n_tensors : 1) * sizeof *order);
+    for (int64_t t = 0; t < n_tensors; t++) order[t] = tsr_gguf_tensor_at(in, t);
+    qsort(order, (size_t)n_tensors, sizeof *order, cmp_tensor_order);
+    for (int64_t t = 0; t < n_tensors; t++) {
+        const tsr_gguf_tensor *x = order[t];
+        if (job_tensor(&j, x->name, x->dtype, x->n_dims ? x->n_dims : 1, x->ne, (void *)x->data,
+                       NULL, &err) < 0)
+            goto fail;
+    }
+    if (job_write(&j, pos[1], json, &err) < 0) goto fail;
+    status = TSR_EXIT_OK;
+    goto done;
+fail:
+    tsr_cli_error("%s", err.msg);
+done:
+    job_close(&j);
+    free(order);
+    tsr_gguf_close(in);
+    free(o.sets);
+    return status;
+}
+
+/* ---- synth ----------------------------------------------------------------------------- */
+
+typedef struct synth_shape {
+    const char *name, *arch;
+    int32_t n_embd, n_layer, n_head, n_kv_head, n_ff, n_vocab, n_ctx;
+    float rope_base, rms_eps;
+    bool qkv_bias, tied;
+} synth_shape;
+
+/* Shapes of real models (their published configurations), for benchmarks without weights. */
+static const synth_shape shapes[] = {
+    {"tinyllama-1.1b", "llama", 2048, 22, 32, 4, 5632, 32000, 2048, 10000.0f, 1e-5f, false, false},
+    {"qwen2.5-0.5b", "qwen2", 896, 24, 14, 2, 4864, 151936, 32768, 1000000.0f, 1e-6f, true, true},
+    {"llama-7b", "llama", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0f, 1e-5f, false, false},
+    {"tiny", "llama", 64, 2, 4, 2, 128, 320, 512, 10000.0f, 1e-5f, false, false},
+};
+
+/* splitmix64: a tiny, well-mixed generator; each tensor gets its own stream from the seed and
+ * its index, so the weights do not depend on the order tensors are made in. */
+static uint64_t splitmix(uint64_t *state) {
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* n values: mean `mean`, normal with deviation `std` (Box-Muller), or constant when std is 0. */
+static float *random_tensor(uint64_t seed, uint64_t index, size_t n, float mean, float std) {
+    float *v = malloc(n * sizeof *v);
+    if (!v) return NULL;
+    uint64_t state = seed * 0x100000001b3ull + index;
+    for (size_t i = 0; i < n; i += 2) {
+        double u1 = ((double)(splitmix(&state) >> 11) + 0.5) * 0x1.0p-53;
+        double u2 = (double)(splitmix(&state) >> 11) * 0x1.0p-53;
+        double r = sqrt(-2.0 * log(u1));
+        v[i] = mean + std * (float)(r * cos(2 * M_PI * u2));
+        if (i + 1 < n) v[i + 1] = mean + std * (float)(r * sin(2 * M_PI * u2));
+    }
+    return v;
+}
+
+/* A SentencePiece-style vocabulary: <unk> <s> </s>, the 256 byte tokens, then distinct
+ * "▁" + letters pieces. Real tokenization with it works (byte fallback covers any text). */
+static void synth_vocab(tsr_gguf_writer *w, int32_t n_vocab) {
+    tsr_gguf_str *tokens = calloc((size_t)n_vocab, sizeof *tokens);
+    char *text = calloc((size_t)n_vocab, 16);
+    float *scores = calloc((size_t)n_vocab, sizeof *scores);
+    int32_t *types = calloc((size_t)n_vocab, sizeof *types);
+    for (int32_t i = 0; i < n_vocab; i++) {
+        char *t = text + (size_t)i * 16;
+        if (i < 3) {
+            snprintf(t, 16, "%s", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>");
+            types[i] = i == 0 ? 2 : 3;
+        } else if (i < 259) {
+            snprintf(t, 16, "<0x%02X>", i - 3);
+            types[i] = 6;
+        } else {
+            /* U+2581 then the piece number in base 26 letters. */
+            int k = snprintf(t, 16, "\xe2\x96\x81");
+            for (int32_t v = i - 259; k < 15; v = v / 26 - 1) {
+                t[k++] = (char)('a' + v % 26);
+                if (v < 26) break;
+            }
+            t[k] = '\0';
+            types[i] = 1;
+            scores[i] = -(float)(i - 259);
+        }
+        tokens[i] = (tsr_gguf_str){t, strlen(t)};
+    }
+    tsr_gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
+    tsr_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", tokens, (uint64_t)n_vocab);
+    tsr_gguf_writer_set_arr(w, "tokenizer.ggml.scores", TSR_GGUF_FLOAT32, scores, (uint64_t)n_vocab);
+    tsr_gguf_writer_set_arr(w, "tokenizer.ggml.token_type", TSR_GGUF_INT32, types, (uint64_t)n_vocab);
+    tsr_gguf_writer_set_uint(w, "tokenizer.ggml.bos_token_id", TSR_GGUF_UINT32, 1);
+    tsr_gguf_writer_set_uint(w, "tokenizer.ggml.eos_token_id", TSR_GGUF_UINT32, 2);
+    tsr_gguf_writer_set_uint(w, "tokenizer.ggml.unknown_token_id", TSR_GGUF_UINT32, 0);
+    tsr_gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token", true);
+    free(tokens);
+    free(text);
+    free(scores);
+    free(types);
+}
+
+static void synth_metadata(tsr_gguf_writer *w, const synth_shape *sh) {
+    char key[128];
+#define ARCH_KEY(suffix) (snprintf(key, sizeof key, "%s." suffix, sh->arch), key)
+    tsr_gguf_writer_set_str(w, "general.architecture", sh->arch);
+    snprintf(key, sizeof key, "synthetic %s", sh->name);
+    tsr_gguf_writer_set_str(w, "general.name", key);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("context_length"), TSR_GGUF_UINT32, (uint64_t)sh->n_ctx);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("embedding_length"), TSR_GGUF_UINT32, (uint64_t)sh->n_embd);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("block_count"), TSR_GGUF_UINT32, (uint64_t)sh->n_layer);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("feed_forward_length"), TSR_GGUF_UINT32, (uint64_t)sh->n_ff);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("attention.head_count"), TSR_GGUF_UINT32, (uint64_t)sh->n_head);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("attention.head_count_kv"), TSR_GGUF_UINT32,
+                             (uint64_t)sh->n_kv_head);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("rope.dimension_count"), TSR_GGUF_UINT32,
+                             (uint64_t)(sh->n_embd / sh->n_head));
+    tsr_gguf_writer_set_float(w, ARCH_KEY("rope.freq_base"), TSR_GGUF_FLOAT32, sh->rope_base);
+    tsr_gguf_writer_set_float(w, ARCH_KEY("attention.layer_norm_rms_epsilon"), TSR_GGUF_FLOAT32,
+                              sh->rms_eps);
+    tsr_gguf_writer_set_uint(w, ARCH_KEY("vocab_size"), TSR_GGUF_UINT32, (uint64_t)sh->n_vocab);
+#undef ARCH_KEY
+}
+
+/* Makes one random tensor and offers it to the job. */
+static tsr_status synth_tensor(quant_job *j, uint64_t seed, uint64_t *index, const char *name,
+                               int64_t ne0, int64_t ne1, float mean, float std, tsr_error *err) {
+    int64_t ne[2] = {ne0, ne1};
+    float *data = random_tensor(seed, (*index)++, (size_t)(ne0 * ne1), mean, std);
+    if (!data) return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", name);
+    return job_tensor(j, name, TSR_DTYPE_F32, ne1 > 1 ? 2 : 1, ne, data, data, err);
+}
+
+int tsr_cli_synth(int argc, char **argv) {
+    model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
+    const char *shape_name = NULL, *type = "f32", *out = NULL;
+    uint64_t seed = 42;
+    bool json = false;
+    for (int i = 1; i < argc; i++) {
+        if (tsr_cli_is_help(argv[i])) {
+            printf("usage: tessera synth --shape NAME [--type TYPE] -o FILE.gguf [--seed S]\n"
+                   "                     [--config CONFIG.yaml] [--set K=V]... [--json]\n"
+                   "A model with random weights (normal, deviation 0.02; norms 1) of a real\n"
+                   "shape, with a SentencePiece-style vocabulary, quantized to TYPE like\n"
+                   "`tessera quantize`. Shapes:");
+            for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) printf(" %s", shapes[s].name);
+            printf("\n");
+            free(o.sets);
+            return TSR_EXIT_OK;
+        }
+        bool has_value = i + 1 < argc;
+        if (has_value && !strcmp(argv[i], "--shape")) shape_name = argv[++i];
+        else if (has_value && !strcmp(argv[i], "--type")) type = argv[++i];
+        else if (has_value && !strcmp(argv[i], "-o")) out = argv[++i];
+        else if (has_value && !strcmp(argv[i], "--seed")) seed = strtoull(argv[++i], NULL, 10);
+        else if (has_value && !strcmp(argv[i], "--config")) o.config = argv[++i];
+        else if (has_value && !strcmp(argv[i], "--set")) o.sets[o.n_sets++] = argv[++i];
+        else if (!strcmp(argv[i], "--json")) json = true;
+        else {
+            tsr_cli_error("synth: bad argument '%s' (see tessera synth --help)", argv[i]);
+            free(o.sets);
+            return TSR_EXIT_USAGE;
+        }
+    }
+    const synth_shape *sh = NULL;
+    for (size_t s = 0; shape_name && s < sizeof shapes / sizeof shapes[0]; s++)
+        if (!strcmp(shapes[s].name, shape_name)) sh = &shapes[s];
+    if (!sh || !out) {
+        char names[256] = "";
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", s ? ", " : "",
+                     shapes[s].name);
+        if (!shape_name)
+            tsr_cli_error("synth: --shape NAME is required; shapes: %s (see tessera synth --help)",
+                          names);
+        else if (!sh)
+            tsr_cli_error("synth: unknown shape '%s'; shapes: %s (see tessera synth --help)",
+                          shape_name, names);
+        else
+            tsr_cli_error("synth: -o FILE is required (see tessera synth --help)");
+        free(o.sets);
+        return TSR_EXIT_USAGE;
+    }
+    tsr_error err;
+    quant_job j;
+    int status = TSR_EXIT_FAIL;
+    if (job_open(&j, &o, type, sh->n_layer, &err) < 0) goto fail;
+    synth_metadata(j.w, sh);
+    synth_vocab(j.w, sh->n_vocab);
+    copy_keys(&j, NULL, type);
+    const int64_t e = sh->n_embd, hd = sh->n_embd / sh->n_head, kv = hd * sh->n_kv_head;
+    uint64_t index = 0;
+    const float w = 0.02f;
+    if (synth_tensor(&j, seed, &index, "token_embd.weight", e, sh->n_vocab, 0, w, &err) < 0 ||
+        synth_tensor(&j, seed, &index, "output_norm.weight", e, 1, 1, 0, &err) < 0 ||
+        (!sh->tied && synth_tensor(&j, seed, &index, "output.weight", e, sh->n_vocab, 0, w, &err) < 0))
+        goto fail;
+    for (int32_t l = 0; l < sh->n_layer; l++) {
+        struct {
+            const char *role;
+            int64_t ne0, ne1;
+            float mean, std;
+            bool present;
+        } t[] = {
+            {"attn_norm.weight", e, 1, 1, 0, true},     {"attn_q.weight", e, e, 0, w, true},
+            {"attn_k.weight", e, kv, 0, w, true},       {"attn_v.weight", e, kv, 0, w, true},
+            {"attn_q.bias", e, 1, 0, w, sh->qkv_bias},  {"attn_k.bias", kv, 1, 0, w, sh->qkv_bias},
+            {"attn_v.bias", kv, 1, 0, w, sh->qkv_bias}, {"attn_output.weight", e, e, 0, w, true},
+            {"ffn_norm.weight", e, 1, 1, 0, true},      {"ffn_gate.weight", e, sh->n_ff, 0, w, true},
+            {"ffn_up.weight", e, sh->n_ff, 0, w, true}, {"ffn_down.weight", sh->n_ff, e, 0, w, true},
+        };
+        for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+            if (!t[i].present) continue;
+            char name[96];
+            snprintf(name, sizeof name, "blk.%d.%s", l, t[i].role);
+            if (synth_tensor(&j, seed, &index, name, t[i].ne0, t[i].ne1, t[i].mean, t[i].std, &err) < 0)
+                goto fail;
+        }
+        if (isatty(2)) fprintf(stderr, "\rtessera: synth: layer %d/%d", l + 1, sh->n_layer);
+    }
+    if (isatty(2)) fputc('\n', stderr);
+    if (job_write(&j, out, json, &err) < 0) goto fail;
+    status = TSR_EXIT_OK;
+    goto done;
+fail:
+    tsr_cli_error("%s", err.msg);
+done:
+    job_close(&j);
+    free(o.sets);
+    return status;
+}

@@ -1,0 +1,53 @@
+/* What the model-reading commands (run, logits, bench, perplexity, quantize) share: the
+ * options that pick a pipeline and a model, and opening them in dependency order. */
+#ifndef TSR_HOST_CLI_SESSION_H
+#define TSR_HOST_CLI_SESSION_H
+
+#include "base/clock.h"
+#include "cli/cli.h"
+#include "model/model.h"
+#include "pipeline/pipeline.h"
+#include "tokenizer/tokenizer.h"
+
+/* Everything a model command needs, opened in dependency order and closed in reverse. */
+typedef struct session {
+    tsr_config *cfg;
+    tsr_pool *pool;
+    tsr_registry *reg;
+    tsr_model *model;
+    tsr_tokenizer *tok;
+    tsr_pipeline *pl;
+} session;
+
+/* Options shared by the model commands. */
+typedef struct model_opts {
+    const char *config;
+    const char *model;
+    const char *tokenizer;
+    char **sets;     /* room for argc entries */
+    size_t n_sets;
+    int threads;     /* 0: from the config */
+} model_opts;
+
+/* Parses one shared option at argv[*i] (CONFIG, -m, --tokenizer, --set, -t); returns 1 when it
+ * was one, 0 when not, -1 on a usage error. */
+int tsr_session_take_opt(int argc, char **argv, int *i, model_opts *o);
+
+/* Config (or the default pipeline), --set overrides, the plugins, the model, its tokenizer
+ * and the thread pool. The pipeline comes later, once the caller knows its context. */
+tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err);
+/* A tokenizer file given with --tokenizer is a llama2.c tok*.bin or a GGUF holding a
+ * vocabulary; without one, the model file's own vocabulary (`model_file`). */
+tsr_status tsr_session_open_tokenizer(const char *model_path, const char *tok_path,
+                                      const tsr_gguf *model_file, bool model_is_gguf,
+                                      uint32_t n_vocab, tsr_tokenizer **out, tsr_error *err);
+
+/* The pipeline for n_ctx positions, then the after_load hooks. */
+tsr_status tsr_session_pipeline(session *s, int32_t n_ctx, tsr_error *err);
+void tsr_session_close(session *s);
+
+/* A whole file's bytes as they are (malloc'd; *size its length), for -f arguments; NULL with
+ * err filled when it cannot be read. */
+char *tsr_session_read_file(const char *path, size_t *size, tsr_error *err);
+
+#endif

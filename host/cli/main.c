@@ -1,0 +1,85 @@
+/* tessera: the command-line program. Subcommands live in cli_*.c. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <tessera/attention.h>
+#include <tessera/backend.h>
+#include <tessera/cache.h>
+#include <tessera/decoder.h>
+#include <tessera/quantizer.h>
+#include <tessera/router.h>
+
+#include "cli/cli.h"
+#include "plugin/host_services.h"
+#include "base/version.h"
+
+static void print_version(void) {
+    printf("tessera %s\n", TESSERA_VERSION);
+    printf("plugin ABI: common %d.%d", TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR);
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++)
+        printf(", %s %u.%u", tsr_stage_name(s), tsr_stage_abi_major(s), tsr_stage_abi_minor(s));
+    printf("\n");
+}
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: tessera [-v] <command> [args]\n"
+            "\n"
+            "commands:\n"
+            "  run [CONFIG] -m MODEL [-p PROMPT] [-n N] [--set K=V]...  generate text\n"
+            "  logits -m MODEL [CONFIG] --tokens \"IDS\" --out FILE     raw float32 logits\n"
+            "  tokenize -m MODEL (-p TEXT | -f FILE) [--no-bos]         token ids of a text\n"
+            "  bench -m MODEL [CONFIG] [-p 512] [-n 128] [-t 1,2] [--json] speed, roofline\n"
+            "  perplexity -m MODEL [CONFIG] -f TEXT [--ctx N] [--json]  quality on a text\n"
+            "  quantize IN OUT TYPE [--config CONFIG] [--set K=V]...   write a quantized GGUF\n"
+            "  synth --shape NAME --type TYPE -o FILE                 random model of a real shape\n"
+            "  plugins list | info NAME | call NAME FUNC [ARGS...]   the plugins found\n"
+            "  validate CONFIG.yaml [--set K=V]...                      check a pipeline\n"
+            "\n"
+            "options:\n"
+            "  -v, --verbose   more log lines on stderr (repeat for debug)\n"
+            "  --version       host version and the version of each plugin ABI\n"
+            "  -h, --help      this text; `tessera <command> --help` for a command\n");
+}
+
+int main(int argc, char **argv) {
+    int level = TSR_LOG_WARN;
+    const char *env = getenv("TESSERA_LOG");
+    if (env && !strcmp(env, "info")) level = TSR_LOG_INFO;
+    if (env && !strcmp(env, "debug")) level = TSR_LOG_DEBUG;
+    int i = 1;
+    for (; i < argc && argv[i][0] == '-'; i++) {
+        if (!strcmp(argv[i], "-v") || !strcmp(argv[i], "--verbose")) {
+            level++;
+        } else if (!strcmp(argv[i], "--version")) {
+            print_version();
+            return TSR_EXIT_OK;
+        } else if (tsr_cli_is_help(argv[i])) {
+            usage(stdout);
+            return TSR_EXIT_OK;
+        } else {
+            tsr_cli_error("unknown option '%s' (see tessera --help)", argv[i]);
+            return TSR_EXIT_USAGE;
+        }
+    }
+    tsr_log_set_level(level);
+    if (i == argc) {
+        usage(stderr);
+        return TSR_EXIT_USAGE;
+    }
+    const char *cmd = argv[i];
+    int sub_argc = argc - i;
+    char **sub_argv = argv + i;
+    if (!strcmp(cmd, "run")) return tsr_cli_run(sub_argc, sub_argv);
+    if (!strcmp(cmd, "logits")) return tsr_cli_logits(sub_argc, sub_argv);
+    if (!strcmp(cmd, "tokenize")) return tsr_cli_tokenize(sub_argc, sub_argv);
+    if (!strcmp(cmd, "bench")) return tsr_cli_bench(sub_argc, sub_argv);
+    if (!strcmp(cmd, "perplexity")) return tsr_cli_perplexity(sub_argc, sub_argv);
+    if (!strcmp(cmd, "quantize")) return tsr_cli_quantize(sub_argc, sub_argv);
+    if (!strcmp(cmd, "synth")) return tsr_cli_synth(sub_argc, sub_argv);
+    if (!strcmp(cmd, "plugins")) return tsr_cli_plugins(sub_argc, sub_argv);
+    if (!strcmp(cmd, "validate")) return tsr_cli_validate(sub_argc, sub_argv);
+    tsr_cli_error("unknown command '%s' (see tessera --help)", cmd);
+    return TSR_EXIT_USAGE;
+}

@@ -1,0 +1,908 @@
+/* Pipeline configuration. The YAML is read with libyaml's event API into a small tree that
+ * keeps the line and column of every node, then the tree is checked against the schema
+ * (docs/config.md). Parameter values stay text until tsr_config_bind. */
+#include "config/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <yaml.h>
+
+/* The built-in default pipeline: the only place in the host that names plugins. */
+static const char *const default_plugin[TSR_STAGE_COUNT + 1] = {
+    [TSR_STAGE_BACKEND] = "cpu",   [TSR_STAGE_QUANTIZER] = "gguf", [TSR_STAGE_ATTENTION] = "flash",
+    [TSR_STAGE_CACHE] = "full",    [TSR_STAGE_DECODER] = "sample",
+};
+
+/* NULL-terminated, so that stage_names + 1 serves as an ENUM choice list */
+static const char *const stage_names[TSR_STAGE_COUNT + 2] = {
+    [TSR_STAGE_BACKEND] = "backend", [TSR_STAGE_QUANTIZER] = "quantizer",
+    [TSR_STAGE_ATTENTION] = "attention", [TSR_STAGE_CACHE] = "cache",
+    [TSR_STAGE_DECODER] = "decoder", [TSR_STAGE_ROUTER] = "router",
+};
+
+static const char set_file[] = "--set";
+enum { MAX_DEPTH = 64, MAX_FILE_BYTES = 16 << 20, EXCERPT = 96 };
+
+const char *tsr_stage_name(int32_t stage) {
+    return stage >= 1 && stage <= TSR_STAGE_COUNT ? stage_names[stage] : NULL;
+}
+
+int32_t tsr_stage_from_name(const char *name) {
+    for (int32_t s = 1; name && s <= TSR_STAGE_COUNT; s++)
+        if (strcmp(stage_names[s], name) == 0) return s;
+    return 0;
+}
+
+static bool stage_per_layer(int32_t stage) {
+    return stage == TSR_STAGE_QUANTIZER || stage == TSR_STAGE_ATTENTION ||
+           stage == TSR_STAGE_CACHE;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* YAML tree                                                                                 */
+
+typedef enum ynode_kind { YN_SCALAR, YN_SEQ, YN_MAP } ynode_kind;
+
+typedef struct ynode {
+    ynode_kind kind;
+    char *text;           /* YN_SCALAR */
+    tsr_src_loc loc;
+    struct ynode **items; /* YN_SEQ: the items; YN_MAP: key, value, key, value... */
+    size_t n, cap;
+} ynode;
+
+static void ynode_free(ynode *n) {
+    if (!n) return;
+    for (size_t i = 0; i < n->n; i++) ynode_free(n->items[i]);
+    free(n->items);
+    free(n->text);
+    free(n);
+}
+
+static tsr_status oom(tsr_error *err) {
+    return tsr_error_set(err, TSR_E_NOMEM, "out of memory while reading the configuration");
+}
+
+static tsr_src_loc mark_loc(const char *file, yaml_mark_t m) {
+    return (tsr_src_loc){file, (int)m.line + 1, (int)m.column + 1};
+}
+
+static const char *kind_text(const ynode *n, char *buf, size_t size) {
+    if (n->kind == YN_SEQ) return "a sequence";
+    if (n->kind == YN_MAP) return "a mapping";
+    char ex[EXCERPT];
+    snprintf(buf, size, "'%s'", tsr_text_excerpt(ex, sizeof ex, n->text));
+    return buf;
+}
+
+static tsr_status append(ynode *parent, ynode *child) {
+    if (parent->n == parent->cap) {
+        size_t cap = parent->cap ? parent->cap * 2 : 8;
+        ynode **items = realloc(parent->items, cap * sizeof *items);
+        if (!items) return TSR_E_NOMEM;
+        parent->items = items;
+        parent->cap = cap;
+    }
+    parent->items[parent->n++] = child;
+    return TSR_OK;
+}
+
+static tsr_status check_duplicates(const ynode *map, tsr_error *err) {
+    for (size_t i = 2; i < map->n; i += 2) {
+        for (size_t j = 0; j < i; j += 2) {
+            if (strcmp(map->items[i]->text, map->items[j]->text) == 0) {
+                char ex[EXCERPT];
+                return tsr_error_set_at(err, TSR_E_INVALID, map->items[i]->loc,
+                                        "duplicate key '%s' (first at %d:%d)",
+                                        tsr_text_excerpt(ex, sizeof ex, map->items[i]->text),
+                                        map->items[j]->loc.line, map->items[j]->loc.col);
+            }
+        }
+    }
+    return TSR_OK;
+}
+
+/* Line and column of a byte offset, for reader errors that libyaml reports by offset only. */
+static tsr_src_loc offset_loc(const char *file, const char *buf, size_t len, size_t off) {
+    tsr_src_loc loc = {file, 1, 1};
+    for (size_t i = 0; i < off && i < len; i++) {
+        if (buf[i] == '\n') {
+            loc.line++;
+            loc.col = 1;
+        } else {
+            loc.col++;
+        }
+    }
+    return loc;
+}
+
+static tsr_status yaml_failure(const yaml_parser_t *p, const char *file, const char *buf,
+                               size_t len, tsr_error *err) {
+    const char *problem = p->problem ? p->problem : "unknown error";
+    switch (p->error) {
+    case YAML_MEMORY_ERROR: return oom(err);
+    case YAML_READER_ERROR:
+        return tsr_error_set_at(err, TSR_E_INVALID, offset_loc(file, buf, len, p->problem_offset),
+                                "not readable as YAML text: %s", problem);
+    default:
+        if (p->context)
+            return tsr_error_set_at(err, TSR_E_INVALID, mark_loc(file, p->problem_mark),
+                                    "YAML syntax error: %s (%s at %d:%d)", problem, p->context,
+                                    (int)p->context_mark.line + 1, (int)p->context_mark.column + 1);
+        return tsr_error_set_at(err, TSR_E_INVALID, mark_loc(file, p->problem_mark),
+                                "YAML syntax error: %s", problem);
+    }
+}
+
+/* Builds the tree of the one document in buf. Anchors and aliases are refused: a value that
+ * appears twice in a pipeline is clearer written twice. */
+static tsr_status yaml_read(const char *buf, size_t len, const char *file, ynode **root,
+                            tsr_error *err) {
+    yaml_parser_t parser;
+    if (!yaml_parser_initialize(&parser)) return oom(err);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)buf, len);
+    ynode *stack[MAX_DEPTH];
+    int depth = 0, documents = 0;
+    tsr_status st = TSR_OK;
+    bool done = false;
+    *root = NULL;
+    while (!done && st == TSR_OK) {
+        yaml_event_t ev;
+        if (!yaml_parser_parse(&parser, &ev)) {
+            st = yaml_failure(&parser, file, buf, len, err);
+            break;
+        }
+        tsr_src_loc loc = mark_loc(file, ev.start_mark);
+        const yaml_char_t *anchor = NULL;
+        ynode *node = NULL;
+        switch (ev.type) {
+        case YAML_STREAM_END_EVENT: done = true; break;
+        case YAML_DOCUMENT_START_EVENT:
+            if (++documents > 1)
+                st = tsr_error_set_at(err, TSR_E_INVALID, loc,
+                                      "a second YAML document; a config file holds one");
+            break;
+        case YAML_ALIAS_EVENT:
+            st = tsr_error_set_at(err, TSR_E_INVALID, loc,
+                                  "YAML aliases (*%.60s) are not supported; write the value out",
+                                  (const char *)ev.data.alias.anchor);
+            break;
+        case YAML_SCALAR_EVENT:
+        case YAML_SEQUENCE_START_EVENT:
+        case YAML_MAPPING_START_EVENT:
+            anchor = ev.type == YAML_SCALAR_EVENT          ? ev.data.scalar.anchor
+                     : ev.type == YAML_SEQUENCE_START_EVENT ? ev.data.sequence_start.anchor
+                                                            : ev.data.mapping_start.anchor;
+            if (anchor) {
+                st = tsr_error_set_at(err, TSR_E_INVALID, loc,
+                                      "YAML anchors (&%.60s) are not supported; write the value "
+                                      "out",
+                                      (const char *)anchor);
+                break;
+            }
+            node = calloc(1, sizeof *node);
+            if (!node) {
+                st = oom(err);
+                break;
+            }
+            node->loc = loc;
+            node->kind = ev.type == YAML_SCALAR_EVENT          ? YN_SCALAR
+                         : ev.type == YAML_SEQUENCE_START_EVENT ? YN_SEQ
+                                                                : YN_MAP;
+            if (node->kind == YN_SCALAR) {
+                node->text = malloc(ev.data.scalar.length + 1);
+                if (!node->text) {
+                    free(node);
+                    st = oom(err);
+                    break;
+                }
+                memcpy(node->text, ev.data.scalar.value, ev.data.scalar.length);
+                node->text[ev.data.scalar.length] = '\0';
+            }
+            if (depth == 0) {
+                *root = node;
+            } else {
+                ynode *parent = stack[depth - 1];
+                if (parent->kind == YN_MAP && parent->n % 2 == 0 && node->kind != YN_SCALAR) {
+                    st = tsr_error_set_at(err, TSR_E_INVALID, loc,
+                                          "a mapping key must be plain text, not a %s",
+                                          node->kind == YN_MAP ? "mapping" : "sequence");
+                    ynode_free(node);
+                    break;
+                }
+                if (append(parent, node) < 0) {
+                    ynode_free(node);
+                    st = oom(err);
+                    break;
+                }
+            }
+            if (node->kind != YN_SCALAR) {
+                if (depth == MAX_DEPTH) {
+                    st = tsr_error_set_at(err, TSR_E_INVALID, loc,
+                                          "nested deeper than %d levels", MAX_DEPTH);
+                    break;
+                }
+                stack[depth++] = node;
+            }
+            break;
+        case YAML_SEQUENCE_END_EVENT: depth--; break;
+        case YAML_MAPPING_END_EVENT:
+            st = check_duplicates(stack[--depth], err);
+            break;
+        default: break;
+        }
+        yaml_event_delete(&ev);
+    }
+    yaml_parser_delete(&parser);
+    if (st < 0) {
+        ynode_free(*root);
+        *root = NULL;
+        return st;
+    }
+    if (*root && (*root)->kind == YN_SCALAR && !(*root)->text[0]) {
+        ynode_free(*root); /* a document with only `---` or comments */
+        *root = NULL;
+    }
+    if (!*root)
+        return tsr_error_set_at(err, TSR_E_INVALID, (tsr_src_loc){file, 1, 1},
+                                "the configuration is empty; it needs at least `tessera: %d`",
+                                TSR_CONFIG_SCHEMA);
+    return TSR_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Schema                                                                                    */
+
+typedef struct walk {
+    tsr_config *cfg;
+    const char *base_dir; /* folder of the config file for relative paths; NULL: keep as is */
+    tsr_error *err;
+} walk;
+
+static tsr_status expect_kind(walk *w, const ynode *n, ynode_kind kind, const char *path) {
+    if (n->kind == kind) return TSR_OK;
+    static const char *const want[] = {"a scalar value", "a sequence", "a mapping"};
+    char got[EXCERPT + 2];
+    return tsr_error_set_at(w->err, TSR_E_INVALID, n->loc, "%s: expected %s, got %s", path,
+                            want[kind], kind_text(n, got, sizeof got));
+}
+
+/* A non-empty scalar. */
+static tsr_status expect_text(walk *w, const ynode *n, const char *path, const char *what) {
+    if (n->kind == YN_SCALAR && n->text[0]) return TSR_OK;
+    char got[EXCERPT + 2];
+    return tsr_error_set_at(w->err, TSR_E_INVALID, n->loc, "%s: expected %s, got %s", path, what,
+                            kind_text(n, got, sizeof got));
+}
+
+static tsr_status unknown_key(walk *w, const ynode *key, const char *path,
+                              const char *const *known, size_t n_known) {
+    char list[400] = "", ex[EXCERPT];
+    size_t used = 0;
+    for (size_t i = 0; i < n_known && used < sizeof list; i++) {
+        int k = snprintf(list + used, sizeof list - used, "%s%s", i ? ", " : "", known[i]);
+        if (k < 0) break;
+        used += (size_t)k;
+    }
+    tsr_text_excerpt(ex, sizeof ex, key->text);
+    if (!path)
+        return tsr_error_set_at(w->err, TSR_E_INVALID, key->loc, "unknown key '%s'; known: %s",
+                                ex, list);
+    return tsr_error_set_at(w->err, TSR_E_INVALID, key->loc, "%s: unknown key '%s'; known: %s",
+                            path, ex, list);
+}
+
+static char *resolve_path(const char *base_dir, const char *p) {
+    if (!base_dir || p[0] == '/') return strdup(p);
+    size_t n = strlen(base_dir) + strlen(p) + 2;
+    char *out = malloc(n);
+    if (out) snprintf(out, n, "%s/%s", base_dir, p);
+    return out;
+}
+
+static tsr_status set_text(walk *w, char **dst, const char *text) {
+    char *copy = strdup(text);
+    if (!copy) return oom(w->err);
+    free(*dst);
+    *dst = copy;
+    return TSR_OK;
+}
+
+static tsr_status set_path(walk *w, char **dst, const char *text) {
+    char *copy = resolve_path(w->base_dir, text);
+    if (!copy) return oom(w->err);
+    free(*dst);
+    *dst = copy;
+    return TSR_OK;
+}
+
+/* Sets (or replaces) one parameter of a stage. */
+static tsr_status stage_put(walk *w, tsr_stage_conf *sc, const char *key, const char *value,
+                            tsr_src_loc loc) {
+    for (size_t i = 0; i < sc->n_params; i++) {
+        if (strcmp(sc->params[i].key, key) == 0) {
+            sc->params[i].loc = loc;
+            return set_text(w, &sc->params[i].value, value);
+        }
+    }
+    tsr_kv_text *grown = realloc(sc->params, (sc->n_params + 1) * sizeof *grown);
+    if (!grown) return oom(w->err);
+    sc->params = grown;
+    tsr_kv_text *kv = &sc->params[sc->n_params];
+    kv->key = strdup(key);
+    kv->value = strdup(value);
+    kv->loc = loc;
+    if (!kv->key || !kv->value) {
+        free(kv->key);
+        free(kv->value);
+        return oom(w->err);
+    }
+    sc->n_params++;
+    return TSR_OK;
+}
+
+static void stage_conf_free(tsr_stage_conf *sc) {
+    free(sc->plugin);
+    for (size_t i = 0; i < sc->n_params; i++) {
+        free(sc->params[i].key);
+        free(sc->params[i].value);
+    }
+    free(sc->params);
+    tsr_bound_params_free(&sc->bound);
+    memset(sc, 0, sizeof *sc);
+}
+
+/* `stage: { plugin: NAME, param: value... }` */
+static tsr_status walk_stage(walk *w, const ynode *map, const char *path, const char *stage,
+                             tsr_stage_conf *sc) {
+    tsr_status st = expect_kind(w, map, YN_MAP, path);
+    for (size_t i = 0; st == TSR_OK && i < map->n; i += 2) {
+        const ynode *key = map->items[i], *val = map->items[i + 1];
+        char sub[160], ex[EXCERPT];
+        snprintf(sub, sizeof sub, "%s.%s", path, tsr_text_excerpt(ex, sizeof ex, key->text));
+        if (strcmp(key->text, "plugin") == 0) {
+            st = expect_text(w, val, sub, "a plugin name");
+            if (st == TSR_OK) st = set_text(w, &sc->plugin, val->text);
+            sc->loc = val->loc;
+        } else {
+            st = expect_kind(w, val, YN_SCALAR, sub);
+            if (st == TSR_OK) st = stage_put(w, sc, key->text, val->text, key->loc);
+        }
+    }
+    if (st == TSR_OK && !sc->plugin)
+        st = tsr_error_set_at(w->err, TSR_E_INVALID, map->loc,
+                              "%s: missing `plugin:` (which %s plugin to use)", path, stage);
+    return st;
+}
+
+static tsr_status walk_model(walk *w, const ynode *map) {
+    static const char *const known[] = {"path", "tokenizer"};
+    tsr_status st = expect_kind(w, map, YN_MAP, "model");
+    for (size_t i = 0; st == TSR_OK && i < map->n; i += 2) {
+        const ynode *key = map->items[i], *val = map->items[i + 1];
+        if (strcmp(key->text, "path") == 0) {
+            st = expect_text(w, val, "model.path", "a file path");
+            if (st == TSR_OK) st = set_path(w, &w->cfg->model_path, val->text);
+        } else if (strcmp(key->text, "tokenizer") == 0) {
+            st = expect_text(w, val, "model.tokenizer", "a file path");
+            if (st == TSR_OK) st = set_path(w, &w->cfg->tokenizer_path, val->text);
+        } else {
+            st = unknown_key(w, key, "model", known, 2);
+        }
+    }
+    return st;
+}
+
+static tsr_status walk_plugin_dirs(walk *w, const ynode *seq) {
+    tsr_config *cfg = w->cfg;
+    tsr_status st = expect_kind(w, seq, YN_SEQ, "plugin_dirs");
+    if (st < 0) return st;
+    cfg->plugin_dirs = calloc(seq->n ? seq->n : 1, sizeof *cfg->plugin_dirs);
+    if (!cfg->plugin_dirs) return oom(w->err);
+    for (size_t i = 0; i < seq->n; i++) {
+        char path[48];
+        snprintf(path, sizeof path, "plugin_dirs[%zu]", i);
+        st = expect_text(w, seq->items[i], path, "a folder path");
+        if (st < 0) return st;
+        cfg->plugin_dirs[i] = resolve_path(w->base_dir, seq->items[i]->text);
+        if (!cfg->plugin_dirs[i]) return oom(w->err);
+        cfg->n_plugin_dirs = i + 1;
+    }
+    return TSR_OK;
+}
+
+/* The generate: keys are checked with the same parser as plugin parameters. */
+static const tsr_param_def generate_defs[] = {
+    {sizeof(tsr_param_def), "prompt", TSR_PARAM_STRING, NULL, 1, 0, NULL, NULL, "prompt text"},
+    {sizeof(tsr_param_def), "max_tokens", TSR_PARAM_INT, NULL, 0, 1 << 30, NULL, "tokens",
+     "tokens to generate"},
+    {sizeof(tsr_param_def), "temperature", TSR_PARAM_FLOAT, NULL, 0, 100, NULL, NULL,
+     "sampling temperature; 0 is greedy"},
+    {sizeof(tsr_param_def), "seed", TSR_PARAM_INT, NULL, 0, 0x1p63, NULL, NULL, "sampling seed"},
+};
+#define N_GENERATE (sizeof generate_defs / sizeof generate_defs[0])
+
+static tsr_status generate_put(walk *w, const tsr_param_def *def, const char *text,
+                               tsr_src_loc loc) {
+    tsr_param_value v;
+    tsr_status st = tsr_param_parse(def, text, "generate", loc, &v, w->err);
+    if (st < 0) return st;
+    tsr_generate_conf *g = &w->cfg->generate;
+    if (def == &generate_defs[0]) return set_text(w, &g->prompt, text);
+    if (def == &generate_defs[1]) g->max_tokens = v.u.i;
+    if (def == &generate_defs[2]) g->temperature = v.u.f;
+    if (def == &generate_defs[3]) g->seed = v.u.i;
+    return TSR_OK;
+}
+
+static const tsr_param_def *generate_def(const char *key) {
+    for (size_t i = 0; i < N_GENERATE; i++)
+        if (strcmp(generate_defs[i].name, key) == 0) return &generate_defs[i];
+    return NULL;
+}
+
+static tsr_status walk_generate(walk *w, const ynode *map) {
+    static const char *const known[] = {"prompt", "max_tokens", "temperature", "seed"};
+    tsr_status st = expect_kind(w, map, YN_MAP, "generate");
+    for (size_t i = 0; st == TSR_OK && i < map->n; i += 2) {
+        const ynode *key = map->items[i], *val = map->items[i + 1];
+        const tsr_param_def *def = generate_def(key->text);
+        if (!def) return unknown_key(w, key, "generate", known, N_GENERATE);
+        char sub[64];
+        snprintf(sub, sizeof sub, "generate.%s", def->name);
+        st = expect_kind(w, val, YN_SCALAR, sub);
+        if (st == TSR_OK) st = generate_put(w, def, val->text, val->loc);
+    }
+    return st;
+}
+
+/* range: [first, last], inclusive, 0-based layer numbers. */
+static tsr_status walk_range(walk *w, const ynode *n, const char *path, tsr_layer_override *lo) {
+    static const tsr_param_def layer_def = {sizeof(tsr_param_def), "range", TSR_PARAM_INT, NULL,
+                                            0, INT32_MAX, NULL, NULL, NULL};
+    if (n->kind != YN_SEQ || n->n != 2) {
+        char got[EXCERPT + 2];
+        if (n->kind == YN_SEQ) snprintf(got, sizeof got, "%zu items", n->n);
+        return tsr_error_set_at(w->err, TSR_E_INVALID, n->loc,
+                                "%s.range: expected [first, last] (two layer numbers), got %s",
+                                path, n->kind == YN_SEQ ? got : kind_text(n, got, sizeof got));
+    }
+    int64_t v[2];
+    for (int i = 0; i < 2; i++) {
+        const ynode *item = n->items[i];
+        char sub[80];
+        snprintf(sub, sizeof sub, "%s.range[%d]", path, i);
+        tsr_status st = expect_kind(w, item, YN_SCALAR, sub);
+        tsr_param_value pv;
+        if (st == TSR_OK)
+            st = tsr_param_parse(&layer_def, item->text, path, item->loc, &pv, w->err);
+        if (st < 0) return st;
+        v[i] = pv.u.i;
+    }
+    if (v[0] > v[1])
+        return tsr_error_set_at(w->err, TSR_E_INVALID, n->loc,
+                                "%s.range: first layer %d is after last layer %d", path, (int)v[0],
+                                (int)v[1]);
+    lo->first = (int32_t)v[0];
+    lo->last = (int32_t)v[1];
+    return TSR_OK;
+}
+
+static tsr_status walk_layer(walk *w, const ynode *map, const char *path, tsr_layer_override *lo) {
+    static const char *const known[] = {"range", "quantizer", "attention", "cache"};
+    tsr_status st = expect_kind(w, map, YN_MAP, path);
+    if (st < 0) return st;
+    lo->loc = map->loc;
+    bool have_range = false, have_stage = false;
+    for (size_t i = 0; i < map->n; i += 2) {
+        const ynode *key = map->items[i], *val = map->items[i + 1];
+        int32_t stage = tsr_stage_from_name(key->text);
+        if (strcmp(key->text, "range") == 0) {
+            st = walk_range(w, val, path, lo);
+            have_range = true;
+        } else if (stage_per_layer(stage)) {
+            char sub[96];
+            snprintf(sub, sizeof sub, "%s.%s", path, key->text);
+            st = walk_stage(w, val, sub, key->text, &lo->stage[stage]);
+            have_stage = true;
+        } else if (stage) {
+            st = tsr_error_set_at(w->err, TSR_E_INVALID, key->loc,
+                                  "%s: %s cannot vary per layer; only quantizer, attention and "
+                                  "cache can",
+                                  path, key->text);
+        } else {
+            st = unknown_key(w, key, path, known, 4);
+        }
+        if (st < 0) return st;
+    }
+    if (!have_range)
+        return tsr_error_set_at(w->err, TSR_E_INVALID, map->loc,
+                                "%s: missing `range: [first, last]`", path);
+    if (!have_stage)
+        return tsr_error_set_at(w->err, TSR_E_INVALID, map->loc,
+                                "%s: nothing to override; give quantizer, attention or cache",
+                                path);
+    return TSR_OK;
+}
+
+static tsr_status walk_layers(walk *w, const ynode *seq) {
+    tsr_config *cfg = w->cfg;
+    tsr_status st = expect_kind(w, seq, YN_SEQ, "layers");
+    if (st < 0) return st;
+    cfg->layers = calloc(seq->n ? seq->n : 1, sizeof *cfg->layers);
+    if (!cfg->layers) return oom(w->err);
+    for (size_t i = 0; i < seq->n; i++) {
+        char path[48];
+        snprintf(path, sizeof path, "layers[%zu]", i);
+        cfg->n_layers = i + 1;
+        st = walk_layer(w, seq->items[i], path, &cfg->layers[i]);
+        if (st < 0) return st;
+    }
+    return TSR_OK;
+}
+
+static const char *const hook_events[] = {"after_load", "after_step", "at_end", NULL};
+
+static tsr_status walk_hook(walk *w, const ynode *map, const char *path, tsr_hook_conf *h) {
+    static const char *const known[] = {"on", "stage", "call", "args"};
+    static const tsr_param_def on_def = {sizeof(tsr_param_def), "on", TSR_PARAM_ENUM, NULL, 0, 0,
+                                         hook_events, NULL, NULL};
+    static const tsr_param_def stage_def = {sizeof(tsr_param_def), "stage", TSR_PARAM_ENUM, NULL,
+                                            0, 0, stage_names + 1, NULL, NULL};
+    tsr_status st = expect_kind(w, map, YN_MAP, path);
+    if (st < 0) return st;
+    h->loc = map->loc;
+    h->event = -1;
+    for (size_t i = 0; i < map->n; i += 2) {
+        const ynode *key = map->items[i], *val = map->items[i + 1];
+        char sub[96];
+        snprintf(sub, sizeof sub, "%s.%s", path, key->text);
+        tsr_param_value v;
+        if (strcmp(key->text, "on") == 0 || strcmp(key->text, "stage") == 0) {
+            bool on = key->text[0] == 'o';
+            st = expect_kind(w, val, YN_SCALAR, sub);
+            if (st == TSR_OK)
+                st = tsr_param_parse(on ? &on_def : &stage_def, val->text, path, val->loc, &v,
+                                     w->err);
+            if (st == TSR_OK && on) h->event = (int32_t)v.u.i;
+            if (st == TSR_OK && !on) h->stage = (int32_t)v.u.i + 1;
+        } else if (strcmp(key->text, "call") == 0) {
+            st = expect_text(w, val, sub, "a command name");
+            if (st == TSR_OK) st = set_text(w, &h->command, val->text);
+        } else if (strcmp(key->text, "args") == 0) {
+            st = expect_kind(w, val, YN_SEQ, sub);
+            if (st < 0) return st;
+            h->args = calloc(val->n ? val->n : 1, sizeof *h->args);
+            if (!h->args) return oom(w->err);
+            for (size_t a = 0; a < val->n && st == TSR_OK; a++) {
+                char arg[128];
+                snprintf(arg, sizeof arg, "%s[%zu]", sub, a);
+                st = expect_kind(w, val->items[a], YN_SCALAR, arg);
+                if (st == TSR_OK) st = set_text(w, &h->args[a], val->items[a]->text);
+                if (st == TSR_OK) h->n_args = a + 1;
+            }
+        } else {
+            st = unknown_key(w, key, path, known, 4);
+        }
+        if (st < 0) return st;
+    }
+    const char *missing = h->event < 0 ? "on"
+                          : !h->stage  ? "stage"
+                          : !h->command ? "call"
+                                        : NULL;
+    static const char *const hint[] = {"after_load, after_step or at_end",
+                                       "the stage whose plugin has the command",
+                                       "the command's name"};
+    if (missing)
+        return tsr_error_set_at(w->err, TSR_E_INVALID, map->loc, "%s: missing `%s:` (%s)", path,
+                                missing, hint[h->event < 0 ? 0 : !h->stage ? 1 : 2]);
+    return TSR_OK;
+}
+
+static tsr_status walk_hooks(walk *w, const ynode *seq) {
+    tsr_config *cfg = w->cfg;
+    tsr_status st = expect_kind(w, seq, YN_SEQ, "hooks");
+    if (st < 0) return st;
+    cfg->hooks = calloc(seq->n ? seq->n : 1, sizeof *cfg->hooks);
+    if (!cfg->hooks) return oom(w->err);
+    for (size_t i = 0; i < seq->n; i++) {
+        char path[48];
+        snprintf(path, sizeof path, "hooks[%zu]", i);
+        cfg->n_hooks = i + 1;
+        st = walk_hook(w, seq->items[i], path, &cfg->hooks[i]);
+        if (st < 0) return st;
+    }
+    return TSR_OK;
+}
+
+static tsr_status walk_root(walk *w, const ynode *root) {
+    static const char *const known[] = {"tessera", "model",  "plugin_dirs", "backend",
+                                        "quantizer", "attention", "cache",  "decoder",
+                                        "router",  "layers", "generate", "hooks"};
+    tsr_status st = expect_kind(w, root, YN_MAP, "the top level");
+    if (st < 0) return st;
+    /* the version first: a newer schema's keys would otherwise be reported as unknown */
+    const ynode *version = NULL;
+    for (size_t i = 0; i < root->n && !version; i += 2)
+        if (strcmp(root->items[i]->text, "tessera") == 0) version = root->items[i + 1];
+    if (!version)
+        return tsr_error_set_at(w->err, TSR_E_INVALID, root->loc,
+                                "missing `tessera: %d` (the config schema version)",
+                                TSR_CONFIG_SCHEMA);
+    if (version->kind != YN_SCALAR || strcmp(version->text, "1") != 0) {
+        char got[EXCERPT + 2];
+        return tsr_error_set_at(w->err, TSR_E_INVALID, version->loc,
+                                "tessera: expected schema version %d, got %s", TSR_CONFIG_SCHEMA,
+                                kind_text(version, got, sizeof got));
+    }
+    w->cfg->schema = TSR_CONFIG_SCHEMA;
+    for (size_t i = 0; i < root->n; i += 2) {
+        const ynode *key = root->items[i], *val = root->items[i + 1];
+        int32_t stage = tsr_stage_from_name(key->text);
+        if (stage)
+            st = walk_stage(w, val, key->text, key->text, &w->cfg->stage[stage]);
+        else if (strcmp(key->text, "tessera") == 0)
+            st = TSR_OK;
+        else if (strcmp(key->text, "model") == 0)
+            st = walk_model(w, val);
+        else if (strcmp(key->text, "plugin_dirs") == 0)
+            st = walk_plugin_dirs(w, val);
+        else if (strcmp(key->text, "layers") == 0)
+            st = walk_layers(w, val);
+        else if (strcmp(key->text, "generate") == 0)
+            st = walk_generate(w, val);
+        else if (strcmp(key->text, "hooks") == 0)
+            st = walk_hooks(w, val);
+        else
+            st = unknown_key(w, key, NULL, known, sizeof known / sizeof known[0]);
+        if (st < 0) return st;
+    }
+    return TSR_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Public API                                                                                */
+
+static tsr_config *config_new(const char *name) {
+    tsr_config *cfg = calloc(1, sizeof *cfg);
+    if (!cfg) return NULL;
+    cfg->path = strdup(name);
+    if (!cfg->path) {
+        free(cfg);
+        return NULL;
+    }
+    cfg->generate = (tsr_generate_conf){NULL, -1, NAN, -1};
+    return cfg;
+}
+
+static tsr_status load_buffer(const char *buf, size_t len, const char *name, const char *base_dir,
+                              tsr_config **out, tsr_error *err) {
+    *out = NULL;
+    tsr_config *cfg = config_new(name);
+    if (!cfg) return oom(err);
+    ynode *root;
+    tsr_status st = yaml_read(buf, len, cfg->path, &root, err);
+    if (st == TSR_OK) {
+        walk w = {cfg, base_dir, err};
+        st = walk_root(&w, root);
+        ynode_free(root);
+    }
+    if (st < 0) {
+        tsr_config_free(cfg);
+        return st;
+    }
+    *out = cfg;
+    return TSR_OK;
+}
+
+tsr_status tsr_config_load_string(const char *yaml, const char *name, tsr_config **out,
+                                  tsr_error *err) {
+    return load_buffer(yaml, strlen(yaml), name, NULL, out, err);
+}
+
+tsr_status tsr_config_load(const char *path, tsr_config **out, tsr_error *err) {
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) return tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
+    size_t len = 0, cap = 0;
+    char *buf = NULL;
+    int read_errno = 0;
+    bool more = false;
+    for (;;) {
+        if (len == cap) {
+            if (cap == MAX_FILE_BYTES) {
+                more = fgetc(f) != EOF;
+                break;
+            }
+            cap = cap ? cap * 4 : 4096;
+            cap = cap > MAX_FILE_BYTES ? MAX_FILE_BYTES : cap;
+            char *grown = realloc(buf, cap);
+            if (!grown) {
+                free(buf);
+                fclose(f);
+                return oom(err);
+            }
+            buf = grown;
+        }
+        size_t got = fread(buf + len, 1, cap - len, f);
+        len += got;
+        if (got == 0) {
+            read_errno = ferror(f) ? errno : 0;
+            break;
+        }
+    }
+    fclose(f);
+    tsr_status st;
+    if (read_errno) {
+        st = tsr_error_set(err, TSR_E_IO, "%s: cannot read: %s", path, strerror(read_errno));
+    } else if (more) {
+        st = tsr_error_set(err, TSR_E_INVALID, "%s: larger than %d MiB; not a config file", path,
+                           MAX_FILE_BYTES >> 20);
+    } else {
+        const char *slash = strrchr(path, '/');
+        char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : NULL;
+        if (slash && !dir)
+            st = oom(err);
+        else
+            st = load_buffer(buf, len, path, dir, out, err);
+        free(dir);
+    }
+    free(buf);
+    return st;
+}
+
+tsr_status tsr_config_default(tsr_config **out, tsr_error *err) {
+    *out = NULL;
+    tsr_config *cfg = config_new("<default>");
+    if (!cfg) return oom(err);
+    cfg->schema = TSR_CONFIG_SCHEMA;
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
+        if (!default_plugin[s]) continue;
+        cfg->stage[s].plugin = strdup(default_plugin[s]);
+        cfg->stage[s].loc = (tsr_src_loc){cfg->path, 0, 0};
+        if (!cfg->stage[s].plugin) {
+            tsr_config_free(cfg);
+            return oom(err);
+        }
+    }
+    *out = cfg;
+    return TSR_OK;
+}
+
+tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *err) {
+    char ex[EXCERPT], key_ex[EXCERPT], section_ex[EXCERPT];
+    tsr_text_excerpt(ex, sizeof ex, assignment);
+    const char *eq = strchr(assignment, '='), *dot = strchr(assignment, '.');
+    if (!eq || !dot || dot > eq || dot == assignment || dot + 1 == eq)
+        return tsr_error_set(err, TSR_E_INVALID, "--set '%s': expected section.key=value", ex);
+    char section[64], key[128];
+    snprintf(section, sizeof section, "%.*s", (int)(dot - assignment), assignment);
+    snprintf(key, sizeof key, "%.*s", (int)(eq - dot - 1), dot + 1);
+    const char *value = eq + 1;
+    tsr_src_loc loc = {set_file, 0, 0};
+    walk w = {cfg, NULL, err};
+    int32_t stage = tsr_stage_from_name(section);
+    if (stage) {
+        tsr_stage_conf *sc = &cfg->stage[stage];
+        if (strcmp(key, "plugin") != 0) return stage_put(&w, sc, key, value, loc);
+        if (!*value)
+            return tsr_error_set(err, TSR_E_INVALID, "--set '%s': expected a plugin name after '='",
+                                 ex);
+        tsr_bound_params_free(&sc->bound);
+        sc->loc = loc;
+        return set_text(&w, &sc->plugin, value);
+    }
+    if (strcmp(section, "model") == 0) {
+        if (*value && strcmp(key, "path") == 0) return set_text(&w, &cfg->model_path, value);
+        if (*value && strcmp(key, "tokenizer") == 0)
+            return set_text(&w, &cfg->tokenizer_path, value);
+        return tsr_error_set(err, TSR_E_INVALID,
+                             "--set '%s': expected model.path=FILE or model.tokenizer=FILE", ex);
+    }
+    if (strcmp(section, "generate") == 0) {
+        const tsr_param_def *def = generate_def(key);
+        if (!def)
+            return tsr_error_set(err, TSR_E_INVALID,
+                                 "--set '%s': unknown key '%s' in generate; known: prompt, "
+                                 "max_tokens, temperature, seed",
+                                 ex, tsr_text_excerpt(key_ex, sizeof key_ex, key));
+        return generate_put(&w, def, value, loc);
+    }
+    if (strcmp(section, "layers") == 0 || strcmp(section, "hooks") == 0 ||
+        strcmp(section, "plugin_dirs") == 0 || strcmp(section, "tessera") == 0)
+        return tsr_error_set(err, TSR_E_INVALID,
+                             "--set '%s': %s cannot be set from the command line; edit the config "
+                             "file",
+                             ex, section);
+    return tsr_error_set(err, TSR_E_INVALID,
+                         "--set '%s': unknown section '%s'; settable: backend, quantizer, "
+                         "attention, cache, decoder, router, model, generate",
+                         ex, tsr_text_excerpt(section_ex, sizeof section_ex, section));
+}
+
+static tsr_status bind_stage(tsr_stage_conf *sc, int32_t stage, const char *section,
+                             tsr_plugin_find_fn find, void *find_ctx, tsr_error *err) {
+    const tsr_plugin_desc *desc = find(find_ctx, stage, sc->plugin);
+    if (!desc) {
+        char ex[EXCERPT];
+        return tsr_error_set_at(err, TSR_E_INVALID, sc->loc,
+                                "%s: unknown plugin '%s' (see `tessera plugins list`)", section,
+                                tsr_text_excerpt(ex, sizeof ex, sc->plugin));
+    }
+    tsr_bound_params_free(&sc->bound);
+    return tsr_params_bind(desc->params, desc->n_params, desc->name, section, sc->loc, sc->params,
+                           sc->n_params, &sc->bound, err);
+}
+
+tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
+                           tsr_error *err) {
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
+        tsr_stage_conf *sc = &cfg->stage[s];
+        if (!sc->plugin && !default_plugin[s]) {
+            char key[EXCERPT];
+            if (sc->n_params > 0)
+                return tsr_error_set_at(err, TSR_E_INVALID, sc->params[0].loc,
+                                        "%s.%s: parameter given but no %s plugin chosen; set "
+                                        "%s.plugin",
+                                        stage_names[s],
+                                        tsr_text_excerpt(key, sizeof key, sc->params[0].key),
+                                        stage_names[s], stage_names[s]);
+            continue;
+        }
+        if (!sc->plugin) {
+            sc->plugin = strdup(default_plugin[s]);
+            if (!sc->plugin) return oom(err);
+            sc->loc = (tsr_src_loc){cfg->path, 0, 0};
+        }
+        tsr_status st = bind_stage(sc, s, stage_names[s], find, find_ctx, err);
+        if (st < 0) return st;
+    }
+    for (size_t i = 0; i < cfg->n_layers; i++) {
+        for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
+            tsr_stage_conf *sc = &cfg->layers[i].stage[s];
+            if (!sc->plugin) continue;
+            char section[64];
+            snprintf(section, sizeof section, "layers[%zu].%s", i, stage_names[s]);
+            tsr_status st = bind_stage(sc, s, section, find, find_ctx, err);
+            if (st < 0) return st;
+        }
+    }
+    return TSR_OK;
+}
+
+const tsr_stage_conf *tsr_config_stage_at(const tsr_config *cfg, int32_t stage, int32_t layer) {
+    if (!tsr_stage_name(stage)) return NULL;
+    for (size_t i = cfg->n_layers; i-- > 0;) {
+        const tsr_layer_override *lo = &cfg->layers[i];
+        if (layer >= lo->first && layer <= lo->last && lo->stage[stage].plugin)
+            return &lo->stage[stage];
+    }
+    return &cfg->stage[stage];
+}
+
+void tsr_config_free(tsr_config *cfg) {
+    if (!cfg) return;
+    for (int32_t s = 0; s <= TSR_STAGE_COUNT; s++) stage_conf_free(&cfg->stage[s]);
+    for (size_t i = 0; i < cfg->n_layers; i++)
+        for (int32_t s = 0; s <= TSR_STAGE_COUNT; s++) stage_conf_free(&cfg->layers[i].stage[s]);
+    free(cfg->layers);
+    for (size_t i = 0; i < cfg->n_hooks; i++) {
+        free(cfg->hooks[i].command);
+        for (size_t a = 0; a < cfg->hooks[i].n_args; a++) free(cfg->hooks[i].args[a]);
+        free(cfg->hooks[i].args);
+    }
+    free(cfg->hooks);
+    for (size_t i = 0; i < cfg->n_plugin_dirs; i++) free(cfg->plugin_dirs[i]);
+    free(cfg->plugin_dirs);
+    free(cfg->model_path);
+    free(cfg->tokenizer_path);
+    free(cfg->generate.prompt);
+    free(cfg->path);
+    free(cfg);
+}

@@ -1,0 +1,106 @@
+/* Pipeline configuration (YAML, read with libyaml): which plugin runs each stage, with what
+ * parameters, per-layer overrides, the generate: section and hooks. See docs/config.md. */
+#ifndef TSR_HOST_CONFIG_H
+#define TSR_HOST_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <tessera/common.h>
+
+#include "base/error.h"
+#include "config/params.h"
+
+#define TSR_CONFIG_SCHEMA 1
+
+/* One stage's choice: `plugin:` plus its parameters as text. plugin == NULL: not configured
+ * (the default pipeline's choice applies). */
+typedef struct tsr_stage_conf {
+    char *plugin;
+    tsr_src_loc loc;       /* of the plugin: value (unknown-plugin and missing-parameter
+                              errors point there) */
+    tsr_kv_text *params;
+    size_t n_params;
+    tsr_bound_params bound; /* filled by tsr_config_bind */
+} tsr_stage_conf;
+
+typedef struct tsr_layer_override {
+    int32_t first, last;    /* inclusive layer range */
+    tsr_src_loc loc;
+    tsr_stage_conf stage[TSR_STAGE_COUNT + 1]; /* indexed by tsr_stage; only some stages may
+                                                   vary per layer: quantizer, attention, cache */
+} tsr_layer_override;
+
+typedef enum tsr_hook_event {
+    TSR_HOOK_AFTER_LOAD = 0,
+    TSR_HOOK_AFTER_STEP = 1,
+    TSR_HOOK_AT_END = 2
+} tsr_hook_event;
+
+/* hooks: - { on: after_step, stage: cache, call: dump_stats, args: ["/tmp/x"] } */
+typedef struct tsr_hook_conf {
+    int32_t event;       /* tsr_hook_event */
+    int32_t stage;       /* tsr_stage of the plugin whose command is called */
+    char *command;
+    char **args;
+    size_t n_args;
+    tsr_src_loc loc;
+} tsr_hook_conf;
+
+typedef struct tsr_generate_conf {
+    char *prompt;          /* NULL: none */
+    int64_t max_tokens;    /* -1: not set */
+    double temperature;    /* NAN: not set */
+    int64_t seed;          /* -1: not set */
+} tsr_generate_conf;
+
+typedef struct tsr_config {
+    char *path;             /* the file, or "<default>" */
+    int64_t schema;         /* tessera: */
+    char *model_path;       /* model: { path: } relative paths resolved against the file */
+    char *tokenizer_path;   /* model: { tokenizer: } */
+    char **plugin_dirs;     /* plugin_dirs: [...] resolved against the file's folder */
+    size_t n_plugin_dirs;
+    tsr_stage_conf stage[TSR_STAGE_COUNT + 1]; /* indexed by tsr_stage; [0] unused */
+    tsr_layer_override *layers;
+    size_t n_layers;
+    tsr_hook_conf *hooks;
+    size_t n_hooks;
+    tsr_generate_conf generate;
+} tsr_config;
+
+/* Stage names as used in YAML and --set: "backend", "quantizer", ... ; NULL if out of range. */
+const char *tsr_stage_name(int32_t stage);
+/* The inverse; 0 when unknown. */
+int32_t tsr_stage_from_name(const char *name);
+
+/* Reads and checks the shape of a YAML file (keys, types, ranges of the host's own fields).
+ * Parameter values stay text until tsr_config_bind. Errors: "<file>:<line>:<col>: ...". */
+tsr_status tsr_config_load(const char *path, tsr_config **out, tsr_error *err);
+/* Same from a string (`name` used in messages). Relative paths are kept as written (relative
+ * to the current folder). */
+tsr_status tsr_config_load_string(const char *yaml, const char *name, tsr_config **out,
+                                  tsr_error *err);
+/* The built-in default pipeline: cpu + gguf + flash + full + sample. */
+tsr_status tsr_config_default(tsr_config **out, tsr_error *err);
+
+/* Applies "section.key=value" (e.g. "cache.window=256", "cache.plugin=streaming",
+ * "generate.max_tokens=64", "model.path=x.gguf"), as if written in the file. */
+tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *err);
+
+/* Looks up each configured plugin with `find` (the registry) and binds its parameters against
+ * the plugin's table, for every stage and every layer override. `find` returns NULL for an
+ * unknown plugin of that stage. A stage left unconfigured first gets the default pipeline's
+ * plugin (a stage without a default, the router, stays unconfigured and unbound). Binding
+ * again (after tsr_config_set) replaces earlier bindings. */
+typedef const tsr_plugin_desc *(*tsr_plugin_find_fn)(void *ctx, int32_t stage, const char *name);
+tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
+                           tsr_error *err);
+
+/* The configuration that applies to `stage` at `layer`: the last `layers:` entry whose range
+ * holds the layer and which names that stage, else the top-level one. NULL for a bad stage. */
+const tsr_stage_conf *tsr_config_stage_at(const tsr_config *cfg, int32_t stage, int32_t layer);
+
+void tsr_config_free(tsr_config *cfg);
+
+#endif

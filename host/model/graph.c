@@ -1,0 +1,194 @@
+#include "model/graph.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plugin/instances.h"
+
+/* ---- buffers --------------------------------------------------------------------------- */
+
+static void *buf_alloc(tsr_graph *g, size_t bytes) {
+    const tsr_backend_vtable *be = g->backend->vtable;
+    void *p = NULL;
+    if (be->buffer_alloc) return be->buffer_alloc(g->backend->self, bytes, &p) < 0 ? NULL : p;
+    return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
+}
+
+static void buf_free(tsr_graph *g, void *p) {
+    const tsr_backend_vtable *be = g->backend->vtable;
+    if (!p) return;
+    if (be->buffer_free) be->buffer_free(g->backend->self, p);
+    else free(p);
+}
+
+void tsr_graph_free(tsr_graph *g) {
+    float **bufs[] = {&g->x, &g->xn, &g->q, &g->k, &g->v, &g->attn, &g->gate, &g->up, &g->logits};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        buf_free(g, *bufs[i]);
+        *bufs[i] = NULL;
+    }
+    free(g->ids);
+    free(g->pos);
+    free(g->views);
+    g->ids = g->pos = NULL;
+    g->views = NULL;
+    g->cap = 0;
+}
+
+static tsr_status ensure_buffers(tsr_graph *g, int64_t n, tsr_error *err) {
+    if (n <= g->cap) return TSR_OK;
+    tsr_graph_free(g);
+    const tsr_hparams *hp = &g->model->hp;
+    size_t rows = (size_t)n, f = sizeof(float);
+    size_t qd = (size_t)hp->n_head * (size_t)hp->head_dim, kvd = (size_t)hp->n_kv_head * (size_t)hp->head_dim;
+    g->x = buf_alloc(g, rows * (size_t)hp->n_embd * f);
+    g->xn = buf_alloc(g, rows * (size_t)hp->n_embd * f);
+    g->q = buf_alloc(g, rows * qd * f);
+    g->k = buf_alloc(g, rows * kvd * f);
+    g->v = buf_alloc(g, rows * kvd * f);
+    g->attn = buf_alloc(g, rows * qd * f);
+    g->gate = buf_alloc(g, rows * (size_t)hp->n_ff * f);
+    g->up = buf_alloc(g, rows * (size_t)hp->n_ff * f);
+    g->logits = buf_alloc(g, rows * (size_t)hp->n_vocab * f);
+    g->ids = malloc(rows * sizeof *g->ids);
+    g->pos = malloc(rows * sizeof *g->pos);
+    g->views = calloc((size_t)hp->n_kv_head, sizeof *g->views);
+    if (!g->x || !g->xn || !g->q || !g->k || !g->v || !g->attn || !g->gate || !g->up ||
+        !g->logits || !g->ids || !g->pos || !g->views) {
+        tsr_graph_free(g);
+        return tsr_error_set(err, TSR_E_NOMEM, "out of memory for a batch of %lld tokens",
+                             (long long)n);
+    }
+    g->cap = n;
+    return TSR_OK;
+}
+
+/* ---- ops ------------------------------------------------------------------------------- */
+
+static tsr_status matmul(tsr_graph *g, float *y, const tsr_weight *w, const float *x, int64_t n,
+                         tsr_error *err) {
+    tsr_status st;
+    if (w->quantizer_matmul) {
+        const tsr_quantizer_vtable *qv = w->quantizer->vtable;
+        TSR_TIMED(g->times.matmul, st, qv->matmul(w->quantizer->self, y, &w->t, x, n));
+        return st < 0 ? tsr_instance_failed(w->quantizer, st, "matmul", err) : TSR_OK;
+    }
+    const tsr_backend_vtable *be = g->backend->vtable;
+    TSR_TIMED(g->times.matmul, st, be->matmul(g->backend->self, y, &w->t, x, n));
+    return st < 0 ? tsr_instance_failed(g->backend, st, "matmul", err) : TSR_OK;
+}
+
+/* A backend op of the graph (`be`, `self` in scope), timed as `other_ops`, with one failure
+ * path. */
+#define OP(call)                                                                 \
+    do {                                                                         \
+        TSR_TIMED(g->times.other_ops, st, (call));                               \
+        if (st < 0) return tsr_instance_failed(g->backend, st, #call, err);     \
+    } while (0)
+
+/* Stores one sequence's new K/V of layer l and runs its attention over rows [r->first,
+ * r->first + r->n). */
+static tsr_status attend(tsr_graph *g, int32_t l, const tsr_seq_run *r, tsr_error *err) {
+    const tsr_hparams *hp = &g->model->hp;
+    const int64_t qd = (int64_t)hp->n_head * hp->head_dim, kvd = (int64_t)hp->n_kv_head * hp->head_dim;
+    const int64_t a = r->first;
+    tsr_instance *c = g->cache_at[l], *at = g->attention_at[l];
+    const tsr_cache_vtable *cv = c->vtable;
+    const tsr_attention_vtable *av = at->vtable;
+    tsr_status st;
+    tsr_kv_write w = {.struct_size = sizeof w, .seq_id = r->seq_id, .layer = l, .phase = r->phase,
+                      .n = r->n, .pos = g->pos + a, .k = g->k + a * kvd, .v = g->v + a * kvd};
+    TSR_TIMED(g->times.cache, st, cv->store(c->self, &w));
+    if (st < 0) return tsr_instance_failed(c, st, "store", err);
+    for (int32_t h = 0; h < hp->n_kv_head; h++)
+        g->views[h] = (tsr_kv_view){.struct_size = sizeof(tsr_kv_view)};
+    TSR_TIMED(g->times.cache, st, cv->view(c->self, r->seq_id, l, r->phase, g->views));
+    if (st < 0) return tsr_instance_failed(c, st, "view", err);
+    tsr_attention_call call = {.struct_size = sizeof call, .seq_id = r->seq_id, .layer = l,
+                               .phase = r->phase, .n_q = r->n, .q = g->q + a * qd,
+                               .q_pos = g->pos + a, .scale = 1.0f / sqrtf((float)hp->head_dim),
+                               .views = g->views, .out = g->attn + a * qd};
+    TSR_TIMED(g->times.attention, st, av->forward(at->self, &call));
+    return st < 0 ? tsr_instance_failed(at, st, "forward", err) : TSR_OK;
+}
+
+static tsr_status layer_forward(tsr_graph *g, int32_t l, int64_t n, const tsr_seq_run *runs,
+                                size_t n_runs, tsr_error *err) {
+    const tsr_hparams *hp = &g->model->hp;
+    const tsr_layer_weights *lw = &g->model->layers[l];
+    const tsr_weight *w = &g->weights->blocks[l * TSR_W_PER_LAYER];
+    const tsr_backend_vtable *be = g->backend->vtable;
+    void *self = g->backend->self;
+    const int64_t e = hp->n_embd, qd = (int64_t)hp->n_head * hp->head_dim,
+                  kvd = (int64_t)hp->n_kv_head * hp->head_dim;
+    tsr_status st;
+
+    OP(be->rms_norm(self, g->xn, g->x, lw->attn_norm.data, n, e, hp->rms_eps));
+    if ((st = matmul(g, g->q, &w[TSR_W_Q], g->xn, n, err)) < 0) return st;
+    if ((st = matmul(g, g->k, &w[TSR_W_K], g->xn, n, err)) < 0) return st;
+    if ((st = matmul(g, g->v, &w[TSR_W_V], g->xn, n, err)) < 0) return st;
+    if (lw->bq.data) {
+        OP(be->add(self, g->q, g->q, lw->bq.data, n, qd, 1));
+        OP(be->add(self, g->k, g->k, lw->bk.data, n, kvd, 1));
+        OP(be->add(self, g->v, g->v, lw->bv.data, n, kvd, 1));
+    }
+    OP(be->rope(self, g->q, g->pos, n, hp->n_head, hp->head_dim, &hp->rope));
+    OP(be->rope(self, g->k, g->pos, n, hp->n_kv_head, hp->head_dim, &hp->rope));
+
+    for (size_t r = 0; r < n_runs; r++)
+        if ((st = attend(g, l, &runs[r], err)) < 0) return st;
+
+    if ((st = matmul(g, g->xn, &w[TSR_W_O], g->attn, n, err)) < 0) return st;
+    OP(be->add(self, g->x, g->x, g->xn, n, e, n));
+    OP(be->rms_norm(self, g->xn, g->x, lw->ffn_norm.data, n, e, hp->rms_eps));
+    if ((st = matmul(g, g->gate, &w[TSR_W_GATE], g->xn, n, err)) < 0) return st;
+    if ((st = matmul(g, g->up, &w[TSR_W_UP], g->xn, n, err)) < 0) return st;
+    OP(be->swiglu(self, g->gate, g->gate, g->up, n, hp->n_ff));
+    if ((st = matmul(g, g->xn, &w[TSR_W_DOWN], g->gate, n, err)) < 0) return st;
+    OP(be->add(self, g->x, g->x, g->xn, n, e, n));
+    return TSR_OK;
+}
+
+tsr_status tsr_graph_forward(tsr_graph *g, const tsr_batch_entry *entries, int64_t n,
+                             const tsr_seq_run *runs, size_t n_runs, float *logits,
+                             tsr_error *err) {
+    tsr_status st = ensure_buffers(g, n, err);
+    if (st < 0) return st;
+    const tsr_hparams *hp = &g->model->hp;
+    const tsr_backend_vtable *be = g->backend->vtable;
+    void *self = g->backend->self;
+    for (int64_t i = 0; i < n; i++) {
+        g->ids[i] = entries[i].token;
+        g->pos[i] = entries[i].pos;
+    }
+    const int64_t e = hp->n_embd, nv = hp->n_vocab;
+    OP(be->get_rows(self, g->x, tsr_model_weights_embeddings(g->weights, g->model), g->ids, n));
+    for (int32_t l = 0; l < hp->n_layer; l++)
+        if ((st = layer_forward(g, l, n, runs, n_runs, err)) < 0) return st;
+
+    /* Only the rows that want logits go through the output head: runs of consecutive rows. */
+    int64_t n_out = 0;
+    for (int64_t a = 0; a < n;) {
+        if (!entries[a].want_logits) {
+            a++;
+            continue;
+        }
+        int64_t b = a + 1;
+        while (b < n && entries[b].want_logits) b++;
+        float *xn = g->xn + a * e, *out = g->logits + n_out * nv;
+        OP(be->rms_norm(self, xn, g->x + a * e, g->model->output_norm.data, b - a, e,
+                        hp->rms_eps));
+        if ((st = matmul(g, out, &g->weights->output, xn, b - a, err)) < 0) return st;
+        n_out += b - a;
+        a = b;
+    }
+    if (n_out > 0) {
+        size_t bytes = (size_t)n_out * (size_t)nv * sizeof(float);
+        if (be->download) OP(be->download(self, logits, g->logits, bytes));
+        else memcpy(logits, g->logits, bytes);
+    }
+    g->times.forward_calls++;
+    g->times.tokens += (uint64_t)n;
+    return TSR_OK;
+}

@@ -1,0 +1,59 @@
+/* Weight matrices as the graph uses them: each offered to the quantizer of its layer, which
+ * keeps it in place or converts it, and multiplied by the backend when it knows the type,
+ * else by the quantizer. `tessera quantize` prepares weights the same way and writes them. */
+#ifndef TSR_HOST_WEIGHTS_H
+#define TSR_HOST_WEIGHTS_H
+
+#include <stdbool.h>
+
+#include <tessera/quantizer.h>
+
+#include "base/error.h"
+#include "model/model.h"
+#include "plugin/loader.h"
+
+/* The matrices of a block, in the order the graph uses them. */
+enum { TSR_W_Q, TSR_W_K, TSR_W_V, TSR_W_O, TSR_W_GATE, TSR_W_UP, TSR_W_DOWN, TSR_W_PER_LAYER };
+
+typedef struct tsr_weight {
+    tsr_tensor t;            /* what the quantizer made */
+    tsr_instance *quantizer; /* prepared it; releases it */
+    bool quantizer_matmul;   /* the backend does not know t.dtype: the quantizer multiplies */
+    bool prepared;
+} tsr_weight;
+
+/* Offers `src` (of block `layer`, or -1; `role` as tsr_weight_in says) to quantizer `q` and
+ * keeps the result in `w`; `report` (may be NULL) receives the quantizer's own report. A
+ * failure names the tensor, its type and the quantizer's reason. */
+tsr_status tsr_weight_prepare(tsr_instance *q, const tsr_tensor *src, int32_t layer,
+                              const char *role, tsr_weight *w, tsr_weight_out *report,
+                              tsr_error *err);
+/* Releases what the quantizer made (nothing when `w` was not prepared). */
+void tsr_weight_release(tsr_weight *w);
+
+/* Bytes of the prepared tensor. */
+uint64_t tsr_weight_bytes(const tsr_weight *w);
+
+/* Every matrix of a model, prepared for one backend. */
+typedef struct tsr_model_weights {
+    int32_t n_layer;
+    tsr_weight *blocks;  /* (n_layer, TSR_W_PER_LAYER) */
+    tsr_weight output;
+    tsr_weight tok_embd; /* prepared == false: the graph reads the file's own rows */
+    double n_weights, bits_sum, rmse_sum; /* over the prepared matrices, weighted by size */
+} tsr_model_weights;
+
+/* Prepares the blocks' matrices with quantizer_at[layer], the output head and the embeddings
+ * with `quantizer`, and decides who multiplies each: `backend` when it supports the type,
+ * else the quantizer (an error when neither can). Reports progress per layer. */
+tsr_status tsr_model_weights_prepare(tsr_model_weights *mw, const tsr_model *model,
+                                     tsr_instance *quantizer, tsr_instance *const *quantizer_at,
+                                     tsr_instance *backend, tsr_error *err);
+void tsr_model_weights_release(tsr_model_weights *mw);
+
+/* The table the graph reads embedding rows from: the prepared embeddings, the output head when
+ * it is the same tensor and the backend multiplies it, else the file's own rows. */
+const tsr_tensor *tsr_model_weights_embeddings(const tsr_model_weights *mw,
+                                               const tsr_model *model);
+
+#endif

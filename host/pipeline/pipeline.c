@@ -1,0 +1,285 @@
+/* The wiring of a pipeline: its stage instances, the prepared weights and the graph over them,
+ * sequences, the end-of-forward hooks of the cache policies, and the pipeline's `hooks:`. */
+#include "pipeline/pipeline_impl.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "files/dtype.h"
+#include "plugin/commands.h"
+#include "plugin/stage_init.h"
+
+int tsr_config_threads(const tsr_config *cfg) {
+    const tsr_bound_params *b = &cfg->stage[TSR_STAGE_BACKEND].bound;
+    for (uint32_t i = 0; i < b->params.count; i++)
+        if (!strcmp(b->params.defs[i].name, "threads") && b->params.defs[i].type == TSR_PARAM_INT)
+            return b->values[i].u.i > 0 ? (int)b->values[i].u.i : 1;
+    return 1;
+}
+
+/* ---- creation -------------------------------------------------------------------------- */
+
+static tsr_status check_layer_ranges(const tsr_config *cfg, int32_t n_layer, tsr_error *err) {
+    for (size_t i = 0; i < cfg->n_layers; i++)
+        if (cfg->layers[i].last >= n_layer) {
+            const tsr_src_loc *at = &cfg->layers[i].loc;
+            return tsr_error_set(err, TSR_E_RANGE, "%s:%d:%d: layers: range [%d, %d] is beyond "
+                                 "the model's %d layers (0 to %d)", at->file, at->line, at->col,
+                                 cfg->layers[i].first, cfg->layers[i].last, n_layer, n_layer - 1);
+        }
+    return TSR_OK;
+}
+
+/* Every stage's instances, the backend first (the others are told where it computes). */
+static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *err) {
+    const tsr_config *cfg = pl->cfg;
+    const tsr_hparams *hp = &pl->model->hp;
+    tsr_model_shape shape = {
+        .n_layer = hp->n_layer, .n_head = hp->n_head, .n_kv_head = hp->n_kv_head,
+        .head_dim = hp->head_dim, .n_embd = hp->n_embd, .n_ctx = pl->n_ctx,
+        .n_vocab = hp->n_vocab, .n_seq_max = 16, .n_threads = tsr_pool_size(pool),
+        .backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin};
+    tsr_instance_set *set = &pl->instances;
+    tsr_instance **main = pl->stage_main;
+    tsr_status st;
+    if ((st = tsr_instance_set_add(set, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND], &shape,
+                                   &main[TSR_STAGE_BACKEND], err)) < 0 ||
+        (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_QUANTIZER, &shape,
+                                         &main[TSR_STAGE_QUANTIZER], pl->quantizer_at, err)) < 0 ||
+        (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ATTENTION, &shape,
+                                         &main[TSR_STAGE_ATTENTION], pl->attention_at, err)) < 0 ||
+        (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_CACHE, &shape,
+                                         &main[TSR_STAGE_CACHE], pl->cache_at, err)) < 0 ||
+        (st = tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
+                                   &main[TSR_STAGE_DECODER], err)) < 0)
+        return st;
+    return TSR_OK;
+}
+
+tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
+                               const tsr_model *model, tsr_pool *pool, int32_t n_ctx,
+                               tsr_pipeline **out, tsr_error *err) {
+    *out = NULL;
+    tsr_pipeline *pl = calloc(1, sizeof *pl);
+    if (!pl) return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
+    pl->cfg = cfg;
+    pl->instances = (tsr_instance_set){.reg = reg, .pool = pool};
+    pl->model = model;
+    pl->n_ctx = n_ctx;
+    int32_t n_layer = model->hp.n_layer;
+    pl->quantizer_at = calloc((size_t)n_layer, sizeof *pl->quantizer_at);
+    pl->attention_at = calloc((size_t)n_layer, sizeof *pl->attention_at);
+    pl->cache_at = calloc((size_t)n_layer, sizeof *pl->cache_at);
+    tsr_status st;
+    if (!pl->quantizer_at || !pl->attention_at || !pl->cache_at) {
+        st = tsr_error_set(err, TSR_E_NOMEM, "out of memory");
+        goto fail;
+    }
+    if ((st = check_layer_ranges(cfg, n_layer, err)) < 0 ||
+        (st = create_instances(pl, pool, err)) < 0)
+        goto fail;
+    tsr_instance *backend = pl->stage_main[TSR_STAGE_BACKEND];
+    const tsr_backend_vtable *be = backend->vtable;
+    if (!be->supports(backend->self, model->tok_embd.dtype)) {
+        st = tsr_error_set(err, TSR_E_UNSUPPORTED,
+                           "token_embd.weight: backend '%s' cannot read rows of type %s",
+                           backend->ref->desc->name, tsr_dtype_name(model->tok_embd.dtype));
+        goto fail;
+    }
+    if ((st = tsr_model_weights_prepare(&pl->weights, model, pl->stage_main[TSR_STAGE_QUANTIZER],
+                                        pl->quantizer_at, backend, err)) < 0)
+        goto fail;
+    pl->graph = (tsr_graph){.model = model, .weights = &pl->weights, .backend = backend,
+                            .attention_at = pl->attention_at, .cache_at = pl->cache_at};
+    *out = pl;
+    return TSR_OK;
+fail:
+    tsr_pipeline_free(pl);
+    return st;
+}
+
+void tsr_pipeline_free(tsr_pipeline *pl) {
+    if (!pl) return;
+    tsr_model_weights_release(&pl->weights);
+    while (pl->n_seqs) tsr_pipeline_seq_end(pl, pl->seqs[pl->n_seqs - 1].id);
+    if (pl->graph.backend) tsr_graph_free(&pl->graph);
+    tsr_instance_set_free(&pl->instances);
+    free(pl->quantizer_at);
+    free(pl->attention_at);
+    free(pl->cache_at);
+    free(pl->seqs);
+    free(pl);
+}
+
+/* ---- sequences ------------------------------------------------------------------------- */
+
+tsr_seq_state *tsr_pipeline_find_seq(tsr_pipeline *pl, int64_t id) {
+    for (size_t i = 0; i < pl->n_seqs; i++)
+        if (pl->seqs[i].id == id) return &pl->seqs[i];
+    return NULL;
+}
+
+bool tsr_pipeline_add_seq(tsr_pipeline *pl, int64_t id, bool prefilled) {
+    if (pl->n_seqs == pl->cap_seqs) {
+        size_t cap = pl->cap_seqs ? pl->cap_seqs * 2 : 4;
+        tsr_seq_state *grown = realloc(pl->seqs, cap * sizeof *grown);
+        if (!grown) return false;
+        pl->seqs = grown;
+        pl->cap_seqs = cap;
+    }
+    pl->seqs[pl->n_seqs++] = (tsr_seq_state){.id = id, .prefilled = prefilled};
+    return true;
+}
+
+tsr_status tsr_pipeline_seq_begin(tsr_pipeline *pl, int64_t seq_id, tsr_error *err) {
+    if (tsr_pipeline_find_seq(pl, seq_id))
+        return tsr_error_set(err, TSR_E_STATE, "sequence %lld is already running", (long long)seq_id);
+    TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
+        const tsr_cache_vtable *cv = c->vtable;
+        tsr_status st = cv->seq_begin(c->self, seq_id);
+        if (st < 0) return tsr_instance_failed(c, st, "seq_begin", err);
+    }
+    TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_ATTENTION, a) {
+        const tsr_attention_vtable *av = a->vtable;
+        tsr_status st = av->seq_begin ? av->seq_begin(a->self, seq_id) : TSR_OK;
+        if (st < 0) return tsr_instance_failed(a, st, "seq_begin", err);
+    }
+    if (!tsr_pipeline_add_seq(pl, seq_id, false))
+        return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
+    return TSR_OK;
+}
+
+void tsr_pipeline_seq_end(tsr_pipeline *pl, int64_t seq_id) {
+    tsr_seq_state *s = tsr_pipeline_find_seq(pl, seq_id);
+    if (!s) return;
+    *s = pl->seqs[--pl->n_seqs];
+    TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) ((const tsr_cache_vtable *)c->vtable)->seq_end(c->self, seq_id);
+    TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_ATTENTION, a) {
+        const tsr_attention_vtable *av = a->vtable;
+        if (av->seq_end) av->seq_end(a->self, seq_id);
+    }
+}
+
+/* ---- forward --------------------------------------------------------------------------- */
+
+/* Splits the batch into runs of one sequence each, checking every entry; the first forward
+ * of a sequence is its prefill, later ones are decode steps. */
+static tsr_status batch_runs(tsr_pipeline *pl, const tsr_batch_entry *entries, int64_t n,
+                             tsr_seq_run *runs, size_t cap, size_t *n_runs, tsr_error *err) {
+    const tsr_hparams *hp = &pl->model->hp;
+    *n_runs = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const tsr_batch_entry *b = &entries[i];
+        if (b->token < 0 || b->token >= hp->n_vocab)
+            return tsr_error_set(err, TSR_E_RANGE, "forward: token %d is outside the vocabulary "
+                                 "(%d tokens)", b->token, hp->n_vocab);
+        if (b->pos < 0 || b->pos >= pl->n_ctx)
+            return tsr_error_set(err, TSR_E_RANGE, "forward: position %d is outside the context "
+                                 "(%d positions)", b->pos, pl->n_ctx);
+        const tsr_seq_state *s = tsr_pipeline_find_seq(pl, b->seq_id);
+        if (!s)
+            return tsr_error_set(err, TSR_E_STATE, "forward: sequence %lld was not begun",
+                                 (long long)b->seq_id);
+        if (i > 0 && entries[i - 1].seq_id == b->seq_id) {
+            runs[*n_runs - 1].n++;
+            continue;
+        }
+        for (size_t r = 0; r < *n_runs; r++)
+            if (runs[r].seq_id == b->seq_id)
+                return tsr_error_set(err, TSR_E_INVALID, "forward: the entries of sequence %lld "
+                                     "are not contiguous in the batch", (long long)b->seq_id);
+        if (*n_runs == cap)
+            return tsr_error_set(err, TSR_E_RANGE, "forward: more than %zu sequences in one "
+                                 "batch", cap);
+        runs[(*n_runs)++] = (tsr_seq_run){.seq_id = b->seq_id, .first = i, .n = 1,
+                                          .phase = s->prefilled ? TSR_PHASE_DECODE
+                                                                : TSR_PHASE_PREFILL};
+    }
+    return TSR_OK;
+}
+
+/* The cache policies' end-of-forward hooks: prefill_end after a sequence's first forward,
+ * step_end after each later one. */
+static tsr_status end_of_forward(tsr_pipeline *pl, const tsr_seq_run *runs, size_t n_runs,
+                                 tsr_error *err) {
+    tsr_status st = TSR_OK;
+    for (size_t r = 0; r < n_runs; r++) {
+        tsr_seq_state *s = tsr_pipeline_find_seq(pl, runs[r].seq_id);
+        TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
+            const tsr_cache_vtable *cv = c->vtable;
+            tsr_status (*hook)(void *, int64_t) = s->prefilled ? cv->step_end : cv->prefill_end;
+            if (!hook) continue;
+            TSR_TIMED(pl->graph.times.cache, st, hook(c->self, s->id));
+            if (st < 0)
+                return tsr_instance_failed(c, st, s->prefilled ? "step_end" : "prefill_end", err);
+        }
+        s->prefilled = true;
+    }
+    return st;
+}
+
+tsr_status tsr_pipeline_forward(tsr_pipeline *pl, const tsr_batch_entry *entries, int64_t n,
+                                float *logits, tsr_error *err) {
+    if (n <= 0) return tsr_error_set(err, TSR_E_INVALID, "forward: empty batch");
+    tsr_seq_run runs[64];
+    size_t n_runs;
+    tsr_status st = batch_runs(pl, entries, n, runs, sizeof runs / sizeof runs[0], &n_runs, err);
+    if (st < 0) return st;
+    if ((st = tsr_graph_forward(&pl->graph, entries, n, runs, n_runs, logits, err)) < 0) return st;
+    return end_of_forward(pl, runs, n_runs, err);
+}
+
+/* ---- hooks ----------------------------------------------------------------------------- */
+
+tsr_status tsr_pipeline_run_hooks(tsr_pipeline *pl, int32_t event, tsr_error *err) {
+    for (size_t i = 0; i < pl->cfg->n_hooks; i++) {
+        const tsr_hook_conf *h = &pl->cfg->hooks[i];
+        if (h->event != event) continue;
+        tsr_instance *inst = pl->stage_main[h->stage];
+        const tsr_command *cmd = inst ? tsr_command_find(inst->ref->desc, h->command) : NULL;
+        if (!cmd)
+            return tsr_error_set(err, TSR_E_INVALID, "%s:%d:%d: hooks: the %s plugin has no "
+                                 "command '%s'", h->loc.file, h->loc.line, h->loc.col,
+                                 tsr_stage_name(h->stage), h->command);
+        char ret[1024];
+        tsr_error why;
+        if (tsr_command_call(cmd, inst->self, (const char *const *)h->args, h->n_args, ret,
+                             sizeof ret, &why) < 0)
+            return tsr_error_set(err, TSR_E_INVALID, "%s:%d:%d: hooks: %s%s%s", h->loc.file,
+                                 h->loc.line, h->loc.col, why.msg,
+                                 inst->services.has_error ? ": " : "",
+                                 tsr_services_take_error(&inst->services, ""));
+        if (*ret) tsr_log(TSR_LOG_INFO, inst->ref->desc->name, "%s -> %s", h->command, ret);
+    }
+    return TSR_OK;
+}
+
+/* ---- statistics ------------------------------------------------------------------------ */
+
+const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl) { return &pl->graph.times; }
+
+void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
+                                 double *rel_rmse) {
+    const tsr_model_weights *w = &pl->weights;
+    *bits_per_weight = w->n_weights > 0 ? w->bits_sum / w->n_weights : 0;
+    *rel_rmse = w->n_weights > 0 ? w->rmse_sum / w->n_weights : 0;
+}
+
+uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl) {
+    uint64_t total = tsr_weight_bytes(&pl->weights.output);
+    for (size_t i = 0; i < (size_t)pl->model->hp.n_layer * TSR_W_PER_LAYER; i++)
+        total += tsr_weight_bytes(&pl->weights.blocks[i]);
+    return total;
+}
+
+uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl) {
+    uint64_t total = 0;
+    TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
+        const tsr_cache_vtable *cv = c->vtable;
+        if (!cv->stats) continue;
+        tsr_cache_stats s = {.struct_size = sizeof s};
+        cv->stats(c->self, &s);
+        total += s.bytes_reserved;
+    }
+    return total;
+}

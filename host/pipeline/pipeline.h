@@ -1,0 +1,67 @@
+/* A pipeline: one instance of each configured stage plugin (more where layers override them),
+ * the model's weights as the quantizers prepared them, the graph that runs them, the live
+ * sequences, and the generation API handed to the decoder. */
+#ifndef TSR_HOST_PIPELINE_H
+#define TSR_HOST_PIPELINE_H
+
+#include <tessera/decoder.h>
+
+#include "base/error.h"
+#include "config/config.h"
+#include "model/graph.h"
+#include "model/model.h"
+#include "plugin/loader.h"
+#include "plugin/pool.h"
+
+typedef struct tsr_pipeline tsr_pipeline;
+
+/* Called with each batch of tokens the decoder accepts (the CLI prints them). */
+typedef void (*tsr_token_sink)(void *ctx, const int32_t *tokens, int64_t n);
+
+/* Instantiates every stage of `cfg` (bound against `reg`) for `model`, and prepares the
+ * weights. `n_ctx` is the longest sequence to be run (positions). The pipeline borrows cfg,
+ * reg, model and pool: they must outlive it. */
+tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
+                               const tsr_model *model, tsr_pool *pool, int32_t n_ctx,
+                               tsr_pipeline **out, tsr_error *err);
+void tsr_pipeline_free(tsr_pipeline *pl);
+
+/* The number of threads the backend section asks for (its `threads` parameter, when the
+ * backend plugin declares one), else 1. The host sizes its pool with it. */
+int tsr_config_threads(const tsr_config *cfg);
+
+/* Runs the model on a batch (entries of one sequence must be contiguous and continue what the
+ * sequence holds); logits (n_want, n_vocab) for the entries with want_logits. */
+tsr_status tsr_pipeline_forward(tsr_pipeline *pl, const tsr_batch_entry *entries, int64_t n,
+                                float *logits, tsr_error *err);
+
+/* Sequence lifecycle, forwarded to every cache policy and attention instance. */
+tsr_status tsr_pipeline_seq_begin(tsr_pipeline *pl, int64_t seq_id, tsr_error *err);
+void tsr_pipeline_seq_end(tsr_pipeline *pl, int64_t seq_id);
+
+/* Generates from `prompt` with the decoder stage: sequence 0 is begun, the decoder drives,
+ * accepted tokens go to `sink`, and generation stops after `max_new_tokens`, at an end of
+ * generation token when `eog` says so, or when the decoder stops. Hooks run after each step
+ * and at the end. *n_generated receives the count. */
+typedef int32_t (*tsr_eog_fn)(void *ctx, int32_t token);
+tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_t n_prompt,
+                                 int64_t max_new_tokens, tsr_eog_fn eog, void *eog_ctx,
+                                 tsr_token_sink sink, void *sink_ctx, int64_t *n_generated,
+                                 tsr_error *err);
+
+/* Runs the hooks configured for `event` (tsr_hook_event). */
+tsr_status tsr_pipeline_run_hooks(tsr_pipeline *pl, int32_t event, tsr_error *err);
+
+const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl);
+/* What the quantizers made of the weight matrices: bits per weight and relative RMSE, both
+ * averaged over all weights (each matrix weighted by its size). */
+void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
+                                 double *rel_rmse);
+
+/* Bytes of the prepared weights one token reads: every block matrix and the output head. */
+uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl);
+
+/* Sum of the cache policies' bytes_reserved now (0 when none reports stats). */
+uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl);
+
+#endif

@@ -1,0 +1,45 @@
+/* Inside a pipeline: shared by its wiring (pipeline.c) and the generation API it hands to
+ * decoders (generate.c). */
+#ifndef TSR_HOST_PIPELINE_IMPL_H
+#define TSR_HOST_PIPELINE_IMPL_H
+
+#include <stdbool.h>
+
+#include "model/graph.h"
+#include "model/weights.h"
+#include "pipeline/pipeline.h"
+#include "plugin/instances.h"
+
+typedef struct tsr_seq_state {
+    int64_t id;
+    bool prefilled; /* prefill_end has run: later forwards are decode steps */
+} tsr_seq_state;
+
+struct tsr_pipeline {
+    const tsr_config *cfg;
+    const tsr_model *model;
+    int32_t n_ctx;
+
+    tsr_instance *stage_main[TSR_STAGE_COUNT + 1]; /* the top-level instance of each stage */
+    tsr_instance_set instances; /* every instance, for lifecycle calls and destruction */
+    tsr_instance **quantizer_at, **attention_at, **cache_at; /* (n_layer) */
+
+    tsr_model_weights weights;
+    tsr_graph graph;
+
+    tsr_seq_state *seqs;
+    size_t n_seqs, cap_seqs;
+};
+
+/* The state of a live sequence, or NULL. */
+tsr_seq_state *tsr_pipeline_find_seq(tsr_pipeline *pl, int64_t id);
+/* Records a live sequence; false when out of memory. */
+bool tsr_pipeline_add_seq(tsr_pipeline *pl, int64_t id, bool prefilled);
+
+/* Each distinct instance of `stage` once, for lifecycle calls. */
+#define TSR_FOR_EACH_INSTANCE(pl, stage_value, var)                                      \
+    for (size_t var##_i = 0; var##_i < (pl)->instances.n_owned; var##_i++)              \
+        for (tsr_instance *var = (pl)->instances.owned[var##_i];                         \
+             var && var->ref->desc->stage == (stage_value); var = NULL)
+
+#endif
