@@ -18,7 +18,8 @@
 
 /* Fake plugins: a registry of descriptors with parameter tables, no code. */
 static const tsr_param_def cpu_params[] = {
-    DEF(.name = "threads", .type = TSR_PARAM_INT, .default_value = "1", .min = 1, .max = 256),
+    DEF(.name = "threads", .type = TSR_PARAM_INT, .default_value = "1", .min = 1, .max = 256,
+        .role = TSR_PARAM_ROLE_THREADS),
 };
 static const tsr_param_def flash_params[] = {
     DEF(.name = "block", .type = TSR_PARAM_INT, .default_value = "64", .min = 16, .max = 256),
@@ -29,9 +30,11 @@ static const tsr_param_def streaming_params[] = {
         .max = 1048576),
 };
 static const tsr_param_def sample_params[] = {
-    DEF(.name = "temperature", .type = TSR_PARAM_FLOAT, .default_value = "1", .min = 0, .max = 10),
+    DEF(.name = "temperature", .type = TSR_PARAM_FLOAT, .default_value = "1", .min = 0, .max = 10,
+        .role = TSR_PARAM_ROLE_TEMPERATURE),
     DEF(.name = "top_p", .type = TSR_PARAM_FLOAT, .default_value = "1", .min = 0, .max = 1),
-    DEF(.name = "seed", .type = TSR_PARAM_INT, .default_value = "0", .min = 1, .max = 0),
+    DEF(.name = "seed", .type = TSR_PARAM_INT, .default_value = "0", .min = 1, .max = 0,
+        .role = TSR_PARAM_ROLE_SEED),
 };
 static const tsr_param_def topk_params[] = {
     DEF(.name = "k", .type = TSR_PARAM_INT, .min = 1, .max = 8),
@@ -44,6 +47,7 @@ static const tsr_plugin_desc fake_plugins[] = {
     DESC(TSR_STAGE_CACHE, "full", NULL, 0),
     DESC(TSR_STAGE_CACHE, "streaming", streaming_params, 2),
     DESC(TSR_STAGE_DECODER, "sample", sample_params, 3),
+    DESC(TSR_STAGE_DECODER, "greedy", NULL, 0),
     DESC(TSR_STAGE_ROUTER, "topk", topk_params, 1),
 };
 
@@ -149,8 +153,8 @@ START_TEST(valid_full) {
 
     ck_assert_str_eq(cfg->generate.prompt, "Once upon a time");
     ck_assert_int_eq(cfg->generate.max_tokens, 64);
-    ck_assert_double_eq(cfg->generate.temperature, 0.0);
-    ck_assert_int_eq(cfg->generate.seed, 42);
+    ck_assert_str_eq(cfg->role_value[TSR_STAGE_DECODER][TSR_PARAM_ROLE_TEMPERATURE].text, "0.0");
+    ck_assert_str_eq(cfg->role_value[TSR_STAGE_DECODER][TSR_PARAM_ROLE_SEED].text, "42");
 
     ck_assert_uint_eq(cfg->n_hooks, 2);
     ck_assert_int_eq(cfg->hooks[0].event, TSR_HOOK_AFTER_STEP);
@@ -179,8 +183,8 @@ START_TEST(valid_minimal) {
     ck_assert_uint_eq(cfg->n_hooks, 0);
     ck_assert_ptr_null(cfg->generate.prompt);
     ck_assert_int_eq(cfg->generate.max_tokens, -1);
-    ck_assert(isnan(cfg->generate.temperature));
-    ck_assert_int_eq(cfg->generate.seed, -1);
+    ck_assert_ptr_null(cfg->role_value[TSR_STAGE_DECODER][TSR_PARAM_ROLE_TEMPERATURE].text);
+    ck_assert_ptr_null(cfg->role_value[TSR_STAGE_DECODER][TSR_PARAM_ROLE_SEED].text);
     tsr_config_free(cfg);
     /* JSON is YAML too, and comments and a leading --- are fine */
     cfg = load_ok("{\"tessera\": 1, \"cache\": {\"plugin\": \"full\"}}");
@@ -417,7 +421,7 @@ START_TEST(bind_values) {
     ck_assert_int_eq(p->values[0].u.i, 4);
     ck_assert_int_eq(p->values[1].u.i, 128);
     p = &cfg->stage[TSR_STAGE_DECODER].bound.params;
-    ck_assert_double_eq(p->values[0].u.f, 0.8);
+    ck_assert_double_eq(p->values[0].u.f, 0.0); /* generate.temperature, over decoder's 0.8 */
     ck_assert_double_eq(p->values[1].u.f, 0.95);
     ck_assert_int_eq(p->values[2].u.i, 42);
     ck_assert_int_eq(cfg->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 2);
@@ -474,6 +478,43 @@ START_TEST(default_pipeline) {
 }
 END_TEST
 
+/* Options that name a role (-t, --temperature, --seed, generate.temperature/seed) reach the
+ * parameter of that role whatever its name, win over the file, and fail naming the option when
+ * the plugin has no such parameter. */
+START_TEST(values_by_role) {
+    tsr_config *cfg = load_ok("tessera: 1\ndecoder: { plugin: sample, temperature: 0.7 }\n");
+    int calls = 0;
+    tsr_error err;
+    ck_assert_int_eq(tsr_config_set_role(cfg, TSR_STAGE_DECODER, TSR_PARAM_ROLE_TEMPERATURE,
+                                         "0.25", "--temperature", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_set_role(cfg, TSR_STAGE_BACKEND, TSR_PARAM_ROLE_THREADS, "3",
+                                         "-t", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_OK);
+    ck_assert_double_eq(cfg->stage[TSR_STAGE_DECODER].bound.params.values[0].u.f, 0.25);
+    ck_assert_int_eq(cfg->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 3);
+    ck_assert_int_eq(tsr_config_set_role(cfg, TSR_STAGE_DECODER, TSR_PARAM_ROLE_TEMPERATURE,
+                                         "abc", "--temperature", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "--temperature: decoder.temperature: expected a number in [0, 10], "
+                              "got 'abc'");
+    tsr_config_free(cfg);
+
+    cfg = load_ok("tessera: 1\ndecoder: { plugin: greedy }\n");
+    ck_assert_int_eq(tsr_config_set_role(cfg, TSR_STAGE_DECODER, TSR_PARAM_ROLE_TEMPERATURE,
+                                         "0.5", "--temperature", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "--temperature: the decoder plugin 'greedy' has no temperature "
+                              "parameter");
+    tsr_config_free(cfg);
+
+    cfg = load_ok("tessera: 1\ndecoder: { plugin: greedy }\ngenerate: { seed: 3 }\n");
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "ok.yaml:3:19: generate.seed: the decoder plugin 'greedy' has no "
+                              "seed parameter");
+    tsr_config_free(cfg);
+}
+END_TEST
+
 START_TEST(set_overrides) {
     tsr_config *cfg = load_ok(full_yaml);
     tsr_error err;
@@ -492,9 +533,9 @@ START_TEST(set_overrides) {
     ck_assert_int_eq(tsr_config_set(cfg, "generate.max_tokens=8", &err), TSR_OK);
     ck_assert_int_eq(cfg->generate.max_tokens, 8);
     ck_assert_int_eq(tsr_config_set(cfg, "generate.temperature=1.5", &err), TSR_OK);
-    ck_assert_double_eq(cfg->generate.temperature, 1.5);
+    ck_assert_str_eq(cfg->role_value[TSR_STAGE_DECODER][TSR_PARAM_ROLE_TEMPERATURE].text, "1.5");
     ck_assert_int_eq(tsr_config_set(cfg, "generate.seed=0x10", &err), TSR_OK);
-    ck_assert_int_eq(cfg->generate.seed, 16);
+    ck_assert_str_eq(cfg->role_value[TSR_STAGE_DECODER][TSR_PARAM_ROLE_SEED].text, "0x10");
     ck_assert_int_eq(tsr_config_set(cfg, "generate.prompt=a=b c", &err), TSR_OK);
     ck_assert_str_eq(cfg->generate.prompt, "a=b c");
     int calls = 0;
@@ -502,6 +543,8 @@ START_TEST(set_overrides) {
     ck_assert_int_eq(cfg->stage[TSR_STAGE_CACHE].bound.params.values[1].u.i, 256);
     ck_assert_int_eq(cfg->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 4);
     ck_assert_int_eq(cfg->stage[TSR_STAGE_ATTENTION].bound.params.values[0].u.i, 128);
+    ck_assert_double_eq(cfg->stage[TSR_STAGE_DECODER].bound.params.values[0].u.f, 1.5);
+    ck_assert_int_eq(cfg->stage[TSR_STAGE_DECODER].bound.params.values[2].u.i, 16);
     /* switching plugin keeps the given parameters: they must suit the new one */
     ck_assert_int_eq(tsr_config_set(cfg, "cache.plugin=full", &err), TSR_OK);
     ck_assert_ptr_null(cfg->stage[TSR_STAGE_CACHE].bound.values);
@@ -627,6 +670,7 @@ static Suite *config_suite(void) {
     tcase_add_test(tc, bind_fills_defaults);
     tcase_add_test(tc, default_pipeline);
     tcase_add_test(tc, set_overrides);
+    tcase_add_test(tc, values_by_role);
     tcase_add_test(tc, set_invalid);
     tcase_add_test(tc, stage_at_layer);
     tcase_add_test(tc, stage_names);

@@ -27,7 +27,8 @@ typedef struct tsr_attention_init {
     int32_t n_kv_head;
     int32_t head_dim;
     int32_t n_ctx;
-    const char *backend_name; /* where q, out and the views live */
+    const char *backend_name; /* the running backend's name; NULL when none runs */
+    int32_t memory_space;     /* tsr_memory_space of q and out (the backend's buffers) */
 } tsr_attention_init;
 
 typedef struct tsr_attention_call {

@@ -3,11 +3,15 @@
  *
  * The host's model graph calls these ops in order, one at a time, from the main thread
  * ([main]); a backend parallelises inside an op (the CPU backend through
- * tsr_host.parallel_for, a GPU backend with its own streams). All activation buffers are f32,
- * in the backend's memory space (host memory for the CPU backend, device memory for CUDA),
- * allocated through buffer_alloc. Weights are tsr_tensor descriptors prepared by the
- * quantizer stage; their `data` lies in the backend's memory space too (the host uploads them
- * through `upload` when the backend has its own memory).
+ * tsr_host.parallel_for, a GPU backend with its own streams).
+ *
+ * Memory. Every pointer an op receives lies in the backend's memory space: activations (f32)
+ * in buffers from buffer_alloc, and weights, norm weights, biases, token ids and positions,
+ * which the host copies there with `upload` once (weights, at load) or per call (ids,
+ * positions). A backend without buffer_alloc computes on host memory: the host then allocates
+ * its buffers itself and hands it weights in place (mapped from the file). What other stages
+ * may do with the backend's buffers (attention reads q and writes out, a cache policy reads the
+ * new k and v) is told by `memory_space`.
  *
  * Shapes are given explicitly; `n` is a number of rows (tokens), rows are contiguous.
  */
@@ -53,15 +57,17 @@ typedef struct tsr_backend_vtable {
     void (*destroy)(void *self);
 
     /* ---- memory ----------------------------------------------------------------------- */
-    /* [main] Optional (NULL: the backend computes on host memory and the host allocates with
-     * tsr_host.alloc). Allocates `bytes` in the backend's memory space, 64-byte aligned. */
+    /* [main] Optional, all four together (NULL: the backend computes on host memory; the host
+     * allocates its buffers and passes weights in place). Allocates `bytes` in the backend's
+     * memory space, 64-byte aligned; buffer_free releases such a buffer (NULL does nothing). */
     tsr_status (*buffer_alloc)(void *self, size_t bytes, void **out);
     void (*buffer_free)(void *self, void *buf);
-    /* [main] Optional (NULL: plain memcpy). Copies host memory to the backend (upload) or the
-     * backend to host memory (download). Returns when the copy is complete. */
+    /* [main] Copies host memory to a backend buffer (upload; `dst` may point inside a buffer)
+     * or a backend buffer to host memory (download). Returns when the copy is complete. */
     tsr_status (*upload)(void *self, void *dst, const void *src, size_t bytes);
     tsr_status (*download)(void *self, void *dst, const void *src, size_t bytes);
-    /* [main] Optional (NULL: ops are synchronous). Waits for queued work. */
+    /* [main] Optional (NULL: ops are synchronous). Waits for queued work; the host calls it
+     * before it reads what an op wrote (logits) through download. */
     tsr_status (*synchronize)(void *self);
 
     /* ---- weights ---------------------------------------------------------------------- */
@@ -89,10 +95,10 @@ typedef struct tsr_backend_vtable {
     /* y (n, dim) = a + b (b broadcast over rows when b_rows == 1); y may equal a. */
     tsr_status (*add)(void *self, float *y, const float *a, const float *b, int64_t n,
                       int64_t dim, int64_t b_rows);
-    /* y (n, dim) = x * s; y may equal x. */
-    tsr_status (*scale)(void *self, float *y, const float *x, float s, int64_t n, int64_t dim);
-    /* Row-wise softmax in place, x (n, dim). */
-    tsr_status (*softmax)(void *self, float *x, int64_t n, int64_t dim);
+
+    /* [main] Optional (NULL: TSR_MEMORY_HOST). Where this instance's buffers live: the host
+     * tells the quantizer, attention and cache stages (their init's memory_space). */
+    int32_t (*memory_space)(void *self);
 } tsr_backend_vtable;
 
 #ifdef __cplusplus

@@ -37,7 +37,10 @@ typedef struct tsr_cache_init {
     int32_t head_dim;
     int32_t n_ctx;            /* the longest sequence the host will ask for (positions) */
     int32_t n_seq_max;        /* sequences alive at once */
-    const char *backend_name; /* where K/V live: "cpu" means host memory */
+    const char *backend_name; /* the running backend's name; NULL when none runs */
+    int32_t memory_space;     /* tsr_memory_space of the k and v a write hands over */
+    int32_t n_head;           /* query heads: n_head / n_kv_head of them read each KV head, and
+                                 score_acc sums over them */
 } tsr_cache_init;
 
 /* New K/V rows for one sequence and one layer. Borrowed for the call. */

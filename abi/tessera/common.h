@@ -108,6 +108,16 @@ typedef enum tsr_dtype {
 } tsr_dtype;
 
 /* ---------------------------------------------------------------------------------------- */
+/* Where the running backend's buffers live, as the stages that read them see them (the       */
+/* memory_space of their init structs; see <tessera/backend.h>).                              */
+
+typedef enum tsr_memory_space {
+    TSR_MEMORY_HOST = 0,  /* the CPU reads and writes them directly (the buffers may still be
+                             the backend's own, allocated apart from the host's) */
+    TSR_MEMORY_DEVICE = 1 /* only code that runs on the backend's device reaches them */
+} tsr_memory_space;
+
+/* ---------------------------------------------------------------------------------------- */
 /* Tensors. A descriptor, never an owner: `data` belongs to whoever the call says.           */
 /* ne[0] is the innermost (contiguous) dimension, as in GGUF; a weight matrix of n_out rows   */
 /* and n_in columns has ne = {n_in, n_out}.                                                  */
@@ -138,6 +148,22 @@ typedef enum tsr_param_type {
     TSR_PARAM_ENUM = 5    /* one of `choices`; passed as its index and its text */
 } tsr_param_type;
 
+/* What a parameter means to the host, beyond its name. The host maps its own options to the
+ * parameter of the bound plugin that declares the role, and to nothing when no parameter does
+ * (the option is then refused, naming the option and the plugin): `-t` and the size of the
+ * host's thread pool to the backend's THREADS, `--temperature` and `--seed` to the decoder's
+ * TEMPERATURE and SEED, the TYPE of `tessera quantize` to the quantizer's WEIGHT_TYPE. At most
+ * one parameter of a plugin has a given role, and it has the type stated here (the host
+ * refuses the plugin otherwise). A role this host does not know reads as NONE. */
+typedef enum tsr_param_role {
+    TSR_PARAM_ROLE_NONE = 0,
+    TSR_PARAM_ROLE_THREADS = 1,     /* INT >= 1: threads to compute with */
+    TSR_PARAM_ROLE_SEED = 2,        /* INT: seed of the plugin's random numbers */
+    TSR_PARAM_ROLE_TEMPERATURE = 3, /* FLOAT >= 0: sampling temperature, 0 choosing greedily */
+    TSR_PARAM_ROLE_WEIGHT_TYPE = 4  /* ENUM: the weight format to make, choices named as GGUF
+                                       types in lower case ("q8_0", "q4_k_m"...) */
+} tsr_param_role;
+
 /* Parameter definitions and commands (below) are elements of arrays: their size is their
  * stride, so these two structs never grow. A later ABI that needs more per-parameter facts
  * adds a parallel table to the descriptor instead. */
@@ -150,6 +176,7 @@ typedef struct tsr_param_def {
     const char *const *choices;  /* ENUM only: NULL-terminated list */
     const char *unit;            /* e.g. "tokens"; may be NULL */
     const char *doc;             /* one line */
+    int32_t role;                /* tsr_param_role; 0 for most parameters */
 } tsr_param_def;
 
 typedef struct tsr_param_value {
@@ -198,7 +225,9 @@ typedef struct tsr_host {
         ;
 
     /* [any] Records the explanation of the error the current callback is about to return.
-     * The host copies the text and shows it with context (plugin id, file, YAML path). */
+     * The host copies the text and shows it with context (plugin id, file, YAML path). Safe
+     * from several threads at once (a worker of a parallel_for may call it): the last call
+     * before the callback returns is the one shown. */
     void (*set_error)(void *ctx, const char *fmt, ...)
 #if defined(__GNUC__)
         __attribute__((format(printf, 2, 3)))

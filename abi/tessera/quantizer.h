@@ -23,8 +23,10 @@ extern "C" {
 
 typedef struct tsr_quantizer_init {
     uint32_t struct_size;
-    const char *backend_name; /* the running backend plugin's name, e.g. "cpu" */
+    const char *backend_name; /* the running backend plugin's name, e.g. "cpu"; NULL when no
+                                 backend runs (validation, conformance runs) */
     int32_t n_layer;          /* blocks in the model, for recipes that vary by depth */
+    int32_t memory_space;     /* tsr_memory_space of the buffers `matmul` receives */
 } tsr_quantizer_init;
 
 /* One weight offered at load time. Everything here is borrowed for the duration of the call;

@@ -1,8 +1,8 @@
 /* `tessera quantize` and `tessera synth`: GGUF files written through the quantizer stage.
  *
  * Both offer every weight matrix to the quantizer configured for its layer (the default
- * pipeline's, unless a config says otherwise), with the quantizer's `type` parameter set to the
- * TYPE asked for, and write what it returns. A quantizer that makes a format of its own
+ * pipeline's, unless a config says otherwise), with the quantizer's parameter of role
+ * WEIGHT_TYPE set to the TYPE asked for, and write what it returns. A quantizer that makes a format of its own
  * (a plugin dtype) cannot be written to GGUF, and says so. */
 #include <errno.h>
 #include <jansson.h>
@@ -50,13 +50,7 @@ typedef struct quant_job {
     json_t *report;       /* one object per tensor */
 } quant_job;
 
-static const tsr_param_def *find_param(const tsr_plugin_desc *desc, const char *name) {
-    for (uint32_t i = 0; desc && i < desc->n_params; i++)
-        if (!strcmp(desc->params[i].name, name)) return &desc->params[i];
-    return NULL;
-}
-
-/* TYPE against the choices of the quantizer's `type`, named as the command line names it. */
+/* TYPE against the choices of the quantizer's weight-type parameter. */
 static tsr_status check_type(const tsr_plugin_desc *desc, const tsr_param_def *def,
                              const char *type, tsr_error *err) {
     if (!def->choices) return TSR_OK;
@@ -81,16 +75,17 @@ static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, 
         if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
     s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
     if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
-    /* TYPE goes to the quantizer's `type`; one without that parameter makes its own format,
-     * and its first weight then says whether a GGUF file can hold it. */
+    /* TYPE goes to the quantizer's parameter of role WEIGHT_TYPE; one without such a parameter
+     * makes its own format, and its first weight then says whether a GGUF file can hold it. */
     const tsr_plugin_ref *ref = tsr_registry_find(s->reg, TSR_STAGE_QUANTIZER,
                                                   s->cfg->stage[TSR_STAGE_QUANTIZER].plugin);
-    const tsr_param_def *def = ref ? find_param(ref->desc, "type") : NULL;
-    if (def) {
-        char set[96];
-        snprintf(set, sizeof set, "quantizer.type=%s", type);
-        if ((st = check_type(ref->desc, def, type, err)) < 0 ||
-            (st = tsr_config_set(s->cfg, set, err)) < 0 ||
+    int32_t at = ref ? tsr_param_find_role(ref->desc->params, ref->desc->n_params,
+                                           TSR_PARAM_ROLE_WEIGHT_TYPE)
+                     : -1;
+    if (at >= 0) {
+        if ((st = check_type(ref->desc, &ref->desc->params[at], type, err)) < 0 ||
+            (st = tsr_config_set_role(s->cfg, TSR_STAGE_QUANTIZER, TSR_PARAM_ROLE_WEIGHT_TYPE,
+                                      type, "TYPE", err)) < 0 ||
             (st = tsr_cli_bind(s->cfg, s->reg, err)) < 0)
             return st;
     }
@@ -258,7 +253,7 @@ int tsr_cli_quantize(int argc, char **argv) {
             printf("usage: tessera quantize IN.gguf OUT.gguf TYPE [--config CONFIG.yaml]\n"
                    "                        [--set K=V]... [-t THREADS] [--json]\n"
                    "Writes OUT with every weight matrix of IN quantized by the configured\n"
-                   "quantizer (default: gguf) with its `type` set to TYPE, per layer as the\n"
+                   "quantizer (default: gguf) with its weight type set to TYPE, per layer as the\n"
                    "config's layers: say. Norms and biases are copied. TYPE is one of the\n"
                    "quantizer's types (see `tessera plugins info gguf`).\n");
             free(o.sets);

@@ -58,7 +58,6 @@ static void run_usage(FILE *f) {
 int tsr_cli_run(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 2, sizeof(char *))};
     const char *prompt = NULL;
-    const char *temperature = NULL, *seed = NULL;
     long long n_new = -1;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
@@ -74,23 +73,21 @@ int tsr_cli_run(int argc, char **argv) {
             char *end;
             n_new = strtoll(argv[++i], &end, 10);
             if (*end || n_new < 0) took = -1;
-        } else if (took == 0 && has_value && !strcmp(argv[i], "--temperature")) temperature = argv[++i];
-        else if (took == 0 && has_value && !strcmp(argv[i], "--seed")) seed = argv[++i];
-        else took = -1;
+        } else if (took == 0 && has_value &&
+                   (!strcmp(argv[i], "--temperature") || !strcmp(argv[i], "--seed"))) {
+            bool temp = !strcmp(argv[i], "--temperature");
+            tsr_session_set_role(&o, TSR_STAGE_DECODER,
+                                 temp ? TSR_PARAM_ROLE_TEMPERATURE : TSR_PARAM_ROLE_SEED,
+                                 argv[i + 1], argv[i]);
+            i++;
+        } else {
+            took = -1;
+        }
         if (took < 0) {
             tsr_cli_error("run: bad argument '%s' (see tessera run --help)", argv[i]);
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
-    }
-    char set_temp[96], set_seed[96];
-    if (temperature) {
-        snprintf(set_temp, sizeof set_temp, "decoder.temperature=%s", temperature);
-        o.sets[o.n_sets++] = set_temp;
-    }
-    if (seed) {
-        snprintf(set_seed, sizeof set_seed, "decoder.seed=%s", seed);
-        o.sets[o.n_sets++] = set_seed;
     }
 
     session s;

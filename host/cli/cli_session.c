@@ -59,10 +59,16 @@ tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
     for (size_t i = 0; i < o->n_sets; i++)
         if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
     if (o->threads > 0) {
-        char set[64];
-        snprintf(set, sizeof set, "backend.threads=%d", o->threads);
-        if ((st = tsr_config_set(s->cfg, set, err)) < 0) return st;
+        char threads[32];
+        snprintf(threads, sizeof threads, "%d", o->threads);
+        if ((st = tsr_config_set_role(s->cfg, TSR_STAGE_BACKEND, TSR_PARAM_ROLE_THREADS, threads,
+                                      "-t", err)) < 0)
+            return st;
     }
+    for (size_t i = 0; i < o->n_roles; i++)
+        if ((st = tsr_config_set_role(s->cfg, o->roles[i].stage, o->roles[i].role,
+                                      o->roles[i].value, o->roles[i].option, err)) < 0)
+            return st;
     s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
     if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
 
@@ -102,6 +108,14 @@ tsr_status tsr_session_pipeline(session *s, int32_t n_ctx, tsr_error *err) {
     if (st < 0) return st;
     tsr_log(TSR_LOG_INFO, "run", "pipeline ready in %.3f s", tsr_clock_seconds_since(t0));
     return tsr_pipeline_run_hooks(s->pl, TSR_HOOK_AFTER_LOAD, err);
+}
+
+void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char *value,
+                          const char *option) {
+    size_t i = 0;
+    while (i < o->n_roles && (o->roles[i].stage != stage || o->roles[i].role != role)) i++;
+    if (i == o->n_roles) o->n_roles++;
+    o->roles[i] = (role_opt){stage, role, value, option};
 }
 
 int tsr_session_take_opt(int argc, char **argv, int *i, model_opts *o) {

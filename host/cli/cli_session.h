@@ -19,6 +19,13 @@ typedef struct session {
     tsr_pipeline *pl;
 } session;
 
+/* An option that sets a stage's parameter by its role (-t, --temperature, --seed). */
+typedef struct role_opt {
+    int32_t stage, role;
+    const char *value;
+    const char *option; /* as typed, for messages */
+} role_opt;
+
 /* Options shared by the model commands. */
 typedef struct model_opts {
     const char *config;
@@ -27,7 +34,13 @@ typedef struct model_opts {
     char **sets;     /* room for argc entries */
     size_t n_sets;
     int threads;     /* 0: from the config */
+    role_opt roles[TSR_STAGE_COUNT * TSR_PARAM_ROLE_COUNT];
+    size_t n_roles;
 } model_opts;
+
+/* Records an option that sets `stage`'s parameter of `role`; a later one replaces it. */
+void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char *value,
+                          const char *option);
 
 /* Parses one shared option at argv[*i] (CONFIG, -m, --tokenizer, --set, -t); returns 1 when it
  * was one, 0 when not, -1 on a usage error. */

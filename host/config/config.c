@@ -347,6 +347,28 @@ static tsr_status stage_put(walk *w, tsr_stage_conf *sc, const char *key, const 
     return TSR_OK;
 }
 
+static tsr_status role_put(tsr_config *cfg, int32_t stage, int32_t role, const char *text,
+                           const char *origin, tsr_src_loc loc, tsr_error *err) {
+    tsr_role_value *rv = &cfg->role_value[stage][role];
+    char *t = strdup(text), *o = strdup(origin);
+    if (!t || !o) {
+        free(t);
+        free(o);
+        return oom(err);
+    }
+    free(rv->text);
+    free(rv->origin);
+    *rv = (tsr_role_value){.text = t, .origin = o, .loc = loc};
+    return TSR_OK;
+}
+
+tsr_status tsr_config_set_role(tsr_config *cfg, int32_t stage, int32_t role, const char *value,
+                               const char *origin, tsr_error *err) {
+    if (!tsr_stage_name(stage) || role <= 0 || role >= TSR_PARAM_ROLE_COUNT)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: no such stage or role", origin);
+    return role_put(cfg, stage, role, value, origin, (tsr_src_loc){origin, 0, 0}, err);
+}
+
 static void stage_conf_free(tsr_stage_conf *sc) {
     free(sc->plugin);
     for (size_t i = 0; i < sc->n_params; i++) {
@@ -419,12 +441,15 @@ static tsr_status walk_plugin_dirs(walk *w, const ynode *seq) {
 
 /* The generate: keys are checked with the same parser as plugin parameters. */
 static const tsr_param_def generate_defs[] = {
-    {sizeof(tsr_param_def), "prompt", TSR_PARAM_STRING, NULL, 1, 0, NULL, NULL, "prompt text"},
-    {sizeof(tsr_param_def), "max_tokens", TSR_PARAM_INT, NULL, 0, 1 << 30, NULL, "tokens",
-     "tokens to generate"},
-    {sizeof(tsr_param_def), "temperature", TSR_PARAM_FLOAT, NULL, 0, 100, NULL, NULL,
-     "sampling temperature; 0 is greedy"},
-    {sizeof(tsr_param_def), "seed", TSR_PARAM_INT, NULL, 0, 0x1p63, NULL, NULL, "sampling seed"},
+    {.struct_size = sizeof(tsr_param_def), .name = "prompt", .type = TSR_PARAM_STRING, .min = 1,
+     .max = 0, .doc = "prompt text"},
+    {.struct_size = sizeof(tsr_param_def), .name = "max_tokens", .type = TSR_PARAM_INT, .min = 0,
+     .max = 1 << 30, .unit = "tokens", .doc = "tokens to generate"},
+    {.struct_size = sizeof(tsr_param_def), .name = "temperature", .type = TSR_PARAM_FLOAT,
+     .min = 0, .max = 100, .role = TSR_PARAM_ROLE_TEMPERATURE,
+     .doc = "the decoder's temperature parameter; 0 is greedy"},
+    {.struct_size = sizeof(tsr_param_def), .name = "seed", .type = TSR_PARAM_INT, .min = 0,
+     .max = 0x1p63, .role = TSR_PARAM_ROLE_SEED, .doc = "the decoder's seed parameter"},
 };
 #define N_GENERATE (sizeof generate_defs / sizeof generate_defs[0])
 
@@ -435,9 +460,12 @@ static tsr_status generate_put(walk *w, const tsr_param_def *def, const char *te
     if (st < 0) return st;
     tsr_generate_conf *g = &w->cfg->generate;
     if (def == &generate_defs[0]) return set_text(w, &g->prompt, text);
-    if (def == &generate_defs[1]) g->max_tokens = v.u.i;
-    if (def == &generate_defs[2]) g->temperature = v.u.f;
-    if (def == &generate_defs[3]) g->seed = v.u.i;
+    if (def->role) {
+        char origin[64];
+        snprintf(origin, sizeof origin, "generate.%s", def->name);
+        return role_put(w->cfg, TSR_STAGE_DECODER, def->role, text, origin, loc, w->err);
+    }
+    g->max_tokens = v.u.i;
     return TSR_OK;
 }
 
@@ -464,8 +492,8 @@ static tsr_status walk_generate(walk *w, const ynode *map) {
 
 /* range: [first, last], inclusive, 0-based layer numbers. */
 static tsr_status walk_range(walk *w, const ynode *n, const char *path, tsr_layer_override *lo) {
-    static const tsr_param_def layer_def = {sizeof(tsr_param_def), "range", TSR_PARAM_INT, NULL,
-                                            0, INT32_MAX, NULL, NULL, NULL};
+    static const tsr_param_def layer_def = {.struct_size = sizeof(tsr_param_def), .name = "range",
+                                            .type = TSR_PARAM_INT, .min = 0, .max = INT32_MAX};
     if (n->kind != YN_SEQ || n->n != 2) {
         char got[EXCERPT + 2];
         if (n->kind == YN_SEQ) snprintf(got, sizeof got, "%zu items", n->n);
@@ -551,10 +579,10 @@ static const char *const hook_events[] = {"after_load", "after_step", "at_end", 
 
 static tsr_status walk_hook(walk *w, const ynode *map, const char *path, tsr_hook_conf *h) {
     static const char *const known[] = {"on", "stage", "call", "args"};
-    static const tsr_param_def on_def = {sizeof(tsr_param_def), "on", TSR_PARAM_ENUM, NULL, 0, 0,
-                                         hook_events, NULL, NULL};
-    static const tsr_param_def stage_def = {sizeof(tsr_param_def), "stage", TSR_PARAM_ENUM, NULL,
-                                            0, 0, stage_names + 1, NULL, NULL};
+    static const tsr_param_def on_def = {.struct_size = sizeof(tsr_param_def), .name = "on",
+                                         .type = TSR_PARAM_ENUM, .choices = hook_events};
+    static const tsr_param_def stage_def = {.struct_size = sizeof(tsr_param_def), .name = "stage",
+                                            .type = TSR_PARAM_ENUM, .choices = stage_names + 1};
     tsr_status st = expect_kind(w, map, YN_MAP, path);
     if (st < 0) return st;
     h->loc = map->loc;
@@ -677,7 +705,7 @@ static tsr_config *config_new(const char *name) {
         free(cfg);
         return NULL;
     }
-    cfg->generate = (tsr_generate_conf){NULL, -1, NAN, -1};
+    cfg->generate = (tsr_generate_conf){.max_tokens = -1};
     return cfg;
 }
 
@@ -826,8 +854,43 @@ tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *er
                          ex, tsr_text_excerpt(section_ex, sizeof section_ex, section));
 }
 
+/* The stage's parameters as given, with the values given by role (`roles`, NULL for a layer
+ * override) in place of what the file said of those parameters. */
+static tsr_status params_with_roles(const tsr_stage_conf *sc, const tsr_plugin_desc *desc,
+                                    const char *section, const tsr_role_value *roles,
+                                    tsr_kv_text **out, size_t *n_out, tsr_error *err) {
+    *out = malloc((sc->n_params + TSR_PARAM_ROLE_COUNT) * sizeof **out);
+    if (!*out) return oom(err);
+    *n_out = 0;
+    int32_t by_role[TSR_PARAM_ROLE_COUNT];
+    for (int32_t r = 1; r < TSR_PARAM_ROLE_COUNT; r++) {
+        by_role[r] = roles && roles[r].text ? tsr_param_find_role(desc->params, desc->n_params, r)
+                                            : -1;
+        if (roles && roles[r].text && by_role[r] < 0) {
+            free(*out);
+            char where[256] = "";
+            if (roles[r].loc.line > 0) tsr_src_loc_format(where, sizeof where - 2, roles[r].loc);
+            return tsr_error_set(err, TSR_E_INVALID, "%s%s%s: the %s plugin '%s' has no %s "
+                                 "parameter", where, *where ? ": " : "", roles[r].origin, section,
+                                 desc->name, tsr_param_role_name(r));
+        }
+    }
+    for (size_t i = 0; i < sc->n_params; i++) {
+        bool replaced = false;
+        for (int32_t r = 1; r < TSR_PARAM_ROLE_COUNT; r++)
+            replaced |= by_role[r] >= 0 && !strcmp(desc->params[by_role[r]].name, sc->params[i].key);
+        if (!replaced) (*out)[(*n_out)++] = sc->params[i];
+    }
+    for (int32_t r = 1; r < TSR_PARAM_ROLE_COUNT; r++)
+        if (by_role[r] >= 0)
+            (*out)[(*n_out)++] = (tsr_kv_text){.key = (char *)desc->params[by_role[r]].name,
+                                               .value = roles[r].text, .loc = roles[r].loc};
+    return TSR_OK;
+}
+
 static tsr_status bind_stage(tsr_stage_conf *sc, int32_t stage, const char *section,
-                             tsr_plugin_find_fn find, void *find_ctx, tsr_error *err) {
+                             const tsr_role_value *roles, tsr_plugin_find_fn find, void *find_ctx,
+                             tsr_error *err) {
     const tsr_plugin_desc *desc = find(find_ctx, stage, sc->plugin);
     if (!desc) {
         char ex[EXCERPT];
@@ -836,8 +899,14 @@ static tsr_status bind_stage(tsr_stage_conf *sc, int32_t stage, const char *sect
                                 tsr_text_excerpt(ex, sizeof ex, sc->plugin));
     }
     tsr_bound_params_free(&sc->bound);
-    return tsr_params_bind(desc->params, desc->n_params, desc->name, section, sc->loc, sc->params,
-                           sc->n_params, &sc->bound, err);
+    tsr_kv_text *kv;
+    size_t n_kv;
+    tsr_status st = params_with_roles(sc, desc, section, roles, &kv, &n_kv, err);
+    if (st < 0) return st;
+    st = tsr_params_bind(desc->params, desc->n_params, desc->name, section, sc->loc, kv, n_kv,
+                         &sc->bound, err);
+    free(kv);
+    return st;
 }
 
 tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
@@ -860,7 +929,7 @@ tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_
             if (!sc->plugin) return oom(err);
             sc->loc = (tsr_src_loc){cfg->path, 0, 0};
         }
-        tsr_status st = bind_stage(sc, s, stage_names[s], find, find_ctx, err);
+        tsr_status st = bind_stage(sc, s, stage_names[s], cfg->role_value[s], find, find_ctx, err);
         if (st < 0) return st;
     }
     for (size_t i = 0; i < cfg->n_layers; i++) {
@@ -869,7 +938,7 @@ tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_
             if (!sc->plugin) continue;
             char section[64];
             snprintf(section, sizeof section, "layers[%zu].%s", i, stage_names[s]);
-            tsr_status st = bind_stage(sc, s, section, find, find_ctx, err);
+            tsr_status st = bind_stage(sc, s, section, NULL, find, find_ctx, err);
             if (st < 0) return st;
         }
     }
@@ -903,6 +972,11 @@ void tsr_config_free(tsr_config *cfg) {
     free(cfg->model_path);
     free(cfg->tokenizer_path);
     free(cfg->generate.prompt);
+    for (int32_t s = 0; s <= TSR_STAGE_COUNT; s++)
+        for (int32_t r = 0; r < TSR_PARAM_ROLE_COUNT; r++) {
+            free(cfg->role_value[s][r].text);
+            free(cfg->role_value[s][r].origin);
+        }
     free(cfg->path);
     free(cfg);
 }

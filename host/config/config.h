@@ -50,9 +50,19 @@ typedef struct tsr_hook_conf {
 typedef struct tsr_generate_conf {
     char *prompt;          /* NULL: none */
     int64_t max_tokens;    /* -1: not set */
-    double temperature;    /* NAN: not set */
-    int64_t seed;          /* -1: not set */
 } tsr_generate_conf;
+
+#define TSR_PARAM_ROLE_COUNT (TSR_PARAM_ROLE_WEIGHT_TYPE + 1)
+
+/* A value for a stage's parameter given by its role (tsr_param_role) rather than its name:
+ * by a command-line option (-t, --temperature, --seed, quantize's TYPE) or the generate:
+ * section. Binding gives it to the parameter of that role of the stage's top-level plugin, or
+ * fails naming `origin` when the plugin has none. */
+typedef struct tsr_role_value {
+    char *text;   /* NULL: not given */
+    char *origin; /* as the user wrote it: "--temperature", "generate.seed" */
+    tsr_src_loc loc;
+} tsr_role_value;
 
 typedef struct tsr_config {
     char *path;             /* the file, or "<default>" */
@@ -67,6 +77,7 @@ typedef struct tsr_config {
     tsr_hook_conf *hooks;
     size_t n_hooks;
     tsr_generate_conf generate;
+    tsr_role_value role_value[TSR_STAGE_COUNT + 1][TSR_PARAM_ROLE_COUNT];
 } tsr_config;
 
 /* Stage names as used in YAML and --set: "backend", "quantizer", ... ; NULL if out of range. */
@@ -88,11 +99,18 @@ tsr_status tsr_config_default(tsr_config **out, tsr_error *err);
  * "generate.max_tokens=64", "model.path=x.gguf"), as if written in the file. */
 tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *err);
 
+/* Gives `value` to the parameter of `role` of `stage`'s top-level plugin, replacing what the
+ * file or --set gave that parameter; `origin` names the option in messages. Checked when the
+ * config is bound. */
+tsr_status tsr_config_set_role(tsr_config *cfg, int32_t stage, int32_t role, const char *value,
+                               const char *origin, tsr_error *err);
+
 /* Looks up each configured plugin with `find` (the registry) and binds its parameters against
  * the plugin's table, for every stage and every layer override. `find` returns NULL for an
  * unknown plugin of that stage. A stage left unconfigured first gets the default pipeline's
- * plugin (a stage without a default, the router, stays unconfigured and unbound). Binding
- * again (after tsr_config_set) replaces earlier bindings. */
+ * plugin (a stage without a default, the router, stays unconfigured and unbound). Values given
+ * by role (tsr_config_set_role) go to the parameter of that role. Binding again (after
+ * tsr_config_set) replaces earlier bindings. */
 typedef const tsr_plugin_desc *(*tsr_plugin_find_fn)(void *ctx, int32_t stage, const char *name);
 tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
                            tsr_error *err);

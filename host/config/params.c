@@ -178,6 +178,36 @@ static bool name_ok(const char *name) {
     return true;
 }
 
+static const char *type_name(int32_t type) {
+    switch (type) {
+    case TSR_PARAM_BOOL: return "bool";
+    case TSR_PARAM_INT: return "int";
+    case TSR_PARAM_FLOAT: return "float";
+    case TSR_PARAM_STRING: return "string";
+    case TSR_PARAM_ENUM: return "enum";
+    default: return "?";
+    }
+}
+
+/* Indexed by tsr_param_role. */
+static const char *const role_names[] = {
+    [TSR_PARAM_ROLE_THREADS] = "threads", [TSR_PARAM_ROLE_SEED] = "seed",
+    [TSR_PARAM_ROLE_TEMPERATURE] = "temperature", [TSR_PARAM_ROLE_WEIGHT_TYPE] = "weight type"};
+static const int32_t role_types[] = {
+    [TSR_PARAM_ROLE_THREADS] = TSR_PARAM_INT, [TSR_PARAM_ROLE_SEED] = TSR_PARAM_INT,
+    [TSR_PARAM_ROLE_TEMPERATURE] = TSR_PARAM_FLOAT, [TSR_PARAM_ROLE_WEIGHT_TYPE] = TSR_PARAM_ENUM};
+
+const char *tsr_param_role_name(int32_t role) {
+    return role > 0 && (size_t)role < sizeof role_names / sizeof role_names[0] ? role_names[role]
+                                                                              : NULL;
+}
+
+int32_t tsr_param_find_role(const tsr_param_def *defs, uint32_t n, int32_t role) {
+    for (uint32_t i = 0; tsr_param_role_name(role) && i < n; i++)
+        if (defs[i].role == role) return (int32_t)i;
+    return -1;
+}
+
 tsr_status tsr_param_table_check(const tsr_param_def *defs, uint32_t n, const char *who,
                                  tsr_error *err) {
     if (n > 0 && !defs)
@@ -227,6 +257,15 @@ tsr_status tsr_param_table_check(const tsr_param_def *defs, uint32_t n, const ch
                                              d->name, d->choices[c]);
             }
         }
+        const char *role = tsr_param_role_name(d->role);
+        if (role && d->type != role_types[d->role])
+            return tsr_error_set(err, TSR_E_INVALID, "%s: parameter '%s': role %s needs a "
+                                 "parameter of type %s", who, d->name, role,
+                                 type_name(role_types[d->role]));
+        for (uint32_t j = 0; role && j < i; j++)
+            if (defs[j].role == d->role)
+                return tsr_error_set(err, TSR_E_INVALID, "%s: parameters '%s' and '%s' both have "
+                                     "role %s", who, defs[j].name, d->name, role);
         tsr_param_value v;
         if (d->default_value && !parse_value(d, d->default_value, &v)) {
             char what[512];
@@ -322,17 +361,6 @@ void tsr_bound_params_free(tsr_bound_params *p) {
     memset(p, 0, sizeof *p);
 }
 
-static const char *type_name(int32_t type) {
-    switch (type) {
-    case TSR_PARAM_BOOL: return "bool";
-    case TSR_PARAM_INT: return "int";
-    case TSR_PARAM_FLOAT: return "float";
-    case TSR_PARAM_STRING: return "string";
-    case TSR_PARAM_ENUM: return "enum";
-    default: return "?";
-    }
-}
-
 /* Columns: name, type, default, constraint (range or choices, then unit), doc. */
 static void format_columns(const tsr_param_def *d, char *dflt, size_t n_dflt, char *cons,
                            size_t n_cons) {
@@ -366,9 +394,11 @@ void tsr_param_table_print(FILE *f, const tsr_param_def *defs, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) {
         char line[1024];
         format_columns(&defs[i], dflt, sizeof dflt, cons, sizeof cons);
-        snprintf(line, sizeof line, "  %-*s  %-*s  %-*s  %-*s  %s", w_name, defs[i].name, w_type,
-                 type_name(defs[i].type), w_dflt, dflt, w_cons, cons,
-                 defs[i].doc ? defs[i].doc : "");
+        const char *role = tsr_param_role_name(defs[i].role);
+        snprintf(line, sizeof line, "  %-*s  %-*s  %-*s  %-*s  %s%s%s%s", w_name, defs[i].name,
+                 w_type, type_name(defs[i].type), w_dflt, dflt, w_cons, cons,
+                 defs[i].doc ? defs[i].doc : "", role ? " (role: " : "", role ? role : "",
+                 role ? ")" : "");
         size_t len = strlen(line);
         while (len > 0 && line[len - 1] == ' ') line[--len] = '\0';
         fprintf(f, "%s\n", line);

@@ -33,7 +33,8 @@ typedef struct tsr_bound_params {
 /* Checks a plugin's own table: struct_size equal to the host's (the table is an array, so
  * another element size would misplace every entry), names well-formed and unique, known types,
  * whole-number INT bounds, defaults that parse and lie in range, ENUM choices present, non-empty
- * and unique. The loader refuses a plugin that fails.
+ * and unique, each known role on one parameter at most and of the role's type. The loader
+ * refuses a plugin that fails.
  * `who` prefixes the message (e.g. "cache-foo.so: plugin 'foo'"). */
 tsr_status tsr_param_table_check(const tsr_param_def *defs, uint32_t n, const char *who,
                                  tsr_error *err);
@@ -51,6 +52,12 @@ tsr_status tsr_params_bind(const tsr_param_def *defs, uint32_t n, const char *pl
                            const char *section, tsr_src_loc where, const tsr_kv_text *kv,
                            size_t n_kv, tsr_bound_params *out, tsr_error *err);
 void tsr_bound_params_free(tsr_bound_params *p);
+
+/* The index of the parameter with `role` (tsr_param_role) in a checked table, or -1. */
+int32_t tsr_param_find_role(const tsr_param_def *defs, uint32_t n, int32_t role);
+
+/* "threads", "seed", "temperature", "weight type": a role as messages name it. */
+const char *tsr_param_role_name(int32_t role);
 
 /* Prints the table for `tessera plugins info`: one parameter per line with type, default,
  * range or choices, unit and doc. */

@@ -5,20 +5,21 @@
 #include <string.h>
 
 #include "plugin/instances.h"
+#include "plugin/vtable.h"
 
 /* ---- buffers --------------------------------------------------------------------------- */
 
 static void *buf_alloc(tsr_graph *g, size_t bytes) {
     const tsr_backend_vtable *be = g->backend->vtable;
     void *p = NULL;
-    if (be->buffer_alloc) return be->buffer_alloc(g->backend->self, bytes, &p) < 0 ? NULL : p;
+    if (TSR_VT_HAS(be, buffer_alloc)) return be->buffer_alloc(g->backend->self, bytes, &p) < 0 ? NULL : p;
     return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
 }
 
 static void buf_free(tsr_graph *g, void *p) {
     const tsr_backend_vtable *be = g->backend->vtable;
     if (!p) return;
-    if (be->buffer_free) be->buffer_free(g->backend->self, p);
+    if (TSR_VT_HAS(be, buffer_free)) be->buffer_free(g->backend->self, p);
     else free(p);
 }
 
@@ -185,7 +186,7 @@ tsr_status tsr_graph_forward(tsr_graph *g, const tsr_batch_entry *entries, int64
     }
     if (n_out > 0) {
         size_t bytes = (size_t)n_out * (size_t)nv * sizeof(float);
-        if (be->download) OP(be->download(self, logits, g->logits, bytes));
+        if (TSR_VT_HAS(be, download)) OP(be->download(self, logits, g->logits, bytes));
         else memcpy(logits, g->logits, bytes);
     }
     g->times.forward_calls++;

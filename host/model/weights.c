@@ -9,6 +9,7 @@
 #include "files/dtype.h"
 #include "plugin/host_services.h"
 #include "plugin/instances.h"
+#include "plugin/vtable.h"
 
 static const char *const block_roles[TSR_W_PER_LAYER] = {
     "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
@@ -64,7 +65,7 @@ static tsr_status prepare_matrix(tsr_model_weights *mw, tsr_instance *q, tsr_ins
     const tsr_backend_vtable *be = backend->vtable;
     const tsr_quantizer_vtable *qv = q->vtable;
     w->quantizer_matmul = !be->supports(backend->self, w->t.dtype);
-    if (w->quantizer_matmul && !qv->matmul)
+    if (w->quantizer_matmul && !TSR_VT_HAS(qv, matmul))
         return tsr_error_set(err, TSR_E_UNSUPPORTED,
                              "%s: type %s: neither backend '%s' nor quantizer '%s' can multiply it",
                              src->name ? src->name : role, tsr_dtype_name(w->t.dtype),

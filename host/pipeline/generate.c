@@ -2,6 +2,7 @@
  * management and emit, each checked and reported as the host's own failure when it fails, so
  * the user reads why rather than the decoder's paraphrase. */
 #include "pipeline/pipeline_impl.h"
+#include "plugin/vtable.h"
 
 typedef struct gen_state {
     tsr_pipeline *pl;
@@ -33,7 +34,7 @@ static tsr_status api_seq_fork(void *ctx, int64_t src, int64_t dst) {
     bool prefilled = s->prefilled;
     TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
         const tsr_cache_vtable *cv = c->vtable;
-        tsr_status st = cv->seq_fork ? cv->seq_fork(c->self, src, dst) : TSR_E_UNSUPPORTED;
+        tsr_status st = TSR_VT_HAS(cv, seq_fork) ? cv->seq_fork(c->self, src, dst) : TSR_E_UNSUPPORTED;
         if (st < 0) {
             g->host_failed = true;
             return tsr_instance_failed(c, st, "seq_fork", &g->host_err);
@@ -50,7 +51,8 @@ static tsr_status api_seq_truncate(void *ctx, int64_t seq_id, int32_t n_pos) {
     gen_state *g = ctx;
     TSR_FOR_EACH_INSTANCE(g->pl, TSR_STAGE_CACHE, c) {
         const tsr_cache_vtable *cv = c->vtable;
-        tsr_status st = cv->seq_truncate ? cv->seq_truncate(c->self, seq_id, n_pos) : TSR_E_UNSUPPORTED;
+        tsr_status st = TSR_VT_HAS(cv, seq_truncate) ? cv->seq_truncate(c->self, seq_id, n_pos)
+                                                      : TSR_E_UNSUPPORTED;
         if (st < 0) {
             g->host_failed = true;
             return tsr_instance_failed(c, st, "seq_truncate", &g->host_err);

@@ -8,13 +8,12 @@
 #include "files/dtype.h"
 #include "plugin/commands.h"
 #include "plugin/stage_init.h"
+#include "plugin/vtable.h"
 
 int tsr_config_threads(const tsr_config *cfg) {
     const tsr_bound_params *b = &cfg->stage[TSR_STAGE_BACKEND].bound;
-    for (uint32_t i = 0; i < b->params.count; i++)
-        if (!strcmp(b->params.defs[i].name, "threads") && b->params.defs[i].type == TSR_PARAM_INT)
-            return b->values[i].u.i > 0 ? (int)b->values[i].u.i : 1;
-    return 1;
+    int32_t i = tsr_param_find_role(b->params.defs, b->params.count, TSR_PARAM_ROLE_THREADS);
+    return i >= 0 && b->values[i].u.i > 0 ? (int)b->values[i].u.i : 1;
 }
 
 /* ---- creation -------------------------------------------------------------------------- */
@@ -41,10 +40,14 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
         .backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin};
     tsr_instance_set *set = &pl->instances;
     tsr_instance **main = pl->stage_main;
-    tsr_status st;
-    if ((st = tsr_instance_set_add(set, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND], &shape,
-                                   &main[TSR_STAGE_BACKEND], err)) < 0 ||
-        (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_QUANTIZER, &shape,
+    tsr_status st = tsr_instance_set_add(set, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND],
+                                         &shape, &main[TSR_STAGE_BACKEND], err);
+    if (st < 0) return st;
+    const tsr_backend_vtable *be = main[TSR_STAGE_BACKEND]->vtable;
+    shape.memory_space = TSR_VT_HAS(be, memory_space)
+                             ? be->memory_space(main[TSR_STAGE_BACKEND]->self)
+                             : TSR_MEMORY_HOST;
+    if ((st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_QUANTIZER, &shape,
                                          &main[TSR_STAGE_QUANTIZER], pl->quantizer_at, err)) < 0 ||
         (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ATTENTION, &shape,
                                          &main[TSR_STAGE_ATTENTION], pl->attention_at, err)) < 0 ||
@@ -141,7 +144,7 @@ tsr_status tsr_pipeline_seq_begin(tsr_pipeline *pl, int64_t seq_id, tsr_error *e
     }
     TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_ATTENTION, a) {
         const tsr_attention_vtable *av = a->vtable;
-        tsr_status st = av->seq_begin ? av->seq_begin(a->self, seq_id) : TSR_OK;
+        tsr_status st = TSR_VT_HAS(av, seq_begin) ? av->seq_begin(a->self, seq_id) : TSR_OK;
         if (st < 0) return tsr_instance_failed(a, st, "seq_begin", err);
     }
     if (!tsr_pipeline_add_seq(pl, seq_id, false))
@@ -156,7 +159,7 @@ void tsr_pipeline_seq_end(tsr_pipeline *pl, int64_t seq_id) {
     TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) ((const tsr_cache_vtable *)c->vtable)->seq_end(c->self, seq_id);
     TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_ATTENTION, a) {
         const tsr_attention_vtable *av = a->vtable;
-        if (av->seq_end) av->seq_end(a->self, seq_id);
+        if (TSR_VT_HAS(av, seq_end)) av->seq_end(a->self, seq_id);
     }
 }
 
@@ -207,7 +210,9 @@ static tsr_status end_of_forward(tsr_pipeline *pl, const tsr_seq_run *runs, size
         tsr_seq_state *s = tsr_pipeline_find_seq(pl, runs[r].seq_id);
         TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
             const tsr_cache_vtable *cv = c->vtable;
-            tsr_status (*hook)(void *, int64_t) = s->prefilled ? cv->step_end : cv->prefill_end;
+            tsr_status (*hook)(void *, int64_t) =
+                s->prefilled ? (TSR_VT_HAS(cv, step_end) ? cv->step_end : NULL)
+                             : (TSR_VT_HAS(cv, prefill_end) ? cv->prefill_end : NULL);
             if (!hook) continue;
             TSR_TIMED(pl->graph.times.cache, st, hook(c->self, s->id));
             if (st < 0)
@@ -276,7 +281,7 @@ uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl) {
     uint64_t total = 0;
     TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
         const tsr_cache_vtable *cv = c->vtable;
-        if (!cv->stats) continue;
+        if (!TSR_VT_HAS(cv, stats)) continue;
         tsr_cache_stats s = {.struct_size = sizeof s};
         cv->stats(c->self, &s);
         total += s.bytes_reserved;

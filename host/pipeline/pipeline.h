@@ -26,8 +26,8 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
                                tsr_pipeline **out, tsr_error *err);
 void tsr_pipeline_free(tsr_pipeline *pl);
 
-/* The number of threads the backend section asks for (its `threads` parameter, when the
- * backend plugin declares one), else 1. The host sizes its pool with it. */
+/* The number of threads the bound backend asks for (its parameter of role THREADS, when it
+ * declares one), else 1. The host sizes its pool with it. */
 int tsr_config_threads(const tsr_config *cfg);
 
 /* Runs the model on a batch (entries of one sequence must be contiguous and continue what the

@@ -61,11 +61,16 @@ static void svc_log(void *ctx, int32_t level, const char *fmt, ...) {
 
 static void svc_set_error(void *ctx, const char *fmt, ...) {
     tsr_services *s = ctx;
+    char text[sizeof s->error];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(s->error, sizeof s->error, fmt, ap);
+    vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
+    while (atomic_flag_test_and_set_explicit(&s->error_lock, memory_order_acquire)) {
+    }
+    memcpy(s->error, text, sizeof text);
     s->has_error = true;
+    atomic_flag_clear_explicit(&s->error_lock, memory_order_release);
 }
 
 /* Each block carries a header just below the aligned pointer: where the raw allocation
@@ -121,6 +126,7 @@ static uint64_t svc_now_ns(void *ctx) {
 
 void tsr_services_init(tsr_services *s, const char *name, tsr_pool *pool) {
     memset(s, 0, sizeof *s);
+    atomic_flag_clear(&s->error_lock);
     snprintf(s->name, sizeof s->name, "%s", name);
     s->pool = pool;
     s->table = (tsr_host){

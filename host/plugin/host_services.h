@@ -18,6 +18,7 @@ typedef struct tsr_services {
     atomic_size_t bytes_live;
     atomic_size_t bytes_peak;
     atomic_size_t n_allocs_live;
+    atomic_flag error_lock; /* set_error is [any]: workers of a parallel_for may race */
     char error[1024];       /* the last set_error text */
     bool has_error;
 } tsr_services;

@@ -22,6 +22,7 @@
 #include "plugin/commands.h"
 #include "config/config.h"
 #include "config/params.h"
+#include "plugin/vtable.h"
 
 /* ---- the host's stage interfaces ------------------------------------------------------ */
 
@@ -37,8 +38,7 @@ static const slot backend_slots[] = {
     SLOT(tsr_backend_vtable, supports), SLOT(tsr_backend_vtable, matmul),
     SLOT(tsr_backend_vtable, get_rows), SLOT(tsr_backend_vtable, rms_norm),
     SLOT(tsr_backend_vtable, rope), SLOT(tsr_backend_vtable, swiglu),
-    SLOT(tsr_backend_vtable, add), SLOT(tsr_backend_vtable, scale),
-    SLOT(tsr_backend_vtable, softmax),
+    SLOT(tsr_backend_vtable, add),
 };
 static const slot quantizer_slots[] = {
     SLOT(tsr_quantizer_vtable, create), SLOT(tsr_quantizer_vtable, destroy),
@@ -64,27 +64,28 @@ static const slot router_slots[] = {
 
 typedef struct stage_info {
     uint16_t major, minor;
-    size_t min_vtable_size; /* the size of the table at MINOR 0 */
+    size_t min_vtable_size; /* the table at MINOR 0: the end of its last 1.0 slot */
     const slot *mandatory;
     size_t n_mandatory;
 } stage_info;
 
-#define STAGE(MAJOR, MINOR, type, slots) \
-    {MAJOR, MINOR, sizeof(type), slots, sizeof(slots) / sizeof(slots[0])}
+#define STAGE(MAJOR, MINOR, type, last_1_0_slot, slots) \
+    {MAJOR, MINOR, TSR_END_OF(type, last_1_0_slot), slots, sizeof(slots) / sizeof(slots[0])}
 
+/* Later MINORs append slots to these tables; the 1.0 end stays what a 1.0 plugin has. */
 static const stage_info stages[TSR_STAGE_COUNT + 1] = {
     [TSR_STAGE_BACKEND] = STAGE(TSR_BACKEND_ABI_MAJOR, TSR_BACKEND_ABI_MINOR, tsr_backend_vtable,
-                                backend_slots),
+                                memory_space, backend_slots),
     [TSR_STAGE_QUANTIZER] = STAGE(TSR_QUANTIZER_ABI_MAJOR, TSR_QUANTIZER_ABI_MINOR,
-                                  tsr_quantizer_vtable, quantizer_slots),
+                                  tsr_quantizer_vtable, dequantize_rows, quantizer_slots),
     [TSR_STAGE_ATTENTION] = STAGE(TSR_ATTENTION_ABI_MAJOR, TSR_ATTENTION_ABI_MINOR,
-                                  tsr_attention_vtable, attention_slots),
-    [TSR_STAGE_CACHE] = STAGE(TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR, tsr_cache_vtable,
+                                  tsr_attention_vtable, seq_end, attention_slots),
+    [TSR_STAGE_CACHE] = STAGE(TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR, tsr_cache_vtable, stats,
                               cache_slots),
     [TSR_STAGE_DECODER] = STAGE(TSR_DECODER_ABI_MAJOR, TSR_DECODER_ABI_MINOR, tsr_decoder_vtable,
-                                decoder_slots),
+                                pick, decoder_slots),
     [TSR_STAGE_ROUTER] = STAGE(TSR_ROUTER_ABI_MAJOR, TSR_ROUTER_ABI_MINOR, tsr_router_vtable,
-                               router_slots),
+                               route, router_slots),
 };
 
 static bool stage_valid(int32_t stage) { return stage >= 1 && stage <= TSR_STAGE_COUNT; }

@@ -16,7 +16,8 @@ typedef struct tsr_model_shape {
     int32_t n_expert, n_expert_used;
     int32_t n_seq_max;
     int32_t n_threads;
-    const char *backend_name;
+    const char *backend_name; /* NULL when no backend runs */
+    int32_t memory_space;     /* tsr_memory_space of the backend's buffers */
 } tsr_model_shape;
 
 /* Storage for any stage's init struct. */
@@ -30,7 +31,7 @@ typedef union tsr_stage_init {
 } tsr_stage_init;
 
 /* n_layer 2, 4 heads, 2 KV heads, head_dim 16, n_embd 64, n_ctx 256, vocab 512, 4 experts
- * with 2 used, 1 sequence, 1 thread, backend "cpu". */
+ * with 2 used, 1 sequence, 1 thread, no backend (host memory). */
 tsr_model_shape tsr_model_shape_synthetic(void);
 
 /* Fills `out` for `stage` and returns a pointer to it, for tsr_instance_create. */

@@ -73,10 +73,6 @@ void tsr_add(float *y, const float *a, const float *b, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
-void tsr_scale(float *y, const float *x, float s, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * s;
-}
-
 int64_t tsr_argmax(const float *x, int64_t n) {
     if (n <= 0) return -1;
     int64_t best = -1;

@@ -311,35 +311,6 @@ static tsr_status cpu_add(void *self, float *y, const float *a, const float *bv,
     return TSR_OK;
 }
 
-static void scale_task(void *arg, int ith, int nth) {
-    op_job *j = arg;
-    int64_t i0, i1;
-    elem_slice(j, &i0, &i1, ith, nth);
-    tsr_scale(j->y + i0, j->a + i0, j->f, i1 - i0);
-}
-
-static tsr_status cpu_scale(void *self, float *y, const float *x, float s, int64_t n,
-                            int64_t dim) {
-    cpu_backend *b = self;
-    if (n < 0 || dim < 0) return cpu_bad_shape(b, "scale", n, dim);
-    op_job j = {.y = y, .a = x, .n = n, .dim = dim, .f = s};
-    cpu_run(b, scale_task, &j, n * dim);
-    return TSR_OK;
-}
-
-static void softmax_task(void *arg, int ith, int nth) {
-    op_job *j = arg;
-    tsr_softmax(j->y, j->y, j->n, j->dim, ith, nth);
-}
-
-static tsr_status cpu_softmax(void *self, float *x, int64_t n, int64_t dim) {
-    cpu_backend *b = self;
-    if (n < 0 || dim < 0) return cpu_bad_shape(b, "softmax", n, dim);
-    op_job j = {.y = x, .n = n, .dim = dim};
-    cpu_run(b, softmax_task, &j, n * dim);
-    return TSR_OK;
-}
-
 /* ---- descriptor ------------------------------------------------------------------------- */
 
 static const char *cpu_isa(void) {
@@ -348,8 +319,8 @@ static const char *cpu_isa(void) {
 
 static const tsr_param_def cpu_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "threads", .type = TSR_PARAM_INT, .default_value = "2",
-     .min = 1, .max = 256, .unit = "threads",
-     .doc = "threads of the host pool (the host sizes its pool from this parameter)"},
+     .min = 1, .max = 256, .unit = "threads", .role = TSR_PARAM_ROLE_THREADS,
+     .doc = "threads of the host pool (the host sizes its pool from this parameter; -t sets it)"},
 };
 
 static const tsr_command cpu_commands[] = {
@@ -368,8 +339,6 @@ static const tsr_backend_vtable cpu_vtable = {
     .rope = cpu_rope,
     .swiglu = cpu_swiglu,
     .add = cpu_add,
-    .scale = cpu_scale,
-    .softmax = cpu_softmax,
 };
 
 static const tsr_plugin_desc cpu_desc = {

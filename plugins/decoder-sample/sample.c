@@ -221,7 +221,7 @@ static tsr_status sample_create(const tsr_host *host, const tsr_params *params,
 
 static const tsr_param_def sample_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "temperature", .type = TSR_PARAM_FLOAT,
-     .default_value = "0.8", .min = 0, .max = 100,
+     .default_value = "0.8", .min = 0, .max = 100, .role = TSR_PARAM_ROLE_TEMPERATURE,
      .doc = "divides the logits before the draw; 0 picks the most likely token (greedy)"},
     {TSR_SIZED(tsr_param_def), .name = "top_k", .type = TSR_PARAM_INT, .default_value = "40",
      .min = 0, .max = 1 << 30, .unit = "tokens", .doc = "keep the k most likely tokens; 0 = off"},
@@ -237,7 +237,7 @@ static const tsr_param_def sample_params[] = {
      .default_value = "64", .min = -1, .max = 1 << 30, .unit = "tokens",
      .doc = "how many recent tokens (prompt included) the penalty sees; 0 = off, -1 = all"},
     {TSR_SIZED(tsr_param_def), .name = "seed", .type = TSR_PARAM_INT, .default_value = "-1",
-     .min = -1, .max = 4294967295.0,
+     .min = -1, .max = 4294967295.0, .role = TSR_PARAM_ROLE_SEED,
      .doc = "random seed; -1 = from the clock (runs differ)"},
 };
 

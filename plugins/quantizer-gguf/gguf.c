@@ -29,7 +29,7 @@ static const int32_t recipe_base[] = {
 
 static const tsr_param_def gguf_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "type", .type = TSR_PARAM_ENUM, .default_value = "keep",
-     .min = 1, .max = 0, .choices = type_choices,
+     .min = 1, .max = 0, .choices = type_choices, .role = TSR_PARAM_ROLE_WEIGHT_TYPE,
      .doc = "keep the file's types, or convert every weight matrix to this GGUF type at load "
             "(llama.cpp's recipes for the _s/_m mixes)"},
 };

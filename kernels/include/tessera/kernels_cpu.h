@@ -184,7 +184,6 @@ void tsr_rope_apply(float *x,             // (n_tok, n_head, head_dim)
 void tsr_silu(float *y, const float *x, int64_t n);                    // y = silu(x)
 void tsr_swiglu(float *y, const float *g, const float *u, int64_t n);  // y = silu(g) * u
 void tsr_add(float *y, const float *a, const float *b, int64_t n);     // y = a + b
-void tsr_scale(float *y, const float *x, float s, int64_t n);          // y = x * s
 
 /* Index of the largest value, the lowest index among equals; NaNs never win (0 when all are
  * NaN); -1 if n <= 0. */

@@ -22,7 +22,7 @@ typedef struct tsr_attention_shape {
 } tsr_attention_shape;
 
 /* Checks the init: positive sizes, n_head a multiple of n_kv_head (and a positive n_ctx when
- * `need_ctx`, which the message then names), and the cpu backend, since the views are read
+ * `need_ctx`, which the message then names), and host memory for q and out, since they are read
  * from host memory. Leaves the message through host->set_error. */
 static inline tsr_status tsr_attention_check_init(const tsr_host *host,
                                                   const tsr_attention_init *init, int need_ctx) {
@@ -42,9 +42,9 @@ static inline tsr_status tsr_attention_check_init(const tsr_host *host,
                             (int)init->head_dim);
         return TSR_E_INVALID;
     }
-    if (init->backend_name && strcmp(init->backend_name, "cpu") != 0) {
-        host->set_error(host->ctx, "backend '%s': this plugin reads host memory only (cpu)",
-                        init->backend_name);
+    if (init->memory_space != TSR_MEMORY_HOST) {
+        host->set_error(host->ctx, "backend '%s' computes in device memory: this plugin reads "
+                        "host memory only", init->backend_name ? init->backend_name : "?");
         return TSR_E_UNSUPPORTED;
     }
     return TSR_OK;

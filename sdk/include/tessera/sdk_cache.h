@@ -64,7 +64,7 @@ static inline uint64_t tsr_kv_store_bytes_(const tsr_kv_store *s, int64_t cap) {
 /* Allocates the policy's instance (self_bytes, zeroed, a tsr_kv_store first) into *out and
  * sets the store up from init and the policy's ENUM parameter "dtype" (index 0 "f32", 1 "f16").
  * Refuses a shape with a non-positive size (n_ctx is the policy's to check, if it uses it) and
- * any backend but "cpu". Free the instance with tsr_kv_store_destroy. */
+ * a backend whose buffers are device memory. Free the instance with tsr_kv_store_destroy. */
 static inline tsr_status tsr_kv_store_create(const tsr_host *host, const tsr_params *params,
                                              const tsr_cache_init *init, size_t self_bytes,
                                              int stamps, void **out) {
@@ -75,9 +75,9 @@ static inline tsr_status tsr_kv_store_create(const tsr_host *host, const tsr_par
                         (int)init->head_dim, (int)init->n_seq_max);
         return TSR_E_INVALID;
     }
-    if (init->backend_name && strcmp(init->backend_name, "cpu") != 0) {
-        host->set_error(host->ctx, "backend '%s': this policy keeps K/V in host memory (cpu)",
-                        init->backend_name);
+    if (init->memory_space != TSR_MEMORY_HOST) {
+        host->set_error(host->ctx, "backend '%s' computes in device memory: this policy reads "
+                        "and keeps K/V in host memory", init->backend_name ? init->backend_name : "?");
         return TSR_E_UNSUPPORTED;
     }
     tsr_kv_store *s = tsr_calloc(host, 1, self_bytes);
