@@ -37,12 +37,12 @@ typedef struct tsr_attention_call {
     int32_t layer;
     int32_t phase;             /* tsr_phase */
     int64_t n_q;               /* queries (tokens) */
-    const float *q;            /* (n_q, n_head, head_dim), RoPE applied */
-    const int32_t *q_pos;      /* (n_q) */
+    const float *q;            /* (n_q, n_head, head_dim), RoPE applied; the backend's memory */
+    const int32_t *q_pos;      /* (n_q), host memory */
     float scale;               /* usually 1/sqrt(head_dim) */
     const tsr_kv_view *views;  /* (n_kv_head); query head h reads views[h / (n_head/n_kv_head)] */
-    float *out;                /* (n_q, n_head, head_dim), written entirely; zeros for a
-                                  query that sees no entry */
+    float *out;                /* (n_q, n_head, head_dim), the backend's memory, written
+                                  entirely; zeros for a query that sees no entry */
 } tsr_attention_call;
 
 typedef struct tsr_attention_vtable {

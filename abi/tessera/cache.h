@@ -50,9 +50,10 @@ typedef struct tsr_kv_write {
     int32_t layer;
     int32_t phase;      /* tsr_phase */
     int64_t n;          /* tokens */
-    const int32_t *pos; /* (n) their positions */
-    const float *k;     /* (n, n_kv_head, head_dim), RoPE applied */
-    const float *v;     /* (n, n_kv_head, head_dim) */
+    const int32_t *pos; /* (n) their positions, host memory: ascending, consecutive, continuing
+                           what the sequence holds (CONTRACT.md) */
+    const float *k;     /* (n, n_kv_head, head_dim), RoPE applied; the backend's memory */
+    const float *v;     /* (n, n_kv_head, head_dim), the backend's memory */
 } tsr_kv_write;
 
 /* Loads rows [j0, j0+n) of a view into f32 (n, head_dim): for storage formats attention

@@ -1,6 +1,7 @@
 #include "model/graph.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -23,15 +24,22 @@ static void buf_free(tsr_graph *g, void *p) {
     else free(p);
 }
 
+static bool own_memory(const tsr_graph *g) {
+    const tsr_backend_vtable *be = g->backend->vtable;
+    return TSR_VT_HAS(be, buffer_alloc);
+}
+
 void tsr_graph_free(tsr_graph *g) {
-    float **bufs[] = {&g->x, &g->xn, &g->q, &g->k, &g->v, &g->attn, &g->gate, &g->up, &g->logits};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
-        buf_free(g, *bufs[i]);
-        *bufs[i] = NULL;
-    }
+    void **bufs[] = {(void **)&g->x,    (void **)&g->xn,     (void **)&g->q,
+                     (void **)&g->k,    (void **)&g->v,      (void **)&g->attn,
+                     (void **)&g->gate, (void **)&g->up,     (void **)&g->logits,
+                     (void **)&g->ids_dev, (void **)&g->pos_dev};
+    size_t n_bufs = sizeof bufs / sizeof bufs[0] - (own_memory(g) ? 0 : 2);
+    for (size_t i = 0; i < n_bufs; i++) buf_free(g, *bufs[i]);
     free(g->ids);
     free(g->pos);
     free(g->views);
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) *bufs[i] = NULL;
     g->ids = g->pos = NULL;
     g->views = NULL;
     g->cap = 0;
@@ -54,9 +62,11 @@ static tsr_status ensure_buffers(tsr_graph *g, int64_t n, tsr_error *err) {
     g->logits = buf_alloc(g, rows * (size_t)hp->n_vocab * f);
     g->ids = malloc(rows * sizeof *g->ids);
     g->pos = malloc(rows * sizeof *g->pos);
+    g->ids_dev = own_memory(g) ? buf_alloc(g, rows * sizeof *g->ids) : g->ids;
+    g->pos_dev = own_memory(g) ? buf_alloc(g, rows * sizeof *g->pos) : g->pos;
     g->views = calloc((size_t)hp->n_kv_head, sizeof *g->views);
     if (!g->x || !g->xn || !g->q || !g->k || !g->v || !g->attn || !g->gate || !g->up ||
-        !g->logits || !g->ids || !g->pos || !g->views) {
+        !g->logits || !g->ids || !g->pos || !g->ids_dev || !g->pos_dev || !g->views) {
         tsr_graph_free(g);
         return tsr_error_set(err, TSR_E_NOMEM, "out of memory for a batch of %lld tokens",
                              (long long)n);
@@ -76,7 +86,7 @@ static tsr_status matmul(tsr_graph *g, float *y, const tsr_weight *w, const floa
         return st < 0 ? tsr_instance_failed(w->quantizer, st, "matmul", err) : TSR_OK;
     }
     const tsr_backend_vtable *be = g->backend->vtable;
-    TSR_TIMED(g->times.matmul, st, be->matmul(g->backend->self, y, &w->t, x, n));
+    TSR_TIMED(g->times.matmul, st, be->matmul(g->backend->self, y, &w->on_backend, x, n));
     return st < 0 ? tsr_instance_failed(g->backend, st, "matmul", err) : TSR_OK;
 }
 
@@ -114,10 +124,31 @@ static tsr_status attend(tsr_graph *g, int32_t l, const tsr_seq_run *r, tsr_erro
     return st < 0 ? tsr_instance_failed(at, st, "forward", err) : TSR_OK;
 }
 
+/* The index of the first NaN or infinite value of x (n), or -1. The bit test keeps the loop
+ * free of branches so that checking every layer costs little. */
+static int64_t first_non_finite(const float *x, int64_t n) {
+    uint32_t any = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &x[i], sizeof bits);
+        any |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    for (int64_t i = 0; any && i < n; i++)
+        if (!isfinite(x[i])) return i;
+    return -1;
+}
+
+static tsr_status non_finite(const tsr_graph *g, const char *where, int64_t at, int64_t dim,
+                             tsr_error *err) {
+    return tsr_error_set(err, TSR_E_RANGE, "%s: the values turned NaN or infinite (token %lld of "
+                         "the batch, element %lld): the model's weights are broken",
+                         where, (long long)(at / dim), (long long)(at % dim));
+}
+
 static tsr_status layer_forward(tsr_graph *g, int32_t l, int64_t n, const tsr_seq_run *runs,
                                 size_t n_runs, tsr_error *err) {
     const tsr_hparams *hp = &g->model->hp;
-    const tsr_layer_weights *lw = &g->model->layers[l];
+    const tsr_block_vectors *vec = &g->weights->vectors[l];
     const tsr_weight *w = &g->weights->blocks[l * TSR_W_PER_LAYER];
     const tsr_backend_vtable *be = g->backend->vtable;
     void *self = g->backend->self;
@@ -125,24 +156,24 @@ static tsr_status layer_forward(tsr_graph *g, int32_t l, int64_t n, const tsr_se
                   kvd = (int64_t)hp->n_kv_head * hp->head_dim;
     tsr_status st;
 
-    OP(be->rms_norm(self, g->xn, g->x, lw->attn_norm.data, n, e, hp->rms_eps));
+    OP(be->rms_norm(self, g->xn, g->x, vec->attn_norm, n, e, hp->rms_eps));
     if ((st = matmul(g, g->q, &w[TSR_W_Q], g->xn, n, err)) < 0) return st;
     if ((st = matmul(g, g->k, &w[TSR_W_K], g->xn, n, err)) < 0) return st;
     if ((st = matmul(g, g->v, &w[TSR_W_V], g->xn, n, err)) < 0) return st;
-    if (lw->bq.data) {
-        OP(be->add(self, g->q, g->q, lw->bq.data, n, qd, 1));
-        OP(be->add(self, g->k, g->k, lw->bk.data, n, kvd, 1));
-        OP(be->add(self, g->v, g->v, lw->bv.data, n, kvd, 1));
+    if (vec->bq) {
+        OP(be->add(self, g->q, g->q, vec->bq, n, qd, 1));
+        OP(be->add(self, g->k, g->k, vec->bk, n, kvd, 1));
+        OP(be->add(self, g->v, g->v, vec->bv, n, kvd, 1));
     }
-    OP(be->rope(self, g->q, g->pos, n, hp->n_head, hp->head_dim, &hp->rope));
-    OP(be->rope(self, g->k, g->pos, n, hp->n_kv_head, hp->head_dim, &hp->rope));
+    OP(be->rope(self, g->q, g->pos_dev, n, hp->n_head, hp->head_dim, &hp->rope));
+    OP(be->rope(self, g->k, g->pos_dev, n, hp->n_kv_head, hp->head_dim, &hp->rope));
 
     for (size_t r = 0; r < n_runs; r++)
         if ((st = attend(g, l, &runs[r], err)) < 0) return st;
 
     if ((st = matmul(g, g->xn, &w[TSR_W_O], g->attn, n, err)) < 0) return st;
     OP(be->add(self, g->x, g->x, g->xn, n, e, n));
-    OP(be->rms_norm(self, g->xn, g->x, lw->ffn_norm.data, n, e, hp->rms_eps));
+    OP(be->rms_norm(self, g->xn, g->x, vec->ffn_norm, n, e, hp->rms_eps));
     if ((st = matmul(g, g->gate, &w[TSR_W_GATE], g->xn, n, err)) < 0) return st;
     if ((st = matmul(g, g->up, &w[TSR_W_UP], g->xn, n, err)) < 0) return st;
     OP(be->swiglu(self, g->gate, g->gate, g->up, n, hp->n_ff));
@@ -164,9 +195,20 @@ tsr_status tsr_graph_forward(tsr_graph *g, const tsr_batch_entry *entries, int64
         g->pos[i] = entries[i].pos;
     }
     const int64_t e = hp->n_embd, nv = hp->n_vocab;
-    OP(be->get_rows(self, g->x, tsr_model_weights_embeddings(g->weights, g->model), g->ids, n));
-    for (int32_t l = 0; l < hp->n_layer; l++)
+    if (own_memory(g)) {
+        OP(be->upload(self, g->ids_dev, g->ids, (size_t)n * sizeof *g->ids));
+        OP(be->upload(self, g->pos_dev, g->pos, (size_t)n * sizeof *g->pos));
+    }
+    OP(be->get_rows(self, g->x, &g->weights->embeddings, g->ids_dev, n));
+    for (int32_t l = 0; l < hp->n_layer; l++) {
         if ((st = layer_forward(g, l, n, runs, n_runs, err)) < 0) return st;
+        int64_t bad = g->memory_space == TSR_MEMORY_HOST ? first_non_finite(g->x, n * e) : -1;
+        if (bad >= 0) {
+            char where[32];
+            snprintf(where, sizeof where, "layer %d", l);
+            return non_finite(g, where, bad, e, err);
+        }
+    }
 
     /* Only the rows that want logits go through the output head: runs of consecutive rows. */
     int64_t n_out = 0;
@@ -178,16 +220,18 @@ tsr_status tsr_graph_forward(tsr_graph *g, const tsr_batch_entry *entries, int64
         int64_t b = a + 1;
         while (b < n && entries[b].want_logits) b++;
         float *xn = g->xn + a * e, *out = g->logits + n_out * nv;
-        OP(be->rms_norm(self, xn, g->x + a * e, g->model->output_norm.data, b - a, e,
-                        hp->rms_eps));
+        OP(be->rms_norm(self, xn, g->x + a * e, g->weights->output_norm, b - a, e, hp->rms_eps));
         if ((st = matmul(g, out, &g->weights->output, xn, b - a, err)) < 0) return st;
         n_out += b - a;
         a = b;
     }
     if (n_out > 0) {
         size_t bytes = (size_t)n_out * (size_t)nv * sizeof(float);
-        if (TSR_VT_HAS(be, download)) OP(be->download(self, logits, g->logits, bytes));
+        if (TSR_VT_HAS(be, synchronize)) OP(be->synchronize(self));
+        if (own_memory(g)) OP(be->download(self, logits, g->logits, bytes));
         else memcpy(logits, g->logits, bytes);
+        int64_t bad = first_non_finite(logits, n_out * nv);
+        if (bad >= 0) return non_finite(g, "output", bad, nv, err);
     }
     g->times.forward_calls++;
     g->times.tokens += (uint64_t)n;

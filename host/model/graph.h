@@ -40,6 +40,7 @@ typedef struct tsr_graph {
     const tsr_model *model;
     const tsr_model_weights *weights;
     tsr_instance *backend;
+    int32_t memory_space;              /* the backend's (tsr_memory_space) */
     tsr_instance *const *attention_at; /* (n_layer) */
     tsr_instance *const *cache_at;     /* (n_layer) */
     tsr_stage_times times;
@@ -47,14 +48,17 @@ typedef struct tsr_graph {
     /* Activations in the backend's memory, sized for `cap` rows; grown on demand. */
     int64_t cap;
     float *x, *xn, *q, *k, *v, *attn, *gate, *up, *logits;
-    int32_t *ids, *pos; /* host memory */
+    int32_t *ids, *pos;               /* host memory: the cache and attention read positions */
+    int32_t *ids_dev, *pos_dev;       /* their copies in the backend's memory, or the same */
     tsr_kv_view *views; /* (n_kv_head) */
 } tsr_graph;
 
 /* Runs the model on `n` entries, grouped in `runs` (checked by the caller: tokens in the
  * vocabulary, positions in the context, each sequence's entries contiguous), and writes the
  * logits of the entries with want_logits, in order, to `logits` (n_want, n_vocab) in host
- * memory. */
+ * memory. Stops with an error naming the layer when the hidden state turns NaN or infinite
+ * (checked after every layer when the backend computes in host memory; in the logits
+ * otherwise): a broken model must not print garbage. */
 tsr_status tsr_graph_forward(tsr_graph *g, const tsr_batch_entry *entries, int64_t n,
                              const tsr_seq_run *runs, size_t n_runs, float *logits,
                              tsr_error *err);

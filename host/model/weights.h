@@ -1,6 +1,9 @@
-/* Weight matrices as the graph uses them: each offered to the quantizer of its layer, which
- * keeps it in place or converts it, and multiplied by the backend when it knows the type,
- * else by the quantizer. `tessera quantize` prepares weights the same way and writes them. */
+/* Weights as the graph uses them: each matrix offered to the quantizer of its layer, which
+ * keeps it in place or converts it, and multiplied by the backend when it knows the type, else
+ * by the quantizer. Everything a backend op reads (the matrices it multiplies, the embedding
+ * rows, norm weights, biases) is placed in the backend's memory: in place (mapped from the
+ * file) for a backend that computes on host memory, else uploaded into buffers of its own.
+ * `tessera quantize` prepares weights the same way and writes them. */
 #ifndef TSR_HOST_WEIGHTS_H
 #define TSR_HOST_WEIGHTS_H
 
@@ -16,7 +19,8 @@
 enum { TSR_W_Q, TSR_W_K, TSR_W_V, TSR_W_O, TSR_W_GATE, TSR_W_UP, TSR_W_DOWN, TSR_W_PER_LAYER };
 
 typedef struct tsr_weight {
-    tsr_tensor t;            /* what the quantizer made */
+    tsr_tensor t;            /* what the quantizer made, in host memory */
+    tsr_tensor on_backend;   /* what backend ops receive: t, or t uploaded to the backend */
     tsr_instance *quantizer; /* prepared it; releases it */
     bool quantizer_matmul;   /* the backend does not know t.dtype: the quantizer multiplies */
     bool prepared;
@@ -34,26 +38,34 @@ void tsr_weight_release(tsr_weight *w);
 /* Bytes of the prepared tensor. */
 uint64_t tsr_weight_bytes(const tsr_weight *w);
 
-/* Every matrix of a model, prepared for one backend. */
+/* The vectors of a block that backend ops read, in the backend's memory; NULL when absent. */
+typedef struct tsr_block_vectors {
+    const float *attn_norm, *ffn_norm;
+    const float *bq, *bk, *bv;
+} tsr_block_vectors;
+
+/* Every weight of a model, prepared for one backend. */
 typedef struct tsr_model_weights {
     int32_t n_layer;
-    tsr_weight *blocks;  /* (n_layer, TSR_W_PER_LAYER) */
+    tsr_instance *backend;
+    tsr_weight *blocks;          /* (n_layer, TSR_W_PER_LAYER) */
     tsr_weight output;
-    tsr_weight tok_embd; /* prepared == false: the graph reads the file's own rows */
+    tsr_weight tok_embd;         /* prepared == false: the embeddings are the file's own rows */
+    tsr_block_vectors *vectors;  /* (n_layer) */
+    const float *output_norm;
+    tsr_tensor embeddings;       /* the rows get_rows reads, in the backend's memory */
+    void **buffers;              /* the backend buffers holding uploaded copies */
+    size_t n_buffers;
     double n_weights, bits_sum, rmse_sum; /* over the prepared matrices, weighted by size */
 } tsr_model_weights;
 
 /* Prepares the blocks' matrices with quantizer_at[layer], the output head and the embeddings
- * with `quantizer`, and decides who multiplies each: `backend` when it supports the type,
- * else the quantizer (an error when neither can). Reports progress per layer. */
+ * with `quantizer`, decides who multiplies each (`backend` when it supports the type, else the
+ * quantizer; an error when neither can), and places what backend ops read in the backend's
+ * memory. Reports progress per layer. */
 tsr_status tsr_model_weights_prepare(tsr_model_weights *mw, const tsr_model *model,
                                      tsr_instance *quantizer, tsr_instance *const *quantizer_at,
                                      tsr_instance *backend, tsr_error *err);
 void tsr_model_weights_release(tsr_model_weights *mw);
-
-/* The table the graph reads embedding rows from: the prepared embeddings, the output head when
- * it is the same tensor and the backend multiplies it, else the file's own rows. */
-const tsr_tensor *tsr_model_weights_embeddings(const tsr_model_weights *mw,
-                                               const tsr_model *model);
 
 #endif

@@ -44,9 +44,9 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
                                          &shape, &main[TSR_STAGE_BACKEND], err);
     if (st < 0) return st;
     const tsr_backend_vtable *be = main[TSR_STAGE_BACKEND]->vtable;
-    shape.memory_space = TSR_VT_HAS(be, memory_space)
-                             ? be->memory_space(main[TSR_STAGE_BACKEND]->self)
-                             : TSR_MEMORY_HOST;
+    pl->memory_space = TSR_VT_HAS(be, memory_space) ? be->memory_space(main[TSR_STAGE_BACKEND]->self)
+                                                    : TSR_MEMORY_HOST;
+    shape.memory_space = pl->memory_space;
     if ((st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_QUANTIZER, &shape,
                                          &main[TSR_STAGE_QUANTIZER], pl->quantizer_at, err)) < 0 ||
         (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ATTENTION, &shape,
@@ -93,6 +93,7 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
                                         pl->quantizer_at, backend, err)) < 0)
         goto fail;
     pl->graph = (tsr_graph){.model = model, .weights = &pl->weights, .backend = backend,
+                            .memory_space = pl->memory_space,
                             .attention_at = pl->attention_at, .cache_at = pl->cache_at};
     *out = pl;
     return TSR_OK;
@@ -122,7 +123,7 @@ tsr_seq_state *tsr_pipeline_find_seq(tsr_pipeline *pl, int64_t id) {
     return NULL;
 }
 
-bool tsr_pipeline_add_seq(tsr_pipeline *pl, int64_t id, bool prefilled) {
+bool tsr_pipeline_add_seq(tsr_pipeline *pl, tsr_seq_state s) {
     if (pl->n_seqs == pl->cap_seqs) {
         size_t cap = pl->cap_seqs ? pl->cap_seqs * 2 : 4;
         tsr_seq_state *grown = realloc(pl->seqs, cap * sizeof *grown);
@@ -130,7 +131,7 @@ bool tsr_pipeline_add_seq(tsr_pipeline *pl, int64_t id, bool prefilled) {
         pl->seqs = grown;
         pl->cap_seqs = cap;
     }
-    pl->seqs[pl->n_seqs++] = (tsr_seq_state){.id = id, .prefilled = prefilled};
+    pl->seqs[pl->n_seqs++] = s;
     return true;
 }
 
@@ -147,7 +148,7 @@ tsr_status tsr_pipeline_seq_begin(tsr_pipeline *pl, int64_t seq_id, tsr_error *e
         tsr_status st = TSR_VT_HAS(av, seq_begin) ? av->seq_begin(a->self, seq_id) : TSR_OK;
         if (st < 0) return tsr_instance_failed(a, st, "seq_begin", err);
     }
-    if (!tsr_pipeline_add_seq(pl, seq_id, false))
+    if (!tsr_pipeline_add_seq(pl, (tsr_seq_state){.id = seq_id}))
         return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
     return TSR_OK;
 }
@@ -165,8 +166,9 @@ void tsr_pipeline_seq_end(tsr_pipeline *pl, int64_t seq_id) {
 
 /* ---- forward --------------------------------------------------------------------------- */
 
-/* Splits the batch into runs of one sequence each, checking every entry; the first forward
- * of a sequence is its prefill, later ones are decode steps. */
+/* Splits the batch into runs of one sequence each, checking every entry: a sequence's
+ * positions continue what it holds, one by one (caches rely on it: CONTRACT.md CACHE_7). The
+ * first forward of a sequence is its prefill, later ones are decode steps. */
 static tsr_status batch_runs(tsr_pipeline *pl, const tsr_batch_entry *entries, int64_t n,
                              tsr_seq_run *runs, size_t cap, size_t *n_runs, tsr_error *err) {
     const tsr_hparams *hp = &pl->model->hp;
@@ -183,7 +185,13 @@ static tsr_status batch_runs(tsr_pipeline *pl, const tsr_batch_entry *entries, i
         if (!s)
             return tsr_error_set(err, TSR_E_STATE, "forward: sequence %lld was not begun",
                                  (long long)b->seq_id);
-        if (i > 0 && entries[i - 1].seq_id == b->seq_id) {
+        bool continues = i > 0 && entries[i - 1].seq_id == b->seq_id;
+        int32_t want = continues ? entries[i - 1].pos + 1 : s->n_pos;
+        if (b->pos != want)
+            return tsr_error_set(err, TSR_E_INVALID, "forward: sequence %lld holds %d positions: "
+                                 "its entry %lld must be at position %d, not %d",
+                                 (long long)b->seq_id, s->n_pos, (long long)i, want, b->pos);
+        if (continues) {
             runs[*n_runs - 1].n++;
             continue;
         }
@@ -219,6 +227,7 @@ static tsr_status end_of_forward(tsr_pipeline *pl, const tsr_seq_run *runs, size
                 return tsr_instance_failed(c, st, s->prefilled ? "step_end" : "prefill_end", err);
         }
         s->prefilled = true;
+        s->n_pos += (int32_t)runs[r].n;
     }
     return st;
 }

@@ -17,6 +17,8 @@ typedef struct tsr_pipeline tsr_pipeline;
 
 /* Called with each batch of tokens the decoder accepts (the CLI prints them). */
 typedef void (*tsr_token_sink)(void *ctx, const int32_t *tokens, int64_t n);
+/* 1 when `token` ends generation. */
+typedef int32_t (*tsr_eog_fn)(void *ctx, int32_t token);
 
 /* Instantiates every stage of `cfg` (bound against `reg`) for `model`, and prepares the
  * weights. `n_ctx` is the longest sequence to be run (positions). The pipeline borrows cfg,
@@ -43,11 +45,33 @@ void tsr_pipeline_seq_end(tsr_pipeline *pl, int64_t seq_id);
  * accepted tokens go to `sink`, and generation stops after `max_new_tokens`, at an end of
  * generation token when `eog` says so, or when the decoder stops. Hooks run after each step
  * and at the end. *n_generated receives the count. */
-typedef int32_t (*tsr_eog_fn)(void *ctx, int32_t token);
 tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_t n_prompt,
                                  int64_t max_new_tokens, tsr_eog_fn eog, void *eog_ctx,
                                  tsr_token_sink sink, void *sink_ctx, int64_t *n_generated,
                                  tsr_error *err);
+
+/* One request being generated: the tsr_decode_api handed to the decoder (forward, sequence
+ * management, emit). A failing call is recorded as the host's own failure (host_err), which is
+ * what the user then reads rather than the decoder's paraphrase. tsr_pipeline_generate runs a
+ * request through the decoder stage; tests drive `api` directly. */
+typedef struct tsr_request {
+    tsr_pipeline *pl;
+    int64_t max_new, n_emitted;
+    tsr_eog_fn eog;
+    void *eog_ctx;
+    tsr_token_sink sink;
+    void *sink_ctx;
+    tsr_error host_err;
+    bool host_failed;
+    tsr_decode_api api; /* api.ctx is the request */
+} tsr_request;
+
+/* Fills `r` and begins sequence 0. */
+tsr_status tsr_request_begin(tsr_request *r, tsr_pipeline *pl, int64_t max_new_tokens,
+                             tsr_eog_fn eog, void *eog_ctx, tsr_token_sink sink, void *sink_ctx,
+                             tsr_error *err);
+/* Ends every live sequence. */
+void tsr_request_end(tsr_request *r);
 
 /* Runs the hooks configured for `event` (tsr_hook_event). */
 tsr_status tsr_pipeline_run_hooks(tsr_pipeline *pl, int32_t event, tsr_error *err);

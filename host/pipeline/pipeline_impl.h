@@ -12,6 +12,7 @@
 
 typedef struct tsr_seq_state {
     int64_t id;
+    int32_t n_pos;  /* positions held: the next forward of the sequence starts there */
     bool prefilled; /* prefill_end has run: later forwards are decode steps */
 } tsr_seq_state;
 
@@ -24,6 +25,7 @@ struct tsr_pipeline {
     tsr_instance_set instances; /* every instance, for lifecycle calls and destruction */
     tsr_instance **quantizer_at, **attention_at, **cache_at; /* (n_layer) */
 
+    int32_t memory_space; /* the backend's (tsr_memory_space) */
     tsr_model_weights weights;
     tsr_graph graph;
 
@@ -34,7 +36,7 @@ struct tsr_pipeline {
 /* The state of a live sequence, or NULL. */
 tsr_seq_state *tsr_pipeline_find_seq(tsr_pipeline *pl, int64_t id);
 /* Records a live sequence; false when out of memory. */
-bool tsr_pipeline_add_seq(tsr_pipeline *pl, int64_t id, bool prefilled);
+bool tsr_pipeline_add_seq(tsr_pipeline *pl, tsr_seq_state s);
 
 /* Each distinct instance of `stage` once, for lifecycle calls. */
 #define TSR_FOR_EACH_INSTANCE(pl, stage_value, var)                                      \

@@ -352,4 +352,6 @@ static const tsr_plugin_desc cpu_desc = {
     .vtable = &cpu_vtable,
 };
 
+#ifndef TSR_CPU_NO_EXPORT /* arena.c builds on this file and exports a plugin of its own */
 TSR_PLUGIN_EXPORT(&cpu_desc)
+#endif

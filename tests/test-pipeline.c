@@ -1,0 +1,316 @@
+/* The host's pipeline on a synthetic model of its own (`tessera synth --shape tiny`, no shared
+ * data): weights and buffers kept in the backend's memory (the cpu-arena backend, which checks
+ * every pointer an op receives, gives the cpu backend's logits bit for bit), the sequence rules
+ * of a forward (positions continue each sequence), fork and truncate through the decode API,
+ * a batch of several sequences equal to each sequence run alone, and a model that turns NaN
+ * stopped at its layer. */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config/config.h"
+#include "files/gguf.h"
+#include "model/model.h"
+#include "pipeline/pipeline.h"
+#include "plugin/loader.h"
+#include "plugin/stage_init.h"
+#include "testutil.h"
+
+/* The synthetic model, made once by main(). */
+static char *tiny_path;
+
+typedef struct run {
+    tsr_pool *pool;
+    tsr_registry *reg;
+    tsr_config *cfg;
+    tsr_model *model;
+    tsr_pipeline *pl;
+} run;
+
+static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
+    const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
+    return r ? r->desc : NULL;
+}
+
+/* Opens `model_path` with the pipeline `yaml` for n_ctx positions; returns the status of
+ * tsr_pipeline_create, its message in err. */
+static tsr_status run_open(run *r, const char *model_path, const char *yaml, int32_t n_ctx,
+                           tsr_error *err) {
+    memset(r, 0, sizeof *r);
+    ck_assert_int_ge(tsr_config_load_string(yaml, "test.yaml", &r->cfg, err), 0);
+    r->reg = tsr_registry_create(NULL);
+    ck_assert_int_ge(tsr_registry_scan_dir(r->reg, tsr_test_env("TESSERA_PLUGIN_DIR"), err), 1);
+    if (tsr_config_bind(r->cfg, find_plugin, r->reg, err) < 0) ck_abort_msg("%s", err->msg);
+    r->pool = tsr_pool_create(tsr_config_threads(r->cfg));
+    if (tsr_model_load(model_path, &r->model, err) < 0) ck_abort_msg("%s", err->msg);
+    return tsr_pipeline_create(r->cfg, r->reg, r->model, r->pool, n_ctx, &r->pl, err);
+}
+
+static void run_open_ok(run *r, const char *yaml, int32_t n_ctx) {
+    tsr_error err;
+    if (run_open(r, tiny_path, yaml, n_ctx, &err) < 0) ck_abort_msg("%s", err.msg);
+}
+
+static void run_close(run *r) {
+    tsr_pipeline_free(r->pl);
+    tsr_model_free(r->model);
+    tsr_registry_free(r->reg);
+    tsr_pool_free(r->pool);
+    tsr_config_free(r->cfg);
+}
+
+/* A pipeline on `backend` with the quantizer section `quantizer`. */
+static const char *pipeline_yaml(char *buf, size_t size, const char *backend,
+                                 const char *quantizer) {
+    snprintf(buf, size,
+             "tessera: 1\nbackend: { plugin: %s, threads: 2 }\nquantizer: %s\n"
+             "attention: { plugin: flash }\ncache: { plugin: full }\ndecoder: { plugin: greedy }\n",
+             backend, quantizer);
+    return buf;
+}
+
+static const char *const default_yaml =
+    "tessera: 1\nbackend: { plugin: cpu, threads: 1 }\nattention: { plugin: flash }\n"
+    "cache: { plugin: full }\ndecoder: { plugin: greedy }\n";
+
+enum { N_TOK = 12 };
+
+/* Token i of the test prompt. */
+static int32_t token(int i) { return (int32_t)((i * 37 + 11) % 320); }
+
+/* The logits of every position of the test prompt (N_TOK x n_vocab, malloc'd). */
+static float *prompt_logits(run *r) {
+    int32_t nv = r->model->hp.n_vocab;
+    tsr_batch_entry b[N_TOK];
+    for (int i = 0; i < N_TOK; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = token(i), .want_logits = 1};
+    float *logits = malloc((size_t)N_TOK * (size_t)nv * sizeof *logits);
+    tsr_error err;
+    ck_assert_int_ge(tsr_pipeline_seq_begin(r->pl, 0, &err), 0);
+    if (tsr_pipeline_forward(r->pl, b, N_TOK, logits, &err) < 0) ck_abort_msg("%s", err.msg);
+    tsr_pipeline_seq_end(r->pl, 0);
+    return logits;
+}
+
+/* ---- device memory ------------------------------------------------------------------------ */
+
+/* The same quantizer settings on cpu and on cpu-arena: the arena backend refuses any pointer
+ * the host did not place in its memory, so a run that completes proves the host uploads
+ * weights (in place or converted), norms, biases, ids and positions, and downloads the logits;
+ * equal bits prove it uploads the right bytes. */
+static const char *const arena_quantizers[] = {
+    "{ plugin: gguf }",                 /* the file's F32 rows, in place on cpu */
+    "{ plugin: gguf, type: q8_0 }",     /* converted at load, multiplied by the backend */
+    "{ plugin: rtn, bits: 4 }",         /* a format the quantizer multiplies itself */
+};
+
+START_TEST(arena_backend_equals_cpu) {
+    char yaml[512];
+    run cpu, arena;
+    run_open_ok(&cpu, pipeline_yaml(yaml, sizeof yaml, "cpu", arena_quantizers[_i]), 64);
+    run_open_ok(&arena, pipeline_yaml(yaml, sizeof yaml, "cpu-arena", arena_quantizers[_i]), 64);
+    float *want = prompt_logits(&cpu), *got = prompt_logits(&arena);
+    size_t n = (size_t)N_TOK * (size_t)cpu.model->hp.n_vocab;
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&want[i], &got[i], sizeof(float)) != 0)
+            ck_abort_msg("%s: logit %zu: %.9g on cpu-arena, %.9g on cpu", arena_quantizers[_i], i,
+                         (double)got[i], (double)want[i]);
+    free(want);
+    free(got);
+    run_close(&cpu);
+    run_close(&arena);
+}
+END_TEST
+
+/* The arena backend is a real check: host memory handed to an op is refused by name. */
+START_TEST(arena_backend_refuses_host_memory) {
+    tsr_error err;
+    tsr_registry *reg = tsr_registry_create(NULL);
+    ck_assert_int_ge(tsr_registry_scan_dir(reg, tsr_test_env("TESSERA_PLUGIN_DIR"), &err), 1);
+    const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_BACKEND, "cpu-arena");
+    ck_assert_ptr_nonnull(ref);
+    tsr_params params = {.struct_size = sizeof params};
+    tsr_model_shape shape = tsr_model_shape_synthetic();
+    tsr_stage_init init;
+    tsr_instance *inst;
+    ck_assert_int_eq(tsr_instance_create(ref, NULL, &params,
+                                         tsr_stage_init_fill(TSR_STAGE_BACKEND, &shape, &init),
+                                         &inst, &err), TSR_OK);
+    const tsr_backend_vtable *be = inst->vtable;
+    float host_x[8] = {1, 2, 3, 4, 5, 6, 7, 8}, host_w[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    void *x, *w;
+    ck_assert_int_eq(be->buffer_alloc(inst->self, sizeof host_x, &x), TSR_OK);
+    ck_assert_int_eq(be->buffer_alloc(inst->self, sizeof host_w, &w), TSR_OK);
+    ck_assert_int_eq(be->upload(inst->self, x, host_x, sizeof host_x), TSR_OK);
+    ck_assert_int_eq(be->rms_norm(inst->self, x, x, host_w, 1, 8, 1e-5f), TSR_E_INVALID);
+    ck_assert_ptr_nonnull(strstr(tsr_services_take_error(&inst->services, ""),
+                                 "rms_norm: the norm weight"));
+    /* one float past the end of a buffer is outside it too */
+    ck_assert_int_eq(be->rms_norm(inst->self, x, (float *)x + 1, w, 1, 8, 1e-5f), TSR_E_INVALID);
+    ck_assert_ptr_nonnull(strstr(tsr_services_take_error(&inst->services, ""), "rms_norm: x"));
+    ck_assert_int_eq(be->upload(inst->self, w, host_w, sizeof host_w), TSR_OK);
+    ck_assert_int_eq(be->rms_norm(inst->self, x, x, w, 1, 8, 1e-5f), TSR_OK);
+    float back[8];
+    ck_assert_int_eq(be->download(inst->self, back, x, sizeof back), TSR_OK);
+    ck_assert_float_eq_tol(back[7], 8.0f / sqrtf(204.0f / 8.0f + 1e-5f), 1e-6f);
+    ck_assert_int_eq(be->download(inst->self, back, host_x, sizeof back), TSR_E_INVALID);
+    be->buffer_free(inst->self, x);
+    be->buffer_free(inst->self, w);
+    ck_assert_uint_eq(tsr_instance_destroy(inst), 0);
+    tsr_registry_free(reg);
+}
+END_TEST
+
+/* ---- sequences ------------------------------------------------------------------------------ */
+
+/* Runs one forward of `n` entries of sequence 0 at `pos`; returns its status, message in err. */
+static tsr_status forward_at(run *r, const int32_t *pos, int n, tsr_error *err) {
+    tsr_batch_entry b[8];
+    for (int i = 0; i < n; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = pos[i], .token = token(i), .want_logits = 0};
+    return tsr_pipeline_forward(r->pl, b, n, NULL, err);
+}
+
+START_TEST(positions_continue_each_sequence) {
+    run r;
+    run_open_ok(&r, default_yaml, 64);
+    tsr_error err;
+    ck_assert_int_ge(tsr_pipeline_seq_begin(r.pl, 0, &err), 0);
+    ck_assert_int_eq(forward_at(&r, (int32_t[]){1}, 1, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "forward: sequence 0 holds 0 positions: its entry 0 must be at "
+                              "position 0, not 1");
+    ck_assert_int_eq(forward_at(&r, (int32_t[]){0, 1, 3}, 3, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "forward: sequence 0 holds 0 positions: its entry 2 must be at "
+                              "position 2, not 3");
+    ck_assert_int_eq(forward_at(&r, (int32_t[]){0, 1, 1}, 3, &err), TSR_E_INVALID);
+    ck_assert_int_eq(forward_at(&r, (int32_t[]){0, 1, 2, 3}, 4, &err), TSR_OK);
+    ck_assert_int_eq(forward_at(&r, (int32_t[]){3}, 1, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "forward: sequence 0 holds 4 positions: its entry 0 must be at "
+                              "position 4, not 3");
+    ck_assert_int_eq(forward_at(&r, (int32_t[]){4, 5}, 2, &err), TSR_OK);
+    run_close(&r);
+}
+END_TEST
+
+/* A two-sequence batch against each sequence alone, and truncation through the decode API:
+ * sequence 1 forks the prompt and takes token A at the prompt's end while sequence 0 takes B;
+ * then sequence 0 is cut back to the prompt and takes A, and must give sequence 1's logits. */
+START_TEST(fork_truncate_and_batches) {
+    const int n_prompt = 6;
+    const int32_t tok_a = 7, tok_b = 300;
+    run r;
+    run_open_ok(&r, default_yaml, 64);
+    int32_t nv = r.model->hp.n_vocab;
+    tsr_error err;
+    tsr_request req;
+    ck_assert_int_eq(tsr_request_begin(&req, r.pl, 8, NULL, NULL, NULL, NULL, &err), TSR_OK);
+    const tsr_decode_api *api = &req.api;
+    tsr_batch_entry b[8];
+    for (int i = 0; i < n_prompt; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = token(i), .want_logits = 0};
+    ck_assert_int_eq(api->forward(api->ctx, b, n_prompt, NULL), TSR_OK);
+    ck_assert_int_eq(api->seq_fork(api->ctx, 0, 1), TSR_OK);
+    ck_assert_int_eq(api->seq_fork(api->ctx, 0, 1), TSR_E_STATE); /* 1 is alive */
+    b[0] = (tsr_batch_entry){.seq_id = 1, .pos = n_prompt, .token = tok_a, .want_logits = 1};
+    b[1] = (tsr_batch_entry){.seq_id = 0, .pos = n_prompt, .token = tok_b, .want_logits = 1};
+    float *batched = malloc(2 * (size_t)nv * sizeof *batched);
+    float *again = malloc((size_t)nv * sizeof *again);
+    ck_assert_int_eq(api->forward(api->ctx, b, 2, batched), TSR_OK);
+    ck_assert_int_eq(api->seq_truncate(api->ctx, 0, n_prompt), TSR_OK);
+    b[0] = (tsr_batch_entry){.seq_id = 0, .pos = n_prompt, .token = tok_a, .want_logits = 1};
+    ck_assert_int_eq(api->forward(api->ctx, b, 1, again), TSR_OK);
+    ck_assert_mem_eq(again, batched, (size_t)nv * sizeof *again);
+    ck_assert_int_eq(api->seq_truncate(api->ctx, 0, -1), TSR_E_RANGE);
+    ck_assert_int_eq(api->seq_truncate(api->ctx, 5, 0), TSR_E_STATE);
+    ck_assert_str_eq(req.host_err.msg, "seq_truncate: sequence 5 does not exist");
+    tsr_request_end(&req);
+
+    /* each sequence alone, from a fresh pipeline state */
+    for (int s = 0; s < 2; s++) {
+        ck_assert_int_eq(tsr_request_begin(&req, r.pl, 8, NULL, NULL, NULL, NULL, &err), TSR_OK);
+        for (int i = 0; i < n_prompt; i++)
+            b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = token(i), .want_logits = 0};
+        b[n_prompt] = (tsr_batch_entry){.seq_id = 0, .pos = n_prompt,
+                                        .token = s == 0 ? tok_a : tok_b, .want_logits = 1};
+        ck_assert_int_eq(api->forward(api->ctx, b, n_prompt + 1, again), TSR_OK);
+        if (memcmp(again, batched + (size_t)s * (size_t)nv, (size_t)nv * sizeof *again) != 0)
+            ck_abort_msg("sequence %d of the batch differs from the same sequence alone", s);
+        tsr_request_end(&req);
+    }
+    free(batched);
+    free(again);
+    run_close(&r);
+}
+END_TEST
+
+/* ---- broken models ----------------------------------------------------------------------- */
+
+/* A copy of the tiny model with one value of `tensor` replaced by NaN. */
+static char *model_with_nan(const char *tensor) {
+    size_t size;
+    char *bytes = tsr_test_read_file(tiny_path, &size);
+    ck_assert_ptr_nonnull(bytes);
+    tsr_gguf *g;
+    tsr_error err;
+    ck_assert_int_eq(tsr_gguf_open_memory(bytes, size, "tiny", &g, &err), 0);
+    const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, tensor);
+    ck_assert_ptr_nonnull(t);
+    size_t at = (size_t)((const char *)t->data - bytes) + 5 * sizeof(float);
+    tsr_gguf_close(g);
+    const float nan = NAN;
+    memcpy(bytes + at, &nan, sizeof nan);
+    char *dir = tsr_test_tmpdir(), *path = malloc(strlen(dir) + 16);
+    sprintf(path, "%s/nan.gguf", dir);
+    ck_assert_int_eq(tsr_test_write_file(path, bytes, size), 0);
+    free(bytes);
+    free(dir);
+    return path;
+}
+
+START_TEST(nan_stops_at_its_layer) {
+    char *path = model_with_nan("blk.1.ffn_down.weight");
+    run r;
+    tsr_error err;
+    ck_assert_int_eq(run_open(&r, path, default_yaml, 64, &err), TSR_OK);
+    tsr_batch_entry b = {.seq_id = 0, .pos = 0, .token = 3, .want_logits = 1};
+    float *logits = malloc((size_t)r.model->hp.n_vocab * sizeof *logits);
+    ck_assert_int_ge(tsr_pipeline_seq_begin(r.pl, 0, &err), 0);
+    ck_assert_int_eq(tsr_pipeline_forward(r.pl, &b, 1, logits, &err), TSR_E_RANGE);
+    ck_assert_ptr_nonnull(strstr(err.msg, "layer 1: the values turned NaN or infinite"));
+    free(logits);
+    run_close(&r);
+    free(path);
+}
+END_TEST
+
+int main(void) {
+    char *dir = tsr_test_tmpdir();
+    tiny_path = malloc(strlen(dir) + 16);
+    sprintf(tiny_path, "%s/tiny.gguf", dir);
+    char *err = NULL;
+    const char *args[] = {"synth", "--shape", "tiny", "--type", "f32", "-o", tiny_path, NULL};
+    if (tsr_test_tessera(NULL, &err, args) != 0) {
+        fprintf(stderr, "tessera synth failed: %s\n", err ? err : "");
+        return 1;
+    }
+    free(err);
+    Suite *s = suite_create("pipeline");
+    TCase *tc = tcase_create("device memory");
+    tcase_add_loop_test(tc, arena_backend_equals_cpu, 0,
+                        (int)(sizeof arena_quantizers / sizeof arena_quantizers[0]));
+    tcase_add_test(tc, arena_backend_refuses_host_memory);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("sequences");
+    tcase_add_test(tc, positions_continue_each_sequence);
+    tcase_add_test(tc, fork_truncate_and_batches);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("broken models");
+    tcase_add_test(tc, nan_stops_at_its_layer);
+    suite_add_tcase(s, tc);
+    int status = tsr_test_run_suite(s);
+    free(tiny_path);
+    free(dir);
+    return status;
+}
