@@ -301,17 +301,19 @@ static const struct {
      "bad.yaml:3:18: layers[0].range[1]: expected a scalar value, got a sequence"},
     {"tessera: 1\nlayers:\n  - { range: [0, 1], cache: { plugin: full } }\n"
      "  - { range: [0, 1], backend: { plugin: cpu } }\n",
-     "bad.yaml:4:22: layers[1]: backend cannot vary per layer; only quantizer, attention and "
-     "cache can"},
+     "bad.yaml:4:22: layers[1]: backend cannot vary per layer; only quantizer, attention, "
+     "cache and router can"},
     {"tessera: 1\nlayers:\n  - range: [0, 1]\n    decoder: { plugin: sample }\n",
-     "bad.yaml:4:5: layers[0]: decoder cannot vary per layer; only quantizer, attention and "
-     "cache can"},
+     "bad.yaml:4:5: layers[0]: decoder cannot vary per layer; only quantizer, attention, "
+     "cache and router can"},
     {"tessera: 1\nlayers:\n  - { cache: { plugin: full } }\n",
      "bad.yaml:3:5: layers[0]: missing `range: [first, last]`"},
     {"tessera: 1\nlayers:\n  - { range: [0, 1] }\n",
-     "bad.yaml:3:5: layers[0]: nothing to override; give quantizer, attention or cache"},
+     "bad.yaml:3:5: layers[0]: nothing to override; give quantizer, attention, cache or "
+     "router"},
     {"tessera: 1\nlayers:\n  - { range: [0, 1], cache: { plugin: full }, size: 2 }\n",
-     "bad.yaml:3:47: layers[0]: unknown key 'size'; known: range, quantizer, attention, cache"},
+     "bad.yaml:3:47: layers[0]: unknown key 'size'; known: range, quantizer, attention, cache, "
+     "router"},
     {"tessera: 1\nlayers:\n  - { range: [0, 1], cache: { size: 2 } }\n",
      "bad.yaml:3:29: layers[0].cache: missing `plugin:` (which cache plugin to use)"},
     {"tessera: 1\nhooks: { on: at_end }\n",

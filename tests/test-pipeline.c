@@ -10,55 +10,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config/config.h"
 #include "files/gguf.h"
-#include "model/model.h"
-#include "pipeline/pipeline.h"
-#include "plugin/loader.h"
+#include "pipeline_fixture.h"
 #include "plugin/stage_init.h"
 #include "testutil.h"
 
 /* The synthetic model, made once by main(). */
 static char *tiny_path;
 
-typedef struct run {
-    tsr_pool *pool;
-    tsr_registry *reg;
-    tsr_config *cfg;
-    tsr_model *model;
-    tsr_pipeline *pl;
-} run;
-
-static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
-    const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
-    return r ? r->desc : NULL;
-}
-
-/* Opens `model_path` with the pipeline `yaml` for n_ctx positions; returns the status of
- * tsr_pipeline_create, its message in err. */
-static tsr_status run_open(run *r, const char *model_path, const char *yaml, int32_t n_ctx,
-                           tsr_error *err) {
-    memset(r, 0, sizeof *r);
-    ck_assert_int_ge(tsr_config_load_string(yaml, "test.yaml", &r->cfg, err), 0);
-    r->reg = tsr_registry_create(NULL);
-    ck_assert_int_ge(tsr_registry_scan_dir(r->reg, tsr_test_env("TESSERA_PLUGIN_DIR"), err), 1);
-    if (tsr_config_bind(r->cfg, find_plugin, r->reg, err) < 0) ck_abort_msg("%s", err->msg);
-    r->pool = tsr_pool_create(tsr_config_threads(r->cfg));
-    if (tsr_model_load(model_path, &r->model, err) < 0) ck_abort_msg("%s", err->msg);
-    return tsr_pipeline_create(r->cfg, r->reg, r->model, r->pool, n_ctx, &r->pl, err);
-}
+typedef tsr_test_pipeline run;
 
 static void run_open_ok(run *r, const char *yaml, int32_t n_ctx) {
-    tsr_error err;
-    if (run_open(r, tiny_path, yaml, n_ctx, &err) < 0) ck_abort_msg("%s", err.msg);
-}
-
-static void run_close(run *r) {
-    tsr_pipeline_free(r->pl);
-    tsr_model_free(r->model);
-    tsr_registry_free(r->reg);
-    tsr_pool_free(r->pool);
-    tsr_config_free(r->cfg);
+    tsr_test_pipeline_open_ok(r, tiny_path, yaml, n_ctx);
 }
 
 /* A pipeline on `backend` with the quantizer section `quantizer`. */
@@ -77,21 +40,11 @@ static const char *const default_yaml =
 
 enum { N_TOK = 12 };
 
-/* Token i of the test prompt. */
-static int32_t token(int i) { return (int32_t)((i * 37 + 11) % 320); }
-
 /* The logits of every position of the test prompt (N_TOK x n_vocab, malloc'd). */
 static float *prompt_logits(run *r) {
-    int32_t nv = r->model->hp.n_vocab;
-    tsr_batch_entry b[N_TOK];
-    for (int i = 0; i < N_TOK; i++)
-        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = token(i), .want_logits = 1};
-    float *logits = malloc((size_t)N_TOK * (size_t)nv * sizeof *logits);
-    tsr_error err;
-    ck_assert_int_ge(tsr_pipeline_seq_begin(r->pl, 0, &err), 0);
-    if (tsr_pipeline_forward(r->pl, b, N_TOK, logits, &err) < 0) ck_abort_msg("%s", err.msg);
-    tsr_pipeline_seq_end(r->pl, 0);
-    return logits;
+    int32_t tokens[N_TOK];
+    for (int i = 0; i < N_TOK; i++) tokens[i] = (int32_t)((i * 37 + 11) % 320);
+    return tsr_test_pipeline_logits(r, tokens, N_TOK);
 }
 
 /* ---- device memory ------------------------------------------------------------------------ */
@@ -119,8 +72,8 @@ START_TEST(arena_backend_equals_cpu) {
                          (double)got[i], (double)want[i]);
     free(want);
     free(got);
-    run_close(&cpu);
-    run_close(&arena);
+    tsr_test_pipeline_close(&cpu);
+    tsr_test_pipeline_close(&arena);
 }
 END_TEST
 
@@ -169,7 +122,7 @@ END_TEST
 static tsr_status forward_at(run *r, const int32_t *pos, int n, tsr_error *err) {
     tsr_batch_entry b[8];
     for (int i = 0; i < n; i++)
-        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = pos[i], .token = token(i), .want_logits = 0};
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = pos[i], .token = 5, .want_logits = 0};
     return tsr_pipeline_forward(r->pl, b, n, NULL, err);
 }
 
@@ -190,7 +143,7 @@ START_TEST(positions_continue_each_sequence) {
     ck_assert_str_eq(err.msg, "forward: sequence 0 holds 4 positions: its entry 0 must be at "
                               "position 4, not 3");
     ck_assert_int_eq(forward_at(&r, (int32_t[]){4, 5}, 2, &err), TSR_OK);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -209,7 +162,7 @@ START_TEST(fork_truncate_and_batches) {
     const tsr_decode_api *api = &req.api;
     tsr_batch_entry b[8];
     for (int i = 0; i < n_prompt; i++)
-        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = token(i), .want_logits = 0};
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = 3 + i, .want_logits = 0};
     ck_assert_int_eq(api->forward(api->ctx, b, n_prompt, NULL), TSR_OK);
     ck_assert_int_eq(api->seq_fork(api->ctx, 0, 1), TSR_OK);
     ck_assert_int_eq(api->seq_fork(api->ctx, 0, 1), TSR_E_STATE); /* 1 is alive */
@@ -231,7 +184,7 @@ START_TEST(fork_truncate_and_batches) {
     for (int s = 0; s < 2; s++) {
         ck_assert_int_eq(tsr_request_begin(&req, r.pl, 8, NULL, NULL, NULL, NULL, &err), TSR_OK);
         for (int i = 0; i < n_prompt; i++)
-            b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = token(i), .want_logits = 0};
+            b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = 3 + i, .want_logits = 0};
         b[n_prompt] = (tsr_batch_entry){.seq_id = 0, .pos = n_prompt,
                                         .token = s == 0 ? tok_a : tok_b, .want_logits = 1};
         ck_assert_int_eq(api->forward(api->ctx, b, n_prompt + 1, again), TSR_OK);
@@ -241,7 +194,7 @@ START_TEST(fork_truncate_and_batches) {
     }
     free(batched);
     free(again);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -273,14 +226,14 @@ START_TEST(nan_stops_at_its_layer) {
     char *path = model_with_nan("blk.1.ffn_down.weight");
     run r;
     tsr_error err;
-    ck_assert_int_eq(run_open(&r, path, default_yaml, 64, &err), TSR_OK);
+    ck_assert_int_eq(tsr_test_pipeline_open(&r, path, default_yaml, NULL, 64, &err), TSR_OK);
     tsr_batch_entry b = {.seq_id = 0, .pos = 0, .token = 3, .want_logits = 1};
     float *logits = malloc((size_t)r.model->hp.n_vocab * sizeof *logits);
     ck_assert_int_ge(tsr_pipeline_seq_begin(r.pl, 0, &err), 0);
     ck_assert_int_eq(tsr_pipeline_forward(r.pl, &b, 1, logits, &err), TSR_E_RANGE);
     ck_assert_ptr_nonnull(strstr(err.msg, "layer 1: the values turned NaN or infinite"));
     free(logits);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
     free(path);
 }
 END_TEST

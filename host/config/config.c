@@ -41,7 +41,7 @@ int32_t tsr_stage_from_name(const char *name) {
 
 static bool stage_per_layer(int32_t stage) {
     return stage == TSR_STAGE_QUANTIZER || stage == TSR_STAGE_ATTENTION ||
-           stage == TSR_STAGE_CACHE;
+           stage == TSR_STAGE_CACHE || stage == TSR_STAGE_ROUTER;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -523,7 +523,7 @@ static tsr_status walk_range(walk *w, const ynode *n, const char *path, tsr_laye
 }
 
 static tsr_status walk_layer(walk *w, const ynode *map, const char *path, tsr_layer_override *lo) {
-    static const char *const known[] = {"range", "quantizer", "attention", "cache"};
+    static const char *const known[] = {"range", "quantizer", "attention", "cache", "router"};
     tsr_status st = expect_kind(w, map, YN_MAP, path);
     if (st < 0) return st;
     lo->loc = map->loc;
@@ -541,11 +541,11 @@ static tsr_status walk_layer(walk *w, const ynode *map, const char *path, tsr_la
             have_stage = true;
         } else if (stage) {
             st = tsr_error_set_at(w->err, TSR_E_INVALID, key->loc,
-                                  "%s: %s cannot vary per layer; only quantizer, attention and "
-                                  "cache can",
+                                  "%s: %s cannot vary per layer; only quantizer, attention, "
+                                  "cache and router can",
                                   path, key->text);
         } else {
-            st = unknown_key(w, key, path, known, 4);
+            st = unknown_key(w, key, path, known, sizeof known / sizeof known[0]);
         }
         if (st < 0) return st;
     }
@@ -554,7 +554,8 @@ static tsr_status walk_layer(walk *w, const ynode *map, const char *path, tsr_la
                                 "%s: missing `range: [first, last]`", path);
     if (!have_stage)
         return tsr_error_set_at(w->err, TSR_E_INVALID, map->loc,
-                                "%s: nothing to override; give quantizer, attention or cache",
+                                "%s: nothing to override; give quantizer, attention, cache or "
+                                "router",
                                 path);
     return TSR_OK;
 }

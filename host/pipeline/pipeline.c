@@ -29,6 +29,19 @@ static tsr_status check_layer_ranges(const tsr_config *cfg, int32_t n_layer, tsr
     return TSR_OK;
 }
 
+/* The router stage runs at mixture-of-experts layers: a router configured for a model without
+ * experts would never be called, which deserves one clear line rather than silence. */
+static tsr_status check_router(const tsr_config *cfg, const tsr_hparams *hp, tsr_error *err) {
+    for (int32_t l = 0; hp->n_expert == 0 && l < hp->n_layer; l++) {
+        const tsr_stage_conf *sc = tsr_config_stage_at(cfg, TSR_STAGE_ROUTER, l);
+        if (sc->plugin)
+            return tsr_error_set_at(err, TSR_E_INVALID, sc->loc, "router: '%s' is configured but "
+                                    "the model has no mixture-of-experts layers to route; remove "
+                                    "the router", sc->plugin);
+    }
+    return TSR_OK;
+}
+
 /* Every stage's instances, the backend first (the others are told where it computes). */
 static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *err) {
     const tsr_config *cfg = pl->cfg;
@@ -36,7 +49,8 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
     tsr_model_shape shape = {
         .n_layer = hp->n_layer, .n_head = hp->n_head, .n_kv_head = hp->n_kv_head,
         .head_dim = hp->head_dim, .n_embd = hp->n_embd, .n_ctx = pl->n_ctx,
-        .n_vocab = hp->n_vocab, .n_seq_max = 16, .n_threads = tsr_pool_size(pool),
+        .n_vocab = hp->n_vocab, .n_expert = hp->n_expert, .n_seq_max = 16,
+        .n_threads = tsr_pool_size(pool),
         .backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin};
     tsr_instance_set *set = &pl->instances;
     tsr_instance **main = pl->stage_main;
@@ -56,7 +70,10 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
         (st = tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
                                    &main[TSR_STAGE_DECODER], err)) < 0)
         return st;
-    return TSR_OK;
+    if (cfg->stage[TSR_STAGE_ROUTER].plugin)
+        st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ROUTER, &shape, &main[TSR_STAGE_ROUTER],
+                                        pl->router_at, err);
+    return st;
 }
 
 tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
@@ -73,12 +90,14 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
     pl->quantizer_at = calloc((size_t)n_layer, sizeof *pl->quantizer_at);
     pl->attention_at = calloc((size_t)n_layer, sizeof *pl->attention_at);
     pl->cache_at = calloc((size_t)n_layer, sizeof *pl->cache_at);
+    pl->router_at = calloc((size_t)n_layer, sizeof *pl->router_at);
     tsr_status st;
-    if (!pl->quantizer_at || !pl->attention_at || !pl->cache_at) {
+    if (!pl->quantizer_at || !pl->attention_at || !pl->cache_at || !pl->router_at) {
         st = tsr_error_set(err, TSR_E_NOMEM, "out of memory");
         goto fail;
     }
     if ((st = check_layer_ranges(cfg, n_layer, err)) < 0 ||
+        (st = check_router(cfg, &model->hp, err)) < 0 ||
         (st = create_instances(pl, pool, err)) < 0)
         goto fail;
     tsr_instance *backend = pl->stage_main[TSR_STAGE_BACKEND];
@@ -111,6 +130,7 @@ void tsr_pipeline_free(tsr_pipeline *pl) {
     free(pl->quantizer_at);
     free(pl->attention_at);
     free(pl->cache_at);
+    free(pl->router_at);
     free(pl->seqs);
     free(pl);
 }

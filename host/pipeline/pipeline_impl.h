@@ -24,6 +24,7 @@ struct tsr_pipeline {
     tsr_instance *stage_main[TSR_STAGE_COUNT + 1]; /* the top-level instance of each stage */
     tsr_instance_set instances; /* every instance, for lifecycle calls and destruction */
     tsr_instance **quantizer_at, **attention_at, **cache_at; /* (n_layer) */
+    tsr_instance **router_at; /* (n_layer): for models with experts, when a router is set */
 
     int32_t memory_space; /* the backend's (tsr_memory_space) */
     tsr_model_weights weights;

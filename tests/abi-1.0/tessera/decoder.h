@@ -1,0 +1,91 @@
+/*
+ * <tessera/decoder.h> -- decoder strategy stage: which tokens come next and how many forward
+ * passes that costs.
+ *
+ * The decoder drives generation. The host calls `generate` once per request with a
+ * tsr_decode_api: the decoder runs the model on batches of (sequence, position, token)
+ * entries, reads the logits it asked for, forks or rolls back sequences, and emits the tokens
+ * it accepts. Greedy and sampling emit one token per forward; speculative decoders verify
+ * several drafted tokens in one forward and roll back the rejected ones; beam search forks.
+ * The request's sequence is seq_id 0, already begun, with nothing stored yet.
+ */
+#ifndef TESSERA_DECODER_H
+#define TESSERA_DECODER_H
+
+#include <tessera/common.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TSR_DECODER_ABI_MAJOR 1
+#define TSR_DECODER_ABI_MINOR 0
+
+typedef struct tsr_decoder_init {
+    uint32_t struct_size;
+    int32_t n_vocab;
+    int32_t n_ctx;
+} tsr_decoder_init;
+
+typedef struct tsr_batch_entry {
+    int64_t seq_id;
+    int32_t pos;
+    int32_t token;
+    int32_t want_logits; /* 1: the logits after this entry are returned */
+} tsr_batch_entry;
+
+/* What the host offers a running decoder. Valid for the duration of `generate`. All [main]. */
+typedef struct tsr_decode_api {
+    uint32_t struct_size;
+    void *ctx;
+    int32_t n_vocab;
+    int32_t n_ctx;
+
+    /* Runs the model on `n` entries (any mix of sequences; positions of one sequence must
+     * continue what it holds). Writes the logits of the entries with want_logits, in order,
+     * to logits (n_want, n_vocab), host memory owned by the caller. */
+    tsr_status (*forward)(void *ctx, const tsr_batch_entry *entries, int64_t n, float *logits);
+
+    /* Sequence management; forwarded to the cache policy (and attention). */
+    tsr_status (*seq_fork)(void *ctx, int64_t src, int64_t dst);
+    tsr_status (*seq_truncate)(void *ctx, int64_t seq_id, int32_t n_pos);
+    tsr_status (*seq_end)(void *ctx, int64_t seq_id);
+
+    /* Hands accepted tokens of the request to the host (streamed to the user). Returns 1 when
+     * generation must stop (token limit reached, end-of-generation token, user stop), else 0.
+     * Tokens are checked for end-of-generation by the host. */
+    int32_t (*emit)(void *ctx, const int32_t *tokens, int64_t n);
+
+    /* 1 when `token` ends generation (EOS, EOT...). */
+    int32_t (*is_eog)(void *ctx, int32_t token);
+} tsr_decode_api;
+
+typedef struct tsr_generate_request {
+    uint32_t struct_size;
+    const int32_t *prompt;    /* (n_prompt) token ids, BOS included when the model wants it */
+    int64_t n_prompt;         /* >= 1 */
+    int64_t max_new_tokens;   /* >= 0; 0 emits nothing. The host's emit() also enforces it */
+} tsr_generate_request;
+
+typedef struct tsr_decoder_vtable {
+    uint32_t struct_size;
+
+    /* [main] */
+    tsr_status (*create)(const tsr_host *host, const tsr_params *params,
+                         const tsr_decoder_init *init, void **out);
+    void (*destroy)(void *self);
+
+    /* [main] Generates until emit() returns 1 or the decoder decides to stop. */
+    tsr_status (*generate)(void *self, const tsr_decode_api *api,
+                           const tsr_generate_request *req);
+
+    /* [main] Optional. Picks one token from logits (n_vocab) given the tokens so far: the
+     * decoder's sampling rule alone, so a host or another decoder (speculative verification)
+     * can reuse it. */
+    int32_t (*pick)(void *self, const float *logits, const int32_t *history, int64_t n_history);
+} tsr_decoder_vtable;
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TESSERA_DECODER_H */
