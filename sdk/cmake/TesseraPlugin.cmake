@@ -32,6 +32,11 @@ function(tessera_add_plugin name)
     CXX_VISIBILITY_PRESET hidden
     VISIBILITY_INLINES_HIDDEN ON
     C_STANDARD 11)
+  # Rounding is part of a plugin's results: GNU dialects contract a*b + c into an fma on their
+  # own, differently per ISA, so TSR_VECTOR_CLONES' clones and the baseline would round apart.
+  # Every plugin is built without it and writes fmaf where it means one.
+  target_compile_options(${name} PRIVATE
+    $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-ffp-contract=off>)
 
   if(DEFINED TESSERA_PLUGIN_BUILD_DIR)
     set(build_dir "${TESSERA_PLUGIN_BUILD_DIR}")

@@ -41,7 +41,8 @@
  * AVX-512 and AVX2, one picked for the machine when the plugin is loaded (an ifunc). Plugins
  * are built for the baseline ISA, like any third-party object; a 16-lane loop is up to four
  * times as fast as SSE2's. The AVX-512 clone has FMA and the baseline has not: build with
- * -ffp-contract=off (GNU C fuses a*b + c by default) so that every clone rounds alike. */
+ * -ffp-contract=off (GNU C fuses a*b + c by default; tessera_add_plugin passes it) so that
+ * every clone rounds alike. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TSR_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
