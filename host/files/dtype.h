@@ -1,4 +1,6 @@
-/* Element types of model tensors (tsr_dtype, GGML type ids): names, block sizes, byte sizes.
+/* Element types of model tensors (tsr_dtype, GGML type ids): names, block sizes, byte sizes,
+ * read from the kernels' layout table (tsr_dtype_layout_of), with the overflow checks a file
+ * reader needs.
  *
  * A quantized type packs `block` consecutive elements of a row into `type_size` bytes, so a
  * row of n elements (n a multiple of the block) takes n / block * type_size bytes. Plain

@@ -156,18 +156,6 @@ void tsr_q8_0_quantize_row(tsr_block_q8_0 *y, const float *x, int64_t n) {
     ops()->q8_0_quantize_row(y, x, n);
 }
 
-size_t tsr_row_size(int32_t dtype, int64_t n) {
-    if (n < 0) return 0;
-    switch (dtype) {
-    case TSR_DTYPE_F32: return (size_t)n * sizeof(float);
-    case TSR_DTYPE_F16:
-    case TSR_DTYPE_BF16: return (size_t)n * sizeof(uint16_t);
-    case TSR_DTYPE_Q8_0:
-        return n % TSR_Q8_0_BLOCK ? 0 : (size_t)(n / TSR_Q8_0_BLOCK) * sizeof(tsr_block_q8_0);
-    }
-    return tsr_quant_row_size(dtype, n);
-}
-
 tsr_status tsr_row_to_f32(float *y, int32_t dtype, const void *x, int64_t n) {
     return tsr_dequantize_row(dtype, y, x, n);
 }

@@ -53,7 +53,6 @@ extern const int8_t tsr_iq4nl_values[16];
 /* Hooks of dispatch.c's public functions: -1 / 0 / TSR_E_UNSUPPORTED for other types. */
 int tsr_quant_mm_index(int32_t wtype);
 int32_t tsr_quant_act_type(int32_t wtype);
-size_t tsr_quant_row_size(int32_t dtype, int64_t n);
 tsr_status tsr_quant_prepare_row(int32_t act_type, void *dst, const float *src, int64_t n);
 tsr_status tsr_quant_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                             int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);

@@ -807,58 +807,6 @@ static void quant_iq4_xs(tsr_block_iq4_xs *y, const float *x, int64_t nb) {
 
 /* ---------------------------------------------------------------------------------------- */
 
-int64_t tsr_dtype_block_elems(int32_t dtype) {
-    switch (dtype) {
-    case TSR_DTYPE_F32:
-    case TSR_DTYPE_F16:
-    case TSR_DTYPE_BF16: return 1;
-    case TSR_DTYPE_Q4_0:
-    case TSR_DTYPE_Q4_1:
-    case TSR_DTYPE_Q5_0:
-    case TSR_DTYPE_Q5_1:
-    case TSR_DTYPE_Q8_0:
-    case TSR_DTYPE_Q8_1:
-    case TSR_DTYPE_IQ4_NL: return TSR_QK;
-    case TSR_DTYPE_Q2_K:
-    case TSR_DTYPE_Q3_K:
-    case TSR_DTYPE_Q4_K:
-    case TSR_DTYPE_Q5_K:
-    case TSR_DTYPE_Q6_K:
-    case TSR_DTYPE_Q8_K:
-    case TSR_DTYPE_IQ4_XS: return TSR_QK_K;
-    }
-    return 0;
-}
-
-size_t tsr_dtype_block_bytes(int32_t dtype) {
-    switch (dtype) {
-    case TSR_DTYPE_F32: return sizeof(float);
-    case TSR_DTYPE_F16:
-    case TSR_DTYPE_BF16: return sizeof(uint16_t);
-    case TSR_DTYPE_Q4_0: return sizeof(tsr_block_q4_0);
-    case TSR_DTYPE_Q4_1: return sizeof(tsr_block_q4_1);
-    case TSR_DTYPE_Q5_0: return sizeof(tsr_block_q5_0);
-    case TSR_DTYPE_Q5_1: return sizeof(tsr_block_q5_1);
-    case TSR_DTYPE_Q8_0: return sizeof(tsr_block_q8_0);
-    case TSR_DTYPE_Q8_1: return sizeof(tsr_block_q8_1);
-    case TSR_DTYPE_IQ4_NL: return sizeof(tsr_block_iq4_nl);
-    case TSR_DTYPE_Q2_K: return sizeof(tsr_block_q2_k);
-    case TSR_DTYPE_Q3_K: return sizeof(tsr_block_q3_k);
-    case TSR_DTYPE_Q4_K: return sizeof(tsr_block_q4_k);
-    case TSR_DTYPE_Q5_K: return sizeof(tsr_block_q5_k);
-    case TSR_DTYPE_Q6_K: return sizeof(tsr_block_q6_k);
-    case TSR_DTYPE_Q8_K: return sizeof(tsr_block_q8_k);
-    case TSR_DTYPE_IQ4_XS: return sizeof(tsr_block_iq4_xs);
-    }
-    return 0;
-}
-
-size_t tsr_quant_row_size(int32_t dtype, int64_t n) {
-    int64_t be = tsr_dtype_block_elems(dtype);
-    if (be == 0 || n < 0 || n % be) return 0;
-    return (size_t)(n / be) * tsr_dtype_block_bytes(dtype);
-}
-
 static tsr_status check_row(int32_t dtype, int64_t n) {
     int64_t be = tsr_dtype_block_elems(dtype);
     if (be == 0) return TSR_E_UNSUPPORTED;

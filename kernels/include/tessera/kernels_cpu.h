@@ -83,8 +83,8 @@ void tsr_fp32_to_bf16_row(uint16_t *y, const float *x, int64_t n);  // y: (n), x
 void tsr_q8_0_quantize_row(tsr_block_q8_0 *y, const float *x, int64_t n);  // y: (n/32)
 void tsr_q8_0_dequantize_row(float *y, const tsr_block_q8_0 *x, int64_t n); // y: (n)
 
-/* Bytes of a row of n elements of `dtype` (F32, F16, BF16, Q8_0); 0 when the type is not one
- * of these or n is not a whole number of its blocks. */
+/* Bytes of a row of n elements of `dtype` (any type the kernels convert: tsr_dtype_block_elems
+ * below is not 0); 0 for another type or when n is not a whole number of its blocks. */
 size_t tsr_row_size(int32_t dtype, int64_t n);
 
 /* Converts one row of n elements of `dtype` to f32, exactly: tsr_dequantize_row (below, every
@@ -287,8 +287,21 @@ typedef struct tsr_block_iq4_xs { /* 8 groups of 32: d * (scale6 - 32) * kvalues
     uint8_t qs[TSR_QK_K / 2];
 } tsr_block_iq4_xs;
 
-/* Elements per block of `dtype` (1 for F32, F16, BF16) and bytes per block; 0 for a type the
- * kernels do not know. tsr_row_size(dtype, n) = n / block elements * block bytes. */
+/* The layout of an element type: GGML's name, elements per block (1 for plain types), bytes
+ * per block, and whether the kernels convert it (`kernels`: the integer and F64 types a GGUF
+ * file may hold are known but not converted). One table for the kernels, plugins and host. */
+typedef struct tsr_dtype_layout {
+    const char *name;
+    int64_t block;
+    size_t block_bytes;
+    int kernels;
+} tsr_dtype_layout;
+
+/* NULL for a type not in the table (plugin types >= TSR_DTYPE_PLUGIN_FIRST included). */
+const tsr_dtype_layout *tsr_dtype_layout_of(int32_t dtype);
+
+/* Elements per block of `dtype` and bytes per block for a type the kernels convert; 0 for
+ * another. tsr_row_size(dtype, n) = n / block elements * block bytes. */
 int64_t tsr_dtype_block_elems(int32_t dtype);
 size_t tsr_dtype_block_bytes(int32_t dtype);
 
