@@ -41,7 +41,8 @@ enum dec_flaw {
     DEC_UNBEGUN,      /* forwards sequence 1, which it never forked */
     DEC_GAP,          /* its first generated token skips a position */
     DEC_FORK_LIVE,    /* forks into sequence 1 twice */
-    DEC_FORK_LEAK     /* forks sequence 1 and never ends it */
+    DEC_FORK_LEAK,    /* forks sequence 1 and never ends it */
+    DEC_SCATTER       /* puts sequence 1 between two entries of sequence 0 in a batch */
 };
 
 /* Prefill, then one forward per token as a greedy decoder would, always choosing `token`
@@ -57,10 +58,17 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
         tsr_status st = api->forward(api->ctx, &e, 1, row);
         if (st < 0) return st;
     }
-    if (flaw == DEC_FORK_LIVE || flaw == DEC_FORK_LEAK) {
+    if (flaw == DEC_FORK_LIVE || flaw == DEC_FORK_LEAK || flaw == DEC_SCATTER) {
         tsr_status st = api->seq_fork(api->ctx, 0, 1);
         if (st >= 0 && flaw == DEC_FORK_LIVE) st = api->seq_fork(api->ctx, 0, 1);
         if (st < 0) return st;
+    }
+    if (flaw == DEC_SCATTER) {
+        tsr_batch_entry batch[3] = {{0, pos, token, 0}, {1, pos, token, 0}, {0, pos + 1, token, 1}};
+        tsr_status st = api->forward(api->ctx, batch, 3, row);
+        if (st >= 0) st = api->seq_end(api->ctx, 1);
+        if (st < 0) return st;
+        pos += 2;
     }
     if (flaw == DEC_GAP) pos++;
     for (int n = 0; n < 20; n++) {
@@ -101,6 +109,11 @@ static tsr_status gap_generate(void *self, const tsr_decode_api *api,
 static tsr_status fork_live_generate(void *self, const tsr_decode_api *api,
                                      const tsr_generate_request *req) {
     return dec_run(api, req, 1, DEC_FORK_LIVE);
+}
+
+static tsr_status scatter_generate(void *self, const tsr_decode_api *api,
+                                   const tsr_generate_request *req) {
+    return dec_run(api, req, 1, DEC_SCATTER);
 }
 
 static tsr_status fork_leak_generate(void *self, const tsr_decode_api *api,
@@ -165,6 +178,8 @@ DECODER_PICK(fork_live, "bad-fork-live", dec_create, fork_live_generate, NULL,
              "forks into a sequence that is alive")
 DECODER_PICK(fork_leak, "bad-fork-leak", dec_create, fork_leak_generate, NULL,
              "never ends the sequence it forked")
+DECODER(scatter, dec_create, scatter_generate,
+        "splits the entries of one sequence in a batch around another's")
 DECODER(memory, dec_create, memory_generate, "emits a token that counts the requests served")
 DECODER_PICK(pick, "bad-pick", dec_create, fine_generate, strict_pick,
              "pick returns -1 when every logit is -FLT_MAX")
@@ -178,70 +193,6 @@ static const tsr_plugin_desc param = {
     TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER), .name = "bad-param", .version = "0",
     .description = "default value out of its range", TSR_PARAMS(bad_default_params),
     .vtable = &vocab_vt};
-
-/* ---- cache: exposes one entry more than was stored -------------------------------------- */
-
-enum { CACHE_CAP = 64 };
-
-typedef struct cache {
-    const tsr_host *host;
-    int32_t n_kv_head, head_dim;
-    int64_t n;
-    int32_t pos[CACHE_CAP + 1];
-    float *zeros; /* (CACHE_CAP + 1, head_dim) */
-} cache;
-
-static tsr_status cache_create(const tsr_host *host, const tsr_params *p,
-                               const tsr_cache_init *init, void **out) {
-    cache *c = tsr_calloc(host, 1, sizeof *c);
-    if (!c) return TSR_E_NOMEM;
-    c->host = host;
-    c->n_kv_head = init->n_kv_head;
-    c->head_dim = init->head_dim;
-    c->zeros = tsr_calloc(host, (size_t)(CACHE_CAP + 1) * init->head_dim, sizeof(float));
-    for (int i = 0; i <= CACHE_CAP; i++) c->pos[i] = i;
-    *out = c;
-    return TSR_OK;
-}
-
-static void cache_destroy(void *self) {
-    cache *c = self;
-    c->host->free(c->host->ctx, c->zeros);
-    c->host->free(c->host->ctx, c);
-}
-
-static tsr_status cache_seq_begin(void *self, int64_t seq) {
-    ((cache *)self)->n = 0;
-    return TSR_OK;
-}
-
-static void cache_seq_end(void *self, int64_t seq) { ((cache *)self)->n = 0; }
-
-static tsr_status cache_store(void *self, const tsr_kv_write *w) {
-    cache *c = self;
-    if (w->layer == 0) c->n += w->n;
-    return c->n > CACHE_CAP ? TSR_E_RANGE : TSR_OK;
-}
-
-static tsr_status cache_view(void *self, int64_t seq, int32_t layer, int32_t phase,
-                             tsr_kv_view *views) {
-    cache *c = self;
-    for (int32_t h = 0; h < c->n_kv_head; h++) {
-        size_t stride = (size_t)c->head_dim * sizeof(float);
-        views[h] = (tsr_kv_view){TSR_SIZED(tsr_kv_view), .n = c->n + 1, .pos = c->pos,
-                                 .dtype = TSR_DTYPE_F32, .k = c->zeros, .v = c->zeros,
-                                 .k_stride = stride, .v_stride = stride};
-    }
-    return TSR_OK;
-}
-
-static const tsr_cache_vtable cache_vt = {
-    TSR_SIZED(tsr_cache_vtable), .create = cache_create, .destroy = cache_destroy,
-    .seq_begin = cache_seq_begin, .seq_end = cache_seq_end, .store = cache_store,
-    .view = cache_view};
-static const tsr_plugin_desc cache_desc = {
-    TSR_PLUGIN_HEADER(TSR_STAGE_CACHE, CACHE), .name = "bad-cache", .version = "0",
-    .description = "exposes one entry more than was stored", .vtable = &cache_vt};
 
 /* ---- caches on the SDK's store, each breaking one rule ---------------------------------- */
 
@@ -321,6 +272,39 @@ static tsr_status layer2_store(void *self, const tsr_kv_write *w) {
     return kvc_store(self, w);
 }
 
+/* The last entry of every view claims the position after the last one stored. */
+static tsr_status unstored_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    if (st < 0 || views[0].n < 1) return st;
+    memcpy(c->pos_copy, views[0].pos, (size_t)views[0].n * sizeof(int32_t));
+    c->pos_copy[views[0].n - 1] = c->pos_copy[views[0].n - 1] + 1;
+    for (int32_t h = 0; h < c->kv.n_kv_head; h++) views[h].pos = c->pos_copy;
+    return TSR_OK;
+}
+
+/* Keeps F16 rows, then drops the last bit of each: one unit in the last place of error where
+ * rounding allows half of one. */
+static tsr_status coarse_f16_store(void *self, const tsr_kv_write *w) {
+    kvc *c = self;
+    c->kv.dtype = TSR_DTYPE_F16;
+    c->kv.row_bytes = (size_t)c->kv.head_dim * sizeof(uint16_t);
+    tsr_status st = kvc_store(self, w);
+    if (st < 0) return st;
+    tsr_kv_rows *L = &tsr_kv_store_find(&c->kv, kvc_resolve(c, w->seq_id))->layers[w->layer];
+    for (int32_t h = 0; h < c->kv.n_kv_head; h++)
+        for (int64_t j = L->n - w->n; j < L->n; j++) {
+            size_t at = (size_t)h * (size_t)L->cap * c->kv.row_bytes + (size_t)j * c->kv.row_bytes;
+            uint16_t *k = (uint16_t *)(L->k + at), *v = (uint16_t *)(L->v + at);
+            for (int32_t i = 0; i < c->kv.head_dim; i++) {
+                k[i] &= (uint16_t)~1u;
+                v[i] &= (uint16_t)~1u;
+            }
+        }
+    return TSR_OK;
+}
+
 /* The last entry of every view claims the first entry's position. */
 static tsr_status twice_view(void *self, int64_t seq, int32_t layer, int32_t phase,
                              tsr_kv_view *views) {
@@ -380,6 +364,29 @@ static void stats_seq_end(void *self, int64_t seq) {
     c->kv.entries = entries;
 }
 
+/* Refuses every truncation, though it never evicts. */
+static tsr_status refuse_truncate(void *self, int64_t seq, int32_t n_pos) {
+    kvc *c = self;
+    c->kv.host->set_error(c->kv.host->ctx, "seq_truncate: not supported");
+    return TSR_E_UNSUPPORTED;
+}
+
+/* Counts rows once per layer instead of once per layer and KV head. */
+static void per_layer_stats(void *self, tsr_cache_stats *out) {
+    kvc *c = self;
+    tsr_kv_store_stats(self, out);
+    out->entries /= c->kv.n_kv_head;
+}
+
+/* Rows half a row apart. */
+static tsr_status stride_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                              tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) views[h].k_stride /= 2;
+    return st;
+}
+
 /* ok-scores: asks for scores from position 0 on every view. */
 static float *scores_of(kvc *c, int64_t seq, int32_t layer, int32_t head) {
     tsr_kv_seq *s = tsr_kv_store_find(&c->kv, seq);
@@ -419,21 +426,30 @@ static tsr_status scores_step_end(void *self, int64_t seq) {
     return TSR_OK;
 }
 
-#define KV_CACHE(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn, hook_fn,  \
-                 what)                                                                      \
+#define KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,     \
+                       hook_fn, stats_fn, what)                                             \
     static const tsr_cache_vtable id##_vt = {                                               \
         TSR_SIZED(tsr_cache_vtable), .create = kvc_create, .destroy = kvc_destroy,          \
         .seq_begin = tsr_kv_store_seq_begin, .seq_end = seq_end_fn, .seq_fork = fork_fn,    \
         .seq_truncate = truncate_fn, .store = store_fn, .view = view_fn,                    \
-        .prefill_end = hook_fn, .step_end = hook_fn, .stats = tsr_kv_store_stats};          \
+        .prefill_end = hook_fn, .step_end = hook_fn, .stats = stats_fn};                    \
     static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_CACHE, CACHE),           \
                                        .name = name_text, .version = "0",                   \
                                        .description = what,                                 \
                                        .vtable = &id##_vt};
 
+#define KV_CACHE(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn, hook_fn,  \
+                 what)                                                                      \
+    KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,      \
+                   hook_fn, tsr_kv_store_stats, what)
+
 #define KV_CACHE_PLAIN(id, name_text, store_fn, view_fn, seq_end_fn, what) \
     KV_CACHE(id, name_text, store_fn, view_fn, NULL, NULL, seq_end_fn, NULL, what)
 
+KV_CACHE_PLAIN(cache_desc, "bad-cache", kvc_store, unstored_view, tsr_kv_store_seq_end,
+               "exposes a position it never stored")
+KV_CACHE_PLAIN(cache_f16, "bad-cache-f16", coarse_f16_store, kvc_view, tsr_kv_store_seq_end,
+               "keeps F16 rows with a bit of precision less than F16")
 KV_CACHE_PLAIN(cache_layer2, "bad-cache-layer2", layer2_store, kvc_view, tsr_kv_store_seq_end,
                "store fails from layer 2 on")
 KV_CACHE_PLAIN(cache_twice, "bad-cache-twice", kvc_store, twice_view, tsr_kv_store_seq_end,
@@ -448,6 +464,13 @@ KV_CACHE(cache_truncate, "bad-cache-truncate", kvc_store, kvc_view, NULL, keep_t
          "truncates nothing")
 KV_CACHE_PLAIN(cache_stats, "bad-cache-stats", kvc_store, kvc_view, stats_seq_end,
                "keeps counting the entries of an ended sequence")
+KV_CACHE(cache_refuse, "bad-cache-refuse-truncate", kvc_store, kvc_view, NULL, refuse_truncate,
+         tsr_kv_store_seq_end, NULL, "refuses to truncate though it evicted nothing")
+KV_CACHE_STATS(cache_count, "bad-cache-count", kvc_store, kvc_view, NULL, NULL,
+               tsr_kv_store_seq_end, NULL, per_layer_stats,
+               "counts entries once per layer, not per layer and KV head")
+KV_CACHE_PLAIN(cache_stride, "bad-cache-stride", kvc_store, stride_view, tsr_kv_store_seq_end,
+               "gives key rows a stride of half a row")
 KV_CACHE(ok_scores, "ok-cache-scores", kvc_store, scores_view, NULL, NULL, tsr_kv_store_seq_end, scores_step_end,
          "passes: checks that the runner fills score_acc as attention would")
 
@@ -671,8 +694,9 @@ static const tsr_plugin_desc quantizer_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER), .name = "bad-quantizer", .version = "0",
     .description = "dequantizes every weight to zero", .vtable = &quant_vt};
 
-TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &fork_leak,
-                  &memory, &pick, &param, &cache_desc, &cache_layer2, &cache_twice,
+TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &fork_leak, &scatter,
+                  &memory, &pick, &param, &cache_desc, &cache_f16, &cache_layer2, &cache_twice,
                   &cache_other_seq, &cache_head, &cache_fork_share, &cache_truncate,
-                  &cache_stats, &ok_scores, &attention_desc, &attn_causal, &attn_gqa,
+                  &cache_stats, &cache_refuse, &cache_count, &cache_stride,
+                  &ok_scores, &attention_desc, &attn_causal, &attn_gqa,
                   &attn_scores, &attn_blind, &router_desc, &router_twice_desc, &quantizer_desc)
