@@ -704,7 +704,8 @@ static bool cache_check_view(cache_drive *d, cache_seq *s, int32_t layer, int32_
                              int32_t n_q, char *mark) {
     check *c = d->c;
     const int32_t hd = d->head_dim, nkv = d->n_kv_head, group = d->n_head / d->n_kv_head;
-    for (int32_t h = 0; h < nkv; h++) d->views[h] = (tsr_kv_view){.struct_size = sizeof(tsr_kv_view)};
+    for (int32_t h = 0; h < nkv; h++)
+        d->views[h] = (tsr_kv_view){.struct_size = sizeof(tsr_kv_view)};
     tsr_status st = d->vt->view(d->self, s->id, layer, s->prefilled ? TSR_PHASE_DECODE
                                                                      : TSR_PHASE_PREFILL,
                                 d->views);
@@ -894,7 +895,9 @@ static bool cache_forward(cache_drive *d, const int64_t *ids, const int32_t *n, 
 }
 
 /* A forward of one run. */
-static bool cache_step(cache_drive *d, int64_t id, int32_t n) { return cache_forward(d, &id, &n, 1); }
+static bool cache_step(cache_drive *d, int64_t id, int32_t n) {
+    return cache_forward(d, &id, &n, 1);
+}
 
 /* The positions every KV head of every layer of `s` exposes, checked, into
  * mark (n_layer, n_kv_head, n_ctx). */
@@ -1813,6 +1816,31 @@ out:
     close_checked(c, &l);
 }
 
+/* BACKEND_4: its own memory comes with all four of buffer_alloc, buffer_free, upload and
+ * download, or none of them; device memory cannot be reached without them. */
+static void check_backend_memory(const runner *r, check *c) {
+    live l;
+    if (!open_default(r, c, &l)) return;
+    const tsr_backend_vtable *vt = l.inst->vtable;
+    int n_slots = VT_HAS(vt, buffer_alloc) + VT_HAS(vt, buffer_free) + VT_HAS(vt, upload) +
+                  VT_HAS(vt, download);
+    int32_t space = VT_HAS(vt, memory_space) ? vt->memory_space(l.inst->self) : TSR_MEMORY_HOST;
+    note(c, "%s memory, %d of the 4 memory callbacks",
+         space == TSR_MEMORY_DEVICE ? "device" : "host", n_slots);
+    if (n_slots != 0 && n_slots != 4)
+        fail(c, "provides %d of buffer_alloc, buffer_free, upload and download (missing:%s%s%s"
+                "%s): all four or none (BACKEND_4)", n_slots,
+             VT_HAS(vt, buffer_alloc) ? "" : " buffer_alloc",
+             VT_HAS(vt, buffer_free) ? "" : " buffer_free", VT_HAS(vt, upload) ? "" : " upload",
+             VT_HAS(vt, download) ? "" : " download");
+    else if (space != TSR_MEMORY_HOST && space != TSR_MEMORY_DEVICE)
+        fail(c, "memory_space returned %d, neither TSR_MEMORY_HOST nor TSR_MEMORY_DEVICE", space);
+    else if (space == TSR_MEMORY_DEVICE && n_slots == 0)
+        fail(c, "memory_space says device memory, but without buffer_alloc, buffer_free, upload "
+                "and download the host cannot reach it (BACKEND_4)");
+    close_checked(c, &l);
+}
+
 /* ---- quantizer ------------------------------------------------------------------------- */
 
 static void check_quantizer(const runner *r, check *c) {
@@ -1926,6 +1954,7 @@ static const stage_check stage_checks[] = {
     {TSR_STAGE_DECODER, "decoder-pick", check_decoder_pick, NEEDS(tsr_decoder_vtable, pick),
      true},
     {TSR_STAGE_ROUTER, "router-route", check_router, 0, 0, false},
+    {TSR_STAGE_BACKEND, "backend-memory", check_backend_memory, 0, 0, false},
     {TSR_STAGE_BACKEND, "backend-activations", check_backend_ops, 0, 0, false},
     {TSR_STAGE_BACKEND, "backend-rope", check_backend_rope, 0, 0, false},
     {TSR_STAGE_BACKEND, "backend-weights", check_backend_weights, 0, 0, false},

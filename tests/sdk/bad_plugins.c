@@ -454,13 +454,16 @@ KV_CACHE_PLAIN(cache_layer2, "bad-cache-layer2", layer2_store, kvc_view, tsr_kv_
                "store fails from layer 2 on")
 KV_CACHE_PLAIN(cache_twice, "bad-cache-twice", kvc_store, twice_view, tsr_kv_store_seq_end,
                "exposes one position twice")
-KV_CACHE_PLAIN(cache_other_seq, "bad-cache-other-seq", kvc_store, other_seq_view, tsr_kv_store_seq_end,
+KV_CACHE_PLAIN(cache_other_seq, "bad-cache-other-seq", kvc_store, other_seq_view,
+               tsr_kv_store_seq_end,
                "shows every sequence the rows of the oldest one")
 KV_CACHE_PLAIN(cache_head, "bad-cache-head", kvc_store, head_view, tsr_kv_store_seq_end,
                "gives the last KV head the first one's keys")
-KV_CACHE(cache_fork_share, "bad-cache-fork-share", kvc_store, kvc_view, share_fork, NULL, share_seq_end, NULL,
+KV_CACHE(cache_fork_share, "bad-cache-fork-share", kvc_store, kvc_view, share_fork, NULL,
+         share_seq_end, NULL,
          "forks by sharing the source's storage")
-KV_CACHE(cache_truncate, "bad-cache-truncate", kvc_store, kvc_view, NULL, keep_truncate, tsr_kv_store_seq_end, NULL,
+KV_CACHE(cache_truncate, "bad-cache-truncate", kvc_store, kvc_view, NULL, keep_truncate,
+         tsr_kv_store_seq_end, NULL,
          "truncates nothing")
 KV_CACHE_PLAIN(cache_stats, "bad-cache-stats", kvc_store, kvc_view, stats_seq_end,
                "keeps counting the entries of an ended sequence")
@@ -471,7 +474,8 @@ KV_CACHE_STATS(cache_count, "bad-cache-count", kvc_store, kvc_view, NULL, NULL,
                "counts entries once per layer, not per layer and KV head")
 KV_CACHE_PLAIN(cache_stride, "bad-cache-stride", kvc_store, stride_view, tsr_kv_store_seq_end,
                "gives key rows a stride of half a row")
-KV_CACHE(ok_scores, "ok-cache-scores", kvc_store, scores_view, NULL, NULL, tsr_kv_store_seq_end, scores_step_end,
+KV_CACHE(ok_scores, "ok-cache-scores", kvc_store, scores_view, NULL, NULL, tsr_kv_store_seq_end,
+         scores_step_end,
          "passes: checks that the runner fills score_acc as attention would")
 
 /* ---- attention: the plain mean of every value, no softmax, no causal mask ----------------- */
@@ -651,6 +655,112 @@ static const tsr_plugin_desc router_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_ROUTER, ROUTER), .name = "bad-router", .version = "0",
     .description = "routes to expert n_expert", .vtable = &router_vt};
 
+/* ---- backend: allocates its own buffers but offers no upload or download ------------------ */
+
+typedef struct backend {
+    const tsr_host *host;
+} backend;
+
+static tsr_status be_create(const tsr_host *host, const tsr_params *p,
+                            const tsr_backend_init *init, void **out) {
+    backend *b = tsr_calloc(host, 1, sizeof *b);
+    if (!b) return TSR_E_NOMEM;
+    b->host = host;
+    *out = b;
+    return TSR_OK;
+}
+
+static void be_destroy(void *self) {
+    backend *b = self;
+    b->host->free(b->host->ctx, b);
+}
+
+static tsr_status be_buffer_alloc(void *self, size_t bytes, void **out) {
+    backend *b = self;
+    *out = b->host->alloc(b->host->ctx, bytes, 64);
+    return *out ? TSR_OK : TSR_E_NOMEM;
+}
+
+static void be_buffer_free(void *self, void *buf) {
+    backend *b = self;
+    b->host->free(b->host->ctx, buf);
+}
+
+static int32_t be_supports(void *self, int32_t dtype) { return dtype == TSR_DTYPE_F32; }
+
+static tsr_status be_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                            int64_t n) {
+    const float *wd = w->data;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t o = 0; o < w->ne[1]; o++) {
+            double s = 0;
+            for (int64_t i = 0; i < w->ne[0]; i++)
+                s += (double)x[t * w->ne[0] + i] * wd[o * w->ne[0] + i];
+            y[t * w->ne[1] + o] = (float)s;
+        }
+    return TSR_OK;
+}
+
+static tsr_status be_get_rows(void *self, float *y, const tsr_tensor *w, const int32_t *ids,
+                              int64_t n) {
+    for (int64_t t = 0; t < n; t++)
+        memcpy(y + t * w->ne[0], (const float *)w->data + ids[t] * w->ne[0],
+               (size_t)w->ne[0] * sizeof(float));
+    return TSR_OK;
+}
+
+static tsr_status be_rms_norm(void *self, float *y, const float *x, const float *weight,
+                              int64_t n, int64_t dim, float eps) {
+    for (int64_t t = 0; t < n; t++) {
+        double ss = 0;
+        for (int64_t i = 0; i < dim; i++) ss += (double)x[t * dim + i] * x[t * dim + i];
+        double inv = 1.0 / sqrt(ss / (double)dim + eps);
+        for (int64_t i = 0; i < dim; i++)
+            y[t * dim + i] = (float)(x[t * dim + i] * inv * weight[i]);
+    }
+    return TSR_OK;
+}
+
+static tsr_status be_rope(void *self, float *x, const int32_t *pos, int64_t n, int32_t n_head,
+                          int32_t head_dim, const tsr_rope_params *rope) {
+    for (int64_t t = 0; t < n; t++)
+        for (int32_t h = 0; h < n_head; h++) {
+            float *xi = x + (t * n_head + h) * head_dim;
+            for (int32_t i = 0; i < rope->n_rot / 2; i++) {
+                double theta = pos[t] * (double)rope->freq_scale *
+                               pow(rope->freq_base, -2.0 * i / rope->n_rot);
+                int32_t i0 = rope->mode == TSR_ROPE_NEOX ? i : 2 * i;
+                int32_t i1 = rope->mode == TSR_ROPE_NEOX ? i + rope->n_rot / 2 : 2 * i + 1;
+                double a = xi[i0], b = xi[i1];
+                xi[i0] = (float)(a * cos(theta) - b * sin(theta));
+                xi[i1] = (float)(a * sin(theta) + b * cos(theta));
+            }
+        }
+    return TSR_OK;
+}
+
+static tsr_status be_swiglu(void *self, float *y, const float *gate, const float *up,
+                            int64_t n, int64_t dim) {
+    for (int64_t i = 0; i < n * dim; i++)
+        y[i] = (float)(gate[i] / (1.0 + exp(-(double)gate[i])) * up[i]);
+    return TSR_OK;
+}
+
+static tsr_status be_add(void *self, float *y, const float *a, const float *b, int64_t n,
+                         int64_t dim, int64_t b_rows) {
+    for (int64_t i = 0; i < n * dim; i++) y[i] = a[i] + b[b_rows == 1 ? i % dim : i];
+    return TSR_OK;
+}
+
+static const tsr_backend_vtable backend_vt = {
+    TSR_SIZED(tsr_backend_vtable), .create = be_create, .destroy = be_destroy,
+    .buffer_alloc = be_buffer_alloc, .buffer_free = be_buffer_free, .supports = be_supports,
+    .matmul = be_matmul, .get_rows = be_get_rows, .rms_norm = be_rms_norm, .rope = be_rope,
+    .swiglu = be_swiglu, .add = be_add};
+static const tsr_plugin_desc backend_desc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND), .name = "bad-backend-memory", .version = "0",
+    .description = "allocates buffers but offers no upload or download", .vtable = &backend_vt};
+
 /* ---- quantizer: keeps F32 in place but dequantizes to zeros -------------------------------- */
 
 typedef struct quant {
@@ -699,4 +809,5 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &cache_other_seq, &cache_head, &cache_fork_share, &cache_truncate,
                   &cache_stats, &cache_refuse, &cache_count, &cache_stride,
                   &ok_scores, &attention_desc, &attn_causal, &attn_gqa,
-                  &attn_scores, &attn_blind, &router_desc, &router_twice_desc, &quantizer_desc)
+                  &attn_scores, &attn_blind, &router_desc, &router_twice_desc, &backend_desc,
+                  &quantizer_desc)
