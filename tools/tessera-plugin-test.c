@@ -3,10 +3,12 @@
  *
  * Checks every plugin of one object against the rules of abi/CONTRACT.md that can be checked
  * without a model: the descriptor and its parameter table, creation with default and edge
- * parameters, memory accounting over repeated create/destroy, the commands, and the invariants
- * of each stage on small synthetic data (the cache policy's store/view round trip, attention
- * against a reference softmax attention, a decoder against a fake model, router outputs,
- * backend ops against scalar formulas, a quantizer's reconstruction error).
+ * parameters, memory accounting over repeated create/destroy, the commands, and the rules of
+ * each stage on synthetic data: a cache policy driven as the host drives it, past its budget,
+ * with every view checked against what was stored; attention against a reference on random
+ * views; a decoder against a fake model that checks every call; router outputs; backend ops
+ * against scalar formulas; a quantizer's reconstruction error. The cache, attention and decoder
+ * checks run again with each parameter at its cheap bounds, named "check[param=value]".
  *
  * Prints one line per check, "PASS plugin/check" or "FAIL plugin/check: why", then
  * "N passed, N failed"; exits 1 when a check failed, 2 on a usage error. Each check runs in a
