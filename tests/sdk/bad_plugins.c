@@ -86,40 +86,20 @@ static tsr_status vocab_generate(void *self, const tsr_decode_api *api,
     return dec_run(api, req, api->n_vocab, DEC_FINE); /* one past the last token id */
 }
 
-static tsr_status runaway_generate(void *self, const tsr_decode_api *api,
-                                   const tsr_generate_request *req) {
-    return dec_run(api, req, 1, DEC_IGNORE_STOP);
-}
+/* A generate callback that emits token 1 and breaks the rule `flaw` names. */
+#define FLAWED_GENERATE(fn, flaw)                                                           \
+    static tsr_status fn(void *self, const tsr_decode_api *api,                             \
+                         const tsr_generate_request *req) {                                 \
+        return dec_run(api, req, 1, flaw);                                                  \
+    }
 
-static tsr_status fine_generate(void *self, const tsr_decode_api *api,
-                                const tsr_generate_request *req) {
-    return dec_run(api, req, 1, DEC_FINE);
-}
-
-static tsr_status unbegun_generate(void *self, const tsr_decode_api *api,
-                                   const tsr_generate_request *req) {
-    return dec_run(api, req, 1, DEC_UNBEGUN);
-}
-
-static tsr_status gap_generate(void *self, const tsr_decode_api *api,
-                               const tsr_generate_request *req) {
-    return dec_run(api, req, 1, DEC_GAP);
-}
-
-static tsr_status fork_live_generate(void *self, const tsr_decode_api *api,
-                                     const tsr_generate_request *req) {
-    return dec_run(api, req, 1, DEC_FORK_LIVE);
-}
-
-static tsr_status scatter_generate(void *self, const tsr_decode_api *api,
-                                   const tsr_generate_request *req) {
-    return dec_run(api, req, 1, DEC_SCATTER);
-}
-
-static tsr_status fork_leak_generate(void *self, const tsr_decode_api *api,
-                                     const tsr_generate_request *req) {
-    return dec_run(api, req, 1, DEC_FORK_LEAK);
-}
+FLAWED_GENERATE(runaway_generate, DEC_IGNORE_STOP)
+FLAWED_GENERATE(fine_generate, DEC_FINE)
+FLAWED_GENERATE(unbegun_generate, DEC_UNBEGUN)
+FLAWED_GENERATE(gap_generate, DEC_GAP)
+FLAWED_GENERATE(fork_live_generate, DEC_FORK_LIVE)
+FLAWED_GENERATE(fork_leak_generate, DEC_FORK_LEAK)
+FLAWED_GENERATE(scatter_generate, DEC_SCATTER)
 
 /* Emits the number of requests it served: the second request differs from the first. */
 static tsr_status memory_generate(void *self, const tsr_decode_api *api,
