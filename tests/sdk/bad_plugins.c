@@ -1,8 +1,10 @@
 /*
  * Fixture plugins that each break one rule of abi/CONTRACT.md, for testing that the
  * conformance runner catches it (tests/sdk/expect-failures.sh compares the FAIL lines with
- * bad_plugins.expected). Everything not broken on purpose is done right, so that no other
- * check fails.
+ * bad_plugins.expected, and each failure's reason). Everything not broken on purpose is done
+ * right, so that no other check fails. Plugins named ok-* break nothing: they check the
+ * runner itself (ok-cache-scores fails when the runner does not fill score_acc as attention
+ * would).
  */
 #include <float.h>
 #include <math.h>
