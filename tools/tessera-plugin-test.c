@@ -3,16 +3,19 @@
  *
  * Checks every plugin of one object against the rules of abi/CONTRACT.md that can be checked
  * without a model: the descriptor and its parameter table, creation with default and edge
- * parameters, memory accounting over repeated create/destroy, the commands, and the invariants
- * of each stage on small synthetic data (the cache policy's store/view round trip, attention
- * against a reference softmax attention, a decoder against a fake model, router outputs,
- * backend ops against scalar formulas, a quantizer's reconstruction error).
+ * parameters, memory accounting over repeated create/destroy, the commands, and the rules of
+ * each stage on synthetic data: a cache policy driven as the host drives it, past its budget,
+ * with every view checked against what was stored; attention against a reference on random
+ * views; a decoder against a fake model that checks every call; router outputs; backend ops
+ * against scalar formulas; a quantizer's reconstruction error. The cache, attention and decoder
+ * checks run again with each parameter at its cheap bounds, named "check[param=value]".
  *
  * Prints one line per check, "PASS plugin/check" or "FAIL plugin/check: why", then
  * "N passed, N failed"; exits 1 when a check failed, 2 on a usage error. Each check runs in a
  * child process with a time limit, so a plugin that crashes or hangs fails that check alone.
  */
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -78,10 +81,24 @@ static void note(check *c, const char *fmt, ...) {
     strcat(c->notes, "\n");
 }
 
+#define MAX_KV 64
+
+/* Parameter values as text, as a config file would give them. */
+typedef struct kvset {
+    tsr_kv_text kv[MAX_KV];
+    char keys[MAX_KV][72];
+    char vals[MAX_KV][96];
+    size_t n;
+} kvset;
+
 typedef struct runner {
     const char *path;
     const tsr_plugin_ref *ref;
     tsr_model_shape shape;
+    /* The parameters of the stage check running: the defaults, or one of them changed as
+     * params_label ("window=1") says. */
+    const kvset *params;
+    char params_label[120];
     bool verbose;
     int n_pass, n_fail;
 } runner;
@@ -188,12 +205,6 @@ static void fill_random(float *x, size_t n, uint64_t *s) {
     for (size_t i = 0; i < n; i++) x[i] = rng_uniform(s);
 }
 
-static bool all_finite(const float *x, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) return false;
-    return true;
-}
-
 /* Largest |a - b| beyond the tolerance abs_tol + rel_tol*|b|, as an index (or -1). */
 static long first_mismatch(const float *a, const double *b, size_t n, double abs_tol,
                            double rel_tol) {
@@ -213,16 +224,6 @@ static double rel_rmse(const float *x, const float *ref, size_t n) {
 }
 
 /* ---- parameter sets -------------------------------------------------------------------- */
-
-#define MAX_KV 64
-
-/* Parameter values as text, as a config file would give them. */
-typedef struct kvset {
-    tsr_kv_text kv[MAX_KV];
-    char keys[MAX_KV][72];
-    char vals[MAX_KV][96];
-    size_t n;
-} kvset;
 
 static void kvset_put(kvset *s, const char *key, const char *value) {
     size_t i = 0;
@@ -271,16 +272,17 @@ typedef struct live {
     tsr_stage_init init_storage;
 } live;
 
-/* Binds `kv` and creates an instance on the synthetic shape. Negative status with the reason
- * in err when binding or create fails. */
-static tsr_status live_open(const runner *r, const kvset *kv, live *l, tsr_error *err) {
+/* Binds `kv` and creates an instance on `shape`. Negative status with the reason in err when
+ * binding or create fails. */
+static tsr_status live_open(const runner *r, const tsr_model_shape *shape, const kvset *kv,
+                            live *l, tsr_error *err) {
     const tsr_plugin_desc *d = r->ref->desc;
     memset(l, 0, sizeof *l);
     tsr_status st = tsr_params_bind(d->params, d->n_params, d->name, tsr_stage_name(d->stage),
                                     (tsr_src_loc){RUNNER, 0, 0}, kv->kv, kv->n, &l->bound, err);
     if (st < 0) return st;
-    l->pool = tsr_pool_create(r->shape.n_threads);
-    const void *init = tsr_stage_init_fill(d->stage, &r->shape, &l->init_storage);
+    l->pool = tsr_pool_create(shape->n_threads);
+    const void *init = tsr_stage_init_fill(d->stage, shape, &l->init_storage);
     st = tsr_instance_create(r->ref, l->pool, &l->bound.params, init, &l->inst, err);
     if (st < 0) {
         tsr_bound_params_free(&l->bound);
@@ -303,7 +305,7 @@ static bool open_default(const runner *r, check *c, live *l) {
     kvset kv;
     base_params(r->ref->desc, &kv);
     tsr_error err;
-    if (live_open(r, &kv, l, &err) < 0) {
+    if (live_open(r, &r->shape, &kv, l, &err) < 0) {
         fail(c, "create with default parameters failed: %s", err.msg);
         return false;
     }
@@ -414,7 +416,7 @@ static void try_edge(const runner *r, check *c, const char *key, const char *val
     kvset_put(&kv, key, value);
     live l;
     tsr_error err;
-    if (live_open(r, &kv, &l, &err) < 0) {
+    if (live_open(r, &r->shape, &kv, &l, &err) < 0) {
         if (strstr(err.msg, "without a reason"))
             fail(c, "%s=%s: create refused without a message through set_error", key, value);
         else
@@ -531,268 +533,772 @@ static void check_cycles(const runner *r, check *c) {
 
 /* ---- cache policy ------------------------------------------------------------------------ */
 
-/* Checks the views of one layer against what was stored: (n_stored) tokens at positions
- * 0..n_stored-1 with K/V rows k_all/v_all (n_stored, n_kv_head, head_dim). */
-static void check_views(check *c, const tsr_cache_init *in, int32_t layer, const tsr_kv_view *vw,
-                        int64_t n_stored, const float *k_all, const float *v_all) {
-    const int32_t hd = in->head_dim, nkv = in->n_kv_head;
-    float *scratch = malloc((size_t)hd * sizeof *scratch);
-    char *seen = calloc((size_t)n_stored, 1);
-    for (int32_t h = 0; h < nkv && !c->failed; h++) {
-        const tsr_kv_view *v = &vw[h];
-        if (v->n < 0 || v->n > n_stored) {
-            fail(c, "layer %d head %d: view has %lld entries, %lld were stored", layer, h,
-                 (long long)v->n, (long long)n_stored);
-            break;
+/* The shape the cache checks drive: more layers and KV heads than the synthetic one, query
+ * heads grouped by two, and a context long enough to run past the budget of any policy whose
+ * defaults fit it. */
+enum { CACHE_LAYERS = 4, CACHE_HEADS = 8, CACHE_KV_HEADS = 4, CACHE_HEAD_DIM = 16,
+       CACHE_CTX = 384, CACHE_SEQS = 4, CACHE_PREFILL = 24, CACHE_MAX_Q = 32 };
+
+/* What the runner stored in one sequence: positions 0..n_pos-1, each with the K/V rows stored
+ * there last (a truncation forgets the rest; writes continue the sequence). */
+typedef struct cache_seq {
+    int64_t id;
+    bool alive, prefilled;
+    int32_t n_pos;
+    float *k, *v; /* (n_layer, n_ctx, n_kv_head, head_dim) */
+} cache_seq;
+
+/* A cache policy driven as the host drives it, with every view checked against cache_seq. */
+typedef struct cache_drive {
+    check *c;
+    live l;
+    const tsr_cache_vtable *vt;
+    void *self;
+    int32_t n_layer, n_head, n_kv_head, head_dim, n_ctx;
+    cache_seq seq[CACHE_SEQS];
+    uint64_t rng;
+    int32_t *positions;  /* (n_ctx) 0, 1, 2...: the pos arrays of the writes */
+    tsr_kv_view *views;  /* (n_kv_head) */
+    float *scratch;      /* (head_dim) */
+    float *q;            /* (CACHE_MAX_Q, n_head, head_dim): the queries of the current write */
+    double *logit;       /* (n_ctx, CACHE_MAX_Q, group) */
+    char *seen;          /* (n_ctx) */
+    char when[128];      /* what the runner did last, for messages */
+    /* Until a fork or truncation, every row stored is either held or was evicted. */
+    bool rows_exact;
+    int64_t rows_stored;
+    bool has_stats;
+    tsr_cache_stats base, last;
+} cache_drive;
+
+static size_t cache_row(const cache_drive *d) { return (size_t)d->n_kv_head * d->head_dim; }
+
+static float *cache_ref(const cache_drive *d, float *kv, int32_t layer, int32_t pos) {
+    return kv + ((size_t)layer * d->n_ctx + (size_t)pos) * cache_row(d);
+}
+
+static bool cache_open(const runner *r, check *c, cache_drive *d) {
+    memset(d, 0, sizeof *d);
+    tsr_model_shape shape = r->shape;
+    shape.n_layer = CACHE_LAYERS;
+    shape.n_head = CACHE_HEADS;
+    shape.n_kv_head = CACHE_KV_HEADS;
+    shape.head_dim = CACHE_HEAD_DIM;
+    shape.n_ctx = CACHE_CTX;
+    shape.n_seq_max = CACHE_SEQS;
+    tsr_error err;
+    if (live_open(r, &shape, r->params, &d->l, &err) < 0) {
+        /* PARAM_3 lets a plugin refuse a value with a reason; edge-params checks the reason. */
+        if (r->params_label[0]) note(c, "create refused: %s", err.msg);
+        else fail(c, "create with default parameters failed: %s", err.msg);
+        return false;
+    }
+    d->c = c;
+    d->vt = d->l.inst->vtable;
+    d->self = d->l.inst->self;
+    d->n_layer = shape.n_layer;
+    d->n_head = shape.n_head;
+    d->n_kv_head = shape.n_kv_head;
+    d->head_dim = shape.head_dim;
+    d->n_ctx = shape.n_ctx;
+    d->rng = 0x5eed0011;
+    size_t ref_floats = (size_t)d->n_layer * d->n_ctx * cache_row(d);
+    for (int i = 0; i < CACHE_SEQS; i++) {
+        d->seq[i].k = malloc(ref_floats * sizeof(float));
+        d->seq[i].v = malloc(ref_floats * sizeof(float));
+    }
+    d->positions = malloc((size_t)d->n_ctx * sizeof *d->positions);
+    for (int32_t i = 0; i < d->n_ctx; i++) d->positions[i] = i;
+    d->views = calloc((size_t)d->n_kv_head, sizeof *d->views);
+    d->scratch = malloc((size_t)d->head_dim * sizeof *d->scratch);
+    d->q = malloc((size_t)CACHE_MAX_Q * d->n_head * d->head_dim * sizeof *d->q);
+    d->logit = malloc((size_t)d->n_ctx * CACHE_MAX_Q * (d->n_head / d->n_kv_head) *
+                      sizeof *d->logit);
+    d->seen = malloc((size_t)d->n_ctx);
+    d->rows_exact = true;
+    d->has_stats = VT_HAS(d->vt, stats);
+    d->base.struct_size = sizeof d->base;
+    if (d->has_stats) d->vt->stats(d->self, &d->base);
+    d->last = d->base;
+    snprintf(d->when, sizeof d->when, "start");
+    return true;
+}
+
+/* Ends what is still alive, checks that the stats came back, frees everything. */
+static void cache_close(cache_drive *d) {
+    for (int i = 0; i < CACHE_SEQS; i++)
+        if (d->seq[i].alive) d->vt->seq_end(d->self, d->seq[i].id);
+    if (d->has_stats && !d->c->failed) {
+        tsr_cache_stats s = {.struct_size = sizeof s};
+        d->vt->stats(d->self, &s);
+        note(d->c, "stats after seq_end: %llu bytes reserved (%llu before), peak %llu, %lld "
+                   "entries, %lld evicted", (unsigned long long)s.bytes_reserved,
+             (unsigned long long)d->base.bytes_reserved, (unsigned long long)s.bytes_peak,
+             (long long)s.entries, (long long)s.evicted);
+        if (s.bytes_reserved != d->base.bytes_reserved || s.entries != d->base.entries)
+            fail(d->c, "seq_end did not free the sequences: stats say %llu bytes and %lld "
+                       "entries held, %llu and %lld before the first seq_begin",
+                 (unsigned long long)s.bytes_reserved, (long long)s.entries,
+                 (unsigned long long)d->base.bytes_reserved, (long long)d->base.entries);
+    }
+    for (int i = 0; i < CACHE_SEQS; i++) {
+        free(d->seq[i].k);
+        free(d->seq[i].v);
+    }
+    free(d->positions);
+    free(d->views);
+    free(d->scratch);
+    free(d->q);
+    free(d->logit);
+    free(d->seen);
+    close_checked(d->c, &d->l);
+}
+
+static cache_seq *cache_find(cache_drive *d, int64_t id) {
+    for (int i = 0; i < CACHE_SEQS; i++)
+        if (d->seq[i].alive && d->seq[i].id == id) return &d->seq[i];
+    return NULL;
+}
+
+static cache_seq *cache_free_slot(cache_drive *d, int64_t id) {
+    for (int i = 0; i < CACHE_SEQS; i++)
+        if (!d->seq[i].alive) {
+            cache_seq *s = &d->seq[i];
+            s->id = id;
+            s->alive = true;
+            s->prefilled = false;
+            s->n_pos = 0;
+            return s;
+        }
+    return NULL;
+}
+
+static bool cache_begin(cache_drive *d, int64_t id) {
+    tsr_status st = d->vt->seq_begin(d->self, id);
+    if (st < 0) {
+        fail(d->c, "seq_begin(%lld): status %d: %s", (long long)id, st, plugin_error(&d->l));
+        return false;
+    }
+    cache_free_slot(d, id);
+    return true;
+}
+
+static void cache_end(cache_drive *d, int64_t id) {
+    cache_seq *s = cache_find(d, id);
+    d->vt->seq_end(d->self, id);
+    s->alive = false;
+    /* What the sequence held leaves `entries` by an amount only the policy knows. */
+    d->rows_exact = false;
+}
+
+/* Whether F16 storage explains the difference: round to nearest keeps 11 significant bits
+ * (and subnormals an absolute 2^-25). */
+static bool f16_close(float got, float want) {
+    return fabsf(got - want) <= fabsf(want) * (1.0f / 2048.0f) + 3e-8f;
+}
+
+/* Calls view for (s, layer) and checks each KV head's view against what was stored. With
+ * n_q > 0 it also plays attention for the queries d->q at positions q0..q0+n_q-1: where the
+ * policy asked for scores, it adds the probabilities of the query heads of that KV head for
+ * the queries at pos >= score_from_pos. With `mark` (n_kv_head, n_ctx), records the positions
+ * exposed. */
+static bool cache_check_view(cache_drive *d, cache_seq *s, int32_t layer, int32_t q0,
+                             int32_t n_q, char *mark) {
+    check *c = d->c;
+    const int32_t hd = d->head_dim, nkv = d->n_kv_head, group = d->n_head / d->n_kv_head;
+    for (int32_t h = 0; h < nkv; h++)
+        d->views[h] = (tsr_kv_view){.struct_size = sizeof(tsr_kv_view)};
+    tsr_status st = d->vt->view(d->self, s->id, layer, s->prefilled ? TSR_PHASE_DECODE
+                                                                     : TSR_PHASE_PREFILL,
+                                d->views);
+    if (st < 0) {
+        fail(c, "%s: view(seq %lld, layer %d): status %d: %s", d->when, (long long)s->id, layer,
+             st, plugin_error(&d->l));
+        return false;
+    }
+    for (int32_t h = 0; h < nkv; h++) {
+        const tsr_kv_view *v = &d->views[h];
+        char where[256];
+        snprintf(where, sizeof where, "%s: seq %lld layer %d KV head %d", d->when,
+                 (long long)s->id, layer, h);
+        if (v->n < 0 || v->n > s->n_pos) {
+            fail(c, "%s: the view has %lld entries, the sequence holds %d positions", where,
+                 (long long)v->n, s->n_pos);
+            return false;
         }
         if (v->n > 0 && !v->pos) {
-            fail(c, "layer %d head %d: view pos is NULL", layer, h);
-            break;
+            fail(c, "%s: %lld entries with a NULL pos", where, (long long)v->n);
+            return false;
         }
         if (!tsr_kv_view_readable(v)) {
-            fail(c, "layer %d head %d: view of dtype %d is not readable (F32/F16 without k/v, "
-                    "or another dtype without load_k/load_v)", layer, h, v->dtype);
-            break;
+            fail(c, "%s: a view of dtype %d is not readable (F32/F16 without k/v, or another "
+                    "dtype without load_k/load_v)", where, v->dtype);
+            return false;
         }
-        memset(seen, 0, (size_t)n_stored);
+        size_t elt = v->dtype == TSR_DTYPE_F32 ? 4 : 2, row_bytes = (size_t)hd * elt;
+        if (v->n > 1 && (v->dtype == TSR_DTYPE_F32 || v->dtype == TSR_DTYPE_F16) &&
+            (v->k_stride < row_bytes || v->v_stride < row_bytes)) {
+            fail(c, "%s: strides %zu (k) and %zu (v) bytes, less than a row of %zu", where,
+                 v->k_stride, v->v_stride, row_bytes);
+            return false;
+        }
+        memset(d->seen, 0, (size_t)d->n_ctx);
         double err_num = 0, err_den = 0;
         for (int64_t j = 0; j < v->n; j++) {
             int32_t p = v->pos[j];
-            if (p < 0 || p >= n_stored || seen[p]) {
-                fail(c, "layer %d head %d: entry %lld has position %d (%s)", layer, h,
-                     (long long)j, p, p >= 0 && p < n_stored ? "seen twice" : "never stored");
-                break;
+            if (p < 0 || p >= s->n_pos || d->seen[p]) {
+                if (p >= 0 && p < s->n_pos)
+                    fail(c, "%s: position %d is exposed twice (entry %lld)", where, p,
+                         (long long)j);
+                else
+                    fail(c, "%s: entry %lld has position %d, which this sequence does not hold "
+                            "(it holds positions 0..%d)", where, (long long)j, p, s->n_pos - 1);
+                return false;
             }
-            seen[p] = 1;
-            /* Read as attention reads it: the SDK's view reader, whatever the storage. */
+            d->seen[p] = 1;
+            if (mark) mark[(size_t)h * d->n_ctx + p] = 1;
             for (int values = 0; values < 2; values++) {
-                const float *src = (values ? v_all : k_all) + ((size_t)p * nkv + h) * hd;
+                const float *want = cache_ref(d, values ? s->v : s->k, layer, p) + (size_t)h * hd;
                 size_t stride;
-                const float *got = tsr_kv_view_rows(v, values, j, 1, hd, scratch, &stride);
+                const float *got = tsr_kv_view_rows(v, values, j, 1, hd, d->scratch, &stride);
                 for (int32_t i = 0; i < hd; i++) {
-                    err_num += ((double)got[i] - src[i]) * ((double)got[i] - src[i]);
-                    err_den += (double)src[i] * src[i];
+                    bool ok = v->dtype == TSR_DTYPE_F32   ? got[i] == want[i]
+                              : v->dtype == TSR_DTYPE_F16 ? f16_close(got[i], want[i])
+                                                          : true;
+                    if (!ok) {
+                        fail(c, "%s: entry %lld (position %d): %s[%d] reads %.9g, %.9g was "
+                                "stored (%s)", where, (long long)j, p, values ? "V" : "K", i,
+                             got[i], want[i], v->dtype == TSR_DTYPE_F32
+                                                  ? "F32 views give back exactly what was stored"
+                                                  : "beyond F16 rounding");
+                        return false;
+                    }
+                    err_num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+                    err_den += (double)want[i] * want[i];
                 }
+                if (values) continue;
+                for (int32_t t = 0; t < n_q; t++)
+                    for (int32_t g = 0; g < group; g++) {
+                        const float *q = d->q + ((size_t)t * d->n_head + h * group + g) * hd;
+                        double dot = 0;
+                        for (int32_t i = 0; i < hd; i++) dot += (double)q[i] * got[i];
+                        d->logit[((size_t)j * n_q + t) * group + g] = dot / sqrt((double)hd);
+                    }
             }
         }
         double e = err_den > 0 ? sqrt(err_num / err_den) : 0;
-        if (!c->failed && e >= 0.5)
-            fail(c, "layer %d head %d: the view's K/V differ from what was stored at their "
-                    "positions (rel rmse %.3g)", layer, h, e);
-        if (h == 0 && layer == 0)
-            note(c, "%lld stored -> view of %lld entries, dtype %d, rel rmse %.3g",
-                 (long long)n_stored, (long long)v->n, v->dtype, e);
+        if (e >= 0.5) {
+            fail(c, "%s: the view's K/V differ from what was stored at their positions (rel "
+                    "rmse %.3g through load_k/load_v)", where, e);
+            return false;
+        }
+        if (!v->score_acc) continue;
+        for (int32_t t = 0; t < n_q; t++) {
+            int32_t qpos = q0 + t;
+            if (qpos < v->score_from_pos) continue;
+            for (int32_t g = 0; g < group; g++) {
+                double mx = -INFINITY, sum = 0;
+                for (int64_t j = 0; j < v->n; j++)
+                    if (v->pos[j] <= qpos)
+                        mx = fmax(mx, d->logit[((size_t)j * n_q + t) * group + g]);
+                for (int64_t j = 0; j < v->n; j++)
+                    if (v->pos[j] <= qpos)
+                        sum += exp(d->logit[((size_t)j * n_q + t) * group + g] - mx);
+                for (int64_t j = 0; j < v->n; j++)
+                    if (v->pos[j] <= qpos)
+                        v->score_acc[j] += (float)(exp(d->logit[((size_t)j * n_q + t) * group +
+                                                                g] - mx) / sum);
+            }
+        }
     }
-    free(scratch);
-    free(seen);
+    return true;
 }
 
-static void check_cache(const runner *r, check *c) {
-    live l;
-    if (!open_default(r, c, &l)) return;
-    const tsr_cache_vtable *vt = l.inst->vtable;
-    void *self = l.inst->self;
-    const tsr_cache_init *in = &l.init_storage.cache;
-    const int32_t nl = in->n_layer, nkv = in->n_kv_head, hd = in->head_dim;
-    const int64_t n_prompt = 8, n_total = 9;
-    const size_t row = (size_t)nkv * hd;
-    float *k = malloc((size_t)nl * n_total * row * sizeof *k);
-    float *v = malloc((size_t)nl * n_total * row * sizeof *v);
-    tsr_kv_view *views = calloc((size_t)nkv, sizeof *views);
-    int32_t pos[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
-    uint64_t rng = 0x5eed0001;
-    fill_random(k, (size_t)nl * n_total * row, &rng);
-    fill_random(v, (size_t)nl * n_total * row, &rng);
+/* The counters after a step: peak at least what is held, peak and evicted never going down,
+ * and, until a fork, truncation or seq_end, every row stored either held or evicted. */
+static void cache_check_stats(cache_drive *d) {
+    if (!d->has_stats || d->c->failed) return;
+    tsr_cache_stats s = {.struct_size = sizeof s};
+    d->vt->stats(d->self, &s);
+    if (s.entries < 0 || s.bytes_peak < s.bytes_reserved || s.bytes_peak < d->last.bytes_peak ||
+        s.evicted < d->last.evicted)
+        fail(d->c, "%s: stats %lld entries, %lld evicted, %llu bytes reserved, peak %llu after "
+                   "%lld evicted and peak %llu (peak below what is held, or a counter going "
+                   "down)", d->when, (long long)s.entries, (long long)s.evicted,
+             (unsigned long long)s.bytes_reserved, (unsigned long long)s.bytes_peak,
+             (long long)d->last.evicted, (unsigned long long)d->last.bytes_peak);
+    else if (d->rows_exact &&
+             s.entries - d->base.entries + s.evicted - d->base.evicted != d->rows_stored)
+        fail(d->c, "%s: stats count %lld entries held and %lld evicted since the start, but "
+                   "%lld rows were stored (one per position, layer and KV head)", d->when,
+             (long long)(s.entries - d->base.entries), (long long)(s.evicted - d->base.evicted),
+             (long long)d->rows_stored);
+    d->last = s;
+}
 
-    tsr_cache_stats base = {.struct_size = sizeof base};
-    if (VT_HAS(vt, stats)) vt->stats(self, &base);
-    tsr_status st = vt->seq_begin(self, 0);
-    if (st < 0) {
-        fail(c, "seq_begin(0): status %d: %s", st, plugin_error(&l));
-        goto out;
-    }
-    /* The prompt, then one decode step, layer by layer as the host's forward pass does. */
-    for (int step = 0; step < 2 && !c->failed; step++) {
-        int64_t first = step ? n_prompt : 0, n = step ? 1 : n_prompt;
-        int32_t phase = step ? TSR_PHASE_DECODE : TSR_PHASE_PREFILL;
-        for (int32_t layer = 0; layer < nl && !c->failed; layer++) {
-            const float *lk = k + (size_t)layer * n_total * row;
-            const float *lv = v + (size_t)layer * n_total * row;
-            tsr_kv_write w = {sizeof w, 0, layer, phase, n, pos + first, lk + first * row,
-                              lv + first * row};
-            if ((st = vt->store(self, &w)) < 0) {
-                fail(c, "store(layer %d, %lld tokens): status %d: %s", layer, (long long)n, st,
-                     plugin_error(&l));
-                break;
-            }
-            for (int32_t h = 0; h < nkv; h++)
-                views[h] = (tsr_kv_view){.struct_size = sizeof *views};
-            if ((st = vt->view(self, 0, layer, phase, views)) < 0) {
-                fail(c, "view(layer %d): status %d: %s", layer, st, plugin_error(&l));
-                break;
-            }
-            check_views(c, in, layer, views, first + n, lk, lv);
+/* One forward pass of the host over runs of `n[i]` new positions of sequences `ids[i]`:
+ * layer by layer, each run stored then viewed (and its views checked and scored), then
+ * prefill_end after a sequence's first forward and step_end after each later one. */
+static bool cache_forward(cache_drive *d, const int64_t *ids, const int32_t *n, int n_runs) {
+    check *c = d->c;
+    const size_t row = cache_row(d);
+    cache_seq *seqs[CACHE_SEQS];
+    for (int i = 0; i < n_runs; i++) {
+        cache_seq *s = seqs[i] = cache_find(d, ids[i]);
+        for (int32_t layer = 0; layer < d->n_layer; layer++) {
+            fill_random(cache_ref(d, s->k, layer, s->n_pos), (size_t)n[i] * row, &d->rng);
+            fill_random(cache_ref(d, s->v, layer, s->n_pos), (size_t)n[i] * row, &d->rng);
         }
-        if (c->failed) break;
-        tsr_status (*hook)(void *, int64_t) = NULL;
-        if (step == 0 && VT_HAS(vt, prefill_end)) hook = vt->prefill_end;
-        if (step == 1 && VT_HAS(vt, step_end)) hook = vt->step_end;
-        if (hook && (st = hook(self, 0)) < 0)
-            fail(c, "%s: status %d: %s", step ? "step_end" : "prefill_end", st, plugin_error(&l));
     }
-    vt->seq_end(self, 0);
-    if (VT_HAS(vt, stats)) {
-        tsr_cache_stats after = {.struct_size = sizeof after};
-        vt->stats(self, &after);
-        note(c, "stats after seq_end: %llu bytes reserved (%llu before), peak %llu, %lld entries",
-             (unsigned long long)after.bytes_reserved, (unsigned long long)base.bytes_reserved,
-             (unsigned long long)after.bytes_peak, (long long)after.entries);
-        if (after.bytes_reserved != base.bytes_reserved || after.entries != base.entries)
-            fail(c, "seq_end did not free the sequence: stats say %llu bytes and %lld entries "
-                    "held, %llu and %lld before seq_begin",
-                 (unsigned long long)after.bytes_reserved, (long long)after.entries,
-                 (unsigned long long)base.bytes_reserved, (long long)base.entries);
+    snprintf(d->when, sizeof d->when, "%s of positions %d..%d of seq %lld%s",
+             seqs[0]->prefilled ? "decode step" : "prefill", seqs[0]->n_pos,
+             seqs[0]->n_pos + n[0] - 1, (long long)ids[0], n_runs > 1 ? " (and others)" : "");
+    for (int32_t layer = 0; layer < d->n_layer; layer++) {
+        for (int i = 0; i < n_runs; i++) {
+            cache_seq *s = seqs[i];
+            tsr_kv_write w = {sizeof w, s->id, layer,
+                              s->prefilled ? TSR_PHASE_DECODE : TSR_PHASE_PREFILL, n[i],
+                              d->positions + s->n_pos, cache_ref(d, s->k, layer, s->n_pos),
+                              cache_ref(d, s->v, layer, s->n_pos)};
+            tsr_status st = d->vt->store(d->self, &w);
+            if (st < 0) {
+                fail(c, "%s: store(seq %lld, layer %d, %d rows): status %d: %s", d->when,
+                     (long long)s->id, layer, n[i], st, plugin_error(&d->l));
+                return false;
+            }
+            /* The view sees the new rows: the sequence holds them from here on. */
+            int32_t q0 = s->n_pos;
+            s->n_pos += n[i];
+            fill_random(d->q, (size_t)n[i] * d->n_head * d->head_dim, &d->rng);
+            for (size_t k = 0; k < (size_t)n[i] * d->n_head * d->head_dim; k++) d->q[k] *= 3;
+            bool ok = cache_check_view(d, s, layer, q0, n[i], NULL);
+            s->n_pos = q0;
+            if (!ok) return false;
+        }
     }
-out:
-    free(k);
-    free(v);
-    free(views);
-    close_checked(c, &l);
+    for (int i = 0; i < n_runs; i++) {
+        cache_seq *s = seqs[i];
+        s->n_pos += n[i];
+        d->rows_stored += (int64_t)n[i] * d->n_layer * d->n_kv_head;
+        const char *hook_name = s->prefilled ? "step_end" : "prefill_end";
+        tsr_status (*hook)(void *, int64_t) =
+            s->prefilled ? (VT_HAS(d->vt, step_end) ? d->vt->step_end : NULL)
+                         : (VT_HAS(d->vt, prefill_end) ? d->vt->prefill_end : NULL);
+        s->prefilled = true;
+        tsr_status st = hook ? hook(d->self, s->id) : TSR_OK;
+        if (st < 0) {
+            fail(c, "%s: %s(seq %lld): status %d: %s", d->when, hook_name, (long long)s->id, st,
+                 plugin_error(&d->l));
+            return false;
+        }
+    }
+    cache_check_stats(d);
+    return !c->failed;
+}
+
+/* A forward of one run. */
+static bool cache_step(cache_drive *d, int64_t id, int32_t n) {
+    return cache_forward(d, &id, &n, 1);
+}
+
+/* The positions every KV head of every layer of `s` exposes, checked, into
+ * mark (n_layer, n_kv_head, n_ctx). */
+static bool cache_exposed(cache_drive *d, cache_seq *s, char *mark) {
+    memset(mark, 0, (size_t)d->n_layer * d->n_kv_head * d->n_ctx);
+    for (int32_t layer = 0; layer < d->n_layer; layer++)
+        if (!cache_check_view(d, s, layer, 0, 0,
+                              mark + (size_t)layer * d->n_kv_head * d->n_ctx))
+            return false;
+    return true;
+}
+
+/* A sequence that grows from a prompt to the end of the context one position per step, with
+ * a second one beside it that starts later, continues its prompt in a second chunk (a decode
+ * step of several tokens) and stops earlier. */
+static void check_cache_long_run(const runner *r, check *c) {
+    cache_drive d;
+    if (!cache_open(r, c, &d)) return;
+    bool ok = cache_begin(&d, 0) && cache_step(&d, 0, CACHE_PREFILL);
+    for (int step = 0; ok && cache_find(&d, 0)->n_pos < d.n_ctx; step++) {
+        if (step == 16) {
+            ok = cache_begin(&d, 1) && cache_step(&d, 1, 13) && cache_step(&d, 1, 7);
+            continue;
+        }
+        int64_t ids[2] = {0, 1};
+        int32_t n[2] = {1, 1};
+        cache_seq *other = cache_find(&d, 1);
+        ok = cache_forward(&d, ids, n, other && other->n_pos < d.n_ctx - 64 ? 2 : 1);
+    }
+    if (ok)
+        note(c, "seq 0 grew to %d positions, seq 1 to %d; %lld rows stored", d.n_ctx,
+             cache_find(&d, 1)->n_pos, (long long)d.rows_stored);
+    cache_close(&d);
+}
+
+/* A fork in the middle of a run: the copy exposes what its source exposes, then the two take
+ * different tokens at the same positions and must not see each other's; the source ends first. */
+static void check_cache_fork(const runner *r, check *c) {
+    cache_drive d;
+    if (!cache_open(r, c, &d)) return;
+    size_t mark_bytes = (size_t)d.n_layer * d.n_kv_head * d.n_ctx;
+    char *src_mark = malloc(mark_bytes), *dst_mark = malloc(mark_bytes);
+    bool ok = cache_begin(&d, 0) && cache_step(&d, 0, CACHE_PREFILL);
+    while (ok && cache_find(&d, 0)->n_pos < 200) ok = cache_step(&d, 0, 1);
+    tsr_status st = ok ? d.vt->seq_fork(d.self, 0, 2) : TSR_OK;
+    if (st < 0) {
+        fail(c, "seq_fork(0, 2) at position 200: status %d: %s", st, plugin_error(&d.l));
+        ok = false;
+    }
+    if (ok) {
+        cache_seq *src = cache_find(&d, 0), *dst = cache_free_slot(&d, 2);
+        size_t ref_bytes = (size_t)d.n_layer * d.n_ctx * cache_row(&d) * sizeof(float);
+        memcpy(dst->k, src->k, ref_bytes);
+        memcpy(dst->v, src->v, ref_bytes);
+        dst->n_pos = src->n_pos;
+        dst->prefilled = src->prefilled;
+        d.rows_exact = false;
+        snprintf(d.when, sizeof d.when, "after seq_fork(0, 2)");
+        ok = cache_exposed(&d, src, src_mark) && cache_exposed(&d, dst, dst_mark);
+        for (size_t i = 0; ok && i < mark_bytes; i++)
+            if (src_mark[i] != dst_mark[i]) {
+                size_t per_layer = (size_t)d.n_kv_head * d.n_ctx;
+                fail(c, "after seq_fork(0, 2): layer %zu KV head %zu: position %zu is exposed "
+                        "by seq %d only; a fork is a copy", i / per_layer,
+                     i % per_layer / (size_t)d.n_ctx, i % (size_t)d.n_ctx, src_mark[i] ? 0 : 2);
+                ok = false;
+            }
+    }
+    int64_t ids[2] = {0, 2};
+    int32_t n[2] = {1, 1};
+    for (int step = 0; ok && step < 100; step++) ok = cache_forward(&d, ids, n, 2);
+    if (ok) cache_end(&d, 0);
+    for (int step = 0; ok && step < 20; step++) ok = cache_step(&d, 2, 1);
+    free(src_mark);
+    free(dst_mark);
+    cache_close(&d);
+}
+
+/* Cuts a sequence back to n_pos positions: it must then expose exactly what it exposed below
+ * n_pos, or refuse with TSR_E_UNSUPPORTED, leaving the sequence as it was, when it no longer
+ * has some position >= n_pos (CACHE_6). */
+static bool cache_truncate(cache_drive *d, int64_t id, int32_t n_pos) {
+    check *c = d->c;
+    cache_seq *s = cache_find(d, id);
+    size_t per_layer = (size_t)d->n_kv_head * d->n_ctx, mark_bytes = d->n_layer * per_layer;
+    char *before = malloc(mark_bytes), *after = malloc(mark_bytes);
+    snprintf(d->when, sizeof d->when, "before seq_truncate(%lld, %d)", (long long)id, n_pos);
+    bool ok = cache_exposed(d, s, before), evicted_some = false;
+    for (size_t i = 0; ok && i < mark_bytes; i++)
+        if ((int32_t)(i % d->n_ctx) >= n_pos && (int32_t)(i % d->n_ctx) < s->n_pos && !before[i])
+            evicted_some = true;
+    tsr_status st = ok ? d->vt->seq_truncate(d->self, id, n_pos) : TSR_OK;
+    d->rows_exact = false;
+    if (ok && st == TSR_E_UNSUPPORTED) {
+        if (!evicted_some) {
+            fail(c, "seq_truncate(%lld, %d) returned TSR_E_UNSUPPORTED, but every position "
+                    "from %d to %d was still exposed: a policy refuses only when it no longer "
+                    "has some of them (CACHE_6)", (long long)id, n_pos, n_pos, s->n_pos - 1);
+            ok = false;
+        } else {
+            note(c, "seq_truncate(%lld, %d): unsupported: %s", (long long)id, n_pos,
+                 plugin_error(&d->l));
+        }
+    } else if (ok && st < 0) {
+        fail(c, "seq_truncate(%lld, %d): status %d: %s", (long long)id, n_pos, st,
+             plugin_error(&d->l));
+        ok = false;
+    } else if (ok) {
+        s->n_pos = n_pos;
+    }
+    snprintf(d->when, sizeof d->when, "after seq_truncate(%lld, %d)%s", (long long)id, n_pos,
+             st == TSR_E_UNSUPPORTED ? " refused" : "");
+    ok = ok && cache_exposed(d, s, after);
+    for (size_t i = 0; ok && i < mark_bytes; i++) {
+        bool kept = before[i] && (st == TSR_E_UNSUPPORTED || (int32_t)(i % d->n_ctx) < n_pos);
+        if (kept != (after[i] != 0)) {
+            fail(c, "%s: layer %zu KV head %zu: position %zu is %s", d->when, i / per_layer,
+                 i % per_layer / (size_t)d->n_ctx, i % (size_t)d->n_ctx,
+                 kept ? "no longer exposed" : "exposed again");
+            ok = false;
+        }
+    }
+    free(before);
+    free(after);
+    return ok;
+}
+
+/* Speculative rollback past the budget: a shallow cut then several tokens verified in one
+ * step, and a deep cut into the prompt. */
+static void check_cache_truncate(const runner *r, check *c) {
+    cache_drive d;
+    if (!cache_open(r, c, &d)) return;
+    bool ok = cache_begin(&d, 0) && cache_step(&d, 0, CACHE_PREFILL);
+    while (ok && cache_find(&d, 0)->n_pos < 300) ok = cache_step(&d, 0, 1);
+    ok = ok && cache_truncate(&d, 0, 290) && cache_step(&d, 0, 6);
+    while (ok && cache_find(&d, 0)->n_pos < 320) ok = cache_step(&d, 0, 1);
+    ok = ok && cache_truncate(&d, 0, 5);
+    for (int step = 0; ok && step < 20; step++) ok = cache_step(&d, 0, 1);
+    cache_close(&d);
 }
 
 /* ---- attention ------------------------------------------------------------------------- */
 
-/* A plain softmax attention over full views, with the per-entry probability sums the views'
- * score_acc should receive. out (n_q, n_head, head_dim), acc (n_kv_head, n_kv). */
-static void reference_attention(const tsr_attention_init *in, const tsr_attention_call *call,
-                                int64_t n_kv, const float *const *kd, const float *const *vd,
-                                const int32_t *kv_pos, int32_t from_pos, double *out,
-                                double *acc) {
-    const int32_t hd = in->head_dim, group = in->n_head / in->n_kv_head;
-    double *p = malloc((size_t)n_kv * sizeof *p);
-    memset(acc, 0, (size_t)in->n_kv_head * n_kv * sizeof *acc);
+/* Query heads per KV head 1, 2, 4 and 8, and three head sizes. */
+typedef struct attn_shape {
+    int32_t n_head, n_kv_head, head_dim;
+} attn_shape;
+static const attn_shape attn_shapes[] = {{4, 4, 16}, {4, 2, 16}, {8, 2, 32}, {8, 1, 64}};
+
+enum { ATTN_SPAN = 64, ATTN_MAX_KV = 40, ATTN_MAX_Q = 6 };
+
+/* How a view hands its rows over. */
+enum { ATTN_F32, ATTN_F16, ATTN_LOADER };
+static const char *const attn_kind_names[] = {"F32", "F16", "load_k/load_v only"};
+
+/* The rows of one KV head's view: `k`/`v` dense f32, what attention must read (already
+ * rounded to F16 for an F16 view), and the storage the view points to. */
+typedef struct attn_head {
+    int32_t head_dim;
+    float *k, *v;             /* (ATTN_MAX_KV, head_dim) */
+    float *k_pad, *v_pad;     /* F32 storage with rows ATTN_PAD floats apart */
+    uint16_t *k16, *v16;      /* F16 storage */
+    int32_t pos[ATTN_MAX_KV];
+    float acc[ATTN_MAX_KV];
+} attn_head;
+
+/* F32 views with rows wider than head_dim: attention must use the stride. */
+#define ATTN_PAD(hd) ((size_t)(hd) + 5)
+
+static void attn_load_k(const void *ctx, int64_t j0, int64_t n, float *dst) {
+    const attn_head *a = ctx;
+    memcpy(dst, a->k + j0 * a->head_dim, (size_t)n * a->head_dim * sizeof *dst);
+}
+
+static void attn_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
+    const attn_head *a = ctx;
+    memcpy(dst, a->v + j0 * a->head_dim, (size_t)n * a->head_dim * sizeof *dst);
+}
+
+/* Fills head `a` with n random entries at distinct positions drawn from [1, ATTN_SPAN) in
+ * random order, and points `view` at them in the given storage. */
+static void attn_make_view(attn_head *a, tsr_kv_view *view, int64_t n, int kind, uint64_t *rng) {
+    const int32_t hd = a->head_dim;
+    int32_t all[ATTN_SPAN - 1];
+    for (int i = 0; i < ATTN_SPAN - 1; i++) all[i] = i + 1;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t pick = j + (int64_t)((rng_uniform(rng) + 1.0f) * 0.5f * (float)(ATTN_SPAN - 1 - j));
+        if (pick >= ATTN_SPAN - 1) pick = ATTN_SPAN - 2;
+        int32_t t = all[j];
+        all[j] = all[pick];
+        all[pick] = t;
+        a->pos[j] = all[j];
+    }
+    fill_random(a->k, (size_t)n * hd, rng);
+    fill_random(a->v, (size_t)n * hd, rng);
+    for (int64_t i = 0; i < n * hd; i++) {
+        a->k16[i] = tsr_f32_to_f16(a->k[i]);
+        a->v16[i] = tsr_f32_to_f16(a->v[i]);
+        if (kind == ATTN_F16) {
+            a->k[i] = tsr_f16_to_f32(a->k16[i]);
+            a->v[i] = tsr_f16_to_f32(a->v16[i]);
+        }
+    }
+    for (int64_t j = 0; j < n; j++) {
+        memcpy(a->k_pad + j * ATTN_PAD(hd), a->k + j * hd, (size_t)hd * sizeof(float));
+        memcpy(a->v_pad + j * ATTN_PAD(hd), a->v + j * hd, (size_t)hd * sizeof(float));
+    }
+    *view = (tsr_kv_view){.struct_size = sizeof *view, .n = n, .pos = a->pos};
+    if (kind == ATTN_F32) {
+        view->dtype = TSR_DTYPE_F32;
+        view->k = a->k_pad;
+        view->v = a->v_pad;
+        view->k_stride = view->v_stride = ATTN_PAD(hd) * sizeof(float);
+    } else if (kind == ATTN_F16) {
+        view->dtype = TSR_DTYPE_F16;
+        view->k = a->k16;
+        view->v = a->v16;
+        view->k_stride = view->v_stride = (size_t)hd * sizeof(uint16_t);
+    } else {
+        view->dtype = TSR_DTYPE_PLUGIN_FIRST + 7;
+        view->load_k = attn_load_k;
+        view->load_v = attn_load_v;
+        view->load_ctx = a;
+    }
+}
+
+/* Softmax attention by the book: out (n_q, n_head, head_dim), zeros for a query that sees no
+ * entry; acc (n_kv_head, ATTN_MAX_KV) receives what score_acc should. */
+static void reference_attention(const tsr_attention_call *call, const attn_shape *sh,
+                                const attn_head *heads, double *out, double *acc) {
+    const int32_t hd = sh->head_dim, group = sh->n_head / sh->n_kv_head;
+    double p[ATTN_MAX_KV];
+    memset(acc, 0, (size_t)sh->n_kv_head * ATTN_MAX_KV * sizeof *acc);
     for (int64_t t = 0; t < call->n_q; t++) {
-        for (int32_t h = 0; h < in->n_head; h++) {
+        for (int32_t h = 0; h < sh->n_head; h++) {
             int32_t g = h / group;
-            const float *q = call->q + ((size_t)t * in->n_head + h) * hd;
+            const attn_head *a = &heads[g];
+            const tsr_kv_view *view = &call->views[g];
+            const float *q = call->q + ((size_t)t * sh->n_head + h) * hd;
             double mx = -INFINITY, sum = 0;
-            for (int64_t j = 0; j < n_kv; j++) {
+            for (int64_t j = 0; j < view->n; j++) {
                 p[j] = -INFINITY;
-                if (kv_pos[j] > call->q_pos[t]) continue;
+                if (a->pos[j] > call->q_pos[t]) continue;
                 double s = 0;
-                for (int32_t i = 0; i < hd; i++) s += (double)q[i] * kd[g][j * hd + i];
+                for (int32_t i = 0; i < hd; i++) s += (double)q[i] * a->k[j * hd + i];
                 p[j] = s * call->scale;
                 mx = fmax(mx, p[j]);
             }
-            for (int64_t j = 0; j < n_kv; j++) sum += p[j] = exp(p[j] - mx);
-            double *o = out + ((size_t)t * in->n_head + h) * hd;
+            double *o = out + ((size_t)t * sh->n_head + h) * hd;
             for (int32_t i = 0; i < hd; i++) o[i] = 0;
-            for (int64_t j = 0; j < n_kv; j++) {
+            if (mx == -INFINITY) continue;
+            for (int64_t j = 0; j < view->n; j++) sum += p[j] = exp(p[j] - mx);
+            for (int64_t j = 0; j < view->n; j++) {
                 p[j] /= sum;
-                for (int32_t i = 0; i < hd; i++) o[i] += p[j] * vd[g][j * hd + i];
-                if (call->q_pos[t] >= from_pos) acc[(size_t)g * n_kv + j] += p[j];
+                for (int32_t i = 0; i < hd; i++) o[i] += p[j] * a->v[j * hd + i];
+                if (call->q_pos[t] >= view->score_from_pos)
+                    acc[(size_t)g * ATTN_MAX_KV + j] += p[j];
             }
         }
     }
-    free(p);
 }
 
-/* One prefill call (3 queries) and one decode call (1 query) over 10 cached entries. */
-static void run_attention(const runner *r, check *c, bool scores) {
-    live l;
-    if (!open_default(r, c, &l)) return;
-    const tsr_attention_vtable *vt = l.inst->vtable;
-    void *self = l.inst->self;
-    const tsr_attention_init *in = &l.init_storage.attention;
-    const int32_t nh = in->n_head, nkv = in->n_kv_head, hd = in->head_dim;
-    enum { N_KV = 10, MAX_Q = 3 };
-    const int32_t from_pos = 8;
-    int32_t kv_pos[N_KV];
-    for (int j = 0; j < N_KV; j++) kv_pos[j] = j;
-    float **kd = calloc((size_t)nkv, sizeof *kd), **vd = calloc((size_t)nkv, sizeof *vd);
-    float **acc = calloc((size_t)nkv, sizeof *acc);
-    tsr_kv_view *views = calloc((size_t)nkv, sizeof *views);
-    float *q = malloc((size_t)MAX_Q * nh * hd * sizeof *q);
-    float *out = malloc((size_t)MAX_Q * nh * hd * sizeof *out);
-    double *ref = malloc((size_t)MAX_Q * nh * hd * sizeof *ref);
-    double *ref_acc = malloc((size_t)nkv * N_KV * sizeof *ref_acc);
-    uint64_t rng = 0x5eed0002;
-    for (int32_t g = 0; g < nkv; g++) {
-        kd[g] = malloc((size_t)N_KV * hd * sizeof **kd);
-        vd[g] = malloc((size_t)N_KV * hd * sizeof **vd);
-        acc[g] = malloc((size_t)N_KV * sizeof **acc);
-        fill_random(kd[g], (size_t)N_KV * hd, &rng);
-        fill_random(vd[g], (size_t)N_KV * hd, &rng);
-    }
-    /* Larger queries sharpen the softmax, so a wrong mask or a wrong entry shows. */
-    fill_random(q, (size_t)MAX_Q * nh * hd, &rng);
-    for (size_t i = 0; i < (size_t)MAX_Q * nh * hd; i++) q[i] *= 3.0f;
+/* One call of the attention checks: its queries, where the scores start, how the views hand
+ * their rows over. */
+typedef struct attn_case {
+    int32_t n_q, q_pos0, from_pos, kind;
+    bool empty_last; /* with one KV head: its view is empty */
+} attn_case;
 
-    tsr_status st;
-    if (VT_HAS(vt, seq_begin) && (st = vt->seq_begin(self, 0)) < 0) {
-        fail(c, "seq_begin(0): status %d: %s", st, plugin_error(&l));
-        goto out;
-    }
-    static const int32_t prefill_pos[MAX_Q] = {7, 8, 9}, decode_pos[1] = {9};
-    for (int call_i = 0; call_i < 2 && !c->failed; call_i++) {
-        int64_t n_q = call_i ? 1 : MAX_Q;
+static const attn_case attn_cases[] = {
+    {6, 30, 33, ATTN_F32, false},    /* prefill in the middle of the entries */
+    {1, 63, 0, ATTN_F16, false},     /* decode after all of them */
+    {5, 0, 2, ATTN_LOADER, false},   /* prefill from position 0: the first queries see nothing */
+    {1, 40, 41, ATTN_F32, true},     /* decode without scores to add; an empty view */
+};
+
+/* Random views against the reference, for every shape and case. `scores` checks score_acc
+ * (ATTN_3) instead of out (ATTN_2), so that each rule fails under its own name. */
+static void run_attention(const runner *r, check *c, bool scores) {
+    uint64_t rng = 0x5eed0002;
+    for (size_t si = 0; si < sizeof attn_shapes / sizeof attn_shapes[0] && !c->failed; si++) {
+        const attn_shape *sh = &attn_shapes[si];
+        tsr_model_shape shape = r->shape;
+        shape.n_head = sh->n_head;
+        shape.n_kv_head = sh->n_kv_head;
+        shape.head_dim = sh->head_dim;
+        live l;
+        tsr_error err;
+        if (live_open(r, &shape, r->params, &l, &err) < 0) {
+            if (r->params_label[0]) note(c, "create refused: %s", err.msg);
+            else fail(c, "create (n_head %d, n_kv_head %d, head_dim %d) failed: %s",
+                      sh->n_head, sh->n_kv_head, sh->head_dim, err.msg);
+            return;
+        }
+        const tsr_attention_vtable *vt = l.inst->vtable;
+        void *self = l.inst->self;
+        const int32_t nh = sh->n_head, nkv = sh->n_kv_head, hd = sh->head_dim;
+        attn_head *heads = calloc((size_t)nkv, sizeof *heads);
+        tsr_kv_view *views = calloc((size_t)nkv, sizeof *views);
         for (int32_t g = 0; g < nkv; g++) {
-            memset(acc[g], 0, N_KV * sizeof **acc);
-            views[g] = (tsr_kv_view){
-                .struct_size = sizeof *views, .n = N_KV, .pos = kv_pos, .dtype = TSR_DTYPE_F32,
-                .k = kd[g], .v = vd[g], .k_stride = (size_t)hd * 4, .v_stride = (size_t)hd * 4,
-                .score_acc = scores ? acc[g] : NULL, .score_from_pos = from_pos};
+            attn_head *a = &heads[g];
+            a->head_dim = hd;
+            a->k = malloc((size_t)ATTN_MAX_KV * hd * sizeof(float));
+            a->v = malloc((size_t)ATTN_MAX_KV * hd * sizeof(float));
+            a->k_pad = malloc(ATTN_MAX_KV * ATTN_PAD(hd) * sizeof(float));
+            a->v_pad = malloc(ATTN_MAX_KV * ATTN_PAD(hd) * sizeof(float));
+            a->k16 = malloc((size_t)ATTN_MAX_KV * hd * sizeof(uint16_t));
+            a->v16 = malloc((size_t)ATTN_MAX_KV * hd * sizeof(uint16_t));
         }
-        for (size_t i = 0; i < (size_t)n_q * nh * hd; i++) out[i] = NAN;
-        tsr_attention_call call = {
-            .struct_size = sizeof call, .seq_id = 0, .layer = call_i % in->n_layer,
-            .phase = call_i ? TSR_PHASE_DECODE : TSR_PHASE_PREFILL, .n_q = n_q,
-            .q = call_i ? q + (size_t)2 * nh * hd : q, .q_pos = call_i ? decode_pos : prefill_pos,
-            .scale = 1.0f / sqrtf((float)hd), .views = views, .out = out};
-        const char *what = call_i ? "decode" : "prefill";
-        if ((st = vt->forward(self, &call)) < 0) {
-            fail(c, "%s forward: status %d: %s", what, st, plugin_error(&l));
-            break;
+        size_t n_out = (size_t)ATTN_MAX_Q * nh * hd;
+        float *q = malloc(n_out * sizeof *q), *out = malloc(n_out * sizeof *out);
+        double *ref = malloc(n_out * sizeof *ref);
+        double *ref_acc = malloc((size_t)nkv * ATTN_MAX_KV * sizeof *ref_acc);
+        int32_t q_pos[ATTN_MAX_Q];
+        tsr_status st;
+        if (VT_HAS(vt, seq_begin) && (st = vt->seq_begin(self, 0)) < 0)
+            fail(c, "seq_begin(0): status %d: %s", st, plugin_error(&l));
+        for (size_t ci = 0; ci < sizeof attn_cases / sizeof attn_cases[0] && !c->failed; ci++) {
+            const attn_case *ac = &attn_cases[ci];
+            /* A different KV head's view is empty in each case when there are several. */
+            int32_t empty = nkv > 1 ? (int32_t)(ci % (size_t)nkv) : ac->empty_last ? 0 : -1;
+            for (int32_t g = 0; g < nkv; g++) {
+                int64_t n = g == empty ? 0
+                                       : 1 + (int64_t)((rng_uniform(&rng) + 1.0f) * 0.5f *
+                                                       (ATTN_MAX_KV - 1));
+                attn_make_view(&heads[g], &views[g], n, ac->kind, &rng);
+                /* A policy's running sums, which attention adds to. */
+                for (int j = 0; j < ATTN_MAX_KV; j++) heads[g].acc[j] = (float)j;
+                views[g].score_acc = scores ? heads[g].acc : NULL;
+                views[g].score_from_pos = ac->from_pos;
+            }
+            fill_random(q, (size_t)ac->n_q * nh * hd, &rng);
+            /* Larger queries sharpen the softmax, so a wrong mask or a wrong entry shows. */
+            for (size_t i = 0; i < (size_t)ac->n_q * nh * hd; i++) q[i] *= 3.0f;
+            for (int32_t t = 0; t < ac->n_q; t++) q_pos[t] = ac->q_pos0 + t;
+            for (size_t i = 0; i < n_out; i++) out[i] = NAN;
+            tsr_attention_call call = {
+                .struct_size = sizeof call, .seq_id = 0, .layer = (int32_t)ci % shape.n_layer,
+                .phase = ci == 0 ? TSR_PHASE_PREFILL : TSR_PHASE_DECODE, .n_q = ac->n_q, .q = q,
+                .q_pos = q_pos, .scale = 1.0f / sqrtf((float)hd), .views = views, .out = out};
+            char what[160];
+            snprintf(what, sizeof what, "n_head %d, n_kv_head %d, head_dim %d, queries at %d..%d, "
+                     "%s views", nh, nkv, hd, ac->q_pos0, ac->q_pos0 + ac->n_q - 1,
+                     attn_kind_names[ac->kind]);
+            if ((st = vt->forward(self, &call)) < 0) {
+                fail(c, "%s: forward: status %d: %s", what, st, plugin_error(&l));
+                break;
+            }
+            reference_attention(&call, sh, heads, ref, ref_acc);
+            if (!scores) {
+                size_t n = (size_t)ac->n_q * nh * hd;
+                long bad = -1;
+                for (size_t i = 0; i < n && bad < 0; i++)
+                    if (!isfinite(out[i])) bad = (long)i;
+                if (bad < 0) bad = first_mismatch(out, ref, n, 1e-4, 1e-3);
+                if (bad >= 0 && !isfinite(out[bad])) {
+                    fail(c, "%s: out[query %ld, head %ld, %ld] = %g: not written, or not "
+                            "finite (a query that sees no entry gets zeros)", what,
+                         bad / (nh * hd), bad / hd % nh, bad % hd, out[bad]);
+                } else if (bad >= 0) {
+                    long t = bad / (nh * hd), h = bad / hd % nh;
+                    fail(c, "%s: out[query %ld, head %ld, %ld] = %.6g, the reference softmax "
+                            "attention gives %.6g (query head %ld reads KV head %ld, which has "
+                            "%lld entries; an entry is visible when its pos <= %d)", what, t, h,
+                         bad % hd, out[bad], ref[bad], h, h / (nh / nkv),
+                         (long long)views[h / (nh / nkv)].n, q_pos[t]);
+                }
+                continue;
+            }
+            for (int32_t g = 0; g < nkv && !c->failed; g++) {
+                for (int64_t j = 0; j < views[g].n; j++) {
+                    double want = j + ref_acc[(size_t)g * ATTN_MAX_KV + j];
+                    if (fabs(heads[g].acc[j] - want) <= 1e-4 + 1e-4 * want) continue;
+                    fail(c, "%s: views[%d].score_acc[%lld] = %.6g, expected %.6g (it held %d; "
+                            "attention adds the probabilities summed over the %d query heads "
+                            "of the KV head and the queries at pos >= %d)", what, g,
+                         (long long)j, heads[g].acc[j], want, (int)j, nh / nkv, ac->from_pos);
+                    break;
+                }
+            }
         }
-        reference_attention(in, &call, N_KV, (const float *const *)kd, (const float *const *)vd,
-                            kv_pos, from_pos, ref, ref_acc);
-        size_t n_out = (size_t)n_q * nh * hd;
-        if (!all_finite(out, n_out)) {
-            fail(c, "%s: output has NaN/Inf (or was not entirely written)", what);
-            break;
+        if (VT_HAS(vt, seq_end)) vt->seq_end(self, 0);
+        for (int32_t g = 0; g < nkv; g++) {
+            attn_head *a = &heads[g];
+            free(a->k);
+            free(a->v);
+            free(a->k_pad);
+            free(a->v_pad);
+            free(a->k16);
+            free(a->v16);
         }
-        /* The scores check leaves the output to attention-reference, so each rule fails
-         * under its own name. */
-        long bad = scores ? -1 : first_mismatch(out, ref, n_out, 1e-4, 1e-3);
-        if (bad >= 0) {
-            fail(c, "%s: out[%ld] = %.6g, the reference softmax attention gives %.6g", what, bad,
-                 out[bad], ref[bad]);
-            break;
-        }
-        for (int32_t g = 0; scores && g < nkv && !c->failed; g++) {
-            bad = first_mismatch(acc[g], ref_acc + (size_t)g * N_KV, N_KV, 1e-4, 1e-3);
-            if (bad >= 0)
-                fail(c, "%s: views[%d].score_acc[%ld] = %.6g, expected %.6g (probabilities "
-                        "summed over the head group and the queries at pos >= %d)", what, g,
-                     bad, acc[g][bad], ref_acc[(size_t)g * N_KV + bad], from_pos);
-        }
+        free(heads);
+        free(views);
+        free(q);
+        free(out);
+        free(ref);
+        free(ref_acc);
+        close_checked(c, &l);
     }
-    if (VT_HAS(vt, seq_end)) vt->seq_end(self, 0);
-out:
-    for (int32_t g = 0; g < nkv; g++) {
-        free(kd[g]);
-        free(vd[g]);
-        free(acc[g]);
-    }
-    free(kd);
-    free(vd);
-    free(acc);
-    free(views);
-    free(q);
-    free(out);
-    free(ref);
-    free(ref_acc);
-    close_checked(c, &l);
 }
 
 static void check_attention(const runner *r, check *c) { run_attention(r, c, false); }
@@ -801,15 +1307,18 @@ static void check_attention_scores(const runner *r, check *c) { run_attention(r,
 /* ---- decoder --------------------------------------------------------------------------- */
 
 #define FAKE_MAX_SEQ 64
+#define FAKE_MAX_EMIT 512
 
 /* A fake model behind tsr_decode_api: deterministic logits from (token, position), and a
  * record of every rule the decoder breaks. */
 typedef struct fake_model {
     check *c;
+    int req; /* 1, 2...: for messages */
     int32_t n_vocab, n_ctx;
     int32_t len[FAKE_MAX_SEQ];
     bool alive[FAKE_MAX_SEQ];
     int64_t emitted, limit, n_forward, calls_after_stop;
+    int32_t tokens[FAKE_MAX_EMIT];
     bool stopped;
 } fake_model;
 
@@ -824,7 +1333,8 @@ static float fake_logit(int32_t token, int32_t pos, int32_t v) {
 
 static bool seq_ok(fake_model *m, int64_t seq, const char *what) {
     if (seq < 0 || seq >= FAKE_MAX_SEQ || !m->alive[seq]) {
-        fail(m->c, "%s: sequence %lld is not alive", what, (long long)seq);
+        fail(m->c, "request %d: %s: sequence %lld is not alive (never begun or forked, or "
+                   "already ended)", m->req, what, (long long)seq);
         return false;
     }
     return true;
@@ -834,19 +1344,28 @@ static tsr_status fake_forward(void *ctx, const tsr_batch_entry *e, int64_t n, f
     fake_model *m = ctx;
     if (m->stopped) m->calls_after_stop++;
     if (n <= 0) {
-        fail(m->c, "forward with %lld entries", (long long)n);
+        fail(m->c, "request %d: forward with %lld entries", m->req, (long long)n);
         return TSR_E_INVALID;
     }
     m->n_forward++;
     int64_t row = 0;
     for (int64_t i = 0; i < n; i++) {
         if (!seq_ok(m, e[i].seq_id, "forward")) return TSR_E_INVALID;
+        /* The host runs each sequence's entries as one run. */
+        for (int64_t j = 0; i > 0 && e[i - 1].seq_id != e[i].seq_id && j < i - 1; j++)
+            if (e[j].seq_id == e[i].seq_id) {
+                fail(m->c, "request %d: forward entry %lld: the entries of sequence %lld are "
+                           "not contiguous in the batch", m->req, (long long)i,
+                     (long long)e[i].seq_id);
+                return TSR_E_INVALID;
+            }
         int32_t *len = &m->len[e[i].seq_id];
         if (e[i].pos != *len || e[i].pos >= m->n_ctx || e[i].token < 0 ||
             e[i].token >= m->n_vocab) {
-            fail(m->c, "forward entry %lld: seq %lld pos %d token %d; the sequence holds %d "
-                       "positions, n_ctx %d, n_vocab %d", (long long)i, (long long)e[i].seq_id,
-                 e[i].pos, e[i].token, *len, m->n_ctx, m->n_vocab);
+            fail(m->c, "request %d: forward entry %lld: seq %lld pos %d token %d; the sequence "
+                       "holds %d positions (the next one is %d), n_ctx %d, n_vocab %d", m->req,
+                 (long long)i, (long long)e[i].seq_id, e[i].pos, e[i].token, *len, *len,
+                 m->n_ctx, m->n_vocab);
             return TSR_E_INVALID;
         }
         (*len)++;
@@ -862,8 +1381,9 @@ static tsr_status fake_fork(void *ctx, int64_t src, int64_t dst) {
     fake_model *m = ctx;
     if (!seq_ok(m, src, "seq_fork")) return TSR_E_INVALID;
     if (dst < 0 || dst >= FAKE_MAX_SEQ || m->alive[dst]) {
-        fail(m->c, "seq_fork(%lld, %lld): destination is alive or out of range (the fake model "
-                   "has %d sequences)", (long long)src, (long long)dst, FAKE_MAX_SEQ);
+        fail(m->c, "request %d: seq_fork(%lld, %lld): the destination is alive or out of range "
+                   "(the fake model has %d sequences)", m->req, (long long)src, (long long)dst,
+             FAKE_MAX_SEQ);
         return TSR_E_INVALID;
     }
     m->alive[dst] = true;
@@ -875,7 +1395,8 @@ static tsr_status fake_truncate(void *ctx, int64_t seq, int32_t n_pos) {
     fake_model *m = ctx;
     if (!seq_ok(m, seq, "seq_truncate")) return TSR_E_INVALID;
     if (n_pos < 0) {
-        fail(m->c, "seq_truncate(%lld, %d): negative position", (long long)seq, n_pos);
+        fail(m->c, "request %d: seq_truncate(%lld, %d): negative position", m->req,
+             (long long)seq, n_pos);
         return TSR_E_INVALID;
     }
     if (n_pos < m->len[seq]) m->len[seq] = n_pos;
@@ -895,9 +1416,12 @@ static int32_t fake_emit(void *ctx, const int32_t *tokens, int64_t n) {
         m->calls_after_stop++;
         return 1;
     }
-    for (int64_t i = 0; i < n; i++)
+    for (int64_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= m->n_vocab)
-            fail(m->c, "emitted token %d, outside [0, n_vocab = %d)", tokens[i], m->n_vocab);
+            fail(m->c, "request %d: emitted token %d, outside [0, n_vocab = %d)", m->req,
+                 tokens[i], m->n_vocab);
+        if (m->emitted + i < FAKE_MAX_EMIT) m->tokens[m->emitted + i] = tokens[i];
+    }
     m->emitted += n;
     if (m->emitted >= m->limit) m->stopped = true;
     return m->stopped;
@@ -905,49 +1429,115 @@ static int32_t fake_emit(void *ctx, const int32_t *tokens, int64_t n) {
 
 static int32_t fake_is_eog(void *ctx, int32_t token) { return 0; }
 
+/* Runs one request of `n_prompt` tokens allowing `limit` new ones against the fake model *m;
+ * false when a rule was broken (the check has failed). */
+static bool fake_request(const runner *r, check *c, live *l, fake_model *m, int req,
+                         int64_t n_prompt, int64_t limit) {
+    const tsr_decoder_vtable *vt = l->inst->vtable;
+    *m = (fake_model){.c = c, .req = req, .n_vocab = r->shape.n_vocab, .n_ctx = r->shape.n_ctx,
+                      .limit = limit};
+    m->alive[0] = true;
+    int32_t *prompt = malloc((size_t)n_prompt * sizeof *prompt);
+    for (int64_t i = 0; i < n_prompt; i++) prompt[i] = (int32_t)((i * 37 + 1) % m->n_vocab);
+    tsr_decode_api api = {sizeof api, m, m->n_vocab, m->n_ctx, fake_forward, fake_fork,
+                          fake_truncate, fake_seq_end, fake_emit, fake_is_eog};
+    tsr_generate_request rq = {sizeof rq, prompt, n_prompt, limit};
+    tsr_status st = vt->generate(l->inst->self, &api, &rq);
+    free(prompt);
+    if (c->failed) return false;
+    if (st < 0) {
+        fail(c, "request %d: generate: status %d: %s", req, st, plugin_error(l));
+        return false;
+    }
+    if (m->calls_after_stop)
+        fail(c, "request %d: %lld forward/emit calls after emit() returned 1 (DEC_3)", req,
+             (long long)m->calls_after_stop);
+    else if (m->emitted == 0)
+        fail(c, "request %d: generate emitted no token", req);
+    for (int s = 1; s < FAKE_MAX_SEQ && !c->failed; s++)
+        if (m->alive[s])
+            fail(c, "request %d: sequence %d was forked and never ended (DEC_6)", req, s);
+    note(c, "request %d: %lld tokens emitted in %lld forwards%s", req, (long long)m->emitted,
+         (long long)m->n_forward, m->stopped ? "" : " (stopped on its own)");
+    return !c->failed;
+}
+
+static bool open_params(const runner *r, check *c, const kvset *kv, live *l) {
+    tsr_error err;
+    if (live_open(r, &r->shape, kv, l, &err) < 0) {
+        /* PARAM_3 lets a plugin refuse a value with a reason; edge-params checks the reason. */
+        if (r->params_label[0]) note(c, "create refused: %s", err.msg);
+        else fail(c, "create with default parameters failed: %s", err.msg);
+        return false;
+    }
+    return true;
+}
+
+/* A short request, then one that ends at the context's last position. */
 static void check_decoder(const runner *r, check *c) {
     live l;
-    if (!open_default(r, c, &l)) return;
-    const tsr_decoder_vtable *vt = l.inst->vtable;
-    void *self = l.inst->self;
-    static const int32_t prompt[] = {1, 17, 42, 99, 3};
-    /* Two requests on one instance: a decoder must not keep state from the first. */
-    for (int req_i = 0; req_i < 2 && !c->failed; req_i++) {
-        fake_model m = {.c = c, .n_vocab = r->shape.n_vocab, .n_ctx = r->shape.n_ctx,
-                        .limit = 12};
-        m.alive[0] = true;
-        tsr_decode_api api = {sizeof api, &m, m.n_vocab, m.n_ctx, fake_forward, fake_fork,
-                              fake_truncate, fake_seq_end, fake_emit, fake_is_eog};
-        tsr_generate_request req = {sizeof req, prompt, 5, m.limit};
-        tsr_status st = vt->generate(self, &api, &req);
-        if (c->failed) break;
-        if (st < 0) {
-            fail(c, "request %d: generate: status %d: %s", req_i + 1, st, plugin_error(&l));
-            break;
-        }
-        if (m.calls_after_stop)
-            fail(c, "request %d: %lld forward/emit calls after emit() returned 1", req_i + 1,
-                 (long long)m.calls_after_stop);
-        if (m.emitted == 0) fail(c, "request %d: generate emitted no token", req_i + 1);
-        note(c, "request %d: %lld tokens emitted in %lld forwards%s", req_i + 1,
-             (long long)m.emitted, (long long)m.n_forward,
-             m.stopped ? "" : " (stopped on its own)");
+    if (!open_params(r, c, r->params, &l)) return;
+    fake_model m;
+    if (fake_request(r, c, &l, &m, 1, 5, 12))
+        fake_request(r, c, &l, &m, 2, r->shape.n_ctx - 6, 6);
+    close_checked(c, &l);
+}
+
+/* DEC_4: two requests on one instance emit the same tokens, with the seed fixed when the
+ * decoder has one. */
+static void check_decoder_repeat(const runner *r, check *c) {
+    kvset kv = *r->params;
+    const tsr_plugin_desc *d = r->ref->desc;
+    for (uint32_t i = 0; i < d->n_params; i++)
+        if (d->params[i].role == TSR_PARAM_ROLE_SEED) kvset_put(&kv, d->params[i].name, "1234");
+    live l;
+    if (!open_params(r, c, &kv, &l)) return;
+    fake_model first, second;
+    if (fake_request(r, c, &l, &first, 1, 5, 24) && fake_request(r, c, &l, &second, 2, 5, 24)) {
+        int64_t n = first.emitted < second.emitted ? first.emitted : second.emitted;
+        if (n > FAKE_MAX_EMIT) n = FAKE_MAX_EMIT;
+        for (int64_t i = 0; i < n && !c->failed; i++)
+            if (first.tokens[i] != second.tokens[i])
+                fail(c, "the same request twice on one instance: token %lld is %d, then %d (a "
+                        "request must not depend on the ones before it, DEC_4)", (long long)i,
+                     first.tokens[i], second.tokens[i]);
+        if (!c->failed && first.emitted != second.emitted)
+            fail(c, "the same request twice on one instance: %lld tokens, then %lld (DEC_4)",
+                 (long long)first.emitted, (long long)second.emitted);
     }
     close_checked(c, &l);
 }
 
+/* DEC_5 on random logits and on finite extremes: ties, the largest magnitudes, tiny values. */
 static void check_decoder_pick(const runner *r, check *c) {
     live l;
-    if (!open_default(r, c, &l)) return;
+    if (!open_params(r, c, r->params, &l)) return;
     const tsr_decoder_vtable *vt = l.inst->vtable;
     int32_t n_vocab = r->shape.n_vocab;
     float *logits = malloc((size_t)n_vocab * sizeof *logits);
-    static const int32_t history[] = {1, 17, 42};
+    static const int32_t history[] = {1, 17, 42, 17};
+    static const char *const kinds[] = {"random", "all 0", "all -FLT_MAX", "all FLT_MAX",
+                                        "alternating +-FLT_MAX", "one FLT_MAX, rest -FLT_MAX",
+                                        "random * 1e30", "subnormal"};
     uint64_t rng = 0x5eed0003;
-    for (int trial = 0; trial < 8 && !c->failed; trial++) {
-        fill_random(logits, (size_t)n_vocab, &rng);
-        int32_t id = vt->pick(l.inst->self, logits, history, 3);
-        if (id < 0 || id >= n_vocab) fail(c, "pick returned %d, outside [0, %d)", id, n_vocab);
+    for (int kind = 0; kind < 8 && !c->failed; kind++) {
+        for (int32_t i = 0; i < n_vocab; i++) {
+            float x = rng_uniform(&rng);
+            logits[i] = kind == 0   ? x
+                        : kind == 1 ? 0.0f
+                        : kind == 2 ? -FLT_MAX
+                        : kind == 3 ? FLT_MAX
+                        : kind == 4 ? (i % 2 ? FLT_MAX : -FLT_MAX)
+                        : kind == 5 ? (i == n_vocab / 3 ? FLT_MAX : -FLT_MAX)
+                        : kind == 6 ? x * 1e30f
+                                    : x * 1e-40f;
+        }
+        for (int trial = 0; trial < 4 && !c->failed; trial++) {
+            int32_t id = vt->pick(l.inst->self, logits, history, 4);
+            if (id < 0 || id >= n_vocab)
+                fail(c, "pick on %s logits returned %d, outside [0, %d)", kinds[kind], id,
+                     n_vocab);
+        }
     }
     free(logits);
     close_checked(c, &l);
@@ -955,60 +1545,76 @@ static void check_decoder_pick(const runner *r, check *c) {
 
 /* ---- router ---------------------------------------------------------------------------- */
 
+/* Router shapes: the synthetic one, every expert used, a single one among many. */
+static const int32_t router_shapes[][2] = {{4, 2}, {8, 8}, {16, 1}};
+
+/* ROUTE_2 on random gate logits and, every other layer, on ties (every logit equal), where a
+ * top-k that does not exclude what it chose picks one expert twice. */
 static void check_router(const runner *r, check *c) {
-    live l;
-    if (!open_default(r, c, &l)) return;
-    const tsr_router_vtable *vt = l.inst->vtable;
-    const tsr_router_init *in = &l.init_storage.router;
-    const int64_t n_tok = 5;
-    const int32_t k = in->n_expert_used, ne = in->n_expert;
-    float *gate = malloc((size_t)n_tok * ne * sizeof *gate);
-    float *hidden = malloc((size_t)n_tok * in->n_embd * sizeof *hidden);
-    int32_t *experts = malloc((size_t)n_tok * k * sizeof *experts);
-    int32_t *prev = malloc((size_t)n_tok * k * sizeof *prev);
-    float *weights = malloc((size_t)n_tok * k * sizeof *weights);
-    uint64_t rng = 0x5eed0004;
-    for (int32_t layer = 0; layer < in->n_layer && !c->failed; layer++) {
-        fill_random(gate, (size_t)n_tok * ne, &rng);
-        fill_random(hidden, (size_t)n_tok * in->n_embd, &rng);
-        for (int64_t i = 0; i < n_tok * k; i++) {
-            experts[i] = -2;
-            weights[i] = NAN;
+    for (size_t si = 0; si < sizeof router_shapes / sizeof router_shapes[0] && !c->failed; si++) {
+        tsr_model_shape shape = r->shape;
+        shape.n_layer = 4;
+        shape.n_expert = router_shapes[si][0];
+        shape.n_expert_used = router_shapes[si][1];
+        live l;
+        tsr_error err;
+        if (live_open(r, &shape, r->params, &l, &err) < 0) {
+            fail(c, "create (%d experts, %d used): %s", shape.n_expert, shape.n_expert_used,
+                 err.msg);
+            return;
         }
-        tsr_route_call call = {sizeof call, layer, n_tok, gate, hidden, layer ? prev : NULL, k,
-                               experts, weights};
-        tsr_status st = vt->route(l.inst->self, &call);
-        if (st < 0) {
-            fail(c, "layer %d: route: status %d: %s", layer, st, plugin_error(&l));
-            break;
-        }
-        for (int64_t t = 0; t < n_tok && !c->failed; t++) {
-            for (int32_t s = 0; s < k; s++) {
-                int32_t e = experts[t * k + s];
-                if (e < -1 || e >= ne) {
-                    fail(c, "layer %d token %lld slot %d: expert %d, outside [-1, %d)", layer,
-                         (long long)t, s, e, ne);
-                    break;
-                }
-                if (e >= 0 && !isfinite(weights[t * k + s])) {
-                    fail(c, "layer %d token %lld slot %d: weight %g", layer, (long long)t, s,
-                         weights[t * k + s]);
-                    break;
-                }
-                for (int32_t s2 = 0; s2 < s; s2++)
-                    if (e >= 0 && experts[t * k + s2] == e)
-                        fail(c, "layer %d token %lld: expert %d chosen twice", layer,
-                             (long long)t, e);
+        const tsr_router_vtable *vt = l.inst->vtable;
+        const tsr_router_init *in = &l.init_storage.router;
+        const int64_t n_tok = 5;
+        const int32_t k = in->n_expert_used, ne = in->n_expert;
+        float *gate = malloc((size_t)n_tok * ne * sizeof *gate);
+        float *hidden = malloc((size_t)n_tok * in->n_embd * sizeof *hidden);
+        int32_t *experts = malloc((size_t)n_tok * k * sizeof *experts);
+        int32_t *prev = malloc((size_t)n_tok * k * sizeof *prev);
+        float *weights = malloc((size_t)n_tok * k * sizeof *weights);
+        uint64_t rng = 0x5eed0004;
+        for (int32_t layer = 0; layer < in->n_layer && !c->failed; layer++) {
+            fill_random(gate, (size_t)n_tok * ne, &rng);
+            if (layer % 2) for (int64_t i = 0; i < n_tok * ne; i++) gate[i] = 0.5f;
+            fill_random(hidden, (size_t)n_tok * in->n_embd, &rng);
+            for (int64_t i = 0; i < n_tok * k; i++) {
+                experts[i] = -2;
+                weights[i] = NAN;
             }
+            tsr_route_call call = {sizeof call, layer, n_tok, gate, hidden, layer ? prev : NULL,
+                                   k, experts, weights};
+            tsr_status st = vt->route(l.inst->self, &call);
+            char what[96];
+            snprintf(what, sizeof what, "%d experts, %d used, layer %d%s", ne, k, layer,
+                     layer % 2 ? " (equal gate logits)" : "");
+            if (st < 0) {
+                fail(c, "%s: route: status %d: %s", what, st, plugin_error(&l));
+                break;
+            }
+            for (int64_t t = 0; t < n_tok && !c->failed; t++) {
+                for (int32_t s = 0; s < k && !c->failed; s++) {
+                    int32_t e = experts[t * k + s];
+                    if (e < -1 || e >= ne)
+                        fail(c, "%s: token %lld slot %d: expert %d, outside [-1, %d)", what,
+                             (long long)t, s, e, ne);
+                    else if (e >= 0 && !isfinite(weights[t * k + s]))
+                        fail(c, "%s: token %lld slot %d: weight %g", what, (long long)t, s,
+                             weights[t * k + s]);
+                    for (int32_t s2 = 0; s2 < s && !c->failed; s2++)
+                        if (e >= 0 && experts[t * k + s2] == e)
+                            fail(c, "%s: token %lld: expert %d chosen twice (slots %d and %d)",
+                                 what, (long long)t, e, s2, s);
+                }
+            }
+            memcpy(prev, experts, (size_t)n_tok * k * sizeof *prev);
         }
-        memcpy(prev, experts, (size_t)n_tok * k * sizeof *prev);
+        free(gate);
+        free(hidden);
+        free(experts);
+        free(prev);
+        free(weights);
+        close_checked(c, &l);
     }
-    free(gate);
-    free(hidden);
-    free(experts);
-    free(prev);
-    free(weights);
-    close_checked(c, &l);
 }
 
 /* ---- backend --------------------------------------------------------------------------- */
@@ -1214,6 +1820,31 @@ out:
     close_checked(c, &l);
 }
 
+/* BACKEND_4: its own memory comes with all four of buffer_alloc, buffer_free, upload and
+ * download, or none of them; device memory cannot be reached without them. */
+static void check_backend_memory(const runner *r, check *c) {
+    live l;
+    if (!open_default(r, c, &l)) return;
+    const tsr_backend_vtable *vt = l.inst->vtable;
+    int n_slots = VT_HAS(vt, buffer_alloc) + VT_HAS(vt, buffer_free) + VT_HAS(vt, upload) +
+                  VT_HAS(vt, download);
+    int32_t space = VT_HAS(vt, memory_space) ? vt->memory_space(l.inst->self) : TSR_MEMORY_HOST;
+    note(c, "%s memory, %d of the 4 memory callbacks",
+         space == TSR_MEMORY_DEVICE ? "device" : "host", n_slots);
+    if (n_slots != 0 && n_slots != 4)
+        fail(c, "provides %d of buffer_alloc, buffer_free, upload and download (missing:%s%s%s"
+                "%s): all four or none (BACKEND_4)", n_slots,
+             VT_HAS(vt, buffer_alloc) ? "" : " buffer_alloc",
+             VT_HAS(vt, buffer_free) ? "" : " buffer_free", VT_HAS(vt, upload) ? "" : " upload",
+             VT_HAS(vt, download) ? "" : " download");
+    else if (space != TSR_MEMORY_HOST && space != TSR_MEMORY_DEVICE)
+        fail(c, "memory_space returned %d, neither TSR_MEMORY_HOST nor TSR_MEMORY_DEVICE", space);
+    else if (space == TSR_MEMORY_DEVICE && n_slots == 0)
+        fail(c, "memory_space says device memory, but without buffer_alloc, buffer_free, upload "
+                "and download the host cannot reach it (BACKEND_4)");
+    close_checked(c, &l);
+}
+
 /* ---- quantizer ------------------------------------------------------------------------- */
 
 static void check_quantizer(const runner *r, check *c) {
@@ -1310,22 +1941,84 @@ typedef struct stage_check {
     check_fn fn;
     size_t optional_offset; /* a vtable slot the check needs, 0 when none */
     size_t optional_end;
+    bool each_param_set;    /* also run with each parameter at its cheap bounds */
 } stage_check;
 
 #define NEEDS(type, field) offsetof(type, field), offsetof(type, field) + sizeof(void *)
 
 static const stage_check stage_checks[] = {
-    {TSR_STAGE_CACHE, "cache-roundtrip", check_cache, 0, 0},
-    {TSR_STAGE_ATTENTION, "attention-reference", check_attention, 0, 0},
-    {TSR_STAGE_ATTENTION, "attention-scores", check_attention_scores, 0, 0},
-    {TSR_STAGE_DECODER, "decoder-generate", check_decoder, 0, 0},
-    {TSR_STAGE_DECODER, "decoder-pick", check_decoder_pick, NEEDS(tsr_decoder_vtable, pick)},
-    {TSR_STAGE_ROUTER, "router-route", check_router, 0, 0},
-    {TSR_STAGE_BACKEND, "backend-activations", check_backend_ops, 0, 0},
-    {TSR_STAGE_BACKEND, "backend-rope", check_backend_rope, 0, 0},
-    {TSR_STAGE_BACKEND, "backend-weights", check_backend_weights, 0, 0},
-    {TSR_STAGE_QUANTIZER, "quantizer-roundtrip", check_quantizer, 0, 0},
+    {TSR_STAGE_CACHE, "cache-long-run", check_cache_long_run, 0, 0, true},
+    {TSR_STAGE_CACHE, "cache-fork", check_cache_fork, NEEDS(tsr_cache_vtable, seq_fork), true},
+    {TSR_STAGE_CACHE, "cache-truncate", check_cache_truncate,
+     NEEDS(tsr_cache_vtable, seq_truncate), true},
+    {TSR_STAGE_ATTENTION, "attention-reference", check_attention, 0, 0, true},
+    {TSR_STAGE_ATTENTION, "attention-scores", check_attention_scores, 0, 0, true},
+    {TSR_STAGE_DECODER, "decoder-generate", check_decoder, 0, 0, true},
+    {TSR_STAGE_DECODER, "decoder-repeat", check_decoder_repeat, 0, 0, true},
+    {TSR_STAGE_DECODER, "decoder-pick", check_decoder_pick, NEEDS(tsr_decoder_vtable, pick),
+     true},
+    {TSR_STAGE_ROUTER, "router-route", check_router, 0, 0, false},
+    {TSR_STAGE_BACKEND, "backend-memory", check_backend_memory, 0, 0, false},
+    {TSR_STAGE_BACKEND, "backend-activations", check_backend_ops, 0, 0, false},
+    {TSR_STAGE_BACKEND, "backend-rope", check_backend_rope, 0, 0, false},
+    {TSR_STAGE_BACKEND, "backend-weights", check_backend_weights, 0, 0, false},
+    {TSR_STAGE_QUANTIZER, "quantizer-roundtrip", check_quantizer, 0, 0, false},
 };
+
+/* A numeric bound the stage checks also run with: beyond it a cache or a window sized by the
+ * parameter costs more than a check should. */
+#define CHEAP_BOUND 4096.0
+#define MAX_PARAM_SETS 48
+
+typedef struct param_set {
+    kvset kv;
+    char label[120];
+} param_set;
+
+static void param_set_add(const tsr_plugin_desc *d, param_set *sets, size_t *n,
+                          const tsr_param_def *p, const char *value) {
+    if (*n == MAX_PARAM_SETS || (p->default_value && strcmp(p->default_value, value) == 0))
+        return;
+    base_params(d, &sets[*n].kv);
+    kvset_put(&sets[*n].kv, p->name, value);
+    snprintf(sets[*n].label, sizeof sets[*n].label, "%s=%s", p->name, value);
+    (*n)++;
+}
+
+/* The defaults, then each parameter alone at each cheap bound, each other ENUM choice and
+ * each BOOL value. */
+static size_t param_sets(const tsr_plugin_desc *d, param_set *sets) {
+    size_t n = 1;
+    base_params(d, &sets[0].kv);
+    sets[0].label[0] = 0;
+    char buf[96];
+    for (uint32_t i = 0; i < d->n_params; i++) {
+        const tsr_param_def *p = &d->params[i];
+        switch (p->type) {
+        case TSR_PARAM_INT:
+        case TSR_PARAM_FLOAT:
+            for (int e = 0; e < 2 && param_bounded(p); e++) {
+                double v = e ? p->max : p->min;
+                if (fabs(v) > CHEAP_BOUND) continue;
+                if (p->type == TSR_PARAM_INT) snprintf(buf, sizeof buf, "%lld", (long long)v);
+                else snprintf(buf, sizeof buf, "%.17g", v);
+                if (p->default_value && strtod(p->default_value, NULL) == v) continue;
+                param_set_add(d, sets, &n, p, buf);
+            }
+            break;
+        case TSR_PARAM_ENUM:
+            for (const char *const *ch = p->choices; *ch; ch++) param_set_add(d, sets, &n, p, *ch);
+            break;
+        case TSR_PARAM_BOOL:
+            param_set_add(d, sets, &n, p, "true");
+            param_set_add(d, sets, &n, p, "false");
+            break;
+        default:
+            break;
+        }
+    }
+    return n;
+}
 
 static bool slot_present(const tsr_plugin_desc *d, const stage_check *sc) {
     if (!sc->optional_end) return true;
@@ -1369,6 +2062,7 @@ int main(int argc, char **argv) {
     /* Loading runs the object's constructors and entry point: in the parent only once they
      * are known not to crash. Plugins refused alone fail "load"; their siblings are checked. */
     bool loadable = run_check(&r, "load", check_load);
+    param_set *sets = malloc(MAX_PARAM_SETS * sizeof *sets);
     tsr_registry *reg = tsr_registry_create(NULL);
     tsr_error err;
     if (loadable && tsr_registry_load_file(reg, r.path, &err) >= 0) {
@@ -1380,6 +2074,7 @@ int main(int argc, char **argv) {
             run_check(&r, "edge-params", check_edge_params);
             run_check(&r, "param-rejection", check_param_rejection);
             run_check(&r, "create-destroy-cycles", check_cycles);
+            size_t n_sets = param_sets(r.ref->desc, sets);
             for (size_t j = 0; j < sizeof stage_checks / sizeof stage_checks[0]; j++) {
                 const stage_check *sc = &stage_checks[j];
                 if (sc->stage != r.ref->desc->stage) continue;
@@ -1388,10 +2083,17 @@ int main(int argc, char **argv) {
                                           r.ref->desc->name, sc->name);
                     continue;
                 }
-                run_check(&r, sc->name, sc->fn);
+                for (size_t k = 0; k < (sc->each_param_set ? n_sets : 1); k++) {
+                    char name[200];
+                    r.params = &sets[k].kv;
+                    snprintf(r.params_label, sizeof r.params_label, "%s", sets[k].label);
+                    snprintf(name, sizeof name, k ? "%s[%s]" : "%s", sc->name, sets[k].label);
+                    run_check(&r, name, sc->fn);
+                }
             }
         }
     }
+    free(sets);
     tsr_registry_free(reg);
     printf("%d passed, %d failed\n", r.n_pass, r.n_fail);
     return r.n_fail ? 1 : 0;

@@ -5,7 +5,8 @@
  *
  * The random generator is PCG32 (O'Neill 2014, "PCG: A Family of Simple Fast Space-Efficient
  * Statistically Good Algorithms for Random Number Generation") and lives in the instance:
- * one seed gives one token stream, and two instances never share state.
+ * two instances never share state, and with a fixed seed every request starts the stream
+ * afresh, so the same request gives the same tokens (rule DEC_4).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -28,6 +29,8 @@ typedef struct sampler {
     double temperature, top_p, min_p, repeat_penalty;
     int64_t top_k, repeat_last_n;
     pcg32 rng;
+    pcg32 rng_seeded;    /* the generator as the fixed seed left it */
+    int seed_fixed;
     sample_cand *cand;   /* (n_vocab) */
     uint8_t *seen;       /* (n_vocab) tokens already penalised in this pick */
 } sampler;
@@ -164,6 +167,7 @@ static tsr_status sample_generate(void *self, const tsr_decode_api *api,
                            (int)api->n_vocab, (int)s->n_vocab);
         return TSR_E_INVALID;
     }
+    if (s->seed_fixed) s->rng = s->rng_seeded;
     return tsr_generate_one_by_one(s->host, api, req, sample_pick, s);
 }
 
@@ -214,6 +218,8 @@ static tsr_status sample_create(const tsr_host *host, const tsr_params *params,
     } else {
         /* A fixed seed fixes the stream too: the same seed replays the same tokens. */
         pcg32_seed(&s->rng, (uint64_t)seed, 0x5453u);
+        s->rng_seeded = s->rng;
+        s->seed_fixed = 1;
     }
     *out = s;
     return TSR_OK;

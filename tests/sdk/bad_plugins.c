@@ -1,16 +1,24 @@
 /*
  * Fixture plugins that each break one rule of abi/CONTRACT.md, for testing that the
  * conformance runner catches it (tests/sdk/expect-failures.sh compares the FAIL lines with
- * bad_plugins.expected). Everything not broken on purpose is done right, so that no other
- * check fails.
+ * bad_plugins.expected, and each failure's reason). Everything not broken on purpose is done
+ * right, so that no other check fails. Plugins named ok-* break nothing: they check the
+ * runner itself (ok-cache-scores fails when the runner does not fill score_acc as attention
+ * would).
  */
+#include <float.h>
+#include <math.h>
+
 #include <tessera/sdk.h>
+#include <tessera/sdk_cache.h>
 
 /* ---- decoders ------------------------------------------------------------------------- */
 
 typedef struct dec {
     const tsr_host *host;
-    void *extra; /* bad-leak: a second block it forgets to free */
+    void *extra;      /* bad-leak: a second block it forgets to free */
+    int32_t requests; /* bad-memory: requests served */
+    int32_t n_vocab;
 } dec;
 
 static tsr_status dec_create(const tsr_host *host, const tsr_params *p,
@@ -18,6 +26,7 @@ static tsr_status dec_create(const tsr_host *host, const tsr_params *p,
     dec *d = tsr_calloc(host, 1, sizeof *d);
     if (!d) return TSR_E_NOMEM;
     d->host = host;
+    d->n_vocab = init->n_vocab;
     *out = d;
     return TSR_OK;
 }
@@ -27,10 +36,21 @@ static void dec_destroy(void *self) {
     d->host->free(d->host->ctx, d);
 }
 
+/* What a fixture decoder does wrong while it generates. */
+enum dec_flaw {
+    DEC_FINE,
+    DEC_IGNORE_STOP,  /* keeps forwarding and emitting after emit() returned 1 */
+    DEC_UNBEGUN,      /* forwards sequence 1, which it never forked */
+    DEC_GAP,          /* its first generated token skips a position */
+    DEC_FORK_LIVE,    /* forks into sequence 1 twice */
+    DEC_FORK_LEAK,    /* forks sequence 1 and never ends it */
+    DEC_SCATTER       /* puts sequence 1 between two entries of sequence 0 in a batch */
+};
+
 /* Prefill, then one forward per token as a greedy decoder would, always choosing `token`
- * (which the caller may put out of range), and obeying emit() unless `ignore_stop`. */
+ * (which the caller may put out of range), breaking the rule `flaw` names. */
 static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request *req,
-                          int32_t token, int ignore_stop) {
+                          int32_t token, enum dec_flaw flaw) {
     tsr_batch_entry e;
     int32_t pos = 0;
     float row[4096];
@@ -40,9 +60,23 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
         tsr_status st = api->forward(api->ctx, &e, 1, row);
         if (st < 0) return st;
     }
+    if (flaw == DEC_FORK_LIVE || flaw == DEC_FORK_LEAK || flaw == DEC_SCATTER) {
+        tsr_status st = api->seq_fork(api->ctx, 0, 1);
+        if (st >= 0 && flaw == DEC_FORK_LIVE) st = api->seq_fork(api->ctx, 0, 1);
+        if (st < 0) return st;
+    }
+    if (flaw == DEC_SCATTER) {
+        tsr_batch_entry batch[3] = {{0, pos, token, 0}, {1, pos, token, 0}, {0, pos + 1, token, 1}};
+        tsr_status st = api->forward(api->ctx, batch, 3, row);
+        if (st >= 0) st = api->seq_end(api->ctx, 1);
+        if (st < 0) return st;
+        pos += 2;
+    }
+    if (flaw == DEC_GAP) pos++;
     for (int n = 0; n < 20; n++) {
-        if (api->emit(api->ctx, &token, 1) && !ignore_stop) break;
-        e = (tsr_batch_entry){0, pos++, token < api->n_vocab ? token : 0, 1};
+        if (api->emit(api->ctx, &token, 1) && flaw != DEC_IGNORE_STOP) break;
+        e = (tsr_batch_entry){flaw == DEC_UNBEGUN ? 1 : 0, pos++,
+                              token < api->n_vocab ? token : 0, 1};
         tsr_status st = api->forward(api->ctx, &e, 1, row);
         if (st < 0) return st;
     }
@@ -51,17 +85,43 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
 
 static tsr_status vocab_generate(void *self, const tsr_decode_api *api,
                                  const tsr_generate_request *req) {
-    return dec_run(api, req, api->n_vocab, 0); /* one past the last token id */
+    return dec_run(api, req, api->n_vocab, DEC_FINE); /* one past the last token id */
 }
 
-static tsr_status runaway_generate(void *self, const tsr_decode_api *api,
-                                   const tsr_generate_request *req) {
-    return dec_run(api, req, 1, 1);
+/* A generate callback that emits token 1 and breaks the rule `flaw` names. */
+#define FLAWED_GENERATE(fn, flaw)                                                           \
+    static tsr_status fn(void *self, const tsr_decode_api *api,                             \
+                         const tsr_generate_request *req) {                                 \
+        return dec_run(api, req, 1, flaw);                                                  \
+    }
+
+FLAWED_GENERATE(runaway_generate, DEC_IGNORE_STOP)
+FLAWED_GENERATE(fine_generate, DEC_FINE)
+FLAWED_GENERATE(unbegun_generate, DEC_UNBEGUN)
+FLAWED_GENERATE(gap_generate, DEC_GAP)
+FLAWED_GENERATE(fork_live_generate, DEC_FORK_LIVE)
+FLAWED_GENERATE(fork_leak_generate, DEC_FORK_LEAK)
+FLAWED_GENERATE(scatter_generate, DEC_SCATTER)
+
+/* Emits the number of requests it served: the second request differs from the first. */
+static tsr_status memory_generate(void *self, const tsr_decode_api *api,
+                                  const tsr_generate_request *req) {
+    dec *d = self;
+    return dec_run(api, req, ++d->requests % api->n_vocab, DEC_FINE);
 }
 
-static tsr_status fine_generate(void *self, const tsr_decode_api *api,
-                                const tsr_generate_request *req) {
-    return dec_run(api, req, 1, 0);
+/* An argmax that starts below every finite logit but -FLT_MAX: -1 when all are -FLT_MAX. */
+static int32_t strict_pick(void *self, const float *logits, const int32_t *history,
+                           int64_t n_history) {
+    const dec *d = self;
+    int32_t best = -1;
+    float top = -FLT_MAX;
+    for (int32_t i = 0; i < d->n_vocab; i++)
+        if (logits[i] > top) {
+            top = logits[i];
+            best = i;
+        }
+    return best;
 }
 
 static tsr_status leak_create(const tsr_host *host, const tsr_params *p,
@@ -79,18 +139,32 @@ static tsr_status crash_generate(void *self, const tsr_decode_api *api,
     return TSR_OK;
 }
 
-#define DECODER(id, create_fn, generate_fn, what)                                           \
+#define DECODER_PICK(id, name_text, create_fn, generate_fn, pick_fn, what)                   \
     static const tsr_decoder_vtable id##_vt = {TSR_SIZED(tsr_decoder_vtable),                \
                                                .create = create_fn, .destroy = dec_destroy,  \
-                                               .generate = generate_fn};                     \
+                                               .generate = generate_fn, .pick = pick_fn};    \
     static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER),        \
-                                       .name = "bad-" #id, .version = "0", .description = what, \
+                                       .name = name_text, .version = "0", .description = what, \
                                        .vtable = &id##_vt};
+
+#define DECODER(id, create_fn, generate_fn, what) \
+    DECODER_PICK(id, "bad-" #id, create_fn, generate_fn, NULL, what)
 
 DECODER(vocab, dec_create, vocab_generate, "emits a token id equal to n_vocab")
 DECODER(runaway, dec_create, runaway_generate, "keeps generating after emit() says stop")
 DECODER(leak, leak_create, fine_generate, "leaves 100 bytes allocated at destroy")
 DECODER(crash, dec_create, crash_generate, "writes through a NULL pointer in generate")
+DECODER(unbegun, dec_create, unbegun_generate, "forwards sequence 1, which it never forked")
+DECODER(gap, dec_create, gap_generate, "skips a position after the prompt")
+DECODER_PICK(fork_live, "bad-fork-live", dec_create, fork_live_generate, NULL,
+             "forks into a sequence that is alive")
+DECODER_PICK(fork_leak, "bad-fork-leak", dec_create, fork_leak_generate, NULL,
+             "never ends the sequence it forked")
+DECODER(scatter, dec_create, scatter_generate,
+        "splits the entries of one sequence in a batch around another's")
+DECODER(memory, dec_create, memory_generate, "emits a token that counts the requests served")
+DECODER_PICK(pick, "bad-pick", dec_create, fine_generate, strict_pick,
+             "pick returns -1 when every logit is -FLT_MAX")
 
 /* A parameter whose default lies outside its own range: the loader refuses this plugin. */
 static const tsr_param_def bad_default_params[] = {
@@ -102,69 +176,289 @@ static const tsr_plugin_desc param = {
     .description = "default value out of its range", TSR_PARAMS(bad_default_params),
     .vtable = &vocab_vt};
 
-/* ---- cache: exposes one entry more than was stored -------------------------------------- */
+/* ---- caches on the SDK's store, each breaking one rule ---------------------------------- */
 
-enum { CACHE_CAP = 64 };
+typedef struct kvc {
+    tsr_kv_store kv;   /* first: the SDK's callbacks take the instance as their store */
+    int32_t n_head;
+    int32_t *pos_copy; /* (n_ctx + 1): positions a view shows instead of the store's */
+    int64_t alias_src, alias_dst; /* bad-cache-fork-share: dst is src under another id */
+    float *acc;        /* ok-scores: (n_seq_max, n_layer, n_kv_head, n_ctx) */
+    int64_t *last_n;   /* ok-scores: (n_seq_max) rows of the last write */
+} kvc;
 
-typedef struct cache {
-    const tsr_host *host;
-    int32_t n_kv_head, head_dim;
-    int64_t n;
-    int32_t pos[CACHE_CAP + 1];
-    float *zeros; /* (CACHE_CAP + 1, head_dim) */
-} cache;
+static void kvc_destroy(void *self) {
+    kvc *c = self;
+    c->kv.host->free(c->kv.host->ctx, c->pos_copy);
+    c->kv.host->free(c->kv.host->ctx, c->acc);
+    c->kv.host->free(c->kv.host->ctx, c->last_n);
+    tsr_kv_store_destroy(c);
+}
 
-static tsr_status cache_create(const tsr_host *host, const tsr_params *p,
-                               const tsr_cache_init *init, void **out) {
-    cache *c = tsr_calloc(host, 1, sizeof *c);
-    if (!c) return TSR_E_NOMEM;
-    c->host = host;
-    c->n_kv_head = init->n_kv_head;
-    c->head_dim = init->head_dim;
-    c->zeros = tsr_calloc(host, (size_t)(CACHE_CAP + 1) * init->head_dim, sizeof(float));
-    for (int i = 0; i <= CACHE_CAP; i++) c->pos[i] = i;
+static tsr_status kvc_create(const tsr_host *host, const tsr_params *p,
+                             const tsr_cache_init *init, void **out) {
+    void *self;
+    tsr_status st = tsr_kv_store_create(host, p, init, sizeof(kvc), 0, &self);
+    if (st < 0) return st;
+    kvc *c = self;
+    c->n_head = init->n_head;
+    c->alias_dst = -1;
+    c->pos_copy = tsr_calloc(host, (size_t)init->n_ctx + 1, sizeof(int32_t));
+    c->acc = tsr_calloc(host, (size_t)init->n_seq_max * init->n_layer * init->n_kv_head *
+                                  init->n_ctx, sizeof(float));
+    c->last_n = tsr_calloc(host, (size_t)init->n_seq_max, sizeof(int64_t));
+    if (!c->pos_copy || !c->acc || !c->last_n) {
+        kvc_destroy(c);
+        host->set_error(host->ctx, "out of memory");
+        return TSR_E_NOMEM;
+    }
     *out = c;
     return TSR_OK;
 }
 
-static void cache_destroy(void *self) {
-    cache *c = self;
-    c->host->free(c->host->ctx, c->zeros);
-    c->host->free(c->host->ctx, c);
+static int64_t kvc_resolve(const kvc *c, int64_t id) {
+    return id == c->alias_dst ? c->alias_src : id;
 }
 
-static tsr_status cache_seq_begin(void *self, int64_t seq) {
-    ((cache *)self)->n = 0;
-    return TSR_OK;
-}
-
-static void cache_seq_end(void *self, int64_t seq) { ((cache *)self)->n = 0; }
-
-static tsr_status cache_store(void *self, const tsr_kv_write *w) {
-    cache *c = self;
-    if (w->layer == 0) c->n += w->n;
-    return c->n > CACHE_CAP ? TSR_E_RANGE : TSR_OK;
-}
-
-static tsr_status cache_view(void *self, int64_t seq, int32_t layer, int32_t phase,
-                             tsr_kv_view *views) {
-    cache *c = self;
-    for (int32_t h = 0; h < c->n_kv_head; h++) {
-        size_t stride = (size_t)c->head_dim * sizeof(float);
-        views[h] = (tsr_kv_view){TSR_SIZED(tsr_kv_view), .n = c->n + 1, .pos = c->pos,
-                                 .dtype = TSR_DTYPE_F32, .k = c->zeros, .v = c->zeros,
-                                 .k_stride = stride, .v_stride = stride};
+/* Appends every write, growing by doubling. */
+static tsr_status kvc_store(void *self, const tsr_kv_write *w) {
+    kvc *c = self;
+    tsr_kv_write own = *w;
+    own.seq_id = kvc_resolve(c, w->seq_id);
+    tsr_kv_seq *s;
+    tsr_status st = tsr_kv_store_check_write(&c->kv, &own, &s);
+    if (st < 0) return st;
+    tsr_kv_rows *L = &s->layers[w->layer];
+    if (L->n + w->n > L->cap) {
+        int64_t cap = L->cap ? 2 * L->cap : 16;
+        while (cap < L->n + w->n) cap *= 2;
+        if ((st = tsr_kv_rows_resize(&c->kv, L, cap)) < 0) return st;
     }
+    tsr_kv_rows_append(&c->kv, s, L, &own);
+    c->last_n[s - c->kv.seqs] = w->n;
     return TSR_OK;
 }
 
-static const tsr_cache_vtable cache_vt = {
-    TSR_SIZED(tsr_cache_vtable), .create = cache_create, .destroy = cache_destroy,
-    .seq_begin = cache_seq_begin, .seq_end = cache_seq_end, .store = cache_store,
-    .view = cache_view};
-static const tsr_plugin_desc cache_desc = {
-    TSR_PLUGIN_HEADER(TSR_STAGE_CACHE, CACHE), .name = "bad-cache", .version = "0",
-    .description = "exposes one entry more than was stored", .vtable = &cache_vt};
+static tsr_status kvc_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                           tsr_kv_view *views) {
+    kvc *c = self;
+    return tsr_kv_store_view(self, kvc_resolve(c, seq), layer, phase, views);
+}
+
+static tsr_status layer2_store(void *self, const tsr_kv_write *w) {
+    kvc *c = self;
+    if (w->layer >= 2) {
+        c->kv.host->set_error(c->kv.host->ctx, "store: layer %d: no room", (int)w->layer);
+        return TSR_E_RANGE;
+    }
+    return kvc_store(self, w);
+}
+
+/* The last entry of every view claims the position after the last one stored. */
+static tsr_status unstored_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    if (st < 0 || views[0].n < 1) return st;
+    memcpy(c->pos_copy, views[0].pos, (size_t)views[0].n * sizeof(int32_t));
+    c->pos_copy[views[0].n - 1] = c->pos_copy[views[0].n - 1] + 1;
+    for (int32_t h = 0; h < c->kv.n_kv_head; h++) views[h].pos = c->pos_copy;
+    return TSR_OK;
+}
+
+/* Keeps F16 rows, then drops the last bit of each: one unit in the last place of error where
+ * rounding allows half of one. */
+static tsr_status coarse_f16_store(void *self, const tsr_kv_write *w) {
+    kvc *c = self;
+    c->kv.dtype = TSR_DTYPE_F16;
+    c->kv.row_bytes = (size_t)c->kv.head_dim * sizeof(uint16_t);
+    tsr_status st = kvc_store(self, w);
+    if (st < 0) return st;
+    tsr_kv_rows *L = &tsr_kv_store_find(&c->kv, kvc_resolve(c, w->seq_id))->layers[w->layer];
+    for (int32_t h = 0; h < c->kv.n_kv_head; h++)
+        for (int64_t j = L->n - w->n; j < L->n; j++) {
+            size_t at = (size_t)h * (size_t)L->cap * c->kv.row_bytes + (size_t)j * c->kv.row_bytes;
+            uint16_t *k = (uint16_t *)(L->k + at), *v = (uint16_t *)(L->v + at);
+            for (int32_t i = 0; i < c->kv.head_dim; i++) {
+                k[i] &= (uint16_t)~1u;
+                v[i] &= (uint16_t)~1u;
+            }
+        }
+    return TSR_OK;
+}
+
+/* The last entry of every view claims the first entry's position. */
+static tsr_status twice_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                             tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    if (st < 0 || views[0].n < 2) return st;
+    memcpy(c->pos_copy, views[0].pos, (size_t)views[0].n * sizeof(int32_t));
+    c->pos_copy[views[0].n - 1] = c->pos_copy[0];
+    for (int32_t h = 0; h < c->kv.n_kv_head; h++) views[h].pos = c->pos_copy;
+    return TSR_OK;
+}
+
+/* Every sequence sees the rows of the oldest live one. */
+static tsr_status other_seq_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                 tsr_kv_view *views) {
+    kvc *c = self;
+    for (int32_t i = 0; i < c->kv.n_seq_max; i++)
+        if (c->kv.seqs[i].alive) return kvc_view(self, c->kv.seqs[i].id, layer, phase, views);
+    return kvc_view(self, seq, layer, phase, views);
+}
+
+/* The last KV head shows the first one's keys. */
+static tsr_status head_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                            tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    if (st >= 0) views[c->kv.n_kv_head - 1].k = views[0].k;
+    return st;
+}
+
+/* A "fork" that makes dst another name for src's storage. */
+static tsr_status share_fork(void *self, int64_t src, int64_t dst) {
+    kvc *c = self;
+    if (!tsr_kv_store_find_or_fail(&c->kv, src, "seq_fork")) return TSR_E_INVALID;
+    c->alias_src = src;
+    c->alias_dst = dst;
+    return TSR_OK;
+}
+
+static void share_seq_end(void *self, int64_t seq) {
+    kvc *c = self;
+    if (seq == c->alias_dst) c->alias_dst = -1;
+    else tsr_kv_store_seq_end(self, seq);
+}
+
+/* Says it truncated and keeps everything. */
+static tsr_status keep_truncate(void *self, int64_t seq, int32_t n_pos) {
+    kvc *c = self;
+    return tsr_kv_store_find_or_fail(&c->kv, seq, "seq_truncate") ? TSR_OK : TSR_E_INVALID;
+}
+
+/* Frees the rows but forgets to take them out of the entry count. */
+static void stats_seq_end(void *self, int64_t seq) {
+    kvc *c = self;
+    int64_t entries = c->kv.entries;
+    tsr_kv_store_seq_end(self, seq);
+    c->kv.entries = entries;
+}
+
+/* Refuses every truncation, though it never evicts. */
+static tsr_status refuse_truncate(void *self, int64_t seq, int32_t n_pos) {
+    kvc *c = self;
+    c->kv.host->set_error(c->kv.host->ctx, "seq_truncate: not supported");
+    return TSR_E_UNSUPPORTED;
+}
+
+/* Counts rows once per layer instead of once per layer and KV head. */
+static void per_layer_stats(void *self, tsr_cache_stats *out) {
+    kvc *c = self;
+    tsr_kv_store_stats(self, out);
+    out->entries /= c->kv.n_kv_head;
+}
+
+/* Rows half a row apart. */
+static tsr_status stride_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                              tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) views[h].k_stride /= 2;
+    return st;
+}
+
+/* ok-scores: asks for scores from position 0 on every view. */
+static float *scores_of(kvc *c, int64_t seq, int32_t layer, int32_t head) {
+    tsr_kv_seq *s = tsr_kv_store_find(&c->kv, seq);
+    size_t slot = (size_t)(s - c->kv.seqs);
+    return c->acc + ((slot * c->kv.n_layer + (size_t)layer) * c->kv.n_kv_head + head) *
+                        (size_t)c->kv.n_ctx;
+}
+
+static tsr_status scores_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                              tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++)
+        views[h].score_acc = scores_of(c, seq, layer, h);
+    return st;
+}
+
+/* Every query sees its own entry at least, so each KV head's scores sum to its query heads
+ * times the queries of the step: the runner plays attention as the contract says, or this
+ * fixture fails. */
+static tsr_status scores_step_end(void *self, int64_t seq) {
+    kvc *c = self;
+    const tsr_kv_seq *s = tsr_kv_store_find(&c->kv, seq);
+    double want = (double)(c->n_head / c->kv.n_kv_head) * (double)c->last_n[s - c->kv.seqs];
+    for (int32_t l = 0; l < c->kv.n_layer; l++)
+        for (int32_t h = 0; h < c->kv.n_kv_head; h++) {
+            float *acc = scores_of(c, seq, l, h);
+            double sum = 0;
+            for (int64_t j = 0; j < s->layers[l].n; j++) sum += acc[j];
+            if (fabs(sum - want) > 1e-3 * want) {
+                c->kv.host->set_error(c->kv.host->ctx, "layer %d head %d: scores sum to %g, "
+                                      "expected %g", (int)l, (int)h, sum, want);
+                return TSR_E_INTERNAL;
+            }
+            memset(acc, 0, (size_t)c->kv.n_ctx * sizeof *acc);
+        }
+    return TSR_OK;
+}
+
+#define KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,     \
+                       hook_fn, stats_fn, what)                                             \
+    static const tsr_cache_vtable id##_vt = {                                               \
+        TSR_SIZED(tsr_cache_vtable), .create = kvc_create, .destroy = kvc_destroy,          \
+        .seq_begin = tsr_kv_store_seq_begin, .seq_end = seq_end_fn, .seq_fork = fork_fn,    \
+        .seq_truncate = truncate_fn, .store = store_fn, .view = view_fn,                    \
+        .prefill_end = hook_fn, .step_end = hook_fn, .stats = stats_fn};                    \
+    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_CACHE, CACHE),           \
+                                       .name = name_text, .version = "0",                   \
+                                       .description = what,                                 \
+                                       .vtable = &id##_vt};
+
+#define KV_CACHE(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn, hook_fn,  \
+                 what)                                                                      \
+    KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,      \
+                   hook_fn, tsr_kv_store_stats, what)
+
+#define KV_CACHE_PLAIN(id, name_text, store_fn, view_fn, seq_end_fn, what) \
+    KV_CACHE(id, name_text, store_fn, view_fn, NULL, NULL, seq_end_fn, NULL, what)
+
+KV_CACHE_PLAIN(cache_desc, "bad-cache", kvc_store, unstored_view, tsr_kv_store_seq_end,
+               "exposes a position it never stored")
+KV_CACHE_PLAIN(cache_f16, "bad-cache-f16", coarse_f16_store, kvc_view, tsr_kv_store_seq_end,
+               "keeps F16 rows with a bit of precision less than F16")
+KV_CACHE_PLAIN(cache_layer2, "bad-cache-layer2", layer2_store, kvc_view, tsr_kv_store_seq_end,
+               "store fails from layer 2 on")
+KV_CACHE_PLAIN(cache_twice, "bad-cache-twice", kvc_store, twice_view, tsr_kv_store_seq_end,
+               "exposes one position twice")
+KV_CACHE_PLAIN(cache_other_seq, "bad-cache-other-seq", kvc_store, other_seq_view,
+               tsr_kv_store_seq_end,
+               "shows every sequence the rows of the oldest one")
+KV_CACHE_PLAIN(cache_head, "bad-cache-head", kvc_store, head_view, tsr_kv_store_seq_end,
+               "gives the last KV head the first one's keys")
+KV_CACHE(cache_fork_share, "bad-cache-fork-share", kvc_store, kvc_view, share_fork, NULL,
+         share_seq_end, NULL,
+         "forks by sharing the source's storage")
+KV_CACHE(cache_truncate, "bad-cache-truncate", kvc_store, kvc_view, NULL, keep_truncate,
+         tsr_kv_store_seq_end, NULL,
+         "truncates nothing")
+KV_CACHE_PLAIN(cache_stats, "bad-cache-stats", kvc_store, kvc_view, stats_seq_end,
+               "keeps counting the entries of an ended sequence")
+KV_CACHE(cache_refuse, "bad-cache-refuse-truncate", kvc_store, kvc_view, NULL, refuse_truncate,
+         tsr_kv_store_seq_end, NULL, "refuses to truncate though it evicted nothing")
+KV_CACHE_STATS(cache_count, "bad-cache-count", kvc_store, kvc_view, NULL, NULL,
+               tsr_kv_store_seq_end, NULL, per_layer_stats,
+               "counts entries once per layer, not per layer and KV head")
+KV_CACHE_PLAIN(cache_stride, "bad-cache-stride", kvc_store, stride_view, tsr_kv_store_seq_end,
+               "gives key rows a stride of half a row")
+KV_CACHE(ok_scores, "ok-cache-scores", kvc_store, scores_view, NULL, NULL, tsr_kv_store_seq_end,
+         scores_step_end,
+         "passes: checks that the runner fills score_acc as attention would")
 
 /* ---- attention: the plain mean of every value, no softmax, no causal mask ----------------- */
 
@@ -203,6 +497,76 @@ static tsr_status attn_forward(void *self, const tsr_attention_call *call) {
         }
     return TSR_OK;
 }
+
+/* Softmax attention as the contract says, but for the one flaw `flaw` names. */
+enum attn_flaw { ATTN_NO_MASK, ATTN_GQA_MODULO, ATTN_NO_SCORES, ATTN_SKIP_BLIND_ROWS };
+
+static tsr_status attn_flawed(const attn *a, const tsr_attention_call *call,
+                              enum attn_flaw flaw) {
+    const tsr_host *host = a->host;
+    const int32_t hd = a->init.head_dim, nh = a->init.n_head, nkv = a->init.n_kv_head;
+    int64_t n_max = 0;
+    for (int32_t g = 0; g < nkv; g++)
+        if (call->views[g].n > n_max) n_max = call->views[g].n;
+    double *p = host->alloc(host->ctx, ((size_t)n_max + 1) * sizeof *p, 0);
+    float *row = host->alloc(host->ctx, (size_t)hd * sizeof *row, 0);
+    if (!p || !row) {
+        host->free(host->ctx, p);
+        host->free(host->ctx, row);
+        host->set_error(host->ctx, "out of memory");
+        return TSR_E_NOMEM;
+    }
+    for (int64_t t = 0; t < call->n_q; t++)
+        for (int32_t h = 0; h < nh; h++) {
+            const tsr_kv_view *v = &call->views[flaw == ATTN_GQA_MODULO ? h % nkv : h / (nh / nkv)];
+            const float *q = call->q + ((size_t)t * nh + h) * hd;
+            float *o = call->out + ((size_t)t * nh + h) * hd;
+            double mx = -INFINITY, sum = 0;
+            for (int64_t j = 0; j < v->n; j++) {
+                p[j] = -INFINITY;
+                if (flaw != ATTN_NO_MASK && v->pos[j] > call->q_pos[t]) continue;
+                size_t stride;
+                const float *k = tsr_kv_view_rows(v, 0, j, 1, hd, row, &stride);
+                double s = 0;
+                for (int32_t i = 0; i < hd; i++) s += (double)q[i] * k[i];
+                p[j] = s * call->scale;
+                mx = fmax(mx, p[j]);
+            }
+            if (mx == -INFINITY && flaw == ATTN_SKIP_BLIND_ROWS) continue;
+            for (int32_t i = 0; i < hd; i++) o[i] = 0;
+            if (mx == -INFINITY) continue;
+            for (int64_t j = 0; j < v->n; j++) sum += p[j] = exp(p[j] - mx);
+            for (int64_t j = 0; j < v->n; j++) {
+                size_t stride;
+                const float *val = tsr_kv_view_rows(v, 1, j, 1, hd, row, &stride);
+                for (int32_t i = 0; i < hd; i++) o[i] += (float)(p[j] / sum * val[i]);
+                if (v->score_acc && flaw != ATTN_NO_SCORES && call->q_pos[t] >= v->score_from_pos)
+                    v->score_acc[j] += (float)(p[j] / sum);
+            }
+        }
+    host->free(host->ctx, p);
+    host->free(host->ctx, row);
+    return TSR_OK;
+}
+
+#define ATTENTION(id, name_text, flaw, what)                                                \
+    static tsr_status id##_forward(void *self, const tsr_attention_call *call) {            \
+        return attn_flawed(self, call, flaw);                                               \
+    }                                                                                       \
+    static const tsr_attention_vtable id##_vt = {TSR_SIZED(tsr_attention_vtable),           \
+                                                 .create = attn_create,                     \
+                                                 .destroy = attn_destroy,                   \
+                                                 .forward = id##_forward};                  \
+    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_ATTENTION, ATTENTION),   \
+                                       .name = name_text, .version = "0",                   \
+                                       .description = what, .vtable = &id##_vt};
+
+ATTENTION(attn_causal, "bad-attention-causal", ATTN_NO_MASK, "ignores the causal mask")
+ATTENTION(attn_gqa, "bad-attention-gqa", ATTN_GQA_MODULO,
+          "query head h reads KV head h % n_kv_head")
+ATTENTION(attn_scores, "bad-attention-scores", ATTN_NO_SCORES, "never adds to score_acc")
+ATTENTION(attn_blind, "bad-attention-blind", ATTN_SKIP_BLIND_ROWS,
+          "leaves the rows of queries that see no entry unwritten")
 
 static const tsr_attention_vtable attn_vt = {
     TSR_SIZED(tsr_attention_vtable), .create = attn_create, .destroy = attn_destroy,
@@ -243,12 +607,141 @@ static tsr_status router_route(void *self, const tsr_route_call *call) {
     return TSR_OK;
 }
 
+/* Top-k as k times the argmax, never excluding what it chose. */
+static tsr_status twice_route(void *self, const tsr_route_call *call) {
+    const router *r = self;
+    for (int64_t t = 0; t < call->n_tok; t++) {
+        const float *g = call->gate_logits + t * r->n_expert;
+        int32_t best = 0;
+        for (int32_t e = 1; e < r->n_expert; e++)
+            if (g[e] > g[best]) best = e;
+        for (int32_t s = 0; s < call->k; s++) {
+            call->experts[t * call->k + s] = best;
+            call->weights[t * call->k + s] = 1.0f / (float)call->k;
+        }
+    }
+    return TSR_OK;
+}
+
+static const tsr_router_vtable router_twice_vt = {
+    TSR_SIZED(tsr_router_vtable), .create = router_create, .destroy = router_destroy,
+    .route = twice_route};
+static const tsr_plugin_desc router_twice_desc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_ROUTER, ROUTER), .name = "bad-router-twice", .version = "0",
+    .description = "picks one expert for every slot", .vtable = &router_twice_vt};
+
 static const tsr_router_vtable router_vt = {
     TSR_SIZED(tsr_router_vtable), .create = router_create, .destroy = router_destroy,
     .route = router_route};
 static const tsr_plugin_desc router_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_ROUTER, ROUTER), .name = "bad-router", .version = "0",
     .description = "routes to expert n_expert", .vtable = &router_vt};
+
+/* ---- backend: allocates its own buffers but offers no upload or download ------------------ */
+
+typedef struct backend {
+    const tsr_host *host;
+} backend;
+
+static tsr_status be_create(const tsr_host *host, const tsr_params *p,
+                            const tsr_backend_init *init, void **out) {
+    backend *b = tsr_calloc(host, 1, sizeof *b);
+    if (!b) return TSR_E_NOMEM;
+    b->host = host;
+    *out = b;
+    return TSR_OK;
+}
+
+static void be_destroy(void *self) {
+    backend *b = self;
+    b->host->free(b->host->ctx, b);
+}
+
+static tsr_status be_buffer_alloc(void *self, size_t bytes, void **out) {
+    backend *b = self;
+    *out = b->host->alloc(b->host->ctx, bytes, 64);
+    return *out ? TSR_OK : TSR_E_NOMEM;
+}
+
+static void be_buffer_free(void *self, void *buf) {
+    backend *b = self;
+    b->host->free(b->host->ctx, buf);
+}
+
+static int32_t be_supports(void *self, int32_t dtype) { return dtype == TSR_DTYPE_F32; }
+
+static tsr_status be_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                            int64_t n) {
+    const float *wd = w->data;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t o = 0; o < w->ne[1]; o++) {
+            double s = 0;
+            for (int64_t i = 0; i < w->ne[0]; i++)
+                s += (double)x[t * w->ne[0] + i] * wd[o * w->ne[0] + i];
+            y[t * w->ne[1] + o] = (float)s;
+        }
+    return TSR_OK;
+}
+
+static tsr_status be_get_rows(void *self, float *y, const tsr_tensor *w, const int32_t *ids,
+                              int64_t n) {
+    for (int64_t t = 0; t < n; t++)
+        memcpy(y + t * w->ne[0], (const float *)w->data + ids[t] * w->ne[0],
+               (size_t)w->ne[0] * sizeof(float));
+    return TSR_OK;
+}
+
+static tsr_status be_rms_norm(void *self, float *y, const float *x, const float *weight,
+                              int64_t n, int64_t dim, float eps) {
+    for (int64_t t = 0; t < n; t++) {
+        double ss = 0;
+        for (int64_t i = 0; i < dim; i++) ss += (double)x[t * dim + i] * x[t * dim + i];
+        double inv = 1.0 / sqrt(ss / (double)dim + eps);
+        for (int64_t i = 0; i < dim; i++)
+            y[t * dim + i] = (float)(x[t * dim + i] * inv * weight[i]);
+    }
+    return TSR_OK;
+}
+
+static tsr_status be_rope(void *self, float *x, const int32_t *pos, int64_t n, int32_t n_head,
+                          int32_t head_dim, const tsr_rope_params *rope) {
+    for (int64_t t = 0; t < n; t++)
+        for (int32_t h = 0; h < n_head; h++) {
+            float *xi = x + (t * n_head + h) * head_dim;
+            for (int32_t i = 0; i < rope->n_rot / 2; i++) {
+                double theta = pos[t] * (double)rope->freq_scale *
+                               pow(rope->freq_base, -2.0 * i / rope->n_rot);
+                int32_t i0 = rope->mode == TSR_ROPE_NEOX ? i : 2 * i;
+                int32_t i1 = rope->mode == TSR_ROPE_NEOX ? i + rope->n_rot / 2 : 2 * i + 1;
+                double a = xi[i0], b = xi[i1];
+                xi[i0] = (float)(a * cos(theta) - b * sin(theta));
+                xi[i1] = (float)(a * sin(theta) + b * cos(theta));
+            }
+        }
+    return TSR_OK;
+}
+
+static tsr_status be_swiglu(void *self, float *y, const float *gate, const float *up,
+                            int64_t n, int64_t dim) {
+    for (int64_t i = 0; i < n * dim; i++)
+        y[i] = (float)(gate[i] / (1.0 + exp(-(double)gate[i])) * up[i]);
+    return TSR_OK;
+}
+
+static tsr_status be_add(void *self, float *y, const float *a, const float *b, int64_t n,
+                         int64_t dim, int64_t b_rows) {
+    for (int64_t i = 0; i < n * dim; i++) y[i] = a[i] + b[b_rows == 1 ? i % dim : i];
+    return TSR_OK;
+}
+
+static const tsr_backend_vtable backend_vt = {
+    TSR_SIZED(tsr_backend_vtable), .create = be_create, .destroy = be_destroy,
+    .buffer_alloc = be_buffer_alloc, .buffer_free = be_buffer_free, .supports = be_supports,
+    .matmul = be_matmul, .get_rows = be_get_rows, .rms_norm = be_rms_norm, .rope = be_rope,
+    .swiglu = be_swiglu, .add = be_add};
+static const tsr_plugin_desc backend_desc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND), .name = "bad-backend-memory", .version = "0",
+    .description = "allocates buffers but offers no upload or download", .vtable = &backend_vt};
 
 /* ---- quantizer: keeps F32 in place but dequantizes to zeros -------------------------------- */
 
@@ -293,5 +786,10 @@ static const tsr_plugin_desc quantizer_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER), .name = "bad-quantizer", .version = "0",
     .description = "dequantizes every weight to zero", .vtable = &quant_vt};
 
-TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &param, &cache_desc, &attention_desc,
-                  &router_desc, &quantizer_desc)
+TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &fork_leak, &scatter,
+                  &memory, &pick, &param, &cache_desc, &cache_f16, &cache_layer2, &cache_twice,
+                  &cache_other_seq, &cache_head, &cache_fork_share, &cache_truncate,
+                  &cache_stats, &cache_refuse, &cache_count, &cache_stride,
+                  &ok_scores, &attention_desc, &attn_causal, &attn_gqa,
+                  &attn_scores, &attn_blind, &router_desc, &router_twice_desc, &backend_desc,
+                  &quantizer_desc)
