@@ -233,8 +233,27 @@ START_TEST(file_paths_resolve) {
     snprintf(want, sizeof want, "%s: cannot open: No such file or directory", path);
     ck_assert_str_eq(err.msg, want);
     ck_assert_int_eq(tsr_config_load(dir, &cfg, &err), TSR_E_IO);
-    snprintf(want, sizeof want, "%s: cannot read: Is a directory", dir);
+    snprintf(want, sizeof want, "%s: a folder, not a regular file", dir);
     ck_assert_str_eq(err.msg, want);
+    /* a FIFO is refused at once, not waited on */
+    char *fifo = tsr_test_fifo();
+    ck_assert_ptr_nonnull(fifo);
+    ck_assert_int_eq(tsr_config_load(fifo, &cfg, &err), TSR_E_IO);
+    snprintf(want, sizeof want, "%s: a FIFO, not a regular file", fifo);
+    ck_assert_str_eq(err.msg, want);
+    unlink(fifo);
+    free(fifo);
+    /* a file one byte over the limit is refused before it is read (a sparse file: no disk) */
+    snprintf(path, sizeof path, "%s/huge.yaml", dir);
+    ck_assert_int_eq(tsr_test_write_file(path, "tessera: 1\n", 11), 0);
+    ck_assert_int_eq(truncate(path, (16 << 20) + 1), 0);
+    ck_assert_int_eq(tsr_config_load(path, &cfg, &err), TSR_E_INVALID);
+    snprintf(want, sizeof want, "%s: 16777217 bytes; a config file has at most 16777216", path);
+    ck_assert_str_eq(err.msg, want);
+    ck_assert_int_eq(truncate(path, 16 << 20), 0);
+    ck_assert_int_eq(tsr_config_load(path, &cfg, &err), TSR_E_INVALID);
+    ck_assert_msg(strstr(err.msg, "not readable as YAML text") != NULL, "%s", err.msg);
+    unlink(path);
 
     /* an empty file */
     snprintf(path, sizeof path, "%s/empty.yaml", dir);

@@ -868,7 +868,15 @@ START_TEST(open_errors) {
     ck_assert_int_eq(tsr_gguf_open("/nonexistent/m.gguf", &g, &err), TSR_E_IO);
     ck_assert_str_eq(err.msg, "/nonexistent/m.gguf: cannot open: No such file or directory");
     ck_assert_int_eq(tsr_gguf_open("/tmp", &g, &err), TSR_E_IO);
-    ck_assert_str_eq(err.msg, "/tmp: not a regular file");
+    ck_assert_str_eq(err.msg, "/tmp: a folder, not a regular file");
+    /* Refused at once: opening a FIFO to read it would wait for a writer forever. */
+    char *fifo = tsr_test_fifo();
+    ck_assert_ptr_nonnull(fifo);
+    ck_assert_int_eq(tsr_gguf_open(fifo, &g, &err), TSR_E_IO);
+    ck_assert_str_eq(err.msg, fmt("%s: a FIFO, not a regular file", fifo));
+    ck_assert_ptr_null(g);
+    unlink(fifo);
+    free(fifo);
     char *path = tmp_path("empty.gguf");
     ck_assert_int_eq(tsr_test_write_file(path, "", 0), 0);
     ck_assert_int_lt(tsr_gguf_open(path, &g, &err), 0);

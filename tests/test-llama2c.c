@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "files/dtype.h"
 #include "files/gguf.h"
@@ -252,6 +253,14 @@ START_TEST(open_from_file) {
     tsr_gguf_close(g);
     ck_assert_int_lt(tsr_llama2c_open("/nonexistent/m.bin", &g, &err), 0);
     ck_assert_str_eq(err.msg, "/nonexistent/m.bin: cannot open: No such file or directory");
+    char *fifo = tsr_test_fifo();
+    ck_assert_ptr_nonnull(fifo);
+    ck_assert_int_eq(tsr_llama2c_open(fifo, &g, &err), TSR_E_IO);
+    char want[4200];
+    snprintf(want, sizeof want, "%s: a FIFO, not a regular file", fifo);
+    ck_assert_str_eq(err.msg, want);
+    unlink(fifo);
+    free(fifo);
     free(dir);
     free(p);
 }

@@ -83,6 +83,20 @@ char *tsr_test_tmpdir(void) {
     return strdup(tmpl);
 }
 
+char *tsr_test_fifo(void) {
+    char *dir = tsr_test_tmpdir();
+    if (!dir) return NULL;
+    size_t n = strlen(dir) + sizeof "/fifo";
+    char *path = malloc(n);
+    if (path) snprintf(path, n, "%s/fifo", dir);
+    free(dir);
+    if (path && mkfifo(path, 0600) != 0) {
+        free(path);
+        return NULL;
+    }
+    return path;
+}
+
 /* Drains both pipes together so a child that fills one does not block. */
 static void drain(int fd_out, int fd_err, char **out, char **err) {
     struct pollfd fds[2] = {{fd_out, POLLIN, 0}, {fd_err, POLLIN, 0}};

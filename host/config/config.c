@@ -4,7 +4,6 @@
 #include "config/config.h"
 
 #include <ctype.h>
-#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -12,6 +11,8 @@
 #include <string.h>
 
 #include <yaml.h>
+
+#include "base/file.h"
 
 /* The built-in default pipeline: the only place in the host that names plugins. */
 static const char *const default_plugin[TSR_STAGE_COUNT + 1] = {
@@ -736,51 +737,17 @@ tsr_status tsr_config_load_string(const char *yaml, const char *name, tsr_config
 
 tsr_status tsr_config_load(const char *path, tsr_config **out, tsr_error *err) {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
-    size_t len = 0, cap = 0;
-    char *buf = NULL;
-    int read_errno = 0;
-    bool more = false;
-    for (;;) {
-        if (len == cap) {
-            if (cap == MAX_FILE_BYTES) {
-                more = fgetc(f) != EOF;
-                break;
-            }
-            cap = cap ? cap * 4 : 4096;
-            cap = cap > MAX_FILE_BYTES ? MAX_FILE_BYTES : cap;
-            char *grown = realloc(buf, cap);
-            if (!grown) {
-                free(buf);
-                fclose(f);
-                return oom(err);
-            }
-            buf = grown;
-        }
-        size_t got = fread(buf + len, 1, cap - len, f);
-        len += got;
-        if (got == 0) {
-            read_errno = ferror(f) ? errno : 0;
-            break;
-        }
-    }
-    fclose(f);
-    tsr_status st;
-    if (read_errno) {
-        st = tsr_error_set(err, TSR_E_IO, "%s: cannot read: %s", path, strerror(read_errno));
-    } else if (more) {
-        st = tsr_error_set(err, TSR_E_INVALID, "%s: larger than %d MiB; not a config file", path,
-                           MAX_FILE_BYTES >> 20);
-    } else {
-        const char *slash = strrchr(path, '/');
-        char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : NULL;
-        if (slash && !dir)
-            st = oom(err);
-        else
-            st = load_buffer(buf, len, path, dir, out, err);
-        free(dir);
-    }
+    char *buf;
+    size_t len;
+    tsr_status st = tsr_file_read(path, MAX_FILE_BYTES, "config file", &buf, &len, err);
+    if (st < 0) return st;
+    const char *slash = strrchr(path, '/');
+    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : NULL;
+    if (slash && !dir)
+        st = oom(err);
+    else
+        st = load_buffer(buf, len, path, dir, out, err);
+    free(dir);
     free(buf);
     return st;
 }

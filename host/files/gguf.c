@@ -9,16 +9,15 @@
 #include "files/gguf.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/file.h"
 #include "files/dtype.h"
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -687,24 +686,19 @@ int tsr_gguf_open_memory(const void *data, size_t size, const char *name, tsr_gg
 int tsr_gguf_map_file(const char *path, void **addr, size_t *size, tsr_error *err) {
     *addr = NULL;
     *size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return tsr_error_set(err, TSR_E_IO, "%s: not a regular file", path);
-    }
-    if (st.st_size > 0) {
-        void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    uint64_t bytes;
+    int fd = tsr_file_open_regular(path, &bytes, err);
+    if (fd < 0) return fd;
+    if (bytes > 0) {
+        void *map = mmap(NULL, (size_t)bytes, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map == MAP_FAILED) {
             int e = errno;
             close(fd);
-            return tsr_error_set(err, TSR_E_IO, "%s: cannot map %jd bytes: %s", path,
-                                 (intmax_t)st.st_size, strerror(e));
+            return tsr_error_set(err, TSR_E_IO, "%s: cannot map %" PRIu64 " bytes: %s", path,
+                                 bytes, strerror(e));
         }
         *addr = map;
-        *size = (size_t)st.st_size;
+        *size = (size_t)bytes;
     }
     close(fd);
     return TSR_OK;

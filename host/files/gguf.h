@@ -164,8 +164,9 @@ const tsr_gguf_tensor *tsr_gguf_find_tensor(const tsr_gguf *g, const char *name)
 /* An empty model named `name` (copied), version 0, alignment 32. NULL on out of memory. */
 tsr_gguf *tsr_gguf_new(const char *name);
 
-/* Maps a whole regular file read-only (MAP_PRIVATE). An empty file gives *addr = NULL and
- * *size = 0. The caller hands the mapping to tsr_gguf_adopt_mapping or munmaps it. */
+/* Maps a whole regular file read-only (MAP_PRIVATE); anything else (a FIFO, a folder...) is
+ * refused without blocking, as tsr_file_open_regular does. An empty file gives *addr = NULL
+ * and *size = 0. The caller hands the mapping to tsr_gguf_adopt_mapping or munmaps it. */
 int tsr_gguf_map_file(const char *path, void **addr, size_t *size, tsr_error *err);
 
 /* Hands a mapping made with mmap to the model, which munmaps it at close. */
