@@ -182,8 +182,17 @@ START_TEST(truncated_and_oversized) {
     expect_size_error(+4, "m.bin: file size 4376 does not match its llama2.c header (dim 8, "
                           "hidden_dim 12, n_layers 2, n_heads 4, n_kv_heads 2, vocab_size 10, "
                           "seq_len 3): expected 4372 bytes");
+    /* one byte either way: the size must be exact */
+    expect_size_error(-1, "m.bin: file size 4371 does not match its llama2.c header (dim 8, "
+                          "hidden_dim 12, n_layers 2, n_heads 4, n_kv_heads 2, vocab_size 10, "
+                          "seq_len 3): expected 4372 bytes");
+    expect_size_error(+1, "m.bin: file size 4373 does not match its llama2.c header (dim 8, "
+                          "hidden_dim 12, n_layers 2, n_heads 4, n_kv_heads 2, vocab_size 10, "
+                          "seq_len 3): expected 4372 bytes");
     expect_size_error(-4360, "m.bin: offset 0: file ends in the llama2.c header (28 bytes "
                              "needed, 12 left)");
+    expect_size_error(-4345, "m.bin: offset 0: file ends in the llama2.c header (28 bytes "
+                             "needed, 27 left)");
 }
 END_TEST
 

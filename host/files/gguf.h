@@ -67,7 +67,8 @@ typedef struct tsr_gguf_tensor {
 /* Opening                                                                                    */
 
 /* Maps `path` (read-only, private) and validates it: header, every key, the tensor table,
- * each tensor's type, shape, alignment and extent. On failure returns a negative status,
+ * each tensor's type, shape, alignment and extent (inside the data section, and no two
+ * tensors sharing a byte). On failure returns a negative status,
  * sets *out = NULL, and `err` holds one line naming the file and the offset or key at fault,
  * e.g. "m.gguf: offset 8: tensor count 4294967296 exceeds the file size (120 bytes)". */
 int tsr_gguf_open(const char *path, tsr_gguf **out, tsr_error *err);
