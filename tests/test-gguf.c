@@ -107,6 +107,22 @@ static void data_bytes(gguf_bytes *b, size_t n) {
     }
 }
 
+/* A file (no keys) of F32 tensors (name, element count, offset) over `data` bytes of data. */
+typedef struct placed {
+    const char *name;
+    uint64_t n;
+    uint64_t offset;
+} placed;
+
+static gguf_bytes placed_file(const placed *t, size_t n_tensors, size_t data) {
+    gguf_bytes b = {0};
+    tensor_file(&b, (uint32_t)n_tensors);
+    for (size_t i = 0; i < n_tensors; i++)
+        tensor_info(&b, t[i].name, 1, &t[i].n, TSR_DTYPE_F32, t[i].offset, NULL);
+    data_bytes(&b, data);
+    return b;
+}
+
 static char *fmt(const char *f, ...) __attribute__((format(printf, 1, 2)));
 static char *fmt(const char *f, ...) {
     static char buf[1024];
@@ -676,11 +692,7 @@ END_TEST
 
 START_TEST(empty_tensor_at_the_end) {
     /* A tensor of 0 elements may sit exactly at the end of the file: it holds no bytes. */
-    gguf_bytes b = {0};
-    tensor_file(&b, 2);
-    tensor_info(&b, "a", 1, (uint64_t[]){8}, TSR_DTYPE_F32, 0, NULL);
-    tensor_info(&b, "none", 1, (uint64_t[]){0}, TSR_DTYPE_F32, 32, NULL);
-    data_bytes(&b, 32);
+    gguf_bytes b = placed_file((placed[]){{"a", 8, 0}, {"none", 0, 32}}, 2, 32);
     tsr_gguf *g = open_ok(&b);
     const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, "none");
     ck_assert_uint_eq(t->size, 0);
@@ -688,11 +700,7 @@ START_TEST(empty_tensor_at_the_end) {
     tsr_gguf_close(g);
     /* One alignment step further is past the end. */
     free(b.p);
-    b = (gguf_bytes){0};
-    tensor_file(&b, 2);
-    tensor_info(&b, "a", 1, (uint64_t[]){8}, TSR_DTYPE_F32, 0, NULL);
-    tensor_info(&b, "none", 1, (uint64_t[]){0}, TSR_DTYPE_F32, 64, NULL);
-    data_bytes(&b, 32);
+    b = placed_file((placed[]){{"a", 8, 0}, {"none", 0, 64}}, 2, 32);
     expect_error(&b, "t.gguf: tensor 'none': data offset 64 is past the end of the file (128 "
                      "bytes, data section at 96)");
     free(b.p);
@@ -911,22 +919,6 @@ START_TEST(duplicate_tensors) {
     free(b.p);
 }
 END_TEST
-
-/* A file of tensors (name, element count, offset) over `data` bytes of data. */
-typedef struct placed {
-    const char *name;
-    uint64_t n;
-    uint64_t offset;
-} placed;
-
-static gguf_bytes placed_file(const placed *t, size_t n_tensors, size_t data) {
-    gguf_bytes b = {0};
-    tensor_file(&b, (uint32_t)n_tensors);
-    for (size_t i = 0; i < n_tensors; i++)
-        tensor_info(&b, t[i].name, 1, &t[i].n, TSR_DTYPE_F32, t[i].offset, NULL);
-    data_bytes(&b, data);
-    return b;
-}
 
 START_TEST(overlapping_tensors) {
     static const struct {
