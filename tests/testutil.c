@@ -83,14 +83,20 @@ char *tsr_test_tmpdir(void) {
     return strdup(tmpl);
 }
 
-char *tsr_test_fifo(void) {
+char *tsr_test_tmp_path(const char *name) {
     char *dir = tsr_test_tmpdir();
-    if (!dir) return NULL;
-    size_t n = strlen(dir) + sizeof "/fifo";
+    ck_assert_ptr_nonnull(dir);
+    size_t n = strlen(dir) + strlen(name) + 2;
     char *path = malloc(n);
-    if (path) snprintf(path, n, "%s/fifo", dir);
+    ck_assert_ptr_nonnull(path);
+    snprintf(path, n, "%s/%s", dir, name);
     free(dir);
-    if (path && mkfifo(path, 0600) != 0) {
+    return path;
+}
+
+char *tsr_test_fifo(void) {
+    char *path = tsr_test_tmp_path("fifo");
+    if (mkfifo(path, 0600) != 0) {
         free(path);
         return NULL;
     }
