@@ -1,8 +1,9 @@
 /* Loading a model file (tsr_model_load) when the file is malformed or hostile: hyper-parameters
  * that would run and print garbage (a NaN epsilon, a zero block count...), norm weights that
  * are not finite, files that are neither GGUF nor llama2.c, and files that are not regular
- * files (a FIFO must be refused at once, also by the `tessera` program). Each case asserts the
- * exact error line. The models are tiny GGUF files this test writes itself. */
+ * files (a FIFO must be refused at once); then the same refusals from the `tessera` program's
+ * commands. Each case asserts the exact error line. The models are tiny GGUF files this test
+ * writes itself. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -361,6 +362,18 @@ START_TEST(fifo_is_refused) {
 }
 END_TEST
 
+/* Each of the n command lines must fail (exit 1) printing nothing but the line `want`. */
+static void expect_cli_errors(const char *const *const *runs, size_t n, const char *want) {
+    for (size_t i = 0; i < n; i++) {
+        char *out, *err;
+        ck_assert_int_eq(tsr_test_tessera(&out, &err, runs[i]), 1);
+        ck_assert_str_eq(out, "");
+        ck_assert_str_eq(err, want);
+        free(out);
+        free(err);
+    }
+}
+
 /* The program: a FIFO given as the model, the tokenizer or the config ends it at once with one
  * line (a blocking open would hang it until the test's timeout). */
 START_TEST(cli_refuses_fifos) {
@@ -374,18 +387,30 @@ START_TEST(cli_refuses_fifos) {
                                   NULL};
     const char *as_config[] = {"validate", fifo, NULL};
     const char *const *runs[] = {as_model, as_tokenizer, as_config};
-    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
-        char *out, *err;
-        ck_assert_int_eq(tsr_test_tessera(&out, &err, runs[i]), 1);
-        ck_assert_str_eq(out, "");
-        ck_assert_str_eq(err, want);
-        free(out);
-        free(err);
-    }
+    expect_cli_errors(runs, sizeof runs / sizeof runs[0], want);
     unlink(model);
     free(model);
     unlink(fifo);
     free(fifo);
+}
+END_TEST
+
+/* The commands that open a model file without loading a model name it the same way. */
+START_TEST(cli_names_unknown_files) {
+    char *path = write_bytes("", 0);
+    char *out_path = tsr_test_tmp_path("out.gguf");
+    char want[4200];
+    snprintf(want, sizeof want, "tessera: %s: empty file; expected a GGUF model or a llama2.c "
+             "checkpoint\n", path);
+    const char *tokenize[] = {"tokenize", "-m", path, "-p", "x", NULL};
+    const char *quantize[] = {"quantize", path, out_path, "q8_0", NULL};
+    const char *run[] = {"run", "-m", path, "-p", "x", "-n", "1", NULL};
+    const char *const *runs[] = {tokenize, quantize, run};
+    expect_cli_errors(runs, sizeof runs / sizeof runs[0], want);
+    ck_assert_int_ne(access(out_path, F_OK), 0);
+    unlink(path);
+    free(path);
+    free(out_path);
 }
 END_TEST
 
@@ -401,6 +426,7 @@ static Suite *model_load_suite(void) {
     tcase_add_test(tc, llama2c_checkpoint_loads);
     tcase_add_test(tc, fifo_is_refused);
     tcase_add_test(tc, cli_refuses_fifos);
+    tcase_add_test(tc, cli_names_unknown_files);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -20,8 +20,6 @@
  * version. */
 #define LLAMA2C_EXPORT_MAGIC 0x616b3432u
 
-typedef enum model_format { MODEL_FORMAT_GGUF, MODEL_FORMAT_LLAMA2C } model_format;
-
 /* Reads up to n bytes from the start of regular file `path`; returns how many, or a negative
  * status (err filled). */
 static int read_head(const char *path, uint8_t *buf, size_t n, tsr_error *err) {
@@ -48,7 +46,8 @@ bool tsr_file_is_gguf(const char *path) {
     return read_head(path, magic, sizeof magic, NULL) == 4 && memcmp(magic, "GGUF", 4) == 0;
 }
 
-static tsr_status detect_format(const char *path, model_format *format, tsr_error *err) {
+/* Which reader `path` needs: *llama2c false for GGUF, true for a llama2.c checkpoint. */
+static tsr_status detect_format(const char *path, bool *llama2c, tsr_error *err) {
     uint8_t head[8];
     int n = read_head(path, head, sizeof head, err);
     if (n < 0) return n;
@@ -59,11 +58,11 @@ static tsr_status detect_format(const char *path, model_format *format, tsr_erro
     if (n >= 4) memcpy(&first, head, 4);
     if (n >= 8) memcpy(&version, head + 4, 4);
     if (n >= 4 && memcmp(head, "GGUF", 4) == 0) {
-        *format = MODEL_FORMAT_GGUF;
+        *llama2c = false;
         return TSR_OK;
     }
     if (first >= 1 && first <= LLAMA2C_MAX_DIM) {
-        *format = MODEL_FORMAT_LLAMA2C;
+        *llama2c = true;
         return TSR_OK;
     }
     if (n >= 8 && first == LLAMA2C_EXPORT_MAGIC)
@@ -80,6 +79,17 @@ static tsr_status detect_format(const char *path, model_format *format, tsr_erro
     return tsr_error_set(err, TSR_E_INVALID, "%s: not a model file: it starts with %s (\"%s\"), "
                          "neither the GGUF magic \"GGUF\" nor a llama2.c header (dim from 1 to "
                          "%d)", path, hex, text, LLAMA2C_MAX_DIM);
+}
+
+tsr_status tsr_model_file_open(const char *path, tsr_gguf **out, bool *from_llama2c,
+                               tsr_error *err) {
+    *out = NULL;
+    bool llama2c = false;
+    tsr_status st = detect_format(path, &llama2c, err);
+    if (st < 0) return st;
+    st = llama2c ? tsr_llama2c_open(path, out, err) : tsr_gguf_open(path, out, err);
+    if (st == TSR_OK && from_llama2c) *from_llama2c = llama2c;
+    return st;
 }
 
 /* Reads "<arch>.<suffix>" as an int32 of at least `min`: `fallback` when absent and not
@@ -281,11 +291,7 @@ tsr_status tsr_model_load(const char *path, tsr_model **out, tsr_error *err) {
     *out = NULL;
     tsr_model *m = calloc(1, sizeof *m);
     if (!m) return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", path);
-    model_format format = MODEL_FORMAT_GGUF;
-    tsr_status st = detect_format(path, &format, err);
-    if (st < 0) goto fail;
-    m->from_llama2c = format == MODEL_FORMAT_LLAMA2C;
-    st = m->from_llama2c ? tsr_llama2c_open(path, &m->file, err) : tsr_gguf_open(path, &m->file, err);
+    tsr_status st = tsr_model_file_open(path, &m->file, &m->from_llama2c, err);
     if (st < 0) goto fail;
     const tsr_gguf *g = m->file;
     if ((st = read_hparams(g, &m->hp, err)) < 0) goto fail;

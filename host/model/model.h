@@ -54,6 +54,13 @@ typedef struct tsr_model {
 tsr_status tsr_model_load(const char *path, tsr_model **out, tsr_error *err);
 void tsr_model_free(tsr_model *m);
 
+/* Opens a model file of either format without reading it as a model: what tsr_model_load
+ * does first, with the same refusals of empty, unknown and non-regular files. *from_llama2c
+ * (when not NULL) says which format it was. For commands that need the file only (tokenize,
+ * quantize). */
+tsr_status tsr_model_file_open(const char *path, tsr_gguf **out, bool *from_llama2c,
+                               tsr_error *err);
+
 /* True when `path` is a regular file that starts with the GGUF magic (false for a FIFO or a
  * folder, without blocking on it). */
 bool tsr_file_is_gguf(const char *path);
