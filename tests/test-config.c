@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "base/clock.h"
 #include "config/config.h"
 #include "testutil.h"
 
@@ -233,8 +234,27 @@ START_TEST(file_paths_resolve) {
     snprintf(want, sizeof want, "%s: cannot open: No such file or directory", path);
     ck_assert_str_eq(err.msg, want);
     ck_assert_int_eq(tsr_config_load(dir, &cfg, &err), TSR_E_IO);
-    snprintf(want, sizeof want, "%s: cannot read: Is a directory", dir);
+    snprintf(want, sizeof want, "%s: a folder, not a regular file", dir);
     ck_assert_str_eq(err.msg, want);
+    /* a FIFO is refused at once, not waited on */
+    char *fifo = tsr_test_fifo();
+    ck_assert_ptr_nonnull(fifo);
+    ck_assert_int_eq(tsr_config_load(fifo, &cfg, &err), TSR_E_IO);
+    snprintf(want, sizeof want, "%s: a FIFO, not a regular file", fifo);
+    ck_assert_str_eq(err.msg, want);
+    unlink(fifo);
+    free(fifo);
+    /* a file one byte over the limit is refused before it is read (a sparse file: no disk) */
+    snprintf(path, sizeof path, "%s/huge.yaml", dir);
+    ck_assert_int_eq(tsr_test_write_file(path, "tessera: 1\n", 11), 0);
+    ck_assert_int_eq(truncate(path, (16 << 20) + 1), 0);
+    ck_assert_int_eq(tsr_config_load(path, &cfg, &err), TSR_E_INVALID);
+    snprintf(want, sizeof want, "%s: 16777217 bytes; a config file has at most 16777216", path);
+    ck_assert_str_eq(err.msg, want);
+    ck_assert_int_eq(truncate(path, 16 << 20), 0);
+    ck_assert_int_eq(tsr_config_load(path, &cfg, &err), TSR_E_INVALID);
+    ck_assert_msg(strstr(err.msg, "not readable as YAML text") != NULL, "%s", err.msg);
+    unlink(path);
 
     /* an empty file */
     snprintf(path, sizeof path, "%s/empty.yaml", dir);
@@ -285,6 +305,17 @@ static const struct {
      "bad.yaml:3:1: duplicate key 'cache' (first at 2:1)"},
     {"tessera: 1\ncache: { plugin: full, plugin: streaming }\n",
      "bad.yaml:2:24: duplicate key 'plugin' (first at 2:10)"},
+    /* the repeat that comes first in the file is named, with its own first occurrence */
+    {"tessera: 1\nx: { a: 1, b: 2, c: 3, b: 4, a: 5 }\n",
+     "bad.yaml:2:24: duplicate key 'b' (first at 2:12)"},
+    {"tessera: 1\nx: { a: 1, a: 2, a: 3 }\n", "bad.yaml:2:12: duplicate key 'a' (first at 2:6)"},
+    /* a NUL would cut the text short; named where its string starts */
+    {"tessera: 1\nmodel: { path: \"m\\0.gguf\" }\n",
+     "bad.yaml:2:16: a NUL byte (\\0) in the text; config values and keys cannot hold one"},
+    {"tessera: 1\n\"cache\\x00\": { plugin: full }\n",
+     "bad.yaml:2:1: a NUL byte (\\0) in the text; config values and keys cannot hold one"},
+    {"tessera: 1\ncache: { plugin: streaming, window: \"1\\u00002\" }\n",
+     "bad.yaml:2:37: a NUL byte (\\0) in the text; config values and keys cannot hold one"},
     {"tessera: 1\nlayers: { range: [0, 1] }\n",
      "bad.yaml:2:9: layers: expected a sequence, got a mapping"},
     {"tessera: 1\nlayers:\n  - { range: [a, 1], cache: { plugin: full } }\n",
@@ -408,6 +439,33 @@ START_TEST(deep_nesting) {
     for (int i = 0; i < 100; i++) yaml[len++] = '[';
     yaml[len] = '\0';
     ck_assert_str_eq(first_error(yaml), "bad.yaml:2:67: nested deeper than 64 levels");
+}
+END_TEST
+
+/* 100,000 keys in one mapping: the duplicate check and the parameters of a stage stay near
+ * linear (pairwise, this took tens of seconds). */
+START_TEST(long_mappings_are_fast) {
+    enum { N = 100000 };
+    size_t cap = (size_t)N * 16 + 256, len = 0;
+    char *yaml = malloc(cap);
+    len += (size_t)snprintf(yaml + len, cap - len, "tessera: 1\ncache: { plugin: streaming");
+    for (int i = 0; i < N; i++) len += (size_t)snprintf(yaml + len, cap - len, ", p%d: 1", i);
+    snprintf(yaml + len, cap - len, " }\n");
+    uint64_t t0 = tsr_clock_ns();
+    tsr_config *cfg = load_ok(yaml);
+    ck_assert_uint_eq(cfg->stage[TSR_STAGE_CACHE].n_params, N);
+    ck_assert_str_eq(cfg->stage[TSR_STAGE_CACHE].params[N - 1].key, "p99999");
+    tsr_config_free(cfg);
+    /* the last key repeats the sixth */
+    snprintf(yaml + len, cap - len, ", p5: 2 }\n");
+    const char *msg = first_error(yaml);
+    ck_assert_msg(strstr(msg, ": duplicate key 'p5' (first at 2:64)") != NULL, "%s", msg);
+    /* a few seconds at most, more on slow (sanitizer) builds, which scale Check's timeouts */
+    const char *multiplier = getenv("CK_TIMEOUT_MULTIPLIER");
+    double limit = 5.0 * (multiplier && atof(multiplier) > 0 ? atof(multiplier) : 1.0);
+    double seconds = tsr_clock_seconds_since(t0);
+    ck_assert_msg(seconds < limit, "%.1f s for two configs of %d keys", seconds, N);
+    free(yaml);
 }
 END_TEST
 
@@ -668,6 +726,7 @@ static Suite *config_suite(void) {
     tcase_add_test(tc, file_paths_resolve);
     tcase_add_test(tc, malformed_configs);
     tcase_add_test(tc, deep_nesting);
+    tcase_add_test(tc, long_mappings_are_fast);
     tcase_add_test(tc, bind_values);
     tcase_add_test(tc, bind_fills_defaults);
     tcase_add_test(tc, default_pipeline);

@@ -107,6 +107,22 @@ static void data_bytes(gguf_bytes *b, size_t n) {
     }
 }
 
+/* A file (no keys) of F32 tensors (name, element count, offset) over `data` bytes of data. */
+typedef struct placed {
+    const char *name;
+    uint64_t n;
+    uint64_t offset;
+} placed;
+
+static gguf_bytes placed_file(const placed *t, size_t n_tensors, size_t data) {
+    gguf_bytes b = {0};
+    tensor_file(&b, (uint32_t)n_tensors);
+    for (size_t i = 0; i < n_tensors; i++)
+        tensor_info(&b, t[i].name, 1, &t[i].n, TSR_DTYPE_F32, t[i].offset, NULL);
+    data_bytes(&b, data);
+    return b;
+}
+
 static char *fmt(const char *f, ...) __attribute__((format(printf, 1, 2)));
 static char *fmt(const char *f, ...) {
     static char buf[1024];
@@ -622,9 +638,71 @@ START_TEST(truncated) {
     cut.len = b.len - 4;
     expect_error(&cut, "t.gguf: offset 128: tensor 'a': 32 bytes of data run past the end of the "
                        "file (156 bytes)");
+    cut.len = b.len - 1; /* the tensor ends exactly at the end of the whole file */
+    expect_error(&cut, "t.gguf: offset 128: tensor 'a': 32 bytes of data run past the end of the "
+                       "file (159 bytes)");
     cut.len = 120;
     expect_error(&cut, "t.gguf: tensor 'a': data offset 0 is past the end of the file (120 bytes, "
                        "data section at 128)");
+    free(b.p);
+}
+END_TEST
+
+/* Every byte of a file whose last tensor ends at its last byte is needed: each shorter
+ * prefix (held in a buffer of exactly that size, so ASan sees any read past it) is refused
+ * with one line, and the whole file opens. */
+static void expect_every_prefix_refused(const uint8_t *file, size_t size) {
+    for (size_t n = 0; n < size; n++) {
+        uint8_t *exact = malloc(n ? n : 1);
+        memcpy(exact, file, n);
+        tsr_gguf *g = (tsr_gguf *)1;
+        tsr_error err = {{0}};
+        int rc = tsr_gguf_open_memory(exact, n, "t.gguf", &g, &err);
+        ck_assert_msg(rc < 0, "a prefix of %zu of %zu bytes opened", n, size);
+        ck_assert_ptr_null(g);
+        ck_assert_msg(strncmp(err.msg, "t.gguf: ", 8) == 0 && !strchr(err.msg, '\n'),
+                      "prefix of %zu bytes: %s", n, err.msg);
+        free(exact);
+    }
+    tsr_gguf *g = NULL;
+    tsr_error err = {{0}};
+    ck_assert_msg(tsr_gguf_open_memory(file, size, "t.gguf", &g, &err) == 0, "%s", err.msg);
+    tsr_gguf_close(g);
+}
+
+START_TEST(every_prefix_refused) {
+    gguf_bytes b = valid_file(NULL);
+    expect_every_prefix_refused(b.p, b.len);
+    free(b.p);
+    uint8_t q8[12 * 34], q4k[2 * 144];
+    char *path = write_everything(q8, sizeof q8, q4k, sizeof q4k);
+    size_t size;
+    uint8_t *file = (uint8_t *)tsr_test_read_file(path, &size);
+    tsr_gguf *g = NULL;
+    tsr_error err = {{0}};
+    ck_assert_msg(tsr_gguf_open_memory(file, size, "t.gguf", &g, &err) == 0, "%s", err.msg);
+    const tsr_gguf_tensor *last = tsr_gguf_find_tensor(g, "q4k");
+    ck_assert_ptr_eq((const uint8_t *)last->data + last->size, file + size);
+    tsr_gguf_close(g);
+    expect_every_prefix_refused(file, size);
+    free(file);
+    free(path);
+}
+END_TEST
+
+START_TEST(empty_tensor_at_the_end) {
+    /* A tensor of 0 elements may sit exactly at the end of the file: it holds no bytes. */
+    gguf_bytes b = placed_file((placed[]){{"a", 8, 0}, {"none", 0, 32}}, 2, 32);
+    tsr_gguf *g = open_ok(&b);
+    const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, "none");
+    ck_assert_uint_eq(t->size, 0);
+    ck_assert_ptr_eq(t->data, b.p + b.len);
+    tsr_gguf_close(g);
+    /* One alignment step further is past the end. */
+    free(b.p);
+    b = placed_file((placed[]){{"a", 8, 0}, {"none", 0, 64}}, 2, 32);
+    expect_error(&b, "t.gguf: tensor 'none': data offset 64 is past the end of the file (128 "
+                     "bytes, data section at 96)");
     free(b.p);
 }
 END_TEST
@@ -842,6 +920,46 @@ START_TEST(duplicate_tensors) {
 }
 END_TEST
 
+START_TEST(overlapping_tensors) {
+    static const struct {
+        placed t[3];
+        size_t n, data;
+        const char *error; /* NULL: opens */
+    } cases[] = {
+        /* the second starts inside the first */
+        {{{"a", 16, 0}, {"b", 8, 32}}, 2, 64,
+         "t.gguf: tensor 'b': data at offset 32 (32 bytes) overlaps tensor 'a' at offset 0 (64 "
+         "bytes)"},
+        /* the same bytes twice: named in table order */
+        {{{"a", 8, 0}, {"b", 8, 0}}, 2, 32,
+         "t.gguf: tensor 'b': data at offset 0 (32 bytes) overlaps tensor 'a' at offset 0 (32 "
+         "bytes)"},
+        /* listed out of order: the later-listed tensor covers the earlier one */
+        {{{"x", 8, 64}, {"y", 24, 0}}, 2, 96,
+         "t.gguf: tensor 'x': data at offset 64 (32 bytes) overlaps tensor 'y' at offset 0 (96 "
+         "bytes)"},
+        /* one byte of overlap is enough: 9 floats end 4 bytes into the next slot */
+        {{{"a", 9, 0}, {"b", 8, 64}, {"c", 8, 32}}, 3, 96,
+         "t.gguf: tensor 'c': data at offset 32 (32 bytes) overlaps tensor 'a' at offset 0 (36 "
+         "bytes)"},
+        /* back to back, in any order, and an empty tensor anywhere: no overlap */
+        {{{"b", 8, 32}, {"a", 8, 0}, {"c", 8, 64}}, 3, 96, NULL},
+        {{{"a", 8, 0}, {"none", 0, 0}, {"b", 8, 32}}, 3, 64, NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        gguf_bytes b = placed_file(cases[i].t, cases[i].n, cases[i].data);
+        if (cases[i].error) {
+            expect_error(&b, cases[i].error);
+        } else {
+            tsr_gguf *g = open_ok(&b);
+            ck_assert_int_eq(tsr_gguf_n_tensors(g), (int64_t)cases[i].n);
+            tsr_gguf_close(g);
+        }
+        free(b.p);
+    }
+}
+END_TEST
+
 START_TEST(vocab_only_file) {
     /* No tensors and no padding after the table: valid (llama.cpp's vocab files). */
     gguf_bytes b = one_key("tokenizer.ggml.tokens", TSR_GGUF_ARRAY);
@@ -868,7 +986,15 @@ START_TEST(open_errors) {
     ck_assert_int_eq(tsr_gguf_open("/nonexistent/m.gguf", &g, &err), TSR_E_IO);
     ck_assert_str_eq(err.msg, "/nonexistent/m.gguf: cannot open: No such file or directory");
     ck_assert_int_eq(tsr_gguf_open("/tmp", &g, &err), TSR_E_IO);
-    ck_assert_str_eq(err.msg, "/tmp: not a regular file");
+    ck_assert_str_eq(err.msg, "/tmp: a folder, not a regular file");
+    /* Refused at once: opening a FIFO to read it would wait for a writer forever. */
+    char *fifo = tsr_test_fifo();
+    ck_assert_ptr_nonnull(fifo);
+    ck_assert_int_eq(tsr_gguf_open(fifo, &g, &err), TSR_E_IO);
+    ck_assert_str_eq(err.msg, fmt("%s: a FIFO, not a regular file", fifo));
+    ck_assert_ptr_null(g);
+    unlink(fifo);
+    free(fifo);
     char *path = tmp_path("empty.gguf");
     ck_assert_int_eq(tsr_test_write_file(path, "", 0), 0);
     ck_assert_int_lt(tsr_gguf_open(path, &g, &err), 0);
@@ -957,6 +1083,8 @@ static Suite *gguf_suite(void) {
         {"valid_reference", valid_reference_opens},
         {"bad_magic_version", bad_magic_and_version},
         {"truncated", truncated},
+        {"every_prefix_refused", every_prefix_refused},
+        {"empty_tensor_at_the_end", empty_tensor_at_the_end},
         {"truncated_scalar", truncated_scalar_value},
         {"huge_counts", huge_counts},
         {"huge_lengths", huge_array_and_string_lengths},
@@ -966,6 +1094,7 @@ static Suite *gguf_suite(void) {
         {"bad_tensor_offsets", bad_tensor_offsets},
         {"bad_tensor_types", bad_tensor_types_and_shapes},
         {"duplicate_tensors", duplicate_tensors},
+        {"overlapping_tensors", overlapping_tensors},
         {"vocab_only", vocab_only_file},
         {"open_errors", open_errors},
         {"random_corruption", random_corruption},

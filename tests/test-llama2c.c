@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "files/dtype.h"
 #include "files/gguf.h"
@@ -181,8 +182,17 @@ START_TEST(truncated_and_oversized) {
     expect_size_error(+4, "m.bin: file size 4376 does not match its llama2.c header (dim 8, "
                           "hidden_dim 12, n_layers 2, n_heads 4, n_kv_heads 2, vocab_size 10, "
                           "seq_len 3): expected 4372 bytes");
+    /* one byte either way: the size must be exact */
+    expect_size_error(-1, "m.bin: file size 4371 does not match its llama2.c header (dim 8, "
+                          "hidden_dim 12, n_layers 2, n_heads 4, n_kv_heads 2, vocab_size 10, "
+                          "seq_len 3): expected 4372 bytes");
+    expect_size_error(+1, "m.bin: file size 4373 does not match its llama2.c header (dim 8, "
+                          "hidden_dim 12, n_layers 2, n_heads 4, n_kv_heads 2, vocab_size 10, "
+                          "seq_len 3): expected 4372 bytes");
     expect_size_error(-4360, "m.bin: offset 0: file ends in the llama2.c header (28 bytes "
                              "needed, 12 left)");
+    expect_size_error(-4345, "m.bin: offset 0: file ends in the llama2.c header (28 bytes "
+                             "needed, 27 left)");
 }
 END_TEST
 
@@ -252,6 +262,14 @@ START_TEST(open_from_file) {
     tsr_gguf_close(g);
     ck_assert_int_lt(tsr_llama2c_open("/nonexistent/m.bin", &g, &err), 0);
     ck_assert_str_eq(err.msg, "/nonexistent/m.bin: cannot open: No such file or directory");
+    char *fifo = tsr_test_fifo();
+    ck_assert_ptr_nonnull(fifo);
+    ck_assert_int_eq(tsr_llama2c_open(fifo, &g, &err), TSR_E_IO);
+    char want[4200];
+    snprintf(want, sizeof want, "%s: a FIFO, not a regular file", fifo);
+    ck_assert_str_eq(err.msg, want);
+    unlink(fifo);
+    free(fifo);
     free(dir);
     free(p);
 }

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "gguf_bytes.h"
 #include "gpt2_bytes.h"
@@ -488,7 +489,15 @@ START_TEST(llama2c_malformed) {
     tsr_tokenizer *tok;
     tsr_error err = {{0}};
     ck_assert_int_eq(tsr_tokenizer_from_llama2c("/nonexistent/tok.bin", 0, &tok, &err), TSR_E_IO);
-    ck_assert_str_eq(err.msg, "/nonexistent/tok.bin: cannot open");
+    ck_assert_str_eq(err.msg, "/nonexistent/tok.bin: cannot open: No such file or directory");
+    char *fifo = tsr_test_fifo();
+    ck_assert_ptr_nonnull(fifo);
+    ck_assert_int_eq(tsr_tokenizer_from_llama2c(fifo, 0, &tok, &err), TSR_E_IO);
+    char fifo_msg[4200];
+    snprintf(fifo_msg, sizeof fifo_msg, "%s: a FIFO, not a regular file", fifo);
+    ck_assert_str_eq(err.msg, fifo_msg);
+    unlink(fifo);
+    free(fifo);
 }
 END_TEST
 

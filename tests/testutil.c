@@ -83,6 +83,26 @@ char *tsr_test_tmpdir(void) {
     return strdup(tmpl);
 }
 
+char *tsr_test_tmp_path(const char *name) {
+    char *dir = tsr_test_tmpdir();
+    ck_assert_ptr_nonnull(dir);
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *path = malloc(n);
+    ck_assert_ptr_nonnull(path);
+    snprintf(path, n, "%s/%s", dir, name);
+    free(dir);
+    return path;
+}
+
+char *tsr_test_fifo(void) {
+    char *path = tsr_test_tmp_path("fifo");
+    if (mkfifo(path, 0600) != 0) {
+        free(path);
+        return NULL;
+    }
+    return path;
+}
+
 /* Drains both pipes together so a child that fills one does not block. */
 static void drain(int fd_out, int fd_err, char **out, char **err) {
     struct pollfd fds[2] = {{fd_out, POLLIN, 0}, {fd_err, POLLIN, 0}};

@@ -34,6 +34,14 @@ int tsr_test_write_file(const char *path, const void *data, size_t size);
 /* A fresh private temporary folder (malloc'd path, mode 0700). */
 char *tsr_test_tmpdir(void);
 
+/* The path of `name` in a fresh private temporary folder (malloc'd); fails the running test
+ * when the folder cannot be made. */
+char *tsr_test_tmp_path(const char *name);
+
+/* A FIFO in a fresh private temporary folder (malloc'd path): opening it for reading blocks
+ * until a writer comes, which is what a reader of files must not do. */
+char *tsr_test_fifo(void);
+
 /* Runs `argv` (argv[0] is a path) with stdout and stderr captured into malloc'd strings
  * (either pointer may be NULL to discard). Returns the exit status, or -1 if it did not exit
  * normally (a crash). */

@@ -17,7 +17,6 @@
 #include "files/gguf_write.h"
 #include "model/weights.h"
 #include "plugin/instances.h"
-#include "files/llama2c.h"
 
 /* llama.cpp's file types (general.file_type), by the TYPE names `tessera quantize` accepts. */
 static const struct {
@@ -282,8 +281,7 @@ int tsr_cli_quantize(int argc, char **argv) {
     quant_job j;
     memset(&j, 0, sizeof j);
     int status = TSR_EXIT_FAIL;
-    tsr_status st = tsr_file_is_gguf(pos[0]) ? tsr_gguf_open(pos[0], &in, &err)
-                                             : tsr_llama2c_open(pos[0], &in, &err);
+    tsr_status st = tsr_model_file_open(pos[0], &in, NULL, &err);
     if (st < 0) goto fail;
     tsr_gguf_str arch;
     int32_t n_layer = 0;

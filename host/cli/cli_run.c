@@ -9,7 +9,6 @@
 
 #include "cli/cli_session.h"
 #include "files/gguf.h"
-#include "files/llama2c.h"
 #include "model/model.h"
 #include "pipeline/pipeline.h"
 #include "tokenizer/tokenizer.h"
@@ -277,15 +276,12 @@ int tsr_cli_tokenize(int argc, char **argv) {
     int32_t *ids = NULL;
     size_t n_ids = 0, len = 0;
     int status = TSR_EXIT_FAIL;
-    bool is_gguf = tsr_file_is_gguf(model_path);
+    bool from_llama2c = false;
     uint32_t n_vocab = 0;
     /* A vocabulary-only GGUF has no tensors, so only the file is opened, not a model. */
-    if (is_gguf && tsr_gguf_open(model_path, &g, &err) < 0) goto fail;
-    if (!is_gguf) {
-        if (tsr_llama2c_open(model_path, &g, &err) < 0) goto fail;
-        n_vocab = (uint32_t)tsr_gguf_u64_or(g, "llama.vocab_size", 0);
-    }
-    if (tsr_session_open_tokenizer(model_path, tok_path, g, is_gguf, n_vocab, &tok, &err) < 0) goto fail;
+    if (tsr_model_file_open(model_path, &g, &from_llama2c, &err) < 0) goto fail;
+    if (from_llama2c) n_vocab = (uint32_t)tsr_gguf_u64_or(g, "llama.vocab_size", 0);
+    if (tsr_session_open_tokenizer(model_path, tok_path, g, !from_llama2c, n_vocab, &tok, &err) < 0) goto fail;
     if (file) {
         if (!(buf = tsr_session_read_file(file, &len, &err))) goto fail;
         text = buf;

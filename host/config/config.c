@@ -4,7 +4,6 @@
 #include "config/config.h"
 
 #include <ctype.h>
-#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -12,6 +11,8 @@
 #include <string.h>
 
 #include <yaml.h>
+
+#include "base/file.h"
 
 /* The built-in default pipeline: the only place in the host that names plugins. */
 static const char *const default_plugin[TSR_STAGE_COUNT + 1] = {
@@ -93,19 +94,38 @@ static tsr_status append(ynode *parent, ynode *child) {
     return TSR_OK;
 }
 
+/* Orders a mapping's keys by text, then by position, so equal keys sit together with their
+ * first occurrence first. */
+static int key_order(const void *a, const void *b) {
+    const ynode *const *x = *(const ynode *const *const *)a;
+    const ynode *const *y = *(const ynode *const *const *)b;
+    int c = strcmp((*x)->text, (*y)->text);
+    return c ? c : (x > y) - (x < y);
+}
+
+/* Reports the key that repeats an earlier one soonest in the file. Sorting makes this
+ * O(n log n): a mapping of 100,000 keys would take tens of seconds compared pairwise. */
 static tsr_status check_duplicates(const ynode *map, tsr_error *err) {
-    for (size_t i = 2; i < map->n; i += 2) {
-        for (size_t j = 0; j < i; j += 2) {
-            if (strcmp(map->items[i]->text, map->items[j]->text) == 0) {
-                char ex[EXCERPT];
-                return tsr_error_set_at(err, TSR_E_INVALID, map->items[i]->loc,
-                                        "duplicate key '%s' (first at %d:%d)",
-                                        tsr_text_excerpt(ex, sizeof ex, map->items[i]->text),
-                                        map->items[j]->loc.line, map->items[j]->loc.col);
-            }
+    size_t n = map->n / 2;
+    if (n < 2) return TSR_OK;
+    ynode *const **keys = malloc(n * sizeof *keys);
+    if (!keys) return oom(err);
+    for (size_t i = 0; i < n; i++) keys[i] = &map->items[2 * i];
+    qsort(keys, n, sizeof *keys, key_order);
+    /* In a run of equal keys the second is the soonest repeat (later ones lie further on). */
+    ynode *const *first = NULL, *const *again = NULL;
+    for (size_t i = 1; i < n; i++) {
+        if (strcmp((*keys[i])->text, (*keys[i - 1])->text) == 0 && (!again || keys[i] < again)) {
+            first = keys[i - 1];
+            again = keys[i];
         }
     }
-    return TSR_OK;
+    free(keys);
+    if (!again) return TSR_OK;
+    char ex[EXCERPT];
+    return tsr_error_set_at(err, TSR_E_INVALID, (*again)->loc, "duplicate key '%s' (first at %d:%d)",
+                            tsr_text_excerpt(ex, sizeof ex, (*again)->text), (*first)->loc.line,
+                            (*first)->loc.col);
 }
 
 /* Line and column of a byte offset, for reader errors that libyaml reports by offset only. */
@@ -196,6 +216,13 @@ static tsr_status yaml_read(const char *buf, size_t len, const char *file, ynode
                          : ev.type == YAML_SEQUENCE_START_EVENT ? YN_SEQ
                                                                 : YN_MAP;
             if (node->kind == YN_SCALAR) {
+                /* "\0" escapes would cut the C string every later step reads */
+                if (memchr(ev.data.scalar.value, '\0', ev.data.scalar.length)) {
+                    free(node);
+                    st = tsr_error_set_at(err, TSR_E_INVALID, loc, "a NUL byte (\\0) in the "
+                                          "text; config values and keys cannot hold one");
+                    break;
+                }
                 node->text = malloc(ev.data.scalar.length + 1);
                 if (!node->text) {
                     free(node);
@@ -322,6 +349,22 @@ static tsr_status set_path(walk *w, char **dst, const char *text) {
     return TSR_OK;
 }
 
+/* Adds a parameter the stage does not have yet, in room the caller made. */
+static tsr_status stage_append(walk *w, tsr_stage_conf *sc, const char *key, const char *value,
+                               tsr_src_loc loc) {
+    tsr_kv_text *kv = &sc->params[sc->n_params];
+    kv->key = strdup(key);
+    kv->value = strdup(value);
+    kv->loc = loc;
+    if (!kv->key || !kv->value) {
+        free(kv->key);
+        free(kv->value);
+        return oom(w->err);
+    }
+    sc->n_params++;
+    return TSR_OK;
+}
+
 /* Sets (or replaces) one parameter of a stage. */
 static tsr_status stage_put(walk *w, tsr_stage_conf *sc, const char *key, const char *value,
                             tsr_src_loc loc) {
@@ -334,17 +377,7 @@ static tsr_status stage_put(walk *w, tsr_stage_conf *sc, const char *key, const 
     tsr_kv_text *grown = realloc(sc->params, (sc->n_params + 1) * sizeof *grown);
     if (!grown) return oom(w->err);
     sc->params = grown;
-    tsr_kv_text *kv = &sc->params[sc->n_params];
-    kv->key = strdup(key);
-    kv->value = strdup(value);
-    kv->loc = loc;
-    if (!kv->key || !kv->value) {
-        free(kv->key);
-        free(kv->value);
-        return oom(w->err);
-    }
-    sc->n_params++;
-    return TSR_OK;
+    return stage_append(w, sc, key, value, loc);
 }
 
 static tsr_status role_put(tsr_config *cfg, int32_t stage, int32_t role, const char *text,
@@ -384,6 +417,10 @@ static void stage_conf_free(tsr_stage_conf *sc) {
 static tsr_status walk_stage(walk *w, const ynode *map, const char *path, const char *stage,
                              tsr_stage_conf *sc) {
     tsr_status st = expect_kind(w, map, YN_MAP, path);
+    /* The stage is new and the mapping's keys are distinct (check_duplicates), so parameters
+     * are appended without a search, which would make a long mapping quadratic. */
+    if (st == TSR_OK && map->n > 0 && !(sc->params = malloc(map->n / 2 * sizeof *sc->params)))
+        st = oom(w->err);
     for (size_t i = 0; st == TSR_OK && i < map->n; i += 2) {
         const ynode *key = map->items[i], *val = map->items[i + 1];
         char sub[160], ex[EXCERPT];
@@ -394,7 +431,7 @@ static tsr_status walk_stage(walk *w, const ynode *map, const char *path, const 
             sc->loc = val->loc;
         } else {
             st = expect_kind(w, val, YN_SCALAR, sub);
-            if (st == TSR_OK) st = stage_put(w, sc, key->text, val->text, key->loc);
+            if (st == TSR_OK) st = stage_append(w, sc, key->text, val->text, key->loc);
         }
     }
     if (st == TSR_OK && !sc->plugin)
@@ -737,51 +774,17 @@ tsr_status tsr_config_load_string(const char *yaml, const char *name, tsr_config
 
 tsr_status tsr_config_load(const char *path, tsr_config **out, tsr_error *err) {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
-    size_t len = 0, cap = 0;
-    char *buf = NULL;
-    int read_errno = 0;
-    bool more = false;
-    for (;;) {
-        if (len == cap) {
-            if (cap == MAX_FILE_BYTES) {
-                more = fgetc(f) != EOF;
-                break;
-            }
-            cap = cap ? cap * 4 : 4096;
-            cap = cap > MAX_FILE_BYTES ? MAX_FILE_BYTES : cap;
-            char *grown = realloc(buf, cap);
-            if (!grown) {
-                free(buf);
-                fclose(f);
-                return oom(err);
-            }
-            buf = grown;
-        }
-        size_t got = fread(buf + len, 1, cap - len, f);
-        len += got;
-        if (got == 0) {
-            read_errno = ferror(f) ? errno : 0;
-            break;
-        }
-    }
-    fclose(f);
-    tsr_status st;
-    if (read_errno) {
-        st = tsr_error_set(err, TSR_E_IO, "%s: cannot read: %s", path, strerror(read_errno));
-    } else if (more) {
-        st = tsr_error_set(err, TSR_E_INVALID, "%s: larger than %d MiB; not a config file", path,
-                           MAX_FILE_BYTES >> 20);
-    } else {
-        const char *slash = strrchr(path, '/');
-        char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : NULL;
-        if (slash && !dir)
-            st = oom(err);
-        else
-            st = load_buffer(buf, len, path, dir, out, err);
-        free(dir);
-    }
+    char *buf;
+    size_t len;
+    tsr_status st = tsr_file_read(path, MAX_FILE_BYTES, "config file", &buf, &len, err);
+    if (st < 0) return st;
+    const char *slash = strrchr(path, '/');
+    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : NULL;
+    if (slash && !dir)
+        st = oom(err);
+    else
+        st = load_buffer(buf, len, path, dir, out, err);
+    free(dir);
     free(buf);
     return st;
 }

@@ -9,16 +9,15 @@
 #include "files/gguf.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/file.h"
 #include "files/dtype.h"
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -594,8 +593,44 @@ static int read_tensor_info(cursor *c, int64_t i) {
     return tensor_append(c->g, &t, (size_t)name.len, where, c->err);
 }
 
+static int by_offset(const void *a, const void *b) {
+    const tsr_gguf_tensor *x = *(const tsr_gguf_tensor *const *)a;
+    const tsr_gguf_tensor *y = *(const tsr_gguf_tensor *const *)b;
+    if (x->offset != y->offset) return x->offset < y->offset ? -1 : 1;
+    return x < y ? -1 : x > y; /* table order, so the message does not depend on qsort */
+}
+
+/* A tensor's bytes belong to it alone: no writer lays out two tensors over the same bytes, so
+ * such a table is damaged or hostile, and would run as garbage weights. Sorted by offset,
+ * each tensor must start at or after the end of the one before; empty tensors hold no bytes
+ * and overlap nothing. */
+static int check_overlaps(tsr_gguf *g, tsr_error *err) {
+    if (g->n_tensors < 2) return TSR_OK;
+    const tsr_gguf_tensor **order = malloc((size_t)g->n_tensors * sizeof *order);
+    if (!order)
+        return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory for %" PRId64 " tensors",
+                             g->path, g->n_tensors);
+    for (int64_t i = 0; i < g->n_tensors; i++) order[i] = &g->tensors[i];
+    qsort(order, (size_t)g->n_tensors, sizeof *order, by_offset);
+    const tsr_gguf_tensor *prev = NULL; /* the last non-empty tensor before */
+    int rc = TSR_OK;
+    for (int64_t i = 0; i < g->n_tensors && rc == TSR_OK; i++) {
+        const tsr_gguf_tensor *t = order[i];
+        if (t->size == 0) continue;
+        /* No overflow: both lie inside the file (place_tensors). */
+        if (prev && t->offset < prev->offset + prev->size)
+            rc = tsr_error_set(err, TSR_E_INVALID, "%s: tensor '%s': data at offset %" PRIu64
+                               " (%zu bytes) overlaps tensor '%s' at offset %" PRIu64 " (%zu "
+                               "bytes)", g->path, t->name, t->offset, t->size, prev->name,
+                               prev->offset, prev->size);
+        prev = t;
+    }
+    free(order);
+    return rc;
+}
+
 /* Places every tensor in the data section, which starts at the first aligned offset after
- * the tensor table, and checks that its bytes are inside the file. */
+ * the tensor table, and checks that its bytes are inside the file and its own. */
 static int place_tensors(cursor *c) {
     tsr_gguf *g = c->g;
     /* Cannot overflow: pos < 2^63 (it is inside the file) and the alignment is at most 2^63. */
@@ -613,7 +648,7 @@ static int place_tensors(cursor *c) {
                                  g->path, at, t->name, t->size, g->size);
         t->data = g->base + at;
     }
-    return TSR_OK;
+    return check_overlaps(g, c->err);
 }
 
 static int parse(tsr_gguf *g, tsr_error *err) {
@@ -687,24 +722,19 @@ int tsr_gguf_open_memory(const void *data, size_t size, const char *name, tsr_gg
 int tsr_gguf_map_file(const char *path, void **addr, size_t *size, tsr_error *err) {
     *addr = NULL;
     *size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return tsr_error_set(err, TSR_E_IO, "%s: not a regular file", path);
-    }
-    if (st.st_size > 0) {
-        void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    uint64_t bytes;
+    int fd = tsr_file_open_regular(path, &bytes, err);
+    if (fd < 0) return fd;
+    if (bytes > 0) {
+        void *map = mmap(NULL, (size_t)bytes, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map == MAP_FAILED) {
             int e = errno;
             close(fd);
-            return tsr_error_set(err, TSR_E_IO, "%s: cannot map %jd bytes: %s", path,
-                                 (intmax_t)st.st_size, strerror(e));
+            return tsr_error_set(err, TSR_E_IO, "%s: cannot map %" PRIu64 " bytes: %s", path,
+                                 bytes, strerror(e));
         }
         *addr = map;
-        *size = (size_t)st.st_size;
+        *size = (size_t)bytes;
     }
     close(fd);
     return TSR_OK;

@@ -67,7 +67,8 @@ typedef struct tsr_gguf_tensor {
 /* Opening                                                                                    */
 
 /* Maps `path` (read-only, private) and validates it: header, every key, the tensor table,
- * each tensor's type, shape, alignment and extent. On failure returns a negative status,
+ * each tensor's type, shape, alignment and extent (inside the data section, and no two
+ * tensors sharing a byte). On failure returns a negative status,
  * sets *out = NULL, and `err` holds one line naming the file and the offset or key at fault,
  * e.g. "m.gguf: offset 8: tensor count 4294967296 exceeds the file size (120 bytes)". */
 int tsr_gguf_open(const char *path, tsr_gguf **out, tsr_error *err);
@@ -164,8 +165,9 @@ const tsr_gguf_tensor *tsr_gguf_find_tensor(const tsr_gguf *g, const char *name)
 /* An empty model named `name` (copied), version 0, alignment 32. NULL on out of memory. */
 tsr_gguf *tsr_gguf_new(const char *name);
 
-/* Maps a whole regular file read-only (MAP_PRIVATE). An empty file gives *addr = NULL and
- * *size = 0. The caller hands the mapping to tsr_gguf_adopt_mapping or munmaps it. */
+/* Maps a whole regular file read-only (MAP_PRIVATE); anything else (a FIFO, a folder...) is
+ * refused without blocking, as tsr_file_open_regular does. An empty file gives *addr = NULL
+ * and *size = 0. The caller hands the mapping to tsr_gguf_adopt_mapping or munmaps it. */
 int tsr_gguf_map_file(const char *path, void **addr, size_t *size, tsr_error *err);
 
 /* Hands a mapping made with mmap to the model, which munmaps it at close. */

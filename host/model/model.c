@@ -1,25 +1,101 @@
 #include "model/model.h"
 
+#include <errno.h>
+#include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "base/file.h"
 #include "files/dtype.h"
 #include "files/llama2c.h"
 
-bool tsr_file_is_gguf(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return false;
-    char magic[4] = {0};
-    size_t got = fread(magic, 1, 4, f);
-    fclose(f);
-    return got == 4 && memcmp(magic, "GGUF", 4) == 0;
+/* llama2.c checkpoints have no magic: they start with their dim, a small positive int32. A
+ * first int32 in this range is taken for one, so that other files (a GGUF with a damaged
+ * magic, text) are named for what they are rather than as a llama2.c header with a huge dim. */
+#define LLAMA2C_MAX_DIM (1 << 20)
+/* llama2.c's export.py --version 1 and 2 files: "ak42" as a little-endian uint32, then the
+ * version. */
+#define LLAMA2C_EXPORT_MAGIC 0x616b3432u
+
+/* Reads up to n bytes from the start of regular file `path`; returns how many, or a negative
+ * status (err filled). */
+static int read_head(const char *path, uint8_t *buf, size_t n, tsr_error *err) {
+    int fd = tsr_file_open_regular(path, NULL, err);
+    if (fd < 0) return fd;
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+            int e = errno;
+            close(fd);
+            return tsr_error_set(err, TSR_E_IO, "%s: cannot read: %s", path, strerror(e));
+        }
+        if (r == 0) break;
+        got += (size_t)r;
+    }
+    close(fd);
+    return (int)got;
 }
 
-/* Reads "<arch>.<suffix>" as a positive int32. */
+bool tsr_file_is_gguf(const char *path) {
+    uint8_t magic[4];
+    return read_head(path, magic, sizeof magic, NULL) == 4 && memcmp(magic, "GGUF", 4) == 0;
+}
+
+/* Which reader `path` needs: *llama2c false for GGUF, true for a llama2.c checkpoint. */
+static tsr_status detect_format(const char *path, bool *llama2c, tsr_error *err) {
+    uint8_t head[8];
+    int n = read_head(path, head, sizeof head, err);
+    if (n < 0) return n;
+    if (n == 0)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: empty file; expected a GGUF model or a "
+                             "llama2.c checkpoint", path);
+    uint32_t first = 0, version = 0; /* 0 when the file is too short to hold them */
+    if (n >= 4) memcpy(&first, head, 4);
+    if (n >= 8) memcpy(&version, head + 4, 4);
+    if (n >= 4 && memcmp(head, "GGUF", 4) == 0) {
+        *llama2c = false;
+        return TSR_OK;
+    }
+    if (first >= 1 && first <= LLAMA2C_MAX_DIM) {
+        *llama2c = true;
+        return TSR_OK;
+    }
+    if (n >= 8 && first == LLAMA2C_EXPORT_MAGIC)
+        return tsr_error_set(err, TSR_E_UNSUPPORTED, "%s: a llama2.c export of version %" PRIu32
+                             "; only legacy checkpoints are read (export.py --version 0)", path,
+                             version);
+    char hex[3 * 4 + 1] = "", text[4 + 1] = "";
+    int shown = n < 4 ? n : 4;
+    for (int i = 0; i < shown; i++) {
+        snprintf(hex + strlen(hex), sizeof hex - strlen(hex), "%s%02x", i ? " " : "", head[i]);
+        text[i] = head[i] >= 0x20 && head[i] < 0x7f ? (char)head[i] : '.';
+    }
+    text[shown] = '\0';
+    return tsr_error_set(err, TSR_E_INVALID, "%s: not a model file: it starts with %s (\"%s\"), "
+                         "neither the GGUF magic \"GGUF\" nor a llama2.c header (dim from 1 to "
+                         "%d)", path, hex, text, LLAMA2C_MAX_DIM);
+}
+
+tsr_status tsr_model_file_open(const char *path, tsr_gguf **out, bool *from_llama2c,
+                               tsr_error *err) {
+    *out = NULL;
+    bool llama2c = false;
+    tsr_status st = detect_format(path, &llama2c, err);
+    if (st < 0) return st;
+    st = llama2c ? tsr_llama2c_open(path, out, err) : tsr_gguf_open(path, out, err);
+    if (st == TSR_OK && from_llama2c) *from_llama2c = llama2c;
+    return st;
+}
+
+/* Reads "<arch>.<suffix>" as an int32 of at least `min`: `fallback` when absent and not
+ * required. */
 static tsr_status arch_int(const tsr_gguf *g, const char *arch, const char *suffix, bool required,
-                           int32_t fallback, int32_t *out, tsr_error *err) {
+                           int32_t fallback, int32_t min, int32_t *out, tsr_error *err) {
     char key[160];
     snprintf(key, sizeof key, "%s.%s", arch, suffix);
     if (tsr_gguf_find_key(g, key) < 0) {
@@ -34,14 +110,32 @@ static tsr_status arch_int(const tsr_gguf *g, const char *arch, const char *suff
     if (v > INT32_MAX)
         return tsr_error_set(err, TSR_E_RANGE, "%s: key '%s': %llu is too large",
                              tsr_gguf_path(g), key, (unsigned long long)v);
+    if ((int32_t)v < min)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: %s: expected at least %d, got %d",
+                             tsr_gguf_path(g), key, min, (int32_t)v);
     *out = (int32_t)v;
     return TSR_OK;
 }
 
-static double arch_f64_or(const tsr_gguf *g, const char *arch, const char *suffix, double fallback) {
+/* Reads "<arch>.<suffix>" as a float32 that is finite and above 0 (or exactly 0 when
+ * `zero_ok`); `fallback` when absent. */
+static tsr_status arch_float(const tsr_gguf *g, const char *arch, const char *suffix,
+                             float fallback, bool zero_ok, float *out, tsr_error *err) {
     char key[160];
     snprintf(key, sizeof key, "%s.%s", arch, suffix);
-    return tsr_gguf_f64_or(g, key, fallback);
+    if (tsr_gguf_find_key(g, key) < 0) {
+        *out = fallback;
+        return TSR_OK;
+    }
+    double v;
+    if (!tsr_gguf_get_f64(g, key, &v, err)) return TSR_E_INVALID;
+    /* Checked as the float32 the graph uses: a tiny or huge f64 can round to 0 or inf. */
+    float f = (float)v;
+    if (!isfinite(f) || f < 0 || (f == 0 && !zero_ok))
+        return tsr_error_set(err, TSR_E_INVALID, "%s: %s: expected %sa finite float32 above 0, "
+                             "got %g", tsr_gguf_path(g), key, zero_ok ? "0 or " : "", v);
+    *out = f;
+    return TSR_OK;
 }
 
 static tsr_status read_hparams(const tsr_gguf *g, tsr_hparams *hp, tsr_error *err) {
@@ -57,45 +151,51 @@ static tsr_status read_hparams(const tsr_gguf *g, tsr_hparams *hp, tsr_error *er
                              "%s: general.architecture '%s' is not supported (supported: llama, "
                              "qwen2)", path, arch);
 
+    /* Each count on its own first, then how they relate, so a message names one key. */
     tsr_status st;
-    if ((st = arch_int(g, arch, "embedding_length", true, 0, &hp->n_embd, err)) < 0) return st;
-    if ((st = arch_int(g, arch, "block_count", true, 0, &hp->n_layer, err)) < 0) return st;
-    if ((st = arch_int(g, arch, "feed_forward_length", true, 0, &hp->n_ff, err)) < 0) return st;
-    if ((st = arch_int(g, arch, "attention.head_count", true, 0, &hp->n_head, err)) < 0) return st;
-    if ((st = arch_int(g, arch, "attention.head_count_kv", false, hp->n_head, &hp->n_kv_head,
-                       err)) < 0)
+    if ((st = arch_int(g, arch, "embedding_length", true, 0, 1, &hp->n_embd, err)) < 0 ||
+        (st = arch_int(g, arch, "block_count", true, 0, 1, &hp->n_layer, err)) < 0 ||
+        (st = arch_int(g, arch, "feed_forward_length", true, 0, 1, &hp->n_ff, err)) < 0 ||
+        (st = arch_int(g, arch, "attention.head_count", true, 0, 1, &hp->n_head, err)) < 0 ||
+        (st = arch_int(g, arch, "attention.head_count_kv", false, hp->n_head, 1, &hp->n_kv_head,
+                       err)) < 0 ||
+        (st = arch_int(g, arch, "context_length", false, 2048, 1, &hp->n_ctx_train, err)) < 0 ||
+        (st = arch_int(g, arch, "expert_count", false, 0, 0, &hp->n_expert, err)) < 0)
         return st;
-    if ((st = arch_int(g, arch, "context_length", false, 2048, &hp->n_ctx_train, err)) < 0)
-        return st;
-    if ((st = arch_int(g, arch, "expert_count", false, 0, &hp->n_expert, err)) < 0) return st;
-    if (hp->n_embd <= 0 || hp->n_layer <= 0 || hp->n_head <= 0 || hp->n_kv_head <= 0 ||
-        hp->n_head % hp->n_kv_head != 0 || hp->n_embd % hp->n_head != 0)
-        return tsr_error_set(err, TSR_E_INVALID,
-                             "%s: inconsistent shape: embedding_length %d, head_count %d, "
-                             "head_count_kv %d (heads must divide the embedding and KV heads "
-                             "the heads)", path, hp->n_embd, hp->n_head, hp->n_kv_head);
-    if ((st = arch_int(g, arch, "attention.key_length", false, hp->n_embd / hp->n_head,
+    if (hp->n_head % hp->n_kv_head != 0)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: %s.attention.head_count_kv: %d does not "
+                             "divide %s.attention.head_count %d", path, arch, hp->n_kv_head, arch,
+                             hp->n_head);
+    if (hp->n_embd % hp->n_head != 0)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: %s.embedding_length: %d is not a multiple of "
+                             "%s.attention.head_count %d", path, arch, hp->n_embd, arch,
+                             hp->n_head);
+    if ((st = arch_int(g, arch, "attention.key_length", false, hp->n_embd / hp->n_head, 1,
                        &hp->head_dim, err)) < 0)
         return st;
     int32_t n_rot;
-    if ((st = arch_int(g, arch, "rope.dimension_count", false, hp->head_dim, &n_rot, err)) < 0)
+    if ((st = arch_int(g, arch, "rope.dimension_count", false, hp->head_dim, 1, &n_rot, err)) < 0)
         return st;
-    if (n_rot <= 0 || n_rot > hp->head_dim || n_rot % 2)
-        return tsr_error_set(err, TSR_E_INVALID,
-                             "%s: %s.rope.dimension_count %d must be even and at most the head "
-                             "size %d", path, arch, n_rot, hp->head_dim);
+    if (n_rot > hp->head_dim || n_rot % 2)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: %s.rope.dimension_count: %d must be even "
+                             "and at most the head size %d", path, arch, n_rot, hp->head_dim);
     if (hp->n_expert > 0)
         return tsr_error_set(err, TSR_E_UNSUPPORTED,
                              "%s: mixture-of-experts models (%s.expert_count %d) need the router "
                              "stage, which this version does not run yet", path, arch,
                              hp->n_expert);
-    hp->rms_eps = (float)arch_f64_or(g, arch, "attention.layer_norm_rms_epsilon", 1e-5);
-    double scale = arch_f64_or(g, arch, "rope.scaling.factor", 1.0);
+    float freq_base, scale;
+    if ((st = arch_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-5f, false, &hp->rms_eps,
+                         err)) < 0 ||
+        (st = arch_float(g, arch, "rope.freq_base", 10000.0f, false, &freq_base, err)) < 0 ||
+        /* 0 means no scaling, as in llama.cpp */
+        (st = arch_float(g, arch, "rope.scaling.factor", 1.0f, true, &scale, err)) < 0)
+        return st;
     hp->rope = (tsr_rope_params){
         .struct_size = sizeof(tsr_rope_params),
         .mode = hp->arch == TSR_ARCH_QWEN2 ? TSR_ROPE_NEOX : TSR_ROPE_NORMAL,
         .n_rot = n_rot,
-        .freq_base = (float)arch_f64_or(g, arch, "rope.freq_base", 10000.0),
+        .freq_base = freq_base,
         .freq_scale = scale > 0 ? (float)(1.0 / scale) : 1.0f,
     };
     return TSR_OK;
@@ -131,11 +231,24 @@ static tsr_status bind_tensor(const tsr_gguf *g, const char *name, const int64_t
     return TSR_OK;
 }
 
-/* Norms and biases are read by the host directly: they must be F32. */
-static tsr_status require_f32(const tsr_gguf *g, const tsr_tensor *t, tsr_error *err) {
-    if (!t->data || t->dtype == TSR_DTYPE_F32) return TSR_OK;
-    return tsr_error_set(err, TSR_E_UNSUPPORTED, "%s: tensor '%s' is %s; norms and biases must be F32",
-                         tsr_gguf_path(g), t->name, tsr_dtype_name(t->dtype));
+/* Norms and biases are read by the host directly: they must be F32. They are few, and one
+ * NaN or infinity among them turns every later activation into NaN, so their values are
+ * checked here rather than noticed as garbage output. */
+static tsr_status require_finite_f32(const tsr_gguf *g, const tsr_tensor *t, tsr_error *err) {
+    if (!t->data) return TSR_OK;
+    if (t->dtype != TSR_DTYPE_F32)
+        return tsr_error_set(err, TSR_E_UNSUPPORTED, "%s: tensor '%s' is %s; norms and biases "
+                             "must be F32", tsr_gguf_path(g), t->name, tsr_dtype_name(t->dtype));
+    int64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
+    for (int64_t i = 0; i < n; i++) {
+        float v;
+        memcpy(&v, (const float *)t->data + i, sizeof v);
+        if (!isfinite(v))
+            return tsr_error_set(err, TSR_E_INVALID, "%s: tensor '%s': element %" PRId64 " is "
+                                 "%g; norm weights and biases must be finite", tsr_gguf_path(g),
+                                 t->name, i, (double)v);
+    }
+    return TSR_OK;
 }
 
 static tsr_status bind_layer(const tsr_gguf *g, const tsr_hparams *hp, int il,
@@ -169,7 +282,7 @@ static tsr_status bind_layer(const tsr_gguf *g, const tsr_hparams *hp, int il,
         snprintf(name, sizeof name, "blk.%d.%s", il, want[i].name);
         tsr_status st = bind_tensor(g, name, want[i].ne, want[i].n, want[i].required, want[i].dst, err);
         if (st < 0) return st;
-        if (want[i].is_f32 && (st = require_f32(g, want[i].dst, err)) < 0) return st;
+        if (want[i].is_f32 && (st = require_finite_f32(g, want[i].dst, err)) < 0) return st;
     }
     return TSR_OK;
 }
@@ -178,9 +291,7 @@ tsr_status tsr_model_load(const char *path, tsr_model **out, tsr_error *err) {
     *out = NULL;
     tsr_model *m = calloc(1, sizeof *m);
     if (!m) return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", path);
-    tsr_status st;
-    m->from_llama2c = !tsr_file_is_gguf(path);
-    st = m->from_llama2c ? tsr_llama2c_open(path, &m->file, err) : tsr_gguf_open(path, &m->file, err);
+    tsr_status st = tsr_model_file_open(path, &m->file, &m->from_llama2c, err);
     if (st < 0) goto fail;
     const tsr_gguf *g = m->file;
     if ((st = read_hparams(g, &m->hp, err)) < 0) goto fail;
@@ -190,12 +301,17 @@ tsr_status tsr_model_load(const char *path, tsr_model **out, tsr_error *err) {
         st = tsr_error_set(err, TSR_E_INVALID, "%s: tensor 'token_embd.weight' is missing", path);
         goto fail;
     }
+    if (embd->ne[1] < 1 || embd->ne[1] > INT32_MAX) {
+        st = tsr_error_set(err, TSR_E_INVALID, "%s: tensor 'token_embd.weight': %" PRId64 " rows "
+                           "(the vocabulary), expected 1 to %d", path, embd->ne[1], INT32_MAX);
+        goto fail;
+    }
     m->hp.n_vocab = (int32_t)embd->ne[1];
     const int64_t e = m->hp.n_embd, v = m->hp.n_vocab;
     if ((st = bind_tensor(g, "token_embd.weight", (int64_t[]){e, v}, 2, true, &m->tok_embd, err)) < 0)
         goto fail;
     if ((st = bind_tensor(g, "output_norm.weight", (int64_t[]){e}, 1, true, &m->output_norm, err)) < 0 ||
-        (st = require_f32(g, &m->output_norm, err)) < 0)
+        (st = require_finite_f32(g, &m->output_norm, err)) < 0)
         goto fail;
     if ((st = bind_tensor(g, "output.weight", (int64_t[]){e, v}, 2, false, &m->output, err)) < 0)
         goto fail;

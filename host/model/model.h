@@ -44,13 +44,25 @@ typedef struct tsr_model {
     tsr_layer_weights *layers; /* (n_layer) */
 } tsr_model;
 
-/* Opens a GGUF file or a llama2.c checkpoint (told apart by the magic) and checks that every
- * tensor the architecture needs is there with the right shape. Errors name the file and the
- * key or tensor. */
+/* Opens a GGUF file or a llama2.c checkpoint (told apart by their first bytes; anything else,
+ * an empty file or one that is not a regular file is refused) and checks what is cheap to
+ * check, so a bad file fails here rather than running into garbage: every count at least 1
+ * and consistent with the others, the RMS epsilon and RoPE base finite and above 0, every
+ * tensor the architecture needs there with the right shape, and the norm weights and biases
+ * (F32) finite. Errors name the file and the key or tensor, e.g.
+ * "m.gguf: llama.block_count: expected at least 1, got 0". */
 tsr_status tsr_model_load(const char *path, tsr_model **out, tsr_error *err);
 void tsr_model_free(tsr_model *m);
 
-/* True when the file starts with the GGUF magic. */
+/* Opens a model file of either format without reading it as a model: what tsr_model_load
+ * does first, with the same refusals of empty, unknown and non-regular files. *from_llama2c
+ * (when not NULL) says which format it was. For commands that need the file only (tokenize,
+ * quantize). */
+tsr_status tsr_model_file_open(const char *path, tsr_gguf **out, bool *from_llama2c,
+                               tsr_error *err);
+
+/* True when `path` is a regular file that starts with the GGUF magic (false for a FIFO or a
+ * folder, without blocking on it). */
 bool tsr_file_is_gguf(const char *path);
 
 #endif

@@ -10,9 +10,14 @@
  * whitespace prints nothing. */
 #include "tokenizer/tokenizer_impl.h"
 
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "base/file.h"
+
+/* Far above any real vocabulary (128k tokens take about 2 MiB), so a wrong file is refused
+ * before it is read into memory. */
+#define MAX_TOKENIZER_BYTES ((size_t)256 << 20)
 
 static int32_t rd_i32(const unsigned char *p) {
     uint32_t v = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
@@ -112,29 +117,11 @@ done:
 int tsr_tokenizer_from_llama2c(const char *path, uint32_t n_vocab, tsr_tokenizer **out,
                                tsr_error *err) {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return tsr_error_set(err, TSR_E_IO, "%s: cannot open", path);
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len == cap) {
-            cap = cap ? cap * 2 : 65536;
-            char *nb = realloc(buf, cap);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", path);
-            }
-            buf = nb;
-        }
-        size_t got = fread(buf + len, 1, cap - len, f);
-        len += got;
-        if (got == 0) break;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    int rc = bad ? tsr_error_set(err, TSR_E_IO, "%s: read error", path)
-                 : tsr_tokenizer_from_llama2c_memory(buf, len, path, n_vocab, out, err);
+    char *buf;
+    size_t len;
+    int rc = tsr_file_read(path, MAX_TOKENIZER_BYTES, "llama2.c tokenizer", &buf, &len, err);
+    if (rc < 0) return rc;
+    rc = tsr_tokenizer_from_llama2c_memory(buf, len, path, n_vocab, out, err);
     free(buf);
     return rc;
 }
