@@ -12,6 +12,7 @@
 
 #include "files/gguf.h"
 #include "pipeline_fixture.h"
+#include "config/params.h"
 #include "plugin/stage_init.h"
 #include "testutil.h"
 
@@ -112,6 +113,49 @@ START_TEST(arena_backend_refuses_host_memory) {
     be->buffer_free(inst->self, x);
     be->buffer_free(inst->self, w);
     ck_assert_uint_eq(tsr_instance_destroy(inst), 0);
+    tsr_registry_free(reg);
+}
+END_TEST
+
+/* Plugins that compute on the CPU refuse a backend whose buffers are device memory, in create
+ * and by name (CONTRACT.md MEM_1). */
+static const struct {
+    int32_t stage;
+    const char *plugin, *why;
+} cpu_only[] = {
+    {TSR_STAGE_QUANTIZER, "rtn", "backend 'gpu' computes in device memory: the rtn products run "
+                                 "on the CPU"},
+    {TSR_STAGE_ATTENTION, "flash", "backend 'gpu' computes in device memory: this plugin reads "
+                                   "host memory only"},
+    {TSR_STAGE_CACHE, "full", "backend 'gpu' computes in device memory: this policy reads and "
+                              "keeps K/V in host memory"},
+};
+
+START_TEST(cpu_plugins_refuse_device_memory) {
+    tsr_error err;
+    tsr_registry *reg = tsr_registry_create(NULL);
+    ck_assert_int_ge(tsr_registry_scan_dir(reg, tsr_test_env("TESSERA_PLUGIN_DIR"), &err), 1);
+    const tsr_plugin_ref *ref = tsr_registry_find(reg, cpu_only[_i].stage, cpu_only[_i].plugin);
+    ck_assert_ptr_nonnull(ref);
+    tsr_bound_params bound;
+    ck_assert_int_eq(tsr_params_bind(ref->desc->params, ref->desc->n_params, ref->desc->name,
+                                     "test", (tsr_src_loc){"test", 0, 0}, NULL, 0, &bound, &err),
+                     TSR_OK);
+    tsr_model_shape shape = tsr_model_shape_synthetic();
+    shape.backend_name = "gpu";
+    shape.memory_space = TSR_MEMORY_DEVICE;
+    tsr_stage_init init;
+    tsr_instance *inst = NULL;
+    ck_assert_int_eq(tsr_instance_create(ref, NULL, &bound.params,
+                                         tsr_stage_init_fill(cpu_only[_i].stage, &shape, &init),
+                                         &inst, &err), TSR_E_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(err.msg, cpu_only[_i].why));
+    shape.memory_space = TSR_MEMORY_HOST;
+    ck_assert_int_eq(tsr_instance_create(ref, NULL, &bound.params,
+                                         tsr_stage_init_fill(cpu_only[_i].stage, &shape, &init),
+                                         &inst, &err), TSR_OK);
+    ck_assert_uint_eq(tsr_instance_destroy(inst), 0);
+    tsr_bound_params_free(&bound);
     tsr_registry_free(reg);
 }
 END_TEST
@@ -254,6 +298,8 @@ int main(void) {
     tcase_add_loop_test(tc, arena_backend_equals_cpu, 0,
                         (int)(sizeof arena_quantizers / sizeof arena_quantizers[0]));
     tcase_add_test(tc, arena_backend_refuses_host_memory);
+    tcase_add_loop_test(tc, cpu_plugins_refuse_device_memory, 0,
+                        (int)(sizeof cpu_only / sizeof cpu_only[0]));
     suite_add_tcase(s, tc);
     tc = tcase_create("sequences");
     tcase_add_test(tc, positions_continue_each_sequence);

@@ -106,12 +106,12 @@ static const tsr_rq_codec int6_codec = {
 
 static tsr_status int6_create(const tsr_host *host, const tsr_params *params,
                               const tsr_quantizer_init *init, void **out) {
-    (void)init;
     /* choices {"8", "16"}: index 0 is 8-bit activations. */
     int6_cfg cfg = {(int32_t)tsr_param_int(params, "group"),
                     tsr_param_int(params, "act_bits") == 0};
     tsr_status st = tsr_rq_check_group(host, cfg.group, 32);
-    return st < 0 ? st : tsr_rq_quantizer_create(host, &int6_codec, &cfg, sizeof cfg, out);
+    return st < 0 ? st
+                  : tsr_rq_quantizer_create(host, init, &int6_codec, &cfg, sizeof cfg, out);
 }
 
 static const char *const int6_act_choices[] = {"8", "16", NULL};

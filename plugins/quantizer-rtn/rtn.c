@@ -108,11 +108,11 @@ static const tsr_rq_codec rtn_codec = {
 
 static tsr_status rtn_create(const tsr_host *host, const tsr_params *params,
                              const tsr_quantizer_init *init, void **out) {
-    (void)init;
     rtn_cfg cfg = {(int32_t)tsr_param_int(params, "bits"), (int32_t)tsr_param_int(params, "group"),
                    tsr_param_bool(params, "symmetric")};
     tsr_status st = tsr_rq_check_group(host, cfg.group, 8);
-    return st < 0 ? st : tsr_rq_quantizer_create(host, &rtn_codec, &cfg, sizeof cfg, out);
+    return st < 0 ? st
+                  : tsr_rq_quantizer_create(host, init, &rtn_codec, &cfg, sizeof cfg, out);
 }
 
 static const tsr_param_def rtn_params[] = {

@@ -204,13 +204,13 @@ static const tsr_rq_codec spqr_codec = {
 
 static tsr_status spqr_create(const tsr_host *host, const tsr_params *params,
                               const tsr_quantizer_init *init, void **out) {
-    (void)init;
     spqr_cfg cfg = {(int32_t)tsr_param_int(params, "bits"), (int32_t)tsr_param_int(params, "group"),
                     (int32_t)tsr_param_int(params, "stats_bits"),
                     (int32_t)tsr_param_int(params, "stats_group"),
                     (float)tsr_param_float(params, "outlier_threshold")};
     tsr_status st = tsr_rq_check_group(host, cfg.group, 8);
-    return st < 0 ? st : tsr_rq_quantizer_create(host, &spqr_codec, &cfg, sizeof cfg, out);
+    return st < 0 ? st
+                  : tsr_rq_quantizer_create(host, init, &spqr_codec, &cfg, sizeof cfg, out);
 }
 
 /* tsr_rq_quantizer_prepare plus SpQR's limits: rows whose outlier columns fit 16 bits, and

@@ -119,10 +119,10 @@ static const tsr_rq_codec w4a8_codec = {
 
 static tsr_status w4a8_create(const tsr_host *host, const tsr_params *params,
                               const tsr_quantizer_init *init, void **out) {
-    (void)init;
     w4a8_cfg cfg = {(int32_t)tsr_param_int(params, "group")};
     tsr_status st = tsr_rq_check_group(host, cfg.group, 32);
-    return st < 0 ? st : tsr_rq_quantizer_create(host, &w4a8_codec, &cfg, sizeof cfg, out);
+    return st < 0 ? st
+                  : tsr_rq_quantizer_create(host, init, &w4a8_codec, &cfg, sizeof cfg, out);
 }
 
 static const tsr_param_def w4a8_params[] = {

@@ -7,7 +7,7 @@
  *   static tsr_status my_create(const tsr_host *host, const tsr_params *params,
  *                               const tsr_quantizer_init *init, void **out) {
  *       my_cfg cfg = {(int32_t)tsr_param_int(params, "bits")};
- *       return tsr_rq_quantizer_create(host, &my_codec, &cfg, sizeof cfg, out);
+ *       return tsr_rq_quantizer_create(host, init, &my_codec, &cfg, sizeof cfg, out);
  *   }
  *   static const tsr_quantizer_vtable vt = { TSR_SIZED(tsr_quantizer_vtable),
  *       .create = my_create, .prepare = tsr_rq_quantizer_prepare, TSR_RQ_QUANTIZER_CALLBACKS };
@@ -366,9 +366,17 @@ static inline tsr_status tsr_rq_check_group(const tsr_host *host, int64_t group,
 }
 
 /* [main] An instance quantizing with `codec` and a copy of cfg (cfg_bytes) into *out, one
- * host->alloc block (tsr_rq_quantizer_destroy frees it). */
-static inline tsr_status tsr_rq_quantizer_create(const tsr_host *host, const tsr_rq_codec *codec,
-                                                 const void *cfg, size_t cfg_bytes, void **out) {
+ * host->alloc block (tsr_rq_quantizer_destroy frees it). Refuses a backend whose buffers are
+ * device memory: the codecs' products read x and write y on the CPU (CONTRACT.md MEM_1). */
+static inline tsr_status tsr_rq_quantizer_create(const tsr_host *host,
+                                                 const tsr_quantizer_init *init,
+                                                 const tsr_rq_codec *codec, const void *cfg,
+                                                 size_t cfg_bytes, void **out) {
+    if (init->memory_space != TSR_MEMORY_HOST) {
+        host->set_error(host->ctx, "backend '%s' computes in device memory: the %s products run "
+                        "on the CPU", init->backend_name ? init->backend_name : "?", codec->name);
+        return TSR_E_UNSUPPORTED;
+    }
     size_t cfg_off = (size_t)tsr_rq_align_up_(sizeof(tsr_rq_quantizer));
     tsr_rq_quantizer *q = tsr_rq_alloc_or_fail_(host, cfg_off + cfg_bytes, codec->name);
     if (!q) return TSR_E_NOMEM;
