@@ -4,6 +4,7 @@
 #include <check.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,7 @@
 #include "model/model.h"
 #include "pipeline/pipeline.h"
 #include "plugin/stage_init.h"
+#include "cpu_levels.h"
 #include "testutil.h"
 
 /* ---- a quantizer instance made by the host ---------------------------------------------- */
@@ -725,9 +727,23 @@ START_TEST(per_layer_mix) {
 }
 END_TEST
 
-static Suite *suite(void) {
+/* Without an argument: the formats, products and sources, which make their own data. With
+ * "models": the whole-model cases, which need the shared data folder and skip (77) without
+ * it; ctest runs them as test-quantizers-models. */
+static Suite *suite(bool model_cases) {
     Suite *s = suite_create("quantizers");
-    TCase *tc = tcase_create("formats");
+    TCase *tc;
+    if (model_cases) {
+        tc = tcase_create("models");
+        tcase_add_loop_test(tc, model_rtn8_matches_f32, 0, 2);
+        tcase_add_test(tc, every_quantizer_runs_stories);
+        tcase_add_test(tc, every_quantizer_runs_fixtures);
+        tcase_add_test(tc, per_layer_mix);
+        tcase_set_timeout(tc, 120);
+        suite_add_tcase(s, tc);
+        return s;
+    }
+    tc = tcase_create("formats");
     tcase_add_test(tc, rtn_error_falls_with_bits);
     tcase_add_test(tc, rtn_error_matches_noise_model);
     tcase_add_test(tc, rtn_rounds_to_nearest);
@@ -744,26 +760,16 @@ static Suite *suite(void) {
     tc = tcase_create("sources");
     tcase_add_loop_test(tc, source_types, 0, N_QUANTIZERS);
     suite_add_tcase(s, tc);
-    /* The models come from the shared data folder: without it, only the unit cases run. */
-    char *have[] = {tsr_test_data_path(models[0]), tsr_test_data_path(models[1]),
-                    tsr_test_data_path(seq64)};
-    int complete = have[0] && have[1] && have[2];
-    for (int i = 0; i < 3; i++) free(have[i]);
-    if (!complete) {
-        printf("skipped: the model cases need %s, %s and %s in %s\n", models[0], models[1],
-               seq64, tsr_test_data_dir());
-        return s;
-    }
-    tc = tcase_create("models");
-    tcase_add_loop_test(tc, model_rtn8_matches_f32, 0, 2);
-    tcase_add_test(tc, every_quantizer_runs_stories);
-    tcase_add_test(tc, every_quantizer_runs_fixtures);
-    tcase_add_test(tc, per_layer_mix);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return s;
 }
 
-int main(void) {
-    return tsr_test_run_suite(suite());
+int main(int argc, char **argv) {
+    bool model_cases = argc > 1 && strcmp(argv[1], "models") == 0;
+    if (model_cases) {
+        const char *need[] = {models[0], models[1], seq64};
+        for (int i = 0; i < 3; i++) free(tsr_test_require_data(need[i]));
+    }
+    int status = tsr_test_run_suite(suite(model_cases));
+    if (!model_cases) tsr_test_print_levels("test-quantizers");
+    return status;
 }
