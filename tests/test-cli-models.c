@@ -1,5 +1,6 @@
 /* The `tessera` program on real model files: text byte-identical to llama2.c's run.c, logits
- * files, tokenize, and one clear error line for bad input. Needs the shared data folder. */
+ * files, tokenize, perplexity equal to llama.cpp's, and one clear error line for bad input.
+ * Needs the shared data folder. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -219,8 +220,55 @@ START_TEST(hooks_run_on_live_instances) {
 }
 END_TEST
 
+/* A number of `tessera ... --json`'s output: the value after "key": (the keys are unique). */
+static double json_number(const char *json, const char *key) {
+    char quoted[64];
+    snprintf(quoted, sizeof quoted, "\"%s\":", key);
+    const char *at = strstr(json, quoted);
+    ck_assert_msg(at != NULL, "no %s in %s", quoted, json);
+    return strtod(at + strlen(quoted), NULL);
+}
+
+/* `tessera perplexity` against llama.cpp's llama-perplexity on the same model, text and chunks.
+ * The reference, llama.cpp commit c392e5094 (the fixtures' one) built outside this tree with
+ * `cmake -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON`, target llama-perplexity,
+ * run on an AVX-512 machine:
+ *   llama-perplexity -m models/stories260K.gguf -f data/tinystories_val.txt -c 128 -b 128
+ *     --chunks 100 -t 1 -ctk f32 -ctv f32 --ppl-output-type 1
+ * (-b 128: one sequence per batch; F32 KV cache, flash attention off: its defaults) prints for
+ * the last chunk "12672  3.9403  1.371247  0.022611" (position, perplexity, mean NLL and its
+ * standard error, to six decimals) and "Final estimate: PPL = 3.9403 +/- 0.08909". Both tools
+ * tokenize with BOS, cut 100 chunks of 128 tokens, put BOS first in each and score positions
+ * 64..126 against the next token: 63 tokens a chunk.
+ * Tolerance on the mean NLL, 6e-7 (the perplexity's relative difference is the same): the
+ * reference's rounding to six decimals (5e-7) plus about 3x the spread of this build's own
+ * float noise (2.4e-8 between the scalar, avx2 and avx512 levels with the flash, ggml and
+ * reference attention plugins, all within 1.4e-7 of 1.371247). */
+START_TEST(perplexity_matches_llama_cpp) {
+    char *model = tsr_test_data("models/stories260K.gguf");
+    char *text = tsr_test_data("data/tinystories_val.txt");
+    const char *args[] = {"perplexity", "-m", model, "-f", text, "--ctx", "128", "--chunks",
+                          "100", "-t", "1", "--json", NULL};
+    char *out, *err;
+    int status = tsr_test_tessera(&out, &err, args);
+    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    ck_assert_double_eq(json_number(out, "chunks"), 100);
+    ck_assert_double_eq(json_number(out, "scored_tokens"), 100 * 63);
+    double nll = json_number(out, "mean_nll"), se = json_number(out, "mean_nll_stderr");
+    ck_assert_msg(fabs(nll - 1.371247) <= 6e-7, "mean NLL %.9f, llama.cpp 1.371247", nll);
+    ck_assert_msg(fabs(se - 0.022611) <= 6e-7, "its standard error %.9f, llama.cpp 0.022611", se);
+    ck_assert_double_eq_tol(json_number(out, "ppl"), 3.9403, 5e-5);
+    ck_assert_double_eq_tol(json_number(out, "ppl_stderr"), 0.08909, 5e-6);
+    free(out);
+    free(err);
+    free(text);
+    free(model);
+}
+END_TEST
+
 int main(void) {
     free(tsr_test_require_data("models/stories260K.bin"));
+    free(tsr_test_require_data("data/tinystories_val.txt"));
     Suite *s = suite_create("cli-models");
     TCase *tc = tcase_create("run");
     tcase_set_timeout(tc, 120);
@@ -233,6 +281,7 @@ int main(void) {
     tcase_add_test(tc, bad_model_file_is_one_line);
     tcase_add_test(tc, llama2c_model_needs_tokenizer);
     tcase_add_test(tc, hooks_run_on_live_instances);
+    tcase_add_test(tc, perplexity_matches_llama_cpp);
     suite_add_tcase(s, tc);
     return tsr_test_run_suite(s);
 }

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_levels.h"
 #include "testutil.h"
 
 /* ---- helpers ---------------------------------------------------------------------------- */
@@ -536,5 +537,7 @@ static Suite *suite(void) {
 }
 
 int main(void) {
-    return tsr_test_run_suite(suite());
+    int status = tsr_test_run_suite(suite());
+    tsr_test_print_levels("test-kernels-quants");
+    return status;
 }

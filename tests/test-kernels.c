@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_levels.h"
 #include "testutil.h"
 
 /* ---- helpers ---------------------------------------------------------------------------- */
@@ -747,5 +748,7 @@ static Suite *kernels_suite(void) {
 }
 
 int main(void) {
-    return tsr_test_run_suite(kernels_suite());
+    int status = tsr_test_run_suite(kernels_suite());
+    tsr_test_print_levels("test-kernels");
+    return status;
 }

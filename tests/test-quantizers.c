@@ -4,12 +4,14 @@
 #include <check.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include <tessera/kernels_research.h>
+#include <tessera/sdk_rq.h>
 
 #include "plugin/commands.h"
 #include "config/config.h"
@@ -17,6 +19,7 @@
 #include "model/model.h"
 #include "pipeline/pipeline.h"
 #include "plugin/stage_init.h"
+#include "cpu_levels.h"
 #include "testutil.h"
 
 /* ---- a quantizer instance made by the host ---------------------------------------------- */
@@ -325,6 +328,170 @@ START_TEST(spqr_keeps_outliers) {
     q.vt->release(q.inst->self, &out.dst);
     qz_close(&q);
     free(w);
+}
+END_TEST
+
+/* ---- hand-worked blocks ------------------------------------------------------------------ */
+
+/* One row of `n_in` weights quantized by `quantizer`, worked out by hand from the definitions
+ * in docs/quantizers.md: the row's bytes (fp16 little-endian, codes packed little-endian from
+ * bit 0), SpQR's tail of outliers, and the dequantized values, which must all come out exactly.
+ * The weights are chosen so that every scale is a power of two times a small integer (exact in
+ * fp16 and in its reciprocal), and they include ties, which round to even. */
+typedef struct hand_block {
+    const char *quantizer;
+    int64_t n_in;
+    const float *w, *want; /* (n_in) */
+    const uint8_t *row;
+    size_t row_bytes;
+    const uint8_t *tail; /* NULL: the format has none */
+    size_t tail_bytes;
+} hand_block;
+
+static void check_hand_block(const hand_block *b) {
+    qz q;
+    qz_open(&q, b->quantizer, 1);
+    tsr_tensor src = tensor_of(TSR_DTYPE_F32, b->w, b->n_in, 1);
+    tsr_weight_out out;
+    ck_assert_int_eq(qz_prepare(&q, &src, &out), TSR_OK);
+    const uint8_t *block = out.dst.data;
+    const tsr_rq_header_ *h = out.dst.data;
+    ck_assert_uint_eq(h->row_bytes, b->row_bytes);
+    for (size_t i = 0; i < b->row_bytes; i++)
+        ck_assert_msg(block[h->rows_off + i] == b->row[i],
+                      "%s: row byte %zu is 0x%02x, 0x%02x by hand", b->quantizer, i,
+                      block[h->rows_off + i], b->row[i]);
+    if (b->tail) {
+        const uint32_t *off = (const uint32_t *)(block + h->ptr_off);
+        ck_assert_uint_eq(off[0], 0);
+        ck_assert_uint_eq(off[1], b->tail_bytes);
+        ck_assert_mem_eq(block + h->tail_off, b->tail, b->tail_bytes);
+    } else {
+        ck_assert_uint_eq(h->ptr_off, 0);
+    }
+    float *y = qz_dequant(&q, &out.dst);
+    for (int64_t i = 0; i < b->n_in; i++)
+        ck_assert_msg(y[i] == b->want[i], "%s: weight %lld (%g) dequantizes to %g, %g by hand",
+                      b->quantizer, (long long)i, b->w[i], y[i], b->want[i]);
+    free(y);
+    q.vt->release(q.inst->self, &out.dst);
+    qz_close(&q);
+}
+
+/* rtn, symmetric 4 bits, group 32, a row of 40: qmax = 7, c = rne(w / d) + 7, w' = d (c - 7).
+ * Group 0: amax 1.75, d = 0.25 (fp16 0x3400); w / d = 7 -7 0 1 -1 2.5 -2.5 3.5 -3.5 0.4 0.6
+ * -0.6 6.9 -6.4 5 -5 4 -4 3 -3 2 -2 1.5 -1.5 0.5 -0.5 6.5 -6.5 0.1 -0.1 5.5 4.5, rounded (ties to
+ * even) 7 -7 0 1 -1 2 -2 4 -4 0 1 -1 7 -6 5 -5 4 -4 3 -3 2 -2 2 -2 0 0 6 -6 0 0 6 4.
+ * Group 1, 8 weights (the row's short last group): amax 3.5, d = 0.5 (0x3800); w / d = -7 6 0.5
+ * 1.5 -3 2.49 7 -1 -> -7 6 0 2 -3 2 7 -1; its 24 padding codes are 7 (zero). Two codes a byte,
+ * the first in the low nibble. */
+START_TEST(hand_rtn_symmetric) {
+    static const float w[40] = {
+        1.75f, -1.75f, 0, 0.25f, -0.25f, 0.625f, -0.625f, 0.875f, -0.875f, 0.1f, 0.15f,
+        -0.15f, 1.725f, -1.6f, 1.25f, -1.25f, 1, -1, 0.75f, -0.75f, 0.5f, -0.5f, 0.375f,
+        -0.375f, 0.125f, -0.125f, 1.625f, -1.625f, 0.025f, -0.025f, 1.375f, 1.125f,
+        -3.5f, 3, 0.25f, 0.75f, -1.5f, 1.245f, 3.5f, -0.5f};
+    static const float want[40] = {
+        1.75f, -1.75f, 0, 0.25f, -0.25f, 0.5f, -0.5f, 1, -1, 0, 0.25f, -0.25f, 1.75f, -1.5f,
+        1.25f, -1.25f, 1, -1, 0.75f, -0.75f, 0.5f, -0.5f, 0.5f, -0.5f, 0, 0, 1.5f, -1.5f, 0, 0,
+        1.5f, 1, -3.5f, 3, 0, 1, -1.5f, 1, 3.5f, -0.5f};
+    /* d[2], then codes 14 0 7 8 6 9 5 11 3 7 8 6 14 1 12 2 11 3 10 4 9 5 9 5 7 7 13 1 7 7 13 11 |
+     * 0 13 7 9 4 9 14 6, 7 x 24 */
+    static const uint8_t row[36] = {
+        0x00, 0x34, 0x00, 0x38, 0x0e, 0x87, 0x96, 0xb5, 0x73, 0x68, 0x1e, 0x2c, 0x3b, 0x4a,
+        0x59, 0x59, 0x77, 0x1d, 0x77, 0xbd, 0xd0, 0x97, 0x94, 0x6e, 0x77, 0x77, 0x77, 0x77,
+        0x77, 0x77, 0x77, 0x77, 0x77, 0x77, 0x77, 0x77};
+    check_hand_block(&(hand_block){"{ plugin: rtn, bits: 4, group: 32 }", 40, w, want, row,
+                                   sizeof row, NULL, 0});
+}
+END_TEST
+
+/* rtn, asymmetric 3 bits, group 32: m = min = -1 (fp16 0xbc00), d = (2.5 - -1) / 7 = 0.5
+ * (0x3800), c = rne((w - m) / d), w' = m + d c. (w - m) / d = 0 7 1 2 3 4 5 6 0.5 1.5 2.5 3.5
+ * 4.5 5.5 6.5 0.25 6.75 3.2 2.8 1.49 1.51 4 4 4 0 7 5 5 2 2 6 6 gives the codes 0 7 1 2 3 4 5 6
+ * 0 2 2 4 4 6 6 0 7 3 3 1 2 4 4 4 0 7 5 5 2 2 6 6: eight codes in three bytes, a code crossing
+ * a byte boundary continues in the next byte's low bits. */
+START_TEST(hand_rtn_asymmetric) {
+    static const float w[32] = {
+        -1, 2.5f, -0.5f, 0, 0.5f, 1, 1.5f, 2, -0.75f, -0.25f, 0.25f, 0.75f, 1.25f, 1.75f,
+        2.25f, -0.875f, 2.375f, 0.6f, 0.4f, -0.255f, -0.245f, 1, 1, 1, -1, 2.5f, 1.5f, 1.5f, 0,
+        0, 2, 2};
+    static const float want[32] = {
+        -1, 2.5f, -0.5f, 0, 0.5f, 1, 1.5f, 2, -1, 0, 0, 1, 1, 2, 2, -1, 2.5f, 0.5f, 0.5f,
+        -0.5f, 0, 1, 1, 1, -1, 2.5f, 1.5f, 1.5f, 0, 0, 2, 2};
+    static const uint8_t row[16] = {0x00, 0x38, 0x00, 0xbc, 0x78, 0x34, 0xd6, 0x90,
+                                    0x48, 0x1b, 0xdf, 0x22, 0x92, 0x78, 0x2b, 0xd9};
+    check_hand_block(&(hand_block){"{ plugin: rtn, bits: 3, group: 32, symmetric: false }", 32,
+                                   w, want, row, sizeof row, NULL, 0});
+}
+END_TEST
+
+/* int6, group 32: d = amax / 31 = 7.75 / 31 = 0.25 (0x3400), c = rne(w / d) + 32. w / d = 31
+ * -31 0 1 -1 0.5 -0.5 1.5 -1.5 2.5 30.6 -30.4 15 -15 16.5 -16.5 7 -7 8.49 -8.51 20 -20 25 -25 3
+ * -3 10.5 11.5 0.2 -0.2 29 -29 gives the codes 63 1 32 33 31 32 32 34 30 34 63 2 47 17 48 16 39
+ * 25 40 23 52 12 57 7 35 29 42 44 32 32 61 3: four codes in three bytes. */
+START_TEST(hand_int6) {
+    static const float w[32] = {
+        7.75f, -7.75f, 0, 0.25f, -0.25f, 0.125f, -0.125f, 0.375f, -0.375f, 0.625f, 7.65f,
+        -7.6f, 3.75f, -3.75f, 4.125f, -4.125f, 1.75f, -1.75f, 2.1225f, -2.1275f, 5, -5, 6.25f,
+        -6.25f, 0.75f, -0.75f, 2.625f, 2.875f, 0.05f, -0.05f, 7.25f, -7.25f};
+    static const float want[32] = {
+        7.75f, -7.75f, 0, 0.25f, -0.25f, 0, 0, 0.5f, -0.5f, 0.5f, 7.75f, -7.5f, 3.75f, -3.75f,
+        4, -4, 1.75f, -1.75f, 2, -2.25f, 5, -5, 6.25f, -6.25f, 0.75f, -0.75f, 2.5f, 3, 0, 0,
+        7.25f, -7.25f};
+    static const uint8_t row[26] = {
+        0x00, 0x34, 0x7f, 0x00, 0x86, 0x1f, 0x08, 0x8a, 0x9e, 0xf8, 0x0b, 0x6f, 0x04, 0x43,
+        0x67, 0x86, 0x5e, 0x34, 0x93, 0x1f, 0x63, 0xa7, 0xb2, 0x20, 0xd8, 0x0f};
+    check_hand_block(&(hand_block){"{ plugin: int6, group: 32 }", 32, w, want, row, sizeof row,
+                                   NULL, 0});
+}
+END_TEST
+
+/* w4a8, group 32. Level 1: s1 = amax / 119 = 7.4375 / 119 = 0.0625 (0x2c00), q8 = rne(w / s1)
+ * = 119 -30 0 15 25 -5 -15 35 5 10 20 30 40 50 60 70 80 90 100 110 118 (from 118.5) 44 46 -25
+ * -20 -10 1 9 14 16 64 66. Level 2: s2 = rne((119 - -30) / 15) = rne(9.93) = 10, z =
+ * rne(30 / 10) = 3, c = rne(q8 / s2 + z): 15 0 3 4 6 2 2 6 4 4 5 6 7 8 9 10 11 12 13 14 15 7 8 0
+ * 1 2 3 4 4 5 9 10 (the ties 4.5, 5.5, 2.5, 1.5, 6.5, 3.5, 0.5 to the even code; rounding q8 / s2
+ * before adding the odd z would give 5 5 3 1 7 3 1 instead); w' = s1 s2 (c - z). */
+START_TEST(hand_w4a8) {
+    static const float w[32] = {
+        7.4375f, -1.875f, 0, 0.9375f, 1.5625f, -0.3125f, -0.9375f, 2.1875f, 0.3125f, 0.625f,
+        1.25f, 1.875f, 2.5f, 3.125f, 3.75f, 4.375f, 5, 5.625f, 6.25f, 6.875f, 7.40625f, 2.75f,
+        2.875f, -1.5625f, -1.25f, -0.625f, 0.0625f, 0.5625f, 0.875f, 1, 4, 4.125f};
+    static const float want[32] = {
+        7.5f, -1.875f, 0, 0.625f, 1.875f, -0.625f, -0.625f, 1.875f, 0.625f, 0.625f, 1.25f,
+        1.875f, 2.5f, 3.125f, 3.75f, 4.375f, 5, 5.625f, 6.25f, 6.875f, 7.5f, 2.5f, 3.125f,
+        -1.875f, -1.25f, -0.625f, 0, 0.625f, 0.625f, 1.25f, 3.75f, 4.375f};
+    static const uint8_t row[20] = {0x00, 0x2c, 0x0a, 0x03, 0x0f, 0x43, 0x26, 0x62, 0x44, 0x65,
+                                    0x87, 0xa9, 0xcb, 0xed, 0x7f, 0x08, 0x21, 0x43, 0x54, 0xa9};
+    check_hand_block(&(hand_block){"{ plugin: w4a8, group: 32 }", 32, w, want, row, sizeof row,
+                                   NULL, 0});
+}
+END_TEST
+
+/* spqr, 3 bits, groups of 8, statistics of 2 bits in second-level groups of 2, outlier
+ * threshold 2 std, a row of 16 (two groups, one second-level group).
+ * Group 0: mean -0.9625, population std 2.53, none beyond 4.04 < 5.07 from the mean; it spans
+ * [-5, 2]: s = 7 / 7 = 1, z = 5 / 1 = 5. Group 1: mean 1.8125, std 3.88: 12 lies 10.19 > 7.76
+ * from the mean, an outlier (the others lie within 2.32); its inliers span [-0.5, 1.25]:
+ * s = 1.75 / 7 = 0.25, z = 0.5 / 0.25 = 2.
+ * Second level: s in {1, 0.25}: s_min 0.25 (0x3400), s_step 0.75 / 3 = 0.25 (0x3400), codes 3
+ * 0; z in {5, 2}: z_min 2 (0x4000), z_step 1 (0x3c00), codes 3 0 (decoded exactly).
+ * c = clamp(rne(w / s + z), 0, 7): group 0 (w / s + z = 0 7 3.5 5.5 3 6 0.6 6.7) 0 7 4 6 3 6 1
+ * 7, group 1 (0 7 2 3 4 3.5 4.5 50) 0 7 2 3 4 4 4 7. w' = s (c - z), and at the outlier's
+ * column its fp16 value: the tail (uint16 15, fp16 12 = 0x4a00). */
+START_TEST(hand_spqr) {
+    static const float w[16] = {-5, 2, -1.5f, 0.5f, -2, 1, -4.4f, 1.7f,
+                                -0.5f, 1.25f, 0, 0.25f, 0.5f, 0.375f, 0.625f, 12};
+    static const float want[16] = {-5, 2, -1, 1, -2, 1, -4, 2,
+                                   -0.5f, 1.25f, 0, 0.25f, 0.5f, 0.5f, 0.5f, 12};
+    /* stats, scale codes, zero codes, weight codes */
+    static const uint8_t row[16] = {0x00, 0x34, 0x00, 0x34, 0x00, 0x40, 0x00, 0x3c,
+                                    0x03, 0x03, 0x38, 0x3d, 0xe7, 0xb8, 0x46, 0xf2};
+    static const uint8_t tail[4] = {0x0f, 0x00, 0x00, 0x4a};
+    check_hand_block(&(hand_block){"{ plugin: spqr, bits: 3, group: 8, stats_bits: 2, "
+                                   "stats_group: 2, outlier_threshold: 2 }",
+                                   16, w, want, row, sizeof row, tail, sizeof tail});
 }
 END_TEST
 
@@ -725,15 +892,36 @@ START_TEST(per_layer_mix) {
 }
 END_TEST
 
-static Suite *suite(void) {
+/* Without an argument: the formats, products and sources, which make their own data. With
+ * "models": the whole-model cases, which need the shared data folder and skip (77) without
+ * it; ctest runs them as test-quantizers-models. */
+static Suite *suite(bool model_cases) {
     Suite *s = suite_create("quantizers");
-    TCase *tc = tcase_create("formats");
+    TCase *tc;
+    if (model_cases) {
+        tc = tcase_create("models");
+        tcase_add_loop_test(tc, model_rtn8_matches_f32, 0, 2);
+        tcase_add_test(tc, every_quantizer_runs_stories);
+        tcase_add_test(tc, every_quantizer_runs_fixtures);
+        tcase_add_test(tc, per_layer_mix);
+        tcase_set_timeout(tc, 120);
+        suite_add_tcase(s, tc);
+        return s;
+    }
+    tc = tcase_create("formats");
     tcase_add_test(tc, rtn_error_falls_with_bits);
     tcase_add_test(tc, rtn_error_matches_noise_model);
     tcase_add_test(tc, rtn_rounds_to_nearest);
     tcase_add_test(tc, int6_and_w4a8_errors);
     tcase_add_test(tc, spqr_keeps_outliers);
     tcase_set_timeout(tc, 60);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("hand-worked");
+    tcase_add_test(tc, hand_rtn_symmetric);
+    tcase_add_test(tc, hand_rtn_asymmetric);
+    tcase_add_test(tc, hand_int6);
+    tcase_add_test(tc, hand_w4a8);
+    tcase_add_test(tc, hand_spqr);
     suite_add_tcase(s, tc);
     tc = tcase_create("products");
     tcase_add_loop_test(tc, matmul_equals_dequantized_product, 0, N_QUANTIZERS);
@@ -744,26 +932,16 @@ static Suite *suite(void) {
     tc = tcase_create("sources");
     tcase_add_loop_test(tc, source_types, 0, N_QUANTIZERS);
     suite_add_tcase(s, tc);
-    /* The models come from the shared data folder: without it, only the unit cases run. */
-    char *have[] = {tsr_test_data_path(models[0]), tsr_test_data_path(models[1]),
-                    tsr_test_data_path(seq64)};
-    int complete = have[0] && have[1] && have[2];
-    for (int i = 0; i < 3; i++) free(have[i]);
-    if (!complete) {
-        printf("skipped: the model cases need %s, %s and %s in %s\n", models[0], models[1],
-               seq64, tsr_test_data_dir());
-        return s;
-    }
-    tc = tcase_create("models");
-    tcase_add_loop_test(tc, model_rtn8_matches_f32, 0, 2);
-    tcase_add_test(tc, every_quantizer_runs_stories);
-    tcase_add_test(tc, every_quantizer_runs_fixtures);
-    tcase_add_test(tc, per_layer_mix);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return s;
 }
 
-int main(void) {
-    return tsr_test_run_suite(suite());
+int main(int argc, char **argv) {
+    bool model_cases = argc > 1 && strcmp(argv[1], "models") == 0;
+    if (model_cases) {
+        const char *need[] = {models[0], models[1], seq64};
+        for (int i = 0; i < 3; i++) free(tsr_test_require_data(need[i]));
+    }
+    int status = tsr_test_run_suite(suite(model_cases));
+    if (!model_cases) tsr_test_print_levels("test-quantizers");
+    return status;
 }

@@ -732,48 +732,116 @@ START_TEST(test_sample_penalty) {
 }
 END_TEST
 
-/* Frequencies of pick over `n` draws from logits with three live tokens 0, 1, 2. */
-static void sample_freq(const char *const *kv, const float *three, int n, double *freq) {
+/* Frequencies of pick over `n` draws, after `history`, from logits log(p[i]) for tokens 0..3
+ * (probabilities at temperature 1; p[i] = 0: the token is not live) and -1e30 elsewhere. */
+static void sample_freq(const char *const *kv, const double p[4], const int32_t *history,
+                        int64_t n_history, int n, double freq[4]) {
     float l[FAKE_VOCAB];
-    for (int v = 0; v < FAKE_VOCAB; v++) l[v] = -1e30f;
-    memcpy(l, three, 3 * sizeof(float));
+    for (int v = 0; v < FAKE_VOCAB; v++) l[v] = v < 4 && p[v] > 0 ? (float)log(p[v]) : -1e30f;
     fx f;
     sample_open(&f, kv);
     const tsr_decoder_vtable *vt = f.vt;
-    int count[3] = {0};
+    int count[4] = {0};
     for (int i = 0; i < n; i++) {
-        int32_t t = vt->pick(f.inst->self, l, NULL, 0);
-        ck_assert(t >= 0 && t < 3);
+        int32_t t = vt->pick(f.inst->self, l, history, n_history);
+        ck_assert(t >= 0 && t < 4);
         count[t]++;
     }
-    for (int i = 0; i < 3; i++) freq[i] = (double)count[i] / n;
+    for (int i = 0; i < 4; i++) freq[i] = (double)count[i] / n;
     fx_close(&f);
 }
 
 START_TEST(test_sample_distribution) {
-    /* Probabilities 0.5, 0.3, 0.2 at temperature 1. */
-    float three[3] = {logf(0.5f), logf(0.3f), logf(0.2f)};
-    double fr[3];
+    /* Probabilities 0.5, 0.3, 0.2 at temperature 1; token 3 is not live. */
+    const double three[4] = {0.5, 0.3, 0.2, 0};
+    double fr[4];
     const char *plain[] = {"seed=1", "temperature=1", "top_k=0", "top_p=1", "min_p=0", NULL};
-    sample_freq(plain, three, 20000, fr);
+    sample_freq(plain, three, NULL, 0, 20000, fr);
     ck_assert_double_eq_tol(fr[0], 0.5, 0.015);
     ck_assert_double_eq_tol(fr[1], 0.3, 0.015);
     ck_assert_double_eq_tol(fr[2], 0.2, 0.015);
     /* top_p 0.7: tokens 0 and 1 (0.8 >= 0.7), renormalised to 5/8 and 3/8. */
     const char *top_p[] = {"seed=2", "temperature=1", "top_k=0", "top_p=0.7", "min_p=0", NULL};
-    sample_freq(top_p, three, 20000, fr);
+    sample_freq(top_p, three, NULL, 0, 20000, fr);
     ck_assert_double_eq_tol(fr[0], 0.625, 0.015);
     ck_assert_double_eq(fr[2], 0.0);
     /* min_p 0.5: p >= 0.25 keeps 0 and 1. */
     const char *min_p[] = {"seed=3", "temperature=1", "top_k=0", "top_p=1", "min_p=0.5", NULL};
-    sample_freq(min_p, three, 20000, fr);
+    sample_freq(min_p, three, NULL, 0, 20000, fr);
     ck_assert_double_eq_tol(fr[0], 0.625, 0.015);
     ck_assert_double_eq(fr[2], 0.0);
     /* top_k 2 does the same; temperature 0.5 after it squares the odds: 25:9. */
     const char *top_k[] = {"seed=4", "temperature=0.5", "top_k=2", "top_p=1", "min_p=0", NULL};
-    sample_freq(top_k, three, 20000, fr);
+    sample_freq(top_k, three, NULL, 0, 20000, fr);
     ck_assert_double_eq_tol(fr[0], 25.0 / 34.0, 0.015);
     ck_assert_double_eq(fr[2], 0.0);
+}
+END_TEST
+
+/* The chain's order (docs/plugins/decoder.md: penalty, top-k, top-p, min-p, temperature) at
+ * temperatures other than 1. In each case the documented order keeps another token set than
+ * the swapped order named, so the frequencies tell the two apart; the kept tokens are drawn in
+ * proportion to p^(1/T). Probabilities (at temperature 1) of tokens 0..3 in `p`. */
+START_TEST(test_sample_chain_order) {
+    const double r5 = sqrt(0.5), r4 = sqrt(0.4), r3 = sqrt(0.3), r2 = sqrt(0.2);
+    const int32_t saw_0[1] = {0};
+    const struct {
+        const char *swapped; /* the order this case rules out */
+        const char *kv[8];
+        double p[4];
+        const int32_t *history;
+        double want[4];
+    } cases[] = {
+        /* top-p on p: 0.5 < 0.6 <= 0.8 keeps {0, 1}. On p^2 (0.66, 0.24, 0.10) it would keep
+         * {0}. */
+        {"temperature 0.5 before top-p",
+         {"temperature=0.5", "top_k=0", "top_p=0.6", "min_p=0"},
+         {0.5, 0.3, 0.2, 0}, NULL, {25.0 / 34, 9.0 / 34, 0, 0}},
+        /* top-p on p: 0.8 >= 0.75 keeps {0, 1}. On p^(1/2) (0.42, 0.32, 0.26) the first two
+         * sum to 0.74 < 0.75: it would keep all three. */
+        {"temperature 2 before top-p",
+         {"temperature=2", "top_k=0", "top_p=0.75", "min_p=0"},
+         {0.5, 0.3, 0.2, 0}, NULL, {r5 / (r5 + r3), r3 / (r5 + r3), 0, 0}},
+        /* min-p 0.5 on p: >= 0.25 keeps {0, 1}; on p^2 (>= 0.33) it would keep {0}. */
+        {"temperature 0.5 before min-p",
+         {"temperature=0.5", "top_k=0", "top_p=1", "min_p=0.5"},
+         {0.5, 0.3, 0.2, 0}, NULL, {25.0 / 34, 9.0 / 34, 0, 0}},
+        /* ... on p^(1/2) (>= 0.21) it would keep all three. */
+        {"temperature 2 before min-p",
+         {"temperature=2", "top_k=0", "top_p=1", "min_p=0.5"},
+         {0.5, 0.3, 0.2, 0}, NULL, {r5 / (r5 + r3), r3 / (r5 + r3), 0, 0}},
+        /* top-k 3 first, then top-p on its renormalised (4/9, 3/9, 2/9): 7/9 >= 0.75 keeps
+         * {0, 1}. Top-p first (0.4, 0.7, 0.9) would keep {0, 1, 2}, and top-k 3 all of them. */
+        {"top-p before top-k",
+         {"temperature=0.5", "top_k=3", "top_p=0.75", "min_p=0"},
+         {0.4, 0.3, 0.2, 0.1}, NULL, {16.0 / 25, 9.0 / 25, 0, 0}},
+        /* top-p first (0.4, 0.7, 0.9) keeps {0, 1, 2}, min-p 0.3 (>= 0.12) all of those.
+         * Min-p first keeps {0, 1, 2} too, but top-p on (4/9, 3/9, 2/9) would keep {0, 1}. */
+        {"min-p before top-p",
+         {"temperature=2", "top_k=0", "top_p=0.75", "min_p=0.3"},
+         {0.4, 0.3, 0.2, 0.1}, NULL, {r4 / (r4 + r3 + r2), r3 / (r4 + r3 + r2),
+                                      r2 / (r4 + r3 + r2), 0}},
+        /* The penalty 3 multiplies token 0's negative logit: p 0.5 -> 0.125, below 0.3 and
+         * 0.2, so top-k 2 keeps {1, 2}. Top-k first would keep {0, 1}. */
+        {"top-k before the penalty",
+         {"temperature=0.5", "top_k=2", "top_p=1", "min_p=0", "repeat_penalty=3"},
+         {0.5, 0.3, 0.2, 0}, saw_0, {0, 9.0 / 13, 4.0 / 13, 0}},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const char *kv[10] = {"seed=9"};
+        for (int k = 0; cases[c].kv[k]; k++) kv[k + 1] = cases[c].kv[k];
+        double fr[4];
+        sample_freq(kv, cases[c].p, cases[c].history, cases[c].history ? 1 : 0, 20000, fr);
+        for (int t = 0; t < 4; t++) {
+            if (cases[c].want[t] == 0)
+                ck_assert_msg(fr[t] == 0, "token %d drawn (%.4f): the chain ran as if %s", t,
+                              fr[t], cases[c].swapped);
+            else
+                ck_assert_msg(fabs(fr[t] - cases[c].want[t]) <= 0.015,
+                              "token %d drawn %.4f, want %.4f: the chain ran as if %s", t,
+                              fr[t], cases[c].want[t], cases[c].swapped);
+        }
+    }
 }
 END_TEST
 
@@ -802,6 +870,7 @@ static Suite *stage_plugins_suite(void) {
     tcase_add_test(tc, test_sample_greedy_limits);
     tcase_add_test(tc, test_sample_penalty);
     tcase_add_test(tc, test_sample_distribution);
+    tcase_add_test(tc, test_sample_chain_order);
     suite_add_tcase(s, tc);
     return s;
 }

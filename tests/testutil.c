@@ -10,8 +10,14 @@
 #include <unistd.h>
 
 const char *tsr_test_data_dir(void) {
-    const char *dir = getenv("TESSERA_TEST_DATA");
-    return dir && *dir ? dir : "../shared";
+    /* The caller's TESSERA_TEST_DATA first, so `TESSERA_TEST_DATA=/elsewhere ctest` works on a
+     * build configured with another folder; then the folder the build was configured with. */
+    const char *names[] = {"TESSERA_TEST_DATA", "TESSERA_TEST_DATA_CONFIGURED"};
+    for (int i = 0; i < 2; i++) {
+        const char *dir = getenv(names[i]);
+        if (dir && *dir) return dir;
+    }
+    return "../shared";
 }
 
 char *tsr_test_data_path(const char *rel) {

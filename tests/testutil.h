@@ -7,7 +7,8 @@
 
 #include <check.h>
 
-/* The shared test data folder: $TESSERA_TEST_DATA, else ../shared. */
+/* The shared test data folder: $TESSERA_TEST_DATA, else the one the build was configured with
+ * (ctest passes it as $TESSERA_TEST_DATA_CONFIGURED), else ../shared. */
 const char *tsr_test_data_dir(void);
 
 /* Path of `rel` inside the shared data folder (malloc'd), or NULL when the file is missing. */
