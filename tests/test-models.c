@@ -10,48 +10,16 @@
 
 #include <tessera/kernels_cpu.h>
 
-#include "config/config.h"
-#include "plugin/loader.h"
-#include "model/model.h"
-#include "pipeline/pipeline.h"
+#include "pipeline_fixture.h"
 #include "testutil.h"
 
-typedef struct run {
-    tsr_pool *pool;
-    tsr_registry *reg;
-    tsr_config *cfg;
-    tsr_model *model;
-    tsr_pipeline *pl;
-} run;
-
-static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
-    const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
-    return r ? r->desc : NULL;
-}
+typedef tsr_test_pipeline run;
 
 /* Opens `model_rel` (inside the shared data) with the pipeline `yaml` for n_ctx positions. */
 static void run_open(run *r, const char *model_rel, const char *yaml, int32_t n_ctx) {
-    memset(r, 0, sizeof *r);
-    tsr_error err = {{0}};
-    ck_assert_int_ge(tsr_config_load_string(yaml, "test.yaml", &r->cfg, &err), 0);
-    r->reg = tsr_registry_create(NULL);
-    ck_assert_int_ge(tsr_registry_scan_dir(r->reg, tsr_test_env("TESSERA_PLUGIN_DIR"), &err), 1);
-    if (tsr_config_bind(r->cfg, find_plugin, r->reg, &err) < 0) ck_abort_msg("%s", err.msg);
-    r->pool = tsr_pool_create(tsr_config_threads(r->cfg));
-    char *path = tsr_test_data_path(model_rel);
-    ck_assert_msg(path != NULL, "%s missing", model_rel);
-    if (tsr_model_load(path, &r->model, &err) < 0) ck_abort_msg("%s", err.msg);
+    char *path = tsr_test_data(model_rel);
+    tsr_test_pipeline_open_ok(r, path, yaml, n_ctx);
     free(path);
-    if (tsr_pipeline_create(r->cfg, r->reg, r->model, r->pool, n_ctx, &r->pl, &err) < 0)
-        ck_abort_msg("%s", err.msg);
-}
-
-static void run_close(run *r) {
-    tsr_pipeline_free(r->pl);
-    tsr_model_free(r->model);
-    tsr_registry_free(r->reg);
-    tsr_pool_free(r->pool);
-    tsr_config_free(r->cfg);
 }
 
 static const char *const greedy_yaml =
@@ -96,15 +64,10 @@ static float *read_floats(const char *rel, size_t *n) {
 
 /* Logits of every position of `ids`, one batch from an empty cache. */
 static float *all_logits(run *r, const double *ids, size_t n) {
-    tsr_error err = {{0}};
-    tsr_batch_entry *b = calloc(n, sizeof *b);
-    for (size_t i = 0; i < n; i++)
-        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)i, .token = (int32_t)ids[i], .want_logits = 1};
-    float *logits = malloc(n * (size_t)r->model->hp.n_vocab * sizeof *logits);
-    ck_assert_int_ge(tsr_pipeline_seq_begin(r->pl, 0, &err), 0);
-    if (tsr_pipeline_forward(r->pl, b, (int64_t)n, logits, &err) < 0) ck_abort_msg("%s", err.msg);
-    tsr_pipeline_seq_end(r->pl, 0);
-    free(b);
+    int32_t *tokens = malloc(n * sizeof *tokens);
+    for (size_t i = 0; i < n; i++) tokens[i] = (int32_t)ids[i];
+    float *logits = tsr_test_pipeline_logits(r, tokens, (int)n);
+    free(tokens);
     return logits;
 }
 
@@ -189,7 +152,7 @@ START_TEST(fixture_logits_match_llama_cpp) {
     free(got);
     free(want);
     free(ids);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -249,7 +212,7 @@ START_TEST(fixture_greedy_matches_llama_cpp) {
     free(prompt);
     free(want);
     free(margins);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -266,7 +229,7 @@ START_TEST(llama_tiny_seq300_logits) {
     free(got);
     free(want);
     free(ids);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -285,7 +248,7 @@ START_TEST(stories260K_bin_logits_match_llama2c) {
     free(got);
     free(want);
     free(ids);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -301,8 +264,8 @@ START_TEST(stories260K_bin_equals_gguf) {
     free(la);
     free(lb);
     free(ids);
-    run_close(&a);
-    run_close(&b);
+    tsr_test_pipeline_close(&a);
+    tsr_test_pipeline_close(&b);
 }
 END_TEST
 
@@ -320,8 +283,8 @@ START_TEST(reference_and_flash_attention_agree) {
     free(la);
     free(lb);
     free(ids);
-    run_close(&a);
-    run_close(&b);
+    tsr_test_pipeline_close(&a);
+    tsr_test_pipeline_close(&b);
 }
 END_TEST
 
@@ -343,9 +306,9 @@ START_TEST(thread_count_does_not_change_logits) {
         free(la);
         free(lb);
         free(lc);
-        run_close(&a);
-        run_close(&b);
-        run_close(&c);
+        tsr_test_pipeline_close(&a);
+        tsr_test_pipeline_close(&b);
+        tsr_test_pipeline_close(&c);
     }
     free(ids);
 }
@@ -364,7 +327,7 @@ START_TEST(streaming_cache_memory_is_flat) {
     ck_assert_msg(sink.kv_bytes[1] == sink.kv_bytes[0], "KV bytes grew from %llu (after 100 "
                   "tokens) to %llu (after 2000)", (unsigned long long)sink.kv_bytes[0],
                   (unsigned long long)sink.kv_bytes[1]);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -376,13 +339,13 @@ START_TEST(sampling_is_reproducible_per_seed) {
     run r;
     run_open(&r, "models/stories260K.gguf", seed1, 512);
     generate(&r, prompt, 5, 100, &a);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
     run_open(&r, "models/stories260K.gguf", seed1, 512);
     generate(&r, prompt, 5, 100, &b);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
     run_open(&r, "models/stories260K.gguf", seed2, 512);
     generate(&r, prompt, 5, 100, &c);
-    run_close(&r);
+    tsr_test_pipeline_close(&r);
     ck_assert_int_eq(a.n, b.n);
     ck_assert_mem_eq(a.ids, b.ids, (size_t)a.n * sizeof(int32_t));
     ck_assert_msg(a.n != c.n || memcmp(a.ids, c.ids, (size_t)a.n * sizeof(int32_t)) != 0,
