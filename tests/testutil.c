@@ -1,5 +1,6 @@
 #include "testutil.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
@@ -81,6 +82,16 @@ char *tsr_test_tmpdir(void) {
     snprintf(tmpl, sizeof tmpl, "%s/tessera-test-XXXXXX", base && *base ? base : "/tmp");
     if (!mkdtemp(tmpl)) return NULL;
     return strdup(tmpl);
+}
+
+int tsr_test_count_entries(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(d);
+    return n;
 }
 
 /* Drains both pipes together so a child that fills one does not block. */

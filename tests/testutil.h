@@ -34,6 +34,10 @@ int tsr_test_write_file(const char *path, const void *data, size_t size);
 /* A fresh private temporary folder (malloc'd path, mode 0700). */
 char *tsr_test_tmpdir(void);
 
+/* The number of entries in a folder (not counting . and ..), or -1 when it cannot be read:
+ * for checking that a failed or interrupted write left nothing behind. */
+int tsr_test_count_entries(const char *dir);
+
 /* Runs `argv` (argv[0] is a path) with stdout and stderr captured into malloc'd strings
  * (either pointer may be NULL to discard). Returns the exit status, or -1 if it did not exit
  * normally (a crash). */
