@@ -154,6 +154,17 @@ int tsr_test_tessera(char **out, char **err, const char *const *args) {
     return tsr_test_run(argv, out, err);
 }
 
+int tsr_test_tessera_sh(char **out, char **err, const char *shell_tail, const char *const *args) {
+    char script[4096];
+    /* "$0" "$@" pass the program and its arguments through without any quoting. */
+    snprintf(script, sizeof script, "\"$0\" \"$@\" %s", shell_tail);
+    char *argv[68] = {"/bin/sh", "-c", script, (char *)tsr_test_env("TESSERA_BIN")};
+    int n = 4;
+    for (; args[n - 4] && n < 67; n++) argv[n] = (char *)args[n - 4];
+    argv[n] = NULL;
+    return tsr_test_run(argv, out, err);
+}
+
 Suite *tsr_test_suite(const char *name, const tsr_test_case *cases, size_t n) {
     Suite *s = suite_create(name);
     for (size_t i = 0; i < n; i++) {

@@ -47,6 +47,11 @@ int tsr_test_run(char *const argv[], char **out, char **err);
  * tsr_test_run. */
 int tsr_test_tessera(char **out, char **err, const char *const *args);
 
+/* Runs the tessera program with `args` through /bin/sh followed by `shell_tail` (a
+ * redirection or pipe such as ">/dev/full" or "| cmp - FILE"), captured like tsr_test_run:
+ * the status is the shell's (the last command of a pipe). */
+int tsr_test_tessera_sh(char **out, char **err, const char *shell_tail, const char *const *args);
+
 /* One feature's test and the name of the test case that holds it alone. */
 typedef struct tsr_test_case {
     const char *name;

@@ -4,7 +4,9 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 bool tsr_text_to_int(const char *text, int64_t *out) {
     const char *digits = text + (*text == '+' || *text == '-');
@@ -40,4 +42,15 @@ tsr_status tsr_parse_int(const char *what, const char *text, int64_t min, int64_
     return tsr_error_set(err, TSR_E_INVALID,
                          "%s: expected an integer in [%" PRId64 ", %" PRId64 "], got '%s'", what,
                          min, max, tsr_text_excerpt(got, sizeof got, text));
+}
+
+tsr_status tsr_parse_int_word(const char *what, const char **p, const char *separators,
+                              int64_t min, int64_t max, int64_t *out, tsr_error *err) {
+    size_t len = strcspn(*p, separators);
+    char word[64];
+    /* A longer word is no number in range: cut, it still reads as none ("..." sees to that). */
+    if (len < sizeof word) snprintf(word, sizeof word, "%.*s", (int)len, *p);
+    else snprintf(word, sizeof word, "%.*s...", (int)sizeof word - 4, *p);
+    *p += len;
+    return tsr_parse_int(what, word, min, max, out, err);
 }

@@ -23,4 +23,9 @@ bool tsr_text_to_float(const char *text, double *out);
 tsr_status tsr_parse_int(const char *what, const char *text, int64_t min, int64_t max,
                          int64_t *out, tsr_error *err);
 
+/* tsr_parse_int on the word at *p, up to the first of `separators` (or the end), for lists
+ * such as "1,2,4"; moves *p past the word. */
+tsr_status tsr_parse_int_word(const char *what, const char **p, const char *separators,
+                              int64_t min, int64_t max, int64_t *out, tsr_error *err);
+
 #endif
