@@ -189,6 +189,16 @@ START_TEST(outfile_refusals) {
     tsr_outfile_discard(&o);
     ck_assert_int_eq(tsr_outfile_open(&o, p.path, other, &err), TSR_OK);
     tsr_outfile_discard(&o);
+    ck_assert_int_eq(tsr_outfile_open(&o, "", NULL, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "the output file name is empty");
+    char dangling[4300];
+    snprintf(dangling, sizeof dangling, "%s/dangling", p.dir);
+    ck_assert_int_eq(symlink("nowhere/x.bin", dangling), 0);
+    ck_assert_int_eq(tsr_outfile_open(&o, dangling, NULL, &err), TSR_E_INVALID);
+    snprintf(want, sizeof want, "%s: is a link to a file that does not exist; give the file's "
+             "own name", dangling);
+    ck_assert_str_eq(err.msg, want);
+    unlink(dangling);
     char missing[4300];
     snprintf(missing, sizeof missing, "%s/no/such.bin", p.dir);
     ck_assert_int_eq(tsr_outfile_open(&o, missing, NULL, &err), TSR_E_IO);

@@ -143,9 +143,14 @@ static tsr_status open_temp(tsr_outfile *o, const struct stat *existing, tsr_err
 tsr_status tsr_outfile_open(tsr_outfile *o, const char *path, const char *input, tsr_error *err) {
     memset(o, 0, sizeof *o);
     struct stat st, in;
+    if (!*path) return tsr_error_set(err, TSR_E_INVALID, "the output file name is empty");
     bool exists = stat(path, &st) == 0;
     if (!exists && errno != ENOENT)
         return tsr_error_set(err, TSR_E_IO, "%s: cannot write: %s", path, strerror(errno));
+    /* Replacing the link would put the file somewhere the user did not mean it to go. */
+    if (!exists && lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+        return tsr_error_set(err, TSR_E_INVALID, "%s: is a link to a file that does not exist; "
+                             "give the file's own name", path);
     if (exists && S_ISDIR(st.st_mode))
         return tsr_error_set(err, TSR_E_INVALID, "%s: is a folder; expected a file name", path);
     if (exists && input && stat(input, &in) == 0 && same_file(&st, &in))

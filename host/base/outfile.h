@@ -9,7 +9,8 @@
  *     one keeps its mode.
  *   - anything else that exists (a character device such as /dev/stdout or /dev/null, a FIFO)
  *     is opened and written directly, never replaced.
- *   - a folder is refused, and so is the file a command reads (its input) under any name.
+ *   - a folder, an empty name and a link to nothing are refused, and so is the file a command
+ *     reads (its input) under any name.
  *
  * SIGINT, SIGTERM and SIGHUP while a temporary file exists remove it before the process dies
  * of the signal as it would have (handlers are installed only where the signal's action is
