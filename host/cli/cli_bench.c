@@ -289,7 +289,7 @@ int tsr_cli_bench(int argc, char **argv) {
         }
         const char *a = argv[i], *thread_list = NULL;
         const tsr_cli_int_opt ints[] = {
-            {"-p", NULL, "PROMPT_TOKENS", 0, INT32_MAX, &n_prompt},
+            {"-p", NULL, "PROMPT_TOKENS", 1, INT32_MAX, &n_prompt},
             {"-n", NULL, "NEW_TOKENS", 0, INT32_MAX, &n_gen},
             {"-r", NULL, "REPETITIONS", 1, 1000, &reps},
             {"--bandwidth-mib", NULL, "MIB", 1, 1 << 20, &bandwidth_mib}};
