@@ -64,6 +64,9 @@ typedef struct tsr_cli_int_opt {
 int tsr_cli_take_int(const char *cmd, int argc, char **argv, int *i, const tsr_cli_int_opt *opts,
                      size_t n);
 
+/* 1 after setting *flag when `arg` is the option `name` or `alias` (may be NULL), else 0. */
+int tsr_cli_take_flag(const char *arg, const char *name, const char *alias, bool *flag);
+
 /* Prints "tessera: CMD: unknown option '-x'" (or "unexpected argument 'x'" for a word)
  * "(see tessera CMD --help)"; returns TSR_EXIT_USAGE. */
 int tsr_cli_bad_arg(const char *cmd, const char *arg);

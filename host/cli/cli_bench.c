@@ -300,10 +300,7 @@ int tsr_cli_bench(int argc, char **argv) {
         if (took > 0 && !parse_thread_list(thread_list, &b)) took = -1;
         if (took == 0) took = tsr_session_take_opt("bench", argc, argv, &i, &o);
         if (took == 0) took = tsr_cli_take_int("bench", argc, argv, &i, ints, 4);
-        if (took == 0 && !strcmp(a, "--json")) {
-            b.json = true;
-            took = 1;
-        }
+        if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &b.json);
         if (took == 0) took = (tsr_cli_bad_arg("bench", a), -1);
         if (took < 0) {
             free(o.sets);
@@ -372,10 +369,7 @@ int tsr_cli_perplexity(int argc, char **argv) {
         int took = tsr_session_take_opt("perplexity", argc, argv, &i, &o);
         if (took == 0) took = tsr_cli_take_text("perplexity", argc, argv, &i, texts, 1);
         if (took == 0) took = tsr_cli_take_int("perplexity", argc, argv, &i, ints, 2);
-        if (took == 0 && !strcmp(a, "--json")) {
-            json = true;
-            took = 1;
-        }
+        if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &json);
         if (took == 0) took = (tsr_cli_bad_arg("perplexity", a), -1);
         if (took < 0) {
             free(o.sets);

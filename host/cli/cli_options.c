@@ -49,6 +49,12 @@ int tsr_cli_take_int(const char *cmd, int argc, char **argv, int *i, const tsr_c
     return 0;
 }
 
+int tsr_cli_take_flag(const char *arg, const char *name, const char *alias, bool *flag) {
+    if (!named(arg, name, alias)) return 0;
+    *flag = true;
+    return 1;
+}
+
 int tsr_cli_bad_arg(const char *cmd, const char *arg) {
     char quoted[64];
     tsr_text_excerpt(quoted, sizeof quoted, arg);

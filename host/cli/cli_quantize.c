@@ -256,15 +256,12 @@ static int job_fail(quant_job *j, const tsr_error *err) {
  * tsr_session_take_opt. */
 static int take_job_opt(const char *cmd, int argc, char **argv, int *i, model_opts *o,
                         bool *json) {
+    const char *set = NULL;
     const tsr_cli_text_opt texts[] = {{"--config", NULL, "CONFIG.yaml", &o->config},
-                                      {"--set", NULL, "SECTION.KEY=VALUE", &o->sets[o->n_sets]}};
+                                      {"--set", NULL, "SECTION.KEY=VALUE", &set}};
     int took = tsr_cli_take_text(cmd, argc, argv, i, texts, 2);
-    if (took > 0 && o->sets[o->n_sets]) o->n_sets++;
-    if (took == 0 && !strcmp(argv[*i], "--json")) {
-        *json = true;
-        took = 1;
-    }
-    return took;
+    if (set) o->sets[o->n_sets++] = set;
+    return took ? took : tsr_cli_take_flag(argv[*i], "--json", NULL, json);
 }
 
 /* ---- quantize -------------------------------------------------------------------------- */

@@ -187,7 +187,7 @@ static void run_usage(FILE *f) {
 
 int tsr_cli_run(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 2, sizeof(char *))};
-    const char *prompt = NULL;
+    const char *prompt = NULL, *temperature = NULL, *seed = NULL;
     int64_t n_new = -1;
     bool json = false;
     for (int i = 1; i < argc; i++) {
@@ -197,37 +197,28 @@ int tsr_cli_run(int argc, char **argv) {
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        const tsr_cli_text_opt opts[] = {{"-p", "--prompt", "PROMPT", &prompt}};
+        const tsr_cli_text_opt texts[] = {{"-p", "--prompt", "PROMPT", &prompt},
+                                          {"--temperature", NULL, "T", &temperature},
+                                          {"--seed", NULL, "S", &seed}};
+        const tsr_cli_int_opt ints[] = {{"-n", NULL, "NEW_TOKENS", 0, INT32_MAX, &n_new}};
+        bool verbose = false;
         int took = tsr_session_take_opt("run", argc, argv, &i, &o);
-        if (took == 0) took = tsr_cli_take_text("run", argc, argv, &i, opts, 1);
-        if (took == 0) {
-            took = 1;
-            if (!strcmp(a, "-n")) {
-                if (!tsr_cli_int("run", argc, argv, &i, "NEW_TOKENS", 0, INT32_MAX, &n_new))
-                    took = -1;
-            } else if (!strcmp(a, "--temperature") || !strcmp(a, "--seed")) {
-                bool temp = !strcmp(a, "--temperature");
-                const char *v = tsr_cli_value("run", argc, argv, &i, temp ? "T" : "S");
-                if (v)
-                    tsr_session_set_role(&o, TSR_STAGE_DECODER,
-                                         temp ? TSR_PARAM_ROLE_TEMPERATURE : TSR_PARAM_ROLE_SEED,
-                                         v, a);
-                else
-                    took = -1;
-            } else if (!strcmp(a, "--json")) {
-                json = true;
-            } else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
-                tsr_log_set_level(tsr_log_get_level() + 1);
-            } else {
-                took = -1;
-                tsr_cli_bad_arg("run", a);
-            }
-        }
+        if (took == 0) took = tsr_cli_take_text("run", argc, argv, &i, texts, 3);
+        if (took == 0) took = tsr_cli_take_int("run", argc, argv, &i, ints, 1);
+        if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &json);
+        if (took == 0) took = tsr_cli_take_flag(a, "-v", "--verbose", &verbose);
+        if (took == 0) took = (tsr_cli_bad_arg("run", a), -1);
         if (took < 0) {
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
+        if (verbose) tsr_log_set_level(tsr_log_get_level() + 1);
     }
+    /* The decoder's parameters of these roles, whatever the plugin calls them. */
+    if (temperature)
+        tsr_session_set_role(&o, TSR_STAGE_DECODER, TSR_PARAM_ROLE_TEMPERATURE, temperature,
+                             "--temperature");
+    if (seed) tsr_session_set_role(&o, TSR_STAGE_DECODER, TSR_PARAM_ROLE_SEED, seed, "--seed");
 
     session s;
     tsr_error err;
