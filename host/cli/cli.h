@@ -47,11 +47,6 @@ typedef struct tsr_cli_text_opt {
 int tsr_cli_take_text(const char *cmd, int argc, char **argv, int *i,
                       const tsr_cli_text_opt *opts, size_t n);
 
-/* The same for an integer in [min, max] (base/number.h): false after printing that line or
- * "tessera: CMD: OPT: expected an integer in [MIN, MAX], got 'TEXT'". */
-bool tsr_cli_int(const char *cmd, int argc, char **argv, int *i, const char *what, int64_t min,
-                 int64_t max, int64_t *out);
-
 /* An option that takes an integer in [min, max], for tsr_cli_take_int. */
 typedef struct tsr_cli_int_opt {
     const char *name, *alias;
@@ -60,7 +55,8 @@ typedef struct tsr_cli_int_opt {
     int64_t *value;
 } tsr_cli_int_opt;
 
-/* tsr_cli_take_text for integer options (the lines of tsr_cli_int). */
+/* tsr_cli_take_text for integer options (base/number.h), whose other error line is
+ * "tessera: CMD: OPT: expected an integer in [MIN, MAX], got 'TEXT'". */
 int tsr_cli_take_int(const char *cmd, int argc, char **argv, int *i, const tsr_cli_int_opt *opts,
                      size_t n);
 

@@ -28,8 +28,8 @@ int tsr_cli_take_text(const char *cmd, int argc, char **argv, int *i,
     return 0;
 }
 
-bool tsr_cli_int(const char *cmd, int argc, char **argv, int *i, const char *what, int64_t min,
-                 int64_t max, int64_t *out) {
+static bool take_int_value(const char *cmd, int argc, char **argv, int *i, const char *what,
+                           int64_t min, int64_t max, int64_t *out) {
     const char *option = argv[*i], *text = tsr_cli_value(cmd, argc, argv, i, what);
     tsr_error err;
     if (!text) return false;
@@ -43,8 +43,8 @@ int tsr_cli_take_int(const char *cmd, int argc, char **argv, int *i, const tsr_c
     const char *a = argv[*i];
     for (size_t k = 0; k < n; k++) {
         if (!named(a, opts[k].name, opts[k].alias)) continue;
-        return tsr_cli_int(cmd, argc, argv, i, opts[k].what, opts[k].min, opts[k].max,
-                           opts[k].value) ? 1 : -1;
+        return take_int_value(cmd, argc, argv, i, opts[k].what, opts[k].min, opts[k].max,
+                              opts[k].value) ? 1 : -1;
     }
     return 0;
 }

@@ -147,24 +147,20 @@ void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char
 }
 
 int tsr_session_take_opt(const char *cmd, int argc, char **argv, int *i, model_opts *o) {
-    const char *a = argv[*i];
-    if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-        if (!(o->model = tsr_cli_value(cmd, argc, argv, i, "MODEL"))) return -1;
-    } else if (!strcmp(a, "--tokenizer")) {
-        if (!(o->tokenizer = tsr_cli_value(cmd, argc, argv, i, "FILE"))) return -1;
-    } else if (!strcmp(a, "--set")) {
-        if (!(o->sets[o->n_sets] = tsr_cli_value(cmd, argc, argv, i, "SECTION.KEY=VALUE")))
-            return -1;
-        o->n_sets++;
-    } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-        int64_t threads;
-        if (!tsr_cli_int(cmd, argc, argv, i, "THREADS", 1, TSR_CLI_THREADS_MAX, &threads))
-            return -1;
-        o->threads = (int)threads;
-    } else if (a[0] != '-' && !o->config) {
-        o->config = a;
-    } else {
-        return 0;
+    const char *set = NULL;
+    int64_t threads = 0;
+    const tsr_cli_text_opt texts[] = {{"-m", "--model", "MODEL", &o->model},
+                                      {"--tokenizer", NULL, "FILE", &o->tokenizer},
+                                      {"--set", NULL, "SECTION.KEY=VALUE", &set}};
+    const tsr_cli_int_opt ints[] = {
+        {"-t", "--threads", "THREADS", 1, TSR_CLI_THREADS_MAX, &threads}};
+    int took = tsr_cli_take_text(cmd, argc, argv, i, texts, 3);
+    if (took == 0) took = tsr_cli_take_int(cmd, argc, argv, i, ints, 1);
+    if (set) o->sets[o->n_sets++] = set;
+    if (threads) o->threads = (int)threads;
+    if (took == 0 && argv[*i][0] != '-' && !o->config) {
+        o->config = argv[*i];
+        took = 1;
     }
-    return 1;
+    return took;
 }
