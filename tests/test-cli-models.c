@@ -2,11 +2,16 @@
  * files, tokenize, perplexity equal to llama.cpp's, and one clear error line for bad input.
  * Needs the shared data folder. */
 #include <check.h>
+#include <jansson.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "testutil.h"
@@ -266,6 +271,351 @@ START_TEST(perplexity_matches_llama_cpp) {
 }
 END_TEST
 
+/* ---- output files: written the careful way ---------------------------------------------- */
+
+#define STORIES_GGUF "models/stories260K.gguf"
+#define FEW_IDS "1 403 407 261 378"
+
+/* A private folder holding a copy of the model (so that nothing can harm the shared one). */
+typedef struct out_dir {
+    char *dir;
+    char model[4200], ref[4200];
+} out_dir;
+
+static void out_dir_open(out_dir *d) {
+    d->dir = tsr_test_tmpdir();
+    char *shared = tsr_test_data(STORIES_GGUF);
+    size_t size;
+    char *bytes = tsr_test_read_file(shared, &size);
+    snprintf(d->model, sizeof d->model, "%s/model.gguf", d->dir);
+    ck_assert_int_eq(tsr_test_write_file(d->model, bytes, size), 0);
+    free(bytes);
+    free(shared);
+    /* The logits of FEW_IDS written to a new regular file: what every destination must get. */
+    snprintf(d->ref, sizeof d->ref, "%s/ref.f32", d->dir);
+    const char *args[] = {"logits", "-m", d->model, "--tokens", FEW_IDS, "--out", d->ref, NULL};
+    char *err;
+    ck_assert_msg(tsr_test_tessera(NULL, &err, args) == 0, "%s", err);
+    free(err);
+}
+
+static void out_dir_close(out_dir *d) {
+    char cmd[4300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d->dir);
+    char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    tsr_test_run(argv, NULL, NULL);
+    free(d->dir);
+}
+
+static bool same_bytes(const char *a, const char *b) {
+    size_t na, nb;
+    char *x = tsr_test_read_file(a, &na), *y = tsr_test_read_file(b, &nb);
+    bool same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
+/* One error line on stderr, exit 1, and returns it. */
+static char *logits_error(const char *model, const char *out_path) {
+    const char *args[] = {"logits", "-m", model, "--tokens", FEW_IDS, "--out", out_path, NULL};
+    char *err;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
+    return err;
+}
+
+START_TEST(logits_replaces_a_regular_file_whole) {
+    out_dir d;
+    out_dir_open(&d);
+    size_t size;
+    free(tsr_test_read_file(d.ref, &size));
+    ck_assert_uint_eq(size, 5 * 512 * sizeof(float));
+    /* The new file has the usual mode; the temporary file is gone. */
+    struct stat st;
+    ck_assert_int_eq(stat(d.ref, &st), 0);
+    mode_t mask = umask(0);
+    umask(mask);
+    ck_assert_uint_eq(st.st_mode & 0777, 0666 & ~mask);
+    ck_assert_int_eq(tsr_test_count_entries(d.dir), 2);
+    /* An existing file is replaced and keeps its mode; through a link, the file it names is
+     * replaced and the link stays a link. */
+    char old[4300], link[4300];
+    snprintf(old, sizeof old, "%s/old.f32", d.dir);
+    snprintf(link, sizeof link, "%s/link.f32", d.dir);
+    ck_assert_int_eq(tsr_test_write_file(old, "stale", 5), 0);
+    ck_assert_int_eq(chmod(old, 0604), 0);
+    ck_assert_int_eq(symlink("old.f32", link), 0);
+    const char *args[] = {"logits", "-m", d.model, "--tokens", FEW_IDS, "--out", link, NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, NULL, args), 0);
+    ck_assert(same_bytes(old, d.ref));
+    ck_assert_int_eq(lstat(link, &st), 0);
+    ck_assert(S_ISLNK(st.st_mode));
+    ck_assert_int_eq(stat(old, &st), 0);
+    ck_assert_uint_eq(st.st_mode & 0777, 0604);
+    ck_assert_int_eq(tsr_test_count_entries(d.dir), 4);
+    out_dir_close(&d);
+}
+END_TEST
+
+/* A character device for the test to write to: a null device node of its own in `dir`, so that
+ * a wrong rename could only ever replace that one. Without the right to make one (not root, or
+ * a nodev mount), /dev/null itself, which only root could replace. NULL: none usable. */
+static const char *null_device(const char *dir, char *buf, size_t size) {
+    snprintf(buf, size, "%s/null", dir);
+    if (mknod(buf, S_IFCHR | 0666, makedev(1, 3)) == 0) {
+        int fd = open(buf, O_WRONLY);
+        if (fd >= 0) {
+            close(fd);
+            return buf;
+        }
+        unlink(buf);
+    }
+    return geteuid() != 0 ? "/dev/null" : NULL;
+}
+
+/* A device, a FIFO or standard output is written into, never replaced by a file. Standard
+ * output is reached as /dev/stdout reaches it, through a link to /proc/self/fd/1, but a link
+ * of the test's own: a wrong rename must not replace the machine's /dev/stdout. */
+START_TEST(logits_write_devices_and_fifos_directly) {
+    out_dir d;
+    out_dir_open(&d);
+    char buf[4300], *err;
+    struct stat st;
+    const char *device = null_device(d.dir, buf, sizeof buf);
+    if (device) {
+        const char *args[] = {"logits", "-m", d.model, "--tokens", FEW_IDS, "--out", device, NULL};
+        ck_assert_msg(tsr_test_tessera(NULL, &err, args) == 0, "%s", err);
+        free(err);
+        ck_assert_int_eq(stat(device, &st), 0);
+        ck_assert(S_ISCHR(st.st_mode));
+    }
+    /* Standard output into a pipe, and into a regular file: the same bytes. */
+    char std_out[4300];
+    snprintf(std_out, sizeof std_out, "%s/stdout", d.dir);
+    ck_assert_int_eq(symlink("/proc/self/fd/1", std_out), 0);
+    char tail[8700];
+    snprintf(tail, sizeof tail, "| cmp - '%s'", d.ref);
+    const char *to_stdout[] = {"logits", "-m", d.model, "--tokens", FEW_IDS, "--out", std_out,
+                               NULL};
+    char *out;
+    ck_assert_int_eq(tsr_test_tessera_sh(&out, &err, tail, to_stdout), 0);
+    ck_assert_str_eq(out, "");
+    free(out);
+    free(err);
+    char copy[4300];
+    snprintf(copy, sizeof copy, "%s/stdout.f32", d.dir);
+    snprintf(tail, sizeof tail, "> '%s'", copy);
+    ck_assert_int_eq(tsr_test_tessera_sh(NULL, NULL, tail, to_stdout), 0);
+    ck_assert(same_bytes(copy, d.ref));
+    ck_assert_int_eq(lstat(std_out, &st), 0);
+    ck_assert(S_ISLNK(st.st_mode));
+    /* A FIFO: a reader copies what comes through to a file; the FIFO stays a FIFO. */
+    char fifo[4300];
+    snprintf(fifo, sizeof fifo, "%s/fifo", d.dir);
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    snprintf(copy, sizeof copy, "%s/fifo.f32", d.dir);
+    pid_t reader = fork();
+    if (reader == 0) {
+        char cmd[8800];
+        snprintf(cmd, sizeof cmd, "cat '%s' > '%s'", fifo, copy);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    const char *to_fifo[] = {"logits", "-m", d.model, "--tokens", FEW_IDS, "--out", fifo, NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, NULL, to_fifo), 0);
+    int status;
+    ck_assert_int_eq(waitpid(reader, &status, 0), reader);
+    ck_assert(same_bytes(copy, d.ref));
+    ck_assert_int_eq(lstat(fifo, &st), 0);
+    ck_assert(S_ISFIFO(st.st_mode));
+    out_dir_close(&d);
+}
+END_TEST
+
+START_TEST(logits_refuses_a_folder_and_the_model) {
+    out_dir d;
+    out_dir_open(&d);
+    char *err = logits_error(d.model, d.dir);
+    char want[8800];
+    snprintf(want, sizeof want, "tessera: %s: is a folder; expected a file name\n", d.dir);
+    ck_assert_str_eq(err, want);
+    free(err);
+    /* The model under another name (a link, a path through ".") is still the model. */
+    char link[4300], dotted[4300];
+    snprintf(link, sizeof link, "%s/link.gguf", d.dir);
+    snprintf(dotted, sizeof dotted, "%s/./model.gguf", d.dir);
+    ck_assert_int_eq(symlink("model.gguf", link), 0);
+    const char *names[] = {d.model, link, dotted};
+    for (size_t i = 0; i < 3; i++) {
+        err = logits_error(d.model, names[i]);
+        snprintf(want, sizeof want, "tessera: %s: is the input file %s; write the output to "
+                 "another file\n", names[i], d.model);
+        ck_assert_str_eq(err, want);
+        free(err);
+    }
+    char *shared = tsr_test_data(STORIES_GGUF);
+    ck_assert(same_bytes(d.model, shared));
+    free(shared);
+    ck_assert_int_eq(tsr_test_count_entries(d.dir), 3);
+    out_dir_close(&d);
+}
+END_TEST
+
+/* ---- text in and out ---------------------------------------------------------------------- */
+
+START_TEST(tokenize_refuses_a_folder) {
+    char *model = tsr_test_data(STORIES_GGUF);
+    char *dir = tsr_test_tmpdir();
+    const char *args[] = {"tokenize", "-m", model, "-f", dir, NULL};
+    char *out, *err;
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
+    char want[4300];
+    snprintf(want, sizeof want, "tessera: %s: is a folder; expected a text file\n", dir);
+    ck_assert_str_eq(err, want);
+    ck_assert_str_eq(out, "");
+    free(out);
+    free(err);
+    rmdir(dir);
+    free(dir);
+    free(model);
+}
+END_TEST
+
+START_TEST(lost_stdout_fails_model_commands) {
+    char *model = tsr_test_data(STORIES_GGUF);
+    char *text = tsr_test_data("data/tinystories_val.txt");
+    const char *const commands[][12] = {
+        {"run", "-m", model, "-p", "Once upon a time", "-n", "8", NULL},
+        {"run", "-m", model, "-p", "Once upon a time", "-n", "8", "--json", NULL},
+        {"tokenize", "-m", model, "-p", "Once upon a time", NULL},
+        {"perplexity", "-m", model, "-f", text, "--ctx", "64", "--chunks", "1", "--json", NULL},
+    };
+    for (size_t c = 0; c < sizeof commands / sizeof commands[0]; c++) {
+        char *err;
+        ck_assert_int_eq(tsr_test_tessera_sh(NULL, &err, ">/dev/full", commands[c]), 1);
+        const char *want = "tessera: stdout: cannot write: No space left on device\n";
+        size_t n = strlen(err), k = strlen(want);
+        ck_assert_msg(n >= k && !strcmp(err + n - k, want), "%s: %s", commands[c][0], err);
+        /* run says nothing of timings when its text was lost. */
+        ck_assert_msg(!strstr(err, "tokens/s"), "%s", err);
+        free(err);
+    }
+    free(text);
+    free(model);
+}
+END_TEST
+
+/* ---- run --json and -v: the text, counts, timings and what the cache held ---------------- */
+
+static json_t *run_json(const char *const *args) {
+    char *out, *err;
+    int status = tsr_test_tessera(&out, &err, args);
+    ck_assert_msg(status == 0, "exit %d: %s", status, err);
+    json_error_t jerr;
+    json_t *root = json_loads(out, 0, &jerr);
+    ck_assert_msg(root != NULL, "line %d: %s\n%s", jerr.line, jerr.text, out);
+    free(out);
+    free(err);
+    return root;
+}
+
+static json_int_t int_at(json_t *o, const char *a, const char *b) {
+    json_t *v = json_object_get(o, a);
+    if (b) v = json_object_get(v, b);
+    ck_assert_msg(json_is_integer(v), "%s.%s is not an integer", a, b ? b : "");
+    return json_integer_value(v);
+}
+
+START_TEST(run_json_reports_text_timings_and_cache) {
+    char *model = tsr_test_data(STORIES_GGUF);
+    const char *plain[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "10",
+                           "--temperature", "0", NULL};
+    const char *json[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "10",
+                          "--temperature", "0", "--json", NULL};
+    char *text;
+    ck_assert_int_eq(tsr_test_tessera(&text, NULL, plain), 0);
+    json_t *r = run_json(json);
+    /* The plain output is the text and a newline. */
+    text[strlen(text) - 1] = '\0';
+    ck_assert_str_eq(json_string_value(json_object_get(r, "text")), text);
+    ck_assert_int_eq(int_at(r, "prompt_tokens", NULL), 5);
+    ck_assert_int_eq(int_at(r, "new_tokens", NULL), 10);
+    const char *stages[] = {"matmul", "attention", "cache", "decoder", "other_ops"};
+    for (size_t i = 0; i < 5; i++) {
+        json_t *v = json_object_get(json_object_get(r, "stage_seconds"), stages[i]);
+        ck_assert_msg(json_is_real(v) && json_real_value(v) > 0, "%s", stages[i]);
+    }
+    /* The full cache after the last step: 14 positions (the last token is never stored) x 5
+     * layers x 4 KV heads; room for the 15 positions asked for, K and V rows of 8 floats. */
+    ck_assert_int_eq(int_at(r, "cache", "policies"), 1);
+    ck_assert_int_eq(int_at(r, "cache", "entries"), 14 * 5 * 4);
+    ck_assert_int_eq(int_at(r, "cache", "evicted"), 0);
+    ck_assert_int_eq(int_at(r, "cache", "kv_bytes"), 15 * 5 * 4 * 2 * 8 * 4);
+    ck_assert_int_eq(int_at(r, "cache", "kv_bytes_peak"), 15 * 5 * 4 * 2 * 8 * 4);
+    ck_assert_double_eq(json_real_value(json_object_get(json_object_get(r, "cache"),
+                                                        "bits_per_value")),
+                        8.0 * 19200 / (280 * 2 * 8));
+    json_decref(r);
+    free(text);
+    /* -v: the same statistics, one line on stderr. */
+    const char *verbose[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "10",
+                             "--temperature", "0", "-v", NULL};
+    char *err;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, verbose), 0);
+    ck_assert_msg(strstr(err, "\ntessera: run: info: cache: 280 entries, 0 evicted, 19200 KV "
+                              "bytes (peak 19200), 34.29 bits per stored value\n"), "%s", err);
+    free(err);
+    free(model);
+}
+END_TEST
+
+START_TEST(run_json_counts_evictions) {
+    char *model = tsr_test_data(STORIES_GGUF);
+    char config[4096];
+    snprintf(config, sizeof config, "%s/configs/streaming-llm.yaml",
+             tsr_test_env("TESSERA_SOURCE_DIR"));
+    const char *args[] = {"run", config, "-m", model, "-p", "Once upon a time", "-n", "120",
+                          "--temperature", "0", "--set", "cache.window=28", "--json", NULL};
+    json_t *r = run_json(args);
+    json_int_t stored = int_at(r, "prompt_tokens", NULL) + int_at(r, "new_tokens", NULL) - 1;
+    json_int_t entries = int_at(r, "cache", "entries"), evicted = int_at(r, "cache", "evicted");
+    /* Every row stored is held or was evicted; the window bounds what is held. */
+    ck_assert_int_eq(entries + evicted, stored * 5 * 4);
+    ck_assert_int_gt(evicted, 0);
+    ck_assert_int_le(entries, (4 + 28 + 1) * 5 * 4);
+    json_decref(r);
+    /* Text that is not UTF-8 (a prompt of raw bytes) still makes valid JSON: U+FFFD. */
+    const char *bytes[] = {"run", "-m", model, "-p", "\xff\xfeOnce", "-n", "0", "--json", NULL};
+    r = run_json(bytes);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "text")), "\xEF\xBF\xBD\xEF\xBF\xBDOnce");
+    json_decref(r);
+    free(model);
+}
+END_TEST
+
+/* ---- the training context ---------------------------------------------------------------- */
+
+START_TEST(warns_beyond_the_training_context) {
+    char *model = tsr_test_data("models/stories260K.bin");
+    char *tok = tsr_test_data("models/tok512.bin");
+    /* 5 prompt positions; stories260K was trained on 512. Generation stops at its end token. */
+    const char *n[] = {"507", "508"};
+    for (int i = 0; i < 2; i++) {
+        const char *args[] = {"run", "-m", model, "--tokenizer", tok, "-p", "Once upon a time",
+                              "-n", n[i], "--temperature", "0", NULL};
+        char *err;
+        ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 0);
+        const char *warning = "tessera: warning: 513 positions (prompt and new tokens) are more "
+                              "than the model was trained on (512); quality may fall beyond them\n";
+        if (i == 0) ck_assert_msg(!strstr(err, "warning"), "%s", err);
+        else ck_assert_msg(!strncmp(err, warning, strlen(warning)), "%s", err);
+        free(err);
+    }
+    free(model);
+    free(tok);
+}
+END_TEST
+
 int main(void) {
     free(tsr_test_require_data("models/stories260K.bin"));
     free(tsr_test_require_data("data/tinystories_val.txt"));
@@ -282,6 +632,14 @@ int main(void) {
     tcase_add_test(tc, llama2c_model_needs_tokenizer);
     tcase_add_test(tc, hooks_run_on_live_instances);
     tcase_add_test(tc, perplexity_matches_llama_cpp);
+    tcase_add_test(tc, logits_replaces_a_regular_file_whole);
+    tcase_add_test(tc, logits_write_devices_and_fifos_directly);
+    tcase_add_test(tc, logits_refuses_a_folder_and_the_model);
+    tcase_add_test(tc, tokenize_refuses_a_folder);
+    tcase_add_test(tc, lost_stdout_fails_model_commands);
+    tcase_add_test(tc, run_json_reports_text_timings_and_cache);
+    tcase_add_test(tc, run_json_counts_evictions);
+    tcase_add_test(tc, warns_beyond_the_training_context);
     suite_add_tcase(s, tc);
     return tsr_test_run_suite(s);
 }

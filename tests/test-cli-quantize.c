@@ -3,12 +3,15 @@
  * conversion equal to converted files, reports that parse, and one error line each.
  * Needs the shared data folder (skips without it). */
 #include <check.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "testutil.h"
@@ -400,6 +403,199 @@ START_TEST(quantize_usage) {
 }
 END_TEST
 
+/* ---- quantize and synth: the output file, written the careful way ------------------------ */
+
+/* Starts tessera with `args`, stdout to /dev/null and stderr to `err_fd` (-1: /dev/null), and
+ * returns its pid. */
+static pid_t spawn_tessera(const char *const *args, int err_fd) {
+    char *argv[64] = {(char *)tsr_test_env("TESSERA_BIN")};
+    for (int n = 1; n < 63 && (argv[n] = (char *)args[n - 1]); n++) {}
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int null = open("/dev/null", O_RDWR);
+        dup2(null, 1);
+        dup2(err_fd >= 0 ? err_fd : null, 2);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static int wait_exit(pid_t pid) {
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status), "tessera died of signal %d", WTERMSIG(status));
+    return WEXITSTATUS(status);
+}
+
+/* Two runs writing one OUT at once: each writes a file of its own and renames it, so OUT ends
+ * up exactly one of the two files, never one type with the other's bytes mixed in. */
+START_TEST(concurrent_quantize_runs_leave_one_whole_file) {
+    char *in = tsr_test_data(LLAMA_TINY);
+    char *q8 = tsr_test_data("fixtures/models/llama-tiny-q8_0.gguf");
+    char *q4 = tsr_test_data("fixtures/models/llama-tiny-q4_0.gguf");
+    for (int round = 0; round < 3; round++) {
+        tmp t = {0};
+        const char *out = tmp_path(&t, "out.gguf");
+        const char *a[] = {"quantize", in, out, "q8_0", NULL};
+        const char *b[] = {"quantize", in, out, "q4_0", NULL};
+        pid_t pa = spawn_tessera(a, -1), pb = spawn_tessera(b, -1);
+        ck_assert_int_eq(wait_exit(pa), 0);
+        ck_assert_int_eq(wait_exit(pb), 0);
+        ck_assert_msg(files_equal(out, q8, NULL) || files_equal(out, q4, NULL),
+                      "round %d: OUT is neither run's file", round);
+        ck_assert_int_eq(tsr_test_count_entries(t.dir), 1);
+        tmp_free(&t);
+    }
+    free(in);
+    free(q8);
+    free(q4);
+}
+END_TEST
+
+/* `quantize in in` would lose the input: refused under any name, before any work. */
+START_TEST(quantize_refuses_its_input_as_output) {
+    tmp t = {0};
+    char *shared = tsr_test_data(LLAMA_TINY);
+    size_t size;
+    char *bytes = tsr_test_read_file(shared, &size);
+    const char *in = tmp_path(&t, "in.gguf");
+    ck_assert_int_eq(tsr_test_write_file(in, bytes, size), 0);
+    const char *sym = tmp_path(&t, "sym.gguf"), *hard = tmp_path(&t, "hard.gguf");
+    ck_assert_int_eq(symlink("in.gguf", sym), 0);
+    ck_assert_int_eq(link(in, hard), 0);
+    const char *outs[] = {in, sym, hard};
+    for (size_t i = 0; i < 3; i++) {
+        const char *args[] = {"quantize", in, outs[i], "q8_0", NULL};
+        char *err = run_error(1, args);
+        char want[8500];
+        snprintf(want, sizeof want, "tessera: %s: is the input file %s; write the output to "
+                 "another file\n", outs[i], in);
+        ck_assert_str_eq(err, want);
+        free(err);
+    }
+    ck_assert(files_equal(in, shared, NULL));
+    ck_assert_int_eq(tsr_test_count_entries(t.dir), 3);
+    /* A folder as OUT is refused too. */
+    const char *args[] = {"quantize", in, t.dir, "q8_0", NULL};
+    char *err = run_error(1, args);
+    char want[4200];
+    snprintf(want, sizeof want, "tessera: %s: is a folder; expected a file name\n", t.dir);
+    ck_assert_str_eq(err, want);
+    free(err);
+    free(bytes);
+    free(shared);
+    tmp_free(&t);
+}
+END_TEST
+
+/* Written into standard output (here through a link to /proc/self/fd/1, as /dev/stdout is),
+ * the GGUF is the whole of stdout: the report goes to stderr. */
+START_TEST(quantize_into_stdout_reports_on_stderr) {
+    tmp t = {0};
+    char *in = tsr_test_data(LLAMA_TINY);
+    char *q8 = tsr_test_data("fixtures/models/llama-tiny-q8_0.gguf");
+    const char *std_out = tmp_path(&t, "stdout");
+    ck_assert_int_eq(symlink("/proc/self/fd/1", std_out), 0);
+    char tail[4300];
+    snprintf(tail, sizeof tail, "| cmp - '%s'", q8);
+    const char *args[] = {"quantize", in, std_out, "q8_0", NULL};
+    char *out, *err;
+    ck_assert_int_eq(tsr_test_tessera_sh(&out, &err, tail, args), 0);
+    ck_assert_str_eq(out, "");
+    char want[4300];
+    snprintf(want, sizeof want, "%s: 1835008 weights quantized, 8.500 bits per weight\n", std_out);
+    ck_assert_msg(strstr(err, want), "%s", err);
+    free(out);
+    free(err);
+    free(in);
+    free(q8);
+    tmp_free(&t);
+}
+END_TEST
+
+/* Interrupted while its output is being made, synth leaves nothing behind and dies of the
+ * signal, as it would have without a file to clean up. */
+static const int interrupting[] = {SIGINT, SIGTERM};
+
+START_TEST(interrupted_synth_leaves_no_file) {
+    tmp t = {0};
+    const char *out = tmp_path(&t, "big.gguf");
+    const char *args[] = {"synth", "--shape", "tinyllama-1.1b", "--type", "q8_0", "-o", out,
+                          NULL};
+    pid_t pid = spawn_tessera(args, -1);
+    /* The temporary file appears beside OUT as soon as the work starts. */
+    for (int i = 0; i < 6000 && tsr_test_count_entries(t.dir) == 0; i++) usleep(10000);
+    ck_assert_int_eq(tsr_test_count_entries(t.dir), 1);
+    ck_assert_int_ne(access(out, F_OK), 0);
+    ck_assert_int_eq(kill(pid, interrupting[_i]), 0);
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFSIGNALED(status) && WTERMSIG(status) == interrupting[_i],
+                  "status 0x%x", status);
+    ck_assert_int_eq(tsr_test_count_entries(t.dir), 0);
+    tmp_free(&t);
+}
+END_TEST
+
+/* stderr of `args` when it is a terminal (a pseudo-terminal here). */
+static char *stderr_on_terminal(const char *const *args) {
+    int master = posix_openpt(O_RDWR | O_NOCTTY);
+    ck_assert_int_ge(master, 0);
+    ck_assert_int_eq(grantpt(master), 0);
+    ck_assert_int_eq(unlockpt(master), 0);
+    int slave = open(ptsname(master), O_RDWR | O_NOCTTY);
+    ck_assert_int_ge(slave, 0);
+    pid_t pid = spawn_tessera(args, slave);
+    close(slave);
+    char *text = NULL;
+    size_t len = 0;
+    char chunk[4096];
+    ssize_t got;
+    /* Read until the terminal hangs up (EIO) once the program has exited. */
+    while ((got = read(master, chunk, sizeof chunk)) > 0) {
+        text = realloc(text, len + (size_t)got + 1);
+        memcpy(text + len, chunk, (size_t)got);
+        len += (size_t)got;
+    }
+    close(master);
+    ck_assert_int_eq(wait_exit(pid), 0);
+    if (!text) text = calloc(1, 1);
+    text[len] = '\0';
+    return text;
+}
+
+START_TEST(quantize_and_synth_show_progress) {
+    tmp t = {0};
+    char *in = tsr_test_data(LLAMA_TINY);
+    const char *out = tmp_path(&t, "out.gguf");
+    /* Not a terminal (a pipe): one final line. */
+    const char *args[] = {"quantize", in, out, "q8_0", NULL};
+    char *err;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 0);
+    double secs = -1;
+    int used = 0;
+    ck_assert_msg(sscanf(err, "tessera: quantize: 21/21 tensors, %lf s\n%n", &secs, &used) == 1 &&
+                      used == (int)strlen(err) && secs >= 0, "%s", err);
+    free(err);
+    /* A terminal: one line rewritten after each tensor, ended once. */
+    const char *synth[] = {"synth", "--shape", "tiny", "-o", out, NULL};
+    char *term = stderr_on_terminal(synth);
+    for (int k = 1; k <= 21; k++) {
+        char want[64];
+        snprintf(want, sizeof want, "\rtessera: synth: %d/21 tensors, ", k);
+        ck_assert_msg(strstr(term, want), "no '%s' in: %s", want + 1, term);
+    }
+    /* The terminal turns the final newline into CR LF; that is the only line end. */
+    char *end = strstr(term, "\r\n");
+    ck_assert_msg(end && end[2] == '\0' && strchr(term, '\n') == end + 1, "%s", term);
+    free(term);
+    free(in);
+    tmp_free(&t);
+}
+END_TEST
+
 /* ---- synth ------------------------------------------------------------------------------ */
 
 START_TEST(synth_is_deterministic) {
@@ -574,6 +770,37 @@ START_TEST(perplexity_short_text) {
 }
 END_TEST
 
+/* A model whose logits are NaN (synth's output norm, 64 ones, made NaN): perplexity fails
+ * with one line, and never prints a NaN perplexity. */
+START_TEST(perplexity_refuses_non_finite_results) {
+    tmp t = {0};
+    const char *model = tmp_path(&t, "nan.gguf");
+    const char *args[] = {"synth", "--shape", "tiny", "-o", model, NULL};
+    free(run_ok(args));
+    size_t size;
+    char *bytes = tsr_test_read_file(model, &size);
+    float ones[64], nan_run[64];
+    for (int i = 0; i < 64; i++) {
+        ones[i] = 1.0f;
+        nan_run[i] = NAN;
+    }
+    char *at = memmem(bytes, size, ones, sizeof ones);
+    ck_assert_ptr_nonnull(at);
+    memcpy(at, nan_run, sizeof nan_run);
+    ck_assert_int_eq(tsr_test_write_file(model, bytes, size), 0);
+    free(bytes);
+    char *text = tsr_test_data(VAL_TEXT);
+    const char *ppl[] = {"perplexity", "-m", model, "-f", text, "--ctx", "64", "--chunks", "2",
+                         NULL};
+    const char *ppl_json[] = {"perplexity", "-m", model, "-f", text, "--ctx", "64", "--chunks",
+                              "2", "--json", NULL};
+    free(run_error(1, ppl));
+    free(run_error(1, ppl_json));
+    free(text);
+    tmp_free(&t);
+}
+END_TEST
+
 int main(void) {
     free(tsr_test_require_data(LLAMA_TINY));
     free(tsr_test_require_data("fixtures/models/llama-tiny-q4_k_m.gguf"));
@@ -597,6 +824,12 @@ int main(void) {
     tcase_add_test(tc, quantize_missing_input);
     tcase_add_test(tc, quantize_output_folder_missing);
     tcase_add_test(tc, quantize_usage);
+    tcase_add_test(tc, concurrent_quantize_runs_leave_one_whole_file);
+    tcase_add_test(tc, quantize_refuses_its_input_as_output);
+    tcase_add_test(tc, quantize_into_stdout_reports_on_stderr);
+    tcase_add_loop_test(tc, interrupted_synth_leaves_no_file, 0,
+                        (int)(sizeof interrupting / sizeof interrupting[0]));
+    tcase_add_test(tc, quantize_and_synth_show_progress);
     suite_add_tcase(s, tc);
     TCase *ts = tcase_create("synth");
     tcase_set_timeout(ts, 120);
@@ -609,6 +842,7 @@ int main(void) {
     tcase_add_test(tb, bench_reports);
     tcase_add_test(tb, perplexity_stable);
     tcase_add_test(tb, perplexity_short_text);
+    tcase_add_test(tb, perplexity_refuses_non_finite_results);
     suite_add_tcase(s, tb);
     return tsr_test_run_suite(s);
 }

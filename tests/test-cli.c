@@ -1,6 +1,9 @@
 /* The `tessera` program without model files: versions, help, plugin listing and info, plugin
  * commands through libffi, validation of configs, and refusals of incompatible plugins. */
 #include <check.h>
+#include <dirent.h>
+#include <stdbool.h>
+#include <yaml.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,18 +142,348 @@ START_TEST(plugins_call_goes_through_libffi) {
 }
 END_TEST
 
-static const char *const shipped_configs[] = {"default.yaml", "greedy.yaml", "streaming-llm.yaml"};
+/* ---- usage errors: one line naming the command, the option and what it expected ----------- */
 
-START_TEST(shipped_configs_validate) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/configs/%s", tsr_test_env("TESSERA_SOURCE_DIR"),
-             shipped_configs[_i]);
+/* Every option that takes a value, given none (as the last argument). */
+static const struct {
+    const char *cmd, *option, *what;
+} valued[] = {
+    {"run", "-m", "MODEL"}, {"run", "--model", "MODEL"}, {"run", "--tokenizer", "FILE"},
+    {"run", "--set", "SECTION.KEY=VALUE"}, {"run", "-t", "THREADS"}, {"run", "--threads", "THREADS"},
+    {"run", "-p", "PROMPT"}, {"run", "--prompt", "PROMPT"}, {"run", "-n", "NEW_TOKENS"},
+    {"run", "--temperature", "T"}, {"run", "--seed", "S"},
+    {"logits", "-m", "MODEL"}, {"logits", "--tokenizer", "FILE"},
+    {"logits", "--set", "SECTION.KEY=VALUE"}, {"logits", "-t", "THREADS"},
+    {"logits", "--tokens", "\"ID ID ...\""}, {"logits", "--out", "FILE"}, {"logits", "-o", "FILE"},
+    {"tokenize", "-m", "MODEL"}, {"tokenize", "--model", "MODEL"},
+    {"tokenize", "--tokenizer", "FILE"}, {"tokenize", "-p", "TEXT"}, {"tokenize", "-f", "FILE"},
+    {"bench", "-m", "MODEL"}, {"bench", "--tokenizer", "FILE"},
+    {"bench", "--set", "SECTION.KEY=VALUE"}, {"bench", "-t", "THREADS[,THREADS...]"},
+    {"bench", "-p", "PROMPT_TOKENS"}, {"bench", "-n", "NEW_TOKENS"}, {"bench", "-r", "REPETITIONS"},
+    {"bench", "--bandwidth-mib", "MIB"},
+    {"perplexity", "-m", "MODEL"}, {"perplexity", "--tokenizer", "FILE"},
+    {"perplexity", "--set", "SECTION.KEY=VALUE"}, {"perplexity", "-t", "THREADS"},
+    {"perplexity", "-f", "TEXT"}, {"perplexity", "--ctx", "TOKENS"}, {"perplexity", "--chunks", "K"},
+    {"quantize", "--config", "CONFIG.yaml"}, {"quantize", "--set", "SECTION.KEY=VALUE"},
+    {"quantize", "-t", "THREADS"},
+    {"synth", "--config", "CONFIG.yaml"}, {"synth", "--set", "SECTION.KEY=VALUE"},
+    {"synth", "--shape", "NAME"}, {"synth", "--type", "TYPE"}, {"synth", "-o", "FILE.gguf"},
+    {"synth", "--seed", "S"},
+    {"validate", "--set", "SECTION.KEY=VALUE"},
+};
+
+/* Exit 2, nothing on stdout, exactly `want` on stderr. */
+static void expect_usage_error(const char *const *args, const char *want) {
     char *out, *err;
-    const char *args[] = {"validate", path, NULL};
-    int status = tsr_test_tessera(&out, &err, args);
-    ck_assert_msg(status == 0, "%s: %s", path, err);
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 2);
+    ck_assert_str_eq(out, "");
+    ck_assert_str_eq(err, want);
     free(out);
     free(err);
+}
+
+START_TEST(option_without_value_says_what_it_needs) {
+    char want[256];
+    snprintf(want, sizeof want, "tessera: %s: %s needs a value (%s)\n", valued[_i].cmd,
+             valued[_i].option, valued[_i].what);
+    const char *args[] = {valued[_i].cmd, valued[_i].option, NULL};
+    expect_usage_error(args, want);
+}
+END_TEST
+
+/* Numbers are read whole, in range, with the range in the message; checked before any file. */
+static const struct {
+    const char *args[6];
+    const char *error;
+} bad_numbers[] = {
+    {{"run", "-m", "x.gguf", "-n", "99999999999999999999"},
+     "run: -n: expected an integer in [0, 2147483647], got '99999999999999999999'"},
+    {{"run", "-m", "x.gguf", "-n", "4294967300"},
+     "run: -n: expected an integer in [0, 2147483647], got '4294967300'"},
+    {{"run", "-n", "-1"}, "run: -n: expected an integer in [0, 2147483647], got '-1'"},
+    {{"run", "-n", "12abc"}, "run: -n: expected an integer in [0, 2147483647], got '12abc'"},
+    {{"run", "-n", ""}, "run: -n: expected an integer in [0, 2147483647], got ''"},
+    {{"run", "-n", " 5"}, "run: -n: expected an integer in [0, 2147483647], got ' 5'"},
+    {{"run", "-t", "2x"}, "run: -t: expected an integer in [1, 256], got '2x'"},
+    {{"logits", "-t", "0"}, "logits: -t: expected an integer in [1, 256], got '0'"},
+    {{"perplexity", "--ctx", "2"}, "perplexity: --ctx: expected an integer in [4, 1048576], got '2'"},
+    /* The bounds themselves are taken: the command goes on to its next complaint. */
+    {{"perplexity", "--ctx", "4"}, "perplexity: -f TEXT is required (see tessera perplexity --help)"},
+    {{"perplexity", "--ctx", "1048576"},
+     "perplexity: -f TEXT is required (see tessera perplexity --help)"},
+    {{"perplexity", "--ctx", "1048577"},
+     "perplexity: --ctx: expected an integer in [4, 1048576], got '1048577'"},
+    {{"perplexity", "--ctx", "0x80"},
+     "perplexity: -f TEXT is required (see tessera perplexity --help)"},
+    {{"perplexity", "--ctx", "128abc"},
+     "perplexity: --ctx: expected an integer in [4, 1048576], got '128abc'"},
+    {{"perplexity", "--chunks", "0"},
+     "perplexity: --chunks: expected an integer in [1, 2147483647], got '0'"},
+    {{"synth", "--seed", "abc"},
+     "synth: --seed: expected an integer in [0, 9223372036854775807], got 'abc'"},
+    {{"bench", "-p", "8x"}, "bench: -p: expected an integer in [1, 2147483647], got '8x'"},
+    {{"bench", "-p", "0"}, "bench: -p: expected an integer in [1, 2147483647], got '0'"},
+    {{"bench", "-r", "0"}, "bench: -r: expected an integer in [1, 1000], got '0'"},
+    {{"bench", "--bandwidth-mib", "1e3"},
+     "bench: --bandwidth-mib: expected an integer in [1, 1048576], got '1e3'"},
+    {{"bench", "-t", "1,,2"}, "bench: -t: expected an integer in [1, 256], got ''"},
+    {{"bench", "-t", "1,257"}, "bench: -t: expected an integer in [1, 256], got '257'"},
+    {{"bench", "-t", "1,2,"}, "bench: -t: expected an integer in [1, 256], got ''"},
+    {{"bench", "-t", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1"},
+     "bench: -t: at most 16 thread counts, got '1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1'"},
+    {{"quantize", "-t", "abc"}, "quantize: -t: expected an integer in [1, 256], got 'abc'"},
+    {{"logits", "--tokens", "1 2x", "--out", "x.f32"},
+     "logits: --tokens: expected an integer in [0, 2147483647], got '2x'"},
+    {{"logits", "--tokens", "1\t-3", "--out", "x.f32"},
+     "logits: --tokens: expected an integer in [0, 2147483647], got '-3'"},
+};
+
+START_TEST(bad_numbers_are_refused) {
+    char want[512];
+    snprintf(want, sizeof want, "tessera: %s\n", bad_numbers[_i].error);
+    expect_usage_error(bad_numbers[_i].args, want);
+}
+END_TEST
+
+START_TEST(unknown_options_and_extra_words) {
+    const char *ctx[] = {"run", "--ctx", "128", NULL};
+    expect_usage_error(ctx, "tessera: run: unknown option '--ctx' (see tessera run --help)\n");
+    const char *words[] = {"run", "a.yaml", "b.yaml", NULL};
+    expect_usage_error(words, "tessera: run: unexpected argument 'b.yaml' (see tessera run "
+                              "--help)\n");
+    const char *tok[] = {"tokenize", "-x", NULL};
+    expect_usage_error(tok, "tessera: tokenize: unknown option '-x' (see tessera tokenize "
+                            "--help)\n");
+    const char *q[] = {"quantize", "a", "b", "c", "d", NULL};
+    expect_usage_error(q, "tessera: quantize: unexpected argument 'd' (see tessera quantize "
+                          "--help)\n");
+    const char *v[] = {"validate", "a.yaml", "--sett", "x=1", NULL};
+    expect_usage_error(v, "tessera: validate: unknown option '--sett' (see tessera validate "
+                          "--help)\n");
+}
+END_TEST
+
+/* Output that cannot be written (a full disk) is an error, not a silent exit 0. */
+START_TEST(lost_stdout_is_an_error) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/configs/default.yaml", tsr_test_env("TESSERA_SOURCE_DIR"));
+    const char *const commands[][4] = {
+        {"--version", NULL}, {"--help", NULL}, {"run", "--help", NULL},
+        {"plugins", "list", NULL}, {"validate", path, NULL},
+    };
+    for (size_t c = 0; c < sizeof commands / sizeof commands[0]; c++) {
+        char *out, *err;
+        ck_assert_int_eq(tsr_test_tessera_sh(&out, &err, ">/dev/full", commands[c]), 1);
+        ck_assert_str_eq(err, "tessera: stdout: cannot write: No space left on device\n");
+        free(out);
+        free(err);
+    }
+}
+END_TEST
+
+/* ---- scripts/run.sh ----------------------------------------------------------------------- */
+
+/* run.sh in a copy of the tree whose set-up steps are stand-ins that chatter (and fail when
+ * told to); returns the status, stdout and stderr of running it. */
+static int run_script(const char *fail_step, char **out, char **err) {
+    char *top = tsr_test_tmpdir();
+    char path[4200], cmd[12000];
+    snprintf(cmd, sizeof cmd,
+             "set -e; mkdir -p '%s/scripts' '%s/bin'; cp '%s/scripts/run.sh' '%s/scripts/';"
+             "printf '#!/bin/sh\\necho apt chatter; [ \"$FAIL\" != deps ]\\n' > "
+             "'%s/scripts/install-deps.sh';"
+             "printf '#!/bin/sh\\necho cmake chatter \"$@\"; [ \"$FAIL\" != cmake ] || exit 3\\n"
+             "if [ \"$1\" = --build ]; then mkdir -p \"$2\"; printf \"#!/bin/sh\\\\necho ran "
+             "\\\\\"\\\\$*\\\\\"\\\\n\" > \"$2/tessera\"; chmod +x \"$2/tessera\"; fi\\n' > "
+             "'%s/bin/cmake';"
+             "chmod +x '%s/scripts/install-deps.sh' '%s/bin/cmake'",
+             top, top, tsr_test_env("TESSERA_SOURCE_DIR"), top, top, top, top, top);
+    char *setup[] = {"/bin/sh", "-c", cmd, NULL};
+    ck_assert_int_eq(tsr_test_run(setup, NULL, NULL), 0);
+    char env_path[4400], env_fail[64], script[4400];
+    snprintf(env_path, sizeof env_path, "PATH=%s/bin:/usr/bin:/bin", top);
+    snprintf(env_fail, sizeof env_fail, "FAIL=%s", fail_step);
+    snprintf(script, sizeof script, "%s/scripts/run.sh", top);
+    char *argv[] = {"/usr/bin/env", env_path, env_fail, "bash", script, "m.gguf", "-p", "hi",
+                    NULL};
+    int status = tsr_test_run(argv, out, err);
+    snprintf(path, sizeof path, "rm -rf '%s'", top);
+    char *cleanup[] = {"/bin/sh", "-c", path, NULL};
+    tsr_test_run(cleanup, NULL, NULL);
+    free(top);
+    return status;
+}
+
+START_TEST(run_script_is_quiet_unless_a_step_fails) {
+    char *out, *err;
+    ck_assert_int_eq(run_script("", &out, &err), 0);
+    ck_assert_str_eq(out, "ran run -m m.gguf -p hi\n");
+    ck_assert_str_eq(err, "");
+    free(out);
+    free(err);
+    ck_assert_int_eq(run_script("cmake", &out, &err), 3);
+    ck_assert_str_eq(out, "");
+    ck_assert_msg(strstr(err, " failed (exit 3):\ncmake chatter -S ") != NULL, "%s", err);
+    free(out);
+    free(err);
+    ck_assert_int_eq(run_script("deps", &out, &err), 1);
+    ck_assert_msg(strstr(err, "install-deps.sh failed (exit 1):\napt chatter\n") != NULL, "%s",
+                  err);
+    free(out);
+    free(err);
+}
+END_TEST
+
+/* ---- the YAML examples of the docs and the shipped configs -------------------------------- */
+
+/* Every ```yaml block of README.md, sdk/README.md and the .md files of docs/ and docs/plugins/,
+ * and every .yaml file of configs/, is a whole pipeline that `tessera validate` accepts; a block opened with
+ * ```yaml fragment is deliberately part of one and only has to be YAML. Model files the
+ * examples name are the reader's: --set points model.path and model.tokenizer at a file that
+ * exists. */
+typedef struct doc_checks {
+    char *dir; /* where snippets are written */
+    int whole, fragments;
+} doc_checks;
+
+static bool is_yaml(const char *text, size_t n) {
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    yaml_parser_initialize(&parser);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)text, n);
+    bool ok = yaml_parser_load(&parser, &doc) && yaml_document_get_root_node(&doc) != NULL;
+    if (ok) yaml_document_delete(&doc);
+    yaml_parser_delete(&parser);
+    return ok;
+}
+
+static void validate_example(doc_checks *c, const char *where, const char *config) {
+    char set_model[4200], set_tok[4200];
+    snprintf(set_model, sizeof set_model, "model.path=%s", config);
+    snprintf(set_tok, sizeof set_tok, "model.tokenizer=%s", config);
+    const char *args[] = {"validate", config, "--set", set_model, "--set", set_tok, NULL};
+    char *out, *err;
+    int status = tsr_test_tessera(&out, &err, args);
+    ck_assert_msg(status == 0, "%s: the example does not validate (a block that is deliberately "
+                  "part of a pipeline opens with ```yaml fragment): %s", where, err);
+    c->whole++;
+    free(out);
+    free(err);
+}
+
+static void check_markdown(doc_checks *c, const char *path) {
+    char *text = tsr_test_read_file(path, NULL);
+    ck_assert_msg(text != NULL, "%s cannot be read", path);
+    int line = 1, start = 0;
+    const char *block = NULL;
+    bool fragment = false;
+    for (char *p = text; *p; line++) {
+        char *eol = strchr(p, '\n');
+        size_t len = eol ? (size_t)(eol - p) : strlen(p);
+        if (block && !strncmp(p, "```", 3)) {
+            char where[4200];
+            snprintf(where, sizeof where, "%s:%d", path, start);
+            size_t n = (size_t)(p - block);
+            if (fragment) {
+                ck_assert_msg(is_yaml(block, n), "%s: the fragment is not YAML", where);
+                c->fragments++;
+            } else {
+                char config[4200];
+                snprintf(config, sizeof config, "%s/example.yaml", c->dir);
+                ck_assert_int_eq(tsr_test_write_file(config, block, n), 0);
+                validate_example(c, where, config);
+                unlink(config);
+            }
+            block = NULL;
+        } else if (!block && !strncmp(p, "```yaml", 7)) {
+            fragment = !strncmp(p, "```yaml fragment", 16);
+            block = eol ? eol + 1 : p + len;
+            start = line;
+        }
+        p = eol ? eol + 1 : p + len;
+    }
+    ck_assert_msg(!block, "%s:%d: the ```yaml block is not closed", path, start);
+    free(text);
+}
+
+/* Every file of `folder` (relative to the source tree) whose name ends with `suffix`. */
+static void check_folder(doc_checks *c, const char *folder, const char *suffix) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/%s", tsr_test_env("TESSERA_SOURCE_DIR"), folder);
+    DIR *d = opendir(dir);
+    ck_assert_msg(d != NULL, "%s cannot be read", dir);
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t n = strlen(e->d_name), k = strlen(suffix);
+        if (n <= k || strcmp(e->d_name + n - k, suffix) != 0) continue;
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (!strcmp(suffix, ".md")) check_markdown(c, path);
+        else validate_example(c, path, path);
+    }
+    closedir(d);
+}
+
+START_TEST(doc_examples_validate) {
+    doc_checks c = {.dir = tsr_test_tmpdir()};
+    const char *src = tsr_test_env("TESSERA_SOURCE_DIR");
+    const char *readmes[] = {"README.md", "sdk/README.md"};
+    for (size_t i = 0; i < 2; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", src, readmes[i]);
+        check_markdown(&c, path);
+    }
+    check_folder(&c, "docs", ".md");
+    check_folder(&c, "docs/plugins", ".md");
+    check_folder(&c, "configs", ".yaml");
+    /* The README's pipeline, config.md's four, the quantizers' and the three shipped configs
+     * at least; the SDK's plugin of your own is a fragment. */
+    ck_assert_int_ge(c.whole, 9);
+    ck_assert_int_ge(c.fragments, 1);
+    rmdir(c.dir);
+    free(c.dir);
+}
+END_TEST
+
+START_TEST(validate_checks_model_files) {
+    char *dir = tsr_test_tmpdir();
+    char config[4200], model[4200], yaml[12000];
+    snprintf(config, sizeof config, "%s/p.yaml", dir);
+    snprintf(model, sizeof model, "%s/m.gguf", dir);
+    const char *keys[] = {"path", "tokenizer"};
+    for (size_t k = 0; k < 2; k++) {
+        snprintf(yaml, sizeof yaml, "tessera: 1\nmodel: { %s: m.gguf }\n", keys[k]);
+        ck_assert_int_eq(tsr_test_write_file(config, yaml, strlen(yaml)), 0);
+        char *out, *err;
+        const char *args[] = {"validate", config, NULL};
+        /* Relative to the config's folder, where there is no m.gguf yet. */
+        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
+        char want[12000];
+        snprintf(want, sizeof want, "tessera: %s: model.%s: %s: No such file or directory\n",
+                 config, keys[k], model);
+        ck_assert_str_eq(err, want);
+        ck_assert_str_eq(out, "");
+        free(out);
+        free(err);
+        /* A folder is no model either. */
+        ck_assert_int_eq(mkdir(model, 0700), 0);
+        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
+        snprintf(want, sizeof want, "tessera: %s: model.%s: %s: is a folder; expected a file\n",
+                 config, keys[k], model);
+        ck_assert_str_eq(err, want);
+        free(out);
+        free(err);
+        rmdir(model);
+        ck_assert_int_eq(tsr_test_write_file(model, "x", 1), 0);
+        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
+        snprintf(want, sizeof want, "%s: ok\n", config);
+        ck_assert_str_eq(out, want);
+        free(out);
+        free(err);
+        unlink(model);
+    }
+    unlink(config);
+    rmdir(dir);
+    free(dir);
 }
 END_TEST
 
@@ -245,8 +578,15 @@ int main(void) {
     tcase_add_test(tc, plugins_list_shows_shipped_plugins_and_skips_bad_objects);
     tcase_add_test(tc, plugins_info_prints_parameters);
     tcase_add_test(tc, plugins_call_goes_through_libffi);
-    tcase_add_loop_test(tc, shipped_configs_validate, 0,
-                        (int)(sizeof shipped_configs / sizeof shipped_configs[0]));
+    tcase_add_loop_test(tc, option_without_value_says_what_it_needs, 0,
+                        (int)(sizeof valued / sizeof valued[0]));
+    tcase_add_loop_test(tc, bad_numbers_are_refused, 0,
+                        (int)(sizeof bad_numbers / sizeof bad_numbers[0]));
+    tcase_add_test(tc, unknown_options_and_extra_words);
+    tcase_add_test(tc, lost_stdout_is_an_error);
+    tcase_add_test(tc, run_script_is_quiet_unless_a_step_fails);
+    tcase_add_test(tc, doc_examples_validate);
+    tcase_add_test(tc, validate_checks_model_files);
     tcase_add_loop_test(tc, bad_configs_name_file_line_column, 0,
                         (int)(sizeof bad_configs / sizeof bad_configs[0]));
     tcase_add_test(tc, set_overrides_are_validated);

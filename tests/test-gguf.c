@@ -28,11 +28,6 @@ static char *tmp_path(const char *name) {
     return path;
 }
 
-static bool exists(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
 /* Opens b as "t.gguf" and asserts the exact error line. */
 static void expect_error(const gguf_bytes *b, const char *expected) {
     tsr_gguf *g = (tsr_gguf *)1;
@@ -458,8 +453,8 @@ END_TEST
 
 START_TEST(writer_refusals_leave_no_file) {
     char *path = tmp_path("refused.gguf");
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    char *dir = strdup(path);
+    *strrchr(dir, '/') = '\0';
     float x = 0;
     struct {
         void (*build)(tsr_gguf_writer *w, const float *x);
@@ -496,41 +491,45 @@ START_TEST(writer_refusals_leave_no_file) {
         tsr_error err = {{0}};
         ck_assert_int_lt(tsr_gguf_writer_write(w, path, &err), 0);
         ck_assert_str_eq(err.msg, fmt("%s: %s", path, cases[c].msg));
-        ck_assert(!exists(path));
-        ck_assert(!exists(tmp));
+        ck_assert_int_eq(tsr_test_count_entries(dir), 0);
         tsr_gguf_writer_free(w);
     }
+    free(dir);
     free(path);
 }
 END_TEST
 
 START_TEST(writer_is_atomic) {
     char *path = tmp_path("atomic.gguf");
+    char *dir = strdup(path);
+    *strrchr(dir, '/') = '\0';
     ck_assert_int_eq(tsr_test_write_file(path, "old", 3), 0);
+    ck_assert_int_eq(chmod(path, 0640), 0);
     tsr_gguf_writer *w = tsr_gguf_writer_new();
     tsr_gguf_writer_set_str(w, "a", "b");
     tsr_error err = {{0}};
     /* A folder that does not exist: the temporary file cannot be created. */
     ck_assert_int_lt(tsr_gguf_writer_write(w, "/nonexistent-dir/x.gguf", &err), 0);
-    ck_assert_str_eq(err.msg, "/nonexistent-dir/x.gguf.tmp: cannot create: No such file or "
+    ck_assert_str_eq(err.msg, "/nonexistent-dir/x.gguf: cannot create: No such file or "
                               "directory");
-    /* Replacing an existing file happens in one rename. */
+    /* Replacing an existing file happens in one rename, and the file keeps its mode. */
     ck_assert_int_eq(tsr_gguf_writer_write(w, path, &err), 0);
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    ck_assert(!exists(tmp));
+    ck_assert_int_eq(tsr_test_count_entries(dir), 1);
+    struct stat st;
+    ck_assert_int_eq(stat(path, &st), 0);
+    ck_assert_uint_eq(st.st_mode & 0777, 0640);
     tsr_gguf *g = NULL;
     ck_assert_int_eq(tsr_gguf_open(path, &g, &err), 0);
     ck_assert_int_eq(tsr_gguf_n_keys(g), 1);
     tsr_gguf_close(g);
-    /* Renaming onto a folder fails after the write: the temporary file is removed. */
-    char *dir = tmp_path("a-folder");
-    ck_assert_int_eq(mkdir(dir, 0700), 0);
-    ck_assert_int_lt(tsr_gguf_writer_write(w, dir, &err), 0);
-    ck_assert_str_eq(err.msg, fmt("%s: cannot rename %s.tmp to it: Is a directory", dir, dir));
-    snprintf(tmp, sizeof tmp, "%s.tmp", dir);
-    ck_assert(!exists(tmp));
+    /* A folder is refused before anything is written. */
+    char *folder = tmp_path("a-folder");
+    ck_assert_int_eq(mkdir(folder, 0700), 0);
+    ck_assert_int_lt(tsr_gguf_writer_write(w, folder, &err), 0);
+    ck_assert_str_eq(err.msg, fmt("%s: is a folder; expected a file name", folder));
+    ck_assert_int_eq(tsr_test_count_entries(folder), 0);
     tsr_gguf_writer_free(w);
+    free(folder);
     free(dir);
     free(path);
 }

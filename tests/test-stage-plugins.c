@@ -699,6 +699,27 @@ START_TEST(test_sample_greedy_limits) {
 }
 END_TEST
 
+/* A temperature far below any logit gap (1e-320, a subnormal double) is greedy through pick:
+ * the best of the whole vocabulary, never the NaN of dividing first (inf - inf). */
+START_TEST(test_sample_tiny_temperature_is_greedy) {
+    const char *tiny[] = {"temperature=1e-320", "top_k=0", "top_p=1", "min_p=0", "seed=3", NULL};
+    fx f;
+    sample_open(&f, tiny);
+    const tsr_decoder_vtable *vt = f.vt;
+    uint64_t state = 0x5eed;
+    float l[FAKE_VOCAB];
+    for (int trial = 0; trial < 200; trial++) {
+        int32_t best = 0;
+        for (int32_t i = 0; i < FAKE_VOCAB; i++) {
+            l[i] = 20.0f * tsr_test_rng_unit(&state);
+            if (l[i] > l[best]) best = i;
+        }
+        ck_assert_int_eq(vt->pick(f.inst->self, l, NULL, 0), best);
+    }
+    fx_close(&f);
+}
+END_TEST
+
 START_TEST(test_sample_penalty) {
     float l[FAKE_VOCAB];
     for (int v = 0; v < FAKE_VOCAB; v++) l[v] = -5.0f;
@@ -868,6 +889,7 @@ static Suite *stage_plugins_suite(void) {
     tcase_add_test(tc, test_greedy);
     tcase_add_test(tc, test_sample_seeds);
     tcase_add_test(tc, test_sample_greedy_limits);
+    tcase_add_test(tc, test_sample_tiny_temperature_is_greedy);
     tcase_add_test(tc, test_sample_penalty);
     tcase_add_test(tc, test_sample_distribution);
     tcase_add_test(tc, test_sample_chain_order);

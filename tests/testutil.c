@@ -1,5 +1,6 @@
 #include "testutil.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
@@ -109,6 +110,16 @@ char *tsr_test_fifo(void) {
     return path;
 }
 
+int tsr_test_count_entries(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(d);
+    return n;
+}
+
 /* Drains both pipes together so a child that fills one does not block. */
 static void drain(int fd_out, int fd_err, char **out, char **err) {
     struct pollfd fds[2] = {{fd_out, POLLIN, 0}, {fd_err, POLLIN, 0}};
@@ -165,6 +176,17 @@ int tsr_test_tessera(char **out, char **err, const char *const *args) {
     int n = 0;
     argv[n++] = (char *)tsr_test_env("TESSERA_BIN");
     for (; args[n - 1] && n < 63; n++) argv[n] = (char *)args[n - 1];
+    argv[n] = NULL;
+    return tsr_test_run(argv, out, err);
+}
+
+int tsr_test_tessera_sh(char **out, char **err, const char *shell_tail, const char *const *args) {
+    char script[4096];
+    /* "$0" "$@" pass the program and its arguments through without any quoting. */
+    snprintf(script, sizeof script, "\"$0\" \"$@\" %s", shell_tail);
+    char *argv[68] = {"/bin/sh", "-c", script, (char *)tsr_test_env("TESSERA_BIN")};
+    int n = 4;
+    for (; args[n - 4] && n < 67; n++) argv[n] = (char *)args[n - 4];
     argv[n] = NULL;
     return tsr_test_run(argv, out, err);
 }

@@ -43,6 +43,10 @@ char *tsr_test_tmp_path(const char *name);
  * until a writer comes, which is what a reader of files must not do. */
 char *tsr_test_fifo(void);
 
+/* The number of entries in a folder (not counting . and ..), or -1 when it cannot be read:
+ * for checking that a failed or interrupted write left nothing behind. */
+int tsr_test_count_entries(const char *dir);
+
 /* Runs `argv` (argv[0] is a path) with stdout and stderr captured into malloc'd strings
  * (either pointer may be NULL to discard). Returns the exit status, or -1 if it did not exit
  * normally (a crash). */
@@ -51,6 +55,11 @@ int tsr_test_run(char *const argv[], char **out, char **err);
 /* Runs the tessera program ($TESSERA_BIN) with `args` (NULL-terminated, at most 62) like
  * tsr_test_run. */
 int tsr_test_tessera(char **out, char **err, const char *const *args);
+
+/* Runs the tessera program with `args` through /bin/sh followed by `shell_tail` (a
+ * redirection or pipe such as ">/dev/full" or "| cmp - FILE"), captured like tsr_test_run:
+ * the status is the shell's (the last command of a pipe). */
+int tsr_test_tessera_sh(char **out, char **err, const char *shell_tail, const char *const *args);
 
 /* One feature's test and the name of the test case that holds it alone. */
 typedef struct tsr_test_case {

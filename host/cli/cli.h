@@ -3,6 +3,7 @@
 #define TSR_HOST_CLI_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "config/config.h"
 #include "plugin/loader.h"
@@ -25,6 +26,73 @@ void tsr_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* True when argv[i] is -h or --help. */
 bool tsr_cli_is_help(const char *arg);
+
+/* ---- options (cli_options.c) ------------------------------------------------------------
+ * Every usage error is one line naming the command and the option, and exits with
+ * TSR_EXIT_USAGE. */
+
+/* argv[*i] is an option that takes a value (shown as `what`, e.g. "MODEL"): returns the value
+ * and moves *i onto it, or NULL after printing "tessera: CMD: OPT needs a value (WHAT)". */
+const char *tsr_cli_value(const char *cmd, int argc, char **argv, int *i, const char *what);
+
+/* An option that takes a text value, for tsr_cli_take_text. */
+typedef struct tsr_cli_text_opt {
+    const char *name, *alias; /* "-m", "--model"; alias may be NULL */
+    const char *what;         /* the value as the usage text shows it: "MODEL" */
+    const char **value;       /* where it goes */
+} tsr_cli_text_opt;
+
+/* When argv[*i] is one of `opts` (n): stores its value, moves *i onto it and returns 1; -1
+ * after printing the line of tsr_cli_value; 0 when it is none of them. */
+int tsr_cli_take_text(const char *cmd, int argc, char **argv, int *i,
+                      const tsr_cli_text_opt *opts, size_t n);
+
+/* An option that takes an integer in [min, max], for tsr_cli_take_int. */
+typedef struct tsr_cli_int_opt {
+    const char *name, *alias;
+    const char *what;
+    int64_t min, max;
+    int64_t *value;
+} tsr_cli_int_opt;
+
+/* tsr_cli_take_text for integer options (base/number.h), whose other error line is
+ * "tessera: CMD: OPT: expected an integer in [MIN, MAX], got 'TEXT'". */
+int tsr_cli_take_int(const char *cmd, int argc, char **argv, int *i, const tsr_cli_int_opt *opts,
+                     size_t n);
+
+/* 1 after setting *flag when `arg` is the option `name` or `alias` (may be NULL), else 0. */
+int tsr_cli_take_flag(const char *arg, const char *name, const char *alias, bool *flag);
+
+/* Prints "tessera: CMD: unknown option '-x'" (or "unexpected argument 'x'" for a word)
+ * "(see tessera CMD --help)"; returns TSR_EXIT_USAGE. */
+int tsr_cli_bad_arg(const char *cmd, const char *arg);
+
+/* ---- output (cli_output.c) ------------------------------------------------------------- */
+
+/* fflush(stdout) for text that streams (run), remembering why it failed. */
+void tsr_cli_flush_stdout(void);
+
+/* Flushes stdout; false after printing "tessera: stdout: cannot write: <reason>" when this or
+ * an earlier write to it failed (a full disk, /dev/full), so a command never exits 0 having
+ * lost its output. */
+bool tsr_cli_stdout_ok(void);
+
+/* Progress of long work on stderr: on a terminal one line rewritten in place, elsewhere (a
+ * log file, a pipe) only the final line. */
+typedef struct tsr_cli_progress {
+    const char *what; /* "quantize", "perplexity" */
+    uint64_t t0;
+    double quiet_s;   /* nothing is shown before this many seconds have passed */
+    bool tty;
+    bool open;        /* a line without its newline is on the terminal */
+} tsr_cli_progress;
+
+void tsr_cli_progress_start(tsr_cli_progress *p, const char *what, double quiet_s);
+/* "tessera: WHAT: DONE/TOTAL UNIT[, EXTRA], S.S s"; `unit` and `extra` may be NULL. */
+void tsr_cli_progress_show(tsr_cli_progress *p, int64_t done, int64_t total, const char *unit,
+                           const char *extra);
+/* Ends a line left open, so that an error line starts on a line of its own. */
+void tsr_cli_progress_end(tsr_cli_progress *p);
 
 /* A registry scanned with the standard search order plus `extra_dirs`; load problems are
  * printed as warnings when `report` is set. */

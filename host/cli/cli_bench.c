@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "base/number.h"
 #include "cli/cli_session.h"
 #include "files/dtype.h"
 #include "cli/membw.h"
@@ -129,7 +130,7 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     session s;
     tsr_status st = tsr_session_open(&s, &o, err);
     if (st < 0) goto done;
-    if ((st = tsr_session_pipeline(&s, b->n_prompt + b->n_gen + 1, err)) < 0) goto done;
+    if ((st = tsr_session_pipeline(&s, (int64_t)b->n_prompt + b->n_gen + 1, err)) < 0) goto done;
     *weight_bytes = tsr_pipeline_weight_bytes(s.pl);
     tsr_pipeline_weight_quality(s.pl, &row->bits_per_weight, &row->rel_rmse);
     int32_t nv = s.model->hp.n_vocab, bos = tsr_tokenizer_bos(s.tok);
@@ -248,24 +249,31 @@ static void print_json(const char *model_path, const char *type, const tsr_model
     json_decref(root);
 }
 
-static int parse_thread_list(const char *text, bench_opts *b) {
+/* "1,2,4": the thread counts to measure, one run each. */
+static bool parse_thread_list(const char *text, bench_opts *b) {
+    tsr_error err;
     b->n_threads = 0;
-    const char *p = text;
-    while (*p && b->n_threads < 16) {
-        char *end;
-        long t = strtol(p, &end, 10);
-        if (end == p || t < 1 || t > 256) return -1;
+    for (const char *p = text; b->n_threads == 0 || *p++ == ',';) {
+        int64_t t;
+        if (b->n_threads == 16) {
+            char quoted[64];
+            tsr_cli_error("bench: -t: at most 16 thread counts, got '%s'",
+                          tsr_text_excerpt(quoted, sizeof quoted, text));
+            return false;
+        }
+        if (tsr_parse_int_word("-t", &p, ",", 1, TSR_CLI_THREADS_MAX, &t, &err) < 0) {
+            tsr_cli_error("bench: %s", err.msg);
+            return false;
+        }
         b->threads[b->n_threads++] = (int)t;
-        p = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') return -1;
     }
-    return b->n_threads > 0 ? 0 : -1;
+    return true;
 }
 
 int tsr_cli_bench(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
-    bench_opts b = {.n_prompt = 512, .n_gen = 128, .reps = 5, .threads = {1}, .n_threads = 1,
-                    .bandwidth_mib = 1024};
+    bench_opts b = {.threads = {1}, .n_threads = 1};
+    int64_t n_prompt = 512, n_gen = 128, reps = 5, bandwidth_mib = 1024;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-t 1,2] [-r 5]\n"
@@ -279,30 +287,30 @@ int tsr_cli_bench(int argc, char **argv) {
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        int took = tsr_session_take_opt(argc, argv, &i, &o);
-        if (took == 1 && o.threads > 0) {
-            /* -t here is a list: take it back from the shared parser. */
-            took = parse_thread_list(argv[i], &b) == 0 ? 1 : -1;
-            o.threads = 0;
-        }
-        if (took == 1) continue;
-        bool has_value = i + 1 < argc;
-        if (took == 0 && !strcmp(argv[i], "--json")) b.json = true;
-        else if (took == 0 && has_value && !strcmp(argv[i], "-p")) b.n_prompt = atoi(argv[++i]);
-        else if (took == 0 && has_value && !strcmp(argv[i], "-n")) b.n_gen = atoi(argv[++i]);
-        else if (took == 0 && has_value && !strcmp(argv[i], "-r")) b.reps = atoi(argv[++i]);
-        else if (took == 0 && has_value && !strcmp(argv[i], "--bandwidth-mib"))
-            b.bandwidth_mib = atoi(argv[++i]);
-        else if (took == 0 && has_value && !strcmp(argv[i], "-t")) {
-            if (parse_thread_list(argv[++i], &b) < 0) took = -1;
-        } else took = -1;
-        if (took < 0 || b.n_prompt < 0 || b.n_gen < 0 || b.reps < 1 || b.bandwidth_mib < 1 ||
-            b.bandwidth_mib > (1 << 20)) {
-            tsr_cli_error("bench: bad argument '%s' (see tessera bench --help)", argv[i]);
+        const char *a = argv[i], *thread_list = NULL;
+        const tsr_cli_int_opt ints[] = {
+            {"-p", NULL, "PROMPT_TOKENS", 1, INT32_MAX, &n_prompt},
+            {"-n", NULL, "NEW_TOKENS", 0, INT32_MAX, &n_gen},
+            {"-r", NULL, "REPETITIONS", 1, 1000, &reps},
+            {"--bandwidth-mib", NULL, "MIB", 1, 1 << 20, &bandwidth_mib}};
+        const tsr_cli_text_opt threads[] = {{"-t", "--threads", "THREADS[,THREADS...]",
+                                             &thread_list}};
+        /* -t here is a list, read before the shared options take it as one count. */
+        int took = tsr_cli_take_text("bench", argc, argv, &i, threads, 1);
+        if (took > 0 && !parse_thread_list(thread_list, &b)) took = -1;
+        if (took == 0) took = tsr_session_take_opt("bench", argc, argv, &i, &o);
+        if (took == 0) took = tsr_cli_take_int("bench", argc, argv, &i, ints, 4);
+        if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &b.json);
+        if (took == 0) took = (tsr_cli_bad_arg("bench", a), -1);
+        if (took < 0) {
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
     }
+    b.n_prompt = (int)n_prompt;
+    b.n_gen = (int)n_gen;
+    b.reps = (int)reps;
+    b.bandwidth_mib = (int)bandwidth_mib;
     bench_row rows[16];
     memset(rows, 0, sizeof rows);
     tsr_error err;
@@ -341,7 +349,7 @@ static double nll(const float *logits, int32_t n_vocab, int32_t target) {
 int tsr_cli_perplexity(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     const char *text_path = NULL;
-    long ctx = 512, max_chunks = -1;
+    int64_t ctx = 512, max_chunks = -1;
     bool json = false;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
@@ -353,16 +361,17 @@ int tsr_cli_perplexity(int argc, char **argv) {
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        int took = tsr_session_take_opt(argc, argv, &i, &o);
-        if (took == 1) continue;
-        bool has_value = i + 1 < argc;
-        if (took == 0 && has_value && !strcmp(argv[i], "-f")) text_path = argv[++i];
-        else if (took == 0 && has_value && !strcmp(argv[i], "--ctx")) ctx = atol(argv[++i]);
-        else if (took == 0 && has_value && !strcmp(argv[i], "--chunks")) max_chunks = atol(argv[++i]);
-        else if (took == 0 && !strcmp(argv[i], "--json")) json = true;
-        else took = -1;
-        if (took < 0 || ctx < 4 || ctx > (1 << 20)) {
-            tsr_cli_error("perplexity: bad argument '%s' (see tessera perplexity --help)", argv[i]);
+        const char *a = argv[i];
+        const tsr_cli_text_opt texts[] = {{"-f", "--file", "TEXT", &text_path}};
+        /* Half of each chunk is scored, less its last position: 4 tokens score one. */
+        const tsr_cli_int_opt ints[] = {{"--ctx", NULL, "TOKENS", 4, 1 << 20, &ctx},
+                                        {"--chunks", NULL, "K", 1, INT32_MAX, &max_chunks}};
+        int took = tsr_session_take_opt("perplexity", argc, argv, &i, &o);
+        if (took == 0) took = tsr_cli_take_text("perplexity", argc, argv, &i, texts, 1);
+        if (took == 0) took = tsr_cli_take_int("perplexity", argc, argv, &i, ints, 2);
+        if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &json);
+        if (took == 0) took = (tsr_cli_bad_arg("perplexity", a), -1);
+        if (took < 0) {
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
@@ -379,30 +388,35 @@ int tsr_cli_perplexity(int argc, char **argv) {
     tsr_batch_entry *batch = NULL;
     float *logits = NULL;
     size_t len = 0, n_ids = 0;
+    tsr_cli_progress progress = {0};
     int status = TSR_EXIT_FAIL;
     if (!(text = tsr_session_read_file(text_path, &len, &err))) goto fail;
     if (tsr_session_open(&s, &o, &err) < 0) goto fail;
     if (tsr_tokenize(s.tok, text, len, true, false, &ids, &n_ids, &err) < 0) goto fail;
-    long n_chunks = (long)n_ids / ctx;
+    int64_t n_chunks = (int64_t)n_ids / ctx;
     if (max_chunks >= 0 && max_chunks < n_chunks) n_chunks = max_chunks;
     if (n_chunks < 1) {
-        tsr_error_set(&err, TSR_E_INVALID, "%s: %zu tokens, fewer than one chunk of --ctx %ld",
-                      text_path, n_ids, ctx);
+        tsr_error_set(&err, TSR_E_INVALID, "%s: %zu tokens, fewer than one chunk of --ctx %lld",
+                      text_path, n_ids, (long long)ctx);
         goto fail;
     }
-    if (tsr_session_pipeline(&s, (int32_t)ctx, &err) < 0) goto fail;
+    if (tsr_session_pipeline(&s, ctx, &err) < 0) goto fail;
     const int32_t nv = s.model->hp.n_vocab, bos = tsr_tokenizer_bos(s.tok);
     const bool add_bos = tsr_tokenizer_add_bos(s.tok) && bos >= 0;
-    const long first = ctx / 2;
+    const int64_t first = ctx / 2;
     batch = calloc((size_t)ctx, sizeof *batch);
     logits = malloc((size_t)(ctx - first) * (size_t)nv * sizeof *logits);
+    if (!batch || !logits) {
+        tsr_error_set(&err, TSR_E_NOMEM, "perplexity: out of memory for chunks of %lld tokens",
+                      (long long)ctx);
+        goto fail;
+    }
     double sum = 0, sum2 = 0;
-    long count = 0;
-    uint64_t t0 = tsr_clock_ns();
-    const bool interactive = isatty(2);
-    for (long c = 0; c < n_chunks; c++) {
+    int64_t count = 0;
+    tsr_cli_progress_start(&progress, "perplexity", 0);
+    for (int64_t c = 0; c < n_chunks; c++) {
         const int32_t *chunk = ids + c * ctx;
-        for (long j = 0; j < ctx; j++)
+        for (int64_t j = 0; j < ctx; j++)
             batch[j] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)j,
                                          .token = j == 0 && add_bos ? bos : chunk[j],
                                          .want_logits = j >= first};
@@ -410,22 +424,33 @@ int tsr_cli_perplexity(int argc, char **argv) {
         tsr_status st = tsr_pipeline_forward(s.pl, batch, ctx, logits, &err);
         tsr_pipeline_seq_end(s.pl, 0);
         if (st < 0) goto fail;
-        for (long j = first; j < ctx - 1; j++) {
+        for (int64_t j = first; j < ctx - 1; j++) {
             double v = nll(logits + (size_t)(j - first) * (size_t)nv, nv, chunk[j + 1]);
+            /* NaN or infinite logits give no perplexity at all, not "nan". */
+            if (!isfinite(v)) {
+                tsr_error_set(&err, TSR_E_INVALID, "perplexity: chunk %lld, position %lld: the "
+                              "log-likelihood is %g; the model's logits are not finite numbers",
+                              (long long)c + 1, (long long)j, v);
+                goto fail;
+            }
             sum += v;
             sum2 += v * v;
             count++;
         }
-        if (interactive || c + 1 == n_chunks)
-            fprintf(stderr, "%stessera: perplexity: chunk %ld/%ld, ppl %.4f, %.1f s%s",
-                    interactive ? "\r" : "", c + 1, n_chunks, exp(sum / (double)count),
-                    tsr_clock_seconds_since(t0), c + 1 == n_chunks ? "\n" : "");
+        char ppl_so_far[48];
+        snprintf(ppl_so_far, sizeof ppl_so_far, "ppl %.4f", exp(sum / (double)count));
+        tsr_cli_progress_show(&progress, c + 1, n_chunks, "chunks", ppl_so_far);
     }
     /* As llama.cpp: the standard error of the mean NLL, carried to the perplexity. */
     double mean = sum / (double)count;
     double var = sum2 / (double)count - mean * mean;
     double se = count > 1 && var > 0 ? sqrt(var / (double)(count - 1)) : 0;
     double ppl = exp(mean);
+    if (!isfinite(ppl)) {
+        tsr_error_set(&err, TSR_E_RANGE, "perplexity: exp(%g), the perplexity, overflows a "
+                      "double", mean);
+        goto fail;
+    }
     if (json) {
         double bits, rmse;
         tsr_pipeline_weight_quality(s.pl, &bits, &rmse);
@@ -440,12 +465,13 @@ int tsr_cli_perplexity(int argc, char **argv) {
         free(out);
         json_decref(root);
     } else {
-        printf("PPL = %.4f +/- %.4f (%ld chunks of %ld tokens, %ld scored)\n", ppl, ppl * se,
-               n_chunks, ctx, count);
+        printf("PPL = %.4f +/- %.4f (%lld chunks of %lld tokens, %lld scored)\n", ppl, ppl * se,
+               (long long)n_chunks, (long long)ctx, (long long)count);
     }
     status = TSR_EXIT_OK;
     goto done;
 fail:
+    tsr_cli_progress_end(&progress);
     tsr_cli_error("%s", err.msg);
 done:
     free(text);

@@ -1,8 +1,10 @@
 /* `tessera plugins ...` and `tessera validate`. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cli/cli.h"
 #include "plugin/commands.h"
@@ -211,22 +213,44 @@ static tsr_status check_hooks(const tsr_config *cfg, tsr_registry *reg, tsr_erro
     return TSR_OK;
 }
 
+/* The files a run would open first: a config naming a model that is not there is not one
+ * that runs. */
+static tsr_status check_files(const tsr_config *cfg, tsr_error *err) {
+    const char *keys[] = {"model.path", "model.tokenizer"};
+    const char *paths[] = {cfg->model_path, cfg->tokenizer_path};
+    for (size_t i = 0; i < 2; i++) {
+        struct stat st;
+        if (!paths[i]) continue;
+        if (stat(paths[i], &st) != 0)
+            return tsr_error_set(err, TSR_E_IO, "%s: %s: %s: %s", cfg->path, keys[i], paths[i],
+                                 strerror(errno));
+        if (S_ISDIR(st.st_mode))
+            return tsr_error_set(err, TSR_E_INVALID, "%s: %s: %s: is a folder; expected a file",
+                                 cfg->path, keys[i], paths[i]);
+    }
+    return TSR_OK;
+}
+
 int tsr_cli_validate(int argc, char **argv) {
     const char *path = NULL;
-    char **sets = calloc((size_t)argc, sizeof *sets);
+    const char **sets = calloc((size_t)argc, sizeof *sets);
     size_t n_sets = 0;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera validate CONFIG.yaml [--set K=V]...\n"
-                   "Checks the file's shape, that every plugin exists, and every parameter\n"
-                   "value against the plugin's declared parameters.\n");
+                   "Checks the file's shape, that every plugin exists, every parameter value\n"
+                   "against the plugin's declared parameters, and that the model and tokenizer\n"
+                   "files it names exist.\n");
             free(sets);
             return TSR_EXIT_OK;
         }
-        if (!strcmp(argv[i], "--set") && i + 1 < argc) sets[n_sets++] = argv[++i];
+        int took = 1;
+        if (!strcmp(argv[i], "--set"))
+            took = (sets[n_sets++] = tsr_cli_value("validate", argc, argv, &i,
+                                                   "SECTION.KEY=VALUE")) ? 1 : -1;
         else if (!path && argv[i][0] != '-') path = argv[i];
-        else {
-            tsr_cli_error("validate: unexpected argument '%s'", argv[i]);
+        else took = (tsr_cli_bad_arg("validate", argv[i]), -1);
+        if (took < 0) {
             free(sets);
             return TSR_EXIT_USAGE;
         }
@@ -248,6 +272,7 @@ int tsr_cli_validate(int argc, char **argv) {
     reg = tsr_cli_registry(pool, cfg->plugin_dirs, cfg->n_plugin_dirs, false);
     if (tsr_cli_bind(cfg, reg, &err) < 0) goto fail;
     if (check_hooks(cfg, reg, &err) < 0) goto fail;
+    if (check_files(cfg, &err) < 0) goto fail;
     printf("%s: ok\n", path);
     status = TSR_EXIT_OK;
     goto done;

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "base/outfile.h"
 #include "cli/cli_session.h"
 #include "files/dtype.h"
 #include "files/gguf_write.h"
@@ -44,6 +45,9 @@ typedef struct quant_job {
     tsr_gguf_writer *w;
     prepared *done;
     size_t n_done;
+    tsr_outfile out;      /* opened before the work, so a bad OUT is refused at once */
+    tsr_cli_progress progress;
+    int64_t n_tensors;    /* that the file will hold, for the progress line */
     bool tied;            /* no output.weight: token_embd is the output matrix too */
     double bits, weights; /* for the average bits per weight */
     json_t *report;       /* one object per tensor */
@@ -63,13 +67,16 @@ static tsr_status check_type(const tsr_plugin_desc *desc, const tsr_param_def *d
                          "%s", type, desc->name, list);
 }
 
+/* Opens OUT (refusing a folder or the input file), the config and the quantizer instances. */
 static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, int32_t n_layer,
-                           tsr_error *err) {
+                           const char *out_path, const char *input, tsr_error *err) {
     memset(j, 0, sizeof *j);
     session *s = &j->s;
-    tsr_status st = o->config ? tsr_config_load(o->config, &s->cfg, err)
-                              : tsr_config_default(&s->cfg, err);
+    tsr_status st = tsr_outfile_open(&j->out, out_path, input, err);
     if (st < 0) return st;
+    if ((st = o->config ? tsr_config_load(o->config, &s->cfg, err)
+                        : tsr_config_default(&s->cfg, err)) < 0)
+        return st;
     for (size_t i = 0; i < o->n_sets; i++)
         if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
     s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
@@ -100,10 +107,12 @@ static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, 
         return st;
     j->w = tsr_gguf_writer_new();
     j->report = json_array();
+    tsr_cli_progress_start(&j->progress, input ? "quantize" : "synth", 0);
     return TSR_OK;
 }
 
 static void job_close(quant_job *j) {
+    tsr_outfile_discard(&j->out);
     for (size_t i = 0; i < j->n_done; i++) {
         tsr_weight_release(&j->done[i].w);
         free(j->done[i].source);
@@ -148,6 +157,7 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
         if (tsr_gguf_writer_add_tensor(j->w, name, dtype, n_dims, ne, data) < 0)
             return tsr_error_set(err, TSR_E_INVALID, "%s: cannot add the tensor", name);
         j->done[j->n_done++] = (prepared){.source = source};
+        tsr_cli_progress_show(&j->progress, (int64_t)j->n_done, j->n_tensors, "tensors", NULL);
         return TSR_OK;
     }
     char role[128];
@@ -187,6 +197,7 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
     tsr_log(TSR_LOG_INFO, "quantize", "%s: %s -> %s, %.3f bits per weight, relative RMSE %.3g",
             name, tsr_dtype_name(dtype), tsr_dtype_name(out.dst.dtype), out.bits_per_weight,
             out.rel_rmse);
+    tsr_cli_progress_show(&j->progress, (int64_t)j->n_done, j->n_tensors, "tensors", NULL);
     return TSR_OK;
 }
 
@@ -212,21 +223,44 @@ static void copy_keys(quant_job *j, const tsr_gguf *in, const char *type) {
     tsr_gguf_writer_set_uint(j->w, "general.file_type", TSR_GGUF_UINT32, (uint64_t)ft);
 }
 
+/* Writes and commits OUT, then the report: on stdout, unless OUT is stdout itself. */
 static tsr_status job_write(quant_job *j, const char *path, bool json, tsr_error *err) {
-    tsr_status st = tsr_gguf_writer_write(j->w, path, err);
+    FILE *report = tsr_outfile_is_stdout(&j->out) ? stderr : stdout;
+    tsr_status st = tsr_gguf_writer_write_to(j->w, &j->out, err);
+    if (st >= 0) st = tsr_outfile_commit(&j->out, err);
     if (st < 0) return st;
     double bpw = j->weights > 0 ? j->bits / j->weights : 0;
     if (json) {
         json_t *root = json_pack("{s:s, s:f, s:f, s:O}", "output", path, "weights", j->weights,
                                  "bits_per_weight", bpw, "tensors", j->report);
         char *text = json_dumps(root, JSON_INDENT(2));
-        printf("%s\n", text);
+        fprintf(report, "%s\n", text);
         free(text);
         json_decref(root);
     } else {
-        printf("%s: %.0f weights quantized, %.3f bits per weight\n", path, j->weights, bpw);
+        fprintf(report, "%s: %.0f weights quantized, %.3f bits per weight\n", path, j->weights,
+                bpw);
     }
     return TSR_OK;
+}
+
+/* Fails a job: an open progress line is ended before the error. */
+static int job_fail(quant_job *j, const tsr_error *err) {
+    tsr_cli_progress_end(&j->progress);
+    tsr_cli_error("%s", err->msg);
+    return TSR_EXIT_FAIL;
+}
+
+/* The options quantize and synth share (--config, --set, --json); 1, 0 or -1 as
+ * tsr_session_take_opt. */
+static int take_job_opt(const char *cmd, int argc, char **argv, int *i, model_opts *o,
+                        bool *json) {
+    const char *set = NULL;
+    const tsr_cli_text_opt texts[] = {{"--config", NULL, "CONFIG.yaml", &o->config},
+                                      {"--set", NULL, "SECTION.KEY=VALUE", &set}};
+    int took = tsr_cli_take_text(cmd, argc, argv, i, texts, 2);
+    if (set) o->sets[o->n_sets++] = set;
+    return took ? took : tsr_cli_take_flag(argv[*i], "--json", NULL, json);
 }
 
 /* ---- quantize -------------------------------------------------------------------------- */
@@ -246,6 +280,7 @@ int tsr_cli_quantize(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     const char *pos[3] = {NULL, NULL, NULL};
     int n_pos = 0;
+    int64_t threads = 0;
     bool json = false;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
@@ -254,22 +289,26 @@ int tsr_cli_quantize(int argc, char **argv) {
                    "Writes OUT with every weight matrix of IN quantized by the configured\n"
                    "quantizer (default: gguf) with its weight type set to TYPE, per layer as the\n"
                    "config's layers: say. Norms and biases are copied. TYPE is one of the\n"
-                   "quantizer's types (see `tessera plugins info gguf`).\n");
+                   "quantizer's types (see `tessera plugins info gguf`). OUT is replaced only\n"
+                   "once complete and may not be IN; progress goes to stderr.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        bool has_value = i + 1 < argc;
-        if (has_value && !strcmp(argv[i], "--config")) o.config = argv[++i];
-        else if (has_value && !strcmp(argv[i], "--set")) o.sets[o.n_sets++] = argv[++i];
-        else if (has_value && !strcmp(argv[i], "-t")) o.threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--json")) json = true;
-        else if (argv[i][0] != '-' && n_pos < 3) pos[n_pos++] = argv[i];
-        else {
-            tsr_cli_error("quantize: bad argument '%s' (see tessera quantize --help)", argv[i]);
+        const tsr_cli_int_opt ints[] = {
+            {"-t", "--threads", "THREADS", 1, TSR_CLI_THREADS_MAX, &threads}};
+        int took = take_job_opt("quantize", argc, argv, &i, &o, &json);
+        if (took == 0) took = tsr_cli_take_int("quantize", argc, argv, &i, ints, 1);
+        if (took == 0 && argv[i][0] != '-' && n_pos < 3) {
+            pos[n_pos++] = argv[i];
+            took = 1;
+        }
+        if (took == 0) took = (tsr_cli_bad_arg("quantize", argv[i]), -1);
+        if (took < 0) {
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
     }
+    o.threads = (int)threads;
     if (n_pos != 3) {
         tsr_cli_error("quantize: expected IN OUT TYPE (see tessera quantize --help)");
         free(o.sets);
@@ -290,10 +329,10 @@ int tsr_cli_quantize(int argc, char **argv) {
         snprintf(key, sizeof key, "%.*s.block_count", (int)(arch.len < 64 ? arch.len : 64), arch.ptr);
         n_layer = (int32_t)tsr_gguf_u64_or(in, key, 0);
     }
-    if (job_open(&j, &o, pos[2], n_layer, &err) < 0) goto fail;
+    if (job_open(&j, &o, pos[2], n_layer, pos[1], pos[0], &err) < 0) goto fail;
     j.tied = !tsr_gguf_find_tensor(in, "output.weight");
     copy_keys(&j, in, pos[2]);
-    int64_t n_tensors = tsr_gguf_n_tensors(in);
+    int64_t n_tensors = j.n_tensors = tsr_gguf_n_tensors(in);
     order = malloc((size_t)(n_tensors > 0 ? n_tensors : 1) * sizeof *order);
     for (int64_t t = 0; t < n_tensors; t++) order[t] = tsr_gguf_tensor_at(in, t);
     qsort(order, (size_t)n_tensors, sizeof *order, cmp_tensor_order);
@@ -307,7 +346,7 @@ int tsr_cli_quantize(int argc, char **argv) {
     status = TSR_EXIT_OK;
     goto done;
 fail:
-    tsr_cli_error("%s", err.msg);
+    status = job_fail(&j, &err);
 done:
     job_close(&j);
     free(order);
@@ -433,7 +472,7 @@ static tsr_status synth_tensor(quant_job *j, uint64_t seed, uint64_t *index, con
 int tsr_cli_synth(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     const char *shape_name = NULL, *type = "f32", *out = NULL;
-    uint64_t seed = 42;
+    int64_t seed = 42;
     bool json = false;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
@@ -441,22 +480,21 @@ int tsr_cli_synth(int argc, char **argv) {
                    "                     [--config CONFIG.yaml] [--set K=V]... [--json]\n"
                    "A model with random weights (normal, deviation 0.02; norms 1) of a real\n"
                    "shape, with a SentencePiece-style vocabulary, quantized to TYPE like\n"
-                   "`tessera quantize`. Shapes:");
+                   "`tessera quantize`; progress goes to stderr. Shapes:");
             for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) printf(" %s", shapes[s].name);
             printf("\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        bool has_value = i + 1 < argc;
-        if (has_value && !strcmp(argv[i], "--shape")) shape_name = argv[++i];
-        else if (has_value && !strcmp(argv[i], "--type")) type = argv[++i];
-        else if (has_value && !strcmp(argv[i], "-o")) out = argv[++i];
-        else if (has_value && !strcmp(argv[i], "--seed")) seed = strtoull(argv[++i], NULL, 10);
-        else if (has_value && !strcmp(argv[i], "--config")) o.config = argv[++i];
-        else if (has_value && !strcmp(argv[i], "--set")) o.sets[o.n_sets++] = argv[++i];
-        else if (!strcmp(argv[i], "--json")) json = true;
-        else {
-            tsr_cli_error("synth: bad argument '%s' (see tessera synth --help)", argv[i]);
+        const tsr_cli_text_opt texts[] = {{"--shape", NULL, "NAME", &shape_name},
+                                          {"--type", NULL, "TYPE", &type},
+                                          {"-o", "--out", "FILE.gguf", &out}};
+        const tsr_cli_int_opt ints[] = {{"--seed", NULL, "S", 0, INT64_MAX, &seed}};
+        int took = take_job_opt("synth", argc, argv, &i, &o, &json);
+        if (took == 0) took = tsr_cli_take_text("synth", argc, argv, &i, texts, 3);
+        if (took == 0) took = tsr_cli_take_int("synth", argc, argv, &i, ints, 1);
+        if (took == 0) took = (tsr_cli_bad_arg("synth", argv[i]), -1);
+        if (took < 0) {
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
@@ -483,16 +521,18 @@ int tsr_cli_synth(int argc, char **argv) {
     tsr_error err;
     quant_job j;
     int status = TSR_EXIT_FAIL;
-    if (job_open(&j, &o, type, sh->n_layer, &err) < 0) goto fail;
+    if (job_open(&j, &o, type, sh->n_layer, out, NULL, &err) < 0) goto fail;
+    /* token_embd, output_norm, output unless tied; per layer 2 norms, 7 matrices, 3 biases. */
+    j.n_tensors = 3 - sh->tied + (int64_t)sh->n_layer * (9 + 3 * sh->qkv_bias);
     synth_metadata(j.w, sh);
     synth_vocab(j.w, sh->n_vocab);
     copy_keys(&j, NULL, type);
     const int64_t e = sh->n_embd, hd = sh->n_embd / sh->n_head, kv = hd * sh->n_kv_head;
     uint64_t index = 0;
     const float w = 0.02f;
-    if (synth_tensor(&j, seed, &index, "token_embd.weight", e, sh->n_vocab, 0, w, &err) < 0 ||
-        synth_tensor(&j, seed, &index, "output_norm.weight", e, 1, 1, 0, &err) < 0 ||
-        (!sh->tied && synth_tensor(&j, seed, &index, "output.weight", e, sh->n_vocab, 0, w, &err) < 0))
+    if (synth_tensor(&j, (uint64_t)seed, &index, "token_embd.weight", e, sh->n_vocab, 0, w, &err) < 0 ||
+        synth_tensor(&j, (uint64_t)seed, &index, "output_norm.weight", e, 1, 1, 0, &err) < 0 ||
+        (!sh->tied && synth_tensor(&j, (uint64_t)seed, &index, "output.weight", e, sh->n_vocab, 0, w, &err) < 0))
         goto fail;
     for (int32_t l = 0; l < sh->n_layer; l++) {
         struct {
@@ -512,17 +552,15 @@ int tsr_cli_synth(int argc, char **argv) {
             if (!t[i].present) continue;
             char name[96];
             snprintf(name, sizeof name, "blk.%d.%s", l, t[i].role);
-            if (synth_tensor(&j, seed, &index, name, t[i].ne0, t[i].ne1, t[i].mean, t[i].std, &err) < 0)
+            if (synth_tensor(&j, (uint64_t)seed, &index, name, t[i].ne0, t[i].ne1, t[i].mean, t[i].std, &err) < 0)
                 goto fail;
         }
-        if (isatty(2)) fprintf(stderr, "\rtessera: synth: layer %d/%d", l + 1, sh->n_layer);
     }
-    if (isatty(2)) fputc('\n', stderr);
     if (job_write(&j, out, json, &err) < 0) goto fail;
     status = TSR_EXIT_OK;
     goto done;
 fail:
-    tsr_cli_error("%s", err.msg);
+    status = job_fail(&j, &err);
 done:
     job_close(&j);
     free(o.sets);

@@ -1,5 +1,6 @@
 /* `tessera run`, `tessera logits` and `tessera tokenize`: the commands that read a model. */
 #include <errno.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,7 +8,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "base/number.h"
 #include "cli/cli_session.h"
+#include "plugin/host_services.h"
+#include "base/outfile.h"
 #include "files/gguf.h"
 #include "model/model.h"
 #include "pipeline/pipeline.h"
@@ -15,10 +19,34 @@
 
 /* ---- run ------------------------------------------------------------------------------- */
 
+/* Where the tokens go: printed as they come, or with --json kept for the report. */
 typedef struct printer {
     const tsr_tokenizer *tok;
     int32_t prev;
+    bool keep;
+    char *text; /* keep: the text so far (malloc'd) */
+    size_t len, cap;
+    bool oom;
+    tsr_pipeline *pl; /* set once generation starts: the cache is read after each step */
+    tsr_cache_stats cache;
+    int n_cache_reporting;
 } printer;
+
+static void keep_bytes(printer *p, const char *bytes, size_t n) {
+    if (p->len + n > p->cap) {
+        size_t cap = p->cap ? p->cap : 256;
+        while (cap < p->len + n) cap *= 2;
+        char *grown = realloc(p->text, cap);
+        if (!grown) {
+            p->oom = true;
+            return;
+        }
+        p->text = grown;
+        p->cap = cap;
+    }
+    memcpy(p->text + p->len, bytes, n);
+    p->len += n;
+}
 
 static void print_tokens(void *ctx, const int32_t *tokens, int64_t n) {
     printer *p = ctx;
@@ -26,10 +54,13 @@ static void print_tokens(void *ctx, const int32_t *tokens, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         int64_t len = tsr_token_to_piece(p->tok, p->prev, tokens[i], buf, sizeof buf);
         if (len > (int64_t)sizeof buf) len = (int64_t)sizeof buf;
-        if (len > 0) fwrite(buf, 1, (size_t)len, stdout);
+        if (len > 0 && p->keep) keep_bytes(p, buf, (size_t)len);
+        else if (len > 0) fwrite(buf, 1, (size_t)len, stdout);
         p->prev = tokens[i];
     }
-    fflush(stdout);
+    if (!p->keep) tsr_cli_flush_stdout();
+    /* After the last step the sequence is freed: what the cache held is read while it lives. */
+    if (p->pl) p->n_cache_reporting = tsr_pipeline_cache_stats(p->pl, &p->cache);
 }
 
 typedef struct eog_ctx {
@@ -43,56 +74,156 @@ static int32_t is_eog(void *ctx, int32_t token) {
     return tsr_token_is_eog(e->tok, token) ? 1 : 0;
 }
 
+/* Bytes of one valid UTF-8 sequence at s (n bytes left), or 0 when s starts none. */
+static size_t utf8_sequence(const unsigned char *s, size_t n) {
+    unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+    size_t len;
+    if (c < 0x80) return 1;
+    if (c >= 0xC2 && c <= 0xDF) {
+        len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        if (c == 0xE0) lo = 0xA0; /* overlong */
+        if (c == 0xED) hi = 0x9F; /* surrogates */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        if (c == 0xF0) lo = 0x90; /* overlong */
+        if (c == 0xF4) hi = 0x8F; /* beyond U+10FFFF */
+    } else {
+        return 0;
+    }
+    if (n < len || s[1] < lo || s[1] > hi) return 0;
+    for (size_t i = 2; i < len; i++)
+        if ((s[i] & 0xC0) != 0x80) return 0;
+    return len;
+}
+
+/* A JSON string of the text: tokens may end inside a character or be bytes that are no text
+ * at all; each byte that does not start valid UTF-8 becomes U+FFFD, as a terminal shows it. */
+static json_t *json_text(const char *text, size_t n) {
+    char *clean = malloc(3 * n + 1);
+    if (!clean) return NULL;
+    size_t out = 0;
+    for (size_t i = 0; i < n;) {
+        size_t len = utf8_sequence((const unsigned char *)text + i, n - i);
+        if (len == 0) {
+            memcpy(clean + out, "\xEF\xBF\xBD", 3);
+            out += 3;
+            i++;
+        } else {
+            memcpy(clean + out, text + i, len);
+            out += len;
+            i += len;
+        }
+    }
+    json_t *s = json_stringn(clean, out);
+    free(clean);
+    return s;
+}
+
+/* Bits of memory the policies hold per K or V element they keep (their reserve included);
+ * unknown (negative) when none reports or nothing is kept. */
+static double bits_per_value(const printer *p, int32_t head_dim) {
+    if (p->n_cache_reporting == 0 || p->cache.entries <= 0) return -1;
+    return 8.0 * (double)p->cache.bytes_reserved / ((double)p->cache.entries * 2.0 * head_dim);
+}
+
+static void log_cache(const printer *p, int32_t head_dim) {
+    if (p->n_cache_reporting == 0) {
+        tsr_log(TSR_LOG_INFO, "run", "cache: the policies report no statistics");
+        return;
+    }
+    double bits = bits_per_value(p, head_dim);
+    char bits_text[64] = "";
+    if (bits >= 0) snprintf(bits_text, sizeof bits_text, ", %.2f bits per stored value", bits);
+    tsr_log(TSR_LOG_INFO, "run", "cache: %lld entries, %lld evicted, %llu KV bytes (peak %llu)%s",
+            (long long)p->cache.entries, (long long)p->cache.evicted,
+            (unsigned long long)p->cache.bytes_reserved, (unsigned long long)p->cache.bytes_peak,
+            bits_text);
+}
+
+static tsr_status print_json(const printer *p, size_t n_prompt, int64_t n_gen, double secs,
+                             const tsr_stage_times *t, int32_t head_dim, tsr_error *err) {
+    json_t *cache = json_null();
+    if (p->n_cache_reporting > 0) {
+        double bits = bits_per_value(p, head_dim);
+        cache = json_pack("{s:i, s:I, s:I, s:I, s:I, s:o}", "policies", p->n_cache_reporting,
+                          "entries", (json_int_t)p->cache.entries, "evicted",
+                          (json_int_t)p->cache.evicted, "kv_bytes",
+                          (json_int_t)p->cache.bytes_reserved, "kv_bytes_peak",
+                          (json_int_t)p->cache.bytes_peak, "bits_per_value",
+                          bits >= 0 ? json_real(bits) : json_null());
+    }
+    json_t *root = json_pack(
+        "{s:o?, s:I, s:I, s:f, s:f, s:{s:f, s:f, s:f, s:f, s:f}, s:o?}", "text",
+        json_text(p->text ? p->text : "", p->len), "prompt_tokens", (json_int_t)n_prompt,
+        "new_tokens", (json_int_t)n_gen, "seconds", secs, "tokens_per_second",
+        secs > 0 ? (double)((int64_t)n_prompt + n_gen) / secs : 0.0, "stage_seconds", "matmul",
+        (double)t->matmul * 1e-9, "attention", (double)t->attention * 1e-9, "cache",
+        (double)t->cache * 1e-9, "decoder", (double)t->decoder * 1e-9, "other_ops",
+        (double)t->other_ops * 1e-9, "cache", cache);
+    char *text = root ? json_dumps(root, JSON_INDENT(2)) : NULL;
+    json_decref(root);
+    if (!text) return tsr_error_set(err, TSR_E_NOMEM, "run --json: out of memory");
+    printf("%s\n", text);
+    free(text);
+    return TSR_OK;
+}
+
 static void run_usage(FILE *f) {
     fprintf(f,
             "usage: tessera run [CONFIG.yaml] -m MODEL [--tokenizer FILE] [-p PROMPT]\n"
             "                   [-n NEW_TOKENS] [--temperature T] [--seed S] [-t THREADS]\n"
-            "                   [--set SECTION.KEY=VALUE]...\n"
+            "                   [--set SECTION.KEY=VALUE]... [--json] [-v]\n"
             "Prints the prompt, then each new token as it is made, to stdout; timings go to\n"
             "stderr. Without CONFIG the built-in pipeline runs (cpu, gguf, flash, full,\n"
             "sample). --temperature 0 is greedy. Generation stops after NEW_TOKENS (default\n"
-            "the config's generate.max_tokens, else 256) or at the model's end token.\n");
+            "the config's generate.max_tokens, else 256) or at the model's end token.\n"
+            "--json prints one JSON object instead: the text, token counts, seconds per\n"
+            "stage and the cache policies' statistics (entries, evicted, KV bytes, bits of\n"
+            "memory per stored value). -v logs those statistics on stderr.\n");
 }
 
 int tsr_cli_run(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 2, sizeof(char *))};
-    const char *prompt = NULL;
-    long long n_new = -1;
+    const char *prompt = NULL, *temperature = NULL, *seed = NULL;
+    int64_t n_new = -1;
+    bool json = false;
     for (int i = 1; i < argc; i++) {
-        if (tsr_cli_is_help(argv[i])) {
+        const char *a = argv[i];
+        if (tsr_cli_is_help(a)) {
             run_usage(stdout);
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        int took = tsr_session_take_opt(argc, argv, &i, &o);
-        if (took == 1) continue;
-        bool has_value = i + 1 < argc;
-        if (took == 0 && has_value && !strcmp(argv[i], "-p")) prompt = argv[++i];
-        else if (took == 0 && has_value && !strcmp(argv[i], "-n")) {
-            char *end;
-            n_new = strtoll(argv[++i], &end, 10);
-            if (*end || n_new < 0) took = -1;
-        } else if (took == 0 && has_value &&
-                   (!strcmp(argv[i], "--temperature") || !strcmp(argv[i], "--seed"))) {
-            bool temp = !strcmp(argv[i], "--temperature");
-            tsr_session_set_role(&o, TSR_STAGE_DECODER,
-                                 temp ? TSR_PARAM_ROLE_TEMPERATURE : TSR_PARAM_ROLE_SEED,
-                                 argv[i + 1], argv[i]);
-            i++;
-        } else {
-            took = -1;
-        }
+        const tsr_cli_text_opt texts[] = {{"-p", "--prompt", "PROMPT", &prompt},
+                                          {"--temperature", NULL, "T", &temperature},
+                                          {"--seed", NULL, "S", &seed}};
+        const tsr_cli_int_opt ints[] = {{"-n", NULL, "NEW_TOKENS", 0, INT32_MAX, &n_new}};
+        bool verbose = false;
+        int took = tsr_session_take_opt("run", argc, argv, &i, &o);
+        if (took == 0) took = tsr_cli_take_text("run", argc, argv, &i, texts, 3);
+        if (took == 0) took = tsr_cli_take_int("run", argc, argv, &i, ints, 1);
+        if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &json);
+        if (took == 0) took = tsr_cli_take_flag(a, "-v", "--verbose", &verbose);
+        if (took == 0) took = (tsr_cli_bad_arg("run", a), -1);
         if (took < 0) {
-            tsr_cli_error("run: bad argument '%s' (see tessera run --help)", argv[i]);
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
+        if (verbose) tsr_log_set_level(tsr_log_get_level() + 1);
     }
+    /* The decoder's parameters of these roles, whatever the plugin calls them. */
+    if (temperature)
+        tsr_session_set_role(&o, TSR_STAGE_DECODER, TSR_PARAM_ROLE_TEMPERATURE, temperature,
+                             "--temperature");
+    if (seed) tsr_session_set_role(&o, TSR_STAGE_DECODER, TSR_PARAM_ROLE_SEED, seed, "--seed");
 
     session s;
     tsr_error err;
     int32_t *ids = NULL;
     size_t n_ids = 0;
+    printer p = {.prev = -1, .keep = json};
     int status = TSR_EXIT_FAIL;
     if (tsr_session_open(&s, &o, &err) < 0) goto fail;
     if (!prompt) prompt = s.cfg->generate.prompt ? s.cfg->generate.prompt : "";
@@ -103,31 +234,41 @@ int tsr_cli_run(int argc, char **argv) {
                       "give a prompt with -p");
         goto fail;
     }
-    if (tsr_session_pipeline(&s, (int32_t)(n_ids + (size_t)n_new), &err) < 0) goto fail;
+    if (tsr_session_pipeline(&s, (int64_t)n_ids + n_new, &err) < 0) goto fail;
 
-    printer p = {.tok = s.tok, .prev = -1};
+    p.tok = s.tok;
     print_tokens(&p, ids, (int64_t)n_ids);
+    p.pl = s.pl;
     eog_ctx e = {.tok = s.tok, .llama2c = tsr_tokenizer_get_kind(s.tok) == TSR_TOKENIZER_LLAMA2C};
     uint64_t t0 = tsr_clock_ns();
     int64_t n_gen = 0;
     tsr_status st = tsr_pipeline_generate(s.pl, ids, (int64_t)n_ids, n_new, is_eog, &e,
                                           print_tokens, &p, &n_gen, &err);
     double secs = tsr_clock_seconds_since(t0);
-    fputc('\n', stdout);
-    fflush(stdout);
+    if (!json) fputc('\n', stdout);
     if (st < 0) goto fail;
+    if (p.oom) {
+        tsr_error_set(&err, TSR_E_NOMEM, "run --json: out of memory for the text");
+        goto fail;
+    }
     const tsr_stage_times *t = tsr_pipeline_times(s.pl);
+    if (json && print_json(&p, n_ids, n_gen, secs, t, s.model->hp.head_dim, &err) < 0) goto fail;
+    /* Lost output is an error before any summary is printed. */
+    if (!tsr_cli_stdout_ok()) goto done;
     fprintf(stderr,
             "tessera: %zu prompt + %lld new tokens in %.3f s (%.1f tokens/s); matmul %.1f ms, "
             "attention %.1f ms, cache %.1f ms, decoder %.1f ms, other %.1f ms\n",
             n_ids, (long long)n_gen, secs, secs > 0 ? (double)(n_ids + (size_t)n_gen) / secs : 0.0,
             (double)t->matmul * 1e-6, (double)t->attention * 1e-6, (double)t->cache * 1e-6,
             (double)t->decoder * 1e-6, (double)t->other_ops * 1e-6);
+    log_cache(&p, s.model->hp.head_dim);
     status = TSR_EXIT_OK;
     goto done;
 fail:
+    tsr_cli_flush_stdout();
     tsr_cli_error("%s", err.msg);
 done:
+    free(p.text);
     free(ids);
     tsr_session_close(&s);
     free(o.sets);
@@ -136,103 +277,98 @@ done:
 
 /* ---- logits ---------------------------------------------------------------------------- */
 
-/* Parses "1 2 3" (spaces, tabs or commas between ids). */
+/* Parses "1 2 3" (spaces, tabs, newlines or commas between ids), each id read strictly. */
 static tsr_status parse_ids(const char *text, int32_t **out, size_t *n, tsr_error *err) {
-    size_t cap = 16;
-    int32_t *ids = malloc(cap * sizeof *ids);
+    static const char separators[] = " \t\n,";
+    size_t cap = 0;
+    int32_t *ids = NULL;
     *n = 0;
-    const char *p = text;
-    while (*p) {
-        while (*p == ' ' || *p == '\t' || *p == ',' || *p == '\n') p++;
-        if (!*p) break;
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v > INT32_MAX) {
-            free(ids);
-            return tsr_error_set(err, TSR_E_INVALID, "--tokens: '%.20s' is not a token id", p);
+    for (const char *p = text + strspn(text, separators); *p; p += strspn(p, separators)) {
+        int64_t id;
+        tsr_status st = tsr_parse_int_word("--tokens", &p, separators, 0, INT32_MAX, &id, err);
+        if (st == TSR_OK && *n == cap) {
+            int32_t *grown = realloc(ids, (cap = cap ? 2 * cap : 64) * sizeof *ids);
+            if (grown) ids = grown;
+            else st = tsr_error_set(err, TSR_E_NOMEM, "--tokens: out of memory");
         }
-        if (*n == cap) ids = realloc(ids, (cap *= 2) * sizeof *ids);
-        ids[(*n)++] = (int32_t)v;
-        p = end;
+        if (st < 0) {
+            free(ids);
+            return st;
+        }
+        ids[(*n)++] = (int32_t)id;
     }
-    if (*n == 0) {
-        free(ids);
-        return tsr_error_set(err, TSR_E_INVALID, "--tokens: no token ids given");
-    }
+    if (*n == 0) return tsr_error_set(err, TSR_E_INVALID, "--tokens: no token ids given");
     *out = ids;
     return TSR_OK;
 }
 
-/* Writes through a temporary file renamed into place, so a failure leaves no partial file. */
-static tsr_status write_atomic(const char *path, const void *data, size_t size, tsr_error *err) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return tsr_error_set(err, TSR_E_IO, "%s: cannot create: %s", path, strerror(errno));
-    bool ok = fwrite(data, 1, size, f) == size;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        return tsr_error_set(err, TSR_E_IO, "%s: cannot write: %s", path, strerror(e));
-    }
-    return TSR_OK;
+static void logits_usage(void) {
+    printf("usage: tessera logits -m MODEL [CONFIG.yaml] --tokens \"ID ID ...\" --out FILE\n"
+           "              [--tokenizer FILE] [-t THREADS] [--set K=V]...\n"
+           "Runs the ids as one batch from an empty cache and writes the logits of every\n"
+           "position as raw little-endian float32 [n_tokens][n_vocab]. FILE is replaced\n"
+           "only once it is complete; a device or FIFO (/dev/stdout) is written directly.\n");
 }
 
 int tsr_cli_logits(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     const char *tokens = NULL, *out_path = NULL;
     for (int i = 1; i < argc; i++) {
-        if (tsr_cli_is_help(argv[i])) {
-            printf("usage: tessera logits -m MODEL [CONFIG.yaml] --tokens \"ID ID ...\" --out FILE\n"
-                   "              [--tokenizer FILE] [-t THREADS] [--set K=V]...\n"
-                   "Runs the ids as one batch from an empty cache and writes the logits of every\n"
-                   "position as raw little-endian float32 [n_tokens][n_vocab].\n");
+        const char *a = argv[i];
+        if (tsr_cli_is_help(a)) {
+            logits_usage();
             free(o.sets);
             return TSR_EXIT_OK;
         }
-        int took = tsr_session_take_opt(argc, argv, &i, &o);
-        if (took == 1) continue;
-        if (took == 0 && i + 1 < argc && !strcmp(argv[i], "--tokens")) tokens = argv[++i];
-        else if (took == 0 && i + 1 < argc && !strcmp(argv[i], "--out")) out_path = argv[++i];
-        else {
-            tsr_cli_error("logits: bad argument '%s' (see tessera logits --help)", argv[i]);
+        const tsr_cli_text_opt opts[] = {{"--tokens", NULL, "\"ID ID ...\"", &tokens},
+                                         {"--out", "-o", "FILE", &out_path}};
+        int took = tsr_session_take_opt("logits", argc, argv, &i, &o);
+        if (took == 0) took = tsr_cli_take_text("logits", argc, argv, &i, opts, 2);
+        if (took == 0) took = (tsr_cli_bad_arg("logits", a), -1);
+        if (took < 0) {
             free(o.sets);
             return TSR_EXIT_USAGE;
         }
     }
-    if (!tokens || !out_path) {
-        tsr_cli_error("logits: --tokens and --out are required (see tessera logits --help)");
-        free(o.sets);
-        return TSR_EXIT_USAGE;
-    }
-    session s;
+    session s = {0};
     tsr_error err;
     int32_t *ids = NULL;
     size_t n = 0;
+    if (!tokens || !out_path || parse_ids(tokens, &ids, &n, &err) < 0) {
+        if (!tokens || !out_path)
+            tsr_cli_error("logits: --tokens and --out are required (see tessera logits --help)");
+        else
+            tsr_cli_error("logits: %s", err.msg);
+        free(o.sets);
+        return TSR_EXIT_USAGE;
+    }
+    tsr_outfile out = {0};
     tsr_batch_entry *batch = NULL;
     float *logits = NULL;
     int status = TSR_EXIT_FAIL;
-    if (parse_ids(tokens, &ids, &n, &err) < 0) {
-        memset(&s, 0, sizeof s);
-        goto fail;
-    }
     if (tsr_session_open(&s, &o, &err) < 0) goto fail;
-    if (tsr_session_pipeline(&s, (int32_t)n, &err) < 0) goto fail;
+    if (tsr_outfile_open(&out, out_path, o.model ? o.model : s.cfg->model_path, &err) < 0)
+        goto fail;
+    if (tsr_session_pipeline(&s, (int64_t)n, &err) < 0) goto fail;
     int32_t nv = s.model->hp.n_vocab;
     batch = calloc(n, sizeof *batch);
     logits = malloc(n * (size_t)nv * sizeof *logits);
+    if (!batch || !logits) {
+        tsr_error_set(&err, TSR_E_NOMEM, "logits: out of memory for %zu x %d logits", n, nv);
+        goto fail;
+    }
     for (size_t i = 0; i < n; i++)
         batch[i] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)i, .token = ids[i], .want_logits = 1};
     if (tsr_pipeline_seq_begin(s.pl, 0, &err) < 0) goto fail;
     if (tsr_pipeline_forward(s.pl, batch, (int64_t)n, logits, &err) < 0) goto fail;
-    if (write_atomic(out_path, logits, n * (size_t)nv * sizeof *logits, &err) < 0) goto fail;
+    tsr_outfile_write(&out, logits, n * (size_t)nv * sizeof *logits);
+    if (tsr_outfile_commit(&out, &err) < 0) goto fail;
     status = TSR_EXIT_OK;
     goto done;
 fail:
     tsr_cli_error("%s", err.msg);
 done:
+    tsr_outfile_discard(&out);
     free(batch);
     free(logits);
     free(ids);
@@ -247,23 +383,23 @@ int tsr_cli_tokenize(int argc, char **argv) {
     const char *model_path = NULL, *tok_path = NULL, *text = NULL, *file = NULL;
     bool bos = true;
     for (int i = 1; i < argc; i++) {
-        bool has_value = i + 1 < argc;
-        if (tsr_cli_is_help(argv[i])) {
+        const char *a = argv[i];
+        if (tsr_cli_is_help(a)) {
             printf("usage: tessera tokenize -m MODEL [--tokenizer FILE] (-p TEXT | -f FILE) "
                    "[--no-bos]\n"
                    "Prints the token ids of the text, space-separated, on one line. -f reads the\n"
                    "file's bytes exactly as they are. MODEL may be a vocabulary-only GGUF.\n");
             return TSR_EXIT_OK;
         }
-        if (has_value && (!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model"))) model_path = argv[++i];
-        else if (has_value && !strcmp(argv[i], "--tokenizer")) tok_path = argv[++i];
-        else if (has_value && !strcmp(argv[i], "-p")) text = argv[++i];
-        else if (has_value && !strcmp(argv[i], "-f")) file = argv[++i];
-        else if (!strcmp(argv[i], "--no-bos")) bos = false;
-        else {
-            tsr_cli_error("tokenize: bad argument '%s' (see tessera tokenize --help)", argv[i]);
-            return TSR_EXIT_USAGE;
-        }
+        const tsr_cli_text_opt opts[] = {{"-m", "--model", "MODEL", &model_path},
+                                         {"--tokenizer", NULL, "FILE", &tok_path},
+                                         {"-p", "--prompt", "TEXT", &text},
+                                         {"-f", "--file", "FILE", &file}};
+        int took = tsr_cli_take_text("tokenize", argc, argv, &i, opts, 4);
+        if (took < 0) return TSR_EXIT_USAGE;
+        if (took > 0) continue;
+        if (!strcmp(a, "--no-bos")) bos = false;
+        else return tsr_cli_bad_arg("tokenize", a);
     }
     if (!model_path || (!text) == (!file)) {
         tsr_cli_error("tokenize: give -m MODEL and exactly one of -p TEXT or -f FILE");

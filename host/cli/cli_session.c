@@ -1,8 +1,10 @@
 /* Opening what the model commands share. */
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cli/cli_session.h"
 #include "files/gguf.h"
@@ -19,16 +21,33 @@ void tsr_session_close(session *s) {
 
 char *tsr_session_read_file(const char *path, size_t *size, tsr_error *err) {
     FILE *f = fopen(path, "rb");
+    struct stat st;
     if (!f) {
         tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+        fclose(f);
+        tsr_error_set(err, TSR_E_INVALID, "%s: is a folder; expected a text file", path);
+        return NULL;
+    }
     size_t cap = 1 << 16, n = 0, got;
     char *buf = malloc(cap);
-    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0)
-        if ((n += got) == cap) buf = realloc(buf, cap *= 2);
+    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0) {
+        if ((n += got) < cap) continue;
+        char *grown = realloc(buf, cap *= 2);
+        if (!grown) free(buf);
+        buf = grown;
+    }
+    int read_errno = ferror(f) ? errno : 0;
     fclose(f);
-    if (!buf) tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", path);
+    if (!buf) {
+        tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", path);
+    } else if (read_errno) {
+        tsr_error_set(err, TSR_E_IO, "%s: cannot read: %s", path, strerror(read_errno));
+        free(buf);
+        buf = NULL;
+    }
     *size = n;
     return buf;
 }
@@ -92,21 +111,30 @@ tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
     return TSR_OK;
 }
 
-/* A progress line on stderr, only once loading has taken more than a second. */
 static void show_progress(void *ctx, const char *what, int64_t done, int64_t total) {
-    const uint64_t *t0 = ctx;
-    if (tsr_clock_seconds_since(*t0) < 1.0) return;
-    fprintf(stderr, "\rtessera: %s %lld/%lld%s", what, (long long)done, (long long)total,
-            done == total ? "\n" : "");
+    tsr_cli_progress *p = ctx;
+    p->what = what;
+    tsr_cli_progress_show(p, done, total, NULL, NULL);
 }
 
-tsr_status tsr_session_pipeline(session *s, int32_t n_ctx, tsr_error *err) {
-    uint64_t t0 = tsr_clock_ns();
-    tsr_progress_set(show_progress, &t0);
-    tsr_status st = tsr_pipeline_create(s->cfg, s->reg, s->model, s->pool, n_ctx, &s->pl, err);
+tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err) {
+    if (n_ctx > INT32_MAX)
+        return tsr_error_set(err, TSR_E_RANGE, "%lld positions (prompt and new tokens) are more "
+                             "than a context can hold (%d)", (long long)n_ctx, INT32_MAX);
+    if (n_ctx > s->model->hp.n_ctx_train)
+        fprintf(stderr, "tessera: warning: %lld positions (prompt and new tokens) are more than "
+                "the model was trained on (%d); quality may fall beyond them\n",
+                (long long)n_ctx, s->model->hp.n_ctx_train);
+    /* Preparing weights takes a while only for large models: quiet for the first second. */
+    tsr_cli_progress progress;
+    tsr_cli_progress_start(&progress, "", 1.0);
+    tsr_progress_set(show_progress, &progress);
+    tsr_status st = tsr_pipeline_create(s->cfg, s->reg, s->model, s->pool, (int32_t)n_ctx,
+                                        &s->pl, err);
     tsr_progress_set(NULL, NULL);
+    tsr_cli_progress_end(&progress);
     if (st < 0) return st;
-    tsr_log(TSR_LOG_INFO, "run", "pipeline ready in %.3f s", tsr_clock_seconds_since(t0));
+    tsr_log(TSR_LOG_INFO, "run", "pipeline ready in %.3f s", tsr_clock_seconds_since(progress.t0));
     return tsr_pipeline_run_hooks(s->pl, TSR_HOOK_AFTER_LOAD, err);
 }
 
@@ -118,26 +146,21 @@ void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char
     o->roles[i] = (role_opt){stage, role, value, option};
 }
 
-int tsr_session_take_opt(int argc, char **argv, int *i, model_opts *o) {
-    const char *a = argv[*i];
-    bool has_value = *i + 1 < argc;
-    if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-        if (!has_value) return -1;
-        o->model = argv[++*i];
-    } else if (!strcmp(a, "--tokenizer")) {
-        if (!has_value) return -1;
-        o->tokenizer = argv[++*i];
-    } else if (!strcmp(a, "--set")) {
-        if (!has_value) return -1;
-        o->sets[o->n_sets++] = argv[++*i];
-    } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-        if (!has_value) return -1;
-        o->threads = atoi(argv[++*i]);
-        if (o->threads <= 0) return -1;
-    } else if (a[0] != '-' && !o->config) {
-        o->config = a;
-    } else {
-        return 0;
+int tsr_session_take_opt(const char *cmd, int argc, char **argv, int *i, model_opts *o) {
+    const char *set = NULL;
+    int64_t threads = 0;
+    const tsr_cli_text_opt texts[] = {{"-m", "--model", "MODEL", &o->model},
+                                      {"--tokenizer", NULL, "FILE", &o->tokenizer},
+                                      {"--set", NULL, "SECTION.KEY=VALUE", &set}};
+    const tsr_cli_int_opt ints[] = {
+        {"-t", "--threads", "THREADS", 1, TSR_CLI_THREADS_MAX, &threads}};
+    int took = tsr_cli_take_text(cmd, argc, argv, i, texts, 3);
+    if (took == 0) took = tsr_cli_take_int(cmd, argc, argv, i, ints, 1);
+    if (set) o->sets[o->n_sets++] = set;
+    if (threads) o->threads = (int)threads;
+    if (took == 0 && argv[*i][0] != '-' && !o->config) {
+        o->config = argv[*i];
+        took = 1;
     }
-    return 1;
+    return took;
 }

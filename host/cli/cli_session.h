@@ -31,7 +31,7 @@ typedef struct model_opts {
     const char *config;
     const char *model;
     const char *tokenizer;
-    char **sets;     /* room for argc entries */
+    const char **sets; /* room for argc entries */
     size_t n_sets;
     int threads;     /* 0: from the config */
     role_opt roles[TSR_STAGE_COUNT * TSR_PARAM_ROLE_COUNT];
@@ -42,9 +42,12 @@ typedef struct model_opts {
 void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char *value,
                           const char *option);
 
-/* Parses one shared option at argv[*i] (CONFIG, -m, --tokenizer, --set, -t); returns 1 when it
- * was one, 0 when not, -1 on a usage error. */
-int tsr_session_take_opt(int argc, char **argv, int *i, model_opts *o);
+/* The most threads -t takes (the cpu backend's own limit). */
+#define TSR_CLI_THREADS_MAX 256
+
+/* Parses one shared option of command `cmd` at argv[*i] (CONFIG, -m, --tokenizer, --set, -t);
+ * returns 1 when it was one, 0 when not, -1 on a usage error (printed). */
+int tsr_session_take_opt(const char *cmd, int argc, char **argv, int *i, model_opts *o);
 
 /* Config (or the default pipeline), --set overrides, the plugins, the model, its tokenizer
  * and the thread pool. The pipeline comes later, once the caller knows its context. */
@@ -55,12 +58,16 @@ tsr_status tsr_session_open_tokenizer(const char *model_path, const char *tok_pa
                                       const tsr_gguf *model_file, bool model_is_gguf,
                                       uint32_t n_vocab, tsr_tokenizer **out, tsr_error *err);
 
-/* The pipeline for n_ctx positions, then the after_load hooks. */
-tsr_status tsr_session_pipeline(session *s, int32_t n_ctx, tsr_error *err);
+/* The pipeline for n_ctx positions (the longest sequence the command runs: prompt and new
+ * tokens), then the after_load hooks. More positions than a context can hold (int32) are
+ * refused; more than the model was trained on (n_ctx_train) get a one-line warning, since a
+ * streaming cache may go beyond them. */
+tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err);
 void tsr_session_close(session *s);
 
 /* A whole file's bytes as they are (malloc'd; *size its length), for -f arguments; NULL with
- * err filled when it cannot be read. */
+ * err filled when it cannot be read or is a folder. FIFOs and devices (/dev/stdin) are read
+ * to their end. */
 char *tsr_session_read_file(const char *path, size_t *size, tsr_error *err);
 
 #endif

@@ -43,6 +43,11 @@ static void usage(FILE *f) {
             "  -h, --help      this text; `tessera <command> --help` for a command\n");
 }
 
+/* Output lost on the way out (a full disk, /dev/full) fails a command that otherwise worked. */
+static int finish(int status) {
+    return status == TSR_EXIT_OK && !tsr_cli_stdout_ok() ? TSR_EXIT_FAIL : status;
+}
+
 int main(int argc, char **argv) {
     int level = TSR_LOG_WARN;
     const char *env = getenv("TESSERA_LOG");
@@ -54,10 +59,10 @@ int main(int argc, char **argv) {
             level++;
         } else if (!strcmp(argv[i], "--version")) {
             print_version();
-            return TSR_EXIT_OK;
+            return finish(TSR_EXIT_OK);
         } else if (tsr_cli_is_help(argv[i])) {
             usage(stdout);
-            return TSR_EXIT_OK;
+            return finish(TSR_EXIT_OK);
         } else {
             tsr_cli_error("unknown option '%s' (see tessera --help)", argv[i]);
             return TSR_EXIT_USAGE;
@@ -71,15 +76,15 @@ int main(int argc, char **argv) {
     const char *cmd = argv[i];
     int sub_argc = argc - i;
     char **sub_argv = argv + i;
-    if (!strcmp(cmd, "run")) return tsr_cli_run(sub_argc, sub_argv);
-    if (!strcmp(cmd, "logits")) return tsr_cli_logits(sub_argc, sub_argv);
-    if (!strcmp(cmd, "tokenize")) return tsr_cli_tokenize(sub_argc, sub_argv);
-    if (!strcmp(cmd, "bench")) return tsr_cli_bench(sub_argc, sub_argv);
-    if (!strcmp(cmd, "perplexity")) return tsr_cli_perplexity(sub_argc, sub_argv);
-    if (!strcmp(cmd, "quantize")) return tsr_cli_quantize(sub_argc, sub_argv);
-    if (!strcmp(cmd, "synth")) return tsr_cli_synth(sub_argc, sub_argv);
-    if (!strcmp(cmd, "plugins")) return tsr_cli_plugins(sub_argc, sub_argv);
-    if (!strcmp(cmd, "validate")) return tsr_cli_validate(sub_argc, sub_argv);
+    if (!strcmp(cmd, "run")) return finish(tsr_cli_run(sub_argc, sub_argv));
+    if (!strcmp(cmd, "logits")) return finish(tsr_cli_logits(sub_argc, sub_argv));
+    if (!strcmp(cmd, "tokenize")) return finish(tsr_cli_tokenize(sub_argc, sub_argv));
+    if (!strcmp(cmd, "bench")) return finish(tsr_cli_bench(sub_argc, sub_argv));
+    if (!strcmp(cmd, "perplexity")) return finish(tsr_cli_perplexity(sub_argc, sub_argv));
+    if (!strcmp(cmd, "quantize")) return finish(tsr_cli_quantize(sub_argc, sub_argv));
+    if (!strcmp(cmd, "synth")) return finish(tsr_cli_synth(sub_argc, sub_argv));
+    if (!strcmp(cmd, "plugins")) return finish(tsr_cli_plugins(sub_argc, sub_argv));
+    if (!strcmp(cmd, "validate")) return finish(tsr_cli_validate(sub_argc, sub_argv));
     tsr_cli_error("unknown command '%s' (see tessera --help)", cmd);
     return TSR_EXIT_USAGE;
 }

@@ -1,8 +1,9 @@
 /* Plugin parameters: text values from a config checked against a plugin's declared table. */
 #include "config/params.h"
 
+#include "base/number.h"
+
 #include <ctype.h>
-#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
@@ -28,19 +29,6 @@ tsr_status tsr_error_set_at(tsr_error *err, tsr_status status, tsr_src_loc loc,
     va_end(ap);
     tsr_src_loc_format(where, sizeof where, loc);
     return tsr_error_set(err, status, "%s: %s", where, msg);
-}
-
-const char *tsr_text_excerpt(char *buf, size_t size, const char *text) {
-    size_t n = strlen(text);
-    bool cut = n >= size;
-    if (cut) n = size > 4 ? size - 4 : 0;
-    for (size_t i = 0; i < n; i++)
-        buf[i] = iscntrl((unsigned char)text[i]) ? '?' : text[i];
-    if (cut && size > 4)
-        memcpy(buf + n, "...", 4);
-    else
-        buf[n] = '\0';
-    return buf;
 }
 
 static bool param_bounded(const tsr_param_def *d) {
@@ -114,28 +102,6 @@ static bool parse_bool(const char *s, int *out) {
     return false;
 }
 
-static bool parse_int(const char *s, int64_t *out) {
-    const char *p = s + (*s == '+' || *s == '-');
-    bool hex = p[0] == '0' && (p[1] == 'x' || p[1] == 'X');
-    /* strtoll alone would accept leading blanks and a second sign */
-    if (hex ? !isxdigit((unsigned char)p[2]) : !isdigit((unsigned char)p[0])) return false;
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, hex ? 16 : 10);
-    if (errno == ERANGE || *end != '\0') return false;
-    *out = v;
-    return true;
-}
-
-static bool parse_float(const char *s, double *out) {
-    if (*s == '\0' || isspace((unsigned char)*s)) return false;
-    char *end;
-    double v = strtod(s, &end);
-    if (*end != '\0' || !isfinite(v)) return false;
-    *out = v;
-    return true;
-}
-
 /* Parses and range-checks without composing a message. */
 static bool parse_value(const tsr_param_def *d, const char *text, tsr_param_value *out) {
     memset(out, 0, sizeof *out);
@@ -143,10 +109,10 @@ static bool parse_value(const tsr_param_def *d, const char *text, tsr_param_valu
     switch (d->type) {
     case TSR_PARAM_BOOL: return parse_bool(text, &out->u.b);
     case TSR_PARAM_INT:
-        if (!parse_int(text, &out->u.i)) return false;
+        if (!tsr_text_to_int(text, &out->u.i)) return false;
         return !param_bounded(d) || ((double)out->u.i >= d->min && (double)out->u.i <= d->max);
     case TSR_PARAM_FLOAT:
-        if (!parse_float(text, &out->u.f)) return false;
+        if (!tsr_text_to_float(text, &out->u.f)) return false;
         return !param_bounded(d) || (out->u.f >= d->min && out->u.f <= d->max);
     case TSR_PARAM_STRING: out->s = text; return true;
     case TSR_PARAM_ENUM:

@@ -77,8 +77,4 @@ void tsr_src_loc_format(char *buf, size_t size, tsr_src_loc loc);
 tsr_status tsr_error_set_at(tsr_error *err, tsr_status status, tsr_src_loc loc,
                             const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
-/* Copies user text for quoting in a one-line message: control characters become '?', and text
- * longer than the buffer is cut with "...". Returns buf. */
-const char *tsr_text_excerpt(char *buf, size_t size, const char *text);
-
 #endif

@@ -3,13 +3,11 @@
  * tensor starting at a multiple of the alignment from the start of the data section. */
 #include "files/gguf_write.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "files/dtype.h"
 
@@ -361,59 +359,46 @@ static bool encode_header(const tsr_gguf_writer *w, byte_buf *b) {
 }
 
 /* Zero bytes up to the next multiple of the alignment. */
-static bool write_pad(FILE *f, size_t written, uint32_t alignment) {
+static bool write_pad(tsr_outfile *out, size_t written, uint32_t alignment) {
     static const uint8_t zeros[64];
     size_t pad = (size_t)(align_up(written, alignment) - written);
     while (pad > 0) {
         size_t n = pad < sizeof zeros ? pad : sizeof zeros;
-        if (fwrite(zeros, 1, n, f) != n) return false;
+        if (!tsr_outfile_write(out, zeros, n)) return false;
         pad -= n;
     }
     return true;
 }
 
-int tsr_gguf_writer_write(const tsr_gguf_writer *w, const char *path, tsr_error *err) {
-    if (w->status != TSR_OK) return tsr_error_set(err, w->status, "%s: %s", path, w->err.msg);
+int tsr_gguf_writer_write_to(const tsr_gguf_writer *w, tsr_outfile *out, tsr_error *err) {
+    if (w->status != TSR_OK) return tsr_error_set(err, w->status, "%s: %s", out->path, w->err.msg);
     byte_buf header = {0};
     if (!encode_header(w, &header)) {
         free(header.p);
-        return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory for the header", path);
+        return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory for the header", out->path);
     }
-    size_t tmp_len = strlen(path) + 5;
-    char *tmp = malloc(tmp_len);
-    if (!tmp) {
-        free(header.p);
-        return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", path);
-    }
-    snprintf(tmp, tmp_len, "%s.tmp", path);
-
-    int rc = TSR_OK;
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        rc = tsr_error_set(err, TSR_E_IO, "%s: cannot create: %s", tmp, strerror(errno));
-        goto done;
-    }
-    bool ok = fwrite(header.p, 1, header.len, f) == header.len;
+    bool ok = tsr_outfile_write(out, header.p, header.len);
+    free(header.p);
     for (size_t i = 0; ok && i < w->n_tensors; i++) {
         const writer_tensor *t = &w->tensors[i];
-        ok = (t->size == 0 || fwrite(t->data, 1, t->size, f) == t->size) &&
-             (i + 1 == w->n_tensors || write_pad(f, t->size, w->alignment));
+        ok = tsr_outfile_write(out, t->data, t->size) &&
+             (i + 1 == w->n_tensors || write_pad(out, t->size, w->alignment));
     }
-    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    int e = errno;
-    if (fclose(f) != 0 && ok) {
-        ok = false;
-        e = errno;
+    if (!ok)
+        return tsr_error_set(err, TSR_E_IO, "%s: cannot write: %s", out->path,
+                             strerror(out->write_errno));
+    return TSR_OK;
+}
+
+int tsr_gguf_writer_write(const tsr_gguf_writer *w, const char *path, tsr_error *err) {
+    /* An earlier set/add error is reported before any file is made. */
+    if (w->status != TSR_OK) return tsr_error_set(err, w->status, "%s: %s", path, w->err.msg);
+    tsr_outfile out;
+    int st = tsr_outfile_open(&out, path, NULL, err);
+    if (st < 0) return st;
+    if ((st = tsr_gguf_writer_write_to(w, &out, err)) < 0) {
+        tsr_outfile_discard(&out);
+        return st;
     }
-    if (!ok) {
-        rc = tsr_error_set(err, TSR_E_IO, "%s: cannot write: %s", tmp, strerror(e));
-    } else if (rename(tmp, path) != 0) {
-        rc = tsr_error_set(err, TSR_E_IO, "%s: cannot rename %s to it: %s", path, tmp,
-                           strerror(errno));
-    }
-    if (rc < 0) unlink(tmp);
-done:
-    free(tmp);
-    free(header.p);
-    return rc;
+    return tsr_outfile_commit(&out, err);
 }

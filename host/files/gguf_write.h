@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "base/error.h"
+#include "base/outfile.h"
 #include "files/gguf.h"
 
 typedef struct tsr_gguf_writer tsr_gguf_writer;
@@ -56,9 +57,15 @@ int tsr_gguf_writer_copy_key(tsr_gguf_writer *w, const tsr_gguf *g, int64_t k);
 int tsr_gguf_writer_add_tensor(tsr_gguf_writer *w, const char *name, int32_t dtype,
                                uint32_t n_dims, const int64_t *ne, const void *data);
 
-/* Writes the file atomically: to "<path>.tmp", then renamed over `path`. On any failure
- * (including an earlier set/add error) the temporary file is removed, `path` is untouched,
- * and err holds one line naming the file. */
+/* Writes the file at `path` through base/outfile.h: into a temporary file beside it, renamed
+ * over it when complete (a device or FIFO is written directly; a folder is refused). On any
+ * failure (including an earlier set/add error, which is reported before any file is made)
+ * no temporary file remains, `path` is untouched, and err holds one line naming the file. */
 int tsr_gguf_writer_write(const tsr_gguf_writer *w, const char *path, tsr_error *err);
+
+/* Writes the file into `out`, which the caller opened (tsr_outfile_open) and commits or
+ * discards: for commands that open their output before long work, so that a bad OUT is
+ * refused at once. An earlier set/add error is returned first. */
+int tsr_gguf_writer_write_to(const tsr_gguf_writer *w, tsr_outfile *out, tsr_error *err);
 
 #endif

@@ -306,14 +306,25 @@ uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl) {
     return total;
 }
 
-uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl) {
-    uint64_t total = 0;
+int tsr_pipeline_cache_stats(const tsr_pipeline *pl, tsr_cache_stats *sum) {
+    *sum = (tsr_cache_stats){.struct_size = sizeof *sum};
+    int n = 0;
     TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
         const tsr_cache_vtable *cv = c->vtable;
         if (!TSR_VT_HAS(cv, stats)) continue;
         tsr_cache_stats s = {.struct_size = sizeof s};
         cv->stats(c->self, &s);
-        total += s.bytes_reserved;
+        sum->bytes_reserved += s.bytes_reserved;
+        sum->bytes_peak += s.bytes_peak;
+        sum->entries += s.entries;
+        sum->evicted += s.evicted;
+        n++;
     }
-    return total;
+    return n;
+}
+
+uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl) {
+    tsr_cache_stats s;
+    tsr_pipeline_cache_stats(pl, &s);
+    return s.bytes_reserved;
 }

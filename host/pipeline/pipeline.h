@@ -4,6 +4,7 @@
 #ifndef TSR_HOST_PIPELINE_H
 #define TSR_HOST_PIPELINE_H
 
+#include <tessera/cache.h>
 #include <tessera/decoder.h>
 
 #include "base/error.h"
@@ -84,6 +85,10 @@ void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight
 
 /* Bytes of the prepared weights one token reads: every block matrix and the output head. */
 uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl);
+
+/* The statistics of every cache policy instance that reports them (stats), summed into *sum
+ * (struct_size set, all counts 0 when none does); returns how many reported. */
+int tsr_pipeline_cache_stats(const tsr_pipeline *pl, tsr_cache_stats *sum);
 
 /* Sum of the cache policies' bytes_reserved now (0 when none reports stats). */
 uint64_t tsr_pipeline_kv_bytes(const tsr_pipeline *pl);

@@ -1,9 +1,8 @@
 #include "plugin/commands.h"
 
-#include <ctype.h>
-#include <errno.h>
+#include "base/number.h"
+
 #include <ffi.h>
-#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,36 +91,19 @@ typedef union arg_value {
     void *p;
 } arg_value;
 
-/* Decimal or 0x hexadecimal, as parameters take them: strtoll's base 0 would read "010" as
- * octal 8, which nobody typing a number on a command line means. */
-static bool parse_int64(const char *text, int64_t *out) {
-    if (!*text || isspace((unsigned char)*text)) return false;
-    const char *digits = text + (*text == '-' || *text == '+');
-    int base = digits[0] == '0' && (digits[1] == 'x' || digits[1] == 'X') ? 16 : 10;
-    char *end = NULL;
-    errno = 0;
-    long long x = strtoll(text, &end, base);
-    if (errno || *end) return false;
-    *out = x;
-    return true;
-}
-
+/* Numbers as parameters take them (base/number.h). */
 static bool convert(char t, const char *text, arg_value *v) {
-    char *end = NULL;
     int64_t x;
-    errno = 0;
     switch (t) {
     case 'i':
-        if (!parse_int64(text, &x) || x < INT32_MIN || x > INT32_MAX) return false;
+        if (!tsr_text_to_int(text, &x) || x < INT32_MIN || x > INT32_MAX) return false;
         v->i = (int32_t)x;
         return true;
     case 'l':
-        if (!parse_int64(text, &x)) return false;
+        if (!tsr_text_to_int(text, &x)) return false;
         v->l = x;
         return true;
-    case 'd':
-        v->d = strtod(text, &end);
-        return !errno && *text && !isspace((unsigned char)*text) && !*end && isfinite(v->d);
+    case 'd': return tsr_text_to_float(text, &v->d);
     case 'b':
         if (!strcmp(text, "true") || !strcmp(text, "1")) v->i = 1;
         else if (!strcmp(text, "false") || !strcmp(text, "0")) v->i = 0;

@@ -148,12 +148,14 @@ static int32_t sample_pick(void *self, const float *logits, const int32_t *histo
         n = keep;
     }
 
-    double sum = 0.0;
-    double top = s->cand[0].logit / s->temperature;
-    for (int64_t i = 0; i < n; i++) sum += exp(s->cand[i].logit / s->temperature - top);
+    /* The maximum is subtracted before dividing: logit / T itself overflows to infinity for a
+     * tiny T (1e-320), and inf - inf is NaN. This way the best candidate weighs exp(0) = 1 and
+     * every other exp(-huge) = 0: a tiny temperature tends to greedy, as it should. */
+    double sum = 0.0, top = s->cand[0].logit;
+    for (int64_t i = 0; i < n; i++) sum += exp((s->cand[i].logit - top) / s->temperature);
     double r = pcg32_uniform(&s->rng) * sum, cum = 0.0;
     for (int64_t i = 0; i < n; i++) {
-        cum += exp(s->cand[i].logit / s->temperature - top);
+        cum += exp((s->cand[i].logit - top) / s->temperature);
         if (r < cum) return s->cand[i].id;
     }
     return s->cand[n - 1].id; /* r within rounding of sum */
