@@ -22,7 +22,8 @@ typedef struct run {
     tsr_pipeline *pl;
 } run;
 
-static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
+static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name,
+                                          tsr_error *why) {
     const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
     return r ? r->desc : NULL;
 }

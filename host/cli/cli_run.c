@@ -48,11 +48,13 @@ static void run_usage(FILE *f) {
     fprintf(f,
             "usage: tessera run [CONFIG.yaml] -m MODEL [--tokenizer FILE] [-p PROMPT]\n"
             "                   [-n NEW_TOKENS] [--temperature T] [--seed S] [-t THREADS]\n"
-            "                   [--set SECTION.KEY=VALUE]...\n"
+            "                   [--set SECTION.KEY=VALUE]... [--plugin-dir DIR]...\n"
             "Prints the prompt, then each new token as it is made, to stdout; timings go to\n"
             "stderr. Without CONFIG the built-in pipeline runs (cpu, gguf, flash, full,\n"
             "sample). --temperature 0 is greedy. Generation stops after NEW_TOKENS (default\n"
-            "the config's generate.max_tokens, else 256) or at the model's end token.\n");
+            "the config's generate.max_tokens, else 256) or at the model's end token.\n"
+            "--plugin-dir DIR is searched for plugins before the other folders (see\n"
+            "`tessera plugins --help`).\n");
 }
 
 int tsr_cli_run(int argc, char **argv) {
@@ -188,6 +190,7 @@ int tsr_cli_logits(int argc, char **argv) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera logits -m MODEL [CONFIG.yaml] --tokens \"ID ID ...\" --out FILE\n"
                    "              [--tokenizer FILE] [-t THREADS] [--set K=V]...\n"
+                   "              [--plugin-dir DIR]...\n"
                    "Runs the ids as one batch from an empty cache and writes the logits of every\n"
                    "position as raw little-endian float32 [n_tokens][n_vocab].\n");
             free(o.sets);

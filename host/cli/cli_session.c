@@ -69,7 +69,7 @@ tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
         if ((st = tsr_config_set_role(s->cfg, o->roles[i].stage, o->roles[i].role,
                                       o->roles[i].value, o->roles[i].option, err)) < 0)
             return st;
-    s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
+    s->reg = tsr_cli_registry(NULL, &o->plugin_dirs, s->cfg);
     if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
 
     const char *model_path = o->model ? o->model : s->cfg->model_path;
@@ -119,6 +119,8 @@ void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char
 }
 
 int tsr_session_take_opt(int argc, char **argv, int *i, model_opts *o) {
+    int took = tsr_cli_take_plugin_dir(argc, argv, i, &o->plugin_dirs);
+    if (took != 0) return took;
     const char *a = argv[*i];
     bool has_value = *i + 1 < argc;
     if (!strcmp(a, "-m") || !strcmp(a, "--model")) {

@@ -36,14 +36,15 @@ typedef struct model_opts {
     int threads;     /* 0: from the config */
     role_opt roles[TSR_STAGE_COUNT * TSR_PARAM_ROLE_COUNT];
     size_t n_roles;
+    tsr_cli_plugin_dirs plugin_dirs; /* --plugin-dir */
 } model_opts;
 
 /* Records an option that sets `stage`'s parameter of `role`; a later one replaces it. */
 void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char *value,
                           const char *option);
 
-/* Parses one shared option at argv[*i] (CONFIG, -m, --tokenizer, --set, -t); returns 1 when it
- * was one, 0 when not, -1 on a usage error. */
+/* Parses one shared option at argv[*i] (CONFIG, -m, --tokenizer, --set, -t, --plugin-dir);
+ * returns 1 when it was one, 0 when not, -1 on a usage error. */
 int tsr_session_take_opt(int argc, char **argv, int *i, model_opts *o);
 
 /* Config (or the default pipeline), --set overrides, the plugins, the model, its tokenizer
