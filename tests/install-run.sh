@@ -33,9 +33,9 @@ for name in cpu gguf flash reference full streaming greedy sample; do
     grep -q "^$name " list.txt || { cat list.txt >&2; die "plugins list: no '$name'"; }
 done
 
-"$tessera" -v -v plugins info cpu >info.txt 2>err.txt || { cat err.txt >&2; die "plugins info"; }
+"$tessera" -vv plugins info cpu >info.txt 2>err.txt || { cat err.txt >&2; die "plugins info"; }
 grep -qF "plugin folder $plugins (from the install folder): searched, " err.txt ||
-    { cat err.txt >&2; die "-v -v: the install folder $plugins is not searched"; }
+    { cat err.txt >&2; die "-vv: the install folder $plugins is not searched"; }
 grep -qF "  file:     $plugins/backend-cpu.so" info.txt ||
     { cat info.txt >&2; die "plugins info cpu: not the installed file"; }
 

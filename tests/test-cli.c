@@ -375,6 +375,56 @@ START_TEST(only_needed_plugins_are_opened) {
 }
 END_TEST
 
+/* -vv (and more v) raise the log level like -v -v; the debug lines name each folder. */
+START_TEST(verbosity_flags) {
+    char want[8192];
+    snprintf(want, sizeof want, "tessera: loader: debug: plugin folder %s (from the build tree): "
+             "searched, ", tsr_test_env("TESSERA_PLUGIN_DIR"));
+    const char *const flags[][2] = {{"-vv", NULL}, {"-vvv", NULL}, {"-v", "-v"},
+                                    {"--verbose", "-v"}};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        const char *args[] = {flags[i][0], flags[i][1] ? flags[i][1] : "plugins",
+                              flags[i][1] ? "plugins" : "list", flags[i][1] ? "list" : NULL,
+                              NULL};
+        char *err;
+        ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 0);
+        ck_assert_msg(strstr(err, want), "%s: %s", flags[i][0], err);
+        free(err);
+    }
+    char *err;
+    const char *one[] = {"-v", "plugins", "list", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, one), 0);
+    ck_assert_ptr_null(strstr(err, "debug"));
+    free(err);
+    const char *bad[] = {"-vx", "plugins", "list", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, bad), 2);
+    ck_assert_str_eq(err, "tessera: unknown option '-vx' (see tessera --help)\n");
+    free(err);
+}
+END_TEST
+
+/* The environment the host reads is in --help; a TESSERA_LOG it does not know is said. */
+START_TEST(environment_is_documented) {
+    char *out, *err;
+    const char *help[] = {"--help", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, help), 0);
+    const char *vars[] = {"TESSERA_PLUGIN_PATH", "TESSERA_LOG", "TESSERA_CPU_LEVEL",
+                          "TESSERA_NO_DLCLOSE"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        char line[64];
+        snprintf(line, sizeof line, "\n  %s ", vars[i]);
+        ck_assert_msg(strstr(out, line), "%s is not in --help:\n%s", vars[i], out);
+    }
+    free(out);
+    setenv("TESSERA_LOG", "loud", 1);
+    const char *version[] = {"--version", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, version), 0);
+    unsetenv("TESSERA_LOG");
+    ck_assert_str_eq(err, "tessera: warning: TESSERA_LOG='loud' is not info or debug; ignored\n");
+    free(err);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("cli");
     TCase *tc = tcase_create("cli");
@@ -396,6 +446,8 @@ int main(void) {
     tcase_add_test(tc, plugin_dir_for_every_command);
     tcase_add_test(tc, named_folders_warn);
     tcase_add_test(tc, only_needed_plugins_are_opened);
+    tcase_add_test(tc, verbosity_flags);
+    tcase_add_test(tc, environment_is_documented);
     suite_add_tcase(s, tc);
     return tsr_test_run_suite(s);
 }
