@@ -308,6 +308,18 @@ START_TEST(plugin_dir_for_every_command) {
     ck_assert_int_eq(tsr_test_tessera(NULL, &err, no_dir), 2);
     ck_assert_str_eq(err, "tessera: run: bad argument '--plugin-dir' (see tessera run --help)\n");
     free(err);
+    /* up to 16 */
+    const char *many[40] = {"validate", config};
+    for (int i = 0; i < 17; i++) {
+        many[2 + 2 * i] = "--plugin-dir";
+        many[3 + 2 * i] = dir;
+    }
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, many), 2);
+    ck_assert_str_eq(err, "tessera: validate: unexpected argument '--plugin-dir'\n");
+    free(err);
+    many[34] = NULL;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, many), 0);
+    free(err);
     const char *files[] = {link, model, quantized, logits, text};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) unlink(files[i]);
     rmdir(dir);

@@ -651,6 +651,20 @@ START_TEST(test_link_into_unsafe_folder) {
     ck_assert_msg(ref != NULL, "%s", err.msg);
     ck_assert_str_eq(ref->path, link);
     tsr_registry_free(reg);
+
+    /* the other way round: whoever can replace the link chooses what is loaded */
+    char unsafe_link[PATH_CAP];
+    ck_assert_int_eq(chmod(open, 0777), 0);
+    copy_fixture(target, "good", "cache-fx-good", safe, "real.so");
+    join(unsafe_link, open, "cache-fx-good.so");
+    ck_assert_int_eq(symlink(target, unsafe_link), 0);
+    reg = tsr_registry_create(NULL);
+    ck_assert_int_eq(tsr_registry_load_file(reg, unsafe_link, &err), TSR_E_INVALID);
+    snprintf(expected, sizeof expected,
+             "%s: refusing to load: folder %s is writable by others; fix with: chmod o-w %s",
+             unsafe_link, open, open);
+    ck_assert_str_eq(err.msg, expected);
+    tsr_registry_free(reg);
     remove_tmpdir(tmp);
 }
 END_TEST
@@ -884,6 +898,8 @@ START_TEST(test_lookup_by_name) {
     ck_assert_str_eq(err.msg, "");
     /* a name is never a path */
     ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "../good/cache-fx-good", &err));
+    ck_assert_str_eq(err.msg, "");
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_COUNT + 1, "fx-good", &err));
     ck_assert_str_eq(err.msg, "");
     /* the stage is told by the file name alone, before anything is opened... */
     ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_ROUTER, "fx-good", &err));

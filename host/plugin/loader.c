@@ -676,6 +676,7 @@ static int scan_files(tsr_registry *reg, const char *dir, tsr_error *err) {
     int loaded = 0;
     for (size_t i = 0; i < n; i++) {
         char *path = malloc(strlen(dir) + strlen(names[i]) + 2);
+        if (!path) break;
         sprintf(path, "%s/%s", dir, names[i]);
         size_t n_before = reg->n_objects;
         tsr_plugin_object *obj;
@@ -844,7 +845,7 @@ const tsr_plugin_ref *tsr_registry_lookup(tsr_registry *reg, int32_t stage, cons
                                           tsr_error *err) {
     if (err) err->msg[0] = '\0';
     const tsr_plugin_ref *ref = tsr_registry_find(reg, stage, name);
-    if (ref || !name_ok(name)) return ref;
+    if (ref || !name_ok(name) || (stage != 0 && !stage_valid(stage))) return ref;
     int32_t first = stage ? stage : 1, last = stage ? stage : TSR_STAGE_COUNT;
     for (size_t f = 0; f < reg->folders.n; f++)
         for (int32_t s = first; s <= last; s++) {
