@@ -710,6 +710,18 @@ static gid_t unknown_gid(void) {
     return gid;
 }
 
+/* The primary group of some other account: a group the caller is not alone in; 0 when there
+ * is no such account. */
+static gid_t shared_gid(void) {
+    gid_t gid = 0;
+    struct passwd *pw;
+    setpwent();
+    while (!gid && (pw = getpwent()))
+        if (pw->pw_uid != geteuid() && pw->pw_gid != getegid()) gid = pw->pw_gid;
+    endpwent();
+    return gid;
+}
+
 /* Files and folders owned by someone else (not root, not the caller) are refused. Only root
  * can give a file away, so the test runs as root only. */
 START_TEST(test_owned_by_another_user) {
@@ -789,6 +801,17 @@ START_TEST(test_group_writable) {
         tsr_registry_free(reg);
         reg = tsr_registry_create(NULL);
     }
+    gid_t shared = shared_gid();
+    struct group *gr = shared ? getgrgid(shared) : NULL;
+    if (geteuid() == 0 && gr) {
+        ck_assert_int_eq(chown(path, (uid_t)-1, shared), 0);
+        ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
+        snprintf(expected, sizeof expected,
+                 "%s: refusing to load: file %s is writable by group '%s' (gid %u), which is not "
+                 "its owner's alone; fix with: chmod g-w %s", path, path, gr->gr_name,
+                 (unsigned)shared, path);
+        ck_assert_str_eq(err.msg, expected);
+    }
     if (geteuid() == 0) {
         gid_t gid = unknown_gid();
         ck_assert_int_eq(chown(path, (uid_t)-1, gid), 0);
@@ -831,17 +854,18 @@ END_TEST
 /* Folders the user named warn when missing, not folders, or without plugin files; the others
  * are skipped quietly. */
 START_TEST(test_search_folder_warnings) {
-    char *tmp = real_tmpdir(), missing[PATH_CAP], empty[PATH_CAP], file[PATH_CAP],
-         expected[MSG_CAP];
+    char *tmp = real_tmpdir(), missing[PATH_CAP], empty[PATH_CAP], empty_too[PATH_CAP],
+         file[PATH_CAP], expected[MSG_CAP];
     join(missing, tmp, "nowhere");
     make_dir(empty, tmp, "empty", 0755);
+    make_dir(empty_too, tmp, "empty-too", 0755);
     join(file, tmp, "cache-x.so");
     ck_assert_int_eq(tsr_test_write_file(file, "x", 1), 0);
     tsr_registry *reg = tsr_registry_create(NULL);
     tsr_registry_add_dir(reg, missing, "--plugin-dir", true);
     tsr_registry_add_dir(reg, missing, "TESSERA_PLUGIN_PATH", false);
     tsr_registry_add_dir(reg, empty, "plugin_dirs of p.yaml", true);
-    tsr_registry_add_dir(reg, empty, "TESSERA_PLUGIN_PATH", false);
+    tsr_registry_add_dir(reg, empty_too, "TESSERA_PLUGIN_PATH", false);
     tsr_registry_add_dir(reg, file, "--plugin-dir", true);
     tsr_registry_add_dir(reg, file, "TESSERA_PLUGIN_PATH", false);
     ck_assert_uint_eq(tsr_registry_n_warnings(reg), 3);
