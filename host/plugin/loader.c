@@ -334,13 +334,16 @@ static tsr_status describe_dlopen_failure(const char *path, const char *dl_error
                          dl_error ? dl_error : "unknown dlopen error");
 }
 
-static bool name_ok(const char *name) {
-    if (!name || !*name || strlen(name) > 64) return false;
-    for (const char *p = name; *p; p++)
+/* A plugin name: the first `len` bytes of `name`, 1 to 64 of [a-z0-9_-]. */
+static bool name_ok_n(const char *name, size_t len) {
+    if (len == 0 || len > 64) return false;
+    for (const char *p = name; p < name + len; p++)
         if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_' || *p == '-'))
             return false;
     return true;
 }
+
+static bool name_ok(const char *name) { return name && name_ok_n(name, strlen(name)); }
 
 /* Checks one descriptor against this host. Returns a negative status with the reason in
  * `err` when the plugin must be refused. */
@@ -587,12 +590,7 @@ bool tsr_plugin_file_name_ok(const char *file_name) {
     if (!stage) return false;
     const char *name = file_name + strlen(tsr_stage_name(stage)) + 1;
     size_t len = strlen(name);
-    if (len <= 3 || strcmp(name + len - 3, ".so") != 0) return false;
-    char plugin[80];
-    if (len - 3 >= sizeof plugin) return false;
-    memcpy(plugin, name, len - 3);
-    plugin[len - 3] = '\0';
-    return name_ok(plugin);
+    return len > 3 && strcmp(name + len - 3, ".so") == 0 && name_ok_n(name, len - 3);
 }
 
 /* "<dir>/<stage>-<name>.so" (malloc'd). */
