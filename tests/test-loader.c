@@ -836,7 +836,7 @@ START_TEST(test_plugin_file_names) {
     static const char *const no[] = {"full.so", "cache-.so", "cache-full", "cache-full.so.1",
                                      "cache-Full.so", "libcache-full.so", ".cache-full.so",
                                      "caches-full.so", "cache_full.so", "cache-a.b.so",
-                                     "cache-x.sox"};
+                                     "cache-x.sox", "cache-fulL.so"};
     for (size_t i = 0; i < sizeof yes / sizeof *yes; i++)
         ck_assert_msg(tsr_plugin_file_name_ok(yes[i]), "%s", yes[i]);
     for (size_t i = 0; i < sizeof no / sizeof *no; i++)
