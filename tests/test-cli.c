@@ -387,6 +387,34 @@ START_TEST(only_needed_plugins_are_opened) {
 }
 END_TEST
 
+/* `plugins info` of a name no file carries opens the plugin files, and says how to make the
+ * plugin found by name. */
+START_TEST(info_finds_a_plugin_its_file_does_not_name) {
+    char *dir = tsr_test_tmpdir();
+    char link[4096], target[4096], want[16384];
+    snprintf(link, sizeof link, "%s/cache-odd.so", dir);
+    snprintf(target, sizeof target, "%s/test-plugins/good/cache-fx-good.so",
+             tsr_test_env("TESSERA_TEST_BUILD_DIR"));
+    ck_assert_int_eq(symlink(target, link), 0);
+    char *real = realpath(target, NULL);
+    char *out, *err;
+    const char *args[] = {"plugins", "--plugin-dir", dir, "info", "fx-good", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
+    ck_assert_msg(strncmp(out, "fx-good 1.0: ", 13) == 0, "%s", out);
+    snprintf(want, sizeof want,
+             "tessera: warning: %s: plugin 'fx-good' cannot be found by name, which looks for "
+             "%s/cache-fx-good.so only; rename the file, or add a link: ln -s %s "
+             "%s/cache-fx-good.so\n", link, dir, real, dir);
+    ck_assert_str_eq(err, want);
+    free(out);
+    free(err);
+    free(real);
+    unlink(link);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
 /* -vv (and more v) raise the log level like -v -v; the debug lines name each folder. */
 START_TEST(verbosity_flags) {
     char want[8192];
@@ -458,6 +486,7 @@ int main(void) {
     tcase_add_test(tc, plugin_dir_for_every_command);
     tcase_add_test(tc, named_folders_warn);
     tcase_add_test(tc, only_needed_plugins_are_opened);
+    tcase_add_test(tc, info_finds_a_plugin_its_file_does_not_name);
     tcase_add_test(tc, verbosity_flags);
     tcase_add_test(tc, environment_is_documented);
     suite_add_tcase(s, tc);
