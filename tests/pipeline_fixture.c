@@ -5,8 +5,9 @@
 
 #include "testutil.h"
 
-static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
-    const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
+static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name,
+                                          tsr_error *why) {
+    const tsr_plugin_ref *r = tsr_registry_lookup(reg, stage, name, why);
     return r ? r->desc : NULL;
 }
 
@@ -15,8 +16,9 @@ tsr_status tsr_test_pipeline_open(tsr_test_pipeline *r, const char *model_path, 
     memset(r, 0, sizeof *r);
     ck_assert_int_ge(tsr_config_load_string(yaml, "test.yaml", &r->cfg, err), 0);
     r->reg = tsr_registry_create(NULL);
-    if (plugin_dir) ck_assert_int_ge(tsr_registry_scan_dir(r->reg, plugin_dir, err), 1);
-    ck_assert_int_ge(tsr_registry_scan_dir(r->reg, tsr_test_env("TESSERA_PLUGIN_DIR"), err), 1);
+    if (plugin_dir) tsr_registry_add_dir(r->reg, plugin_dir, "test", true);
+    tsr_registry_add_dir(r->reg, tsr_test_env("TESSERA_PLUGIN_DIR"), "test", true);
+    ck_assert_uint_eq(tsr_registry_n_warnings(r->reg), 0);
     if (tsr_config_bind(r->cfg, find_plugin, r->reg, err) < 0) ck_abort_msg("%s", err->msg);
     r->pool = tsr_pool_create(tsr_config_threads(r->cfg));
     if (tsr_model_load(model_path, &r->model, err) < 0) ck_abort_msg("%s", err->msg);

@@ -1,5 +1,6 @@
-/* The `tessera` program without model files: versions, help, plugin listing and info, plugin
- * commands through libffi, validation of configs, and refusals of incompatible plugins. */
+/* The `tessera` program without shared model files: versions, help, plugin listing and info,
+ * plugin commands through libffi, validation of configs, refusals of incompatible plugins, and
+ * the plugin search (--plugin-dir for every command, warnings, what is opened, -vv). */
 #include <check.h>
 #include <dirent.h>
 #include <stdbool.h>
@@ -73,9 +74,12 @@ END_TEST
 
 START_TEST(plugins_list_shows_shipped_plugins_and_skips_bad_objects) {
     char *dir = tsr_test_tmpdir();
-    char bad[4096];
-    snprintf(bad, sizeof bad, "%s/broken.so", dir);
+    char bad[4096], other[4096];
+    snprintf(bad, sizeof bad, "%s/cache-broken.so", dir);
     ck_assert_int_eq(tsr_test_write_file(bad, "not elf", 7), 0);
+    /* not a plugin file: never opened, so never reported */
+    snprintf(other, sizeof other, "%s/libbroken.so", dir);
+    ck_assert_int_eq(tsr_test_write_file(other, "not elf", 7), 0);
     char *out, *err;
     const char *args[] = {"plugins", "--plugin-dir", dir, "list", NULL};
     ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
@@ -91,6 +95,7 @@ START_TEST(plugins_list_shows_shipped_plugins_and_skips_bad_objects) {
              "files are built with tessera_add_plugin() (skipped)\n", bad);
     ck_assert_str_eq(err, want);
     unlink(bad);
+    unlink(other);
     rmdir(dir);
     free(dir);
     free(out);
@@ -505,6 +510,10 @@ static const bad_config bad_configs[] = {
      "2:28: decoder.temperature: expected a number in [0, 100], got 'hot'"},
     {"tessera: 1\ncache: { plugin: streaming }\nhooks:\n  - { on: at_end, stage: cache, call: nosuch }\n",
      NULL, "4:5: hooks: plugin 'streaming' has no command 'nosuch'"},
+    {"tessera: 1\ncache: { plugin: cpu }\n", NULL,
+     "2:18: cache: 'cpu' is a backend plugin, not a cache plugin"},
+    {"tessera: 1\nlayers:\n  - { range: [0, 1], attention: { plugin: greedy } }\n", NULL,
+     "3:43: layers[0].attention: 'greedy' is a decoder plugin, not an attention plugin"},
 };
 
 START_TEST(bad_configs_name_file_line_column) {
@@ -532,6 +541,10 @@ START_TEST(set_overrides_are_validated) {
     ck_assert_str_eq(err, "tessera: --set: cache.window: expected an integer in [1, 1048576], "
                           "got '-3'\n");
     free(err);
+    const char *wrong_stage[] = {"validate", path, "--set", "cache.plugin=cpu", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, wrong_stage), 1);
+    ck_assert_str_eq(err, "tessera: --set: cache: 'cpu' is a backend plugin, not a cache plugin\n");
+    free(err);
 }
 END_TEST
 
@@ -542,9 +555,9 @@ typedef struct refused {
 } refused;
 
 static const refused refusals[] = {
-    {"minor-newer", "fx_minor_newer.so", "fx-minor-newer",
+    {"minor-newer", "cache-fx-minor-newer.so", "fx-minor-newer",
      "needs cache ABI 1.1, this host speaks 1.0; update Tessera"},
-    {"major-other", "fx_major_other.so", "fx-major-other",
+    {"major-other", "cache-fx-major-other.so", "fx-major-other",
      "built for cache ABI 2.x, this host speaks 1.0; rebuild it against the 1.x SDK"},
 };
 
@@ -559,11 +572,229 @@ START_TEST(incompatible_plugin_is_refused_in_a_pipeline) {
     char *err;
     const char *args[] = {"validate", path, NULL};
     ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
-    char want[8192];
-    snprintf(want, sizeof want, "tessera: %s/%s: plugin '%s': %s\n", dir, r->file, r->name, r->why);
+    char want[16384];
+    snprintf(want, sizeof want, "tessera: %s:3:18: cache: %s/%s: plugin '%s': %s\n", path, dir,
+             r->file, r->name, r->why);
+    ck_assert_str_eq(err, want);
+    free(err);
+    /* `plugins info` opens the same file by name and says the same */
+    const char *info[] = {"plugins", "--plugin-dir", dir, "info", r->name, NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, info), 1);
+    snprintf(want, sizeof want, "tessera: %s/%s: plugin '%s': %s\n", dir, r->file, r->name,
+             r->why);
     ck_assert_str_eq(err, want);
     free(err);
     remove_config(path);
+}
+END_TEST
+
+/* ---- the plugin search ------------------------------------------------------------------- */
+
+/* Every command that loads plugins takes --plugin-dir, searched before the other folders: a
+ * link there named cache-full.so is the cache the default pipeline gets. */
+START_TEST(plugin_dir_for_every_command) {
+    char *dir = tsr_test_tmpdir();
+    char link[4096], target[4096], model[4096], quantized[4096], logits[4096], text[4096],
+        want[8192];
+    snprintf(link, sizeof link, "%s/cache-full.so", dir);
+    snprintf(target, sizeof target, "%s/cache-full.so", tsr_test_env("TESSERA_PLUGIN_DIR"));
+    ck_assert_int_eq(symlink(target, link), 0);
+    snprintf(model, sizeof model, "%s/tiny.gguf", dir);
+    snprintf(quantized, sizeof quantized, "%s/tiny-q8_0.gguf", dir);
+    snprintf(logits, sizeof logits, "%s/logits.f32", dir);
+    snprintf(text, sizeof text, "%s/text.txt", dir);
+    char words[2048] = "";
+    for (int i = 0; i < 40; i++) strcat(words, "the quick brown fox jumps over the lazy dog. ");
+    ck_assert_int_eq(tsr_test_write_file(text, words, strlen(words)), 0);
+    char config[4096];
+    snprintf(config, sizeof config, "%s/configs/default.yaml", tsr_test_env("TESSERA_SOURCE_DIR"));
+    const char *const commands[][16] = {
+        {"synth", "--shape", "tiny", "--type", "f32", "-o", model},
+        {"quantize", model, quantized, "q8_0"},
+        {"run", "-m", model, "-p", "hello", "-n", "2"},
+        {"logits", "-m", model, "--tokens", "1 2", "--out", logits},
+        {"bench", "-m", model, "-p", "4", "-n", "2", "-r", "1", "--bandwidth-mib", "1"},
+        {"perplexity", "-m", model, "-f", text, "--ctx", "16"},
+        {"validate", config},
+    };
+    snprintf(want, sizeof want, "tessera: loader: debug: cache plugin 'full': %s\n", link);
+    for (size_t c = 0; c < sizeof commands / sizeof commands[0]; c++) {
+        const char *args[24] = {"-v", "-v"};
+        size_t n = 2;
+        for (size_t i = 0; commands[c][i]; i++) args[n++] = commands[c][i];
+        args[n++] = "--plugin-dir";
+        args[n++] = dir;
+        char *err;
+        int status = tsr_test_tessera(NULL, &err, args);
+        ck_assert_msg(status == 0, "%s: exit %d: %s", commands[c][0], status, err);
+        ck_assert_msg(strstr(err, want), "%s: no line '%s' in:\n%s", commands[c][0], want, err);
+        free(err);
+    }
+    char *out;
+    const char *info[] = {"plugins", "--plugin-dir", dir, "info", "full", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, info), 0);
+    snprintf(want, sizeof want, "\n  file:     %s\n", link);
+    ck_assert_msg(strstr(out, want), "%s", out);
+    free(out);
+    const char *no_dir[] = {"run", "-m", model, "--plugin-dir", NULL};
+    char *err;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, no_dir), 2);
+    ck_assert_str_eq(err, "tessera: run: --plugin-dir needs a value (DIR)\n");
+    free(err);
+    /* up to 16 */
+    const char *many[40] = {"validate", config};
+    for (int i = 0; i < 17; i++) {
+        many[2 + 2 * i] = "--plugin-dir";
+        many[3 + 2 * i] = dir;
+    }
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, many), 2);
+    ck_assert_str_eq(err, "tessera: validate: --plugin-dir: at most 16 folders\n");
+    free(err);
+    many[34] = NULL;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, many), 0);
+    free(err);
+    const char *files[] = {link, model, quantized, logits, text};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) unlink(files[i]);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
+/* A folder the user names that is missing or holds no plugin file is a warning, and the
+ * command goes on. */
+START_TEST(named_folders_warn) {
+    char *dir = tsr_test_tmpdir();
+    char missing[4096], yaml[16384], want[16384];
+    snprintf(missing, sizeof missing, "%s/nowhere", dir);
+    snprintf(yaml, sizeof yaml, "tessera: 1\nplugin_dirs: [\"%s\", \"%s\"]\n", missing, dir);
+    char *path = write_config(yaml);
+    char *out, *err;
+    const char *args[] = {"validate", path, "--plugin-dir", "/nonexistent-plugin-dir", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
+    snprintf(want, sizeof want,
+             "tessera: warning: /nonexistent-plugin-dir: no such folder (a plugin folder from "
+             "--plugin-dir)\n"
+             "tessera: warning: %s: no such folder (a plugin folder from plugin_dirs of %s)\n"
+             "tessera: warning: %s: holds no plugin file named STAGE-NAME.so (a plugin folder "
+             "from plugin_dirs of %s)\n", missing, path, dir, path);
+    ck_assert_str_eq(err, want);
+    snprintf(want, sizeof want, "%s: ok\n", path);
+    ck_assert_str_eq(out, want);
+    free(out);
+    free(err);
+    remove_config(path);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
+/* validate loads the plugins its pipeline names and no other file of a plugin folder; a
+ * listing opens the plugin files, and still no other shared object. */
+START_TEST(only_needed_plugins_are_opened) {
+    char *dir = tsr_test_tmpdir();
+    char trap[4096], log[4096], yaml[8192];
+    snprintf(trap, sizeof trap, "%s/test-plugins/trap", tsr_test_env("TESSERA_TEST_BUILD_DIR"));
+    snprintf(log, sizeof log, "%s/opened.log", dir);
+    setenv("TSR_FX_TRAP_LOG", log, 1);
+    snprintf(yaml, sizeof yaml, "tessera: 1\nplugin_dirs: [\"%s\"]\n", trap);
+    char *path = write_config(yaml);
+    char *err;
+    const char *validate[] = {"validate", path, NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, validate), 0);
+    ck_assert_str_eq(err, "");
+    ck_assert_ptr_null(tsr_test_read_file(log, NULL));
+    free(err);
+    char *out;
+    const char *list[] = {"plugins", "--plugin-dir", trap, "list", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, list), 0);
+    ck_assert_ptr_nonnull(strstr(out, "\nfx-trap "));
+    char *opened = tsr_test_read_file(log, NULL);
+    ck_assert_str_eq(opened ? opened : "(none)", "cache-fx-trap\n");
+    free(opened);
+    free(out);
+    unsetenv("TSR_FX_TRAP_LOG");
+    unlink(log);
+    remove_config(path);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
+/* `plugins info` of a name no file carries opens the plugin files, and says how to make the
+ * plugin found by name. */
+START_TEST(info_finds_a_plugin_its_file_does_not_name) {
+    char *dir = tsr_test_tmpdir();
+    char link[4096], target[4096], want[16384];
+    snprintf(link, sizeof link, "%s/cache-odd.so", dir);
+    snprintf(target, sizeof target, "%s/test-plugins/good/cache-fx-good.so",
+             tsr_test_env("TESSERA_TEST_BUILD_DIR"));
+    ck_assert_int_eq(symlink(target, link), 0);
+    char *real = realpath(target, NULL);
+    char *out, *err;
+    const char *args[] = {"plugins", "--plugin-dir", dir, "info", "fx-good", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
+    ck_assert_msg(strncmp(out, "fx-good 1.0: ", 13) == 0, "%s", out);
+    snprintf(want, sizeof want,
+             "tessera: warning: %s: plugin 'fx-good' cannot be found by name, which looks for "
+             "%s/cache-fx-good.so only; rename the file, or add a link: ln -s %s "
+             "%s/cache-fx-good.so\n", link, dir, real, dir);
+    ck_assert_str_eq(err, want);
+    free(out);
+    free(err);
+    free(real);
+    unlink(link);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
+/* -vv (and more v) raise the log level like -v -v; the debug lines name each folder. */
+START_TEST(verbosity_flags) {
+    char want[8192];
+    snprintf(want, sizeof want, "tessera: loader: debug: plugin folder %s (from the build tree): "
+             "searched, ", tsr_test_env("TESSERA_PLUGIN_DIR"));
+    const char *const flags[][2] = {{"-vv", NULL}, {"-vvv", NULL}, {"-v", "-v"},
+                                    {"--verbose", "-v"}};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        const char *args[] = {flags[i][0], flags[i][1] ? flags[i][1] : "plugins",
+                              flags[i][1] ? "plugins" : "list", flags[i][1] ? "list" : NULL,
+                              NULL};
+        char *err;
+        ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 0);
+        ck_assert_msg(strstr(err, want), "%s: %s", flags[i][0], err);
+        free(err);
+    }
+    char *err;
+    const char *one[] = {"-v", "plugins", "list", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, one), 0);
+    ck_assert_ptr_null(strstr(err, "debug"));
+    free(err);
+    const char *bad[] = {"-vx", "plugins", "list", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, bad), 2);
+    ck_assert_str_eq(err, "tessera: unknown option '-vx' (see tessera --help)\n");
+    free(err);
+}
+END_TEST
+
+/* The environment the host reads is in --help; a TESSERA_LOG it does not know is said. */
+START_TEST(environment_is_documented) {
+    char *out, *err;
+    const char *help[] = {"--help", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, help), 0);
+    const char *vars[] = {"TESSERA_PLUGIN_PATH", "TESSERA_LOG", "TESSERA_CPU_LEVEL",
+                          "TESSERA_NO_DLCLOSE"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        char line[64];
+        snprintf(line, sizeof line, "\n  %s ", vars[i]);
+        ck_assert_msg(strstr(out, line), "%s is not in --help:\n%s", vars[i], out);
+    }
+    free(out);
+    setenv("TESSERA_LOG", "loud", 1);
+    const char *version[] = {"--version", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, version), 0);
+    unsetenv("TESSERA_LOG");
+    ck_assert_str_eq(err, "tessera: warning: TESSERA_LOG='loud' is not info or debug; ignored\n");
+    free(err);
 }
 END_TEST
 
@@ -592,6 +823,12 @@ int main(void) {
     tcase_add_test(tc, set_overrides_are_validated);
     tcase_add_loop_test(tc, incompatible_plugin_is_refused_in_a_pipeline, 0,
                         (int)(sizeof refusals / sizeof refusals[0]));
+    tcase_add_test(tc, plugin_dir_for_every_command);
+    tcase_add_test(tc, named_folders_warn);
+    tcase_add_test(tc, only_needed_plugins_are_opened);
+    tcase_add_test(tc, info_finds_a_plugin_its_file_does_not_name);
+    tcase_add_test(tc, verbosity_flags);
+    tcase_add_test(tc, environment_is_documented);
     suite_add_tcase(s, tc);
     return tsr_test_run_suite(s);
 }

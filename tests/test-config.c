@@ -52,7 +52,8 @@ static const tsr_plugin_desc fake_plugins[] = {
     DESC(TSR_STAGE_ROUTER, "topk", topk_params, 1),
 };
 
-static const tsr_plugin_desc *fake_find(void *ctx, int32_t stage, const char *name) {
+static const tsr_plugin_desc *fake_find(void *ctx, int32_t stage, const char *name,
+                                        tsr_error *why) {
     int *calls = ctx;
     (*calls)++;
     for (size_t i = 0; i < sizeof fake_plugins / sizeof *fake_plugins; i++)

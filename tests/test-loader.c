@@ -1,8 +1,11 @@
-/* Plugin loader: version negotiation, descriptor checks, refusals of bad files, folder scans,
- * and instances. Each fixture object is tests/plugins/fixture.c built with the definitions of
+/* Plugin loader: version negotiation, descriptor checks, refusals of bad files, the files and
+ * folders it does not trust, the search path and lookups by file name, folder scans, and
+ * instances. Each fixture object is tests/plugins/fixture.c built with the definitions of
  * its case (tests/CMakeLists.txt) into TSR_TEST_PLUGIN_DIR/<case>/. */
 #include <check.h>
 #include <dirent.h>
+#include <grp.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,21 +88,62 @@ static void copy_file(const char *src, const char *dst) {
     free(data);
 }
 
-/* Removes a temporary folder made by tsr_test_tmpdir and the files in it. */
-static void remove_tmpdir(char *dir) {
-    chmod(dir, 0700);
-    DIR *d = opendir(dir);
-    ck_assert_ptr_nonnull(d);
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        char path[PATH_CAP];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+/* Removes `path` and, for a folder, everything in it (made writable first). */
+static void remove_tree(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return;
+    if (S_ISDIR(st.st_mode)) {
+        chmod(path, 0700);
+        DIR *d = opendir(path);
+        ck_assert_ptr_nonnull(d);
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+            char child[PATH_CAP];
+            snprintf(child, sizeof child, "%s/%s", path, e->d_name);
+            remove_tree(child);
+        }
+        closedir(d);
+        rmdir(path);
+    } else {
         unlink(path);
     }
-    closedir(d);
-    rmdir(dir);
+}
+
+/* Removes a temporary folder made by real_tmpdir or tsr_test_tmpdir and what is in it. */
+static void remove_tmpdir(char *dir) {
+    remove_tree(dir);
     free(dir);
+}
+
+/* A fresh private temporary folder, resolved: its path as the loader reports it. */
+static char *real_tmpdir(void) {
+    char *tmp = tsr_test_tmpdir();
+    char *real = realpath(tmp, NULL);
+    ck_assert_ptr_nonnull(real);
+    free(tmp);
+    return real;
+}
+
+/* dir/name into `out` (PATH_CAP bytes). */
+static void join(char *out, const char *dir, const char *name) {
+    ck_assert_int_lt(snprintf(out, PATH_CAP, "%s/%s", dir, name), PATH_CAP);
+}
+
+/* Makes the folder parent/name with `mode` (whatever the umask); its path goes to `out`. */
+static void make_dir(char *out, const char *parent, const char *name, mode_t mode) {
+    join(out, parent, name);
+    ck_assert_int_eq(mkdir(out, 0700), 0);
+    ck_assert_int_eq(chmod(out, mode), 0);
+}
+
+/* Copies the fixture of `case_dir` to dir/name; its path goes to `out`. */
+static void copy_fixture(char *out, const char *case_dir, const char *file, const char *dir,
+                         const char *name) {
+    char src[PATH_CAP];
+    fixture_path(src, case_dir, file);
+    join(out, dir, name);
+    copy_file(src, out);
 }
 
 /* Copies the good fixture to tmp/<name>, patched by `patch` (may be NULL), and loads it. */
@@ -107,7 +151,7 @@ static tsr_status load_patched_copy(const char *tmp, const char *name,
                                     void (*patch)(char *data, size_t *size), char *path,
                                     tsr_error *err) {
     char src[PATH_CAP];
-    fixture_path(src, "good", "fx_good");
+    fixture_path(src, "good", "cache-fx-good");
     size_t size;
     char *data = tsr_test_read_file(src, &size);
     ck_assert_ptr_nonnull(data);
@@ -126,7 +170,7 @@ static tsr_status load_patched_copy(const char *tmp, const char *name,
 
 START_TEST(test_good_plugin) {
     char path[PATH_CAP];
-    fixture_path(path, "good", "fx_good");
+    fixture_path(path, "good", "cache-fx-good");
     tsr_pool *pool = tsr_pool_create(3);
     tsr_registry *reg = tsr_registry_create(pool);
     tsr_error err;
@@ -187,14 +231,14 @@ START_TEST(test_older_or_equal_minor_loads) {
     char path[PATH_CAP];
     tsr_error err;
     tsr_status st;
-    tsr_registry *reg = load_fixture("same-minor", "fx_same_minor", path, &st, &err);
+    tsr_registry *reg = load_fixture("same-minor", "cache-fx-same-minor", path, &st, &err);
     ck_assert_int_eq(st, TSR_OK);
     const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-same-minor");
     ck_assert_ptr_nonnull(ref);
     ck_assert_uint_eq(ref->desc->stage_minor_needed, 0);
     tsr_registry_free(reg);
 
-    reg = load_fixture("newer-table", "fx_newer_table", path, &st, &err);
+    reg = load_fixture("newer-table", "cache-fx-newer-table", path, &st, &err);
     ck_assert_int_eq(st, TSR_OK);
     ref = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-newer-table");
     ck_assert_ptr_nonnull(ref);
@@ -218,7 +262,7 @@ START_TEST(test_newer_stage_minor_refused) {
              "update Tessera",
              TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR + 1, TSR_CACHE_ABI_MAJOR,
              TSR_CACHE_ABI_MINOR);
-    assert_refused("minor-newer", "fx_minor_newer", TSR_E_UNSUPPORTED, fmt);
+    assert_refused("minor-newer", "cache-fx-minor-newer", TSR_E_UNSUPPORTED, fmt);
 }
 END_TEST
 
@@ -229,7 +273,7 @@ START_TEST(test_other_stage_major_refused) {
              "rebuild it against the %d.x SDK",
              TSR_CACHE_ABI_MAJOR + 1, TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR,
              TSR_CACHE_ABI_MAJOR);
-    assert_refused("major-other", "fx_major_other", TSR_E_UNSUPPORTED, fmt);
+    assert_refused("major-other", "cache-fx-major-other", TSR_E_UNSUPPORTED, fmt);
 }
 END_TEST
 
@@ -240,7 +284,7 @@ START_TEST(test_common_major_refused) {
              "%d.x SDK",
              TSR_COMMON_ABI_MAJOR + 1, TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR,
              TSR_COMMON_ABI_MAJOR);
-    assert_refused("common-major", "fx_common_major", TSR_E_UNSUPPORTED, fmt);
+    assert_refused("common-major", "cache-fx-common-major", TSR_E_UNSUPPORTED, fmt);
 }
 END_TEST
 
@@ -249,14 +293,14 @@ START_TEST(test_common_minor_refused) {
     snprintf(fmt, sizeof fmt, "%%s: needs common ABI %d.%d, this host speaks %d.%d; update Tessera",
              TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR + 1, TSR_COMMON_ABI_MAJOR,
              TSR_COMMON_ABI_MINOR);
-    assert_refused("common-minor", "fx_common_minor", TSR_E_UNSUPPORTED, fmt);
+    assert_refused("common-minor", "cache-fx-common-minor", TSR_E_UNSUPPORTED, fmt);
 }
 END_TEST
 
 /* ---- the entry point --------------------------------------------------------------------- */
 
 START_TEST(test_no_entry_symbol) {
-    assert_refused("no-entry", "fx_no_entry", TSR_E_INVALID,
+    assert_refused("no-entry", "cache-fx-no-entry", TSR_E_INVALID,
                    "%s: no entry symbol 'tessera_plugin_entry': not a Tessera plugin, or built "
                    "without TSR_PLUGIN_EXPORT()");
 }
@@ -268,12 +312,12 @@ START_TEST(test_entry_returns_null) {
              "%%s: the plugin refused to load: fixture needs a host speaking common ABI 99, "
              "got %d.%d",
              TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR);
-    assert_refused("entry-null", "fx_entry_null", TSR_E_UNSUPPORTED, fmt);
+    assert_refused("entry-null", "cache-fx-entry-null", TSR_E_UNSUPPORTED, fmt);
 }
 END_TEST
 
 START_TEST(test_empty_set) {
-    assert_refused("empty-set", "fx_empty_set", TSR_E_INVALID,
+    assert_refused("empty-set", "cache-fx-empty-set", TSR_E_INVALID,
                    "%s: the object provides no plugins");
 }
 END_TEST
@@ -284,7 +328,7 @@ START_TEST(test_null_optional_slots_load) {
     char path[PATH_CAP];
     tsr_error err;
     tsr_status st;
-    tsr_registry *reg = load_fixture("no-optional", "fx_no_optional", path, &st, &err);
+    tsr_registry *reg = load_fixture("no-optional", "cache-fx-no-optional", path, &st, &err);
     ck_assert_int_eq(st, TSR_OK);
     const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-no-optional");
     ck_assert_ptr_nonnull(ref);
@@ -297,7 +341,7 @@ START_TEST(test_null_optional_slots_load) {
 END_TEST
 
 START_TEST(test_null_mandatory_callback) {
-    assert_refused("null-view", "fx_null_view", TSR_E_INVALID,
+    assert_refused("null-view", "cache-fx-null-view", TSR_E_INVALID,
                    "%s: plugin 'fx-null-view': mandatory cache callback 'view' is NULL");
 }
 END_TEST
@@ -309,7 +353,7 @@ START_TEST(test_short_vtable) {
              "%d.0 table (%zu bytes)",
              sizeof(tsr_cache_vtable) - sizeof(void (*)(void)), TSR_CACHE_ABI_MAJOR,
              sizeof(tsr_cache_vtable));
-    assert_refused("short-table", "fx_short_table", TSR_E_INVALID, fmt);
+    assert_refused("short-table", "cache-fx-short-table", TSR_E_INVALID, fmt);
 }
 END_TEST
 
@@ -317,7 +361,7 @@ START_TEST(test_two_plugins_in_one_object) {
     char path[PATH_CAP];
     tsr_error err;
     tsr_status st;
-    tsr_registry *reg = load_fixture("two-plugins", "fx_two", path, &st, &err);
+    tsr_registry *reg = load_fixture("two-plugins", "cache-fx-two", path, &st, &err);
     ck_assert_int_eq(st, TSR_OK);
     ck_assert_uint_eq(tsr_registry_count(reg), 2);
     const tsr_plugin_ref *cache = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-two");
@@ -340,16 +384,16 @@ START_TEST(test_two_plugins_in_one_object) {
 END_TEST
 
 START_TEST(test_invalid_param_tables) {
-    assert_refused("params-dup", "fx_params_dup", TSR_E_INVALID,
+    assert_refused("params-dup", "cache-fx-params-dup", TSR_E_INVALID,
                    "%s: plugin 'fx-params-dup': parameter 'window' is declared twice");
-    assert_refused("params-range", "fx_params_range", TSR_E_INVALID,
+    assert_refused("params-range", "cache-fx-params-range", TSR_E_INVALID,
                    "%s: plugin 'fx-params-range': parameter 'sink': default: expected an "
                    "integer in [0, 64], got '9000'");
 }
 END_TEST
 
 START_TEST(test_invalid_command_signature) {
-    assert_refused("bad-signature", "fx_bad_signature", TSR_E_INVALID,
+    assert_refused("bad-signature", "cache-fx-bad-signature", TSR_E_INVALID,
                    "%s: plugin 'fx-bad-signature': command 'echo': signature 's(sI)' is not "
                    "valid; expected R(A...) with R in v,i,l,d,s,b and A in i,l,d,s,b (I first "
                    "for the instance)");
@@ -362,7 +406,7 @@ START_TEST(test_duplicate_in_one_object) {
     char path[PATH_CAP], expected[MSG_CAP];
     tsr_error err;
     tsr_status st;
-    tsr_registry *reg = load_fixture("dup-in-object", "fx_dup", path, &st, &err);
+    tsr_registry *reg = load_fixture("dup-in-object", "cache-fx-dup", path, &st, &err);
     /* the first descriptor registers, the second is refused alone */
     ck_assert_int_eq(st, TSR_OK);
     ck_assert_uint_eq(tsr_registry_count(reg), 1);
@@ -378,9 +422,9 @@ END_TEST
 
 START_TEST(test_duplicate_in_one_folder) {
     char dir[PATH_CAP], a[PATH_CAP], b[PATH_CAP], expected[MSG_CAP];
-    snprintf(dir, sizeof dir, "%s/dup-folder", TSR_TEST_PLUGIN_DIR);
-    fixture_path(a, "dup-folder", "fx_dup_a");
-    fixture_path(b, "dup-folder", "fx_dup_b");
+    join(dir, TSR_TEST_PLUGIN_DIR, "dup-folder");
+    fixture_path(a, "dup-folder", "cache-fx-dup-folder");
+    fixture_path(b, "dup-folder", "cache-fx-dup-later");
     tsr_registry *reg = tsr_registry_create(NULL);
     tsr_error err;
     ck_assert_int_eq(tsr_registry_scan_dir(reg, dir, &err), 1);
@@ -395,36 +439,41 @@ START_TEST(test_duplicate_in_one_folder) {
 }
 END_TEST
 
-static bool has_diagnostic(const tsr_registry *reg, const char *line) {
-    for (size_t i = 0; i < tsr_registry_n_diagnostics(reg); i++)
-        if (strcmp(tsr_registry_diagnostic(reg, i), line) == 0) return true;
-    return false;
-}
-
-/* The same name in two folders: the folder searched first wins, the other is shadowed. */
+/* The same name in two folders: a lookup opens the first folder's file and never the other; a
+ * listing opens both and reports the later one as shadowed. */
 static void check_shadowing(const char *first, const char *second) {
     char dirs[2][PATH_CAP], *real[2], expected[2 * PATH_CAP + 128];
     snprintf(dirs[0], PATH_CAP, "%s/%s", TSR_TEST_PLUGIN_DIR, first);
     snprintf(dirs[1], PATH_CAP, "%s/%s", TSR_TEST_PLUGIN_DIR, second);
-    for (int i = 0; i < 2; i++) real[i] = realpath(dirs[i], NULL);
-    char *const list[] = {dirs[0], dirs[1]};
     tsr_registry *reg = tsr_registry_create(NULL);
-    tsr_registry_scan_default(reg, list, 2);
-    const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-shadow");
+    for (int i = 0; i < 2; i++) {
+        real[i] = realpath(dirs[i], NULL);
+        tsr_registry_add_dir(reg, dirs[i], "test", true);
+    }
+    ck_assert_uint_eq(tsr_registry_n_warnings(reg), 0);
+    tsr_error err;
+    const tsr_plugin_ref *ref = tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-shadow", &err);
     ck_assert_ptr_nonnull(ref);
-    snprintf(expected, sizeof expected, "%s/fx_shadow.so", real[0]);
+    snprintf(expected, sizeof expected, "%s/cache-fx-shadow.so", real[0]);
     ck_assert_str_eq(ref->path, expected);
+    /* the second file, had it been opened, would have been reported as shadowed */
+    ck_assert_uint_eq(tsr_registry_n_diagnostics(reg), 0);
+    ck_assert_ptr_eq(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-shadow", &err), ref);
+
+    tsr_registry_load_all(reg);
+    ck_assert_uint_eq(tsr_registry_count(reg), 1);
+    ck_assert_ptr_eq(tsr_registry_find(reg, 0, "fx-shadow"), ref);
     snprintf(expected, sizeof expected,
-             "%s/fx_shadow.so: plugin 'fx-shadow' is shadowed by %s/fx_shadow.so, which comes "
-             "first in the search path (skipped)", real[1], real[0]);
-    ck_assert_msg(has_diagnostic(reg, expected), "missing diagnostic: %s", expected);
+             "%s/cache-fx-shadow.so: plugin 'fx-shadow' is shadowed by %s/cache-fx-shadow.so, "
+             "which comes first in the search path (skipped)", real[1], real[0]);
+    ck_assert_uint_eq(tsr_registry_n_diagnostics(reg), 1);
+    ck_assert_str_eq(tsr_registry_diagnostic(reg, 0), expected);
     tsr_registry_free(reg);
     free(real[0]);
     free(real[1]);
 }
 
 START_TEST(test_shadowed_across_folders) {
-    unsetenv("TESSERA_PLUGIN_PATH");
     check_shadowing("shadow-1", "shadow-2");
     check_shadowing("shadow-2", "shadow-1");
 }
@@ -436,7 +485,7 @@ START_TEST(test_probe_zero) {
     char path[PATH_CAP], expected[MSG_CAP];
     tsr_error err;
     tsr_status st;
-    tsr_registry *reg = load_fixture("probe-zero", "fx_probe_zero", path, &st, &err);
+    tsr_registry *reg = load_fixture("probe-zero", "cache-fx-probe-zero", path, &st, &err);
     ck_assert_int_eq(st, TSR_OK);
     const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-probe-zero");
     ck_assert_ptr_nonnull(ref);
@@ -461,7 +510,7 @@ END_TEST
 
 START_TEST(test_not_a_shared_object) {
     char *tmp = tsr_test_tmpdir(), path[PATH_CAP], expected[MSG_CAP];
-    snprintf(path, sizeof path, "%s/x.so", tmp);
+    join(path, tmp, "x.so");
     const char text[] = "this is not a plugin\n";
     ck_assert_int_eq(tsr_test_write_file(path, text, sizeof text - 1), 0);
     tsr_registry *reg = tsr_registry_create(NULL);
@@ -514,47 +563,484 @@ START_TEST(test_truncated_elf) {
 }
 END_TEST
 
-/* ---- permissions ------------------------------------------------------------------------- */
+/* ---- trust: files and folders the host refuses to open ----------------------------------- */
 
-START_TEST(test_writable_by_others) {
-    char *tmp = tsr_test_tmpdir(), src[PATH_CAP], path[PATH_CAP], expected[MSG_CAP];
-    fixture_path(src, "good", "fx_good");
-    snprintf(path, sizeof path, "%s/fx_good.so", tmp);
-    copy_file(src, path);
+START_TEST(test_file_writable_by_others) {
+    char *tmp = real_tmpdir(), path[PATH_CAP], expected[MSG_CAP];
+    copy_fixture(path, "good", "cache-fx-good", tmp, "cache-fx-good.so");
     tsr_registry *reg = tsr_registry_create(NULL);
     tsr_error err;
-
-    /* the file */
     ck_assert_int_eq(chmod(path, 0757), 0);
     ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
     snprintf(expected, sizeof expected,
-             "%s: refusing to load a plugin file writable by others; fix with: chmod o-w %s",
+             "%s: refusing to load: file %s is writable by others; fix with: chmod o-w %s", path,
              path, path);
     ck_assert_str_eq(err.msg, expected);
+    ck_assert_uint_eq(tsr_registry_count(reg), 0);
     ck_assert_int_eq(chmod(path, 0755), 0);
+    ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_OK);
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
 
-    /* the folder holding it, loaded by file and scanned */
+/* Others who can write the folder could replace the file: nothing in it loads. With the
+ * sticky bit they cannot, so the file itself loads; but a search of the folder stays refused,
+ * since they could still add files (or links) of their own. */
+START_TEST(test_folder_writable_by_others) {
+    char *tmp = real_tmpdir(), path[PATH_CAP], expected[MSG_CAP];
+    copy_fixture(path, "good", "cache-fx-good", tmp, "cache-fx-good.so");
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_error err;
     ck_assert_int_eq(chmod(tmp, 0777), 0);
     ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
     snprintf(expected, sizeof expected,
-             "%s: refusing to load from folder %s, which is writable by others; fix with: "
-             "chmod o-w %s", path, tmp, tmp);
+             "%s: refusing to load: folder %s is writable by others; fix with: chmod o-w %s",
+             path, tmp, tmp);
     ck_assert_str_eq(err.msg, expected);
-    ck_assert_int_eq(tsr_registry_scan_dir(reg, tmp, &err), TSR_E_INVALID);
+
     snprintf(expected, sizeof expected,
-             "%s: refusing to load plugins from a folder writable by others; fix with: "
-             "chmod o-w %s", tmp, tmp);
+             "%s: refusing to search it for plugins: folder %s is writable by others; fix with: "
+             "chmod o-w %s", tmp, tmp, tmp);
+    ck_assert_int_eq(tsr_registry_scan_dir(reg, tmp, &err), TSR_E_INVALID);
     ck_assert_str_eq(err.msg, expected);
-    /* the sticky bit stops others replacing the file, but not adding their own: a scan of
-     * such a folder is still refused */
     ck_assert_int_eq(chmod(tmp, 01777), 0);
     ck_assert_int_eq(tsr_registry_scan_dir(reg, tmp, &err), TSR_E_INVALID);
     ck_assert_str_eq(err.msg, expected);
-
+    /* on the search path: skipped with a warning, even when not named by the user */
+    tsr_registry_add_dir(reg, tmp, "TESSERA_PLUGIN_PATH", false);
+    ck_assert_uint_eq(tsr_registry_n_warnings(reg), 1);
+    ck_assert_str_eq(tsr_registry_warning(reg, 0), expected);
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-good", &err));
+    ck_assert_str_eq(err.msg, "");
     ck_assert_uint_eq(tsr_registry_count(reg), 0);
+
+    ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_OK);
+    tsr_registry_free(reg);
     ck_assert_int_eq(chmod(tmp, 0700), 0);
+    reg = tsr_registry_create(NULL);
     ck_assert_int_eq(tsr_registry_scan_dir(reg, tmp, &err), 1);
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* A link in a safe folder to a file in an unsafe one: the resolved file's folders decide. */
+START_TEST(test_link_into_unsafe_folder) {
+    char *tmp = real_tmpdir(), safe[PATH_CAP], open[PATH_CAP], target[PATH_CAP],
+         link[PATH_CAP], expected[MSG_CAP];
+    make_dir(safe, tmp, "safe", 0755);
+    make_dir(open, tmp, "open", 0777);
+    copy_fixture(target, "good", "cache-fx-good", open, "anything.so");
+    join(link, safe, "cache-fx-good.so");
+    ck_assert_int_eq(symlink(target, link), 0);
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, safe, "--plugin-dir", true);
+    ck_assert_uint_eq(tsr_registry_n_warnings(reg), 0);
+    tsr_error err;
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-good", &err));
+    snprintf(expected, sizeof expected,
+             "%s: refusing to load: folder %s is writable by others; fix with: chmod o-w %s",
+             link, open, open);
+    ck_assert_str_eq(err.msg, expected);
+    ck_assert_int_eq(tsr_registry_load_file(reg, link, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, expected);
+
+    ck_assert_int_eq(chmod(open, 0755), 0);
+    const tsr_plugin_ref *ref = tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-good", &err);
+    ck_assert_msg(ref != NULL, "%s", err.msg);
+    ck_assert_str_eq(ref->path, link);
+    tsr_registry_free(reg);
+
+    /* the other way round: whoever can replace the link chooses what is loaded */
+    char unsafe_link[PATH_CAP];
+    ck_assert_int_eq(chmod(open, 0777), 0);
+    copy_fixture(target, "good", "cache-fx-good", safe, "real.so");
+    join(unsafe_link, open, "cache-fx-good.so");
+    ck_assert_int_eq(symlink(target, unsafe_link), 0);
+    reg = tsr_registry_create(NULL);
+    ck_assert_int_eq(tsr_registry_load_file(reg, unsafe_link, &err), TSR_E_INVALID);
+    snprintf(expected, sizeof expected,
+             "%s: refusing to load: folder %s is writable by others; fix with: chmod o-w %s",
+             unsafe_link, open, open);
+    ck_assert_str_eq(err.msg, expected);
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* A safe folder inside one that others can write (so could rename, and replace): refused. A
+ * sticky folder above is fine (/tmp is one). */
+START_TEST(test_safe_folder_in_unsafe_parent) {
+    char *tmp = real_tmpdir(), open[PATH_CAP], inner[PATH_CAP], path[PATH_CAP],
+         expected[MSG_CAP];
+    make_dir(open, tmp, "open", 0777);
+    make_dir(inner, open, "inner", 0755);
+    copy_fixture(path, "good", "cache-fx-good", inner, "cache-fx-good.so");
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_error err;
+    ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
+    snprintf(expected, sizeof expected,
+             "%s: refusing to load: folder %s is writable by others; fix with: chmod o-w %s",
+             path, open, open);
+    ck_assert_str_eq(err.msg, expected);
+    ck_assert_int_eq(tsr_registry_scan_dir(reg, inner, &err), TSR_E_INVALID);
+    snprintf(expected, sizeof expected,
+             "%s: refusing to search it for plugins: folder %s is writable by others; fix "
+             "with: chmod o-w %s", inner, open, open);
+    ck_assert_str_eq(err.msg, expected);
+
+    ck_assert_int_eq(chmod(open, 01777), 0);
+    ck_assert_int_eq(tsr_registry_scan_dir(reg, inner, &err), 1);
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* A uid, and a gid, that no account or group has. */
+static uid_t stranger_uid(void) {
+    uid_t uid = 54321;
+    while (getpwuid(uid)) uid++;
+    return uid;
+}
+
+static gid_t unknown_gid(void) {
+    gid_t gid = 54321;
+    while (getgrgid(gid)) gid++;
+    return gid;
+}
+
+/* The primary group of some other account: a group the caller is not alone in; 0 when there
+ * is no such account. */
+static gid_t shared_gid(void) {
+    gid_t gid = 0;
+    struct passwd *pw;
+    setpwent();
+    while (!gid && (pw = getpwent()))
+        if (pw->pw_uid != geteuid() && pw->pw_gid != getegid()) gid = pw->pw_gid;
+    endpwent();
+    return gid;
+}
+
+/* Files and folders owned by someone else (not root, not the caller) are refused. Only root
+ * can give a file away, so the test runs as root only. */
+START_TEST(test_owned_by_another_user) {
+    if (geteuid() != 0) {
+        fprintf(stderr, "test-loader: owned_by_another_user needs root to chown; not run\n");
+        return;
+    }
+    char *tmp = real_tmpdir(), dir[PATH_CAP], path[PATH_CAP], expected[MSG_CAP];
+    make_dir(dir, tmp, "plugins", 0755);
+    copy_fixture(path, "good", "cache-fx-good", dir, "cache-fx-good.so");
+    uid_t stranger = stranger_uid();
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_error err;
+
+    ck_assert_int_eq(chown(path, stranger, (gid_t)-1), 0);
+    ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
+    snprintf(expected, sizeof expected,
+             "%s: refusing to load: file %s is owned by uid %u, not by root or you; fix with: "
+             "chown root %s (if you trust it)", path, path, (unsigned)stranger, path);
+    ck_assert_str_eq(err.msg, expected);
+
+    ck_assert_int_eq(chown(path, 0, (gid_t)-1), 0);
+    ck_assert_int_eq(chown(dir, stranger, (gid_t)-1), 0);
+    ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
+    snprintf(expected, sizeof expected,
+             "%s: refusing to load: folder %s is owned by uid %u, not by root or you; fix "
+             "with: chown root %s (if you trust it)", path, dir, (unsigned)stranger, dir);
+    ck_assert_str_eq(err.msg, expected);
+    tsr_registry_add_dir(reg, dir, "--plugin-dir", true);
+    snprintf(expected, sizeof expected,
+             "%s: refusing to search it for plugins: folder %s is owned by uid %u, not by root "
+             "or you; fix with: chown root %s (if you trust it)", dir, dir, (unsigned)stranger,
+             dir);
+    ck_assert_str_eq(tsr_registry_warning(reg, 0), expected);
+
+    ck_assert_int_eq(chown(dir, 0, (gid_t)-1), 0);
+    ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_OK);
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* Whether the caller is the only member of its primary group, read from /etc/passwd and
+ * /etc/group themselves (the host asks through NSS). */
+static bool caller_alone_in_group(void) {
+    FILE *f = fopen("/etc/passwd", "r");
+    if (!f) return false;
+    char me[256] = "";
+    bool others = false;
+    struct passwd *pw;
+    while ((pw = fgetpwent(f)))
+        if (pw->pw_gid == getegid()) {
+            if (pw->pw_uid == geteuid()) snprintf(me, sizeof me, "%s", pw->pw_name);
+            else others = true;
+        }
+    fclose(f);
+    f = fopen("/etc/group", "r");
+    if (!f) return false;
+    bool alone = !others && *me;
+    struct group *gr;
+    while ((gr = fgetgrent(f)))
+        for (char **m = gr->gr_gid == getegid() ? gr->gr_mem : NULL; m && *m; m++)
+            alone = alone && strcmp(*m, me) == 0;
+    fclose(f);
+    return alone;
+}
+
+/* A group-writable file is accepted when its group is its owner's alone, refused otherwise. */
+START_TEST(test_group_writable) {
+    char *tmp = real_tmpdir(), path[PATH_CAP], expected[MSG_CAP];
+    copy_fixture(path, "good", "cache-fx-good", tmp, "cache-fx-good.so");
+    ck_assert_int_eq(chmod(path, 0775), 0);
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_error err;
+    if (caller_alone_in_group()) {
+        ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_OK);
+        tsr_registry_free(reg);
+        reg = tsr_registry_create(NULL);
+    }
+    gid_t shared = shared_gid();
+    struct group *gr = shared ? getgrgid(shared) : NULL;
+    if (geteuid() == 0 && gr) {
+        ck_assert_int_eq(chown(path, (uid_t)-1, shared), 0);
+        ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
+        snprintf(expected, sizeof expected,
+                 "%s: refusing to load: file %s is writable by group '%s' (gid %u), which is not "
+                 "its owner's alone; fix with: chmod g-w %s", path, path, gr->gr_name,
+                 (unsigned)shared, path);
+        ck_assert_str_eq(err.msg, expected);
+    }
+    if (geteuid() == 0) {
+        gid_t gid = unknown_gid();
+        ck_assert_int_eq(chown(path, (uid_t)-1, gid), 0);
+        ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_E_INVALID);
+        snprintf(expected, sizeof expected,
+                 "%s: refusing to load: file %s is writable by gid %u, which is not its owner's "
+                 "alone; fix with: chmod g-w %s", path, path, (unsigned)gid, path);
+        ck_assert_str_eq(err.msg, expected);
+        ck_assert_int_eq(chmod(path, 0755), 0);
+        ck_assert_int_eq(tsr_registry_load_file(reg, path, &err), TSR_OK);
+    }
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* ---- the search path and lookups by name -------------------------------------------------- */
+
+START_TEST(test_plugin_file_names) {
+    static const char *const yes[] = {"cache-full.so", "backend-cpu.so", "router-a.so",
+                                      "decoder-template-greedy.so", "quantizer-q_4.so"};
+    static const char *const no[] = {"full.so", "cache-.so", "cache-full", "cache-full.so.1",
+                                     "cache-Full.so", "libcache-full.so", ".cache-full.so",
+                                     "caches-full.so", "cache_full.so", "cache-a.b.so",
+                                     "cache-x.sox", "cache-fulL.so"};
+    for (size_t i = 0; i < sizeof yes / sizeof *yes; i++)
+        ck_assert_msg(tsr_plugin_file_name_ok(yes[i]), "%s", yes[i]);
+    for (size_t i = 0; i < sizeof no / sizeof *no; i++)
+        ck_assert_msg(!tsr_plugin_file_name_ok(no[i]), "%s", no[i]);
+    char longest[128];
+    snprintf(longest, sizeof longest, "cache-%.64s.so",
+             "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+    ck_assert(tsr_plugin_file_name_ok(longest));
+    snprintf(longest, sizeof longest, "cache-%.65s.so",
+             "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+    ck_assert(!tsr_plugin_file_name_ok(longest));
+}
+END_TEST
+
+/* Folders the user named warn when missing, not folders, or without plugin files; the others
+ * are skipped quietly. */
+START_TEST(test_search_folder_warnings) {
+    char *tmp = real_tmpdir(), missing[PATH_CAP], empty[PATH_CAP], empty_too[PATH_CAP],
+         file[PATH_CAP], expected[MSG_CAP];
+    join(missing, tmp, "nowhere");
+    make_dir(empty, tmp, "empty", 0755);
+    make_dir(empty_too, tmp, "empty-too", 0755);
+    join(file, tmp, "cache-x.so");
+    ck_assert_int_eq(tsr_test_write_file(file, "x", 1), 0);
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, missing, "--plugin-dir", true);
+    tsr_registry_add_dir(reg, missing, "TESSERA_PLUGIN_PATH", false);
+    tsr_registry_add_dir(reg, empty, "plugin_dirs of p.yaml", true);
+    tsr_registry_add_dir(reg, empty_too, "TESSERA_PLUGIN_PATH", false);
+    tsr_registry_add_dir(reg, file, "--plugin-dir", true);
+    tsr_registry_add_dir(reg, file, "TESSERA_PLUGIN_PATH", false);
+    ck_assert_uint_eq(tsr_registry_n_warnings(reg), 3);
+    snprintf(expected, sizeof expected, "%s: no such folder (a plugin folder from --plugin-dir)",
+             missing);
+    ck_assert_str_eq(tsr_registry_warning(reg, 0), expected);
+    snprintf(expected, sizeof expected, "%s: holds no plugin file named STAGE-NAME.so (a plugin "
+             "folder from plugin_dirs of p.yaml)", empty);
+    ck_assert_str_eq(tsr_registry_warning(reg, 1), expected);
+    snprintf(expected, sizeof expected, "%s: not a folder (a plugin folder from --plugin-dir)",
+             file);
+    ck_assert_str_eq(tsr_registry_warning(reg, 2), expected);
+    ck_assert_ptr_null(tsr_registry_warning(reg, 3));
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* A lookup opens the one file its name gives and nothing else; a listing opens every plugin
+ * file, and still no other shared object. */
+START_TEST(test_lookup_opens_only_its_file) {
+    char *tmp = real_tmpdir(), path[PATH_CAP], log[PATH_CAP];
+    copy_fixture(path, "good", "cache-fx-good", tmp, "cache-fx-good.so");
+    copy_fixture(path, "trap", "cache-fx-trap", tmp, "cache-fx-trap.so");
+    copy_fixture(path, "trap", "libfx-trap", tmp, "libfx-trap.so");
+    join(log, tmp, "opened.log");
+    setenv("TSR_FX_TRAP_LOG", log, 1);
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, tmp, "--plugin-dir", true);
+    tsr_error err;
+    ck_assert_ptr_nonnull(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-good", &err));
+    ck_assert_ptr_null(tsr_test_read_file(log, NULL));
+    tsr_registry_load_all(reg);
+    char *opened = tsr_test_read_file(log, NULL);
+    ck_assert_str_eq(opened ? opened : "(none)", "cache-fx-trap\n");
+    ck_assert_ptr_nonnull(tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-trap"));
+    ck_assert_ptr_null(tsr_registry_find(reg, 0, "fx-trap-lib"));
+    free(opened);
+    unsetenv("TSR_FX_TRAP_LOG");
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+START_TEST(test_lookup_by_name) {
+    char good[PATH_CAP], two[PATH_CAP];
+    join(good, TSR_TEST_PLUGIN_DIR, "good");
+    join(two, TSR_TEST_PLUGIN_DIR, "two-plugins");
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, good, "--plugin-dir", true);
+    tsr_registry_add_dir(reg, two, "--plugin-dir", true);
+    tsr_error err;
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "nosuch", &err));
+    ck_assert_str_eq(err.msg, "");
+    /* a name is never a path */
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "../good/cache-fx-good", &err));
+    ck_assert_str_eq(err.msg, "");
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_COUNT + 1, "fx-good", &err));
+    ck_assert_str_eq(err.msg, "");
+    /* the stage is told by the file name alone, before anything is opened... */
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_ROUTER, "fx-good", &err));
+    ck_assert_str_eq(err.msg, "'fx-good' is a cache plugin, not a router plugin");
+    ck_assert_uint_eq(tsr_registry_count(reg), 0);
+    const tsr_plugin_ref *ref = tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-good", &err);
+    ck_assert_ptr_nonnull(ref);
     ck_assert_uint_eq(tsr_registry_count(reg), 1);
+    ck_assert_ptr_eq(tsr_registry_lookup(reg, 0, "fx-good", &err), ref);
+    /* ...and by the registry once it is loaded */
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_DECODER, "fx-good", &err));
+    ck_assert_str_eq(err.msg, "'fx-good' is a cache plugin, not a decoder plugin");
+    /* any stage: the second folder's cache-fx-two.so */
+    ref = tsr_registry_lookup(reg, 0, "fx-two", &err);
+    ck_assert_ptr_nonnull(ref);
+    ck_assert_int_eq(ref->desc->stage, TSR_STAGE_CACHE);
+    ck_assert_uint_eq(tsr_registry_count(reg), 3);
+    ck_assert_uint_eq(tsr_registry_n_diagnostics(reg), 0);
+    tsr_registry_free(reg);
+}
+END_TEST
+
+/* The first file of the name decides: refused, or holding other plugins, the lookup fails
+ * with its reason and does not go on to a later folder. */
+START_TEST(test_lookup_file_decides) {
+    char *tmp = real_tmpdir(), refused[PATH_CAP], other[PATH_CAP], partly[PATH_CAP],
+         good[PATH_CAP], path[PATH_CAP], expected[MSG_CAP];
+    make_dir(refused, tmp, "refused", 0755);
+    copy_fixture(path, "minor-newer", "cache-fx-minor-newer", refused, "cache-fx-good.so");
+    join(good, TSR_TEST_PLUGIN_DIR, "good");
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, refused, "--plugin-dir", true);
+    tsr_registry_add_dir(reg, good, "--plugin-dir", true);
+    tsr_error err;
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-good", &err));
+    snprintf(expected, sizeof expected,
+             "%s: plugin 'fx-minor-newer': needs cache ABI %d.%d, this host speaks %d.%d; "
+             "update Tessera", path, TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR + 1,
+             TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR);
+    ck_assert_str_eq(err.msg, expected);
+    ck_assert_uint_eq(tsr_registry_count(reg), 0);
+    tsr_registry_free(reg);
+
+    make_dir(other, tmp, "other", 0755);
+    copy_fixture(path, "two-plugins", "cache-fx-two", other, "cache-fx-good.so");
+    reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, other, "--plugin-dir", true);
+    tsr_registry_add_dir(reg, good, "--plugin-dir", true);
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-good", &err));
+    snprintf(expected, sizeof expected,
+             "%s: holds no cache plugin 'fx-good' but cache 'fx-two', router 'fx-two-router'; a "
+             "plugin file is named after the plugin it holds (STAGE-NAME.so)", path);
+    ck_assert_str_eq(err.msg, expected);
+    tsr_registry_free(reg);
+
+    /* an object whose other plugin loads: the refusal of the one asked for */
+    make_dir(partly, tmp, "partly", 0755);
+    copy_fixture(path, "two-refused", "cache-fx-two-refused", partly,
+                 "cache-fx-two-refused.so");
+    reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, partly, "--plugin-dir", true);
+    ck_assert_ptr_null(tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-two-refused", &err));
+    snprintf(expected, sizeof expected,
+             "%s: plugin 'fx-two-refused': built for cache ABI %d.x, this host speaks %d.%d; "
+             "rebuild it against the %d.x SDK", path, TSR_CACHE_ABI_MAJOR + 1,
+             TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR, TSR_CACHE_ABI_MAJOR);
+    ck_assert_str_eq(err.msg, expected);
+    ck_assert_ptr_nonnull(tsr_registry_find(reg, TSR_STAGE_ROUTER, "fx-two-refused-router"));
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* An object of two plugins is found by the second name through a link, and loads once. */
+START_TEST(test_two_plugins_through_a_link) {
+    char *tmp = real_tmpdir(), path[PATH_CAP], link[PATH_CAP];
+    copy_fixture(path, "two-plugins", "cache-fx-two", tmp, "cache-fx-two.so");
+    join(link, tmp, "router-fx-two-router.so");
+    ck_assert_int_eq(symlink("cache-fx-two.so", link), 0);
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_registry_add_dir(reg, tmp, "--plugin-dir", true);
+    tsr_error err;
+    const tsr_plugin_ref *router = tsr_registry_lookup(reg, TSR_STAGE_ROUTER, "fx-two-router",
+                                                       &err);
+    ck_assert_msg(router != NULL, "%s", err.msg);
+    ck_assert_str_eq(router->path, link);
+    const tsr_plugin_ref *cache = tsr_registry_lookup(reg, TSR_STAGE_CACHE, "fx-two", &err);
+    ck_assert_ptr_nonnull(cache);
+    ck_assert_ptr_eq(cache->object, router->object);
+    tsr_registry_load_all(reg);
+    ck_assert_uint_eq(tsr_registry_count(reg), 2);
+    ck_assert_uint_eq(tsr_registry_n_diagnostics(reg), 0);
+    tsr_registry_free(reg);
+    remove_tmpdir(tmp);
+}
+END_TEST
+
+/* A scan says when a plugin it loaded cannot be found by name, with the link that fixes it. */
+START_TEST(test_plugin_not_found_by_name) {
+    char *tmp = real_tmpdir(), two[PATH_CAP], odd[PATH_CAP], expected[2][MSG_CAP];
+    copy_fixture(two, "two-plugins", "cache-fx-two", tmp, "cache-fx-two.so");
+    copy_fixture(odd, "good", "cache-fx-good", tmp, "cache-odd.so");
+    tsr_registry *reg = tsr_registry_create(NULL);
+    tsr_error err;
+    ck_assert_int_eq(tsr_registry_scan_dir(reg, tmp, &err), 2);
+    snprintf(expected[0], sizeof expected[0],
+             "%s: plugin 'fx-two-router' cannot be found by name, which looks for "
+             "%s/router-fx-two-router.so only; rename the file, or add a link: ln -s %s "
+             "%s/router-fx-two-router.so", two, tmp, two, tmp);
+    snprintf(expected[1], sizeof expected[1],
+             "%s: plugin 'fx-good' cannot be found by name, which looks for %s/cache-fx-good.so "
+             "only; rename the file, or add a link: ln -s %s %s/cache-fx-good.so", odd, tmp,
+             odd, tmp);
+    ck_assert_uint_eq(tsr_registry_n_diagnostics(reg), 2);
+    /* the scan goes in name order: cache-fx-two.so, then cache-odd.so */
+    ck_assert_str_eq(tsr_registry_diagnostic(reg, 0), expected[0]);
+    ck_assert_str_eq(tsr_registry_diagnostic(reg, 1), expected[1]);
     tsr_registry_free(reg);
     remove_tmpdir(tmp);
 }
@@ -563,23 +1049,25 @@ END_TEST
 /* ---- a folder of good and bad objects ---------------------------------------------------- */
 
 START_TEST(test_scan_mixed_folder) {
-    char *tmp = tsr_test_tmpdir(), src[PATH_CAP], path[PATH_CAP];
+    char *tmp = real_tmpdir(), path[PATH_CAP];
     static const char *const copies[][3] = {
         /* case, fixture, name in the folder (the scan goes in name order) */
-        {"good", "fx_good", "a_good.so"},
-        {"minor-newer", "fx_minor_newer", "b_minor.so"},
-        {"two-plugins", "fx_two", "c_two.so"},
-        {"no-entry", "fx_no_entry", "d_no_entry.so"},
-        {"good", "fx_good", ".hidden.so"},
-        {"good", "fx_good", "e_good.so.bak"},
+        {"good", "cache-fx-good", "cache-fx-good.so"},
+        {"minor-newer", "cache-fx-minor-newer", "cache-fx-minor-newer.so"},
+        {"two-plugins", "cache-fx-two", "cache-fx-two.so"},
+        {"no-entry", "cache-fx-no-entry", "cache-no-entry.so"},
+        /* never opened: hidden, not ending in .so, or not named as a plugin */
+        {"good", "cache-fx-good", ".cache-hidden.so"},
+        {"good", "cache-fx-good", "cache-fx-good.so.bak"},
+        {"good", "cache-fx-good", "libgood.so"},
     };
-    for (size_t i = 0; i < sizeof copies / sizeof copies[0]; i++) {
-        fixture_path(src, copies[i][0], copies[i][1]);
-        snprintf(path, sizeof path, "%s/%s", tmp, copies[i][2]);
-        copy_file(src, path);
-    }
-    snprintf(path, sizeof path, "%s/f_text.so", tmp);
+    for (size_t i = 0; i < sizeof copies / sizeof copies[0]; i++)
+        copy_fixture(path, copies[i][0], copies[i][1], tmp, copies[i][2]);
+    join(path, tmp, "cache-text.so");
     ck_assert_int_eq(tsr_test_write_file(path, "text", 4), 0);
+    char link[PATH_CAP];
+    join(link, tmp, "router-fx-two-router.so");
+    ck_assert_int_eq(symlink("cache-fx-two.so", link), 0);
 
     tsr_registry *reg = tsr_registry_create(NULL);
     tsr_error err;
@@ -591,25 +1079,28 @@ START_TEST(test_scan_mixed_folder) {
 
     char expected[3][MSG_CAP];
     snprintf(expected[0], sizeof expected[0],
-             "%s/b_minor.so: plugin 'fx-minor-newer': needs cache ABI %d.%d, this host speaks "
-             "%d.%d; update Tessera (skipped)",
+             "%s/cache-fx-minor-newer.so: plugin 'fx-minor-newer': needs cache ABI %d.%d, this "
+             "host speaks %d.%d; update Tessera (skipped)",
              tmp, TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR + 1, TSR_CACHE_ABI_MAJOR,
              TSR_CACHE_ABI_MINOR);
     snprintf(expected[1], sizeof expected[1],
-             "%s/d_no_entry.so: no entry symbol 'tessera_plugin_entry': not a Tessera plugin, "
-             "or built without TSR_PLUGIN_EXPORT() (skipped)", tmp);
+             "%s/cache-no-entry.so: no entry symbol 'tessera_plugin_entry': not a Tessera "
+             "plugin, or built without TSR_PLUGIN_EXPORT() (skipped)", tmp);
     snprintf(expected[2], sizeof expected[2],
-             "%s/f_text.so: not a shared object (no ELF header); plugin files are built with "
-             "tessera_add_plugin() (skipped)", tmp);
+             "%s/cache-text.so: not a shared object (no ELF header); plugin files are built "
+             "with tessera_add_plugin() (skipped)", tmp);
     ck_assert_uint_eq(tsr_registry_n_diagnostics(reg), 3);
     for (size_t i = 0; i < 3; i++) ck_assert_str_eq(tsr_registry_diagnostic(reg, i), expected[i]);
     tsr_registry_free(reg);
 
     char missing[PATH_CAP + 16];
-    snprintf(missing, sizeof missing, "%s/nowhere", tmp);
+    join(missing, tmp, "nowhere");
     reg = tsr_registry_create(NULL);
     ck_assert_int_eq(tsr_registry_scan_dir(reg, missing, &err), TSR_E_IO);
-    snprintf(expected[0], sizeof expected[0], "%s: not a folder", missing);
+    snprintf(expected[0], sizeof expected[0], "%s: no such folder", missing);
+    ck_assert_str_eq(err.msg, expected[0]);
+    ck_assert_int_eq(tsr_registry_scan_dir(reg, path, &err), TSR_E_IO);
+    snprintf(expected[0], sizeof expected[0], "%s: not a folder", path);
     ck_assert_str_eq(err.msg, expected[0]);
     tsr_registry_free(reg);
     remove_tmpdir(tmp);
@@ -622,7 +1113,7 @@ START_TEST(test_instance_create_fails) {
     char path[PATH_CAP];
     tsr_error err;
     tsr_status st;
-    tsr_registry *reg = load_fixture("good", "fx_good", path, &st, &err);
+    tsr_registry *reg = load_fixture("good", "cache-fx-good", path, &st, &err);
     ck_assert_int_eq(st, TSR_OK);
     const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-good");
     fx_values fv;
@@ -644,7 +1135,7 @@ START_TEST(test_instance_leak_reported) {
     char path[PATH_CAP];
     tsr_error err;
     tsr_status st;
-    tsr_registry *reg = load_fixture("good", "fx_good", path, &st, &err);
+    tsr_registry *reg = load_fixture("good", "cache-fx-good", path, &st, &err);
     ck_assert_int_eq(st, TSR_OK);
     const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_CACHE, "fx-good");
     fx_values fv;
@@ -697,7 +1188,19 @@ static Suite *loader_suite(void) {
         {"not_elf", test_not_a_shared_object},
         {"wrong_arch", test_wrong_architecture},
         {"truncated", test_truncated_elf},
-        {"permissions", test_writable_by_others},
+        {"file_writable", test_file_writable_by_others},
+        {"folder_writable", test_folder_writable_by_others},
+        {"link_unsafe", test_link_into_unsafe_folder},
+        {"unsafe_parent", test_safe_folder_in_unsafe_parent},
+        {"other_owner", test_owned_by_another_user},
+        {"group_writable", test_group_writable},
+        {"file_names", test_plugin_file_names},
+        {"folder_warnings", test_search_folder_warnings},
+        {"lookup_only_file", test_lookup_opens_only_its_file},
+        {"lookup", test_lookup_by_name},
+        {"lookup_file_decides", test_lookup_file_decides},
+        {"two_through_link", test_two_plugins_through_a_link},
+        {"not_found_by_name", test_plugin_not_found_by_name},
         {"scan_mixed", test_scan_mixed_folder},
         {"create_fails", test_instance_create_fails},
         {"leak", test_instance_leak_reported},

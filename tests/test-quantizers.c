@@ -32,7 +32,8 @@ typedef struct qz {
     const tsr_quantizer_vtable *vt;
 } qz;
 
-static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name) {
+static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name,
+                                          tsr_error *why) {
     const tsr_plugin_ref *r = tsr_registry_find(reg, stage, name);
     return r ? r->desc : NULL;
 }

@@ -94,14 +94,28 @@ void tsr_cli_progress_show(tsr_cli_progress *p, int64_t done, int64_t total, con
 /* Ends a line left open, so that an error line starts on a line of its own. */
 void tsr_cli_progress_end(tsr_cli_progress *p);
 
-/* A registry scanned with the standard search order plus `extra_dirs`; load problems are
- * printed as warnings when `report` is set. */
-tsr_registry *tsr_cli_registry(tsr_pool *pool, char *const *extra_dirs, size_t n_extra,
-                               bool report);
+/* The folders given with --plugin-dir, searched before all others. */
+#define TSR_CLI_MAX_PLUGIN_DIRS 16
+typedef struct tsr_cli_plugin_dirs {
+    const char *dir[TSR_CLI_MAX_PLUGIN_DIRS];
+    size_t n;
+} tsr_cli_plugin_dirs;
 
-/* Binds the config's plugins against the registry. When a configured plugin is missing
- * because its object was refused at load, the error is that refusal (which names the file,
- * the stage and both versions) rather than "unknown plugin". */
+/* Takes "--plugin-dir DIR" at argv[*i] (moving *i to DIR): 1 when taken, 0 when argv[*i] is
+ * another argument, -1 after printing the usage error when DIR is missing or more than
+ * TSR_CLI_MAX_PLUGIN_DIRS were given. */
+int tsr_cli_take_plugin_dir(const char *cmd, int argc, char **argv, int *i,
+                            tsr_cli_plugin_dirs *dirs);
+
+/* A registry searching, in order: `dirs`, the config's plugin_dirs (`cfg` may be NULL), then
+ * the standard folders (tsr_registry_add_default_dirs). Its warnings (a named folder missing
+ * or without plugins, an unsafe folder) are printed at once. Loads nothing. */
+tsr_registry *tsr_cli_registry(tsr_pool *pool, const tsr_cli_plugin_dirs *dirs,
+                               const tsr_config *cfg);
+
+/* Binds the config's plugins, loading each from the registry's search path as it is named.
+ * A configured plugin whose file was refused fails with that refusal (which names the file and
+ * the reason) after the place in the config that names it. */
 tsr_status tsr_cli_bind(tsr_config *cfg, tsr_registry *reg, tsr_error *err);
 
 #endif

@@ -278,6 +278,7 @@ int tsr_cli_bench(int argc, char **argv) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-t 1,2] [-r 5]\n"
                    "                     [--bandwidth-mib 1024] [--json] [--set K=V]...\n"
+                   "                     [--plugin-dir DIR]...\n"
                    "Prefill (-p tokens in one batch) and decode (-n tokens one by one) speed for\n"
                    "each thread count, mean and deviation over -r repetitions after a warm-up;\n"
                    "the weights read per decoded token, the machine's own read bandwidth measured\n"
@@ -355,6 +356,7 @@ int tsr_cli_perplexity(int argc, char **argv) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera perplexity -m MODEL [CONFIG.yaml] -f TEXT [--ctx 512]\n"
                    "                          [--chunks K] [--json] [-t T] [--set K=V]...\n"
+                   "                          [--plugin-dir DIR]...\n"
                    "llama.cpp's definition: the tokenized text is cut into chunks of --ctx tokens\n"
                    "(each starting with BOS), each chunk runs from an empty cache, and the second\n"
                    "half of each chunk is scored. Prints the perplexity and its standard error.\n");

@@ -22,48 +22,45 @@ void tsr_cli_error(const char *fmt, ...) {
 
 bool tsr_cli_is_help(const char *arg) { return !strcmp(arg, "-h") || !strcmp(arg, "--help"); }
 
-tsr_registry *tsr_cli_registry(tsr_pool *pool, char *const *extra_dirs, size_t n_extra,
-                               bool report) {
+int tsr_cli_take_plugin_dir(const char *cmd, int argc, char **argv, int *i,
+                            tsr_cli_plugin_dirs *dirs) {
+    if (strcmp(argv[*i], "--plugin-dir") != 0) return 0;
+    if (dirs->n == TSR_CLI_MAX_PLUGIN_DIRS) {
+        tsr_cli_error("%s: --plugin-dir: at most %d folders", cmd, TSR_CLI_MAX_PLUGIN_DIRS);
+        return -1;
+    }
+    const char *dir = tsr_cli_value(cmd, argc, argv, i, "DIR");
+    if (!dir) return -1;
+    dirs->dir[dirs->n++] = dir;
+    return 1;
+}
+
+tsr_registry *tsr_cli_registry(tsr_pool *pool, const tsr_cli_plugin_dirs *dirs,
+                               const tsr_config *cfg) {
     tsr_registry *reg = tsr_registry_create(pool);
     if (!reg) return NULL;
-    tsr_registry_scan_default(reg, extra_dirs, n_extra);
-    if (report)
-        for (size_t i = 0; i < tsr_registry_n_diagnostics(reg); i++)
-            fprintf(stderr, "tessera: warning: %s\n", tsr_registry_diagnostic(reg, i));
+    for (size_t i = 0; dirs && i < dirs->n; i++)
+        tsr_registry_add_dir(reg, dirs->dir[i], "--plugin-dir", true);
+    if (cfg && cfg->n_plugin_dirs) {
+        char origin[1024];
+        snprintf(origin, sizeof origin, "plugin_dirs of %s", cfg->path);
+        for (size_t i = 0; i < cfg->n_plugin_dirs; i++)
+            tsr_registry_add_dir(reg, cfg->plugin_dirs[i], origin, true);
+    }
+    tsr_registry_add_default_dirs(reg);
+    for (size_t i = 0; i < tsr_registry_n_warnings(reg); i++)
+        fprintf(stderr, "tessera: warning: %s\n", tsr_registry_warning(reg, i));
     return reg;
 }
 
-typedef struct finder {
-    tsr_registry *reg;
-    const char *refusal; /* of the last plugin that could not be found */
-} finder;
-
-static const tsr_plugin_desc *find_plugin(void *ctx, int32_t stage, const char *name) {
-    finder *f = ctx;
-    const tsr_plugin_ref *ref = tsr_registry_find(f->reg, stage, name);
-    if (!ref) f->refusal = tsr_registry_refusal(f->reg, name);
+static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *name,
+                                          tsr_error *why) {
+    const tsr_plugin_ref *ref = tsr_registry_lookup(reg, stage, name, why);
     return ref ? ref->desc : NULL;
 }
 
 tsr_status tsr_cli_bind(tsr_config *cfg, tsr_registry *reg, tsr_error *err) {
-    finder f = {.reg = reg};
-    tsr_status st = tsr_config_bind(cfg, find_plugin, &f, err);
-    if (st < 0 && f.refusal) tsr_error_set(err, st, "%s", f.refusal);
-    return st;
-}
-
-/* Options every plugins subcommand accepts: --plugin-dir DIR (repeatable). The remaining
- * arguments are compacted to the front of argv; returns their count. */
-static int take_plugin_dirs(int argc, char **argv, char **dirs, size_t *n_dirs, size_t cap) {
-    int out = 0;
-    for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--plugin-dir") && i + 1 < argc && *n_dirs < cap) {
-            dirs[(*n_dirs)++] = argv[++i];
-            continue;
-        }
-        argv[out++] = argv[i];
-    }
-    return out;
+    return tsr_config_bind(cfg, find_plugin, reg, err);
 }
 
 static void plugins_usage(FILE *f) {
@@ -72,12 +69,40 @@ static void plugins_usage(FILE *f) {
             "       tessera plugins [--plugin-dir DIR]... info NAME\n"
             "       tessera plugins [--plugin-dir DIR]... call NAME FUNC [ARGS...]\n"
             "\n"
-            "Plugins are searched in the --plugin-dir folders, then TESSERA_PLUGIN_PATH\n"
-            "(colon-separated), then the install folder. `call` runs a command the plugin\n"
-            "exports (see `info`) on a fresh instance with default parameters.\n");
+            "A plugin NAME of stage STAGE is the file STAGE-NAME.so of the first folder that\n"
+            "has one, among: the --plugin-dir folders (up to %d), TESSERA_PLUGIN_PATH\n"
+            "(colon-separated), then the install folder (or the build's plugin folder, for a\n"
+            "program run from its build tree); `tessera -vv` shows the folders. `list` opens\n"
+            "every plugin file of those folders (never other shared objects); `info` and\n"
+            "`call` open the one file of NAME. `call` runs a command the plugin exports (see\n"
+            "`info`) on a fresh instance with default parameters.\n",
+            TSR_CLI_MAX_PLUGIN_DIRS);
+}
+
+/* Opens every plugin file of the search folders and says which could not be loaded. */
+static void load_all(tsr_registry *reg) {
+    tsr_registry_load_all(reg);
+    for (size_t i = 0; i < tsr_registry_n_diagnostics(reg); i++)
+        fprintf(stderr, "tessera: warning: %s\n", tsr_registry_diagnostic(reg, i));
+}
+
+/* The plugin NAME of any stage: by its file name, else among all plugin files (a plugin whose
+ * file is named otherwise); NULL after an error line. */
+static const tsr_plugin_ref *find_any(tsr_registry *reg, const char *name) {
+    tsr_error why;
+    const tsr_plugin_ref *r = tsr_registry_lookup(reg, 0, name, &why);
+    if (!r && !why.msg[0]) {
+        load_all(reg);
+        r = tsr_registry_find(reg, 0, name);
+    }
+    if (r) return r;
+    if (why.msg[0]) tsr_cli_error("%s", why.msg);
+    else tsr_cli_error("no plugin named '%s' (see `tessera plugins list`)", name);
+    return NULL;
 }
 
 static int plugins_list(tsr_registry *reg) {
+    load_all(reg);
     size_t n = tsr_registry_count(reg);
     printf("%-20s %-10s %-8s %-6s %s\n", "NAME", "STAGE", "VERSION", "USABLE", "DESCRIPTION");
     for (int32_t stage = 1; stage <= TSR_STAGE_COUNT; stage++)
@@ -93,11 +118,8 @@ static int plugins_list(tsr_registry *reg) {
 }
 
 static int plugins_info(tsr_registry *reg, const char *name) {
-    const tsr_plugin_ref *r = tsr_registry_find(reg, 0, name);
-    if (!r) {
-        tsr_cli_error("no plugin named '%s' (see `tessera plugins list`)", name);
-        return TSR_EXIT_FAIL;
-    }
+    const tsr_plugin_ref *r = find_any(reg, name);
+    if (!r) return TSR_EXIT_FAIL;
     const tsr_plugin_desc *d = r->desc;
     printf("%s %s: %s\n", d->name, d->version ? d->version : "", d->description ? d->description : "");
     printf("  stage:    %s (ABI %u.%u needed, host has %u.%u)\n", tsr_stage_name(d->stage),
@@ -120,11 +142,8 @@ static int plugins_info(tsr_registry *reg, const char *name) {
 
 static int plugins_call(tsr_registry *reg, tsr_pool *pool, int argc, char **argv) {
     const char *name = argv[0], *func = argv[1];
-    const tsr_plugin_ref *r = tsr_registry_find(reg, 0, name);
-    if (!r) {
-        tsr_cli_error("no plugin named '%s' (see `tessera plugins list`)", name);
-        return TSR_EXIT_FAIL;
-    }
+    const tsr_plugin_ref *r = find_any(reg, name);
+    if (!r) return TSR_EXIT_FAIL;
     const tsr_command *cmd = tsr_command_find(r->desc, func);
     if (!cmd) {
         tsr_cli_error("plugin '%s' has no command '%s' (see `tessera plugins info %s`)", name,
@@ -168,26 +187,32 @@ done:
 }
 
 int tsr_cli_plugins(int argc, char **argv) {
-    char *dirs[16];
-    size_t n_dirs = 0;
-    argv++;
-    argc = take_plugin_dirs(argc - 1, argv, dirs, &n_dirs, 16);
-    if (argc == 0 || tsr_cli_is_help(argv[0])) {
-        plugins_usage(argc == 0 ? stderr : stdout);
-        return argc == 0 ? TSR_EXIT_USAGE : TSR_EXIT_OK;
+    tsr_cli_plugin_dirs dirs = {0};
+    /* The arguments other than options move to argv[1..n]; those after `call NAME FUNC` are
+     * the command's own and are taken as they are. */
+    int n = 0;
+    for (int i = 1; i < argc; i++) {
+        bool own = n >= 3 && !strcmp(argv[1], "call");
+        int took = own ? 0 : tsr_cli_take_plugin_dir("plugins", argc, argv, &i, &dirs);
+        if (took < 0) return TSR_EXIT_USAGE;
+        if (!own && n == 0 && tsr_cli_is_help(argv[i])) {
+            plugins_usage(stdout);
+            return TSR_EXIT_OK;
+        }
+        if (!took) argv[1 + n++] = argv[i];
     }
-    const char *sub = argv[0];
+    const char *sub = n > 0 ? argv[1] : "";
     int need = !strcmp(sub, "list") ? 1 : !strcmp(sub, "info") ? 2 : !strcmp(sub, "call") ? 3 : 0;
-    if (need == 0 || argc < need || (need < 3 && argc != need)) {
+    if (need == 0 || n < need || (need < 3 && n != need)) {
         plugins_usage(stderr);
         return TSR_EXIT_USAGE;
     }
     tsr_pool *pool = tsr_pool_create(1);
-    tsr_registry *reg = tsr_cli_registry(pool, dirs, n_dirs, true);
+    tsr_registry *reg = tsr_cli_registry(pool, &dirs, NULL);
     int status;
     if (need == 1) status = plugins_list(reg);
-    else if (need == 2) status = plugins_info(reg, argv[1]);
-    else status = plugins_call(reg, pool, argc - 1, argv + 1);
+    else if (need == 2) status = plugins_info(reg, argv[2]);
+    else status = plugins_call(reg, pool, n - 1, argv + 2);
     tsr_registry_free(reg);
     tsr_pool_free(pool);
     return status;
@@ -235,21 +260,23 @@ int tsr_cli_validate(int argc, char **argv) {
     const char *path = NULL;
     const char **sets = calloc((size_t)argc, sizeof *sets);
     size_t n_sets = 0;
+    tsr_cli_plugin_dirs dirs = {0};
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
-            printf("usage: tessera validate CONFIG.yaml [--set K=V]...\n"
+            printf("usage: tessera validate CONFIG.yaml [--set K=V]... [--plugin-dir DIR]...\n"
                    "Checks the file's shape, that every plugin exists, every parameter value\n"
                    "against the plugin's declared parameters, and that the model and tokenizer\n"
-                   "files it names exist.\n");
+                   "files it names exist. Only the plugins the pipeline names are loaded (see\n"
+                   "tessera plugins --help for the search).\n");
             free(sets);
             return TSR_EXIT_OK;
         }
-        int took = 1;
-        if (!strcmp(argv[i], "--set"))
+        int took = tsr_cli_take_plugin_dir("validate", argc, argv, &i, &dirs);
+        if (took == 0 && !strcmp(argv[i], "--set"))
             took = (sets[n_sets++] = tsr_cli_value("validate", argc, argv, &i,
                                                    "SECTION.KEY=VALUE")) ? 1 : -1;
-        else if (!path && argv[i][0] != '-') path = argv[i];
-        else took = (tsr_cli_bad_arg("validate", argv[i]), -1);
+        else if (took == 0 && !path && argv[i][0] != '-') path = argv[i];
+        else if (took == 0) took = (tsr_cli_bad_arg("validate", argv[i]), -1);
         if (took < 0) {
             free(sets);
             return TSR_EXIT_USAGE;
@@ -269,7 +296,7 @@ int tsr_cli_validate(int argc, char **argv) {
     for (size_t i = 0; i < n_sets; i++)
         if (tsr_config_set(cfg, sets[i], &err) < 0) goto fail;
     pool = tsr_pool_create(1);
-    reg = tsr_cli_registry(pool, cfg->plugin_dirs, cfg->n_plugin_dirs, false);
+    reg = tsr_cli_registry(pool, &dirs, cfg);
     if (tsr_cli_bind(cfg, reg, &err) < 0) goto fail;
     if (check_hooks(cfg, reg, &err) < 0) goto fail;
     if (check_files(cfg, &err) < 0) goto fail;

@@ -79,7 +79,7 @@ static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, 
         return st;
     for (size_t i = 0; i < o->n_sets; i++)
         if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
-    s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
+    s->reg = tsr_cli_registry(NULL, &o->plugin_dirs, s->cfg);
     if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
     /* TYPE goes to the quantizer's parameter of role WEIGHT_TYPE; one without such a parameter
      * makes its own format, and its first weight then says whether a GGUF file can hold it. */
@@ -258,7 +258,8 @@ static int take_job_opt(const char *cmd, int argc, char **argv, int *i, model_op
     const char *set = NULL;
     const tsr_cli_text_opt texts[] = {{"--config", NULL, "CONFIG.yaml", &o->config},
                                       {"--set", NULL, "SECTION.KEY=VALUE", &set}};
-    int took = tsr_cli_take_text(cmd, argc, argv, i, texts, 2);
+    int took = tsr_cli_take_plugin_dir(cmd, argc, argv, i, &o->plugin_dirs);
+    if (took == 0) took = tsr_cli_take_text(cmd, argc, argv, i, texts, 2);
     if (set) o->sets[o->n_sets++] = set;
     return took ? took : tsr_cli_take_flag(argv[*i], "--json", NULL, json);
 }
@@ -286,6 +287,7 @@ int tsr_cli_quantize(int argc, char **argv) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera quantize IN.gguf OUT.gguf TYPE [--config CONFIG.yaml]\n"
                    "                        [--set K=V]... [-t THREADS] [--json]\n"
+                   "                        [--plugin-dir DIR]...\n"
                    "Writes OUT with every weight matrix of IN quantized by the configured\n"
                    "quantizer (default: gguf) with its weight type set to TYPE, per layer as the\n"
                    "config's layers: say. Norms and biases are copied. TYPE is one of the\n"
@@ -478,6 +480,7 @@ int tsr_cli_synth(int argc, char **argv) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera synth --shape NAME [--type TYPE] -o FILE.gguf [--seed S]\n"
                    "                     [--config CONFIG.yaml] [--set K=V]... [--json]\n"
+                   "                     [--plugin-dir DIR]...\n"
                    "A model with random weights (normal, deviation 0.02; norms 1) of a real\n"
                    "shape, with a SentencePiece-style vocabulary, quantized to TYPE like\n"
                    "`tessera quantize`; progress goes to stderr. Shapes:");

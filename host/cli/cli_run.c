@@ -174,14 +174,16 @@ static void run_usage(FILE *f) {
     fprintf(f,
             "usage: tessera run [CONFIG.yaml] -m MODEL [--tokenizer FILE] [-p PROMPT]\n"
             "                   [-n NEW_TOKENS] [--temperature T] [--seed S] [-t THREADS]\n"
-            "                   [--set SECTION.KEY=VALUE]... [--json] [-v]\n"
+            "                   [--set SECTION.KEY=VALUE]... [--plugin-dir DIR]... [--json]\n"
+            "                   [-v]\n"
             "Prints the prompt, then each new token as it is made, to stdout; timings go to\n"
             "stderr. Without CONFIG the built-in pipeline runs (cpu, gguf, flash, full,\n"
             "sample). --temperature 0 is greedy. Generation stops after NEW_TOKENS (default\n"
             "the config's generate.max_tokens, else 256) or at the model's end token.\n"
             "--json prints one JSON object instead: the text, token counts, seconds per\n"
             "stage and the cache policies' statistics (entries, evicted, KV bytes, bits of\n"
-            "memory per stored value). -v logs those statistics on stderr.\n");
+            "memory per stored value). -v logs those statistics on stderr. --plugin-dir DIR\n"
+            "is searched for plugins before the other folders (see tessera plugins --help).\n");
 }
 
 int tsr_cli_run(int argc, char **argv) {
@@ -304,7 +306,7 @@ static tsr_status parse_ids(const char *text, int32_t **out, size_t *n, tsr_erro
 
 static void logits_usage(void) {
     printf("usage: tessera logits -m MODEL [CONFIG.yaml] --tokens \"ID ID ...\" --out FILE\n"
-           "              [--tokenizer FILE] [-t THREADS] [--set K=V]...\n"
+           "              [--tokenizer FILE] [-t THREADS] [--set K=V]... [--plugin-dir DIR]...\n"
            "Runs the ids as one batch from an empty cache and writes the logits of every\n"
            "position as raw little-endian float32 [n_tokens][n_vocab]. FILE is replaced\n"
            "only once it is complete; a device or FIFO (/dev/stdout) is written directly.\n");

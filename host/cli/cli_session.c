@@ -88,7 +88,7 @@ tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
         if ((st = tsr_config_set_role(s->cfg, o->roles[i].stage, o->roles[i].role,
                                       o->roles[i].value, o->roles[i].option, err)) < 0)
             return st;
-    s->reg = tsr_cli_registry(NULL, s->cfg->plugin_dirs, s->cfg->n_plugin_dirs, false);
+    s->reg = tsr_cli_registry(NULL, &o->plugin_dirs, s->cfg);
     if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
 
     const char *model_path = o->model ? o->model : s->cfg->model_path;
@@ -154,7 +154,8 @@ int tsr_session_take_opt(const char *cmd, int argc, char **argv, int *i, model_o
                                       {"--set", NULL, "SECTION.KEY=VALUE", &set}};
     const tsr_cli_int_opt ints[] = {
         {"-t", "--threads", "THREADS", 1, TSR_CLI_THREADS_MAX, &threads}};
-    int took = tsr_cli_take_text(cmd, argc, argv, i, texts, 3);
+    int took = tsr_cli_take_plugin_dir(cmd, argc, argv, i, &o->plugin_dirs);
+    if (took == 0) took = tsr_cli_take_text(cmd, argc, argv, i, texts, 3);
     if (took == 0) took = tsr_cli_take_int(cmd, argc, argv, i, ints, 1);
     if (set) o->sets[o->n_sets++] = set;
     if (threads) o->threads = (int)threads;

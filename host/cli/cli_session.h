@@ -36,6 +36,7 @@ typedef struct model_opts {
     int threads;     /* 0: from the config */
     role_opt roles[TSR_STAGE_COUNT * TSR_PARAM_ROLE_COUNT];
     size_t n_roles;
+    tsr_cli_plugin_dirs plugin_dirs; /* --plugin-dir */
 } model_opts;
 
 /* Records an option that sets `stage`'s parameter of `role`; a later one replaces it. */
@@ -45,7 +46,8 @@ void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char
 /* The most threads -t takes (the cpu backend's own limit). */
 #define TSR_CLI_THREADS_MAX 256
 
-/* Parses one shared option of command `cmd` at argv[*i] (CONFIG, -m, --tokenizer, --set, -t);
+/* Parses one shared option of command `cmd` at argv[*i] (CONFIG, -m, --tokenizer, --set, -t,
+ * --plugin-dir);
  * returns 1 when it was one, 0 when not, -1 on a usage error (printed). */
 int tsr_session_take_opt(const char *cmd, int argc, char **argv, int *i, model_opts *o);
 

@@ -24,7 +24,7 @@ static void print_version(void) {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: tessera [-v] <command> [args]\n"
+            "usage: tessera [-v]... <command> [args]\n"
             "\n"
             "commands:\n"
             "  run [CONFIG] -m MODEL [-p PROMPT] [-n N] [--set K=V]...  generate text\n"
@@ -36,11 +36,33 @@ static void usage(FILE *f) {
             "  synth --shape NAME --type TYPE -o FILE                 random model of a real shape\n"
             "  plugins list | info NAME | call NAME FUNC [ARGS...]   the plugins found\n"
             "  validate CONFIG.yaml [--set K=V]...                      check a pipeline\n"
+            "Every command that loads plugins takes --plugin-dir DIR (repeatable): folders\n"
+            "searched before the others (see `tessera plugins --help`).\n"
             "\n"
             "options:\n"
-            "  -v, --verbose   more log lines on stderr (repeat for debug)\n"
+            "  -v, --verbose   more log lines on stderr: -v info, -vv (or -v -v) debug,\n"
+            "                  which shows every plugin folder searched and why one is skipped\n"
             "  --version       host version and the version of each plugin ABI\n"
-            "  -h, --help      this text; `tessera <command> --help` for a command\n");
+            "  -h, --help      this text; `tessera <command> --help` for a command\n"
+            "\n"
+            "environment:\n"
+            "  TESSERA_PLUGIN_PATH  colon-separated plugin folders, searched after --plugin-dir\n"
+            "                       and a config's plugin_dirs, before the install folder\n"
+            "  TESSERA_LOG          info or debug: the log level without -v\n"
+            "  TESSERA_CPU_LEVEL    scalar, avx2 or avx512: caps the CPU kernels' instruction\n"
+            "                       set (never above what the machine has)\n"
+            "  TESSERA_NO_DLCLOSE   set (to anything): plugin objects stay mapped at exit, so\n"
+            "                       leak reports (LeakSanitizer) can name plugin frames\n");
+}
+
+/* -v, -vv, -vvv...: how many levels of logging to add; 0 when `arg` is not one. */
+static int verbosity(const char *arg) {
+    if (!strcmp(arg, "--verbose")) return 1;
+    if (arg[0] != '-' || arg[1] != 'v') return 0;
+    int n = 0;
+    for (const char *c = arg + 1; *c; c++, n++)
+        if (*c != 'v') return 0;
+    return n;
 }
 
 /* Output lost on the way out (a full disk, /dev/full) fails a command that otherwise worked. */
@@ -52,11 +74,13 @@ int main(int argc, char **argv) {
     int level = TSR_LOG_WARN;
     const char *env = getenv("TESSERA_LOG");
     if (env && !strcmp(env, "info")) level = TSR_LOG_INFO;
-    if (env && !strcmp(env, "debug")) level = TSR_LOG_DEBUG;
+    else if (env && !strcmp(env, "debug")) level = TSR_LOG_DEBUG;
+    else if (env && *env)
+        fprintf(stderr, "tessera: warning: TESSERA_LOG='%s' is not info or debug; ignored\n", env);
     int i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
-        if (!strcmp(argv[i], "-v") || !strcmp(argv[i], "--verbose")) {
-            level++;
+        if (verbosity(argv[i]) > 0) {
+            level += verbosity(argv[i]);
         } else if (!strcmp(argv[i], "--version")) {
             print_version();
             return finish(TSR_EXIT_OK);

@@ -895,7 +895,10 @@ static tsr_status params_with_roles(const tsr_stage_conf *sc, const tsr_plugin_d
 static tsr_status bind_stage(tsr_stage_conf *sc, int32_t stage, const char *section,
                              const tsr_role_value *roles, tsr_plugin_find_fn find, void *find_ctx,
                              tsr_error *err) {
-    const tsr_plugin_desc *desc = find(find_ctx, stage, sc->plugin);
+    tsr_error why = {""};
+    const tsr_plugin_desc *desc = find(find_ctx, stage, sc->plugin, &why);
+    if (!desc && why.msg[0])
+        return tsr_error_set_at(err, TSR_E_INVALID, sc->loc, "%s: %s", section, why.msg);
     if (!desc) {
         char ex[EXCERPT];
         return tsr_error_set_at(err, TSR_E_INVALID, sc->loc,

@@ -107,11 +107,14 @@ tsr_status tsr_config_set_role(tsr_config *cfg, int32_t stage, int32_t role, con
 
 /* Looks up each configured plugin with `find` (the registry) and binds its parameters against
  * the plugin's table, for every stage and every layer override. `find` returns NULL for an
- * unknown plugin of that stage. A stage left unconfigured first gets the default pipeline's
+ * unknown plugin of that stage, and may then say why in `why` (a plugin file refused, a plugin
+ * of another stage), which the error line gives after the plugin's place in the config;
+ * left empty, the line says "unknown plugin". A stage left unconfigured first gets the default pipeline's
  * plugin (a stage without a default, the router, stays unconfigured and unbound). Values given
  * by role (tsr_config_set_role) go to the parameter of that role. Binding again (after
  * tsr_config_set) replaces earlier bindings. */
-typedef const tsr_plugin_desc *(*tsr_plugin_find_fn)(void *ctx, int32_t stage, const char *name);
+typedef const tsr_plugin_desc *(*tsr_plugin_find_fn)(void *ctx, int32_t stage, const char *name,
+                                                     tsr_error *why);
 tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
                            tsr_error *err);
 

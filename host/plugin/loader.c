@@ -22,6 +22,7 @@
 #include "plugin/commands.h"
 #include "config/config.h"
 #include "config/params.h"
+#include "plugin/trust.h"
 #include "plugin/vtable.h"
 
 /* ---- the host's stage interfaces ------------------------------------------------------ */
@@ -96,7 +97,8 @@ uint16_t tsr_stage_abi_minor(int32_t stage) { return stage_valid(stage) ? stages
 /* ---- registry ---------------------------------------------------------------------------- */
 
 struct tsr_plugin_object {
-    char *path;
+    char *path;            /* as the search or the caller named it: shown in messages */
+    char *real;            /* the resolved file that was opened */
     void *handle;
     tsr_services services; /* the table handed to the entry point; lives as long as the object */
 };
@@ -106,18 +108,22 @@ typedef struct ref_entry {
     char *unusable_text;
 } ref_entry;
 
+/* A growing array of owned strings. */
+typedef struct lines {
+    char **at;
+    size_t n;
+} lines;
+
 struct tsr_registry {
     tsr_pool *pool;
     tsr_plugin_object **objects;
     size_t n_objects;
     ref_entry **refs; /* one allocation each: a tsr_plugin_ref stays put while more load */
     size_t n_refs;
-    char **diags;
-    size_t n_diags;
-    char **refused_names, **refused_why; /* plugins refused at load, with their reason */
-    size_t n_refused;
-    char **scanned_dirs; /* folders already scanned, in search order */
-    size_t n_scanned;
+    lines diags;
+    lines warnings;
+    lines refused_names, refused_why; /* plugins refused at load, with their reason */
+    lines folders; /* the search path: resolved folders that passed their checks, in order */
 };
 
 static void *grow(void *array, size_t n, size_t elem) {
@@ -127,16 +133,40 @@ static void *grow(void *array, size_t n, size_t elem) {
     return realloc(array, cap * elem);
 }
 
+static void lines_add(lines *l, char *owned) {
+    l->at = grow(l->at, l->n, sizeof *l->at);
+    l->at[l->n++] = owned;
+}
+
+static void lines_free(lines *l) {
+    for (size_t i = 0; i < l->n; i++) free(l->at[i]);
+    free(l->at);
+}
+
+static const char *lines_at(const lines *l, size_t i) { return i < l->n ? l->at[i] : NULL; }
+
+static void lines_vadd(lines *l, const char *fmt, va_list ap) {
+    char line[1536];
+    vsnprintf(line, sizeof line, fmt, ap);
+    lines_add(l, strdup(line));
+}
+
 static void add_diag(tsr_registry *reg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void add_diag(tsr_registry *reg, const char *fmt, ...) {
-    char line[1536];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    lines_vadd(&reg->diags, fmt, ap);
     va_end(ap);
-    reg->diags = grow(reg->diags, reg->n_diags, sizeof *reg->diags);
-    reg->diags[reg->n_diags++] = strdup(line);
-    tsr_log(TSR_LOG_INFO, "loader", "%s", line);
+    tsr_log(TSR_LOG_INFO, "loader", "%s", reg->diags.at[reg->diags.n - 1]);
+}
+
+static void add_warning(tsr_registry *reg, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void add_warning(tsr_registry *reg, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    lines_vadd(&reg->warnings, fmt, ap);
+    va_end(ap);
 }
 
 tsr_registry *tsr_registry_create(tsr_pool *pool) {
@@ -151,6 +181,7 @@ static void object_free(tsr_plugin_object *obj) {
      * frames; the process is ending anyway when a registry is freed in that case. */
     if (obj->handle && !getenv("TESSERA_NO_DLCLOSE")) dlclose(obj->handle);
     free(obj->path);
+    free(obj->real);
     free(obj);
 }
 
@@ -161,18 +192,13 @@ void tsr_registry_free(tsr_registry *reg) {
         free(reg->refs[i]);
     }
     for (size_t i = 0; i < reg->n_objects; i++) object_free(reg->objects[i]);
-    for (size_t i = 0; i < reg->n_diags; i++) free(reg->diags[i]);
-    for (size_t i = 0; i < reg->n_refused; i++) {
-        free(reg->refused_names[i]);
-        free(reg->refused_why[i]);
-    }
-    free(reg->refused_names);
-    free(reg->refused_why);
-    for (size_t i = 0; i < reg->n_scanned; i++) free(reg->scanned_dirs[i]);
+    lines_free(&reg->diags);
+    lines_free(&reg->warnings);
+    lines_free(&reg->refused_names);
+    lines_free(&reg->refused_why);
+    lines_free(&reg->folders);
     free(reg->refs);
     free(reg->objects);
-    free(reg->diags);
-    free(reg->scanned_dirs);
     free(reg);
 }
 
@@ -180,14 +206,19 @@ size_t tsr_registry_count(const tsr_registry *reg) { return reg->n_refs; }
 const tsr_plugin_ref *tsr_registry_at(const tsr_registry *reg, size_t i) {
     return i < reg->n_refs ? &reg->refs[i]->ref : NULL;
 }
-size_t tsr_registry_n_diagnostics(const tsr_registry *reg) { return reg->n_diags; }
+size_t tsr_registry_n_diagnostics(const tsr_registry *reg) { return reg->diags.n; }
 const char *tsr_registry_diagnostic(const tsr_registry *reg, size_t i) {
-    return i < reg->n_diags ? reg->diags[i] : NULL;
+    return lines_at(&reg->diags, i);
+}
+size_t tsr_registry_n_warnings(const tsr_registry *reg) { return reg->warnings.n; }
+const char *tsr_registry_warning(const tsr_registry *reg, size_t i) {
+    return lines_at(&reg->warnings, i);
 }
 
-const char *tsr_registry_refusal(const tsr_registry *reg, const char *name) {
-    for (size_t i = 0; i < reg->n_refused; i++)
-        if (strcmp(reg->refused_names[i], name) == 0) return reg->refused_why[i];
+/* Why the plugin `name` was refused at load (version, callbacks, duplicate...), or NULL. */
+static const char *refusal_of(const tsr_registry *reg, const char *name) {
+    for (size_t i = 0; i < reg->refused_names.n; i++)
+        if (strcmp(reg->refused_names.at[i], name) == 0) return reg->refused_why.at[i];
     return NULL;
 }
 
@@ -200,34 +231,9 @@ const tsr_plugin_ref *tsr_registry_find(const tsr_registry *reg, int32_t stage, 
     return NULL;
 }
 
-/* ---- checks -------------------------------------------------------------------------- */
-
 static const char *base_name(const char *path) {
     const char *slash = strrchr(path, '/');
     return slash ? slash + 1 : path;
-}
-
-/* A file that others can write could be replaced by anyone on the machine, and the host would
- * run its code: refuse it, and refuse a folder others can write (they could add files). */
-static tsr_status check_permissions(const char *path, tsr_error *err) {
-    struct stat st;
-    if (stat(path, &st) != 0)
-        return tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode))
-        return tsr_error_set(err, TSR_E_INVALID, "%s: not a regular file", path);
-    if (st.st_mode & S_IWOTH)
-        return tsr_error_set(err, TSR_E_INVALID,
-                             "%s: refusing to load a plugin file writable by others; "
-                             "fix with: chmod o-w %s", path, path);
-    char *copy = strdup(path);
-    const char *dir = dirname(copy);
-    tsr_status status = TSR_OK;
-    if (stat(dir, &st) == 0 && (st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX))
-        status = tsr_error_set(err, TSR_E_INVALID,
-                               "%s: refusing to load from folder %s, which is writable by "
-                               "others; fix with: chmod o-w %s", path, dir, dir);
-    free(copy);
-    return status;
 }
 
 /* ---- files that dlopen refuses ------------------------------------------------------- */
@@ -328,13 +334,16 @@ static tsr_status describe_dlopen_failure(const char *path, const char *dl_error
                          dl_error ? dl_error : "unknown dlopen error");
 }
 
-static bool name_ok(const char *name) {
-    if (!name || !*name || strlen(name) > 64) return false;
-    for (const char *p = name; *p; p++)
+/* A plugin name: the first `len` bytes of `name`, 1 to 64 of [a-z0-9_-]. */
+static bool name_ok_n(const char *name, size_t len) {
+    if (len == 0 || len > 64) return false;
+    for (const char *p = name; p < name + len; p++)
         if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_' || *p == '-'))
             return false;
     return true;
 }
+
+static bool name_ok(const char *name) { return name && name_ok_n(name, strlen(name)); }
 
 /* Checks one descriptor against this host. Returns a negative status with the reason in
  * `err` when the plugin must be refused. */
@@ -427,58 +436,37 @@ static tsr_status check_set(const char *path, const tsr_plugin_set *set, tsr_err
 
 /* ---- loading --------------------------------------------------------------------------- */
 
-tsr_status tsr_registry_load_file(tsr_registry *reg, const char *path, tsr_error *err) {
-    tsr_status st = check_permissions(path, err);
-    if (st < 0) return st;
+static tsr_plugin_object *object_at_real_path(const tsr_registry *reg, const char *real) {
+    for (size_t i = 0; i < reg->n_objects; i++)
+        if (strcmp(reg->objects[i]->real, real) == 0) return reg->objects[i];
+    return NULL;
+}
 
-    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!handle) return describe_dlopen_failure(path, dlerror(), err);
-
-    tsr_plugin_object *obj = calloc(1, sizeof *obj);
-    obj->path = strdup(path);
-    obj->handle = handle;
-    tsr_services_init(&obj->services, base_name(path), reg->pool);
-
-    tsr_plugin_entry_fn entry;
-    void *sym = dlsym(handle, TSR_PLUGIN_ENTRY_SYMBOL);
-    memcpy(&entry, &sym, sizeof entry);
-    if (!entry) {
-        st = tsr_error_set(err, TSR_E_INVALID,
-                           "%s: no entry symbol '%s': not a Tessera plugin, or built without "
-                           "TSR_PLUGIN_EXPORT()", path, TSR_PLUGIN_ENTRY_SYMBOL);
-        goto fail;
+static void note_refusal(tsr_registry *reg, const tsr_plugin_desc *d, const char *why) {
+    if (d && d->struct_size >= offsetof(tsr_plugin_desc, name) + sizeof(d->name) && d->name) {
+        lines_add(&reg->refused_names, strdup(d->name));
+        lines_add(&reg->refused_why, strdup(why));
     }
-    const tsr_plugin_set *set = entry(TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR,
-                                      &obj->services.table);
-    if (!set) {
-        st = tsr_error_set(err, TSR_E_UNSUPPORTED, "%s: the plugin refused to load: %s", path,
-                           tsr_services_take_error(&obj->services, "no reason given"));
-        goto fail;
-    }
-    st = check_set(path, set, err);
-    if (st < 0) goto fail;
+}
 
+/* Registers the plugins of `set`, which `obj` (loaded from `path`) provides. Returns how many
+ * registered; the reason of the last refusal goes to *refusal. */
+static size_t register_plugins(tsr_registry *reg, tsr_plugin_object *obj, const char *path,
+                               const tsr_plugin_set *set, tsr_status *refusal) {
     size_t registered = 0;
-    tsr_status refusal = TSR_E_INVALID; /* why the last refused plugin was refused */
     for (uint32_t i = 0; i < set->n_plugins; i++) {
         const tsr_plugin_desc *d = set->plugins[i];
         tsr_error why;
         tsr_status checked = check_desc(path, d, i, &why);
         if (checked < 0) {
-            refusal = checked;
+            *refusal = checked;
             add_diag(reg, "%s", why.msg);
-            if (d && d->struct_size >= offsetof(tsr_plugin_desc, name) + sizeof(d->name) &&
-                d->name) {
-                reg->refused_names = grow(reg->refused_names, reg->n_refused, sizeof(char *));
-                reg->refused_why = grow(reg->refused_why, reg->n_refused, sizeof(char *));
-                reg->refused_names[reg->n_refused] = strdup(d->name);
-                reg->refused_why[reg->n_refused++] = strdup(why.msg);
-            }
+            note_refusal(reg, d, why.msg);
             continue;
         }
         const tsr_plugin_ref *prev = tsr_registry_find(reg, 0, d->name);
         if (prev) {
-            refusal = TSR_E_INVALID;
+            *refusal = TSR_E_INVALID;
             /* Within one folder (or one object) two plugins of one name are a packaging
              * error; across folders the earlier folder in the search order wins. */
             char *a = strdup(prev->path), *b = strdup(path);
@@ -513,18 +501,67 @@ tsr_status tsr_registry_load_file(tsr_registry *reg, const char *path, tsr_error
                                   .unusable = e->unusable_text, .object = obj};
         registered++;
     }
+    return registered;
+}
 
-    if (registered == 0) {
+/* Loads the object at `path` into *out, or finds it already loaded. */
+static tsr_status load_object(tsr_registry *reg, const char *path, tsr_plugin_object **out,
+                              tsr_error *err) {
+    *out = NULL;
+    char *real = realpath(path, NULL);
+    if (!real) return tsr_error_set(err, TSR_E_IO, "%s: cannot open: %s", path, strerror(errno));
+    *out = object_at_real_path(reg, real);
+    if (*out) {
+        free(real);
+        return TSR_OK;
+    }
+    tsr_status st = tsr_trust_file(path, real, err);
+    /* The resolved file is what was checked: open that, not a link that may since point
+     * elsewhere. */
+    void *handle = st < 0 ? NULL : dlopen(real, RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+        if (st >= 0) st = describe_dlopen_failure(path, dlerror(), err);
+        free(real);
+        return st;
+    }
+    tsr_plugin_object *obj = calloc(1, sizeof *obj);
+    obj->path = strdup(path);
+    obj->real = real;
+    obj->handle = handle;
+    tsr_services_init(&obj->services, base_name(path), reg->pool);
+
+    tsr_plugin_entry_fn entry;
+    void *sym = dlsym(handle, TSR_PLUGIN_ENTRY_SYMBOL);
+    memcpy(&entry, &sym, sizeof entry);
+    if (!entry) {
+        st = tsr_error_set(err, TSR_E_INVALID,
+                           "%s: no entry symbol '%s': not a Tessera plugin, or built without "
+                           "TSR_PLUGIN_EXPORT()", path, TSR_PLUGIN_ENTRY_SYMBOL);
+        goto fail;
+    }
+    const tsr_plugin_set *set = entry(TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR,
+                                      &obj->services.table);
+    if (!set) {
+        st = tsr_error_set(err, TSR_E_UNSUPPORTED, "%s: the plugin refused to load: %s", path,
+                           tsr_services_take_error(&obj->services, "no reason given"));
+        goto fail;
+    }
+    st = check_set(path, set, err);
+    if (st < 0) goto fail;
+
+    tsr_status refusal = TSR_E_INVALID;
+    if (register_plugins(reg, obj, path, set, &refusal) == 0) {
         /* An object of one refused plugin fails the way that plugin did (an ABI version
          * mismatch stays TSR_E_UNSUPPORTED). */
-        st = tsr_error_set(err, refusal, "%s", reg->n_diags ? reg->diags[reg->n_diags - 1]
+        st = tsr_error_set(err, refusal, "%s", reg->diags.n ? reg->diags.at[reg->diags.n - 1]
                                                             : "no usable plugin");
         /* The last diagnostic is now the error itself: do not report it twice. */
-        if (reg->n_diags) free(reg->diags[--reg->n_diags]);
+        if (reg->diags.n) free(reg->diags.at[--reg->diags.n]);
         goto fail;
     }
     reg->objects = grow(reg->objects, reg->n_objects, sizeof *reg->objects);
     reg->objects[reg->n_objects++] = obj;
+    *out = obj;
     return TSR_OK;
 
 fail:
@@ -532,86 +569,301 @@ fail:
     return st;
 }
 
+tsr_status tsr_registry_load_file(tsr_registry *reg, const char *path, tsr_error *err) {
+    tsr_plugin_object *obj;
+    return load_object(reg, path, &obj, err);
+}
+
+/* ---- plugin files and folders ---------------------------------------------------------- */
+
+/* The stage a plugin file name starts with ("cache-" ...), or 0. */
+static int32_t file_name_stage(const char *file_name) {
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
+        size_t n = strlen(tsr_stage_name(s));
+        if (strncmp(file_name, tsr_stage_name(s), n) == 0 && file_name[n] == '-') return s;
+    }
+    return 0;
+}
+
+bool tsr_plugin_file_name_ok(const char *file_name) {
+    int32_t stage = file_name_stage(file_name);
+    if (!stage) return false;
+    const char *name = file_name + strlen(tsr_stage_name(stage)) + 1;
+    size_t len = strlen(name);
+    return len > 3 && strcmp(name + len - 3, ".so") == 0 && name_ok_n(name, len - 3);
+}
+
+/* "<dir>/<stage>-<name>.so" (malloc'd). */
+static char *plugin_file_path(const char *dir, int32_t stage, const char *name) {
+    size_t cap = strlen(dir) + strlen(tsr_stage_name(stage)) + strlen(name) + 6;
+    char *path = malloc(cap);
+    if (path) snprintf(path, cap, "%s/%s-%s.so", dir, tsr_stage_name(stage), name);
+    return path;
+}
+
 static int cmp_str(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-int tsr_registry_scan_dir(tsr_registry *reg, const char *dir, tsr_error *err) {
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return tsr_error_set(err, TSR_E_IO, "%s: not a folder", dir);
-    /* Unlike one named file, a scan loads whatever others put there: the sticky bit (which
-     * only stops them replacing files they do not own) is no protection. */
-    if (st.st_mode & S_IWOTH)
-        return tsr_error_set(err, TSR_E_INVALID,
-                             "%s: refusing to load plugins from a folder writable by others; "
-                             "fix with: chmod o-w %s", dir, dir);
+/* The plugin file names of the resolved folder `dir`, sorted (malloc'd, each and the array);
+ * a negative status when it cannot be read. */
+static tsr_status plugin_files(const char *dir, char ***names, size_t *n, tsr_error *err) {
+    *names = NULL;
+    *n = 0;
     DIR *d = opendir(dir);
     if (!d) return tsr_error_set(err, TSR_E_IO, "%s: cannot read: %s", dir, strerror(errno));
-    char **names = NULL;
-    size_t n = 0;
     struct dirent *e;
-    while ((e = readdir(d))) {
-        size_t len = strlen(e->d_name);
-        if (len < 4 || strcmp(e->d_name + len - 3, ".so") != 0 || e->d_name[0] == '.') continue;
-        names = grow(names, n, sizeof *names);
-        names[n++] = strdup(e->d_name);
-    }
+    while ((e = readdir(d)))
+        if (tsr_plugin_file_name_ok(e->d_name)) {
+            *names = grow(*names, *n, sizeof **names);
+            (*names)[(*n)++] = strdup(e->d_name);
+        }
     closedir(d);
-    if (n) qsort(names, n, sizeof *names, cmp_str); /* names is NULL when n is 0 */
+    if (*n) qsort(*names, *n, sizeof **names, cmp_str);
+    return TSR_OK;
+}
+
+static void names_free(char **names, size_t n) {
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+}
+
+/* Resolves a folder to search and checks it: *real is malloc'd on success. TSR_E_IO when it
+ * is missing or not a folder, TSR_E_INVALID when it is not safe (tsr_trust_folder). */
+static tsr_status open_folder(const char *dir, char **real, tsr_error *err) {
+    *real = realpath(dir, NULL);
+    struct stat st;
+    tsr_status status = TSR_OK;
+    if (!*real)
+        status = tsr_error_set(err, TSR_E_IO, "%s: %s", dir,
+                               errno == ENOENT ? "no such folder" : strerror(errno));
+    else if (stat(*real, &st) != 0 || !S_ISDIR(st.st_mode))
+        status = tsr_error_set(err, TSR_E_IO, "%s: not a folder", dir);
+    else
+        status = tsr_trust_folder(dir, *real, err);
+    if (status < 0) {
+        free(*real);
+        *real = NULL;
+    }
+    return status;
+}
+
+/* A scan may load a plugin that its file name would not find (a lookup of NAME opens
+ * STAGE-NAME.so only): say so, since a pipeline naming it would fail. */
+static void check_found_by_name(tsr_registry *reg, const char *dir, const tsr_plugin_object *obj) {
+    for (size_t i = 0; i < reg->n_refs; i++) {
+        const tsr_plugin_ref *r = &reg->refs[i]->ref;
+        if (r->object != obj) continue;
+        char *path = plugin_file_path(dir, r->desc->stage, r->desc->name);
+        char *real = path ? realpath(path, NULL) : NULL;
+        if (!real || strcmp(real, obj->real) != 0)
+            add_diag(reg, "%s: plugin '%s' cannot be found by name, which looks for %s only; "
+                     "rename the file, or add a link: ln -s %s %s", obj->path, r->desc->name,
+                     path, obj->real, path);
+        free(real);
+        free(path);
+    }
+}
+
+/* Loads the plugin files of the resolved, checked folder `dir`. */
+static int scan_files(tsr_registry *reg, const char *dir, tsr_error *err) {
+    char **names;
+    size_t n;
+    tsr_status st = plugin_files(dir, &names, &n, err);
+    if (st < 0) return st;
     int loaded = 0;
     for (size_t i = 0; i < n; i++) {
-        char path[4096];
-        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        char *path = malloc(strlen(dir) + strlen(names[i]) + 2);
+        if (!path) break;
+        sprintf(path, "%s/%s", dir, names[i]);
+        size_t n_before = reg->n_objects;
+        tsr_plugin_object *obj;
         tsr_error why;
-        if (tsr_registry_load_file(reg, path, &why) < 0)
+        if (load_object(reg, path, &obj, &why) < 0) {
             add_diag(reg, "%s (skipped)", why.msg);
-        else
+        } else if (reg->n_objects > n_before) {
             loaded++;
-        free(names[i]);
+            check_found_by_name(reg, dir, obj);
+        }
+        free(path);
     }
-    free(names);
+    names_free(names, n);
     return loaded;
 }
 
-static void scan_once(tsr_registry *reg, const char *dir) {
-    char *real = realpath(dir, NULL);
-    if (!real) return; /* a folder that does not exist is simply not searched */
-    for (size_t i = 0; i < reg->n_scanned; i++)
-        if (strcmp(reg->scanned_dirs[i], real) == 0) {
+int tsr_registry_scan_dir(tsr_registry *reg, const char *dir, tsr_error *err) {
+    char *real;
+    tsr_status st = open_folder(dir, &real, err);
+    if (st < 0) return st;
+    int loaded = scan_files(reg, real, err);
+    free(real);
+    return loaded;
+}
+
+void tsr_registry_load_all(tsr_registry *reg) {
+    for (size_t i = 0; i < reg->folders.n; i++) {
+        tsr_error err;
+        if (scan_files(reg, reg->folders.at[i], &err) < 0) add_diag(reg, "%s", err.msg);
+    }
+}
+
+/* ---- the search path ----------------------------------------------------------------- */
+
+void tsr_registry_add_dir(tsr_registry *reg, const char *dir, const char *origin, bool named) {
+    char *real;
+    tsr_error why;
+    tsr_status st = open_folder(dir, &real, &why);
+    char **names = NULL;
+    size_t n = 0;
+    if (st >= 0) st = plugin_files(real, &names, &n, &why);
+    if (st < 0) {
+        tsr_log(TSR_LOG_DEBUG, "loader", "plugin folder %s (from %s): skipped: %s", dir, origin,
+                why.msg);
+        /* An unsafe folder is worth a warning wherever it came from: someone should fix it. */
+        if (st == TSR_E_INVALID) add_warning(reg, "%s", why.msg);
+        else if (named) add_warning(reg, "%s (a plugin folder from %s)", why.msg, origin);
+        free(real);
+        return;
+    }
+    names_free(names, n);
+    for (size_t i = 0; i < reg->folders.n; i++)
+        if (strcmp(reg->folders.at[i], real) == 0) {
+            tsr_log(TSR_LOG_DEBUG, "loader", "plugin folder %s (from %s): skipped: already "
+                    "searched", real, origin);
             free(real);
             return;
         }
-    reg->scanned_dirs = grow(reg->scanned_dirs, reg->n_scanned, sizeof *reg->scanned_dirs);
-    reg->scanned_dirs[reg->n_scanned++] = real;
-    tsr_error err;
-    if (tsr_registry_scan_dir(reg, real, &err) < 0) add_diag(reg, "%s", err.msg);
+    tsr_log(TSR_LOG_DEBUG, "loader", "plugin folder %s (from %s): searched, %zu plugin file%s",
+            real, origin, n, n == 1 ? "" : "s");
+    if (n == 0 && named)
+        add_warning(reg, "%s: holds no plugin file named STAGE-NAME.so (a plugin folder from %s)",
+                    dir, origin);
+    lines_add(&reg->folders, real);
 }
 
 /* The build tree's plugins are found when the program itself runs from the build tree, so a
  * developer needs no install and no environment variable. */
-static bool running_from_build_tree(void) {
-    char exe[4096];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n <= 0) return false;
-    exe[n] = '\0';
+static bool inside_build_tree(const char *exe) {
     char *build = realpath(TESSERA_PLUGIN_BUILD_DIR "/..", NULL);
     bool inside = build && strncmp(exe, build, strlen(build)) == 0 && exe[strlen(build)] == '/';
     free(build);
     return inside;
 }
 
-void tsr_registry_scan_default(tsr_registry *reg, char *const *dirs, size_t n_dirs) {
-    for (size_t i = 0; i < n_dirs; i++) scan_once(reg, dirs[i]);
+/* The install folder: TESSERA_PLUGIN_DIR_FROM_BIN is relative to the program's folder (or
+ * absolute, when the install folders were configured absolute). */
+static char *install_dir(const char *exe) {
+    if (TESSERA_PLUGIN_DIR_FROM_BIN[0] == '/') return strdup(TESSERA_PLUGIN_DIR_FROM_BIN);
+    const char *slash = strrchr(exe, '/');
+    size_t n = (size_t)(slash - exe);
+    char *dir = malloc(n + sizeof TESSERA_PLUGIN_DIR_FROM_BIN + 1);
+    if (dir) sprintf(dir, "%.*s/%s", (int)n, exe, TESSERA_PLUGIN_DIR_FROM_BIN);
+    return dir;
+}
+
+void tsr_registry_add_default_dirs(tsr_registry *reg) {
     const char *env = getenv("TESSERA_PLUGIN_PATH");
     if (env && *env) {
         char *copy = strdup(env), *save = NULL;
         for (char *dir = strtok_r(copy, ":", &save); dir; dir = strtok_r(NULL, ":", &save))
-            scan_once(reg, dir);
+            tsr_registry_add_dir(reg, dir, "TESSERA_PLUGIN_PATH", false);
         free(copy);
     }
-    if (running_from_build_tree()) scan_once(reg, TESSERA_PLUGIN_BUILD_DIR);
-    scan_once(reg, TESSERA_PLUGIN_INSTALL_DIR);
+    char *exe = realpath("/proc/self/exe", NULL);
+    if (!exe) {
+        tsr_log(TSR_LOG_DEBUG, "loader", "install folder: skipped: the program's own path is "
+                "unknown (/proc/self/exe: %s)", strerror(errno));
+        return;
+    }
+    char *dir = install_dir(exe);
+    if (inside_build_tree(exe)) {
+        tsr_log(TSR_LOG_DEBUG, "loader", "plugin folder %s (the install folder): skipped: %s "
+                "runs from its build tree, whose plugin folder comes instead", dir, exe);
+        tsr_registry_add_dir(reg, TESSERA_PLUGIN_BUILD_DIR, "the build tree", false);
+    } else if (dir) {
+        tsr_registry_add_dir(reg, dir, "the install folder", false);
+    }
+    free(dir);
+    free(exe);
+}
+
+/* ---- lookup by name -------------------------------------------------------------------- */
+
+static bool entry_exists(const char *path) {
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+static const char *article(const char *word) { return strchr("aeiou", word[0]) ? "an" : "a"; }
+
+/* The stage other than `stage` that has a plugin `name`, registered or as a file in a search
+ * folder; 0 when none. Opens nothing. */
+static int32_t other_stage_with(const tsr_registry *reg, int32_t stage, const char *name) {
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++)
+        if (s != stage && tsr_registry_find(reg, s, name)) return s;
+    for (size_t f = 0; f < reg->folders.n; f++)
+        for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
+            if (s == stage) continue;
+            char *path = plugin_file_path(reg->folders.at[f], s, name);
+            bool found = path && entry_exists(path);
+            free(path);
+            if (found) return s;
+        }
+    return 0;
+}
+
+/* Loads the file `path` found for plugin `name` of `stage`, and finds the plugin in it. */
+static const tsr_plugin_ref *load_named(tsr_registry *reg, const char *path, int32_t stage,
+                                        const char *name, tsr_error *err) {
+    tsr_plugin_object *obj;
+    if (load_object(reg, path, &obj, err) < 0) return NULL;
+    tsr_log(TSR_LOG_DEBUG, "loader", "%s plugin '%s': %s", tsr_stage_name(stage), name, path);
+    const tsr_plugin_ref *ref = tsr_registry_find(reg, stage, name);
+    if (ref) return ref;
+    const char *refused = refusal_of(reg, name);
+    if (refused) {
+        tsr_error_set(err, TSR_E_INVALID, "%s", refused);
+        return NULL;
+    }
+    char provides[512] = "";
+    for (size_t i = 0; i < reg->n_refs; i++) {
+        const tsr_plugin_desc *d = reg->refs[i]->ref.desc;
+        size_t used = strlen(provides);
+        if (reg->refs[i]->ref.object == obj)
+            snprintf(provides + used, sizeof provides - used, "%s%s '%s'", used ? ", " : "",
+                     tsr_stage_name(d->stage), d->name);
+    }
+    tsr_error_set(err, TSR_E_INVALID, "%s: holds no %s plugin '%s' but %s; a plugin file is "
+                  "named after the plugin it holds (STAGE-NAME.so)", path, tsr_stage_name(stage),
+                  name, provides);
+    return NULL;
+}
+
+const tsr_plugin_ref *tsr_registry_lookup(tsr_registry *reg, int32_t stage, const char *name,
+                                          tsr_error *err) {
+    if (err) err->msg[0] = '\0';
+    const tsr_plugin_ref *ref = tsr_registry_find(reg, stage, name);
+    if (ref || !name_ok(name) || (stage != 0 && !stage_valid(stage))) return ref;
+    int32_t first = stage ? stage : 1, last = stage ? stage : TSR_STAGE_COUNT;
+    for (size_t f = 0; f < reg->folders.n; f++)
+        for (int32_t s = first; s <= last; s++) {
+            char *path = plugin_file_path(reg->folders.at[f], s, name);
+            if (path && entry_exists(path)) {
+                ref = load_named(reg, path, s, name, err);
+                free(path);
+                return ref;
+            }
+            free(path);
+        }
+    tsr_log(TSR_LOG_DEBUG, "loader", "%s plugin '%s': no %s-%s.so in the %zu plugin folders",
+            stage ? tsr_stage_name(stage) : "a", name, stage ? tsr_stage_name(stage) : "STAGE",
+            name, reg->folders.n);
+    int32_t other = stage ? other_stage_with(reg, stage, name) : 0;
+    if (other)
+        tsr_error_set(err, TSR_E_INVALID, "'%s' is %s %s plugin, not %s %s plugin", name,
+                      article(tsr_stage_name(other)), tsr_stage_name(other),
+                      article(tsr_stage_name(stage)), tsr_stage_name(stage));
+    return NULL;
 }
 
 /* ---- instances ------------------------------------------------------------------------- */

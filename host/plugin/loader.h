@@ -34,31 +34,68 @@ void tsr_registry_free(tsr_registry *reg);
 /* Loads one object file and registers its plugins. On failure nothing is registered and
  * `err` holds one line: "<path>: <reason>[; <fix>]". A plugin of the object that fails its own
  * checks (stage version, NULL callbacks, duplicate name) is refused alone: its line goes to
- * the registry's diagnostics and the others still register. */
+ * the registry's diagnostics and the others still register. The file must pass
+ * tsr_trust_file (plugin/trust.h) before it is opened. An object already loaded (the same
+ * resolved file, reached through another name or link) is not loaded again. */
 tsr_status tsr_registry_load_file(tsr_registry *reg, const char *path, tsr_error *err);
 
-/* Loads every "*.so" in `dir` (sorted by name). Objects that fail are recorded in the
- * diagnostics and skipped. A folder writable by others is refused whole. Returns the number
- * of objects that loaded, or a negative status when the folder cannot be read. */
+/* True when `file_name` is the name of a plugin file: STAGE-NAME.so, with STAGE a stage name
+ * and NAME a valid plugin name ([a-z0-9_-], 1 to 64). Only such files are ever opened by a
+ * search or a scan. */
+bool tsr_plugin_file_name_ok(const char *file_name);
+
+/* Loads every plugin file of `dir` (sorted by name). Objects that fail are recorded in the
+ * diagnostics and skipped, and so is a plugin that its file name does not find (a lookup of
+ * NAME opens STAGE-NAME.so only). A folder that fails tsr_trust_folder is refused whole.
+ * Returns the number of objects that loaded, or a negative status when the folder cannot be
+ * used. */
 int tsr_registry_scan_dir(tsr_registry *reg, const char *dir, tsr_error *err);
 
-/* The standard search: `dirs` (from the config), then TESSERA_PLUGIN_PATH (colon-separated),
- * then the install folder (and, for a program run from its build tree, the build's plugin
- * folder). Missing folders are skipped silently; earlier folders shadow later ones. */
-void tsr_registry_scan_default(tsr_registry *reg, char *const *dirs, size_t n_dirs);
+/* ---- the search path ---------------------------------------------------------------------
+ * Plugins are looked up by file name in an ordered list of folders, and only the file that
+ * a lookup needs is opened. Each folder is checked once when added; a line at debug level says
+ * what became of it (searched, with how many plugin files; or skipped, and why). */
+
+/* Appends `dir` to the folders searched. `origin` says in messages where it came from
+ * ("--plugin-dir", "plugin_dirs of p.yaml"). `named`: the user named it, so a folder that does
+ * not exist, is not a folder, or holds no plugin file is a warning (else only a debug line).
+ * A folder that fails tsr_trust_folder is skipped with a warning whatever its origin, and a
+ * folder already in the list is not added twice. */
+void tsr_registry_add_dir(tsr_registry *reg, const char *dir, const char *origin, bool named);
+
+/* Appends the standard folders: those of TESSERA_PLUGIN_PATH (colon-separated), then, for a
+ * program run from its build tree, the build's plugin folder, else the install folder found
+ * from the program's own path (<bindir>/../<libdir>/tessera/plugins, so any install prefix
+ * works). */
+void tsr_registry_add_default_dirs(tsr_registry *reg);
+
+/* The plugin `name` of `stage` (0: any stage): one already registered, else the one in the
+ * file STAGE-NAME.so of the first search folder holding such a file, loaded now; the file
+ * decides, even when it is refused. NULL when there is none: `err` then says why (the
+ * file's refusal; the file providing other plugins; "'cpu' is a backend plugin, not a cache
+ * plugin") or is empty (err->msg[0] == 0) when no folder has the plugin at all. */
+const tsr_plugin_ref *tsr_registry_lookup(tsr_registry *reg, int32_t stage, const char *name,
+                                          tsr_error *err);
+
+/* Loads every plugin file of every search folder (tsr_registry_scan_dir), for listings. An
+ * earlier folder's plugin shadows a later one of the same name (a diagnostic). */
+void tsr_registry_load_all(tsr_registry *reg);
+
+/* Lines to show whatever the command: a named folder missing or holding no plugin file, a
+ * folder refused as unsafe. */
+size_t tsr_registry_n_warnings(const tsr_registry *reg);
+const char *tsr_registry_warning(const tsr_registry *reg, size_t i);
 
 size_t tsr_registry_count(const tsr_registry *reg);
 const tsr_plugin_ref *tsr_registry_at(const tsr_registry *reg, size_t i);
-/* By name, optionally restricted to a stage (0 = any). */
+/* Among the registered plugins, by name, optionally restricted to a stage (0 = any). Loads
+ * nothing: see tsr_registry_lookup. */
 const tsr_plugin_ref *tsr_registry_find(const tsr_registry *reg, int32_t stage, const char *name);
 
-/* Load-time diagnostics (one line each): refused objects and plugins, shadowed names. */
+/* Load-time diagnostics (one line each): refused objects and plugins, shadowed names, plugins
+ * their file name does not find. */
 size_t tsr_registry_n_diagnostics(const tsr_registry *reg);
 const char *tsr_registry_diagnostic(const tsr_registry *reg, size_t i);
-
-/* The diagnostic that explains why a plugin named `name` was refused at load (version,
- * callbacks, duplicate...), or NULL when no object offered such a plugin. */
-const char *tsr_registry_refusal(const tsr_registry *reg, const char *name);
 
 /* A live plugin instance. */
 typedef struct tsr_instance {

@@ -22,6 +22,8 @@
  *   FX_PARAMS_DUP     two parameters share a name
  *   FX_PARAMS_RANGE   a parameter's default lies outside its range
  *   FX_BAD_SIGNATURE  a command declares the instance after another argument
+ *   FX_TRAP           a text: the object's constructor appends it as a line to the file
+ *                     named by $TSR_FX_TRAP_LOG, to show whether the host opened it at all
  */
 #include <tessera/sdk.h>
 
@@ -247,6 +249,22 @@ static const tsr_plugin_desc fx_router_desc = {
 #define FX_SECOND &fx_router_desc
 #elif defined(FX_DUP_IN_OBJECT)
 #define FX_SECOND &fx_cache_desc
+#endif
+
+/* ---- the trap (FX_TRAP) ------------------------------------------------------------------ */
+
+#ifdef FX_TRAP
+#include <stdio.h>
+#include <stdlib.h>
+/* A constructor runs at dlopen, before the host can look at the object: the one way to tell
+ * that a file was opened at all. */
+__attribute__((constructor)) static void fx_trap(void) {
+    const char *log = getenv("TSR_FX_TRAP_LOG");
+    FILE *f = log ? fopen(log, "a") : NULL;
+    if (!f) return;
+    fputs(FX_TRAP "\n", f);
+    fclose(f);
+}
 #endif
 
 /* ---- the entry point -------------------------------------------------------------------- */
