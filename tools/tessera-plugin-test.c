@@ -42,14 +42,11 @@
 #include "config/params.h"
 #include "plugin/pool.h"
 #include "plugin/stage_init.h"
+#include "plugin/vtable.h"
 
 #define CHECK_TIMEOUT_S 60
 #define N_CYCLES 50
 #define RUNNER "tessera-plugin-test"
-
-/* Whether an optional slot lies within the table the plugin was built with and is set. */
-#define VT_HAS(vt, field) \
-    ((vt)->struct_size >= offsetof(__typeof__(*(vt)), field) + sizeof((vt)->field) && (vt)->field)
 
 /* ---- check results ------------------------------------------------------------------------ */
 
@@ -616,7 +613,7 @@ static bool cache_open(const runner *r, check *c, cache_drive *d) {
                       sizeof *d->logit);
     d->seen = malloc((size_t)d->n_ctx);
     d->rows_exact = true;
-    d->has_stats = VT_HAS(d->vt, stats);
+    d->has_stats = TSR_VT_HAS(d->vt, stats);
     d->base.struct_size = sizeof d->base;
     if (d->has_stats) d->vt->stats(d->self, &d->base);
     d->last = d->base;
@@ -882,8 +879,8 @@ static bool cache_forward(cache_drive *d, const int64_t *ids, const int32_t *n, 
         d->rows_stored += (int64_t)n[i] * d->n_layer * d->n_kv_head;
         const char *hook_name = s->prefilled ? "step_end" : "prefill_end";
         tsr_status (*hook)(void *, int64_t) =
-            s->prefilled ? (VT_HAS(d->vt, step_end) ? d->vt->step_end : NULL)
-                         : (VT_HAS(d->vt, prefill_end) ? d->vt->prefill_end : NULL);
+            s->prefilled ? (TSR_VT_HAS(d->vt, step_end) ? d->vt->step_end : NULL)
+                         : (TSR_VT_HAS(d->vt, prefill_end) ? d->vt->prefill_end : NULL);
         s->prefilled = true;
         tsr_status st = hook ? hook(d->self, s->id) : TSR_OK;
         if (st < 0) {
@@ -1215,7 +1212,7 @@ static void run_attention(const runner *r, check *c, bool scores) {
         double *ref_acc = malloc((size_t)nkv * ATTN_MAX_KV * sizeof *ref_acc);
         int32_t q_pos[ATTN_MAX_Q];
         tsr_status st;
-        if (VT_HAS(vt, seq_begin) && (st = vt->seq_begin(self, 0)) < 0)
+        if (TSR_VT_HAS(vt, seq_begin) && (st = vt->seq_begin(self, 0)) < 0)
             fail(c, "seq_begin(0): status %d: %s", st, plugin_error(&l));
         for (size_t ci = 0; ci < sizeof attn_cases / sizeof attn_cases[0] && !c->failed; ci++) {
             const attn_case *ac = &attn_cases[ci];
@@ -1281,7 +1278,7 @@ static void run_attention(const runner *r, check *c, bool scores) {
                 }
             }
         }
-        if (VT_HAS(vt, seq_end)) vt->seq_end(self, 0);
+        if (TSR_VT_HAS(vt, seq_end)) vt->seq_end(self, 0);
         for (int32_t g = 0; g < nkv; g++) {
             attn_head *a = &heads[g];
             free(a->k);
@@ -1628,7 +1625,7 @@ typedef struct device {
 
 static float *dev_alloc(device *d, size_t n) {
     void *p = NULL;
-    if (VT_HAS(d->vt, buffer_alloc)) {
+    if (TSR_VT_HAS(d->vt, buffer_alloc)) {
         if (d->vt->buffer_alloc(d->self, n * sizeof(float), &p) < 0 || !p) {
             fail(d->c, "buffer_alloc(%zu bytes) failed", n * sizeof(float));
             return NULL;
@@ -1640,8 +1637,8 @@ static float *dev_alloc(device *d, size_t n) {
 
 static void dev_free(device *d, void *p) {
     if (!p) return;
-    if (VT_HAS(d->vt, buffer_alloc)) {
-        if (VT_HAS(d->vt, buffer_free)) d->vt->buffer_free(d->self, p);
+    if (TSR_VT_HAS(d->vt, buffer_alloc)) {
+        if (TSR_VT_HAS(d->vt, buffer_free)) d->vt->buffer_free(d->self, p);
     } else {
         free(p);
     }
@@ -1649,13 +1646,13 @@ static void dev_free(device *d, void *p) {
 
 static void dev_put(device *d, void *dst, const void *src, size_t bytes) {
     if (!dst) return;
-    if (VT_HAS(d->vt, upload)) d->vt->upload(d->self, dst, src, bytes);
+    if (TSR_VT_HAS(d->vt, upload)) d->vt->upload(d->self, dst, src, bytes);
     else memcpy(dst, src, bytes);
 }
 
 static void dev_get(device *d, void *dst, const void *src, size_t bytes) {
-    if (VT_HAS(d->vt, synchronize)) d->vt->synchronize(d->self);
-    if (VT_HAS(d->vt, download)) d->vt->download(d->self, dst, src, bytes);
+    if (TSR_VT_HAS(d->vt, synchronize)) d->vt->synchronize(d->self);
+    if (TSR_VT_HAS(d->vt, download)) d->vt->download(d->self, dst, src, bytes);
     else memcpy(dst, src, bytes);
 }
 
@@ -1826,17 +1823,17 @@ static void check_backend_memory(const runner *r, check *c) {
     live l;
     if (!open_default(r, c, &l)) return;
     const tsr_backend_vtable *vt = l.inst->vtable;
-    int n_slots = VT_HAS(vt, buffer_alloc) + VT_HAS(vt, buffer_free) + VT_HAS(vt, upload) +
-                  VT_HAS(vt, download);
-    int32_t space = VT_HAS(vt, memory_space) ? vt->memory_space(l.inst->self) : TSR_MEMORY_HOST;
+    int n_slots = TSR_VT_HAS(vt, buffer_alloc) + TSR_VT_HAS(vt, buffer_free) + TSR_VT_HAS(vt, upload) +
+                  TSR_VT_HAS(vt, download);
+    int32_t space = TSR_VT_HAS(vt, memory_space) ? vt->memory_space(l.inst->self) : TSR_MEMORY_HOST;
     note(c, "%s memory, %d of the 4 memory callbacks",
          space == TSR_MEMORY_DEVICE ? "device" : "host", n_slots);
     if (n_slots != 0 && n_slots != 4)
         fail(c, "provides %d of buffer_alloc, buffer_free, upload and download (missing:%s%s%s"
                 "%s): all four or none (BACKEND_4)", n_slots,
-             VT_HAS(vt, buffer_alloc) ? "" : " buffer_alloc",
-             VT_HAS(vt, buffer_free) ? "" : " buffer_free", VT_HAS(vt, upload) ? "" : " upload",
-             VT_HAS(vt, download) ? "" : " download");
+             TSR_VT_HAS(vt, buffer_alloc) ? "" : " buffer_alloc",
+             TSR_VT_HAS(vt, buffer_free) ? "" : " buffer_free", TSR_VT_HAS(vt, upload) ? "" : " upload",
+             TSR_VT_HAS(vt, download) ? "" : " download");
     else if (space != TSR_MEMORY_HOST && space != TSR_MEMORY_DEVICE)
         fail(c, "memory_space returned %d, neither TSR_MEMORY_HOST nor TSR_MEMORY_DEVICE", space);
     else if (space == TSR_MEMORY_DEVICE && n_slots == 0)
@@ -1886,7 +1883,7 @@ static void check_quantizer(const runner *r, check *c) {
         fail(c, "bits_per_weight %g is not in (0, 64]", out.bits_per_weight);
     if (!(out.rel_rmse >= 0 && isfinite(out.rel_rmse)))
         fail(c, "rel_rmse %g is not a finite non-negative number", out.rel_rmse);
-    if (!c->failed && VT_HAS(vt, dequantize_rows)) {
+    if (!c->failed && TSR_VT_HAS(vt, dequantize_rows)) {
         if ((st = vt->dequantize_rows(self, deq, &out.dst, 0, ROWS)) < 0) {
             fail(c, "dequantize_rows: status %d: %s", st, plugin_error(&l));
         } else {
@@ -1900,8 +1897,8 @@ static void check_quantizer(const runner *r, check *c) {
                         "dequantization");
         }
     }
-    if (!c->failed && VT_HAS(vt, matmul)) {
-        const float *wref = VT_HAS(vt, dequantize_rows) ? deq : src;
+    if (!c->failed && TSR_VT_HAS(vt, matmul)) {
+        const float *wref = TSR_VT_HAS(vt, dequantize_rows) ? deq : src;
         for (int t = 0; t < NX; t++)
             for (int o = 0; o < ROWS; o++) {
                 double s = 0;
@@ -1920,7 +1917,7 @@ static void check_quantizer(const runner *r, check *c) {
             float fref[NX * ROWS];
             for (int i = 0; i < NX * ROWS; i++) fref[i] = (float)ref[i];
             double e = rel_rmse(y, fref, NX * ROWS);
-            double limit = VT_HAS(vt, dequantize_rows) ? 0.05 : 0.5;
+            double limit = TSR_VT_HAS(vt, dequantize_rows) ? 0.05 : 0.5;
             note(c, "matmul rel rmse %.3g", e);
             if (!(e < limit)) fail(c, "matmul result has rel rmse %.3g (limit %.2g)", e, limit);
         }
