@@ -44,7 +44,8 @@ enum dec_flaw {
     DEC_GAP,          /* its first generated token skips a position */
     DEC_FORK_LIVE,    /* forks into sequence 1 twice */
     DEC_FORK_LEAK,    /* forks sequence 1 and never ends it */
-    DEC_SCATTER       /* puts sequence 1 between two entries of sequence 0 in a batch */
+    DEC_SCATTER,      /* puts sequence 1 between two entries of sequence 0 in a batch */
+    DEC_DRAFT         /* forwards two draft tokens after each one, unbounded by n_ctx */
 };
 
 /* Prefill, then one forward per token as a greedy decoder would, always choosing `token`
@@ -77,6 +78,14 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
         if (api->emit(api->ctx, &token, 1) && flaw != DEC_IGNORE_STOP) break;
         e = (tsr_batch_entry){flaw == DEC_UNBEGUN ? 1 : 0, pos++,
                               token < api->n_vocab ? token : 0, 1};
+        if (flaw == DEC_DRAFT) {
+            /* Drafts that it then rejects all: the sequence goes back to one new position. */
+            tsr_batch_entry batch[3] = {e, {0, pos, token, 0}, {0, pos + 1, token, 0}};
+            tsr_status st = api->forward(api->ctx, batch, 3, row);
+            if (st >= 0) st = api->seq_truncate(api->ctx, 0, pos);
+            if (st < 0) return st;
+            continue;
+        }
         tsr_status st = api->forward(api->ctx, &e, 1, row);
         if (st < 0) return st;
     }
@@ -102,6 +111,7 @@ FLAWED_GENERATE(gap_generate, DEC_GAP)
 FLAWED_GENERATE(fork_live_generate, DEC_FORK_LIVE)
 FLAWED_GENERATE(fork_leak_generate, DEC_FORK_LEAK)
 FLAWED_GENERATE(scatter_generate, DEC_SCATTER)
+FLAWED_GENERATE(draft_generate, DEC_DRAFT)
 
 /* Emits the number of requests it served: the second request differs from the first. */
 static tsr_status memory_generate(void *self, const tsr_decode_api *api,
@@ -162,6 +172,8 @@ DECODER_PICK(fork_leak, "bad-fork-leak", dec_create, fork_leak_generate, NULL,
              "never ends the sequence it forked")
 DECODER(scatter, dec_create, scatter_generate,
         "splits the entries of one sequence in a batch around another's")
+DECODER(draft, dec_create, draft_generate,
+        "drafts two tokens past each one it forwards, beyond n_ctx at the end")
 DECODER(memory, dec_create, memory_generate, "emits a token that counts the requests served")
 DECODER_PICK(pick, "bad-pick", dec_create, fine_generate, strict_pick,
              "pick returns -1 when every logit is -FLT_MAX")
@@ -178,6 +190,13 @@ static const tsr_plugin_desc param = {
 
 /* ---- caches on the SDK's store, each breaking one rule ---------------------------------- */
 
+/* One KV head's rows as the store's F32 view has them, shown to the runner in a format of the
+ * policy's own (a plugin dtype) and read back through the view's loaders. */
+typedef struct own_rows {
+    tsr_kv_view f32;
+    int32_t head_dim;
+} own_rows;
+
 typedef struct kvc {
     tsr_kv_store kv;   /* first: the SDK's callbacks take the instance as their store */
     int32_t n_head;
@@ -185,6 +204,7 @@ typedef struct kvc {
     int64_t alias_src, alias_dst; /* bad-cache-fork-share: dst is src under another id */
     float *acc;        /* ok-scores: (n_seq_max, n_layer, n_kv_head, n_ctx) */
     int64_t *last_n;   /* ok-scores: (n_seq_max) rows of the last write */
+    own_rows *own;     /* views of an own format: (n_kv_head) */
 } kvc;
 
 static void kvc_destroy(void *self) {
@@ -192,6 +212,7 @@ static void kvc_destroy(void *self) {
     c->kv.host->free(c->kv.host->ctx, c->pos_copy);
     c->kv.host->free(c->kv.host->ctx, c->acc);
     c->kv.host->free(c->kv.host->ctx, c->last_n);
+    c->kv.host->free(c->kv.host->ctx, c->own);
     tsr_kv_store_destroy(c);
 }
 
@@ -207,12 +228,27 @@ static tsr_status kvc_create(const tsr_host *host, const tsr_params *p,
     c->acc = tsr_calloc(host, (size_t)init->n_seq_max * init->n_layer * init->n_kv_head *
                                   init->n_ctx, sizeof(float));
     c->last_n = tsr_calloc(host, (size_t)init->n_seq_max, sizeof(int64_t));
-    if (!c->pos_copy || !c->acc || !c->last_n) {
+    c->own = tsr_calloc(host, (size_t)init->n_kv_head, sizeof *c->own);
+    if (!c->pos_copy || !c->acc || !c->last_n || !c->own) {
         kvc_destroy(c);
         host->set_error(host->ctx, "out of memory");
         return TSR_E_NOMEM;
     }
+    for (int32_t h = 0; h < init->n_kv_head; h++) c->own[h].head_dim = init->head_dim;
     *out = c;
+    return TSR_OK;
+}
+
+/* Counters that start above zero, as those of a policy that reserves a block of its own at
+ * create: the runner must measure what the sequences add from there. */
+static tsr_status baseline_create(const tsr_host *host, const tsr_params *p,
+                                  const tsr_cache_init *init, void **out) {
+    tsr_status st = kvc_create(host, p, init, out);
+    if (st < 0) return st;
+    kvc *c = *out;
+    c->kv.bytes_reserved = c->kv.bytes_peak = 4096;
+    c->kv.entries = 7;
+    c->kv.evicted = 3;
     return TSR_OK;
 }
 
@@ -369,6 +405,105 @@ static tsr_status stride_view(void *self, int64_t seq, int32_t layer, int32_t ph
     return st;
 }
 
+/* Keeps the last KV_WINDOW entries of each layer, dropping (and counting) the oldest. */
+#define KV_WINDOW 64
+
+static tsr_status window_store(void *self, const tsr_kv_write *w) {
+    kvc *c = self;
+    tsr_status st = kvc_store(self, w);
+    if (st < 0) return st;
+    tsr_kv_rows *L = &tsr_kv_store_find(&c->kv, kvc_resolve(c, w->seq_id))->layers[w->layer];
+    int64_t drop = L->n - KV_WINDOW;
+    if (drop <= 0) return TSR_OK;
+    L->evicted_max_pos = L->pos[drop - 1];
+    for (int64_t j = drop; j < L->n; j++) tsr_kv_rows_move(&c->kv, L, j - drop, j);
+    L->n = KV_WINDOW;
+    c->kv.entries -= drop * c->kv.n_kv_head;
+    c->kv.evicted += drop * c->kv.n_kv_head;
+    return TSR_OK;
+}
+
+/* Counts as evicted what the live sequences no longer hold of the positions they reached, so
+ * the rows an ended sequence had evicted leave the count. */
+static void live_evicted_stats(void *self, tsr_cache_stats *out) {
+    kvc *c = self;
+    tsr_kv_store_stats(self, out);
+    out->evicted = 0;
+    for (int32_t i = 0; i < c->kv.n_seq_max; i++)
+        for (int32_t l = 0; c->kv.seqs[i].alive && l < c->kv.n_layer; l++) {
+            const tsr_kv_rows *L = &c->kv.seqs[i].layers[l];
+            if (L->n) out->evicted += (L->pos[L->n - 1] + 1 - L->n) * c->kv.n_kv_head;
+        }
+}
+
+/* Reports what it holds now as its peak. */
+static void current_peak_stats(void *self, tsr_cache_stats *out) {
+    tsr_kv_store_stats(self, out);
+    out->bytes_peak = out->bytes_reserved;
+}
+
+/* A fork whose copy stops one entry short of the source's. */
+static tsr_status short_fork(void *self, int64_t src, int64_t dst) {
+    kvc *c = self;
+    tsr_status st = tsr_kv_store_seq_fork(self, src, dst);
+    if (st < 0) return st;
+    tsr_kv_seq *s = tsr_kv_store_find(&c->kv, dst);
+    for (int32_t l = 0; l < c->kv.n_layer; l++)
+        if (s->layers[l].n > 0) {
+            s->layers[l].n--;
+            c->kv.entries -= c->kv.n_kv_head;
+        }
+    return TSR_OK;
+}
+
+/* Rows [j0, j0 + n) of the keys or values behind an own-format view. */
+static void own_copy(const own_rows *o, int values, int64_t j0, int64_t n, float *dst) {
+    const char *base = values ? o->f32.v : o->f32.k;
+    size_t stride = values ? o->f32.v_stride : o->f32.k_stride;
+    for (int64_t r = 0; r < n; r++)
+        memcpy(dst + r * o->head_dim, base + (size_t)(j0 + r) * stride,
+               (size_t)o->head_dim * sizeof(float));
+}
+
+static void own_load_k(const void *ctx, int64_t j0, int64_t n, float *dst) {
+    own_copy(ctx, 0, j0, n, dst);
+}
+
+static void own_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
+    own_copy(ctx, 1, j0, n, dst);
+}
+
+/* Loaders that forget j0: every read starts at the first row. */
+static void first_load_k(const void *ctx, int64_t j0, int64_t n, float *dst) {
+    own_copy(ctx, 0, 0, n, dst);
+}
+
+static void first_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
+    own_copy(ctx, 1, 0, n, dst);
+}
+
+/* The store's views, each shown as a plugin dtype read through `load_k` and `load_v`. */
+static tsr_status own_view(kvc *c, int64_t seq, int32_t layer, int32_t phase,
+                           tsr_kv_view *views, tsr_kv_load_fn load_k, tsr_kv_load_fn load_v) {
+    tsr_status st = kvc_view(c, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) {
+        c->own[h].f32 = views[h];
+        views[h] = (tsr_kv_view){TSR_SIZED(tsr_kv_view), .n = views[h].n, .pos = views[h].pos,
+                                 .dtype = TSR_DTYPE_PLUGIN_FIRST, .load_k = load_k,
+                                 .load_v = load_v, .load_ctx = &c->own[h]};
+    }
+    return st;
+}
+
+#define OWN_VIEW(fn, load_k, load_v)                                                         \
+    static tsr_status fn(void *self, int64_t seq, int32_t layer, int32_t phase,              \
+                         tsr_kv_view *views) {                                               \
+        return own_view(self, seq, layer, phase, views, load_k, load_v);                     \
+    }
+
+OWN_VIEW(loaded_view, own_load_k, own_load_v)
+OWN_VIEW(first_row_view, first_load_k, first_load_v)
+
 /* ok-scores: asks for scores from position 0 on every view. */
 static float *scores_of(kvc *c, int64_t seq, int32_t layer, int32_t head) {
     tsr_kv_seq *s = tsr_kv_store_find(&c->kv, seq);
@@ -408,10 +543,10 @@ static tsr_status scores_step_end(void *self, int64_t seq) {
     return TSR_OK;
 }
 
-#define KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,     \
-                       hook_fn, stats_fn, what)                                             \
+#define KV_CACHE_FULL(id, name_text, create_fn, store_fn, view_fn, fork_fn, truncate_fn,      \
+                      seq_end_fn, hook_fn, stats_fn, what)                                  \
     static const tsr_cache_vtable id##_vt = {                                               \
-        TSR_SIZED(tsr_cache_vtable), .create = kvc_create, .destroy = kvc_destroy,          \
+        TSR_SIZED(tsr_cache_vtable), .create = create_fn, .destroy = kvc_destroy,           \
         .seq_begin = tsr_kv_store_seq_begin, .seq_end = seq_end_fn, .seq_fork = fork_fn,    \
         .seq_truncate = truncate_fn, .store = store_fn, .view = view_fn,                    \
         .prefill_end = hook_fn, .step_end = hook_fn, .stats = stats_fn};                    \
@@ -419,6 +554,11 @@ static tsr_status scores_step_end(void *self, int64_t seq) {
                                        .name = name_text, .version = "0",                   \
                                        .description = what,                                 \
                                        .vtable = &id##_vt};
+
+#define KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,     \
+                       hook_fn, stats_fn, what)                                             \
+    KV_CACHE_FULL(id, name_text, kvc_create, store_fn, view_fn, fork_fn, truncate_fn,        \
+                  seq_end_fn, hook_fn, stats_fn, what)
 
 #define KV_CACHE(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn, hook_fn,  \
                  what)                                                                      \
@@ -456,6 +596,21 @@ KV_CACHE_STATS(cache_count, "bad-cache-count", kvc_store, kvc_view, NULL, NULL,
                "counts entries once per layer, not per layer and KV head")
 KV_CACHE_PLAIN(cache_stride, "bad-cache-stride", kvc_store, stride_view, tsr_kv_store_seq_end,
                "gives key rows a stride of half a row")
+KV_CACHE(cache_fork_short, "bad-cache-fork-short", kvc_store, kvc_view, short_fork, NULL,
+         tsr_kv_store_seq_end, NULL, "forks all but the source's last entry")
+KV_CACHE_STATS(cache_peak, "bad-cache-peak", kvc_store, kvc_view, tsr_kv_store_seq_fork, NULL,
+               tsr_kv_store_seq_end, NULL, current_peak_stats,
+               "reports the bytes it holds now as its peak")
+KV_CACHE_STATS(cache_evicted, "bad-cache-evicted", window_store, kvc_view,
+               tsr_kv_store_seq_fork, NULL, tsr_kv_store_seq_end, NULL, live_evicted_stats,
+               "counts as evicted only what the live sequences no longer hold")
+KV_CACHE_PLAIN(cache_load, "bad-cache-load", kvc_store, first_row_view, tsr_kv_store_seq_end,
+               "shows rows of its own format whose loaders ignore j0")
+KV_CACHE_PLAIN(ok_load, "ok-cache-load", kvc_store, loaded_view, tsr_kv_store_seq_end,
+               "passes: shows rows of its own format through exact loaders")
+KV_CACHE_FULL(ok_baseline, "ok-cache-baseline", baseline_create, kvc_store, kvc_view,
+              tsr_kv_store_seq_fork, tsr_kv_store_seq_truncate, tsr_kv_store_seq_end, NULL,
+              tsr_kv_store_stats, "passes: its stats start above zero before any sequence")
 KV_CACHE(ok_scores, "ok-cache-scores", kvc_store, scores_view, NULL, NULL, tsr_kv_store_seq_end,
          scores_step_end,
          "passes: checks that the runner fills score_acc as attention would")
@@ -787,9 +942,10 @@ static const tsr_plugin_desc quantizer_desc = {
     .description = "dequantizes every weight to zero", .vtable = &quant_vt};
 
 TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &fork_leak, &scatter,
-                  &memory, &pick, &param, &cache_desc, &cache_f16, &cache_layer2, &cache_twice,
+                  &draft, &memory, &pick, &param, &cache_desc, &cache_f16, &cache_layer2, &cache_twice,
                   &cache_other_seq, &cache_head, &cache_fork_share, &cache_truncate,
                   &cache_stats, &cache_refuse, &cache_count, &cache_stride,
-                  &ok_scores, &attention_desc, &attn_causal, &attn_gqa,
+                  &ok_scores, &cache_fork_short, &cache_peak, &cache_evicted, &cache_load,
+                  &ok_load, &ok_baseline, &attention_desc, &attn_causal, &attn_gqa,
                   &attn_scores, &attn_blind, &router_desc, &router_twice_desc, &backend_desc,
                   &quantizer_desc)
