@@ -252,6 +252,14 @@ static tsr_status baseline_create(const tsr_host *host, const tsr_params *p,
     return TSR_OK;
 }
 
+/* Keeps one sequence slot whatever n_seq_max says. */
+static tsr_status one_slot_create(const tsr_host *host, const tsr_params *p,
+                                  const tsr_cache_init *init, void **out) {
+    tsr_status st = kvc_create(host, p, init, out);
+    if (st >= 0) ((kvc *)*out)->kv.n_seq_max = 1;
+    return st;
+}
+
 static int64_t kvc_resolve(const kvc *c, int64_t id) {
     return id == c->alias_dst ? c->alias_src : id;
 }
@@ -504,6 +512,82 @@ static tsr_status own_view(kvc *c, int64_t seq, int32_t layer, int32_t phase,
 OWN_VIEW(loaded_view, own_load_k, own_load_v)
 OWN_VIEW(first_row_view, first_load_k, first_load_v)
 
+OWN_VIEW(unloadable_view, own_load_k, NULL)
+
+/* Leaves pos NULL. */
+static tsr_status no_pos_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                              tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) views[h].pos = NULL;
+    return st;
+}
+
+/* Its bound on the layer is one too tight. */
+static tsr_status last_layer_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                  tsr_kv_view *views) {
+    kvc *c = self;
+    if (layer >= c->kv.n_layer - 1) {
+        c->kv.host->set_error(c->kv.host->ctx, "view: layer %d outside [0, %d)", (int)layer,
+                              (int)c->kv.n_layer - 1);
+        return TSR_E_RANGE;
+    }
+    return kvc_view(self, seq, layer, phase, views);
+}
+
+/* Shows the last KV_WINDOW entries of each layer and keeps the others hidden in the store. */
+static tsr_status hiding_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                              tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) {
+        tsr_kv_view *v = &views[h];
+        int64_t hidden = v->n - KV_WINDOW;
+        if (hidden <= 0) continue;
+        v->pos += hidden;
+        v->k = (const char *)v->k + (size_t)hidden * v->k_stride;
+        v->v = (const char *)v->v + (size_t)hidden * v->v_stride;
+        v->n = KV_WINDOW;
+    }
+    return st;
+}
+
+/* Offers seq_fork and refuses every fork. */
+static tsr_status stub_fork(void *self, int64_t src, int64_t dst) {
+    kvc *c = self;
+    c->kv.host->set_error(c->kv.host->ctx, "seq_fork: not implemented yet");
+    return TSR_E_UNSUPPORTED;
+}
+
+/* Cuts one position more than asked. */
+static tsr_status deep_truncate(void *self, int64_t seq, int32_t n_pos) {
+    return tsr_kv_store_seq_truncate(self, seq, n_pos - 1);
+}
+
+/* Refuses a cut below what it evicted with TSR_E_INVALID instead of TSR_E_UNSUPPORTED. */
+static tsr_status invalid_truncate(void *self, int64_t seq, int32_t n_pos) {
+    tsr_status st = tsr_kv_store_seq_truncate(self, seq, n_pos);
+    return st == TSR_E_UNSUPPORTED ? TSR_E_INVALID : st;
+}
+
+/* Expects one token per decode step: a step of several (chunked prefill, verified drafts)
+ * is refused. */
+static tsr_status single_token_step_end(void *self, int64_t seq) {
+    kvc *c = self;
+    const tsr_kv_seq *s = tsr_kv_store_find(&c->kv, seq);
+    int64_t n = c->last_n[s - c->kv.seqs];
+    if (n == 1) return TSR_OK;
+    c->kv.host->set_error(c->kv.host->ctx, "step_end: seq %lld stored %lld rows in one step; "
+                          "expected 1", (long long)seq, (long long)n);
+    return TSR_E_STATE;
+}
+
+/* Never fills bytes_peak. */
+static void no_peak_stats(void *self, tsr_cache_stats *out) {
+    tsr_kv_store_stats(self, out);
+    out->bytes_peak = 0;
+}
+
 /* ok-scores: asks for scores from position 0 on every view. */
 static float *scores_of(kvc *c, int64_t seq, int32_t layer, int32_t head) {
     tsr_kv_seq *s = tsr_kv_store_find(&c->kv, seq);
@@ -544,12 +628,12 @@ static tsr_status scores_step_end(void *self, int64_t seq) {
 }
 
 #define KV_CACHE_FULL(id, name_text, create_fn, store_fn, view_fn, fork_fn, truncate_fn,      \
-                      seq_end_fn, hook_fn, stats_fn, what)                                  \
+                      seq_end_fn, prefill_end_fn, step_end_fn, stats_fn, what)             \
     static const tsr_cache_vtable id##_vt = {                                               \
         TSR_SIZED(tsr_cache_vtable), .create = create_fn, .destroy = kvc_destroy,           \
         .seq_begin = tsr_kv_store_seq_begin, .seq_end = seq_end_fn, .seq_fork = fork_fn,    \
         .seq_truncate = truncate_fn, .store = store_fn, .view = view_fn,                    \
-        .prefill_end = hook_fn, .step_end = hook_fn, .stats = stats_fn};                    \
+        .prefill_end = prefill_end_fn, .step_end = step_end_fn, .stats = stats_fn};         \
     static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_CACHE, CACHE),           \
                                        .name = name_text, .version = "0",                   \
                                        .description = what,                                 \
@@ -558,7 +642,7 @@ static tsr_status scores_step_end(void *self, int64_t seq) {
 #define KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,     \
                        hook_fn, stats_fn, what)                                             \
     KV_CACHE_FULL(id, name_text, kvc_create, store_fn, view_fn, fork_fn, truncate_fn,        \
-                  seq_end_fn, hook_fn, stats_fn, what)
+                  seq_end_fn, hook_fn, hook_fn, stats_fn, what)
 
 #define KV_CACHE(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn, hook_fn,  \
                  what)                                                                      \
@@ -608,9 +692,33 @@ KV_CACHE_PLAIN(cache_load, "bad-cache-load", kvc_store, first_row_view, tsr_kv_s
                "shows rows of its own format whose loaders ignore j0")
 KV_CACHE_PLAIN(ok_load, "ok-cache-load", kvc_store, loaded_view, tsr_kv_store_seq_end,
                "passes: shows rows of its own format through exact loaders")
+KV_CACHE_PLAIN(cache_unreadable, "bad-cache-unreadable", kvc_store, unloadable_view,
+               tsr_kv_store_seq_end, "shows rows of its own format without load_v")
+KV_CACHE_PLAIN(cache_no_pos, "bad-cache-no-pos", kvc_store, no_pos_view, tsr_kv_store_seq_end,
+               "leaves the positions of its views NULL")
+KV_CACHE_PLAIN(cache_last_layer, "bad-cache-last-layer", kvc_store, last_layer_view,
+               tsr_kv_store_seq_end, "view refuses the last layer")
+KV_CACHE_FULL(cache_one_seq, "bad-cache-one-seq", one_slot_create, kvc_store, kvc_view, NULL,
+              NULL, tsr_kv_store_seq_end, NULL, NULL, tsr_kv_store_stats,
+              "keeps one sequence whatever n_seq_max says")
+KV_CACHE_FULL(cache_step, "bad-cache-step", kvc_create, kvc_store, kvc_view, NULL, NULL,
+              tsr_kv_store_seq_end, NULL, single_token_step_end, tsr_kv_store_stats,
+              "refuses a decode step of several tokens")
+KV_CACHE(cache_fork_stub, "bad-cache-fork-stub", kvc_store, kvc_view, stub_fork, NULL,
+         tsr_kv_store_seq_end, NULL, "provides seq_fork but refuses every fork")
+KV_CACHE(cache_deep_truncate, "bad-cache-deep-truncate", kvc_store, kvc_view, NULL,
+         deep_truncate, tsr_kv_store_seq_end, NULL, "truncates one position more than asked")
+KV_CACHE(cache_truncate_status, "bad-cache-truncate-status", window_store, kvc_view, NULL,
+         invalid_truncate, tsr_kv_store_seq_end, NULL,
+         "refuses a cut into what it evicted with TSR_E_INVALID")
+KV_CACHE(cache_unhide, "bad-cache-unhide", kvc_store, hiding_view, NULL,
+         tsr_kv_store_seq_truncate, tsr_kv_store_seq_end, NULL,
+         "shows a window of what it keeps, and older entries again after a truncation")
+KV_CACHE_STATS(cache_no_peak, "bad-cache-no-peak", kvc_store, kvc_view, NULL, NULL,
+               tsr_kv_store_seq_end, NULL, no_peak_stats, "never fills bytes_peak")
 KV_CACHE_FULL(ok_baseline, "ok-cache-baseline", baseline_create, kvc_store, kvc_view,
               tsr_kv_store_seq_fork, tsr_kv_store_seq_truncate, tsr_kv_store_seq_end, NULL,
-              tsr_kv_store_stats, "passes: its stats start above zero before any sequence")
+              NULL, tsr_kv_store_stats, "passes: its stats start above zero before any sequence")
 KV_CACHE(ok_scores, "ok-cache-scores", kvc_store, scores_view, NULL, NULL, tsr_kv_store_seq_end,
          scores_step_end,
          "passes: checks that the runner fills score_acc as attention would")
@@ -946,6 +1054,8 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &cache_other_seq, &cache_head, &cache_fork_share, &cache_truncate,
                   &cache_stats, &cache_refuse, &cache_count, &cache_stride,
                   &ok_scores, &cache_fork_short, &cache_peak, &cache_evicted, &cache_load,
-                  &ok_load, &ok_baseline, &attention_desc, &attn_causal, &attn_gqa,
+                  &ok_load, &ok_baseline, &cache_unreadable, &cache_no_pos, &cache_last_layer,
+                  &cache_one_seq, &cache_step, &cache_fork_stub, &cache_deep_truncate,
+                  &cache_truncate_status, &cache_unhide, &cache_no_peak, &attention_desc, &attn_causal, &attn_gqa,
                   &attn_scores, &attn_blind, &router_desc, &router_twice_desc, &backend_desc,
                   &quantizer_desc)
