@@ -762,15 +762,28 @@ static tsr_status attn_forward(void *self, const tsr_attention_call *call) {
 }
 
 /* Softmax attention as the contract says, but for the one flaw `flaw` names. */
-enum attn_flaw { ATTN_NO_MASK, ATTN_GQA_MODULO, ATTN_NO_SCORES, ATTN_SKIP_BLIND_ROWS };
+enum attn_flaw {
+    ATTN_FINE,
+    ATTN_NO_MASK,
+    ATTN_GQA_MODULO,
+    ATTN_NO_SCORES,
+    ATTN_SKIP_BLIND_ROWS,
+    ATTN_F32_ONLY /* refuses views of any other storage */
+};
 
 static tsr_status attn_flawed(const attn *a, const tsr_attention_call *call,
                               enum attn_flaw flaw) {
     const tsr_host *host = a->host;
     const int32_t hd = a->init.head_dim, nh = a->init.n_head, nkv = a->init.n_kv_head;
     int64_t n_max = 0;
-    for (int32_t g = 0; g < nkv; g++)
+    for (int32_t g = 0; g < nkv; g++) {
+        if (flaw == ATTN_F32_ONLY && call->views[g].dtype != TSR_DTYPE_F32) {
+            host->set_error(host->ctx, "views[%d]: dtype %d; only F32 views are supported",
+                            (int)g, (int)call->views[g].dtype);
+            return TSR_E_UNSUPPORTED;
+        }
         if (call->views[g].n > n_max) n_max = call->views[g].n;
+    }
     double *p = host->alloc(host->ctx, ((size_t)n_max + 1) * sizeof *p, 0);
     float *row = host->alloc(host->ctx, (size_t)hd * sizeof *row, 0);
     if (!p || !row) {
@@ -812,17 +825,31 @@ static tsr_status attn_flawed(const attn *a, const tsr_attention_call *call,
     return TSR_OK;
 }
 
-#define ATTENTION(id, name_text, flaw, what)                                                \
+/* Refuses grouped-query shapes. */
+static tsr_status mha_create(const tsr_host *host, const tsr_params *p,
+                             const tsr_attention_init *init, void **out) {
+    if (init->n_kv_head != init->n_head) {
+        host->set_error(host->ctx, "n_kv_head %d differs from n_head %d: grouped-query "
+                        "attention is not supported", (int)init->n_kv_head, (int)init->n_head);
+        return TSR_E_UNSUPPORTED;
+    }
+    return attn_create(host, p, init, out);
+}
+
+#define ATTENTION_CREATE(id, name_text, create_fn, flaw, what)                              \
     static tsr_status id##_forward(void *self, const tsr_attention_call *call) {            \
         return attn_flawed(self, call, flaw);                                               \
     }                                                                                       \
     static const tsr_attention_vtable id##_vt = {TSR_SIZED(tsr_attention_vtable),           \
-                                                 .create = attn_create,                     \
+                                                 .create = create_fn,                       \
                                                  .destroy = attn_destroy,                   \
                                                  .forward = id##_forward};                  \
     static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_ATTENTION, ATTENTION),   \
                                        .name = name_text, .version = "0",                   \
                                        .description = what, .vtable = &id##_vt};
+
+#define ATTENTION(id, name_text, flaw, what) \
+    ATTENTION_CREATE(id, name_text, attn_create, flaw, what)
 
 ATTENTION(attn_causal, "bad-attention-causal", ATTN_NO_MASK, "ignores the causal mask")
 ATTENTION(attn_gqa, "bad-attention-gqa", ATTN_GQA_MODULO,
@@ -830,6 +857,9 @@ ATTENTION(attn_gqa, "bad-attention-gqa", ATTN_GQA_MODULO,
 ATTENTION(attn_scores, "bad-attention-scores", ATTN_NO_SCORES, "never adds to score_acc")
 ATTENTION(attn_blind, "bad-attention-blind", ATTN_SKIP_BLIND_ROWS,
           "leaves the rows of queries that see no entry unwritten")
+ATTENTION(attn_f32, "bad-attention-f32", ATTN_F32_ONLY, "refuses views that are not F32")
+ATTENTION_CREATE(attn_mha, "bad-attention-mha", mha_create, ATTN_FINE,
+                 "refuses n_kv_head < n_head")
 
 static const tsr_attention_vtable attn_vt = {
     TSR_SIZED(tsr_attention_vtable), .create = attn_create, .destroy = attn_destroy,
@@ -1057,5 +1087,5 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &ok_load, &ok_baseline, &cache_unreadable, &cache_no_pos, &cache_last_layer,
                   &cache_one_seq, &cache_step, &cache_fork_stub, &cache_deep_truncate,
                   &cache_truncate_status, &cache_unhide, &cache_no_peak, &attention_desc, &attn_causal, &attn_gqa,
-                  &attn_scores, &attn_blind, &router_desc, &router_twice_desc, &backend_desc,
+                  &attn_scores, &attn_blind, &attn_f32, &attn_mha, &router_desc, &router_twice_desc, &backend_desc,
                   &quantizer_desc)
