@@ -8,6 +8,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include <tessera/sdk.h>
 #include <tessera/sdk_cache.h>
@@ -45,30 +46,45 @@ enum dec_flaw {
     DEC_FORK_LIVE,    /* forks into sequence 1 twice */
     DEC_FORK_LEAK,    /* forks sequence 1 and never ends it */
     DEC_SCATTER,      /* puts sequence 1 between two entries of sequence 0 in a batch */
-    DEC_DRAFT         /* forwards two draft tokens after each one, unbounded by n_ctx */
+    DEC_DRAFT,        /* forwards two draft tokens after each one, unbounded by n_ctx */
+    DEC_PAD,          /* puts a padding entry of token -1 before the prompt */
+    DEC_ONE_BASED,    /* forwards every token id plus one */
+    DEC_END_TWICE,    /* forks sequence 1, then ends it twice */
+    DEC_EMPTY_BATCH,  /* forwards a batch of no entries before the prompt */
+    DEC_SILENT        /* returns after the prompt without emitting */
 };
 
 /* Prefill, then one forward per token as a greedy decoder would, always choosing `token`
  * (which the caller may put out of range), breaking the rule `flaw` names. */
 static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request *req,
                           int32_t token, enum dec_flaw flaw) {
-    tsr_batch_entry e;
-    int32_t pos = 0;
+    tsr_batch_entry e = {0, 0, -1, 0};
+    int32_t pos = 0, id_shift = flaw == DEC_ONE_BASED;
     float row[4096];
+    tsr_status st = TSR_OK;
     if (api->n_vocab > 4096) return TSR_E_RANGE;
-    for (int64_t i = 0; i < req->n_prompt; i++) {
-        e = (tsr_batch_entry){0, pos++, req->prompt[i], 1};
-        tsr_status st = api->forward(api->ctx, &e, 1, row);
-        if (st < 0) return st;
+    if (flaw == DEC_EMPTY_BATCH) st = api->forward(api->ctx, &e, 0, row);
+    if (flaw == DEC_PAD) {
+        st = api->forward(api->ctx, &e, 1, row);
+        pos++;
     }
-    if (flaw == DEC_FORK_LIVE || flaw == DEC_FORK_LEAK || flaw == DEC_SCATTER) {
-        tsr_status st = api->seq_fork(api->ctx, 0, 1);
+    for (int64_t i = 0; st >= 0 && i < req->n_prompt; i++) {
+        e = (tsr_batch_entry){0, pos++, req->prompt[i] + id_shift, 1};
+        st = api->forward(api->ctx, &e, 1, row);
+    }
+    if (st < 0) return st;
+    if (flaw == DEC_SILENT) return TSR_OK;
+    if (flaw == DEC_FORK_LIVE || flaw == DEC_FORK_LEAK || flaw == DEC_SCATTER ||
+        flaw == DEC_END_TWICE) {
+        st = api->seq_fork(api->ctx, 0, 1);
         if (st >= 0 && flaw == DEC_FORK_LIVE) st = api->seq_fork(api->ctx, 0, 1);
+        for (int ends = 0; st >= 0 && flaw == DEC_END_TWICE && ends < 2; ends++)
+            st = api->seq_end(api->ctx, 1);
         if (st < 0) return st;
     }
     if (flaw == DEC_SCATTER) {
         tsr_batch_entry batch[3] = {{0, pos, token, 0}, {1, pos, token, 0}, {0, pos + 1, token, 1}};
-        tsr_status st = api->forward(api->ctx, batch, 3, row);
+        st = api->forward(api->ctx, batch, 3, row);
         if (st >= 0) st = api->seq_end(api->ctx, 1);
         if (st < 0) return st;
         pos += 2;
@@ -77,16 +93,15 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
     for (int n = 0; n < 20; n++) {
         if (api->emit(api->ctx, &token, 1) && flaw != DEC_IGNORE_STOP) break;
         e = (tsr_batch_entry){flaw == DEC_UNBEGUN ? 1 : 0, pos++,
-                              token < api->n_vocab ? token : 0, 1};
+                              (token < api->n_vocab ? token : 0) + id_shift, 1};
         if (flaw == DEC_DRAFT) {
             /* Drafts that it then rejects all: the sequence goes back to one new position. */
             tsr_batch_entry batch[3] = {e, {0, pos, token, 0}, {0, pos + 1, token, 0}};
-            tsr_status st = api->forward(api->ctx, batch, 3, row);
+            st = api->forward(api->ctx, batch, 3, row);
             if (st >= 0) st = api->seq_truncate(api->ctx, 0, pos);
-            if (st < 0) return st;
-            continue;
+        } else {
+            st = api->forward(api->ctx, &e, 1, row);
         }
-        tsr_status st = api->forward(api->ctx, &e, 1, row);
         if (st < 0) return st;
     }
     return TSR_OK;
@@ -95,6 +110,12 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
 static tsr_status vocab_generate(void *self, const tsr_decode_api *api,
                                  const tsr_generate_request *req) {
     return dec_run(api, req, api->n_vocab, DEC_FINE); /* one past the last token id */
+}
+
+/* Emits the last token id, and forwards it as one past the last. */
+static tsr_status one_based_generate(void *self, const tsr_decode_api *api,
+                                     const tsr_generate_request *req) {
+    return dec_run(api, req, api->n_vocab - 1, DEC_ONE_BASED);
 }
 
 /* A generate callback that emits token 1 and breaks the rule `flaw` names. */
@@ -112,6 +133,29 @@ FLAWED_GENERATE(fork_live_generate, DEC_FORK_LIVE)
 FLAWED_GENERATE(fork_leak_generate, DEC_FORK_LEAK)
 FLAWED_GENERATE(scatter_generate, DEC_SCATTER)
 FLAWED_GENERATE(draft_generate, DEC_DRAFT)
+FLAWED_GENERATE(pad_generate, DEC_PAD)
+FLAWED_GENERATE(end_twice_generate, DEC_END_TWICE)
+FLAWED_GENERATE(empty_batch_generate, DEC_EMPTY_BATCH)
+FLAWED_GENERATE(silent_generate, DEC_SILENT)
+
+/* Refuses a request that fills the context, though the last token emitted is never forwarded:
+ * n_prompt + max_new_tokens == n_ctx fits. */
+static tsr_status cramped_generate(void *self, const tsr_decode_api *api,
+                                   const tsr_generate_request *req) {
+    dec *d = self;
+    if (req->n_prompt + req->max_new_tokens >= api->n_ctx) {
+        d->host->set_error(d->host->ctx, "%lld prompt tokens and %lld new ones do not fit "
+                           "n_ctx %d", (long long)req->n_prompt, (long long)req->max_new_tokens,
+                           (int)api->n_ctx);
+        return TSR_E_RANGE;
+    }
+    return dec_run(api, req, 1, DEC_FINE);
+}
+
+static tsr_status exit_generate(void *self, const tsr_decode_api *api,
+                                const tsr_generate_request *req) {
+    exit(0);
+}
 
 /* Emits the number of requests it served: the second request differs from the first. */
 static tsr_status memory_generate(void *self, const tsr_decode_api *api,
@@ -149,10 +193,13 @@ static tsr_status crash_generate(void *self, const tsr_decode_api *api,
     return TSR_OK;
 }
 
-#define DECODER_PICK(id, name_text, create_fn, generate_fn, pick_fn, what)                   \
+#define DECODER_VT(id, create_fn, generate_fn, pick_fn)                                      \
     static const tsr_decoder_vtable id##_vt = {TSR_SIZED(tsr_decoder_vtable),                \
                                                .create = create_fn, .destroy = dec_destroy,  \
-                                               .generate = generate_fn, .pick = pick_fn};    \
+                                               .generate = generate_fn, .pick = pick_fn};
+
+#define DECODER_PICK(id, name_text, create_fn, generate_fn, pick_fn, what)                   \
+    DECODER_VT(id, create_fn, generate_fn, pick_fn)                                          \
     static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER),        \
                                        .name = name_text, .version = "0", .description = what, \
                                        .vtable = &id##_vt};
@@ -174,9 +221,131 @@ DECODER(scatter, dec_create, scatter_generate,
         "splits the entries of one sequence in a batch around another's")
 DECODER(draft, dec_create, draft_generate,
         "drafts two tokens past each one it forwards, beyond n_ctx at the end")
+DECODER(pad, dec_create, pad_generate, "pads the prompt with token -1")
+DECODER_PICK(one_based, "bad-one-based", dec_create, one_based_generate, NULL,
+             "forwards every token id plus one")
+DECODER_PICK(end_twice, "bad-end-twice", dec_create, end_twice_generate, NULL,
+             "ends the sequence it forked twice")
+DECODER_PICK(empty_batch, "bad-empty-batch", dec_create, empty_batch_generate, NULL,
+             "forwards an empty batch")
+DECODER(silent, dec_create, silent_generate, "reads the prompt and emits nothing")
+DECODER(cramped, dec_create, cramped_generate,
+        "refuses a request whose prompt and new tokens fill the context")
+DECODER_PICK(exits, "bad-exit", dec_create, exit_generate, NULL, "calls exit(0) in generate")
 DECODER(memory, dec_create, memory_generate, "emits a token that counts the requests served")
 DECODER_PICK(pick, "bad-pick", dec_create, fine_generate, strict_pick,
              "pick returns -1 when every logit is -FLT_MAX")
+
+/* ---- decoders whose flaw is in their descriptor or parameters ------------------------------ */
+
+DECODER_VT(fine, dec_create, fine_generate, NULL)
+
+static const tsr_plugin_desc no_version = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER), .name = "bad-version", .version = "",
+    .description = "an empty version", .vtable = &fine_vt};
+
+static const tsr_plugin_desc two_lines = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER), .name = "bad-description", .version = "0",
+    .description = "a description\nof two lines", .vtable = &fine_vt};
+
+static int32_t never_probe(const tsr_host *host) {
+    host->set_error(host->ctx, "needs a CPU feature the probe tests the wrong way round");
+    return 0;
+}
+
+static const tsr_plugin_desc unusable = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER), .name = "bad-probe", .version = "0",
+    .description = "its probe says it cannot run anywhere", .probe = never_probe,
+    .vtable = &fine_vt};
+
+static const tsr_param_def undocumented_params[] = {
+    {TSR_SIZED(tsr_param_def), .name = "window", .type = TSR_PARAM_INT, .default_value = "1",
+     .min = 1, .max = 8},
+};
+static const tsr_plugin_desc param_doc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER), .name = "bad-param-doc", .version = "0",
+    .description = "a parameter without doc", TSR_PARAMS(undocumented_params),
+    .vtable = &fine_vt};
+
+static int32_t requests_served(void *self) { return ((dec *)self)->requests; }
+
+/* Fails until a request was served. */
+static int32_t last_request(void *self) {
+    dec *d = self;
+    if (d->requests) return d->requests;
+    d->host->set_error(d->host->ctx, "no request served yet");
+    return TSR_E_STATE;
+}
+
+static const tsr_command undocumented_commands[] = {
+    {TSR_SIZED(tsr_command), .name = "served", .signature = "i(I)",
+     .fn = (void (*)(void))requests_served},
+};
+static const tsr_plugin_desc command_doc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER), .name = "bad-command-doc", .version = "0",
+    .description = "a command without doc", TSR_COMMANDS(undocumented_commands),
+    .vtable = &fine_vt};
+
+static const tsr_command fresh_commands[] = {
+    {TSR_SIZED(tsr_command), .name = "last_request", .signature = "i(I)",
+     .fn = (void (*)(void))last_request, .doc = "the number of the last request served",
+     .returns_status = 1},
+};
+static const tsr_plugin_desc command_fresh = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER), .name = "bad-command-fresh", .version = "0",
+    .description = "a command that fails on a fresh instance", TSR_COMMANDS(fresh_commands),
+    .vtable = &fine_vt};
+
+/* The parameter "window" of the fixtures below, in the range each declares. */
+#define WINDOW_PARAMS(table, min_value, max_value, default_text)                             \
+    static const tsr_param_def table[] = {                                                   \
+        {TSR_SIZED(tsr_param_def), .name = "window", .type = TSR_PARAM_INT,                  \
+         .default_value = default_text, .min = min_value, .max = max_value,                  \
+         .doc = "entries per window"},                                                       \
+    };
+
+#define DECODER_WINDOW(id, name_text, create_fn, table, what)                                \
+    DECODER_VT(id, create_fn, fine_generate, NULL)                                           \
+    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER),        \
+                                       .name = name_text, .version = "0", .description = what, \
+                                       TSR_PARAMS(table), .vtable = &id##_vt};
+
+/* Its table allows window 0, its create does not. */
+static tsr_status no_zero_create(const tsr_host *host, const tsr_params *p,
+                                 const tsr_decoder_init *init, void **out) {
+    if (tsr_param_int(p, "window") < 1) {
+        host->set_error(host->ctx, "window %lld: expected at least 1",
+                        (long long)tsr_param_int(p, "window"));
+        return TSR_E_INVALID;
+    }
+    return dec_create(host, p, init, out);
+}
+
+/* Refuses its largest window without saying why. */
+static tsr_status quiet_create(const tsr_host *host, const tsr_params *p,
+                               const tsr_decoder_init *init, void **out) {
+    if (tsr_param_int(p, "window") == 8) return TSR_E_INVALID;
+    return dec_create(host, p, init, out);
+}
+
+/* Windows beyond 4096 get a table it forgets to free. */
+static tsr_status big_window_create(const tsr_host *host, const tsr_params *p,
+                                    const tsr_decoder_init *init, void **out) {
+    tsr_status st = dec_create(host, p, init, out);
+    if (st >= 0 && tsr_param_int(p, "window") > 4096)
+        ((dec *)*out)->extra = host->alloc(host->ctx, 100, 0);
+    return st;
+}
+
+WINDOW_PARAMS(zero_window_params, 0, 8, "0")
+WINDOW_PARAMS(small_window_params, 1, 8, "1")
+WINDOW_PARAMS(big_window_params, 1, 65536, "64")
+DECODER_WINDOW(default_refused, "bad-default-refused", no_zero_create, zero_window_params,
+               "refuses the default its table declares")
+DECODER_WINDOW(quiet, "bad-quiet-refusal", quiet_create, small_window_params,
+               "refuses window 8 without a message")
+DECODER_WINDOW(big_window_leak, "bad-big-window-leak", big_window_create, big_window_params,
+               "leaks 100 bytes with a window beyond 4096")
 
 /* A parameter whose default lies outside its own range: the loader refuses this plugin. */
 static const tsr_param_def bad_default_params[] = {
@@ -1080,7 +1249,9 @@ static const tsr_plugin_desc quantizer_desc = {
     .description = "dequantizes every weight to zero", .vtable = &quant_vt};
 
 TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &fork_leak, &scatter,
-                  &draft, &memory, &pick, &param, &cache_desc, &cache_f16, &cache_layer2, &cache_twice,
+                  &draft, &pad, &one_based, &end_twice, &empty_batch, &silent, &cramped, &exits,
+                  &memory, &no_version, &two_lines, &unusable, &param_doc, &command_doc,
+                  &command_fresh, &default_refused, &quiet, &big_window_leak, &pick, &param, &cache_desc, &cache_f16, &cache_layer2, &cache_twice,
                   &cache_other_seq, &cache_head, &cache_fork_share, &cache_truncate,
                   &cache_stats, &cache_refuse, &cache_count, &cache_stride,
                   &ok_scores, &cache_fork_short, &cache_peak, &cache_evicted, &cache_load,
