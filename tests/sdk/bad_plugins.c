@@ -1038,7 +1038,7 @@ static const tsr_plugin_desc attention_desc = {
     .version = "0", .description = "averages every value, ignoring scores and causality",
     .vtable = &attn_vt};
 
-/* ---- router: picks an expert that does not exist ---------------------------------------- */
+/* ---- routers: top-k of the gate logits, each breaking one rule ----------------------------- */
 
 typedef struct router {
     const tsr_host *host;
@@ -1055,49 +1055,71 @@ static tsr_status router_create(const tsr_host *host, const tsr_params *p,
     return TSR_OK;
 }
 
+/* Refuses to use every expert, an off-by-one in its check of n_expert_used. */
+static tsr_status some_experts_create(const tsr_host *host, const tsr_params *p,
+                                      const tsr_router_init *init, void **out) {
+    if (init->n_expert_used >= init->n_expert) {
+        host->set_error(host->ctx, "n_expert_used %d: expected fewer than the %d experts",
+                        (int)init->n_expert_used, (int)init->n_expert);
+        return TSR_E_INVALID;
+    }
+    return router_create(host, p, init, out);
+}
+
 static void router_destroy(void *self) {
     router *r = self;
     r->host->free(r->host->ctx, r);
 }
 
-static tsr_status router_route(void *self, const tsr_route_call *call) {
-    const router *r = self;
-    for (int64_t i = 0; i < call->n_tok * call->k; i++) {
-        call->experts[i] = i % call->k == 0 ? r->n_expert : -1;
-        call->weights[i] = 1.0f;
-    }
-    return TSR_OK;
-}
+/* What a fixture router does wrong. */
+enum router_flaw {
+    ROUTER_FINE,
+    ROUTER_PAST_END,    /* puts expert n_expert in the first slot of each token */
+    ROUTER_REPEAT,      /* takes the argmax k times, never excluding what it chose */
+    ROUTER_FIRST_WEIGHT /* writes the weight of the first slot only */
+};
 
-/* Top-k as k times the argmax, never excluding what it chose. */
-static tsr_status twice_route(void *self, const tsr_route_call *call) {
-    const router *r = self;
+/* The k largest gate logits with equal weights, but for the flaw `flaw` names. */
+static tsr_status router_topk(const router *r, const tsr_route_call *call,
+                              enum router_flaw flaw) {
     for (int64_t t = 0; t < call->n_tok; t++) {
         const float *g = call->gate_logits + t * r->n_expert;
-        int32_t best = 0;
-        for (int32_t e = 1; e < r->n_expert; e++)
-            if (g[e] > g[best]) best = e;
+        int32_t *chosen = call->experts + t * call->k;
         for (int32_t s = 0; s < call->k; s++) {
-            call->experts[t * call->k + s] = best;
-            call->weights[t * call->k + s] = 1.0f / (float)call->k;
+            int32_t best = -1;
+            for (int32_t e = 0; e < r->n_expert; e++) {
+                int taken = 0;
+                for (int32_t before = 0; flaw != ROUTER_REPEAT && before < s; before++)
+                    taken |= chosen[before] == e;
+                if (!taken && (best < 0 || g[e] > g[best])) best = e;
+            }
+            chosen[s] = flaw == ROUTER_PAST_END && s == 0 ? r->n_expert : best;
+            if (flaw != ROUTER_FIRST_WEIGHT || s == 0)
+                call->weights[t * call->k + s] = 1.0f / (float)call->k;
         }
     }
     return TSR_OK;
 }
 
-static const tsr_router_vtable router_twice_vt = {
-    TSR_SIZED(tsr_router_vtable), .create = router_create, .destroy = router_destroy,
-    .route = twice_route};
-static const tsr_plugin_desc router_twice_desc = {
-    TSR_PLUGIN_HEADER(TSR_STAGE_ROUTER, ROUTER), .name = "bad-router-twice", .version = "0",
-    .description = "picks one expert for every slot", .vtable = &router_twice_vt};
+#define ROUTER(id, name_text, create_fn, flaw, what)                                        \
+    static tsr_status id##_route(void *self, const tsr_route_call *call) {                  \
+        return router_topk(self, call, flaw);                                               \
+    }                                                                                       \
+    static const tsr_router_vtable id##_vt = {TSR_SIZED(tsr_router_vtable),                 \
+                                              .create = create_fn,                          \
+                                              .destroy = router_destroy,                    \
+                                              .route = id##_route};                         \
+    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_ROUTER, ROUTER),         \
+                                       .name = name_text, .version = "0",                   \
+                                       .description = what, .vtable = &id##_vt};
 
-static const tsr_router_vtable router_vt = {
-    TSR_SIZED(tsr_router_vtable), .create = router_create, .destroy = router_destroy,
-    .route = router_route};
-static const tsr_plugin_desc router_desc = {
-    TSR_PLUGIN_HEADER(TSR_STAGE_ROUTER, ROUTER), .name = "bad-router", .version = "0",
-    .description = "routes to expert n_expert", .vtable = &router_vt};
+ROUTER(router_desc, "bad-router", router_create, ROUTER_PAST_END, "routes to expert n_expert")
+ROUTER(router_twice_desc, "bad-router-twice", router_create, ROUTER_REPEAT,
+       "picks one expert for every slot")
+ROUTER(router_weight, "bad-router-weight", router_create, ROUTER_FIRST_WEIGHT,
+       "leaves the weights of all slots but the first unwritten")
+ROUTER(router_all, "bad-router-all", some_experts_create, ROUTER_FINE,
+       "refuses to use every expert")
 
 /* ---- backend: allocates its own buffers but offers no upload or download ------------------ */
 
@@ -1258,5 +1280,6 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &ok_load, &ok_baseline, &cache_unreadable, &cache_no_pos, &cache_last_layer,
                   &cache_one_seq, &cache_step, &cache_fork_stub, &cache_deep_truncate,
                   &cache_truncate_status, &cache_unhide, &cache_no_peak, &attention_desc, &attn_causal, &attn_gqa,
-                  &attn_scores, &attn_blind, &attn_f32, &attn_mha, &router_desc, &router_twice_desc, &backend_desc,
+                  &attn_scores, &attn_blind, &attn_f32, &attn_mha, &router_desc, &router_twice_desc,
+                  &router_weight, &router_all, &backend_desc,
                   &quantizer_desc)
