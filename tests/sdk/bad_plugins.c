@@ -1121,10 +1121,26 @@ ROUTER(router_weight, "bad-router-weight", router_create, ROUTER_FIRST_WEIGHT,
 ROUTER(router_all, "bad-router-all", some_experts_create, ROUTER_FINE,
        "refuses to use every expert")
 
-/* ---- backend: allocates its own buffers but offers no upload or download ------------------ */
+/* ---- backends: the header's formulas on host memory, each breaking one rule ---------------- */
+
+/* What a fixture backend does wrong. */
+enum be_flaw {
+    BE_FINE,
+    BE_NORM_NO_WEIGHT, /* rms_norm forgets the weight */
+    BE_SWAPPED_GLU,    /* swiglu applies SiLU to up instead of gate */
+    BE_NO_BROADCAST,   /* add reads b row by row even when b_rows is 1 */
+    BE_ADD_ZEROED,     /* add clears y, then sums a and b into it: wrong in place */
+    BE_NEOX_AS_NORMAL, /* rope rotates adjacent pairs in NeoX mode too */
+    BE_NO_NEOX,        /* rope refuses NeoX mode */
+    BE_TRANSPOSED,     /* matmul reads W as (ne[0], ne[1]) */
+    BE_ROW_LENGTH,     /* get_rows steps through W by ne[1] elements a row */
+    BE_NO_F32,         /* supports() says 0 for F32 */
+    BE_DEVICE          /* says its memory is device memory and offers no way to reach it */
+};
 
 typedef struct backend {
     const tsr_host *host;
+    enum be_flaw flaw;
 } backend;
 
 static tsr_status be_create(const tsr_host *host, const tsr_params *p,
@@ -1152,16 +1168,26 @@ static void be_buffer_free(void *self, void *buf) {
     b->host->free(b->host->ctx, buf);
 }
 
-static int32_t be_supports(void *self, int32_t dtype) { return dtype == TSR_DTYPE_F32; }
+static int32_t be_supports(void *self, int32_t dtype) {
+    const backend *b = self;
+    return dtype == TSR_DTYPE_F32 && b->flaw != BE_NO_F32;
+}
+
+static int32_t be_memory_space(void *self) {
+    const backend *b = self;
+    return b->flaw == BE_DEVICE ? TSR_MEMORY_DEVICE : TSR_MEMORY_HOST;
+}
 
 static tsr_status be_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
                             int64_t n) {
+    const backend *b = self;
     const float *wd = w->data;
     for (int64_t t = 0; t < n; t++)
         for (int64_t o = 0; o < w->ne[1]; o++) {
             double s = 0;
             for (int64_t i = 0; i < w->ne[0]; i++)
-                s += (double)x[t * w->ne[0] + i] * wd[o * w->ne[0] + i];
+                s += (double)x[t * w->ne[0] + i] *
+                     wd[b->flaw == BE_TRANSPOSED ? i * w->ne[1] + o : o * w->ne[0] + i];
             y[t * w->ne[1] + o] = (float)s;
         }
     return TSR_OK;
@@ -1169,37 +1195,47 @@ static tsr_status be_matmul(void *self, float *y, const tsr_tensor *w, const flo
 
 static tsr_status be_get_rows(void *self, float *y, const tsr_tensor *w, const int32_t *ids,
                               int64_t n) {
+    const backend *b = self;
+    int64_t row_length = b->flaw == BE_ROW_LENGTH ? w->ne[1] : w->ne[0];
     for (int64_t t = 0; t < n; t++)
-        memcpy(y + t * w->ne[0], (const float *)w->data + ids[t] * w->ne[0],
+        memcpy(y + t * w->ne[0], (const float *)w->data + ids[t] * row_length,
                (size_t)w->ne[0] * sizeof(float));
     return TSR_OK;
 }
 
 static tsr_status be_rms_norm(void *self, float *y, const float *x, const float *weight,
                               int64_t n, int64_t dim, float eps) {
+    const backend *b = self;
     for (int64_t t = 0; t < n; t++) {
         double ss = 0;
         for (int64_t i = 0; i < dim; i++) ss += (double)x[t * dim + i] * x[t * dim + i];
         double inv = 1.0 / sqrt(ss / (double)dim + eps);
         for (int64_t i = 0; i < dim; i++)
-            y[t * dim + i] = (float)(x[t * dim + i] * inv * weight[i]);
+            y[t * dim + i] =
+                (float)(x[t * dim + i] * inv * (b->flaw == BE_NORM_NO_WEIGHT ? 1.0f : weight[i]));
     }
     return TSR_OK;
 }
 
 static tsr_status be_rope(void *self, float *x, const int32_t *pos, int64_t n, int32_t n_head,
                           int32_t head_dim, const tsr_rope_params *rope) {
+    const backend *b = self;
+    if (b->flaw == BE_NO_NEOX && rope->mode == TSR_ROPE_NEOX) {
+        b->host->set_error(b->host->ctx, "rope: NeoX mode is not supported");
+        return TSR_E_UNSUPPORTED;
+    }
+    int neox = rope->mode == TSR_ROPE_NEOX && b->flaw != BE_NEOX_AS_NORMAL;
     for (int64_t t = 0; t < n; t++)
         for (int32_t h = 0; h < n_head; h++) {
             float *xi = x + (t * n_head + h) * head_dim;
             for (int32_t i = 0; i < rope->n_rot / 2; i++) {
                 double theta = pos[t] * (double)rope->freq_scale *
                                pow(rope->freq_base, -2.0 * i / rope->n_rot);
-                int32_t i0 = rope->mode == TSR_ROPE_NEOX ? i : 2 * i;
-                int32_t i1 = rope->mode == TSR_ROPE_NEOX ? i + rope->n_rot / 2 : 2 * i + 1;
-                double a = xi[i0], b = xi[i1];
-                xi[i0] = (float)(a * cos(theta) - b * sin(theta));
-                xi[i1] = (float)(a * sin(theta) + b * cos(theta));
+                int32_t i0 = neox ? i : 2 * i;
+                int32_t i1 = neox ? i + rope->n_rot / 2 : 2 * i + 1;
+                double a = xi[i0], c = xi[i1];
+                xi[i0] = (float)(a * cos(theta) - c * sin(theta));
+                xi[i1] = (float)(a * sin(theta) + c * cos(theta));
             }
         }
     return TSR_OK;
@@ -1207,25 +1243,65 @@ static tsr_status be_rope(void *self, float *x, const int32_t *pos, int64_t n, i
 
 static tsr_status be_swiglu(void *self, float *y, const float *gate, const float *up,
                             int64_t n, int64_t dim) {
+    const backend *b = self;
+    if (b->flaw == BE_SWAPPED_GLU) {
+        const float *t = gate;
+        gate = up;
+        up = t;
+    }
     for (int64_t i = 0; i < n * dim; i++)
         y[i] = (float)(gate[i] / (1.0 + exp(-(double)gate[i])) * up[i]);
     return TSR_OK;
 }
 
-static tsr_status be_add(void *self, float *y, const float *a, const float *b, int64_t n,
+static tsr_status be_add(void *self, float *y, const float *a, const float *bias, int64_t n,
                          int64_t dim, int64_t b_rows) {
-    for (int64_t i = 0; i < n * dim; i++) y[i] = a[i] + b[b_rows == 1 ? i % dim : i];
+    const backend *b = self;
+    int broadcast = b_rows == 1 && b->flaw != BE_NO_BROADCAST;
+    if (b->flaw == BE_ADD_ZEROED) memset(y, 0, (size_t)(n * dim) * sizeof *y);
+    for (int64_t i = 0; i < n * dim; i++) y[i] = a[i] + bias[broadcast ? i % dim : i];
     return TSR_OK;
 }
 
+#define BE_OPS                                                                              \
+    .supports = be_supports, .matmul = be_matmul, .get_rows = be_get_rows,                  \
+    .rms_norm = be_rms_norm, .rope = be_rope, .swiglu = be_swiglu, .add = be_add
+
+/* Allocates buffers but offers no upload or download. */
 static const tsr_backend_vtable backend_vt = {
     TSR_SIZED(tsr_backend_vtable), .create = be_create, .destroy = be_destroy,
-    .buffer_alloc = be_buffer_alloc, .buffer_free = be_buffer_free, .supports = be_supports,
-    .matmul = be_matmul, .get_rows = be_get_rows, .rms_norm = be_rms_norm, .rope = be_rope,
-    .swiglu = be_swiglu, .add = be_add};
+    .buffer_alloc = be_buffer_alloc, .buffer_free = be_buffer_free, BE_OPS};
 static const tsr_plugin_desc backend_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND), .name = "bad-backend-memory", .version = "0",
     .description = "allocates buffers but offers no upload or download", .vtable = &backend_vt};
+
+#define BACKEND(id, name_text, flaw_value, what)                                            \
+    static tsr_status id##_create(const tsr_host *host, const tsr_params *p,                \
+                                  const tsr_backend_init *init, void **out) {               \
+        tsr_status st = be_create(host, p, init, out);                                      \
+        if (st >= 0) ((backend *)*out)->flaw = flaw_value;                                  \
+        return st;                                                                          \
+    }                                                                                       \
+    static const tsr_backend_vtable id##_vt = {TSR_SIZED(tsr_backend_vtable),               \
+                                               .create = id##_create, .destroy = be_destroy, \
+                                               BE_OPS, .memory_space = be_memory_space};    \
+    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND),       \
+                                       .name = name_text, .version = "0",                   \
+                                       .description = what, .vtable = &id##_vt};
+
+BACKEND(be_norm, "bad-backend-norm", BE_NORM_NO_WEIGHT, "rms_norm forgets the weight")
+BACKEND(be_glu, "bad-backend-swiglu", BE_SWAPPED_GLU, "swiglu applies SiLU to up, not gate")
+BACKEND(be_broadcast, "bad-backend-broadcast", BE_NO_BROADCAST,
+        "add ignores b_rows = 1 and reads b row by row")
+BACKEND(be_in_place, "bad-backend-in-place", BE_ADD_ZEROED,
+        "add clears y before summing into it, losing a when y == a")
+BACKEND(be_neox, "bad-backend-neox", BE_NEOX_AS_NORMAL, "rope rotates adjacent pairs in NeoX mode")
+BACKEND(be_no_neox, "bad-backend-no-neox", BE_NO_NEOX, "rope refuses NeoX mode")
+BACKEND(be_transposed, "bad-backend-transposed", BE_TRANSPOSED, "matmul reads W transposed")
+BACKEND(be_rows, "bad-backend-rows", BE_ROW_LENGTH, "get_rows takes ne[1] as the row length")
+BACKEND(be_no_f32, "bad-backend-no-f32", BE_NO_F32, "supports no F32 weights")
+BACKEND(be_device, "bad-backend-device", BE_DEVICE,
+        "says device memory without buffer_alloc, buffer_free, upload and download")
 
 /* ---- quantizer: keeps F32 in place but dequantizes to zeros -------------------------------- */
 
@@ -1281,5 +1357,7 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &cache_one_seq, &cache_step, &cache_fork_stub, &cache_deep_truncate,
                   &cache_truncate_status, &cache_unhide, &cache_no_peak, &attention_desc, &attn_causal, &attn_gqa,
                   &attn_scores, &attn_blind, &attn_f32, &attn_mha, &router_desc, &router_twice_desc,
-                  &router_weight, &router_all, &backend_desc,
+                  &router_weight, &router_all, &backend_desc, &be_norm, &be_glu,
+                  &be_broadcast, &be_in_place, &be_neox, &be_no_neox, &be_transposed, &be_rows,
+                  &be_no_f32, &be_device,
                   &quantizer_desc)
