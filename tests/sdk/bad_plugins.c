@@ -1123,6 +1123,20 @@ ROUTER(router_all, "bad-router-all", some_experts_create, ROUTER_FINE,
 
 /* ---- backends: the header's formulas on host memory, each breaking one rule ---------------- */
 
+/* y (n, ne[1]) = x (n, ne[0]) . W^T for F32 weights; `transposed` reads W as (ne[0], ne[1]). */
+static void f32_matmul(float *y, const tsr_tensor *w, const float *x, int64_t n,
+                       int transposed) {
+    const float *wd = w->data;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t o = 0; o < w->ne[1]; o++) {
+            double s = 0;
+            for (int64_t i = 0; i < w->ne[0]; i++)
+                s += (double)x[t * w->ne[0] + i] *
+                     wd[transposed ? i * w->ne[1] + o : o * w->ne[0] + i];
+            y[t * w->ne[1] + o] = (float)s;
+        }
+}
+
 /* What a fixture backend does wrong. */
 enum be_flaw {
     BE_FINE,
@@ -1181,15 +1195,7 @@ static int32_t be_memory_space(void *self) {
 static tsr_status be_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
                             int64_t n) {
     const backend *b = self;
-    const float *wd = w->data;
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t o = 0; o < w->ne[1]; o++) {
-            double s = 0;
-            for (int64_t i = 0; i < w->ne[0]; i++)
-                s += (double)x[t * w->ne[0] + i] *
-                     wd[b->flaw == BE_TRANSPOSED ? i * w->ne[1] + o : o * w->ne[0] + i];
-            y[t * w->ne[1] + o] = (float)s;
-        }
+    f32_matmul(y, w, x, n, b->flaw == BE_TRANSPOSED);
     return TSR_OK;
 }
 
@@ -1303,10 +1309,23 @@ BACKEND(be_no_f32, "bad-backend-no-f32", BE_NO_F32, "supports no F32 weights")
 BACKEND(be_device, "bad-backend-device", BE_DEVICE,
         "says device memory without buffer_alloc, buffer_free, upload and download")
 
-/* ---- quantizer: keeps F32 in place but dequantizes to zeros -------------------------------- */
+/* ---- quantizers: keep F32 weights in place, each breaking one rule ------------------------- */
+
+/* What a fixture quantizer does wrong. */
+enum quant_flaw {
+    QUANT_ZEROS,          /* dequantizes every weight to zero */
+    QUANT_WRONG_STATUS,   /* refuses F32 sources with TSR_E_INVALID, not TSR_E_UNSUPPORTED */
+    QUANT_HALF_SHAPE,     /* reports ne[0] halved, as if it packed two weights an element */
+    QUANT_NO_BITS,        /* leaves bits_per_weight 0 */
+    QUANT_UNMEASURED,     /* reports rel_rmse -1 for "not measured" */
+    QUANT_ROWS_FROM_ZERO, /* dequantize_rows ignores row0 */
+    QUANT_WHOLE_ONLY,     /* dequantize_rows refuses a range that does not start at row 0 */
+    QUANT_TRANSPOSED      /* matmul reads W transposed */
+};
 
 typedef struct quant {
     const tsr_host *host;
+    enum quant_flaw flaw;
 } quant;
 
 static tsr_status quant_create(const tsr_host *host, const tsr_params *p,
@@ -1324,9 +1343,15 @@ static void quant_destroy(void *self) {
 }
 
 static tsr_status quant_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
+    const quant *q = self;
+    if (q->flaw == QUANT_WRONG_STATUS) {
+        q->host->set_error(q->host->ctx, "%s: F32 sources are not taken", in->src.name);
+        return TSR_E_INVALID;
+    }
     out->dst = in->src;
-    out->bits_per_weight = 32;
-    out->rel_rmse = 0;
+    if (q->flaw == QUANT_HALF_SHAPE) out->dst.ne[0] /= 2;
+    out->bits_per_weight = q->flaw == QUANT_NO_BITS ? 0 : 32;
+    out->rel_rmse = q->flaw == QUANT_UNMEASURED ? -1 : 0;
     out->owns_data = 0;
     return TSR_OK;
 }
@@ -1335,16 +1360,52 @@ static void quant_release(void *self, tsr_tensor *w) {}
 
 static tsr_status quant_dequantize(void *self, float *y, const tsr_tensor *w, int64_t row0,
                                    int64_t n_rows) {
-    for (int64_t i = 0; i < n_rows * w->ne[0]; i++) y[i] = 0;
+    const quant *q = self;
+    if (q->flaw == QUANT_WHOLE_ONLY && row0 != 0) {
+        q->host->set_error(q->host->ctx, "dequantize_rows: rows from %lld: only whole tensors",
+                           (long long)row0);
+        return TSR_E_UNSUPPORTED;
+    }
+    if (q->flaw == QUANT_ROWS_FROM_ZERO) row0 = 0;
+    const float *src = (const float *)w->data + row0 * w->ne[0];
+    for (int64_t i = 0; i < n_rows * w->ne[0]; i++) y[i] = q->flaw == QUANT_ZEROS ? 0 : src[i];
     return TSR_OK;
 }
 
-static const tsr_quantizer_vtable quant_vt = {
-    TSR_SIZED(tsr_quantizer_vtable), .create = quant_create, .destroy = quant_destroy,
-    .prepare = quant_prepare, .release = quant_release, .dequantize_rows = quant_dequantize};
-static const tsr_plugin_desc quantizer_desc = {
-    TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER), .name = "bad-quantizer", .version = "0",
-    .description = "dequantizes every weight to zero", .vtable = &quant_vt};
+static tsr_status quant_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                               int64_t n) {
+    const quant *q = self;
+    f32_matmul(y, w, x, n, q->flaw == QUANT_TRANSPOSED);
+    return TSR_OK;
+}
+
+#define QUANTIZER(id, name_text, flaw_value, what)                                          \
+    static tsr_status id##_create(const tsr_host *host, const tsr_params *p,                \
+                                  const tsr_quantizer_init *init, void **out) {             \
+        tsr_status st = quant_create(host, p, init, out);                                   \
+        if (st >= 0) ((quant *)*out)->flaw = flaw_value;                                    \
+        return st;                                                                          \
+    }                                                                                       \
+    static const tsr_quantizer_vtable id##_vt = {                                           \
+        TSR_SIZED(tsr_quantizer_vtable), .create = id##_create, .destroy = quant_destroy,   \
+        .prepare = quant_prepare, .release = quant_release, .matmul = quant_matmul,         \
+        .dequantize_rows = quant_dequantize};                                               \
+    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER),   \
+                                       .name = name_text, .version = "0",                   \
+                                       .description = what, .vtable = &id##_vt};
+
+QUANTIZER(quantizer_desc, "bad-quantizer", QUANT_ZEROS, "dequantizes every weight to zero")
+QUANTIZER(quant_status, "bad-quantizer-status", QUANT_WRONG_STATUS,
+          "refuses F32 sources with TSR_E_INVALID")
+QUANTIZER(quant_shape, "bad-quantizer-shape", QUANT_HALF_SHAPE, "halves ne[0]")
+QUANTIZER(quant_bits, "bad-quantizer-bits", QUANT_NO_BITS, "reports 0 bits per weight")
+QUANTIZER(quant_rmse, "bad-quantizer-rmse", QUANT_UNMEASURED, "reports rel_rmse -1")
+QUANTIZER(quant_rows, "bad-quantizer-rows", QUANT_ROWS_FROM_ZERO,
+          "dequantize_rows starts at row 0 whatever row0 says")
+QUANTIZER(quant_whole, "bad-quantizer-whole", QUANT_WHOLE_ONLY,
+          "dequantize_rows refuses a range that does not start at row 0")
+QUANTIZER(quant_transposed, "bad-quantizer-transposed", QUANT_TRANSPOSED,
+          "matmul reads W transposed")
 
 TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &fork_leak, &scatter,
                   &draft, &pad, &one_based, &end_twice, &empty_batch, &silent, &cramped, &exits,
@@ -1360,4 +1421,5 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &router_weight, &router_all, &backend_desc, &be_norm, &be_glu,
                   &be_broadcast, &be_in_place, &be_neox, &be_no_neox, &be_transposed, &be_rows,
                   &be_no_f32, &be_device,
-                  &quantizer_desc)
+                  &quantizer_desc, &quant_status, &quant_shape, &quant_bits, &quant_rmse, &quant_rows,
+                  &quant_whole, &quant_transposed)
