@@ -4,7 +4,8 @@
  * bad_plugins.expected, and each failure's reason). Everything not broken on purpose is done
  * right, so that no other check fails. Plugins named ok-* break nothing: they check the
  * runner itself (ok-cache-scores fails when the runner does not fill score_acc as attention
- * would).
+ * would, ok-cache-baseline when it does not measure stats from what they were at create,
+ * ok-cache-load when it misreads a view of a policy's own format).
  */
 #include <float.h>
 #include <math.h>
@@ -12,6 +13,21 @@
 
 #include <tessera/sdk.h>
 #include <tessera/sdk_cache.h>
+
+/* The descriptor of fixture `id`, a plugin of stage TSR_STAGE_<STAGE> over the vtable id_vt. */
+#define FIXTURE(id, STAGE, name_text, what)                                                  \
+    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_##STAGE, STAGE),          \
+                                       .name = name_text, .version = "0", .description = what, \
+                                       .vtable = &id##_vt};
+
+/* A create callback `fn` that makes the instance as `base` does, with the flaw `value`. */
+#define FLAWED_CREATE(fn, base, init_type, self_type, value)                                 \
+    static tsr_status fn(const tsr_host *host, const tsr_params *p, const init_type *init,   \
+                         void **out) {                                                       \
+        tsr_status st = base(host, p, init, out);                                            \
+        if (st >= 0) ((self_type *)*out)->flaw = value;                                      \
+        return st;                                                                           \
+    }
 
 /* ---- decoders ------------------------------------------------------------------------- */
 
@@ -200,9 +216,7 @@ static tsr_status crash_generate(void *self, const tsr_decode_api *api,
 
 #define DECODER_PICK(id, name_text, create_fn, generate_fn, pick_fn, what)                   \
     DECODER_VT(id, create_fn, generate_fn, pick_fn)                                          \
-    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER),        \
-                                       .name = name_text, .version = "0", .description = what, \
-                                       .vtable = &id##_vt};
+    FIXTURE(id, DECODER, name_text, what)
 
 #define DECODER(id, create_fn, generate_fn, what) \
     DECODER_PICK(id, "bad-" #id, create_fn, generate_fn, NULL, what)
@@ -803,10 +817,7 @@ static tsr_status scores_step_end(void *self, int64_t seq) {
         .seq_begin = tsr_kv_store_seq_begin, .seq_end = seq_end_fn, .seq_fork = fork_fn,    \
         .seq_truncate = truncate_fn, .store = store_fn, .view = view_fn,                    \
         .prefill_end = prefill_end_fn, .step_end = step_end_fn, .stats = stats_fn};         \
-    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_CACHE, CACHE),           \
-                                       .name = name_text, .version = "0",                   \
-                                       .description = what,                                 \
-                                       .vtable = &id##_vt};
+    FIXTURE(id, CACHE, name_text, what)
 
 #define KV_CACHE_STATS(id, name_text, store_fn, view_fn, fork_fn, truncate_fn, seq_end_fn,     \
                        hook_fn, stats_fn, what)                                             \
@@ -1013,9 +1024,7 @@ static tsr_status mha_create(const tsr_host *host, const tsr_params *p,
                                                  .create = create_fn,                       \
                                                  .destroy = attn_destroy,                   \
                                                  .forward = id##_forward};                  \
-    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_ATTENTION, ATTENTION),   \
-                                       .name = name_text, .version = "0",                   \
-                                       .description = what, .vtable = &id##_vt};
+    FIXTURE(id, ATTENTION, name_text, what)
 
 #define ATTENTION(id, name_text, flaw, what) \
     ATTENTION_CREATE(id, name_text, attn_create, flaw, what)
@@ -1109,9 +1118,7 @@ static tsr_status router_topk(const router *r, const tsr_route_call *call,
                                               .create = create_fn,                          \
                                               .destroy = router_destroy,                    \
                                               .route = id##_route};                         \
-    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_ROUTER, ROUTER),         \
-                                       .name = name_text, .version = "0",                   \
-                                       .description = what, .vtable = &id##_vt};
+    FIXTURE(id, ROUTER, name_text, what)
 
 ROUTER(router_desc, "bad-router", router_create, ROUTER_PAST_END, "routes to expert n_expert")
 ROUTER(router_twice_desc, "bad-router-twice", router_create, ROUTER_REPEAT,
@@ -1282,18 +1289,11 @@ static const tsr_plugin_desc backend_desc = {
     .description = "allocates buffers but offers no upload or download", .vtable = &backend_vt};
 
 #define BACKEND(id, name_text, flaw_value, what)                                            \
-    static tsr_status id##_create(const tsr_host *host, const tsr_params *p,                \
-                                  const tsr_backend_init *init, void **out) {               \
-        tsr_status st = be_create(host, p, init, out);                                      \
-        if (st >= 0) ((backend *)*out)->flaw = flaw_value;                                  \
-        return st;                                                                          \
-    }                                                                                       \
+    FLAWED_CREATE(id##_create, be_create, tsr_backend_init, backend, flaw_value)            \
     static const tsr_backend_vtable id##_vt = {TSR_SIZED(tsr_backend_vtable),               \
                                                .create = id##_create, .destroy = be_destroy, \
                                                BE_OPS, .memory_space = be_memory_space};    \
-    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND),       \
-                                       .name = name_text, .version = "0",                   \
-                                       .description = what, .vtable = &id##_vt};
+    FIXTURE(id, BACKEND, name_text, what)
 
 BACKEND(be_norm, "bad-backend-norm", BE_NORM_NO_WEIGHT, "rms_norm forgets the weight")
 BACKEND(be_glu, "bad-backend-swiglu", BE_SWAPPED_GLU, "swiglu applies SiLU to up, not gate")
@@ -1380,19 +1380,12 @@ static tsr_status quant_matmul(void *self, float *y, const tsr_tensor *w, const 
 }
 
 #define QUANTIZER(id, name_text, flaw_value, what)                                          \
-    static tsr_status id##_create(const tsr_host *host, const tsr_params *p,                \
-                                  const tsr_quantizer_init *init, void **out) {             \
-        tsr_status st = quant_create(host, p, init, out);                                   \
-        if (st >= 0) ((quant *)*out)->flaw = flaw_value;                                    \
-        return st;                                                                          \
-    }                                                                                       \
+    FLAWED_CREATE(id##_create, quant_create, tsr_quantizer_init, quant, flaw_value)         \
     static const tsr_quantizer_vtable id##_vt = {                                           \
         TSR_SIZED(tsr_quantizer_vtable), .create = id##_create, .destroy = quant_destroy,   \
         .prepare = quant_prepare, .release = quant_release, .matmul = quant_matmul,         \
         .dequantize_rows = quant_dequantize};                                               \
-    static const tsr_plugin_desc id = {TSR_PLUGIN_HEADER(TSR_STAGE_QUANTIZER, QUANTIZER),   \
-                                       .name = name_text, .version = "0",                   \
-                                       .description = what, .vtable = &id##_vt};
+    FIXTURE(id, QUANTIZER, name_text, what)
 
 QUANTIZER(quantizer_desc, "bad-quantizer", QUANT_ZEROS, "dequantizes every weight to zero")
 QUANTIZER(quant_status, "bad-quantizer-status", QUANT_WRONG_STATUS,
@@ -1410,16 +1403,16 @@ QUANTIZER(quant_transposed, "bad-quantizer-transposed", QUANT_TRANSPOSED,
 TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &fork_leak, &scatter,
                   &draft, &pad, &one_based, &end_twice, &empty_batch, &silent, &cramped, &exits,
                   &memory, &no_version, &two_lines, &unusable, &param_doc, &command_doc,
-                  &command_fresh, &default_refused, &quiet, &big_window_leak, &pick, &param, &cache_desc, &cache_f16, &cache_layer2, &cache_twice,
-                  &cache_other_seq, &cache_head, &cache_fork_share, &cache_truncate,
-                  &cache_stats, &cache_refuse, &cache_count, &cache_stride,
-                  &ok_scores, &cache_fork_short, &cache_peak, &cache_evicted, &cache_load,
-                  &ok_load, &ok_baseline, &cache_unreadable, &cache_no_pos, &cache_last_layer,
-                  &cache_one_seq, &cache_step, &cache_fork_stub, &cache_deep_truncate,
-                  &cache_truncate_status, &cache_unhide, &cache_no_peak, &attention_desc, &attn_causal, &attn_gqa,
-                  &attn_scores, &attn_blind, &attn_f32, &attn_mha, &router_desc, &router_twice_desc,
-                  &router_weight, &router_all, &backend_desc, &be_norm, &be_glu,
-                  &be_broadcast, &be_in_place, &be_neox, &be_no_neox, &be_transposed, &be_rows,
-                  &be_no_f32, &be_device,
-                  &quantizer_desc, &quant_status, &quant_shape, &quant_bits, &quant_rmse, &quant_rows,
-                  &quant_whole, &quant_transposed)
+                  &command_fresh, &default_refused, &quiet, &big_window_leak, &pick, &param,
+                  &cache_desc, &cache_f16, &cache_layer2, &cache_twice, &cache_other_seq,
+                  &cache_head, &cache_fork_share, &cache_truncate, &cache_stats, &cache_refuse,
+                  &cache_count, &cache_stride, &ok_scores, &cache_fork_short, &cache_peak,
+                  &cache_evicted, &cache_load, &ok_load, &ok_baseline, &cache_unreadable,
+                  &cache_no_pos, &cache_last_layer, &cache_one_seq, &cache_step, &cache_fork_stub,
+                  &cache_deep_truncate, &cache_truncate_status, &cache_unhide, &cache_no_peak,
+                  &attention_desc, &attn_causal, &attn_gqa, &attn_scores, &attn_blind, &attn_f32,
+                  &attn_mha, &router_desc, &router_twice_desc, &router_weight, &router_all,
+                  &backend_desc, &be_norm, &be_glu, &be_broadcast, &be_in_place, &be_neox,
+                  &be_no_neox, &be_transposed, &be_rows, &be_no_f32, &be_device, &quantizer_desc,
+                  &quant_status, &quant_shape, &quant_bits, &quant_rmse, &quant_rows, &quant_whole,
+                  &quant_transposed)
