@@ -435,6 +435,17 @@ static tsr_status baseline_create(const tsr_host *host, const tsr_params *p,
     return TSR_OK;
 }
 
+/* Refuses to serve several sequences. */
+static tsr_status single_seq_create(const tsr_host *host, const tsr_params *p,
+                                    const tsr_cache_init *init, void **out) {
+    if (init->n_seq_max > 1) {
+        host->set_error(host->ctx, "n_seq_max %d: this policy serves one sequence",
+                        (int)init->n_seq_max);
+        return TSR_E_UNSUPPORTED;
+    }
+    return kvc_create(host, p, init, out);
+}
+
 /* Keeps one sequence slot whatever n_seq_max says. */
 static tsr_status one_slot_create(const tsr_host *host, const tsr_params *p,
                                   const tsr_cache_init *init, void **out) {
@@ -881,6 +892,9 @@ KV_CACHE_PLAIN(cache_last_layer, "bad-cache-last-layer", kvc_store, last_layer_v
 KV_CACHE_FULL(cache_one_seq, "bad-cache-one-seq", one_slot_create, kvc_store, kvc_view, NULL,
               NULL, tsr_kv_store_seq_end, NULL, NULL, tsr_kv_store_stats,
               "keeps one sequence whatever n_seq_max says")
+KV_CACHE_FULL(cache_single, "bad-cache-single", single_seq_create, kvc_store, kvc_view, NULL,
+              NULL, tsr_kv_store_seq_end, NULL, NULL, tsr_kv_store_stats,
+              "refuses n_seq_max above 1")
 KV_CACHE_FULL(cache_step, "bad-cache-step", kvc_create, kvc_store, kvc_view, NULL, NULL,
               tsr_kv_store_seq_end, NULL, single_token_step_end, tsr_kv_store_stats,
               "refuses a decode step of several tokens")
@@ -1085,12 +1099,18 @@ enum router_flaw {
     ROUTER_FINE,
     ROUTER_PAST_END,    /* puts expert n_expert in the first slot of each token */
     ROUTER_REPEAT,      /* takes the argmax k times, never excluding what it chose */
-    ROUTER_FIRST_WEIGHT /* writes the weight of the first slot only */
+    ROUTER_FIRST_WEIGHT, /* writes the weight of the first slot only */
+    ROUTER_NEEDS_PREV    /* refuses a layer without the previous layer's choices */
 };
 
 /* The k largest gate logits with equal weights, but for the flaw `flaw` names. */
 static tsr_status router_topk(const router *r, const tsr_route_call *call,
                               enum router_flaw flaw) {
+    if (flaw == ROUTER_NEEDS_PREV && !call->prev_experts) {
+        r->host->set_error(r->host->ctx, "layer %d: no previous layer's experts",
+                           (int)call->layer);
+        return TSR_E_INVALID;
+    }
     for (int64_t t = 0; t < call->n_tok; t++) {
         const float *g = call->gate_logits + t * r->n_expert;
         int32_t *chosen = call->experts + t * call->k;
@@ -1125,6 +1145,8 @@ ROUTER(router_twice_desc, "bad-router-twice", router_create, ROUTER_REPEAT,
        "picks one expert for every slot")
 ROUTER(router_weight, "bad-router-weight", router_create, ROUTER_FIRST_WEIGHT,
        "leaves the weights of all slots but the first unwritten")
+ROUTER(router_prev, "bad-router-prev", router_create, ROUTER_NEEDS_PREV,
+       "refuses the first layer, which has no previous layer's choices")
 ROUTER(router_all, "bad-router-all", some_experts_create, ROUTER_FINE,
        "refuses to use every expert")
 
@@ -1320,7 +1342,9 @@ enum quant_flaw {
     QUANT_UNMEASURED,     /* reports rel_rmse -1 for "not measured" */
     QUANT_ROWS_FROM_ZERO, /* dequantize_rows ignores row0 */
     QUANT_WHOLE_ONLY,     /* dequantize_rows refuses a range that does not start at row 0 */
-    QUANT_TRANSPOSED      /* matmul reads W transposed */
+    QUANT_OWN_TYPES_ONLY, /* dequantize_rows refuses the F32 it kept */
+    QUANT_TRANSPOSED,     /* matmul reads W transposed */
+    QUANT_MATMUL_INVALID  /* matmul leaves F32 to the backend with TSR_E_INVALID */
 };
 
 typedef struct quant {
@@ -1361,6 +1385,11 @@ static void quant_release(void *self, tsr_tensor *w) {}
 static tsr_status quant_dequantize(void *self, float *y, const tsr_tensor *w, int64_t row0,
                                    int64_t n_rows) {
     const quant *q = self;
+    if (q->flaw == QUANT_OWN_TYPES_ONLY) {
+        q->host->set_error(q->host->ctx, "dequantize_rows: %s: dtype %d is not one of mine",
+                           w->name, (int)w->dtype);
+        return TSR_E_UNSUPPORTED;
+    }
     if (q->flaw == QUANT_WHOLE_ONLY && row0 != 0) {
         q->host->set_error(q->host->ctx, "dequantize_rows: rows from %lld: only whole tensors",
                            (long long)row0);
@@ -1375,6 +1404,11 @@ static tsr_status quant_dequantize(void *self, float *y, const tsr_tensor *w, in
 static tsr_status quant_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
                                int64_t n) {
     const quant *q = self;
+    if (q->flaw == QUANT_MATMUL_INVALID) {
+        q->host->set_error(q->host->ctx, "matmul: %s: dtype %d is the backend's", w->name,
+                           (int)w->dtype);
+        return TSR_E_INVALID;
+    }
     f32_matmul(y, w, x, n, q->flaw == QUANT_TRANSPOSED);
     return TSR_OK;
 }
@@ -1397,6 +1431,10 @@ QUANTIZER(quant_rows, "bad-quantizer-rows", QUANT_ROWS_FROM_ZERO,
           "dequantize_rows starts at row 0 whatever row0 says")
 QUANTIZER(quant_whole, "bad-quantizer-whole", QUANT_WHOLE_ONLY,
           "dequantize_rows refuses a range that does not start at row 0")
+QUANTIZER(quant_own_types, "bad-quantizer-own-types", QUANT_OWN_TYPES_ONLY,
+          "dequantize_rows refuses the F32 weights it kept")
+QUANTIZER(quant_matmul_status, "bad-quantizer-matmul-status", QUANT_MATMUL_INVALID,
+          "matmul refuses F32 with TSR_E_INVALID")
 QUANTIZER(quant_transposed, "bad-quantizer-transposed", QUANT_TRANSPOSED,
           "matmul reads W transposed")
 
@@ -1415,4 +1453,5 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &backend_desc, &be_norm, &be_glu, &be_broadcast, &be_in_place, &be_neox,
                   &be_no_neox, &be_transposed, &be_rows, &be_no_f32, &be_device, &quantizer_desc,
                   &quant_status, &quant_shape, &quant_bits, &quant_rmse, &quant_rows, &quant_whole,
-                  &quant_transposed)
+                  &quant_transposed, &cache_single, &router_prev, &quant_own_types,
+                  &quant_matmul_status)
