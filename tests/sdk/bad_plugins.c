@@ -74,14 +74,15 @@ enum dec_flaw {
  * (which the caller may put out of range), breaking the rule `flaw` names. */
 static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request *req,
                           int32_t token, enum dec_flaw flaw) {
-    tsr_batch_entry e = {0, 0, -1, 0};
+    const tsr_batch_entry pad = {0, 0, -1, 0};
+    tsr_batch_entry e;
     int32_t pos = 0, id_shift = flaw == DEC_ONE_BASED;
     float row[4096];
     tsr_status st = TSR_OK;
     if (api->n_vocab > 4096) return TSR_E_RANGE;
-    if (flaw == DEC_EMPTY_BATCH) st = api->forward(api->ctx, &e, 0, row);
+    if (flaw == DEC_EMPTY_BATCH) st = api->forward(api->ctx, &pad, 0, row);
     if (flaw == DEC_PAD) {
-        st = api->forward(api->ctx, &e, 1, row);
+        st = api->forward(api->ctx, &pad, 1, row);
         pos++;
     }
     for (int64_t i = 0; st >= 0 && i < req->n_prompt; i++) {
@@ -607,9 +608,10 @@ static tsr_status stride_view(void *self, int64_t seq, int32_t layer, int32_t ph
     return st;
 }
 
-/* Keeps the last KV_WINDOW entries of each layer, dropping (and counting) the oldest. */
+/* Entries per layer of the fixtures that evict or hide the older ones. */
 #define KV_WINDOW 64
 
+/* Keeps the last KV_WINDOW entries of each layer, dropping (and counting) the oldest. */
 static tsr_status window_store(void *self, const tsr_kv_write *w) {
     kvc *c = self;
     tsr_status st = kvc_store(self, w);
@@ -705,7 +707,6 @@ static tsr_status own_view(kvc *c, int64_t seq, int32_t layer, int32_t phase,
 
 OWN_VIEW(loaded_view, own_load_k, own_load_v)
 OWN_VIEW(first_row_view, first_load_k, first_load_v)
-
 OWN_VIEW(unloadable_view, own_load_k, NULL)
 
 /* Leaves pos NULL. */
