@@ -11,8 +11,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <tessera/attention.h>
+#include <tessera/backend.h>
 #include <tessera/cache.h>
 #include <tessera/common.h>
+#include <tessera/decoder.h>
+#include <tessera/quantizer.h>
+#include <tessera/router.h>
 
 #include "testutil.h"
 
@@ -39,9 +44,13 @@ START_TEST(version_names_every_abi) {
     ck_assert_int_eq(tsr_test_tessera(&out, NULL, args), 0);
     char want[512];
     snprintf(want, sizeof want,
-             "plugin ABI: common %d.%d, backend 1.0, quantizer 1.0, attention 1.0, cache %d.%d, "
-             "decoder 1.0, router 1.0\n", TSR_COMMON_ABI_MAJOR, TSR_COMMON_ABI_MINOR,
-             TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR);
+             "plugin ABI: common %d.%d, backend %d.%d, quantizer %d.%d, attention %d.%d, "
+             "cache %d.%d, decoder %d.%d, router %d.%d\n", TSR_COMMON_ABI_MAJOR,
+             TSR_COMMON_ABI_MINOR, TSR_BACKEND_ABI_MAJOR, TSR_BACKEND_ABI_MINOR,
+             TSR_QUANTIZER_ABI_MAJOR, TSR_QUANTIZER_ABI_MINOR, TSR_ATTENTION_ABI_MAJOR,
+             TSR_ATTENTION_ABI_MINOR, TSR_CACHE_ABI_MAJOR, TSR_CACHE_ABI_MINOR,
+             TSR_DECODER_ABI_MAJOR, TSR_DECODER_ABI_MINOR, TSR_ROUTER_ABI_MAJOR,
+             TSR_ROUTER_ABI_MINOR);
     ck_assert_msg(strncmp(out, "tessera ", 8) == 0 && strstr(out, want), "%s", out);
     free(out);
 }
@@ -554,11 +563,13 @@ typedef struct refused {
     const char *folder, *file, *name, *why;
 } refused;
 
+/* The fixtures are built one MINOR, and one MAJOR, above the host's cache ABI: `why` takes
+ * the host's MINOR and the one above it, by position. */
 static const refused refusals[] = {
     {"minor-newer", "cache-fx-minor-newer.so", "fx-minor-newer",
-     "needs cache ABI 1.1, this host speaks 1.0; update Tessera"},
+     "needs cache ABI 1.%2$d, this host speaks 1.%1$d; update Tessera"},
     {"major-other", "cache-fx-major-other.so", "fx-major-other",
-     "built for cache ABI 2.x, this host speaks 1.0; rebuild it against the 1.x SDK"},
+     "built for cache ABI 2.x, this host speaks 1.%1$d; rebuild it against the 1.x SDK"},
 };
 
 START_TEST(incompatible_plugin_is_refused_in_a_pipeline) {
@@ -572,16 +583,16 @@ START_TEST(incompatible_plugin_is_refused_in_a_pipeline) {
     char *err;
     const char *args[] = {"validate", path, NULL};
     ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 1);
-    char want[16384];
+    char want[16384], why[256];
+    snprintf(why, sizeof why, r->why, TSR_CACHE_ABI_MINOR, TSR_CACHE_ABI_MINOR + 1);
     snprintf(want, sizeof want, "tessera: %s:3:18: cache: %s/%s: plugin '%s': %s\n", path, dir,
-             r->file, r->name, r->why);
+             r->file, r->name, why);
     ck_assert_str_eq(err, want);
     free(err);
     /* `plugins info` opens the same file by name and says the same */
     const char *info[] = {"plugins", "--plugin-dir", dir, "info", r->name, NULL};
     ck_assert_int_eq(tsr_test_tessera(NULL, &err, info), 1);
-    snprintf(want, sizeof want, "tessera: %s/%s: plugin '%s': %s\n", dir, r->file, r->name,
-             r->why);
+    snprintf(want, sizeof want, "tessera: %s/%s: plugin '%s': %s\n", dir, r->file, r->name, why);
     ck_assert_str_eq(err, want);
     free(err);
     remove_config(path);

@@ -1423,8 +1423,10 @@ static bool fake_request(const runner *r, check *c, live *l, fake_model *m, int 
     m->alive[0] = true;
     int32_t *prompt = malloc((size_t)n_prompt * sizeof *prompt);
     for (int64_t i = 0; i < n_prompt; i++) prompt[i] = (int32_t)((i * 37 + 1) % m->n_vocab);
-    tsr_decode_api api = {sizeof api, m, m->n_vocab, m->n_ctx, fake_forward, fake_fork,
-                          fake_truncate, fake_seq_end, fake_emit, fake_is_eog};
+    tsr_decode_api api = {.struct_size = sizeof api, .ctx = m, .n_vocab = m->n_vocab,
+                          .n_ctx = m->n_ctx, .forward = fake_forward, .seq_fork = fake_fork,
+                          .seq_truncate = fake_truncate, .seq_end = fake_seq_end,
+                          .emit = fake_emit, .is_eog = fake_is_eog};
     tsr_generate_request rq = {sizeof rq, prompt, n_prompt, limit};
     tsr_status st = vt->generate(l->inst->self, &api, &rq);
     free(prompt);
@@ -1556,6 +1558,7 @@ static void check_router(const runner *r, check *c) {
         int32_t *experts = malloc((size_t)n_tok * k * sizeof *experts);
         int32_t *prev = malloc((size_t)n_tok * k * sizeof *prev);
         float *weights = malloc((size_t)n_tok * k * sizeof *weights);
+        const tsr_tensor **substitute = calloc((size_t)n_tok * k * 3, sizeof *substitute);
         uint64_t rng = 0x5eed0004;
         for (int32_t layer = 0; layer < in->n_layer && !c->failed; layer++) {
             fill_random(gate, (size_t)n_tok * ne, &rng);
@@ -1565,8 +1568,11 @@ static void check_router(const runner *r, check *c) {
                 experts[i] = -2;
                 weights[i] = NAN;
             }
-            tsr_route_call call = {sizeof call, layer, n_tok, gate, hidden, layer ? prev : NULL,
-                                   k, experts, weights};
+            tsr_route_call call = {.struct_size = sizeof call, .layer = layer, .n_tok = n_tok,
+                                   .gate_logits = gate, .hidden = hidden,
+                                   .prev_experts = layer ? prev : NULL, .k = k,
+                                   .experts = experts, .weights = weights, .next_layer = -1,
+                                   .substitute = substitute};
             tsr_status st = vt->route(l.inst->self, &call);
             char what[96];
             snprintf(what, sizeof what, "%d experts, %d used, layer %d%s", ne, k, layer,
@@ -1597,6 +1603,7 @@ static void check_router(const runner *r, check *c) {
         free(experts);
         free(prev);
         free(weights);
+        free(substitute);
         close_checked(c, &l);
     }
 }

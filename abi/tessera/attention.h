@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 #define TSR_ATTENTION_ABI_MAJOR 1
-#define TSR_ATTENTION_ABI_MINOR 0
+#define TSR_ATTENTION_ABI_MINOR 1
 
 typedef struct tsr_attention_init {
     uint32_t struct_size;
@@ -43,6 +43,15 @@ typedef struct tsr_attention_call {
     const tsr_kv_view *views;  /* (n_kv_head); query head h reads views[h / (n_head/n_kv_head)] */
     float *out;                /* (n_q, n_head, head_dim), the backend's memory, written
                                   entirely; zeros for a query that sees no entry */
+    /* since 1.1, optional (NULL: none asked): per query head statistics, host memory, for
+     * profiling heads (tessera profile-heads). head_mass[h] += the attention probability query
+     * head h puts on entries outside the sinks and the window, summed over the call's queries:
+     * an entry at position p is inside when p < stats_sink or p > q_pos - stats_window. */
+    float *head_mass;            /* (n_head) */
+    int32_t stats_sink, stats_window;
+    /* since 1.1: the views' extensions (n_kv_head, parallel to views), or NULL when the
+     * policy gave none (it has no view_ext). */
+    const tsr_kv_view_ext *views_ext;
 } tsr_attention_call;
 
 typedef struct tsr_attention_vtable {
@@ -59,6 +68,14 @@ typedef struct tsr_attention_vtable {
     /* [main] Optional: per-request state (page statistics for Quest-like selection). */
     tsr_status (*seq_begin)(void *self, int64_t seq_id);
     void (*seq_end)(void *self, int64_t seq_id);
+
+    /* [main] Optional (since 1.1; NULL: the host calls forward once per sequence). One
+     * layer's attention for every sequence of a batch at once, calls[i] for the i-th (same
+     * layer, each with its own views): for a plugin that shares work between sequences, such
+     * as a prefix they hold in common (shared blocks of tsr_kv_view_ext). An array of
+     * pointers, since tsr_attention_call may grow. */
+    tsr_status (*forward_batch)(void *self, const tsr_attention_call *const *calls,
+                                int64_t n_calls);
 } tsr_attention_vtable;
 
 #ifdef __cplusplus

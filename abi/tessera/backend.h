@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 #define TSR_BACKEND_ABI_MAJOR 1
-#define TSR_BACKEND_ABI_MINOR 0
+#define TSR_BACKEND_ABI_MINOR 1
 
 typedef enum tsr_rope_mode {
     TSR_ROPE_NORMAL = 0, /* rotate adjacent pairs (2i, 2i+1): llama */
@@ -99,6 +99,23 @@ typedef struct tsr_backend_vtable {
     /* [main] Optional (NULL: TSR_MEMORY_HOST). Where this instance's buffers live: the host
      * tells the quantizer, attention and cache stages (their init's memory_space). */
     int32_t (*memory_space)(void *self);
+
+    /* ---- rows (since 1.1): what a mixture-of-experts layer needs ----------------------- */
+    /* The host runs an expert on the tokens routed to it: it gathers their rows, multiplies,
+     * scatters the results into a (n_tok, k, dim) staging buffer, one row per token and slot,
+     * and combines each token's k rows with its routing weights. A backend without these two
+     * slots cannot run mixture-of-experts models (the host says so at load). */
+
+    /* [main] Optional (since 1.1). For i < n: y[y_ids ? y_ids[i] : i] = x[x_ids ? x_ids[i] : i],
+     * rows of dim values; y_ids, x_ids (n) in the backend's memory, or NULL for 0..n-1. The
+     * rows of y written are distinct; y and x do not overlap. */
+    tsr_status (*copy_rows)(void *self, float *y, const int32_t *y_ids, const float *x,
+                            const int32_t *x_ids, int64_t n, int64_t dim);
+    /* [main] Optional (since 1.1). y (n, dim): y[t] = sum over s = 0..k-1 of w[t*k+s] *
+     * x[t*k+s], x (n*k, dim), w (n*k): each product rounded to f32, then added in slot order
+     * starting from the first product (llama.cpp's order for the experts of a token). */
+    tsr_status (*weighted_sum)(void *self, float *y, const float *x, const float *w, int64_t n,
+                               int64_t k, int64_t dim);
 } tsr_backend_vtable;
 
 #ifdef __cplusplus

@@ -23,7 +23,7 @@ extern "C" {
 #endif
 
 #define TSR_CACHE_ABI_MAJOR 1
-#define TSR_CACHE_ABI_MINOR 0
+#define TSR_CACHE_ABI_MINOR 1
 
 typedef enum tsr_phase {
     TSR_PHASE_PREFILL = 0, /* the prompt (or a chunk of it) */
@@ -60,8 +60,23 @@ typedef struct tsr_kv_write {
  * cannot read directly. [worker] */
 typedef void (*tsr_kv_load_fn)(const void *load_ctx, int64_t j0, int64_t n, float *dst);
 
+/* since 1.1. Products on a policy's own storage, so attention need not copy entries to f32:
+ * scores[i] = q . k_{j0+i} for i < n (q: head_dim values, no scale applied). [worker] */
+typedef void (*tsr_kv_dot_fn)(const void *load_ctx, const float *q, int64_t j0, int64_t n,
+                              float *scores);
+/* since 1.1. out (head_dim) += sum over i < n of p[i] * v_{j0+i}. [worker] */
+typedef void (*tsr_kv_axpy_fn)(const void *load_ctx, const float *p, int64_t j0, int64_t n,
+                               float *out);
+
+/* since 1.1: the dtype of a view whose entries lie in blocks (a paged layout, see
+ * tsr_kv_view_ext); as for any dtype attention does not know, load_k and load_v read it, so an
+ * attention plugin built for 1.0 still does. */
+#define TSR_KV_DTYPE_BLOCKS (-2)
+
 /* What one KV head of one layer exposes to attention. Filled by the policy; valid until the
- * next call into the policy for that sequence. */
+ * next call into the policy for that sequence. The host passes views as an array (one per KV
+ * head), so this struct never grows: what later MINORs add to a view goes into a parallel
+ * array (tsr_kv_view_ext, since 1.1). */
 typedef struct tsr_kv_view {
     uint32_t struct_size;
     int64_t n;            /* visible entries */
@@ -81,12 +96,33 @@ typedef struct tsr_kv_view {
     int32_t score_from_pos;
 } tsr_kv_view;
 
+/* since 1.1: more of a view, in an array parallel to the views (element h extends view h),
+ * zeroed by the host and filled by a policy's view_ext. Like tsr_kv_view it never grows. */
+typedef struct tsr_kv_view_ext {
+    uint32_t struct_size;
+    /* Entries in blocks of block_size (0: not blocked; the view's k and v hold them). Entry j
+     * lies at (const char *)k_blocks[j / block_size] + (j % block_size) * k_stride (v alike),
+     * in element type block_dtype (F32 or F16); the view's dtype is then TSR_KV_DTYPE_BLOCKS.
+     * Sequences that share a prefix (a fork without a copy) show the same blocks for it. */
+    int32_t block_size;
+    int32_t block_dtype;
+    const void *const *k_blocks;
+    const void *const *v_blocks;
+    /* Optional: products on the storage itself (quantized keys and values), which an attention
+     * plugin that knows them uses in place of load_k / load_v (same load_ctx). */
+    tsr_kv_dot_fn dot_k;
+    tsr_kv_axpy_fn axpy_v;
+} tsr_kv_view_ext;
+
 typedef struct tsr_cache_stats {
     uint32_t struct_size;
     uint64_t bytes_reserved; /* K/V storage held now, all sequences */
     uint64_t bytes_peak;
     int64_t entries;         /* K/V rows held now, all layers and heads */
     int64_t evicted;         /* rows dropped since creation */
+    double bits_per_value;   /* since 1.1: storage bits per K or V element held, scales and
+                                full-precision residuals included (32 for F32, 16 for F16);
+                                0 when the policy does not say */
 } tsr_cache_stats;
 
 typedef struct tsr_cache_vtable {
@@ -119,6 +155,11 @@ typedef struct tsr_cache_vtable {
 
     /* Optional. Memory and eviction counters. */
     void (*stats)(void *self, tsr_cache_stats *out);
+
+    /* Optional (since 1.1; NULL: the host calls view). view, filling also ext[0..n_kv_head)
+     * (zeroed by the host) for the views that use what tsr_kv_view_ext describes. */
+    tsr_status (*view_ext)(void *self, int64_t seq_id, int32_t layer, int32_t phase,
+                           tsr_kv_view *views, tsr_kv_view_ext *ext);
 } tsr_cache_vtable;
 
 #ifdef __cplusplus

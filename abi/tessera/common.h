@@ -15,8 +15,11 @@
  * of tables. A plugin states, for the common part and for its stage, the MAJOR it speaks and
  * the oldest MINOR it needs; the host loads it when the MAJORs agree and its own MINOR is at
  * least the one needed. Every struct that crosses the boundary starts with `struct_size`, so
- * either side can tell which fields the other one knows: a field lies beyond `struct_size` is
- * absent and reads as zero/NULL.
+ * either side can tell which fields the other one knows: a field beyond `struct_size` is
+ * absent and reads as zero/NULL. Fields and slots a MINOR appended are marked `since 1.N`;
+ * everything unmarked is 1.0 (tests/abi-1.0 keeps the 1.0 headers). A struct passed as an
+ * array (tsr_param_def, tsr_command, tsr_batch_entry, tsr_kv_view, tsr_kv_view_ext) never
+ * grows, since its size is the array's stride: a MINOR adds a parallel array instead.
  *
  * Ownership. Whoever allocates frees. Plugins allocate through tsr_host.alloc so the host can
  * account memory per plugin. Strings passed into a callback are borrowed for the duration of
@@ -36,7 +39,7 @@ extern "C" {
 #endif
 
 #define TSR_COMMON_ABI_MAJOR 1
-#define TSR_COMMON_ABI_MINOR 0
+#define TSR_COMMON_ABI_MINOR 1
 
 #if defined(_WIN32)
 #define TSR_EXPORT __declspec(dllexport)
@@ -160,8 +163,10 @@ typedef enum tsr_param_role {
     TSR_PARAM_ROLE_THREADS = 1,     /* INT >= 1: threads to compute with */
     TSR_PARAM_ROLE_SEED = 2,        /* INT: seed of the plugin's random numbers */
     TSR_PARAM_ROLE_TEMPERATURE = 3, /* FLOAT >= 0: sampling temperature, 0 choosing greedily */
-    TSR_PARAM_ROLE_WEIGHT_TYPE = 4  /* ENUM: the weight format to make, choices named as GGUF
+    TSR_PARAM_ROLE_WEIGHT_TYPE = 4, /* ENUM: the weight format to make, choices named as GGUF
                                        types in lower case ("q8_0", "q4_k_m"...) */
+    TSR_PARAM_ROLE_PARALLEL = 5     /* since 1.1. INT >= 1: sequences a decoder generates side by
+                                       side from one prompt; `--parallel N` sets it */
 } tsr_param_role;
 
 /* Parameter definitions and commands (below) are elements of arrays: their size is their

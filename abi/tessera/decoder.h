@@ -19,12 +19,13 @@ extern "C" {
 #endif
 
 #define TSR_DECODER_ABI_MAJOR 1
-#define TSR_DECODER_ABI_MINOR 0
+#define TSR_DECODER_ABI_MINOR 1
 
 typedef struct tsr_decoder_init {
     uint32_t struct_size;
     int32_t n_vocab;
     int32_t n_ctx;
+    int32_t has_draft; /* since 1.1: 1 when the pipeline has a draft model (tsr_decode_api.draft) */
 } tsr_decoder_init;
 
 typedef struct tsr_batch_entry {
@@ -58,6 +59,17 @@ typedef struct tsr_decode_api {
 
     /* 1 when `token` ends generation (EOS, EOT...). */
     int32_t (*is_eog)(void *ctx, int32_t token);
+
+    /* since 1.1: the pipeline's draft model (its `draft:` section), or NULL: a second model on
+     * the same vocabulary (n_vocab equal) with sequences and a cache of its own; as for the
+     * target, its sequence 0 is begun and empty when generate starts, and its sequence ids are
+     * independent of the target's. Its forward, seq_fork, seq_truncate and seq_end act on the
+     * draft; its emit, is_eog, draft and emit_seq are NULL. */
+    const struct tsr_decode_api *draft;
+    /* since 1.1: emit for sequence `seq_id` of a request that generates several continuations
+     * at once (a decoder with a parameter of role PARALLEL): the host keeps one text per
+     * sequence, and emit() is emit_seq(0, ...). Returns 1 when that sequence must stop. */
+    int32_t (*emit_seq)(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n);
 } tsr_decode_api;
 
 typedef struct tsr_generate_request {
@@ -66,6 +78,18 @@ typedef struct tsr_generate_request {
     int64_t n_prompt;         /* >= 1 */
     int64_t max_new_tokens;   /* >= 0; 0 emits nothing. The host's emit() also enforces it */
 } tsr_generate_request;
+
+/* since 1.1: what a decoder that proposes tokens reports of the last request. */
+#define TSR_DECODER_MAX_DRAFT 32
+typedef struct tsr_decoder_stats {
+    uint32_t struct_size;
+    int64_t drafted;                            /* tokens proposed for verification */
+    int64_t accepted;                           /* of them, accepted */
+    int64_t proposed_at[TSR_DECODER_MAX_DRAFT]; /* proposed at draft position i (0: first) */
+    int64_t accepted_at[TSR_DECODER_MAX_DRAFT]; /* accepted at draft position i */
+    uint64_t draft_ns;                          /* time spent proposing (draft forwards) */
+    uint64_t verify_ns;                         /* time spent in verifying forwards */
+} tsr_decoder_stats;
 
 typedef struct tsr_decoder_vtable {
     uint32_t struct_size;
@@ -83,6 +107,10 @@ typedef struct tsr_decoder_vtable {
      * decoder's sampling rule alone, so a host or another decoder (speculative verification)
      * can reuse it. */
     int32_t (*pick)(void *self, const float *logits, const int32_t *history, int64_t n_history);
+
+    /* [main] Optional (since 1.1). Fills `out` (zeroed by the host, struct_size set) with what
+     * the last generate proposed and accepted. */
+    void (*stats)(void *self, tsr_decoder_stats *out);
 } tsr_decoder_vtable;
 
 #ifdef __cplusplus

@@ -19,7 +19,7 @@ extern "C" {
 #endif
 
 #define TSR_QUANTIZER_ABI_MAJOR 1
-#define TSR_QUANTIZER_ABI_MINOR 0
+#define TSR_QUANTIZER_ABI_MINOR 1
 
 typedef struct tsr_quantizer_init {
     uint32_t struct_size;
@@ -35,7 +35,13 @@ typedef struct tsr_weight_in {
     uint32_t struct_size;
     tsr_tensor src;       /* as stored in the model file */
     int32_t layer;        /* block index, or -1 for tensors outside the blocks */
-    const char *role;     /* "attn_q", "ffn_down", "token_embd", "output", ... */
+    const char *role;     /* "attn_q", "ffn_down", "token_embd", "output", ... ; for the experts
+                             of a mixture-of-experts layer "ffn_gate_exps", "ffn_up_exps",
+                             "ffn_down_exps", and "ffn_*_shexp" for a shared expert */
+    /* since 1.1: the expert this matrix belongs to, or -1. The host offers each expert of a
+     * stacked tensor (ne {n_in, n_out, n_expert}) as a matrix of its own (ne {n_in, n_out}), so
+     * a quantizer prepares 2-D weights only. */
+    int32_t expert;
 } tsr_weight_in;
 
 /* What the quantizer made of it. */

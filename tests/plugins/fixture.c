@@ -9,7 +9,8 @@
  *   FX_STAGE_MINOR_NEEDED   stage_minor_needed [TSR_CACHE_ABI_MINOR]
  *   FX_COMMON_MAJOR         the set's common_major [TSR_COMMON_ABI_MAJOR]
  *   FX_COMMON_MINOR_NEEDED  the set's common_minor_needed [TSR_COMMON_ABI_MINOR]
- *   FX_VTABLE_DELTA         slots added to (or removed from) the table's struct_size [0]
+ *   FX_VTABLE_DELTA         slots added to today's table's struct_size, or removed from the
+ *                           end of the 1.0 table [0]
  *   FX_N_PLUGINS            how many descriptors the set lists (0 = empty set) [1]
  * Flag switches:
  *   FX_NO_ENTRY       exports no entry symbol
@@ -121,7 +122,11 @@ typedef struct fx_cache_table {
 
 static const fx_cache_table fx_vtable = {
     .base = {
-        .struct_size = (uint32_t)(sizeof(tsr_cache_vtable) +
+        /* A short table is measured from the end of the 1.0 table (its last slot, stats), the
+         * least a host accepts; a longer one from today's. */
+        .struct_size = (uint32_t)((FX_VTABLE_DELTA < 0
+                                       ? offsetof(tsr_cache_vtable, stats) + sizeof(void *)
+                                       : sizeof(tsr_cache_vtable)) +
                                   (FX_VTABLE_DELTA) * (int)sizeof(void (*)(void))),
         .create = fx_create,
         .destroy = fx_destroy,
