@@ -121,19 +121,18 @@ static json_t *json_text(const char *text, size_t n) {
     return s;
 }
 
-/* Bits of memory the policies hold per K or V element they keep (their reserve included);
- * unknown (negative) when none reports or nothing is kept. */
-static double bits_per_value(const printer *p, int32_t head_dim) {
-    if (p->n_cache_reporting == 0 || p->cache.entries <= 0) return -1;
-    return 8.0 * (double)p->cache.bytes_reserved / ((double)p->cache.entries * 2.0 * head_dim);
+/* Bits per K or V element the policies store (their own figure, tsr_cache_stats); unknown
+ * (negative) when one of them does not say. */
+static double bits_per_value(const printer *p) {
+    return p->cache.bits_per_value > 0 ? p->cache.bits_per_value : -1;
 }
 
-static void log_cache(const printer *p, int32_t head_dim) {
+static void log_cache(const printer *p) {
     if (p->n_cache_reporting == 0) {
         tsr_log(TSR_LOG_INFO, "run", "cache: the policies report no statistics");
         return;
     }
-    double bits = bits_per_value(p, head_dim);
+    double bits = bits_per_value(p);
     char bits_text[64] = "";
     if (bits >= 0) snprintf(bits_text, sizeof bits_text, ", %.2f bits per stored value", bits);
     tsr_log(TSR_LOG_INFO, "run", "cache: %lld entries, %lld evicted, %llu KV bytes (peak %llu)%s",
@@ -143,10 +142,10 @@ static void log_cache(const printer *p, int32_t head_dim) {
 }
 
 static tsr_status print_json(const printer *p, size_t n_prompt, int64_t n_gen, double secs,
-                             const tsr_stage_times *t, int32_t head_dim, tsr_error *err) {
+                             const tsr_stage_times *t, tsr_error *err) {
     json_t *cache = json_null();
     if (p->n_cache_reporting > 0) {
-        double bits = bits_per_value(p, head_dim);
+        double bits = bits_per_value(p);
         cache = json_pack("{s:i, s:I, s:I, s:I, s:I, s:o}", "policies", p->n_cache_reporting,
                           "entries", (json_int_t)p->cache.entries, "evicted",
                           (json_int_t)p->cache.evicted, "kv_bytes",
@@ -254,7 +253,7 @@ int tsr_cli_run(int argc, char **argv) {
         goto fail;
     }
     const tsr_stage_times *t = tsr_pipeline_times(s.pl);
-    if (json && print_json(&p, n_ids, n_gen, secs, t, s.model->hp.head_dim, &err) < 0) goto fail;
+    if (json && print_json(&p, n_ids, n_gen, secs, t, &err) < 0) goto fail;
     /* Lost output is an error before any summary is printed. */
     if (!tsr_cli_stdout_ok()) goto done;
     fprintf(stderr,
@@ -263,7 +262,7 @@ int tsr_cli_run(int argc, char **argv) {
             n_ids, (long long)n_gen, secs, secs > 0 ? (double)(n_ids + (size_t)n_gen) / secs : 0.0,
             (double)t->matmul * 1e-6, (double)t->attention * 1e-6, (double)t->cache * 1e-6,
             (double)t->decoder * 1e-6, (double)t->other_ops * 1e-6);
-    log_cache(&p, s.model->hp.head_dim);
+    log_cache(&p);
     status = TSR_EXIT_OK;
     goto done;
 fail:

@@ -39,9 +39,11 @@ void tsr_graph_free(tsr_graph *g) {
     free(g->ids);
     free(g->pos);
     free(g->views);
+    free(g->views_ext);
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) *bufs[i] = NULL;
     g->ids = g->pos = NULL;
     g->views = NULL;
+    g->views_ext = NULL;
     g->cap = 0;
 }
 
@@ -64,9 +66,12 @@ static tsr_status ensure_buffers(tsr_graph *g, int64_t n, tsr_error *err) {
     g->pos = malloc(rows * sizeof *g->pos);
     g->ids_dev = own_memory(g) ? buf_alloc(g, rows * sizeof *g->ids) : g->ids;
     g->pos_dev = own_memory(g) ? buf_alloc(g, rows * sizeof *g->pos) : g->pos;
-    g->views = calloc((size_t)hp->n_kv_head, sizeof *g->views);
+    g->views = calloc((size_t)TSR_GRAPH_MAX_RUNS * (size_t)hp->n_kv_head, sizeof *g->views);
+    g->views_ext = calloc((size_t)TSR_GRAPH_MAX_RUNS * (size_t)hp->n_kv_head,
+                          sizeof *g->views_ext);
     if (!g->x || !g->xn || !g->q || !g->k || !g->v || !g->attn || !g->gate || !g->up ||
-        !g->logits || !g->ids || !g->pos || !g->ids_dev || !g->pos_dev || !g->views) {
+        !g->logits || !g->ids || !g->pos || !g->ids_dev || !g->pos_dev || !g->views ||
+        !g->views_ext) {
         tsr_graph_free(g);
         return tsr_error_set(err, TSR_E_NOMEM, "out of memory for a batch of %lld tokens",
                              (long long)n);
@@ -98,30 +103,66 @@ static tsr_status matmul(tsr_graph *g, float *y, const tsr_weight *w, const floa
         if (st < 0) return tsr_instance_failed(g->backend, st, #call, err);     \
     } while (0)
 
-/* Stores one sequence's new K/V of layer l and runs its attention over rows [r->first,
- * r->first + r->n). */
-static tsr_status attend(tsr_graph *g, int32_t l, const tsr_seq_run *r, tsr_error *err) {
+/* Stores the new K/V of run `ri` (one sequence) of layer l, gets its views (in slot ri of the
+ * view arrays) and fills its attention call. */
+static tsr_status store_and_view(tsr_graph *g, int32_t l, const tsr_seq_run *r, size_t ri,
+                                 tsr_attention_call *call, tsr_error *err) {
     const tsr_hparams *hp = &g->model->hp;
     const int64_t qd = (int64_t)hp->n_head * hp->head_dim, kvd = (int64_t)hp->n_kv_head * hp->head_dim;
     const int64_t a = r->first;
-    tsr_instance *c = g->cache_at[l], *at = g->attention_at[l];
+    tsr_instance *c = g->cache_at[l];
     const tsr_cache_vtable *cv = c->vtable;
-    const tsr_attention_vtable *av = at->vtable;
     tsr_status st;
     tsr_kv_write w = {.struct_size = sizeof w, .seq_id = r->seq_id, .layer = l, .phase = r->phase,
                       .n = r->n, .pos = g->pos + a, .k = g->k + a * kvd, .v = g->v + a * kvd};
     TSR_TIMED(g->times.cache, st, cv->store(c->self, &w));
     if (st < 0) return tsr_instance_failed(c, st, "store", err);
-    for (int32_t h = 0; h < hp->n_kv_head; h++)
-        g->views[h] = (tsr_kv_view){.struct_size = sizeof(tsr_kv_view)};
-    TSR_TIMED(g->times.cache, st, cv->view(c->self, r->seq_id, l, r->phase, g->views));
-    if (st < 0) return tsr_instance_failed(c, st, "view", err);
-    tsr_attention_call call = {.struct_size = sizeof call, .seq_id = r->seq_id, .layer = l,
-                               .phase = r->phase, .n_q = r->n, .q = g->q + a * qd,
-                               .q_pos = g->pos + a, .scale = 1.0f / sqrtf((float)hp->head_dim),
-                               .views = g->views, .out = g->attn + a * qd};
-    TSR_TIMED(g->times.attention, st, av->forward(at->self, &call));
-    return st < 0 ? tsr_instance_failed(at, st, "forward", err) : TSR_OK;
+    tsr_kv_view *views = g->views + ri * (size_t)hp->n_kv_head;
+    tsr_kv_view_ext *ext = g->views_ext + ri * (size_t)hp->n_kv_head;
+    for (int32_t h = 0; h < hp->n_kv_head; h++) {
+        views[h] = (tsr_kv_view){.struct_size = sizeof(tsr_kv_view)};
+        ext[h] = (tsr_kv_view_ext){.struct_size = sizeof(tsr_kv_view_ext)};
+    }
+    bool has_ext = TSR_VT_HAS(cv, view_ext);
+    if (has_ext)
+        TSR_TIMED(g->times.cache, st, cv->view_ext(c->self, r->seq_id, l, r->phase, views, ext));
+    else
+        TSR_TIMED(g->times.cache, st, cv->view(c->self, r->seq_id, l, r->phase, views));
+    if (st < 0) return tsr_instance_failed(c, st, has_ext ? "view_ext" : "view", err);
+    *call = (tsr_attention_call){
+        .struct_size = sizeof *call, .seq_id = r->seq_id, .layer = l, .phase = r->phase,
+        .n_q = r->n, .q = g->q + a * qd, .q_pos = g->pos + a,
+        .scale = 1.0f / sqrtf((float)hp->head_dim), .views = views, .out = g->attn + a * qd,
+        .head_mass = g->head_mass ? g->head_mass + (size_t)l * (size_t)hp->n_head : NULL,
+        .stats_sink = g->stats_sink, .stats_window = g->stats_window,
+        .views_ext = has_ext ? ext : NULL};
+    return TSR_OK;
+}
+
+/* Layer l's attention for every sequence of the batch: one forward_batch when the plugin
+ * has it and the batch holds several sequences, else one forward per sequence. */
+static tsr_status attend(tsr_graph *g, int32_t l, const tsr_seq_run *runs, size_t n_runs,
+                         tsr_error *err) {
+    tsr_instance *at = g->attention_at[l];
+    const tsr_attention_vtable *av = at->vtable;
+    tsr_status st;
+    if (n_runs > 1 && TSR_VT_HAS(av, forward_batch)) {
+        tsr_attention_call calls[TSR_GRAPH_MAX_RUNS];
+        const tsr_attention_call *ptrs[TSR_GRAPH_MAX_RUNS];
+        for (size_t r = 0; r < n_runs; r++) {
+            if ((st = store_and_view(g, l, &runs[r], r, &calls[r], err)) < 0) return st;
+            ptrs[r] = &calls[r];
+        }
+        TSR_TIMED(g->times.attention, st, av->forward_batch(at->self, ptrs, (int64_t)n_runs));
+        return st < 0 ? tsr_instance_failed(at, st, "forward_batch", err) : TSR_OK;
+    }
+    for (size_t r = 0; r < n_runs; r++) {
+        tsr_attention_call call;
+        if ((st = store_and_view(g, l, &runs[r], 0, &call, err)) < 0) return st;
+        TSR_TIMED(g->times.attention, st, av->forward(at->self, &call));
+        if (st < 0) return tsr_instance_failed(at, st, "forward", err);
+    }
+    return TSR_OK;
 }
 
 /* The index of the first NaN or infinite value of x (n), or -1. The bit test keeps the loop
@@ -168,8 +209,7 @@ static tsr_status layer_forward(tsr_graph *g, int32_t l, int64_t n, const tsr_se
     OP(be->rope(self, g->q, g->pos_dev, n, hp->n_head, hp->head_dim, &hp->rope));
     OP(be->rope(self, g->k, g->pos_dev, n, hp->n_kv_head, hp->head_dim, &hp->rope));
 
-    for (size_t r = 0; r < n_runs; r++)
-        if ((st = attend(g, l, &runs[r], err)) < 0) return st;
+    if ((st = attend(g, l, runs, n_runs, err)) < 0) return st;
 
     if ((st = matmul(g, g->xn, &w[TSR_W_O], g->attn, n, err)) < 0) return st;
     OP(be->add(self, g->x, g->x, g->xn, n, e, n));

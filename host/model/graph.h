@@ -29,6 +29,9 @@ typedef struct tsr_stage_times {
         (acc) += tsr_clock_ns() - tsr_t0_;    \
     } while (0)
 
+/* Sequences one forward holds at most. */
+#define TSR_GRAPH_MAX_RUNS 64
+
 /* Consecutive entries of one sequence in a batch, and the phase they run in. */
 typedef struct tsr_seq_run {
     int64_t seq_id;
@@ -50,7 +53,14 @@ typedef struct tsr_graph {
     float *x, *xn, *q, *k, *v, *attn, *gate, *up, *logits;
     int32_t *ids, *pos;               /* host memory: the cache and attention read positions */
     int32_t *ids_dev, *pos_dev;       /* their copies in the backend's memory, or the same */
-    tsr_kv_view *views; /* (n_kv_head) */
+    tsr_kv_view *views;        /* (TSR_GRAPH_MAX_RUNS, n_kv_head) */
+    tsr_kv_view_ext *views_ext; /* (TSR_GRAPH_MAX_RUNS, n_kv_head) */
+
+    /* Per query head attention statistics (tessera profile-heads): when head_mass is set,
+     * attention adds to head_mass[l * n_head + h] the probability head h of layer l puts
+     * outside the first stats_sink positions and the last stats_window (attention.h). */
+    float *head_mass;
+    int32_t stats_sink, stats_window;
 } tsr_graph;
 
 /* Runs the model on `n` entries, grouped in `runs` (checked by the caller: tokens in the

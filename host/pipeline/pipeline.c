@@ -255,7 +255,7 @@ static tsr_status end_of_forward(tsr_pipeline *pl, const tsr_seq_run *runs, size
 tsr_status tsr_pipeline_forward(tsr_pipeline *pl, const tsr_batch_entry *entries, int64_t n,
                                 float *logits, tsr_error *err) {
     if (n <= 0) return tsr_error_set(err, TSR_E_INVALID, "forward: empty batch");
-    tsr_seq_run runs[64];
+    tsr_seq_run runs[TSR_GRAPH_MAX_RUNS];
     size_t n_runs;
     tsr_status st = batch_runs(pl, entries, n, runs, sizeof runs / sizeof runs[0], &n_runs, err);
     if (st < 0) return st;
@@ -290,6 +290,13 @@ tsr_status tsr_pipeline_run_hooks(tsr_pipeline *pl, int32_t event, tsr_error *er
 
 /* ---- statistics ------------------------------------------------------------------------ */
 
+void tsr_pipeline_profile_heads(tsr_pipeline *pl, float *head_mass, int32_t sink,
+                                int32_t window) {
+    pl->graph.head_mass = head_mass;
+    pl->graph.stats_sink = sink;
+    pl->graph.stats_window = window;
+}
+
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl) { return &pl->graph.times; }
 
 void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
@@ -308,7 +315,8 @@ uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl) {
 
 int tsr_pipeline_cache_stats(const tsr_pipeline *pl, tsr_cache_stats *sum) {
     *sum = (tsr_cache_stats){.struct_size = sizeof *sum};
-    int n = 0;
+    int n = 0, n_silent = 0;
+    double bits_entries = 0;
     TSR_FOR_EACH_INSTANCE(pl, TSR_STAGE_CACHE, c) {
         const tsr_cache_vtable *cv = c->vtable;
         if (!TSR_VT_HAS(cv, stats)) continue;
@@ -318,8 +326,13 @@ int tsr_pipeline_cache_stats(const tsr_pipeline *pl, tsr_cache_stats *sum) {
         sum->bytes_peak += s.bytes_peak;
         sum->entries += s.entries;
         sum->evicted += s.evicted;
+        bits_entries += s.bits_per_value * (double)s.entries;
+        n_silent += s.bits_per_value <= 0;
         n++;
     }
+    /* A policy that does not say (a 1.0 one) makes the mean unknown. */
+    if (n > 0 && n_silent == 0 && sum->entries > 0)
+        sum->bits_per_value = bits_entries / (double)sum->entries;
     return n;
 }
 

@@ -78,6 +78,12 @@ void tsr_request_end(tsr_request *r);
 tsr_status tsr_pipeline_run_hooks(tsr_pipeline *pl, int32_t event, tsr_error *err);
 
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl);
+
+/* From now on, attention adds to head_mass[layer * n_head + h] (host memory, the caller's) the
+ * probability query head h puts outside the first `sink` positions and the last `window`
+ * (tsr_attention_call.head_mass); NULL stops it. Plugins that do not report leave it as is. */
+void tsr_pipeline_profile_heads(tsr_pipeline *pl, float *head_mass, int32_t sink,
+                                int32_t window);
 /* What the quantizers made of the weight matrices: bits per weight and relative RMSE, both
  * averaged over all weights (each matrix weighted by its size). */
 void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
@@ -87,7 +93,8 @@ void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight
 uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl);
 
 /* The statistics of every cache policy instance that reports them (stats), summed into *sum
- * (struct_size set, all counts 0 when none does); returns how many reported. */
+ * (struct_size set, all counts 0 when none does), bits_per_value their mean weighted by
+ * entries (0 when one of them does not say); returns how many reported. */
 int tsr_pipeline_cache_stats(const tsr_pipeline *pl, tsr_cache_stats *sum);
 
 /* Sum of the cache policies' bytes_reserved now (0 when none reports stats). */

@@ -367,6 +367,8 @@ static inline void tsr_kv_store_stats(void *self, tsr_cache_stats *out) {
     out->bytes_peak = s->bytes_peak;
     out->entries = s->entries;
     out->evicted = s->evicted;
+    if (out->struct_size >= offsetof(tsr_cache_stats, bits_per_value) + sizeof(double))
+        out->bits_per_value = 8.0 * (double)s->row_bytes / (double)s->head_dim;
 }
 
 /* Frees every live sequence, the slots and the instance itself. A policy with storage of its
