@@ -1,5 +1,6 @@
 /* The 'cpu' backend and the 'gguf' quantizer, loaded as the host loads them: every backend op
- * against its formula computed here (double precision, stated tolerances), every weight type's
+ * (the rows of expert layers too) against its formula computed here (double precision, stated
+ * tolerances, exact where the header fixes the roundings), every weight type's
  * product and row lookup, results bit-identical for pools of 1, 2 and 3 threads, and the
  * quantizer's in-place preparation, row dequantization and refusal of unknown types. */
 #include <check.h>
@@ -428,6 +429,49 @@ START_TEST(elementwise_ops_match_formulas) {
 }
 END_TEST
 
+/* ---- rows (backend 1.1) ----------------------------------------------------------------- */
+
+/* copy_rows gathers and scatters whole rows exactly and refuses negative indices; weighted_sum
+ * is each token's first weighted row plus each later one, rounded product by product in slot
+ * order (the header's formula, written out here one rounding at a time). */
+START_TEST(expert_rows_match_formulas) {
+    plugin p;
+    backend_open(&p, 2);
+    void *s = p.inst->self;
+    enum { N = 3, K = 2 };
+    float *x = rnd_vec(N * K * DIM, 23, 4.0f), *w = rnd_vec(N * K, 24, 1.0f);
+    float g[N * DIM], y[N * K * DIM];
+    const int32_t from[N] = {5, 0, 2}, to[N] = {1, 4, 3};
+    ck_assert_int_eq(be(&p)->copy_rows(s, g, NULL, x, from, N, DIM), TSR_OK);
+    for (int i = 0; i < N; i++) ck_assert_mem_eq(g + i * DIM, x + from[i] * DIM, DIM * 4);
+    memset(y, 0, sizeof y);
+    ck_assert_int_eq(be(&p)->copy_rows(s, y, to, g, NULL, N, DIM), TSR_OK);
+    for (int r = 0; r < N * K; r++) {
+        int src = r == 1 ? 0 : r == 4 ? 1 : r == 3 ? 2 : -1;
+        for (int i = 0; i < DIM; i++)
+            ck_assert(src < 0 ? y[r * DIM + i] == 0 : y[r * DIM + i] == g[src * DIM + i]);
+    }
+    const int32_t bad[N] = {0, -1, 2};
+    ck_assert_int_eq(be(&p)->copy_rows(s, y, bad, g, NULL, N, DIM), TSR_E_RANGE);
+    ck_assert_str_eq(last_error(&p), "copy_rows: y_ids[1] is -1; row indices are not negative");
+    ck_assert_int_eq(be(&p)->copy_rows(s, y, NULL, g, bad, N, DIM), TSR_E_RANGE);
+    ck_assert_str_eq(last_error(&p), "copy_rows: x_ids[1] is -1; row indices are not negative");
+    ck_assert_int_eq(be(&p)->weighted_sum(s, g, x, w, N, K, DIM), TSR_OK);
+    for (int t = 0; t < N; t++)
+        for (int i = 0; i < DIM; i++) {
+            volatile float first = w[t * K] * x[t * K * DIM + i];
+            volatile float second = w[t * K + 1] * x[(t * K + 1) * DIM + i];
+            volatile float sum = first + second;
+            ck_assert(g[t * DIM + i] == sum);
+        }
+    ck_assert_int_eq(be(&p)->weighted_sum(s, g, x, w, N, -1, DIM), TSR_E_INVALID);
+    ck_assert_str_eq(last_error(&p), "weighted_sum: negative shape (3 rows of -1 slots of 50)");
+    free(x);
+    free(w);
+    plugin_close(&p);
+}
+END_TEST
+
 /* ---- thread count ----------------------------------------------------------------------- */
 
 /* Every op on inputs large enough to be split, for a pool of `nt` threads; the outputs go one
@@ -470,6 +514,13 @@ static size_t thread_run(float *out, int nt) {
     memcpy(out + at, x, nf * sizeof(float));
     ck_assert_int_eq(be(&p)->rope(s, out + at, pos, TI_ROWS, 72, 64, &rp), TSR_OK);
     at += nf;
+    /* the rows of 3 tokens routed to 3 slots each, reversed, then mixed */
+    int32_t rev[TI_ROWS];
+    for (int r = 0; r < TI_ROWS; r++) rev[r] = TI_ROWS - 1 - r;
+    ck_assert_int_eq(be(&p)->copy_rows(s, out + at, rev, x, NULL, TI_ROWS, TI_FF), TSR_OK);
+    ck_assert_int_eq(be(&p)->weighted_sum(s, out + at + nf, out + at, u, TI_ROWS / 3, 3, TI_FF),
+                     TSR_OK);
+    at += nf + nf / 3;
     free(x);
     free(u);
     free(wv);
@@ -478,7 +529,8 @@ static size_t thread_run(float *out, int nt) {
 }
 
 START_TEST(results_do_not_depend_on_thread_count) {
-    size_t cap = N_WEIGHT_TYPES * TI_ROWS * (TI_OUT + TI_IN) + 4 * TI_ROWS * TI_FF;
+    size_t cap = N_WEIGHT_TYPES * TI_ROWS * (TI_OUT + TI_IN) + 5 * TI_ROWS * TI_FF +
+                 TI_ROWS / 3 * TI_FF;
     float *one = malloc(cap * sizeof(float)), *many = malloc(cap * sizeof(float));
     size_t n = thread_run(one, 1);
     ck_assert_uint_eq(n, cap);
@@ -566,6 +618,7 @@ int main(void) {
     tcase_add_loop_test(b, rope_matches_formula, 0, 2);
     tcase_add_test(b, rope_refuses_bad_params);
     tcase_add_test(b, elementwise_ops_match_formulas);
+    tcase_add_test(b, expert_rows_match_formulas);
     tcase_add_test(b, results_do_not_depend_on_thread_count);
     suite_add_tcase(s, b);
     TCase *q = tcase_create("quantizer");

@@ -711,6 +711,53 @@ START_TEST(test_dot_axpy) {
 }
 END_TEST
 
+/* Rows of an expert layer: gathered and scattered exactly, in any slicing; the weighted sum
+ * is the first product then each later one added, two roundings per slot (llama.cpp's order,
+ * not a fused or reordered sum), the same bits at every level and for every slicing. */
+START_TEST(test_expert_rows) {
+    enum { N = 5, K = 3, DIM = 37 };
+    float x[N * K * DIM], w[N * K], y[N * DIM], z[N * DIM], g[N * K * DIM];
+    rng_seed(35);
+    fill(x, N * K * DIM, 2.0f);
+    fill(w, N * K, 1.0f);
+    /* gather rows 4, 0, 2 of x, then scatter them back to rows 1, 6, 3 of g */
+    const int32_t from[3] = {4, 0, 2}, to[3] = {1, 6, 3};
+    memset(g, 0, sizeof g);
+    for (int ith = 0; ith < 2; ith++) tsr_copy_rows(y, NULL, x, from, 3, DIM, ith, 2);
+    for (int i = 0; i < 3; i++) ck_assert_int_eq(memcmp(y + i * DIM, x + from[i] * DIM, DIM * 4), 0);
+    for (int ith = 0; ith < 3; ith++) tsr_copy_rows(g, to, y, NULL, 3, DIM, ith, 3);
+    for (int r = 0; r < 8; r++) {
+        int src = r == 1 ? 4 : r == 6 ? 0 : r == 3 ? 2 : -1;
+        for (int i = 0; i < DIM; i++)
+            ck_assert(src < 0 ? g[r * DIM + i] == 0 : g[r * DIM + i] == x[src * DIM + i]);
+    }
+    /* the sum, written out one rounding at a time */
+    for (int t = 0; t < N; t++)
+        for (int i = 0; i < DIM; i++) {
+            volatile float acc = w[t * K] * x[(t * K) * DIM + i];
+            for (int s = 1; s < K; s++) {
+                volatile float p = w[t * K + s] * x[(t * K + s) * DIM + i];
+                acc = acc + p;
+            }
+            z[t * DIM + i] = acc;
+        }
+    tsr_cpu_level lv[3] = {TSR_CPU_LEVEL_SCALAR};
+    int n_lv = 1 + simd_levels(lv + 1);
+    for (int l = 0; l < n_lv; l++) {
+        use_level(lv[l]);
+        for (int nth = 1; nth <= 3; nth++) {
+            memset(y, 0xff, sizeof y);
+            for (int ith = 0; ith < nth; ith++) tsr_weighted_sum(y, x, w, N, K, DIM, ith, nth);
+            ck_assert_msg(memcmp(y, z, sizeof z) == 0, "level %s, %d threads",
+                          tsr_cpu_level_name(lv[l]), nth);
+        }
+    }
+    /* no slot: zeros */
+    tsr_weighted_sum(y, x, w, N, 0, DIM, 0, 1);
+    for (int i = 0; i < N * DIM; i++) ck_assert(f32_bits(y[i]) == 0);
+}
+END_TEST
+
 static Suite *kernels_suite(void) {
     Suite *s = suite_create("kernels");
     TCase *tc;
@@ -736,6 +783,7 @@ static Suite *kernels_suite(void) {
     ADD(test_rope);
     ADD(test_elementwise);
     ADD(test_dot_axpy);
+    ADD(test_expert_rows);
 #undef ADD
     tc = tcase_create("test_matmul_levels");
     tcase_set_timeout(tc, 120);

@@ -1,8 +1,10 @@
-/* Kernels with only the scalar version: RoPE and the simple elementwise ops. They are cheap
- * next to the products, and gcc vectorises the simple loops on its own. */
+/* Kernels with only the scalar version: RoPE, the simple elementwise ops and the rows of
+ * mixture-of-experts layers (whose weighted sum runs on tsr_axpy_f32's SIMD paths). They
+ * are cheap next to the products, and gcc vectorises the simple loops on its own. */
 #include "internal.h"
 
 #include <math.h>
+#include <string.h>
 
 /* theta_i = pos * freq_scale * base^(-2i/n_rot), the power by repeated f32 multiplication as
  * llama.cpp computes it (its logits are the reference); the rotation is the same in both
@@ -79,4 +81,26 @@ int64_t tsr_argmax(const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++)
         if (!isnan(x[i]) && (best < 0 || x[i] > x[best])) best = i;
     return best < 0 ? 0 : best;
+}
+
+void tsr_copy_rows(float *y, const int32_t *y_ids, const float *x, const int32_t *x_ids,
+                   int64_t n, int64_t dim, int ith, int nth) {
+    int64_t i0, i1;
+    tsr_thread_slice(&i0, &i1, n, 1, ith, nth);
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t to = y_ids ? y_ids[i] : i, from = x_ids ? x_ids[i] : i;
+        memcpy(y + to * dim, x + from * dim, (size_t)dim * sizeof *y);
+    }
+}
+
+void tsr_weighted_sum(float *y, const float *x, const float *w, int64_t n, int64_t k,
+                      int64_t dim, int ith, int nth) {
+    int64_t t0, t1;
+    tsr_thread_slice(&t0, &t1, n, 1, ith, nth);
+    for (int64_t t = t0; t < t1; t++) {
+        float *yt = y + t * dim;
+        const float *xt = x + t * k * dim, *wt = w + t * k;
+        for (int64_t i = 0; i < dim; i++) yt[i] = k > 0 ? wt[0] * xt[i] : 0.0f;
+        for (int64_t s = 1; s < k; s++) tsr_axpy_f32(yt, wt[s], xt + s * dim, dim);
+    }
 }

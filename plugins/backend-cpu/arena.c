@@ -2,10 +2,11 @@
  * backend 'cpu-arena': the 'cpu' backend with memory of its own, for testing hosts and plugins
  * without a GPU. Its buffers (buffer_alloc) are host memory the CPU reads, but they are the
  * backend's: every op checks that each pointer it is handed (activations, weights, norm
- * weights, biases, token ids, positions) lies inside a buffer it allocated, and refuses the
- * call otherwise, as a device backend would fault. A host that runs a model on it keeps device
- * memory apart: it uploads weights and per-call arrays and downloads what it reads. The
- * arithmetic is the 'cpu' backend's, so results are bit-identical to it.
+ * weights, biases, token ids, positions, row indices and mixing weights) lies inside a buffer
+ * it allocated, and refuses the call otherwise, as a device backend would fault. A host that
+ * runs a model on it keeps device memory apart: it uploads weights and per-call arrays and
+ * downloads what it reads. The arithmetic is the 'cpu' backend's, so results are
+ * bit-identical to it.
  */
 #include <stdbool.h>
 
@@ -186,6 +187,36 @@ static tsr_status arena_add(void *self, float *y, const float *x, const float *b
     return cpu_add(a->cpu, y, x, b, n, dim, b_rows);
 }
 
+/* Rows up to the largest index of `ids` (n of them, in the backend's memory: checked first),
+ * or n rows when ids is NULL. */
+static int64_t rows_addressed(const int32_t *ids, int64_t n) {
+    int64_t rows = ids ? 0 : n;
+    for (int64_t i = 0; ids && i < n; i++)
+        if (ids[i] + (int64_t)1 > rows) rows = ids[i] + (int64_t)1;
+    return rows;
+}
+
+static tsr_status arena_copy_rows(void *self, float *y, const int32_t *y_ids, const float *x,
+                                  const int32_t *x_ids, int64_t n, int64_t dim) {
+    arena_backend *a = self;
+    if ((y_ids && !arena_holds(a, "copy_rows", "y_ids", y_ids, words(n, 1))) ||
+        (x_ids && !arena_holds(a, "copy_rows", "x_ids", x_ids, words(n, 1))) ||
+        !arena_holds(a, "copy_rows", "y", y, words(rows_addressed(y_ids, n), dim)) ||
+        !arena_holds(a, "copy_rows", "x", x, words(rows_addressed(x_ids, n), dim)))
+        return TSR_E_INVALID;
+    return cpu_copy_rows(a->cpu, y, y_ids, x, x_ids, n, dim);
+}
+
+static tsr_status arena_weighted_sum(void *self, float *y, const float *x, const float *w,
+                                     int64_t n, int64_t k, int64_t dim) {
+    arena_backend *a = self;
+    if (!arena_holds(a, "weighted_sum", "y", y, words(n, dim)) ||
+        !arena_holds(a, "weighted_sum", "x", x, words(n * k, dim)) ||
+        !arena_holds(a, "weighted_sum", "w", w, words(n, k)))
+        return TSR_E_INVALID;
+    return cpu_weighted_sum(a->cpu, y, x, w, n, k, dim);
+}
+
 static int32_t arena_memory_space(void *self) {
     (void)self;
     return TSR_MEMORY_HOST;
@@ -207,12 +238,14 @@ static const tsr_backend_vtable arena_vtable = {
     .swiglu = arena_swiglu,
     .add = arena_add,
     .memory_space = arena_memory_space,
+    .copy_rows = arena_copy_rows,
+    .weighted_sum = arena_weighted_sum,
 };
 
 static const tsr_plugin_desc arena_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND),
     .name = "cpu-arena",
-    .version = "1.0",
+    .version = "1.1",
     .description = "the cpu backend with buffers of its own, checking that every pointer an op "
                    "receives lies in them (tests that a host keeps device memory apart)",
     TSR_PARAMS(cpu_params),

@@ -9,6 +9,10 @@
  * are split over the pool. Every op splits rows or elements, never a sum, so each
  * value is computed by exactly one thread in a fixed order: results are bit-identical for
  * every pool size.
+ *
+ * Mixture-of-experts layers (backend 1.1): copy_rows gathers and scatters rows
+ * (tsr_copy_rows), weighted_sum mixes each token's expert rows in slot order
+ * (tsr_weighted_sum, llama.cpp's order and roundings).
  */
 #include <stdatomic.h>
 
@@ -311,6 +315,62 @@ static tsr_status cpu_add(void *self, float *y, const float *a, const float *bv,
     return TSR_OK;
 }
 
+/* ---- rows (mixture-of-experts layers) ---------------------------------------------------- */
+
+typedef struct rows_op_job {
+    float *y;
+    const float *x, *w;
+    const int32_t *y_ids, *x_ids;
+    int64_t n, k, dim;
+} rows_op_job;
+
+static void copy_rows_task(void *arg, int ith, int nth) {
+    rows_op_job *j = arg;
+    tsr_copy_rows(j->y, j->y_ids, j->x, j->x_ids, j->n, j->dim, ith, nth);
+}
+
+/* An index list with a negative entry would address memory before the buffer. */
+static tsr_status cpu_check_ids(const cpu_backend *b, const char *which, const int32_t *ids,
+                                int64_t n) {
+    for (int64_t i = 0; ids && i < n; i++)
+        if (ids[i] < 0) {
+            b->host->set_error(b->host->ctx, "copy_rows: %s[%lld] is %d; row indices are not "
+                               "negative", which, (long long)i, (int)ids[i]);
+            return TSR_E_RANGE;
+        }
+    return TSR_OK;
+}
+
+static tsr_status cpu_copy_rows(void *self, float *y, const int32_t *y_ids, const float *x,
+                                const int32_t *x_ids, int64_t n, int64_t dim) {
+    cpu_backend *b = self;
+    if (n < 0 || dim < 0) return cpu_bad_shape(b, "copy_rows", n, dim);
+    tsr_status st = cpu_check_ids(b, "y_ids", y_ids, n);
+    if (st >= 0) st = cpu_check_ids(b, "x_ids", x_ids, n);
+    if (st < 0) return st;
+    rows_op_job j = {.y = y, .x = x, .y_ids = y_ids, .x_ids = x_ids, .n = n, .dim = dim};
+    cpu_run(b, copy_rows_task, &j, n * dim);
+    return TSR_OK;
+}
+
+static void weighted_sum_task(void *arg, int ith, int nth) {
+    rows_op_job *j = arg;
+    tsr_weighted_sum(j->y, j->x, j->w, j->n, j->k, j->dim, ith, nth);
+}
+
+static tsr_status cpu_weighted_sum(void *self, float *y, const float *x, const float *w,
+                                   int64_t n, int64_t k, int64_t dim) {
+    cpu_backend *b = self;
+    if (n < 0 || dim < 0 || k < 0) {
+        b->host->set_error(b->host->ctx, "weighted_sum: negative shape (%lld rows of %lld "
+                           "slots of %lld)", (long long)n, (long long)k, (long long)dim);
+        return TSR_E_INVALID;
+    }
+    rows_op_job j = {.y = y, .x = x, .w = w, .n = n, .k = k, .dim = dim};
+    cpu_run(b, weighted_sum_task, &j, n * k * dim);
+    return TSR_OK;
+}
+
 /* ---- descriptor ------------------------------------------------------------------------- */
 
 static const char *cpu_isa(void) {
@@ -339,12 +399,14 @@ static const tsr_backend_vtable cpu_vtable = {
     .rope = cpu_rope,
     .swiglu = cpu_swiglu,
     .add = cpu_add,
+    .copy_rows = cpu_copy_rows,
+    .weighted_sum = cpu_weighted_sum,
 };
 
 static const tsr_plugin_desc cpu_desc = {
     TSR_PLUGIN_HEADER(TSR_STAGE_BACKEND, BACKEND),
     .name = "cpu",
-    .version = "1.0",
+    .version = "1.1",
     .description = "host memory and thread pool; weights multiplied in place (F32, F16, BF16, "
                    "Q8_0...), scalar/AVX2/AVX-512 kernels chosen at run time (command isa)",
     TSR_PARAMS(cpu_params),

@@ -185,6 +185,24 @@ void tsr_silu(float *y, const float *x, int64_t n);                    // y = si
 void tsr_swiglu(float *y, const float *g, const float *u, int64_t n);  // y = silu(g) * u
 void tsr_add(float *y, const float *a, const float *b, int64_t n);     // y = a + b
 
+/* Rows of a mixture-of-experts layer, gathered and scattered: for i < n,
+ * y[y_ids ? y_ids[i] : i] = x[x_ids ? x_ids[i] : i], rows of dim values, copied as they are.
+ * Slices i; the rows written must be distinct (each is written by one thread). */
+void tsr_copy_rows(float *y,              // (rows, dim), rows > every y_ids[i]
+                   const int32_t *y_ids,  // (n) or NULL
+                   const float *x,        // (rows, dim), rows > every x_ids[i]
+                   const int32_t *x_ids,  // (n) or NULL
+                   int64_t n, int64_t dim, int ith, int nth);
+
+/* Each token's k expert rows combined with their weights, as llama.cpp adds them:
+ * y[t] = w[t*k] * x[t*k], then + w[t*k+s] * x[t*k+s] for s = 1..k-1, every product rounded
+ * to f32 before it is added (tsr_axpy_f32's two roundings); k = 0 gives zeros. The same bits
+ * at every level. Slices t. */
+void tsr_weighted_sum(float *y,        // (n, dim)
+                      const float *x,  // (n * k, dim)
+                      const float *w,  // (n * k)
+                      int64_t n, int64_t k, int64_t dim, int ith, int nth);
+
 /* Index of the largest value, the lowest index among equals; NaNs never win (0 when all are
  * NaN); -1 if n <= 0. */
 int64_t tsr_argmax(const float *x, int64_t n);
