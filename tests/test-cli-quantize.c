@@ -657,7 +657,8 @@ START_TEST(synth_shapes) {
     const char *bad[] = {"synth", "--shape", "gpt-5", "-o", "x.gguf", NULL};
     char *err = run_error(2, bad);
     ck_assert_str_eq(err, "tessera: synth: unknown shape 'gpt-5'; shapes: tinyllama-1.1b, "
-                          "qwen2.5-0.5b, llama-7b, tiny (see tessera synth --help)\n");
+                          "qwen2.5-0.5b, llama-7b, olmoe-1b-7b, qwen1.5-moe-a2.7b, tiny, "
+                          "tiny-moe, tiny-qwen2moe (see tessera synth --help)\n");
     free(err);
     ck_assert_int_ne(access("x.gguf", F_OK), 0);
 }

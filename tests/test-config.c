@@ -38,7 +38,10 @@ static const tsr_param_def sample_params[] = {
         .role = TSR_PARAM_ROLE_SEED),
 };
 static const tsr_param_def topk_params[] = {
-    DEF(.name = "k", .type = TSR_PARAM_INT, .min = 1, .max = 8),
+    DEF(.name = "k", .type = TSR_PARAM_INT, .default_value = "2", .min = 1, .max = 8),
+};
+static const tsr_param_def fixed_params[] = {
+    DEF(.name = "expert", .type = TSR_PARAM_INT, .min = 0, .max = 63),
 };
 static const tsr_plugin_desc fake_plugins[] = {
     DESC(TSR_STAGE_BACKEND, "cpu", cpu_params, 1),
@@ -50,6 +53,7 @@ static const tsr_plugin_desc fake_plugins[] = {
     DESC(TSR_STAGE_DECODER, "sample", sample_params, 3),
     DESC(TSR_STAGE_DECODER, "greedy", NULL, 0),
     DESC(TSR_STAGE_ROUTER, "topk", topk_params, 1),
+    DESC(TSR_STAGE_ROUTER, "fixed", fixed_params, 1),
 };
 
 static const tsr_plugin_desc *fake_find(void *ctx, int32_t stage, const char *name,
@@ -411,8 +415,8 @@ static const struct {
      "bad.yaml:2:29: cache.window: expected an integer in [1, 1048576], got '0'"},
     {"tessera: 1\ncache: { plugin: full, window: 8 }\n",
      "bad.yaml:2:24: cache: unknown parameter 'window' for plugin 'full'; it takes none"},
-    {"tessera: 1\nrouter: { plugin: topk }\n",
-     "bad.yaml:2:19: router.k: required parameter is missing"},
+    {"tessera: 1\nrouter: { plugin: fixed }\n",
+     "bad.yaml:2:19: router.expert: required parameter is missing"},
     {"tessera: 1\nbackend: { threads: 0, plugin: cpu }\n",
      "bad.yaml:2:12: backend.threads: expected an integer in [1, 256], got '0'"},
     {"tessera: 1\nlayers:\n  - { range: [0, 9], cache: { plugin: streaming, sink: x } }\n",
@@ -488,6 +492,7 @@ START_TEST(bind_values) {
     ck_assert_int_eq(cfg->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 2);
     ck_assert_int_eq(cfg->stage[TSR_STAGE_ATTENTION].bound.params.values[0].u.i, 64); /* default */
     ck_assert_int_eq(cfg->stage[TSR_STAGE_ROUTER].bound.params.values[0].u.i, 2);
+    ck_assert(!cfg->stage[TSR_STAGE_ROUTER].by_default && !cfg->stage[TSR_STAGE_CACHE].by_default);
     /* a per-layer stage takes the plugin's defaults, not the top-level values */
     p = &cfg->layers[1].stage[TSR_STAGE_CACHE].bound.params;
     ck_assert_int_eq(p->values[0].u.i, 4);
@@ -509,8 +514,11 @@ START_TEST(bind_fills_defaults) {
     ck_assert_str_eq(cfg->stage[TSR_STAGE_ATTENTION].plugin, "flash");
     ck_assert_str_eq(cfg->stage[TSR_STAGE_CACHE].plugin, "streaming");
     ck_assert_str_eq(cfg->stage[TSR_STAGE_DECODER].plugin, "sample");
-    ck_assert_ptr_null(cfg->stage[TSR_STAGE_ROUTER].plugin);
-    ck_assert_int_eq(calls, 5);
+    /* the router too: the pipeline runs it for a model with experts only */
+    ck_assert_str_eq(cfg->stage[TSR_STAGE_ROUTER].plugin, "topk");
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++)
+        ck_assert_int_eq(cfg->stage[s].by_default, s != TSR_STAGE_CACHE);
+    ck_assert_int_eq(calls, 6);
     ck_assert_int_eq(cfg->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 1);
     ck_assert_double_eq(cfg->stage[TSR_STAGE_DECODER].bound.params.values[0].u.f, 1.0);
     tsr_config_free(cfg);
@@ -528,7 +536,8 @@ START_TEST(default_pipeline) {
     ck_assert_str_eq(cfg->stage[TSR_STAGE_ATTENTION].plugin, "flash");
     ck_assert_str_eq(cfg->stage[TSR_STAGE_CACHE].plugin, "full");
     ck_assert_str_eq(cfg->stage[TSR_STAGE_DECODER].plugin, "sample");
-    ck_assert_ptr_null(cfg->stage[TSR_STAGE_ROUTER].plugin);
+    ck_assert_str_eq(cfg->stage[TSR_STAGE_ROUTER].plugin, "topk");
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) ck_assert(cfg->stage[s].by_default);
     ck_assert_int_eq(cfg->generate.max_tokens, -1);
     /* --set applies to it as to a file */
     ck_assert_int_eq(tsr_config_set(cfg, "cache.plugin=nope", &err), TSR_OK);
@@ -621,13 +630,15 @@ START_TEST(set_overrides) {
     ck_assert_str_eq(err.msg,
                      "--set: cache.window: expected an integer in [1, 1048576], got 'abc'");
     tsr_config_free(cfg);
-    /* a parameter for a stage that has no plugin and no default */
+    /* a parameter for a stage left to the default pipeline goes to its plugin; naming the
+     * plugin with --set makes it the user's choice */
     cfg = load_ok("tessera: 1\n");
-    ck_assert_int_eq(tsr_config_set(cfg, "router.k=2", &err), TSR_OK);
-    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_E_INVALID);
-    ck_assert_str_eq(err.msg,
-                     "--set: router.k: parameter given but no router plugin chosen; set "
-                     "router.plugin");
+    ck_assert_int_eq(tsr_config_set(cfg, "router.k=3", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_OK);
+    ck_assert_int_eq(cfg->stage[TSR_STAGE_ROUTER].bound.params.values[0].u.i, 3);
+    ck_assert(cfg->stage[TSR_STAGE_ROUTER].by_default);
+    ck_assert_int_eq(tsr_config_set(cfg, "router.plugin=topk", &err), TSR_OK);
+    ck_assert(!cfg->stage[TSR_STAGE_ROUTER].by_default);
     tsr_config_free(cfg);
 }
 END_TEST

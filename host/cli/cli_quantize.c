@@ -31,8 +31,9 @@ static const struct {
 };
 
 typedef struct prepared {
-    tsr_weight w;  /* not prepared for tensors copied as they are */
-    float *source; /* synthetic source data to free after writing, or NULL */
+    tsr_weight w; /* not prepared for tensors copied as they are, nor for stacked experts */
+    void *owned;  /* bytes to free after writing (synthetic source data, experts stacked
+                     again), or NULL */
 } prepared;
 
 /* A GGUF being written through the quantizer stage. */
@@ -115,7 +116,7 @@ static void job_close(quant_job *j) {
     tsr_outfile_discard(&j->out);
     for (size_t i = 0; i < j->n_done; i++) {
         tsr_weight_release(&j->done[i].w);
-        free(j->done[i].source);
+        free(j->done[i].owned);
     }
     free(j->done);
     tsr_gguf_writer_free(j->w);
@@ -147,16 +148,97 @@ static bool is_quantized(const char *name, uint32_t n_dims) {
            !strstr(name, "ffn_gate_inp");
 }
 
-/* Adds one tensor; `source` (malloc'd, or NULL when borrowed) is kept until written. */
+/* A GGUF file holds GGUF types only. */
+static tsr_status check_writable(const tsr_instance *q, const char *name, int32_t dtype,
+                                 tsr_error *err) {
+    if (dtype < TSR_DTYPE_PLUGIN_FIRST && tsr_dtype_known(dtype)) return TSR_OK;
+    return tsr_error_set(err, TSR_E_UNSUPPORTED,
+                         "quantizer '%s' stores %s in a format of its own (type %d), which a GGUF "
+                         "file cannot hold; it quantizes at load time instead (use it in a "
+                         "pipeline's quantizer: section)", q->ref->desc->name, name, dtype);
+}
+
+/* Writes the prepared tensor `name` (type `to`, made from `from`) and reports it: `bits` and
+ * `rmse` the quantizer's figures, `n` its number of weights. */
+static tsr_status job_add(quant_job *j, const char *name, int32_t from, int32_t to,
+                          uint32_t n_dims, const int64_t *ne, const void *data, double bits,
+                          double rmse, double n, tsr_error *err) {
+    if (tsr_gguf_writer_add_tensor(j->w, name, to, n_dims, ne, data) < 0)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: cannot add the tensor", name);
+    j->bits += bits * n;
+    j->weights += n;
+    json_array_append_new(j->report, json_pack("{s:s, s:s, s:s, s:f, s:f}", "tensor", name, "from",
+                                               tsr_dtype_name(from), "to", tsr_dtype_name(to),
+                                               "bits_per_weight", bits, "rel_rmse", rmse));
+    tsr_log(TSR_LOG_INFO, "quantize", "%s: %s -> %s, %.3f bits per weight, relative RMSE %.3g",
+            name, tsr_dtype_name(from), tsr_dtype_name(to), bits, rmse);
+    tsr_cli_progress_show(&j->progress, (int64_t)j->n_done, j->n_tensors, "tensors", NULL);
+    return TSR_OK;
+}
+
+/* A stack of experts (ne {n_in, n_out, n_expert}): each expert offered to the quantizer on
+ * its own, as a pipeline offers them, and the results stacked again, in place while the
+ * quantizer keeps the file's bytes, else into one buffer, which then holds one type. */
+static tsr_status job_experts(quant_job *j, tsr_instance *q, const tsr_tensor *src,
+                              int32_t layer, const char *role, void *owned, tsr_error *err) {
+    prepared *slot = &j->done[j->n_done++];
+    *slot = (prepared){.owned = owned};
+    const int32_t n_expert = (int32_t)src->ne[2];
+    char *stacked = NULL;
+    size_t bytes = 0; /* of one expert as prepared */
+    int32_t type = -1;
+    double bits = 0, rmse = 0;
+    tsr_status st = TSR_OK;
+    for (int32_t e = 0; e < n_expert && st >= 0; e++) {
+        tsr_tensor m = tsr_expert_matrix(src, e);
+        tsr_weight w;
+        tsr_weight_out out;
+        if ((st = tsr_weight_prepare(q, &m, layer, role, e, &w, &out, err)) < 0) break;
+        if (e == 0) {
+            type = out.dst.dtype;
+            bytes = out.dst.row_bytes * (size_t)out.dst.ne[1];
+        }
+        if ((st = check_writable(q, src->name, out.dst.dtype, err)) >= 0 && out.dst.dtype != type)
+            st = tsr_error_set(err, TSR_E_UNSUPPORTED, "%s: quantizer '%s' made expert %d %s "
+                               "and expert 0 %s; a stack of experts holds one type", src->name,
+                               q->ref->desc->name, e, tsr_dtype_name(out.dst.dtype),
+                               tsr_dtype_name(type));
+        if (st >= 0 && out.dst.data != m.data && !stacked) {
+            /* the first expert not kept in place: those before it were, as the file's bytes */
+            if (!(stacked = malloc(bytes * (size_t)n_expert)))
+                st = tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", src->name);
+            else
+                memcpy(stacked, src->data, bytes * (size_t)e);
+        }
+        if (st >= 0 && stacked) memcpy(stacked + bytes * (size_t)e, out.dst.data, bytes);
+        bits += out.bits_per_weight;
+        rmse += out.rel_rmse;
+        tsr_weight_release(&w);
+    }
+    if (st < 0) {
+        free(stacked);
+        return st;
+    }
+    if (stacked) {
+        /* a converted copy no longer needs its source */
+        free(owned);
+        slot->owned = stacked;
+    }
+    double n = (double)src->ne[0] * (double)src->ne[1] * (double)n_expert;
+    return job_add(j, src->name, src->dtype, type, 3, src->ne, stacked ? stacked : src->data,
+                   bits / n_expert, rmse / n_expert, n, err);
+}
+
+/* Adds one tensor; `owned` (malloc'd, or NULL when borrowed) is kept until written. */
 static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint32_t n_dims,
-                             const int64_t *ne, void *data, float *source, tsr_error *err) {
+                             const int64_t *ne, void *data, void *owned, tsr_error *err) {
     prepared *grown = realloc(j->done, (j->n_done + 1) * sizeof *j->done);
     if (!grown) return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
     j->done = grown;
     if (!is_quantized(name, n_dims)) {
         if (tsr_gguf_writer_add_tensor(j->w, name, dtype, n_dims, ne, data) < 0)
             return tsr_error_set(err, TSR_E_INVALID, "%s: cannot add the tensor", name);
-        j->done[j->n_done++] = (prepared){.source = source};
+        j->done[j->n_done++] = (prepared){.owned = owned};
         tsr_cli_progress_show(&j->progress, (int64_t)j->n_done, j->n_tensors, "tensors", NULL);
         return TSR_OK;
     }
@@ -169,36 +251,21 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
                       .ne = {ne[0], n_dims > 1 ? ne[1] : 1, n_dims > 2 ? ne[2] : 1,
                              n_dims > 3 ? ne[3] : 1},
                       .row_bytes = tsr_dtype_row_bytes(dtype, ne[0]), .data = data, .name = name};
+    if (n_dims == 3) return job_experts(j, q, &src, layer, role, owned, err);
     tsr_weight_out out;
     tsr_weight *w = &j->done[j->n_done].w;
-    tsr_status st = tsr_weight_prepare(q, &src, layer, role, w, &out, err);
+    tsr_status st = tsr_weight_prepare(q, &src, layer, role, -1, w, &out, err);
     if (st < 0) return st;
     /* A converted copy no longer needs its source: a 7B model need not sit in memory twice. */
-    if (source && out.dst.data != data) {
-        free(source);
-        source = NULL;
+    if (owned && out.dst.data != data) {
+        free(owned);
+        owned = NULL;
     }
-    j->done[j->n_done++].source = source;
-    if (out.dst.dtype >= TSR_DTYPE_PLUGIN_FIRST || !tsr_dtype_known(out.dst.dtype))
-        return tsr_error_set(err, TSR_E_UNSUPPORTED,
-                             "quantizer '%s' stores %s in a format of its own (type %d), which a "
-                             "GGUF file cannot hold; it quantizes at load time instead (use it in "
-                             "a pipeline's quantizer: section)", q->ref->desc->name, name,
-                             out.dst.dtype);
-    if (tsr_gguf_writer_add_tensor(j->w, name, out.dst.dtype, n_dims, ne, out.dst.data) < 0)
-        return tsr_error_set(err, TSR_E_INVALID, "%s: cannot add the tensor", name);
+    j->done[j->n_done++].owned = owned;
+    if ((st = check_writable(q, name, out.dst.dtype, err)) < 0) return st;
     double n = (double)src.ne[0] * (double)src.ne[1] * (double)src.ne[2] * (double)src.ne[3];
-    j->bits += out.bits_per_weight * n;
-    j->weights += n;
-    json_array_append_new(j->report, json_pack("{s:s, s:s, s:s, s:f, s:f}", "tensor", name, "from",
-                                               tsr_dtype_name(dtype), "to",
-                                               tsr_dtype_name(out.dst.dtype), "bits_per_weight",
-                                               out.bits_per_weight, "rel_rmse", out.rel_rmse));
-    tsr_log(TSR_LOG_INFO, "quantize", "%s: %s -> %s, %.3f bits per weight, relative RMSE %.3g",
-            name, tsr_dtype_name(dtype), tsr_dtype_name(out.dst.dtype), out.bits_per_weight,
-            out.rel_rmse);
-    tsr_cli_progress_show(&j->progress, (int64_t)j->n_done, j->n_tensors, "tensors", NULL);
-    return TSR_OK;
+    return job_add(j, name, dtype, out.dst.dtype, n_dims, ne, out.dst.data, out.bits_per_weight,
+                   out.rel_rmse, n, err);
 }
 
 /* llama.cpp's file type for TYPE, or -1 for a name it does not have. */
@@ -364,14 +431,30 @@ typedef struct synth_shape {
     int32_t n_embd, n_layer, n_head, n_kv_head, n_ff, n_vocab, n_ctx;
     float rope_base, rms_eps;
     bool qkv_bias, tied;
+    /* experts (none when n_expert is 0): how many, how many a token uses, the rows of each
+     * one's gate and up matrices, and of the shared expert's (0: none) */
+    int32_t n_expert, n_expert_used, n_ff_expert, n_ff_shared;
 } synth_shape;
 
-/* Shapes of real models (their published configurations), for benchmarks without weights. */
+/* Shapes of real models (their published configurations), for benchmarks without weights;
+ * the tiny ones are for tests. The experts' sizes are written under the keys llama.cpp reads
+ * for the architecture: olmoe's feed_forward_length is its experts' size, qwen2moe's
+ * expert_feed_forward_length and expert_shared_feed_forward_length. */
 static const synth_shape shapes[] = {
-    {"tinyllama-1.1b", "llama", 2048, 22, 32, 4, 5632, 32000, 2048, 10000.0f, 1e-5f, false, false},
-    {"qwen2.5-0.5b", "qwen2", 896, 24, 14, 2, 4864, 151936, 32768, 1000000.0f, 1e-6f, true, true},
-    {"llama-7b", "llama", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0f, 1e-5f, false, false},
-    {"tiny", "llama", 64, 2, 4, 2, 128, 320, 512, 10000.0f, 1e-5f, false, false},
+    {"tinyllama-1.1b", "llama", 2048, 22, 32, 4, 5632, 32000, 2048, 10000.0f, 1e-5f, false, false,
+     0, 0, 0, 0},
+    {"qwen2.5-0.5b", "qwen2", 896, 24, 14, 2, 4864, 151936, 32768, 1000000.0f, 1e-6f, true, true,
+     0, 0, 0, 0},
+    {"llama-7b", "llama", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0f, 1e-5f, false, false,
+     0, 0, 0, 0},
+    {"olmoe-1b-7b", "olmoe", 2048, 16, 16, 16, 1024, 50304, 4096, 10000.0f, 1e-5f, false, false,
+     64, 8, 1024, 0},
+    {"qwen1.5-moe-a2.7b", "qwen2moe", 2048, 24, 16, 16, 5632, 151936, 8192, 1000000.0f, 1e-6f,
+     true, false, 60, 4, 1408, 5632},
+    {"tiny", "llama", 64, 2, 4, 2, 128, 320, 512, 10000.0f, 1e-5f, false, false, 0, 0, 0, 0},
+    {"tiny-moe", "llama", 64, 2, 4, 2, 32, 320, 512, 10000.0f, 1e-5f, false, false, 4, 2, 32, 0},
+    {"tiny-qwen2moe", "qwen2moe", 64, 2, 4, 2, 96, 320, 512, 10000.0f, 1e-5f, true, false, 4, 2,
+     32, 48},
 };
 
 /* splitmix64: a tiny, well-mixed generator; each tensor gets its own stream from the seed and
@@ -459,16 +542,77 @@ static void synth_metadata(tsr_gguf_writer *w, const synth_shape *sh) {
     tsr_gguf_writer_set_float(w, ARCH_KEY("attention.layer_norm_rms_epsilon"), TSR_GGUF_FLOAT32,
                               sh->rms_eps);
     tsr_gguf_writer_set_uint(w, ARCH_KEY("vocab_size"), TSR_GGUF_UINT32, (uint64_t)sh->n_vocab);
+    if (sh->n_expert > 0) {
+        tsr_gguf_writer_set_uint(w, ARCH_KEY("expert_count"), TSR_GGUF_UINT32,
+                                 (uint64_t)sh->n_expert);
+        tsr_gguf_writer_set_uint(w, ARCH_KEY("expert_used_count"), TSR_GGUF_UINT32,
+                                 (uint64_t)sh->n_expert_used);
+    }
+    if (sh->n_ff_shared > 0) {
+        tsr_gguf_writer_set_uint(w, ARCH_KEY("expert_feed_forward_length"), TSR_GGUF_UINT32,
+                                 (uint64_t)sh->n_ff_expert);
+        tsr_gguf_writer_set_uint(w, ARCH_KEY("expert_shared_feed_forward_length"),
+                                 TSR_GGUF_UINT32, (uint64_t)sh->n_ff_shared);
+    }
 #undef ARCH_KEY
 }
 
-/* Makes one random tensor and offers it to the job. */
+/* Makes one random tensor (ne {ne0, ne1, ne2}; 1 for unused dimensions) and offers it to the
+ * job. */
 static tsr_status synth_tensor(quant_job *j, uint64_t seed, uint64_t *index, const char *name,
-                               int64_t ne0, int64_t ne1, float mean, float std, tsr_error *err) {
-    int64_t ne[2] = {ne0, ne1};
-    float *data = random_tensor(seed, (*index)++, (size_t)(ne0 * ne1), mean, std);
+                               const int64_t ne[3], float mean, float std, tsr_error *err) {
+    uint32_t n_dims = ne[2] > 1 ? 3 : ne[1] > 1 ? 2 : 1;
+    float *data = random_tensor(seed, (*index)++, (size_t)(ne[0] * ne[1] * ne[2]), mean, std);
     if (!data) return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", name);
-    return job_tensor(j, name, TSR_DTYPE_F32, ne1 > 1 ? 2 : 1, ne, data, data, err);
+    return job_tensor(j, name, TSR_DTYPE_F32, n_dims, ne, data, data, err);
+}
+
+/* One tensor of a synthetic block: its name after "blk.N.", shape, mean and deviation. */
+typedef struct synth_block_tensor {
+    const char *role;
+    int64_t ne[3];
+    float mean, std;
+} synth_block_tensor;
+
+/* The tensors of one block of `sh`, in the order of the fixtures' files; returns how many
+ * (at most 22). */
+static size_t synth_block(const synth_shape *sh, synth_block_tensor *t) {
+    const int64_t e = sh->n_embd, hd = sh->n_embd / sh->n_head, kv = hd * sh->n_kv_head;
+    const int64_t x = sh->n_expert, fe = sh->n_ff_expert, fs = sh->n_ff_shared;
+    /* weights 0.02 as the dense shapes; the router 0.1, so that routing is decisive */
+    const float w = 0.02f, r = 0.1f;
+    const bool moe = x > 0, qk_norm = !strcmp(sh->arch, "olmoe");
+    const struct {
+        synth_block_tensor t;
+        bool present;
+    } all[] = {
+        {{"attn_norm.weight", {e, 1, 1}, 1, 0}, true},
+        {{"attn_q.weight", {e, e, 1}, 0, w}, true},
+        {{"attn_k.weight", {e, kv, 1}, 0, w}, true},
+        {{"attn_v.weight", {e, kv, 1}, 0, w}, true},
+        {{"attn_q.bias", {e, 1, 1}, 0, w}, sh->qkv_bias},
+        {{"attn_k.bias", {kv, 1, 1}, 0, w}, sh->qkv_bias},
+        {{"attn_v.bias", {kv, 1, 1}, 0, w}, sh->qkv_bias},
+        {{"attn_q_norm.weight", {e, 1, 1}, 1, 0}, qk_norm},
+        {{"attn_k_norm.weight", {kv, 1, 1}, 1, 0}, qk_norm},
+        {{"attn_output.weight", {e, e, 1}, 0, w}, true},
+        {{"ffn_norm.weight", {e, 1, 1}, 1, 0}, true},
+        {{"ffn_gate.weight", {e, sh->n_ff, 1}, 0, w}, !moe},
+        {{"ffn_up.weight", {e, sh->n_ff, 1}, 0, w}, !moe},
+        {{"ffn_down.weight", {sh->n_ff, e, 1}, 0, w}, !moe},
+        {{"ffn_gate_inp.weight", {e, x, 1}, 0, r}, moe},
+        {{"ffn_gate_exps.weight", {e, fe, x}, 0, w}, moe},
+        {{"ffn_down_exps.weight", {fe, e, x}, 0, w}, moe},
+        {{"ffn_up_exps.weight", {e, fe, x}, 0, w}, moe},
+        {{"ffn_gate_inp_shexp.weight", {e, 1, 1}, 0, r}, fs > 0},
+        {{"ffn_gate_shexp.weight", {e, fs, 1}, 0, w}, fs > 0},
+        {{"ffn_down_shexp.weight", {fs, e, 1}, 0, w}, fs > 0},
+        {{"ffn_up_shexp.weight", {e, fs, 1}, 0, w}, fs > 0},
+    };
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i].present) t[n++] = all[i].t;
+    return n;
 }
 
 int tsr_cli_synth(int argc, char **argv) {
@@ -481,9 +625,10 @@ int tsr_cli_synth(int argc, char **argv) {
             printf("usage: tessera synth --shape NAME [--type TYPE] -o FILE.gguf [--seed S]\n"
                    "                     [--config CONFIG.yaml] [--set K=V]... [--json]\n"
                    "                     [--plugin-dir DIR]...\n"
-                   "A model with random weights (normal, deviation 0.02; norms 1) of a real\n"
-                   "shape, with a SentencePiece-style vocabulary, quantized to TYPE like\n"
-                   "`tessera quantize`; progress goes to stderr. Shapes:");
+                   "A model with random weights (normal, deviation 0.02, experts' routers 0.1;\n"
+                   "norms 1) of a real shape, with a SentencePiece-style vocabulary, quantized\n"
+                   "to TYPE like `tessera quantize` (each expert on its own); progress goes to\n"
+                   "stderr. Shapes:");
             for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) printf(" %s", shapes[s].name);
             printf("\n");
             free(o.sets);
@@ -525,40 +670,31 @@ int tsr_cli_synth(int argc, char **argv) {
     quant_job j;
     int status = TSR_EXIT_FAIL;
     if (job_open(&j, &o, type, sh->n_layer, out, NULL, &err) < 0) goto fail;
-    /* token_embd, output_norm, output unless tied; per layer 2 norms, 7 matrices, 3 biases. */
-    j.n_tensors = 3 - sh->tied + (int64_t)sh->n_layer * (9 + 3 * sh->qkv_bias);
+    synth_block_tensor block[24];
+    size_t n_block = synth_block(sh, block);
+    /* token_embd, output_norm, output unless tied; the blocks' tensors */
+    j.n_tensors = 3 - sh->tied + (int64_t)sh->n_layer * (int64_t)n_block;
     synth_metadata(j.w, sh);
     synth_vocab(j.w, sh->n_vocab);
     copy_keys(&j, NULL, type);
-    const int64_t e = sh->n_embd, hd = sh->n_embd / sh->n_head, kv = hd * sh->n_kv_head;
+    const int64_t e = sh->n_embd, v = sh->n_vocab;
     uint64_t index = 0;
     const float w = 0.02f;
-    if (synth_tensor(&j, (uint64_t)seed, &index, "token_embd.weight", e, sh->n_vocab, 0, w, &err) < 0 ||
-        synth_tensor(&j, (uint64_t)seed, &index, "output_norm.weight", e, 1, 1, 0, &err) < 0 ||
-        (!sh->tied && synth_tensor(&j, (uint64_t)seed, &index, "output.weight", e, sh->n_vocab, 0, w, &err) < 0))
+    if (synth_tensor(&j, (uint64_t)seed, &index, "token_embd.weight", (int64_t[]){e, v, 1}, 0, w,
+                     &err) < 0 ||
+        synth_tensor(&j, (uint64_t)seed, &index, "output_norm.weight", (int64_t[]){e, 1, 1}, 1,
+                     0, &err) < 0 ||
+        (!sh->tied && synth_tensor(&j, (uint64_t)seed, &index, "output.weight",
+                                   (int64_t[]){e, v, 1}, 0, w, &err) < 0))
         goto fail;
-    for (int32_t l = 0; l < sh->n_layer; l++) {
-        struct {
-            const char *role;
-            int64_t ne0, ne1;
-            float mean, std;
-            bool present;
-        } t[] = {
-            {"attn_norm.weight", e, 1, 1, 0, true},     {"attn_q.weight", e, e, 0, w, true},
-            {"attn_k.weight", e, kv, 0, w, true},       {"attn_v.weight", e, kv, 0, w, true},
-            {"attn_q.bias", e, 1, 0, w, sh->qkv_bias},  {"attn_k.bias", kv, 1, 0, w, sh->qkv_bias},
-            {"attn_v.bias", kv, 1, 0, w, sh->qkv_bias}, {"attn_output.weight", e, e, 0, w, true},
-            {"ffn_norm.weight", e, 1, 1, 0, true},      {"ffn_gate.weight", e, sh->n_ff, 0, w, true},
-            {"ffn_up.weight", e, sh->n_ff, 0, w, true}, {"ffn_down.weight", sh->n_ff, e, 0, w, true},
-        };
-        for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
-            if (!t[i].present) continue;
+    for (int32_t l = 0; l < sh->n_layer; l++)
+        for (size_t i = 0; i < n_block; i++) {
             char name[96];
-            snprintf(name, sizeof name, "blk.%d.%s", l, t[i].role);
-            if (synth_tensor(&j, (uint64_t)seed, &index, name, t[i].ne0, t[i].ne1, t[i].mean, t[i].std, &err) < 0)
+            snprintf(name, sizeof name, "blk.%d.%s", l, block[i].role);
+            if (synth_tensor(&j, (uint64_t)seed, &index, name, block[i].ne, block[i].mean,
+                             block[i].std, &err) < 0)
                 goto fail;
         }
-    }
     if (job_write(&j, out, json, &err) < 0) goto fail;
     status = TSR_EXIT_OK;
     goto done;

@@ -17,7 +17,7 @@
 /* The built-in default pipeline: the only place in the host that names plugins. */
 static const char *const default_plugin[TSR_STAGE_COUNT + 1] = {
     [TSR_STAGE_BACKEND] = "cpu",   [TSR_STAGE_QUANTIZER] = "gguf", [TSR_STAGE_ATTENTION] = "flash",
-    [TSR_STAGE_CACHE] = "full",    [TSR_STAGE_DECODER] = "sample",
+    [TSR_STAGE_CACHE] = "full",    [TSR_STAGE_DECODER] = "sample", [TSR_STAGE_ROUTER] = "topk",
 };
 
 /* NULL-terminated, so that stage_names + 1 serves as an ENUM choice list */
@@ -795,9 +795,9 @@ tsr_status tsr_config_default(tsr_config **out, tsr_error *err) {
     if (!cfg) return oom(err);
     cfg->schema = TSR_CONFIG_SCHEMA;
     for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
-        if (!default_plugin[s]) continue;
         cfg->stage[s].plugin = strdup(default_plugin[s]);
         cfg->stage[s].loc = (tsr_src_loc){cfg->path, 0, 0};
+        cfg->stage[s].by_default = true;
         if (!cfg->stage[s].plugin) {
             tsr_config_free(cfg);
             return oom(err);
@@ -828,6 +828,7 @@ tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *er
                                  ex);
         tsr_bound_params_free(&sc->bound);
         sc->loc = loc;
+        sc->by_default = false;
         return set_text(&w, &sc->plugin, value);
     }
     if (strcmp(section, "model") == 0) {
@@ -920,21 +921,11 @@ tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_
                            tsr_error *err) {
     for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
         tsr_stage_conf *sc = &cfg->stage[s];
-        if (!sc->plugin && !default_plugin[s]) {
-            char key[EXCERPT];
-            if (sc->n_params > 0)
-                return tsr_error_set_at(err, TSR_E_INVALID, sc->params[0].loc,
-                                        "%s.%s: parameter given but no %s plugin chosen; set "
-                                        "%s.plugin",
-                                        stage_names[s],
-                                        tsr_text_excerpt(key, sizeof key, sc->params[0].key),
-                                        stage_names[s], stage_names[s]);
-            continue;
-        }
         if (!sc->plugin) {
             sc->plugin = strdup(default_plugin[s]);
             if (!sc->plugin) return oom(err);
             sc->loc = (tsr_src_loc){cfg->path, 0, 0};
+            sc->by_default = true;
         }
         tsr_status st = bind_stage(sc, s, stage_names[s], cfg->role_value[s], find, find_ctx, err);
         if (st < 0) return st;

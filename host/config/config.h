@@ -22,6 +22,8 @@ typedef struct tsr_stage_conf {
     tsr_kv_text *params;
     size_t n_params;
     tsr_bound_params bound; /* filled by tsr_config_bind */
+    bool by_default;        /* the default pipeline's plugin, not named by the user: the
+                               router's applies to models with experts only */
 } tsr_stage_conf;
 
 typedef struct tsr_layer_override {
@@ -92,7 +94,8 @@ tsr_status tsr_config_load(const char *path, tsr_config **out, tsr_error *err);
  * to the current folder). */
 tsr_status tsr_config_load_string(const char *yaml, const char *name, tsr_config **out,
                                   tsr_error *err);
-/* The built-in default pipeline: cpu + gguf + flash + full + sample. */
+/* The built-in default pipeline: cpu + gguf + flash + full + sample, and the topk router for
+ * models with experts. */
 tsr_status tsr_config_default(tsr_config **out, tsr_error *err);
 
 /* Applies "section.key=value" (e.g. "cache.window=256", "cache.plugin=streaming",
@@ -110,9 +113,9 @@ tsr_status tsr_config_set_role(tsr_config *cfg, int32_t stage, int32_t role, con
  * unknown plugin of that stage, and may then say why in `why` (a plugin file refused, a plugin
  * of another stage), which the error line gives after the plugin's place in the config;
  * left empty, the line says "unknown plugin". A stage left unconfigured first gets the default pipeline's
- * plugin (a stage without a default, the router, stays unconfigured and unbound). Values given
- * by role (tsr_config_set_role) go to the parameter of that role. Binding again (after
- * tsr_config_set) replaces earlier bindings. */
+ * plugin, marked by_default (a pipeline runs the default router only for a model with
+ * experts). Values given by role (tsr_config_set_role) go to the parameter of that role.
+ * Binding again (after tsr_config_set) replaces earlier bindings. */
 typedef const tsr_plugin_desc *(*tsr_plugin_find_fn)(void *ctx, int32_t stage, const char *name,
                                                      tsr_error *why);
 tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,

@@ -778,6 +778,10 @@ size_t tsr_gguf_type_size(tsr_gguf_type type) {
 }
 
 const char *tsr_gguf_path(const tsr_gguf *g) { return g->path; }
+const void *tsr_gguf_mapping(const tsr_gguf *g, size_t *size) {
+    *size = g->map ? g->map_size : 0;
+    return g->map;
+}
 uint32_t tsr_gguf_version(const tsr_gguf *g) { return g->version; }
 uint64_t tsr_gguf_alignment(const tsr_gguf *g) { return g->alignment; }
 int64_t tsr_gguf_n_keys(const tsr_gguf *g) { return g->n_kv; }

@@ -84,6 +84,10 @@ void tsr_gguf_close(tsr_gguf *g);
 /* The file name given at open (or the builder's name). */
 const char *tsr_gguf_path(const tsr_gguf *g);
 
+/* The whole file's mapping that tensor data points into (file offset = pointer - mapping),
+ * and its size; NULL and 0 for a model read from memory. */
+const void *tsr_gguf_mapping(const tsr_gguf *g, size_t *size);
+
 /* GGUF version of the file (2 or 3); 0 for a model built in memory from another format. */
 uint32_t tsr_gguf_version(const tsr_gguf *g);
 

@@ -138,18 +138,81 @@ static tsr_status arch_float(const tsr_gguf *g, const char *arch, const char *su
     return TSR_OK;
 }
 
+/* What each architecture is, as llama.cpp builds it at c392e5094 (llama_model_rope_type, the
+ * build_* function of each, the arguments it gives llm_build_moe_ffn). */
+typedef enum arch_experts { EXPERTS_NONE, EXPERTS_OPTIONAL, EXPERTS_REQUIRED } arch_experts;
+
+typedef struct arch_info {
+    const char *name;
+    int32_t arch, rope_mode;
+    bool qkv_bias, qk_norm, shared_expert;
+    arch_experts experts;
+    int32_t normalize; /* renormalises the chosen experts' weights (norm_w) */
+} arch_info;
+
+static const arch_info archs[] = {
+    {"llama", TSR_ARCH_LLAMA, TSR_ROPE_NORMAL, false, false, false, EXPERTS_OPTIONAL, 1},
+    {"qwen2", TSR_ARCH_QWEN2, TSR_ROPE_NEOX, true, false, false, EXPERTS_NONE, 0},
+    {"qwen2moe", TSR_ARCH_QWEN2MOE, TSR_ROPE_NEOX, true, false, true, EXPERTS_REQUIRED, 0},
+    {"olmoe", TSR_ARCH_OLMOE, TSR_ROPE_NEOX, false, true, false, EXPERTS_REQUIRED, 0},
+};
+
+static const arch_info *arch_of(int32_t arch) {
+    for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++)
+        if (archs[i].arch == arch) return &archs[i];
+    return &archs[0];
+}
+
+/* The experts' counts and sizes, for an architecture that may have them. */
+static tsr_status read_experts(const tsr_gguf *g, const char *arch, const arch_info *info,
+                               tsr_hparams *hp, tsr_error *err) {
+    const char *path = tsr_gguf_path(g);
+    bool required = info->experts == EXPERTS_REQUIRED;
+    tsr_status st = arch_int(g, arch, "expert_count", required, 0, required ? 1 : 0,
+                             &hp->n_expert, err);
+    if (st < 0) return st;
+    if (info->experts == EXPERTS_NONE && hp->n_expert > 0)
+        return tsr_error_set(err, TSR_E_UNSUPPORTED, "%s: %s.expert_count %d: the %s "
+                             "architecture has no experts", path, arch, hp->n_expert, arch);
+    if (hp->n_expert == 0) return TSR_OK;
+    if ((st = arch_int(g, arch, "expert_used_count", true, 0, 1, &hp->n_expert_used, err)) < 0)
+        return st;
+    if (hp->n_expert_used > hp->n_expert)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: %s.expert_used_count: %d is more than "
+                             "%s.expert_count %d", path, arch, hp->n_expert_used, arch,
+                             hp->n_expert);
+    hp->n_ff_expert = hp->n_ff;
+    if (info->shared_expert &&
+        ((st = arch_int(g, arch, "expert_feed_forward_length", false,
+                        hp->n_ff / hp->n_expert_used, 1, &hp->n_ff_expert, err)) < 0 ||
+         (st = arch_int(g, arch, "expert_shared_feed_forward_length", false, hp->n_ff, 1,
+                        &hp->n_ff_shared, err)) < 0))
+        return st;
+    if (hp->n_ff_expert < 1)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: %s.feed_forward_length %d over %d experts "
+                             "used leaves no rows per expert; add "
+                             "%s.expert_feed_forward_length", path, arch, hp->n_ff,
+                             hp->n_expert_used, arch);
+    hp->gating = TSR_GATING_SOFTMAX;
+    hp->normalize = info->normalize;
+    return TSR_OK;
+}
+
 static tsr_status read_hparams(const tsr_gguf *g, tsr_hparams *hp, tsr_error *err) {
     const char *path = tsr_gguf_path(g);
     tsr_gguf_str arch_str;
     if (!tsr_gguf_get_str(g, "general.architecture", &arch_str, err)) return TSR_E_INVALID;
     char arch[64];
     snprintf(arch, sizeof arch, "%.*s", (int)(arch_str.len < 63 ? arch_str.len : 63), arch_str.ptr);
-    if (!strcmp(arch, "llama")) hp->arch = TSR_ARCH_LLAMA;
-    else if (!strcmp(arch, "qwen2")) hp->arch = TSR_ARCH_QWEN2;
-    else
+    const arch_info *info = NULL;
+    for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++)
+        if (!strcmp(arch, archs[i].name)) info = &archs[i];
+    if (!info)
         return tsr_error_set(err, TSR_E_UNSUPPORTED,
                              "%s: general.architecture '%s' is not supported (supported: llama, "
-                             "qwen2)", path, arch);
+                             "qwen2, qwen2moe, olmoe)", path, arch);
+    hp->arch = info->arch;
+    hp->qk_norm = info->qk_norm;
 
     /* Each count on its own first, then how they relate, so a message names one key. */
     tsr_status st;
@@ -160,7 +223,7 @@ static tsr_status read_hparams(const tsr_gguf *g, tsr_hparams *hp, tsr_error *er
         (st = arch_int(g, arch, "attention.head_count_kv", false, hp->n_head, 1, &hp->n_kv_head,
                        err)) < 0 ||
         (st = arch_int(g, arch, "context_length", false, 2048, 1, &hp->n_ctx_train, err)) < 0 ||
-        (st = arch_int(g, arch, "expert_count", false, 0, 0, &hp->n_expert, err)) < 0)
+        (st = read_experts(g, arch, info, hp, err)) < 0)
         return st;
     if (hp->n_head % hp->n_kv_head != 0)
         return tsr_error_set(err, TSR_E_INVALID, "%s: %s.attention.head_count_kv: %d does not "
@@ -179,11 +242,6 @@ static tsr_status read_hparams(const tsr_gguf *g, tsr_hparams *hp, tsr_error *er
     if (n_rot > hp->head_dim || n_rot % 2)
         return tsr_error_set(err, TSR_E_INVALID, "%s: %s.rope.dimension_count: %d must be even "
                              "and at most the head size %d", path, arch, n_rot, hp->head_dim);
-    if (hp->n_expert > 0)
-        return tsr_error_set(err, TSR_E_UNSUPPORTED,
-                             "%s: mixture-of-experts models (%s.expert_count %d) need the router "
-                             "stage, which this version does not run yet", path, arch,
-                             hp->n_expert);
     float freq_base, scale;
     if ((st = arch_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-5f, false, &hp->rms_eps,
                          err)) < 0 ||
@@ -193,7 +251,7 @@ static tsr_status read_hparams(const tsr_gguf *g, tsr_hparams *hp, tsr_error *er
         return st;
     hp->rope = (tsr_rope_params){
         .struct_size = sizeof(tsr_rope_params),
-        .mode = hp->arch == TSR_ARCH_QWEN2 ? TSR_ROPE_NEOX : TSR_ROPE_NORMAL,
+        .mode = info->rope_mode,
         .n_rot = n_rot,
         .freq_base = freq_base,
         .freq_scale = scale > 0 ? (float)(1.0 / scale) : 1.0f,
@@ -251,38 +309,61 @@ static tsr_status require_finite_f32(const tsr_gguf *g, const tsr_tensor *t, tsr
     return TSR_OK;
 }
 
+/* One tensor a block may hold: where it goes, its shape, whether this model needs it or may
+ * have it (biases), and whether the host reads it directly (F32, finite: norms and biases).
+ * Tensors of other architectures are not looked up. */
+typedef struct layer_tensor {
+    const char *name;
+    tsr_tensor *dst;
+    int64_t ne[3];
+    int n;
+    bool required, optional;
+    bool is_f32;
+} layer_tensor;
+
 static tsr_status bind_layer(const tsr_gguf *g, const tsr_hparams *hp, int il,
                              tsr_layer_weights *w, tsr_error *err) {
     const int64_t e = hp->n_embd, q = (int64_t)hp->n_head * hp->head_dim,
-                  kv = (int64_t)hp->n_kv_head * hp->head_dim, ff = hp->n_ff;
-    const bool bias = hp->arch == TSR_ARCH_QWEN2;
-    struct {
-        const char *name;
-        tsr_tensor *dst;
-        int64_t ne[3];
-        int n;
-        bool required;
-        bool is_f32;
-    } want[] = {
-        {"attn_norm.weight", &w->attn_norm, {e}, 1, true, true},
-        {"attn_q.weight", &w->wq, {e, q}, 2, true, false},
-        {"attn_k.weight", &w->wk, {e, kv}, 2, true, false},
-        {"attn_v.weight", &w->wv, {e, kv}, 2, true, false},
-        {"attn_output.weight", &w->wo, {q, e}, 2, true, false},
-        {"attn_q.bias", &w->bq, {q}, 1, bias, true},
-        {"attn_k.bias", &w->bk, {kv}, 1, bias, true},
-        {"attn_v.bias", &w->bv, {kv}, 1, bias, true},
-        {"ffn_norm.weight", &w->ffn_norm, {e}, 1, true, true},
-        {"ffn_gate.weight", &w->ffn_gate, {e, ff}, 2, true, false},
-        {"ffn_up.weight", &w->ffn_up, {e, ff}, 2, true, false},
-        {"ffn_down.weight", &w->ffn_down, {ff, e}, 2, true, false},
+                  kv = (int64_t)hp->n_kv_head * hp->head_dim, ff = hp->n_ff,
+                  fe = hp->n_ff_expert, fs = hp->n_ff_shared, ne = hp->n_expert;
+    const arch_info *info = arch_of(hp->arch);
+    const bool bias = info->qkv_bias, moe = ne > 0, shared = moe && info->shared_expert;
+    const layer_tensor want[] = {
+        {"attn_norm.weight", &w->attn_norm, {e}, 1, true, false, true},
+        {"attn_q.weight", &w->wq, {e, q}, 2, true, false, false},
+        {"attn_k.weight", &w->wk, {e, kv}, 2, true, false, false},
+        {"attn_v.weight", &w->wv, {e, kv}, 2, true, false, false},
+        {"attn_output.weight", &w->wo, {q, e}, 2, true, false, false},
+        {"attn_q.bias", &w->bq, {q}, 1, bias, true, true},
+        {"attn_k.bias", &w->bk, {kv}, 1, bias, true, true},
+        {"attn_v.bias", &w->bv, {kv}, 1, bias, true, true},
+        {"attn_q_norm.weight", &w->q_norm, {q}, 1, hp->qk_norm, false, true},
+        {"attn_k_norm.weight", &w->k_norm, {kv}, 1, hp->qk_norm, false, true},
+        {"ffn_norm.weight", &w->ffn_norm, {e}, 1, true, false, true},
+        {"ffn_gate.weight", &w->ffn_gate, {e, ff}, 2, !moe, false, false},
+        {"ffn_up.weight", &w->ffn_up, {e, ff}, 2, !moe, false, false},
+        {"ffn_down.weight", &w->ffn_down, {ff, e}, 2, !moe, false, false},
+        {"ffn_gate_inp.weight", &w->gate_inp, {e, ne}, 2, moe, false, false},
+        {"ffn_gate_exps.weight", &w->gate_exps, {e, fe, ne}, 3, moe, false, false},
+        {"ffn_up_exps.weight", &w->up_exps, {e, fe, ne}, 3, moe, false, false},
+        {"ffn_down_exps.weight", &w->down_exps, {fe, e, ne}, 3, moe, false, false},
+        {"ffn_gate_inp_shexp.weight", &w->gate_inp_shexp, {e}, 1, shared, false, false},
+        {"ffn_gate_shexp.weight", &w->gate_shexp, {e, fs}, 2, shared, false, false},
+        {"ffn_up_shexp.weight", &w->up_shexp, {e, fs}, 2, shared, false, false},
+        {"ffn_down_shexp.weight", &w->down_shexp, {fs, e}, 2, shared, false, false},
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        if (!want[i].required && !want[i].optional) continue;
         char name[96];
         snprintf(name, sizeof name, "blk.%d.%s", il, want[i].name);
         tsr_status st = bind_tensor(g, name, want[i].ne, want[i].n, want[i].required, want[i].dst, err);
         if (st < 0) return st;
         if (want[i].is_f32 && (st = require_finite_f32(g, want[i].dst, err)) < 0) return st;
+    }
+    /* The shared expert's gate is a one-row matrix to multiply. */
+    if (w->gate_inp_shexp.data) {
+        w->gate_inp_shexp.n_dims = 2;
+        w->gate_inp_shexp.ne[1] = 1;
     }
     return TSR_OK;
 }

@@ -92,7 +92,7 @@ static int32_t api_emit(void *ctx, const int32_t *tokens, int64_t n) {
 }
 
 static uint64_t host_time(const tsr_stage_times *t) {
-    return t->matmul + t->attention + t->cache + t->other_ops;
+    return t->matmul + t->attention + t->cache + t->other_ops + t->router;
 }
 
 tsr_status tsr_request_begin(tsr_request *r, tsr_pipeline *pl, int64_t max_new_tokens,

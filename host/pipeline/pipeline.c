@@ -1,5 +1,6 @@
 /* The wiring of a pipeline: its stage instances, the prepared weights and the graph over them,
- * sequences, the end-of-forward hooks of the cache policies, and the pipeline's `hooks:`. */
+ * the routers of a model with experts and their hold on the experts, sequences, the
+ * end-of-forward hooks of the cache policies, and the pipeline's `hooks:`. */
 #include "pipeline/pipeline_impl.h"
 
 #include <stdlib.h>
@@ -30,11 +31,12 @@ static tsr_status check_layer_ranges(const tsr_config *cfg, int32_t n_layer, tsr
 }
 
 /* The router stage runs at mixture-of-experts layers: a router configured for a model without
- * experts would never be called, which deserves one clear line rather than silence. */
+ * experts would never be called, which deserves one clear line rather than silence. The
+ * default pipeline's router is not the user's choice: a dense model simply runs without. */
 static tsr_status check_router(const tsr_config *cfg, const tsr_hparams *hp, tsr_error *err) {
     for (int32_t l = 0; hp->n_expert == 0 && l < hp->n_layer; l++) {
         const tsr_stage_conf *sc = tsr_config_stage_at(cfg, TSR_STAGE_ROUTER, l);
-        if (sc->plugin)
+        if (sc->plugin && !sc->by_default)
             return tsr_error_set_at(err, TSR_E_INVALID, sc->loc, "router: '%s' is configured but "
                                     "the model has no mixture-of-experts layers to route; remove "
                                     "the router", sc->plugin);
@@ -42,16 +44,36 @@ static tsr_status check_router(const tsr_config *cfg, const tsr_hparams *hp, tsr
     return TSR_OK;
 }
 
-/* Every stage's instances, the backend first (the others are told where it computes). */
-static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *err) {
-    const tsr_config *cfg = pl->cfg;
+/* What every stage's init is made from. */
+static tsr_model_shape pipeline_shape(const tsr_pipeline *pl, tsr_pool *pool) {
     const tsr_hparams *hp = &pl->model->hp;
-    tsr_model_shape shape = {
+    return (tsr_model_shape){
         .n_layer = hp->n_layer, .n_head = hp->n_head, .n_kv_head = hp->n_kv_head,
         .head_dim = hp->head_dim, .n_embd = hp->n_embd, .n_ctx = pl->n_ctx,
-        .n_vocab = hp->n_vocab, .n_expert = hp->n_expert, .n_seq_max = 16,
-        .n_threads = tsr_pool_size(pool),
-        .backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin};
+        .n_vocab = hp->n_vocab, .n_expert = hp->n_expert, .n_expert_used = hp->n_expert_used,
+        .n_ff_expert = hp->n_ff_expert, .gating = hp->gating, .normalize = hp->normalize,
+        .n_seq_max = 16, .n_threads = tsr_pool_size(pool),
+        .backend_name = pl->cfg->stage[TSR_STAGE_BACKEND].plugin,
+        .memory_space = pl->memory_space};
+}
+
+/* A model with experts needs the backend's rows (backend 1.1). */
+static tsr_status check_backend_rows(const tsr_pipeline *pl, tsr_error *err) {
+    const tsr_instance *backend = pl->stage_main[TSR_STAGE_BACKEND];
+    const tsr_backend_vtable *be = backend->vtable;
+    if (pl->model->hp.n_expert == 0 || (TSR_VT_HAS(be, copy_rows) && TSR_VT_HAS(be, weighted_sum)))
+        return TSR_OK;
+    return tsr_error_set(err, TSR_E_UNSUPPORTED, "backend '%s' has no copy_rows and weighted_sum "
+                         "(backend ABI 1.1), which a mixture-of-experts model (%d experts per "
+                         "layer) needs; use a backend that has them (cpu)",
+                         backend->ref->desc->name, pl->model->hp.n_expert);
+}
+
+/* Every stage's instances but the routers, the backend first (the others are told where it
+ * computes). */
+static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *err) {
+    const tsr_config *cfg = pl->cfg;
+    tsr_model_shape shape = pipeline_shape(pl, pool);
     tsr_instance_set *set = &pl->instances;
     tsr_instance **main = pl->stage_main;
     tsr_status st = tsr_instance_set_add(set, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND],
@@ -61,19 +83,45 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
     pl->memory_space = TSR_VT_HAS(be, memory_space) ? be->memory_space(main[TSR_STAGE_BACKEND]->self)
                                                     : TSR_MEMORY_HOST;
     shape.memory_space = pl->memory_space;
-    if ((st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_QUANTIZER, &shape,
+    if ((st = check_backend_rows(pl, err)) < 0 ||
+        (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_QUANTIZER, &shape,
                                          &main[TSR_STAGE_QUANTIZER], pl->quantizer_at, err)) < 0 ||
         (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ATTENTION, &shape,
                                          &main[TSR_STAGE_ATTENTION], pl->attention_at, err)) < 0 ||
         (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_CACHE, &shape,
-                                         &main[TSR_STAGE_CACHE], pl->cache_at, err)) < 0 ||
-        (st = tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
-                                   &main[TSR_STAGE_DECODER], err)) < 0)
+                                         &main[TSR_STAGE_CACHE], pl->cache_at, err)) < 0)
         return st;
-    if (cfg->stage[TSR_STAGE_ROUTER].plugin)
-        st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ROUTER, &shape, &main[TSR_STAGE_ROUTER],
-                                        pl->router_at, err);
-    return st;
+    return tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
+                                &main[TSR_STAGE_DECODER], err);
+}
+
+/* The routers of a model with experts, once the weights are prepared: each gets the model's
+ * rule and the host's hold on the experts, and says once what it needs. */
+static tsr_status create_routers(tsr_pipeline *pl, tsr_pool *pool, tsr_error *err) {
+    const tsr_hparams *hp = &pl->model->hp;
+    const tsr_backend_vtable *be = pl->stage_main[TSR_STAGE_BACKEND]->vtable;
+    tsr_status st = tsr_experts_create(pl->model, &pl->weights, !TSR_VT_HAS(be, buffer_alloc),
+                                       &pl->experts, err);
+    if (st < 0) return st;
+    tsr_model_shape shape = pipeline_shape(pl, pool);
+    shape.experts = tsr_experts_access(pl->experts);
+    if ((st = tsr_instance_set_per_layer(&pl->routers, pl->cfg, TSR_STAGE_ROUTER, &shape,
+                                         &pl->stage_main[TSR_STAGE_ROUTER], pl->router_at,
+                                         err)) < 0)
+        return st;
+    for (size_t i = 0; i < pl->routers.n_owned; i++) {
+        tsr_instance *r = pl->routers.owned[i];
+        const tsr_router_vtable *rv = r->vtable;
+        int32_t needs = TSR_VT_HAS(rv, needs) ? rv->needs(r->self) : 0;
+        if (needs & ~TSR_ROUTER_NEEDS_NEXT_GATE)
+            return tsr_error_set(err, TSR_E_UNSUPPORTED, "router '%s' needs 0x%x, which this host "
+                                 "does not know (it provides TSR_ROUTER_NEEDS_NEXT_GATE, 0x%x)",
+                                 r->ref->desc->name, (unsigned)needs,
+                                 (unsigned)TSR_ROUTER_NEEDS_NEXT_GATE);
+        for (int32_t l = 0; l < hp->n_layer; l++)
+            if (pl->router_at[l] == r) pl->router_needs[l] = needs;
+    }
+    return TSR_OK;
 }
 
 tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
@@ -84,6 +132,7 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
     if (!pl) return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
     pl->cfg = cfg;
     pl->instances = (tsr_instance_set){.reg = reg, .pool = pool};
+    pl->routers = (tsr_instance_set){.reg = reg, .pool = pool};
     pl->model = model;
     pl->n_ctx = n_ctx;
     int32_t n_layer = model->hp.n_layer;
@@ -91,8 +140,10 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
     pl->attention_at = calloc((size_t)n_layer, sizeof *pl->attention_at);
     pl->cache_at = calloc((size_t)n_layer, sizeof *pl->cache_at);
     pl->router_at = calloc((size_t)n_layer, sizeof *pl->router_at);
+    pl->router_needs = calloc((size_t)n_layer, sizeof *pl->router_needs);
     tsr_status st;
-    if (!pl->quantizer_at || !pl->attention_at || !pl->cache_at || !pl->router_at) {
+    if (!pl->quantizer_at || !pl->attention_at || !pl->cache_at || !pl->router_at ||
+        !pl->router_needs) {
         st = tsr_error_set(err, TSR_E_NOMEM, "out of memory");
         goto fail;
     }
@@ -111,9 +162,12 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
     if ((st = tsr_model_weights_prepare(&pl->weights, model, pl->stage_main[TSR_STAGE_QUANTIZER],
                                         pl->quantizer_at, backend, err)) < 0)
         goto fail;
+    if (model->hp.n_expert > 0 && (st = create_routers(pl, pool, err)) < 0) goto fail;
     pl->graph = (tsr_graph){.model = model, .weights = &pl->weights, .backend = backend,
                             .memory_space = pl->memory_space,
-                            .attention_at = pl->attention_at, .cache_at = pl->cache_at};
+                            .attention_at = pl->attention_at, .cache_at = pl->cache_at,
+                            .quantizer_at = pl->quantizer_at, .router_at = pl->router_at,
+                            .router_needs = pl->router_needs};
     *out = pl;
     return TSR_OK;
 fail:
@@ -123,6 +177,8 @@ fail:
 
 void tsr_pipeline_free(tsr_pipeline *pl) {
     if (!pl) return;
+    tsr_instance_set_free(&pl->routers);
+    tsr_experts_free(pl->experts);
     tsr_model_weights_release(&pl->weights);
     while (pl->n_seqs) tsr_pipeline_seq_end(pl, pl->seqs[pl->n_seqs - 1].id);
     if (pl->graph.backend) tsr_graph_free(&pl->graph);
@@ -131,6 +187,7 @@ void tsr_pipeline_free(tsr_pipeline *pl) {
     free(pl->attention_at);
     free(pl->cache_at);
     free(pl->router_at);
+    free(pl->router_needs);
     free(pl->seqs);
     free(pl);
 }
@@ -307,10 +364,7 @@ void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight
 }
 
 uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl) {
-    uint64_t total = tsr_weight_bytes(&pl->weights.output);
-    for (size_t i = 0; i < (size_t)pl->model->hp.n_layer * TSR_W_PER_LAYER; i++)
-        total += tsr_weight_bytes(&pl->weights.blocks[i]);
-    return total;
+    return tsr_model_weights_dense_bytes(&pl->weights);
 }
 
 int tsr_pipeline_cache_stats(const tsr_pipeline *pl, tsr_cache_stats *sum) {

@@ -89,7 +89,10 @@ void tsr_pipeline_profile_heads(tsr_pipeline *pl, float *head_mass, int32_t sink
 void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
                                  double *rel_rmse);
 
-/* Bytes of the prepared weights one token reads: every block matrix and the output head. */
+/* Bytes of the prepared weights every token reads: the blocks' attention and dense
+ * feed-forward matrices, the routers and shared experts of a model with experts, and the output
+ * head. The experts a token is routed to come on top: the graph counts them as it reads them
+ * (tsr_stage_times.expert_bytes). */
 uint64_t tsr_pipeline_weight_bytes(const tsr_pipeline *pl);
 
 /* The statistics of every cache policy instance that reports them (stats), summed into *sum

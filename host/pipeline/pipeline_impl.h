@@ -5,6 +5,7 @@
 
 #include <stdbool.h>
 
+#include "model/experts.h"
 #include "model/graph.h"
 #include "model/weights.h"
 #include "pipeline/pipeline.h"
@@ -24,7 +25,12 @@ struct tsr_pipeline {
     tsr_instance *stage_main[TSR_STAGE_COUNT + 1]; /* the top-level instance of each stage */
     tsr_instance_set instances; /* every instance, for lifecycle calls and destruction */
     tsr_instance **quantizer_at, **attention_at, **cache_at; /* (n_layer) */
-    tsr_instance **router_at; /* (n_layer): for models with experts, when a router is set */
+    tsr_instance **router_at; /* (n_layer): for models with experts */
+    int32_t *router_needs;    /* (n_layer): what the router of each layer asked for */
+    /* Routers live apart from the other instances: they hold the experts' access, which holds
+     * the weights, so they go first when the pipeline is freed. */
+    tsr_instance_set routers;
+    tsr_experts *experts;
 
     int32_t memory_space; /* the backend's (tsr_memory_space) */
     tsr_model_weights weights;

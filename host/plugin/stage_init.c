@@ -5,7 +5,8 @@
 tsr_model_shape tsr_model_shape_synthetic(void) {
     return (tsr_model_shape){
         .n_layer = 2, .n_head = 4, .n_kv_head = 2, .head_dim = 16, .n_embd = 64, .n_ctx = 256,
-        .n_vocab = 512, .n_expert = 4, .n_expert_used = 2, .n_seq_max = 1, .n_threads = 1,
+        .n_vocab = 512, .n_expert = 4, .n_expert_used = 2, .n_ff_expert = 32,
+        .gating = TSR_GATING_SOFTMAX, .normalize = 1, .n_seq_max = 1, .n_threads = 1,
         .backend_name = NULL, .memory_space = TSR_MEMORY_HOST};
 }
 
@@ -43,7 +44,9 @@ const void *tsr_stage_init_fill(int32_t stage, const tsr_model_shape *s, tsr_sta
     case TSR_STAGE_ROUTER:
         out->router = (tsr_router_init){.struct_size = sizeof(tsr_router_init),
                                         .n_layer = s->n_layer, .n_expert = s->n_expert,
-                                        .n_expert_used = s->n_expert_used, .n_embd = s->n_embd};
+                                        .n_expert_used = s->n_expert_used, .n_embd = s->n_embd,
+                                        .gating = s->gating, .normalize = s->normalize,
+                                        .n_ff_expert = s->n_ff_expert, .experts = s->experts};
         return &out->router;
     default:
         return NULL;

@@ -14,6 +14,8 @@
 typedef struct tsr_model_shape {
     int32_t n_layer, n_head, n_kv_head, head_dim, n_embd, n_ctx, n_vocab;
     int32_t n_expert, n_expert_used;
+    int32_t n_ff_expert, gating, normalize; /* the router's init: the model's rule */
+    const tsr_expert_access *experts;       /* NULL without a model */
     int32_t n_seq_max;
     int32_t n_threads;
     const char *backend_name; /* NULL when no backend runs */
@@ -31,7 +33,8 @@ typedef union tsr_stage_init {
 } tsr_stage_init;
 
 /* n_layer 2, 4 heads, 2 KV heads, head_dim 16, n_embd 64, n_ctx 256, vocab 512, 4 experts
- * with 2 used, 1 sequence, 1 thread, no backend (host memory). */
+ * of 32 rows with 2 used (softmax, renormalised), 1 sequence, 1 thread, no backend (host
+ * memory). */
 tsr_model_shape tsr_model_shape_synthetic(void);
 
 /* Fills `out` for `stage` and returns a pointer to it, for tsr_instance_create. */
