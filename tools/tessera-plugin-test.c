@@ -6,9 +6,11 @@
  * parameters, memory accounting over repeated create/destroy, the commands, and the rules of
  * each stage on synthetic data: a cache policy driven as the host drives it, past its budget,
  * with every view checked against what was stored; attention against a reference on random
- * views; a decoder against a fake model that checks every call; router outputs; backend ops
- * against scalar formulas; a quantizer's reconstruction error. The cache, attention and decoder
- * checks run again with each parameter at its cheap bounds, named "check[param=value]".
+ * views; a decoder against a fake model that checks every call; router outputs, what they hand
+ * back in place of experts' matrices (routers get made-up experts) and what they need; backend
+ * ops (the rows of expert layers too) against scalar formulas; a quantizer's reconstruction
+ * error. The cache, attention and decoder checks run again with each parameter at its cheap
+ * bounds, named "check[param=value]".
  *
  * Prints one line per check, "PASS plugin/check" or "FAIL plugin/check: why", then
  * "N passed, N failed"; exits 1 when a check failed, 2 on a usage error. Each check runs in a
@@ -1531,29 +1533,151 @@ static void check_decoder_pick(const runner *r, check *c) {
 
 /* ---- router ---------------------------------------------------------------------------- */
 
+/* A model's experts as routers see them (tsr_router_init.experts), made up: F32 matrices of
+ * random values, made on first use, for a router that makes copies of its own; every byte
+ * counts as in memory, so that loading reads nothing and evicting does nothing. */
+typedef struct fake_experts {
+    tsr_expert_access access;
+    int32_t n_layer, n_expert, n_embd, n_ff;
+    float **matrices; /* (n_layer, n_expert, 3) */
+} fake_experts;
+
+static bool fake_valid(const fake_experts *x, int32_t layer, int32_t e) {
+    return layer >= 0 && layer < x->n_layer && e >= 0 && e < x->n_expert;
+}
+
+static uint64_t fake_bytes(void *ctx, int32_t layer, int32_t e) {
+    const fake_experts *x = ctx;
+    return fake_valid(x, layer, e) ? 3 * (uint64_t)x->n_embd * (uint64_t)x->n_ff * 4 : 0;
+}
+
+static void fake_prefetch(void *ctx, int32_t layer, int32_t e) {
+    (void)ctx, (void)layer, (void)e;
+}
+
+static uint64_t fake_load(void *ctx, int32_t layer, int32_t e) {
+    (void)ctx, (void)layer, (void)e;
+    return 0;
+}
+
+static tsr_status fake_matrices(void *ctx, int32_t layer, int32_t e, tsr_tensor *gate,
+                                tsr_tensor *up, tsr_tensor *down) {
+    fake_experts *x = ctx;
+    if (!fake_valid(x, layer, e)) return TSR_E_RANGE;
+    tsr_tensor *out[3] = {gate, up, down};
+    size_t at = ((size_t)layer * (size_t)x->n_expert + (size_t)e) * 3;
+    for (int m = 0; m < 3; m++) {
+        int64_t n_in = m == 2 ? x->n_ff : x->n_embd, n_out = m == 2 ? x->n_embd : x->n_ff;
+        if (!x->matrices[at + m]) {
+            uint64_t rng = 0x5eed0010 + at + (uint64_t)m;
+            x->matrices[at + m] = malloc((size_t)(n_in * n_out) * sizeof(float));
+            if (!x->matrices[at + m]) return TSR_E_NOMEM;
+            fill_random(x->matrices[at + m], (size_t)(n_in * n_out), &rng);
+        }
+        *out[m] = (tsr_tensor){.struct_size = sizeof(tsr_tensor), .dtype = TSR_DTYPE_F32,
+                               .n_dims = 2, .ne = {n_in, n_out, 1, 1},
+                               .row_bytes = (size_t)n_in * sizeof(float),
+                               .data = x->matrices[at + m], .name = "conformance.expert"};
+    }
+    return TSR_OK;
+}
+
+/* Made-up experts for `shape`, which then hands them to routers. */
+static void fake_experts_init(fake_experts *x, tsr_model_shape *shape) {
+    *x = (fake_experts){
+        .access = {.struct_size = sizeof x->access, .ctx = x, .bytes = fake_bytes,
+                   .prefetch = fake_prefetch, .resident = fake_bytes, .load = fake_load,
+                   .evict = fake_prefetch, .matrices = fake_matrices},
+        .n_layer = shape->n_layer, .n_expert = shape->n_expert, .n_embd = shape->n_embd,
+        .n_ff = shape->n_ff_expert};
+    x->matrices = calloc((size_t)shape->n_layer * (size_t)shape->n_expert * 3,
+                         sizeof *x->matrices);
+    shape->experts = &x->access;
+}
+
+static void fake_experts_free(fake_experts *x) {
+    for (size_t i = 0; x->matrices && i < (size_t)x->n_layer * (size_t)x->n_expert * 3; i++)
+        free(x->matrices[i]);
+    free(x->matrices);
+}
+
+/* ROUTE_4: a router asks only for what a host knows how to give. */
+static void check_router_needs(const runner *r, check *c) {
+    live l;
+    if (!open_default(r, c, &l)) return;
+    const tsr_router_vtable *vt = l.inst->vtable;
+    int32_t needs = vt->needs(l.inst->self);
+    note(c, "needs 0x%x", (unsigned)needs);
+    if (needs & ~TSR_ROUTER_NEEDS_NEXT_GATE)
+        fail(c, "needs() returned 0x%x: flags 0x%x are none of TSR_ROUTER_NEEDS_* (ROUTE_4)",
+             (unsigned)needs, (unsigned)(needs & ~TSR_ROUTER_NEEDS_NEXT_GATE));
+    close_checked(c, &l);
+}
+
+/* ROUTE_3: substitutes all three or none, for a chosen expert, each with data and shaped as
+ * the expert's matrix it stands for. */
+static void check_substitutes(check *c, const char *what, const tsr_router_init *in,
+                              const tsr_route_call *call) {
+    static const char *const names[3] = {"gate", "up", "down"};
+    for (int64_t t = 0; t < call->n_tok && !c->failed; t++)
+        for (int32_t s = 0; s < call->k && !c->failed; s++) {
+            const tsr_tensor *const *sub = call->substitute + (t * call->k + s) * 3;
+            int given = (sub[0] != NULL) + (sub[1] != NULL) + (sub[2] != NULL);
+            if (given == 0) continue;
+            if (given != 3) {
+                fail(c, "%s: token %lld slot %d: %d of the 3 substitute matrices: all three or "
+                        "none (ROUTE_3)", what, (long long)t, s, given);
+                break;
+            }
+            if (call->experts[t * call->k + s] < 0)
+                fail(c, "%s: token %lld slot %d: substitutes for an empty slot (ROUTE_3)", what,
+                     (long long)t, s);
+            for (int m = 0; m < 3 && !c->failed; m++) {
+                int64_t n_in = m == 2 ? in->n_ff_expert : in->n_embd;
+                int64_t n_out = m == 2 ? in->n_embd : in->n_ff_expert;
+                if (sub[m]->ne[0] != n_in || sub[m]->ne[1] != n_out || sub[m]->ne[2] != 1 ||
+                    sub[m]->ne[3] != 1 || !sub[m]->data)
+                    fail(c, "%s: token %lld slot %d: the substitute %s matrix has ne {%lld, "
+                            "%lld, %lld, %lld}%s; the expert's is {%lld, %lld, 1, 1} (ROUTE_3)",
+                         what, (long long)t, s, names[m], (long long)sub[m]->ne[0],
+                         (long long)sub[m]->ne[1], (long long)sub[m]->ne[2],
+                         (long long)sub[m]->ne[3], sub[m]->data ? "" : " and no data",
+                         (long long)n_in, (long long)n_out);
+            }
+        }
+}
+
+
 /* Router shapes: the synthetic one, every expert used, a single one among many. */
 static const int32_t router_shapes[][2] = {{4, 2}, {8, 8}, {16, 1}};
 
 /* ROUTE_2 on random gate logits and, every other layer, on ties (every logit equal), where a
- * top-k that does not exclude what it chose picks one expert twice. */
+ * top-k that does not exclude what it chose picks one expert twice; ROUTE_3 on what it hands
+ * back as substitutes. The next layer's gate logits come when needs() asks for them. */
 static void check_router(const runner *r, check *c) {
     for (size_t si = 0; si < sizeof router_shapes / sizeof router_shapes[0] && !c->failed; si++) {
         tsr_model_shape shape = r->shape;
         shape.n_layer = 4;
         shape.n_expert = router_shapes[si][0];
         shape.n_expert_used = router_shapes[si][1];
+        fake_experts fx;
+        fake_experts_init(&fx, &shape);
         live l;
         tsr_error err;
         if (live_open(r, &shape, r->params, &l, &err) < 0) {
             fail(c, "create (%d experts, %d used): %s", shape.n_expert, shape.n_expert_used,
                  err.msg);
+            fake_experts_free(&fx);
             return;
         }
         const tsr_router_vtable *vt = l.inst->vtable;
         const tsr_router_init *in = &l.init_storage.router;
         const int64_t n_tok = 5;
         const int32_t k = in->n_expert_used, ne = in->n_expert;
+        const bool next_asked = TSR_VT_HAS(vt, needs) &&
+                                (vt->needs(l.inst->self) & TSR_ROUTER_NEEDS_NEXT_GATE);
         float *gate = malloc((size_t)n_tok * ne * sizeof *gate);
+        float *next = malloc((size_t)n_tok * ne * sizeof *next);
         float *hidden = malloc((size_t)n_tok * in->n_embd * sizeof *hidden);
         int32_t *experts = malloc((size_t)n_tok * k * sizeof *experts);
         int32_t *prev = malloc((size_t)n_tok * k * sizeof *prev);
@@ -1564,14 +1688,19 @@ static void check_router(const runner *r, check *c) {
             fill_random(gate, (size_t)n_tok * ne, &rng);
             if (layer % 2) for (int64_t i = 0; i < n_tok * ne; i++) gate[i] = 0.5f;
             fill_random(hidden, (size_t)n_tok * in->n_embd, &rng);
+            fill_random(next, (size_t)n_tok * ne, &rng);
             for (int64_t i = 0; i < n_tok * k; i++) {
                 experts[i] = -2;
                 weights[i] = NAN;
             }
+            memset(substitute, 0, (size_t)n_tok * k * 3 * sizeof *substitute);
+            bool give_next = next_asked && layer + 1 < in->n_layer;
             tsr_route_call call = {.struct_size = sizeof call, .layer = layer, .n_tok = n_tok,
                                    .gate_logits = gate, .hidden = hidden,
                                    .prev_experts = layer ? prev : NULL, .k = k,
-                                   .experts = experts, .weights = weights, .next_layer = -1,
+                                   .experts = experts, .weights = weights,
+                                   .next_gate_logits = give_next ? next : NULL,
+                                   .next_layer = give_next ? layer + 1 : -1,
                                    .substitute = substitute};
             tsr_status st = vt->route(l.inst->self, &call);
             char what[96];
@@ -1596,15 +1725,18 @@ static void check_router(const runner *r, check *c) {
                                  what, (long long)t, e, s2, s);
                 }
             }
+            check_substitutes(c, what, in, &call);
             memcpy(prev, experts, (size_t)n_tok * k * sizeof *prev);
         }
         free(gate);
+        free(next);
         free(hidden);
         free(experts);
         free(prev);
         free(weights);
         free(substitute);
         close_checked(c, &l);
+        fake_experts_free(&fx);
     }
 }
 
@@ -1657,7 +1789,7 @@ static void dev_expect(device *d, const char *op, const float *dev_y, const doub
     float *y = malloc(n * sizeof *y);
     dev_get(d, y, dev_y, n * sizeof *y);
     long bad = first_mismatch(y, ref, n, abs_tol, rel_tol);
-    if (bad >= 0) fail(d->c, "%s: y[%ld] = %.7g, expected %.7g", op, bad, y[bad], ref[bad]);
+    if (bad >= 0) fail(d->c, "%s: y[%ld] = %.9g, expected %.9g", op, bad, y[bad], ref[bad]);
     free(y);
 }
 
@@ -1836,6 +1968,74 @@ static void check_backend_memory(const runner *r, check *c) {
     close_checked(c, &l);
 }
 
+/* BACKEND_6: copy_rows and weighted_sum come together or not at all (a model with experts
+ * needs both), gather and scatter rows exactly, and mix each token's rows as the header says:
+ * each product rounded, then added in slot order from the first. */
+static void check_backend_rows(const runner *r, check *c) {
+    live l;
+    if (!open_default(r, c, &l)) return;
+    device d = {l.inst->vtable, l.inst->self, c};
+    const tsr_backend_vtable *vt = d.vt;
+    bool copy = TSR_VT_HAS(vt, copy_rows), mix = TSR_VT_HAS(vt, weighted_sum);
+    if (!copy && !mix) {
+        note(c, "no copy_rows, no weighted_sum: models with experts cannot run on it");
+        close_checked(c, &l);
+        return;
+    }
+    if (!copy || !mix) {
+        fail(c, "has %s but not %s: both or neither (BACKEND_6)",
+             copy ? "copy_rows" : "weighted_sum", copy ? "weighted_sum" : "copy_rows");
+        close_checked(c, &l);
+        return;
+    }
+    enum { N = BN, K = 3, DIM = BDIM };
+    static const int32_t from[N] = {7, 0, 4}, to[N] = {5, 8, 1};
+    float x[N * K * DIM], w[N * K], y[N * K * DIM];
+    double ref[N * K * DIM];
+    uint64_t rng = 0x5eed0011;
+    fill_random(x, N * K * DIM, &rng);
+    fill_random(w, N * K, &rng);
+    float *dx = dev_alloc(&d, N * K * DIM), *dy = dev_alloc(&d, N * K * DIM);
+    float *dg = dev_alloc(&d, N * DIM), *dw = dev_alloc(&d, N * K);
+    int32_t *dfrom = (int32_t *)dev_alloc(&d, N), *dto = (int32_t *)dev_alloc(&d, N);
+    if (c->failed) goto out;
+    dev_put(&d, dx, x, sizeof x);
+    dev_put(&d, dw, w, sizeof w);
+    dev_put(&d, dfrom, from, sizeof from);
+    dev_put(&d, dto, to, sizeof to);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < DIM; j++) ref[i * DIM + j] = x[from[i] * DIM + j];
+    if (op_ok(&d, "copy_rows (gather)", vt->copy_rows(d.self, dg, NULL, dx, dfrom, N, DIM), &l))
+        dev_expect(&d, "copy_rows (gather)", dg, ref, N * DIM, 0, 0);
+    memset(y, 0, sizeof y);
+    dev_put(&d, dy, y, sizeof y);
+    for (int i = 0; i < N * K * DIM; i++) ref[i] = 0;
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < DIM; j++) ref[to[i] * DIM + j] = x[from[i] * DIM + j];
+    if (op_ok(&d, "copy_rows (scatter)", vt->copy_rows(d.self, dy, dto, dg, NULL, N, DIM), &l))
+        dev_expect(&d, "copy_rows (scatter)", dy, ref, N * K * DIM, 0, 0);
+    for (int t = 0; t < N; t++)
+        for (int j = 0; j < DIM; j++) {
+            volatile float sum = w[t * K] * x[t * K * DIM + j];
+            for (int k = 1; k < K; k++) {
+                volatile float p = w[t * K + k] * x[(t * K + k) * DIM + j];
+                sum = sum + p;
+            }
+            ref[t * DIM + j] = sum;
+        }
+    if (op_ok(&d, "weighted_sum", vt->weighted_sum(d.self, dg, dx, dw, N, K, DIM), &l))
+        dev_expect(&d, "weighted_sum (products rounded, added in slot order)", dg, ref, N * DIM,
+                   0, 0);
+out:
+    dev_free(&d, dx);
+    dev_free(&d, dy);
+    dev_free(&d, dg);
+    dev_free(&d, dw);
+    dev_free(&d, dfrom);
+    dev_free(&d, dto);
+    close_checked(c, &l);
+}
+
 /* ---- quantizer ------------------------------------------------------------------------- */
 
 static void check_quantizer(const runner *r, check *c) {
@@ -1949,6 +2149,8 @@ static const stage_check stage_checks[] = {
     {TSR_STAGE_DECODER, "decoder-pick", check_decoder_pick, NEEDS(tsr_decoder_vtable, pick),
      true},
     {TSR_STAGE_ROUTER, "router-route", check_router, 0, 0, false},
+    {TSR_STAGE_ROUTER, "router-needs", check_router_needs, NEEDS(tsr_router_vtable, needs), false},
+    {TSR_STAGE_BACKEND, "backend-rows", check_backend_rows, 0, 0, false},
     {TSR_STAGE_BACKEND, "backend-memory", check_backend_memory, 0, 0, false},
     {TSR_STAGE_BACKEND, "backend-activations", check_backend_ops, 0, 0, false},
     {TSR_STAGE_BACKEND, "backend-rope", check_backend_rope, 0, 0, false},
@@ -2048,6 +2250,8 @@ int main(int argc, char **argv) {
     }
     /* Two threads, so that plugins using parallel_for run it for real. */
     r.shape.n_threads = 2;
+    fake_experts experts;
+    fake_experts_init(&experts, &r.shape);
     if (r.verbose) tsr_log_set_level(TSR_LOG_INFO);
 
     /* Loading runs the object's constructors and entry point: in the parent only once they
@@ -2086,6 +2290,7 @@ int main(int argc, char **argv) {
     }
     free(sets);
     tsr_registry_free(reg);
+    fake_experts_free(&experts);
     printf("%d passed, %d failed\n", r.n_pass, r.n_fail);
     return r.n_fail ? 1 : 0;
 }

@@ -112,9 +112,12 @@ static uint64_t ex_load(void *ctx, int32_t layer, int32_t e) {
     return missing;
 }
 
-/* Drops the pages from this process (madvise) and from the page cache (posix_fadvise), so
- * that the next read goes to the file: what an offloading router measures. Pages shared with
- * a neighbouring tensor go too; they are read again when used. */
+/* Lets the pages go, so that the next read goes to the file: what an offloading router
+ * measures. The page cache keeps file data in folios of several pages, which a drop of a
+ * range (posix_fadvise) leaves whole where they straddle its edges; MADV_PAGEOUT first
+ * reclaims the pages this process maps, splitting such folios. Then the mapping lets them go
+ * (MADV_DONTNEED) and the page cache what is left unmapped (POSIX_FADV_DONTNEED). Pages
+ * shared with a neighbouring tensor go too; they are read again when used. */
 static void ex_evict(void *ctx, int32_t layer, int32_t e) {
     const tsr_experts *x = ctx;
     if (!valid(x, layer, e)) return;
@@ -125,6 +128,9 @@ static void ex_evict(void *ctx, int32_t layer, int32_t e) {
         char *start;
         size_t len;
         page_range(x, &s[m], &start, &len);
+#ifdef MADV_PAGEOUT
+        madvise(start, len, MADV_PAGEOUT);
+#endif
         madvise(start, len, MADV_DONTNEED);
         if (x->fd >= 0)
             posix_fadvise(x->fd, (off_t)(start - x->map), (off_t)len, POSIX_FADV_DONTNEED);

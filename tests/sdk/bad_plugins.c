@@ -1067,6 +1067,8 @@ static const tsr_plugin_desc attention_desc = {
 typedef struct router {
     const tsr_host *host;
     int32_t n_expert;
+    const tsr_expert_access *experts;
+    tsr_tensor sub[3]; /* substitutes handed back: expert 0's matrices, as the host lends them */
 } router;
 
 static tsr_status router_create(const tsr_host *host, const tsr_params *p,
@@ -1075,6 +1077,7 @@ static tsr_status router_create(const tsr_host *host, const tsr_params *p,
     if (!r) return TSR_E_NOMEM;
     r->host = host;
     r->n_expert = init->n_expert;
+    r->experts = init->experts;
     *out = r;
     return TSR_OK;
 }
@@ -1101,12 +1104,33 @@ enum router_flaw {
     ROUTER_PAST_END,    /* puts expert n_expert in the first slot of each token */
     ROUTER_REPEAT,      /* takes the argmax k times, never excluding what it chose */
     ROUTER_FIRST_WEIGHT, /* writes the weight of the first slot only */
-    ROUTER_NEEDS_PREV    /* refuses a layer without the previous layer's choices */
+    ROUTER_NEEDS_PREV,   /* refuses a layer without the previous layer's choices */
+    ROUTER_PARTIAL,      /* hands back substitutes for gate and up but not down */
+    ROUTER_MISSHAPED     /* hands back an up matrix shaped as the down one */
 };
 
+/* Hands back expert 0's matrices as the substitutes of slot 0 of every token, with `flaw`. */
+static tsr_status router_substitute(router *r, const tsr_route_call *call,
+                                    enum router_flaw flaw) {
+    tsr_status st = r->experts->matrices(r->experts->ctx, call->layer, 0, &r->sub[0],
+                                         &r->sub[1], &r->sub[2]);
+    if (st < 0) {
+        r->host->set_error(r->host->ctx, "layer %d: no matrices for expert 0", (int)call->layer);
+        return st;
+    }
+    if (flaw == ROUTER_MISSHAPED) {
+        int64_t ne0 = r->sub[1].ne[0];
+        r->sub[1].ne[0] = r->sub[1].ne[1];
+        r->sub[1].ne[1] = ne0;
+    }
+    for (int64_t t = 0; t < call->n_tok; t++)
+        for (int m = 0; m < (flaw == ROUTER_PARTIAL ? 2 : 3); m++)
+            call->substitute[t * call->k * 3 + m] = &r->sub[m];
+    return TSR_OK;
+}
+
 /* The k largest gate logits with equal weights, but for the flaw `flaw` names. */
-static tsr_status router_topk(const router *r, const tsr_route_call *call,
-                              enum router_flaw flaw) {
+static tsr_status router_topk(router *r, const tsr_route_call *call, enum router_flaw flaw) {
     if (flaw == ROUTER_NEEDS_PREV && !call->prev_experts) {
         r->host->set_error(r->host->ctx, "layer %d: no previous layer's experts",
                            (int)call->layer);
@@ -1128,7 +1152,8 @@ static tsr_status router_topk(const router *r, const tsr_route_call *call,
                 call->weights[t * call->k + s] = 1.0f / (float)call->k;
         }
     }
-    return TSR_OK;
+    return flaw == ROUTER_PARTIAL || flaw == ROUTER_MISSHAPED ? router_substitute(r, call, flaw)
+                                                               : TSR_OK;
 }
 
 #define ROUTER(id, name_text, create_fn, flaw, what)                                        \
@@ -1150,6 +1175,25 @@ ROUTER(router_prev, "bad-router-prev", router_create, ROUTER_NEEDS_PREV,
        "refuses the first layer, which has no previous layer's choices")
 ROUTER(router_all, "bad-router-all", some_experts_create, ROUTER_FINE,
        "refuses to use every expert")
+ROUTER(router_partial, "bad-router-partial", router_create, ROUTER_PARTIAL,
+       "hands back two of an expert's three matrices")
+ROUTER(router_misshaped, "bad-router-misshaped", router_create, ROUTER_MISSHAPED,
+       "hands back an up matrix of the down matrix's shape")
+
+/* Asks for something no host provides. */
+static int32_t router_needs_more(void *self) {
+    (void)self;
+    return TSR_ROUTER_NEEDS_NEXT_GATE | 4;
+}
+
+static tsr_status router_needs_route(void *self, const tsr_route_call *call) {
+    return router_topk(self, call, ROUTER_FINE);
+}
+
+static const tsr_router_vtable router_needs_vt = {
+    TSR_SIZED(tsr_router_vtable), .create = router_create, .destroy = router_destroy,
+    .route = router_needs_route, .needs = router_needs_more};
+FIXTURE(router_needs, ROUTER, "bad-router-needs", "needs a flag TSR_ROUTER_NEEDS_* lacks")
 
 /* ---- backends: the header's formulas on host memory, each breaking one rule ---------------- */
 
@@ -1179,7 +1223,8 @@ enum be_flaw {
     BE_TRANSPOSED,     /* matmul reads W as (ne[0], ne[1]) */
     BE_ROW_LENGTH,     /* get_rows steps through W by ne[1] elements a row */
     BE_NO_F32,         /* supports() says 0 for F32 */
-    BE_DEVICE          /* says its memory is device memory and offers no way to reach it */
+    BE_DEVICE,         /* says its memory is device memory and offers no way to reach it */
+    BE_MIX_REVERSED    /* weighted_sum adds a token's slots from the last to the first */
 };
 
 typedef struct backend {
@@ -1332,6 +1377,43 @@ BACKEND(be_no_f32, "bad-backend-no-f32", BE_NO_F32, "supports no F32 weights")
 BACKEND(be_device, "bad-backend-device", BE_DEVICE,
         "says device memory without buffer_alloc, buffer_free, upload and download")
 
+static tsr_status be_copy_rows(void *self, float *y, const int32_t *y_ids, const float *x,
+                               const int32_t *x_ids, int64_t n, int64_t dim) {
+    (void)self;
+    for (int64_t i = 0; i < n; i++)
+        memcpy(y + (y_ids ? y_ids[i] : i) * dim, x + (x_ids ? x_ids[i] : i) * dim,
+               (size_t)dim * sizeof *y);
+    return TSR_OK;
+}
+
+static tsr_status be_weighted_sum(void *self, float *y, const float *x, const float *w,
+                                  int64_t n, int64_t k, int64_t dim) {
+    const backend *b = self;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < dim; i++) {
+            float sum = 0;
+            for (int64_t j = 0; j < k; j++) {
+                int64_t s = b->flaw == BE_MIX_REVERSED ? k - 1 - j : j;
+                float p = w[t * k + s] * x[(t * k + s) * dim + i];
+                sum = j ? sum + p : p;
+            }
+            y[t * dim + i] = sum;
+        }
+    return TSR_OK;
+}
+
+/* Gathers and scatters rows, but cannot mix them. */
+static const tsr_backend_vtable be_half_rows_vt = {
+    TSR_SIZED(tsr_backend_vtable), .create = be_create, .destroy = be_destroy, BE_OPS,
+    .copy_rows = be_copy_rows};
+FIXTURE(be_half_rows, BACKEND, "bad-backend-half-rows", "copy_rows without weighted_sum")
+
+FLAWED_CREATE(be_mix_create, be_create, tsr_backend_init, backend, BE_MIX_REVERSED)
+static const tsr_backend_vtable be_mix_vt = {
+    TSR_SIZED(tsr_backend_vtable), .create = be_mix_create, .destroy = be_destroy, BE_OPS,
+    .copy_rows = be_copy_rows, .weighted_sum = be_weighted_sum};
+FIXTURE(be_mix, BACKEND, "bad-backend-mix", "weighted_sum adds the slots from the last")
+
 /* ---- quantizers: keep F32 weights in place, each breaking one rule ------------------------- */
 
 /* What a fixture quantizer does wrong. */
@@ -1455,4 +1537,5 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &be_no_neox, &be_transposed, &be_rows, &be_no_f32, &be_device, &quantizer_desc,
                   &quant_status, &quant_shape, &quant_bits, &quant_rmse, &quant_rows, &quant_whole,
                   &quant_transposed, &cache_single, &router_prev, &quant_own_types,
-                  &quant_matmul_status)
+                  &quant_matmul_status, &router_partial, &router_misshaped, &router_needs,
+                  &be_half_rows, &be_mix)
