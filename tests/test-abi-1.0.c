@@ -2,14 +2,17 @@
  * against the frozen 1.0 headers alone, run a whole pipeline in this host. On the F32 fixtures
  * they give llama.cpp's logits (llama normal RoPE; qwen2 NEOX RoPE and biases), on stories260K
  * the shipped plugins' greedy text; and a router, which only mixture-of-experts models use, is
- * refused by name on a dense model. The conformance runner checks each of them on its own
- * (ctest abi-1.0-conformance). Needs the shared data folder; skips without it. */
+ * refused by name on a dense model and routes the experts of the MoE fixture with the shipped
+ * stages, while the frozen backend, which cannot run experts, is refused by name for it. The
+ * conformance runner checks each of them on its own (ctest abi-1.0-conformance). Needs the
+ * shared data folder; skips without it. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "pipeline/pipeline_impl.h"
 #include "pipeline_fixture.h"
 #include "testutil.h"
 
@@ -109,6 +112,50 @@ START_TEST(router_on_a_dense_model_is_refused) {
 }
 END_TEST
 
+/* The frozen router routes a model with experts through the shipped stages: 1.0 knows
+ * nothing of gating or expert access, and its softmax over the chosen experts in double
+ * gives llama.cpp's logits within float error (measured 7.2e-7 with 'flash'). */
+START_TEST(frozen_router_routes_experts) {
+    char *path = tsr_test_data("fixtures/models/moe-tiny-f32.gguf");
+    tsr_test_pipeline r;
+    tsr_error err;
+    if (tsr_test_pipeline_open(&r, path, "tessera: 1\nrouter: { plugin: abi10-topk }\n"
+                               "decoder: { plugin: greedy }\n",
+                               tsr_test_env("TESSERA_ABI10_PLUGIN_DIR"), 512, &err) < 0)
+        ck_abort_msg("%s", err.msg);
+    ck_assert_str_eq(r.pl->stage_main[TSR_STAGE_ROUTER]->ref->desc->name, "abi10-topk");
+    int n;
+    int32_t *ids = seq64(&n);
+    float *got = tsr_test_pipeline_logits(&r, ids, n);
+    size_t n_ref;
+    float *want = tsr_test_read_f32("fixtures/ref/moe-tiny-f32.logits-seq64.f32", &n_ref);
+    double worst = 0;
+    for (size_t i = 0; i < n_ref; i++) worst = fmax(worst, fabs((double)got[i] - want[i]));
+    ck_assert_msg(worst <= 2.2e-6, "max |logit - llama.cpp's| = %g", worst);
+    free(want);
+    free(got);
+    free(ids);
+    tsr_test_pipeline_close(&r);
+    free(path);
+}
+END_TEST
+
+/* A 1.0 backend has no copy_rows and weighted_sum: a model with experts is refused by name. */
+START_TEST(frozen_backend_refuses_experts) {
+    char *path = tsr_test_data("fixtures/models/moe-tiny-f32.gguf");
+    tsr_test_pipeline r;
+    tsr_error err;
+    ck_assert_int_eq(tsr_test_pipeline_open(&r, path, frozen_yaml,
+                                            tsr_test_env("TESSERA_ABI10_PLUGIN_DIR"), 64, &err),
+                     TSR_E_UNSUPPORTED);
+    ck_assert_str_eq(err.msg, "backend 'abi10-cpu' has no copy_rows and weighted_sum (backend "
+                              "ABI 1.1), which a mixture-of-experts model (4 experts per layer) "
+                              "needs; use a backend that has them (cpu)");
+    tsr_test_pipeline_close(&r);
+    free(path);
+}
+END_TEST
+
 int main(void) {
     free(tsr_test_require_data("models/stories260K.gguf"));
     free(tsr_test_require_data("fixtures/ref/llama-tiny-f32.logits-seq64.f32"));
@@ -118,6 +165,8 @@ int main(void) {
                         (int)(sizeof fixtures / sizeof fixtures[0]));
     tcase_add_test(tc, frozen_pipeline_generates_like_the_shipped_one);
     tcase_add_test(tc, router_on_a_dense_model_is_refused);
+    tcase_add_test(tc, frozen_router_routes_experts);
+    tcase_add_test(tc, frozen_backend_refuses_experts);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
     return tsr_test_run_suite(s);
