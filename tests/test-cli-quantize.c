@@ -744,6 +744,33 @@ START_TEST(bench_reports) {
 }
 END_TEST
 
+/* A model with experts: the roofline counts what every token reads plus the experts a decoded
+ * token was routed to, as read: tiny-moe's k = 2 experts of 2 layers, each 3 Q8_0 matrices of
+ * 32 rows of 64 (2 blocks of 34 bytes). */
+START_TEST(bench_counts_the_experts_read) {
+    tmp t = {0};
+    const char *model = tmp_path(&t, "moe.gguf");
+    const char *synth[] = {"synth", "--shape", "tiny-moe", "--type", "q8_0", "-o", model, NULL};
+    free(run_ok(synth));
+    const char *args[] = {"bench", "-m", model, "-p", "8", "-n", "4", "-r", "1",
+                          "--bandwidth-mib", "16", "--json", NULL};
+    json_t *r = run_json(args);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "n_expert")), 4);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "n_expert_used")), 2);
+    ck_assert_ptr_nonnull(strstr(json_string_value(json_object_get(r, "weight_bytes_counted")),
+                                 "the routed experts' matrices read per decoded token"));
+    json_t *x = json_array_get(json_object_get(r, "results"), 0);
+    const double expert = 2 * 2 * 3 * 32 * 2 * 34;
+    ck_assert_double_eq(json_real_value(json_object_get(x, "expert_bytes_per_token")), expert);
+    double every = (double)json_integer_value(json_object_get(r, "weight_bytes_per_token"));
+    double tps = json_real_value(json_object_get(x, "decode_tps_mean"));
+    ck_assert_double_eq_tol(json_real_value(json_object_get(x, "decode_weight_gbs")),
+                            (every + expert) * tps * 1e-9, 1e-9 * (every + expert) * tps * 1e-9);
+    json_decref(r);
+    tmp_free(&t);
+}
+END_TEST
+
 /* ---- perplexity ------------------------------------------------------------------------- */
 
 static double ppl_of(const char *model, const char *config, const char *set) {
@@ -877,6 +904,7 @@ int main(void) {
     TCase *tb = tcase_create("bench-perplexity");
     tcase_set_timeout(tb, 120);
     tcase_add_test(tb, bench_reports);
+    tcase_add_test(tb, bench_counts_the_experts_read);
     tcase_add_test(tb, perplexity_stable);
     tcase_add_test(tb, perplexity_short_text);
     tcase_add_test(tb, perplexity_refuses_non_finite_results);

@@ -114,6 +114,7 @@ typedef struct bench_row {
     int threads;
     double pp_mean, pp_std, tg_mean, tg_std;
     double read_gbs, weight_gb_per_s, roofline;
+    double expert_bytes_per_token; /* the routed experts' matrices a decoded token read */
     tsr_stage_times times; /* over the decode runs */
     double decode_secs;
     uint64_t kv_bytes;
@@ -167,7 +168,11 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     row->times = (tsr_stage_times){
         .matmul = after->matmul - before.matmul, .attention = after->attention - before.attention,
         .cache = after->cache - before.cache, .decoder = after->decoder - before.decoder,
-        .other_ops = after->other_ops - before.other_ops};
+        .other_ops = after->other_ops - before.other_ops, .router = after->router - before.router,
+        .tokens = after->tokens - before.tokens,
+        .expert_bytes = after->expert_bytes - before.expert_bytes};
+    row->expert_bytes_per_token =
+        row->times.tokens ? (double)row->times.expert_bytes / (double)row->times.tokens : 0;
     row->decode_secs = decode_secs;
     row->threads = threads;
     row->kv_bytes = probe.kv_bytes;
@@ -177,7 +182,8 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     /* The machine's read bandwidth with the same threads, measured right after the runs so
      * both see the same neighbours on this shared machine. */
     row->read_gbs = tsr_measure_read_bandwidth(s.pool, (size_t)b->bandwidth_mib << 20, 5);
-    row->weight_gb_per_s = (double)*weight_bytes * row->tg_mean * 1e-9;
+    row->weight_gb_per_s =
+        ((double)*weight_bytes + row->expert_bytes_per_token) * row->tg_mean * 1e-9;
     row->roofline = row->read_gbs > 0 ? row->weight_gb_per_s / row->read_gbs : 0;
 out:
     free(pp);
@@ -195,7 +201,6 @@ static void print_markdown(const char *model_path, const char *type, const tsr_m
     printf("| model | type | weights | threads | test | tokens/s | weights read | roofline |\n");
     printf("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |\n");
     const char *name = strrchr(model_path, '/') ? strrchr(model_path, '/') + 1 : model_path;
-    (void)m;
     for (int i = 0; i < b->n_threads; i++) {
         const bench_row *r = &rows[i];
         printf("| %s | %s | %.1f MiB | %d | pp%d | %.2f ± %.2f | | |\n", name, type,
@@ -204,19 +209,26 @@ static void print_markdown(const char *model_path, const char *type, const tsr_m
                name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, r->tg_mean,
                r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
     }
-    printf("\n| threads | decode time in: matmul | attention | cache | decoder | other ops | host |"
-           " KV bytes | peak RSS |\n");
-    printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    if (m->hp.n_expert > 0)
+        printf("\nweights: %.1f MiB every token reads, plus the experts routed to (%d of %d per "
+               "layer): %.1f MiB per decoded token, measured\n", (double)weight_bytes / 1048576.0,
+               m->hp.n_expert_used, m->hp.n_expert, rows[0].expert_bytes_per_token / 1048576.0);
+    printf("\n| threads | decode time in: matmul | attention | cache | decoder | other ops | router |"
+           " host | KV bytes | peak RSS |\n");
+    printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for (int i = 0; i < b->n_threads; i++) {
         const bench_row *r = &rows[i];
         double total = r->decode_secs * 1e9;
         const tsr_stage_times *t = &r->times;
-        double staged = (double)(t->matmul + t->attention + t->cache + t->decoder + t->other_ops);
+        double staged = (double)(t->matmul + t->attention + t->cache + t->decoder + t->other_ops +
+                                 t->router);
         double pct = total > 0 ? 100.0 / total : 0;
-        printf("| %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %llu | %.1f MiB |\n",
+        printf("| %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %llu | "
+               "%.1f MiB |\n",
                r->threads, (double)t->matmul * pct, (double)t->attention * pct,
                (double)t->cache * pct, (double)t->decoder * pct, (double)t->other_ops * pct,
-               (total - staged) * pct, (unsigned long long)r->kv_bytes, r->peak_rss_mib);
+               (double)t->router * pct, (total - staged) * pct, (unsigned long long)r->kv_bytes,
+               r->peak_rss_mib);
     }
 }
 
@@ -227,22 +239,32 @@ static void print_json(const char *model_path, const char *type, const tsr_model
         const bench_row *r = &rows[i];
         const tsr_stage_times *t = &r->times;
         json_array_append_new(results, json_pack(
-            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f, s:f}}",
             "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "peak_rss_mib",
             r->peak_rss_mib, "bits_per_weight", r->bits_per_weight, "mean_rel_rmse", r->rel_rmse,
             "prefill_tps_mean", r->pp_mean, "prefill_tps_std", r->pp_std,
             "decode_tps_mean", r->tg_mean, "decode_tps_std", r->tg_std,
+            "expert_bytes_per_token", r->expert_bytes_per_token,
             "decode_weight_gbs", r->weight_gb_per_s, "machine_read_gbs", r->read_gbs,
             "roofline_fraction", r->roofline, "kv_bytes", (json_int_t)r->kv_bytes,
             "decode_seconds", "matmul", (double)t->matmul * 1e-9, "attention",
             (double)t->attention * 1e-9, "cache", (double)t->cache * 1e-9, "decoder",
-            (double)t->decoder * 1e-9, "other_ops", (double)t->other_ops * 1e-9, "total",
-            r->decode_secs));
+            (double)t->decoder * 1e-9, "other_ops", (double)t->other_ops * 1e-9, "router",
+            (double)t->router * 1e-9, "total", r->decode_secs));
     }
-    json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:i, s:o}", "model", model_path,
-                             "type", type, "n_layer", m->hp.n_layer, "n_embd", m->hp.n_embd,
-                             "weight_bytes_per_token", (json_int_t)weight_bytes, "repetitions",
-                             b->reps, "results", results);
+    /* What the roofline counts: the bytes every token reads, and for a model with experts the
+     * routed experts' bytes each decoded token read, measured (expert_bytes_per_token of each
+     * result). */
+    json_t *root = json_pack(
+        "{s:s, s:s, s:i, s:i, s:i, s:i, s:I, s:s, s:i, s:o}", "model", model_path, "type", type,
+        "n_layer", m->hp.n_layer, "n_embd", m->hp.n_embd, "n_expert", m->hp.n_expert,
+        "n_expert_used", m->hp.n_expert_used, "weight_bytes_per_token", (json_int_t)weight_bytes,
+        "weight_bytes_counted",
+        m->hp.n_expert > 0 ? "every matrix each token reads (attention, routers, shared experts, "
+                             "output head), plus the routed experts' matrices read per decoded "
+                             "token, measured: expert_bytes_per_token of each result"
+                           : "every weight matrix of the blocks and the output head",
+        "repetitions", b->reps, "results", results);
     char *text = json_dumps(root, JSON_INDENT(2));
     printf("%s\n", text);
     free(text);
@@ -281,10 +303,12 @@ int tsr_cli_bench(int argc, char **argv) {
                    "                     [--plugin-dir DIR]...\n"
                    "Prefill (-p tokens in one batch) and decode (-n tokens one by one) speed for\n"
                    "each thread count, mean and deviation over -r repetitions after a warm-up;\n"
-                   "the weights read per decoded token, the machine's own read bandwidth measured\n"
-                   "in the same run, and the fraction of that roofline decode reaches; where the\n"
-                   "decode time goes, stage by stage. --bandwidth-mib sizes the buffer the\n"
-                   "bandwidth measurement reads; keep it well above the last-level cache.\n");
+                   "the weights read per decoded token (of a model with experts: the matrices\n"
+                   "every token reads plus the experts it was routed to, as read), the machine's\n"
+                   "own read bandwidth measured in the same run, and the fraction of that\n"
+                   "roofline decode reaches; where the decode time goes, stage by stage.\n"
+                   "--bandwidth-mib sizes the buffer the bandwidth measurement reads; keep it\n"
+                   "well above the last-level cache.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }
