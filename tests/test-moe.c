@@ -184,6 +184,7 @@ END_TEST
 /* One record of the probe's trace. */
 typedef struct record {
     int32_t layer, next_layer, n_tok, n_expert, n_embd, k, has_prev;
+    int32_t gating, normalize, n_ff_expert, has_experts; /* the router's init */
     const float *hidden, *gate, *next;
     const int32_t *prev, *experts;
 } record;
@@ -191,11 +192,13 @@ typedef struct record {
 /* Parses the record at *p; false at the end of the trace. */
 static bool next_record(const char **p, const char *end, record *r) {
     if (*p >= end) return false;
-    int32_t head[7];
+    int32_t head[11];
     memcpy(head, *p, sizeof head);
     *p += sizeof head;
     *r = (record){.layer = head[0], .next_layer = head[1], .n_tok = head[2],
-                  .n_expert = head[3], .n_embd = head[4], .k = head[5], .has_prev = head[6]};
+                  .n_expert = head[3], .n_embd = head[4], .k = head[5], .has_prev = head[6],
+                  .gating = head[7], .normalize = head[8], .n_ff_expert = head[9],
+                  .has_experts = head[10]};
     size_t n = (size_t)r->n_tok;
     r->hidden = (const float *)*p;
     *p += n * (size_t)r->n_embd * sizeof(float);
@@ -234,13 +237,14 @@ static void expect_gate(const run *r, int32_t layer, const record *rec, const fl
         }
 }
 
-/* Runs the prompt twice through the probe with `needs` and returns its trace (malloc'd). */
-static char *probe_trace(int needs, size_t *size) {
+/* Runs the prompt twice through the probe with `needs` on `model` and returns its trace
+ * (malloc'd). */
+static char *probe_trace(int model, int needs, size_t *size) {
     char *trace = tsr_test_tmp_path("trace.bin"), router[512], yaml[1024];
     snprintf(router, sizeof router, "router: { plugin: probe, mode: topk, needs: %d, trace: %s }\n",
              needs, trace);
     run r;
-    open_ok(&r, TINY_MOE, yaml_of(yaml, sizeof yaml, "cpu", "{ plugin: gguf }", router));
+    open_ok(&r, model, yaml_of(yaml, sizeof yaml, "cpu", "{ plugin: gguf }", router));
     free(prompt_logits(&r));
     free(prompt_logits(&r));
     tsr_test_pipeline_close(&r);
@@ -254,34 +258,54 @@ static char *probe_trace(int needs, size_t *size) {
 /* Each layer's call: the gate logits are its router's product with the hidden rows given; the
  * next layer's, when asked, that layer's product with the same rows, and none at the last
  * layer or unasked; the previous choices are the previous layer's of the same forward, none
- * at a forward's first layer. */
+ * at a forward's first layer. The router's init holds the model's rule (tiny-moe is
+ * Mixtral-style: renormalised; tiny-qwen2moe is not), its experts' size and their access. */
 START_TEST(router_gets_what_the_host_computed) {
-    for (int needs = 0; needs <= 1; needs++) {
-        size_t size;
-        char *bytes = probe_trace(needs, &size);
-        const char *p = bytes, *end = bytes + size;
-        run r; /* the model's weights, to recompute the products */
-        open_ok(&r, TINY_MOE, "tessera: 1\n");
-        record rec, prev = {0};
-        int32_t n = 0;
-        while (next_record(&p, end, &rec)) {
-            ck_assert_int_eq(rec.layer, n % r.model->hp.n_layer);
-            ck_assert_int_eq(rec.n_tok, N_TOK);
-            ck_assert_int_eq(rec.k, r.model->hp.n_expert_used);
-            expect_gate(&r, rec.layer, &rec, rec.gate);
-            bool last = rec.layer == r.model->hp.n_layer - 1;
-            ck_assert_int_eq(rec.next_layer, needs && !last ? rec.layer + 1 : -1);
-            if (rec.next_layer >= 0) expect_gate(&r, rec.next_layer, &rec, rec.next);
-            ck_assert_int_eq(rec.has_prev, rec.layer > 0);
-            if (rec.has_prev)
-                ck_assert_mem_eq(rec.prev, prev.experts, (size_t)N_TOK * (size_t)rec.k * 4);
-            prev = rec;
-            n++;
-        }
-        ck_assert_int_eq(n, 2 * r.model->hp.n_layer);
-        tsr_test_pipeline_close(&r);
-        free(bytes);
+    int model = _i / 2 ? TINY_QWEN2MOE : TINY_MOE, needs = _i % 2;
+    size_t size;
+    char *bytes = probe_trace(model, needs, &size);
+    const char *p = bytes, *end = bytes + size;
+    run r; /* the model's weights, to recompute the products */
+    open_ok(&r, model, "tessera: 1\n");
+    record rec, prev = {0};
+    int32_t n = 0;
+    while (next_record(&p, end, &rec)) {
+        ck_assert_int_eq(rec.gating, TSR_GATING_SOFTMAX);
+        ck_assert_int_eq(rec.normalize, model == TINY_MOE);
+        ck_assert_int_eq(rec.n_ff_expert, 32);
+        ck_assert_int_eq(rec.has_experts, 1);
+        ck_assert_int_eq(rec.layer, n % r.model->hp.n_layer);
+        ck_assert_int_eq(rec.n_tok, N_TOK);
+        ck_assert_int_eq(rec.k, r.model->hp.n_expert_used);
+        expect_gate(&r, rec.layer, &rec, rec.gate);
+        bool last = rec.layer == r.model->hp.n_layer - 1;
+        ck_assert_int_eq(rec.next_layer, needs && !last ? rec.layer + 1 : -1);
+        if (rec.next_layer >= 0) expect_gate(&r, rec.next_layer, &rec, rec.next);
+        ck_assert_int_eq(rec.has_prev, rec.layer > 0);
+        if (rec.has_prev)
+            ck_assert_mem_eq(rec.prev, prev.experts, (size_t)N_TOK * (size_t)rec.k * 4);
+        prev = rec;
+        n++;
     }
+    ck_assert_int_eq(n, 2 * r.model->hp.n_layer);
+    tsr_test_pipeline_close(&r);
+    free(bytes);
+}
+END_TEST
+
+/* A `layers:` entry gives its layers a router of their own, asked its needs on its own. */
+START_TEST(routers_vary_per_layer) {
+    char yaml[512];
+    run r;
+    open_ok(&r, TINY_MOE, yaml_of(yaml, sizeof yaml, "cpu", "{ plugin: gguf }",
+                                  "layers:\n  - { range: [1, 1], router: { plugin: probe, "
+                                  "mode: topk, needs: 1 } }\n"));
+    ck_assert_str_eq(r.pl->router_at[0]->ref->desc->name, "topk");
+    ck_assert_str_eq(r.pl->router_at[1]->ref->desc->name, "probe");
+    ck_assert_int_eq(r.pl->router_needs[0], 0);
+    ck_assert_int_eq(r.pl->router_needs[1], TSR_ROUTER_NEEDS_NEXT_GATE);
+    free(prompt_logits(&r));
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -462,7 +486,8 @@ int main(void) {
     tcase_add_test(tc, default_router_runs_for_experts_only);
     suite_add_tcase(s, tc);
     tc = tcase_create("router");
-    tcase_add_test(tc, router_gets_what_the_host_computed);
+    tcase_add_loop_test(tc, router_gets_what_the_host_computed, 0, 4);
+    tcase_add_test(tc, routers_vary_per_layer);
     tcase_add_loop_test(tc, substitutes_are_multiplied, 0, 4);
     tcase_add_loop_test(tc, broken_routes_are_refused, 0,
                         (int)(sizeof bad_routes / sizeof bad_routes[0]));

@@ -10,9 +10,10 @@
  *             one output the host must refuse: expert n_expert, one expert in two slots, a NaN
  *             weight, two of the three substitutes, a substitute of the wrong shape.
  * `needs` is what needs() returns. With `trace` set, every call appends a record to that file:
- * int32 {layer, next_layer, n_tok, n_expert, n_embd, k, has_prev}, then float hidden
- * (n_tok, n_embd), float gate logits (n_tok, n_expert), float next gate logits (n_tok,
- * n_expert) when given, int32 prev_experts (n_tok, k) when given, int32 experts chosen.
+ * int32 {layer, next_layer, n_tok, n_expert, n_embd, k, has_prev, and from its init: gating,
+ * normalize, n_ff_expert, whether it had the experts' access}, then float hidden (n_tok,
+ * n_embd), float gate logits (n_tok, n_expert), float next gate logits (n_tok, n_expert) when
+ * given, int32 prev_experts (n_tok, k) when given, int32 experts chosen.
  */
 #include <math.h>
 #include <stdbool.h>
@@ -110,8 +111,9 @@ static void probe_record(const probe *p, const tsr_route_call *c) {
     FILE *f = fopen(p->trace, "ab");
     if (!f) return;
     const int64_t n = c->n_tok, x = p->init.n_expert, e = p->init.n_embd;
-    int32_t head[7] = {c->layer, c->next_gate_logits ? c->next_layer : -1, (int32_t)n,
-                       (int32_t)x, (int32_t)e, c->k, c->prev_experts != NULL};
+    int32_t head[11] = {c->layer, c->next_gate_logits ? c->next_layer : -1, (int32_t)n,
+                        (int32_t)x, (int32_t)e, c->k, c->prev_experts != NULL, p->init.gating,
+                        p->init.normalize, p->init.n_ff_expert, p->init.experts != NULL};
     fwrite(head, sizeof head, 1, f);
     probe_write(f, c->hidden, sizeof(float), n * e);
     probe_write(f, c->gate_logits, sizeof(float), n * x);
