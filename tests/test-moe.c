@@ -2,7 +2,8 @@
  * a batch grouped by expert gives the logits of token-by-token decode bit for bit, reading each
  * chosen expert once per layer (decode: exactly k of them); backends with memory of their own,
  * any quantizer (each expert offered alone) and any thread count give the same bits; the
- * default router runs for models with experts only; the router's host side, through the
+ * default router runs for models with experts only, and applies the model's rule (softmax or
+ * sigmoid, renormalised or not); the router's host side, through the
  * 'probe' test router: the gate logits, the next layer's and the previous choices it is given,
  * the substitutes it hands back multiplied, its broken outputs refused by name; and the host's
  * hold on the experts' memory (bytes, residency, load, evict, prefetch, matrices). */
@@ -176,6 +177,67 @@ START_TEST(default_router_runs_for_experts_only) {
     ck_assert_str_eq(err.msg, "test.yaml:2:19: router: 'topk' is configured but the model has no "
                               "mixture-of-experts layers to route; remove the router");
     tsr_test_pipeline_close(&named);
+}
+END_TEST
+
+/* ---- topk -------------------------------------------------------------------------------- */
+
+typedef struct topk_case {
+    int32_t gating, normalize, k;
+    float logits[4];
+    int32_t experts[3];
+} topk_case;
+
+/* 4 experts: softmax with and without renormalising, the sigmoid, k = 1 and k = 3, and equal
+ * logits, which keep the experts' order. */
+static const topk_case topk_cases[] = {
+    {TSR_GATING_SOFTMAX, 1, 2, {0.1f, 2.0f, -1.0f, 1.0f}, {1, 3}},
+    {TSR_GATING_SOFTMAX, 0, 2, {0.1f, 2.0f, -1.0f, 1.0f}, {1, 3}},
+    {TSR_GATING_SIGMOID, 0, 3, {-3.0f, 0.5f, 4.0f, 0.25f}, {2, 1, 3}},
+    {TSR_GATING_SIGMOID, 1, 1, {-3.0f, 0.5f, 4.0f, 0.25f}, {2}},
+    {TSR_GATING_SOFTMAX, 1, 3, {0.5f, 0.5f, 0.5f, 0.5f}, {0, 1, 2}},
+};
+
+/* The model's rule: the k most probable experts, most probable first, their probabilities
+ * (softmax over all experts, or each logit's sigmoid) as weights, renormalised to sum 1 when
+ * the model is. */
+START_TEST(topk_applies_the_model_rule) {
+    const topk_case *c = &topk_cases[_i];
+    tsr_error err;
+    tsr_registry *reg = tsr_registry_create(NULL);
+    ck_assert_int_ge(tsr_registry_scan_dir(reg, tsr_test_env("TESSERA_PLUGIN_DIR"), &err), 1);
+    const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_ROUTER, "topk");
+    ck_assert_ptr_nonnull(ref);
+    tsr_router_init init = {.struct_size = sizeof init, .n_layer = 1, .n_expert = 4,
+                            .n_expert_used = c->k, .n_embd = 8, .gating = c->gating,
+                            .normalize = c->normalize, .n_ff_expert = 8};
+    tsr_params none = {sizeof none, 0, NULL, NULL};
+    tsr_instance *inst;
+    ck_assert_int_eq(tsr_instance_create(ref, NULL, &none, &init, &inst, &err), TSR_OK);
+    const tsr_router_vtable *vt = inst->vtable;
+    float hidden[8] = {0}, weights[3];
+    int32_t experts[3];
+    const tsr_tensor *sub[9] = {NULL};
+    tsr_route_call call = {.struct_size = sizeof call, .n_tok = 1, .gate_logits = c->logits,
+                           .hidden = hidden, .k = c->k, .experts = experts, .weights = weights,
+                           .next_layer = -1, .substitute = sub};
+    ck_assert_int_eq(vt->route(inst->self, &call), TSR_OK);
+    double p[4], sum = 0, chosen = 0;
+    for (int e = 0; e < 4; e++) {
+        p[e] = c->gating == TSR_GATING_SOFTMAX ? exp((double)c->logits[e])
+                                               : 1 / (1 + exp(-(double)c->logits[e]));
+        sum += p[e];
+    }
+    for (int s = 0; s < c->k; s++) chosen += p[c->experts[s]];
+    for (int s = 0; s < c->k; s++) {
+        ck_assert_int_eq(experts[s], c->experts[s]);
+        double want = p[c->experts[s]] / (c->normalize ? chosen
+                                          : c->gating == TSR_GATING_SOFTMAX ? sum : 1);
+        ck_assert_msg(fabs(weights[s] - want) <= 4e-7 * want, "slot %d: %.9g, expected %.9g",
+                      s, (double)weights[s], want);
+    }
+    ck_assert_uint_eq(tsr_instance_destroy(inst), 0);
+    tsr_registry_free(reg);
 }
 END_TEST
 
@@ -486,6 +548,8 @@ int main(void) {
     tcase_add_test(tc, default_router_runs_for_experts_only);
     suite_add_tcase(s, tc);
     tc = tcase_create("router");
+    tcase_add_loop_test(tc, topk_applies_the_model_rule, 0,
+                        (int)(sizeof topk_cases / sizeof topk_cases[0]));
     tcase_add_loop_test(tc, router_gets_what_the_host_computed, 0, 4);
     tcase_add_test(tc, routers_vary_per_layer);
     tcase_add_loop_test(tc, substitutes_are_multiplied, 0, 4);
