@@ -1,5 +1,5 @@
 /* Mixture-of-experts models on synthetic models of their own (`tessera synth`, no shared data):
- * a batch grouped by expert gives the logits of token-by-token decode bit for bit, reading each
+ * files with broken expert keys or tensors refused in one line; a batch grouped by expert gives the logits of token-by-token decode bit for bit, reading each
  * chosen expert once per layer (decode: exactly k of them); backends with memory of their own,
  * any quantizer (each expert offered alone) and any thread count give the same bits; the
  * default router runs for models with experts only, and applies the model's rule (softmax or
@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "base/clock.h"
+#include "files/gguf_write.h"
 #include "pipeline/pipeline_impl.h"
 #include "pipeline_fixture.h"
 #include "testutil.h"
@@ -66,6 +67,64 @@ static void expect_same(const float *want, const float *got, size_t n, const cha
             ck_abort_msg("%s: logit %zu: %.9g, expected %.9g", what, i, (double)got[i],
                          (double)want[i]);
 }
+
+/* ---- refused files ---------------------------------------------------------------------- */
+
+/* A copy of `model` with key `key` set to `value` (-1: left out) and tensor `drop` left out
+ * (NULL: none); returns its path (malloc'd). */
+static char *edited(int model, const char *key, int64_t value, const char *drop) {
+    tsr_gguf *g;
+    tsr_error err;
+    if (tsr_gguf_open(model_path[model], &g, &err) < 0) ck_abort_msg("%s", err.msg);
+    tsr_gguf_writer *w = tsr_gguf_writer_new();
+    for (int64_t i = 0; i < tsr_gguf_n_keys(g); i++)
+        if (strcmp(tsr_gguf_key_name(g, i), key) != 0) tsr_gguf_writer_copy_key(w, g, i);
+    if (value >= 0) tsr_gguf_writer_set_uint(w, key, TSR_GGUF_UINT32, (uint64_t)value);
+    for (int64_t i = 0; i < tsr_gguf_n_tensors(g); i++) {
+        const tsr_gguf_tensor *t = tsr_gguf_tensor_at(g, i);
+        if (!drop || strcmp(t->name, drop) != 0)
+            tsr_gguf_writer_add_tensor(w, t->name, t->dtype, t->n_dims, t->ne, t->data);
+    }
+    char *path = tsr_test_tmp_path("edited.gguf");
+    ck_assert_int_eq(tsr_gguf_writer_write(w, path, &err), 0);
+    tsr_gguf_writer_free(w);
+    tsr_gguf_close(g);
+    return path;
+}
+
+static const struct {
+    int model;
+    const char *key;
+    int64_t value;
+    const char *drop, *error; /* after "<path>: " */
+} refused[] = {
+    {TINY_MOE, "llama.expert_used_count", 5, NULL,
+     "llama.expert_used_count: 5 is more than llama.expert_count 4"},
+    {TINY_MOE, "llama.expert_used_count", -1, NULL, "key 'llama.expert_used_count' is missing"},
+    {TINY_MOE, "llama.expert_used_count", 0, NULL,
+     "llama.expert_used_count: expected at least 1, got 0"},
+    {TINY_QWEN2MOE, "qwen2moe.expert_count", -1, NULL, "key 'qwen2moe.expert_count' is missing"},
+    {TINY_MOE, "llama.expert_count", 4, "blk.1.ffn_up_exps.weight",
+     "tensor 'blk.1.ffn_up_exps.weight' is missing"},
+    {TINY_QWEN2MOE, "qwen2moe.expert_count", 4, "blk.0.ffn_gate_inp_shexp.weight",
+     "tensor 'blk.0.ffn_gate_inp_shexp.weight' is missing"},
+    {TINY_MOE, "llama.expert_count", 3, NULL,
+     "tensor 'blk.0.ffn_gate_inp.weight' has shape [64, 4, 1], expected [64, 3, 1]"},
+};
+
+START_TEST(bad_expert_files_are_refused) {
+    char *path = edited(refused[_i].model, refused[_i].key, refused[_i].value, refused[_i].drop);
+    tsr_model *m = NULL;
+    tsr_error err;
+    ck_assert_int_lt(tsr_model_load(path, &m, &err), 0);
+    ck_assert_ptr_null(m);
+    char want[4300];
+    snprintf(want, sizeof want, "%s: %s", path, refused[_i].error);
+    ck_assert_str_eq(err.msg, want);
+    unlink(path);
+    free(path);
+}
+END_TEST
 
 /* ---- grouping ----------------------------------------------------------------------------- */
 
@@ -541,7 +600,11 @@ int main(void) {
         free(err);
     }
     Suite *s = suite_create("moe");
-    TCase *tc = tcase_create("grouping");
+    TCase *tc = tcase_create("files");
+    tcase_add_loop_test(tc, bad_expert_files_are_refused, 0,
+                        (int)(sizeof refused / sizeof refused[0]));
+    suite_add_tcase(s, tc);
+    tc = tcase_create("grouping");
     tcase_add_loop_test(tc, grouped_prefill_equals_decode, 0, 3);
     tcase_add_loop_test(tc, arena_backend_equals_cpu, 0, 6);
     tcase_add_test(tc, thread_count_does_not_change_logits);
