@@ -400,17 +400,25 @@ static tsr_status bad_route(const tsr_graph *g, int32_t l, int64_t t, int32_t s,
                          g->router_at[l]->ref->desc->name, l, (long long)t, s, why);
 }
 
-/* Whether `w` can stand in for an expert's matrix of ne {n_in, n_out}, and who multiplies it. */
+/* Why `w` cannot stand in for an expert's matrix of ne {n_in, n_out} (written to `why`), or
+ * NULL when it can: it has data, that shape, and a type the backend or the layer's quantizer
+ * multiplies. */
 static const char *substitute_flaw(const tsr_graph *g, int32_t l, const tsr_tensor *w,
-                                   int64_t n_in, int64_t n_out) {
-    if (!w->data) return "has no data";
-    if (w->ne[0] != n_in || w->ne[1] != n_out || w->ne[2] != 1 || w->ne[3] != 1)
-        return "is not shaped as the expert's matrix";
+                                   int64_t n_in, int64_t n_out, char *why, size_t size) {
     const tsr_backend_vtable *be = g->backend->vtable;
     const tsr_quantizer_vtable *qv = g->quantizer_at[l]->vtable;
-    if (!be->supports(g->backend->self, w->dtype) && !TSR_VT_HAS(qv, matmul))
-        return "has a type neither the backend nor the layer's quantizer multiplies";
-    return NULL;
+    if (!w->data)
+        snprintf(why, size, "has no data");
+    else if (w->ne[0] != n_in || w->ne[1] != n_out || w->ne[2] != 1 || w->ne[3] != 1)
+        snprintf(why, size, "(ne {%lld, %lld}) is not shaped as the expert's matrix (ne {%lld, "
+                 "%lld})", (long long)w->ne[0], (long long)w->ne[1], (long long)n_in,
+                 (long long)n_out);
+    else if (!be->supports(g->backend->self, w->dtype) && !TSR_VT_HAS(qv, matmul))
+        snprintf(why, size, "has type %d, which neither the backend nor the layer's quantizer "
+                 "multiplies", (int)w->dtype);
+    else
+        return NULL;
+    return why;
 }
 
 /* Checks what the router of layer l chose for n tokens. */
@@ -439,12 +447,11 @@ static tsr_status check_route(const tsr_graph *g, int32_t l, int64_t n, tsr_erro
                                  "three (gate, up, down) of a chosen expert or none", given,
                                  id < 0 ? "an empty slot" : "its expert");
             for (int m = 0; m < 3; m++) {
-                const char *flaw = substitute_flaw(g, l, sub[m], m == 2 ? ff : e, m == 2 ? e : ff);
-                if (flaw)
-                    return bad_route(g, l, t, s, err, "the substitute %s matrix (ne {%lld, "
-                                     "%lld}) %s (ne {%lld, %lld})", names[m],
-                                     (long long)sub[m]->ne[0], (long long)sub[m]->ne[1], flaw,
-                                     (long long)(m == 2 ? ff : e), (long long)(m == 2 ? e : ff));
+                char why[160];
+                if (substitute_flaw(g, l, sub[m], m == 2 ? ff : e, m == 2 ? e : ff, why,
+                                    sizeof why))
+                    return bad_route(g, l, t, s, err, "the substitute %s matrix %s", names[m],
+                                     why);
             }
         }
     return TSR_OK;
