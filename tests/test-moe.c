@@ -5,8 +5,9 @@
  * default router runs for models with experts only, and applies the model's rule (softmax or
  * sigmoid, renormalised or not); the router's host side, through the
  * 'probe' test router: the gate logits, the next layer's and the previous choices it is given,
- * the substitutes it hands back multiplied, its broken outputs refused by name; and the host's
- * hold on the experts' memory (bytes, residency, load, evict, prefetch, matrices). */
+ * the substitutes it hands back multiplied, its broken outputs refused by name, experts it
+ * lets go and loads (or has prefetched) changing no logit; and the host's hold on the experts'
+ * memory (bytes, residency, load, evict, prefetch, matrices). */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -23,6 +24,9 @@
 #include "testutil.h"
 
 typedef tsr_test_pipeline run;
+
+/* statfs's f_type of tmpfs, whose pages cannot leave memory. */
+#define TMPFS_MAGIC_NUMBER 0x01021994
 
 /* The synthetic models, made once by main(). */
 enum { TINY_MOE, TINY_MOE_Q8, TINY_QWEN2MOE, TINY_DENSE, N_MODELS };
@@ -306,6 +310,7 @@ END_TEST
 typedef struct record {
     int32_t layer, next_layer, n_tok, n_expert, n_embd, k, has_prev;
     int32_t gating, normalize, n_ff_expert, has_experts; /* the router's init */
+    int32_t loaded_kib;                                  /* what its loads read */
     const float *hidden, *gate, *next;
     const int32_t *prev, *experts;
 } record;
@@ -313,13 +318,13 @@ typedef struct record {
 /* Parses the record at *p; false at the end of the trace. */
 static bool next_record(const char **p, const char *end, record *r) {
     if (*p >= end) return false;
-    int32_t head[11];
+    int32_t head[12];
     memcpy(head, *p, sizeof head);
     *p += sizeof head;
     *r = (record){.layer = head[0], .next_layer = head[1], .n_tok = head[2],
                   .n_expert = head[3], .n_embd = head[4], .k = head[5], .has_prev = head[6],
                   .gating = head[7], .normalize = head[8], .n_ff_expert = head[9],
-                  .has_experts = head[10]};
+                  .has_experts = head[10], .loaded_kib = head[11]};
     size_t n = (size_t)r->n_tok;
     r->hidden = (const float *)*p;
     *p += n * (size_t)r->n_embd * sizeof(float);
@@ -358,16 +363,18 @@ static void expect_gate(const run *r, int32_t layer, const record *rec, const fl
         }
 }
 
-/* Runs the prompt twice through the probe with `needs` on `model` and returns its trace
- * (malloc'd). */
-static char *probe_trace(int model, int needs, size_t *size) {
+/* Runs the prompt twice through the probe in `mode` with `needs` on `model` and returns its
+ * trace (malloc'd); the second run's logits in *logits (malloc'd) when it is not NULL. */
+static char *probe_trace(int model, const char *mode, int needs, size_t *size, float **logits) {
     char *trace = tsr_test_tmp_path("trace.bin"), router[512], yaml[1024];
-    snprintf(router, sizeof router, "router: { plugin: probe, mode: topk, needs: %d, trace: %s }\n",
-             needs, trace);
+    snprintf(router, sizeof router, "router: { plugin: probe, mode: %s, needs: %d, trace: %s }\n",
+             mode, needs, trace);
     run r;
     open_ok(&r, model, yaml_of(yaml, sizeof yaml, "cpu", "{ plugin: gguf }", router));
     free(prompt_logits(&r));
-    free(prompt_logits(&r));
+    float *second = prompt_logits(&r);
+    if (logits) *logits = second;
+    else free(second);
     tsr_test_pipeline_close(&r);
     char *bytes = tsr_test_read_file(trace, size);
     ck_assert_ptr_nonnull(bytes);
@@ -384,7 +391,7 @@ static char *probe_trace(int model, int needs, size_t *size) {
 START_TEST(router_gets_what_the_host_computed) {
     int model = _i / 2 ? TINY_QWEN2MOE : TINY_MOE, needs = _i % 2;
     size_t size;
-    char *bytes = probe_trace(model, needs, &size);
+    char *bytes = probe_trace(model, "topk", needs, &size, NULL);
     const char *p = bytes, *end = bytes + size;
     run r; /* the model's weights, to recompute the products */
     open_ok(&r, model, "tessera: 1\n");
@@ -427,6 +434,32 @@ START_TEST(routers_vary_per_layer) {
     ck_assert_int_eq(r.pl->router_needs[1], TSR_ROUTER_NEEDS_NEXT_GATE);
     free(prompt_logits(&r));
     tsr_test_pipeline_close(&r);
+}
+END_TEST
+
+/* A router that lets experts go and loads them back (or has the host read the next layer's
+ * ahead, on its own thread, while the forward goes on) changes no logit; each load reads what
+ * the call let go just before it. */
+START_TEST(experts_moved_in_and_out_change_nothing) {
+    size_t size;
+    float *plain, *moved;
+    free(probe_trace(TINY_MOE, "topk", 0, &size, &plain));
+    char *bytes = probe_trace(TINY_MOE, _i ? "prefetch" : "offload", 0, &size, &moved);
+    expect_same(plain, moved, (size_t)N_TOK * 320, _i ? "prefetch" : "offload");
+    const char *p = bytes, *end = bytes + size;
+    record rec;
+    int32_t n = 0, loaded = 0;
+    struct statfs fs;
+    bool page_cache = statfs(model_path[TINY_MOE], &fs) == 0 && fs.f_type != TMPFS_MAGIC_NUMBER;
+    while (next_record(&p, end, &rec)) {
+        n++;
+        loaded += rec.loaded_kib > 0;
+    }
+    ck_assert_int_eq(n, 4);
+    if (!_i && page_cache) ck_assert_int_eq(loaded, 4);
+    free(plain);
+    free(moved);
+    free(bytes);
 }
 END_TEST
 
@@ -504,8 +537,6 @@ START_TEST(unknown_needs_are_refused) {
 END_TEST
 
 /* ---- the experts' memory -------------------------------------------------------------------- */
-
-#define TMPFS_MAGIC_NUMBER 0x01021994
 
 /* Waits up to 10 s for the expert to be in memory. */
 static uint64_t resident_soon(const tsr_expert_access *a, int32_t l, int32_t e, uint64_t want) {
@@ -615,6 +646,7 @@ int main(void) {
                         (int)(sizeof topk_cases / sizeof topk_cases[0]));
     tcase_add_loop_test(tc, router_gets_what_the_host_computed, 0, 4);
     tcase_add_test(tc, routers_vary_per_layer);
+    tcase_add_loop_test(tc, experts_moved_in_and_out_change_nothing, 0, 2);
     tcase_add_loop_test(tc, substitutes_are_multiplied, 0, 4);
     tcase_add_loop_test(tc, broken_routes_are_refused, 0,
                         (int)(sizeof bad_routes / sizeof bad_routes[0]));

@@ -6,12 +6,17 @@
  *             through tsr_expert_access.matrices: the host must multiply with them;
  *   moved     slot 0 goes to expert f itself: what `swap` must equal, bit for bit;
  *   topk      no substitutes;
+ *   offload   as topk, and each call lets every expert go (tsr_expert_access.evict), then
+ *             loads the ones its tokens chose (load), as an offloading router would;
+ *   prefetch  as topk, and each call lets the previous layer's experts go and asks for every
+ *             expert of the next layer ahead (prefetch, read on the host's thread);
  *   outside, twice, nan, partial, misshaped
  *             one output the host must refuse: expert n_expert, one expert in two slots, a NaN
  *             weight, two of the three substitutes, a substitute of the wrong shape.
  * `needs` is what needs() returns. With `trace` set, every call appends a record to that file:
  * int32 {layer, next_layer, n_tok, n_expert, n_embd, k, has_prev, and from its init: gating,
- * normalize, n_ff_expert, whether it had the experts' access}, then float hidden (n_tok,
+ * normalize, n_ff_expert, whether it had the experts' access; then the KiB its loads read},
+ * then float hidden (n_tok,
  * n_embd), float gate logits (n_tok, n_expert), float next gate logits (n_tok, n_expert) when
  * given, int32 prev_experts (n_tok, k) when given, int32 experts chosen.
  */
@@ -22,16 +27,18 @@
 
 #include <tessera/sdk.h>
 
-enum probe_mode { MODE_SWAP, MODE_MOVED, MODE_TOPK, MODE_OUTSIDE, MODE_TWICE, MODE_NAN,
-                  MODE_PARTIAL, MODE_MISSHAPED };
-static const char *const probe_modes[] = {"swap", "moved", "topk", "outside", "twice", "nan",
-                                          "partial", "misshaped", NULL};
+enum probe_mode { MODE_SWAP, MODE_MOVED, MODE_TOPK, MODE_OFFLOAD, MODE_PREFETCH, MODE_OUTSIDE,
+                  MODE_TWICE, MODE_NAN, MODE_PARTIAL, MODE_MISSHAPED };
+static const char *const probe_modes[] = {"swap",    "moved", "topk", "offload", "prefetch",
+                                          "outside", "twice", "nan",  "partial", "misshaped",
+                                          NULL};
 
 typedef struct probe {
     const tsr_host *host;
     tsr_router_init init;
     int32_t mode, needs;
     const char *trace;
+    uint64_t loaded; /* bytes the loads of the last call read */
     /* swap: the copies handed back, (n_tok, 3) tensors and their bytes, kept until the next
      * call as the header asks */
     tsr_tensor *copies;
@@ -57,7 +64,8 @@ static tsr_status probe_create(const tsr_host *host, const tsr_params *params,
     p->mode = (int32_t)tsr_param_int(params, "mode");
     p->needs = (int32_t)tsr_param_int(params, "needs");
     p->trace = tsr_param_str(params, "trace");
-    if ((p->mode == MODE_SWAP || p->mode == MODE_PARTIAL || p->mode == MODE_MISSHAPED) &&
+    if ((p->mode == MODE_SWAP || p->mode == MODE_PARTIAL || p->mode == MODE_MISSHAPED ||
+         p->mode == MODE_OFFLOAD || p->mode == MODE_PREFETCH) &&
         !init->experts) {
         host->set_error(host->ctx, "mode %s needs the experts' matrices (init.experts)",
                         probe_modes[p->mode]);
@@ -111,9 +119,10 @@ static void probe_record(const probe *p, const tsr_route_call *c) {
     FILE *f = fopen(p->trace, "ab");
     if (!f) return;
     const int64_t n = c->n_tok, x = p->init.n_expert, e = p->init.n_embd;
-    int32_t head[11] = {c->layer, c->next_gate_logits ? c->next_layer : -1, (int32_t)n,
+    int32_t head[12] = {c->layer, c->next_gate_logits ? c->next_layer : -1, (int32_t)n,
                         (int32_t)x, (int32_t)e, c->k, c->prev_experts != NULL, p->init.gating,
-                        p->init.normalize, p->init.n_ff_expert, p->init.experts != NULL};
+                        p->init.normalize, p->init.n_ff_expert, p->init.experts != NULL,
+                        (int32_t)(p->loaded >> 10)};
     fwrite(head, sizeof head, 1, f);
     probe_write(f, c->hidden, sizeof(float), n * e);
     probe_write(f, c->gate_logits, sizeof(float), n * x);
@@ -121,6 +130,26 @@ static void probe_record(const probe *p, const tsr_route_call *c) {
     probe_write(f, c->prev_experts, sizeof(int32_t), n * c->k);
     probe_write(f, c->experts, sizeof(int32_t), n * c->k);
     fclose(f);
+}
+
+/* offload: every expert goes, then this layer's chosen ones are loaded; prefetch: the previous
+ * layer's experts go and the next layer's are asked for ahead. */
+static void probe_move_experts(probe *p, const tsr_route_call *c) {
+    const tsr_expert_access *a = p->init.experts;
+    const int32_t n_layer = p->init.n_layer, x = p->init.n_expert;
+    p->loaded = 0;
+    if (p->mode != MODE_OFFLOAD && p->mode != MODE_PREFETCH) return;
+    for (int32_t l = 0; l < n_layer; l++)
+        for (int32_t e = 0; e < x; e++)
+            if (p->mode == MODE_OFFLOAD || l == (c->layer + n_layer - 1) % n_layer)
+                a->evict(a->ctx, l, e);
+    for (int32_t e = 0; p->mode == MODE_PREFETCH && c->layer + 1 < n_layer && e < x; e++)
+        a->prefetch(a->ctx, c->layer + 1, e);
+    for (int32_t e = 0; p->mode == MODE_OFFLOAD && e < x; e++) {
+        bool chosen = false;
+        for (int64_t i = 0; i < c->n_tok * c->k; i++) chosen |= c->experts[i] == e;
+        if (chosen) p->loaded += a->load(a->ctx, c->layer, e);
+    }
 }
 
 static tsr_status probe_route(void *self, const tsr_route_call *c) {
@@ -167,6 +196,7 @@ static tsr_status probe_route(void *self, const tsr_route_call *c) {
         for (int i = 0; i < (p->mode == MODE_PARTIAL ? 2 : 3); i++)
             c->substitute[t * k * 3 + i] = &p->copies[t * 3 + i];
     }
+    probe_move_experts(p, c);
     probe_record(p, c);
     return TSR_OK;
 }
