@@ -283,7 +283,7 @@ static const struct {
     {"- tessera: 1\n", "bad.yaml:1:1: the top level: expected a mapping, got a sequence"},
     {"tessera: 1\nmodle: {}\n",
      "bad.yaml:2:1: unknown key 'modle'; known: tessera, model, plugin_dirs, backend, quantizer, "
-     "attention, cache, decoder, router, layers, generate, hooks"},
+     "attention, cache, decoder, router, layers, generate, hooks, draft"},
     {"tessera: 1\nmodel: { file: x }\n",
      "bad.yaml:2:10: model: unknown key 'file'; known: path, tokenizer"},
     {"tessera: 1\nmodel: x.gguf\n", "bad.yaml:2:8: model: expected a mapping, got 'x.gguf'"},
@@ -649,7 +649,7 @@ START_TEST(set_invalid) {
         {"hooks.on=x", "--set 'hooks.on=x': hooks cannot be set from the command line; edit the "
                        "config file"},
         {"foo.x=1", "--set 'foo.x=1': unknown section 'foo'; settable: backend, quantizer, "
-                    "attention, cache, decoder, router, model, generate"},
+                    "attention, cache, decoder, router, model, generate, draft"},
         {"model.file=x", "--set 'model.file=x': expected model.path=FILE or model.tokenizer=FILE"},
         {"model.path=", "--set 'model.path=': expected model.path=FILE or model.tokenizer=FILE"},
         {"generate.tokens=5", "--set 'generate.tokens=5': unknown key 'tokens' in generate; known: "
