@@ -896,39 +896,39 @@ static tsr_status stage_set(walk *w, tsr_stage_conf *sc, const char *key, const 
     return set_text(w, &sc->plugin, value);
 }
 
-/* --set draft.model=FILE, draft.tokenizer=FILE, draft.skip_layers=N,N..., draft.STAGE.KEY=V */
+/* --set draft.model=FILE, draft.tokenizer=FILE, draft.skip_layers=N,N..., draft.STAGE.KEY=V;
+ * the draft section is made by the first that is well-formed. */
 static tsr_status draft_set(walk *w, const char *key, const char *value, const char *ex) {
     tsr_src_loc loc = {set_file, 0, 0};
+    const char *dot = strchr(key, '.');
+    char stage_name[64] = "";
+    if (dot) snprintf(stage_name, sizeof stage_name, "%.*s", (int)(dot - key), key);
+    int32_t stage = tsr_stage_from_name(stage_name);
+    bool path = *value && (strcmp(key, "model") == 0 || strcmp(key, "tokenizer") == 0);
+    bool skip = strcmp(key, "skip_layers") == 0;
+    if (!path && !skip && (!stage || stage == TSR_STAGE_DECODER || !dot[1]))
+        return tsr_error_set(w->err, TSR_E_INVALID, "--set '%s': expected draft.model=FILE, "
+                             "draft.tokenizer=FILE, draft.skip_layers=N,N... or "
+                             "draft.STAGE.KEY=VALUE (STAGE: backend, quantizer, attention, cache, "
+                             "router)", ex);
     tsr_config *d = draft_of(w->cfg, loc);
     if (!d) return oom(w->err);
     walk dw = {d, NULL, w->err};
-    const char *dot = strchr(key, '.');
-    if (dot) {
-        char name[64];
-        snprintf(name, sizeof name, "%.*s", (int)(dot - key), key);
-        int32_t stage = tsr_stage_from_name(name);
-        if (stage && stage != TSR_STAGE_DECODER && dot[1])
-            return stage_set(&dw, &d->stage[stage], dot + 1, value, ex);
-    } else if (*value && (strcmp(key, "model") == 0 || strcmp(key, "tokenizer") == 0)) {
-        return set_text(&dw, key[0] == 'm' ? &d->model_path : &d->tokenizer_path, value);
-    } else if (strcmp(key, "skip_layers") == 0) {
-        /* comma-separated; empty: no layer skipped */
-        d->n_skip_layers = 0;
-        d->skip_loc = loc;
-        tsr_status st = TSR_OK;
-        for (const char *p = value; *p && st == TSR_OK;) {
-            size_t len = strcspn(p, ",");
-            char *item = strndup(p, len);
-            if (!item) return oom(w->err);
-            st = add_skip_layer(w, d, item, loc);
-            free(item);
-            p += len + (p[len] == ',');
-        }
-        return st;
+    if (path) return set_text(&dw, key[0] == 'm' ? &d->model_path : &d->tokenizer_path, value);
+    if (!skip) return stage_set(&dw, &d->stage[stage], dot + 1, value, ex);
+    /* comma-separated; empty: no layer skipped */
+    d->n_skip_layers = 0;
+    d->skip_loc = loc;
+    tsr_status st = TSR_OK;
+    for (const char *p = value; *p && st == TSR_OK;) {
+        size_t len = strcspn(p, ",");
+        char *item = strndup(p, len);
+        if (!item) return oom(w->err);
+        st = add_skip_layer(w, d, item, loc);
+        free(item);
+        p += len + (p[len] == ',');
     }
-    return tsr_error_set(w->err, TSR_E_INVALID, "--set '%s': expected draft.model=FILE, "
-                         "draft.tokenizer=FILE, draft.skip_layers=N,N... or draft.STAGE.KEY=VALUE "
-                         "(STAGE: backend, quantizer, attention, cache, router)", ex);
+    return st;
 }
 
 tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *err) {
@@ -1092,9 +1092,9 @@ static tsr_status check_draft_use(const tsr_config *cfg, const tsr_plugin_desc *
                                   tsr_error *err) {
     const tsr_stage_conf *dec = &cfg->stage[TSR_STAGE_DECODER];
     const tsr_decoder_vtable *vt = desc ? desc->vtable : NULL;
-    if (!vt) return TSR_OK;
-    int32_t use = vt->struct_size >= TSR_END_OF(tsr_decoder_vtable, draft_use) ? vt->draft_use
-                                                                               : 0;
+    int32_t use = vt && vt->struct_size >= TSR_END_OF(tsr_decoder_vtable, draft_use)
+                      ? vt->draft_use
+                      : TSR_DECODER_DRAFT_NONE;
     if (use < TSR_DECODER_DRAFT_NONE || use > TSR_DECODER_DRAFT_REQUIRED)
         return tsr_error_set_at(err, TSR_E_INVALID, dec->loc, "decoder: '%s' declares draft_use "
                                 "%d, which is not a tsr_decoder_draft_use (0, 1 or 2)", desc->name,
