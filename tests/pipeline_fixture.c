@@ -36,6 +36,14 @@ void tsr_test_pipeline_open_ok(tsr_test_pipeline *r, const char *model_path, con
         ck_abort_msg("%s", err.msg);
 }
 
+tsr_status tsr_test_pipeline_rebind(tsr_test_pipeline *r, int32_t n_ctx, tsr_error *err) {
+    tsr_pipeline_free(r->pl);
+    r->pl = NULL;
+    if (tsr_config_bind(r->cfg, find_plugin, r->reg, err) < 0) ck_abort_msg("%s", err->msg);
+    return tsr_pipeline_create(r->cfg, r->reg, r->model, r->draft_model, r->pool, n_ctx, &r->pl,
+                               err);
+}
+
 void tsr_test_pipeline_close(tsr_test_pipeline *r) {
     tsr_pipeline_free(r->pl);
     tsr_model_free(r->draft_model);
