@@ -620,6 +620,26 @@ END_TEST
 
 #define XS "models/llama2xs-279K.bin"
 
+/* The files of the draft tests: stories260K.bin with its tokenizer, and llama2xs-279K as its
+ * draft (`set_xs` is the --set that names it). */
+typedef struct draft_files {
+    char *model, *tok, *xs;
+    char set_xs[4300];
+} draft_files;
+
+static void draft_files_open(draft_files *f) {
+    f->model = tsr_test_data("models/stories260K.bin");
+    f->tok = tsr_test_data("models/tok512.bin");
+    f->xs = tsr_test_data(XS);
+    snprintf(f->set_xs, sizeof f->set_xs, "draft.model=%s", f->xs);
+}
+
+static void draft_files_close(draft_files *f) {
+    free(f->model);
+    free(f->tok);
+    free(f->xs);
+}
+
 /* `args` must fail with exit 1 and exactly the line `want` on stderr, nothing on stdout. */
 static void fails_with(const char *const *args, const char *want) {
     char *out, *err;
@@ -655,15 +675,17 @@ static char *tokenizer_with_changed_token(const char *dir, int32_t id) {
  * the reverse, k 0, k beyond the context, a skipped layer the model lacks, --parallel for a
  * decoder without that parameter or out of its range. */
 START_TEST(draft_errors_are_one_line) {
-    char *model = tsr_test_data("models/stories260K.bin"), *tok = tsr_test_data("models/tok512.bin");
-    char *gguf = tsr_test_data(STORIES_GGUF), *xs = tsr_test_data(XS);
-    char *dir = tsr_test_tmpdir(), tiny[4200], set_tiny[4300], set_xs[4300], want[9000];
+    draft_files f;
+    draft_files_open(&f);
+    const char *set_xs = f.set_xs;
+    char *gguf = tsr_test_data(STORIES_GGUF);
+    char *dir = tsr_test_tmpdir(), tiny[4200], set_tiny[4300], want[9000];
     snprintf(tiny, sizeof tiny, "%s/tiny.gguf", dir);
     const char *synth[] = {"synth", "--shape", "tiny", "-o", tiny, NULL};
     ck_assert_int_eq(tsr_test_tessera(NULL, NULL, synth), 0);
     snprintf(set_tiny, sizeof set_tiny, "draft.model=%s", tiny);
-    snprintf(set_xs, sizeof set_xs, "draft.model=%s", xs);
-#define RUN(...) {"run", "-m", model, "--tokenizer", tok, "-p", "Once", "-n", "4", __VA_ARGS__, NULL}
+#define RUN(...) {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once", "-n", "4", __VA_ARGS__, \
+                  NULL}
     const char *vocab_size[] = RUN("--set", "decoder.plugin=speculative", "--set", set_tiny);
     snprintf(want, sizeof want, "tessera: draft.model: %s has 320 tokens and the target model "
              "512: a draft must share the target's vocabulary\n", tiny);
@@ -682,7 +704,7 @@ START_TEST(draft_errors_are_one_line) {
                                   "vocabulary\n") &&
                       strchr(err, '\n') == err + strlen(err) - 1, "%s", err);
     free(err);
-    snprintf(set_tok, sizeof set_tok, "draft.tokenizer=%s", tok);
+    snprintf(set_tok, sizeof set_tok, "draft.tokenizer=%s", f.tok);
     texts[12] = set_tok;
     ck_assert_int_eq(tsr_test_tessera(NULL, NULL, texts), 0);
 
@@ -716,10 +738,8 @@ START_TEST(draft_errors_are_one_line) {
     rmdir(dir);
     free(changed);
     free(dir);
-    free(model);
-    free(tok);
     free(gguf);
-    free(xs);
+    draft_files_close(&f);
 }
 END_TEST
 
@@ -727,10 +747,9 @@ END_TEST
  * is greedy's; --json and -v report the decoding: target and draft forwards, tokens per target
  * forward, drafts accepted by position, draft and verify time. */
 START_TEST(run_reports_speculative_decoding) {
-    char *model = tsr_test_data("models/stories260K.bin"), *tok = tsr_test_data("models/tok512.bin");
-    char *xs = tsr_test_data(XS), set_xs[4300];
-    snprintf(set_xs, sizeof set_xs, "draft.model=%s", xs);
-    const char *greedy[] = {"run", "-m", model, "--tokenizer", tok, "-p", "Once upon a time",
+    draft_files f;
+    draft_files_open(&f);
+    const char *greedy[] = {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once upon a time",
                             "-n", "40", "--set", "decoder.plugin=greedy", "--json", NULL};
     json_t *g = run_json(greedy);
     json_t *gd = json_object_get(g, "decoding");
@@ -738,9 +757,9 @@ START_TEST(run_reports_speculative_decoding) {
     ck_assert_int_eq(int_at(gd, "draft_forwards", NULL), 0);
     ck_assert_double_eq(json_real_value(json_object_get(gd, "tokens_per_target_forward")), 1.0);
     ck_assert(json_is_null(json_object_get(gd, "decoder")));
-    const char *spec[] = {"run", "-m", model, "--tokenizer", tok, "-p", "Once upon a time",
+    const char *spec[] = {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once upon a time",
                           "-n", "40", "--set", "decoder.plugin=speculative", "--temperature", "0",
-                          "--set", set_xs, "--json", NULL};
+                          "--set", f.set_xs, "--json", NULL};
     json_t *r = run_json(spec);
     ck_assert_str_eq(json_string_value(json_object_get(r, "text")),
                      json_string_value(json_object_get(g, "text")));
@@ -784,9 +803,7 @@ START_TEST(run_reports_speculative_decoding) {
     free(err);
     json_decref(r);
     json_decref(g);
-    free(model);
-    free(tok);
-    free(xs);
+    draft_files_close(&f);
 }
 END_TEST
 
@@ -856,11 +873,11 @@ END_TEST
 
 /* The draft's training context is its own: beyond it, one warning line. */
 START_TEST(warns_beyond_the_draft_context) {
-    char *model = tsr_test_data("models/stories260K.bin"), *tok = tsr_test_data("models/tok512.bin");
-    char *xs = tsr_test_data(XS), set_xs[4300];
-    snprintf(set_xs, sizeof set_xs, "draft.model=%s", xs);
-    const char *args[] = {"run", "-m", model, "--tokenizer", tok, "-p", "Once upon a time", "-n",
-                          "251", "--set", "decoder.plugin=speculative", "--set", set_xs, NULL};
+    draft_files f;
+    draft_files_open(&f);
+    const char *args[] = {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once upon a time",
+                          "-n", "251", "--set", "decoder.plugin=speculative", "--set", f.set_xs,
+                          NULL};
     char *err;
     ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 0);
     ck_assert_msg(!strstr(err, "warning"), "%s", err);
@@ -872,9 +889,7 @@ START_TEST(warns_beyond_the_draft_context) {
                           "beyond them\n";
     ck_assert_msg(!strncmp(err, warning, strlen(warning)), "%s", err);
     free(err);
-    free(model);
-    free(tok);
-    free(xs);
+    draft_files_close(&f);
 }
 END_TEST
 

@@ -7,8 +7,9 @@
  * `sample` decoder token for token. Each sequence is emitted as its own continuation
  * (emit_seq) and stops on its own (end of generation, the token limit).
  *
- * With `ffs` (First Finish Search, Agarwal et al. 2025, "First Finish Search: Efficient
- * Test-Time Scaling in Large Language Models"), the sequences are kept until the first of them
+ * With `ffs` (First Finish Search, Agarwal, Sengupta, Chakraborty 2025, "First Finish Search:
+ * Efficient Test-Time Scaling in Large Language Models", arXiv 2505.18149; its synchronous
+ * variant, every sample in one batch), the sequences are kept until the first of them
  * finishes (emits an end-of-generation token, or reaches the token limit or the context), and
  * only that one is emitted; the others are dropped. Several finishing at one step: the lowest
  * sequence id wins.
