@@ -478,6 +478,9 @@ static const struct {
     {"tessera: 1\ndecoder: { plugin: spec }\n",
      "bad.yaml:2:20: decoder: 'spec' needs a draft model: add a draft: section (draft.model: "
      "FILE, or draft.skip_layers: [...] to draft with the target's own layers)"},
+    {"tessera: 1\ndecoder: { plugin: spec }\ndraft: { tokenizer: t.bin, skip_layers: [1] }\n",
+     "bad.yaml:3:8: draft.tokenizer: a self-draft reads with the target's vocabulary; give "
+     "draft.model too, or remove draft.tokenizer"},
     {"tessera: 1\ndecoder: { plugin: odd }\n",
      "bad.yaml:2:20: decoder: 'odd' declares draft_use 7, which is not a tsr_decoder_draft_use "
      "(0, 1 or 2)"},

@@ -1063,6 +1063,10 @@ static tsr_status inherit_stage(tsr_stage_conf *sc, const tsr_stage_conf *target
 static tsr_status bind_draft(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
                              tsr_error *err) {
     tsr_config *d = cfg->draft;
+    if (d->tokenizer_path && !d->model_path)
+        return tsr_error_set_at(err, TSR_E_INVALID, d->loc, "draft.tokenizer: a self-draft reads "
+                                "with the target's vocabulary; give draft.model too, or remove "
+                                "draft.tokenizer");
     for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
         tsr_stage_conf *sc = &d->stage[s], *target = &cfg->stage[s];
         if (s == TSR_STAGE_DECODER) continue;
