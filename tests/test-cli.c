@@ -463,12 +463,14 @@ START_TEST(validate_checks_model_files) {
     char config[4200], model[4200], yaml[12000];
     snprintf(config, sizeof config, "%s/p.yaml", dir);
     snprintf(model, sizeof model, "%s/m.gguf", dir);
-    /* section, key: the draft's files too */
-    const char *keys[][2] = {{"model", "path"}, {"model", "tokenizer"}, {"draft", "model"},
-                             {"draft", "tokenizer"}};
+    /* section, key, what else the section needs: the draft's files too (its tokenizer goes with
+     * a draft model; the config file itself stands in for one) */
+    const char *keys[][3] = {{"model", "path", ""}, {"model", "tokenizer", ""},
+                             {"draft", "model", ""}, {"draft", "tokenizer", ", model: p.yaml"}};
     for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
-        snprintf(yaml, sizeof yaml, "tessera: 1\ndecoder: { plugin: %s }\n%s: { %s: m.gguf }\n",
-                 keys[k][0][0] == 'd' ? "speculative" : "sample", keys[k][0], keys[k][1]);
+        snprintf(yaml, sizeof yaml, "tessera: 1\ndecoder: { plugin: %s }\n%s: { %s: m.gguf%s }\n",
+                 keys[k][0][0] == 'd' ? "speculative" : "sample", keys[k][0], keys[k][1],
+                 keys[k][2]);
         ck_assert_int_eq(tsr_test_write_file(config, yaml, strlen(yaml)), 0);
         char *out, *err;
         const char *args[] = {"validate", config, NULL};
