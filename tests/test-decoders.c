@@ -298,11 +298,16 @@ START_TEST(parallel_first_finish) {
     tsr_test_pipeline_open_ok(&r, stories, HEAD "decoder: { plugin: parallel, n: 4, "
                               "temperature: 1, seed: 5, ffs: true }\n", 512);
     tsr_generate_stats st = generate_eog(&r, once, 5, 400, stops_at_bos, &first);
-    tsr_test_pipeline_close(&r);
     ck_assert_int_eq(st.n_sequences, 1);
     for (int s = 0; s < 4; s++) ck_assert_int_eq(first.n[s], s == shortest ? all.n[s] : 0);
     ck_assert_mem_eq(first.ids[shortest], all.ids[shortest],
                      (size_t)all.n[shortest] * sizeof(int32_t));
+    /* Without an end token every sequence reaches the limit at one step: the lowest id wins. */
+    st = generate(&r, once, 5, 20, &first);
+    ck_assert_int_eq(st.n_sequences, 1);
+    ck_assert_int_eq(first.n[0], 20);
+    ck_assert_mem_eq(first.ids[0], all.ids[0], 20 * sizeof(int32_t));
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
