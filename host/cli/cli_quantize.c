@@ -437,11 +437,15 @@ typedef struct synth_shape {
 } synth_shape;
 
 /* Shapes of real models (their published configurations), for benchmarks without weights;
- * the tiny ones are for tests. The experts' sizes are written under the keys llama.cpp reads
- * for the architecture: olmoe's feed_forward_length is its experts' size, qwen2moe's
- * expert_feed_forward_length and expert_shared_feed_forward_length. */
+ * tinyllama-draft is a small model on tinyllama's vocabulary (4 layers of 512, its head size),
+ * the draft of speculative decoding measurements; the tiny ones are for tests. The experts'
+ * sizes are written under the keys llama.cpp reads for the architecture: olmoe's
+ * feed_forward_length is its experts' size, qwen2moe's expert_feed_forward_length and
+ * expert_shared_feed_forward_length. */
 static const synth_shape shapes[] = {
     {"tinyllama-1.1b", "llama", 2048, 22, 32, 4, 5632, 32000, 2048, 10000.0f, 1e-5f, false, false,
+     0, 0, 0, 0},
+    {"tinyllama-draft", "llama", 512, 4, 8, 4, 1408, 32000, 2048, 10000.0f, 1e-5f, false, false,
      0, 0, 0, 0},
     {"qwen2.5-0.5b", "qwen2", 896, 24, 14, 2, 4864, 151936, 32768, 1000000.0f, 1e-6f, true, true,
      0, 0, 0, 0},

@@ -470,9 +470,12 @@ static tsr_status route(tsr_graph *g, int32_t l, int64_t n, tsr_error *err) {
         (st = to_host(g, g->moe_hidden_host, g->xn,
                       (size_t)n * (size_t)hp->n_embd * sizeof(float), err)) < 0)
         return st;
-    int32_t next = l + 1 < hp->n_layer && (g->router_needs[l] & TSR_ROUTER_NEEDS_NEXT_GATE)
-                       ? l + 1
-                       : -1;
+    /* the next layer this forward runs, when the router asked for its logits */
+    int32_t next = -1;
+    for (int32_t j = l + 1; (g->router_needs[l] & TSR_ROUTER_NEEDS_NEXT_GATE) && next < 0 &&
+                            j < hp->n_layer;
+         j++)
+        if (!g->skip_layer || !g->skip_layer[j]) next = j;
     if (next >= 0 &&
         ((st = matmul_placed(g, g->moe_next, &g->weights->moe[next].router, g->xn, n, err)) < 0 ||
          (st = to_host(g, g->moe_next_host, g->moe_next, logits_bytes, err)) < 0))
@@ -665,6 +668,7 @@ tsr_status tsr_graph_forward(tsr_graph *g, const tsr_batch_entry *entries, int64
     OP(be->get_rows(self, g->x, &g->weights->embeddings, g->ids_dev, n));
     g->route_prev_valid = false;
     for (int32_t l = 0; l < hp->n_layer; l++) {
+        if (g->skip_layer && g->skip_layer[l]) continue;
         if ((st = layer_forward(g, l, n, runs, n_runs, err)) < 0) return st;
         int64_t bad = g->memory_space == TSR_MEMORY_HOST ? first_non_finite(g->x, n * e) : -1;
         if (bad >= 0) {

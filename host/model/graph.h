@@ -53,6 +53,8 @@ typedef struct tsr_graph {
     tsr_instance *const *quantizer_at; /* (n_layer): multiplies a router's substitutes it owns */
     tsr_instance *const *router_at;    /* (n_layer) for a model with experts */
     const int32_t *router_needs;       /* (n_layer): what each asked for (TSR_ROUTER_NEEDS_*) */
+    const bool *skip_layer;            /* (n_layer) blocks the forward leaves out (a self-draft
+                                          skipping layers), or NULL: none */
     tsr_stage_times times;
 
     /* Activations in the backend's memory, sized for `cap` rows; grown on demand. */

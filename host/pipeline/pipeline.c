@@ -54,7 +54,7 @@ static tsr_model_shape pipeline_shape(const tsr_pipeline *pl, tsr_pool *pool) {
         .n_ff_expert = hp->n_ff_expert, .gating = hp->gating, .normalize = hp->normalize,
         .n_seq_max = 16, .n_threads = tsr_pool_size(pool),
         .backend_name = pl->cfg->stage[TSR_STAGE_BACKEND].plugin,
-        .memory_space = pl->memory_space};
+        .memory_space = pl->memory_space, .has_draft = pl->cfg->draft != NULL};
 }
 
 /* A model with experts needs the backend's rows (backend 1.1). */
@@ -91,8 +91,11 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
         (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_CACHE, &shape,
                                          &main[TSR_STAGE_CACHE], pl->cache_at, err)) < 0)
         return st;
-    return tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
-                                &main[TSR_STAGE_DECODER], err);
+    /* A draft's pipeline has no decoder: the target's drives both. */
+    if (cfg->stage[TSR_STAGE_DECODER].plugin)
+        st = tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
+                                  &main[TSR_STAGE_DECODER], err);
+    return st;
 }
 
 /* The routers of a model with experts, once the weights are prepared: each gets the model's
@@ -124,7 +127,7 @@ static tsr_status create_routers(tsr_pipeline *pl, tsr_pool *pool, tsr_error *er
     return TSR_OK;
 }
 
-tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
+static tsr_status pipeline_new(const tsr_config *cfg, const tsr_registry *reg,
                                const tsr_model *model, tsr_pool *pool, int32_t n_ctx,
                                tsr_pipeline **out, tsr_error *err) {
     *out = NULL;
@@ -175,8 +178,51 @@ fail:
     return st;
 }
 
+/* The draft's pipeline on `model`, its forward leaving out the layers of draft.skip_layers. */
+static tsr_status add_draft(tsr_pipeline *pl, const tsr_registry *reg, const tsr_model *model,
+                            tsr_pool *pool, tsr_error *err) {
+    const tsr_config *d = pl->cfg->draft;
+    const tsr_hparams *hp = &model->hp;
+    if (hp->n_vocab != pl->model->hp.n_vocab)
+        return tsr_error_set_at(err, TSR_E_INVALID, d->loc, "draft: the draft model has %d tokens "
+                                "and the target %d: a draft must share the target's vocabulary",
+                                hp->n_vocab, pl->model->hp.n_vocab);
+    for (size_t i = 0; i < d->n_skip_layers; i++)
+        if (d->skip_layers[i] >= hp->n_layer)
+            return tsr_error_set_at(err, TSR_E_RANGE, d->skip_loc, "draft.skip_layers: layer %d is "
+                                    "beyond the draft model's %d layers (0 to %d)",
+                                    d->skip_layers[i], hp->n_layer, hp->n_layer - 1);
+    if (d->n_skip_layers >= (size_t)hp->n_layer)
+        return tsr_error_set_at(err, TSR_E_INVALID, d->skip_loc, "draft.skip_layers: all %d "
+                                "layers of the model are skipped; a draft must run one at least",
+                                hp->n_layer);
+    tsr_status st = pipeline_new(d, reg, model, pool, pl->n_ctx, &pl->draft, err);
+    if (st < 0 || d->n_skip_layers == 0) return st;
+    tsr_pipeline *draft = pl->draft;
+    if (!(draft->skip_layer = calloc((size_t)hp->n_layer, sizeof *draft->skip_layer)))
+        return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
+    for (size_t i = 0; i < d->n_skip_layers; i++) draft->skip_layer[d->skip_layers[i]] = true;
+    draft->graph.skip_layer = draft->skip_layer;
+    return TSR_OK;
+}
+
+tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
+                               const tsr_model *model, const tsr_model *draft_model,
+                               tsr_pool *pool, int32_t n_ctx, tsr_pipeline **out,
+                               tsr_error *err) {
+    tsr_status st = pipeline_new(cfg, reg, model, pool, n_ctx, out, err);
+    if (st < 0 || !cfg->draft) return st;
+    if ((st = add_draft(*out, reg, draft_model ? draft_model : model, pool, err)) < 0) {
+        tsr_pipeline_free(*out);
+        *out = NULL;
+    }
+    return st;
+}
+
 void tsr_pipeline_free(tsr_pipeline *pl) {
     if (!pl) return;
+    tsr_pipeline_free(pl->draft);
+    free(pl->skip_layer);
     tsr_instance_set_free(&pl->routers);
     tsr_experts_free(pl->experts);
     tsr_model_weights_release(&pl->weights);
@@ -355,6 +401,14 @@ void tsr_pipeline_profile_heads(tsr_pipeline *pl, float *head_mass, int32_t sink
 }
 
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl) { return &pl->graph.times; }
+
+const tsr_pipeline *tsr_pipeline_draft(const tsr_pipeline *pl) { return pl->draft; }
+
+int64_t tsr_pipeline_parallel(const tsr_pipeline *pl) {
+    const tsr_bound_params *b = &pl->cfg->stage[TSR_STAGE_DECODER].bound;
+    int32_t i = tsr_param_find_role(b->params.defs, b->params.count, TSR_PARAM_ROLE_PARALLEL);
+    return i >= 0 ? b->values[i].u.i : 1;
+}
 
 void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
                                  double *rel_rmse) {
