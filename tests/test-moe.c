@@ -421,6 +421,32 @@ START_TEST(router_gets_what_the_host_computed) {
 }
 END_TEST
 
+/* A forward that leaves a layer out (a self-draft's skip_layers) gives the layers before it
+ * the gate logits of the next layer it runs: here none, the last one being skipped. */
+START_TEST(skipped_layers_give_no_next_gate) {
+    char *trace = tsr_test_tmp_path("trace.bin"), router[512], yaml[1024];
+    snprintf(router, sizeof router, "router: { plugin: probe, mode: topk, needs: 1, trace: %s }\n",
+             trace);
+    run r;
+    open_ok(&r, TINY_MOE, yaml_of(yaml, sizeof yaml, "cpu", "{ plugin: gguf }", router));
+    const bool skip[2] = {false, true};
+    r.pl->graph.skip_layer = skip;
+    free(prompt_logits(&r));
+    tsr_test_pipeline_close(&r);
+    size_t size;
+    char *bytes = tsr_test_read_file(trace, &size);
+    const char *p = bytes, *end = bytes + size;
+    record rec;
+    ck_assert(next_record(&p, end, &rec));
+    ck_assert_int_eq(rec.layer, 0);
+    ck_assert_int_eq(rec.next_layer, -1);
+    ck_assert(!next_record(&p, end, &rec)); /* layer 1 never ran */
+    free(bytes);
+    unlink(trace);
+    free(trace);
+}
+END_TEST
+
 /* A `layers:` entry gives its layers a router of their own, asked its needs on its own. */
 START_TEST(routers_vary_per_layer) {
     char yaml[512];
@@ -646,6 +672,7 @@ int main(void) {
                         (int)(sizeof topk_cases / sizeof topk_cases[0]));
     tcase_add_loop_test(tc, router_gets_what_the_host_computed, 0, 4);
     tcase_add_test(tc, routers_vary_per_layer);
+    tcase_add_test(tc, skipped_layers_give_no_next_gate);
     tcase_add_loop_test(tc, experts_moved_in_and_out_change_nothing, 0, 2);
     tcase_add_loop_test(tc, substitutes_are_multiplied, 0, 4);
     tcase_add_loop_test(tc, broken_routes_are_refused, 0,
