@@ -1,0 +1,153 @@
+/*
+ * decoder 'lookup': prompt lookup decoding (Saxena 2023, "Prompt Lookup Decoding",
+ * github.com/apoorvumang/prompt-lookup-decoding). No draft model: the last n tokens of the text
+ * (prompt and output so far) are searched for earlier in the text, and the tokens that followed
+ * that occurrence are proposed as the continuation. The target verifies the pending token and
+ * the whole draft in one forward; the drafted tokens its argmax agrees with are accepted, with
+ * its own token after them, and the rejected positions are rolled back with seq_truncate. The
+ * output is exactly `greedy`'s.
+ *
+ * Where Saxena's code takes the first occurrence of the n-gram, this takes the latest: in a text
+ * that repeats itself (a model looping, a document quoted twice) the latest occurrence is the
+ * one the model is copying.
+ */
+#include <tessera/sdk.h>
+#include <tessera/sdk_draft.h>
+
+typedef struct lookup {
+    const tsr_host *host;
+    int32_t n_vocab;
+    int64_t ngram_min, ngram_max, draft_max;
+    tsr_batch_entry *batch; /* (draft_max + 1) */
+    float *logits;          /* (draft_max + 1, n_vocab) */
+    tsr_decoder_stats stats;
+} lookup;
+
+/* Writes to draft the tokens (at most `max`) that followed the latest earlier occurrence of
+ * the last g tokens of text (n of them), for the longest g in [g_min, g_max] that occurs
+ * earlier with at least one token after it; returns their count, 0 when no g does. */
+static int64_t lookup_find(const int32_t *text, int64_t n, int64_t g_min, int64_t g_max,
+                           int64_t max, int32_t *draft) {
+    for (int64_t g = g_max < n - 1 ? g_max : n - 1; g >= g_min; g--) {
+        const int32_t *tail = text + n - g;
+        for (int64_t i = n - g - 1; i >= 0; i--) {
+            if (memcmp(text + i, tail, (size_t)g * sizeof *text) != 0) continue;
+            int64_t k = n - (i + g) < max ? n - (i + g) : max;
+            memcpy(draft, text + i + g, (size_t)k * sizeof *draft);
+            return k;
+        }
+    }
+    return 0;
+}
+
+static tsr_status lookup_generate(void *self, const tsr_decode_api *api,
+                                  const tsr_generate_request *req) {
+    lookup *L = self;
+    if (api->n_vocab != L->n_vocab) {
+        L->host->set_error(L->host->ctx, "generate: vocabulary of %d tokens, created for %d",
+                           (int)api->n_vocab, (int)L->n_vocab);
+        return TSR_E_INVALID;
+    }
+    L->stats = (tsr_decoder_stats){.struct_size = sizeof L->stats};
+    tsr_draft_text t;
+    tsr_status st = tsr_draft_text_begin(&t, L->host, api, req, &L->stats);
+    int32_t draft[TSR_DECODER_MAX_DRAFT], out[TSR_DECODER_MAX_DRAFT + 1];
+    while (st >= 0 && !t.done) {
+        uint64_t t0 = tsr_draft_now(L->host);
+        int64_t room = tsr_draft_text_room(&t);
+        int64_t k = lookup_find(t.tokens, t.n, L->ngram_min, L->ngram_max,
+                                room < L->draft_max ? room : L->draft_max, draft);
+        L->stats.draft_ns += tsr_draft_now(L->host) - t0;
+        int64_t n = tsr_draft_batch(L->batch, t.seq, &t, draft, k);
+        if ((st = tsr_draft_forward(&t, L->batch, n, L->logits)) < 0) break;
+        int64_t accepted = tsr_draft_accept_greedy(L->logits, L->n_vocab, draft, k, out);
+        tsr_decoder_stats_add(&L->stats, k, accepted - 1);
+        st = tsr_draft_text_commit(&t, t.seq, out, accepted);
+    }
+    tsr_draft_text_end(&t);
+    return st;
+}
+
+static int32_t lookup_pick(void *self, const float *logits, const int32_t *history,
+                           int64_t n_history) {
+    return tsr_argmax(logits, ((const lookup *)self)->n_vocab);
+}
+
+static void lookup_stats(void *self, tsr_decoder_stats *out) {
+    tsr_decoder_stats_copy(out, &((const lookup *)self)->stats);
+}
+
+static void lookup_destroy(void *self) {
+    lookup *L = self;
+    L->host->free(L->host->ctx, L->batch);
+    L->host->free(L->host->ctx, L->logits);
+    L->host->free(L->host->ctx, L);
+}
+
+static tsr_status lookup_create(const tsr_host *host, const tsr_params *params,
+                                const tsr_decoder_init *init, void **out) {
+    if (init->n_vocab <= 0) {
+        host->set_error(host->ctx, "n_vocab %d: expected a positive vocabulary size",
+                        (int)init->n_vocab);
+        return TSR_E_INVALID;
+    }
+    int64_t g_min = tsr_param_int(params, "ngram_min"), g_max = tsr_param_int(params, "ngram_max");
+    if (g_min > g_max) {
+        host->set_error(host->ctx, "ngram_min %lld is above ngram_max %lld: no n-gram size "
+                        "to search", (long long)g_min, (long long)g_max);
+        return TSR_E_INVALID;
+    }
+    lookup *L = tsr_calloc(host, 1, sizeof *L);
+    if (!L) {
+        host->set_error(host->ctx, "out of memory");
+        return TSR_E_NOMEM;
+    }
+    L->host = host;
+    L->n_vocab = init->n_vocab;
+    L->ngram_min = g_min;
+    L->ngram_max = g_max;
+    L->draft_max = tsr_param_int(params, "draft");
+    L->batch = tsr_calloc(host, (size_t)L->draft_max + 1, sizeof *L->batch);
+    L->logits = tsr_calloc(host, ((size_t)L->draft_max + 1) * (size_t)L->n_vocab, sizeof(float));
+    if (!L->batch || !L->logits) {
+        lookup_destroy(L);
+        host->set_error(host->ctx, "out of memory for %lld drafted tokens of a vocabulary of %d",
+                        (long long)(tsr_param_int(params, "draft")), (int)init->n_vocab);
+        return TSR_E_NOMEM;
+    }
+    *out = L;
+    return TSR_OK;
+}
+
+static const tsr_param_def lookup_params[] = {
+    {TSR_SIZED(tsr_param_def), .name = "ngram_max", .type = TSR_PARAM_INT, .default_value = "3",
+     .min = 1, .max = 64, .unit = "tokens",
+     .doc = "longest tail of the text searched for earlier in it"},
+    {TSR_SIZED(tsr_param_def), .name = "ngram_min", .type = TSR_PARAM_INT, .default_value = "1",
+     .min = 1, .max = 64, .unit = "tokens",
+     .doc = "shortest tail searched before giving up and running one token"},
+    {TSR_SIZED(tsr_param_def), .name = "draft", .type = TSR_PARAM_INT, .default_value = "10",
+     .min = 1, .max = TSR_DECODER_MAX_DRAFT, .unit = "tokens",
+     .doc = "tokens copied after the earlier occurrence and verified in one forward"},
+};
+
+static const tsr_decoder_vtable lookup_vtable = {
+    TSR_SIZED(tsr_decoder_vtable),
+    .create = lookup_create,
+    .destroy = lookup_destroy,
+    .generate = lookup_generate,
+    .pick = lookup_pick,
+    .stats = lookup_stats,
+};
+
+static const tsr_plugin_desc lookup_desc = {
+    TSR_PLUGIN_HEADER(TSR_STAGE_DECODER, DECODER),
+    .name = "lookup",
+    .version = "1.0",
+    .description = "prompt lookup decoding: drafts copied from earlier in the text, verified in "
+                   "one forward; greedy's tokens",
+    TSR_PARAMS(lookup_params),
+    .vtable = &lookup_vtable,
+};
+
+TSR_PLUGIN_EXPORT(&lookup_desc)
