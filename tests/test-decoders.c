@@ -86,6 +86,9 @@ static const char *const exact_decoders[] = {
     "{ plugin: aded }",
     "{ plugin: aded, branches: 4, draft: 5, sims: 64 }",
     "{ plugin: aded, persist: false, top: 1, sims: 1, draft: 32 }",
+    "{ plugin: lookahead }",
+    "{ plugin: lookahead, window: 8, ngram: 2, guess: 7 }",
+    "{ plugin: lookahead, window: 1, ngram: 8, guess: 1, text_pool: false }",
     /* not drafting: */
     "{ plugin: beam, width: 1 }",
     "{ plugin: beam, width: 1, length_penalty: -2 }",
@@ -296,6 +299,54 @@ START_TEST(aded_second_branch_wins_where_the_table_is_ambiguous) {
 }
 END_TEST
 
+/* Lookup on the cycle: the text's last bigram (then trigram) occurred one period earlier, and
+ * the 8 tokens after that occurrence are all right, so each forward emits 9 tokens; asked for
+ * more than the context holds, it stops when the text fills the context and one token more
+ * (the last is never forwarded): 10 prompt tokens + 13 x 9, then 1 drafted token and 1 own. */
+START_TEST(lookup_copies_a_period_per_forward_until_the_context_ends) {
+    static const int32_t prompt[] = {7, 1, 2, 3, 8, 1, 2, 4, 7, 1};
+    fx f;
+    script_open(&f, "lookup", NULL);
+    script_model m = {.script = cycle_script, .eog = -1};
+    script_run(&f, &m, prompt, 10, 1000);
+    ck_assert_int_eq(m.emitted.n, SCRIPT_CTX + 1 - 10);
+    ck_assert_int_eq(m.forwards, 1 + 13 + 1);
+    int32_t text[SCRIPT_CTX + 1];
+    memcpy(text, prompt, sizeof prompt);
+    for (int64_t i = 0; i < m.emitted.n; i++) {
+        text[10 + i] = cycle_next(text, 10 + i);
+        ck_assert_int_eq(m.emitted.v[i], text[10 + i]);
+    }
+    fx_close(&f);
+}
+END_TEST
+
+/* Lookahead's Jacobi iteration alone (no n-grams from the text) finds the cycle: its guesses
+ * converge, and the n-grams they trace give more than a third of the tokens. */
+START_TEST(lookahead_guesses_converge_on_the_cycle) {
+    static const int32_t prompt[] = {7, 1};
+    const char *kv[] = {"window=4", "ngram=4", "guess=2", "text_pool=false", NULL};
+    fx f;
+    script_open(&f, "lookahead", kv);
+    script_model m = {.script = cycle_script, .eog = -1};
+    script_run(&f, &m, prompt, 2, 80);
+    int32_t text[128];
+    memcpy(text, prompt, sizeof prompt);
+    for (int64_t i = 0; i < 80; i++) {
+        text[2 + i] = cycle_next(text, 2 + i);
+        ck_assert_int_eq(m.emitted.v[i], text[2 + i]);
+    }
+    const tsr_decoder_vtable *vt = f.vt;
+    tsr_decoder_stats s = {.struct_size = sizeof s};
+    vt->stats(f.inst->self, &s);
+    fprintf(stderr, "lookahead on the cycle: 80 tokens in %lld forwards, %lld of %lld drafted "
+            "accepted\n", (long long)m.forwards, (long long)s.accepted, (long long)s.drafted);
+    ck_assert_int_eq(m.forwards, 1 + 80 - s.accepted);
+    ck_assert_int_gt(s.accepted, 80 / 3);
+    fx_close(&f);
+}
+END_TEST
+
 /* Beam search's script (tokens A 1, B 2, C 3, D 4, end 7), by the text after the prompt 0:
  *   ""  -> A .6, B .4          "A" -> end .7, C .3       "B" -> C .9, D .1
  *   "AC", "ACC" -> C .8, D .2  "BC" -> D .95, C .05      "BCD" -> end .95, A .05
@@ -362,6 +413,8 @@ int main(void) {
     Suite *s = suite_create("decoders");
     TCase *sc = tcase_create("scripted");
     tcase_add_test(sc, aded_second_branch_wins_where_the_table_is_ambiguous);
+    tcase_add_test(sc, lookup_copies_a_period_per_forward_until_the_context_ends);
+    tcase_add_test(sc, lookahead_guesses_converge_on_the_cycle);
     tcase_add_test(sc, beam_scores_and_length_penalty_by_hand);
     suite_add_tcase(s, sc);
     char *model = tsr_test_data_path("models/stories260K.gguf");
