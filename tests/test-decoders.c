@@ -270,6 +270,18 @@ static void cycle_script(const int32_t *text, int64_t n, float *logits) {
     logits[cycle_next(text, n)] = 1.0f;
 }
 
+/* The model emitted the cycle's continuation of `prompt`, n_want tokens. */
+static void assert_cycle(const script_model *m, const int32_t *prompt, int64_t n_prompt,
+                         int64_t n_want) {
+    ck_assert_int_eq(m->emitted.n, n_want);
+    int32_t text[SCRIPT_CTX + 1];
+    memcpy(text, prompt, (size_t)n_prompt * sizeof *prompt);
+    for (int64_t i = 0; i < n_want; i++) {
+        text[n_prompt + i] = cycle_next(text, n_prompt + i);
+        ck_assert_int_eq(m->emitted.v[i], text[n_prompt + i]);
+    }
+}
+
 /* ADED's second branch drafts the follower of (1, 2) that its first one does not: with two
  * branches the search keeps up with the cycle, with one it is wrong at every other (1, 2). */
 START_TEST(aded_second_branch_wins_where_the_table_is_ambiguous) {
@@ -283,13 +295,7 @@ START_TEST(aded_second_branch_wins_where_the_table_is_ambiguous) {
         script_open(&f, "aded", kv);
         script_model m = {.script = cycle_script, .eog = -1};
         script_run(&f, &m, prompt, 10, 60);
-        int32_t text[128];
-        memcpy(text, prompt, sizeof prompt);
-        for (int64_t i = 0; i < 60; i++) {
-            text[10 + i] = cycle_next(text, 10 + i);
-            ck_assert_int_eq(m.emitted.v[i], text[10 + i]);
-        }
-        ck_assert_int_eq(m.emitted.n, 60);
+        assert_cycle(&m, prompt, 10, 60);
         forwards[branches - 1] = m.forwards;
         fx_close(&f);
     }
@@ -309,14 +315,8 @@ START_TEST(lookup_copies_a_period_per_forward_until_the_context_ends) {
     script_open(&f, "lookup", NULL);
     script_model m = {.script = cycle_script, .eog = -1};
     script_run(&f, &m, prompt, 10, 1000);
-    ck_assert_int_eq(m.emitted.n, SCRIPT_CTX + 1 - 10);
+    assert_cycle(&m, prompt, 10, SCRIPT_CTX + 1 - 10);
     ck_assert_int_eq(m.forwards, 1 + 13 + 1);
-    int32_t text[SCRIPT_CTX + 1];
-    memcpy(text, prompt, sizeof prompt);
-    for (int64_t i = 0; i < m.emitted.n; i++) {
-        text[10 + i] = cycle_next(text, 10 + i);
-        ck_assert_int_eq(m.emitted.v[i], text[10 + i]);
-    }
     fx_close(&f);
 }
 END_TEST
@@ -330,12 +330,7 @@ START_TEST(lookahead_guesses_converge_on_the_cycle) {
     script_open(&f, "lookahead", kv);
     script_model m = {.script = cycle_script, .eog = -1};
     script_run(&f, &m, prompt, 2, 80);
-    int32_t text[128];
-    memcpy(text, prompt, sizeof prompt);
-    for (int64_t i = 0; i < 80; i++) {
-        text[2 + i] = cycle_next(text, 2 + i);
-        ck_assert_int_eq(m.emitted.v[i], text[2 + i]);
-    }
+    assert_cycle(&m, prompt, 2, 80);
     const tsr_decoder_vtable *vt = f.vt;
     tsr_decoder_stats s = {.struct_size = sizeof s};
     vt->stats(f.inst->self, &s);
