@@ -153,6 +153,39 @@ START_TEST(drafting_decoders_save_forwards_on_repeated_text) {
 }
 END_TEST
 
+/* Bad parameters: one line naming the key and what was expected (the host's range check, or
+ * the plugin's own refusal), exit 1, nothing on stdout. */
+START_TEST(bad_parameters_get_one_line) {
+    static const struct {
+        const char *plugin, *set, *line;
+    } cases[] = {
+        {"lookup", "decoder.draft=0", "--set: decoder.draft: expected an integer in [1, 32], got '0'"},
+        {"lookup", "decoder.ngram_min=4",
+         "decoder: lookup: ngram_min 4 is above ngram_max 3: no n-gram size to search"},
+        {"aded", "decoder.branches=9",
+         "--set: decoder.branches: expected an integer in [1, 8], got '9'"},
+        {"lookahead", "decoder.ngram=1",
+         "--set: decoder.ngram: expected an integer in [2, 8], got '1'"},
+        {"beam", "decoder.width=0", "--set: decoder.width: expected an integer in [1, 16], got '0'"},
+    };
+    char *model = tsr_test_data("models/stories260K.gguf");
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char plugin[64], want[256];
+        snprintf(plugin, sizeof plugin, "decoder.plugin=%s", cases[i].plugin);
+        snprintf(want, sizeof want, "tessera: %s\n", cases[i].line);
+        const char *args[] = {"run", "-m", model, "-p", "Once", "-n", "4", "--set", plugin,
+                              "--set", cases[i].set, NULL};
+        char *out, *err;
+        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
+        ck_assert_str_eq(out, "");
+        ck_assert_str_eq(err, want);
+        free(out);
+        free(err);
+    }
+    free(model);
+}
+END_TEST
+
 /* ---- scripted models ------------------------------------------------------------------- */
 
 enum { SCRIPT_VOCAB = 16, SCRIPT_CTX = 128, SCRIPT_SEQS = 64 };
@@ -418,6 +451,7 @@ int main(void) {
         tcase_set_timeout(tc, 300);
         tcase_add_loop_test(tc, drafting_decoders_emit_greedy_tokens, 0, N_EXACT);
         tcase_add_loop_test(tc, drafting_decoders_save_forwards_on_repeated_text, 0, N_DRAFTING);
+        tcase_add_test(tc, bad_parameters_get_one_line);
         suite_add_tcase(s, tc);
     } else {
         fprintf(stderr, "skipped: the stories260K cases (models/stories260K.gguf is missing)\n");
