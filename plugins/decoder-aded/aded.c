@@ -214,9 +214,10 @@ static int64_t aded_path(const aded *A, int32_t i, const int32_t *text, int64_t 
     return len;
 }
 
-/* Up to n_branches drafts (draft + b * depth_max holds branch b, len[b] its length): the ends
- * of the visited tree with the highest path probability. Returns the branch count, at least 1
- * (an empty draft when the table knows nothing after the pending token). */
+/* Up to n_branches drafts of at most depth_max tokens (draft + b * draft_max holds branch b,
+ * len[b] its length): the ends of the visited tree with the highest path probability. Returns
+ * the branch count, at least 1 (an empty draft when the table knows nothing after the pending
+ * token). */
 static int64_t aded_drafts(aded *A, const int32_t *text, int64_t n, int64_t depth_max,
                            int32_t *draft, int64_t *len) {
     len[0] = 0;
@@ -234,7 +235,7 @@ static int64_t aded_drafts(aded *A, const int32_t *text, int64_t n, int64_t dept
         }
         if (best < 0) break;
         chosen[n_chosen] = best;
-        len[n_chosen] = aded_path(A, best, text, n, depth_max, draft + n_chosen * depth_max);
+        len[n_chosen] = aded_path(A, best, text, n, depth_max, draft + n_chosen * A->draft_max);
         n_chosen++;
     }
     return n_chosen;
