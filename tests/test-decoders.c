@@ -339,18 +339,30 @@ START_TEST(aded_second_branch_wins_where_the_table_is_ambiguous) {
 END_TEST
 
 /* Lookup on the cycle: the text's last bigram (then trigram) occurred one period earlier, and
- * the 8 tokens after that occurrence are all right, so each forward emits 9 tokens; asked for
- * more than the context holds, it stops when the text fills the context and one token more
- * (the last is never forwarded): 10 prompt tokens + 13 x 9, then 1 drafted token and 1 own. */
-START_TEST(lookup_copies_a_period_per_forward_until_the_context_ends) {
+ * the tokens copied from there, running on into the copy itself, are all right. Asked for more
+ * than the context holds, it stops when the text fills the context and one token more (the
+ * last is never forwarded): 119 tokens after the 10 of the prompt.
+ *  - draft 10 fixed: each forward emits 11 tokens, 10 times, then the 8 the room allows and one
+ *    own: 11 verifications;
+ *  - adaptive: drafts of 1, 2, 4, 8 (2 + 3 + 5 + 9 tokens), then 10 for 88 tokens, then 10
+ *    (the room's 11 less the target's own), then none at the context's last position: 14. */
+START_TEST(lookup_copies_the_cycle_until_the_context_ends) {
     static const int32_t prompt[] = {7, 1, 2, 3, 8, 1, 2, 4, 7, 1};
-    fx f;
-    script_open(&f, "lookup", NULL);
-    script_model m = {.script = cycle_script, .eog = -1};
-    script_run(&f, &m, prompt, 10, 1000);
-    assert_cycle(&m, prompt, 10, SCRIPT_CTX + 1 - 10);
-    ck_assert_int_eq(m.forwards, 1 + 13 + 1);
-    fx_close(&f);
+    static const struct {
+        const char *adaptive;
+        int64_t verifications;
+    } cases[] = {{"adaptive=false", 11}, {"adaptive=true", 14}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const char *kv[] = {cases[c].adaptive, NULL};
+        fx f;
+        script_open(&f, "lookup", kv);
+        script_model m = {.script = cycle_script, .eog = -1};
+        script_run(&f, &m, prompt, 10, 1000);
+        assert_cycle(&m, prompt, 10, SCRIPT_CTX + 1 - 10);
+        ck_assert_msg(m.forwards == 1 + cases[c].verifications, "%s: %lld forwards",
+                      cases[c].adaptive, (long long)m.forwards);
+        fx_close(&f);
+    }
 }
 END_TEST
 
@@ -441,7 +453,7 @@ int main(void) {
     Suite *s = suite_create("decoders");
     TCase *sc = tcase_create("scripted");
     tcase_add_test(sc, aded_second_branch_wins_where_the_table_is_ambiguous);
-    tcase_add_test(sc, lookup_copies_a_period_per_forward_until_the_context_ends);
+    tcase_add_test(sc, lookup_copies_the_cycle_until_the_context_ends);
     tcase_add_test(sc, lookahead_guesses_converge_on_the_cycle);
     tcase_add_test(sc, beam_scores_and_length_penalty_by_hand);
     suite_add_tcase(s, sc);

@@ -19,7 +19,7 @@
  * most frequent follower up to `draft` tokens, are verified in one forward, each branch on a
  * sequence of its own (the paper uses a tree mask; this ABI has forked sequences). The branch
  * whose tokens the target's argmax accepts furthest is kept, the others are ended; the output
- * is exactly `greedy`'s.
+ * is exactly `greedy`'s. With `adaptive` the draft length follows acceptance (tsr_draft_len).
  */
 #include <math.h>
 
@@ -49,7 +49,7 @@ typedef struct aded {
     int32_t n_vocab;
     int64_t draft_max, n_branches, n_sims, top, capacity;
     double explore;
-    int persist;
+    int persist, adaptive;
 
     /* The table: open addressing over `slots` (a power of two, at least twice capacity). */
     aded_ctx *ctx;      /* (slots) */
@@ -265,10 +265,11 @@ static tsr_status aded_generate(void *self, const tsr_decode_api *api,
     int32_t draft[ADED_MAX_BRANCHES * TSR_DECODER_MAX_DRAFT];
     int32_t out[ADED_MAX_BRANCHES * (TSR_DECODER_MAX_DRAFT + 1)];
     int64_t len[ADED_MAX_BRANCHES], seq[ADED_MAX_BRANCHES], accepted[ADED_MAX_BRANCHES];
+    tsr_draft_len cap = tsr_draft_len_start(A->draft_max, A->adaptive);
     while (st >= 0 && !t.done) {
         uint64_t t0 = tsr_draft_now(A->host);
         int64_t room = tsr_draft_text_room(&t);
-        int64_t nb = aded_drafts(A, t.tokens, t.n, room < stride ? room : stride, draft, len);
+        int64_t nb = aded_drafts(A, t.tokens, t.n, room < cap.cap ? room : cap.cap, draft, len);
         A->stats.draft_ns += tsr_draft_now(A->host) - t0;
         seq[0] = t.seq;
         for (int64_t b = 1; b < nb && st >= 0; b++)
@@ -288,6 +289,7 @@ static tsr_status aded_generate(void *self, const tsr_decode_api *api,
         /* Every branch's tokens were proposed; only the kept branch's count as accepted. */
         for (int64_t b = 0; b < nb; b++)
             tsr_decoder_stats_add(&A->stats, len[b], b == win ? accepted[b] - 1 : 0);
+        tsr_draft_len_update(&cap, len[win], accepted[win] - 1);
         tsr_draft_seqs_keep(&seqs, api, seq[win]);
         int64_t before = t.n;
         st = tsr_draft_text_commit(&t, seq[win], out + win * (stride + 1), accepted[win]);
@@ -341,6 +343,7 @@ static tsr_status aded_create(const tsr_host *host, const tsr_params *params,
     A->capacity = tsr_param_int(params, "contexts");
     A->explore = tsr_param_float(params, "explore");
     A->persist = tsr_param_bool(params, "persist");
+    A->adaptive = tsr_param_bool(params, "adaptive");
     for (A->slots = 2; A->slots < 2 * A->capacity;) A->slots *= 2;
     size_t rows = (size_t)(A->n_branches * (A->draft_max + 1));
     A->ctx = tsr_calloc(host, (size_t)A->slots, sizeof *A->ctx);
@@ -379,6 +382,9 @@ static const tsr_param_def aded_params[] = {
      .min = 0, .max = 100, .doc = "PUCT's c1: how far the search strays from the likeliest"},
     {TSR_SIZED(tsr_param_def), .name = "persist", .type = TSR_PARAM_BOOL, .default_value = "true",
      .doc = "keep the table across requests (false: each starts from its prompt alone)"},
+    {TSR_SIZED(tsr_param_def), .name = "adaptive", .type = TSR_PARAM_BOOL,
+     .default_value = "true",
+     .doc = "drafts from 1 token, doubling while the kept branch is accepted whole"},
 };
 
 static const tsr_decoder_vtable aded_vtable = {
