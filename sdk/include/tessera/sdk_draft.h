@@ -40,17 +40,22 @@ static inline int32_t tsr_argmax(const float *logits, int32_t n_vocab) {
     return best;
 }
 
-/* Counts one verification: n_drafted tokens proposed at draft positions 0..n_drafted-1, of
- * which the first n_accepted were accepted. Positions from TSR_DECODER_MAX_DRAFT on count in
- * the totals only. */
+/* Counts one token proposed at draft position i (0: the first after the pending token), and
+ * whether the target accepted it. Positions from TSR_DECODER_MAX_DRAFT on count in the totals
+ * only. */
+static inline void tsr_decoder_stats_one(tsr_decoder_stats *s, int64_t i, int accepted) {
+    s->drafted++;
+    s->accepted += accepted != 0;
+    if (i >= TSR_DECODER_MAX_DRAFT) return;
+    s->proposed_at[i]++;
+    s->accepted_at[i] += accepted != 0;
+}
+
+/* Counts one verification of a run: n_drafted tokens proposed at positions 0..n_drafted-1, of
+ * which the first n_accepted were accepted. */
 static inline void tsr_decoder_stats_add(tsr_decoder_stats *s, int64_t n_drafted,
                                          int64_t n_accepted) {
-    s->drafted += n_drafted;
-    s->accepted += n_accepted;
-    for (int64_t i = 0; i < n_drafted && i < TSR_DECODER_MAX_DRAFT; i++) {
-        s->proposed_at[i]++;
-        if (i < n_accepted) s->accepted_at[i]++;
-    }
+    for (int64_t i = 0; i < n_drafted; i++) tsr_decoder_stats_one(s, i, i < n_accepted);
 }
 
 /* Copies what a decoder keeps into the `out` its stats callback receives (zeroed by the host,
@@ -212,6 +217,65 @@ static inline tsr_status tsr_draft_text_commit(tsr_draft_text *t, int64_t seq,
         return TSR_OK;
     }
     return t->api->seq_truncate(t->api->ctx, seq, (int32_t)(t->n - 1));
+}
+
+/* The pipeline's draft model (tsr_decode_api.draft) as a drafting decoder drives it: a copy of
+ * what its sequence 0 holds, so that bringing it to a new context forwards only what differs
+ * (after a rollback of the target, the draft keeps the common prefix). */
+typedef struct tsr_draft_model {
+    const tsr_host *host;
+    const tsr_decode_api *api; /* the draft's */
+    int32_t *held;             /* (n_ctx) the tokens its sequence 0 holds */
+    int64_t n_held;
+    tsr_batch_entry *batch;    /* (n_ctx) */
+    tsr_decoder_stats *stats;  /* its forwards' time accumulates in draft_ns */
+} tsr_draft_model;
+
+static inline tsr_status tsr_draft_model_begin(tsr_draft_model *m, const tsr_host *host,
+                                               const tsr_decode_api *draft,
+                                               tsr_decoder_stats *stats) {
+    *m = (tsr_draft_model){.host = host, .api = draft, .stats = stats};
+    m->held = host->alloc(host->ctx, (size_t)draft->n_ctx * sizeof(int32_t), 0);
+    m->batch = host->alloc(host->ctx, (size_t)draft->n_ctx * sizeof(tsr_batch_entry), 0);
+    if (m->held && m->batch) return TSR_OK;
+    host->free(host->ctx, m->held);
+    host->free(host->ctx, m->batch);
+    m->held = NULL;
+    m->batch = NULL;
+    host->set_error(host->ctx, "generate: out of memory for a draft context of %d tokens",
+                    (int)draft->n_ctx);
+    return TSR_E_NOMEM;
+}
+
+static inline void tsr_draft_model_end(tsr_draft_model *m) {
+    m->host->free(m->host->ctx, m->held);
+    m->host->free(m->host->ctx, m->batch);
+    m->held = NULL;
+    m->batch = NULL;
+}
+
+/* Brings the draft's sequence 0 to hold ctx[0..n) (n >= 1, at most the draft's n_ctx): keeps
+ * what it holds of it, rolls back the rest, forwards what is missing (at least the last token,
+ * which is forwarded again when already held, since its logits are wanted) and writes the
+ * draft's logits after ctx[n - 1] (n_vocab). */
+static inline tsr_status tsr_draft_model_sync(tsr_draft_model *m, const int32_t *ctx, int64_t n,
+                                              float *logits) {
+    int64_t keep = 0;
+    while (keep < m->n_held && keep < n - 1 && m->held[keep] == ctx[keep]) keep++;
+    tsr_status st = TSR_OK;
+    if (keep < m->n_held && (st = m->api->seq_truncate(m->api->ctx, 0, (int32_t)keep)) < 0)
+        return st;
+    m->n_held = keep;
+    for (int64_t i = keep; i < n; i++)
+        m->batch[i - keep] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)i, .token = ctx[i],
+                                               .want_logits = i == n - 1};
+    uint64_t t0 = tsr_draft_now(m->host);
+    st = m->api->forward(m->api->ctx, m->batch, n - keep, logits);
+    m->stats->draft_ns += tsr_draft_now(m->host) - t0;
+    if (st < 0) return st;
+    memcpy(m->held + keep, ctx + keep, (size_t)(n - keep) * sizeof *ctx);
+    m->n_held = n;
+    return TSR_OK;
 }
 
 /* Sequences a decoder forks for extra branches, by id; ids below 64. */
