@@ -22,7 +22,11 @@ tsr_status tsr_test_pipeline_open(tsr_test_pipeline *r, const char *model_path, 
     if (tsr_config_bind(r->cfg, find_plugin, r->reg, err) < 0) ck_abort_msg("%s", err->msg);
     r->pool = tsr_pool_create(tsr_config_threads(r->cfg));
     if (tsr_model_load(model_path, &r->model, err) < 0) ck_abort_msg("%s", err->msg);
-    return tsr_pipeline_create(r->cfg, r->reg, r->model, r->pool, n_ctx, &r->pl, err);
+    const char *draft_path = r->cfg->draft ? r->cfg->draft->model_path : NULL;
+    if (draft_path && tsr_model_load(draft_path, &r->draft_model, err) < 0)
+        ck_abort_msg("%s", err->msg);
+    return tsr_pipeline_create(r->cfg, r->reg, r->model, r->draft_model, r->pool, n_ctx, &r->pl,
+                               err);
 }
 
 void tsr_test_pipeline_open_ok(tsr_test_pipeline *r, const char *model_path, const char *yaml,
@@ -32,8 +36,17 @@ void tsr_test_pipeline_open_ok(tsr_test_pipeline *r, const char *model_path, con
         ck_abort_msg("%s", err.msg);
 }
 
+tsr_status tsr_test_pipeline_rebind(tsr_test_pipeline *r, int32_t n_ctx, tsr_error *err) {
+    tsr_pipeline_free(r->pl);
+    r->pl = NULL;
+    if (tsr_config_bind(r->cfg, find_plugin, r->reg, err) < 0) ck_abort_msg("%s", err->msg);
+    return tsr_pipeline_create(r->cfg, r->reg, r->model, r->draft_model, r->pool, n_ctx, &r->pl,
+                               err);
+}
+
 void tsr_test_pipeline_close(tsr_test_pipeline *r) {
     tsr_pipeline_free(r->pl);
+    tsr_model_free(r->draft_model);
     tsr_model_free(r->model);
     tsr_registry_free(r->reg);
     tsr_pool_free(r->pool);

@@ -616,8 +616,286 @@ START_TEST(warns_beyond_the_training_context) {
 }
 END_TEST
 
+/* ---- draft models, speculative and parallel decoding ---------------------------------------- */
+
+#define XS "models/llama2xs-279K.bin"
+
+/* The files of the draft tests: stories260K.bin with its tokenizer, and llama2xs-279K as its
+ * draft (`set_xs` is the --set that names it). */
+typedef struct draft_files {
+    char *model, *tok, *xs;
+    char set_xs[4300];
+} draft_files;
+
+static void draft_files_open(draft_files *f) {
+    f->model = tsr_test_data("models/stories260K.bin");
+    f->tok = tsr_test_data("models/tok512.bin");
+    f->xs = tsr_test_data(XS);
+    snprintf(f->set_xs, sizeof f->set_xs, "draft.model=%s", f->xs);
+}
+
+static void draft_files_close(draft_files *f) {
+    free(f->model);
+    free(f->tok);
+    free(f->xs);
+}
+
+/* `args` must fail with exit 1 and exactly the line `want` on stderr, nothing on stdout. */
+static void fails_with(const char *const *args, const char *want) {
+    char *out, *err;
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
+    ck_assert_str_eq(err, want);
+    ck_assert_str_eq(out, "");
+    free(out);
+    free(err);
+}
+
+/* A copy of tok512.bin in `dir` with the text of token `id` changed in its first byte. */
+static char *tokenizer_with_changed_token(const char *dir, int32_t id) {
+    char *src = tsr_test_data("models/tok512.bin");
+    size_t size;
+    char *bytes = tsr_test_read_file(src, &size);
+    free(src);
+    size_t at = 4; /* max_token_length, then per token: score, length, bytes */
+    for (int32_t i = 0; i < id; i++) {
+        int32_t len;
+        memcpy(&len, bytes + at + 4, 4);
+        at += 8 + (size_t)len;
+    }
+    bytes[at + 8] = bytes[at + 8] == 'q' ? 'z' : 'q';
+    char *path = malloc(strlen(dir) + 16);
+    sprintf(path, "%s/tok-x.bin", dir);
+    ck_assert_int_eq(tsr_test_write_file(path, bytes, size), 0);
+    free(bytes);
+    return path;
+}
+
+/* Every refusal around a draft is one line naming what is wrong: a draft on another
+ * vocabulary (its size, or a token's text), a decoder that does not draft given a draft and
+ * the reverse, k 0, k beyond the context, a skipped layer the model lacks, --parallel for a
+ * decoder without that parameter or out of its range. */
+START_TEST(draft_errors_are_one_line) {
+    draft_files f;
+    draft_files_open(&f);
+    const char *set_xs = f.set_xs;
+    char *gguf = tsr_test_data(STORIES_GGUF);
+    char *dir = tsr_test_tmpdir(), tiny[4200], set_tiny[4300], want[9000];
+    snprintf(tiny, sizeof tiny, "%s/tiny.gguf", dir);
+    const char *synth[] = {"synth", "--shape", "tiny", "-o", tiny, NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, NULL, synth), 0);
+    snprintf(set_tiny, sizeof set_tiny, "draft.model=%s", tiny);
+#define RUN(...) {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once", "-n", "4", __VA_ARGS__, \
+                  NULL}
+    const char *vocab_size[] = RUN("--set", "decoder.plugin=speculative", "--set", set_tiny);
+    snprintf(want, sizeof want, "tessera: draft.model: %s has 320 tokens and the target model "
+             "512: a draft must share the target's vocabulary\n", tiny);
+    fails_with(vocab_size, want);
+    /* the GGUF's vocabulary against tok512.bin: the same tokens, but for one changed here */
+    char *changed = tokenizer_with_changed_token(dir, 300);
+    char set_tok[4300];
+    snprintf(set_tok, sizeof set_tok, "draft.tokenizer=%s", changed);
+    const char *texts[] = {"run", "-m", gguf, "-p", "Once", "-n", "4", "--set",
+                           "decoder.plugin=speculative", "--set", set_xs, "--set", set_tok, NULL};
+    char *err;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, texts), 1);
+    snprintf(want, sizeof want, "tessera: draft.model: %s: token 300 is '", changed);
+    ck_assert_msg(!strncmp(err, want, strlen(want)) &&
+                      strstr(err, "in the target's vocabulary: a draft must share the target's "
+                                  "vocabulary\n") &&
+                      strchr(err, '\n') == err + strlen(err) - 1, "%s", err);
+    free(err);
+    snprintf(set_tok, sizeof set_tok, "draft.tokenizer=%s", f.tok);
+    texts[12] = set_tok;
+    ck_assert_int_eq(tsr_test_tessera(NULL, NULL, texts), 0);
+
+    const char *no_draft[] = RUN("--set", "decoder.plugin=speculative");
+    fails_with(no_draft, "tessera: --set: decoder: 'speculative' needs a draft model: add a "
+                         "draft: section (draft.model: FILE, or draft.skip_layers: [...] to draft "
+                         "with the target's own layers)\n");
+    const char *unused[] = RUN("--set", "decoder.plugin=greedy", "--set", set_xs);
+    fails_with(unused, "tessera: --set: draft: the decoder 'greedy' does not use a draft model; "
+                       "choose a decoder that drafts, or remove the draft\n");
+    const char *k0[] = RUN("--set", "decoder.plugin=speculative", "--set", set_xs, "--set",
+                           "decoder.k=0");
+    fails_with(k0, "tessera: --set: decoder.k: expected an integer in [1, 32], got '0'\n");
+    /* "Once" is BOS and one token: 2 + 4 positions, fewer than a round of k 8 verifies */
+    const char *long_k[] = RUN("--set", "decoder.plugin=speculative", "--set", set_xs, "--set",
+                               "decoder.k=8");
+    fails_with(long_k, "tessera: decoder: speculative: k 8: a round verifies k + 1 positions, "
+                       "more than the context of 6\n");
+    const char *layer[] = RUN("--set", "decoder.plugin=speculative", "--set",
+                              "draft.skip_layers=1,9");
+    fails_with(layer, "tessera: --set: draft.skip_layers: layer 9 is beyond the draft model's 5 "
+                      "layers (0 to 4)\n");
+    const char *no_parallel[] = RUN("--set", "decoder.plugin=greedy", "--parallel", "2");
+    fails_with(no_parallel, "tessera: --parallel: the decoder plugin 'greedy' has no parallel "
+                            "parameter\n");
+    const char *zero[] = RUN("--set", "decoder.plugin=parallel", "--parallel", "0");
+    fails_with(zero, "tessera: --parallel: decoder.n: expected an integer in [1, 16], got '0'\n");
+#undef RUN
+    unlink(changed);
+    unlink(tiny);
+    rmdir(dir);
+    free(changed);
+    free(dir);
+    free(gguf);
+    draft_files_close(&f);
+}
+END_TEST
+
+/* A llama2.c draft without a tokenizer of its own reads with the target's; drafting, the text
+ * is greedy's; --json and -v report the decoding: target and draft forwards, tokens per target
+ * forward, drafts accepted by position, draft and verify time. */
+START_TEST(run_reports_speculative_decoding) {
+    draft_files f;
+    draft_files_open(&f);
+    const char *greedy[] = {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once upon a time",
+                            "-n", "40", "--set", "decoder.plugin=greedy", "--json", NULL};
+    json_t *g = run_json(greedy);
+    json_t *gd = json_object_get(g, "decoding");
+    ck_assert_int_eq(int_at(gd, "target_forwards", NULL), 40);
+    ck_assert_int_eq(int_at(gd, "draft_forwards", NULL), 0);
+    ck_assert_double_eq(json_real_value(json_object_get(gd, "tokens_per_target_forward")), 1.0);
+    ck_assert(json_is_null(json_object_get(gd, "decoder")));
+    const char *spec[] = {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once upon a time",
+                          "-n", "40", "--set", "decoder.plugin=speculative", "--temperature", "0",
+                          "--set", f.set_xs, "--json", NULL};
+    json_t *r = run_json(spec);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "text")),
+                     json_string_value(json_object_get(g, "text")));
+    json_t *d = json_object_get(r, "decoding"), *dec = json_object_get(d, "decoder");
+    json_int_t forwards = int_at(d, "target_forwards", NULL);
+    json_int_t drafted = int_at(dec, "drafted", NULL), accepted = int_at(dec, "accepted", NULL);
+    /* a round is one target forward and yields its accepted drafts and one token more */
+    ck_assert_int_eq(forwards + accepted, 40);
+    ck_assert_int_gt(accepted, 0);
+    ck_assert_int_gt(int_at(d, "draft_forwards", NULL), 0);
+    ck_assert_double_eq_tol(json_real_value(json_object_get(d, "tokens_per_target_forward")),
+                            40.0 / (double)forwards, 1e-12);
+    ck_assert_double_eq_tol(json_real_value(json_object_get(dec, "acceptance_rate")),
+                            (double)accepted / (double)drafted, 1e-12);
+    json_t *by = json_object_get(dec, "by_position");
+    ck_assert_uint_eq(json_array_size(by), 4); /* k 4 */
+    json_int_t proposed_sum = 0, accepted_sum = 0;
+    for (size_t i = 0; i < json_array_size(by); i++) {
+        json_t *at = json_array_get(by, i);
+        json_int_t p = int_at(at, "proposed", NULL), a = int_at(at, "accepted", NULL);
+        ck_assert_int_le(a, p);
+        ck_assert_double_eq_tol(json_real_value(json_object_get(at, "rate")),
+                                (double)a / (double)p, 1e-12);
+        proposed_sum += p;
+        accepted_sum += a;
+    }
+    ck_assert_int_eq(proposed_sum, drafted);
+    ck_assert_int_eq(accepted_sum, accepted);
+    ck_assert(json_real_value(json_object_get(dec, "draft_seconds")) > 0);
+    ck_assert(json_real_value(json_object_get(dec, "verify_seconds")) > 0);
+    char *err, line[256];
+    spec[15] = "-v";
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, spec), 0);
+    snprintf(line, sizeof line, "tessera: run: info: decoding: 40 tokens in %lld target forwards "
+             "(%.3f tokens per forward), ", (long long)forwards, 40.0 / (double)forwards);
+    ck_assert_msg(strstr(err, line), "%s", err);
+    snprintf(line, sizeof line, "tessera: run: info: decoder: %lld drafted, %lld accepted (%.3f); "
+             "acceptance by draft position: ", (long long)drafted, (long long)accepted,
+             (double)accepted / (double)drafted);
+    ck_assert_msg(strstr(err, line), "%s", err);
+    free(err);
+    json_decref(r);
+    json_decref(g);
+    draft_files_close(&f);
+}
+END_TEST
+
+/* --parallel N: N continuations, each under its label on stdout and in --json's sequences; at
+ * temperature 0 each is greedy's text. */
+START_TEST(run_parallel_prints_each_sequence) {
+    char *model = tsr_test_data(STORIES_GGUF);
+    const char *greedy[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "12",
+                            "--temperature", "0", NULL};
+    char *text, *out;
+    ck_assert_int_eq(tsr_test_tessera(&text, NULL, greedy), 0);
+    const char *par[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "12",
+                         "--temperature", "0", "--set", "decoder.plugin=parallel", "--parallel",
+                         "3", NULL, NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, par), 0);
+    char want[4096];
+    snprintf(want, sizeof want, "--- sequence 0 ---\n%s--- sequence 1 ---\n%s--- sequence 2 ---\n%s",
+             text, text, text);
+    ck_assert_str_eq(out, want);
+    free(out);
+    par[13] = "--json";
+    json_t *r = run_json(par);
+    json_t *seqs = json_object_get(r, "sequences");
+    ck_assert_uint_eq(json_array_size(seqs), 3);
+    text[strlen(text) - 1] = '\0';
+    for (size_t i = 0; i < 3; i++) {
+        json_t *x = json_array_get(seqs, i);
+        ck_assert_int_eq(int_at(x, "seq", NULL), (json_int_t)i);
+        ck_assert_int_eq(int_at(x, "new_tokens", NULL), 12);
+        ck_assert_str_eq(json_string_value(json_object_get(x, "text")), text);
+    }
+    ck_assert_int_eq(int_at(r, "new_tokens", NULL), 36);
+    ck_assert_int_eq(int_at(r, "decoding", "sequences"), 3);
+    ck_assert_double_eq(json_real_value(json_object_get(json_object_get(r, "decoding"),
+                                                        "tokens_per_target_forward")), 3.0);
+    json_decref(r);
+    free(text);
+    free(model);
+}
+END_TEST
+
+/* bench through the configured decoder: tokens per target forward and drafts accepted. */
+START_TEST(bench_reports_tokens_per_forward) {
+    char *model = tsr_test_data("models/stories260K.bin"), *tok = tsr_test_data("models/tok512.bin");
+    const char *spec[] = {"bench", "-m", model, "--tokenizer", tok, "-p", "8", "-n", "24", "-r",
+                          "1", "--bandwidth-mib", "16", "--set", "decoder.plugin=speculative",
+                          "--set", "decoder.temperature=0", "--set", "draft.skip_layers=2",
+                          "--json", NULL};
+    json_t *r = run_json(spec);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "decoder")), "speculative");
+    json_t *x = json_array_get(json_object_get(r, "results"), 0);
+    double per_forward = json_real_value(json_object_get(x, "decode_tokens_per_forward"));
+    double acceptance = json_real_value(json_object_get(x, "decode_acceptance_rate"));
+    ck_assert_msg(per_forward > 1.0 && per_forward <= 5.0, "%g tokens per forward", per_forward);
+    ck_assert_msg(acceptance > 0.0 && acceptance <= 1.0, "acceptance %g", acceptance);
+    json_decref(r);
+    const char *greedy[] = {"bench", "-m", model, "--tokenizer", tok, "-p", "8", "-n", "24", "-r",
+                            "1", "--bandwidth-mib", "16", "--set", "decoder.plugin=greedy", NULL};
+    char *out;
+    ck_assert_int_eq(tsr_test_tessera(&out, NULL, greedy), 0);
+    ck_assert_msg(strstr(out, "| 1 | greedy | 1.000 | - |\n"), "%s", out);
+    free(out);
+    free(model);
+    free(tok);
+}
+END_TEST
+
+/* The draft's training context is its own: beyond it, one warning line. */
+START_TEST(warns_beyond_the_draft_context) {
+    draft_files f;
+    draft_files_open(&f);
+    const char *args[] = {"run", "-m", f.model, "--tokenizer", f.tok, "-p", "Once upon a time",
+                          "-n", "251", "--set", "decoder.plugin=speculative", "--set", f.set_xs,
+                          NULL};
+    char *err;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 0);
+    ck_assert_msg(!strstr(err, "warning"), "%s", err);
+    free(err);
+    args[8] = "252";
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, args), 0);
+    const char *warning = "tessera: warning: 257 positions (prompt and new tokens) are more than "
+                          "the draft model was trained on (256); its drafts may be accepted less "
+                          "beyond them\n";
+    ck_assert_msg(!strncmp(err, warning, strlen(warning)), "%s", err);
+    free(err);
+    draft_files_close(&f);
+}
+END_TEST
+
 int main(void) {
     free(tsr_test_require_data("models/stories260K.bin"));
+    free(tsr_test_require_data(XS));
     free(tsr_test_require_data("data/tinystories_val.txt"));
     Suite *s = suite_create("cli-models");
     TCase *tc = tcase_create("run");
@@ -640,6 +918,14 @@ int main(void) {
     tcase_add_test(tc, run_json_reports_text_timings_and_cache);
     tcase_add_test(tc, run_json_counts_evictions);
     tcase_add_test(tc, warns_beyond_the_training_context);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("decoding");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, draft_errors_are_one_line);
+    tcase_add_test(tc, run_reports_speculative_decoding);
+    tcase_add_test(tc, run_parallel_prints_each_sequence);
+    tcase_add_test(tc, bench_reports_tokens_per_forward);
+    tcase_add_test(tc, warns_beyond_the_draft_context);
     suite_add_tcase(s, tc);
     return tsr_test_run_suite(s);
 }

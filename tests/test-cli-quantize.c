@@ -651,13 +651,15 @@ END_TEST
 START_TEST(synth_shapes) {
     const char *help[] = {"synth", "--help", NULL};
     char *out = run_ok(help);
-    ck_assert_msg(strstr(out, " tinyllama-1.1b") && strstr(out, " qwen2.5-0.5b") &&
-                      strstr(out, " llama-7b") && strstr(out, " tiny"), "%s", out);
+    ck_assert_msg(strstr(out, " tinyllama-1.1b") && strstr(out, " tinyllama-draft") &&
+                      strstr(out, " qwen2.5-0.5b") && strstr(out, " llama-7b") &&
+                      strstr(out, " tiny"), "%s", out);
     free(out);
     const char *bad[] = {"synth", "--shape", "gpt-5", "-o", "x.gguf", NULL};
     char *err = run_error(2, bad);
     ck_assert_str_eq(err, "tessera: synth: unknown shape 'gpt-5'; shapes: tinyllama-1.1b, "
-                          "qwen2.5-0.5b, llama-7b, tiny (see tessera synth --help)\n");
+                          "tinyllama-draft, qwen2.5-0.5b, llama-7b, tiny (see tessera synth "
+                          "--help)\n");
     free(err);
     ck_assert_int_ne(access("x.gguf", F_OK), 0);
 }

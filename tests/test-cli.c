@@ -463,17 +463,22 @@ START_TEST(validate_checks_model_files) {
     char config[4200], model[4200], yaml[12000];
     snprintf(config, sizeof config, "%s/p.yaml", dir);
     snprintf(model, sizeof model, "%s/m.gguf", dir);
-    const char *keys[] = {"path", "tokenizer"};
-    for (size_t k = 0; k < 2; k++) {
-        snprintf(yaml, sizeof yaml, "tessera: 1\nmodel: { %s: m.gguf }\n", keys[k]);
+    /* section, key, what else the section needs: the draft's files too (its tokenizer goes with
+     * a draft model; the config file itself stands in for one) */
+    const char *keys[][3] = {{"model", "path", ""}, {"model", "tokenizer", ""},
+                             {"draft", "model", ""}, {"draft", "tokenizer", ", model: p.yaml"}};
+    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+        snprintf(yaml, sizeof yaml, "tessera: 1\ndecoder: { plugin: %s }\n%s: { %s: m.gguf%s }\n",
+                 keys[k][0][0] == 'd' ? "speculative" : "sample", keys[k][0], keys[k][1],
+                 keys[k][2]);
         ck_assert_int_eq(tsr_test_write_file(config, yaml, strlen(yaml)), 0);
         char *out, *err;
         const char *args[] = {"validate", config, NULL};
         /* Relative to the config's folder, where there is no m.gguf yet. */
         ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
         char want[12000];
-        snprintf(want, sizeof want, "tessera: %s: model.%s: %s: No such file or directory\n",
-                 config, keys[k], model);
+        snprintf(want, sizeof want, "tessera: %s: %s.%s: %s: No such file or directory\n",
+                 config, keys[k][0], keys[k][1], model);
         ck_assert_str_eq(err, want);
         ck_assert_str_eq(out, "");
         free(out);
@@ -481,8 +486,8 @@ START_TEST(validate_checks_model_files) {
         /* A folder is no model either. */
         ck_assert_int_eq(mkdir(model, 0700), 0);
         ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
-        snprintf(want, sizeof want, "tessera: %s: model.%s: %s: is a folder; expected a file\n",
-                 config, keys[k], model);
+        snprintf(want, sizeof want, "tessera: %s: %s.%s: %s: is a folder; expected a file\n",
+                 config, keys[k][0], keys[k][1], model);
         ck_assert_str_eq(err, want);
         free(out);
         free(err);

@@ -8,6 +8,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <tessera/decoder.h>
+
 #include "base/clock.h"
 #include "config/config.h"
 #include "testutil.h"
@@ -40,7 +42,29 @@ static const tsr_param_def sample_params[] = {
 static const tsr_param_def topk_params[] = {
     DEF(.name = "k", .type = TSR_PARAM_INT, .min = 1, .max = 8),
 };
+/* Decoders that draft (a vtable with draft_use), one that needs a draft and one that takes one
+ * when there is one, and one that declares what no host knows. */
+static const tsr_decoder_vtable needs_draft = {.struct_size = sizeof(tsr_decoder_vtable),
+                                               .draft_use = TSR_DECODER_DRAFT_REQUIRED};
+static const tsr_decoder_vtable takes_draft = {.struct_size = sizeof(tsr_decoder_vtable),
+                                               .draft_use = TSR_DECODER_DRAFT_OPTIONAL};
+static const tsr_decoder_vtable odd_draft = {.struct_size = sizeof(tsr_decoder_vtable),
+                                             .draft_use = 7};
+/* A 1.0 table ends before draft_use: whatever lies beyond it is not the plugin's. */
+static const struct {
+    tsr_decoder_vtable vt;
+} short_table = {{.struct_size = offsetof(tsr_decoder_vtable, stats),
+                  .draft_use = TSR_DECODER_DRAFT_REQUIRED}};
+
 static const tsr_plugin_desc fake_plugins[] = {
+    {.struct_size = sizeof(tsr_plugin_desc), .stage = TSR_STAGE_DECODER, .name = "spec",
+     .vtable = &needs_draft},
+    {.struct_size = sizeof(tsr_plugin_desc), .stage = TSR_STAGE_DECODER, .name = "either",
+     .vtable = &takes_draft},
+    {.struct_size = sizeof(tsr_plugin_desc), .stage = TSR_STAGE_DECODER, .name = "odd",
+     .vtable = &odd_draft},
+    {.struct_size = sizeof(tsr_plugin_desc), .stage = TSR_STAGE_DECODER, .name = "old",
+     .vtable = &short_table.vt},
     DESC(TSR_STAGE_BACKEND, "cpu", cpu_params, 1),
     DESC(TSR_STAGE_QUANTIZER, "gguf", NULL, 0),
     DESC(TSR_STAGE_ATTENTION, "flash", flash_params, 1),
@@ -283,7 +307,7 @@ static const struct {
     {"- tessera: 1\n", "bad.yaml:1:1: the top level: expected a mapping, got a sequence"},
     {"tessera: 1\nmodle: {}\n",
      "bad.yaml:2:1: unknown key 'modle'; known: tessera, model, plugin_dirs, backend, quantizer, "
-     "attention, cache, decoder, router, layers, generate, hooks"},
+     "attention, cache, decoder, router, layers, generate, hooks, draft"},
     {"tessera: 1\nmodel: { file: x }\n",
      "bad.yaml:2:10: model: unknown key 'file'; known: path, tokenizer"},
     {"tessera: 1\nmodel: x.gguf\n", "bad.yaml:2:8: model: expected a mapping, got 'x.gguf'"},
@@ -417,6 +441,49 @@ static const struct {
      "bad.yaml:2:12: backend.threads: expected an integer in [1, 256], got '0'"},
     {"tessera: 1\nlayers:\n  - { range: [0, 9], cache: { plugin: streaming, sink: x } }\n",
      "bad.yaml:3:50: layers[0].cache.sink: expected an integer in [0, 64], got 'x'"},
+    /* draft: */
+    {"tessera: 1\ndraft: x\n", "bad.yaml:2:8: draft: expected a mapping, got 'x'"},
+    {"tessera: 1\ndraft: { modle: x }\n",
+     "bad.yaml:2:10: draft: unknown key 'modle'; known: model, tokenizer, skip_layers, backend, "
+     "quantizer, attention, cache, router"},
+    {"tessera: 1\ndraft: { decoder: { plugin: greedy } }\n",
+     "bad.yaml:2:10: draft: a draft has no decoder of its own: the pipeline's decoder drives "
+     "both models"},
+    {"tessera: 1\ndraft: { model: [a] }\n",
+     "bad.yaml:2:17: draft.model: expected a file path, got a sequence"},
+    {"tessera: 1\ndraft: { tokenizer: \"\" }\n",
+     "bad.yaml:2:21: draft.tokenizer: expected a file path, got ''"},
+    {"tessera: 1\ndraft: { skip_layers: 3 }\n",
+     "bad.yaml:2:23: draft.skip_layers: expected a sequence, got '3'"},
+    {"tessera: 1\ndraft: { skip_layers: [1, x] }\n",
+     "bad.yaml:2:27: draft.skip_layers: expected an integer in [0, 2147483647], got 'x'"},
+    {"tessera: 1\ndraft: { skip_layers: [-1] }\n",
+     "bad.yaml:2:24: draft.skip_layers: expected an integer in [0, 2147483647], got '-1'"},
+    {"tessera: 1\ndraft: { skip_layers: [2, 0, 2] }\n",
+     "bad.yaml:2:30: draft.skip_layers: layer 2 is listed twice"},
+    {"tessera: 1\ndraft: { skip_layers: [[1]] }\n",
+     "bad.yaml:2:24: draft.skip_layers: expected a scalar value, got a sequence"},
+    {"tessera: 1\ndraft: { cache: { window: 3 } }\n",
+     "bad.yaml:2:17: draft.cache: missing `plugin:` (which cache plugin to use)"},
+    {"tessera: 1\ndecoder: { plugin: spec }\ndraft: { cache: { plugin: nope } }\n",
+     "bad.yaml:3:27: draft.cache: unknown plugin 'nope' (see `tessera plugins list`)"},
+    {"tessera: 1\ndecoder: { plugin: spec }\ndraft: { cache: { plugin: streaming, sink: -1 } }\n",
+     "bad.yaml:3:38: draft.cache.sink: expected an integer in [0, 64], got '-1'"},
+    {"tessera: 1\ndecoder: { plugin: greedy }\ndraft: { skip_layers: [1] }\n",
+     "bad.yaml:3:8: draft: the decoder 'greedy' does not use a draft model; choose a decoder "
+     "that drafts, or remove the draft"},
+    {"tessera: 1\ndecoder: { plugin: old }\ndraft: { skip_layers: [1] }\n",
+     "bad.yaml:3:8: draft: the decoder 'old' does not use a draft model; choose a decoder "
+     "that drafts, or remove the draft"},
+    {"tessera: 1\ndecoder: { plugin: spec }\n",
+     "bad.yaml:2:20: decoder: 'spec' needs a draft model: add a draft: section (draft.model: "
+     "FILE, or draft.skip_layers: [...] to draft with the target's own layers)"},
+    {"tessera: 1\ndecoder: { plugin: spec }\ndraft: { tokenizer: t.bin, skip_layers: [1] }\n",
+     "bad.yaml:3:8: draft.tokenizer: a self-draft reads with the target's vocabulary; give "
+     "draft.model too, or remove draft.tokenizer"},
+    {"tessera: 1\ndecoder: { plugin: odd }\n",
+     "bad.yaml:2:20: decoder: 'odd' declares draft_use 7, which is not a tsr_decoder_draft_use "
+     "(0, 1 or 2)"},
 };
 
 START_TEST(malformed_configs) {
@@ -632,6 +699,114 @@ START_TEST(set_overrides) {
 }
 END_TEST
 
+/* The draft's own model, tokenizer, skipped layers and stages; the stages it does not name are
+ * the target's once bound, the router only for a self-draft. */
+START_TEST(draft_section) {
+    tsr_config *cfg = load_ok("tessera: 1\n"
+                              "backend: { plugin: cpu, threads: 2 }\n"
+                              "attention: { plugin: flash, block: 32 }\n"
+                              "decoder: { plugin: spec }\n"
+                              "router: { plugin: topk, k: 2 }\n"
+                              "draft:\n"
+                              "  model: d.bin\n"
+                              "  tokenizer: tok.bin\n"
+                              "  skip_layers: [3, 1]\n"
+                              "  cache: { plugin: streaming, window: 64 }\n");
+    const tsr_config *d = cfg->draft;
+    ck_assert_ptr_nonnull(d);
+    ck_assert_str_eq(d->model_path, "d.bin");
+    ck_assert_str_eq(d->tokenizer_path, "tok.bin");
+    ck_assert_uint_eq(d->n_skip_layers, 2);
+    ck_assert_int_eq(d->skip_layers[0], 3);
+    ck_assert_int_eq(d->skip_layers[1], 1);
+    ck_assert_int_eq(d->skip_loc.line, 9);
+    ck_assert_int_eq(d->skip_loc.col, 16);
+    ck_assert_int_eq(d->loc.line, 7);
+    ck_assert_int_eq(d->loc.col, 3);
+    ck_assert_ptr_null(d->stage[TSR_STAGE_BACKEND].plugin);
+    int calls = 0;
+    tsr_error err;
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_OK);
+    ck_assert_int_eq(calls, 6 + 4); /* the target's stages, then the draft's but the router */
+    ck_assert_str_eq(d->stage[TSR_STAGE_BACKEND].plugin, "cpu");
+    ck_assert_int_eq(d->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 2);
+    ck_assert_str_eq(d->stage[TSR_STAGE_QUANTIZER].plugin, "gguf");
+    ck_assert_int_eq(d->stage[TSR_STAGE_ATTENTION].bound.params.values[0].u.i, 32);
+    ck_assert_str_eq(d->stage[TSR_STAGE_CACHE].plugin, "streaming");
+    ck_assert_int_eq(d->stage[TSR_STAGE_CACHE].bound.params.values[0].u.i, 4);
+    ck_assert_int_eq(d->stage[TSR_STAGE_CACHE].bound.params.values[1].u.i, 64);
+    ck_assert_str_eq(cfg->stage[TSR_STAGE_CACHE].plugin, "full");
+    ck_assert_ptr_null(d->stage[TSR_STAGE_DECODER].plugin);
+    ck_assert_ptr_null(d->stage[TSR_STAGE_ROUTER].plugin);
+    tsr_config_free(cfg);
+
+    /* a self-draft runs the target's experts: it keeps the router */
+    cfg = load_ok("tessera: 1\ndecoder: { plugin: either }\nrouter: { plugin: topk, k: 2 }\n"
+                  "draft: { skip_layers: [0] }\n");
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_OK);
+    ck_assert_ptr_null(cfg->draft->model_path);
+    ck_assert_str_eq(cfg->draft->stage[TSR_STAGE_ROUTER].plugin, "topk");
+    ck_assert_int_eq(cfg->draft->stage[TSR_STAGE_ROUTER].bound.params.values[0].u.i, 2);
+    tsr_config_free(cfg);
+    /* a decoder that takes a draft runs without one too */
+    cfg = load_ok("tessera: 1\ndecoder: { plugin: either }\n");
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_OK);
+    tsr_config_free(cfg);
+}
+END_TEST
+
+/* --set makes the draft section; a parameter given for a stage the draft does not name changes
+ * the draft's copy of the target's stage only; values given by role reach the draft too. */
+START_TEST(draft_set) {
+    tsr_config *cfg = load_ok("tessera: 1\ncache: { plugin: streaming, window: 32 }\n"
+                              "decoder: { plugin: either }\n");
+    tsr_error err;
+    ck_assert_ptr_null(cfg->draft);
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.model=x.bin", &err), TSR_OK);
+    ck_assert_ptr_nonnull(cfg->draft);
+    ck_assert_str_eq(cfg->draft->model_path, "x.bin");
+    ck_assert_str_eq(cfg->draft->loc.file, "--set");
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.tokenizer=t.bin", &err), TSR_OK);
+    ck_assert_str_eq(cfg->draft->tokenizer_path, "t.bin");
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.skip_layers=2,0", &err), TSR_OK);
+    ck_assert_uint_eq(cfg->draft->n_skip_layers, 2);
+    ck_assert_int_eq(cfg->draft->skip_layers[0], 2);
+    ck_assert_int_eq(cfg->draft->skip_layers[1], 0);
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.cache.window=8", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.attention.plugin=naive", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_set_role(cfg, TSR_STAGE_BACKEND, TSR_PARAM_ROLE_THREADS, "5",
+                                         "-t", &err), TSR_OK);
+    int calls = 0;
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_OK);
+    const tsr_config *d = cfg->draft;
+    ck_assert_str_eq(d->stage[TSR_STAGE_CACHE].plugin, "streaming");
+    ck_assert_int_eq(d->stage[TSR_STAGE_CACHE].bound.params.values[1].u.i, 8);
+    ck_assert_int_eq(cfg->stage[TSR_STAGE_CACHE].bound.params.values[1].u.i, 32);
+    ck_assert_str_eq(d->stage[TSR_STAGE_ATTENTION].plugin, "naive");
+    ck_assert_str_eq(cfg->stage[TSR_STAGE_ATTENTION].plugin, "flash");
+    ck_assert_int_eq(d->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 5);
+    ck_assert_int_eq(cfg->stage[TSR_STAGE_BACKEND].bound.params.values[0].u.i, 5);
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.skip_layers=", &err), TSR_OK);
+    ck_assert_uint_eq(cfg->draft->n_skip_layers, 0);
+    tsr_config_free(cfg);
+
+    /* a parameter for a draft stage neither the draft nor the target has */
+    cfg = load_ok("tessera: 1\ndecoder: { plugin: spec }\n");
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.router.k=2", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "--set: draft.router.k: parameter given but no router plugin "
+                              "chosen; set draft.router.plugin");
+    tsr_config_free(cfg);
+    /* a draft made by --set, refused by the decoder, is located at --set */
+    cfg = load_ok("tessera: 1\ndecoder: { plugin: greedy }\n");
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.skip_layers=1", &err), TSR_OK);
+    ck_assert_int_eq(tsr_config_bind(cfg, fake_find, &calls, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "--set: draft: the decoder 'greedy' does not use a draft model; "
+                              "choose a decoder that drafts, or remove the draft");
+    tsr_config_free(cfg);
+}
+END_TEST
+
 START_TEST(set_invalid) {
     static const struct {
         const char *assignment, *error;
@@ -649,7 +824,7 @@ START_TEST(set_invalid) {
         {"hooks.on=x", "--set 'hooks.on=x': hooks cannot be set from the command line; edit the "
                        "config file"},
         {"foo.x=1", "--set 'foo.x=1': unknown section 'foo'; settable: backend, quantizer, "
-                    "attention, cache, decoder, router, model, generate"},
+                    "attention, cache, decoder, router, model, generate, draft"},
         {"model.file=x", "--set 'model.file=x': expected model.path=FILE or model.tokenizer=FILE"},
         {"model.path=", "--set 'model.path=': expected model.path=FILE or model.tokenizer=FILE"},
         {"generate.tokens=5", "--set 'generate.tokens=5': unknown key 'tokens' in generate; known: "
@@ -658,6 +833,24 @@ START_TEST(set_invalid) {
          "--set: generate.max_tokens: expected an integer in [0, 1073741824], got 'abc'"},
         {"generate.temperature=nan",
          "--set: generate.temperature: expected a number in [0, 100], got 'nan'"},
+        {"draft.modle=x", "--set 'draft.modle=x': expected draft.model=FILE, draft.tokenizer=FILE, "
+                          "draft.skip_layers=N,N... or draft.STAGE.KEY=VALUE (STAGE: backend, "
+                          "quantizer, attention, cache, router)"},
+        {"draft.model=", "--set 'draft.model=': expected draft.model=FILE, draft.tokenizer=FILE, "
+                         "draft.skip_layers=N,N... or draft.STAGE.KEY=VALUE (STAGE: backend, "
+                         "quantizer, attention, cache, router)"},
+        {"draft.decoder.plugin=greedy",
+         "--set 'draft.decoder.plugin=greedy': expected draft.model=FILE, draft.tokenizer=FILE, "
+         "draft.skip_layers=N,N... or draft.STAGE.KEY=VALUE (STAGE: backend, quantizer, "
+         "attention, cache, router)"},
+        {"draft.cache.=1", "--set 'draft.cache.=1': expected draft.model=FILE, "
+                           "draft.tokenizer=FILE, draft.skip_layers=N,N... or "
+                           "draft.STAGE.KEY=VALUE (STAGE: backend, quantizer, attention, cache, "
+                           "router)"},
+        {"draft.cache.plugin=", "--set 'draft.cache.plugin=': expected a plugin name after '='"},
+        {"draft.skip_layers=1,,2",
+         "--set: draft.skip_layers: expected an integer in [0, 2147483647], got ''"},
+        {"draft.skip_layers=4,4", "--set: draft.skip_layers: layer 4 is listed twice"},
     };
     tsr_config *cfg = load_ok("tessera: 1\ngenerate: { max_tokens: 3 }\n");
     tsr_error err;
@@ -667,6 +860,12 @@ START_TEST(set_invalid) {
         ck_assert_str_eq(err.msg, bad[i].error);
     }
     ck_assert_int_eq(cfg->generate.max_tokens, 3); /* unchanged by the failures */
+    ck_assert_ptr_nonnull(cfg->draft); /* made by the first well-formed draft key */
+    tsr_config_free(cfg);
+    /* a malformed draft key makes no draft section */
+    cfg = load_ok("tessera: 1\n");
+    ck_assert_int_eq(tsr_config_set(cfg, "draft.modle=x", &err), TSR_E_INVALID);
+    ck_assert_ptr_null(cfg->draft);
     tsr_config_free(cfg);
 }
 END_TEST
@@ -734,6 +933,8 @@ static Suite *config_suite(void) {
     tcase_add_test(tc, set_overrides);
     tcase_add_test(tc, values_by_role);
     tcase_add_test(tc, set_invalid);
+    tcase_add_test(tc, draft_section);
+    tcase_add_test(tc, draft_set);
     tcase_add_test(tc, stage_at_layer);
     tcase_add_test(tc, stage_names);
     tcase_add_test(tc, fuzz_seeds_load);

@@ -1,473 +1,355 @@
-/* The drafting and search decoders (lookup, aded, lookahead, beam). Through the library on
- * stories260K (skipped without the shared data): those that accept drafted tokens greedily,
- * and beam search of width 1, emit exactly `greedy`'s tokens for many prompts and lengths, the
- * drafting ones in fewer forwards where the text repeats. On scripted models behind a decode
- * API of this file, which tracks every sequence: a draft search that needs its second branch,
- * and beam search's scores and length penalty, checked by hand. */
+/* The speculative and parallel decoders on stories260K, through the library (needs the shared
+ * data folder; skipped without it):
+ *   - speculative decoding with greedy acceptance gives greedy's tokens exactly, with a draft
+ *     model (llama2xs-279K) and with self-drafts skipping layers, for many prompts, lengths,
+ *     draft lengths k and with the adaptive (SpecDec++) length;
+ *   - under sampling, the tokens it makes are distributed as the target's own: a chi-square
+ *     test of homogeneity against `sample` with the same chain, over a fixed set of seeds;
+ *   - parallel with n = 1 is `sample` token for token; at temperature 0 each of its sequences
+ *     is greedy's; with First Finish Search it returns the sequence that finishes first. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
-#include "pipeline/pipeline_impl.h"
 #include "pipeline_fixture.h"
-#include "stage_plugin_fixtures.h"
 #include "testutil.h"
 
-typedef tsr_test_pipeline run;
+static char *stories, *xs; /* the target and the draft model */
 
-enum { CTX = 256, MAX_IDS = CTX };
+enum { MAX_SEQ = 16, MAX_NEW = 512, N_CTX = 256 };
 
-static void run_open(run *r, const char *decoder) {
-    char yaml[512];
-    snprintf(yaml, sizeof yaml,
-             "tessera: 1\nbackend: { plugin: cpu, threads: 1 }\nattention: { plugin: flash }\n"
-             "cache: { plugin: full }\ndecoder: %s\n", decoder);
-    char *path = tsr_test_data("models/stories260K.gguf");
-    tsr_test_pipeline_open_ok(r, path, yaml, CTX);
-    free(path);
-}
+/* Every pipeline computes on one thread: the batches of this model are small, and a pool of
+ * two waits on each other for every op when the machine is busy. */
+#define HEAD "tessera: 1\nbackend: { plugin: cpu, threads: 1 }\n"
 
-typedef struct ids {
-    int32_t v[MAX_IDS];
-    int64_t n;
-} ids;
+typedef struct collected {
+    int32_t ids[MAX_SEQ][MAX_NEW];
+    int64_t n[MAX_SEQ];
+} collected;
 
-static void collect(void *ctx, const int32_t *tokens, int64_t n) {
-    ids *s = ctx;
+static void collect(void *ctx, int64_t seq, const int32_t *tokens, int64_t n) {
+    collected *c = ctx;
+    ck_assert(seq >= 0 && seq < MAX_SEQ);
     for (int64_t i = 0; i < n; i++) {
-        ck_assert_int_lt(s->n, MAX_IDS);
-        s->v[s->n++] = tokens[i];
+        ck_assert_int_lt(c->n[seq], MAX_NEW);
+        c->ids[seq][c->n[seq]++] = tokens[i];
     }
 }
 
-/* The tokens the pipeline's decoder emits for `prompt`, at most n_new of them. */
-static void generate(run *r, const ids *prompt, int64_t n_new, ids *out) {
-    tsr_error err = {{0}};
-    int64_t n_gen = 0;
-    out->n = 0;
-    if (tsr_pipeline_generate(r->pl, prompt->v, prompt->n, n_new, NULL, NULL, collect, out,
-                              &n_gen, &err) < 0)
+/* run.c's end of text: a llama2.c model stops at BOS. */
+static int32_t stops_at_bos(void *ctx, int32_t token) { return token == 1; }
+
+static tsr_generate_stats generate_eog(tsr_test_pipeline *r, const int32_t *prompt, int n_prompt,
+                                       int n_new, tsr_eog_fn eog, collected *out) {
+    memset(out, 0, sizeof *out);
+    tsr_generate_stats stats;
+    tsr_error err;
+    if (tsr_pipeline_generate(r->pl, prompt, n_prompt, n_new, eog, NULL, collect, out, &stats,
+                              &err) < 0)
         ck_abort_msg("%s", err.msg);
-    ck_assert_int_eq(n_gen, out->n);
+    return stats;
 }
 
-static tsr_decoder_stats decoder_stats(run *r) {
-    tsr_instance *dec = r->pl->stage_main[TSR_STAGE_DECODER];
-    const tsr_decoder_vtable *vt = dec->vtable;
-    tsr_decoder_stats s = {.struct_size = sizeof s};
-    ck_assert_ptr_nonnull(vt->stats);
-    vt->stats(dec->self, &s);
-    return s;
+static tsr_generate_stats generate(tsr_test_pipeline *r, const int32_t *prompt, int n_prompt,
+                                   int n_new, collected *out) {
+    return generate_eog(r, prompt, n_prompt, n_new, NULL, out);
 }
 
-/* The test prompts: pseudo-random ids of several lengths (the model soon repeats itself after
- * most of them), and a phrase repeated, which the continuation copies. */
-enum { N_PROMPTS = 6 };
-static void make_prompt(int which, ids *p) {
-    static const int64_t lengths[N_PROMPTS] = {1, 2, 9, 40, 120, 48};
-    uint64_t rng = 0x5eed + (uint64_t)which;
-    p->n = lengths[which];
-    p->v[0] = 1; /* BOS */
-    for (int64_t i = 1; i < p->n; i++)
-        p->v[i] = which == N_PROMPTS - 1 && i > 12 ? p->v[1 + (i - 1) % 12]
-                                                    : (int32_t)(tsr_test_rng_u64(&rng) % 511) + 1;
-}
+/* ---- speculative with greedy acceptance ----------------------------------------------------- */
 
-/* Lengths asked for; the last one fills the context to its last position. */
-static const int64_t lengths[] = {1, 3, 17, 90, -1};
+enum { N_PROMPTS = 8, MAX_PROMPT = 24, LONGEST = 200 };
+static const int lengths[] = {1, 2, 9, 60, LONGEST};
 
-/* Decoders that must give greedy's tokens, as configured: the drafting ones first. */
-static const char *const exact_decoders[] = {
-    "{ plugin: lookup }",
-    "{ plugin: lookup, ngram_max: 1, draft: 1 }",
-    "{ plugin: lookup, ngram_min: 2, ngram_max: 5, draft: 32 }",
-    "{ plugin: aded }",
-    "{ plugin: aded, branches: 4, draft: 5, sims: 64 }",
-    "{ plugin: aded, persist: false, top: 1, sims: 1, draft: 32 }",
-    "{ plugin: lookahead }",
-    "{ plugin: lookahead, window: 8, ngram: 2, guess: 7 }",
-    "{ plugin: lookahead, window: 1, ngram: 8, guess: 1, text_pool: false }",
-    /* not drafting: */
-    "{ plugin: beam, width: 1 }",
-    "{ plugin: beam, width: 1, length_penalty: -2 }",
-};
-enum { N_EXACT = sizeof exact_decoders / sizeof exact_decoders[0], N_DRAFTING = N_EXACT - 2 };
+typedef struct prompt {
+    int32_t ids[MAX_PROMPT];
+    int n;
+} prompt;
 
-START_TEST(drafting_decoders_emit_greedy_tokens) {
-    run greedy, other;
-    run_open(&greedy, "{ plugin: greedy }");
-    run_open(&other, exact_decoders[_i]);
-    for (int p = 0; p < N_PROMPTS; p++) {
-        ids prompt, want, got;
-        make_prompt(p, &prompt);
-        for (size_t l = 0; l < sizeof lengths / sizeof lengths[0]; l++) {
-            int64_t n_new = lengths[l] > 0 ? lengths[l] : CTX - prompt.n;
-            generate(&greedy, &prompt, n_new, &want);
-            generate(&other, &prompt, n_new, &got);
-            ck_assert_int_eq(want.n, n_new);
-            ck_assert_msg(got.n == want.n, "%s, prompt %d, %lld new: %lld tokens, greedy %lld",
-                          exact_decoders[_i], p, (long long)n_new, (long long)got.n,
-                          (long long)want.n);
-            for (int64_t i = 0; i < want.n; i++)
-                ck_assert_msg(got.v[i] == want.v[i], "%s, prompt %d, %lld new: token %lld is %d, "
-                              "greedy's %d", exact_decoders[_i], p, (long long)n_new,
-                              (long long)i, got.v[i], want.v[i]);
-        }
+/* The story openings of shared/models (BOS first), then BOS and random ids of random lengths. */
+static void make_prompts(prompt *p) {
+    static const int32_t once[] = {1, 403, 407, 261, 378}, lily[] = {1, 317, 269, 274, 287};
+    memcpy(p[0].ids, once, sizeof once);
+    p[0].n = 5;
+    memcpy(p[1].ids, lily, sizeof lily);
+    p[1].n = 5;
+    p[2] = (prompt){.ids = {1}, .n = 1};
+    uint64_t state = 0x5eed5;
+    for (int i = 3; i < N_PROMPTS; i++) {
+        p[i].n = 2 + (int)(tsr_test_rng_u64(&state) % (MAX_PROMPT - 2));
+        p[i].ids[0] = 1;
+        for (int t = 1; t < p[i].n; t++)
+            p[i].ids[t] = 3 + (int32_t)(tsr_test_rng_u64(&state) % 509);
     }
-    tsr_test_pipeline_close(&greedy);
-    tsr_test_pipeline_close(&other);
+}
+
+static const char *const drafts[] = {
+    "draft: { model: %s }\n",        /* a second model on the same vocabulary */
+    "draft: { skip_layers: [2] }\n", /* the middle layer left out: 40% of drafts accepted */
+    "draft: { skip_layers: [4] }\n", /* the last: 30% */
+};
+
+/* Draft lengths, fixed or adaptive (SpecDec++) up to k. Long fixed drafts of a draft that is
+ * often wrong cost many draft forwards: the longest is adaptive. */
+static const struct {
+    int k, adaptive;
+} lengths_k[] = {{1, 0}, {2, 0}, {5, 0}, {12, 0}, {5, 1}, {32, 1}};
+
+/* Every k (1 to the most), adaptive or not, against greedy: the same tokens for every prompt
+ * and length. Stops on the first difference, naming the case. */
+START_TEST(speculative_greedy_equals_greedy) {
+    prompt prompts[N_PROMPTS];
+    make_prompts(prompts);
+    tsr_test_pipeline g;
+    tsr_test_pipeline_open_ok(&g, stories,
+                              HEAD
+                              "decoder: { plugin: greedy }\n", N_CTX);
+    static collected want[N_PROMPTS], got;
+    for (int p = 0; p < N_PROMPTS; p++) generate(&g, prompts[p].ids, prompts[p].n, LONGEST, &want[p]);
+    tsr_test_pipeline_close(&g);
+
+    int64_t accepted = 0, drafted = 0;
+    for (size_t ki = 0; ki < sizeof lengths_k / sizeof lengths_k[0]; ki++) {
+        int k = lengths_k[ki].k, adaptive = lengths_k[ki].adaptive;
+        char draft[4200], yaml[8400];
+        snprintf(draft, sizeof draft, drafts[_i], xs);
+        snprintf(yaml, sizeof yaml,
+                 HEAD "decoder: { plugin: speculative, temperature: 0, k: %d, adaptive: %s }\n%s",
+                 k, adaptive ? "true" : "false", draft);
+        tsr_test_pipeline s;
+        tsr_test_pipeline_open_ok(&s, stories, yaml, N_CTX);
+        for (int p = 0; p < N_PROMPTS; p++) {
+            for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
+                int n = lengths[li];
+                tsr_generate_stats st = generate(&s, prompts[p].ids, prompts[p].n, n, &got);
+                ck_assert_int_eq(got.n[0], n);
+                for (int t = 0; t < n; t++)
+                    if (got.ids[0][t] != want[p].ids[0][t])
+                        ck_abort_msg("%s k %d adaptive %d, prompt %d, %d tokens: token %d is %d, "
+                                     "greedy's %d", drafts[_i], k, adaptive, p, n, t,
+                                     got.ids[0][t], want[p].ids[0][t]);
+                ck_assert(st.has_decoder_stats);
+                ck_assert_int_le(st.decoder.accepted, st.decoder.drafted);
+                /* every round costs one target forward and yields accepted + 1 tokens */
+                ck_assert_int_eq(st.decoder.accepted + (int64_t)st.target_forwards, n);
+                accepted += st.decoder.accepted;
+                drafted += st.decoder.drafted;
+            }
+        }
+        tsr_test_pipeline_close(&s);
+    }
+    /* The draft is right often enough for the comparison to mean something. */
+    ck_assert_msg(accepted > drafted / 10, "%lld of %lld drafts accepted", (long long)accepted,
+                  (long long)drafted);
 }
 END_TEST
 
-/* On the repeated phrase the drafts are accepted: fewer forwards than tokens, and statistics
- * that add up (per position, and accepted within drafted). */
-START_TEST(drafting_decoders_save_forwards_on_repeated_text) {
-    run r;
-    run_open(&r, exact_decoders[_i]);
-    ids prompt, got;
-    make_prompt(N_PROMPTS - 1, &prompt);
-    uint64_t calls0 = tsr_pipeline_times(r.pl)->forward_calls;
-    generate(&r, &prompt, 100, &got);
-    uint64_t calls = tsr_pipeline_times(r.pl)->forward_calls - calls0;
-    tsr_decoder_stats s = decoder_stats(&r);
-    fprintf(stderr, "%-55s 100 tokens in %llu forwards, %lld of %lld drafted accepted\n",
-            exact_decoders[_i], (unsigned long long)calls, (long long)s.accepted,
-            (long long)s.drafted);
-    ck_assert_int_gt(s.accepted, 0);
-    ck_assert_int_le(s.accepted, s.drafted);
-    /* The prompt's prefill, then one verification per run of accepted tokens and the
-     * target's own token after it. */
-    ck_assert_uint_eq(calls, 1 + 100 - (uint64_t)s.accepted);
-    int64_t proposed = 0, accepted = 0;
-    for (int i = 0; i < TSR_DECODER_MAX_DRAFT; i++) {
-        proposed += s.proposed_at[i];
-        accepted += s.accepted_at[i];
-        if (i > 0) ck_assert_int_le(s.accepted_at[i], s.accepted_at[i - 1]);
+/* ---- speculative sampling ------------------------------------------------------------------- */
+
+enum { N_SEEDS = 3000, N_NEW = 4 };
+
+/* The chi-square quantile of probability 0.999 for `df` degrees of freedom: tabulated to 10,
+ * beyond that Wilson and Hilferty's cube approximation (within 1% there). */
+static double chi2_999(int df) {
+    static const double table[] = {10.828, 13.816, 16.266, 18.467, 20.515,
+                                   22.458, 24.322, 26.124, 27.877, 29.588};
+    if (df <= 10) return table[df - 1];
+    const double z = 3.0902, a = 2.0 / (9.0 * df);
+    double c = 1.0 - a + z * sqrt(a);
+    return df * c * c * c;
+}
+
+/* Counts of the token at each new position over N_SEEDS runs of `yaml` (its decoder seeded
+ * 1, 2, ... by --set), from the prompt "One day, a", whose next words vary. */
+static void token_counts(const char *yaml, int32_t counts[N_NEW][512]) {
+    static const int32_t one_day[] = {1, 385, 328, 432, 261};
+    tsr_test_pipeline r;
+    tsr_test_pipeline_open_ok(&r, stories, yaml, 64);
+    memset(counts, 0, sizeof(int32_t) * N_NEW * 512);
+    static collected got;
+    for (int seed = 1; seed <= N_SEEDS; seed++) {
+        char set[64];
+        tsr_error err;
+        snprintf(set, sizeof set, "decoder.seed=%d", seed);
+        ck_assert_int_eq(tsr_config_set(r.cfg, set, &err), TSR_OK);
+        if (tsr_test_pipeline_rebind(&r, 64, &err) < 0) ck_abort_msg("%s", err.msg);
+        generate(&r, one_day, 5, N_NEW, &got);
+        ck_assert_int_eq(got.n[0], N_NEW);
+        for (int t = 0; t < N_NEW; t++) counts[t][got.ids[0][t]]++;
     }
-    ck_assert_int_eq(proposed, s.drafted);
-    ck_assert_int_eq(accepted, s.accepted);
-    ck_assert_uint_gt(s.verify_ns, 0);
+    tsr_test_pipeline_close(&r);
+}
+
+/* Two samples of one distribution or not: the chi-square statistic of homogeneity over the
+ * tokens seen (those seen fewer than 10 times in both together share one bin), against the
+ * 0.999 quantile. */
+static void same_distribution(const int32_t *a, const int32_t *b, const char *what) {
+    double stat = 0, rare_a = 0, rare_b = 0;
+    int bins = 0;
+    for (int v = 0; v < 512; v++) {
+        double n = a[v] + b[v];
+        if (n == 0) continue;
+        if (n < 10) {
+            rare_a += a[v];
+            rare_b += b[v];
+            continue;
+        }
+        stat += (a[v] - b[v]) * (double)(a[v] - b[v]) / n;
+        bins++;
+    }
+    if (rare_a + rare_b > 0) {
+        stat += (rare_a - rare_b) * (rare_a - rare_b) / (rare_a + rare_b);
+        bins++;
+    }
+    ck_assert_msg(bins >= 5, "%s: only %d bins: too few tokens to tell distributions apart",
+                  what, bins);
+    ck_assert_msg(stat < chi2_999(bins - 1), "%s: chi-square %.1f over %d bins, above the 0.999 "
+                  "quantile %.1f: speculative sampling does not draw the target's distribution",
+                  what, stat, bins, chi2_999(bins - 1));
+}
+
+/* The chains compared: plain softmax (every token possible), and a truncated one, where the
+ * draft proposes tokens the target's chain gives no probability at all. */
+static const char *const chains[] = {"temperature: 1, top_k: 0, top_p: 1, min_p: 0",
+                                     "temperature: 0.7, top_k: 20, top_p: 0.9, min_p: 0.05"};
+
+/* Leviathan et al.'s rule keeps the target's distribution whatever the draft: the first N_NEW
+ * tokens (the first from the prompt's forward, the next from verified proposals) of
+ * speculative sampling against `sample` with the same chain. The seed sets are fixed, so the
+ * outcome is too. At the 0.999 quantile a correct implementation would fail a fresh seed set
+ * once in a thousand per position; accepting every proposal without the ratio test gives
+ * statistics three to five times the quantile (the draft's distribution shows), and drawing
+ * the rejected tokens from p instead of max(0, p - q) exceeds it on the truncated chain. */
+START_TEST(speculative_sampling_keeps_the_distribution) {
+    char yaml[4400];
+    static int32_t want[N_NEW][512], got[N_NEW][512];
+    snprintf(yaml, sizeof yaml, HEAD "decoder: { plugin: sample, %s }\n", chains[_i]);
+    token_counts(yaml, want);
+    snprintf(yaml, sizeof yaml,
+             HEAD "decoder: { plugin: speculative, k: 4, %s }\ndraft: { model: %s }\n",
+             chains[_i], xs);
+    token_counts(yaml, got);
+    for (int t = 0; t < N_NEW; t++) {
+        char what[64];
+        snprintf(what, sizeof what, "chain %d, new token %d", _i, t + 1);
+        same_distribution(want[t], got[t], what);
+    }
+}
+END_TEST
+
+/* ---- parallel -------------------------------------------------------------------------------- */
+
+static const int32_t once[] = {1, 403, 407, 261, 378};
+
+START_TEST(parallel_one_is_sample) {
+    static collected want, got;
+    tsr_test_pipeline r;
+    tsr_test_pipeline_open_ok(&r, stories, HEAD "decoder: { plugin: sample, seed: 7 }\n",
+                              N_CTX);
+    generate(&r, once, 5, 150, &want);
+    tsr_test_pipeline_close(&r);
+    tsr_test_pipeline_open_ok(&r, stories,
+                              HEAD "decoder: { plugin: parallel, n: 1, seed: 7 }\n", N_CTX);
+    tsr_generate_stats st = generate(&r, once, 5, 150, &got);
+    tsr_test_pipeline_close(&r);
+    ck_assert_int_eq(got.n[0], 150);
+    ck_assert_int_eq(st.n_sequences, 1);
+    ck_assert_mem_eq(got.ids[0], want.ids[0], 150 * sizeof(int32_t));
+}
+END_TEST
+
+/* n continuations in one batch a step, each greedy's at temperature 0. */
+START_TEST(parallel_greedy_sequences) {
+    static collected want, got;
+    tsr_test_pipeline r;
+    tsr_test_pipeline_open_ok(&r, stories, HEAD "decoder: { plugin: greedy }\n", N_CTX);
+    generate(&r, once, 5, 100, &want);
+    tsr_test_pipeline_close(&r);
+    tsr_test_pipeline_open_ok(&r, stories,
+                              HEAD "decoder: { plugin: parallel, n: 5, temperature: 0 }\n",
+                              N_CTX);
+    tsr_generate_stats st = generate(&r, once, 5, 100, &got);
+    tsr_test_pipeline_close(&r);
+    ck_assert_int_eq(st.n_sequences, 5);
+    ck_assert_int_eq(st.new_tokens, 5 * 100);
+    ck_assert_int_eq(st.target_forwards, 100); /* the prompt, then 99 batched steps */
+    for (int s = 0; s < 5; s++) {
+        ck_assert_int_eq(got.n[s], 100);
+        ck_assert_mem_eq(got.ids[s], want.ids[0], 100 * sizeof(int32_t));
+    }
+}
+END_TEST
+
+/* First Finish Search returns the sequence that ends first, as it was without the search: the
+ * draws of every step are taken in the same order until then. */
+START_TEST(parallel_first_finish) {
+    static collected all, first;
+    tsr_test_pipeline r;
+    tsr_test_pipeline_open_ok(&r, stories, HEAD "decoder: { plugin: parallel, n: 4, "
+                              "temperature: 1, seed: 5 }\n", 512);
+    generate_eog(&r, once, 5, 400, stops_at_bos, &all);
+    tsr_test_pipeline_close(&r);
+    int shortest = 0;
+    for (int s = 1; s < 4; s++)
+        if (all.n[s] < all.n[shortest]) shortest = s;
+    ck_assert_msg(all.n[shortest] < 400, "no sequence ended within 400 tokens");
+    tsr_test_pipeline_open_ok(&r, stories, HEAD "decoder: { plugin: parallel, n: 4, "
+                              "temperature: 1, seed: 5, ffs: true }\n", 512);
+    tsr_generate_stats st = generate_eog(&r, once, 5, 400, stops_at_bos, &first);
+    ck_assert_int_eq(st.n_sequences, 1);
+    for (int s = 0; s < 4; s++) ck_assert_int_eq(first.n[s], s == shortest ? all.n[s] : 0);
+    ck_assert_mem_eq(first.ids[shortest], all.ids[shortest],
+                     (size_t)all.n[shortest] * sizeof(int32_t));
+    /* Without an end token every sequence reaches the limit at one step: the lowest id wins. */
+    st = generate(&r, once, 5, 20, &first);
+    ck_assert_int_eq(st.n_sequences, 1);
+    ck_assert_int_eq(first.n[0], 20);
+    ck_assert_mem_eq(first.ids[0], all.ids[0], 20 * sizeof(int32_t));
     tsr_test_pipeline_close(&r);
 }
 END_TEST
 
-/* Bad parameters: one line naming the key and what was expected (the host's range check, or
- * the plugin's own refusal), exit 1, nothing on stdout. */
-START_TEST(bad_parameters_get_one_line) {
-    static const struct {
-        const char *plugin, *set, *line;
-    } cases[] = {
-        {"lookup", "decoder.draft=0", "--set: decoder.draft: expected an integer in [1, 32], got '0'"},
-        {"lookup", "decoder.ngram_min=4",
-         "decoder: lookup: ngram_min 4 is above ngram_max 3: no n-gram size to search"},
-        {"aded", "decoder.branches=9",
-         "--set: decoder.branches: expected an integer in [1, 8], got '9'"},
-        {"lookahead", "decoder.ngram=1",
-         "--set: decoder.ngram: expected an integer in [2, 8], got '1'"},
-        {"beam", "decoder.width=0", "--set: decoder.width: expected an integer in [1, 16], got '0'"},
-    };
-    char *model = tsr_test_data("models/stories260K.gguf");
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char plugin[64], want[256];
-        snprintf(plugin, sizeof plugin, "decoder.plugin=%s", cases[i].plugin);
-        snprintf(want, sizeof want, "tessera: %s\n", cases[i].line);
-        const char *args[] = {"run", "-m", model, "-p", "Once", "-n", "4", "--set", plugin,
-                              "--set", cases[i].set, NULL};
-        char *out, *err;
-        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
-        ck_assert_str_eq(out, "");
-        ck_assert_str_eq(err, want);
-        free(out);
-        free(err);
-    }
-    free(model);
-}
-END_TEST
-
-/* ---- scripted models ------------------------------------------------------------------- */
-
-enum { SCRIPT_VOCAB = 16, SCRIPT_CTX = 128, SCRIPT_SEQS = 64 };
-
-/* A model whose logits after a sequence's text are script(text, n, logits): the decode API
- * keeps each sequence's text (a fork copies it, a truncation cuts it) and checks every call as
- * the host does. */
-typedef struct script_model {
-    void (*script)(const int32_t *text, int64_t n, float *logits);
-    int32_t eog; /* the token that ends generation, or -1 */
-    int32_t text[SCRIPT_SEQS][SCRIPT_CTX];
-    int64_t len[SCRIPT_SEQS];
-    bool alive[SCRIPT_SEQS];
-    ids emitted;
-    int64_t limit, forwards;
-    bool stopped;
-} script_model;
-
-static tsr_status script_forward(void *ctx, const tsr_batch_entry *e, int64_t n, float *logits) {
-    script_model *m = ctx;
-    ck_assert(!m->stopped);
-    ck_assert_int_gt(n, 0);
-    m->forwards++;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t s = e[i].seq_id;
-        ck_assert(s >= 0 && s < SCRIPT_SEQS && m->alive[s]);
-        ck_assert_int_eq(e[i].pos, m->len[s]);
-        ck_assert_int_lt(e[i].pos, SCRIPT_CTX);
-        ck_assert(e[i].token >= 0 && e[i].token < SCRIPT_VOCAB);
-        m->text[s][m->len[s]++] = e[i].token;
-        if (e[i].want_logits) {
-            m->script(m->text[s], m->len[s], logits);
-            logits += SCRIPT_VOCAB;
-        }
-    }
-    return TSR_OK;
-}
-
-static tsr_status script_fork(void *ctx, int64_t src, int64_t dst) {
-    script_model *m = ctx;
-    ck_assert(src >= 0 && src < SCRIPT_SEQS && m->alive[src]);
-    ck_assert(dst >= 0 && dst < SCRIPT_SEQS && !m->alive[dst]);
-    m->alive[dst] = true;
-    m->len[dst] = m->len[src];
-    memcpy(m->text[dst], m->text[src], sizeof m->text[src]);
-    return TSR_OK;
-}
-
-static tsr_status script_truncate(void *ctx, int64_t seq, int32_t n_pos) {
-    script_model *m = ctx;
-    ck_assert(seq >= 0 && seq < SCRIPT_SEQS && m->alive[seq]);
-    ck_assert_int_ge(n_pos, 0);
-    if (n_pos < m->len[seq]) m->len[seq] = n_pos;
-    return TSR_OK;
-}
-
-static tsr_status script_seq_end(void *ctx, int64_t seq) {
-    script_model *m = ctx;
-    ck_assert(seq >= 0 && seq < SCRIPT_SEQS && m->alive[seq]);
-    m->alive[seq] = false;
-    return TSR_OK;
-}
-
-static int32_t script_is_eog(void *ctx, int32_t token) {
-    return token == ((script_model *)ctx)->eog;
-}
-
-/* The host's emit: stops before an end-of-generation token and at the limit. */
-static int32_t script_emit(void *ctx, const int32_t *tokens, int64_t n) {
-    script_model *m = ctx;
-    ck_assert(!m->stopped);
-    for (int64_t i = 0; i < n && !m->stopped; i++) {
-        if (tokens[i] == m->eog) m->stopped = true;
-        else collect(&m->emitted, &tokens[i], 1);
-        if (m->emitted.n == m->limit) m->stopped = true;
-    }
-    return m->stopped;
-}
-
-/* Runs one request of `prompt` (n tokens), at most `limit` new ones, on the decoder of f. */
-static void script_run(fx *f, script_model *m, const int32_t *prompt, int64_t n, int64_t limit) {
-    m->alive[0] = true;
-    m->limit = limit;
-    tsr_decode_api api = {TSR_SIZED(tsr_decode_api), .ctx = m, .n_vocab = SCRIPT_VOCAB,
-                          .n_ctx = SCRIPT_CTX, .forward = script_forward, .seq_fork = script_fork,
-                          .seq_truncate = script_truncate, .seq_end = script_seq_end,
-                          .emit = script_emit, .is_eog = script_is_eog};
-    tsr_generate_request req = {TSR_SIZED(tsr_generate_request), .prompt = prompt, .n_prompt = n,
-                                .max_new_tokens = limit};
-    const tsr_decoder_vtable *vt = f->vt;
-    ck_assert_msg(vt->generate(f->inst->self, &api, &req) == TSR_OK, "%s", fx_error(f));
-    for (int s = 1; s < SCRIPT_SEQS; s++) ck_assert_msg(!m->alive[s], "sequence %d left alive", s);
-}
-
-static void script_open(fx *f, const char *decoder, const char *const *kv) {
-    tsr_model_shape shape = tsr_model_shape_synthetic();
-    shape.n_vocab = SCRIPT_VOCAB;
-    shape.n_ctx = SCRIPT_CTX;
-    char file[64];
-    snprintf(file, sizeof file, "decoder-%s.so", decoder);
-    fx_open(f, 1, TSR_STAGE_DECODER, file, decoder, kv, &shape);
-}
-
-/* The next token is a function of the last three: after (1, 2) comes 3 when 7 came before
- * them and 4 when 8 did, so the pair (1, 2) alone has two followers, as often as each other:
- * the text cycles 7 1 2 3 8 1 2 4. One-hot logits. */
-static int32_t cycle_next(const int32_t *text, int64_t n) {
-    int32_t z = text[n - 1];
-    if (z == 2 && n >= 3) return text[n - 3] == 7 ? 3 : 4;
-    return z == 3 ? 8 : z == 4 ? 7 : z == 1 ? 2 : 1;
-}
-
-static void cycle_script(const int32_t *text, int64_t n, float *logits) {
-    for (int v = 0; v < SCRIPT_VOCAB; v++) logits[v] = 0.0f;
-    logits[cycle_next(text, n)] = 1.0f;
-}
-
-/* The model emitted the cycle's continuation of `prompt`, n_want tokens. */
-static void assert_cycle(const script_model *m, const int32_t *prompt, int64_t n_prompt,
-                         int64_t n_want) {
-    ck_assert_int_eq(m->emitted.n, n_want);
-    int32_t text[SCRIPT_CTX + 1];
-    memcpy(text, prompt, (size_t)n_prompt * sizeof *prompt);
-    for (int64_t i = 0; i < n_want; i++) {
-        text[n_prompt + i] = cycle_next(text, n_prompt + i);
-        ck_assert_int_eq(m->emitted.v[i], text[n_prompt + i]);
-    }
-}
-
-/* ADED's second branch drafts the follower of (1, 2) that its first one does not: with two
- * branches the search keeps up with the cycle, with one it is wrong at every other (1, 2). */
-START_TEST(aded_second_branch_wins_where_the_table_is_ambiguous) {
-    static const int32_t prompt[] = {7, 1, 2, 3, 8, 1, 2, 4, 7, 1};
-    int64_t forwards[2];
-    for (int branches = 1; branches <= 2; branches++) {
-        char kv_branches[32];
-        snprintf(kv_branches, sizeof kv_branches, "branches=%d", branches);
-        const char *kv[] = {kv_branches, "draft=8", "persist=false", NULL};
-        fx f;
-        script_open(&f, "aded", kv);
-        script_model m = {.script = cycle_script, .eog = -1};
-        script_run(&f, &m, prompt, 10, 60);
-        assert_cycle(&m, prompt, 10, 60);
-        forwards[branches - 1] = m.forwards;
-        fx_close(&f);
-    }
-    fprintf(stderr, "aded on the cycle: 60 tokens in %lld forwards with one branch, %lld with "
-            "two\n", (long long)forwards[0], (long long)forwards[1]);
-    ck_assert_int_lt(forwards[1], forwards[0]);
-}
-END_TEST
-
-/* Lookup on the cycle: the text's last bigram (then trigram) occurred one period earlier, and
- * the tokens copied from there, running on into the copy itself, are all right. Asked for more
- * than the context holds, it stops when the text fills the context and one token more (the
- * last is never forwarded): 119 tokens after the 10 of the prompt.
- *  - draft 10 fixed: each forward emits 11 tokens, 10 times, then the 8 the room allows and one
- *    own: 11 verifications;
- *  - adaptive: drafts of 1, 2, 4, 8 (2 + 3 + 5 + 9 tokens), then 10 for 88 tokens, then 10
- *    (the room's 11 less the target's own), then none at the context's last position: 14. */
-START_TEST(lookup_copies_the_cycle_until_the_context_ends) {
-    static const int32_t prompt[] = {7, 1, 2, 3, 8, 1, 2, 4, 7, 1};
-    static const struct {
-        const char *adaptive;
-        int64_t verifications;
-    } cases[] = {{"adaptive=false", 11}, {"adaptive=true", 14}};
-    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        const char *kv[] = {cases[c].adaptive, NULL};
-        fx f;
-        script_open(&f, "lookup", kv);
-        script_model m = {.script = cycle_script, .eog = -1};
-        script_run(&f, &m, prompt, 10, 1000);
-        assert_cycle(&m, prompt, 10, SCRIPT_CTX + 1 - 10);
-        ck_assert_msg(m.forwards == 1 + cases[c].verifications, "%s: %lld forwards",
-                      cases[c].adaptive, (long long)m.forwards);
-        fx_close(&f);
-    }
-}
-END_TEST
-
-/* Lookahead's Jacobi iteration alone (no n-grams from the text) finds the cycle: its guesses
- * converge, and the n-grams they trace give more than a third of the tokens. */
-START_TEST(lookahead_guesses_converge_on_the_cycle) {
-    static const int32_t prompt[] = {7, 1};
-    const char *kv[] = {"window=4", "ngram=4", "guess=2", "text_pool=false", NULL};
-    fx f;
-    script_open(&f, "lookahead", kv);
-    script_model m = {.script = cycle_script, .eog = -1};
-    script_run(&f, &m, prompt, 2, 80);
-    assert_cycle(&m, prompt, 2, 80);
-    const tsr_decoder_vtable *vt = f.vt;
-    tsr_decoder_stats s = {.struct_size = sizeof s};
-    vt->stats(f.inst->self, &s);
-    fprintf(stderr, "lookahead on the cycle: 80 tokens in %lld forwards, %lld of %lld drafted "
-            "accepted\n", (long long)m.forwards, (long long)s.accepted, (long long)s.drafted);
-    ck_assert_int_eq(m.forwards, 1 + 80 - s.accepted);
-    ck_assert_int_gt(s.accepted, 80 / 3);
-    fx_close(&f);
-}
-END_TEST
-
-/* Beam search's script (tokens A 1, B 2, C 3, D 4, end 7), by the text after the prompt 0:
- *   ""  -> A .6, B .4          "A" -> end .7, C .3       "B" -> C .9, D .1
- *   "AC", "ACC" -> C .8, D .2  "BC" -> D .95, C .05      "BCD" -> end .95, A .05
- * Greedy says "A" then ends. Width 2 finishes "A" at step 2 and "B C D" at step 4 (the second
- * hypothesis ends the search): with length penalty 0 "A" wins on its sum of log-probabilities,
- * with 1 "B C D" wins on its mean. */
-enum { A_ = 1, B_, C_, D_, END_ = 7 };
-static void beam_script(const int32_t *text, int64_t n, float *logits) {
-    static const struct {
-        const char *after;
-        int32_t t0, t1;
-        double p0;
-    } rules[] = {{"", A_, B_, .6},  {"1", END_, C_, .7}, {"2", C_, D_, .9}, {"13", C_, D_, .8},
-                 {"133", C_, D_, .8}, {"23", D_, C_, .95}, {"234", END_, A_, .95}};
-    char after[SCRIPT_CTX + 1];
-    for (int64_t i = 1; i < n; i++) after[i - 1] = (char)('0' + text[i]);
-    after[n - 1] = '\0';
-    for (int v = 0; v < SCRIPT_VOCAB; v++) logits[v] = -1e4f;
-    for (size_t r = 0; r < sizeof rules / sizeof rules[0]; r++)
-        if (!strcmp(rules[r].after, after)) {
-            logits[rules[r].t0] = (float)log(rules[r].p0);
-            logits[rules[r].t1] = (float)log(1 - rules[r].p0);
-            return;
-        }
-    ck_abort_msg("the beam script has no rule after '%s'", after);
-}
-
-static double beam_last_score(fx *f) {
-    const tsr_command *cmd = &f->inst->ref->desc->commands[0];
-    ck_assert_str_eq(cmd->name, "score");
-    return ((double (*)(void *))cmd->fn)(f->inst->self);
-}
-
-START_TEST(beam_scores_and_length_penalty_by_hand) {
-    static const struct {
-        const char *width, *penalty;
-        int64_t n;
-        int32_t want[3];
-        double score;
-    } cases[] = {
-        {"width=1", "length_penalty=1", 1, {A_}, 0},
-        {"width=2", "length_penalty=0", 1, {A_}, 0},
-        {"width=2", "length_penalty=1", 3, {B_, C_, D_}, 0},
-    };
-    const double a_end = log(.6) + log(.7), bcd_end = log(.4) + log(.9) + log(.95) + log(.95);
-    const double scores[] = {a_end, a_end, bcd_end / 3};
-    static const int32_t prompt[] = {0};
-    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        const char *kv[] = {cases[c].width, cases[c].penalty, NULL};
-        fx f;
-        script_open(&f, "beam", kv);
-        script_model m = {.script = beam_script, .eog = END_};
-        script_run(&f, &m, prompt, 1, 10);
-        ck_assert_msg(m.emitted.n == cases[c].n, "%s %s: %lld tokens", cases[c].width,
-                      cases[c].penalty, (long long)m.emitted.n);
-        for (int64_t i = 0; i < cases[c].n; i++) ck_assert_int_eq(m.emitted.v[i], cases[c].want[i]);
-        ck_assert_double_eq_tol(beam_last_score(&f), scores[c], 1e-6);
-        fx_close(&f);
-    }
+/* The host refuses a draft on another vocabulary when it builds the pipeline. */
+START_TEST(draft_on_another_vocabulary) {
+    char *dir = tsr_test_tmpdir(), tiny[4200], yaml[8400];
+    snprintf(tiny, sizeof tiny, "%s/tiny.gguf", dir);
+    const char *synth[] = {"synth", "--shape", "tiny", "-o", tiny, NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, NULL, synth), 0);
+    snprintf(yaml, sizeof yaml, HEAD "decoder: { plugin: speculative }\ndraft: { model: %s }\n",
+             tiny);
+    tsr_test_pipeline r;
+    tsr_error err;
+    ck_assert_int_eq(tsr_test_pipeline_open(&r, stories, yaml, NULL, 64, &err), TSR_E_INVALID);
+    ck_assert_str_eq(err.msg, "test.yaml:4:8: draft: the draft model has 320 tokens and the "
+                              "target 512: a draft must share the target's vocabulary");
+    ck_assert_ptr_null(r.pl);
+    tsr_test_pipeline_close(&r);
+    unlink(tiny);
+    rmdir(dir);
+    free(dir);
 }
 END_TEST
 
 int main(void) {
+    stories = tsr_test_require_data("models/stories260K.bin");
+    xs = tsr_test_require_data("models/llama2xs-279K.bin");
     Suite *s = suite_create("decoders");
-    TCase *sc = tcase_create("scripted");
-    tcase_add_test(sc, aded_second_branch_wins_where_the_table_is_ambiguous);
-    tcase_add_test(sc, lookup_copies_the_cycle_until_the_context_ends);
-    tcase_add_test(sc, lookahead_guesses_converge_on_the_cycle);
-    tcase_add_test(sc, beam_scores_and_length_penalty_by_hand);
-    suite_add_tcase(s, sc);
-    char *model = tsr_test_data_path("models/stories260K.gguf");
-    if (model) {
-        TCase *tc = tcase_create("greedy-acceptance");
-        tcase_set_timeout(tc, 300);
-        tcase_add_loop_test(tc, drafting_decoders_emit_greedy_tokens, 0, N_EXACT);
-        tcase_add_loop_test(tc, drafting_decoders_save_forwards_on_repeated_text, 0, N_DRAFTING);
-        tcase_add_test(tc, bad_parameters_get_one_line);
-        suite_add_tcase(s, tc);
-    } else {
-        fprintf(stderr, "skipped: the stories260K cases (models/stories260K.gguf is missing)\n");
-    }
-    free(model);
-    return tsr_test_run_suite(s);
+    TCase *tc = tcase_create("speculative");
+    tcase_add_loop_test(tc, speculative_greedy_equals_greedy, 0,
+                        (int)(sizeof drafts / sizeof drafts[0]));
+    tcase_add_loop_test(tc, speculative_sampling_keeps_the_distribution, 0,
+                        (int)(sizeof chains / sizeof chains[0]));
+    tcase_add_test(tc, draft_on_another_vocabulary);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("parallel");
+    tcase_add_test(tc, parallel_one_is_sample);
+    tcase_add_test(tc, parallel_greedy_sequences);
+    tcase_add_test(tc, parallel_first_finish);
+    suite_add_tcase(s, tc);
+    int status = tsr_test_run_suite(s);
+    free(stories);
+    free(xs);
+    return status;
 }

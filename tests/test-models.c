@@ -164,7 +164,7 @@ typedef struct id_sink {
     uint64_t kv_bytes[2];
 } id_sink;
 
-static void collect(void *ctx, const int32_t *tokens, int64_t n) {
+static void collect(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n) {
     id_sink *s = ctx;
     for (int64_t i = 0; i < n && s->n < 4096; i++) {
         s->ids[s->n++] = tokens[i];
@@ -177,12 +177,12 @@ static void generate(run *r, const double *prompt, size_t n_prompt, int64_t n_ne
     int32_t p[64];
     for (size_t i = 0; i < n_prompt; i++) p[i] = (int32_t)prompt[i];
     tsr_error err = {{0}};
-    int64_t n_gen = 0;
+    tsr_generate_stats stats;
     sink->pl = r->pl;
     if (tsr_pipeline_generate(r->pl, p, (int64_t)n_prompt, n_new, NULL, NULL, collect, sink,
-                              &n_gen, &err) < 0)
+                              &stats, &err) < 0)
         ck_abort_msg("%s", err.msg);
-    ck_assert_int_eq(n_gen, sink->n);
+    ck_assert_int_eq(stats.new_tokens, sink->n);
 }
 
 START_TEST(fixture_greedy_matches_llama_cpp) {

@@ -2,8 +2,8 @@
  * data): weights and buffers kept in the backend's memory (the cpu-arena backend, which checks
  * every pointer an op receives, gives the cpu backend's logits bit for bit), the sequence rules
  * of a forward (positions continue each sequence), fork and truncate through the decode API,
- * a batch of several sequences equal to each sequence run alone, and a model that turns NaN
- * stopped at its layer. */
+ * a batch of several sequences equal to each sequence run alone, one output per sequence
+ * (emit_seq), a self-draft's layer mask, and a model that turns NaN stopped at its layer. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -242,32 +242,228 @@ START_TEST(fork_truncate_and_batches) {
 }
 END_TEST
 
-/* ---- broken models ----------------------------------------------------------------------- */
+/* What `parallel` asks of the host: sequences forked after one prompt, each taking its own
+ * token every step, one batch a step, some ending before the others; every sequence's logits
+ * must be those it gives decoded alone. */
+START_TEST(forked_batches_equal_each_alone) {
+    enum { N_SEQ = 4, STEPS = 6, PROMPT = 5, ENDS_AT = 3 };
+    run r;
+    run_open_ok(&r, default_yaml, 64);
+    const size_t nv = (size_t)r.model->hp.n_vocab;
+    int32_t tokens[N_SEQ][STEPS];
+    for (int s = 0; s < N_SEQ; s++)
+        for (int t = 0; t < STEPS; t++) tokens[s][t] = (int32_t)((s * 53 + t * 17 + 5) % 320);
+    float *batched = malloc((size_t)STEPS * N_SEQ * nv * sizeof *batched);
+    float *alone = malloc(nv * sizeof *alone);
+    tsr_error err;
+    tsr_request req;
+    ck_assert_int_eq(tsr_request_begin(&req, r.pl, 8, NULL, NULL, NULL, NULL, &err), TSR_OK);
+    const tsr_decode_api *api = &req.api;
+    tsr_batch_entry b[PROMPT > N_SEQ ? PROMPT : N_SEQ];
+    for (int i = 0; i < PROMPT; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = 3 + i, .want_logits = 0};
+    ck_assert_int_eq(api->forward(api->ctx, b, PROMPT, NULL), TSR_OK);
+    for (int s = 1; s < N_SEQ; s++) ck_assert_int_eq(api->seq_fork(api->ctx, 0, s), TSR_OK);
+    for (int t = 0; t < STEPS; t++) {
+        /* sequence 1 ends after ENDS_AT steps: later batches leave it out */
+        if (t == ENDS_AT) ck_assert_int_eq(api->seq_end(api->ctx, 1), TSR_OK);
+        int n = 0;
+        for (int s = 0; s < N_SEQ; s++)
+            if (s != 1 || t < ENDS_AT)
+                b[n++] = (tsr_batch_entry){.seq_id = s, .pos = PROMPT + t, .token = tokens[s][t],
+                                           .want_logits = 1};
+        float *out = batched + (size_t)t * N_SEQ * nv;
+        ck_assert_int_eq(api->forward(api->ctx, b, n, out), TSR_OK);
+        /* rows in batch order: move sequences after 1 to their own slot once it has ended */
+        if (t >= ENDS_AT)
+            for (int s = N_SEQ - 1; s >= 2; s--)
+                memmove(out + (size_t)s * nv, out + (size_t)(s - 1) * nv, nv * sizeof *out);
+    }
+    tsr_request_end(&req);
+    for (int s = 0; s < N_SEQ; s++) {
+        ck_assert_int_eq(tsr_request_begin(&req, r.pl, 8, NULL, NULL, NULL, NULL, &err), TSR_OK);
+        for (int i = 0; i < PROMPT; i++)
+            b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = 3 + i, .want_logits = 0};
+        ck_assert_int_eq(api->forward(api->ctx, b, PROMPT, NULL), TSR_OK);
+        for (int t = 0; t < (s == 1 ? ENDS_AT : STEPS); t++) {
+            b[0] = (tsr_batch_entry){.seq_id = 0, .pos = PROMPT + t, .token = tokens[s][t],
+                                     .want_logits = 1};
+            ck_assert_int_eq(api->forward(api->ctx, b, 1, alone), TSR_OK);
+            const float *want = batched + ((size_t)t * N_SEQ + (size_t)s) * nv;
+            if (memcmp(alone, want, nv * sizeof *alone) != 0)
+                ck_abort_msg("sequence %d, step %d: the batch's logits differ from the sequence "
+                             "decoded alone", s, t);
+        }
+        tsr_request_end(&req);
+    }
+    free(batched);
+    free(alone);
+    tsr_test_pipeline_close(&r);
+}
+END_TEST
 
-/* A copy of the tiny model with one value of `tensor` replaced by NaN. */
-static char *model_with_nan(const char *tensor) {
+/* A copy of the tiny model, `name` in a fresh folder, whose F32 tensors `tensors` (n) hold
+ * `value` from element `from` to element `to` (exclusive; -1: the tensor's end). */
+static char *tiny_model_with(const char *name, const char *const *tensors, size_t n, size_t from,
+                             ptrdiff_t to, float value) {
     size_t size;
     char *bytes = tsr_test_read_file(tiny_path, &size);
     ck_assert_ptr_nonnull(bytes);
     tsr_gguf *g;
     tsr_error err;
     ck_assert_int_eq(tsr_gguf_open_memory(bytes, size, "tiny", &g, &err), 0);
-    const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, tensor);
-    ck_assert_ptr_nonnull(t);
-    size_t at = (size_t)((const char *)t->data - bytes) + 5 * sizeof(float);
+    for (size_t i = 0; i < n; i++) {
+        const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, tensors[i]);
+        ck_assert_ptr_nonnull(t);
+        size_t at = (size_t)((const char *)t->data - bytes);
+        size_t end = to < 0 ? t->size / sizeof(float) : (size_t)to;
+        for (size_t e = from; e < end; e++) memcpy(bytes + at + e * sizeof value, &value, sizeof value);
+    }
     tsr_gguf_close(g);
-    const float nan = NAN;
-    memcpy(bytes + at, &nan, sizeof nan);
-    char *dir = tsr_test_tmpdir(), *path = malloc(strlen(dir) + 16);
-    sprintf(path, "%s/nan.gguf", dir);
+    char *dir = tsr_test_tmpdir(), *path = malloc(strlen(dir) + strlen(name) + 2);
+    sprintf(path, "%s/%s", dir, name);
     ck_assert_int_eq(tsr_test_write_file(path, bytes, size), 0);
     free(bytes);
     free(dir);
     return path;
 }
 
+/* ---- draft models, outputs per sequence ----------------------------------------------------- */
+
+/* The tiny model as its own draft, with `draft` as its draft: section. */
+static const char *draft_yaml(char *buf, size_t size, const char *draft) {
+    snprintf(buf, size, "tessera: 1\nbackend: { plugin: cpu, threads: 1 }\n"
+             "attention: { plugin: flash }\ncache: { plugin: full }\n"
+             "decoder: { plugin: speculative, temperature: 0 }\ndraft: %s\n", draft);
+    return buf;
+}
+
+/* The draft's logits (N_TOK x n_vocab, malloc'd) of the test prompt, through api.draft. */
+static float *draft_prompt_logits(run *r) {
+    tsr_error err;
+    tsr_request req;
+    ck_assert_int_eq(tsr_request_begin(&req, r->pl, 8, NULL, NULL, NULL, NULL, &err), TSR_OK);
+    const tsr_decode_api *d = req.api.draft;
+    ck_assert_ptr_nonnull(d);
+    ck_assert_int_eq(d->n_vocab, r->model->hp.n_vocab);
+    tsr_batch_entry b[N_TOK];
+    for (int i = 0; i < N_TOK; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = (int32_t)((i * 37 + 11) % 320),
+                                 .want_logits = 1};
+    float *logits = malloc((size_t)N_TOK * (size_t)r->model->hp.n_vocab * sizeof *logits);
+    ck_assert_int_eq(d->forward(d->ctx, b, N_TOK, logits), TSR_OK);
+    tsr_request_end(&req);
+    return logits;
+}
+
+/* A self-draft skipping no layer is the target; skipping layer 1 is the model whose layer 1
+ * adds nothing to the residual stream (its output projections zero), bit for bit. */
+START_TEST(self_draft_skips_its_layers) {
+    char yaml[512];
+    size_t bytes = (size_t)N_TOK * 320 * sizeof(float);
+    run r;
+    run_open_ok(&r, draft_yaml(yaml, sizeof yaml, "{ skip_layers: [] }"), 64);
+    float *target = prompt_logits(&r), *draft = draft_prompt_logits(&r);
+    ck_assert_mem_eq(draft, target, bytes);
+    free(draft);
+    tsr_test_pipeline_close(&r);
+
+    const char *outputs[] = {"blk.1.attn_output.weight", "blk.1.ffn_down.weight"};
+    char *path = tiny_model_with("no-layer-1.gguf", outputs, 2, 0, -1, 0.0f);
+    tsr_test_pipeline_open_ok(&r, path, default_yaml, 64);
+    float *want = prompt_logits(&r);
+    tsr_test_pipeline_close(&r);
+    run_open_ok(&r, draft_yaml(yaml, sizeof yaml, "{ skip_layers: [1] }"), 64);
+    draft = draft_prompt_logits(&r);
+    ck_assert_mem_eq(draft, want, bytes);
+    ck_assert(memcmp(target, want, bytes) != 0); /* layer 1 does change the logits */
+    free(draft);
+    free(want);
+    free(target);
+    tsr_test_pipeline_close(&r);
+    free(path);
+}
+END_TEST
+
+START_TEST(draft_layers_must_exist) {
+    static const struct {
+        const char *draft, *error;
+    } bad[] = {
+        {"{ skip_layers: [2] }", "test.yaml:6:23: draft.skip_layers: layer 2 is beyond the draft "
+                                 "model's 2 layers (0 to 1)"},
+        {"{ skip_layers: [1, 0] }", "test.yaml:6:23: draft.skip_layers: all 2 layers of the "
+                                    "model are skipped; a draft must run one at least"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char yaml[512];
+        run r;
+        tsr_error err;
+        ck_assert_int_lt(tsr_test_pipeline_open(&r, tiny_path,
+                                                draft_yaml(yaml, sizeof yaml, bad[i].draft), NULL,
+                                                64, &err), 0);
+        ck_assert_str_eq(err.msg, bad[i].error);
+        ck_assert_ptr_null(r.pl);
+        tsr_test_pipeline_close(&r);
+    }
+}
+END_TEST
+
+/* What the sink received, by sequence. */
+typedef struct seq_sink {
+    int32_t tokens[4][8];
+    int n[4];
+} seq_sink;
+
+static void sink_by_seq(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n) {
+    seq_sink *s = ctx;
+    ck_assert(seq_id >= 0 && seq_id < 4);
+    for (int64_t i = 0; i < n; i++) s->tokens[seq_id][s->n[seq_id]++] = tokens[i];
+}
+
+static int32_t eog_is_7(void *ctx, int32_t token) { return token == 7; }
+
+/* emit_seq keeps one output per sequence: its own limit, its own stop, an end of generation
+ * ending that sequence only; emit() is sequence 0's. */
+START_TEST(emit_seq_keeps_one_output_per_sequence) {
+    run r;
+    run_open_ok(&r, default_yaml, 64);
+    seq_sink got = {0};
+    tsr_error err;
+    tsr_request req;
+    ck_assert_int_eq(tsr_request_begin(&req, r.pl, 2, eog_is_7, NULL, sink_by_seq, &got, &err),
+                     TSR_OK);
+    const tsr_decode_api *api = &req.api;
+    ck_assert_ptr_null(api->draft);
+    ck_assert_int_eq(api->emit_seq(api->ctx, 1, (int32_t[]){5, 6, 8}, 3), 1);
+    ck_assert_int_eq(api->emit_seq(api->ctx, 0, (int32_t[]){9}, 1), 0);
+    ck_assert_int_eq(api->emit(api->ctx, (int32_t[]){10}, 1), 1);
+    ck_assert_int_eq(api->emit_seq(api->ctx, 1, (int32_t[]){11}, 1), 1);
+    ck_assert_int_eq(api->emit_seq(api->ctx, 2, (int32_t[]){4, 7, 5}, 3), 1);
+    ck_assert_int_eq(api->emit_seq(api->ctx, 3, (int32_t[]){12}, 1), 0);
+    ck_assert_int_eq(got.n[0], 2);
+    ck_assert_int_eq(got.tokens[0][0], 9);
+    ck_assert_int_eq(got.tokens[0][1], 10);
+    ck_assert_int_eq(got.n[1], 2);
+    ck_assert_int_eq(got.tokens[1][0], 5);
+    ck_assert_int_eq(got.tokens[1][1], 6);
+    ck_assert_int_eq(got.n[2], 1);
+    ck_assert_int_eq(got.tokens[2][0], 4);
+    ck_assert_int_eq(got.n[3], 1);
+    ck_assert_int_eq(req.n_emitted, 6);
+    ck_assert(!req.host_failed);
+    ck_assert_int_eq(api->emit_seq(api->ctx, -1, (int32_t[]){3}, 1), 1);
+    ck_assert(req.host_failed);
+    ck_assert_str_eq(req.host_err.msg, "emit_seq: sequence -1 is not a sequence id");
+    tsr_request_end(&req);
+    tsr_test_pipeline_close(&r);
+}
+END_TEST
+
+/* ---- broken models ----------------------------------------------------------------------- */
+
 START_TEST(nan_stops_at_its_layer) {
-    char *path = model_with_nan("blk.1.ffn_down.weight");
+    const char *ffn_down = "blk.1.ffn_down.weight";
+    char *path = tiny_model_with("nan.gguf", &ffn_down, 1, 5, 6, NAN);
     run r;
     tsr_error err;
     ck_assert_int_eq(tsr_test_pipeline_open(&r, path, default_yaml, NULL, 64, &err), TSR_OK);
@@ -304,6 +500,12 @@ int main(void) {
     tc = tcase_create("sequences");
     tcase_add_test(tc, positions_continue_each_sequence);
     tcase_add_test(tc, fork_truncate_and_batches);
+    tcase_add_test(tc, forked_batches_equal_each_alone);
+    tcase_add_test(tc, emit_seq_keeps_one_output_per_sequence);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("draft");
+    tcase_add_test(tc, self_draft_skips_its_layers);
+    tcase_add_test(tc, draft_layers_must_exist);
     suite_add_tcase(s, tc);
     tc = tcase_create("broken models");
     tcase_add_test(tc, nan_stops_at_its_layer);

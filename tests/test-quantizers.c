@@ -710,7 +710,7 @@ static float *model_logits(const char *model_rel, const char *quantizer, const c
     if (tsr_config_bind(r.cfg, find_plugin, r.reg, &err) < 0) ck_abort_msg("%s", err.msg);
     r.pool = tsr_pool_create(tsr_config_threads(r.cfg));
     if (tsr_model_load(path, &r.model, &err) < 0) ck_abort_msg("%s", err.msg);
-    if (tsr_pipeline_create(r.cfg, r.reg, r.model, r.pool, 128, &r.pl, &err) < 0)
+    if (tsr_pipeline_create(r.cfg, r.reg, r.model, NULL, r.pool, 128, &r.pl, &err) < 0)
         ck_abort_msg("%s: %s", quantizer, err.msg);
 
     char *text = tsr_test_read_file(ids_path, NULL);

@@ -1294,16 +1294,20 @@ static void check_attention_scores(const runner *r, check *c) { run_attention(r,
 #define FAKE_MAX_EMIT 512
 
 /* A fake model behind tsr_decode_api: deterministic logits from (token, position), and a
- * record of every rule the decoder breaks. */
+ * record of every rule the decoder breaks. A decoder that drafts gets a second one as its
+ * draft model, whose logits agree with the target's often but not always. */
 typedef struct fake_model {
     check *c;
     int req; /* 1, 2...: for messages */
+    const char *name; /* "" for the target, "draft " for the draft */
+    struct fake_model *target; /* the draft's: the request's target model; NULL for the target */
     int32_t n_vocab, n_ctx;
     int32_t len[FAKE_MAX_SEQ];
     bool alive[FAKE_MAX_SEQ];
+    bool stopped[FAKE_MAX_SEQ];      /* emit returned 1 for the sequence */
+    int64_t emitted_by[FAKE_MAX_SEQ];
     int64_t emitted, limit, n_forward, calls_after_stop;
-    int32_t tokens[FAKE_MAX_EMIT];
-    bool stopped;
+    int32_t tokens[FAKE_MAX_EMIT];   /* every emitted token, in order of emission */
 } fake_model;
 
 static float fake_logit(int32_t token, int32_t pos, int32_t v) {
@@ -1315,10 +1319,26 @@ static float fake_logit(int32_t token, int32_t pos, int32_t v) {
     return (float)((double)(h >> 40) / (double)(1ull << 24)) * 8.0f - 4.0f;
 }
 
+/* The draft's: the target's logit and a disturbance from another stream, so that a draft's
+ * proposals are accepted sometimes and rejected sometimes. */
+static float fake_draft_logit(int32_t token, int32_t pos, int32_t v) {
+    return fake_logit(token, pos, v) + 0.5f * fake_logit(token ^ 0x5bd1, pos + 7, v);
+}
+
+/* True when emit returned 1 for every sequence that emitted: the request is over (DEC_3). */
+static bool fake_done(const fake_model *m) {
+    bool any = false;
+    for (int s = 0; s < FAKE_MAX_SEQ; s++) {
+        if (m->emitted_by[s] > 0 && !m->stopped[s]) return false;
+        any |= m->stopped[s];
+    }
+    return any;
+}
+
 static bool seq_ok(fake_model *m, int64_t seq, const char *what) {
     if (seq < 0 || seq >= FAKE_MAX_SEQ || !m->alive[seq]) {
-        fail(m->c, "request %d: %s: sequence %lld is not alive (never begun or forked, or "
-                   "already ended)", m->req, what, (long long)seq);
+        fail(m->c, "request %d: %s%s: sequence %lld is not alive (never begun or forked, or "
+                   "already ended)", m->req, m->name, what, (long long)seq);
         return false;
     }
     return true;
@@ -1326,36 +1346,39 @@ static bool seq_ok(fake_model *m, int64_t seq, const char *what) {
 
 static tsr_status fake_forward(void *ctx, const tsr_batch_entry *e, int64_t n, float *logits) {
     fake_model *m = ctx;
-    if (m->stopped) m->calls_after_stop++;
+    fake_model *target = m->target ? m->target : m;
+    if (fake_done(target)) target->calls_after_stop++;
     if (n <= 0) {
-        fail(m->c, "request %d: forward with %lld entries", m->req, (long long)n);
+        fail(m->c, "request %d: %sforward with %lld entries", m->req, m->name, (long long)n);
         return TSR_E_INVALID;
     }
     m->n_forward++;
     int64_t row = 0;
     for (int64_t i = 0; i < n; i++) {
         if (!seq_ok(m, e[i].seq_id, "forward")) return TSR_E_INVALID;
+        if (!m->target && m->stopped[e[i].seq_id]) target->calls_after_stop++;
         /* The host runs each sequence's entries as one run. */
         for (int64_t j = 0; i > 0 && e[i - 1].seq_id != e[i].seq_id && j < i - 1; j++)
             if (e[j].seq_id == e[i].seq_id) {
-                fail(m->c, "request %d: forward entry %lld: the entries of sequence %lld are "
-                           "not contiguous in the batch", m->req, (long long)i,
+                fail(m->c, "request %d: %sforward entry %lld: the entries of sequence %lld are "
+                           "not contiguous in the batch", m->req, m->name, (long long)i,
                      (long long)e[i].seq_id);
                 return TSR_E_INVALID;
             }
         int32_t *len = &m->len[e[i].seq_id];
         if (e[i].pos != *len || e[i].pos >= m->n_ctx || e[i].token < 0 ||
             e[i].token >= m->n_vocab) {
-            fail(m->c, "request %d: forward entry %lld: seq %lld pos %d token %d; the sequence "
+            fail(m->c, "request %d: %sforward entry %lld: seq %lld pos %d token %d; the sequence "
                        "holds %d positions (the next one is %d), n_ctx %d, n_vocab %d", m->req,
-                 (long long)i, (long long)e[i].seq_id, e[i].pos, e[i].token, *len, *len,
+                 m->name, (long long)i, (long long)e[i].seq_id, e[i].pos, e[i].token, *len, *len,
                  m->n_ctx, m->n_vocab);
             return TSR_E_INVALID;
         }
         (*len)++;
         if (!e[i].want_logits) continue;
         for (int32_t v = 0; v < m->n_vocab; v++)
-            logits[row * m->n_vocab + v] = fake_logit(e[i].token, e[i].pos, v);
+            logits[row * m->n_vocab + v] = m->target ? fake_draft_logit(e[i].token, e[i].pos, v)
+                                                     : fake_logit(e[i].token, e[i].pos, v);
         row++;
     }
     return TSR_OK;
@@ -1365,9 +1388,9 @@ static tsr_status fake_fork(void *ctx, int64_t src, int64_t dst) {
     fake_model *m = ctx;
     if (!seq_ok(m, src, "seq_fork")) return TSR_E_INVALID;
     if (dst < 0 || dst >= FAKE_MAX_SEQ || m->alive[dst]) {
-        fail(m->c, "request %d: seq_fork(%lld, %lld): the destination is alive or out of range "
-                   "(the fake model has %d sequences)", m->req, (long long)src, (long long)dst,
-             FAKE_MAX_SEQ);
+        fail(m->c, "request %d: %sseq_fork(%lld, %lld): the destination is alive or out of range "
+                   "(the fake model has %d sequences)", m->req, m->name, (long long)src,
+             (long long)dst, FAKE_MAX_SEQ);
         return TSR_E_INVALID;
     }
     m->alive[dst] = true;
@@ -1379,7 +1402,7 @@ static tsr_status fake_truncate(void *ctx, int64_t seq, int32_t n_pos) {
     fake_model *m = ctx;
     if (!seq_ok(m, seq, "seq_truncate")) return TSR_E_INVALID;
     if (n_pos < 0) {
-        fail(m->c, "request %d: seq_truncate(%lld, %d): negative position", m->req,
+        fail(m->c, "request %d: %sseq_truncate(%lld, %d): negative position", m->req, m->name,
              (long long)seq, n_pos);
         return TSR_E_INVALID;
     }
@@ -1394,9 +1417,14 @@ static tsr_status fake_seq_end(void *ctx, int64_t seq) {
     return TSR_OK;
 }
 
-static int32_t fake_emit(void *ctx, const int32_t *tokens, int64_t n) {
+static int32_t fake_emit_seq(void *ctx, int64_t seq, const int32_t *tokens, int64_t n) {
     fake_model *m = ctx;
-    if (m->stopped) {
+    if (seq < 0 || seq >= FAKE_MAX_SEQ) {
+        fail(m->c, "request %d: emit_seq for sequence %lld (the fake model has %d)", m->req,
+             (long long)seq, FAKE_MAX_SEQ);
+        return 1;
+    }
+    if (m->stopped[seq]) {
         m->calls_after_stop++;
         return 1;
     }
@@ -1407,26 +1435,55 @@ static int32_t fake_emit(void *ctx, const int32_t *tokens, int64_t n) {
         if (m->emitted + i < FAKE_MAX_EMIT) m->tokens[m->emitted + i] = tokens[i];
     }
     m->emitted += n;
-    if (m->emitted >= m->limit) m->stopped = true;
-    return m->stopped;
+    m->emitted_by[seq] += n;
+    if (m->emitted_by[seq] >= m->limit) m->stopped[seq] = true;
+    return m->stopped[seq];
+}
+
+static int32_t fake_emit(void *ctx, const int32_t *tokens, int64_t n) {
+    return fake_emit_seq(ctx, 0, tokens, n);
 }
 
 static int32_t fake_is_eog(void *ctx, int32_t token) { return 0; }
 
-/* Runs one request of `n_prompt` tokens allowing `limit` new ones against the fake model *m;
- * false when a rule was broken (the check has failed). */
+/* The draft_use a decoder declares (0 for other stages and for decoders without the field). */
+static int32_t draft_use(const tsr_plugin_desc *d) {
+    const tsr_decoder_vtable *vt = d->vtable;
+    return d->stage == TSR_STAGE_DECODER && TSR_VT_HAS(vt, draft_use) ? vt->draft_use : 0;
+}
+
+/* DEC_6 for one model: every sequence but 0 ended. */
+static void check_forks_ended(check *c, int req, const fake_model *m) {
+    for (int s = 1; s < FAKE_MAX_SEQ && !c->failed; s++)
+        if (m->alive[s])
+            fail(c, "request %d: %ssequence %d was forked and never ended (DEC_6)", req, m->name,
+                 s);
+}
+
+/* Runs one request of `n_prompt` tokens allowing `limit` new ones per sequence against the
+ * fake model *m (and a fake draft model when the decoder drafts); false when a rule was
+ * broken (the check has failed). */
 static bool fake_request(const runner *r, check *c, live *l, fake_model *m, int req,
                          int64_t n_prompt, int64_t limit) {
     const tsr_decoder_vtable *vt = l->inst->vtable;
-    *m = (fake_model){.c = c, .req = req, .n_vocab = r->shape.n_vocab, .n_ctx = r->shape.n_ctx,
-                      .limit = limit};
-    m->alive[0] = true;
+    *m = (fake_model){.c = c, .req = req, .name = "", .n_vocab = r->shape.n_vocab,
+                      .n_ctx = r->shape.n_ctx, .limit = limit};
+    fake_model draft = *m;
+    draft.name = "draft ";
+    draft.target = m;
+    m->alive[0] = draft.alive[0] = true;
     int32_t *prompt = malloc((size_t)n_prompt * sizeof *prompt);
     for (int64_t i = 0; i < n_prompt; i++) prompt[i] = (int32_t)((i * 37 + 1) % m->n_vocab);
+    tsr_decode_api draft_api = {.struct_size = sizeof draft_api, .ctx = &draft,
+                                .n_vocab = m->n_vocab, .n_ctx = m->n_ctx,
+                                .forward = fake_forward, .seq_fork = fake_fork,
+                                .seq_truncate = fake_truncate, .seq_end = fake_seq_end};
     tsr_decode_api api = {.struct_size = sizeof api, .ctx = m, .n_vocab = m->n_vocab,
                           .n_ctx = m->n_ctx, .forward = fake_forward, .seq_fork = fake_fork,
                           .seq_truncate = fake_truncate, .seq_end = fake_seq_end,
-                          .emit = fake_emit, .is_eog = fake_is_eog};
+                          .emit = fake_emit, .is_eog = fake_is_eog,
+                          .draft = r->shape.has_draft ? &draft_api : NULL,
+                          .emit_seq = fake_emit_seq};
     tsr_generate_request rq = {sizeof rq, prompt, n_prompt, limit};
     tsr_status st = vt->generate(l->inst->self, &api, &rq);
     free(prompt);
@@ -1440,11 +1497,11 @@ static bool fake_request(const runner *r, check *c, live *l, fake_model *m, int 
              (long long)m->calls_after_stop);
     else if (m->emitted == 0)
         fail(c, "request %d: generate emitted no token", req);
-    for (int s = 1; s < FAKE_MAX_SEQ && !c->failed; s++)
-        if (m->alive[s])
-            fail(c, "request %d: sequence %d was forked and never ended (DEC_6)", req, s);
-    note(c, "request %d: %lld tokens emitted in %lld forwards%s", req, (long long)m->emitted,
-         (long long)m->n_forward, m->stopped ? "" : " (stopped on its own)");
+    check_forks_ended(c, req, m);
+    check_forks_ended(c, req, &draft);
+    note(c, "request %d: %lld tokens emitted in %lld forwards (%lld of the draft)%s", req,
+         (long long)m->emitted, (long long)m->n_forward, (long long)draft.n_forward,
+         fake_done(m) ? "" : " (stopped on its own)");
     return !c->failed;
 }
 
@@ -2059,6 +2116,8 @@ int main(int argc, char **argv) {
     if (loadable && tsr_registry_load_file(reg, r.path, &err) >= 0) {
         for (size_t i = 0; i < tsr_registry_count(reg); i++) {
             r.ref = tsr_registry_at(reg, i);
+            /* A decoder that drafts is created, and driven, with a draft model. */
+            r.shape.has_draft = draft_use(r.ref->desc) != TSR_DECODER_DRAFT_NONE;
             run_check(&r, "descriptor", check_descriptor);
             run_check(&r, "commands", check_commands);
             run_check(&r, "create-defaults", check_create_defaults);

@@ -91,6 +91,15 @@ typedef struct tsr_decoder_stats {
     uint64_t verify_ns;                         /* time spent in verifying forwards */
 } tsr_decoder_stats;
 
+/* since 1.1: whether a decoder drafts with the pipeline's draft model (tsr_decode_api.draft),
+ * as tsr_decoder_vtable.draft_use says. The host refuses, in one line, a pipeline whose draft:
+ * section the decoder would never use, and one without a draft for a decoder that needs it. */
+typedef enum tsr_decoder_draft_use {
+    TSR_DECODER_DRAFT_NONE = 0,     /* never uses one (every 1.0 decoder) */
+    TSR_DECODER_DRAFT_OPTIONAL = 1, /* uses one when the pipeline has one */
+    TSR_DECODER_DRAFT_REQUIRED = 2  /* cannot run without one: api->draft is never NULL */
+} tsr_decoder_draft_use;
+
 typedef struct tsr_decoder_vtable {
     uint32_t struct_size;
 
@@ -111,6 +120,10 @@ typedef struct tsr_decoder_vtable {
     /* [main] Optional (since 1.1). Fills `out` (zeroed by the host, struct_size set) with what
      * the last generate proposed and accepted. */
     void (*stats)(void *self, tsr_decoder_stats *out);
+
+    /* since 1.1. Not a callback: tsr_decoder_draft_use, read by the host before any instance
+     * is made. 0 (NONE) when absent. */
+    int32_t draft_use;
 } tsr_decoder_vtable;
 
 #ifdef __cplusplus

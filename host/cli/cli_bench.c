@@ -77,7 +77,7 @@ typedef struct kv_probe {
     uint64_t kv_bytes;
 } kv_probe;
 
-static void probe_tokens(void *ctx, const int32_t *tokens, int64_t n) {
+static void probe_tokens(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n) {
     kv_probe *p = ctx;
     (void)tokens;
     p->emitted += n;
@@ -96,17 +96,17 @@ static tsr_status time_prefill(session *s, const tsr_batch_entry *batch, int n, 
     return st;
 }
 
-/* n decode steps of one token each, through the decoder stage; returns seconds. */
-static tsr_status time_decode(session *s, int32_t bos, int n, kv_probe *probe, double *secs,
-                              tsr_error *err) {
-    int64_t made = 0;
+/* n new tokens (per sequence) through the configured decoder, however many tokens each
+ * forward yields; returns seconds and the request's counts. */
+static tsr_status time_decode(session *s, int32_t bos, int n, kv_probe *probe,
+                              tsr_generate_stats *gen, double *secs, tsr_error *err) {
     uint64_t t0 = tsr_clock_ns();
     tsr_status st = tsr_pipeline_generate(s->pl, &bos, 1, n, NULL, NULL, probe_tokens, probe,
-                                          &made, err);
+                                          gen, err);
     *secs = tsr_clock_seconds_since(t0);
-    if (st >= 0 && made != n)
+    if (st >= 0 && gen->new_tokens < n)
         st = tsr_error_set(err, TSR_E_STATE, "bench: the decoder stopped after %lld of %d tokens",
-                           (long long)made, n);
+                           (long long)gen->new_tokens, n);
     return st;
 }
 
@@ -119,6 +119,9 @@ typedef struct bench_row {
     uint64_t kv_bytes;
     double peak_rss_mib; /* before the bandwidth measurement allocates its buffer */
     double bits_per_weight, rel_rmse; /* what the quantizers made of the weights */
+    /* over the decode runs: tokens per target forward, and of a decoder that drafts the
+     * accepted fraction of its drafted tokens (-1 when it reports none) */
+    double tokens_per_forward, acceptance;
 } bench_row;
 
 static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int threads,
@@ -150,19 +153,29 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     kv_probe probe = {.pl = s.pl, .at = b->n_gen};
     /* Warm-up: page in the weights and settle the caches before timing. */
     if ((st = time_prefill(&s, batch, n < 32 ? n : 32, logits, &warm, err)) < 0) goto out;
-    if ((st = time_decode(&s, bos, b->n_gen < 4 ? b->n_gen : 4, &probe, &warm, err)) < 0) goto out;
+    tsr_generate_stats gen;
+    if ((st = time_decode(&s, bos, b->n_gen < 4 ? b->n_gen : 4, &probe, &gen, &warm, err)) < 0)
+        goto out;
     for (int r = 0; r < b->reps && n > 0; r++) {
         if ((st = time_prefill(&s, batch, n, logits, &secs, err)) < 0) goto out;
         pp[r] = n / secs;
     }
     tsr_stage_times before = *tsr_pipeline_times(s.pl);
     double decode_secs = 0;
+    int64_t tokens = 0, drafted = 0, accepted = 0;
+    uint64_t forwards = 0;
     for (int r = 0; r < b->reps && b->n_gen > 0; r++) {
         probe = (kv_probe){.pl = s.pl, .at = b->n_gen};
-        if ((st = time_decode(&s, bos, b->n_gen, &probe, &secs, err)) < 0) goto out;
-        tg[r] = b->n_gen / secs;
+        if ((st = time_decode(&s, bos, b->n_gen, &probe, &gen, &secs, err)) < 0) goto out;
+        tg[r] = (double)gen.new_tokens / secs;
         decode_secs += secs;
+        tokens += gen.new_tokens;
+        forwards += gen.target_forwards;
+        drafted += gen.decoder.drafted;
+        accepted += gen.decoder.accepted;
     }
+    row->tokens_per_forward = forwards > 0 ? (double)tokens / (double)forwards : 0;
+    row->acceptance = drafted > 0 ? (double)accepted / (double)drafted : -1;
     const tsr_stage_times *after = tsr_pipeline_times(s.pl);
     row->times = (tsr_stage_times){
         .matmul = after->matmul - before.matmul, .attention = after->attention - before.attention,
@@ -177,7 +190,11 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     /* The machine's read bandwidth with the same threads, measured right after the runs so
      * both see the same neighbours on this shared machine. */
     row->read_gbs = tsr_measure_read_bandwidth(s.pool, (size_t)b->bandwidth_mib << 20, 5);
-    row->weight_gb_per_s = (double)*weight_bytes * row->tg_mean * 1e-9;
+    /* Each target forward reads the weights once, whatever number of tokens it yields. */
+    row->weight_gb_per_s = row->tokens_per_forward > 0
+                               ? (double)*weight_bytes * row->tg_mean / row->tokens_per_forward *
+                                     1e-9
+                               : 0;
     row->roofline = row->read_gbs > 0 ? row->weight_gb_per_s / row->read_gbs : 0;
 out:
     free(pp);
@@ -190,8 +207,9 @@ done:
     return st;
 }
 
-static void print_markdown(const char *model_path, const char *type, const tsr_model *m,
-                           uint64_t weight_bytes, const bench_opts *b, const bench_row *rows) {
+static void print_markdown(const char *model_path, const char *type, const char *decoder,
+                           const tsr_model *m, uint64_t weight_bytes, const bench_opts *b,
+                           const bench_row *rows) {
     printf("| model | type | weights | threads | test | tokens/s | weights read | roofline |\n");
     printf("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |\n");
     const char *name = strrchr(model_path, '/') ? strrchr(model_path, '/') + 1 : model_path;
@@ -203,6 +221,15 @@ static void print_markdown(const char *model_path, const char *type, const tsr_m
         printf("| %s | %s | %.1f MiB | %d | tg%d | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% |\n",
                name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, r->tg_mean,
                r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
+    }
+    printf("\n| threads | decoder | tokens per target forward | drafts accepted |\n");
+    printf("| ---: | --- | ---: | ---: |\n");
+    for (int i = 0; i < b->n_threads; i++) {
+        char acceptance[32] = "-";
+        if (rows[i].acceptance >= 0)
+            snprintf(acceptance, sizeof acceptance, "%.1f%%", 100.0 * rows[i].acceptance);
+        printf("| %d | %s | %.3f | %s |\n", rows[i].threads, decoder, rows[i].tokens_per_forward,
+               acceptance);
     }
     printf("\n| threads | decode time in: matmul | attention | cache | decoder | other ops | host |"
            " KV bytes | peak RSS |\n");
@@ -220,27 +247,31 @@ static void print_markdown(const char *model_path, const char *type, const tsr_m
     }
 }
 
-static void print_json(const char *model_path, const char *type, const tsr_model *m,
-                       uint64_t weight_bytes, const bench_opts *b, const bench_row *rows) {
+static void print_json(const char *model_path, const char *type, const char *decoder,
+                       const tsr_model *m, uint64_t weight_bytes, const bench_opts *b,
+                       const bench_row *rows) {
     json_t *results = json_array();
     for (int i = 0; i < b->n_threads; i++) {
         const bench_row *r = &rows[i];
         const tsr_stage_times *t = &r->times;
         json_array_append_new(results, json_pack(
-            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:f, s:o, "
+            "s:{s:f, s:f, s:f, s:f, s:f, s:f}}",
             "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "peak_rss_mib",
             r->peak_rss_mib, "bits_per_weight", r->bits_per_weight, "mean_rel_rmse", r->rel_rmse,
             "prefill_tps_mean", r->pp_mean, "prefill_tps_std", r->pp_std,
             "decode_tps_mean", r->tg_mean, "decode_tps_std", r->tg_std,
             "decode_weight_gbs", r->weight_gb_per_s, "machine_read_gbs", r->read_gbs,
             "roofline_fraction", r->roofline, "kv_bytes", (json_int_t)r->kv_bytes,
-            "decode_seconds", "matmul", (double)t->matmul * 1e-9, "attention",
+            "decode_tokens_per_forward", r->tokens_per_forward, "decode_acceptance_rate",
+            r->acceptance >= 0 ? json_real(r->acceptance) : json_null(), "decode_seconds", "matmul", (double)t->matmul * 1e-9, "attention",
             (double)t->attention * 1e-9, "cache", (double)t->cache * 1e-9, "decoder",
             (double)t->decoder * 1e-9, "other_ops", (double)t->other_ops * 1e-9, "total",
             r->decode_secs));
     }
-    json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:i, s:o}", "model", model_path,
-                             "type", type, "n_layer", m->hp.n_layer, "n_embd", m->hp.n_embd,
+    json_t *root = json_pack("{s:s, s:s, s:s, s:i, s:i, s:I, s:i, s:o}", "model", model_path,
+                             "type", type, "decoder", decoder, "n_layer", m->hp.n_layer,
+                             "n_embd", m->hp.n_embd,
                              "weight_bytes_per_token", (json_int_t)weight_bytes, "repetitions",
                              b->reps, "results", results);
     char *text = json_dumps(root, JSON_INDENT(2));
@@ -279,8 +310,10 @@ int tsr_cli_bench(int argc, char **argv) {
             printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-t 1,2] [-r 5]\n"
                    "                     [--bandwidth-mib 1024] [--json] [--set K=V]...\n"
                    "                     [--plugin-dir DIR]...\n"
-                   "Prefill (-p tokens in one batch) and decode (-n tokens one by one) speed for\n"
-                   "each thread count, mean and deviation over -r repetitions after a warm-up;\n"
+                   "Prefill (-p tokens in one batch) and decode (-n new tokens through the\n"
+                   "configured decoder, as `run` makes them) speed for each thread count, mean and\n"
+                   "deviation over -r repetitions after a warm-up; the tokens each target forward\n"
+                   "yields and, for a decoder that drafts, the fraction of drafts accepted;\n"
                    "the weights read per decoded token, the machine's own read bandwidth measured\n"
                    "in the same run, and the fraction of that roofline decode reaches; where the\n"
                    "decode time goes, stage by stage. --bandwidth-mib sizes the buffer the\n"
@@ -324,8 +357,12 @@ int tsr_cli_bench(int argc, char **argv) {
             goto fail;
     }
     const char *path = o.model ? o.model : first.cfg->model_path;
-    if (b.json) print_json(path, main_dtype(first.model), first.model, weight_bytes, &b, rows);
-    else print_markdown(path, main_dtype(first.model), first.model, weight_bytes, &b, rows);
+    const char *decoder = first.cfg->stage[TSR_STAGE_DECODER].plugin;
+    if (b.json)
+        print_json(path, main_dtype(first.model), decoder, first.model, weight_bytes, &b, rows);
+    else
+        print_markdown(path, main_dtype(first.model), decoder, first.model, weight_bytes, &b,
+                       rows);
     status = TSR_EXIT_OK;
     goto done;
 fail:

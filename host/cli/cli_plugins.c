@@ -241,9 +241,11 @@ static tsr_status check_hooks(const tsr_config *cfg, tsr_registry *reg, tsr_erro
 /* The files a run would open first: a config naming a model that is not there is not one
  * that runs. */
 static tsr_status check_files(const tsr_config *cfg, tsr_error *err) {
-    const char *keys[] = {"model.path", "model.tokenizer"};
-    const char *paths[] = {cfg->model_path, cfg->tokenizer_path};
-    for (size_t i = 0; i < 2; i++) {
+    const char *keys[] = {"model.path", "model.tokenizer", "draft.model", "draft.tokenizer"};
+    const char *paths[] = {cfg->model_path, cfg->tokenizer_path,
+                           cfg->draft ? cfg->draft->model_path : NULL,
+                           cfg->draft ? cfg->draft->tokenizer_path : NULL};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
         struct stat st;
         if (!paths[i]) continue;
         if (stat(paths[i], &st) != 0)
@@ -266,8 +268,8 @@ int tsr_cli_validate(int argc, char **argv) {
             printf("usage: tessera validate CONFIG.yaml [--set K=V]... [--plugin-dir DIR]...\n"
                    "Checks the file's shape, that every plugin exists, every parameter value\n"
                    "against the plugin's declared parameters, and that the model and tokenizer\n"
-                   "files it names exist. Only the plugins the pipeline names are loaded (see\n"
-                   "tessera plugins --help for the search).\n");
+                   "files it names (the draft's too) exist. Only the plugins the pipeline names\n"
+                   "are loaded (see tessera plugins --help for the search).\n");
             free(sets);
             return TSR_EXIT_OK;
         }

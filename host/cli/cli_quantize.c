@@ -366,9 +366,12 @@ typedef struct synth_shape {
     bool qkv_bias, tied;
 } synth_shape;
 
-/* Shapes of real models (their published configurations), for benchmarks without weights. */
+/* Shapes of real models (their published configurations), for benchmarks without weights;
+ * tinyllama-draft is a small model on tinyllama's vocabulary (4 layers of 512, its head size),
+ * the draft of speculative decoding measurements. */
 static const synth_shape shapes[] = {
     {"tinyllama-1.1b", "llama", 2048, 22, 32, 4, 5632, 32000, 2048, 10000.0f, 1e-5f, false, false},
+    {"tinyllama-draft", "llama", 512, 4, 8, 4, 1408, 32000, 2048, 10000.0f, 1e-5f, false, false},
     {"qwen2.5-0.5b", "qwen2", 896, 24, 14, 2, 4864, 151936, 32768, 1000000.0f, 1e-6f, true, true},
     {"llama-7b", "llama", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0f, 1e-5f, false, false},
     {"tiny", "llama", 64, 2, 4, 2, 128, 320, 512, 10000.0f, 1e-5f, false, false},

@@ -19,48 +19,104 @@
 
 /* ---- run ------------------------------------------------------------------------------- */
 
-/* Where the tokens go: printed as they come, or with --json kept for the report. */
+/* One continuation's text, kept for --json or for printing several side by side: the
+ * prompt's text, then the sequence's tokens. */
+typedef struct seq_text {
+    int64_t seq_id;
+    int32_t prev;    /* the last token, for the next piece */
+    char *text;      /* malloc'd */
+    size_t len, cap;
+    int64_t n_new;
+} seq_text;
+
+/* Where the tokens go: printed as they come, or kept (--json, several continuations) and
+ * printed at the end. */
 typedef struct printer {
     const tsr_tokenizer *tok;
-    int32_t prev;
     bool keep;
-    char *text; /* keep: the text so far (malloc'd) */
-    size_t len, cap;
+    seq_text prompt;  /* the prompt's text and last token, every kept text's start */
+    seq_text *seqs;   /* keep: one per sequence, in order of first emission */
+    size_t n_seqs, cap_seqs;
     bool oom;
     tsr_pipeline *pl; /* set once generation starts: the cache is read after each step */
     tsr_cache_stats cache;
     int n_cache_reporting;
 } printer;
 
-static void keep_bytes(printer *p, const char *bytes, size_t n) {
-    if (p->len + n > p->cap) {
-        size_t cap = p->cap ? p->cap : 256;
-        while (cap < p->len + n) cap *= 2;
-        char *grown = realloc(p->text, cap);
+static void keep_bytes(printer *p, seq_text *t, const char *bytes, size_t n) {
+    if (t->len + n > t->cap) {
+        size_t cap = t->cap ? t->cap : 256;
+        while (cap < t->len + n) cap *= 2;
+        char *grown = realloc(t->text, cap);
         if (!grown) {
             p->oom = true;
             return;
         }
-        p->text = grown;
-        p->cap = cap;
+        t->text = grown;
+        t->cap = cap;
     }
-    memcpy(p->text + p->len, bytes, n);
-    p->len += n;
+    if (n) memcpy(t->text + t->len, bytes, n);
+    t->len += n;
 }
 
-static void print_tokens(void *ctx, const int32_t *tokens, int64_t n) {
-    printer *p = ctx;
+/* The kept text of sequence `seq_id`, begun with the prompt's at its first token. */
+static seq_text *text_of(printer *p, int64_t seq_id) {
+    for (size_t i = 0; i < p->n_seqs; i++)
+        if (p->seqs[i].seq_id == seq_id) return &p->seqs[i];
+    if (p->n_seqs == p->cap_seqs) {
+        size_t cap = p->cap_seqs ? 2 * p->cap_seqs : 4;
+        seq_text *grown = realloc(p->seqs, cap * sizeof *grown);
+        if (!grown) return NULL;
+        p->seqs = grown;
+        p->cap_seqs = cap;
+    }
+    seq_text *t = &p->seqs[p->n_seqs++];
+    *t = (seq_text){.seq_id = seq_id, .prev = p->prompt.prev};
+    keep_bytes(p, t, p->prompt.text, p->prompt.len);
+    return t;
+}
+
+/* Appends the pieces of `tokens` to `t`, or prints them when `t` is NULL (streaming). */
+static void put_tokens(printer *p, seq_text *t, const int32_t *tokens, int64_t n) {
     char buf[256];
     for (int64_t i = 0; i < n; i++) {
-        int64_t len = tsr_token_to_piece(p->tok, p->prev, tokens[i], buf, sizeof buf);
+        int64_t len = tsr_token_to_piece(p->tok, t->prev, tokens[i], buf, sizeof buf);
         if (len > (int64_t)sizeof buf) len = (int64_t)sizeof buf;
-        if (len > 0 && p->keep) keep_bytes(p, buf, (size_t)len);
+        if (len > 0 && p->keep) keep_bytes(p, t, buf, (size_t)len);
         else if (len > 0) fwrite(buf, 1, (size_t)len, stdout);
-        p->prev = tokens[i];
+        t->prev = tokens[i];
     }
+}
+
+static void print_tokens(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n) {
+    printer *p = ctx;
+    seq_text *t = p->keep ? text_of(p, seq_id) : &p->prompt;
+    if (!t) {
+        p->oom = true;
+        return;
+    }
+    put_tokens(p, t, tokens, n);
+    t->n_new += n;
     if (!p->keep) tsr_cli_flush_stdout();
     /* After the last step the sequence is freed: what the cache held is read while it lives. */
     if (p->pl) p->n_cache_reporting = tsr_pipeline_cache_stats(p->pl, &p->cache);
+}
+
+static int seq_text_order(const void *a, const void *b) {
+    int64_t x = ((const seq_text *)a)->seq_id, y = ((const seq_text *)b)->seq_id;
+    return (x > y) - (x < y);
+}
+
+/* The kept texts in order of sequence id; the prompt alone when nothing was emitted. */
+static void finish_texts(printer *p) {
+    if (p->n_seqs == 0 && !text_of(p, 0)) p->oom = true;
+    qsort(p->seqs, p->n_seqs, sizeof *p->seqs, seq_text_order);
+}
+
+static void printer_free(printer *p) {
+    for (size_t i = 0; i < p->n_seqs; i++) free(p->seqs[i].text);
+    free(p->seqs);
+    free(p->prompt.text);
 }
 
 typedef struct eog_ctx {
@@ -141,8 +197,72 @@ static void log_cache(const printer *p) {
             bits_text);
 }
 
-static tsr_status print_json(const printer *p, size_t n_prompt, int64_t n_gen, double secs,
-                             const tsr_stage_times *t, tsr_error *err) {
+/* Acceptance at draft position i (0: the first drafted token), or -1 when none was proposed
+ * there. */
+static double acceptance_at(const tsr_decoder_stats *d, int i) {
+    return d->proposed_at[i] > 0 ? (double)d->accepted_at[i] / (double)d->proposed_at[i] : -1;
+}
+
+/* The last draft position anything was proposed at, plus one. */
+static int draft_positions(const tsr_decoder_stats *d) {
+    int n = 0;
+    for (int i = 0; i < TSR_DECODER_MAX_DRAFT; i++)
+        if (d->proposed_at[i] > 0) n = i + 1;
+    return n;
+}
+
+static double per_forward(const tsr_generate_stats *g) {
+    return g->target_forwards > 0 ? (double)g->new_tokens / (double)g->target_forwards : 0;
+}
+
+/* -v: how many target forwards the tokens took, and what the decoder says of its drafts. */
+static void log_decoding(const tsr_generate_stats *g) {
+    tsr_log(TSR_LOG_INFO, "run", "decoding: %lld tokens in %llu target forwards (%.3f tokens per "
+            "forward), %llu draft forwards, %lld sequences", (long long)g->new_tokens,
+            (unsigned long long)g->target_forwards, per_forward(g),
+            (unsigned long long)g->draft_forwards, (long long)g->n_sequences);
+    if (!g->has_decoder_stats) return;
+    const tsr_decoder_stats *d = &g->decoder;
+    char by_position[TSR_DECODER_MAX_DRAFT * 16] = "";
+    size_t used = 0;
+    for (int i = 0; i < draft_positions(d) && used < sizeof by_position; i++) {
+        int k = snprintf(by_position + used, sizeof by_position - used, " %.3f",
+                         acceptance_at(d, i) < 0 ? 0 : acceptance_at(d, i));
+        used += k > 0 ? (size_t)k : 0;
+    }
+    tsr_log(TSR_LOG_INFO, "run", "decoder: %lld drafted, %lld accepted (%.3f); acceptance by "
+            "draft position:%s; draft %.1f ms, verify %.1f ms", (long long)d->drafted,
+            (long long)d->accepted, d->drafted > 0 ? (double)d->accepted / (double)d->drafted : 0,
+            used ? by_position : " none", (double)d->draft_ns * 1e-6,
+            (double)d->verify_ns * 1e-6);
+}
+
+static json_t *decoding_json(const tsr_generate_stats *g) {
+    json_t *decoder = json_null();
+    if (g->has_decoder_stats) {
+        const tsr_decoder_stats *d = &g->decoder;
+        json_t *by_position = json_array();
+        for (int i = 0; i < draft_positions(d); i++)
+            json_array_append_new(by_position, json_pack(
+                "{s:I, s:I, s:o}", "proposed", (json_int_t)d->proposed_at[i], "accepted",
+                (json_int_t)d->accepted_at[i], "rate",
+                acceptance_at(d, i) >= 0 ? json_real(acceptance_at(d, i)) : json_null()));
+        decoder = json_pack("{s:I, s:I, s:o, s:o, s:f, s:f}", "drafted", (json_int_t)d->drafted,
+                            "accepted", (json_int_t)d->accepted, "acceptance_rate",
+                            d->drafted > 0 ? json_real((double)d->accepted / (double)d->drafted)
+                                           : json_null(),
+                            "by_position", by_position, "draft_seconds",
+                            (double)d->draft_ns * 1e-9, "verify_seconds",
+                            (double)d->verify_ns * 1e-9);
+    }
+    return json_pack("{s:I, s:I, s:f, s:I, s:o}", "target_forwards",
+                     (json_int_t)g->target_forwards, "draft_forwards",
+                     (json_int_t)g->draft_forwards, "tokens_per_target_forward", per_forward(g),
+                     "sequences", (json_int_t)g->n_sequences, "decoder", decoder);
+}
+
+static tsr_status print_json(const printer *p, size_t n_prompt, const tsr_generate_stats *g,
+                             double secs, const tsr_stage_times *t, tsr_error *err) {
     json_t *cache = json_null();
     if (p->n_cache_reporting > 0) {
         double bits = bits_per_value(p);
@@ -153,14 +273,22 @@ static tsr_status print_json(const printer *p, size_t n_prompt, int64_t n_gen, d
                           (json_int_t)p->cache.bytes_peak, "bits_per_value",
                           bits >= 0 ? json_real(bits) : json_null());
     }
+    json_t *sequences = json_array();
+    for (size_t i = 0; i < p->n_seqs; i++)
+        json_array_append_new(sequences, json_pack(
+            "{s:I, s:o?, s:I}", "seq", (json_int_t)p->seqs[i].seq_id, "text",
+            json_text(p->seqs[i].text ? p->seqs[i].text : "", p->seqs[i].len), "new_tokens",
+            (json_int_t)p->seqs[i].n_new));
+    const seq_text *first = &p->seqs[0];
     json_t *root = json_pack(
-        "{s:o?, s:I, s:I, s:f, s:f, s:{s:f, s:f, s:f, s:f, s:f}, s:o?}", "text",
-        json_text(p->text ? p->text : "", p->len), "prompt_tokens", (json_int_t)n_prompt,
-        "new_tokens", (json_int_t)n_gen, "seconds", secs, "tokens_per_second",
-        secs > 0 ? (double)((int64_t)n_prompt + n_gen) / secs : 0.0, "stage_seconds", "matmul",
-        (double)t->matmul * 1e-9, "attention", (double)t->attention * 1e-9, "cache",
+        "{s:o?, s:o, s:I, s:I, s:f, s:f, s:{s:f, s:f, s:f, s:f, s:f}, s:o?, s:o?}", "text",
+        json_text(first->text ? first->text : "", first->len), "sequences", sequences,
+        "prompt_tokens", (json_int_t)n_prompt, "new_tokens", (json_int_t)g->new_tokens,
+        "seconds", secs, "tokens_per_second",
+        secs > 0 ? (double)((int64_t)n_prompt + g->new_tokens) / secs : 0.0, "stage_seconds",
+        "matmul", (double)t->matmul * 1e-9, "attention", (double)t->attention * 1e-9, "cache",
         (double)t->cache * 1e-9, "decoder", (double)t->decoder * 1e-9, "other_ops",
-        (double)t->other_ops * 1e-9, "cache", cache);
+        (double)t->other_ops * 1e-9, "cache", cache, "decoding", decoding_json(g));
     char *text = root ? json_dumps(root, JSON_INDENT(2)) : NULL;
     json_decref(root);
     if (!text) return tsr_error_set(err, TSR_E_NOMEM, "run --json: out of memory");
@@ -169,25 +297,40 @@ static tsr_status print_json(const printer *p, size_t n_prompt, int64_t n_gen, d
     return TSR_OK;
 }
 
+/* Several continuations, each under a line naming its sequence. */
+static void print_texts(const printer *p) {
+    for (size_t i = 0; i < p->n_seqs; i++) {
+        printf("--- sequence %lld ---\n", (long long)p->seqs[i].seq_id);
+        fwrite(p->seqs[i].text, 1, p->seqs[i].len, stdout);
+        fputc('\n', stdout);
+    }
+}
+
 static void run_usage(FILE *f) {
     fprintf(f,
             "usage: tessera run [CONFIG.yaml] -m MODEL [--tokenizer FILE] [-p PROMPT]\n"
             "                   [-n NEW_TOKENS] [--temperature T] [--seed S] [-t THREADS]\n"
-            "                   [--set SECTION.KEY=VALUE]... [--plugin-dir DIR]... [--json]\n"
-            "                   [-v]\n"
+            "                   [--parallel N] [--set SECTION.KEY=VALUE]... [--plugin-dir DIR]...\n"
+            "                   [--json] [-v]\n"
             "Prints the prompt, then each new token as it is made, to stdout; timings go to\n"
             "stderr. Without CONFIG the built-in pipeline runs (cpu, gguf, flash, full,\n"
             "sample). --temperature 0 is greedy. Generation stops after NEW_TOKENS (default\n"
             "the config's generate.max_tokens, else 256) or at the model's end token.\n"
-            "--json prints one JSON object instead: the text, token counts, seconds per\n"
-            "stage and the cache policies' statistics (entries, evicted, KV bytes, bits of\n"
-            "memory per stored value). -v logs those statistics on stderr. --plugin-dir DIR\n"
-            "is searched for plugins before the other folders (see tessera plugins --help).\n");
+            "--parallel N sets the decoder's parameter of role parallel: N continuations of\n"
+            "the prompt side by side (a decoder such as parallel), printed at the end, each\n"
+            "under a line '--- sequence ID ---'.\n"
+            "--json prints one JSON object instead: the text, every sequence's text, token\n"
+            "counts, seconds per stage, the cache policies' statistics (entries, evicted, KV\n"
+            "bytes, bits of memory per stored value) and the decoding's (target and draft\n"
+            "forwards, tokens per target forward, and from a decoder that reports them the\n"
+            "tokens drafted and accepted, acceptance by draft position, draft and verify\n"
+            "time). -v logs those statistics on stderr. --plugin-dir DIR is searched for\n"
+            "plugins before the other folders (see tessera plugins --help).\n");
 }
 
 int tsr_cli_run(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 2, sizeof(char *))};
-    const char *prompt = NULL, *temperature = NULL, *seed = NULL;
+    const char *prompt = NULL, *temperature = NULL, *seed = NULL, *parallel = NULL;
     int64_t n_new = -1;
     bool json = false;
     for (int i = 1; i < argc; i++) {
@@ -199,11 +342,12 @@ int tsr_cli_run(int argc, char **argv) {
         }
         const tsr_cli_text_opt texts[] = {{"-p", "--prompt", "PROMPT", &prompt},
                                           {"--temperature", NULL, "T", &temperature},
-                                          {"--seed", NULL, "S", &seed}};
+                                          {"--seed", NULL, "S", &seed},
+                                          {"--parallel", NULL, "N", &parallel}};
         const tsr_cli_int_opt ints[] = {{"-n", NULL, "NEW_TOKENS", 0, INT32_MAX, &n_new}};
         bool verbose = false;
         int took = tsr_session_take_opt("run", argc, argv, &i, &o);
-        if (took == 0) took = tsr_cli_take_text("run", argc, argv, &i, texts, 3);
+        if (took == 0) took = tsr_cli_take_text("run", argc, argv, &i, texts, 4);
         if (took == 0) took = tsr_cli_take_int("run", argc, argv, &i, ints, 1);
         if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &json);
         if (took == 0) took = tsr_cli_take_flag(a, "-v", "--verbose", &verbose);
@@ -219,12 +363,15 @@ int tsr_cli_run(int argc, char **argv) {
         tsr_session_set_role(&o, TSR_STAGE_DECODER, TSR_PARAM_ROLE_TEMPERATURE, temperature,
                              "--temperature");
     if (seed) tsr_session_set_role(&o, TSR_STAGE_DECODER, TSR_PARAM_ROLE_SEED, seed, "--seed");
+    if (parallel)
+        tsr_session_set_role(&o, TSR_STAGE_DECODER, TSR_PARAM_ROLE_PARALLEL, parallel,
+                             "--parallel");
 
     session s;
     tsr_error err;
     int32_t *ids = NULL;
     size_t n_ids = 0;
-    printer p = {.prev = -1, .keep = json};
+    printer p = {.prompt = {.prev = -1}};
     int status = TSR_EXIT_FAIL;
     if (tsr_session_open(&s, &o, &err) < 0) goto fail;
     if (!prompt) prompt = s.cfg->generate.prompt ? s.cfg->generate.prompt : "";
@@ -237,39 +384,47 @@ int tsr_cli_run(int argc, char **argv) {
     }
     if (tsr_session_pipeline(&s, (int64_t)n_ids + n_new, &err) < 0) goto fail;
 
+    /* Several continuations cannot stream into one stdout: they are printed at the end. */
+    bool several = tsr_pipeline_parallel(s.pl) > 1;
     p.tok = s.tok;
-    print_tokens(&p, ids, (int64_t)n_ids);
+    p.keep = json || several;
+    put_tokens(&p, &p.prompt, ids, (int64_t)n_ids);
+    if (!p.keep) tsr_cli_flush_stdout();
     p.pl = s.pl;
     eog_ctx e = {.tok = s.tok, .llama2c = tsr_tokenizer_get_kind(s.tok) == TSR_TOKENIZER_LLAMA2C};
     uint64_t t0 = tsr_clock_ns();
-    int64_t n_gen = 0;
+    tsr_generate_stats gen;
     tsr_status st = tsr_pipeline_generate(s.pl, ids, (int64_t)n_ids, n_new, is_eog, &e,
-                                          print_tokens, &p, &n_gen, &err);
+                                          print_tokens, &p, &gen, &err);
     double secs = tsr_clock_seconds_since(t0);
-    if (!json) fputc('\n', stdout);
+    if (p.keep) finish_texts(&p);
+    if (!p.keep) fputc('\n', stdout);
     if (st < 0) goto fail;
     if (p.oom) {
-        tsr_error_set(&err, TSR_E_NOMEM, "run --json: out of memory for the text");
+        tsr_error_set(&err, TSR_E_NOMEM, "run: out of memory for the text");
         goto fail;
     }
     const tsr_stage_times *t = tsr_pipeline_times(s.pl);
-    if (json && print_json(&p, n_ids, n_gen, secs, t, &err) < 0) goto fail;
+    if (json && print_json(&p, n_ids, &gen, secs, t, &err) < 0) goto fail;
+    if (!json && several) print_texts(&p);
     /* Lost output is an error before any summary is printed. */
     if (!tsr_cli_stdout_ok()) goto done;
     fprintf(stderr,
             "tessera: %zu prompt + %lld new tokens in %.3f s (%.1f tokens/s); matmul %.1f ms, "
             "attention %.1f ms, cache %.1f ms, decoder %.1f ms, other %.1f ms\n",
-            n_ids, (long long)n_gen, secs, secs > 0 ? (double)(n_ids + (size_t)n_gen) / secs : 0.0,
+            n_ids, (long long)gen.new_tokens, secs,
+            secs > 0 ? (double)((int64_t)n_ids + gen.new_tokens) / secs : 0.0,
             (double)t->matmul * 1e-6, (double)t->attention * 1e-6, (double)t->cache * 1e-6,
             (double)t->decoder * 1e-6, (double)t->other_ops * 1e-6);
     log_cache(&p);
+    log_decoding(&gen);
     status = TSR_EXIT_OK;
     goto done;
 fail:
     tsr_cli_flush_stdout();
     tsr_cli_error("%s", err.msg);
 done:
-    free(p.text);
+    printer_free(&p);
     free(ids);
     tsr_session_close(&s);
     free(o.sets);

@@ -12,6 +12,7 @@
 void tsr_session_close(session *s) {
     tsr_pipeline_free(s->pl);
     tsr_tokenizer_free(s->tok);
+    tsr_model_free(s->draft_model);
     tsr_model_free(s->model);
     tsr_registry_free(s->reg);
     tsr_pool_free(s->pool);
@@ -70,6 +71,71 @@ tsr_status tsr_session_open_tokenizer(const char *model_path, const char *tok_pa
     return tsr_tokenizer_from_gguf(model_file, out, err);
 }
 
+/* A token's vocabulary text with SentencePiece's U+2581 read as the space a llama2.c
+ * tok*.bin stores, into buf; its length. */
+static size_t plain_token_text(const tsr_tokenizer *tok, int32_t id, char *buf, size_t cap) {
+    tsr_tok_str t = tsr_token_text(tok, id);
+    size_t n = 0;
+    for (size_t i = 0; i < t.len && n + 1 < cap; i++) {
+        if (i + 2 < t.len && !memcmp(t.ptr + i, "\xe2\x96\x81", 3)) {
+            buf[n++] = ' ';
+            i += 2;
+        } else {
+            buf[n++] = t.ptr[i];
+        }
+    }
+    buf[n] = '\0';
+    return n;
+}
+
+/* The first token whose text differs between two vocabularies of one size, or -1. Control
+ * tokens (BOS, EOS) are compared by kind only: files decorate their texts differently. */
+static int32_t first_vocab_difference(const tsr_tokenizer *a, const tsr_tokenizer *b,
+                                      char *text_a, char *text_b, size_t cap) {
+    for (int32_t id = 0; id < (int32_t)tsr_tokenizer_n_vocab(a); id++) {
+        bool ca = tsr_token_get_type(a, id) == TSR_TOKEN_TYPE_CONTROL;
+        bool cb = tsr_token_get_type(b, id) == TSR_TOKEN_TYPE_CONTROL;
+        if (ca && cb) continue;
+        size_t na = plain_token_text(a, id, text_a, cap), nb = plain_token_text(b, id, text_b, cap);
+        if (ca != cb || na != nb || memcmp(text_a, text_b, na) != 0) return id;
+    }
+    return -1;
+}
+
+/* draft.model, which must share the target's vocabulary: its size, and the token texts when
+ * the draft has a vocabulary of its own (a GGUF's, or draft.tokenizer); a llama2.c draft
+ * without draft.tokenizer reads with the target's tokenizer. */
+static tsr_status open_draft(session *s, tsr_error *err) {
+    const tsr_config *d = s->cfg->draft;
+    tsr_status st = tsr_model_load(d->model_path, &s->draft_model, err);
+    if (st < 0) return st;
+    const tsr_model *dm = s->draft_model;
+    if (dm->hp.n_vocab != s->model->hp.n_vocab)
+        return tsr_error_set(err, TSR_E_INVALID, "draft.model: %s has %d tokens and the target "
+                             "model %d: a draft must share the target's vocabulary",
+                             d->model_path, dm->hp.n_vocab, s->model->hp.n_vocab);
+    if (dm->from_llama2c && !d->tokenizer_path) return TSR_OK;
+    tsr_tokenizer *dtok = NULL;
+    if ((st = tsr_session_open_tokenizer(d->model_path, d->tokenizer_path, dm->file,
+                                         !dm->from_llama2c, (uint32_t)dm->hp.n_vocab, &dtok,
+                                         err)) < 0)
+        return st;
+    const char *vocab_file = d->tokenizer_path ? d->tokenizer_path : d->model_path;
+    char mine[256], theirs[256], ex_mine[96], ex_theirs[96];
+    int32_t id;
+    if (tsr_tokenizer_n_vocab(dtok) != tsr_tokenizer_n_vocab(s->tok))
+        st = tsr_error_set(err, TSR_E_INVALID, "draft.tokenizer: %s has %u tokens and the draft "
+                           "model %d", vocab_file, tsr_tokenizer_n_vocab(dtok), dm->hp.n_vocab);
+    else if ((id = first_vocab_difference(dtok, s->tok, mine, theirs, sizeof mine)) >= 0)
+        st = tsr_error_set(err, TSR_E_INVALID, "draft.model: %s: token %d is '%s' there and '%s' "
+                           "in the target's vocabulary: a draft must share the target's "
+                           "vocabulary", vocab_file, id,
+                           tsr_text_excerpt(ex_mine, sizeof ex_mine, mine),
+                           tsr_text_excerpt(ex_theirs, sizeof ex_theirs, theirs));
+    tsr_tokenizer_free(dtok);
+    return st;
+}
+
 tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
     memset(s, 0, sizeof *s);
     tsr_status st = o->config ? tsr_config_load(o->config, &s->cfg, err)
@@ -105,6 +171,7 @@ tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err) {
         return tsr_error_set(err, TSR_E_INVALID, "%s: the tokenizer has %u tokens but the model "
                              "%d", tok_path ? tok_path : model_path, tsr_tokenizer_n_vocab(s->tok),
                              s->model->hp.n_vocab);
+    if (s->cfg->draft && s->cfg->draft->model_path && (st = open_draft(s, err)) < 0) return st;
     /* The pool exists only now: its size comes from the bound backend parameters. */
     s->pool = tsr_pool_create(tsr_config_threads(s->cfg));
     tsr_log(TSR_LOG_INFO, "run", "model %s loaded in %.3f s", model_path, tsr_clock_seconds_since(t0));
@@ -125,12 +192,16 @@ tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err) {
         fprintf(stderr, "tessera: warning: %lld positions (prompt and new tokens) are more than "
                 "the model was trained on (%d); quality may fall beyond them\n",
                 (long long)n_ctx, s->model->hp.n_ctx_train);
+    if (s->draft_model && n_ctx > s->draft_model->hp.n_ctx_train)
+        fprintf(stderr, "tessera: warning: %lld positions (prompt and new tokens) are more than "
+                "the draft model was trained on (%d); its drafts may be accepted less beyond "
+                "them\n", (long long)n_ctx, s->draft_model->hp.n_ctx_train);
     /* Preparing weights takes a while only for large models: quiet for the first second. */
     tsr_cli_progress progress;
     tsr_cli_progress_start(&progress, "", 1.0);
     tsr_progress_set(show_progress, &progress);
-    tsr_status st = tsr_pipeline_create(s->cfg, s->reg, s->model, s->pool, (int32_t)n_ctx,
-                                        &s->pl, err);
+    tsr_status st = tsr_pipeline_create(s->cfg, s->reg, s->model, s->draft_model, s->pool,
+                                        (int32_t)n_ctx, &s->pl, err);
     tsr_progress_set(NULL, NULL);
     tsr_cli_progress_end(&progress);
     if (st < 0) return st;

@@ -16,6 +16,7 @@ typedef struct session {
     tsr_registry *reg;
     tsr_model *model;
     tsr_tokenizer *tok;
+    tsr_model *draft_model; /* draft.model's, or NULL (no draft, or a self-draft) */
     tsr_pipeline *pl;
 } session;
 
@@ -51,8 +52,9 @@ void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char
  * returns 1 when it was one, 0 when not, -1 on a usage error (printed). */
 int tsr_session_take_opt(const char *cmd, int argc, char **argv, int *i, model_opts *o);
 
-/* Config (or the default pipeline), --set overrides, the plugins, the model, its tokenizer
- * and the thread pool. The pipeline comes later, once the caller knows its context. */
+/* Config (or the default pipeline), --set overrides, the plugins, the model, its tokenizer,
+ * the draft model (draft.model) checked against the target's vocabulary, and the thread pool.
+ * The pipeline comes later, once the caller knows its context. */
 tsr_status tsr_session_open(session *s, const model_opts *o, tsr_error *err);
 /* A tokenizer file given with --tokenizer is a llama2.c tok*.bin or a GGUF holding a
  * vocabulary; without one, the model file's own vocabulary (`model_file`). */
@@ -62,8 +64,8 @@ tsr_status tsr_session_open_tokenizer(const char *model_path, const char *tok_pa
 
 /* The pipeline for n_ctx positions (the longest sequence the command runs: prompt and new
  * tokens), then the after_load hooks. More positions than a context can hold (int32) are
- * refused; more than the model was trained on (n_ctx_train) get a one-line warning, since a
- * streaming cache may go beyond them. */
+ * refused; more than the model (or the draft model) was trained on (n_ctx_train) get a
+ * one-line warning, since a streaming cache may go beyond them. */
 tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err);
 void tsr_session_close(session *s);
 

@@ -12,7 +12,10 @@
 
 #include <yaml.h>
 
+#include <tessera/decoder.h>
+
 #include "base/file.h"
+#include "plugin/vtable.h"
 
 /* The built-in default pipeline: the only place in the host that names plugins. */
 static const char *const default_plugin[TSR_STAGE_COUNT + 1] = {
@@ -687,10 +690,81 @@ static tsr_status walk_hooks(walk *w, const ynode *seq) {
     return TSR_OK;
 }
 
+/* ---- draft: ---- */
+
+static tsr_config *config_new(const char *name);
+
+/* The draft section of cfg, made empty when there is none yet; NULL when out of memory. */
+static tsr_config *draft_of(tsr_config *cfg, tsr_src_loc loc) {
+    if (cfg->draft) return cfg->draft;
+    tsr_config *d = config_new(cfg->path);
+    if (!d) return NULL;
+    d->schema = TSR_CONFIG_SCHEMA;
+    d->loc = loc;
+    return cfg->draft = d;
+}
+
+/* Appends one layer number (text) to the draft's skip_layers. */
+static tsr_status add_skip_layer(walk *w, tsr_config *d, const char *text, tsr_src_loc loc) {
+    static const tsr_param_def skip_def = {.struct_size = sizeof(tsr_param_def),
+                                           .name = "skip_layers", .type = TSR_PARAM_INT,
+                                           .min = 0, .max = INT32_MAX};
+    tsr_param_value v;
+    tsr_status st = tsr_param_parse(&skip_def, text, "draft", loc, &v, w->err);
+    if (st < 0) return st;
+    for (size_t i = 0; i < d->n_skip_layers; i++)
+        if (d->skip_layers[i] == (int32_t)v.u.i)
+            return tsr_error_set_at(w->err, TSR_E_INVALID, loc, "draft.skip_layers: layer %d is "
+                                    "listed twice", (int)v.u.i);
+    int32_t *grown = realloc(d->skip_layers, (d->n_skip_layers + 1) * sizeof *grown);
+    if (!grown) return oom(w->err);
+    d->skip_layers = grown;
+    d->skip_layers[d->n_skip_layers++] = (int32_t)v.u.i;
+    return TSR_OK;
+}
+
+/* draft: { model: FILE, tokenizer: FILE, skip_layers: [...], backend: {...}, ... } */
+static tsr_status walk_draft(walk *w, const ynode *map) {
+    static const char *const known[] = {"model", "tokenizer", "skip_layers", "backend",
+                                        "quantizer", "attention", "cache", "router"};
+    tsr_status st = expect_kind(w, map, YN_MAP, "draft");
+    if (st < 0) return st;
+    tsr_config *d = draft_of(w->cfg, map->loc);
+    if (!d) return oom(w->err);
+    walk dw = {d, w->base_dir, w->err};
+    for (size_t i = 0; st == TSR_OK && i < map->n; i += 2) {
+        const ynode *key = map->items[i], *val = map->items[i + 1];
+        int32_t stage = tsr_stage_from_name(key->text);
+        char sub[64];
+        snprintf(sub, sizeof sub, "draft.%s", stage ? key->text : "");
+        if (stage == TSR_STAGE_DECODER) {
+            st = tsr_error_set_at(w->err, TSR_E_INVALID, key->loc, "draft: a draft has no decoder "
+                                  "of its own: the pipeline's decoder drives both models");
+        } else if (stage) {
+            st = walk_stage(&dw, val, sub, key->text, &d->stage[stage]);
+        } else if (strcmp(key->text, "model") == 0 || strcmp(key->text, "tokenizer") == 0) {
+            bool model = key->text[0] == 'm';
+            st = expect_text(w, val, model ? "draft.model" : "draft.tokenizer", "a file path");
+            if (st == TSR_OK)
+                st = set_path(&dw, model ? &d->model_path : &d->tokenizer_path, val->text);
+        } else if (strcmp(key->text, "skip_layers") == 0) {
+            st = expect_kind(w, val, YN_SEQ, "draft.skip_layers");
+            d->skip_loc = val->loc;
+            for (size_t k = 0; st == TSR_OK && k < val->n; k++) {
+                st = expect_kind(w, val->items[k], YN_SCALAR, "draft.skip_layers");
+                if (st == TSR_OK) st = add_skip_layer(w, d, val->items[k]->text, val->items[k]->loc);
+            }
+        } else {
+            st = unknown_key(w, key, "draft", known, sizeof known / sizeof known[0]);
+        }
+    }
+    return st;
+}
+
 static tsr_status walk_root(walk *w, const ynode *root) {
     static const char *const known[] = {"tessera", "model",  "plugin_dirs", "backend",
                                         "quantizer", "attention", "cache",  "decoder",
-                                        "router",  "layers", "generate", "hooks"};
+                                        "router",  "layers", "generate", "hooks", "draft"};
     tsr_status st = expect_kind(w, root, YN_MAP, "the top level");
     if (st < 0) return st;
     /* the version first: a newer schema's keys would otherwise be reported as unknown */
@@ -725,6 +799,8 @@ static tsr_status walk_root(walk *w, const ynode *root) {
             st = walk_generate(w, val);
         else if (strcmp(key->text, "hooks") == 0)
             st = walk_hooks(w, val);
+        else if (strcmp(key->text, "draft") == 0)
+            st = walk_draft(w, val);
         else
             st = unknown_key(w, key, NULL, known, sizeof known / sizeof known[0]);
         if (st < 0) return st;
@@ -807,6 +883,54 @@ tsr_status tsr_config_default(tsr_config **out, tsr_error *err) {
     return TSR_OK;
 }
 
+/* --set STAGE.KEY=VALUE of one stage: `plugin` chooses it, any other key is a parameter. */
+static tsr_status stage_set(walk *w, tsr_stage_conf *sc, const char *key, const char *value,
+                            const char *ex) {
+    tsr_src_loc loc = {set_file, 0, 0};
+    if (strcmp(key, "plugin") != 0) return stage_put(w, sc, key, value, loc);
+    if (!*value)
+        return tsr_error_set(w->err, TSR_E_INVALID, "--set '%s': expected a plugin name after '='",
+                             ex);
+    tsr_bound_params_free(&sc->bound);
+    sc->loc = loc;
+    return set_text(w, &sc->plugin, value);
+}
+
+/* --set draft.model=FILE, draft.tokenizer=FILE, draft.skip_layers=N,N..., draft.STAGE.KEY=V;
+ * the draft section is made by the first that is well-formed. */
+static tsr_status draft_set(walk *w, const char *key, const char *value, const char *ex) {
+    tsr_src_loc loc = {set_file, 0, 0};
+    const char *dot = strchr(key, '.');
+    char stage_name[64] = "";
+    if (dot) snprintf(stage_name, sizeof stage_name, "%.*s", (int)(dot - key), key);
+    int32_t stage = tsr_stage_from_name(stage_name);
+    bool path = *value && (strcmp(key, "model") == 0 || strcmp(key, "tokenizer") == 0);
+    bool skip = strcmp(key, "skip_layers") == 0;
+    if (!path && !skip && (!stage || stage == TSR_STAGE_DECODER || !dot[1]))
+        return tsr_error_set(w->err, TSR_E_INVALID, "--set '%s': expected draft.model=FILE, "
+                             "draft.tokenizer=FILE, draft.skip_layers=N,N... or "
+                             "draft.STAGE.KEY=VALUE (STAGE: backend, quantizer, attention, cache, "
+                             "router)", ex);
+    tsr_config *d = draft_of(w->cfg, loc);
+    if (!d) return oom(w->err);
+    walk dw = {d, NULL, w->err};
+    if (path) return set_text(&dw, key[0] == 'm' ? &d->model_path : &d->tokenizer_path, value);
+    if (!skip) return stage_set(&dw, &d->stage[stage], dot + 1, value, ex);
+    /* comma-separated; empty: no layer skipped */
+    d->n_skip_layers = 0;
+    d->skip_loc = loc;
+    tsr_status st = TSR_OK;
+    for (const char *p = value; *p && st == TSR_OK;) {
+        size_t len = strcspn(p, ",");
+        char *item = strndup(p, len);
+        if (!item) return oom(w->err);
+        st = add_skip_layer(w, d, item, loc);
+        free(item);
+        p += len + (p[len] == ',');
+    }
+    return st;
+}
+
 tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *err) {
     char ex[EXCERPT], key_ex[EXCERPT], section_ex[EXCERPT];
     tsr_text_excerpt(ex, sizeof ex, assignment);
@@ -820,16 +944,8 @@ tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *er
     tsr_src_loc loc = {set_file, 0, 0};
     walk w = {cfg, NULL, err};
     int32_t stage = tsr_stage_from_name(section);
-    if (stage) {
-        tsr_stage_conf *sc = &cfg->stage[stage];
-        if (strcmp(key, "plugin") != 0) return stage_put(&w, sc, key, value, loc);
-        if (!*value)
-            return tsr_error_set(err, TSR_E_INVALID, "--set '%s': expected a plugin name after '='",
-                                 ex);
-        tsr_bound_params_free(&sc->bound);
-        sc->loc = loc;
-        return set_text(&w, &sc->plugin, value);
-    }
+    if (stage) return stage_set(&w, &cfg->stage[stage], key, value, ex);
+    if (strcmp(section, "draft") == 0) return draft_set(&w, key, value, ex);
     if (strcmp(section, "model") == 0) {
         if (*value && strcmp(key, "path") == 0) return set_text(&w, &cfg->model_path, value);
         if (*value && strcmp(key, "tokenizer") == 0)
@@ -854,7 +970,7 @@ tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *er
                              ex, section);
     return tsr_error_set(err, TSR_E_INVALID,
                          "--set '%s': unknown section '%s'; settable: backend, quantizer, "
-                         "attention, cache, decoder, router, model, generate",
+                         "attention, cache, decoder, router, model, generate, draft",
                          ex, tsr_text_excerpt(section_ex, sizeof section_ex, section));
 }
 
@@ -892,11 +1008,13 @@ static tsr_status params_with_roles(const tsr_stage_conf *sc, const tsr_plugin_d
     return TSR_OK;
 }
 
+/* Binds one stage; *found (when not NULL) receives its plugin's descriptor. */
 static tsr_status bind_stage(tsr_stage_conf *sc, int32_t stage, const char *section,
                              const tsr_role_value *roles, tsr_plugin_find_fn find, void *find_ctx,
-                             tsr_error *err) {
+                             const tsr_plugin_desc **found, tsr_error *err) {
     tsr_error why = {""};
     const tsr_plugin_desc *desc = find(find_ctx, stage, sc->plugin, &why);
+    if (found) *found = desc;
     if (!desc && why.msg[0])
         return tsr_error_set_at(err, TSR_E_INVALID, sc->loc, "%s: %s", section, why.msg);
     if (!desc) {
@@ -916,8 +1034,89 @@ static tsr_status bind_stage(tsr_stage_conf *sc, int32_t stage, const char *sect
     return st;
 }
 
+/* A draft stage the section does not name: a copy of the target's, with the parameters given
+ * for the draft's (by --set draft.STAGE.KEY=VALUE) in place of the target's. */
+static tsr_status inherit_stage(tsr_stage_conf *sc, const tsr_stage_conf *target, tsr_error *err) {
+    tsr_kv_text *own = sc->params;
+    size_t n_own = sc->n_params;
+    walk w = {NULL, NULL, err};
+    sc->params = NULL;
+    sc->n_params = 0;
+    sc->loc = target->loc;
+    tsr_status st = set_text(&w, &sc->plugin, target->plugin);
+    for (size_t i = 0; st == TSR_OK && i < target->n_params; i++)
+        st = stage_put(&w, sc, target->params[i].key, target->params[i].value,
+                       target->params[i].loc);
+    for (size_t i = 0; st == TSR_OK && i < n_own; i++)
+        st = stage_put(&w, sc, own[i].key, own[i].value, own[i].loc);
+    for (size_t i = 0; i < n_own; i++) {
+        free(own[i].key);
+        free(own[i].value);
+    }
+    free(own);
+    return st;
+}
+
+/* The draft's stages: its own, else the target's (the router only for a self-draft, since a
+ * router serves the experts of its model). Values given by role reach them as they reach the
+ * target's (-t sizes every backend's threads). */
+static tsr_status bind_draft(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
+                             tsr_error *err) {
+    tsr_config *d = cfg->draft;
+    if (d->tokenizer_path && !d->model_path)
+        return tsr_error_set_at(err, TSR_E_INVALID, d->loc, "draft.tokenizer: a self-draft reads "
+                                "with the target's vocabulary; give draft.model too, or remove "
+                                "draft.tokenizer");
+    for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
+        tsr_stage_conf *sc = &d->stage[s], *target = &cfg->stage[s];
+        if (s == TSR_STAGE_DECODER) continue;
+        char section[64];
+        snprintf(section, sizeof section, "draft.%s", stage_names[s]);
+        if (!sc->plugin && (!target->plugin || (s == TSR_STAGE_ROUTER && d->model_path))) {
+            char key[EXCERPT];
+            if (sc->n_params > 0)
+                return tsr_error_set_at(err, TSR_E_INVALID, sc->params[0].loc,
+                                        "%s.%s: parameter given but no %s plugin chosen; set "
+                                        "%s.plugin", section,
+                                        tsr_text_excerpt(key, sizeof key, sc->params[0].key),
+                                        stage_names[s], section);
+            continue;
+        }
+        tsr_status st = sc->plugin ? TSR_OK : inherit_stage(sc, target, err);
+        if (st == TSR_OK)
+            st = bind_stage(sc, s, section, cfg->role_value[s], find, find_ctx, NULL, err);
+        if (st < 0) return st;
+    }
+    return TSR_OK;
+}
+
+/* A draft section the decoder never reads is a mistake worth one line, and so is a decoder
+ * that cannot run without a draft in a pipeline without one. */
+static tsr_status check_draft_use(const tsr_config *cfg, const tsr_plugin_desc *desc,
+                                  tsr_error *err) {
+    const tsr_stage_conf *dec = &cfg->stage[TSR_STAGE_DECODER];
+    const tsr_decoder_vtable *vt = desc ? desc->vtable : NULL;
+    int32_t use = vt && vt->struct_size >= TSR_END_OF(tsr_decoder_vtable, draft_use)
+                      ? vt->draft_use
+                      : TSR_DECODER_DRAFT_NONE;
+    if (use < TSR_DECODER_DRAFT_NONE || use > TSR_DECODER_DRAFT_REQUIRED)
+        return tsr_error_set_at(err, TSR_E_INVALID, dec->loc, "decoder: '%s' declares draft_use "
+                                "%d, which is not a tsr_decoder_draft_use (0, 1 or 2)", desc->name,
+                                (int)use);
+    if (use == TSR_DECODER_DRAFT_NONE && cfg->draft)
+        return tsr_error_set_at(err, TSR_E_INVALID, cfg->draft->loc, "draft: the decoder '%s' does "
+                                "not use a draft model; choose a decoder that drafts, or remove "
+                                "the draft", desc->name);
+    if (use == TSR_DECODER_DRAFT_REQUIRED && !cfg->draft)
+        return tsr_error_set_at(err, TSR_E_INVALID, dec->loc, "decoder: '%s' needs a draft model: "
+                                "add a draft: section (draft.model: FILE, or draft.skip_layers: "
+                                "[...] to draft with the target's own layers)", desc->name);
+    return TSR_OK;
+}
+
 tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_ctx,
                            tsr_error *err) {
+    const tsr_plugin_desc *decoder = NULL;
     for (int32_t s = 1; s <= TSR_STAGE_COUNT; s++) {
         tsr_stage_conf *sc = &cfg->stage[s];
         if (!sc->plugin && !default_plugin[s]) {
@@ -936,7 +1135,8 @@ tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_
             if (!sc->plugin) return oom(err);
             sc->loc = (tsr_src_loc){cfg->path, 0, 0};
         }
-        tsr_status st = bind_stage(sc, s, stage_names[s], cfg->role_value[s], find, find_ctx, err);
+        tsr_status st = bind_stage(sc, s, stage_names[s], cfg->role_value[s], find, find_ctx,
+                                   s == TSR_STAGE_DECODER ? &decoder : NULL, err);
         if (st < 0) return st;
     }
     for (size_t i = 0; i < cfg->n_layers; i++) {
@@ -945,11 +1145,12 @@ tsr_status tsr_config_bind(tsr_config *cfg, tsr_plugin_find_fn find, void *find_
             if (!sc->plugin) continue;
             char section[64];
             snprintf(section, sizeof section, "layers[%zu].%s", i, stage_names[s]);
-            tsr_status st = bind_stage(sc, s, section, NULL, find, find_ctx, err);
+            tsr_status st = bind_stage(sc, s, section, NULL, find, find_ctx, NULL, err);
             if (st < 0) return st;
         }
     }
-    return TSR_OK;
+    tsr_status st = cfg->draft ? bind_draft(cfg, find, find_ctx, err) : TSR_OK;
+    return st < 0 ? st : check_draft_use(cfg, decoder, err);
 }
 
 const tsr_stage_conf *tsr_config_stage_at(const tsr_config *cfg, int32_t stage, int32_t layer) {
@@ -964,6 +1165,8 @@ const tsr_stage_conf *tsr_config_stage_at(const tsr_config *cfg, int32_t stage, 
 
 void tsr_config_free(tsr_config *cfg) {
     if (!cfg) return;
+    tsr_config_free(cfg->draft);
+    free(cfg->skip_layers);
     for (int32_t s = 0; s <= TSR_STAGE_COUNT; s++) stage_conf_free(&cfg->stage[s]);
     for (size_t i = 0; i < cfg->n_layers; i++)
         for (int32_t s = 0; s <= TSR_STAGE_COUNT; s++) stage_conf_free(&cfg->layers[i].stage[s]);

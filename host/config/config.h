@@ -52,7 +52,7 @@ typedef struct tsr_generate_conf {
     int64_t max_tokens;    /* -1: not set */
 } tsr_generate_conf;
 
-#define TSR_PARAM_ROLE_COUNT (TSR_PARAM_ROLE_WEIGHT_TYPE + 1)
+#define TSR_PARAM_ROLE_COUNT (TSR_PARAM_ROLE_PARALLEL + 1)
 
 /* A value for a stage's parameter given by its role (tsr_param_role) rather than its name:
  * by a command-line option (-t, --temperature, --seed, quantize's TYPE) or the generate:
@@ -65,7 +65,7 @@ typedef struct tsr_role_value {
 } tsr_role_value;
 
 typedef struct tsr_config {
-    char *path;             /* the file, or "<default>" */
+    char *path;             /* the file, or "<default>" (a draft: the file it is written in) */
     int64_t schema;         /* tessera: */
     char *model_path;       /* model: { path: } relative paths resolved against the file */
     char *tokenizer_path;   /* model: { tokenizer: } */
@@ -78,6 +78,16 @@ typedef struct tsr_config {
     size_t n_hooks;
     tsr_generate_conf generate;
     tsr_role_value role_value[TSR_STAGE_COUNT + 1][TSR_PARAM_ROLE_COUNT];
+
+    /* draft: the pipeline's draft model, a configuration of its own, or NULL. Its model_path
+     * is NULL for a self-draft (the target's model); its stages are backend, quantizer,
+     * attention, cache (and router), each the target's where the section names none (the
+     * router only for a self-draft) once bound; it has no decoder, layers, hooks or generate. */
+    struct tsr_config *draft;
+    tsr_src_loc loc;          /* a draft's: where its section (or the --set that made it) is */
+    int32_t *skip_layers;     /* a draft's: the layers its forward leaves out, as written */
+    size_t n_skip_layers;
+    tsr_src_loc skip_loc;     /* of the skip_layers value */
 } tsr_config;
 
 /* Stage names as used in YAML and --set: "backend", "quantizer", ... ; NULL if out of range. */
@@ -96,7 +106,9 @@ tsr_status tsr_config_load_string(const char *yaml, const char *name, tsr_config
 tsr_status tsr_config_default(tsr_config **out, tsr_error *err);
 
 /* Applies "section.key=value" (e.g. "cache.window=256", "cache.plugin=streaming",
- * "generate.max_tokens=64", "model.path=x.gguf"), as if written in the file. */
+ * "generate.max_tokens=64", "model.path=x.gguf", "draft.model=d.bin", "draft.skip_layers=2,3",
+ * "draft.cache.plugin=full"), as if written in the file; a draft.* key makes the draft section
+ * when there is none. */
 tsr_status tsr_config_set(tsr_config *cfg, const char *assignment, tsr_error *err);
 
 /* Gives `value` to the parameter of `role` of `stage`'s top-level plugin, replacing what the
@@ -106,7 +118,9 @@ tsr_status tsr_config_set_role(tsr_config *cfg, int32_t stage, int32_t role, con
                                const char *origin, tsr_error *err);
 
 /* Looks up each configured plugin with `find` (the registry) and binds its parameters against
- * the plugin's table, for every stage and every layer override. `find` returns NULL for an
+ * the plugin's table, for every stage, every layer override and the draft's stages (a draft
+ * stage left unconfigured first gets a copy of the target's). A draft the decoder does not use
+ * (tsr_decoder_vtable.draft_use) is refused, and so is a decoder that needs one without it. `find` returns NULL for an
  * unknown plugin of that stage, and may then say why in `why` (a plugin file refused, a plugin
  * of another stage), which the error line gives after the plugin's place in the config;
  * left empty, the line says "unknown plugin". A stage left unconfigured first gets the default pipeline's

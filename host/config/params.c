@@ -158,10 +158,12 @@ static const char *type_name(int32_t type) {
 /* Indexed by tsr_param_role. */
 static const char *const role_names[] = {
     [TSR_PARAM_ROLE_THREADS] = "threads", [TSR_PARAM_ROLE_SEED] = "seed",
-    [TSR_PARAM_ROLE_TEMPERATURE] = "temperature", [TSR_PARAM_ROLE_WEIGHT_TYPE] = "weight type"};
+    [TSR_PARAM_ROLE_TEMPERATURE] = "temperature", [TSR_PARAM_ROLE_WEIGHT_TYPE] = "weight type",
+    [TSR_PARAM_ROLE_PARALLEL] = "parallel"};
 static const int32_t role_types[] = {
     [TSR_PARAM_ROLE_THREADS] = TSR_PARAM_INT, [TSR_PARAM_ROLE_SEED] = TSR_PARAM_INT,
-    [TSR_PARAM_ROLE_TEMPERATURE] = TSR_PARAM_FLOAT, [TSR_PARAM_ROLE_WEIGHT_TYPE] = TSR_PARAM_ENUM};
+    [TSR_PARAM_ROLE_TEMPERATURE] = TSR_PARAM_FLOAT, [TSR_PARAM_ROLE_WEIGHT_TYPE] = TSR_PARAM_ENUM,
+    [TSR_PARAM_ROLE_PARALLEL] = TSR_PARAM_INT};
 
 const char *tsr_param_role_name(int32_t role) {
     return role > 0 && (size_t)role < sizeof role_names / sizeof role_names[0] ? role_names[role]

@@ -56,7 +56,7 @@ void tsr_bound_params_free(tsr_bound_params *p);
 /* The index of the parameter with `role` (tsr_param_role) in a checked table, or -1. */
 int32_t tsr_param_find_role(const tsr_param_def *defs, uint32_t n, int32_t role);
 
-/* "threads", "seed", "temperature", "weight type": a role as messages name it. */
+/* "threads", "seed", "temperature", "weight type", "parallel": a role as messages name it. */
 const char *tsr_param_role_name(int32_t role);
 
 /* Prints the table for `tessera plugins info`: one parameter per line with type, default,

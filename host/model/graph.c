@@ -241,6 +241,7 @@ tsr_status tsr_graph_forward(tsr_graph *g, const tsr_batch_entry *entries, int64
     }
     OP(be->get_rows(self, g->x, &g->weights->embeddings, g->ids_dev, n));
     for (int32_t l = 0; l < hp->n_layer; l++) {
+        if (g->skip_layer && g->skip_layer[l]) continue;
         if ((st = layer_forward(g, l, n, runs, n_runs, err)) < 0) return st;
         int64_t bad = g->memory_space == TSR_MEMORY_HOST ? first_non_finite(g->x, n * e) : -1;
         if (bad >= 0) {

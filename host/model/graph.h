@@ -46,6 +46,8 @@ typedef struct tsr_graph {
     int32_t memory_space;              /* the backend's (tsr_memory_space) */
     tsr_instance *const *attention_at; /* (n_layer) */
     tsr_instance *const *cache_at;     /* (n_layer) */
+    const bool *skip_layer;            /* (n_layer) blocks the forward leaves out (a self-draft
+                                          skipping layers), or NULL: none */
     tsr_stage_times times;
 
     /* Activations in the backend's memory, sized for `cap` rows; grown on demand. */

@@ -51,7 +51,7 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
         .head_dim = hp->head_dim, .n_embd = hp->n_embd, .n_ctx = pl->n_ctx,
         .n_vocab = hp->n_vocab, .n_expert = hp->n_expert, .n_seq_max = 16,
         .n_threads = tsr_pool_size(pool),
-        .backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin};
+        .backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin, .has_draft = cfg->draft != NULL};
     tsr_instance_set *set = &pl->instances;
     tsr_instance **main = pl->stage_main;
     tsr_status st = tsr_instance_set_add(set, TSR_STAGE_BACKEND, &cfg->stage[TSR_STAGE_BACKEND],
@@ -66,7 +66,10 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
         (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_ATTENTION, &shape,
                                          &main[TSR_STAGE_ATTENTION], pl->attention_at, err)) < 0 ||
         (st = tsr_instance_set_per_layer(set, cfg, TSR_STAGE_CACHE, &shape,
-                                         &main[TSR_STAGE_CACHE], pl->cache_at, err)) < 0 ||
+                                         &main[TSR_STAGE_CACHE], pl->cache_at, err)) < 0)
+        return st;
+    /* A draft's pipeline has no decoder: the target's drives both. */
+    if (cfg->stage[TSR_STAGE_DECODER].plugin &&
         (st = tsr_instance_set_add(set, TSR_STAGE_DECODER, &cfg->stage[TSR_STAGE_DECODER], &shape,
                                    &main[TSR_STAGE_DECODER], err)) < 0)
         return st;
@@ -76,7 +79,7 @@ static tsr_status create_instances(tsr_pipeline *pl, tsr_pool *pool, tsr_error *
     return st;
 }
 
-tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
+static tsr_status pipeline_new(const tsr_config *cfg, const tsr_registry *reg,
                                const tsr_model *model, tsr_pool *pool, int32_t n_ctx,
                                tsr_pipeline **out, tsr_error *err) {
     *out = NULL;
@@ -121,8 +124,51 @@ fail:
     return st;
 }
 
+/* The draft's pipeline on `model`, its forward leaving out the layers of draft.skip_layers. */
+static tsr_status add_draft(tsr_pipeline *pl, const tsr_registry *reg, const tsr_model *model,
+                            tsr_pool *pool, tsr_error *err) {
+    const tsr_config *d = pl->cfg->draft;
+    const tsr_hparams *hp = &model->hp;
+    if (hp->n_vocab != pl->model->hp.n_vocab)
+        return tsr_error_set_at(err, TSR_E_INVALID, d->loc, "draft: the draft model has %d tokens "
+                                "and the target %d: a draft must share the target's vocabulary",
+                                hp->n_vocab, pl->model->hp.n_vocab);
+    for (size_t i = 0; i < d->n_skip_layers; i++)
+        if (d->skip_layers[i] >= hp->n_layer)
+            return tsr_error_set_at(err, TSR_E_RANGE, d->skip_loc, "draft.skip_layers: layer %d is "
+                                    "beyond the draft model's %d layers (0 to %d)",
+                                    d->skip_layers[i], hp->n_layer, hp->n_layer - 1);
+    if (d->n_skip_layers >= (size_t)hp->n_layer)
+        return tsr_error_set_at(err, TSR_E_INVALID, d->skip_loc, "draft.skip_layers: all %d "
+                                "layers of the model are skipped; a draft must run one at least",
+                                hp->n_layer);
+    tsr_status st = pipeline_new(d, reg, model, pool, pl->n_ctx, &pl->draft, err);
+    if (st < 0 || d->n_skip_layers == 0) return st;
+    tsr_pipeline *draft = pl->draft;
+    if (!(draft->skip_layer = calloc((size_t)hp->n_layer, sizeof *draft->skip_layer)))
+        return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
+    for (size_t i = 0; i < d->n_skip_layers; i++) draft->skip_layer[d->skip_layers[i]] = true;
+    draft->graph.skip_layer = draft->skip_layer;
+    return TSR_OK;
+}
+
+tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
+                               const tsr_model *model, const tsr_model *draft_model,
+                               tsr_pool *pool, int32_t n_ctx, tsr_pipeline **out,
+                               tsr_error *err) {
+    tsr_status st = pipeline_new(cfg, reg, model, pool, n_ctx, out, err);
+    if (st < 0 || !cfg->draft) return st;
+    if ((st = add_draft(*out, reg, draft_model ? draft_model : model, pool, err)) < 0) {
+        tsr_pipeline_free(*out);
+        *out = NULL;
+    }
+    return st;
+}
+
 void tsr_pipeline_free(tsr_pipeline *pl) {
     if (!pl) return;
+    tsr_pipeline_free(pl->draft);
+    free(pl->skip_layer);
     tsr_model_weights_release(&pl->weights);
     while (pl->n_seqs) tsr_pipeline_seq_end(pl, pl->seqs[pl->n_seqs - 1].id);
     if (pl->graph.backend) tsr_graph_free(&pl->graph);
@@ -298,6 +344,14 @@ void tsr_pipeline_profile_heads(tsr_pipeline *pl, float *head_mass, int32_t sink
 }
 
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl) { return &pl->graph.times; }
+
+const tsr_pipeline *tsr_pipeline_draft(const tsr_pipeline *pl) { return pl->draft; }
+
+int64_t tsr_pipeline_parallel(const tsr_pipeline *pl) {
+    const tsr_bound_params *b = &pl->cfg->stage[TSR_STAGE_DECODER].bound;
+    int32_t i = tsr_param_find_role(b->params.defs, b->params.count, TSR_PARAM_ROLE_PARALLEL);
+    return i >= 0 ? b->values[i].u.i : 1;
+}
 
 void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,
                                  double *rel_rmse) {

@@ -32,6 +32,9 @@ struct tsr_pipeline {
 
     tsr_seq_state *seqs;
     size_t n_seqs, cap_seqs;
+
+    tsr_pipeline *draft; /* the draft: section's pipeline, or NULL */
+    bool *skip_layer;    /* (n_layer) a draft's draft.skip_layers, or NULL */
 };
 
 /* The state of a live sequence, or NULL. */

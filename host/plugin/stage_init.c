@@ -38,7 +38,8 @@ const void *tsr_stage_init_fill(int32_t stage, const tsr_model_shape *s, tsr_sta
         return &out->cache;
     case TSR_STAGE_DECODER:
         out->decoder = (tsr_decoder_init){.struct_size = sizeof(tsr_decoder_init),
-                                          .n_vocab = s->n_vocab, .n_ctx = s->n_ctx};
+                                          .n_vocab = s->n_vocab, .n_ctx = s->n_ctx,
+                                          .has_draft = s->has_draft};
         return &out->decoder;
     case TSR_STAGE_ROUTER:
         out->router = (tsr_router_init){.struct_size = sizeof(tsr_router_init),

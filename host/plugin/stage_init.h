@@ -18,6 +18,7 @@ typedef struct tsr_model_shape {
     int32_t n_threads;
     const char *backend_name; /* NULL when no backend runs */
     int32_t memory_space;     /* tsr_memory_space of the backend's buffers */
+    int32_t has_draft;        /* 1 when the pipeline has a draft model (the decoder's init) */
 } tsr_model_shape;
 
 /* Storage for any stage's init struct. */

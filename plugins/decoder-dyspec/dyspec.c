@@ -298,6 +298,7 @@ static const tsr_decoder_vtable dyspec_vtable = {
     .generate = dyspec_generate,
     .pick = dyspec_pick,
     .stats = dyspec_stats,
+    .draft_use = TSR_DECODER_DRAFT_REQUIRED,
 };
 
 static const tsr_plugin_desc dyspec_desc = {

@@ -180,6 +180,7 @@ static const tsr_decoder_vtable pearl_vtable = {
     .generate = pearl_generate,
     .pick = pearl_pick,
     .stats = pearl_stats,
+    .draft_use = TSR_DECODER_DRAFT_REQUIRED,
 };
 
 static const tsr_plugin_desc pearl_desc = {
