@@ -54,9 +54,8 @@ static const tsr_decode_api *dyspec_draft_api(const tsr_decode_api *api) {
 }
 
 /* Adds the `branch` most likely continuations of node p, from the draft's logits after it, as
- * candidates; none deeper than max_depth. */
-static void dy_candidates(dyspec *D, int32_t p, const float *logits, int64_t max_depth) {
-    if (D->nodes[p].depth + 1 > max_depth) return;
+ * candidates. */
+static void dy_candidates(dyspec *D, int32_t p, const float *logits) {
     double top = logits[tsr_argmax(logits, D->n_vocab)], sum = 0;
     for (int32_t v = 0; v < D->n_vocab; v++) sum += exp((double)logits[v] - top);
     int32_t chosen[DYSPEC_MAX_BRANCH];
@@ -91,8 +90,7 @@ static int32_t dy_take_best(dyspec *D) {
  * its parent's sequence when that still ends at the parent, else on a fork of it cut back to
  * the parent, and adds their candidates. */
 static tsr_status dy_draft_expand(dyspec *D, const tsr_decode_api *d, tsr_draft_seqs *dseqs,
-                                  const int32_t *ids, int32_t n, int32_t root_pos,
-                                  int64_t max_depth) {
+                                  const int32_t *ids, int32_t n, int32_t root_pos) {
     tsr_status st = TSR_OK;
     tsr_batch_entry entries[DYSPEC_MAX_BUDGET];
     for (int32_t i = 0; i < n && st >= 0; i++) {
@@ -116,7 +114,7 @@ static tsr_status dy_draft_expand(dyspec *D, const tsr_decode_api *d, tsr_draft_
     D->stats.draft_ns += tsr_draft_now(D->host) - t0;
     for (int32_t i = 0; i < n && st >= 0; i++) {
         D->dlen[D->nodes[ids[i]].dseq]++;
-        dy_candidates(D, ids[i], D->draft_logits + (size_t)i * (size_t)D->n_vocab, max_depth);
+        dy_candidates(D, ids[i], D->draft_logits + (size_t)i * (size_t)D->n_vocab);
     }
     return st;
 }
@@ -133,16 +131,17 @@ static tsr_status dy_grow(dyspec *D, tsr_draft_text *t, tsr_draft_model *dm,
     tsr_status st = tsr_draft_model_sync(dm, t->tokens, t->n, D->draft_logits);
     if (st < 0) return st;
     D->dlen[0] = (int32_t)t->n;
-    dy_candidates(D, 0, D->draft_logits, max_depth);
+    dy_candidates(D, 0, D->draft_logits);
     const int32_t root_pos = (int32_t)t->n - 1;
     for (int32_t size = 0; size < D->budget && st >= 0;) {
-        int32_t ids[DYSPEC_MAX_BUDGET], n = 0;
-        while (n < D->expand && size < D->budget && (ids[n] = dy_take_best(D)) >= 0) {
-            n++;
+        int32_t ids[DYSPEC_MAX_BUDGET], n = 0, taken = -1;
+        while (n < D->expand && size < D->budget && (taken = dy_take_best(D)) >= 0) {
             size++;
+            /* A node at the deepest level has no continuation to find. */
+            if (D->nodes[taken].depth < max_depth) ids[n++] = taken;
         }
-        if (n == 0 || size == D->budget) break;
-        st = dy_draft_expand(D, d, dseqs, ids, n, root_pos, max_depth);
+        if (size == D->budget || taken < 0) break;
+        if (n > 0) st = dy_draft_expand(D, d, dseqs, ids, n, root_pos);
     }
     /* The draft's sequence 0 ran on the nodes of one path, which it now holds. */
     for (int32_t i = 1; i < D->n_nodes; i++)
@@ -286,7 +285,7 @@ static const tsr_param_def dyspec_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "branch", .type = TSR_PARAM_INT, .default_value = "2",
      .min = 1, .max = DYSPEC_MAX_BRANCH,
      .doc = "continuations of a tree node that become candidates"},
-    {TSR_SIZED(tsr_param_def), .name = "expand", .type = TSR_PARAM_INT, .default_value = "2",
+    {TSR_SIZED(tsr_param_def), .name = "expand", .type = TSR_PARAM_INT, .default_value = "1",
      .min = 1, .max = DYSPEC_MAX_BUDGET,
      .doc = "candidates that join the tree per draft forward (1: the paper's one by one)"},
 };
