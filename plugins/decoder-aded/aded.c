@@ -250,15 +250,12 @@ static void aded_observe_text(aded *A, const int32_t *text, int64_t from, int64_
 static tsr_status aded_generate(void *self, const tsr_decode_api *api,
                                 const tsr_generate_request *req) {
     aded *A = self;
-    if (api->n_vocab != A->n_vocab) {
-        A->host->set_error(A->host->ctx, "generate: vocabulary of %d tokens, created for %d",
-                           (int)api->n_vocab, (int)A->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_api(A->host, api, A->n_vocab, NULL);
+    if (st < 0) return st;
     A->stats = (tsr_decoder_stats){.struct_size = sizeof A->stats};
     if (!A->persist || A->used + api->n_ctx > A->capacity) aded_clear(A);
     tsr_draft_text t;
-    tsr_status st = tsr_draft_text_begin(&t, A->host, api, req, &A->stats);
+    st = tsr_draft_text_begin(&t, A->host, api, req, &A->stats);
     if (st >= 0) aded_observe_text(A, t.tokens, 0, t.n);
     tsr_draft_seqs seqs = {.alive = 1};
     const int64_t stride = A->draft_max;
@@ -324,11 +321,8 @@ static void aded_destroy(void *self) {
 
 static tsr_status aded_create(const tsr_host *host, const tsr_params *params,
                               const tsr_decoder_init *init, void **out) {
-    if (init->n_vocab <= 0) {
-        host->set_error(host->ctx, "n_vocab %d: expected a positive vocabulary size",
-                        (int)init->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_init(host, init, 0);
+    if (st < 0) return st;
     aded *A = tsr_calloc(host, 1, sizeof *A);
     if (!A) {
         host->set_error(host->ctx, "out of memory");

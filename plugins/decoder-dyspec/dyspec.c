@@ -48,11 +48,6 @@ typedef struct dyspec {
     tsr_decoder_stats stats;
 } dyspec;
 
-static const tsr_decode_api *dyspec_draft_api(const tsr_decode_api *api) {
-    return api->struct_size >= offsetof(tsr_decode_api, draft) + sizeof api->draft ? api->draft
-                                                                                   : NULL;
-}
-
 /* Adds the `branch` most likely continuations of node p, from the draft's logits after it, as
  * candidates. */
 static void dy_candidates(dyspec *D, int32_t p, const float *logits) {
@@ -153,22 +148,13 @@ static tsr_status dy_grow(dyspec *D, tsr_draft_text *t, tsr_draft_model *dm,
 static tsr_status dyspec_generate(void *self, const tsr_decode_api *api,
                                   const tsr_generate_request *req) {
     dyspec *D = self;
-    const tsr_decode_api *d = dyspec_draft_api(api);
-    if (!d) {
-        D->host->set_error(D->host->ctx, "generate: the host gave no draft model (api->draft "
-                           "is NULL)");
-        return TSR_E_STATE;
-    }
-    if (api->n_vocab != D->n_vocab || d->n_vocab != D->n_vocab) {
-        D->host->set_error(D->host->ctx, "generate: vocabularies of %d (target) and %d (draft) "
-                           "tokens, created for %d", (int)api->n_vocab, (int)d->n_vocab,
-                           (int)D->n_vocab);
-        return TSR_E_INVALID;
-    }
+    const tsr_decode_api *d;
+    tsr_status st = tsr_draft_check_api(D->host, api, D->n_vocab, &d);
+    if (st < 0) return st;
     D->stats = (tsr_decoder_stats){.struct_size = sizeof D->stats};
     tsr_draft_text t;
     tsr_draft_model dm = {0};
-    tsr_status st = tsr_draft_text_begin(&t, D->host, api, req, &D->stats);
+    st = tsr_draft_text_begin(&t, D->host, api, req, &D->stats);
     if (st >= 0) st = tsr_draft_model_begin(&dm, D->host, d, &D->stats);
     tsr_draft_seqs seqs = {.alive = 1}, dseqs = {.alive = 1};
     while (st >= 0 && !t.done) {
@@ -244,17 +230,8 @@ static void dyspec_destroy(void *self) {
 
 static tsr_status dyspec_create(const tsr_host *host, const tsr_params *params,
                                 const tsr_decoder_init *init, void **out) {
-    int has_draft = init->struct_size >= offsetof(tsr_decoder_init, has_draft) +
-                                             sizeof init->has_draft && init->has_draft;
-    if (!has_draft) {
-        host->set_error(host->ctx, "needs a draft model: the pipeline has no draft: section");
-        return TSR_E_INVALID;
-    }
-    if (init->n_vocab <= 0) {
-        host->set_error(host->ctx, "n_vocab %d: expected a positive vocabulary size",
-                        (int)init->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_init(host, init, 1);
+    if (st < 0) return st;
     dyspec *D = tsr_calloc(host, 1, sizeof *D);
     if (!D) {
         host->set_error(host->ctx, "out of memory");

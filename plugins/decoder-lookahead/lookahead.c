@@ -110,16 +110,13 @@ static void la_shift(lookahead *L, int32_t pending, const float *guess, int32_t 
 static tsr_status lookahead_generate(void *self, const tsr_decode_api *api,
                                      const tsr_generate_request *req) {
     lookahead *L = self;
-    if (api->n_vocab != L->n_vocab) {
-        L->host->set_error(L->host->ctx, "generate: vocabulary of %d tokens, created for %d",
-                           (int)api->n_vocab, (int)L->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_api(L->host, api, L->n_vocab, NULL);
+    if (st < 0) return st;
     L->stats = (tsr_decoder_stats){.struct_size = sizeof L->stats};
     memset(L->pool_n, 0, (size_t)L->n_vocab);
     memset(L->pool_head, 0, (size_t)L->n_vocab);
     tsr_draft_text t;
-    tsr_status st = tsr_draft_text_begin(&t, L->host, api, req, &L->stats);
+    st = tsr_draft_text_begin(&t, L->host, api, req, &L->stats);
     if (st >= 0) {
         la_pool_add_text(L, t.tokens, 0, t.n);
         /* The window starts as guesses from the prompt. */
@@ -194,11 +191,8 @@ static void lookahead_destroy(void *self) {
 
 static tsr_status lookahead_create(const tsr_host *host, const tsr_params *params,
                                    const tsr_decoder_init *init, void **out) {
-    if (init->n_vocab <= 0) {
-        host->set_error(host->ctx, "n_vocab %d: expected a positive vocabulary size",
-                        (int)init->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_init(host, init, 0);
+    if (st < 0) return st;
     lookahead *L = tsr_calloc(host, 1, sizeof *L);
     if (!L) {
         host->set_error(host->ctx, "out of memory");

@@ -49,14 +49,11 @@ static int64_t lookup_find(const int32_t *text, int64_t n, int64_t g_min, int64_
 static tsr_status lookup_generate(void *self, const tsr_decode_api *api,
                                   const tsr_generate_request *req) {
     lookup *L = self;
-    if (api->n_vocab != L->n_vocab) {
-        L->host->set_error(L->host->ctx, "generate: vocabulary of %d tokens, created for %d",
-                           (int)api->n_vocab, (int)L->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_api(L->host, api, L->n_vocab, NULL);
+    if (st < 0) return st;
     L->stats = (tsr_decoder_stats){.struct_size = sizeof L->stats};
     tsr_draft_text t;
-    tsr_status st = tsr_draft_text_begin(&t, L->host, api, req, &L->stats);
+    st = tsr_draft_text_begin(&t, L->host, api, req, &L->stats);
     int32_t draft[TSR_DECODER_MAX_DRAFT], out[TSR_DECODER_MAX_DRAFT + 1];
     tsr_draft_len len = tsr_draft_len_start(L->draft_max, L->adaptive);
     while (st >= 0 && !t.done) {
@@ -94,11 +91,8 @@ static void lookup_destroy(void *self) {
 
 static tsr_status lookup_create(const tsr_host *host, const tsr_params *params,
                                 const tsr_decoder_init *init, void **out) {
-    if (init->n_vocab <= 0) {
-        host->set_error(host->ctx, "n_vocab %d: expected a positive vocabulary size",
-                        (int)init->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_init(host, init, 0);
+    if (st < 0) return st;
     int64_t g_min = tsr_param_int(params, "ngram_min"), g_max = tsr_param_int(params, "ngram_max");
     if (g_min > g_max) {
         host->set_error(host->ctx, "ngram_min %lld is above ngram_max %lld: no n-gram size "

@@ -38,11 +38,6 @@ typedef struct pearl {
     tsr_decoder_stats stats;
 } pearl;
 
-static const tsr_decode_api *pearl_draft_api(const tsr_decode_api *api) {
-    return api->struct_size >= offsetof(tsr_decode_api, draft) + sizeof api->draft ? api->draft
-                                                                                   : NULL;
-}
-
 /* One round. The text's tokens after t->n - 1 (the pending one) hold *m proposals waiting for
  * verification (0 in pre-verify); the draft proposes up to `window` more after them, the target
  * verifies the waiting ones and the first new one. */
@@ -80,23 +75,14 @@ static tsr_status pearl_round(pearl *P, tsr_draft_text *t, tsr_draft_model *dm, 
 static tsr_status pearl_generate(void *self, const tsr_decode_api *api,
                                  const tsr_generate_request *req) {
     pearl *P = self;
-    const tsr_decode_api *d = pearl_draft_api(api);
-    if (!d) {
-        P->host->set_error(P->host->ctx, "generate: the host gave no draft model (api->draft "
-                           "is NULL)");
-        return TSR_E_STATE;
-    }
-    if (api->n_vocab != P->n_vocab || d->n_vocab != P->n_vocab) {
-        P->host->set_error(P->host->ctx, "generate: vocabularies of %d (target) and %d (draft) "
-                           "tokens, created for %d", (int)api->n_vocab, (int)d->n_vocab,
-                           (int)P->n_vocab);
-        return TSR_E_INVALID;
-    }
+    const tsr_decode_api *d;
+    tsr_status st = tsr_draft_check_api(P->host, api, P->n_vocab, &d);
+    if (st < 0) return st;
     P->stats = (tsr_decoder_stats){.struct_size = sizeof P->stats};
     P->parallel_ns = 0;
     tsr_draft_text t;
     tsr_draft_model dm = {0};
-    tsr_status st = tsr_draft_text_begin(&t, P->host, api, req, &P->stats);
+    st = tsr_draft_text_begin(&t, P->host, api, req, &P->stats);
     if (st >= 0) st = tsr_draft_model_begin(&dm, P->host, d, &P->stats);
     int64_t waiting = 0;
     while (st >= 0 && !t.done) st = pearl_round(P, &t, &dm, &waiting);
@@ -128,17 +114,8 @@ static void pearl_destroy(void *self) {
 
 static tsr_status pearl_create(const tsr_host *host, const tsr_params *params,
                                const tsr_decoder_init *init, void **out) {
-    int has_draft = init->struct_size >= offsetof(tsr_decoder_init, has_draft) +
-                                             sizeof init->has_draft && init->has_draft;
-    if (!has_draft) {
-        host->set_error(host->ctx, "needs a draft model: the pipeline has no draft: section");
-        return TSR_E_INVALID;
-    }
-    if (init->n_vocab <= 0) {
-        host->set_error(host->ctx, "n_vocab %d: expected a positive vocabulary size",
-                        (int)init->n_vocab);
-        return TSR_E_INVALID;
-    }
+    tsr_status st = tsr_draft_check_init(host, init, 1);
+    if (st < 0) return st;
     pearl *P = tsr_calloc(host, 1, sizeof *P);
     if (!P) {
         host->set_error(host->ctx, "out of memory");

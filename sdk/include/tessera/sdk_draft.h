@@ -25,6 +25,7 @@
 #ifndef TESSERA_SDK_DRAFT_H
 #define TESSERA_SDK_DRAFT_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -102,6 +103,47 @@ static inline int64_t tsr_draft_accept_greedy(const float *logits, int32_t n_voc
         if (n == n_draft || t != draft[n]) return n + 1;
         n++;
     }
+}
+
+/* create's check: a vocabulary, and with `needs_draft` a draft model in the pipeline. */
+static inline tsr_status tsr_draft_check_init(const tsr_host *host, const tsr_decoder_init *init,
+                                              int needs_draft) {
+    int has_draft = init->struct_size >= offsetof(tsr_decoder_init, has_draft) +
+                                             sizeof init->has_draft && init->has_draft;
+    if (needs_draft && !has_draft) {
+        host->set_error(host->ctx, "needs a draft model: the pipeline has no draft: section");
+        return TSR_E_INVALID;
+    }
+    if (init->n_vocab <= 0) {
+        host->set_error(host->ctx, "n_vocab %d: expected a positive vocabulary size",
+                        (int)init->n_vocab);
+        return TSR_E_INVALID;
+    }
+    return TSR_OK;
+}
+
+/* generate's check: the vocabulary the decoder was created for (its buffers are sized by it)
+ * and, with `draft` non-NULL, the draft model, on the same vocabulary, into *draft. */
+static inline tsr_status tsr_draft_check_api(const tsr_host *host, const tsr_decode_api *api,
+                                             int32_t n_vocab, const tsr_decode_api **draft) {
+    if (api->n_vocab != n_vocab) {
+        host->set_error(host->ctx, "generate: vocabulary of %d tokens, created for %d",
+                        (int)api->n_vocab, (int)n_vocab);
+        return TSR_E_INVALID;
+    }
+    if (!draft) return TSR_OK;
+    *draft = api->struct_size >= offsetof(tsr_decode_api, draft) + sizeof api->draft ? api->draft
+                                                                                     : NULL;
+    if (!*draft) {
+        host->set_error(host->ctx, "generate: the host gave no draft model (api->draft is NULL)");
+        return TSR_E_STATE;
+    }
+    if ((*draft)->n_vocab != n_vocab) {
+        host->set_error(host->ctx, "generate: the draft's vocabulary of %d tokens, created for %d",
+                        (int)(*draft)->n_vocab, (int)n_vocab);
+        return TSR_E_INVALID;
+    }
+    return TSR_OK;
 }
 
 /* The text of one request: the prompt, then every token emitted. */
