@@ -12,7 +12,8 @@
  * context's end is reached finish there. The search stops once `width` hypotheses have
  * finished (Hugging Face's early_stopping=True), and the best finished one is emitted in one
  * call: beam search streams nothing before it ends. With width 1 it is `greedy`, token for
- * token (the lowest id on ties).
+ * token (the lowest id on ties). `stats` reports the time spent in forwards (verify_ns) and no
+ * drafts: beam search proposes nothing for verification.
  */
 #include <math.h>
 
@@ -153,7 +154,6 @@ static tsr_status beam_search(beam *B, const tsr_decode_api *api, tsr_draft_text
                 .token = B->beams[b].len ? B->beams[b].tokens[B->beams[b].len - 1] : pending,
                 .want_logits = 1};
         if ((st = tsr_draft_forward(t, B->batch, B->n_beams, B->logits)) < 0) break;
-        B->stats.drafted += B->n_beams;
         int32_t n_all = beam_rank(B), n_chosen = 0;
         beam_cand chosen[BEAM_MAX_WIDTH];
         for (int32_t r = 0; r < n_all && n_chosen < B->width; r++) {
@@ -189,7 +189,6 @@ static tsr_status beam_generate(void *self, const tsr_decode_api *api,
         st = beam_search(B, api, &t, req->max_new_tokens);
         if (st >= 0 && B->n_hyps > 0) {
             B->last_score = B->hyps[0].norm;
-            B->stats.accepted = B->hyps[0].len;
             if (B->hyps[0].len > 0) api->emit(api->ctx, B->hyps[0].tokens, B->hyps[0].len);
         }
     }
