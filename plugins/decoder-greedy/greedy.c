@@ -4,6 +4,7 @@
  */
 #include <tessera/sdk.h>
 #include <tessera/sdk_decode.h>
+#include <tessera/sdk_draft.h>
 
 typedef struct greedy {
     const tsr_host *host;
@@ -12,12 +13,7 @@ typedef struct greedy {
 
 static int32_t greedy_pick(void *self, const float *logits, const int32_t *history,
                            int64_t n_history) {
-    const greedy *g = self;
-    int32_t best = 0;
-    /* Strictly greater: the first (lowest) id wins ties; NaN never wins. */
-    for (int32_t i = 1; i < g->n_vocab; i++)
-        if (logits[i] > logits[best] || logits[best] != logits[best]) best = i;
-    return best;
+    return tsr_argmax(logits, ((const greedy *)self)->n_vocab);
 }
 
 static tsr_status greedy_generate(void *self, const tsr_decode_api *api,
