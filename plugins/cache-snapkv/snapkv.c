@@ -55,16 +55,16 @@ static int64_t snap_prefix_keep(const snap_cache *c, int64_t n, int32_t layer) {
 /* Each entry's pooled vote into kh->key, for the entries before `prefix` (the window's first
  * position): the mean of the votes at positions p - kernel/2 .. p + kernel/2, those outside
  * [0, prefix) counting as 0 and the sum always divided by the kernel (avg_pool1d with zero
- * padding), or their maximum (max_pool1d: outside does not count). At the end of the prompt
- * the rows hold positions 0..n-1, one entry each. */
+ * padding), or their maximum (max_pool1d: outside does not count). The window's own votes
+ * never count: SnapKV pools the prefix alone. At the end of the prompt the rows hold positions
+ * 0..n-1, one entry each. */
 static tsr_status snap_pool(snap_cache *c, const tsr_kv_rows *L, int32_t prefix) {
     tsr_kv_heads *kh = &c->kh;
     tsr_status st = tsr_kv_heads_scratch(kh, L->next_pos);
     if (st < 0) return st;
-    float *vote = kh->aux; /* (prefix) by position */
-    memset(vote, 0, (size_t)prefix * sizeof(float));
-    for (int64_t j = 0; j < L->n; j++)
-        if (L->pos[j] < prefix) vote[L->pos[j]] = L->score[j];
+    float *vote = kh->aux; /* (next_pos) by position */
+    memset(vote, 0, (size_t)L->next_pos * sizeof(float));
+    for (int64_t j = 0; j < L->n; j++) vote[L->pos[j]] = L->score[j];
     int32_t half = (int32_t)(c->kernel / 2);
     for (int64_t j = 0; j < L->n; j++) {
         int32_t p = L->pos[j];
@@ -87,7 +87,6 @@ static tsr_status snap_prefill_end(void *self, int64_t seq_id) {
     if (!q) return TSR_E_INVALID;
     for (int32_t i = 0; i < kh->kv.n_layer; i++) {
         tsr_kv_rows *L = &q->layers[i];
-        L->score_from_pos = TSR_KV_NO_SCORES; /* the votes are read once, here */
         if (L->n <= c->budget) continue;
         int32_t prefix = L->next_pos - (int32_t)c->window;
         int64_t keep = snap_prefix_keep(c, L->n, i / kh->n_kv_head);

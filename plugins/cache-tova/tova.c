@@ -56,9 +56,9 @@ static tsr_status tova_evict_layer(tova_cache *c, tsr_kv_seq *q, int32_t layer, 
 static tsr_status tova_evict(tova_cache *c, int64_t seq_id, const char *hook) {
     tsr_kv_seq *q = tsr_kv_store_find_or_fail(&c->kh.kv, seq_id, hook);
     if (!q) return TSR_E_INVALID;
-    int32_t rankings = c->per_head ? c->kh.n_kv_head : 1; /* per layer */
     for (int32_t l = 0; l < c->kh.n_layer; l++) {
-        for (int32_t h = 0; h < rankings; h++) {
+        /* With scope layer the first head's excess trims them all: the others have none. */
+        for (int32_t h = 0; h < c->kh.n_kv_head; h++) {
             tsr_kv_rows *L = tsr_kv_heads_rows(&c->kh, q, l, h);
             int64_t excess = L->n - c->budget;
             if (excess <= 0) continue;

@@ -44,7 +44,8 @@ typedef struct tsr_kv_rows {
                                 seq_truncate can no longer honour */
     float *score;            /* (cap) attention each entry received (the views' score_acc),
                                 moved with its entry; NULL in a store without scores */
-    int32_t next_pos;        /* one past the last position stored (stores with scores) */
+    int32_t next_pos;        /* one past the last position stored, set by every store of a
+                                tsr_kv_heads (the hooks that read it follow one) */
     int32_t score_from_pos;  /* the views' score_from_pos, or TSR_KV_NO_SCORES: no score_acc */
 } tsr_kv_rows;
 
@@ -296,7 +297,6 @@ static inline tsr_status tsr_kv_store_seq_fork(void *self, int64_t src, int64_t 
         const tsr_kv_rows *from = &from_seq->layers[l];
         tsr_kv_rows *to = &to_seq->layers[l];
         to->evicted_max_pos = from->evicted_max_pos;
-        to->next_pos = from->next_pos;
         to->score_from_pos = from->score_from_pos;
         if (!from->cap) continue;
         st = tsr_kv_rows_resize(s, to, from->cap);
