@@ -6,12 +6,11 @@
  *   score_from_pos, the hooks run as the host runs them, and the kept sets below are worked
  *   out by hand in the comments;
  * - the refusals of bad parameters, one line each;
- * - on stories260K (skipped without the shared data), a greedy decode with a budget at least
- *   the context gives the logits of 'full' bit for bit with each attention plugin that fills
- *   score_acc, and a smaller budget evicts what its stats say. */
+ * - on stories260K through the library (`test-cache-policies models`, skipped without the
+ *   shared data), a greedy decode with a budget at least the context gives the logits of
+ *   'full' bit for bit with each attention plugin that fills score_acc, and a smaller budget
+ *   evicts what its stats say. */
 #include <check.h>
-#include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -971,8 +970,22 @@ START_TEST(test_story_per_layer_policy) {
 }
 END_TEST
 
-int main(void) {
+/* `test-cache-policies` runs the policy cases; `test-cache-policies models` the stories260K
+ * ones, skipped (77) without the shared data. */
+int main(int argc, char **argv) {
     Suite *s = suite_create("cache-policies");
+    if (argc > 1 && strcmp(argv[1], "models") == 0) {
+        free(tsr_test_require_data("models/stories260K.gguf"));
+        TCase *mc = tcase_create("stories260K");
+        tcase_set_timeout(mc, 300);
+        tcase_add_loop_test(mc, test_story_budget_at_context_is_full, 0,
+                            N_AT_CONTEXT * (int)(sizeof score_attention / sizeof *score_attention));
+        tcase_add_test(mc, test_story_snapkv_prompt_below_budget_is_full);
+        tcase_add_test(mc, test_story_budget_below_context);
+        tcase_add_test(mc, test_story_per_layer_policy);
+        suite_add_tcase(s, mc);
+        return tsr_test_run_suite(s);
+    }
     TCase *tc = tcase_create("policies");
     tcase_add_test(tc, test_select_matches_sort);
     tcase_add_test(tc, test_h2o_heavy_and_recent);
@@ -990,22 +1003,5 @@ int main(void) {
     tcase_add_test(tc, test_store_errors);
     tcase_add_test(tc, test_bad_parameters);
     suite_add_tcase(s, tc);
-    /* The model cases need the shared data; without it they are left out (the policy cases
-     * above still run). */
-    char *model = tsr_test_data_path("models/stories260K.gguf");
-    if (model) {
-        TCase *mc = tcase_create("stories260K");
-        tcase_set_timeout(mc, 300);
-        tcase_add_loop_test(mc, test_story_budget_at_context_is_full, 0,
-                            N_AT_CONTEXT * (int)(sizeof score_attention / sizeof *score_attention));
-        tcase_add_test(mc, test_story_snapkv_prompt_below_budget_is_full);
-        tcase_add_test(mc, test_story_budget_below_context);
-        tcase_add_test(mc, test_story_per_layer_policy);
-        suite_add_tcase(s, mc);
-    } else {
-        fprintf(stderr, "stories260K cases skipped: the shared data folder has no "
-                        "models/stories260K.gguf\n");
-    }
-    free(model);
     return tsr_test_run_suite(s);
 }

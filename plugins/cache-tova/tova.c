@@ -1,6 +1,6 @@
 /*
  * cache 'tova': Token Omission Via Attention (M. Oren, M. Hassid, N. Yarden, Y. Adi,
- * R. Schwartz, "Transformers are Multi-State RNNs", EMNLP 2024, arXiv:2401.06104; code:
+ * R. Schwartz, "Transformers are Multi-State RNNs", arXiv:2401.06104 (2024); code:
  * schwartz-lab-NLP/TOVA). A transformer with a bounded cache is a multi-state RNN; TOVA keeps
  * its `budget` states by the attention of the current query alone: after each forward, when a
  * layer holds more than `budget` entries, the ones the forward's last query attended to least
