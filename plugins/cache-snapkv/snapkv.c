@@ -146,7 +146,8 @@ static const tsr_param_def snap_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "pooling", .type = TSR_PARAM_ENUM, .default_value = "avg",
      .choices = snap_poolings, .doc = "pooling of the votes: avg (the mean) or max"},
     {TSR_SIZED(tsr_param_def), .name = "pyramid", .type = TSR_PARAM_BOOL, .default_value = "false",
-     .doc = "PyramidKV: more entries in lower layers, fewer in upper ones, the same average"},
+     .doc = "PyramidKV: more entries in lower layers, fewer in upper ones, about the same on "
+            "average"},
     {TSR_SIZED(tsr_param_def), .name = "beta", .type = TSR_PARAM_INT, .default_value = "20",
      .min = 1, .max = 1 << 20,
      .doc = "with pyramid: the last layer keeps (budget - window) / beta entries before the "
