@@ -15,6 +15,9 @@
  *   static const tsr_cache_vtable vt = { TSR_SIZED(tsr_cache_vtable), .create = my_create,
  *       .destroy = tsr_kv_store_destroy, .store = my_store, TSR_KV_STORE_CALLBACKS };
  *
+ * A policy that keeps different entries for each KV head, chosen by the attention they receive
+ * (H2O, TOVA, SnapKV), starts with a tsr_kv_heads instead: the second half of this file.
+ *
  * Header-only, like <tessera/sdk.h>: all memory goes through the host's allocator, and every
  * function runs on the thread that called into the policy ([main]).
  */
@@ -28,6 +31,9 @@
 #include <tessera/sdk.h>
 #include <tessera/sdk_kv.h>
 
+/* tsr_kv_rows.score_from_pos when the policy wants no scores: the views get no score_acc. */
+#define TSR_KV_NO_SCORES INT32_MAX
+
 /* The entries of one (sequence, layer): the same entries, in the same slots, for every head. */
 typedef struct tsr_kv_rows {
     int64_t n, cap;          /* entries held, rows reserved per KV head */
@@ -36,6 +42,11 @@ typedef struct tsr_kv_rows {
     char *k, *v;             /* (n_kv_head, cap, head_dim) in the store's dtype */
     int32_t evicted_max_pos; /* highest position the policy evicted, -1 when none: what
                                 seq_truncate can no longer honour */
+    float *score;            /* (cap) attention each entry received (the views' score_acc),
+                                moved with its entry; NULL in a store without scores */
+    int32_t next_pos;        /* one past the last position stored, set by every store of a
+                                tsr_kv_heads (the hooks that read it follow one) */
+    int32_t score_from_pos;  /* the views' score_from_pos, or TSR_KV_NO_SCORES: no score_acc */
 } tsr_kv_rows;
 
 typedef struct tsr_kv_seq {
@@ -51,6 +62,7 @@ typedef struct tsr_kv_store {
     int32_t dtype;          /* TSR_DTYPE_F32 or TSR_DTYPE_F16 */
     size_t row_bytes;       /* one head's row of head_dim elements */
     int stamps;             /* rows keep arrival stamps (policies that evict the oldest) */
+    int scores;             /* rows keep a score per entry (tsr_kv_heads) */
     tsr_kv_seq *seqs;       /* (n_seq_max) slots */
     uint64_t bytes_reserved, bytes_peak; /* K/V rows reserved now, and at most */
     int64_t entries;        /* rows held, all sequences, layers and heads */
@@ -115,9 +127,10 @@ static inline tsr_kv_seq *tsr_kv_store_find_or_fail(tsr_kv_store *s, int64_t id,
 }
 
 static inline void tsr_kv_rows_free_arrays_(const tsr_host *h, int32_t *pos, uint64_t *stamp,
-                                            char *k, char *v) {
+                                            float *score, char *k, char *v) {
     h->free(h->ctx, pos);
     h->free(h->ctx, stamp);
+    h->free(h->ctx, score);
     h->free(h->ctx, k);
     h->free(h->ctx, v);
 }
@@ -129,28 +142,31 @@ static inline tsr_status tsr_kv_rows_resize(tsr_kv_store *s, tsr_kv_rows *L, int
     size_t head_bytes = (size_t)cap * s->row_bytes;
     int32_t *pos = h->alloc(h->ctx, (size_t)cap * sizeof(int32_t), 0);
     uint64_t *stamp = s->stamps ? h->alloc(h->ctx, (size_t)cap * sizeof(uint64_t), 0) : NULL;
+    float *score = s->scores ? h->alloc(h->ctx, (size_t)cap * sizeof(float), 0) : NULL;
     char *k = h->alloc(h->ctx, (size_t)s->n_kv_head * head_bytes, 0);
     char *v = h->alloc(h->ctx, (size_t)s->n_kv_head * head_bytes, 0);
-    if (!pos || (s->stamps && !stamp) || !k || !v) {
-        tsr_kv_rows_free_arrays_(h, pos, stamp, k, v);
+    if (!pos || (s->stamps && !stamp) || (s->scores && !score) || !k || !v) {
+        tsr_kv_rows_free_arrays_(h, pos, stamp, score, k, v);
         h->set_error(h->ctx, "out of memory growing a layer to %lld rows", (long long)cap);
         return TSR_E_NOMEM;
     }
     if (L->n) {
         memcpy(pos, L->pos, (size_t)L->n * sizeof(int32_t));
         if (stamp) memcpy(stamp, L->stamp, (size_t)L->n * sizeof(uint64_t));
+        if (score) memcpy(score, L->score, (size_t)L->n * sizeof(float));
         size_t used = (size_t)L->n * s->row_bytes, old_head = (size_t)L->cap * s->row_bytes;
         for (int32_t hd = 0; hd < s->n_kv_head; hd++) {
             memcpy(k + hd * head_bytes, L->k + hd * old_head, used);
             memcpy(v + hd * head_bytes, L->v + hd * old_head, used);
         }
     }
-    tsr_kv_rows_free_arrays_(h, L->pos, L->stamp, L->k, L->v);
+    tsr_kv_rows_free_arrays_(h, L->pos, L->stamp, L->score, L->k, L->v);
     s->bytes_reserved = s->bytes_reserved - tsr_kv_store_bytes_(s, L->cap) +
                         tsr_kv_store_bytes_(s, cap);
     if (s->bytes_reserved > s->bytes_peak) s->bytes_peak = s->bytes_reserved;
     L->pos = pos;
     L->stamp = stamp;
+    L->score = score;
     L->k = k;
     L->v = v;
     L->cap = cap;
@@ -159,18 +175,19 @@ static inline tsr_status tsr_kv_rows_resize(tsr_kv_store *s, tsr_kv_rows *L, int
 
 /* Frees the layer's rows and takes them out of the counters; the layer is left empty. */
 static inline void tsr_kv_rows_free(tsr_kv_store *s, tsr_kv_rows *L) {
-    tsr_kv_rows_free_arrays_(s->host, L->pos, L->stamp, L->k, L->v);
+    tsr_kv_rows_free_arrays_(s->host, L->pos, L->stamp, L->score, L->k, L->v);
     s->bytes_reserved -= tsr_kv_store_bytes_(s, L->cap);
     s->entries -= L->n * s->n_kv_head;
     *L = (tsr_kv_rows){0};
 }
 
-/* Copies entry `from` (position, stamp, every head's K and V rows) over entry `to`. */
+/* Copies entry `from` (position, stamp, score, every head's K and V rows) over entry `to`. */
 static inline void tsr_kv_rows_move(const tsr_kv_store *s, tsr_kv_rows *L, int64_t to,
                                     int64_t from) {
     size_t head_bytes = (size_t)L->cap * s->row_bytes, rb = s->row_bytes;
     L->pos[to] = L->pos[from];
     if (L->stamp) L->stamp[to] = L->stamp[from];
+    if (L->score) L->score[to] = L->score[from];
     for (int32_t h = 0; h < s->n_kv_head; h++) {
         char *kh = L->k + h * head_bytes, *vh = L->v + h * head_bytes;
         memcpy(kh + (size_t)to * rb, kh + (size_t)from * rb, rb);
@@ -280,6 +297,7 @@ static inline tsr_status tsr_kv_store_seq_fork(void *self, int64_t src, int64_t 
         const tsr_kv_rows *from = &from_seq->layers[l];
         tsr_kv_rows *to = &to_seq->layers[l];
         to->evicted_max_pos = from->evicted_max_pos;
+        to->score_from_pos = from->score_from_pos;
         if (!from->cap) continue;
         st = tsr_kv_rows_resize(s, to, from->cap);
         if (st < 0) {
@@ -288,6 +306,7 @@ static inline tsr_status tsr_kv_store_seq_fork(void *self, int64_t src, int64_t 
         }
         memcpy(to->pos, from->pos, (size_t)from->n * sizeof(int32_t));
         if (to->stamp) memcpy(to->stamp, from->stamp, (size_t)from->n * sizeof(uint64_t));
+        if (to->score) memcpy(to->score, from->score, (size_t)from->n * sizeof(float));
         size_t bytes = (size_t)s->n_kv_head * (size_t)from->cap * s->row_bytes;
         memcpy(to->k, from->k, bytes);
         memcpy(to->v, from->v, bytes);
@@ -332,18 +351,29 @@ static inline tsr_status tsr_kv_store_seq_truncate(void *self, int64_t id, int32
     return TSR_OK;
 }
 
+/* The live sequence `id` into *q when `layer` lies in [0, n_layer); else an error status with
+ * "<what>: unknown sequence <id>" or "<what>: layer <l> outside [0, <n_layer>)" set. */
+static inline tsr_status tsr_kv_store_find_layer_(tsr_kv_store *s, int64_t id, int32_t layer,
+                                                  int32_t n_layer, const char *what,
+                                                  tsr_kv_seq **q) {
+    *q = tsr_kv_store_find_or_fail(s, id, what);
+    if (!*q) return TSR_E_INVALID;
+    if (layer < 0 || layer >= n_layer) {
+        s->host->set_error(s->host->ctx, "%s: layer %d outside [0, %d)", what, (int)layer,
+                           (int)n_layer);
+        return TSR_E_RANGE;
+    }
+    return TSR_OK;
+}
+
 /* Every KV head sees all the entries the layer holds, in slot order. */
 static inline tsr_status tsr_kv_store_view(void *self, int64_t id, int32_t layer, int32_t phase,
                                            tsr_kv_view *views) {
     (void)phase;
     tsr_kv_store *s = self;
-    tsr_kv_seq *q = tsr_kv_store_find_or_fail(s, id, "view");
-    if (!q) return TSR_E_INVALID;
-    if (layer < 0 || layer >= s->n_layer) {
-        s->host->set_error(s->host->ctx, "view: layer %d outside [0, %d)", (int)layer,
-                           (int)s->n_layer);
-        return TSR_E_RANGE;
-    }
+    tsr_kv_seq *q;
+    tsr_status st = tsr_kv_store_find_layer_(s, id, layer, s->n_layer, "view", &q);
+    if (st < 0) return st;
     const tsr_kv_rows *L = &q->layers[layer];
     size_t head_bytes = (size_t)L->cap * s->row_bytes;
     for (int32_t h = 0; h < s->n_kv_head; h++) {
@@ -387,5 +417,315 @@ static inline void tsr_kv_store_destroy(void *self) {
     .seq_begin = tsr_kv_store_seq_begin, .seq_end = tsr_kv_store_seq_end,                 \
     .seq_fork = tsr_kv_store_seq_fork, .seq_truncate = tsr_kv_store_seq_truncate,         \
     .view = tsr_kv_store_view, .stats = tsr_kv_store_stats
+
+/* ---- per-head stores: entries chosen for each KV head by the attention they receive -------- */
+
+/*
+ * Policies that evict by attention (H2O, TOVA, SnapKV) keep a different set of entries for
+ * each KV head of a layer. A tsr_kv_heads is a tsr_kv_store whose "layers" are the model's
+ * (layer, KV head) pairs, one head each (tsr_kv_heads_rows), so the rows, counters and the
+ * callbacks above serve it unchanged; every entry also carries a score, which the views hand
+ * to attention as score_acc. The policy's instance starts with it:
+ *
+ *   typedef struct my_cache { tsr_kv_heads kh; int64_t budget; } my_cache;
+ *   create:   tsr_kv_heads_create(host, params, init, sizeof(my_cache), out)
+ *   store:    tsr_kv_heads_store(&c->kh, w, budget, observe, &seq), then the policy's own work
+ *   step_end: tsr_kv_heads_evict(&c->kh, L, L->score, protect_from, L->n - budget) per rows
+ *   static const tsr_cache_vtable vt = { TSR_SIZED(tsr_cache_vtable), .create = my_create,
+ *       .destroy = tsr_kv_heads_destroy, .store = my_store, .step_end = my_step_end,
+ *       TSR_KV_HEADS_CALLBACKS };
+ *
+ * Eviction refills each hole with the entry from the end of the rows, so the views are not in
+ * position order once a policy evicted (the ABI allows it); before that they are in the order
+ * stored, as 'full' shows them.
+ */
+typedef struct tsr_kv_heads {
+    tsr_kv_store kv;            /* first: its layers are (layer, KV head) pairs of one head */
+    int32_t n_layer, n_kv_head; /* the model's */
+    /* Scratch of the eviction helpers, (scratch_cap) each: a key per entry for a policy that
+     * ranks by something else than the score, and a second array of its own; the entries
+     * tsr_kv_heads_pick marked for dropping; the candidates in selection order. */
+    float *key, *aux;
+    uint8_t *drop;
+    int64_t *order;
+    int64_t scratch_cap;
+} tsr_kv_heads;
+
+/* Allocates the policy's instance (self_bytes, a tsr_kv_heads first) as tsr_kv_store_create
+ * does, with its refusals and its "dtype" parameter, and refuses an n_ctx that is not
+ * positive: a head's rows never outgrow n_ctx. Free it with tsr_kv_heads_destroy. */
+static inline tsr_status tsr_kv_heads_create(const tsr_host *host, const tsr_params *params,
+                                             const tsr_cache_init *init, size_t self_bytes,
+                                             void **out) {
+    if (init->n_ctx <= 0) {
+        host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
+        return TSR_E_INVALID;
+    }
+    void *self;
+    tsr_status st = tsr_kv_store_create(host, params, init, self_bytes, 0, &self);
+    if (st < 0) return st;
+    tsr_kv_heads *kh = self;
+    kh->n_layer = kh->kv.n_layer;
+    kh->n_kv_head = kh->kv.n_kv_head;
+    if (kh->n_layer > INT32_MAX / kh->n_kv_head) {
+        tsr_kv_store_destroy(kh);
+        host->set_error(host->ctx, "shape n_layer %d, n_kv_head %d: more heads than this policy "
+                        "counts", (int)init->n_layer, (int)init->n_kv_head);
+        return TSR_E_INVALID;
+    }
+    kh->kv.n_layer = kh->n_layer * kh->n_kv_head;
+    kh->kv.n_kv_head = 1;
+    kh->kv.scores = 1;
+    *out = kh;
+    return TSR_OK;
+}
+
+/* The rows of KV head `head` of `layer` in sequence q. */
+static inline tsr_kv_rows *tsr_kv_heads_rows(const tsr_kv_heads *kh, const tsr_kv_seq *q,
+                                             int32_t layer, int32_t head) {
+    return &q->layers[(size_t)layer * (size_t)kh->n_kv_head + (size_t)head];
+}
+
+/* What every store callback of a per-head policy does first: checks the write, makes room in
+ * each head of the layer and appends the rows there, each with a score of 0. `keep`: the
+ * entries the policy keeps per head between forwards, so the rows hold keep + w->n of them
+ * (at most n_ctx) and shrink back after a larger write; 0: no bound, the rows grow by
+ * doubling from 16. `observe`: how many of the write's last queries attention adds to the
+ * scores (the views' score_from_pos is the first of them; INT64_MAX: all); 0: none, and the
+ * views ask for no scores. Sets *seq. */
+static inline tsr_status tsr_kv_heads_store(tsr_kv_heads *kh, const tsr_kv_write *w,
+                                            int64_t keep, int64_t observe, tsr_kv_seq **seq) {
+    tsr_kv_store *s = &kh->kv;
+    tsr_status st = tsr_kv_store_find_layer_(s, w->seq_id, w->layer, kh->n_layer, "store", seq);
+    if (st < 0 || (st = tsr_kv_store_check_write(s, w, seq)) < 0 || w->n == 0) return st;
+    /* The positions of a write ascend one by one (CACHE_9): the first is the lowest. */
+    if (w->pos[0] < 0) {
+        s->host->set_error(s->host->ctx, "store: sequence %lld layer %d: negative position %d",
+                           (long long)w->seq_id, (int)w->layer, (int)w->pos[0]);
+        return TSR_E_RANGE;
+    }
+    /* Room in every head first, so that a failure leaves the layer as it was. */
+    for (int32_t h = 0; h < kh->n_kv_head; h++) {
+        tsr_kv_rows *L = tsr_kv_heads_rows(kh, *seq, w->layer, h);
+        int64_t need = L->n + w->n, cap = L->cap;
+        if (keep > 0) {
+            int64_t target = keep + w->n < s->n_ctx ? keep + w->n : s->n_ctx;
+            if (target < need) target = need;
+            if (cap < target || cap >= 2 * target) cap = target;
+        } else if (need > cap) {
+            for (cap = cap ? cap : 16; cap < need; cap *= 2) {}
+        }
+        if (cap != L->cap && (st = tsr_kv_rows_resize(s, L, cap)) < 0) return st;
+    }
+    int32_t last = w->pos[w->n - 1];
+    int32_t from = observe <= 0         ? TSR_KV_NO_SCORES
+                   : observe >= w->n    ? w->pos[0]
+                                        : last + 1 - (int32_t)observe;
+    for (int32_t h = 0; h < kh->n_kv_head; h++) {
+        tsr_kv_rows *L = tsr_kv_heads_rows(kh, *seq, w->layer, h);
+        for (int64_t t = 0; t < w->n; t++) {
+            size_t src = ((size_t)t * (size_t)kh->n_kv_head + (size_t)h) * (size_t)s->head_dim;
+            size_t dst = (size_t)(L->n + t) * s->row_bytes;
+            L->pos[L->n + t] = w->pos[t];
+            L->score[L->n + t] = 0.0f;
+            tsr_kv_store_put_row_(s, L->k + dst, w->k + src);
+            tsr_kv_store_put_row_(s, L->v + dst, w->v + src);
+        }
+        L->n += w->n;
+        L->next_pos = last + 1;
+        L->score_from_pos = from;
+        s->entries += w->n;
+    }
+    return TSR_OK;
+}
+
+/* The view callback: each KV head sees the entries it keeps, with its scores as score_acc when
+ * the last store asked attention for them. */
+static inline tsr_status tsr_kv_heads_view(void *self, int64_t id, int32_t layer, int32_t phase,
+                                           tsr_kv_view *views) {
+    (void)phase;
+    tsr_kv_heads *kh = self;
+    tsr_kv_store *s = &kh->kv;
+    tsr_kv_seq *q;
+    tsr_status st = tsr_kv_store_find_layer_(s, id, layer, kh->n_layer, "view", &q);
+    if (st < 0) return st;
+    for (int32_t h = 0; h < kh->n_kv_head; h++) {
+        tsr_kv_rows *L = tsr_kv_heads_rows(kh, q, layer, h);
+        int scored = L->n > 0 && L->score_from_pos != TSR_KV_NO_SCORES;
+        views[h] = (tsr_kv_view){
+            TSR_SIZED(tsr_kv_view),
+            .n = L->n,
+            .pos = L->pos,
+            .dtype = s->dtype,
+            .k = L->k,
+            .v = L->v,
+            .k_stride = s->row_bytes,
+            .v_stride = s->row_bytes,
+            .score_acc = scored ? L->score : NULL,
+            .score_from_pos = scored ? L->score_from_pos : 0,
+        };
+    }
+    return TSR_OK;
+}
+
+/* The seq_truncate callback: tsr_kv_store_seq_truncate, refusing with the layer and KV head
+ * that already evicted a position at or after the cut. */
+static inline tsr_status tsr_kv_heads_seq_truncate(void *self, int64_t id, int32_t n_pos) {
+    tsr_kv_heads *kh = self;
+    tsr_kv_seq *q = tsr_kv_store_find(&kh->kv, id);
+    for (int32_t i = 0; q && n_pos >= 0 && i < kh->kv.n_layer; i++) {
+        if (q->layers[i].evicted_max_pos < n_pos) continue;
+        kh->kv.host->set_error(kh->kv.host->ctx,
+                               "seq_truncate: sequence %lld: layer %d KV head %d already "
+                               "evicted position %d >= %d; this policy cannot bring it back",
+                               (long long)id, (int)(i / kh->n_kv_head), (int)(i % kh->n_kv_head),
+                               (int)q->layers[i].evicted_max_pos, (int)n_pos);
+        return TSR_E_UNSUPPORTED;
+    }
+    return tsr_kv_store_seq_truncate(self, id, n_pos);
+}
+
+/* Makes the scratch arrays hold at least n entries (their contents are lost when they grow):
+ * call it before filling kh->key or kh->aux. */
+static inline tsr_status tsr_kv_heads_scratch(tsr_kv_heads *kh, int64_t n) {
+    if (n <= kh->scratch_cap) return TSR_OK;
+    const tsr_host *h = kh->kv.host;
+    float *key = h->alloc(h->ctx, (size_t)n * sizeof(float), 0);
+    float *aux = h->alloc(h->ctx, (size_t)n * sizeof(float), 0);
+    uint8_t *drop = h->alloc(h->ctx, (size_t)n, 0);
+    int64_t *order = h->alloc(h->ctx, (size_t)n * sizeof(int64_t), 0);
+    if (!key || !aux || !drop || !order) {
+        h->free(h->ctx, key);
+        h->free(h->ctx, aux);
+        h->free(h->ctx, drop);
+        h->free(h->ctx, order);
+        h->set_error(h->ctx, "out of memory ranking %lld entries", (long long)n);
+        return TSR_E_NOMEM;
+    }
+    h->free(h->ctx, kh->key);
+    h->free(h->ctx, kh->aux);
+    h->free(h->ctx, kh->drop);
+    h->free(h->ctx, kh->order);
+    kh->key = key;
+    kh->aux = aux;
+    kh->drop = drop;
+    kh->order = order;
+    kh->scratch_cap = n;
+    return TSR_OK;
+}
+
+/* Whether entry a ranks below entry b: a lower key, or the same key at a lower position (the
+ * positions of one head are unique, so this orders every entry). */
+static inline int tsr_kv_heads_below_(const float *key, const int32_t *pos, int64_t a,
+                                      int64_t b) {
+    return key[a] < key[b] || (key[a] == key[b] && pos[a] < pos[b]);
+}
+
+/* Reorders idx (m entries) so that its first k (0 < k < m) are the k that rank lowest: Hoare's
+ * selection, in expected linear time. */
+static inline void tsr_kv_heads_select_(int64_t *idx, int64_t m, int64_t k, const float *key,
+                                        const int32_t *pos) {
+    int64_t lo = 0, hi = m - 1, t = k - 1;
+    while (lo < hi) {
+        int64_t pivot = idx[lo + (hi - lo) / 2], i = lo, j = hi;
+        while (i <= j) {
+            while (tsr_kv_heads_below_(key, pos, idx[i], pivot)) i++;
+            while (tsr_kv_heads_below_(key, pos, pivot, idx[j])) j--;
+            if (i <= j) {
+                int64_t x = idx[i];
+                idx[i++] = idx[j];
+                idx[j--] = x;
+            }
+        }
+        /* [lo, j] ranks below the pivot, [i, hi] above, and between them lies the pivot. */
+        if (t <= j) hi = j;
+        else if (t >= i) lo = i;
+        else return;
+    }
+}
+
+/* Marks in kh->drop the n_evict entries of L that rank lowest by key (ties: the lower position
+ * first) among those at positions below protect_from, or all of these when there are fewer.
+ * key (L->n) may be kh->key. Returns how many it marked, or a negative status. */
+static inline int64_t tsr_kv_heads_pick(tsr_kv_heads *kh, const tsr_kv_rows *L,
+                                        const float *key, int32_t protect_from,
+                                        int64_t n_evict) {
+    tsr_status st = tsr_kv_heads_scratch(kh, L->n);
+    if (st < 0) return st;
+    int64_t m = 0;
+    for (int64_t j = 0; j < L->n; j++) {
+        kh->drop[j] = 0;
+        if (L->pos[j] < protect_from) kh->order[m++] = j;
+    }
+    if (n_evict <= 0) return 0;
+    if (n_evict < m) tsr_kv_heads_select_(kh->order, m, n_evict, key, L->pos);
+    else n_evict = m;
+    for (int64_t i = 0; i < n_evict; i++) kh->drop[kh->order[i]] = 1;
+    return n_evict;
+}
+
+/* Drops the entries marked in kh->drop (by tsr_kv_heads_pick on L, or on another head of the
+ * layer that holds the same positions in the same slots) and counts them evicted. */
+static inline void tsr_kv_heads_drop(tsr_kv_heads *kh, tsr_kv_rows *L) {
+    tsr_kv_store *s = &kh->kv;
+    int64_t n_drop = 0;
+    for (int64_t j = 0; j < L->n; j++) {
+        if (!kh->drop[j]) continue;
+        n_drop++;
+        if (L->pos[j] > L->evicted_max_pos) L->evicted_max_pos = L->pos[j];
+    }
+    /* Each hole below the new end takes the last entry kept above it: one row copied per
+     * eviction, rather than shifting every later entry. */
+    int64_t new_n = L->n - n_drop, src = L->n - 1;
+    for (int64_t j = 0; j < new_n; j++) {
+        if (!kh->drop[j]) continue;
+        while (kh->drop[src]) src--;
+        tsr_kv_rows_move(s, L, j, src--);
+    }
+    L->n = new_n;
+    s->entries -= n_drop;
+    s->evicted += n_drop;
+}
+
+/* tsr_kv_heads_pick, then tsr_kv_heads_drop. */
+static inline tsr_status tsr_kv_heads_evict(tsr_kv_heads *kh, tsr_kv_rows *L, const float *key,
+                                            int32_t protect_from, int64_t n_evict) {
+    int64_t marked = tsr_kv_heads_pick(kh, L, key, protect_from, n_evict);
+    if (marked < 0) return (tsr_status)marked;
+    if (marked > 0) tsr_kv_heads_drop(kh, L);
+    return TSR_OK;
+}
+
+/* H2O's rule (Zhang et al. 2023) on every layer and KV head of q: beyond heavy + recent
+ * entries, keep the `recent` latest positions and, of the others, the `heavy` with the
+ * highest score. */
+static inline tsr_status tsr_kv_heads_keep_heavy(tsr_kv_heads *kh, tsr_kv_seq *q, int64_t heavy,
+                                                 int64_t recent) {
+    for (int32_t i = 0; i < kh->kv.n_layer; i++) {
+        tsr_kv_rows *L = &q->layers[i];
+        int64_t excess = L->n - heavy - recent, from = (int64_t)L->next_pos - recent;
+        if (excess <= 0) continue;
+        tsr_status st = tsr_kv_heads_evict(kh, L, L->score, from < 0 ? 0 : (int32_t)from, excess);
+        if (st < 0) return st;
+    }
+    return TSR_OK;
+}
+
+/* Frees the scratch, then everything tsr_kv_store_destroy frees. */
+static inline void tsr_kv_heads_destroy(void *self) {
+    tsr_kv_heads *kh = self;
+    const tsr_host *h = kh->kv.host;
+    h->free(h->ctx, kh->key);
+    h->free(h->ctx, kh->aux);
+    h->free(h->ctx, kh->drop);
+    h->free(h->ctx, kh->order);
+    tsr_kv_store_destroy(kh);
+}
+
+/* The vtable entries of a per-head policy that need nothing but its tsr_kv_heads. */
+#define TSR_KV_HEADS_CALLBACKS                                                             \
+    .seq_begin = tsr_kv_store_seq_begin, .seq_end = tsr_kv_store_seq_end,                 \
+    .seq_fork = tsr_kv_store_seq_fork, .seq_truncate = tsr_kv_heads_seq_truncate,         \
+    .view = tsr_kv_heads_view, .stats = tsr_kv_store_stats
 
 #endif /* TESSERA_SDK_CACHE_H */
