@@ -227,6 +227,35 @@ static inline void tsr_kv_rows_append(tsr_kv_store *s, tsr_kv_seq *seq, tsr_kv_r
     s->entries += w->n * s->n_kv_head;
 }
 
+/* Removes the first k entries of the layer (positions, stamps, every head's K and V rows),
+ * keeping the others in order. The counters are the caller's: a policy that moved the entries
+ * elsewhere (quantized them, merged them) still holds them; one that dropped them evicted them. */
+static inline void tsr_kv_rows_drop_front(const tsr_kv_store *s, tsr_kv_rows *L, int64_t k) {
+    if (k <= 0) return;
+    int64_t left = L->n - k;
+    size_t head_bytes = (size_t)L->cap * s->row_bytes, rb = s->row_bytes;
+    memmove(L->pos, L->pos + k, (size_t)left * sizeof(int32_t));
+    if (L->stamp) memmove(L->stamp, L->stamp + k, (size_t)left * sizeof(uint64_t));
+    for (int32_t h = 0; h < s->n_kv_head; h++) {
+        memmove(L->k + h * head_bytes, L->k + h * head_bytes + (size_t)k * rb, (size_t)left * rb);
+        memmove(L->v + h * head_bytes, L->v + h * head_bytes + (size_t)k * rb, (size_t)left * rb);
+    }
+    L->n = left;
+}
+
+/* Bytes a policy allocated besides the store's rows (quantized codes, merged states, blocks),
+ * added to or taken from bytes_reserved, with the peak kept. */
+static inline void tsr_kv_store_account(tsr_kv_store *s, int64_t delta_bytes) {
+    s->bytes_reserved = (uint64_t)((int64_t)s->bytes_reserved + delta_bytes);
+    if (s->bytes_reserved > s->bytes_peak) s->bytes_peak = s->bytes_reserved;
+}
+
+/* The slot index of a live sequence, for policies that keep per-sequence state of their own in
+ * an array parallel to the store's slots (n_seq_max). */
+static inline int32_t tsr_kv_store_slot(const tsr_kv_store *s, const tsr_kv_seq *q) {
+    return (int32_t)(q - s->seqs);
+}
+
 /* ---- vtable callbacks: `self` is the policy's instance, a tsr_kv_store first ------------- */
 
 static inline tsr_status tsr_kv_store_seq_begin(void *self, int64_t id) {
@@ -387,5 +416,138 @@ static inline void tsr_kv_store_destroy(void *self) {
     .seq_begin = tsr_kv_store_seq_begin, .seq_end = tsr_kv_store_seq_end,                 \
     .seq_fork = tsr_kv_store_seq_fork, .seq_truncate = tsr_kv_store_seq_truncate,         \
     .view = tsr_kv_store_view, .stats = tsr_kv_store_stats
+
+/* ---- quantized K/V: codes of a few bits on an asymmetric grid (KIVI, ZipCache) ------------ */
+
+/* The widest head these helpers serve: a policy keeps one head's weights on the stack. */
+#define TSR_KVQ_MAX_HEAD_DIM 512
+
+/* x as f16 rounded toward -infinity (up = 0) or +infinity (up = 1); beyond the f16 range
+ * (|x| > 65504) x is clamped to it. */
+static inline uint16_t tsr_kvq_f16_toward(float x, int up) {
+    if (x > 65504.0f) x = 65504.0f;
+    if (x < -65504.0f) x = -65504.0f;
+    uint16_t h = tsr_f32_to_f16(x);
+    float back = tsr_f16_to_f32(h);
+    if (up ? back >= x : back <= x) return h;
+    /* One unit in the last place toward the side asked for: a zero steps to the smallest
+     * subnormal of that side; otherwise the magnitude grows when moving away from zero. */
+    if ((h & 0x7fffu) == 0) return up ? 0x0001u : 0x8001u;
+    int away = (up != 0) == ((h & 0x8000u) == 0);
+    return (uint16_t)(away ? h + 1u : h - 1u);
+}
+
+/* The grid of `bits`-bit codes for values in [lo, hi]: zero z = lo rounded down to f16, step
+ * s = (hi - z) / (2^bits - 1) rounded up to f16. Every value of [lo, hi] then lies within s / 2
+ * of a grid point z + code * s (code in [0, 2^bits - 1]), whatever the f16 rounding. */
+static inline void tsr_kvq_grid(float lo, float hi, int32_t bits, uint16_t *zero, uint16_t *step) {
+    *zero = tsr_kvq_f16_toward(lo, 0);
+    float z = tsr_f16_to_f32(*zero);
+    *step = tsr_kvq_f16_toward((hi - z) / (float)((1u << bits) - 1u), 1);
+}
+
+/* The code of x on the grid (z, s): round((x - z) / s) clamped to [0, 2^bits - 1]; 0 when the
+ * step is 0 (every value of the group equal to z). */
+static inline uint32_t tsr_kvq_code(float x, float z, float s, int32_t bits) {
+    if (!(s > 0.0f)) return 0;
+    float top = (float)((1u << bits) - 1u), f = (x - z) / s + 0.5f;
+    if (!(f >= 1.0f)) return 0;
+    return f >= top ? (uint32_t)top : (uint32_t)f;
+}
+
+/* IEEE half -> float for finite halves (the grids hold no infinity or NaN), without branches so
+ * that a row of them converts in vector registers; the same value as tsr_f16_to_f32. */
+static inline __attribute__((always_inline)) float tsr_kvq_f16(uint16_t h) {
+    uint32_t mag = h & 0x7fffu, normal = (mag << 13) + 0x38000000u, bits;
+    float f;
+    memcpy(&f, &normal, sizeof f);
+    /* A subnormal half is mag * 2^-24 exactly. */
+    f = mag < 0x400u ? (float)mag * 0x1p-24f : f;
+    memcpy(&bits, &f, sizeof bits);
+    bits |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The sum of a[i] * b[i] over n floats, in sixteen lanes of partial sums added in a fixed
+ * order (the f32 rows a quantizing policy keeps beside its codes). */
+static inline __attribute__((always_inline)) float tsr_kvq_dot_f32(const float *a, const float *b,
+                                                                   int32_t n) {
+    float acc[16] = {0};
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    for (int half = 8; half > 0; half /= 2)
+        for (int l = 0; l < half; l++) acc[l] += acc[l + half];
+    return acc[0] + tail;
+}
+
+/* A row holds head_dim codes of `bits` bits (2, 4 or 8), 8 / bits to a byte, in planes: with
+ * nb the row's bytes, channel d sits in byte d % nb at bit (d / nb) * bits, so a plane unpacks
+ * with one shift and mask across consecutive bytes (which vectorises). */
+static inline int32_t tsr_kvq_row_bytes(int32_t head_dim, int32_t bits) {
+    int32_t per = 8 / bits;
+    return (head_dim + per - 1) / per;
+}
+
+/* Sets channel d of a row of nb bytes that started zeroed. */
+static inline void tsr_kvq_row_set(uint8_t *row, int32_t nb, int32_t bits, int32_t d,
+                                   uint32_t code) {
+    row[d % nb] |= (uint8_t)(code << ((d / nb) * bits));
+}
+
+static inline uint32_t tsr_kvq_row_get(const uint8_t *row, int32_t nb, int32_t bits, int32_t d) {
+    return (uint32_t)(row[d % nb] >> ((d / nb) * bits)) & ((1u << bits) - 1u);
+}
+
+static inline __attribute__((always_inline)) float tsr_kvq_dot_(const float *w,
+                                                                const uint8_t *row, int32_t nb,
+                                                                const int32_t bits) {
+    const int32_t per = 8 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    float acc[16] = {0};
+    int32_t i = 0;
+    for (; i + 16 <= nb; i += 16)
+        for (int32_t m = 0; m < per; m++)
+            for (int l = 0; l < 16; l++)
+                acc[l] += w[m * nb + i + l] * (float)((uint32_t)(row[i + l] >> (m * bits)) & mask);
+    float tail = 0.0f;
+    for (; i < nb; i++)
+        for (int32_t m = 0; m < per; m++)
+            tail += w[m * nb + i] * (float)((uint32_t)(row[i] >> (m * bits)) & mask);
+    for (int half = 8; half > 0; half /= 2)
+        for (int l = 0; l < half; l++) acc[l] += acc[l + half];
+    return acc[0] + tail;
+}
+
+/* The sum over a row's channels of w[d] * code_d, w holding (8 / bits) * nb weights (zeros past
+ * head_dim). Sixteen lanes of partial sums over the bytes, added in a fixed order: every
+ * build and SIMD level gives the same bits. */
+static inline __attribute__((always_inline)) float tsr_kvq_dot(const float *w, const uint8_t *row,
+                                                               int32_t nb, int32_t bits) {
+    return bits == 2 ? tsr_kvq_dot_(w, row, nb, 2)
+                     : bits == 4 ? tsr_kvq_dot_(w, row, nb, 4) : tsr_kvq_dot_(w, row, nb, 8);
+}
+
+/* acc[i] += a * code_i for the n codes of plane `plane` of consecutive bytes. */
+static inline __attribute__((always_inline)) void tsr_kvq_axpy_plane(float *acc, float a,
+                                                                     const uint8_t *bytes,
+                                                                     int64_t n, int32_t plane,
+                                                                     int32_t bits) {
+    const uint32_t mask = (1u << bits) - 1u, shift = (uint32_t)(plane * bits);
+    for (int64_t i = 0; i < n; i++) acc[i] += a * (float)((uint32_t)(bytes[i] >> shift) & mask);
+}
+
+/* The row's codes as floats: dst[d] = code_d for d < (8 / bits) * nb (zeros past head_dim). */
+static inline __attribute__((always_inline)) void tsr_kvq_row_codes(float *dst,
+                                                                    const uint8_t *row,
+                                                                    int32_t nb, int32_t bits) {
+    const uint32_t mask = (1u << bits) - 1u;
+    for (int32_t m = 0; m < 8 / bits; m++)
+        for (int32_t i = 0; i < nb; i++)
+            dst[m * nb + i] = (float)((uint32_t)(row[i] >> (m * bits)) & mask);
+}
 
 #endif /* TESSERA_SDK_CACHE_H */
