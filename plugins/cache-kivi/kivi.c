@@ -36,6 +36,9 @@
 /* Quantized entries are reserved in steps that double from this many. */
 #define KIVI_MIN_QUANT 64
 #define KIVI_MIN_ROWS 16
+/* Value grids converted, and coefficients made, for this many floats at a time (each on the
+ * stack of axpy_v). */
+#define KIVI_BLOCK_FLOATS 1024
 
 typedef struct kivi_cache kivi_cache;
 typedef struct kivi_layer kivi_layer;
@@ -53,9 +56,9 @@ struct kivi_layer {
     int64_t r0;       /* the rows hold entries [r0, n): row i is entry r0 + i */
     int64_t nqk, nqv; /* keys of entries [0, nqk) and values of [0, nqv) are quantized */
     int64_t qcap;     /* entries the quantized arrays have room for, a multiple of group */
-    uint8_t *kcode;   /* (n_kv_head, qcap, kbytes) */
+    char *kcode;      /* (n_kv_head) codes of qcap rows in c->lay */
     uint16_t *kgrid;  /* (n_kv_head, qcap / group, 2, head_dim): per channel zero, then step */
-    uint8_t *vcode;   /* (n_kv_head, qcap, vbytes) */
+    char *vcode;      /* (n_kv_head) codes of qcap rows */
     uint16_t *vgrid;  /* (n_kv_head, qcap, vgroups, 2): per channel group zero, step */
     int32_t *pos;     /* (pcap) position of every entry */
     int64_t pcap;
@@ -65,7 +68,10 @@ struct kivi_layer {
 struct kivi_cache {
     tsr_kv_store kv;       /* first: slots, the f32 residual rows, counters */
     int32_t bits, group, residual;
-    int32_t kbytes, vbytes, vgroups; /* a key row's and a value row's code bytes; value groups */
+    tsr_kvq_layout lay;    /* of key and value codes */
+    int32_t vgroups;       /* channel groups of a value */
+    int32_t *slot_group;   /* (lay.slots) the value group of each slot's 16 channels, or NULL
+                              when a group boundary falls inside a slot */
     kivi_layer *layers;    /* (n_seq_max, n_layer) */
 };
 
@@ -75,20 +81,18 @@ static kivi_layer *kivi_layers(const kivi_cache *c, const tsr_kv_seq *q) {
 
 /* Bytes of the quantized arrays for qcap entries, all heads. */
 static int64_t kivi_quant_bytes(const kivi_cache *c, int64_t qcap) {
-    int64_t per_head = qcap * (c->kbytes + c->vbytes) +
+    int64_t per_head = 2 * (int64_t)tsr_kvq_bytes(&c->lay, qcap) +
                        qcap / c->group * 2 * c->kv.head_dim * 2 + qcap * c->vgroups * 2 * 2;
     return per_head * c->kv.n_kv_head;
 }
 
-static uint8_t *kivi_kcode(const kivi_cache *c, const kivi_layer *L, int32_t h, int64_t j) {
-    return L->kcode + ((size_t)h * (size_t)L->qcap + (size_t)j) * (size_t)c->kbytes;
+/* Head h's key codes (values = 0) or value codes. */
+static char *kivi_codes(const kivi_cache *c, const kivi_layer *L, int32_t h, int values) {
+    return (values ? L->vcode : L->kcode) + (size_t)h * tsr_kvq_bytes(&c->lay, L->qcap);
 }
 static uint16_t *kivi_kgrid(const kivi_cache *c, const kivi_layer *L, int32_t h, int64_t g) {
     return L->kgrid + ((size_t)h * (size_t)(L->qcap / c->group) + (size_t)g) * 2 *
                           (size_t)c->kv.head_dim;
-}
-static uint8_t *kivi_vcode(const kivi_cache *c, const kivi_layer *L, int32_t h, int64_t j) {
-    return L->vcode + ((size_t)h * (size_t)L->qcap + (size_t)j) * (size_t)c->vbytes;
 }
 static uint16_t *kivi_vgrid(const kivi_cache *c, const kivi_layer *L, int32_t h, int64_t j) {
     return L->vgrid + ((size_t)h * (size_t)L->qcap + (size_t)j) * 2 * (size_t)c->vgroups;
@@ -113,6 +117,17 @@ static void kivi_layer_free(kivi_cache *c, kivi_layer *L) {
     *L = (kivi_layer){0};
 }
 
+/* Head h's quantized keys and values of `from` into `to` (room enough). */
+static void kivi_copy_quant(const kivi_cache *c, kivi_layer *to, const kivi_layer *from,
+                            int32_t h) {
+    memcpy(kivi_codes(c, to, h, 0), kivi_codes(c, from, h, 0), tsr_kvq_bytes(&c->lay, from->nqk));
+    memcpy(kivi_kgrid(c, to, h, 0), kivi_kgrid(c, from, h, 0),
+           (size_t)(from->nqk / c->group * 2 * c->kv.head_dim) * sizeof(uint16_t));
+    memcpy(kivi_codes(c, to, h, 1), kivi_codes(c, from, h, 1), tsr_kvq_bytes(&c->lay, from->nqv));
+    memcpy(kivi_vgrid(c, to, h, 0), kivi_vgrid(c, from, h, 0),
+           (size_t)(from->nqv * 2 * c->vgroups) * sizeof(uint16_t));
+}
+
 /* Gives the quantized arrays room for `need` entries, keeping what they hold. */
 static tsr_status kivi_reserve_quant(kivi_cache *c, kivi_layer *L, int64_t need) {
     if (need <= L->qcap) return TSR_OK;
@@ -122,9 +137,9 @@ static tsr_status kivi_reserve_quant(kivi_cache *c, kivi_layer *L, int64_t need)
     while (cap < need) cap *= 2;
     cap = (cap + c->group - 1) / c->group * c->group;
     kivi_layer to = {.qcap = cap};
-    to.kcode = tsr_calloc(h, (size_t)(nkv * cap), (size_t)c->kbytes);
+    to.kcode = tsr_calloc(h, (size_t)nkv, tsr_kvq_bytes(&c->lay, cap));
     to.kgrid = tsr_calloc(h, (size_t)(nkv * (cap / c->group) * 2 * hd), sizeof(uint16_t));
-    to.vcode = tsr_calloc(h, (size_t)(nkv * cap), (size_t)c->vbytes);
+    to.vcode = tsr_calloc(h, (size_t)nkv, tsr_kvq_bytes(&c->lay, cap));
     to.vgrid = tsr_calloc(h, (size_t)(nkv * cap * 2 * c->vgroups), sizeof(uint16_t));
     if (!to.kcode || !to.kgrid || !to.vcode || !to.vgrid) {
         h->free(h->ctx, to.kcode);
@@ -134,14 +149,7 @@ static tsr_status kivi_reserve_quant(kivi_cache *c, kivi_layer *L, int64_t need)
         h->set_error(h->ctx, "out of memory for %lld quantized entries", (long long)cap);
         return TSR_E_NOMEM;
     }
-    for (int32_t hh = 0; hh < nkv && L->qcap; hh++) {
-        memcpy(kivi_kcode(c, &to, hh, 0), kivi_kcode(c, L, hh, 0), (size_t)(L->nqk * c->kbytes));
-        memcpy(kivi_kgrid(c, &to, hh, 0), kivi_kgrid(c, L, hh, 0),
-               (size_t)(L->nqk / c->group * 2 * hd) * sizeof(uint16_t));
-        memcpy(kivi_vcode(c, &to, hh, 0), kivi_vcode(c, L, hh, 0), (size_t)(L->nqv * c->vbytes));
-        memcpy(kivi_vgrid(c, &to, hh, 0), kivi_vgrid(c, L, hh, 0),
-               (size_t)(L->nqv * 2 * c->vgroups) * sizeof(uint16_t));
-    }
+    for (int32_t hh = 0; hh < nkv && L->qcap; hh++) kivi_copy_quant(c, &to, L, hh);
     h->free(h->ctx, L->kcode);
     h->free(h->ctx, L->kgrid);
     h->free(h->ctx, L->vcode);
@@ -177,8 +185,9 @@ static tsr_status kivi_reserve_pos(kivi_cache *c, kivi_layer *L, int64_t need) {
  * channel, the grid of the group's values in that channel. */
 static void kivi_quantize_keys(kivi_cache *c, kivi_layer *L, const tsr_kv_rows *rows,
                                int64_t from, int64_t count) {
-    const int32_t hd = c->kv.head_dim, G = c->group, nb = c->kbytes, bits = c->bits;
+    const int32_t hd = c->kv.head_dim, G = c->group, bits = c->bits;
     for (int32_t h = 0; h < c->kv.n_kv_head; h++) {
+        char *codes = kivi_codes(c, L, h, 0);
         for (int64_t j0 = from; j0 < from + count; j0 += G) {
             uint16_t *grid = kivi_kgrid(c, L, h, j0 / G);
             for (int32_t d = 0; d < hd; d++) {
@@ -191,13 +200,11 @@ static void kivi_quantize_keys(kivi_cache *c, kivi_layer *L, const tsr_kv_rows *
                 tsr_kvq_grid(lo, hi, bits, &grid[d], &grid[hd + d]);
             }
             for (int64_t j = j0; j < j0 + G; j++) {
-                uint8_t *code = kivi_kcode(c, L, h, j);
                 const float *x = kivi_row(c, L, rows, h, j, 0);
-                memset(code, 0, (size_t)nb);
                 for (int32_t d = 0; d < hd; d++)
-                    tsr_kvq_row_set(code, nb, bits, d,
-                                    tsr_kvq_code(x[d], tsr_kvq_f16(grid[d]),
-                                                 tsr_kvq_f16(grid[hd + d]), bits));
+                    tsr_kvq_set(&c->lay, codes, j, d,
+                                tsr_kvq_code(x[d], tsr_kvq_f16(grid[d]), tsr_kvq_f16(grid[hd + d]),
+                                             bits));
             }
         }
     }
@@ -206,13 +213,12 @@ static void kivi_quantize_keys(kivi_cache *c, kivi_layer *L, const tsr_kv_rows *
 /* Values of entries [from, from + count) into codes: per token and group of channels. */
 static void kivi_quantize_values(kivi_cache *c, kivi_layer *L, const tsr_kv_rows *rows,
                                  int64_t from, int64_t count) {
-    const int32_t hd = c->kv.head_dim, G = c->group, nb = c->vbytes, bits = c->bits;
+    const int32_t hd = c->kv.head_dim, G = c->group, bits = c->bits;
     for (int32_t h = 0; h < c->kv.n_kv_head; h++) {
+        char *codes = kivi_codes(c, L, h, 1);
         for (int64_t j = from; j < from + count; j++) {
             const float *x = kivi_row(c, L, rows, h, j, 1);
             uint16_t *grid = kivi_vgrid(c, L, h, j);
-            uint8_t *code = kivi_vcode(c, L, h, j);
-            memset(code, 0, (size_t)nb);
             for (int32_t g = 0; g < c->vgroups; g++) {
                 int32_t d0 = g * G, d1 = d0 + G < hd ? d0 + G : hd;
                 float lo = x[d0], hi = lo;
@@ -223,7 +229,7 @@ static void kivi_quantize_values(kivi_cache *c, kivi_layer *L, const tsr_kv_rows
                 tsr_kvq_grid(lo, hi, bits, &grid[2 * g], &grid[2 * g + 1]);
                 float z = tsr_kvq_f16(grid[2 * g]), s = tsr_kvq_f16(grid[2 * g + 1]);
                 for (int32_t d = d0; d < d1; d++)
-                    tsr_kvq_row_set(code, nb, bits, d, tsr_kvq_code(x[d], z, s, bits));
+                    tsr_kvq_set(&c->lay, codes, j, d, tsr_kvq_code(x[d], z, s, bits));
             }
         }
     }
@@ -308,9 +314,9 @@ static void kivi_load_k(const void *ctx, int64_t j0, int64_t n, float *dst) {
                 step[d] = tsr_kvq_f16(grid[hd + d]);
             }
         }
-        const uint8_t *code = kivi_kcode(c, L, kh->head, j);
+        const char *codes = kivi_codes(c, L, kh->head, 0);
         for (int32_t d = 0; d < hd; d++)
-            out[d] = (float)tsr_kvq_row_get(code, c->kbytes, c->bits, d) * step[d] + zero[d];
+            out[d] = (float)tsr_kvq_get(&c->lay, codes, j, d) * step[d] + zero[d];
     }
 }
 
@@ -326,10 +332,9 @@ static void kivi_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
             continue;
         }
         const uint16_t *grid = kivi_vgrid(c, L, kh->head, j);
-        const uint8_t *code = kivi_vcode(c, L, kh->head, j);
+        const char *codes = kivi_codes(c, L, kh->head, 1);
         for (int32_t d = 0; d < hd; d++)
-            out[d] = (float)tsr_kvq_row_get(code, c->vbytes, c->bits, d) *
-                         tsr_kvq_f16(grid[2 * (d / G) + 1]) +
+            out[d] = (float)tsr_kvq_get(&c->lay, codes, j, d) * tsr_kvq_f16(grid[2 * (d / G) + 1]) +
                      tsr_kvq_f16(grid[2 * (d / G)]);
     }
 }
@@ -341,59 +346,63 @@ static void kivi_dot_k(const void *ctx, const float *q, int64_t j0, int64_t n, f
     const kivi_head *kh = ctx;
     const kivi_cache *c = kh->c;
     const kivi_layer *L = kh->L;
-    const int32_t hd = c->kv.head_dim, G = c->group, nb = c->kbytes, bits = c->bits;
-    const int32_t padded = nb * (8 / bits);
-    float w[TSR_KVQ_MAX_HEAD_DIM + 8], zq[TSR_KVQ_MAX_HEAD_DIM];
-    for (int32_t d = hd; d < padded; d++) w[d] = 0.0f;
+    const int32_t hd = c->kv.head_dim, G = c->group;
+    const char *codes = kivi_codes(c, L, kh->head, 0);
+    float w[TSR_KVQ_MAX_HEAD_DIM + 16], zero[TSR_KVQ_MAX_HEAD_DIM], step[TSR_KVQ_MAX_HEAD_DIM];
+    for (int32_t d = hd; d < 16 * c->lay.slots; d++) w[d] = 0.0f;
     int64_t j = j0;
     const int64_t end = j0 + n, qend = end < L->nqk ? end : L->nqk;
     while (j < qend) {
         const int64_t g = j / G, gend = (g + 1) * G < qend ? (g + 1) * G : qend;
         const uint16_t *grid = kivi_kgrid(c, L, kh->head, g);
-        for (int32_t d = 0; d < hd; d++) {
-            w[d] = q[d] * tsr_kvq_f16(grid[hd + d]);
-            zq[d] = tsr_kvq_f16(grid[d]);
-        }
-        const float qz = tsr_kvq_dot_f32(q, zq, hd);
-        for (; j < gend; j++)
-            scores[j - j0] = tsr_kvq_dot(w, kivi_kcode(c, L, kh->head, j), nb, bits) + qz;
+        tsr_kvq_f16_row(zero, grid, hd);
+        tsr_kvq_f16_row(step, grid + hd, hd);
+        for (int32_t d = 0; d < hd; d++) w[d] = q[d] * step[d];
+        const float qz = tsr_kvq_dot_f32(q, zero, hd);
+        for (; j < gend; j++) scores[j - j0] = tsr_kvq_dot(&c->lay, w, codes, j) + qz;
     }
     for (; j < end; j++)
         scores[j - j0] = tsr_kvq_dot_f32(q, kivi_row(c, L, kh->rows, kh->head, j, 0), hd);
 }
 
-/* out += sum_i p[i] v_{j0+i}: the codes times p * step into a buffer by runs of channels that
- * share a group, the zeros times p summed per group, both added to out at the end. */
+/* out += sum_i p[i] v_{j0+i}. When every slot of 16 channels lies in one value group, the
+ * values' codes times p * step of the slot's group add up slot by slot (tsr_kvq_axpy) and their
+ * zeros times p per group, both added to out at the end; otherwise values are dequantized row
+ * by row. Grids convert a block of values at a time. */
 TSR_VECTOR_CLONES
 static void kivi_axpy_v(const void *ctx, const float *p, int64_t j0, int64_t n, float *out) {
     const kivi_head *kh = ctx;
     const kivi_cache *c = kh->c;
     const kivi_layer *L = kh->L;
-    const int32_t hd = c->kv.head_dim, G = c->group, nb = c->vbytes, bits = c->bits;
-    float u[TSR_KVQ_MAX_HEAD_DIM + 8], zsum[TSR_KVQ_MAX_HEAD_DIM];
+    const int32_t hd = c->kv.head_dim, ng = c->vgroups, slots = c->lay.slots;
+    const int32_t block = KIVI_BLOCK_FLOATS / (2 * ng + slots);
+    const char *codes = kivi_codes(c, L, kh->head, 1);
+    float u[TSR_KVQ_MAX_HEAD_DIM + 16], zsum[TSR_KVQ_MAX_HEAD_DIM];
+    float grid[KIVI_BLOCK_FLOATS], a[KIVI_BLOCK_FLOATS];
     const int64_t end = j0 + n, qend = end < L->nqv ? end : L->nqv;
     int64_t j = j0;
-    if (j < qend) {
-        for (int32_t d = 0; d < nb * (8 / bits); d++) u[d] = 0.0f;
-        for (int32_t g = 0; g < c->vgroups; g++) zsum[g] = 0.0f;
-        for (; j < qend; j++) {
-            const float pj = p[j - j0];
-            const uint16_t *grid = kivi_vgrid(c, L, kh->head, j);
-            const uint8_t *code = kivi_vcode(c, L, kh->head, j);
-            for (int32_t g = 0; g < c->vgroups; g++) zsum[g] += pj * tsr_kvq_f16(grid[2 * g]);
-            for (int32_t m = 0; m < 8 / bits; m++) {
-                for (int32_t i = 0; i < nb && m * nb + i < hd;) {
-                    const int32_t d = m * nb + i, g = d / G;
-                    int32_t i1 = (g + 1) * G - m * nb;
-                    i1 = i1 < nb ? i1 : nb;
-                    i1 = i1 < hd - m * nb ? i1 : hd - m * nb;
-                    tsr_kvq_axpy_plane(u + d, pj * tsr_kvq_f16(grid[2 * g + 1]), code + i, i1 - i,
-                                       m, bits);
-                    i = i1;
-                }
+    if (j < qend && c->slot_group) {
+        for (int32_t d = 0; d < 16 * slots; d++) u[d] = 0.0f;
+        for (int32_t g = 0; g < ng; g++) zsum[g] = 0.0f;
+        while (j < qend) {
+            const int64_t m = qend - j < block ? qend - j : block;
+            tsr_kvq_f16_row(grid, kivi_vgrid(c, L, kh->head, j), m * 2 * ng);
+            for (int64_t t = 0; t < m; t++) {
+                const float pj = p[j + t - j0], *gt = grid + t * 2 * ng;
+                for (int32_t g = 0; g < ng; g++) zsum[g] += pj * gt[2 * g];
+                for (int32_t s = 0; s < slots; s++)
+                    a[t * slots + s] = pj * gt[2 * c->slot_group[s] + 1];
             }
+            tsr_kvq_axpy(&c->lay, u, a, codes, j, m);
+            j += m;
         }
-        for (int32_t d = 0; d < hd; d++) out[d] += u[d] + zsum[d / G];
+        for (int32_t s = 0; s < slots; s++)
+            for (int32_t l = 0; l < 16 && 16 * s + l < hd; l++)
+                out[16 * s + l] += u[16 * s + l] + zsum[c->slot_group[s]];
+    }
+    for (; j < qend; j++) {
+        kivi_load_v(kh, j, 1, u);
+        for (int32_t d = 0; d < hd; d++) out[d] += p[j - j0] * u[d];
     }
     for (; j < end; j++) {
         const float pj = p[j - j0], *v = kivi_row(c, L, kh->rows, kh->head, j, 1);
@@ -490,15 +499,7 @@ static tsr_status kivi_seq_fork(void *self, int64_t src, int64_t dst) {
         }
         if ((st = kivi_reserve_quant(c, T, F->qcap)) < 0 || (st = kivi_reserve_pos(c, T, F->n)) < 0)
             break;
-        const int32_t nkv = c->kv.n_kv_head, hd = c->kv.head_dim;
-        for (int32_t h = 0; h < nkv && F->qcap; h++) {
-            memcpy(kivi_kcode(c, T, h, 0), kivi_kcode(c, F, h, 0), (size_t)(F->nqk * c->kbytes));
-            memcpy(kivi_kgrid(c, T, h, 0), kivi_kgrid(c, F, h, 0),
-                   (size_t)(F->nqk / c->group * 2 * hd) * sizeof(uint16_t));
-            memcpy(kivi_vcode(c, T, h, 0), kivi_vcode(c, F, h, 0), (size_t)(F->nqv * c->vbytes));
-            memcpy(kivi_vgrid(c, T, h, 0), kivi_vgrid(c, F, h, 0),
-                   (size_t)(F->nqv * 2 * c->vgroups) * sizeof(uint16_t));
-        }
+        for (int32_t h = 0; h < c->kv.n_kv_head && F->qcap; h++) kivi_copy_quant(c, T, F, h);
         if (F->n) memcpy(T->pos, F->pos, (size_t)F->n * sizeof(int32_t));
         c->kv.entries += (F->n - T->n) * c->kv.n_kv_head;
         T->n = F->n;
@@ -593,8 +594,9 @@ static void kivi_stats(void *self, tsr_cache_stats *out) {
         const kivi_layer *layers = kivi_layers(c, q);
         for (int32_t l = 0; l < c->kv.n_layer; l++) {
             const kivi_layer *L = &layers[l];
-            bits += 8.0 * (double)(L->nqk * c->kbytes + L->nqk / c->group * 2 * c->kv.head_dim * 2 +
-                                   L->nqv * (c->vbytes + 2 * 2 * c->vgroups) +
+            bits += 8.0 * (double)(tsr_kvq_bytes(&c->lay, L->nqk) + tsr_kvq_bytes(&c->lay, L->nqv) +
+                                   L->nqk / c->group * 2 * c->kv.head_dim * 2 +
+                                   L->nqv * 2 * 2 * c->vgroups +
                                    q->layers[l].n * 2 * (int64_t)c->kv.row_bytes);
             values += 2.0 * (double)L->n * c->kv.head_dim;
         }
@@ -607,6 +609,7 @@ static void kivi_destroy(void *self) {
     for (int32_t i = 0; i < c->kv.n_seq_max; i++)
         if (c->kv.seqs[i].alive) kivi_seq_free(c, &c->kv.seqs[i]);
     c->kv.host->free(c->kv.host->ctx, c->layers);
+    c->kv.host->free(c->kv.host->ctx, c->slot_group);
     tsr_kv_store_destroy(c);
 }
 
@@ -636,12 +639,17 @@ static tsr_status kivi_create(const tsr_host *host, const tsr_params *params,
     c->bits = tsr_param_int(params, "bits") == 0 ? 2 : 4;
     c->group = (int32_t)group;
     c->residual = (int32_t)residual;
-    c->kbytes = c->vbytes = tsr_kvq_row_bytes(init->head_dim, c->bits);
+    c->lay = tsr_kvq_layout_make(init->head_dim, c->bits);
     c->vgroups = (init->head_dim + c->group - 1) / c->group;
     c->layers = tsr_calloc(host, (size_t)init->n_seq_max * (size_t)init->n_layer,
                            sizeof(kivi_layer));
-    if (!c->layers) {
-        tsr_kv_store_destroy(c);
+    /* Slots map to one group each when groups are whole slots, or one group spans the head. */
+    int whole = c->group % 16 == 0 || c->vgroups == 1;
+    c->slot_group = whole ? tsr_calloc(host, (size_t)c->lay.slots, sizeof(int32_t)) : NULL;
+    for (int32_t s = 0; c->slot_group && s < c->lay.slots; s++)
+        c->slot_group[s] = c->vgroups == 1 ? 0 : 16 * s / c->group;
+    if (!c->layers || (whole && !c->slot_group)) {
+        kivi_destroy(c);
         host->set_error(host->ctx, "out of memory");
         return TSR_E_NOMEM;
     }

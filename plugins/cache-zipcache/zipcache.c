@@ -36,6 +36,8 @@
 #define ZC_DTYPE (TSR_DTYPE_PLUGIN_FIRST + 0x2c1)
 #define ZC_MIN_ROWS 16
 #define ZC_MIN_ENTRIES 64
+/* Coefficients gathered per set before its rows are added (floats on axpy_v's stack). */
+#define ZC_BLOCK_FLOATS 512
 
 typedef struct zc_cache zc_cache;
 typedef struct zc_layer zc_layer;
@@ -46,9 +48,8 @@ typedef struct zc_chunk {
     int64_t n_hi, n_lo;  /* tokens per head compressed in each set */
     char *mem;
     size_t head_bytes, bytes;
-    /* Offsets inside one head's part of mem. */
-    size_t o_mask, o_khi, o_klo, o_kgrid_hi, o_kgrid_lo, o_vscale, o_vhi, o_vgrid_hi, o_vlo,
-        o_vgrid_lo;
+    /* Offsets inside one head's part of mem; arrays by set (0 the others, 1 the salient). */
+    size_t o_mask, o_vscale, o_k[2], o_v[2], o_kgrid[2], o_vgrid[2];
 } zc_chunk;
 
 /* What one view reads. */
@@ -73,10 +74,10 @@ struct zc_layer {
 
 struct zc_cache {
     tsr_kv_store kv;   /* first: slots, the f32 rows of tokens not compressed yet, counters */
-    int32_t high, low; /* bits: 2, 4, 8 (codes) or 16, 32 (rows, high only) */
+    int32_t bits[2];   /* by set, low then high: 2, 4, 8 (codes) or 16, 32 (rows, high only) */
+    tsr_kvq_layout lay[2]; /* of each set's codes */
     double salient;
     int64_t gap;
-    int32_t kb_hi, kb_lo; /* bytes of a key or value row in each set (codes or floats) */
     zc_layer *layers;  /* (n_seq_max, n_layer) */
 };
 
@@ -86,42 +87,43 @@ static zc_layer *zc_layers(const zc_cache *c, const tsr_kv_seq *q) {
 
 static int zc_is_code(int32_t bits) { return bits <= 8; }
 
-/* Bytes of a row of head_dim values at `bits`. */
-static int32_t zc_row_bytes(int32_t head_dim, int32_t bits) {
-    return zc_is_code(bits) ? tsr_kvq_row_bytes(head_dim, bits) : head_dim * bits / 8;
+/* Bytes of n rows of a set: codes, or IEEE half / f32 rows. */
+static size_t zc_set_bytes(const zc_cache *c, int set, int64_t n) {
+    return zc_is_code(c->bits[set]) ? tsr_kvq_bytes(&c->lay[set], n)
+                                    : (size_t)n * (size_t)c->kv.head_dim * (size_t)c->bits[set] / 8;
 }
 
 static size_t zc_align8(size_t x) { return (x + 7) / 8 * 8; }
 
+/* Tokens of a set in the chunk. */
+static int64_t zc_set_size(const zc_chunk *ch, int set) { return set ? ch->n_hi : ch->n_lo; }
+
 /* Whether some token of the chunk is held as codes (not as rows). */
 static int zc_has_codes(const zc_cache *c, const zc_chunk *ch) {
-    return ch->n_lo > 0 || (ch->n_hi > 0 && zc_is_code(c->high));
+    return ch->n_lo > 0 || (ch->n_hi > 0 && zc_is_code(c->bits[1]));
 }
 
-/* Lays out a chunk of len tokens, n_hi of them salient, per head. */
+/* Lays out a chunk of n_hi + n_lo tokens, per head: the mask, both sets' keys and values,
+ * the key grids (per set and channel), the value scales and grids (per set and token). */
 static void zc_chunk_layout(const zc_cache *c, zc_chunk *ch) {
-    const size_t hd = (size_t)c->kv.head_dim, n_hi = (size_t)ch->n_hi, n_lo = (size_t)ch->n_lo;
+    const size_t hd = (size_t)c->kv.head_dim;
     size_t o = 0;
     ch->o_mask = o;
     o = zc_align8(o + (size_t)((ch->len + 63) / 64) * 8);
-    ch->o_khi = o;
-    o = zc_align8(o + n_hi * (size_t)c->kb_hi);
-    ch->o_klo = o;
-    o = zc_align8(o + n_lo * (size_t)c->kb_lo);
-    ch->o_vhi = o;
-    o = zc_align8(o + n_hi * (size_t)c->kb_hi);
-    ch->o_vlo = o;
-    o = zc_align8(o + n_lo * (size_t)c->kb_lo);
-    ch->o_kgrid_hi = o;
-    o = zc_align8(o + (zc_is_code(c->high) && n_hi ? 4 * hd : 0));
-    ch->o_kgrid_lo = o;
-    o = zc_align8(o + (n_lo ? 4 * hd : 0));
+    for (int set = 0; set < 2; set++) {
+        const int64_t n = zc_set_size(ch, set);
+        const int codes = zc_is_code(c->bits[set]) && n > 0;
+        ch->o_k[set] = o;
+        o = zc_align8(o + zc_set_bytes(c, set, n));
+        ch->o_v[set] = o;
+        o = zc_align8(o + zc_set_bytes(c, set, n));
+        ch->o_kgrid[set] = o;
+        o = zc_align8(o + (codes ? 4 * hd : 0));
+        ch->o_vgrid[set] = o;
+        o = zc_align8(o + (codes ? 4 * (size_t)n : 0));
+    }
     ch->o_vscale = o;
     o = zc_align8(o + (zc_has_codes(c, ch) ? 2 * hd : 0));
-    ch->o_vgrid_hi = o;
-    o = zc_align8(o + (zc_is_code(c->high) ? 4 * n_hi : 0));
-    ch->o_vgrid_lo = o;
-    o = zc_align8(o + 4 * n_lo);
     ch->head_bytes = o;
     ch->bytes = o * (size_t)c->kv.n_kv_head;
 }
@@ -248,28 +250,27 @@ static int zc_rank_cmp(const void *a, const void *b) {
     return (x->i > y->i) - (x->i < y->i);
 }
 
-/* Writes the f32 row x into a set's row: codes on the grid (keys: per channel, zero[d] and
- * step[d]; values: one zero and step for all channels) or IEEE half / f32. */
-static void zc_put_row(const zc_cache *c, char *dst, const float *x, int32_t bits,
-                       const uint16_t *zero, const uint16_t *step, int per_channel) {
-    const int32_t hd = c->kv.head_dim;
+/* Row r of a set of head h: x as codes on the grid (keys: per channel, zero[d] and step[d];
+ * values: zero[0] and step[0] for all channels), or as IEEE half / f32. */
+static void zc_put_row(const zc_cache *c, const zc_chunk *ch, int32_t h, int values, int set,
+                       int64_t r, const float *x, const uint16_t *zero, const uint16_t *step) {
+    const int32_t hd = c->kv.head_dim, bits = c->bits[set];
+    char *base = zc_part(ch, h, values ? ch->o_v[set] : ch->o_k[set]);
     if (bits == 32) {
-        memcpy(dst, x, (size_t)hd * sizeof(float));
+        memcpy(base + (size_t)r * (size_t)hd * 4, x, (size_t)hd * sizeof(float));
         return;
     }
     if (bits == 16) {
         for (int32_t d = 0; d < hd; d++) {
             uint16_t v = tsr_f32_to_f16(x[d]);
-            memcpy(dst + 2 * (size_t)d, &v, 2);
+            memcpy(base + ((size_t)r * (size_t)hd + (size_t)d) * 2, &v, 2);
         }
         return;
     }
-    const int32_t nb = tsr_kvq_row_bytes(hd, bits);
-    memset(dst, 0, (size_t)nb);
     for (int32_t d = 0; d < hd; d++) {
-        int32_t g = per_channel ? d : 0;
-        tsr_kvq_row_set((uint8_t *)dst, nb, bits, d,
-                        tsr_kvq_code(x[d], tsr_kvq_f16(zero[g]), tsr_kvq_f16(step[g]), bits));
+        int32_t g = values ? 0 : d;
+        tsr_kvq_set(&c->lay[set], base, r, d,
+                    tsr_kvq_code(x[d], tsr_kvq_f16(zero[g]), tsr_kvq_f16(step[g]), bits));
     }
 }
 
@@ -281,13 +282,11 @@ static void zc_compress_head(const zc_cache *c, zc_chunk *ch, const tsr_kv_rows 
     const size_t rb = c->kv.row_bytes;
     const char *kbase = rows->k + (size_t)h * (size_t)rows->cap * rb;
     const char *vbase = rows->v + (size_t)h * (size_t)rows->cap * rb;
-    uint16_t *kgrid[2] = {(uint16_t *)zc_part(ch, h, ch->o_kgrid_lo),
-                          (uint16_t *)zc_part(ch, h, ch->o_kgrid_hi)};
     uint16_t *vscale = (uint16_t *)zc_part(ch, h, ch->o_vscale);
-    const int32_t bits[2] = {c->low, c->high};
     /* Keys: per set and channel, the min/max over the set's tokens. */
     for (int set = 0; set < 2; set++) {
-        if (!zc_is_code(bits[set]) || (set ? ch->n_hi : ch->n_lo) == 0) continue;
+        if (!zc_is_code(c->bits[set]) || zc_set_size(ch, set) == 0) continue;
+        uint16_t *grid = (uint16_t *)zc_part(ch, h, ch->o_kgrid[set]);
         for (int32_t d = 0; d < hd; d++) {
             float lo = 0.0f, hi = 0.0f;
             int any = 0;
@@ -298,7 +297,7 @@ static void zc_compress_head(const zc_cache *c, zc_chunk *ch, const tsr_kv_rows 
                 hi = !any || x > hi ? x : hi;
                 any = 1;
             }
-            tsr_kvq_grid(lo, hi, bits[set], &kgrid[set][d], &kgrid[set][hd + d]);
+            tsr_kvq_grid(lo, hi, c->bits[set], &grid[d], &grid[hd + d]);
         }
     }
     /* Values: the channel scales over the chunk. */
@@ -316,14 +315,12 @@ static void zc_compress_head(const zc_cache *c, zc_chunk *ch, const tsr_kv_rows 
     for (int64_t i = 0; i < ch->len; i++) {
         const int set = zc_is_salient(ch, h, i);
         const int64_t r = rank[set]++;
-        const int32_t row_bytes = set ? c->kb_hi : c->kb_lo;
-        char *kdst = zc_part(ch, h, set ? ch->o_khi : ch->o_klo) + (size_t)r * (size_t)row_bytes;
-        char *vdst = zc_part(ch, h, set ? ch->o_vhi : ch->o_vlo) + (size_t)r * (size_t)row_bytes;
-        zc_put_row(c, kdst, (const float *)(kbase + (size_t)i * rb), bits[set], kgrid[set],
-                   kgrid[set] + hd, 1);
+        const uint16_t *kgrid = (const uint16_t *)zc_part(ch, h, ch->o_kgrid[set]);
+        zc_put_row(c, ch, h, 0, set, r, (const float *)(kbase + (size_t)i * rb), kgrid,
+                   kgrid + hd);
         const float *v = (const float *)(vbase + (size_t)i * rb);
-        if (!zc_is_code(bits[set])) {
-            zc_put_row(c, vdst, v, bits[set], NULL, NULL, 0);
+        if (!zc_is_code(c->bits[set])) {
+            zc_put_row(c, ch, h, 1, set, r, v, NULL, NULL);
             continue;
         }
         float lo = 0.0f, hi = 0.0f;
@@ -332,9 +329,9 @@ static void zc_compress_head(const zc_cache *c, zc_chunk *ch, const tsr_kv_rows 
             lo = d == 0 || y[d] < lo ? y[d] : lo;
             hi = d == 0 || y[d] > hi ? y[d] : hi;
         }
-        uint16_t *grid = (uint16_t *)zc_part(ch, h, set ? ch->o_vgrid_hi : ch->o_vgrid_lo) + 2 * r;
-        tsr_kvq_grid(lo, hi, bits[set], &grid[0], &grid[1]);
-        zc_put_row(c, vdst, y, bits[set], &grid[0], &grid[1], 0);
+        uint16_t *grid = (uint16_t *)zc_part(ch, h, ch->o_vgrid[set]) + 2 * r;
+        tsr_kvq_grid(lo, hi, c->bits[set], &grid[0], &grid[1]);
+        zc_put_row(c, ch, h, 1, set, r, y, &grid[0], &grid[1]);
     }
 }
 
@@ -430,36 +427,29 @@ static const float *zc_pending(const zc_head *zh, int values, int64_t j) {
  * row's grid times the channel scales. */
 static void zc_dequant(const zc_cache *c, const zc_chunk *ch, int32_t h, int values, int set,
                        int64_t r, float *out) {
-    const int32_t hd = c->kv.head_dim, bits = set ? c->high : c->low;
-    const int32_t row_bytes = set ? c->kb_hi : c->kb_lo;
-    const char *row = zc_part(ch, h, values ? (set ? ch->o_vhi : ch->o_vlo)
-                                            : (set ? ch->o_khi : ch->o_klo)) +
-                      (size_t)r * (size_t)row_bytes;
+    const int32_t hd = c->kv.head_dim, bits = c->bits[set];
+    const char *base = zc_part(ch, h, values ? ch->o_v[set] : ch->o_k[set]);
     if (bits == 32) {
-        memcpy(out, row, (size_t)hd * sizeof(float));
+        memcpy(out, base + (size_t)r * (size_t)hd * 4, (size_t)hd * sizeof(float));
         return;
     }
     if (bits == 16) {
-        for (int32_t d = 0; d < hd; d++) {
-            uint16_t x;
-            memcpy(&x, row + 2 * (size_t)d, 2);
-            out[d] = tsr_kvq_f16(x);
-        }
+        tsr_kvq_f16_row(out, (const uint16_t *)(base + (size_t)r * (size_t)hd * 2), hd);
         return;
     }
+    const tsr_kvq_layout *lay = &c->lay[set];
     if (!values) {
-        const uint16_t *grid = (const uint16_t *)zc_part(ch, h, set ? ch->o_kgrid_hi : ch->o_kgrid_lo);
+        const uint16_t *grid = (const uint16_t *)zc_part(ch, h, ch->o_kgrid[set]);
         for (int32_t d = 0; d < hd; d++)
-            out[d] = (float)tsr_kvq_row_get((const uint8_t *)row, row_bytes, bits, d) *
-                         tsr_kvq_f16(grid[hd + d]) + tsr_kvq_f16(grid[d]);
+            out[d] = (float)tsr_kvq_get(lay, base, r, d) * tsr_kvq_f16(grid[hd + d]) +
+                     tsr_kvq_f16(grid[d]);
         return;
     }
-    const uint16_t *grid = (const uint16_t *)zc_part(ch, h, set ? ch->o_vgrid_hi : ch->o_vgrid_lo) + 2 * r;
+    const uint16_t *grid = (const uint16_t *)zc_part(ch, h, ch->o_vgrid[set]) + 2 * r;
     const uint16_t *scale = (const uint16_t *)zc_part(ch, h, ch->o_vscale);
     const float z = tsr_kvq_f16(grid[0]), s = tsr_kvq_f16(grid[1]);
     for (int32_t d = 0; d < hd; d++)
-        out[d] = ((float)tsr_kvq_row_get((const uint8_t *)row, row_bytes, bits, d) * s + z) *
-                 tsr_kvq_f16(scale[d]);
+        out[d] = ((float)tsr_kvq_get(lay, base, r, d) * s + z) * tsr_kvq_f16(scale[d]);
 }
 
 static void zc_load(const zc_head *zh, int values, int64_t j0, int64_t n, float *dst) {
@@ -488,104 +478,99 @@ static void zc_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
     zc_load(ctx, 1, j0, n, dst);
 }
 
-/* q . k over a set's row: codes with the chunk's w (q times steps) and constant, or floats. */
-static inline __attribute__((always_inline)) float zc_dot_row(const zc_cache *c, const char *row,
-                                                              int32_t bits, const float *q,
-                                                              const float *w, float qz) {
-    const int32_t hd = c->kv.head_dim;
-    if (bits == 32) return tsr_kvq_dot_f32(q, (const float *)row, hd);
-    if (bits == 16) {
-        float x[TSR_KVQ_MAX_HEAD_DIM];
-        for (int32_t d = 0; d < hd; d++) {
-            uint16_t h;
-            memcpy(&h, row + 2 * (size_t)d, 2);
-            x[d] = tsr_kvq_f16(h);
-        }
-        return tsr_kvq_dot_f32(q, x, hd);
-    }
-    return tsr_kvq_dot(w, (const uint8_t *)row, tsr_kvq_row_bytes(hd, bits), bits) + qz;
-}
-
 TSR_VECTOR_CLONES
 static void zc_dot_k(const void *ctx, const float *q, int64_t j0, int64_t n, float *scores) {
     const zc_head *zh = ctx;
     const zc_cache *c = zh->c;
     const zc_layer *L = zh->L;
-    const int32_t hd = c->kv.head_dim, bits[2] = {c->low, c->high};
-    float w[2][TSR_KVQ_MAX_HEAD_DIM + 8], zero[TSR_KVQ_MAX_HEAD_DIM], qz[2] = {0.0f, 0.0f};
+    const int32_t hd = c->kv.head_dim;
+    float w[2][TSR_KVQ_MAX_HEAD_DIM + 16], zero[TSR_KVQ_MAX_HEAD_DIM], qz[2] = {0.0f, 0.0f};
+    float x[TSR_KVQ_MAX_HEAD_DIM];
     int64_t j = j0;
     while (j < j0 + n && j < L->nc) {
         const zc_chunk *ch = &L->chunks[zc_find_chunk(L, j)];
         int64_t i = j - ch->start, end = ch->start + ch->len < j0 + n ? ch->start + ch->len : j0 + n;
+        /* Per set of codes: w = q times the steps, and the constant sum q . zeros. */
         for (int set = 0; set < 2; set++) {
-            if (!zc_is_code(bits[set]) || (set ? ch->n_hi : ch->n_lo) == 0) continue;
-            const uint16_t *grid =
-                (const uint16_t *)zc_part(ch, zh->head, set ? ch->o_kgrid_hi : ch->o_kgrid_lo);
-            const int32_t padded = tsr_kvq_row_bytes(hd, bits[set]) * (8 / bits[set]);
-            for (int32_t d = 0; d < hd; d++) {
-                w[set][d] = q[d] * tsr_kvq_f16(grid[hd + d]);
-                zero[d] = tsr_kvq_f16(grid[d]);
-            }
-            for (int32_t d = hd; d < padded; d++) w[set][d] = 0.0f;
+            if (!zc_is_code(c->bits[set]) || zc_set_size(ch, set) == 0) continue;
+            const uint16_t *grid = (const uint16_t *)zc_part(ch, zh->head, ch->o_kgrid[set]);
+            tsr_kvq_f16_row(zero, grid + hd, hd);
+            for (int32_t d = 0; d < hd; d++) w[set][d] = q[d] * zero[d];
+            for (int32_t d = hd; d < 16 * c->lay[set].slots; d++) w[set][d] = 0.0f;
+            tsr_kvq_f16_row(zero, grid, hd);
             qz[set] = tsr_kvq_dot_f32(q, zero, hd);
         }
-        const char *base[2] = {zc_part(ch, zh->head, ch->o_klo), zc_part(ch, zh->head, ch->o_khi)};
-        const int32_t row_bytes[2] = {c->kb_lo, c->kb_hi};
-        int64_t r[2];
-        r[1] = zc_rank(ch, zh->head, i);
-        r[0] = i - r[1];
-        for (; j < end; j++, i++) {
-            const int set = zc_is_salient(ch, zh->head, i);
-            scores[j - j0] = zc_dot_row(c, base[set] + (size_t)r[set]++ * (size_t)row_bytes[set],
-                                        bits[set], q, w[set], qz[set]);
-        }
-    }
-    for (; j < j0 + n; j++) scores[j - j0] = tsr_kvq_dot_f32(q, zc_pending(zh, 0, j), hd);
-}
-
-/* out += sum p_j v_j. Quantized values of a chunk share its channel scales: their codes times
- * p step and their zeros times p gather in u, multiplied by the scales once per chunk. */
-TSR_VECTOR_CLONES
-static void zc_axpy_v(const void *ctx, const float *p, int64_t j0, int64_t n, float *out) {
-    const zc_head *zh = ctx;
-    const zc_cache *c = zh->c;
-    const zc_layer *L = zh->L;
-    const int32_t hd = c->kv.head_dim, bits[2] = {c->low, c->high};
-    float u[TSR_KVQ_MAX_HEAD_DIM + 8], x[TSR_KVQ_MAX_HEAD_DIM];
-    int64_t j = j0;
-    while (j < j0 + n && j < L->nc) {
-        const zc_chunk *ch = &L->chunks[zc_find_chunk(L, j)];
-        int64_t i = j - ch->start, end = ch->start + ch->len < j0 + n ? ch->start + ch->len : j0 + n;
-        const char *base[2] = {zc_part(ch, zh->head, ch->o_vlo), zc_part(ch, zh->head, ch->o_vhi)};
-        const uint16_t *grid[2] = {(const uint16_t *)zc_part(ch, zh->head, ch->o_vgrid_lo),
-                                   (const uint16_t *)zc_part(ch, zh->head, ch->o_vgrid_hi)};
-        const int32_t row_bytes[2] = {c->kb_lo, c->kb_hi};
-        float zsum = 0.0f;
-        int any_codes = 0;
-        for (int32_t d = 0; d < hd + 8; d++) u[d] = 0.0f;
         int64_t r[2];
         r[1] = zc_rank(ch, zh->head, i);
         r[0] = i - r[1];
         for (; j < end; j++, i++) {
             const int set = zc_is_salient(ch, zh->head, i);
             const int64_t k = r[set]++;
-            const char *row = base[set] + (size_t)k * (size_t)row_bytes[set];
-            const float pj = p[j - j0];
-            if (!zc_is_code(bits[set])) {
-                zc_dequant(c, ch, zh->head, 1, set, k, x);
-                for (int32_t d = 0; d < hd; d++) out[d] += pj * x[d];
-                continue;
+            if (zc_is_code(c->bits[set])) {
+                scores[j - j0] = tsr_kvq_dot(&c->lay[set], w[set],
+                                             zc_part(ch, zh->head, ch->o_k[set]), k) + qz[set];
+            } else {
+                zc_dequant(c, ch, zh->head, 0, set, k, x);
+                scores[j - j0] = tsr_kvq_dot_f32(q, x, hd);
             }
-            const int32_t nb = row_bytes[set];
-            zsum += pj * tsr_kvq_f16(grid[set][2 * k]);
-            const float a = pj * tsr_kvq_f16(grid[set][2 * k + 1]);
-            for (int32_t m = 0; m < 8 / bits[set]; m++)
-                tsr_kvq_axpy_plane(u + m * nb, a, (const uint8_t *)row, nb, m, bits[set]);
-            any_codes = 1;
+        }
+    }
+    for (; j < j0 + n; j++) scores[j - j0] = tsr_kvq_dot_f32(q, zc_pending(zh, 0, j), hd);
+}
+
+/* out += sum p_j v_j. A chunk's quantized values share its channel scales: per set, the codes
+ * times p step gather slot by slot in u (tsr_kvq_axpy over the set's consecutive rows) and
+ * the zeros times p in one sum; u plus that sum times the scales goes to out once per chunk.
+ * Values held as rows add directly. */
+TSR_VECTOR_CLONES
+static void zc_axpy_v(const void *ctx, const float *p, int64_t j0, int64_t n, float *out) {
+    const zc_head *zh = ctx;
+    const zc_cache *c = zh->c;
+    const zc_layer *L = zh->L;
+    const int32_t hd = c->kv.head_dim;
+    float u[TSR_KVQ_MAX_HEAD_DIM + 16], x[TSR_KVQ_MAX_HEAD_DIM], a[2][ZC_BLOCK_FLOATS];
+    int64_t j = j0;
+    while (j < j0 + n && j < L->nc) {
+        const zc_chunk *ch = &L->chunks[zc_find_chunk(L, j)];
+        int64_t i = j - ch->start, end = ch->start + ch->len < j0 + n ? ch->start + ch->len : j0 + n;
+        int64_t r[2], first[2], count[2] = {0, 0};
+        r[1] = zc_rank(ch, zh->head, i);
+        r[0] = i - r[1];
+        float zsum = 0.0f;
+        int any_codes = 0;
+        for (int32_t d = 0; d < hd + 16; d++) u[d] = 0.0f;
+        while (j < end) {
+            /* A block of tokens: coefficients per set, then each set's rows at once. */
+            first[0] = r[0];
+            first[1] = r[1];
+            for (; j < end; j++, i++) {
+                const int set = zc_is_salient(ch, zh->head, i);
+                const int32_t slots = c->lay[set].slots;
+                if (zc_is_code(c->bits[set]) && (count[set] + 1) * slots > ZC_BLOCK_FLOATS) break;
+                const int64_t k = r[set]++;
+                const float pj = p[j - j0];
+                if (!zc_is_code(c->bits[set])) {
+                    zc_dequant(c, ch, zh->head, 1, set, k, x);
+                    for (int32_t d = 0; d < hd; d++) out[d] += pj * x[d];
+                    continue;
+                }
+                const uint16_t *grid = (const uint16_t *)zc_part(ch, zh->head, ch->o_vgrid[set]);
+                zsum += pj * tsr_kvq_f16(grid[2 * k]);
+                const float step = pj * tsr_kvq_f16(grid[2 * k + 1]);
+                for (int32_t s = 0; s < slots; s++) a[set][count[set] * slots + s] = step;
+                count[set]++;
+            }
+            for (int set = 0; set < 2; set++) {
+                if (!count[set]) continue;
+                tsr_kvq_axpy(&c->lay[set], u, a[set], zc_part(ch, zh->head, ch->o_v[set]),
+                             first[set], count[set]);
+                count[set] = 0;
+                any_codes = 1;
+            }
         }
         if (any_codes) {
-            const uint16_t *scale = (const uint16_t *)zc_part(ch, zh->head, ch->o_vscale);
-            for (int32_t d = 0; d < hd; d++) out[d] += (u[d] + zsum) * tsr_kvq_f16(scale[d]);
+            tsr_kvq_f16_row(x, (const uint16_t *)zc_part(ch, zh->head, ch->o_vscale), hd);
+            for (int32_t d = 0; d < hd; d++) out[d] += (u[d] + zsum) * x[d];
         }
     }
     for (; j < j0 + n; j++) {
@@ -802,12 +787,12 @@ static tsr_status zc_create(const tsr_host *host, const tsr_params *params,
     tsr_status st = tsr_kv_store_create(host, params, init, sizeof(zc_cache), 0, &self);
     if (st < 0) return st;
     zc_cache *c = self;
-    c->high = high;
-    c->low = low;
+    c->bits[0] = low;
+    c->bits[1] = high;
+    c->lay[0] = tsr_kvq_layout_make(init->head_dim, low);
+    c->lay[1] = tsr_kvq_layout_make(init->head_dim, zc_is_code(high) ? high : 8);
     c->salient = tsr_param_float(params, "salient");
     c->gap = tsr_param_int(params, "gap");
-    c->kb_hi = zc_row_bytes(init->head_dim, high);
-    c->kb_lo = zc_row_bytes(init->head_dim, low);
     c->layers = tsr_calloc(host, (size_t)init->n_seq_max * (size_t)init->n_layer,
                            sizeof(zc_layer));
     if (!c->layers) {

@@ -455,8 +455,29 @@ static inline uint32_t tsr_kvq_code(float x, float z, float s, int32_t bits) {
     return f >= top ? (uint32_t)top : (uint32_t)f;
 }
 
-/* IEEE half -> float for finite halves (the grids hold no infinity or NaN), without branches so
- * that a row of them converts in vector registers; the same value as tsr_f16_to_f32. */
+/* Sixteen float lanes in GNU C vector extensions: one zmm, two ymm or four xmm registers,
+ * whichever TSR_VECTOR_CLONES' clone runs. Lane-wise arithmetic rounds the same in every width,
+ * and every sum over lanes below adds them in one fixed order, so all builds agree bit for bit.
+ * Vectors pass between helpers by pointer only: a vector argument or result would change the
+ * calling convention from one clone to the other. */
+typedef float tsr_kvq_f32x16 __attribute__((vector_size(64)));
+typedef uint32_t tsr_kvq_u32x16 __attribute__((vector_size(64)));
+typedef uint16_t tsr_kvq_u16x16 __attribute__((vector_size(32)));
+
+typedef float tsr_kvq_f32x8 __attribute__((vector_size(32)));
+typedef float tsr_kvq_f32x4 __attribute__((vector_size(16)));
+
+/* The lanes' sum: halves added pairwise, lane l with lane l + 8, then + 4, + 2, + 1. */
+static inline __attribute__((always_inline)) float tsr_kvq_sum(const tsr_kvq_f32x16 *v) {
+    tsr_kvq_f32x8 h8 = __builtin_shufflevector(*v, *v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                       __builtin_shufflevector(*v, *v, 8, 9, 10, 11, 12, 13, 14, 15);
+    tsr_kvq_f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) +
+                       __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
+/* IEEE half -> float for finite halves (the grids hold no infinity or NaN); the same value as
+ * tsr_f16_to_f32. */
 static inline __attribute__((always_inline)) float tsr_kvq_f16(uint16_t h) {
     uint32_t mag = h & 0x7fffu, normal = (mag << 13) + 0x38000000u, bits;
     float f;
@@ -469,85 +490,154 @@ static inline __attribute__((always_inline)) float tsr_kvq_f16(uint16_t h) {
     return f;
 }
 
-/* The sum of a[i] * b[i] over n floats, in sixteen lanes of partial sums added in a fixed
- * order (the f32 rows a quantizing policy keeps beside its codes). */
+/* dst[i] = tsr_kvq_f16(src[i]) for n halves, sixteen at a time. */
+static inline __attribute__((always_inline)) void tsr_kvq_f16_row(float *dst, const uint16_t *src,
+                                                                  int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        tsr_kvq_u16x16 h;
+        memcpy(&h, src + i, sizeof h);
+        tsr_kvq_u32x16 x = __builtin_convertvector(h, tsr_kvq_u32x16), mag = x & 0x7fffu;
+        tsr_kvq_u32x16 normal = (mag << 13) + 0x38000000u;
+        tsr_kvq_u32x16 sub = (tsr_kvq_u32x16)(__builtin_convertvector(mag, tsr_kvq_f32x16) *
+                                              0x1p-24f);
+        tsr_kvq_u32x16 small = (tsr_kvq_u32x16)(mag < 0x400u);
+        tsr_kvq_u32x16 bits = (sub & small) | (normal & ~small) | ((x & 0x8000u) << 16);
+        memcpy(dst + i, &bits, sizeof bits);
+    }
+    for (; i < n; i++) dst[i] = tsr_kvq_f16(src[i]);
+}
+
+/* The sum of a[i] * b[i] over n floats: sixteen lanes, then the tail, in a fixed order (the f32
+ * rows a quantizing policy keeps beside its codes). */
 static inline __attribute__((always_inline)) float tsr_kvq_dot_f32(const float *a, const float *b,
                                                                    int32_t n) {
-    float acc[16] = {0};
+    tsr_kvq_f32x16 acc = {0}, x, y;
     int32_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    for (; i + 16 <= n; i += 16) {
+        memcpy(&x, a + i, sizeof x);
+        memcpy(&y, b + i, sizeof y);
+        acc += x * y;
+    }
     float tail = 0.0f;
     for (; i < n; i++) tail += a[i] * b[i];
-    for (int half = 8; half > 0; half /= 2)
-        for (int l = 0; l < half; l++) acc[l] += acc[l + half];
-    return acc[0] + tail;
+    return tsr_kvq_sum(&acc) + tail;
 }
 
-/* A row holds head_dim codes of `bits` bits (2, 4 or 8), 8 / bits to a byte, in planes: with
- * nb the row's bytes, channel d sits in byte d % nb at bit (d / nb) * bits, so a plane unpacks
- * with one shift and mask across consecutive bytes (which vectorises). */
-static inline int32_t tsr_kvq_row_bytes(int32_t head_dim, int32_t bits) {
-    int32_t per = 8 / bits;
-    return (head_dim + per - 1) / per;
+/* Codes in lanes. A row of head_dim codes of `bits` bits (2, 4 or 8) is cut into slots of 16
+ * channels, channel d in lane d % 16 of slot d / 16. A lane keeps a row's codes for all its
+ * slots in `unit` bits (slots * bits rounded up to a power of two, or to whole 32-bit words),
+ * and `per_word` consecutive rows share the lane's words: rows [k per_word, (k+1) per_word)
+ * form a group of 16 * words 32-bit words, lane l's words at l, l + 16, ... So one slot of one
+ * row unpacks with a load of 16 words, a shift and a mask: sixteen codes in sixteen lanes,
+ * with no widening of bytes (which the vectoriser handles poorly). */
+typedef struct tsr_kvq_layout {
+    int32_t bits, slots;
+    int32_t unit;     /* bits of one row in one lane */
+    int32_t per_word; /* rows that share a group: 1 << per_word_log2 */
+    int32_t per_word_log2;
+    int32_t words;    /* 32-bit words per lane in a group */
+} tsr_kvq_layout;
+
+static inline tsr_kvq_layout tsr_kvq_layout_make(int32_t head_dim, int32_t bits) {
+    tsr_kvq_layout L = {bits, (head_dim + 15) / 16, 0, 1, 0, 1};
+    int32_t need = L.slots * bits;
+    if (need <= 32) {
+        for (L.unit = bits; L.unit < need; L.unit *= 2) {}
+        for (L.per_word = 32 / L.unit; (1 << L.per_word_log2) < L.per_word; L.per_word_log2++) {}
+    } else {
+        L.words = (need + 31) / 32;
+        L.unit = 32 * L.words;
+    }
+    return L;
 }
 
-/* Sets channel d of a row of nb bytes that started zeroed. */
-static inline void tsr_kvq_row_set(uint8_t *row, int32_t nb, int32_t bits, int32_t d,
-                                   uint32_t code) {
-    row[d % nb] |= (uint8_t)(code << ((d / nb) * bits));
+/* Bytes that hold n rows. */
+static inline size_t tsr_kvq_bytes(const tsr_kvq_layout *L, int64_t n) {
+    return (size_t)((n + L->per_word - 1) / L->per_word) * (size_t)L->words * 64;
 }
 
-static inline uint32_t tsr_kvq_row_get(const uint8_t *row, int32_t nb, int32_t bits, int32_t d) {
-    return (uint32_t)(row[d % nb] >> ((d / nb) * bits)) & ((1u << bits) - 1u);
+/* The words of row r's group in `codes`, and the bit where the row starts in its lanes. */
+static inline __attribute__((always_inline)) const uint32_t *
+tsr_kvq_row(const tsr_kvq_layout *L, const void *codes, int64_t r, uint32_t *at) {
+    *at = (uint32_t)(r & (L->per_word - 1)) * (uint32_t)L->unit;
+    return (const uint32_t *)codes + (size_t)(r >> L->per_word_log2) * (size_t)L->words * 16;
 }
 
-static inline __attribute__((always_inline)) float tsr_kvq_dot_(const float *w,
-                                                                const uint8_t *row, int32_t nb,
-                                                                const int32_t bits) {
-    const int32_t per = 8 / bits;
-    const uint32_t mask = (1u << bits) - 1u;
-    float acc[16] = {0};
-    int32_t i = 0;
-    for (; i + 16 <= nb; i += 16)
-        for (int32_t m = 0; m < per; m++)
-            for (int l = 0; l < 16; l++)
-                acc[l] += w[m * nb + i + l] * (float)((uint32_t)(row[i + l] >> (m * bits)) & mask);
-    float tail = 0.0f;
-    for (; i < nb; i++)
-        for (int32_t m = 0; m < per; m++)
-            tail += w[m * nb + i] * (float)((uint32_t)(row[i] >> (m * bits)) & mask);
-    for (int half = 8; half > 0; half /= 2)
-        for (int l = 0; l < half; l++) acc[l] += acc[l + half];
-    return acc[0] + tail;
+/* The first word of slot `slot` of row r in `codes`, and the shift of its code in it. */
+static inline __attribute__((always_inline)) const uint32_t *
+tsr_kvq_slot(const tsr_kvq_layout *L, const void *codes, int64_t r, int32_t slot,
+             uint32_t *shift) {
+    uint32_t at;
+    const uint32_t *group = tsr_kvq_row(L, codes, r, &at);
+    at += (uint32_t)(slot * L->bits);
+    *shift = at % 32;
+    return group + (size_t)(at / 32) * 16;
 }
 
-/* The sum over a row's channels of w[d] * code_d, w holding (8 / bits) * nb weights (zeros past
- * head_dim). Sixteen lanes of partial sums over the bytes, added in a fixed order: every
- * build and SIMD level gives the same bits. */
-static inline __attribute__((always_inline)) float tsr_kvq_dot(const float *w, const uint8_t *row,
-                                                               int32_t nb, int32_t bits) {
-    return bits == 2 ? tsr_kvq_dot_(w, row, nb, 2)
-                     : bits == 4 ? tsr_kvq_dot_(w, row, nb, 4) : tsr_kvq_dot_(w, row, nb, 8);
+/* Sets channel d of row r to `code`. */
+static inline void tsr_kvq_set(const tsr_kvq_layout *L, void *codes, int64_t r, int32_t d,
+                               uint32_t code) {
+    uint32_t shift;
+    uint32_t *w = (uint32_t *)(uintptr_t)tsr_kvq_slot(L, codes, r, d / 16, &shift);
+    w[d % 16] = (w[d % 16] & ~(((1u << L->bits) - 1u) << shift)) | code << shift;
 }
 
-/* acc[i] += a * code_i for the n codes of plane `plane` of consecutive bytes. */
-static inline __attribute__((always_inline)) void tsr_kvq_axpy_plane(float *acc, float a,
-                                                                     const uint8_t *bytes,
-                                                                     int64_t n, int32_t plane,
-                                                                     int32_t bits) {
-    const uint32_t mask = (1u << bits) - 1u, shift = (uint32_t)(plane * bits);
-    for (int64_t i = 0; i < n; i++) acc[i] += a * (float)((uint32_t)(bytes[i] >> shift) & mask);
+static inline uint32_t tsr_kvq_get(const tsr_kvq_layout *L, const void *codes, int64_t r,
+                                   int32_t d) {
+    uint32_t shift;
+    const uint32_t *w = tsr_kvq_slot(L, codes, r, d / 16, &shift);
+    return (w[d % 16] >> shift) & ((1u << L->bits) - 1u);
 }
 
-/* The row's codes as floats: dst[d] = code_d for d < (8 / bits) * nb (zeros past head_dim). */
-static inline __attribute__((always_inline)) void tsr_kvq_row_codes(float *dst,
-                                                                    const uint8_t *row,
-                                                                    int32_t nb, int32_t bits) {
-    const uint32_t mask = (1u << bits) - 1u;
-    for (int32_t m = 0; m < 8 / bits; m++)
-        for (int32_t i = 0; i < nb; i++)
-            dst[m * nb + i] = (float)((uint32_t)(row[i] >> (m * bits)) & mask);
+/* The sixteen codes of slot `slot` of a row that starts at bit `at` of its group's lanes, as
+ * floats. */
+static inline __attribute__((always_inline)) void tsr_kvq_unpack(tsr_kvq_f32x16 *out,
+                                                                 const tsr_kvq_layout *L,
+                                                                 const uint32_t *group,
+                                                                 uint32_t at, int32_t slot) {
+    tsr_kvq_u32x16 w;
+    at += (uint32_t)(slot * L->bits);
+    memcpy(&w, group + (size_t)(at / 32) * 16, sizeof w);
+    *out = __builtin_convertvector((w >> (at % 32)) & ((1u << L->bits) - 1u), tsr_kvq_f32x16);
+}
+
+/* The sum over row r's channels of w[d] * code_d, w holding 16 * slots weights (zeros past
+ * head_dim): slot by slot in sixteen lanes, then tsr_kvq_sum, so the order is fixed. */
+static inline __attribute__((always_inline)) float tsr_kvq_dot(const tsr_kvq_layout *L,
+                                                               const float *w, const void *codes,
+                                                               int64_t r) {
+    tsr_kvq_f32x16 acc = {0}, x, code;
+    uint32_t at;
+    const uint32_t *group = tsr_kvq_row(L, codes, r, &at);
+    for (int32_t m = 0; m < L->slots; m++) {
+        memcpy(&x, w + 16 * m, sizeof x);
+        tsr_kvq_unpack(&code, L, group, at, m);
+        acc += x * code;
+    }
+    return tsr_kvq_sum(&acc);
+}
+
+/* acc[16 m + l] += sum over i < n of a[i * slots + m] * the code of channel 16 m + l of row
+ * r0 + i, for every slot m (acc holds 16 * slots floats): slot by slot, so that each slot's sum
+ * stays in registers across the rows. */
+static inline __attribute__((always_inline)) void tsr_kvq_axpy(const tsr_kvq_layout *L,
+                                                               float *acc, const float *a,
+                                                               const void *codes, int64_t r0,
+                                                               int64_t n) {
+    tsr_kvq_f32x16 x, code;
+    for (int32_t m = 0; m < L->slots; m++) {
+        tsr_kvq_f32x16 sum = {0};
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t at;
+            const uint32_t *group = tsr_kvq_row(L, codes, r0 + i, &at);
+            tsr_kvq_unpack(&code, L, group, at, m);
+            sum += a[i * L->slots + m] * code;
+        }
+        memcpy(&x, acc + 16 * m, sizeof x);
+        x += sum;
+        memcpy(acc + 16 * m, &x, sizeof x);
+    }
 }
 
 #endif /* TESSERA_SDK_CACHE_H */
