@@ -256,35 +256,16 @@ static tsr_status kivi_flush(kivi_cache *c, kivi_layer *L, tsr_kv_rows *rows) {
 
 static tsr_status kivi_store(void *self, const tsr_kv_write *w) {
     kivi_cache *c = self;
-    const tsr_host *h = c->kv.host;
     tsr_kv_seq *q;
     tsr_status st = tsr_kv_store_check_write(&c->kv, w, &q);
     if (st < 0) return st;
     kivi_layer *L = &kivi_layers(c, q)[w->layer];
     tsr_kv_rows *rows = &q->layers[w->layer];
-    for (int64_t t = 0; t < w->n; t++) {
-        if (w->pos[t] < 0 || w->pos[t] >= c->kv.n_ctx) {
-            h->set_error(h->ctx, "store: sequence %lld layer %d: position %d outside [0, %d) "
-                         "(n_ctx)", (long long)w->seq_id, (int)w->layer, (int)w->pos[t],
-                         (int)c->kv.n_ctx);
-            return TSR_E_RANGE;
-        }
-    }
-    if (L->n + w->n > c->kv.n_ctx) {
-        h->set_error(h->ctx, "store: sequence %lld layer %d: %lld + %lld entries exceed n_ctx %d",
-                     (long long)w->seq_id, (int)w->layer, (long long)L->n, (long long)w->n,
-                     (int)c->kv.n_ctx);
-        return TSR_E_RANGE;
-    }
-    if ((st = kivi_flush(c, L, rows)) < 0 || (st = kivi_reserve_pos(c, L, L->n + w->n)) < 0)
+    /* After a long prompt has been quantized, the rows give the room back. */
+    if ((st = tsr_kv_store_check_ctx(&c->kv, w, L->n)) < 0 || (st = kivi_flush(c, L, rows)) < 0 ||
+        (st = kivi_reserve_pos(c, L, L->n + w->n)) < 0 ||
+        (st = tsr_kv_rows_fit(&c->kv, rows, rows->n + w->n, KIVI_MIN_ROWS, 1)) < 0)
         return st;
-    int64_t need = rows->n + w->n;
-    /* Grow by doubling; after a long prompt has been quantized, give the room back. */
-    if (need > rows->cap || rows->cap > 4 * (need > KIVI_MIN_ROWS ? need : KIVI_MIN_ROWS)) {
-        int64_t cap = KIVI_MIN_ROWS;
-        while (cap < need) cap *= 2;
-        if ((st = tsr_kv_rows_resize(&c->kv, rows, cap)) < 0) return st;
-    }
     tsr_kv_rows_append(&c->kv, q, rows, w);
     memcpy(L->pos + L->n, w->pos, (size_t)w->n * sizeof(int32_t));
     L->n += w->n;
@@ -413,13 +394,9 @@ static void kivi_axpy_v(const void *ctx, const float *p, int64_t j0, int64_t n, 
 static tsr_status kivi_view_ext(void *self, int64_t id, int32_t layer, int32_t phase,
                                 tsr_kv_view *views, tsr_kv_view_ext *ext) {
     kivi_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find_or_fail(&c->kv, id, "view");
-    if (!q) return TSR_E_INVALID;
-    if (layer < 0 || layer >= c->kv.n_layer) {
-        c->kv.host->set_error(c->kv.host->ctx, "view: layer %d outside [0, %d)", (int)layer,
-                              (int)c->kv.n_layer);
-        return TSR_E_RANGE;
-    }
+    tsr_status st;
+    tsr_kv_seq *q = tsr_kv_store_find_layer(&c->kv, id, layer, "view", &st);
+    if (!q) return st;
     kivi_layer *L = &kivi_layers(c, q)[layer];
     if (L->nqk == 0 && L->nqv == 0) return tsr_kv_store_view(self, id, layer, phase, views);
     for (int32_t h = 0; h < c->kv.n_kv_head; h++) {
@@ -442,26 +419,9 @@ static tsr_status kivi_view(void *self, int64_t id, int32_t layer, int32_t phase
 
 /* ---- sequences --------------------------------------------------------------------------- */
 
-static tsr_status kivi_seq_begin(void *self, int64_t id) {
-    kivi_cache *c = self;
-    tsr_status st = tsr_kv_store_seq_begin(self, id);
-    if (st < 0) return st;
-    kivi_layer *layers = kivi_layers(c, tsr_kv_store_find(&c->kv, id));
-    for (int32_t l = 0; l < c->kv.n_layer; l++) {
-        layers[l] = (kivi_layer){0};
-        layers[l].heads = tsr_calloc(c->kv.host, (size_t)c->kv.n_kv_head, sizeof(kivi_head));
-        if (!layers[l].heads) {
-            for (int32_t k = 0; k < l; k++) kivi_layer_free(c, &layers[k]);
-            tsr_kv_store_seq_end(self, id);
-            c->kv.host->set_error(c->kv.host->ctx, "seq_begin: out of memory");
-            return TSR_E_NOMEM;
-        }
-    }
-    return TSR_OK;
-}
-
 /* Frees the sequence's quantized entries (the store frees its rows). */
-static void kivi_seq_free(kivi_cache *c, tsr_kv_seq *q) {
+static void kivi_seq_fini(void *self, tsr_kv_seq *q) {
+    kivi_cache *c = self;
     kivi_layer *layers = kivi_layers(c, q);
     for (int32_t l = 0; l < c->kv.n_layer; l++) {
         c->kv.entries -= (layers[l].n - q->layers[l].n) * c->kv.n_kv_head;
@@ -469,36 +429,24 @@ static void kivi_seq_free(kivi_cache *c, tsr_kv_seq *q) {
     }
 }
 
-static void kivi_seq_end(void *self, int64_t id) {
+/* A new sequence's layers, or a copy of `from`'s. Until a layer is copied it holds what the
+ * store copied (its rows), so that fini frees exactly that. */
+static tsr_status kivi_seq_init(void *self, tsr_kv_seq *q, const tsr_kv_seq *from) {
     kivi_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find(&c->kv, id);
-    if (!q) return;
-    kivi_seq_free(c, q);
-    tsr_kv_store_seq_free(&c->kv, q);
-}
-
-static tsr_status kivi_seq_fork(void *self, int64_t src, int64_t dst) {
-    kivi_cache *c = self;
-    tsr_status st = tsr_kv_store_seq_fork(self, src, dst);
-    if (st < 0) return st;
-    tsr_kv_seq *from_seq = tsr_kv_store_find(&c->kv, src), *to_seq = tsr_kv_store_find(&c->kv, dst);
-    const kivi_layer *from = kivi_layers(c, from_seq);
-    kivi_layer *to = kivi_layers(c, to_seq);
-    /* Until a layer is copied it holds what the store copied, so that an early failure frees
-     * exactly that. */
-    for (int32_t l = 0; l < c->kv.n_layer; l++)
-        to[l] = (kivi_layer){.n = to_seq->layers[l].n};
-    for (int32_t l = 0; l < c->kv.n_layer && st >= 0; l++) {
-        const kivi_layer *F = &from[l];
+    kivi_layer *to = kivi_layers(c, q);
+    for (int32_t l = 0; l < c->kv.n_layer; l++) to[l] = (kivi_layer){.n = q->layers[l].n};
+    for (int32_t l = 0; l < c->kv.n_layer; l++) {
         kivi_layer *T = &to[l];
         T->heads = tsr_calloc(c->kv.host, (size_t)c->kv.n_kv_head, sizeof(kivi_head));
         if (!T->heads) {
-            c->kv.host->set_error(c->kv.host->ctx, "seq_fork: out of memory");
-            st = TSR_E_NOMEM;
-            break;
+            c->kv.host->set_error(c->kv.host->ctx, "%s: out of memory", from ? "seq_fork" : "seq_begin");
+            return TSR_E_NOMEM;
         }
+        if (!from) continue;
+        const kivi_layer *F = &kivi_layers(c, from)[l];
+        tsr_status st;
         if ((st = kivi_reserve_quant(c, T, F->qcap)) < 0 || (st = kivi_reserve_pos(c, T, F->n)) < 0)
-            break;
+            return st;
         for (int32_t h = 0; h < c->kv.n_kv_head && F->qcap; h++) kivi_copy_quant(c, T, F, h);
         if (F->n) memcpy(T->pos, F->pos, (size_t)F->n * sizeof(int32_t));
         c->kv.entries += (F->n - T->n) * c->kv.n_kv_head;
@@ -507,8 +455,15 @@ static tsr_status kivi_seq_fork(void *self, int64_t src, int64_t dst) {
         T->nqk = F->nqk;
         T->nqv = F->nqv;
     }
-    if (st < 0) kivi_seq_end(self, dst);
-    return st;
+    return TSR_OK;
+}
+
+static tsr_status kivi_seq_begin(void *self, int64_t id) {
+    return tsr_kv_store_seq_begin_with(self, id, kivi_seq_init, kivi_seq_fini);
+}
+static void kivi_seq_end(void *self, int64_t id) { tsr_kv_store_seq_end_with(self, id, kivi_seq_fini); }
+static tsr_status kivi_seq_fork(void *self, int64_t src, int64_t dst) {
+    return tsr_kv_store_seq_fork_with(self, src, dst, kivi_seq_init, kivi_seq_fini);
 }
 
 /* Forgets the entries at positions >= n_pos. A cut inside a quantized key group gives the
@@ -581,33 +536,25 @@ static tsr_status kivi_seq_truncate(void *self, int64_t id, int32_t n_pos) {
     return TSR_OK;
 }
 
-/* Bits per stored value: codes, grids and the f32 rows the layers hold, over every K and V
- * element held. */
+/* Bits per stored value: codes, grids and the f32 rows a layer holds, over its K and V
+ * elements. */
+static void kivi_bits_held(const void *self, const tsr_kv_seq *q, int32_t layer, double *bits,
+                           double *values) {
+    const kivi_cache *c = self;
+    const kivi_layer *L = &kivi_layers(c, q)[layer];
+    *bits += 8.0 * (double)(tsr_kvq_bytes(&c->lay, L->nqk) + tsr_kvq_bytes(&c->lay, L->nqv) +
+                            L->nqk / c->group * 2 * c->kv.head_dim * 2 + L->nqv * 2 * 2 * c->vgroups +
+                            q->layers[layer].n * 2 * (int64_t)c->kv.row_bytes);
+    *values += 2.0 * (double)L->n * c->kv.head_dim;
+}
+
 static void kivi_stats(void *self, tsr_cache_stats *out) {
-    kivi_cache *c = self;
-    tsr_kv_store_stats(self, out);
-    if (out->struct_size < offsetof(tsr_cache_stats, bits_per_value) + sizeof(double)) return;
-    double bits = 0.0, values = 0.0;
-    for (int32_t i = 0; i < c->kv.n_seq_max; i++) {
-        const tsr_kv_seq *q = &c->kv.seqs[i];
-        if (!q->alive) continue;
-        const kivi_layer *layers = kivi_layers(c, q);
-        for (int32_t l = 0; l < c->kv.n_layer; l++) {
-            const kivi_layer *L = &layers[l];
-            bits += 8.0 * (double)(tsr_kvq_bytes(&c->lay, L->nqk) + tsr_kvq_bytes(&c->lay, L->nqv) +
-                                   L->nqk / c->group * 2 * c->kv.head_dim * 2 +
-                                   L->nqv * 2 * 2 * c->vgroups +
-                                   q->layers[l].n * 2 * (int64_t)c->kv.row_bytes);
-            values += 2.0 * (double)L->n * c->kv.head_dim;
-        }
-    }
-    out->bits_per_value = values > 0 ? bits / values : 0.0;
+    tsr_kv_store_stats_with(self, out, kivi_bits_held);
 }
 
 static void kivi_destroy(void *self) {
     kivi_cache *c = self;
-    for (int32_t i = 0; i < c->kv.n_seq_max; i++)
-        if (c->kv.seqs[i].alive) kivi_seq_free(c, &c->kv.seqs[i]);
+    tsr_kv_store_fini_all(self, kivi_seq_fini);
     c->kv.host->free(c->kv.host->ctx, c->layers);
     c->kv.host->free(c->kv.host->ctx, c->slot_group);
     tsr_kv_store_destroy(c);
@@ -618,22 +565,16 @@ static const char *const kivi_bits[] = {"2", "4", NULL};
 static tsr_status kivi_create(const tsr_host *host, const tsr_params *params,
                               const tsr_cache_init *init, void **out) {
     int64_t group = tsr_param_int(params, "group"), residual = tsr_param_int(params, "residual");
-    if (init->n_ctx <= 0) {
-        host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
-        return TSR_E_INVALID;
-    }
+    tsr_status st;
+    if ((st = tsr_kv_store_need_ctx(host, init)) < 0 || (st = tsr_kvq_check_head(host, init)) < 0)
+        return st;
     if (residual % group != 0) {
         host->set_error(host->ctx, "residual %lld is not a multiple of group %lld: keys leave "
                         "the residual in whole groups", (long long)residual, (long long)group);
         return TSR_E_INVALID;
     }
-    if (init->head_dim > TSR_KVQ_MAX_HEAD_DIM) {
-        host->set_error(host->ctx, "head_dim %d: this policy serves heads of at most %d",
-                        (int)init->head_dim, TSR_KVQ_MAX_HEAD_DIM);
-        return TSR_E_UNSUPPORTED;
-    }
     void *self;
-    tsr_status st = tsr_kv_store_create(host, params, init, sizeof(kivi_cache), 0, &self);
+    st = tsr_kv_store_create(host, params, init, sizeof(kivi_cache), 0, &self);
     if (st < 0) return st;
     kivi_cache *c = self;
     c->bits = tsr_param_int(params, "bits") == 0 ? 2 : 4;

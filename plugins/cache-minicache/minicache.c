@@ -296,59 +296,24 @@ static tsr_status mc_merge(void *self, int64_t id) {
 
 static tsr_status mc_store(void *self, const tsr_kv_write *w) {
     mc_cache *c = self;
-    const tsr_host *h = c->kv.host;
     tsr_kv_seq *q;
     tsr_status st = tsr_kv_store_check_write(&c->kv, w, &q);
     if (st < 0) return st;
     tsr_kv_rows *rows = &q->layers[w->layer];
     mc_layer *L = &mc_layers(c, q)[w->layer];
     int32_t p = mc_pair_of(c, w->layer);
-    int64_t merged = p < 0 ? 0 : mc_pairs(c, q)[p].nm, n = merged + rows->n;
-    for (int64_t t = 0; t < w->n; t++) {
-        if (w->pos[t] < 0 || w->pos[t] >= c->kv.n_ctx) {
-            h->set_error(h->ctx, "store: sequence %lld layer %d: position %d outside [0, %d) "
-                         "(n_ctx)", (long long)w->seq_id, (int)w->layer, (int)w->pos[t],
-                         (int)c->kv.n_ctx);
-            return TSR_E_RANGE;
-        }
-    }
-    if (n + w->n > c->kv.n_ctx) {
-        h->set_error(h->ctx, "store: sequence %lld layer %d: %lld + %lld entries exceed n_ctx %d",
-                     (long long)w->seq_id, (int)w->layer, (long long)n, (long long)w->n,
-                     (int)c->kv.n_ctx);
-        return TSR_E_RANGE;
-    }
-    if ((st = mc_reserve_pos(c, L, n + w->n)) < 0) return st;
-    int64_t need = rows->n + w->n;
-    /* Grow by doubling; a pair's rows give back the room a long prompt took once merged. */
-    if (need > rows->cap || (p >= 0 && rows->cap > 4 * (need > MC_MIN_ROWS ? need : MC_MIN_ROWS))) {
-        int64_t cap = MC_MIN_ROWS;
-        while (cap < need) cap *= 2;
-        if ((st = tsr_kv_rows_resize(&c->kv, rows, cap)) < 0) return st;
-    }
+    int64_t n = (p < 0 ? 0 : mc_pairs(c, q)[p].nm) + rows->n;
+    /* A pair's rows give back the room a long prompt took once it is merged. */
+    if ((st = tsr_kv_store_check_ctx(&c->kv, w, n)) < 0 ||
+        (st = mc_reserve_pos(c, L, n + w->n)) < 0 ||
+        (st = tsr_kv_rows_fit(&c->kv, rows, rows->n + w->n, MC_MIN_ROWS, p >= 0)) < 0)
+        return st;
     tsr_kv_rows_append(&c->kv, q, rows, w);
     memcpy(L->pos + n, w->pos, (size_t)w->n * sizeof(int32_t));
     return TSR_OK;
 }
 
 /* ---- reading ---------------------------------------------------------------------------- */
-
-/* Entry j < nm of one tensor of head mh as f32. */
-static void mc_restore(const mc_head *mh, int k, int64_t j, float *out) {
-    const mc_cache *c = mh->c;
-    const mc_merged *m = &mh->P->t[k];
-    const int32_t hd = c->kv.head_dim;
-    const size_t at = (size_t)mh->head * (size_t)mh->P->cap + (size_t)j;
-    const float *e = m->dir + at * (size_t)hd;
-    int32_t kept = m->kept[at];
-    if (kept >= 0) {
-        memcpy(out, mh->upper ? m->upper[mh->head] + (size_t)kept * (size_t)hd : e,
-               (size_t)hd * sizeof(float));
-        return;
-    }
-    const float norm = m->norm[at * 2 + (size_t)mh->upper];
-    for (int32_t d = 0; d < hd; d++) out[d] = norm * e[d];
-}
 
 static const float *mc_row(const mc_head *mh, int k, int64_t j) {
     const size_t rbytes = mh->c->kv.row_bytes;
@@ -357,12 +322,28 @@ static const float *mc_row(const mc_head *mh, int k, int64_t j) {
                                    (size_t)(j - mh->P->nm)) * rbytes);
 }
 
+/* Entry j of tensor k as stored: the row to read and the scale it takes: |x| for a merged
+ * direction, 1 for the rows of a retained or an unmerged token. */
+static inline __attribute__((always_inline)) const float *mc_entry(const mc_head *mh, int k,
+                                                                   int64_t j, float *scale) {
+    *scale = 1.0f;
+    if (j >= mh->P->nm) return mc_row(mh, k, j);
+    const mc_merged *m = &mh->P->t[k];
+    const size_t at = (size_t)mh->head * (size_t)mh->P->cap + (size_t)j;
+    const int32_t kept = m->kept[at];
+    const int32_t hd = mh->c->kv.head_dim;
+    if (kept >= 0 && mh->upper) return m->upper[mh->head] + (size_t)kept * (size_t)hd;
+    if (kept < 0) *scale = m->norm[at * 2 + (size_t)mh->upper];
+    return m->dir + at * (size_t)hd;
+}
+
+/* Rows restored: |x| e for merged entries, the rows themselves for the others. */
 static void mc_load(const mc_head *mh, int k, int64_t j0, int64_t n, float *dst) {
     const int32_t hd = mh->c->kv.head_dim;
     for (int64_t j = j0; j < j0 + n; j++) {
-        float *out = dst + (j - j0) * hd;
-        if (j < mh->P->nm) mc_restore(mh, k, j, out);
-        else memcpy(out, mc_row(mh, k, j), (size_t)hd * sizeof(float));
+        float scale, *out = dst + (j - j0) * hd;
+        const float *row = mc_entry(mh, k, j, &scale);
+        for (int32_t d = 0; d < hd; d++) out[d] = scale * row[d];
     }
 }
 static void mc_load_k(const void *ctx, int64_t j0, int64_t n, float *dst) {
@@ -376,42 +357,22 @@ static void mc_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
 TSR_VECTOR_CLONES
 static void mc_dot_k(const void *ctx, const float *q, int64_t j0, int64_t n, float *scores) {
     const mc_head *mh = ctx;
-    const mc_merged *m = &mh->P->t[0];
-    const int32_t hd = mh->c->kv.head_dim;
     for (int64_t j = j0; j < j0 + n; j++) {
-        if (j >= mh->P->nm) {
-            scores[j - j0] = tsr_kvq_dot_f32(q, mc_row(mh, 0, j), hd);
-            continue;
-        }
-        const size_t at = (size_t)mh->head * (size_t)mh->P->cap + (size_t)j;
-        const int32_t kept = m->kept[at];
-        const float *row = m->dir + at * (size_t)hd;
-        if (kept >= 0) {
-            if (mh->upper) row = m->upper[mh->head] + (size_t)kept * (size_t)hd;
-            scores[j - j0] = tsr_kvq_dot_f32(q, row, hd);
-        } else {
-            scores[j - j0] = m->norm[at * 2 + (size_t)mh->upper] * tsr_kvq_dot_f32(q, row, hd);
-        }
+        float scale;
+        const float *row = mc_entry(mh, 0, j, &scale);
+        scores[j - j0] = scale * tsr_kvq_dot_f32(q, row, mh->c->kv.head_dim);
     }
 }
 
+/* out += p |x| e, one scale per entry. */
 TSR_VECTOR_CLONES
 static void mc_axpy_v(const void *ctx, const float *p, int64_t j0, int64_t n, float *out) {
     const mc_head *mh = ctx;
-    const mc_merged *m = &mh->P->t[1];
     const int32_t hd = mh->c->kv.head_dim;
     for (int64_t j = j0; j < j0 + n; j++) {
-        float a = p[j - j0];
-        const float *row;
-        if (j >= mh->P->nm) {
-            row = mc_row(mh, 1, j);
-        } else {
-            const size_t at = (size_t)mh->head * (size_t)mh->P->cap + (size_t)j;
-            const int32_t kept = m->kept[at];
-            row = m->dir + at * (size_t)hd;
-            if (kept >= 0 && mh->upper) row = m->upper[mh->head] + (size_t)kept * (size_t)hd;
-            if (kept < 0) a *= m->norm[at * 2 + (size_t)mh->upper];
-        }
+        float scale;
+        const float *row = mc_entry(mh, 1, j, &scale);
+        const float a = p[j - j0] * scale;
         for (int32_t d = 0; d < hd; d++) out[d] += a * row[d];
     }
 }
@@ -419,13 +380,9 @@ static void mc_axpy_v(const void *ctx, const float *p, int64_t j0, int64_t n, fl
 static tsr_status mc_view_ext(void *self, int64_t id, int32_t layer, int32_t phase,
                               tsr_kv_view *views, tsr_kv_view_ext *ext) {
     mc_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find_or_fail(&c->kv, id, "view");
-    if (!q) return TSR_E_INVALID;
-    if (layer < 0 || layer >= c->kv.n_layer) {
-        c->kv.host->set_error(c->kv.host->ctx, "view: layer %d outside [0, %d)", (int)layer,
-                              (int)c->kv.n_layer);
-        return TSR_E_RANGE;
-    }
+    tsr_status st;
+    tsr_kv_seq *q = tsr_kv_store_find_layer(&c->kv, id, layer, "view", &st);
+    if (!q) return st;
     int32_t p = mc_pair_of(c, layer);
     mc_pair *P = p < 0 ? NULL : &mc_pairs(c, q)[p];
     if (!P || P->nm == 0) return tsr_kv_store_view(self, id, layer, phase, views);
@@ -451,7 +408,8 @@ static tsr_status mc_view(void *self, int64_t id, int32_t layer, int32_t phase,
 /* ---- sequences --------------------------------------------------------------------------- */
 
 /* Frees what the sequence holds besides the store's rows. */
-static void mc_seq_free(mc_cache *c, tsr_kv_seq *q) {
+static void mc_seq_fini(void *self, tsr_kv_seq *q) {
+    mc_cache *c = self;
     mc_layer *layers = mc_layers(c, q);
     mc_pair *pairs = mc_pairs(c, q);
     for (int32_t p = 0; p < c->n_pairs; p++) {
@@ -466,19 +424,14 @@ static void mc_seq_free(mc_cache *c, tsr_kv_seq *q) {
     }
 }
 
-static void mc_seq_end(void *self, int64_t id) {
-    mc_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find(&c->kv, id);
-    if (!q) return;
-    mc_seq_free(c, q);
-    tsr_kv_store_seq_free(&c->kv, q);
-}
-
 /* The per-sequence state besides the store's; `from` (or NULL) is copied into it. */
-static tsr_status mc_seq_init(mc_cache *c, tsr_kv_seq *q, const tsr_kv_seq *from) {
+static tsr_status mc_seq_init(void *self, tsr_kv_seq *q, const tsr_kv_seq *from) {
+    mc_cache *c = self;
     const int32_t nkv = c->kv.n_kv_head, hd = c->kv.head_dim;
     mc_layer *layers = mc_layers(c, q);
     mc_pair *pairs = mc_pairs(c, q);
+    for (int32_t l = 0; l < c->kv.n_layer; l++) layers[l] = (mc_layer){0};
+    for (int32_t p = 0; p < c->n_pairs; p++) pairs[p] = (mc_pair){0};
     for (int32_t l = 0; l < c->kv.n_layer; l++) {
         layers[l].heads = tsr_calloc(c->kv.host, (size_t)nkv, sizeof(mc_head));
         if (!layers[l].heads) return mc_nomem(c, from ? "seq_fork" : "seq_begin");
@@ -523,20 +476,11 @@ static tsr_status mc_seq_init(mc_cache *c, tsr_kv_seq *q, const tsr_kv_seq *from
 }
 
 static tsr_status mc_seq_begin(void *self, int64_t id) {
-    mc_cache *c = self;
-    tsr_status st = tsr_kv_store_seq_begin(self, id);
-    if (st < 0) return st;
-    if ((st = mc_seq_init(c, tsr_kv_store_find(&c->kv, id), NULL)) < 0) mc_seq_end(self, id);
-    return st;
+    return tsr_kv_store_seq_begin_with(self, id, mc_seq_init, mc_seq_fini);
 }
-
+static void mc_seq_end(void *self, int64_t id) { tsr_kv_store_seq_end_with(self, id, mc_seq_fini); }
 static tsr_status mc_seq_fork(void *self, int64_t src, int64_t dst) {
-    mc_cache *c = self;
-    tsr_status st = tsr_kv_store_seq_fork(self, src, dst);
-    if (st < 0) return st;
-    st = mc_seq_init(c, tsr_kv_store_find(&c->kv, dst), tsr_kv_store_find(&c->kv, src));
-    if (st < 0) mc_seq_end(self, dst);
-    return st;
+    return tsr_kv_store_seq_fork_with(self, src, dst, mc_seq_init, mc_seq_fini);
 }
 
 /* Merged entries are kept per token: a cut drops those at or after it, as the store drops its
@@ -558,42 +502,34 @@ static tsr_status mc_seq_truncate(void *self, int64_t id, int32_t n_pos) {
     return TSR_OK;
 }
 
-/* Bits per value: per merged token and head, one direction row, two norms and the retention
- * index for the two layers' rows (plus the upper rows kept), and the f32 rows. */
-static void mc_stats(void *self, tsr_cache_stats *out) {
-    mc_cache *c = self;
-    tsr_kv_store_stats(self, out);
-    if (out->struct_size < offsetof(tsr_cache_stats, bits_per_value) + sizeof(double)) return;
-    const int32_t nkv = c->kv.n_kv_head, hd = c->kv.head_dim;
-    double bits = 0.0, values = 0.0;
-    for (int32_t i = 0; i < c->kv.n_seq_max; i++) {
-        const tsr_kv_seq *q = &c->kv.seqs[i];
-        if (!q->alive) continue;
-        for (int32_t l = 0; l < c->kv.n_layer; l++) {
-            bits += 32.0 * 2 * (double)q->layers[l].n * hd * nkv;
-            values += 2.0 * (double)q->layers[l].n * hd * nkv;
-        }
-        const mc_pair *pairs = mc_pairs(c, q);
-        for (int32_t p = 0; p < c->n_pairs; p++) {
-            const mc_pair *P = &pairs[p];
-            for (int k = 0; k < 2; k++) {
-                int64_t upper = 0;
-                for (int32_t h = 0; h < nkv; h++) {
-                    for (int64_t j = 0; j < P->nm; j++)
-                        upper += P->t[k].kept[(size_t)h * (size_t)P->cap + (size_t)j] >= 0;
-                }
-                bits += 32.0 * ((double)P->nm * nkv * (hd + 3) + (double)upper * hd);
-            }
-            values += 2.0 * 2.0 * (double)P->nm * hd * nkv;
-        }
+/* Bits per value of a layer: its f32 rows; for the lower layer of a pair, the pair's merged
+ * tokens (per head one direction row, two norms and the retention index for both layers' rows,
+ * plus the upper rows kept). */
+static void mc_bits_held(const void *self, const tsr_kv_seq *q, int32_t layer, double *bits,
+                         double *values) {
+    const mc_cache *c = self;
+    const int32_t nkv = c->kv.n_kv_head, hd = c->kv.head_dim, p = mc_pair_of(c, layer);
+    *bits += 32.0 * 2 * (double)q->layers[layer].n * hd * nkv;
+    *values += 2.0 * (double)q->layers[layer].n * hd * nkv;
+    if (p < 0 || layer != c->start + 2 * p) return;
+    const mc_pair *P = &mc_pairs(c, q)[p];
+    for (int k = 0; k < 2; k++) {
+        int64_t upper = 0;
+        for (int32_t h = 0; h < nkv; h++)
+            for (int64_t j = 0; j < P->nm; j++)
+                upper += P->t[k].kept[(size_t)h * (size_t)P->cap + (size_t)j] >= 0;
+        *bits += 32.0 * ((double)P->nm * nkv * (hd + 3) + (double)upper * hd);
     }
-    out->bits_per_value = values > 0 ? bits / values : 0.0;
+    *values += 2.0 * 2.0 * (double)P->nm * hd * nkv;
+}
+
+static void mc_stats(void *self, tsr_cache_stats *out) {
+    tsr_kv_store_stats_with(self, out, mc_bits_held);
 }
 
 static void mc_destroy(void *self) {
     mc_cache *c = self;
-    for (int32_t i = 0; i < c->kv.n_seq_max; i++)
-        if (c->kv.seqs[i].alive) mc_seq_free(c, &c->kv.seqs[i]);
+    tsr_kv_store_fini_all(self, mc_seq_fini);
     c->kv.host->free(c->kv.host->ctx, c->layers);
     c->kv.host->free(c->kv.host->ctx, c->pairs);
     tsr_kv_store_destroy(c);
@@ -601,13 +537,10 @@ static void mc_destroy(void *self) {
 
 static tsr_status mc_create(const tsr_host *host, const tsr_params *params,
                             const tsr_cache_init *init, void **out) {
-    if (init->n_ctx <= 0) {
-        host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
-        return TSR_E_INVALID;
-    }
     void *self;
-    tsr_status st = tsr_kv_store_create(host, params, init, sizeof(mc_cache), 0, &self);
-    if (st < 0) return st;
+    tsr_status st = tsr_kv_store_need_ctx(host, init);
+    if (st < 0 || (st = tsr_kv_store_create(host, params, init, sizeof(mc_cache), 0, &self)) < 0)
+        return st;
     mc_cache *c = self;
     int64_t start = tsr_param_int(params, "start");
     c->start = start < 0 ? init->n_layer / 2 : start > init->n_layer ? init->n_layer : (int32_t)start;

@@ -147,27 +147,14 @@ static tsr_status paged_own(paged_cache *c, paged_layer *L, int64_t b) {
 
 static tsr_status paged_store(void *self, const tsr_kv_write *w) {
     paged_cache *c = self;
-    const tsr_host *h = c->kv.host;
     tsr_kv_seq *q;
     tsr_status st = tsr_kv_store_check_write(&c->kv, w, &q);
     if (st < 0) return st;
     paged_layer *L = &paged_layers(c, q)[w->layer];
-    for (int64_t t = 0; t < w->n; t++) {
-        if (w->pos[t] < 0 || w->pos[t] >= c->kv.n_ctx) {
-            h->set_error(h->ctx, "store: sequence %lld layer %d: position %d outside [0, %d) "
-                         "(n_ctx)", (long long)w->seq_id, (int)w->layer, (int)w->pos[t],
-                         (int)c->kv.n_ctx);
-            return TSR_E_RANGE;
-        }
-    }
-    if (L->n + w->n > c->kv.n_ctx) {
-        h->set_error(h->ctx, "store: sequence %lld layer %d: %lld + %lld entries exceed n_ctx %d",
-                     (long long)w->seq_id, (int)w->layer, (long long)L->n, (long long)w->n,
-                     (int)c->kv.n_ctx);
-        return TSR_E_RANGE;
-    }
     const int64_t bs = c->block_size;
-    if ((st = paged_reserve(c, L, (L->n + w->n + bs - 1) / bs)) < 0) return st;
+    if ((st = tsr_kv_store_check_ctx(&c->kv, w, L->n)) < 0 ||
+        (st = paged_reserve(c, L, (L->n + w->n + bs - 1) / bs)) < 0)
+        return st;
     for (int64_t t = 0; t < w->n; t++) {
         const int64_t j = L->n, b = j / bs;
         if (b == L->n_blocks) {
@@ -219,13 +206,9 @@ static tsr_status paged_view_ext(void *self, int64_t id, int32_t layer, int32_t 
                                  tsr_kv_view *views, tsr_kv_view_ext *ext) {
     (void)phase;
     paged_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find_or_fail(&c->kv, id, "view");
-    if (!q) return TSR_E_INVALID;
-    if (layer < 0 || layer >= c->kv.n_layer) {
-        c->kv.host->set_error(c->kv.host->ctx, "view: layer %d outside [0, %d)", (int)layer,
-                              (int)c->kv.n_layer);
-        return TSR_E_RANGE;
-    }
+    tsr_status st;
+    tsr_kv_seq *q = tsr_kv_store_find_layer(&c->kv, id, layer, "view", &st);
+    if (!q) return st;
     paged_layer *L = &paged_layers(c, q)[layer];
     for (int32_t h = 0; h < c->kv.n_kv_head; h++) {
         const void **kp = L->kptr ? L->kptr + (size_t)h * (size_t)L->bcap : NULL;
@@ -254,56 +237,49 @@ static tsr_status paged_view(void *self, int64_t id, int32_t layer, int32_t phas
     return paged_view_ext(self, id, layer, phase, views, NULL);
 }
 
-static tsr_status paged_seq_begin(void *self, int64_t id) {
+static void paged_seq_fini(void *self, tsr_kv_seq *q) {
     paged_cache *c = self;
-    tsr_status st = tsr_kv_store_seq_begin(self, id);
-    if (st < 0) return st;
-    paged_layer *layers = paged_layers(c, tsr_kv_store_find(&c->kv, id));
-    for (int32_t l = 0; l < c->kv.n_layer; l++) {
-        layers[l] = (paged_layer){0};
-        layers[l].heads = tsr_calloc(c->kv.host, (size_t)c->kv.n_kv_head, sizeof(paged_head));
-        if (!layers[l].heads) {
-            for (int32_t k = 0; k < l; k++) paged_layer_free(c, &layers[k]);
-            tsr_kv_store_seq_end(self, id);
-            c->kv.host->set_error(c->kv.host->ctx, "seq_begin: out of memory");
-            return TSR_E_NOMEM;
-        }
-    }
-    return TSR_OK;
-}
-
-static void paged_seq_end(void *self, int64_t id) {
-    paged_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find(&c->kv, id);
-    if (!q) return;
     paged_layer *layers = paged_layers(c, q);
     for (int32_t l = 0; l < c->kv.n_layer; l++) paged_layer_free(c, &layers[l]);
-    tsr_kv_store_seq_free(&c->kv, q);
 }
 
-/* dst shares every block of src: one more reference each, no K/V copied. */
-static tsr_status paged_seq_fork(void *self, int64_t src, int64_t dst) {
+/* A new sequence's block tables, or `from`'s shared: one more reference to each of its blocks,
+ * no K/V copied. */
+static tsr_status paged_seq_init(void *self, tsr_kv_seq *q, const tsr_kv_seq *from) {
     paged_cache *c = self;
-    if (!tsr_kv_store_find_or_fail(&c->kv, src, "seq_fork")) return TSR_E_INVALID;
-    tsr_status st = paged_seq_begin(self, dst);
-    if (st < 0) return st;
-    const paged_layer *from = paged_layers(c, tsr_kv_store_find(&c->kv, src));
-    paged_layer *to = paged_layers(c, tsr_kv_store_find(&c->kv, dst));
+    paged_layer *to = paged_layers(c, q);
+    for (int32_t l = 0; l < c->kv.n_layer; l++) to[l] = (paged_layer){0};
     for (int32_t l = 0; l < c->kv.n_layer; l++) {
-        if ((st = paged_reserve(c, &to[l], from[l].n_blocks)) < 0) {
-            paged_seq_end(self, dst);
-            return st;
+        to[l].heads = tsr_calloc(c->kv.host, (size_t)c->kv.n_kv_head, sizeof(paged_head));
+        if (!to[l].heads) {
+            c->kv.host->set_error(c->kv.host->ctx, "%s: out of memory",
+                                  from ? "seq_fork" : "seq_begin");
+            return TSR_E_NOMEM;
         }
-        for (int64_t b = 0; b < from[l].n_blocks; b++) {
-            to[l].blocks[b] = from[l].blocks[b];
-            ++*paged_refs(from[l].blocks[b]);
+        if (!from) continue;
+        const paged_layer *F = &paged_layers(c, from)[l];
+        tsr_status st = paged_reserve(c, &to[l], F->n_blocks);
+        if (st < 0) return st;
+        for (int64_t b = 0; b < F->n_blocks; b++) {
+            to[l].blocks[b] = F->blocks[b];
+            ++*paged_refs(F->blocks[b]);
         }
-        if (from[l].n) memcpy(to[l].pos, from[l].pos, (size_t)from[l].n * sizeof(int32_t));
-        to[l].n_blocks = from[l].n_blocks;
-        to[l].n = from[l].n;
-        c->kv.entries += from[l].n * c->kv.n_kv_head;
+        if (F->n) memcpy(to[l].pos, F->pos, (size_t)F->n * sizeof(int32_t));
+        to[l].n_blocks = F->n_blocks;
+        to[l].n = F->n;
+        c->kv.entries += F->n * c->kv.n_kv_head;
     }
     return TSR_OK;
+}
+
+static tsr_status paged_seq_begin(void *self, int64_t id) {
+    return tsr_kv_store_seq_begin_with(self, id, paged_seq_init, paged_seq_fini);
+}
+static void paged_seq_end(void *self, int64_t id) {
+    tsr_kv_store_seq_end_with(self, id, paged_seq_fini);
+}
+static tsr_status paged_seq_fork(void *self, int64_t src, int64_t dst) {
+    return tsr_kv_store_seq_fork_with(self, src, dst, paged_seq_init, paged_seq_fini);
 }
 
 static tsr_status paged_seq_truncate(void *self, int64_t id, int32_t n_pos) {
@@ -330,21 +306,17 @@ static tsr_status paged_seq_truncate(void *self, int64_t id, int32_t n_pos) {
 
 static void paged_destroy(void *self) {
     paged_cache *c = self;
-    for (int32_t i = 0; i < c->kv.n_seq_max; i++)
-        if (c->kv.seqs[i].alive) paged_seq_end(self, c->kv.seqs[i].id);
+    tsr_kv_store_fini_all(self, paged_seq_fini);
     c->kv.host->free(c->kv.host->ctx, c->layers);
     tsr_kv_store_destroy(c);
 }
 
 static tsr_status paged_create(const tsr_host *host, const tsr_params *params,
                                const tsr_cache_init *init, void **out) {
-    if (init->n_ctx <= 0) {
-        host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
-        return TSR_E_INVALID;
-    }
     void *self;
-    tsr_status st = tsr_kv_store_create(host, params, init, sizeof(paged_cache), 0, &self);
-    if (st < 0) return st;
+    tsr_status st = tsr_kv_store_need_ctx(host, init);
+    if (st < 0 || (st = tsr_kv_store_create(host, params, init, sizeof(paged_cache), 0, &self)) < 0)
+        return st;
     paged_cache *c = self;
     c->block_size = (int32_t)tsr_param_int(params, "block_size");
     c->block_bytes = PAGED_HEADER + 2 * (size_t)init->n_kv_head * (size_t)c->block_size *

@@ -197,35 +197,16 @@ static tsr_status zc_reserve(zc_cache *c, zc_layer *L, int64_t need) {
 
 static tsr_status zc_store(void *self, const tsr_kv_write *w) {
     zc_cache *c = self;
-    const tsr_host *h = c->kv.host;
     tsr_kv_seq *q;
     tsr_status st = tsr_kv_store_check_write(&c->kv, w, &q);
     if (st < 0) return st;
     zc_layer *L = &zc_layers(c, q)[w->layer];
     tsr_kv_rows *rows = &q->layers[w->layer];
     int64_t n = L->nc + rows->n;
-    for (int64_t t = 0; t < w->n; t++) {
-        if (w->pos[t] < 0 || w->pos[t] >= c->kv.n_ctx) {
-            h->set_error(h->ctx, "store: sequence %lld layer %d: position %d outside [0, %d) "
-                         "(n_ctx)", (long long)w->seq_id, (int)w->layer, (int)w->pos[t],
-                         (int)c->kv.n_ctx);
-            return TSR_E_RANGE;
-        }
-    }
-    if (n + w->n > c->kv.n_ctx) {
-        h->set_error(h->ctx, "store: sequence %lld layer %d: %lld + %lld entries exceed n_ctx %d",
-                     (long long)w->seq_id, (int)w->layer, (long long)n, (long long)w->n,
-                     (int)c->kv.n_ctx);
-        return TSR_E_RANGE;
-    }
-    if ((st = zc_reserve(c, L, n + w->n)) < 0) return st;
-    int64_t need = rows->n + w->n;
-    /* Grow by doubling; after a long prompt has been compressed, give the room back. */
-    if (need > rows->cap || rows->cap > 4 * (need > ZC_MIN_ROWS ? need : ZC_MIN_ROWS)) {
-        int64_t cap = ZC_MIN_ROWS;
-        while (cap < need) cap *= 2;
-        if ((st = tsr_kv_rows_resize(&c->kv, rows, cap)) < 0) return st;
-    }
+    /* After a long prompt has been compressed, the rows give the room back. */
+    if ((st = tsr_kv_store_check_ctx(&c->kv, w, n)) < 0 || (st = zc_reserve(c, L, n + w->n)) < 0 ||
+        (st = tsr_kv_rows_fit(&c->kv, rows, rows->n + w->n, ZC_MIN_ROWS, 1)) < 0)
+        return st;
     tsr_kv_rows_append(&c->kv, q, rows, w);
     memcpy(L->pos + n, w->pos, (size_t)w->n * sizeof(int32_t));
     if (w->n) {
@@ -589,13 +570,9 @@ static int zc_wants_scores(const zc_cache *c, const tsr_kv_rows *rows, int32_t p
 static tsr_status zc_view_ext(void *self, int64_t id, int32_t layer, int32_t phase,
                               tsr_kv_view *views, tsr_kv_view_ext *ext) {
     zc_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find_or_fail(&c->kv, id, "view");
-    if (!q) return TSR_E_INVALID;
-    if (layer < 0 || layer >= c->kv.n_layer) {
-        c->kv.host->set_error(c->kv.host->ctx, "view: layer %d outside [0, %d)", (int)layer,
-                              (int)c->kv.n_layer);
-        return TSR_E_RANGE;
-    }
+    tsr_status st;
+    tsr_kv_seq *q = tsr_kv_store_find_layer(&c->kv, id, layer, "view", &st);
+    if (!q) return st;
     zc_layer *L = &zc_layers(c, q)[layer];
     const tsr_kv_rows *rows = &q->layers[layer];
     const int64_t n = L->nc + rows->n;
@@ -607,10 +584,7 @@ static tsr_status zc_view_ext(void *self, int64_t id, int32_t layer, int32_t pha
         L->scored = 1;
     }
     L->fresh = 0;
-    if (L->nc == 0) {
-        tsr_status st = tsr_kv_store_view(self, id, layer, phase, views);
-        if (st < 0) return st;
-    }
+    if (L->nc == 0 && (st = tsr_kv_store_view(self, id, layer, phase, views)) < 0) return st;
     /* Codes anywhere: products on them; rows only (16 or 32 bits for all): loaders suffice. */
     int codes = 0;
     for (int64_t k = 0; k < L->n_chunks; k++) codes |= zc_has_codes(c, &L->chunks[k]);
@@ -640,7 +614,8 @@ static tsr_status zc_view(void *self, int64_t id, int32_t layer, int32_t phase,
 
 /* ---- sequences --------------------------------------------------------------------------- */
 
-static void zc_seq_free(zc_cache *c, tsr_kv_seq *q) {
+static void zc_seq_fini(void *self, tsr_kv_seq *q) {
+    zc_cache *c = self;
     zc_layer *layers = zc_layers(c, q);
     for (int32_t l = 0; l < c->kv.n_layer; l++) {
         c->kv.entries -= layers[l].nc * c->kv.n_kv_head;
@@ -648,18 +623,12 @@ static void zc_seq_free(zc_cache *c, tsr_kv_seq *q) {
     }
 }
 
-static void zc_seq_end(void *self, int64_t id) {
-    zc_cache *c = self;
-    tsr_kv_seq *q = tsr_kv_store_find(&c->kv, id);
-    if (!q) return;
-    zc_seq_free(c, q);
-    tsr_kv_store_seq_free(&c->kv, q);
-}
-
 /* The sequence's state besides the store's rows, copied from `from` when not NULL. */
-static tsr_status zc_seq_init(zc_cache *c, tsr_kv_seq *q, const tsr_kv_seq *from) {
+static tsr_status zc_seq_init(void *self, tsr_kv_seq *q, const tsr_kv_seq *from) {
+    zc_cache *c = self;
     const tsr_host *h = c->kv.host;
     zc_layer *layers = zc_layers(c, q);
+    for (int32_t l = 0; l < c->kv.n_layer; l++) layers[l] = (zc_layer){0};
     for (int32_t l = 0; l < c->kv.n_layer; l++) {
         zc_layer *T = &layers[l];
         T->heads = tsr_calloc(h, (size_t)c->kv.n_kv_head, sizeof(zc_head));
@@ -694,20 +663,11 @@ static tsr_status zc_seq_init(zc_cache *c, tsr_kv_seq *q, const tsr_kv_seq *from
 }
 
 static tsr_status zc_seq_begin(void *self, int64_t id) {
-    zc_cache *c = self;
-    tsr_status st = tsr_kv_store_seq_begin(self, id);
-    if (st < 0) return st;
-    if ((st = zc_seq_init(c, tsr_kv_store_find(&c->kv, id), NULL)) < 0) zc_seq_end(self, id);
-    return st;
+    return tsr_kv_store_seq_begin_with(self, id, zc_seq_init, zc_seq_fini);
 }
-
+static void zc_seq_end(void *self, int64_t id) { tsr_kv_store_seq_end_with(self, id, zc_seq_fini); }
 static tsr_status zc_seq_fork(void *self, int64_t src, int64_t dst) {
-    zc_cache *c = self;
-    tsr_status st = tsr_kv_store_seq_fork(self, src, dst);
-    if (st < 0) return st;
-    st = zc_seq_init(c, tsr_kv_store_find(&c->kv, dst), tsr_kv_store_find(&c->kv, src));
-    if (st < 0) zc_seq_end(self, dst);
-    return st;
+    return tsr_kv_store_seq_fork_with(self, src, dst, zc_seq_init, zc_seq_fini);
 }
 
 /* A cut keeps the chunks' tokens below it (a chunk cut inside reads its first tokens as
@@ -734,29 +694,23 @@ static tsr_status zc_seq_truncate(void *self, int64_t id, int32_t n_pos) {
     return TSR_OK;
 }
 
-/* Bits per value: the chunks' blocks and the f32 rows, over the K and V elements held. */
+/* Bits per value of a layer: its chunks' blocks and its f32 rows, over its K and V elements. */
+static void zc_bits_held(const void *self, const tsr_kv_seq *q, int32_t layer, double *bits,
+                         double *values) {
+    const zc_cache *c = self;
+    const zc_layer *L = &zc_layers(c, q)[layer];
+    for (int64_t k = 0; k < L->n_chunks; k++) *bits += 8.0 * (double)L->chunks[k].bytes;
+    *bits += 8.0 * 2.0 * (double)q->layers[layer].n * (double)c->kv.row_bytes * c->kv.n_kv_head;
+    *values += 2.0 * (double)(L->nc + q->layers[layer].n) * c->kv.head_dim * c->kv.n_kv_head;
+}
+
 static void zc_stats(void *self, tsr_cache_stats *out) {
-    zc_cache *c = self;
-    tsr_kv_store_stats(self, out);
-    if (out->struct_size < offsetof(tsr_cache_stats, bits_per_value) + sizeof(double)) return;
-    double bits = 0.0, values = 0.0;
-    for (int32_t i = 0; i < c->kv.n_seq_max; i++) {
-        const tsr_kv_seq *q = &c->kv.seqs[i];
-        if (!q->alive) continue;
-        const zc_layer *layers = zc_layers(c, q);
-        for (int32_t l = 0; l < c->kv.n_layer; l++) {
-            for (int64_t k = 0; k < layers[l].n_chunks; k++) bits += 8.0 * (double)layers[l].chunks[k].bytes;
-            bits += 8.0 * 2.0 * (double)q->layers[l].n * (double)c->kv.row_bytes * c->kv.n_kv_head;
-            values += 2.0 * (double)(layers[l].nc + q->layers[l].n) * c->kv.head_dim * c->kv.n_kv_head;
-        }
-    }
-    out->bits_per_value = values > 0 ? bits / values : 0.0;
+    tsr_kv_store_stats_with(self, out, zc_bits_held);
 }
 
 static void zc_destroy(void *self) {
     zc_cache *c = self;
-    for (int32_t i = 0; i < c->kv.n_seq_max; i++)
-        if (c->kv.seqs[i].alive) zc_seq_free(c, &c->kv.seqs[i]);
+    tsr_kv_store_fini_all(self, zc_seq_fini);
     c->kv.host->free(c->kv.host->ctx, c->layers);
     tsr_kv_store_destroy(c);
 }
@@ -769,22 +723,16 @@ static tsr_status zc_create(const tsr_host *host, const tsr_params *params,
     static const int32_t high_values[] = {2, 4, 8, 16, 32}, low_values[] = {2, 4, 8};
     int32_t high = high_values[tsr_param_int(params, "high_bits")];
     int32_t low = low_values[tsr_param_int(params, "low_bits")];
-    if (init->n_ctx <= 0) {
-        host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
-        return TSR_E_INVALID;
-    }
+    tsr_status st;
+    if ((st = tsr_kv_store_need_ctx(host, init)) < 0 || (st = tsr_kvq_check_head(host, init)) < 0)
+        return st;
     if (high < low) {
         host->set_error(host->ctx, "high_bits %d is below low_bits %d: salient tokens get the "
                         "wider codes", (int)high, (int)low);
         return TSR_E_INVALID;
     }
-    if (init->head_dim > TSR_KVQ_MAX_HEAD_DIM) {
-        host->set_error(host->ctx, "head_dim %d: this policy serves heads of at most %d",
-                        (int)init->head_dim, TSR_KVQ_MAX_HEAD_DIM);
-        return TSR_E_UNSUPPORTED;
-    }
     void *self;
-    tsr_status st = tsr_kv_store_create(host, params, init, sizeof(zc_cache), 0, &self);
+    st = tsr_kv_store_create(host, params, init, sizeof(zc_cache), 0, &self);
     if (st < 0) return st;
     zc_cache *c = self;
     c->bits[0] = low;

@@ -114,6 +114,22 @@ static inline tsr_kv_seq *tsr_kv_store_find_or_fail(tsr_kv_store *s, int64_t id,
     return q;
 }
 
+/* The live sequence `id` whose `layer` is in range, or NULL with *status and the message set:
+ * "<what>: unknown sequence <id>" (TSR_E_INVALID) or "<what>: layer <l> outside [0, n)"
+ * (TSR_E_RANGE). */
+static inline tsr_kv_seq *tsr_kv_store_find_layer(tsr_kv_store *s, int64_t id, int32_t layer,
+                                                  const char *what, tsr_status *status) {
+    tsr_kv_seq *q = tsr_kv_store_find_or_fail(s, id, what);
+    *status = q ? TSR_OK : TSR_E_INVALID;
+    if (q && (layer < 0 || layer >= s->n_layer)) {
+        s->host->set_error(s->host->ctx, "%s: layer %d outside [0, %d)", what, (int)layer,
+                           (int)s->n_layer);
+        *status = TSR_E_RANGE;
+        q = NULL;
+    }
+    return q;
+}
+
 static inline void tsr_kv_rows_free_arrays_(const tsr_host *h, int32_t *pos, uint64_t *stamp,
                                             char *k, char *v) {
     h->free(h->ctx, pos);
@@ -206,6 +222,49 @@ static inline tsr_status tsr_kv_store_check_write(tsr_kv_store *s, const tsr_kv_
         return TSR_E_INVALID;
     }
     return TSR_OK;
+}
+
+/* For a policy that holds at most n_ctx positions a layer: refuses an init without n_ctx. */
+static inline tsr_status tsr_kv_store_need_ctx(const tsr_host *host, const tsr_cache_init *init) {
+    if (init->n_ctx > 0) return TSR_OK;
+    host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
+    return TSR_E_INVALID;
+}
+
+/* For the same policies: every position of the write in [0, n_ctx), and the `held` entries of
+ * the layer plus the write's within n_ctx; TSR_E_RANGE with the message otherwise. */
+static inline tsr_status tsr_kv_store_check_ctx(const tsr_kv_store *s, const tsr_kv_write *w,
+                                                int64_t held) {
+    const tsr_host *h = s->host;
+    for (int64_t t = 0; t < w->n; t++) {
+        if (w->pos[t] < 0 || w->pos[t] >= s->n_ctx) {
+            h->set_error(h->ctx, "store: sequence %lld layer %d: position %d outside [0, %d) "
+                         "(n_ctx)", (long long)w->seq_id, (int)w->layer, (int)w->pos[t],
+                         (int)s->n_ctx);
+            return TSR_E_RANGE;
+        }
+    }
+    if (held + w->n > s->n_ctx) {
+        h->set_error(h->ctx, "store: sequence %lld layer %d: %lld + %lld entries exceed n_ctx %d",
+                     (long long)w->seq_id, (int)w->layer, (long long)held, (long long)w->n,
+                     (int)s->n_ctx);
+        return TSR_E_RANGE;
+    }
+    return TSR_OK;
+}
+
+/* Gives the layer room for `need` rows: when they do not fit, the smallest of min_rows,
+ * 2 min_rows, 4 min_rows... that does (at most n_ctx, which need does not exceed). With
+ * `shrink`, rows over four times what is needed go back to that size too (a policy whose
+ * rows only hold recent entries, after a long prompt). */
+static inline tsr_status tsr_kv_rows_fit(tsr_kv_store *s, tsr_kv_rows *L, int64_t need,
+                                         int64_t min_rows, int shrink) {
+    int64_t floor = need > min_rows ? need : min_rows;
+    if (need <= L->cap && !(shrink && L->cap > 4 * floor)) return TSR_OK;
+    int64_t cap = min_rows;
+    while (cap < need) cap *= 2;
+    if (s->n_ctx > 0 && cap > s->n_ctx && need <= s->n_ctx) cap = s->n_ctx;
+    return tsr_kv_rows_resize(s, L, cap);
 }
 
 /* Appends the write's rows after the L->n held (the caller made room: L->cap >= L->n + w->n),
@@ -366,13 +425,9 @@ static inline tsr_status tsr_kv_store_view(void *self, int64_t id, int32_t layer
                                            tsr_kv_view *views) {
     (void)phase;
     tsr_kv_store *s = self;
-    tsr_kv_seq *q = tsr_kv_store_find_or_fail(s, id, "view");
-    if (!q) return TSR_E_INVALID;
-    if (layer < 0 || layer >= s->n_layer) {
-        s->host->set_error(s->host->ctx, "view: layer %d outside [0, %d)", (int)layer,
-                           (int)s->n_layer);
-        return TSR_E_RANGE;
-    }
+    tsr_status st;
+    tsr_kv_seq *q = tsr_kv_store_find_layer(s, id, layer, "view", &st);
+    if (!q) return st;
     const tsr_kv_rows *L = &q->layers[layer];
     size_t head_bytes = (size_t)L->cap * s->row_bytes;
     for (int32_t h = 0; h < s->n_kv_head; h++) {
@@ -410,6 +465,75 @@ static inline void tsr_kv_store_destroy(void *self) {
     s->host->free(s->host->ctx, s);
 }
 
+/* ---- a policy with state of its own per sequence --------------------------------------- */
+
+/* Besides the rows, a policy may keep per-sequence state in arrays parallel to the slots
+ * (tsr_kv_store_slot). It gives an init, which makes that state for a new sequence (a copy of
+ * `from`'s when not NULL: a fork), and a fini, which frees it and takes what it held out of the
+ * counters; fini must also undo an init that failed halfway (state zeroed before it starts).
+ * The callbacks below run them around the store's own. */
+typedef tsr_status (*tsr_kv_seq_init_fn)(void *self, tsr_kv_seq *q, const tsr_kv_seq *from);
+typedef void (*tsr_kv_seq_fini_fn)(void *self, tsr_kv_seq *q);
+
+static inline tsr_status tsr_kv_store_seq_begin_with(void *self, int64_t id,
+                                                     tsr_kv_seq_init_fn init,
+                                                     tsr_kv_seq_fini_fn fini) {
+    tsr_status st = tsr_kv_store_seq_begin(self, id);
+    if (st < 0) return st;
+    tsr_kv_seq *q = tsr_kv_store_find(self, id);
+    if ((st = init(self, q, NULL)) < 0) {
+        fini(self, q);
+        tsr_kv_store_seq_free(self, q);
+    }
+    return st;
+}
+
+static inline tsr_status tsr_kv_store_seq_fork_with(void *self, int64_t src, int64_t dst,
+                                                    tsr_kv_seq_init_fn init,
+                                                    tsr_kv_seq_fini_fn fini) {
+    tsr_status st = tsr_kv_store_seq_fork(self, src, dst);
+    if (st < 0) return st;
+    tsr_kv_seq *q = tsr_kv_store_find(self, dst);
+    if ((st = init(self, q, tsr_kv_store_find(self, src))) < 0) {
+        fini(self, q);
+        tsr_kv_store_seq_free(self, q);
+    }
+    return st;
+}
+
+static inline void tsr_kv_store_seq_end_with(void *self, int64_t id, tsr_kv_seq_fini_fn fini) {
+    tsr_kv_seq *q = tsr_kv_store_find(self, id);
+    if (!q) return;
+    fini(self, q);
+    tsr_kv_store_seq_free(self, q);
+}
+
+/* Frees every live sequence's own state (a destroy does this first, then frees the policy's
+ * arrays and calls tsr_kv_store_destroy). */
+static inline void tsr_kv_store_fini_all(void *self, tsr_kv_seq_fini_fn fini) {
+    tsr_kv_store *s = self;
+    for (int32_t i = 0; i < s->n_seq_max; i++)
+        if (s->seqs[i].alive) fini(self, &s->seqs[i]);
+}
+
+/* What a policy with storage of its own holds in `layer` of sequence q: the bits of its
+ * storage (scales and rows included) added to *bits, and the K and V elements they stand for
+ * to *values. */
+typedef void (*tsr_kv_bits_fn)(const void *self, const tsr_kv_seq *q, int32_t layer,
+                               double *bits, double *values);
+
+/* tsr_kv_store_stats with bits_per_value from `bits` over every live (sequence, layer). */
+static inline void tsr_kv_store_stats_with(void *self, tsr_cache_stats *out, tsr_kv_bits_fn bits) {
+    const tsr_kv_store *s = self;
+    tsr_kv_store_stats(self, out);
+    if (out->struct_size < offsetof(tsr_cache_stats, bits_per_value) + sizeof(double)) return;
+    double b = 0.0, values = 0.0;
+    for (int32_t i = 0; i < s->n_seq_max; i++)
+        for (int32_t l = 0; s->seqs[i].alive && l < s->n_layer; l++)
+            bits(self, &s->seqs[i], l, &b, &values);
+    out->bits_per_value = values > 0 ? b / values : 0.0;
+}
+
 /* The vtable entries that need nothing of a policy but its tsr_kv_store (a policy with hooks
  * of its own there lists them one by one instead). */
 #define TSR_KV_STORE_CALLBACKS                                                             \
@@ -421,6 +545,14 @@ static inline void tsr_kv_store_destroy(void *self) {
 
 /* The widest head these helpers serve: a policy keeps one head's weights on the stack. */
 #define TSR_KVQ_MAX_HEAD_DIM 512
+
+/* Refuses a head wider than TSR_KVQ_MAX_HEAD_DIM. */
+static inline tsr_status tsr_kvq_check_head(const tsr_host *host, const tsr_cache_init *init) {
+    if (init->head_dim <= TSR_KVQ_MAX_HEAD_DIM) return TSR_OK;
+    host->set_error(host->ctx, "head_dim %d: this policy serves heads of at most %d",
+                    (int)init->head_dim, TSR_KVQ_MAX_HEAD_DIM);
+    return TSR_E_UNSUPPORTED;
+}
 
 /* x as f16 rounded toward -infinity (up = 0) or +infinity (up = 1); beyond the f16 range
  * (|x| > 65504) x is clamped to it. */
