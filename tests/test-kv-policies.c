@@ -16,7 +16,9 @@
 #include <tessera/sdk.h>
 #include <tessera/sdk_cache.h>
 
+#include "files/gguf.h"
 #include "pipeline/pipeline.h"
+#include "tokenizer/tokenizer.h"
 #include "pipeline_fixture.h"
 #include "stage_plugin_fixtures.h"
 #include "testutil.h"
@@ -989,6 +991,98 @@ START_TEST(compressing_settings_stay_near_full) {
 }
 END_TEST
 
+/* The first tokens of tinystories_val.txt as stories260K's tokenizer cuts them (malloc'd). */
+static int32_t *story_ids(int n) {
+    char *model = tsr_test_data("models/stories260K.gguf"), *text_path =
+                                                                  tsr_test_data("data/tinystories_val.txt");
+    tsr_gguf *g;
+    tsr_tokenizer *tok;
+    tsr_error err;
+    ck_assert_msg(tsr_gguf_open(model, &g, &err) == 0, "%s", err.msg);
+    ck_assert_msg(tsr_tokenizer_from_gguf(g, &tok, &err) == 0, "%s", err.msg);
+    size_t size, n_ids;
+    char *text = tsr_test_read_file(text_path, &size);
+    int32_t *ids;
+    ck_assert_msg(tsr_tokenize(tok, text, size < 20000 ? size : 20000, true, false, &ids, &n_ids,
+                               &err) == 0, "%s", err.msg);
+    ck_assert_uint_ge(n_ids, (size_t)n);
+    free(text);
+    tsr_tokenizer_free(tok);
+    tsr_gguf_close(g);
+    free(text_path);
+    free(model);
+    return ids;
+}
+
+/* Teacher-forced generation: a prompt of `prompt` tokens in one forward, then every next token
+ * forwarded alone, as generation stores them; returns the perplexity of the tokens after the
+ * prompt, with the cache statistics at the end. */
+static double decode_perplexity(const char *cache, const int32_t *ids, int n, int prompt,
+                                tsr_cache_stats *st) {
+    char yaml[512];
+    tsr_test_pipeline r;
+    char *path = tsr_test_data("models/stories260K.gguf");
+    tsr_test_pipeline_open_ok(&r, path, pipeline_yaml(yaml, sizeof yaml, cache), n);
+    free(path);
+    const int32_t nv = r.model->hp.n_vocab;
+    float *logits = malloc((size_t)nv * sizeof(float));
+    tsr_error err;
+    tsr_request req;
+    ck_assert_int_eq(tsr_request_begin(&req, r.pl, n, NULL, NULL, NULL, NULL, &err), TSR_OK);
+    tsr_batch_entry *b = calloc((size_t)n, sizeof *b);
+    for (int i = 0; i < n; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = ids[i], .want_logits = 1};
+    double nll = 0.0;
+    for (int i = prompt; i < n; i++) {
+        /* The forward that ends at i - 1 predicts token i. */
+        int first = i == prompt ? 0 : i - 1, count = i == prompt ? prompt : 1;
+        for (int j = first; j < first + count; j++) b[j].want_logits = j == i - 1;
+        ck_assert_int_eq(req.api.forward(req.api.ctx, b + first, count, logits), TSR_OK);
+        double m = logits[0], sum = 0.0;
+        for (int32_t v = 1; v < nv; v++) m = fmax(m, logits[v]);
+        for (int32_t v = 0; v < nv; v++) sum += exp(logits[v] - m);
+        nll += m + log(sum) - logits[ids[i]];
+    }
+    *st = (tsr_cache_stats){TSR_SIZED(tsr_cache_stats)};
+    tsr_pipeline_cache_stats(r.pl, st);
+    tsr_request_end(&req);
+    tsr_test_pipeline_close(&r);
+    free(b);
+    free(logits);
+    return exp(nll / (n - prompt));
+}
+
+/* What each policy costs in quality on stories260K (a run of this test prints the table the
+ * docs quote): perplexity of 448 teacher-forced generated tokens after a 64-token prompt, KV
+ * bits per value and bytes at the end, against 'full'. Bounds well above what was measured,
+ * so that a policy that stops working fails. */
+static const struct {
+    const char *cache;
+    double max_ratio;
+} quality_cases[] = {
+    {"plugin: kivi, bits: 4", 1.02},    {"plugin: kivi, bits: 2", 1.3},
+    {"plugin: kivi, bits: 2, residual: 32", 1.6},
+    {"plugin: zipcache", 1.3},          {"plugin: zipcache, high_bits: 8, low_bits: 4", 1.02},
+    {"plugin: minicache", 1.5},         {"plugin: minicache, gamma: 0", 1.5},
+    {"plugin: paged", 1.0},
+};
+
+START_TEST(decode_quality_against_full) {
+    const int n = 512, prompt = 64;
+    int32_t *ids = story_ids(n);
+    tsr_cache_stats st_full, st;
+    double full = decode_perplexity("plugin: full", ids, n, prompt, &st_full);
+    double ppl = decode_perplexity(quality_cases[_i].cache, ids, n, prompt, &st);
+    fprintf(stderr, "%-45s ppl %.4f (full %.4f, x%.4f), %.2f bits/value, %llu KV bytes (full %llu)\n",
+            quality_cases[_i].cache, ppl, full, ppl / full, st.bits_per_value,
+            (unsigned long long)st.bytes_reserved, (unsigned long long)st_full.bytes_reserved);
+    ck_assert_msg(ppl <= full * quality_cases[_i].max_ratio, "%s: perplexity %g, full's %g",
+                  quality_cases[_i].cache, ppl, full);
+    ck_assert(st.bits_per_value > 0);
+    free(ids);
+}
+END_TEST
+
 /* Parameters out of range or inconsistent: one line naming the plugin and the value. */
 START_TEST(bad_parameters_get_one_line) {
     static const char *const cases[][3] = {
@@ -1032,6 +1126,8 @@ static Suite *suite(int models) {
                             (int)(sizeof exact_caches / sizeof exact_caches[0]));
         tcase_add_loop_test(tc, compressing_settings_stay_near_full, 0,
                             (int)(sizeof lossy_caches / sizeof lossy_caches[0]));
+        tcase_add_loop_test(tc, decode_quality_against_full, 0,
+                            (int)(sizeof quality_cases / sizeof quality_cases[0]));
         tcase_add_test(tc, bad_parameters_get_one_line);
     } else {
         const int n_kivi = (int)(sizeof kivi_cases / sizeof kivi_cases[0]);

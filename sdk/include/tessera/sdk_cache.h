@@ -15,8 +15,16 @@
  *   static const tsr_cache_vtable vt = { TSR_SIZED(tsr_cache_vtable), .create = my_create,
  *       .destroy = tsr_kv_store_destroy, .store = my_store, TSR_KV_STORE_CALLBACKS };
  *
+ * A policy with storage of its own (quantized codes, merged states, blocks) keeps per-sequence
+ * state beside the slots and runs it around the store's callbacks (tsr_kv_store_seq_begin_with
+ * and the rest), accounts its bytes (tsr_kv_store_account) and counts its bits per value per
+ * layer (tsr_kv_store_stats_with). The last section, tsr_kvq_*, is the toolkit of policies that
+ * quantize K/V: grids, codes in lanes and products on them, for dot_k / axpy_v
+ * (tsr_kv_view_ext) called from attention's workers ([worker]: they only read).
+ *
  * Header-only, like <tessera/sdk.h>: all memory goes through the host's allocator, and every
- * function runs on the thread that called into the policy ([main]).
+ * function runs on the thread that called into the policy ([main]). GNU C (vector
+ * extensions in the tsr_kvq_* products).
  */
 #ifndef TESSERA_SDK_CACHE_H
 #define TESSERA_SDK_CACHE_H
