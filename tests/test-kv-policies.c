@@ -861,6 +861,52 @@ START_TEST(flash_extensions_read_as_loads) {
 }
 END_TEST
 
+/* Calls of the counting products below (flash's workers call them concurrently). */
+static int64_t product_calls;
+
+static void counting_dot_k(const void *ctx, const float *q, int64_t j0, int64_t n,
+                           float *scores) {
+    __atomic_fetch_add(&product_calls, 1, __ATOMIC_RELAXED);
+    fixture_dot_k(ctx, q, j0, n, scores);
+}
+static void counting_axpy_v(const void *ctx, const float *p, int64_t j0, int64_t n,
+                            float *out) {
+    __atomic_fetch_add(&product_calls, 1, __ATOMIC_RELAXED);
+    fixture_axpy_v(ctx, p, j0, n, out);
+}
+
+/* flash computes through a view's products while a KV head serves at most 4 query heads, and
+ * through its loaders (a tile converted once for all of them) beyond. */
+START_TEST(flash_products_or_loads_by_group) {
+    for (int32_t n_head = 8; n_head <= 10; n_head += 2) {
+        attn_case c;
+        attn_case_make(&c, 300, n_head, 2, 16, 3, 100);
+        tsr_model_shape s = tsr_model_shape_synthetic();
+        s.n_head = n_head;
+        s.head_dim = 16;
+        fx fl;
+        fx_open(&fl, 2, TSR_STAGE_ATTENTION, "attention-flash.so", "flash", NULL, &s);
+        tsr_kv_view views[2];
+        tsr_kv_view_ext ext[2];
+        load_src srcs[2];
+        float out[10 * 3 * 16];
+        attn_case_views(&c, VIEW_LOADED, TSR_DTYPE_PLUGIN_FIRST, 0, NULL, views, srcs);
+        for (int32_t g = 0; g < 2; g++)
+            ext[g] = (tsr_kv_view_ext){TSR_SIZED(tsr_kv_view_ext), .dot_k = counting_dot_k,
+                                       .axpy_v = counting_axpy_v};
+        tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .layer = 1, .n_q = c.n_q,
+                                   .q = c.q, .q_pos = c.q_pos, .scale = 0.25f, .views = views,
+                                   .out = out, .views_ext = ext};
+        product_calls = 0;
+        ck_assert_int_eq(fx_attention_forward(&fl, &call), TSR_OK);
+        if (n_head / 2 <= 4) ck_assert_int_gt(product_calls, 0);
+        else ck_assert_int_eq(product_calls, 0);
+        fx_close(&fl);
+        attn_case_free(&c);
+    }
+}
+END_TEST
+
 /* flash over kivi's views: through dot_k / axpy_v, and through the loaders (the same entries
  * dequantized), the same attention within f32 rounding. */
 START_TEST(flash_on_kivi_products_matches_loads) {
@@ -1142,6 +1188,7 @@ static Suite *suite(int models) {
         tcase_add_test(tc, zipcache_saliency_bounds_and_products);
         tcase_add_loop_test(tc, flash_extensions_read_as_loads, 0,
                             (int)(sizeof ext_cases / sizeof ext_cases[0]));
+        tcase_add_test(tc, flash_products_or_loads_by_group);
         tcase_add_test(tc, flash_on_kivi_products_matches_loads);
     }
     suite_add_tcase(s, tc);

@@ -274,12 +274,16 @@ static tsr_status kivi_store(void *self, const tsr_kv_write *w) {
 
 /* ---- reading: loaders and products on the codes ----------------------------------------- */
 
+/* Rows dequantized slot by slot: keys on their group's per-channel grid, values on their own
+ * per-group grid spread over the channels. */
+TSR_VECTOR_CLONES
 static void kivi_load_k(const void *ctx, int64_t j0, int64_t n, float *dst) {
     const kivi_head *kh = ctx;
     const kivi_cache *c = kh->c;
     const kivi_layer *L = kh->L;
     const int32_t hd = c->kv.head_dim, G = c->group;
-    float zero[TSR_KVQ_MAX_HEAD_DIM], step[TSR_KVQ_MAX_HEAD_DIM];
+    const char *codes = kivi_codes(c, L, kh->head, 0);
+    float zero[TSR_KVQ_MAX_HEAD_DIM + 16] = {0}, step[TSR_KVQ_MAX_HEAD_DIM + 16] = {0};
     int64_t group = -1;
     for (int64_t j = j0; j < j0 + n; j++) {
         float *out = dst + (j - j0) * hd;
@@ -290,22 +294,21 @@ static void kivi_load_k(const void *ctx, int64_t j0, int64_t n, float *dst) {
         if (j / G != group) {
             group = j / G;
             const uint16_t *grid = kivi_kgrid(c, L, kh->head, group);
-            for (int32_t d = 0; d < hd; d++) {
-                zero[d] = tsr_kvq_f16(grid[d]);
-                step[d] = tsr_kvq_f16(grid[hd + d]);
-            }
+            tsr_kvq_f16_row(zero, grid, hd);
+            tsr_kvq_f16_row(step, grid + hd, hd);
         }
-        const char *codes = kivi_codes(c, L, kh->head, 0);
-        for (int32_t d = 0; d < hd; d++)
-            out[d] = (float)tsr_kvq_get(&c->lay, codes, j, d) * step[d] + zero[d];
+        tsr_kvq_dequant(&c->lay, out, hd, step, zero, codes, j);
     }
 }
 
+TSR_VECTOR_CLONES
 static void kivi_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
     const kivi_head *kh = ctx;
     const kivi_cache *c = kh->c;
     const kivi_layer *L = kh->L;
     const int32_t hd = c->kv.head_dim, G = c->group;
+    const char *codes = kivi_codes(c, L, kh->head, 1);
+    float zero[TSR_KVQ_MAX_HEAD_DIM + 16] = {0}, step[TSR_KVQ_MAX_HEAD_DIM + 16] = {0};
     for (int64_t j = j0; j < j0 + n; j++) {
         float *out = dst + (j - j0) * hd;
         if (j >= L->nqv) {
@@ -313,10 +316,22 @@ static void kivi_load_v(const void *ctx, int64_t j0, int64_t n, float *dst) {
             continue;
         }
         const uint16_t *grid = kivi_vgrid(c, L, kh->head, j);
-        const char *codes = kivi_codes(c, L, kh->head, 1);
-        for (int32_t d = 0; d < hd; d++)
-            out[d] = (float)tsr_kvq_get(&c->lay, codes, j, d) * tsr_kvq_f16(grid[2 * (d / G) + 1]) +
-                     tsr_kvq_f16(grid[2 * (d / G)]);
+        if (c->slot_group) {
+            for (int32_t s = 0; s < c->lay.slots; s++) {
+                const float z = tsr_kvq_f16(grid[2 * c->slot_group[s]]);
+                const float st = tsr_kvq_f16(grid[2 * c->slot_group[s] + 1]);
+                for (int l = 0; l < 16; l++) {
+                    zero[16 * s + l] = z;
+                    step[16 * s + l] = st;
+                }
+            }
+        } else {
+            for (int32_t d = 0; d < hd; d++) {
+                zero[d] = tsr_kvq_f16(grid[2 * (d / G)]);
+                step[d] = tsr_kvq_f16(grid[2 * (d / G) + 1]);
+            }
+        }
+        tsr_kvq_dequant(&c->lay, out, hd, step, zero, codes, j);
     }
 }
 

@@ -758,6 +758,26 @@ static inline __attribute__((always_inline)) float tsr_kvq_dot(const tsr_kvq_lay
     return tsr_kvq_sum(&acc);
 }
 
+/* Row r dequantized: out[d] = code_d * scale[d] + zero[d] for d < head_dim (scale and zero
+ * hold 16 * slots floats, out head_dim). */
+static inline __attribute__((always_inline)) void tsr_kvq_dequant(const tsr_kvq_layout *L,
+                                                                  float *out, int32_t head_dim,
+                                                                  const float *scale,
+                                                                  const float *zero,
+                                                                  const void *codes, int64_t r) {
+    tsr_kvq_f32x16 code, x, s, z;
+    uint32_t at;
+    const uint32_t *group = tsr_kvq_row(L, codes, r, &at);
+    for (int32_t m = 0; m < L->slots; m++) {
+        tsr_kvq_unpack(&code, L, group, at, m);
+        memcpy(&s, scale + 16 * m, sizeof s);
+        memcpy(&z, zero + 16 * m, sizeof z);
+        x = code * s + z;
+        const int32_t left = head_dim - 16 * m;
+        memcpy(out + 16 * m, &x, (size_t)(left < 16 ? left : 16) * sizeof(float));
+    }
+}
+
 /* acc[16 m + l] += sum over i < n of a[i * slots + m] * the code of channel 16 m + l of row
  * r0 + i, for every slot m (acc holds 16 * slots floats): slot by slot, so that each slot's sum
  * stays in registers across the rows. */
