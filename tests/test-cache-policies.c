@@ -957,10 +957,10 @@ START_TEST(test_story_per_layer_policy) {
     free(path);
     static const int32_t prompt[STORY_PROMPT] = {1, 403, 407, 261, 378, 411};
     tsr_error err;
-    int64_t made = 0;
+    tsr_generate_stats made;
     ck_assert_int_ge(tsr_pipeline_generate(r.pl, prompt, STORY_PROMPT, 40, NULL, NULL, NULL,
                                            NULL, &made, &err), 0);
-    ck_assert_int_eq(made, 40);
+    ck_assert_int_eq(made.new_tokens, 40);
     tsr_cache_stats st;
     ck_assert_int_eq(tsr_pipeline_cache_stats(r.pl, &st), 2);
     ck_assert_int_eq(st.entries, 0); /* generate ended the sequence */

@@ -12,6 +12,12 @@
  * one task, so results do not depend on the thread count. score_acc needs the final m and l of
  * every (query, head), so it is a second pass over scores only (no V), run only when a view
  * asks for it and split over (KV head, key tile) so each entry's sum has a fixed order.
+ *
+ * A view's extension (views_ext, cache ABI 1.1) changes only how entries are read: entries in
+ * blocks are read from their blocks (in place when a tile lies in one F32 block), and a policy's
+ * own products replace the loaded rows: dot_k gives a tile's scores for the scaled query,
+ * axpy_v adds the probability-weighted values, called on each run of visible entries so that
+ * an entry the query must not see adds nothing at all.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -54,6 +60,12 @@ static inline __attribute__((always_inline)) float flash_dot(const float *a, con
 
 /* Keys scored together: one vector register per partial sum in the widest clone. */
 #define FLASH_KB 16
+/* A policy's products (dot_k, axpy_v) are used while a KV head serves at most this many query
+ * heads: each query head pays them over again, where a tile read through load_k / load_v is
+ * converted once for all of them. Measured on kivi's 2-bit codes (4096 entries, 4 KV heads,
+ * CPU time of one layer's decode attention): 2 query heads a KV head 0.75 ms through the
+ * products, 1.5 through the loaders; 4: 1.46 and 1.76; 8 (tinyllama): 2.93 and 2.35. */
+#define FLASH_PRODUCT_HEADS 4
 
 /* flash_dot of q with each of nb keys, the same bits, from the tile's keys transposed (kT: hd
  * rows of kstride >= nb rounded up to FLASH_KB, zero past nb): the inner loops run across
@@ -80,6 +92,70 @@ static inline __attribute__((always_inline)) void flash_scores(float *s, const f
             for (int j = 0; j < FLASH_KB; j++) a0[j] += q[d] * k[(size_t)d * kstride + j];
         int64_t n = nb - r0 < FLASH_KB ? nb - r0 : FLASH_KB;
         for (int64_t j = 0; j < n; j++) s[r0 + j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
+    }
+}
+
+/* The extension of view g when the call carries views_ext (since 1.1), else NULL. */
+static const tsr_kv_view_ext *flash_view_ext(const tsr_attention_call *c, int32_t g) {
+    if (c->struct_size < offsetof(tsr_attention_call, views_ext) + sizeof c->views_ext ||
+        !c->views_ext)
+        return NULL;
+    const tsr_kv_view_ext *e = &c->views_ext[g];
+    return e->struct_size >= sizeof *e ? e : NULL;
+}
+
+/* Whether to compute through the policy's products rather than its loaders (see
+ * FLASH_PRODUCT_HEADS). */
+static int flash_products(const flash_attn *a) {
+    return a->sh.n_head / a->sh.n_kv_head <= FLASH_PRODUCT_HEADS;
+}
+
+/* tsr_kv_view_rows for views whose entries lie in blocks (F32 or F16): in place when the rows
+ * lie in one F32 block, else copied (converted) into scratch. Other views go to
+ * tsr_kv_view_rows, which also serves block dtypes this plugin does not know (their loaders). */
+static const float *flash_rows(const tsr_kv_view *v, const tsr_kv_view_ext *e, int values,
+                               int64_t j0, int64_t n, int32_t hd, float *scratch, size_t *stride) {
+    if (!e || e->block_size <= 0 ||
+        (e->block_dtype != TSR_DTYPE_F32 && e->block_dtype != TSR_DTYPE_F16))
+        return tsr_kv_view_rows(v, values, j0, n, hd, scratch, stride);
+    const void *const *blocks = values ? e->v_blocks : e->k_blocks;
+    const size_t bst = values ? v->v_stride : v->k_stride;
+    const int64_t bs = e->block_size;
+    const char *first = (const char *)blocks[j0 / bs] + (size_t)(j0 % bs) * bst;
+    if (e->block_dtype == TSR_DTYPE_F32 && j0 / bs == (j0 + n - 1) / bs &&
+        bst % sizeof(float) == 0 && (uintptr_t)first % sizeof(float) == 0) {
+        *stride = bst / sizeof(float);
+        return (const float *)first;
+    }
+    *stride = (size_t)hd;
+    for (int64_t r = 0; r < n; r++) {
+        const char *row = (const char *)blocks[(j0 + r) / bs] + (size_t)((j0 + r) % bs) * bst;
+        float *dst = scratch + r * hd;
+        if (e->block_dtype == TSR_DTYPE_F32) {
+            memcpy(dst, row, (size_t)hd * sizeof(float));
+        } else {
+            for (int32_t d = 0; d < hd; d++) {
+                uint16_t h;
+                memcpy(&h, row + 2 * (size_t)d, 2);
+                dst[d] = tsr_f16_to_f32(h);
+            }
+        }
+    }
+    return scratch;
+}
+
+/* The policy's axpy_v over each run of entries of the tile whose p is not -INFINITY (masked). */
+static void flash_axpy_runs(const tsr_kv_view_ext *e, const void *ctx, const float *p,
+                            int64_t j0, int64_t nb, float *o) {
+    for (int64_t r = 0; r < nb;) {
+        if (p[r] == -INFINITY) {
+            r++;
+            continue;
+        }
+        int64_t r1 = r + 1;
+        while (r1 < nb && p[r1] != -INFINITY) r1++;
+        e->axpy_v(ctx, p + r, j0 + r, r1 - r, o);
+        r = r1;
     }
 }
 
@@ -112,6 +188,9 @@ static void flash_task(void *arg, int ith, int nth) {
         int64_t i0 = (it / a->sh.n_kv_head) * FLASH_QB;
         int64_t nq = c->n_q - i0 < FLASH_QB ? c->n_q - i0 : FLASH_QB;
         const tsr_kv_view *v = &c->views[g];
+        const tsr_kv_view_ext *e = flash_view_ext(c, g);
+        const int dot_k = e && e->dot_k && flash_products(a);
+        const int axpy_v = e && e->axpy_v && flash_products(a);
         int32_t qpos_max = INT32_MIN;
         for (int64_t qi = 0; qi < nq; qi++) {
             if (c->q_pos[i0 + qi] > qpos_max) qpos_max = c->q_pos[i0 + qi];
@@ -131,19 +210,24 @@ static void flash_task(void *arg, int ith, int nth) {
             int any = 0;
             for (int64_t r = 0; r < nb && !any; r++) any = v->pos[j0 + r] <= qpos_max;
             if (!any) continue; /* the whole tile lies in every query's future */
-            size_t kst, vst;
-            const float *k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
-            const float *vv = tsr_kv_view_rows(v, 1, j0, nb, hd, vt, &vst);
-            const int64_t nbk = (nb + FLASH_KB - 1) / FLASH_KB * FLASH_KB;
-            for (int32_t d = 0; d < hd; d++)
-                for (int64_t r = 0; r < nbk; r++)
-                    kT[(size_t)d * kstride + r] = r < nb ? k[(size_t)r * kst + d] : 0.0f;
+            size_t kst, vst = 0;
+            const float *vv = axpy_v ? NULL : flash_rows(v, e, 1, j0, nb, hd, vt, &vst);
+            if (!dot_k) {
+                const float *k = flash_rows(v, e, 0, j0, nb, hd, kt, &kst);
+                const int64_t nbk = (nb + FLASH_KB - 1) / FLASH_KB * FLASH_KB;
+                for (int32_t d = 0; d < hd; d++)
+                    for (int64_t r = 0; r < nbk; r++)
+                        kT[(size_t)d * kstride + r] = r < nb ? k[(size_t)r * kst + d] : 0.0f;
+            }
             for (int64_t qi = 0; qi < nq; qi++) {
                 int32_t qpos = c->q_pos[i0 + qi];
                 for (int32_t hg = 0; hg < group; hg++) {
                     int64_t st = qi * group + hg;
                     float mt = -INFINITY;
-                    flash_scores(s, qs + st * hd, kT, nb, hd, kstride);
+                    if (dot_k)
+                        e->dot_k(v->load_ctx, qs + st * hd, j0, nb, s);
+                    else
+                        flash_scores(s, qs + st * hd, kT, nb, hd, kstride);
                     for (int64_t r = 0; r < nb; r++) {
                         if (v->pos[j0 + r] > qpos)
                             s[r] = -INFINITY;
@@ -165,9 +249,14 @@ static void flash_task(void *arg, int ith, int nth) {
                         if (s[r] == -INFINITY) continue;
                         float p = expf(s[r] - m_new);
                         l += p;
+                        if (axpy_v) {
+                            s[r] = p;
+                            continue;
+                        }
                         const float *vr = vv + (size_t)r * vst;
                         for (int32_t d = 0; d < hd; d++) o[d] += p * vr[d];
                     }
+                    if (axpy_v) flash_axpy_runs(e, v->load_ctx, s, j0, nb, o);
                     ml[2 * st + 1] += l;
                 }
             }
@@ -215,8 +304,11 @@ static void flash_score_task(void *arg, int ith, int nth) {
         const tsr_kv_view *v = &c->views[g];
         if (!v->score_acc || j0 >= v->n) continue;
         int64_t nb = v->n - j0 < tile ? v->n - j0 : tile;
-        size_t kst;
-        const float *k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
+        const tsr_kv_view_ext *e = flash_view_ext(c, g);
+        const int dot_k = e && e->dot_k && flash_products(a);
+        size_t kst = 0;
+        /* With dot_k the tile's scores for one query go where the keys would have been read. */
+        const float *k = dot_k ? NULL : flash_rows(v, e, 0, j0, nb, hd, kt, &kst);
         for (int64_t r = 0; r < nb; r++) sum[r] = 0.0f;
         for (int32_t h = g * group; h < (g + 1) * group; h++) {
             for (int64_t i = 0; i < c->n_q; i++) {
@@ -226,9 +318,11 @@ static void flash_score_task(void *arg, int ith, int nth) {
                 if (qpos < v->score_from_pos || l <= 0.0f) continue;
                 const float *q = c->q + pair * hd;
                 for (int32_t d = 0; d < hd; d++) qs[d] = q[d] * c->scale;
+                if (dot_k) e->dot_k(v->load_ctx, qs, j0, nb, kt);
                 for (int64_t r = 0; r < nb; r++) {
                     if (v->pos[j0 + r] > qpos) continue;
-                    sum[r] += expf(flash_dot(qs, k + (size_t)r * kst, hd) - m) / l;
+                    float score = dot_k ? kt[r] : flash_dot(qs, k + (size_t)r * kst, hd);
+                    sum[r] += expf(score - m) / l;
                 }
             }
         }

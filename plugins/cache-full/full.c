@@ -12,43 +12,21 @@
 
 static tsr_status full_store(void *self, const tsr_kv_write *w) {
     tsr_kv_store *c = self;
-    const tsr_host *h = c->host;
     tsr_kv_seq *s;
     tsr_status st = tsr_kv_store_check_write(c, w, &s);
     if (st < 0) return st;
     tsr_kv_rows *L = &s->layers[w->layer];
-    for (int64_t t = 0; t < w->n; t++) {
-        if (w->pos[t] < 0 || w->pos[t] >= c->n_ctx) {
-            h->set_error(h->ctx, "store: sequence %lld layer %d: position %d outside [0, %d) "
-                         "(n_ctx)", (long long)w->seq_id, (int)w->layer, (int)w->pos[t],
-                         (int)c->n_ctx);
-            return TSR_E_RANGE;
-        }
-    }
-    if (L->n + w->n > c->n_ctx) {
-        h->set_error(h->ctx, "store: sequence %lld layer %d: %lld + %lld entries exceed n_ctx %d",
-                     (long long)w->seq_id, (int)w->layer, (long long)L->n, (long long)w->n,
-                     (int)c->n_ctx);
-        return TSR_E_RANGE;
-    }
-    if (L->n + w->n > L->cap) {
-        int64_t cap = L->cap ? L->cap : FULL_MIN_ROWS;
-        while (cap < L->n + w->n) cap *= 2;
-        if (cap > c->n_ctx) cap = c->n_ctx;
-        st = tsr_kv_rows_resize(c, L, cap);
-        if (st < 0) return st;
-    }
+    if ((st = tsr_kv_store_check_ctx(c, w, L->n)) < 0 ||
+        (st = tsr_kv_rows_fit(c, L, L->n + w->n, FULL_MIN_ROWS, 0)) < 0)
+        return st;
     tsr_kv_rows_append(c, s, L, w);
     return TSR_OK;
 }
 
 static tsr_status full_create(const tsr_host *host, const tsr_params *params,
                               const tsr_cache_init *init, void **out) {
-    if (init->n_ctx <= 0) {
-        host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
-        return TSR_E_INVALID;
-    }
-    return tsr_kv_store_create(host, params, init, sizeof(tsr_kv_store), 0, out);
+    tsr_status st = tsr_kv_store_need_ctx(host, init);
+    return st < 0 ? st : tsr_kv_store_create(host, params, init, sizeof(tsr_kv_store), 0, out);
 }
 
 static const char *const full_dtypes[] = {"f32", "f16", NULL};

@@ -16,10 +16,18 @@
  *       .destroy = tsr_kv_store_destroy, .store = my_store, TSR_KV_STORE_CALLBACKS };
  *
  * A policy that keeps different entries for each KV head, chosen by the attention they receive
- * (H2O, TOVA, SnapKV), starts with a tsr_kv_heads instead: the second half of this file.
+ * (H2O, TOVA, SnapKV), starts with a tsr_kv_heads instead ("per-head stores" below).
+ *
+ * A policy with storage of its own (quantized codes, merged states, blocks) keeps per-sequence
+ * state beside the slots and runs it around the store's callbacks (tsr_kv_store_seq_begin_with
+ * and the rest), accounts its bytes (tsr_kv_store_account) and counts its bits per value per
+ * layer (tsr_kv_store_stats_with). The last section, tsr_kvq_*, is the toolkit of policies that
+ * quantize K/V: grids, codes in lanes and products on them, for dot_k / axpy_v
+ * (tsr_kv_view_ext) called from attention's workers ([worker]: they only read).
  *
  * Header-only, like <tessera/sdk.h>: all memory goes through the host's allocator, and every
- * function runs on the thread that called into the policy ([main]).
+ * function runs on the thread that called into the policy ([main]). GNU C (vector
+ * extensions in the tsr_kvq_* products).
  */
 #ifndef TESSERA_SDK_CACHE_H
 #define TESSERA_SDK_CACHE_H
@@ -126,6 +134,24 @@ static inline tsr_kv_seq *tsr_kv_store_find_or_fail(tsr_kv_store *s, int64_t id,
     return q;
 }
 
+/* The live sequence `id` whose `layer` lies in [0, n_layer) (the store's own n_layer, or the
+ * model's for a per-head store), or NULL with *status and the message set:
+ * "<what>: unknown sequence <id>" (TSR_E_INVALID) or "<what>: layer <l> outside [0, n)"
+ * (TSR_E_RANGE). */
+static inline tsr_kv_seq *tsr_kv_store_find_layer(tsr_kv_store *s, int64_t id, int32_t layer,
+                                                  int32_t n_layer, const char *what,
+                                                  tsr_status *status) {
+    tsr_kv_seq *q = tsr_kv_store_find_or_fail(s, id, what);
+    *status = q ? TSR_OK : TSR_E_INVALID;
+    if (q && (layer < 0 || layer >= n_layer)) {
+        s->host->set_error(s->host->ctx, "%s: layer %d outside [0, %d)", what, (int)layer,
+                           (int)n_layer);
+        *status = TSR_E_RANGE;
+        q = NULL;
+    }
+    return q;
+}
+
 static inline void tsr_kv_rows_free_arrays_(const tsr_host *h, int32_t *pos, uint64_t *stamp,
                                             float *score, char *k, char *v) {
     h->free(h->ctx, pos);
@@ -225,6 +251,49 @@ static inline tsr_status tsr_kv_store_check_write(tsr_kv_store *s, const tsr_kv_
     return TSR_OK;
 }
 
+/* For a policy that holds at most n_ctx positions a layer: refuses an init without n_ctx. */
+static inline tsr_status tsr_kv_store_need_ctx(const tsr_host *host, const tsr_cache_init *init) {
+    if (init->n_ctx > 0) return TSR_OK;
+    host->set_error(host->ctx, "n_ctx %d: expected a positive size", (int)init->n_ctx);
+    return TSR_E_INVALID;
+}
+
+/* For the same policies: every position of the write in [0, n_ctx), and the `held` entries of
+ * the layer plus the write's within n_ctx; TSR_E_RANGE with the message otherwise. */
+static inline tsr_status tsr_kv_store_check_ctx(const tsr_kv_store *s, const tsr_kv_write *w,
+                                                int64_t held) {
+    const tsr_host *h = s->host;
+    for (int64_t t = 0; t < w->n; t++) {
+        if (w->pos[t] < 0 || w->pos[t] >= s->n_ctx) {
+            h->set_error(h->ctx, "store: sequence %lld layer %d: position %d outside [0, %d) "
+                         "(n_ctx)", (long long)w->seq_id, (int)w->layer, (int)w->pos[t],
+                         (int)s->n_ctx);
+            return TSR_E_RANGE;
+        }
+    }
+    if (held + w->n > s->n_ctx) {
+        h->set_error(h->ctx, "store: sequence %lld layer %d: %lld + %lld entries exceed n_ctx %d",
+                     (long long)w->seq_id, (int)w->layer, (long long)held, (long long)w->n,
+                     (int)s->n_ctx);
+        return TSR_E_RANGE;
+    }
+    return TSR_OK;
+}
+
+/* Gives the layer room for `need` rows: when they do not fit, the smallest of min_rows,
+ * 2 min_rows, 4 min_rows... that does (at most n_ctx, which need does not exceed). With
+ * `shrink`, rows over four times what is needed go back to that size too (a policy whose
+ * rows only hold recent entries, after a long prompt). */
+static inline tsr_status tsr_kv_rows_fit(tsr_kv_store *s, tsr_kv_rows *L, int64_t need,
+                                         int64_t min_rows, int shrink) {
+    int64_t floor = need > min_rows ? need : min_rows;
+    if (need <= L->cap && !(shrink && L->cap > 4 * floor)) return TSR_OK;
+    int64_t cap = min_rows;
+    while (cap < need) cap *= 2;
+    if (s->n_ctx > 0 && cap > s->n_ctx && need <= s->n_ctx) cap = s->n_ctx;
+    return tsr_kv_rows_resize(s, L, cap);
+}
+
 /* Appends the write's rows after the L->n held (the caller made room: L->cap >= L->n + w->n),
  * converted to the store's dtype, with the sequence's next stamps. */
 static inline void tsr_kv_rows_append(tsr_kv_store *s, tsr_kv_seq *seq, tsr_kv_rows *L,
@@ -242,6 +311,35 @@ static inline void tsr_kv_rows_append(tsr_kv_store *s, tsr_kv_seq *seq, tsr_kv_r
     }
     L->n += w->n;
     s->entries += w->n * s->n_kv_head;
+}
+
+/* Removes the first k entries of the layer (positions, stamps, every head's K and V rows),
+ * keeping the others in order. The counters are the caller's: a policy that moved the entries
+ * elsewhere (quantized them, merged them) still holds them; one that dropped them evicted them. */
+static inline void tsr_kv_rows_drop_front(const tsr_kv_store *s, tsr_kv_rows *L, int64_t k) {
+    if (k <= 0) return;
+    int64_t left = L->n - k;
+    size_t head_bytes = (size_t)L->cap * s->row_bytes, rb = s->row_bytes;
+    memmove(L->pos, L->pos + k, (size_t)left * sizeof(int32_t));
+    if (L->stamp) memmove(L->stamp, L->stamp + k, (size_t)left * sizeof(uint64_t));
+    for (int32_t h = 0; h < s->n_kv_head; h++) {
+        memmove(L->k + h * head_bytes, L->k + h * head_bytes + (size_t)k * rb, (size_t)left * rb);
+        memmove(L->v + h * head_bytes, L->v + h * head_bytes + (size_t)k * rb, (size_t)left * rb);
+    }
+    L->n = left;
+}
+
+/* Bytes a policy allocated besides the store's rows (quantized codes, merged states, blocks),
+ * added to or taken from bytes_reserved, with the peak kept. */
+static inline void tsr_kv_store_account(tsr_kv_store *s, int64_t delta_bytes) {
+    s->bytes_reserved = (uint64_t)((int64_t)s->bytes_reserved + delta_bytes);
+    if (s->bytes_reserved > s->bytes_peak) s->bytes_peak = s->bytes_reserved;
+}
+
+/* The slot index of a live sequence, for policies that keep per-sequence state of their own in
+ * an array parallel to the store's slots (n_seq_max). */
+static inline int32_t tsr_kv_store_slot(const tsr_kv_store *s, const tsr_kv_seq *q) {
+    return (int32_t)(q - s->seqs);
 }
 
 /* ---- vtable callbacks: `self` is the policy's instance, a tsr_kv_store first ------------- */
@@ -351,29 +449,14 @@ static inline tsr_status tsr_kv_store_seq_truncate(void *self, int64_t id, int32
     return TSR_OK;
 }
 
-/* The live sequence `id` into *q when `layer` lies in [0, n_layer); else an error status with
- * "<what>: unknown sequence <id>" or "<what>: layer <l> outside [0, <n_layer>)" set. */
-static inline tsr_status tsr_kv_store_find_layer_(tsr_kv_store *s, int64_t id, int32_t layer,
-                                                  int32_t n_layer, const char *what,
-                                                  tsr_kv_seq **q) {
-    *q = tsr_kv_store_find_or_fail(s, id, what);
-    if (!*q) return TSR_E_INVALID;
-    if (layer < 0 || layer >= n_layer) {
-        s->host->set_error(s->host->ctx, "%s: layer %d outside [0, %d)", what, (int)layer,
-                           (int)n_layer);
-        return TSR_E_RANGE;
-    }
-    return TSR_OK;
-}
-
 /* Every KV head sees all the entries the layer holds, in slot order. */
 static inline tsr_status tsr_kv_store_view(void *self, int64_t id, int32_t layer, int32_t phase,
                                            tsr_kv_view *views) {
     (void)phase;
     tsr_kv_store *s = self;
-    tsr_kv_seq *q;
-    tsr_status st = tsr_kv_store_find_layer_(s, id, layer, s->n_layer, "view", &q);
-    if (st < 0) return st;
+    tsr_status st;
+    tsr_kv_seq *q = tsr_kv_store_find_layer(s, id, layer, s->n_layer, "view", &st);
+    if (!q) return st;
     const tsr_kv_rows *L = &q->layers[layer];
     size_t head_bytes = (size_t)L->cap * s->row_bytes;
     for (int32_t h = 0; h < s->n_kv_head; h++) {
@@ -409,6 +492,75 @@ static inline void tsr_kv_store_destroy(void *self) {
         if (s->seqs[i].alive) tsr_kv_store_seq_free(s, &s->seqs[i]);
     s->host->free(s->host->ctx, s->seqs);
     s->host->free(s->host->ctx, s);
+}
+
+/* ---- a policy with state of its own per sequence --------------------------------------- */
+
+/* Besides the rows, a policy may keep per-sequence state in arrays parallel to the slots
+ * (tsr_kv_store_slot). It gives an init, which makes that state for a new sequence (a copy of
+ * `from`'s when not NULL: a fork), and a fini, which frees it and takes what it held out of the
+ * counters; fini must also undo an init that failed halfway (state zeroed before it starts).
+ * The callbacks below run them around the store's own. */
+typedef tsr_status (*tsr_kv_seq_init_fn)(void *self, tsr_kv_seq *q, const tsr_kv_seq *from);
+typedef void (*tsr_kv_seq_fini_fn)(void *self, tsr_kv_seq *q);
+
+static inline tsr_status tsr_kv_store_seq_begin_with(void *self, int64_t id,
+                                                     tsr_kv_seq_init_fn init,
+                                                     tsr_kv_seq_fini_fn fini) {
+    tsr_status st = tsr_kv_store_seq_begin(self, id);
+    if (st < 0) return st;
+    tsr_kv_seq *q = tsr_kv_store_find(self, id);
+    if ((st = init(self, q, NULL)) < 0) {
+        fini(self, q);
+        tsr_kv_store_seq_free(self, q);
+    }
+    return st;
+}
+
+static inline tsr_status tsr_kv_store_seq_fork_with(void *self, int64_t src, int64_t dst,
+                                                    tsr_kv_seq_init_fn init,
+                                                    tsr_kv_seq_fini_fn fini) {
+    tsr_status st = tsr_kv_store_seq_fork(self, src, dst);
+    if (st < 0) return st;
+    tsr_kv_seq *q = tsr_kv_store_find(self, dst);
+    if ((st = init(self, q, tsr_kv_store_find(self, src))) < 0) {
+        fini(self, q);
+        tsr_kv_store_seq_free(self, q);
+    }
+    return st;
+}
+
+static inline void tsr_kv_store_seq_end_with(void *self, int64_t id, tsr_kv_seq_fini_fn fini) {
+    tsr_kv_seq *q = tsr_kv_store_find(self, id);
+    if (!q) return;
+    fini(self, q);
+    tsr_kv_store_seq_free(self, q);
+}
+
+/* Frees every live sequence's own state (a destroy does this first, then frees the policy's
+ * arrays and calls tsr_kv_store_destroy). */
+static inline void tsr_kv_store_fini_all(void *self, tsr_kv_seq_fini_fn fini) {
+    tsr_kv_store *s = self;
+    for (int32_t i = 0; i < s->n_seq_max; i++)
+        if (s->seqs[i].alive) fini(self, &s->seqs[i]);
+}
+
+/* What a policy with storage of its own holds in `layer` of sequence q: the bits of its
+ * storage (scales and rows included) added to *bits, and the K and V elements they stand for
+ * to *values. */
+typedef void (*tsr_kv_bits_fn)(const void *self, const tsr_kv_seq *q, int32_t layer,
+                               double *bits, double *values);
+
+/* tsr_kv_store_stats with bits_per_value from `bits` over every live (sequence, layer). */
+static inline void tsr_kv_store_stats_with(void *self, tsr_cache_stats *out, tsr_kv_bits_fn bits) {
+    const tsr_kv_store *s = self;
+    tsr_kv_store_stats(self, out);
+    if (out->struct_size < offsetof(tsr_cache_stats, bits_per_value) + sizeof(double)) return;
+    double b = 0.0, values = 0.0;
+    for (int32_t i = 0; i < s->n_seq_max; i++)
+        for (int32_t l = 0; s->seqs[i].alive && l < s->n_layer; l++)
+            bits(self, &s->seqs[i], l, &b, &values);
+    out->bits_per_value = values > 0 ? b / values : 0.0;
 }
 
 /* The vtable entries that need nothing of a policy but its tsr_kv_store (a policy with hooks
@@ -496,8 +648,9 @@ static inline tsr_kv_rows *tsr_kv_heads_rows(const tsr_kv_heads *kh, const tsr_k
 static inline tsr_status tsr_kv_heads_store(tsr_kv_heads *kh, const tsr_kv_write *w,
                                             int64_t keep, int64_t observe, tsr_kv_seq **seq) {
     tsr_kv_store *s = &kh->kv;
-    tsr_status st = tsr_kv_store_find_layer_(s, w->seq_id, w->layer, kh->n_layer, "store", seq);
-    if (st < 0 || (st = tsr_kv_store_check_write(s, w, seq)) < 0 || w->n == 0) return st;
+    tsr_status st;
+    *seq = tsr_kv_store_find_layer(s, w->seq_id, w->layer, kh->n_layer, "store", &st);
+    if (!*seq || (st = tsr_kv_store_check_write(s, w, seq)) < 0 || w->n == 0) return st;
     /* The positions of a write ascend one by one (CACHE_9): the first is the lowest. */
     if (w->pos[0] < 0) {
         s->host->set_error(s->host->ctx, "store: sequence %lld layer %d: negative position %d",
@@ -546,9 +699,9 @@ static inline tsr_status tsr_kv_heads_view(void *self, int64_t id, int32_t layer
     (void)phase;
     tsr_kv_heads *kh = self;
     tsr_kv_store *s = &kh->kv;
-    tsr_kv_seq *q;
-    tsr_status st = tsr_kv_store_find_layer_(s, id, layer, kh->n_layer, "view", &q);
-    if (st < 0) return st;
+    tsr_status st;
+    tsr_kv_seq *q = tsr_kv_store_find_layer(s, id, layer, kh->n_layer, "view", &st);
+    if (!q) return st;
     for (int32_t h = 0; h < kh->n_kv_head; h++) {
         tsr_kv_rows *L = tsr_kv_heads_rows(kh, q, layer, h);
         int scored = L->n > 0 && L->score_from_pos != TSR_KV_NO_SCORES;
@@ -727,5 +880,257 @@ static inline void tsr_kv_heads_destroy(void *self) {
     .seq_begin = tsr_kv_store_seq_begin, .seq_end = tsr_kv_store_seq_end,                 \
     .seq_fork = tsr_kv_store_seq_fork, .seq_truncate = tsr_kv_heads_seq_truncate,         \
     .view = tsr_kv_heads_view, .stats = tsr_kv_store_stats
+
+
+/* ---- quantized K/V: codes of a few bits on an asymmetric grid (KIVI, ZipCache) ------------ */
+
+/* The widest head these helpers serve: a policy keeps one head's weights on the stack. */
+#define TSR_KVQ_MAX_HEAD_DIM 512
+
+/* Refuses a head wider than TSR_KVQ_MAX_HEAD_DIM. */
+static inline tsr_status tsr_kvq_check_head(const tsr_host *host, const tsr_cache_init *init) {
+    if (init->head_dim <= TSR_KVQ_MAX_HEAD_DIM) return TSR_OK;
+    host->set_error(host->ctx, "head_dim %d: this policy serves heads of at most %d",
+                    (int)init->head_dim, TSR_KVQ_MAX_HEAD_DIM);
+    return TSR_E_UNSUPPORTED;
+}
+
+/* x as f16 rounded toward -infinity (up = 0) or +infinity (up = 1); beyond the f16 range
+ * (|x| > 65504) x is clamped to it. */
+static inline uint16_t tsr_kvq_f16_toward(float x, int up) {
+    if (x > 65504.0f) x = 65504.0f;
+    if (x < -65504.0f) x = -65504.0f;
+    uint16_t h = tsr_f32_to_f16(x);
+    float back = tsr_f16_to_f32(h);
+    if (up ? back >= x : back <= x) return h;
+    /* One unit in the last place toward the side asked for: a zero steps to the smallest
+     * subnormal of that side; otherwise the magnitude grows when moving away from zero. */
+    if ((h & 0x7fffu) == 0) return up ? 0x0001u : 0x8001u;
+    int away = (up != 0) == ((h & 0x8000u) == 0);
+    return (uint16_t)(away ? h + 1u : h - 1u);
+}
+
+/* The grid of `bits`-bit codes for values in [lo, hi]: zero z = lo rounded down to f16, step
+ * s = (hi - z) / (2^bits - 1) rounded up to f16. Every value of [lo, hi] then lies within s / 2
+ * of a grid point z + code * s (code in [0, 2^bits - 1]), whatever the f16 rounding. */
+static inline void tsr_kvq_grid(float lo, float hi, int32_t bits, uint16_t *zero, uint16_t *step) {
+    *zero = tsr_kvq_f16_toward(lo, 0);
+    float z = tsr_f16_to_f32(*zero);
+    *step = tsr_kvq_f16_toward((hi - z) / (float)((1u << bits) - 1u), 1);
+}
+
+/* The code of x on the grid (z, s): round((x - z) / s) clamped to [0, 2^bits - 1]; 0 when the
+ * step is 0 (every value of the group equal to z). */
+static inline uint32_t tsr_kvq_code(float x, float z, float s, int32_t bits) {
+    if (!(s > 0.0f)) return 0;
+    float top = (float)((1u << bits) - 1u), f = (x - z) / s + 0.5f;
+    if (!(f >= 1.0f)) return 0;
+    return f >= top ? (uint32_t)top : (uint32_t)f;
+}
+
+/* Sixteen float lanes in GNU C vector extensions: one zmm, two ymm or four xmm registers,
+ * whichever TSR_VECTOR_CLONES' clone runs. Lane-wise arithmetic rounds the same in every width,
+ * and every sum over lanes below adds them in one fixed order, so all builds agree bit for bit.
+ * Vectors pass between helpers by pointer only: a vector argument or result would change the
+ * calling convention from one clone to the other. */
+typedef float tsr_kvq_f32x16 __attribute__((vector_size(64)));
+typedef uint32_t tsr_kvq_u32x16 __attribute__((vector_size(64)));
+typedef uint16_t tsr_kvq_u16x16 __attribute__((vector_size(32)));
+
+typedef float tsr_kvq_f32x8 __attribute__((vector_size(32)));
+typedef float tsr_kvq_f32x4 __attribute__((vector_size(16)));
+
+/* The lanes' sum: halves added pairwise, lane l with lane l + 8, then + 4, + 2, + 1. */
+static inline __attribute__((always_inline)) float tsr_kvq_sum(const tsr_kvq_f32x16 *v) {
+    tsr_kvq_f32x8 h8 = __builtin_shufflevector(*v, *v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                       __builtin_shufflevector(*v, *v, 8, 9, 10, 11, 12, 13, 14, 15);
+    tsr_kvq_f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) +
+                       __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
+/* IEEE half -> float for finite halves (the grids hold no infinity or NaN); the same value as
+ * tsr_f16_to_f32. */
+static inline __attribute__((always_inline)) float tsr_kvq_f16(uint16_t h) {
+    uint32_t mag = h & 0x7fffu, normal = (mag << 13) + 0x38000000u, bits;
+    float f;
+    memcpy(&f, &normal, sizeof f);
+    /* A subnormal half is mag * 2^-24 exactly. */
+    f = mag < 0x400u ? (float)mag * 0x1p-24f : f;
+    memcpy(&bits, &f, sizeof bits);
+    bits |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* dst[i] = tsr_kvq_f16(src[i]) for n halves, sixteen at a time. */
+static inline __attribute__((always_inline)) void tsr_kvq_f16_row(float *dst, const uint16_t *src,
+                                                                  int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        tsr_kvq_u16x16 h;
+        memcpy(&h, src + i, sizeof h);
+        tsr_kvq_u32x16 x = __builtin_convertvector(h, tsr_kvq_u32x16), mag = x & 0x7fffu;
+        tsr_kvq_u32x16 normal = (mag << 13) + 0x38000000u;
+        tsr_kvq_u32x16 sub = (tsr_kvq_u32x16)(__builtin_convertvector(mag, tsr_kvq_f32x16) *
+                                              0x1p-24f);
+        tsr_kvq_u32x16 small = (tsr_kvq_u32x16)(mag < 0x400u);
+        tsr_kvq_u32x16 bits = (sub & small) | (normal & ~small) | ((x & 0x8000u) << 16);
+        memcpy(dst + i, &bits, sizeof bits);
+    }
+    for (; i < n; i++) dst[i] = tsr_kvq_f16(src[i]);
+}
+
+/* The sum of a[i] * b[i] over n floats: sixteen lanes, then the tail, in a fixed order (the f32
+ * rows a quantizing policy keeps beside its codes). */
+static inline __attribute__((always_inline)) float tsr_kvq_dot_f32(const float *a, const float *b,
+                                                                   int32_t n) {
+    tsr_kvq_f32x16 acc = {0}, x, y;
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        memcpy(&x, a + i, sizeof x);
+        memcpy(&y, b + i, sizeof y);
+        acc += x * y;
+    }
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return tsr_kvq_sum(&acc) + tail;
+}
+
+/* Codes in lanes. A row of head_dim codes of `bits` bits (2, 4 or 8) is cut into slots of 16
+ * channels, channel d in lane d % 16 of slot d / 16. A lane keeps a row's codes for all its
+ * slots in `unit` bits (slots * bits rounded up to a power of two, or to whole 32-bit words),
+ * and `per_word` consecutive rows share the lane's words: rows [k per_word, (k+1) per_word)
+ * form a group of 16 * words 32-bit words, lane l's words at l, l + 16, ... So one slot of one
+ * row unpacks with a load of 16 words, a shift and a mask: sixteen codes in sixteen lanes,
+ * with no widening of bytes (which the vectoriser handles poorly). */
+typedef struct tsr_kvq_layout {
+    int32_t bits, slots;
+    int32_t unit;     /* bits of one row in one lane */
+    int32_t per_word; /* rows that share a group: 1 << per_word_log2 */
+    int32_t per_word_log2;
+    int32_t words;    /* 32-bit words per lane in a group */
+} tsr_kvq_layout;
+
+static inline tsr_kvq_layout tsr_kvq_layout_make(int32_t head_dim, int32_t bits) {
+    tsr_kvq_layout L = {bits, (head_dim + 15) / 16, 0, 1, 0, 1};
+    int32_t need = L.slots * bits;
+    if (need <= 32) {
+        for (L.unit = bits; L.unit < need; L.unit *= 2) {}
+        for (L.per_word = 32 / L.unit; (1 << L.per_word_log2) < L.per_word; L.per_word_log2++) {}
+    } else {
+        L.words = (need + 31) / 32;
+        L.unit = 32 * L.words;
+    }
+    return L;
+}
+
+/* Bytes that hold n rows. */
+static inline size_t tsr_kvq_bytes(const tsr_kvq_layout *L, int64_t n) {
+    return (size_t)((n + L->per_word - 1) / L->per_word) * (size_t)L->words * 64;
+}
+
+/* The words of row r's group in `codes`, and the bit where the row starts in its lanes. */
+static inline __attribute__((always_inline)) const uint32_t *
+tsr_kvq_row(const tsr_kvq_layout *L, const void *codes, int64_t r, uint32_t *at) {
+    *at = (uint32_t)(r & (L->per_word - 1)) * (uint32_t)L->unit;
+    return (const uint32_t *)codes + (size_t)(r >> L->per_word_log2) * (size_t)L->words * 16;
+}
+
+/* The first word of slot `slot` of row r in `codes`, and the shift of its code in it. */
+static inline __attribute__((always_inline)) const uint32_t *
+tsr_kvq_slot(const tsr_kvq_layout *L, const void *codes, int64_t r, int32_t slot,
+             uint32_t *shift) {
+    uint32_t at;
+    const uint32_t *group = tsr_kvq_row(L, codes, r, &at);
+    at += (uint32_t)(slot * L->bits);
+    *shift = at % 32;
+    return group + (size_t)(at / 32) * 16;
+}
+
+/* Sets channel d of row r to `code`. */
+static inline void tsr_kvq_set(const tsr_kvq_layout *L, void *codes, int64_t r, int32_t d,
+                               uint32_t code) {
+    uint32_t shift;
+    uint32_t *w = (uint32_t *)(uintptr_t)tsr_kvq_slot(L, codes, r, d / 16, &shift);
+    w[d % 16] = (w[d % 16] & ~(((1u << L->bits) - 1u) << shift)) | code << shift;
+}
+
+static inline uint32_t tsr_kvq_get(const tsr_kvq_layout *L, const void *codes, int64_t r,
+                                   int32_t d) {
+    uint32_t shift;
+    const uint32_t *w = tsr_kvq_slot(L, codes, r, d / 16, &shift);
+    return (w[d % 16] >> shift) & ((1u << L->bits) - 1u);
+}
+
+/* The sixteen codes of slot `slot` of a row that starts at bit `at` of its group's lanes, as
+ * floats. */
+static inline __attribute__((always_inline)) void tsr_kvq_unpack(tsr_kvq_f32x16 *out,
+                                                                 const tsr_kvq_layout *L,
+                                                                 const uint32_t *group,
+                                                                 uint32_t at, int32_t slot) {
+    tsr_kvq_u32x16 w;
+    at += (uint32_t)(slot * L->bits);
+    memcpy(&w, group + (size_t)(at / 32) * 16, sizeof w);
+    *out = __builtin_convertvector((w >> (at % 32)) & ((1u << L->bits) - 1u), tsr_kvq_f32x16);
+}
+
+/* The sum over row r's channels of w[d] * code_d, w holding 16 * slots weights (zeros past
+ * head_dim): slot by slot in sixteen lanes, then tsr_kvq_sum, so the order is fixed. */
+static inline __attribute__((always_inline)) float tsr_kvq_dot(const tsr_kvq_layout *L,
+                                                               const float *w, const void *codes,
+                                                               int64_t r) {
+    tsr_kvq_f32x16 acc = {0}, x, code;
+    uint32_t at;
+    const uint32_t *group = tsr_kvq_row(L, codes, r, &at);
+    for (int32_t m = 0; m < L->slots; m++) {
+        memcpy(&x, w + 16 * m, sizeof x);
+        tsr_kvq_unpack(&code, L, group, at, m);
+        acc += x * code;
+    }
+    return tsr_kvq_sum(&acc);
+}
+
+/* Row r dequantized: out[d] = code_d * scale[d] + zero[d] for d < head_dim (scale and zero
+ * hold 16 * slots floats, out head_dim). */
+static inline __attribute__((always_inline)) void tsr_kvq_dequant(const tsr_kvq_layout *L,
+                                                                  float *out, int32_t head_dim,
+                                                                  const float *scale,
+                                                                  const float *zero,
+                                                                  const void *codes, int64_t r) {
+    tsr_kvq_f32x16 code, x, s, z;
+    uint32_t at;
+    const uint32_t *group = tsr_kvq_row(L, codes, r, &at);
+    for (int32_t m = 0; m < L->slots; m++) {
+        tsr_kvq_unpack(&code, L, group, at, m);
+        memcpy(&s, scale + 16 * m, sizeof s);
+        memcpy(&z, zero + 16 * m, sizeof z);
+        x = code * s + z;
+        const int32_t left = head_dim - 16 * m;
+        memcpy(out + 16 * m, &x, (size_t)(left < 16 ? left : 16) * sizeof(float));
+    }
+}
+
+/* acc[16 m + l] += sum over i < n of a[i * slots + m] * the code of channel 16 m + l of row
+ * r0 + i, for every slot m (acc holds 16 * slots floats): slot by slot, so that each slot's sum
+ * stays in registers across the rows. */
+static inline __attribute__((always_inline)) void tsr_kvq_axpy(const tsr_kvq_layout *L,
+                                                               float *acc, const float *a,
+                                                               const void *codes, int64_t r0,
+                                                               int64_t n) {
+    tsr_kvq_f32x16 x, code;
+    for (int32_t m = 0; m < L->slots; m++) {
+        tsr_kvq_f32x16 sum = {0};
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t at;
+            const uint32_t *group = tsr_kvq_row(L, codes, r0 + i, &at);
+            tsr_kvq_unpack(&code, L, group, at, m);
+            sum += a[i * L->slots + m] * code;
+        }
+        memcpy(&x, acc + 16 * m, sizeof x);
+        x += sum;
+        memcpy(acc + 16 * m, &x, sizeof x);
+    }
+}
 
 #endif /* TESSERA_SDK_CACHE_H */
