@@ -399,60 +399,73 @@ END_TEST
 static const float quest_keys[12][2] = {{3, 3}, {0, 0},  {2, 0},   {2, 0},  {0, 1}, {1, 0},
                                         {0, -5}, {-1, -1}, {-2, -2}, {-1, 0}, {0, 0}, {0, 0}};
 
-static void quest_hand_views(float *k, float *v, int32_t *pos, tsr_kv_view *view, float *acc) {
-    memset(k, 0, 12 * 8 * 4);
-    memset(v, 0, 12 * 8 * 4);
+/* The hand-made case, room for one more entry, and quest (page 2, k 3, every layer sparse). */
+typedef struct quest_hand {
+    fx quest;
+    float k[13 * 8], v[13 * 8], q[8], out[8], acc[13];
+    int32_t pos[13], qpos;
+    tsr_kv_view view;
+    tsr_attention_call call;
+} quest_hand;
+
+static void quest_hand_open(quest_hand *h, bool scores) {
+    tsr_model_shape s = shape_of(1, 1, 1, 8);
+    const char *kv[] = {"page=2", "k=3", "dense_layers=0", NULL};
+    memset(h, 0, sizeof *h);
+    attn_open(&h->quest, 1, "quest", kv, &s);
     for (int j = 0; j < 12; j++) {
-        k[j * 8] = quest_keys[j][0];
-        k[j * 8 + 1] = quest_keys[j][1];
-        v[j * 8 + j / 2] = 1.0f;
-        pos[j] = j;
+        h->k[j * 8] = quest_keys[j][0];
+        h->k[j * 8 + 1] = quest_keys[j][1];
+        h->v[j * 8 + j / 2] = 1.0f;
+        h->pos[j] = j;
     }
-    *view = (tsr_kv_view){TSR_SIZED(tsr_kv_view), .n = 12, .pos = pos, .dtype = TSR_DTYPE_F32,
-                          .k = k, .v = v, .k_stride = 32, .v_stride = 32, .score_acc = acc};
+    h->q[0] = 1.0f;
+    h->q[1] = -1.0f;
+    h->view = (tsr_kv_view){TSR_SIZED(tsr_kv_view), .n = 12, .pos = h->pos,
+                            .dtype = TSR_DTYPE_F32, .k = h->k, .v = h->v, .k_stride = 32,
+                            .v_stride = 32, .score_acc = scores ? h->acc : NULL};
+    h->call = (tsr_attention_call){TSR_SIZED(tsr_attention_call), .seq_id = 3, .layer = 0,
+                                   .phase = TSR_PHASE_DECODE, .n_q = 1, .q = h->q,
+                                   .q_pos = &h->qpos, .scale = 0.5f, .views = &h->view,
+                                   .out = h->out};
+}
+
+/* A decode step of the query at qpos. */
+static void quest_hand_step(quest_hand *h, int32_t qpos) {
+    h->qpos = qpos;
+    ck_assert_int_eq(fx_attention_forward(&h->quest, &h->call), TSR_OK);
 }
 
 START_TEST(quest_pages_by_hand) {
-    tsr_model_shape s = shape_of(1, 1, 1, 8);
-    const char *kv[] = {"page=2", "k=3", "dense_layers=0", NULL};
-    fx quest;
-    attn_open(&quest, 1, "quest", kv, &s);
-    float k[12 * 8], v[12 * 8], q[8] = {1, -1}, out[8], acc[12] = {0};
-    int32_t pos[12], qpos = 11;
-    tsr_kv_view view;
-    quest_hand_views(k, v, pos, &view, acc);
-    tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .seq_id = 3, .layer = 0,
-                               .phase = TSR_PHASE_DECODE, .n_q = 1, .q = q, .q_pos = &qpos,
-                               .scale = 0.5f, .views = &view, .out = out};
-    ck_assert_int_eq(fx_attention_forward(&quest, &call), TSR_OK);
+    quest_hand h;
+    quest_hand_open(&h, true);
+    quest_hand_step(&h, 11);
     /* Scores (times 1/2): page 0: 0, 0; page 3: 2.5, 0; page 5: 0, 0. */
     double e = exp(2.5), z = e + 5.0;
-    ck_assert_double_eq_tol(out[0], 2.0 / z, 1e-6);
-    ck_assert_float_eq(out[1], 0.0f);
-    ck_assert_float_eq(out[2], 0.0f);
-    ck_assert_double_eq_tol(out[3], (e + 1.0) / z, 1e-6);
-    ck_assert_float_eq(out[4], 0.0f);
-    ck_assert_double_eq_tol(out[5], 2.0 / z, 1e-6);
+    ck_assert_double_eq_tol(h.out[0], 2.0 / z, 1e-6);
+    ck_assert_float_eq(h.out[1], 0.0f);
+    ck_assert_float_eq(h.out[2], 0.0f);
+    ck_assert_double_eq_tol(h.out[3], (e + 1.0) / z, 1e-6);
+    ck_assert_float_eq(h.out[4], 0.0f);
+    ck_assert_double_eq_tol(h.out[5], 2.0 / z, 1e-6);
     /* score_acc: the probability of the entries read, nothing elsewhere. */
     const double want_acc[12] = {1 / z, 1 / z, 0, 0, 0, 0, e / z, 1 / z, 0, 0, 1 / z, 1 / z};
-    for (int j = 0; j < 12; j++) ck_assert_double_eq_tol(acc[j], want_acc[j], 1e-6);
-    ck_assert_double_eq(command_d(&quest, "decode_read"), 0.5);
+    for (int j = 0; j < 12; j++) ck_assert_double_eq_tol(h.acc[j], want_acc[j], 1e-6);
+    ck_assert_double_eq(command_d(&h.quest, "decode_read"), 0.5);
 
     /* The next step: a policy put positions 12 and 13 into slots 2 and 3 (page 1) with keys
      * (9, 0): the statistics start again from page 1, whose bound 9 now ranks first; page 0
      * drops out. The last page (slots 10, 11) is still read. */
-    k[2 * 8] = k[3 * 8] = 9.0f;
-    pos[2] = 12;
-    pos[3] = 13;
-    qpos = 13;
-    memset(acc, 0, sizeof acc);
-    ck_assert_int_eq(fx_attention_forward(&quest, &call), TSR_OK);
-    ck_assert_float_eq(out[0], 0.0f);
-    ck_assert_float_gt(out[1], 0.5f);
-    ck_assert_float_gt(out[3], 0.0f);
-    ck_assert_float_gt(out[5], 0.0f);
-    ck_assert_float_eq(out[2] + out[4], 0.0f);
-    fx_close(&quest);
+    h.k[2 * 8] = h.k[3 * 8] = 9.0f;
+    h.pos[2] = 12;
+    h.pos[3] = 13;
+    quest_hand_step(&h, 13);
+    ck_assert_float_eq(h.out[0], 0.0f);
+    ck_assert_float_gt(h.out[1], 0.5f);
+    ck_assert_float_gt(h.out[3], 0.0f);
+    ck_assert_float_gt(h.out[5], 0.0f);
+    ck_assert_float_eq(h.out[2] + h.out[4], 0.0f);
+    fx_close(&h.quest);
 }
 END_TEST
 
@@ -462,31 +475,21 @@ END_TEST
  * key (20, 0); at step 3 the view grows by position 12, page 5 is no longer the last, and its
  * bound must be 20 (the new key), not 0: pages 5 and 3 beat page 0. */
 START_TEST(quest_restored_positions_are_summarised_again) {
-    tsr_model_shape s = shape_of(1, 1, 1, 8);
-    const char *kv[] = {"page=2", "k=3", "dense_layers=0", NULL};
-    fx quest;
-    attn_open(&quest, 1, "quest", kv, &s);
-    float k[13 * 8] = {0}, v[13 * 8] = {0}, q[8] = {1, -1}, out[8];
-    int32_t pos[13], qpos = 11;
-    tsr_kv_view view;
-    quest_hand_views(k, v, pos, &view, NULL);
-    tsr_attention_call call = {TSR_SIZED(tsr_attention_call), .seq_id = 3, .layer = 0,
-                               .phase = TSR_PHASE_DECODE, .n_q = 1, .q = q, .q_pos = &qpos,
-                               .scale = 0.5f, .views = &view, .out = out};
-    ck_assert_int_eq(fx_attention_forward(&quest, &call), TSR_OK);
-    k[11 * 8] = 20.0f;
-    ck_assert_int_eq(fx_attention_forward(&quest, &call), TSR_OK);
-    pos[12] = 12;
-    v[12 * 8 + 6] = 1.0f;
-    view.n = 13;
-    qpos = 12;
-    ck_assert_int_eq(fx_attention_forward(&quest, &call), TSR_OK);
-    ck_assert_float_gt(out[5], 0.5f);
-    ck_assert_float_gt(out[3], 0.0f);
-    ck_assert_float_gt(out[6], 0.0f);
-    ck_assert_float_eq(out[0], 0.0f);
-    ck_assert_float_eq(out[1] + out[2] + out[4], 0.0f);
-    fx_close(&quest);
+    quest_hand h;
+    quest_hand_open(&h, false);
+    quest_hand_step(&h, 11);
+    h.k[11 * 8] = 20.0f;
+    quest_hand_step(&h, 11);
+    h.pos[12] = 12;
+    h.v[12 * 8 + 6] = 1.0f;
+    h.view.n = 13;
+    quest_hand_step(&h, 12);
+    ck_assert_float_gt(h.out[5], 0.5f);
+    ck_assert_float_gt(h.out[3], 0.0f);
+    ck_assert_float_gt(h.out[6], 0.0f);
+    ck_assert_float_eq(h.out[0], 0.0f);
+    ck_assert_float_eq(h.out[1] + h.out[2] + h.out[4], 0.0f);
+    fx_close(&h.quest);
 }
 END_TEST
 

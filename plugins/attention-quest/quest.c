@@ -40,10 +40,8 @@ typedef struct quest_attn {
     int32_t page, k, dense_layers;
     tsr_seq_table seqs;
     float *rows;          /* (page, head_dim) keys of one page being summarised */
-    /* The current call's choice: every[h], or pages as bits in words (n_head, words_cap). */
-    uint64_t *words;
-    int64_t words_cap;
-    unsigned char *every; /* (n_head) */
+    tsr_sparse_chosen chosen; /* the current call's pages, as entries */
+    unsigned char *every;     /* (n_head) of chosen: the head's view has at most k pages */
 } quest_attn;
 
 static void quest_seq_free(quest_attn *a, quest_seq *s) {
@@ -167,8 +165,7 @@ static void quest_choose_task(void *arg, int ith, int nth) {
     int32_t first = n_head * ith / nth, last = n_head * (ith + 1) / nth;
     if (first == last) return;
     int64_t most = 0;
-    for (int32_t g = 0; g < a->base.sh.n_kv_head; g++)
-        if (job->call->views[g].n > most) most = job->call->views[g].n;
+    tsr_attention_scan_views(&a->base.sh, job->call, &most);
     int64_t max_pages = (most + a->page - 1) / a->page;
     float *bound = host->alloc(host->ctx, (size_t)max_pages * sizeof *bound, 0);
     int64_t *best = host->alloc(host->ctx, (size_t)a->k * sizeof *best, 0);
@@ -194,8 +191,7 @@ static void quest_choose_task(void *arg, int ith, int nth) {
             }
             bound[p] = ub;
         }
-        uint64_t *words = a->words + (size_t)h * (size_t)a->words_cap;
-        memset(words, 0, (size_t)tsr_sparse_n_words(v->n) * sizeof *words);
+        uint64_t *words = tsr_sparse_chosen_row(&a->chosen, h, v->n);
         tsr_sparse_top_k(bound, n_pages - 1, a->k - 1, best);
         for (int64_t i = 0; i < a->k - 1; i++)
             tsr_sparse_set_range(words, best[i] * a->page, (best[i] + 1) * a->page);
@@ -203,14 +199,6 @@ static void quest_choose_task(void *arg, int ith, int nth) {
     }
     host->free(host->ctx, bound);
     host->free(host->ctx, best);
-}
-
-static int quest_select(void *ctx, const tsr_sparse_choice *c) {
-    const quest_attn *a = ctx;
-    if (a->every[c->h]) return 1;
-    memcpy(c->words, a->words + (size_t)c->h * (size_t)a->words_cap,
-           (size_t)c->n_words * sizeof *c->words);
-    return 0;
 }
 
 static tsr_status quest_nomem(quest_attn *a, const tsr_attention_call *call) {
@@ -231,26 +219,18 @@ static tsr_status quest_forward(void *self, const tsr_attention_call *call) {
     quest_seq *s = quest_seq_get(a, call->seq_id);
     if (!s) return quest_nomem(a, call);
     quest_stats *stats = s->stats + (size_t)call->layer * (size_t)a->base.sh.n_kv_head;
-    int64_t most = 0;
-    for (int32_t g = 0; g < a->base.sh.n_kv_head; g++) {
+    for (int32_t g = 0; g < a->base.sh.n_kv_head; g++)
         if (!quest_stats_update(a, &stats[g], &call->views[g], call->q_pos[0]))
             return quest_nomem(a, call);
-        if (call->views[g].n > most) most = call->views[g].n;
-    }
-    if (tsr_sparse_n_words(most) > a->words_cap) {
-        int64_t cap = tsr_sparse_n_words(most) * 2;
-        uint64_t *words = host->alloc(host->ctx,
-                                      (size_t)(cap * a->base.sh.n_head) * sizeof *words, 0);
-        if (!words) return quest_nomem(a, call);
-        host->free(host->ctx, a->words);
-        a->words = words;
-        a->words_cap = cap;
-    }
+    int64_t most = 0;
+    tsr_attention_scan_views(&a->base.sh, call, &most);
+    if (!tsr_sparse_chosen_reserve(host, &a->chosen, a->base.sh.n_head, most))
+        return quest_nomem(a, call);
     quest_job job = {.a = a, .call = call, .stats = stats};
     atomic_init(&job.failed, 0);
     host->parallel_for(host->ctx, quest_choose_task, &job);
     if (atomic_load(&job.failed)) return quest_nomem(a, call);
-    return tsr_sparse_forward(&a->base.sh, call, quest_select, a, counts);
+    return tsr_sparse_forward(&a->base.sh, call, tsr_sparse_select_chosen, &a->chosen, counts);
 }
 
 static void quest_destroy(void *self) {
@@ -260,7 +240,7 @@ static void quest_destroy(void *self) {
     while (a->seqs.n) quest_seq_free(a, tsr_seq_table_take(&a->seqs, a->seqs.ids[0]));
     tsr_seq_table_free(host, &a->seqs);
     host->free(host->ctx, a->rows);
-    host->free(host->ctx, a->words);
+    host->free(host->ctx, a->chosen.words);
     host->free(host->ctx, a->every);
     tsr_attention_destroy(a);
 }
@@ -276,6 +256,7 @@ static tsr_status quest_create(const tsr_host *host, const tsr_params *params,
     a->dense_layers = (int32_t)tsr_param_int(params, "dense_layers");
     a->rows = host->alloc(host->ctx, (size_t)a->page * (size_t)init->head_dim * sizeof(float), 0);
     a->every = host->alloc(host->ctx, (size_t)init->n_head, 0);
+    a->chosen.every = a->every;
     if (!a->rows || !a->every) {
         quest_destroy(a);
         host->set_error(host->ctx, "out of memory");

@@ -33,9 +33,7 @@ typedef struct tidal_attn {
     tsr_sparse_base base; /* first: shape and counts */
     int32_t k, select_layer, reselect_layer;
     tsr_seq_table seqs;
-    /* The current call's choice, as bits (n_head, words_cap). */
-    uint64_t *words;
-    int64_t words_cap;
+    tsr_sparse_chosen chosen; /* the current call's positions, as entries */
     int32_t *index_of;    /* (index_cap) view index of each position, for views not in order */
     int64_t index_cap;
 } tidal_attn;
@@ -148,8 +146,7 @@ static tsr_status tidal_nomem(tidal_attn *a, const tsr_attention_call *call) {
 static tsr_status tidal_choose(tidal_attn *a, tidal_seq *s, const tsr_attention_call *call) {
     const tsr_host *host = a->base.sh.host;
     int64_t most = 0;
-    for (int32_t g = 0; g < a->base.sh.n_kv_head; g++)
-        if (call->views[g].n > most) most = call->views[g].n;
+    tsr_attention_scan_views(&a->base.sh, call, &most);
     int64_t need = a->k < most ? a->k : most;
     if (need > s->cap) {
         int32_t *chosen = host->alloc(host->ctx,
@@ -200,24 +197,16 @@ static tsr_status tidal_words(tidal_attn *a, const tidal_seq *s, const tsr_atten
     const tsr_host *host = a->base.sh.host;
     const int32_t group = a->base.sh.n_head / a->base.sh.n_kv_head;
     int64_t most = 0;
-    for (int32_t g = 0; g < a->base.sh.n_kv_head; g++)
-        if (call->views[g].n > most) most = call->views[g].n;
-    if (tsr_sparse_n_words(most) > a->words_cap) {
-        int64_t cap = tsr_sparse_n_words(most) * 2;
-        uint64_t *words = host->alloc(host->ctx,
-                                      (size_t)(cap * a->base.sh.n_head) * sizeof *words, 0);
-        if (!words) return tidal_nomem(a, call);
-        host->free(host->ctx, a->words);
-        a->words = words;
-        a->words_cap = cap;
-    }
+    tsr_attention_scan_views(&a->base.sh, call, &most);
+    if (!tsr_sparse_chosen_reserve(host, &a->chosen, a->base.sh.n_head, most))
+        return tidal_nomem(a, call);
+    a->chosen.every = s->every;
     for (int32_t g = 0; g < a->base.sh.n_kv_head; g++) {
         const tsr_kv_view *v = &call->views[g];
         int have_map = 0;
         for (int32_t h = g * group; h < (g + 1) * group; h++) {
             if (s->every[h]) continue;
-            uint64_t *words = a->words + (size_t)h * (size_t)a->words_cap;
-            memset(words, 0, (size_t)tsr_sparse_n_words(v->n) * sizeof *words);
+            uint64_t *words = tsr_sparse_chosen_row(&a->chosen, h, v->n);
             const int32_t *chosen = s->chosen + (size_t)h * (size_t)s->cap;
             for (int64_t i = 0; i <= s->n_chosen[h]; i++) {
                 int32_t p = i < s->n_chosen[h] ? chosen[i] : call->q_pos[0];
@@ -232,19 +221,6 @@ static tsr_status tidal_words(tidal_attn *a, const tidal_seq *s, const tsr_atten
         }
     }
     return TSR_OK;
-}
-
-typedef struct tidal_pick {
-    const tidal_attn *a;
-    const tidal_seq *s;
-} tidal_pick;
-
-static int tidal_select(void *ctx, const tsr_sparse_choice *c) {
-    const tidal_pick *pick = ctx;
-    if (pick->s->every[c->h]) return 1;
-    memcpy(c->words, pick->a->words + (size_t)c->h * (size_t)pick->a->words_cap,
-           (size_t)c->n_words * sizeof *c->words);
-    return 0;
 }
 
 static tsr_status tidal_forward(void *self, const tsr_attention_call *call) {
@@ -264,8 +240,7 @@ static tsr_status tidal_forward(void *self, const tsr_attention_call *call) {
      * read everything. */
     if (s->q_pos != call->q_pos[0]) return tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts);
     if ((st = tidal_words(a, s, call)) < 0) return st;
-    tidal_pick pick = {.a = a, .s = s};
-    return tsr_sparse_forward(&a->base.sh, call, tidal_select, &pick, counts);
+    return tsr_sparse_forward(&a->base.sh, call, tsr_sparse_select_chosen, &a->chosen, counts);
 }
 
 static void tidal_destroy(void *self) {
@@ -274,7 +249,7 @@ static void tidal_destroy(void *self) {
     tsr_sparse_log_reads(&a->base);
     while (a->seqs.n) tidal_seq_free(a, tsr_seq_table_take(&a->seqs, a->seqs.ids[0]));
     tsr_seq_table_free(host, &a->seqs);
-    host->free(host->ctx, a->words);
+    host->free(host->ctx, a->chosen.words);
     host->free(host->ctx, a->index_of);
     tsr_attention_destroy(a);
 }

@@ -139,11 +139,50 @@ typedef struct tsr_sparse_choice {
  * words. [worker] */
 typedef int (*tsr_sparse_select_fn)(void *ctx, const tsr_sparse_choice *c);
 
+/* A choice made before a call, one per query head: every[h] (read every entry), or the bits
+ * of row h of words (n_head rows of cap words). tsr_sparse_select_chosen serves it to
+ * tsr_sparse_forward. */
+typedef struct tsr_sparse_chosen {
+    uint64_t *words;
+    int64_t cap;
+    const unsigned char *every; /* (n_head), the plugin's */
+} tsr_sparse_chosen;
+
+/* Room in ch->words for n_head rows over views of up to max_n entries; kept (and grown)
+ * across calls. 0 when out of memory. */
+static inline int tsr_sparse_chosen_reserve(const tsr_host *host, tsr_sparse_chosen *ch,
+                                            int32_t n_head, int64_t max_n) {
+    if (tsr_sparse_n_words(max_n) <= ch->cap) return 1;
+    int64_t cap = 2 * tsr_sparse_n_words(max_n);
+    uint64_t *words = host->alloc(host->ctx, (size_t)(cap * n_head) * sizeof *words, 0);
+    if (!words) return 0;
+    host->free(host->ctx, ch->words);
+    ch->words = words;
+    ch->cap = cap;
+    return 1;
+}
+
+/* Row h of the choice, zeroed for a view of n entries. */
+static inline uint64_t *tsr_sparse_chosen_row(tsr_sparse_chosen *ch, int32_t h, int64_t n) {
+    uint64_t *row = ch->words + (size_t)h * (size_t)ch->cap;
+    memset(row, 0, (size_t)tsr_sparse_n_words(n) * sizeof *row);
+    return row;
+}
+
 /* Entry reads of (query, head) pairs: `read` the entries they read, `visible` those a full
  * attention would have (pos <= query pos). */
 typedef struct tsr_sparse_counts {
     int64_t read, visible;
 } tsr_sparse_counts;
+
+/* The tsr_sparse_select_fn of a tsr_sparse_chosen (ctx). */
+static inline int tsr_sparse_select_chosen(void *ctx, const tsr_sparse_choice *c) {
+    const tsr_sparse_chosen *ch = ctx;
+    if (ch->every[c->h]) return 1;
+    memcpy(c->words, ch->words + (size_t)c->h * (size_t)ch->cap,
+           (size_t)c->n_words * sizeof *c->words);
+    return 0;
+}
 
 /* ---- the forward pass ---------------------------------------------------------------------- */
 
