@@ -453,13 +453,14 @@ START_TEST(quest_pages_by_hand) {
     for (int j = 0; j < 12; j++) ck_assert_double_eq_tol(h.acc[j], want_acc[j], 1e-6);
     ck_assert_double_eq(command_d(&h.quest, "decode_read"), 0.5);
 
-    /* The next step: a policy put positions 12 and 13 into slots 2 and 3 (page 1) with keys
-     * (9, 0): the statistics start again from page 1, whose bound 9 now ranks first; page 0
-     * drops out. The last page (slots 10, 11) is still read. */
+    /* A later step, at 14: a policy put positions 12 and 13 into slots 2 and 3 (page 1) with
+     * keys (9, 0). The slots' positions changed, so the statistics start again from page 1,
+     * whose bound 9 now ranks first; page 0 drops out. The last page (slots 10, 11) is still
+     * read. */
     h.k[2 * 8] = h.k[3 * 8] = 9.0f;
     h.pos[2] = 12;
     h.pos[3] = 13;
-    quest_hand_step(&h, 13);
+    quest_hand_step(&h, 14);
     ck_assert_float_eq(h.out[0], 0.0f);
     ck_assert_float_gt(h.out[1], 0.5f);
     ck_assert_float_gt(h.out[3], 0.0f);
