@@ -58,7 +58,7 @@ static tsr_status duo_forward(void *self, const tsr_attention_call *call) {
     for (int32_t g = 0; a->retrieval && g < a->base.sh.n_kv_head; g++)
         sparse |= !a->retrieval[call->layer * a->base.sh.n_kv_head + g];
     return tsr_sparse_forward(&a->base.sh, call, sparse ? duo_select : NULL, a,
-                              tsr_sparse_counts_of(&a->base, call));
+                              tsr_sparse_counts_of(&a->base, call), NULL);
 }
 
 static void duo_destroy(void *self) {

@@ -215,7 +215,7 @@ static tsr_status quest_forward(void *self, const tsr_attention_call *call) {
     if (st < 0) return st;
     tsr_sparse_counts *counts = tsr_sparse_counts_of(&a->base, call);
     if (call->phase != TSR_PHASE_DECODE || call->n_q != 1 || call->layer < a->dense_layers)
-        return tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts);
+        return tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts, NULL);
     quest_seq *s = quest_seq_get(a, call->seq_id);
     if (!s) return quest_nomem(a, call);
     quest_stats *stats = s->stats + (size_t)call->layer * (size_t)a->base.sh.n_kv_head;
@@ -230,7 +230,8 @@ static tsr_status quest_forward(void *self, const tsr_attention_call *call) {
     atomic_init(&job.failed, 0);
     host->parallel_for(host->ctx, quest_choose_task, &job);
     if (atomic_load(&job.failed)) return quest_nomem(a, call);
-    return tsr_sparse_forward(&a->base.sh, call, tsr_sparse_select_chosen, &a->chosen, counts);
+    return tsr_sparse_forward(&a->base.sh, call, tsr_sparse_select_chosen, &a->chosen, counts,
+                              NULL);
 }
 
 static void quest_destroy(void *self) {

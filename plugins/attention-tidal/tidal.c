@@ -34,6 +34,8 @@ typedef struct tidal_attn {
     int32_t k, select_layer, reselect_layer;
     tsr_seq_table seqs;
     tsr_sparse_chosen chosen; /* the current call's positions, as entries */
+    float *scores;            /* (n_head, scores_cap) a selection layer's scores */
+    int64_t scores_cap;
     int32_t *index_of;    /* (index_cap) view index of each position, for views not in order */
     int64_t index_cap;
 } tidal_attn;
@@ -82,7 +84,8 @@ static void tidal_seq_end(void *self, int64_t seq_id) {
     tidal_seq_free(a, tsr_seq_table_take(&a->seqs, seq_id));
 }
 
-/* The choice at a selection layer, one query head per task item. */
+/* The choice at a selection layer, one query head per task item, from the scores of the
+ * layer's full attention. */
 typedef struct tidal_job {
     tidal_attn *a;
     const tsr_attention_call *call;
@@ -91,43 +94,36 @@ typedef struct tidal_job {
     atomic_int failed;
 } tidal_job;
 
-/* Scores every entry the query sees but its own and keeps the positions of the k best. */
-TSR_VECTOR_CLONES
+/* Keeps the positions of the k best scores among the entries the query sees but its own. */
 static void tidal_choose_task(void *arg, int ith, int nth) {
     tidal_job *job = arg;
     tidal_attn *a = job->a;
     const tsr_host *host = a->base.sh.host;
     const tsr_attention_call *c = job->call;
-    const int32_t n_head = a->base.sh.n_head, hd = a->base.sh.head_dim;
-    const int32_t group = n_head / a->base.sh.n_kv_head, qpos = c->q_pos[0];
+    const int32_t n_head = a->base.sh.n_head, group = n_head / a->base.sh.n_kv_head;
+    const int32_t qpos = c->q_pos[0];
     int32_t first = n_head * ith / nth, last = n_head * (ith + 1) / nth;
     if (first == last) return;
-    size_t bytes = (size_t)job->max_n * (sizeof(float) + 2 * sizeof(int64_t)) +
-                   (size_t)TSR_SPARSE_TILE * (size_t)hd * sizeof(float);
-    char *mem = host->alloc(host->ctx, bytes, 0);
+    /* candidates' rows (max_n) | the best (max_n) | candidates' scores (max_n) */
+    char *mem = host->alloc(host->ctx, (size_t)job->max_n * (2 * sizeof(int64_t) + sizeof(float)), 0);
     if (!mem) {
         atomic_store(&job->failed, 1);
         return;
     }
     int64_t *cand = (int64_t *)mem, *best = cand + job->max_n;
-    float *score = (float *)(best + job->max_n), *rows = score + job->max_n;
+    float *cand_score = (float *)(best + job->max_n);
     for (int32_t h = first; h < last; h++) {
         const tsr_kv_view *v = &c->views[h / group];
-        const float *q = c->q + (size_t)h * hd;
+        const float *score = a->scores + (size_t)h * (size_t)job->max_n;
         int64_t n_cand = 0;
-        for (int64_t j0 = 0; j0 < v->n; j0 += TSR_SPARSE_TILE) {
-            int64_t nb = v->n - j0 < TSR_SPARSE_TILE ? v->n - j0 : TSR_SPARSE_TILE;
-            size_t stride;
-            const float *k = tsr_kv_view_rows(v, 0, j0, nb, hd, rows, &stride);
-            for (int64_t r = 0; r < nb; r++) {
-                if (v->pos[j0 + r] >= qpos) continue; /* the future, and the query's own */
-                cand[n_cand] = j0 + r;
-                score[n_cand++] = tsr_sparse_dot16(q, k + (size_t)r * stride, hd);
-            }
+        for (int64_t j = 0; j < v->n; j++) {
+            if (v->pos[j] >= qpos) continue; /* the future, and the query's own */
+            cand[n_cand] = j;
+            cand_score[n_cand++] = score[j];
         }
         job->s->every[h] = n_cand <= a->k;
         if (job->s->every[h]) continue;
-        tsr_sparse_top_k(score, n_cand, a->k, best);
+        tsr_sparse_top_k(cand_score, n_cand, a->k, best);
         int32_t *chosen = job->s->chosen + (size_t)h * (size_t)job->s->cap;
         for (int64_t i = 0; i < a->k; i++) chosen[i] = v->pos[cand[best[i]]];
         job->s->n_chosen[h] = a->k;
@@ -142,8 +138,9 @@ static tsr_status tidal_nomem(tidal_attn *a, const tsr_attention_call *call) {
     return TSR_E_NOMEM;
 }
 
-/* Chooses the step's positions from this layer's scores (after its full attention). */
-static tsr_status tidal_choose(tidal_attn *a, tidal_seq *s, const tsr_attention_call *call) {
+/* A selection layer: full attention, then the step's positions chosen from its scores. */
+static tsr_status tidal_select_layer(tidal_attn *a, tidal_seq *s, const tsr_attention_call *call,
+                                     tsr_sparse_counts *counts) {
     const tsr_host *host = a->base.sh.host;
     int64_t most = 0;
     tsr_attention_scan_views(&a->base.sh, call, &most);
@@ -156,9 +153,18 @@ static tsr_status tidal_choose(tidal_attn *a, tidal_seq *s, const tsr_attention_
         s->chosen = chosen;
         s->cap = need;
     }
+    if (most > a->scores_cap) {
+        float *scores = host->alloc(host->ctx, (size_t)(most * a->base.sh.n_head) * sizeof *scores, 0);
+        if (!scores) return tidal_nomem(a, call);
+        host->free(host->ctx, a->scores);
+        a->scores = scores;
+        a->scores_cap = most;
+    }
+    s->q_pos = -1;
+    tsr_status st = tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts, a->scores);
+    if (st < 0) return st;
     tidal_job job = {.a = a, .call = call, .s = s, .max_n = most};
     atomic_init(&job.failed, 0);
-    s->q_pos = -1;
     host->parallel_for(host->ctx, tidal_choose_task, &job);
     if (atomic_load(&job.failed)) return tidal_nomem(a, call);
     s->q_pos = call->q_pos[0];
@@ -229,18 +235,18 @@ static tsr_status tidal_forward(void *self, const tsr_attention_call *call) {
     if (st < 0) return st;
     tsr_sparse_counts *counts = tsr_sparse_counts_of(&a->base, call);
     if (call->phase != TSR_PHASE_DECODE || call->n_q != 1 || call->layer < a->select_layer)
-        return tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts);
+        return tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts, NULL);
     tidal_seq *s = tidal_seq_get(a, call->seq_id);
     if (!s) return tidal_nomem(a, call);
-    if (call->layer == a->select_layer || call->layer == a->reselect_layer) {
-        st = tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts);
-        return st < 0 ? st : tidal_choose(a, s, call);
-    }
+    if (call->layer == a->select_layer || call->layer == a->reselect_layer)
+        return tidal_select_layer(a, s, call, counts);
     /* No choice for this step (its selection layer did not run as a decode call of one query):
      * read everything. */
-    if (s->q_pos != call->q_pos[0]) return tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts);
+    if (s->q_pos != call->q_pos[0])
+        return tsr_sparse_forward(&a->base.sh, call, NULL, NULL, counts, NULL);
     if ((st = tidal_words(a, s, call)) < 0) return st;
-    return tsr_sparse_forward(&a->base.sh, call, tsr_sparse_select_chosen, &a->chosen, counts);
+    return tsr_sparse_forward(&a->base.sh, call, tsr_sparse_select_chosen, &a->chosen, counts,
+                              NULL);
 }
 
 static void tidal_destroy(void *self) {
@@ -250,6 +256,7 @@ static void tidal_destroy(void *self) {
     while (a->seqs.n) tidal_seq_free(a, tsr_seq_table_take(&a->seqs, a->seqs.ids[0]));
     tsr_seq_table_free(host, &a->seqs);
     host->free(host->ctx, a->chosen.words);
+    host->free(host->ctx, a->scores);
     host->free(host->ctx, a->index_of);
     tsr_attention_destroy(a);
 }

@@ -108,8 +108,9 @@ static inline __attribute__((always_inline)) void tsr_sparse_scores(float *s, co
 }
 
 /* The product of a key read alone: sixteen partial sums (terms i % 16), which vectorise across
- * the terms, added pairwise. Another rounding than tsr_sparse_dot4's, used for the entries of
- * a tile that a head reads in part. */
+ * the terms, added pairwise (halves of 8, 4, 2, 1: loops of fixed length, each one vector
+ * add). Another rounding than tsr_sparse_dot4's, used for the entries of a tile that a head
+ * reads in part. */
 static inline __attribute__((always_inline)) float tsr_sparse_dot16(const float *a, const float *b,
                                                                     int32_t d) {
     float acc[16] = {0};
@@ -117,9 +118,10 @@ static inline __attribute__((always_inline)) float tsr_sparse_dot16(const float 
     for (; i + 16 <= d; i += 16)
         for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
     for (; i < d; i++) acc[i % 16] += a[i] * b[i];
-    for (int w = 8; w > 0; w /= 2)
-        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
-    return acc[0];
+    for (int j = 0; j < 8; j++) acc[j] += acc[j + 8];
+    for (int j = 0; j < 4; j++) acc[j] += acc[j + 4];
+    for (int j = 0; j < 2; j++) acc[j] += acc[j + 2];
+    return acc[0] + acc[1];
 }
 
 /* ---- the choice ---------------------------------------------------------------------------- */
@@ -194,6 +196,7 @@ typedef struct tsr_sparse_job_ {
     int64_t max_n, n_words;
     const int32_t *bounds; /* (n_kv_head, n_words, 2) lowest and highest position per tile */
     float *stat;           /* (n_q, n_head, 2): final running max and normaliser */
+    float *scores;         /* (n_q, n_head, max_n) or NULL: every entry's score, for the plugin */
     int64_t n_items;
     atomic_llong read, visible;
     atomic_int failed;
@@ -227,6 +230,37 @@ static inline uint64_t tsr_sparse_visible_(const tsr_kv_view *v, const int32_t *
         if (r == TSR_SPARSE_TILE - 1) break;
     }
     return vis;
+}
+
+/* The entries of tile w some state chose (every[st], or its words); *whole when one of them
+ * reads the whole tile. */
+static inline uint64_t tsr_sparse_union_(const uint64_t *words, const unsigned char *every,
+                                         int64_t n_state, int64_t n_words, int64_t n, int64_t w,
+                                         int *whole) {
+    const uint64_t exist = tsr_sparse_exist(n, w);
+    uint64_t any = 0;
+    for (int64_t st = 0; st < n_state; st++) {
+        uint64_t word = every[st] ? exist : words[st * n_words + w] & exist;
+        any |= word;
+        *whole |= word == exist;
+    }
+    return any;
+}
+
+/* Prefetches the K and V rows of the entries `bits` of the tile starting at entry j0 (F32
+ * views; others are converted through scratch anyway). */
+static inline void tsr_sparse_prefetch_(const tsr_kv_view *v, int64_t j0, uint64_t bits,
+                                        int32_t hd) {
+    if (v->dtype != TSR_DTYPE_F32) return;
+    for (; bits; bits &= bits - 1) {
+        int64_t j = j0 + __builtin_ctzll(bits);
+        const char *k = (const char *)v->k + (size_t)j * v->k_stride;
+        const char *vv = (const char *)v->v + (size_t)j * v->v_stride;
+        for (size_t b = 0; b < (size_t)hd * sizeof(float); b += 64) {
+            __builtin_prefetch(k + b);
+            __builtin_prefetch(vv + b);
+        }
+    }
 }
 
 TSR_VECTOR_CLONES __attribute__((unused))
@@ -280,26 +314,38 @@ static void tsr_sparse_task_(void *arg, int ith, int nth) {
                                                            words + st * job->n_words);
             }
         }
+        if (job->scores)
+            for (int64_t qi = 0; qi < nq; qi++)
+                for (int32_t hg = 0; hg < group; hg++)
+                    for (int64_t j = 0; j < job->max_n; j++)
+                        job->scores[((i0 + qi) * a->n_head + g * group + hg) * job->max_n + j] =
+                            -INFINITY;
+        int whole = 0;
+        uint64_t any = tsr_sparse_union_(words, every, nq * group, job->n_words, v->n, 0, &whole);
         for (int64_t w = 0; w < nw; w++) {
             const int64_t j0 = w * T, nb = v->n - j0 < T ? v->n - j0 : T;
             const uint64_t exist = tsr_sparse_exist(v->n, w);
-            uint64_t any = 0;
-            int whole = 0;
-            for (int64_t st = 0; st < nq * group; st++) {
-                uint64_t word = every[st] ? exist : words[st * job->n_words + w] & exist;
-                any |= word;
-                whole |= word == exist;
-            }
-            if (!any || lo[w] > qpos_max) continue; /* nothing chosen, or all in the future */
+            int whole_next = 0;
+            uint64_t next = w + 1 < nw ? tsr_sparse_union_(words, every, nq * group,
+                                                           job->n_words, v->n, w + 1,
+                                                           &whole_next)
+                                       : 0;
+            /* Scattered rows defeat the hardware prefetcher: ask for the next tile's now. */
+            if (!whole_next) tsr_sparse_prefetch_(v, (w + 1) * T, next, hd);
+            uint64_t this_any = any;
+            int this_whole = whole;
+            any = next;
+            whole = whole_next;
+            if (!this_any || lo[w] > qpos_max) continue; /* nothing chosen, or all in the future */
             /* Rows [r0, r1] of the tile are read: the whole tile when a head reads it whole
              * (its scores come from the transposed tile, as flash's do), else the span of the
              * chosen ones. Every head's scores and updates run over the same span. */
-            int64_t r0 = whole ? 0 : __builtin_ctzll(any);
-            int64_t r1 = whole ? nb - 1 : 63 - __builtin_clzll(any);
+            int64_t r0 = this_whole ? 0 : __builtin_ctzll(this_any);
+            int64_t r1 = this_whole ? nb - 1 : 63 - __builtin_clzll(this_any);
             size_t kst, vst;
             const float *k = tsr_kv_view_rows(v, 0, j0 + r0, r1 - r0 + 1, hd, kt, &kst);
             const float *vv = tsr_kv_view_rows(v, 1, j0 + r0, r1 - r0 + 1, hd, vt, &vst);
-            if (whole) {
+            if (this_whole) {
                 for (int32_t d = 0; d < hd; d++)
                     for (int64_t r = 0; r < T; r++)
                         kT[(size_t)d * T + r] = r < nb ? k[(size_t)r * kst + d] : 0.0f;
@@ -327,6 +373,10 @@ static void tsr_sparse_task_(void *arg, int ith, int nth) {
                     float mt = -INFINITY;
                     for (int64_t r = r0; r <= r1; r++)
                         if (s[r] > mt) mt = s[r];
+                    if (job->scores)
+                        memcpy(job->scores + ((i0 + qi) * a->n_head + g * group + hg) * job->max_n +
+                                   j0 + r0,
+                               s + r0, (size_t)(r1 - r0 + 1) * sizeof *s);
                     float m_old = ml[2 * st];
                     float m_new = mt > m_old ? mt : m_old;
                     float *o = acc + st * hd;
@@ -426,14 +476,17 @@ static void tsr_sparse_score_task_(void *arg, int ith, int nth) {
 }
 
 /* One forward call (checked by tsr_attention_check_call) over the entries `select` chooses
- * (NULL: every entry), adding what was read to *counts. */
+ * (NULL: every entry), adding what was read to *counts. `scores` (NULL, or room for n_q x
+ * n_head x the largest view's n) receives the score (scale * q.k) of each entry each (query,
+ * head) read, as the softmax used it, and -inf for the others: a plugin that chooses from a
+ * full attention's scores (TidalDecode) need not compute them again. */
 static inline tsr_status tsr_sparse_forward(const tsr_attention_shape *a,
                                             const tsr_attention_call *call,
                                             tsr_sparse_select_fn select, void *ctx,
-                                            tsr_sparse_counts *counts) {
+                                            tsr_sparse_counts *counts, float *scores) {
     if (call->n_q == 0) return TSR_OK;
     const tsr_host *host = a->host;
-    tsr_sparse_job_ job = {.a = a, .call = call, .select = select, .ctx = ctx};
+    tsr_sparse_job_ job = {.a = a, .call = call, .select = select, .ctx = ctx, .scores = scores};
     int any_scores = tsr_attention_scan_views(a, call, &job.max_n);
     job.n_words = tsr_sparse_n_words(job.max_n);
     atomic_init(&job.read, 0);
