@@ -1132,6 +1132,32 @@ START_TEST(run_with_a_head_file_of_another_model) {
 }
 END_TEST
 
+/* bench -d: decode timed after a prompt of DEPTH tokens; the JSON says the depth, the table
+ * names the test "tgN @ dDEPTH", a negative depth is a usage error. */
+START_TEST(bench_decodes_at_a_depth) {
+    char *model = tsr_test_data("models/stories260K.gguf");
+    char *out, *err;
+    const char *json_args[] = {"bench", "-m", model, "-p", "4", "-n", "3", "-d", "40", "-r", "1",
+                               "--bandwidth-mib", "1", "--json", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, json_args), 0);
+    ck_assert_ptr_nonnull(strstr(out, "\"n_depth\": 40"));
+    ck_assert_ptr_nonnull(strstr(out, "\"n_gen\": 3"));
+    free(out);
+    free(err);
+    const char *table_args[] = {"bench", "-m", model, "-p", "4", "-n", "3", "--depth", "40", "-r",
+                                "1", "--bandwidth-mib", "1", NULL};
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, table_args), 0);
+    ck_assert_ptr_nonnull(strstr(out, "| tg3 @ d40 |"));
+    free(out);
+    free(err);
+    const char *bad_args[] = {"bench", "-m", model, "-d", "-1", NULL};
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, bad_args), 2);
+    ck_assert_str_eq(err, "tessera: bench: -d: expected an integer in [0, 2147483645], got '-1'\n");
+    free(err);
+    free(model);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("sparse-attention");
     TCase *plugins = tcase_create("plugins");
@@ -1164,6 +1190,7 @@ int main(void) {
                             (int)(sizeof refusals / sizeof refusals[0]));
         tcase_add_test(model, profile_heads_needs_a_text);
         tcase_add_test(model, run_with_a_head_file_of_another_model);
+        tcase_add_test(model, bench_decodes_at_a_depth);
         suite_add_tcase(s, model);
     } else {
         printf("skipped: the model cases (shared data folder missing)\n");

@@ -40,8 +40,15 @@ typedef struct quest_attn {
     int32_t page, k, dense_layers;
     tsr_seq_table seqs;
     float *rows;          /* (page, head_dim) keys of one page being summarised */
-    tsr_sparse_chosen chosen; /* the current call's pages, as entries */
-    unsigned char *every;     /* (n_head) of chosen: the head's view has at most k pages */
+    /* The current call: its layer's statistics (n_kv_head), and each head's pages, chosen
+     * when the core first asks for the head (chosen_for[h]). */
+    const quest_stats *stats;
+    tsr_sparse_chosen chosen;
+    unsigned char *every;      /* (n_head) of chosen: the head's view has at most k pages */
+    unsigned char *chosen_for; /* (n_head) */
+    float *bound;              /* (n_head, bound_cap) each page's bound */
+    int64_t *best;             /* (n_head, bound_cap) the best pages */
+    int64_t bound_cap;
 } quest_attn;
 
 static void quest_seq_free(quest_attn *a, quest_seq *s) {
@@ -146,59 +153,44 @@ static int quest_stats_update(quest_attn *a, quest_stats *st, const tsr_kv_view 
     return 1;
 }
 
-/* Page choice of one decode call, one query head per task item. */
-typedef struct quest_job {
-    quest_attn *a;
-    const tsr_attention_call *call;
-    const quest_stats *stats; /* (n_kv_head) of the call's layer */
-    atomic_int failed;
-} quest_job;
-
-/* The upper bound of q.k over each page but the last, the best k - 1 of them, and the last. */
-TSR_VECTOR_CLONES
-static void quest_choose_task(void *arg, int ith, int nth) {
-    quest_job *job = arg;
-    quest_attn *a = job->a;
-    const tsr_host *host = a->base.sh.host;
-    const int32_t n_head = a->base.sh.n_head, hd = a->base.sh.head_dim;
-    const int32_t group = n_head / a->base.sh.n_kv_head;
-    int32_t first = n_head * ith / nth, last = n_head * (ith + 1) / nth;
-    if (first == last) return;
-    int64_t most = 0;
-    tsr_attention_scan_views(&a->base.sh, job->call, &most);
-    int64_t max_pages = (most + a->page - 1) / a->page;
-    float *bound = host->alloc(host->ctx, (size_t)max_pages * sizeof *bound, 0);
-    int64_t *best = host->alloc(host->ctx, (size_t)a->k * sizeof *best, 0);
-    if (!bound || !best) {
-        atomic_store(&job->failed, 1);
-        host->free(host->ctx, bound);
-        host->free(host->ctx, best);
-        return;
-    }
-    for (int32_t h = first; h < last; h++) {
-        const tsr_kv_view *v = &job->call->views[h / group];
-        const quest_stats *st = &job->stats[h / group];
-        int64_t n_pages = (v->n + a->page - 1) / a->page;
-        a->every[h] = n_pages <= a->k;
-        if (a->every[h]) continue;
-        const float *q = job->call->q + (size_t)h * hd;
-        for (int64_t p = 0; p < n_pages - 1; p++) {
-            const float *mn = st->kmin + p * hd, *mx = st->kmax + p * hd;
-            float ub = 0.0f;
-            for (int32_t d = 0; d < hd; d++) {
-                float lo = q[d] * mn[d], up = q[d] * mx[d];
-                ub += lo > up ? lo : up;
-            }
-            bound[p] = ub;
+/* Head h's pages for the call: the upper bound of q.k over each page but the last, the best
+ * k - 1 of them, and the last. Runs on the worker that attends for h's KV head, when the core
+ * first asks for h, so the choice costs no parallel step of its own. */
+static void quest_choose(quest_attn *a, const tsr_attention_call *call, int32_t h) {
+    const int32_t hd = a->base.sh.head_dim, group = a->base.sh.n_head / a->base.sh.n_kv_head;
+    const tsr_kv_view *v = &call->views[h / group];
+    const quest_stats *st = &a->stats[h / group];
+    int64_t n_pages = (v->n + a->page - 1) / a->page;
+    a->every[h] = n_pages <= a->k;
+    if (a->every[h]) return;
+    float *bound = a->bound + (size_t)h * (size_t)a->bound_cap;
+    int64_t *best = a->best + (size_t)h * (size_t)a->bound_cap;
+    const float *q = call->q + (size_t)h * hd;
+    for (int64_t p = 0; p < n_pages - 1; p++) {
+        const float *mn = st->kmin + p * hd, *mx = st->kmax + p * hd;
+        float ub = 0.0f;
+        for (int32_t d = 0; d < hd; d++) {
+            float lo = q[d] * mn[d], up = q[d] * mx[d];
+            ub += lo > up ? lo : up;
         }
-        uint64_t *words = tsr_sparse_chosen_row(&a->chosen, h, v->n);
-        tsr_sparse_top_k(bound, n_pages - 1, a->k - 1, best);
-        for (int64_t i = 0; i < a->k - 1; i++)
-            tsr_sparse_set_range(words, best[i] * a->page, (best[i] + 1) * a->page);
-        tsr_sparse_set_range(words, (n_pages - 1) * a->page, v->n);
+        bound[p] = ub;
     }
-    host->free(host->ctx, bound);
-    host->free(host->ctx, best);
+    uint64_t *words = tsr_sparse_chosen_row(&a->chosen, h, v->n);
+    tsr_sparse_top_k(bound, n_pages - 1, a->k - 1, best);
+    for (int64_t i = 0; i < a->k - 1; i++)
+        tsr_sparse_set_range(words, best[i] * a->page, (best[i] + 1) * a->page);
+    tsr_sparse_set_range(words, (n_pages - 1) * a->page, v->n);
+}
+
+/* The core asks for each head of a KV head on the worker that owns that KV head (and again in
+ * a later pass for score_acc): the first ask chooses. */
+static int quest_select(void *ctx, const tsr_sparse_choice *c) {
+    quest_attn *a = ctx;
+    if (!a->chosen_for[c->h]) {
+        quest_choose(a, c->call, c->h);
+        a->chosen_for[c->h] = 1;
+    }
+    return tsr_sparse_select_chosen(&a->chosen, c);
 }
 
 static tsr_status quest_nomem(quest_attn *a, const tsr_attention_call *call) {
@@ -226,12 +218,25 @@ static tsr_status quest_forward(void *self, const tsr_attention_call *call) {
     tsr_attention_scan_views(&a->base.sh, call, &most);
     if (!tsr_sparse_chosen_reserve(host, &a->chosen, a->base.sh.n_head, most))
         return quest_nomem(a, call);
-    quest_job job = {.a = a, .call = call, .stats = stats};
-    atomic_init(&job.failed, 0);
-    host->parallel_for(host->ctx, quest_choose_task, &job);
-    if (atomic_load(&job.failed)) return quest_nomem(a, call);
-    return tsr_sparse_forward(&a->base.sh, call, tsr_sparse_select_chosen, &a->chosen, counts,
-                              NULL);
+    int64_t pages = (most + a->page - 1) / a->page;
+    if (pages > a->bound_cap) {
+        size_t rows = (size_t)pages * (size_t)a->base.sh.n_head;
+        float *bound = host->alloc(host->ctx, rows * sizeof *bound, 0);
+        int64_t *best = host->alloc(host->ctx, rows * sizeof *best, 0);
+        if (!bound || !best) {
+            host->free(host->ctx, bound);
+            host->free(host->ctx, best);
+            return quest_nomem(a, call);
+        }
+        host->free(host->ctx, a->bound);
+        host->free(host->ctx, a->best);
+        a->bound = bound;
+        a->best = best;
+        a->bound_cap = pages;
+    }
+    a->stats = stats;
+    memset(a->chosen_for, 0, (size_t)a->base.sh.n_head);
+    return tsr_sparse_forward(&a->base.sh, call, quest_select, a, counts, NULL);
 }
 
 static void quest_destroy(void *self) {
@@ -243,6 +248,9 @@ static void quest_destroy(void *self) {
     host->free(host->ctx, a->rows);
     host->free(host->ctx, a->chosen.words);
     host->free(host->ctx, a->every);
+    host->free(host->ctx, a->chosen_for);
+    host->free(host->ctx, a->bound);
+    host->free(host->ctx, a->best);
     tsr_attention_destroy(a);
 }
 
@@ -257,8 +265,9 @@ static tsr_status quest_create(const tsr_host *host, const tsr_params *params,
     a->dense_layers = (int32_t)tsr_param_int(params, "dense_layers");
     a->rows = host->alloc(host->ctx, (size_t)a->page * (size_t)init->head_dim * sizeof(float), 0);
     a->every = host->alloc(host->ctx, (size_t)init->n_head, 0);
+    a->chosen_for = host->alloc(host->ctx, (size_t)init->n_head, 0);
     a->chosen.every = a->every;
-    if (!a->rows || !a->every) {
+    if (!a->rows || !a->every || !a->chosen_for) {
         quest_destroy(a);
         host->set_error(host->ctx, "out of memory");
         return TSR_E_NOMEM;
