@@ -14,6 +14,7 @@
 
 #include <tessera/sdk.h>
 #include <tessera/sdk_kv.h>
+#include <tessera/sdk_sparse.h>
 
 #include "config/params.h"
 #include "pipeline_fixture.h"
@@ -608,6 +609,64 @@ START_TEST(sparse_plugins_thread_independent) {
 }
 END_TEST
 
+/* ---- the top k ---------------------------------------------------------------------------- */
+
+typedef struct ranked {
+    float score;
+    int64_t i;
+} ranked;
+
+static int ranked_cmp(const void *a, const void *b) {
+    const ranked *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+static int index_cmp(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* tsr_sparse_top_k picks exactly the k first of a full sort (higher score first, ties to the
+ * lower index), on random scores, many ties, sorted and reversed runs, and all equal. */
+START_TEST(top_k_is_the_head_of_a_sort) {
+    const int64_t sizes[] = {1, 2, 5, 64, 1000, 4097};
+    uint64_t rng = 5;
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        const int64_t n = sizes[si];
+        float *score = malloc((size_t)n * sizeof *score);
+        int64_t *idx = malloc((size_t)n * sizeof *idx), *want = malloc((size_t)n * sizeof *want);
+        ranked *all = malloc((size_t)n * sizeof *all);
+        for (int pattern = 0; pattern < 5; pattern++) {
+            for (int64_t i = 0; i < n; i++) {
+                float r = tsr_test_rng_unit(&rng);
+                score[i] = pattern == 0 ? r
+                           : pattern == 1 ? (float)(int)(r * 3.0f)
+                           : pattern == 2 ? (float)i
+                           : pattern == 3 ? (float)-i : 1.0f;
+                all[i] = (ranked){score[i], i};
+            }
+            qsort(all, (size_t)n, sizeof *all, ranked_cmp);
+            const int64_t ks[] = {0, 1, n / 3, n - 1, n};
+            for (size_t ki = 0; ki < 5; ki++) {
+                int64_t k = ks[ki] < 0 ? 0 : ks[ki];
+                tsr_sparse_top_k(score, n, k, idx);
+                for (int64_t i = 0; i < k; i++) want[i] = all[i].i;
+                qsort(idx, (size_t)k, sizeof *idx, index_cmp);
+                qsort(want, (size_t)k, sizeof *want, index_cmp);
+                ck_assert_msg(memcmp(idx, want, (size_t)k * sizeof *idx) == 0,
+                              "n %lld, k %lld, pattern %d", (long long)n, (long long)k, pattern);
+            }
+
+        }
+        free(score);
+        free(idx);
+        free(want);
+        free(all);
+    }
+}
+END_TEST
+
 /* ---- head_mass ------------------------------------------------------------------------------ */
 
 /* One head of head_dim 4, scale 1/2, entries at positions 0..3 with keys (a_j, 0, 0, 0), a =
@@ -1173,6 +1232,7 @@ int main(void) {
     tcase_add_test(plugins, tidal_k_covering_the_view_is_flash);
     tcase_add_test(plugins, tidal_positions_by_hand);
     tcase_add_test(plugins, sparse_plugins_thread_independent);
+    tcase_add_test(plugins, top_k_is_the_head_of_a_sort);
     tcase_add_test(plugins, head_mass_by_hand);
     tcase_add_loop_test(plugins, head_mass_reference_and_flash_agree, 0, N_MIXED);
     tcase_add_test(plugins, streaming_cache_keeps_retrieval_heads_whole);
