@@ -519,7 +519,8 @@ static const bad_config bad_configs[] = {
     {"tessera: 1\ncache: { plugin: streaming, window: 0 }\n", NULL,
      "2:29: cache.window: expected an integer in [1, 1048576], got '0'"},
     {"tessera: 1\ncache: { plugin: streaming, windw: 8 }\n", NULL,
-     "2:29: cache: unknown parameter 'windw' for plugin 'streaming'; known: sink, window, dtype"},
+     "2:29: cache: unknown parameter 'windw' for plugin 'streaming'; known: sink, window, dtype, "
+     "heads"},
     {"tessera: 1\ndecoder: { plugin: sample, temperature: hot }\n", NULL,
      "2:28: decoder.temperature: expected a number in [0, 100], got 'hot'"},
     {"tessera: 1\ncache: { plugin: streaming }\nhooks:\n  - { on: at_end, stage: cache, call: nosuch }\n",

@@ -65,6 +65,7 @@ static double peak_rss_mib(void) {
 
 typedef struct bench_opts {
     int n_prompt, n_gen, reps;
+    int depth; /* tokens in the context before the timed decode steps */
     int threads[16];
     int n_threads;
     int bandwidth_mib; /* the buffer the bandwidth measurement reads */
@@ -75,11 +76,17 @@ typedef struct kv_probe {
     tsr_pipeline *pl;
     int64_t emitted, at;
     uint64_t kv_bytes;
+    uint64_t t_first;         /* the clock when the first token came: the prompt is done */
+    tsr_stage_times first;    /* the stage times then */
 } kv_probe;
 
 static void probe_tokens(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n) {
     kv_probe *p = ctx;
     (void)tokens;
+    if (p->emitted == 0) {
+        p->t_first = tsr_clock_ns();
+        p->first = *tsr_pipeline_times(p->pl);
+    }
     p->emitted += n;
     if (p->emitted >= p->at && !p->kv_bytes) p->kv_bytes = tsr_pipeline_kv_bytes(p->pl);
 }
@@ -96,17 +103,32 @@ static tsr_status time_prefill(session *s, const tsr_batch_entry *batch, int n, 
     return st;
 }
 
-/* n new tokens (per sequence) through the configured decoder, however many tokens each
- * forward yields; returns seconds and the request's counts. */
-static tsr_status time_decode(session *s, int32_t bos, int n, kv_probe *probe,
-                              tsr_generate_stats *gen, double *secs, tsr_error *err) {
-    uint64_t t0 = tsr_clock_ns();
-    tsr_status st = tsr_pipeline_generate(s->pl, &bos, 1, n, NULL, NULL, probe_tokens, probe,
-                                          gen, err);
-    *secs = tsr_clock_seconds_since(t0);
-    if (st >= 0 && gen->new_tokens < n)
+/* Adds the stage times from `a` to `b` to *acc. */
+static void add_times_between(tsr_stage_times *acc, const tsr_stage_times *a,
+                              const tsr_stage_times *b) {
+    acc->matmul += b->matmul - a->matmul;
+    acc->attention += b->attention - a->attention;
+    acc->cache += b->cache - a->cache;
+    acc->decoder += b->decoder - a->decoder;
+    acc->other_ops += b->other_ops - a->other_ops;
+    acc->router += b->router - a->router;
+    acc->expert_bytes += b->expert_bytes - a->expert_bytes;
+}
+
+/* n new tokens (per sequence) through the configured decoder, as `run` makes them, after the
+ * prompt, which is not timed: the first token marks its end (the decoder then makes n more).
+ * The seconds from the first token to the last, the stage times over them added to *times, and
+ * the request's counts. */
+static tsr_status time_decode(session *s, const int32_t *prompt, int n_prompt, int n,
+                              kv_probe *probe, tsr_generate_stats *gen, double *secs,
+                              tsr_stage_times *times, tsr_error *err) {
+    tsr_status st = tsr_pipeline_generate(s->pl, prompt, n_prompt, n + 1, NULL, NULL,
+                                          probe_tokens, probe, gen, err);
+    *secs = tsr_clock_seconds_since(probe->t_first);
+    add_times_between(times, &probe->first, tsr_pipeline_times(s->pl));
+    if (st >= 0 && gen->new_tokens != n + 1)
         st = tsr_error_set(err, TSR_E_STATE, "bench: the decoder stopped after %lld of %d tokens",
-                           (long long)gen->new_tokens, n);
+                           (long long)gen->new_tokens, n + 1);
     return st;
 }
 
@@ -134,56 +156,69 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
     session s;
     tsr_status st = tsr_session_open(&s, &o, err);
     if (st < 0) goto done;
-    if ((st = tsr_session_pipeline(&s, (int64_t)b->n_prompt + b->n_gen + 1, err)) < 0) goto done;
+    int64_t n_ctx = (int64_t)b->n_prompt > (int64_t)b->depth + 1 + b->n_gen + 1
+                        ? b->n_prompt : (int64_t)b->depth + 1 + b->n_gen + 1;
+    if ((st = tsr_session_pipeline(&s, n_ctx, err)) < 0) goto done;
     *weight_bytes = tsr_pipeline_weight_bytes(s.pl);
     tsr_pipeline_weight_quality(s.pl, &row->bits_per_weight, &row->rel_rmse);
     int32_t nv = s.model->hp.n_vocab, bos = tsr_tokenizer_bos(s.tok);
     if (bos < 0) bos = 0;
     int n = b->n_prompt;
     tsr_batch_entry *batch = calloc((size_t)n, sizeof *batch);
+    int32_t *prompt = malloc(((size_t)b->depth + 1) * sizeof *prompt);
     float *logits = malloc((size_t)nv * sizeof *logits);
-    /* Fixed pseudo-random prompt ids: every run reads the same rows of the embedding. */
-    uint32_t rng = 12345;
-    for (int i = 0; i < n; i++) {
-        rng = rng * 1664525u + 1013904223u;
-        batch[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = (int32_t)(rng % (uint32_t)nv),
-                                     .want_logits = i == n - 1};
-    }
-    double secs, warm;
     double *pp = calloc((size_t)b->reps, sizeof *pp), *tg = calloc((size_t)b->reps, sizeof *tg);
-    kv_probe probe = {.pl = s.pl, .at = b->n_gen};
+    if (!batch || !prompt || !logits || !pp || !tg) {
+        st = tsr_error_set(err, TSR_E_NOMEM, "bench: out of memory for a prompt of %d tokens and "
+                           "a depth of %d", n, b->depth);
+        goto out;
+    }
+    /* Fixed pseudo-random prompt ids: every run reads the same rows of the embedding. The
+     * decode steps follow BOS and `depth` more of them. */
+    uint32_t rng = 12345;
+    for (int i = 0; i < n || i < b->depth; i++) {
+        rng = rng * 1664525u + 1013904223u;
+        int32_t id = (int32_t)(rng % (uint32_t)nv);
+        if (i < n)
+            batch[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = id,
+                                         .want_logits = i == n - 1};
+        if (i < b->depth) prompt[i + 1] = id;
+    }
+    prompt[0] = bos;
+    double secs, warm;
+    kv_probe probe = {.pl = s.pl, .at = b->n_gen + 1};
+    tsr_stage_times warm_times = {0};
     /* Warm-up: page in the weights and settle the caches before timing. */
     if ((st = time_prefill(&s, batch, n < 32 ? n : 32, logits, &warm, err)) < 0) goto out;
     tsr_generate_stats gen;
-    if ((st = time_decode(&s, bos, b->n_gen < 4 ? b->n_gen : 4, &probe, &gen, &warm, err)) < 0)
+    if ((st = time_decode(&s, prompt, 1, b->n_gen < 4 ? b->n_gen : 4, &probe, &gen, &warm,
+                          &warm_times, err)) < 0)
         goto out;
     for (int r = 0; r < b->reps && n > 0; r++) {
         if ((st = time_prefill(&s, batch, n, logits, &secs, err)) < 0) goto out;
         pp[r] = n / secs;
     }
-    tsr_stage_times before = *tsr_pipeline_times(s.pl);
+    row->times = (tsr_stage_times){0};
     double decode_secs = 0;
-    int64_t tokens = 0, drafted = 0, accepted = 0;
+    int64_t tokens = 0, timed_tokens = 0, drafted = 0, accepted = 0;
     uint64_t forwards = 0;
     for (int r = 0; r < b->reps && b->n_gen > 0; r++) {
-        probe = (kv_probe){.pl = s.pl, .at = b->n_gen};
-        if ((st = time_decode(&s, bos, b->n_gen, &probe, &gen, &secs, err)) < 0) goto out;
-        tg[r] = (double)gen.new_tokens / secs;
+        probe = (kv_probe){.pl = s.pl, .at = b->n_gen + 1};
+        if ((st = time_decode(&s, prompt, b->depth + 1, b->n_gen, &probe, &gen, &secs, &row->times,
+                              err)) < 0)
+            goto out;
+        tg[r] = (double)(gen.new_tokens - 1) / secs;
         decode_secs += secs;
         tokens += gen.new_tokens;
+        timed_tokens += gen.new_tokens - 1;
         forwards += gen.target_forwards;
         drafted += gen.decoder.drafted;
         accepted += gen.decoder.accepted;
     }
     row->tokens_per_forward = forwards > 0 ? (double)tokens / (double)forwards : 0;
     row->acceptance = drafted > 0 ? (double)accepted / (double)drafted : -1;
-    const tsr_stage_times *after = tsr_pipeline_times(s.pl);
-    row->times = (tsr_stage_times){
-        .matmul = after->matmul - before.matmul, .attention = after->attention - before.attention,
-        .cache = after->cache - before.cache, .decoder = after->decoder - before.decoder,
-        .other_ops = after->other_ops - before.other_ops, .router = after->router - before.router,
-        .expert_bytes = after->expert_bytes - before.expert_bytes};
-    row->expert_bytes_per_token = tokens > 0 ? (double)row->times.expert_bytes / (double)tokens : 0;
+    row->expert_bytes_per_token =
+        timed_tokens > 0 ? (double)row->times.expert_bytes / (double)timed_tokens : 0;
     row->decode_secs = decode_secs;
     row->threads = threads;
     row->kv_bytes = probe.kv_bytes;
@@ -205,6 +240,7 @@ out:
     free(pp);
     free(tg);
     free(batch);
+    free(prompt);
     free(logits);
 done:
     if (st >= 0 && keep && !keep->model) *keep = s;
@@ -222,9 +258,11 @@ static void print_markdown(const char *model_path, const char *type, const char 
         const bench_row *r = &rows[i];
         printf("| %s | %s | %.1f MiB | %d | pp%d | %.2f ± %.2f | | |\n", name, type,
                (double)weight_bytes / 1048576.0, r->threads, b->n_prompt, r->pp_mean, r->pp_std);
-        printf("| %s | %s | %.1f MiB | %d | tg%d | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% |\n",
-               name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, r->tg_mean,
-               r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
+        char depth[32] = "";
+        if (b->depth) snprintf(depth, sizeof depth, " @ d%d", b->depth);
+        printf("| %s | %s | %.1f MiB | %d | tg%d%s | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% |\n",
+               name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, depth,
+               r->tg_mean, r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
     }
     if (m->hp.n_expert > 0)
         printf("\nweights: %.1f MiB every target forward reads, plus the experts routed to (%d of "
@@ -267,9 +305,10 @@ static void print_json(const char *model_path, const char *type, const char *dec
         const bench_row *r = &rows[i];
         const tsr_stage_times *t = &r->times;
         json_array_append_new(results, json_pack(
-            "{s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:f, s:o, "
-            "s:{s:f, s:f, s:f, s:f, s:f, s:f, s:f}}",
-            "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "peak_rss_mib",
+            "{s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:f, "
+            "s:o, s:{s:f, s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "n_depth",
+            b->depth, "peak_rss_mib",
             r->peak_rss_mib, "bits_per_weight", r->bits_per_weight, "mean_rel_rmse", r->rel_rmse,
             "prefill_tps_mean", r->pp_mean, "prefill_tps_std", r->pp_std,
             "decode_tps_mean", r->tg_mean, "decode_tps_std", r->tg_std,
@@ -327,22 +366,23 @@ static bool parse_thread_list(const char *text, bench_opts *b) {
 int tsr_cli_bench(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     bench_opts b = {.threads = {1}, .n_threads = 1};
-    int64_t n_prompt = 512, n_gen = 128, reps = 5, bandwidth_mib = 1024;
+    int64_t n_prompt = 512, n_gen = 128, reps = 5, bandwidth_mib = 1024, depth = 0;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
-            printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-t 1,2] [-r 5]\n"
-                   "                     [--bandwidth-mib 1024] [--json] [--set K=V]...\n"
+            printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-d 0] [-t 1,2]\n"
+                   "                     [-r 5] [--bandwidth-mib 1024] [--json] [--set K=V]...\n"
                    "                     [--plugin-dir DIR]...\n"
                    "Prefill (-p tokens in one batch) and decode (-n new tokens through the\n"
-                   "configured decoder, as `run` makes them) speed for each thread count, mean and\n"
-                   "deviation over -r repetitions after a warm-up; the tokens each target forward\n"
-                   "yields and, for a decoder that drafts, the fraction of drafts accepted;\n"
-                   "the weights read per decoded token (of a model with experts: what every\n"
-                   "target forward reads plus the experts each token was routed to, as read),\n"
-                   "the machine's own read bandwidth measured in the same run, and the fraction\n"
-                   "of that roofline decode reaches; where the decode time goes, stage by stage.\n"
-                   "--bandwidth-mib sizes the buffer the bandwidth measurement reads; keep it\n"
-                   "well above the last-level cache.\n");
+                   "configured decoder, as `run` makes them, after a prompt of -d tokens that is\n"
+                   "not timed) speed for each thread count, mean and deviation over -r\n"
+                   "repetitions after a warm-up; the tokens each target forward yields and, for a\n"
+                   "decoder that drafts, the fraction of drafts accepted; the weights read per\n"
+                   "decoded token (of a model with experts: what every target forward reads plus\n"
+                   "the experts each token was routed to, as read), the machine's own read\n"
+                   "bandwidth measured in the same run, and the fraction of that roofline decode\n"
+                   "reaches; where the decode time goes, stage by stage. --bandwidth-mib sizes the\n"
+                   "buffer the bandwidth measurement reads; keep it well above the last-level\n"
+                   "cache.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }
@@ -351,14 +391,15 @@ int tsr_cli_bench(int argc, char **argv) {
             {"-p", NULL, "PROMPT_TOKENS", 1, INT32_MAX, &n_prompt},
             {"-n", NULL, "NEW_TOKENS", 0, INT32_MAX, &n_gen},
             {"-r", NULL, "REPETITIONS", 1, 1000, &reps},
-            {"--bandwidth-mib", NULL, "MIB", 1, 1 << 20, &bandwidth_mib}};
+            {"--bandwidth-mib", NULL, "MIB", 1, 1 << 20, &bandwidth_mib},
+            {"-d", "--depth", "DEPTH_TOKENS", 0, INT32_MAX - 2, &depth}};
         const tsr_cli_text_opt threads[] = {{"-t", "--threads", "THREADS[,THREADS...]",
                                              &thread_list}};
         /* -t here is a list, read before the shared options take it as one count. */
         int took = tsr_cli_take_text("bench", argc, argv, &i, threads, 1);
         if (took > 0 && !parse_thread_list(thread_list, &b)) took = -1;
         if (took == 0) took = tsr_session_take_opt("bench", argc, argv, &i, &o);
-        if (took == 0) took = tsr_cli_take_int("bench", argc, argv, &i, ints, 4);
+        if (took == 0) took = tsr_cli_take_int("bench", argc, argv, &i, ints, 5);
         if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &b.json);
         if (took == 0) took = (tsr_cli_bad_arg("bench", a), -1);
         if (took < 0) {
@@ -369,6 +410,7 @@ int tsr_cli_bench(int argc, char **argv) {
     b.n_prompt = (int)n_prompt;
     b.n_gen = (int)n_gen;
     b.reps = (int)reps;
+    b.depth = (int)depth;
     b.bandwidth_mib = (int)bandwidth_mib;
     bench_row rows[16];
     memset(rows, 0, sizeof rows);

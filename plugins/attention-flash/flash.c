@@ -18,6 +18,10 @@
  * own products replace the loaded rows: dot_k gives a tile's scores for the scaled query,
  * axpy_v adds the probability-weighted values, called on each run of visible entries so that
  * an entry the query must not see adds nothing at all.
+ *
+ * head_mass (profiling) is a pass of its own too, run only when the call asks for it: it
+ * scores again the entries outside the sinks and the window, so the passes above stay as they
+ * are and cost nothing more.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -38,6 +42,7 @@ typedef struct flash_job {
     const tsr_attention_call *call;
     int64_t max_view_n;
     float *stat;            /* (n_q, n_head, 2): final running max and normaliser */
+    float *outside;         /* (n_q, n_head): probability outside sinks + window (head_mass) */
     int64_t n_items;
     atomic_int failed;
 } flash_job;
@@ -331,6 +336,57 @@ static void flash_score_task(void *arg, int ith, int nth) {
     a->sh.host->free(a->sh.host->ctx, mem);
 }
 
+/* head_mass: item (block of FLASH_QB queries, KV head), as flash_task's; each (query, head)
+ * sums, in entry order, the probabilities of the entries it sees outside the sinks and the
+ * window, scored as flash_task scored them. */
+TSR_VECTOR_CLONES
+static void flash_mass_task(void *arg, int ith, int nth) {
+    flash_job *job = arg;
+    const flash_attn *a = job->a;
+    const tsr_attention_call *c = job->call;
+    const int32_t hd = a->sh.head_dim, group = a->sh.n_head / a->sh.n_kv_head, tile = a->tile;
+    int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
+    if (first == last) return;
+    float *mem = a->sh.host->alloc(a->sh.host->ctx, ((size_t)tile + 1) * (size_t)hd * sizeof(float), 0);
+    if (!mem) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    float *kt = mem, *qs = kt + (size_t)tile * hd;
+    for (int64_t it = first; it < last; it++) {
+        int32_t g = (int32_t)(it % a->sh.n_kv_head);
+        int64_t i0 = (it / a->sh.n_kv_head) * FLASH_QB;
+        int64_t nq = c->n_q - i0 < FLASH_QB ? c->n_q - i0 : FLASH_QB;
+        const tsr_kv_view *v = &c->views[g];
+        for (int64_t qi = 0; qi < nq; qi++)
+            for (int32_t hg = 0; hg < group; hg++)
+                job->outside[(i0 + qi) * a->sh.n_head + g * group + hg] = 0.0f;
+        for (int64_t j0 = 0; j0 < v->n; j0 += tile) {
+            int64_t nb = v->n - j0 < tile ? v->n - j0 : tile;
+            size_t kst;
+            const float *k = NULL;
+            for (int64_t qi = 0; qi < nq; qi++) {
+                int32_t qpos = c->q_pos[i0 + qi];
+                int64_t last_outside = (int64_t)qpos - c->stats_window;
+                for (int32_t hg = 0; hg < group; hg++) {
+                    int64_t pair = (i0 + qi) * a->sh.n_head + g * group + hg;
+                    float m = job->stat[2 * pair], l = job->stat[2 * pair + 1];
+                    if (l <= 0.0f) continue;
+                    const float *q = c->q + pair * hd;
+                    for (int32_t d = 0; d < hd; d++) qs[d] = q[d] * c->scale;
+                    for (int64_t r = 0; r < nb; r++) {
+                        int32_t p = v->pos[j0 + r];
+                        if (p > qpos || p < c->stats_sink || p > last_outside) continue;
+                        if (!k) k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
+                        job->outside[pair] += expf(flash_dot(qs, k + (size_t)r * kst, hd) - m) / l;
+                    }
+                }
+            }
+        }
+    }
+    a->sh.host->free(a->sh.host->ctx, mem);
+}
+
 static tsr_status flash_forward(void *self, const tsr_attention_call *call) {
     flash_attn *a = self;
     tsr_status st = tsr_attention_check_call(&a->sh, call);
@@ -345,6 +401,17 @@ static tsr_status flash_forward(void *self, const tsr_attention_call *call) {
     if (!job.stat) goto nomem;
     job.n_items = (call->n_q + FLASH_QB - 1) / FLASH_QB * a->sh.n_kv_head;
     host->parallel_for(host->ctx, flash_task, &job);
+    if (!atomic_load(&job.failed) && call->head_mass) {
+        job.outside = host->alloc(host->ctx, (size_t)(call->n_q * a->sh.n_head) * sizeof(float), 0);
+        if (job.outside) host->parallel_for(host->ctx, flash_mass_task, &job);
+        else atomic_store(&job.failed, 1);
+        for (int32_t h = 0; !atomic_load(&job.failed) && h < a->sh.n_head; h++) {
+            float mass = 0.0f;
+            for (int64_t i = 0; i < call->n_q; i++) mass += job.outside[i * a->sh.n_head + h];
+            call->head_mass[h] += mass;
+        }
+        host->free(host->ctx, job.outside);
+    }
     if (!atomic_load(&job.failed) && any_scores) {
         job.n_items = a->sh.n_kv_head * ((job.max_view_n + a->tile - 1) / a->tile);
         host->parallel_for(host->ctx, flash_score_task, &job);

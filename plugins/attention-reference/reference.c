@@ -8,6 +8,9 @@
  * for score_acc, a second pass split over (KV head, block of entries) recomputes each
  * probability from the per-pair maximum and normaliser kept by the first pass, and sums them
  * for each entry in a fixed order (head, then query): again independent of the thread count.
+ * When the call asks for head_mass, the first pass also keeps each (query, head)'s probability
+ * outside the sinks and the window, and the calling thread adds them up per head in query
+ * order.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -27,6 +30,7 @@ typedef struct ref_job {
     const tsr_attention_call *call;
     int64_t max_view_n;
     double *stat;            /* (n_q, n_head, 2): max score and sum of exp(score - max) */
+    double *outside;         /* (n_q, n_head) probability outside sinks + window, or NULL */
     int64_t n_score_items;   /* (KV head, entry block) items of the score pass */
     atomic_int failed;       /* a task could not allocate its scratch */
 } ref_job;
@@ -98,6 +102,14 @@ static void ref_task(void *arg, int ith, int nth) {
         /* A query that sees no entry gets zeros (only possible with a policy that hid even
          * the query's own position). */
         for (int32_t d = 0; d < hd; d++) out[d] = l > 0.0 ? (float)(acc[d] / l) : 0.0f;
+        if (job->outside) {
+            double mass = 0.0;
+            for (int64_t j = 0; j < v->n && l > 0.0; j++)
+                if (v->pos[j] <= qpos && v->pos[j] >= c->stats_sink &&
+                    v->pos[j] <= (int64_t)qpos - c->stats_window)
+                    mass += p[j];
+            job->outside[it] = l > 0.0 ? mass / l : 0.0;
+        }
         job->stat[2 * it] = m;
         job->stat[2 * it + 1] = l;
     }
@@ -159,17 +171,23 @@ static tsr_status ref_forward(void *self, const tsr_attention_call *call) {
     int any_scores = tsr_attention_scan_views(&a->sh, call, &job.max_view_n);
     atomic_init(&job.failed, 0);
     job.stat = tsr_calloc(a->sh.host, (size_t)(call->n_q * a->sh.n_head) * 2, sizeof(double));
-    if (!job.stat) goto nomem;
-    a->sh.host->parallel_for(a->sh.host->ctx, ref_task, &job);
+    if (call->head_mass)
+        job.outside = tsr_calloc(a->sh.host, (size_t)(call->n_q * a->sh.n_head), sizeof(double));
+    if (!job.stat || (call->head_mass && !job.outside)) atomic_store(&job.failed, 1);
+    else a->sh.host->parallel_for(a->sh.host->ctx, ref_task, &job);
+    for (int32_t h = 0; job.outside && !atomic_load(&job.failed) && h < a->sh.n_head; h++) {
+        double mass = 0.0;
+        for (int64_t i = 0; i < call->n_q; i++) mass += job.outside[i * a->sh.n_head + h];
+        call->head_mass[h] += (float)mass;
+    }
     if (!atomic_load(&job.failed) && any_scores) {
         job.n_score_items = a->sh.n_kv_head * ((job.max_view_n + REF_BLOCK - 1) / REF_BLOCK);
         a->sh.host->parallel_for(a->sh.host->ctx, ref_score_task, &job);
     }
     a->sh.host->free(a->sh.host->ctx, job.stat);
-    if (atomic_load(&job.failed)) goto nomem;
+    a->sh.host->free(a->sh.host->ctx, job.outside);
+    if (atomic_load(&job.failed)) return tsr_attention_nomem(&a->sh, call, job.max_view_n);
     return TSR_OK;
-nomem:
-    return tsr_attention_nomem(&a->sh, call, job.max_view_n);
 }
 
 static tsr_status ref_create(const tsr_host *host, const tsr_params *params,
