@@ -967,6 +967,39 @@ START_TEST(expert_types_from_a_list) {
 }
 END_TEST
 
+/* A file whose experts are apart already: each gets its listed type, the others TYPE, and
+ * they stay apart. */
+START_TEST(expert_types_of_experts_apart) {
+    char *apart = experts_apart(model_path[TINY_MOE], NULL, NULL);
+    char *dir = tsr_test_tmpdir(), list[512], out[512];
+    snprintf(list, sizeof list, "%s/types.txt", dir);
+    snprintf(out, sizeof out, "%s/out.gguf", dir);
+    static const char types[] = "0 1 q8_0\n";
+    ck_assert_int_eq(tsr_test_write_file(list, types, strlen(types)), 0);
+    const char *opt[] = {"--expert-types", list, NULL};
+    ck_assert_int_eq(quantize(apart, out, "q4_0", opt, NULL), 0);
+    tsr_gguf *g;
+    tsr_error err;
+    ck_assert_int_eq(tsr_gguf_open(out, &g, &err), 0);
+    for (int32_t l = 0; l < 2; l++)
+        for (int32_t e = 0; e < 4; e++)
+            for (int m = 0; m < 3; m++) {
+                char name[96];
+                snprintf(name, sizeof name, "blk.%d.%s.%d.weight", (int)l, exps[m], (int)e);
+                const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, name);
+                ck_assert_msg(t != NULL, "%s is missing", name);
+                ck_assert_int_eq(t->dtype, l == 0 && e == 1 ? TSR_DTYPE_Q8_0 : TSR_DTYPE_Q4_0);
+            }
+    tsr_gguf_close(g);
+    unlink(out);
+    unlink(list);
+    rmdir(dir);
+    free(dir);
+    unlink(apart);
+    free(apart);
+}
+END_TEST
+
 /* From `tessera experts --json`: per layer the round(0.5 * 4) = 2 most chosen experts (ties by
  * number) get --expert-hot, the others --expert-cold. */
 START_TEST(expert_types_from_a_profile) {
@@ -1146,6 +1179,7 @@ int main(void) {
     tcase_add_test(tc, expert_types_from_a_list);
     tcase_add_test(tc, expert_types_from_a_profile);
     tcase_add_test(tc, expert_types_ties_by_number);
+    tcase_add_test(tc, expert_types_of_experts_apart);
     tcase_add_loop_test(tc, bad_profiles_are_refused, 0,
                         (int)(sizeof bad_profiles / sizeof bad_profiles[0]));
     suite_add_tcase(s, tc);

@@ -332,6 +332,16 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
     /* llama.cpp quantizes a shared embedding as the output matrix it also is. */
     if (j->tied && !strcmp(role, "token_embd")) snprintf(role, sizeof role, "output");
     tsr_instance *q = layer >= 0 && layer < j->n_layer ? j->at[layer] : j->main;
+    /* An expert held apart (blk.L.<stack>.E.weight) is its stack's role, of its own type. */
+    int32_t expert = -1;
+    char *dot = strrchr(role, '.');
+    int used = 0;
+    if (layer >= 0 && dot && sscanf(dot + 1, "%d%n", &expert, &used) == 1 && !dot[1 + used]) {
+        *dot = '\0';
+        q = expert_quantizer(j, q, layer, expert);
+    } else {
+        expert = -1;
+    }
     tsr_tensor src = {.struct_size = sizeof src, .dtype = dtype, .n_dims = n_dims,
                       .ne = {ne[0], n_dims > 1 ? ne[1] : 1, n_dims > 2 ? ne[2] : 1,
                              n_dims > 3 ? ne[3] : 1},
@@ -339,7 +349,7 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
     if (n_dims == 3) return job_experts(j, q, &src, layer, role, owned, err);
     tsr_weight_out out;
     tsr_weight *w = &j->done[j->n_done].w;
-    tsr_status st = tsr_weight_prepare(q, &src, layer, role, -1, w, &out, err);
+    tsr_status st = tsr_weight_prepare(q, &src, layer, role, expert, w, &out, err);
     if (st < 0) return st;
     /* A converted copy no longer needs its source: a 7B model need not sit in memory twice. */
     if (owned && out.dst.data != data) {

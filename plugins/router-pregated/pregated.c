@@ -9,8 +9,9 @@
  *
  * mode prefetch (the default, lossless): every layer routes by its own gate exactly as 'topk'
  *   (<tessera/sdk_router.h>); the prediction only asks the host to start reading the
- *   predicted experts of the next layer (tsr_expert_access.prefetch, on a thread of the
- *   host's), so that their pages are in memory when that layer needs them.
+ *   predicted experts of the next layer that are not wholly in memory
+ *   (tsr_expert_access.resident, then .prefetch, read on a thread of the host's), so that
+ *   their pages are in memory when that layer needs them.
  * mode compute (the paper's): the predicted experts, weighted as the next gate weights them,
  *   ARE the ones the next layer uses; a layer routes by its own gate only when nothing
  *   predicted it (the first layer with experts, or the next layer of a forward that left
@@ -149,6 +150,12 @@ static uint64_t overlap(const int32_t *chosen, const int32_t *predicted, int32_t
     return n;
 }
 
+/* Has the host start reading an expert that is not wholly in memory: reading one that is
+ * would only take memory bandwidth from the products (a prefill predicts most experts). */
+static void prefetch_missing(const tsr_expert_access *x, int32_t layer, int32_t e) {
+    if (x->resident(x->ctx, layer, e) < x->bytes(x->ctx, layer, e)) x->prefetch(x->ctx, layer, e);
+}
+
 static tsr_status pregated_route(void *self, const tsr_route_call *call) {
     pregated *p = self;
     const int32_t k = call->k, n_expert = p->rule.n_expert;
@@ -182,7 +189,7 @@ static tsr_status pregated_route(void *self, const tsr_route_call *call) {
         for (int32_t s = 0; s < k && p->experts; s++)
             if (pe[s] >= 0 && !p->asked[pe[s]]) {
                 p->asked[pe[s]] = true;
-                p->experts->prefetch(p->experts->ctx, call->next_layer, pe[s]);
+                prefetch_missing(p->experts, call->next_layer, pe[s]);
             }
     }
     p->pred_layer = call->next_layer;
