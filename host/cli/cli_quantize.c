@@ -597,7 +597,16 @@ static tsr_status read_expert_types(quant_job *j, const model_opts *o, const exp
     j->expert_type = calloc((size_t)j->n_layer * (size_t)n_expert, sizeof *j->expert_type);
     if (!j->expert_type) return tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
     size_t len;
-    if (!(j->profile = tsr_session_read_file(r->path, &len, err))) return TSR_E_IO;
+    char *bytes = tsr_session_read_file(r->path, &len, err);
+    if (!bytes) return TSR_E_IO;
+    /* the lines are cut in place, and JSON text ends at a NUL */
+    j->profile = malloc(len + 1);
+    if (j->profile) {
+        memcpy(j->profile, bytes, len);
+        j->profile[len] = '\0';
+    }
+    free(bytes);
+    if (!j->profile) return tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
     const char *first = j->profile + strspn(j->profile, " \t\r\n");
     if (*first == '{') return read_type_profile(j, o, r, main_type, err);
     if (r->hot || r->cold)
