@@ -680,8 +680,9 @@ static int64_t *json_counts(const char *text, int32_t n_layer, int32_t n_expert,
     ck_assert_msg(root != NULL, "%s: %s", jerr.text, text);
     json_int_t ne = 0, used = 0, ctx = 0, chunks = 0;
     json_t *layers = NULL;
-    ck_assert_int_eq(json_unpack(root, "{s:s, s:s, s:I, s:I, s:I, s:I, s:o}", "model", &(const char *){0},
-                                 "text", &(const char *){0}, "ctx", &ctx, "chunks", &chunks,
+    const char *model = NULL, *text_path = NULL;
+    ck_assert_int_eq(json_unpack(root, "{s:s, s:s, s:I, s:I, s:I, s:I, s:o}", "model", &model,
+                                 "text", &text_path, "ctx", &ctx, "chunks", &chunks,
                                  "n_expert", &ne, "n_expert_used", &used, "layers", &layers), 0);
     ck_assert_int_eq(ne, n_expert);
     ck_assert_int_eq(used, k);
@@ -767,7 +768,8 @@ END_TEST
 /* The table: comment lines, then one line per layer and expert with the JSON's numbers. */
 START_TEST(experts_table_matches_the_json) {
     const char *json_args[] = {"--json", NULL}, *none[] = {NULL};
-    char *json = experts_output(TINY_QWEN2MOE, json_args), *table = experts_output(TINY_QWEN2MOE, none);
+    char *json = experts_output(TINY_QWEN2MOE, json_args);
+    char *table = experts_output(TINY_QWEN2MOE, none);
     double weights[8];
     int64_t *counts = json_counts(json, 2, 4, 2, weights);
     char *line = table, *next;
@@ -1172,7 +1174,8 @@ int main(void) {
     tc = tcase_create("statistics");
     tcase_add_test(tc, experts_counts_what_the_routers_chose);
     tcase_add_test(tc, experts_table_matches_the_json);
-    tcase_add_loop_test(tc, experts_bad_inputs, 0, (int)(sizeof bad_experts / sizeof bad_experts[0]));
+    tcase_add_loop_test(tc, experts_bad_inputs, 0,
+                        (int)(sizeof bad_experts / sizeof bad_experts[0]));
     suite_add_tcase(s, tc);
     tc = tcase_create("expert_types");
     tcase_add_loop_test(tc, experts_apart_load_as_stacked, 0, 2);

@@ -131,9 +131,9 @@ typedef struct live_router {
 /* Router `name` with parameters `kv` ("key=value", NULL-terminated) for 3 layers of 4 experts,
  * k used, the gating and normalisation given, prefetches recorded in `pf` (may be NULL).
  * Returns create's status, its message in `why`. */
-static tsr_status router_open(live_router *r, const char *name, const char *const *kv, int32_t k,
-                              int32_t gating, int32_t normalize, prefetches *pf, char *why,
-                              size_t why_size) {
+static tsr_status router_open(live_router *r, const char *name, const char *const *kv,
+                              int32_t k, int32_t gating, int32_t normalize, prefetches *pf,
+                              char *why, size_t why_size) {
     tsr_error err = {{0}};
     memset(r, 0, sizeof *r);
     r->reg = tsr_registry_create(NULL);
@@ -173,8 +173,9 @@ static void router_close(live_router *r) {
 }
 
 /* Runs the router on `n_tok` tokens of `layer`, the next layer's logits when `next` is given. */
-static void route_by_hand(live_router *r, int32_t layer, int64_t n_tok, int32_t k, const float *gate,
-                          const float *next, int32_t *experts, float *weights) {
+static void route_by_hand(live_router *r, int32_t layer, int64_t n_tok, int32_t k,
+                          const float *gate, const float *next, int32_t *experts,
+                          float *weights) {
     float hidden[2 * 8] = {0};
     const tsr_tensor *sub[2 * 4 * 3] = {NULL};
     for (int64_t i = 0; i < n_tok * k; i++) {

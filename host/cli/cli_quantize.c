@@ -641,8 +641,8 @@ int tsr_cli_quantize(int argc, char **argv) {
                    "layer's round(--hot-fraction * n_expert) most chosen experts get\n"
                    "--expert-hot TYPE and the others --expert-cold TYPE (default TYPE). A layer\n"
                    "whose experts then differ in type holds each expert's matrices apart, as\n"
-                   "tensors blk.L.ffn_{gate,up,down}_exps.E.weight, which tessera loads (llama.cpp\n"
-                   "does not); other layers keep their stacks.\n");
+                   "tensors blk.L.ffn_{gate,up,down}_exps.E.weight, which tessera loads\n"
+                   "(llama.cpp does not); other layers keep their stacks.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }

@@ -56,7 +56,8 @@ tsr_tensor tsr_expert_matrix(const tsr_tensor *stack, int32_t e) {
 
 tsr_tensor tsr_layer_expert(const tsr_layer_weights *w, int m, int32_t e) {
     const tsr_tensor *stacks[TSR_EXPERT_MATRICES] = {&w->gate_exps, &w->up_exps, &w->down_exps};
-    return stacks[m]->data ? tsr_expert_matrix(stacks[m], e) : w->split[e * TSR_EXPERT_MATRICES + m];
+    return stacks[m]->data ? tsr_expert_matrix(stacks[m], e)
+                           : w->split[e * TSR_EXPERT_MATRICES + m];
 }
 
 void tsr_weight_release(tsr_weight *w) {

@@ -119,7 +119,8 @@ static int32_t pregated_needs(void *self) {
 static tsr_status reserve(pregated *p, int64_t n) {
     if (n <= p->cap) return TSR_OK;
     const tsr_host *h = p->host;
-    int32_t *pe = tsr_calloc(h, (size_t)n, sizeof *pe), *own = tsr_calloc(h, (size_t)n, sizeof *own);
+    int32_t *pe = tsr_calloc(h, (size_t)n, sizeof *pe);
+    int32_t *own = tsr_calloc(h, (size_t)n, sizeof *own);
     float *pw = tsr_calloc(h, (size_t)n, sizeof *pw), *ow = tsr_calloc(h, (size_t)n, sizeof *ow);
     if (!pe || !own || !pw || !ow) {
         h->free(h->ctx, pe);
