@@ -75,12 +75,12 @@ static void expect_same(const float *want, const float *got, size_t n, const cha
 
 /* ---- refused files ---------------------------------------------------------------------- */
 
-/* A copy of `model` with key `key` set to `value` (-1: left out) and tensor `drop` left out
- * (NULL: none); returns its path (malloc'd). */
-static char *edited(int model, const char *key, int64_t value, const char *drop) {
+/* A copy of the file `from` with key `key` set to `value` (-1: left out) and tensor `drop`
+ * left out (NULL: none); returns its path (malloc'd). */
+static char *edited(const char *from, const char *key, int64_t value, const char *drop) {
     tsr_gguf *g;
     tsr_error err;
-    if (tsr_gguf_open(model_path[model], &g, &err) < 0) ck_abort_msg("%s", err.msg);
+    if (tsr_gguf_open(from, &g, &err) < 0) ck_abort_msg("%s", err.msg);
     tsr_gguf_writer *w = tsr_gguf_writer_new();
     for (int64_t i = 0; i < tsr_gguf_n_keys(g); i++)
         if (strcmp(tsr_gguf_key_name(g, i), key) != 0) tsr_gguf_writer_copy_key(w, g, i);
@@ -118,7 +118,8 @@ static const struct {
 };
 
 START_TEST(bad_expert_files_are_refused) {
-    char *path = edited(refused[_i].model, refused[_i].key, refused[_i].value, refused[_i].drop);
+    char *path = edited(model_path[refused[_i].model], refused[_i].key, refused[_i].value,
+                        refused[_i].drop);
     tsr_model *m = NULL;
     tsr_error err;
     ck_assert_int_lt(tsr_model_load(path, &m, &err), 0);
@@ -901,6 +902,24 @@ START_TEST(experts_apart_load_as_stacked) {
 }
 END_TEST
 
+/* A file holding its experts apart must hold every one of them. */
+START_TEST(experts_apart_all_or_refused) {
+    char *apart = experts_apart(model_path[TINY_MOE], NULL, NULL);
+    char *path = edited(apart, "llama.expert_count", 4, "blk.1.ffn_up_exps.2.weight");
+    tsr_model *m = NULL;
+    tsr_error err;
+    ck_assert_int_lt(tsr_model_load(path, &m, &err), 0);
+    ck_assert_ptr_null(m);
+    char want[4300];
+    snprintf(want, sizeof want, "%s: tensor 'blk.1.ffn_up_exps.2.weight' is missing", path);
+    ck_assert_str_eq(err.msg, want);
+    unlink(path);
+    free(path);
+    unlink(apart);
+    free(apart);
+}
+END_TEST
+
 /* quantize IN OUT TYPE ...; returns its status, stderr in *err (malloc'd) when not NULL. */
 static int quantize(const char *in, const char *out, const char *type, const char *const *extra,
                     char **err) {
@@ -1179,6 +1198,7 @@ int main(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("expert_types");
     tcase_add_loop_test(tc, experts_apart_load_as_stacked, 0, 2);
+    tcase_add_test(tc, experts_apart_all_or_refused);
     tcase_add_test(tc, expert_types_from_a_list);
     tcase_add_test(tc, expert_types_from_a_profile);
     tcase_add_test(tc, expert_types_ties_by_number);
