@@ -17,6 +17,7 @@ int tsr_cli_logits(int argc, char **argv);
 int tsr_cli_tokenize(int argc, char **argv);
 int tsr_cli_bench(int argc, char **argv);
 int tsr_cli_perplexity(int argc, char **argv);
+int tsr_cli_compare(int argc, char **argv);
 int tsr_cli_profile_heads(int argc, char **argv);
 int tsr_cli_quantize(int argc, char **argv);
 int tsr_cli_synth(int argc, char **argv);

@@ -32,6 +32,7 @@ static void usage(FILE *f) {
             "  tokenize -m MODEL (-p TEXT | -f FILE) [--no-bos]         token ids of a text\n"
             "  bench -m MODEL [CONFIG] [-p 512] [-n 128] [-t 1,2] [--json] speed, roofline\n"
             "  perplexity -m MODEL [CONFIG] -f TEXT [--ctx N] [--json]  quality on a text\n"
+            "             [--ubatch N] [--kl-base FILE [--kl]]         fed in pieces; KL\n"
             "  profile-heads -m MODEL [CONFIG] -f TEXT [--out FILE]     retrieval/streaming heads\n"
             "  quantize IN OUT TYPE [--config CONFIG] [--set K=V]...   write a quantized GGUF\n"
             "  synth --shape NAME --type TYPE -o FILE                 random model of a real shape\n"
