@@ -57,7 +57,7 @@ START_TEST(version_names_every_abi) {
 END_TEST
 
 static const char *const subcommands[] = {"run", "logits", "tokenize", "bench", "perplexity",
-                                          "quantize", "synth", "validate", "plugins"};
+                                          "compare", "quantize", "synth", "validate", "plugins"};
 
 START_TEST(every_subcommand_has_help) {
     char *out, *err;
@@ -180,6 +180,10 @@ static const struct {
     {"perplexity", "-f", "TEXT"}, {"perplexity", "--ctx", "TOKENS"}, {"perplexity", "--chunks", "K"},
     {"perplexity", "--ubatch", "TOKENS"}, {"perplexity", "--prefill", "TOKENS"},
     {"perplexity", "--kl-base", "FILE"},
+    {"compare", "-m", "MODEL"}, {"compare", "-f", "TEXT"}, {"compare", "--ctx", "TOKENS"},
+    {"compare", "--budget", "B[,B...]"}, {"compare", "--plot", "FILE.png|FILE.svg"},
+    {"compare", "--prefill", "TOKENS"}, {"compare", "--ubatch", "TOKENS"},
+    {"compare", "--decode", "TOKENS"}, {"compare", "--chunks", "K"},
     {"quantize", "--config", "CONFIG.yaml"}, {"quantize", "--set", "SECTION.KEY=VALUE"},
     {"quantize", "-t", "THREADS"},
     {"synth", "--config", "CONFIG.yaml"}, {"synth", "--set", "SECTION.KEY=VALUE"},

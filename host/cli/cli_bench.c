@@ -344,22 +344,11 @@ static void print_json(const char *model_path, const char *type, const char *dec
 
 /* "1,2,4": the thread counts to measure, one run each. */
 static bool parse_thread_list(const char *text, bench_opts *b) {
-    tsr_error err;
-    b->n_threads = 0;
-    for (const char *p = text; b->n_threads == 0 || *p++ == ',';) {
-        int64_t t;
-        if (b->n_threads == 16) {
-            char quoted[64];
-            tsr_cli_error("bench: -t: at most 16 thread counts, got '%s'",
-                          tsr_text_excerpt(quoted, sizeof quoted, text));
-            return false;
-        }
-        if (tsr_parse_int_word("-t", &p, ",", 1, TSR_CLI_THREADS_MAX, &t, &err) < 0) {
-            tsr_cli_error("bench: %s", err.msg);
-            return false;
-        }
-        b->threads[b->n_threads++] = (int)t;
-    }
+    int64_t threads[16];
+    if (!tsr_cli_int_list("bench", "-t", text, 1, TSR_CLI_THREADS_MAX, "thread counts", threads,
+                          16, &b->n_threads))
+        return false;
+    for (int i = 0; i < b->n_threads; i++) b->threads[i] = (int)threads[i];
     return true;
 }
 
