@@ -361,7 +361,7 @@ END_TEST
 /* ---- the YAML examples of the docs and the shipped configs -------------------------------- */
 
 /* Every ```yaml block of README.md, sdk/README.md and the .md files of docs/ and docs/plugins/,
- * and every .yaml file of configs/, is a whole pipeline that `tessera validate` accepts; a block opened with
+ * and every .yaml file of configs/ and configs/compare/, is a whole pipeline that `tessera validate` accepts; a block opened with
  * ```yaml fragment is deliberately part of one and only has to be YAML. Model files the
  * examples name are the reader's: --set points model.path and model.tokenizer at a file that
  * exists. */
@@ -459,6 +459,7 @@ START_TEST(doc_examples_validate) {
     check_folder(&c, "docs", ".md");
     check_folder(&c, "docs/plugins", ".md");
     check_folder(&c, "configs", ".yaml");
+    check_folder(&c, "configs/compare", ".yaml");
     /* The README's pipeline, config.md's four, the quantizers' and the three shipped configs
      * at least; the SDK's plugin of your own is a fragment. */
     ck_assert_int_ge(c.whole, 9);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli_testutil.h"
 #include "testutil.h"
@@ -250,7 +251,7 @@ START_TEST(kl_base_mismatch_is_one_line) {
     ck_assert_msg(strstr(err, "base.kl: written for a text of ") && strstr(err, " tokens; this "
                   "text has "), "%s", err);
     free(err);
-    /* Cut short, and a file of something else. */
+    /* Cut short, a byte too long, and a file of something else. */
     const char *cut = tmp_path(&t, "cut.kl");
     bytes = tsr_test_read_file(base, &len);
     ck_assert_int_eq(tsr_test_write_file(cut, bytes, len - 4), 0);
@@ -258,6 +259,14 @@ START_TEST(kl_base_mismatch_is_one_line) {
                                 "2", "--kl-base", cut, "--kl", NULL};
     err = run_error(1, short_args);
     snprintf(want, sizeof want, "tessera: %s: ends early: not a whole --kl-base file\n", cut);
+    ck_assert_str_eq(err, want);
+    free(err);
+    ck_assert_int_eq(tsr_test_write_file(cut, bytes, len), 0);
+    FILE *f = fopen(cut, "ab");
+    ck_assert(f && fputc(0, f) == 0 && fclose(f) == 0);
+    err = run_error(1, short_args);
+    snprintf(want, sizeof want, "tessera: %s: longer than its header says: not a whole "
+             "--kl-base file\n", cut);
     ck_assert_str_eq(err, want);
     free(err);
     free(bytes);
@@ -494,6 +503,7 @@ START_TEST(compare_bad_input_is_one_line) {
         ck_assert_str_eq(err, cases[i].want);
         free(err);
     }
+    ck_assert_msg(access(pdf, F_OK) != 0, "%s was left behind", pdf);
     free(model);
     free(text);
     tmp_free(&t);

@@ -93,11 +93,10 @@ static tsr_status budget_assignments(const tsr_config *cfg, const char *config, 
     return TSR_OK;
 }
 
-/* Rebinds the session's config with the budget's assignments and makes its pipeline. */
+/* Rebinds the session's config with the budget's assignments and makes its pipeline (the
+ * session has none). */
 static tsr_status budget_pipeline(session *s, const char *config, int64_t budget, int64_t n_ctx,
                                   compare_row *row, tsr_error *err) {
-    tsr_pipeline_free(s->pl);
-    s->pl = NULL;
     if (budget > 0) {
         char sets[2][96];
         int n;
@@ -448,7 +447,7 @@ int tsr_cli_compare(int argc, char **argv) {
     for (int r = 0; r < n_rows; r++) {
         compare_row *row = &rows[r];
         session *s = &sessions[row->config];
-        char label[96], what[128];
+        char label[96], what[160];
         row_label(&c, row, label, sizeof label);
         snprintf(what, sizeof what, "compare: %s (%d/%d)", label, r + 1, n_rows);
         tsr_cli_progress_start(&progress, what, 0);
@@ -460,6 +459,9 @@ int tsr_cli_compare(int argc, char **argv) {
             goto fail;
         }
         tsr_cli_progress_end(&progress);
+        /* One pipeline at a time: the sessions keep only their models. */
+        tsr_pipeline_free(s->pl);
+        s->pl = NULL;
     }
     char feeding[96];
     tsr_feed_describe(&c.feed, feeding, sizeof feeding);

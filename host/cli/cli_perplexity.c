@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "base/outfile.h"
 #include "cli/cli_score.h"
@@ -68,6 +69,15 @@ static tsr_status kl_open_read(kl_file *k, const kl_header *want, const int32_t 
     if (h.chunks != want->chunks)
         return tsr_error_set(err, TSR_E_INVALID, "%s: written for %u chunks; this run scores %u "
                              "(--chunks)", k->path, h.chunks, want->chunks);
+    /* The length is known before any work for a regular file; a pipe can only end early. */
+    struct stat st;
+    uint64_t size = sizeof h + ((uint64_t)h.chunks * h.ctx +
+                                (uint64_t)h.chunks * (h.ctx - h.ctx / 2 - 1) * h.n_vocab) * 4;
+    if (fstat(fileno(k->in), &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size != size)
+        return (uint64_t)st.st_size < size
+                   ? kl_short(k, err)
+                   : tsr_error_set(err, TSR_E_INVALID, "%s: longer than its header says: not "
+                                   "a whole --kl-base file", k->path);
     for (size_t i = 0; i < (size_t)h.chunks * h.ctx; i++) {
         int32_t id;
         if (fread(&id, sizeof id, 1, k->in) != 1) return kl_short(k, err);
@@ -209,11 +219,6 @@ int tsr_cli_perplexity(int argc, char **argv) {
         char ppl_so_far[48];
         snprintf(ppl_so_far, sizeof ppl_so_far, "ppl %.4f", exp(sum.nll / (double)sum.count));
         tsr_cli_progress_show(&progress, c + 1, n_chunks, "chunks", ppl_so_far);
-    }
-    if (kl && fgetc(klf.in) != EOF) {
-        tsr_error_set(&err, TSR_E_INVALID, "%s: longer than its header says: not a whole "
-                      "--kl-base file", kl_path);
-        goto fail;
     }
     /* As llama.cpp: the standard error of the mean NLL, carried to the perplexity. */
     double mean, se, kl_mean, kl_se;
