@@ -377,19 +377,19 @@ START_TEST(compare_budget_sweep) {
     const char *h2o = config(&t, "h2o.yaml", "cache: { plugin: h2o }");
     const char *tova = config(&t, "tova.yaml", "cache: { plugin: tova }");
     const char *args[] = {full, stream, h2o, tova, "--ctx", "64", "--chunks", "1", "--budget",
-                          "16,64", "--decode", "4", NULL};
+                          "17,64", "--decode", "4", NULL};
     json_t *r = compare(args);
     ck_assert_int_eq(json_array_size(json_object_get(r, "rows")), 1 + 3 * 2);
     ck_assert(json_is_null(json_object_get(row(r, 0), "budget")));
-    const char *sets[] = {"window=12", "window=60", "heavy=8 recent=8", "heavy=32 recent=32",
-                          "budget=16", "budget=64"};
-    const char *names[] = {"streaming @ 16", "streaming @ 64", "h2o @ 16", "h2o @ 64",
-                           "tova @ 16", "tova @ 64"};
+    const char *sets[] = {"window=13", "window=60", "heavy=8 recent=9", "heavy=32 recent=32",
+                          "budget=17", "budget=64"};
+    const char *names[] = {"streaming @ 17", "streaming @ 64", "h2o @ 17", "h2o @ 64",
+                           "tova @ 17", "tova @ 64"};
     for (size_t i = 0; i < 6; i++) {
         json_t *x = row(r, 1 + i);
         ck_assert_str_eq(json_string_value(json_object_get(x, "budget_set")), sets[i]);
         ck_assert_str_eq(json_string_value(json_object_get(x, "pipeline")), names[i]);
-        ck_assert_int_eq(number(x, "budget"), i % 2 ? 64 : 16);
+        ck_assert_int_eq(number(x, "budget"), i % 2 ? 64 : 17);
         ck_assert_msg(number(x, "decode_tps") > 0, "%s: no decode speed", names[i]);
         if (i % 2) {
             ck_assert_msg(number(x, "kl_mean") == 0 && number(x, "evicted") == 0,
