@@ -196,6 +196,9 @@ static tsr_status run_row(session *s, const compare_opts *c, const int32_t *ids,
     tsr_score_mean(row->sum.nll, row->sum.nll2, row->sum.count, &mean, &row->ppl_se);
     row->ppl = exp(mean);
     row->ppl_se *= row->ppl;
+    if (st >= 0 && !isfinite(row->ppl))
+        st = tsr_error_set(err, TSR_E_RANGE, "compare: exp(%g), the perplexity, overflows a "
+                           "double", mean);
     tsr_score_mean(row->sum.kl, row->sum.kl2, row->sum.kl_count, &row->kl, &row->kl_se);
     row->top1 = row->sum.kl_count ? (double)row->sum.same_top / (double)row->sum.kl_count : 0;
 done:
