@@ -28,6 +28,7 @@
 #include "testutil.h"
 
 #define MIB 1048576u
+#define PROBE_DIR TSR_TEST_PLUGIN_DIR "/router-probe"
 
 /* statfs's f_type of tmpfs, whose pages cannot leave memory. */
 #define TMPFS_MAGIC_NUMBER 0x01021994
@@ -462,8 +463,48 @@ static void check_resident(run *r, void *ctx) {
     b->steps++;
 }
 
-/* A budget of the k experts a token uses, then of 3 experts, on the page-aligned model: every
- * miss reads the expert's bytes from the file (its pages were dropped), a hit reads nothing. */
+/* The experts the probe router (a plain top-k) chooses in the decode of the prompt on `path`,
+ * one token per forward: (calls, k) keys layer * n_expert + e, malloc'd. */
+static int *probe_choices(const char *path, int *n_calls) {
+    char *trace = tsr_test_tmp_path("trace.bin"), router[512], yaml[1024];
+    unlink(trace);
+    snprintf(router, sizeof router, "{ plugin: probe, mode: topk, trace: %s }", trace);
+    run r;
+    tsr_error err;
+    if (tsr_test_pipeline_open(&r, path, yaml_of(yaml, sizeof yaml, router), PROBE_DIR, 64,
+                               &err) < 0)
+        ck_abort_msg("%s", err.msg);
+    free(decode(&r, false, NULL, NULL));
+    tsr_test_pipeline_close(&r);
+    size_t size;
+    char *bytes = tsr_test_read_file(trace, &size);
+    ck_assert_ptr_nonnull(bytes);
+    int *keys = malloc(size), n = 0;
+    for (const char *p = bytes; p < bytes + size;) {
+        int32_t head[12];
+        memcpy(head, p, sizeof head);
+        const int64_t n_tok = head[2], x = head[3], embd = head[4], k = head[5];
+        ck_assert_int_eq(n_tok, 1);
+        p += sizeof head + 4 * (n_tok * embd + n_tok * x + (head[6] ? n_tok * k : 0));
+        for (int64_t s = 0; s < k; s++) {
+            int32_t e;
+            memcpy(&e, p + 4 * s, 4);
+            keys[n * k + s] = (int)(head[0] * x + e);
+        }
+        p += 4 * n_tok * k;
+        n++;
+    }
+    free(bytes);
+    unlink(trace);
+    free(trace);
+    *n_calls = n;
+    return keys;
+}
+
+/* A budget of the k experts a token uses, then of 3 experts, on the page-aligned model, the
+ * file cold, then warm, one token per forward: the hits and misses are those of a plain LRU on the routing the probe
+ * router records; every miss reads the expert's bytes from the file (its pages were dropped),
+ * a hit nothing. */
 START_TEST(pages_dropped_and_read_back) {
     struct statfs fs;
     if (statfs(model_path[ALIGNED], &fs) != 0 || fs.f_type == TMPFS_MAGIC_NUMBER) return;
@@ -473,16 +514,35 @@ START_TEST(pages_dropped_and_read_back) {
     const uint64_t one = expert_bytes(&r);
     const int k = r.model->hp.n_expert_used;
     tsr_test_pipeline_close(&r);
-    const uint64_t budget = one * (uint64_t)(_i ? 3 : k);
+    const uint64_t budget = one * (uint64_t)(_i % 2 ? 3 : k);
     snprintf(router, sizeof router, "{ plugin: cache, budget_mib: %.17g }",
              (double)budget / MIB);
+    /* cold: the whole file out of the page cache (the forward's first reads of the other
+     * weights must not bring experts in); warm: all of it read (in the page cache's large
+     * folios, which the router's first evictions must split) */
+    int fd = open(model_path[ALIGNED], O_RDONLY);
+    if (_i / 2) {
+        char buf[65536];
+        while (read(fd, buf, sizeof buf) > 0) continue;
+    } else {
+        ck_assert_int_eq(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    }
+    close(fd);
     open_ok(&r, model_path[ALIGNED], yaml_of(yaml, sizeof yaml, router));
     budget_check b = {.budget = budget, .steps = -1};
     check_resident(&r, &b); /* none: the cache starts empty */
     free(decode(&r, false, check_resident, &b));
     ck_assert_int_eq(b.steps, N_TOK);
     counters c = stats_of(r.pl->router_at[0]);
-    ck_assert_uint_gt(c.misses, 0);
+    int n_calls;
+    int *keys = probe_choices(model_path[ALIGNED], &n_calls);
+    ck_assert_int_eq(n_calls, N_TOK * r.model->hp.n_layer);
+    lru_model m = {.cap = _i % 2 ? 3 : k};
+    for (int i = 0; i < n_calls; i++) lru_call(&m, keys + i * k, k);
+    free(keys);
+    ck_assert_uint_eq(c.hits, m.hits);
+    ck_assert_uint_eq(c.misses, m.misses);
+    if (_i % 2) ck_assert_uint_gt(c.hits, 0); /* at k, each layer lets the other's go */
     ck_assert_uint_eq(c.bytes_read, c.misses * one);
     ck_assert_uint_eq(c.tokens, N_TOK);
     tsr_test_pipeline_close(&r);
@@ -593,7 +653,7 @@ START_TEST(run_v_logs_the_counters) {
     const char *args[] = {"run", "-m", model_path[TINY_MOE], "-p", "ab", "-n", "4",
                           "--temperature", "0", "--set", "router.plugin=cache", "-v", NULL};
     ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
-    ck_assert_msg(strstr(err, "cache: info: 5 tokens: ") != NULL, "%s", err);
+    ck_assert_msg(strstr(err, "cache: info: experts: 5 tokens: ") != NULL, "%s", err);
     free(out);
     free(err);
 }
@@ -609,7 +669,7 @@ static int write_aligned(const char *from, const char *to) {
     }
     tsr_gguf_writer *w = tsr_gguf_writer_new();
     for (int64_t i = 0; i < tsr_gguf_n_keys(g); i++) tsr_gguf_writer_copy_key(w, g, i);
-    tsr_gguf_writer_set_uint(w, "general.alignment", TSR_GGUF_UINT32, 65536);
+    tsr_gguf_writer_set_uint(w, "general.alignment", TSR_GGUF_UINT32, 4096);
     for (int64_t i = 0; i < tsr_gguf_n_tensors(g); i++) {
         const tsr_gguf_tensor *t = tsr_gguf_tensor_at(g, i);
         tsr_gguf_writer_add_tensor(w, t->name, t->dtype, t->n_dims, t->ne, t->data);
@@ -655,7 +715,7 @@ int main(void) {
     tc = tcase_create("models");
     tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, lossless_on_synthetic_models, 0, 3);
-    tcase_add_loop_test(tc, pages_dropped_and_read_back, 0, 2);
+    tcase_add_loop_test(tc, pages_dropped_and_read_back, 0, 4);
     tcase_add_loop_test(tc, all_lowbit_equals_lowbit_experts, 0, 4);
     tcase_add_loop_test(tc, bad_parameters_get_one_line, 0,
                         (int)(sizeof refusals / sizeof refusals[0]));

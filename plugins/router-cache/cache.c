@@ -250,8 +250,8 @@ static void log_counts(const cache_router *c) {
     char budget[64] = "no budget";
     if (c->budget) snprintf(budget, sizeof budget, "a budget of %.4g MiB", (double)c->budget / MIB);
     c->host->log(c->host->ctx, TSR_LOG_INFO,
-                 "%llu tokens: %llu hits, %llu misses, %llu low-bit (%.3g, %.3g, %.3g per token); "
-                 "%.4g MiB read from the file (%.4g MiB per token); %.4g MiB held of %s",
+                 "experts: %llu tokens: %llu hits, %llu misses, %llu low-bit (%.3g, %.3g, %.3g per "
+                 "token); %.4g MiB read from the file (%.4g MiB per token); %.4g MiB held of %s",
                  (unsigned long long)n->tokens, (unsigned long long)n->hits,
                  (unsigned long long)n->misses, (unsigned long long)n->lowbit,
                  (double)n->hits * per, (double)n->misses * per, (double)n->lowbit * per,
