@@ -458,7 +458,7 @@ static void check_resident(run *r, void *ctx) {
     uint64_t resident = 0;
     for (int32_t l = 0; l < r->model->hp.n_layer; l++)
         for (int32_t e = 0; e < r->model->hp.n_expert; e++) resident += a->resident(a->ctx, l, e);
-    ck_assert_uint_le(resident, b->budget);
+    ck_assert_msg(resident <= b->budget, "step %d: %llu resident", b->steps, (unsigned long long)resident);
     ck_assert_uint_eq(resident, stats_of(r->pl->router_at[0]).held_bytes);
     b->steps++;
 }

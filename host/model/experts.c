@@ -105,7 +105,10 @@ static uint64_t ex_resident(void *ctx, int32_t layer, int32_t e) {
 
 /* Reads the span's pages into the page cache through the file, which was opened for random
  * reads: exactly those pages, where a fault on the mapping would read around it (readahead)
- * and bring in neighbouring experts the caller did not ask for. */
+ * and bring in neighbouring experts the caller did not ask for. Pages already in memory are
+ * read too: reading only the missing ones let a cold file's first forward read experts in
+ * (tests/test-router-cache.c), as a page the kernel's readahead marked starts more readahead
+ * at its first use through the mapping. */
 static void span_read(const tsr_experts *x, const span *s) {
     if (!s->mapped || x->fd < 0 || s->bytes == 0) return;
     char *start;
@@ -125,6 +128,7 @@ static uint64_t ex_load(void *ctx, int32_t layer, int32_t e) {
     const tsr_experts *x = ctx;
     if (!valid(x, layer, e)) return 0;
     uint64_t missing = ex_bytes(ctx, layer, e) - ex_resident(ctx, layer, e);
+    if (missing == 0) return 0; /* in memory: a hit costs a residency check, no copy */
     span s[TSR_EXPERT_MATRICES];
     spans(x, layer, e, s);
     for (int m = 0; m < TSR_EXPERT_MATRICES; m++) {
