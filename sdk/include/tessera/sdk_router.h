@@ -101,4 +101,49 @@ static inline void tsr_topk_choose(const tsr_topk_rule *r, int32_t n_take, int32
     for (int32_t s = 0; s < taken; s++) weights[s] /= total;
 }
 
+/* What a router reports per layer as a ratio of two counts (experts predicted of those
+ * chosen, experts given of tokens routed). */
+typedef struct tsr_layer_ratio {
+    const tsr_host *host;
+    int32_t n_layer;
+    uint64_t *num, *den; /* (n_layer) */
+} tsr_layer_ratio;
+
+static inline tsr_status tsr_layer_ratio_init(tsr_layer_ratio *r, const tsr_host *host,
+                                              int32_t n_layer) {
+    *r = (tsr_layer_ratio){.host = host, .n_layer = n_layer};
+    r->num = (uint64_t *)tsr_calloc(host, (size_t)n_layer, sizeof *r->num);
+    r->den = (uint64_t *)tsr_calloc(host, (size_t)n_layer, sizeof *r->den);
+    if (r->num && r->den) return TSR_OK;
+    host->free(host->ctx, r->num);
+    host->free(host->ctx, r->den);
+    host->set_error(host->ctx, "out of memory for %d layers", (int)n_layer);
+    return TSR_E_NOMEM;
+}
+
+static inline void tsr_layer_ratio_free(tsr_layer_ratio *r) {
+    r->host->free(r->host->ctx, r->num);
+    r->host->free(r->host->ctx, r->den);
+}
+
+/* Adds to `layer`'s counts; a layer outside the model's is not counted. */
+static inline void tsr_layer_ratio_add(tsr_layer_ratio *r, int32_t layer, uint64_t num,
+                                       uint64_t den) {
+    if (layer < 0 || layer >= r->n_layer) return;
+    r->num[layer] += num;
+    r->den[layer] += den;
+}
+
+/* num / den of `layer`, of all layers for -1; 0 while den is 0. The denominator in *den. */
+static inline double tsr_layer_ratio_at(const tsr_layer_ratio *r, int32_t layer, uint64_t *den) {
+    uint64_t n = 0, d = 0;
+    for (int32_t l = 0; l < r->n_layer; l++)
+        if (layer < 0 || l == layer) {
+            n += r->num[l];
+            d += r->den[l];
+        }
+    if (den) *den = d;
+    return d ? (double)n / (double)d : 0.0;
+}
+
 #endif /* TESSERA_SDK_ROUTER_H */
