@@ -1164,14 +1164,7 @@ int main(void) {
     for (int m = 0; m < N_MODELS; m++) {
         model_path[m] = malloc(strlen(dir) + 32);
         sprintf(model_path[m], "%s/model%d.gguf", dir, m);
-        char *err = NULL;
-        const char *args[] = {"synth", "--shape", shapes[m], "--type", types[m], "-o",
-                              model_path[m], NULL};
-        if (tsr_test_tessera(NULL, &err, args) != 0) {
-            fprintf(stderr, "tessera synth --shape %s failed: %s\n", shapes[m], err ? err : "");
-            return 1;
-        }
-        free(err);
+        if (tsr_test_synth(shapes[m], types[m], model_path[m]) != 0) return 1;
     }
     Suite *s = suite_create("moe");
     TCase *tc = tcase_create("files");

@@ -696,14 +696,7 @@ int main(void) {
             if (write_aligned(model_path[TINY_MOE], model_path[m]) != 0) return 1;
             continue;
         }
-        char *err = NULL;
-        const char *args[] = {"synth", "--shape", shapes[m], "--type", types[m], "-o",
-                              model_path[m], NULL};
-        if (tsr_test_tessera(NULL, &err, args) != 0) {
-            fprintf(stderr, "tessera synth --shape %s failed: %s\n", shapes[m], err ? err : "");
-            return 1;
-        }
-        free(err);
+        if (tsr_test_synth(shapes[m], types[m], model_path[m]) != 0) return 1;
     }
     Suite *s = suite_create("router-cache");
     TCase *tc = tcase_create("rule");
