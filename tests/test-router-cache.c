@@ -633,6 +633,9 @@ static const struct {
     {"router.lowbit_type=q2_k",
      "tessera: router: cache: lowbit_type q2_k: the experts' gate rows hold 64 values, not a "
      "whole number of its blocks of 256\n"},
+    {"quantizer.plugin=rtn", /* experts in rtn's own format */
+     "tessera: router: cache: layer 0 expert 0: cannot make its low-bit copy (the kernels "
+     "cannot read its type)\n"},
 };
 
 START_TEST(bad_parameters_get_one_line) {

@@ -82,8 +82,7 @@ typedef struct copy_job {
     cache_router *c;
     float *rows;          /* (nth, row_elems) scratch */
     int64_t row_elems;
-    tsr_status status;    /* the first failure, written under no lock: any failure will do */
-    char why[256];
+    tsr_status *status;   /* (n_layer * n_expert) each expert's, written by its worker */
 } copy_job;
 
 /* One matrix of `src`'s rows converted to f32 and quantized to the low-bit type. */
@@ -121,12 +120,7 @@ static void copy_task(void *arg, int ith, int nth) {
         tsr_status st = a->matrices(a->ctx, layer, e, &m[0], &m[1], &m[2]);
         for (int k = 0; st >= 0 && k < 3; k++)
             st = copy_matrix(j, &m[k], &c->lowbit[i * 3 + k], &c->lowbit_data[i * 3 + k], row);
-        if (st < 0 && j->status >= 0) {
-            snprintf(j->why, sizeof j->why, "layer %d expert %d: cannot make its low-bit copy (%s)",
-                     (int)layer, (int)e,
-                     st == TSR_E_NOMEM ? "out of memory" : "the kernels cannot read its type");
-            j->status = st;
-        }
+        j->status[i] = st;
     }
 }
 
@@ -156,21 +150,30 @@ static tsr_status make_lowbit(cache_router *c, const char *type_name) {
                 if (m[k].ne[0] > widest) widest = m[k].ne[0];
             }
         }
-    const size_t n = (size_t)c->n_layer * (size_t)c->n_expert * 3;
+    const size_t n_items = (size_t)c->n_layer * (size_t)c->n_expert;
     const int nth = c->host->n_threads(c->host->ctx);
-    copy_job j = {.c = c, .row_elems = widest, .status = TSR_OK};
-    c->lowbit = tsr_calloc(c->host, n, sizeof *c->lowbit);
-    c->lowbit_data = tsr_calloc(c->host, n, sizeof *c->lowbit_data);
+    copy_job j = {.c = c, .row_elems = widest};
+    c->lowbit = tsr_calloc(c->host, n_items * 3, sizeof *c->lowbit);
+    c->lowbit_data = tsr_calloc(c->host, n_items * 3, sizeof *c->lowbit_data);
     j.rows = tsr_calloc(c->host, (size_t)nth * (size_t)(widest ? widest : 1), sizeof *j.rows);
-    if (!c->lowbit || !c->lowbit_data || !j.rows) {
-        c->host->free(c->host->ctx, j.rows);
+    j.status = tsr_calloc(c->host, n_items, sizeof *j.status);
+    tsr_status st = TSR_OK;
+    if (!c->lowbit || !c->lowbit_data || !j.rows || !j.status) {
         c->host->set_error(c->host->ctx, "out of memory for the low-bit copies");
-        return TSR_E_NOMEM;
+        st = TSR_E_NOMEM;
+    } else {
+        c->host->parallel_for(c->host->ctx, copy_task, &j);
     }
-    c->host->parallel_for(c->host->ctx, copy_task, &j);
+    for (size_t i = 0; st >= 0 && i < n_items; i++) {
+        if (j.status[i] >= 0) continue;
+        st = j.status[i];
+        c->host->set_error(c->host->ctx, "layer %d expert %d: cannot make its low-bit copy (%s)",
+                           (int)(i / (size_t)c->n_expert), (int)(i % (size_t)c->n_expert),
+                           st == TSR_E_NOMEM ? "out of memory" : "the kernels cannot read its type");
+    }
     c->host->free(c->host->ctx, j.rows);
-    if (j.status < 0) c->host->set_error(c->host->ctx, "%s", j.why);
-    return j.status;
+    c->host->free(c->host->ctx, j.status);
+    return st;
 }
 
 /* ---- lifetime ----------------------------------------------------------------------------- */
