@@ -607,11 +607,21 @@ START_TEST(expert_access_pages) {
     ck_assert_uint_eq(a->load(a->ctx, 1, 3), 0);
     a->evict(a->ctx, 1, 3);
     if (page_cache) {
-        /* gone from the page cache too: the next load reads it all from the file */
-        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), 0);
-        ck_assert_uint_eq(a->load(a->ctx, 1, 3), bytes);
+        /* gone from the page cache too, but for the pages it shares with its neighbours: the
+         * next load reads the rest from the file */
+        const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        uint64_t shared = 0;
+        for (int m = 0; m < 3; m++) {
+            const tsr_tensor *t = m == 0 ? &gate : m == 1 ? &up : &down;
+            uint64_t lo = (uint64_t)(uintptr_t)t->data, hi = lo + bytes / 3;
+            uint64_t own_lo = (lo + page - 1) / page * page, own_hi = hi / page * page;
+            shared += own_hi > own_lo ? (own_lo - lo) + (hi - own_hi) : bytes / 3;
+        }
+        ck_assert_uint_gt(shared, 0); /* the fixture's experts do not start on pages */
+        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), shared);
+        ck_assert_uint_eq(a->load(a->ctx, 1, 3), bytes - shared);
         a->evict(a->ctx, 1, 3);
-        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), 0);
+        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), shared);
     }
     a->prefetch(a->ctx, 1, 3);
     a->prefetch(a->ctx, 1, 3); /* asked twice, read once */
@@ -1154,14 +1164,7 @@ int main(void) {
     for (int m = 0; m < N_MODELS; m++) {
         model_path[m] = malloc(strlen(dir) + 32);
         sprintf(model_path[m], "%s/model%d.gguf", dir, m);
-        char *err = NULL;
-        const char *args[] = {"synth", "--shape", shapes[m], "--type", types[m], "-o",
-                              model_path[m], NULL};
-        if (tsr_test_tessera(NULL, &err, args) != 0) {
-            fprintf(stderr, "tessera synth --shape %s failed: %s\n", shapes[m], err ? err : "");
-            return 1;
-        }
-        free(err);
+        if (tsr_test_synth(shapes[m], types[m], model_path[m]) != 0) return 1;
     }
     Suite *s = suite_create("moe");
     TCase *tc = tcase_create("files");

@@ -530,19 +530,19 @@ static void add_group(tsr_graph *g, int64_t n, int32_t id, const tsr_tensor *con
                       size_t *n_groups, int64_t *at) {
     const int32_t k = g->model->hp.n_expert_used;
     const int64_t slots = moe_slots(&g->model->hp);
-    tsr_moe_group *grp = &g->moe_groups[*n_groups];
-    *grp = (tsr_moe_group){.expert = id, .sub = sub, .off = *at};
+    /* built aside: the groups hold one per slot, none to spare for an empty one */
+    tsr_moe_group grp = {.expert = id, .sub = sub, .off = *at};
     int32_t *rows = g->moe_rows_host + *at;
     for (int64_t i = 0; i < n * k; i++)
-        if (!g->route_done[i] && slot_in(g, i, id, sub)) rows[grp->m++] = (int32_t)(i / k);
-    for (int64_t j = 0; j < grp->m; j++) {
+        if (!g->route_done[i] && slot_in(g, i, id, sub)) rows[grp.m++] = (int32_t)(i / k);
+    for (int64_t j = 0; j < grp.m; j++) {
         int64_t t = rows[j], s = 0;
         while (g->route_experts[t * k + s] != id) s++;
         g->route_done[t * k + s] = true;
-        rows[grp->m + j] = (int32_t)(t * slots + s);
+        rows[grp.m + j] = (int32_t)(t * slots + s);
     }
-    *at += 2 * grp->m;
-    if (grp->m > 0) (*n_groups)++;
+    *at += 2 * grp.m;
+    if (grp.m > 0) g->moe_groups[(*n_groups)++] = grp;
 }
 
 /* Groups the routed slots: per expert, in order, the slots that use its own matrices, then
