@@ -5,7 +5,8 @@
  * right, so that no other check fails. Plugins named ok-* break nothing: they check the
  * runner itself (ok-cache-scores fails when the runner does not fill score_acc as attention
  * would, ok-cache-baseline when it does not measure stats from what they were at create,
- * ok-cache-load when it misreads a view of a policy's own format).
+ * ok-cache-load when it misreads a view of a policy's own format, ok-optional when it fails a
+ * decoder that drafts optionally for running without a draft).
  */
 #include <float.h>
 #include <math.h>
@@ -221,6 +222,13 @@ static tsr_status optional_generate(void *self, const tsr_decode_api *api,
     return dec_run(api, req, 1, DEC_FINE);
 }
 
+/* The same, reading the draft model only when there is one. */
+static tsr_status optional_checked_generate(void *self, const tsr_decode_api *api,
+                                            const tsr_generate_request *req) {
+    if (api->draft && api->draft->n_vocab != api->n_vocab) return TSR_E_INVALID;
+    return dec_run(api, req, 1, DEC_FINE);
+}
+
 /* Refuses a request that fills the context, though the last token emitted is never forwarded:
  * n_prompt + max_new_tokens == n_ctx fits. */
 static tsr_status cramped_generate(void *self, const tsr_decode_api *api,
@@ -340,6 +348,8 @@ DRAFTER(draft_rollback, "bad-draft-rollback", draft_no_rollback_generate,
         TSR_DECODER_DRAFT_REQUIRED, "drafts on after rejections without truncating the draft")
 DRAFTER(optional, "bad-optional", optional_generate, TSR_DECODER_DRAFT_OPTIONAL,
         "drafts optionally but reads api->draft when the pipeline has none")
+DRAFTER(ok_optional, "ok-optional", optional_checked_generate, TSR_DECODER_DRAFT_OPTIONAL,
+        "drafts optionally and reads api->draft only when the pipeline has one")
 
 /* ---- decoders whose flaw is in their descriptor or parameters ------------------------------ */
 
@@ -1629,4 +1639,4 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &quant_transposed, &cache_single, &router_prev, &quant_own_types,
                   &quant_matmul_status, &router_partial, &router_misshaped, &router_needs,
                   &be_half_rows, &be_mix, &no_rollback, &fork_restart, &truncate_ended,
-                  &runon, &draft_leak, &draft_rollback, &optional)
+                  &runon, &draft_leak, &draft_rollback, &optional, &ok_optional)
