@@ -672,8 +672,9 @@ static char *tokenizer_with_changed_token(const char *dir, int32_t id) {
 
 /* Every refusal around a draft is one line naming what is wrong: a draft on another
  * vocabulary (its size, or a token's text), a decoder that does not draft given a draft and
- * the reverse, k 0, k beyond the context, a skipped layer the model lacks, --parallel for a
- * decoder without that parameter or out of its range. */
+ * the reverse, k 0 (and pearl's window, dyspec's budget), k beyond the context, a skipped
+ * layer the model lacks, --parallel for a decoder without that parameter or out of its
+ * range. */
 START_TEST(draft_errors_are_one_line) {
     draft_files f;
     draft_files_open(&f);
@@ -718,6 +719,14 @@ START_TEST(draft_errors_are_one_line) {
     const char *k0[] = RUN("--set", "decoder.plugin=speculative", "--set", set_xs, "--set",
                            "decoder.k=0");
     fails_with(k0, "tessera: --set: decoder.k: expected an integer in [1, 32], got '0'\n");
+    const char *window0[] = RUN("--set", "decoder.plugin=pearl", "--set", set_xs, "--set",
+                                "decoder.window=0");
+    fails_with(window0, "tessera: --set: decoder.window: expected an integer in [1, 31], got "
+                        "'0'\n");
+    const char *budget0[] = RUN("--set", "decoder.plugin=dyspec", "--set", set_xs, "--set",
+                                "decoder.budget=0");
+    fails_with(budget0, "tessera: --set: decoder.budget: expected an integer in [1, 15], got "
+                        "'0'\n");
     /* "Once" is BOS and one token: 2 + 4 positions, fewer than a round of k 8 verifies */
     const char *long_k[] = RUN("--set", "decoder.plugin=speculative", "--set", set_xs, "--set",
                                "decoder.k=8");

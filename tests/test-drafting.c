@@ -131,7 +131,8 @@ START_TEST(drafting_decoders_emit_greedy_tokens) {
 END_TEST
 
 /* On the repeated phrase the drafts are accepted: fewer forwards than tokens, and statistics
- * that add up (per position, and accepted within drafted). */
+ * that add up (per position, and accepted within drafted), with the time spent drafting and
+ * verifying. */
 START_TEST(drafting_decoders_save_forwards_on_repeated_text) {
     run r;
     run_open(&r, exact_decoders[_i]);
@@ -161,6 +162,7 @@ START_TEST(drafting_decoders_save_forwards_on_repeated_text) {
     ck_assert_int_eq(proposed, s.drafted);
     ck_assert_int_eq(accepted, s.accepted);
     ck_assert_uint_gt(s.verify_ns, 0);
+    ck_assert_uint_gt(s.draft_ns, 0);
     tsr_test_pipeline_close(&r);
 }
 END_TEST

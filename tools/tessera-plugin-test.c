@@ -6,11 +6,13 @@
  * parameters, memory accounting over repeated create/destroy, the commands, and the rules of
  * each stage on synthetic data: a cache policy driven as the host drives it, past its budget,
  * with every view checked against what was stored; attention against a reference on random
- * views; a decoder against a fake model that checks every call; router outputs, what they hand
- * back in place of experts' matrices (routers get made-up experts) and what they need; backend
- * ops (the rows of expert layers too) against scalar formulas; a quantizer's reconstruction
- * error. The cache, attention and decoder checks run again with each parameter at its cheap
- * bounds, named "check[param=value]".
+ * views; a decoder against a fake model that tracks what each sequence holds through batches,
+ * forks and truncations and checks every call (and a fake draft model for a decoder that
+ * drafts; one that drafts only when given a draft runs without one too); router outputs, what
+ * they hand back in place of experts' matrices (routers get made-up experts) and what they
+ * need; backend ops (the rows of expert layers too) against scalar formulas; a quantizer's
+ * reconstruction error. The cache, attention and decoder checks run again with each parameter
+ * at its cheap bounds, named "check[param=value]".
  *
  * Prints one line per check, "PASS plugin/check" or "FAIL plugin/check: why", then
  * "N passed, N failed"; exits 1 when a check failed, 2 on a usage error. Each check runs in a
@@ -1528,6 +1530,14 @@ static void check_decoder(const runner *r, check *c) {
     close_checked(c, &l);
 }
 
+/* DEC_7: a decoder that drafts only when the pipeline has a draft model also runs without
+ * one (created without has_draft, api->draft NULL), as the host runs it then. */
+static void check_decoder_no_draft(const runner *r, check *c) {
+    runner alone = *r;
+    alone.shape.has_draft = 0;
+    check_decoder(&alone, c);
+}
+
 /* DEC_4: two requests on one instance emit the same tokens, with the seed fixed when the
  * decoder has one. */
 static void check_decoder_repeat(const runner *r, check *c) {
@@ -2190,29 +2200,33 @@ typedef struct stage_check {
     size_t optional_offset; /* a vtable slot the check needs, 0 when none */
     size_t optional_end;
     bool each_param_set;    /* also run with each parameter at its cheap bounds */
+    bool optional_draft;    /* only for a decoder whose draft_use is OPTIONAL */
 } stage_check;
 
 #define NEEDS(type, field) offsetof(type, field), offsetof(type, field) + sizeof(void *)
 
 static const stage_check stage_checks[] = {
-    {TSR_STAGE_CACHE, "cache-long-run", check_cache_long_run, 0, 0, true},
-    {TSR_STAGE_CACHE, "cache-fork", check_cache_fork, NEEDS(tsr_cache_vtable, seq_fork), true},
+    {TSR_STAGE_CACHE, "cache-long-run", check_cache_long_run, 0, 0, true, false},
+    {TSR_STAGE_CACHE, "cache-fork", check_cache_fork, NEEDS(tsr_cache_vtable, seq_fork), true,
+     false},
     {TSR_STAGE_CACHE, "cache-truncate", check_cache_truncate,
-     NEEDS(tsr_cache_vtable, seq_truncate), true},
-    {TSR_STAGE_ATTENTION, "attention-reference", check_attention, 0, 0, true},
-    {TSR_STAGE_ATTENTION, "attention-scores", check_attention_scores, 0, 0, true},
-    {TSR_STAGE_DECODER, "decoder-generate", check_decoder, 0, 0, true},
-    {TSR_STAGE_DECODER, "decoder-repeat", check_decoder_repeat, 0, 0, true},
+     NEEDS(tsr_cache_vtable, seq_truncate), true, false},
+    {TSR_STAGE_ATTENTION, "attention-reference", check_attention, 0, 0, true, false},
+    {TSR_STAGE_ATTENTION, "attention-scores", check_attention_scores, 0, 0, true, false},
+    {TSR_STAGE_DECODER, "decoder-generate", check_decoder, 0, 0, true, false},
+    {TSR_STAGE_DECODER, "decoder-no-draft", check_decoder_no_draft, 0, 0, true, true},
+    {TSR_STAGE_DECODER, "decoder-repeat", check_decoder_repeat, 0, 0, true, false},
     {TSR_STAGE_DECODER, "decoder-pick", check_decoder_pick, NEEDS(tsr_decoder_vtable, pick),
-     true},
-    {TSR_STAGE_ROUTER, "router-route", check_router, 0, 0, false},
-    {TSR_STAGE_ROUTER, "router-needs", check_router_needs, NEEDS(tsr_router_vtable, needs), false},
-    {TSR_STAGE_BACKEND, "backend-rows", check_backend_rows, 0, 0, false},
-    {TSR_STAGE_BACKEND, "backend-memory", check_backend_memory, 0, 0, false},
-    {TSR_STAGE_BACKEND, "backend-activations", check_backend_ops, 0, 0, false},
-    {TSR_STAGE_BACKEND, "backend-rope", check_backend_rope, 0, 0, false},
-    {TSR_STAGE_BACKEND, "backend-weights", check_backend_weights, 0, 0, false},
-    {TSR_STAGE_QUANTIZER, "quantizer-roundtrip", check_quantizer, 0, 0, false},
+     true, false},
+    {TSR_STAGE_ROUTER, "router-route", check_router, 0, 0, false, false},
+    {TSR_STAGE_ROUTER, "router-needs", check_router_needs, NEEDS(tsr_router_vtable, needs), false,
+     false},
+    {TSR_STAGE_BACKEND, "backend-rows", check_backend_rows, 0, 0, false, false},
+    {TSR_STAGE_BACKEND, "backend-memory", check_backend_memory, 0, 0, false, false},
+    {TSR_STAGE_BACKEND, "backend-activations", check_backend_ops, 0, 0, false, false},
+    {TSR_STAGE_BACKEND, "backend-rope", check_backend_rope, 0, 0, false, false},
+    {TSR_STAGE_BACKEND, "backend-weights", check_backend_weights, 0, 0, false, false},
+    {TSR_STAGE_QUANTIZER, "quantizer-roundtrip", check_quantizer, 0, 0, false, false},
 };
 
 /* A numeric bound the stage checks also run with: beyond it a cache or a window sized by the
@@ -2331,7 +2345,10 @@ int main(int argc, char **argv) {
             size_t n_sets = param_sets(r.ref->desc, sets);
             for (size_t j = 0; j < sizeof stage_checks / sizeof stage_checks[0]; j++) {
                 const stage_check *sc = &stage_checks[j];
-                if (sc->stage != r.ref->desc->stage) continue;
+                if (sc->stage != r.ref->desc->stage ||
+                    (sc->optional_draft &&
+                     draft_use(r.ref->desc) != TSR_DECODER_DRAFT_OPTIONAL))
+                    continue;
                 if (!slot_present(r.ref->desc, sc)) {
                     if (r.verbose) printf("skip %s/%s: optional callback absent\n",
                                           r.ref->desc->name, sc->name);

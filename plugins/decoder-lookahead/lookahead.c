@@ -22,6 +22,10 @@
  * This ABI has no attention mask: every chain and every candidate runs on a sequence forked
  * from the text's (1 + W + G - 1 sequences; the host keeps 16), all in one forward. The forks
  * repeat I and the shared level-0 tokens that the paper's mask computes once.
+ *
+ * The guessing has no forward of its own: the Jacobi branch runs inside the verifying forward
+ * (verify_ns). draft_ns is the time spent around it: choosing the pool's candidates, forking
+ * and laying out the window, then taking the new guesses into the window and the pool.
  */
 #include <tessera/sdk.h>
 #include <tessera/sdk_draft.h>
@@ -129,6 +133,7 @@ static tsr_status lookahead_generate(void *self, const tsr_decode_api *api,
     int64_t len[LA_MAX_G], seq[LA_MAX_G + LA_MAX_W], accepted[LA_MAX_G];
     while (st >= 0 && !t.done) {
         const int32_t p = (int32_t)(t.n - 1), pending = t.tokens[t.n - 1];
+        uint64_t t0 = tsr_draft_now(L->host);
         int64_t room = tsr_draft_text_room(&t);
         int32_t n_cand = room > 0 ? L->pool_n[pending] : 0;
         if (n_cand == 0) n_cand = 1; /* the pending token alone on the text's sequence */
@@ -147,7 +152,9 @@ static tsr_status lookahead_generate(void *self, const tsr_decode_api *api,
         }
         for (int32_t c = 0; c < n_chains; c++)
             n += la_chain(L, L->batch + n, seq[n_cand + c], p, pending, c);
+        L->stats.draft_ns += tsr_draft_now(L->host) - t0;
         if ((st = tsr_draft_forward(&t, L->batch, n, L->logits)) < 0) break;
+        t0 = tsr_draft_now(L->host);
         int32_t win = 0;
         int64_t row = 0;
         for (int32_t g = 0; g < n_cand; g++) {
@@ -160,6 +167,7 @@ static tsr_status lookahead_generate(void *self, const tsr_decode_api *api,
         for (int32_t g = 0; g < n_cand; g++)
             tsr_decoder_stats_add(&L->stats, len[g], g == win ? accepted[g] - 1 : 0);
         la_shift(L, pending, L->logits + row * L->n_vocab, n_chains, accepted[win]);
+        L->stats.draft_ns += tsr_draft_now(L->host) - t0;
         tsr_draft_seqs_keep(&seqs, api, seq[win]);
         int64_t before = t.n;
         st = tsr_draft_text_commit(&t, seq[win], out + win * LA_MAX_N, accepted[win]);

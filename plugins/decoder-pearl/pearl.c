@@ -18,8 +18,11 @@
  * Every round is one target forward and `window` draft forwards.
  *
  * Here the two rounds run one after the other: a decoder may call the decode API from the
- * host's main thread only ([main]), so it cannot put the target's forward and the draft's on
- * two threads of the pool. What that would need of the ABI is in docs/plugins/decoder.md. The
+ * host's main thread only ([main]: never concurrently with another [main] call, which each
+ * forward makes of its pipeline's backend, attention and cache plugins), and the host's pool,
+ * which both pipelines share, takes one job at a time from outside, so it cannot put the
+ * target's forward and the draft's on two threads. What that would need of the ABI is in
+ * docs/plugins/decoder.md. The
  * command `parallel_seconds` gives the last request's time as if each round's draft and target
  * forwards had run at once (the longer of the two), the time PEARL's schedule would take with
  * that ABI; `stats` gives the time each model took.

@@ -5,7 +5,8 @@
  * right, so that no other check fails. Plugins named ok-* break nothing: they check the
  * runner itself (ok-cache-scores fails when the runner does not fill score_acc as attention
  * would, ok-cache-baseline when it does not measure stats from what they were at create,
- * ok-cache-load when it misreads a view of a policy's own format).
+ * ok-cache-load when it misreads a view of a policy's own format, ok-optional when it fails a
+ * decoder that drafts optionally for running without a draft).
  */
 #include <float.h>
 #include <math.h>
@@ -56,18 +57,23 @@ static void dec_destroy(void *self) {
 /* What a fixture decoder does wrong while it generates. */
 enum dec_flaw {
     DEC_FINE,
-    DEC_IGNORE_STOP,  /* keeps forwarding and emitting after emit() returned 1 */
-    DEC_UNBEGUN,      /* forwards sequence 1, which it never forked */
-    DEC_GAP,          /* its first generated token skips a position */
-    DEC_FORK_LIVE,    /* forks into sequence 1 twice */
-    DEC_FORK_LEAK,    /* forks sequence 1 and never ends it */
-    DEC_SCATTER,      /* puts sequence 1 between two entries of sequence 0 in a batch */
-    DEC_DRAFT,        /* forwards two draft tokens after each one, unbounded by n_ctx */
-    DEC_PAD,          /* puts a padding entry of token -1 before the prompt */
-    DEC_ONE_BASED,    /* forwards every token id plus one */
-    DEC_END_TWICE,    /* forks sequence 1, then ends it twice */
-    DEC_EMPTY_BATCH,  /* forwards a batch of no entries before the prompt */
-    DEC_SILENT        /* returns after the prompt without emitting */
+    DEC_IGNORE_STOP,      /* keeps forwarding and emitting after emit() returned 1 */
+    DEC_UNBEGUN,          /* forwards sequence 1, which it never forked */
+    DEC_GAP,              /* its first generated token skips a position */
+    DEC_FORK_LIVE,        /* forks into sequence 1 twice */
+    DEC_FORK_LEAK,        /* forks sequence 1 and never ends it */
+    DEC_SCATTER,          /* puts sequence 1 between two entries of sequence 0 in a batch */
+    DEC_DRAFT,            /* forwards two draft tokens after each one, unbounded by n_ctx */
+    DEC_PAD,              /* puts a padding entry of token -1 before the prompt */
+    DEC_ONE_BASED,        /* forwards every token id plus one */
+    DEC_END_TWICE,        /* forks sequence 1, then ends it twice */
+    DEC_EMPTY_BATCH,      /* forwards a batch of no entries before the prompt */
+    DEC_SILENT,           /* returns after the prompt without emitting */
+    DEC_NO_ROLLBACK,      /* rejects two drafted tokens a step and forwards on without truncating */
+    DEC_FORK_RESTART,     /* forwards the sequence it forked from position 0, as if it were empty */
+    DEC_TRUNCATE_ENDED,   /* truncates the sequence it forked after ending it */
+    DEC_DRAFT_LEAK,       /* forks the draft model's sequence 0 and never ends the fork */
+    DEC_DRAFT_NO_ROLLBACK /* drafts two tokens a step on the draft model, never truncating */
 };
 
 /* Prefill, then one forward per token as a greedy decoder would, always choosing `token`
@@ -91,13 +97,30 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
     }
     if (st < 0) return st;
     if (flaw == DEC_SILENT) return TSR_OK;
+    const tsr_decode_api *draft = flaw == DEC_DRAFT_LEAK || flaw == DEC_DRAFT_NO_ROLLBACK
+                                      ? api->draft
+                                      : NULL;
+    for (int64_t i = 0; draft && st >= 0 && i < req->n_prompt; i++) {
+        e = (tsr_batch_entry){0, (int32_t)i, req->prompt[i], 0};
+        st = draft->forward(draft->ctx, &e, 1, row);
+    }
+    if (st >= 0 && flaw == DEC_DRAFT_LEAK) st = draft->seq_fork(draft->ctx, 0, 1);
     if (flaw == DEC_FORK_LIVE || flaw == DEC_FORK_LEAK || flaw == DEC_SCATTER ||
-        flaw == DEC_END_TWICE) {
+        flaw == DEC_END_TWICE || flaw == DEC_FORK_RESTART || flaw == DEC_TRUNCATE_ENDED) {
         st = api->seq_fork(api->ctx, 0, 1);
         if (st >= 0 && flaw == DEC_FORK_LIVE) st = api->seq_fork(api->ctx, 0, 1);
         for (int ends = 0; st >= 0 && flaw == DEC_END_TWICE && ends < 2; ends++)
             st = api->seq_end(api->ctx, 1);
+        if (st >= 0 && flaw == DEC_TRUNCATE_ENDED && (st = api->seq_end(api->ctx, 1)) >= 0)
+            st = api->seq_truncate(api->ctx, 1, pos);
         if (st < 0) return st;
+    }
+    if (flaw == DEC_FORK_RESTART) {
+        tsr_batch_entry batch[2] = {{0, pos, token, 0}, {1, 0, token, 0}};
+        st = api->forward(api->ctx, batch, 2, row);
+        if (st >= 0) st = api->seq_end(api->ctx, 1);
+        if (st < 0) return st;
+        pos++;
     }
     if (flaw == DEC_SCATTER) {
         tsr_batch_entry batch[3] = {{0, pos, token, 0}, {1, pos, token, 0}, {0, pos + 1, token, 1}};
@@ -111,13 +134,18 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
         if (api->emit(api->ctx, &token, 1) && flaw != DEC_IGNORE_STOP) break;
         e = (tsr_batch_entry){flaw == DEC_UNBEGUN ? 1 : 0, pos++,
                               (token < api->n_vocab ? token : 0) + id_shift, 1};
-        if (flaw == DEC_DRAFT) {
+        if (flaw == DEC_DRAFT || flaw == DEC_NO_ROLLBACK) {
             /* Drafts that it then rejects all: the sequence goes back to one new position. */
             tsr_batch_entry batch[3] = {e, {0, pos, token, 0}, {0, pos + 1, token, 0}};
             st = api->forward(api->ctx, batch, 3, row);
-            if (st >= 0) st = api->seq_truncate(api->ctx, 0, pos);
+            if (st >= 0 && flaw == DEC_DRAFT) st = api->seq_truncate(api->ctx, 0, pos);
         } else {
             st = api->forward(api->ctx, &e, 1, row);
+        }
+        if (st >= 0 && flaw == DEC_DRAFT_NO_ROLLBACK) {
+            /* The draft proposes one token after the target's; nothing rolls it back. */
+            tsr_batch_entry batch[2] = {{0, e.pos, e.token, 0}, {0, e.pos + 1, token, 1}};
+            st = draft->forward(draft->ctx, batch, 2, row);
         }
         if (st < 0) return st;
     }
@@ -154,6 +182,52 @@ FLAWED_GENERATE(pad_generate, DEC_PAD)
 FLAWED_GENERATE(end_twice_generate, DEC_END_TWICE)
 FLAWED_GENERATE(empty_batch_generate, DEC_EMPTY_BATCH)
 FLAWED_GENERATE(silent_generate, DEC_SILENT)
+FLAWED_GENERATE(no_rollback_generate, DEC_NO_ROLLBACK)
+FLAWED_GENERATE(fork_restart_generate, DEC_FORK_RESTART)
+FLAWED_GENERATE(truncate_ended_generate, DEC_TRUNCATE_ENDED)
+FLAWED_GENERATE(draft_leak_generate, DEC_DRAFT_LEAK)
+FLAWED_GENERATE(draft_no_rollback_generate, DEC_DRAFT_NO_ROLLBACK)
+
+/* Two continuations from one prompt, both forwarded in every batch: sequence 1 emits two
+ * tokens a step and sequence 0 one, and it stops when sequence 0 does, ignoring that emit_seq
+ * stopped sequence 1 halfway. */
+static tsr_status runon_generate(void *self, const tsr_decode_api *api,
+                                 const tsr_generate_request *req) {
+    float row[4096];
+    tsr_status st = TSR_OK;
+    if (api->n_vocab > 4096) return TSR_E_RANGE;
+    for (int64_t i = 0; st >= 0 && i < req->n_prompt; i++) {
+        tsr_batch_entry e = {0, (int32_t)i, req->prompt[i], i == req->n_prompt - 1};
+        st = api->forward(api->ctx, &e, 1, row);
+    }
+    if (st >= 0) st = api->seq_fork(api->ctx, 0, 1);
+    const int32_t token[2] = {1, 1};
+    int32_t pos0 = (int32_t)req->n_prompt, pos1 = pos0;
+    while (st >= 0 && pos1 + 2 <= api->n_ctx) {
+        int32_t stop0 = api->emit_seq(api->ctx, 0, token, 1);
+        api->emit_seq(api->ctx, 1, token, 2);
+        if (stop0) break;
+        tsr_batch_entry batch[3] = {{0, pos0++, 1, 1}, {1, pos1, 1, 0}, {1, pos1 + 1, 1, 0}};
+        pos1 += 2;
+        st = api->forward(api->ctx, batch, 3, row);
+    }
+    tsr_status end = api->seq_end(api->ctx, 1);
+    return st < 0 ? st : end;
+}
+
+/* Drafts only when given a draft model (OPTIONAL), but reads it unconditionally. */
+static tsr_status optional_generate(void *self, const tsr_decode_api *api,
+                                    const tsr_generate_request *req) {
+    if (api->draft->n_vocab != api->n_vocab) return TSR_E_INVALID;
+    return dec_run(api, req, 1, DEC_FINE);
+}
+
+/* The same, reading the draft model only when there is one. */
+static tsr_status optional_checked_generate(void *self, const tsr_decode_api *api,
+                                            const tsr_generate_request *req) {
+    if (api->draft && api->draft->n_vocab != api->n_vocab) return TSR_E_INVALID;
+    return dec_run(api, req, 1, DEC_FINE);
+}
 
 /* Refuses a request that fills the context, though the last token emitted is never forwarded:
  * n_prompt + max_new_tokens == n_ctx fits. */
@@ -210,10 +284,14 @@ static tsr_status crash_generate(void *self, const tsr_decode_api *api,
     return TSR_OK;
 }
 
-#define DECODER_VT(id, create_fn, generate_fn, pick_fn)                                      \
+#define DECODER_VT_DRAFT(id, create_fn, generate_fn, pick_fn, use)                             \
     static const tsr_decoder_vtable id##_vt = {TSR_SIZED(tsr_decoder_vtable),                \
                                                .create = create_fn, .destroy = dec_destroy,  \
-                                               .generate = generate_fn, .pick = pick_fn};
+                                               .generate = generate_fn, .pick = pick_fn,     \
+                                               .draft_use = use};
+
+#define DECODER_VT(id, create_fn, generate_fn, pick_fn) \
+    DECODER_VT_DRAFT(id, create_fn, generate_fn, pick_fn, TSR_DECODER_DRAFT_NONE)
 
 #define DECODER_PICK(id, name_text, create_fn, generate_fn, pick_fn, what)                   \
     DECODER_VT(id, create_fn, generate_fn, pick_fn)                                          \
@@ -250,6 +328,28 @@ DECODER_PICK(exits, "bad-exit", dec_create, exit_generate, NULL, "calls exit(0) 
 DECODER(memory, dec_create, memory_generate, "emits a token that counts the requests served")
 DECODER_PICK(pick, "bad-pick", dec_create, fine_generate, strict_pick,
              "pick returns -1 when every logit is -FLT_MAX")
+DECODER_PICK(no_rollback, "bad-no-rollback", dec_create, no_rollback_generate, NULL,
+             "forwards on after rejected drafts without truncating them")
+DECODER_PICK(fork_restart, "bad-fork-restart", dec_create, fork_restart_generate, NULL,
+             "forwards a forked sequence from position 0 in a batch with its source")
+DECODER_PICK(truncate_ended, "bad-truncate-ended", dec_create, truncate_ended_generate, NULL,
+             "truncates a sequence it has ended")
+DECODER_PICK(runon, "bad-runon-seq", dec_create, runon_generate, NULL,
+             "forwards a continuation after emit_seq stopped it")
+
+/* Decoders that draft with the pipeline's draft model, and break its rules. */
+#define DRAFTER(id, name_text, generate_fn, use, what)                 \
+    DECODER_VT_DRAFT(id, dec_create, generate_fn, NULL, use)           \
+    FIXTURE(id, DECODER, name_text, what)
+
+DRAFTER(draft_leak, "bad-draft-leak", draft_leak_generate, TSR_DECODER_DRAFT_REQUIRED,
+        "never ends the sequence it forked on the draft model")
+DRAFTER(draft_rollback, "bad-draft-rollback", draft_no_rollback_generate,
+        TSR_DECODER_DRAFT_REQUIRED, "drafts on after rejections without truncating the draft")
+DRAFTER(optional, "bad-optional", optional_generate, TSR_DECODER_DRAFT_OPTIONAL,
+        "drafts optionally but reads api->draft when the pipeline has none")
+DRAFTER(ok_optional, "ok-optional", optional_checked_generate, TSR_DECODER_DRAFT_OPTIONAL,
+        "drafts optionally and reads api->draft only when the pipeline has one")
 
 /* ---- decoders whose flaw is in their descriptor or parameters ------------------------------ */
 
@@ -1538,4 +1638,5 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &quant_status, &quant_shape, &quant_bits, &quant_rmse, &quant_rows, &quant_whole,
                   &quant_transposed, &cache_single, &router_prev, &quant_own_types,
                   &quant_matmul_status, &router_partial, &router_misshaped, &router_needs,
-                  &be_half_rows, &be_mix)
+                  &be_half_rows, &be_mix, &no_rollback, &fork_restart, &truncate_ended,
+                  &runon, &draft_leak, &draft_rollback, &optional, &ok_optional)
