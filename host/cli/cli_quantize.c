@@ -102,7 +102,8 @@ static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, 
     j->at = calloc((size_t)(n_layer > 0 ? n_layer : 1), sizeof *j->at);
     tsr_model_shape shape = tsr_model_shape_synthetic();
     shape.n_layer = n_layer;
-    shape.backend_name = s->cfg->stage[TSR_STAGE_BACKEND].plugin;
+    /* No backend runs: a file holds GGUF types, never a layout a backend reads faster. */
+    shape.backend_name = NULL;
     if ((st = tsr_instance_set_per_layer(&j->set, s->cfg, TSR_STAGE_QUANTIZER, &shape, &j->main,
                                          j->at, err)) < 0)
         return st;
