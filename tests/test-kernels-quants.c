@@ -595,11 +595,11 @@ START_TEST(test_x16_reference_is_the_sum) {
 END_TEST
 
 /* Every level's product over the packed layout gives the reference's bits on the file rows,
- * whatever the token count (partial tiles of 8, more than one block of 64 tokens), the thread
+ * whatever the token count (partial tiles of 16, more than one block of 64 tokens), the thread
  * slice and the groups per slice; extreme quants included (Q8_0 -128, activations +-127). */
 START_TEST(test_x16_levels_equal_reference) {
     const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
-    const int64_t toks[] = {1, 2, 7, 8, 9, 70};
+    const int64_t toks[] = {1, 2, 7, 9, 16, 17, 70};
     tsr_cpu_level best = tsr_cpu_level_best();
     for (int i = 0; i < 2; i++)
         for (int e = 0; e < 2; e++) {

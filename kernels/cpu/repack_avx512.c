@@ -1,4 +1,4 @@
-/* The x16 product with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 8 tokens of f32
+/* The x16 product with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16 tokens of f32
  * accumulators, one 512-bit register each. A block's tile is unpacked once into eight vectors
  * of unsigned quants (lane r: four quants of row r), then each token adds its block with
  * eight vpdpbusd against four-byte broadcasts of its activation quants, starting from
@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define X16_TOK 8        /* tokens per tile: eight accumulators and eight weight vectors */
+/* tokens per tile: 16 accumulators and 8 weight vectors in registers; a Q4_0 tile's unpacking
+ * and a block's scales are shared by 16 tokens */
+#define X16_TOK 16
 #define X16_TOK_BLOCK 64 /* tokens whose activation scales and sums are prepared at a time */
 
 #define X16_INLINE static inline __attribute__((always_inline))
@@ -54,14 +56,13 @@ X16_INLINE void x16_tile(const int q4, const int nt, float *y, int64_t ldy,
         const __m512 dw =
             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + TSR_X16_ROWS * b)));
         for (int t = 0; t < nt; t++) {
-            /* two chains: the integer sums are exact in any order */
-            __m512i i0 = _mm512_set1_epi32(xb->corr[t]), i1 = _mm512_setzero_si512();
-            for (int k = 0; k < 8; k += 2) {
-                i0 = _mm512_dpbusd_epi32(i0, wv[k], x16_bcast4(xb->q[t] + 4 * k));
-                i1 = _mm512_dpbusd_epi32(i1, wv[k + 1], x16_bcast4(xb->q[t] + 4 * k + 4));
-            }
+            /* one chain per token: the tokens' chains are independent, which covers the
+             * latency of each */
+            __m512i i = _mm512_set1_epi32(xb->corr[t]);
+            for (int k = 0; k < 8; k++)
+                i = _mm512_dpbusd_epi32(i, wv[k], x16_bcast4(xb->q[t] + 4 * k));
             const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xb->d[t]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), d, acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), d, acc[t]);
         }
     }
     for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, acc[t]);
@@ -76,8 +77,12 @@ static void x16_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *t
     switch (q4 * X16_TOK + nt - 1) {
         X16_CASE(0, 1) X16_CASE(0, 2) X16_CASE(0, 3) X16_CASE(0, 4)
         X16_CASE(0, 5) X16_CASE(0, 6) X16_CASE(0, 7) X16_CASE(0, 8)
+        X16_CASE(0, 9) X16_CASE(0, 10) X16_CASE(0, 11) X16_CASE(0, 12)
+        X16_CASE(0, 13) X16_CASE(0, 14) X16_CASE(0, 15) X16_CASE(0, 16)
         X16_CASE(1, 1) X16_CASE(1, 2) X16_CASE(1, 3) X16_CASE(1, 4)
         X16_CASE(1, 5) X16_CASE(1, 6) X16_CASE(1, 7) X16_CASE(1, 8)
+        X16_CASE(1, 9) X16_CASE(1, 10) X16_CASE(1, 11) X16_CASE(1, 12)
+        X16_CASE(1, 13) X16_CASE(1, 14) X16_CASE(1, 15) X16_CASE(1, 16)
     }
 #undef X16_CASE
 }
