@@ -627,8 +627,12 @@ END_TEST
 START_TEST(bench_reports) {
     char *model = tsr_test_data(STORIES);
     const char *args[] = {"bench", "-m", model, "-p", "16", "-n", "8", "-r", "2", "-t", "1,2",
-                          "--bandwidth-mib", "32", "--json", NULL};
+                          "--bandwidth-mib", "32", "--peak-ms", "50", "--json", NULL};
     json_t *r = run_json(args);
+    /* 5 layers of q 64x64, k and v 32x64, o 64x64, gate, up and down 172x64 */
+    ck_assert_double_eq(json_real_value(json_object_get(r, "prefill_macs_per_token")),
+                        5 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64));
+    ck_assert_str_eq(json_string_value(json_object_get(r, "peak_kind")), "f32");
     ck_assert_int_eq(json_integer_value(json_object_get(r, "n_layer")), 5);
     ck_assert_int_eq(json_integer_value(json_object_get(r, "n_embd")), 64);
     ck_assert_str_eq(json_string_value(json_object_get(r, "type")), "F32");
@@ -646,6 +650,13 @@ START_TEST(bench_reports) {
         }
         double roof = json_real_value(json_object_get(x, "roofline_fraction"));
         ck_assert_msg(roof > 0 && roof < 5, "roofline_fraction %g", roof);
+        double gops = json_real_value(json_object_get(x, "prefill_gops"));
+        double pp = json_real_value(json_object_get(x, "prefill_tps_mean"));
+        ck_assert_double_eq_tol(gops, 2 * 226560 * pp * 1e-9, 1e-12 * gops);
+        double peak = json_real_value(json_object_get(x, "peak_gops"));
+        double frac = json_real_value(json_object_get(x, "prefill_peak_fraction"));
+        ck_assert_msg(peak > 0 ? fabs(frac - gops / peak) <= 1e-12 * frac : frac == 0,
+                      "prefill_peak_fraction %g of %g / %g", frac, gops, peak);
         /* Whole positions of 5 layers x (K + V) x 32 floats, at least the 9 decoded. */
         json_int_t kv = json_integer_value(json_object_get(x, "kv_bytes"));
         ck_assert_msg(kv >= 9 * 1280 && kv % 1280 == 0, "kv_bytes %lld", (long long)kv);
@@ -654,10 +665,12 @@ START_TEST(bench_reports) {
     }
     json_decref(r);
     const char *md[] = {"bench", "-m", model, "-p", "8", "-n", "4", "-r", "1",
-                        "--bandwidth-mib", "16", NULL};
+                        "--bandwidth-mib", "16", "--peak-ms", "20", NULL};
     char *out = run_ok(md);
-    ck_assert_msg(strncmp(out, "| model | type | weights | threads | test | tokens/s | weights "
-                               "read | roofline |\n", 76) == 0, "%s", out);
+    const char *head = "| model | type | weights | threads | test | tokens/s | weights read | "
+                       "roofline | products | of the peak |\n";
+    ck_assert_msg(strncmp(out, head, strlen(head)) == 0, "%s", out);
+    ck_assert_msg(strstr(out, " GOP/s of ") && strstr(out, " f32 | "), "%s", out);
     ck_assert_msg(strstr(out, "| stories260K.gguf | F32 | ") && strstr(out, "| pp8 |") &&
                       strstr(out, "| tg4 |"), "%s", out);
     free(out);

@@ -518,6 +518,136 @@ START_TEST(test_products_extremes) {
 }
 END_TEST
 
+/* ---- x16: row-interleaved Q4_0 / Q8_0 in the fast order -------------------------------- */
+
+/* The layout keeps every row: unpacking gives the file's blocks back, byte for byte. */
+START_TEST(test_x16_pack_round_trip) {
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
+    for (int i = 0; i < 2; i++) {
+        rng_seed(300 + (uint64_t)i);
+        int64_t n_in = 96, n_out = 48;
+        size_t row = tsr_row_size(types[i], n_in);
+        unsigned char *w = malloc(row * (size_t)n_out), *packed = malloc(row * (size_t)n_out);
+        unsigned char *back = malloc(row);
+        random_weights(types[i], w, n_out, n_in);
+        ck_assert_int_eq(tsr_x16_pack(packed, w, types[i], n_in, n_out, 0, 1), TSR_OK);
+        ck_assert_int_eq(tsr_x16_pack(packed, w, types[i], n_in, n_out, 1, 3), TSR_OK);
+        for (int64_t r = 0; r < n_out; r++) {
+            tsr_x16_unpack_row(back, packed, types[i], n_in, r);
+            ck_assert_msg(memcmp(back, w + (size_t)r * row, row) == 0, "type %d row %lld",
+                          types[i], (long long)r);
+        }
+        free(w);
+        free(packed);
+        free(back);
+    }
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_0, 64, 32), 1);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q8_0, 64, 24), 0);  /* rows not 16 x k */
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_0, 48, 32), 0);  /* half a block */
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_K, 256, 32), 0); /* another type */
+    unsigned char buf[64];
+    ck_assert_int_eq(tsr_x16_pack(buf, buf, TSR_DTYPE_Q8_0, 32, 8, 0, 1), TSR_E_INVALID);
+    float y[16];
+    ck_assert_int_eq(tsr_x16_matmul(y, 16, buf, TSR_DTYPE_Q8_0, buf, 1, 32, 8, 0, 1),
+                     TSR_E_INVALID);
+}
+END_TEST
+
+/* The fast order's definition on file rows: a chain of fmaf((float)isum, dw * dx, acc) over
+ * the blocks, checked here against a sum in double of the dequantized operands. */
+START_TEST(test_x16_reference_is_the_sum) {
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
+    for (int i = 0; i < 2; i++) {
+        product p;
+        product_init(&p, types[i], 1024, 3, 2, 310 + (uint64_t)i);
+        size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(TSR_DTYPE_Q8_0, p.n_in);
+        float wf[1024], xf[1024];
+        for (int64_t t = 0; t < p.n_tok; t++)
+            for (int64_t r = 0; r < p.n_out; r++) {
+                const char *wr = (char *)p.w + r * wrow, *xr = (char *)p.xp + t * xrow;
+                ck_assert_int_eq(tsr_dequantize_row(p.t, wf, wr, p.n_in), 0);
+                ck_assert_int_eq(tsr_dequantize_row(TSR_DTYPE_Q8_0, xf, xr, p.n_in), 0);
+                double ref = 0, mag = 0;
+                for (int64_t k = 0; k < p.n_in; k++) {
+                    ref += (double)wf[k] * xf[k];
+                    mag += fabs((double)wf[k] * xf[k]);
+                }
+                float got = tsr_x16_row_dot_ref(p.t, p.n_in, wr, xr);
+                ck_assert_msg(fabs(got - ref) <= 2e-6 * mag, "%.9g vs %.9g", got, ref);
+                /* the order: one chain from block 0 (a dequantized weight is q * dw exactly) */
+                const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)xr;
+                size_t bb = tsr_dtype_block_bytes(p.t);
+                float acc = 0;
+                for (int64_t b = 0; b < p.n_in / 32; b++) {
+                    uint16_t h;
+                    memcpy(&h, wr + b * bb, sizeof h); /* both types start with their scale */
+                    float dw = tsr_fp16_to_fp32(h);
+                    int32_t isum = 0;
+                    for (int k = 0; k < 32; k++)
+                        isum += (int32_t)lrintf(wf[32 * b + k] / dw) * xb[b].q[k];
+                    acc = fmaf((float)isum, dw * tsr_fp16_to_fp32(xb[b].d), acc);
+                }
+                ck_assert(f32_bits(got) == f32_bits(acc));
+            }
+        product_free(&p);
+    }
+}
+END_TEST
+
+/* Every level's product over the packed layout gives the reference's bits on the file rows,
+ * whatever the token count (partial tiles of 16, more than one block of 64 tokens), the thread
+ * slice and the groups per slice; extreme quants included (Q8_0 -128, activations +-127). */
+START_TEST(test_x16_levels_equal_reference) {
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
+    const int64_t toks[] = {1, 2, 7, 9, 16, 17, 70};
+    tsr_cpu_level best = tsr_cpu_level_best();
+    for (int i = 0; i < 2; i++)
+        for (int e = 0; e < 2; e++) {
+            product p;
+            product_init(&p, types[i], 320, 48, 70, 320 + (uint64_t)(2 * i + e));
+            size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(TSR_DTYPE_Q8_0, p.n_in);
+            if (e) { /* extremes: weights at the ends of their range, activations +-127 */
+                unsigned char *w = p.w;
+                for (size_t k = 0; k < wrow * (size_t)p.n_out; k++) w[k] = k % 2 ? 0x80 : 0xff;
+                set_scales(p.t, p.w, wrow * (size_t)p.n_out);
+                for (int64_t k = 0; k < p.n_in * p.n_tok; k++) p.x[k] = k % 3 ? 1.0f : -1.0f;
+                ck_assert_int_eq(tsr_matmul_prepare(p.xp, TSR_DTYPE_Q8_0, p.x, p.n_tok, p.n_in, 0, 1),
+                                 TSR_OK);
+            }
+            void *packed = malloc(wrow * (size_t)p.n_out);
+            ck_assert_int_eq(tsr_x16_pack(packed, p.w, p.t, p.n_in, p.n_out, 0, p.n_out / 16),
+                             TSR_OK);
+            float *want = malloc(sizeof(float) * (size_t)(p.n_out * p.n_tok));
+            float *y = malloc(sizeof(float) * (size_t)(p.n_out * p.n_tok));
+            for (int64_t t = 0; t < p.n_tok; t++)
+                for (int64_t r = 0; r < p.n_out; r++)
+                    want[t * p.n_out + r] = tsr_x16_row_dot_ref(
+                        p.t, p.n_in, (char *)p.w + r * wrow, (char *)p.xp + t * xrow);
+            for (int l = TSR_CPU_LEVEL_SCALAR; l <= (int)best; l++) {
+                use_level(l);
+                for (size_t k = 0; k < sizeof toks / sizeof *toks; k++)
+                    for (int nth = 1; nth <= 3; nth += 2) {
+                        memset(y, 0xff, sizeof(float) * (size_t)(p.n_out * p.n_tok));
+                        for (int ith = 0; ith < nth; ith++)
+                            ck_assert_int_eq(tsr_x16_matmul(y, p.n_out, packed, p.t, p.xp,
+                                                            toks[k], p.n_in, p.n_out, ith, nth),
+                                             TSR_OK);
+                        for (int64_t v = 0; v < toks[k] * p.n_out; v++)
+                            ck_assert_msg(f32_bits(y[v]) == f32_bits(want[v]),
+                                          "type %d level %s n_tok %lld nth %d [%lld]: %.9g vs "
+                                          "%.9g", p.t, tsr_cpu_level_name(l),
+                                          (long long)toks[k], nth, (long long)v, y[v], want[v]);
+                    }
+            }
+            use_level(best);
+            free(packed);
+            free(want);
+            free(y);
+            product_free(&p);
+        }
+}
+END_TEST
+
 static Suite *suite(void) {
     Suite *s = suite_create("kernels-quants");
     TCase *tc = tcase_create("quants");
@@ -532,6 +662,9 @@ static Suite *suite(void) {
     tcase_add_test(tc, test_products_levels);
     tcase_add_test(tc, test_products_threads_tiles);
     tcase_add_test(tc, test_products_extremes);
+    tcase_add_test(tc, test_x16_pack_round_trip);
+    tcase_add_test(tc, test_x16_reference_is_the_sum);
+    tcase_add_test(tc, test_x16_levels_equal_reference);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -178,8 +178,10 @@ END_TEST
 /* cpu-arena refuses any pointer outside its buffers, so equal bits prove the host uploads the
  * routers, the experts (in place, converted, or left to a quantizer that multiplies its own
  * format: rtn takes 2-D matrices only, so it proves each expert offered alone), the row lists
- * and the mixing weights, and downloads the gate logits and the FFN input. */
-static const char *const quantizers[] = {"{ plugin: gguf }", "{ plugin: gguf, type: q8_0 }",
+ * and the mixing weights, and downloads the gate logits and the FFN input. The converted
+ * experts keep llama.cpp's order (gguf's fast order repacks them on cpu alone). */
+static const char *const quantizers[] = {"{ plugin: gguf }",
+                                         "{ plugin: gguf, type: q8_0, order: ggml }",
                                          "{ plugin: rtn, bits: 4 }"};
 
 START_TEST(arena_backend_equals_cpu) {

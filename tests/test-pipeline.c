@@ -56,7 +56,9 @@ static float *prompt_logits(run *r) {
  * equal bits prove it uploads the right bytes. */
 static const char *const arena_quantizers[] = {
     "{ plugin: gguf }",                 /* the file's F32 rows, in place on cpu */
-    "{ plugin: gguf, type: q8_0 }",     /* converted at load, multiplied by the backend */
+    /* converted at load, multiplied by the backend (the default order, fast, would repack it
+     * on cpu alone: the arena backend keeps llama.cpp's order) */
+    "{ plugin: gguf, type: q8_0, order: ggml }",
     "{ plugin: rtn, bits: 4 }",         /* a format the quantizer multiplies itself */
 };
 

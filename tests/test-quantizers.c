@@ -38,8 +38,9 @@ static const tsr_plugin_desc *find_plugin(void *reg, int32_t stage, const char *
     return r ? r->desc : NULL;
 }
 
-/* `quantizer` is the YAML flow mapping, e.g. "{ plugin: rtn, bits: 8 }". */
-static void qz_open(qz *q, const char *quantizer, int threads) {
+/* `quantizer` is the YAML flow mapping, e.g. "{ plugin: rtn, bits: 8 }"; `backend_name` what
+ * its init says runs (NULL: none). */
+static void qz_open_for(qz *q, const char *quantizer, int threads, const char *backend_name) {
     memset(q, 0, sizeof *q);
     char yaml[512];
     snprintf(yaml, sizeof yaml,
@@ -56,12 +57,17 @@ static void qz_open(qz *q, const char *quantizer, int threads) {
     const tsr_plugin_ref *ref = tsr_registry_find(q->reg, TSR_STAGE_QUANTIZER, sc->plugin);
     ck_assert_ptr_nonnull(ref);
     tsr_model_shape shape = tsr_model_shape_synthetic();
+    shape.backend_name = backend_name;
     tsr_stage_init init;
     if (tsr_instance_create(ref, q->pool, &sc->bound.params,
                             tsr_stage_init_fill(TSR_STAGE_QUANTIZER, &shape, &init), &q->inst,
                             &err) < 0)
         ck_abort_msg("%s", err.msg);
     q->vt = q->inst->vtable;
+}
+
+static void qz_open(qz *q, const char *quantizer, int threads) {
+    qz_open_for(q, quantizer, threads, NULL);
 }
 
 static void qz_close(qz *q) {
@@ -893,6 +899,114 @@ START_TEST(per_layer_mix) {
 }
 END_TEST
 
+/* ---- gguf: the fast order's repacked Q4_0 / Q8_0 -------------------------------------------- */
+
+/* `role` of a (n_out, n_in) Q4_0 or Q8_0 matrix (random blocks, sane scales) through gguf. */
+static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_out,
+                                 const char *role, int32_t expert, void **file,
+                                 tsr_weight_out *out) {
+    size_t row = tsr_row_size(type, n_in);
+    float *w = gauss((size_t)(n_in * n_out), 11);
+    *file = malloc(row * (size_t)n_out);
+    for (int64_t r = 0; r < n_out; r++)
+        ck_assert_int_eq(tsr_quantize_row(type, (char *)*file + r * row, w + r * n_in, n_in), 0);
+    free(w);
+    tsr_tensor src = {.struct_size = sizeof src, .dtype = type, .n_dims = 2,
+                      .ne = {n_in, n_out, 1, 1}, .row_bytes = row, .data = *file,
+                      .name = "test.weight"};
+    tsr_weight_in in = {.struct_size = sizeof in, .src = src, .layer = 0, .role = role,
+                        .expert = expert};
+    *out = (tsr_weight_out){.struct_size = sizeof *out};
+    return q->vt->prepare(q->inst->self, &in, out);
+}
+
+/* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's own
+ * of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the fast
+ * order's reference bits for a batch and for one token, whatever the pool. */
+START_TEST(gguf_fast_order_repacks) {
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
+    const int64_t n_in = 256, n_out = 48, n_tok = 11;
+    for (int i = 0; i < 2; i++)
+        for (int threads = 1; threads <= 2; threads++) {
+            qz q;
+            qz_open_for(&q, "{ plugin: gguf }", threads, "cpu");
+            void *file;
+            tsr_weight_out out;
+            ck_assert_int_eq(
+                gguf_prepare_q(&q, types[i], n_in, n_out, "ffn_up", -1, &file, &out), TSR_OK);
+            ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
+            ck_assert_int_eq(out.owns_data, 1);
+            ck_assert_ptr_ne(out.dst.data, file);
+            size_t row = tsr_row_size(types[i], n_in);
+            ck_assert_uint_eq(out.dst.row_bytes, row);
+            ck_assert_double_eq(out.bits_per_weight, 8.0 * (double)row / (double)n_in);
+            float *got = qz_dequant(&q, &out.dst), *want = malloc(sizeof(float) * n_in * n_out);
+            for (int64_t r = 0; r < n_out; r++)
+                ck_assert_int_eq(tsr_dequantize_row(types[i], want + r * n_in,
+                                                    (char *)file + r * row, n_in), 0);
+            ck_assert_mem_eq(got, want, sizeof(float) * n_in * n_out);
+            float *x = gauss((size_t)(n_in * n_tok), 13);
+            size_t xrow = tsr_row_size(TSR_DTYPE_Q8_0, n_in);
+            char *xp = malloc(xrow * n_tok);
+            ck_assert_int_eq(tsr_matmul_prepare(xp, TSR_DTYPE_Q8_0, x, n_tok, n_in, 0, 1), TSR_OK);
+            float y[11 * 48], y1[48];
+            ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_tok), TSR_OK);
+            ck_assert_int_eq(q.vt->matmul(q.inst->self, y1, &out.dst, x + 5 * n_in, 1), TSR_OK);
+            for (int64_t t = 0; t < n_tok; t++)
+                for (int64_t r = 0; r < n_out; r++) {
+                    float ref = tsr_x16_row_dot_ref(types[i], n_in, (char *)file + r * row,
+                                                    xp + t * xrow);
+                    ck_assert_msg(memcmp(&y[t * n_out + r], &ref, sizeof ref) == 0,
+                                  "type %d threads %d (%lld, %lld): %.9g vs %.9g", types[i],
+                                  threads, (long long)t, (long long)r, y[t * n_out + r], ref);
+                    if (t == 5) ck_assert_mem_eq(&y1[r], &ref, sizeof ref);
+                }
+            q.vt->release(q.inst->self, &out.dst);
+            qz_close(&q);
+            free(got);
+            free(want);
+            free(x);
+            free(xp);
+            free(file);
+        }
+}
+END_TEST
+
+/* What stays the file's, in place and left to the backend: order ggml, no backend running
+ * (tessera quantize), another backend, the embeddings (get_rows reads their rows), a routed
+ * expert (a router may let its pages go), a row count not a multiple of 16, another type. */
+START_TEST(gguf_fast_order_keeps) {
+    static const struct {
+        const char *quantizer, *backend, *role;
+        int32_t type;
+        int64_t n_out;
+        int32_t expert;
+    } cases[] = {
+        {"{ plugin: gguf, order: ggml }", "cpu", "ffn_up", TSR_DTYPE_Q4_0, 48, -1},
+        {"{ plugin: gguf }", NULL, "ffn_up", TSR_DTYPE_Q8_0, 48, -1},
+        {"{ plugin: gguf }", "cpu-arena", "ffn_up", TSR_DTYPE_Q8_0, 48, -1},
+        {"{ plugin: gguf }", "cpu", "token_embd", TSR_DTYPE_Q4_0, 48, -1},
+        {"{ plugin: gguf }", "cpu", "ffn_up_exps", TSR_DTYPE_Q4_0, 48, 0},
+        {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q8_0, 40, -1},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        qz q;
+        qz_open_for(&q, cases[c].quantizer, 1, cases[c].backend);
+        void *file;
+        tsr_weight_out out;
+        ck_assert_int_eq(gguf_prepare_q(&q, cases[c].type, 64, cases[c].n_out, cases[c].role,
+                                        cases[c].expert, &file, &out), TSR_OK);
+        ck_assert_msg(out.dst.dtype == cases[c].type && out.dst.data == file && !out.owns_data,
+                      "case %zu: type %d", c, out.dst.dtype);
+        float y[48];
+        ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, y, 1), TSR_E_UNSUPPORTED);
+        q.vt->release(q.inst->self, &out.dst);
+        qz_close(&q);
+        free(file);
+    }
+}
+END_TEST
+
 /* Without an argument: the formats, products and sources, which make their own data. With
  * "models": the whole-model cases, which need the shared data folder and skip (77) without
  * it; ctest runs them as test-quantizers-models. */
@@ -932,6 +1046,10 @@ static Suite *suite(bool model_cases) {
     suite_add_tcase(s, tc);
     tc = tcase_create("sources");
     tcase_add_loop_test(tc, source_types, 0, N_QUANTIZERS);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("gguf");
+    tcase_add_test(tc, gguf_fast_order_repacks);
+    tcase_add_test(tc, gguf_fast_order_keeps);
     suite_add_tcase(s, tc);
     return s;
 }

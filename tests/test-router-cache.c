@@ -348,9 +348,12 @@ END_TEST
 
 /* ---- on models ------------------------------------------------------------------------------ */
 
+/* The quantizer keeps the file's rows in llama.cpp's order: the backend multiplies a low-bit
+ * copy so, and the model whose experts are of that type must be multiplied alike. */
 static const char *yaml_of(char *buf, size_t size, const char *router) {
     snprintf(buf, size,
-             "tessera: 1\nbackend: { plugin: cpu, threads: 2 }\nquantizer: { plugin: gguf }\n"
+             "tessera: 1\nbackend: { plugin: cpu, threads: 2 }\n"
+             "quantizer: { plugin: gguf, order: ggml }\n"
              "attention: { plugin: reference }\ncache: { plugin: full }\n"
              "decoder: { plugin: greedy }\nrouter: %s\n",
              router);

@@ -12,6 +12,7 @@
 #include "cli/cli_session.h"
 #include "files/dtype.h"
 #include "cli/membw.h"
+#include "cli/peak.h"
 
 /* Mean and sample deviation of n values. */
 static void mean_std(const double *v, int n, double *mean, double *std) {
@@ -23,7 +24,7 @@ static void mean_std(const double *v, int n, double *mean, double *std) {
 }
 
 /* The weight type that holds most of the model's bytes, as the model's "type". */
-static const char *main_dtype(const tsr_model *m) {
+static int32_t main_dtype_id(const tsr_model *m) {
     uint64_t bytes[64] = {0};
     for (int32_t l = 0; l < m->hp.n_layer; l++) {
         const tsr_tensor *t[] = {&m->layers[l].wq, &m->layers[l].wk, &m->layers[l].wv,
@@ -36,7 +37,44 @@ static const char *main_dtype(const tsr_model *m) {
     int best = 0;
     for (int d = 1; d < 64; d++)
         if (bytes[d] > bytes[best]) best = d;
-    return tsr_dtype_name(best);
+    return best;
+}
+
+static const char *main_dtype(const tsr_model *m) {
+    return tsr_dtype_name(main_dtype_id(m));
+}
+
+/* Float weights are multiplied in f32 (F16 and BF16 converted or by vdpbf16ps), quantized
+ * ones in int8 products: the peak each prefill is measured against. */
+static tsr_peak_kind prefill_peak_kind(const tsr_model *m) {
+    int32_t t = main_dtype_id(m);
+    return t == TSR_DTYPE_F32 || t == TSR_DTYPE_F16 || t == TSR_DTYPE_BF16 ? TSR_PEAK_F32
+                                                                            : TSR_PEAK_INT8;
+}
+
+static double matrix_elements(const tsr_tensor *t) {
+    return t->data ? (double)t->ne[0] * (double)t->ne[1] : 0;
+}
+
+/* Multiply-adds of the weight matrices per prompt token: every matrix of the blocks, of a
+ * layer with experts its router, shared expert and the k experts a token is routed to. The
+ * output head, which prefill runs for the last token only, and attention are left out. */
+static double prefill_macs_per_token(const tsr_model *m) {
+    double macs = 0;
+    for (int32_t l = 0; l < m->hp.n_layer; l++) {
+        const tsr_layer_weights *w = &m->layers[l];
+        const tsr_tensor *dense[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->ffn_gate, &w->ffn_up,
+                                     &w->ffn_down, &w->gate_inp, &w->gate_inp_shexp,
+                                     &w->gate_shexp, &w->up_shexp, &w->down_shexp};
+        for (size_t i = 0; i < sizeof dense / sizeof *dense; i++) macs += matrix_elements(dense[i]);
+        const tsr_tensor *experts[] = {&w->gate_exps, &w->up_exps, &w->down_exps};
+        for (size_t i = 0; i < 3; i++) macs += matrix_elements(experts[i]) * m->hp.n_expert_used;
+    }
+    return macs;
+}
+
+static const char *peak_kind_name(tsr_peak_kind kind) {
+    return kind == TSR_PEAK_INT8 ? "int8" : "f32";
 }
 
 /* Linux's resident high-water mark (VmHWM) can be reset, so each thread count reports its
@@ -69,6 +107,7 @@ typedef struct bench_opts {
     int threads[16];
     int n_threads;
     int bandwidth_mib; /* the buffer the bandwidth measurement reads */
+    int peak_ms;       /* how long the arithmetic peak is measured */
     bool json;
 } bench_opts;
 
@@ -136,6 +175,9 @@ typedef struct bench_row {
     int threads;
     double pp_mean, pp_std, tg_mean, tg_std;
     double read_gbs, weight_gb_per_s, roofline;
+    /* prefill's weight products in GOP/s (a multiply-add is 2), the machine's peak of the
+     * kind they run on measured in the same run, and their ratio */
+    double prefill_gops, peak_gops, peak_fraction;
     double expert_bytes_per_token; /* the routed experts' matrices a decoded token read */
     tsr_stage_times times; /* over the decode runs */
     double decode_secs;
@@ -236,6 +278,10 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
                                      row->tg_mean * 1e-9
                                : 0;
     row->roofline = row->read_gbs > 0 ? row->weight_gb_per_s / row->read_gbs : 0;
+    row->peak_gops =
+        tsr_measure_peak_gops(s.pool, prefill_peak_kind(s.model), b->peak_ms * 1e-3);
+    row->prefill_gops = 2 * prefill_macs_per_token(s.model) * row->pp_mean * 1e-9;
+    row->peak_fraction = row->peak_gops > 0 ? row->prefill_gops / row->peak_gops : 0;
 out:
     free(pp);
     free(tg);
@@ -251,16 +297,21 @@ done:
 static void print_markdown(const char *model_path, const char *type, const char *decoder,
                            const tsr_model *m, uint64_t weight_bytes, const bench_opts *b,
                            const bench_row *rows) {
-    printf("| model | type | weights | threads | test | tokens/s | weights read | roofline |\n");
-    printf("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |\n");
+    printf("| model | type | weights | threads | test | tokens/s | weights read | roofline | "
+           "products | of the peak |\n");
+    printf("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
     const char *name = strrchr(model_path, '/') ? strrchr(model_path, '/') + 1 : model_path;
+    const char *kind = peak_kind_name(prefill_peak_kind(m));
     for (int i = 0; i < b->n_threads; i++) {
         const bench_row *r = &rows[i];
-        printf("| %s | %s | %.1f MiB | %d | pp%d | %.2f ± %.2f | | |\n", name, type,
-               (double)weight_bytes / 1048576.0, r->threads, b->n_prompt, r->pp_mean, r->pp_std);
+        printf("| %s | %s | %.1f MiB | %d | pp%d | %.2f ± %.2f | | | %.1f GOP/s of %.1f %s | "
+               "%.0f%% |\n", name, type, (double)weight_bytes / 1048576.0, r->threads,
+               b->n_prompt, r->pp_mean, r->pp_std, r->prefill_gops, r->peak_gops, kind,
+               100.0 * r->peak_fraction);
         char depth[32] = "";
         if (b->depth) snprintf(depth, sizeof depth, " @ d%d", b->depth);
-        printf("| %s | %s | %.1f MiB | %d | tg%d%s | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% |\n",
+        printf("| %s | %s | %.1f MiB | %d | tg%d%s | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% | "
+               "| |\n",
                name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, depth,
                r->tg_mean, r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
     }
@@ -306,7 +357,7 @@ static void print_json(const char *model_path, const char *type, const char *dec
         const tsr_stage_times *t = &r->times;
         json_array_append_new(results, json_pack(
             "{s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:f, "
-            "s:o, s:{s:f, s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "s:o, s:f, s:f, s:f, s:{s:f, s:f, s:f, s:f, s:f, s:f, s:f}}",
             "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "n_depth",
             b->depth, "peak_rss_mib",
             r->peak_rss_mib, "bits_per_weight", r->bits_per_weight, "mean_rel_rmse", r->rel_rmse,
@@ -316,7 +367,9 @@ static void print_json(const char *model_path, const char *type, const char *dec
             "decode_weight_gbs", r->weight_gb_per_s, "machine_read_gbs", r->read_gbs,
             "roofline_fraction", r->roofline, "kv_bytes", (json_int_t)r->kv_bytes,
             "decode_tokens_per_forward", r->tokens_per_forward, "decode_acceptance_rate",
-            r->acceptance >= 0 ? json_real(r->acceptance) : json_null(), "decode_seconds",
+            r->acceptance >= 0 ? json_real(r->acceptance) : json_null(), "prefill_gops",
+            r->prefill_gops, "peak_gops", r->peak_gops, "prefill_peak_fraction",
+            r->peak_fraction, "decode_seconds",
             "matmul", (double)t->matmul * 1e-9, "attention",
             (double)t->attention * 1e-9, "cache", (double)t->cache * 1e-9, "decoder",
             (double)t->decoder * 1e-9, "other_ops", (double)t->other_ops * 1e-9, "router",
@@ -326,16 +379,17 @@ static void print_json(const char *model_path, const char *type, const char *dec
      * experts the routed experts' bytes each decoded token read, measured
      * (expert_bytes_per_token of each result). */
     json_t *root = json_pack(
-        "{s:s, s:s, s:s, s:i, s:i, s:i, s:i, s:I, s:s, s:i, s:o}", "model", model_path, "type",
-        type, "decoder", decoder, "n_layer", m->hp.n_layer, "n_embd", m->hp.n_embd, "n_expert",
-        m->hp.n_expert, "n_expert_used", m->hp.n_expert_used, "weight_bytes_per_token",
+        "{s:s, s:s, s:s, s:i, s:i, s:i, s:i, s:I, s:s, s:s, s:f, s:i, s:o}", "model", model_path,
+        "type", type, "decoder", decoder, "n_layer", m->hp.n_layer, "n_embd", m->hp.n_embd,
+        "n_expert", m->hp.n_expert, "n_expert_used", m->hp.n_expert_used, "weight_bytes_per_token",
         (json_int_t)weight_bytes, "weight_bytes_counted",
         m->hp.n_expert > 0 ? "every matrix each target forward reads (attention, routers, shared "
                              "experts, output head), plus the routed experts' matrices read per "
                              "decoded token, measured: expert_bytes_per_token of each result"
                            : "every weight matrix of the blocks and the output head, once per "
                              "target forward",
-        "repetitions", b->reps, "results", results);
+        "peak_kind", peak_kind_name(prefill_peak_kind(m)), "prefill_macs_per_token",
+        prefill_macs_per_token(m), "repetitions", b->reps, "results", results);
     char *text = json_dumps(root, JSON_INDENT(2));
     printf("%s\n", text);
     free(text);
@@ -356,10 +410,12 @@ int tsr_cli_bench(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     bench_opts b = {.threads = {1}, .n_threads = 1};
     int64_t n_prompt = 512, n_gen = 128, reps = 5, bandwidth_mib = 1024, depth = 0;
+    int64_t peak_ms = 1000;
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera bench -m MODEL [CONFIG.yaml] [-p 512] [-n 128] [-d 0] [-t 1,2]\n"
-                   "                     [-r 5] [--bandwidth-mib 1024] [--json] [--set K=V]...\n"
+                   "                     [-r 5] [--bandwidth-mib 1024] [--peak-ms 1000] [--json]\n"
+                   "                     [--set K=V]...\n"
                    "                     [--plugin-dir DIR]...\n"
                    "Prefill (-p tokens in one batch) and decode (-n new tokens through the\n"
                    "configured decoder, as `run` makes them, after a prompt of -d tokens that is\n"
@@ -371,7 +427,10 @@ int tsr_cli_bench(int argc, char **argv) {
                    "bandwidth measured in the same run, and the fraction of that roofline decode\n"
                    "reaches; where the decode time goes, stage by stage. --bandwidth-mib sizes the\n"
                    "buffer the bandwidth measurement reads; keep it well above the last-level\n"
-                   "cache.\n");
+                   "cache. Prefill's weight products (2 operations a multiply-add) against the\n"
+                   "machine's peak measured in the same run for --peak-ms: int8 (VNNI vpdpbusd)\n"
+                   "for quantized weights, f32 (FMA) for F32, F16, BF16; 0 where the CPU has no\n"
+                   "such instruction.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }
@@ -381,14 +440,15 @@ int tsr_cli_bench(int argc, char **argv) {
             {"-n", NULL, "NEW_TOKENS", 0, INT32_MAX, &n_gen},
             {"-r", NULL, "REPETITIONS", 1, 1000, &reps},
             {"--bandwidth-mib", NULL, "MIB", 1, 1 << 20, &bandwidth_mib},
-            {"-d", "--depth", "DEPTH_TOKENS", 0, INT32_MAX - 2, &depth}};
+            {"-d", "--depth", "DEPTH_TOKENS", 0, INT32_MAX - 2, &depth},
+            {"--peak-ms", NULL, "MILLISECONDS", 1, 60000, &peak_ms}};
         const tsr_cli_text_opt threads[] = {{"-t", "--threads", "THREADS[,THREADS...]",
                                              &thread_list}};
         /* -t here is a list, read before the shared options take it as one count. */
         int took = tsr_cli_take_text("bench", argc, argv, &i, threads, 1);
         if (took > 0 && !parse_thread_list(thread_list, &b)) took = -1;
         if (took == 0) took = tsr_session_take_opt("bench", argc, argv, &i, &o);
-        if (took == 0) took = tsr_cli_take_int("bench", argc, argv, &i, ints, 5);
+        if (took == 0) took = tsr_cli_take_int("bench", argc, argv, &i, ints, 6);
         if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &b.json);
         if (took == 0) took = (tsr_cli_bad_arg("bench", a), -1);
         if (took < 0) {
@@ -401,6 +461,7 @@ int tsr_cli_bench(int argc, char **argv) {
     b.reps = (int)reps;
     b.depth = (int)depth;
     b.bandwidth_mib = (int)bandwidth_mib;
+    b.peak_ms = (int)peak_ms;
     bench_row rows[16];
     memset(rows, 0, sizeof rows);
     tsr_error err;

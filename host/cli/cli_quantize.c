@@ -121,7 +121,8 @@ static tsr_status job_quantizers(quant_job *j, const tsr_config *cfg, tsr_instan
                                  tsr_instance **at, tsr_error *err) {
     tsr_model_shape shape = tsr_model_shape_synthetic();
     shape.n_layer = j->n_layer;
-    shape.backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin;
+    /* No backend runs: a file holds GGUF types, never a layout a backend reads faster. */
+    shape.backend_name = NULL;
     return tsr_instance_set_per_layer(&j->set, cfg, TSR_STAGE_QUANTIZER, &shape, main, at, err);
 }
 

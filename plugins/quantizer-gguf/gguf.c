@@ -5,12 +5,21 @@
  * other `type`, each weight matrix is converted to that GGUF type when the model loads (or
  * when `tessera quantize` writes a file), following llama.cpp's recipes: which tensors of a
  * "_m"/"_s" mix get more bits, and which fallback a row too short for 256-element blocks gets.
+ *
+ * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0 and Q8_0 matrices
+ * (kept or converted) are repacked at load into the kernels' row-interleaved x16 layout, a
+ * type of this plugin's own that it multiplies itself (tsr_x16_matmul: activations quantized
+ * to Q8_0 once per product, the fast order); the file's bytes are then no longer read. With
+ * `ggml` every type stays the backend's to multiply in llama.cpp's order, which the parity
+ * tests against llama.cpp's logits need.
  */
 #include <tessera/kernels_cpu.h>
 #include <tessera/sdk.h>
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <string.h>
 
 /* The values of `type`, in the order of the recipe enum below. */
@@ -27,18 +36,40 @@ static const int32_t recipe_base[] = {
     TSR_DTYPE_Q4_K, TSR_DTYPE_Q4_K, TSR_DTYPE_Q5_K, TSR_DTYPE_Q5_K, TSR_DTYPE_Q6_K,
     TSR_DTYPE_IQ4_NL, TSR_DTYPE_IQ4_XS};
 
+static const char *const order_choices[] = {"fast", "ggml", NULL};
+enum { ORDER_FAST, ORDER_GGML };
+
 static const tsr_param_def gguf_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "type", .type = TSR_PARAM_ENUM, .default_value = "keep",
      .min = 1, .max = 0, .choices = type_choices, .role = TSR_PARAM_ROLE_WEIGHT_TYPE,
      .doc = "keep the file's types, or convert every weight matrix to this GGUF type at load "
             "(llama.cpp's recipes for the _s/_m mixes)"},
+    {TSR_SIZED(tsr_param_def), .name = "order", .type = TSR_PARAM_ENUM, .default_value = "fast",
+     .min = 1, .max = 0, .choices = order_choices,
+     .doc = "fast: on the cpu backend, Q4_0 and Q8_0 matrices repacked at load into 16-row "
+            "interleaved tiles and multiplied here in the fast order; ggml: every matrix left "
+            "to the backend, in llama.cpp's order (bit-exact parity)"},
 };
+
+/* The x16 layouts of the two repacked types, as types of this plugin. */
+#define GGUF_DTYPE_Q4_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x160)
+#define GGUF_DTYPE_Q8_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x161)
 
 typedef struct gguf_quantizer {
     const tsr_host *host;
     recipe recipe;
     int32_t n_layer;
+    bool repack;   /* order fast on the cpu backend */
+    void *scratch; /* the prepared activations of the current product */
+    size_t scratch_bytes;
 } gguf_quantizer;
+
+/* The GGUF type a repacked type holds, or -1. */
+static int32_t x16_base(int32_t dtype) {
+    return dtype == GGUF_DTYPE_Q4_0_X16   ? TSR_DTYPE_Q4_0
+           : dtype == GGUF_DTYPE_Q8_0_X16 ? TSR_DTYPE_Q8_0
+                                          : -1;
+}
 
 /* GGUF's own names (ggml_type_name) for the types a file may hold. */
 static const char *gguf_type_name(int32_t dtype) {
@@ -79,13 +110,17 @@ static tsr_status gguf_create(const tsr_host *host, const tsr_params *params,
     q->host = host;
     q->recipe = (recipe)tsr_param_int(params, "type");
     q->n_layer = init->n_layer;
+    q->repack = tsr_param_int(params, "order") == ORDER_FAST && init->backend_name &&
+                !strcmp(init->backend_name, "cpu");
     *out = q;
     return TSR_OK;
 }
 
 static void gguf_destroy(void *self) {
     gguf_quantizer *q = self;
-    if (q) q->host->free(q->host->ctx, q);
+    if (!q) return;
+    q->host->free(q->host->ctx, q->scratch);
+    q->host->free(q->host->ctx, q);
 }
 
 /* Checks that `t` is rows of ne[0] elements of a type this version keeps, packed as GGUF
@@ -199,8 +234,8 @@ static void convert_rows(void *arg, int ith, int nth) {
     j->ref2[ith] = ref2;
 }
 
-static tsr_status gguf_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
-    gguf_quantizer *q = self;
+static tsr_status prepare_gguf(gguf_quantizer *q, const tsr_weight_in *in,
+                               tsr_weight_out *out) {
     const tsr_host *h = q->host;
     const tsr_tensor *src = &in->src;
     int32_t type = q->recipe == KEEP
@@ -271,10 +306,124 @@ static void gguf_release(void *self, tsr_tensor *w) {
     w->extra = NULL;
 }
 
+typedef struct repack_job {
+    void *dst;
+    const tsr_tensor *src;
+} repack_job;
+
+static void repack_groups(void *arg, int ith, int nth) {
+    repack_job *j = arg;
+    int64_t n_groups = j->src->ne[1] / TSR_X16_ROWS;
+    (void)tsr_x16_pack(j->dst, j->src->data, j->src->dtype, j->src->ne[0], j->src->ne[1],
+                       n_groups * ith / nth, n_groups * (ith + 1) / nth);
+}
+
+/* The fast order's layout for a prepared Q4_0 / Q8_0 matrix the products read: a copy in x16
+ * tiles replaces it (a converted matrix is freed; a kept one stays in the file's mapping,
+ * unread). The embeddings' rows are read by get_rows in the file's layout: not repacked. Nor
+ * are a mixture's routed experts: a router may read them from the file on demand and let their
+ * pages go (expert offloading), which a resident copy would defeat. */
+static tsr_status repack_x16(gguf_quantizer *q, const tsr_weight_in *in, tsr_weight_out *out) {
+    tsr_tensor *t = &out->dst;
+    bool routed_expert = in->struct_size >= offsetof(tsr_weight_in, expert) + sizeof in->expert &&
+                         in->expert >= 0;
+    if (!q->repack || routed_expert || !strcmp(in->role, "token_embd") ||
+        t->ne[2] * t->ne[3] != 1 ||
+        !tsr_x16_supported(t->dtype, t->ne[0], t->ne[1]))
+        return TSR_OK;
+    const tsr_host *h = q->host;
+    repack_job j = {.src = t};
+    j.dst = h->alloc(h->ctx, t->row_bytes * (size_t)t->ne[1], 64);
+    if (!j.dst) {
+        h->set_error(h->ctx, "prepare: %s: out of memory repacking %s", t->name ? t->name : in->role,
+                     gguf_type_name(t->dtype));
+        return TSR_E_NOMEM;
+    }
+    h->parallel_for(h->ctx, repack_groups, &j);
+    h->free(h->ctx, t->extra);
+    t->dtype = t->dtype == TSR_DTYPE_Q4_0 ? GGUF_DTYPE_Q4_0_X16 : GGUF_DTYPE_Q8_0_X16;
+    t->data = t->extra = j.dst;
+    out->owns_data = 1;
+    return TSR_OK;
+}
+
+static tsr_status gguf_prepare(void *self, const tsr_weight_in *in, tsr_weight_out *out) {
+    gguf_quantizer *q = self;
+    tsr_status st = prepare_gguf(q, in, out);
+    if (st < 0) return st;
+    if ((st = repack_x16(q, in, out)) < 0 && out->owns_data) gguf_release(q, &out->dst);
+    return st;
+}
+
+typedef struct x16_job {
+    float *y;
+    const tsr_tensor *w;
+    int32_t wtype; /* the GGUF type the tiles hold */
+    void *xp;      /* (n, Q8_0 row bytes) */
+    const float *x;
+    int64_t n;
+    atomic_int failed;
+} x16_job;
+
+static void x16_prepare_task(void *arg, int ith, int nth) {
+    x16_job *j = arg;
+    if (tsr_matmul_prepare(j->xp, TSR_DTYPE_Q8_0, j->x, j->n, j->w->ne[0], ith, nth) < 0)
+        atomic_store(&j->failed, 1);
+}
+
+static void x16_product_task(void *arg, int ith, int nth) {
+    x16_job *j = arg;
+    if (tsr_x16_matmul(j->y, j->w->ne[1], j->w->data, j->wtype, j->xp, j->n, j->w->ne[0],
+                       j->w->ne[1], ith, nth) < 0)
+        atomic_store(&j->failed, 1);
+}
+
+/* The repacked types' product: the activations quantized to Q8_0 once (by tokens over the
+ * pool, one token on the calling thread), then the groups of 16 rows over the pool. */
+static tsr_status gguf_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
+                              int64_t n) {
+    gguf_quantizer *q = self;
+    const tsr_host *h = q->host;
+    x16_job j = {.y = y, .w = w, .wtype = x16_base(w->dtype), .x = x, .n = n};
+    if (j.wtype < 0) {
+        h->set_error(h->ctx, "matmul: %s: type %d is not one this quantizer multiplies",
+                     w->name ? w->name : "weight", (int)w->dtype);
+        return TSR_E_UNSUPPORTED;
+    }
+    if (n <= 0) return TSR_OK;
+    size_t row = tsr_row_size(TSR_DTYPE_Q8_0, w->ne[0]);
+    if ((size_t)n > SIZE_MAX / row) {
+        h->set_error(h->ctx, "matmul: %lld prepared rows of %zu bytes overflow", (long long)n, row);
+        return TSR_E_NOMEM;
+    }
+    if ((size_t)n * row > q->scratch_bytes) {
+        void *p = h->alloc(h->ctx, (size_t)n * row, 64);
+        if (!p) {
+            h->set_error(h->ctx, "matmul: out of memory for %lld prepared rows", (long long)n);
+            return TSR_E_NOMEM;
+        }
+        h->free(h->ctx, q->scratch);
+        q->scratch = p;
+        q->scratch_bytes = (size_t)n * row;
+    }
+    j.xp = q->scratch;
+    if (n > 1) h->parallel_for(h->ctx, x16_prepare_task, &j);
+    else x16_prepare_task(&j, 0, 1);
+    h->parallel_for(h->ctx, x16_product_task, &j);
+    if (atomic_load(&j.failed)) {
+        h->set_error(h->ctx, "matmul: %s: the x16 product failed (%lld x %lld, out of memory for "
+                     "its scratch)", w->name ? w->name : "weight", (long long)w->ne[1],
+                     (long long)w->ne[0]);
+        return TSR_E_NOMEM;
+    }
+    return TSR_OK;
+}
+
 static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
                                        int64_t n_rows) {
     gguf_quantizer *q = self;
-    tsr_status st = gguf_check(q, "dequantize_rows", w);
+    const int32_t base = x16_base(w->dtype);
+    tsr_status st = base >= 0 ? TSR_OK : gguf_check(q, "dequantize_rows", w);
     if (st < 0) return st;
     int64_t total = 1;
     for (uint32_t d = 1; d < TSR_MAX_DIMS; d++) total *= w->ne[d];
@@ -284,9 +433,20 @@ static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w
                            (long long)(row0 + n_rows), (long long)total);
         return TSR_E_RANGE;
     }
-    for (int64_t r = 0; r < n_rows; r++)
-        (void)tsr_row_to_f32(y + r * w->ne[0], w->dtype,
-                             (const char *)w->data + (size_t)(row0 + r) * w->row_bytes, w->ne[0]);
+    void *file_row = NULL;
+    if (base >= 0 && n_rows > 0 && !(file_row = tsr_calloc(q->host, 1, w->row_bytes))) {
+        q->host->set_error(q->host->ctx, "dequantize_rows: out of memory");
+        return TSR_E_NOMEM;
+    }
+    for (int64_t r = 0; r < n_rows; r++) {
+        const void *src = (const char *)w->data + (size_t)(row0 + r) * w->row_bytes;
+        if (base >= 0) {
+            tsr_x16_unpack_row(file_row, w->data, base, w->ne[0], row0 + r);
+            src = file_row;
+        }
+        (void)tsr_row_to_f32(y + r * w->ne[0], base >= 0 ? base : w->dtype, src, w->ne[0]);
+    }
+    q->host->free(q->host->ctx, file_row);
     return TSR_OK;
 }
 
@@ -296,6 +456,7 @@ static const tsr_quantizer_vtable gguf_vtable = {
     .destroy = gguf_destroy,
     .prepare = gguf_prepare,
     .release = gguf_release,
+    .matmul = gguf_matmul,
     .dequantize_rows = gguf_dequantize_rows,
 };
 

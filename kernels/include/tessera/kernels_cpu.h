@@ -130,6 +130,45 @@ tsr_status tsr_matmul(float *y,           // (n_tok, ldy), columns [0, n_out) wr
 float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
 
 /* ---------------------------------------------------------------------------------------- */
+/* Row-interleaved Q4_0 and Q8_0 ("x16") in the fast order                                   */
+/*                                                                                           */
+/* A layout for prefill's GEMM: each group of 16 rows holds, for block column b, its quants   */
+/* as 512-bit vectors whose 32-bit lane r is four quants of row r (Q4_0: vector j <- bytes    */
+/* 4j..4j+3 of each row's qs, low nibbles elements 4j.., high ones 16 + 4j..; Q8_0: vector k  */
+/* <- quants 4k..4k+3 + 128, as unsigned bytes), the nb tiles of a group first and then its   */
+/* nb x 16 fp16 scales. A group takes 16 file rows' bytes, so the matrix keeps its size.      */
+/*                                                                                           */
+/* The fast order: a (row, token) value is acc = fmaf((float)isum_b, dw_b * dx_b, acc) over   */
+/* blocks b = 0.. in order, from 0, with isum_b the block's exact integer dot and dw_b, dx_b  */
+/* the fp16 scales as f32. One f32 chain per pair, so a value never depends on the tile, the  */
+/* thread slice or n_tok; it is not llama.cpp's order (kernels/README.md).                    */
+
+#define TSR_X16_ROWS 16
+
+/* 1 when a (n_out, n_in) matrix of `wtype` can be repacked: Q4_0 or Q8_0, whole blocks, rows
+ * a multiple of 16. */
+int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out);
+
+/* Repacks the file rows of groups [g0, g1) (16 rows each) of src into dst, both
+ * (n_out, tsr_row_size(wtype, n_in)) bytes. TSR_E_INVALID when tsr_x16_supported refuses. */
+tsr_status tsr_x16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in, int64_t n_out,
+                        int64_t g0, int64_t g1);
+
+/* Row `row` of a repacked matrix back in the file's blocks: dst holds
+ * tsr_row_size(wtype, n_in) bytes. */
+void tsr_x16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, int64_t row);
+
+/* tsr_matmul for a repacked matrix (Q8_0 activations from tsr_matmul_prepare), in the fast
+ * order; slices rows in groups of 16. TSR_E_INVALID as tsr_x16_supported, TSR_E_NOMEM when
+ * the kernel could not get its scratch memory. */
+tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
+                          int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
+
+/* The fast order's reference: one file row of Q4_0 / Q8_0 (not repacked) with one prepared
+ * Q8_0 activation row. */
+float tsr_x16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void *xp);
+
+/* ---------------------------------------------------------------------------------------- */
 /* Row and elementwise ops (f32). In-place use (y == x) is allowed where y and x have the     */
 /* same shape. Elementwise ops have no thread slice: split them by offsetting the pointers.  */
 

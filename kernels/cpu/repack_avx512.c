@@ -1,0 +1,141 @@
+/* The x16 product with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16 tokens of f32
+ * accumulators, one 512-bit register each. A block's tile is unpacked once into eight vectors
+ * of unsigned quants (lane r: four quants of row r), then each token adds its block with
+ * eight vpdpbusd against four-byte broadcasts of its activation quants, starting from
+ * -offset x (the block's activation sum), which makes the lanes the exact signed dots; one
+ * fma per block and token ((float)isum x (dw x dx) into the lane's accumulator) is the fast
+ * order of repack.c, so the values are its bits. */
+#include "repack.h"
+
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* tokens per tile: 16 accumulators and 8 weight vectors in registers; a Q4_0 tile's unpacking
+ * and a block's scales are shared by 16 tokens */
+#define X16_TOK 16
+#define X16_TOK_BLOCK 64 /* tokens whose activation scales and sums are prepared at a time */
+
+#define X16_INLINE static inline __attribute__((always_inline))
+
+X16_INLINE __m512i x16_bcast4(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+/* A tile's activations, prepared once per call and read by every group: for block b, the
+ * quants of its X16_TOK tokens side by side, then their scales and offset corrections, so
+ * that the tile addresses all of them from one pointer. */
+typedef struct x16_xblock {
+    int8_t q[X16_TOK][TSR_QK];
+    float d[X16_TOK];
+    int32_t corr[X16_TOK];
+} x16_xblock;
+
+/* y[t * ldy + r] for the 16 rows of one group and the nt tokens of xb (nb blocks). */
+X16_INLINE void x16_tile(const int q4, const int nt, float *y, int64_t ldy,
+                         const uint8_t *tiles, const uint16_t *scales, int64_t nb,
+                         const x16_xblock *xb) {
+    __m512 acc[X16_TOK];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++, xb++) {
+        __m512i wv[8];
+        if (q4) {
+            const uint8_t *p = tiles + (size_t)b * (TSR_X16_ROWS * TSR_QK / 2);
+            for (int j = 0; j < 4; j++) {
+                __m512i v = _mm512_loadu_si512(p + 64 * j);
+                wv[j] = _mm512_and_si512(v, m4);
+                wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+        } else {
+            const uint8_t *p = tiles + (size_t)b * (TSR_X16_ROWS * TSR_QK);
+            for (int k = 0; k < 8; k++) wv[k] = _mm512_loadu_si512(p + 64 * k);
+        }
+        const __m512 dw =
+            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + TSR_X16_ROWS * b)));
+        for (int t = 0; t < nt; t++) {
+            /* one chain per token: the tokens' chains are independent, which covers the
+             * latency of each */
+            __m512i i = _mm512_set1_epi32(xb->corr[t]);
+            for (int k = 0; k < 8; k++)
+                i = _mm512_dpbusd_epi32(i, wv[k], x16_bcast4(xb->q[t] + 4 * k));
+            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xb->d[t]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, acc[t]);
+}
+
+/* x16_tile with its type and token count as constants, so each copy keeps its accumulators
+ * in registers. */
+static void x16_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *tiles,
+                         const uint16_t *scales, int64_t nb, const x16_xblock *xb) {
+#define X16_CASE(Q, N)                                                                     \
+    case (Q) * X16_TOK + (N) - 1: x16_tile((Q), (N), y, ldy, tiles, scales, nb, xb); break;
+    switch (q4 * X16_TOK + nt - 1) {
+        X16_CASE(0, 1) X16_CASE(0, 2) X16_CASE(0, 3) X16_CASE(0, 4)
+        X16_CASE(0, 5) X16_CASE(0, 6) X16_CASE(0, 7) X16_CASE(0, 8)
+        X16_CASE(0, 9) X16_CASE(0, 10) X16_CASE(0, 11) X16_CASE(0, 12)
+        X16_CASE(0, 13) X16_CASE(0, 14) X16_CASE(0, 15) X16_CASE(0, 16)
+        X16_CASE(1, 1) X16_CASE(1, 2) X16_CASE(1, 3) X16_CASE(1, 4)
+        X16_CASE(1, 5) X16_CASE(1, 6) X16_CASE(1, 7) X16_CASE(1, 8)
+        X16_CASE(1, 9) X16_CASE(1, 10) X16_CASE(1, 11) X16_CASE(1, 12)
+        X16_CASE(1, 13) X16_CASE(1, 14) X16_CASE(1, 15) X16_CASE(1, 16)
+    }
+#undef X16_CASE
+}
+
+/* Tokens [0, n_tok) of xp as tiles of X16_TOK (xb[tile * nb + b]); the last tile's missing
+ * tokens are left unset (never read). */
+static void x16_prepare_x(x16_xblock *xb, const void *xp, size_t x_stride, int64_t nb,
+                          int64_t n_tok, int off) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int64_t t = 0; t < n_tok; t++) {
+        const tsr_block_q8_0 *x = (const tsr_block_q8_0 *)((const char *)xp + t * x_stride);
+        x16_xblock *o = xb + t / X16_TOK * nb;
+        const int i = (int)(t % X16_TOK);
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
+            __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, q);
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+            _mm256_storeu_si256((__m256i *)o[b].q[i], q);
+            o[b].corr[i] = -off * _mm_cvtsi128_si32(h);
+            o[b].d[i] = _cvtsh_ss(x[b].d);
+        }
+    }
+}
+
+/* Tokens in blocks of X16_TOK_BLOCK (their prepared tiles stay in cache), then each group of
+ * the slice, whose tiles stay in cache while the block's tokens pass X16_TOK at a time. */
+int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
+                          int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1) {
+    const int64_t nb = n_in / TSR_QK;
+    const int q4 = wtype == TSR_DTYPE_Q4_0;
+    const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_0, n_in);
+    const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
+    const size_t scales_at = (size_t)nb * tsr_x16_tile_bytes(wtype);
+    const int64_t tb = n_tok < X16_TOK_BLOCK ? n_tok : X16_TOK_BLOCK;
+    const int64_t n_tiles = (tb + X16_TOK - 1) / X16_TOK;
+    x16_xblock *xb = aligned_alloc(64, (size_t)(n_tiles * nb) * sizeof *xb);
+    if (!xb) return -1;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tb) {
+        const int64_t ntb = n_tok - t0 < tb ? n_tok - t0 : tb;
+        x16_prepare_x(xb, (const char *)xp + (size_t)t0 * x_stride, x_stride, nb, ntb,
+                      tsr_x16_offset(wtype));
+        for (int64_t g = g0; g < g1; g++) {
+            const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
+            const uint16_t *scales = (const uint16_t *)(tiles + scales_at);
+            for (int64_t t = 0; t < ntb; t += X16_TOK) {
+                const int nt = (int)(ntb - t < X16_TOK ? ntb - t : X16_TOK);
+                x16_tile_any(q4, nt, y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy, tiles, scales,
+                             nb, xb + t / X16_TOK * nb);
+            }
+        }
+    }
+    free(xb);
+    return 0;
+}
