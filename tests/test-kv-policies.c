@@ -1129,36 +1129,149 @@ START_TEST(decode_quality_against_full) {
 }
 END_TEST
 
-/* Parameters out of range or inconsistent: one line naming the plugin and the value. */
+/* Parameters out of range or inconsistent, for every cache policy and attention plugin: one
+ * line naming the plugin (or the key) and the value, exit 1, nothing on stdout. */
+static const struct {
+    const char *set[3];
+    const char *want;
+} bad_parameter_cases[] = {
+    {{"cache.plugin=full", "cache.dtype=f8"},
+     "tessera: --set: cache.dtype: expected one of f32, f16, got 'f8'\n"},
+    {{"cache.plugin=streaming", "cache.window=0"},
+     "tessera: --set: cache.window: expected an integer in [1, 1048576], got '0'\n"},
+    {{"cache.plugin=streaming", "cache.heads={DIR}/missing.heads"},
+     "tessera: cache: streaming: heads: {DIR}/missing.heads: cannot open: No such file or "
+     "directory\n"},
+    {{"cache.plugin=streaming", "cache.heads={DIR}/other.heads"},
+     "tessera: cache: streaming: heads: {DIR}/other.heads: profiled on a model of 22 layers, "
+     "32 query heads and 4 KV heads; this one has 5, 8 and 4: profile it with tessera "
+     "profile-heads\n"},
+    {{"cache.plugin=h2o", "cache.heavy=0", "cache.recent=0"},
+     "tessera: cache: h2o: heavy 0, recent 0: the budget heavy + recent must be at least 1 "
+     "entry\n"},
+    {{"cache.plugin=a2sf", "cache.heavy=0", "cache.recent=0"},
+     "tessera: cache: a2sf: heavy 0, recent 0: the budget heavy + recent must be at least 1 "
+     "entry\n"},
+    {{"cache.plugin=a2sf", "cache.factor=1.5"},
+     "tessera: --set: cache.factor: expected a number in [0, 1], got '1.5'\n"},
+    {{"cache.plugin=tova", "cache.budget=0"},
+     "tessera: --set: cache.budget: expected an integer in [1, 1048576], got '0'\n"},
+    {{"cache.plugin=snapkv", "cache.budget=0"},
+     "tessera: --set: cache.budget: expected an integer in [2, 1048576], got '0'\n"},
+    {{"cache.plugin=snapkv", "cache.budget=64", "cache.window=64"},
+     "tessera: cache: snapkv: window 64, budget 64: the window must be smaller than the budget, "
+     "which holds it and the entries chosen before it\n"},
+    {{"cache.plugin=snapkv", "cache.kernel=4"},
+     "tessera: cache: snapkv: kernel 4: expected an odd size, centred on each position\n"},
+    {{"cache.plugin=kivi", "cache.residual=100"},
+     "tessera: cache: kivi: residual 100 is not a multiple of group 32: keys leave the residual "
+     "in whole groups\n"},
+    {{"cache.plugin=kivi", "cache.group=0"},
+     "tessera: --set: cache.group: expected an integer in [1, 4096], got '0'\n"},
+    {{"cache.plugin=zipcache", "cache.high_bits=2", "cache.low_bits=4"},
+     "tessera: cache: zipcache: high_bits 2 is below low_bits 4: salient tokens get the wider "
+     "codes\n"},
+    {{"cache.plugin=zipcache", "cache.gap=0"},
+     "tessera: --set: cache.gap: expected an integer in [1, 1048576], got '0'\n"},
+    {{"cache.plugin=minicache", "cache.gamma=0.5"},
+     "tessera: --set: cache.gamma: expected a number in [0, 0.3], got '0.5'\n"},
+    {{"cache.plugin=paged", "cache.block_size=0"},
+     "tessera: --set: cache.block_size: expected an integer in [1, 4096], got '0'\n"},
+    {{"attention.plugin=flash", "attention.tile=4"},
+     "tessera: --set: attention.tile: expected an integer in [8, 1024], got '4'\n"},
+    {{"attention.plugin=ggml", "attention.kv_pad=0"},
+     "tessera: --set: attention.kv_pad: expected an integer in [1, 4096], got '0'\n"},
+    {{"attention.plugin=duo", "attention.heads={DIR}/missing.heads"},
+     "tessera: attention: duo: heads: {DIR}/missing.heads: cannot open: No such file or "
+     "directory\n"},
+    {{"attention.plugin=duo", "attention.heads={DIR}/other.heads"},
+     "tessera: attention: duo: heads: {DIR}/other.heads: profiled on a model of 22 layers, "
+     "32 query heads and 4 KV heads; this one has 5, 8 and 4: profile it with tessera "
+     "profile-heads\n"},
+    {{"attention.plugin=duo", "attention.window=0"},
+     "tessera: --set: attention.window: expected an integer in [1, 1048576], got '0'\n"},
+    {{"attention.plugin=quest", "attention.k=2"},
+     "tessera: --set: attention.k: expected an integer in [3, 1048576], got '2'\n"},
+    {{"attention.plugin=quest", "attention.page=0"},
+     "tessera: --set: attention.page: expected an integer in [1, 1024], got '0'\n"},
+    {{"attention.plugin=tidal", "attention.k=0"},
+     "tessera: --set: attention.k: expected an integer in [1, 1048576], got '0'\n"},
+    {{"attention.plugin=tidal", "attention.reselect_layer=1"},
+     "tessera: attention: tidal: reselect_layer 1 is before select_layer 2: the re-selection "
+     "comes after the selection (or -1: 13/32 of the layers)\n"},
+};
+
+/* `text` with each "{DIR}" replaced by dir; the caller frees it. */
+static char *with_dir(const char *text, const char *dir) {
+    size_t n = strlen(text) + 1;
+    for (const char *p = text; (p = strstr(p, "{DIR}")); p += 5) n += strlen(dir);
+    char *out = malloc(n), *o = out;
+    for (const char *p = text; *p;) {
+        if (strncmp(p, "{DIR}", 5) == 0) {
+            o = stpcpy(o, dir);
+            p += 5;
+        } else {
+            *o++ = *p++;
+        }
+    }
+    *o = '\0';
+    return out;
+}
+
 START_TEST(bad_parameters_get_one_line) {
-    static const char *const cases[][3] = {
-        {"cache: { plugin: kivi, residual: 100 }",
-         "tessera: cache: kivi: residual 100 is not a multiple of group 32: keys leave the "
-         "residual in whole groups\n"},
-        {"cache: { plugin: zipcache, high_bits: 2, low_bits: 4 }",
-         "tessera: cache: zipcache: high_bits 2 is below low_bits 4: salient tokens get the "
-         "wider codes\n"},
-        {"cache: { plugin: kivi, group: 0 }", "cache.group: expected an integer in [1, 4096]"},
-        {"cache: { plugin: minicache, gamma: 0.5 }", "cache.gamma: expected a number in [0, 0.3]"},
-        {"cache: { plugin: paged, block_size: 0 }",
-         "cache.block_size: expected an integer in [1, 4096]"},
+    char *model = tsr_test_data("models/stories260K.gguf");
+    char *dir = tsr_test_tmpdir();
+    char *other = with_dir("{DIR}/other.heads", dir);
+    static const char other_model[] = "tessera-heads 1\nlayers 22 heads 32 kv_heads 4\n";
+    ck_assert_int_eq(tsr_test_write_file(other, other_model, strlen(other_model)), 0);
+    const char *const *set = bad_parameter_cases[_i].set;
+    const char *args[16] = {"run", "-m", model, "-p", "hi", "-n", "2"};
+    char *sets[3] = {NULL, NULL, NULL};
+    size_t n = 7;
+    for (int i = 0; i < 3 && set[i]; i++) {
+        args[n++] = "--set";
+        args[n++] = sets[i] = with_dir(set[i], dir);
+    }
+    char *out, *err, *want = with_dir(bad_parameter_cases[_i].want, dir);
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
+    ck_assert_str_eq(out, "");
+    ck_assert_str_eq(err, want);
+    for (int i = 0; i < 3; i++) free(sets[i]);
+    free(want);
+    free(out);
+    free(err);
+    free(other);
+    free(dir);
+    free(model);
+}
+END_TEST
+
+/* A value that makes a sparse plugin read everything, or minicache merge nothing, runs (the
+ * exact tests use it) with one warning saying so. */
+START_TEST(degenerate_layers_warn) {
+    static const char *const cases[][2] = {
+        {"attention.plugin=tidal", "attention.select_layer=5"},
+        {"attention.plugin=quest", "attention.dense_layers=5"},
+        {"cache.plugin=minicache", "cache.start=4"},
+    };
+    static const char *const want[] = {
+        "tessera: tidal: warning: select_layer 5: the model has 5 layers, so no layer selects "
+        "and every layer reads every entry\n",
+        "tessera: quest: warning: dense_layers 5: the model has 5 layers, so every layer reads "
+        "every entry\n",
+        "tessera: minicache: warning: start 4: the model has 5 layers, so no pair (start, "
+        "start+1) merges and every layer keeps every row, as 'full' does\n",
     };
     char *model = tsr_test_data("models/stories260K.gguf");
-    char *config = tsr_test_tmp_path("bad.yaml");
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char yaml[256];
-        int len = snprintf(yaml, sizeof yaml, "tessera: 1\n%s\n", cases[i][0]);
-        ck_assert_int_eq(tsr_test_write_file(config, yaml, (size_t)len), 0);
-        const char *args[] = {"run", config, "-m", model, "-p", "hi", "-n", "2", NULL};
+    for (size_t i = 0; i < 3; i++) {
+        const char *args[] = {"run", "-m", model, "-p", "hi", "-n", "2", "--set", cases[i][0],
+                              "--set", cases[i][1], NULL};
         char *out, *err;
-        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
-        ck_assert_str_eq(out, "");
-        ck_assert_msg(strstr(err, cases[i][1]) && strchr(err, '\n') == err + strlen(err) - 1,
-                      "%s: %s", cases[i][0], err);
+        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
+        ck_assert_msg(strncmp(err, want[i], strlen(want[i])) == 0, "%s", err);
         free(out);
         free(err);
     }
-    free(config);
     free(model);
 }
 END_TEST
@@ -1174,7 +1287,9 @@ static Suite *suite(int models) {
                             (int)(sizeof lossy_caches / sizeof lossy_caches[0]));
         tcase_add_loop_test(tc, decode_quality_against_full, 0,
                             (int)(sizeof quality_cases / sizeof quality_cases[0]));
-        tcase_add_test(tc, bad_parameters_get_one_line);
+        tcase_add_loop_test(tc, bad_parameters_get_one_line, 0,
+                            (int)(sizeof bad_parameter_cases / sizeof bad_parameter_cases[0]));
+        tcase_add_test(tc, degenerate_layers_warn);
     } else {
         const int n_kivi = (int)(sizeof kivi_cases / sizeof kivi_cases[0]);
         tcase_add_test(tc, kvq_grid_covers_its_range);
