@@ -636,7 +636,8 @@ START_TEST(every_policy_reports_its_cache) {
 }
 END_TEST
 
-/* bench reports the cache at its last decode step, evictions counted for that request alone:
+/* bench reports the cache at its last decode step, evictions counted for that request alone
+ * (and measures decoders of several continuations):
  * h2o keeps 8 + 8 of the 41 prompt positions (BOS and a depth of 40) and 16 stored decode
  * positions, in 5 layers x 4 KV heads; -v of run gives the same counters in one line. */
 START_TEST(bench_json_reports_the_cache) {
@@ -653,6 +654,16 @@ START_TEST(bench_json_reports_the_cache) {
     ck_assert_int_ge(int_at(r, "cache", "kv_bytes_peak"), int_at(r, "cache", "kv_bytes"));
     ck_assert_double_eq(json_real_value(json_object_get(json_object_get(r, "cache"),
                                                         "bits_per_value")), 32.0);
+    json_decref(root);
+    /* A decoder of 4 continuations: 4 tokens a forward, each sequence's rows held at the end
+     * (paged counts a shared block's rows in every sequence that shows them). */
+    const char *parallel[] = {"bench", "-m", model, "-p", "4", "-n", "16", "-d", "40", "-r", "1",
+                              "--bandwidth-mib", "1", "--json", "--set", "decoder.plugin=parallel",
+                              "--set", "decoder.n=4", "--set", "cache.plugin=paged", NULL};
+    root = run_json(parallel);
+    r = json_array_get(json_object_get(root, "results"), 0);
+    ck_assert_double_eq(json_real_value(json_object_get(r, "decode_tokens_per_forward")), 4.0);
+    ck_assert_int_eq(int_at(r, "cache", "entries"), 4 * (41 + 16) * 20);
     json_decref(root);
     const char *verbose[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "10",
                              "--temperature", "0", "-v", "--set", "cache.plugin=h2o", "--set",

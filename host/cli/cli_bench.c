@@ -75,12 +75,12 @@ typedef struct bench_opts {
 typedef struct kv_probe {
     tsr_pipeline *pl;
     int64_t emitted, at;
-    /* The policies' counters at the last token, while the sequence lives, with `evicted`
-     * counting this request's evictions alone (the policies count since their creation). */
+    /* The policies' counters at the last token, while the sequences live (read again at
+     * every token from the at-th on), with `evicted` counting this request's evictions alone
+     * (the policies count since their creation). */
     tsr_cache_stats cache;
     int n_cache_reporting;
     int64_t evicted_before;
-    bool cache_read;
     uint64_t t_first;         /* the clock when the first token came: the prompt is done */
     tsr_stage_times first;    /* the stage times then */
 } kv_probe;
@@ -93,10 +93,9 @@ static void probe_tokens(void *ctx, int64_t seq_id, const int32_t *tokens, int64
         p->first = *tsr_pipeline_times(p->pl);
     }
     p->emitted += n;
-    if (p->emitted >= p->at && !p->cache_read) {
+    if (p->emitted >= p->at) {
         p->n_cache_reporting = tsr_pipeline_cache_stats(p->pl, &p->cache);
         p->cache.evicted -= p->evicted_before;
-        p->cache_read = true;
     }
 }
 
@@ -138,9 +137,11 @@ static tsr_status time_decode(session *s, const int32_t *prompt, int n_prompt, i
                                           probe_tokens, probe, gen, err);
     *secs = tsr_clock_seconds_since(probe->t_first);
     add_times_between(times, &probe->first, tsr_pipeline_times(s->pl));
-    if (st >= 0 && gen->new_tokens != n + 1)
-        st = tsr_error_set(err, TSR_E_STATE, "bench: the decoder stopped after %lld of %d tokens",
-                           (long long)gen->new_tokens, n + 1);
+    /* A decoder of several continuations (parallel) makes n + 1 tokens for each. */
+    int64_t n_seq = gen->n_sequences > 1 ? gen->n_sequences : 1;
+    if (st >= 0 && gen->new_tokens != (n + 1) * n_seq)
+        st = tsr_error_set(err, TSR_E_STATE, "bench: the decoder stopped after %lld of %lld tokens",
+                           (long long)gen->new_tokens, (long long)((n + 1) * n_seq));
     return st;
 }
 
@@ -220,10 +221,12 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
         if ((st = time_decode(&s, prompt, b->depth + 1, b->n_gen, &probe, &gen, &secs, &row->times,
                               err)) < 0)
             goto out;
-        tg[r] = (double)(gen.new_tokens - 1) / secs;
+        /* Each sequence's first token comes from the prompt's logits, before the timed steps. */
+        int64_t untimed = gen.n_sequences > 1 ? gen.n_sequences : 1;
+        tg[r] = (double)(gen.new_tokens - untimed) / secs;
         decode_secs += secs;
         tokens += gen.new_tokens;
-        timed_tokens += gen.new_tokens - 1;
+        timed_tokens += gen.new_tokens - untimed;
         forwards += gen.target_forwards;
         drafted += gen.decoder.drafted;
         accepted += gen.decoder.accepted;
@@ -400,9 +403,10 @@ int tsr_cli_bench(int argc, char **argv) {
                    "                     [--plugin-dir DIR]...\n"
                    "Prefill (-p tokens in one batch) and decode (-n new tokens through the\n"
                    "configured decoder, as `run` makes them, after a prompt of -d tokens that is\n"
-                   "not timed) speed for each thread count, mean and deviation over -r\n"
-                   "repetitions after a warm-up; the tokens each target forward yields and, for a\n"
-                   "decoder that drafts, the fraction of drafts accepted; the weights read per\n"
+                   "not timed) speed for each thread count, mean and deviation over -r repetitions\n"
+                   "after a warm-up; a decoder of several continuations (parallel) makes -n for\n"
+                   "each, and all are counted. Then the tokens each target forward yields and, for\n"
+                   "a decoder that drafts, the fraction of drafts accepted; the weights read per\n"
                    "decoded token (of a model with experts: what every target forward reads plus\n"
                    "the experts each token was routed to, as read), the machine's own read\n"
                    "bandwidth measured in the same run, and the fraction of that roofline decode\n"
