@@ -57,7 +57,7 @@ START_TEST(version_names_every_abi) {
 END_TEST
 
 static const char *const subcommands[] = {"run", "logits", "tokenize", "bench", "perplexity",
-                                          "quantize", "synth", "validate", "plugins"};
+                                          "compare", "quantize", "synth", "validate", "plugins"};
 
 START_TEST(every_subcommand_has_help) {
     char *out, *err;
@@ -178,6 +178,12 @@ static const struct {
     {"perplexity", "-m", "MODEL"}, {"perplexity", "--tokenizer", "FILE"},
     {"perplexity", "--set", "SECTION.KEY=VALUE"}, {"perplexity", "-t", "THREADS"},
     {"perplexity", "-f", "TEXT"}, {"perplexity", "--ctx", "TOKENS"}, {"perplexity", "--chunks", "K"},
+    {"perplexity", "--ubatch", "TOKENS"}, {"perplexity", "--prefill", "TOKENS"},
+    {"perplexity", "--kl-base", "FILE"},
+    {"compare", "-m", "MODEL"}, {"compare", "-f", "TEXT"}, {"compare", "--ctx", "TOKENS"},
+    {"compare", "--budget", "B[,B...]"}, {"compare", "--plot", "FILE.png|FILE.svg"},
+    {"compare", "--prefill", "TOKENS"}, {"compare", "--ubatch", "TOKENS"},
+    {"compare", "--decode", "TOKENS"}, {"compare", "--chunks", "K"},
     {"quantize", "--config", "CONFIG.yaml"}, {"quantize", "--set", "SECTION.KEY=VALUE"},
     {"quantize", "-t", "THREADS"},
     {"synth", "--config", "CONFIG.yaml"}, {"synth", "--set", "SECTION.KEY=VALUE"},
@@ -233,6 +239,10 @@ static const struct {
      "perplexity: --ctx: expected an integer in [4, 1048576], got '128abc'"},
     {{"perplexity", "--chunks", "0"},
      "perplexity: --chunks: expected an integer in [1, 2147483647], got '0'"},
+    {{"perplexity", "--ubatch", "0"},
+     "perplexity: --ubatch: expected an integer in [1, 1048576], got '0'"},
+    {{"perplexity", "--prefill", "0"},
+     "perplexity: --prefill: expected an integer in [1, 1048576], got '0'"},
     {{"synth", "--seed", "abc"},
      "synth: --seed: expected an integer in [0, 9223372036854775807], got 'abc'"},
     {{"bench", "-p", "8x"}, "bench: -p: expected an integer in [1, 2147483647], got '8x'"},
@@ -351,7 +361,7 @@ END_TEST
 /* ---- the YAML examples of the docs and the shipped configs -------------------------------- */
 
 /* Every ```yaml block of README.md, sdk/README.md and the .md files of docs/ and docs/plugins/,
- * and every .yaml file of configs/, is a whole pipeline that `tessera validate` accepts; a block opened with
+ * and every .yaml file of configs/ and configs/compare/, is a whole pipeline that `tessera validate` accepts; a block opened with
  * ```yaml fragment is deliberately part of one and only has to be YAML. Model files the
  * examples name are the reader's: --set points model.path and model.tokenizer at a file that
  * exists. */
@@ -449,6 +459,7 @@ START_TEST(doc_examples_validate) {
     check_folder(&c, "docs", ".md");
     check_folder(&c, "docs/plugins", ".md");
     check_folder(&c, "configs", ".yaml");
+    check_folder(&c, "configs/compare", ".yaml");
     /* The README's pipeline, config.md's four, the quantizers' and the three shipped configs
      * at least; the SDK's plugin of your own is a fragment. */
     ck_assert_int_ge(c.whole, 9);

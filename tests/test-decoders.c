@@ -337,6 +337,8 @@ int main(void) {
     xs = tsr_test_require_data("models/llama2xs-279K.bin");
     Suite *s = suite_create("decoders");
     TCase *tc = tcase_create("speculative");
+    /* Whole decodes of two models per case: seconds each in a release build. */
+    tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, speculative_greedy_equals_greedy, 0,
                         (int)(sizeof drafts / sizeof drafts[0]));
     tcase_add_loop_test(tc, speculative_sampling_keeps_the_distribution, 0,
@@ -344,6 +346,7 @@ int main(void) {
     tcase_add_test(tc, draft_on_another_vocabulary);
     suite_add_tcase(s, tc);
     tc = tcase_create("parallel");
+    tcase_set_timeout(tc, 300);
     tcase_add_test(tc, parallel_one_is_sample);
     tcase_add_test(tc, parallel_greedy_sequences);
     tcase_add_test(tc, parallel_first_finish);

@@ -9,6 +9,7 @@
  * lets go and loads (or has prefetched) changing no logit; and the host's hold on the experts'
  * memory (bytes, residency, load, evict, prefetch, matrices). */
 #include <check.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,12 +75,12 @@ static void expect_same(const float *want, const float *got, size_t n, const cha
 
 /* ---- refused files ---------------------------------------------------------------------- */
 
-/* A copy of `model` with key `key` set to `value` (-1: left out) and tensor `drop` left out
- * (NULL: none); returns its path (malloc'd). */
-static char *edited(int model, const char *key, int64_t value, const char *drop) {
+/* A copy of the file `from` with key `key` set to `value` (-1: left out) and tensor `drop`
+ * left out (NULL: none); returns its path (malloc'd). */
+static char *edited(const char *from, const char *key, int64_t value, const char *drop) {
     tsr_gguf *g;
     tsr_error err;
-    if (tsr_gguf_open(model_path[model], &g, &err) < 0) ck_abort_msg("%s", err.msg);
+    if (tsr_gguf_open(from, &g, &err) < 0) ck_abort_msg("%s", err.msg);
     tsr_gguf_writer *w = tsr_gguf_writer_new();
     for (int64_t i = 0; i < tsr_gguf_n_keys(g); i++)
         if (strcmp(tsr_gguf_key_name(g, i), key) != 0) tsr_gguf_writer_copy_key(w, g, i);
@@ -117,7 +118,8 @@ static const struct {
 };
 
 START_TEST(bad_expert_files_are_refused) {
-    char *path = edited(refused[_i].model, refused[_i].key, refused[_i].value, refused[_i].drop);
+    char *path = edited(model_path[refused[_i].model], refused[_i].key, refused[_i].value,
+                        refused[_i].drop);
     tsr_model *m = NULL;
     tsr_error err;
     ck_assert_int_lt(tsr_model_load(path, &m, &err), 0);
@@ -605,11 +607,21 @@ START_TEST(expert_access_pages) {
     ck_assert_uint_eq(a->load(a->ctx, 1, 3), 0);
     a->evict(a->ctx, 1, 3);
     if (page_cache) {
-        /* gone from the page cache too: the next load reads it all from the file */
-        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), 0);
-        ck_assert_uint_eq(a->load(a->ctx, 1, 3), bytes);
+        /* gone from the page cache too, but for the pages it shares with its neighbours: the
+         * next load reads the rest from the file */
+        const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        uint64_t shared = 0;
+        for (int m = 0; m < 3; m++) {
+            const tsr_tensor *t = m == 0 ? &gate : m == 1 ? &up : &down;
+            uint64_t lo = (uint64_t)(uintptr_t)t->data, hi = lo + bytes / 3;
+            uint64_t own_lo = (lo + page - 1) / page * page, own_hi = hi / page * page;
+            shared += own_hi > own_lo ? (own_lo - lo) + (hi - own_hi) : bytes / 3;
+        }
+        ck_assert_uint_gt(shared, 0); /* the fixture's experts do not start on pages */
+        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), shared);
+        ck_assert_uint_eq(a->load(a->ctx, 1, 3), bytes - shared);
         a->evict(a->ctx, 1, 3);
-        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), 0);
+        ck_assert_uint_eq(a->resident(a->ctx, 1, 3), shared);
     }
     a->prefetch(a->ctx, 1, 3);
     a->prefetch(a->ctx, 1, 3); /* asked twice, read once */
@@ -640,6 +652,511 @@ START_TEST(expert_access_elsewhere) {
 }
 END_TEST
 
+/* ---- tessera experts ------------------------------------------------------------------------ */
+
+static const char story[] = "Once upon a time there was a little robot who liked to count the "
+                            "stars every night, and every night the stars were more.\n";
+
+/* A text file of `story` (malloc'd path). */
+static char *story_file(void) {
+    char *path = tsr_test_tmp_path("story.txt");
+    ck_assert_int_eq(tsr_test_write_file(path, story, strlen(story)), 0);
+    return path;
+}
+
+/* `tessera experts` on `model` with `extra` arguments (NULL-terminated, at most 12) over the
+ * story, in chunks of 8 tokens, the first 3; its stdout (malloc'd), failing unless it exits 0. */
+static char *experts_output(int model, const char *const *extra) {
+    char *text = story_file();
+    const char *args[32] = {"experts", "-m", model_path[model], "-f", text, "--ctx", "8",
+                            "--chunks", "3"};
+    size_t n = 9;
+    while (*extra) args[n++] = *extra++;
+    args[n] = NULL;
+    char *out = NULL, *err = NULL;
+    int status = tsr_test_tessera(&out, &err, args);
+    ck_assert_msg(status == 0, "tessera experts: %d: %s", status, err);
+    free(err);
+    unlink(text);
+    free(text);
+    return out;
+}
+
+/* Each layer's counts of the JSON `experts` wrote, (n_layer, n_expert), and count times mean
+ * weight in weight_sum (n_layer, n_expert) when it is not NULL; checks its shape. */
+static int64_t *json_counts(const char *text, int32_t n_layer, int32_t n_expert, int k,
+                            double *weight_sum) {
+    json_error_t jerr;
+    json_t *root = json_loads(text, 0, &jerr);
+    ck_assert_msg(root != NULL, "%s: %s", jerr.text, text);
+    json_int_t ne = 0, used = 0, ctx = 0, chunks = 0;
+    json_t *layers = NULL;
+    const char *model = NULL, *text_path = NULL;
+    ck_assert_int_eq(json_unpack(root, "{s:s, s:s, s:I, s:I, s:I, s:I, s:o}", "model", &model,
+                                 "text", &text_path, "ctx", &ctx, "chunks", &chunks,
+                                 "n_expert", &ne, "n_expert_used", &used, "layers", &layers), 0);
+    ck_assert_int_eq(ne, n_expert);
+    ck_assert_int_eq(used, k);
+    ck_assert_int_eq(ctx, 8);
+    ck_assert_int_eq(chunks, 3);
+    ck_assert_uint_eq(json_array_size(layers), (size_t)n_layer);
+    int64_t *counts = calloc((size_t)n_layer * (size_t)n_expert, sizeof *counts);
+    for (int32_t l = 0; l < n_layer; l++) {
+        json_int_t layer = -1, tokens = 0;
+        json_t *experts = NULL;
+        ck_assert_int_eq(json_unpack(json_array_get(layers, (size_t)l), "{s:I, s:I, s:o}",
+                                     "layer", &layer, "tokens", &tokens, "experts", &experts), 0);
+        ck_assert_int_eq(layer, l);
+        ck_assert_int_eq(tokens, 3 * 8);
+        ck_assert_uint_eq(json_array_size(experts), (size_t)n_expert);
+        int64_t sum = 0;
+        for (int32_t e = 0; e < n_expert; e++) {
+            json_int_t id = -1, count = -1;
+            double frequency = -1, mean = -1;
+            ck_assert_int_eq(json_unpack(json_array_get(experts, (size_t)e), "{s:I, s:I, s:F, s:F}",
+                                         "expert", &id, "count", &count, "frequency", &frequency,
+                                         "mean_weight", &mean), 0);
+            ck_assert_int_eq(id, e);
+            ck_assert(frequency == (double)count / (double)tokens);
+            counts[l * n_expert + e] = count;
+            sum += count;
+            if (weight_sum) weight_sum[l * n_expert + e] = (double)count * mean;
+        }
+        ck_assert_int_eq(sum, tokens * k); /* every token fills its k slots */
+    }
+    json_decref(root);
+    return counts;
+}
+
+/* The counts are what the routers chose: the probe's trace, counted by hand, and the default
+ * router's the same (the probe routes as topk); Mixtral's weights of a token sum to 1, so each
+ * layer's weights do to its tokens. */
+START_TEST(experts_counts_what_the_routers_chose) {
+    char *trace = tsr_test_tmp_path("trace.bin"), set_trace[512];
+    snprintf(set_trace, sizeof set_trace, "router.trace=%s", trace);
+    const char *probe[] = {"--json", "--plugin-dir", probe_dir, "--set", "router.plugin=probe",
+                           "--set", "router.mode=topk", "--set", set_trace, NULL};
+    char *json = experts_output(TINY_MOE, probe);
+    double weights[8];
+    int64_t *counts = json_counts(json, 2, 4, 2, weights);
+    size_t size;
+    char *bytes = tsr_test_read_file(trace, &size);
+    ck_assert_ptr_nonnull(bytes);
+    int64_t by_hand[8] = {0};
+    double weights_by_hand[8] = {0};
+    const char *p = bytes, *end = bytes + size;
+    record rec;
+    while (next_record(&p, end, &rec))
+        for (int32_t t = 0; t < rec.n_tok; t++) {
+            const float *gate = rec.gate + t * 4;
+            const int32_t *chosen = rec.experts + t * 2;
+            /* softmax, then renormalised over the two: p0 / (p0 + p1) */
+            double first = 1 / (1 + exp((double)gate[chosen[1]] - (double)gate[chosen[0]]));
+            by_hand[rec.layer * 4 + chosen[0]]++;
+            by_hand[rec.layer * 4 + chosen[1]]++;
+            weights_by_hand[rec.layer * 4 + chosen[0]] += first;
+            weights_by_hand[rec.layer * 4 + chosen[1]] += 1 - first;
+        }
+    ck_assert_mem_eq(counts, by_hand, sizeof by_hand);
+    for (int i = 0; i < 8; i++)
+        ck_assert_msg(fabs(weights[i] - weights_by_hand[i]) <= 1e-5 * (1 + weights_by_hand[i]),
+                      "layer %d expert %d: weights sum to %.9g, by hand %.9g", i / 4, i % 4,
+                      weights[i], weights_by_hand[i]);
+    const char *plain[] = {"--json", NULL};
+    char *json_topk = experts_output(TINY_MOE, plain);
+    int64_t *counts_topk = json_counts(json_topk, 2, 4, 2, NULL);
+    ck_assert_mem_eq(counts_topk, by_hand, sizeof by_hand);
+    free(counts);
+    free(counts_topk);
+    free(json);
+    free(json_topk);
+    free(bytes);
+    unlink(trace);
+    free(trace);
+}
+END_TEST
+
+/* The table: comment lines, then one line per layer and expert with the JSON's numbers. */
+START_TEST(experts_table_matches_the_json) {
+    const char *json_args[] = {"--json", NULL}, *none[] = {NULL};
+    char *json = experts_output(TINY_QWEN2MOE, json_args);
+    char *table = experts_output(TINY_QWEN2MOE, none);
+    double weights[8];
+    int64_t *counts = json_counts(json, 2, 4, 2, weights);
+    char *line = table, *next;
+    int rows = 0;
+    for (; line && *line; line = next) {
+        next = strchr(line, '\n');
+        ck_assert_ptr_nonnull(next);
+        *next++ = '\0';
+        if (line[0] == '#') {
+            ck_assert_int_eq(rows, 0);
+            continue;
+        }
+        int layer, e, used;
+        long long count;
+        double frequency, mean;
+        ck_assert_int_eq(sscanf(line, "%d %d %lld %lf %lf%n", &layer, &e, &count, &frequency,
+                                &mean, &used), 5);
+        ck_assert_int_eq(line[used], '\0');
+        ck_assert_int_eq(layer, rows / 4);
+        ck_assert_int_eq(e, rows % 4);
+        ck_assert_int_eq(count, counts[rows]);
+        ck_assert(fabs(frequency - (double)count / 24.0) <= 5e-7);
+        ck_assert(fabs(mean - (count ? weights[rows] / (double)count : 0)) <= 5e-7);
+        rows++;
+    }
+    ck_assert_int_eq(rows, 8);
+    free(counts);
+    free(json);
+    free(table);
+}
+END_TEST
+
+static const struct {
+    int model;
+    const char *args[4];
+    int status;
+    const char *error; /* "%s": the model's path */
+} bad_experts[] = {
+    {TINY_DENSE, {"-f", "TEXT", NULL}, 1,
+     "tessera: %s: the model has no mixture-of-experts layers: there is no routing to record\n"},
+    {TINY_MOE, {NULL}, 2, "tessera: experts: -f TEXT is required (see tessera experts --help)\n"},
+    {TINY_MOE, {"-f", "TEXT", "--ctx", "0"}, 2,
+     "tessera: experts: --ctx: expected an integer in [1, 1048576], got '0'\n"},
+    {TINY_MOE, {"-f", "/nonexistent/text", NULL}, 1,
+     "tessera: /nonexistent/text: cannot open: No such file or directory\n"},
+};
+
+START_TEST(experts_bad_inputs) {
+    char *text = story_file(), want[1024];
+    const char *args[8] = {"experts", "-m", model_path[bad_experts[_i].model]};
+    for (int i = 0; i < 4 && bad_experts[_i].args[i]; i++)
+        args[3 + i] = strcmp(bad_experts[_i].args[i], "TEXT") ? bad_experts[_i].args[i] : text;
+    char *out = NULL, *err = NULL;
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), bad_experts[_i].status);
+    snprintf(want, sizeof want, bad_experts[_i].error, model_path[bad_experts[_i].model]);
+    ck_assert_str_eq(err, want);
+    ck_assert_str_eq(out, "");
+    free(out);
+    free(err);
+    unlink(text);
+    free(text);
+}
+END_TEST
+
+/* ---- experts held apart, quantize --expert-types ----------------------------------------- */
+
+static const char *const exps[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+
+/* Writes a copy of `base` (path) whose layers' expert stacks are held apart, one tensor per
+ * expert: expert e of layer l from the stack of `hot` (a file of the same model) when
+ * hot_at(l, e), else of `base`. Returns its path (malloc'd). */
+static char *experts_apart(const char *base, const char *hot, bool (*hot_at)(int32_t, int32_t)) {
+    tsr_gguf *g, *h = NULL;
+    tsr_error err;
+    if (tsr_gguf_open(base, &g, &err) < 0) ck_abort_msg("%s", err.msg);
+    if (hot && tsr_gguf_open(hot, &h, &err) < 0) ck_abort_msg("%s", err.msg);
+    tsr_gguf_writer *w = tsr_gguf_writer_new();
+    for (int64_t i = 0; i < tsr_gguf_n_keys(g); i++) tsr_gguf_writer_copy_key(w, g, i);
+    for (int64_t i = 0; i < tsr_gguf_n_tensors(g); i++) {
+        const tsr_gguf_tensor *t = tsr_gguf_tensor_at(g, i);
+        int layer = -1, used = 0, m = -1;
+        if (sscanf(t->name, "blk.%d.%n", &layer, &used) == 1)
+            for (int k = 0; k < 3; k++)
+                if (!strncmp(t->name + used, exps[k], strlen(exps[k]))) m = k;
+        if (m < 0) {
+            tsr_gguf_writer_add_tensor(w, t->name, t->dtype, t->n_dims, t->ne, t->data);
+            continue;
+        }
+        for (int32_t e = 0; e < t->ne[2]; e++) {
+            const tsr_gguf_tensor *src = hot && hot_at(layer, e) ? tsr_gguf_find_tensor(h, t->name)
+                                                                 : t;
+            size_t bytes = src->size / (size_t)src->ne[2];
+            char name[96];
+            snprintf(name, sizeof name, "blk.%d.%s.%d.weight", layer, exps[m], (int)e);
+            ck_assert_int_eq(tsr_gguf_writer_add_tensor(w, name, src->dtype, 2, src->ne,
+                                                        (const char *)src->data + e * bytes), 0);
+        }
+    }
+    char *path = tsr_test_tmp_path("apart.gguf");
+    ck_assert_int_eq(tsr_gguf_writer_write(w, path, &err), 0);
+    tsr_gguf_writer_free(w);
+    tsr_gguf_close(g);
+    tsr_gguf_close(h);
+    return path;
+}
+
+static float *file_logits(const char *path) {
+    run r;
+    tsr_error err;
+    char yaml[512];
+    if (tsr_test_pipeline_open(&r, path, yaml_of(yaml, sizeof yaml, "cpu", "{ plugin: gguf }", ""),
+                               NULL, 64, &err) < 0)
+        ck_abort_msg("%s: %s", path, err.msg);
+    float *logits = prompt_logits(&r);
+    tsr_test_pipeline_close(&r);
+    return logits;
+}
+
+/* A file holding its experts apart, one tensor each, runs as the stacked one, bit for bit. */
+START_TEST(experts_apart_load_as_stacked) {
+    int model = _i ? TINY_MOE_Q8 : TINY_QWEN2MOE;
+    char *apart = experts_apart(model_path[model], NULL, NULL);
+    float *want = file_logits(model_path[model]), *got = file_logits(apart);
+    expect_same(want, got, (size_t)N_TOK * 320, "experts apart");
+    free(want);
+    free(got);
+    unlink(apart);
+    free(apart);
+}
+END_TEST
+
+/* A file holding its experts apart must hold every one of them. */
+START_TEST(experts_apart_all_or_refused) {
+    char *apart = experts_apart(model_path[TINY_MOE], NULL, NULL);
+    char *path = edited(apart, "llama.expert_count", 4, "blk.1.ffn_up_exps.2.weight");
+    tsr_model *m = NULL;
+    tsr_error err;
+    ck_assert_int_lt(tsr_model_load(path, &m, &err), 0);
+    ck_assert_ptr_null(m);
+    char want[4300];
+    snprintf(want, sizeof want, "%s: tensor 'blk.1.ffn_up_exps.2.weight' is missing", path);
+    ck_assert_str_eq(err.msg, want);
+    unlink(path);
+    free(path);
+    unlink(apart);
+    free(apart);
+}
+END_TEST
+
+/* quantize IN OUT TYPE ...; returns its status, stderr in *err (malloc'd) when not NULL. */
+static int quantize(const char *in, const char *out, const char *type, const char *const *extra,
+                    char **err) {
+    const char *args[16] = {"quantize", in, out, type};
+    size_t n = 4;
+    while (extra && *extra) args[n++] = *extra++;
+    args[n] = NULL;
+    char *e = NULL;
+    int status = tsr_test_tessera(NULL, &e, args);
+    if (err) *err = e;
+    else free(e);
+    return status;
+}
+
+static bool listed_hot(int32_t layer, int32_t e) {
+    return (layer == 0 && e == 1) || (layer == 1 && (e == 3 || e == 0));
+}
+
+/* A profile's listed experts at q8_0, the others at TYPE q4_0: the file equals one built expert
+ * by expert from the q8_0 and q4_0 files, tensor for tensor, and runs to the same logits. */
+START_TEST(expert_types_from_a_list) {
+    char *dir = tsr_test_tmpdir(), q8[512], q4[512], mixed[512], list[512];
+    snprintf(q8, sizeof q8, "%s/q8.gguf", dir);
+    snprintf(q4, sizeof q4, "%s/q4.gguf", dir);
+    snprintf(mixed, sizeof mixed, "%s/mixed.gguf", dir);
+    snprintf(list, sizeof list, "%s/types.txt", dir);
+    static const char types[] = "# hot experts\n0 1 q8_0\n\n1 3 q8_0   # the busiest\n1 0 q8_0\n";
+    ck_assert_int_eq(tsr_test_write_file(list, types, strlen(types)), 0);
+    ck_assert_int_eq(quantize(model_path[TINY_MOE], q8, "q8_0", NULL, NULL), 0);
+    ck_assert_int_eq(quantize(model_path[TINY_MOE], q4, "q4_0", NULL, NULL), 0);
+    const char *opt[] = {"--expert-types", list, NULL};
+    ck_assert_int_eq(quantize(model_path[TINY_MOE], mixed, "q4_0", opt, NULL), 0);
+    char *reference = experts_apart(q4, q8, listed_hot);
+    tsr_gguf *want, *got;
+    tsr_error err;
+    ck_assert_int_eq(tsr_gguf_open(reference, &want, &err), 0);
+    ck_assert_int_eq(tsr_gguf_open(mixed, &got, &err), 0);
+    ck_assert_int_eq(tsr_gguf_n_tensors(got), tsr_gguf_n_tensors(want));
+    for (int64_t i = 0; i < tsr_gguf_n_tensors(want); i++) {
+        const tsr_gguf_tensor *w = tsr_gguf_tensor_at(want, i);
+        const tsr_gguf_tensor *g = tsr_gguf_find_tensor(got, w->name);
+        ck_assert_msg(g != NULL, "%s is missing", w->name);
+        ck_assert_int_eq(g->dtype, w->dtype);
+        ck_assert_int_eq(g->n_dims, w->n_dims);
+        ck_assert_mem_eq(g->ne, w->ne, sizeof g->ne);
+        ck_assert_msg(g->size == w->size && !memcmp(g->data, w->data, w->size), "%s differs",
+                      w->name);
+    }
+    tsr_gguf_close(want);
+    tsr_gguf_close(got);
+    float *ref = file_logits(reference), *mix = file_logits(mixed), *low = file_logits(q4);
+    expect_same(ref, mix, (size_t)N_TOK * 320, "mixed against the reference");
+    ck_assert_msg(memcmp(mix, low, (size_t)N_TOK * 320 * sizeof *mix) != 0,
+                  "the q8_0 experts changed nothing");
+    free(ref);
+    free(mix);
+    free(low);
+    unlink(reference);
+    free(reference);
+    unlink(q8);
+    unlink(q4);
+    unlink(mixed);
+    unlink(list);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
+/* A file whose experts are apart already: each gets its listed type, the others TYPE, and
+ * they stay apart. */
+START_TEST(expert_types_of_experts_apart) {
+    char *apart = experts_apart(model_path[TINY_MOE], NULL, NULL);
+    char *dir = tsr_test_tmpdir(), list[512], out[512];
+    snprintf(list, sizeof list, "%s/types.txt", dir);
+    snprintf(out, sizeof out, "%s/out.gguf", dir);
+    static const char types[] = "0 1 q8_0\n";
+    ck_assert_int_eq(tsr_test_write_file(list, types, strlen(types)), 0);
+    const char *opt[] = {"--expert-types", list, NULL};
+    ck_assert_int_eq(quantize(apart, out, "q4_0", opt, NULL), 0);
+    tsr_gguf *g;
+    tsr_error err;
+    ck_assert_int_eq(tsr_gguf_open(out, &g, &err), 0);
+    for (int32_t l = 0; l < 2; l++)
+        for (int32_t e = 0; e < 4; e++)
+            for (int m = 0; m < 3; m++) {
+                char name[96];
+                snprintf(name, sizeof name, "blk.%d.%s.%d.weight", (int)l, exps[m], (int)e);
+                const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, name);
+                ck_assert_msg(t != NULL, "%s is missing", name);
+                ck_assert_int_eq(t->dtype, l == 0 && e == 1 ? TSR_DTYPE_Q8_0 : TSR_DTYPE_Q4_0);
+            }
+    tsr_gguf_close(g);
+    unlink(out);
+    unlink(list);
+    rmdir(dir);
+    free(dir);
+    unlink(apart);
+    free(apart);
+}
+END_TEST
+
+/* From `tessera experts --json`: per layer the round(0.5 * 4) = 2 most chosen experts (ties by
+ * number) get --expert-hot, the others --expert-cold. */
+START_TEST(expert_types_from_a_profile) {
+    const char *json_args[] = {"--json", NULL};
+    char *json = experts_output(TINY_MOE, json_args);
+    int64_t *counts = json_counts(json, 2, 4, 2, NULL);
+    char *dir = tsr_test_tmpdir(), profile[512], out[512];
+    snprintf(profile, sizeof profile, "%s/profile.json", dir);
+    snprintf(out, sizeof out, "%s/out.gguf", dir);
+    ck_assert_int_eq(tsr_test_write_file(profile, json, strlen(json)), 0);
+    const char *opt[] = {"--expert-types", profile, "--expert-hot", "q8_0", "--expert-cold",
+                         "q4_1", "--hot-fraction", "0.5", NULL};
+    ck_assert_int_eq(quantize(model_path[TINY_MOE], out, "q4_0", opt, NULL), 0);
+    tsr_gguf *g;
+    tsr_error err;
+    ck_assert_int_eq(tsr_gguf_open(out, &g, &err), 0);
+    for (int32_t l = 0; l < 2; l++)
+        for (int32_t e = 0; e < 4; e++) {
+            int above = 0; /* experts ranked before e */
+            for (int32_t x = 0; x < 4; x++)
+                above += counts[l * 4 + x] > counts[l * 4 + e] ||
+                         (counts[l * 4 + x] == counts[l * 4 + e] && x < e);
+            for (int m = 0; m < 3; m++) {
+                char name[96];
+                snprintf(name, sizeof name, "blk.%d.%s.%d.weight", (int)l, exps[m], (int)e);
+                const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, name);
+                ck_assert_msg(t != NULL, "%s is missing", name);
+                ck_assert_int_eq(t->dtype, above < 2 ? TSR_DTYPE_Q8_0 : TSR_DTYPE_Q4_1);
+            }
+        }
+    ck_assert_int_eq(tsr_gguf_find_tensor(g, "blk.0.attn_q.weight")->dtype, TSR_DTYPE_Q4_0);
+    tsr_gguf_close(g);
+    unlink(out);
+    unlink(profile);
+    rmdir(dir);
+    free(dir);
+    free(counts);
+    free(json);
+}
+END_TEST
+
+/* Equal counts rank by expert number; a layer the profile leaves out keeps its stacks at TYPE
+ * (and so does one whose experts all get one type). */
+START_TEST(expert_types_ties_by_number) {
+    static const char profile_text[] =
+        "{\"n_expert\": 4, \"layers\": [{\"layer\": 0, \"experts\": [{\"expert\": 0, "
+        "\"count\": 7}, {\"expert\": 1, \"count\": 3}, {\"expert\": 2, \"count\": 7}, "
+        "{\"expert\": 3, \"count\": 7}]}]}";
+    char *dir = tsr_test_tmpdir(), profile[512], out[512];
+    snprintf(profile, sizeof profile, "%s/profile.json", dir);
+    snprintf(out, sizeof out, "%s/out.gguf", dir);
+    ck_assert_int_eq(tsr_test_write_file(profile, profile_text, strlen(profile_text)), 0);
+    const char *opt[] = {"--expert-types", profile, "--expert-hot", "q8_0", "--hot-fraction",
+                         "0.5", NULL};
+    ck_assert_int_eq(quantize(model_path[TINY_MOE], out, "q4_0", opt, NULL), 0);
+    tsr_gguf *g;
+    tsr_error err;
+    ck_assert_int_eq(tsr_gguf_open(out, &g, &err), 0);
+    static const int32_t want[4] = {TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0,
+                                    TSR_DTYPE_Q4_0};
+    for (int32_t e = 0; e < 4; e++) {
+        char name[96];
+        snprintf(name, sizeof name, "blk.0.ffn_down_exps.%d.weight", (int)e);
+        ck_assert_int_eq(tsr_gguf_find_tensor(g, name)->dtype, want[e]);
+    }
+    ck_assert_ptr_null(tsr_gguf_find_tensor(g, "blk.0.ffn_down_exps.weight"));
+    ck_assert_int_eq(tsr_gguf_find_tensor(g, "blk.1.ffn_down_exps.weight")->dtype, TSR_DTYPE_Q4_0);
+    ck_assert_ptr_null(tsr_gguf_find_tensor(g, "blk.1.ffn_down_exps.0.weight"));
+    tsr_gguf_close(g);
+    unlink(out);
+    unlink(profile);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
+static const struct {
+    const char *text, *hot, *error; /* after "tessera: <file>" */
+} bad_profiles[] = {
+    {"# two fields\n0 1\n", NULL, ":2: expected 'LAYER EXPERT TYPE', got '0 1'\n"},
+    {"0 x q8_0\n", NULL, ":1: expected 'LAYER EXPERT TYPE', got '0 x q8_0'\n"},
+    {"0 1 q8_0 more\n", NULL, ":1: expected 'LAYER EXPERT TYPE', got '0 1 q8_0 more'\n"},
+    {"2 0 q8_0\n", NULL, ":1: layer 2: expected 0 to 1 (the model's layers)\n"},
+    {"0 4 q8_0\n", NULL, ":1: expert 4: expected 0 to 3 (the model's experts per layer)\n"},
+    {"0 -1 q8_0\n", NULL, ":1: expert -1: expected 0 to 3 (the model's experts per layer)\n"},
+    {"0 1 q8_0\n0 1 q4_0\n", NULL,
+     ":2: layer 0 expert 1 is given a type twice (first on line 1)\n"},
+    {"1 1 q9_9\n", NULL, ":1: type 'q9_9': quantizer 'gguf' expects one of keep, f32, f16, bf16, "
+                         "q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, q4_k_m, q5_k_s, "
+                         "q5_k_m, q6_k, iq4_nl, iq4_xs\n"},
+    {"0 1 q8_0\n", "q8_0", ": --expert-hot and --expert-cold choose types from a JSON profile of "
+                           "tessera experts; this file lists each expert's type itself\n"},
+    {"{\"n_expert\": 4, \"layers\": []}", NULL, ": a profile of tessera experts: give "
+     "--expert-hot TYPE (and --expert-cold TYPE, --hot-fraction F) to choose the experts' types "
+     "from it\n"},
+    {"{\"n_expert\": 8, \"layers\": []}", "q8_0", ": a profile of 8 experts per layer; the model "
+                                                  "has 4\n"},
+    {"{\"n_expert\": 4}", "q8_0", ": expected the JSON of tessera experts (\"n_expert\" and "
+                                  "\"layers\")\n"},
+    {"{\"n_expert\": 4, \"layers\": [{\"layer\": 0, \"experts\": [1, 2, 3, 4]}]}", "q8_0",
+     ": layers[0]: expected {\"layer\": 0 to 1, \"experts\": [{\"expert\": 0, \"count\": N}, ... "
+     "up to expert 3]}\n"},
+    {"{\"n_expert\": 4,", "q8_0", ":1: not JSON: string or '}' expected near end of file\n"},
+};
+
+/* Each bad profile: one line naming the file (and line), exit 1, no OUT left behind. */
+START_TEST(bad_profiles_are_refused) {
+    char *dir = tsr_test_tmpdir(), profile[512], out[512], want[1024];
+    snprintf(profile, sizeof profile, "%s/profile", dir);
+    snprintf(out, sizeof out, "%s/out.gguf", dir);
+    ck_assert_int_eq(tsr_test_write_file(profile, bad_profiles[_i].text,
+                                         strlen(bad_profiles[_i].text)), 0);
+    const char *opt[] = {"--expert-types", profile, bad_profiles[_i].hot ? "--expert-hot" : NULL,
+                         bad_profiles[_i].hot, NULL};
+    char *err;
+    ck_assert_int_eq(quantize(model_path[TINY_MOE], out, "q4_0", opt, &err), 1);
+    snprintf(want, sizeof want, "tessera: %s%s", profile, bad_profiles[_i].error);
+    ck_assert_str_eq(err, want);
+    ck_assert_int_eq(tsr_test_count_entries(dir), 1);
+    free(err);
+    unlink(profile);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
 int main(void) {
     char *dir = tsr_test_tmpdir();
     static const char *const shapes[N_MODELS] = {"tiny-moe", "tiny-moe", "tiny-qwen2moe", "tiny"};
@@ -647,14 +1164,7 @@ int main(void) {
     for (int m = 0; m < N_MODELS; m++) {
         model_path[m] = malloc(strlen(dir) + 32);
         sprintf(model_path[m], "%s/model%d.gguf", dir, m);
-        char *err = NULL;
-        const char *args[] = {"synth", "--shape", shapes[m], "--type", types[m], "-o",
-                              model_path[m], NULL};
-        if (tsr_test_tessera(NULL, &err, args) != 0) {
-            fprintf(stderr, "tessera synth --shape %s failed: %s\n", shapes[m], err ? err : "");
-            return 1;
-        }
-        free(err);
+        if (tsr_test_synth(shapes[m], types[m], model_path[m]) != 0) return 1;
     }
     Suite *s = suite_create("moe");
     TCase *tc = tcase_create("files");
@@ -682,6 +1192,22 @@ int main(void) {
     tc = tcase_create("experts");
     tcase_add_test(tc, expert_access_pages);
     tcase_add_loop_test(tc, expert_access_elsewhere, 0, 2);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("statistics");
+    tcase_add_test(tc, experts_counts_what_the_routers_chose);
+    tcase_add_test(tc, experts_table_matches_the_json);
+    tcase_add_loop_test(tc, experts_bad_inputs, 0,
+                        (int)(sizeof bad_experts / sizeof bad_experts[0]));
+    suite_add_tcase(s, tc);
+    tc = tcase_create("expert_types");
+    tcase_add_loop_test(tc, experts_apart_load_as_stacked, 0, 2);
+    tcase_add_test(tc, experts_apart_all_or_refused);
+    tcase_add_test(tc, expert_types_from_a_list);
+    tcase_add_test(tc, expert_types_from_a_profile);
+    tcase_add_test(tc, expert_types_ties_by_number);
+    tcase_add_test(tc, expert_types_of_experts_apart);
+    tcase_add_loop_test(tc, bad_profiles_are_refused, 0,
+                        (int)(sizeof bad_profiles / sizeof bad_profiles[0]));
     suite_add_tcase(s, tc);
     int status = tsr_test_run_suite(s);
     for (int m = 0; m < N_MODELS; m++) {

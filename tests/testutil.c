@@ -180,6 +180,15 @@ int tsr_test_tessera(char **out, char **err, const char *const *args) {
     return tsr_test_run(argv, out, err);
 }
 
+int tsr_test_synth(const char *shape, const char *type, const char *path) {
+    char *err = NULL;
+    const char *args[] = {"synth", "--shape", shape, "--type", type, "-o", path, NULL};
+    int status = tsr_test_tessera(NULL, &err, args);
+    if (status != 0) fprintf(stderr, "tessera synth --shape %s failed: %s\n", shape, err ? err : "");
+    free(err);
+    return status;
+}
+
 int tsr_test_tessera_sh(char **out, char **err, const char *shell_tail, const char *const *args) {
     char script[4096];
     /* "$0" "$@" pass the program and its arguments through without any quoting. */

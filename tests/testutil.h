@@ -56,6 +56,10 @@ int tsr_test_run(char *const argv[], char **out, char **err);
  * tsr_test_run. */
 int tsr_test_tessera(char **out, char **err, const char *const *args);
 
+/* `tessera synth --shape SHAPE --type TYPE -o PATH`, for tests on models of their own; on a
+ * failure says so on stderr and returns non-zero. */
+int tsr_test_synth(const char *shape, const char *type, const char *path);
+
 /* Runs the tessera program with `args` through /bin/sh followed by `shell_tail` (a
  * redirection or pipe such as ">/dev/full" or "| cmp - FILE"), captured like tsr_test_run:
  * the status is the shell's (the last command of a pipe). */

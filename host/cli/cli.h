@@ -17,7 +17,9 @@ int tsr_cli_logits(int argc, char **argv);
 int tsr_cli_tokenize(int argc, char **argv);
 int tsr_cli_bench(int argc, char **argv);
 int tsr_cli_perplexity(int argc, char **argv);
+int tsr_cli_compare(int argc, char **argv);
 int tsr_cli_profile_heads(int argc, char **argv);
+int tsr_cli_experts(int argc, char **argv);
 int tsr_cli_quantize(int argc, char **argv);
 int tsr_cli_synth(int argc, char **argv);
 int tsr_cli_validate(int argc, char **argv);
@@ -60,6 +62,12 @@ typedef struct tsr_cli_int_opt {
  * "tessera: CMD: OPT: expected an integer in [MIN, MAX], got 'TEXT'". */
 int tsr_cli_take_int(const char *cmd, int argc, char **argv, int *i, const tsr_cli_int_opt *opts,
                      size_t n);
+
+/* "1,2,4", the value of `option`: at most max_n integers in [min, max] into out, *n their
+ * count. false after printing the line of tsr_cli_take_int for a bad one, or
+ * "tessera: CMD: OPT: at most MAX_N NOUN, got 'TEXT'". */
+bool tsr_cli_int_list(const char *cmd, const char *option, const char *text, int64_t min,
+                      int64_t max, const char *noun, int64_t *out, int max_n, int *n);
 
 /* 1 after setting *flag when `arg` is the option `name` or `alias` (may be NULL), else 0. */
 int tsr_cli_take_flag(const char *arg, const char *name, const char *alias, bool *flag);

@@ -1,4 +1,4 @@
-/* `tessera bench` and `tessera perplexity`: speed and quality, measured. */
+/* `tessera bench`: speed, measured. */
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
@@ -373,22 +373,11 @@ static void print_json(const char *model_path, const char *type, const char *dec
 
 /* "1,2,4": the thread counts to measure, one run each. */
 static bool parse_thread_list(const char *text, bench_opts *b) {
-    tsr_error err;
-    b->n_threads = 0;
-    for (const char *p = text; b->n_threads == 0 || *p++ == ',';) {
-        int64_t t;
-        if (b->n_threads == 16) {
-            char quoted[64];
-            tsr_cli_error("bench: -t: at most 16 thread counts, got '%s'",
-                          tsr_text_excerpt(quoted, sizeof quoted, text));
-            return false;
-        }
-        if (tsr_parse_int_word("-t", &p, ",", 1, TSR_CLI_THREADS_MAX, &t, &err) < 0) {
-            tsr_cli_error("bench: %s", err.msg);
-            return false;
-        }
-        b->threads[b->n_threads++] = (int)t;
-    }
+    int64_t threads[16];
+    if (!tsr_cli_int_list("bench", "-t", text, 1, TSR_CLI_THREADS_MAX, "thread counts", threads,
+                          16, &b->n_threads))
+        return false;
+    for (int i = 0; i < b->n_threads; i++) b->threads[i] = (int)threads[i];
     return true;
 }
 
@@ -467,155 +456,6 @@ fail:
     tsr_cli_error("%s", err.msg);
 done:
     tsr_session_close(&first);
-    free(o.sets);
-    return status;
-}
-
-/* ---- perplexity ------------------------------------------------------------------------ */
-
-/* -log softmax(logits)[target], in double. */
-static double nll(const float *logits, int32_t n_vocab, int32_t target) {
-    double max = logits[0];
-    for (int32_t i = 1; i < n_vocab; i++) max = fmax(max, logits[i]);
-    double sum = 0;
-    for (int32_t i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
-    return log(sum) - ((double)logits[target] - max);
-}
-
-int tsr_cli_perplexity(int argc, char **argv) {
-    model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
-    const char *text_path = NULL;
-    int64_t ctx = 512, max_chunks = -1;
-    bool json = false;
-    for (int i = 1; i < argc; i++) {
-        if (tsr_cli_is_help(argv[i])) {
-            printf("usage: tessera perplexity -m MODEL [CONFIG.yaml] -f TEXT [--ctx 512]\n"
-                   "                          [--chunks K] [--json] [-t T] [--set K=V]...\n"
-                   "                          [--plugin-dir DIR]...\n"
-                   "llama.cpp's definition: the tokenized text is cut into chunks of --ctx tokens\n"
-                   "(each starting with BOS), each chunk runs from an empty cache, and the second\n"
-                   "half of each chunk is scored. Prints the perplexity and its standard error.\n");
-            free(o.sets);
-            return TSR_EXIT_OK;
-        }
-        const char *a = argv[i];
-        const tsr_cli_text_opt texts[] = {{"-f", "--file", "TEXT", &text_path}};
-        /* Half of each chunk is scored, less its last position: 4 tokens score one. */
-        const tsr_cli_int_opt ints[] = {{"--ctx", NULL, "TOKENS", 4, 1 << 20, &ctx},
-                                        {"--chunks", NULL, "K", 1, INT32_MAX, &max_chunks}};
-        int took = tsr_session_take_opt("perplexity", argc, argv, &i, &o);
-        if (took == 0) took = tsr_cli_take_text("perplexity", argc, argv, &i, texts, 1);
-        if (took == 0) took = tsr_cli_take_int("perplexity", argc, argv, &i, ints, 2);
-        if (took == 0) took = tsr_cli_take_flag(a, "--json", NULL, &json);
-        if (took == 0) took = (tsr_cli_bad_arg("perplexity", a), -1);
-        if (took < 0) {
-            free(o.sets);
-            return TSR_EXIT_USAGE;
-        }
-    }
-    if (!text_path) {
-        tsr_cli_error("perplexity: -f TEXT is required (see tessera perplexity --help)");
-        free(o.sets);
-        return TSR_EXIT_USAGE;
-    }
-    tsr_error err;
-    session s = {0};
-    char *text = NULL;
-    int32_t *ids = NULL;
-    tsr_batch_entry *batch = NULL;
-    float *logits = NULL;
-    size_t len = 0, n_ids = 0;
-    tsr_cli_progress progress = {0};
-    int status = TSR_EXIT_FAIL;
-    if (!(text = tsr_session_read_file(text_path, &len, &err))) goto fail;
-    if (tsr_session_open(&s, &o, &err) < 0) goto fail;
-    if (tsr_tokenize(s.tok, text, len, true, false, &ids, &n_ids, &err) < 0) goto fail;
-    int64_t n_chunks = (int64_t)n_ids / ctx;
-    if (max_chunks >= 0 && max_chunks < n_chunks) n_chunks = max_chunks;
-    if (n_chunks < 1) {
-        tsr_error_set(&err, TSR_E_INVALID, "%s: %zu tokens, fewer than one chunk of --ctx %lld",
-                      text_path, n_ids, (long long)ctx);
-        goto fail;
-    }
-    if (tsr_session_pipeline(&s, ctx, &err) < 0) goto fail;
-    const int32_t nv = s.model->hp.n_vocab, bos = tsr_tokenizer_bos(s.tok);
-    const bool add_bos = tsr_tokenizer_add_bos(s.tok) && bos >= 0;
-    const int64_t first = ctx / 2;
-    batch = calloc((size_t)ctx, sizeof *batch);
-    logits = malloc((size_t)(ctx - first) * (size_t)nv * sizeof *logits);
-    if (!batch || !logits) {
-        tsr_error_set(&err, TSR_E_NOMEM, "perplexity: out of memory for chunks of %lld tokens",
-                      (long long)ctx);
-        goto fail;
-    }
-    double sum = 0, sum2 = 0;
-    int64_t count = 0;
-    tsr_cli_progress_start(&progress, "perplexity", 0);
-    for (int64_t c = 0; c < n_chunks; c++) {
-        const int32_t *chunk = ids + c * ctx;
-        for (int64_t j = 0; j < ctx; j++)
-            batch[j] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)j,
-                                         .token = j == 0 && add_bos ? bos : chunk[j],
-                                         .want_logits = j >= first};
-        if (tsr_pipeline_seq_begin(s.pl, 0, &err) < 0) goto fail;
-        tsr_status st = tsr_pipeline_forward(s.pl, batch, ctx, logits, &err);
-        tsr_pipeline_seq_end(s.pl, 0);
-        if (st < 0) goto fail;
-        for (int64_t j = first; j < ctx - 1; j++) {
-            double v = nll(logits + (size_t)(j - first) * (size_t)nv, nv, chunk[j + 1]);
-            /* NaN or infinite logits give no perplexity at all, not "nan". */
-            if (!isfinite(v)) {
-                tsr_error_set(&err, TSR_E_INVALID, "perplexity: chunk %lld, position %lld: the "
-                              "log-likelihood is %g; the model's logits are not finite numbers",
-                              (long long)c + 1, (long long)j, v);
-                goto fail;
-            }
-            sum += v;
-            sum2 += v * v;
-            count++;
-        }
-        char ppl_so_far[48];
-        snprintf(ppl_so_far, sizeof ppl_so_far, "ppl %.4f", exp(sum / (double)count));
-        tsr_cli_progress_show(&progress, c + 1, n_chunks, "chunks", ppl_so_far);
-    }
-    /* As llama.cpp: the standard error of the mean NLL, carried to the perplexity. */
-    double mean = sum / (double)count;
-    double var = sum2 / (double)count - mean * mean;
-    double se = count > 1 && var > 0 ? sqrt(var / (double)(count - 1)) : 0;
-    double ppl = exp(mean);
-    if (!isfinite(ppl)) {
-        tsr_error_set(&err, TSR_E_RANGE, "perplexity: exp(%g), the perplexity, overflows a "
-                      "double", mean);
-        goto fail;
-    }
-    if (json) {
-        double bits, rmse;
-        tsr_pipeline_weight_quality(s.pl, &bits, &rmse);
-        json_t *root = json_pack("{s:s, s:s, s:i, s:i, s:I, s:f, s:f, s:f, s:f, s:f, s:f}",
-                                 "model", o.model ? o.model : s.cfg->model_path, "text",
-                                 text_path, "ctx", (int)ctx, "chunks", (int)n_chunks,
-                                 "scored_tokens", (json_int_t)count, "mean_nll", mean,
-                                 "mean_nll_stderr", se, "ppl", ppl, "ppl_stderr", ppl * se,
-                                 "bits_per_weight", bits, "mean_rel_rmse", rmse);
-        char *out = json_dumps(root, JSON_INDENT(2));
-        printf("%s\n", out);
-        free(out);
-        json_decref(root);
-    } else {
-        printf("PPL = %.4f +/- %.4f (%lld chunks of %lld tokens, %lld scored)\n", ppl, ppl * se,
-               (long long)n_chunks, (long long)ctx, (long long)count);
-    }
-    status = TSR_EXIT_OK;
-    goto done;
-fail:
-    tsr_cli_progress_end(&progress);
-    tsr_cli_error("%s", err.msg);
-done:
-    free(text);
-    free(ids);
-    free(batch);
-    free(logits);
-    tsr_session_close(&s);
     free(o.sets);
     return status;
 }

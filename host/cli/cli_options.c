@@ -49,6 +49,26 @@ int tsr_cli_take_int(const char *cmd, int argc, char **argv, int *i, const tsr_c
     return 0;
 }
 
+bool tsr_cli_int_list(const char *cmd, const char *option, const char *text, int64_t min,
+                      int64_t max, const char *noun, int64_t *out, int max_n, int *n) {
+    tsr_error err;
+    *n = 0;
+    for (const char *p = text; *n == 0 || *p++ == ',';) {
+        if (*n == max_n) {
+            char quoted[64];
+            tsr_cli_error("%s: %s: at most %d %s, got '%s'", cmd, option, max_n, noun,
+                          tsr_text_excerpt(quoted, sizeof quoted, text));
+            return false;
+        }
+        if (tsr_parse_int_word(option, &p, ",", min, max, &out[*n], &err) < 0) {
+            tsr_cli_error("%s: %s", cmd, err.msg);
+            return false;
+        }
+        ++*n;
+    }
+    return true;
+}
+
 int tsr_cli_take_flag(const char *arg, const char *name, const char *alias, bool *flag) {
     if (!named(arg, name, alias)) return 0;
     *flag = true;

@@ -67,36 +67,11 @@ static tsr_status profile_run(session *s, const profile_opts *o, const int32_t *
                              (long long)len, (long long)o->sink, (long long)o->window);
     tsr_status st = tsr_session_pipeline(s, len, err);
     if (st < 0) return st;
-    const int32_t bos = tsr_tokenizer_bos(s->tok);
-    const bool add_bos = tsr_tokenizer_add_bos(s->tok) && bos >= 0;
-    tsr_batch_entry *batch = calloc((size_t)len, sizeof *batch);
-    float *logits = malloc((size_t)s->model->hp.n_vocab * sizeof *logits);
-    if (!batch || !logits) {
-        free(batch);
-        free(logits);
-        return tsr_error_set(err, TSR_E_NOMEM, "profile-heads: out of memory for chunks of %lld "
-                             "tokens", (long long)len);
-    }
     /* The ABI's window includes the query's own position: inside when p > q - stats_window. */
     tsr_pipeline_profile_heads(s->pl, p->mass, (int32_t)o->sink, (int32_t)o->window + 1);
-    tsr_cli_progress progress;
-    tsr_cli_progress_start(&progress, "profile-heads", 0);
-    for (int64_t c = 0; c < p->n_chunks && st >= 0; c++) {
-        const int32_t *chunk = ids + c * len;
-        for (int64_t j = 0; j < len; j++)
-            batch[j] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)j,
-                                         .token = j == 0 && add_bos ? bos : chunk[j],
-                                         .want_logits = j == len - 1};
-        if ((st = tsr_pipeline_seq_begin(s->pl, 0, err)) < 0) break;
-        st = tsr_pipeline_forward(s->pl, batch, len, logits, err);
-        tsr_pipeline_seq_end(s->pl, 0);
-        p->queries += per_chunk;
-        tsr_cli_progress_show(&progress, c + 1, p->n_chunks, "chunks", NULL);
-    }
-    tsr_cli_progress_end(&progress);
+    st = tsr_session_run_chunks(s, ids, len, p->n_chunks, "profile-heads", err);
+    p->queries = p->n_chunks * per_chunk;
     tsr_pipeline_profile_heads(s->pl, NULL, 0, 0);
-    free(batch);
-    free(logits);
     return st;
 }
 

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "base/number.h"
 #include "base/outfile.h"
 #include "cli/cli_session.h"
 #include "files/dtype.h"
@@ -36,6 +37,15 @@ typedef struct prepared {
                      again), or NULL */
 } prepared;
 
+/* The quantizer instances of one weight type (--expert-types), made from a config of their
+ * own with that type. */
+typedef struct typed_quantizer {
+    const char *type;
+    tsr_config *cfg;
+    tsr_instance *main;
+    tsr_instance **at; /* (n_layer) */
+} typed_quantizer;
+
 /* A GGUF being written through the quantizer stage. */
 typedef struct quant_job {
     session s; /* config, plugins and pool; no model or pipeline */
@@ -52,11 +62,18 @@ typedef struct quant_job {
     bool tied;            /* no output.weight: token_embd is the output matrix too */
     double bits, weights; /* for the average bits per weight */
     json_t *report;       /* one object per tensor */
+    /* --expert-types: each expert's type, (n_layer, n_expert), NULL for TYPE; and for each
+     * other type named, the quantizer instances made with it */
+    const char **expert_type;
+    int32_t n_expert;
+    typed_quantizer *typed;
+    size_t n_typed;
+    char *profile; /* the profile's text, which expert_type points into */
 } quant_job;
 
 /* TYPE against the choices of the quantizer's weight-type parameter. */
 static tsr_status check_type(const tsr_plugin_desc *desc, const tsr_param_def *def,
-                             const char *type, tsr_error *err) {
+                             const char *type, const char *where, tsr_error *err) {
     if (!def->choices) return TSR_OK;
     char list[768] = "";
     for (size_t i = 0; def->choices[i]; i++) {
@@ -64,8 +81,48 @@ static tsr_status check_type(const tsr_plugin_desc *desc, const tsr_param_def *d
         snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "",
                  def->choices[i]);
     }
-    return tsr_error_set(err, TSR_E_INVALID, "quantize: TYPE '%s': quantizer '%s' expects one of "
-                         "%s", type, desc->name, list);
+    return tsr_error_set(err, TSR_E_INVALID, "%s '%s': quantizer '%s' expects one of %s", where,
+                         type, desc->name, list);
+}
+
+/* The config (or the default pipeline) with the --set overrides. */
+static tsr_status load_config(const model_opts *o, tsr_config **cfg, tsr_error *err) {
+    tsr_status st = o->config ? tsr_config_load(o->config, cfg, err) : tsr_config_default(cfg, err);
+    for (size_t i = 0; st >= 0 && i < o->n_sets; i++) st = tsr_config_set(*cfg, o->sets[i], err);
+    return st;
+}
+
+/* Binds `cfg`'s plugins with TYPE going to the quantizer's parameter of role WEIGHT_TYPE; a
+ * quantizer without such a parameter makes its own format (its first weight then says whether
+ * a GGUF file can hold it), unless `required`. */
+static tsr_status bind_type(tsr_registry *reg, tsr_config *cfg, const char *type,
+                            const char *where, bool required, tsr_error *err) {
+    tsr_status st = tsr_cli_bind(cfg, reg, err);
+    if (st < 0) return st;
+    const tsr_plugin_ref *ref = tsr_registry_find(reg, TSR_STAGE_QUANTIZER,
+                                                  cfg->stage[TSR_STAGE_QUANTIZER].plugin);
+    int32_t at = ref ? tsr_param_find_role(ref->desc->params, ref->desc->n_params,
+                                           TSR_PARAM_ROLE_WEIGHT_TYPE)
+                     : -1;
+    if (at < 0)
+        return required ? tsr_error_set(err, TSR_E_UNSUPPORTED, "quantize: quantizer '%s' has "
+                                        "no weight type to set per expert (--expert-types)",
+                                        cfg->stage[TSR_STAGE_QUANTIZER].plugin)
+                        : TSR_OK;
+    if ((st = check_type(ref->desc, &ref->desc->params[at], type, where, err)) < 0 ||
+        (st = tsr_config_set_role(cfg, TSR_STAGE_QUANTIZER, TSR_PARAM_ROLE_WEIGHT_TYPE, type,
+                                  "TYPE", err)) < 0)
+        return st;
+    return tsr_cli_bind(cfg, reg, err);
+}
+
+/* The quantizer instances of `cfg`, main and per layer, for n_layer layers. */
+static tsr_status job_quantizers(quant_job *j, const tsr_config *cfg, tsr_instance **main,
+                                 tsr_instance **at, tsr_error *err) {
+    tsr_model_shape shape = tsr_model_shape_synthetic();
+    shape.n_layer = j->n_layer;
+    shape.backend_name = cfg->stage[TSR_STAGE_BACKEND].plugin;
+    return tsr_instance_set_per_layer(&j->set, cfg, TSR_STAGE_QUANTIZER, &shape, main, at, err);
 }
 
 /* Opens OUT (refusing a folder or the input file), the config and the quantizer instances. */
@@ -74,38 +131,14 @@ static tsr_status job_open(quant_job *j, const model_opts *o, const char *type, 
     memset(j, 0, sizeof *j);
     session *s = &j->s;
     tsr_status st = tsr_outfile_open(&j->out, out_path, input, err);
-    if (st < 0) return st;
-    if ((st = o->config ? tsr_config_load(o->config, &s->cfg, err)
-                        : tsr_config_default(&s->cfg, err)) < 0)
-        return st;
-    for (size_t i = 0; i < o->n_sets; i++)
-        if ((st = tsr_config_set(s->cfg, o->sets[i], err)) < 0) return st;
+    if (st < 0 || (st = load_config(o, &s->cfg, err)) < 0) return st;
     s->reg = tsr_cli_registry(NULL, &o->plugin_dirs, s->cfg);
-    if ((st = tsr_cli_bind(s->cfg, s->reg, err)) < 0) return st;
-    /* TYPE goes to the quantizer's parameter of role WEIGHT_TYPE; one without such a parameter
-     * makes its own format, and its first weight then says whether a GGUF file can hold it. */
-    const tsr_plugin_ref *ref = tsr_registry_find(s->reg, TSR_STAGE_QUANTIZER,
-                                                  s->cfg->stage[TSR_STAGE_QUANTIZER].plugin);
-    int32_t at = ref ? tsr_param_find_role(ref->desc->params, ref->desc->n_params,
-                                           TSR_PARAM_ROLE_WEIGHT_TYPE)
-                     : -1;
-    if (at >= 0) {
-        if ((st = check_type(ref->desc, &ref->desc->params[at], type, err)) < 0 ||
-            (st = tsr_config_set_role(s->cfg, TSR_STAGE_QUANTIZER, TSR_PARAM_ROLE_WEIGHT_TYPE,
-                                      type, "TYPE", err)) < 0 ||
-            (st = tsr_cli_bind(s->cfg, s->reg, err)) < 0)
-            return st;
-    }
+    if ((st = bind_type(s->reg, s->cfg, type, "quantize: TYPE", false, err)) < 0) return st;
     s->pool = tsr_pool_create(o->threads > 0 ? o->threads : tsr_config_threads(s->cfg));
     j->set = (tsr_instance_set){.reg = s->reg, .pool = s->pool};
     j->n_layer = n_layer;
     j->at = calloc((size_t)(n_layer > 0 ? n_layer : 1), sizeof *j->at);
-    tsr_model_shape shape = tsr_model_shape_synthetic();
-    shape.n_layer = n_layer;
-    shape.backend_name = s->cfg->stage[TSR_STAGE_BACKEND].plugin;
-    if ((st = tsr_instance_set_per_layer(&j->set, s->cfg, TSR_STAGE_QUANTIZER, &shape, &j->main,
-                                         j->at, err)) < 0)
-        return st;
+    if ((st = job_quantizers(j, s->cfg, &j->main, j->at, err)) < 0) return st;
     j->w = tsr_gguf_writer_new();
     j->report = json_array();
     tsr_cli_progress_start(&j->progress, input ? "quantize" : "synth", 0);
@@ -123,6 +156,13 @@ static void job_close(quant_job *j) {
     json_decref(j->report);
     tsr_instance_set_free(&j->set);
     free(j->at);
+    for (size_t i = 0; i < j->n_typed; i++) {
+        tsr_config_free(j->typed[i].cfg);
+        free(j->typed[i].at);
+    }
+    free(j->typed);
+    free(j->expert_type);
+    free(j->profile);
     tsr_session_close(&j->s);
 }
 
@@ -179,8 +219,53 @@ static tsr_status job_add(quant_job *j, const char *name, int32_t from, int32_t 
 /* A stack of experts (ne {n_in, n_out, n_expert}): each expert offered to the quantizer on
  * its own, as a pipeline offers them, and the results stacked again, in place while the
  * quantizer keeps the file's bytes, else into one buffer, which then holds one type. */
+/* The quantizer of expert e of `layer`: the one of its --expert-types type, else `q`. */
+static tsr_instance *expert_quantizer(const quant_job *j, tsr_instance *q, int32_t layer,
+                                      int32_t e) {
+    if (!j->expert_type || layer < 0 || layer >= j->n_layer || e >= j->n_expert) return q;
+    const char *type = j->expert_type[(size_t)layer * (size_t)j->n_expert + (size_t)e];
+    for (size_t i = 0; type && i < j->n_typed; i++)
+        if (!strcmp(j->typed[i].type, type)) return j->typed[i].at[layer];
+    return q;
+}
+
+/* A stack of experts whose types differ (--expert-types): each expert written apart as
+ * blk.L.<role>.E.weight, a 2-D tensor of its own type, which the loader takes in place of the
+ * stack. */
+static tsr_status job_experts_apart(quant_job *j, tsr_instance *q, const tsr_tensor *src,
+                                    int32_t layer, const char *role, void *owned,
+                                    tsr_error *err) {
+    const int32_t n_expert = (int32_t)src->ne[2];
+    prepared *grown = realloc(j->done, (j->n_done + (size_t)n_expert) * sizeof *j->done);
+    if (!grown) return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", src->name);
+    j->done = grown;
+    j->n_tensors += n_expert - 1;
+    tsr_status st = TSR_OK;
+    for (int32_t e = 0; e < n_expert && st >= 0; e++) {
+        tsr_instance *qe = expert_quantizer(j, q, layer, e);
+        tsr_tensor m = tsr_expert_matrix(src, e);
+        prepared *slot = &j->done[j->n_done++];
+        /* the source is freed with the last expert, once every expert was made from it */
+        *slot = (prepared){.owned = e == n_expert - 1 ? owned : NULL};
+        tsr_weight_out out;
+        if ((st = tsr_weight_prepare(qe, &m, layer, role, e, &slot->w, &out, err)) < 0 ||
+            (st = check_writable(qe, src->name, out.dst.dtype, err)) < 0)
+            break;
+        char name[192];
+        snprintf(name, sizeof name, "blk.%d.%s.%d.weight", (int)layer, role, (int)e);
+        st = job_add(j, name, src->dtype, out.dst.dtype, 2, src->ne, out.dst.data,
+                     out.bits_per_weight, out.rel_rmse, (double)src->ne[0] * (double)src->ne[1],
+                     err);
+    }
+    return st;
+}
+
 static tsr_status job_experts(quant_job *j, tsr_instance *q, const tsr_tensor *src,
                               int32_t layer, const char *role, void *owned, tsr_error *err) {
+    for (int32_t e = 1; e < (int32_t)src->ne[2]; e++)
+        if (expert_quantizer(j, q, layer, e) != expert_quantizer(j, q, layer, 0))
+            return job_experts_apart(j, q, src, layer, role, owned, err);
+    q = expert_quantizer(j, q, layer, 0);
     prepared *slot = &j->done[j->n_done++];
     *slot = (prepared){.owned = owned};
     const int32_t n_expert = (int32_t)src->ne[2];
@@ -247,6 +332,16 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
     /* llama.cpp quantizes a shared embedding as the output matrix it also is. */
     if (j->tied && !strcmp(role, "token_embd")) snprintf(role, sizeof role, "output");
     tsr_instance *q = layer >= 0 && layer < j->n_layer ? j->at[layer] : j->main;
+    /* An expert held apart (blk.L.<stack>.E.weight) is its stack's role, of its own type. */
+    int32_t expert = -1;
+    char *dot = strrchr(role, '.');
+    int used = 0;
+    if (layer >= 0 && dot && sscanf(dot + 1, "%d%n", &expert, &used) == 1 && !dot[1 + used]) {
+        *dot = '\0';
+        q = expert_quantizer(j, q, layer, expert);
+    } else {
+        expert = -1;
+    }
     tsr_tensor src = {.struct_size = sizeof src, .dtype = dtype, .n_dims = n_dims,
                       .ne = {ne[0], n_dims > 1 ? ne[1] : 1, n_dims > 2 ? ne[2] : 1,
                              n_dims > 3 ? ne[3] : 1},
@@ -254,7 +349,7 @@ static tsr_status job_tensor(quant_job *j, const char *name, int32_t dtype, uint
     if (n_dims == 3) return job_experts(j, q, &src, layer, role, owned, err);
     tsr_weight_out out;
     tsr_weight *w = &j->done[j->n_done].w;
-    tsr_status st = tsr_weight_prepare(q, &src, layer, role, -1, w, &out, err);
+    tsr_status st = tsr_weight_prepare(q, &src, layer, role, expert, w, &out, err);
     if (st < 0) return st;
     /* A converted copy no longer needs its source: a 7B model need not sit in memory twice. */
     if (owned && out.dst.data != data) {
@@ -344,29 +439,231 @@ static int cmp_tensor_order(const void *pa, const void *pb) {
     return strcmp(a->name, b->name);
 }
 
+/* ---- --expert-types --------------------------------------------------------------------- */
+
+/* Where each expert's type comes from. */
+typedef struct expert_rule {
+    const char *path;       /* --expert-types FILE */
+    const char *hot, *cold; /* --expert-hot, --expert-cold (NULL: TYPE), for a JSON profile */
+    double hot_fraction;    /* --hot-fraction */
+} expert_rule;
+
+/* Adds `type` (named first at `where`, for messages) to the types that need quantizers of
+ * their own, unless it is TYPE or already there. */
+static tsr_status add_typed(quant_job *j, const model_opts *o, const char *type,
+                            const char *main_type, const char *where, tsr_error *err) {
+    if (!type || !strcmp(type, main_type)) return TSR_OK;
+    for (size_t i = 0; i < j->n_typed; i++)
+        if (!strcmp(j->typed[i].type, type)) return TSR_OK;
+    typed_quantizer *grown = realloc(j->typed, (j->n_typed + 1) * sizeof *j->typed);
+    if (!grown) return tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
+    j->typed = grown;
+    typed_quantizer *t = &j->typed[j->n_typed++];
+    *t = (typed_quantizer){.type = type,
+                           .at = calloc((size_t)(j->n_layer > 0 ? j->n_layer : 1), sizeof *t->at)};
+    char what[512];
+    snprintf(what, sizeof what, "%s: type", where);
+    tsr_status st = t->at ? load_config(o, &t->cfg, err)
+                          : tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
+    if (st >= 0) st = bind_type(j->s.reg, t->cfg, type, what, true, err);
+    return st < 0 ? st : job_quantizers(j, t->cfg, &t->main, t->at, err);
+}
+
+/* A text profile: lines "LAYER EXPERT TYPE" ('#' starts a comment). */
+static tsr_status read_type_lines(quant_job *j, const model_opts *o, const expert_rule *r,
+                                  const char *main_type, tsr_error *err) {
+    int32_t *first_line = calloc((size_t)j->n_layer * (size_t)j->n_expert, sizeof *first_line);
+    if (!first_line) return tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
+    tsr_status st = TSR_OK;
+    char *next = j->profile;
+    for (int32_t line = 1; next && st >= 0; line++) {
+        char *text = next, *end = strchr(text, '\n'), quoted[64], where[512];
+        next = end ? end + 1 : NULL;
+        if (end) *end = '\0';
+        char *hash = strchr(text, '#');
+        if (hash) *hash = '\0';
+        tsr_text_excerpt(quoted, sizeof quoted, text + strspn(text, " \t"));
+        char *field[4] = {NULL}, *save = NULL;
+        int n = 0;
+        for (char *f = strtok_r(text, " \t\r", &save); f; f = strtok_r(NULL, " \t\r", &save))
+            if (n < 4) field[n++] = f;
+        if (n == 0) continue;
+        int64_t layer = 0, e = 0;
+        snprintf(where, sizeof where, "%s:%d", r->path, (int)line);
+        if (n != 3 || !tsr_text_to_int(field[0], &layer) || !tsr_text_to_int(field[1], &e)) {
+            st = tsr_error_set(err, TSR_E_INVALID, "%s: expected 'LAYER EXPERT TYPE', got '%s'",
+                               where, quoted);
+        } else if (layer < 0 || layer >= j->n_layer) {
+            st = tsr_error_set(err, TSR_E_RANGE, "%s: layer %lld: expected 0 to %d (the model's "
+                               "layers)", where, (long long)layer, (int)j->n_layer - 1);
+        } else if (e < 0 || e >= j->n_expert) {
+            st = tsr_error_set(err, TSR_E_RANGE, "%s: expert %lld: expected 0 to %d (the "
+                               "model's experts per layer)", where, (long long)e,
+                               (int)j->n_expert - 1);
+        } else {
+            size_t at = (size_t)layer * (size_t)j->n_expert + (size_t)e;
+            if (first_line[at])
+                st = tsr_error_set(err, TSR_E_INVALID, "%s: layer %lld expert %lld is given a "
+                                   "type twice (first on line %d)", where, (long long)layer,
+                                   (long long)e, (int)first_line[at]);
+            else {
+                first_line[at] = line;
+                j->expert_type[at] = field[2];
+                st = add_typed(j, o, field[2], main_type, where, err);
+            }
+        }
+    }
+    free(first_line);
+    return st;
+}
+
+/* Experts of one layer, by count: most chosen first, then by number. */
+static int cmp_count(const void *pa, const void *pb, void *counts) {
+    const int64_t *c = counts;
+    int32_t a = *(const int32_t *)pa, b = *(const int32_t *)pb;
+    if (c[a] != c[b]) return c[a] > c[b] ? -1 : 1;
+    return (a > b) - (a < b);
+}
+
+/* A profile `tessera experts --json` wrote: per layer it names, the round(hot_fraction *
+ * n_expert) most chosen experts get the hot type, the others the cold one (TYPE without
+ * --expert-cold). */
+static tsr_status read_type_profile(quant_job *j, const model_opts *o, const expert_rule *r,
+                                    const char *main_type, tsr_error *err) {
+    json_error_t jerr;
+    json_t *root = json_loads(j->profile, 0, &jerr);
+    if (!root)
+        return tsr_error_set(err, TSR_E_INVALID, "%s:%d: not JSON: %s", r->path, jerr.line,
+                             jerr.text);
+    json_int_t n_expert = -1;
+    json_t *layers = NULL;
+    tsr_status st = TSR_OK;
+    int64_t *counts = calloc((size_t)j->n_expert, sizeof *counts);
+    int32_t *order = calloc((size_t)j->n_expert, sizeof *order);
+    if (!counts || !order)
+        st = tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
+    else if (!r->hot)
+        st = tsr_error_set(err, TSR_E_INVALID, "%s: a profile of tessera experts: give "
+                           "--expert-hot TYPE (and --expert-cold TYPE, --hot-fraction F) to "
+                           "choose the experts' types from it", r->path);
+    else if (json_unpack(root, "{s:I, s:o}", "n_expert", &n_expert, "layers", &layers) < 0 ||
+             !json_is_array(layers))
+        st = tsr_error_set(err, TSR_E_INVALID, "%s: expected the JSON of tessera experts "
+                           "(\"n_expert\" and \"layers\")", r->path);
+    else if (n_expert != j->n_expert)
+        st = tsr_error_set(err, TSR_E_INVALID, "%s: a profile of %lld experts per layer; the "
+                           "model has %d", r->path, (long long)n_expert, (int)j->n_expert);
+    if (st >= 0 && (st = add_typed(j, o, r->hot, main_type, "--expert-hot", err)) >= 0)
+        st = add_typed(j, o, r->cold, main_type, "--expert-cold", err);
+    const int64_t n_hot = llround(r->hot_fraction * (double)j->n_expert);
+    for (size_t i = 0; st >= 0 && i < json_array_size(layers); i++) {
+        json_int_t layer = -1;
+        json_t *experts = NULL;
+        bool ok = json_unpack(json_array_get(layers, i), "{s:I, s:o}", "layer", &layer,
+                              "experts", &experts) == 0 && layer >= 0 && layer < j->n_layer &&
+                  json_is_array(experts) && json_array_size(experts) == (size_t)j->n_expert;
+        for (int32_t e = 0; ok && e < j->n_expert; e++) {
+            json_int_t id = -1, count = -1;
+            ok = json_unpack(json_array_get(experts, (size_t)e), "{s:I, s:I}", "expert", &id,
+                             "count", &count) == 0 && id == e && count >= 0;
+            counts[e] = count;
+            order[e] = e;
+        }
+        if (!ok) {
+            st = tsr_error_set(err, TSR_E_INVALID, "%s: layers[%zu]: expected {\"layer\": 0 to "
+                               "%d, \"experts\": [{\"expert\": 0, \"count\": N}, ... up to "
+                               "expert %d]}", r->path, i, (int)j->n_layer - 1,
+                               (int)j->n_expert - 1);
+            break;
+        }
+        qsort_r(order, (size_t)j->n_expert, sizeof *order, cmp_count, counts);
+        for (int64_t rank = 0; rank < j->n_expert; rank++)
+            j->expert_type[(size_t)layer * (size_t)j->n_expert + (size_t)order[rank]] =
+                rank < n_hot ? r->hot : r->cold;
+    }
+    free(counts);
+    free(order);
+    json_decref(root);
+    return st;
+}
+
+/* Each expert's type from the profile, and quantizers for the types other than TYPE. */
+static tsr_status read_expert_types(quant_job *j, const model_opts *o, const expert_rule *r,
+                                    const char *main_type, int32_t n_expert, tsr_error *err) {
+    if (n_expert <= 0)
+        return tsr_error_set(err, TSR_E_INVALID, "quantize: --expert-types: the model has no "
+                             "experts");
+    j->n_expert = n_expert;
+    j->expert_type = calloc((size_t)j->n_layer * (size_t)n_expert, sizeof *j->expert_type);
+    if (!j->expert_type) return tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
+    size_t len;
+    char *bytes = tsr_session_read_file(r->path, &len, err);
+    if (!bytes) return TSR_E_IO;
+    /* the lines are cut in place, and JSON text ends at a NUL */
+    j->profile = malloc(len + 1);
+    if (j->profile) {
+        memcpy(j->profile, bytes, len);
+        j->profile[len] = '\0';
+    }
+    free(bytes);
+    if (!j->profile) return tsr_error_set(err, TSR_E_NOMEM, "quantize: out of memory");
+    const char *first = j->profile + strspn(j->profile, " \t\r\n");
+    if (*first == '{') return read_type_profile(j, o, r, main_type, err);
+    if (r->hot || r->cold)
+        return tsr_error_set(err, TSR_E_INVALID, "%s: --expert-hot and --expert-cold choose "
+                             "types from a JSON profile of tessera experts; this file lists "
+                             "each expert's type itself", r->path);
+    return read_type_lines(j, o, r, main_type, err);
+}
+
 int tsr_cli_quantize(int argc, char **argv) {
     model_opts o = {.sets = calloc((size_t)argc + 1, sizeof(char *))};
     const char *pos[3] = {NULL, NULL, NULL};
     int n_pos = 0;
     int64_t threads = 0;
     bool json = false;
+    expert_rule rule = {.hot_fraction = 0.25};
     for (int i = 1; i < argc; i++) {
         if (tsr_cli_is_help(argv[i])) {
             printf("usage: tessera quantize IN.gguf OUT.gguf TYPE [--config CONFIG.yaml]\n"
                    "                        [--set K=V]... [-t THREADS] [--json]\n"
+                   "                        [--expert-types FILE [--expert-hot TYPE]\n"
+                   "                         [--expert-cold TYPE] [--hot-fraction 0.25]]\n"
                    "                        [--plugin-dir DIR]...\n"
                    "Writes OUT with every weight matrix of IN quantized by the configured\n"
                    "quantizer (default: gguf) with its weight type set to TYPE, per layer as the\n"
                    "config's layers: say. Norms and biases are copied. TYPE is one of the\n"
                    "quantizer's types (see `tessera plugins info gguf`). OUT is replaced only\n"
-                   "once complete and may not be IN; progress goes to stderr.\n");
+                   "once complete and may not be IN; progress goes to stderr.\n"
+                   "--expert-types FILE gives experts types of their own (a mixture-of-experts\n"
+                   "model): FILE is either lines 'LAYER EXPERT TYPE' ('#' comments; experts not\n"
+                   "listed get TYPE), or the JSON of `tessera experts --json`, from which each\n"
+                   "layer's round(--hot-fraction * n_expert) most chosen experts get\n"
+                   "--expert-hot TYPE and the others --expert-cold TYPE (default TYPE). A layer\n"
+                   "whose experts then differ in type holds each expert's matrices apart, as\n"
+                   "tensors blk.L.ffn_{gate,up,down}_exps.E.weight, which tessera loads\n"
+                   "(llama.cpp does not); other layers keep their stacks.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }
         const tsr_cli_int_opt ints[] = {
             {"-t", "--threads", "THREADS", 1, TSR_CLI_THREADS_MAX, &threads}};
+        const char *fraction = NULL;
+        const tsr_cli_text_opt texts[] = {{"--expert-types", NULL, "FILE", &rule.path},
+                                          {"--expert-hot", NULL, "TYPE", &rule.hot},
+                                          {"--expert-cold", NULL, "TYPE", &rule.cold},
+                                          {"--hot-fraction", NULL, "FRACTION", &fraction}};
         int took = take_job_opt("quantize", argc, argv, &i, &o, &json);
         if (took == 0) took = tsr_cli_take_int("quantize", argc, argv, &i, ints, 1);
+        if (took == 0) took = tsr_cli_take_text("quantize", argc, argv, &i, texts, 4);
+        if (took > 0 && fraction &&
+            (!tsr_text_to_float(fraction, &rule.hot_fraction) || !(rule.hot_fraction >= 0.0) ||
+             rule.hot_fraction > 1.0)) {
+            char quoted[64];
+            tsr_cli_error("quantize: --hot-fraction: expected a number in [0, 1], got '%s'",
+                          tsr_text_excerpt(quoted, sizeof quoted, fraction));
+            took = -1;
+        }
         if (took == 0 && argv[i][0] != '-' && n_pos < 3) {
             pos[n_pos++] = argv[i];
             took = 1;
@@ -378,8 +675,12 @@ int tsr_cli_quantize(int argc, char **argv) {
         }
     }
     o.threads = (int)threads;
-    if (n_pos != 3) {
-        tsr_cli_error("quantize: expected IN OUT TYPE (see tessera quantize --help)");
+    const char *usage = n_pos != 3 ? "expected IN OUT TYPE"
+                        : !rule.path && (rule.hot || rule.cold)
+                            ? "--expert-hot and --expert-cold need --expert-types FILE"
+                            : NULL;
+    if (usage) {
+        tsr_cli_error("quantize: %s (see tessera quantize --help)", usage);
         free(o.sets);
         return TSR_EXIT_USAGE;
     }
@@ -392,13 +693,17 @@ int tsr_cli_quantize(int argc, char **argv) {
     tsr_status st = tsr_model_file_open(pos[0], &in, NULL, &err);
     if (st < 0) goto fail;
     tsr_gguf_str arch;
-    int32_t n_layer = 0;
+    int32_t n_layer = 0, n_expert = 0;
     if (tsr_gguf_get_str(in, "general.architecture", &arch, NULL)) {
         char key[96];
         snprintf(key, sizeof key, "%.*s.block_count", (int)(arch.len < 64 ? arch.len : 64), arch.ptr);
         n_layer = (int32_t)tsr_gguf_u64_or(in, key, 0);
+        snprintf(key, sizeof key, "%.*s.expert_count", (int)(arch.len < 64 ? arch.len : 64),
+                 arch.ptr);
+        n_expert = (int32_t)tsr_gguf_u64_or(in, key, 0);
     }
     if (job_open(&j, &o, pos[2], n_layer, pos[1], pos[0], &err) < 0) goto fail;
+    if (rule.path && read_expert_types(&j, &o, &rule, pos[2], n_expert, &err) < 0) goto fail;
     j.tied = !tsr_gguf_find_tensor(in, "output.weight");
     copy_keys(&j, in, pos[2]);
     int64_t n_tensors = j.n_tensors = tsr_gguf_n_tensors(in);

@@ -211,6 +211,38 @@ tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err) {
     return tsr_pipeline_run_hooks(s->pl, TSR_HOOK_AFTER_LOAD, err);
 }
 
+tsr_status tsr_session_run_chunks(session *s, const int32_t *ids, int64_t len, int64_t n_chunks,
+                                  const char *what, tsr_error *err) {
+    const int32_t bos = tsr_tokenizer_bos(s->tok);
+    const bool add_bos = tsr_tokenizer_add_bos(s->tok) && bos >= 0;
+    tsr_batch_entry *batch = calloc((size_t)len, sizeof *batch);
+    float *logits = malloc((size_t)s->model->hp.n_vocab * sizeof *logits);
+    if (!batch || !logits) {
+        free(batch);
+        free(logits);
+        return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory for chunks of %lld tokens",
+                             what, (long long)len);
+    }
+    tsr_status st = TSR_OK;
+    tsr_cli_progress progress;
+    tsr_cli_progress_start(&progress, what, 0);
+    for (int64_t c = 0; c < n_chunks && st >= 0; c++) {
+        const int32_t *chunk = ids + c * len;
+        for (int64_t j = 0; j < len; j++)
+            batch[j] = (tsr_batch_entry){.seq_id = 0, .pos = (int32_t)j,
+                                         .token = j == 0 && add_bos ? bos : chunk[j],
+                                         .want_logits = j == len - 1};
+        if ((st = tsr_pipeline_seq_begin(s->pl, 0, err)) < 0) break;
+        st = tsr_pipeline_forward(s->pl, batch, len, logits, err);
+        tsr_pipeline_seq_end(s->pl, 0);
+        tsr_cli_progress_show(&progress, c + 1, n_chunks, "chunks", NULL);
+    }
+    tsr_cli_progress_end(&progress);
+    free(batch);
+    free(logits);
+    return st;
+}
+
 void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char *value,
                           const char *option) {
     size_t i = 0;

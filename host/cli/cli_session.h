@@ -76,6 +76,12 @@ tsr_status tsr_session_open_tokenizer(const char *model_path, const char *tok_pa
 tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err);
 void tsr_session_close(session *s);
 
+/* Runs the first n_chunks * len tokens of `ids` as chunks of `len`, each one forward from an
+ * empty cache whose first token is BOS when the tokenizer adds one (how the text commands cut
+ * a text), with progress shown as `what`. The pipeline must hold `len` positions. */
+tsr_status tsr_session_run_chunks(session *s, const int32_t *ids, int64_t len, int64_t n_chunks,
+                                  const char *what, tsr_error *err);
+
 /* A whole file's bytes as they are (malloc'd; *size its length), for -f arguments; NULL with
  * err filled when it cannot be read or is a folder. FIFOs and devices (/dev/stdin) are read
  * to their end. */

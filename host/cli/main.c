@@ -32,7 +32,11 @@ static void usage(FILE *f) {
             "  tokenize -m MODEL (-p TEXT | -f FILE) [--no-bos]         token ids of a text\n"
             "  bench -m MODEL [CONFIG] [-p 512] [-n 128] [-t 1,2] [--json] speed, roofline\n"
             "  perplexity -m MODEL [CONFIG] -f TEXT [--ctx N] [--json]  quality on a text\n"
+            "             [--ubatch N] [--kl-base FILE [--kl]]          fed in pieces; KL\n"
+            "  compare -m MODEL CONFIG... -f TEXT [--budget B,...]      pipelines side by side\n"
+            "             [--plot FILE.svg] [--json]                    (cache budgets)\n"
             "  profile-heads -m MODEL [CONFIG] -f TEXT [--out FILE]     retrieval/streaming heads\n"
+            "  experts -m MODEL [CONFIG] -f TEXT [--json]               each expert's use\n"
             "  quantize IN OUT TYPE [--config CONFIG] [--set K=V]...   write a quantized GGUF\n"
             "  synth --shape NAME --type TYPE -o FILE                 random model of a real shape\n"
             "  plugins list | info NAME | call NAME FUNC [ARGS...]   the plugins found\n"
@@ -106,7 +110,9 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokenize")) return finish(tsr_cli_tokenize(sub_argc, sub_argv));
     if (!strcmp(cmd, "bench")) return finish(tsr_cli_bench(sub_argc, sub_argv));
     if (!strcmp(cmd, "perplexity")) return finish(tsr_cli_perplexity(sub_argc, sub_argv));
+    if (!strcmp(cmd, "compare")) return finish(tsr_cli_compare(sub_argc, sub_argv));
     if (!strcmp(cmd, "profile-heads")) return finish(tsr_cli_profile_heads(sub_argc, sub_argv));
+    if (!strcmp(cmd, "experts")) return finish(tsr_cli_experts(sub_argc, sub_argv));
     if (!strcmp(cmd, "quantize")) return finish(tsr_cli_quantize(sub_argc, sub_argv));
     if (!strcmp(cmd, "synth")) return finish(tsr_cli_synth(sub_argc, sub_argv));
     if (!strcmp(cmd, "plugins")) return finish(tsr_cli_plugins(sub_argc, sub_argv));

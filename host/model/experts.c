@@ -15,6 +15,7 @@ struct tsr_experts {
     const char *map; /* the model file's mapping when the backend reads weights in place */
     size_t map_size, page;
     int fd;          /* the model file, for dropping its pages from the page cache; or -1 */
+    bool rest_read;  /* the bytes that are no expert's were read in at the first eviction */
 
     /* Prefetch: experts waiting to be read, in order, by a thread of the host's own, started
      * with the first request. */
@@ -102,33 +103,109 @@ static uint64_t ex_resident(void *ctx, int32_t layer, int32_t e) {
     return span_resident(x, &s[0]) + span_resident(x, &s[1]) + span_resident(x, &s[2]);
 }
 
+/* Reads the span's pages into the page cache through the file, which was opened for random
+ * reads: exactly those pages, where a fault on the mapping would read around it (readahead)
+ * and bring in neighbouring experts the caller did not ask for. Pages already in memory are
+ * read too: reading only the missing ones let a cold file's first forward read experts in
+ * (tests/test-router-cache.c), as a page the kernel's readahead marked starts more readahead
+ * at its first use through the mapping. */
+static void span_read(const tsr_experts *x, const span *s) {
+    if (!s->mapped || x->fd < 0 || s->bytes == 0) return;
+    char *start;
+    size_t len;
+    page_range(x, s, &start, &len);
+    char buf[64 * 1024];
+    off_t off = (off_t)(start - x->map);
+    for (size_t done = 0; done < len;) {
+        size_t n = len - done < sizeof buf ? len - done : sizeof buf;
+        ssize_t got = pread(x->fd, buf, n, off + (off_t)done);
+        if (got <= 0) return; /* the mapping's faults read what is left */
+        done += (size_t)got;
+    }
+}
+
 static uint64_t ex_load(void *ctx, int32_t layer, int32_t e) {
     const tsr_experts *x = ctx;
     if (!valid(x, layer, e)) return 0;
     uint64_t missing = ex_bytes(ctx, layer, e) - ex_resident(ctx, layer, e);
+    if (missing == 0) return 0; /* in memory: a hit costs a residency check, no copy */
     span s[TSR_EXPERT_MATRICES];
     spans(x, layer, e, s);
-    for (int m = 0; m < TSR_EXPERT_MATRICES; m++) span_touch(x, &s[m]);
+    for (int m = 0; m < TSR_EXPERT_MATRICES; m++) {
+        span_read(x, &s[m]);
+        span_touch(x, &s[m]);
+    }
     return missing;
 }
 
 /* Lets the pages go, so that the next read goes to the file: what an offloading router
- * measures. The page cache keeps file data in folios of several pages, which a drop of a
- * range (posix_fadvise) leaves whole where they straddle its edges; MADV_PAGEOUT first
- * reclaims the pages this process maps, splitting such folios. Then the mapping lets them go
- * (MADV_DONTNEED) and the page cache what is left unmapped (POSIX_FADV_DONTNEED). Pages
- * shared with a neighbouring tensor go too; they are read again when used. */
+ * measures. Only the pages wholly the expert's: a page it shares with a neighbouring tensor
+ * stays, since a later use of that tensor would fault it in and read the pages around it
+ * (readahead), other experts among them. The page cache keeps file data in folios of several
+ * pages, which a drop of a range (posix_fadvise) leaves whole where they straddle its edges;
+ * MADV_PAGEOUT first reclaims the pages this process maps, splitting such folios. Then the
+ * mapping lets them go (MADV_DONTNEED) and the page cache what is left unmapped
+ * (POSIX_FADV_DONTNEED). */
+/* Maps into this process the pages of [start, start + len) that are in memory (a read of each),
+ * so that MADV_PAGEOUT, which reaches only mapped pages, splits and reclaims page-cache folios
+ * read before this process used them. */
+static void map_resident(const tsr_experts *x, char *start, size_t len) {
+    size_t n_pages = len / x->page;
+    unsigned char *vec = malloc(n_pages);
+    if (vec && mincore(start, len, vec) == 0) {
+        volatile unsigned char sink = 0;
+        for (size_t i = 0; i < n_pages; i++)
+            if (vec[i] & 1) sink ^= (unsigned char)start[i * x->page];
+        (void)sink;
+    }
+    free(vec);
+}
+
+static int span_order(const void *a, const void *b) {
+    const span *l = a, *r = b;
+    return (l->p > r->p) - (l->p < r->p);
+}
+
+/* Reads in every byte of the mapping that is not an expert's (the dense weights, which every
+ * forward reads anyway), exactly, through the random-read descriptor: left to the forward's
+ * first faults, such a read would read around it (readahead), into experts let go. */
+static void read_the_rest(tsr_experts *x) {
+    x->rest_read = true;
+    size_t n = 0;
+    span *all = malloc((size_t)x->n_layer * (size_t)x->n_expert * TSR_EXPERT_MATRICES * sizeof *all);
+    if (!all) return;
+    for (int32_t l = 0; l < x->n_layer; l++)
+        for (int32_t e = 0; e < x->n_expert; e++) {
+            span s[TSR_EXPERT_MATRICES];
+            spans(x, l, e, s);
+            for (int m = 0; m < TSR_EXPERT_MATRICES; m++)
+                if (s[m].mapped && s[m].bytes) all[n++] = s[m];
+        }
+    qsort(all, n, sizeof *all, span_order);
+    const char *at = x->map;
+    for (size_t i = 0; i <= n; i++) {
+        const char *end = i < n ? all[i].p : x->map + x->map_size;
+        if (end > at) span_read(x, &(span){at, (size_t)(end - at), true});
+        if (i < n && all[i].p + all[i].bytes > at) at = all[i].p + all[i].bytes;
+    }
+    free(all);
+}
+
 static void ex_evict(void *ctx, int32_t layer, int32_t e) {
-    const tsr_experts *x = ctx;
+    tsr_experts *x = ctx;
     if (!valid(x, layer, e)) return;
+    if (!x->rest_read) read_the_rest(x);
     span s[TSR_EXPERT_MATRICES];
     spans(x, layer, e, s);
     for (int m = 0; m < TSR_EXPERT_MATRICES; m++) {
         if (!s[m].mapped || !s[m].bytes) continue;
-        char *start;
-        size_t len;
-        page_range(x, &s[m], &start, &len);
+        uintptr_t lo = ((uintptr_t)s[m].p + x->page - 1) & ~(uintptr_t)(x->page - 1);
+        uintptr_t hi = ((uintptr_t)s[m].p + s[m].bytes) & ~(uintptr_t)(x->page - 1);
+        if (hi <= lo) continue;
+        char *start = (char *)lo;
+        size_t len = (size_t)(hi - lo);
 #ifdef MADV_PAGEOUT
+        map_resident(x, start, len);
         madvise(start, len, MADV_PAGEOUT);
 #endif
         madvise(start, len, MADV_DONTNEED);
@@ -218,8 +295,10 @@ tsr_status tsr_experts_create(const tsr_model *model, const tsr_model_weights *w
     x->fd = -1;
     if (in_place) {
         x->map = tsr_gguf_mapping(model->file, &x->map_size);
-        /* Only to drop pages from the page cache: without it, eviction stays in the process. */
+        /* To drop pages from the page cache (without it, eviction stays in the process) and
+         * to read an expert's pages and no others on a load. */
         if (x->map) x->fd = open(tsr_gguf_path(model->file), O_RDONLY | O_CLOEXEC);
+        if (x->fd >= 0) posix_fadvise(x->fd, 0, 0, POSIX_FADV_RANDOM);
     }
     pthread_mutex_init(&x->lock, NULL);
     pthread_cond_init(&x->wake, NULL);

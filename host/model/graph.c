@@ -457,6 +457,20 @@ static tsr_status check_route(const tsr_graph *g, int32_t l, int64_t n, tsr_erro
     return TSR_OK;
 }
 
+/* Adds the checked choices of layer l for n tokens to g->route_record. */
+static void record_route(tsr_graph *g, int32_t l, int64_t n) {
+    const tsr_hparams *hp = &g->model->hp;
+    tsr_route_record *rec = g->route_record;
+    const size_t row = (size_t)l * (size_t)hp->n_expert;
+    for (int64_t i = 0; i < n * hp->n_expert_used; i++) {
+        int32_t id = g->route_experts[i];
+        if (id < 0) continue;
+        rec->slots[row + (size_t)id]++;
+        rec->weight_sum[row + (size_t)id] += g->route_weights[i];
+    }
+    rec->tokens[l] += (uint64_t)n;
+}
+
 /* Runs the router of layer l on the gate logits (and, when it asked, the next layer's) of the
  * FFN input g->xn, and checks its choices. */
 static tsr_status route(tsr_graph *g, int32_t l, int64_t n, tsr_error *err) {
@@ -496,6 +510,7 @@ static tsr_status route(tsr_graph *g, int32_t l, int64_t n, tsr_error *err) {
     TSR_TIMED(g->times.router, st, rv->route(r->self, &call));
     if (st < 0) return tsr_instance_failed(r, st, "route", err);
     if ((st = check_route(g, l, n, err)) < 0) return st;
+    if (g->route_record) record_route(g, l, n);
     memcpy(g->route_prev, g->route_experts, (size_t)n * (size_t)k * sizeof *g->route_prev);
     g->route_prev_valid = true;
     return TSR_OK;
@@ -515,19 +530,19 @@ static void add_group(tsr_graph *g, int64_t n, int32_t id, const tsr_tensor *con
                       size_t *n_groups, int64_t *at) {
     const int32_t k = g->model->hp.n_expert_used;
     const int64_t slots = moe_slots(&g->model->hp);
-    tsr_moe_group *grp = &g->moe_groups[*n_groups];
-    *grp = (tsr_moe_group){.expert = id, .sub = sub, .off = *at};
+    /* built aside: the groups hold one per slot, none to spare for an empty one */
+    tsr_moe_group grp = {.expert = id, .sub = sub, .off = *at};
     int32_t *rows = g->moe_rows_host + *at;
     for (int64_t i = 0; i < n * k; i++)
-        if (!g->route_done[i] && slot_in(g, i, id, sub)) rows[grp->m++] = (int32_t)(i / k);
-    for (int64_t j = 0; j < grp->m; j++) {
+        if (!g->route_done[i] && slot_in(g, i, id, sub)) rows[grp.m++] = (int32_t)(i / k);
+    for (int64_t j = 0; j < grp.m; j++) {
         int64_t t = rows[j], s = 0;
         while (g->route_experts[t * k + s] != id) s++;
         g->route_done[t * k + s] = true;
-        rows[grp->m + j] = (int32_t)(t * slots + s);
+        rows[grp.m + j] = (int32_t)(t * slots + s);
     }
-    *at += 2 * grp->m;
-    if (grp->m > 0) (*n_groups)++;
+    *at += 2 * grp.m;
+    if (grp.m > 0) g->moe_groups[(*n_groups)++] = grp;
 }
 
 /* Groups the routed slots: per expert, in order, the slots that use its own matrices, then

@@ -43,6 +43,15 @@ typedef struct tsr_seq_run {
     int32_t phase;    /* tsr_phase */
 } tsr_seq_run;
 
+/* What the routers chose, for `tessera experts`: per layer with experts, how many slots each
+ * expert filled and the sum of their weights, over how many tokens. Host memory, the caller's;
+ * the graph adds to it. */
+typedef struct tsr_route_record {
+    uint64_t *slots;    /* (n_layer, n_expert) */
+    double *weight_sum; /* (n_layer, n_expert) */
+    uint64_t *tokens;   /* (n_layer) tokens routed */
+} tsr_route_record;
+
 typedef struct tsr_graph {
     const tsr_model *model;
     const tsr_model_weights *weights;
@@ -90,6 +99,10 @@ typedef struct tsr_graph {
      * outside the first stats_sink positions and the last stats_window (attention.h). */
     float *head_mass;
     int32_t stats_sink, stats_window;
+
+    /* When set, every layer's final choice (after the router and the host's checks) is added
+     * to it. */
+    tsr_route_record *route_record;
 } tsr_graph;
 
 /* Runs the model on `n` entries, grouped in `runs` (checked by the caller: tokens in the

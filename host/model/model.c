@@ -321,11 +321,41 @@ typedef struct layer_tensor {
     bool is_f32;
 } layer_tensor;
 
+const char *const tsr_expert_roles[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+
+/* A layer's expert matrices: each one stacked (blk.L.ffn_gate_exps.weight), or, when the file
+ * has no stack but has blk.L.ffn_gate_exps.0.weight, apart, one tensor per expert. */
+static tsr_status bind_experts(const tsr_gguf *g, const tsr_hparams *hp, int il,
+                               tsr_layer_weights *w, tsr_error *err) {
+    const int64_t e = hp->n_embd, fe = hp->n_ff_expert, ne = hp->n_expert;
+    tsr_tensor *stacks[3] = {&w->gate_exps, &w->up_exps, &w->down_exps};
+    for (int m = 0; m < 3; m++) {
+        const int64_t in = m == 2 ? fe : e, out = m == 2 ? e : fe;
+        char name[96];
+        snprintf(name, sizeof name, "blk.%d.%s.0.weight", il, tsr_expert_roles[m]);
+        if (!tsr_gguf_find_tensor(g, name)) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", il, tsr_expert_roles[m]);
+            tsr_status st = bind_tensor(g, name, (int64_t[]){in, out, ne}, 3, true, stacks[m], err);
+            if (st < 0) return st;
+            continue;
+        }
+        if (!w->split && !(w->split = calloc((size_t)ne * 3, sizeof *w->split)))
+            return tsr_error_set(err, TSR_E_NOMEM, "%s: out of memory", tsr_gguf_path(g));
+        for (int32_t x = 0; x < ne; x++) {
+            snprintf(name, sizeof name, "blk.%d.%s.%d.weight", il, tsr_expert_roles[m], (int)x);
+            tsr_status st = bind_tensor(g, name, (int64_t[]){in, out}, 2, true,
+                                        &w->split[x * 3 + m], err);
+            if (st < 0) return st;
+        }
+    }
+    return TSR_OK;
+}
+
 static tsr_status bind_layer(const tsr_gguf *g, const tsr_hparams *hp, int il,
                              tsr_layer_weights *w, tsr_error *err) {
     const int64_t e = hp->n_embd, q = (int64_t)hp->n_head * hp->head_dim,
                   kv = (int64_t)hp->n_kv_head * hp->head_dim, ff = hp->n_ff,
-                  fe = hp->n_ff_expert, fs = hp->n_ff_shared, ne = hp->n_expert;
+                  fs = hp->n_ff_shared, ne = hp->n_expert;
     const arch_info *info = arch_of(hp->arch);
     const bool bias = info->qkv_bias, moe = ne > 0, shared = moe && info->shared_expert;
     const layer_tensor want[] = {
@@ -344,9 +374,6 @@ static tsr_status bind_layer(const tsr_gguf *g, const tsr_hparams *hp, int il,
         {"ffn_up.weight", &w->ffn_up, {e, ff}, 2, !moe, false, false},
         {"ffn_down.weight", &w->ffn_down, {ff, e}, 2, !moe, false, false},
         {"ffn_gate_inp.weight", &w->gate_inp, {e, ne}, 2, moe, false, false},
-        {"ffn_gate_exps.weight", &w->gate_exps, {e, fe, ne}, 3, moe, false, false},
-        {"ffn_up_exps.weight", &w->up_exps, {e, fe, ne}, 3, moe, false, false},
-        {"ffn_down_exps.weight", &w->down_exps, {fe, e, ne}, 3, moe, false, false},
         {"ffn_gate_inp_shexp.weight", &w->gate_inp_shexp, {e}, 1, shared, false, false},
         {"ffn_gate_shexp.weight", &w->gate_shexp, {e, fs}, 2, shared, false, false},
         {"ffn_up_shexp.weight", &w->up_shexp, {e, fs}, 2, shared, false, false},
@@ -360,6 +387,8 @@ static tsr_status bind_layer(const tsr_gguf *g, const tsr_hparams *hp, int il,
         if (st < 0) return st;
         if (want[i].is_f32 && (st = require_finite_f32(g, want[i].dst, err)) < 0) return st;
     }
+    tsr_status st = moe ? bind_experts(g, hp, il, w, err) : TSR_OK;
+    if (st < 0) return st;
     /* The shared expert's gate is a one-row matrix to multiply. */
     if (w->gate_inp_shexp.data) {
         w->gate_inp_shexp.n_dims = 2;
@@ -415,6 +444,7 @@ fail:
 void tsr_model_free(tsr_model *m) {
     if (!m) return;
     tsr_gguf_close(m->file);
+    for (int il = 0; m->layers && il < m->hp.n_layer; il++) free(m->layers[il].split);
     free(m->layers);
     free(m);
 }

@@ -53,9 +53,18 @@ typedef struct tsr_layer_weights {
     /* experts: the router (ne {n_embd, n_expert}) and the stacked matrices, gate and up
      * ne {n_embd, n_ff_expert, n_expert}, down ne {n_ff_expert, n_embd, n_expert} */
     tsr_tensor gate_inp, gate_exps, up_exps, down_exps;
+    /* a file that holds a matrix's experts apart, as tensors blk.L.ffn_{gate,up,down}_exps.E
+     * of their own, each of its own type (tessera quantize --expert-types): the stack's data
+     * is NULL and expert e's matrix m (gate, up, down) is split[e * 3 + m]; NULL when every
+     * matrix is stacked */
+    tsr_tensor *split;
     /* the shared expert: its gate vector (ne {n_embd, 1}, one value per token) and matrices */
     tsr_tensor gate_inp_shexp, gate_shexp, up_shexp, down_shexp;
 } tsr_layer_weights;
+
+/* The names of the experts' gate, up and down matrices in a block: the stacks'
+ * (blk.L.<name>.weight) and, held apart, each expert's (blk.L.<name>.E.weight). */
+extern const char *const tsr_expert_roles[3];
 
 typedef struct tsr_model {
     tsr_gguf *file;       /* owns the mapping the tensors point into */

@@ -54,6 +54,12 @@ tsr_tensor tsr_expert_matrix(const tsr_tensor *stack, int32_t e) {
     return t;
 }
 
+tsr_tensor tsr_layer_expert(const tsr_layer_weights *w, int m, int32_t e) {
+    const tsr_tensor *stacks[TSR_EXPERT_MATRICES] = {&w->gate_exps, &w->up_exps, &w->down_exps};
+    return stacks[m]->data ? tsr_expert_matrix(stacks[m], e)
+                           : w->split[e * TSR_EXPERT_MATRICES + m];
+}
+
 void tsr_weight_release(tsr_weight *w) {
     if (!w->prepared) return;
     const tsr_quantizer_vtable *qv = w->quantizer->vtable;
@@ -168,8 +174,6 @@ static tsr_status place_embeddings(tsr_model_weights *mw, const tsr_model *model
     return place_tensor(mw, &model->tok_embd, &mw->embeddings, err);
 }
 
-static const char *const expert_roles[TSR_EXPERT_MATRICES] = {"ffn_gate_exps", "ffn_up_exps",
-                                                              "ffn_down_exps"};
 static const char *const shared_roles[TSR_EXPERT_MATRICES] = {"ffn_gate_shexp", "ffn_up_shexp",
                                                               "ffn_down_shexp"};
 
@@ -190,13 +194,11 @@ static tsr_status prepare_moe(tsr_model_weights *mw, tsr_instance *q, const tsr_
                               int32_t l, tsr_moe_weights *moe, tsr_error *err) {
     moe->experts = calloc((size_t)mw->n_expert * TSR_EXPERT_MATRICES, sizeof *moe->experts);
     if (!moe->experts) return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
-    const tsr_tensor *stacks[TSR_EXPERT_MATRICES] = {&lw->gate_exps, &lw->up_exps,
-                                                     &lw->down_exps};
     tsr_status st = TSR_OK;
     for (int32_t e = 0; st >= 0 && e < mw->n_expert; e++)
         for (int m = 0; st >= 0 && m < TSR_EXPERT_MATRICES; m++) {
-            tsr_tensor src = tsr_expert_matrix(stacks[m], e);
-            st = prepare_matrix(mw, q, &src, l, expert_roles[m], e,
+            tsr_tensor src = tsr_layer_expert(lw, m, e);
+            st = prepare_matrix(mw, q, &src, l, tsr_expert_roles[m], e,
                                 &moe->experts[e * TSR_EXPERT_MATRICES + m], err);
         }
     if (st >= 0) st = place_router(mw, &lw->gate_inp, &moe->router, err);

@@ -37,6 +37,11 @@ tsr_status tsr_weight_prepare(tsr_instance *q, const tsr_tensor *src, int32_t la
 /* Expert `e` of a stacked tensor (ne {n_in, n_out, n_expert}) as a matrix of its own
  * (ne {n_in, n_out}): a view of its rows, named as the stack. */
 tsr_tensor tsr_expert_matrix(const tsr_tensor *stack, int32_t e);
+
+/* Expert e's matrix m (0 gate, 1 up, 2 down) of a layer with experts, from its stack or, in a
+ * file that holds them apart, its own tensor (tsr_layer_weights.split). */
+tsr_tensor tsr_layer_expert(const tsr_layer_weights *w, int m, int32_t e);
+
 /* Releases what the quantizer made (nothing when `w` was not prepared). */
 void tsr_weight_release(tsr_weight *w);
 

@@ -400,6 +400,10 @@ void tsr_pipeline_profile_heads(tsr_pipeline *pl, float *head_mass, int32_t sink
     pl->graph.stats_window = window;
 }
 
+void tsr_pipeline_record_routes(tsr_pipeline *pl, tsr_route_record *rec) {
+    pl->graph.route_record = rec;
+}
+
 const tsr_stage_times *tsr_pipeline_times(const tsr_pipeline *pl) { return &pl->graph.times; }
 
 const tsr_pipeline *tsr_pipeline_draft(const tsr_pipeline *pl) { return pl->draft; }

@@ -116,6 +116,10 @@ int64_t tsr_pipeline_parallel(const tsr_pipeline *pl);
  * (tsr_attention_call.head_mass); NULL stops it. Plugins that do not report leave it as is. */
 void tsr_pipeline_profile_heads(tsr_pipeline *pl, float *head_mass, int32_t sink,
                                 int32_t window);
+
+/* From now on, every layer with experts adds its final choice to `rec` (the caller's, sized
+ * for the model: tsr_route_record); NULL stops it. */
+void tsr_pipeline_record_routes(tsr_pipeline *pl, tsr_route_record *rec);
 /* What the quantizers made of the weight matrices: bits per weight and relative RMSE, both
  * averaged over all weights (each matrix weighted by its size). */
 void tsr_pipeline_weight_quality(const tsr_pipeline *pl, double *bits_per_weight,

@@ -189,7 +189,7 @@ static void hyd_prefix_task(void *arg, int ith, int nth) {
             for (int64_t r = 0; r < nr; r++) {
                 const tsr_attention_call *c = b->calls[call[r]];
                 int64_t pair = query[r] * n_head + head[r];
-                tsr_flash_scores(s, qs + r * hd, kT, tile, hd, kstride);
+                tsr_sparse_scores(s, qs + r * hd, kT, tile, hd, kstride);
                 tsr_flash_update(s, v->pos, j0, tile, c->q_pos[query[r]], b->ml[call[r]] + 2 * pair,
                                  b->acc[call[r]] + pair * hd, vv, vst, hd, NULL, NULL);
             }

@@ -6,8 +6,8 @@
  * rescaled by exp(m_old - m_new). No (queries x entries) score matrix is ever held, and each
  * K/V tile is read (converted, for F16 or loaded views) once for all the query heads of its KV
  * head and a block of queries. The K tile is also transposed once, so that a query's scores
- * against sixteen keys are sixteen-lane products (tsr_flash_scores), with every key's terms in
- * tsr_flash_dot's order.
+ * against sixteen keys are sixteen-lane products (tsr_sparse_scores), with every key's terms in
+ * tsr_sparse_dot4's order (both of <tessera/sdk_sparse.h>).
  *
  * Parallel work items are (block of TSR_FLASH_QB queries, KV head); each item is computed
  * whole by one task, so results do not depend on the thread count. score_acc needs the final
@@ -26,7 +26,7 @@
  *
  * tsr_flash_run computes a call; tsr_flash_start lets it resume after entries attended to
  * elsewhere ('hydragen' does a shared prefix for several sequences at once, with
- * tsr_flash_scores and tsr_flash_update on the same tiles). Plugins built with it get the
+ * tsr_sparse_scores and tsr_flash_update on the same tiles). Plugins built with it get the
  * vector clones of <tessera/sdk.h> and must build with -ffp-contract=off (tessera_add_plugin
  * does) to keep the bits.
  * Header-only, like <tessera/sdk.h>.
@@ -39,6 +39,7 @@
 #include <stddef.h>
 
 #include <tessera/sdk_attention.h>
+#include <tessera/sdk_sparse.h>
 
 /* Queries per work item: enough to reuse a K/V tile from cache, few enough to keep
  * parallelism for short prefills. */
@@ -72,58 +73,16 @@ typedef struct tsr_flash_job {
     atomic_int failed;
 } tsr_flash_job;
 
-/* A score: four partial sums (terms i % 4) added as (0 + 1) + (2 + 3); each term a product
- * then an add (the build keeps the compiler from fusing them). */
-static inline __attribute__((always_inline)) float tsr_flash_dot(const float *a, const float *b,
-                                                             int32_t d) {
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    int32_t i = 0;
-    for (; i + 4 <= d; i += 4) {
-        s0 += a[i] * b[i];
-        s1 += a[i + 1] * b[i + 1];
-        s2 += a[i + 2] * b[i + 2];
-        s3 += a[i + 3] * b[i + 3];
-    }
-    for (; i < d; i++) s0 += a[i] * b[i];
-    return (s0 + s1) + (s2 + s3);
-}
-
-/* Keys scored together: one vector register per partial sum in the widest clone. */
-#define TSR_FLASH_KB 16
+/* Keys scored together: one vector register per partial sum in the widest clone. The score
+ * products are <tessera/sdk_sparse.h>'s (tsr_sparse_dot4, tsr_sparse_scores), which the sparse
+ * attention plugins share, so that choosing every entry gives flash's bits. */
+#define TSR_FLASH_KB TSR_SPARSE_KB
 /* A policy's products (dot_k, axpy_v) are used while a KV head serves at most this many query
  * heads: each query head pays them over again, where a tile read through load_k / load_v is
  * converted once for all of them. Measured on kivi's 2-bit codes (4096 entries, 4 KV heads,
  * CPU time of one layer's decode attention): 2 query heads a KV head 0.75 ms through the
  * products, 1.5 through the loaders; 4: 1.46 and 1.76; 8 (tinyllama): 2.93 and 2.35. */
 #define TSR_FLASH_PRODUCT_HEADS 4
-
-/* tsr_flash_dot of q with each of nb keys, the same bits, from the tile's keys transposed (kT: hd
- * rows of kstride >= nb rounded up to TSR_FLASH_KB, zero past nb): the inner loops run across
- * keys, which vectorises without reordering any key's terms. */
-static inline __attribute__((always_inline)) void tsr_flash_scores(float *s, const float *q,
-                                                               const float *kT, int64_t nb,
-                                                               int32_t hd, int64_t kstride) {
-    for (int64_t r0 = 0; r0 < nb; r0 += TSR_FLASH_KB) {
-        float a0[TSR_FLASH_KB] = {0}, a1[TSR_FLASH_KB] = {0}, a2[TSR_FLASH_KB] = {0}, a3[TSR_FLASH_KB] = {0};
-        const float *k = kT + r0;
-        int32_t d = 0;
-        for (; d + 4 <= hd; d += 4) {
-            const float *k0 = k + (size_t)d * kstride, *k1 = k0 + kstride, *k2 = k1 + kstride,
-                        *k3 = k2 + kstride;
-            const float q0 = q[d], q1 = q[d + 1], q2 = q[d + 2], q3 = q[d + 3];
-            for (int j = 0; j < TSR_FLASH_KB; j++) {
-                a0[j] += q0 * k0[j];
-                a1[j] += q1 * k1[j];
-                a2[j] += q2 * k2[j];
-                a3[j] += q3 * k3[j];
-            }
-        }
-        for (; d < hd; d++)
-            for (int j = 0; j < TSR_FLASH_KB; j++) a0[j] += q[d] * k[(size_t)d * kstride + j];
-        int64_t n = nb - r0 < TSR_FLASH_KB ? nb - r0 : TSR_FLASH_KB;
-        for (int64_t j = 0; j < n; j++) s[r0 + j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
-    }
-}
 
 /* The extension of view g when the call carries views_ext (since 1.1), else NULL. */
 static inline const tsr_kv_view_ext *tsr_flash_view_ext(const tsr_attention_call *c, int32_t g) {
@@ -190,7 +149,7 @@ static inline void tsr_flash_axpy_runs(const tsr_kv_view_ext *e, const void *ctx
 }
 
 /* kT (hd, kstride): the nb keys of k (rows kst apart) transposed, zero up to nb rounded to
- * TSR_FLASH_KB, for tsr_flash_scores. */
+ * TSR_FLASH_KB, for tsr_sparse_scores. */
 static inline __attribute__((always_inline)) void tsr_flash_transpose(float *kT, const float *k,
                                                                       size_t kst, int64_t nb,
                                                                       int32_t hd,
@@ -306,7 +265,7 @@ static inline void tsr_flash_task(void *arg, int ith, int nth) {
                     if (dot_k)
                         e->dot_k(v->load_ctx, qs + st * hd, j0, nb, s);
                     else
-                        tsr_flash_scores(s, qs + st * hd, kT, nb, hd, kstride);
+                        tsr_sparse_scores(s, qs + st * hd, kT, nb, hd, kstride);
                     tsr_flash_update(s, v->pos, j0, nb, qpos, ml + 2 * st, acc + st * hd, vv, vst,
                                      hd, axpy_v ? e : NULL, v->load_ctx);
                 }
@@ -372,7 +331,7 @@ static inline void tsr_flash_score_task(void *arg, int ith, int nth) {
                 if (dot_k) e->dot_k(v->load_ctx, qs, j0, nb, kt);
                 for (int64_t r = 0; r < nb; r++) {
                     if (v->pos[j0 + r] > qpos) continue;
-                    float score = dot_k ? kt[r] : tsr_flash_dot(qs, k + (size_t)r * kst, hd);
+                    float score = dot_k ? kt[r] : tsr_sparse_dot4(qs, k + (size_t)r * kst, hd);
                     sum[r] += expf(score - m) / l;
                 }
             }
@@ -424,7 +383,7 @@ static inline void tsr_flash_mass_task(void *arg, int ith, int nth) {
                         int32_t p = v->pos[j0 + r];
                         if (p > qpos || p < c->stats_sink || p > last_outside) continue;
                         if (!k) k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
-                        job->outside[pair] += expf(tsr_flash_dot(qs, k + (size_t)r * kst, hd) - m) / l;
+                        job->outside[pair] += expf(tsr_sparse_dot4(qs, k + (size_t)r * kst, hd) - m) / l;
                     }
                 }
             }
