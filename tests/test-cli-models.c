@@ -593,6 +593,90 @@ START_TEST(run_json_counts_evictions) {
 }
 END_TEST
 
+/* Every cache policy's statistics after `run -n 10` on a 5-token prompt: 14 positions stored
+ * (the last token never is) x 5 layers x 4 KV heads, each row held or evicted; the rows its
+ * budget leaves; and the bits it says it stores per value (scales and residuals included). */
+static const struct {
+    const char *set[3];
+    json_int_t entries;
+    double bits_min, bits_max;
+} policy_stats[] = {
+    {{"cache.plugin=full"}, 14 * 20, 32, 32},
+    {{"cache.plugin=streaming", "cache.sink=2", "cache.window=4"}, (2 + 4 + 1) * 20, 32, 32},
+    {{"cache.plugin=h2o", "cache.heavy=2", "cache.recent=4"}, 6 * 20, 32, 32},
+    {{"cache.plugin=a2sf", "cache.heavy=2", "cache.recent=4"}, 6 * 20, 32, 32},
+    {{"cache.plugin=tova", "cache.budget=6"}, 6 * 20, 32, 32},
+    /* the 5-token prompt compressed to 4, then every decoded row kept */
+    {{"cache.plugin=snapkv", "cache.budget=4", "cache.window=2"}, 13 * 20, 32, 32},
+    {{"cache.plugin=kivi", "cache.residual=4", "cache.group=4"}, 14 * 20, 2, 31},
+    {{"cache.plugin=zipcache"}, 14 * 20, 2, 40},
+    {{"cache.plugin=minicache"}, 14 * 20, 32, 40},
+    {{"cache.plugin=paged", "cache.dtype=f16"}, 14 * 20, 16, 16},
+};
+
+START_TEST(every_policy_reports_its_cache) {
+    char *model = tsr_test_data(STORIES_GGUF);
+    const char *args[20] = {"run", "-m", model, "-p", "Once upon a time", "-n", "10",
+                            "--temperature", "0", "--json"};
+    size_t n = 10;
+    for (int i = 0; i < 3 && policy_stats[_i].set[i]; i++) {
+        args[n++] = "--set";
+        args[n++] = policy_stats[_i].set[i];
+    }
+    json_t *r = run_json(args);
+    json_int_t entries = int_at(r, "cache", "entries"), evicted = int_at(r, "cache", "evicted");
+    ck_assert_int_eq(entries, policy_stats[_i].entries);
+    ck_assert_int_eq(entries + evicted, 14 * 20);
+    ck_assert_int_gt(int_at(r, "cache", "kv_bytes"), 0);
+    double bits = json_real_value(json_object_get(json_object_get(r, "cache"), "bits_per_value"));
+    ck_assert_msg(bits >= policy_stats[_i].bits_min && bits <= policy_stats[_i].bits_max,
+                  "%s: %g bits per value", policy_stats[_i].set[0], bits);
+    json_decref(r);
+    free(model);
+}
+END_TEST
+
+/* bench reports the cache at its last decode step, evictions counted for that request alone
+ * (and measures decoders of several continuations):
+ * h2o keeps 8 + 8 of the 41 prompt positions (BOS and a depth of 40) and 16 stored decode
+ * positions, in 5 layers x 4 KV heads; -v of run gives the same counters in one line. */
+START_TEST(bench_json_reports_the_cache) {
+    char *model = tsr_test_data(STORIES_GGUF);
+    const char *args[] = {"bench", "-m", model, "-p", "4", "-n", "16", "-d", "40", "-r", "2",
+                          "--bandwidth-mib", "1", "--json", "--set", "cache.plugin=h2o", "--set",
+                          "cache.heavy=8", "--set", "cache.recent=8", NULL};
+    json_t *root = run_json(args);
+    json_t *r = json_array_get(json_object_get(root, "results"), 0);
+    ck_assert_int_eq(int_at(r, "cache", "policies"), 1);
+    ck_assert_int_eq(int_at(r, "cache", "entries"), 16 * 20);
+    ck_assert_int_eq(int_at(r, "cache", "evicted"), (41 + 16 - 16) * 20);
+    ck_assert_int_eq(int_at(r, "cache", "kv_bytes"), int_at(r, "kv_bytes", NULL));
+    ck_assert_int_ge(int_at(r, "cache", "kv_bytes_peak"), int_at(r, "cache", "kv_bytes"));
+    ck_assert_double_eq(json_real_value(json_object_get(json_object_get(r, "cache"),
+                                                        "bits_per_value")), 32.0);
+    json_decref(root);
+    /* A decoder of 4 continuations: 4 tokens a forward, each sequence's rows held at the end
+     * (paged counts a shared block's rows in every sequence that shows them). */
+    const char *parallel[] = {"bench", "-m", model, "-p", "4", "-n", "16", "-d", "40", "-r", "1",
+                              "--bandwidth-mib", "1", "--json", "--set", "decoder.plugin=parallel",
+                              "--set", "decoder.n=4", "--set", "cache.plugin=paged", NULL};
+    root = run_json(parallel);
+    r = json_array_get(json_object_get(root, "results"), 0);
+    ck_assert_double_eq(json_real_value(json_object_get(r, "decode_tokens_per_forward")), 4.0);
+    ck_assert_int_eq(int_at(r, "cache", "entries"), 4 * (41 + 16) * 20);
+    json_decref(root);
+    const char *verbose[] = {"run", "-m", model, "-p", "Once upon a time", "-n", "10",
+                             "--temperature", "0", "-v", "--set", "cache.plugin=h2o", "--set",
+                             "cache.heavy=2", "--set", "cache.recent=4", NULL};
+    char *err;
+    ck_assert_int_eq(tsr_test_tessera(NULL, &err, verbose), 0);
+    ck_assert_msg(strstr(err, "\ntessera: run: info: cache: 120 entries, 160 evicted, 14080 KV "
+                              "bytes (peak 14080), 32.00 bits per stored value\n"), "%s", err);
+    free(err);
+    free(model);
+}
+END_TEST
+
 /* ---- the training context ---------------------------------------------------------------- */
 
 START_TEST(warns_beyond_the_training_context) {
@@ -926,6 +1010,9 @@ int main(void) {
     tcase_add_test(tc, lost_stdout_fails_model_commands);
     tcase_add_test(tc, run_json_reports_text_timings_and_cache);
     tcase_add_test(tc, run_json_counts_evictions);
+    tcase_add_loop_test(tc, every_policy_reports_its_cache, 0,
+                        (int)(sizeof policy_stats / sizeof policy_stats[0]));
+    tcase_add_test(tc, bench_json_reports_the_cache);
     tcase_add_test(tc, warns_beyond_the_training_context);
     suite_add_tcase(s, tc);
     tc = tcase_create("decoding");

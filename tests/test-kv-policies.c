@@ -939,6 +939,118 @@ START_TEST(flash_on_kivi_products_matches_loads) {
 }
 END_TEST
 
+/* ---- hydragen -------------------------------------------------------------------------------- */
+
+/* (n_head, n_kv_head, head_dim, tile, block_size, f16 blocks) */
+static const int32_t hyd_cases[][6] = {
+    {8, 2, 16, 64, 16, 0}, {4, 2, 20, 8, 5, 1}, {12, 4, 13, 33, 64, 0}, {8, 1, 32, 16, 7, 0},
+};
+
+/* The value of an instance's command of signature d(I). */
+static double command_d(const fx *f, const char *name) {
+    const tsr_plugin_desc *d = f->inst->ref->desc;
+    for (uint32_t i = 0; i < d->n_commands; i++)
+        if (strcmp(d->commands[i].name, name) == 0)
+            return ((double (*)(void *))d->commands[i].fn)(f->inst->self);
+    ck_abort_msg("no command %s", name);
+    return 0;
+}
+
+/* Four sequences in a paged cache: 0 with a 150-entry prompt, 1 and 2 forked from it, each
+ * then with entries of its own (2, 3 and 1), and 3 apart (90 entries). One batch of their
+ * decode queries (2, 3, 1 and 1, the last positions each holds) through hydragen's
+ * forward_batch gives the outputs of flash run on each sequence alone, bit for bit, with
+ * score_acc (sequence 1) and head_mass (sequence 2) too; and the prefix was shared. */
+START_TEST(hydragen_equals_flash_on_forks) {
+    const int32_t *k = hyd_cases[_i];
+    const int32_t n_head = k[0], nkv = k[1], hd = k[2];
+    tsr_model_shape s = kv_shape(1, nkv, hd, 4);
+    s.n_head = n_head;
+    char block[32], tile[32];
+    snprintf(block, sizeof block, "block_size=%d", k[4]);
+    snprintf(tile, sizeof tile, "tile=%d", k[3]);
+    const char *cache_kv[] = {block, k[5] ? "dtype=f16" : "dtype=f32", NULL};
+    const char *attn_kv[] = {tile, NULL};
+    fx f, fl, hy;
+    cache_open(&f, "paged", cache_kv, &s);
+    fx_open(&fl, 2, TSR_STAGE_ATTENTION, "attention-flash.so", "flash", attn_kv, &s);
+    fx_open(&hy, 2, TSR_STAGE_ATTENTION, "attention-hydragen.so", "hydragen", attn_kv, &s);
+    enum { N_SEQ = 4, PROMPT = 150 };
+    const int64_t own[N_SEQ] = {2, 3, 1, 90}, n_q[N_SEQ] = {2, 3, 1, 1};
+    kv_rows data[N_SEQ];
+    for (int i = 0; i < N_SEQ; i++) data[i] = kivi_data(PROMPT + 8, nkv, hd, 40 + (uint64_t)i, 0);
+    ck_assert_int_eq(cvt(&f)->seq_begin(f.inst->self, 0), TSR_OK);
+    ck_assert_int_eq(put(&f, 0, 0, &data[0], 0, PROMPT), TSR_OK);
+    ck_assert_int_eq(cvt(&f)->seq_fork(f.inst->self, 0, 1), TSR_OK);
+    ck_assert_int_eq(cvt(&f)->seq_fork(f.inst->self, 0, 2), TSR_OK);
+    ck_assert_int_eq(cvt(&f)->seq_begin(f.inst->self, 3), TSR_OK);
+    for (int i = 0; i < N_SEQ; i++)
+        ck_assert_int_eq(put(&f, i, 0, &data[i], i == 3 ? 0 : PROMPT, own[i]), TSR_OK);
+    tsr_kv_view views[N_SEQ][4];
+    tsr_kv_view_ext ext[N_SEQ][4];
+    tsr_attention_call calls[2][N_SEQ];
+    float *q[N_SEQ], *out[2][N_SEQ], *acc[2][4], mass[2][12] = {{0}};
+    int32_t q_pos[N_SEQ][3];
+    uint64_t rng = 11 + (uint64_t)_i;
+    for (int i = 0; i < N_SEQ; i++) {
+        view_ext(&f, i, 0, nkv, views[i], ext[i]);
+        size_t n = (size_t)(n_q[i] * n_head * hd);
+        q[i] = malloc(n * sizeof(float));
+        for (size_t j = 0; j < n; j++) q[i][j] = 2.0f * tsr_test_rng_unit(&rng);
+        for (int64_t t = 0; t < n_q[i]; t++)
+            q_pos[i][t] = (int32_t)(views[i][0].n - n_q[i] + t);
+    }
+    for (int32_t g = 0; g < nkv; g++) views[1][g].score_from_pos = PROMPT + 1;
+    for (int run = 0; run < 2; run++) {
+        for (int32_t g = 0; g < nkv; g++) acc[run][g] = calloc((size_t)views[1][g].n, sizeof(float));
+        for (int i = 0; i < N_SEQ; i++) {
+            out[run][i] = malloc((size_t)(n_q[i] * n_head * hd) * sizeof(float));
+            calls[run][i] = (tsr_attention_call){
+                TSR_SIZED(tsr_attention_call), .seq_id = i, .layer = 0,
+                .phase = TSR_PHASE_DECODE, .n_q = n_q[i], .q = q[i], .q_pos = q_pos[i],
+                .scale = 1.0f / sqrtf((float)hd), .views = views[i], .out = out[run][i],
+                .head_mass = i == 2 ? mass[run] : NULL, .stats_sink = 4, .stats_window = 16,
+                .views_ext = ext[i]};
+        }
+    }
+    /* run 0: flash, each sequence alone; run 1: hydragen, the batch at once */
+    const tsr_attention_call *batch[N_SEQ];
+    for (int32_t g = 0; g < nkv; g++) views[1][g].score_acc = acc[0][g];
+    for (int i = 0; i < N_SEQ; i++) {
+        ck_assert_int_eq(fx_attention_forward(&fl, &calls[0][i]), TSR_OK);
+        batch[i] = &calls[1][i];
+    }
+    for (int32_t g = 0; g < nkv; g++) views[1][g].score_acc = acc[1][g];
+    const tsr_attention_vtable *hvt = hy.vt;
+    ck_assert_int_eq(hvt->forward_batch(hy.inst->self, batch, N_SEQ), TSR_OK);
+    for (int i = 0; i < N_SEQ; i++)
+        ck_assert_msg(memcmp(out[0][i], out[1][i], (size_t)(n_q[i] * n_head * hd) *
+                                                       sizeof(float)) == 0,
+                      "sequence %d: hydragen's output differs from flash's", i);
+    for (int32_t g = 0; g < nkv; g++)
+        ck_assert(memcmp(acc[0][g], acc[1][g], (size_t)views[1][g].n * sizeof(float)) == 0);
+    ck_assert(memcmp(mass[0], mass[1], sizeof mass[0]) == 0);
+    ck_assert_float_gt(mass[0][0] + mass[0][n_head - 1], 0.0f);
+    /* Sequences 0, 1 and 2 share the prompt's whole blocks (each copied the one it wrote into),
+     * cut to whole tiles, for their 6 queries; 3 shares nothing. */
+    int64_t shared = PROMPT / k[4] * k[4] / k[3] * k[3] * (2 + 3 + 1), visible = 0;
+    for (int i = 0; i < N_SEQ; i++) visible += n_q[i] * views[i][0].n;
+    ck_assert_double_eq_tol(command_d(&hy, "shared_fraction"), (double)shared / visible, 1e-12);
+    for (int run = 0; run < 2; run++) {
+        for (int i = 0; i < N_SEQ; i++) free(out[run][i]);
+        for (int32_t g = 0; g < nkv; g++) free(acc[run][g]);
+    }
+    for (int i = 0; i < N_SEQ; i++) {
+        free(q[i]);
+        rows_free(&data[i]);
+        cvt(&f)->seq_end(f.inst->self, i);
+    }
+    fx_close(&hy);
+    fx_close(&fl);
+    fx_close(&f);
+}
+END_TEST
+
 /* ---- model level (stories260K) --------------------------------------------------------------- */
 
 static const char *pipeline_yaml(char *buf, size_t size, const char *cache) {
@@ -1129,36 +1241,178 @@ START_TEST(decode_quality_against_full) {
 }
 END_TEST
 
-/* Parameters out of range or inconsistent: one line naming the plugin and the value. */
+/* Parameters out of range or inconsistent, for every cache policy and attention plugin: one
+ * line naming the plugin (or the key) and the value, exit 1, nothing on stdout. */
+static const struct {
+    const char *set[3];
+    const char *want;
+} bad_parameter_cases[] = {
+    {{"cache.plugin=full", "cache.dtype=f8"},
+     "tessera: --set: cache.dtype: expected one of f32, f16, got 'f8'\n"},
+    {{"cache.plugin=streaming", "cache.window=0"},
+     "tessera: --set: cache.window: expected an integer in [1, 1048576], got '0'\n"},
+    {{"cache.plugin=streaming", "cache.heads={DIR}/missing.heads"},
+     "tessera: cache: streaming: heads: {DIR}/missing.heads: cannot open: No such file or "
+     "directory\n"},
+    {{"cache.plugin=streaming", "cache.heads={DIR}/other.heads"},
+     "tessera: cache: streaming: heads: {DIR}/other.heads: profiled on a model of 22 layers, "
+     "32 query heads and 4 KV heads; this one has 5, 8 and 4: profile it with tessera "
+     "profile-heads\n"},
+    {{"cache.plugin=h2o", "cache.heavy=0", "cache.recent=0"},
+     "tessera: cache: h2o: heavy 0, recent 0: the budget heavy + recent must be at least 1 "
+     "entry\n"},
+    {{"cache.plugin=a2sf", "cache.heavy=0", "cache.recent=0"},
+     "tessera: cache: a2sf: heavy 0, recent 0: the budget heavy + recent must be at least 1 "
+     "entry\n"},
+    {{"cache.plugin=a2sf", "cache.factor=1.5"},
+     "tessera: --set: cache.factor: expected a number in [0, 1], got '1.5'\n"},
+    {{"cache.plugin=tova", "cache.budget=0"},
+     "tessera: --set: cache.budget: expected an integer in [1, 1048576], got '0'\n"},
+    {{"cache.plugin=snapkv", "cache.budget=0"},
+     "tessera: --set: cache.budget: expected an integer in [2, 1048576], got '0'\n"},
+    {{"cache.plugin=snapkv", "cache.budget=64", "cache.window=64"},
+     "tessera: cache: snapkv: window 64, budget 64: the window must be smaller than the budget, "
+     "which holds it and the entries chosen before it\n"},
+    {{"cache.plugin=snapkv", "cache.kernel=4"},
+     "tessera: cache: snapkv: kernel 4: expected an odd size, centred on each position\n"},
+    {{"cache.plugin=kivi", "cache.residual=100"},
+     "tessera: cache: kivi: residual 100 is not a multiple of group 32: keys leave the residual "
+     "in whole groups\n"},
+    {{"cache.plugin=kivi", "cache.group=0"},
+     "tessera: --set: cache.group: expected an integer in [1, 4096], got '0'\n"},
+    {{"cache.plugin=zipcache", "cache.high_bits=2", "cache.low_bits=4"},
+     "tessera: cache: zipcache: high_bits 2 is below low_bits 4: salient tokens get the wider "
+     "codes\n"},
+    {{"cache.plugin=zipcache", "cache.gap=0"},
+     "tessera: --set: cache.gap: expected an integer in [1, 1048576], got '0'\n"},
+    {{"cache.plugin=minicache", "cache.gamma=0.5"},
+     "tessera: --set: cache.gamma: expected a number in [0, 0.3], got '0.5'\n"},
+    {{"cache.plugin=paged", "cache.block_size=0"},
+     "tessera: --set: cache.block_size: expected an integer in [1, 4096], got '0'\n"},
+    {{"attention.plugin=flash", "attention.tile=4"},
+     "tessera: --set: attention.tile: expected an integer in [8, 1024], got '4'\n"},
+    {{"attention.plugin=ggml", "attention.kv_pad=0"},
+     "tessera: --set: attention.kv_pad: expected an integer in [1, 4096], got '0'\n"},
+    {{"attention.plugin=duo", "attention.heads={DIR}/missing.heads"},
+     "tessera: attention: duo: heads: {DIR}/missing.heads: cannot open: No such file or "
+     "directory\n"},
+    {{"attention.plugin=duo", "attention.heads={DIR}/other.heads"},
+     "tessera: attention: duo: heads: {DIR}/other.heads: profiled on a model of 22 layers, "
+     "32 query heads and 4 KV heads; this one has 5, 8 and 4: profile it with tessera "
+     "profile-heads\n"},
+    {{"attention.plugin=duo", "attention.window=0"},
+     "tessera: --set: attention.window: expected an integer in [1, 1048576], got '0'\n"},
+    {{"attention.plugin=quest", "attention.k=2"},
+     "tessera: --set: attention.k: expected an integer in [3, 1048576], got '2'\n"},
+    {{"attention.plugin=quest", "attention.page=0"},
+     "tessera: --set: attention.page: expected an integer in [1, 1024], got '0'\n"},
+    {{"attention.plugin=tidal", "attention.k=0"},
+     "tessera: --set: attention.k: expected an integer in [1, 1048576], got '0'\n"},
+    {{"attention.plugin=tidal", "attention.reselect_layer=1"},
+     "tessera: attention: tidal: reselect_layer 1 is before select_layer 2: the re-selection "
+     "comes after the selection (or -1: 13/32 of the layers)\n"},
+};
+
+/* `text` with each "{DIR}" replaced by dir; the caller frees it. */
+static char *with_dir(const char *text, const char *dir) {
+    size_t n = strlen(text) + 1;
+    for (const char *p = text; (p = strstr(p, "{DIR}")); p += 5) n += strlen(dir);
+    char *out = malloc(n), *o = out;
+    for (const char *p = text; *p;) {
+        if (strncmp(p, "{DIR}", 5) == 0) {
+            o = stpcpy(o, dir);
+            p += 5;
+        } else {
+            *o++ = *p++;
+        }
+    }
+    *o = '\0';
+    return out;
+}
+
 START_TEST(bad_parameters_get_one_line) {
-    static const char *const cases[][3] = {
-        {"cache: { plugin: kivi, residual: 100 }",
-         "tessera: cache: kivi: residual 100 is not a multiple of group 32: keys leave the "
-         "residual in whole groups\n"},
-        {"cache: { plugin: zipcache, high_bits: 2, low_bits: 4 }",
-         "tessera: cache: zipcache: high_bits 2 is below low_bits 4: salient tokens get the "
-         "wider codes\n"},
-        {"cache: { plugin: kivi, group: 0 }", "cache.group: expected an integer in [1, 4096]"},
-        {"cache: { plugin: minicache, gamma: 0.5 }", "cache.gamma: expected a number in [0, 0.3]"},
-        {"cache: { plugin: paged, block_size: 0 }",
-         "cache.block_size: expected an integer in [1, 4096]"},
+    char *model = tsr_test_data("models/stories260K.gguf");
+    char *dir = tsr_test_tmpdir();
+    char *other = with_dir("{DIR}/other.heads", dir);
+    static const char other_model[] = "tessera-heads 1\nlayers 22 heads 32 kv_heads 4\n";
+    ck_assert_int_eq(tsr_test_write_file(other, other_model, strlen(other_model)), 0);
+    const char *const *set = bad_parameter_cases[_i].set;
+    const char *args[16] = {"run", "-m", model, "-p", "hi", "-n", "2"};
+    char *sets[3] = {NULL, NULL, NULL};
+    size_t n = 7;
+    for (int i = 0; i < 3 && set[i]; i++) {
+        args[n++] = "--set";
+        args[n++] = sets[i] = with_dir(set[i], dir);
+    }
+    char *out, *err, *want = with_dir(bad_parameter_cases[_i].want, dir);
+    ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
+    ck_assert_str_eq(out, "");
+    ck_assert_str_eq(err, want);
+    for (int i = 0; i < 3; i++) free(sets[i]);
+    free(want);
+    free(out);
+    free(err);
+    free(other);
+    free(dir);
+    free(model);
+}
+END_TEST
+
+/* A value that makes a sparse plugin read everything, or minicache merge nothing, runs (the
+ * exact tests use it) with one warning saying so. */
+START_TEST(degenerate_layers_warn) {
+    static const char *const cases[][2] = {
+        {"attention.plugin=tidal", "attention.select_layer=5"},
+        {"attention.plugin=quest", "attention.dense_layers=5"},
+        {"cache.plugin=minicache", "cache.start=4"},
+    };
+    static const char *const want[] = {
+        "tessera: tidal: warning: select_layer 5: the model has 5 layers, so no layer selects "
+        "and every layer reads every entry\n",
+        "tessera: quest: warning: dense_layers 5: the model has 5 layers, so every layer reads "
+        "every entry\n",
+        "tessera: minicache: warning: start 4: the model has 5 layers, so no pair (start, "
+        "start+1) merges and every layer keeps every row, as 'full' does\n",
     };
     char *model = tsr_test_data("models/stories260K.gguf");
-    char *config = tsr_test_tmp_path("bad.yaml");
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char yaml[256];
-        int len = snprintf(yaml, sizeof yaml, "tessera: 1\n%s\n", cases[i][0]);
-        ck_assert_int_eq(tsr_test_write_file(config, yaml, (size_t)len), 0);
-        const char *args[] = {"run", config, "-m", model, "-p", "hi", "-n", "2", NULL};
+    for (size_t i = 0; i < 3; i++) {
+        const char *args[] = {"run", "-m", model, "-p", "hi", "-n", "2", "--set", cases[i][0],
+                              "--set", cases[i][1], NULL};
         char *out, *err;
-        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 1);
-        ck_assert_str_eq(out, "");
-        ck_assert_msg(strstr(err, cases[i][1]) && strchr(err, '\n') == err + strlen(err) - 1,
-                      "%s: %s", cases[i][0], err);
+        ck_assert_int_eq(tsr_test_tessera(&out, &err, args), 0);
+        ck_assert_msg(strncmp(err, want[i], strlen(want[i])) == 0, "%s", err);
         free(out);
         free(err);
     }
-    free(config);
+    free(model);
+}
+END_TEST
+
+/* `run --parallel 8` over a paged cache, 8 sampled continuations of a 70-token prompt decoded
+ * in one batch: hydragen prints flash's text, having attended to the forks' shared prompt
+ * once for all of them (two thirds of the pairs, its -v line says). */
+START_TEST(hydragen_parallel_run_equals_flash) {
+    char *model = tsr_test_data("models/stories260K.gguf");
+    const char *prompt = "Once upon a time, there was a little girl named Lily. She loved to play "
+                         "outside in the sun. One day, she saw a big red ball in the park. She "
+                         "wanted to play with it, but it was too high. Lily asked her mom for help.";
+    char *text[2], *err[2];
+    const char *attention[2] = {"attention.plugin=flash", "attention.plugin=hydragen"};
+    for (int i = 0; i < 2; i++) {
+        const char *args[] = {"run", "-m", model, "-p", prompt, "-n", "40", "--parallel", "8",
+                              "--seed", "7", "-v", "--set", "decoder.plugin=parallel", "--set",
+                              "cache.plugin=paged", "--set", attention[i], NULL};
+        ck_assert_int_eq(tsr_test_tessera(&text[i], &err[i], args), 0);
+    }
+    ck_assert_str_eq(text[1], text[0]);
+    ck_assert_ptr_nonnull(strstr(text[1], "--- sequence 7 ---"));
+    ck_assert_msg(strstr(err[1], "tessera: hydragen: info: batched forwards: 798720 of 1198080 "
+                                 "(query, head) x entry pairs in shared prefix passes (66.7%)\n"),
+                  "%s", err[1]);
+    for (int i = 0; i < 2; i++) {
+        free(text[i]);
+        free(err[i]);
+    }
     free(model);
 }
 END_TEST
@@ -1174,7 +1428,10 @@ static Suite *suite(int models) {
                             (int)(sizeof lossy_caches / sizeof lossy_caches[0]));
         tcase_add_loop_test(tc, decode_quality_against_full, 0,
                             (int)(sizeof quality_cases / sizeof quality_cases[0]));
-        tcase_add_test(tc, bad_parameters_get_one_line);
+        tcase_add_loop_test(tc, bad_parameters_get_one_line, 0,
+                            (int)(sizeof bad_parameter_cases / sizeof bad_parameter_cases[0]));
+        tcase_add_test(tc, degenerate_layers_warn);
+        tcase_add_test(tc, hydragen_parallel_run_equals_flash);
     } else {
         const int n_kivi = (int)(sizeof kivi_cases / sizeof kivi_cases[0]);
         tcase_add_test(tc, kvq_grid_covers_its_range);
@@ -1190,6 +1447,8 @@ static Suite *suite(int models) {
                             (int)(sizeof ext_cases / sizeof ext_cases[0]));
         tcase_add_test(tc, flash_products_or_loads_by_group);
         tcase_add_test(tc, flash_on_kivi_products_matches_loads);
+        tcase_add_loop_test(tc, hydragen_equals_flash_on_forks, 0,
+                            (int)(sizeof hyd_cases / sizeof hyd_cases[0]));
     }
     suite_add_tcase(s, tc);
     return s;

@@ -533,8 +533,13 @@ typedef struct cache_seq {
     int64_t id;
     bool alive, prefilled;
     int32_t n_pos;
-    float *k, *v; /* (n_layer, n_ctx, n_kv_head, head_dim) */
+    float *k, *v;  /* (n_layer, n_ctx, n_kv_head, head_dim) */
+    char *exposed; /* (n_layer, n_kv_head, n_ctx) a cache_exposure of each position */
 } cache_seq;
+
+/* What the views of one layer and KV head did with a position so far: a position no longer
+ * exposed was evicted, and may not come back (CACHE_2) until a truncation forgets it. */
+enum cache_exposure { CACHE_NEVER = 0, CACHE_SHOWN = 1, CACHE_GONE = 2 };
 
 /* A cache policy driven as the host drives it, with every view checked against cache_seq. */
 typedef struct cache_drive {
@@ -557,9 +562,18 @@ typedef struct cache_drive {
     int64_t rows_stored;
     bool has_stats;
     tsr_cache_stats base, last;
+    /* Over the run: the shortest and longest view next to the positions held, and whether
+     * the KV heads of one view ever differed in length (per-head eviction). */
+    int64_t views_shorter;
+    bool heads_differ;
 } cache_drive;
 
 static size_t cache_row(const cache_drive *d) { return (size_t)d->n_kv_head * d->head_dim; }
+
+/* Bytes of a per-position mark of every layer and KV head. */
+static size_t cache_marks(const cache_drive *d) {
+    return (size_t)d->n_layer * d->n_kv_head * d->n_ctx;
+}
 
 static float *cache_ref(const cache_drive *d, float *kv, int32_t layer, int32_t pos) {
     return kv + ((size_t)layer * d->n_ctx + (size_t)pos) * cache_row(d);
@@ -594,6 +608,7 @@ static bool cache_open(const runner *r, check *c, cache_drive *d) {
     for (int i = 0; i < CACHE_SEQS; i++) {
         d->seq[i].k = malloc(ref_floats * sizeof(float));
         d->seq[i].v = malloc(ref_floats * sizeof(float));
+        d->seq[i].exposed = malloc(cache_marks(d));
     }
     d->positions = malloc((size_t)d->n_ctx * sizeof *d->positions);
     for (int32_t i = 0; i < d->n_ctx; i++) d->positions[i] = i;
@@ -632,6 +647,7 @@ static void cache_close(cache_drive *d) {
     for (int i = 0; i < CACHE_SEQS; i++) {
         free(d->seq[i].k);
         free(d->seq[i].v);
+        free(d->seq[i].exposed);
     }
     free(d->positions);
     free(d->views);
@@ -656,6 +672,7 @@ static cache_seq *cache_free_slot(cache_drive *d, int64_t id) {
             s->alive = true;
             s->prefilled = false;
             s->n_pos = 0;
+            memset(s->exposed, CACHE_NEVER, cache_marks(d));
             return s;
         }
     return NULL;
@@ -706,6 +723,8 @@ static bool cache_check_view(cache_drive *d, cache_seq *s, int32_t layer, int32_
     }
     for (int32_t h = 0; h < nkv; h++) {
         const tsr_kv_view *v = &d->views[h];
+        if (v->n < s->n_pos) d->views_shorter++;
+        if (v->n != d->views[0].n) d->heads_differ = true;
         char where[256];
         snprintf(where, sizeof where, "%s: seq %lld layer %d KV head %d", d->when,
                  (long long)s->id, layer, h);
@@ -774,6 +793,32 @@ static bool cache_check_view(cache_drive *d, cache_seq *s, int32_t layer, int32_
                     }
             }
         }
+        char *exposed = s->exposed + ((size_t)layer * nkv + h) * d->n_ctx;
+        for (int32_t p = 0; p < s->n_pos; p++) {
+            if (d->seen[p] && exposed[p] == CACHE_GONE) {
+                fail(c, "%s: position %d is exposed again, after a view without it (an evicted "
+                        "entry stays evicted)", where, p);
+                return false;
+            }
+            if (d->seen[p]) exposed[p] = CACHE_SHOWN;
+            else if (exposed[p] == CACHE_SHOWN) exposed[p] = CACHE_GONE;
+        }
+        for (int32_t g = 0; v->score_acc && g < h; g++) {
+            const tsr_kv_view *o = &d->views[g];
+            if (o->score_acc && o->n > 0 && v->n > 0 && v->score_acc < o->score_acc + o->n &&
+                o->score_acc < v->score_acc + v->n) {
+                fail(c, "%s: score_acc overlaps KV head %d's: attention adds each KV head's "
+                        "probabilities to its own (CACHE_8)", where, g);
+                return false;
+            }
+        }
+        for (int64_t j = 0; v->score_acc && j < v->n; j++)
+            if (!(v->score_acc[j] >= 0) || !isfinite(v->score_acc[j])) {
+                fail(c, "%s: score_acc[%lld] holds %g before attention adds to it: a sum of "
+                        "probabilities is finite and >= 0 (the policy zeroes it, CACHE_8)",
+                     where, (long long)j, v->score_acc[j]);
+                return false;
+            }
         double e = err_den > 0 ? sqrt(err_num / err_den) : 0;
         if (e >= 0.5) {
             fail(c, "%s: the view's K/V differ from what was stored at their positions (rel "
@@ -918,8 +963,10 @@ static void check_cache_long_run(const runner *r, check *c) {
         ok = cache_forward(&d, ids, n, other && other->n_pos < d.n_ctx - 64 ? 2 : 1);
     }
     if (ok)
-        note(c, "seq 0 grew to %d positions, seq 1 to %d; %lld rows stored", d.n_ctx,
-             cache_find(&d, 1)->n_pos, (long long)d.rows_stored);
+        note(c, "seq 0 grew to %d positions, seq 1 to %d; %lld rows stored; %lld views held "
+                "fewer entries than positions (eviction)%s", d.n_ctx, cache_find(&d, 1)->n_pos,
+             (long long)d.rows_stored, (long long)d.views_shorter,
+             d.heads_differ ? ", KV heads of one view of different lengths" : "");
     cache_close(&d);
 }
 
@@ -942,6 +989,7 @@ static void check_cache_fork(const runner *r, check *c) {
         size_t ref_bytes = (size_t)d.n_layer * d.n_ctx * cache_row(&d) * sizeof(float);
         memcpy(dst->k, src->k, ref_bytes);
         memcpy(dst->v, src->v, ref_bytes);
+        memcpy(dst->exposed, src->exposed, cache_marks(&d));
         dst->n_pos = src->n_pos;
         dst->prefilled = src->prefilled;
         d.rows_exact = false;
@@ -997,6 +1045,8 @@ static bool cache_truncate(cache_drive *d, int64_t id, int32_t n_pos) {
         ok = false;
     } else if (ok) {
         s->n_pos = n_pos;
+        for (size_t i = 0; i < mark_bytes; i++)
+            if ((int32_t)(i % d->n_ctx) >= n_pos) s->exposed[i] = CACHE_NEVER;
     }
     snprintf(d->when, sizeof d->when, "after seq_truncate(%lld, %d)%s", (long long)id, n_pos,
              st == TSR_E_UNSUPPORTED ? " refused" : "");
@@ -2249,8 +2299,37 @@ static void param_set_add(const tsr_plugin_desc *d, param_set *sets, size_t *n,
     (*n)++;
 }
 
+/* A cache's sizes (its INT parameters counted in entries or tokens) all at a 64th of their
+ * defaults, within their ranges: a policy whose default budget exceeds the checks' context
+ * (SnapKV's 1024) still runs far past a budget of its own, with its sizes in proportion
+ * (a window below a budget stays below it). */
+static void param_set_small_budget(const tsr_plugin_desc *d, param_set *sets, size_t *n) {
+    if (*n == MAX_PARAM_SETS) return;
+    param_set *set = &sets[*n];
+    base_params(d, &set->kv);
+    int used = snprintf(set->label, sizeof set->label, "small");
+    bool changed = false;
+    for (uint32_t i = 0; i < d->n_params; i++) {
+        const tsr_param_def *p = &d->params[i];
+        if (p->type != TSR_PARAM_INT || !p->unit || !p->default_value ||
+            (strcmp(p->unit, "entries") != 0 && strcmp(p->unit, "tokens") != 0))
+            continue;
+        long long def = strtoll(p->default_value, NULL, 10), v = def / 64;
+        if (param_bounded(p) && v < p->min) v = (long long)p->min;
+        if (v == def) continue;
+        char buf[32];
+        snprintf(buf, sizeof buf, "%lld", v);
+        kvset_put(&set->kv, p->name, buf);
+        if (used < (int)sizeof set->label)
+            used += snprintf(set->label + used, sizeof set->label - used, "%s%s=%s",
+                             changed ? "," : ":", p->name, buf);
+        changed = true;
+    }
+    if (changed) (*n)++;
+}
+
 /* The defaults, then each parameter alone at each cheap bound, each other ENUM choice and
- * each BOOL value. */
+ * each BOOL value; a cache also with all its sizes small. */
 static size_t param_sets(const tsr_plugin_desc *d, param_set *sets) {
     size_t n = 1;
     base_params(d, &sets[0].kv);
@@ -2281,6 +2360,7 @@ static size_t param_sets(const tsr_plugin_desc *d, param_set *sets) {
             break;
         }
     }
+    if (d->stage == TSR_STAGE_CACHE) param_set_small_budget(d, sets, &n);
     return n;
 }
 

@@ -114,7 +114,12 @@ typedef struct bench_opts {
 typedef struct kv_probe {
     tsr_pipeline *pl;
     int64_t emitted, at;
-    uint64_t kv_bytes;
+    /* The policies' counters at the last token, while the sequences live (read again at
+     * every token from the at-th on), with `evicted` counting this request's evictions alone
+     * (the policies count since their creation). */
+    tsr_cache_stats cache;
+    int n_cache_reporting;
+    int64_t evicted_before;
     uint64_t t_first;         /* the clock when the first token came: the prompt is done */
     tsr_stage_times first;    /* the stage times then */
 } kv_probe;
@@ -127,7 +132,10 @@ static void probe_tokens(void *ctx, int64_t seq_id, const int32_t *tokens, int64
         p->first = *tsr_pipeline_times(p->pl);
     }
     p->emitted += n;
-    if (p->emitted >= p->at && !p->kv_bytes) p->kv_bytes = tsr_pipeline_kv_bytes(p->pl);
+    if (p->emitted >= p->at) {
+        p->n_cache_reporting = tsr_pipeline_cache_stats(p->pl, &p->cache);
+        p->cache.evicted -= p->evicted_before;
+    }
 }
 
 /* One prefill of n tokens from an empty cache; returns seconds. */
@@ -161,13 +169,18 @@ static void add_times_between(tsr_stage_times *acc, const tsr_stage_times *a,
 static tsr_status time_decode(session *s, const int32_t *prompt, int n_prompt, int n,
                               kv_probe *probe, tsr_generate_stats *gen, double *secs,
                               tsr_stage_times *times, tsr_error *err) {
+    tsr_cache_stats before;
+    tsr_pipeline_cache_stats(s->pl, &before);
+    probe->evicted_before = before.evicted;
     tsr_status st = tsr_pipeline_generate(s->pl, prompt, n_prompt, n + 1, NULL, NULL,
                                           probe_tokens, probe, gen, err);
     *secs = tsr_clock_seconds_since(probe->t_first);
     add_times_between(times, &probe->first, tsr_pipeline_times(s->pl));
-    if (st >= 0 && gen->new_tokens != n + 1)
-        st = tsr_error_set(err, TSR_E_STATE, "bench: the decoder stopped after %lld of %d tokens",
-                           (long long)gen->new_tokens, n + 1);
+    /* A decoder of several continuations (parallel) makes n + 1 tokens for each. */
+    int64_t n_seq = gen->n_sequences > 1 ? gen->n_sequences : 1;
+    if (st >= 0 && gen->new_tokens != (n + 1) * n_seq)
+        st = tsr_error_set(err, TSR_E_STATE, "bench: the decoder stopped after %lld of %lld tokens",
+                           (long long)gen->new_tokens, (long long)((n + 1) * n_seq));
     return st;
 }
 
@@ -181,7 +194,8 @@ typedef struct bench_row {
     double expert_bytes_per_token; /* the routed experts' matrices a decoded token read */
     tsr_stage_times times; /* over the decode runs */
     double decode_secs;
-    uint64_t kv_bytes;
+    tsr_cache_stats cache; /* at the last token of the last decode run */
+    int n_cache_reporting;
     double peak_rss_mib; /* before the bandwidth measurement allocates its buffer */
     double bits_per_weight, rel_rmse; /* what the quantizers made of the weights */
     /* over the decode runs: tokens per target forward, and of a decoder that drafts the
@@ -249,10 +263,12 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
         if ((st = time_decode(&s, prompt, b->depth + 1, b->n_gen, &probe, &gen, &secs, &row->times,
                               err)) < 0)
             goto out;
-        tg[r] = (double)(gen.new_tokens - 1) / secs;
+        /* Each sequence's first token comes from the prompt's logits, before the timed steps. */
+        int64_t untimed = gen.n_sequences > 1 ? gen.n_sequences : 1;
+        tg[r] = (double)(gen.new_tokens - untimed) / secs;
         decode_secs += secs;
         tokens += gen.new_tokens;
-        timed_tokens += gen.new_tokens - 1;
+        timed_tokens += gen.new_tokens - untimed;
         forwards += gen.target_forwards;
         drafted += gen.decoder.drafted;
         accepted += gen.decoder.accepted;
@@ -263,7 +279,8 @@ static tsr_status bench_threads(const model_opts *base, const bench_opts *b, int
         timed_tokens > 0 ? (double)row->times.expert_bytes / (double)timed_tokens : 0;
     row->decode_secs = decode_secs;
     row->threads = threads;
-    row->kv_bytes = probe.kv_bytes;
+    row->cache = probe.cache;
+    row->n_cache_reporting = probe.n_cache_reporting;
     mean_std(pp, b->reps, &row->pp_mean, &row->pp_std);
     mean_std(tg, b->reps, &row->tg_mean, &row->tg_std);
     row->peak_rss_mib = peak_rss_mib();
@@ -343,8 +360,19 @@ static void print_markdown(const char *model_path, const char *type, const char 
                "%.1f MiB |\n",
                r->threads, (double)t->matmul * pct, (double)t->attention * pct,
                (double)t->cache * pct, (double)t->decoder * pct, (double)t->other_ops * pct,
-               (double)t->router * pct, (total - staged) * pct, (unsigned long long)r->kv_bytes,
+               (double)t->router * pct, (total - staged) * pct, (unsigned long long)r->cache.bytes_reserved,
                r->peak_rss_mib);
+    }
+    if (rows[0].n_cache_reporting == 0) return;
+    printf("\n| threads | KV entries held | evicted | KV bytes | peak | bits per stored value |\n");
+    printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for (int i = 0; i < b->n_threads; i++) {
+        const tsr_cache_stats *c = &rows[i].cache;
+        char bits[32] = "-";
+        if (c->bits_per_value > 0) snprintf(bits, sizeof bits, "%.2f", c->bits_per_value);
+        printf("| %d | %lld | %lld | %llu | %llu | %s |\n", rows[i].threads, (long long)c->entries,
+               (long long)c->evicted, (unsigned long long)c->bytes_reserved,
+               (unsigned long long)c->bytes_peak, bits);
     }
 }
 
@@ -357,7 +385,7 @@ static void print_json(const char *model_path, const char *type, const char *dec
         const tsr_stage_times *t = &r->times;
         json_array_append_new(results, json_pack(
             "{s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:f, "
-            "s:o, s:f, s:f, s:f, s:{s:f, s:f, s:f, s:f, s:f, s:f, s:f}}",
+            "s:o, s:f, s:f, s:f, s:{s:f, s:f, s:f, s:f, s:f, s:f, s:f}, s:o}",
             "threads", r->threads, "n_prompt", b->n_prompt, "n_gen", b->n_gen, "n_depth",
             b->depth, "peak_rss_mib",
             r->peak_rss_mib, "bits_per_weight", r->bits_per_weight, "mean_rel_rmse", r->rel_rmse,
@@ -365,7 +393,7 @@ static void print_json(const char *model_path, const char *type, const char *dec
             "decode_tps_mean", r->tg_mean, "decode_tps_std", r->tg_std,
             "expert_bytes_per_token", r->expert_bytes_per_token,
             "decode_weight_gbs", r->weight_gb_per_s, "machine_read_gbs", r->read_gbs,
-            "roofline_fraction", r->roofline, "kv_bytes", (json_int_t)r->kv_bytes,
+            "roofline_fraction", r->roofline, "kv_bytes", (json_int_t)r->cache.bytes_reserved,
             "decode_tokens_per_forward", r->tokens_per_forward, "decode_acceptance_rate",
             r->acceptance >= 0 ? json_real(r->acceptance) : json_null(), "prefill_gops",
             r->prefill_gops, "peak_gops", r->peak_gops, "prefill_peak_fraction",
@@ -373,7 +401,8 @@ static void print_json(const char *model_path, const char *type, const char *dec
             "matmul", (double)t->matmul * 1e-9, "attention",
             (double)t->attention * 1e-9, "cache", (double)t->cache * 1e-9, "decoder",
             (double)t->decoder * 1e-9, "other_ops", (double)t->other_ops * 1e-9, "router",
-            (double)t->router * 1e-9, "total", r->decode_secs));
+            (double)t->router * 1e-9, "total", r->decode_secs, "cache",
+            tsr_session_cache_json(&r->cache, r->n_cache_reporting)));
     }
     /* What the roofline counts: the bytes every target forward reads, and for a model with
      * experts the routed experts' bytes each decoded token read, measured
@@ -419,18 +448,20 @@ int tsr_cli_bench(int argc, char **argv) {
                    "                     [--plugin-dir DIR]...\n"
                    "Prefill (-p tokens in one batch) and decode (-n new tokens through the\n"
                    "configured decoder, as `run` makes them, after a prompt of -d tokens that is\n"
-                   "not timed) speed for each thread count, mean and deviation over -r\n"
-                   "repetitions after a warm-up; the tokens each target forward yields and, for a\n"
-                   "decoder that drafts, the fraction of drafts accepted; the weights read per\n"
+                   "not timed) speed for each thread count, mean and deviation over -r repetitions\n"
+                   "after a warm-up; a decoder of several continuations (parallel) makes -n for\n"
+                   "each, and all are counted. Then the tokens each target forward yields and, for\n"
+                   "a decoder that drafts, the fraction of drafts accepted; the weights read per\n"
                    "decoded token (of a model with experts: what every target forward reads plus\n"
                    "the experts each token was routed to, as read), the machine's own read\n"
                    "bandwidth measured in the same run, and the fraction of that roofline decode\n"
-                   "reaches; where the decode time goes, stage by stage. --bandwidth-mib sizes the\n"
-                   "buffer the bandwidth measurement reads; keep it well above the last-level\n"
-                   "cache. Prefill's weight products (2 operations a multiply-add) against the\n"
-                   "machine's peak measured in the same run for --peak-ms: int8 (VNNI vpdpbusd)\n"
-                   "for quantized weights, f32 (FMA) for F32, F16, BF16; 0 where the CPU has no\n"
-                   "such instruction.\n");
+                   "reaches; where the decode time goes, stage by stage; what the cache policies\n"
+                   "hold at the last decode step (entries, the request's evictions, KV bytes and\n"
+                   "bits per stored value). --bandwidth-mib sizes the buffer the bandwidth\n"
+                   "measurement reads; keep it well above the last-level cache. Prefill's weight\n"
+                   "products (2 operations a multiply-add) against the machine's peak measured in\n"
+                   "the same run for --peak-ms: int8 (VNNI vpdpbusd) for quantized weights, f32\n"
+                   "(FMA) for F32, F16, BF16; 0 where the CPU has no such instruction.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }

@@ -263,16 +263,7 @@ static json_t *decoding_json(const tsr_generate_stats *g) {
 
 static tsr_status print_json(const printer *p, size_t n_prompt, const tsr_generate_stats *g,
                              double secs, const tsr_stage_times *t, tsr_error *err) {
-    json_t *cache = json_null();
-    if (p->n_cache_reporting > 0) {
-        double bits = bits_per_value(p);
-        cache = json_pack("{s:i, s:I, s:I, s:I, s:I, s:o}", "policies", p->n_cache_reporting,
-                          "entries", (json_int_t)p->cache.entries, "evicted",
-                          (json_int_t)p->cache.evicted, "kv_bytes",
-                          (json_int_t)p->cache.bytes_reserved, "kv_bytes_peak",
-                          (json_int_t)p->cache.bytes_peak, "bits_per_value",
-                          bits >= 0 ? json_real(bits) : json_null());
-    }
+    json_t *cache = tsr_session_cache_json(&p->cache, p->n_cache_reporting);
     json_t *sequences = json_array();
     for (size_t i = 0; i < p->n_seqs; i++)
         json_array_append_new(sequences, json_pack(

@@ -6,6 +6,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include <jansson.h>
+
 #include "cli/cli_session.h"
 #include "files/gguf.h"
 
@@ -267,4 +269,13 @@ int tsr_session_take_opt(const char *cmd, int argc, char **argv, int *i, model_o
         took = 1;
     }
     return took;
+}
+
+json_t *tsr_session_cache_json(const tsr_cache_stats *s, int n_policies) {
+    if (n_policies <= 0) return json_null();
+    return json_pack("{s:i, s:I, s:I, s:I, s:I, s:o}", "policies", n_policies, "entries",
+                     (json_int_t)s->entries, "evicted", (json_int_t)s->evicted, "kv_bytes",
+                     (json_int_t)s->bytes_reserved, "kv_bytes_peak", (json_int_t)s->bytes_peak,
+                     "bits_per_value",
+                     s->bits_per_value > 0 ? json_real(s->bits_per_value) : json_null());
 }

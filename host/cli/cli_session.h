@@ -40,6 +40,13 @@ typedef struct model_opts {
     tsr_cli_plugin_dirs plugin_dirs; /* --plugin-dir */
 } model_opts;
 
+/* The cache policies' statistics (tsr_pipeline_cache_stats: `s`, summed over `n_policies`
+ * reporting) as the JSON of run and bench: policies, entries, evicted, kv_bytes,
+ * kv_bytes_peak and bits_per_value (null when a policy does not say); JSON null when no policy
+ * reports. */
+struct json_t;
+struct json_t *tsr_session_cache_json(const tsr_cache_stats *s, int n_policies);
+
 /* Records an option that sets `stage`'s parameter of `role`; a later one replaces it. */
 void tsr_session_set_role(model_opts *o, int32_t stage, int32_t role, const char *value,
                           const char *option);

@@ -258,11 +258,15 @@ static tsr_status quest_create(const tsr_host *host, const tsr_params *params,
                                const tsr_attention_init *init, void **out) {
     tsr_status st = tsr_attention_check_init(host, init, 0);
     if (st < 0) return st;
+    int64_t dense_layers = tsr_param_int(params, "dense_layers");
+    if (dense_layers >= init->n_layer)
+        host->log(host->ctx, TSR_LOG_WARN, "dense_layers %lld: the model has %d layers, so every "
+                  "layer reads every entry", (long long)dense_layers, (int)init->n_layer);
     quest_attn *a = tsr_attention_new(host, init, sizeof *a);
     if (!a) return TSR_E_NOMEM;
     a->page = (int32_t)tsr_param_int(params, "page");
     a->k = (int32_t)tsr_param_int(params, "k");
-    a->dense_layers = (int32_t)tsr_param_int(params, "dense_layers");
+    a->dense_layers = (int32_t)dense_layers;
     a->rows = host->alloc(host->ctx, (size_t)a->page * (size_t)init->head_dim * sizeof(float), 0);
     a->every = host->alloc(host->ctx, (size_t)init->n_head, 0);
     a->chosen_for = host->alloc(host->ctx, (size_t)init->n_head, 0);

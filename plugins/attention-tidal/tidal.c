@@ -265,11 +265,22 @@ static tsr_status tidal_create(const tsr_host *host, const tsr_params *params,
                                const tsr_attention_init *init, void **out) {
     tsr_status st = tsr_attention_check_init(host, init, 0);
     if (st < 0) return st;
+    int64_t select = tsr_param_int(params, "select_layer");
+    int64_t reselect = tsr_param_int(params, "reselect_layer");
+    if (reselect >= 0 && reselect < select) {
+        host->set_error(host->ctx, "reselect_layer %lld is before select_layer %lld: the "
+                                   "re-selection comes after the selection (or -1: 13/32 of the "
+                                   "layers)", (long long)reselect, (long long)select);
+        return TSR_E_INVALID;
+    }
+    if (select >= init->n_layer)
+        host->log(host->ctx, TSR_LOG_WARN, "select_layer %lld: the model has %d layers, so no "
+                  "layer selects and every layer reads every entry", (long long)select,
+                  (int)init->n_layer);
     tidal_attn *a = tsr_attention_new(host, init, sizeof *a);
     if (!a) return TSR_E_NOMEM;
     a->k = (int32_t)tsr_param_int(params, "k");
-    a->select_layer = (int32_t)tsr_param_int(params, "select_layer");
-    int64_t reselect = tsr_param_int(params, "reselect_layer");
+    a->select_layer = (int32_t)select;
     a->reselect_layer = reselect >= 0 ? (int32_t)reselect : (init->n_layer * 13 + 16) / 32;
     *out = a;
     return TSR_OK;

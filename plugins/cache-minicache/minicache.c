@@ -543,6 +543,10 @@ static tsr_status mc_create(const tsr_host *host, const tsr_params *params,
         return st;
     mc_cache *c = self;
     int64_t start = tsr_param_int(params, "start");
+    if (start > (int64_t)init->n_layer - 2)
+        host->log(host->ctx, TSR_LOG_WARN, "start %lld: the model has %d layers, so no pair "
+                  "(start, start+1) merges and every layer keeps every row, as 'full' does",
+                  (long long)start, (int)init->n_layer);
     c->start = start < 0 ? init->n_layer / 2 : start > init->n_layer ? init->n_layer : (int32_t)start;
     c->n_pairs = (init->n_layer - c->start) / 2;
     c->t = tsr_param_float(params, "t");

@@ -5,11 +5,13 @@
  * right, so that no other check fails. Plugins named ok-* break nothing: they check the
  * runner itself (ok-cache-scores fails when the runner does not fill score_acc as attention
  * would, ok-cache-baseline when it does not measure stats from what they were at create,
- * ok-cache-load when it misreads a view of a policy's own format, ok-optional when it fails a
- * decoder that drafts optionally for running without a draft).
+ * ok-cache-load when it misreads a view of a policy's own format, ok-cache-per-head when it
+ * assumes every KV head's view holds as many entries, ok-optional when it fails a decoder that
+ * drafts optionally for running without a draft).
  */
 #include <float.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 #include <tessera/sdk.h>
@@ -830,21 +832,55 @@ static tsr_status last_layer_view(void *self, int64_t seq, int32_t layer, int32_
     return kvc_view(self, seq, layer, phase, views);
 }
 
+/* Leaves the last `keep` entries of a view in it. */
+static void view_keep_last(tsr_kv_view *v, int64_t keep) {
+    int64_t hidden = v->n - keep;
+    if (hidden <= 0) return;
+    v->pos += hidden;
+    v->k = (const char *)v->k + (size_t)hidden * v->k_stride;
+    v->v = (const char *)v->v + (size_t)hidden * v->v_stride;
+    v->n = keep;
+}
+
 /* Shows the last KV_WINDOW entries of each layer and keeps the others hidden in the store. */
 static tsr_status hiding_view(void *self, int64_t seq, int32_t layer, int32_t phase,
                               tsr_kv_view *views) {
     kvc *c = self;
     tsr_status st = kvc_view(self, seq, layer, phase, views);
-    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) {
-        tsr_kv_view *v = &views[h];
-        int64_t hidden = v->n - KV_WINDOW;
-        if (hidden <= 0) continue;
-        v->pos += hidden;
-        v->k = (const char *)v->k + (size_t)hidden * v->k_stride;
-        v->v = (const char *)v->v + (size_t)hidden * v->v_stride;
-        v->n = KV_WINDOW;
-    }
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) view_keep_last(&views[h], KV_WINDOW);
     return st;
+}
+
+/* Shows the last KV_WINDOW - 8 h entries of KV head h, a length per head; with `own_pos`
+ * false every head is given head 0's positions. */
+static tsr_status per_head_window(kvc *c, int64_t seq, int32_t layer, int32_t phase,
+                                  tsr_kv_view *views, bool own_pos) {
+    tsr_status st = kvc_view(c, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++)
+        view_keep_last(&views[h], KV_WINDOW - 8 * h);
+    for (int32_t h = 1; st >= 0 && !own_pos && h < c->kv.n_kv_head; h++)
+        views[h].pos = views[0].pos;
+    return st;
+}
+
+static tsr_status per_head_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                tsr_kv_view *views) {
+    return per_head_window(self, seq, layer, phase, views, true);
+}
+
+static tsr_status head0_pos_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                 tsr_kv_view *views) {
+    return per_head_window(self, seq, layer, phase, views, false);
+}
+
+/* Shows the last KV_WINDOW entries of each layer, but everything it keeps whenever it keeps a
+ * multiple of 50: evicted entries come back. */
+static tsr_status flicker_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                               tsr_kv_view *views) {
+    kvc *c = self;
+    const tsr_kv_seq *s = tsr_kv_store_find(&c->kv, kvc_resolve(c, seq));
+    if (s && s->layers[layer].n % 50 == 0) return kvc_view(self, seq, layer, phase, views);
+    return hiding_view(self, seq, layer, phase, views);
 }
 
 /* Offers seq_fork and refuses every fork. */
@@ -897,6 +933,31 @@ static tsr_status scores_view(void *self, int64_t seq, int32_t layer, int32_t ph
     tsr_status st = kvc_view(self, seq, layer, phase, views);
     for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++)
         views[h].score_acc = scores_of(c, seq, layer, h);
+    return st;
+}
+
+/* Every KV head adds its scores to head 0's buffer. */
+static tsr_status shared_scores_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                     tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++)
+        views[h].score_acc = scores_of(c, seq, layer, 0);
+    return st;
+}
+
+/* Hands over score buffers it never zeroed; all-ones bytes (NaN) stand for what uninitialised
+ * memory may hold. */
+static tsr_status unzeroed_scores_view(void *self, int64_t seq, int32_t layer, int32_t phase,
+                                       tsr_kv_view *views) {
+    kvc *c = self;
+    tsr_status st = kvc_view(self, seq, layer, phase, views);
+    for (int32_t h = 0; st >= 0 && h < c->kv.n_kv_head; h++) {
+        float *acc = scores_of(c, seq, layer, h);
+        if (views[h].n > 0 && acc[0] == 0)
+            memset(acc, 0xff, (size_t)c->kv.n_ctx * sizeof *acc);
+        views[h].score_acc = acc;
+    }
     return st;
 }
 
@@ -1014,6 +1075,18 @@ KV_CACHE_STATS(cache_no_peak, "bad-cache-no-peak", kvc_store, kvc_view, NULL, NU
 KV_CACHE_FULL(ok_baseline, "ok-cache-baseline", baseline_create, kvc_store, kvc_view,
               tsr_kv_store_seq_fork, tsr_kv_store_seq_truncate, tsr_kv_store_seq_end, NULL,
               NULL, tsr_kv_store_stats, "passes: its stats start above zero before any sequence")
+KV_CACHE_PLAIN(ok_per_head, "ok-cache-per-head", kvc_store, per_head_view, tsr_kv_store_seq_end,
+               "passes: shows each KV head a window of its own length")
+KV_CACHE_PLAIN(cache_head_pos, "bad-cache-head-pos", kvc_store, head0_pos_view,
+               tsr_kv_store_seq_end,
+               "shows each KV head a window of its own length, with head 0's positions")
+KV_CACHE_PLAIN(cache_flicker, "bad-cache-flicker", kvc_store, flicker_view, tsr_kv_store_seq_end,
+               "shows a window of what it keeps, and all of it at every 50th entry")
+KV_CACHE_PLAIN(cache_shared_scores, "bad-cache-shared-scores", kvc_store, shared_scores_view,
+               tsr_kv_store_seq_end, "gives every KV head the same score_acc")
+KV_CACHE_PLAIN(cache_unzeroed_scores, "bad-cache-unzeroed-scores", kvc_store,
+               unzeroed_scores_view, tsr_kv_store_seq_end,
+               "hands over a score_acc it never zeroed")
 KV_CACHE(ok_scores, "ok-cache-scores", kvc_store, scores_view, NULL, NULL, tsr_kv_store_seq_end,
          scores_step_end,
          "passes: checks that the runner fills score_acc as attention would")
@@ -1631,6 +1704,8 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &cache_evicted, &cache_load, &ok_load, &ok_baseline, &cache_unreadable,
                   &cache_no_pos, &cache_last_layer, &cache_one_seq, &cache_step, &cache_fork_stub,
                   &cache_deep_truncate, &cache_truncate_status, &cache_unhide, &cache_no_peak,
+                  &ok_per_head, &cache_head_pos, &cache_flicker, &cache_shared_scores,
+                  &cache_unzeroed_scores,
                   &attention_desc, &attn_causal, &attn_gqa, &attn_scores, &attn_blind, &attn_f32,
                   &attn_mha, &router_desc, &router_twice_desc, &router_weight, &router_all,
                   &backend_desc, &be_norm, &be_glu, &be_broadcast, &be_in_place, &be_neox,
