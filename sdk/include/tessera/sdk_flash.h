@@ -199,6 +199,15 @@ static inline __attribute__((always_inline)) void tsr_flash_update(
     ml[1] += l;
 }
 
+/* n_floats of scratch for one worker's items, from the host; NULL when out of memory, with the
+ * job marked failed. */
+static inline float *tsr_flash_scratch(tsr_flash_job *job, size_t n_floats) {
+    const tsr_host *h = job->a->sh.host;
+    float *mem = h->alloc(h->ctx, n_floats * sizeof(float), 0);
+    if (!mem) atomic_store(&job->failed, 1);
+    return mem;
+}
+
 TSR_VECTOR_CLONES
 static inline void tsr_flash_task(void *arg, int ith, int nth) {
     tsr_flash_job *job = arg;
@@ -214,11 +223,8 @@ static inline void tsr_flash_task(void *arg, int ith, int nth) {
     const int64_t kstride = (tile + TSR_FLASH_KB - 1) / TSR_FLASH_KB * TSR_FLASH_KB;
     size_t n_floats = (2 * (size_t)tile + (size_t)kstride) * (size_t)hd + (size_t)tile +
                       (size_t)n_state * (2 * (size_t)hd + 2);
-    float *mem = a->sh.host->alloc(a->sh.host->ctx, n_floats * sizeof(float), 0);
-    if (!mem) {
-        atomic_store(&job->failed, 1);
-        return;
-    }
+    float *mem = tsr_flash_scratch(job, n_floats);
+    if (!mem) return;
     float *kt = mem, *vt = kt + (size_t)tile * hd, *kT = vt + (size_t)tile * hd;
     float *s = kT + (size_t)kstride * hd;
     float *qs = s + tile, *acc = qs + (size_t)n_state * hd, *ml = acc + (size_t)n_state * hd;
@@ -301,11 +307,8 @@ static inline void tsr_flash_score_task(void *arg, int ith, int nth) {
     if (first == last) return;
 
     size_t n_floats = (size_t)tile * (size_t)hd + (size_t)hd + (size_t)tile;
-    float *mem = a->sh.host->alloc(a->sh.host->ctx, n_floats * sizeof(float), 0);
-    if (!mem) {
-        atomic_store(&job->failed, 1);
-        return;
-    }
+    float *mem = tsr_flash_scratch(job, n_floats);
+    if (!mem) return;
     float *kt = mem, *qs = kt + (size_t)tile * hd, *sum = qs + hd;
 
     for (int64_t it = first; it < last; it++) {
@@ -352,11 +355,8 @@ static inline void tsr_flash_mass_task(void *arg, int ith, int nth) {
     const int32_t hd = a->sh.head_dim, group = a->sh.n_head / a->sh.n_kv_head, tile = a->tile;
     int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
     if (first == last) return;
-    float *mem = a->sh.host->alloc(a->sh.host->ctx, ((size_t)tile + 1) * (size_t)hd * sizeof(float), 0);
-    if (!mem) {
-        atomic_store(&job->failed, 1);
-        return;
-    }
+    float *mem = tsr_flash_scratch(job, ((size_t)tile + 1) * (size_t)hd);
+    if (!mem) return;
     float *kt = mem, *qs = kt + (size_t)tile * hd;
     for (int64_t it = first; it < last; it++) {
         int32_t g = (int32_t)(it % a->sh.n_kv_head);
