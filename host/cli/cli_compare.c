@@ -435,8 +435,7 @@ int tsr_cli_compare(int argc, char **argv) {
                                                                      ? c.budgets[b] : 0};
     }
     if (tsr_tokenize(sessions[0].tok, text, len, true, false, &ids, &n_ids, &err) < 0) goto fail;
-    int64_t n_chunks = (int64_t)n_ids / c.feed.ctx;
-    if (c.chunks >= 0 && c.chunks < n_chunks) n_chunks = c.chunks;
+    int64_t n_chunks = tsr_session_chunk_count(n_ids, c.feed.ctx, c.chunks);
     if (n_chunks < 1) {
         tsr_error_set(&err, TSR_E_INVALID, "%s: %zu tokens, fewer than one chunk of --ctx %lld",
                       c.text_path, n_ids, (long long)c.feed.ctx);

@@ -117,8 +117,7 @@ int tsr_cli_experts(int argc, char **argv) {
         goto fail;
     }
     if ((int64_t)n_ids < o.ctx) o.ctx = (int64_t)n_ids;
-    int64_t n_chunks = (int64_t)n_ids / o.ctx;
-    if (o.max_chunks >= 0 && o.max_chunks < n_chunks) n_chunks = o.max_chunks;
+    int64_t n_chunks = tsr_session_chunk_count(n_ids, o.ctx, o.max_chunks);
     const size_t cells = (size_t)hp->n_layer * (size_t)hp->n_expert;
     rec.slots = calloc(cells, sizeof *rec.slots);
     rec.weight_sum = calloc(cells, sizeof *rec.weight_sum);

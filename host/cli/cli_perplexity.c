@@ -163,8 +163,7 @@ int tsr_cli_perplexity(int argc, char **argv) {
     if (!(text = tsr_session_read_file(text_path, &len, &err))) goto fail;
     if (tsr_session_open(&s, &o, &err) < 0) goto fail;
     if (tsr_tokenize(s.tok, text, len, true, false, &ids, &n_ids, &err) < 0) goto fail;
-    int64_t n_chunks = (int64_t)n_ids / ctx;
-    if (max_chunks >= 0 && max_chunks < n_chunks) n_chunks = max_chunks;
+    int64_t n_chunks = tsr_session_chunk_count(n_ids, ctx, max_chunks);
     if (n_chunks < 1) {
         tsr_error_set(&err, TSR_E_INVALID, "%s: %zu tokens, fewer than one chunk of --ctx %lld",
                       text_path, n_ids, (long long)ctx);

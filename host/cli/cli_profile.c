@@ -56,8 +56,7 @@ static int kv_rank_cmp(const void *a, const void *b, void *scores) {
 static tsr_status profile_run(session *s, const profile_opts *o, const int32_t *ids, size_t n_ids,
                               profile *p, tsr_error *err) {
     const int64_t len = (int64_t)n_ids < o->ctx ? (int64_t)n_ids : o->ctx;
-    p->n_chunks = (int64_t)n_ids / len;
-    if (o->max_chunks >= 0 && o->max_chunks < p->n_chunks) p->n_chunks = o->max_chunks;
+    p->n_chunks = tsr_session_chunk_count(n_ids, len, o->max_chunks);
     /* A query at q has positions outside once q - window - 1 >= sink. */
     const int64_t per_chunk = len - (o->sink + o->window + 1);
     if (per_chunk <= 0)

@@ -211,6 +211,11 @@ tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err) {
     return tsr_pipeline_run_hooks(s->pl, TSR_HOOK_AFTER_LOAD, err);
 }
 
+int64_t tsr_session_chunk_count(size_t n_ids, int64_t len, int64_t max_chunks) {
+    int64_t n_chunks = (int64_t)n_ids / len;
+    return max_chunks >= 0 && max_chunks < n_chunks ? max_chunks : n_chunks;
+}
+
 tsr_status tsr_session_run_chunks(session *s, const int32_t *ids, int64_t len, int64_t n_chunks,
                                   const char *what, tsr_error *err) {
     const int32_t bos = tsr_tokenizer_bos(s->tok);

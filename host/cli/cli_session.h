@@ -76,6 +76,10 @@ tsr_status tsr_session_open_tokenizer(const char *model_path, const char *tok_pa
 tsr_status tsr_session_pipeline(session *s, int64_t n_ctx, tsr_error *err);
 void tsr_session_close(session *s);
 
+/* How many whole chunks of `len` tokens n_ids tokens hold, at most max_chunks (negative: no
+ * limit): the text commands' --ctx and --chunks. */
+int64_t tsr_session_chunk_count(size_t n_ids, int64_t len, int64_t max_chunks);
+
 /* Runs the first n_chunks * len tokens of `ids` as chunks of `len`, each one forward from an
  * empty cache whose first token is BOS when the tokenizer adds one (how the text commands cut
  * a text), with progress shown as `what`. The pipeline must hold `len` positions. */
