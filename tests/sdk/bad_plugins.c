@@ -883,10 +883,10 @@ static tsr_status flicker_view(void *self, int64_t seq, int32_t layer, int32_t p
     return hiding_view(self, seq, layer, phase, views);
 }
 
-/* Offers seq_fork and refuses every fork. */
-static tsr_status stub_fork(void *self, int64_t src, int64_t dst) {
+/* Offers seq_fork and refuses every fork: an offered callback must work. */
+static tsr_status refusing_fork(void *self, int64_t src, int64_t dst) {
     kvc *c = self;
-    c->kv.host->set_error(c->kv.host->ctx, "seq_fork: not implemented yet");
+    c->kv.host->set_error(c->kv.host->ctx, "seq_fork: this policy refuses every fork");
     return TSR_E_UNSUPPORTED;
 }
 
@@ -1060,8 +1060,8 @@ KV_CACHE_FULL(cache_single, "bad-cache-single", single_seq_create, kvc_store, kv
 KV_CACHE_FULL(cache_step, "bad-cache-step", kvc_create, kvc_store, kvc_view, NULL, NULL,
               tsr_kv_store_seq_end, NULL, single_token_step_end, tsr_kv_store_stats,
               "refuses a decode step of several tokens")
-KV_CACHE(cache_fork_stub, "bad-cache-fork-stub", kvc_store, kvc_view, stub_fork, NULL,
-         tsr_kv_store_seq_end, NULL, "provides seq_fork but refuses every fork")
+KV_CACHE(cache_fork_refused, "bad-cache-fork-refused", kvc_store, kvc_view, refusing_fork,
+         NULL, tsr_kv_store_seq_end, NULL, "provides seq_fork but refuses every fork")
 KV_CACHE(cache_deep_truncate, "bad-cache-deep-truncate", kvc_store, kvc_view, NULL,
          deep_truncate, tsr_kv_store_seq_end, NULL, "truncates one position more than asked")
 KV_CACHE(cache_truncate_status, "bad-cache-truncate-status", window_store, kvc_view, NULL,
@@ -1702,8 +1702,8 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &cache_head, &cache_fork_share, &cache_truncate, &cache_stats, &cache_refuse,
                   &cache_count, &cache_stride, &ok_scores, &cache_fork_short, &cache_peak,
                   &cache_evicted, &cache_load, &ok_load, &ok_baseline, &cache_unreadable,
-                  &cache_no_pos, &cache_last_layer, &cache_one_seq, &cache_step, &cache_fork_stub,
-                  &cache_deep_truncate, &cache_truncate_status, &cache_unhide, &cache_no_peak,
+                  &cache_no_pos, &cache_last_layer, &cache_one_seq, &cache_step,
+                  &cache_fork_refused, &cache_deep_truncate, &cache_truncate_status, &cache_unhide, &cache_no_peak,
                   &ok_per_head, &cache_head_pos, &cache_flicker, &cache_shared_scores,
                   &cache_unzeroed_scores,
                   &attention_desc, &attn_causal, &attn_gqa, &attn_scores, &attn_blind, &attn_f32,
