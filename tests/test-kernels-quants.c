@@ -611,7 +611,7 @@ END_TEST
  * activations +-127). */
 START_TEST(test_x16_levels_equal_reference) {
     const int32_t *types = x16_types;
-    const int64_t toks[] = {1, 2, 7, 9, 16, 17, 70};
+    const int64_t toks[] = {1, 2, 3, 4, 5, 9, 16, 17, 70};
     tsr_cpu_level best = tsr_cpu_level_best();
     for (int i = 0; i < X16_TYPES; i++)
         for (int e = 0; e < 2; e++) {
