@@ -421,7 +421,7 @@ END_TEST
 START_TEST(test_products_levels) {
     const int64_t shapes[][3] = {{256, 1, 1},    {512 + 256, 7, 5}, {2048 + 512, 13, 9},
                                  {256 * 9, 4, 4}, {256 * 3, 3, 70},  {1024, 13, 1},
-                                 {512, 6, 2}};
+                                 {512, 6, 2},     {256 * 5, 10, 1}};
     tsr_cpu_level best = tsr_cpu_level_best();
     for (int i = 0; i < N_TYPES; i++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
