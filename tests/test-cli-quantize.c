@@ -672,7 +672,14 @@ START_TEST(bench_reports) {
     ck_assert_msg(strncmp(out, head, strlen(head)) == 0, "%s", out);
     ck_assert_msg(strstr(out, " GOP/s of ") && strstr(out, " f32 | "), "%s", out);
     ck_assert_msg(strstr(out, "| stories260K.gguf | F32 | ") && strstr(out, "| pp8 |") &&
-                      strstr(out, "| tg4 |"), "%s", out);
+                      strstr(out, "| tg4 |") && strstr(out, "| decoder |"), "%s", out);
+    free(out);
+    /* -n 0: prefill alone, no decode rows or decode tables */
+    const char *prefill_only[] = {"bench", "-m", model, "-p", "8", "-n", "0", "-r", "1",
+                                  "--bandwidth-mib", "16", "--peak-ms", "20", NULL};
+    out = run_ok(prefill_only);
+    ck_assert_msg(strstr(out, "| pp8 |") && !strstr(out, "| tg") && !strstr(out, "| decoder |"),
+                  "%s", out);
     free(out);
     const char *bad[] = {"bench", "-m", model, "-t", "0", NULL};
     char *err = run_error(2, bad);

@@ -421,7 +421,7 @@ END_TEST
 START_TEST(test_products_levels) {
     const int64_t shapes[][3] = {{256, 1, 1},    {512 + 256, 7, 5}, {2048 + 512, 13, 9},
                                  {256 * 9, 4, 4}, {256 * 3, 3, 70},  {1024, 13, 1},
-                                 {512, 6, 2}};
+                                 {512, 6, 2},     {256 * 5, 10, 1}};
     tsr_cpu_level best = tsr_cpu_level_best();
     for (int i = 0; i < N_TYPES; i++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
@@ -661,6 +661,55 @@ START_TEST(test_x16_levels_equal_reference) {
 }
 END_TEST
 
+/* Decode (up to four tokens) reads group g beside group g + h of each thread's slice (h half
+ * its groups, rounded up): slices of every group count from one to seven, odd ones leaving a
+ * group alone, give the reference's bits for one to five tokens, and the padding after each
+ * token's rows (ldy > n_out) stays untouched. */
+START_TEST(test_x16_slices_of_odd_groups) {
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
+    tsr_cpu_level best = tsr_cpu_level_best();
+    for (int i = 0; i < 2; i++)
+        for (int64_t groups = 1; groups <= 7; groups++) {
+            product p;
+            product_init(&p, types[i], 96, 16 * groups, 5, 340 + (uint64_t)(8 * i + groups));
+            size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(TSR_DTYPE_Q8_0, p.n_in);
+            const int64_t ldy = p.n_out + 16;
+            /* room for two groups past the matrix: a pairing beyond the slice reads there */
+            void *packed = calloc((size_t)(p.n_out + 32), wrow);
+            ck_assert_int_eq(tsr_x16_pack(packed, p.w, p.t, p.n_in, p.n_out, 0, groups), TSR_OK);
+            float *y = malloc(sizeof(float) * (size_t)(ldy * p.n_tok));
+            for (int l = TSR_CPU_LEVEL_SCALAR; l <= (int)best; l++) {
+                use_level(l);
+                for (int64_t n_tok = 1; n_tok <= p.n_tok; n_tok++)
+                    for (int nth = 1; nth <= 3; nth++) {
+                        memset(y, 0xff, sizeof(float) * (size_t)(ldy * p.n_tok));
+                        for (int ith = 0; ith < nth; ith++)
+                            ck_assert_int_eq(tsr_x16_matmul(y, ldy, packed, p.t, p.xp, n_tok,
+                                                            p.n_in, p.n_out, ith, nth),
+                                             TSR_OK);
+                        for (int64_t t = 0; t < p.n_tok; t++)
+                            for (int64_t r = 0; r < ldy; r++) {
+                                uint32_t want = t < n_tok && r < p.n_out
+                                                    ? f32_bits(tsr_x16_row_dot_ref(
+                                                          p.t, p.n_in, (char *)p.w + r * wrow,
+                                                          (char *)p.xp + t * xrow))
+                                                    : 0xffffffffu;
+                                ck_assert_msg(f32_bits(y[t * ldy + r]) == want,
+                                              "type %d level %s groups %lld n_tok %lld nth %d "
+                                              "(%lld, %lld)", p.t, tsr_cpu_level_name(l),
+                                              (long long)groups, (long long)n_tok, nth,
+                                              (long long)t, (long long)r);
+                            }
+                    }
+            }
+            use_level(best);
+            free(packed);
+            free(y);
+            product_free(&p);
+        }
+}
+END_TEST
+
 static Suite *suite(void) {
     Suite *s = suite_create("kernels-quants");
     TCase *tc = tcase_create("quants");
@@ -678,6 +727,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, test_x16_pack_round_trip);
     tcase_add_test(tc, test_x16_reference_is_the_sum);
     tcase_add_test(tc, test_x16_levels_equal_reference);
+    tcase_add_test(tc, test_x16_slices_of_odd_groups);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -102,8 +102,9 @@ typedef struct fixture {
  * - stories260K: head_dim 8 and n_ff 172 take ggml_vec_dot_f32's tails (8.8e-6).
  * At the avx2 and scalar levels the quantized products keep those bits, the F32 and F16 dots
  * do not. The 'ggml' runs also take the gguf quantizer's `order: ggml`; the 'flash' ones run
- * the default pipeline, whose Q4_0, Q8_0, Q4_K and Q6_K products are repacked and add in the
- * fast order (the same bits at every level). 'flash' (online softmax) rounds differently:
+ * the default pipeline, whose Q4_0 and Q8_0 products (and at the avx512 level the Q4_K and
+ * Q6_K ones) are repacked and add in the fast order (the same bits at every level that
+ * repacks them). 'flash' (online softmax) rounds differently:
  * within 1.1e-6 on the F32 fixtures but stories260K (1.05e-5); Q4_0 in the fast order is
  * llama.cpp's own Q4_0x8 order (its Q6_K output matrix is not: 1.19e-7); llama-tiny-q8_0,
  * moe-tiny-q8_0 and llama-tiny-q4_k_m cross a Q8_0 or Q8_K tie when an activation is
@@ -118,9 +119,9 @@ typedef struct fixture {
  *   llama-tiny f16   5.74e-4 / 4.67e-4 / 5.59e-4;  0 / 5.36e-4 / 5.21e-4
  *   llama-tiny q8_0  1.34e-2 at every level;        0 at every level
  *   qwen2-tiny q8_0  2.38e-7 at every level;        0 at every level
- *   llama-tiny q4_0  1.19e-7 at every level;        3.58e-7 at every level
- *   q4_k_m           2.58e-2 at every level;        0 at every level
- *   q6_k             4.17e-7 at every level;        0 at every level
+ *   llama-tiny q4_0  1.19e-7 / 0 / 0;               3.58e-7 at every level
+ *   q4_k_m           2.58e-2 / 4.77e-7 / 4.77e-7;  0 at every level
+ *   q6_k             4.17e-7 / 4.77e-7 / 4.77e-7;  0 at every level
  *
  * The mixture-of-experts fixtures (the default router 'topk', experts grouped per batch): the
  * Q8_0 ones give llama.cpp's bits at every level with either plugin; the F32 ones stay within

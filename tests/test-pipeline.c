@@ -332,12 +332,16 @@ static char *tiny_model_with(const char *name, const char *const *tensors, size_
 
 /* ---- draft models, outputs per sequence ----------------------------------------------------- */
 
-/* The tiny model as its own draft, with `draft` as its draft: section. */
-static const char *draft_yaml(char *buf, size_t size, const char *draft) {
-    snprintf(buf, size, "tessera: 1\nbackend: { plugin: cpu, threads: 1 }\n"
+/* The tiny model as its own draft, with `draft` as its draft: section, on `threads`. */
+static const char *draft_yaml_on(char *buf, size_t size, const char *draft, int threads) {
+    snprintf(buf, size, "tessera: 1\nbackend: { plugin: cpu, threads: %d }\n"
              "attention: { plugin: flash }\ncache: { plugin: full }\n"
-             "decoder: { plugin: speculative, temperature: 0 }\ndraft: %s\n", draft);
+             "decoder: { plugin: speculative, temperature: 0 }\ndraft: %s\n", threads, draft);
     return buf;
+}
+
+static const char *draft_yaml(char *buf, size_t size, const char *draft) {
+    return draft_yaml_on(buf, size, draft, 1);
 }
 
 /* The draft's logits (N_TOK x n_vocab, malloc'd) of the test prompt, through api.draft. */
@@ -384,6 +388,54 @@ START_TEST(self_draft_skips_its_layers) {
     free(target);
     tsr_test_pipeline_close(&r);
     free(path);
+}
+END_TEST
+
+/* forward_begin on two threads: the target's forward runs on its own thread while the draft
+ * forwards on the caller's, each giving the logits it gives alone; in between the target's API
+ * refuses every other call (DEC_8), and a wait with nothing begun is refused too. */
+START_TEST(forward_begin_runs_beside_the_draft) {
+    char yaml[512];
+    run r;
+    run_open_ok(&r, draft_yaml_on(yaml, sizeof yaml, "{ skip_layers: [1] }", 2), 64);
+    float *target_alone = prompt_logits(&r), *draft_alone = draft_prompt_logits(&r);
+    size_t nv = (size_t)r.model->hp.n_vocab, bytes = N_TOK * nv * sizeof(float);
+    tsr_batch_entry b[N_TOK];
+    for (int i = 0; i < N_TOK; i++)
+        b[i] = (tsr_batch_entry){.seq_id = 0, .pos = i, .token = (int32_t)((i * 37 + 11) % 320),
+                                 .want_logits = 1};
+    float *target = malloc(bytes), *draft = malloc(bytes);
+    tsr_error err;
+    tsr_request req;
+    ck_assert_int_eq(tsr_request_begin(&req, r.pl, 8, NULL, NULL, NULL, NULL, &err), TSR_OK);
+    const tsr_decode_api *api = &req.api, *d = req.api.draft;
+    ck_assert_int_eq(api->forward_wait(api->ctx), TSR_E_STATE);
+    ck_assert_str_eq(req.host_err.msg, "forward_wait: no forward was begun (forward_begin)");
+    ck_assert_int_eq(api->forward_begin(api->ctx, b, N_TOK, target), TSR_OK);
+    ck_assert_int_eq(d->forward(d->ctx, b, N_TOK, draft), TSR_OK);
+    ck_assert_int_eq(api->forward(api->ctx, b, 1, NULL), TSR_E_STATE);
+    ck_assert_str_eq(req.host_err.msg, "forward: the target's forward begun by forward_begin is "
+                                       "still running: forward_wait comes first");
+    ck_assert_int_eq(api->forward_begin(api->ctx, b, 1, NULL), TSR_E_STATE);
+    ck_assert_int_eq(api->seq_fork(api->ctx, 0, 1), TSR_E_STATE);
+    ck_assert_int_eq(api->seq_truncate(api->ctx, 0, 0), TSR_E_STATE);
+    ck_assert_int_eq(api->seq_end(api->ctx, 0), TSR_E_STATE);
+    ck_assert_int_eq(api->emit(api->ctx, &b[0].token, 1), 1);
+    ck_assert_str_eq(req.host_err.msg, "emit: the target's forward begun by forward_begin is "
+                                       "still running: forward_wait comes first");
+    ck_assert_int_eq(api->forward_wait(api->ctx), TSR_OK);
+    ck_assert_mem_eq(target, target_alone, bytes);
+    ck_assert_mem_eq(draft, draft_alone, bytes);
+    /* After the wait the target takes calls again, on the whole pool. */
+    ck_assert_int_eq(api->seq_truncate(api->ctx, 0, 0), TSR_OK);
+    ck_assert_int_eq(api->forward(api->ctx, b, N_TOK, target), TSR_OK);
+    ck_assert_mem_eq(target, target_alone, bytes);
+    tsr_request_end(&req);
+    free(target);
+    free(draft);
+    free(target_alone);
+    free(draft_alone);
+    tsr_test_pipeline_close(&r);
 }
 END_TEST
 
@@ -508,6 +560,7 @@ int main(void) {
     tc = tcase_create("draft");
     tcase_add_test(tc, self_draft_skips_its_layers);
     tcase_add_test(tc, draft_layers_must_exist);
+    tcase_add_test(tc, forward_begin_runs_beside_the_draft);
     suite_add_tcase(s, tc);
     tc = tcase_create("broken models");
     tcase_add_test(tc, nan_stops_at_its_layer);

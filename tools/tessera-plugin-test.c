@@ -1362,6 +1362,11 @@ typedef struct fake_model {
     int64_t emitted_by[FAKE_MAX_SEQ];
     int64_t emitted, limit, n_forward, calls_after_stop;
     int32_t tokens[FAKE_MAX_EMIT];   /* every emitted token, in order of emission */
+    /* The target's forward begun by forward_begin: it runs at forward_wait, on the entries as
+     * they are then (a decoder that changed them in between would break DEC_2 or DEC_8). */
+    const tsr_batch_entry *begun;
+    int64_t n_begun;
+    float *begun_logits;
 } fake_model;
 
 static float fake_logit(int32_t token, int32_t pos, int32_t v) {
@@ -1398,8 +1403,16 @@ static bool seq_ok(fake_model *m, int64_t seq, const char *what) {
     return true;
 }
 
+/* DEC_8: between forward_begin and forward_wait, nothing of the target's API. */
+static bool not_begun(fake_model *m, const char *what) {
+    if (!m->begun) return true;
+    fail(m->c, "request %d: %s between forward_begin and forward_wait (DEC_8)", m->req, what);
+    return false;
+}
+
 static tsr_status fake_forward(void *ctx, const tsr_batch_entry *e, int64_t n, float *logits) {
     fake_model *m = ctx;
+    if (!not_begun(m, "forward")) return TSR_E_STATE;
     fake_model *target = m->target ? m->target : m;
     if (fake_done(target)) target->calls_after_stop++;
     if (n <= 0) {
@@ -1440,6 +1453,7 @@ static tsr_status fake_forward(void *ctx, const tsr_batch_entry *e, int64_t n, f
 
 static tsr_status fake_fork(void *ctx, int64_t src, int64_t dst) {
     fake_model *m = ctx;
+    if (!not_begun(m, "seq_fork")) return TSR_E_STATE;
     if (!seq_ok(m, src, "seq_fork")) return TSR_E_INVALID;
     if (dst < 0 || dst >= FAKE_MAX_SEQ || m->alive[dst]) {
         fail(m->c, "request %d: %sseq_fork(%lld, %lld): the destination is alive or out of range "
@@ -1454,6 +1468,7 @@ static tsr_status fake_fork(void *ctx, int64_t src, int64_t dst) {
 
 static tsr_status fake_truncate(void *ctx, int64_t seq, int32_t n_pos) {
     fake_model *m = ctx;
+    if (!not_begun(m, "seq_truncate")) return TSR_E_STATE;
     if (!seq_ok(m, seq, "seq_truncate")) return TSR_E_INVALID;
     if (n_pos < 0) {
         fail(m->c, "request %d: %sseq_truncate(%lld, %d): negative position", m->req, m->name,
@@ -1466,6 +1481,7 @@ static tsr_status fake_truncate(void *ctx, int64_t seq, int32_t n_pos) {
 
 static tsr_status fake_seq_end(void *ctx, int64_t seq) {
     fake_model *m = ctx;
+    if (!not_begun(m, "seq_end")) return TSR_E_STATE;
     if (!seq_ok(m, seq, "seq_end")) return TSR_E_INVALID;
     m->alive[seq] = false;
     return TSR_OK;
@@ -1473,6 +1489,7 @@ static tsr_status fake_seq_end(void *ctx, int64_t seq) {
 
 static int32_t fake_emit_seq(void *ctx, int64_t seq, const int32_t *tokens, int64_t n) {
     fake_model *m = ctx;
+    if (!not_begun(m, "emit")) return 1;
     if (seq < 0 || seq >= FAKE_MAX_SEQ) {
         fail(m->c, "request %d: emit_seq for sequence %lld (the fake model has %d)", m->req,
              (long long)seq, FAKE_MAX_SEQ);
@@ -1499,6 +1516,27 @@ static int32_t fake_emit(void *ctx, const int32_t *tokens, int64_t n) {
 }
 
 static int32_t fake_is_eog(void *ctx, int32_t token) { return 0; }
+
+static tsr_status fake_forward_begin(void *ctx, const tsr_batch_entry *e, int64_t n,
+                                     float *logits) {
+    fake_model *m = ctx;
+    if (!not_begun(m, "a second forward_begin")) return TSR_E_STATE;
+    m->begun = e;
+    m->n_begun = n;
+    m->begun_logits = logits;
+    return TSR_OK;
+}
+
+static tsr_status fake_forward_wait(void *ctx) {
+    fake_model *m = ctx;
+    const tsr_batch_entry *e = m->begun;
+    if (!e) {
+        fail(m->c, "request %d: forward_wait without forward_begin (DEC_8)", m->req);
+        return TSR_E_STATE;
+    }
+    m->begun = NULL;
+    return fake_forward(m, e, m->n_begun, m->begun_logits);
+}
 
 /* The draft_use a decoder declares (0 for other stages and for decoders without the field). */
 static int32_t draft_use(const tsr_plugin_desc *d) {
@@ -1537,10 +1575,14 @@ static bool fake_request(const runner *r, check *c, live *l, fake_model *m, int 
                           .seq_truncate = fake_truncate, .seq_end = fake_seq_end,
                           .emit = fake_emit, .is_eog = fake_is_eog,
                           .draft = r->shape.has_draft ? &draft_api : NULL,
-                          .emit_seq = fake_emit_seq};
+                          .emit_seq = fake_emit_seq,
+                          .forward_begin = r->shape.has_draft ? fake_forward_begin : NULL,
+                          .forward_wait = r->shape.has_draft ? fake_forward_wait : NULL};
     tsr_generate_request rq = {sizeof rq, prompt, n_prompt, limit};
     tsr_status st = vt->generate(l->inst->self, &api, &rq);
     free(prompt);
+    if (m->begun)
+        fail(c, "request %d: generate returned before forward_wait (DEC_8)", req);
     if (c->failed) return false;
     if (st < 0) {
         fail(c, "request %d: generate: status %d: %s", req, st, plugin_error(l));

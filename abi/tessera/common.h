@@ -4,7 +4,10 @@
  * The headers in <tessera/...> are the specification of the ABI; abi/CONTRACT.md numbers the
  * rules a plugin must follow. Comments on callbacks use these tags:
  *   [main]      called on the host's main thread, never concurrently with another [main] call
- *               on the same instance;
+ *               on the same instance (since decoder 1.2, while a decoder's forward_begin runs
+ *               the target's forward, the target pipeline's instances are called on another
+ *               thread than the draft pipeline's: each instance still from one thread at a
+ *               time);
  *   [worker]    may be called on a thread-pool worker, concurrently with other [worker] calls
  *               on the same instance for disjoint work;
  *   [any]       may be called from any thread; must be thread-safe.

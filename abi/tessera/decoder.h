@@ -19,7 +19,7 @@ extern "C" {
 #endif
 
 #define TSR_DECODER_ABI_MAJOR 1
-#define TSR_DECODER_ABI_MINOR 1
+#define TSR_DECODER_ABI_MINOR 2
 
 typedef struct tsr_decoder_init {
     uint32_t struct_size;
@@ -70,6 +70,19 @@ typedef struct tsr_decode_api {
      * at once (a decoder with a parameter of role PARALLEL): the host keeps one text per
      * sequence, and emit() is emit_seq(0, ...). Returns 1 when that sequence must stop. */
     int32_t (*emit_seq)(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n);
+
+    /* since 1.2: the target's forward beside the draft's, for decoders that draft while the
+     * target verifies (PEARL). forward_begin starts forward(entries, n, logits) on threads of
+     * the target's own and returns at once; forward_wait waits for it and returns its status.
+     * In between, the entries and logits stay the host's (neither read nor written by the
+     * decoder), no other call of this API may be made (the host refuses it: TSR_E_STATE), and
+     * the draft's API may be used: its calls run beside the target's forward, the pool's
+     * threads shared between the two (with one thread, forward_begin runs the forward itself).
+     * generate calls forward_wait before it returns. Present on the target's API of a pipeline
+     * with a draft model, NULL otherwise. */
+    tsr_status (*forward_begin)(void *ctx, const tsr_batch_entry *entries, int64_t n,
+                                float *logits);
+    tsr_status (*forward_wait)(void *ctx);
 } tsr_decode_api;
 
 typedef struct tsr_generate_request {

@@ -311,32 +311,8 @@ done:
     return st;
 }
 
-static void print_markdown(const char *model_path, const char *type, const char *decoder,
-                           const tsr_model *m, uint64_t weight_bytes, const bench_opts *b,
-                           const bench_row *rows) {
-    printf("| model | type | weights | threads | test | tokens/s | weights read | roofline | "
-           "products | of the peak |\n");
-    printf("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
-    const char *name = strrchr(model_path, '/') ? strrchr(model_path, '/') + 1 : model_path;
-    const char *kind = peak_kind_name(prefill_peak_kind(m));
-    for (int i = 0; i < b->n_threads; i++) {
-        const bench_row *r = &rows[i];
-        printf("| %s | %s | %.1f MiB | %d | pp%d | %.2f ± %.2f | | | %.1f GOP/s of %.1f %s | "
-               "%.0f%% |\n", name, type, (double)weight_bytes / 1048576.0, r->threads,
-               b->n_prompt, r->pp_mean, r->pp_std, r->prefill_gops, r->peak_gops, kind,
-               100.0 * r->peak_fraction);
-        char depth[32] = "";
-        if (b->depth) snprintf(depth, sizeof depth, " @ d%d", b->depth);
-        printf("| %s | %s | %.1f MiB | %d | tg%d%s | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% | "
-               "| |\n",
-               name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, depth,
-               r->tg_mean, r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
-    }
-    if (m->hp.n_expert > 0)
-        printf("\nweights: %.1f MiB every target forward reads, plus the experts routed to (%d of "
-               "%d per layer): %.1f MiB per decoded token, measured\n",
-               (double)weight_bytes / 1048576.0, m->hp.n_expert_used, m->hp.n_expert,
-               rows[0].expert_bytes_per_token / 1048576.0);
+/* What decode spent its time on, and what the decoder yielded per forward of the target. */
+static void print_decode_tables(const char *decoder, const bench_opts *b, const bench_row *rows) {
     printf("\n| threads | decoder | tokens per target forward | drafts accepted |\n");
     printf("| ---: | --- | ---: | ---: |\n");
     for (int i = 0; i < b->n_threads; i++) {
@@ -363,6 +339,36 @@ static void print_markdown(const char *model_path, const char *type, const char 
                (double)t->router * pct, (total - staged) * pct, (unsigned long long)r->cache.bytes_reserved,
                r->peak_rss_mib);
     }
+}
+
+static void print_markdown(const char *model_path, const char *type, const char *decoder,
+                           const tsr_model *m, uint64_t weight_bytes, const bench_opts *b,
+                           const bench_row *rows) {
+    printf("| model | type | weights | threads | test | tokens/s | weights read | roofline | "
+           "products | of the peak |\n");
+    printf("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    const char *name = strrchr(model_path, '/') ? strrchr(model_path, '/') + 1 : model_path;
+    const char *kind = peak_kind_name(prefill_peak_kind(m));
+    for (int i = 0; i < b->n_threads; i++) {
+        const bench_row *r = &rows[i];
+        printf("| %s | %s | %.1f MiB | %d | pp%d | %.2f ± %.2f | | | %.1f GOP/s of %.1f %s | "
+               "%.0f%% |\n", name, type, (double)weight_bytes / 1048576.0, r->threads,
+               b->n_prompt, r->pp_mean, r->pp_std, r->prefill_gops, r->peak_gops, kind,
+               100.0 * r->peak_fraction);
+        if (b->n_gen == 0) continue; /* -n 0: prefill alone */
+        char depth[32] = "";
+        if (b->depth) snprintf(depth, sizeof depth, " @ d%d", b->depth);
+        printf("| %s | %s | %.1f MiB | %d | tg%d%s | %.2f ± %.2f | %.2f GB/s of %.2f | %.0f%% | "
+               "| |\n",
+               name, type, (double)weight_bytes / 1048576.0, r->threads, b->n_gen, depth,
+               r->tg_mean, r->tg_std, r->weight_gb_per_s, r->read_gbs, 100.0 * r->roofline);
+    }
+    if (m->hp.n_expert > 0)
+        printf("\nweights: %.1f MiB every target forward reads, plus the experts routed to (%d of "
+               "%d per layer): %.1f MiB per decoded token, measured\n",
+               (double)weight_bytes / 1048576.0, m->hp.n_expert_used, m->hp.n_expert,
+               rows[0].expert_bytes_per_token / 1048576.0);
+    if (b->n_gen > 0) print_decode_tables(decoder, b, rows);
     if (rows[0].n_cache_reporting == 0) return;
     printf("\n| threads | KV entries held | evicted | KV bytes | peak | bits per stored value |\n");
     printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
@@ -449,19 +455,20 @@ int tsr_cli_bench(int argc, char **argv) {
                    "Prefill (-p tokens in one batch) and decode (-n new tokens through the\n"
                    "configured decoder, as `run` makes them, after a prompt of -d tokens that is\n"
                    "not timed) speed for each thread count, mean and deviation over -r repetitions\n"
-                   "after a warm-up; a decoder of several continuations (parallel) makes -n for\n"
-                   "each, and all are counted. Then the tokens each target forward yields and, for\n"
-                   "a decoder that drafts, the fraction of drafts accepted; the weights read per\n"
-                   "decoded token (of a model with experts: what every target forward reads plus\n"
-                   "the experts each token was routed to, as read), the machine's own read\n"
-                   "bandwidth measured in the same run, and the fraction of that roofline decode\n"
-                   "reaches; where the decode time goes, stage by stage; what the cache policies\n"
-                   "hold at the last decode step (entries, the request's evictions, KV bytes and\n"
-                   "bits per stored value). --bandwidth-mib sizes the buffer the bandwidth\n"
-                   "measurement reads; keep it well above the last-level cache. Prefill's weight\n"
-                   "products (2 operations a multiply-add) against the machine's peak measured in\n"
-                   "the same run for --peak-ms: int8 (VNNI vpdpbusd) for quantized weights, f32\n"
-                   "(FMA) for F32, F16, BF16; 0 where the CPU has no such instruction.\n");
+                   "after a warm-up (-n 0: prefill alone); a decoder of several continuations\n"
+                   "(parallel) makes -n for each, and all are counted. Then the tokens each target\n"
+                   "forward yields and, for a decoder that drafts, the fraction of drafts accepted;\n"
+                   "the weights read per decoded token (of a model with experts: what every target\n"
+                   "forward reads plus the experts each token was routed to, as read), the\n"
+                   "machine's own read bandwidth measured in the same run, and the fraction of that\n"
+                   "roofline decode reaches; where the decode time goes, stage by stage; what the\n"
+                   "cache policies hold at the last decode step (entries, the request's evictions,\n"
+                   "KV bytes and bits per stored value). --bandwidth-mib sizes the buffer the\n"
+                   "bandwidth measurement reads; keep it well above the last-level cache. Prefill's\n"
+                   "weight products (2 operations a multiply-add) against the machine's peak\n"
+                   "measured in the same run for --peak-ms: int8 (VNNI vpdpbusd) for quantized\n"
+                   "weights, f32 (FMA) for F32, F16, BF16; 0 where the CPU has no such\n"
+                   "instruction.\n");
             free(o.sets);
             return TSR_EXIT_OK;
         }

@@ -18,6 +18,14 @@ static tsr_status forward_on(tsr_request *g, tsr_pipeline *pl, const tsr_batch_e
     return failed(g, tsr_pipeline_forward(pl, entries, n, logits, &g->host_err));
 }
 
+/* While the decoder's forward_begin runs, the target's API takes no other call (DEC_8). */
+static bool target_busy(tsr_request *g, const char *call) {
+    if (!g->side.running) return false;
+    failed(g, tsr_error_set(&g->host_err, TSR_E_STATE, "%s: the target's forward begun by "
+                            "forward_begin is still running: forward_wait comes first", call));
+    return true;
+}
+
 static tsr_status seq_fork_on(tsr_request *g, tsr_pipeline *pl, int64_t src, int64_t dst) {
     tsr_seq_state *s = tsr_pipeline_find_seq(pl, src);
     if (!s || tsr_pipeline_find_seq(pl, dst))
@@ -56,23 +64,78 @@ static tsr_status seq_truncate_on(tsr_request *g, tsr_pipeline *pl, int64_t seq_
 
 static tsr_status api_forward(void *ctx, const tsr_batch_entry *entries, int64_t n, float *logits) {
     tsr_request *g = ctx;
+    if (target_busy(g, "forward")) return TSR_E_STATE;
     return forward_on(g, g->pl, entries, n, logits);
 }
 
 static tsr_status api_seq_fork(void *ctx, int64_t src, int64_t dst) {
     tsr_request *g = ctx;
+    if (target_busy(g, "seq_fork")) return TSR_E_STATE;
     return seq_fork_on(g, g->pl, src, dst);
 }
 
 static tsr_status api_seq_truncate(void *ctx, int64_t seq_id, int32_t n_pos) {
     tsr_request *g = ctx;
+    if (target_busy(g, "seq_truncate")) return TSR_E_STATE;
     return seq_truncate_on(g, g->pl, seq_id, n_pos);
 }
 
 static tsr_status api_seq_end(void *ctx, int64_t seq_id) {
     tsr_request *g = ctx;
+    if (target_busy(g, "seq_end")) return TSR_E_STATE;
     tsr_pipeline_seq_end(g->pl, seq_id);
     return TSR_OK;
+}
+
+/* The side thread of forward_begin: the target's forward on the target's share of the pool,
+ * its failure kept apart from what the draft's calls on the main thread may record. */
+static void *side_forward_main(void *ctx) {
+    tsr_request *g = ctx;
+    tsr_pool_bind_thread(g->pl->target_share);
+    g->side.status = tsr_pipeline_forward(g->pl, g->side.entries, g->side.n, g->side.logits,
+                                          &g->side.err);
+    return NULL;
+}
+
+static tsr_status api_forward_begin(void *ctx, const tsr_batch_entry *entries, int64_t n,
+                                    float *logits) {
+    tsr_request *g = ctx;
+    if (target_busy(g, "forward_begin")) return TSR_E_STATE;
+    g->side.running = true;
+    g->side.entries = entries;
+    g->side.n = n;
+    g->side.logits = logits;
+    if (g->pl->target_share) {
+        tsr_pool_bind_thread(g->pl->draft_share);
+        g->side.threaded = pthread_create(&g->side.thread, NULL, side_forward_main, g) == 0;
+        if (g->side.threaded) return TSR_OK;
+        tsr_pool_bind_thread(NULL);
+    }
+    g->side.status = tsr_pipeline_forward(g->pl, entries, n, logits, &g->side.err);
+    return TSR_OK;
+}
+
+/* Ends the forward begun, if any: joins its thread and gives the main thread the whole pool
+ * again. */
+static void side_forward_join(tsr_request *g) {
+    if (g->side.threaded) {
+        pthread_join(g->side.thread, NULL);
+        tsr_pool_bind_thread(NULL);
+    }
+    g->side.running = g->side.threaded = false;
+}
+
+static tsr_status api_forward_wait(void *ctx) {
+    tsr_request *g = ctx;
+    if (!g->side.running)
+        return failed(g, tsr_error_set(&g->host_err, TSR_E_STATE,
+                                       "forward_wait: no forward was begun (forward_begin)"));
+    side_forward_join(g);
+    if (g->side.status < 0) {
+        g->host_err = g->side.err;
+        g->host_failed = true;
+    }
+    return g->side.status;
 }
 
 static tsr_status draft_forward(void *ctx, const tsr_batch_entry *entries, int64_t n,
@@ -120,6 +183,7 @@ static tsr_seq_output *output_of(tsr_request *g, int64_t seq_id) {
 
 static int32_t api_emit_seq(void *ctx, int64_t seq_id, const int32_t *tokens, int64_t n) {
     tsr_request *g = ctx;
+    if (target_busy(g, "emit")) return 1;
     tsr_seq_output *out = seq_id >= 0 ? output_of(g, seq_id) : NULL;
     if (!out) {
         failed(g, seq_id < 0 ? tsr_error_set(&g->host_err, TSR_E_INVALID, "emit_seq: sequence "
@@ -174,6 +238,8 @@ tsr_status tsr_request_begin(tsr_request *r, tsr_pipeline *pl, int64_t max_new_t
                                     .seq_truncate = draft_seq_truncate,
                                     .seq_end = draft_seq_end};
     r->api.draft = &r->draft_api;
+    r->api.forward_begin = api_forward_begin;
+    r->api.forward_wait = api_forward_wait;
     if ((st = tsr_pipeline_seq_begin(pl->draft, 0, err)) < 0) tsr_request_end(r);
     return st;
 }
@@ -183,6 +249,7 @@ static void end_all(tsr_pipeline *pl) {
 }
 
 void tsr_request_end(tsr_request *r) {
+    side_forward_join(r);
     end_all(r->pl);
     if (r->pl->draft) end_all(r->pl->draft);
     free(r->outputs);
@@ -213,6 +280,12 @@ tsr_status tsr_pipeline_generate(tsr_pipeline *pl, const int32_t *prompt, int64_
     uint64_t host0 = host_time(times), t0 = tsr_clock_ns(), forwards0 = times->forward_calls;
     uint64_t draft0 = pl->draft ? pl->draft->graph.times.forward_calls : 0;
     if (max_new_tokens > 0) st = dv->generate(dec->self, &g.api, &req);
+    if (g.side.running) {
+        side_forward_join(&g);
+        failed(&g, tsr_error_set(&g.host_err, TSR_E_STATE, "decoder '%s': generate returned with "
+                                 "the target's forward begun and not waited for (forward_wait)",
+                                 dec->ref->desc->name));
+    }
     uint64_t spent = tsr_clock_ns() - t0, host = host_time(times) - host0;
     times->decoder += spent > host ? spent - host : 0;
     stats->target_forwards = times->forward_calls - forwards0;

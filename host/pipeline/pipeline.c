@@ -197,7 +197,13 @@ static tsr_status add_draft(tsr_pipeline *pl, const tsr_registry *reg, const tsr
                                 "layers of the model are skipped; a draft must run one at least",
                                 hp->n_layer);
     tsr_status st = pipeline_new(d, reg, model, pool, pl->n_ctx, &pl->draft, err);
-    if (st < 0 || d->n_skip_layers == 0) return st;
+    if (st < 0) return st;
+    int n_threads = tsr_pool_size(pool);
+    if (n_threads >= 2 && (!(pl->target_share = tsr_pool_create(n_threads - 1)) ||
+                           !(pl->draft_share = tsr_pool_create(1))))
+        return tsr_error_set(err, TSR_E_NOMEM, "draft: out of memory for the threads the target "
+                             "and the draft share");
+    if (d->n_skip_layers == 0) return TSR_OK;
     tsr_pipeline *draft = pl->draft;
     if (!(draft->skip_layer = calloc((size_t)hp->n_layer, sizeof *draft->skip_layer)))
         return tsr_error_set(err, TSR_E_NOMEM, "out of memory");
@@ -222,6 +228,8 @@ tsr_status tsr_pipeline_create(const tsr_config *cfg, const tsr_registry *reg,
 void tsr_pipeline_free(tsr_pipeline *pl) {
     if (!pl) return;
     tsr_pipeline_free(pl->draft);
+    tsr_pool_free(pl->target_share);
+    tsr_pool_free(pl->draft_share);
     free(pl->skip_layer);
     tsr_instance_set_free(&pl->routers);
     tsr_experts_free(pl->experts);

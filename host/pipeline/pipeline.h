@@ -4,6 +4,9 @@
 #ifndef TSR_HOST_PIPELINE_H
 #define TSR_HOST_PIPELINE_H
 
+#include <pthread.h>
+#include <stdbool.h>
+
 #include <tessera/cache.h>
 #include <tessera/decoder.h>
 
@@ -90,6 +93,17 @@ typedef struct tsr_request {
     size_t n_outputs, cap_outputs;
     tsr_decode_api api;       /* api.ctx is the request */
     tsr_decode_api draft_api; /* api.draft when the pipeline has a draft; acts on pl->draft */
+    /* The target's forward a decoder began (api.forward_begin) and has not waited for. */
+    struct {
+        bool running;  /* begun, not yet waited for */
+        bool threaded; /* runs on `thread`, else it ran inside forward_begin */
+        pthread_t thread;
+        const tsr_batch_entry *entries;
+        int64_t n;
+        float *logits;
+        tsr_status status;
+        tsr_error err;
+    } side;
 } tsr_request;
 
 /* Fills `r` and begins sequence 0 (of the draft too). */

@@ -41,6 +41,10 @@ struct tsr_pipeline {
 
     tsr_pipeline *draft; /* the draft: section's pipeline, or NULL */
     bool *skip_layer;    /* (n_layer) a draft's draft.skip_layers, or NULL */
+    /* With a draft and a pool of two threads or more: the shares of the pool that the target's
+     * forward (a decoder's forward_begin) and the draft's calls run on while they overlap, the
+     * draft one thread and the target the others. */
+    tsr_pool *target_share, *draft_share;
 };
 
 /* The state of a live sequence, or NULL. */

@@ -140,7 +140,12 @@ void tsr_pool_free(tsr_pool *pool) {
 
 int tsr_pool_size(const tsr_pool *pool) { return pool ? pool->n_threads : 1; }
 
+static _Thread_local tsr_pool *bound_share;
+
+void tsr_pool_bind_thread(tsr_pool *share) { bound_share = share; }
+
 void tsr_pool_run(tsr_pool *pool, tsr_task_fn fn, void *arg) {
+    if (bound_share) pool = bound_share;
     if (!pool || pool->n_threads == 1 || in_task) {
         int nth = tsr_pool_size(pool);
         for (int i = 0; i < nth; i++) fn(arg, i, nth);

@@ -16,4 +16,10 @@ int tsr_pool_size(const tsr_pool *pool);
  * tasks serially on the calling thread. */
 void tsr_pool_run(tsr_pool *pool, tsr_task_fn fn, void *arg);
 
+/* Makes every later tsr_pool_run from the calling thread run on `share` instead of the pool it
+ * names (NULL: on that pool again), so that two threads can each run one model's forward on a
+ * share of the threads (a decoder's forward_begin). Results do not depend on the thread count
+ * (the plugins' rule INST_5), so a forward gives the same bits on a share. */
+void tsr_pool_bind_thread(tsr_pool *share);
+
 #endif

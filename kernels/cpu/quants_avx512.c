@@ -8,7 +8,8 @@
  *   dw * dx of sixteen blocks come from one 16-lane product; each block is one fma into the
  *   (row, token)'s eight lanes. Prefill holds 4 rows x 4 tokens of accumulators.
  * - Q4_K, Q6_K: a super-block in four vectors of 64 quants; vpmaddubsw pairs, vpdpwssd by the
- *   group scales, and the horizontal sums of eight super-blocks done together.
+ *   group scales, and the horizontal sums of eight super-blocks done together. Decode takes
+ *   a row pair (tsr_stream_row_pairs), the two rows' f32 lanes in one register.
  *
  * Integer parts are exact whatever the order; the f32 parts are those of quants.h in the same
  * order, so the values are the scalar reference's bit for bit. */
@@ -304,7 +305,7 @@ static int qa_mm_q8_0(float *y, int64_t ldy, const void *w, size_t w_stride, con
 /* The constants of the super-block loads, built once per call: GCC would otherwise build
  * them again for every super-block. */
 typedef struct qb_consts {
-    __m512i m4, m3, spread[4], q6_sh[2];
+    __m512i m4, m30, spread[4], q6_sh[2];
 } qb_consts;
 
 /* Word a of the scales to words 0-15, word b to words 16-31. */
@@ -314,7 +315,6 @@ static __m512i qb_spread_index(int a, int b) {
 
 static void qb_consts_init(int qm, qb_consts *c) {
     c->m4 = _mm512_set1_epi8(0x0f);
-    c->m3 = _mm512_set1_epi8(3);
     const long long w4 = 0x0001000100010001ll; /* a word in the four words of a qword */
     for (int i = 0; i < 4; i++) {
         if (qm == TSR_QM_Q4_K) /* vector i: groups (0, 2), (1, 3), (4, 6), (5, 7) */
@@ -325,8 +325,11 @@ static void qb_consts_init(int qm, qb_consts *c) {
                                              (4 * i + 2) * w4, (4 * i + 3) * w4,
                                              (4 * i + 3) * w4);
     }
-    for (int s = 0; s < 2; s++) /* Q6_K: quants 64 s .. of a half use qh bits 4s, 4s + 2 */
-        c->q6_sh[s] = qb_spread_index(4 * s, 4 * s + 2);
+    /* Q6_K: quants 64 s .. of a half use qh bits 4s (low 256 bits) and 4s + 2 (high ones),
+     * moved to bits 4-5 by shifting words left by 4, 2 (s = 0) or right by 0, 2 (s = 1) */
+    c->q6_sh[0] = qb_spread_index(4, 2);
+    c->q6_sh[1] = qb_spread_index(0, 2);
+    c->m30 = _mm512_set1_epi8(0x30);
 }
 
 /* A super-block in registers: u[i] 64 unsigned quants in the order of the activations
@@ -337,13 +340,17 @@ typedef struct qb_sb {
     __m256i ms;
 } qb_sb;
 
-TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, const qb_consts *c, qb_sb *k) {
+TSR_INLINE void qb_quants_q4_k(const tsr_block_q4_k *p, const qb_consts *c, __m512i u[4]) {
     /* qs[64 h ..]: low nibbles are groups 4h and 4h + 2, high ones 4h + 1 and 4h + 3 */
     for (int h = 0; h < 2; h++) {
         __m512i q = _mm512_loadu_si512(p->qs + 64 * h);
-        k->u[2 * h] = _mm512_and_si512(q, c->m4);
-        k->u[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), c->m4);
+        u[2 * h] = _mm512_and_si512(q, c->m4);
+        u[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), c->m4);
     }
+}
+
+TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, const qb_consts *c, qb_sb *k) {
+    qb_quants_q4_k(p, c, k->u);
     /* the eight 6-bit scales and mins (tsr_qk_scale_min), four bytes at a time */
     uint32_t s0, s1, s2;
     memcpy(&s0, p->scales, 4);
@@ -361,17 +368,24 @@ TSR_INLINE void qb_load_q4_k(const tsr_block_q4_k *p, const qb_consts *c, qb_sb 
                                     _mm_unpackhi_epi16(mw, mw), 1);
 }
 
-TSR_INLINE void qb_load_q6_k(const tsr_block_q6_k *p, const qb_consts *c, qb_sb *k) {
-    k->ms = _mm256_setzero_si256(); /* Q6_K has no mins */
+TSR_INLINE void qb_quants_q6_k(const tsr_block_q6_k *p, const qb_consts *c, __m512i u[4]) {
     for (int h = 0; h < 2; h++) {
         __m512i l = _mm512_loadu_si512(p->ql + 64 * h);
         __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p->qh + 32 * h)));
         for (int s = 0; s < 2; s++) { /* quants 128 h + 64 s .. */
-            __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, c->q6_sh[s]), c->m3);
+            /* the two high bits moved straight to bits 4-5 (left for s = 0, right for s = 1),
+             * merged under a mask: (lo & 0x0f) | (hi & 0x30) */
+            __m512i hi =
+                s ? _mm512_srlv_epi16(qh, c->q6_sh[1]) : _mm512_sllv_epi16(qh, c->q6_sh[0]);
             __m512i lo = _mm512_and_si512(s ? _mm512_srli_epi16(l, 4) : l, c->m4);
-            k->u[2 * h + s] = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+            u[2 * h + s] = _mm512_ternarylogic_epi32(lo, hi, c->m30, 0xf8);
         }
     }
+}
+
+TSR_INLINE void qb_load_q6_k(const tsr_block_q6_k *p, const qb_consts *c, qb_sb *k) {
+    k->ms = _mm256_setzero_si256(); /* Q6_K has no mins */
+    qb_quants_q6_k(p, c, k->u);
     __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p->scales));
     for (int i = 0; i < 4; i++) /* vector i: groups 4i .. 4i + 3, eight pairs each */
         k->sc[i] = _mm512_permutexvar_epi16(c->spread[i], _mm512_castsi256_si512(scw));
@@ -398,13 +412,16 @@ static void qb_pack_x(int8_t *xq, const void *x, size_t x_stride, int64_t nsb, i
 /* The scaled integer dot of a super-block with 256 activation quants, as 16 partial sums:
  * dword j of vector i holds quants whose index within their 32 is in 4(j % 8)..+3 (both
  * layouts, see qb_pack_x), so folding the halves gives quants.h's llama.cpp lanes. Q6_K
- * (c32 not NULL) takes its -32 off the pairs, as llama.cpp does, so each lane is exact. */
-TSR_INLINE __m512i qb_dot(const qb_sb *k, const int8_t *xq, const __m512i *c32) {
+ * takes its -32 off the pairs, as llama.cpp does, so each lane is exact: from c32 (32 in
+ * every byte) or from q32, the four vectors' 32 x pair sums made beforehand. */
+TSR_INLINE __m512i qb_dot(const qb_sb *k, const int8_t *xq, const __m512i *c32,
+                          const __m512i *q32) {
     __m512i p[4];
     for (int i = 0; i < 4; i++) {
         __m512i x = _mm512_loadu_si512(xq + 64 * i);
         p[i] = _mm512_maddubs_epi16(k->u[i], x);
         if (c32) p[i] = _mm512_sub_epi16(p[i], _mm512_maddubs_epi16(*c32, x));
+        if (q32) p[i] = _mm512_sub_epi16(p[i], q32[i]);
     }
     __m512i acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p[0], k->sc[0]);
     __m512i acc2 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p[1], k->sc[1]);
@@ -418,6 +435,192 @@ TSR_INLINE __m256i qb_fold(__m512i v) {
     return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
 }
 
+/* ---- Q4_K, Q6_K decode: two rows side by side ---------------------------------------- */
+
+/* One token's activations for decode (qb_decode), read by every row pair of the slice. */
+typedef struct qb_token {
+    qb_consts c;
+    /* The scales of each vector's pairs come from in-lane byte shuffles of 128-bit
+     * broadcasts: Q4_K, vector i: the word of group a = i / 2 * 4 + i % 2 in lanes 0-1, of
+     * a + 2 in lanes 2-3, from the row's eight scales; Q6_K, vector i: group 4i + L in lane
+     * L, from the row's scales 8(i / 2) .. */
+    __m512i pick[4];
+    const tsr_block_q8_k *x;
+    const int8_t *xq;   /* Q4_K: qb_pack_x's order */
+    const __m128i *bs;  /* Q4_K: per super-block, the activation sums of its eight groups */
+    const __m512i *q32; /* Q6_K: per super-block, 32 x the pair sums of its four vectors */
+    int64_t nsb;
+} qb_token;
+
+/* Super-blocks whose Q4_K scales decode reads ahead of their products, for two rows. */
+#define QB_SC_CHUNK 8
+
+/* The 6-bit scales and mins of super-blocks s0 .. s0 + n - 1 of the Q4_K rows a and b, as
+ * words: w[2j + r] holds row r's eight scales then its eight mins of super-block s0 + j;
+ * tsr_qk_scale_min's rule on bytes, four (super-block, row) pairs per 512-bit step, ahead of
+ * the products that use them so that their latency is off the products' path. */
+TSR_INLINE void qb_q4k_scales(__m256i *w, const char *a, const char *b, int64_t s0, int n) {
+    /* per 128-bit lane, the bytes of (scales 0-3, 4-7, mins 0-3, 4-7): their low bits, from
+     * bytes 0-3, 8-11, 4-7, 8-11 (the mins 4-7 in the high nibbles), and the top two bits of
+     * the entries 4-7, from bits 6-7 of bytes 0-3 and 4-7 */
+    const __m512i low_at = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m512i top_at = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m512i keep = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    const size_t at = offsetof(tsr_block_q4_k, scales), bytes = sizeof(tsr_block_q4_k);
+    for (int j = 0; j < n; j += 2) {
+        const int64_t s1 = s0 + j, s2 = j + 1 < n ? s1 + 1 : s1;
+        __m512i s = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(a + s1 * bytes + at)));
+        s = _mm512_inserti32x4(s, _mm_loadu_si128((const __m128i *)(b + s1 * bytes + at)), 1);
+        s = _mm512_inserti32x4(s, _mm_loadu_si128((const __m128i *)(a + s2 * bytes + at)), 2);
+        s = _mm512_inserti32x4(s, _mm_loadu_si128((const __m128i *)(b + s2 * bytes + at)), 3);
+        __m512i low = _mm512_shuffle_epi8(s, low_at);
+        low = _mm512_mask_blend_epi8(0xf000f000f000f000ull, low, _mm512_srli_epi16(low, 4));
+        __m512i top = _mm512_srli_epi16(_mm512_shuffle_epi8(s, top_at), 2);
+        /* (low & keep) | (top & 0x30) */
+        __m512i v = _mm512_ternarylogic_epi32(_mm512_and_si512(low, keep), top,
+                                              _mm512_set1_epi8(0x30), 0xf8);
+        _mm512_storeu_si512(w + 2 * j, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(v)));
+        if (j + 1 < n)
+            _mm512_storeu_si512(w + 2 * j + 2,
+                                _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(v, 1)));
+    }
+}
+
+/* Rows w and w + partner (nr = 2) or w alone, one token: each row's super-blocks as qb_mm's
+ * decode would take them (the same integer lanes, the same fmas in the same order), with the
+ * two rows' scales decoded together and their f32 lanes in one 512-bit register. */
+TSR_INLINE void qb_rows_1tok(const int qm, float v[2], const char *w, size_t partner, int nr,
+                             const qb_token *tk) {
+    const int q4 = qm == TSR_QM_Q4_K;
+    const size_t bytes = tsr_qm_block_bytes(qm);
+    const char *row[2] = {w, w + (nr == 2 ? partner : 0)};
+    const qb_consts *c = &tk->c;
+    /* lanes 0-7 the first row's d x dx, 8-15 the second's; mins: 0-3, 4-7 */
+    const __m512i d_lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m256i dmin_lanes = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    __m256i scm[2 * QB_SC_CHUNK];
+    for (int64_t s0 = 0; s0 < tk->nsb; s0 += QB_SC_CHUNK) {
+        const int n = (int)(tk->nsb - s0 < QB_SC_CHUNK ? tk->nsb - s0 : QB_SC_CHUNK);
+        if (q4) qb_q4k_scales(scm, row[0], row[1], s0, n);
+        for (int j = 0; j < n; j++) {
+            const int64_t sb = s0 + j;
+            const tsr_block_q8_k *xb = tk->x + sb;
+            const char *p[2] = {row[0] + sb * bytes, row[1] + sb * bytes};
+            qb_sb k[2];
+            uint32_t dd[2];
+            for (int r = 0; r < 2; r++) {
+                for (size_t o = 0; o < bytes; o += 64)
+                    _mm_prefetch(p[r] + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
+                if (q4) {
+                    const tsr_block_q4_k *b = (const tsr_block_q4_k *)p[r];
+                    qb_quants_q4_k(b, c, k[r].u);
+                    memcpy(&dd[r], &b->d, 4); /* d, dmin */
+                } else {
+                    const tsr_block_q6_k *b = (const tsr_block_q6_k *)p[r];
+                    qb_quants_q6_k(b, c, k[r].u);
+                    dd[r] = b->d;
+                }
+            }
+            __m128i q6w[4]; /* Q6_K: both rows' sixteen scales as words, eight at a time */
+            if (!q4) {
+                const tsr_block_q6_k *a = (const tsr_block_q6_k *)p[0];
+                const tsr_block_q6_k *b = (const tsr_block_q6_k *)p[1];
+                const __m128i a16 = _mm_loadu_si128((const __m128i *)a->scales);
+                const __m128i b16 = _mm_loadu_si128((const __m128i *)b->scales);
+                _mm512_storeu_si512(q6w, _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
+                                             _mm256_castsi128_si256(a16), b16, 1)));
+            }
+            __m512i dot[2];
+            const int8_t *xq = q4 ? tk->xq + sb * TSR_QK_K : xb->qs;
+            for (int r = 0; r < 2; r++) {
+                for (int i = 0; i < 4; i++) {
+                    const __m128i from =
+                        q4 ? _mm256_castsi256_si128(scm[2 * j + r]) : q6w[2 * r + i / 2];
+                    k[r].sc[i] = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(from), tk->pick[i]);
+                }
+                dot[r] = qb_dot(&k[r], xq, NULL, q4 ? NULL : tk->q32 + 4 * sb);
+            }
+            /* qb_fold of both rows: row 0's eight lanes, then row 1's */
+            const __m512i lanes = _mm512_add_epi32(_mm512_shuffle_i64x2(dot[0], dot[1], 0x44),
+                                                   _mm512_shuffle_i64x2(dot[0], dot[1], 0xee));
+            /* (d, dmin) of both rows times (dx, -dx): the products qb_mm makes one at a time */
+            const __m128 sc =
+                _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi32((int)dd[0], (int)dd[1], 0, 0)),
+                           _mm_setr_ps(xb->d, -xb->d, xb->d, -xb->d));
+            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(d_lanes, _mm512_castps128_ps512(sc)),
+                                  _mm512_cvtepi32_ps(lanes), acc);
+            if (q4) { /* min lane m of a row: its groups 2m, 2m + 1 */
+                const __m256i mw = _mm256_permute2x128_si256(scm[2 * j], scm[2 * j + 1], 0x31);
+                __m256i m = _mm256_madd_epi16(mw, _mm256_broadcastsi128_si256(tk->bs[sb]));
+                accm = _mm256_fmadd_ps(
+                    _mm256_permutexvar_ps(dmin_lanes, _mm256_castps128_ps256(sc)),
+                    _mm256_cvtepi32_ps(m), accm);
+            }
+        }
+    }
+    float l[16], m[8];
+    _mm512_storeu_ps(l, acc);
+    _mm256_storeu_ps(m, accm);
+    v[0] = tsr_qk_llama_sum(qm, l, m);
+    v[1] = tsr_qk_llama_sum(qm, l + 8, m + 4); /* the first row again when nr is 1 */
+}
+
+static void qb_pair_q4_k(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
+    qb_rows_1tok(TSR_QM_Q4_K, v, w, partner, n_r, ctx);
+}
+
+static void qb_pair_q6_k(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
+    qb_rows_1tok(TSR_QM_Q6_K, v, w, partner, n_r, ctx);
+}
+
+/* One token over rows [0, n_rows): its activations prepared once (Q4_K: reordered, with the
+ * groups' sums; Q6_K: its offset's pair sums), then the rows in pairs from the two halves. */
+static int qb_decode(int qm, float *y, const void *w, size_t w_stride, const void *x,
+                     int64_t n_in, int64_t n_rows) {
+    const int64_t nsb = n_in / TSR_QK_K;
+    const int q4 = qm == TSR_QM_Q4_K;
+    const size_t per_sb = q4 ? TSR_QK_K + sizeof(__m128i) : 4 * sizeof(__m512i);
+    char *mem = aligned_alloc(64, ((size_t)nsb * per_sb + 63) / 64 * 64 + 64);
+    if (!mem) return -1;
+    qb_token tk = {.x = x, .nsb = nsb};
+    qb_consts_init(qm, &tk.c);
+    for (int i = 0; i < 4; i++) {
+        int16_t byte_pairs[32];
+        for (int j = 0; j < 32; j++) {
+            const int lane = j / 8;
+            const int word = q4 ? i / 2 * 4 + i % 2 + (lane >= 2 ? 2 : 0) : i % 2 * 4 + lane;
+            byte_pairs[j] = (int16_t)((2 * word + 1) << 8 | 2 * word);
+        }
+        tk.pick[i] = _mm512_loadu_si512(byte_pairs);
+    }
+    if (q4) {
+        int8_t *xq = (int8_t *)mem;
+        __m128i *bs = (__m128i *)(mem + (size_t)nsb * TSR_QK_K);
+        qb_pack_x(xq, x, 0, nsb, 1);
+        for (int64_t sb = 0; sb < nsb; sb++) { /* group g: bsums 2g, 2g + 1 (fit in 16 bits) */
+            __m256i b = _mm256_loadu_si256((const __m256i *)tk.x[sb].bsums);
+            bs[sb] = _mm256_cvtepi32_epi16(_mm256_madd_epi16(b, _mm256_set1_epi16(1)));
+        }
+        tk.xq = xq;
+        tk.bs = bs;
+    } else {
+        __m512i *q32 = (__m512i *)mem;
+        for (int64_t sb = 0; sb < nsb; sb++)
+            for (int i = 0; i < 4; i++)
+                q32[4 * sb + i] = _mm512_maddubs_epi16(
+                    _mm512_set1_epi8(32), _mm512_loadu_si512(tk.x[sb].qs + 64 * i));
+        tk.q32 = q32;
+    }
+    tsr_stream_row_pairs(q4 ? qb_pair_q4_k : qb_pair_q6_k, &tk, y, w, w_stride, 0, n_rows);
+    free(mem);
+    return 0;
+}
+
 /* As for Q4_0: prefill takes blocks of rows per super-block so that the tokens' activations
  * are read from L1 by every row of the block; decode goes row by row. Each (row, token) has
  * quants.h's two accumulators, fed super-block after super-block. */
@@ -426,6 +629,7 @@ TSR_INLINE __m256i qb_fold(__m512i v) {
 
 static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, const void *x,
                  size_t x_stride, int64_t n_in, int64_t n_rows, int64_t n_tok) {
+    if (n_tok == 1) return qb_decode(qm, y, w, w_stride, x, n_in, n_rows);
     const int64_t nsb = n_in / TSR_QK_K;
     const size_t bytes = tsr_qm_block_bytes(qm);
     const int q4 = qm == TSR_QM_Q4_K;
@@ -473,8 +677,8 @@ static int qb_mm(int qm, float *y, int64_t ldy, const void *w, size_t w_stride, 
                     for (int t = 0; t < nt; t++) {
                         const tsr_block_q8_k *xb = (const tsr_block_q8_k *)(xt + t * x_stride) + sb;
                         __m256i l = qb_fold(
-                            q4 ? qb_dot(&k, xq + ((int64_t)t * nsb + sb) * TSR_QK_K, NULL)
-                               : qb_dot(&k, xb->qs, &c32));
+                            q4 ? qb_dot(&k, xq + ((int64_t)t * nsb + sb) * TSR_QK_K, NULL, NULL)
+                               : qb_dot(&k, xb->qs, &c32, NULL));
                         acc[i][t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * dw),
                                                     _mm256_cvtepi32_ps(l), acc[i][t]);
                         if (q4) { /* min lane m: groups 2m, 2m + 1 */

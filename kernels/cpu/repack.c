@@ -163,12 +163,19 @@ tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, c
     const int64_t g0 = r0 / TSR_X16_ROWS, g1 = r1 / TSR_X16_ROWS;
     if (g0 >= g1 || n_tok == 0) return TSR_OK;
 #if defined(TSR_KERNELS_X86)
-    if (tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512)
+    switch (tsr_cpu_level_get()) {
+    case TSR_CPU_LEVEL_AVX512:
         return (tsr_x16_is_k(wtype)
                     ? tsr_xk16_matmul_avx512(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)
                     : tsr_x16_matmul_avx512(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)) < 0
                    ? TSR_E_NOMEM
                    : TSR_OK;
+    case TSR_CPU_LEVEL_AVX2:
+        if (tsr_x16_is_k(wtype)) break; /* no AVX2 kernel for the K types: the scalar loop */
+        return tsr_x16_matmul_avx2(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1) < 0 ? TSR_E_NOMEM
+                                                                                  : TSR_OK;
+    default: break;
+    }
 #endif
     if (tsr_x16_is_k(wtype)) tsr_xk16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
     else x16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);

@@ -21,6 +21,9 @@ static inline int tsr_x16_offset(int32_t wtype) {
  * its scratch memory. */
 int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                           int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1);
+/* The same with AVX2 (repack_avx2.c). */
+int tsr_x16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
+                        int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1);
 #endif
 
 /* Q4_K and Q6_K (repack_k.c). A group's super-block column sb is one chunk of 16 file blocks'

@@ -87,32 +87,151 @@ static void x16_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *t
 #undef X16_CASE
 }
 
+/* The sum of an activation block's 32 quants. */
+X16_INLINE int32_t x16_block_sum(__m256i q) {
+    __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), q);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(h);
+}
+
 /* Tokens [0, n_tok) of xp as tiles of X16_TOK (xb[tile * nb + b]); the last tile's missing
  * tokens are left unset (never read). */
 static void x16_prepare_x(x16_xblock *xb, const void *xp, size_t x_stride, int64_t nb,
                           int64_t n_tok, int off) {
-    const __m256i ones = _mm256_set1_epi8(1);
     for (int64_t t = 0; t < n_tok; t++) {
         const tsr_block_q8_0 *x = (const tsr_block_q8_0 *)((const char *)xp + t * x_stride);
         x16_xblock *o = xb + t / X16_TOK * nb;
         const int i = (int)(t % X16_TOK);
         for (int64_t b = 0; b < nb; b++) {
             __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
-            __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, q);
-            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
-            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
             _mm256_storeu_si256((__m256i *)o[b].q[i], q);
-            o[b].corr[i] = -off * _mm_cvtsi128_si32(h);
+            o[b].corr[i] = -off * x16_block_sum(q);
             o[b].d[i] = _cvtsh_ss(x[b].d);
         }
     }
 }
 
-/* Tokens in blocks of X16_TOK_BLOCK (their prepared tiles stay in cache), then each group of
- * the slice, whose tiles stay in cache while the block's tokens pass X16_TOK at a time. */
+/* ---------------------------------------------------------------------------------------- */
+/* Decode (up to X16_DEC_TOK tokens): the weights are read once, and what limits the product
+ * is how fast they stream in. Two groups are read side by side, group g with group g + h of
+ * the slice (h half its groups, rounded up; with an odd count the first half's last group
+ * goes alone), so that each is the next group of a sequential stream, as tsr_stream_row_pairs
+ * does for file rows, each stream prefetched TSR_STREAM_PREFETCH bytes ahead. Per block and
+ * group the tile's eight vectors feed two chains of four vpdpbusd (the Q4_0 low nibbles as
+ * stored masked, the high ones masked in place, 16 x their value, shifted back once per
+ * block), so that no product waits on a long chain; the values are the tile's, bit for bit. */
+#define X16_DEC_TOK 4
+
+/* One token's activation block for decode, packed tight: the blocks' quants, scales and
+ * corrections stay in L1 for every group of the slice. */
+typedef struct x16_xdec {
+    int8_t q[TSR_QK];
+    float d;
+    int32_t corr;
+} x16_xdec;
+
+/* xd[b * n_tok + t]: block b of token t. */
+static void x16_prepare_dec(x16_xdec *xd, const void *xp, size_t x_stride, int64_t nb,
+                            int64_t n_tok, int off) {
+    for (int64_t t = 0; t < n_tok; t++) {
+        const tsr_block_q8_0 *x = (const tsr_block_q8_0 *)((const char *)xp + t * x_stride);
+        for (int64_t b = 0; b < nb; b++) {
+            x16_xdec *o = xd + b * n_tok + t;
+            __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
+            _mm256_storeu_si256((__m256i *)o->q, q);
+            o->corr = -off * x16_block_sum(q);
+            o->d = _cvtsh_ss(x[b].d);
+        }
+    }
+}
+
+/* y[t * ldy + r] for the 16 rows of group a (tiles at ta) and, when n_g is 2, of the group
+ * `partner` bytes further (its rows at y + `y_partner`), for nt tokens. */
+X16_INLINE void x16_decode_pair(const int q4, const int nt, float *y, int64_t ldy,
+                                int64_t y_partner, const uint8_t *ta, size_t partner, int n_g,
+                                size_t scales_at, int64_t nb, const x16_xdec *xd) {
+    const size_t tile = q4 ? TSR_X16_ROWS * TSR_QK / 2 : TSR_X16_ROWS * TSR_QK;
+    const uint8_t *tiles[2] = {ta, ta + (n_g == 2 ? partner : 0)};
+    __m512 acc[2][X16_DEC_TOK];
+    for (int s = 0; s < 2; s++)
+        for (int t = 0; t < nt; t++) acc[s][t] = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set1_epi8(0x0f), hi = _mm512_set1_epi8((char)0xf0);
+    for (int64_t b = 0; b < nb; b++, xd += nt)
+        for (int s = 0; s < 2; s++) {
+            const uint8_t *p = tiles[s] + (size_t)b * tile;
+            const uint16_t *sc = (const uint16_t *)(tiles[s] + scales_at) + TSR_X16_ROWS * b;
+            for (size_t o = 0; o < tile; o += 64)
+                _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
+            if (!(b & 1)) _mm_prefetch((const char *)sc + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            __m512i wv[8];
+            if (q4)
+                for (int j = 0; j < 4; j++) {
+                    __m512i v = _mm512_loadu_si512(p + 64 * j);
+                    wv[j] = _mm512_and_si512(v, lo);
+                    wv[j + 4] = _mm512_and_si512(v, hi);
+                }
+            else
+                for (int k = 0; k < 8; k++) wv[k] = _mm512_loadu_si512(p + 64 * k);
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+            for (int t = 0; t < nt; t++) {
+                __m512i i0 = _mm512_set1_epi32(xd[t].corr), i1 = _mm512_setzero_si512();
+                for (int k = 0; k < 4; k++) {
+                    i0 = _mm512_dpbusd_epi32(i0, wv[k], x16_bcast4(xd[t].q + 4 * k));
+                    i1 = _mm512_dpbusd_epi32(i1, wv[k + 4], x16_bcast4(xd[t].q + 16 + 4 * k));
+                }
+                const __m512i i = _mm512_add_epi32(i0, q4 ? _mm512_srai_epi32(i1, 4) : i1);
+                const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xd[t].d));
+                acc[s][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), d, acc[s][t]);
+            }
+        }
+    for (int t = 0; t < nt; t++) {
+        _mm512_storeu_ps(y + t * ldy, acc[0][t]);
+        if (n_g == 2) _mm512_storeu_ps(y + t * ldy + y_partner, acc[1][t]);
+    }
+}
+
+/* x16_decode_pair with its type and token count as constants. */
+static void x16_decode_pair_any(int q4, int nt, float *y, int64_t ldy, int64_t y_partner,
+                                const uint8_t *ta, size_t partner, int n_g, size_t scales_at,
+                                int64_t nb, const x16_xdec *xd) {
+#define X16_DEC_CASE(Q, N)                                                                  \
+    case (Q) * X16_DEC_TOK + (N) - 1:                                                        \
+        x16_decode_pair((Q), (N), y, ldy, y_partner, ta, partner, n_g, scales_at, nb, xd);   \
+        break;
+    switch (q4 * X16_DEC_TOK + nt - 1) {
+        X16_DEC_CASE(0, 1) X16_DEC_CASE(0, 2) X16_DEC_CASE(0, 3) X16_DEC_CASE(0, 4)
+        X16_DEC_CASE(1, 1) X16_DEC_CASE(1, 2) X16_DEC_CASE(1, 3) X16_DEC_CASE(1, 4)
+    }
+#undef X16_DEC_CASE
+}
+
+static int x16_decode(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
+                      int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1) {
+    const int64_t nb = n_in / TSR_QK;
+    const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
+    const size_t bytes = ((size_t)(nb * n_tok) * sizeof(x16_xdec) + 63) / 64 * 64;
+    x16_xdec *xd = aligned_alloc(64, bytes);
+    if (!xd) return -1;
+    x16_prepare_dec(xd, xp, tsr_row_size(TSR_DTYPE_Q8_0, n_in), nb, n_tok,
+                    tsr_x16_offset(wtype));
+    const int64_t h = (g1 - g0 + 1) / 2;
+    for (int64_t g = g0; g < g0 + h; g++)
+        x16_decode_pair_any(wtype == TSR_DTYPE_Q4_0, (int)n_tok, y + g * TSR_X16_ROWS, ldy,
+                            h * TSR_X16_ROWS, (const uint8_t *)w + (size_t)g * group_bytes,
+                            (size_t)h * group_bytes, g + h < g1 ? 2 : 1,
+                            (size_t)nb * tsr_x16_tile_bytes(wtype), nb, xd);
+    free(xd);
+    return 0;
+}
+
+/* Decode's token counts: x16_decode. Otherwise tokens in blocks of X16_TOK_BLOCK (their
+ * prepared tiles stay in cache), then each group of the slice, whose tiles stay in cache while
+ * the block's tokens pass X16_TOK at a time. */
 int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                           int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1) {
+    if (n_tok <= X16_DEC_TOK) return x16_decode(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
     const int64_t nb = n_in / TSR_QK;
     const int q4 = wtype == TSR_DTYPE_Q4_0;
     const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_0, n_in);

@@ -17,15 +17,11 @@
  *    it does not. A rejection emits the target's token and returns to pre-verify.
  * Every round is one target forward and `window` draft forwards.
  *
- * Here the two rounds run one after the other: a decoder may call the decode API from the
- * host's main thread only ([main]: never concurrently with another [main] call, which each
- * forward makes of its pipeline's backend, attention and cache plugins), and the host's pool,
- * which both pipelines share, takes one job at a time from outside, so it cannot put the
- * target's forward and the draft's on two threads. What that would need of the ABI is in
- * docs/plugins/decoder.md. The
- * command `parallel_seconds` gives the last request's time as if each round's draft and target
- * forwards had run at once (the longer of the two), the time PEARL's schedule would take with
- * that ABI; `stats` gives the time each model took.
+ * The target's forward runs beside the draft's round where the host offers forward_begin
+ * (decoder ABI 1.2, a pipeline with a draft model): on the target's share of the pool's
+ * threads while the draft drafts on the main thread. Where it does not, the two run one after
+ * the other (and with `overlap: false`), which gives the same tokens and forwards. `stats` gives each model's time: the
+ * draft's forwards, and the target's from forward_begin to forward_wait's return.
  */
 #include <tessera/sdk.h>
 #include <tessera/sdk_draft.h>
@@ -34,10 +30,10 @@ typedef struct pearl {
     const tsr_host *host;
     int32_t n_vocab;
     int64_t window;
+    int overlap;
     tsr_batch_entry *batch; /* (window + 1) */
     float *logits;          /* (window + 1, n_vocab) the target's */
     float *draft_logits;    /* (n_vocab) */
-    uint64_t parallel_ns;
     tsr_decoder_stats stats;
 } pearl;
 
@@ -53,17 +49,19 @@ static tsr_status pearl_round(pearl *P, tsr_draft_text *t, tsr_draft_model *dm, 
     if (g > d->n_ctx + 1 - (t->n + *m)) g = d->n_ctx + 1 - (t->n + *m);
     if (g < 0) g = 0;
     int32_t *waiting = t->tokens + t->n;
-    uint64_t draft0 = P->stats.draft_ns, verify0 = P->stats.verify_ns;
-    tsr_status st = TSR_OK;
+    /* The target's batch holds only what waits already: it can start before the draft does. */
+    int64_t n = tsr_draft_batch(P->batch, t->seq, t, waiting, *m);
+    int overlap = P->overlap && tsr_draft_can_overlap(t->api);
+    tsr_status st = overlap ? tsr_draft_forward_begin(t, P->batch, n, P->logits) : TSR_OK;
+    if (st < 0) return st;
     for (int64_t j = 0; j < g && st >= 0; j++) {
         st = tsr_draft_model_sync(dm, t->tokens, t->n + *m + j, P->draft_logits);
         waiting[*m + j] = tsr_argmax(P->draft_logits, P->n_vocab);
     }
+    tsr_status verified = overlap ? tsr_draft_forward_wait(t)
+                                  : st >= 0 ? tsr_draft_forward(t, P->batch, n, P->logits) : st;
     if (st < 0) return st;
-    int64_t n = tsr_draft_batch(P->batch, t->seq, t, waiting, *m);
-    if ((st = tsr_draft_forward(t, P->batch, n, P->logits)) < 0) return st;
-    uint64_t draft_ns = P->stats.draft_ns - draft0, verify_ns = P->stats.verify_ns - verify0;
-    P->parallel_ns += draft_ns > verify_ns ? draft_ns : verify_ns;
+    if (verified < 0) return verified;
     int32_t out[TSR_DECODER_MAX_DRAFT + 1];
     int64_t kept = tsr_draft_accept_greedy(P->logits, P->n_vocab, waiting, *m, out);
     /* The target's token after the last waiting proposal verifies the first new one. */
@@ -82,7 +80,6 @@ static tsr_status pearl_generate(void *self, const tsr_decode_api *api,
     tsr_status st = tsr_draft_check_api(P->host, api, P->n_vocab, &d);
     if (st < 0) return st;
     P->stats = (tsr_decoder_stats){.struct_size = sizeof P->stats};
-    P->parallel_ns = 0;
     tsr_draft_text t;
     tsr_draft_model dm = {0};
     st = tsr_draft_text_begin(&t, P->host, api, req, &P->stats);
@@ -101,10 +98,6 @@ static int32_t pearl_pick(void *self, const float *logits, const int32_t *histor
 
 static void pearl_stats(void *self, tsr_decoder_stats *out) {
     tsr_decoder_stats_copy(out, &((const pearl *)self)->stats);
-}
-
-static double pearl_parallel_seconds(void *self) {
-    return (double)((const pearl *)self)->parallel_ns * 1e-9;
 }
 
 static void pearl_destroy(void *self) {
@@ -127,6 +120,7 @@ static tsr_status pearl_create(const tsr_host *host, const tsr_params *params,
     P->host = host;
     P->n_vocab = init->n_vocab;
     P->window = tsr_param_int(params, "window");
+    P->overlap = tsr_param_bool(params, "overlap");
     size_t rows = (size_t)P->window + 1;
     P->batch = tsr_calloc(host, rows, sizeof *P->batch);
     P->logits = tsr_calloc(host, rows * (size_t)P->n_vocab, sizeof(float));
@@ -145,12 +139,9 @@ static const tsr_param_def pearl_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "window", .type = TSR_PARAM_INT, .default_value = "4",
      .min = 1, .max = TSR_DECODER_MAX_DRAFT - 1, .unit = "tokens",
      .doc = "tokens the draft proposes per round (PEARL's gamma)"},
-};
-
-static const tsr_command pearl_commands[] = {
-    {TSR_SIZED(tsr_command), .name = "parallel_seconds", .signature = "d(I)",
-     .fn = (void (*)(void))pearl_parallel_seconds,
-     .doc = "the last request's time had each round's draft and target forwards run at once"},
+    {TSR_SIZED(tsr_param_def), .name = "overlap", .type = TSR_PARAM_BOOL, .default_value = "true",
+     .doc = "run the target's forward beside the draft's where the host can (false: one after "
+            "the other, the same tokens)"},
 };
 
 static const tsr_decoder_vtable pearl_vtable = {
@@ -170,7 +161,6 @@ static const tsr_plugin_desc pearl_desc = {
     .description = "PEARL: the draft model drafts while the target pre-verifies the first token "
                    "and post-verifies the last window; greedy's tokens",
     TSR_PARAMS(pearl_params),
-    TSR_COMMANDS(pearl_commands),
     .vtable = &pearl_vtable,
 };
 

@@ -75,7 +75,9 @@ enum dec_flaw {
     DEC_FORK_RESTART,     /* forwards the sequence it forked from position 0, as if it were empty */
     DEC_TRUNCATE_ENDED,   /* truncates the sequence it forked after ending it */
     DEC_DRAFT_LEAK,       /* forks the draft model's sequence 0 and never ends the fork */
-    DEC_DRAFT_NO_ROLLBACK /* drafts two tokens a step on the draft model, never truncating */
+    DEC_DRAFT_NO_ROLLBACK, /* drafts two tokens a step on the draft model, never truncating */
+    DEC_UNWAITED,         /* begins a forward of the target (forward_begin) and returns */
+    DEC_BUSY              /* emits between forward_begin and forward_wait */
 };
 
 /* Prefill, then one forward per token as a greedy decoder would, always choosing `token`
@@ -141,6 +143,11 @@ static tsr_status dec_run(const tsr_decode_api *api, const tsr_generate_request 
             tsr_batch_entry batch[3] = {e, {0, pos, token, 0}, {0, pos + 1, token, 0}};
             st = api->forward(api->ctx, batch, 3, row);
             if (st >= 0 && flaw == DEC_DRAFT) st = api->seq_truncate(api->ctx, 0, pos);
+        } else if (flaw == DEC_UNWAITED || flaw == DEC_BUSY) {
+            st = api->forward_begin(api->ctx, &e, 1, row);
+            if (flaw == DEC_UNWAITED) return st;
+            api->emit(api->ctx, &token, 1);
+            if (st >= 0) st = api->forward_wait(api->ctx);
         } else {
             st = api->forward(api->ctx, &e, 1, row);
         }
@@ -189,6 +196,8 @@ FLAWED_GENERATE(fork_restart_generate, DEC_FORK_RESTART)
 FLAWED_GENERATE(truncate_ended_generate, DEC_TRUNCATE_ENDED)
 FLAWED_GENERATE(draft_leak_generate, DEC_DRAFT_LEAK)
 FLAWED_GENERATE(draft_no_rollback_generate, DEC_DRAFT_NO_ROLLBACK)
+FLAWED_GENERATE(unwaited_generate, DEC_UNWAITED)
+FLAWED_GENERATE(busy_generate, DEC_BUSY)
 
 /* Two continuations from one prompt, both forwarded in every batch: sequence 1 emits two
  * tokens a step and sequence 0 one, and it stops when sequence 0 does, ignoring that emit_seq
@@ -348,6 +357,10 @@ DRAFTER(draft_leak, "bad-draft-leak", draft_leak_generate, TSR_DECODER_DRAFT_REQ
         "never ends the sequence it forked on the draft model")
 DRAFTER(draft_rollback, "bad-draft-rollback", draft_no_rollback_generate,
         TSR_DECODER_DRAFT_REQUIRED, "drafts on after rejections without truncating the draft")
+DRAFTER(unwaited, "bad-unwaited", unwaited_generate, TSR_DECODER_DRAFT_REQUIRED,
+        "begins the target's forward (forward_begin) and returns without forward_wait")
+DRAFTER(busy, "bad-busy", busy_generate, TSR_DECODER_DRAFT_REQUIRED,
+        "emits between forward_begin and forward_wait")
 DRAFTER(optional, "bad-optional", optional_generate, TSR_DECODER_DRAFT_OPTIONAL,
         "drafts optionally but reads api->draft when the pipeline has none")
 DRAFTER(ok_optional, "ok-optional", optional_checked_generate, TSR_DECODER_DRAFT_OPTIONAL,
@@ -1714,4 +1727,4 @@ TSR_PLUGIN_EXPORT(&vocab, &runaway, &leak, &crash, &unbegun, &gap, &fork_live, &
                   &quant_transposed, &cache_single, &router_prev, &quant_own_types,
                   &quant_matmul_status, &router_partial, &router_misshaped, &router_needs,
                   &be_half_rows, &be_mix, &no_rollback, &fork_restart, &truncate_ended,
-                  &runon, &draft_leak, &draft_rollback, &optional, &ok_optional)
+                  &runon, &draft_leak, &draft_rollback, &unwaited, &busy, &optional, &ok_optional)

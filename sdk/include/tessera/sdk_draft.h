@@ -157,6 +157,7 @@ typedef struct tsr_draft_text {
     int64_t n_left;           /* tokens the request may still emit (INT64_MAX: emit() decides) */
     int64_t seq;              /* the sequence that holds tokens[0 .. n-1) */
     int done;                 /* emit() said stop, or no position is left */
+    uint64_t begun_ns;        /* when tsr_draft_forward_begin started the target's forward */
 } tsr_draft_text;
 
 static inline uint64_t tsr_draft_now(const tsr_host *host) {
@@ -169,6 +170,28 @@ static inline tsr_status tsr_draft_forward(tsr_draft_text *t, const tsr_batch_en
     uint64_t t0 = tsr_draft_now(t->host);
     tsr_status st = t->api->forward(t->api->ctx, batch, n, logits);
     t->stats->verify_ns += tsr_draft_now(t->host) - t0;
+    return st;
+}
+
+/* Whether the host runs the target's forward beside the decoder's own work (forward_begin and
+ * forward_wait, since decoder 1.2: a pipeline with a draft model). */
+static inline int tsr_draft_can_overlap(const tsr_decode_api *api) {
+    return api->struct_size >= offsetof(tsr_decode_api, forward_wait) + sizeof api->forward_wait &&
+           api->forward_begin && api->forward_wait;
+}
+
+/* A forward of the target begun beside the draft's (tsr_draft_can_overlap): until
+ * tsr_draft_forward_wait, the batch and logits are the host's and only the draft's API may be
+ * called. The time from here to the wait's return is added to stats->verify_ns. */
+static inline tsr_status tsr_draft_forward_begin(tsr_draft_text *t, const tsr_batch_entry *batch,
+                                                 int64_t n, float *logits) {
+    t->begun_ns = tsr_draft_now(t->host);
+    return t->api->forward_begin(t->api->ctx, batch, n, logits);
+}
+
+static inline tsr_status tsr_draft_forward_wait(tsr_draft_text *t) {
+    tsr_status st = t->api->forward_wait(t->api->ctx);
+    t->stats->verify_ns += tsr_draft_now(t->host) - t->begun_ns;
     return st;
 }
 
