@@ -148,17 +148,237 @@ int32_t tsr_rq_dot_u8s8(const uint8_t *u, const int8_t *s, int64_t n) {
     return dot_u8s8_scalar(u, s, n);
 }
 
-void tsr_rq_act_quantize_row(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n,
-                             int64_t n_pad, int64_t group) {
+/* ---- integer dots on packed codes ------------------------------------------------------ */
+
+/* The portable form: a chunk of at most 64 codes unpacked to the stack at a time. */
+static void dot_packed_groups_unpacked(int32_t *dots, const uint8_t *codes, int bits,
+                                       const int8_t *a, int64_t group, int64_t n_g) {
+    uint8_t buf[64];
+    for (int64_t g = 0; g < n_g; g++) {
+        int32_t sum = 0;
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64;
+            unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
+            /* tsr_rq_dot_u8s8's AVX2 form needs codes below 128 */
+            sum += bits < 8 ? tsr_rq_dot_u8s8(buf, a + g * group + i, m)
+                            : dot_u8s8_scalar(buf, a + g * group + i, m);
+        }
+        dots[g] = sum;
+    }
+}
+
+#ifdef RQ_X86
+/* 64 codes per step, unpacked in registers as unpack_vbmi does and multiplied with vpdpbusd
+ * (unsigned codes of all 8 bits, no saturation); the loads are masked to the group. */
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) static void
+dot_packed_groups_vbmi(int32_t *dots, const uint8_t *codes, int bits, const int8_t *a,
+                       int64_t group, int64_t n_g) {
+    pthread_once(&g_vbmi_once, vbmi_tables);
+    const __m512i idx = _mm512_loadu_si512(g_vbmi_perm[bits]);
+    const __m512i ctl = _mm512_loadu_si512(g_vbmi_shift[bits]);
+    const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1));
+    const int64_t tail = group % 64;
+    const __mmask64 full_bytes = bits == 8 ? ~(__mmask64)0 : ((__mmask64)1 << (8 * bits)) - 1;
+    const __mmask64 tail_codes = ((__mmask64)1 << tail) - 1;
+    const __mmask64 tail_bytes = ((__mmask64)1 << (tail * bits / 8)) - 1;
+    for (int64_t g = 0; g < n_g; g++) {
+        const uint8_t *src = codes + g * group * bits / 8;
+        const int8_t *ag = a + g * group;
+        __m512i acc = _mm512_setzero_si512();
+        int64_t i = 0;
+        for (; i + 64 <= group; i += 64) {
+            __m512i in = _mm512_maskz_loadu_epi8(full_bytes, src + i / 8 * bits);
+            __m512i c = _mm512_and_si512(
+                _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, in)), mask);
+            acc = _mm512_dpbusd_epi32(acc, c, _mm512_loadu_si512(ag + i));
+        }
+        if (tail) {
+            __m512i in = _mm512_maskz_loadu_epi8(tail_bytes, src + i / 8 * bits);
+            __m512i c = _mm512_and_si512(
+                _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, in)), mask);
+            acc = _mm512_dpbusd_epi32(acc, c, _mm512_maskz_loadu_epi8(tail_codes, ag + i));
+        }
+        dots[g] = _mm512_reduce_add_epi32(acc);
+    }
+}
+#endif
+
+void tsr_rq_dot_packed_groups(int32_t *dots, const uint8_t *codes, int bits, const int8_t *a,
+                              int64_t group, int64_t n_g) {
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) {
+        dot_packed_groups_vbmi(dots, codes, bits, a, group, n_g);
+        return;
+    }
+#endif
+    dot_packed_groups_unpacked(dots, codes, bits, a, group, n_g);
+}
+
+/* ---- scaled products on packed codes ---------------------------------------------------- */
+
+/* The order of tsr_rq_dot_packed_scaled, which every level keeps: 16 f32 lanes, lane l of
+ * group g taking the exact integer sum of (c - zero) * a over the positions p of the group
+ * with p % 64 / 4 == l (a vpdpbusd lane), times P_g = da_g * d_g by one fma; the minimum's
+ * term da_g * m_g * sum a into lane g % 16 of a second set; then the two sets added lane by
+ * lane and the 16 lanes added as a tree (l + l + 8, then + 4, + 2, + 1). */
+static float lanes16_sum(const float s[16]) {
+    float t[8];
+    for (int l = 0; l < 8; l++) t[l] = s[l] + s[l + 8];
+    for (int l = 0; l < 4; l++) t[l] = t[l] + t[l + 4];
+    for (int l = 0; l < 2; l++) t[l] = t[l] + t[l + 2];
+    return t[0] + t[1];
+}
+
+static float dot_packed_scaled_ref(const uint8_t *codes, int bits, int32_t zero,
+                                   const uint8_t *d16, const uint8_t *m16, const int8_t *a,
+                                   const int32_t *asum, const float *da, int64_t da_stride,
+                                   int64_t group, int64_t n_g) {
+    float acc[16] = {0}, macc[16] = {0};
+    uint8_t buf[64];
+    for (int64_t g = 0; g < n_g; g++) {
+        float dag = da[g * da_stride];
+        float P = dag * tsr_rq_load_f16(d16 + 2 * g);
+        int32_t lane[16] = {0};
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64;
+            unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
+            for (int64_t p = 0; p < m; p++)
+                lane[p / 4] += ((int32_t)buf[p] - zero) * a[g * group + i + p];
+        }
+        for (int l = 0; l < 16; l++) acc[l] = fmaf((float)lane[l], P, acc[l]);
+        if (m16)
+            macc[g % 16] = fmaf((float)asum[g], dag * tsr_rq_load_f16(m16 + 2 * g), macc[g % 16]);
+    }
+    for (int l = 0; l < 16; l++) acc[l] = acc[l] + macc[l];
+    return lanes16_sum(acc);
+}
+
+#ifdef RQ_X86
+#define RQ_TILE_TOKS 4
+
+/* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
+ * the NT tokens, and each token keeps its own accumulators, so a value does not depend on
+ * the tile. NT is a constant in each inlined copy. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni"), always_inline))
+static inline void dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                                          int32_t zero, const uint8_t *d16, const uint8_t *m16,
+                                          const tsr_rq_act *act, int64_t t0, int64_t n_g,
+                                          const int NT) {
+    const int64_t group = act->group, n_s = act->n_scales, gs = act->n_pad / group;
+    const __m512i idx = _mm512_loadu_si512(g_vbmi_perm[bits]);
+    const __m512i ctl = _mm512_loadu_si512(g_vbmi_shift[bits]);
+    const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1));
+    const __m512i zv = _mm512_set1_epi8((char)zero);
+    const int64_t tail = group % 64;
+    const __mmask64 full_bytes = bits == 8 ? ~(__mmask64)0 : ((__mmask64)1 << (8 * bits)) - 1;
+    const __mmask64 tail_codes = ((__mmask64)1 << tail) - 1;
+    const __mmask64 tail_bytes = ((__mmask64)1 << (tail * bits / 8)) - 1;
+    __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
+    float P[RQ_TILE_TOKS][16];
+    #pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) acc[j] = macc[j] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+        __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, d16 + 2 * g0));
+        __m512 mv = m16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, m16 + 2 * g0))
+                        : _mm512_setzero_ps();
+        #pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const float *da = act->d + (t0 + j) * n_s;
+            __m512 dav = n_s > 1 ? _mm512_maskz_loadu_ps(gm, da + g0) : _mm512_set1_ps(da[0]);
+            _mm512_storeu_ps(P[j], _mm512_mul_ps(dav, dv));
+            if (m16) {
+                __m512 as = _mm512_cvtepi32_ps(
+                    _mm512_maskz_loadu_epi32(gm, act->gsum + (t0 + j) * gs + g0));
+                macc[j] = _mm512_fmadd_ps(as, _mm512_mul_ps(dav, mv), macc[j]);
+            }
+        }
+        for (int64_t k = 0; k < ng; k++) {
+            const uint8_t *src = codes + (g0 + k) * group * bits / 8;
+            const int8_t *ag = act->q + t0 * act->n_pad + (g0 + k) * group;
+            __m512i ac[RQ_TILE_TOKS], az[RQ_TILE_TOKS];
+            #pragma GCC unroll 4
+            for (int j = 0; j < NT; j++) ac[j] = az[j] = _mm512_setzero_si512();
+            /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
+            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            for (int64_t i = 0; i < group; i += 64) {
+                int whole = i + 64 <= group;
+                __m512i in = _mm512_maskz_loadu_epi8(whole ? full_bytes : tail_bytes,
+                                                     src + i / 8 * bits);
+                __m512i c = _mm512_and_si512(
+                    _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, in)), mask);
+                #pragma GCC unroll 4
+                for (int j = 0; j < NT; j++) {
+                    __m512i av = _mm512_maskz_loadu_epi8(whole ? ~(__mmask64)0 : tail_codes,
+                                                         ag + j * act->n_pad + i);
+                    ac[j] = _mm512_dpbusd_epi32(ac[j], c, av);
+                    az[j] = _mm512_dpbusd_epi32(az[j], zv, av);
+                }
+            }
+            #pragma GCC unroll 4
+            for (int j = 0; j < NT; j++)
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ac[j], az[j])),
+                                         _mm512_set1_ps(P[j][k]), acc[j]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) {
+        __m512 s = _mm512_add_ps(acc[j], macc[j]);
+        __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+        __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+        __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        y[(t0 + j) * ldy] = _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni"))) static void
+dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes, int bits, int32_t zero,
+                       const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act,
+                       int64_t n_tok, int64_t n_g) {
+    pthread_once(&g_vbmi_once, vbmi_tables);
+    int64_t t = 0;
+    for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
+        dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, RQ_TILE_TOKS);
+    switch (n_tok - t) {
+    case 3: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 3); break;
+    case 2: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 2); break;
+    case 1: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 1); break;
+    default: break;
+    }
+}
+#endif
+
+void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                              int32_t zero, const uint8_t *d16, const uint8_t *m16,
+                              const tsr_rq_act *act, int64_t n_tok, int64_t n_g) {
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) {
+        dot_packed_scaled_vbmi(y, ldy, codes, bits, zero, d16, m16, act, n_tok, n_g);
+        return;
+    }
+#endif
+    int64_t gs = act->n_pad / act->group;
+    for (int64_t t = 0; t < n_tok; t++)
+        y[t * ldy] = dot_packed_scaled_ref(codes, bits, zero, d16, m16, act->q + t * act->n_pad,
+                                           act->gsum + t * gs, act->d + t * act->n_scales,
+                                           act->n_scales > 1, act->group, n_g);
+}
+
+/* q = rne(x * 127 / amax), clamped; returns the scale amax / 127 (0 and zeros for amax 0). */
+static float act_quantize_span(int8_t *q, const float *x, int64_t n) {
     float amax = 0.0f;
     for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
     float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-    *d = amax / 127.0f;
     for (int64_t i = 0; i < n; i++) {
         float v = nearbyintf(x[i] * id);
         q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
     }
-    memset(q + n, 0, (size_t)(n_pad - n));
+    return amax / 127.0f;
+}
+
+static void act_group_sums(int32_t *gsum, const int8_t *q, int64_t n_pad, int64_t group) {
     for (int64_t g = 0; g < n_pad / group; g++) {
         int32_t s = 0;
         for (int64_t i = 0; i < group; i++) s += q[g * group + i];
@@ -166,13 +386,29 @@ void tsr_rq_act_quantize_row(int8_t *q, int32_t *gsum, float *d, const float *x,
     }
 }
 
+void tsr_rq_act_quantize_row(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n,
+                             int64_t n_pad, int64_t group) {
+    *d = act_quantize_span(q, x, n);
+    memset(q + n, 0, (size_t)(n_pad - n));
+    act_group_sums(gsum, q, n_pad, group);
+}
+
+void tsr_rq_act_quantize_groups_row(int8_t *q, int32_t *gsum, float *d, const float *x,
+                                    int64_t n, int64_t n_pad, int64_t group) {
+    for (int64_t g = 0; g < n_pad / group; g++)
+        d[g] = act_quantize_span(q + g * group, x + g * group, tsr_rq_group_len(g, group, n));
+    memset(q + n, 0, (size_t)(n_pad - n));
+    act_group_sums(gsum, q, n_pad, group);
+}
+
 void tsr_rq_act_quantize(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n_tok,
-                         int64_t n, int64_t n_pad, int64_t group, int ith, int nth) {
-    int64_t t0, t1;
+                         int64_t n, int64_t n_pad, int64_t group, int group_scales, int ith,
+                         int nth) {
+    int64_t t0, t1, n_g = n_pad / group, n_d = group_scales ? n_g : 1;
     tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
     for (int64_t t = t0; t < t1; t++)
-        tsr_rq_act_quantize_row(q + t * n_pad, gsum + t * (n_pad / group), d + t, x + t * n,
-                                n, n_pad, group);
+        (group_scales ? tsr_rq_act_quantize_groups_row : tsr_rq_act_quantize_row)(
+            q + t * n_pad, gsum + t * n_g, d + t * n_d, x + t * n, n, n_pad, group);
 }
 
 /* ---- matrices of a row codec ------------------------------------------------------------ */
@@ -235,10 +471,28 @@ void tsr_rq_matrix_dequantize(float *y, const tsr_rq_matrix *m, int64_t row0, in
     }
 }
 
+typedef struct rq_pair {
+    const tsr_rq_matrix *m;
+    const tsr_rq_act *act;
+    uint8_t *scratch;
+} rq_pair;
+
+static void rq_pair_run(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
+    const rq_pair *p = ctx;
+    for (int k = 0; k < n_r; k++)
+        p->m->codec->dot_q8(p->m->cfg, v + k, 1, (const uint8_t *)w + k * partner, p->act, 1,
+                            p->m->n_in, p->scratch);
+}
+
 void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const tsr_rq_act *act,
                        int64_t n_tok, uint8_t *scratch, int ith, int nth) {
     int64_t n_in = m->n_in, n_out = m->n_out, r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
+    if (act && n_tok == 1 && !m->tail_off) { /* decode: two sequential streams, as tsr_matmul */
+        rq_pair p = {m, act, scratch};
+        tsr_stream_row_pairs(rq_pair_run, &p, y, m->rows, m->row_bytes, r0, r1);
+        return;
+    }
     float *row = (float *)scratch;
     for (int64_t r = r0; r < r1; r++) {
         rq_row q = row_at(m, r);
