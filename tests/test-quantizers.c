@@ -761,6 +761,52 @@ START_TEST(dot_packed_scaled_levels) {
 }
 END_TEST
 
+/* Integer scales and zeros per group: the exact sum at every level, random groups and the
+ * extremes (8-bit codes 255, scale 255, activations 127, 40 groups of 256: each group's term
+ * is near 2^31, the row's sum far past it). */
+START_TEST(dot_packed_int_scaled_levels) {
+    static const struct {
+        int bits;
+        int64_t group, n_g;
+        int extreme;
+    } cases[] = {{4, 128, 17, 0}, {4, 32, 3, 0}, {3, 72, 3, 0}, {8, 256, 40, 1}};
+    tsr_cpu_level best = tsr_cpu_level_best();
+    uint64_t seed = 11;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int bits = cases[k].bits;
+        int64_t group = cases[k].group, n_g = cases[k].n_g, n = group * n_g;
+        uint8_t *codes = malloc((size_t)n), *packed = malloc(tsr_rq_packed_bytes(n, bits));
+        uint8_t *sz = malloc((size_t)(2 * n_g));
+        int8_t *a = malloc((size_t)n);
+        int32_t *asum = calloc((size_t)n_g, sizeof *asum), *scratch = malloc((size_t)n_g * 4);
+        for (int64_t i = 0; i < n; i++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            codes[i] = cases[k].extreme ? 255 : (uint8_t)((seed >> 33) & ((1u << bits) - 1));
+            a[i] = cases[k].extreme ? 127 : (int8_t)((int)((seed >> 45) % 255) - 127);
+            asum[i / group] += a[i];
+        }
+        for (int64_t g = 0; g < n_g; g++) {
+            sz[2 * g] = cases[k].extreme ? 255 : (uint8_t)(1 + (g * 37) % 255);
+            sz[2 * g + 1] = cases[k].extreme ? 0 : (uint8_t)((g * 5) & ((1u << bits) - 1));
+        }
+        tsr_rq_pack(packed, codes, n, bits);
+        int64_t want = 0;
+        for (int64_t i = 0; i < n; i++)
+            want += (int64_t)sz[2 * (i / group)] * (codes[i] - sz[2 * (i / group) + 1]) * a[i];
+        for (int lv = 0; lv <= (int)best; lv++) {
+            ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+            int64_t got =
+                tsr_rq_dot_packed_int_scaled(packed, bits, sz, a, asum, group, n_g, scratch);
+            ck_assert_msg(got == want, "case %zu at %s: %lld != %lld", k,
+                          tsr_cpu_level_name((tsr_cpu_level)lv), (long long)got,
+                          (long long)want);
+        }
+        free(codes), free(packed), free(sz), free(a), free(asum), free(scratch);
+    }
+    ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
+}
+END_TEST
+
 /* Per-group int8 activations: each group has its own amax / 127, the padding is zeros and
  * out of the last group's amax, and the group sums are of the quants. */
 START_TEST(act_quantize_groups) {
@@ -1195,6 +1241,7 @@ static Suite *suite(bool model_cases) {
     tcase_add_test(tc, dot_packed_groups_equals_unpacked);
     tcase_add_test(tc, act_quantize_groups);
     tcase_add_test(tc, dot_packed_scaled_levels);
+    tcase_add_test(tc, dot_packed_int_scaled_levels);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(s, tc);
     tc = tcase_create("sources");

@@ -81,6 +81,43 @@ unpack_vbmi(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
         _mm512_mask_storeu_epi8(codes + i, sm, _mm512_and_si512(v, mask));
     }
 }
+
+#define RQ_VBMI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")))
+
+/* The fused products' unpacker: the codes of a group 64 per step, in registers, the loads
+ * masked to the group (its last step may be short: a group is a multiple of 8 codes). */
+typedef struct vbmi_codes {
+    __m512i idx, ctl, mask;
+    __mmask64 full_bytes, tail_bytes, tail_codes;
+    int bits;
+} vbmi_codes;
+
+RQ_VBMI_TARGET static inline vbmi_codes vbmi_codes_of(int bits, int64_t group) {
+    pthread_once(&g_vbmi_once, vbmi_tables);
+    int64_t tail = group % 64;
+    return (vbmi_codes){_mm512_loadu_si512(g_vbmi_perm[bits]),
+                        _mm512_loadu_si512(g_vbmi_shift[bits]),
+                        _mm512_set1_epi8((char)((1u << bits) - 1)),
+                        bits == 8 ? ~(__mmask64)0 : ((__mmask64)1 << (8 * bits)) - 1,
+                        ((__mmask64)1 << (tail * bits / 8)) - 1, ((__mmask64)1 << tail) - 1,
+                        bits};
+}
+
+/* Codes [i, i + 64) of the group whose codes start at src, one per byte, zeros past the
+ * group's end (whole = 0: the step is the group's short last one). */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i
+vbmi_codes_at(const vbmi_codes *u, const uint8_t *src, int64_t i, int whole) {
+    __m512i in = _mm512_maskz_loadu_epi8(whole ? u->full_bytes : u->tail_bytes,
+                                         src + i / 8 * u->bits);
+    return _mm512_and_si512(
+        _mm512_multishift_epi64_epi8(u->ctl, _mm512_permutexvar_epi8(u->idx, in)), u->mask);
+}
+
+/* The activations of that step, zeros past the group's end. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i
+vbmi_acts_at(const vbmi_codes *u, const int8_t *a, int64_t i, int whole) {
+    return _mm512_maskz_loadu_epi8(whole ? ~(__mmask64)0 : u->tail_codes, a + i);
+}
 #endif
 
 void tsr_rq_unpack(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
@@ -169,34 +206,17 @@ static void dot_packed_groups_unpacked(int32_t *dots, const uint8_t *codes, int 
 
 #ifdef RQ_X86
 /* 64 codes per step, unpacked in registers as unpack_vbmi does and multiplied with vpdpbusd
- * (unsigned codes of all 8 bits, no saturation); the loads are masked to the group. */
-__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) static void
-dot_packed_groups_vbmi(int32_t *dots, const uint8_t *codes, int bits, const int8_t *a,
-                       int64_t group, int64_t n_g) {
-    pthread_once(&g_vbmi_once, vbmi_tables);
-    const __m512i idx = _mm512_loadu_si512(g_vbmi_perm[bits]);
-    const __m512i ctl = _mm512_loadu_si512(g_vbmi_shift[bits]);
-    const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1));
-    const int64_t tail = group % 64;
-    const __mmask64 full_bytes = bits == 8 ? ~(__mmask64)0 : ((__mmask64)1 << (8 * bits)) - 1;
-    const __mmask64 tail_codes = ((__mmask64)1 << tail) - 1;
-    const __mmask64 tail_bytes = ((__mmask64)1 << (tail * bits / 8)) - 1;
+ * (unsigned codes of all 8 bits, no saturation). */
+RQ_VBMI_TARGET static void dot_packed_groups_vbmi(int32_t *dots, const uint8_t *codes, int bits,
+                                                  const int8_t *a, int64_t group, int64_t n_g) {
+    const vbmi_codes u = vbmi_codes_of(bits, group);
     for (int64_t g = 0; g < n_g; g++) {
         const uint8_t *src = codes + g * group * bits / 8;
-        const int8_t *ag = a + g * group;
         __m512i acc = _mm512_setzero_si512();
-        int64_t i = 0;
-        for (; i + 64 <= group; i += 64) {
-            __m512i in = _mm512_maskz_loadu_epi8(full_bytes, src + i / 8 * bits);
-            __m512i c = _mm512_and_si512(
-                _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, in)), mask);
-            acc = _mm512_dpbusd_epi32(acc, c, _mm512_loadu_si512(ag + i));
-        }
-        if (tail) {
-            __m512i in = _mm512_maskz_loadu_epi8(tail_bytes, src + i / 8 * bits);
-            __m512i c = _mm512_and_si512(
-                _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, in)), mask);
-            acc = _mm512_dpbusd_epi32(acc, c, _mm512_maskz_loadu_epi8(tail_codes, ag + i));
+        for (int64_t i = 0; i < group; i += 64) {
+            int whole = i + 64 <= group;
+            acc = _mm512_dpbusd_epi32(acc, vbmi_codes_at(&u, src, i, whole),
+                                      vbmi_acts_at(&u, a + g * group, i, whole));
         }
         dots[g] = _mm512_reduce_add_epi32(acc);
     }
@@ -212,6 +232,61 @@ void tsr_rq_dot_packed_groups(int32_t *dots, const uint8_t *codes, int bits, con
     }
 #endif
     dot_packed_groups_unpacked(dots, codes, bits, a, group, n_g);
+}
+
+/* The portable form of tsr_rq_dot_packed_int_scaled: the group dots, then the sum. */
+static int64_t dot_packed_int_scaled_groups(const uint8_t *codes, int bits, const uint8_t *sz,
+                                            const int8_t *a, const int32_t *asum, int64_t group,
+                                            int64_t n_g, int32_t *dots) {
+    tsr_rq_dot_packed_groups(dots, codes, bits, a, group, n_g);
+    int64_t acc = 0;
+    for (int64_t g = 0; g < n_g; g++)
+        acc += (int64_t)sz[2 * g] * (dots[g] - (int64_t)sz[2 * g + 1] * asum[g]);
+    return acc;
+}
+
+#ifdef RQ_X86
+/* A lane's term of one group is at most 255 * 255 * 127 * 4 * (group / 64) in size; 32-bit
+ * lanes take 16 groups of 256 (2^31 / (255^2 * 127 * 16) > 16) before they move to 64 bits. */
+#define RQ_INT_FLUSH 16
+
+RQ_VBMI_TARGET static int64_t dot_packed_int_scaled_vbmi(const uint8_t *codes, int bits,
+                                                         const uint8_t *sz, const int8_t *a,
+                                                         int64_t group, int64_t n_g) {
+    const vbmi_codes u = vbmi_codes_of(bits, group);
+    __m512i acc64 = _mm512_setzero_si512(), acc32 = _mm512_setzero_si512();
+    for (int64_t g = 0; g < n_g; g++) {
+        const uint8_t *src = codes + g * group * bits / 8;
+        const int8_t *ag = a + g * group;
+        const __m512i zv = _mm512_set1_epi8((char)sz[2 * g + 1]);
+        __m512i ac = _mm512_setzero_si512(), az = _mm512_setzero_si512();
+        _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+        for (int64_t i = 0; i < group; i += 64) {
+            int whole = i + 64 <= group;
+            __m512i av = vbmi_acts_at(&u, ag, i, whole);
+            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, i, whole), av);
+            az = _mm512_dpbusd_epi32(az, zv, av);
+        }
+        acc32 = _mm512_add_epi32(acc32, _mm512_mullo_epi32(_mm512_sub_epi32(ac, az),
+                                                           _mm512_set1_epi32(sz[2 * g])));
+        if ((g + 1) % RQ_INT_FLUSH == 0 || g + 1 == n_g) {
+            acc64 = _mm512_add_epi64(acc64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc32)));
+            acc64 = _mm512_add_epi64(
+                acc64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc32, 1)));
+            acc32 = _mm512_setzero_si512();
+        }
+    }
+    return _mm512_reduce_add_epi64(acc64);
+}
+#endif
+
+int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits, const uint8_t *sz,
+                                     const int8_t *a, const int32_t *asum, int64_t group,
+                                     int64_t n_g, int32_t *scratch) {
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) return dot_packed_int_scaled_vbmi(codes, bits, sz, a, group, n_g);
+#endif
+    return dot_packed_int_scaled_groups(codes, bits, sz, a, asum, group, n_g, scratch);
 }
 
 /* ---- scaled products on packed codes ---------------------------------------------------- */
@@ -259,23 +334,16 @@ static float dot_packed_scaled_ref(const uint8_t *codes, int bits, int32_t zero,
 /* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
  * the NT tokens, and each token keeps its own accumulators, so a value does not depend on
  * the tile. NT is a constant in each inlined copy. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni"), always_inline))
-static inline void dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
-                                          int32_t zero, const uint8_t *d16, const uint8_t *m16,
-                                          const tsr_rq_act *act, int64_t t0, int64_t n_g,
-                                          const int NT) {
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, int32_t zero,
+                       const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act,
+                       int64_t t0, int64_t n_g, const int NT) {
     const int64_t group = act->group, n_s = act->n_scales, gs = act->n_pad / group;
-    const __m512i idx = _mm512_loadu_si512(g_vbmi_perm[bits]);
-    const __m512i ctl = _mm512_loadu_si512(g_vbmi_shift[bits]);
-    const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1));
+    const vbmi_codes u = vbmi_codes_of(bits, group);
     const __m512i zv = _mm512_set1_epi8((char)zero);
-    const int64_t tail = group % 64;
-    const __mmask64 full_bytes = bits == 8 ? ~(__mmask64)0 : ((__mmask64)1 << (8 * bits)) - 1;
-    const __mmask64 tail_codes = ((__mmask64)1 << tail) - 1;
-    const __mmask64 tail_bytes = ((__mmask64)1 << (tail * bits / 8)) - 1;
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int j = 0; j < NT; j++) acc[j] = macc[j] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
@@ -283,7 +351,7 @@ static inline void dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *
         __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, d16 + 2 * g0));
         __m512 mv = m16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, m16 + 2 * g0))
                         : _mm512_setzero_ps();
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int j = 0; j < NT; j++) {
             const float *da = act->d + (t0 + j) * n_s;
             __m512 dav = n_s > 1 ? _mm512_maskz_loadu_ps(gm, da + g0) : _mm512_set1_ps(da[0]);
@@ -298,31 +366,27 @@ static inline void dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *
             const uint8_t *src = codes + (g0 + k) * group * bits / 8;
             const int8_t *ag = act->q + t0 * act->n_pad + (g0 + k) * group;
             __m512i ac[RQ_TILE_TOKS], az[RQ_TILE_TOKS];
-            #pragma GCC unroll 4
+#pragma GCC unroll 4
             for (int j = 0; j < NT; j++) ac[j] = az[j] = _mm512_setzero_si512();
             /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
             _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
             for (int64_t i = 0; i < group; i += 64) {
                 int whole = i + 64 <= group;
-                __m512i in = _mm512_maskz_loadu_epi8(whole ? full_bytes : tail_bytes,
-                                                     src + i / 8 * bits);
-                __m512i c = _mm512_and_si512(
-                    _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, in)), mask);
-                #pragma GCC unroll 4
+                __m512i c = vbmi_codes_at(&u, src, i, whole);
+#pragma GCC unroll 4
                 for (int j = 0; j < NT; j++) {
-                    __m512i av = _mm512_maskz_loadu_epi8(whole ? ~(__mmask64)0 : tail_codes,
-                                                         ag + j * act->n_pad + i);
+                    __m512i av = vbmi_acts_at(&u, ag + j * act->n_pad, i, whole);
                     ac[j] = _mm512_dpbusd_epi32(ac[j], c, av);
                     az[j] = _mm512_dpbusd_epi32(az[j], zv, av);
                 }
             }
-            #pragma GCC unroll 4
+#pragma GCC unroll 4
             for (int j = 0; j < NT; j++)
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ac[j], az[j])),
                                          _mm512_set1_ps(P[j][k]), acc[j]);
         }
     }
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int j = 0; j < NT; j++) {
         __m512 s = _mm512_add_ps(acc[j], macc[j]);
         __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(s),
@@ -333,11 +397,10 @@ static inline void dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni"))) static void
-dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes, int bits, int32_t zero,
-                       const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act,
-                       int64_t n_tok, int64_t n_g) {
-    pthread_once(&g_vbmi_once, vbmi_tables);
+RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes,
+                                                  int bits, int32_t zero, const uint8_t *d16,
+                                                  const uint8_t *m16, const tsr_rq_act *act,
+                                                  int64_t n_tok, int64_t n_g) {
     int64_t t = 0;
     for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
         dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, RQ_TILE_TOKS);

@@ -121,6 +121,18 @@ void tsr_rq_dot_packed_groups(int32_t *dots,          // (n_g)
                               const int8_t *a,        // (n_g * group)
                               int64_t group, int64_t n_g);
 
+/* sum_g s_g * sum_i (c_i - z_g) * a_i over one row's groups, exactly, for codes with an
+ * integer scale s_g and zero z_g per group (uint8 pairs (s_g, z_g) in sz; QServe's level 2):
+ * codes as tsr_rq_dot_packed_groups, asum[g] the sum of group g's activations. AVX-512 with
+ * VBMI fuses it in registers (32-bit lanes moved to 64 bits every 16 groups); the other levels
+ * take the group dots into scratch (n_g) and sum in 64 bits. */
+int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits,
+                                     const uint8_t *sz,      // (n_g, 2)
+                                     const int8_t *a,        // (n_g * group)
+                                     const int32_t *asum,    // (n_g)
+                                     int64_t group, int64_t n_g,
+                                     int32_t *scratch);      // (n_g)
+
 /* One row times n_tok tokens' int8 activations (act, whose group is the codes' group), for
  * codes with an fp16 scale d_g and optionally an fp16 minimum m_g per group:
  *   y[t * ldy] = sum_g da_g * (d_g * sum_i (c_i - zero) * a_i + m_g * sum_i a_i)
