@@ -329,6 +329,51 @@ static float dot_packed_scaled_ref(const uint8_t *codes, int bits, int32_t zero,
 }
 
 #ifdef RQ_X86
+/* The reference's order with AVX2: a ymm's 32-bit lane j after vpmaddubsw + vpmaddwd holds the
+ * products 4j..4j+3 of its 32 bytes, so two ymm are the 16 lanes; the codes are unpacked to
+ * the stack 64 at a time. Codes below 128 only (vpmaddubsw's 16-bit pair sums). */
+__attribute__((target("avx2,fma,f16c"))) static float
+dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
+                       const uint8_t *m16, const int8_t *a, const int32_t *asum,
+                       const float *da, int64_t da_stride, int64_t group, int64_t n_g) {
+    const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)zero);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float macc[16] = {0}, lanes[16];
+    uint8_t buf[64];
+    int8_t abuf[64];
+    for (int64_t g = 0; g < n_g; g++) {
+        float dag = da[g * da_stride];
+        __m256 P = _mm256_set1_ps(dag * tsr_rq_load_f16(d16 + 2 * g));
+        __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64;
+            const int8_t *ai = a + g * group + i;
+            unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
+            if (m < 64) { /* zeros past the group, whose activations may end the array */
+                memset(buf + m, 0, (size_t)(64 - m));
+                memset(abuf, 0, sizeof abuf);
+                memcpy(abuf, ai, (size_t)m);
+                ai = abuf;
+            }
+            for (int h = 0; h < 2; h++) {
+                __m256i c = _mm256_loadu_si256((const __m256i *)(buf + 32 * h));
+                __m256i av = _mm256_loadu_si256((const __m256i *)(ai + 32 * h));
+                __m256i ca = _mm256_madd_epi16(_mm256_maddubs_epi16(c, av), ones);
+                __m256i za = _mm256_madd_epi16(_mm256_maddubs_epi16(zv, av), ones);
+                sum[h] = _mm256_add_epi32(sum[h], _mm256_sub_epi32(ca, za));
+            }
+        }
+        for (int h = 0; h < 2; h++)
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]), P, acc[h]);
+        if (m16)
+            macc[g % 16] = fmaf((float)asum[g], dag * tsr_rq_load_f16(m16 + 2 * g), macc[g % 16]);
+    }
+    _mm256_storeu_ps(lanes, acc[0]);
+    _mm256_storeu_ps(lanes + 8, acc[1]);
+    for (int l = 0; l < 16; l++) lanes[l] = lanes[l] + macc[l];
+    return lanes16_sum(lanes);
+}
+
 #define RQ_TILE_TOKS 4
 
 /* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
@@ -422,11 +467,17 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
         return;
     }
 #endif
+    float (*dot)(const uint8_t *, int, int32_t, const uint8_t *, const uint8_t *,
+                 const int8_t *, const int32_t *, const float *, int64_t, int64_t, int64_t) =
+        dot_packed_scaled_ref;
+#ifdef RQ_X86
+    if (bits < 8 && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2) dot = dot_packed_scaled_avx2;
+#endif
     int64_t gs = act->n_pad / act->group;
     for (int64_t t = 0; t < n_tok; t++)
-        y[t * ldy] = dot_packed_scaled_ref(codes, bits, zero, d16, m16, act->q + t * act->n_pad,
-                                           act->gsum + t * gs, act->d + t * act->n_scales,
-                                           act->n_scales > 1, act->group, n_g);
+        y[t * ldy] = dot(codes, bits, zero, d16, m16, act->q + t * act->n_pad,
+                         act->gsum + t * gs, act->d + t * act->n_scales, act->n_scales > 1,
+                         act->group, n_g);
 }
 
 /* q = rne(x * 127 / amax), clamped; returns the scale amax / 127 (0 and zeros for amax 0). */

@@ -141,7 +141,8 @@ int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits,
  * (m16 NULL: no minimum). The integer sums are exact and the float arithmetic has one fixed
  * order (research_quants.c), so every level gives the same bits and a token's value does not
  * depend on n_tok: AVX-512 with VBMI unpacks each 64 codes once in registers for up to four
- * tokens, the other levels run the portable reference. */
+ * tokens; AVX2 (and AVX-512 without VBMI) unpacks 64 codes at a time to the stack and keeps
+ * the 16 lanes in two ymm (codes of 7 bits or fewer); the scalar reference does the rest. */
 void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
                               int32_t zero, const uint8_t *d16, const uint8_t *m16,
                               const tsr_rq_act *act, int64_t n_tok, int64_t n_g);
