@@ -103,12 +103,11 @@ RQ_VBMI_TARGET static inline vbmi_codes vbmi_codes_of(int bits, int64_t group) {
                         bits};
 }
 
-/* Codes [i, i + 64) of the group whose codes start at src, one per byte, zeros past the
- * group's end (whole = 0: the step is the group's short last one). */
+/* The 64 codes of a step that starts at byte p, one per byte, zeros past the group's end
+ * (whole = 0: the step is the group's short last one). */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i
-vbmi_codes_at(const vbmi_codes *u, const uint8_t *src, int64_t i, int whole) {
-    __m512i in = _mm512_maskz_loadu_epi8(whole ? u->full_bytes : u->tail_bytes,
-                                         src + i / 8 * u->bits);
+vbmi_codes_at(const vbmi_codes *u, const uint8_t *p, int whole) {
+    __m512i in = _mm512_maskz_loadu_epi8(whole ? u->full_bytes : u->tail_bytes, p);
     return _mm512_and_si512(
         _mm512_multishift_epi64_epi8(u->ctl, _mm512_permutexvar_epi8(u->idx, in)), u->mask);
 }
@@ -215,7 +214,7 @@ RQ_VBMI_TARGET static void dot_packed_groups_vbmi(int32_t *dots, const uint8_t *
         __m512i acc = _mm512_setzero_si512();
         for (int64_t i = 0; i < group; i += 64) {
             int whole = i + 64 <= group;
-            acc = _mm512_dpbusd_epi32(acc, vbmi_codes_at(&u, src, i, whole),
+            acc = _mm512_dpbusd_epi32(acc, vbmi_codes_at(&u, src + i / 8 * bits, whole),
                                       vbmi_acts_at(&u, a + g * group, i, whole));
         }
         dots[g] = _mm512_reduce_add_epi32(acc);
@@ -264,7 +263,7 @@ RQ_VBMI_TARGET static int64_t dot_packed_int_scaled_vbmi(const uint8_t *codes, i
         for (int64_t i = 0; i < group; i += 64) {
             int whole = i + 64 <= group;
             __m512i av = vbmi_acts_at(&u, ag, i, whole);
-            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, i, whole), av);
+            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src + i / 8 * bits, whole), av);
             az = _mm512_dpbusd_epi32(az, zv, av);
         }
         acc32 = _mm512_add_epi32(acc32, _mm512_mullo_epi32(_mm512_sub_epi32(ac, az),
@@ -376,6 +375,33 @@ dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8
 
 #define RQ_TILE_TOKS 4
 
+/* Groups [g0, g0 + 16) (fewer at the end: mask gm) of token t: P[k] = da_g * d_g, and the
+ * minimum's terms added into macc, returned. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512
+scaled_block(float P[16], __m512 macc, const uint8_t *d16, const uint8_t *m16,
+             const tsr_rq_act *act, int64_t t, int64_t g0, __mmask16 gm) {
+    const float *da = act->d + t * act->n_scales;
+    __m512 dav = act->n_scales > 1 ? _mm512_maskz_loadu_ps(gm, da + g0) : _mm512_set1_ps(da[0]);
+    _mm512_storeu_ps(P, _mm512_mul_ps(dav, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                               gm, d16 + 2 * g0))));
+    if (!m16) return macc;
+    __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, m16 + 2 * g0));
+    __m512 as = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(
+        gm, act->gsum + t * (act->n_pad / act->group) + g0));
+    return _mm512_fmadd_ps(as, _mm512_mul_ps(dav, mv), macc);
+}
+
+/* The reference's last step: the two sets of lanes added, then the tree. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline float lanes16_sum_zmm(__m512 acc,
+                                                                                __m512 macc) {
+    __m512 s = _mm512_add_ps(acc, macc);
+    __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(s),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+    __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    return _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
+}
+
 /* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
  * the NT tokens, and each token keeps its own accumulators, so a value does not depend on
  * the tile. NT is a constant in each inlined copy. */
@@ -383,7 +409,7 @@ RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
 dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, int32_t zero,
                        const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act,
                        int64_t t0, int64_t n_g, const int NT) {
-    const int64_t group = act->group, n_s = act->n_scales, gs = act->n_pad / group;
+    const int64_t group = act->group;
     const vbmi_codes u = vbmi_codes_of(bits, group);
     const __m512i zv = _mm512_set1_epi8((char)zero);
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
@@ -393,31 +419,18 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, in
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
         __mmask16 gm = (__mmask16)((1u << ng) - 1);
-        __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, d16 + 2 * g0));
-        __m512 mv = m16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, m16 + 2 * g0))
-                        : _mm512_setzero_ps();
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++) {
-            const float *da = act->d + (t0 + j) * n_s;
-            __m512 dav = n_s > 1 ? _mm512_maskz_loadu_ps(gm, da + g0) : _mm512_set1_ps(da[0]);
-            _mm512_storeu_ps(P[j], _mm512_mul_ps(dav, dv));
-            if (m16) {
-                __m512 as = _mm512_cvtepi32_ps(
-                    _mm512_maskz_loadu_epi32(gm, act->gsum + (t0 + j) * gs + g0));
-                macc[j] = _mm512_fmadd_ps(as, _mm512_mul_ps(dav, mv), macc[j]);
-            }
-        }
+        for (int j = 0; j < NT; j++)
+            macc[j] = scaled_block(P[j], macc[j], d16, m16, act, t0 + j, g0, gm);
         for (int64_t k = 0; k < ng; k++) {
             const uint8_t *src = codes + (g0 + k) * group * bits / 8;
             const int8_t *ag = act->q + t0 * act->n_pad + (g0 + k) * group;
             __m512i ac[RQ_TILE_TOKS], az[RQ_TILE_TOKS];
 #pragma GCC unroll 4
             for (int j = 0; j < NT; j++) ac[j] = az[j] = _mm512_setzero_si512();
-            /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
-            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
             for (int64_t i = 0; i < group; i += 64) {
                 int whole = i + 64 <= group;
-                __m512i c = vbmi_codes_at(&u, src, i, whole);
+                __m512i c = vbmi_codes_at(&u, src + i / 8 * bits, whole);
 #pragma GCC unroll 4
                 for (int j = 0; j < NT; j++) {
                     __m512i av = vbmi_acts_at(&u, ag + j * act->n_pad, i, whole);
@@ -432,14 +445,39 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, in
         }
     }
 #pragma GCC unroll 4
-    for (int j = 0; j < NT; j++) {
-        __m512 s = _mm512_add_ps(acc[j], macc[j]);
-        __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(s),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
-        __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
-        __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-        y[(t0 + j) * ldy] = _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
+    for (int j = 0; j < NT; j++) y[(t0 + j) * ldy] = lanes16_sum_zmm(acc[j], macc[j]);
+}
+
+/* One token when the groups are whole 64-code steps (decode's case): the tile's operations in
+ * the same order, so the same bits, in a loop of its own with running pointers, which the
+ * compiler keeps in registers where the tile's copies juggle them. */
+RQ_VBMI_TARGET __attribute__((noinline)) static float
+dot_packed_scaled_token(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
+                        const uint8_t *m16, const tsr_rq_act *act, int64_t t, int64_t n_g) {
+    const int64_t steps = act->group / 64, step_bytes = 8 * bits;
+    const vbmi_codes u = vbmi_codes_of(bits, act->group);
+    const __m512i zv = _mm512_set1_epi8((char)zero);
+    const uint8_t *src = codes;
+    const int8_t *ag = act->q + t * act->n_pad;
+    __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+    float P[16];
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        macc = scaled_block(P, macc, d16, m16, act, t, g0, (__mmask16)((1u << ng) - 1));
+        for (int64_t k = 0; k < ng; k++) {
+            __m512i ac = _mm512_setzero_si512(), az = _mm512_setzero_si512();
+            /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
+            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            for (int64_t i = 0; i < steps; i++, src += step_bytes, ag += 64) {
+                __m512i av = _mm512_loadu_si512(ag);
+                ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 1), av);
+                az = _mm512_dpbusd_epi32(az, zv, av);
+            }
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ac, az)),
+                                  _mm512_set1_ps(P[k]), acc);
+        }
     }
+    return lanes16_sum_zmm(acc, macc);
 }
 
 RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes,
@@ -452,7 +490,12 @@ RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const u
     switch (n_tok - t) {
     case 3: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 3); break;
     case 2: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 2); break;
-    case 1: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 1); break;
+    case 1:
+        if (act->group % 64 == 0)
+            y[t * ldy] = dot_packed_scaled_token(codes, bits, zero, d16, m16, act, t, n_g);
+        else
+            dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 1);
+        break;
     default: break;
     }
 }
