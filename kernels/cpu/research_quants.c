@@ -253,18 +253,24 @@ RQ_VBMI_TARGET static int64_t dot_packed_int_scaled_vbmi(const uint8_t *codes, i
                                                          const uint8_t *sz, const int8_t *a,
                                                          int64_t group, int64_t n_g) {
     const vbmi_codes u = vbmi_codes_of(bits, group);
+    const int64_t steps = group / 64, step_bytes = 8 * bits, tail = group % 64;
+    const uint8_t *src = codes;
     __m512i acc64 = _mm512_setzero_si512(), acc32 = _mm512_setzero_si512();
     for (int64_t g = 0; g < n_g; g++) {
-        const uint8_t *src = codes + g * group * bits / 8;
-        const int8_t *ag = a + g * group;
         const __m512i zv = _mm512_set1_epi8((char)sz[2 * g + 1]);
         __m512i ac = _mm512_setzero_si512(), az = _mm512_setzero_si512();
         _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
-        for (int64_t i = 0; i < group; i += 64) {
-            int whole = i + 64 <= group;
-            __m512i av = vbmi_acts_at(&u, ag, i, whole);
-            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src + i / 8 * bits, whole), av);
+        for (int64_t i = 0; i < steps; i++, src += step_bytes, a += 64) {
+            __m512i av = _mm512_loadu_si512(a);
+            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 1), av);
             az = _mm512_dpbusd_epi32(az, zv, av);
+        }
+        if (tail) {
+            __m512i av = vbmi_acts_at(&u, a, 0, 0);
+            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 0), av);
+            az = _mm512_dpbusd_epi32(az, zv, av);
+            src += tail / 8 * bits;
+            a += tail;
         }
         acc32 = _mm512_add_epi32(acc32, _mm512_mullo_epi32(_mm512_sub_epi32(ac, az),
                                                            _mm512_set1_epi32(sz[2 * g])));
