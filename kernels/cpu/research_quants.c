@@ -81,6 +81,42 @@ unpack_vbmi(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
         _mm512_mask_storeu_epi8(codes + i, sm, _mm512_and_si512(v, mask));
     }
 }
+
+#define RQ_VBMI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")))
+
+/* The fused products' unpacker: the codes of a group 64 per step, in registers, the loads
+ * masked to the group (its last step may be short: a group is a multiple of 8 codes). */
+typedef struct vbmi_codes {
+    __m512i idx, ctl, mask;
+    __mmask64 full_bytes, tail_bytes, tail_codes;
+    int bits;
+} vbmi_codes;
+
+RQ_VBMI_TARGET static inline vbmi_codes vbmi_codes_of(int bits, int64_t group) {
+    pthread_once(&g_vbmi_once, vbmi_tables);
+    int64_t tail = group % 64;
+    return (vbmi_codes){_mm512_loadu_si512(g_vbmi_perm[bits]),
+                        _mm512_loadu_si512(g_vbmi_shift[bits]),
+                        _mm512_set1_epi8((char)((1u << bits) - 1)),
+                        bits == 8 ? ~(__mmask64)0 : ((__mmask64)1 << (8 * bits)) - 1,
+                        ((__mmask64)1 << (tail * bits / 8)) - 1, ((__mmask64)1 << tail) - 1,
+                        bits};
+}
+
+/* The 64 codes of a step that starts at byte p, one per byte, zeros past the group's end
+ * (whole = 0: the step is the group's short last one). */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i
+vbmi_codes_at(const vbmi_codes *u, const uint8_t *p, int whole) {
+    __m512i in = _mm512_maskz_loadu_epi8(whole ? u->full_bytes : u->tail_bytes, p);
+    return _mm512_and_si512(
+        _mm512_multishift_epi64_epi8(u->ctl, _mm512_permutexvar_epi8(u->idx, in)), u->mask);
+}
+
+/* The activations of that step, zeros past the group's end. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i
+vbmi_acts_at(const vbmi_codes *u, const int8_t *a, int64_t i, int whole) {
+    return _mm512_maskz_loadu_epi8(whole ? ~(__mmask64)0 : u->tail_codes, a + i);
+}
 #endif
 
 void tsr_rq_unpack(uint8_t *codes, const uint8_t *src, int64_t n, int bits) {
@@ -148,17 +184,364 @@ int32_t tsr_rq_dot_u8s8(const uint8_t *u, const int8_t *s, int64_t n) {
     return dot_u8s8_scalar(u, s, n);
 }
 
-void tsr_rq_act_quantize_row(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n,
-                             int64_t n_pad, int64_t group) {
+/* ---- integer dots on packed codes ------------------------------------------------------ */
+
+/* The portable form: a chunk of at most 64 codes unpacked to the stack at a time. */
+static void dot_packed_groups_unpacked(int32_t *dots, const uint8_t *codes, int bits,
+                                       const int8_t *a, int64_t group, int64_t n_g) {
+    uint8_t buf[64];
+    for (int64_t g = 0; g < n_g; g++) {
+        int32_t sum = 0;
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64;
+            unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
+            /* tsr_rq_dot_u8s8's AVX2 form needs codes below 128 */
+            sum += bits < 8 ? tsr_rq_dot_u8s8(buf, a + g * group + i, m)
+                            : dot_u8s8_scalar(buf, a + g * group + i, m);
+        }
+        dots[g] = sum;
+    }
+}
+
+#ifdef RQ_X86
+/* 64 codes per step, unpacked in registers as unpack_vbmi does and multiplied with vpdpbusd
+ * (unsigned codes of all 8 bits, no saturation). */
+RQ_VBMI_TARGET static void dot_packed_groups_vbmi(int32_t *dots, const uint8_t *codes, int bits,
+                                                  const int8_t *a, int64_t group, int64_t n_g) {
+    const vbmi_codes u = vbmi_codes_of(bits, group);
+    for (int64_t g = 0; g < n_g; g++) {
+        const uint8_t *src = codes + g * group * bits / 8;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t i = 0; i < group; i += 64) {
+            int whole = i + 64 <= group;
+            acc = _mm512_dpbusd_epi32(acc, vbmi_codes_at(&u, src + i / 8 * bits, whole),
+                                      vbmi_acts_at(&u, a + g * group, i, whole));
+        }
+        dots[g] = _mm512_reduce_add_epi32(acc);
+    }
+}
+#endif
+
+void tsr_rq_dot_packed_groups(int32_t *dots, const uint8_t *codes, int bits, const int8_t *a,
+                              int64_t group, int64_t n_g) {
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) {
+        dot_packed_groups_vbmi(dots, codes, bits, a, group, n_g);
+        return;
+    }
+#endif
+    dot_packed_groups_unpacked(dots, codes, bits, a, group, n_g);
+}
+
+/* The portable form of tsr_rq_dot_packed_int_scaled: the group dots, then the sum. */
+static int64_t dot_packed_int_scaled_groups(const uint8_t *codes, int bits, const uint8_t *sz,
+                                            const int8_t *a, const int32_t *asum, int64_t group,
+                                            int64_t n_g, int32_t *dots) {
+    tsr_rq_dot_packed_groups(dots, codes, bits, a, group, n_g);
+    int64_t acc = 0;
+    for (int64_t g = 0; g < n_g; g++)
+        acc += (int64_t)sz[2 * g] * (dots[g] - (int64_t)sz[2 * g + 1] * asum[g]);
+    return acc;
+}
+
+#ifdef RQ_X86
+/* A lane's term of one group is at most 255 * 255 * 127 * 4 * (group / 64) in size; 32-bit
+ * lanes take 16 groups of 256 (2^31 / (255^2 * 127 * 16) > 16) before they move to 64 bits. */
+#define RQ_INT_FLUSH 16
+
+RQ_VBMI_TARGET static int64_t dot_packed_int_scaled_vbmi(const uint8_t *codes, int bits,
+                                                         const uint8_t *sz, const int8_t *a,
+                                                         int64_t group, int64_t n_g) {
+    const vbmi_codes u = vbmi_codes_of(bits, group);
+    const int64_t steps = group / 64, step_bytes = 8 * bits, tail = group % 64;
+    const uint8_t *src = codes;
+    __m512i acc64 = _mm512_setzero_si512(), acc32 = _mm512_setzero_si512();
+    for (int64_t g = 0; g < n_g; g++) {
+        const __m512i zv = _mm512_set1_epi8((char)sz[2 * g + 1]);
+        __m512i ac = _mm512_setzero_si512(), az = _mm512_setzero_si512();
+        _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+        for (int64_t i = 0; i < steps; i++, src += step_bytes, a += 64) {
+            __m512i av = _mm512_loadu_si512(a);
+            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 1), av);
+            az = _mm512_dpbusd_epi32(az, zv, av);
+        }
+        if (tail) {
+            __m512i av = vbmi_acts_at(&u, a, 0, 0);
+            ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 0), av);
+            az = _mm512_dpbusd_epi32(az, zv, av);
+            src += tail / 8 * bits;
+            a += tail;
+        }
+        acc32 = _mm512_add_epi32(acc32, _mm512_mullo_epi32(_mm512_sub_epi32(ac, az),
+                                                           _mm512_set1_epi32(sz[2 * g])));
+        if ((g + 1) % RQ_INT_FLUSH == 0 || g + 1 == n_g) {
+            acc64 = _mm512_add_epi64(acc64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc32)));
+            acc64 = _mm512_add_epi64(
+                acc64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc32, 1)));
+            acc32 = _mm512_setzero_si512();
+        }
+    }
+    return _mm512_reduce_add_epi64(acc64);
+}
+#endif
+
+int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits, const uint8_t *sz,
+                                     const int8_t *a, const int32_t *asum, int64_t group,
+                                     int64_t n_g, int32_t *scratch) {
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) return dot_packed_int_scaled_vbmi(codes, bits, sz, a, group, n_g);
+#endif
+    return dot_packed_int_scaled_groups(codes, bits, sz, a, asum, group, n_g, scratch);
+}
+
+/* ---- scaled products on packed codes ---------------------------------------------------- */
+
+/* The order of tsr_rq_dot_packed_scaled, which every level keeps: 16 f32 lanes, lane l of
+ * group g taking the exact integer sum of (c - zero) * a over the positions p of the group
+ * with p % 64 / 4 == l (a vpdpbusd lane), times P_g = da_g * d_g by one fma; the minimum's
+ * term da_g * m_g * sum a into lane g % 16 of a second set; then the two sets added lane by
+ * lane and the 16 lanes added as a tree (l + l + 8, then + 4, + 2, + 1). */
+static float lanes16_sum(const float s[16]) {
+    float t[8];
+    for (int l = 0; l < 8; l++) t[l] = s[l] + s[l + 8];
+    for (int l = 0; l < 4; l++) t[l] = t[l] + t[l + 4];
+    for (int l = 0; l < 2; l++) t[l] = t[l] + t[l + 2];
+    return t[0] + t[1];
+}
+
+static float dot_packed_scaled_ref(const uint8_t *codes, int bits, int32_t zero,
+                                   const uint8_t *d16, const uint8_t *m16, const int8_t *a,
+                                   const int32_t *asum, const float *da, int64_t da_stride,
+                                   int64_t group, int64_t n_g) {
+    float acc[16] = {0}, macc[16] = {0};
+    uint8_t buf[64];
+    for (int64_t g = 0; g < n_g; g++) {
+        float dag = da[g * da_stride];
+        float P = dag * tsr_rq_load_f16(d16 + 2 * g);
+        int32_t lane[16] = {0};
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64;
+            unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
+            for (int64_t p = 0; p < m; p++)
+                lane[p / 4] += ((int32_t)buf[p] - zero) * a[g * group + i + p];
+        }
+        for (int l = 0; l < 16; l++) acc[l] = fmaf((float)lane[l], P, acc[l]);
+        if (m16)
+            macc[g % 16] = fmaf((float)asum[g], dag * tsr_rq_load_f16(m16 + 2 * g), macc[g % 16]);
+    }
+    for (int l = 0; l < 16; l++) acc[l] = acc[l] + macc[l];
+    return lanes16_sum(acc);
+}
+
+#ifdef RQ_X86
+/* The reference's order with AVX2: a ymm's 32-bit lane j after vpmaddubsw + vpmaddwd holds the
+ * products 4j..4j+3 of its 32 bytes, so two ymm are the 16 lanes; the codes are unpacked to
+ * the stack 64 at a time. Codes below 128 only (vpmaddubsw's 16-bit pair sums). */
+__attribute__((target("avx2,fma,f16c"))) static float
+dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
+                       const uint8_t *m16, const int8_t *a, const int32_t *asum,
+                       const float *da, int64_t da_stride, int64_t group, int64_t n_g) {
+    const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)zero);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float macc[16] = {0}, lanes[16];
+    uint8_t buf[64];
+    int8_t abuf[64];
+    for (int64_t g = 0; g < n_g; g++) {
+        float dag = da[g * da_stride];
+        __m256 P = _mm256_set1_ps(dag * tsr_rq_load_f16(d16 + 2 * g));
+        __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64;
+            const int8_t *ai = a + g * group + i;
+            unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
+            if (m < 64) { /* zeros past the group, whose activations may end the array */
+                memset(buf + m, 0, (size_t)(64 - m));
+                memset(abuf, 0, sizeof abuf);
+                memcpy(abuf, ai, (size_t)m);
+                ai = abuf;
+            }
+            for (int h = 0; h < 2; h++) {
+                __m256i c = _mm256_loadu_si256((const __m256i *)(buf + 32 * h));
+                __m256i av = _mm256_loadu_si256((const __m256i *)(ai + 32 * h));
+                __m256i ca = _mm256_madd_epi16(_mm256_maddubs_epi16(c, av), ones);
+                __m256i za = _mm256_madd_epi16(_mm256_maddubs_epi16(zv, av), ones);
+                sum[h] = _mm256_add_epi32(sum[h], _mm256_sub_epi32(ca, za));
+            }
+        }
+        for (int h = 0; h < 2; h++)
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]), P, acc[h]);
+        if (m16)
+            macc[g % 16] = fmaf((float)asum[g], dag * tsr_rq_load_f16(m16 + 2 * g), macc[g % 16]);
+    }
+    _mm256_storeu_ps(lanes, acc[0]);
+    _mm256_storeu_ps(lanes + 8, acc[1]);
+    for (int l = 0; l < 16; l++) lanes[l] = lanes[l] + macc[l];
+    return lanes16_sum(lanes);
+}
+
+#define RQ_TILE_TOKS 4
+
+/* Groups [g0, g0 + 16) (fewer at the end: mask gm) of token t: P[k] = da_g * d_g, and the
+ * minimum's terms added into macc, returned. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512
+scaled_block(float P[16], __m512 macc, const uint8_t *d16, const uint8_t *m16,
+             const tsr_rq_act *act, int64_t t, int64_t g0, __mmask16 gm) {
+    const float *da = act->d + t * act->n_scales;
+    __m512 dav = act->n_scales > 1 ? _mm512_maskz_loadu_ps(gm, da + g0) : _mm512_set1_ps(da[0]);
+    _mm512_storeu_ps(P, _mm512_mul_ps(dav, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                               gm, d16 + 2 * g0))));
+    if (!m16) return macc;
+    __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, m16 + 2 * g0));
+    __m512 as = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(
+        gm, act->gsum + t * (act->n_pad / act->group) + g0));
+    return _mm512_fmadd_ps(as, _mm512_mul_ps(dav, mv), macc);
+}
+
+/* The reference's last step: the two sets of lanes added, then the tree. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline float lanes16_sum_zmm(__m512 acc,
+                                                                                __m512 macc) {
+    __m512 s = _mm512_add_ps(acc, macc);
+    __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(s),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+    __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    return _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
+}
+
+/* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
+ * the NT tokens, and each token keeps its own accumulators, so a value does not depend on
+ * the tile. NT is a constant in each inlined copy. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, int32_t zero,
+                       const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act,
+                       int64_t t0, int64_t n_g, const int NT) {
+    const int64_t group = act->group;
+    const vbmi_codes u = vbmi_codes_of(bits, group);
+    const __m512i zv = _mm512_set1_epi8((char)zero);
+    __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
+    float P[RQ_TILE_TOKS][16];
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) acc[j] = macc[j] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            macc[j] = scaled_block(P[j], macc[j], d16, m16, act, t0 + j, g0, gm);
+        for (int64_t k = 0; k < ng; k++) {
+            const uint8_t *src = codes + (g0 + k) * group * bits / 8;
+            const int8_t *ag = act->q + t0 * act->n_pad + (g0 + k) * group;
+            __m512i ac[RQ_TILE_TOKS], az[RQ_TILE_TOKS];
+#pragma GCC unroll 4
+            for (int j = 0; j < NT; j++) ac[j] = az[j] = _mm512_setzero_si512();
+            for (int64_t i = 0; i < group; i += 64) {
+                int whole = i + 64 <= group;
+                __m512i c = vbmi_codes_at(&u, src + i / 8 * bits, whole);
+#pragma GCC unroll 4
+                for (int j = 0; j < NT; j++) {
+                    __m512i av = vbmi_acts_at(&u, ag + j * act->n_pad, i, whole);
+                    ac[j] = _mm512_dpbusd_epi32(ac[j], c, av);
+                    az[j] = _mm512_dpbusd_epi32(az[j], zv, av);
+                }
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < NT; j++)
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ac[j], az[j])),
+                                         _mm512_set1_ps(P[j][k]), acc[j]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) y[(t0 + j) * ldy] = lanes16_sum_zmm(acc[j], macc[j]);
+}
+
+/* One token when the groups are whole 64-code steps (decode's case): the tile's operations in
+ * the same order, so the same bits, in a loop of its own with running pointers, which the
+ * compiler keeps in registers where the tile's copies juggle them. */
+RQ_VBMI_TARGET __attribute__((noinline)) static float
+dot_packed_scaled_token(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
+                        const uint8_t *m16, const tsr_rq_act *act, int64_t t, int64_t n_g) {
+    const int64_t steps = act->group / 64, step_bytes = 8 * bits;
+    const vbmi_codes u = vbmi_codes_of(bits, act->group);
+    const __m512i zv = _mm512_set1_epi8((char)zero);
+    const uint8_t *src = codes;
+    const int8_t *ag = act->q + t * act->n_pad;
+    __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+    float P[16];
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        macc = scaled_block(P, macc, d16, m16, act, t, g0, (__mmask16)((1u << ng) - 1));
+        for (int64_t k = 0; k < ng; k++) {
+            __m512i ac = _mm512_setzero_si512(), az = _mm512_setzero_si512();
+            /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
+            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            for (int64_t i = 0; i < steps; i++, src += step_bytes, ag += 64) {
+                __m512i av = _mm512_loadu_si512(ag);
+                ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 1), av);
+                az = _mm512_dpbusd_epi32(az, zv, av);
+            }
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ac, az)),
+                                  _mm512_set1_ps(P[k]), acc);
+        }
+    }
+    return lanes16_sum_zmm(acc, macc);
+}
+
+RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes,
+                                                  int bits, int32_t zero, const uint8_t *d16,
+                                                  const uint8_t *m16, const tsr_rq_act *act,
+                                                  int64_t n_tok, int64_t n_g) {
+    int64_t t = 0;
+    for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
+        dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, RQ_TILE_TOKS);
+    switch (n_tok - t) {
+    case 3: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 3); break;
+    case 2: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 2); break;
+    case 1:
+        if (act->group % 64 == 0)
+            y[t * ldy] = dot_packed_scaled_token(codes, bits, zero, d16, m16, act, t, n_g);
+        else
+            dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 1);
+        break;
+    default: break;
+    }
+}
+#endif
+
+void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                              int32_t zero, const uint8_t *d16, const uint8_t *m16,
+                              const tsr_rq_act *act, int64_t n_tok, int64_t n_g) {
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) {
+        dot_packed_scaled_vbmi(y, ldy, codes, bits, zero, d16, m16, act, n_tok, n_g);
+        return;
+    }
+#endif
+    float (*dot)(const uint8_t *, int, int32_t, const uint8_t *, const uint8_t *,
+                 const int8_t *, const int32_t *, const float *, int64_t, int64_t, int64_t) =
+        dot_packed_scaled_ref;
+#ifdef RQ_X86
+    if (bits < 8 && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2) dot = dot_packed_scaled_avx2;
+#endif
+    int64_t gs = act->n_pad / act->group;
+    for (int64_t t = 0; t < n_tok; t++)
+        y[t * ldy] = dot(codes, bits, zero, d16, m16, act->q + t * act->n_pad,
+                         act->gsum + t * gs, act->d + t * act->n_scales, act->n_scales > 1,
+                         act->group, n_g);
+}
+
+/* q = rne(x * 127 / amax), clamped; returns the scale amax / 127 (0 and zeros for amax 0). */
+static float act_quantize_span(int8_t *q, const float *x, int64_t n) {
     float amax = 0.0f;
     for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
     float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-    *d = amax / 127.0f;
     for (int64_t i = 0; i < n; i++) {
         float v = nearbyintf(x[i] * id);
         q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
     }
-    memset(q + n, 0, (size_t)(n_pad - n));
+    return amax / 127.0f;
+}
+
+static void act_group_sums(int32_t *gsum, const int8_t *q, int64_t n_pad, int64_t group) {
     for (int64_t g = 0; g < n_pad / group; g++) {
         int32_t s = 0;
         for (int64_t i = 0; i < group; i++) s += q[g * group + i];
@@ -166,13 +549,29 @@ void tsr_rq_act_quantize_row(int8_t *q, int32_t *gsum, float *d, const float *x,
     }
 }
 
+void tsr_rq_act_quantize_row(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n,
+                             int64_t n_pad, int64_t group) {
+    *d = act_quantize_span(q, x, n);
+    memset(q + n, 0, (size_t)(n_pad - n));
+    act_group_sums(gsum, q, n_pad, group);
+}
+
+void tsr_rq_act_quantize_groups_row(int8_t *q, int32_t *gsum, float *d, const float *x,
+                                    int64_t n, int64_t n_pad, int64_t group) {
+    for (int64_t g = 0; g < n_pad / group; g++)
+        d[g] = act_quantize_span(q + g * group, x + g * group, tsr_rq_group_len(g, group, n));
+    memset(q + n, 0, (size_t)(n_pad - n));
+    act_group_sums(gsum, q, n_pad, group);
+}
+
 void tsr_rq_act_quantize(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n_tok,
-                         int64_t n, int64_t n_pad, int64_t group, int ith, int nth) {
-    int64_t t0, t1;
+                         int64_t n, int64_t n_pad, int64_t group, int group_scales, int ith,
+                         int nth) {
+    int64_t t0, t1, n_g = n_pad / group, n_d = group_scales ? n_g : 1;
     tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
     for (int64_t t = t0; t < t1; t++)
-        tsr_rq_act_quantize_row(q + t * n_pad, gsum + t * (n_pad / group), d + t, x + t * n,
-                                n, n_pad, group);
+        (group_scales ? tsr_rq_act_quantize_groups_row : tsr_rq_act_quantize_row)(
+            q + t * n_pad, gsum + t * n_g, d + t * n_d, x + t * n, n, n_pad, group);
 }
 
 /* ---- matrices of a row codec ------------------------------------------------------------ */
@@ -235,10 +634,28 @@ void tsr_rq_matrix_dequantize(float *y, const tsr_rq_matrix *m, int64_t row0, in
     }
 }
 
+typedef struct rq_pair {
+    const tsr_rq_matrix *m;
+    const tsr_rq_act *act;
+    uint8_t *scratch;
+} rq_pair;
+
+static void rq_pair_run(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
+    const rq_pair *p = ctx;
+    for (int k = 0; k < n_r; k++)
+        p->m->codec->dot_q8(p->m->cfg, v + k, 1, (const uint8_t *)w + k * partner, p->act, 1,
+                            p->m->n_in, p->scratch);
+}
+
 void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const tsr_rq_act *act,
                        int64_t n_tok, uint8_t *scratch, int ith, int nth) {
     int64_t n_in = m->n_in, n_out = m->n_out, r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
+    if (act && n_tok == 1 && !m->tail_off) { /* decode: two sequential streams, as tsr_matmul */
+        rq_pair p = {m, act, scratch};
+        tsr_stream_row_pairs(rq_pair_run, &p, y, m->rows, m->row_bytes, r0, r1);
+        return;
+    }
     float *row = (float *)scratch;
     for (int64_t r = r0; r < r1; r++) {
         rq_row q = row_at(m, r);

@@ -6,7 +6,8 @@
  * w = d * (c - 32), c in [1, 63], d = amax / 31 (symmetric).
  * act_bits 16: the product dequantizes each row and multiplies it with the f32 activations.
  * act_bits 8: activations are quantized per token to int8 (d_a = amax / 127) and each group
- * is an exact integer dot: y = d_a * sum_g d_g * (sum c * a - 32 * sum a).
+ * is an exact integer dot on the packed codes (tsr_rq_dot_packed_scaled):
+ * y = sum_g d_a * d_g * (sum c * a - 32 * sum a).
  */
 #include <stdio.h>
 
@@ -67,22 +68,12 @@ static int64_t int6_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
-TSR_VECTOR_CLONES
 static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                        const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
+                        const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+    (void)scratch;
     const int6_cfg *c = cfg;
-    int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;
-    tsr_rq_unpack(codes, row + 2 * n_g, n_pad, 6);
-    for (int64_t t = 0; t < n_tok; t++) {
-        const int8_t *a = act->q + t * act->n_pad;
-        const int32_t *asum = act->gsum + t * n_g;
-        float acc = 0.0f;
-        for (int64_t g = 0; g < n_g; g++) {
-            int32_t dot = tsr_rq_dot_u8s8(codes + g * c->group, a + g * c->group, c->group);
-            acc += tsr_rq_load_f16(row + 2 * g) * (float)(dot - 32 * asum[g]);
-        }
-        y[t * ldy] = acc * act->d[t];
-    }
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
+    tsr_rq_dot_packed_scaled(y, ldy, row + 2 * n_g, 6, 32, row, NULL, act, n_tok, n_g);
 }
 
 static void int6_describe(const void *cfg, char *buf, size_t size) {

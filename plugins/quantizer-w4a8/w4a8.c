@@ -80,22 +80,17 @@ static int64_t w4a8_act_group(const void *cfg) {
     return ((const w4a8_cfg *)cfg)->group;
 }
 
-TSR_VECTOR_CLONES
 static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                        const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *codes) {
+                        const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch) {
     const w4a8_cfg *c = cfg;
-    int64_t n_g = tsr_rq_groups(n_in, c->group), n_pad = n_g * c->group;
-    const uint8_t *gs = row + 2;
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
     float s1 = tsr_rq_load_f16(row);
-    tsr_rq_unpack(codes, row + 2 + 2 * n_g, n_pad, 4);
+    int32_t *dots = (int32_t *)scratch;
     for (int64_t t = 0; t < n_tok; t++) {
-        const int8_t *a = act->q + t * act->n_pad;
-        const int32_t *asum = act->gsum + t * n_g;
-        int64_t acc = 0; /* exact: the order of the groups cannot change it */
-        for (int64_t g = 0; g < n_g; g++) {
-            int32_t dot = tsr_rq_dot_u8s8(codes + g * c->group, a + g * c->group, c->group);
-            acc += (int64_t)gs[2 * g] * (dot - (int64_t)gs[2 * g + 1] * asum[g]);
-        }
+        /* exact: neither the order of the groups nor the level can change it */
+        int64_t acc = tsr_rq_dot_packed_int_scaled(row + 2 + 2 * n_g, 4, row + 2,
+                                                   act->q + t * act->n_pad, act->gsum + t * n_g,
+                                                   c->group, n_g, dots);
         y[t * ldy] = (float)acc * (s1 * act->d[t]);
     }
 }

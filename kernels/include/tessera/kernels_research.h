@@ -81,21 +81,71 @@ void tsr_rq_act_quantize_row(int8_t *q,        // (n_pad)
                              const float *x,   // (n)
                              int64_t n, int64_t n_pad, int64_t group);
 
-/* tsr_rq_act_quantize_row on each of n_tok tokens. Slices tokens. */
+/* The same with one scale per group: d[g] = amax / 127 of group g's values, each group
+ * quantized with its own (the zero padding is not part of the last group's amax). For the
+ * weight-only codecs, whose papers multiply in floating point: a scale per group follows the
+ * activations' outliers as Q8_0's blocks do, where one per token would flatten the rest. */
+void tsr_rq_act_quantize_groups_row(int8_t *q,        // (n_pad)
+                                    int32_t *gsum,    // (n_pad / group)
+                                    float *d,         // (n_pad / group)
+                                    const float *x,   // (n)
+                                    int64_t n, int64_t n_pad, int64_t group);
+
+/* tsr_rq_act_quantize_row (group_scales 0) or tsr_rq_act_quantize_groups_row (1) on each of
+ * n_tok tokens. Slices tokens. */
 void tsr_rq_act_quantize(int8_t *q,        // (n_tok, n_pad)
                          int32_t *gsum,    // (n_tok, n_pad / group)
-                         float *d,         // (n_tok)
+                         float *d,         // (n_tok) or (n_tok, n_pad / group)
                          const float *x,   // (n_tok, n)
-                         int64_t n_tok, int64_t n, int64_t n_pad, int64_t group, int ith,
-                         int nth);
+                         int64_t n_tok, int64_t n, int64_t n_pad, int64_t group,
+                         int group_scales, int ith, int nth);
 
 /* Quantized activations of n_tok tokens, as tsr_rq_matrix_mul hands them to a codec. */
 typedef struct tsr_rq_act {
     const int8_t *q;      // (n_tok, n_pad)
     const int32_t *gsum;  // (n_tok, n_pad / group)
-    const float *d;       // (n_tok)
+    const float *d;       // (n_tok, n_scales)
     int64_t n_pad, group;
+    int64_t n_scales;     // 1 (a scale per token) or n_pad / group (codec->act_group_scales)
 } tsr_rq_act;
+
+/* dots[g] = sum_i c_i * a_i over group g of one row, exactly, for g < n_g: the codes c
+ * (`bits` 1..8 each, any value) packed from `codes` as tsr_rq_pack does, groups of `group`
+ * codes (a multiple of 8, so each starts on a byte) one after another, a the activations
+ * (n_g * group) in [-127, 127]. AVX-512 with VBMI unpacks 64 codes per step in registers
+ * (vpermb, vpmultishiftqb) and multiplies them with vpdpbusd, nothing written but dots;
+ * other levels unpack 64 codes at a time to the stack and use tsr_rq_dot_u8s8. */
+void tsr_rq_dot_packed_groups(int32_t *dots,          // (n_g)
+                              const uint8_t *codes,   // tsr_rq_packed_bytes(n_g * group, bits)
+                              int bits,
+                              const int8_t *a,        // (n_g * group)
+                              int64_t group, int64_t n_g);
+
+/* sum_g s_g * sum_i (c_i - z_g) * a_i over one row's groups, exactly, for codes with an
+ * integer scale s_g and zero z_g per group (uint8 pairs (s_g, z_g) in sz; QServe's level 2):
+ * codes as tsr_rq_dot_packed_groups, asum[g] the sum of group g's activations. AVX-512 with
+ * VBMI fuses it in registers (32-bit lanes moved to 64 bits every 16 groups); the other levels
+ * take the group dots into scratch (n_g) and sum in 64 bits. */
+int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits,
+                                     const uint8_t *sz,      // (n_g, 2)
+                                     const int8_t *a,        // (n_g * group)
+                                     const int32_t *asum,    // (n_g)
+                                     int64_t group, int64_t n_g,
+                                     int32_t *scratch);      // (n_g)
+
+/* One row times n_tok tokens' int8 activations (act, whose group is the codes' group), for
+ * codes with an fp16 scale d_g and optionally an fp16 minimum m_g per group:
+ *   y[t * ldy] = sum_g da_g * (d_g * sum_i (c_i - zero) * a_i + m_g * sum_i a_i)
+ * for t < n_tok, da_g token t's scale of group g (or its one scale). Codes as
+ * tsr_rq_dot_packed_groups; zero in [0, 127]; d16, m16: n_g fp16 values at any alignment
+ * (m16 NULL: no minimum). The integer sums are exact and the float arithmetic has one fixed
+ * order (research_quants.c), so every level gives the same bits and a token's value does not
+ * depend on n_tok: AVX-512 with VBMI unpacks each 64 codes once in registers for up to four
+ * tokens; AVX2 (and AVX-512 without VBMI) unpacks 64 codes at a time to the stack and keeps
+ * the 16 lanes in two ymm (codes of 7 bits or fewer); the scalar reference does the rest. */
+void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                              int32_t zero, const uint8_t *d16, const uint8_t *m16,
+                              const tsr_rq_act *act, int64_t n_tok, int64_t n_g);
 
 /* ---------------------------------------------------------------------------------------- */
 /* Row codecs                                                                                */
@@ -122,12 +172,16 @@ typedef struct tsr_rq_codec {
      * and tsr_rq_matrix_mul then multiplies dequantized rows with tsr_dot_f32). */
     int64_t (*act_group)(const void *cfg);
     /* With int8 activations: y[t * ldy] (t < n_tok) = the product of the row with token t.
-     * scratch: act->n_pad bytes of the calling thread, for the unpacked codes. */
+     * scratch: act->n_pad bytes of the calling thread, 64-byte aligned (room for the
+     * per-group dots of tsr_rq_dot_packed_groups when groups are 4 codes or more). */
     void (*dot_q8)(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                    const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch);
     /* Writes cfg as a log names it, e.g. "rtn 4-bit sym group 64" (NUL-terminated, cut to
      * size). */
     void (*describe)(const void *cfg, char *buf, size_t size);
+    /* With int8 activations: 1 for a scale per activation group
+     * (tsr_rq_act_quantize_groups_row), 0 for one per token. */
+    int act_group_scales;
 } tsr_rq_codec;
 
 /* A matrix in a codec's format: n_out rows of row_bytes, and for a codec with tails the
@@ -172,7 +226,9 @@ void tsr_rq_matrix_dequantize(float *y,                  // (n_rows, n_in)
 /* y = x . W^T for the output rows of slice ith of nth (rows split in multiples of 16).
  * act NULL: each value is tsr_dot_f32(dequantized row, x row), scratch n_in floats of the
  * calling thread. act non-NULL (x quantized by tsr_rq_act_quantize with the codec's
- * act_group): codec->dot_q8 multiplies, x is not read, scratch is act->n_pad bytes. */
+ * act_group): codec->dot_q8 multiplies, x is not read, scratch is act->n_pad bytes; with one
+ * token and a codec without tails the slice's rows are read as two sequential streams, as
+ * tsr_matmul's decode does (which changes the order of the reads, not a value). */
 void tsr_rq_matrix_mul(float *y,                         // (n_tok, n_out)
                        const tsr_rq_matrix *m,
                        const float *x,                   // (n_tok, n_in)

@@ -293,7 +293,7 @@ typedef struct tsr_rq_mm_job_ {
 static inline void tsr_rq_act_task_(void *arg, int ith, int nth) {
     tsr_rq_mm_job_ *j = arg;
     tsr_rq_act_quantize(j->q, j->gsum, j->d, j->x, j->n_tok, j->m.n_in, j->act.n_pad,
-                        j->act.group, ith, nth);
+                        j->act.group, j->act.n_scales > 1, ith, nth);
 }
 
 static inline void tsr_rq_mm_task_(void *arg, int ith, int nth) {
@@ -304,7 +304,8 @@ static inline void tsr_rq_mm_task_(void *arg, int ith, int nth) {
 
 /* [main] y (n, n_out) = x (n, n_in) . W^T on host->parallel_for. With f32 activations each
  * value is tsr_dot_f32(dequantized row, x row); with int8 activations (codec->act_group > 0)
- * x is quantized per token by tsr_rq_act_quantize and the codec's dot_q8 multiplies.
+ * x is quantized per token (or per group: codec->act_group_scales) by tsr_rq_act_quantize
+ * and the codec's dot_q8 multiplies.
  * TSR_E_UNSUPPORTED for a tensor of another codec, TSR_E_NOMEM. */
 static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float *y,
                                        const tsr_tensor *w, const float *x, int64_t n) {
@@ -319,25 +320,27 @@ static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec 
     const char *name = w->name ? w->name : codec->name;
     int64_t group = codec->act_group ? codec->act_group(j.m.cfg) : 0, n_pad = 0;
     int nth = host->n_threads(host->ctx);
-    size_t nq = 0, ng = 0;
+    size_t nq = 0, ng = 0, n_scales = 1;
     if (group > 0) {
         n_pad = (h->n_in + group - 1) / group * group;
         nq = (size_t)(n * n_pad);
         ng = (size_t)(n * (n_pad / group));
+        if (codec->act_group_scales) n_scales = (size_t)(n_pad / group);
     }
     j.scratch_bytes = (size_t)tsr_rq_align_up_(group > 0 ? (uint64_t)n_pad
                                                          : (uint64_t)h->n_in * sizeof(float));
     /* One block: per-thread scratch, then the int8 activations, group sums and scales. */
     size_t off_q = j.scratch_bytes * (size_t)nth, off_g = off_q + (size_t)tsr_rq_align_up_(nq);
     size_t off_d = off_g + ng * sizeof(int32_t);
-    uint8_t *buf = tsr_rq_alloc_or_fail_(host, off_d + (size_t)n * sizeof(float), name);
+    uint8_t *buf = tsr_rq_alloc_or_fail_(host, off_d + (size_t)n * n_scales * sizeof(float),
+                                         name);
     if (!buf) return TSR_E_NOMEM;
     j.scratch = buf;
     if (group > 0) {
         j.q = (int8_t *)(buf + off_q);
         j.gsum = (int32_t *)(buf + off_g);
         j.d = (float *)(buf + off_d);
-        j.act = (tsr_rq_act){j.q, j.gsum, j.d, n_pad, group};
+        j.act = (tsr_rq_act){j.q, j.gsum, j.d, n_pad, group, (int64_t)n_scales};
         host->parallel_for(host->ctx, tsr_rq_act_task_, &j);
     }
     host->parallel_for(host->ctx, tsr_rq_mm_task_, &j);
