@@ -518,14 +518,17 @@ START_TEST(test_products_extremes) {
 }
 END_TEST
 
-/* ---- x16: row-interleaved Q4_0 / Q8_0 in the fast order -------------------------------- */
+/* ---- x16: row-interleaved Q4_0 / Q8_0 / Q4_K / Q6_K in the fast order ------------------ */
+
+static const int32_t x16_types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K};
+#define X16_TYPES (int)(sizeof x16_types / sizeof *x16_types)
 
 /* The layout keeps every row: unpacking gives the file's blocks back, byte for byte. */
 START_TEST(test_x16_pack_round_trip) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
-    for (int i = 0; i < 2; i++) {
+    const int32_t *types = x16_types;
+    for (int i = 0; i < X16_TYPES; i++) {
         rng_seed(300 + (uint64_t)i);
-        int64_t n_in = 96, n_out = 48;
+        int64_t n_in = tsr_dtype_block_elems(types[i]) * 3, n_out = 48;
         size_t row = tsr_row_size(types[i], n_in);
         unsigned char *w = malloc(row * (size_t)n_out), *packed = malloc(row * (size_t)n_out);
         unsigned char *back = malloc(row);
@@ -544,7 +547,11 @@ START_TEST(test_x16_pack_round_trip) {
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_0, 64, 32), 1);
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q8_0, 64, 24), 0);  /* rows not 16 x k */
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_0, 48, 32), 0);  /* half a block */
-    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_K, 256, 32), 0); /* another type */
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_K, 256, 32), 1);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q6_K, 512, 16), 1);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q6_K, 512, 40), 0);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_K, 288, 32), 0); /* part of a super-block */
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q5_K, 256, 32), 0); /* another type */
     unsigned char buf[64];
     ck_assert_int_eq(tsr_x16_pack(buf, buf, TSR_DTYPE_Q8_0, 32, 8, 0, 1), TSR_E_INVALID);
     float y[16];
@@ -554,26 +561,30 @@ START_TEST(test_x16_pack_round_trip) {
 END_TEST
 
 /* The fast order's definition on file rows: a chain of fmaf((float)isum, dw * dx, acc) over
- * the blocks, checked here against a sum in double of the dequantized operands. */
+ * the blocks (Q4_K: then fmaf(-(float)msum, dmin * dx, acc)), checked here against a sum in
+ * double of the dequantized operands, and its order for Q4_0 and Q8_0. */
 START_TEST(test_x16_reference_is_the_sum) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
-    for (int i = 0; i < 2; i++) {
+    const int32_t *types = x16_types;
+    for (int i = 0; i < X16_TYPES; i++) {
         product p;
         product_init(&p, types[i], 1024, 3, 2, 310 + (uint64_t)i);
-        size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(TSR_DTYPE_Q8_0, p.n_in);
+        int32_t at = tsr_matmul_act_type(p.t);
+        size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(at, p.n_in);
         float wf[1024], xf[1024];
         for (int64_t t = 0; t < p.n_tok; t++)
             for (int64_t r = 0; r < p.n_out; r++) {
                 const char *wr = (char *)p.w + r * wrow, *xr = (char *)p.xp + t * xrow;
                 ck_assert_int_eq(tsr_dequantize_row(p.t, wf, wr, p.n_in), 0);
-                ck_assert_int_eq(tsr_dequantize_row(TSR_DTYPE_Q8_0, xf, xr, p.n_in), 0);
+                ck_assert_int_eq(tsr_dequantize_row(at, xf, xr, p.n_in), 0);
                 double ref = 0, mag = 0;
                 for (int64_t k = 0; k < p.n_in; k++) {
                     ref += (double)wf[k] * xf[k];
                     mag += fabs((double)wf[k] * xf[k]);
                 }
                 float got = tsr_x16_row_dot_ref(p.t, p.n_in, wr, xr);
-                ck_assert_msg(fabs(got - ref) <= 2e-6 * mag, "%.9g vs %.9g", got, ref);
+                ck_assert_msg(fabs(got - ref) <= 2e-6 * mag, "type %d: %.9g vs %.9g", p.t, got,
+                              ref);
+                if (at != TSR_DTYPE_Q8_0) continue;
                 /* the order: one chain from block 0 (a dequantized weight is q * dw exactly) */
                 const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)xr;
                 size_t bb = tsr_dtype_block_bytes(p.t);
@@ -596,23 +607,25 @@ END_TEST
 
 /* Every level's product over the packed layout gives the reference's bits on the file rows,
  * whatever the token count (partial tiles of 16, more than one block of 64 tokens), the thread
- * slice and the groups per slice; extreme quants included (Q8_0 -128, activations +-127). */
+ * slice and the groups per slice; extreme quants included (Q8_0 -128, Q6_K scales -128,
+ * activations +-127). */
 START_TEST(test_x16_levels_equal_reference) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
-    const int64_t toks[] = {1, 2, 7, 9, 16, 17, 70};
+    const int32_t *types = x16_types;
+    const int64_t toks[] = {1, 2, 3, 4, 5, 9, 16, 17, 70};
     tsr_cpu_level best = tsr_cpu_level_best();
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < X16_TYPES; i++)
         for (int e = 0; e < 2; e++) {
             product p;
-            product_init(&p, types[i], 320, 48, 70, 320 + (uint64_t)(2 * i + e));
-            size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(TSR_DTYPE_Q8_0, p.n_in);
+            product_init(&p, types[i], tsr_dtype_block_elems(types[i]) == 256 ? 768 : 320, 48,
+                         70, 320 + (uint64_t)(2 * i + e));
+            int32_t at = tsr_matmul_act_type(p.t);
+            size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(at, p.n_in);
             if (e) { /* extremes: weights at the ends of their range, activations +-127 */
                 unsigned char *w = p.w;
                 for (size_t k = 0; k < wrow * (size_t)p.n_out; k++) w[k] = k % 2 ? 0x80 : 0xff;
                 set_scales(p.t, p.w, wrow * (size_t)p.n_out);
                 for (int64_t k = 0; k < p.n_in * p.n_tok; k++) p.x[k] = k % 3 ? 1.0f : -1.0f;
-                ck_assert_int_eq(tsr_matmul_prepare(p.xp, TSR_DTYPE_Q8_0, p.x, p.n_tok, p.n_in, 0, 1),
-                                 TSR_OK);
+                ck_assert_int_eq(tsr_matmul_prepare(p.xp, at, p.x, p.n_tok, p.n_in, 0, 1), TSR_OK);
             }
             void *packed = malloc(wrow * (size_t)p.n_out);
             ck_assert_int_eq(tsr_x16_pack(packed, p.w, p.t, p.n_in, p.n_out, 0, p.n_out / 16),

@@ -1101,9 +1101,9 @@ START_TEST(per_layer_mix) {
 }
 END_TEST
 
-/* ---- gguf: the fast order's repacked Q4_0 / Q8_0 -------------------------------------------- */
+/* ---- gguf: the fast order's repacked Q4_0 / Q8_0 / Q4_K / Q6_K ------------------------------ */
 
-/* `role` of a (n_out, n_in) Q4_0 or Q8_0 matrix (random blocks, sane scales) through gguf. */
+/* `role` of a (n_out, n_in) matrix of `type` (random blocks, sane scales) through gguf. */
 static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_out,
                                  const char *role, int32_t expert, void **file,
                                  tsr_weight_out *out) {
@@ -1124,11 +1124,13 @@ static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_ou
 
 /* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's own
  * of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the fast
- * order's reference bits for a batch and for one token, whatever the pool. */
+ * order's reference bits for a batch and for one token, whatever the pool. Q4_K and Q6_K only
+ * at the avx512 level (TESSERA_CPU_LEVEL, which the plugin's kernels read too): below it they
+ * stay the file's. */
 START_TEST(gguf_fast_order_repacks) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
-    const int64_t n_in = 256, n_out = 48, n_tok = 11;
-    for (int i = 0; i < 2; i++)
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K};
+    const int64_t n_in = 512, n_out = 48, n_tok = 11;
+    for (int i = 0; i < 4; i++)
         for (int threads = 1; threads <= 2; threads++) {
             qz q;
             qz_open_for(&q, "{ plugin: gguf }", threads, "cpu");
@@ -1136,6 +1138,14 @@ START_TEST(gguf_fast_order_repacks) {
             tsr_weight_out out;
             ck_assert_int_eq(
                 gguf_prepare_q(&q, types[i], n_in, n_out, "ffn_up", -1, &file, &out), TSR_OK);
+            if ((types[i] == TSR_DTYPE_Q4_K || types[i] == TSR_DTYPE_Q6_K) &&
+                tsr_cpu_level_get() != TSR_CPU_LEVEL_AVX512) {
+                ck_assert(out.dst.dtype == types[i] && out.dst.data == file && !out.owns_data);
+                q.vt->release(q.inst->self, &out.dst);
+                qz_close(&q);
+                free(file);
+                continue;
+            }
             ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
             ck_assert_int_eq(out.owns_data, 1);
             ck_assert_ptr_ne(out.dst.data, file);
@@ -1148,9 +1158,10 @@ START_TEST(gguf_fast_order_repacks) {
                                                     (char *)file + r * row, n_in), 0);
             ck_assert_mem_eq(got, want, sizeof(float) * n_in * n_out);
             float *x = gauss((size_t)(n_in * n_tok), 13);
-            size_t xrow = tsr_row_size(TSR_DTYPE_Q8_0, n_in);
+            const int32_t at = tsr_matmul_act_type(types[i]);
+            size_t xrow = tsr_row_size(at, n_in);
             char *xp = malloc(xrow * n_tok);
-            ck_assert_int_eq(tsr_matmul_prepare(xp, TSR_DTYPE_Q8_0, x, n_tok, n_in, 0, 1), TSR_OK);
+            ck_assert_int_eq(tsr_matmul_prepare(xp, at, x, n_tok, n_in, 0, 1), TSR_OK);
             float y[11 * 48], y1[48];
             ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_tok), TSR_OK);
             ck_assert_int_eq(q.vt->matmul(q.inst->self, y1, &out.dst, x + 5 * n_in, 1), TSR_OK);
@@ -1190,13 +1201,15 @@ START_TEST(gguf_fast_order_keeps) {
         {"{ plugin: gguf }", "cpu", "token_embd", TSR_DTYPE_Q4_0, 48, -1},
         {"{ plugin: gguf }", "cpu", "ffn_up_exps", TSR_DTYPE_Q4_0, 48, 0},
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q8_0, 40, -1},
+        {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q6_K, 40, -1},
+        {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q5_K, 48, -1},
     };
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         qz q;
         qz_open_for(&q, cases[c].quantizer, 1, cases[c].backend);
         void *file;
         tsr_weight_out out;
-        ck_assert_int_eq(gguf_prepare_q(&q, cases[c].type, 64, cases[c].n_out, cases[c].role,
+        ck_assert_int_eq(gguf_prepare_q(&q, cases[c].type, 256, cases[c].n_out, cases[c].role,
                                         cases[c].expert, &file, &out), TSR_OK);
         ck_assert_msg(out.dst.dtype == cases[c].type && out.dst.data == file && !out.owns_data,
                       "case %zu: type %d", c, out.dst.dtype);

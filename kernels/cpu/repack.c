@@ -1,14 +1,16 @@
 /* Row-interleaved Q4_0 / Q8_0 (kernels_cpu.h "x16"): repacking, the fast order's reference on
  * file rows, and the product over the packed layout (scalar here, AVX-512 VNNI in
- * repack_avx512.c, which gives the same bits). */
+ * repack_avx512.c, which gives the same bits). Q4_K and Q6_K are repack_k.c's. */
 #include "repack.h"
 
 #include <math.h>
 #include <string.h>
 
 int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out) {
-    return (wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q8_0) && n_in > 0 &&
-           n_in % TSR_QK == 0 && n_out > 0 && n_out % TSR_X16_ROWS == 0;
+    const int64_t block = tsr_x16_is_k(wtype) ? TSR_QK_K
+                          : wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q8_0 ? TSR_QK
+                                                                               : 0;
+    return block && n_in > 0 && n_in % block == 0 && n_out > 0 && n_out % TSR_X16_ROWS == 0;
 }
 
 /* Where group g's tiles and scales start. */
@@ -28,6 +30,10 @@ static size_t x16_lane_byte(int v, int r, int i) {
 tsr_status tsr_x16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in, int64_t n_out,
                         int64_t g0, int64_t g1) {
     if (!tsr_x16_supported(wtype, n_in, n_out)) return TSR_E_INVALID;
+    if (tsr_x16_is_k(wtype)) {
+        tsr_xk16_pack(dst, src, wtype, n_in, g0, g1);
+        return TSR_OK;
+    }
     const int64_t nb = n_in / TSR_QK;
     const size_t row_bytes = tsr_row_size(wtype, n_in), tile = tsr_x16_tile_bytes(wtype);
     for (int64_t g = g0; g < g1; g++) {
@@ -72,6 +78,10 @@ static void x16_block(const uint8_t *group, int32_t wtype, int64_t nb, int r, in
 }
 
 void tsr_x16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, int64_t row) {
+    if (tsr_x16_is_k(wtype)) {
+        tsr_xk16_unpack_row(dst, w, wtype, n_in, row);
+        return;
+    }
     const int64_t nb = n_in / TSR_QK;
     const uint8_t *group = x16_group(w, wtype, n_in, row / TSR_X16_ROWS);
     for (int64_t b = 0; b < nb; b++) {
@@ -100,7 +110,8 @@ static float x16_fast_step(const int8_t q[TSR_QK], uint16_t dw, const tsr_block_
 }
 
 float tsr_x16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void *xp) {
-    if ((wtype != TSR_DTYPE_Q4_0 && wtype != TSR_DTYPE_Q8_0) || n_in % TSR_QK) return 0.0f;
+    if (!tsr_x16_supported(wtype, n_in, TSR_X16_ROWS)) return 0.0f;
+    if (tsr_x16_is_k(wtype)) return tsr_xk16_row_dot_ref(wtype, n_in, w, xp);
     const tsr_block_q8_0 *x = xp;
     float acc = 0.0f;
     for (int64_t b = 0; b < n_in / TSR_QK; b++) {
@@ -154,15 +165,19 @@ tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, c
 #if defined(TSR_KERNELS_X86)
     switch (tsr_cpu_level_get()) {
     case TSR_CPU_LEVEL_AVX512:
-        return tsr_x16_matmul_avx512(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1) < 0
+        return (tsr_x16_is_k(wtype)
+                    ? tsr_xk16_matmul_avx512(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)
+                    : tsr_x16_matmul_avx512(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)) < 0
                    ? TSR_E_NOMEM
                    : TSR_OK;
     case TSR_CPU_LEVEL_AVX2:
+        if (tsr_x16_is_k(wtype)) break; /* no AVX2 kernel for the K types: the scalar loop */
         return tsr_x16_matmul_avx2(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1) < 0 ? TSR_E_NOMEM
                                                                                   : TSR_OK;
     default: break;
     }
 #endif
-    x16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
+    if (tsr_x16_is_k(wtype)) tsr_xk16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
+    else x16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
     return TSR_OK;
 }

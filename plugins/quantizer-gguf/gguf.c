@@ -6,10 +6,11 @@
  * when `tessera quantize` writes a file), following llama.cpp's recipes: which tensors of a
  * "_m"/"_s" mix get more bits, and which fallback a row too short for 256-element blocks gets.
  *
- * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0 and Q8_0 matrices
- * (kept or converted) are repacked at load into the kernels' row-interleaved x16 layout, a
- * type of this plugin's own that it multiplies itself (tsr_x16_matmul: activations quantized
- * to Q8_0 once per product, the fast order); the file's bytes are then no longer read. With
+ * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0, Q8_0 and (at the
+ * avx512 level) Q4_K and Q6_K matrices (kept or converted) are repacked at load into the kernels' row-interleaved x16
+ * layout, a type of this plugin's own that it multiplies itself (tsr_x16_matmul: activations
+ * quantized to Q8_0, or Q8_K for the K types, once per product, the fast order); the file's
+ * bytes are then no longer read. With
  * `ggml` every type stays the backend's to multiply in llama.cpp's order, which the parity
  * tests against llama.cpp's logits need.
  */
@@ -46,14 +47,16 @@ static const tsr_param_def gguf_params[] = {
             "(llama.cpp's recipes for the _s/_m mixes)"},
     {TSR_SIZED(tsr_param_def), .name = "order", .type = TSR_PARAM_ENUM, .default_value = "fast",
      .min = 1, .max = 0, .choices = order_choices,
-     .doc = "fast: on the cpu backend, Q4_0 and Q8_0 matrices repacked at load into 16-row "
-            "interleaved tiles and multiplied here in the fast order; ggml: every matrix left "
-            "to the backend, in llama.cpp's order (bit-exact parity)"},
+     .doc = "fast: on the cpu backend, Q4_0, Q8_0, Q4_K and Q6_K matrices repacked at load "
+            "into 16-row interleaved tiles and multiplied here in the fast order; ggml: every "
+            "matrix left to the backend, in llama.cpp's order (bit-exact parity)"},
 };
 
-/* The x16 layouts of the two repacked types, as types of this plugin. */
+/* The x16 layouts of the repacked types, as types of this plugin. */
 #define GGUF_DTYPE_Q4_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x160)
 #define GGUF_DTYPE_Q8_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x161)
+#define GGUF_DTYPE_Q4_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x162)
+#define GGUF_DTYPE_Q6_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x163)
 
 typedef struct gguf_quantizer {
     const tsr_host *host;
@@ -66,9 +69,23 @@ typedef struct gguf_quantizer {
 
 /* The GGUF type a repacked type holds, or -1. */
 static int32_t x16_base(int32_t dtype) {
-    return dtype == GGUF_DTYPE_Q4_0_X16   ? TSR_DTYPE_Q4_0
-           : dtype == GGUF_DTYPE_Q8_0_X16 ? TSR_DTYPE_Q8_0
-                                          : -1;
+    switch (dtype) {
+    case GGUF_DTYPE_Q4_0_X16: return TSR_DTYPE_Q4_0;
+    case GGUF_DTYPE_Q8_0_X16: return TSR_DTYPE_Q8_0;
+    case GGUF_DTYPE_Q4_K_X16: return TSR_DTYPE_Q4_K;
+    case GGUF_DTYPE_Q6_K_X16: return TSR_DTYPE_Q6_K;
+    }
+    return -1;
+}
+
+/* The repacked type of a GGUF type tsr_x16_supported takes. */
+static int32_t x16_type(int32_t base) {
+    switch (base) {
+    case TSR_DTYPE_Q4_0: return GGUF_DTYPE_Q4_0_X16;
+    case TSR_DTYPE_Q8_0: return GGUF_DTYPE_Q8_0_X16;
+    case TSR_DTYPE_Q4_K: return GGUF_DTYPE_Q4_K_X16;
+    }
+    return GGUF_DTYPE_Q6_K_X16;
 }
 
 /* GGUF's own names (ggml_type_name) for the types a file may hold. */
@@ -318,17 +335,20 @@ static void repack_groups(void *arg, int ith, int nth) {
                        n_groups * ith / nth, n_groups * (ith + 1) / nth);
 }
 
-/* The fast order's layout for a prepared Q4_0 / Q8_0 matrix the products read: a copy in x16
- * tiles replaces it (a converted matrix is freed; a kept one stays in the file's mapping,
- * unread). The embeddings' rows are read by get_rows in the file's layout: not repacked. Nor
+/* The fast order's layout for a prepared Q4_0 / Q8_0 / Q4_K / Q6_K matrix the products read:
+ * a copy in x16 tiles replaces it (a converted matrix is freed; a kept one stays in the file's
+ * mapping, unread). The embeddings' rows are read by get_rows in the file's layout: not repacked. Nor
  * are a mixture's routed experts: a router may read them from the file on demand and let their
- * pages go (expert offloading), which a resident copy would defeat. */
+ * pages go (expert offloading), which a resident copy would defeat. Q4_K and Q6_K only at the
+ * avx512 level, the one with their x16 kernel: below it the file rows' tiles are faster than
+ * the x16 scalar loop. */
 static tsr_status repack_x16(gguf_quantizer *q, const tsr_weight_in *in, tsr_weight_out *out) {
     tsr_tensor *t = &out->dst;
     bool routed_expert = in->struct_size >= offsetof(tsr_weight_in, expert) + sizeof in->expert &&
                          in->expert >= 0;
+    bool k_type = t->dtype == TSR_DTYPE_Q4_K || t->dtype == TSR_DTYPE_Q6_K;
     if (!q->repack || routed_expert || !strcmp(in->role, "token_embd") ||
-        t->ne[2] * t->ne[3] != 1 ||
+        t->ne[2] * t->ne[3] != 1 || (k_type && tsr_cpu_level_get() != TSR_CPU_LEVEL_AVX512) ||
         !tsr_x16_supported(t->dtype, t->ne[0], t->ne[1]))
         return TSR_OK;
     const tsr_host *h = q->host;
@@ -341,7 +361,7 @@ static tsr_status repack_x16(gguf_quantizer *q, const tsr_weight_in *in, tsr_wei
     }
     h->parallel_for(h->ctx, repack_groups, &j);
     h->free(h->ctx, t->extra);
-    t->dtype = t->dtype == TSR_DTYPE_Q4_0 ? GGUF_DTYPE_Q4_0_X16 : GGUF_DTYPE_Q8_0_X16;
+    t->dtype = x16_type(t->dtype);
     t->data = t->extra = j.dst;
     out->owns_data = 1;
     return TSR_OK;
@@ -359,7 +379,8 @@ typedef struct x16_job {
     float *y;
     const tsr_tensor *w;
     int32_t wtype; /* the GGUF type the tiles hold */
-    void *xp;      /* (n, Q8_0 row bytes) */
+    int32_t act;   /* its activations' type: Q8_0 or Q8_K */
+    void *xp;      /* (n, act row bytes) */
     const float *x;
     int64_t n;
     atomic_int failed;
@@ -367,7 +388,7 @@ typedef struct x16_job {
 
 static void x16_prepare_task(void *arg, int ith, int nth) {
     x16_job *j = arg;
-    if (tsr_matmul_prepare(j->xp, TSR_DTYPE_Q8_0, j->x, j->n, j->w->ne[0], ith, nth) < 0)
+    if (tsr_matmul_prepare(j->xp, j->act, j->x, j->n, j->w->ne[0], ith, nth) < 0)
         atomic_store(&j->failed, 1);
 }
 
@@ -378,8 +399,8 @@ static void x16_product_task(void *arg, int ith, int nth) {
         atomic_store(&j->failed, 1);
 }
 
-/* The repacked types' product: the activations quantized to Q8_0 once (by tokens over the
- * pool, one token on the calling thread), then the groups of 16 rows over the pool. */
+/* The repacked types' product: the activations quantized once (by tokens over the pool, one
+ * token on the calling thread), then the groups of 16 rows over the pool. */
 static tsr_status gguf_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
                               int64_t n) {
     gguf_quantizer *q = self;
@@ -391,7 +412,8 @@ static tsr_status gguf_matmul(void *self, float *y, const tsr_tensor *w, const f
         return TSR_E_UNSUPPORTED;
     }
     if (n <= 0) return TSR_OK;
-    size_t row = tsr_row_size(TSR_DTYPE_Q8_0, w->ne[0]);
+    j.act = tsr_matmul_act_type(j.wtype);
+    size_t row = tsr_row_size(j.act, w->ne[0]);
     if ((size_t)n > SIZE_MAX / row) {
         h->set_error(h->ctx, "matmul: %lld prepared rows of %zu bytes overflow", (long long)n, row);
         return TSR_E_NOMEM;

@@ -1,0 +1,246 @@
+/* The x16 product of Q4_K and Q6_K with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16
+ * tokens. A group's chunk of one super-block is unpacked a scale group at a time (Q4_K: 32
+ * quants, eight vectors of unsigned nibbles; Q6_K: 16 quants, four vectors of 6-bit values
+ * 0..63), then each token runs one vpdpbusd chain per scale group against four-byte
+ * broadcasts of its activation quants, giving the 16 rows' group dots in one register; one
+ * vpmulld by the rows' group scales adds it to the token's exact integer sum of the
+ * super-block. Q6_K's -32 is taken back by starting each chain from -32 x the group's
+ * activation sum; Q4_K's mins are one vpdpwssd of the rows' min pairs with the token's 32-quant
+ * sums, per pair of groups. Per super-block and token: one fma (and for Q4_K's mins one fnmadd)
+ * in f32, the fast order of repack_k.c, so the values are its bits. */
+#include "repack.h"
+
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define XK_TOK 16        /* tokens per tile: their integer sums stay in registers */
+#define XK_TOK_BLOCK 64  /* tokens whose activations are prepared at a time */
+
+#define XK_INLINE static inline __attribute__((always_inline))
+
+/* A tile's activations for one super-block, read by every group: the quants of its tokens, their
+ * scales, and per token the words the kernel broadcasts: Q6_K -32 x the sixteen 16-quant sums
+ * (the chains' start), Q4_K the four pairs of 32-quant sums as int16 (vpdpwssd's operand). */
+typedef struct xk_xblock {
+    int8_t q[XK_TOK][TSR_QK_K];
+    float d[XK_TOK];
+    int32_t aux[XK_TOK][16];
+} xk_xblock;
+
+XK_INLINE __m512i xk_bcast4(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+/* Decode (up to XK_PF_NT tokens) reads the weights once: part `part` of eight of the chunk at
+ * c (`bytes` long) is prefetched XK_PF bytes ahead, a few lines between the chains (the whole
+ * chunk's lines in one burst made Q6_K's decode 0.4-0.6x of the file rows' kernel; 8 KiB ahead
+ * was the best of 1-32 KiB). */
+#define XK_PF_NT 2
+#define XK_PF (2 * TSR_STREAM_PREFETCH)
+XK_INLINE void xk_prefetch(const uint8_t *c, size_t bytes, int part) {
+    for (size_t o = bytes * (size_t)part / 8 / 64 * 64; o < bytes * (size_t)(part + 1) / 8; o += 64)
+        _mm_prefetch((const char *)c + XK_PF + o, _MM_HINT_T0);
+}
+
+/* For each token, isum[t] += scales x (the chain of n vpdpbusd of wv with its quants at
+ * q[t] + at, from start[t] or 0). */
+XK_INLINE void xk_group(const int nt, const int n, __m512i *isum, const __m512i *wv,
+                        __m512i scales, const xk_xblock *xb, int at, int start) {
+    for (int t = 0; t < nt; t++) {
+        __m512i i = start >= 0 ? _mm512_set1_epi32(xb->aux[t][start]) : _mm512_setzero_si512();
+        for (int k = 0; k < n; k++)
+            i = _mm512_dpbusd_epi32(i, wv[k], xk_bcast4(xb->q[t] + at + 4 * k));
+        isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(i, scales));
+    }
+}
+
+/* Q4_K: a chunk's integer sums; its group scales and min pairs decoded from the planes of
+ * the twelve packed bytes (tsr_qk_scale_min's rule on 16 rows at once). */
+XK_INLINE void xk_q4_k(const int nt, __m512i *isum, __m512i mins[4], const uint8_t *c,
+                       const xk_xblock *xb) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m6 = _mm512_set1_epi8(0x3f),
+                  m30 = _mm512_set1_epi8(0x30);
+    const __m512i a = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES),       /* planes 0-3 */
+        b = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES + 64),             /* 4-7 */
+        p8 = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES + 128);           /* 8-11 */
+    uint8_t sc[8][TSR_X16_ROWS], mn[8][TSR_X16_ROWS];
+    _mm512_storeu_si512(sc[0], _mm512_and_si512(a, m6));
+    _mm512_storeu_si512(sc[4], _mm512_or_si512(_mm512_and_si512(p8, m4),
+                                               _mm512_and_si512(_mm512_srli_epi16(a, 2), m30)));
+    _mm512_storeu_si512(mn[0], _mm512_and_si512(b, m6));
+    _mm512_storeu_si512(mn[4], _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(p8, 4), m4),
+                                               _mm512_and_si512(_mm512_srli_epi16(b, 2), m30)));
+    for (int k = 0; k < 4; k++) /* qs vectors 8k..8k+7: groups 2k (low nibbles), 2k + 1 */
+        for (int h = 0; h < 2; h++) {
+            if (nt <= XK_PF_NT) xk_prefetch(c, TSR_XK16_Q4_K_SCALES + 192, 2 * k + h);
+            __m512i wv[8];
+            for (int j = 0; j < 8; j++) {
+                __m512i v = _mm512_loadu_si512(c + 64 * (8 * k + j));
+                wv[j] = _mm512_and_si512(h ? _mm512_srli_epi16(v, 4) : v, m4);
+            }
+            const int g = 2 * k + h;
+            xk_group(nt, 8, isum, wv, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc[g])),
+                     xb, 32 * g, -1);
+        }
+    /* after the groups, so that the pairs do not hold registers the chains need */
+    for (int m = 0; m < 4; m++)
+        mins[m] = _mm512_or_si512(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)mn[2 * m])),
+            _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)mn[2 * m + 1])),
+                              16));
+}
+
+/* Q6_K: a chunk's integer sums. Quants 128 hf + 32 c + i: the low four bits from ql vector
+ * 8 (2 hf + c % 2) + i / 4 (high nibbles for c >= 2), the top two from bits 2c of qh vector
+ * 8 hf + i / 4. */
+XK_INLINE void xk_q6_k(const int nt, __m512i *isum, const uint8_t *c, const xk_xblock *xb) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    for (int hf = 0; hf < 2; hf++)
+        for (int q = 0; q < 4; q++) {
+            if (nt <= XK_PF_NT) xk_prefetch(c, TSR_XK16_Q6_K_D + 32, 4 * hf + q);
+            __m512i wv[8];
+            for (int j = 0; j < 8; j++) {
+                __m512i l = _mm512_loadu_si512(c + 64 * (8 * (2 * hf + q % 2) + j));
+                __m512i h = _mm512_loadu_si512(c + TSR_XK16_Q6_K_QH + 64 * (8 * hf + j));
+                l = _mm512_and_si512(q >= 2 ? _mm512_srli_epi16(l, 4) : l, m4);
+                h = q == 3 ? _mm512_srli_epi16(h, 2) : q < 2 ? _mm512_slli_epi16(h, 4 - 2 * q) : h;
+                wv[j] = _mm512_ternarylogic_epi32(l, h, m30, 0xf8); /* l | (h & 0x30) */
+            }
+            for (int s = 0; s < 2; s++) {
+                const int g = 8 * hf + 2 * q + s;
+                __m512i scales = _mm512_cvtepi8_epi32(
+                    _mm_loadu_si128((const __m128i *)(c + TSR_XK16_Q6_K_SCALES + 16 * g)));
+                xk_group(nt, 4, isum, wv + 4 * s, scales, xb, 16 * g, g);
+            }
+        }
+}
+
+/* acc[t] (16 rows, in an L1 buffer) += the chunk at c with the nt tokens of xb, one
+ * super-block's step of the fast order. */
+XK_INLINE void xk_chunk(const int q4, const int nt, float (*acc)[TSR_X16_ROWS], const uint8_t *c,
+                        const xk_xblock *xb) {
+    __m512i isum[XK_TOK], mins[4];
+    for (int t = 0; t < nt; t++) isum[t] = _mm512_setzero_si512();
+    if (q4) xk_q4_k(nt, isum, mins, c, xb);
+    else xk_q6_k(nt, isum, c, xb);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(
+        (const __m256i *)(c + (q4 ? TSR_XK16_Q4_K_D : TSR_XK16_Q6_K_D))));
+    for (int t = 0; t < nt; t++) {
+        const __m512 dx = _mm512_set1_ps(xb->d[t]);
+        __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, dx),
+                                   _mm512_load_ps(acc[t]));
+        if (q4) {
+            __m512i m = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++)
+                m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t][k]));
+            const __m512 dmin = _mm512_cvtph_ps(
+                _mm256_loadu_si256((const __m256i *)(c + TSR_XK16_Q4_K_DMIN)));
+            a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
+        }
+        _mm512_store_ps(acc[t], a);
+    }
+}
+
+/* y[t * ldy + r] for the 16 rows of one group (chunks of `chunk` bytes from w) and the nt
+ * tokens of xb (nsb super-blocks). */
+XK_INLINE void xk_tile(const int q4, const int nt, float *y, int64_t ldy, const uint8_t *w,
+                       size_t chunk, int64_t nsb, const xk_xblock *xb) {
+    float acc[XK_TOK][TSR_X16_ROWS] __attribute__((aligned(64)));
+    for (int t = 0; t < nt; t++) _mm512_store_ps(acc[t], _mm512_setzero_ps());
+    for (int64_t sb = 0; sb < nsb; sb++) xk_chunk(q4, nt, acc, w + (size_t)sb * chunk, xb + sb);
+    for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, _mm512_load_ps(acc[t]));
+}
+
+/* Decode: one token on groups w0 and w1 (from the two halves of the slice) chunk by chunk, so
+ * that the thread reads two streams, which one core reads faster than one (Q6_K's decode from
+ * one stream: 0.70-0.75x of the file rows' paired kernel). */
+static void xk_decode_pair(int q4, float *y0, float *y1, const uint8_t *w0, const uint8_t *w1,
+                           size_t chunk, int64_t nsb, const xk_xblock *xb) {
+    float acc[2][1][TSR_X16_ROWS] __attribute__((aligned(64)));
+    _mm512_store_ps(acc[0][0], _mm512_setzero_ps());
+    _mm512_store_ps(acc[1][0], _mm512_setzero_ps());
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        if (q4) {
+            xk_chunk(1, 1, acc[0], w0 + (size_t)sb * chunk, xb + sb);
+            xk_chunk(1, 1, acc[1], w1 + (size_t)sb * chunk, xb + sb);
+        } else {
+            xk_chunk(0, 1, acc[0], w0 + (size_t)sb * chunk, xb + sb);
+            xk_chunk(0, 1, acc[1], w1 + (size_t)sb * chunk, xb + sb);
+        }
+    }
+    _mm512_storeu_ps(y0, _mm512_load_ps(acc[0][0]));
+    _mm512_storeu_ps(y1, _mm512_load_ps(acc[1][0]));
+}
+
+/* xk_tile with its type and token count as constants, so each copy keeps its sums in
+ * registers. */
+static void xk_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *w, size_t chunk,
+                        int64_t nsb, const xk_xblock *xb) {
+#define XK_CASE(Q, N)                                                                      \
+    case (Q) * XK_TOK + (N) - 1: xk_tile((Q), (N), y, ldy, w, chunk, nsb, xb); break;
+#define XK_CASES(Q)                                                                        \
+    XK_CASE(Q, 1) XK_CASE(Q, 2) XK_CASE(Q, 3) XK_CASE(Q, 4) XK_CASE(Q, 5) XK_CASE(Q, 6)       \
+    XK_CASE(Q, 7) XK_CASE(Q, 8) XK_CASE(Q, 9) XK_CASE(Q, 10) XK_CASE(Q, 11) XK_CASE(Q, 12)    \
+    XK_CASE(Q, 13) XK_CASE(Q, 14) XK_CASE(Q, 15) XK_CASE(Q, 16)
+    switch (q4 * XK_TOK + nt - 1) { XK_CASES(0) XK_CASES(1) }
+#undef XK_CASES
+#undef XK_CASE
+}
+
+/* Tokens [0, n_tok) of xp (Q8_K rows) as tiles of XK_TOK (xb[tile * nsb + sb]); the last
+ * tile's missing tokens are left unset (never read). */
+static void xk_prepare_x(xk_xblock *xb, const void *xp, size_t x_stride, int64_t nsb,
+                         int64_t n_tok, int q4) {
+    for (int64_t t = 0; t < n_tok; t++) {
+        const tsr_block_q8_k *x = (const tsr_block_q8_k *)((const char *)xp + t * x_stride);
+        xk_xblock *o = xb + t / XK_TOK * nsb;
+        const int i = (int)(t % XK_TOK);
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            memcpy(o[sb].q[i], x[sb].qs, TSR_QK_K);
+            o[sb].d[i] = x[sb].d;
+            const int16_t *bs = x[sb].bsums;
+            for (int g = 0; g < 16; g++)
+                o[sb].aux[i][g] =
+                    q4 ? (g < 4 ? (int32_t)((uint32_t)(uint16_t)(bs[4 * g] + bs[4 * g + 1]) |
+                                            (uint32_t)(uint16_t)(bs[4 * g + 2] + bs[4 * g + 3])
+                                                << 16)
+                                : 0)
+                       : -32 * bs[g];
+        }
+    }
+}
+
+/* As tsr_x16_matmul_avx512: tokens in blocks of XK_TOK_BLOCK, each group of the slice through
+ * them XK_TOK at a time. */
+int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
+                           int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1) {
+    const int64_t nsb = n_in / TSR_QK_K;
+    const int q4 = wtype == TSR_DTYPE_Q4_K;
+    const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_K, n_in);
+    const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
+    const size_t chunk = TSR_X16_ROWS * tsr_dtype_block_bytes(wtype);
+    const int64_t tb = n_tok < XK_TOK_BLOCK ? n_tok : XK_TOK_BLOCK;
+    const int64_t n_tiles = (tb + XK_TOK - 1) / XK_TOK;
+    xk_xblock *xb = aligned_alloc(64, (size_t)(n_tiles * nsb) * sizeof *xb);
+    if (!xb) return -1;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tb) {
+        const int64_t ntb = n_tok - t0 < tb ? n_tok - t0 : tb;
+        xk_prepare_x(xb, (const char *)xp + (size_t)t0 * x_stride, x_stride, nsb, ntb, q4);
+        const int64_t h = n_tok == 1 ? (g1 - g0) / 2 : 0; /* decode: g with g + h */
+        for (int64_t g = g0; g < g0 + h; g++)
+            xk_decode_pair(q4, y + g * TSR_X16_ROWS, y + (g + h) * TSR_X16_ROWS,
+                           (const uint8_t *)w + (size_t)g * group_bytes,
+                           (const uint8_t *)w + (size_t)(g + h) * group_bytes, chunk, nsb, xb);
+        for (int64_t g = g0 + 2 * h; g < g1; g++)
+            for (int64_t t = 0; t < ntb; t += XK_TOK)
+                xk_tile_any(q4, (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK),
+                            y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy,
+                            (const uint8_t *)w + (size_t)g * group_bytes, chunk, nsb,
+                            xb + t / XK_TOK * nsb);
+    }
+    free(xb);
+    return 0;
+}
