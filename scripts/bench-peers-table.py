@@ -23,8 +23,13 @@ def load(folder):
         if not m or m.group(2) not in ENGINES:
             continue
         run, engine, typ = int(m.group(1)), m.group(2), m.group(3)
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except ValueError:
+            print("bench-peers-table.py: %s: not JSON (a run still writing it?), left out" % path,
+                  file=sys.stderr)
+            continue
         rows = {}
         if engine == "tessera":
             for r in data["results"]:

@@ -8,7 +8,8 @@
 # Environment: TYPES (q4_0 q8_0 q4_k_m f16), RUNS (2), THREADS (1,2), P (512), N (64), REPS (2),
 # MODELS (the folder of tl-TYPE.gguf, made with `tessera synth --shape tinyllama-1.1b` when
 # missing: /tmp), TESSERA_ARGS (more arguments for tessera bench, e.g. a config file),
-# PEER_ARGS (more arguments for both llama-bench, e.g. `-fa 1`).
+# PEER_ARGS (more arguments for both llama-bench, e.g. `-fa 1`), IK_ARGS (more for
+# ik_llama.cpp's alone, e.g. `-rtr 1`, its run-time repacking).
 set -euo pipefail
 top="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:?usage: scripts/bench-peers.sh OUT [build-folder]}"
@@ -32,7 +33,8 @@ done
             "$(git -C "$(dirname "$peer")" rev-parse --short HEAD 2>/dev/null || echo "(not a git checkout)")"
     done
     echo "settings: -p $p -n $n -t $threads, $reps repetitions, $runs runs; tessera" \
-        "${TESSERA_ARGS:-(defaults)}; peers ${PEER_ARGS:-(defaults)}"
+        "${TESSERA_ARGS:-(defaults)}; peers ${PEER_ARGS:-(defaults)}; ik_llama.cpp" \
+        "${IK_ARGS:-(defaults)}"
 } >"$out/info.txt"
 
 for run in $(seq 1 "$runs"); do
@@ -51,7 +53,7 @@ for run in $(seq 1 "$runs"); do
         if [ -n "${IK_BENCH:-}" ]; then
             echo "run $run $t: ik_llama.cpp $(date -u +%T)" >&2
             # shellcheck disable=SC2086
-            "$IK_BENCH" -m "$model" ${PEER_ARGS:-} -p "$p" -n "$n" -t "$threads" -r "$reps" -o json \
+            "$IK_BENCH" -m "$model" ${PEER_ARGS:-} ${IK_ARGS:-} -p "$p" -n "$n" -t "$threads" -r "$reps" -o json \
                 >"$out/$run-ik_llama.cpp-$t.json" 2>/dev/null
         fi
     done
