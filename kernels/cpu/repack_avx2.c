@@ -12,6 +12,7 @@
  * Either way a lane holds the exact integer dot of its row and token, and one fma per block
  * ((float)isum x (dw x dx)) makes the fast order of repack.c: the scalar kernel's bits. */
 #include "repack.h"
+#include "x86_common.h"
 
 #include <immintrin.h>
 #include <stdlib.h>
@@ -106,21 +107,11 @@ static void x8_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *ti
 /* Each (token, block)'s scale as f32 and, for Q4_0, its quant sum times -8. */
 static void x8_prepare(x8_xinfo *info, const void *xp, size_t x_stride, int64_t nb,
                        int64_t n_tok, int q4) {
-    const __m256i ones8 = _mm256_set1_epi8(1);
-    const __m256i ones16 = _mm256_set1_epi16(1);
     for (int64_t t = 0; t < n_tok; t++) {
         const tsr_block_q8_0 *x = (const tsr_block_q8_0 *)((const char *)xp + t * x_stride);
         for (int64_t b = 0; b < nb; b++) {
-            int32_t sum = 0;
-            if (q4) {
-                __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
-                __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q), ones16);
-                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s),
-                                          _mm256_extracti128_si256(s, 1));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
-                sum = _mm_cvtsi128_si32(h);
-            }
+            int32_t sum = q4 ? tsr_x86_q8_quants_sum(_mm256_loadu_si256((const __m256i *)x[b].q))
+                             : 0;
             info[t * nb + b] = (x8_xinfo){.d = _cvtsh_ss(x[b].d),
                                           .corr = -tsr_x16_offset(TSR_DTYPE_Q4_0) * sum};
         }

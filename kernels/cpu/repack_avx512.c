@@ -6,6 +6,7 @@
  * fma per block and token ((float)isum x (dw x dx) into the lane's accumulator) is the fast
  * order of repack.c, so the values are its bits. */
 #include "repack.h"
+#include "x86_common.h"
 
 #include <immintrin.h>
 #include <stdlib.h>
@@ -87,15 +88,6 @@ static void x16_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *t
 #undef X16_CASE
 }
 
-/* The sum of an activation block's 32 quants. */
-X16_INLINE int32_t x16_block_sum(__m256i q) {
-    __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), q);
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(h);
-}
-
 /* Tokens [0, n_tok) of xp as tiles of X16_TOK (xb[tile * nb + b]); the last tile's missing
  * tokens are left unset (never read). */
 static void x16_prepare_x(x16_xblock *xb, const void *xp, size_t x_stride, int64_t nb,
@@ -107,7 +99,7 @@ static void x16_prepare_x(x16_xblock *xb, const void *xp, size_t x_stride, int64
         for (int64_t b = 0; b < nb; b++) {
             __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
             _mm256_storeu_si256((__m256i *)o[b].q[i], q);
-            o[b].corr[i] = -off * x16_block_sum(q);
+            o[b].corr[i] = -off * tsr_x86_q8_quants_sum(q);
             o[b].d[i] = _cvtsh_ss(x[b].d);
         }
     }
@@ -141,7 +133,7 @@ static void x16_prepare_dec(x16_xdec *xd, const void *xp, size_t x_stride, int64
             x16_xdec *o = xd + b * n_tok + t;
             __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
             _mm256_storeu_si256((__m256i *)o->q, q);
-            o->corr = -off * x16_block_sum(q);
+            o->corr = -off * tsr_x86_q8_quants_sum(q);
             o->d = _cvtsh_ss(x[b].d);
         }
     }

@@ -18,6 +18,16 @@ TSR_INLINE float tsr_x86_hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The sum of an activation block's 32 int8 quants (exact: pairs in int16, then int32). */
+TSR_INLINE int32_t tsr_x86_q8_quants_sum(__m256i q) {
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
+                                  _mm256_set1_epi16(1));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(h);
+}
+
 /* Round to nearest even, NaN made quiet: as tsr_fp32_to_bf16, 8 at a time. */
 TSR_INLINE __m128i tsr_x86_fp32_to_bf16_8(__m256 v) {
     __m256i x = _mm256_castps_si256(v);
