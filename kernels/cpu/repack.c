@@ -13,6 +13,10 @@ int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out) {
     return block && n_in > 0 && n_in % block == 0 && n_out > 0 && n_out % TSR_X16_ROWS == 0;
 }
 
+int tsr_x16_repack_pays(int32_t wtype) {
+    return !tsr_x16_is_k(wtype) || tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512;
+}
+
 /* Where group g's tiles and scales start. */
 static const uint8_t *x16_group(const void *w, int32_t wtype, int64_t n_in, int64_t g) {
     return (const uint8_t *)w + (size_t)g * TSR_X16_ROWS * tsr_row_size(wtype, n_in);

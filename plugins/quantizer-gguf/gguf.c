@@ -339,16 +339,14 @@ static void repack_groups(void *arg, int ith, int nth) {
  * a copy in x16 tiles replaces it (a converted matrix is freed; a kept one stays in the file's
  * mapping, unread). The embeddings' rows are read by get_rows in the file's layout: not repacked. Nor
  * are a mixture's routed experts: a router may read them from the file on demand and let their
- * pages go (expert offloading), which a resident copy would defeat. Q4_K and Q6_K only at the
- * avx512 level, the one with their x16 kernel: below it the file rows' tiles are faster than
- * the x16 scalar loop. */
+ * pages go (expert offloading), which a resident copy would defeat. Nor are types whose x16
+ * product would be slower at the running level (tsr_x16_repack_pays). */
 static tsr_status repack_x16(gguf_quantizer *q, const tsr_weight_in *in, tsr_weight_out *out) {
     tsr_tensor *t = &out->dst;
     bool routed_expert = in->struct_size >= offsetof(tsr_weight_in, expert) + sizeof in->expert &&
                          in->expert >= 0;
-    bool k_type = t->dtype == TSR_DTYPE_Q4_K || t->dtype == TSR_DTYPE_Q6_K;
     if (!q->repack || routed_expert || !strcmp(in->role, "token_embd") ||
-        t->ne[2] * t->ne[3] != 1 || (k_type && tsr_cpu_level_get() != TSR_CPU_LEVEL_AVX512) ||
+        t->ne[2] * t->ne[3] != 1 || !tsr_x16_repack_pays(t->dtype) ||
         !tsr_x16_supported(t->dtype, t->ne[0], t->ne[1]))
         return TSR_OK;
     const tsr_host *h = q->host;

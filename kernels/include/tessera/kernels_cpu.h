@@ -155,6 +155,11 @@ float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
  * blocks, rows a multiple of 16. */
 int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out);
 
+/* 1 when repacking `wtype` pays at the running level: Q4_0 and Q8_0 at every level (their x16
+ * product is never slower than the file rows'), Q4_K and Q6_K only where their AVX-512 kernel
+ * runs (below it the file rows' tiles beat the x16 scalar loop). */
+int tsr_x16_repack_pays(int32_t wtype);
+
 /* Repacks the file rows of groups [g0, g1) (16 rows each) of src into dst, both
  * (n_out, tsr_row_size(wtype, n_in)) bytes. TSR_E_INVALID when tsr_x16_supported refuses. */
 tsr_status tsr_x16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in, int64_t n_out,
