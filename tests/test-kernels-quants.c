@@ -518,9 +518,10 @@ START_TEST(test_products_extremes) {
 }
 END_TEST
 
-/* ---- x16: row-interleaved Q4_0 / Q8_0 / Q4_K / Q6_K in the fast order ------------------ */
+/* ---- x16: row-interleaved Q4_0 / Q8_0 and the K types in the fast order ----------------- */
 
-static const int32_t x16_types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K};
+static const int32_t x16_types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K,
+                                    TSR_DTYPE_Q6_K, TSR_DTYPE_Q5_K};
 #define X16_TYPES (int)(sizeof x16_types / sizeof *x16_types)
 
 /* The layout keeps every row: unpacking gives the file's blocks back, byte for byte. */
@@ -551,7 +552,9 @@ START_TEST(test_x16_pack_round_trip) {
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q6_K, 512, 16), 1);
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q6_K, 512, 40), 0);
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_K, 288, 32), 0); /* part of a super-block */
-    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q5_K, 256, 32), 0); /* another type */
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q5_K, 512, 48), 1);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q5_K, 1024, 8), 0);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q8_K, 256, 32), 0); /* another type */
     unsigned char buf[64];
     ck_assert_int_eq(tsr_x16_pack(buf, buf, TSR_DTYPE_Q8_0, 32, 8, 0, 1), TSR_E_INVALID);
     float y[16];
@@ -710,6 +713,60 @@ START_TEST(test_x16_slices_of_odd_groups) {
 }
 END_TEST
 
+/* The 256-element types' AVX-512 kernel equals the scalar product over the packed layout and
+ * the reference on the file rows, bit for bit, on every shape of 1 to 20 tokens (decode's row
+ * pairs, partial tiles of 16), 16 to 64 rows (one to four groups, alone or paired, on one
+ * thread or two) and 256 to 1024 inputs (one to four super-blocks). */
+START_TEST(test_xk16_shapes) {
+    const int32_t types[] = {TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K, TSR_DTYPE_Q5_K};
+    const int64_t max_tok = 20;
+    tsr_cpu_level best = tsr_cpu_level_best();
+    for (size_t i = 0; i < sizeof types / sizeof *types; i++)
+        for (int64_t n_in = 256; n_in <= 1024; n_in += 256)
+            for (int64_t n_out = 16; n_out <= 64; n_out += 16) {
+                product p;
+                product_init(&p, types[i], n_in, n_out, max_tok,
+                             400 + (uint64_t)(100 * i + n_in / 16 + n_out));
+                size_t wrow = tsr_row_size(p.t, n_in), xrow = tsr_row_size(TSR_DTYPE_Q8_K, n_in);
+                void *packed = malloc(wrow * (size_t)n_out);
+                ck_assert_int_eq(tsr_x16_pack(packed, p.w, p.t, n_in, n_out, 0, n_out / 16),
+                                 TSR_OK);
+                const size_t ybytes = sizeof(float) * (size_t)(n_out * max_tok);
+                float *want = malloc(ybytes), *scalar = malloc(ybytes), *y = malloc(ybytes);
+                for (int64_t t = 0; t < max_tok; t++)
+                    for (int64_t r = 0; r < n_out; r++)
+                        want[t * n_out + r] = tsr_x16_row_dot_ref(
+                            p.t, n_in, (char *)p.w + r * wrow, (char *)p.xp + t * xrow);
+                use_level(TSR_CPU_LEVEL_SCALAR);
+                ck_assert_int_eq(tsr_x16_matmul(scalar, n_out, packed, p.t, p.xp, max_tok, n_in,
+                                                n_out, 0, 1),
+                                 TSR_OK);
+                ck_assert_mem_eq(scalar, want, ybytes);
+                use_level(best);
+                for (int64_t n_tok = 1; n_tok <= max_tok; n_tok++)
+                    for (int nth = 1; nth <= 2; nth++) {
+                        memset(y, 0xff, ybytes);
+                        for (int ith = 0; ith < nth; ith++)
+                            ck_assert_int_eq(tsr_x16_matmul(y, n_out, packed, p.t, p.xp, n_tok,
+                                                            n_in, n_out, ith, nth),
+                                             TSR_OK);
+                        for (int64_t v = 0; v < n_tok * n_out; v++)
+                            ck_assert_msg(f32_bits(y[v]) == f32_bits(scalar[v]),
+                                          "type %d level %s n_in %lld n_out %lld n_tok %lld "
+                                          "nth %d [%lld]: %.9g vs %.9g", p.t,
+                                          tsr_cpu_level_name(best), (long long)n_in,
+                                          (long long)n_out, (long long)n_tok, nth, (long long)v,
+                                          y[v], scalar[v]);
+                    }
+                free(packed);
+                free(want);
+                free(scalar);
+                free(y);
+                product_free(&p);
+            }
+}
+END_TEST
+
 static Suite *suite(void) {
     Suite *s = suite_create("kernels-quants");
     TCase *tc = tcase_create("quants");
@@ -728,6 +785,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, test_x16_reference_is_the_sum);
     tcase_add_test(tc, test_x16_levels_equal_reference);
     tcase_add_test(tc, test_x16_slices_of_odd_groups);
+    tcase_add_test(tc, test_xk16_shapes);
     suite_add_tcase(s, tc);
     return s;
 }

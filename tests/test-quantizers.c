@@ -1078,6 +1078,34 @@ START_TEST(every_quantizer_runs_fixtures) {
 }
 END_TEST
 
+/* The 256-element types converted at load (llama-tiny's rows hold whole super-blocks): the fast
+ * order (their matrices repacked x16 at the avx512 level) against llama.cpp's order on the
+ * same weights. Both add the same exact super-block products, in other f32 orders, so the
+ * logits stay within a relative RMS of 1e-6 (measured: q5_k_m 1.3e-7) and keep the greedy
+ * token at every position; below avx512 nothing is repacked and the two are the same bits. */
+START_TEST(gguf_fast_order_types_on_llama_tiny) {
+    static const char *const types[] = {"q5_k_m"};
+    for (size_t k = 0; k < sizeof types / sizeof *types; k++) {
+        char fast[96], ggml[96];
+        snprintf(fast, sizeof fast, "{ plugin: gguf, type: %s }", types[k]);
+        snprintf(ggml, sizeof ggml, "{ plugin: gguf, type: %s, order: ggml }", types[k]);
+        size_t n, ng;
+        float *got = model_logits(models[0], fast, NULL, &n);
+        float *ref = model_logits(models[0], ggml, NULL, &ng);
+        ck_assert_uint_eq(n, ng);
+        double e = rel_rms_error(ref, got, n);
+        if (tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512)
+            ck_assert_msg(e > 0 && e <= 1e-6, "%s: fast against ggml order: relative RMS %g",
+                          types[k], e);
+        else
+            ck_assert_msg(e == 0, "%s: %g without a repack", types[k], e);
+        ck_assert_double_eq(argmax_agreement(ref, got, n, 512), 1.0);
+        free(got);
+        free(ref);
+    }
+}
+END_TEST
+
 /* layers: override: rtn 8-bit on layer 0, int6 elsewhere. Differs from all-int6 and from
  * all-rtn8 (so both instances multiplied), and stays near F32. */
 START_TEST(per_layer_mix) {
@@ -1122,15 +1150,16 @@ static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_ou
     return q->vt->prepare(q->inst->self, &in, out);
 }
 
-/* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's own
- * of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the fast
- * order's reference bits for a batch and for one token, whatever the pool. Q4_K and Q6_K only
- * at the avx512 level (TESSERA_CPU_LEVEL, which the plugin's kernels read too): below it they
- * stay the file's. */
+/* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's
+ * own of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the
+ * fast order's reference bits for a batch and for one token, whatever the pool. The
+ * 256-element types (Q4_K, Q5_K, Q6_K) only at the avx512 level (TESSERA_CPU_LEVEL, which
+ * the plugin's kernels read too): below it they stay the file's. */
 START_TEST(gguf_fast_order_repacks) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K};
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K,
+                             TSR_DTYPE_Q5_K};
     const int64_t n_in = 512, n_out = 48, n_tok = 11;
-    for (int i = 0; i < 4; i++)
+    for (size_t i = 0; i < sizeof types / sizeof *types; i++)
         for (int threads = 1; threads <= 2; threads++) {
             qz q;
             qz_open_for(&q, "{ plugin: gguf }", threads, "cpu");
@@ -1138,7 +1167,7 @@ START_TEST(gguf_fast_order_repacks) {
             tsr_weight_out out;
             ck_assert_int_eq(
                 gguf_prepare_q(&q, types[i], n_in, n_out, "ffn_up", -1, &file, &out), TSR_OK);
-            if ((types[i] == TSR_DTYPE_Q4_K || types[i] == TSR_DTYPE_Q6_K) &&
+            if (tsr_dtype_block_elems(types[i]) == TSR_QK_K &&
                 tsr_cpu_level_get() != TSR_CPU_LEVEL_AVX512) {
                 ck_assert(out.dst.dtype == types[i] && out.dst.data == file && !out.owns_data);
                 q.vt->release(q.inst->self, &out.dst);
@@ -1202,7 +1231,7 @@ START_TEST(gguf_fast_order_keeps) {
         {"{ plugin: gguf }", "cpu", "ffn_up_exps", TSR_DTYPE_Q4_0, 48, 0},
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q8_0, 40, -1},
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q6_K, 40, -1},
-        {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q5_K, 48, -1},
+        {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_F16, 48, -1},
     };
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         qz q;
@@ -1234,6 +1263,7 @@ static Suite *suite(bool model_cases) {
         tcase_add_test(tc, every_quantizer_runs_stories);
         tcase_add_test(tc, every_quantizer_runs_fixtures);
         tcase_add_test(tc, per_layer_mix);
+        tcase_add_test(tc, gguf_fast_order_types_on_llama_tiny);
         tcase_set_timeout(tc, 120);
         suite_add_tcase(s, tc);
         return s;

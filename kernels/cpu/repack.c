@@ -1,6 +1,6 @@
 /* Row-interleaved Q4_0 / Q8_0 (kernels_cpu.h "x16"): repacking, the fast order's reference on
  * file rows, and the product over the packed layout (scalar here, AVX-512 VNNI in
- * repack_avx512.c, which gives the same bits). Q4_K and Q6_K are repack_k.c's. */
+ * repack_avx512.c, which gives the same bits). The K types are repack_k.c's. */
 #include "repack.h"
 
 #include <math.h>

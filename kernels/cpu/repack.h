@@ -1,4 +1,4 @@
-/* Row-interleaved Q4_0 / Q8_0 / Q4_K / Q6_K ("x16", kernels_cpu.h): what repack.c,
+/* Row-interleaved Q4_0 / Q8_0 and the K types ("x16", kernels_cpu.h): what repack.c,
  * repack_k.c and their AVX-512 files share. Not installed. */
 #ifndef TSR_KERNELS_CPU_REPACK_H
 #define TSR_KERNELS_CPU_REPACK_H
@@ -26,20 +26,26 @@ int tsr_x16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, con
                         int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1);
 #endif
 
-/* Q4_K and Q6_K (repack_k.c). A group's super-block column sb is one chunk of 16 file blocks'
- * bytes; each field lies in it as lanes of every row side by side: the quants (Q4_K qs, Q6_K
- * ql and qh) four bytes per row and lane (vector v, lane r: bytes 4v..4v+3 of row r), the fp16
- * scales two bytes per row, the group scales (Q4_K's twelve packed bytes, Q6_K's sixteen
- * int8) as planes of one byte per row. Chunk offsets of the fields: */
-#define TSR_XK16_Q4_K_D 2048      /* after the 32 vectors of qs */
+/* The K types: Q4_K, Q5_K and Q6_K (repack_k.c). A group's super-block column sb is one
+ * chunk of 16 file blocks' bytes; each field lies in it as lanes of every row side by side:
+ * the quants (qs, ql, qh) four bytes per row and lane (vector v, lane r: bytes 4v..4v+3 of row
+ * r), the fp16 scales two bytes per row, the group scales (Q4_K's and Q5_K's twelve packed
+ * bytes, Q6_K's sixteen int8) as planes of one byte per row. Chunk offsets of the fields: */
+#define TSR_XK16_Q4_K_D 2048      /* after the 32 vectors of qs; Q5_K's too */
 #define TSR_XK16_Q4_K_DMIN 2080
 #define TSR_XK16_Q4_K_SCALES 2112 /* 12 planes */
+#define TSR_XK16_Q5_K_QH 2304     /* Q5_K: Q4_K's fields, then qh as 8 vectors */
 #define TSR_XK16_Q6_K_QH 2048     /* after the 32 vectors of ql; 16 vectors */
 #define TSR_XK16_Q6_K_SCALES 3072 /* 16 planes */
 #define TSR_XK16_Q6_K_D 3328
 
 static inline int tsr_x16_is_k(int32_t wtype) {
-    return wtype == TSR_DTYPE_Q4_K || wtype == TSR_DTYPE_Q6_K;
+    switch (wtype) {
+    case TSR_DTYPE_Q4_K:
+    case TSR_DTYPE_Q5_K:
+    case TSR_DTYPE_Q6_K: return 1;
+    }
+    return 0;
 }
 
 void tsr_xk16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in, int64_t g0,
@@ -50,7 +56,7 @@ void tsr_xk16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
                             const void *xp, int64_t n_tok, int64_t n_in, int64_t g0,
                             int64_t g1);
 #if defined(TSR_KERNELS_X86)
-/* As tsr_x16_matmul_avx512, for Q4_K / Q6_K (repack_k_avx512.c). */
+/* As tsr_x16_matmul_avx512, for the K types (repack_k_avx512.c). */
 int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                            int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1);
 #endif

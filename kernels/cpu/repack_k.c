@@ -1,6 +1,6 @@
-/* Row-interleaved Q4_K / Q6_K (kernels_cpu.h "x16"): repacking, the fast order's reference on
- * file rows, and the scalar product over the packed layout (repack_k_avx512.c gives the same
- * bits with VNNI). repack.c routes the two types here. */
+/* Row-interleaved K types (kernels_cpu.h "x16": Q4_K, Q5_K, Q6_K): repacking, the fast
+ * order's reference on file rows, and the scalar product over the packed layout
+ * (repack_k_avx512.c gives the same bits with VNNI). repack.c routes them here. */
 #include "quants.h"
 #include "repack.h"
 
@@ -9,19 +9,27 @@
 
 /* Where a field of a file super-block goes in its 16-row chunk: `lane` bytes of each row side
  * by side (row r at lane r), so that a `lane`-byte run of the field for the 16 rows is one
- * vector (4: a vpdpbusd operand; 2: the fp16 scales; 1: byte planes of the group scales). */
+ * vector (4: a vpdpbusd operand; 2: the fp16 scales; 1: byte planes of the group scales). A
+ * type's fields cover its block, so the chunk is 16 blocks' bytes. */
 typedef struct xk_field {
     size_t file, bytes, lane, chunk;
 } xk_field;
 
-#define XK_FIELDS 4
-static const xk_field xk_q4_k_fields[XK_FIELDS] = {
+#define XK_FIELDS 5 /* at most; a table ends at a field of no bytes */
+static const xk_field xk_q4_k_fields[XK_FIELDS + 1] = {
     {offsetof(tsr_block_q4_k, qs), TSR_QK_K / 2, 4, 0},
     {offsetof(tsr_block_q4_k, d), 2, 2, TSR_XK16_Q4_K_D},
     {offsetof(tsr_block_q4_k, dmin), 2, 2, TSR_XK16_Q4_K_DMIN},
     {offsetof(tsr_block_q4_k, scales), 12, 1, TSR_XK16_Q4_K_SCALES},
 };
-static const xk_field xk_q6_k_fields[XK_FIELDS] = {
+static const xk_field xk_q5_k_fields[XK_FIELDS + 1] = {
+    {offsetof(tsr_block_q5_k, qs), TSR_QK_K / 2, 4, 0},
+    {offsetof(tsr_block_q5_k, d), 2, 2, TSR_XK16_Q4_K_D},
+    {offsetof(tsr_block_q5_k, dmin), 2, 2, TSR_XK16_Q4_K_DMIN},
+    {offsetof(tsr_block_q5_k, scales), 12, 1, TSR_XK16_Q4_K_SCALES},
+    {offsetof(tsr_block_q5_k, qh), TSR_QK_K / 8, 4, TSR_XK16_Q5_K_QH},
+};
+static const xk_field xk_q6_k_fields[XK_FIELDS + 1] = {
     {offsetof(tsr_block_q6_k, ql), TSR_QK_K / 2, 4, 0},
     {offsetof(tsr_block_q6_k, qh), TSR_QK_K / 4, 4, TSR_XK16_Q6_K_QH},
     {offsetof(tsr_block_q6_k, scales), TSR_QK_K / 16, 1, TSR_XK16_Q6_K_SCALES},
@@ -29,7 +37,11 @@ static const xk_field xk_q6_k_fields[XK_FIELDS] = {
 };
 
 static const xk_field *xk_fields(int32_t wtype) {
-    return wtype == TSR_DTYPE_Q4_K ? xk_q4_k_fields : xk_q6_k_fields;
+    switch (wtype) {
+    case TSR_DTYPE_Q4_K: return xk_q4_k_fields;
+    case TSR_DTYPE_Q5_K: return xk_q5_k_fields;
+    }
+    return xk_q6_k_fields;
 }
 
 /* Byte i of field f of row r in its chunk. */
@@ -54,7 +66,7 @@ void tsr_xk16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in, int6
             for (int r = 0; r < TSR_X16_ROWS; r++) {
                 const uint8_t *blk = (const uint8_t *)src +
                                      (size_t)(g * TSR_X16_ROWS + r) * row_bytes + (size_t)sb * bb;
-                for (const xk_field *f = fields; f < fields + XK_FIELDS; f++)
+                for (const xk_field *f = fields; f->bytes; f++)
                     for (size_t i = 0; i < f->bytes; i++) c[xk_at(f, r, i)] = blk[f->file + i];
             }
         }
@@ -65,7 +77,7 @@ static void xk_block(void *blk, const void *w, int32_t wtype, int64_t n_in, int6
                      int64_t sb) {
     const uint8_t *c = xk_chunk(w, wtype, n_in, g, sb);
     const xk_field *fields = xk_fields(wtype);
-    for (const xk_field *f = fields; f < fields + XK_FIELDS; f++)
+    for (const xk_field *f = fields; f->bytes; f++)
         for (size_t i = 0; i < f->bytes; i++) ((uint8_t *)blk)[f->file + i] = c[xk_at(f, r, i)];
 }
 
@@ -77,15 +89,15 @@ void tsr_xk16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, 
 }
 
 /* One step of the fast order: super-block w times activation block x, into acc. The integer
- * parts are quants_dot.c's (exact); Q4_K's mins take a second fma. */
+ * parts are quants_dot.c's (exact); the types with mins (Q4_K, Q5_K) take a second fma. */
 static float xk_fast_step(int32_t wtype, const void *w, const tsr_block_q8_k *x, float acc) {
-    const int qm = wtype == TSR_DTYPE_Q4_K ? TSR_QM_Q4_K : TSR_QM_Q6_K;
+    const int qm = tsr_quant_mm_index(wtype);
     int32_t isum, msum;
     float d, dmin;
     tsr_qk_idot(qm, w, x, &isum, &msum);
     tsr_qk_block_scales(qm, w, &d, &dmin);
     acc = fmaf((float)isum, d * x->d, acc);
-    return qm == TSR_QM_Q4_K ? fmaf(-(float)msum, dmin * x->d, acc) : acc;
+    return qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K ? fmaf(-(float)msum, dmin * x->d, acc) : acc;
 }
 
 float tsr_xk16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void *xp) {
@@ -101,7 +113,11 @@ void tsr_xk16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
                             const void *xp, int64_t n_tok, int64_t n_in, int64_t g0,
                             int64_t g1) {
     const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_K, n_in);
-    union { tsr_block_q4_k q4; tsr_block_q6_k q6; } blk;
+    union {
+        tsr_block_q4_k q4;
+        tsr_block_q5_k q5;
+        tsr_block_q6_k q6;
+    } blk;
     for (int64_t g = g0; g < g1; g++)
         for (int r = 0; r < TSR_X16_ROWS; r++)
             for (int64_t t = 0; t < n_tok; t++) {

@@ -1,13 +1,16 @@
-/* The x16 product of Q4_K and Q6_K with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16
- * tokens. A group's chunk of one super-block is unpacked a scale group at a time (Q4_K: 32
- * quants, eight vectors of unsigned nibbles; Q6_K: 16 quants, four vectors of 6-bit values
- * 0..63), then each token runs one vpdpbusd chain per scale group against four-byte
- * broadcasts of its activation quants, giving the 16 rows' group dots in one register; one
- * vpmulld by the rows' group scales adds it to the token's exact integer sum of the
- * super-block. Q6_K's -32 is taken back by starting each chain from -32 x the group's
- * activation sum; Q4_K's mins are one vpdpwssd of the rows' min pairs with the token's 32-quant
- * sums, per pair of groups. Per super-block and token: one fma (and for Q4_K's mins one fnmadd)
- * in f32, the fast order of repack_k.c, so the values are its bits. */
+/* The x16 product of the K types with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16
+ * tokens. A group's chunk of one super-block is unpacked a scale group at a time into
+ * vectors of unsigned quants (Q4_K: 32 quants, eight vectors of nibbles; Q5_K the same with
+ * their fifth bit; Q6_K: 16 quants, four vectors of 6-bit values 0..63), then each token
+ * runs one vpdpbusd chain per scale group against four-byte broadcasts of its activation
+ * quants, giving the 16 rows' group dots in one register; one vpmulld by the rows' group
+ * scales adds it to the token's exact integer sum of the super-block. Q6_K's -32 is taken
+ * back by starting each chain from -32 x the group's activation sum; the mins (Q4_K, Q5_K)
+ * are vpdpwssd of the rows' min pairs with the token's group sums. Per super-block and
+ * token: one fma (and for the mins one fnmadd) in f32, the fast order of repack_k.c, so the
+ * values are its bits. The type is a compile-time constant of every inlined step (qm,
+ * quants.h). */
+#include "quants.h"
 #include "repack.h"
 
 #include <immintrin.h>
@@ -19,14 +22,31 @@
 
 #define XK_INLINE static inline __attribute__((always_inline))
 
-/* A tile's activations for one super-block, read by every group: the quants of its tokens, their
- * scales, and per token the words the kernel broadcasts: Q6_K -32 x the sixteen 16-quant sums
- * (the chains' start), Q4_K the four pairs of 32-quant sums as int16 (vpdpwssd's operand). */
+/* A tile's activations for one super-block, read by every group: the quants of its tokens,
+ * their scales, and per token the words the kernel broadcasts (xk_aux): the chains' starts, or
+ * the activation group sums as int16 pairs against the min pairs. */
 typedef struct xk_xblock {
     int8_t q[XK_TOK][TSR_QK_K];
     float d[XK_TOK];
     int32_t aux[XK_TOK][16];
 } xk_xblock;
+
+/* The K types' x16 kernels, each instantiated with its type as a constant. */
+#define XK_TYPES(X) X(TSR_QM_Q4_K) X(TSR_QM_Q5_K) X(TSR_QM_Q6_K)
+
+XK_INLINE size_t xk_chunk_bytes(const int qm) {
+    return TSR_X16_ROWS * tsr_qm_block_bytes(qm);
+}
+
+/* Where a chunk's 16 fp16 d lie. */
+XK_INLINE size_t xk_d_at(const int qm) {
+    return qm == TSR_QM_Q6_K ? TSR_XK16_Q6_K_D : TSR_XK16_Q4_K_D;
+}
+
+/* The vpdpwssd a token's mins take per super-block: pairs of groups (0: no mins). */
+XK_INLINE int xk_min_pairs(const int qm) {
+    return qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K ? 4 : 0;
+}
 
 XK_INLINE __m512i xk_bcast4(const int8_t *q) {
     int32_t v;
@@ -46,7 +66,7 @@ XK_INLINE void xk_prefetch(const uint8_t *c, size_t bytes, int part) {
 }
 
 /* For each token, isum[t] += scales x (the chain of n vpdpbusd of wv with its quants at
- * q[t] + at, from start[t] or 0). */
+ * q[t] + at, from aux[t][start] or, for start < 0, 0). */
 XK_INLINE void xk_group(const int nt, const int n, __m512i *isum, const __m512i *wv,
                         __m512i scales, const xk_xblock *xb, int at, int start) {
     for (int t = 0; t < nt; t++) {
@@ -57,12 +77,20 @@ XK_INLINE void xk_group(const int nt, const int n, __m512i *isum, const __m512i 
     }
 }
 
-/* Q4_K: a chunk's integer sums; its group scales and min pairs decoded from the planes of
- * the twelve packed bytes (tsr_qk_scale_min's rule on 16 rows at once). */
-XK_INLINE void xk_q4_k(const int nt, __m512i *isum, __m512i mins[4], const uint8_t *c,
-                       const xk_xblock *xb) {
+/* The int16 pairs (group 2m, group 2m + 1) of 16 rows' mins for vpdpwssd, from byte planes. */
+XK_INLINE __m512i xk_min_pair(const uint8_t *even, const uint8_t *odd) {
+    return _mm512_or_si512(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)even)),
+        _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)odd)), 16));
+}
+
+/* Q4_K and Q5_K (qm): a chunk's integer sums; its group scales and min pairs decoded from the
+ * planes of the twelve packed bytes (tsr_qk_scale_min's rule on 16 rows at once). Q5_K's
+ * fifth bit of group g is bit g of its qh vectors' bytes. */
+XK_INLINE void xk_q45_k(const int qm, const int nt, __m512i *isum, __m512i *mins,
+                        const uint8_t *c, const xk_xblock *xb) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m6 = _mm512_set1_epi8(0x3f),
-                  m30 = _mm512_set1_epi8(0x30);
+                  m30 = _mm512_set1_epi8(0x30), m10 = _mm512_set1_epi8(0x10);
     const __m512i a = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES),       /* planes 0-3 */
         b = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES + 64),             /* 4-7 */
         p8 = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES + 128);           /* 8-11 */
@@ -75,22 +103,23 @@ XK_INLINE void xk_q4_k(const int nt, __m512i *isum, __m512i mins[4], const uint8
                                                _mm512_and_si512(_mm512_srli_epi16(b, 2), m30)));
     for (int k = 0; k < 4; k++) /* qs vectors 8k..8k+7: groups 2k (low nibbles), 2k + 1 */
         for (int h = 0; h < 2; h++) {
-            if (nt <= XK_PF_NT) xk_prefetch(c, TSR_XK16_Q4_K_SCALES + 192, 2 * k + h);
+            const int g = 2 * k + h;
+            if (nt <= XK_PF_NT) xk_prefetch(c, xk_chunk_bytes(qm), g);
             __m512i wv[8];
             for (int j = 0; j < 8; j++) {
                 __m512i v = _mm512_loadu_si512(c + 64 * (8 * k + j));
                 wv[j] = _mm512_and_si512(h ? _mm512_srli_epi16(v, 4) : v, m4);
+                if (qm == TSR_QM_Q5_K) {
+                    __m512i hb = _mm512_loadu_si512(c + TSR_XK16_Q5_K_QH + 64 * j);
+                    hb = g < 4 ? _mm512_slli_epi16(hb, 4 - g) : _mm512_srli_epi16(hb, g - 4);
+                    wv[j] = _mm512_ternarylogic_epi32(wv[j], hb, m10, 0xf8); /* | (hb & 0x10) */
+                }
             }
-            const int g = 2 * k + h;
             xk_group(nt, 8, isum, wv, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc[g])),
                      xb, 32 * g, -1);
         }
     /* after the groups, so that the pairs do not hold registers the chains need */
-    for (int m = 0; m < 4; m++)
-        mins[m] = _mm512_or_si512(
-            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)mn[2 * m])),
-            _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)mn[2 * m + 1])),
-                              16));
+    for (int m = 0; m < 4; m++) mins[m] = xk_min_pair(mn[2 * m], mn[2 * m + 1]);
 }
 
 /* Q6_K: a chunk's integer sums. Quants 128 hf + 32 c + i: the low four bits from ql vector
@@ -120,21 +149,20 @@ XK_INLINE void xk_q6_k(const int nt, __m512i *isum, const uint8_t *c, const xk_x
 
 /* acc[t] (16 rows, in an L1 buffer) += the chunk at c with the nt tokens of xb, one
  * super-block's step of the fast order. */
-XK_INLINE void xk_chunk(const int q4, const int nt, float (*acc)[TSR_X16_ROWS], const uint8_t *c,
+XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], const uint8_t *c,
                         const xk_xblock *xb) {
     __m512i isum[XK_TOK], mins[4];
     for (int t = 0; t < nt; t++) isum[t] = _mm512_setzero_si512();
-    if (q4) xk_q4_k(nt, isum, mins, c, xb);
-    else xk_q6_k(nt, isum, c, xb);
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(
-        (const __m256i *)(c + (q4 ? TSR_XK16_Q4_K_D : TSR_XK16_Q6_K_D))));
+    if (qm == TSR_QM_Q6_K) xk_q6_k(nt, isum, c, xb);
+    else xk_q45_k(qm, nt, isum, mins, c, xb);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + xk_d_at(qm))));
     for (int t = 0; t < nt; t++) {
         const __m512 dx = _mm512_set1_ps(xb->d[t]);
         __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, dx),
                                    _mm512_load_ps(acc[t]));
-        if (q4) {
+        if (xk_min_pairs(qm)) {
             __m512i m = _mm512_setzero_si512();
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < xk_min_pairs(qm); k++)
                 m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t][k]));
             const __m512 dmin = _mm512_cvtph_ps(
                 _mm256_loadu_si256((const __m256i *)(c + TSR_XK16_Q4_K_DMIN)));
@@ -146,38 +174,41 @@ XK_INLINE void xk_chunk(const int q4, const int nt, float (*acc)[TSR_X16_ROWS], 
 
 /* y[t * ldy + r] for the 16 rows of one group (chunks of `chunk` bytes from w) and the nt
  * tokens of xb (nsb super-blocks). */
-XK_INLINE void xk_tile(const int q4, const int nt, float *y, int64_t ldy, const uint8_t *w,
+XK_INLINE void xk_tile(const int qm, const int nt, float *y, int64_t ldy, const uint8_t *w,
                        size_t chunk, int64_t nsb, const xk_xblock *xb) {
     float acc[XK_TOK][TSR_X16_ROWS] __attribute__((aligned(64)));
     for (int t = 0; t < nt; t++) _mm512_store_ps(acc[t], _mm512_setzero_ps());
-    for (int64_t sb = 0; sb < nsb; sb++) xk_chunk(q4, nt, acc, w + (size_t)sb * chunk, xb + sb);
+    for (int64_t sb = 0; sb < nsb; sb++) xk_chunk(qm, nt, acc, w + (size_t)sb * chunk, xb + sb);
     for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, _mm512_load_ps(acc[t]));
 }
 
 /* Decode: one token on groups w0 and w1 (from the two halves of the slice) chunk by chunk, so
  * that the thread reads two streams, which one core reads faster than one (Q6_K's decode from
  * one stream: 0.70-0.75x of the file rows' paired kernel). */
-static void xk_decode_pair(int q4, float *y0, float *y1, const uint8_t *w0, const uint8_t *w1,
-                           size_t chunk, int64_t nsb, const xk_xblock *xb) {
+XK_INLINE void xk_decode_pair(const int qm, float *y0, float *y1, const uint8_t *w0,
+                              const uint8_t *w1, size_t chunk, int64_t nsb, const xk_xblock *xb) {
     float acc[2][1][TSR_X16_ROWS] __attribute__((aligned(64)));
     _mm512_store_ps(acc[0][0], _mm512_setzero_ps());
     _mm512_store_ps(acc[1][0], _mm512_setzero_ps());
     for (int64_t sb = 0; sb < nsb; sb++) {
-        if (q4) {
-            xk_chunk(1, 1, acc[0], w0 + (size_t)sb * chunk, xb + sb);
-            xk_chunk(1, 1, acc[1], w1 + (size_t)sb * chunk, xb + sb);
-        } else {
-            xk_chunk(0, 1, acc[0], w0 + (size_t)sb * chunk, xb + sb);
-            xk_chunk(0, 1, acc[1], w1 + (size_t)sb * chunk, xb + sb);
-        }
+        xk_chunk(qm, 1, acc[0], w0 + (size_t)sb * chunk, xb + sb);
+        xk_chunk(qm, 1, acc[1], w1 + (size_t)sb * chunk, xb + sb);
     }
     _mm512_storeu_ps(y0, _mm512_load_ps(acc[0][0]));
     _mm512_storeu_ps(y1, _mm512_load_ps(acc[1][0]));
 }
 
+static void xk_decode_pair_any(int qm, float *y0, float *y1, const uint8_t *w0,
+                               const uint8_t *w1, size_t chunk, int64_t nsb, const xk_xblock *xb) {
+#define XK_PAIR(Q)                                                                         \
+    case Q: xk_decode_pair(Q, y0, y1, w0, w1, chunk, nsb, xb); break;
+    switch (qm) { XK_TYPES(XK_PAIR) }
+#undef XK_PAIR
+}
+
 /* xk_tile with its type and token count as constants, so each copy keeps its sums in
  * registers. */
-static void xk_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *w, size_t chunk,
+static void xk_tile_any(int qm, int nt, float *y, int64_t ldy, const uint8_t *w, size_t chunk,
                         int64_t nsb, const xk_xblock *xb) {
 #define XK_CASE(Q, N)                                                                      \
     case (Q) * XK_TOK + (N) - 1: xk_tile((Q), (N), y, ldy, w, chunk, nsb, xb); break;
@@ -185,15 +216,28 @@ static void xk_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *w,
     XK_CASE(Q, 1) XK_CASE(Q, 2) XK_CASE(Q, 3) XK_CASE(Q, 4) XK_CASE(Q, 5) XK_CASE(Q, 6)       \
     XK_CASE(Q, 7) XK_CASE(Q, 8) XK_CASE(Q, 9) XK_CASE(Q, 10) XK_CASE(Q, 11) XK_CASE(Q, 12)    \
     XK_CASE(Q, 13) XK_CASE(Q, 14) XK_CASE(Q, 15) XK_CASE(Q, 16)
-    switch (q4 * XK_TOK + nt - 1) { XK_CASES(0) XK_CASES(1) }
+    switch (qm * XK_TOK + nt - 1) { XK_TYPES(XK_CASES) }
 #undef XK_CASES
 #undef XK_CASE
+}
+
+/* Two int16 as the words of a vpdpwssd operand. */
+static int32_t xk_pair16(int lo, int hi) {
+    return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)(uint16_t)hi << 16);
+}
+
+/* Word g of a token's aux for type qm, from its sixteen 16-quant sums bs: the chains' starts
+ * (Q6_K: -32 x group g's sum), or the pair of 32-quant group sums the min pair g multiplies
+ * (Q4_K, Q5_K). */
+static int32_t xk_aux(int qm, const int16_t *bs, int g) {
+    if (qm == TSR_QM_Q6_K) return -32 * bs[g];
+    return g < 4 ? xk_pair16(bs[4 * g] + bs[4 * g + 1], bs[4 * g + 2] + bs[4 * g + 3]) : 0;
 }
 
 /* Tokens [0, n_tok) of xp (Q8_K rows) as tiles of XK_TOK (xb[tile * nsb + sb]); the last
  * tile's missing tokens are left unset (never read). */
 static void xk_prepare_x(xk_xblock *xb, const void *xp, size_t x_stride, int64_t nsb,
-                         int64_t n_tok, int q4) {
+                         int64_t n_tok, int qm) {
     for (int64_t t = 0; t < n_tok; t++) {
         const tsr_block_q8_k *x = (const tsr_block_q8_k *)((const char *)xp + t * x_stride);
         xk_xblock *o = xb + t / XK_TOK * nsb;
@@ -201,14 +245,7 @@ static void xk_prepare_x(xk_xblock *xb, const void *xp, size_t x_stride, int64_t
         for (int64_t sb = 0; sb < nsb; sb++) {
             memcpy(o[sb].q[i], x[sb].qs, TSR_QK_K);
             o[sb].d[i] = x[sb].d;
-            const int16_t *bs = x[sb].bsums;
-            for (int g = 0; g < 16; g++)
-                o[sb].aux[i][g] =
-                    q4 ? (g < 4 ? (int32_t)((uint32_t)(uint16_t)(bs[4 * g] + bs[4 * g + 1]) |
-                                            (uint32_t)(uint16_t)(bs[4 * g + 2] + bs[4 * g + 3])
-                                                << 16)
-                                : 0)
-                       : -32 * bs[g];
+            for (int g = 0; g < 16; g++) o[sb].aux[i][g] = xk_aux(qm, x[sb].bsums, g);
         }
     }
 }
@@ -218,7 +255,7 @@ static void xk_prepare_x(xk_xblock *xb, const void *xp, size_t x_stride, int64_t
 int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                            int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1) {
     const int64_t nsb = n_in / TSR_QK_K;
-    const int q4 = wtype == TSR_DTYPE_Q4_K;
+    const int qm = tsr_quant_mm_index(wtype);
     const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_K, n_in);
     const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
     const size_t chunk = TSR_X16_ROWS * tsr_dtype_block_bytes(wtype);
@@ -228,15 +265,16 @@ int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, 
     if (!xb) return -1;
     for (int64_t t0 = 0; t0 < n_tok; t0 += tb) {
         const int64_t ntb = n_tok - t0 < tb ? n_tok - t0 : tb;
-        xk_prepare_x(xb, (const char *)xp + (size_t)t0 * x_stride, x_stride, nsb, ntb, q4);
+        xk_prepare_x(xb, (const char *)xp + (size_t)t0 * x_stride, x_stride, nsb, ntb, qm);
         const int64_t h = n_tok == 1 ? (g1 - g0) / 2 : 0; /* decode: g with g + h */
         for (int64_t g = g0; g < g0 + h; g++)
-            xk_decode_pair(q4, y + g * TSR_X16_ROWS, y + (g + h) * TSR_X16_ROWS,
-                           (const uint8_t *)w + (size_t)g * group_bytes,
-                           (const uint8_t *)w + (size_t)(g + h) * group_bytes, chunk, nsb, xb);
+            xk_decode_pair_any(qm, y + g * TSR_X16_ROWS, y + (g + h) * TSR_X16_ROWS,
+                               (const uint8_t *)w + (size_t)g * group_bytes,
+                               (const uint8_t *)w + (size_t)(g + h) * group_bytes, chunk, nsb,
+                               xb);
         for (int64_t g = g0 + 2 * h; g < g1; g++)
             for (int64_t t = 0; t < ntb; t += XK_TOK)
-                xk_tile_any(q4, (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK),
+                xk_tile_any(qm, (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK),
                             y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy,
                             (const uint8_t *)w + (size_t)g * group_bytes, chunk, nsb,
                             xb + t / XK_TOK * nsb);
