@@ -1,5 +1,5 @@
-/* Row-interleaved K types (kernels_cpu.h "x16": Q4_K, Q5_K, Q6_K): repacking, the fast
- * order's reference on file rows, and the scalar product over the packed layout
+/* Row-interleaved K types (kernels_cpu.h "x16": Q4_K, Q5_K, Q6_K, IQ4_XS): repacking, the
+ * fast order's reference on file rows, and the scalar product over the packed layout
  * (repack_k_avx512.c gives the same bits with VNNI). repack.c routes them here. */
 #include "quants.h"
 #include "repack.h"
@@ -35,11 +35,18 @@ static const xk_field xk_q6_k_fields[XK_FIELDS + 1] = {
     {offsetof(tsr_block_q6_k, scales), TSR_QK_K / 16, 1, TSR_XK16_Q6_K_SCALES},
     {offsetof(tsr_block_q6_k, d), 2, 2, TSR_XK16_Q6_K_D},
 };
+static const xk_field xk_iq4_xs_fields[XK_FIELDS + 1] = {
+    {offsetof(tsr_block_iq4_xs, qs), TSR_QK_K / 2, 4, 0},
+    {offsetof(tsr_block_iq4_xs, d), 2, 2, TSR_XK16_IQ4_XS_D},
+    {offsetof(tsr_block_iq4_xs, scales_h), 2, 2, TSR_XK16_IQ4_XS_SCALES_H},
+    {offsetof(tsr_block_iq4_xs, scales_l), TSR_QK_K / 64, 1, TSR_XK16_IQ4_XS_SCALES_L},
+};
 
 static const xk_field *xk_fields(int32_t wtype) {
     switch (wtype) {
     case TSR_DTYPE_Q4_K: return xk_q4_k_fields;
     case TSR_DTYPE_Q5_K: return xk_q5_k_fields;
+    case TSR_DTYPE_IQ4_XS: return xk_iq4_xs_fields;
     }
     return xk_q6_k_fields;
 }
@@ -117,6 +124,7 @@ void tsr_xk16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
         tsr_block_q4_k q4;
         tsr_block_q5_k q5;
         tsr_block_q6_k q6;
+        tsr_block_iq4_xs iq4;
     } blk;
     for (int64_t g = g0; g < g1; g++)
         for (int r = 0; r < TSR_X16_ROWS; r++)

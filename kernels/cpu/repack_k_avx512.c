@@ -1,15 +1,15 @@
 /* The x16 product of the K types with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16
  * tokens. A group's chunk of one super-block is unpacked a scale group at a time into
  * vectors of unsigned quants (Q4_K: 32 quants, eight vectors of nibbles; Q5_K the same with
- * their fifth bit; Q6_K: 16 quants, four vectors of 6-bit values 0..63), then each token
- * runs one vpdpbusd chain per scale group against four-byte broadcasts of its activation
- * quants, giving the 16 rows' group dots in one register; one vpmulld by the rows' group
- * scales adds it to the token's exact integer sum of the super-block. Q6_K's -32 is taken
- * back by starting each chain from -32 x the group's activation sum; the mins (Q4_K, Q5_K)
- * are vpdpwssd of the rows' min pairs with the token's group sums. Per super-block and
- * token: one fma (and for the mins one fnmadd) in f32, the fast order of repack_k.c, so the
- * values are its bits. The type is a compile-time constant of every inlined step (qm,
- * quants.h). */
+ * their fifth bit; IQ4_XS: eight vectors of its levels plus 128; Q6_K: 16 quants, four
+ * vectors of 6-bit values 0..63), then each token runs one vpdpbusd chain per scale group
+ * against four-byte broadcasts of its activation quants, giving the 16 rows' group dots in
+ * one register; one vpmulld by the rows' group scales adds it to the token's exact integer
+ * sum of the super-block. An offset the quants carry (Q6_K 32, IQ4_XS 128) is taken back by
+ * starting each chain from -offset x the group's activation sum; the mins (Q4_K, Q5_K) are
+ * vpdpwssd of the rows' min pairs with the token's group sums. Per super-block and token:
+ * one fma (and for the mins one fnmadd) in f32, the fast order of repack_k.c, so the values
+ * are its bits. The type is a compile-time constant of every inlined step (qm, quants.h). */
 #include "quants.h"
 #include "repack.h"
 
@@ -32,7 +32,7 @@ typedef struct xk_xblock {
 } xk_xblock;
 
 /* The K types' x16 kernels, each instantiated with its type as a constant. */
-#define XK_TYPES(X) X(TSR_QM_Q4_K) X(TSR_QM_Q5_K) X(TSR_QM_Q6_K)
+#define XK_TYPES(X) X(TSR_QM_Q4_K) X(TSR_QM_Q5_K) X(TSR_QM_Q6_K) X(TSR_QM_IQ4_XS)
 
 XK_INLINE size_t xk_chunk_bytes(const int qm) {
     return TSR_X16_ROWS * tsr_qm_block_bytes(qm);
@@ -40,7 +40,9 @@ XK_INLINE size_t xk_chunk_bytes(const int qm) {
 
 /* Where a chunk's 16 fp16 d lie. */
 XK_INLINE size_t xk_d_at(const int qm) {
-    return qm == TSR_QM_Q6_K ? TSR_XK16_Q6_K_D : TSR_XK16_Q4_K_D;
+    return qm == TSR_QM_Q6_K     ? TSR_XK16_Q6_K_D
+           : qm == TSR_QM_IQ4_XS ? TSR_XK16_IQ4_XS_D
+                                 : TSR_XK16_Q4_K_D;
 }
 
 /* The vpdpwssd a token's mins take per super-block: pairs of groups (0: no mins). */
@@ -147,6 +149,40 @@ XK_INLINE void xk_q6_k(const int nt, __m512i *isum, const uint8_t *c, const xk_x
         }
 }
 
+/* IQ4_XS: a chunk's integer sums. Group g's quants are the nibbles of qs vectors 4g..4g+3
+ * (low ones its elements 0-15, high ones 16-31), looked up by vpshufb among the sixteen
+ * levels plus 128 (unsigned); each chain starts from -128 x the group's activation sum. The
+ * group scales of 16 rows: a nibble of the scales_l planes and two bits of scales_h. */
+XK_INLINE void xk_iq4_xs(const int nt, __m512i *isum, const uint8_t *c, const xk_xblock *xb) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi32(0x30),
+                  m32 = _mm512_set1_epi32(32);
+    const __m512i levels = _mm512_broadcast_i32x4(_mm_xor_si128(
+        _mm_loadu_si128((const __m128i *)tsr_iq4nl_values), _mm_set1_epi8((char)0x80)));
+    const __m512i planes = _mm512_loadu_si512(c + TSR_XK16_IQ4_XS_SCALES_L),
+                  high = _mm512_cvtepu16_epi32(
+                      _mm256_loadu_si256((const __m256i *)(c + TSR_XK16_IQ4_XS_SCALES_H)));
+    uint8_t lo[2][4][TSR_X16_ROWS]; /* [g % 2][g / 2]: group g's low four bits */
+    _mm512_storeu_si512(lo[0], _mm512_and_si512(planes, m4));
+    _mm512_storeu_si512(lo[1], _mm512_and_si512(_mm512_srli_epi16(planes, 4), m4));
+    for (int g = 0; g < 8; g++) {
+        if (nt <= XK_PF_NT) xk_prefetch(c, xk_chunk_bytes(TSR_QM_IQ4_XS), g);
+        const __m512i h = g < 2 ? _mm512_slli_epi32(high, 4 - 2 * g)
+                                : _mm512_srli_epi32(high, 2 * g - 4); /* bits 2g, 2g+1 at 4 */
+        const __m512i scales = _mm512_sub_epi32(
+            _mm512_ternarylogic_epi32(
+                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)lo[g % 2][g / 2])), h,
+                m30, 0xf8),
+            m32);
+        __m512i wv[8];
+        for (int k = 0; k < 4; k++) {
+            const __m512i v = _mm512_loadu_si512(c + 64 * (4 * g + k));
+            wv[k] = _mm512_shuffle_epi8(levels, _mm512_and_si512(v, m4));
+            wv[k + 4] = _mm512_shuffle_epi8(levels, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+        }
+        xk_group(nt, 8, isum, wv, scales, xb, 32 * g, g);
+    }
+}
+
 /* acc[t] (16 rows, in an L1 buffer) += the chunk at c with the nt tokens of xb, one
  * super-block's step of the fast order. */
 XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], const uint8_t *c,
@@ -154,6 +190,7 @@ XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], 
     __m512i isum[XK_TOK], mins[4];
     for (int t = 0; t < nt; t++) isum[t] = _mm512_setzero_si512();
     if (qm == TSR_QM_Q6_K) xk_q6_k(nt, isum, c, xb);
+    else if (qm == TSR_QM_IQ4_XS) xk_iq4_xs(nt, isum, c, xb);
     else xk_q45_k(qm, nt, isum, mins, c, xb);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + xk_d_at(qm))));
     for (int t = 0; t < nt; t++) {
@@ -227,10 +264,11 @@ static int32_t xk_pair16(int lo, int hi) {
 }
 
 /* Word g of a token's aux for type qm, from its sixteen 16-quant sums bs: the chains' starts
- * (Q6_K: -32 x group g's sum), or the pair of 32-quant group sums the min pair g multiplies
- * (Q4_K, Q5_K). */
+ * (Q6_K -32 x group g's sum, IQ4_XS -128 x the 32-quant group g's), or the pair of 32-quant
+ * group sums the min pair g multiplies (Q4_K, Q5_K). */
 static int32_t xk_aux(int qm, const int16_t *bs, int g) {
     if (qm == TSR_QM_Q6_K) return -32 * bs[g];
+    if (qm == TSR_QM_IQ4_XS) return g < 8 ? -128 * (bs[2 * g] + bs[2 * g + 1]) : 0;
     return g < 4 ? xk_pair16(bs[4 * g] + bs[4 * g + 1], bs[4 * g + 2] + bs[4 * g + 3]) : 0;
 }
 
