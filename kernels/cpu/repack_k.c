@@ -1,4 +1,4 @@
-/* Row-interleaved K types (kernels_cpu.h "x16": Q4_K, Q5_K, Q6_K, IQ4_XS): repacking, the
+/* Row-interleaved K types (kernels_cpu.h "x16": Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): repacking, the
  * fast order's reference on file rows, and the scalar product over the packed layout
  * (repack_k_avx512.c gives the same bits with VNNI). repack.c routes them here. */
 #include "quants.h"
@@ -35,6 +35,12 @@ static const xk_field xk_q6_k_fields[XK_FIELDS + 1] = {
     {offsetof(tsr_block_q6_k, scales), TSR_QK_K / 16, 1, TSR_XK16_Q6_K_SCALES},
     {offsetof(tsr_block_q6_k, d), 2, 2, TSR_XK16_Q6_K_D},
 };
+static const xk_field xk_q3_k_fields[XK_FIELDS + 1] = {
+    {offsetof(tsr_block_q3_k, hmask), TSR_QK_K / 8, 4, 0},
+    {offsetof(tsr_block_q3_k, qs), TSR_QK_K / 4, 4, TSR_XK16_Q3_K_QS},
+    {offsetof(tsr_block_q3_k, scales), 12, 1, TSR_XK16_Q3_K_SCALES},
+    {offsetof(tsr_block_q3_k, d), 2, 2, TSR_XK16_Q3_K_D},
+};
 static const xk_field xk_iq4_xs_fields[XK_FIELDS + 1] = {
     {offsetof(tsr_block_iq4_xs, qs), TSR_QK_K / 2, 4, 0},
     {offsetof(tsr_block_iq4_xs, d), 2, 2, TSR_XK16_IQ4_XS_D},
@@ -44,6 +50,7 @@ static const xk_field xk_iq4_xs_fields[XK_FIELDS + 1] = {
 
 static const xk_field *xk_fields(int32_t wtype) {
     switch (wtype) {
+    case TSR_DTYPE_Q3_K: return xk_q3_k_fields;
     case TSR_DTYPE_Q4_K: return xk_q4_k_fields;
     case TSR_DTYPE_Q5_K: return xk_q5_k_fields;
     case TSR_DTYPE_IQ4_XS: return xk_iq4_xs_fields;
@@ -121,6 +128,7 @@ void tsr_xk16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
                             int64_t g1) {
     const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_K, n_in);
     union {
+        tsr_block_q3_k q3;
         tsr_block_q4_k q4;
         tsr_block_q5_k q5;
         tsr_block_q6_k q6;

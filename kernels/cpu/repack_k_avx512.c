@@ -1,15 +1,16 @@
 /* The x16 product of the K types with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16
  * tokens. A group's chunk of one super-block is unpacked a scale group at a time into
  * vectors of unsigned quants (Q4_K: 32 quants, eight vectors of nibbles; Q5_K the same with
- * their fifth bit; IQ4_XS: eight vectors of its levels plus 128; Q6_K: 16 quants, four
- * vectors of 6-bit values 0..63), then each token runs one vpdpbusd chain per scale group
+ * their fifth bit; IQ4_XS: eight vectors of its levels plus 128; Q6_K, Q3_K: 16 quants, four
+ * vectors of 6- or 3-bit values), then each token runs one vpdpbusd chain per scale group
  * against four-byte broadcasts of its activation quants, giving the 16 rows' group dots in
  * one register; one vpmulld by the rows' group scales adds it to the token's exact integer
- * sum of the super-block. An offset the quants carry (Q6_K 32, IQ4_XS 128) is taken back by
- * starting each chain from -offset x the group's activation sum; the mins (Q4_K, Q5_K) are
- * vpdpwssd of the rows' min pairs with the token's group sums. Per super-block and token:
- * one fma (and for the mins one fnmadd) in f32, the fast order of repack_k.c, so the values
- * are its bits. The type is a compile-time constant of every inlined step (qm, quants.h). */
+ * sum of the super-block. An offset the quants carry (Q6_K 32, Q3_K 4, IQ4_XS 128) is taken
+ * back by starting each chain from -offset x the group's activation sum; the mins (Q4_K,
+ * Q5_K) are vpdpwssd of the rows' min pairs with the token's group sums. Per super-block and
+ * token: one fma (and for the mins one fnmadd) in f32, the fast order of repack_k.c, so the
+ * values are its bits. The type is a compile-time constant of every inlined step (qm,
+ * quants.h). */
 #include "quants.h"
 #include "repack.h"
 
@@ -32,7 +33,7 @@ typedef struct xk_xblock {
 } xk_xblock;
 
 /* The K types' x16 kernels, each instantiated with its type as a constant. */
-#define XK_TYPES(X) X(TSR_QM_Q4_K) X(TSR_QM_Q5_K) X(TSR_QM_Q6_K) X(TSR_QM_IQ4_XS)
+#define XK_TYPES(X) X(TSR_QM_Q3_K) X(TSR_QM_Q4_K) X(TSR_QM_Q5_K) X(TSR_QM_Q6_K) X(TSR_QM_IQ4_XS)
 
 XK_INLINE size_t xk_chunk_bytes(const int qm) {
     return TSR_X16_ROWS * tsr_qm_block_bytes(qm);
@@ -40,9 +41,12 @@ XK_INLINE size_t xk_chunk_bytes(const int qm) {
 
 /* Where a chunk's 16 fp16 d lie. */
 XK_INLINE size_t xk_d_at(const int qm) {
-    return qm == TSR_QM_Q6_K     ? TSR_XK16_Q6_K_D
-           : qm == TSR_QM_IQ4_XS ? TSR_XK16_IQ4_XS_D
-                                 : TSR_XK16_Q4_K_D;
+    switch (qm) {
+    case TSR_QM_Q3_K: return TSR_XK16_Q3_K_D;
+    case TSR_QM_Q6_K: return TSR_XK16_Q6_K_D;
+    case TSR_QM_IQ4_XS: return TSR_XK16_IQ4_XS_D;
+    }
+    return TSR_XK16_Q4_K_D; /* Q4_K, Q5_K */
 }
 
 /* The vpdpwssd a token's mins take per super-block: pairs of groups (0: no mins). */
@@ -124,27 +128,66 @@ XK_INLINE void xk_q45_k(const int qm, const int nt, __m512i *isum, __m512i *mins
     for (int m = 0; m < 4; m++) mins[m] = xk_min_pair(mn[2 * m], mn[2 * m + 1]);
 }
 
-/* Q6_K: a chunk's integer sums. Quants 128 hf + 32 c + i: the low four bits from ql vector
- * 8 (2 hf + c % 2) + i / 4 (high nibbles for c >= 2), the top two from bits 2c of qh vector
- * 8 hf + i / 4. */
-XK_INLINE void xk_q6_k(const int nt, __m512i *isum, const uint8_t *c, const xk_xblock *xb) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+/* Q3_K: the sixteen signed group scales of 16 rows (tsr_q3k_scales' rule) as int8 planes:
+ * groups 0-7 take the low nibbles of planes 0-7, groups 8-15 their high nibbles, and group
+ * j's top two bits are bits 2 (j / 4) of plane 8 + j % 4. */
+XK_INLINE void xk_q3_k_scales(const uint8_t *c, uint8_t sc[16][TSR_X16_ROWS]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30),
+                  m32 = _mm512_set1_epi8(32);
+    const __m512i a = _mm512_loadu_si512(c + TSR_XK16_Q3_K_SCALES),       /* planes 0-3 */
+        b = _mm512_loadu_si512(c + TSR_XK16_Q3_K_SCALES + 64),             /* 4-7 */
+        p8 = _mm512_loadu_si512(c + TSR_XK16_Q3_K_SCALES + 128);           /* 8-11 */
+    const __m512i lo[4] = {_mm512_and_si512(a, m4), _mm512_and_si512(b, m4),
+                           _mm512_and_si512(_mm512_srli_epi16(a, 4), m4),
+                           _mm512_and_si512(_mm512_srli_epi16(b, 4), m4)};
+    const __m512i hi[4] = {_mm512_slli_epi16(p8, 4), _mm512_slli_epi16(p8, 2), p8,
+                           _mm512_srli_epi16(p8, 2)};
+    for (int i = 0; i < 4; i++) /* lo | (hi & 0x30), less 32 */
+        _mm512_storeu_si512(sc[4 * i],
+                            _mm512_sub_epi8(_mm512_ternarylogic_epi32(lo[i], hi[i], m30, 0xf8),
+                                            m32));
+}
+
+/* Q6_K and Q3_K (qm), sixteen groups of 16: a chunk's integer sums. Quants 128 hf + 32 c + i:
+ * Q6_K's low four bits from ql vector 8 (2 hf + c % 2) + i / 4 (high nibbles for c >= 2), its
+ * top two from bits 2c of qh vector 8 hf + i / 4; Q3_K's two bits from bits 2c of qs vector
+ * 8 hf + i / 4, and its third (its high bit, so the quant plus 4) from bit 4 hf + c of hmask
+ * vector i / 4. The offsets (Q6_K 32, Q3_K 4) are taken back by starting each chain from
+ * -offset x the group's activation sum. */
+XK_INLINE void xk_k16(const int qm, const int nt, __m512i *isum, const uint8_t *c,
+                      const xk_xblock *xb) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(3),
+                  m30 = _mm512_set1_epi8(0x30), m04 = _mm512_set1_epi8(4);
+    uint8_t sc[16][TSR_X16_ROWS];
+    if (qm == TSR_QM_Q3_K) xk_q3_k_scales(c, sc);
     for (int hf = 0; hf < 2; hf++)
         for (int q = 0; q < 4; q++) {
-            if (nt <= XK_PF_NT) xk_prefetch(c, TSR_XK16_Q6_K_D + 32, 4 * hf + q);
+            if (nt <= XK_PF_NT) xk_prefetch(c, xk_chunk_bytes(qm), 4 * hf + q);
             __m512i wv[8];
             for (int j = 0; j < 8; j++) {
-                __m512i l = _mm512_loadu_si512(c + 64 * (8 * (2 * hf + q % 2) + j));
-                __m512i h = _mm512_loadu_si512(c + TSR_XK16_Q6_K_QH + 64 * (8 * hf + j));
-                l = _mm512_and_si512(q >= 2 ? _mm512_srli_epi16(l, 4) : l, m4);
-                h = q == 3 ? _mm512_srli_epi16(h, 2) : q < 2 ? _mm512_slli_epi16(h, 4 - 2 * q) : h;
-                wv[j] = _mm512_ternarylogic_epi32(l, h, m30, 0xf8); /* l | (h & 0x30) */
+                if (qm == TSR_QM_Q6_K) {
+                    __m512i l = _mm512_loadu_si512(c + 64 * (8 * (2 * hf + q % 2) + j));
+                    __m512i h = _mm512_loadu_si512(c + TSR_XK16_Q6_K_QH + 64 * (8 * hf + j));
+                    l = _mm512_and_si512(q >= 2 ? _mm512_srli_epi16(l, 4) : l, m4);
+                    h = q == 3 ? _mm512_srli_epi16(h, 2)
+                        : q < 2 ? _mm512_slli_epi16(h, 4 - 2 * q)
+                                : h;
+                    wv[j] = _mm512_ternarylogic_epi32(l, h, m30, 0xf8); /* l | (h & 0x30) */
+                    continue;
+                }
+                const int bit = 4 * hf + q;
+                __m512i l = _mm512_loadu_si512(c + TSR_XK16_Q3_K_QS + 64 * (8 * hf + j));
+                __m512i h = _mm512_loadu_si512(c + 64 * j);
+                l = _mm512_and_si512(_mm512_srli_epi16(l, 2 * q), m3);
+                h = bit < 2 ? _mm512_slli_epi16(h, 2 - bit) : _mm512_srli_epi16(h, bit - 2);
+                wv[j] = _mm512_ternarylogic_epi32(l, h, m04, 0xf8); /* l | (h & 4) */
             }
             for (int s = 0; s < 2; s++) {
                 const int g = 8 * hf + 2 * q + s;
-                __m512i scales = _mm512_cvtepi8_epi32(
-                    _mm_loadu_si128((const __m128i *)(c + TSR_XK16_Q6_K_SCALES + 16 * g)));
-                xk_group(nt, 4, isum, wv + 4 * s, scales, xb, 16 * g, g);
+                const __m128i sc8 = _mm_loadu_si128(
+                    (const __m128i *)(qm == TSR_QM_Q6_K ? c + TSR_XK16_Q6_K_SCALES + 16 * g
+                                                        : sc[g]));
+                xk_group(nt, 4, isum, wv + 4 * s, _mm512_cvtepi8_epi32(sc8), xb, 16 * g, g);
             }
         }
 }
@@ -189,9 +232,9 @@ XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], 
                         const xk_xblock *xb) {
     __m512i isum[XK_TOK], mins[4];
     for (int t = 0; t < nt; t++) isum[t] = _mm512_setzero_si512();
-    if (qm == TSR_QM_Q6_K) xk_q6_k(nt, isum, c, xb);
+    if (qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K) xk_q45_k(qm, nt, isum, mins, c, xb);
     else if (qm == TSR_QM_IQ4_XS) xk_iq4_xs(nt, isum, c, xb);
-    else xk_q45_k(qm, nt, isum, mins, c, xb);
+    else xk_k16(qm, nt, isum, c, xb);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + xk_d_at(qm))));
     for (int t = 0; t < nt; t++) {
         const __m512 dx = _mm512_set1_ps(xb->d[t]);
@@ -264,11 +307,14 @@ static int32_t xk_pair16(int lo, int hi) {
 }
 
 /* Word g of a token's aux for type qm, from its sixteen 16-quant sums bs: the chains' starts
- * (Q6_K -32 x group g's sum, IQ4_XS -128 x the 32-quant group g's), or the pair of 32-quant
- * group sums the min pair g multiplies (Q4_K, Q5_K). */
+ * (Q3_K -4 and Q6_K -32 x group g's sum, IQ4_XS -128 x the 32-quant group g's), or the pair
+ * of 32-quant group sums the min pair g multiplies (Q4_K, Q5_K). */
 static int32_t xk_aux(int qm, const int16_t *bs, int g) {
-    if (qm == TSR_QM_Q6_K) return -32 * bs[g];
-    if (qm == TSR_QM_IQ4_XS) return g < 8 ? -128 * (bs[2 * g] + bs[2 * g + 1]) : 0;
+    switch (qm) {
+    case TSR_QM_Q3_K: return -4 * bs[g];
+    case TSR_QM_Q6_K: return -32 * bs[g];
+    case TSR_QM_IQ4_XS: return g < 8 ? -128 * (bs[2 * g] + bs[2 * g + 1]) : 0;
+    }
     return g < 4 ? xk_pair16(bs[4 * g] + bs[4 * g + 1], bs[4 * g + 2] + bs[4 * g + 3]) : 0;
 }
 
