@@ -522,7 +522,7 @@ END_TEST
 
 static const int32_t x16_types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K,
                                     TSR_DTYPE_Q6_K, TSR_DTYPE_Q5_K, TSR_DTYPE_IQ4_XS,
-                                    TSR_DTYPE_Q3_K};
+                                    TSR_DTYPE_Q3_K, TSR_DTYPE_Q2_K};
 #define X16_TYPES (int)(sizeof x16_types / sizeof *x16_types)
 
 /* The layout keeps every row: unpacking gives the file's blocks back, byte for byte. */
@@ -556,7 +556,8 @@ START_TEST(test_x16_pack_round_trip) {
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q5_K, 512, 48), 1);
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_IQ4_XS, 256, 16), 1);
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q3_K, 768, 64), 1);
-    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q3_K, 1024, 8), 0);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q2_K, 1024, 32), 1);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q2_K, 1024, 8), 0);
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q8_K, 256, 32), 0); /* another type */
     unsigned char buf[64];
     ck_assert_int_eq(tsr_x16_pack(buf, buf, TSR_DTYPE_Q8_0, 32, 8, 0, 1), TSR_E_INVALID);
@@ -722,7 +723,7 @@ END_TEST
  * thread or two) and 256 to 1024 inputs (one to four super-blocks). */
 START_TEST(test_xk16_shapes) {
     const int32_t types[] = {TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K, TSR_DTYPE_Q5_K,
-                             TSR_DTYPE_IQ4_XS, TSR_DTYPE_Q3_K};
+                             TSR_DTYPE_IQ4_XS, TSR_DTYPE_Q3_K, TSR_DTYPE_Q2_K};
     const int64_t max_tok = 20;
     tsr_cpu_level best = tsr_cpu_level_best();
     for (size_t i = 0; i < sizeof types / sizeof *types; i++)

@@ -1082,9 +1082,9 @@ END_TEST
  * order (their matrices repacked x16 at the avx512 level) against llama.cpp's order on the
  * same weights. Both add the same exact super-block products, in other f32 orders, so the
  * logits stay within a relative RMS of 1e-6 (measured: q5_k_m 1.3e-7, iq4_xs 7.9e-8, q3_k_m
- * 1.3e-7) and keep the greedy token at every position; below avx512 nothing is repacked and the two are the same bits. */
+ * 1.3e-7, q2_k 1.4e-7) and keep the greedy token at every position; below avx512 nothing is repacked and the two are the same bits. */
 START_TEST(gguf_fast_order_types_on_llama_tiny) {
-    static const char *const types[] = {"q5_k_m", "iq4_xs", "q3_k_m"};
+    static const char *const types[] = {"q5_k_m", "iq4_xs", "q3_k_m", "q2_k"};
     for (size_t k = 0; k < sizeof types / sizeof *types; k++) {
         char fast[96], ggml[96];
         snprintf(fast, sizeof fast, "{ plugin: gguf, type: %s }", types[k]);
@@ -1153,11 +1153,11 @@ static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_ou
 /* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's
  * own of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the
  * fast order's reference bits for a batch and for one token, whatever the pool. The
- * 256-element types (Q3_K..Q6_K, IQ4_XS) only at the avx512 level (TESSERA_CPU_LEVEL, which
+ * 256-element types (Q2_K..Q6_K, IQ4_XS) only at the avx512 level (TESSERA_CPU_LEVEL, which
  * the plugin's kernels read too): below it they stay the file's. */
 START_TEST(gguf_fast_order_repacks) {
     const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K,
-                             TSR_DTYPE_Q5_K, TSR_DTYPE_IQ4_XS, TSR_DTYPE_Q3_K};
+                             TSR_DTYPE_Q5_K, TSR_DTYPE_IQ4_XS, TSR_DTYPE_Q3_K, TSR_DTYPE_Q2_K};
     const int64_t n_in = 512, n_out = 48, n_tok = 11;
     for (size_t i = 0; i < sizeof types / sizeof *types; i++)
         for (int threads = 1; threads <= 2; threads++) {

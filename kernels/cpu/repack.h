@@ -26,12 +26,13 @@ int tsr_x16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, con
                         int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1);
 #endif
 
-/* The K types: Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS (repack_k.c). A group's super-block column
- * sb is one chunk of 16 file blocks' bytes; each field lies in it as lanes of every row side
- * by side: the quants (qs, ql, qh, hmask) four bytes per row and lane (vector v, lane r: bytes
- * 4v..4v+3 of row r), the fp16 scales (and IQ4_XS's scales_h) two bytes per row, the group
- * scales (Q3_K's, Q4_K's and Q5_K's twelve packed bytes, Q6_K's sixteen int8, IQ4_XS's four
- * scales_l) as planes of one byte per row. Chunk offsets of the fields: */
+/* The K types: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS (repack_k.c). A group's super-block
+ * column sb is one chunk of 16 file blocks' bytes; each field lies in it as lanes of every row
+ * side by side: the quants (qs, ql, qh, hmask) four bytes per row and lane (vector v, lane r:
+ * bytes 4v..4v+3 of row r), the fp16 scales (and IQ4_XS's scales_h) two bytes per row, the
+ * group scales (Q2_K's sixteen bytes, Q3_K's, Q4_K's and Q5_K's twelve packed bytes, Q6_K's
+ * sixteen int8, IQ4_XS's four scales_l) as planes of one byte per row. Chunk offsets of the
+ * fields: */
 #define TSR_XK16_Q4_K_D 2048      /* after the 32 vectors of qs; Q5_K's too */
 #define TSR_XK16_Q4_K_DMIN 2080
 #define TSR_XK16_Q4_K_SCALES 2112 /* 12 planes */
@@ -42,12 +43,16 @@ int tsr_x16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, con
 #define TSR_XK16_Q3_K_QS 512      /* after the 8 vectors of hmask; 16 vectors */
 #define TSR_XK16_Q3_K_SCALES 1536 /* 12 planes */
 #define TSR_XK16_Q3_K_D 1728
+#define TSR_XK16_Q2_K_SCALES 1024 /* after the 16 vectors of qs; 16 planes */
+#define TSR_XK16_Q2_K_D 1280
+#define TSR_XK16_Q2_K_DMIN 1312
 #define TSR_XK16_IQ4_XS_D 2048    /* after the 32 vectors of qs */
 #define TSR_XK16_IQ4_XS_SCALES_H 2080
 #define TSR_XK16_IQ4_XS_SCALES_L 2112 /* 4 planes */
 
 static inline int tsr_x16_is_k(int32_t wtype) {
     switch (wtype) {
+    case TSR_DTYPE_Q2_K:
     case TSR_DTYPE_Q3_K:
     case TSR_DTYPE_Q4_K:
     case TSR_DTYPE_Q5_K:

@@ -1,6 +1,6 @@
-/* Row-interleaved K types (kernels_cpu.h "x16": Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): repacking, the
- * fast order's reference on file rows, and the scalar product over the packed layout
- * (repack_k_avx512.c gives the same bits with VNNI). repack.c routes them here. */
+/* Row-interleaved K types (kernels_cpu.h "x16": Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS):
+ * repacking, the fast order's reference on file rows, and the scalar product over the packed
+ * layout (repack_k_avx512.c gives the same bits with VNNI). repack.c routes them here. */
 #include "quants.h"
 #include "repack.h"
 
@@ -41,6 +41,12 @@ static const xk_field xk_q3_k_fields[XK_FIELDS + 1] = {
     {offsetof(tsr_block_q3_k, scales), 12, 1, TSR_XK16_Q3_K_SCALES},
     {offsetof(tsr_block_q3_k, d), 2, 2, TSR_XK16_Q3_K_D},
 };
+static const xk_field xk_q2_k_fields[XK_FIELDS + 1] = {
+    {offsetof(tsr_block_q2_k, qs), TSR_QK_K / 4, 4, 0},
+    {offsetof(tsr_block_q2_k, scales), TSR_QK_K / 16, 1, TSR_XK16_Q2_K_SCALES},
+    {offsetof(tsr_block_q2_k, d), 2, 2, TSR_XK16_Q2_K_D},
+    {offsetof(tsr_block_q2_k, dmin), 2, 2, TSR_XK16_Q2_K_DMIN},
+};
 static const xk_field xk_iq4_xs_fields[XK_FIELDS + 1] = {
     {offsetof(tsr_block_iq4_xs, qs), TSR_QK_K / 2, 4, 0},
     {offsetof(tsr_block_iq4_xs, d), 2, 2, TSR_XK16_IQ4_XS_D},
@@ -50,6 +56,7 @@ static const xk_field xk_iq4_xs_fields[XK_FIELDS + 1] = {
 
 static const xk_field *xk_fields(int32_t wtype) {
     switch (wtype) {
+    case TSR_DTYPE_Q2_K: return xk_q2_k_fields;
     case TSR_DTYPE_Q3_K: return xk_q3_k_fields;
     case TSR_DTYPE_Q4_K: return xk_q4_k_fields;
     case TSR_DTYPE_Q5_K: return xk_q5_k_fields;
@@ -103,7 +110,7 @@ void tsr_xk16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, 
 }
 
 /* One step of the fast order: super-block w times activation block x, into acc. The integer
- * parts are quants_dot.c's (exact); the types with mins (Q4_K, Q5_K) take a second fma. */
+ * parts are quants_dot.c's (exact); the types with mins (Q2_K, Q4_K, Q5_K) take a second fma. */
 static float xk_fast_step(int32_t wtype, const void *w, const tsr_block_q8_k *x, float acc) {
     const int qm = tsr_quant_mm_index(wtype);
     int32_t isum, msum;
@@ -111,7 +118,9 @@ static float xk_fast_step(int32_t wtype, const void *w, const tsr_block_q8_k *x,
     tsr_qk_idot(qm, w, x, &isum, &msum);
     tsr_qk_block_scales(qm, w, &d, &dmin);
     acc = fmaf((float)isum, d * x->d, acc);
-    return qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K ? fmaf(-(float)msum, dmin * x->d, acc) : acc;
+    return qm == TSR_QM_Q2_K || qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K
+               ? fmaf(-(float)msum, dmin * x->d, acc)
+               : acc;
 }
 
 float tsr_xk16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void *xp) {
@@ -128,6 +137,7 @@ void tsr_xk16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
                             int64_t g1) {
     const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_K, n_in);
     union {
+        tsr_block_q2_k q2;
         tsr_block_q3_k q3;
         tsr_block_q4_k q4;
         tsr_block_q5_k q5;

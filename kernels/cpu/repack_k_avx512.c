@@ -1,16 +1,16 @@
 /* The x16 product of the K types with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16
  * tokens. A group's chunk of one super-block is unpacked a scale group at a time into
  * vectors of unsigned quants (Q4_K: 32 quants, eight vectors of nibbles; Q5_K the same with
- * their fifth bit; IQ4_XS: eight vectors of its levels plus 128; Q6_K, Q3_K: 16 quants, four
- * vectors of 6- or 3-bit values), then each token runs one vpdpbusd chain per scale group
- * against four-byte broadcasts of its activation quants, giving the 16 rows' group dots in
- * one register; one vpmulld by the rows' group scales adds it to the token's exact integer
- * sum of the super-block. An offset the quants carry (Q6_K 32, Q3_K 4, IQ4_XS 128) is taken
- * back by starting each chain from -offset x the group's activation sum; the mins (Q4_K,
- * Q5_K) are vpdpwssd of the rows' min pairs with the token's group sums. Per super-block and
- * token: one fma (and for the mins one fnmadd) in f32, the fast order of repack_k.c, so the
- * values are its bits. The type is a compile-time constant of every inlined step (qm,
- * quants.h). */
+ * their fifth bit; IQ4_XS: eight vectors of its levels plus 128; Q6_K, Q3_K, Q2_K: 16
+ * quants, four vectors of 6-, 3- or 2-bit values), then each token runs one vpdpbusd chain
+ * per scale group against four-byte broadcasts of its activation quants, giving the 16 rows'
+ * group dots in one register; one vpmulld by the rows' group scales adds it to the token's
+ * exact integer sum of the super-block. An offset the quants carry (Q6_K 32, Q3_K 4, IQ4_XS
+ * 128) is taken back by starting each chain from -offset x the group's activation sum; the
+ * mins (Q4_K, Q5_K, Q2_K) are vpdpwssd of the rows' min pairs with the token's group sums.
+ * Per super-block and token: one fma (and for the mins one fnmadd) in f32, the fast order of
+ * repack_k.c, so the values are its bits. The type is a compile-time constant of every
+ * inlined step (qm, quants.h). */
 #include "quants.h"
 #include "repack.h"
 
@@ -33,7 +33,8 @@ typedef struct xk_xblock {
 } xk_xblock;
 
 /* The K types' x16 kernels, each instantiated with its type as a constant. */
-#define XK_TYPES(X) X(TSR_QM_Q3_K) X(TSR_QM_Q4_K) X(TSR_QM_Q5_K) X(TSR_QM_Q6_K) X(TSR_QM_IQ4_XS)
+#define XK_TYPES(X)                                                                        \
+    X(TSR_QM_Q2_K) X(TSR_QM_Q3_K) X(TSR_QM_Q4_K) X(TSR_QM_Q5_K) X(TSR_QM_Q6_K) X(TSR_QM_IQ4_XS)
 
 XK_INLINE size_t xk_chunk_bytes(const int qm) {
     return TSR_X16_ROWS * tsr_qm_block_bytes(qm);
@@ -42,6 +43,7 @@ XK_INLINE size_t xk_chunk_bytes(const int qm) {
 /* Where a chunk's 16 fp16 d lie. */
 XK_INLINE size_t xk_d_at(const int qm) {
     switch (qm) {
+    case TSR_QM_Q2_K: return TSR_XK16_Q2_K_D;
     case TSR_QM_Q3_K: return TSR_XK16_Q3_K_D;
     case TSR_QM_Q6_K: return TSR_XK16_Q6_K_D;
     case TSR_QM_IQ4_XS: return TSR_XK16_IQ4_XS_D;
@@ -51,7 +53,7 @@ XK_INLINE size_t xk_d_at(const int qm) {
 
 /* The vpdpwssd a token's mins take per super-block: pairs of groups (0: no mins). */
 XK_INLINE int xk_min_pairs(const int qm) {
-    return qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K ? 4 : 0;
+    return qm == TSR_QM_Q2_K ? 8 : qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K ? 4 : 0;
 }
 
 XK_INLINE __m512i xk_bcast4(const int8_t *q) {
@@ -148,18 +150,25 @@ XK_INLINE void xk_q3_k_scales(const uint8_t *c, uint8_t sc[16][TSR_X16_ROWS]) {
                                             m32));
 }
 
-/* Q6_K and Q3_K (qm), sixteen groups of 16: a chunk's integer sums. Quants 128 hf + 32 c + i:
- * Q6_K's low four bits from ql vector 8 (2 hf + c % 2) + i / 4 (high nibbles for c >= 2), its
- * top two from bits 2c of qh vector 8 hf + i / 4; Q3_K's two bits from bits 2c of qs vector
- * 8 hf + i / 4, and its third (its high bit, so the quant plus 4) from bit 4 hf + c of hmask
- * vector i / 4. The offsets (Q6_K 32, Q3_K 4) are taken back by starting each chain from
- * -offset x the group's activation sum. */
-XK_INLINE void xk_k16(const int qm, const int nt, __m512i *isum, const uint8_t *c,
-                      const xk_xblock *xb) {
+/* Q6_K, Q3_K and Q2_K (qm), sixteen groups of 16: a chunk's integer sums. Quants
+ * 128 hf + 32 c + i: Q6_K's low four bits from ql vector 8 (2 hf + c % 2) + i / 4 (high
+ * nibbles for c >= 2), its top two from bits 2c of qh vector 8 hf + i / 4; Q3_K's and Q2_K's
+ * two bits from bits 2c of qs vector 8 hf + i / 4, and Q3_K's third (its high bit, so the
+ * quant plus 4) from bit 4 hf + c of hmask vector i / 4. The offsets (Q6_K 32, Q3_K 4) are
+ * taken back by starting each chain from -offset x the group's activation sum; Q2_K's mins
+ * are eight vpdpwssd of the rows' min pairs with the token's 16-quant sums. */
+XK_INLINE void xk_k16(const int qm, const int nt, __m512i *isum, __m512i *mins,
+                      const uint8_t *c, const xk_xblock *xb) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(3),
                   m30 = _mm512_set1_epi8(0x30), m04 = _mm512_set1_epi8(4);
-    uint8_t sc[16][TSR_X16_ROWS];
+    uint8_t sc[16][TSR_X16_ROWS], mn[16][TSR_X16_ROWS];
     if (qm == TSR_QM_Q3_K) xk_q3_k_scales(c, sc);
+    if (qm == TSR_QM_Q2_K)
+        for (int i = 0; i < 4; i++) { /* scale: low nibble, min: high nibble */
+            const __m512i p = _mm512_loadu_si512(c + TSR_XK16_Q2_K_SCALES + 64 * i);
+            _mm512_storeu_si512(sc[4 * i], _mm512_and_si512(p, m4));
+            _mm512_storeu_si512(mn[4 * i], _mm512_and_si512(_mm512_srli_epi16(p, 4), m4));
+        }
     for (int hf = 0; hf < 2; hf++)
         for (int q = 0; q < 4; q++) {
             if (nt <= XK_PF_NT) xk_prefetch(c, xk_chunk_bytes(qm), 4 * hf + q);
@@ -175,21 +184,29 @@ XK_INLINE void xk_k16(const int qm, const int nt, __m512i *isum, const uint8_t *
                     wv[j] = _mm512_ternarylogic_epi32(l, h, m30, 0xf8); /* l | (h & 0x30) */
                     continue;
                 }
-                const int bit = 4 * hf + q;
-                __m512i l = _mm512_loadu_si512(c + TSR_XK16_Q3_K_QS + 64 * (8 * hf + j));
-                __m512i h = _mm512_loadu_si512(c + 64 * j);
+                const int qs_at = qm == TSR_QM_Q3_K ? TSR_XK16_Q3_K_QS : 0;
+                __m512i l = _mm512_loadu_si512(c + qs_at + 64 * (8 * hf + j));
                 l = _mm512_and_si512(_mm512_srli_epi16(l, 2 * q), m3);
-                h = bit < 2 ? _mm512_slli_epi16(h, 2 - bit) : _mm512_srli_epi16(h, bit - 2);
-                wv[j] = _mm512_ternarylogic_epi32(l, h, m04, 0xf8); /* l | (h & 4) */
+                if (qm == TSR_QM_Q3_K) {
+                    const int bit = 4 * hf + q;
+                    __m512i h = _mm512_loadu_si512(c + 64 * j);
+                    h = bit < 2 ? _mm512_slli_epi16(h, 2 - bit) : _mm512_srli_epi16(h, bit - 2);
+                    l = _mm512_ternarylogic_epi32(l, h, m04, 0xf8); /* l | (h & 4) */
+                }
+                wv[j] = l;
             }
             for (int s = 0; s < 2; s++) {
                 const int g = 8 * hf + 2 * q + s;
                 const __m128i sc8 = _mm_loadu_si128(
                     (const __m128i *)(qm == TSR_QM_Q6_K ? c + TSR_XK16_Q6_K_SCALES + 16 * g
                                                         : sc[g]));
-                xk_group(nt, 4, isum, wv + 4 * s, _mm512_cvtepi8_epi32(sc8), xb, 16 * g, g);
+                const __m512i scales = qm == TSR_QM_Q2_K ? _mm512_cvtepu8_epi32(sc8)
+                                                         : _mm512_cvtepi8_epi32(sc8);
+                xk_group(nt, 4, isum, wv + 4 * s, scales, xb, 16 * g, qm == TSR_QM_Q2_K ? -1 : g);
             }
         }
+    if (qm == TSR_QM_Q2_K)
+        for (int m = 0; m < 8; m++) mins[m] = xk_min_pair(mn[2 * m], mn[2 * m + 1]);
 }
 
 /* IQ4_XS: a chunk's integer sums. Group g's quants are the nibbles of qs vectors 4g..4g+3
@@ -230,11 +247,11 @@ XK_INLINE void xk_iq4_xs(const int nt, __m512i *isum, const uint8_t *c, const xk
  * super-block's step of the fast order. */
 XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], const uint8_t *c,
                         const xk_xblock *xb) {
-    __m512i isum[XK_TOK], mins[4];
+    __m512i isum[XK_TOK], mins[8];
     for (int t = 0; t < nt; t++) isum[t] = _mm512_setzero_si512();
     if (qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K) xk_q45_k(qm, nt, isum, mins, c, xb);
     else if (qm == TSR_QM_IQ4_XS) xk_iq4_xs(nt, isum, c, xb);
-    else xk_k16(qm, nt, isum, c, xb);
+    else xk_k16(qm, nt, isum, mins, c, xb);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + xk_d_at(qm))));
     for (int t = 0; t < nt; t++) {
         const __m512 dx = _mm512_set1_ps(xb->d[t]);
@@ -244,8 +261,9 @@ XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], 
             __m512i m = _mm512_setzero_si512();
             for (int k = 0; k < xk_min_pairs(qm); k++)
                 m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t][k]));
-            const __m512 dmin = _mm512_cvtph_ps(
-                _mm256_loadu_si256((const __m256i *)(c + TSR_XK16_Q4_K_DMIN)));
+            const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(
+                (const __m256i *)(c + (qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN
+                                                         : TSR_XK16_Q4_K_DMIN))));
             a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
         }
         _mm512_store_ps(acc[t], a);
@@ -307,10 +325,11 @@ static int32_t xk_pair16(int lo, int hi) {
 }
 
 /* Word g of a token's aux for type qm, from its sixteen 16-quant sums bs: the chains' starts
- * (Q3_K -4 and Q6_K -32 x group g's sum, IQ4_XS -128 x the 32-quant group g's), or the pair
- * of 32-quant group sums the min pair g multiplies (Q4_K, Q5_K). */
+ * (Q3_K -4 and Q6_K -32 x group g's sum, IQ4_XS -128 x the 32-quant group g's), or the pair of
+ * sums the min pair g multiplies (Q2_K groups 2g, 2g + 1; Q4_K, Q5_K their 32-quant groups). */
 static int32_t xk_aux(int qm, const int16_t *bs, int g) {
     switch (qm) {
+    case TSR_QM_Q2_K: return g < 8 ? xk_pair16(bs[2 * g], bs[2 * g + 1]) : 0;
     case TSR_QM_Q3_K: return -4 * bs[g];
     case TSR_QM_Q6_K: return -32 * bs[g];
     case TSR_QM_IQ4_XS: return g < 8 ? -128 * (bs[2 * g] + bs[2 * g + 1]) : 0;

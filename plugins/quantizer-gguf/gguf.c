@@ -7,12 +7,12 @@
  * "_m"/"_s" mix get more bits, and which fallback a row too short for 256-element blocks gets.
  *
  * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0, Q8_0 and (at the
- * avx512 level) Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS matrices (kept or converted) are repacked at
- * load into the kernels' row-interleaved x16 layout, a type of this plugin's own that it
- * multiplies itself (tsr_x16_matmul: activations quantized to Q8_0, or Q8_K for the 256-element
- * types, once per product, the fast order); the file's bytes are then no longer read. With
- * `ggml` every type stays the backend's to multiply in llama.cpp's order, which the parity
- * tests against llama.cpp's logits need.
+ * avx512 level) Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS matrices (kept or converted) are
+ * repacked at load into the kernels' row-interleaved x16 layout, a type of this plugin's own
+ * that it multiplies itself (tsr_x16_matmul: activations quantized to Q8_0, or Q8_K for the
+ * 256-element types, once per product, the fast order); the file's bytes are then no longer
+ * read. With `ggml` every type stays the backend's to multiply in llama.cpp's order, which the
+ * parity tests against llama.cpp's logits need.
  */
 #include <tessera/kernels_cpu.h>
 #include <tessera/sdk.h>
@@ -47,7 +47,7 @@ static const tsr_param_def gguf_params[] = {
             "(llama.cpp's recipes for the _s/_m mixes)"},
     {TSR_SIZED(tsr_param_def), .name = "order", .type = TSR_PARAM_ENUM, .default_value = "fast",
      .min = 1, .max = 0, .choices = order_choices,
-     .doc = "fast: on the cpu backend, Q4_0, Q8_0 and (avx512) Q3_K..Q6_K and IQ4_XS "
+     .doc = "fast: on the cpu backend, Q4_0, Q8_0 and (avx512) Q2_K..Q6_K and IQ4_XS "
             "matrices repacked at load into 16-row interleaved tiles and multiplied here in the "
             "fast order; ggml: every matrix left to the backend, in llama.cpp's order "
             "(bit-exact parity)"},
@@ -61,6 +61,7 @@ static const tsr_param_def gguf_params[] = {
 #define GGUF_DTYPE_Q5_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x170)
 #define GGUF_DTYPE_IQ4_XS_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x171)
 #define GGUF_DTYPE_Q3_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x172)
+#define GGUF_DTYPE_Q2_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x173)
 
 typedef struct gguf_quantizer {
     const tsr_host *host;
@@ -81,6 +82,7 @@ static int32_t x16_base(int32_t dtype) {
     case GGUF_DTYPE_Q5_K_X16: return TSR_DTYPE_Q5_K;
     case GGUF_DTYPE_IQ4_XS_X16: return TSR_DTYPE_IQ4_XS;
     case GGUF_DTYPE_Q3_K_X16: return TSR_DTYPE_Q3_K;
+    case GGUF_DTYPE_Q2_K_X16: return TSR_DTYPE_Q2_K;
     }
     return -1;
 }
@@ -94,6 +96,7 @@ static int32_t x16_type(int32_t base) {
     case TSR_DTYPE_Q5_K: return GGUF_DTYPE_Q5_K_X16;
     case TSR_DTYPE_IQ4_XS: return GGUF_DTYPE_IQ4_XS_X16;
     case TSR_DTYPE_Q3_K: return GGUF_DTYPE_Q3_K_X16;
+    case TSR_DTYPE_Q2_K: return GGUF_DTYPE_Q2_K_X16;
     }
     return GGUF_DTYPE_Q6_K_X16;
 }

@@ -136,7 +136,7 @@ float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
 /* as 512-bit vectors whose 32-bit lane r is four quants of row r (Q4_0: vector j <- bytes    */
 /* 4j..4j+3 of each row's qs, low nibbles elements 4j.., high ones 16 + 4j..; Q8_0: vector k  */
 /* <- quants 4k..4k+3 + 128, as unsigned bytes), the nb tiles of a group first and then its   */
-/* nb x 16 fp16 scales. Q3_K..Q6_K, IQ4_XS: one chunk per super-block column, each field of  */
+/* nb x 16 fp16 scales. Q2_K..Q6_K, IQ4_XS: one chunk per super-block column, each field of  */
 /* the 16 file blocks with the rows side by side (qs, ql, qh, hmask: vector v lane r <- bytes */
 /* 4v..4v+3 of row r; d, dmin: 16 fp16; the group scales as byte planes, plane p byte r <-    */
 /* byte p of row r's scales), kernels/README.md. A group takes 16 file rows' bytes, so the    */
@@ -144,14 +144,14 @@ float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
 /*                                                                                           */
 /* The fast order: a (row, token) value is acc = fmaf((float)isum_b, dw_b * dx_b, acc) over   */
 /* blocks b = 0.. in order, from 0, with isum_b the block's exact integer dot and dw_b, dx_b  */
-/* the scales as f32; the blocks with mins (Q4_K, Q5_K) then add                             */
+/* the scales as f32; the blocks with mins (Q2_K, Q4_K, Q5_K) then add                       */
 /* acc = fmaf(-(float)msum_b, dmin_b * dx_b, acc), msum_b the exact sum of group mins times  */
 /* activation group sums. One f32 chain per pair, so a value never depends on the tile, the   */
 /* thread slice or n_tok; it is not llama.cpp's order (kernels/README.md).                   */
 
 #define TSR_X16_ROWS 16
 
-/* 1 when a (n_out, n_in) matrix of `wtype` can be repacked: Q4_0, Q8_0, Q3_K..Q6_K or IQ4_XS,
+/* 1 when a (n_out, n_in) matrix of `wtype` can be repacked: Q4_0, Q8_0, Q2_K..Q6_K or IQ4_XS,
  * whole blocks, rows a multiple of 16. */
 int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out);
 
