@@ -27,8 +27,9 @@ static const char *const greedy_yaml =
     "cache: { plugin: full }\ndecoder: { plugin: greedy }\n";
 
 /* greedy_yaml with another attention plugin; 'ggml', the parity path, also takes llama.cpp's
- * order for the Q4_0, Q8_0, Q4_K and Q6_K products (the gguf quantizer's `order: ggml`), where
- * the default pipeline repacks them and adds in the fast order (kernels/README.md). */
+ * order for the products of the types the gguf quantizer repacks (Q4_0, Q8_0 and, at avx512,
+ * Q2_K..Q6_K and IQ4_XS; its `order: ggml`), where the default pipeline repacks them and adds
+ * in the fast order (kernels/README.md). */
 static const char *attention_yaml(char *buf, size_t size, const char *attention) {
     snprintf(buf, size,
              "tessera: 1\nbackend: { plugin: cpu, threads: 1 }\nattention: { plugin: %s }\n"
