@@ -110,7 +110,9 @@ static void x16_prepare_x(x16_xblock *xb, const void *xp, size_t x_stride, int64
  * is how fast they stream in. Two groups are read side by side, group g with group g + h of
  * the slice (h half its groups, rounded up; with an odd count the first half's last group
  * goes alone), so that each is the next group of a sequential stream, as tsr_stream_row_pairs
- * does for file rows, each stream prefetched TSR_STREAM_PREFETCH bytes ahead. Per block and
+ * does for file rows. Q4_0's streams are prefetched TSR_STREAM_PREFETCH bytes ahead into L2
+ * (T1: 1.09-1.12x the decode of T0's, which was no better than none); Q8_0's are not (the
+ * hardware's prefetch alone read 1.07-1.20x faster than with T0 or T1). Per block and
  * group the tile's eight vectors feed two chains of four vpdpbusd (the Q4_0 low nibbles as
  * stored masked, the high ones masked in place, 16 x their value, shifted back once per
  * block), so that no product waits on a long chain; the values are the tile's, bit for bit. */
@@ -154,9 +156,11 @@ X16_INLINE void x16_decode_pair(const int q4, const int nt, float *y, int64_t ld
         for (int s = 0; s < 2; s++) {
             const uint8_t *p = tiles[s] + (size_t)b * tile;
             const uint16_t *sc = (const uint16_t *)(tiles[s] + scales_at) + TSR_X16_ROWS * b;
-            for (size_t o = 0; o < tile; o += 64)
-                _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
-            if (!(b & 1)) _mm_prefetch((const char *)sc + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            if (q4) {
+                for (size_t o = 0; o < tile; o += 64)
+                    _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T1);
+                if (!(b & 1)) _mm_prefetch((const char *)sc + TSR_STREAM_PREFETCH, _MM_HINT_T1);
+            }
             __m512i wv[8];
             if (q4)
                 for (int j = 0; j < 4; j++) {
