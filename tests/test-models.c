@@ -27,7 +27,7 @@ static const char *const greedy_yaml =
     "cache: { plugin: full }\ndecoder: { plugin: greedy }\n";
 
 /* greedy_yaml with another attention plugin; 'ggml', the parity path, also takes llama.cpp's
- * order for the Q4_0, Q8_0, Q4_K and Q6_K products (the gguf quantizer's `order: ggml`), where
+ * order for the products of the types x16 takes (the gguf quantizer's `order: ggml`), where
  * the default pipeline repacks them and adds in the fast order (kernels/README.md). */
 static const char *attention_yaml(char *buf, size_t size, const char *attention) {
     snprintf(buf, size,

@@ -1101,7 +1101,7 @@ START_TEST(per_layer_mix) {
 }
 END_TEST
 
-/* ---- gguf: the fast order's repacked Q4_0 / Q8_0 / Q4_K / Q6_K ------------------------------ */
+/* ---- gguf: the fast order's repacked types ------------------------------------------------- */
 
 /* `role` of a (n_out, n_in) matrix of `type` (random blocks, sane scales) through gguf. */
 static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_out,
@@ -1128,9 +1128,10 @@ static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_ou
  * at the avx512 level (TESSERA_CPU_LEVEL, which the plugin's kernels read too): below it they
  * stay the file's. */
 START_TEST(gguf_fast_order_repacks) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K};
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q4_1, TSR_DTYPE_Q5_0, TSR_DTYPE_Q5_1,
+                             TSR_DTYPE_Q8_0, TSR_DTYPE_IQ4_NL, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K};
     const int64_t n_in = 512, n_out = 48, n_tok = 11;
-    for (int i = 0; i < 4; i++)
+    for (size_t i = 0; i < sizeof types / sizeof *types; i++)
         for (int threads = 1; threads <= 2; threads++) {
             qz q;
             qz_open_for(&q, "{ plugin: gguf }", threads, "cpu");

@@ -6,10 +6,11 @@
  * when `tessera quantize` writes a file), following llama.cpp's recipes: which tensors of a
  * "_m"/"_s" mix get more bits, and which fallback a row too short for 256-element blocks gets.
  *
- * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0, Q8_0 and (at the
- * avx512 level) Q4_K and Q6_K matrices (kept or converted) are repacked at load into the kernels' row-interleaved x16
- * layout, a type of this plugin's own that it multiplies itself (tsr_x16_matmul: activations
- * quantized to Q8_0, or Q8_K for the K types, once per product, the fast order); the file's
+ * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0, IQ4_NL and (at the avx512 level) Q4_K and Q6_K matrices (kept or converted) are
+ * repacked at load into the kernels' row-interleaved x16 layout, a type of this plugin's own
+ * that it multiplies itself (tsr_x16_matmul: activations quantized to Q8_0, Q8_1 for Q4_1 and
+ * Q5_1, or Q8_K for the K types, once per product, the fast order); the file's
  * bytes are then no longer read. With
  * `ggml` every type stays the backend's to multiply in llama.cpp's order, which the parity
  * tests against llama.cpp's logits need.
@@ -47,7 +48,8 @@ static const tsr_param_def gguf_params[] = {
             "(llama.cpp's recipes for the _s/_m mixes)"},
     {TSR_SIZED(tsr_param_def), .name = "order", .type = TSR_PARAM_ENUM, .default_value = "fast",
      .min = 1, .max = 0, .choices = order_choices,
-     .doc = "fast: on the cpu backend, Q4_0, Q8_0, Q4_K and Q6_K matrices repacked at load "
+     .doc = "fast: on the cpu backend, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K and Q6_K "
+            "matrices repacked at load "
             "into 16-row interleaved tiles and multiplied here in the fast order; ggml: every "
             "matrix left to the backend, in llama.cpp's order (bit-exact parity)"},
 };
@@ -57,6 +59,10 @@ static const tsr_param_def gguf_params[] = {
 #define GGUF_DTYPE_Q8_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x161)
 #define GGUF_DTYPE_Q4_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x162)
 #define GGUF_DTYPE_Q6_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x163)
+#define GGUF_DTYPE_Q4_1_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x168)
+#define GGUF_DTYPE_Q5_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x169)
+#define GGUF_DTYPE_Q5_1_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x16a)
+#define GGUF_DTYPE_IQ4_NL_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x16b)
 
 typedef struct gguf_quantizer {
     const tsr_host *host;
@@ -74,6 +80,10 @@ static int32_t x16_base(int32_t dtype) {
     case GGUF_DTYPE_Q8_0_X16: return TSR_DTYPE_Q8_0;
     case GGUF_DTYPE_Q4_K_X16: return TSR_DTYPE_Q4_K;
     case GGUF_DTYPE_Q6_K_X16: return TSR_DTYPE_Q6_K;
+    case GGUF_DTYPE_Q4_1_X16: return TSR_DTYPE_Q4_1;
+    case GGUF_DTYPE_Q5_0_X16: return TSR_DTYPE_Q5_0;
+    case GGUF_DTYPE_Q5_1_X16: return TSR_DTYPE_Q5_1;
+    case GGUF_DTYPE_IQ4_NL_X16: return TSR_DTYPE_IQ4_NL;
     }
     return -1;
 }
@@ -84,6 +94,10 @@ static int32_t x16_type(int32_t base) {
     case TSR_DTYPE_Q4_0: return GGUF_DTYPE_Q4_0_X16;
     case TSR_DTYPE_Q8_0: return GGUF_DTYPE_Q8_0_X16;
     case TSR_DTYPE_Q4_K: return GGUF_DTYPE_Q4_K_X16;
+    case TSR_DTYPE_Q4_1: return GGUF_DTYPE_Q4_1_X16;
+    case TSR_DTYPE_Q5_0: return GGUF_DTYPE_Q5_0_X16;
+    case TSR_DTYPE_Q5_1: return GGUF_DTYPE_Q5_1_X16;
+    case TSR_DTYPE_IQ4_NL: return GGUF_DTYPE_IQ4_NL_X16;
     }
     return GGUF_DTYPE_Q6_K_X16;
 }
@@ -335,7 +349,7 @@ static void repack_groups(void *arg, int ith, int nth) {
                        n_groups * ith / nth, n_groups * (ith + 1) / nth);
 }
 
-/* The fast order's layout for a prepared Q4_0 / Q8_0 / Q4_K / Q6_K matrix the products read:
+/* The fast order's layout for a prepared matrix of a type tsr_x16_supported takes:
  * a copy in x16 tiles replaces it (a converted matrix is freed; a kept one stays in the file's
  * mapping, unread). The embeddings' rows are read by get_rows in the file's layout: not repacked. Nor
  * are a mixture's routed experts: a router may read them from the file on demand and let their
@@ -377,7 +391,7 @@ typedef struct x16_job {
     float *y;
     const tsr_tensor *w;
     int32_t wtype; /* the GGUF type the tiles hold */
-    int32_t act;   /* its activations' type: Q8_0 or Q8_K */
+    int32_t act;   /* its activations' type: Q8_0, Q8_1 or Q8_K */
     void *xp;      /* (n, act row bytes) */
     const float *x;
     int64_t n;

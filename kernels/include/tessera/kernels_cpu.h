@@ -130,13 +130,15 @@ tsr_status tsr_matmul(float *y,           // (n_tok, ldy), columns [0, n_out) wr
 float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
 
 /* ---------------------------------------------------------------------------------------- */
-/* Row-interleaved Q4_0, Q8_0, Q4_K and Q6_K ("x16") in the fast order                      */
+/* Row-interleaved Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q6_K ("x16"), the fast order   */
 /*                                                                                           */
 /* A layout for prefill's GEMM: each group of 16 rows holds, for block column b, its quants   */
-/* as 512-bit vectors whose 32-bit lane r is four quants of row r (Q4_0: vector j <- bytes    */
-/* 4j..4j+3 of each row's qs, low nibbles elements 4j.., high ones 16 + 4j..; Q8_0: vector k  */
-/* <- quants 4k..4k+3 + 128, as unsigned bytes), the nb tiles of a group first and then its   */
-/* nb x 16 fp16 scales. Q4_K / Q6_K: one chunk per super-block column, each field of the 16   */
+/* as 512-bit vectors whose 32-bit lane r is four quants of row r (the 4-bit types: vector j  */
+/* <- bytes 4j..4j+3 of each row's qs, low nibbles elements 4j.., high ones 16 + 4j..; Q5_0,  */
+/* Q5_1: then one vector of the rows' fifth bits, reordered so that bit k of byte i is the    */
+/* fifth bit of element 4k + i; Q8_0: vector k <- quants 4k..4k+3 + 128, as unsigned bytes),  */
+/* the nb tiles of a group first and then per block its 16 fp16 scales (Q4_1, Q5_1: and 16    */
+/* fp16 minimums). Q4_K / Q6_K: one chunk per super-block column, each field of the 16        */
 /* file blocks with the rows side by side (qs, ql, qh: vector v lane r <- bytes 4v..4v+3 of   */
 /* row r; d, dmin: 16 fp16; the group scales as byte planes, plane p byte r <- byte p of row  */
 /* r's scales), kernels/README.md. A group takes 16 file rows' bytes, so the matrix keeps its */
@@ -144,20 +146,21 @@ float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
 /*                                                                                           */
 /* The fast order: a (row, token) value is acc = fmaf((float)isum_b, dw_b * dx_b, acc) over   */
 /* blocks b = 0.. in order, from 0, with isum_b the block's exact integer dot and dw_b, dx_b  */
-/* the scales as f32; Q4_K's blocks then add acc = fmaf(-(float)msum_b, dmin_b * dx_b, acc),  */
-/* msum_b the exact sum of group mins times activation group sums. One f32 chain per pair, so */
-/* a value never depends on the tile, the thread slice or n_tok; it is not llama.cpp's order  */
-/* (kernels/README.md).                                                                      */
+/* the scales as f32; Q4_1 and Q5_1 blocks then add acc = fmaf(m_b, s_b, acc), m_b the        */
+/* block's minimum and s_b its Q8_1 activation block's s; Q4_K's blocks add                   */
+/* acc = fmaf(-(float)msum_b, dmin_b * dx_b, acc), msum_b the exact sum of group mins times   */
+/* activation group sums. One f32 chain per pair, so a value never depends on the tile, the   */
+/* thread slice or n_tok; it is not llama.cpp's order (kernels/README.md).                   */
 
 #define TSR_X16_ROWS 16
 
-/* 1 when a (n_out, n_in) matrix of `wtype` can be repacked: Q4_0, Q8_0, Q4_K or Q6_K, whole
- * blocks, rows a multiple of 16. */
+/* 1 when a (n_out, n_in) matrix of `wtype` can be repacked: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+ * IQ4_NL, Q4_K or Q6_K, whole blocks, rows a multiple of 16. */
 int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out);
 
-/* 1 when repacking `wtype` pays at the running level: Q4_0 and Q8_0 at every level (their x16
- * product is never slower than the file rows'), Q4_K and Q6_K only where their AVX-512 kernel
- * runs (below it the file rows' tiles beat the x16 scalar loop). */
+/* 1 when repacking `wtype` pays at the running level: the 32-element types at every level
+ * (their x16 product is never slower than the file rows'), Q4_K and Q6_K only where their
+ * AVX-512 kernel runs (below it the file rows' tiles beat the x16 scalar loop). */
 int tsr_x16_repack_pays(int32_t wtype);
 
 /* Repacks the file rows of groups [g0, g1) (16 rows each) of src into dst, both
@@ -170,9 +173,9 @@ tsr_status tsr_x16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in,
 void tsr_x16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, int64_t row);
 
 /* tsr_matmul for a repacked matrix (activations of tsr_matmul_act_type(wtype) from
- * tsr_matmul_prepare: Q8_0, or Q8_K for the K types), in the fast order; slices rows in
- * groups of 16. TSR_E_INVALID as tsr_x16_supported, TSR_E_NOMEM when the kernel could not get
- * its scratch memory. */
+ * tsr_matmul_prepare: Q8_0, Q8_1 for Q4_1 and Q5_1, or Q8_K for the K types), in the fast
+ * order; slices rows in groups of 16. TSR_E_INVALID as tsr_x16_supported, TSR_E_NOMEM when
+ * the kernel could not get its scratch memory. */
 tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                           int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
 
