@@ -634,6 +634,18 @@ START_TEST(test_panel_slices_and_batches) {
 }
 END_TEST
 
+/* F16 through the panels at every level; BF16 only where the tiles lack vdpbf16ps. */
+START_TEST(test_panel_pays) {
+    for (int l = 0; l <= (int)tsr_cpu_level_best(); l++) {
+        use_level(l);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_F16), 1);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_BF16), l != TSR_CPU_LEVEL_AVX512);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_F32), 0);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_Q8_0), 0);
+    }
+}
+END_TEST
+
 START_TEST(test_panel_errors) {
     float y[32] = {0}, xp[64] = {0};
     uint16_t w[64] = {0};
@@ -965,6 +977,7 @@ static Suite *kernels_suite(void) {
     ADD(test_panel_reference);
     ADD(test_panel_prepare_layout);
     ADD(test_panel_errors);
+    ADD(test_panel_pays);
     ADD(test_rms_norm);
     ADD(test_softmax);
     ADD(test_expf);

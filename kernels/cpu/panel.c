@@ -23,6 +23,11 @@ static float rounded(int32_t wtype, float x) {
                                   : tsr_bf16_to_fp32(tsr_fp32_to_bf16(x));
 }
 
+int tsr_panel_pays(int32_t wtype) {
+    return wtype == TSR_DTYPE_F16 ||
+           (wtype == TSR_DTYPE_BF16 && tsr_cpu_level_get() != TSR_CPU_LEVEL_AVX512);
+}
+
 size_t tsr_panel_act_bytes(int64_t n_tok, int64_t n_in) {
     int64_t blocks = (n_tok + TSR_PANEL_TOK - 1) / TSR_PANEL_TOK;
     return (size_t)blocks * TSR_PANEL_TOK * (size_t)n_in * sizeof(float);

@@ -51,49 +51,55 @@ static void build(float *p, const char *w, size_t w_stride, int32_t wtype, int n
     tsr_panel_build_range(p, w, w_stride, wtype, n_r, k0, k, kn);
 }
 
-/* Rows past n_r (the matrix's last block) go through a copy: AVX2 has no masked 32-bit
- * loads and stores that would be simpler. */
-TSR_INLINE void tile_t(float *y, int64_t ldy, const float *p, const float *x, int64_t kn,
-                       int n_r, int first, const int T) {
-    float part[TILE_TOKS][TSR_PANEL_ROWS];
-    float *out[TILE_TOKS];
-    __m256 lo[TILE_TOKS], hi[TILE_TOKS];
-    for (int t = 0; t < T; t++) {
-        out[t] = y + t * ldy;
-        if (n_r < TSR_PANEL_ROWS) {
-            memset(part[t], 0, sizeof part[t]);
-            if (!first) memcpy(part[t], out[t], (size_t)n_r * sizeof(float));
-            out[t] = part[t];
-        }
-        lo[t] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out[t]);
-        hi[t] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out[t] + 8);
+/* Named accumulators rather than an array, which GCC kept in memory as well as in registers
+ * (a store of each per element); the T - 1 >= t tests vanish in each instantiation. */
+#define PANEL_ACC(t)                                                                            \
+    __m256 lo##t = _mm256_setzero_ps(), hi##t = _mm256_setzero_ps();                           \
+    if (T > t && !first) {                                                                      \
+        lo##t = _mm256_maskload_ps(y + t * ldy, rows_lo);                                       \
+        hi##t = _mm256_maskload_ps(y + t * ldy + 8, rows_hi);                                   \
     }
+#define PANEL_FMA(t)                                                                            \
+    if (T > t) {                                                                                \
+        const __m256 xv = _mm256_broadcast_ss(xk + t);                                          \
+        lo##t = _mm256_fmadd_ps(w0, xv, lo##t);                                                 \
+        hi##t = _mm256_fmadd_ps(w1, xv, hi##t);                                                 \
+    }
+#define PANEL_STORE(t)                                                                          \
+    if (T > t) {                                                                                \
+        _mm256_maskstore_ps(y + t * ldy, rows_lo, lo##t);                                       \
+        _mm256_maskstore_ps(y + t * ldy + 8, rows_hi, hi##t);                                   \
+    }
+
+TSR_INLINE void tile_t(float *y, int64_t ldy, const float *p, const float *x, int64_t kn,
+                       __m256i rows_lo, __m256i rows_hi, int first, const int T) {
+    PANEL_ACC(0) PANEL_ACC(1) PANEL_ACC(2) PANEL_ACC(3) PANEL_ACC(4) PANEL_ACC(5)
     for (int64_t k = 0; k < kn; k++) {
         const __m256 w0 = _mm256_load_ps(p + k * TSR_PANEL_ROWS);
         const __m256 w1 = _mm256_load_ps(p + k * TSR_PANEL_ROWS + 8);
         const float *xk = x + k * TSR_PANEL_TOK;
-        for (int t = 0; t < T; t++) {
-            const __m256 xv = _mm256_broadcast_ss(xk + t);
-            lo[t] = _mm256_fmadd_ps(w0, xv, lo[t]);
-            hi[t] = _mm256_fmadd_ps(w1, xv, hi[t]);
-        }
+        PANEL_FMA(0) PANEL_FMA(1) PANEL_FMA(2) PANEL_FMA(3) PANEL_FMA(4) PANEL_FMA(5)
     }
-    for (int t = 0; t < T; t++) {
-        _mm256_storeu_ps(out[t], lo[t]);
-        _mm256_storeu_ps(out[t] + 8, hi[t]);
-        if (n_r < TSR_PANEL_ROWS) memcpy(y + t * ldy, part[t], (size_t)n_r * sizeof(float));
-    }
+    PANEL_STORE(0) PANEL_STORE(1) PANEL_STORE(2) PANEL_STORE(3) PANEL_STORE(4) PANEL_STORE(5)
 }
+#undef PANEL_ACC
+#undef PANEL_FMA
+#undef PANEL_STORE
 
+/* The rows of the block (n_r of 16) as two lane masks: the last block's others are neither
+ * read nor written. */
 static void tile(float *y, int64_t ldy, const float *p, const float *x, int64_t kn, int n_r,
                  int n_t, int first) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_r), lane);
+    const __m256i hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_r - 8), lane);
     switch (n_t) {
-    case 1: tile_t(y, ldy, p, x, kn, n_r, first, 1); break;
-    case 2: tile_t(y, ldy, p, x, kn, n_r, first, 2); break;
-    case 3: tile_t(y, ldy, p, x, kn, n_r, first, 3); break;
-    case 4: tile_t(y, ldy, p, x, kn, n_r, first, 4); break;
-    case 5: tile_t(y, ldy, p, x, kn, n_r, first, 5); break;
-    default: tile_t(y, ldy, p, x, kn, n_r, first, 6); break;
+    case 1: tile_t(y, ldy, p, x, kn, lo, hi, first, 1); break;
+    case 2: tile_t(y, ldy, p, x, kn, lo, hi, first, 2); break;
+    case 3: tile_t(y, ldy, p, x, kn, lo, hi, first, 3); break;
+    case 4: tile_t(y, ldy, p, x, kn, lo, hi, first, 4); break;
+    case 5: tile_t(y, ldy, p, x, kn, lo, hi, first, 5); break;
+    default: tile_t(y, ldy, p, x, kn, lo, hi, first, 6); break;
     }
 }
 

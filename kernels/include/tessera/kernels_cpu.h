@@ -197,9 +197,15 @@ float tsr_x16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void
 #define TSR_PANEL_TOK 16
 #define TSR_PANEL_K 2048
 
-/* Below this many tokens tsr_matmul's tiles are faster (measured, docs/benchmarks.md):
- * building the panels costs about one token's products. */
-#define TSR_PANEL_MIN_TOK 8
+/* Below this many tokens tsr_matmul's tiles are as fast or faster (measured,
+ * docs/benchmarks.md): building a matrix's panels costs about as much as a dozen tokens'
+ * products. */
+#define TSR_PANEL_MIN_TOK 24
+
+/* 1 when the panels beat tsr_matmul's tiles for `wtype` at the running level: F16 at every
+ * level, BF16 below AVX-512 (whose tiles multiply with vdpbf16ps, two multiply-adds per f32
+ * lane and instruction: the panels ran at 0.72-0.83x of them). */
+int tsr_panel_pays(int32_t wtype);
 
 /* Bytes tsr_panel_prepare writes for n_tok tokens: n_tok rounded up to TSR_PANEL_TOK, times
  * n_in floats. */
