@@ -548,10 +548,10 @@ START_TEST(test_panel_prepare_layout) {
                 for (int64_t t = 0; t < 16; t++) {
                     const int64_t tok = b * 16 + t;
                     const float v = ref[(b * n_in + k) * 16 + t];
-                    const float want =
-                        tok >= n_tok              ? 0.0f
-                        : type == TSR_DTYPE_F16 ? tsr_fp16_to_fp32(tsr_fp32_to_fp16(x[tok * n_in + k]))
-                                                : tsr_bf16_to_fp32(tsr_fp32_to_bf16(x[tok * n_in + k]));
+                    const float xv = tok < n_tok ? x[tok * n_in + k] : 0.0f;
+                    const float want = type == TSR_DTYPE_F16
+                                           ? tsr_fp16_to_fp32(tsr_fp32_to_fp16(xv))
+                                           : tsr_bf16_to_fp32(tsr_fp32_to_bf16(xv));
                     ck_assert(f32_bits(v) == f32_bits(want));
                 }
         for (int l = 0; l <= (int)tsr_cpu_level_best(); l++) {

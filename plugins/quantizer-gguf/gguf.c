@@ -11,8 +11,9 @@
  * layout, a type of this plugin's own that it multiplies itself (tsr_x16_matmul: activations
  * quantized to Q8_0, or Q8_K for the K types, once per product, the fast order); the file's
  * bytes are then no longer read. F16 (and below the avx512 level BF16) matrices keep their
- * rows where they are, under a type of this plugin's own too: a batch of TSR_PANEL_MIN_TOK tokens or more goes through
- * tsr_panel_matmul (the fast order), fewer through the backend's kernel (tsr_matmul). With
+ * rows where they are, under a type of this plugin's own too: a batch of TSR_PANEL_MIN_TOK
+ * tokens or more goes through tsr_panel_matmul (the fast order), fewer through the backend's
+ * kernel (tsr_matmul). With
  * `ggml` every type stays the backend's to multiply in llama.cpp's order, which the parity
  * tests against llama.cpp's logits need.
  */
@@ -50,9 +51,9 @@ static const tsr_param_def gguf_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "order", .type = TSR_PARAM_ENUM, .default_value = "fast",
      .min = 1, .max = 0, .choices = order_choices,
      .doc = "fast: on the cpu backend, Q4_0, Q8_0, Q4_K and Q6_K matrices repacked at load "
-            "into 16-row interleaved tiles and multiplied here in the fast order, F16 (below avx512 "
-            "BF16 too) batches multiplied here through f32 panels; ggml: every matrix left to the "
-            "backend, in llama.cpp's order (bit-exact parity)"},
+            "into 16-row interleaved tiles and multiplied here in the fast order, F16 (below "
+            "avx512 BF16 too) batches multiplied here through f32 panels; ggml: every matrix "
+            "left to the backend, in llama.cpp's order (bit-exact parity)"},
 };
 
 /* The x16 layouts of the repacked types, as types of this plugin. */
@@ -140,7 +141,7 @@ static tsr_status gguf_create(const tsr_host *host, const tsr_params *params,
     q->recipe = (recipe)tsr_param_int(params, "type");
     q->n_layer = init->n_layer;
     q->fast = tsr_param_int(params, "order") == ORDER_FAST && init->backend_name &&
-                !strcmp(init->backend_name, "cpu");
+              !strcmp(init->backend_name, "cpu");
     *out = q;
     return TSR_OK;
 }
@@ -350,10 +351,11 @@ static void repack_groups(void *arg, int ith, int nth) {
 /* The fast order's layout for a prepared matrix the products read. A Q4_0 / Q8_0 / Q4_K / Q6_K
  * one is replaced by a copy in x16 tiles (a converted matrix is freed; a kept one stays in the
  * file's mapping, unread); an F16 (or below AVX-512 a BF16, tsr_panel_pays) one keeps its
- * rows, only its type becomes a panel type. The embeddings' rows are read by get_rows in the file's layout: left alone. So are a
- * mixture's routed experts: a router may read them from the file on demand and let their
- * pages go (expert offloading), which a resident copy would defeat. And types whose x16
- * product would be slower at the running level (tsr_x16_repack_pays). */
+ * rows, only its type becomes a panel type. The embeddings' rows are read by get_rows in the
+ * file's layout: left alone. So are a mixture's routed experts: a router may read them from
+ * the file on demand and let their pages go (expert offloading), which a resident copy would
+ * defeat. And types whose x16 product would be slower at the running level
+ * (tsr_x16_repack_pays). */
 static tsr_status fast_layout(gguf_quantizer *q, const tsr_weight_in *in, tsr_weight_out *out) {
     tsr_tensor *t = &out->dst;
     bool routed_expert = in->struct_size >= offsetof(tsr_weight_in, expert) + sizeof in->expert &&
