@@ -1122,6 +1122,19 @@ static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_ou
     return q->vt->prepare(q->inst->self, &in, out);
 }
 
+/* t's rows, as gguf dequantizes them, are the file's rows of `type`. */
+static void assert_rows_are_the_files(qz *q, const tsr_tensor *t, int32_t type, const void *file) {
+    const int64_t n_in = t->ne[0], n_out = t->ne[1];
+    const size_t row = tsr_row_size(type, n_in);
+    float *got = qz_dequant(q, t), *want = malloc(sizeof(float) * n_in * n_out);
+    for (int64_t r = 0; r < n_out; r++)
+        ck_assert_int_eq(tsr_dequantize_row(type, want + r * n_in, (const char *)file + r * row,
+                                            n_in), 0);
+    ck_assert_mem_eq(got, want, sizeof(float) * n_in * n_out);
+    free(got);
+    free(want);
+}
+
 /* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's own
  * of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the fast
  * order's reference bits for a batch and for one token, whatever the pool. Q4_K and Q6_K only
@@ -1153,11 +1166,7 @@ START_TEST(gguf_fast_order_repacks) {
             size_t row = tsr_row_size(types[i], n_in);
             ck_assert_uint_eq(out.dst.row_bytes, row);
             ck_assert_double_eq(out.bits_per_weight, 8.0 * (double)row / (double)n_in);
-            float *got = qz_dequant(&q, &out.dst), *want = malloc(sizeof(float) * n_in * n_out);
-            for (int64_t r = 0; r < n_out; r++)
-                ck_assert_int_eq(tsr_dequantize_row(types[i], want + r * n_in,
-                                                    (char *)file + r * row, n_in), 0);
-            ck_assert_mem_eq(got, want, sizeof(float) * n_in * n_out);
+            assert_rows_are_the_files(&q, &out.dst, types[i], file);
             float *x = gauss((size_t)(n_in * n_tok), 13);
             const int32_t at = tsr_matmul_act_type(types[i]);
             size_t xrow = tsr_row_size(at, n_in);
@@ -1177,10 +1186,70 @@ START_TEST(gguf_fast_order_repacks) {
                 }
             q.vt->release(q.inst->self, &out.dst);
             qz_close(&q);
-            free(got);
-            free(want);
             free(x);
             free(xp);
+            free(file);
+        }
+}
+END_TEST
+
+/* order fast with the cpu backend, F16 and (below the avx512 level, where the backend's BF16
+ * tiles are faster: TESSERA_CPU_LEVEL) BF16: the matrix keeps the file's rows (the same
+ * pointer, not owned) under a type of gguf's own; they dequantize as the file's; a batch of
+ * TSR_PANEL_MIN_TOK tokens or more gives the panels' reference bits, fewer the tiles' ones
+ * (tsr_row_dot on activations rounded to the type), whatever the pool. 40 rows: a partial
+ * block of 16. */
+START_TEST(gguf_fast_order_panels) {
+    const int32_t types[] = {TSR_DTYPE_F16, TSR_DTYPE_BF16};
+    const int64_t n_in = 300, n_out = 40, n_big = TSR_PANEL_MIN_TOK,
+                  n_small = TSR_PANEL_MIN_TOK - 1;
+    for (int i = 0; i < 2; i++)
+        for (int threads = 1; threads <= 2; threads++) {
+            qz q;
+            qz_open_for(&q, "{ plugin: gguf }", threads, "cpu");
+            void *file;
+            tsr_weight_out out;
+            ck_assert_int_eq(
+                gguf_prepare_q(&q, types[i], n_in, n_out, "ffn_up", -1, &file, &out), TSR_OK);
+            if (types[i] == TSR_DTYPE_BF16 && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
+                ck_assert(out.dst.dtype == types[i] && out.dst.data == file && !out.owns_data);
+                q.vt->release(q.inst->self, &out.dst);
+                qz_close(&q);
+                free(file);
+                continue;
+            }
+            ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
+            ck_assert_int_eq(out.owns_data, 0);
+            ck_assert_ptr_eq(out.dst.data, file);
+            const size_t row = tsr_row_size(types[i], n_in);
+            ck_assert_uint_eq(out.dst.row_bytes, row);
+            assert_rows_are_the_files(&q, &out.dst, types[i], file);
+            float *x = gauss((size_t)(n_in * n_big), 17);
+            float *y = malloc(sizeof(float) * n_out * n_big);
+            uint16_t *xh = malloc(row);
+            ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_big), TSR_OK);
+            for (int64_t t = 0; t < n_big; t++)
+                for (int64_t r = 0; r < n_out; r++) {
+                    float ref = tsr_panel_row_dot_ref(types[i], n_in, (char *)file + r * row,
+                                                      x + t * n_in);
+                    ck_assert_msg(memcmp(&y[t * n_out + r], &ref, sizeof ref) == 0,
+                                  "type %d threads %d (%lld, %lld): %.9g vs %.9g", types[i],
+                                  threads, (long long)t, (long long)r, y[t * n_out + r], ref);
+                }
+            ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_small), TSR_OK);
+            for (int64_t t = 0; t < n_small; t++) {
+                ck_assert_int_eq(tsr_matmul_prepare(xh, types[i], x + t * n_in, 1, n_in, 0, 1),
+                                 TSR_OK);
+                for (int64_t r = 0; r < n_out; r++) {
+                    float ref = tsr_row_dot(types[i], n_in, (char *)file + r * row, xh);
+                    ck_assert_mem_eq(&y[t * n_out + r], &ref, sizeof ref);
+                }
+            }
+            q.vt->release(q.inst->self, &out.dst);
+            qz_close(&q);
+            free(x);
+            free(y);
+            free(xh);
             free(file);
         }
 }
@@ -1204,6 +1273,10 @@ START_TEST(gguf_fast_order_keeps) {
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q8_0, 40, -1},
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q6_K, 40, -1},
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q5_K, 48, -1},
+        {"{ plugin: gguf, order: ggml }", "cpu", "ffn_up", TSR_DTYPE_F16, 48, -1},
+        {"{ plugin: gguf }", "cpu", "token_embd", TSR_DTYPE_F16, 48, -1},
+        {"{ plugin: gguf }", "cpu", "ffn_down_exps", TSR_DTYPE_BF16, 48, 1},
+        {"{ plugin: gguf }", NULL, "ffn_up", TSR_DTYPE_BF16, 48, -1},
     };
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         qz q;
@@ -1270,6 +1343,7 @@ static Suite *suite(bool model_cases) {
     tc = tcase_create("gguf");
     tcase_add_test(tc, gguf_fast_order_repacks);
     tcase_add_test(tc, gguf_fast_order_keeps);
+    tcase_add_test(tc, gguf_fast_order_panels);
     suite_add_tcase(s, tc);
     return s;
 }
