@@ -702,9 +702,10 @@ START_TEST(dot_packed_groups_equals_unpacked) {
 END_TEST
 
 /* The scaled products on packed codes: every level gives the reference's bits for every
- * token of a batch (tiles of four and what is left), and the reference is the formula, within
- * float rounding: groups that are and are not whole 64-code steps, more than 16 groups, with
- * and without a minimum, a scale per token or per group. */
+ * token of a batch (tiles of four and what is left; decode's loops for groups of 64 codes and
+ * more, and for pairs of groups of 32, an odd last one among them), and the reference is the
+ * formula, within float rounding: groups that are and are not whole 64-code steps, more than
+ * 16 groups, with and without a minimum, a scale per token or per group. */
 START_TEST(dot_packed_scaled_levels) {
     static const struct {
         int bits;
@@ -714,7 +715,7 @@ START_TEST(dot_packed_scaled_levels) {
     } cases[] = {
         {4, 64, 17, 7, 0, 1},  {3, 32, 5, 0, 1, 1},  {8, 128, 3, 127, 0, 1},
         {6, 128, 2, 32, 0, 0}, {2, 40, 18, 0, 1, 1}, {5, 72, 3, 15, 1, 0},
-        {8, 256, 2, 0, 1, 1},
+        {8, 256, 2, 0, 1, 1},  {4, 32, 18, 7, 0, 1}, {8, 32, 4, 127, 1, 0},
     };
     tsr_cpu_level best = tsr_cpu_level_best();
     const int64_t n_tok = 9;

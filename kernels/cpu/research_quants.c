@@ -481,10 +481,46 @@ dot_packed_scaled_token(const uint8_t *codes, int bits, int32_t zero, const uint
             for (int64_t i = 0; i < steps; i++, src += step_bytes, ag += 64) {
                 __m512i av = _mm512_loadu_si512(ag);
                 ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 1), av);
-                az = _mm512_dpbusd_epi32(az, zv, av);
+                if (zero) az = _mm512_dpbusd_epi32(az, zv, av);
             }
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ac, az)),
                                   _mm512_set1_ps(P[k]), acc);
+        }
+    }
+    return lanes16_sum_zmm(acc, macc);
+}
+
+/* One token with groups of 32 (decode's case): the two groups of a 64-code step share its
+ * unpacking and its vpdpbusd, whose lanes 0-7 hold the first group's sums and lanes 8-15 the
+ * second's. The reference gives every group of 32 the lanes 0-7 (its lanes 8-15 are zero,
+ * and a zero times P_g leaves a lane as it is): the second group's lanes are moved down, and
+ * each half is converted with the other zeroed, so the same bits. */
+RQ_VBMI_TARGET __attribute__((noinline)) static float
+dot_packed_scaled_token32(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
+                          const uint8_t *m16, const tsr_rq_act *act, int64_t t, int64_t n_g) {
+    const int64_t step_bytes = 8 * bits;
+    const vbmi_codes u = vbmi_codes_of(bits, 32);
+    const __m512i zv = _mm512_set1_epi8((char)zero);
+    const __mmask16 low = 0x00ff;
+    const uint8_t *src = codes;
+    const int8_t *ag = act->q + t * act->n_pad;
+    __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+    float P[16];
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        macc = scaled_block(P, macc, d16, m16, act, t, g0, (__mmask16)((1u << ng) - 1));
+        for (int64_t k = 0; k < ng; k += 2, src += step_bytes, ag += 64) {
+            int two = k + 1 < ng; /* a row's odd last group is the short step of u */
+            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            __m512i av = vbmi_acts_at(&u, ag, 0, two);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vbmi_codes_at(&u, src, two),
+                                            av);
+            if (zero) d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, av));
+            acc = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(low, d), _mm512_set1_ps(P[k]), acc);
+            if (two)
+                acc = _mm512_fmadd_ps(
+                    _mm512_maskz_cvtepi32_ps(low, _mm512_shuffle_i32x4(d, d, 0xee)),
+                    _mm512_set1_ps(P[k + 1]), acc);
         }
     }
     return lanes16_sum_zmm(acc, macc);
@@ -503,6 +539,8 @@ RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const u
     case 1:
         if (act->group % 64 == 0)
             y[t * ldy] = dot_packed_scaled_token(codes, bits, zero, d16, m16, act, t, n_g);
+        else if (act->group == 32)
+            y[t * ldy] = dot_packed_scaled_token32(codes, bits, zero, d16, m16, act, t, n_g);
         else
             dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 1);
         break;
