@@ -866,7 +866,7 @@ dot_packed_f32_token(const uint8_t *codes, int bits, const tsr_rq_gscales *s, co
     const int64_t step_bytes = 8 * bits;
     const int offset = gscales_offset(s);
     const uint8_t *src = codes;
-    /* steps that start before it may read codes as narrow words (8 bytes past the step) */
+    /* steps that start before it may read narrow words (which end up to 8 bytes past a step) */
     const uint8_t *narrow_end = bits <= 4 ? codes + n_g * group * bits / 8 - step_bytes - 8
                                           : codes;
     __m512 acc[RQ_F32_SETS], bacc = _mm512_setzero_ps();
