@@ -518,11 +518,12 @@ START_TEST(test_products_extremes) {
 }
 END_TEST
 
-/* ---- x16: row-interleaved Q4_0 / Q8_0 and the K types in the fast order ----------------- */
+/* ---- x16: row-interleaved types in the fast order ---------------------------------------- */
 
-static const int32_t x16_types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K,
-                                    TSR_DTYPE_Q6_K, TSR_DTYPE_Q5_K, TSR_DTYPE_IQ4_XS,
-                                    TSR_DTYPE_Q3_K, TSR_DTYPE_Q2_K};
+static const int32_t x16_types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q4_1, TSR_DTYPE_Q5_0,
+                                    TSR_DTYPE_Q5_1, TSR_DTYPE_Q8_0, TSR_DTYPE_IQ4_NL,
+                                    TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K, TSR_DTYPE_Q5_K,
+                                    TSR_DTYPE_IQ4_XS, TSR_DTYPE_Q3_K, TSR_DTYPE_Q2_K};
 #define X16_TYPES (int)(sizeof x16_types / sizeof *x16_types)
 
 /* The layout keeps every row: unpacking gives the file's blocks back, byte for byte. */
@@ -547,6 +548,8 @@ START_TEST(test_x16_pack_round_trip) {
         free(back);
     }
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_0, 64, 32), 1);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q5_1, 96, 16), 1);
+    ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_IQ4_NL, 48, 16), 0); /* half a block */
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q8_0, 64, 24), 0);  /* rows not 16 x k */
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_0, 48, 32), 0);  /* half a block */
     ck_assert_int_eq(tsr_x16_supported(TSR_DTYPE_Q4_K, 256, 32), 1);
@@ -568,8 +571,9 @@ START_TEST(test_x16_pack_round_trip) {
 END_TEST
 
 /* The fast order's definition on file rows: a chain of fmaf((float)isum, dw * dx, acc) over
- * the blocks (Q4_K: then fmaf(-(float)msum, dmin * dx, acc)), checked here against a sum in
- * double of the dequantized operands, and its order for Q4_0 and Q8_0. */
+ * the blocks (Q4_1, Q5_1: then fmaf(m, s, acc); Q4_K: then fmaf(-(float)msum, dmin * dx,
+ * acc)), checked here against a sum in double of the dequantized operands, and its order for
+ * the 32-element types. */
 START_TEST(test_x16_reference_is_the_sum) {
     const int32_t *types = x16_types;
     for (int i = 0; i < X16_TYPES; i++) {
@@ -589,21 +593,38 @@ START_TEST(test_x16_reference_is_the_sum) {
                     mag += fabs((double)wf[k] * xf[k]);
                 }
                 float got = tsr_x16_row_dot_ref(p.t, p.n_in, wr, xr);
-                ck_assert_msg(fabs(got - ref) <= 2e-6 * mag, "type %d: %.9g vs %.9g", p.t, got,
-                              ref);
-                if (at != TSR_DTYPE_Q8_0) continue;
-                /* the order: one chain from block 0 (a dequantized weight is q * dw exactly) */
-                const tsr_block_q8_0 *xb = (const tsr_block_q8_0 *)xr;
-                size_t bb = tsr_dtype_block_bytes(p.t);
+                /* Q8_1's s is fp16(f32 d x sum(q)), where the dequantized row has fp16(d) x q:
+                 * each minimum's term m x s is off by up to 2^-10 of itself */
+                double min_mag = 0;
+                for (int64_t b = 0; at == TSR_DTYPE_Q8_1 && b < p.n_in / 32; b++) {
+                    const tsr_block_q8_1 *xb = (const tsr_block_q8_1 *)xr + b;
+                    uint16_t hm;
+                    memcpy(&hm, wr + b * tsr_dtype_block_bytes(p.t) + 2, sizeof hm);
+                    min_mag += fabs((double)tsr_fp16_to_fp32(hm) * tsr_fp16_to_fp32(xb->s));
+                }
+                ck_assert_msg(fabs(got - ref) <= 2e-6 * mag + 0x1p-10 * min_mag,
+                              "type %d: %.9g vs %.9g", p.t, got, ref);
+                if (at == TSR_DTYPE_Q8_K) continue;
+                /* the order: one chain from block 0 (a dequantized weight is q * dw exactly, or
+                 * q * dw + m rounded once: q comes back by rounding) */
+                size_t bb = tsr_dtype_block_bytes(p.t), xb = tsr_dtype_block_bytes(at);
+                const int xoff = at == TSR_DTYPE_Q8_1 ? 4 : 2; /* where the quants start */
                 float acc = 0;
                 for (int64_t b = 0; b < p.n_in / 32; b++) {
-                    uint16_t h;
-                    memcpy(&h, wr + b * bb, sizeof h); /* both types start with their scale */
-                    float dw = tsr_fp16_to_fp32(h);
+                    uint16_t h, hm, hx, hs;
+                    memcpy(&h, wr + b * bb, sizeof h); /* every type starts with its scale */
+                    memcpy(&hm, wr + b * bb + 2, sizeof hm); /* and Q4_1, Q5_1 with m next */
+                    memcpy(&hx, xr + b * xb, sizeof hx);
+                    memcpy(&hs, xr + b * xb + 2, sizeof hs);
+                    float dw = tsr_fp16_to_fp32(h), mw = tsr_fp16_to_fp32(hm);
+                    const int8_t *xq = (const int8_t *)(xr + b * xb + xoff);
                     int32_t isum = 0;
-                    for (int k = 0; k < 32; k++)
-                        isum += (int32_t)lrintf(wf[32 * b + k] / dw) * xb[b].q[k];
-                    acc = fmaf((float)isum, dw * tsr_fp16_to_fp32(xb[b].d), acc);
+                    for (int k = 0; k < 32; k++) {
+                        float v = at == TSR_DTYPE_Q8_1 ? wf[32 * b + k] - mw : wf[32 * b + k];
+                        isum += (int32_t)lrintf(v / dw) * xq[k];
+                    }
+                    acc = fmaf((float)isum, dw * tsr_fp16_to_fp32(hx), acc);
+                    if (at == TSR_DTYPE_Q8_1) acc = fmaf(mw, tsr_fp16_to_fp32(hs), acc);
                 }
                 ck_assert(f32_bits(got) == f32_bits(acc));
             }
@@ -614,8 +635,8 @@ END_TEST
 
 /* Every level's product over the packed layout gives the reference's bits on the file rows,
  * whatever the token count (partial tiles of 16, more than one block of 64 tokens), the thread
- * slice and the groups per slice; extreme quants included (Q8_0 -128, Q6_K scales -128,
- * activations +-127). */
+ * slice and the groups per slice; extreme quants included (Q8_0 -128, Q5 31, Q6_K scales -128,
+ * activations +-127, whole blocks of +127). */
 START_TEST(test_x16_levels_equal_reference) {
     const int32_t *types = x16_types;
     const int64_t toks[] = {1, 2, 3, 4, 5, 9, 16, 17, 70};
@@ -631,7 +652,9 @@ START_TEST(test_x16_levels_equal_reference) {
                 unsigned char *w = p.w;
                 for (size_t k = 0; k < wrow * (size_t)p.n_out; k++) w[k] = k % 2 ? 0x80 : 0xff;
                 set_scales(p.t, p.w, wrow * (size_t)p.n_out);
-                for (int64_t k = 0; k < p.n_in * p.n_tok; k++) p.x[k] = k % 3 ? 1.0f : -1.0f;
+                /* odd blocks all +127: int16 sums of unsigned quants at their largest */
+                for (int64_t k = 0; k < p.n_in * p.n_tok; k++)
+                    p.x[k] = k / 32 % 2 || k % 3 ? 1.0f : -1.0f;
                 ck_assert_int_eq(tsr_matmul_prepare(p.xp, at, p.x, p.n_tok, p.n_in, 0, 1), TSR_OK);
             }
             void *packed = malloc(wrow * (size_t)p.n_out);
@@ -673,13 +696,15 @@ END_TEST
  * group alone, give the reference's bits for one to five tokens, and the padding after each
  * token's rows (ldy > n_out) stays untouched. */
 START_TEST(test_x16_slices_of_odd_groups) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0};
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q4_1, TSR_DTYPE_Q5_0,
+                             TSR_DTYPE_Q5_1, TSR_DTYPE_Q8_0, TSR_DTYPE_IQ4_NL};
     tsr_cpu_level best = tsr_cpu_level_best();
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < (int)(sizeof types / sizeof *types); i++)
         for (int64_t groups = 1; groups <= 7; groups++) {
             product p;
             product_init(&p, types[i], 96, 16 * groups, 5, 340 + (uint64_t)(8 * i + groups));
-            size_t wrow = tsr_row_size(p.t, p.n_in), xrow = tsr_row_size(TSR_DTYPE_Q8_0, p.n_in);
+            size_t wrow = tsr_row_size(p.t, p.n_in);
+            size_t xrow = tsr_row_size(tsr_matmul_act_type(p.t), p.n_in);
             const int64_t ldy = p.n_out + 16;
             /* room for two groups past the matrix: a pairing beyond the slice reads there */
             void *packed = calloc((size_t)(p.n_out + 32), wrow);

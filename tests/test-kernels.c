@@ -466,6 +466,204 @@ START_TEST(test_matmul_errors) {
 }
 END_TEST
 
+/* ---- F16 / BF16 panels: the fast order ----------------------------------------------------- */
+
+static const int32_t panel_types[] = {TSR_DTYPE_F16, TSR_DTYPE_BF16};
+
+/* Rows not a multiple of 16, tokens not a multiple of a tile (16 at avx512, 6 at avx2) nor of
+ * a prepared block, odd n_in, and n_in over TSR_PANEL_K (the chain crosses chunks). */
+static const shape panel_shapes[] = {{1, 16, 1},   {7, 3, 2},     {33, 17, 5},  {100, 40, 17},
+                                     {257, 13, 23}, {64, 32, 16}, {1000, 70, 9}, {15, 5, 33},
+                                     {TSR_PANEL_K + 37, 20, 7}};
+
+/* tsr_panel_prepare then tsr_panel_matmul at the current level, nth slices each; y has 3
+ * columns past n_out, which must stay untouched. */
+static float *run_panel(int32_t type, const void *w, const float *x, shape s, int nth) {
+    float *xp = malloc(tsr_panel_act_bytes(s.n_tok, s.n_in));
+    for (int ith = 0; ith < nth; ith++)
+        ck_assert_int_eq(tsr_panel_prepare(xp, type, x, s.n_tok, s.n_in, ith, nth), TSR_OK);
+    const int64_t ldy = s.n_out + 3;
+    float *y = malloc((size_t)(s.n_tok * ldy) * sizeof *y);
+    for (int64_t i = 0; i < s.n_tok * ldy; i++) y[i] = -7.0f;
+    for (int ith = 0; ith < nth; ith++)
+        ck_assert_int_eq(
+            tsr_panel_matmul(y, ldy, w, type, xp, s.n_tok, s.n_in, s.n_out, ith, nth), TSR_OK);
+    for (int64_t t = 0; t < s.n_tok; t++)
+        for (int64_t c = s.n_out; c < ldy; c++) ck_assert(y[t * ldy + c] == -7.0f);
+    free(xp);
+    return y;
+}
+
+/* The reference is one fmaf chain in k order over the rounded activations: with x = 1 + 2^-12
+ * (1 in F16 and BF16), [1, 2^-24, 2^-24] gives 1 (each 2^-24 is half an ulp, a tie to even)
+ * where another order gives 1 + 2^-23; and it is the exact sum within n ulps. */
+START_TEST(test_panel_reference) {
+    for (int i = 0; i < 2; i++) {
+        const int32_t type = panel_types[i];
+        uint16_t (*enc)(float) = type == TSR_DTYPE_F16 ? tsr_fp32_to_fp16 : tsr_fp32_to_bf16;
+        const float x[3] = {1.0f + 0x1p-12f, 1.0f + 0x1p-12f, 1.0f + 0x1p-12f};
+        uint16_t w[3] = {enc(1.0f), enc(0x1p-24f), enc(0x1p-24f)};
+        ck_assert(tsr_panel_row_dot_ref(type, 3, w, x) == 1.0f);
+        uint16_t back[3] = {enc(0x1p-24f), enc(0x1p-24f), enc(1.0f)};
+        ck_assert(tsr_panel_row_dot_ref(type, 3, back, x) == 1.0f + 0x1p-23f);
+        ck_assert(tsr_panel_row_dot_ref(TSR_DTYPE_F32, 3, w, x) == 0.0f);
+        rng_seed(40 + (uint64_t)i);
+        const int64_t n = 1000;
+        void *wr = make_weights(type, 1, n);
+        float xr[1000], wf[1000];
+        fill(xr, n, 2.0f);
+        ck_assert_int_eq(tsr_row_to_f32(wf, type, wr, n), TSR_OK);
+        double sum = 0, abs_sum = 0;
+        for (int64_t k = 0; k < n; k++) {
+            uint16_t xh = enc(xr[k]);
+            double term = (double)wf[k] * (type == TSR_DTYPE_F16 ? tsr_fp16_to_fp32(xh)
+                                                                 : tsr_bf16_to_fp32(xh));
+            sum += term;
+            abs_sum += fabs(term);
+        }
+        ck_assert(fabs(tsr_panel_row_dot_ref(type, n, wr, xr) - sum) <= n * FLT_EPSILON * abs_sum);
+        free(wr);
+    }
+}
+END_TEST
+
+/* The prepared layout: block b, element k, token t at (b * n_in + k) * 16 + t, rounded to the
+ * weights' type, zeros past the last token; the same bits at every level and in any slicing. */
+START_TEST(test_panel_prepare_layout) {
+    const int64_t n_tok = 21, n_in = 300;
+    float x[21 * 300];
+    rng_seed(41);
+    fill(x, n_tok * n_in, 3.0f);
+    const size_t bytes = tsr_panel_act_bytes(n_tok, n_in);
+    ck_assert_uint_eq(bytes, 32 * 300 * sizeof(float));
+    ck_assert_uint_eq(tsr_panel_act_bytes(16, 5), 16 * 5 * sizeof(float));
+    float *ref = malloc(bytes), *got = malloc(bytes);
+    for (int i = 0; i < 2; i++) {
+        const int32_t type = panel_types[i];
+        use_level(TSR_CPU_LEVEL_SCALAR);
+        memset(ref, 0xff, bytes);
+        ck_assert_int_eq(tsr_panel_prepare(ref, type, x, n_tok, n_in, 0, 1), TSR_OK);
+        for (int64_t b = 0; b < 2; b++)
+            for (int64_t k = 0; k < n_in; k++)
+                for (int64_t t = 0; t < 16; t++) {
+                    const int64_t tok = b * 16 + t;
+                    const float v = ref[(b * n_in + k) * 16 + t];
+                    const float xv = tok < n_tok ? x[tok * n_in + k] : 0.0f;
+                    const float want = type == TSR_DTYPE_F16
+                                           ? tsr_fp16_to_fp32(tsr_fp32_to_fp16(xv))
+                                           : tsr_bf16_to_fp32(tsr_fp32_to_bf16(xv));
+                    ck_assert(f32_bits(v) == f32_bits(want));
+                }
+        for (int l = 0; l <= (int)tsr_cpu_level_best(); l++) {
+            use_level(l);
+            for (int nth = 1; nth <= 3; nth++) {
+                memset(got, 0xff, bytes);
+                for (int ith = 0; ith < nth; ith++)
+                    ck_assert_int_eq(tsr_panel_prepare(got, type, x, n_tok, n_in, ith, nth),
+                                     TSR_OK);
+                ck_assert_int_eq(memcmp(got, ref, bytes), 0);
+            }
+        }
+    }
+    free(ref), free(got);
+}
+END_TEST
+
+/* Every level (the scalar one too, which runs the blocking with its own build and tile) gives
+ * the reference's bits for every (row, token). */
+START_TEST(test_panel_levels_equal_reference) {
+    const int32_t type = panel_types[_i];
+    rng_seed(42 + (uint64_t)_i);
+    for (size_t si = 0; si < sizeof panel_shapes / sizeof *panel_shapes; si++) {
+        const shape s = panel_shapes[si];
+        void *w = make_weights(type, s.n_out, s.n_in);
+        float *x = malloc((size_t)(s.n_in * s.n_tok) * sizeof *x);
+        fill(x, s.n_in * s.n_tok, 2.0f);
+        const size_t wrow = tsr_row_size(type, s.n_in);
+        for (int l = 0; l <= (int)tsr_cpu_level_best(); l++) {
+            use_level(l);
+            float *y = run_panel(type, w, x, s, 1);
+            for (int64_t t = 0; t < s.n_tok; t++)
+                for (int64_t r = 0; r < s.n_out; r++) {
+                    float ref = tsr_panel_row_dot_ref(type, s.n_in, (const char *)w + r * wrow,
+                                                      x + t * s.n_in);
+                    float got = y[t * (s.n_out + 3) + r];
+                    ck_assert_msg(f32_bits(got) == f32_bits(ref),
+                                  "%s type %d shape %zu (t %lld, r %lld): %.9g vs %.9g",
+                                  tsr_cpu_level_name(l), type, si, (long long)t, (long long)r,
+                                  got, ref);
+                }
+            free(y);
+        }
+        free(w), free(x);
+    }
+}
+END_TEST
+
+/* A (row, token) value is the same whatever the thread slice and the batch it comes in: nth 1,
+ * 2, 3, 5 over 70 rows (odd slices, a partial last block), and tokens [5, 5 + m) run alone. */
+START_TEST(test_panel_slices_and_batches) {
+    const int32_t type = panel_types[_i];
+    rng_seed(50 + (uint64_t)_i);
+    const shape s = {TSR_PANEL_K + 100, 70, 29};
+    void *w = make_weights(type, s.n_out, s.n_in);
+    float *x = malloc((size_t)(s.n_in * s.n_tok) * sizeof *x);
+    fill(x, s.n_in * s.n_tok, 1.0f);
+    const int64_t ldy = s.n_out + 3;
+    for (int l = 0; l <= (int)tsr_cpu_level_best(); l++) {
+        use_level(l);
+        float *y1 = run_panel(type, w, x, s, 1);
+        const int nths[] = {2, 3, 5};
+        for (int i = 0; i < 3; i++) {
+            float *yn = run_panel(type, w, x, s, nths[i]);
+            ck_assert_int_eq(memcmp(yn, y1, (size_t)(s.n_tok * ldy) * sizeof *y1), 0);
+            free(yn);
+        }
+        const int64_t sub[] = {1, 6, 17};
+        for (int i = 0; i < 3; i++) {
+            shape part = {s.n_in, s.n_out, sub[i]};
+            float *yp = run_panel(type, w, x + 5 * s.n_in, part, 2);
+            for (int64_t t = 0; t < sub[i]; t++)
+                ck_assert_int_eq(memcmp(yp + t * ldy, y1 + (5 + t) * ldy,
+                                        (size_t)s.n_out * sizeof *yp), 0);
+            free(yp);
+        }
+        free(y1);
+    }
+    free(w), free(x);
+}
+END_TEST
+
+/* F16 through the panels at every level; BF16 only where the tiles lack vdpbf16ps. */
+START_TEST(test_panel_pays) {
+    for (int l = 0; l <= (int)tsr_cpu_level_best(); l++) {
+        use_level(l);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_F16), 1);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_BF16), l != TSR_CPU_LEVEL_AVX512);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_F32), 0);
+        ck_assert_int_eq(tsr_panel_pays(TSR_DTYPE_Q8_0), 0);
+    }
+}
+END_TEST
+
+START_TEST(test_panel_errors) {
+    float y[32] = {0}, xp[64] = {0};
+    uint16_t w[64] = {0};
+    ck_assert_int_eq(tsr_panel_prepare(xp, TSR_DTYPE_F32, y, 1, 4, 0, 1), TSR_E_UNSUPPORTED);
+    ck_assert_int_eq(tsr_panel_prepare(xp, TSR_DTYPE_F16, y, 1, 0, 0, 1), TSR_E_INVALID);
+    ck_assert_int_eq(tsr_panel_prepare(xp, TSR_DTYPE_F16, y, -1, 4, 0, 1), TSR_E_INVALID);
+    ck_assert_int_eq(tsr_panel_matmul(y, 2, w, TSR_DTYPE_Q8_0, xp, 1, 4, 2, 0, 1),
+                     TSR_E_UNSUPPORTED);
+    ck_assert_int_eq(tsr_panel_matmul(y, 1, w, TSR_DTYPE_F16, xp, 1, 4, 2, 0, 1), TSR_E_INVALID);
+    ck_assert_int_eq(tsr_panel_matmul(y, 2, w, TSR_DTYPE_BF16, xp, 1, 0, 2, 0, 1), TSR_E_INVALID);
+    /* no tokens, or a thread past the rows: nothing written */
+    y[0] = -7.0f;
+    ck_assert_int_eq(tsr_panel_matmul(y, 2, w, TSR_DTYPE_F16, xp, 0, 4, 2, 0, 1), TSR_OK);
+    ck_assert_int_eq(tsr_panel_matmul(y, 2, w, TSR_DTYPE_F16, xp, 1, 4, 2, 1, 2), TSR_OK);
+    ck_assert(y[0] == -7.0f);
+}
+END_TEST
+
 /* ---- row ops ---------------------------------------------------------------------------- */
 
 /* The reference within 2 ulp of the double formula; SIMD within 2 ulp of the reference (only
@@ -776,6 +974,10 @@ static Suite *kernels_suite(void) {
     ADD(test_bf16_rounding);
     ADD(test_q8_0_quantize);
     ADD(test_matmul_errors);
+    ADD(test_panel_reference);
+    ADD(test_panel_prepare_layout);
+    ADD(test_panel_errors);
+    ADD(test_panel_pays);
     ADD(test_rms_norm);
     ADD(test_softmax);
     ADD(test_expf);
@@ -791,6 +993,11 @@ static Suite *kernels_suite(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("test_matmul_threads");
     tcase_add_loop_test(tc, test_matmul_threads, 0, 4);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("test_panel_levels_equal_reference");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, test_panel_levels_equal_reference, 0, 2);
+    tcase_add_loop_test(tc, test_panel_slices_and_batches, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

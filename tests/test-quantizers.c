@@ -510,6 +510,7 @@ static const char *const all_quantizers[] = {
     "{ plugin: w4a8 }", "{ plugin: w4a8, group: 32 }", "{ plugin: rtn, act_bits: 8, group: 64 }",
     "{ plugin: rtn, bits: 3, symmetric: false, group: 32, act_bits: 8 }",
     "{ plugin: rtn, bits: 8, act_bits: 8, group: 128 }",
+    "{ plugin: spqr, bits: 4, group: 32, outlier_threshold: 2 }",
 };
 #define N_QUANTIZERS (sizeof all_quantizers / sizeof all_quantizers[0])
 
@@ -533,16 +534,23 @@ static float *product(const char *quantizer, int threads, int64_t n_in, int64_t 
     return y;
 }
 
-/* f32 activations: exactly tsr_dot_f32(dequantized row, x). int8 activations: the double sum
- * of dequantized weights times the int8 activations (per token; per group for rtn), within
- * float rounding. */
+/* f32 activations: the fused product (codes times activations, the scale once per group,
+ * zero point and minimum through the group's activation sum, spqr's outliers in a pass of
+ * their own) against tsr_dot_f32(dequantized row, x): within 2^-21 of sum_i gmax_i |x_i|,
+ * gmax_i the largest |dequantized weight| of i's group (the fused terms d c and the offset are
+ * each at most about twice that; measured at most 2^-24.98, rtn's default). int8
+ * activations: the double sum of dequantized weights times the int8 activations (per token;
+ * per group for rtn), within float rounding. */
 START_TEST(matmul_equals_dequantized_product) {
     const char *name = all_quantizers[_i];
     const int64_t n_in = 172, n_out = 40, n_tok = 5;
     float *wq, *y = product(name, 2, n_in, n_out, n_tok, &wq);
     float *x = gauss((size_t)(n_in * n_tok), 9);
     int act8 = strstr(name, "w4a8") || strstr(name, "act_bits: 8");
-    int64_t group = strstr(name, "group: 32") ? 32 : strstr(name, "group: 64") ? 64 : 128;
+    int64_t group = strstr(name, "group: 32")   ? 32
+                    : strstr(name, "group: 64") ? 64
+                    : strstr(name, "spqr")      ? 16
+                                                : 128;
     int64_t n_pad = (n_in + group - 1) / group * group;
     int group_scales = act8 && strstr(name, "rtn");
     int8_t *qa = malloc((size_t)n_pad);
@@ -555,9 +563,18 @@ START_TEST(matmul_equals_dequantized_product) {
         for (int64_t r = 0; r < n_out; r++) {
             float got = y[t * n_out + r];
             if (!act8) {
-                float want = tsr_dot_f32(wq + r * n_in, x + t * n_in, n_in);
-                ck_assert_msg(got == want, "%s: (%lld, %lld): %.9g != %.9g", name, (long long)t,
-                              (long long)r, got, want);
+                const float *wr = wq + r * n_in;
+                double want = tsr_dot_f32(wr, x + t * n_in, n_in), mag = 0;
+                for (int64_t i = 0; i < n_in; i++) {
+                    double gmax = 0;
+                    for (int64_t j = i / group * group; j < n_in && j < (i / group + 1) * group;
+                         j++)
+                        gmax = fmax(gmax, fabs(wr[j]));
+                    mag += gmax * fabs(x[t * n_in + i]);
+                }
+                ck_assert_msg(fabs(got - want) <= 0x1p-21 * mag,
+                              "%s: (%lld, %lld): %.9g vs %.9g (mag %g)", name, (long long)t,
+                              (long long)r, got, want, mag);
                 continue;
             }
             double want = 0, mag = 0;
@@ -685,9 +702,10 @@ START_TEST(dot_packed_groups_equals_unpacked) {
 END_TEST
 
 /* The scaled products on packed codes: every level gives the reference's bits for every
- * token of a batch (tiles of four and what is left), and the reference is the formula, within
- * float rounding: groups that are and are not whole 64-code steps, more than 16 groups, with
- * and without a minimum, a scale per token or per group. */
+ * token of a batch (tiles of four and what is left; decode's loops for groups of 64 codes and
+ * more, and for pairs of groups of 32, an odd last one among them), and the reference is the
+ * formula, within float rounding: groups that are and are not whole 64-code steps, more than
+ * 16 groups, with and without a minimum, a scale per token or per group. */
 START_TEST(dot_packed_scaled_levels) {
     static const struct {
         int bits;
@@ -697,7 +715,7 @@ START_TEST(dot_packed_scaled_levels) {
     } cases[] = {
         {4, 64, 17, 7, 0, 1},  {3, 32, 5, 0, 1, 1},  {8, 128, 3, 127, 0, 1},
         {6, 128, 2, 32, 0, 0}, {2, 40, 18, 0, 1, 1}, {5, 72, 3, 15, 1, 0},
-        {8, 256, 2, 0, 1, 1},
+        {8, 256, 2, 0, 1, 1},  {4, 32, 18, 7, 0, 1}, {8, 32, 4, 127, 1, 0},
     };
     tsr_cpu_level best = tsr_cpu_level_best();
     const int64_t n_tok = 9;
@@ -758,6 +776,135 @@ START_TEST(dot_packed_scaled_levels) {
         free(codes), free(packed), free(d16), free(m16), free(q), free(gsum), free(da);
     }
     ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
+}
+END_TEST
+
+/* The fused f32 products on packed codes: every level gives the reference's bits for 1 to 6
+ * tokens (tiles of four and what is left; decode's single-token loop where the groups are
+ * whole, with its narrow reading of codes of 4 bits or fewer, and the unpacked one for the
+ * row's last steps), and the reference is the formula within the rounding of its sums:
+ * widths 1-8, groups of 8 to 256 that are and are not whole 16- and 64-code steps, rows that
+ * end inside a group (the positions past them count as x = 0), more than 16 groups, fp16
+ * scales with a zero point, a minimum, both or neither, and f32 scales with and without
+ * offsets. Codes and activations are allocated to their exact size, so a read past them
+ * shows under ASan. */
+START_TEST(dot_packed_f32_levels) {
+    static const struct {
+        int bits;
+        int64_t group, n;
+        int32_t zero;
+        int with_min, f32_form, with_b;
+    } cases[] = {
+        {4, 64, 17 * 64, 7, 0, 0, 0},   {3, 32, 160, 0, 1, 0, 0},   {3, 32, 192, 0, 1, 0, 0},
+        {8, 128, 300, 127, 0, 0, 0},    {6, 128, 256, 32, 0, 0, 0}, {2, 40, 717, 0, 1, 0, 0},
+        {5, 72, 216, 15, 1, 0, 0},      {3, 16, 1024, 0, 0, 1, 1},  {7, 16, 200, 0, 0, 1, 1},
+        {4, 24, 100, 0, 0, 1, 0},       {8, 256, 512, 0, 0, 0, 0},  {1, 8, 37, 0, 0, 1, 1},
+        {6, 16, 192, 31, 0, 0, 0},      {5, 32, 128, 0, 0, 1, 1},   {2, 256, 2 * 256 - 5, 1, 0, 0, 0},
+        {2, 64, 256, 1, 0, 0, 0},       {1, 128, 512, 0, 0, 1, 1},  {4, 32, 320, 0, 1, 0, 0},
+    };
+    enum { N_TOK = 6 };
+    tsr_cpu_level best = tsr_cpu_level_best();
+    uint64_t seed = 5;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int bits = cases[k].bits;
+        int64_t group = cases[k].group, n = cases[k].n, n_g = (n + group - 1) / group;
+        int64_t n_codes = n_g * group;
+        uint8_t *codes = malloc((size_t)n_codes);
+        uint8_t *packed = malloc(tsr_rq_packed_bytes(n_codes, bits));
+        uint16_t *d16 = malloc((size_t)n_g * 2), *m16 = malloc((size_t)n_g * 2);
+        float *d = malloc((size_t)n_g * sizeof *d), *b = malloc((size_t)n_g * sizeof *b);
+        float *x = malloc((size_t)(N_TOK * n) * sizeof *x);
+        float *xsum = malloc((size_t)(N_TOK * n_g) * sizeof *xsum), ys[N_TOK], yv[N_TOK];
+        for (int64_t i = 0; i < n_codes; i++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            codes[i] = (uint8_t)((seed >> 33) & ((1u << bits) - 1));
+        }
+        codes[0] = (uint8_t)((1u << bits) - 1);
+        for (int64_t g = 0; g < n_g; g++) {
+            d[g] = 0.01f * (float)(g + 1);
+            b[g] = -0.003f * (float)(g % 7) + 0.001f;
+            d16[g] = tsr_fp32_to_fp16(d[g]);
+            m16[g] = tsr_fp32_to_fp16(-0.03f * (float)(g % 5));
+        }
+        for (int64_t i = 0; i < N_TOK * n; i++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            x[i] = (float)((int)((seed >> 40) % 2001) - 1000) * 0.00137f;
+        }
+        tsr_rq_act_f32_sums(xsum, x, N_TOK, n, group);
+        tsr_rq_act_f32 xa = {x, xsum, n, group};
+        tsr_rq_gscales gs = {0};
+        if (cases[k].f32_form) {
+            gs.d = d;
+            gs.b = cases[k].with_b ? b : NULL;
+        } else {
+            gs.d16 = (const uint8_t *)d16;
+            gs.m16 = cases[k].with_min ? (const uint8_t *)m16 : NULL;
+            gs.zero = cases[k].zero;
+        }
+        tsr_rq_pack(packed, codes, n_codes, bits);
+        ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
+        tsr_rq_dot_packed_f32(ys, 1, packed, bits, &gs, &xa, N_TOK, n_g);
+        for (int64_t t = 0; t < N_TOK; t++) {
+            double want = 0, mag = 0;
+            for (int64_t g = 0; g < n_g; g++) {
+                float dg = cases[k].f32_form ? d[g] : tsr_fp16_to_fp32(d16[g]), bg = 0;
+                if (cases[k].f32_form && cases[k].with_b)
+                    bg = b[g];
+                else if (!cases[k].f32_form && cases[k].with_min)
+                    bg = fmaf((float)-cases[k].zero, dg, tsr_fp16_to_fp32(m16[g]));
+                else if (!cases[k].f32_form)
+                    bg = (float)-cases[k].zero * dg;
+                for (int64_t i = g * group; i < n && i < (g + 1) * group; i++) {
+                    double xi = x[t * n + i];
+                    want += ((double)dg * codes[i] + bg) * xi;
+                    mag += (fabs((double)dg * codes[i]) + fabs(bg)) * fabs(xi);
+                }
+            }
+            double tol = (double)(group / 16 + 1 + n_g + 6) * 0x1p-24 * mag;
+            ck_assert_msg(fabs(ys[t] - want) <= tol, "case %zu t %lld: %.9g vs %.9g", k,
+                          (long long)t, ys[t], want);
+        }
+        for (int lv = TSR_CPU_LEVEL_AVX2; lv <= (int)best; lv++) {
+            ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+            for (int64_t nt = 1; nt <= N_TOK; nt++) {
+                memset(yv, 0, sizeof yv);
+                tsr_rq_dot_packed_f32(yv, 1, packed, bits, &gs, &xa, nt, n_g);
+                ck_assert_msg(memcmp(ys, yv, (size_t)nt * sizeof(float)) == 0,
+                              "case %zu n_tok %lld at %s", k, (long long)nt,
+                              tsr_cpu_level_name((tsr_cpu_level)lv));
+            }
+        }
+        free(codes), free(packed), free(d16), free(m16), free(d), free(b), free(x), free(xsum);
+    }
+    ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
+}
+END_TEST
+
+/* The activations' group sums: 16 lanes by position, then the lanes' tree (l + l + 8, + 4,
+ * + 2, + 1); the last group short. */
+static float lanes_tree(const float lane[16]) {
+    float t[8];
+    for (int l = 0; l < 8; l++) t[l] = lane[l] + lane[l + 8];
+    for (int l = 0; l < 4; l++) t[l] = t[l] + t[l + 4];
+    for (int l = 0; l < 2; l++) t[l] = t[l] + t[l + 2];
+    return t[0] + t[1];
+}
+
+START_TEST(act_f32_sums_order) {
+    float x[2 * 40], got[6];
+    for (int i = 0; i < 80; i++) x[i] = (float)(i % 9) * 0.1f - 0.35f + (float)i * 1e-3f;
+    tsr_rq_act_f32_sums(got, x, 2, 40, 16);
+    for (int t = 0; t < 2; t++)
+        for (int g = 0; g < 3; g++) {
+            float lane[16] = {0};
+            for (int p = 0; p < 16 && g * 16 + p < 40; p++) lane[p] = x[t * 40 + g * 16 + p];
+            ck_assert_float_eq(got[t * 3 + g], lanes_tree(lane));
+        }
+    /* groups of 32: each lane takes two values, in position order */
+    tsr_rq_act_f32_sums(got, x, 1, 40, 32);
+    float lane[16] = {0};
+    for (int p = 0; p < 32; p++) lane[p % 16] += x[p];
+    ck_assert_float_eq(got[0], lanes_tree(lane));
 }
 END_TEST
 
@@ -1129,7 +1276,7 @@ START_TEST(per_layer_mix) {
 }
 END_TEST
 
-/* ---- gguf: the fast order's repacked Q4_0 / Q8_0 / Q4_K / Q6_K ------------------------------ */
+/* ---- gguf: the fast order's repacked types ------------------------------------------------- */
 
 /* `role` of a (n_out, n_in) matrix of `type` (random blocks, sane scales) through gguf. */
 static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_out,
@@ -1150,13 +1297,27 @@ static tsr_status gguf_prepare_q(qz *q, int32_t type, int64_t n_in, int64_t n_ou
     return q->vt->prepare(q->inst->self, &in, out);
 }
 
-/* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's
- * own of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the
- * fast order's reference bits for a batch and for one token, whatever the pool. The
- * 256-element types (Q2_K..Q6_K, IQ4_XS) only at the avx512 level (TESSERA_CPU_LEVEL, which
- * the plugin's kernels read too): below it they stay the file's. */
+/* t's rows, as gguf dequantizes them, are the file's rows of `type`. */
+static void assert_rows_are_the_files(qz *q, const tsr_tensor *t, int32_t type, const void *file) {
+    const int64_t n_in = t->ne[0], n_out = t->ne[1];
+    const size_t row = tsr_row_size(type, n_in);
+    float *got = qz_dequant(q, t), *want = malloc(sizeof(float) * n_in * n_out);
+    for (int64_t r = 0; r < n_out; r++)
+        ck_assert_int_eq(tsr_dequantize_row(type, want + r * n_in, (const char *)file + r * row,
+                                            n_in), 0);
+    ck_assert_mem_eq(got, want, sizeof(float) * n_in * n_out);
+    free(got);
+    free(want);
+}
+
+/* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's own
+ * of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the fast
+ * order's reference bits for a batch and for one token, whatever the pool. The 256-element
+ * types (Q2_K..Q6_K, IQ4_XS) only at the avx512 level (TESSERA_CPU_LEVEL, which the plugin's
+ * kernels read too): below it they stay the file's. */
 START_TEST(gguf_fast_order_repacks) {
-    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q8_0, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K,
+    const int32_t types[] = {TSR_DTYPE_Q4_0, TSR_DTYPE_Q4_1, TSR_DTYPE_Q5_0, TSR_DTYPE_Q5_1,
+                             TSR_DTYPE_Q8_0, TSR_DTYPE_IQ4_NL, TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K,
                              TSR_DTYPE_Q5_K, TSR_DTYPE_IQ4_XS, TSR_DTYPE_Q3_K, TSR_DTYPE_Q2_K};
     const int64_t n_in = 512, n_out = 48, n_tok = 11;
     for (size_t i = 0; i < sizeof types / sizeof *types; i++)
@@ -1181,11 +1342,7 @@ START_TEST(gguf_fast_order_repacks) {
             size_t row = tsr_row_size(types[i], n_in);
             ck_assert_uint_eq(out.dst.row_bytes, row);
             ck_assert_double_eq(out.bits_per_weight, 8.0 * (double)row / (double)n_in);
-            float *got = qz_dequant(&q, &out.dst), *want = malloc(sizeof(float) * n_in * n_out);
-            for (int64_t r = 0; r < n_out; r++)
-                ck_assert_int_eq(tsr_dequantize_row(types[i], want + r * n_in,
-                                                    (char *)file + r * row, n_in), 0);
-            ck_assert_mem_eq(got, want, sizeof(float) * n_in * n_out);
+            assert_rows_are_the_files(&q, &out.dst, types[i], file);
             float *x = gauss((size_t)(n_in * n_tok), 13);
             const int32_t at = tsr_matmul_act_type(types[i]);
             size_t xrow = tsr_row_size(at, n_in);
@@ -1205,10 +1362,70 @@ START_TEST(gguf_fast_order_repacks) {
                 }
             q.vt->release(q.inst->self, &out.dst);
             qz_close(&q);
-            free(got);
-            free(want);
             free(x);
             free(xp);
+            free(file);
+        }
+}
+END_TEST
+
+/* order fast with the cpu backend, F16 and (below the avx512 level, where the backend's BF16
+ * tiles are faster: TESSERA_CPU_LEVEL) BF16: the matrix keeps the file's rows (the same
+ * pointer, not owned) under a type of gguf's own; they dequantize as the file's; a batch of
+ * TSR_PANEL_MIN_TOK tokens or more gives the panels' reference bits, fewer the tiles' ones
+ * (tsr_row_dot on activations rounded to the type), whatever the pool. 40 rows: a partial
+ * block of 16. */
+START_TEST(gguf_fast_order_panels) {
+    const int32_t types[] = {TSR_DTYPE_F16, TSR_DTYPE_BF16};
+    const int64_t n_in = 300, n_out = 40, n_big = TSR_PANEL_MIN_TOK,
+                  n_small = TSR_PANEL_MIN_TOK - 1;
+    for (int i = 0; i < 2; i++)
+        for (int threads = 1; threads <= 2; threads++) {
+            qz q;
+            qz_open_for(&q, "{ plugin: gguf }", threads, "cpu");
+            void *file;
+            tsr_weight_out out;
+            ck_assert_int_eq(
+                gguf_prepare_q(&q, types[i], n_in, n_out, "ffn_up", -1, &file, &out), TSR_OK);
+            if (types[i] == TSR_DTYPE_BF16 && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
+                ck_assert(out.dst.dtype == types[i] && out.dst.data == file && !out.owns_data);
+                q.vt->release(q.inst->self, &out.dst);
+                qz_close(&q);
+                free(file);
+                continue;
+            }
+            ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
+            ck_assert_int_eq(out.owns_data, 0);
+            ck_assert_ptr_eq(out.dst.data, file);
+            const size_t row = tsr_row_size(types[i], n_in);
+            ck_assert_uint_eq(out.dst.row_bytes, row);
+            assert_rows_are_the_files(&q, &out.dst, types[i], file);
+            float *x = gauss((size_t)(n_in * n_big), 17);
+            float *y = malloc(sizeof(float) * n_out * n_big);
+            uint16_t *xh = malloc(row);
+            ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_big), TSR_OK);
+            for (int64_t t = 0; t < n_big; t++)
+                for (int64_t r = 0; r < n_out; r++) {
+                    float ref = tsr_panel_row_dot_ref(types[i], n_in, (char *)file + r * row,
+                                                      x + t * n_in);
+                    ck_assert_msg(memcmp(&y[t * n_out + r], &ref, sizeof ref) == 0,
+                                  "type %d threads %d (%lld, %lld): %.9g vs %.9g", types[i],
+                                  threads, (long long)t, (long long)r, y[t * n_out + r], ref);
+                }
+            ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_small), TSR_OK);
+            for (int64_t t = 0; t < n_small; t++) {
+                ck_assert_int_eq(tsr_matmul_prepare(xh, types[i], x + t * n_in, 1, n_in, 0, 1),
+                                 TSR_OK);
+                for (int64_t r = 0; r < n_out; r++) {
+                    float ref = tsr_row_dot(types[i], n_in, (char *)file + r * row, xh);
+                    ck_assert_mem_eq(&y[t * n_out + r], &ref, sizeof ref);
+                }
+            }
+            q.vt->release(q.inst->self, &out.dst);
+            qz_close(&q);
+            free(x);
+            free(y);
+            free(xh);
             free(file);
         }
 }
@@ -1231,7 +1448,11 @@ START_TEST(gguf_fast_order_keeps) {
         {"{ plugin: gguf }", "cpu", "ffn_up_exps", TSR_DTYPE_Q4_0, 48, 0},
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q8_0, 40, -1},
         {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_Q6_K, 40, -1},
-        {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_F16, 48, -1},
+        {"{ plugin: gguf }", "cpu", "ffn_up", TSR_DTYPE_F32, 48, -1},
+        {"{ plugin: gguf, order: ggml }", "cpu", "ffn_up", TSR_DTYPE_F16, 48, -1},
+        {"{ plugin: gguf }", "cpu", "token_embd", TSR_DTYPE_F16, 48, -1},
+        {"{ plugin: gguf }", "cpu", "ffn_down_exps", TSR_DTYPE_BF16, 48, 1},
+        {"{ plugin: gguf }", NULL, "ffn_up", TSR_DTYPE_BF16, 48, -1},
     };
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         qz q;
@@ -1291,6 +1512,8 @@ static Suite *suite(bool model_cases) {
     tcase_add_test(tc, act_quantize_groups);
     tcase_add_test(tc, dot_packed_scaled_levels);
     tcase_add_test(tc, dot_packed_int_scaled_levels);
+    tcase_add_test(tc, dot_packed_f32_levels);
+    tcase_add_test(tc, act_f32_sums_order);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(s, tc);
     tc = tcase_create("sources");
@@ -1299,6 +1522,7 @@ static Suite *suite(bool model_cases) {
     tc = tcase_create("gguf");
     tcase_add_test(tc, gguf_fast_order_repacks);
     tcase_add_test(tc, gguf_fast_order_keeps);
+    tcase_add_test(tc, gguf_fast_order_panels);
     suite_add_tcase(s, tc);
     return s;
 }

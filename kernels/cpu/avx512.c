@@ -35,9 +35,7 @@ static __m512 mac_bf16(__m512 acc, __m512bh w, __m512bh x) {
         for (int64_t k = 0; k < nv; k += (step)) {                                             \
             VT wv[TILE_ROWS];                                                                  \
             for (int r = 0; r < R; r++) {                                                      \
-                const char *wr = w + r * ws + k * (esize);                                     \
-                if ((k * (esize)) % 64 == 0) _mm_prefetch(wr + TSR_STREAM_PREFETCH, _MM_HINT_T0); \
-                wv[r] = load(wr);                                                              \
+                wv[r] = load(w + r * ws + k * (esize));                                        \
             }                                                                                  \
             for (int t = 0; t < T; t++) {                                                      \
                 VT xv = load(x + t * xs + k * (esize));                                        \

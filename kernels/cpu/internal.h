@@ -51,8 +51,10 @@ int tsr_cpu_avx512_vbmi(void);
 /* Decode reads every weight row once. Its kernels read two rows side by side, one from each
  * half of the thread's slice, so that each is the next row of a long sequential stream: two
  * such streams read at the full bandwidth of a core, where neighbouring rows read side by side
- * (a zig-zag the prefetchers follow badly) lose up to a third of it. Each stream also gets a
- * software prefetch this many bytes ahead. */
+ * (a zig-zag the prefetchers follow badly) lose up to a third of it. The kernels whose streams
+ * come in faster with a software prefetch (x16 Q4_0, Q4_K, Q6_K: measured per kernel,
+ * docs/benchmarks.md "Decode kernels") issue it this many bytes ahead; the fast ones (F16, Q8_0)
+ * read faster with the hardware's prefetch alone. */
 #define TSR_STREAM_PREFETCH 4096
 
 /* One token's values of row i and of row i + h (n_r = 2), or of row i alone (n_r = 1), into

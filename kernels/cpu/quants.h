@@ -110,6 +110,12 @@ static inline int tsr_q_legacy_has_min(int qm) {
     return qm == TSR_QM_Q4_1 || qm == TSR_QM_Q5_1;
 }
 
+/* The quants of legacy block b as int8, offsets removed (Q4_1, Q5_1 keep theirs: their mins
+ * carry them); *d and *m its scale and min as fp16 bits (m: Q4_1, Q5_1 only). The scalar
+ * reference's (quants_dot.c), which the x16 one (repack.c) shares. */
+void tsr_q_legacy_unpack(int qm, const void *w, int64_t b, int8_t q[TSR_QK], uint16_t *d,
+                         uint16_t *m);
+
 /* Q4_K and Q6_K follow llama.cpp's x86 kernels (ggml_vec_dot_q4_K_q8_K, _q6_K_q8_K), so that
  * they round as its logits do: int32 lane k of a super-block is the sum of scale * quant *
  * activation over the quants whose index within their 32 lies in 4k..4k+3 (Q6_K quants with

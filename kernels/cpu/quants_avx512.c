@@ -154,10 +154,7 @@ static void qa_rows_1tok(int qm, float *y, const char *w, size_t w_stride, int n
         const int n = nb - b0 < QA_G ? (int)(nb - b0) : QA_G;
         float sc[QA_DEC_ROWS][QA_G] __attribute__((aligned(64)));
         for (int r = 0; r < QA_DEC_ROWS; r++) {
-            const char *p = row[r] + b0 * bytes;
-            for (size_t o = 0; o < (size_t)n * bytes; o += 64)
-                _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
-            _mm512_store_ps(sc[r], _mm512_mul_ps(qa_scales16(qm, p, n),
+            _mm512_store_ps(sc[r], _mm512_mul_ps(qa_scales16(qm, row[r] + b0 * bytes, n),
                                                  _mm512_loadu_ps(dx + b0)));
         }
         int j = 0;

@@ -8,10 +8,8 @@
 /* ---------------------------------------------------------------------------------------- */
 /* Integer parts                                                                             */
 
-/* The quants of legacy block b as int8, offsets removed (Q4_1, Q5_1 keep theirs: their mins
- * carry them); *d and *m its scale and min as fp16 bits (m: Q4_1, Q5_1 only). */
-static void legacy_unpack(int qm, const void *w, int64_t b, int8_t q[TSR_QK], uint16_t *d,
-                          uint16_t *m) {
+void tsr_q_legacy_unpack(int qm, const void *w, int64_t b, int8_t q[TSR_QK], uint16_t *d,
+                         uint16_t *m) {
     const uint8_t *qs, *qh = NULL;
     int off = 0;
     switch (qm) {
@@ -172,7 +170,7 @@ static float dot_legacy(int qm, const void *w, const void *x, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         int8_t q[TSR_QK];
         uint16_t dw, mw = 0;
-        legacy_unpack(qm, w, b, q, &dw, &mw);
+        tsr_q_legacy_unpack(qm, w, b, q, &dw, &mw);
         const tsr_block_q8_0 *x0 = (const tsr_block_q8_0 *)x + b;
         const tsr_block_q8_1 *x1 = (const tsr_block_q8_1 *)x + b;
         const int8_t *xq = xm ? x1->qs : x0->q;

@@ -1,15 +1,19 @@
-/* Row-interleaved Q4_0 / Q8_0 (kernels_cpu.h "x16"): repacking, the fast order's reference on
- * file rows, and the product over the packed layout (scalar here, AVX-512 VNNI in
- * repack_avx512.c, which gives the same bits). The K types are repack_k.c's. */
+/* Row-interleaved Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (kernels_cpu.h "x16"): repacking, the
+ * fast order's reference on file rows, and the product over the packed layout (scalar here,
+ * AVX2 and AVX-512 VNNI in repack_avx2.c and repack_avx512.c, which give the same bits).
+ * The K types (Q2_K..Q6_K, IQ4_XS) are repack_k.c's. */
+#include "quants.h"
 #include "repack.h"
 
 #include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out) {
-    const int64_t block = tsr_x16_is_k(wtype) ? TSR_QK_K
-                          : wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q8_0 ? TSR_QK
-                                                                               : 0;
+    const int64_t block = tsr_x16_is_k(wtype)        ? TSR_QK_K
+                          : tsr_x16_is_legacy(wtype) ? TSR_QK
+                                                     : 0;
     return block && n_in > 0 && n_in % block == 0 && n_out > 0 && n_out % TSR_X16_ROWS == 0;
 }
 
@@ -18,17 +22,52 @@ int tsr_x16_repack_pays(int32_t wtype) {
 }
 
 /* Where group g's tiles and scales start. */
-static const uint8_t *x16_group(const void *w, int32_t wtype, int64_t n_in, int64_t g) {
-    return (const uint8_t *)w + (size_t)g * TSR_X16_ROWS * tsr_row_size(wtype, n_in);
+static size_t x16_group_at(int32_t wtype, int64_t n_in, int64_t g) {
+    return (size_t)g * TSR_X16_ROWS * tsr_row_size(wtype, n_in);
 }
 
-static size_t x16_scales_at(int32_t wtype, int64_t nb) {
-    return (size_t)nb * tsr_x16_tile_bytes(wtype);
+/* Where a 32-element type's fields lie in its file block (0: none); d comes first in all. */
+typedef struct x16_fields {
+    size_t m, qh, qs;
+} x16_fields;
+
+static x16_fields x16_fields_of(int32_t wtype) {
+    switch (wtype) {
+    case TSR_DTYPE_Q4_1:
+        return (x16_fields){offsetof(tsr_block_q4_1, m), 0, offsetof(tsr_block_q4_1, qs)};
+    case TSR_DTYPE_Q5_0:
+        return (x16_fields){0, offsetof(tsr_block_q5_0, qh), offsetof(tsr_block_q5_0, qs)};
+    case TSR_DTYPE_Q5_1:
+        return (x16_fields){offsetof(tsr_block_q5_1, m), offsetof(tsr_block_q5_1, qh),
+                            offsetof(tsr_block_q5_1, qs)};
+    }
+    return (x16_fields){0, 0, offsetof(tsr_block_q4_0, qs)}; /* Q4_0, IQ4_NL, Q8_0 alike */
 }
 
-/* Byte i (0..3) of the four quants of row r that lane r of vector v of a tile holds. */
-static size_t x16_lane_byte(int v, int r, int i) {
-    return (size_t)v * 64 + (size_t)r * 4 + (size_t)i;
+/* Offsets in its group of row r's block b: quant byte e (Q8_0 quants, else qs bytes: lane r
+ * of vector e / 4), the fifth bits' lane, the scale d (m: 16 fp16 further). */
+static size_t x16_quant_at(int32_t wtype, int r, int64_t b, int e) {
+    return (size_t)b * tsr_x16_tile_bytes(wtype) + (size_t)(e / 4) * 64 + (size_t)r * 4 +
+           (size_t)(e % 4);
+}
+
+static size_t x16_qh_at(int32_t wtype, int r, int64_t b) {
+    return x16_quant_at(wtype, r, b, TSR_QK / 2);
+}
+
+static size_t x16_d_at(int32_t wtype, int64_t nb, int r, int64_t b) {
+    return (size_t)nb * tsr_x16_tile_bytes(wtype) + (size_t)b * tsr_x16_scale_bytes(wtype) +
+           (size_t)r * sizeof(uint16_t);
+}
+
+#define X16_M_AFTER_D (TSR_X16_ROWS * sizeof(uint16_t))
+
+static uint32_t x16_le32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void x16_put_le32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
 tsr_status tsr_x16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in, int64_t n_out,
@@ -39,46 +78,27 @@ tsr_status tsr_x16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in,
         return TSR_OK;
     }
     const int64_t nb = n_in / TSR_QK;
-    const size_t row_bytes = tsr_row_size(wtype, n_in), tile = tsr_x16_tile_bytes(wtype);
+    const size_t row_bytes = tsr_row_size(wtype, n_in), bb = tsr_dtype_block_bytes(wtype);
+    const x16_fields f = x16_fields_of(wtype);
+    const int n_q = wtype == TSR_DTYPE_Q8_0 ? TSR_QK : TSR_QK / 2;
+    const uint8_t flip = wtype == TSR_DTYPE_Q8_0 ? 0x80 : 0; /* Q8_0 quants made unsigned */
     for (int64_t g = g0; g < g1; g++) {
-        uint8_t *out = (uint8_t *)x16_group(dst, wtype, n_in, g);
-        uint16_t *scales = (uint16_t *)(out + x16_scales_at(wtype, nb));
-        for (int r = 0; r < TSR_X16_ROWS; r++) {
-            const uint8_t *row = (const uint8_t *)src + (size_t)(g * TSR_X16_ROWS + r) * row_bytes;
+        uint8_t *out = (uint8_t *)dst + x16_group_at(wtype, n_in, g);
+        for (int r = 0; r < TSR_X16_ROWS; r++)
             for (int64_t b = 0; b < nb; b++) {
-                uint8_t *t = out + (size_t)b * tile;
-                if (wtype == TSR_DTYPE_Q4_0) {
-                    const tsr_block_q4_0 *blk = (const tsr_block_q4_0 *)row + b;
-                    for (int j = 0; j < 4; j++)
-                        for (int i = 0; i < 4; i++) t[x16_lane_byte(j, r, i)] = blk->qs[4 * j + i];
-                    memcpy(&scales[b * TSR_X16_ROWS + r], &blk->d, sizeof blk->d);
-                } else {
-                    const tsr_block_q8_0 *blk = (const tsr_block_q8_0 *)row + b;
-                    for (int k = 0; k < 8; k++)
-                        for (int i = 0; i < 4; i++)
-                            t[x16_lane_byte(k, r, i)] = (uint8_t)(blk->q[4 * k + i] ^ 0x80);
-                    memcpy(&scales[b * TSR_X16_ROWS + r], &blk->d, sizeof blk->d);
-                }
+                const uint8_t *blk =
+                    (const uint8_t *)src + (size_t)(g * TSR_X16_ROWS + r) * row_bytes + b * bb;
+                for (int e = 0; e < n_q; e++)
+                    out[x16_quant_at(wtype, r, b, e)] = blk[f.qs + e] ^ flip;
+                if (f.qh)
+                    x16_put_le32(out + x16_qh_at(wtype, r, b),
+                                 tsr_x16_qh_pack(x16_le32(blk + f.qh)));
+                const size_t d = x16_d_at(wtype, nb, r, b);
+                memcpy(out + d, blk, sizeof(uint16_t));
+                if (f.m) memcpy(out + d + X16_M_AFTER_D, blk + f.m, sizeof(uint16_t));
             }
-        }
     }
     return TSR_OK;
-}
-
-/* The 32 signed quants of row r (of its group) in block b, and its scale's bits. */
-static void x16_block(const uint8_t *group, int32_t wtype, int64_t nb, int r, int64_t b,
-                      int8_t q[TSR_QK], uint16_t *d) {
-    const uint8_t *t = group + (size_t)b * tsr_x16_tile_bytes(wtype);
-    const int off = tsr_x16_offset(wtype);
-    for (int k = 0; k < 8; k++)
-        for (int i = 0; i < 4; i++) {
-            int u = wtype == TSR_DTYPE_Q4_0
-                        ? (t[x16_lane_byte(k % 4, r, i)] >> (4 * (k / 4))) & 0xf
-                        : t[x16_lane_byte(k, r, i)];
-            q[4 * k + i] = (int8_t)(u - off);
-        }
-    const uint16_t *scales = (const uint16_t *)(group + x16_scales_at(wtype, nb));
-    memcpy(d, &scales[b * TSR_X16_ROWS + r], sizeof *d);
 }
 
 void tsr_x16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, int64_t row) {
@@ -87,76 +107,58 @@ void tsr_x16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, i
         return;
     }
     const int64_t nb = n_in / TSR_QK;
-    const uint8_t *group = x16_group(w, wtype, n_in, row / TSR_X16_ROWS);
+    const uint8_t *group = (const uint8_t *)w + x16_group_at(wtype, n_in, row / TSR_X16_ROWS);
+    const int r = (int)(row % TSR_X16_ROWS);
+    const size_t bb = tsr_dtype_block_bytes(wtype);
+    const x16_fields f = x16_fields_of(wtype);
+    const int n_q = wtype == TSR_DTYPE_Q8_0 ? TSR_QK : TSR_QK / 2;
+    const uint8_t flip = wtype == TSR_DTYPE_Q8_0 ? 0x80 : 0;
     for (int64_t b = 0; b < nb; b++) {
-        int8_t q[TSR_QK];
-        uint16_t d;
-        x16_block(group, wtype, nb, (int)(row % TSR_X16_ROWS), b, q, &d);
-        if (wtype == TSR_DTYPE_Q4_0) {
-            tsr_block_q4_0 *o = (tsr_block_q4_0 *)dst + b;
-            o->d = d;
-            for (int i = 0; i < TSR_QK / 2; i++)
-                o->qs[i] = (uint8_t)((q[i] + 8) | (q[i + TSR_QK / 2] + 8) << 4);
-        } else {
-            tsr_block_q8_0 *o = (tsr_block_q8_0 *)dst + b;
-            o->d = d;
-            memcpy(o->q, q, TSR_QK);
-        }
+        uint8_t *blk = (uint8_t *)dst + b * bb;
+        for (int e = 0; e < n_q; e++) blk[f.qs + e] = group[x16_quant_at(wtype, r, b, e)] ^ flip;
+        if (f.qh)
+            x16_put_le32(blk + f.qh, tsr_x16_qh_unpack(x16_le32(group + x16_qh_at(wtype, r, b))));
+        const size_t d = x16_d_at(wtype, nb, r, b);
+        memcpy(blk, group + d, sizeof(uint16_t));
+        if (f.m) memcpy(blk + f.m, group + d + X16_M_AFTER_D, sizeof(uint16_t));
     }
-}
-
-/* One step of the fast order: block (q, dw) times activation block x, into acc. */
-static float x16_fast_step(const int8_t q[TSR_QK], uint16_t dw, const tsr_block_q8_0 *x,
-                           float acc) {
-    int32_t isum = 0;
-    for (int i = 0; i < TSR_QK; i++) isum += q[i] * x->q[i];
-    return fmaf((float)isum, tsr_fp16_to_fp32(dw) * tsr_fp16_to_fp32(x->d), acc);
 }
 
 float tsr_x16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void *xp) {
     if (!tsr_x16_supported(wtype, n_in, TSR_X16_ROWS)) return 0.0f;
     if (tsr_x16_is_k(wtype)) return tsr_xk16_row_dot_ref(wtype, n_in, w, xp);
-    const tsr_block_q8_0 *x = xp;
+    const int qm = tsr_quant_mm_index(wtype);
     float acc = 0.0f;
     for (int64_t b = 0; b < n_in / TSR_QK; b++) {
         int8_t q[TSR_QK];
-        if (wtype == TSR_DTYPE_Q4_0) {
-            const tsr_block_q4_0 *blk = (const tsr_block_q4_0 *)w + b;
-            for (int i = 0; i < TSR_QK / 2; i++) {
-                q[i] = (int8_t)((blk->qs[i] & 0xf) - 8);
-                q[i + TSR_QK / 2] = (int8_t)((blk->qs[i] >> 4) - 8);
-            }
-            acc = x16_fast_step(q, blk->d, &x[b], acc);
-        } else {
-            const tsr_block_q8_0 *blk = (const tsr_block_q8_0 *)w + b;
-            acc = x16_fast_step(blk->q, blk->d, &x[b], acc);
-        }
+        uint16_t dw, mw = 0, dx, sx;
+        tsr_q_legacy_unpack(qm, w, b, q, &dw, &mw);
+        const int8_t *xq = tsr_x16_act(wtype, xp, b, &dx, &sx);
+        int32_t isum = 0;
+        for (int i = 0; i < TSR_QK; i++) isum += q[i] * xq[i];
+        acc = fmaf((float)isum, tsr_fp16_to_fp32(dw) * tsr_fp16_to_fp32(dx), acc);
+        if (tsr_x16_has_min(wtype))
+            acc = fmaf(tsr_fp16_to_fp32(mw), tsr_fp16_to_fp32(sx), acc);
     }
     return acc;
 }
 
-/* The scalar product over the packed layout, groups [g0, g1). */
-static void x16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
-                              const void *xp, int64_t n_tok, int64_t n_in, int64_t g0,
-                              int64_t g1) {
-    const int64_t nb = n_in / TSR_QK;
-    const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_0, n_in);
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *group = x16_group(w, wtype, n_in, g);
-        for (int r = 0; r < TSR_X16_ROWS; r++)
-            for (int64_t t = 0; t < n_tok; t++) {
-                const tsr_block_q8_0 *x =
-                    (const tsr_block_q8_0 *)((const char *)xp + (size_t)t * x_stride);
-                float acc = 0.0f;
-                for (int64_t b = 0; b < nb; b++) {
-                    int8_t q[TSR_QK];
-                    uint16_t d;
-                    x16_block(group, wtype, nb, r, b, q, &d);
-                    acc = x16_fast_step(q, d, &x[b], acc);
-                }
-                y[t * ldy + g * TSR_X16_ROWS + r] = acc;
-            }
+/* The scalar product over the packed layout, groups [g0, g1): each row back in the file's
+ * blocks, then the reference; -1 when it could not get the row's memory. */
+static int x16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
+                             const void *xp, int64_t n_tok, int64_t n_in, int64_t g0,
+                             int64_t g1) {
+    const size_t x_stride = tsr_row_size(tsr_matmul_act_type(wtype), n_in);
+    void *row = malloc(tsr_row_size(wtype, n_in));
+    if (!row) return -1;
+    for (int64_t r = g0 * TSR_X16_ROWS; r < g1 * TSR_X16_ROWS; r++) {
+        tsr_x16_unpack_row(row, w, wtype, n_in, r);
+        for (int64_t t = 0; t < n_tok; t++)
+            y[t * ldy + r] =
+                tsr_x16_row_dot_ref(wtype, n_in, row, (const char *)xp + (size_t)t * x_stride);
     }
+    free(row);
+    return 0;
 }
 
 tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
@@ -181,7 +183,10 @@ tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, c
     default: break;
     }
 #endif
-    if (tsr_x16_is_k(wtype)) tsr_xk16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
-    else x16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
-    return TSR_OK;
+    if (tsr_x16_is_k(wtype)) {
+        tsr_xk16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
+        return TSR_OK;
+    }
+    return x16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1) < 0 ? TSR_E_NOMEM
+                                                                          : TSR_OK;
 }

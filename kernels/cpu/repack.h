@@ -1,19 +1,90 @@
-/* Row-interleaved Q4_0 / Q8_0 and the K types ("x16", kernels_cpu.h): what repack.c,
+/* Row-interleaved 32-element types and the K types ("x16", kernels_cpu.h): what repack.c,
  * repack_k.c and their AVX-512 files share. Not installed. */
 #ifndef TSR_KERNELS_CPU_REPACK_H
 #define TSR_KERNELS_CPU_REPACK_H
 
 #include "internal.h"
 
-/* Bytes of one block column of a group's quants: 16 rows x 16 (Q4_0) or 32 (Q8_0). */
-static inline size_t tsr_x16_tile_bytes(int32_t wtype) {
-    return wtype == TSR_DTYPE_Q4_0 ? TSR_X16_ROWS * TSR_QK / 2 : TSR_X16_ROWS * TSR_QK;
+/* The 32-element types x16 takes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL). Their group's block
+ * column is a tile: the quants as 512-bit vectors (lane r: four quants of row r; the 4-bit
+ * types' 16 bytes of qs as 4 vectors, Q8_0's quants + 128 as 8), for Q5_0 / Q5_1 then one
+ * vector of fifth bits (tsr_x16_qh_pack); after a group's nb tiles, per block the 16 rows'
+ * fp16 d and, for Q4_1 / Q5_1, their 16 fp16 m. */
+static inline int tsr_x16_is_legacy(int32_t wtype) {
+    switch (wtype) {
+    case TSR_DTYPE_Q4_0:
+    case TSR_DTYPE_Q4_1:
+    case TSR_DTYPE_Q5_0:
+    case TSR_DTYPE_Q5_1:
+    case TSR_DTYPE_Q8_0:
+    case TSR_DTYPE_IQ4_NL: return 1;
+    }
+    return 0;
 }
 
-/* The offset the packed quants carry (Q4_0 nibbles as stored, Q8_0 quants + 128): the value
- * of quant q is (stored - offset). */
+static inline int tsr_x16_has_qh(int32_t wtype) {
+    return wtype == TSR_DTYPE_Q5_0 || wtype == TSR_DTYPE_Q5_1;
+}
+
+/* The types with a minimum (value = d * q + m), whose activations are Q8_1. */
+static inline int tsr_x16_has_min(int32_t wtype) {
+    return wtype == TSR_DTYPE_Q4_1 || wtype == TSR_DTYPE_Q5_1;
+}
+
+/* Bytes of one tile (a block column of a group's quants). */
+static inline size_t tsr_x16_tile_bytes(int32_t wtype) {
+    if (wtype == TSR_DTYPE_Q8_0) return TSR_X16_ROWS * TSR_QK;
+    return TSR_X16_ROWS * (TSR_QK / 2 + (tsr_x16_has_qh(wtype) ? 4 : 0));
+}
+
+/* Bytes of one block's scales (16 d, and 16 m for the types with a minimum). */
+static inline size_t tsr_x16_scale_bytes(int32_t wtype) {
+    return TSR_X16_ROWS * sizeof(uint16_t) * (tsr_x16_has_min(wtype) ? 2 : 1);
+}
+
+/* The offset of the unsigned quants the SIMD kernels multiply: the value of a quant is
+ * (u - offset) for Q4_0 (8), Q5_0 (16), Q8_0 (stored + 128) and IQ4_NL (its table lifted by
+ * 128 into unsigned bytes); 0 for Q4_1 and Q5_1, whose minimum takes the place of one. */
 static inline int tsr_x16_offset(int32_t wtype) {
-    return wtype == TSR_DTYPE_Q4_0 ? 8 : 128;
+    switch (wtype) {
+    case TSR_DTYPE_Q4_0: return 8;
+    case TSR_DTYPE_Q5_0: return 16;
+    case TSR_DTYPE_Q4_1:
+    case TSR_DTYPE_Q5_1: return 0;
+    }
+    return 128;
+}
+
+/* The fifth bits of a Q5 block as the tile holds them: vector k (0..7) of the unpacked quants
+ * holds elements 4k..4k+3 of each row (k < 4: low nibbles of qs[4k..], k >= 4: high nibbles
+ * of qs[4k - 16..]), so bit k of byte i of the row's lane is the fifth bit of element 4k + i
+ * (bit 4k + i of the file's qh): one shift and one mask put vector k's bits in place. */
+static inline uint32_t tsr_x16_qh_pack(uint32_t h) {
+    uint32_t p = 0;
+    for (int k = 0; k < 8; k++)
+        for (int i = 0; i < 4; i++) p |= ((h >> (4 * k + i)) & 1u) << (8 * i + k);
+    return p;
+}
+
+static inline uint32_t tsr_x16_qh_unpack(uint32_t p) {
+    uint32_t h = 0;
+    for (int k = 0; k < 8; k++)
+        for (int i = 0; i < 4; i++) h |= ((p >> (8 * i + k)) & 1u) << (4 * k + i);
+    return h;
+}
+
+/* Activation block b of a prepared row: Q8_1 (its quants, d and s) for the types with a
+ * minimum, Q8_0 (s left 0) for the others. */
+static inline const int8_t *tsr_x16_act(int32_t wtype, const void *xp, int64_t b, uint16_t *d,
+                                        uint16_t *s) {
+    if (tsr_x16_has_min(wtype)) {
+        const tsr_block_q8_1 *x = (const tsr_block_q8_1 *)xp + b;
+        *d = x->d, *s = x->s;
+        return x->qs;
+    }
+    const tsr_block_q8_0 *x = (const tsr_block_q8_0 *)xp + b;
+    *d = x->d, *s = 0;
+    return x->q;
 }
 
 #if defined(TSR_KERNELS_X86)

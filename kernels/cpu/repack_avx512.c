@@ -1,10 +1,14 @@
-/* The x16 product with AVX-512 VNNI (kernels_cpu.h): 16 rows x up to 16 tokens of f32
- * accumulators, one 512-bit register each. A block's tile is unpacked once into eight vectors
- * of unsigned quants (lane r: four quants of row r), then each token adds its block with
- * eight vpdpbusd against four-byte broadcasts of its activation quants, starting from
- * -offset x (the block's activation sum), which makes the lanes the exact signed dots; one
- * fma per block and token ((float)isum x (dw x dx) into the lane's accumulator) is the fast
- * order of repack.c, so the values are its bits. */
+/* The x16 product with AVX-512 VNNI (kernels_cpu.h) for the 32-element types: 16 rows x up
+ * to 16 tokens of f32 accumulators, one 512-bit register each. A block's tile is unpacked once
+ * into eight vectors of unsigned quants (lane r: four quants of row r; the 4-bit types' nibbles
+ * masked or shifted out, Q5's fifth bits merged from their vector by a shift and a
+ * vpternlogd, IQ4_NL's nibbles looked up by vpshufb in its table lifted by 128), then each
+ * token adds its block with eight vpdpbusd against four-byte broadcasts of its activation
+ * quants, starting from -offset x (the block's activation sum), which makes the lanes the
+ * exact signed dots; one fma per block and token ((float)isum x (dw x dx) into the lane's
+ * accumulator), and for Q4_1 / Q5_1 a second one (m x the Q8_1 block's s), is the fast order
+ * of repack.c, so the values are its bits. */
+#include "quants.h"
 #include "repack.h"
 #include "x86_common.h"
 
@@ -26,36 +30,57 @@ X16_INLINE __m512i x16_bcast4(const int8_t *q) {
 }
 
 /* A tile's activations, prepared once per call and read by every group: for block b, the
- * quants of its X16_TOK tokens side by side, then their scales and offset corrections, so
- * that the tile addresses all of them from one pointer. */
+ * quants of its X16_TOK tokens side by side, then their scales, offset corrections and (Q8_1)
+ * sums s, so that the tile addresses all of them from one pointer. */
 typedef struct x16_xblock {
     int8_t q[X16_TOK][TSR_QK];
     float d[X16_TOK];
     int32_t corr[X16_TOK];
+    float s[X16_TOK];
 } x16_xblock;
 
+/* The eight vectors of unsigned quants of the tile at p (a constant wtype). */
+X16_INLINE void x16_weights(const int32_t wtype, const uint8_t *p, __m512i wv[8]) {
+    if (wtype == TSR_DTYPE_Q8_0) {
+        for (int k = 0; k < 8; k++) wv[k] = _mm512_loadu_si512(p + 64 * k);
+        return;
+    }
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    for (int j = 0; j < 4; j++) {
+        __m512i v = _mm512_loadu_si512(p + 64 * j);
+        wv[j] = _mm512_and_si512(v, m4);
+        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+    if (tsr_x16_has_qh(wtype)) {
+        /* bit k of each byte is vector k's fifth bit (tsr_x16_qh_pack): moved to bit 4 */
+        const __m512i h = _mm512_loadu_si512(p + 256), bit4 = _mm512_set1_epi8(0x10);
+        for (int k = 0; k < 8; k++) {
+            __m512i hk = k < 4 ? _mm512_slli_epi32(h, 4 - k) : _mm512_srli_epi32(h, k - 4);
+            wv[k] = _mm512_ternarylogic_epi32(wv[k], hk, bit4, 0xf8); /* a | (b & c) */
+        }
+    }
+    if (wtype == TSR_DTYPE_IQ4_NL) {
+        const __m512i table = _mm512_broadcast_i32x4(_mm_xor_si128(
+            _mm_loadu_si128((const __m128i *)tsr_iq4nl_values), _mm_set1_epi8((char)0x80)));
+        for (int k = 0; k < 8; k++) wv[k] = _mm512_shuffle_epi8(table, wv[k]);
+    }
+}
+
 /* y[t * ldy + r] for the 16 rows of one group and the nt tokens of xb (nb blocks). */
-X16_INLINE void x16_tile(const int q4, const int nt, float *y, int64_t ldy,
-                         const uint8_t *tiles, const uint16_t *scales, int64_t nb,
+X16_INLINE void x16_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
+                         const uint8_t *tiles, const uint8_t *scales, int64_t nb,
                          const x16_xblock *xb) {
     __m512 acc[X16_TOK];
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
     for (int64_t b = 0; b < nb; b++, xb++) {
         __m512i wv[8];
-        if (q4) {
-            const uint8_t *p = tiles + (size_t)b * (TSR_X16_ROWS * TSR_QK / 2);
-            for (int j = 0; j < 4; j++) {
-                __m512i v = _mm512_loadu_si512(p + 64 * j);
-                wv[j] = _mm512_and_si512(v, m4);
-                wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-            }
-        } else {
-            const uint8_t *p = tiles + (size_t)b * (TSR_X16_ROWS * TSR_QK);
-            for (int k = 0; k < 8; k++) wv[k] = _mm512_loadu_si512(p + 64 * k);
-        }
-        const __m512 dw =
-            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + TSR_X16_ROWS * b)));
+        x16_weights(wtype, tiles + (size_t)b * tile, wv);
+        const uint8_t *sc = scales + (size_t)b * sb;
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+        const __m512 mw = tsr_x16_has_min(wtype)
+                              ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc + 1))
+                              : _mm512_setzero_ps();
         for (int t = 0; t < nt; t++) {
             /* one chain per token: the tokens' chains are independent, which covers the
              * latency of each */
@@ -64,43 +89,59 @@ X16_INLINE void x16_tile(const int q4, const int nt, float *y, int64_t ldy,
                 i = _mm512_dpbusd_epi32(i, wv[k], x16_bcast4(xb->q[t] + 4 * k));
             const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xb->d[t]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), d, acc[t]);
+            if (tsr_x16_has_min(wtype))
+                acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb->s[t]), acc[t]);
         }
     }
     for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, acc[t]);
 }
 
+/* The types as the small indices of the copies' switches. */
+#define X16_TYPE_INDEX(wtype)                                                                \
+    ((wtype) == TSR_DTYPE_Q8_0   ? 0                                                          \
+     : (wtype) == TSR_DTYPE_Q4_0 ? 1                                                          \
+     : (wtype) == TSR_DTYPE_Q4_1 ? 2                                                          \
+     : (wtype) == TSR_DTYPE_Q5_0 ? 3                                                          \
+     : (wtype) == TSR_DTYPE_Q5_1 ? 4                                                          \
+                                 : 5)
+#define X16_FOR_TYPES(F, ...)                                                                 \
+    F(TSR_DTYPE_Q8_0, __VA_ARGS__) F(TSR_DTYPE_Q4_0, __VA_ARGS__)                             \
+    F(TSR_DTYPE_Q4_1, __VA_ARGS__) F(TSR_DTYPE_Q5_0, __VA_ARGS__)                             \
+    F(TSR_DTYPE_Q5_1, __VA_ARGS__) F(TSR_DTYPE_IQ4_NL, __VA_ARGS__)
+
 /* x16_tile with its type and token count as constants, so each copy keeps its accumulators
  * in registers. */
-static void x16_tile_any(int q4, int nt, float *y, int64_t ldy, const uint8_t *tiles,
-                         const uint16_t *scales, int64_t nb, const x16_xblock *xb) {
-#define X16_CASE(Q, N)                                                                     \
-    case (Q) * X16_TOK + (N) - 1: x16_tile((Q), (N), y, ldy, tiles, scales, nb, xb); break;
-    switch (q4 * X16_TOK + nt - 1) {
-        X16_CASE(0, 1) X16_CASE(0, 2) X16_CASE(0, 3) X16_CASE(0, 4)
-        X16_CASE(0, 5) X16_CASE(0, 6) X16_CASE(0, 7) X16_CASE(0, 8)
-        X16_CASE(0, 9) X16_CASE(0, 10) X16_CASE(0, 11) X16_CASE(0, 12)
-        X16_CASE(0, 13) X16_CASE(0, 14) X16_CASE(0, 15) X16_CASE(0, 16)
-        X16_CASE(1, 1) X16_CASE(1, 2) X16_CASE(1, 3) X16_CASE(1, 4)
-        X16_CASE(1, 5) X16_CASE(1, 6) X16_CASE(1, 7) X16_CASE(1, 8)
-        X16_CASE(1, 9) X16_CASE(1, 10) X16_CASE(1, 11) X16_CASE(1, 12)
-        X16_CASE(1, 13) X16_CASE(1, 14) X16_CASE(1, 15) X16_CASE(1, 16)
-    }
+static void x16_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *tiles,
+                         const uint8_t *scales, int64_t nb, const x16_xblock *xb) {
+#define X16_CASE(T, N)                                                                        \
+    case X16_TYPE_INDEX(T) * X16_TOK + (N) - 1:                                               \
+        x16_tile((T), (N), y, ldy, tiles, scales, nb, xb);                                    \
+        break;
+#define X16_CASES(T, _)                                                                       \
+    X16_CASE(T, 1) X16_CASE(T, 2) X16_CASE(T, 3) X16_CASE(T, 4) X16_CASE(T, 5) X16_CASE(T, 6) \
+    X16_CASE(T, 7) X16_CASE(T, 8) X16_CASE(T, 9) X16_CASE(T, 10) X16_CASE(T, 11)              \
+    X16_CASE(T, 12) X16_CASE(T, 13) X16_CASE(T, 14) X16_CASE(T, 15) X16_CASE(T, 16)
+    switch (X16_TYPE_INDEX(wtype) * X16_TOK + nt - 1) { X16_FOR_TYPES(X16_CASES, 0) }
+#undef X16_CASES
 #undef X16_CASE
 }
 
 /* Tokens [0, n_tok) of xp as tiles of X16_TOK (xb[tile * nb + b]); the last tile's missing
  * tokens are left unset (never read). */
-static void x16_prepare_x(x16_xblock *xb, const void *xp, size_t x_stride, int64_t nb,
-                          int64_t n_tok, int off) {
+static void x16_prepare_x(x16_xblock *xb, int32_t wtype, const void *xp, size_t x_stride,
+                          int64_t nb, int64_t n_tok) {
+    const int off = tsr_x16_offset(wtype);
     for (int64_t t = 0; t < n_tok; t++) {
-        const tsr_block_q8_0 *x = (const tsr_block_q8_0 *)((const char *)xp + t * x_stride);
+        const void *x = (const char *)xp + t * x_stride;
         x16_xblock *o = xb + t / X16_TOK * nb;
         const int i = (int)(t % X16_TOK);
         for (int64_t b = 0; b < nb; b++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
+            uint16_t d, s;
+            __m256i q = _mm256_loadu_si256((const __m256i *)tsr_x16_act(wtype, x, b, &d, &s));
             _mm256_storeu_si256((__m256i *)o[b].q[i], q);
             o[b].corr[i] = -off * tsr_x86_q8_quants_sum(q);
-            o[b].d[i] = _cvtsh_ss(x[b].d);
+            o[b].d[i] = _cvtsh_ss(d);
+            o[b].s[i] = _cvtsh_ss(s);
         }
     }
 }
@@ -110,41 +151,51 @@ static void x16_prepare_x(x16_xblock *xb, const void *xp, size_t x_stride, int64
  * is how fast they stream in. Two groups are read side by side, group g with group g + h of
  * the slice (h half its groups, rounded up; with an odd count the first half's last group
  * goes alone), so that each is the next group of a sequential stream, as tsr_stream_row_pairs
- * does for file rows, each stream prefetched TSR_STREAM_PREFETCH bytes ahead. Per block and
- * group the tile's eight vectors feed two chains of four vpdpbusd (the Q4_0 low nibbles as
- * stored masked, the high ones masked in place, 16 x their value, shifted back once per
- * block), so that no product waits on a long chain; the values are the tile's, bit for bit. */
+ * does for file rows. The streams of the types with fewer than 8 bits per quant are
+ * prefetched TSR_STREAM_PREFETCH bytes ahead into L2 (Q4_0, T1: 1.09-1.12x the decode of T0's,
+ * which was no better than none); Q8_0's are not (the hardware's prefetch alone read
+ * 1.07-1.20x faster than with T0 or T1). Per block and group the tile's eight vectors feed
+ * two chains of four vpdpbusd (Q4_0 and Q4_1: the low nibbles as stored masked, the high ones
+ * masked in place, 16 x their value, their chain shifted back once per block; the other types
+ * unpacked as the tile does), so that no product waits on a long chain; the values are the
+ * tile's, bit for bit. */
 #define X16_DEC_TOK 4
 
-/* One token's activation block for decode, packed tight: the blocks' quants, scales and
- * corrections stay in L1 for every group of the slice. */
+/* One token's activation block for decode, packed tight: the blocks' quants, scales,
+ * corrections and (Q8_1) sums stay in L1 for every group of the slice. */
 typedef struct x16_xdec {
     int8_t q[TSR_QK];
     float d;
     int32_t corr;
+    float s;
 } x16_xdec;
 
 /* xd[b * n_tok + t]: block b of token t. */
-static void x16_prepare_dec(x16_xdec *xd, const void *xp, size_t x_stride, int64_t nb,
-                            int64_t n_tok, int off) {
+static void x16_prepare_dec(x16_xdec *xd, int32_t wtype, const void *xp, size_t x_stride,
+                            int64_t nb, int64_t n_tok) {
+    const int off = tsr_x16_offset(wtype);
     for (int64_t t = 0; t < n_tok; t++) {
-        const tsr_block_q8_0 *x = (const tsr_block_q8_0 *)((const char *)xp + t * x_stride);
+        const void *x = (const char *)xp + t * x_stride;
         for (int64_t b = 0; b < nb; b++) {
             x16_xdec *o = xd + b * n_tok + t;
-            __m256i q = _mm256_loadu_si256((const __m256i *)x[b].q);
+            uint16_t d, s;
+            __m256i q = _mm256_loadu_si256((const __m256i *)tsr_x16_act(wtype, x, b, &d, &s));
             _mm256_storeu_si256((__m256i *)o->q, q);
             o->corr = -off * tsr_x86_q8_quants_sum(q);
-            o->d = _cvtsh_ss(x[b].d);
+            o->d = _cvtsh_ss(d);
+            o->s = _cvtsh_ss(s);
         }
     }
 }
 
 /* y[t * ldy + r] for the 16 rows of group a (tiles at ta) and, when n_g is 2, of the group
  * `partner` bytes further (its rows at y + `y_partner`), for nt tokens. */
-X16_INLINE void x16_decode_pair(const int q4, const int nt, float *y, int64_t ldy,
+X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int64_t ldy,
                                 int64_t y_partner, const uint8_t *ta, size_t partner, int n_g,
                                 size_t scales_at, int64_t nb, const x16_xdec *xd) {
-    const size_t tile = q4 ? TSR_X16_ROWS * TSR_QK / 2 : TSR_X16_ROWS * TSR_QK;
+    /* plain nibbles: the high ones read in place */
+    const int in_place = wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q4_1;
+    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
     const uint8_t *tiles[2] = {ta, ta + (n_g == 2 ? partner : 0)};
     __m512 acc[2][X16_DEC_TOK];
     for (int s = 0; s < 2; s++)
@@ -153,29 +204,36 @@ X16_INLINE void x16_decode_pair(const int q4, const int nt, float *y, int64_t ld
     for (int64_t b = 0; b < nb; b++, xd += nt)
         for (int s = 0; s < 2; s++) {
             const uint8_t *p = tiles[s] + (size_t)b * tile;
-            const uint16_t *sc = (const uint16_t *)(tiles[s] + scales_at) + TSR_X16_ROWS * b;
-            for (size_t o = 0; o < tile; o += 64)
-                _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
-            if (!(b & 1)) _mm_prefetch((const char *)sc + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            const uint8_t *sc = tiles[s] + scales_at + (size_t)b * sb;
+            if (wtype != TSR_DTYPE_Q8_0) {
+                for (size_t o = 0; o < tile; o += 64)
+                    _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T1);
+                if (!((size_t)b * sb % 64)) _mm_prefetch(sc + TSR_STREAM_PREFETCH, _MM_HINT_T1);
+            }
             __m512i wv[8];
-            if (q4)
+            if (in_place)
                 for (int j = 0; j < 4; j++) {
                     __m512i v = _mm512_loadu_si512(p + 64 * j);
                     wv[j] = _mm512_and_si512(v, lo);
                     wv[j + 4] = _mm512_and_si512(v, hi);
                 }
             else
-                for (int k = 0; k < 8; k++) wv[k] = _mm512_loadu_si512(p + 64 * k);
+                x16_weights(wtype, p, wv);
             const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+            const __m512 mw = tsr_x16_has_min(wtype)
+                                  ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc + 1))
+                                  : _mm512_setzero_ps();
             for (int t = 0; t < nt; t++) {
                 __m512i i0 = _mm512_set1_epi32(xd[t].corr), i1 = _mm512_setzero_si512();
                 for (int k = 0; k < 4; k++) {
                     i0 = _mm512_dpbusd_epi32(i0, wv[k], x16_bcast4(xd[t].q + 4 * k));
                     i1 = _mm512_dpbusd_epi32(i1, wv[k + 4], x16_bcast4(xd[t].q + 16 + 4 * k));
                 }
-                const __m512i i = _mm512_add_epi32(i0, q4 ? _mm512_srai_epi32(i1, 4) : i1);
+                const __m512i i = _mm512_add_epi32(i0, in_place ? _mm512_srai_epi32(i1, 4) : i1);
                 const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xd[t].d));
                 acc[s][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), d, acc[s][t]);
+                if (tsr_x16_has_min(wtype))
+                    acc[s][t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xd[t].s), acc[s][t]);
             }
         }
     for (int t = 0; t < nt; t++) {
@@ -185,17 +243,17 @@ X16_INLINE void x16_decode_pair(const int q4, const int nt, float *y, int64_t ld
 }
 
 /* x16_decode_pair with its type and token count as constants. */
-static void x16_decode_pair_any(int q4, int nt, float *y, int64_t ldy, int64_t y_partner,
-                                const uint8_t *ta, size_t partner, int n_g, size_t scales_at,
-                                int64_t nb, const x16_xdec *xd) {
-#define X16_DEC_CASE(Q, N)                                                                  \
-    case (Q) * X16_DEC_TOK + (N) - 1:                                                        \
-        x16_decode_pair((Q), (N), y, ldy, y_partner, ta, partner, n_g, scales_at, nb, xd);   \
+static void x16_decode_pair_any(int32_t wtype, int nt, float *y, int64_t ldy,
+                                int64_t y_partner, const uint8_t *ta, size_t partner, int n_g,
+                                size_t scales_at, int64_t nb, const x16_xdec *xd) {
+#define X16_DEC_CASE(T, N)                                                                    \
+    case X16_TYPE_INDEX(T) * X16_DEC_TOK + (N) - 1:                                           \
+        x16_decode_pair((T), (N), y, ldy, y_partner, ta, partner, n_g, scales_at, nb, xd);    \
         break;
-    switch (q4 * X16_DEC_TOK + nt - 1) {
-        X16_DEC_CASE(0, 1) X16_DEC_CASE(0, 2) X16_DEC_CASE(0, 3) X16_DEC_CASE(0, 4)
-        X16_DEC_CASE(1, 1) X16_DEC_CASE(1, 2) X16_DEC_CASE(1, 3) X16_DEC_CASE(1, 4)
-    }
+#define X16_DEC_CASES(T, _)                                                                   \
+    X16_DEC_CASE(T, 1) X16_DEC_CASE(T, 2) X16_DEC_CASE(T, 3) X16_DEC_CASE(T, 4)
+    switch (X16_TYPE_INDEX(wtype) * X16_DEC_TOK + nt - 1) { X16_FOR_TYPES(X16_DEC_CASES, 0) }
+#undef X16_DEC_CASES
 #undef X16_DEC_CASE
 }
 
@@ -206,12 +264,11 @@ static int x16_decode(float *y, int64_t ldy, const void *w, int32_t wtype, const
     const size_t bytes = ((size_t)(nb * n_tok) * sizeof(x16_xdec) + 63) / 64 * 64;
     x16_xdec *xd = aligned_alloc(64, bytes);
     if (!xd) return -1;
-    x16_prepare_dec(xd, xp, tsr_row_size(TSR_DTYPE_Q8_0, n_in), nb, n_tok,
-                    tsr_x16_offset(wtype));
+    x16_prepare_dec(xd, wtype, xp, tsr_row_size(tsr_matmul_act_type(wtype), n_in), nb, n_tok);
     const int64_t h = (g1 - g0 + 1) / 2;
     for (int64_t g = g0; g < g0 + h; g++)
-        x16_decode_pair_any(wtype == TSR_DTYPE_Q4_0, (int)n_tok, y + g * TSR_X16_ROWS, ldy,
-                            h * TSR_X16_ROWS, (const uint8_t *)w + (size_t)g * group_bytes,
+        x16_decode_pair_any(wtype, (int)n_tok, y + g * TSR_X16_ROWS, ldy, h * TSR_X16_ROWS,
+                            (const uint8_t *)w + (size_t)g * group_bytes,
                             (size_t)h * group_bytes, g + h < g1 ? 2 : 1,
                             (size_t)nb * tsr_x16_tile_bytes(wtype), nb, xd);
     free(xd);
@@ -225,8 +282,7 @@ int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, c
                           int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1) {
     if (n_tok <= X16_DEC_TOK) return x16_decode(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);
     const int64_t nb = n_in / TSR_QK;
-    const int q4 = wtype == TSR_DTYPE_Q4_0;
-    const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_0, n_in);
+    const size_t x_stride = tsr_row_size(tsr_matmul_act_type(wtype), n_in);
     const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
     const size_t scales_at = (size_t)nb * tsr_x16_tile_bytes(wtype);
     const int64_t tb = n_tok < X16_TOK_BLOCK ? n_tok : X16_TOK_BLOCK;
@@ -235,15 +291,13 @@ int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, c
     if (!xb) return -1;
     for (int64_t t0 = 0; t0 < n_tok; t0 += tb) {
         const int64_t ntb = n_tok - t0 < tb ? n_tok - t0 : tb;
-        x16_prepare_x(xb, (const char *)xp + (size_t)t0 * x_stride, x_stride, nb, ntb,
-                      tsr_x16_offset(wtype));
+        x16_prepare_x(xb, wtype, (const char *)xp + (size_t)t0 * x_stride, x_stride, nb, ntb);
         for (int64_t g = g0; g < g1; g++) {
             const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
-            const uint16_t *scales = (const uint16_t *)(tiles + scales_at);
             for (int64_t t = 0; t < ntb; t += X16_TOK) {
                 const int nt = (int)(ntb - t < X16_TOK ? ntb - t : X16_TOK);
-                x16_tile_any(q4, nt, y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy, tiles, scales,
-                             nb, xb + t / X16_TOK * nb);
+                x16_tile_any(wtype, nt, y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy, tiles,
+                             tiles + scales_at, nb, xb + t / X16_TOK * nb);
             }
         }
     }

@@ -41,12 +41,7 @@ static void unpack_words(uint8_t *codes, const uint8_t *src, int64_t n, int bits
         for (int j = 0; j < bits; j++) v |= (uint64_t)p[j] << (8 * j);
         for (int k = 0; k < 8; k++) codes[i + k] = (uint8_t)((v >> (k * bits)) & mask);
     }
-    for (; i < n; i++) {
-        int64_t bit = i * bits;
-        uint32_t v = src[bit >> 3];
-        if ((bit & 7) + bits > 8) v |= (uint32_t)src[(bit >> 3) + 1] << 8;
-        codes[i] = (uint8_t)((v >> (bit & 7)) & mask);
-    }
+    for (; i < n; i++) codes[i] = tsr_rq_code_at(src, i, bits);
 }
 
 #ifdef RQ_X86
@@ -54,6 +49,10 @@ static void unpack_words(uint8_t *codes, const uint8_t *src, int64_t n, int bits
  * its own, vpmultishiftqb takes code k from bit k * bits of the lane. The loads and stores are
  * masked to the stream, so nothing past it is touched. */
 static uint8_t g_vbmi_perm[9][64], g_vbmi_shift[9][64];
+/* The narrow form of the fused f32 products (narrow_codes below): for codes of 1-4 bits, the
+ * bit offset of code k at byte 4k, and the value of each 4-bit index. */
+static uint8_t g_narrow_shift[5][64];
+static float g_narrow_value[5][16];
 static pthread_once_t g_vbmi_once = PTHREAD_ONCE_INIT;
 
 static void vbmi_tables(void) {
@@ -63,6 +62,11 @@ static void vbmi_tables(void) {
                 g_vbmi_perm[bits][8 * g + j] = (uint8_t)(g * bits + (j < bits ? j : 0));
                 g_vbmi_shift[bits][8 * g + j] = (uint8_t)(j * bits);
             }
+    for (int bits = 1; bits <= 4; bits++)
+        for (int k = 0; k < 16; k++) {
+            g_narrow_shift[bits][4 * k] = (uint8_t)(k * bits);
+            g_narrow_value[bits][k] = (float)(k & ((1 << bits) - 1));
+        }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) static void
@@ -477,10 +481,46 @@ dot_packed_scaled_token(const uint8_t *codes, int bits, int32_t zero, const uint
             for (int64_t i = 0; i < steps; i++, src += step_bytes, ag += 64) {
                 __m512i av = _mm512_loadu_si512(ag);
                 ac = _mm512_dpbusd_epi32(ac, vbmi_codes_at(&u, src, 1), av);
-                az = _mm512_dpbusd_epi32(az, zv, av);
+                if (zero) az = _mm512_dpbusd_epi32(az, zv, av);
             }
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ac, az)),
                                   _mm512_set1_ps(P[k]), acc);
+        }
+    }
+    return lanes16_sum_zmm(acc, macc);
+}
+
+/* One token with groups of 32 (decode's case): the two groups of a 64-code step share its
+ * unpacking and its vpdpbusd, whose lanes 0-7 hold the first group's sums and lanes 8-15 the
+ * second's. The reference gives every group of 32 the lanes 0-7 (its lanes 8-15 are zero,
+ * and a zero times P_g leaves a lane as it is): the second group's lanes are moved down, and
+ * each half is converted with the other zeroed, so the same bits. */
+RQ_VBMI_TARGET __attribute__((noinline)) static float
+dot_packed_scaled_token32(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
+                          const uint8_t *m16, const tsr_rq_act *act, int64_t t, int64_t n_g) {
+    const int64_t step_bytes = 8 * bits;
+    const vbmi_codes u = vbmi_codes_of(bits, 32);
+    const __m512i zv = _mm512_set1_epi8((char)zero);
+    const __mmask16 low = 0x00ff;
+    const uint8_t *src = codes;
+    const int8_t *ag = act->q + t * act->n_pad;
+    __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+    float P[16];
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        macc = scaled_block(P, macc, d16, m16, act, t, g0, (__mmask16)((1u << ng) - 1));
+        for (int64_t k = 0; k < ng; k += 2, src += step_bytes, ag += 64) {
+            int two = k + 1 < ng; /* a row's odd last group is the short step of u */
+            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            __m512i av = vbmi_acts_at(&u, ag, 0, two);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vbmi_codes_at(&u, src, two),
+                                            av);
+            if (zero) d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, av));
+            acc = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(low, d), _mm512_set1_ps(P[k]), acc);
+            if (two)
+                acc = _mm512_fmadd_ps(
+                    _mm512_maskz_cvtepi32_ps(low, _mm512_shuffle_i32x4(d, d, 0xee)),
+                    _mm512_set1_ps(P[k + 1]), acc);
         }
     }
     return lanes16_sum_zmm(acc, macc);
@@ -499,6 +539,8 @@ RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const u
     case 1:
         if (act->group % 64 == 0)
             y[t * ldy] = dot_packed_scaled_token(codes, bits, zero, d16, m16, act, t, n_g);
+        else if (act->group == 32)
+            y[t * ldy] = dot_packed_scaled_token32(codes, bits, zero, d16, m16, act, t, n_g);
         else
             dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 1);
         break;
@@ -527,6 +569,386 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
         y[t * ldy] = dot(codes, bits, zero, d16, m16, act->q + t * act->n_pad,
                          act->gsum + t * gs, act->d + t * act->n_scales, act->n_scales > 1,
                          act->group, n_g);
+}
+
+/* ---- fused products with f32 activations ------------------------------------------------ */
+
+/* The order of tsr_rq_dot_packed_f32, which every level keeps. For each group g in turn, 16
+ * f32 lanes S start at +0 and lane p % 16 takes fma(c_p, x_p, S) for the group's positions p
+ * in order (x_p = 0 past the row); then the 16 lanes of accumulator set g % 4 take
+ * fma(S, d_g, acc) (the scale, once per group; four sets, so that small groups do not wait
+ * on one fma's latency each), and lane g % 16 of the offsets' set takes
+ * fma(xsum_g, b_g, bacc) (once per group). At the end, lane by lane,
+ * ((acc0 + acc1) + (acc2 + acc3)) + bacc, and the 16 lanes added as a tree (lanes16_sum). A
+ * lane that a short chunk does not reach may take fma(0, 0, S) in a SIMD form: S is never -0
+ * (it starts at +0 and a sum is -0 only when both terms are), so that leaves it unchanged. */
+#define RQ_F32_SETS 4
+static float gscale_d(const tsr_rq_gscales *s, int64_t g) {
+    return s->d16 ? tsr_rq_load_f16(s->d16 + 2 * g) : s->d[g];
+}
+
+static int gscales_offset(const tsr_rq_gscales *s) {
+    return s->d16 ? s->zero != 0 || s->m16 : s->b != NULL;
+}
+
+static float gscale_b(const tsr_rq_gscales *s, int64_t g, float d) {
+    if (!s->d16) return s->b[g];
+    float nz = (float)-s->zero;
+    return s->m16 ? fmaf(nz, d, tsr_rq_load_f16(s->m16 + 2 * g)) : nz * d;
+}
+
+void tsr_rq_act_f32_sums(float *xsum, const float *x, int64_t n_tok, int64_t n, int64_t group) {
+    int64_t n_g = tsr_rq_groups(n, group);
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t g = 0; g < n_g; g++) {
+            const float *xg = x + t * n + g * group;
+            int64_t len = tsr_rq_group_len(g, group, n), p = 0;
+            float lane[16] = {0};
+            for (; p + 16 <= len; p += 16)
+                for (int l = 0; l < 16; l++) lane[l] += xg[p + l];
+            for (; p < len; p++) lane[p % 16] += xg[p];
+            xsum[t * n_g + g] = lanes16_sum(lane);
+        }
+}
+
+/* The end of the order: the four sets and the offsets' lanes, then the tree. */
+static float f32_sets_sum(float acc[RQ_F32_SETS][16], const float bacc[16]) {
+    float lanes[16];
+    for (int l = 0; l < 16; l++)
+        lanes[l] = ((acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])) + bacc[l];
+    return lanes16_sum(lanes);
+}
+
+static float dot_packed_f32_ref(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
+                                const float *x, const float *xsum, int64_t n, int64_t group,
+                                int64_t n_g) {
+    float acc[RQ_F32_SETS][16] = {{0}}, bacc[16] = {0};
+    int offset = gscales_offset(s);
+    uint8_t buf[64];
+    for (int64_t g = 0; g < n_g; g++) {
+        float S[16] = {0}, *a = acc[g % RQ_F32_SETS];
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64, at = g * group + i;
+            unpack_words(buf, codes + at / 8 * bits, m, bits);
+            for (int64_t p = 0; p < m; p++)
+                S[p % 16] = fmaf((float)buf[p], at + p < n ? x[at + p] : 0.0f, S[p % 16]);
+        }
+        float d = gscale_d(s, g);
+        for (int l = 0; l < 16; l++) a[l] = fmaf(S[l], d, a[l]);
+        if (offset) bacc[g % 16] = fmaf(xsum[g], gscale_b(s, g, d), bacc[g % 16]);
+    }
+    return f32_sets_sum(acc, bacc);
+}
+
+#ifdef RQ_X86
+/* The reference's order with AVX2: lanes 0-7 in one ymm, 8-15 in the other; the codes of a
+ * group unpacked to the stack 64 at a time, a chunk that the group or the row cuts short
+ * padded with zeros on the stack. */
+__attribute__((target("avx2,fma,f16c"))) static float
+dot_packed_f32_avx2(const uint8_t *codes, int bits, const tsr_rq_gscales *s, const float *x,
+                    const float *xsum, int64_t n, int64_t group, int64_t n_g) {
+    __m256 acc[RQ_F32_SETS][2];
+    float bacc[16] = {0}, sets[RQ_F32_SETS][16], xbuf[16];
+    int offset = gscales_offset(s);
+    uint8_t buf[64 + 16];
+    for (int k = 0; k < RQ_F32_SETS; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n_g; g++) {
+        __m256 S[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t i = 0; i < group; i += 64) {
+            int64_t m = group - i < 64 ? group - i : 64, at = g * group + i;
+            unpack_words(buf, codes + at / 8 * bits, m, bits);
+            memset(buf + m, 0, 16);
+            for (int64_t p = 0; p < m; p += 16) {
+                int64_t valid = m - p < n - at - p ? m - p : n - at - p;
+                const float *xp = x + at + p;
+                if (valid < 16) {
+                    memset(xbuf, 0, sizeof xbuf);
+                    if (valid > 0) memcpy(xbuf, xp, (size_t)valid * sizeof(float));
+                    xp = xbuf;
+                }
+                for (int h = 0; h < 2; h++) {
+                    __m128i c8 = _mm_loadl_epi64((const __m128i *)(buf + p + 8 * h));
+                    __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8));
+                    S[h] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xp + 8 * h), S[h]);
+                }
+            }
+        }
+        float d = gscale_d(s, g);
+        __m256 *a = acc[g % RQ_F32_SETS];
+        for (int h = 0; h < 2; h++) a[h] = _mm256_fmadd_ps(S[h], _mm256_set1_ps(d), a[h]);
+        if (offset) bacc[g % 16] = fmaf(xsum[g], gscale_b(s, g, d), bacc[g % 16]);
+    }
+    for (int k = 0; k < RQ_F32_SETS; k++) {
+        _mm256_storeu_ps(sets[k], acc[k][0]);
+        _mm256_storeu_ps(sets[k] + 8, acc[k][1]);
+    }
+    return f32_sets_sum(sets, bacc);
+}
+
+/* Chunk q (codes 16q..16q+15) of a 64-code step, one code per 32-bit lane, by one vpermb:
+ * byte 4k of the index is 16q + k, the other bytes are zeroed by the mask. */
+#define RQ_SPREAD_MASK ((__mmask64)0x1111111111111111ull)
+
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512
+vbmi_chunk_f32(__m512i codes64, int q) {
+    const __m512i idx = _mm512_add_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(16 * q));
+    return _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(RQ_SPREAD_MASK, idx, codes64));
+}
+
+/* Decode's loops take codes of 4 bits or fewer 16 (2 * bits bytes) at a time, with fewer
+ * operations than the unpacking above: one 64-bit word broadcast from memory, vpmultishiftqb
+ * moving code k's bits to the bottom of 32-bit lane k, and vpermps reading its value from a
+ * table of 16 floats, table[i] = i mod 2^bits (the index's upper bits, the next codes' bits,
+ * are ignored). The word is 8 bytes whatever the width: the caller keeps 8 bytes of the row
+ * ahead of a step's start plus its 8 * bits. */
+typedef struct narrow_codes {
+    __m512i ctl;
+    __m512 table;
+} narrow_codes;
+
+/* bits <= 4 (others get the tables of 4 bits, unused). */
+RQ_VBMI_TARGET static inline narrow_codes narrow_codes_of(int bits) {
+    pthread_once(&g_vbmi_once, vbmi_tables);
+    int b = bits <= 4 ? bits : 4;
+    return (narrow_codes){_mm512_loadu_si512(g_narrow_shift[b]),
+                          _mm512_loadu_ps(g_narrow_value[b])};
+}
+
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512
+narrow_chunk_f32(const narrow_codes *nc, const uint8_t *p) {
+    long long w;
+    memcpy(&w, p, sizeof w);
+    return _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(nc->ctl, _mm512_set1_epi64(w)),
+                                 nc->table);
+}
+
+/* The four chunks of the 64-code step at src as floats: narrow (above) or unpacked. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+step_codes_f32(__m512 cf[4], const vbmi_codes *u, const narrow_codes *nc, const uint8_t *src,
+               int narrow) {
+    if (narrow) {
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) cf[q] = narrow_chunk_f32(nc, src + 2 * u->bits * q);
+        return;
+    }
+    __m512i c = vbmi_codes_at(u, src, 1);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) cf[q] = vbmi_chunk_f32(c, q);
+}
+
+/* Groups [g0, g0 + 16) (mask gm): their d_g into P, and their b_g (zeros without offsets). */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512
+f32_block(float P[16], const tsr_rq_gscales *s, int64_t g0, __mmask16 gm) {
+    if (!s->d16) {
+        _mm512_storeu_ps(P, _mm512_maskz_loadu_ps(gm, s->d + g0));
+        return s->b ? _mm512_maskz_loadu_ps(gm, s->b + g0) : _mm512_setzero_ps();
+    }
+    __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, s->d16 + 2 * g0));
+    _mm512_storeu_ps(P, d);
+    __m512 nz = _mm512_set1_ps((float)-s->zero);
+    return s->m16 ? _mm512_fmadd_ps(nz, d, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                                gm, s->m16 + 2 * g0)))
+                  : _mm512_mul_ps(nz, d);
+}
+
+/* The end of the order in registers: the four sets, the offsets' lanes, the tree. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline float
+f32_sets_sum_zmm(const __m512 acc[RQ_F32_SETS], __m512 bacc) {
+    return lanes16_sum_zmm(
+        _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])), bacc);
+}
+
+/* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_f32, any group and row length: each 64 codes are
+ * unpacked and each chunk converted once for the NT tokens, whose activations are loaded
+ * masked to the group and the row. NT is a constant in each inlined copy, and so is each
+ * group's set (the groups of a block of 16 taken four at a time). */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+dot_packed_f32_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                    const tsr_rq_gscales *s, const tsr_rq_act_f32 *x, int64_t t0, int64_t n_g,
+                    const int NT) {
+    const int64_t group = x->group, n = x->n;
+    const vbmi_codes u = vbmi_codes_of(bits, group);
+    const int offset = gscales_offset(s);
+    __m512 acc[RQ_TILE_TOKS][RQ_F32_SETS], bacc[RQ_TILE_TOKS];
+    float P[16];
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) {
+        bacc[j] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int r = 0; r < RQ_F32_SETS; r++) acc[j][r] = _mm512_setzero_ps();
+    }
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+        __m512 b = f32_block(P, s, g0, gm);
+        if (offset) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NT; j++)
+                bacc[j] = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(gm, x->xsum + (t0 + j) * n_g + g0), b, bacc[j]);
+        }
+        for (int64_t k = 0; k < ng; k += RQ_F32_SETS) {
+#pragma GCC unroll 4
+            for (int r = 0; r < RQ_F32_SETS; r++) {
+                if (k + r >= ng) break;
+                const int64_t g = g0 + k + r;
+                const uint8_t *src = codes + g * group * bits / 8;
+                __m512 S[RQ_TILE_TOKS];
+#pragma GCC unroll 4
+                for (int j = 0; j < NT; j++) S[j] = _mm512_setzero_ps();
+                for (int64_t i = 0; i < group; i += 64) {
+                    __m512i c = vbmi_codes_at(&u, src + i / 8 * bits, i + 64 <= group);
+                    for (int q = 0; q < 4 && i + 16 * q < group; q++) {
+                        int64_t p = i + 16 * q, at = g * group + p;
+                        int64_t valid = group - p < n - at ? group - p : n - at;
+                        __mmask16 xm = valid >= 16 ? (__mmask16)0xffff
+                                       : valid > 0 ? (__mmask16)((1u << valid) - 1)
+                                                   : (__mmask16)0;
+                        __m512 cf = vbmi_chunk_f32(c, q);
+#pragma GCC unroll 4
+                        for (int j = 0; j < NT; j++)
+                            S[j] = _mm512_fmadd_ps(
+                                cf, _mm512_maskz_loadu_ps(xm, x->x + (t0 + j) * n + at), S[j]);
+                    }
+                }
+                __m512 d = _mm512_set1_ps(P[k + r]);
+#pragma GCC unroll 4
+                for (int j = 0; j < NT; j++) acc[j][r] = _mm512_fmadd_ps(S[j], d, acc[j][r]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) y[(t0 + j) * ldy] = f32_sets_sum_zmm(acc[j], bacc[j]);
+}
+
+/* Groups of 16 or 32 codes (PER chunks of 16) in decode's single-token loop: the groups of a
+ * 64-code step share its unpacking, four groups (one per set) every PER steps. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline const uint8_t *
+f32_token_small(__m512 acc[RQ_F32_SETS], const vbmi_codes *u, const narrow_codes *nc,
+                const uint8_t *src, const uint8_t *narrow_end, const float **xp,
+                const float *P, int64_t ng, const int PER) {
+    const int64_t step_bytes = 8 * u->bits;
+    const float *x = *xp;
+    for (int64_t k = 0; k < ng; k += RQ_F32_SETS) {
+#pragma GCC unroll 2
+        for (int st = 0; st < PER; st++) {
+            if (k + st * (4 / PER) >= ng) break;
+            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+            __m512 cf[4], S = _mm512_setzero_ps();
+            step_codes_f32(cf, u, nc, src, src < narrow_end);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) {
+                S = _mm512_fmadd_ps(cf[q], _mm512_loadu_ps(x + 16 * q), S);
+                if ((q + 1) % PER == 0) {
+                    const int r = st * (4 / PER) + q / PER;
+                    acc[r] = _mm512_fmadd_ps(S, _mm512_set1_ps(P[k + r]), acc[r]);
+                    S = _mm512_setzero_ps();
+                }
+            }
+            src += step_bytes;
+            x += 64;
+        }
+    }
+    *xp = x;
+    return src;
+}
+
+/* One token of a row of whole groups, decode's case, with running pointers and no masks: a
+ * group of 64 codes or more is whole 64-code steps; groups of 16 or 32 share a step (the row
+ * then a multiple of 64 codes). The tile's operations in the same order, so the same bits. */
+RQ_VBMI_TARGET __attribute__((noinline)) static float
+dot_packed_f32_token(const uint8_t *codes, int bits, const tsr_rq_gscales *s, const float *x,
+                     const float *xsum, int64_t group, int64_t n_g) {
+    const vbmi_codes u = vbmi_codes_of(bits, 64);
+    const narrow_codes nc = narrow_codes_of(bits);
+    const int64_t step_bytes = 8 * bits;
+    const int offset = gscales_offset(s);
+    const uint8_t *src = codes;
+    /* steps that start before it may read narrow words (which end up to 8 bytes past a step) */
+    const uint8_t *narrow_end = bits <= 4 ? codes + n_g * group * bits / 8 - step_bytes - 8
+                                          : codes;
+    __m512 acc[RQ_F32_SETS], bacc = _mm512_setzero_ps();
+    float P[16];
+#pragma GCC unroll 4
+    for (int r = 0; r < RQ_F32_SETS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+        __m512 b = f32_block(P, s, g0, gm);
+        if (offset) bacc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(gm, xsum + g0), b, bacc);
+        if (group == 16) {
+            src = f32_token_small(acc, &u, &nc, src, narrow_end, &x, P, ng, 1);
+            continue;
+        }
+        if (group == 32) {
+            src = f32_token_small(acc, &u, &nc, src, narrow_end, &x, P, ng, 2);
+            continue;
+        }
+        for (int64_t k = 0; k < ng; k += RQ_F32_SETS) {
+#pragma GCC unroll 4
+            for (int r = 0; r < RQ_F32_SETS; r++) {
+                if (k + r >= ng) break;
+                __m512 S = _mm512_setzero_ps();
+                /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
+                _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+                for (int64_t i = 0; i < group; i += 64, src += step_bytes, x += 64) {
+                    __m512 cf[4];
+                    step_codes_f32(cf, &u, &nc, src, src < narrow_end);
+#pragma GCC unroll 4
+                    for (int q = 0; q < 4; q++)
+                        S = _mm512_fmadd_ps(cf[q], _mm512_loadu_ps(x + 16 * q), S);
+                }
+                acc[r] = _mm512_fmadd_ps(S, _mm512_set1_ps(P[k + r]), acc[r]);
+            }
+        }
+    }
+    return f32_sets_sum_zmm(acc, bacc);
+}
+
+RQ_VBMI_TARGET static void dot_packed_f32_vbmi(float *y, int64_t ldy, const uint8_t *codes,
+                                               int bits, const tsr_rq_gscales *s,
+                                               const tsr_rq_act_f32 *x, int64_t n_tok,
+                                               int64_t n_g) {
+    const int64_t group = x->group;
+    int64_t t = 0;
+    for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
+        dot_packed_f32_tile(y, ldy, codes, bits, s, x, t, n_g, RQ_TILE_TOKS);
+    int whole = x->n == n_g * group &&
+                (group % 64 == 0 || ((group == 16 || group == 32) && x->n % 64 == 0));
+    switch (n_tok - t) {
+    case 3: dot_packed_f32_tile(y, ldy, codes, bits, s, x, t, n_g, 3); break;
+    case 2: dot_packed_f32_tile(y, ldy, codes, bits, s, x, t, n_g, 2); break;
+    case 1:
+        if (whole)
+            y[t * ldy] = dot_packed_f32_token(codes, bits, s, x->x + t * x->n,
+                                              x->xsum + t * n_g, group, n_g);
+        else
+            dot_packed_f32_tile(y, ldy, codes, bits, s, x, t, n_g, 1);
+        break;
+    default: break;
+    }
+}
+#endif
+
+void tsr_rq_dot_packed_f32(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                           const tsr_rq_gscales *s, const tsr_rq_act_f32 *x, int64_t n_tok,
+                           int64_t n_g) {
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) {
+        dot_packed_f32_vbmi(y, ldy, codes, bits, s, x, n_tok, n_g);
+        return;
+    }
+#endif
+    float (*dot)(const uint8_t *, int, const tsr_rq_gscales *, const float *, const float *,
+                 int64_t, int64_t, int64_t) = dot_packed_f32_ref;
+#ifdef RQ_X86
+    if (tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2) dot = dot_packed_f32_avx2;
+#endif
+    for (int64_t t = 0; t < n_tok; t++)
+        y[t * ldy] = dot(codes, bits, s, x->x + t * x->n, x->xsum + t * n_g, x->n, x->group,
+                         n_g);
 }
 
 /* q = rne(x * 127 / amax), clamped; returns the scale amax / 127 (0 and zeros for amax 0). */
@@ -634,25 +1056,55 @@ void tsr_rq_matrix_dequantize(float *y, const tsr_rq_matrix *m, int64_t row0, in
     }
 }
 
+/* One token's product of a row with the codec's fused product: int8 (act) or f32 (xf). */
 typedef struct rq_pair {
     const tsr_rq_matrix *m;
     const tsr_rq_act *act;
+    const tsr_rq_act_f32 *xf;
     uint8_t *scratch;
 } rq_pair;
 
 static void rq_pair_run(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
     const rq_pair *p = ctx;
-    for (int k = 0; k < n_r; k++)
-        p->m->codec->dot_q8(p->m->cfg, v + k, 1, (const uint8_t *)w + k * partner, p->act, 1,
-                            p->m->n_in, p->scratch);
+    const tsr_rq_codec *c = p->m->codec;
+    for (int k = 0; k < n_r; k++) {
+        const uint8_t *row = (const uint8_t *)w + k * partner;
+        if (p->act)
+            c->dot_q8(p->m->cfg, v + k, 1, row, p->act, 1, p->m->n_in, p->scratch);
+        else
+            c->dot_f32(p->m->cfg, v + k, 1, row, NULL, 0, p->xf, 1, p->m->n_in,
+                       (float *)p->scratch);
+    }
+}
+
+/* The f32 row scratch, then (with dot_f32) the activations' group sums. */
+static size_t f32_row_scratch(int64_t n_in) {
+    return ((size_t)n_in * sizeof(float) + 63) & ~(size_t)63;
+}
+
+size_t tsr_rq_matrix_mul_scratch(const tsr_rq_matrix *m, int64_t n_tok, int64_t act_n_pad) {
+    if (act_n_pad > 0) return ((size_t)act_n_pad + 63) & ~(size_t)63;
+    size_t sums = 0;
+    if (m->codec->dot_f32)
+        sums = (size_t)(n_tok * tsr_rq_groups(m->n_in, m->codec->f32_group(m->cfg))) *
+               sizeof(float);
+    return f32_row_scratch(m->n_in) + ((sums + 63) & ~(size_t)63);
 }
 
 void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const tsr_rq_act *act,
                        int64_t n_tok, uint8_t *scratch, int ith, int nth) {
     int64_t n_in = m->n_in, n_out = m->n_out, r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
-    if (act && n_tok == 1 && !m->tail_off) { /* decode: two sequential streams, as tsr_matmul */
-        rq_pair p = {m, act, scratch};
+    tsr_rq_act_f32 xf = {x, NULL, n_in, 0};
+    int fused_f32 = !act && m->codec->dot_f32;
+    if (fused_f32) { /* every thread sums the few activations itself: no second pass to wait for */
+        xf.group = m->codec->f32_group(m->cfg);
+        float *xsum = (float *)(scratch + f32_row_scratch(n_in));
+        tsr_rq_act_f32_sums(xsum, x, n_tok, n_in, xf.group);
+        xf.xsum = xsum;
+    }
+    if ((act || fused_f32) && n_tok == 1 && !m->tail_off) { /* decode: two streams */
+        rq_pair p = {m, act, &xf, scratch};
         tsr_stream_row_pairs(rq_pair_run, &p, y, m->rows, m->row_bytes, r0, r1);
         return;
     }
@@ -661,10 +1113,13 @@ void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const t
         rq_row q = row_at(m, r);
         if (act) {
             m->codec->dot_q8(m->cfg, y + r, n_out, q.row, act, n_tok, n_in, scratch);
-            continue;
+        } else if (fused_f32) {
+            m->codec->dot_f32(m->cfg, y + r, n_out, q.row, q.tail, q.tail_bytes, &xf, n_tok,
+                              n_in, row);
+        } else {
+            m->codec->dequantize_row(m->cfg, row, q.row, q.tail, q.tail_bytes, n_in);
+            for (int64_t t = 0; t < n_tok; t++)
+                y[t * n_out + r] = tsr_dot_f32(row, x + t * n_in, n_in);
         }
-        m->codec->dequantize_row(m->cfg, row, q.row, q.tail, q.tail_bytes, n_in);
-        for (int64_t t = 0; t < n_tok; t++)
-            y[t * n_out + r] = tsr_dot_f32(row, x + t * n_in, n_in);
     }
 }

@@ -6,13 +6,16 @@
  * when `tessera quantize` writes a file), following llama.cpp's recipes: which tensors of a
  * "_m"/"_s" mix get more bits, and which fallback a row too short for 256-element blocks gets.
  *
- * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0, Q8_0 and (at the
- * avx512 level) Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS matrices (kept or converted) are
- * repacked at load into the kernels' row-interleaved x16 layout, a type of this plugin's own
- * that it multiplies itself (tsr_x16_matmul: activations quantized to Q8_0, or Q8_K for the
- * 256-element types, once per product, the fast order); the file's bytes are then no longer
- * read. With `ggml` every type stays the backend's to multiply in llama.cpp's order, which the
- * parity tests against llama.cpp's logits need.
+ * `order`: with `fast` (the default) and the `cpu` backend running, Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0, IQ4_NL and (at the avx512 level) Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS matrices (kept
+ * or converted) are repacked at load into the kernels' row-interleaved x16 layout, a type of
+ * this plugin's own that it multiplies itself (tsr_x16_matmul: activations quantized to Q8_0,
+ * Q8_1 for Q4_1 and Q5_1, or Q8_K for the K types, once per product, the fast order); the
+ * file's bytes are then no longer read. F16 (and below the avx512 level BF16) matrices keep
+ * their rows where they are, under a type of this plugin's own too: a batch of
+ * TSR_PANEL_MIN_TOK tokens or more goes through tsr_panel_matmul (the fast order), fewer
+ * through the backend's kernel (tsr_matmul). With `ggml` every type stays the backend's to
+ * multiply in llama.cpp's order, which the parity tests against llama.cpp's logits need.
  */
 #include <tessera/kernels_cpu.h>
 #include <tessera/sdk.h>
@@ -47,10 +50,11 @@ static const tsr_param_def gguf_params[] = {
             "(llama.cpp's recipes for the _s/_m mixes)"},
     {TSR_SIZED(tsr_param_def), .name = "order", .type = TSR_PARAM_ENUM, .default_value = "fast",
      .min = 1, .max = 0, .choices = order_choices,
-     .doc = "fast: on the cpu backend, Q4_0, Q8_0 and (avx512) Q2_K..Q6_K and IQ4_XS "
+     .doc = "fast: on the cpu backend, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K..Q6_K and IQ4_XS "
             "matrices repacked at load into 16-row interleaved tiles and multiplied here in the "
-            "fast order; ggml: every matrix left to the backend, in llama.cpp's order "
-            "(bit-exact parity)"},
+            "fast order, F16 (below avx512 BF16 too) batches multiplied here through f32 "
+            "panels; ggml: every matrix left to the backend, in llama.cpp's order (bit-exact "
+            "parity)"},
 };
 
 /* The x16 layouts of the repacked types, as types of this plugin. */
@@ -58,6 +62,13 @@ static const tsr_param_def gguf_params[] = {
 #define GGUF_DTYPE_Q8_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x161)
 #define GGUF_DTYPE_Q4_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x162)
 #define GGUF_DTYPE_Q6_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x163)
+/* F16 and BF16 file rows this plugin multiplies (tsr_panel_matmul for a batch). */
+#define GGUF_DTYPE_F16_PANEL (TSR_DTYPE_PLUGIN_FIRST + 0x164)
+#define GGUF_DTYPE_BF16_PANEL (TSR_DTYPE_PLUGIN_FIRST + 0x165)
+#define GGUF_DTYPE_Q4_1_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x168)
+#define GGUF_DTYPE_Q5_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x169)
+#define GGUF_DTYPE_Q5_1_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x16a)
+#define GGUF_DTYPE_IQ4_NL_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x16b)
 #define GGUF_DTYPE_Q5_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x170)
 #define GGUF_DTYPE_IQ4_XS_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x171)
 #define GGUF_DTYPE_Q3_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x172)
@@ -67,18 +78,24 @@ typedef struct gguf_quantizer {
     const tsr_host *host;
     recipe recipe;
     int32_t n_layer;
-    bool repack;   /* order fast on the cpu backend */
+    bool fast;     /* order fast on the cpu backend */
     void *scratch; /* the prepared activations of the current product */
     size_t scratch_bytes;
 } gguf_quantizer;
 
-/* The GGUF type a repacked type holds, or -1. */
-static int32_t x16_base(int32_t dtype) {
+/* The GGUF type one of this plugin's own types holds, or -1. */
+static int32_t own_base(int32_t dtype) {
     switch (dtype) {
     case GGUF_DTYPE_Q4_0_X16: return TSR_DTYPE_Q4_0;
     case GGUF_DTYPE_Q8_0_X16: return TSR_DTYPE_Q8_0;
     case GGUF_DTYPE_Q4_K_X16: return TSR_DTYPE_Q4_K;
     case GGUF_DTYPE_Q6_K_X16: return TSR_DTYPE_Q6_K;
+    case GGUF_DTYPE_F16_PANEL: return TSR_DTYPE_F16;
+    case GGUF_DTYPE_BF16_PANEL: return TSR_DTYPE_BF16;
+    case GGUF_DTYPE_Q4_1_X16: return TSR_DTYPE_Q4_1;
+    case GGUF_DTYPE_Q5_0_X16: return TSR_DTYPE_Q5_0;
+    case GGUF_DTYPE_Q5_1_X16: return TSR_DTYPE_Q5_1;
+    case GGUF_DTYPE_IQ4_NL_X16: return TSR_DTYPE_IQ4_NL;
     case GGUF_DTYPE_Q5_K_X16: return TSR_DTYPE_Q5_K;
     case GGUF_DTYPE_IQ4_XS_X16: return TSR_DTYPE_IQ4_XS;
     case GGUF_DTYPE_Q3_K_X16: return TSR_DTYPE_Q3_K;
@@ -87,12 +104,20 @@ static int32_t x16_base(int32_t dtype) {
     return -1;
 }
 
+static bool is_panel(int32_t dtype) {
+    return dtype == GGUF_DTYPE_F16_PANEL || dtype == GGUF_DTYPE_BF16_PANEL;
+}
+
 /* The repacked type of a GGUF type tsr_x16_supported takes. */
 static int32_t x16_type(int32_t base) {
     switch (base) {
     case TSR_DTYPE_Q4_0: return GGUF_DTYPE_Q4_0_X16;
     case TSR_DTYPE_Q8_0: return GGUF_DTYPE_Q8_0_X16;
     case TSR_DTYPE_Q4_K: return GGUF_DTYPE_Q4_K_X16;
+    case TSR_DTYPE_Q4_1: return GGUF_DTYPE_Q4_1_X16;
+    case TSR_DTYPE_Q5_0: return GGUF_DTYPE_Q5_0_X16;
+    case TSR_DTYPE_Q5_1: return GGUF_DTYPE_Q5_1_X16;
+    case TSR_DTYPE_IQ4_NL: return GGUF_DTYPE_IQ4_NL_X16;
     case TSR_DTYPE_Q5_K: return GGUF_DTYPE_Q5_K_X16;
     case TSR_DTYPE_IQ4_XS: return GGUF_DTYPE_IQ4_XS_X16;
     case TSR_DTYPE_Q3_K: return GGUF_DTYPE_Q3_K_X16;
@@ -140,8 +165,8 @@ static tsr_status gguf_create(const tsr_host *host, const tsr_params *params,
     q->host = host;
     q->recipe = (recipe)tsr_param_int(params, "type");
     q->n_layer = init->n_layer;
-    q->repack = tsr_param_int(params, "order") == ORDER_FAST && init->backend_name &&
-                !strcmp(init->backend_name, "cpu");
+    q->fast = tsr_param_int(params, "order") == ORDER_FAST && init->backend_name &&
+              !strcmp(init->backend_name, "cpu");
     *out = q;
     return TSR_OK;
 }
@@ -348,19 +373,25 @@ static void repack_groups(void *arg, int ith, int nth) {
                        n_groups * ith / nth, n_groups * (ith + 1) / nth);
 }
 
-/* The fast order's layout for a prepared matrix of a type the x16 kernels take:
- * a copy in x16 tiles replaces it (a converted matrix is freed; a kept one stays in the file's
- * mapping, unread). The embeddings' rows are read by get_rows in the file's layout: not repacked. Nor
- * are a mixture's routed experts: a router may read them from the file on demand and let their
- * pages go (expert offloading), which a resident copy would defeat. Nor are types whose x16
- * product would be slower at the running level (tsr_x16_repack_pays). */
-static tsr_status repack_x16(gguf_quantizer *q, const tsr_weight_in *in, tsr_weight_out *out) {
+/* The fast order's layout for a prepared matrix the products read. A matrix of a type
+ * tsr_x16_supported takes is replaced by a copy in x16 tiles (a converted matrix is freed; a
+ * kept one stays in the file's mapping, unread); an F16 (or below AVX-512 a BF16, tsr_panel_pays) one keeps its
+ * rows, only its type becomes a panel type. The embeddings' rows are read by get_rows in the
+ * file's layout: left alone. So are a mixture's routed experts: a router may read them from
+ * the file on demand and let their pages go (expert offloading), which a resident copy would
+ * defeat. And types whose x16 product would be slower at the running level
+ * (tsr_x16_repack_pays). */
+static tsr_status fast_layout(gguf_quantizer *q, const tsr_weight_in *in, tsr_weight_out *out) {
     tsr_tensor *t = &out->dst;
     bool routed_expert = in->struct_size >= offsetof(tsr_weight_in, expert) + sizeof in->expert &&
                          in->expert >= 0;
-    if (!q->repack || routed_expert || !strcmp(in->role, "token_embd") ||
-        t->ne[2] * t->ne[3] != 1 || !tsr_x16_repack_pays(t->dtype) ||
-        !tsr_x16_supported(t->dtype, t->ne[0], t->ne[1]))
+    if (!q->fast || routed_expert || !strcmp(in->role, "token_embd") || t->ne[2] * t->ne[3] != 1)
+        return TSR_OK;
+    if (tsr_panel_pays(t->dtype)) {
+        t->dtype = t->dtype == TSR_DTYPE_F16 ? GGUF_DTYPE_F16_PANEL : GGUF_DTYPE_BF16_PANEL;
+        return TSR_OK;
+    }
+    if (!tsr_x16_repack_pays(t->dtype) || !tsr_x16_supported(t->dtype, t->ne[0], t->ne[1]))
         return TSR_OK;
     const tsr_host *h = q->host;
     repack_job j = {.src = t};
@@ -382,71 +413,110 @@ static tsr_status gguf_prepare(void *self, const tsr_weight_in *in, tsr_weight_o
     gguf_quantizer *q = self;
     tsr_status st = prepare_gguf(q, in, out);
     if (st < 0) return st;
-    if ((st = repack_x16(q, in, out)) < 0 && out->owns_data) gguf_release(q, &out->dst);
+    if ((st = fast_layout(q, in, out)) < 0 && out->owns_data) gguf_release(q, &out->dst);
     return st;
 }
 
-typedef struct x16_job {
+/* How this plugin multiplies one of its own types. */
+typedef enum product {
+    PRODUCT_X16,   /* tsr_x16_matmul on the repacked tiles */
+    PRODUCT_PANEL, /* tsr_panel_matmul: an F16 / BF16 batch */
+    PRODUCT_TILES  /* tsr_matmul on the F16 / BF16 file rows: decode's few tokens */
+} product;
+
+typedef struct product_job {
     float *y;
     const tsr_tensor *w;
-    int32_t wtype; /* the GGUF type the tiles hold */
-    int32_t act;   /* its activations' type: Q8_0 or Q8_K */
-    void *xp;      /* (n, act row bytes) */
+    int32_t wtype; /* the GGUF type the weight holds */
+    product kind;
+    void *xp;      /* the prepared activations */
     const float *x;
     int64_t n;
     atomic_int failed;
-} x16_job;
+} product_job;
 
-static void x16_prepare_task(void *arg, int ith, int nth) {
-    x16_job *j = arg;
-    if (tsr_matmul_prepare(j->xp, j->act, j->x, j->n, j->w->ne[0], ith, nth) < 0)
-        atomic_store(&j->failed, 1);
+static void product_prepare_task(void *arg, int ith, int nth) {
+    product_job *j = arg;
+    tsr_status st = j->kind == PRODUCT_PANEL
+                        ? tsr_panel_prepare(j->xp, j->wtype, j->x, j->n, j->w->ne[0], ith, nth)
+                        : tsr_matmul_prepare(j->xp, tsr_matmul_act_type(j->wtype), j->x, j->n,
+                                             j->w->ne[0], ith, nth);
+    if (st < 0) atomic_store(&j->failed, 1);
 }
 
-static void x16_product_task(void *arg, int ith, int nth) {
-    x16_job *j = arg;
-    if (tsr_x16_matmul(j->y, j->w->ne[1], j->w->data, j->wtype, j->xp, j->n, j->w->ne[0],
-                       j->w->ne[1], ith, nth) < 0)
-        atomic_store(&j->failed, 1);
+static void product_task(void *arg, int ith, int nth) {
+    product_job *j = arg;
+    const tsr_tensor *w = j->w;
+    tsr_status st;
+    switch (j->kind) {
+    case PRODUCT_X16:
+        st = tsr_x16_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0], w->ne[1],
+                            ith, nth);
+        break;
+    case PRODUCT_PANEL:
+        st = tsr_panel_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0],
+                              w->ne[1], ith, nth);
+        break;
+    default:
+        st = tsr_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0], w->ne[1], ith,
+                        nth);
+        break;
+    }
+    if (st < 0) atomic_store(&j->failed, 1);
 }
 
-/* The repacked types' product: the activations quantized once (by tokens over the pool, one
- * token on the calling thread), then the groups of 16 rows over the pool. */
+/* The prepared activations' bytes for n tokens, 0 on overflow. */
+static size_t prepared_bytes(const product_job *j) {
+    const int64_t n_in = j->w->ne[0];
+    if (j->kind == PRODUCT_PANEL)
+        return (uint64_t)j->n > (SIZE_MAX / sizeof(float) - TSR_PANEL_TOK) / (uint64_t)n_in
+                   ? 0
+                   : tsr_panel_act_bytes(j->n, n_in);
+    size_t row = tsr_row_size(tsr_matmul_act_type(j->wtype), n_in);
+    return (size_t)j->n > SIZE_MAX / row ? 0 : (size_t)j->n * row;
+}
+
+/* This plugin's own types: the activations prepared once (by tokens over the pool, one token
+ * on the calling thread), then the rows over the pool. */
 static tsr_status gguf_matmul(void *self, float *y, const tsr_tensor *w, const float *x,
                               int64_t n) {
     gguf_quantizer *q = self;
     const tsr_host *h = q->host;
-    x16_job j = {.y = y, .w = w, .wtype = x16_base(w->dtype), .x = x, .n = n};
+    product_job j = {.y = y, .w = w, .wtype = own_base(w->dtype), .x = x, .n = n};
     if (j.wtype < 0) {
         h->set_error(h->ctx, "matmul: %s: type %d is not one this quantizer multiplies",
                      w->name ? w->name : "weight", (int)w->dtype);
         return TSR_E_UNSUPPORTED;
     }
     if (n <= 0) return TSR_OK;
-    j.act = tsr_matmul_act_type(j.wtype);
-    size_t row = tsr_row_size(j.act, w->ne[0]);
-    if ((size_t)n > SIZE_MAX / row) {
-        h->set_error(h->ctx, "matmul: %lld prepared rows of %zu bytes overflow", (long long)n, row);
+    j.kind = !is_panel(w->dtype) ? PRODUCT_X16
+             : n >= TSR_PANEL_MIN_TOK ? PRODUCT_PANEL
+                                      : PRODUCT_TILES;
+    size_t bytes = prepared_bytes(&j);
+    if (!bytes) {
+        h->set_error(h->ctx, "matmul: %lld prepared rows of %lld elements overflow",
+                     (long long)n, (long long)w->ne[0]);
         return TSR_E_NOMEM;
     }
-    if ((size_t)n * row > q->scratch_bytes) {
-        void *p = h->alloc(h->ctx, (size_t)n * row, 64);
+    if (bytes > q->scratch_bytes) {
+        void *p = h->alloc(h->ctx, bytes, 64);
         if (!p) {
             h->set_error(h->ctx, "matmul: out of memory for %lld prepared rows", (long long)n);
             return TSR_E_NOMEM;
         }
         h->free(h->ctx, q->scratch);
         q->scratch = p;
-        q->scratch_bytes = (size_t)n * row;
+        q->scratch_bytes = bytes;
     }
     j.xp = q->scratch;
-    if (n > 1) h->parallel_for(h->ctx, x16_prepare_task, &j);
-    else x16_prepare_task(&j, 0, 1);
-    h->parallel_for(h->ctx, x16_product_task, &j);
+    if (n > 1) h->parallel_for(h->ctx, product_prepare_task, &j);
+    else product_prepare_task(&j, 0, 1);
+    h->parallel_for(h->ctx, product_task, &j);
     if (atomic_load(&j.failed)) {
-        h->set_error(h->ctx, "matmul: %s: the x16 product failed (%lld x %lld, out of memory for "
-                     "its scratch)", w->name ? w->name : "weight", (long long)w->ne[1],
-                     (long long)w->ne[0]);
+        static const char *const names[] = {"x16", "panel", "F16/BF16 tile"};
+        h->set_error(h->ctx, "matmul: %s: the %s product failed (%lld x %lld, out of memory for "
+                     "its scratch)", w->name ? w->name : "weight", names[j.kind],
+                     (long long)w->ne[1], (long long)w->ne[0]);
         return TSR_E_NOMEM;
     }
     return TSR_OK;
@@ -455,7 +525,8 @@ static tsr_status gguf_matmul(void *self, float *y, const tsr_tensor *w, const f
 static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w, int64_t row0,
                                        int64_t n_rows) {
     gguf_quantizer *q = self;
-    const int32_t base = x16_base(w->dtype);
+    const int32_t base = own_base(w->dtype);
+    const bool x16 = base >= 0 && !is_panel(w->dtype); /* a panel type keeps the file's rows */
     tsr_status st = base >= 0 ? TSR_OK : gguf_check(q, "dequantize_rows", w);
     if (st < 0) return st;
     int64_t total = 1;
@@ -467,13 +538,13 @@ static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w
         return TSR_E_RANGE;
     }
     void *file_row = NULL;
-    if (base >= 0 && n_rows > 0 && !(file_row = tsr_calloc(q->host, 1, w->row_bytes))) {
+    if (x16 && n_rows > 0 && !(file_row = tsr_calloc(q->host, 1, w->row_bytes))) {
         q->host->set_error(q->host->ctx, "dequantize_rows: out of memory");
         return TSR_E_NOMEM;
     }
     for (int64_t r = 0; r < n_rows; r++) {
         const void *src = (const char *)w->data + (size_t)(row0 + r) * w->row_bytes;
-        if (base >= 0) {
+        if (x16) {
             tsr_x16_unpack_row(file_row, w->data, base, w->ne[0], row0 + r);
             src = file_row;
         }

@@ -4,7 +4,8 @@
  * Row layout (n_g = ceil(n_in / group), the last group may be short):
  *   fp16 scale[n_g] | codes, 6 bits each, n_g * group
  * w = d * (c - 32), c in [1, 63], d = amax / 31 (symmetric).
- * act_bits 16: the product dequantizes each row and multiplies it with the f32 activations.
+ * act_bits 16: f32 activations, the product on the packed codes (tsr_rq_dot_packed_f32):
+ * y = sum_g d_g * (sum c * x - 32 * sum x), the scale once per group.
  * act_bits 8: activations are quantized per token to int8 (d_a = amax / 127) and each group
  * is an exact integer dot on the packed codes (tsr_rq_dot_packed_scaled):
  * y = sum_g d_a * d_g * (sum c * a - 32 * sum a).
@@ -76,6 +77,22 @@ static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *r
     tsr_rq_dot_packed_scaled(y, ldy, row + 2 * n_g, 6, 32, row, NULL, act, n_tok, n_g);
 }
 
+static int64_t int6_f32_group(const void *cfg) {
+    return ((const int6_cfg *)cfg)->group;
+}
+
+static void int6_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+                         const uint8_t *tail, size_t tail_bytes, const tsr_rq_act_f32 *x,
+                         int64_t n_tok, int64_t n_in, float *scratch) {
+    (void)tail;
+    (void)tail_bytes;
+    (void)scratch;
+    const int6_cfg *c = cfg;
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
+    tsr_rq_gscales s = {.d16 = row, .zero = 32};
+    tsr_rq_dot_packed_f32(y, ldy, row + 2 * n_g, 6, &s, x, n_tok, n_g);
+}
+
 static void int6_describe(const void *cfg, char *buf, size_t size) {
     const int6_cfg *c = cfg;
     snprintf(buf, size, "int6 group %d, %s activations", (int)c->group,
@@ -91,6 +108,8 @@ static const tsr_rq_codec int6_codec = {
     .act_group = int6_act_group,
     .dot_q8 = int6_dot_q8,
     .describe = int6_describe,
+    .dot_f32 = int6_dot_f32,
+    .f32_group = int6_f32_group,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */

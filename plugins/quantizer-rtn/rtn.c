@@ -5,9 +5,11 @@
  *   fp16 scale[n_g] | fp16 min[n_g] (asymmetric only) | codes, `bits` each, n_g * group
  * Symmetric: w = d * (c - qmax), qmax = 2^(bits-1) - 1, d = amax / qmax.
  * Asymmetric: w = m + d * c, m = min, d = (max - min) / (2^bits - 1).
- * act_bits 16 (the default): the product dequantizes each row once per call and multiplies it
- * with the f32 activations (tsr_dot_f32): weight-only quantization, as FineQuant's
- * fp16-activation kernels. act_bits 8: the activations are quantized to int8 once per
+ * act_bits 16 (the default): f32 activations, weight-only quantization as FineQuant's
+ * fp16-activation kernels; the product runs on the packed codes (tsr_rq_dot_packed_f32: codes
+ * converted to f32 in registers, the scale once per group, the zero point or minimum through
+ * the group's activation sum): y = sum_g d_g * sum c * x + b_g * sum x, b_g = -qmax * d_g
+ * (symmetric) or m_g (asymmetric). act_bits 8: the activations are quantized to int8 once per
  * product with a scale per weight group (d_a[g] = amax / 127 of the group), and each group is
  * an exact integer dot on the packed codes (tsr_rq_dot_packed_scaled):
  *   symmetric:  y = sum_g d_a[g] * d_g * (sum c * a - qmax * sum a)
@@ -112,6 +114,23 @@ static void rtn_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *ro
                              act, n_tok, n_g);
 }
 
+static int64_t rtn_f32_group(const void *cfg) {
+    return ((const rtn_cfg *)cfg)->group;
+}
+
+static void rtn_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+                        const uint8_t *tail, size_t tail_bytes, const tsr_rq_act_f32 *x,
+                        int64_t n_tok, int64_t n_in, float *scratch) {
+    (void)tail;
+    (void)tail_bytes;
+    (void)scratch;
+    const rtn_cfg *c = cfg;
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
+    tsr_rq_gscales s = {.d16 = row, .m16 = c->symmetric ? NULL : row + 2 * n_g,
+                        .zero = c->symmetric ? (1 << (c->bits - 1)) - 1 : 0};
+    tsr_rq_dot_packed_f32(y, ldy, row + rtn_stat_bytes(c, n_in), c->bits, &s, x, n_tok, n_g);
+}
+
 static void rtn_describe(const void *cfg, char *buf, size_t size) {
     const rtn_cfg *c = cfg;
     snprintf(buf, size, "rtn %d-bit %s group %d, %s activations", (int)c->bits,
@@ -128,6 +147,8 @@ static const tsr_rq_codec rtn_codec = {
     .dot_q8 = rtn_dot_q8,
     .describe = rtn_describe,
     .act_group_scales = 1,
+    .dot_f32 = rtn_dot_f32,
+    .f32_group = rtn_f32_group,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */

@@ -16,6 +16,10 @@
  *   | weight codes[n_g * group]; codes packed, each stream starting on a byte.
  * Tail of a row: (uint16 column, fp16 value)[outliers of the row].
  * w = s * (c - z), s and z decoded from their codes: s = s_min + s_step * code.
+ * Product (f32 activations): the dense codes of every weight through tsr_rq_dot_packed_f32
+ * with w = s c - s z per group (the scale once per group, the offset through the group's
+ * activation sum), then the outliers as a separate pass over the row's tail: each adds
+ * (value - its dense code's s c - s z) times its activation.
  */
 #include <stdio.h>
 
@@ -184,6 +188,61 @@ static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
     }
 }
 
+/* The scale s_g and offset -s_g z_g of every group of a row (w = s_g c - s_g z_g), the
+ * first-level codes decoded with their second-level fp16 minimum and step as
+ * spqr_dequantize_row does. Eight second-level groups at a time, so that each batch of codes
+ * starts on a byte. */
+TSR_VECTOR_CLONES
+static void spqr_group_affine(const spqr_cfg *c, const spqr_layout *l, const uint8_t *row,
+                              float *d, float *b) {
+    enum { BATCH = 8 };
+    uint8_t sc[BATCH * SPQR_SGROUP_MAX], zc[BATCH * SPQR_SGROUP_MAX];
+    float st[4 * BATCH];
+    for (int64_t s0 = 0; s0 < l->n_s; s0 += BATCH) {
+        int64_t g0 = s0 * c->stats_group, n_sb = l->n_s - s0 < BATCH ? l->n_s - s0 : BATCH;
+        int64_t n = l->n_g - g0 < BATCH * c->stats_group ? l->n_g - g0 : BATCH * c->stats_group;
+        tsr_rq_unpack(sc, row + l->scodes + g0 * c->stats_bits / 8, n, c->stats_bits);
+        tsr_rq_unpack(zc, row + l->zcodes + g0 * c->stats_bits / 8, n, c->stats_bits);
+        tsr_row_to_f32(st, TSR_DTYPE_F16, row + l->stats + 8 * s0, 4 * n_sb);
+        for (int64_t j = 0; j < n_sb; j++) {
+            const float *q = st + 4 * j;
+            int64_t k0 = j * c->stats_group;
+            int64_t k1 = n - k0 < c->stats_group ? n : k0 + c->stats_group;
+            for (int64_t k = k0; k < k1; k++) {
+                float s = q[0] + q[1] * (float)sc[k], z = q[2] + q[3] * (float)zc[k];
+                d[g0 + k] = s;
+                b[g0 + k] = -(s * z);
+            }
+        }
+    }
+}
+
+static int64_t spqr_f32_group(const void *cfg) {
+    return ((const spqr_cfg *)cfg)->group;
+}
+
+/* scratch: n_in floats, 16 at least, hold the 2 n_g of d and b (group >= 8). */
+static void spqr_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+                         const uint8_t *tail, size_t tail_bytes, const tsr_rq_act_f32 *x,
+                         int64_t n_tok, int64_t n_in, float *scratch) {
+    const spqr_cfg *c = cfg;
+    spqr_layout l = spqr_layout_of(c, n_in);
+    float *d = scratch, *b = scratch + l.n_g;
+    spqr_group_affine(c, &l, row, d, b);
+    tsr_rq_gscales s = {.d = d, .b = b};
+    tsr_rq_dot_packed_f32(y, ldy, row + l.wcodes, c->bits, &s, x, n_tok, l.n_g);
+    /* An outlier replaces its weight: the dense product counted d c + b for it. */
+    for (size_t k = 0; k + SPQR_OUTLIER_BYTES <= tail_bytes; k += SPQR_OUTLIER_BYTES) {
+        uint16_t col;
+        memcpy(&col, tail + k, 2);
+        int64_t g = col / c->group;
+        float dense = fmaf(d[g], (float)tsr_rq_code_at(row + l.wcodes, col, c->bits), b[g]);
+        float delta = tsr_rq_load_f16(tail + k + 2) - dense;
+        for (int64_t t = 0; t < n_tok; t++)
+            y[t * ldy] = fmaf(delta, x->x[t * x->n + col], y[t * ldy]);
+    }
+}
+
 static void spqr_describe(const void *cfg, char *buf, size_t size) {
     const spqr_cfg *c = cfg;
     snprintf(buf, size, "spqr %d-bit group %d, stats %d-bit x %d", (int)c->bits, (int)c->group,
@@ -198,6 +257,8 @@ static const tsr_rq_codec spqr_codec = {
     .quantize_row = spqr_quantize_row,
     .dequantize_row = spqr_dequantize_row,
     .describe = spqr_describe,
+    .dot_f32 = spqr_dot_f32,
+    .f32_group = spqr_f32_group,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */

@@ -130,34 +130,37 @@ tsr_status tsr_matmul(float *y,           // (n_tok, ldy), columns [0, n_out) wr
 float tsr_row_dot(int32_t wtype, int64_t n, const void *w, const void *xp);
 
 /* ---------------------------------------------------------------------------------------- */
-/* Row-interleaved Q4_0, Q8_0 and the K types ("x16") in the fast order                     */
+/* Row-interleaved Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and the K types ("x16"), fast order */
 /*                                                                                           */
 /* A layout for prefill's GEMM: each group of 16 rows holds, for block column b, its quants   */
-/* as 512-bit vectors whose 32-bit lane r is four quants of row r (Q4_0: vector j <- bytes    */
-/* 4j..4j+3 of each row's qs, low nibbles elements 4j.., high ones 16 + 4j..; Q8_0: vector k  */
-/* <- quants 4k..4k+3 + 128, as unsigned bytes), the nb tiles of a group first and then its   */
-/* nb x 16 fp16 scales. Q2_K..Q6_K, IQ4_XS: one chunk per super-block column, each field of  */
-/* the 16 file blocks with the rows side by side (qs, ql, qh, hmask: vector v lane r <- bytes */
+/* as 512-bit vectors whose 32-bit lane r is four quants of row r (the 4-bit types: vector j  */
+/* <- bytes 4j..4j+3 of each row's qs, low nibbles elements 4j.., high ones 16 + 4j..; Q5_0,  */
+/* Q5_1: then one vector of the rows' fifth bits, reordered so that bit k of byte i is the    */
+/* fifth bit of element 4k + i; Q8_0: vector k <- quants 4k..4k+3 + 128, as unsigned bytes),  */
+/* the nb tiles of a group first and then per block its 16 fp16 scales (Q4_1, Q5_1: and 16    */
+/* fp16 minimums). Q2_K..Q6_K, IQ4_XS: one chunk per super-block column, each field of the 16 */
+/* file blocks with the rows side by side (qs, ql, qh, hmask: vector v lane r <- bytes        */
 /* 4v..4v+3 of row r; d, dmin: 16 fp16; the group scales as byte planes, plane p byte r <-    */
 /* byte p of row r's scales), kernels/README.md. A group takes 16 file rows' bytes, so the    */
 /* matrix keeps its size.                                                                    */
 /*                                                                                           */
 /* The fast order: a (row, token) value is acc = fmaf((float)isum_b, dw_b * dx_b, acc) over   */
 /* blocks b = 0.. in order, from 0, with isum_b the block's exact integer dot and dw_b, dx_b  */
-/* the scales as f32; the blocks with mins (Q2_K, Q4_K, Q5_K) then add                       */
-/* acc = fmaf(-(float)msum_b, dmin_b * dx_b, acc), msum_b the exact sum of group mins times  */
+/* the scales as f32; Q4_1 and Q5_1 blocks then add acc = fmaf(m_b, s_b, acc), m_b the        */
+/* block's minimum and s_b its Q8_1 activation block's s; Q2_K's, Q4_K's and Q5_K's add      */
+/* acc = fmaf(-(float)msum_b, dmin_b * dx_b, acc), msum_b the exact sum of group mins times   */
 /* activation group sums. One f32 chain per pair, so a value never depends on the tile, the   */
 /* thread slice or n_tok; it is not llama.cpp's order (kernels/README.md).                   */
 
 #define TSR_X16_ROWS 16
 
-/* 1 when a (n_out, n_in) matrix of `wtype` can be repacked: Q4_0, Q8_0, Q2_K..Q6_K or IQ4_XS,
- * whole blocks, rows a multiple of 16. */
+/* 1 when a (n_out, n_in) matrix of `wtype` can be repacked: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+ * IQ4_NL, Q2_K..Q6_K or IQ4_XS, whole blocks, rows a multiple of 16. */
 int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out);
 
-/* 1 when repacking `wtype` pays at the running level: Q4_0 and Q8_0 at every level (their x16
- * product is never slower than the file rows'), the 256-element types only where their
- * AVX-512 kernel runs (below it the file rows' tiles beat the x16 scalar loop). */
+/* 1 when repacking `wtype` pays at the running level: the 32-element types at every level
+ * (their x16 product is never slower than the file rows'), the 256-element types only where
+ * their AVX-512 kernel runs (below it the file rows' tiles beat the x16 scalar loop). */
 int tsr_x16_repack_pays(int32_t wtype);
 
 /* Repacks the file rows of groups [g0, g1) (16 rows each) of src into dst, both
@@ -170,15 +173,69 @@ tsr_status tsr_x16_pack(void *dst, const void *src, int32_t wtype, int64_t n_in,
 void tsr_x16_unpack_row(void *dst, const void *w, int32_t wtype, int64_t n_in, int64_t row);
 
 /* tsr_matmul for a repacked matrix (activations of tsr_matmul_act_type(wtype) from
- * tsr_matmul_prepare: Q8_0, or Q8_K for the K types), in the fast order; slices rows in
- * groups of 16. TSR_E_INVALID as tsr_x16_supported, TSR_E_NOMEM when the kernel could not get
- * its scratch memory. */
+ * tsr_matmul_prepare: Q8_0, Q8_1 for Q4_1 and Q5_1, or Q8_K for the K types), in the fast
+ * order; slices rows in groups of 16. TSR_E_INVALID as tsr_x16_supported, TSR_E_NOMEM when
+ * the kernel could not get its scratch memory. */
 tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                           int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
 
 /* The fast order's reference: one file row of a type tsr_x16_supported takes (not repacked)
  * with one prepared activation row; 0 for another type. */
 float tsr_x16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void *xp);
+
+/* ---------------------------------------------------------------------------------------- */
+/* F16 and BF16 prefill in the fast order ("panels")                                         */
+/*                                                                                           */
+/* The weights stay the file's rows. Each thread converts 16 rows at a time (n_in in chunks  */
+/* of TSR_PANEL_K) into a k-major f32 panel of its own, which every token of the batch then  */
+/* reads: one conversion per weight and product, however many tokens. The activations are    */
+/* rounded to the weights' type (F16 or BF16, as tsr_matmul_prepare does) and laid out k-    */
+/* major in blocks of TSR_PANEL_TOK tokens by tsr_panel_prepare.                             */
+/*                                                                                           */
+/* The fast order: a (row, token) value is acc = fmaf(w_k, x_k, acc) over k = 0..n_in-1 in   */
+/* order, from 0, with w_k the weight and x_k the rounded activation as f32. One chain per    */
+/* pair: a value never depends on the tile, the thread slice or n_tok, and every level gives  */
+/* the same bits. It is not llama.cpp's order (kernels/README.md).                           */
+
+#define TSR_PANEL_TOK 16
+#define TSR_PANEL_K 2048
+
+/* Below this many tokens tsr_matmul's tiles are as fast or faster (measured,
+ * docs/benchmarks.md): building a matrix's panels costs about as much as a dozen tokens'
+ * products. */
+#define TSR_PANEL_MIN_TOK 24
+
+/* 1 when the panels beat tsr_matmul's tiles for `wtype` at the running level: F16 at every
+ * level, BF16 below AVX-512 (whose tiles multiply with vdpbf16ps, two multiply-adds per f32
+ * lane and instruction: the panels ran at 0.72-0.83x of them). */
+int tsr_panel_pays(int32_t wtype);
+
+/* Bytes tsr_panel_prepare writes for n_tok tokens: n_tok rounded up to TSR_PANEL_TOK, times
+ * n_in floats. */
+size_t tsr_panel_act_bytes(int64_t n_tok, int64_t n_in);
+
+/* Rounds the activations to `wtype` (F16 or BF16) and back, and lays them out for
+ * tsr_panel_matmul: block b of TSR_PANEL_TOK tokens, element k of its token t at
+ * xp[(b * n_in + k) * TSR_PANEL_TOK + t], 0 for the tokens past n_tok. Slices the blocks.
+ * TSR_E_UNSUPPORTED for another type, TSR_E_INVALID for n_in < 1 or n_tok < 0. */
+tsr_status tsr_panel_prepare(float *xp,        // tsr_panel_act_bytes(n_tok, n_in)
+                             int32_t wtype,
+                             const float *x,   // (n_tok, n_in)
+                             int64_t n_tok, int64_t n_in, int ith, int nth);
+
+/* The product of F16 or BF16 file rows with prepared activations, in the fast order, for the
+ * output rows of slice ith of nth (multiples of 16). Errors as tsr_panel_prepare, and
+ * TSR_E_INVALID for ldy < n_out, TSR_E_NOMEM when the panel could not be allocated. */
+tsr_status tsr_panel_matmul(float *y,          // (n_tok, ldy), columns [0, n_out) written
+                            int64_t ldy,
+                            const void *w,     // (n_out, tsr_row_size(wtype, n_in)) bytes
+                            int32_t wtype,
+                            const float *xp,   // from tsr_panel_prepare
+                            int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
+
+/* The fast order's reference: one file row with one activation row (not prepared: rounded
+ * here, as tsr_panel_prepare rounds it); 0 for another type. */
+float tsr_panel_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const float *x);
 
 /* ---------------------------------------------------------------------------------------- */
 /* Row and elementwise ops (f32). In-place use (y == x) is allowed where y and x have the     */

@@ -38,6 +38,14 @@ void tsr_rq_unpack(uint8_t *codes,        // (n)
                    const uint8_t *src,    // tsr_rq_packed_bytes(n, bits) bytes
                    int64_t n, int bits);
 
+/* Code i of such a stream, alone. */
+static inline uint8_t tsr_rq_code_at(const uint8_t *src, int64_t i, int bits) {
+    int64_t bit = i * bits;
+    uint32_t v = src[bit >> 3];
+    if ((bit & 7) + bits > 8) v |= (uint32_t)src[(bit >> 3) + 1] << 8;
+    return (uint8_t)((v >> (bit & 7)) & ((1u << bits) - 1));
+}
+
 /* fp16 fields of the row formats, at any alignment. Store returns the value as stored. */
 static inline float tsr_rq_load_f16(const uint8_t *p) {
     uint16_t h;
@@ -147,6 +155,47 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
                               int32_t zero, const uint8_t *d16, const uint8_t *m16,
                               const tsr_rq_act *act, int64_t n_tok, int64_t n_g);
 
+/* f32 activations of n_tok tokens as the fused f32 products take them: the values and the sum
+ * of each group of them (tsr_rq_act_f32_sums), through which a group's zero point or minimum
+ * is applied once per group. */
+typedef struct tsr_rq_act_f32 {
+    const float *x;     // (n_tok, n)
+    const float *xsum;  // (n_tok, ceil(n / group))
+    int64_t n, group;   // n: values per token (the row's weights); group: the codes' group
+} tsr_rq_act_f32;
+
+/* xsum[t * n_g + g] = the sum of token t's values in group g (the last one may be short), in
+ * one fixed order: 16 lanes (lane p % 16 of position p in the group), then the lanes added as
+ * tsr_rq_dot_packed_f32 adds its own. */
+void tsr_rq_act_f32_sums(float *xsum,        // (n_tok, ceil(n / group))
+                         const float *x,     // (n_tok, n)
+                         int64_t n_tok, int64_t n, int64_t group);
+
+/* The per-group affine map of codes to weights, w = d_g * c + b_g, that tsr_rq_dot_packed_f32
+ * multiplies with. Either fp16 fields of the row (d16 non-NULL): d_g = d16[g], and
+ * b_g = fma(-zero, d_g, m16[g]) with a minimum, -zero * d_g without (m16 NULL; no b_g at all
+ * when zero is 0 too); or f32 arrays (d16 NULL): d_g = d[g], b_g = b[g] (b NULL: none). */
+typedef struct tsr_rq_gscales {
+    const uint8_t *d16, *m16;  // (n_g) fp16 each, at any alignment
+    int32_t zero;              // 0..255
+    const float *d, *b;        // (n_g) each
+} tsr_rq_gscales;
+
+/* One row times n_tok tokens' f32 activations x (x->group is the codes' group), codes packed
+ * as for tsr_rq_dot_packed_groups, any width 1..8, with the group scales s:
+ *   y[t * ldy] = sum_g (d_g * sum_i c_i * x_i + b_g * sum_i x_i)
+ * for t < n_tok; positions past x->n (the short last group's padding) count as x = 0. No row
+ * is dequantized: the codes are converted to f32 in registers and multiplied with the
+ * activations, the scale applied once per group and the offset through the group's sum. The
+ * float order is fixed (research_quants.c: 16 lanes, one fma per group), so every level gives
+ * the reference's bits and a token's value does not depend on n_tok: AVX-512 with VBMI
+ * unpacks each 64 codes once in registers for up to four tokens; AVX2 (and AVX-512 without
+ * VBMI) unpacks 64 codes at a time to the stack and keeps the 16 lanes in two ymm; the scalar
+ * reference does the rest. */
+void tsr_rq_dot_packed_f32(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                           const tsr_rq_gscales *s, const tsr_rq_act_f32 *x, int64_t n_tok,
+                           int64_t n_g);
+
 /* ---------------------------------------------------------------------------------------- */
 /* Row codecs                                                                                */
 /*                                                                                           */
@@ -182,6 +231,14 @@ typedef struct tsr_rq_codec {
     /* With int8 activations: 1 for a scale per activation group
      * (tsr_rq_act_quantize_groups_row), 0 for one per token. */
     int act_group_scales;
+    /* Optional, with f32 activations (act_group 0): y[t * ldy] (t < n_tok) = the product of
+     * the row and its tail with token t of x, whose sums are over groups of f32_group(cfg).
+     * scratch: n_in floats of the calling thread, 64-byte aligned (so 16 at least). NULL:
+     * tsr_rq_matrix_mul multiplies dequantized rows with tsr_dot_f32. */
+    void (*dot_f32)(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+                    const uint8_t *tail, size_t tail_bytes, const tsr_rq_act_f32 *x,
+                    int64_t n_tok, int64_t n_in, float *scratch);
+    int64_t (*f32_group)(const void *cfg);
 } tsr_rq_codec;
 
 /* A matrix in a codec's format: n_out rows of row_bytes, and for a codec with tails the
@@ -224,16 +281,22 @@ void tsr_rq_matrix_dequantize(float *y,                  // (n_rows, n_in)
                               const tsr_rq_matrix *m, int64_t row0, int64_t n_rows);
 
 /* y = x . W^T for the output rows of slice ith of nth (rows split in multiples of 16).
- * act NULL: each value is tsr_dot_f32(dequantized row, x row), scratch n_in floats of the
- * calling thread. act non-NULL (x quantized by tsr_rq_act_quantize with the codec's
- * act_group): codec->dot_q8 multiplies, x is not read, scratch is act->n_pad bytes; with one
- * token and a codec without tails the slice's rows are read as two sequential streams, as
- * tsr_matmul's decode does (which changes the order of the reads, not a value). */
+ * act NULL: with the codec's dot_f32, the sums of x's groups (tsr_rq_act_f32_sums, each
+ * thread its own) and codec->dot_f32 on each row; without it, each value is
+ * tsr_dot_f32(dequantized row, x row). act non-NULL (x quantized by tsr_rq_act_quantize with
+ * the codec's act_group): codec->dot_q8 multiplies, x is not read. scratch:
+ * tsr_rq_matrix_mul_scratch bytes of the calling thread, 64-byte aligned. With one token and
+ * a codec without tails the slice's rows are read as two sequential streams, as tsr_matmul's
+ * decode does (which changes the order of the reads, not a value). */
 void tsr_rq_matrix_mul(float *y,                         // (n_tok, n_out)
                        const tsr_rq_matrix *m,
                        const float *x,                   // (n_tok, n_in)
                        const tsr_rq_act *act, int64_t n_tok, uint8_t *scratch, int ith,
                        int nth);
+
+/* Bytes of tsr_rq_matrix_mul's scratch per thread for n_tok tokens: act_n_pad > 0, the int8
+ * activations' padded length; 0 for f32 activations. A multiple of 64. */
+size_t tsr_rq_matrix_mul_scratch(const tsr_rq_matrix *m, int64_t n_tok, int64_t act_n_pad);
 
 #ifdef __cplusplus
 }

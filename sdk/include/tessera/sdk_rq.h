@@ -282,7 +282,7 @@ typedef struct tsr_rq_mm_job_ {
     float *y;          // (n_tok, n_out)
     const float *x;    // (n_tok, n_in)
     int64_t n_tok;
-    uint8_t *scratch;  // (nth, scratch_bytes): a dequantized row, or the unpacked codes
+    uint8_t *scratch;  // (nth, scratch_bytes): tsr_rq_matrix_mul's
     size_t scratch_bytes;
     int8_t *q;         // int8 path: (n_tok, n_pad)
     int32_t *gsum;     // (n_tok, n_pad / group)
@@ -302,10 +302,11 @@ static inline void tsr_rq_mm_task_(void *arg, int ith, int nth) {
                       j->scratch + (size_t)ith * j->scratch_bytes, ith, nth);
 }
 
-/* [main] y (n, n_out) = x (n, n_in) . W^T on host->parallel_for. With f32 activations each
- * value is tsr_dot_f32(dequantized row, x row); with int8 activations (codec->act_group > 0)
- * x is quantized per token (or per group: codec->act_group_scales) by tsr_rq_act_quantize
- * and the codec's dot_q8 multiplies.
+/* [main] y (n, n_out) = x (n, n_in) . W^T on host->parallel_for. With f32 activations the
+ * codec's dot_f32 multiplies the packed rows (each value tsr_dot_f32(dequantized row, x row)
+ * for a codec without one); with int8 activations (codec->act_group > 0) x is quantized per
+ * token (or per group: codec->act_group_scales) by tsr_rq_act_quantize and the codec's dot_q8
+ * multiplies.
  * TSR_E_UNSUPPORTED for a tensor of another codec, TSR_E_NOMEM. */
 static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float *y,
                                        const tsr_tensor *w, const float *x, int64_t n) {
@@ -327,8 +328,7 @@ static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec 
         ng = (size_t)(n * (n_pad / group));
         if (codec->act_group_scales) n_scales = (size_t)(n_pad / group);
     }
-    j.scratch_bytes = (size_t)tsr_rq_align_up_(group > 0 ? (uint64_t)n_pad
-                                                         : (uint64_t)h->n_in * sizeof(float));
+    j.scratch_bytes = tsr_rq_matrix_mul_scratch(&j.m, n, n_pad);
     /* One block: per-thread scratch, then the int8 activations, group sums and scales. */
     size_t off_q = j.scratch_bytes * (size_t)nth, off_g = off_q + (size_t)tsr_rq_align_up_(nq);
     size_t off_d = off_g + ng * sizeof(int32_t);
