@@ -627,6 +627,85 @@ static int index_cmp(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* The distance in units in the last place between two finite floats of the same sign. */
+static int64_t ulp_distance(float a, float b) {
+    int32_t ia, ib;
+    memcpy(&ia, &a, sizeof ia);
+    memcpy(&ib, &b, sizeof ib);
+    return ia > ib ? (int64_t)ia - ib : (int64_t)ib - ia;
+}
+
+/* The softmax's exponential is within 2 ulp of libm's over its whole range, subnormal results
+ * included (no jump to 0 where expf still gives a value), exact at 0, and gives 0 for -inf (a
+ * masked entry's probability) and below the range, +inf above, NaN for NaN. */
+START_TEST(sparse_expf_within_two_ulp_of_libm) {
+    int64_t worst = 0;
+    for (int i = 0; i <= 2000000; i++) {
+        float x = -103.9f + (103.9f + 88.72f) * (float)i / 2000000.0f;
+        int64_t d = ulp_distance(tsr_sparse_expf(x), expf(x));
+        if (d > worst) worst = d;
+    }
+    ck_assert_int_le(worst, 2);
+    ck_assert_float_eq(tsr_sparse_expf(0.0f), 1.0f);
+    ck_assert_float_eq(tsr_sparse_expf(-INFINITY), 0.0f);
+    ck_assert_float_eq(tsr_sparse_expf(-104.0f), 0.0f);
+    ck_assert_float_eq(tsr_sparse_expf(-200.0f), 0.0f);
+    ck_assert(tsr_sparse_expf(-100.0f) > 0.0f);
+    ck_assert(isfinite(tsr_sparse_expf(88.72f)));
+    ck_assert(isinf(tsr_sparse_expf(88.73f)) && tsr_sparse_expf(88.73f) > 0);
+    ck_assert(isinf(tsr_sparse_expf(INFINITY)));
+    ck_assert(isnan(tsr_sparse_expf(NAN)));
+}
+END_TEST
+
+/* One online-softmax step against the same arithmetic written out one entry and one term at a
+ * time: the max, the rescaling of an earlier output, each probability, the normaliser's sixteen
+ * partial sums added pairwise, and the values added in entry order for every term (21 entries:
+ * a whole sixteen and a rest; head dims that take the 64-, 16- and 1-wide spans); a masked
+ * entry adds nothing, not even its NaN values. */
+START_TEST(sparse_softmax_step_by_hand) {
+    enum { N = 21, HD = 86 };
+    float scores[N], rows[N][HD], o[HD], want_o[HD];
+    uint64_t seed = 7;
+    for (int r = 0; r < N; r++) scores[r] = 3.0f * tsr_test_rng_unit(&seed);
+    scores[1] = scores[4] = scores[17] = -INFINITY; /* masked */
+    scores[6] = -110.0f;                            /* seen, but e^(s - m) below float's range */
+    scores[19] = 3.5f;                              /* the max, in the rest */
+    for (int r = 0; r < N; r++)
+        for (int d = 0; d < HD; d++)
+            rows[r][d] = scores[r] == -INFINITY ? NAN : tsr_test_rng_unit(&seed);
+    for (int d = 0; d < HD; d++) o[d] = want_o[d] = tsr_test_rng_unit(&seed);
+    float ml[2] = {1.5f, 3.0f}, s[N];
+    memcpy(s, scores, sizeof s);
+    ck_assert_int_eq(tsr_sparse_softmax_step(s, N, ml, o, &rows[0][0], HD, HD), 1);
+
+    const float m = 3.5f, alpha = tsr_sparse_expf(1.5f - m);
+    float lane[16] = {0};
+    for (int d = 0; d < HD; d++) want_o[d] *= alpha;
+    for (int r = 0; r < N; r++) {
+        float p = tsr_sparse_expf(scores[r] - m);
+        ck_assert_float_eq(s[r], p);
+        lane[r % 16] += p;
+        if (p == 0.0f) continue;
+        for (int d = 0; d < HD; d++) want_o[d] += p * rows[r][d];
+    }
+    for (int half = 8; half >= 1; half /= 2)
+        for (int j = 0; j < half; j++) lane[j] += lane[j + half];
+    ck_assert_float_eq(s[1], 0.0f);
+    ck_assert_float_eq(s[6], 0.0f);
+    ck_assert_float_eq(s[19], 1.0f);
+    ck_assert_float_eq(ml[0], m);
+    ck_assert_float_eq(ml[1], 3.0f * alpha + lane[0]);
+    for (int d = 0; d < HD; d++) ck_assert_float_eq(o[d], want_o[d]);
+
+    /* A tile that shows nothing changes nothing. */
+    float none[2] = {-INFINITY, -INFINITY}, before[2] = {ml[0], ml[1]};
+    ck_assert_int_eq(tsr_sparse_softmax_step(none, 2, ml, o, &rows[0][0], HD, HD), 0);
+    ck_assert_float_eq(ml[0], before[0]);
+    ck_assert_float_eq(ml[1], before[1]);
+}
+END_TEST
+
 /* tsr_sparse_top_k picks exactly the k first of a full sort (higher score first, ties to the
  * lower index), on random scores, many ties, sorted and reversed runs, and all equal. */
 START_TEST(top_k_is_the_head_of_a_sort) {
@@ -1233,6 +1312,8 @@ int main(void) {
     tcase_add_test(plugins, tidal_positions_by_hand);
     tcase_add_test(plugins, sparse_plugins_thread_independent);
     tcase_add_test(plugins, top_k_is_the_head_of_a_sort);
+    tcase_add_test(plugins, sparse_expf_within_two_ulp_of_libm);
+    tcase_add_test(plugins, sparse_softmax_step_by_hand);
     tcase_add_test(plugins, head_mass_by_hand);
     tcase_add_loop_test(plugins, head_mass_reference_and_flash_agree, 0, N_MIXED);
     tcase_add_test(plugins, streaming_cache_keeps_retrieval_heads_whole);

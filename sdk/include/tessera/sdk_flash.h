@@ -9,8 +9,10 @@
  * against sixteen keys are sixteen-lane products (tsr_sparse_scores), with every key's terms in
  * tsr_sparse_dot4's order (both of <tessera/sdk_sparse.h>).
  *
- * Parallel work items are (block of TSR_FLASH_QB queries, KV head); each item is computed
- * whole by one task, so results do not depend on the thread count. score_acc needs the final
+ * Parallel work items are (block of TSR_FLASH_QB queries, KV head), taken in turn by the
+ * workers (item i by worker i mod n, so that a causal prefill's costlier later queries are
+ * shared); each item is computed whole by one task, so results do not depend on the thread
+ * count. score_acc needs the final
  * m and l of every (query, head), so it is a second pass over scores only (no V), run only when
  * a view asks for it and split over (KV head, key tile) so each entry's sum has a fixed order.
  *
@@ -41,9 +43,10 @@
 #include <tessera/sdk_attention.h>
 #include <tessera/sdk_sparse.h>
 
-/* Queries per work item: enough to reuse a K/V tile from cache, few enough to keep
- * parallelism for short prefills. */
-#define TSR_FLASH_QB 8
+/* Queries per work item: enough to reuse a K/V tile from cache and to spread the K tile's
+ * transposition over many queries (8 left it a tenth of a long prefill's attention), few
+ * enough to keep parallelism for short prefills. */
+#define TSR_FLASH_QB 16
 
 /* The shape and tile of an instance that computes as 'flash' does; first in its instance. */
 typedef struct tsr_flash {
@@ -133,16 +136,17 @@ static inline const float *tsr_flash_rows(const tsr_kv_view *v, const tsr_kv_vie
     return scratch;
 }
 
-/* The policy's axpy_v over each run of entries of the tile whose p is not -INFINITY (masked). */
+/* The policy's axpy_v over each run of entries of the tile whose probability p is not 0 (masked,
+ * or below float's range). */
 static inline void tsr_flash_axpy_runs(const tsr_kv_view_ext *e, const void *ctx, const float *p,
                             int64_t j0, int64_t nb, float *o) {
     for (int64_t r = 0; r < nb;) {
-        if (p[r] == -INFINITY) {
+        if (p[r] == 0.0f) {
             r++;
             continue;
         }
         int64_t r1 = r + 1;
-        while (r1 < nb && p[r1] != -INFINITY) r1++;
+        while (r1 < nb && p[r1] != 0.0f) r1++;
         e->axpy_v(ctx, p + r, j0 + r, r1 - r, o);
         r = r1;
     }
@@ -163,40 +167,15 @@ static inline __attribute__((always_inline)) void tsr_flash_transpose(float *kT,
 /* One (query, head)'s online-softmax step over a tile of nb entries from j0: s holds their
  * scores (overwritten), pos their positions; entries after qpos are masked. ml is its running
  * max and normaliser, o its unnormalised output; the values are the rows vv (vst apart), or,
- * with `axpy` (an extension with axpy_v), the policy's axpy_v on load_ctx. */
+ * with `axpy` (an extension with axpy_v), the policy's axpy_v on load_ctx. The step itself is
+ * tsr_sparse_softmax_step's, which the sparse attention of <tessera/sdk_sparse.h> shares. */
 static inline __attribute__((always_inline)) void tsr_flash_update(
     float *s, const int32_t *pos, int64_t j0, int64_t nb, int32_t qpos, float *ml, float *o,
     const float *vv, size_t vst, int32_t hd, const tsr_kv_view_ext *axpy, const void *load_ctx) {
-    float mt = -INFINITY;
-    for (int64_t r = 0; r < nb; r++) {
-        if (pos[j0 + r] > qpos)
-            s[r] = -INFINITY;
-        else if (s[r] > mt)
-            mt = s[r];
-    }
-    if (mt == -INFINITY) return;
-    float m_old = ml[0];
-    float m_new = mt > m_old ? mt : m_old;
-    if (m_new > m_old) {
-        float alpha = expf(m_old - m_new); /* 0 on the first visible tile */
-        ml[1] *= alpha;
-        for (int32_t d = 0; d < hd; d++) o[d] *= alpha;
-        ml[0] = m_new;
-    }
-    float l = 0.0f;
-    for (int64_t r = 0; r < nb; r++) {
-        if (s[r] == -INFINITY) continue;
-        float p = expf(s[r] - m_new);
-        l += p;
-        if (axpy) {
-            s[r] = p;
-            continue;
-        }
-        const float *vr = vv + (size_t)r * vst;
-        for (int32_t d = 0; d < hd; d++) o[d] += p * vr[d];
-    }
-    if (axpy) tsr_flash_axpy_runs(axpy, load_ctx, s, j0, nb, o);
-    ml[1] += l;
+    for (int64_t r = 0; r < nb; r++)
+        if (pos[j0 + r] > qpos) s[r] = -INFINITY;
+    if (tsr_sparse_softmax_step(s, nb, ml, o, axpy ? NULL : vv, vst, hd) && axpy)
+        tsr_flash_axpy_runs(axpy, load_ctx, s, j0, nb, o);
 }
 
 /* n_floats of scratch for one worker's items, from the host; NULL when out of memory, with the
@@ -214,8 +193,8 @@ static inline void tsr_flash_task(void *arg, int ith, int nth) {
     const tsr_flash *a = job->a;
     const tsr_attention_call *c = job->call;
     const int32_t hd = a->sh.head_dim, group = a->sh.n_head / a->sh.n_kv_head, tile = a->tile;
-    int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
-    if (first == last) return;
+    /* Items strided over the workers: a causal prefill's later queries see more entries. */
+    if (ith >= job->n_items) return;
 
     /* kt, vt (tile, hd) | kT (hd, kstride) | s (tile) | per (query, group head): q*scale (hd),
      * acc (hd), m, l */
@@ -229,7 +208,7 @@ static inline void tsr_flash_task(void *arg, int ith, int nth) {
     float *s = kT + (size_t)kstride * hd;
     float *qs = s + tile, *acc = qs + (size_t)n_state * hd, *ml = acc + (size_t)n_state * hd;
 
-    for (int64_t it = first; it < last; it++) {
+    for (int64_t it = ith; it < job->n_items; it += nth) {
         int32_t g = (int32_t)(it % a->sh.n_kv_head);
         int64_t i0 = (it / a->sh.n_kv_head) * TSR_FLASH_QB;
         int64_t nq = c->n_q - i0 < TSR_FLASH_QB ? c->n_q - i0 : TSR_FLASH_QB;
@@ -335,7 +314,7 @@ static inline void tsr_flash_score_task(void *arg, int ith, int nth) {
                 for (int64_t r = 0; r < nb; r++) {
                     if (v->pos[j0 + r] > qpos) continue;
                     float score = dot_k ? kt[r] : tsr_sparse_dot4(qs, k + (size_t)r * kst, hd);
-                    sum[r] += expf(score - m) / l;
+                    sum[r] += tsr_sparse_expf(score - m) / l;
                 }
             }
         }
@@ -353,12 +332,12 @@ static inline void tsr_flash_mass_task(void *arg, int ith, int nth) {
     const tsr_flash *a = job->a;
     const tsr_attention_call *c = job->call;
     const int32_t hd = a->sh.head_dim, group = a->sh.n_head / a->sh.n_kv_head, tile = a->tile;
-    int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
-    if (first == last) return;
+    /* Items strided over the workers: a causal prefill's later queries see more entries. */
+    if (ith >= job->n_items) return;
     float *mem = tsr_flash_scratch(job, ((size_t)tile + 1) * (size_t)hd);
     if (!mem) return;
     float *kt = mem, *qs = kt + (size_t)tile * hd;
-    for (int64_t it = first; it < last; it++) {
+    for (int64_t it = ith; it < job->n_items; it += nth) {
         int32_t g = (int32_t)(it % a->sh.n_kv_head);
         int64_t i0 = (it / a->sh.n_kv_head) * TSR_FLASH_QB;
         int64_t nq = c->n_q - i0 < TSR_FLASH_QB ? c->n_q - i0 : TSR_FLASH_QB;
@@ -383,7 +362,8 @@ static inline void tsr_flash_mass_task(void *arg, int ith, int nth) {
                         int32_t p = v->pos[j0 + r];
                         if (p > qpos || p < c->stats_sink || p > last_outside) continue;
                         if (!k) k = tsr_kv_view_rows(v, 0, j0, nb, hd, kt, &kst);
-                        job->outside[pair] += expf(tsr_sparse_dot4(qs, k + (size_t)r * kst, hd) - m) / l;
+                        float sc = tsr_sparse_dot4(qs, k + (size_t)r * kst, hd);
+                        job->outside[pair] += tsr_sparse_expf(sc - m) / l;
                     }
                 }
             }

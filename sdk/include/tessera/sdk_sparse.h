@@ -13,8 +13,8 @@
  *   - score_acc (ATTN_3) over the entries each head read, in flash's order;
  *   - counts of the entries read and of those a full attention would have read.
  *
- * Work items are (block of TSR_SPARSE_QB queries, KV head), each computed whole by one task:
- * results do not depend on the thread count. The choice callback runs on the workers, for
+ * Work items are (block of TSR_SPARSE_QB queries, KV head), taken in turn by the workers as
+ * flash's are, each computed whole by one task: results do not depend on the thread count. The choice callback runs on the workers, for
  * every (query, head) of the item, and again in the score pass: it must be a pure function of
  * what the plugin prepared before calling tsr_sparse_forward.
  *
@@ -37,7 +37,7 @@
 /* Entries per tile, and per word of a choice: bit r of word w stands for entry 64 w + r. */
 #define TSR_SPARSE_TILE 64
 /* Queries per work item, as in 'flash'. */
-#define TSR_SPARSE_QB 8
+#define TSR_SPARSE_QB 16
 
 static inline int64_t tsr_sparse_n_words(int64_t n) { return (n + TSR_SPARSE_TILE - 1) / TSR_SPARSE_TILE; }
 
@@ -78,33 +78,139 @@ static inline __attribute__((always_inline)) float tsr_sparse_dot4(const float *
 /* Keys scored together by tsr_sparse_scores: one vector register per partial sum. */
 #define TSR_SPARSE_KB 16
 
+/* tsr_sparse_dot4 of q with keys r0 .. r0 + KB - 1 (KB a multiple of TSR_SPARSE_KB) of the
+ * transposed tile, n of them stored. */
+#define TSR_SPARSE_SCORE_BLOCK_(KB)                                                            \
+    do {                                                                                       \
+        float a0[KB] = {0}, a1[KB] = {0}, a2[KB] = {0}, a3[KB] = {0};                          \
+        const float *k = kT + r0;                                                              \
+        int32_t d = 0;                                                                         \
+        for (; d + 4 <= hd; d += 4) {                                                          \
+            const float *k0 = k + (size_t)d * kstride, *k1 = k0 + kstride,                     \
+                        *k2 = k1 + kstride, *k3 = k2 + kstride;                                \
+            const float q0 = q[d], q1 = q[d + 1], q2 = q[d + 2], q3 = q[d + 3];                \
+            for (int j = 0; j < (KB); j++) {                                                   \
+                a0[j] += q0 * k0[j];                                                           \
+                a1[j] += q1 * k1[j];                                                           \
+                a2[j] += q2 * k2[j];                                                           \
+                a3[j] += q3 * k3[j];                                                           \
+            }                                                                                  \
+        }                                                                                      \
+        for (; d < hd; d++)                                                                    \
+            for (int j = 0; j < (KB); j++) a0[j] += q[d] * k[(size_t)d * kstride + j];         \
+        int64_t n = nb - r0 < (KB) ? nb - r0 : (KB);                                           \
+        for (int64_t j = 0; j < n; j++) s[r0 + j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);         \
+    } while (0)
+
 /* tsr_sparse_dot4 of q with each of nb keys, the same bits, from the keys transposed (kT: hd
  * rows of kstride >= nb rounded up to TSR_SPARSE_KB, zero past nb): the loops run across keys,
- * which vectorises without reordering any key's terms. */
+ * which vectorises without reordering any key's terms. Two blocks of keys at a time where
+ * there are two, so that eight chains of additions hide each addition's latency. */
 static inline __attribute__((always_inline)) void tsr_sparse_scores(float *s, const float *q,
                                                                     const float *kT, int64_t nb,
                                                                     int32_t hd, int64_t kstride) {
-    for (int64_t r0 = 0; r0 < nb; r0 += TSR_SPARSE_KB) {
-        float a0[TSR_SPARSE_KB] = {0}, a1[TSR_SPARSE_KB] = {0}, a2[TSR_SPARSE_KB] = {0},
-              a3[TSR_SPARSE_KB] = {0};
-        const float *k = kT + r0;
-        int32_t d = 0;
-        for (; d + 4 <= hd; d += 4) {
-            const float *k0 = k + (size_t)d * kstride, *k1 = k0 + kstride, *k2 = k1 + kstride,
-                        *k3 = k2 + kstride;
-            const float q0 = q[d], q1 = q[d + 1], q2 = q[d + 2], q3 = q[d + 3];
-            for (int j = 0; j < TSR_SPARSE_KB; j++) {
-                a0[j] += q0 * k0[j];
-                a1[j] += q1 * k1[j];
-                a2[j] += q2 * k2[j];
-                a3[j] += q3 * k3[j];
-            }
-        }
-        for (; d < hd; d++)
-            for (int j = 0; j < TSR_SPARSE_KB; j++) a0[j] += q[d] * k[(size_t)d * kstride + j];
-        int64_t n = nb - r0 < TSR_SPARSE_KB ? nb - r0 : TSR_SPARSE_KB;
-        for (int64_t j = 0; j < n; j++) s[r0 + j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
+    int64_t r0 = 0;
+    for (; r0 + 2 * TSR_SPARSE_KB <= nb; r0 += 2 * TSR_SPARSE_KB)
+        TSR_SPARSE_SCORE_BLOCK_(2 * TSR_SPARSE_KB);
+    for (; r0 < nb; r0 += TSR_SPARSE_KB) TSR_SPARSE_SCORE_BLOCK_(TSR_SPARSE_KB);
+}
+
+/* exp(x) from IEEE additions and multiplications alone, so that a loop of it vectorises (libm's
+ * expf is a call per element) and every clone and lane rounds alike: x = n ln2 + r with |r| <=
+ * ln2 / 2 (n by adding and subtracting 1.5 * 2^23; ln2 in two parts), e^r by Cephes' degree-7
+ * expf polynomial, then 2^n applied as 2^h * 2^(n-h) with h = n / 2, both normal, so that
+ * results in the subnormal range are rounded once, as expf's are (a cut to 0 there would make
+ * the probability of an entry with huge values jump). Within 2 ulp of expf over its whole
+ * range; 0 below -103.9721 (and for -inf, so that an entry masked to -inf gets probability 0),
+ * +inf above 88.7228, NaN for NaN. The softmax of flash and of this file takes its
+ * exponentials here. */
+static inline __attribute__((always_inline)) float tsr_sparse_expf(float x) {
+    const float lo = -103.972076416015625f, hi = 88.72283172607421875f, shift = 0x1.8p23f;
+    float xc = x < lo ? lo : x > hi ? hi : x;
+    float t = xc * 1.44269502162933349609375f + shift;
+    float n = t - shift;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = (p * (r * r) + r) + 1.0f;
+    /* n from t's low mantissa bits, not a float-to-int conversion (undefined for NaN). */
+    union { float f; uint32_t u; } tb = {.f = t}, s1, s2;
+    int32_t ni = (int32_t)(tb.u - 0x4B400000u), h = ni / 2;
+    s1.u = (uint32_t)(h + 127) << 23;
+    s2.u = (uint32_t)(ni - h + 127) << 23;
+    float y = (p * s1.f) * s2.f;
+    return x < lo ? 0.0f : x > hi ? INFINITY : y;
+}
+
+/* o[d] += p[r] * rows[r][d] over the n rows (vst apart), in row order for every d; a row whose
+ * p is 0 (masked, or its exponential below float's range) adds nothing. o is held in
+ * registers over the rows, 64 and then 16 floats at a time. */
+static inline __attribute__((always_inline)) void
+tsr_sparse_softmax_values(float *o, const float *p, int64_t n, const float *rows, size_t vst,
+                          int32_t hd) {
+#define TSR_SPARSE_VALUES_SPAN_(W)                                                            \
+    for (; d0 + (W) <= hd; d0 += (W)) {                                                        \
+        float acc[W];                                                                          \
+        for (int j = 0; j < (W); j++) acc[j] = o[d0 + j];                                      \
+        for (int64_t r = 0; r < n; r++) {                                                      \
+            const float pr = p[r];                                                             \
+            if (pr == 0.0f) continue;                                                          \
+            const float *vr = rows + (size_t)r * vst + d0;                                     \
+            for (int j = 0; j < (W); j++) acc[j] += pr * vr[j];                                \
+        }                                                                                      \
+        for (int j = 0; j < (W); j++) o[d0 + j] = acc[j];                                      \
     }
+    int32_t d0 = 0;
+    TSR_SPARSE_VALUES_SPAN_(64)
+    TSR_SPARSE_VALUES_SPAN_(16)
+    TSR_SPARSE_VALUES_SPAN_(1)
+#undef TSR_SPARSE_VALUES_SPAN_
+}
+
+/* One (query, head)'s online-softmax step over n scores s (-INFINITY: an entry it does not
+ * see), with ml its running max and normaliser and o its unnormalised output: when the tile
+ * raises the max, o and the normaliser are rescaled by exp(m_old - m_new) (0 on the first tile
+ * that shows anything); s is overwritten by each entry's exp(s - m) (0 where masked), the
+ * normaliser adds their sum (sixteen partial sums, entry r in r % 16, added pairwise: the
+ * loops vectorise where one running sum would wait on each addition), and the values, when
+ * rows is not NULL, are added by tsr_sparse_softmax_values (else the caller adds them from s).
+ * Returns 0, changing nothing, when the tile shows no entry. */
+static inline __attribute__((always_inline)) int
+tsr_sparse_softmax_step(float *s, int64_t n, float *ml, float *o, const float *rows, size_t vst,
+                        int32_t hd) {
+    float lane[16];
+    for (int j = 0; j < 16; j++) lane[j] = -INFINITY;
+    int64_t r = 0;
+    for (; r + 16 <= n; r += 16)
+        for (int j = 0; j < 16; j++) lane[j] = s[r + j] > lane[j] ? s[r + j] : lane[j];
+    for (; r < n; r++) lane[r % 16] = s[r] > lane[r % 16] ? s[r] : lane[r % 16];
+    float mt = -INFINITY;
+    for (int j = 0; j < 16; j++) mt = lane[j] > mt ? lane[j] : mt;
+    if (mt == -INFINITY) return 0;
+    float m_old = ml[0];
+    float m_new = mt > m_old ? mt : m_old;
+    if (m_new > m_old) {
+        float alpha = tsr_sparse_expf(m_old - m_new);
+        ml[1] *= alpha;
+        for (int32_t d = 0; d < hd; d++) o[d] *= alpha;
+        ml[0] = m_new;
+    }
+    for (r = 0; r < n; r++) s[r] = tsr_sparse_expf(s[r] - m_new);
+    for (int j = 0; j < 16; j++) lane[j] = 0.0f;
+    for (r = 0; r + 16 <= n; r += 16)
+        for (int j = 0; j < 16; j++) lane[j] += s[r + j];
+    for (; r < n; r++) lane[r % 16] += s[r];
+    for (int j = 0; j < 8; j++) lane[j] += lane[j + 8];
+    for (int j = 0; j < 4; j++) lane[j] += lane[j + 4];
+    for (int j = 0; j < 2; j++) lane[j] += lane[j + 2];
+    ml[1] += lane[0] + lane[1];
+    if (rows) tsr_sparse_softmax_values(o, s, n, rows, vst, hd);
+    return 1;
 }
 
 /* The product of a key read alone: sixteen partial sums (terms i % 16), which vectorise across
@@ -269,8 +375,8 @@ static void tsr_sparse_task_(void *arg, int ith, int nth) {
     const tsr_attention_shape *a = job->a;
     const tsr_attention_call *c = job->call;
     const int32_t hd = a->head_dim, group = a->n_head / a->n_kv_head, T = TSR_SPARSE_TILE;
-    int64_t first = job->n_items * ith / nth, last = job->n_items * (ith + 1) / nth;
-    if (first == last) return;
+    /* Items strided over the workers: a causal prefill's later queries see more entries. */
+    if (ith >= job->n_items) return;
 
     /* kt, vt (T, hd) | kT (hd, T) | s (T) | per (query, group head): q*scale (hd), acc (hd),
      * m, l | the choices (n_state, n_words) | whether each reads every entry */
@@ -290,7 +396,7 @@ static void tsr_sparse_task_(void *arg, int ith, int nth) {
     unsigned char *every = (unsigned char *)(ml + 2 * (size_t)n_state);
     int64_t n_read = 0, n_visible = 0;
 
-    for (int64_t it = first; it < last; it++) {
+    for (int64_t it = ith; it < job->n_items; it += nth) {
         int32_t g = (int32_t)(it % a->n_kv_head);
         int64_t i0 = (it / a->n_kv_head) * TSR_SPARSE_QB;
         int64_t nq = c->n_q - i0 < TSR_SPARSE_QB ? c->n_q - i0 : TSR_SPARSE_QB;
@@ -370,31 +476,12 @@ static void tsr_sparse_task_(void *arg, int ith, int nth) {
                                        ? tsr_sparse_dot16(qh, k + (size_t)(r - r0) * kst, hd)
                                        : -INFINITY;
                     }
-                    float mt = -INFINITY;
-                    for (int64_t r = r0; r <= r1; r++)
-                        if (s[r] > mt) mt = s[r];
                     if (job->scores)
                         memcpy(job->scores + ((i0 + qi) * a->n_head + g * group + hg) * job->max_n +
                                    j0 + r0,
                                s + r0, (size_t)(r1 - r0 + 1) * sizeof *s);
-                    float m_old = ml[2 * st];
-                    float m_new = mt > m_old ? mt : m_old;
-                    float *o = acc + st * hd;
-                    if (m_new > m_old) {
-                        float alpha = expf(m_old - m_new); /* 0 on the first visible tile */
-                        ml[2 * st + 1] *= alpha;
-                        for (int32_t d = 0; d < hd; d++) o[d] *= alpha;
-                        ml[2 * st] = m_new;
-                    }
-                    float l = 0.0f;
-                    for (int64_t r = r0; r <= r1; r++) {
-                        if (s[r] == -INFINITY) continue;
-                        float p = expf(s[r] - m_new);
-                        l += p;
-                        const float *vr = vv + (size_t)(r - r0) * vst;
-                        for (int32_t d = 0; d < hd; d++) o[d] += p * vr[d];
-                    }
-                    ml[2 * st + 1] += l;
+                    tsr_sparse_softmax_step(s + r0, r1 - r0 + 1, ml + 2 * st, acc + st * hd, vv,
+                                            vst, hd);
                 }
             }
         }
@@ -465,7 +552,7 @@ static void tsr_sparse_score_task_(void *arg, int ith, int nth) {
                         const float *k = tsr_kv_view_rows(v, 0, j, 1, hd, row, &st);
                         float sc = word == exist ? tsr_sparse_dot4(qs, k, hd)
                                                  : tsr_sparse_dot16(qs, k, hd);
-                        sum[j] += expf(sc - m) / l;
+                        sum[j] += tsr_sparse_expf(sc - m) / l;
                     }
                 }
             }
