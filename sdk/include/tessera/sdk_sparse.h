@@ -78,41 +78,66 @@ static inline __attribute__((always_inline)) float tsr_sparse_dot4(const float *
 /* Keys scored together by tsr_sparse_scores: one vector register per partial sum. */
 #define TSR_SPARSE_KB 16
 
-/* tsr_sparse_dot4 of q with keys r0 .. r0 + KB - 1 (KB a multiple of TSR_SPARSE_KB) of the
- * transposed tile, n of them stored. */
-#define TSR_SPARSE_SCORE_BLOCK_(KB)                                                            \
-    do {                                                                                       \
-        float a0[KB] = {0}, a1[KB] = {0}, a2[KB] = {0}, a3[KB] = {0};                          \
-        const float *k = kT + r0;                                                              \
-        int32_t d = 0;                                                                         \
-        for (; d + 4 <= hd; d += 4) {                                                          \
-            const float *k0 = k + (size_t)d * kstride, *k1 = k0 + kstride,                     \
-                        *k2 = k1 + kstride, *k3 = k2 + kstride;                                \
-            const float q0 = q[d], q1 = q[d + 1], q2 = q[d + 2], q3 = q[d + 3];                \
-            for (int j = 0; j < (KB); j++) {                                                   \
-                a0[j] += q0 * k0[j];                                                           \
-                a1[j] += q1 * k1[j];                                                           \
-                a2[j] += q2 * k2[j];                                                           \
-                a3[j] += q3 * k3[j];                                                           \
-            }                                                                                  \
-        }                                                                                      \
-        for (; d < hd; d++)                                                                    \
-            for (int j = 0; j < (KB); j++) a0[j] += q[d] * k[(size_t)d * kstride + j];         \
-        int64_t n = nb - r0 < (KB) ? nb - r0 : (KB);                                           \
-        for (int64_t j = 0; j < n; j++) s[r0 + j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);         \
-    } while (0)
+/* Sixteen floats as one value (GNU C vector extension), lowered to the registers of each
+ * clone: one zmm, two ymm or four xmm; read and written in memory through the unaligned,
+ * aliasing form (as the intrinsics' __m512_u is). With -ffp-contract=off each lane rounds as
+ * the scalar expression would. */
+typedef float tsr_sparse_v16_ __attribute__((vector_size(64)));
+typedef float tsr_sparse_v16u_ __attribute__((vector_size(64), aligned(4), may_alias));
+#define TSR_SPARSE_LD16_(p) (*(const tsr_sparse_v16u_ *)(const void *)(p))
+#define TSR_SPARSE_ST16_(p, v) (*(tsr_sparse_v16u_ *)(void *)(p) = (v))
 
 /* tsr_sparse_dot4 of q with each of nb keys, the same bits, from the keys transposed (kT: hd
- * rows of kstride >= nb rounded up to TSR_SPARSE_KB, zero past nb): the loops run across keys,
- * which vectorises without reordering any key's terms. Two blocks of keys at a time where
- * there are two, so that eight chains of additions hide each addition's latency. */
+ * rows of kstride >= nb rounded up to TSR_SPARSE_KB, zero past nb): each vector lane is a key,
+ * whose four partial sums (terms d % 4) are four vectors, so no key's terms are reordered.
+ * Two blocks of sixteen keys at a time where there are two: eight chains of additions, which
+ * hide each addition's latency, in registers (the vector type keeps them there, where arrays
+ * were spilled). */
 static inline __attribute__((always_inline)) void tsr_sparse_scores(float *s, const float *q,
                                                                     const float *kT, int64_t nb,
                                                                     int32_t hd, int64_t kstride) {
     int64_t r0 = 0;
-    for (; r0 + 2 * TSR_SPARSE_KB <= nb; r0 += 2 * TSR_SPARSE_KB)
-        TSR_SPARSE_SCORE_BLOCK_(2 * TSR_SPARSE_KB);
-    for (; r0 < nb; r0 += TSR_SPARSE_KB) TSR_SPARSE_SCORE_BLOCK_(TSR_SPARSE_KB);
+    for (; r0 + 2 * TSR_SPARSE_KB <= nb; r0 += 2 * TSR_SPARSE_KB) {
+        tsr_sparse_v16_ a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        tsr_sparse_v16_ b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        const float *k = kT + r0;
+        int32_t d = 0;
+        for (; d + 4 <= hd; d += 4) {
+            const float *k0 = k + (size_t)d * kstride, *k1 = k0 + kstride, *k2 = k1 + kstride,
+                        *k3 = k2 + kstride;
+            a0 += TSR_SPARSE_LD16_(k0) * q[d];
+            b0 += TSR_SPARSE_LD16_(k0 + TSR_SPARSE_KB) * q[d];
+            a1 += TSR_SPARSE_LD16_(k1) * q[d + 1];
+            b1 += TSR_SPARSE_LD16_(k1 + TSR_SPARSE_KB) * q[d + 1];
+            a2 += TSR_SPARSE_LD16_(k2) * q[d + 2];
+            b2 += TSR_SPARSE_LD16_(k2 + TSR_SPARSE_KB) * q[d + 2];
+            a3 += TSR_SPARSE_LD16_(k3) * q[d + 3];
+            b3 += TSR_SPARSE_LD16_(k3 + TSR_SPARSE_KB) * q[d + 3];
+        }
+        for (; d < hd; d++) {
+            a0 += TSR_SPARSE_LD16_(k + (size_t)d * kstride) * q[d];
+            b0 += TSR_SPARSE_LD16_(k + (size_t)d * kstride + TSR_SPARSE_KB) * q[d];
+        }
+        TSR_SPARSE_ST16_(s + r0, (a0 + a1) + (a2 + a3));
+        TSR_SPARSE_ST16_(s + r0 + TSR_SPARSE_KB, (b0 + b1) + (b2 + b3));
+    }
+    for (; r0 < nb; r0 += TSR_SPARSE_KB) {
+        tsr_sparse_v16_ a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        const float *k = kT + r0;
+        int32_t d = 0;
+        for (; d + 4 <= hd; d += 4) {
+            const float *k0 = k + (size_t)d * kstride;
+            a0 += TSR_SPARSE_LD16_(k0) * q[d];
+            a1 += TSR_SPARSE_LD16_(k0 + kstride) * q[d + 1];
+            a2 += TSR_SPARSE_LD16_(k0 + 2 * kstride) * q[d + 2];
+            a3 += TSR_SPARSE_LD16_(k0 + 3 * kstride) * q[d + 3];
+        }
+        for (; d < hd; d++) a0 += TSR_SPARSE_LD16_(k + (size_t)d * kstride) * q[d];
+        float out[TSR_SPARSE_KB];
+        TSR_SPARSE_ST16_(out, (a0 + a1) + (a2 + a3));
+        int64_t n = nb - r0 < TSR_SPARSE_KB ? nb - r0 : TSR_SPARSE_KB;
+        memcpy(s + r0, out, (size_t)n * sizeof *out);
+    }
 }
 
 /* exp(x) from IEEE additions and multiplications alone, so that a loop of it vectorises (libm's
@@ -153,23 +178,33 @@ static inline __attribute__((always_inline)) float tsr_sparse_expf(float x) {
 static inline __attribute__((always_inline)) void
 tsr_sparse_softmax_values(float *o, const float *p, int64_t n, const float *rows, size_t vst,
                           int32_t hd) {
-#define TSR_SPARSE_VALUES_SPAN_(W)                                                            \
-    for (; d0 + (W) <= hd; d0 += (W)) {                                                        \
-        float acc[W];                                                                          \
-        for (int j = 0; j < (W); j++) acc[j] = o[d0 + j];                                      \
-        for (int64_t r = 0; r < n; r++) {                                                      \
-            const float pr = p[r];                                                             \
-            if (pr == 0.0f) continue;                                                          \
-            const float *vr = rows + (size_t)r * vst + d0;                                     \
-            for (int j = 0; j < (W); j++) acc[j] += pr * vr[j];                                \
-        }                                                                                      \
-        for (int j = 0; j < (W); j++) o[d0 + j] = acc[j];                                      \
-    }
     int32_t d0 = 0;
-    TSR_SPARSE_VALUES_SPAN_(64)
-    TSR_SPARSE_VALUES_SPAN_(16)
-    TSR_SPARSE_VALUES_SPAN_(1)
-#undef TSR_SPARSE_VALUES_SPAN_
+    for (; d0 + 64 <= hd; d0 += 64) {
+        tsr_sparse_v16_ o0 = TSR_SPARSE_LD16_(o + d0), o1 = TSR_SPARSE_LD16_(o + d0 + 16),
+                        o2 = TSR_SPARSE_LD16_(o + d0 + 32), o3 = TSR_SPARSE_LD16_(o + d0 + 48);
+        for (int64_t r = 0; r < n; r++) {
+            const float pr = p[r];
+            if (pr == 0.0f) continue;
+            const float *vr = rows + (size_t)r * vst + d0;
+            o0 += TSR_SPARSE_LD16_(vr) * pr;
+            o1 += TSR_SPARSE_LD16_(vr + 16) * pr;
+            o2 += TSR_SPARSE_LD16_(vr + 32) * pr;
+            o3 += TSR_SPARSE_LD16_(vr + 48) * pr;
+        }
+        TSR_SPARSE_ST16_(o + d0, o0);
+        TSR_SPARSE_ST16_(o + d0 + 16, o1);
+        TSR_SPARSE_ST16_(o + d0 + 32, o2);
+        TSR_SPARSE_ST16_(o + d0 + 48, o3);
+    }
+    for (; d0 + 16 <= hd; d0 += 16) {
+        tsr_sparse_v16_ o0 = TSR_SPARSE_LD16_(o + d0);
+        for (int64_t r = 0; r < n; r++)
+            if (p[r] != 0.0f) o0 += TSR_SPARSE_LD16_(rows + (size_t)r * vst + d0) * p[r];
+        TSR_SPARSE_ST16_(o + d0, o0);
+    }
+    for (; d0 < hd; d0++)
+        for (int64_t r = 0; r < n; r++)
+            if (p[r] != 0.0f) o[d0] += p[r] * rows[(size_t)r * vst + d0];
 }
 
 /* One (query, head)'s online-softmax step over n scores s (-INFINITY: an entry it does not
