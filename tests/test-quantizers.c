@@ -1324,6 +1324,15 @@ static void assert_rows_are_the_files(qz *q, const tsr_tensor *t, int32_t type, 
     free(want);
 }
 
+/* The prepared matrix is the file's own rows under the file's type (gguf left it as it was):
+ * checked, released, and the quantizer and the file freed. */
+static void assert_kept_then_close(qz *q, tsr_weight_out *out, int32_t type, void *file) {
+    ck_assert(out->dst.dtype == type && out->dst.data == file && !out->owns_data);
+    q->vt->release(q->inst->self, &out->dst);
+    qz_close(q);
+    free(file);
+}
+
 /* order fast (the default) with the cpu backend: the matrix comes back in a type of gguf's own
  * of the same size, owned; its rows dequantize as the file's; gguf's matmul gives the fast
  * order's reference bits for a batch and for one token, whatever the pool. The 256-element
@@ -1344,10 +1353,7 @@ START_TEST(gguf_fast_order_repacks) {
                 gguf_prepare_q(&q, types[i], n_in, n_out, "ffn_up", -1, &file, &out), TSR_OK);
             if (tsr_dtype_block_elems(types[i]) == TSR_QK_K &&
                 tsr_cpu_level_get() != TSR_CPU_LEVEL_AVX512) {
-                ck_assert(out.dst.dtype == types[i] && out.dst.data == file && !out.owns_data);
-                q.vt->release(q.inst->self, &out.dst);
-                qz_close(&q);
-                free(file);
+                assert_kept_then_close(&q, &out, types[i], file);
                 continue;
             }
             ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
@@ -1402,10 +1408,7 @@ START_TEST(gguf_fast_order_panels) {
             ck_assert_int_eq(
                 gguf_prepare_q(&q, types[i], n_in, n_out, "ffn_up", -1, &file, &out), TSR_OK);
             if (types[i] == TSR_DTYPE_BF16 && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
-                ck_assert(out.dst.dtype == types[i] && out.dst.data == file && !out.owns_data);
-                q.vt->release(q.inst->self, &out.dst);
-                qz_close(&q);
-                free(file);
+                assert_kept_then_close(&q, &out, types[i], file);
                 continue;
             }
             ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
