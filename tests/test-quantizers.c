@@ -744,7 +744,7 @@ START_TEST(dot_packed_scaled_levels) {
         }
         for (int64_t i = 0; i < n_tok * n_scales; i++) da[i] = 0.002f + 0.0001f * (float)i;
         tsr_rq_pack(packed, codes, n, bits);
-        tsr_rq_act act = {q, gsum, da, n, group, n_scales};
+        tsr_rq_act act = {q, gsum, da, n, group, n_scales, NULL};
         const uint8_t *mins = cases[k].with_min ? (const uint8_t *)m16 : NULL;
         ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
         tsr_rq_dot_packed_scaled(ys, 1, packed, bits, cases[k].zero, (const uint8_t *)d16, mins,
@@ -908,15 +908,33 @@ START_TEST(act_f32_sums_order) {
 }
 END_TEST
 
-/* Integer scales and zeros per group: the exact sum at every level, random groups and the
- * extremes (8-bit codes 255, scale 255, activations 127, 40 groups of 256: each group's term
- * is near 2^31, the row's sum far past it). */
+/* Nibble order by hand: runs of 128 split into even and odd positions, the short last run
+ * (here 6) split at its own half. */
+START_TEST(act_nibble_order_by_hand) {
+    int8_t q[134], got[134];
+    for (int i = 0; i < 134; i++) q[i] = (int8_t)(i - 67);
+    tsr_rq_act_nibble_order(got, q, 134);
+    for (int k = 0; k < 64; k++) {
+        ck_assert_int_eq(got[k], q[2 * k]);
+        ck_assert_int_eq(got[64 + k], q[2 * k + 1]);
+    }
+    const int8_t tail[6] = {61, 63, 65, 62, 64, 66};
+    for (int k = 0; k < 6; k++) ck_assert_int_eq(got[128 + k], tail[k]);
+}
+END_TEST
+
+/* Integer scales and zeros per group: the exact sum at every level, with and without the
+ * activations in nibble order, random groups (4-bit groups that end inside a run of 128, and
+ * a short last run) and the extremes (8-bit codes 255, scale 255, activations 127, 40 groups
+ * of 256: each group's term is near 2^31, the row's sum far past it; 4-bit codes 15 over 600
+ * runs of 128: the nibble path's 32-bit lanes would pass 2^31 without their moves to 64 bits). */
 START_TEST(dot_packed_int_scaled_levels) {
     static const struct {
         int bits;
         int64_t group, n_g;
         int extreme;
-    } cases[] = {{4, 128, 17, 0}, {4, 32, 3, 0}, {3, 72, 3, 0}, {8, 256, 40, 1}};
+    } cases[] = {{4, 128, 17, 0}, {4, 32, 3, 0},  {4, 96, 7, 0},    {4, 256, 3, 0},
+                 {3, 72, 3, 0},   {8, 256, 40, 1}, {4, 256, 300, 1}};
     tsr_cpu_level best = tsr_cpu_level_best();
     uint64_t seed = 11;
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
@@ -924,11 +942,11 @@ START_TEST(dot_packed_int_scaled_levels) {
         int64_t group = cases[k].group, n_g = cases[k].n_g, n = group * n_g;
         uint8_t *codes = malloc((size_t)n), *packed = malloc(tsr_rq_packed_bytes(n, bits));
         uint8_t *sz = malloc((size_t)(2 * n_g));
-        int8_t *a = malloc((size_t)n);
+        int8_t *a = malloc((size_t)n), *a_nib = malloc((size_t)n);
         int32_t *asum = calloc((size_t)n_g, sizeof *asum), *scratch = malloc((size_t)n_g * 4);
         for (int64_t i = 0; i < n; i++) {
             seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-            codes[i] = cases[k].extreme ? 255 : (uint8_t)((seed >> 33) & ((1u << bits) - 1));
+            codes[i] = (uint8_t)((cases[k].extreme ? ~0ull : seed >> 33) & ((1u << bits) - 1));
             a[i] = cases[k].extreme ? 127 : (int8_t)((int)((seed >> 45) % 255) - 127);
             asum[i / group] += a[i];
         }
@@ -937,18 +955,21 @@ START_TEST(dot_packed_int_scaled_levels) {
             sz[2 * g + 1] = cases[k].extreme ? 0 : (uint8_t)((g * 5) & ((1u << bits) - 1));
         }
         tsr_rq_pack(packed, codes, n, bits);
+        tsr_rq_act_nibble_order(a_nib, a, n);
         int64_t want = 0;
         for (int64_t i = 0; i < n; i++)
             want += (int64_t)sz[2 * (i / group)] * (codes[i] - sz[2 * (i / group) + 1]) * a[i];
-        for (int lv = 0; lv <= (int)best; lv++) {
-            ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
-            int64_t got =
-                tsr_rq_dot_packed_int_scaled(packed, bits, sz, a, asum, group, n_g, scratch);
-            ck_assert_msg(got == want, "case %zu at %s: %lld != %lld", k,
-                          tsr_cpu_level_name((tsr_cpu_level)lv), (long long)got,
-                          (long long)want);
-        }
-        free(codes), free(packed), free(sz), free(a), free(asum), free(scratch);
+        for (int lv = 0; lv <= (int)best; lv++)
+            for (int nib = 0; nib < 2; nib++) {
+                ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+                int64_t got = tsr_rq_dot_packed_int_scaled(packed, bits, sz, a,
+                                                           nib ? a_nib : NULL, asum, group, n_g,
+                                                           scratch);
+                ck_assert_msg(got == want, "case %zu at %s (nibble order %d): %lld != %lld", k,
+                              tsr_cpu_level_name((tsr_cpu_level)lv), nib, (long long)got,
+                              (long long)want);
+            }
+        free(codes), free(packed), free(sz), free(a), free(a_nib), free(asum), free(scratch);
     }
     ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
 }
@@ -976,6 +997,44 @@ START_TEST(act_quantize_groups) {
     for (int i = 0; i < 32; i++) s0 += q[i];
     ck_assert_int_eq(gsum[0], s0);
     ck_assert_int_eq(gsum[1], 127 - 64);
+}
+END_TEST
+
+/* Token activations at every level give the scalar reference's bits: lengths around the
+ * 16-wide steps, ties (amax 127 makes x * 127 / amax = x, so halves are ties), a NaN (ignored
+ * by the maximum, quantized to -127), an all-zero token. */
+START_TEST(act_quantize_levels) {
+    static const int64_t lens[] = {1, 15, 16, 17, 40, 200};
+    float x[200];
+    int8_t want[256], got[256];
+    int32_t gs_want[8], gs_got[8];
+    float d_want, d_got;
+    tsr_cpu_level best = tsr_cpu_level_best();
+    uint64_t seed = 5;
+    for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++)
+        for (int kind = 0; kind < 3; kind++) {
+            int64_t n = lens[k], n_pad = (n + 31) / 32 * 32;
+            for (int64_t i = 0; i < n; i++) {
+                seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+                x[i] = kind == 2 ? 0.0f : (float)((int)((seed >> 40) % 255) - 127) + 0.5f;
+            }
+            x[n / 2] = kind == 2 ? 0.0f : 127.0f;
+            if (kind == 1 && n > 2) x[n - 1] = NAN;
+            ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
+            tsr_rq_act_quantize_row(want, gs_want, &d_want, x, n, n_pad, 32);
+            for (int lv = 1; lv <= (int)best; lv++) {
+                ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+                memset(got, 0x55, sizeof got);
+                tsr_rq_act_quantize_row(got, gs_got, &d_got, x, n, n_pad, 32);
+                ck_assert_msg(memcmp(got, want, (size_t)n_pad) == 0 && d_got == d_want &&
+                                  memcmp(gs_got, gs_want, (size_t)(n_pad / 32) * 4) == 0,
+                              "length %lld, kind %d at %s", (long long)n, kind,
+                              tsr_cpu_level_name((tsr_cpu_level)lv));
+            }
+            if (kind == 0) ck_assert_int_eq(want[0], (int8_t)nearbyintf(x[0]));
+            if (kind == 1 && n > 2) ck_assert_int_eq(want[n - 1], -127);
+        }
+    ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
 }
 END_TEST
 
@@ -1527,7 +1586,9 @@ static Suite *suite(bool model_cases) {
     tcase_add_test(tc, simd_equals_scalar);
     tcase_add_test(tc, dot_packed_groups_equals_unpacked);
     tcase_add_test(tc, act_quantize_groups);
+    tcase_add_test(tc, act_quantize_levels);
     tcase_add_test(tc, dot_packed_scaled_levels);
+    tcase_add_test(tc, act_nibble_order_by_hand);
     tcase_add_test(tc, dot_packed_int_scaled_levels);
     tcase_add_test(tc, dot_packed_f32_levels);
     tcase_add_test(tc, act_f32_sums_order);

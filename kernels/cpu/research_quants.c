@@ -249,6 +249,13 @@ static int64_t dot_packed_int_scaled_groups(const uint8_t *codes, int bits, cons
 }
 
 #ifdef RQ_X86
+/* acc64 + the 32-bit lanes of acc32, widened. */
+static inline __attribute__((target("avx512f"))) __m512i add_lanes_epi64(__m512i acc64,
+                                                                         __m512i acc32) {
+    acc64 = _mm512_add_epi64(acc64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc32)));
+    return _mm512_add_epi64(acc64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc32, 1)));
+}
+
 /* A lane's term of one group is at most 255 * 255 * 127 * 4 * (group / 64) in size; 32-bit
  * lanes take 16 groups of 256 (2^31 / (255^2 * 127 * 16) > 16) before they move to 64 bits. */
 #define RQ_INT_FLUSH 16
@@ -279,20 +286,108 @@ RQ_VBMI_TARGET static int64_t dot_packed_int_scaled_vbmi(const uint8_t *codes, i
         acc32 = _mm512_add_epi32(acc32, _mm512_mullo_epi32(_mm512_sub_epi32(ac, az),
                                                            _mm512_set1_epi32(sz[2 * g])));
         if ((g + 1) % RQ_INT_FLUSH == 0 || g + 1 == n_g) {
-            acc64 = _mm512_add_epi64(acc64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc32)));
-            acc64 = _mm512_add_epi64(
-                acc64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc32, 1)));
+            acc64 = add_lanes_epi64(acc64, acc32);
             acc32 = _mm512_setzero_si512();
         }
     }
     return _mm512_reduce_add_epi64(acc64);
 }
+
+/* A lane's term of one step is at most 255 * 8 * 15 * 127 (its scale times eight products):
+ * 32-bit lanes take 256 steps before they move to 64 bits. */
+#define RQ_NIBBLE_FLUSH 256
+#define RQ_NIBBLE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* sum_g s_g * z_g * asum[g], 16 groups at a time in 64-bit lanes (the scalar loop, which the
+ * compiler vectorises with emulated 64-bit products, cost as much as a short row's codes). */
+RQ_NIBBLE_TARGET static int64_t zero_terms(const uint8_t *sz, const int32_t *asum, int64_t n_g) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t g = 0; g < n_g; g += 16) {
+        __mmask16 m = n_g - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n_g - g)) - 1);
+        __m512i pairs = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi16(m, sz + 2 * g));
+        __m512i s_z = _mm512_mullo_epi32(_mm512_and_si512(pairs, _mm512_set1_epi32(0xffff)),
+                                         _mm512_srli_epi32(pairs, 16));
+        __m512i sums = _mm512_maskz_loadu_epi32(m, asum + g);
+        for (int h = 0; h < 2; h++) {
+            __m256i s_z8 = h ? _mm512_extracti64x4_epi64(s_z, 1) : _mm512_castsi512_si256(s_z);
+            __m256i sums8 = h ? _mm512_extracti64x4_epi64(sums, 1) : _mm512_castsi512_si256(sums);
+            acc = _mm512_add_epi64(acc, _mm512_mul_epi32(_mm512_cvtepu32_epi64(s_z8),
+                                                         _mm512_cvtepi32_epi64(sums8)));
+        }
+    }
+    return _mm512_reduce_add_epi64(acc);
+}
+
+/* One step of 128 codes from 64 bytes (half: the bytes, 64 but in a short last step), a_nib
+ * the step's activations in nibble order: lane j sums codes 8j..8j+7 of the step (four low
+ * nibbles, four high), so it stays inside one group. */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
+nibble_step(const uint8_t *codes, const int8_t *a_nib, int64_t half) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512i w, lo, hi;
+    _mm_prefetch((const char *)codes + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+    if (half == 64) {
+        w = _mm512_loadu_si512(codes);
+        lo = _mm512_loadu_si512(a_nib);
+        hi = _mm512_loadu_si512(a_nib + 64);
+    } else {
+        __mmask64 m = ((__mmask64)1 << half) - 1;
+        w = _mm512_maskz_loadu_epi8(m, codes);
+        lo = _mm512_maskz_loadu_epi8(m, a_nib);
+        hi = _mm512_maskz_loadu_epi8(m, a_nib + half);
+    }
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, low4), lo);
+    return _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(w, 4), low4), hi);
+}
+
+/* Each step's lanes times their groups' scales (in the low 16 bits of each lane: |lane| <=
+ * 8 * 15 * 127 fits 16 bits, so vpmaddwd gives the exact product), then the zeros. Groups of
+ * whole steps (the default 128 and 256) take one broadcast scale; others set each lane's. */
+RQ_NIBBLE_TARGET static int64_t dot_nibbles_int_scaled(const uint8_t *codes, const uint8_t *sz,
+                                                       const int8_t *a_nib, const int32_t *asum,
+                                                       int64_t group, int64_t n_g) {
+    const int64_t n = group * n_g;
+    __m512i acc64 = _mm512_setzero_si512(), acc32 = _mm512_setzero_si512();
+    int64_t step = 0;
+    if (group % 128 == 0) {
+        for (int64_t g = 0; g < n_g; g++) {
+            const __m512i scale = _mm512_set1_epi32(sz[2 * g]);
+            for (int64_t b = g * group; b < (g + 1) * group; b += 128) {
+                acc32 = _mm512_add_epi32(
+                    acc32, _mm512_madd_epi16(nibble_step(codes + b / 2, a_nib + b, 64), scale));
+                if (++step % RQ_NIBBLE_FLUSH == 0) {
+                    acc64 = add_lanes_epi64(acc64, acc32);
+                    acc32 = _mm512_setzero_si512();
+                }
+            }
+        }
+    } else {
+        for (int64_t b = 0, g0 = 0; b < n; b += 128) { /* g0: the group of code b */
+            int64_t half = (n - b < 128 ? n - b : 128) / 2;
+            __m512i scale = _mm512_set1_epi32(sz[2 * g0]);
+            for (g0++; g0 < n_g && g0 * group < b + 128; g0++)
+                scale = _mm512_mask_mov_epi32(
+                    scale, (__mmask16)(0xffffu << ((g0 * group - b) / 8)),
+                    _mm512_set1_epi32(sz[2 * g0]));
+            if (g0 * group > b + 128) g0--; /* the last group goes on into the next step */
+            acc32 = _mm512_add_epi32(
+                acc32, _mm512_madd_epi16(nibble_step(codes + b / 2, a_nib + b, half), scale));
+            if (++step % RQ_NIBBLE_FLUSH == 0) {
+                acc64 = add_lanes_epi64(acc64, acc32);
+                acc32 = _mm512_setzero_si512();
+            }
+        }
+    }
+    return _mm512_reduce_add_epi64(add_lanes_epi64(acc64, acc32)) - zero_terms(sz, asum, n_g);
+}
 #endif
 
 int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits, const uint8_t *sz,
-                                     const int8_t *a, const int32_t *asum, int64_t group,
-                                     int64_t n_g, int32_t *scratch) {
+                                     const int8_t *a, const int8_t *a_nib, const int32_t *asum,
+                                     int64_t group, int64_t n_g, int32_t *scratch) {
 #ifdef RQ_X86
+    if (bits == 4 && a_nib && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512)
+        return dot_nibbles_int_scaled(codes, sz, a_nib, asum, group, n_g);
     if (tsr_cpu_avx512_vbmi()) return dot_packed_int_scaled_vbmi(codes, bits, sz, a, group, n_g);
 #endif
     return dot_packed_int_scaled_groups(codes, bits, sz, a, asum, group, n_g, scratch);
@@ -951,16 +1046,47 @@ void tsr_rq_dot_packed_f32(float *y, int64_t ldy, const uint8_t *codes, int bits
                          n_g);
 }
 
-/* q = rne(x * 127 / amax), clamped; returns the scale amax / 127 (0 and zeros for amax 0). */
-static float act_quantize_span(int8_t *q, const float *x, int64_t n) {
+/* q = rne(x * 127 / amax), clamped (NaN, where amax is infinite, to -127 as the vector form's
+ * conversion gives); returns the scale amax / 127 (0 and zeros for amax 0). */
+static float act_quantize_span_scalar(int8_t *q, const float *x, int64_t n) {
     float amax = 0.0f;
     for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
     float id = amax > 0.0f ? 127.0f / amax : 0.0f;
     for (int64_t i = 0; i < n; i++) {
         float v = nearbyintf(x[i] * id);
-        q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
+        q[i] = (int8_t)(v > 127.0f ? 127 : v >= -127.0f ? (int)v : -127);
     }
     return amax / 127.0f;
+}
+
+#ifdef RQ_X86
+/* The same bits: the maximum ignores NaN as fmaxf does, and vcvtps2dq rounds to nearest even
+ * under the default MXCSR as nearbyintf does. */
+__attribute__((target("avx512f,avx512bw"))) static float
+act_quantize_span_avx512(int8_t *q, const float *x, int64_t n) {
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i)), vmax);
+    }
+    float amax = _mm512_reduce_max_ps(vmax);
+    const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), id));
+        v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)),
+                             _mm512_set1_epi32(-127));
+        _mm512_mask_cvtepi32_storeu_epi8(q + i, m, v);
+    }
+    return amax / 127.0f;
+}
+#endif
+
+static float act_quantize_span(int8_t *q, const float *x, int64_t n) {
+#ifdef RQ_X86
+    if (tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) return act_quantize_span_avx512(q, x, n);
+#endif
+    return act_quantize_span_scalar(q, x, n);
 }
 
 static void act_group_sums(int32_t *gsum, const int8_t *q, int64_t n_pad, int64_t group) {
@@ -986,14 +1112,26 @@ void tsr_rq_act_quantize_groups_row(int8_t *q, int32_t *gsum, float *d, const fl
     act_group_sums(gsum, q, n_pad, group);
 }
 
-void tsr_rq_act_quantize(int8_t *q, int32_t *gsum, float *d, const float *x, int64_t n_tok,
-                         int64_t n, int64_t n_pad, int64_t group, int group_scales, int ith,
-                         int nth) {
+void tsr_rq_act_nibble_order(int8_t *dst, const int8_t *q, int64_t n) {
+    for (int64_t b = 0; b < n; b += 128) {
+        int64_t half = (n - b < 128 ? n - b : 128) / 2;
+        for (int64_t k = 0; k < half; k++) {
+            dst[b + k] = q[b + 2 * k];
+            dst[b + half + k] = q[b + 2 * k + 1];
+        }
+    }
+}
+
+void tsr_rq_act_quantize(int8_t *q, int8_t *q_nib, int32_t *gsum, float *d, const float *x,
+                         int64_t n_tok, int64_t n, int64_t n_pad, int64_t group,
+                         int group_scales, int ith, int nth) {
     int64_t t0, t1, n_g = n_pad / group, n_d = group_scales ? n_g : 1;
     tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
-    for (int64_t t = t0; t < t1; t++)
+    for (int64_t t = t0; t < t1; t++) {
         (group_scales ? tsr_rq_act_quantize_groups_row : tsr_rq_act_quantize_row)(
             q + t * n_pad, gsum + t * n_g, d + t * n_d, x + t * n, n, n_pad, group);
+        if (q_nib) tsr_rq_act_nibble_order(q_nib + t * n_pad, q + t * n_pad, n_pad);
+    }
 }
 
 /* ---- matrices of a row codec ------------------------------------------------------------ */

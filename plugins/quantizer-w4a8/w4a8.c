@@ -88,9 +88,10 @@ static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *r
     int32_t *dots = (int32_t *)scratch;
     for (int64_t t = 0; t < n_tok; t++) {
         /* exact: neither the order of the groups nor the level can change it */
-        int64_t acc = tsr_rq_dot_packed_int_scaled(row + 2 + 2 * n_g, 4, row + 2,
-                                                   act->q + t * act->n_pad, act->gsum + t * n_g,
-                                                   c->group, n_g, dots);
+        int64_t acc = tsr_rq_dot_packed_int_scaled(
+            row + 2 + 2 * n_g, 4, row + 2, act->q + t * act->n_pad,
+            act->q_nib ? act->q_nib + t * act->n_pad : NULL, act->gsum + t * n_g, c->group, n_g,
+            dots);
         y[t * ldy] = (float)acc * (s1 * act->d[t]);
     }
 }
@@ -107,6 +108,7 @@ static const tsr_rq_codec w4a8_codec = {
     .dequantize_row = w4a8_dequantize_row,
     .act_group = w4a8_act_group,
     .dot_q8 = w4a8_dot_q8,
+    .act_nibbles = 1,
     .describe = w4a8_describe,
 };
 

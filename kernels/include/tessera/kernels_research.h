@@ -100,8 +100,10 @@ void tsr_rq_act_quantize_groups_row(int8_t *q,        // (n_pad)
                                     int64_t n, int64_t n_pad, int64_t group);
 
 /* tsr_rq_act_quantize_row (group_scales 0) or tsr_rq_act_quantize_groups_row (1) on each of
- * n_tok tokens. Slices tokens. */
+ * n_tok tokens, and with q_nib each token's q in tsr_rq_act_nibble_order (n_pad even). Slices
+ * tokens. */
 void tsr_rq_act_quantize(int8_t *q,        // (n_tok, n_pad)
+                         int8_t *q_nib,    // (n_tok, n_pad) or NULL
                          int32_t *gsum,    // (n_tok, n_pad / group)
                          float *d,         // (n_tok) or (n_tok, n_pad / group)
                          const float *x,   // (n_tok, n)
@@ -115,6 +117,8 @@ typedef struct tsr_rq_act {
     const float *d;       // (n_tok, n_scales)
     int64_t n_pad, group;
     int64_t n_scales;     // 1 (a scale per token) or n_pad / group (codec->act_group_scales)
+    const int8_t *q_nib;  // (n_tok, n_pad): q in tsr_rq_act_nibble_order (codec->act_nibbles)
+                          // or NULL
 } tsr_rq_act;
 
 /* dots[g] = sum_i c_i * a_i over group g of one row, exactly, for g < n_g: the codes c
@@ -129,14 +133,27 @@ void tsr_rq_dot_packed_groups(int32_t *dots,          // (n_g)
                               const int8_t *a,        // (n_g * group)
                               int64_t group, int64_t n_g);
 
+/* Activations in nibble order, for 4-bit codes multiplied as nibble pairs: each 128 values of
+ * q (the last run may be shorter, of an even length L) become their even positions, then their
+ * odd ones: dst[b + k] = q[b + 2k] and dst[b + L/2 + k] = q[b + 2k + 1] for k < L/2. A row's
+ * byte k holds codes 2k (low nibble) and 2k + 1 (high), so the low nibbles of 64 bytes meet
+ * the first half of a run and the high nibbles the second. n: even. */
+void tsr_rq_act_nibble_order(int8_t *dst,       // (n)
+                             const int8_t *q,   // (n)
+                             int64_t n);
+
 /* sum_g s_g * sum_i (c_i - z_g) * a_i over one row's groups, exactly, for codes with an
  * integer scale s_g and zero z_g per group (uint8 pairs (s_g, z_g) in sz; QServe's level 2):
- * codes as tsr_rq_dot_packed_groups, asum[g] the sum of group g's activations. AVX-512 with
- * VBMI fuses it in registers (32-bit lanes moved to 64 bits every 16 groups); the other levels
- * take the group dots into scratch (n_g) and sum in 64 bits. */
+ * codes as tsr_rq_dot_packed_groups, asum[g] the sum of group g's activations. With AVX-512,
+ * 4-bit codes and a_nib (a in tsr_rq_act_nibble_order; NULL: not at hand), 128 codes a step
+ * as nibble pairs: one load, two masks, two vpdpbusd, their 32-bit lanes (eight codes of one
+ * group each) scaled by vpmaddwd, the zeros once per group through asum. Otherwise AVX-512
+ * with VBMI fuses it in registers (32-bit lanes moved to 64 bits every 16 groups); the other
+ * levels take the group dots into scratch (n_g) and sum in 64 bits. */
 int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits,
                                      const uint8_t *sz,      // (n_g, 2)
                                      const int8_t *a,        // (n_g * group)
+                                     const int8_t *a_nib,    // (n_g * group) or NULL
                                      const int32_t *asum,    // (n_g)
                                      int64_t group, int64_t n_g,
                                      int32_t *scratch);      // (n_g)
@@ -231,6 +248,9 @@ typedef struct tsr_rq_codec {
     /* With int8 activations: 1 for a scale per activation group
      * (tsr_rq_act_quantize_groups_row), 0 for one per token. */
     int act_group_scales;
+    /* With int8 activations: 1 when dot_q8 reads act->q_nib (4-bit codes multiplied as nibble
+     * pairs by tsr_rq_dot_packed_int_scaled), 0 when it is not needed. */
+    int act_nibbles;
     /* Optional, with f32 activations (act_group 0): y[t * ldy] (t < n_tok) = the product of
      * the row and its tail with token t of x, whose sums are over groups of f32_group(cfg).
      * scratch: n_in floats of the calling thread, 64-byte aligned (so 16 at least). NULL:
