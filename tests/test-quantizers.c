@@ -923,8 +923,8 @@ START_TEST(act_nibble_order_by_hand) {
 }
 END_TEST
 
-/* Integer scales and zeros per group: the exact sum at every level, with and without the
- * activations in nibble order, random groups (4-bit groups that end inside a run of 128, and
+/* Integer scales and zeros per group: the exact sum at every level, for one token and for
+ * seven (tiles of four and three), with and without the activations in nibble order, random groups (4-bit groups that end inside a run of 128, and
  * a short last run) and the extremes (8-bit codes 255, scale 255, activations 127, 40 groups
  * of 256: each group's term is near 2^31, the row's sum far past it; 4-bit codes 15 over 600
  * runs of 128: the nibble path's 32-bit lanes would pass 2^31 without their moves to 64 bits). */
@@ -935,6 +935,7 @@ START_TEST(dot_packed_int_scaled_levels) {
         int extreme;
     } cases[] = {{4, 128, 17, 0}, {4, 32, 3, 0},  {4, 96, 7, 0},    {4, 256, 3, 0},
                  {3, 72, 3, 0},   {8, 256, 40, 1}, {4, 256, 300, 1}};
+    enum { TOKS = 7 }; /* a tile of four and a tile of three; the first token alone */
     tsr_cpu_level best = tsr_cpu_level_best();
     uint64_t seed = 11;
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
@@ -942,11 +943,15 @@ START_TEST(dot_packed_int_scaled_levels) {
         int64_t group = cases[k].group, n_g = cases[k].n_g, n = group * n_g;
         uint8_t *codes = malloc((size_t)n), *packed = malloc(tsr_rq_packed_bytes(n, bits));
         uint8_t *sz = malloc((size_t)(2 * n_g));
-        int8_t *a = malloc((size_t)n), *a_nib = malloc((size_t)n);
-        int32_t *asum = calloc((size_t)n_g, sizeof *asum), *scratch = malloc((size_t)n_g * 4);
+        int8_t *a = malloc((size_t)(TOKS * n)), *a_nib = malloc((size_t)(TOKS * n));
+        int32_t *asum = calloc((size_t)(TOKS * n_g), sizeof *asum);
+        int32_t *scratch = malloc((size_t)n_g * 4);
         for (int64_t i = 0; i < n; i++) {
             seed = seed * 6364136223846793005ull + 1442695040888963407ull;
             codes[i] = (uint8_t)((cases[k].extreme ? ~0ull : seed >> 33) & ((1u << bits) - 1));
+        }
+        for (int64_t i = 0; i < TOKS * n; i++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
             a[i] = cases[k].extreme ? 127 : (int8_t)((int)((seed >> 45) % 255) - 127);
             asum[i / group] += a[i];
         }
@@ -955,20 +960,27 @@ START_TEST(dot_packed_int_scaled_levels) {
             sz[2 * g + 1] = cases[k].extreme ? 0 : (uint8_t)((g * 5) & ((1u << bits) - 1));
         }
         tsr_rq_pack(packed, codes, n, bits);
-        tsr_rq_act_nibble_order(a_nib, a, n);
-        int64_t want = 0;
-        for (int64_t i = 0; i < n; i++)
-            want += (int64_t)sz[2 * (i / group)] * (codes[i] - sz[2 * (i / group) + 1]) * a[i];
+        int64_t want[TOKS] = {0}, got[TOKS];
+        for (int t = 0; t < TOKS; t++) {
+            tsr_rq_act_nibble_order(a_nib + t * n, a + t * n, n);
+            for (int64_t i = 0; i < n; i++)
+                want[t] += (int64_t)sz[2 * (i / group)] * (codes[i] - sz[2 * (i / group) + 1]) *
+                           a[t * n + i];
+        }
         for (int lv = 0; lv <= (int)best; lv++)
-            for (int nib = 0; nib < 2; nib++) {
-                ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
-                int64_t got = tsr_rq_dot_packed_int_scaled(packed, bits, sz, a,
-                                                           nib ? a_nib : NULL, asum, group, n_g,
-                                                           scratch);
-                ck_assert_msg(got == want, "case %zu at %s (nibble order %d): %lld != %lld", k,
-                              tsr_cpu_level_name((tsr_cpu_level)lv), nib, (long long)got,
-                              (long long)want);
-            }
+            for (int nib = 0; nib < 2; nib++)
+                for (int n_tok = 1; n_tok <= TOKS; n_tok += TOKS - 1) {
+                    ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+                    tsr_rq_act act = {a, asum, NULL, n, group, 1, nib ? a_nib : NULL};
+                    tsr_rq_dot_packed_int_scaled(got, packed, bits, sz, &act, n_tok, n_g,
+                                                 scratch);
+                    for (int t = 0; t < n_tok; t++)
+                        ck_assert_msg(got[t] == want[t],
+                                      "case %zu token %d of %d at %s (nibble order %d): "
+                                      "%lld != %lld",
+                                      k, t, n_tok, tsr_cpu_level_name((tsr_cpu_level)lv), nib,
+                                      (long long)got[t], (long long)want[t]);
+                }
         free(codes), free(packed), free(sz), free(a), free(a_nib), free(asum), free(scratch);
     }
     ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);

@@ -297,6 +297,8 @@ RQ_VBMI_TARGET static int64_t dot_packed_int_scaled_vbmi(const uint8_t *codes, i
  * 32-bit lanes take 256 steps before they move to 64 bits. */
 #define RQ_NIBBLE_FLUSH 256
 #define RQ_NIBBLE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+/* Tokens per tile of the fused products: each step's codes are taken once for all of them. */
+#define RQ_TILE_TOKS 4
 
 /* sum_g s_g * z_g * asum[g], 16 groups at a time in 64-bit lanes (the scalar loop, which the
  * compiler vectorises with emulated 64-bit products, cost as much as a short row's codes). */
@@ -318,79 +320,119 @@ RQ_NIBBLE_TARGET static int64_t zero_terms(const uint8_t *sz, const int32_t *asu
     return _mm512_reduce_add_epi64(acc);
 }
 
-/* One step of 128 codes from 64 bytes (half: the bytes, 64 but in a short last step), a_nib
- * the step's activations in nibble order: lane j sums codes 8j..8j+7 of the step (four low
- * nibbles, four high), so it stays inside one group. */
-RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
-nibble_step(const uint8_t *codes, const int8_t *a_nib, int64_t half) {
+/* The codes of one step of 128 from 64 bytes (half: the bytes, 64 but in a short last step):
+ * the low nibbles (even codes) and the high nibbles (odd codes), zeros past the step. */
+typedef struct nibble_codes {
+    __m512i lo, hi;
+} nibble_codes;
+
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline nibble_codes
+nibble_codes_at(const uint8_t *codes, int64_t half) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    __m512i w, lo, hi;
     _mm_prefetch((const char *)codes + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+    __m512i w = half == 64 ? _mm512_loadu_si512(codes)
+                           : _mm512_maskz_loadu_epi8(((__mmask64)1 << half) - 1, codes);
+    return (nibble_codes){_mm512_and_si512(w, low4),
+                          _mm512_and_si512(_mm512_srli_epi16(w, 4), low4)};
+}
+
+/* Those codes times the step's activations in nibble order (a_nib): lane j sums codes
+ * 8j..8j+7 of the step (four low nibbles, four high), so it stays inside one group. */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
+nibble_dot(nibble_codes c, const int8_t *a_nib, int64_t half) {
+    __m512i lo, hi;
     if (half == 64) {
-        w = _mm512_loadu_si512(codes);
         lo = _mm512_loadu_si512(a_nib);
         hi = _mm512_loadu_si512(a_nib + 64);
     } else {
         __mmask64 m = ((__mmask64)1 << half) - 1;
-        w = _mm512_maskz_loadu_epi8(m, codes);
         lo = _mm512_maskz_loadu_epi8(m, a_nib);
         hi = _mm512_maskz_loadu_epi8(m, a_nib + half);
     }
-    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, low4), lo);
-    return _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(w, 4), low4), hi);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c.lo, lo), c.hi, hi);
 }
 
-/* Each step's lanes times their groups' scales (in the low 16 bits of each lane: |lane| <=
- * 8 * 15 * 127 fits 16 bits, so vpmaddwd gives the exact product), then the zeros. Groups of
- * whole steps (the default 128 and 256) take one broadcast scale; others set each lane's. */
-RQ_NIBBLE_TARGET static int64_t dot_nibbles_int_scaled(const uint8_t *codes, const uint8_t *sz,
-                                                       const int8_t *a_nib, const int32_t *asum,
-                                                       int64_t group, int64_t n_g) {
-    const int64_t n = group * n_g;
-    __m512i acc64 = _mm512_setzero_si512(), acc32 = _mm512_setzero_si512();
-    int64_t step = 0;
-    if (group % 128 == 0) {
-        for (int64_t g = 0; g < n_g; g++) {
-            const __m512i scale = _mm512_set1_epi32(sz[2 * g]);
-            for (int64_t b = g * group; b < (g + 1) * group; b += 128) {
-                acc32 = _mm512_add_epi32(
-                    acc32, _mm512_madd_epi16(nibble_step(codes + b / 2, a_nib + b, 64), scale));
-                if (++step % RQ_NIBBLE_FLUSH == 0) {
-                    acc64 = add_lanes_epi64(acc64, acc32);
-                    acc32 = _mm512_setzero_si512();
-                }
-            }
-        }
-    } else {
-        for (int64_t b = 0, g0 = 0; b < n; b += 128) { /* g0: the group of code b */
-            int64_t half = (n - b < 128 ? n - b : 128) / 2;
-            __m512i scale = _mm512_set1_epi32(sz[2 * g0]);
+/* Tokens [t0, t0 + NT) (NT a constant in each inlined copy): each step's codes are taken once
+ * for the NT tokens, and its lanes times their groups' scales (in the low 16 bits of each
+ * lane: |lane| <= 8 * 15 * 127 fits 16 bits, so vpmaddwd gives the exact product), then the
+ * zeros. Groups of whole steps (the default 128 and 256) take one broadcast scale; others set
+ * each lane's. */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline void
+nibbles_int_scaled_tile(int64_t *out, const uint8_t *codes, const uint8_t *sz,
+                        const tsr_rq_act *act, int64_t t0, int64_t n_g, const int NT) {
+    const int64_t group = act->group, n = group * n_g;
+    const int8_t *a_nib = act->q_nib + t0 * act->n_pad;
+    __m512i acc64[RQ_TILE_TOKS], acc32[RQ_TILE_TOKS];
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) acc64[j] = acc32[j] = _mm512_setzero_si512();
+    __m512i scale = _mm512_setzero_si512();
+    for (int64_t b = 0, g0 = 0, step = 1; b < n; b += 128, step++) { /* g0: code b's group */
+        int64_t half = (n - b < 128 ? n - b : 128) / 2;
+        if (group % 128 == 0) {
+            if (b == g0 * group) scale = _mm512_set1_epi32(sz[2 * g0++]);
+        } else {
+            scale = _mm512_set1_epi32(sz[2 * g0]);
             for (g0++; g0 < n_g && g0 * group < b + 128; g0++)
                 scale = _mm512_mask_mov_epi32(
                     scale, (__mmask16)(0xffffu << ((g0 * group - b) / 8)),
                     _mm512_set1_epi32(sz[2 * g0]));
             if (g0 * group > b + 128) g0--; /* the last group goes on into the next step */
-            acc32 = _mm512_add_epi32(
-                acc32, _mm512_madd_epi16(nibble_step(codes + b / 2, a_nib + b, half), scale));
-            if (++step % RQ_NIBBLE_FLUSH == 0) {
-                acc64 = add_lanes_epi64(acc64, acc32);
-                acc32 = _mm512_setzero_si512();
+        }
+        nibble_codes c = nibble_codes_at(codes + b / 2, half);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            acc32[j] = _mm512_add_epi32(
+                acc32[j], _mm512_madd_epi16(nibble_dot(c, a_nib + j * act->n_pad + b, half),
+                                            scale));
+        if (step % RQ_NIBBLE_FLUSH == 0) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NT; j++) {
+                acc64[j] = add_lanes_epi64(acc64[j], acc32[j]);
+                acc32[j] = _mm512_setzero_si512();
             }
         }
     }
-    return _mm512_reduce_add_epi64(add_lanes_epi64(acc64, acc32)) - zero_terms(sz, asum, n_g);
+    const int64_t gs = act->n_pad / group;
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++)
+        out[t0 + j] = _mm512_reduce_add_epi64(add_lanes_epi64(acc64[j], acc32[j])) -
+                      zero_terms(sz, act->gsum + (t0 + j) * gs, n_g);
+}
+
+RQ_NIBBLE_TARGET static void dot_nibbles_int_scaled(int64_t *out, const uint8_t *codes,
+                                                    const uint8_t *sz, const tsr_rq_act *act,
+                                                    int64_t n_tok, int64_t n_g) {
+    int64_t t = 0;
+    for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
+        nibbles_int_scaled_tile(out, codes, sz, act, t, n_g, RQ_TILE_TOKS);
+    switch (n_tok - t) {
+    case 3: nibbles_int_scaled_tile(out, codes, sz, act, t, n_g, 3); break;
+    case 2: nibbles_int_scaled_tile(out, codes, sz, act, t, n_g, 2); break;
+    case 1: nibbles_int_scaled_tile(out, codes, sz, act, t, n_g, 1); break;
+    default: break;
+    }
 }
 #endif
 
-int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits, const uint8_t *sz,
-                                     const int8_t *a, const int8_t *a_nib, const int32_t *asum,
-                                     int64_t group, int64_t n_g, int32_t *scratch) {
+void tsr_rq_dot_packed_int_scaled(int64_t *out, const uint8_t *codes, int bits,
+                                  const uint8_t *sz, const tsr_rq_act *act, int64_t n_tok,
+                                  int64_t n_g, int32_t *scratch) {
+    const int64_t gs = act->n_pad / act->group;
 #ifdef RQ_X86
-    if (bits == 4 && a_nib && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512)
-        return dot_nibbles_int_scaled(codes, sz, a_nib, asum, group, n_g);
-    if (tsr_cpu_avx512_vbmi()) return dot_packed_int_scaled_vbmi(codes, bits, sz, a, group, n_g);
+    if (bits == 4 && act->q_nib && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
+        dot_nibbles_int_scaled(out, codes, sz, act, n_tok, n_g);
+        return;
+    }
+    if (tsr_cpu_avx512_vbmi()) {
+        for (int64_t t = 0; t < n_tok; t++)
+            out[t] = dot_packed_int_scaled_vbmi(codes, bits, sz, act->q + t * act->n_pad,
+                                                act->group, n_g);
+        return;
+    }
 #endif
-    return dot_packed_int_scaled_groups(codes, bits, sz, a, asum, group, n_g, scratch);
+    for (int64_t t = 0; t < n_tok; t++)
+        out[t] = dot_packed_int_scaled_groups(codes, bits, sz, act->q + t * act->n_pad,
+                                              act->gsum + t * gs, act->group, n_g, scratch);
 }
 
 /* ---- scaled products on packed codes ---------------------------------------------------- */
@@ -477,8 +519,6 @@ dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8
     for (int l = 0; l < 16; l++) lanes[l] = lanes[l] + macc[l];
     return lanes16_sum(lanes);
 }
-
-#define RQ_TILE_TOKS 4
 
 /* Groups [g0, g0 + 16) (fewer at the end: mask gm) of token t: P[k] = da_g * d_g, and the
  * minimum's terms added into macc, returned. */

@@ -85,14 +85,17 @@ static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *r
     const w4a8_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group);
     float s1 = tsr_rq_load_f16(row);
-    int32_t *dots = (int32_t *)scratch;
-    for (int64_t t = 0; t < n_tok; t++) {
-        /* exact: neither the order of the groups nor the level can change it */
-        int64_t acc = tsr_rq_dot_packed_int_scaled(
-            row + 2 + 2 * n_g, 4, row + 2, act->q + t * act->n_pad,
-            act->q_nib ? act->q_nib + t * act->n_pad : NULL, act->gsum + t * n_g, c->group, n_g,
-            dots);
-        y[t * ldy] = (float)acc * (s1 * act->d[t]);
+    int64_t acc[64]; /* exact: neither the order of the groups nor the level can change it */
+    for (int64_t t0 = 0; t0 < n_tok; t0 += 64) {
+        int64_t nt = n_tok - t0 < 64 ? n_tok - t0 : 64;
+        tsr_rq_act part = *act;
+        part.q += t0 * act->n_pad;
+        part.q_nib = act->q_nib ? act->q_nib + t0 * act->n_pad : NULL;
+        part.gsum += t0 * (act->n_pad / act->group);
+        part.d += t0;
+        tsr_rq_dot_packed_int_scaled(acc, row + 2 + 2 * n_g, 4, row + 2, &part, nt, n_g,
+                                     (int32_t *)scratch);
+        for (int64_t t = 0; t < nt; t++) y[(t0 + t) * ldy] = (float)acc[t] * (s1 * part.d[t]);
     }
 }
 

@@ -142,21 +142,21 @@ void tsr_rq_act_nibble_order(int8_t *dst,       // (n)
                              const int8_t *q,   // (n)
                              int64_t n);
 
-/* sum_g s_g * sum_i (c_i - z_g) * a_i over one row's groups, exactly, for codes with an
- * integer scale s_g and zero z_g per group (uint8 pairs (s_g, z_g) in sz; QServe's level 2):
- * codes as tsr_rq_dot_packed_groups, asum[g] the sum of group g's activations. With AVX-512,
- * 4-bit codes and a_nib (a in tsr_rq_act_nibble_order; NULL: not at hand), 128 codes a step
- * as nibble pairs: one load, two masks, two vpdpbusd, their 32-bit lanes (eight codes of one
- * group each) scaled by vpmaddwd, the zeros once per group through asum. Otherwise AVX-512
- * with VBMI fuses it in registers (32-bit lanes moved to 64 bits every 16 groups); the other
- * levels take the group dots into scratch (n_g) and sum in 64 bits. */
-int64_t tsr_rq_dot_packed_int_scaled(const uint8_t *codes, int bits,
-                                     const uint8_t *sz,      // (n_g, 2)
-                                     const int8_t *a,        // (n_g * group)
-                                     const int8_t *a_nib,    // (n_g * group) or NULL
-                                     const int32_t *asum,    // (n_g)
-                                     int64_t group, int64_t n_g,
-                                     int32_t *scratch);      // (n_g)
+/* out[t] = sum_g s_g * sum_i (c_i - z_g) * a_i over one row's groups for each of n_tok
+ * tokens, exactly, for codes with an integer scale s_g and zero z_g per group (uint8 pairs
+ * (s_g, z_g) in sz; QServe's level 2): codes as tsr_rq_dot_packed_groups, a token t's
+ * activations act->q + t * act->n_pad (groups of act->group, one scale per token), its group
+ * sums act->gsum. With AVX-512, 4-bit codes and act->q_nib, 128 codes a step as nibble pairs
+ * for up to four tokens at once: one load, two masks, two vpdpbusd per token, their 32-bit
+ * lanes (eight codes of one group each) scaled by vpmaddwd, the zeros once per group through
+ * the group sums. Otherwise AVX-512 with VBMI fuses each token's sum in registers (32-bit
+ * lanes moved to 64 bits every 16 groups); the other levels take the group dots into scratch
+ * (n_g) and sum in 64 bits. */
+void tsr_rq_dot_packed_int_scaled(int64_t *out,            // (n_tok)
+                                  const uint8_t *codes, int bits,
+                                  const uint8_t *sz,       // (n_g, 2)
+                                  const tsr_rq_act *act, int64_t n_tok, int64_t n_g,
+                                  int32_t *scratch);       // (n_g)
 
 /* One row times n_tok tokens' int8 activations (act, whose group is the codes' group), for
  * codes with an fp16 scale d_g and optionally an fp16 minimum m_g per group:
