@@ -716,6 +716,8 @@ START_TEST(dot_packed_scaled_levels) {
         {4, 64, 17, 7, 0, 1},  {3, 32, 5, 0, 1, 1},  {8, 128, 3, 127, 0, 1},
         {6, 128, 2, 32, 0, 0}, {2, 40, 18, 0, 1, 1}, {5, 72, 3, 15, 1, 0},
         {8, 256, 2, 0, 1, 1},  {4, 32, 18, 7, 0, 1}, {8, 32, 4, 127, 1, 0},
+        {4, 128, 19, 7, 0, 1}, {4, 256, 3, 0, 1, 0}, {4, 8, 40, 0, 1, 1},
+        {4, 96, 5, 7, 1, 1},   {4, 64, 7, 0, 1, 0},
     };
     tsr_cpu_level best = tsr_cpu_level_best();
     const int64_t n_tok = 9;
@@ -726,7 +728,7 @@ START_TEST(dot_packed_scaled_levels) {
         int64_t n_scales = cases[k].group_scales ? n_g : 1;
         uint8_t *codes = malloc((size_t)n), *packed = malloc(tsr_rq_packed_bytes(n, bits));
         uint16_t *d16 = malloc((size_t)n_g * 2), *m16 = malloc((size_t)n_g * 2);
-        int8_t *q = malloc((size_t)(n_tok * n));
+        int8_t *q = malloc((size_t)(n_tok * n)), *q_nib = malloc((size_t)(n_tok * n));
         int32_t *gsum = calloc((size_t)(n_tok * n_g), sizeof *gsum);
         float *da = malloc((size_t)(n_tok * n_scales) * sizeof *da), ys[n_tok], yv[n_tok];
         for (int64_t i = 0; i < n; i++) {
@@ -744,7 +746,8 @@ START_TEST(dot_packed_scaled_levels) {
         }
         for (int64_t i = 0; i < n_tok * n_scales; i++) da[i] = 0.002f + 0.0001f * (float)i;
         tsr_rq_pack(packed, codes, n, bits);
-        tsr_rq_act act = {q, gsum, da, n, group, n_scales, NULL};
+        for (int64_t t = 0; t < n_tok; t++) tsr_rq_act_nibble_order(q_nib + t * n, q + t * n, n);
+        tsr_rq_act act = {q, gsum, da, n, group, n_scales, q_nib};
         const uint8_t *mins = cases[k].with_min ? (const uint8_t *)m16 : NULL;
         ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
         tsr_rq_dot_packed_scaled(ys, 1, packed, bits, cases[k].zero, (const uint8_t *)d16, mins,
@@ -773,7 +776,8 @@ START_TEST(dot_packed_scaled_levels) {
                               tsr_cpu_level_name((tsr_cpu_level)lv));
             }
         }
-        free(codes), free(packed), free(d16), free(m16), free(q), free(gsum), free(da);
+        free(codes), free(packed), free(d16), free(m16), free(q), free(q_nib), free(gsum),
+            free(da);
     }
     ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
 }

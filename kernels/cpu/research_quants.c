@@ -336,10 +336,11 @@ nibble_codes_at(const uint8_t *codes, int64_t half) {
                           _mm512_and_si512(_mm512_srli_epi16(w, 4), low4)};
 }
 
-/* Those codes times the step's activations in nibble order (a_nib): lane j sums codes
- * 8j..8j+7 of the step (four low nibbles, four high), so it stays inside one group. */
+/* Those codes less `zero` (zv: its bytes; zero 0: none) times the step's activations in
+ * nibble order (a_nib): lane j sums codes 8j..8j+7 of the step (four low nibbles, four high),
+ * so it stays inside one group. */
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
-nibble_dot(nibble_codes c, const int8_t *a_nib, int64_t half) {
+nibble_dot(nibble_codes c, const int8_t *a_nib, int64_t half, int zero, __m512i zv) {
     __m512i lo, hi;
     if (half == 64) {
         lo = _mm512_loadu_si512(a_nib);
@@ -349,7 +350,11 @@ nibble_dot(nibble_codes c, const int8_t *a_nib, int64_t half) {
         lo = _mm512_maskz_loadu_epi8(m, a_nib);
         hi = _mm512_maskz_loadu_epi8(m, a_nib + half);
     }
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c.lo, lo), c.hi, hi);
+    __m512i dot =
+        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c.lo, lo), c.hi, hi);
+    if (!zero) return dot;
+    return _mm512_sub_epi32(
+        dot, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, lo), zv, hi));
 }
 
 /* Tokens [t0, t0 + NT) (NT a constant in each inlined copy): each step's codes are taken once
@@ -382,7 +387,8 @@ nibbles_int_scaled_tile(int64_t *out, const uint8_t *codes, const uint8_t *sz,
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++)
             acc32[j] = _mm512_add_epi32(
-                acc32[j], _mm512_madd_epi16(nibble_dot(c, a_nib + j * act->n_pad + b, half),
+                acc32[j], _mm512_madd_epi16(nibble_dot(c, a_nib + j * act->n_pad + b, half, 0,
+                                                       _mm512_setzero_si512()),
                                             scale));
         if (step % RQ_NIBBLE_FLUSH == 0) {
 #pragma GCC unroll 4
@@ -439,7 +445,9 @@ void tsr_rq_dot_packed_int_scaled(int64_t *out, const uint8_t *codes, int bits,
 
 /* The order of tsr_rq_dot_packed_scaled, which every level keeps: 16 f32 lanes, lane l of
  * group g taking the exact integer sum of (c - zero) * a over the positions p of the group
- * with p % 64 / 4 == l (a vpdpbusd lane), times P_g = da_g * d_g by one fma; the minimum's
+ * with p % 64 / 4 == l (a vpdpbusd lane; for 4-bit codes, the positions P of the row with
+ * P % 128 / 8 == l, a lane of the two vpdpbusd of nibble pairs), times P_g = da_g * d_g by
+ * one fma; the minimum's
  * term da_g * m_g * sum a into lane g % 16 of a second set; then the two sets added lane by
  * lane and the 16 lanes added as a tree (l + l + 8, then + 4, + 2, + 1). */
 static float lanes16_sum(const float s[16]) {
@@ -464,7 +472,8 @@ static float dot_packed_scaled_ref(const uint8_t *codes, int bits, int32_t zero,
             int64_t m = group - i < 64 ? group - i : 64;
             unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
             for (int64_t p = 0; p < m; p++)
-                lane[p / 4] += ((int32_t)buf[p] - zero) * a[g * group + i + p];
+                lane[bits == 4 ? (g * group + i + p) % 128 / 8 : p / 4] +=
+                    ((int32_t)buf[p] - zero) * a[g * group + i + p];
         }
         for (int l = 0; l < 16; l++) acc[l] = fmaf((float)lane[l], P, acc[l]);
         if (m16)
@@ -520,9 +529,93 @@ dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8
     return lanes16_sum(lanes);
 }
 
+/* 4-bit codes as nibble pairs in the reference's order with AVX2, one token: each run of 128
+ * codes as two halves of 32 bytes, a ymm's lane j summing codes 8j..8j+7 of its half through
+ * vpmaddubsw (15 * 127 and 127 * 127 pair sums do not saturate) and vpmaddwd, and the float
+ * steps of nibbles_scaled_tile (groups of whole steps or steps of whole groups; P of 16
+ * groups at a time, each half of a step reading the window of eight P its groups lie in). */
+__attribute__((target("avx2,fma,f16c"))) static float
+dot_nibbles_scaled_avx2(const uint8_t *codes, int32_t zero, const uint8_t *d16,
+                        const uint8_t *m16, const int8_t *a_nib, const int32_t *asum,
+                        const float *da, int64_t da_stride, int64_t group, int64_t n_g) {
+    const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)zero),
+                  low4 = _mm256_set1_epi8(0x0f);
+    const __m128i shift =
+        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31);
+    const __m256i lane_groups[2] = {
+        _mm256_srl_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), shift),
+        _mm256_srl_epi32(_mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15), shift)};
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float macc[16] = {0}, lanes[16], P[16];
+    uint8_t cbuf[64];
+    int8_t abuf[128];
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        for (int64_t k = 0; k < 16; k++) {
+            float dag = k < ng ? da[(g0 + k) * da_stride] : 0.0f;
+            P[k] = k < ng ? dag * tsr_rq_load_f16(d16 + 2 * (g0 + k)) : 0.0f;
+            if (k < ng && m16)
+                macc[k] = fmaf((float)asum[g0 + k], dag * tsr_rq_load_f16(m16 + 2 * (g0 + k)),
+                               macc[k]);
+        }
+        const int64_t b0 = g0 * group, b1 = (g0 + ng) * group;
+        __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t b = b0, k0 = 0; b < b1; b += 128) {
+            int64_t half = (b1 - b < 128 ? b1 - b : 128) / 2;
+            const uint8_t *c = codes + b / 2;
+            const int8_t *a = a_nib + b;
+            if (half < 64) { /* zeros past the run, whose bytes may end the arrays */
+                memset(cbuf, 0, sizeof cbuf);
+                memset(abuf, 0, sizeof abuf);
+                memcpy(cbuf, c, (size_t)half);
+                memcpy(abuf, a, (size_t)half);
+                memcpy(abuf + 64, a + half, (size_t)half);
+                c = cbuf;
+                a = abuf;
+            }
+            for (int h = 0; h < 2; h++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(c + 32 * h));
+                __m256i lo = _mm256_loadu_si256((const __m256i *)(a + 32 * h));
+                __m256i hi = _mm256_loadu_si256((const __m256i *)(a + 64 + 32 * h));
+                __m256i pairs = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(w, low4), lo),
+                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4), hi));
+                __m256i d = _mm256_madd_epi16(pairs, ones);
+                if (zero) {
+                    __m256i zpairs = _mm256_add_epi16(_mm256_maddubs_epi16(zv, lo),
+                                                      _mm256_maddubs_epi16(zv, hi));
+                    d = _mm256_sub_epi32(d, _mm256_madd_epi16(zpairs, ones));
+                }
+                sum[h] = _mm256_add_epi32(sum[h], d);
+            }
+            if (group % 128 == 0) {
+                if ((b + 128 - b0) % group) continue; /* the group goes on */
+                __m256 Pg = _mm256_set1_ps(P[(b - b0) / group]);
+                for (int h = 0; h < 2; h++)
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]), Pg, acc[h]);
+            } else {
+                for (int h = 0; h < 2; h++) {
+                    int64_t base = (k0 + (8 * h) / (group / 8)) & ~(int64_t)7;
+                    __m256i k =
+                        _mm256_add_epi32(lane_groups[h], _mm256_set1_epi32((int)(k0 - base)));
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]),
+                                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(P + base), k),
+                                             acc[h]);
+                }
+                k0 += 128 / group;
+            }
+            sum[0] = sum[1] = _mm256_setzero_si256();
+        }
+    }
+    _mm256_storeu_ps(lanes, acc[0]);
+    _mm256_storeu_ps(lanes + 8, acc[1]);
+    for (int l = 0; l < 16; l++) lanes[l] = lanes[l] + macc[l];
+    return lanes16_sum(lanes);
+}
+
 /* Groups [g0, g0 + 16) (fewer at the end: mask gm) of token t: P[k] = da_g * d_g, and the
  * minimum's terms added into macc, returned. */
-RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512
 scaled_block(float P[16], __m512 macc, const uint8_t *d16, const uint8_t *m16,
              const tsr_rq_act *act, int64_t t, int64_t g0, __mmask16 gm) {
     const float *da = act->d + t * act->n_scales;
@@ -537,8 +630,8 @@ scaled_block(float P[16], __m512 macc, const uint8_t *d16, const uint8_t *m16,
 }
 
 /* The reference's last step: the two sets of lanes added, then the tree. */
-RQ_VBMI_TARGET __attribute__((always_inline)) static inline float lanes16_sum_zmm(__m512 acc,
-                                                                                __m512 macc) {
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline float
+lanes16_sum_zmm(__m512 acc, __m512 macc) {
     __m512 s = _mm512_add_ps(acc, macc);
     __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(s),
                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
@@ -661,6 +754,86 @@ dot_packed_scaled_token32(const uint8_t *codes, int bits, int32_t zero, const ui
     return lanes16_sum_zmm(acc, macc);
 }
 
+/* 4-bit codes as nibble pairs, tokens [t0, t0 + NT) (NT a constant in each inlined copy), in
+ * the reference's order for them (lane l: the positions P of the row with P % 128 / 8 == l).
+ * Groups of whole steps (group % 128 == 0) sum their steps' lanes, then take one fma with P_g;
+ * steps of whole groups (128 % group == 0) take one fma with each lane's own P_g, the same
+ * bits: a lane outside group g takes fma(0, P_g, acc) in the reference, which leaves it as it
+ * is (acc is never -0). */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline void
+nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int32_t zero,
+                    const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act, int64_t t0,
+                    int64_t n_g, const int NT) {
+    const int64_t group = act->group;
+    const __m512i zv = _mm512_set1_epi8((char)zero);
+    /* steps of whole groups: lane l's group within the step, l * 8 / group (a power of two) */
+    const __m512i lane_groups = _mm512_srl_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31));
+    const int8_t *a_nib = act->q_nib + t0 * act->n_pad;
+    __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
+    float P[RQ_TILE_TOKS][16];
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) acc[j] = macc[j] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            macc[j] = scaled_block(P[j], macc[j], d16, m16, act, t0 + j, g0,
+                                   (__mmask16)((1u << ng) - 1));
+        const int64_t b0 = g0 * group, b1 = (g0 + ng) * group;
+        if (group % 128 == 0) {
+            for (int64_t k = 0; k < ng; k++) {
+                __m512i lanes[RQ_TILE_TOKS];
+#pragma GCC unroll 4
+                for (int j = 0; j < NT; j++) lanes[j] = _mm512_setzero_si512();
+                for (int64_t b = b0 + k * group; b < b0 + (k + 1) * group; b += 128) {
+                    nibble_codes c = nibble_codes_at(codes + b / 2, 64);
+#pragma GCC unroll 4
+                    for (int j = 0; j < NT; j++)
+                        lanes[j] = _mm512_add_epi32(
+                            lanes[j], nibble_dot(c, a_nib + j * act->n_pad + b, 64, zero, zv));
+                }
+#pragma GCC unroll 4
+                for (int j = 0; j < NT; j++)
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes[j]),
+                                             _mm512_set1_ps(P[j][k]), acc[j]);
+            }
+        } else {
+            const int per_step = (int)(128 / group);
+            for (int64_t b = b0, k0 = 0; b < b1; b += 128, k0 += per_step) {
+                int64_t half = (b1 - b < 128 ? b1 - b : 128) / 2;
+                nibble_codes c = nibble_codes_at(codes + b / 2, half);
+                __m512i k = _mm512_add_epi32(lane_groups, _mm512_set1_epi32((int)k0));
+#pragma GCC unroll 4
+                for (int j = 0; j < NT; j++) {
+                    __m512i dot = nibble_dot(c, a_nib + j * act->n_pad + b, half, zero, zv);
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                             _mm512_permutexvar_ps(k, _mm512_loadu_ps(P[j])),
+                                             acc[j]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) y[(t0 + j) * ldy] = lanes16_sum_zmm(acc[j], macc[j]);
+}
+
+RQ_NIBBLE_TARGET static void dot_nibbles_scaled(float *y, int64_t ldy, const uint8_t *codes,
+                                                int32_t zero, const uint8_t *d16,
+                                                const uint8_t *m16, const tsr_rq_act *act,
+                                                int64_t n_tok, int64_t n_g) {
+    int64_t t = 0;
+    for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
+        nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, RQ_TILE_TOKS);
+    switch (n_tok - t) {
+    case 3: nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, 3); break;
+    case 2: nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, 2); break;
+    case 1: nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, 1); break;
+    default: break;
+    }
+}
+
 RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes,
                                                   int bits, int32_t zero, const uint8_t *d16,
                                                   const uint8_t *m16, const tsr_rq_act *act,
@@ -688,7 +861,12 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
                               int32_t zero, const uint8_t *d16, const uint8_t *m16,
                               const tsr_rq_act *act, int64_t n_tok, int64_t n_g) {
 #ifdef RQ_X86
-    if (tsr_cpu_avx512_vbmi()) {
+    if (bits == 4 && act->q_nib && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512 &&
+        (act->group % 128 == 0 || 128 % act->group == 0)) {
+        dot_nibbles_scaled(y, ldy, codes, zero, d16, m16, act, n_tok, n_g);
+        return;
+    }
+    if (tsr_cpu_avx512_vbmi() && bits != 4) {
         dot_packed_scaled_vbmi(y, ldy, codes, bits, zero, d16, m16, act, n_tok, n_g);
         return;
     }
@@ -696,10 +874,19 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
     float (*dot)(const uint8_t *, int, int32_t, const uint8_t *, const uint8_t *,
                  const int8_t *, const int32_t *, const float *, int64_t, int64_t, int64_t) =
         dot_packed_scaled_ref;
-#ifdef RQ_X86
-    if (bits < 8 && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2) dot = dot_packed_scaled_avx2;
-#endif
     int64_t gs = act->n_pad / act->group;
+#ifdef RQ_X86
+    if (bits == 4 && act->q_nib && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2 &&
+        (act->group % 128 == 0 || 128 % act->group == 0)) {
+        for (int64_t t = 0; t < n_tok; t++)
+            y[t * ldy] = dot_nibbles_scaled_avx2(
+                codes, zero, d16, m16, act->q_nib + t * act->n_pad, act->gsum + t * gs,
+                act->d + t * act->n_scales, act->n_scales > 1, act->group, n_g);
+        return;
+    }
+    if (bits < 8 && bits != 4 && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2)
+        dot = dot_packed_scaled_avx2;
+#endif
     for (int64_t t = 0; t < n_tok; t++)
         y[t * ldy] = dot(codes, bits, zero, d16, m16, act->q + t * act->n_pad,
                          act->gsum + t * gs, act->d + t * act->n_scales, act->n_scales > 1,

@@ -103,6 +103,10 @@ static int64_t rtn_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
+static int rtn_act_nibbles(const void *cfg) {
+    return ((const rtn_cfg *)cfg)->bits == 4;
+}
+
 static void rtn_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                        const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch) {
     (void)scratch;
@@ -147,6 +151,7 @@ static const tsr_rq_codec rtn_codec = {
     .dot_q8 = rtn_dot_q8,
     .describe = rtn_describe,
     .act_group_scales = 1,
+    .act_nibbles = rtn_act_nibbles,
     .dot_f32 = rtn_dot_f32,
     .f32_group = rtn_f32_group,
 };

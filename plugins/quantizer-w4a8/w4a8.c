@@ -80,6 +80,11 @@ static int64_t w4a8_act_group(const void *cfg) {
     return ((const w4a8_cfg *)cfg)->group;
 }
 
+static int w4a8_act_nibbles(const void *cfg) {
+    (void)cfg;
+    return 1;
+}
+
 static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
                         const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch) {
     const w4a8_cfg *c = cfg;
@@ -111,7 +116,7 @@ static const tsr_rq_codec w4a8_codec = {
     .dequantize_row = w4a8_dequantize_row,
     .act_group = w4a8_act_group,
     .dot_q8 = w4a8_dot_q8,
-    .act_nibbles = 1,
+    .act_nibbles = w4a8_act_nibbles,
     .describe = w4a8_describe,
 };
 

@@ -165,9 +165,12 @@ void tsr_rq_dot_packed_int_scaled(int64_t *out,            // (n_tok)
  * tsr_rq_dot_packed_groups; zero in [0, 127]; d16, m16: n_g fp16 values at any alignment
  * (m16 NULL: no minimum). The integer sums are exact and the float arithmetic has one fixed
  * order (research_quants.c), so every level gives the same bits and a token's value does not
- * depend on n_tok: AVX-512 with VBMI unpacks each 64 codes once in registers for up to four
- * tokens; AVX2 (and AVX-512 without VBMI) unpacks 64 codes at a time to the stack and keeps
- * the 16 lanes in two ymm (codes of 7 bits or fewer); the scalar reference does the rest. */
+ * depend on n_tok. 4-bit codes (which need act->q_nib at avx512) are taken as nibble pairs at
+ * avx512, 128 a step for up to four tokens, where the groups are whole steps or the steps
+ * whole groups; the scalar reference takes them elsewhere. Other widths: AVX-512 with VBMI
+ * unpacks each 64 codes once in registers for up to four tokens; AVX2 (and AVX-512 without
+ * VBMI) unpacks 64 codes at a time to the stack and keeps the 16 lanes in two ymm (codes of 7
+ * bits or fewer); the scalar reference does the rest. */
 void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
                               int32_t zero, const uint8_t *d16, const uint8_t *m16,
                               const tsr_rq_act *act, int64_t n_tok, int64_t n_g);
@@ -248,9 +251,10 @@ typedef struct tsr_rq_codec {
     /* With int8 activations: 1 for a scale per activation group
      * (tsr_rq_act_quantize_groups_row), 0 for one per token. */
     int act_group_scales;
-    /* With int8 activations: 1 when dot_q8 reads act->q_nib (4-bit codes multiplied as nibble
-     * pairs by tsr_rq_dot_packed_int_scaled), 0 when it is not needed. */
-    int act_nibbles;
+    /* Optional, with int8 activations: 1 when dot_q8 reads act->q_nib (4-bit codes multiplied
+     * as nibble pairs by tsr_rq_dot_packed_int_scaled or tsr_rq_dot_packed_scaled), 0 (or
+     * NULL) when it is not needed. */
+    int (*act_nibbles)(const void *cfg);
     /* Optional, with f32 activations (act_group 0): y[t * ldy] (t < n_tok) = the product of
      * the row and its tail with token t of x, whose sums are over groups of f32_group(cfg).
      * scratch: n_in floats of the calling thread, 64-byte aligned (so 16 at least). NULL:

@@ -332,7 +332,8 @@ static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec 
     j.scratch_bytes = tsr_rq_matrix_mul_scratch(&j.m, n, n_pad);
     /* One block: per-thread scratch, then the int8 activations (twice for act_nibbles: as
      * they are and in nibble order), group sums and scales. */
-    size_t nq_nib = codec->act_nibbles ? (size_t)tsr_rq_align_up_(nq) : 0;
+    int nibbles = group > 0 && codec->act_nibbles && codec->act_nibbles(j.m.cfg);
+    size_t nq_nib = nibbles ? (size_t)tsr_rq_align_up_(nq) : 0;
     size_t off_q = j.scratch_bytes * (size_t)nth;
     size_t off_g = off_q + (size_t)tsr_rq_align_up_(nq) + nq_nib;
     size_t off_d = off_g + ng * sizeof(int32_t);
