@@ -928,17 +928,20 @@ START_TEST(act_nibble_order_by_hand) {
 END_TEST
 
 /* Integer scales and zeros per group: the exact sum at every level, for one token and for
- * seven (tiles of four and three), with and without the activations in nibble order, random groups (4-bit groups that end inside a run of 128, and
- * a short last run) and the extremes (8-bit codes 255, scale 255, activations 127, 40 groups
- * of 256: each group's term is near 2^31, the row's sum far past it; 4-bit codes 15 over 600
- * runs of 128: the nibble path's 32-bit lanes would pass 2^31 without their moves to 64 bits). */
+ * seven (tiles of four and three), with and without the activations in nibble order, random
+ * groups (4-bit groups of whole steps, steps of whole groups with a short last step, groups
+ * that end inside a run of 128) and the extremes (8-bit codes 255, scale 255, activations 127,
+ * 40 groups of 256: each group's term is near 2^31, the row's sum far past it; 4-bit codes 15
+ * over 600 runs of 128: the nibble path's 32-bit lanes would pass 2^31 without their moves to
+ * 64 bits). */
 START_TEST(dot_packed_int_scaled_levels) {
     static const struct {
         int bits;
         int64_t group, n_g;
         int extreme;
-    } cases[] = {{4, 128, 17, 0}, {4, 32, 3, 0},  {4, 96, 7, 0},    {4, 256, 3, 0},
-                 {3, 72, 3, 0},   {8, 256, 40, 1}, {4, 256, 300, 1}};
+    } cases[] = {{4, 128, 17, 0}, {4, 32, 3, 0},   {4, 96, 7, 0}, {4, 256, 3, 0},
+                 {4, 64, 9, 0},   {4, 32, 13, 0},  {4, 8, 40, 0}, {3, 72, 3, 0},
+                 {8, 256, 40, 1}, {4, 256, 300, 1}};
     enum { TOKS = 7 }; /* a tile of four and a tile of three; the first token alone */
     tsr_cpu_level best = tsr_cpu_level_best();
     uint64_t seed = 11;

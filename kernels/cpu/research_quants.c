@@ -370,11 +370,23 @@ nibbles_int_scaled_tile(int64_t *out, const uint8_t *codes, const uint8_t *sz,
     __m512i acc64[RQ_TILE_TOKS], acc32[RQ_TILE_TOKS];
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++) acc64[j] = acc32[j] = _mm512_setzero_si512();
+    /* steps of whole groups: lane l's group within the step, l * 8 / group (a power of two) */
+    const __m512i lane_groups = _mm512_srl_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31));
     __m512i scale = _mm512_setzero_si512();
     for (int64_t b = 0, g0 = 0, step = 1; b < n; b += 128, step++) { /* g0: code b's group */
         int64_t half = (n - b < 128 ? n - b : 128) / 2;
         if (group % 128 == 0) {
             if (b == g0 * group) scale = _mm512_set1_epi32(sz[2 * g0++]);
+        } else if (128 % group == 0) {
+            /* the step's (s, z) pairs as 32-bit lanes, each lane's own taken, s kept */
+            int64_t ng = n_g - g0 < 128 / group ? n_g - g0 : 128 / group;
+            __m512i pairs = _mm512_cvtepu8_epi16(
+                _mm256_maskz_loadu_epi16((__mmask16)((1u << ng) - 1), sz + 2 * g0));
+            scale = _mm512_and_si512(_mm512_permutexvar_epi32(lane_groups, pairs),
+                                     _mm512_set1_epi32(0xffff));
+            g0 += ng;
         } else {
             scale = _mm512_set1_epi32(sz[2 * g0]);
             for (g0++; g0 < n_g && g0 * group < b + 128; g0++)
