@@ -357,11 +357,19 @@ nibble_dot(nibble_codes c, const int8_t *a_nib, int64_t half, int zero, __m512i 
         dot, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, lo), zv, hi));
 }
 
+/* Steps of whole groups (128 % group == 0): lane l's group within the step, l * 8 / group. */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
+nibble_lane_groups(int64_t group) {
+    return _mm512_srl_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31));
+}
+
 /* Tokens [t0, t0 + NT) (NT a constant in each inlined copy): each step's codes are taken once
  * for the NT tokens, and its lanes times their groups' scales (in the low 16 bits of each
  * lane: |lane| <= 8 * 15 * 127 fits 16 bits, so vpmaddwd gives the exact product), then the
- * zeros. Groups of whole steps (the default 128 and 256) take one broadcast scale; others set
- * each lane's. */
+ * zeros. Groups of whole steps (the default 128 and 256) take one broadcast scale, steps of
+ * whole groups one vpermd of their pairs; other groups set each lane's by masked moves. */
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline void
 nibbles_int_scaled_tile(int64_t *out, const uint8_t *codes, const uint8_t *sz,
                         const tsr_rq_act *act, int64_t t0, int64_t n_g, const int NT) {
@@ -370,10 +378,7 @@ nibbles_int_scaled_tile(int64_t *out, const uint8_t *codes, const uint8_t *sz,
     __m512i acc64[RQ_TILE_TOKS], acc32[RQ_TILE_TOKS];
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++) acc64[j] = acc32[j] = _mm512_setzero_si512();
-    /* steps of whole groups: lane l's group within the step, l * 8 / group (a power of two) */
-    const __m512i lane_groups = _mm512_srl_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31));
+    const __m512i lane_groups = nibble_lane_groups(group);
     __m512i scale = _mm512_setzero_si512();
     for (int64_t b = 0, g0 = 0, step = 1; b < n; b += 128, step++) { /* g0: code b's group */
         int64_t half = (n - b < 128 ? n - b : 128) / 2;
@@ -778,10 +783,7 @@ nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int32_t zero,
                     int64_t n_g, const int NT) {
     const int64_t group = act->group;
     const __m512i zv = _mm512_set1_epi8((char)zero);
-    /* steps of whole groups: lane l's group within the step, l * 8 / group (a power of two) */
-    const __m512i lane_groups = _mm512_srl_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31));
+    const __m512i lane_groups = nibble_lane_groups(group);
     const int8_t *a_nib = act->q_nib + t0 * act->n_pad;
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
