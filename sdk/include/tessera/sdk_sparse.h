@@ -14,9 +14,10 @@
  *   - counts of the entries read and of those a full attention would have read.
  *
  * Work items are (block of TSR_SPARSE_QB queries, KV head), taken in turn by the workers as
- * flash's are, each computed whole by one task: results do not depend on the thread count. The choice callback runs on the workers, for
- * every (query, head) of the item, and again in the score pass: it must be a pure function of
- * what the plugin prepared before calling tsr_sparse_forward.
+ * flash's are, each computed whole by one task: results do not depend on the thread count.
+ * The choice callback runs on the workers, for every (query, head) of the item, and again in
+ * the score pass: it must be a pure function of what the plugin prepared before calling
+ * tsr_sparse_forward.
  *
  * Also here: per-sequence state for attention plugins (tsr_seq_table) and the top k of a list
  * of scores (tsr_sparse_top_k), which page and token selection share.
@@ -86,6 +87,15 @@ typedef float tsr_sparse_v16_ __attribute__((vector_size(64)));
 typedef float tsr_sparse_v16u_ __attribute__((vector_size(64), aligned(4), may_alias));
 #define TSR_SPARSE_LD16_(p) (*(const tsr_sparse_v16u_ *)(const void *)(p))
 #define TSR_SPARSE_ST16_(p, v) (*(tsr_sparse_v16u_ *)(void *)(p) = (v))
+
+/* Sixteen partial sums added pairwise (halves of 8, 4, 2, 1: loops of fixed length, each one
+ * vector add); s is overwritten. */
+static inline __attribute__((always_inline)) float tsr_sparse_sum16_(float s[16]) {
+    for (int j = 0; j < 8; j++) s[j] += s[j + 8];
+    for (int j = 0; j < 4; j++) s[j] += s[j + 4];
+    for (int j = 0; j < 2; j++) s[j] += s[j + 2];
+    return s[0] + s[1];
+}
 
 /* tsr_sparse_dot4 of q with each of nb keys, the same bits, from the keys transposed (kT: hd
  * rows of kstride >= nb rounded up to TSR_SPARSE_KB, zero past nb): each vector lane is a key,
@@ -240,17 +250,13 @@ tsr_sparse_softmax_step(float *s, int64_t n, float *ml, float *o, const float *r
     for (r = 0; r + 16 <= n; r += 16)
         for (int j = 0; j < 16; j++) lane[j] += s[r + j];
     for (; r < n; r++) lane[r % 16] += s[r];
-    for (int j = 0; j < 8; j++) lane[j] += lane[j + 8];
-    for (int j = 0; j < 4; j++) lane[j] += lane[j + 4];
-    for (int j = 0; j < 2; j++) lane[j] += lane[j + 2];
-    ml[1] += lane[0] + lane[1];
+    ml[1] += tsr_sparse_sum16_(lane);
     if (rows) tsr_sparse_softmax_values(o, s, n, rows, vst, hd);
     return 1;
 }
 
 /* The product of a key read alone: sixteen partial sums (terms i % 16), which vectorise across
- * the terms, added pairwise (halves of 8, 4, 2, 1: loops of fixed length, each one vector
- * add). Another rounding than tsr_sparse_dot4's, used for the entries of a tile that a head
+ * the terms, added pairwise (tsr_sparse_sum16_). Another rounding than tsr_sparse_dot4's, used for the entries of a tile that a head
  * reads in part. */
 static inline __attribute__((always_inline)) float tsr_sparse_dot16(const float *a, const float *b,
                                                                     int32_t d) {
@@ -259,10 +265,7 @@ static inline __attribute__((always_inline)) float tsr_sparse_dot16(const float 
     for (; i + 16 <= d; i += 16)
         for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
     for (; i < d; i++) acc[i % 16] += a[i] * b[i];
-    for (int j = 0; j < 8; j++) acc[j] += acc[j + 8];
-    for (int j = 0; j < 4; j++) acc[j] += acc[j + 4];
-    for (int j = 0; j < 2; j++) acc[j] += acc[j + 2];
-    return acc[0] + acc[1];
+    return tsr_sparse_sum16_(acc);
 }
 
 /* ---- the choice ---------------------------------------------------------------------------- */
