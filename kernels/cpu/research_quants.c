@@ -357,12 +357,17 @@ nibble_dot(nibble_codes c, const int8_t *a_nib, int64_t half, int zero, __m512i 
         dot, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, lo), zv, hi));
 }
 
-/* Steps of whole groups (128 % group == 0): lane l's group within the step, l * 8 / group. */
+/* Steps of whole groups (128 % group == 0, group a power of two): lane l's group within the
+ * step, l * 8 / group, is l >> nibble_lane_shift(group) (31 for groups of whole steps). */
+static inline int nibble_lane_shift(int64_t group) {
+    return group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31;
+}
+
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
 nibble_lane_groups(int64_t group) {
     return _mm512_srl_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31));
+        _mm_cvtsi32_si128(nibble_lane_shift(group)));
 }
 
 /* Tokens [t0, t0 + NT) (NT a constant in each inlined copy): each step's codes are taken once
@@ -557,11 +562,11 @@ dot_nibbles_scaled_avx2(const uint8_t *codes, int32_t zero, const uint8_t *d16,
                         const float *da, int64_t da_stride, int64_t group, int64_t n_g) {
     const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)zero),
                   low4 = _mm256_set1_epi8(0x0f);
-    const __m128i shift =
-        _mm_cvtsi32_si128(group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31);
+    const int shift = nibble_lane_shift(group);
     const __m256i lane_groups[2] = {
-        _mm256_srl_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), shift),
-        _mm256_srl_epi32(_mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15), shift)};
+        _mm256_srl_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm_cvtsi32_si128(shift)),
+        _mm256_srl_epi32(_mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm_cvtsi32_si128(shift))};
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     float macc[16] = {0}, lanes[16], P[16];
     uint8_t cbuf[64];
@@ -612,14 +617,14 @@ dot_nibbles_scaled_avx2(const uint8_t *codes, int32_t zero, const uint8_t *d16,
                     acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]), Pg, acc[h]);
             } else {
                 for (int h = 0; h < 2; h++) {
-                    int64_t base = (k0 + (8 * h) / (group / 8)) & ~(int64_t)7;
+                    int64_t base = (k0 + ((8 * h) >> shift)) & ~(int64_t)7;
                     __m256i k =
                         _mm256_add_epi32(lane_groups[h], _mm256_set1_epi32((int)(k0 - base)));
                     acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]),
                                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(P + base), k),
                                              acc[h]);
                 }
-                k0 += 128 / group;
+                k0 += 16 >> shift;
             }
             sum[0] = sum[1] = _mm256_setzero_si256();
         }
