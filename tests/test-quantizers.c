@@ -77,13 +77,18 @@ static void qz_close(qz *q) {
     tsr_config_free(q->cfg);
 }
 
+/* The tests' pseudo-random stream: one step of a 64-bit LCG (Knuth's MMIX constants). */
+static void next_seed(uint64_t *seed) {
+    *seed = *seed * 6364136223846793005ull + 1442695040888963407ull;
+}
+
 /* Deterministic N(0, 1) values (Box-Muller over an LCG). */
 static float *gauss(size_t n, uint64_t seed) {
     float *v = malloc(n * sizeof *v);
     for (size_t i = 0; i < n; i += 2) {
         double u[2];
         for (int k = 0; k < 2; k++) {
-            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            next_seed(&seed);
             u[k] = ((double)(seed >> 11) + 0.5) / 9007199254740992.0;
         }
         double r = sqrt(-2 * log(u[0]));
@@ -675,7 +680,7 @@ START_TEST(dot_packed_groups_equals_unpacked) {
                 uint8_t *codes = malloc((size_t)n);
                 int8_t *a = malloc((size_t)n);
                 for (int64_t i = 0; i < n; i++) {
-                    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+                    next_seed(&seed);
                     codes[i] = (uint8_t)((seed >> 33) & ((1u << bits) - 1));
                     a[i] = (int8_t)((int)((seed >> 45) % 255) - 127);
                 }
@@ -732,7 +737,7 @@ START_TEST(dot_packed_scaled_levels) {
         int32_t *gsum = calloc((size_t)(n_tok * n_g), sizeof *gsum);
         float *da = malloc((size_t)(n_tok * n_scales) * sizeof *da), ys[n_tok], yv[n_tok];
         for (int64_t i = 0; i < n; i++) {
-            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            next_seed(&seed);
             codes[i] = (uint8_t)((seed >> 33) & ((1u << bits) - 1));
         }
         for (int64_t g = 0; g < n_g; g++) {
@@ -740,7 +745,7 @@ START_TEST(dot_packed_scaled_levels) {
             m16[g] = tsr_fp32_to_fp16(-0.03f * (float)(g % 5));
         }
         for (int64_t i = 0; i < n_tok * n; i++) {
-            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            next_seed(&seed);
             q[i] = (int8_t)((int)((seed >> 40) % 255) - 127);
             gsum[i / n * n_g + i % n / group] += q[i];
         }
@@ -820,7 +825,7 @@ START_TEST(dot_packed_f32_levels) {
         float *x = malloc((size_t)(N_TOK * n) * sizeof *x);
         float *xsum = malloc((size_t)(N_TOK * n_g) * sizeof *xsum), ys[N_TOK], yv[N_TOK];
         for (int64_t i = 0; i < n_codes; i++) {
-            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            next_seed(&seed);
             codes[i] = (uint8_t)((seed >> 33) & ((1u << bits) - 1));
         }
         codes[0] = (uint8_t)((1u << bits) - 1);
@@ -831,7 +836,7 @@ START_TEST(dot_packed_f32_levels) {
             m16[g] = tsr_fp32_to_fp16(-0.03f * (float)(g % 5));
         }
         for (int64_t i = 0; i < N_TOK * n; i++) {
-            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            next_seed(&seed);
             x[i] = (float)((int)((seed >> 40) % 2001) - 1000) * 0.00137f;
         }
         tsr_rq_act_f32_sums(xsum, x, N_TOK, n, group);
@@ -954,11 +959,11 @@ START_TEST(dot_packed_int_scaled_levels) {
         int32_t *asum = calloc((size_t)(TOKS * n_g), sizeof *asum);
         int32_t *scratch = malloc((size_t)n_g * 4);
         for (int64_t i = 0; i < n; i++) {
-            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            next_seed(&seed);
             codes[i] = (uint8_t)((cases[k].extreme ? ~0ull : seed >> 33) & ((1u << bits) - 1));
         }
         for (int64_t i = 0; i < TOKS * n; i++) {
-            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            next_seed(&seed);
             a[i] = cases[k].extreme ? 127 : (int8_t)((int)((seed >> 45) % 255) - 127);
             asum[i / group] += a[i];
         }
@@ -1034,7 +1039,7 @@ START_TEST(act_quantize_levels) {
         for (int kind = 0; kind < 3; kind++) {
             int64_t n = lens[k], n_pad = (n + 31) / 32 * 32;
             for (int64_t i = 0; i < n; i++) {
-                seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+                next_seed(&seed);
                 x[i] = kind == 2 ? 0.0f : (float)((int)((seed >> 40) % 255) - 127) + 0.5f;
             }
             x[n / 2] = kind == 2 ? 0.0f : 127.0f;
