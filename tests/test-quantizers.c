@@ -516,6 +516,8 @@ static const char *const all_quantizers[] = {
     "{ plugin: rtn, bits: 3, symmetric: false, group: 32, act_bits: 8 }",
     "{ plugin: rtn, bits: 8, act_bits: 8, group: 128 }",
     "{ plugin: spqr, bits: 4, group: 32, outlier_threshold: 2 }",
+    "{ plugin: spqr, act_bits: 8 }",
+    "{ plugin: spqr, bits: 4, group: 32, outlier_threshold: 2, act_bits: 8 }",
 };
 #define N_QUANTIZERS (sizeof all_quantizers / sizeof all_quantizers[0])
 
@@ -545,7 +547,7 @@ static float *product(const char *quantizer, int threads, int64_t n_in, int64_t 
  * gmax_i the largest |dequantized weight| of i's group (the fused terms d c and the offset are
  * each at most about twice that; measured at most 2^-24.98, rtn's default). int8
  * activations: the double sum of dequantized weights times the int8 activations (per token;
- * per group for rtn), within float rounding. */
+ * per group for rtn and spqr), within float rounding. */
 START_TEST(matmul_equals_dequantized_product) {
     const char *name = all_quantizers[_i];
     const int64_t n_in = 172, n_out = 40, n_tok = 5;
@@ -557,11 +559,11 @@ START_TEST(matmul_equals_dequantized_product) {
                     : strstr(name, "spqr")      ? 16
                                                 : 128;
     int64_t n_pad = (n_in + group - 1) / group * group;
-    int group_scales = act8 && strstr(name, "rtn");
+    int group_scales = act8 && (strstr(name, "rtn") || strstr(name, "spqr"));
     int8_t *qa = malloc((size_t)n_pad);
-    int32_t gsum[8];
+    int32_t gsum[16];
     for (int64_t t = 0; t < n_tok; t++) {
-        float d[8] = {0};
+        float d[16] = {0};
         if (act8)
             (group_scales ? tsr_rq_act_quantize_groups_row : tsr_rq_act_quantize_row)(
                 qa, gsum, d, x + t * n_in, n_in, n_pad, group);
@@ -707,22 +709,25 @@ START_TEST(dot_packed_groups_equals_unpacked) {
 END_TEST
 
 /* The scaled products on packed codes: every level gives the reference's bits for every
- * token of a batch (tiles of four and what is left; decode's loops for groups of 64 codes and
- * more, and for pairs of groups of 32, an odd last one among them), and the reference is the
- * formula, within float rounding: groups that are and are not whole 64-code steps, more than
- * 16 groups, with and without a minimum, a scale per token or per group. */
+ * token of a batch (tiles of four and what is left; decode's loop for groups of 64 codes and
+ * more; steps of two, four and eight groups of 32, 16 and 8, the row's last step short), and
+ * the reference is the formula, within float rounding: groups that are and are not whole
+ * 64-code steps, more than 16 groups, with and without a minimum, a scale per token or per
+ * group, fp16 scales and f32 ones (with and without offsets). */
 START_TEST(dot_packed_scaled_levels) {
     static const struct {
         int bits;
         int64_t group, n_g;
         int32_t zero;
-        int with_min, group_scales;
+        int with_min, group_scales, f32_scales;
     } cases[] = {
-        {4, 64, 17, 7, 0, 1},  {3, 32, 5, 0, 1, 1},  {8, 128, 3, 127, 0, 1},
-        {6, 128, 2, 32, 0, 0}, {2, 40, 18, 0, 1, 1}, {5, 72, 3, 15, 1, 0},
-        {8, 256, 2, 0, 1, 1},  {4, 32, 18, 7, 0, 1}, {8, 32, 4, 127, 1, 0},
-        {4, 128, 19, 7, 0, 1}, {4, 256, 3, 0, 1, 0}, {4, 8, 40, 0, 1, 1},
-        {4, 96, 5, 7, 1, 1},   {4, 64, 7, 0, 1, 0},
+        {4, 64, 17, 7, 0, 1, 0},  {3, 32, 5, 0, 1, 1, 0},  {8, 128, 3, 127, 0, 1, 0},
+        {6, 128, 2, 32, 0, 0, 0}, {2, 40, 18, 0, 1, 1, 0}, {5, 72, 3, 15, 1, 0, 0},
+        {8, 256, 2, 0, 1, 1, 0},  {4, 32, 18, 7, 0, 1, 0}, {8, 32, 4, 127, 1, 0, 0},
+        {4, 128, 19, 7, 0, 1, 0}, {4, 256, 3, 0, 1, 0, 0}, {4, 8, 40, 0, 1, 1, 0},
+        {4, 96, 5, 7, 1, 1, 0},   {4, 64, 7, 0, 1, 0, 0},  {3, 16, 17, 3, 0, 1, 0},
+        {3, 16, 20, 0, 1, 1, 1},  {3, 16, 9, 0, 0, 0, 1},  {2, 8, 35, 0, 1, 1, 1},
+        {5, 32, 7, 0, 1, 0, 1},   {7, 64, 3, 0, 1, 1, 1},  {6, 32, 33, 31, 1, 1, 0},
     };
     tsr_cpu_level best = tsr_cpu_level_best();
     const int64_t n_tok = 9;
@@ -733,6 +738,7 @@ START_TEST(dot_packed_scaled_levels) {
         int64_t n_scales = cases[k].group_scales ? n_g : 1;
         uint8_t *codes = malloc((size_t)n), *packed = malloc(tsr_rq_packed_bytes(n, bits));
         uint16_t *d16 = malloc((size_t)n_g * 2), *m16 = malloc((size_t)n_g * 2);
+        float *d32 = malloc((size_t)n_g * sizeof *d32), *b32 = malloc((size_t)n_g * sizeof *b32);
         int8_t *q = malloc((size_t)(n_tok * n)), *q_nib = malloc((size_t)(n_tok * n));
         int32_t *gsum = calloc((size_t)(n_tok * n_g), sizeof *gsum);
         float *da = malloc((size_t)(n_tok * n_scales) * sizeof *da), ys[n_tok], yv[n_tok];
@@ -743,6 +749,8 @@ START_TEST(dot_packed_scaled_levels) {
         for (int64_t g = 0; g < n_g; g++) {
             d16[g] = tsr_fp32_to_fp16(0.01f * (float)(g + 1));
             m16[g] = tsr_fp32_to_fp16(-0.03f * (float)(g % 5));
+            d32[g] = 0.0123f * (float)(g + 1);
+            b32[g] = -0.0371f * (float)(g % 5);
         }
         for (int64_t i = 0; i < n_tok * n; i++) {
             next_seed(&seed);
@@ -753,16 +761,24 @@ START_TEST(dot_packed_scaled_levels) {
         tsr_rq_pack(packed, codes, n, bits);
         for (int64_t t = 0; t < n_tok; t++) tsr_rq_act_nibble_order(q_nib + t * n, q + t * n, n);
         tsr_rq_act act = {q, gsum, da, n, group, n_scales, q_nib};
-        const uint8_t *mins = cases[k].with_min ? (const uint8_t *)m16 : NULL;
+        int with_min = cases[k].with_min, f32 = cases[k].f32_scales;
+        tsr_rq_gscales gs = {.zero = cases[k].zero};
+        if (f32) {
+            gs.d = d32;
+            gs.b = with_min ? b32 : NULL;
+        } else {
+            gs.d16 = (const uint8_t *)d16;
+            gs.m16 = with_min ? (const uint8_t *)m16 : NULL;
+        }
         ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
-        tsr_rq_dot_packed_scaled(ys, 1, packed, bits, cases[k].zero, (const uint8_t *)d16, mins,
-                                 &act, n_tok, n_g);
+        tsr_rq_dot_packed_scaled(ys, 1, packed, bits, &gs, &act, n_tok, n_g);
         for (int64_t t = 0; t < n_tok; t++) {
             double want = 0, mag = 0;
             for (int64_t i = 0; i < n; i++) {
                 int64_t g = i / group;
-                double w = tsr_fp16_to_fp32(d16[g]) * (double)(codes[i] - cases[k].zero) +
-                           (mins ? tsr_fp16_to_fp32(m16[g]) : 0.0);
+                double d = f32 ? d32[g] : tsr_fp16_to_fp32(d16[g]);
+                double m = !with_min ? 0.0 : f32 ? b32[g] : tsr_fp16_to_fp32(m16[g]);
+                double w = d * (double)(codes[i] - cases[k].zero) + m;
                 double term = w * da[t * n_scales + (n_scales > 1 ? g : 0)] * q[t * n + i];
                 want += term;
                 mag += fabs(term);
@@ -774,15 +790,14 @@ START_TEST(dot_packed_scaled_levels) {
             ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
             for (int64_t nt = 1; nt <= n_tok; nt += 4) { /* a token alone, in 4 + 1, in 8 + 1 */
                 memset(yv, 0, sizeof yv);
-                tsr_rq_dot_packed_scaled(yv, 1, packed, bits, cases[k].zero,
-                                         (const uint8_t *)d16, mins, &act, nt, n_g);
+                tsr_rq_dot_packed_scaled(yv, 1, packed, bits, &gs, &act, nt, n_g);
                 ck_assert_msg(memcmp(ys, yv, (size_t)nt * sizeof(float)) == 0,
                               "case %zu n_tok %lld at %s", k, (long long)nt,
                               tsr_cpu_level_name((tsr_cpu_level)lv));
             }
         }
-        free(codes), free(packed), free(d16), free(m16), free(q), free(q_nib), free(gsum),
-            free(da);
+        free(codes), free(packed), free(d16), free(m16), free(d32), free(b32), free(q), free(q_nib),
+            free(gsum), free(da);
     }
     ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
 }
@@ -885,6 +900,58 @@ START_TEST(dot_packed_f32_levels) {
         }
         free(codes), free(packed), free(d16), free(m16), free(d), free(b), free(x), free(xsum);
     }
+    ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
+}
+END_TEST
+
+/* SpQR's quantized statistics: every level gives the reference's bits, and the reference is
+ * the formula (each product and sum rounded on its own): every width, runs of 16 and 32 groups
+ * (the vector form) and of 5 (the scalar one), rows that end inside a run and inside a 16-group
+ * block, codes at their extremes. The streams are allocated to their exact size, so a read
+ * past them shows under ASan. */
+START_TEST(stats_affine_levels) {
+    static const struct {
+        int64_t n_g, run;
+    } cases[] = {{128, 16}, {200, 16}, {77, 32}, {9, 16}, {40, 5}};
+    tsr_cpu_level best = tsr_cpu_level_best();
+    uint64_t seed = 11;
+    for (int bits = 2; bits <= 8; bits++)
+        for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+            int64_t n_g = cases[k].n_g, run = cases[k].run, n_runs = (n_g + run - 1) / run;
+            uint8_t zs[256], zz[256];
+            for (int64_t g = 0; g < n_g; g++) {
+                next_seed(&seed);
+                zs[g] = (uint8_t)(g % 7 == 0 ? (1u << bits) - 1 : (seed >> 33) & ((1u << bits) - 1));
+                zz[g] = (uint8_t)(g % 5 == 0 ? 0 : (seed >> 45) & ((1u << bits) - 1));
+            }
+            size_t nb = tsr_rq_packed_bytes(n_g, bits);
+            uint8_t *sc = malloc(nb), *zc = malloc(nb);
+            uint16_t *st = malloc((size_t)n_runs * 4 * sizeof *st);
+            tsr_rq_pack(sc, zs, n_g, bits);
+            tsr_rq_pack(zc, zz, n_g, bits);
+            for (int64_t r = 0; r < 4 * n_runs; r++)
+                st[r] = tsr_fp32_to_fp16(r % 2 ? 0.013f * (float)(r + 1) : -0.2f + 0.07f * (float)r);
+            float *d = malloc((size_t)n_g * sizeof *d), *b = malloc((size_t)n_g * sizeof *b);
+            float *dv = malloc((size_t)n_g * sizeof *dv), *bv = malloc((size_t)n_g * sizeof *bv);
+            ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
+            tsr_rq_stats_affine(d, b, sc, zc, bits, (const uint8_t *)st, n_g, run);
+            for (int64_t g = 0; g < n_g; g++) {
+                const uint16_t *q = st + 4 * (g / run);
+                float s = tsr_fp16_to_fp32(q[0]) + tsr_fp16_to_fp32(q[1]) * (float)zs[g];
+                float z = tsr_fp16_to_fp32(q[2]) + tsr_fp16_to_fp32(q[3]) * (float)zz[g];
+                ck_assert_msg(d[g] == s && b[g] == -(s * z), "bits %d case %zu group %lld", bits,
+                              k, (long long)g);
+            }
+            for (int lv = TSR_CPU_LEVEL_AVX2; lv <= (int)best; lv++) {
+                ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+                tsr_rq_stats_affine(dv, bv, sc, zc, bits, (const uint8_t *)st, n_g, run);
+                ck_assert_msg(memcmp(d, dv, (size_t)n_g * sizeof *d) == 0 &&
+                                  memcmp(b, bv, (size_t)n_g * sizeof *b) == 0,
+                              "bits %d case %zu at %s", bits, k,
+                              tsr_cpu_level_name((tsr_cpu_level)lv));
+            }
+            free(sc), free(zc), free(st), free(d), free(b), free(dv), free(bv);
+        }
     ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
 }
 END_TEST
@@ -1616,6 +1683,7 @@ static Suite *suite(bool model_cases) {
     tcase_add_test(tc, dot_packed_int_scaled_levels);
     tcase_add_test(tc, dot_packed_f32_levels);
     tcase_add_test(tc, act_f32_sums_order);
+    tcase_add_test(tc, stats_affine_levels);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(s, tc);
     tc = tcase_create("sources");

@@ -465,13 +465,29 @@ void tsr_rq_dot_packed_int_scaled(int64_t *out, const uint8_t *codes, int bits,
 
 /* ---- scaled products on packed codes ---------------------------------------------------- */
 
+static float gscale_d(const tsr_rq_gscales *s, int64_t g) {
+    return s->d16 ? tsr_rq_load_f16(s->d16 + 2 * g) : s->d[g];
+}
+
+/* The scaled products' m_g (tsr_rq_gscales), and whether there is one. */
+static int gscales_min(const tsr_rq_gscales *s) {
+    return s->d16 ? s->m16 != NULL : s->b != NULL;
+}
+
+static float gscale_min(const tsr_rq_gscales *s, int64_t g) {
+    return s->d16 ? tsr_rq_load_f16(s->m16 + 2 * g) : s->b[g];
+}
+
 /* The order of tsr_rq_dot_packed_scaled, which every level keeps: 16 f32 lanes, lane l of
  * group g taking the exact integer sum of (c - zero) * a over the positions p of the group
- * with p % 64 / 4 == l (a vpdpbusd lane; for 4-bit codes, the positions P of the row with
- * P % 128 / 8 == l, a lane of the two vpdpbusd of nibble pairs), times P_g = da_g * d_g by
- * one fma; the minimum's
- * term da_g * m_g * sum a into lane g % 16 of a second set; then the two sets added lane by
- * lane and the 16 lanes added as a tree (l + l + 8, then + 4, + 2, + 1). */
+ * with p % 64 / 4 == l (a vpdpbusd lane; where the groups divide 64, the positions P of the
+ * row with P % 64 / 4 == l, so that a step's groups share its lanes; for 4-bit codes, the
+ * positions P of the row with P % 128 / 8 == l, a lane of the two vpdpbusd of nibble pairs),
+ * times P_g = da_g * d_g by one fma; the minimum's term da_g * m_g * sum a into lane g % 16
+ * of a second set; then the two sets added lane by lane and the 16 lanes added as a tree
+ * (l + l + 8, then + 4, + 2, + 1). A SIMD form may take one fma for the lanes of several
+ * groups, each with its own P_g: the reference's fma(0, P_g, acc) on a lane outside group g
+ * leaves it as it is (acc is never -0). */
 static float lanes16_sum(const float s[16]) {
     float t[8];
     for (int l = 0; l < 8; l++) t[l] = s[l] + s[l + 8];
@@ -480,26 +496,27 @@ static float lanes16_sum(const float s[16]) {
     return t[0] + t[1];
 }
 
-static float dot_packed_scaled_ref(const uint8_t *codes, int bits, int32_t zero,
-                                   const uint8_t *d16, const uint8_t *m16, const int8_t *a,
-                                   const int32_t *asum, const float *da, int64_t da_stride,
-                                   int64_t group, int64_t n_g) {
+static float dot_packed_scaled_ref(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
+                                   const int8_t *a, const int32_t *asum, const float *da,
+                                   int64_t da_stride, int64_t group, int64_t n_g) {
     float acc[16] = {0}, macc[16] = {0};
     uint8_t buf[64];
     for (int64_t g = 0; g < n_g; g++) {
         float dag = da[g * da_stride];
-        float P = dag * tsr_rq_load_f16(d16 + 2 * g);
+        float P = dag * gscale_d(s, g);
         int32_t lane[16] = {0};
         for (int64_t i = 0; i < group; i += 64) {
             int64_t m = group - i < 64 ? group - i : 64;
             unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
-            for (int64_t p = 0; p < m; p++)
-                lane[bits == 4 ? (g * group + i + p) % 128 / 8 : p / 4] +=
-                    ((int32_t)buf[p] - zero) * a[g * group + i + p];
+            for (int64_t p = 0; p < m; p++) {
+                int64_t pos = g * group + i + p;
+                lane[bits == 4 ? pos % 128 / 8 : (64 % group == 0 ? pos % 64 : p) / 4] +=
+                    ((int32_t)buf[p] - s->zero) * a[pos];
+            }
         }
         for (int l = 0; l < 16; l++) acc[l] = fmaf((float)lane[l], P, acc[l]);
-        if (m16)
-            macc[g % 16] = fmaf((float)asum[g], dag * tsr_rq_load_f16(m16 + 2 * g), macc[g % 16]);
+        if (gscales_min(s))
+            macc[g % 16] = fmaf((float)asum[g], dag * gscale_min(s, g), macc[g % 16]);
     }
     for (int l = 0; l < 16; l++) acc[l] = acc[l] + macc[l];
     return lanes16_sum(acc);
@@ -508,30 +525,31 @@ static float dot_packed_scaled_ref(const uint8_t *codes, int bits, int32_t zero,
 #ifdef RQ_X86
 /* The reference's order with AVX2: a ymm's 32-bit lane j after vpmaddubsw + vpmaddwd holds the
  * products 4j..4j+3 of its 32 bytes, so two ymm are the 16 lanes; the codes are unpacked to
- * the stack 64 at a time. Codes below 128 only (vpmaddubsw's 16-bit pair sums). */
+ * the stack 64 at a time (a group that divides 64 at its place in the row's step). Codes
+ * below 128 only (vpmaddubsw's 16-bit pair sums). */
 __attribute__((target("avx2,fma,f16c"))) static float
-dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
-                       const uint8_t *m16, const int8_t *a, const int32_t *asum,
-                       const float *da, int64_t da_stride, int64_t group, int64_t n_g) {
-    const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)zero);
+dot_packed_scaled_avx2(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
+                       const int8_t *a, const int32_t *asum, const float *da,
+                       int64_t da_stride, int64_t group, int64_t n_g) {
+    const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)s->zero);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     float macc[16] = {0}, lanes[16];
     uint8_t buf[64];
     int8_t abuf[64];
     for (int64_t g = 0; g < n_g; g++) {
         float dag = da[g * da_stride];
-        __m256 P = _mm256_set1_ps(dag * tsr_rq_load_f16(d16 + 2 * g));
+        __m256 P = _mm256_set1_ps(dag * gscale_d(s, g));
         __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int64_t i = 0; i < group; i += 64) {
-            int64_t m = group - i < 64 ? group - i : 64;
+            int64_t m = group - i < 64 ? group - i : 64, at = 64 % group ? 0 : g * group % 64;
             const int8_t *ai = a + g * group + i;
-            unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
-            if (m < 64) { /* zeros past the group, whose activations may end the array */
-                memset(buf + m, 0, (size_t)(64 - m));
+            if (m < 64) { /* zeros around the group, whose activations may end the array */
+                memset(buf, 0, sizeof buf);
                 memset(abuf, 0, sizeof abuf);
-                memcpy(abuf, ai, (size_t)m);
+                memcpy(abuf + at, ai, (size_t)m);
                 ai = abuf;
             }
+            unpack_words(buf + at, codes + (g * group + i) / 8 * bits, m, bits);
             for (int h = 0; h < 2; h++) {
                 __m256i c = _mm256_loadu_si256((const __m256i *)(buf + 32 * h));
                 __m256i av = _mm256_loadu_si256((const __m256i *)(ai + 32 * h));
@@ -542,8 +560,8 @@ dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8
         }
         for (int h = 0; h < 2; h++)
             acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]), P, acc[h]);
-        if (m16)
-            macc[g % 16] = fmaf((float)asum[g], dag * tsr_rq_load_f16(m16 + 2 * g), macc[g % 16]);
+        if (gscales_min(s))
+            macc[g % 16] = fmaf((float)asum[g], dag * gscale_min(s, g), macc[g % 16]);
     }
     _mm256_storeu_ps(lanes, acc[0]);
     _mm256_storeu_ps(lanes + 8, acc[1]);
@@ -557,9 +575,10 @@ dot_packed_scaled_avx2(const uint8_t *codes, int bits, int32_t zero, const uint8
  * steps of nibbles_scaled_tile (groups of whole steps or steps of whole groups; P of 16
  * groups at a time, each half of a step reading the window of eight P its groups lie in). */
 __attribute__((target("avx2,fma,f16c"))) static float
-dot_nibbles_scaled_avx2(const uint8_t *codes, int32_t zero, const uint8_t *d16,
-                        const uint8_t *m16, const int8_t *a_nib, const int32_t *asum,
-                        const float *da, int64_t da_stride, int64_t group, int64_t n_g) {
+dot_nibbles_scaled_avx2(const uint8_t *codes, const tsr_rq_gscales *s, const int8_t *a_nib,
+                        const int32_t *asum, const float *da, int64_t da_stride, int64_t group,
+                        int64_t n_g) {
+    const int32_t zero = s->zero;
     const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)zero),
                   low4 = _mm256_set1_epi8(0x0f);
     const int shift = nibble_lane_shift(group);
@@ -575,10 +594,9 @@ dot_nibbles_scaled_avx2(const uint8_t *codes, int32_t zero, const uint8_t *d16,
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
         for (int64_t k = 0; k < 16; k++) {
             float dag = k < ng ? da[(g0 + k) * da_stride] : 0.0f;
-            P[k] = k < ng ? dag * tsr_rq_load_f16(d16 + 2 * (g0 + k)) : 0.0f;
-            if (k < ng && m16)
-                macc[k] = fmaf((float)asum[g0 + k], dag * tsr_rq_load_f16(m16 + 2 * (g0 + k)),
-                               macc[k]);
+            P[k] = k < ng ? dag * gscale_d(s, g0 + k) : 0.0f;
+            if (k < ng && gscales_min(s))
+                macc[k] = fmaf((float)asum[g0 + k], dag * gscale_min(s, g0 + k), macc[k]);
         }
         const int64_t b0 = g0 * group, b1 = (g0 + ng) * group;
         __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -635,17 +653,23 @@ dot_nibbles_scaled_avx2(const uint8_t *codes, int32_t zero, const uint8_t *d16,
     return lanes16_sum(lanes);
 }
 
+/* Groups [g0, g0 + 16) of s (fewer at the end: mask gm, the rest 0), fp16 fields or f32. */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512
+gscales_block(const uint8_t *f16, const float *f32, int64_t g0, __mmask16 gm) {
+    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, f16 + 2 * g0))
+               : _mm512_maskz_loadu_ps(gm, f32 + g0);
+}
+
 /* Groups [g0, g0 + 16) (fewer at the end: mask gm) of token t: P[k] = da_g * d_g, and the
  * minimum's terms added into macc, returned. */
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512
-scaled_block(float P[16], __m512 macc, const uint8_t *d16, const uint8_t *m16,
-             const tsr_rq_act *act, int64_t t, int64_t g0, __mmask16 gm) {
+scaled_block(float P[16], __m512 macc, const tsr_rq_gscales *s, const tsr_rq_act *act,
+             int64_t t, int64_t g0, __mmask16 gm) {
     const float *da = act->d + t * act->n_scales;
     __m512 dav = act->n_scales > 1 ? _mm512_maskz_loadu_ps(gm, da + g0) : _mm512_set1_ps(da[0]);
-    _mm512_storeu_ps(P, _mm512_mul_ps(dav, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                                               gm, d16 + 2 * g0))));
-    if (!m16) return macc;
-    __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, m16 + 2 * g0));
+    _mm512_storeu_ps(P, _mm512_mul_ps(dav, gscales_block(s->d16, s->d, g0, gm)));
+    if (!gscales_min(s)) return macc;
+    __m512 mv = gscales_block(s->m16, s->b, g0, gm);
     __m512 as = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(
         gm, act->gsum + t * (act->n_pad / act->group) + g0));
     return _mm512_fmadd_ps(as, _mm512_mul_ps(dav, mv), macc);
@@ -664,14 +688,22 @@ lanes16_sum_zmm(__m512 acc, __m512 macc) {
 
 /* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
  * the NT tokens, and each token keeps its own accumulators, so a value does not depend on
- * the tile. NT is a constant in each inlined copy. */
+ * the tile. Groups of 8, 16 and 32 go by 64-code steps of whole groups, whose lanes take
+ * their groups' P by one vpermps (the row's last step may be short); other groups one at a
+ * time. NT is a constant in each inlined copy. */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
-dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, int32_t zero,
-                       const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act,
-                       int64_t t0, int64_t n_g, const int NT) {
+dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                       const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t t0, int64_t n_g,
+                       const int NT) {
     const int64_t group = act->group;
-    const vbmi_codes u = vbmi_codes_of(bits, group);
+    const int small = group < 64 && 64 % group == 0, per_step = small ? (int)(64 / group) : 0;
+    const vbmi_codes u = vbmi_codes_of(bits, small ? 64 : group);
+    const int32_t zero = s->zero;
     const __m512i zv = _mm512_set1_epi8((char)zero);
+    const int8_t *aq = act->q + t0 * act->n_pad;
+    const __m512i lane_groups = _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        small ? (unsigned)__builtin_ctzll((unsigned long long)group / 4) : 0);
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
 #pragma GCC unroll 4
@@ -680,8 +712,38 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, in
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
         __mmask16 gm = (__mmask16)((1u << ng) - 1);
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++)
-            macc[j] = scaled_block(P[j], macc[j], d16, m16, act, t0 + j, g0, gm);
+        for (int j = 0; j < NT; j++) macc[j] = scaled_block(P[j], macc[j], s, act, t0 + j, g0, gm);
+        if (small) {
+            const int64_t b1 = (g0 + ng) * group;
+            const uint8_t *src = codes + g0 * group / 8 * bits;
+            const int8_t *ab = aq + g0 * group;
+            for (int64_t b = g0 * group, k0 = 0; b < b1; b += 64, k0 += per_step) {
+                __mmask64 cm = ~(__mmask64)0, bm = u.full_bytes;
+                if (b1 - b < 64) {
+                    cm = ((__mmask64)1 << (b1 - b)) - 1;
+                    bm = ((__mmask64)1 << ((b1 - b) * bits / 8)) - 1;
+                }
+                _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+                __m512i c = _mm512_and_si512(
+                    _mm512_multishift_epi64_epi8(
+                        u.ctl, _mm512_permutexvar_epi8(u.idx, _mm512_maskz_loadu_epi8(bm, src))),
+                    u.mask);
+                __m512i k = _mm512_add_epi32(lane_groups, _mm512_set1_epi32((int)k0));
+#pragma GCC unroll 4
+                for (int j = 0; j < NT; j++) {
+                    __m512i av = _mm512_maskz_loadu_epi8(cm, ab + j * act->n_pad);
+                    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, av);
+                    if (zero)
+                        d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, av));
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                                             _mm512_permutexvar_ps(k, _mm512_loadu_ps(P[j])),
+                                             acc[j]);
+                }
+                src += 8 * bits;
+                ab += 64;
+            }
+            continue;
+        }
         for (int64_t k = 0; k < ng; k++) {
             const uint8_t *src = codes + (g0 + k) * group * bits / 8;
             const int8_t *ag = act->q + t0 * act->n_pad + (g0 + k) * group;
@@ -712,9 +774,10 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits, in
  * the same order, so the same bits, in a loop of its own with running pointers, which the
  * compiler keeps in registers where the tile's copies juggle them. */
 RQ_VBMI_TARGET __attribute__((noinline)) static float
-dot_packed_scaled_token(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
-                        const uint8_t *m16, const tsr_rq_act *act, int64_t t, int64_t n_g) {
+dot_packed_scaled_token(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
+                        const tsr_rq_act *act, int64_t t, int64_t n_g) {
     const int64_t steps = act->group / 64, step_bytes = 8 * bits;
+    const int32_t zero = s->zero;
     const vbmi_codes u = vbmi_codes_of(bits, act->group);
     const __m512i zv = _mm512_set1_epi8((char)zero);
     const uint8_t *src = codes;
@@ -723,7 +786,7 @@ dot_packed_scaled_token(const uint8_t *codes, int bits, int32_t zero, const uint
     float P[16];
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
-        macc = scaled_block(P, macc, d16, m16, act, t, g0, (__mmask16)((1u << ng) - 1));
+        macc = scaled_block(P, macc, s, act, t, g0, (__mmask16)((1u << ng) - 1));
         for (int64_t k = 0; k < ng; k++) {
             __m512i ac = _mm512_setzero_si512(), az = _mm512_setzero_si512();
             /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
@@ -740,42 +803,6 @@ dot_packed_scaled_token(const uint8_t *codes, int bits, int32_t zero, const uint
     return lanes16_sum_zmm(acc, macc);
 }
 
-/* One token with groups of 32 (decode's case): the two groups of a 64-code step share its
- * unpacking and its vpdpbusd, whose lanes 0-7 hold the first group's sums and lanes 8-15 the
- * second's. The reference gives every group of 32 the lanes 0-7 (its lanes 8-15 are zero,
- * and a zero times P_g leaves a lane as it is): the second group's lanes are moved down, and
- * each half is converted with the other zeroed, so the same bits. */
-RQ_VBMI_TARGET __attribute__((noinline)) static float
-dot_packed_scaled_token32(const uint8_t *codes, int bits, int32_t zero, const uint8_t *d16,
-                          const uint8_t *m16, const tsr_rq_act *act, int64_t t, int64_t n_g) {
-    const int64_t step_bytes = 8 * bits;
-    const vbmi_codes u = vbmi_codes_of(bits, 32);
-    const __m512i zv = _mm512_set1_epi8((char)zero);
-    const __mmask16 low = 0x00ff;
-    const uint8_t *src = codes;
-    const int8_t *ag = act->q + t * act->n_pad;
-    __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
-    float P[16];
-    for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
-        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
-        macc = scaled_block(P, macc, d16, m16, act, t, g0, (__mmask16)((1u << ng) - 1));
-        for (int64_t k = 0; k < ng; k += 2, src += step_bytes, ag += 64) {
-            int two = k + 1 < ng; /* a row's odd last group is the short step of u */
-            _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
-            __m512i av = vbmi_acts_at(&u, ag, 0, two);
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vbmi_codes_at(&u, src, two),
-                                            av);
-            if (zero) d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, av));
-            acc = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(low, d), _mm512_set1_ps(P[k]), acc);
-            if (two)
-                acc = _mm512_fmadd_ps(
-                    _mm512_maskz_cvtepi32_ps(low, _mm512_shuffle_i32x4(d, d, 0xee)),
-                    _mm512_set1_ps(P[k + 1]), acc);
-        }
-    }
-    return lanes16_sum_zmm(acc, macc);
-}
-
 /* 4-bit codes as nibble pairs, tokens [t0, t0 + NT) (NT a constant in each inlined copy), in
  * the reference's order for them (lane l: the positions P of the row with P % 128 / 8 == l).
  * Groups of whole steps (group % 128 == 0) sum their steps' lanes, then take one fma with P_g;
@@ -783,10 +810,10 @@ dot_packed_scaled_token32(const uint8_t *codes, int bits, int32_t zero, const ui
  * bits: a lane outside group g takes fma(0, P_g, acc) in the reference, which leaves it as it
  * is (acc is never -0). */
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline void
-nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int32_t zero,
-                    const uint8_t *d16, const uint8_t *m16, const tsr_rq_act *act, int64_t t0,
-                    int64_t n_g, const int NT) {
+nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, const tsr_rq_gscales *s,
+                    const tsr_rq_act *act, int64_t t0, int64_t n_g, const int NT) {
     const int64_t group = act->group;
+    const int32_t zero = s->zero;
     const __m512i zv = _mm512_set1_epi8((char)zero);
     const __m512i lane_groups = nibble_lane_groups(group);
     const int8_t *a_nib = act->q_nib + t0 * act->n_pad;
@@ -798,7 +825,7 @@ nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int32_t zero,
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++)
-            macc[j] = scaled_block(P[j], macc[j], d16, m16, act, t0 + j, g0,
+            macc[j] = scaled_block(P[j], macc[j], s, act, t0 + j, g0,
                                    (__mmask16)((1u << ng) - 1));
         const int64_t b0 = g0 * group, b1 = (g0 + ng) * group;
         if (group % 128 == 0) {
@@ -839,37 +866,34 @@ nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int32_t zero,
 }
 
 RQ_NIBBLE_TARGET static void dot_nibbles_scaled(float *y, int64_t ldy, const uint8_t *codes,
-                                                int32_t zero, const uint8_t *d16,
-                                                const uint8_t *m16, const tsr_rq_act *act,
+                                                const tsr_rq_gscales *s, const tsr_rq_act *act,
                                                 int64_t n_tok, int64_t n_g) {
     int64_t t = 0;
     for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
-        nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, RQ_TILE_TOKS);
+        nibbles_scaled_tile(y, ldy, codes, s, act, t, n_g, RQ_TILE_TOKS);
     switch (n_tok - t) {
-    case 3: nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, 3); break;
-    case 2: nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, 2); break;
-    case 1: nibbles_scaled_tile(y, ldy, codes, zero, d16, m16, act, t, n_g, 1); break;
+    case 3: nibbles_scaled_tile(y, ldy, codes, s, act, t, n_g, 3); break;
+    case 2: nibbles_scaled_tile(y, ldy, codes, s, act, t, n_g, 2); break;
+    case 1: nibbles_scaled_tile(y, ldy, codes, s, act, t, n_g, 1); break;
     default: break;
     }
 }
 
 RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes,
-                                                  int bits, int32_t zero, const uint8_t *d16,
-                                                  const uint8_t *m16, const tsr_rq_act *act,
-                                                  int64_t n_tok, int64_t n_g) {
+                                                  int bits, const tsr_rq_gscales *s,
+                                                  const tsr_rq_act *act, int64_t n_tok,
+                                                  int64_t n_g) {
     int64_t t = 0;
     for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
-        dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, RQ_TILE_TOKS);
+        dot_packed_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, RQ_TILE_TOKS);
     switch (n_tok - t) {
-    case 3: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 3); break;
-    case 2: dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 2); break;
+    case 3: dot_packed_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, 3); break;
+    case 2: dot_packed_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, 2); break;
     case 1:
         if (act->group % 64 == 0)
-            y[t * ldy] = dot_packed_scaled_token(codes, bits, zero, d16, m16, act, t, n_g);
-        else if (act->group == 32)
-            y[t * ldy] = dot_packed_scaled_token32(codes, bits, zero, d16, m16, act, t, n_g);
+            y[t * ldy] = dot_packed_scaled_token(codes, bits, s, act, t, n_g);
         else
-            dot_packed_scaled_tile(y, ldy, codes, bits, zero, d16, m16, act, t, n_g, 1);
+            dot_packed_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, 1);
         break;
     default: break;
     }
@@ -877,39 +901,37 @@ RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const u
 #endif
 
 void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
-                              int32_t zero, const uint8_t *d16, const uint8_t *m16,
-                              const tsr_rq_act *act, int64_t n_tok, int64_t n_g) {
+                              const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t n_tok,
+                              int64_t n_g) {
 #ifdef RQ_X86
     if (bits == 4 && act->q_nib && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512 &&
         (act->group % 128 == 0 || 128 % act->group == 0)) {
-        dot_nibbles_scaled(y, ldy, codes, zero, d16, m16, act, n_tok, n_g);
+        dot_nibbles_scaled(y, ldy, codes, s, act, n_tok, n_g);
         return;
     }
     if (tsr_cpu_avx512_vbmi() && bits != 4) {
-        dot_packed_scaled_vbmi(y, ldy, codes, bits, zero, d16, m16, act, n_tok, n_g);
+        dot_packed_scaled_vbmi(y, ldy, codes, bits, s, act, n_tok, n_g);
         return;
     }
 #endif
-    float (*dot)(const uint8_t *, int, int32_t, const uint8_t *, const uint8_t *,
-                 const int8_t *, const int32_t *, const float *, int64_t, int64_t, int64_t) =
-        dot_packed_scaled_ref;
+    float (*dot)(const uint8_t *, int, const tsr_rq_gscales *, const int8_t *, const int32_t *,
+                 const float *, int64_t, int64_t, int64_t) = dot_packed_scaled_ref;
     int64_t gs = act->n_pad / act->group;
 #ifdef RQ_X86
     if (bits == 4 && act->q_nib && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2 &&
         (act->group % 128 == 0 || 128 % act->group == 0)) {
         for (int64_t t = 0; t < n_tok; t++)
-            y[t * ldy] = dot_nibbles_scaled_avx2(
-                codes, zero, d16, m16, act->q_nib + t * act->n_pad, act->gsum + t * gs,
-                act->d + t * act->n_scales, act->n_scales > 1, act->group, n_g);
+            y[t * ldy] = dot_nibbles_scaled_avx2(codes, s, act->q_nib + t * act->n_pad,
+                                                 act->gsum + t * gs, act->d + t * act->n_scales,
+                                                 act->n_scales > 1, act->group, n_g);
         return;
     }
     if (bits < 8 && bits != 4 && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2)
         dot = dot_packed_scaled_avx2;
 #endif
     for (int64_t t = 0; t < n_tok; t++)
-        y[t * ldy] = dot(codes, bits, zero, d16, m16, act->q + t * act->n_pad,
-                         act->gsum + t * gs, act->d + t * act->n_scales, act->n_scales > 1,
-                         act->group, n_g);
+        y[t * ldy] = dot(codes, bits, s, act->q + t * act->n_pad, act->gsum + t * gs,
+                         act->d + t * act->n_scales, act->n_scales > 1, act->group, n_g);
 }
 
 /* ---- fused products with f32 activations ------------------------------------------------ */
@@ -924,10 +946,6 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
  * lane that a short chunk does not reach may take fma(0, 0, S) in a SIMD form: S is never -0
  * (it starts at +0 and a sum is -0 only when both terms are), so that leaves it unchanged. */
 #define RQ_F32_SETS 4
-static float gscale_d(const tsr_rq_gscales *s, int64_t g) {
-    return s->d16 ? tsr_rq_load_f16(s->d16 + 2 * g) : s->d[g];
-}
-
 static int gscales_offset(const tsr_rq_gscales *s) {
     return s->d16 ? s->zero != 0 || s->m16 : s->b != NULL;
 }
@@ -1380,6 +1398,82 @@ void tsr_rq_act_quantize(int8_t *q, int8_t *q_nib, int32_t *gsum, float *d, cons
     }
 }
 
+/* ---- quantized group statistics ------------------------------------------------------- */
+
+/* The reference's arithmetic for groups [g0, g1): s = lo + step * c, unfused. */
+static void stats_affine_ref(float *d, float *b, const uint8_t *sc, const uint8_t *zc, int bits,
+                             const uint8_t *lo_step16, int64_t g0, int64_t g1, int64_t run) {
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *q = lo_step16 + 8 * (g / run);
+        float s = tsr_rq_load_f16(q) + tsr_rq_load_f16(q + 2) * (float)tsr_rq_code_at(sc, g, bits);
+        float z = tsr_rq_load_f16(q + 4) +
+                  tsr_rq_load_f16(q + 6) * (float)tsr_rq_code_at(zc, g, bits);
+        d[g] = s;
+        b[g] = -(s * z);
+    }
+}
+
+#ifdef RQ_X86
+/* 16 codes of `bits` from the 2 * bits bytes at p as f32: the bytes broadcast to every 128-bit
+ * lane, each 32-bit lane i shuffled the two bytes that hold code i (bit i * bits), then shifted
+ * and masked. */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512
+codes16_f32(const uint8_t *p, int bits, __m512i idx, __m512i shift, __m512i mask) {
+    __m512i in = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1), p));
+    return _mm512_cvtepi32_ps(
+        _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(in, idx), shift), mask));
+}
+
+/* Runs of whole 16-group blocks: 16 groups per vector with their run's minimum and step
+ * broadcast. */
+RQ_NIBBLE_TARGET static void stats_affine_avx512(float *d, float *b, const uint8_t *sc,
+                                                 const uint8_t *zc, int bits,
+                                                 const uint8_t *lo_step16, int64_t n_g,
+                                                 int64_t run) {
+    int32_t idx[16], shift[16];
+    for (int i = 0; i < 16; i++) {
+        int byte = i * bits / 8;
+        idx[i] = byte | (byte + 1) << 8 | (int32_t)0x80800000; /* 0x80: a zero byte */
+        shift[i] = i * bits % 8;
+    }
+    const __m512i vidx = _mm512_loadu_si512(idx), vshift = _mm512_loadu_si512(shift),
+                  mask = _mm512_set1_epi32((1 << bits) - 1),
+                  sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, z0 = s0, z1 = s0;
+    const uint8_t *next_run = lo_step16;
+    int64_t g = 0;
+    for (int64_t in_run = 0; g + 16 <= n_g; g += 16, in_run = in_run + 16 == run ? 0 : in_run + 16) {
+        if (in_run == 0) { /* s min, s step, z min, z step of the run */
+            __m512 st = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0xf, next_run));
+            next_run += 8;
+            s0 = _mm512_permutexvar_ps(_mm512_set1_epi32(0), st);
+            s1 = _mm512_permutexvar_ps(_mm512_set1_epi32(1), st);
+            z0 = _mm512_permutexvar_ps(_mm512_set1_epi32(2), st);
+            z1 = _mm512_permutexvar_ps(_mm512_set1_epi32(3), st);
+        }
+        __m512 s = _mm512_add_ps(s0, _mm512_mul_ps(s1, codes16_f32(sc + g / 8 * bits, bits, vidx,
+                                                                 vshift, mask)));
+        __m512 z = _mm512_add_ps(z0, _mm512_mul_ps(z1, codes16_f32(zc + g / 8 * bits, bits, vidx,
+                                                                 vshift, mask)));
+        _mm512_storeu_ps(d + g, s);
+        _mm512_storeu_ps(b + g, _mm512_castsi512_ps(_mm512_xor_si512(
+                                    _mm512_castps_si512(_mm512_mul_ps(s, z)), sign)));
+    }
+    stats_affine_ref(d, b, sc, zc, bits, lo_step16, g, n_g, run);
+}
+#endif
+
+void tsr_rq_stats_affine(float *d, float *b, const uint8_t *sc, const uint8_t *zc, int bits,
+                         const uint8_t *lo_step16, int64_t n_g, int64_t run) {
+#ifdef RQ_X86
+    if (run % 16 == 0 && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
+        stats_affine_avx512(d, b, sc, zc, bits, lo_step16, n_g, run);
+        return;
+    }
+#endif
+    stats_affine_ref(d, b, sc, zc, bits, lo_step16, 0, n_g, run);
+}
+
 /* ---- matrices of a row codec ------------------------------------------------------------ */
 
 typedef struct rq_row {
@@ -1450,14 +1544,15 @@ typedef struct rq_pair {
 
 static void rq_pair_run(void *ctx, float v[2], const char *w, size_t partner, int n_r) {
     const rq_pair *p = ctx;
-    const tsr_rq_codec *c = p->m->codec;
+    const tsr_rq_matrix *m = p->m;
     for (int k = 0; k < n_r; k++) {
-        const uint8_t *row = (const uint8_t *)w + k * partner;
+        rq_row q = row_at(m, ((const uint8_t *)w + k * partner - m->rows) / m->row_bytes);
         if (p->act)
-            c->dot_q8(p->m->cfg, v + k, 1, row, p->act, 1, p->m->n_in, p->scratch);
+            m->codec->dot_q8(m->cfg, v + k, 1, q.row, q.tail, q.tail_bytes, p->act, 1, m->n_in,
+                             p->scratch);
         else
-            c->dot_f32(p->m->cfg, v + k, 1, row, NULL, 0, p->xf, 1, p->m->n_in,
-                       (float *)p->scratch);
+            m->codec->dot_f32(m->cfg, v + k, 1, q.row, q.tail, q.tail_bytes, p->xf, 1, m->n_in,
+                              (float *)p->scratch);
     }
 }
 
@@ -1487,7 +1582,7 @@ void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const t
         tsr_rq_act_f32_sums(xsum, x, n_tok, n_in, xf.group);
         xf.xsum = xsum;
     }
-    if ((act || fused_f32) && n_tok == 1 && !m->tail_off) { /* decode: two streams */
+    if ((act || fused_f32) && n_tok == 1) { /* decode: two streams */
         rq_pair p = {m, act, &xf, scratch};
         tsr_stream_row_pairs(rq_pair_run, &p, y, m->rows, m->row_bytes, r0, r1);
         return;
@@ -1496,7 +1591,8 @@ void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const t
     for (int64_t r = r0; r < r1; r++) {
         rq_row q = row_at(m, r);
         if (act) {
-            m->codec->dot_q8(m->cfg, y + r, n_out, q.row, act, n_tok, n_in, scratch);
+            m->codec->dot_q8(m->cfg, y + r, n_out, q.row, q.tail, q.tail_bytes, act, n_tok, n_in,
+                             scratch);
         } else if (fused_f32) {
             m->codec->dot_f32(m->cfg, y + r, n_out, q.row, q.tail, q.tail_bytes, &xf, n_tok,
                               n_in, row);

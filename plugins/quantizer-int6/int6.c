@@ -70,11 +70,15 @@ static int64_t int6_act_group(const void *cfg) {
 }
 
 static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                        const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+                        const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act,
+                        int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+    (void)tail;
+    (void)tail_bytes;
     (void)scratch;
     const int6_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group);
-    tsr_rq_dot_packed_scaled(y, ldy, row + 2 * n_g, 6, 32, row, NULL, act, n_tok, n_g);
+    tsr_rq_gscales s = {.d16 = row, .zero = 32};
+    tsr_rq_dot_packed_scaled(y, ldy, row + 2 * n_g, 6, &s, act, n_tok, n_g);
 }
 
 static int64_t int6_f32_group(const void *cfg) {

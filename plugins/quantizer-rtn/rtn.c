@@ -107,15 +107,23 @@ static int rtn_act_nibbles(const void *cfg) {
     return ((const rtn_cfg *)cfg)->bits == 4;
 }
 
+/* The row's group scales: fp16 scales, then the minima of an asymmetric row. */
+static tsr_rq_gscales rtn_gscales(const rtn_cfg *c, const uint8_t *row, int64_t n_g) {
+    return (tsr_rq_gscales){.d16 = row, .m16 = c->symmetric ? NULL : row + 2 * n_g,
+                            .zero = c->symmetric ? (1 << (c->bits - 1)) - 1 : 0};
+}
+
 static void rtn_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                       const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+                       const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act,
+                       int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+    (void)tail;
+    (void)tail_bytes;
     (void)scratch;
     const rtn_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group);
-    const uint8_t *mins = c->symmetric ? NULL : row + 2 * n_g;
-    int32_t zero = c->symmetric ? (1 << (c->bits - 1)) - 1 : 0;
-    tsr_rq_dot_packed_scaled(y, ldy, row + rtn_stat_bytes(c, n_in), c->bits, zero, row, mins,
-                             act, n_tok, n_g);
+    tsr_rq_gscales s = rtn_gscales(c, row, n_g);
+    tsr_rq_dot_packed_scaled(y, ldy, row + rtn_stat_bytes(c, n_in), c->bits, &s, act, n_tok,
+                             n_g);
 }
 
 static int64_t rtn_f32_group(const void *cfg) {
@@ -130,8 +138,7 @@ static void rtn_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *r
     (void)scratch;
     const rtn_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group);
-    tsr_rq_gscales s = {.d16 = row, .m16 = c->symmetric ? NULL : row + 2 * n_g,
-                        .zero = c->symmetric ? (1 << (c->bits - 1)) - 1 : 0};
+    tsr_rq_gscales s = rtn_gscales(c, row, n_g);
     tsr_rq_dot_packed_f32(y, ldy, row + rtn_stat_bytes(c, n_in), c->bits, &s, x, n_tok, n_g);
 }
 

@@ -16,10 +16,15 @@
  *   | weight codes[n_g * group]; codes packed, each stream starting on a byte.
  * Tail of a row: (uint16 column, fp16 value)[outliers of the row].
  * w = s * (c - z), s and z decoded from their codes: s = s_min + s_step * code.
- * Product (f32 activations): the dense codes of every weight through tsr_rq_dot_packed_f32
- * with w = s c - s z per group (the scale once per group, the offset through the group's
- * activation sum), then the outliers as a separate pass over the row's tail: each adds
- * (value - its dense code's s c - s z) times its activation.
+ * Product (act_bits 16, f32 activations, the default): the dense codes of every weight
+ * through tsr_rq_dot_packed_f32 with w = s c - s z per group (the scale once per group, the
+ * offset through the group's activation sum), then the outliers as a separate pass over the
+ * row's tail: each adds (value - its dense code's s c - s z) times its activation.
+ * act_bits 8: the activations are quantized to int8 once per product with a scale per weight
+ * group (d_a[g] = amax / 127 of the group), the dense codes are an exact integer dot per group
+ * (tsr_rq_dot_packed_scaled: y = sum_g d_a[g] * (s_g * sum c * a - s_g z_g * sum a)), and the
+ * outliers' pass takes the same int8 activations (d_a a). Not the paper's arithmetic (it
+ * changes the numerics by the activations' rounding), an option for speed.
  */
 #include <stdio.h>
 
@@ -34,6 +39,7 @@
 typedef struct spqr_cfg {
     int32_t bits, group, stats_bits, stats_group;
     float threshold;
+    int32_t act8;
 } spqr_cfg;
 
 typedef struct spqr_layout {
@@ -190,35 +196,50 @@ static void spqr_dequantize_row(const void *cfg, float *y, const uint8_t *row,
 
 /* The scale s_g and offset -s_g z_g of every group of a row (w = s_g c - s_g z_g), the
  * first-level codes decoded with their second-level fp16 minimum and step as
- * spqr_dequantize_row does. Eight second-level groups at a time, so that each batch of codes
- * starts on a byte. */
-TSR_VECTOR_CLONES
+ * spqr_dequantize_row does. */
 static void spqr_group_affine(const spqr_cfg *c, const spqr_layout *l, const uint8_t *row,
                               float *d, float *b) {
-    enum { BATCH = 8 };
-    uint8_t sc[BATCH * SPQR_SGROUP_MAX], zc[BATCH * SPQR_SGROUP_MAX];
-    float st[4 * BATCH];
-    for (int64_t s0 = 0; s0 < l->n_s; s0 += BATCH) {
-        int64_t g0 = s0 * c->stats_group, n_sb = l->n_s - s0 < BATCH ? l->n_s - s0 : BATCH;
-        int64_t n = l->n_g - g0 < BATCH * c->stats_group ? l->n_g - g0 : BATCH * c->stats_group;
-        tsr_rq_unpack(sc, row + l->scodes + g0 * c->stats_bits / 8, n, c->stats_bits);
-        tsr_rq_unpack(zc, row + l->zcodes + g0 * c->stats_bits / 8, n, c->stats_bits);
-        tsr_row_to_f32(st, TSR_DTYPE_F16, row + l->stats + 8 * s0, 4 * n_sb);
-        for (int64_t j = 0; j < n_sb; j++) {
-            const float *q = st + 4 * j;
-            int64_t k0 = j * c->stats_group;
-            int64_t k1 = n - k0 < c->stats_group ? n : k0 + c->stats_group;
-            for (int64_t k = k0; k < k1; k++) {
-                float s = q[0] + q[1] * (float)sc[k], z = q[2] + q[3] * (float)zc[k];
-                d[g0 + k] = s;
-                b[g0 + k] = -(s * z);
-            }
-        }
-    }
+    tsr_rq_stats_affine(d, b, row + l->scodes, row + l->zcodes, c->stats_bits, row + l->stats,
+                        l->n_g, c->stats_group);
 }
 
 static int64_t spqr_f32_group(const void *cfg) {
     return ((const spqr_cfg *)cfg)->group;
+}
+
+static int64_t spqr_act_group(const void *cfg) {
+    const spqr_cfg *c = cfg;
+    return c->act8 ? c->group : 0;
+}
+
+/* Token t's activation at column col: f32 (x), or int8 (act) as d_a a. */
+typedef struct spqr_acts {
+    const tsr_rq_act_f32 *x;
+    const tsr_rq_act *act;
+} spqr_acts;
+
+static float spqr_act_at(const spqr_acts *a, int64_t t, int64_t col) {
+    if (a->x) return a->x->x[t * a->x->n + col];
+    const tsr_rq_act *q = a->act;
+    return q->d[t * q->n_scales + (q->n_scales > 1 ? col / q->group : 0)] *
+           (float)q->q[t * q->n_pad + col];
+}
+
+/* The outliers' pass over a row's tail: each adds (value - what the dense product counted for
+ * its column, d_g c + b_g) times its activation, for each of n_tok tokens. */
+static void spqr_add_outliers(const spqr_cfg *c, const spqr_layout *l, float *y, int64_t ldy,
+                              const uint8_t *row, const uint8_t *tail, size_t tail_bytes,
+                              const float *d, const float *b, const spqr_acts *a,
+                              int64_t n_tok) {
+    for (size_t k = 0; k + SPQR_OUTLIER_BYTES <= tail_bytes; k += SPQR_OUTLIER_BYTES) {
+        uint16_t col;
+        memcpy(&col, tail + k, 2);
+        int64_t g = col / c->group;
+        float dense = fmaf(d[g], (float)tsr_rq_code_at(row + l->wcodes, col, c->bits), b[g]);
+        float delta = tsr_rq_load_f16(tail + k + 2) - dense;
+        for (int64_t t = 0; t < n_tok; t++)
+            y[t * ldy] = fmaf(delta, spqr_act_at(a, t, col), y[t * ldy]);
+    }
 }
 
 /* scratch: n_in floats, 16 at least, hold the 2 n_g of d and b (group >= 8). */
@@ -231,22 +252,27 @@ static void spqr_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *
     spqr_group_affine(c, &l, row, d, b);
     tsr_rq_gscales s = {.d = d, .b = b};
     tsr_rq_dot_packed_f32(y, ldy, row + l.wcodes, c->bits, &s, x, n_tok, l.n_g);
-    /* An outlier replaces its weight: the dense product counted d c + b for it. */
-    for (size_t k = 0; k + SPQR_OUTLIER_BYTES <= tail_bytes; k += SPQR_OUTLIER_BYTES) {
-        uint16_t col;
-        memcpy(&col, tail + k, 2);
-        int64_t g = col / c->group;
-        float dense = fmaf(d[g], (float)tsr_rq_code_at(row + l.wcodes, col, c->bits), b[g]);
-        float delta = tsr_rq_load_f16(tail + k + 2) - dense;
-        for (int64_t t = 0; t < n_tok; t++)
-            y[t * ldy] = fmaf(delta, x->x[t * x->n + col], y[t * ldy]);
-    }
+    spqr_add_outliers(c, &l, y, ldy, row, tail, tail_bytes, d, b, &(spqr_acts){x, NULL}, n_tok);
+}
+
+/* scratch: act->n_pad >= n_in bytes hold the 2 n_g floats of d and b (group >= 8). */
+static void spqr_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
+                        const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act,
+                        int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+    const spqr_cfg *c = cfg;
+    spqr_layout l = spqr_layout_of(c, n_in);
+    float *d = (float *)scratch, *b = d + l.n_g;
+    spqr_group_affine(c, &l, row, d, b);
+    tsr_rq_gscales s = {.d = d, .b = b};
+    tsr_rq_dot_packed_scaled(y, ldy, row + l.wcodes, c->bits, &s, act, n_tok, l.n_g);
+    spqr_add_outliers(c, &l, y, ldy, row, tail, tail_bytes, d, b, &(spqr_acts){NULL, act},
+                      n_tok);
 }
 
 static void spqr_describe(const void *cfg, char *buf, size_t size) {
     const spqr_cfg *c = cfg;
-    snprintf(buf, size, "spqr %d-bit group %d, stats %d-bit x %d", (int)c->bits, (int)c->group,
-             (int)c->stats_bits, (int)c->stats_group);
+    snprintf(buf, size, "spqr %d-bit group %d, stats %d-bit x %d, %s activations", (int)c->bits,
+             (int)c->group, (int)c->stats_bits, (int)c->stats_group, c->act8 ? "int8" : "f32");
 }
 
 static const tsr_rq_codec spqr_codec = {
@@ -257,6 +283,9 @@ static const tsr_rq_codec spqr_codec = {
     .quantize_row = spqr_quantize_row,
     .dequantize_row = spqr_dequantize_row,
     .describe = spqr_describe,
+    .act_group = spqr_act_group,
+    .dot_q8 = spqr_dot_q8,
+    .act_group_scales = 1,
     .dot_f32 = spqr_dot_f32,
     .f32_group = spqr_f32_group,
 };
@@ -265,10 +294,12 @@ static const tsr_rq_codec spqr_codec = {
 
 static tsr_status spqr_create(const tsr_host *host, const tsr_params *params,
                               const tsr_quantizer_init *init, void **out) {
+    /* act_bits choices {"8", "16"}: index 0 is 8-bit activations. */
     spqr_cfg cfg = {(int32_t)tsr_param_int(params, "bits"), (int32_t)tsr_param_int(params, "group"),
                     (int32_t)tsr_param_int(params, "stats_bits"),
                     (int32_t)tsr_param_int(params, "stats_group"),
-                    (float)tsr_param_float(params, "outlier_threshold")};
+                    (float)tsr_param_float(params, "outlier_threshold"),
+                    tsr_param_int(params, "act_bits") == 0};
     tsr_status st = tsr_rq_check_group(host, cfg.group, 8);
     return st < 0 ? st
                   : tsr_rq_quantizer_create(host, init, &spqr_codec, &cfg, sizeof cfg, out);
@@ -315,6 +346,7 @@ static const tsr_command spqr_commands[] = {
      .doc = "logs the tensors, weights and outliers (count and fraction) prepared so far"},
 };
 
+static const char *const spqr_act_choices[] = {"8", "16", NULL};
 static const tsr_param_def spqr_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "bits", .type = TSR_PARAM_INT, .default_value = "3",
      .min = 2, .max = 8, .unit = "bits", .doc = "bits per weight code"},
@@ -330,6 +362,10 @@ static const tsr_param_def spqr_params[] = {
     {TSR_SIZED(tsr_param_def), .name = "stats_group", .type = TSR_PARAM_INT,
      .default_value = "16", .min = 1, .max = SPQR_SGROUP_MAX, .unit = "groups",
      .doc = "beta2: first-level groups per second-level (fp16) min and step"},
+    {TSR_SIZED(tsr_param_def), .name = "act_bits", .type = TSR_PARAM_ENUM,
+     .default_value = "16", .choices = spqr_act_choices, .unit = "bits",
+     .doc = "16: f32 activations (the method's); 8: int8 activations with a scale per group "
+            "and integer dot products on the packed codes (faster, other numerics)"},
 };
 
 static const tsr_quantizer_vtable spqr_vtable = {
@@ -344,7 +380,7 @@ static const tsr_plugin_desc spqr_desc = {
     .name = "spqr",
     .version = "1.0",
     .description = "SpQR: small groups with quantized statistics plus fp16 outliers (CSR), "
-                   "from F32/F16/BF16; f32 activations (command stats)",
+                   "from F32/F16/BF16; f32 activations, or int8 ones per group (command stats)",
     TSR_PARAMS(spqr_params),
     TSR_COMMANDS(spqr_commands),
     .vtable = &spqr_vtable,

@@ -86,7 +86,10 @@ static int w4a8_act_nibbles(const void *cfg) {
 }
 
 static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                        const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+                        const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act,
+                        int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+    (void)tail;
+    (void)tail_bytes;
     const w4a8_cfg *c = cfg;
     int64_t n_g = tsr_rq_groups(n_in, c->group);
     float s1 = tsr_rq_load_f16(row);

@@ -158,22 +158,36 @@ void tsr_rq_dot_packed_int_scaled(int64_t *out,            // (n_tok)
                                   const tsr_rq_act *act, int64_t n_tok, int64_t n_g,
                                   int32_t *scratch);       // (n_g)
 
+/* The per-group affine map of codes to weights. Either fp16 fields of the row (d16 non-NULL):
+ * a scale d_g = d16[g], a zero point and optionally a minimum m_g = m16[g]; or f32 arrays
+ * (d16 NULL): d_g = d[g] and an offset b_g = b[g] (b NULL: none; zero is then 0).
+ * tsr_rq_dot_packed_f32 multiplies with w = d_g * c + b_g, where for fp16 fields
+ * b_g = fma(-zero, d_g, m16[g]) with a minimum, -zero * d_g without (no b_g at all when zero
+ * is 0 too). tsr_rq_dot_packed_scaled multiplies with w = d_g * (c - zero) + m_g, the zero
+ * subtracted from the codes exactly and m_g the minimum or, for f32 arrays, b_g. */
+typedef struct tsr_rq_gscales {
+    const uint8_t *d16, *m16;  // (n_g) fp16 each, at any alignment
+    int32_t zero;              // 0..255
+    const float *d, *b;        // (n_g) each
+} tsr_rq_gscales;
+
 /* One row times n_tok tokens' int8 activations (act, whose group is the codes' group), for
- * codes with an fp16 scale d_g and optionally an fp16 minimum m_g per group:
+ * codes with a scale d_g and optionally a minimum m_g per group (s, as tsr_rq_gscales gives
+ * them to this product; zero in [0, 127]):
  *   y[t * ldy] = sum_g da_g * (d_g * sum_i (c_i - zero) * a_i + m_g * sum_i a_i)
  * for t < n_tok, da_g token t's scale of group g (or its one scale). Codes as
- * tsr_rq_dot_packed_groups; zero in [0, 127]; d16, m16: n_g fp16 values at any alignment
- * (m16 NULL: no minimum). The integer sums are exact and the float arithmetic has one fixed
+ * tsr_rq_dot_packed_groups. The integer sums are exact and the float arithmetic has one fixed
  * order (research_quants.c), so every level gives the same bits and a token's value does not
  * depend on n_tok. 4-bit codes (which need act->q_nib at avx512) are taken as nibble pairs at
  * avx512, 128 a step for up to four tokens, where the groups are whole steps or the steps
  * whole groups; the scalar reference takes them elsewhere. Other widths: AVX-512 with VBMI
- * unpacks each 64 codes once in registers for up to four tokens; AVX2 (and AVX-512 without
- * VBMI) unpacks 64 codes at a time to the stack and keeps the 16 lanes in two ymm (codes of 7
- * bits or fewer); the scalar reference does the rest. */
+ * unpacks each 64 codes once in registers for up to four tokens (groups of 8, 16 and 32: each
+ * step of whole groups takes one fma, its lanes' scales by one vpermps); AVX2 (and AVX-512
+ * without VBMI) unpacks 64 codes at a time to the stack and keeps the 16 lanes in two ymm
+ * (codes of 7 bits or fewer); the scalar reference does the rest. */
 void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
-                              int32_t zero, const uint8_t *d16, const uint8_t *m16,
-                              const tsr_rq_act *act, int64_t n_tok, int64_t n_g);
+                              const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t n_tok,
+                              int64_t n_g);
 
 /* f32 activations of n_tok tokens as the fused f32 products take them: the values and the sum
  * of each group of them (tsr_rq_act_f32_sums), through which a group's zero point or minimum
@@ -191,16 +205,6 @@ void tsr_rq_act_f32_sums(float *xsum,        // (n_tok, ceil(n / group))
                          const float *x,     // (n_tok, n)
                          int64_t n_tok, int64_t n, int64_t group);
 
-/* The per-group affine map of codes to weights, w = d_g * c + b_g, that tsr_rq_dot_packed_f32
- * multiplies with. Either fp16 fields of the row (d16 non-NULL): d_g = d16[g], and
- * b_g = fma(-zero, d_g, m16[g]) with a minimum, -zero * d_g without (m16 NULL; no b_g at all
- * when zero is 0 too); or f32 arrays (d16 NULL): d_g = d[g], b_g = b[g] (b NULL: none). */
-typedef struct tsr_rq_gscales {
-    const uint8_t *d16, *m16;  // (n_g) fp16 each, at any alignment
-    int32_t zero;              // 0..255
-    const float *d, *b;        // (n_g) each
-} tsr_rq_gscales;
-
 /* One row times n_tok tokens' f32 activations x (x->group is the codes' group), codes packed
  * as for tsr_rq_dot_packed_groups, any width 1..8, with the group scales s:
  *   y[t * ldy] = sum_g (d_g * sum_i c_i * x_i + b_g * sum_i x_i)
@@ -215,6 +219,19 @@ typedef struct tsr_rq_gscales {
 void tsr_rq_dot_packed_f32(float *y, int64_t ldy, const uint8_t *codes, int bits,
                            const tsr_rq_gscales *s, const tsr_rq_act_f32 *x, int64_t n_tok,
                            int64_t n_g);
+
+/* The per-group affine maps of a row whose scales and zeros are quantized themselves (SpQR's
+ * second level), for g < n_g, with r = g / run the group's run and sc_g, zc_g its codes
+ * (`bits` each, packed from sc and zc as tsr_rq_pack does):
+ *   s = lo_step[4r] + lo_step[4r + 1] * sc_g,  z = lo_step[4r + 2] + lo_step[4r + 3] * zc_g,
+ *   d[g] = s,  b[g] = -(s * z)
+ * each product and sum rounded on its own (no fma), so every level gives the same bits.
+ * lo_step: fp16, four per run, at any alignment. AVX-512 takes 16 groups a vector where the
+ * runs are whole 16-group blocks. */
+void tsr_rq_stats_affine(float *d, float *b,           // (n_g) each
+                         const uint8_t *sc, const uint8_t *zc, int bits,
+                         const uint8_t *lo_step16,     // (ceil(n_g / run), 4) fp16
+                         int64_t n_g, int64_t run);
 
 /* ---------------------------------------------------------------------------------------- */
 /* Row codecs                                                                                */
@@ -240,11 +257,13 @@ typedef struct tsr_rq_codec {
     /* Optional: group of int8 activations that dot_q8 wants (returns 0 for f32 activations,
      * and tsr_rq_matrix_mul then multiplies dequantized rows with tsr_dot_f32). */
     int64_t (*act_group)(const void *cfg);
-    /* With int8 activations: y[t * ldy] (t < n_tok) = the product of the row with token t.
-     * scratch: act->n_pad bytes of the calling thread, 64-byte aligned (room for the
-     * per-group dots of tsr_rq_dot_packed_groups when groups are 4 codes or more). */
+    /* With int8 activations: y[t * ldy] (t < n_tok) = the product of the row and its tail
+     * (NULL, 0 without) with token t. scratch: act->n_pad bytes of the calling thread, 64-byte
+     * aligned (room for the per-group dots of tsr_rq_dot_packed_groups when groups are 4
+     * codes or more). */
     void (*dot_q8)(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                   const tsr_rq_act *act, int64_t n_tok, int64_t n_in, uint8_t *scratch);
+                   const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act, int64_t n_tok,
+                   int64_t n_in, uint8_t *scratch);
     /* Writes cfg as a log names it, e.g. "rtn 4-bit sym group 64" (NUL-terminated, cut to
      * size). */
     void (*describe)(const void *cfg, char *buf, size_t size);
@@ -310,7 +329,7 @@ void tsr_rq_matrix_dequantize(float *y,                  // (n_rows, n_in)
  * tsr_dot_f32(dequantized row, x row). act non-NULL (x quantized by tsr_rq_act_quantize with
  * the codec's act_group): codec->dot_q8 multiplies, x is not read. scratch:
  * tsr_rq_matrix_mul_scratch bytes of the calling thread, 64-byte aligned. With one token and
- * a codec without tails the slice's rows are read as two sequential streams, as tsr_matmul's
+ * a fused product the slice's rows are read as two sequential streams, as tsr_matmul's
  * decode does (which changes the order of the reads, not a value). */
 void tsr_rq_matrix_mul(float *y,                         // (n_tok, n_out)
                        const tsr_rq_matrix *m,
