@@ -686,6 +686,27 @@ lanes16_sum_zmm(__m512 acc, __m512 macc) {
     return _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
 }
 
+/* One 64-code step of groups of 8, 16 or 32 for NT tokens (a constant in each inlined copy):
+ * the codes (bm: their bytes, cm: the codes, fewer in the row's last step), each token's
+ * exact lanes times their groups' P (Pv[j] permuted by the lanes' groups k) into acc[j]. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+small_groups_step(__m512 *acc, const uint8_t *src, const int8_t *a, int64_t a_stride,
+                  const vbmi_codes *u, __mmask64 bm, __mmask64 cm, int32_t zero, __m512i zv,
+                  __m512i k, const __m512 *Pv, const int NT) {
+    _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+    __m512i c = _mm512_and_si512(
+        _mm512_multishift_epi64_epi8(u->ctl,
+                                     _mm512_permutexvar_epi8(u->idx, _mm512_maskz_loadu_epi8(bm, src))),
+        u->mask);
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) {
+        __m512i av = _mm512_maskz_loadu_epi8(cm, a + j * a_stride);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, av);
+        if (zero) d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, av));
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(k, Pv[j]), acc[j]);
+    }
+}
+
 /* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
  * the NT tokens, and each token keeps its own accumulators, so a value does not depend on
  * the tile. Groups of 8, 16 and 32 go by 64-code steps of whole groups, whose lanes take
@@ -704,6 +725,7 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
     const __m512i lane_groups = _mm512_srli_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         small ? (unsigned)__builtin_ctzll((unsigned long long)group / 4) : 0);
+    const __m512i step_groups = _mm512_set1_epi32(per_step);
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
 #pragma GCC unroll 4
@@ -717,31 +739,18 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
             const int64_t b1 = (g0 + ng) * group;
             const uint8_t *src = codes + g0 * group / 8 * bits;
             const int8_t *ab = aq + g0 * group;
-            for (int64_t b = g0 * group, k0 = 0; b < b1; b += 64, k0 += per_step) {
-                __mmask64 cm = ~(__mmask64)0, bm = u.full_bytes;
-                if (b1 - b < 64) {
-                    cm = ((__mmask64)1 << (b1 - b)) - 1;
-                    bm = ((__mmask64)1 << ((b1 - b) * bits / 8)) - 1;
-                }
-                _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
-                __m512i c = _mm512_and_si512(
-                    _mm512_multishift_epi64_epi8(
-                        u.ctl, _mm512_permutexvar_epi8(u.idx, _mm512_maskz_loadu_epi8(bm, src))),
-                    u.mask);
-                __m512i k = _mm512_add_epi32(lane_groups, _mm512_set1_epi32((int)k0));
+            __m512i k = lane_groups;
+            __m512 Pv[RQ_TILE_TOKS];
 #pragma GCC unroll 4
-                for (int j = 0; j < NT; j++) {
-                    __m512i av = _mm512_maskz_loadu_epi8(cm, ab + j * act->n_pad);
-                    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, av);
-                    if (zero)
-                        d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, av));
-                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
-                                             _mm512_permutexvar_ps(k, _mm512_loadu_ps(P[j])),
-                                             acc[j]);
-                }
-                src += 8 * bits;
-                ab += 64;
-            }
+            for (int j = 0; j < NT; j++) Pv[j] = _mm512_loadu_ps(P[j]);
+            int64_t b = g0 * group;
+            for (; b + 64 <= b1; b += 64, src += 8 * bits, ab += 64, k = _mm512_add_epi32(k, step_groups))
+                small_groups_step(acc, src, ab, act->n_pad, &u, u.full_bytes, ~(__mmask64)0, zero,
+                                  zv, k, Pv, NT);
+            if (b < b1)
+                small_groups_step(acc, src, ab, act->n_pad, &u,
+                                  ((__mmask64)1 << ((b1 - b) * bits / 8)) - 1,
+                                  ((__mmask64)1 << (b1 - b)) - 1, zero, zv, k, Pv, NT);
             continue;
         }
         for (int64_t k = 0; k < ng; k++) {
