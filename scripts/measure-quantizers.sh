@@ -4,6 +4,7 @@
 # markdown rows of docs/quantizers.md. With SPEED_MODEL set to an F32 GGUF of a real shape
 # (`tessera synth --shape tinyllama-1.1b --type f32 -o tl-f32.gguf`), each row also gets the
 # decode and prefill speed of that model with the quantizer converting it at load (1 thread).
+# ONLY, an extended regular expression, keeps the rows whose label it matches.
 #   scripts/measure-quantizers.sh [build-folder]
 set -euo pipefail
 top="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,10 +29,12 @@ settings=(
     "rtn 4 bits, group 32, asymmetric|quantizer.plugin=rtn quantizer.bits=4 quantizer.group=32 quantizer.symmetric=false"
     "rtn 4 bits, group 32, asymmetric, int8 activations|quantizer.plugin=rtn quantizer.bits=4 quantizer.group=32 quantizer.symmetric=false quantizer.act_bits=8"
     "rtn 3 bits, group 32, asymmetric|quantizer.plugin=rtn quantizer.bits=3 quantizer.group=32 quantizer.symmetric=false"
+    "rtn 3 bits, group 32, asymmetric, int8 activations|quantizer.plugin=rtn quantizer.bits=3 quantizer.group=32 quantizer.symmetric=false quantizer.act_bits=8"
     "rtn 2 bits, group 32, asymmetric|quantizer.plugin=rtn quantizer.bits=2 quantizer.group=32 quantizer.symmetric=false"
     "int6 (f32 activations)|quantizer.plugin=int6"
     "int6 (int8 activations)|quantizer.plugin=int6 quantizer.act_bits=8"
     "spqr (3 bits, group 16)|quantizer.plugin=spqr"
+    "spqr (3 bits, group 16), int8 activations|quantizer.plugin=spqr quantizer.act_bits=8"
     "w4a8 (group 128)|quantizer.plugin=w4a8"
 )
 
@@ -47,6 +50,7 @@ else
 fi
 for s in "${settings[@]}"; do
     label="${s%%|*}"
+    if [ -n "${ONLY:-}" ] && ! [[ "$label" =~ $ONLY ]]; then continue; fi
     sets=()
     for kv in ${s#*|}; do sets+=(--set "$kv"); done
     ppl_json="$("$bin" perplexity -m "$model" -f "$text" --ctx "$ctx" "${sets[@]}" --json 2>/dev/null)"
