@@ -337,6 +337,42 @@ START_TEST(test_activation_quantizers) {
 }
 END_TEST
 
+/* Q8_K activations give the scalar reference's bytes at every level: the first value of the
+ * largest magnitude sets the sign when the block holds it with both signs, ties at half a step
+ * round to even, NaNs are skipped for the maximum and quantize to 0, an infinite maximum, an
+ * all-zero block and an all-NaN one, and random blocks. */
+START_TEST(test_q8_k_levels) {
+    enum { NB = 8, N = NB * 256 };
+    static float x[N];
+    static tsr_block_q8_k want[NB], got[NB];
+    rng_seed(23);
+    fill(x, N, 3.0f);
+    x[10] = 40.0f, x[11] = -40.0f;                 /* block 0: -40 after 40: 40 wins */
+    for (int j = 0; j < 256; j++) x[256 + j] = (float)((j % 11) - 5) * 0.5f; /* ties */
+    x[256 + 3] = -127.0f;                          /* iscale 1: x.5 values round to even */
+    x[512 + 7] = NAN, x[512 + 200] = -NAN;         /* block 2: NaNs among values */
+    for (int j = 0; j < 256; j++) x[768 + j] = 0.0f; /* block 3: zeros */
+    x[1024 + 5] = INFINITY;                        /* block 4: an infinite maximum */
+    for (int j = 0; j < 256; j++) x[1280 + j] = NAN; /* block 5: NaNs only */
+    x[1536 + 255] = -50.0f, x[1536 + 254] = 50.0f; /* block 6: the tie at the end */
+    use_level(TSR_CPU_LEVEL_SCALAR);
+    tsr_q8_k_quantize_row(want, x, N);
+    for (int l = TSR_CPU_LEVEL_AVX2; l <= (int)tsr_cpu_level_best(); l++) {
+        use_level(l);
+        memset(got, 0x5a, sizeof got);
+        tsr_q8_k_quantize_row(got, x, N);
+        for (int b = 0; b < NB; b++)
+            ck_assert_msg(memcmp(&want[b], &got[b], sizeof want[b]) == 0, "block %d at %s", b,
+                          tsr_cpu_level_name((tsr_cpu_level)l));
+    }
+    ck_assert_int_eq(want[0].qs[10], -127);
+    ck_assert_int_eq(want[1].qs[5], 0);            /* (5 % 11 - 5) * 0.5 = 0 */
+    ck_assert_int_eq(want[1].qs[8], 2);            /* 1.5 -> 2 */
+    ck_assert_int_eq(want[1].qs[10], 2);           /* 2.5 -> 2 */
+    ck_assert_int_eq(want[6].qs[254], -127);
+}
+END_TEST
+
 /* ---- products --------------------------------------------------------------------------- */
 
 /* y = W x for random weights of type t (rows n_out, n_in), activations prepared at the
@@ -808,6 +844,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, test_quantize_rules);
     tcase_add_test(tc, test_activation_quantizers);
     tcase_add_test(tc, test_products_exact);
+    tcase_add_test(tc, test_q8_k_levels);
     tcase_add_test(tc, test_products_levels);
     tcase_add_test(tc, test_products_threads_tiles);
     tcase_add_test(tc, test_products_extremes);

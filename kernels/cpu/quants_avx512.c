@@ -712,6 +712,49 @@ static int qb_mm_q6_k(float *y, int64_t ldy, const void *w, size_t w_stride, con
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Activations                                                                               */
+
+/* tsr_q8_k_quantize_row_ref's bits 16 values a vector: the signed maximum is the first value
+ * of the largest magnitude (max_ps passes its second operand on a NaN, so NaNs are skipped as
+ * the reference's comparison skips them); vcvtps2dq rounds to nearest even as the reference's
+ * 1.5 * 2^23 trick does for these magnitudes, and gives INT_MIN for a NaN, whose low byte is
+ * the reference's 0. */
+static void qk_q8_k_quantize_row(tsr_block_q8_k *y, const float *x, int64_t n) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    for (int64_t b = 0; b < n / TSR_QK_K; b++, x += TSR_QK_K) {
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = 0; k < TSR_QK_K / 16; k++)
+            amax = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(
+                                     _mm512_castps_si512(_mm512_loadu_ps(x + 16 * k)), abs_mask)),
+                                 amax);
+        const float am = _mm512_reduce_max_ps(amax);
+        memset(&y[b], 0, sizeof y[b]);
+        if (am == 0.0f) continue;
+        float max = 0.0f;
+        for (int k = 0; k < TSR_QK_K / 16; k++) {
+            __mmask16 at = _mm512_cmp_ps_mask(
+                _mm512_castsi512_ps(_mm512_and_si512(
+                    _mm512_castps_si512(_mm512_loadu_ps(x + 16 * k)), abs_mask)),
+                _mm512_set1_ps(am), _CMP_EQ_OQ);
+            if (at) {
+                max = x[16 * k + __builtin_ctz(at)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / max;
+        for (int k = 0; k < TSR_QK_K / 16; k++) {
+            __m512i v = _mm512_min_epi32(
+                _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_set1_ps(iscale), _mm512_loadu_ps(x + 16 * k))),
+                _mm512_set1_epi32(127));
+            __m128i q = _mm512_cvtepi32_epi8(v);
+            _mm_storeu_si128((__m128i *)(y[b].qs + 16 * k), q);
+            y[b].bsums[k] = (int16_t)_mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(q));
+        }
+        y[b].d = 1.0f / iscale;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
 
 const tsr_quant_ops tsr_quant_ops_avx512 = {
     .tile = {qx_tile_q4_0, qx_tile_q4_1, qx_tile_q5_0, qx_tile_q5_1, qx_tile_q8_0,
@@ -719,4 +762,5 @@ const tsr_quant_ops tsr_quant_ops_avx512 = {
              qx_tile_q6_k, qx_tile_iq4_xs},
     .mm = {[TSR_QM_Q4_0] = qa_mm_q4_0, [TSR_QM_Q8_0] = qa_mm_q8_0, [TSR_QM_Q4_K] = qb_mm_q4_k,
            [TSR_QM_Q6_K] = qb_mm_q6_k},
+    .q8_k_quantize_row = qk_q8_k_quantize_row,
 };
