@@ -720,22 +720,17 @@ static int qb_mm_q6_k(float *y, int64_t ldy, const void *w, size_t w_stride, con
  * 1.5 * 2^23 trick does for these magnitudes, and gives INT_MIN for a NaN, whose low byte is
  * the reference's 0. */
 static void qk_q8_k_quantize_row(tsr_block_q8_k *y, const float *x, int64_t n) {
-    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
     for (int64_t b = 0; b < n / TSR_QK_K; b++, x += TSR_QK_K) {
         __m512 amax = _mm512_setzero_ps();
         for (int k = 0; k < TSR_QK_K / 16; k++)
-            amax = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(
-                                     _mm512_castps_si512(_mm512_loadu_ps(x + 16 * k)), abs_mask)),
-                                 amax);
+            amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * k)), amax);
         const float am = _mm512_reduce_max_ps(amax);
         memset(&y[b], 0, sizeof y[b]);
         if (am == 0.0f) continue;
         float max = 0.0f;
         for (int k = 0; k < TSR_QK_K / 16; k++) {
-            __mmask16 at = _mm512_cmp_ps_mask(
-                _mm512_castsi512_ps(_mm512_and_si512(
-                    _mm512_castps_si512(_mm512_loadu_ps(x + 16 * k)), abs_mask)),
-                _mm512_set1_ps(am), _CMP_EQ_OQ);
+            __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * k)),
+                                              _mm512_set1_ps(am), _CMP_EQ_OQ);
             if (at) {
                 max = x[16 * k + __builtin_ctz(at)];
                 break;

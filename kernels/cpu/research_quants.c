@@ -107,13 +107,19 @@ RQ_VBMI_TARGET static inline vbmi_codes vbmi_codes_of(int bits, int64_t group) {
                         bits};
 }
 
+/* The codes whose bytes at p the mask `bytes` keeps, one per byte (zeros past them). */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i
+vbmi_codes_masked(const vbmi_codes *u, const uint8_t *p, __mmask64 bytes) {
+    __m512i in = _mm512_maskz_loadu_epi8(bytes, p);
+    return _mm512_and_si512(
+        _mm512_multishift_epi64_epi8(u->ctl, _mm512_permutexvar_epi8(u->idx, in)), u->mask);
+}
+
 /* The 64 codes of a step that starts at byte p, one per byte, zeros past the group's end
  * (whole = 0: the step is the group's short last one). */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i
 vbmi_codes_at(const vbmi_codes *u, const uint8_t *p, int whole) {
-    __m512i in = _mm512_maskz_loadu_epi8(whole ? u->full_bytes : u->tail_bytes, p);
-    return _mm512_and_si512(
-        _mm512_multishift_epi64_epi8(u->ctl, _mm512_permutexvar_epi8(u->idx, in)), u->mask);
+    return vbmi_codes_masked(u, p, whole ? u->full_bytes : u->tail_bytes);
 }
 
 /* The activations of that step, zeros past the group's end. */
@@ -363,11 +369,17 @@ static inline int nibble_lane_shift(int64_t group) {
     return group < 128 ? __builtin_ctzll((unsigned long long)group / 8) : 31;
 }
 
+/* Lane l's group within a step of whole groups, l >> shift (shift: log2 of lanes per group). */
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
-nibble_lane_groups(int64_t group) {
+lane_groups_of(int shift) {
     return _mm512_srl_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm_cvtsi32_si128(nibble_lane_shift(group)));
+        _mm_cvtsi32_si128(shift));
+}
+
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512i
+nibble_lane_groups(int64_t group) {
+    return lane_groups_of(nibble_lane_shift(group));
 }
 
 /* Tokens [t0, t0 + NT) (NT a constant in each inlined copy): each step's codes are taken once
@@ -694,10 +706,7 @@ small_groups_step(__m512 *acc, const uint8_t *src, const int8_t *a, int64_t a_st
                   const vbmi_codes *u, __mmask64 bm, __mmask64 cm, int32_t zero, __m512i zv,
                   __m512i k, const __m512 *Pv, const int NT) {
     _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
-    __m512i c = _mm512_and_si512(
-        _mm512_multishift_epi64_epi8(u->ctl,
-                                     _mm512_permutexvar_epi8(u->idx, _mm512_maskz_loadu_epi8(bm, src))),
-        u->mask);
+    __m512i c = vbmi_codes_masked(u, src, bm);
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++) {
         __m512i av = _mm512_maskz_loadu_epi8(cm, a + j * a_stride);
@@ -722,9 +731,8 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
     const int32_t zero = s->zero;
     const __m512i zv = _mm512_set1_epi8((char)zero);
     const int8_t *aq = act->q + t0 * act->n_pad;
-    const __m512i lane_groups = _mm512_srli_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        small ? (unsigned)__builtin_ctzll((unsigned long long)group / 4) : 0);
+    const __m512i lane_groups =
+        lane_groups_of(small ? __builtin_ctzll((unsigned long long)group / 4) : 0);
     const __m512i step_groups = _mm512_set1_epi32(per_step);
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
@@ -1109,15 +1117,11 @@ step_codes_f32(__m512 cf[4], const vbmi_codes *u, const narrow_codes *nc, const 
 /* Groups [g0, g0 + 16) (mask gm): their d_g into P, and their b_g (zeros without offsets). */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512
 f32_block(float P[16], const tsr_rq_gscales *s, int64_t g0, __mmask16 gm) {
-    if (!s->d16) {
-        _mm512_storeu_ps(P, _mm512_maskz_loadu_ps(gm, s->d + g0));
-        return s->b ? _mm512_maskz_loadu_ps(gm, s->b + g0) : _mm512_setzero_ps();
-    }
-    __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, s->d16 + 2 * g0));
+    __m512 d = gscales_block(s->d16, s->d, g0, gm);
     _mm512_storeu_ps(P, d);
+    if (!s->d16) return s->b ? gscales_block(NULL, s->b, g0, gm) : _mm512_setzero_ps();
     __m512 nz = _mm512_set1_ps((float)-s->zero);
-    return s->m16 ? _mm512_fmadd_ps(nz, d, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                                                gm, s->m16 + 2 * g0)))
+    return s->m16 ? _mm512_fmadd_ps(nz, d, gscales_block(s->m16, NULL, g0, gm))
                   : _mm512_mul_ps(nz, d);
 }
 
@@ -1423,50 +1427,38 @@ static void stats_affine_ref(float *d, float *b, const uint8_t *sc, const uint8_
 }
 
 #ifdef RQ_X86
-/* 16 codes of `bits` from the 2 * bits bytes at p as f32: the bytes broadcast to every 128-bit
- * lane, each 32-bit lane i shuffled the two bytes that hold code i (bit i * bits), then shifted
- * and masked. */
-RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512
-codes16_f32(const uint8_t *p, int bits, __m512i idx, __m512i shift, __m512i mask) {
-    __m512i in = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1), p));
-    return _mm512_cvtepi32_ps(
-        _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(in, idx), shift), mask));
-}
-
-/* Runs of whole 16-group blocks: 16 groups per vector with their run's minimum and step
- * broadcast. */
-RQ_NIBBLE_TARGET static void stats_affine_avx512(float *d, float *b, const uint8_t *sc,
-                                                 const uint8_t *zc, int bits,
-                                                 const uint8_t *lo_step16, int64_t n_g,
-                                                 int64_t run) {
-    int32_t idx[16], shift[16];
-    for (int i = 0; i < 16; i++) {
-        int byte = i * bits / 8;
-        idx[i] = byte | (byte + 1) << 8 | (int32_t)0x80800000; /* 0x80: a zero byte */
-        shift[i] = i * bits % 8;
-    }
-    const __m512i vidx = _mm512_loadu_si512(idx), vshift = _mm512_loadu_si512(shift),
-                  mask = _mm512_set1_epi32((1 << bits) - 1),
-                  sign = _mm512_set1_epi32((int)0x80000000u);
+/* Runs of whole 16-group blocks: 64 codes of each stream unpacked in registers at a time,
+ * then 16 groups per vector (vbmi_chunk_f32) with their run's minimum and step broadcast. */
+RQ_VBMI_TARGET static void stats_affine_vbmi(float *d, float *b, const uint8_t *sc,
+                                             const uint8_t *zc, int bits,
+                                             const uint8_t *lo_step16, int64_t n_g,
+                                             int64_t run) {
+    const vbmi_codes u = vbmi_codes_of(bits, 64);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, z0 = s0, z1 = s0;
     const uint8_t *next_run = lo_step16;
-    int64_t g = 0;
-    for (int64_t in_run = 0; g + 16 <= n_g; g += 16, in_run = in_run + 16 == run ? 0 : in_run + 16) {
-        if (in_run == 0) { /* s min, s step, z min, z step of the run */
-            __m512 st = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0xf, next_run));
-            next_run += 8;
-            s0 = _mm512_permutexvar_ps(_mm512_set1_epi32(0), st);
-            s1 = _mm512_permutexvar_ps(_mm512_set1_epi32(1), st);
-            z0 = _mm512_permutexvar_ps(_mm512_set1_epi32(2), st);
-            z1 = _mm512_permutexvar_ps(_mm512_set1_epi32(3), st);
+    int64_t g = 0, in_run = 0; /* in_run: groups of the current run done */
+    for (int64_t g0 = 0; g0 + 16 <= n_g; g0 += 64) {
+        int64_t nb = ((n_g - g0 < 64 ? n_g - g0 : 64) * bits + 7) / 8;
+        __mmask64 bm = nb == 64 ? ~(__mmask64)0 : ((__mmask64)1 << nb) - 1;
+        __m512i cs = vbmi_codes_masked(&u, sc + g0 / 8 * bits, bm);
+        __m512i cz = vbmi_codes_masked(&u, zc + g0 / 8 * bits, bm);
+        for (int q = 0; q < 4 && g + 16 <= n_g; q++, g += 16) {
+            if (in_run == 0) { /* s min, s step, z min, z step of the run */
+                __m512 st = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0xf, next_run));
+                next_run += 8;
+                s0 = _mm512_permutexvar_ps(_mm512_set1_epi32(0), st);
+                s1 = _mm512_permutexvar_ps(_mm512_set1_epi32(1), st);
+                z0 = _mm512_permutexvar_ps(_mm512_set1_epi32(2), st);
+                z1 = _mm512_permutexvar_ps(_mm512_set1_epi32(3), st);
+            }
+            in_run = in_run + 16 == run ? 0 : in_run + 16;
+            __m512 s = _mm512_add_ps(s0, _mm512_mul_ps(s1, vbmi_chunk_f32(cs, q)));
+            __m512 z = _mm512_add_ps(z0, _mm512_mul_ps(z1, vbmi_chunk_f32(cz, q)));
+            _mm512_storeu_ps(d + g, s);
+            _mm512_storeu_ps(b + g, _mm512_castsi512_ps(_mm512_xor_si512(
+                                        _mm512_castps_si512(_mm512_mul_ps(s, z)), sign)));
         }
-        __m512 s = _mm512_add_ps(s0, _mm512_mul_ps(s1, codes16_f32(sc + g / 8 * bits, bits, vidx,
-                                                                 vshift, mask)));
-        __m512 z = _mm512_add_ps(z0, _mm512_mul_ps(z1, codes16_f32(zc + g / 8 * bits, bits, vidx,
-                                                                 vshift, mask)));
-        _mm512_storeu_ps(d + g, s);
-        _mm512_storeu_ps(b + g, _mm512_castsi512_ps(_mm512_xor_si512(
-                                    _mm512_castps_si512(_mm512_mul_ps(s, z)), sign)));
     }
     stats_affine_ref(d, b, sc, zc, bits, lo_step16, g, n_g, run);
 }
@@ -1475,8 +1467,8 @@ RQ_NIBBLE_TARGET static void stats_affine_avx512(float *d, float *b, const uint8
 void tsr_rq_stats_affine(float *d, float *b, const uint8_t *sc, const uint8_t *zc, int bits,
                          const uint8_t *lo_step16, int64_t n_g, int64_t run) {
 #ifdef RQ_X86
-    if (run % 16 == 0 && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
-        stats_affine_avx512(d, b, sc, zc, bits, lo_step16, n_g, run);
+    if (run % 16 == 0 && tsr_cpu_avx512_vbmi()) {
+        stats_affine_vbmi(d, b, sc, zc, bits, lo_step16, n_g, run);
         return;
     }
 #endif
@@ -1555,7 +1547,10 @@ static void rq_pair_run(void *ctx, float v[2], const char *w, size_t partner, in
     const rq_pair *p = ctx;
     const tsr_rq_matrix *m = p->m;
     for (int k = 0; k < n_r; k++) {
-        rq_row q = row_at(m, ((const uint8_t *)w + k * partner - m->rows) / m->row_bytes);
+        const uint8_t *row = (const uint8_t *)w + k * partner;
+        /* the row's index, for its tail (a division per row only for codecs with tails) */
+        rq_row q = m->tail_off ? row_at(m, (int64_t)(row - m->rows) / (int64_t)m->row_bytes)
+                               : (rq_row){(uint8_t *)row, NULL, 0};
         if (p->act)
             m->codec->dot_q8(m->cfg, v + k, 1, q.row, q.tail, q.tail_bytes, p->act, 1, m->n_in,
                              p->scratch);

@@ -226,8 +226,8 @@ void tsr_rq_dot_packed_f32(float *y, int64_t ldy, const uint8_t *codes, int bits
  *   s = lo_step[4r] + lo_step[4r + 1] * sc_g,  z = lo_step[4r + 2] + lo_step[4r + 3] * zc_g,
  *   d[g] = s,  b[g] = -(s * z)
  * each product and sum rounded on its own (no fma), so every level gives the same bits.
- * lo_step: fp16, four per run, at any alignment. AVX-512 takes 16 groups a vector where the
- * runs are whole 16-group blocks. */
+ * lo_step: fp16, four per run, at any alignment. AVX-512 with VBMI takes 16 groups a vector
+ * where the runs are whole 16-group blocks. */
 void tsr_rq_stats_affine(float *d, float *b,           // (n_g) each
                          const uint8_t *sc, const uint8_t *zc, int bits,
                          const uint8_t *lo_step16,     // (ceil(n_g / run), 4) fp16
