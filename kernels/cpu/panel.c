@@ -74,17 +74,17 @@ float tsr_panel_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const fl
     return acc;
 }
 
-void tsr_panel_build_range(float *p, const char *w, size_t w_stride, int32_t wtype, int n_r,
-                           int64_t k0, int64_t k_begin, int64_t k_end) {
+void tsr_panel_build_range(float *p, int rows, const char *w, size_t w_stride, int32_t wtype,
+                           int n_r, int64_t k0, int64_t k_begin, int64_t k_end) {
     for (int64_t k = k_begin; k < k_end; k++)
-        for (int r = 0; r < TSR_PANEL_ROWS; r++)
-            p[k * TSR_PANEL_ROWS + r] =
+        for (int r = 0; r < rows; r++)
+            p[k * rows + r] =
                 r < n_r ? weight_at(wtype, w + (size_t)r * w_stride, k0 + k) : 0.0f;
 }
 
 static void build_scalar(float *p, const char *w, size_t w_stride, int32_t wtype, int n_r,
                          int64_t k0, int64_t kn) {
-    tsr_panel_build_range(p, w, w_stride, wtype, n_r, k0, 0, kn);
+    tsr_panel_build_range(p, TSR_PANEL_ROWS, w, w_stride, wtype, n_r, k0, 0, kn);
 }
 
 static void tile_scalar(float *y, int64_t ldy, const float *p, const float *x, int64_t kn,
@@ -98,7 +98,8 @@ static void tile_scalar(float *y, int64_t ldy, const float *p, const float *x, i
         }
 }
 
-static const tsr_panel_isa panel_isa_scalar = {build_scalar, tile_scalar, TSR_PANEL_TOK};
+static const tsr_panel_isa panel_isa_scalar = {build_scalar, tile_scalar, TSR_PANEL_ROWS,
+                                                TSR_PANEL_TOK};
 
 static const tsr_panel_isa *panel_isa(void) {
 #if defined(TSR_KERNELS_X86)
@@ -120,15 +121,15 @@ tsr_status tsr_panel_matmul(float *y, int64_t ldy, const void *w, int32_t wtype,
     if (!panel_type(wtype)) return TSR_E_UNSUPPORTED;
     if (n_in < 1 || n_tok < 0 || n_out < 0 || ldy < n_out) return TSR_E_INVALID;
     int64_t r0, r1;
-    tsr_thread_slice(&r0, &r1, n_out, TSR_PANEL_ROWS, ith, nth);
-    if (r0 >= r1 || n_tok == 0) return TSR_OK;
     const tsr_panel_isa *isa = panel_isa();
+    tsr_thread_slice(&r0, &r1, n_out, isa->rows, ith, nth);
+    if (r0 >= r1 || n_tok == 0) return TSR_OK;
     const int64_t kc = n_in < TSR_PANEL_K ? n_in : TSR_PANEL_K;
-    float *panel = aligned_alloc(64, (size_t)kc * TSR_PANEL_ROWS * sizeof *panel);
+    float *panel = aligned_alloc(64, (size_t)kc * (size_t)isa->rows * sizeof *panel);
     if (!panel) return TSR_E_NOMEM;
     const size_t w_stride = (size_t)n_in * 2;
-    for (int64_t r = r0; r < r1; r += TSR_PANEL_ROWS) {
-        const int n_r = (int)(r1 - r < TSR_PANEL_ROWS ? r1 - r : TSR_PANEL_ROWS);
+    for (int64_t r = r0; r < r1; r += isa->rows) {
+        const int n_r = (int)(r1 - r < isa->rows ? r1 - r : isa->rows);
         for (int64_t k0 = 0; k0 < n_in; k0 += kc) {
             const int64_t kn = n_in - k0 < kc ? n_in - k0 : kc;
             isa->build(panel, (const char *)w + (size_t)r * w_stride, w_stride, wtype, n_r, k0,

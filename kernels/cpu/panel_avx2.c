@@ -48,7 +48,7 @@ static void build(float *p, const char *w, size_t w_stride, int32_t wtype, int n
             for (int j = 0; j < 8; j++)
                 _mm256_store_ps(p + (k + j) * TSR_PANEL_ROWS + 8 * half, v[j]);
         }
-    tsr_panel_build_range(p, w, w_stride, wtype, n_r, k0, k, kn);
+    tsr_panel_build_range(p, TSR_PANEL_ROWS, w, w_stride, wtype, n_r, k0, k, kn);
 }
 
 /* Named accumulators rather than an array, which GCC kept in memory as well as in registers
@@ -103,4 +103,4 @@ static void tile(float *y, int64_t ldy, const float *p, const float *x, int64_t 
     }
 }
 
-const tsr_panel_isa tsr_panel_isa_avx2 = {build, tile, TILE_TOKS};
+const tsr_panel_isa tsr_panel_isa_avx2 = {build, tile, TSR_PANEL_ROWS, TILE_TOKS};
