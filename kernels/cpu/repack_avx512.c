@@ -39,31 +39,29 @@ typedef struct x16_xblock {
     float s[X16_TOK];
 } x16_xblock;
 
-/* The eight vectors of unsigned quants of the tile at p (a constant wtype). */
-X16_INLINE void x16_weights(const int32_t wtype, const uint8_t *p, __m512i wv[8]) {
-    if (wtype == TSR_DTYPE_Q8_0) {
-        for (int k = 0; k < 8; k++) wv[k] = _mm512_loadu_si512(p + 64 * k);
-        return;
-    }
+/* Vector k of the eight of unsigned quants of the tile at p (wtype and k constants). */
+X16_INLINE __m512i x16_weight(const int32_t wtype, const uint8_t *p, const int k) {
+    if (wtype == TSR_DTYPE_Q8_0) return _mm512_loadu_si512(p + 64 * k);
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    for (int j = 0; j < 4; j++) {
-        __m512i v = _mm512_loadu_si512(p + 64 * j);
-        wv[j] = _mm512_and_si512(v, m4);
-        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    }
+    const __m512i v = _mm512_loadu_si512(p + 64 * (k % 4));
+    __m512i w = _mm512_and_si512(k < 4 ? v : _mm512_srli_epi16(v, 4), m4);
     if (tsr_x16_has_qh(wtype)) {
         /* bit k of each byte is vector k's fifth bit (tsr_x16_qh_pack): moved to bit 4 */
-        const __m512i h = _mm512_loadu_si512(p + 256), bit4 = _mm512_set1_epi8(0x10);
-        for (int k = 0; k < 8; k++) {
-            __m512i hk = k < 4 ? _mm512_slli_epi32(h, 4 - k) : _mm512_srli_epi32(h, k - 4);
-            wv[k] = _mm512_ternarylogic_epi32(wv[k], hk, bit4, 0xf8); /* a | (b & c) */
-        }
+        const __m512i h = _mm512_loadu_si512(p + 256);
+        const __m512i hk = k < 4 ? _mm512_slli_epi32(h, 4 - k) : _mm512_srli_epi32(h, k - 4);
+        w = _mm512_ternarylogic_epi32(w, hk, _mm512_set1_epi8(0x10), 0xf8); /* a | (b & c) */
     }
-    if (wtype == TSR_DTYPE_IQ4_NL) {
-        const __m512i table = _mm512_broadcast_i32x4(_mm_xor_si128(
-            _mm_loadu_si128((const __m128i *)tsr_iq4nl_values), _mm_set1_epi8((char)0x80)));
-        for (int k = 0; k < 8; k++) wv[k] = _mm512_shuffle_epi8(table, wv[k]);
-    }
+    if (wtype == TSR_DTYPE_IQ4_NL)
+        w = _mm512_shuffle_epi8(
+            _mm512_broadcast_i32x4(_mm_xor_si128(
+                _mm_loadu_si128((const __m128i *)tsr_iq4nl_values), _mm_set1_epi8((char)0x80))),
+            w);
+    return w;
+}
+
+/* The eight vectors of unsigned quants of the tile at p (a constant wtype). */
+X16_INLINE void x16_weights(const int32_t wtype, const uint8_t *p, __m512i wv[8]) {
+    for (int k = 0; k < 8; k++) wv[k] = x16_weight(wtype, p, k);
 }
 
 /* y[t * ldy + r] for the 16 rows of one group and the nt tokens of xb (nb blocks). */
@@ -124,6 +122,82 @@ static void x16_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uin
     switch (X16_TYPE_INDEX(wtype) * X16_TOK + nt - 1) { X16_FOR_TYPES(X16_CASES, 0) }
 #undef X16_CASES
 #undef X16_CASE
+}
+
+/* Two neighbouring groups (tiles at `tiles` and `group_bytes` further) by tokens
+ * [t_off, t_off + nt) of xb's tile, nt <= X16_PAIR_TOK: each four-byte broadcast of a token's
+ * quants feeds one vpdpbusd per group, where the one-group tile spends one per vpdpbusd (a
+ * vpdpbusd fed by its own broadcast ran at 0.65x its rate in a microbenchmark, two per
+ * broadcast at 0.8x). The eight weight vectors are unpacked one at a time, each by its use,
+ * as both groups' would not fit in registers beside four accumulators per token (two int
+ * chains, two f32 sums); the values are x16_tile's, bit for bit. Only where the unpacking
+ * is a mask or less (Q8_0, Q4_0, Q4_1: 1.13-1.2x the one-group tile alone): Q5's fifth bits
+ * and IQ4_NL's table, unpacked per six tokens rather than per sixteen, ran at 0.86-0.88x. */
+#define X16_PAIR_TOK 6
+static int x16_pair_pays(int32_t wtype) {
+    return wtype == TSR_DTYPE_Q8_0 || wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q4_1;
+}
+X16_INLINE void x16_tile_pair(const int32_t wtype, const int nt, float *y, int64_t ldy,
+                              const uint8_t *tiles, size_t group_bytes, size_t scales_at,
+                              int64_t nb, const x16_xblock *xb, int t_off) {
+    __m512 acc[2][X16_PAIR_TOK];
+    for (int t = 0; t < nt; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
+    for (int64_t b = 0; b < nb; b++, xb++) {
+        const uint8_t *pa = tiles + (size_t)b * tile, *pb = pa + group_bytes;
+        __m512i ia[X16_PAIR_TOK], ib[X16_PAIR_TOK];
+        for (int t = 0; t < nt; t++) ia[t] = ib[t] = _mm512_set1_epi32(xb->corr[t_off + t]);
+        for (int k = 0; k < 8; k++) {
+            const __m512i wa = x16_weight(wtype, pa, k), wb = x16_weight(wtype, pb, k);
+            for (int t = 0; t < nt; t++) {
+                const __m512i q = x16_bcast4(xb->q[t_off + t] + 4 * k);
+                ia[t] = _mm512_dpbusd_epi32(ia[t], wa, q);
+                ib[t] = _mm512_dpbusd_epi32(ib[t], wb, q);
+            }
+        }
+        const uint8_t *sa = tiles + scales_at + (size_t)b * sb, *sbp = sa + group_bytes;
+        const __m512 dwa = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sa));
+        const __m512 dwb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sbp));
+        for (int t = 0; t < nt; t++) {
+            const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
+            acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[t]), _mm512_mul_ps(dwa, dx),
+                                        acc[0][t]);
+            acc[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib[t]), _mm512_mul_ps(dwb, dx),
+                                        acc[1][t]);
+        }
+        if (tsr_x16_has_min(wtype)) {
+            const __m512 mwa = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sa + 1));
+            const __m512 mwb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sbp + 1));
+            for (int t = 0; t < nt; t++) {
+                const __m512 s = _mm512_set1_ps(xb->s[t_off + t]);
+                acc[0][t] = _mm512_fmadd_ps(mwa, s, acc[0][t]);
+                acc[1][t] = _mm512_fmadd_ps(mwb, s, acc[1][t]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm512_storeu_ps(y + t * ldy, acc[0][t]);
+        _mm512_storeu_ps(y + t * ldy + TSR_X16_ROWS, acc[1][t]);
+    }
+}
+
+/* x16_tile_pair with its type (one x16_pair_pays takes) and token count as constants. */
+static void x16_tile_pair_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *tiles,
+                              size_t group_bytes, size_t scales_at, int64_t nb,
+                              const x16_xblock *xb, int t_off) {
+#define X16_PAIR_CASE(T, N)                                                                   \
+    case X16_TYPE_INDEX(T) * X16_PAIR_TOK + (N) - 1:                                          \
+        x16_tile_pair((T), (N), y, ldy, tiles, group_bytes, scales_at, nb, xb, t_off);       \
+        break;
+#define X16_PAIR_CASES(T, _)                                                                  \
+    X16_PAIR_CASE(T, 1) X16_PAIR_CASE(T, 2) X16_PAIR_CASE(T, 3) X16_PAIR_CASE(T, 4)           \
+    X16_PAIR_CASE(T, 5) X16_PAIR_CASE(T, 6)
+    switch (X16_TYPE_INDEX(wtype) * X16_PAIR_TOK + nt - 1) {
+        X16_PAIR_CASES(TSR_DTYPE_Q8_0, 0) X16_PAIR_CASES(TSR_DTYPE_Q4_0, 0)
+        X16_PAIR_CASES(TSR_DTYPE_Q4_1, 0)
+    }
+#undef X16_PAIR_CASES
+#undef X16_PAIR_CASE
 }
 
 /* Tokens [0, n_tok) of xp as tiles of X16_TOK (xb[tile * nb + b]); the last tile's missing
@@ -292,7 +366,18 @@ int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, c
     for (int64_t t0 = 0; t0 < n_tok; t0 += tb) {
         const int64_t ntb = n_tok - t0 < tb ? n_tok - t0 : tb;
         x16_prepare_x(xb, wtype, (const char *)xp + (size_t)t0 * x_stride, x_stride, nb, ntb);
-        for (int64_t g = g0; g < g1; g++) {
+        int64_t g = g0;
+        for (; x16_pair_pays(wtype) && g + 1 < g1; g += 2) {
+            const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
+            for (int64_t t = 0; t < ntb; t += X16_TOK) {
+                const int in_tile = (int)(ntb - t < X16_TOK ? ntb - t : X16_TOK);
+                for (int u = 0; u < in_tile; u += X16_PAIR_TOK)
+                    x16_tile_pair_any(wtype, in_tile - u < X16_PAIR_TOK ? in_tile - u : X16_PAIR_TOK,
+                                      y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy, tiles,
+                                      group_bytes, scales_at, nb, xb + t / X16_TOK * nb, u);
+            }
+        }
+        for (; g < g1; g++) {
             const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
             for (int64_t t = 0; t < ntb; t += X16_TOK) {
                 const int nt = (int)(ntb - t < X16_TOK ? ntb - t : X16_TOK);
