@@ -92,23 +92,30 @@ XK_INLINE __m512i xk_min_pair(const uint8_t *even, const uint8_t *odd) {
         _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)odd)), 16));
 }
 
-/* Q4_K and Q5_K (qm): a chunk's integer sums; its group scales and min pairs decoded from the
- * planes of the twelve packed bytes (tsr_qk_scale_min's rule on 16 rows at once). Q5_K's
- * fifth bit of group g is bit g of its qh vectors' bytes. */
-XK_INLINE void xk_q45_k(const int qm, const int nt, __m512i *isum, __m512i *mins,
-                        const uint8_t *c, const xk_xblock *xb) {
+/* Q4_K and Q5_K: a chunk's group scales and mins, decoded from the planes of the twelve packed
+ * bytes (tsr_qk_scale_min's rule on 16 rows at once). */
+XK_INLINE void xk_q45_k_scales(const uint8_t *c, uint8_t sc[8][TSR_X16_ROWS],
+                               uint8_t mn[8][TSR_X16_ROWS]) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m6 = _mm512_set1_epi8(0x3f),
-                  m30 = _mm512_set1_epi8(0x30), m10 = _mm512_set1_epi8(0x10);
+                  m30 = _mm512_set1_epi8(0x30);
     const __m512i a = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES),       /* planes 0-3 */
         b = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES + 64),             /* 4-7 */
         p8 = _mm512_loadu_si512(c + TSR_XK16_Q4_K_SCALES + 128);           /* 8-11 */
-    uint8_t sc[8][TSR_X16_ROWS], mn[8][TSR_X16_ROWS];
     _mm512_storeu_si512(sc[0], _mm512_and_si512(a, m6));
     _mm512_storeu_si512(sc[4], _mm512_or_si512(_mm512_and_si512(p8, m4),
                                                _mm512_and_si512(_mm512_srli_epi16(a, 2), m30)));
     _mm512_storeu_si512(mn[0], _mm512_and_si512(b, m6));
     _mm512_storeu_si512(mn[4], _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(p8, 4), m4),
                                                _mm512_and_si512(_mm512_srli_epi16(b, 2), m30)));
+}
+
+/* Q4_K and Q5_K (qm): a chunk's integer sums and min pairs. Q5_K's fifth bit of group g is
+ * bit g of its qh vectors' bytes. */
+XK_INLINE void xk_q45_k(const int qm, const int nt, __m512i *isum, __m512i *mins,
+                        const uint8_t *c, const xk_xblock *xb) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m10 = _mm512_set1_epi8(0x10);
+    uint8_t sc[8][TSR_X16_ROWS], mn[8][TSR_X16_ROWS];
+    xk_q45_k_scales(c, sc, mn);
     for (int k = 0; k < 4; k++) /* qs vectors 8k..8k+7: groups 2k (low nibbles), 2k + 1 */
         for (int h = 0; h < 2; h++) {
             const int g = 2 * k + h;
@@ -280,6 +287,90 @@ XK_INLINE void xk_tile(const int qm, const int nt, float *y, int64_t ldy, const 
     for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, _mm512_load_ps(acc[t]));
 }
 
+/* Q4_K on two neighbouring groups (chunks ca, cb) by tokens [t_off, t_off + nt) of xb's tile,
+ * nt <= XK_PAIR_TOK: each four-byte broadcast of a token's quants feeds one vpdpbusd per
+ * group (x16_tile_pair's reason, repack_avx512.c), each vector of nibbles unpacked where it is
+ * used; per token two chains, two super-block sums. One super-block's step of xk_chunk for
+ * both groups, the same bits. */
+#define XK_PAIR_TOK 6
+XK_INLINE void xk_q4_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const uint8_t *ca,
+                            const uint8_t *cb, const xk_xblock *xb, int t_off) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const uint8_t *c[2] = {ca, cb};
+    uint8_t sc[2][8][TSR_X16_ROWS], mn[2][8][TSR_X16_ROWS];
+    xk_q45_k_scales(ca, sc[0], mn[0]);
+    xk_q45_k_scales(cb, sc[1], mn[1]);
+    __m512i isum[2][XK_PAIR_TOK];
+    for (int t = 0; t < nt; t++) isum[0][t] = isum[1][t] = _mm512_setzero_si512();
+    for (int g = 0; g < 8; g++) { /* qs vectors 8 (g / 2)..: low nibbles for even g */
+        __m512i i[2][XK_PAIR_TOK];
+        for (int t = 0; t < nt; t++) i[0][t] = i[1][t] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i wv[2];
+            for (int p = 0; p < 2; p++) {
+                const __m512i v = _mm512_loadu_si512(c[p] + 64 * (8 * (g / 2) + j));
+                wv[p] = _mm512_and_si512(g % 2 ? _mm512_srli_epi16(v, 4) : v, m4);
+            }
+            for (int t = 0; t < nt; t++) {
+                const __m512i q = xk_bcast4(xb->q[t_off + t] + 32 * g + 4 * j);
+                i[0][t] = _mm512_dpbusd_epi32(i[0][t], wv[0], q);
+                i[1][t] = _mm512_dpbusd_epi32(i[1][t], wv[1], q);
+            }
+        }
+        for (int p = 0; p < 2; p++) {
+            const __m512i scales = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc[p][g]));
+            for (int t = 0; t < nt; t++)
+                isum[p][t] = _mm512_add_epi32(isum[p][t], _mm512_mullo_epi32(i[p][t], scales));
+        }
+    }
+    for (int p = 0; p < 2; p++) {
+        __m512i mins[4];
+        for (int m = 0; m < 4; m++) mins[m] = xk_min_pair(mn[p][2 * m], mn[p][2 * m + 1]);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c[p] + TSR_XK16_Q4_K_D)));
+        const __m512 dmin =
+            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c[p] + TSR_XK16_Q4_K_DMIN)));
+        for (int t = 0; t < nt; t++) {
+            const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
+            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[p][t]), _mm512_mul_ps(dw, dx),
+                                       _mm512_load_ps(acc[t][p]));
+            __m512i m = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++)
+                m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t_off + t][k]));
+            a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
+            _mm512_store_ps(acc[t][p], a);
+        }
+    }
+}
+
+/* y[t * ldy + r] for the 32 rows of the groups at w and w + group_bytes and the nt tokens
+ * from t_off of xb's tile (nsb super-blocks). */
+XK_INLINE void xk_tile_pair(const int nt, float *y, int64_t ldy, const uint8_t *w,
+                            size_t group_bytes, size_t chunk, int64_t nsb, const xk_xblock *xb,
+                            int t_off) {
+    float acc[XK_PAIR_TOK][2][TSR_X16_ROWS] __attribute__((aligned(64)));
+    for (int t = 0; t < nt; t++)
+        _mm512_store_ps(acc[t][0], _mm512_setzero_ps()), _mm512_store_ps(acc[t][1], _mm512_setzero_ps());
+    for (int64_t sb = 0; sb < nsb; sb++)
+        xk_q4_k_pair(nt, acc, w + (size_t)sb * chunk, w + group_bytes + (size_t)sb * chunk,
+                     xb + sb, t_off);
+    for (int t = 0; t < nt; t++) {
+        _mm512_storeu_ps(y + t * ldy, _mm512_load_ps(acc[t][0]));
+        _mm512_storeu_ps(y + t * ldy + TSR_X16_ROWS, _mm512_load_ps(acc[t][1]));
+    }
+}
+
+static void xk_tile_pair_any(int nt, float *y, int64_t ldy, const uint8_t *w, size_t group_bytes,
+                             size_t chunk, int64_t nsb, const xk_xblock *xb, int t_off) {
+    switch (nt) {
+    case 1: xk_tile_pair(1, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
+    case 2: xk_tile_pair(2, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
+    case 3: xk_tile_pair(3, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
+    case 4: xk_tile_pair(4, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
+    case 5: xk_tile_pair(5, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
+    default: xk_tile_pair(XK_PAIR_TOK, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
+    }
+}
+
 /* Decode: one token on groups w0 and w1 (from the two halves of the slice) chunk by chunk, so
  * that the thread reads two streams, which one core reads faster than one (Q6_K's decode from
  * one stream: 0.70-0.75x of the file rows' paired kernel). */
@@ -375,7 +466,17 @@ int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, 
                                (const uint8_t *)w + (size_t)g * group_bytes,
                                (const uint8_t *)w + (size_t)(g + h) * group_bytes, chunk, nsb,
                                xb);
-        for (int64_t g = g0 + 2 * h; g < g1; g++)
+        int64_t g = g0 + 2 * h;
+        for (; qm == TSR_QM_Q4_K && g + 1 < g1; g += 2)
+            for (int64_t t = 0; t < ntb; t += XK_TOK) {
+                const int in_tile = (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK);
+                for (int u = 0; u < in_tile; u += XK_PAIR_TOK)
+                    xk_tile_pair_any(in_tile - u < XK_PAIR_TOK ? in_tile - u : XK_PAIR_TOK,
+                                     y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
+                                     (const uint8_t *)w + (size_t)g * group_bytes, group_bytes,
+                                     chunk, nsb, xb + t / XK_TOK * nsb, u);
+            }
+        for (; g < g1; g++)
             for (int64_t t = 0; t < ntb; t += XK_TOK)
                 xk_tile_any(qm, (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK),
                             y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy,
