@@ -293,10 +293,43 @@ XK_INLINE void xk_tile(const int qm, const int nt, float *y, int64_t ldy, const 
  * used; per token two chains, two super-block sums. One super-block's step of xk_chunk for
  * both groups, the same bits. */
 #define XK_PAIR_TOK 6
+XK_INLINE int xk_pair_pays(const int qm) {
+    return qm == TSR_QM_Q4_K || qm == TSR_QM_Q6_K;
+}
+
+/* The end of a pair's super-block step (xk_chunk's): per group p and token, the f32 fma of
+ * the integer sum and, for Q4_K, the mins (mn: their bytes; unused for Q6_K). */
+XK_INLINE void xk_pair_finish(const int qm, const int nt, float (*acc)[2][TSR_X16_ROWS],
+                              __m512i isum[2][XK_PAIR_TOK], uint8_t mn[2][8][TSR_X16_ROWS],
+                              const uint8_t *const c[2], const xk_xblock *xb, int t_off) {
+    for (int p = 0; p < 2; p++) {
+        __m512i mins[4];
+        if (xk_min_pairs(qm))
+            for (int m = 0; m < 4; m++) mins[m] = xk_min_pair(mn[p][2 * m], mn[p][2 * m + 1]);
+        const __m512 dw =
+            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c[p] + xk_d_at(qm))));
+        for (int t = 0; t < nt; t++) {
+            const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
+            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[p][t]), _mm512_mul_ps(dw, dx),
+                                       _mm512_load_ps(acc[t][p]));
+            if (xk_min_pairs(qm)) {
+                const __m512 dmin = _mm512_cvtph_ps(
+                    _mm256_loadu_si256((const __m256i *)(c[p] + TSR_XK16_Q4_K_DMIN)));
+                __m512i m = _mm512_setzero_si512();
+                for (int k = 0; k < 4; k++)
+                    m = _mm512_dpwssd_epi32(m, mins[k],
+                                            _mm512_set1_epi32(xb->aux[t_off + t][k]));
+                a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
+            }
+            _mm512_store_ps(acc[t][p], a);
+        }
+    }
+}
+
 XK_INLINE void xk_q4_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const uint8_t *ca,
                             const uint8_t *cb, const xk_xblock *xb, int t_off) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const uint8_t *c[2] = {ca, cb};
+    const uint8_t *const c[2] = {ca, cb};
     uint8_t sc[2][8][TSR_X16_ROWS], mn[2][8][TSR_X16_ROWS];
     xk_q45_k_scales(ca, sc[0], mn[0]);
     xk_q45_k_scales(cb, sc[1], mn[1]);
@@ -323,52 +356,81 @@ XK_INLINE void xk_q4_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const u
                 isum[p][t] = _mm512_add_epi32(isum[p][t], _mm512_mullo_epi32(i[p][t], scales));
         }
     }
-    for (int p = 0; p < 2; p++) {
-        __m512i mins[4];
-        for (int m = 0; m < 4; m++) mins[m] = xk_min_pair(mn[p][2 * m], mn[p][2 * m + 1]);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c[p] + TSR_XK16_Q4_K_D)));
-        const __m512 dmin =
-            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c[p] + TSR_XK16_Q4_K_DMIN)));
-        for (int t = 0; t < nt; t++) {
-            const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
-            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[p][t]), _mm512_mul_ps(dw, dx),
-                                       _mm512_load_ps(acc[t][p]));
-            __m512i m = _mm512_setzero_si512();
-            for (int k = 0; k < 4; k++)
-                m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t_off + t][k]));
-            a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
-            _mm512_store_ps(acc[t][p], a);
+    xk_pair_finish(TSR_QM_Q4_K, nt, acc, isum, mn, c, xb, t_off);
+}
+
+/* Q6_K on two neighbouring groups, as xk_q4_k_pair: group g = 8 hf + 2 q + s takes vectors
+ * 4 s..4 s + 3 of xk_k16's eight for (hf, q), each unpacked where it is used. */
+XK_INLINE void xk_q6_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const uint8_t *ca,
+                            const uint8_t *cb, const xk_xblock *xb, int t_off) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const uint8_t *const c[2] = {ca, cb};
+    __m512i isum[2][XK_PAIR_TOK];
+    for (int t = 0; t < nt; t++) isum[0][t] = isum[1][t] = _mm512_setzero_si512();
+    for (int g = 0; g < 16; g++) {
+        const int hf = g / 8, q = g % 8 / 2, s = g % 2;
+        __m512i i[2][XK_PAIR_TOK];
+        for (int t = 0; t < nt; t++)
+            i[0][t] = i[1][t] = _mm512_set1_epi32(xb->aux[t_off + t][g]);
+        for (int k = 0; k < 4; k++) {
+            const int j = 4 * s + k;
+            __m512i wv[2];
+            for (int p = 0; p < 2; p++) {
+                __m512i l = _mm512_loadu_si512(c[p] + 64 * (8 * (2 * hf + q % 2) + j));
+                __m512i h = _mm512_loadu_si512(c[p] + TSR_XK16_Q6_K_QH + 64 * (8 * hf + j));
+                l = _mm512_and_si512(q >= 2 ? _mm512_srli_epi16(l, 4) : l, m4);
+                h = q == 3 ? _mm512_srli_epi16(h, 2) : q < 2 ? _mm512_slli_epi16(h, 4 - 2 * q) : h;
+                wv[p] = _mm512_ternarylogic_epi32(l, h, m30, 0xf8); /* l | (h & 0x30) */
+            }
+            for (int t = 0; t < nt; t++) {
+                const __m512i x = xk_bcast4(xb->q[t_off + t] + 16 * g + 4 * k);
+                i[0][t] = _mm512_dpbusd_epi32(i[0][t], wv[0], x);
+                i[1][t] = _mm512_dpbusd_epi32(i[1][t], wv[1], x);
+            }
+        }
+        for (int p = 0; p < 2; p++) {
+            const __m512i scales = _mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(c[p] + TSR_XK16_Q6_K_SCALES + 16 * g)));
+            for (int t = 0; t < nt; t++)
+                isum[p][t] = _mm512_add_epi32(isum[p][t], _mm512_mullo_epi32(i[p][t], scales));
         }
     }
+    xk_pair_finish(TSR_QM_Q6_K, nt, acc, isum, NULL, c, xb, t_off);
 }
 
 /* y[t * ldy + r] for the 32 rows of the groups at w and w + group_bytes and the nt tokens
  * from t_off of xb's tile (nsb super-blocks). */
-XK_INLINE void xk_tile_pair(const int nt, float *y, int64_t ldy, const uint8_t *w,
+XK_INLINE void xk_tile_pair(const int qm, const int nt, float *y, int64_t ldy, const uint8_t *w,
                             size_t group_bytes, size_t chunk, int64_t nsb, const xk_xblock *xb,
                             int t_off) {
     float acc[XK_PAIR_TOK][2][TSR_X16_ROWS] __attribute__((aligned(64)));
     for (int t = 0; t < nt; t++)
         _mm512_store_ps(acc[t][0], _mm512_setzero_ps()), _mm512_store_ps(acc[t][1], _mm512_setzero_ps());
-    for (int64_t sb = 0; sb < nsb; sb++)
-        xk_q4_k_pair(nt, acc, w + (size_t)sb * chunk, w + group_bytes + (size_t)sb * chunk,
-                     xb + sb, t_off);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *ca = w + (size_t)sb * chunk, *cb = ca + group_bytes;
+        if (qm == TSR_QM_Q4_K) xk_q4_k_pair(nt, acc, ca, cb, xb + sb, t_off);
+        else xk_q6_k_pair(nt, acc, ca, cb, xb + sb, t_off);
+    }
     for (int t = 0; t < nt; t++) {
         _mm512_storeu_ps(y + t * ldy, _mm512_load_ps(acc[t][0]));
         _mm512_storeu_ps(y + t * ldy + TSR_X16_ROWS, _mm512_load_ps(acc[t][1]));
     }
 }
 
-static void xk_tile_pair_any(int nt, float *y, int64_t ldy, const uint8_t *w, size_t group_bytes,
-                             size_t chunk, int64_t nsb, const xk_xblock *xb, int t_off) {
-    switch (nt) {
-    case 1: xk_tile_pair(1, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
-    case 2: xk_tile_pair(2, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
-    case 3: xk_tile_pair(3, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
-    case 4: xk_tile_pair(4, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
-    case 5: xk_tile_pair(5, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
-    default: xk_tile_pair(XK_PAIR_TOK, y, ldy, w, group_bytes, chunk, nsb, xb, t_off); break;
-    }
+/* xk_tile_pair with its type (one xk_pair_pays takes) and token count as constants. */
+static void xk_tile_pair_any(int qm, int nt, float *y, int64_t ldy, const uint8_t *w,
+                             size_t group_bytes, size_t chunk, int64_t nsb, const xk_xblock *xb,
+                             int t_off) {
+#define XK_PAIR_CASE(Q, N)                                                                 \
+    case (Q) * XK_PAIR_TOK + (N) - 1:                                                      \
+        xk_tile_pair((Q), (N), y, ldy, w, group_bytes, chunk, nsb, xb, t_off);             \
+        break;
+#define XK_PAIR_CASES(Q)                                                                   \
+    XK_PAIR_CASE(Q, 1) XK_PAIR_CASE(Q, 2) XK_PAIR_CASE(Q, 3) XK_PAIR_CASE(Q, 4)             \
+    XK_PAIR_CASE(Q, 5) XK_PAIR_CASE(Q, 6)
+    switch (qm * XK_PAIR_TOK + nt - 1) { XK_PAIR_CASES(TSR_QM_Q4_K) XK_PAIR_CASES(TSR_QM_Q6_K) }
+#undef XK_PAIR_CASES
+#undef XK_PAIR_CASE
 }
 
 /* Decode: one token on groups w0 and w1 (from the two halves of the slice) chunk by chunk, so
@@ -467,11 +529,11 @@ int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, 
                                (const uint8_t *)w + (size_t)(g + h) * group_bytes, chunk, nsb,
                                xb);
         int64_t g = g0 + 2 * h;
-        for (; qm == TSR_QM_Q4_K && g + 1 < g1; g += 2)
+        for (; xk_pair_pays(qm) && g + 1 < g1; g += 2)
             for (int64_t t = 0; t < ntb; t += XK_TOK) {
                 const int in_tile = (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK);
                 for (int u = 0; u < in_tile; u += XK_PAIR_TOK)
-                    xk_tile_pair_any(in_tile - u < XK_PAIR_TOK ? in_tile - u : XK_PAIR_TOK,
+                    xk_tile_pair_any(qm, in_tile - u < XK_PAIR_TOK ? in_tile - u : XK_PAIR_TOK,
                                      y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
                                      (const uint8_t *)w + (size_t)g * group_bytes, group_bytes,
                                      chunk, nsb, xb + t / XK_TOK * nsb, u);
