@@ -471,10 +471,11 @@ END_TEST
 static const int32_t panel_types[] = {TSR_DTYPE_F16, TSR_DTYPE_BF16};
 
 /* Rows not a multiple of 16 or 32, tokens not a multiple of a tile (8 at avx512, 6 at avx2) nor of
- * a prepared block, odd n_in, and n_in over TSR_PANEL_K (the chain crosses chunks). */
+ * a prepared block, odd n_in, n_in over TSR_PANEL_K (the chain crosses chunks), and more tokens
+ * than one run of the panels (512). */
 static const shape panel_shapes[] = {{1, 16, 1},   {7, 3, 2},     {33, 17, 5},  {100, 40, 17},
                                      {257, 13, 23}, {64, 32, 16}, {1000, 70, 9}, {15, 5, 33},
-                                     {TSR_PANEL_K + 37, 20, 7}};
+                                     {TSR_PANEL_K + 37, 20, 7}, {70, 40, 530}};
 
 /* tsr_panel_prepare then tsr_panel_matmul at the current level, nth slices each; y has 3
  * columns past n_out, which must stay untouched. */

@@ -371,10 +371,11 @@ int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, c
             const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
             for (int64_t t = 0; t < ntb; t += X16_TOK) {
                 const int in_tile = (int)(ntb - t < X16_TOK ? ntb - t : X16_TOK);
-                for (int u = 0; u < in_tile; u += X16_PAIR_TOK)
-                    x16_tile_pair_any(wtype, in_tile - u < X16_PAIR_TOK ? in_tile - u : X16_PAIR_TOK,
-                                      y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy, tiles,
-                                      group_bytes, scales_at, nb, xb + t / X16_TOK * nb, u);
+                for (int u = 0; u < in_tile; u += X16_PAIR_TOK) {
+                    const int nt = in_tile - u < X16_PAIR_TOK ? in_tile - u : X16_PAIR_TOK;
+                    x16_tile_pair_any(wtype, nt, y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
+                                      tiles, group_bytes, scales_at, nb, xb + t / X16_TOK * nb, u);
+                }
             }
         }
         for (; g < g1; g++) {

@@ -404,8 +404,10 @@ XK_INLINE void xk_tile_pair(const int qm, const int nt, float *y, int64_t ldy, c
                             size_t group_bytes, size_t chunk, int64_t nsb, const xk_xblock *xb,
                             int t_off) {
     float acc[XK_PAIR_TOK][2][TSR_X16_ROWS] __attribute__((aligned(64)));
-    for (int t = 0; t < nt; t++)
-        _mm512_store_ps(acc[t][0], _mm512_setzero_ps()), _mm512_store_ps(acc[t][1], _mm512_setzero_ps());
+    for (int t = 0; t < nt; t++) {
+        _mm512_store_ps(acc[t][0], _mm512_setzero_ps());
+        _mm512_store_ps(acc[t][1], _mm512_setzero_ps());
+    }
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *ca = w + (size_t)sb * chunk, *cb = ca + group_bytes;
         if (qm == TSR_QM_Q4_K) xk_q4_k_pair(nt, acc, ca, cb, xb + sb, t_off);
