@@ -64,6 +64,21 @@ X16_INLINE void x16_weights(const int32_t wtype, const uint8_t *p, __m512i wv[8]
     for (int k = 0; k < 8; k++) wv[k] = x16_weight(wtype, p, k);
 }
 
+/* A block's 16 row scales (k 0) or minimums (k 1, Q4_1 and Q5_1) at sc, as f32. */
+X16_INLINE __m512 x16_scales(const uint8_t *sc, int k) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc + k));
+}
+
+/* acc plus one block of one token in the fast order: its 16 rows' exact dots i times
+ * dw x dx, then for Q4_1 / Q5_1 the minimums at sc times the activation block's s (the same
+ * load for every token, which the compiler takes out of the token loops). */
+X16_INLINE __m512 x16_add_block(const int32_t wtype, __m512 acc, __m512i i, __m512 dw,
+                                const uint8_t *sc, float dx, float s) {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+    if (tsr_x16_has_min(wtype)) acc = _mm512_fmadd_ps(x16_scales(sc, 1), _mm512_set1_ps(s), acc);
+    return acc;
+}
+
 /* y[t * ldy + r] for the 16 rows of one group and the nt tokens of xb (nb blocks). */
 X16_INLINE void x16_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
                          const uint8_t *tiles, const uint8_t *scales, int64_t nb,
@@ -75,20 +90,14 @@ X16_INLINE void x16_tile(const int32_t wtype, const int nt, float *y, int64_t ld
         __m512i wv[8];
         x16_weights(wtype, tiles + (size_t)b * tile, wv);
         const uint8_t *sc = scales + (size_t)b * sb;
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
-        const __m512 mw = tsr_x16_has_min(wtype)
-                              ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc + 1))
-                              : _mm512_setzero_ps();
+        const __m512 dw = x16_scales(sc, 0);
         for (int t = 0; t < nt; t++) {
             /* one chain per token: the tokens' chains are independent, which covers the
              * latency of each */
             __m512i i = _mm512_set1_epi32(xb->corr[t]);
             for (int k = 0; k < 8; k++)
                 i = _mm512_dpbusd_epi32(i, wv[k], x16_bcast4(xb->q[t] + 4 * k));
-            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xb->d[t]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), d, acc[t]);
-            if (tsr_x16_has_min(wtype))
-                acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb->s[t]), acc[t]);
+            acc[t] = x16_add_block(wtype, acc[t], i, dw, sc, xb->d[t], xb->s[t]);
         }
     }
     for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, acc[t]);
@@ -156,23 +165,11 @@ X16_INLINE void x16_tile_pair(const int32_t wtype, const int nt, float *y, int64
             }
         }
         const uint8_t *sa = tiles + scales_at + (size_t)b * sb, *sbp = sa + group_bytes;
-        const __m512 dwa = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sa));
-        const __m512 dwb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sbp));
+        const __m512 dwa = x16_scales(sa, 0), dwb = x16_scales(sbp, 0);
         for (int t = 0; t < nt; t++) {
-            const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
-            acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[t]), _mm512_mul_ps(dwa, dx),
-                                        acc[0][t]);
-            acc[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib[t]), _mm512_mul_ps(dwb, dx),
-                                        acc[1][t]);
-        }
-        if (tsr_x16_has_min(wtype)) {
-            const __m512 mwa = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sa + 1));
-            const __m512 mwb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sbp + 1));
-            for (int t = 0; t < nt; t++) {
-                const __m512 s = _mm512_set1_ps(xb->s[t_off + t]);
-                acc[0][t] = _mm512_fmadd_ps(mwa, s, acc[0][t]);
-                acc[1][t] = _mm512_fmadd_ps(mwb, s, acc[1][t]);
-            }
+            const float dx = xb->d[t_off + t], s = xb->s[t_off + t];
+            acc[0][t] = x16_add_block(wtype, acc[0][t], ia[t], dwa, sa, dx, s);
+            acc[1][t] = x16_add_block(wtype, acc[1][t], ib[t], dwb, sbp, dx, s);
         }
     }
     for (int t = 0; t < nt; t++) {
@@ -293,10 +290,7 @@ X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int
                 }
             else
                 x16_weights(wtype, p, wv);
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
-            const __m512 mw = tsr_x16_has_min(wtype)
-                                  ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc + 1))
-                                  : _mm512_setzero_ps();
+            const __m512 dw = x16_scales(sc, 0);
             for (int t = 0; t < nt; t++) {
                 __m512i i0 = _mm512_set1_epi32(xd[t].corr), i1 = _mm512_setzero_si512();
                 for (int k = 0; k < 4; k++) {
@@ -304,10 +298,7 @@ X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int
                     i1 = _mm512_dpbusd_epi32(i1, wv[k + 4], x16_bcast4(xd[t].q + 16 + 4 * k));
                 }
                 const __m512i i = _mm512_add_epi32(i0, in_place ? _mm512_srai_epi32(i1, 4) : i1);
-                const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xd[t].d));
-                acc[s][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), d, acc[s][t]);
-                if (tsr_x16_has_min(wtype))
-                    acc[s][t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xd[t].s), acc[s][t]);
+                acc[s][t] = x16_add_block(wtype, acc[s][t], i, dw, sc, xd[t].d, xd[t].s);
             }
         }
     for (int t = 0; t < nt; t++) {

@@ -109,11 +109,34 @@ XK_INLINE void xk_q45_k_scales(const uint8_t *c, uint8_t sc[8][TSR_X16_ROWS],
                                                _mm512_and_si512(_mm512_srli_epi16(b, 2), m30)));
 }
 
-/* Q4_K and Q5_K (qm): a chunk's integer sums and min pairs. Q5_K's fifth bit of group g is
- * bit g of its qh vectors' bytes. */
+/* Q4_K and Q5_K (qm): vector j of group g's unsigned quants. Group g takes the qs vectors
+ * 8 (g / 2)..+7, low nibbles for even g; Q5_K's fifth bit of group g is bit g of its qh
+ * vectors' bytes. */
+XK_INLINE __m512i xk_q45_k_quants(const int qm, const uint8_t *c, int g, int j) {
+    const __m512i v = _mm512_loadu_si512(c + 64 * (8 * (g / 2) + j));
+    __m512i w = _mm512_and_si512(g % 2 ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));
+    if (qm == TSR_QM_Q5_K) {
+        __m512i hb = _mm512_loadu_si512(c + TSR_XK16_Q5_K_QH + 64 * j);
+        hb = g < 4 ? _mm512_slli_epi16(hb, 4 - g) : _mm512_srli_epi16(hb, g - 4);
+        w = _mm512_ternarylogic_epi32(w, hb, _mm512_set1_epi8(0x10), 0xf8); /* | (hb & 0x10) */
+    }
+    return w;
+}
+
+/* Q6_K: vector j of the eight for (hf, q) (xk_k16's loop): its low four bits from ql vector
+ * 8 (2 hf + q % 2) + j (high nibbles for q >= 2), its top two from bits 2q of qh vector
+ * 8 hf + j. */
+XK_INLINE __m512i xk_q6_k_quants(const uint8_t *c, int hf, int q, int j) {
+    __m512i l = _mm512_loadu_si512(c + 64 * (8 * (2 * hf + q % 2) + j));
+    __m512i h = _mm512_loadu_si512(c + TSR_XK16_Q6_K_QH + 64 * (8 * hf + j));
+    l = _mm512_and_si512(q >= 2 ? _mm512_srli_epi16(l, 4) : l, _mm512_set1_epi8(0x0f));
+    h = q == 3 ? _mm512_srli_epi16(h, 2) : q < 2 ? _mm512_slli_epi16(h, 4 - 2 * q) : h;
+    return _mm512_ternarylogic_epi32(l, h, _mm512_set1_epi8(0x30), 0xf8); /* l | (h & 0x30) */
+}
+
+/* Q4_K and Q5_K (qm): a chunk's integer sums and min pairs. */
 XK_INLINE void xk_q45_k(const int qm, const int nt, __m512i *isum, __m512i *mins,
                         const uint8_t *c, const xk_xblock *xb) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), m10 = _mm512_set1_epi8(0x10);
     uint8_t sc[8][TSR_X16_ROWS], mn[8][TSR_X16_ROWS];
     xk_q45_k_scales(c, sc, mn);
     for (int k = 0; k < 4; k++) /* qs vectors 8k..8k+7: groups 2k (low nibbles), 2k + 1 */
@@ -121,15 +144,7 @@ XK_INLINE void xk_q45_k(const int qm, const int nt, __m512i *isum, __m512i *mins
             const int g = 2 * k + h;
             if (nt <= XK_PF_NT) xk_prefetch(c, xk_chunk_bytes(qm), g);
             __m512i wv[8];
-            for (int j = 0; j < 8; j++) {
-                __m512i v = _mm512_loadu_si512(c + 64 * (8 * k + j));
-                wv[j] = _mm512_and_si512(h ? _mm512_srli_epi16(v, 4) : v, m4);
-                if (qm == TSR_QM_Q5_K) {
-                    __m512i hb = _mm512_loadu_si512(c + TSR_XK16_Q5_K_QH + 64 * j);
-                    hb = g < 4 ? _mm512_slli_epi16(hb, 4 - g) : _mm512_srli_epi16(hb, g - 4);
-                    wv[j] = _mm512_ternarylogic_epi32(wv[j], hb, m10, 0xf8); /* | (hb & 0x10) */
-                }
-            }
+            for (int j = 0; j < 8; j++) wv[j] = xk_q45_k_quants(qm, c, g, j);
             xk_group(nt, 8, isum, wv, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc[g])),
                      xb, 32 * g, -1);
         }
@@ -167,7 +182,7 @@ XK_INLINE void xk_q3_k_scales(const uint8_t *c, uint8_t sc[16][TSR_X16_ROWS]) {
 XK_INLINE void xk_k16(const int qm, const int nt, __m512i *isum, __m512i *mins,
                       const uint8_t *c, const xk_xblock *xb) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(3),
-                  m30 = _mm512_set1_epi8(0x30), m04 = _mm512_set1_epi8(4);
+                  m04 = _mm512_set1_epi8(4);
     uint8_t sc[16][TSR_X16_ROWS], mn[16][TSR_X16_ROWS];
     if (qm == TSR_QM_Q3_K) xk_q3_k_scales(c, sc);
     if (qm == TSR_QM_Q2_K)
@@ -182,13 +197,7 @@ XK_INLINE void xk_k16(const int qm, const int nt, __m512i *isum, __m512i *mins,
             __m512i wv[8];
             for (int j = 0; j < 8; j++) {
                 if (qm == TSR_QM_Q6_K) {
-                    __m512i l = _mm512_loadu_si512(c + 64 * (8 * (2 * hf + q % 2) + j));
-                    __m512i h = _mm512_loadu_si512(c + TSR_XK16_Q6_K_QH + 64 * (8 * hf + j));
-                    l = _mm512_and_si512(q >= 2 ? _mm512_srli_epi16(l, 4) : l, m4);
-                    h = q == 3 ? _mm512_srli_epi16(h, 2)
-                        : q < 2 ? _mm512_slli_epi16(h, 4 - 2 * q)
-                                : h;
-                    wv[j] = _mm512_ternarylogic_epi32(l, h, m30, 0xf8); /* l | (h & 0x30) */
+                    wv[j] = xk_q6_k_quants(c, hf, q, j);
                     continue;
                 }
                 const int qs_at = qm == TSR_QM_Q3_K ? TSR_XK16_Q3_K_QS : 0;
@@ -252,6 +261,32 @@ XK_INLINE void xk_iq4_xs(const int nt, __m512i *isum, const uint8_t *c, const xk
 
 /* acc[t] (16 rows, in an L1 buffer) += the chunk at c with the nt tokens of xb, one
  * super-block's step of the fast order. */
+/* The end of a chunk's super-block step for tokens [t_off, t_off + nt) of xb: the 16 rows'
+ * f32 sums at acc (token t's `stride` floats after token t - 1's) take the fma of the integer
+ * sums and, for the types with mins, the fnmadd of their vpdpwssd. */
+XK_INLINE void xk_finish(const int qm, const int nt, float *acc, int stride, const __m512i *isum,
+                         const __m512i *mins, const uint8_t *c, const xk_xblock *xb, int t_off) {
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + xk_d_at(qm))));
+    const __m512 dmin = xk_min_pairs(qm)
+                            ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
+                                  c + (qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN
+                                                         : TSR_XK16_Q4_K_DMIN))))
+                            : _mm512_setzero_ps();
+    for (int t = 0; t < nt; t++) {
+        const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
+        float *at = acc + t * stride;
+        __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, dx),
+                                   _mm512_load_ps(at));
+        if (xk_min_pairs(qm)) {
+            __m512i m = _mm512_setzero_si512();
+            for (int k = 0; k < xk_min_pairs(qm); k++)
+                m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t_off + t][k]));
+            a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
+        }
+        _mm512_store_ps(at, a);
+    }
+}
+
 XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], const uint8_t *c,
                         const xk_xblock *xb) {
     __m512i isum[XK_TOK], mins[8];
@@ -259,22 +294,7 @@ XK_INLINE void xk_chunk(const int qm, const int nt, float (*acc)[TSR_X16_ROWS], 
     if (qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K) xk_q45_k(qm, nt, isum, mins, c, xb);
     else if (qm == TSR_QM_IQ4_XS) xk_iq4_xs(nt, isum, c, xb);
     else xk_k16(qm, nt, isum, mins, c, xb);
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + xk_d_at(qm))));
-    for (int t = 0; t < nt; t++) {
-        const __m512 dx = _mm512_set1_ps(xb->d[t]);
-        __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, dx),
-                                   _mm512_load_ps(acc[t]));
-        if (xk_min_pairs(qm)) {
-            __m512i m = _mm512_setzero_si512();
-            for (int k = 0; k < xk_min_pairs(qm); k++)
-                m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t][k]));
-            const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(
-                (const __m256i *)(c + (qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN
-                                                         : TSR_XK16_Q4_K_DMIN))));
-            a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
-        }
-        _mm512_store_ps(acc[t], a);
-    }
+    xk_finish(qm, nt, acc[0], TSR_X16_ROWS, isum, mins, c, xb, 0);
 }
 
 /* y[t * ldy + r] for the 16 rows of one group (chunks of `chunk` bytes from w) and the nt
@@ -297,38 +317,8 @@ XK_INLINE int xk_pair_pays(const int qm) {
     return qm == TSR_QM_Q4_K || qm == TSR_QM_Q6_K;
 }
 
-/* The end of a pair's super-block step (xk_chunk's): per group p and token, the f32 fma of
- * the integer sum and, for Q4_K, the mins (mn: their bytes; unused for Q6_K). */
-XK_INLINE void xk_pair_finish(const int qm, const int nt, float (*acc)[2][TSR_X16_ROWS],
-                              __m512i isum[2][XK_PAIR_TOK], uint8_t mn[2][8][TSR_X16_ROWS],
-                              const uint8_t *const c[2], const xk_xblock *xb, int t_off) {
-    for (int p = 0; p < 2; p++) {
-        __m512i mins[4];
-        if (xk_min_pairs(qm))
-            for (int m = 0; m < 4; m++) mins[m] = xk_min_pair(mn[p][2 * m], mn[p][2 * m + 1]);
-        const __m512 dw =
-            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c[p] + xk_d_at(qm))));
-        for (int t = 0; t < nt; t++) {
-            const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
-            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[p][t]), _mm512_mul_ps(dw, dx),
-                                       _mm512_load_ps(acc[t][p]));
-            if (xk_min_pairs(qm)) {
-                const __m512 dmin = _mm512_cvtph_ps(
-                    _mm256_loadu_si256((const __m256i *)(c[p] + TSR_XK16_Q4_K_DMIN)));
-                __m512i m = _mm512_setzero_si512();
-                for (int k = 0; k < 4; k++)
-                    m = _mm512_dpwssd_epi32(m, mins[k],
-                                            _mm512_set1_epi32(xb->aux[t_off + t][k]));
-                a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
-            }
-            _mm512_store_ps(acc[t][p], a);
-        }
-    }
-}
-
 XK_INLINE void xk_q4_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const uint8_t *ca,
                             const uint8_t *cb, const xk_xblock *xb, int t_off) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
     const uint8_t *const c[2] = {ca, cb};
     uint8_t sc[2][8][TSR_X16_ROWS], mn[2][8][TSR_X16_ROWS];
     xk_q45_k_scales(ca, sc[0], mn[0]);
@@ -339,11 +329,8 @@ XK_INLINE void xk_q4_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const u
         __m512i i[2][XK_PAIR_TOK];
         for (int t = 0; t < nt; t++) i[0][t] = i[1][t] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
-            __m512i wv[2];
-            for (int p = 0; p < 2; p++) {
-                const __m512i v = _mm512_loadu_si512(c[p] + 64 * (8 * (g / 2) + j));
-                wv[p] = _mm512_and_si512(g % 2 ? _mm512_srli_epi16(v, 4) : v, m4);
-            }
+            const __m512i wv[2] = {xk_q45_k_quants(TSR_QM_Q4_K, ca, g, j),
+                                   xk_q45_k_quants(TSR_QM_Q4_K, cb, g, j)};
             for (int t = 0; t < nt; t++) {
                 const __m512i q = xk_bcast4(xb->q[t_off + t] + 32 * g + 4 * j);
                 i[0][t] = _mm512_dpbusd_epi32(i[0][t], wv[0], q);
@@ -356,14 +343,17 @@ XK_INLINE void xk_q4_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const u
                 isum[p][t] = _mm512_add_epi32(isum[p][t], _mm512_mullo_epi32(i[p][t], scales));
         }
     }
-    xk_pair_finish(TSR_QM_Q4_K, nt, acc, isum, mn, c, xb, t_off);
+    for (int p = 0; p < 2; p++) {
+        __m512i mins[4];
+        for (int m = 0; m < 4; m++) mins[m] = xk_min_pair(mn[p][2 * m], mn[p][2 * m + 1]);
+        xk_finish(TSR_QM_Q4_K, nt, acc[0][p], 2 * TSR_X16_ROWS, isum[p], mins, c[p], xb, t_off);
+    }
 }
 
 /* Q6_K on two neighbouring groups, as xk_q4_k_pair: group g = 8 hf + 2 q + s takes vectors
  * 4 s..4 s + 3 of xk_k16's eight for (hf, q), each unpacked where it is used. */
 XK_INLINE void xk_q6_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const uint8_t *ca,
                             const uint8_t *cb, const xk_xblock *xb, int t_off) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     const uint8_t *const c[2] = {ca, cb};
     __m512i isum[2][XK_PAIR_TOK];
     for (int t = 0; t < nt; t++) isum[0][t] = isum[1][t] = _mm512_setzero_si512();
@@ -374,14 +364,7 @@ XK_INLINE void xk_q6_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const u
             i[0][t] = i[1][t] = _mm512_set1_epi32(xb->aux[t_off + t][g]);
         for (int k = 0; k < 4; k++) {
             const int j = 4 * s + k;
-            __m512i wv[2];
-            for (int p = 0; p < 2; p++) {
-                __m512i l = _mm512_loadu_si512(c[p] + 64 * (8 * (2 * hf + q % 2) + j));
-                __m512i h = _mm512_loadu_si512(c[p] + TSR_XK16_Q6_K_QH + 64 * (8 * hf + j));
-                l = _mm512_and_si512(q >= 2 ? _mm512_srli_epi16(l, 4) : l, m4);
-                h = q == 3 ? _mm512_srli_epi16(h, 2) : q < 2 ? _mm512_slli_epi16(h, 4 - 2 * q) : h;
-                wv[p] = _mm512_ternarylogic_epi32(l, h, m30, 0xf8); /* l | (h & 0x30) */
-            }
+            const __m512i wv[2] = {xk_q6_k_quants(ca, hf, q, j), xk_q6_k_quants(cb, hf, q, j)};
             for (int t = 0; t < nt; t++) {
                 const __m512i x = xk_bcast4(xb->q[t_off + t] + 16 * g + 4 * k);
                 i[0][t] = _mm512_dpbusd_epi32(i[0][t], wv[0], x);
@@ -395,7 +378,8 @@ XK_INLINE void xk_q6_k_pair(const int nt, float (*acc)[2][TSR_X16_ROWS], const u
                 isum[p][t] = _mm512_add_epi32(isum[p][t], _mm512_mullo_epi32(i[p][t], scales));
         }
     }
-    xk_pair_finish(TSR_QM_Q6_K, nt, acc, isum, NULL, c, xb, t_off);
+    for (int p = 0; p < 2; p++)
+        xk_finish(TSR_QM_Q6_K, nt, acc[0][p], 2 * TSR_X16_ROWS, isum[p], NULL, c[p], xb, t_off);
 }
 
 /* y[t * ldy + r] for the 32 rows of the groups at w and w + group_bytes and the nt tokens
@@ -534,11 +518,12 @@ int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, 
         for (; xk_pair_pays(qm) && g + 1 < g1; g += 2)
             for (int64_t t = 0; t < ntb; t += XK_TOK) {
                 const int in_tile = (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK);
-                for (int u = 0; u < in_tile; u += XK_PAIR_TOK)
-                    xk_tile_pair_any(qm, in_tile - u < XK_PAIR_TOK ? in_tile - u : XK_PAIR_TOK,
-                                     y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
+                for (int u = 0; u < in_tile; u += XK_PAIR_TOK) {
+                    const int nt = in_tile - u < XK_PAIR_TOK ? in_tile - u : XK_PAIR_TOK;
+                    xk_tile_pair_any(qm, nt, y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
                                      (const uint8_t *)w + (size_t)g * group_bytes, group_bytes,
                                      chunk, nsb, xb + t / XK_TOK * nsb, u);
+                }
             }
         for (; g < g1; g++)
             for (int64_t t = 0; t < ntb; t += XK_TOK)
