@@ -31,6 +31,7 @@ settings=(
     "rtn 3 bits, group 32, asymmetric|quantizer.plugin=rtn quantizer.bits=3 quantizer.group=32 quantizer.symmetric=false"
     "rtn 3 bits, group 32, asymmetric, int8 activations|quantizer.plugin=rtn quantizer.bits=3 quantizer.group=32 quantizer.symmetric=false quantizer.act_bits=8"
     "rtn 2 bits, group 32, asymmetric|quantizer.plugin=rtn quantizer.bits=2 quantizer.group=32 quantizer.symmetric=false"
+    "rtn 2 bits, group 32, asymmetric, int8 activations|quantizer.plugin=rtn quantizer.bits=2 quantizer.group=32 quantizer.symmetric=false quantizer.act_bits=8"
     "int6 (f32 activations)|quantizer.plugin=int6"
     "int6 (int8 activations)|quantizer.plugin=int6 quantizer.act_bits=8"
     "spqr (3 bits, group 16)|quantizer.plugin=spqr"

@@ -739,7 +739,7 @@ START_TEST(dot_packed_scaled_levels) {
         uint8_t *codes = malloc((size_t)n), *packed = malloc(tsr_rq_packed_bytes(n, bits));
         uint16_t *d16 = malloc((size_t)n_g * 2), *m16 = malloc((size_t)n_g * 2);
         float *d32 = malloc((size_t)n_g * sizeof *d32), *b32 = malloc((size_t)n_g * sizeof *b32);
-        int8_t *q = malloc((size_t)(n_tok * n)), *q_nib = malloc((size_t)(n_tok * n));
+        int8_t *q = malloc((size_t)(n_tok * n)), *q_ord = malloc((size_t)(n_tok * n));
         int32_t *gsum = calloc((size_t)(n_tok * n_g), sizeof *gsum);
         float *da = malloc((size_t)(n_tok * n_scales) * sizeof *da), ys[n_tok], yv[n_tok];
         for (int64_t i = 0; i < n; i++) {
@@ -759,8 +759,14 @@ START_TEST(dot_packed_scaled_levels) {
         }
         for (int64_t i = 0; i < n_tok * n_scales; i++) da[i] = 0.002f + 0.0001f * (float)i;
         tsr_rq_pack(packed, codes, n, bits);
-        for (int64_t t = 0; t < n_tok; t++) tsr_rq_act_nibble_order(q_nib + t * n, q + t * n, n);
-        tsr_rq_act act = {q, gsum, da, n, group, n_scales, q_nib};
+        int32_t order = tsr_rq_scaled_order(bits, group);
+        for (int64_t t = 0; t < n_tok; t++) {
+            if (order == TSR_RQ_ORDER_NIBBLES)
+                tsr_rq_act_nibble_order(q_ord + t * n, q + t * n, n);
+            else if (order != TSR_RQ_ORDER_NONE)
+                tsr_rq_act_steps_order(q_ord + t * n, q + t * n, n, group, bits);
+        }
+        tsr_rq_act act = {q, gsum, da, n, group, n_scales, NULL, TSR_RQ_ORDER_NONE};
         int with_min = cases[k].with_min, f32 = cases[k].f32_scales;
         tsr_rq_gscales gs = {.zero = cases[k].zero};
         if (f32) {
@@ -788,15 +794,19 @@ START_TEST(dot_packed_scaled_levels) {
         }
         for (int lv = TSR_CPU_LEVEL_AVX2; lv <= (int)best; lv++) {
             ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
-            for (int64_t nt = 1; nt <= n_tok; nt += 4) { /* a token alone, in 4 + 1, in 8 + 1 */
-                memset(yv, 0, sizeof yv);
-                tsr_rq_dot_packed_scaled(yv, 1, packed, bits, &gs, &act, nt, n_g);
-                ck_assert_msg(memcmp(ys, yv, (size_t)nt * sizeof(float)) == 0,
-                              "case %zu n_tok %lld at %s", k, (long long)nt,
-                              tsr_cpu_level_name((tsr_cpu_level)lv));
+            for (int ord = 0; ord < 2; ord++) { /* the activations as they are, then reordered */
+                act.q_ord = ord ? q_ord : NULL;
+                act.order = ord ? order : TSR_RQ_ORDER_NONE;
+                for (int64_t nt = 1; nt <= n_tok; nt += 4) { /* alone, in 4 + 1, in 8 + 1 */
+                    memset(yv, 0, sizeof yv);
+                    tsr_rq_dot_packed_scaled(yv, 1, packed, bits, &gs, &act, nt, n_g);
+                    ck_assert_msg(memcmp(ys, yv, (size_t)nt * sizeof(float)) == 0,
+                                  "case %zu n_tok %lld at %s (order %d)", k, (long long)nt,
+                                  tsr_cpu_level_name((tsr_cpu_level)lv), (int)act.order);
+                }
             }
         }
-        free(codes), free(packed), free(d16), free(m16), free(d32), free(b32), free(q), free(q_nib),
+        free(codes), free(packed), free(d16), free(m16), free(d32), free(b32), free(q), free(q_ord),
             free(gsum), free(da);
     }
     ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
@@ -999,6 +1009,33 @@ START_TEST(act_nibble_order_by_hand) {
 }
 END_TEST
 
+/* Group steps by hand. 3-bit codes in groups of 32 go by chunks of 4 groups (4 * 32 * 3 bits
+ * = 48 bytes; 8 would be 96), each step 16 codes of each group; six groups make a chunk of 4
+ * and a short one of 2. 3-bit groups of 16 take chunks of 8 groups, 8 codes each a step;
+ * groups of 8 and 8-bit groups of 32 (chunks of 2, a step 32 codes of each) keep the order. */
+START_TEST(act_steps_order_by_hand) {
+    int8_t q[192], got[192];
+    for (int i = 0; i < 192; i++) q[i] = (int8_t)i;
+    tsr_rq_act_steps_order(got, q, 192, 32, 3);
+    const int at[][2] = {{0, 0},     {15, 15},   {16, 32},   {48, 96},   {63, 111},
+                         {64, 16},   {80, 48},   {127, 127}, {128, 128}, {143, 143},
+                         {144, 160}, {160, 144}, {176, 176}, {191, 191}};
+    for (size_t k = 0; k < sizeof at / sizeof at[0]; k++)
+        ck_assert_msg(got[at[k][0]] == q[at[k][1]], "g32 byte %d", at[k][0]);
+    tsr_rq_act_steps_order(got, q, 192, 16, 3);
+    const int at16[][2] = {{7, 7}, {8, 16}, {56, 112}, {64, 8}, {72, 24}, {128, 128}, {136, 144}};
+    for (size_t k = 0; k < sizeof at16 / sizeof at16[0]; k++)
+        ck_assert_msg(got[at16[k][0]] == q[at16[k][1]], "g16 byte %d", at16[k][0]);
+    tsr_rq_act_steps_order(got, q, 192, 8, 5);
+    ck_assert_mem_eq(got, q, sizeof q);
+    tsr_rq_act_steps_order(got, q, 192, 32, 8);
+    ck_assert_mem_eq(got, q, sizeof q);
+    ck_assert_int_eq(tsr_rq_scaled_order(3, 32), TSR_RQ_ORDER_STEPS(3));
+    ck_assert_int_eq(tsr_rq_scaled_order(4, 32), TSR_RQ_ORDER_NIBBLES);
+    ck_assert_int_eq(tsr_rq_scaled_order(3, 64), TSR_RQ_ORDER_NONE);
+}
+END_TEST
+
 /* Integer scales and zeros per group: the exact sum at every level, for one token and for
  * seven (tiles of four and three), with and without the activations in nibble order, random
  * groups (4-bit groups of whole steps, steps of whole groups with a short last step, groups
@@ -1050,7 +1087,8 @@ START_TEST(dot_packed_int_scaled_levels) {
             for (int nib = 0; nib < 2; nib++)
                 for (int n_tok = 1; n_tok <= TOKS; n_tok += TOKS - 1) {
                     ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
-                    tsr_rq_act act = {a, asum, NULL, n, group, 1, nib ? a_nib : NULL};
+                    tsr_rq_act act = {a,     asum, NULL, n, group, 1, nib ? a_nib : NULL,
+                                      nib ? TSR_RQ_ORDER_NIBBLES : TSR_RQ_ORDER_NONE};
                     tsr_rq_dot_packed_int_scaled(got, packed, bits, sz, &act, n_tok, n_g,
                                                  scratch);
                     for (int t = 0; t < n_tok; t++)
@@ -1680,6 +1718,7 @@ static Suite *suite(bool model_cases) {
     tcase_add_test(tc, act_quantize_levels);
     tcase_add_test(tc, dot_packed_scaled_levels);
     tcase_add_test(tc, act_nibble_order_by_hand);
+    tcase_add_test(tc, act_steps_order_by_hand);
     tcase_add_test(tc, dot_packed_int_scaled_levels);
     tcase_add_test(tc, dot_packed_f32_levels);
     tcase_add_test(tc, act_f32_sums_order);

@@ -16,6 +16,15 @@
 
 /* ---- bit streams ----------------------------------------------------------------------- */
 
+/* Groups of 8, 16 and 32 (the products' small groups), and their chunks of group steps. */
+static int small_group(int64_t group) {
+    return group < 64 && 64 % group == 0;
+}
+
+static int steps_chunk(int bits, int64_t group) {
+    return 8 * group * bits <= 512 ? 8 : 4 * group * bits <= 512 ? 4 : 2;
+}
+
 size_t tsr_rq_packed_bytes(int64_t n, int bits) {
     return (size_t)((n * bits + 7) / 8);
 }
@@ -53,6 +62,9 @@ static uint8_t g_vbmi_perm[9][64], g_vbmi_shift[9][64];
  * bit offset of code k at byte 4k, and the value of each 4-bit index. */
 static uint8_t g_narrow_shift[5][64];
 static float g_narrow_value[5][16];
+/* The group steps' vpermb index of the first step of a chunk, for groups of 8 << k: qword q
+ * of the step takes the bytes of codes 8 s.. of the chunk's group i (q = i * 8 / C + s). */
+static uint8_t g_steps_idx[3][9][64];
 static pthread_once_t g_vbmi_once = PTHREAD_ONCE_INIT;
 
 static void vbmi_tables(void) {
@@ -62,6 +74,15 @@ static void vbmi_tables(void) {
                 g_vbmi_perm[bits][8 * g + j] = (uint8_t)(g * bits + (j < bits ? j : 0));
                 g_vbmi_shift[bits][8 * g + j] = (uint8_t)(j * bits);
             }
+    for (int k = 0; k < 3; k++)
+        for (int bits = 1; bits <= 8; bits++) {
+            const int group = 8 << k, per_group = 8 / steps_chunk(bits, group);
+            for (int q = 0; q < 8; q++)
+                for (int j = 0; j < 8; j++)
+                    g_steps_idx[k][bits][8 * q + j] =
+                        (uint8_t)(q / per_group * group * bits / 8 + q % per_group * bits +
+                                  (j < bits ? j : 0));
+        }
     for (int bits = 1; bits <= 4; bits++)
         for (int k = 0; k < 16; k++) {
             g_narrow_shift[bits][4 * k] = (uint8_t)(k * bits);
@@ -391,7 +412,7 @@ RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline void
 nibbles_int_scaled_tile(int64_t *out, const uint8_t *codes, const uint8_t *sz,
                         const tsr_rq_act *act, int64_t t0, int64_t n_g, const int NT) {
     const int64_t group = act->group, n = group * n_g;
-    const int8_t *a_nib = act->q_nib + t0 * act->n_pad;
+    const int8_t *a_nib = act->q_ord + t0 * act->n_pad;
     __m512i acc64[RQ_TILE_TOKS], acc32[RQ_TILE_TOKS];
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++) acc64[j] = acc32[j] = _mm512_setzero_si512();
@@ -459,7 +480,8 @@ void tsr_rq_dot_packed_int_scaled(int64_t *out, const uint8_t *codes, int bits,
                                   int64_t n_g, int32_t *scratch) {
     const int64_t gs = act->n_pad / act->group;
 #ifdef RQ_X86
-    if (bits == 4 && act->q_nib && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
+    if (bits == 4 && act->order == TSR_RQ_ORDER_NIBBLES &&
+        tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512) {
         dot_nibbles_int_scaled(out, codes, sz, act, n_tok, n_g);
         return;
     }
@@ -492,9 +514,9 @@ static float gscale_min(const tsr_rq_gscales *s, int64_t g) {
 
 /* The order of tsr_rq_dot_packed_scaled, which every level keeps: 16 f32 lanes, lane l of
  * group g taking the exact integer sum of (c - zero) * a over the positions p of the group
- * with p % 64 / 4 == l (a vpdpbusd lane; where the groups divide 64, the positions P of the
- * row with P % 64 / 4 == l, so that a step's groups share its lanes; for 4-bit codes, the
- * positions P of the row with P % 128 / 8 == l, a lane of the two vpdpbusd of nibble pairs),
+ * with p % 64 / 4 == l (a vpdpbusd lane; for 4-bit codes, the positions P of the row with
+ * P % 128 / 8 == l, a lane of the two vpdpbusd of nibble pairs; for the other widths in groups
+ * of 8, 16 and 32, all of the group's positions in lane g % 16, its lanes added in integers),
  * times P_g = da_g * d_g by one fma; the minimum's term da_g * m_g * sum a into lane g % 16
  * of a second set; then the two sets added lane by lane and the 16 lanes added as a tree
  * (l + l + 8, then + 4, + 2, + 1). A SIMD form may take one fma for the lanes of several
@@ -522,7 +544,7 @@ static float dot_packed_scaled_ref(const uint8_t *codes, int bits, const tsr_rq_
             unpack_words(buf, codes + (g * group + i) / 8 * bits, m, bits);
             for (int64_t p = 0; p < m; p++) {
                 int64_t pos = g * group + i + p;
-                lane[bits == 4 ? pos % 128 / 8 : (64 % group == 0 ? pos % 64 : p) / 4] +=
+                lane[bits == 4 ? pos % 128 / 8 : small_group(group) ? g % 16 : p / 4] +=
                     ((int32_t)buf[p] - s->zero) * a[pos];
             }
         }
@@ -544,8 +566,9 @@ dot_packed_scaled_avx2(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
                        const int8_t *a, const int32_t *asum, const float *da,
                        int64_t da_stride, int64_t group, int64_t n_g) {
     const __m256i ones = _mm256_set1_epi16(1), zv = _mm256_set1_epi8((char)s->zero);
+    const int small = small_group(group);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    float macc[16] = {0}, lanes[16];
+    float macc[16] = {0}, lanes[16], small_acc[16] = {0};
     uint8_t buf[64];
     int8_t abuf[64];
     for (int64_t g = 0; g < n_g; g++) {
@@ -570,14 +593,22 @@ dot_packed_scaled_avx2(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
                 sum[h] = _mm256_add_epi32(sum[h], _mm256_sub_epi32(ca, za));
             }
         }
-        for (int h = 0; h < 2; h++)
-            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]), P, acc[h]);
+        if (small) {
+            int32_t part[8];
+            _mm256_storeu_si256((__m256i *)part, _mm256_add_epi32(sum[0], sum[1]));
+            int32_t total = 0;
+            for (int l = 0; l < 8; l++) total += part[l];
+            small_acc[g % 16] = fmaf((float)total, _mm256_cvtss_f32(P), small_acc[g % 16]);
+        } else {
+            for (int h = 0; h < 2; h++)
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h]), P, acc[h]);
+        }
         if (gscales_min(s))
             macc[g % 16] = fmaf((float)asum[g], dag * gscale_min(s, g), macc[g % 16]);
     }
     _mm256_storeu_ps(lanes, acc[0]);
     _mm256_storeu_ps(lanes + 8, acc[1]);
-    for (int l = 0; l < 16; l++) lanes[l] = lanes[l] + macc[l];
+    for (int l = 0; l < 16; l++) lanes[l] = (small ? small_acc[l] : lanes[l]) + macc[l];
     return lanes16_sum(lanes);
 }
 
@@ -672,19 +703,40 @@ gscales_block(const uint8_t *f16, const float *f32, int64_t g0, __mmask16 gm) {
                : _mm512_maskz_loadu_ps(gm, f32 + g0);
 }
 
-/* Groups [g0, g0 + 16) (fewer at the end: mask gm) of token t: P[k] = da_g * d_g, and the
+/* Token t's scales and group sums, found once per call: the products' blocks do not divide. */
+typedef struct act_token {
+    const float *d;
+    const int32_t *gsum;
+    int group_scales;
+} act_token;
+
+static inline act_token act_token_of(const tsr_rq_act *act, int64_t t) {
+    return (act_token){act->d + t * act->n_scales, act->gsum + t * (act->n_pad / act->group),
+                       act->n_scales > 1};
+}
+
+/* Groups [g0, g0 + 16) (fewer at the end: mask gm) of token a: P[k] = da_g * d_g, and the
  * minimum's terms added into macc, returned. */
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline __m512
-scaled_block(float P[16], __m512 macc, const tsr_rq_gscales *s, const tsr_rq_act *act,
-             int64_t t, int64_t g0, __mmask16 gm) {
-    const float *da = act->d + t * act->n_scales;
-    __m512 dav = act->n_scales > 1 ? _mm512_maskz_loadu_ps(gm, da + g0) : _mm512_set1_ps(da[0]);
+scaled_block(float P[16], __m512 macc, const tsr_rq_gscales *s, const act_token *a, int64_t g0,
+             __mmask16 gm) {
+    __m512 dav = a->group_scales ? _mm512_maskz_loadu_ps(gm, a->d + g0) : _mm512_set1_ps(a->d[0]);
     _mm512_storeu_ps(P, _mm512_mul_ps(dav, gscales_block(s->d16, s->d, g0, gm)));
     if (!gscales_min(s)) return macc;
     __m512 mv = gscales_block(s->m16, s->b, g0, gm);
-    __m512 as = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(
-        gm, act->gsum + t * (act->n_pad / act->group) + g0));
+    __m512 as = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(gm, a->gsum + g0));
     return _mm512_fmadd_ps(as, _mm512_mul_ps(dav, mv), macc);
+}
+
+/* A tile of NT tokens from t0 starts with both sets of lanes at zero and each token's scales. */
+RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline void
+scaled_tile_start(__m512 *acc, __m512 *macc, act_token *at, const tsr_rq_act *act, int64_t t0,
+                  const int NT) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) {
+        acc[j] = macc[j] = _mm512_setzero_ps();
+        at[j] = act_token_of(act, t0 + j);
+    }
 }
 
 /* The reference's last step: the two sets of lanes added, then the tree. */
@@ -698,69 +750,147 @@ lanes16_sum_zmm(__m512 acc, __m512 macc) {
     return _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
 }
 
-/* One 64-code step of groups of 8, 16 or 32 for NT tokens (a constant in each inlined copy):
- * the codes (bm: their bytes, cm: the codes, fewer in the row's last step), each token's
- * exact lanes times their groups' P (Pv[j] permuted by the lanes' groups k) into acc[j]. */
+/* Chunks of group steps (tsr_rq_act_steps_order) of C groups: the chunk's codes in one
+ * register, each step's by one vpermb whose index moves on by the step's codes of a group,
+ * 8 * bits / C bytes. */
+typedef struct steps_codes {
+    int64_t a_stride, group_bytes;
+    __mmask64 chunk_bytes; /* the bytes of a whole chunk */
+    __m512i idx, ctl, mask, advance;
+} steps_codes;
+
+/* Into v[j] (NT tokens): the lanes of a chunk of m groups (m = C unless the row ends), codes
+ * at src, token t0's activations at a, in S steps; lane 2 q + h holds qword q's group
+ * q / (8 / C). C, S and NT are constants in each inlined copy. */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
-small_groups_step(__m512 *acc, const uint8_t *src, const int8_t *a, int64_t a_stride,
-                  const vbmi_codes *u, __mmask64 bm, __mmask64 cm, int32_t zero, __m512i zv,
-                  __m512i k, const __m512 *Pv, const int NT) {
-    _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
-    __m512i c = vbmi_codes_masked(u, src, bm);
+steps_chunk_dots(__m512i *v, const steps_codes *u, const uint8_t *src, const int8_t *a,
+                 int64_t m, const int C, const int S, const int NT) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NT; j++) {
-        __m512i av = _mm512_maskz_loadu_epi8(cm, a + j * a_stride);
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, av);
-        if (zero) d = _mm512_sub_epi32(d, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zv, av));
-        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(k, Pv[j]), acc[j]);
+    for (int j = 0; j < NT; j++) v[j] = _mm512_setzero_si512();
+    if (m <= 0) return;
+    const int whole = m == C;
+    const int64_t step = m * 64 / C;
+    _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
+    const __m512i w = _mm512_maskz_loadu_epi8(
+        whole ? u->chunk_bytes : ((__mmask64)1 << (m * u->group_bytes)) - 1, src);
+    const __mmask64 am = whole ? ~(__mmask64)0 : ((__mmask64)1 << step) - 1;
+    __m512i idx = u->idx;
+#pragma GCC unroll 4
+    for (int k = 0; k < S; k++, a += step) {
+        __m512i c = _mm512_and_si512(
+            _mm512_multishift_epi64_epi8(u->ctl, _mm512_permutexvar_epi8(idx, w)), u->mask);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            v[j] = _mm512_dpbusd_epi32(v[j], c,
+                                       _mm512_maskz_loadu_epi8(am, a + j * u->a_stride));
+        idx = _mm512_add_epi8(idx, u->advance);
     }
 }
 
-/* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled: each chunk of codes is unpacked once for
- * the NT tokens, and each token keeps its own accumulators, so a value does not depend on
- * the tile. Groups of 8, 16 and 32 go by 64-code steps of whole groups, whose lanes take
- * their groups' P by one vpermps (the row's last step may be short); other groups one at a
- * time. NT is a constant in each inlined copy. */
+/* Lanes 2 p and 2 p + 1 of x added into lane p, and of y into lane 8 + p. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i pair_sums(__m512i x,
+                                                                           __m512i y) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(x, even, y),
+                            _mm512_permutex2var_epi32(
+                                x, _mm512_add_epi32(even, _mm512_set1_epi32(1)), y));
+}
+
+/* The ng groups (16 but at the row's end) of a block, codes at src and token t0's
+ * activations at a, into one lane each, d[j] for NT tokens: the block's 16 / C chunks added
+ * by pairs of lanes as a binary counter (sums[level]: the pending sums of 1, 2, 4 chunks). */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+steps_block(__m512i *d, const steps_codes *u, const uint8_t *src, const int8_t *a, int64_t ng,
+            const int C, const int S, const int NT) {
+    const int64_t group = 64 * S / C;
+    __m512i sums[4][RQ_TILE_TOKS], v[RQ_TILE_TOKS];
+#pragma GCC unroll 8
+    for (int ch = 0; ch < 16 / C; ch++) {
+        steps_chunk_dots(v, u, src + ch * C * u->group_bytes, a + ch * C * group,
+                         ng - ch * C < C ? ng - ch * C : C, C, S, NT);
+        int level = 0;
+#pragma GCC unroll 3
+        for (; (ch >> level) & 1; level++) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NT; j++) v[j] = pair_sums(sums[level][j], v[j]);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) sums[level][j] = v[j];
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) d[j] = sums[__builtin_ctz(16 / C)][j];
+}
+
+/* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled for groups of 8, 16 and 32 in chunks of C
+ * of S steps (groups of 64 S / C; C, S and NT constants in each inlined copy), with
+ * act->q_ord in group steps: each 16 groups in one lane each, the zero point taken off
+ * through the group sums, then one fma with the groups' P. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+steps_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                  const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t t0, int64_t n_g,
+                  const int C, const int S, const int NT) {
+    pthread_once(&g_vbmi_once, vbmi_tables);
+    const int64_t group = 64 * S / C, group_bytes = group * bits / 8;
+    const int64_t chunk_bytes = C * group_bytes;
+    const steps_codes u = {
+        act->n_pad,
+        group_bytes,
+        chunk_bytes == 64 ? ~(__mmask64)0 : ((__mmask64)1 << chunk_bytes) - 1,
+        _mm512_loadu_si512(g_steps_idx[__builtin_ctz(group / 8)][bits]),
+        _mm512_loadu_si512(g_vbmi_shift[bits]),
+        _mm512_set1_epi8((char)((1u << bits) - 1)),
+        _mm512_set1_epi8((char)(8 * bits / C))};
+    const __m512i zv = _mm512_set1_epi32(s->zero);
+    const uint8_t *src = codes;
+    const int8_t *a = act->q_ord + t0 * act->n_pad;
+    __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
+    float P[RQ_TILE_TOKS][16];
+    act_token at[RQ_TILE_TOKS];
+    scaled_tile_start(acc, macc, at, act, t0, NT);
+    for (int64_t g0 = 0; g0 < n_g; g0 += 16, src += 16 * group_bytes, a += 16 * group) {
+        int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
+        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) macc[j] = scaled_block(P[j], macc[j], s, &at[j], g0, gm);
+        __m512i d[RQ_TILE_TOKS];
+        if (ng == 16) /* a copy whose chunks are whole: no masks to compute */
+            steps_block(d, &u, src, a, 16, C, S, NT);
+        else
+            steps_block(d, &u, src, a, ng, C, S, NT);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            if (s->zero)
+                d[j] = _mm512_sub_epi32(
+                    d[j], _mm512_mullo_epi32(zv, _mm512_maskz_loadu_epi32(gm, at[j].gsum + g0)));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[j]), _mm512_loadu_ps(P[j]), acc[j]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) y[(t0 + j) * ldy] = lanes16_sum_zmm(acc[j], macc[j]);
+}
+
+/* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled for groups other than 8, 16 and 32: each
+ * chunk of codes is unpacked once for the NT tokens, and each token keeps its own
+ * accumulators, so a value does not depend on the tile; one group at a time. NT is a
+ * constant in each inlined copy. */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
 dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
                        const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t t0, int64_t n_g,
                        const int NT) {
     const int64_t group = act->group;
-    const int small = group < 64 && 64 % group == 0, per_step = small ? (int)(64 / group) : 0;
-    const vbmi_codes u = vbmi_codes_of(bits, small ? 64 : group);
+    const vbmi_codes u = vbmi_codes_of(bits, group);
     const int32_t zero = s->zero;
     const __m512i zv = _mm512_set1_epi8((char)zero);
-    const int8_t *aq = act->q + t0 * act->n_pad;
-    const __m512i lane_groups =
-        lane_groups_of(small ? __builtin_ctzll((unsigned long long)group / 4) : 0);
-    const __m512i step_groups = _mm512_set1_epi32(per_step);
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
-#pragma GCC unroll 4
-    for (int j = 0; j < NT; j++) acc[j] = macc[j] = _mm512_setzero_ps();
+    act_token at[RQ_TILE_TOKS];
+    scaled_tile_start(acc, macc, at, act, t0, NT);
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
         __mmask16 gm = (__mmask16)((1u << ng) - 1);
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++) macc[j] = scaled_block(P[j], macc[j], s, act, t0 + j, g0, gm);
-        if (small) {
-            const int64_t b1 = (g0 + ng) * group;
-            const uint8_t *src = codes + g0 * group / 8 * bits;
-            const int8_t *ab = aq + g0 * group;
-            __m512i k = lane_groups;
-            __m512 Pv[RQ_TILE_TOKS];
-#pragma GCC unroll 4
-            for (int j = 0; j < NT; j++) Pv[j] = _mm512_loadu_ps(P[j]);
-            int64_t b = g0 * group;
-            for (; b + 64 <= b1; b += 64, src += 8 * bits, ab += 64, k = _mm512_add_epi32(k, step_groups))
-                small_groups_step(acc, src, ab, act->n_pad, &u, u.full_bytes, ~(__mmask64)0, zero,
-                                  zv, k, Pv, NT);
-            if (b < b1)
-                small_groups_step(acc, src, ab, act->n_pad, &u,
-                                  ((__mmask64)1 << ((b1 - b) * bits / 8)) - 1,
-                                  ((__mmask64)1 << (b1 - b)) - 1, zero, zv, k, Pv, NT);
-            continue;
-        }
+        for (int j = 0; j < NT; j++) macc[j] = scaled_block(P[j], macc[j], s, &at[j], g0, gm);
         for (int64_t k = 0; k < ng; k++) {
             const uint8_t *src = codes + (g0 + k) * group * bits / 8;
             const int8_t *ag = act->q + t0 * act->n_pad + (g0 + k) * group;
@@ -801,9 +931,10 @@ dot_packed_scaled_token(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
     const int8_t *ag = act->q + t * act->n_pad;
     __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
     float P[16];
+    const act_token at = act_token_of(act, t);
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
-        macc = scaled_block(P, macc, s, act, t, g0, (__mmask16)((1u << ng) - 1));
+        macc = scaled_block(P, macc, s, &at, g0, (__mmask16)((1u << ng) - 1));
         for (int64_t k = 0; k < ng; k++) {
             __m512i ac = _mm512_setzero_si512(), az = _mm512_setzero_si512();
             /* decode reads each row once: the prefetchers need help, as in tsr_matmul */
@@ -833,16 +964,16 @@ nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, const tsr_rq_gs
     const int32_t zero = s->zero;
     const __m512i zv = _mm512_set1_epi8((char)zero);
     const __m512i lane_groups = nibble_lane_groups(group);
-    const int8_t *a_nib = act->q_nib + t0 * act->n_pad;
+    const int8_t *a_nib = act->q_ord + t0 * act->n_pad;
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
-#pragma GCC unroll 4
-    for (int j = 0; j < NT; j++) acc[j] = macc[j] = _mm512_setzero_ps();
+    act_token at[RQ_TILE_TOKS];
+    scaled_tile_start(acc, macc, at, act, t0, NT);
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++)
-            macc[j] = scaled_block(P[j], macc[j], s, act, t0 + j, g0,
+            macc[j] = scaled_block(P[j], macc[j], s, &at[j], g0,
                                    (__mmask16)((1u << ng) - 1));
         const int64_t b0 = g0 * group, b1 = (g0 + ng) * group;
         if (group % 128 == 0) {
@@ -896,6 +1027,55 @@ RQ_NIBBLE_TARGET static void dot_nibbles_scaled(float *y, int64_t ldy, const uin
     }
 }
 
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+dot_steps_scaled_chunks(float *y, int64_t ldy, const uint8_t *codes, int bits,
+                        const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t n_tok,
+                        int64_t n_g, const int C, const int S) {
+    int64_t t = 0;
+    if (C == 2) /* three levels of pending sums: four tokens' would not fit the registers */
+        for (; t + 2 <= n_tok; t += 2)
+            steps_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, C, S, 2);
+    else
+        for (; t + RQ_TILE_TOKS <= n_tok; t += RQ_TILE_TOKS)
+            steps_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, C, S, RQ_TILE_TOKS);
+    switch (n_tok - t) {
+    case 3: steps_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, C, S, 3); break;
+    case 2: steps_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, C, S, 2); break;
+    case 1: steps_scaled_tile(y, ldy, codes, bits, s, act, t, n_g, C, S, 1); break;
+    default: break;
+    }
+}
+
+/* One function per chunk (C groups) and steps a chunk (C * group / 64) that groups of 8, 16
+ * and 32 can take, each with registers of its own. */
+#define RQ_STEPS_COPY(C, S)                                                                   \
+    RQ_VBMI_TARGET __attribute__((noinline)) static void steps_scaled_##C##x##S(              \
+        float *y, int64_t ldy, const uint8_t *codes, int bits, const tsr_rq_gscales *s,       \
+        const tsr_rq_act *act, int64_t n_tok, int64_t n_g) {                                  \
+        dot_steps_scaled_chunks(y, ldy, codes, bits, s, act, n_tok, n_g, C, S);               \
+    }
+RQ_STEPS_COPY(8, 1)
+RQ_STEPS_COPY(8, 2)
+RQ_STEPS_COPY(8, 4)
+RQ_STEPS_COPY(4, 1)
+RQ_STEPS_COPY(4, 2)
+RQ_STEPS_COPY(2, 1)
+#undef RQ_STEPS_COPY
+
+RQ_VBMI_TARGET static void dot_steps_scaled(float *y, int64_t ldy, const uint8_t *codes,
+                                            int bits, const tsr_rq_gscales *s,
+                                            const tsr_rq_act *act, int64_t n_tok, int64_t n_g) {
+    const int C = steps_chunk(bits, act->group);
+    switch (C * 8 + (int)(C * act->group / 64)) {
+    case 8 * 8 + 1: steps_scaled_8x1(y, ldy, codes, bits, s, act, n_tok, n_g); break;
+    case 8 * 8 + 2: steps_scaled_8x2(y, ldy, codes, bits, s, act, n_tok, n_g); break;
+    case 8 * 8 + 4: steps_scaled_8x4(y, ldy, codes, bits, s, act, n_tok, n_g); break;
+    case 4 * 8 + 1: steps_scaled_4x1(y, ldy, codes, bits, s, act, n_tok, n_g); break;
+    case 4 * 8 + 2: steps_scaled_4x2(y, ldy, codes, bits, s, act, n_tok, n_g); break;
+    default: steps_scaled_2x1(y, ldy, codes, bits, s, act, n_tok, n_g); break;
+    }
+}
+
 RQ_VBMI_TARGET static void dot_packed_scaled_vbmi(float *y, int64_t ldy, const uint8_t *codes,
                                                   int bits, const tsr_rq_gscales *s,
                                                   const tsr_rq_act *act, int64_t n_tok,
@@ -921,24 +1101,29 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
                               const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t n_tok,
                               int64_t n_g) {
 #ifdef RQ_X86
-    if (bits == 4 && act->q_nib && tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512 &&
+    if (bits == 4 && act->order == TSR_RQ_ORDER_NIBBLES &&
+        tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512 &&
         (act->group % 128 == 0 || 128 % act->group == 0)) {
         dot_nibbles_scaled(y, ldy, codes, s, act, n_tok, n_g);
         return;
     }
     if (tsr_cpu_avx512_vbmi() && bits != 4) {
-        dot_packed_scaled_vbmi(y, ldy, codes, bits, s, act, n_tok, n_g);
-        return;
+        if (!small_group(act->group))
+            dot_packed_scaled_vbmi(y, ldy, codes, bits, s, act, n_tok, n_g);
+        else if (act->order == TSR_RQ_ORDER_STEPS(bits))
+            dot_steps_scaled(y, ldy, codes, bits, s, act, n_tok, n_g);
+        if (!small_group(act->group) || act->order == TSR_RQ_ORDER_STEPS(bits)) return;
     }
 #endif
     float (*dot)(const uint8_t *, int, const tsr_rq_gscales *, const int8_t *, const int32_t *,
                  const float *, int64_t, int64_t, int64_t) = dot_packed_scaled_ref;
     int64_t gs = act->n_pad / act->group;
 #ifdef RQ_X86
-    if (bits == 4 && act->q_nib && tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2 &&
+    if (bits == 4 && act->order == TSR_RQ_ORDER_NIBBLES &&
+        tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2 &&
         (act->group % 128 == 0 || 128 % act->group == 0)) {
         for (int64_t t = 0; t < n_tok; t++)
-            y[t * ldy] = dot_nibbles_scaled_avx2(codes, s, act->q_nib + t * act->n_pad,
+            y[t * ldy] = dot_nibbles_scaled_avx2(codes, s, act->q_ord + t * act->n_pad,
                                                  act->gsum + t * gs, act->d + t * act->n_scales,
                                                  act->n_scales > 1, act->group, n_g);
         return;
@@ -1399,15 +1584,36 @@ void tsr_rq_act_nibble_order(int8_t *dst, const int8_t *q, int64_t n) {
     }
 }
 
-void tsr_rq_act_quantize(int8_t *q, int8_t *q_nib, int32_t *gsum, float *d, const float *x,
-                         int64_t n_tok, int64_t n, int64_t n_pad, int64_t group,
+int32_t tsr_rq_scaled_order(int bits, int64_t group) {
+    if (bits == 4) return group % 128 == 0 || 128 % group == 0 ? TSR_RQ_ORDER_NIBBLES : 0;
+    return small_group(group) ? TSR_RQ_ORDER_STEPS(bits) : TSR_RQ_ORDER_NONE;
+}
+
+void tsr_rq_act_steps_order(int8_t *dst, const int8_t *q, int64_t n_pad, int64_t group,
+                            int bits) {
+    const int64_t n_g = n_pad / group, C = steps_chunk(bits, group), span = 64 / C;
+    for (int64_t c0 = 0; c0 < n_g; c0 += C) {
+        const int64_t m = n_g - c0 < C ? n_g - c0 : C;
+        int8_t *out = dst + c0 * group;
+        for (int64_t k = 0; k < group / span; k++)
+            for (int64_t i = 0; i < m; i++, out += span)
+                memcpy(out, q + (c0 + i) * group + k * span, (size_t)span);
+    }
+}
+
+void tsr_rq_act_quantize(int8_t *q, int8_t *q_ord, int32_t order, int32_t *gsum, float *d,
+                         const float *x, int64_t n_tok, int64_t n, int64_t n_pad, int64_t group,
                          int group_scales, int ith, int nth) {
     int64_t t0, t1, n_g = n_pad / group, n_d = group_scales ? n_g : 1;
     tsr_thread_slice(&t0, &t1, n_tok, 1, ith, nth);
     for (int64_t t = t0; t < t1; t++) {
         (group_scales ? tsr_rq_act_quantize_groups_row : tsr_rq_act_quantize_row)(
             q + t * n_pad, gsum + t * n_g, d + t * n_d, x + t * n, n, n_pad, group);
-        if (q_nib) tsr_rq_act_nibble_order(q_nib + t * n_pad, q + t * n_pad, n_pad);
+        if (order == TSR_RQ_ORDER_NIBBLES)
+            tsr_rq_act_nibble_order(q_ord + t * n_pad, q + t * n_pad, n_pad);
+        else if (order != TSR_RQ_ORDER_NONE)
+            tsr_rq_act_steps_order(q_ord + t * n_pad, q + t * n_pad, n_pad, group,
+                                   order - TSR_RQ_ORDER_STEPS(0));
     }
 }
 

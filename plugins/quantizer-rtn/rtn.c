@@ -103,8 +103,9 @@ static int64_t rtn_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
-static int rtn_act_nibbles(const void *cfg) {
-    return ((const rtn_cfg *)cfg)->bits == 4;
+static int32_t rtn_act_order(const void *cfg) {
+    const rtn_cfg *c = cfg;
+    return tsr_rq_scaled_order(c->bits, c->group);
 }
 
 /* The row's group scales: fp16 scales, then the minima of an asymmetric row. */
@@ -158,7 +159,7 @@ static const tsr_rq_codec rtn_codec = {
     .dot_q8 = rtn_dot_q8,
     .describe = rtn_describe,
     .act_group_scales = 1,
-    .act_nibbles = rtn_act_nibbles,
+    .act_order = rtn_act_order,
     .dot_f32 = rtn_dot_f32,
     .f32_group = rtn_f32_group,
 };

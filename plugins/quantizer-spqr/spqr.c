@@ -212,6 +212,11 @@ static int64_t spqr_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
+static int32_t spqr_act_order(const void *cfg) {
+    const spqr_cfg *c = cfg;
+    return tsr_rq_scaled_order(c->bits, c->group);
+}
+
 /* Token t's activation at column col: f32 (x), or int8 (act) as d_a a. */
 typedef struct spqr_acts {
     const tsr_rq_act_f32 *x;
@@ -285,6 +290,7 @@ static const tsr_rq_codec spqr_codec = {
     .describe = spqr_describe,
     .act_group = spqr_act_group,
     .dot_q8 = spqr_dot_q8,
+    .act_order = spqr_act_order,
     .act_group_scales = 1,
     .dot_f32 = spqr_dot_f32,
     .f32_group = spqr_f32_group,

@@ -80,9 +80,9 @@ static int64_t w4a8_act_group(const void *cfg) {
     return ((const w4a8_cfg *)cfg)->group;
 }
 
-static int w4a8_act_nibbles(const void *cfg) {
+static int32_t w4a8_act_order(const void *cfg) {
     (void)cfg;
-    return 1;
+    return TSR_RQ_ORDER_NIBBLES;
 }
 
 static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
@@ -98,7 +98,7 @@ static void w4a8_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *r
         int64_t nt = n_tok - t0 < 64 ? n_tok - t0 : 64;
         tsr_rq_act part = *act;
         part.q += t0 * act->n_pad;
-        part.q_nib = act->q_nib ? act->q_nib + t0 * act->n_pad : NULL;
+        part.q_ord = act->q_ord ? act->q_ord + t0 * act->n_pad : NULL;
         part.gsum += t0 * (act->n_pad / act->group);
         part.d += t0;
         tsr_rq_dot_packed_int_scaled(acc, row + 2 + 2 * n_g, 4, row + 2, &part, nt, n_g,
@@ -119,7 +119,7 @@ static const tsr_rq_codec w4a8_codec = {
     .dequantize_row = w4a8_dequantize_row,
     .act_group = w4a8_act_group,
     .dot_q8 = w4a8_dot_q8,
-    .act_nibbles = w4a8_act_nibbles,
+    .act_order = w4a8_act_order,
     .describe = w4a8_describe,
 };
 

@@ -99,11 +99,35 @@ void tsr_rq_act_quantize_groups_row(int8_t *q,        // (n_pad)
                                     const float *x,   // (n)
                                     int64_t n, int64_t n_pad, int64_t group);
 
+/* The second order of a token's int8 activations that a fused product reads besides q
+ * (tsr_rq_act: q_ord, order): none; 4-bit nibble pairs (tsr_rq_act_nibble_order); or the
+ * group steps of codes of `bits` (tsr_rq_act_steps_order). */
+#define TSR_RQ_ORDER_NONE 0
+#define TSR_RQ_ORDER_NIBBLES 1
+#define TSR_RQ_ORDER_STEPS(bits) (16 + (bits))
+
+/* The order tsr_rq_dot_packed_scaled reads for codes of `bits` in groups of `group`:
+ * TSR_RQ_ORDER_NIBBLES for 4-bit codes whose groups are whole 128-code steps or divide them,
+ * TSR_RQ_ORDER_STEPS(bits) for the other widths in groups of 8, 16 or 32, else none. */
+int32_t tsr_rq_scaled_order(int bits, int64_t group);
+
+/* Group steps, for the products of narrow codes in groups of 8, 16 or 32: the groups go by
+ * chunks of C (8, 4 or 2: the most whose codes fit 64 bytes, C * group * bits <= 512; the
+ * row's last chunk may have fewer), and a chunk by steps of 64 / C codes of each of its
+ * groups, so that a 64-byte step holds codes of the same C groups at the same place in every
+ * step of the chunk: byte 8 q + j of step k of a chunk of m groups from group c0 (at
+ * c0 * group + k * 64 m / C) is position (c0 + i) * group + k * 64 / C + 8 s + j, with
+ * i = q / (8 / C) and s = q % (8 / C). n_pad: a multiple of group; the rest of dst is q's. */
+void tsr_rq_act_steps_order(int8_t *dst,       // (n_pad)
+                            const int8_t *q,   // (n_pad)
+                            int64_t n_pad, int64_t group, int bits);
+
 /* tsr_rq_act_quantize_row (group_scales 0) or tsr_rq_act_quantize_groups_row (1) on each of
- * n_tok tokens, and with q_nib each token's q in tsr_rq_act_nibble_order (n_pad even). Slices
- * tokens. */
+ * n_tok tokens, and with q_ord each token's q in the second order `order` (n_pad even for
+ * nibbles). Slices tokens. */
 void tsr_rq_act_quantize(int8_t *q,        // (n_tok, n_pad)
-                         int8_t *q_nib,    // (n_tok, n_pad) or NULL
+                         int8_t *q_ord,    // (n_tok, n_pad) or NULL (order: none)
+                         int32_t order,    // TSR_RQ_ORDER_*
                          int32_t *gsum,    // (n_tok, n_pad / group)
                          float *d,         // (n_tok) or (n_tok, n_pad / group)
                          const float *x,   // (n_tok, n)
@@ -117,8 +141,8 @@ typedef struct tsr_rq_act {
     const float *d;       // (n_tok, n_scales)
     int64_t n_pad, group;
     int64_t n_scales;     // 1 (a scale per token) or n_pad / group (codec->act_group_scales)
-    const int8_t *q_nib;  // (n_tok, n_pad): q in tsr_rq_act_nibble_order (codec->act_nibbles)
-                          // or NULL
+    const int8_t *q_ord;  // (n_tok, n_pad): q in the second order (codec->act_order) or NULL
+    int32_t order;        // TSR_RQ_ORDER_*: q_ord's order
 } tsr_rq_act;
 
 /* dots[g] = sum_i c_i * a_i over group g of one row, exactly, for g < n_g: the codes c
@@ -146,10 +170,10 @@ void tsr_rq_act_nibble_order(int8_t *dst,       // (n)
  * tokens, exactly, for codes with an integer scale s_g and zero z_g per group (uint8 pairs
  * (s_g, z_g) in sz; QServe's level 2): codes as tsr_rq_dot_packed_groups, a token t's
  * activations act->q + t * act->n_pad (groups of act->group, one scale per token), its group
- * sums act->gsum. With AVX-512, 4-bit codes and act->q_nib, 128 codes a step as nibble pairs
- * for up to four tokens at once: one load, two masks, two vpdpbusd per token, their 32-bit
- * lanes (eight codes of one group each) scaled by vpmaddwd, the zeros once per group through
- * the group sums. Otherwise AVX-512 with VBMI fuses each token's sum in registers (32-bit
+ * sums act->gsum. With AVX-512, 4-bit codes and act->q_ord in nibble order, 128 codes a step
+ * as nibble pairs for up to four tokens at once: one load, two masks, two vpdpbusd per token,
+ * their 32-bit lanes (eight codes of one group each) scaled by vpmaddwd, the zeros once per
+ * group through the group sums. Otherwise AVX-512 with VBMI fuses each token's sum in registers (32-bit
  * lanes moved to 64 bits every 16 groups); the other levels take the group dots into scratch
  * (n_g) and sum in 64 bits. */
 void tsr_rq_dot_packed_int_scaled(int64_t *out,            // (n_tok)
@@ -178,13 +202,17 @@ typedef struct tsr_rq_gscales {
  * for t < n_tok, da_g token t's scale of group g (or its one scale). Codes as
  * tsr_rq_dot_packed_groups. The integer sums are exact and the float arithmetic has one fixed
  * order (research_quants.c), so every level gives the same bits and a token's value does not
- * depend on n_tok. 4-bit codes (which need act->q_nib at avx512) are taken as nibble pairs at
- * avx512, 128 a step for up to four tokens, where the groups are whole steps or the steps
- * whole groups; the scalar reference takes them elsewhere. Other widths: AVX-512 with VBMI
- * unpacks each 64 codes once in registers for up to four tokens (groups of 8, 16 and 32: each
- * step of whole groups takes one fma, its lanes' scales by one vpermps); AVX2 (and AVX-512
- * without VBMI) unpacks 64 codes at a time to the stack and keeps the 16 lanes in two ymm
- * (codes of 7 bits or fewer); the scalar reference does the rest. */
+ * depend on n_tok. The order of activations that makes each level fastest is
+ * tsr_rq_scaled_order(bits, group) (act->q_ord, act->order; without it the product is the
+ * same, slower). 4-bit codes (with act->q_ord in nibble order at avx512) are taken as nibble
+ * pairs at avx512, 128 a step for up to four tokens, where the groups are whole steps or the
+ * steps whole groups; the scalar reference takes them elsewhere. Other widths: AVX-512 with
+ * VBMI unpacks each 64 codes once in registers for up to four tokens (groups of 8, 16 and 32,
+ * with act->q_ord in group steps: the steps of a chunk add into one vector of 32-bit lanes,
+ * 16 / C lanes per group, whose chunks are added into one lane per group by pairs of lanes,
+ * and each 16 groups take one fma); AVX2 (and AVX-512 without VBMI) unpacks 64 codes at a
+ * time to the stack and keeps the 16 lanes in two ymm (codes of 7 bits or fewer); the scalar
+ * reference does the rest. */
 void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int bits,
                               const tsr_rq_gscales *s, const tsr_rq_act *act, int64_t n_tok,
                               int64_t n_g);
@@ -270,10 +298,11 @@ typedef struct tsr_rq_codec {
     /* With int8 activations: 1 for a scale per activation group
      * (tsr_rq_act_quantize_groups_row), 0 for one per token. */
     int act_group_scales;
-    /* Optional, with int8 activations: 1 when dot_q8 reads act->q_nib (4-bit codes multiplied
-     * as nibble pairs by tsr_rq_dot_packed_int_scaled or tsr_rq_dot_packed_scaled), 0 (or
-     * NULL) when it is not needed. */
-    int (*act_nibbles)(const void *cfg);
+    /* Optional, with int8 activations: the second order of the activations dot_q8 reads
+     * (act->q_ord: TSR_RQ_ORDER_NIBBLES for 4-bit codes multiplied as nibble pairs by
+     * tsr_rq_dot_packed_int_scaled or tsr_rq_dot_packed_scaled, tsr_rq_scaled_order's for
+     * tsr_rq_dot_packed_scaled), TSR_RQ_ORDER_NONE (or NULL) when it needs none. */
+    int32_t (*act_order)(const void *cfg);
     /* Optional, with f32 activations (act_group 0): y[t * ldy] (t < n_tok) = the product of
      * the row and its tail with token t of x, whose sums are over groups of f32_group(cfg).
      * scratch: n_in floats of the calling thread, 64-byte aligned (so 16 at least). NULL:

@@ -285,7 +285,7 @@ typedef struct tsr_rq_mm_job_ {
     uint8_t *scratch;  // (nth, scratch_bytes): tsr_rq_matrix_mul's
     size_t scratch_bytes;
     int8_t *q;         // int8 path: (n_tok, n_pad)
-    int8_t *q_nib;     // (n_tok, n_pad) for codec->act_nibbles, or NULL
+    int8_t *q_ord;     // (n_tok, n_pad) in codec->act_order's order, or NULL
     int32_t *gsum;     // (n_tok, n_pad / group)
     float *d;          // (n_tok)
     tsr_rq_act act;
@@ -293,8 +293,8 @@ typedef struct tsr_rq_mm_job_ {
 
 static inline void tsr_rq_act_task_(void *arg, int ith, int nth) {
     tsr_rq_mm_job_ *j = arg;
-    tsr_rq_act_quantize(j->q, j->q_nib, j->gsum, j->d, j->x, j->n_tok, j->m.n_in, j->act.n_pad,
-                        j->act.group, j->act.n_scales > 1, ith, nth);
+    tsr_rq_act_quantize(j->q, j->q_ord, j->act.order, j->gsum, j->d, j->x, j->n_tok, j->m.n_in,
+                        j->act.n_pad, j->act.group, j->act.n_scales > 1, ith, nth);
 }
 
 static inline void tsr_rq_mm_task_(void *arg, int ith, int nth) {
@@ -330,12 +330,12 @@ static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec 
         if (codec->act_group_scales) n_scales = (size_t)(n_pad / group);
     }
     j.scratch_bytes = tsr_rq_matrix_mul_scratch(&j.m, n, n_pad);
-    /* One block: per-thread scratch, then the int8 activations (twice for act_nibbles: as
-     * they are and in nibble order), group sums and scales. */
-    int nibbles = group > 0 && codec->act_nibbles && codec->act_nibbles(j.m.cfg);
-    size_t nq_nib = nibbles ? (size_t)tsr_rq_align_up_(nq) : 0;
+    /* One block: per-thread scratch, then the int8 activations (twice for act_order: as
+     * they are and in the codec's order), group sums and scales. */
+    int32_t order = group > 0 && codec->act_order ? codec->act_order(j.m.cfg) : TSR_RQ_ORDER_NONE;
+    size_t nq_ord = order != TSR_RQ_ORDER_NONE ? (size_t)tsr_rq_align_up_(nq) : 0;
     size_t off_q = j.scratch_bytes * (size_t)nth;
-    size_t off_g = off_q + (size_t)tsr_rq_align_up_(nq) + nq_nib;
+    size_t off_g = off_q + (size_t)tsr_rq_align_up_(nq) + nq_ord;
     size_t off_d = off_g + ng * sizeof(int32_t);
     uint8_t *buf = tsr_rq_alloc_or_fail_(host, off_d + (size_t)n * n_scales * sizeof(float),
                                          name);
@@ -343,10 +343,10 @@ static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec 
     j.scratch = buf;
     if (group > 0) {
         j.q = (int8_t *)(buf + off_q);
-        j.q_nib = nq_nib ? j.q + tsr_rq_align_up_(nq) : NULL;
+        j.q_ord = nq_ord ? j.q + tsr_rq_align_up_(nq) : NULL;
         j.gsum = (int32_t *)(buf + off_g);
         j.d = (float *)(buf + off_d);
-        j.act = (tsr_rq_act){j.q, j.gsum, j.d, n_pad, group, (int64_t)n_scales, j.q_nib};
+        j.act = (tsr_rq_act){j.q, j.gsum, j.d, n_pad, group, (int64_t)n_scales, j.q_ord, order};
         host->parallel_for(host->ctx, tsr_rq_act_task_, &j);
     }
     host->parallel_for(host->ctx, tsr_rq_mm_task_, &j);
