@@ -703,15 +703,17 @@ gscales_block(const uint8_t *f16, const float *f32, int64_t g0, __mmask16 gm) {
                : _mm512_maskz_loadu_ps(gm, f32 + g0);
 }
 
-/* Token t's scales and group sums, found once per call: the products' blocks do not divide. */
+/* Token t's scales and group sums for groups of `group` (act->group; a constant where the
+ * caller knows it, so that the division is a shift), found once per call: the products'
+ * blocks do not divide. */
 typedef struct act_token {
     const float *d;
     const int32_t *gsum;
     int group_scales;
 } act_token;
 
-static inline act_token act_token_of(const tsr_rq_act *act, int64_t t) {
-    return (act_token){act->d + t * act->n_scales, act->gsum + t * (act->n_pad / act->group),
+static inline act_token act_token_of(const tsr_rq_act *act, int64_t t, int64_t group) {
+    return (act_token){act->d + t * act->n_scales, act->gsum + t * (act->n_pad / group),
                        act->n_scales > 1};
 }
 
@@ -731,11 +733,11 @@ scaled_block(float P[16], __m512 macc, const tsr_rq_gscales *s, const act_token 
 /* A tile of NT tokens from t0 starts with both sets of lanes at zero and each token's scales. */
 RQ_NIBBLE_TARGET __attribute__((always_inline)) static inline void
 scaled_tile_start(__m512 *acc, __m512 *macc, act_token *at, const tsr_rq_act *act, int64_t t0,
-                  const int NT) {
+                  int64_t group, const int NT) {
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++) {
         acc[j] = macc[j] = _mm512_setzero_ps();
-        at[j] = act_token_of(act, t0 + j);
+        at[j] = act_token_of(act, t0 + j, group);
     }
 }
 
@@ -797,29 +799,54 @@ RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i pair_sums(__
                                 x, _mm512_add_epi32(even, _mm512_set1_epi32(1)), y));
 }
 
-/* The ng groups (16 but at the row's end) of a block, codes at src and token t0's
- * activations at a, into one lane each, d[j] for NT tokens: the block's 16 / C chunks added
- * by pairs of lanes as a binary counter (sums[level]: the pending sums of 1, 2, 4 chunks). */
+/* Chunks ch and ch + 1 of a block of ng groups (16 but at the row's end), codes at src and
+ * token t0's activations at a, added by pairs of lanes into v[j] for NT tokens (chunk ch's
+ * lanes, then ch + 1's). The block's chunks go in pairs, pairs of pairs (steps_chunks4) and
+ * pairs of those (steps_chunks8), in registers. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+steps_chunks2(__m512i *v, const steps_codes *u, const uint8_t *src, const int8_t *a, int64_t ng,
+              int ch, const int C, const int S, const int NT) {
+    const int64_t group = 64 * S / C;
+    __m512i x[RQ_TILE_TOKS], y[RQ_TILE_TOKS];
+    steps_chunk_dots(x, u, src + ch * C * u->group_bytes, a + ch * C * group,
+                     ng - ch * C < C ? ng - ch * C : C, C, S, NT);
+    ch++;
+    steps_chunk_dots(y, u, src + ch * C * u->group_bytes, a + ch * C * group,
+                     ng - ch * C < C ? ng - ch * C : C, C, S, NT);
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) v[j] = pair_sums(x[j], y[j]);
+}
+
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+steps_chunks4(__m512i *v, const steps_codes *u, const uint8_t *src, const int8_t *a, int64_t ng,
+              int ch, const int C, const int S, const int NT) {
+    __m512i x[RQ_TILE_TOKS], y[RQ_TILE_TOKS];
+    steps_chunks2(x, u, src, a, ng, ch, C, S, NT);
+    steps_chunks2(y, u, src, a, ng, ch + 2, C, S, NT);
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) v[j] = pair_sums(x[j], y[j]);
+}
+
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+steps_chunks8(__m512i *v, const steps_codes *u, const uint8_t *src, const int8_t *a, int64_t ng,
+              const int C, const int S, const int NT) {
+    __m512i x[RQ_TILE_TOKS], y[RQ_TILE_TOKS];
+    steps_chunks4(x, u, src, a, ng, 0, C, S, NT);
+    steps_chunks4(y, u, src, a, ng, 4, C, S, NT);
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) v[j] = pair_sums(x[j], y[j]);
+}
+
+/* A block's 16 / C chunks into one lane per group. */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
 steps_block(__m512i *d, const steps_codes *u, const uint8_t *src, const int8_t *a, int64_t ng,
             const int C, const int S, const int NT) {
-    const int64_t group = 64 * S / C;
-    __m512i sums[4][RQ_TILE_TOKS], v[RQ_TILE_TOKS];
-#pragma GCC unroll 8
-    for (int ch = 0; ch < 16 / C; ch++) {
-        steps_chunk_dots(v, u, src + ch * C * u->group_bytes, a + ch * C * group,
-                         ng - ch * C < C ? ng - ch * C : C, C, S, NT);
-        int level = 0;
-#pragma GCC unroll 3
-        for (; (ch >> level) & 1; level++) {
-#pragma GCC unroll 4
-            for (int j = 0; j < NT; j++) v[j] = pair_sums(sums[level][j], v[j]);
-        }
-#pragma GCC unroll 4
-        for (int j = 0; j < NT; j++) sums[level][j] = v[j];
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < NT; j++) d[j] = sums[__builtin_ctz(16 / C)][j];
+    if (C == 8)
+        steps_chunks2(d, u, src, a, ng, 0, C, S, NT);
+    else if (C == 4)
+        steps_chunks4(d, u, src, a, ng, 0, C, S, NT);
+    else
+        steps_chunks8(d, u, src, a, ng, C, S, NT);
 }
 
 /* Tokens [t0, t0 + NT) of tsr_rq_dot_packed_scaled for groups of 8, 16 and 32 in chunks of C
@@ -847,7 +874,7 @@ steps_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
     act_token at[RQ_TILE_TOKS];
-    scaled_tile_start(acc, macc, at, act, t0, NT);
+    scaled_tile_start(acc, macc, at, act, t0, group, NT);
     for (int64_t g0 = 0; g0 < n_g; g0 += 16, src += 16 * group_bytes, a += 16 * group) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
         __mmask16 gm = (__mmask16)((1u << ng) - 1);
@@ -885,7 +912,7 @@ dot_packed_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, int bits,
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
     act_token at[RQ_TILE_TOKS];
-    scaled_tile_start(acc, macc, at, act, t0, NT);
+    scaled_tile_start(acc, macc, at, act, t0, group, NT);
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
         __mmask16 gm = (__mmask16)((1u << ng) - 1);
@@ -931,7 +958,7 @@ dot_packed_scaled_token(const uint8_t *codes, int bits, const tsr_rq_gscales *s,
     const int8_t *ag = act->q + t * act->n_pad;
     __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
     float P[16];
-    const act_token at = act_token_of(act, t);
+    const act_token at = act_token_of(act, t, act->group);
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
         macc = scaled_block(P, macc, s, &at, g0, (__mmask16)((1u << ng) - 1));
@@ -968,7 +995,7 @@ nibbles_scaled_tile(float *y, int64_t ldy, const uint8_t *codes, const tsr_rq_gs
     __m512 acc[RQ_TILE_TOKS], macc[RQ_TILE_TOKS];
     float P[RQ_TILE_TOKS][16];
     act_token at[RQ_TILE_TOKS];
-    scaled_tile_start(acc, macc, at, act, t0, NT);
+    scaled_tile_start(acc, macc, at, act, t0, group, NT);
     for (int64_t g0 = 0; g0 < n_g; g0 += 16) {
         int64_t ng = n_g - g0 < 16 ? n_g - g0 : 16;
 #pragma GCC unroll 4
