@@ -760,12 +760,8 @@ START_TEST(dot_packed_scaled_levels) {
         for (int64_t i = 0; i < n_tok * n_scales; i++) da[i] = 0.002f + 0.0001f * (float)i;
         tsr_rq_pack(packed, codes, n, bits);
         int32_t order = tsr_rq_scaled_order(bits, group);
-        for (int64_t t = 0; t < n_tok; t++) {
-            if (order == TSR_RQ_ORDER_NIBBLES)
-                tsr_rq_act_nibble_order(q_ord + t * n, q + t * n, n);
-            else if (order != TSR_RQ_ORDER_NONE)
-                tsr_rq_act_steps_order(q_ord + t * n, q + t * n, n, group, bits);
-        }
+        for (int64_t t = 0; t < n_tok; t++)
+            tsr_rq_act_reorder(q_ord + t * n, q + t * n, n, group, order);
         tsr_rq_act act = {q, gsum, da, n, group, n_scales, NULL, TSR_RQ_ORDER_NONE};
         int with_min = cases[k].with_min, f32 = cases[k].f32_scales;
         tsr_rq_gscales gs = {.zero = cases[k].zero};

@@ -761,15 +761,19 @@ typedef struct steps_codes {
     __m512i idx, ctl, mask, advance;
 } steps_codes;
 
-/* Into v[j] (NT tokens): the lanes of a chunk of m groups (m = C unless the row ends), codes
- * at src, token t0's activations at a, in S steps; lane 2 q + h holds qword q's group
- * q / (8 / C). C, S and NT are constants in each inlined copy. */
+/* Into v[j] (NT tokens): the lanes of chunk ch of a block of ng groups (16 but at the row's
+ * end), the block's codes at src and token t0's activations at a, in S steps; lane 2 q + h
+ * holds qword q's group q / (8 / C). The chunk has m = C groups but at the row's end (past
+ * it, none: zeros). C, S and NT are constants in each inlined copy. */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
 steps_chunk_dots(__m512i *v, const steps_codes *u, const uint8_t *src, const int8_t *a,
-                 int64_t m, const int C, const int S, const int NT) {
+                 int64_t ng, int ch, const int C, const int S, const int NT) {
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++) v[j] = _mm512_setzero_si512();
+    const int64_t m = ng - ch * C < C ? ng - ch * C : C;
     if (m <= 0) return;
+    src += ch * C * u->group_bytes;
+    a += ch * C * (64 * S / C);
     const int whole = m == C;
     const int64_t step = m * 64 / C;
     _mm_prefetch((const char *)src + TSR_STREAM_PREFETCH, _MM_HINT_T0);
@@ -799,20 +803,15 @@ RQ_VBMI_TARGET __attribute__((always_inline)) static inline __m512i pair_sums(__
                                 x, _mm512_add_epi32(even, _mm512_set1_epi32(1)), y));
 }
 
-/* Chunks ch and ch + 1 of a block of ng groups (16 but at the row's end), codes at src and
- * token t0's activations at a, added by pairs of lanes into v[j] for NT tokens (chunk ch's
- * lanes, then ch + 1's). The block's chunks go in pairs, pairs of pairs (steps_chunks4) and
- * pairs of those (steps_chunks8), in registers. */
+/* Chunks ch and ch + 1 of a block (as steps_chunk_dots) added by pairs of lanes into v[j]
+ * for NT tokens (chunk ch's lanes, then ch + 1's). The block's chunks go in pairs, pairs of
+ * pairs (steps_chunks4) and pairs of those (steps_chunks8), in registers. */
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
 steps_chunks2(__m512i *v, const steps_codes *u, const uint8_t *src, const int8_t *a, int64_t ng,
               int ch, const int C, const int S, const int NT) {
-    const int64_t group = 64 * S / C;
     __m512i x[RQ_TILE_TOKS], y[RQ_TILE_TOKS];
-    steps_chunk_dots(x, u, src + ch * C * u->group_bytes, a + ch * C * group,
-                     ng - ch * C < C ? ng - ch * C : C, C, S, NT);
-    ch++;
-    steps_chunk_dots(y, u, src + ch * C * u->group_bytes, a + ch * C * group,
-                     ng - ch * C < C ? ng - ch * C : C, C, S, NT);
+    steps_chunk_dots(x, u, src, a, ng, ch, C, S, NT);
+    steps_chunk_dots(y, u, src, a, ng, ch + 1, C, S, NT);
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++) v[j] = pair_sums(x[j], y[j]);
 }
@@ -1134,12 +1133,14 @@ void tsr_rq_dot_packed_scaled(float *y, int64_t ldy, const uint8_t *codes, int b
         dot_nibbles_scaled(y, ldy, codes, s, act, n_tok, n_g);
         return;
     }
-    if (tsr_cpu_avx512_vbmi() && bits != 4) {
-        if (!small_group(act->group))
-            dot_packed_scaled_vbmi(y, ldy, codes, bits, s, act, n_tok, n_g);
-        else if (act->order == TSR_RQ_ORDER_STEPS(bits))
-            dot_steps_scaled(y, ldy, codes, bits, s, act, n_tok, n_g);
-        if (!small_group(act->group) || act->order == TSR_RQ_ORDER_STEPS(bits)) return;
+    if (tsr_cpu_avx512_vbmi() && small_group(act->group) &&
+        act->order == TSR_RQ_ORDER_STEPS(bits)) {
+        dot_steps_scaled(y, ldy, codes, bits, s, act, n_tok, n_g);
+        return;
+    }
+    if (tsr_cpu_avx512_vbmi() && !small_group(act->group) && bits != 4) {
+        dot_packed_scaled_vbmi(y, ldy, codes, bits, s, act, n_tok, n_g);
+        return;
     }
 #endif
     float (*dot)(const uint8_t *, int, const tsr_rq_gscales *, const int8_t *, const int32_t *,
@@ -1612,7 +1613,8 @@ void tsr_rq_act_nibble_order(int8_t *dst, const int8_t *q, int64_t n) {
 }
 
 int32_t tsr_rq_scaled_order(int bits, int64_t group) {
-    if (bits == 4) return group % 128 == 0 || 128 % group == 0 ? TSR_RQ_ORDER_NIBBLES : 0;
+    if (bits == 4)
+        return group % 128 == 0 || 128 % group == 0 ? TSR_RQ_ORDER_NIBBLES : TSR_RQ_ORDER_NONE;
     return small_group(group) ? TSR_RQ_ORDER_STEPS(bits) : TSR_RQ_ORDER_NONE;
 }
 
@@ -1628,6 +1630,14 @@ void tsr_rq_act_steps_order(int8_t *dst, const int8_t *q, int64_t n_pad, int64_t
     }
 }
 
+void tsr_rq_act_reorder(int8_t *dst, const int8_t *q, int64_t n_pad, int64_t group,
+                        int32_t order) {
+    if (order == TSR_RQ_ORDER_NIBBLES)
+        tsr_rq_act_nibble_order(dst, q, n_pad);
+    else if (order != TSR_RQ_ORDER_NONE)
+        tsr_rq_act_steps_order(dst, q, n_pad, group, order - TSR_RQ_ORDER_STEPS(0));
+}
+
 void tsr_rq_act_quantize(int8_t *q, int8_t *q_ord, int32_t order, int32_t *gsum, float *d,
                          const float *x, int64_t n_tok, int64_t n, int64_t n_pad, int64_t group,
                          int group_scales, int ith, int nth) {
@@ -1636,11 +1646,7 @@ void tsr_rq_act_quantize(int8_t *q, int8_t *q_ord, int32_t order, int32_t *gsum,
     for (int64_t t = t0; t < t1; t++) {
         (group_scales ? tsr_rq_act_quantize_groups_row : tsr_rq_act_quantize_row)(
             q + t * n_pad, gsum + t * n_g, d + t * n_d, x + t * n, n, n_pad, group);
-        if (order == TSR_RQ_ORDER_NIBBLES)
-            tsr_rq_act_nibble_order(q_ord + t * n_pad, q + t * n_pad, n_pad);
-        else if (order != TSR_RQ_ORDER_NONE)
-            tsr_rq_act_steps_order(q_ord + t * n_pad, q + t * n_pad, n_pad, group,
-                                   order - TSR_RQ_ORDER_STEPS(0));
+        tsr_rq_act_reorder(q_ord + t * n_pad, q + t * n_pad, n_pad, group, order);
     }
 }
 

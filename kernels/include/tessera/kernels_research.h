@@ -122,6 +122,12 @@ void tsr_rq_act_steps_order(int8_t *dst,       // (n_pad)
                             const int8_t *q,   // (n_pad)
                             int64_t n_pad, int64_t group, int bits);
 
+/* dst = q in the second order `order`: tsr_rq_act_nibble_order's or tsr_rq_act_steps_order's
+ * (none: dst is not written). */
+void tsr_rq_act_reorder(int8_t *dst,       // (n_pad)
+                        const int8_t *q,   // (n_pad)
+                        int64_t n_pad, int64_t group, int32_t order);
+
 /* tsr_rq_act_quantize_row (group_scales 0) or tsr_rq_act_quantize_groups_row (1) on each of
  * n_tok tokens, and with q_ord each token's q in the second order `order` (n_pad even for
  * nibbles). Slices tokens. */
