@@ -47,7 +47,7 @@ static x16_fields x16_fields_of(int32_t wtype) {
 /* Offsets in its group of row r's block b: quant byte e (Q8_0 quants, else qs bytes: lane r
  * of vector e / 4), the fifth bits' lane, the scale d (m: 16 fp16 further). */
 static size_t x16_quant_at(int32_t wtype, int r, int64_t b, int e) {
-    return (size_t)b * tsr_x16_tile_bytes(wtype) + (size_t)(e / 4) * 64 + (size_t)r * 4 +
+    return tsr_x16_tile_at(wtype, (size_t)b) + (size_t)(e / 4) * 64 + (size_t)r * 4 +
            (size_t)(e % 4);
 }
 
@@ -56,8 +56,7 @@ static size_t x16_qh_at(int32_t wtype, int r, int64_t b) {
 }
 
 static size_t x16_d_at(int32_t wtype, int64_t nb, int r, int64_t b) {
-    return (size_t)nb * tsr_x16_tile_bytes(wtype) + (size_t)b * tsr_x16_scale_bytes(wtype) +
-           (size_t)r * sizeof(uint16_t);
+    return tsr_x16_scales_at(wtype, (size_t)nb, (size_t)b) + (size_t)r * sizeof(uint16_t);
 }
 
 #define X16_M_AFTER_D (TSR_X16_ROWS * sizeof(uint16_t))

@@ -8,8 +8,8 @@
 /* The 32-element types x16 takes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL). Their group's block
  * column is a tile: the quants as 512-bit vectors (lane r: four quants of row r; the 4-bit
  * types' 16 bytes of qs as 4 vectors, Q8_0's quants + 128 as 8), for Q5_0 / Q5_1 then one
- * vector of fifth bits (tsr_x16_qh_pack); after a group's nb tiles, per block the 16 rows'
- * fp16 d and, for Q4_1 / Q5_1, their 16 fp16 m. */
+ * vector of fifth bits (tsr_x16_qh_pack); a block's scales are the 16 rows' fp16 d and, for
+ * Q4_1 / Q5_1, their 16 fp16 m, after the pair of tiles they belong to (tsr_x16_tile_at). */
 static inline int tsr_x16_is_legacy(int32_t wtype) {
     switch (wtype) {
     case TSR_DTYPE_Q4_0:
@@ -40,6 +40,30 @@ static inline size_t tsr_x16_tile_bytes(int32_t wtype) {
 /* Bytes of one block's scales (16 d, and 16 m for the types with a minimum). */
 static inline size_t tsr_x16_scale_bytes(int32_t wtype) {
     return TSR_X16_ROWS * sizeof(uint16_t) * (tsr_x16_has_min(wtype) ? 2 : 1);
+}
+
+/* Where block b's tile and its scales lie in a group of nb blocks. The blocks go by pairs, each
+ * pair's two tiles followed by their two blocks' scales (a lone last block: its tile, then its
+ * scales), so that a group is one sequential stream and every pair starts on a 64-byte line.
+ * The kernels walk the pairs (tsr_x16_pair_at, tsr_x16_pair_blocks): block j of a pair of n
+ * has its tile j tiles in, its scales after the n tiles, j scales in. */
+static inline size_t tsr_x16_pair_at(int32_t wtype, size_t first) {
+    return first * (tsr_x16_tile_bytes(wtype) + tsr_x16_scale_bytes(wtype));
+}
+
+static inline int tsr_x16_pair_blocks(size_t nb, size_t first) {
+    return first + 1 < nb ? 2 : 1;
+}
+
+static inline size_t tsr_x16_tile_at(int32_t wtype, size_t b) {
+    return tsr_x16_pair_at(wtype, b / 2 * 2) + b % 2 * tsr_x16_tile_bytes(wtype);
+}
+
+static inline size_t tsr_x16_scales_at(int32_t wtype, size_t nb, size_t b) {
+    const size_t first = b / 2 * 2;
+    return tsr_x16_pair_at(wtype, first) +
+           (size_t)tsr_x16_pair_blocks(nb, first) * tsr_x16_tile_bytes(wtype) +
+           b % 2 * tsr_x16_scale_bytes(wtype);
 }
 
 /* The offset of the unsigned quants the SIMD kernels multiply: the value of a quant is

@@ -103,26 +103,32 @@ X8_INLINE __m256i x8_dots(const int32_t wtype, const __m256i wv[8], const int8_t
 /* y[t * ldy + r] for the 8 rows of half h of one group and nt tokens from x (each token's
  * prepared row; its infos info_stride apart). */
 X8_INLINE void x8_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
-                       const uint8_t *tiles, const uint8_t *scales, int64_t nb, int h,
-                       const void *const *x, const x8_xinfo *const *info) {
+                       const uint8_t *grp, int64_t nb, int h, const void *const *x,
+                       const x8_xinfo *const *info) {
     __m256 acc[X8_TOK];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    const size_t tile_bytes = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i wv[8];
-        x8_weights(wtype, tiles + (size_t)b * tile_bytes, h, wv);
-        const uint8_t *sc = scales + (size_t)b * sb + 16 * h;
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
-        const __m256 mw = tsr_x16_has_min(wtype)
-                              ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32)))
-                              : _mm256_setzero_ps();
-        for (int t = 0; t < nt; t++) {
-            uint16_t d, s;
-            __m256i i = x8_dots(wtype, wv, tsr_x16_act(wtype, x[t], b, &d, &s), info[t][b].corr);
-            const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(info[t][b].d));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dd, acc[t]);
-            if (tsr_x16_has_min(wtype))
-                acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[t][b].s), acc[t]);
+    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
+    for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
+        const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
+        const int n = tsr_x16_pair_blocks((size_t)nb, b0);
+        for (int j = 0; j < n; j++) {
+            const size_t b = b0 + (size_t)j;
+            __m256i wv[8];
+            x8_weights(wtype, pair + j * tile, h, wv);
+            const uint8_t *sc = pair + n * tile + j * sb + 16 * h;
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
+            const __m256 mw = tsr_x16_has_min(wtype)
+                                  ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32)))
+                                  : _mm256_setzero_ps();
+            for (int t = 0; t < nt; t++) {
+                uint16_t d, s;
+                __m256i i = x8_dots(wtype, wv, tsr_x16_act(wtype, x[t], (int64_t)b, &d, &s),
+                                    info[t][b].corr);
+                const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(info[t][b].d));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dd, acc[t]);
+                if (tsr_x16_has_min(wtype))
+                    acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[t][b].s), acc[t]);
+            }
         }
     }
     for (int t = 0; t < nt; t++) _mm256_storeu_ps(y + t * ldy, acc[t]);
@@ -130,11 +136,10 @@ X8_INLINE void x8_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
 
 /* x8_tile with its type and token count as constants, so each copy keeps its accumulators in
  * registers. */
-static void x8_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *tiles,
-                        const uint8_t *scales, int64_t nb, int h, const void *const *x,
-                        const x8_xinfo *const *info) {
+static void x8_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *grp,
+                        int64_t nb, int h, const void *const *x, const x8_xinfo *const *info) {
 #define X8_CASE(T, I, N)                                                                      \
-    case (I) * X8_TOK + (N) - 1: x8_tile((T), (N), y, ldy, tiles, scales, nb, h, x, info); break;
+    case (I) * X8_TOK + (N) - 1: x8_tile((T), (N), y, ldy, grp, nb, h, x, info); break;
 #define X8_CASES(T, I) X8_CASE(T, I, 1) X8_CASE(T, I, 2) X8_CASE(T, I, 3) X8_CASE(T, I, 4)
     const int index = wtype == TSR_DTYPE_Q8_0   ? 0
                       : wtype == TSR_DTYPE_Q4_0 ? 1
@@ -170,12 +175,11 @@ int tsr_x16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, con
     const int64_t nb = n_in / TSR_QK;
     const size_t x_stride = tsr_row_size(tsr_matmul_act_type(wtype), n_in);
     const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
-    const size_t scales_at = (size_t)nb * tsr_x16_tile_bytes(wtype);
     x8_xinfo *info = malloc((size_t)(n_tok * nb) * sizeof *info);
     if (!info) return -1;
     x8_prepare(info, wtype, xp, x_stride, nb, n_tok);
     for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
+        const uint8_t *grp = (const uint8_t *)w + (size_t)g * group_bytes;
         for (int64_t t0 = 0; t0 < n_tok; t0 += X8_TOK) {
             const int nt = (int)(n_tok - t0 < X8_TOK ? n_tok - t0 : X8_TOK);
             const void *x[X8_TOK];
@@ -185,8 +189,8 @@ int tsr_x16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, con
                 xi[t] = info + (t0 + t) * nb;
             }
             for (int h = 0; h < 2; h++)
-                x8_tile_any(wtype, nt, y + t0 * ldy + g * TSR_X16_ROWS + 8 * h, ldy, tiles,
-                            tiles + scales_at, nb, h, x, xi);
+                x8_tile_any(wtype, nt, y + t0 * ldy + g * TSR_X16_ROWS + 8 * h, ldy, grp, nb, h,
+                            x, xi);
         }
     }
     free(info);

@@ -79,25 +79,28 @@ X16_INLINE __m512 x16_add_block(const int32_t wtype, __m512 acc, __m512i i, __m5
     return acc;
 }
 
-/* y[t * ldy + r] for the 16 rows of one group and the nt tokens of xb (nb blocks). */
+/* y[t * ldy + r] for the 16 rows of the group at grp and the nt tokens of xb (nb blocks). */
 X16_INLINE void x16_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
-                         const uint8_t *tiles, const uint8_t *scales, int64_t nb,
-                         const x16_xblock *xb) {
+                         const uint8_t *grp, int64_t nb, const x16_xblock *xb) {
     __m512 acc[X16_TOK];
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
-    for (int64_t b = 0; b < nb; b++, xb++) {
-        __m512i wv[8];
-        x16_weights(wtype, tiles + (size_t)b * tile, wv);
-        const uint8_t *sc = scales + (size_t)b * sb;
-        const __m512 dw = x16_scales(sc, 0);
-        for (int t = 0; t < nt; t++) {
-            /* one chain per token: the tokens' chains are independent, which covers the
-             * latency of each */
-            __m512i i = _mm512_set1_epi32(xb->corr[t]);
-            for (int k = 0; k < 8; k++)
-                i = _mm512_dpbusd_epi32(i, wv[k], x16_bcast4(xb->q[t] + 4 * k));
-            acc[t] = x16_add_block(wtype, acc[t], i, dw, sc, xb->d[t], xb->s[t]);
+    for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
+        const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
+        const int n = tsr_x16_pair_blocks((size_t)nb, b0);
+        for (int j = 0; j < n; j++, xb++) {
+            __m512i wv[8];
+            x16_weights(wtype, pair + j * tile, wv);
+            const uint8_t *sc = pair + n * tile + j * sb;
+            const __m512 dw = x16_scales(sc, 0);
+            for (int t = 0; t < nt; t++) {
+                /* one chain per token: the tokens' chains are independent, which covers the
+                 * latency of each */
+                __m512i i = _mm512_set1_epi32(xb->corr[t]);
+                for (int k = 0; k < 8; k++)
+                    i = _mm512_dpbusd_epi32(i, wv[k], x16_bcast4(xb->q[t] + 4 * k));
+                acc[t] = x16_add_block(wtype, acc[t], i, dw, sc, xb->d[t], xb->s[t]);
+            }
         }
     }
     for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy, acc[t]);
@@ -118,11 +121,11 @@ X16_INLINE void x16_tile(const int32_t wtype, const int nt, float *y, int64_t ld
 
 /* x16_tile with its type and token count as constants, so each copy keeps its accumulators
  * in registers. */
-static void x16_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *tiles,
-                         const uint8_t *scales, int64_t nb, const x16_xblock *xb) {
+static void x16_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *grp,
+                         int64_t nb, const x16_xblock *xb) {
 #define X16_CASE(T, N)                                                                        \
     case X16_TYPE_INDEX(T) * X16_TOK + (N) - 1:                                               \
-        x16_tile((T), (N), y, ldy, tiles, scales, nb, xb);                                    \
+        x16_tile((T), (N), y, ldy, grp, nb, xb);                                              \
         break;
 #define X16_CASES(T, _)                                                                       \
     X16_CASE(T, 1) X16_CASE(T, 2) X16_CASE(T, 3) X16_CASE(T, 4) X16_CASE(T, 5) X16_CASE(T, 6) \
@@ -133,7 +136,7 @@ static void x16_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uin
 #undef X16_CASE
 }
 
-/* Two neighbouring groups (tiles at `tiles` and `group_bytes` further) by tokens
+/* Two neighbouring groups (at grp and `group_bytes` further) by tokens
  * [t_off, t_off + nt) of xb's tile, nt <= X16_PAIR_TOK: each four-byte broadcast of a token's
  * quants feeds one vpdpbusd per group, where the one-group tile spends one per vpdpbusd (a
  * vpdpbusd fed by its own broadcast ran at 0.65x its rate in a microbenchmark, two per
@@ -147,29 +150,33 @@ static int x16_pair_pays(int32_t wtype) {
     return wtype == TSR_DTYPE_Q8_0 || wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q4_1;
 }
 X16_INLINE void x16_tile_pair(const int32_t wtype, const int nt, float *y, int64_t ldy,
-                              const uint8_t *tiles, size_t group_bytes, size_t scales_at,
-                              int64_t nb, const x16_xblock *xb, int t_off) {
+                              const uint8_t *grp, size_t group_bytes, int64_t nb,
+                              const x16_xblock *xb, int t_off) {
     __m512 acc[2][X16_PAIR_TOK];
     for (int t = 0; t < nt; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
     const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
-    for (int64_t b = 0; b < nb; b++, xb++) {
-        const uint8_t *pa = tiles + (size_t)b * tile, *pb = pa + group_bytes;
-        __m512i ia[X16_PAIR_TOK], ib[X16_PAIR_TOK];
-        for (int t = 0; t < nt; t++) ia[t] = ib[t] = _mm512_set1_epi32(xb->corr[t_off + t]);
-        for (int k = 0; k < 8; k++) {
-            const __m512i wa = x16_weight(wtype, pa, k), wb = x16_weight(wtype, pb, k);
-            for (int t = 0; t < nt; t++) {
-                const __m512i q = x16_bcast4(xb->q[t_off + t] + 4 * k);
-                ia[t] = _mm512_dpbusd_epi32(ia[t], wa, q);
-                ib[t] = _mm512_dpbusd_epi32(ib[t], wb, q);
+    for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
+        const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
+        const int n = tsr_x16_pair_blocks((size_t)nb, b0);
+        for (int j = 0; j < n; j++, xb++) {
+            const uint8_t *pa = pair + j * tile, *pb = pa + group_bytes;
+            __m512i ia[X16_PAIR_TOK], ib[X16_PAIR_TOK];
+            for (int t = 0; t < nt; t++) ia[t] = ib[t] = _mm512_set1_epi32(xb->corr[t_off + t]);
+            for (int k = 0; k < 8; k++) {
+                const __m512i wa = x16_weight(wtype, pa, k), wb = x16_weight(wtype, pb, k);
+                for (int t = 0; t < nt; t++) {
+                    const __m512i q = x16_bcast4(xb->q[t_off + t] + 4 * k);
+                    ia[t] = _mm512_dpbusd_epi32(ia[t], wa, q);
+                    ib[t] = _mm512_dpbusd_epi32(ib[t], wb, q);
+                }
             }
-        }
-        const uint8_t *sa = tiles + scales_at + (size_t)b * sb, *sbp = sa + group_bytes;
-        const __m512 dwa = x16_scales(sa, 0), dwb = x16_scales(sbp, 0);
-        for (int t = 0; t < nt; t++) {
-            const float dx = xb->d[t_off + t], s = xb->s[t_off + t];
-            acc[0][t] = x16_add_block(wtype, acc[0][t], ia[t], dwa, sa, dx, s);
-            acc[1][t] = x16_add_block(wtype, acc[1][t], ib[t], dwb, sbp, dx, s);
+            const uint8_t *sa = pair + n * tile + j * sb, *sbp = sa + group_bytes;
+            const __m512 dwa = x16_scales(sa, 0), dwb = x16_scales(sbp, 0);
+            for (int t = 0; t < nt; t++) {
+                const float dx = xb->d[t_off + t], s = xb->s[t_off + t];
+                acc[0][t] = x16_add_block(wtype, acc[0][t], ia[t], dwa, sa, dx, s);
+                acc[1][t] = x16_add_block(wtype, acc[1][t], ib[t], dwb, sbp, dx, s);
+            }
         }
     }
     for (int t = 0; t < nt; t++) {
@@ -179,12 +186,11 @@ X16_INLINE void x16_tile_pair(const int32_t wtype, const int nt, float *y, int64
 }
 
 /* x16_tile_pair with its type (one x16_pair_pays takes) and token count as constants. */
-static void x16_tile_pair_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *tiles,
-                              size_t group_bytes, size_t scales_at, int64_t nb,
-                              const x16_xblock *xb, int t_off) {
+static void x16_tile_pair_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *grp,
+                              size_t group_bytes, int64_t nb, const x16_xblock *xb, int t_off) {
 #define X16_PAIR_CASE(T, N)                                                                   \
     case X16_TYPE_INDEX(T) * X16_PAIR_TOK + (N) - 1:                                          \
-        x16_tile_pair((T), (N), y, ldy, tiles, group_bytes, scales_at, nb, xb, t_off);       \
+        x16_tile_pair((T), (N), y, ldy, grp, group_bytes, nb, xb, t_off);                     \
         break;
 #define X16_PAIR_CASES(T, _)                                                                  \
     X16_PAIR_CASE(T, 1) X16_PAIR_CASE(T, 2) X16_PAIR_CASE(T, 3) X16_PAIR_CASE(T, 4)           \
@@ -223,9 +229,9 @@ static void x16_prepare_x(x16_xblock *xb, int32_t wtype, const void *xp, size_t 
  * the slice (h half its groups, rounded up; with an odd count the first half's last group
  * goes alone), so that each is the next group of a sequential stream, as tsr_stream_row_pairs
  * does for file rows. The streams of the types with fewer than 8 bits per quant are
- * prefetched TSR_STREAM_PREFETCH bytes ahead into L2 (Q4_0, T1: 1.09-1.12x the decode of T0's,
- * which was no better than none); Q8_0's are not (the hardware's prefetch alone read
- * 1.07-1.20x faster than with T0 or T1). Per block and group the tile's eight vectors feed
+ * prefetched TSR_STREAM_PREFETCH bytes ahead into L1, a pair of blocks (tsr_x16_pair_at) at a
+ * time (Q4_0: 1.06-1.18x the same into L2, 0.84-0.96x one line in two); Q8_0's are not (the
+ * hardware's prefetch alone read 1.07-1.20x faster than with T0 or T1). Per block and group the tile's eight vectors feed
  * two chains of four vpdpbusd (Q4_0 and Q4_1: the low nibbles as stored masked, the high ones
  * masked in place, 16 x their value, their chain shifted back once per block; the other types
  * unpacked as the tile does), so that no product waits on a long chain; the values are the
@@ -259,48 +265,51 @@ static void x16_prepare_dec(x16_xdec *xd, int32_t wtype, const void *xp, size_t 
     }
 }
 
-/* y[t * ldy + r] for the 16 rows of group a (tiles at ta) and, when n_g is 2, of the group
+/* y[t * ldy + r] for the 16 rows of group a (at ga) and, when n_g is 2, of the group
  * `partner` bytes further (its rows at y + `y_partner`), for nt tokens. */
 X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int64_t ldy,
-                                int64_t y_partner, const uint8_t *ta, size_t partner, int n_g,
-                                size_t scales_at, int64_t nb, const x16_xdec *xd) {
+                                int64_t y_partner, const uint8_t *ga, size_t partner, int n_g,
+                                int64_t nb, const x16_xdec *xd) {
     /* plain nibbles: the high ones read in place */
     const int in_place = wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q4_1;
     const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
-    const uint8_t *tiles[2] = {ta, ta + (n_g == 2 ? partner : 0)};
+    const uint8_t *grps[2] = {ga, ga + (n_g == 2 ? partner : 0)};
     __m512 acc[2][X16_DEC_TOK];
     for (int s = 0; s < 2; s++)
         for (int t = 0; t < nt; t++) acc[s][t] = _mm512_setzero_ps();
     const __m512i lo = _mm512_set1_epi8(0x0f), hi = _mm512_set1_epi8((char)0xf0);
-    for (int64_t b = 0; b < nb; b++, xd += nt)
-        for (int s = 0; s < 2; s++) {
-            const uint8_t *p = tiles[s] + (size_t)b * tile;
-            const uint8_t *sc = tiles[s] + scales_at + (size_t)b * sb;
-            if (wtype != TSR_DTYPE_Q8_0) {
-                for (size_t o = 0; o < tile; o += 64)
-                    _mm_prefetch(p + TSR_STREAM_PREFETCH + o, _MM_HINT_T1);
-                if (!((size_t)b * sb % 64)) _mm_prefetch(sc + TSR_STREAM_PREFETCH, _MM_HINT_T1);
-            }
-            __m512i wv[8];
-            if (in_place)
-                for (int j = 0; j < 4; j++) {
-                    __m512i v = _mm512_loadu_si512(p + 64 * j);
-                    wv[j] = _mm512_and_si512(v, lo);
-                    wv[j + 4] = _mm512_and_si512(v, hi);
+    for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
+        const size_t at = tsr_x16_pair_at(wtype, b0);
+        const int n = tsr_x16_pair_blocks((size_t)nb, b0);
+        if (wtype != TSR_DTYPE_Q8_0)
+            for (int s = 0; s < 2; s++)
+                for (size_t o = 0; o < 2 * (tile + sb); o += 64)
+                    _mm_prefetch(grps[s] + at + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
+        for (int j = 0; j < n; j++, xd += nt)
+            for (int s = 0; s < 2; s++) {
+                const uint8_t *p = grps[s] + at + j * tile, *sc = grps[s] + at + n * tile + j * sb;
+                __m512i wv[8];
+                if (in_place)
+                    for (int k = 0; k < 4; k++) {
+                        __m512i v = _mm512_loadu_si512(p + 64 * k);
+                        wv[k] = _mm512_and_si512(v, lo);
+                        wv[k + 4] = _mm512_and_si512(v, hi);
+                    }
+                else
+                    x16_weights(wtype, p, wv);
+                const __m512 dw = x16_scales(sc, 0);
+                for (int t = 0; t < nt; t++) {
+                    __m512i i0 = _mm512_set1_epi32(xd[t].corr), i1 = _mm512_setzero_si512();
+                    for (int k = 0; k < 4; k++) {
+                        i0 = _mm512_dpbusd_epi32(i0, wv[k], x16_bcast4(xd[t].q + 4 * k));
+                        i1 = _mm512_dpbusd_epi32(i1, wv[k + 4], x16_bcast4(xd[t].q + 16 + 4 * k));
+                    }
+                    const __m512i i =
+                        _mm512_add_epi32(i0, in_place ? _mm512_srai_epi32(i1, 4) : i1);
+                    acc[s][t] = x16_add_block(wtype, acc[s][t], i, dw, sc, xd[t].d, xd[t].s);
                 }
-            else
-                x16_weights(wtype, p, wv);
-            const __m512 dw = x16_scales(sc, 0);
-            for (int t = 0; t < nt; t++) {
-                __m512i i0 = _mm512_set1_epi32(xd[t].corr), i1 = _mm512_setzero_si512();
-                for (int k = 0; k < 4; k++) {
-                    i0 = _mm512_dpbusd_epi32(i0, wv[k], x16_bcast4(xd[t].q + 4 * k));
-                    i1 = _mm512_dpbusd_epi32(i1, wv[k + 4], x16_bcast4(xd[t].q + 16 + 4 * k));
-                }
-                const __m512i i = _mm512_add_epi32(i0, in_place ? _mm512_srai_epi32(i1, 4) : i1);
-                acc[s][t] = x16_add_block(wtype, acc[s][t], i, dw, sc, xd[t].d, xd[t].s);
             }
-        }
+    }
     for (int t = 0; t < nt; t++) {
         _mm512_storeu_ps(y + t * ldy, acc[0][t]);
         if (n_g == 2) _mm512_storeu_ps(y + t * ldy + y_partner, acc[1][t]);
@@ -309,11 +318,11 @@ X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int
 
 /* x16_decode_pair with its type and token count as constants. */
 static void x16_decode_pair_any(int32_t wtype, int nt, float *y, int64_t ldy,
-                                int64_t y_partner, const uint8_t *ta, size_t partner, int n_g,
-                                size_t scales_at, int64_t nb, const x16_xdec *xd) {
+                                int64_t y_partner, const uint8_t *ga, size_t partner, int n_g,
+                                int64_t nb, const x16_xdec *xd) {
 #define X16_DEC_CASE(T, N)                                                                    \
     case X16_TYPE_INDEX(T) * X16_DEC_TOK + (N) - 1:                                           \
-        x16_decode_pair((T), (N), y, ldy, y_partner, ta, partner, n_g, scales_at, nb, xd);    \
+        x16_decode_pair((T), (N), y, ldy, y_partner, ga, partner, n_g, nb, xd);               \
         break;
 #define X16_DEC_CASES(T, _)                                                                   \
     X16_DEC_CASE(T, 1) X16_DEC_CASE(T, 2) X16_DEC_CASE(T, 3) X16_DEC_CASE(T, 4)
@@ -334,8 +343,7 @@ static int x16_decode(float *y, int64_t ldy, const void *w, int32_t wtype, const
     for (int64_t g = g0; g < g0 + h; g++)
         x16_decode_pair_any(wtype, (int)n_tok, y + g * TSR_X16_ROWS, ldy, h * TSR_X16_ROWS,
                             (const uint8_t *)w + (size_t)g * group_bytes,
-                            (size_t)h * group_bytes, g + h < g1 ? 2 : 1,
-                            (size_t)nb * tsr_x16_tile_bytes(wtype), nb, xd);
+                            (size_t)h * group_bytes, g + h < g1 ? 2 : 1, nb, xd);
     free(xd);
     return 0;
 }
@@ -349,7 +357,6 @@ int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, c
     const int64_t nb = n_in / TSR_QK;
     const size_t x_stride = tsr_row_size(tsr_matmul_act_type(wtype), n_in);
     const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
-    const size_t scales_at = (size_t)nb * tsr_x16_tile_bytes(wtype);
     const int64_t tb = n_tok < X16_TOK_BLOCK ? n_tok : X16_TOK_BLOCK;
     const int64_t n_tiles = (tb + X16_TOK - 1) / X16_TOK;
     x16_xblock *xb = aligned_alloc(64, (size_t)(n_tiles * nb) * sizeof *xb);
@@ -359,22 +366,22 @@ int tsr_x16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, c
         x16_prepare_x(xb, wtype, (const char *)xp + (size_t)t0 * x_stride, x_stride, nb, ntb);
         int64_t g = g0;
         for (; x16_pair_pays(wtype) && g + 1 < g1; g += 2) {
-            const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
+            const uint8_t *grp = (const uint8_t *)w + (size_t)g * group_bytes;
             for (int64_t t = 0; t < ntb; t += X16_TOK) {
                 const int in_tile = (int)(ntb - t < X16_TOK ? ntb - t : X16_TOK);
                 for (int u = 0; u < in_tile; u += X16_PAIR_TOK) {
                     const int nt = in_tile - u < X16_PAIR_TOK ? in_tile - u : X16_PAIR_TOK;
                     x16_tile_pair_any(wtype, nt, y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
-                                      tiles, group_bytes, scales_at, nb, xb + t / X16_TOK * nb, u);
+                                      grp, group_bytes, nb, xb + t / X16_TOK * nb, u);
                 }
             }
         }
         for (; g < g1; g++) {
-            const uint8_t *tiles = (const uint8_t *)w + (size_t)g * group_bytes;
+            const uint8_t *grp = (const uint8_t *)w + (size_t)g * group_bytes;
             for (int64_t t = 0; t < ntb; t += X16_TOK) {
                 const int nt = (int)(ntb - t < X16_TOK ? ntb - t : X16_TOK);
-                x16_tile_any(wtype, nt, y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy, tiles,
-                             tiles + scales_at, nb, xb + t / X16_TOK * nb);
+                x16_tile_any(wtype, nt, y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy, grp, nb,
+                             xb + t / X16_TOK * nb);
             }
         }
     }
