@@ -778,10 +778,10 @@ START_TEST(test_x16_slices_of_odd_groups) {
 }
 END_TEST
 
-/* The 256-element types' AVX-512 kernel equals the scalar product over the packed layout and
- * the reference on the file rows, bit for bit, on every shape of 1 to 20 tokens (decode's row
- * pairs, partial tiles of 16), 16 to 64 rows (one to four groups, alone or paired, on one
- * thread or two) and 256 to 1024 inputs (one to four super-blocks). */
+/* The 256-element types' AVX2 and AVX-512 kernels equal the scalar product over the packed
+ * layout and the reference on the file rows, bit for bit, on every shape of 1 to 20 tokens
+ * (decode's row pairs, partial tiles of 16), 16 to 64 rows (one to four groups, alone or
+ * paired, on one thread or two) and 256 to 1024 inputs (one to four super-blocks). */
 START_TEST(test_xk16_shapes) {
     const int32_t types[] = {TSR_DTYPE_Q4_K, TSR_DTYPE_Q6_K, TSR_DTYPE_Q5_K,
                              TSR_DTYPE_IQ4_XS, TSR_DTYPE_Q3_K, TSR_DTYPE_Q2_K};
@@ -808,22 +808,24 @@ START_TEST(test_xk16_shapes) {
                                                 n_out, 0, 1),
                                  TSR_OK);
                 ck_assert_mem_eq(scalar, want, ybytes);
-                use_level(best);
-                for (int64_t n_tok = 1; n_tok <= max_tok; n_tok++)
-                    for (int nth = 1; nth <= 2; nth++) {
-                        memset(y, 0xff, ybytes);
-                        for (int ith = 0; ith < nth; ith++)
-                            ck_assert_int_eq(tsr_x16_matmul(y, n_out, packed, p.t, p.xp, n_tok,
-                                                            n_in, n_out, ith, nth),
-                                             TSR_OK);
-                        for (int64_t v = 0; v < n_tok * n_out; v++)
-                            ck_assert_msg(f32_bits(y[v]) == f32_bits(scalar[v]),
-                                          "type %d level %s n_in %lld n_out %lld n_tok %lld "
-                                          "nth %d [%lld]: %.9g vs %.9g", p.t,
-                                          tsr_cpu_level_name(best), (long long)n_in,
-                                          (long long)n_out, (long long)n_tok, nth, (long long)v,
-                                          y[v], scalar[v]);
-                    }
+                for (int l = TSR_CPU_LEVEL_SCALAR + 1; l <= (int)best; l++) {
+                    use_level(l);
+                    for (int64_t n_tok = 1; n_tok <= max_tok; n_tok++)
+                        for (int nth = 1; nth <= 2; nth++) {
+                            memset(y, 0xff, ybytes);
+                            for (int ith = 0; ith < nth; ith++)
+                                ck_assert_int_eq(tsr_x16_matmul(y, n_out, packed, p.t, p.xp,
+                                                                n_tok, n_in, n_out, ith, nth),
+                                                 TSR_OK);
+                            for (int64_t v = 0; v < n_tok * n_out; v++)
+                                ck_assert_msg(f32_bits(y[v]) == f32_bits(scalar[v]),
+                                              "type %d level %s n_in %lld n_out %lld n_tok %lld "
+                                              "nth %d [%lld]: %.9g vs %.9g", p.t,
+                                              tsr_cpu_level_name(l), (long long)n_in,
+                                              (long long)n_out, (long long)n_tok, nth,
+                                              (long long)v, y[v], scalar[v]);
+                        }
+                }
                 free(packed);
                 free(want);
                 free(scalar);

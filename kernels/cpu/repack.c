@@ -18,7 +18,7 @@ int tsr_x16_supported(int32_t wtype, int64_t n_in, int64_t n_out) {
 }
 
 int tsr_x16_repack_pays(int32_t wtype) {
-    return !tsr_x16_is_k(wtype) || tsr_cpu_level_get() == TSR_CPU_LEVEL_AVX512;
+    return !tsr_x16_is_k(wtype) || tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2;
 }
 
 /* Where group g's tiles and scales start. */
@@ -176,9 +176,11 @@ tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, c
                    ? TSR_E_NOMEM
                    : TSR_OK;
     case TSR_CPU_LEVEL_AVX2:
-        if (tsr_x16_is_k(wtype)) break; /* no AVX2 kernel for the K types: the scalar loop */
-        return tsr_x16_matmul_avx2(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1) < 0 ? TSR_E_NOMEM
-                                                                                  : TSR_OK;
+        return (tsr_x16_is_k(wtype)
+                    ? tsr_xk16_matmul_avx2(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)
+                    : tsr_x16_matmul_avx2(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)) < 0
+                   ? TSR_E_NOMEM
+                   : TSR_OK;
     default: break;
     }
 #endif

@@ -164,10 +164,49 @@ float tsr_xk16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const voi
 void tsr_xk16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
                             const void *xp, int64_t n_tok, int64_t n_in, int64_t g0,
                             int64_t g1);
+/* Word g of a token's words for a super-block of type qm (a tsr_quant_mm_index), from its
+ * sixteen 16-quant sums bs: the integer chains' starts (Q3_K -4 and Q6_K -32 x group g's sum,
+ * IQ4_XS -128 x the 32-quant group g's), or the int16 pair of sums that the min pair g
+ * multiplies (Q2_K groups 2g, 2g + 1; Q4_K, Q5_K their 32-quant groups); 0 past the last. */
+int32_t tsr_xk16_aux(int qm, const int16_t *bs, int g);
+
+/* What a product of a K type's packed matrix with rows of n_in walks: super-blocks per row,
+ * the type's tsr_quant_mm_index, bytes of an activation row (Q8_K), of a group, of a chunk. */
+typedef struct tsr_xk16_dims {
+    int64_t nsb;
+    int qm;
+    size_t x_stride, group_bytes, chunk;
+} tsr_xk16_dims;
+
+static inline tsr_xk16_dims tsr_xk16_dims_of(int32_t wtype, int64_t n_in) {
+    return (tsr_xk16_dims){n_in / TSR_QK_K, tsr_quant_mm_index(wtype),
+                           tsr_row_size(TSR_DTYPE_Q8_K, n_in),
+                           TSR_X16_ROWS * tsr_row_size(wtype, n_in),
+                           TSR_X16_ROWS * tsr_dtype_block_bytes(wtype)};
+}
+
+/* Where a chunk of type qm holds its 16 fp16 d. */
+static inline size_t tsr_xk16_d_at(int qm) {
+    switch (qm) {
+    case TSR_QM_Q2_K: return TSR_XK16_Q2_K_D;
+    case TSR_QM_Q3_K: return TSR_XK16_Q3_K_D;
+    case TSR_QM_Q6_K: return TSR_XK16_Q6_K_D;
+    case TSR_QM_IQ4_XS: return TSR_XK16_IQ4_XS_D;
+    }
+    return TSR_XK16_Q4_K_D; /* Q4_K, Q5_K */
+}
+
+/* The pairs of groups whose mins a token's super-block takes (0: a type without mins). */
+static inline int tsr_xk16_min_pairs(int qm) {
+    return qm == TSR_QM_Q2_K ? 8 : qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K ? 4 : 0;
+}
 #if defined(TSR_KERNELS_X86)
 /* As tsr_x16_matmul_avx512, for the K types (repack_k_avx512.c). */
 int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                            int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1);
+/* The same with AVX2 (repack_k_avx2.c). */
+int tsr_xk16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
+                         int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1);
 #endif
 
 #endif

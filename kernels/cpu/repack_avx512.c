@@ -231,11 +231,11 @@ static void x16_prepare_x(x16_xblock *xb, int32_t wtype, const void *xp, size_t 
  * does for file rows. The streams of the types with fewer than 8 bits per quant are
  * prefetched TSR_STREAM_PREFETCH bytes ahead into L1, a pair of blocks (tsr_x16_pair_at) at a
  * time (Q4_0: 1.06-1.18x the same into L2, 0.84-0.96x one line in two); Q8_0's are not (the
- * hardware's prefetch alone read 1.07-1.20x faster than with T0 or T1). Per block and group the tile's eight vectors feed
- * two chains of four vpdpbusd (Q4_0 and Q4_1: the low nibbles as stored masked, the high ones
- * masked in place, 16 x their value, their chain shifted back once per block; the other types
- * unpacked as the tile does), so that no product waits on a long chain; the values are the
- * tile's, bit for bit. */
+ * hardware's prefetch alone read 1.07-1.20x faster than with T0 or T1). Per block and group
+ * the tile's eight vectors feed two chains of four vpdpbusd (Q4_0 and Q4_1: the low nibbles
+ * as stored masked, the high ones masked in place, 16 x their value, their chain shifted back
+ * once per block; the other types unpacked as the tile does), so that no product waits on a
+ * long chain; the values are the tile's, bit for bit. */
 #define X16_DEC_TOK 4
 
 /* One token's activation block for decode, packed tight: the blocks' quants, scales,

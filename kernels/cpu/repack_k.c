@@ -157,3 +157,17 @@ void tsr_xk16_matmul_scalar(float *y, int64_t ldy, const void *w, int32_t wtype,
                 y[t * ldy + g * TSR_X16_ROWS + r] = acc;
             }
 }
+
+static int32_t xk_pair16(int lo, int hi) {
+    return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)(uint16_t)hi << 16);
+}
+
+int32_t tsr_xk16_aux(int qm, const int16_t *bs, int g) {
+    switch (qm) {
+    case TSR_QM_Q2_K: return g < 8 ? xk_pair16(bs[2 * g], bs[2 * g + 1]) : 0;
+    case TSR_QM_Q3_K: return -4 * bs[g];
+    case TSR_QM_Q6_K: return -32 * bs[g];
+    case TSR_QM_IQ4_XS: return g < 8 ? -128 * (bs[2 * g] + bs[2 * g + 1]) : 0;
+    }
+    return g < 4 ? xk_pair16(bs[4 * g] + bs[4 * g + 1], bs[4 * g + 2] + bs[4 * g + 3]) : 0;
+}

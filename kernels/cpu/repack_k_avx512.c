@@ -24,8 +24,8 @@
 #define XK_INLINE static inline __attribute__((always_inline))
 
 /* A tile's activations for one super-block, read by every group: the quants of its tokens,
- * their scales, and per token the words the kernel broadcasts (xk_aux): the chains' starts, or
- * the activation group sums as int16 pairs against the min pairs. */
+ * their scales, and per token the words the kernel broadcasts (tsr_xk16_aux): the chains'
+ * starts, or the activation group sums as int16 pairs against the min pairs. */
 typedef struct xk_xblock {
     int8_t q[XK_TOK][TSR_QK_K];
     float d[XK_TOK];
@@ -38,22 +38,6 @@ typedef struct xk_xblock {
 
 XK_INLINE size_t xk_chunk_bytes(const int qm) {
     return TSR_X16_ROWS * tsr_qm_block_bytes(qm);
-}
-
-/* Where a chunk's 16 fp16 d lie. */
-XK_INLINE size_t xk_d_at(const int qm) {
-    switch (qm) {
-    case TSR_QM_Q2_K: return TSR_XK16_Q2_K_D;
-    case TSR_QM_Q3_K: return TSR_XK16_Q3_K_D;
-    case TSR_QM_Q6_K: return TSR_XK16_Q6_K_D;
-    case TSR_QM_IQ4_XS: return TSR_XK16_IQ4_XS_D;
-    }
-    return TSR_XK16_Q4_K_D; /* Q4_K, Q5_K */
-}
-
-/* The vpdpwssd a token's mins take per super-block: pairs of groups (0: no mins). */
-XK_INLINE int xk_min_pairs(const int qm) {
-    return qm == TSR_QM_Q2_K ? 8 : qm == TSR_QM_Q4_K || qm == TSR_QM_Q5_K ? 4 : 0;
 }
 
 XK_INLINE __m512i xk_bcast4(const int8_t *q) {
@@ -266,8 +250,8 @@ XK_INLINE void xk_iq4_xs(const int nt, __m512i *isum, const uint8_t *c, const xk
  * sums and, for the types with mins, the fnmadd of their vpdpwssd. */
 XK_INLINE void xk_finish(const int qm, const int nt, float *acc, int stride, const __m512i *isum,
                          const __m512i *mins, const uint8_t *c, const xk_xblock *xb, int t_off) {
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + xk_d_at(qm))));
-    const __m512 dmin = xk_min_pairs(qm)
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + tsr_xk16_d_at(qm))));
+    const __m512 dmin = tsr_xk16_min_pairs(qm)
                             ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
                                   c + (qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN
                                                          : TSR_XK16_Q4_K_DMIN))))
@@ -277,9 +261,9 @@ XK_INLINE void xk_finish(const int qm, const int nt, float *acc, int stride, con
         float *at = acc + t * stride;
         __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, dx),
                                    _mm512_load_ps(at));
-        if (xk_min_pairs(qm)) {
+        if (tsr_xk16_min_pairs(qm)) {
             __m512i m = _mm512_setzero_si512();
-            for (int k = 0; k < xk_min_pairs(qm); k++)
+            for (int k = 0; k < tsr_xk16_min_pairs(qm); k++)
                 m = _mm512_dpwssd_epi32(m, mins[k], _mm512_set1_epi32(xb->aux[t_off + t][k]));
             a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), a);
         }
@@ -458,24 +442,6 @@ static void xk_tile_any(int qm, int nt, float *y, int64_t ldy, const uint8_t *w,
 #undef XK_CASE
 }
 
-/* Two int16 as the words of a vpdpwssd operand. */
-static int32_t xk_pair16(int lo, int hi) {
-    return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)(uint16_t)hi << 16);
-}
-
-/* Word g of a token's aux for type qm, from its sixteen 16-quant sums bs: the chains' starts
- * (Q3_K -4 and Q6_K -32 x group g's sum, IQ4_XS -128 x the 32-quant group g's), or the pair of
- * sums the min pair g multiplies (Q2_K groups 2g, 2g + 1; Q4_K, Q5_K their 32-quant groups). */
-static int32_t xk_aux(int qm, const int16_t *bs, int g) {
-    switch (qm) {
-    case TSR_QM_Q2_K: return g < 8 ? xk_pair16(bs[2 * g], bs[2 * g + 1]) : 0;
-    case TSR_QM_Q3_K: return -4 * bs[g];
-    case TSR_QM_Q6_K: return -32 * bs[g];
-    case TSR_QM_IQ4_XS: return g < 8 ? -128 * (bs[2 * g] + bs[2 * g + 1]) : 0;
-    }
-    return g < 4 ? xk_pair16(bs[4 * g] + bs[4 * g + 1], bs[4 * g + 2] + bs[4 * g + 3]) : 0;
-}
-
 /* Tokens [0, n_tok) of xp (Q8_K rows) as tiles of XK_TOK (xb[tile * nsb + sb]); the last
  * tile's missing tokens are left unset (never read). */
 static void xk_prepare_x(xk_xblock *xb, const void *xp, size_t x_stride, int64_t nsb,
@@ -487,7 +453,7 @@ static void xk_prepare_x(xk_xblock *xb, const void *xp, size_t x_stride, int64_t
         for (int64_t sb = 0; sb < nsb; sb++) {
             memcpy(o[sb].q[i], x[sb].qs, TSR_QK_K);
             o[sb].d[i] = x[sb].d;
-            for (int g = 0; g < 16; g++) o[sb].aux[i][g] = xk_aux(qm, x[sb].bsums, g);
+            for (int g = 0; g < 16; g++) o[sb].aux[i][g] = tsr_xk16_aux(qm, x[sb].bsums, g);
         }
     }
 }
@@ -496,41 +462,37 @@ static void xk_prepare_x(xk_xblock *xb, const void *xp, size_t x_stride, int64_t
  * them XK_TOK at a time. */
 int tsr_xk16_matmul_avx512(float *y, int64_t ldy, const void *w, int32_t wtype, const void *xp,
                            int64_t n_tok, int64_t n_in, int64_t g0, int64_t g1) {
-    const int64_t nsb = n_in / TSR_QK_K;
-    const int qm = tsr_quant_mm_index(wtype);
-    const size_t x_stride = tsr_row_size(TSR_DTYPE_Q8_K, n_in);
-    const size_t group_bytes = TSR_X16_ROWS * tsr_row_size(wtype, n_in);
-    const size_t chunk = TSR_X16_ROWS * tsr_dtype_block_bytes(wtype);
+    const tsr_xk16_dims d = tsr_xk16_dims_of(wtype, n_in);
     const int64_t tb = n_tok < XK_TOK_BLOCK ? n_tok : XK_TOK_BLOCK;
     const int64_t n_tiles = (tb + XK_TOK - 1) / XK_TOK;
-    xk_xblock *xb = aligned_alloc(64, (size_t)(n_tiles * nsb) * sizeof *xb);
+    xk_xblock *xb = aligned_alloc(64, (size_t)(n_tiles * d.nsb) * sizeof *xb);
     if (!xb) return -1;
     for (int64_t t0 = 0; t0 < n_tok; t0 += tb) {
         const int64_t ntb = n_tok - t0 < tb ? n_tok - t0 : tb;
-        xk_prepare_x(xb, (const char *)xp + (size_t)t0 * x_stride, x_stride, nsb, ntb, qm);
+        xk_prepare_x(xb, (const char *)xp + (size_t)t0 * d.x_stride, d.x_stride, d.nsb, ntb, d.qm);
         const int64_t h = n_tok == 1 ? (g1 - g0) / 2 : 0; /* decode: g with g + h */
         for (int64_t g = g0; g < g0 + h; g++)
-            xk_decode_pair_any(qm, y + g * TSR_X16_ROWS, y + (g + h) * TSR_X16_ROWS,
-                               (const uint8_t *)w + (size_t)g * group_bytes,
-                               (const uint8_t *)w + (size_t)(g + h) * group_bytes, chunk, nsb,
+            xk_decode_pair_any(d.qm, y + g * TSR_X16_ROWS, y + (g + h) * TSR_X16_ROWS,
+                               (const uint8_t *)w + (size_t)g * d.group_bytes,
+                               (const uint8_t *)w + (size_t)(g + h) * d.group_bytes, d.chunk, d.nsb,
                                xb);
         int64_t g = g0 + 2 * h;
-        for (; xk_pair_pays(qm) && g + 1 < g1; g += 2)
+        for (; xk_pair_pays(d.qm) && g + 1 < g1; g += 2)
             for (int64_t t = 0; t < ntb; t += XK_TOK) {
                 const int in_tile = (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK);
                 for (int u = 0; u < in_tile; u += XK_PAIR_TOK) {
                     const int nt = in_tile - u < XK_PAIR_TOK ? in_tile - u : XK_PAIR_TOK;
-                    xk_tile_pair_any(qm, nt, y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
-                                     (const uint8_t *)w + (size_t)g * group_bytes, group_bytes,
-                                     chunk, nsb, xb + t / XK_TOK * nsb, u);
+                    xk_tile_pair_any(d.qm, nt, y + (t0 + t + u) * ldy + g * TSR_X16_ROWS, ldy,
+                                     (const uint8_t *)w + (size_t)g * d.group_bytes, d.group_bytes,
+                                     d.chunk, d.nsb, xb + t / XK_TOK * d.nsb, u);
                 }
             }
         for (; g < g1; g++)
             for (int64_t t = 0; t < ntb; t += XK_TOK)
-                xk_tile_any(qm, (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK),
+                xk_tile_any(d.qm, (int)(ntb - t < XK_TOK ? ntb - t : XK_TOK),
                             y + (t0 + t) * ldy + g * TSR_X16_ROWS, ldy,
-                            (const uint8_t *)w + (size_t)g * group_bytes, chunk, nsb,
-                            xb + t / XK_TOK * nsb);
+                            (const uint8_t *)w + (size_t)g * d.group_bytes, d.chunk, d.nsb,
+                            xb + t / XK_TOK * d.nsb);
     }
     free(xb);
     return 0;
