@@ -14,7 +14,8 @@
  * rows' int16 min pairs with the token's pairs of group sums. One vpmulld by the rows' group
  * scales adds a chain to the token's exact integer sum of the super-block, and one fma (the
  * mins: one fnmadd) per super-block and token makes the fast order of repack_k.c, so the
- * values are its bits. */
+ * values are its bits. A tile takes both halves of each chunk in turn, so that decode reads
+ * the chunk once (with a prefetch ahead: 1.8-1.9x two passes without one). */
 #include "quants.h"
 #include "repack.h"
 
@@ -213,55 +214,70 @@ YK_INLINE __m256 yk_halves(const uint8_t *c, size_t at, int h) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + at + 16 * (size_t)h)));
 }
 
-/* y[t * ldy + r] for the 8 rows of half h of one group (chunks of `chunk` bytes from w) and
- * nt tokens (x[t]: their Q8_K rows, info[t]: their words, per super-block). */
+/* Decode (up to YK_PF_NT tokens) reads the weights once: each chunk is prefetched YK_PF bytes
+ * ahead, as repack_k_avx512.c's decode does. */
+#define YK_PF_NT 2
+#define YK_PF (2 * TSR_STREAM_PREFETCH)
+
+/* y[t * ldy + r] for the 16 rows of one group (chunks of `chunk` bytes from w) and nt tokens
+ * (x[t]: their Q8_K rows, info[t]: their words, per super-block): each chunk's scales decoded
+ * once and its two halves taken in turn, the f32 sums in an L1 buffer. */
 YK_INLINE void yk_tile(const int qm, const int nt, float *y, int64_t ldy, const uint8_t *w,
-                       size_t chunk, int64_t nsb, int h, const tsr_block_q8_k *const *x,
+                       size_t chunk, int64_t nsb, const tsr_block_q8_k *const *x,
                        const yk_xinfo *const *info) {
-    __m256 acc[YK_TOK];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    float acc[YK_TOK][TSR_X16_ROWS] __attribute__((aligned(32)));
+    memset(acc, 0, sizeof acc);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *c = w + (size_t)sb * chunk;
+        if (nt <= YK_PF_NT)
+            for (size_t o = 0; o < chunk; o += 64)
+                _mm_prefetch((const char *)c + YK_PF + o, _MM_HINT_T0);
         yk_scales s;
         yk_decode_scales(qm, c, &s);
         const int8_t *xq[YK_TOK];
         const yk_xinfo *xi[YK_TOK];
-        __m256i isum[YK_TOK];
         for (int t = 0; t < nt; t++) {
             xq[t] = x[t][sb].qs;
             xi[t] = info[t] + sb;
-            isum[t] = _mm256_setzero_si256();
         }
-        yk_sums(qm, nt, isum, c, h, &s, xq, xi);
-        const __m256 dw = yk_halves(c, tsr_xk16_d_at(qm), h);
-        __m256i mins[8];
-        for (int m = 0; m < tsr_xk16_min_pairs(qm); m++) { /* groups 2m, 2m + 1 as int16 pairs */
-            mins[m] = _mm256_or_si256(yk_lanes(s.mn[2 * m], h, 0),
-                                      _mm256_slli_epi32(yk_lanes(s.mn[2 * m + 1], h, 0), 16));
-        }
-        for (int t = 0; t < nt; t++) {
-            const __m256 dx = _mm256_set1_ps(x[t][sb].d);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(dw, dx), acc[t]);
-            if (tsr_xk16_min_pairs(qm)) {
-                __m256i m = _mm256_setzero_si256();
-                for (int k = 0; k < tsr_xk16_min_pairs(qm); k++)
-                    m = _mm256_add_epi32(
-                        m, _mm256_madd_epi16(mins[k], _mm256_set1_epi32(xi[t]->aux[k])));
-                const __m256 dmin = yk_halves(
-                    c, qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN : TSR_XK16_Q4_K_DMIN, h);
-                acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dx), acc[t]);
+        for (int h = 0; h < 2; h++) {
+            __m256i isum[YK_TOK];
+            for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
+            yk_sums(qm, nt, isum, c, h, &s, xq, xi);
+            const __m256 dw = yk_halves(c, tsr_xk16_d_at(qm), h);
+            __m256i mins[8];
+            for (int m = 0; m < tsr_xk16_min_pairs(qm); m++) /* groups 2m, 2m + 1: int16 pairs */
+                mins[m] = _mm256_or_si256(yk_lanes(s.mn[2 * m], h, 0),
+                                          _mm256_slli_epi32(yk_lanes(s.mn[2 * m + 1], h, 0), 16));
+            for (int t = 0; t < nt; t++) {
+                float *at = acc[t] + 8 * h;
+                const __m256 dx = _mm256_set1_ps(x[t][sb].d);
+                __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(dw, dx),
+                                           _mm256_load_ps(at));
+                if (tsr_xk16_min_pairs(qm)) {
+                    __m256i m = _mm256_setzero_si256();
+                    for (int k = 0; k < tsr_xk16_min_pairs(qm); k++)
+                        m = _mm256_add_epi32(
+                            m, _mm256_madd_epi16(mins[k], _mm256_set1_epi32(xi[t]->aux[k])));
+                    const __m256 dmin = yk_halves(
+                        c, qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN : TSR_XK16_Q4_K_DMIN, h);
+                    a = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dx), a);
+                }
+                _mm256_store_ps(at, a);
             }
         }
     }
-    for (int t = 0; t < nt; t++) _mm256_storeu_ps(y + t * ldy, acc[t]);
+    for (int t = 0; t < nt; t++) {
+        _mm256_storeu_ps(y + t * ldy, _mm256_load_ps(acc[t]));
+        _mm256_storeu_ps(y + t * ldy + 8, _mm256_load_ps(acc[t] + 8));
+    }
 }
 
 /* yk_tile with its type and token count as constants. */
 static void yk_tile_any(int qm, int nt, float *y, int64_t ldy, const uint8_t *w, size_t chunk,
-                        int64_t nsb, int h, const tsr_block_q8_k *const *x,
-                        const yk_xinfo *const *info) {
+                        int64_t nsb, const tsr_block_q8_k *const *x, const yk_xinfo *const *info) {
 #define YK_CASE(Q, N)                                                                      \
-    case (Q) * YK_TOK + (N) - 1: yk_tile((Q), (N), y, ldy, w, chunk, nsb, h, x, info); break;
+    case (Q) * YK_TOK + (N) - 1: yk_tile((Q), (N), y, ldy, w, chunk, nsb, x, info); break;
 #define YK_CASES(Q) YK_CASE(Q, 1) YK_CASE(Q, 2) YK_CASE(Q, 3) YK_CASE(Q, 4)
     switch (qm * YK_TOK + nt - 1) {
         YK_CASES(TSR_QM_Q2_K) YK_CASES(TSR_QM_Q3_K) YK_CASES(TSR_QM_Q4_K)
@@ -291,10 +307,8 @@ int tsr_xk16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, co
                 x[t] = (const tsr_block_q8_k *)((const char *)xp + (size_t)(t0 + t) * d.x_stride);
                 xi[t] = info + (t0 + t) * d.nsb;
             }
-            for (int h = 0; h < 2; h++)
-                yk_tile_any(d.qm, nt, y + t0 * ldy + g * TSR_X16_ROWS + 8 * h, ldy,
-                            (const uint8_t *)w + (size_t)g * d.group_bytes, d.chunk, d.nsb, h,
-                            x, xi);
+            yk_tile_any(d.qm, nt, y + t0 * ldy + g * TSR_X16_ROWS, ldy,
+                        (const uint8_t *)w + (size_t)g * d.group_bytes, d.chunk, d.nsb, x, xi);
         }
     free(info);
     return 0;
