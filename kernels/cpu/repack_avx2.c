@@ -100,46 +100,63 @@ X8_INLINE __m256i x8_dots(const int32_t wtype, const __m256i wv[8], const int8_t
     return i;
 }
 
-/* y[t * ldy + r] for the 8 rows of half h of one group and nt tokens from x (each token's
- * prepared row; its infos info_stride apart). */
+/* Decode (up to X8_DEC_TOK tokens) reads the weights once: a tile takes both halves of each
+ * block in turn and prefetches each pair of blocks TSR_STREAM_PREFETCH bytes ahead, as
+ * repack_avx512.c's decode does (1.12-1.32x two passes without the prefetch); more tokens go
+ * half by half, their accumulators and a half's weights in registers (both halves at once
+ * prefilled at 0.75-0.83x). */
+#define X8_DEC_TOK 2
+#define X8_HALVES(nt) ((nt) <= X8_DEC_TOK ? 2 : 1)
+
+/* y[t * ldy + r] for the rows of halves [h, h + X8_HALVES(nt)) of one group (8 each, y at the
+ * first) and nt tokens from x (each token's prepared row; its infos info_stride apart). */
 X8_INLINE void x8_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
-                       const uint8_t *grp, int64_t nb, int h, const void *const *x,
+                       const uint8_t *grp, int64_t nb, int h_first, const void *const *x,
                        const x8_xinfo *const *info) {
-    __m256 acc[X8_TOK];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    __m256 acc[2][X8_TOK];
+    for (int t = 0; t < nt; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
     const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
     for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
         const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
         const int n = tsr_x16_pair_blocks((size_t)nb, b0);
-        for (int j = 0; j < n; j++) {
-            const size_t b = b0 + (size_t)j;
-            __m256i wv[8];
-            x8_weights(wtype, pair + j * tile, h, wv);
-            const uint8_t *sc = pair + n * tile + j * sb + 16 * h;
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
-            const __m256 mw = tsr_x16_has_min(wtype)
-                                  ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32)))
-                                  : _mm256_setzero_ps();
-            for (int t = 0; t < nt; t++) {
-                uint16_t d, s;
-                __m256i i = x8_dots(wtype, wv, tsr_x16_act(wtype, x[t], (int64_t)b, &d, &s),
-                                    info[t][b].corr);
-                const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(info[t][b].d));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dd, acc[t]);
-                if (tsr_x16_has_min(wtype))
-                    acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[t][b].s), acc[t]);
+        if (nt <= X8_DEC_TOK)
+            for (size_t o = 0; o < 2 * (tile + sb); o += 64)
+                _mm_prefetch((const char *)pair + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
+        for (int j = 0; j < n; j++)
+            for (int u = 0; u < X8_HALVES(nt); u++) {
+                const int h = h_first + u;
+                const size_t b = b0 + (size_t)j;
+                __m256i wv[8];
+                x8_weights(wtype, pair + j * tile, h, wv);
+                const uint8_t *sc = pair + n * tile + j * sb + 16 * h;
+                const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
+                const __m256 mw =
+                    tsr_x16_has_min(wtype)
+                        ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32)))
+                        : _mm256_setzero_ps();
+                for (int t = 0; t < nt; t++) {
+                    uint16_t d, s;
+                    __m256i i = x8_dots(wtype, wv,
+                                        tsr_x16_act(wtype, x[t], (int64_t)b, &d, &s),
+                                        info[t][b].corr);
+                    const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(info[t][b].d));
+                    acc[u][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dd, acc[u][t]);
+                    if (tsr_x16_has_min(wtype))
+                        acc[u][t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[t][b].s), acc[u][t]);
+                }
             }
-        }
     }
-    for (int t = 0; t < nt; t++) _mm256_storeu_ps(y + t * ldy, acc[t]);
+    for (int u = 0; u < X8_HALVES(nt); u++)
+        for (int t = 0; t < nt; t++) _mm256_storeu_ps(y + t * ldy + 8 * u, acc[u][t]);
 }
 
 /* x8_tile with its type and token count as constants, so each copy keeps its accumulators in
  * registers. */
 static void x8_tile_any(int32_t wtype, int nt, float *y, int64_t ldy, const uint8_t *grp,
-                        int64_t nb, int h, const void *const *x, const x8_xinfo *const *info) {
+                        int64_t nb, int h_first, const void *const *x,
+                        const x8_xinfo *const *info) {
 #define X8_CASE(T, I, N)                                                                      \
-    case (I) * X8_TOK + (N) - 1: x8_tile((T), (N), y, ldy, grp, nb, h, x, info); break;
+    case (I) * X8_TOK + (N) - 1: x8_tile((T), (N), y, ldy, grp, nb, h_first, x, info); break;
 #define X8_CASES(T, I) X8_CASE(T, I, 1) X8_CASE(T, I, 2) X8_CASE(T, I, 3) X8_CASE(T, I, 4)
     const int index = wtype == TSR_DTYPE_Q8_0   ? 0
                       : wtype == TSR_DTYPE_Q4_0 ? 1
@@ -188,7 +205,7 @@ int tsr_x16_matmul_avx2(float *y, int64_t ldy, const void *w, int32_t wtype, con
                 x[t] = (const char *)xp + (size_t)(t0 + t) * x_stride;
                 xi[t] = info + (t0 + t) * nb;
             }
-            for (int h = 0; h < 2; h++)
+            for (int h = 0; h < 2; h += X8_HALVES(nt))
                 x8_tile_any(wtype, nt, y + t0 * ldy + g * TSR_X16_ROWS + 8 * h, ldy, grp, nb, h,
                             x, xi);
         }
