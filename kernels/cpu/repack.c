@@ -47,8 +47,8 @@ static x16_fields x16_fields_of(int32_t wtype) {
 /* Offsets in its group of row r's block b: quant byte e (Q8_0 quants, else qs bytes: lane r
  * of vector e / 4), the fifth bits' lane, the scale d (m: 16 fp16 further). */
 static size_t x16_quant_at(int32_t wtype, int r, int64_t b, int e) {
-    return tsr_x16_tile_at(wtype, (size_t)b) + (size_t)(e / 4) * 64 + (size_t)r * 4 +
-           (size_t)(e % 4);
+    return tsr_x16_pair_at(wtype, (size_t)b) + (size_t)(b % 2) * tsr_x16_tile_bytes(wtype) +
+           (size_t)(e / 4) * 64 + (size_t)r * 4 + (size_t)(e % 4);
 }
 
 static size_t x16_qh_at(int32_t wtype, int r, int64_t b) {
@@ -56,7 +56,10 @@ static size_t x16_qh_at(int32_t wtype, int r, int64_t b) {
 }
 
 static size_t x16_d_at(int32_t wtype, int64_t nb, int r, int64_t b) {
-    return tsr_x16_scales_at(wtype, (size_t)nb, (size_t)b) + (size_t)r * sizeof(uint16_t);
+    const size_t first = (size_t)(b / 2 * 2);
+    return tsr_x16_pair_at(wtype, first) +
+           tsr_x16_pair_scales_at(wtype, tsr_x16_pair_blocks((size_t)nb, first), (int)(b % 2)) +
+           (size_t)r * sizeof(uint16_t);
 }
 
 #define X16_M_AFTER_D (TSR_X16_ROWS * sizeof(uint16_t))
@@ -168,21 +171,18 @@ tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, c
     const int64_t g0 = r0 / TSR_X16_ROWS, g1 = r1 / TSR_X16_ROWS;
     if (g0 >= g1 || n_tok == 0) return TSR_OK;
 #if defined(TSR_KERNELS_X86)
+    int (*simd)(float *, int64_t, const void *, int32_t, const void *, int64_t, int64_t, int64_t,
+                int64_t) = NULL;
     switch (tsr_cpu_level_get()) {
     case TSR_CPU_LEVEL_AVX512:
-        return (tsr_x16_is_k(wtype)
-                    ? tsr_xk16_matmul_avx512(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)
-                    : tsr_x16_matmul_avx512(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)) < 0
-                   ? TSR_E_NOMEM
-                   : TSR_OK;
+        simd = tsr_x16_is_k(wtype) ? tsr_xk16_matmul_avx512 : tsr_x16_matmul_avx512;
+        break;
     case TSR_CPU_LEVEL_AVX2:
-        return (tsr_x16_is_k(wtype)
-                    ? tsr_xk16_matmul_avx2(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)
-                    : tsr_x16_matmul_avx2(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1)) < 0
-                   ? TSR_E_NOMEM
-                   : TSR_OK;
+        simd = tsr_x16_is_k(wtype) ? tsr_xk16_matmul_avx2 : tsr_x16_matmul_avx2;
+        break;
     default: break;
     }
+    if (simd) return simd(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1) < 0 ? TSR_E_NOMEM : TSR_OK;
 #endif
     if (tsr_x16_is_k(wtype)) {
         tsr_xk16_matmul_scalar(y, ldy, w, wtype, xp, n_tok, n_in, g0, g1);

@@ -9,7 +9,7 @@
  * column is a tile: the quants as 512-bit vectors (lane r: four quants of row r; the 4-bit
  * types' 16 bytes of qs as 4 vectors, Q8_0's quants + 128 as 8), for Q5_0 / Q5_1 then one
  * vector of fifth bits (tsr_x16_qh_pack); a block's scales are the 16 rows' fp16 d and, for
- * Q4_1 / Q5_1, their 16 fp16 m, after the pair of tiles they belong to (tsr_x16_tile_at). */
+ * Q4_1 / Q5_1, their 16 fp16 m, after the pair of tiles they belong to (tsr_x16_pair_at). */
 static inline int tsr_x16_is_legacy(int32_t wtype) {
     switch (wtype) {
     case TSR_DTYPE_Q4_0:
@@ -42,28 +42,25 @@ static inline size_t tsr_x16_scale_bytes(int32_t wtype) {
     return TSR_X16_ROWS * sizeof(uint16_t) * (tsr_x16_has_min(wtype) ? 2 : 1);
 }
 
-/* Where block b's tile and its scales lie in a group of nb blocks. The blocks go by pairs, each
- * pair's two tiles followed by their two blocks' scales (a lone last block: its tile, then its
- * scales), so that a group is one sequential stream and every pair starts on a 64-byte line.
- * The kernels walk the pairs (tsr_x16_pair_at, tsr_x16_pair_blocks): block j of a pair of n
- * has its tile j tiles in, its scales after the n tiles, j scales in. */
+/* A group's blocks go by pairs, each pair's two tiles followed by their two blocks' scales (a
+ * lone last block: its tile, then its scales), so that a group is one sequential stream and
+ * every pair starts on a 64-byte line. The pair of blocks first, first + 1 starts
+ * tsr_x16_pair_at bytes into the group and holds tsr_x16_pair_blocks of its nb blocks; block j
+ * of a pair of n has its tile j tiles in and its scales tsr_x16_pair_scales_at in. */
+static inline size_t tsr_x16_pair_bytes(int32_t wtype) {
+    return 2 * (tsr_x16_tile_bytes(wtype) + tsr_x16_scale_bytes(wtype));
+}
+
 static inline size_t tsr_x16_pair_at(int32_t wtype, size_t first) {
-    return first * (tsr_x16_tile_bytes(wtype) + tsr_x16_scale_bytes(wtype));
+    return first / 2 * tsr_x16_pair_bytes(wtype);
 }
 
 static inline int tsr_x16_pair_blocks(size_t nb, size_t first) {
     return first + 1 < nb ? 2 : 1;
 }
 
-static inline size_t tsr_x16_tile_at(int32_t wtype, size_t b) {
-    return tsr_x16_pair_at(wtype, b / 2 * 2) + b % 2 * tsr_x16_tile_bytes(wtype);
-}
-
-static inline size_t tsr_x16_scales_at(int32_t wtype, size_t nb, size_t b) {
-    const size_t first = b / 2 * 2;
-    return tsr_x16_pair_at(wtype, first) +
-           (size_t)tsr_x16_pair_blocks(nb, first) * tsr_x16_tile_bytes(wtype) +
-           b % 2 * tsr_x16_scale_bytes(wtype);
+static inline size_t tsr_x16_pair_scales_at(int32_t wtype, int n, int j) {
+    return (size_t)n * tsr_x16_tile_bytes(wtype) + (size_t)j * tsr_x16_scale_bytes(wtype);
 }
 
 /* The offset of the unsigned quants the SIMD kernels multiply: the value of a quant is
@@ -183,6 +180,11 @@ static inline tsr_xk16_dims tsr_xk16_dims_of(int32_t wtype, int64_t n_in) {
                            tsr_row_size(TSR_DTYPE_Q8_K, n_in),
                            TSR_X16_ROWS * tsr_row_size(wtype, n_in),
                            TSR_X16_ROWS * tsr_dtype_block_bytes(wtype)};
+}
+
+/* Where a chunk of type qm holds its 16 fp16 dmin (Q2_K, Q4_K, Q5_K). */
+static inline size_t tsr_xk16_dmin_at(int qm) {
+    return qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN : TSR_XK16_Q4_K_DMIN;
 }
 
 /* Where a chunk of type qm holds its 16 fp16 d. */

@@ -115,20 +115,20 @@ X8_INLINE void x8_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
                        const x8_xinfo *const *info) {
     __m256 acc[2][X8_TOK];
     for (int t = 0; t < nt; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
-    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
+    const size_t tile = tsr_x16_tile_bytes(wtype);
     for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
         const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
         const int n = tsr_x16_pair_blocks((size_t)nb, b0);
         if (nt <= X8_DEC_TOK)
-            for (size_t o = 0; o < 2 * (tile + sb); o += 64)
+            for (size_t o = 0; o < tsr_x16_pair_bytes(wtype); o += 64)
                 _mm_prefetch((const char *)pair + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
-        for (int j = 0; j < n; j++)
+        for (int j = 0; j < n; j++) {
+            const size_t b = b0 + (size_t)j;
             for (int u = 0; u < X8_HALVES(nt); u++) {
                 const int h = h_first + u;
-                const size_t b = b0 + (size_t)j;
                 __m256i wv[8];
                 x8_weights(wtype, pair + j * tile, h, wv);
-                const uint8_t *sc = pair + n * tile + j * sb + 16 * h;
+                const uint8_t *sc = pair + tsr_x16_pair_scales_at(wtype, n, j) + 16 * h;
                 const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
                 const __m256 mw =
                     tsr_x16_has_min(wtype)
@@ -145,6 +145,7 @@ X8_INLINE void x8_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
                         acc[u][t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[t][b].s), acc[u][t]);
                 }
             }
+        }
     }
     for (int u = 0; u < X8_HALVES(nt); u++)
         for (int t = 0; t < nt; t++) _mm256_storeu_ps(y + t * ldy + 8 * u, acc[u][t]);

@@ -84,14 +84,14 @@ X16_INLINE void x16_tile(const int32_t wtype, const int nt, float *y, int64_t ld
                          const uint8_t *grp, int64_t nb, const x16_xblock *xb) {
     __m512 acc[X16_TOK];
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
+    const size_t tile = tsr_x16_tile_bytes(wtype);
     for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
         const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
         const int n = tsr_x16_pair_blocks((size_t)nb, b0);
         for (int j = 0; j < n; j++, xb++) {
             __m512i wv[8];
             x16_weights(wtype, pair + j * tile, wv);
-            const uint8_t *sc = pair + n * tile + j * sb;
+            const uint8_t *sc = pair + tsr_x16_pair_scales_at(wtype, n, j);
             const __m512 dw = x16_scales(sc, 0);
             for (int t = 0; t < nt; t++) {
                 /* one chain per token: the tokens' chains are independent, which covers the
@@ -154,7 +154,7 @@ X16_INLINE void x16_tile_pair(const int32_t wtype, const int nt, float *y, int64
                               const x16_xblock *xb, int t_off) {
     __m512 acc[2][X16_PAIR_TOK];
     for (int t = 0; t < nt; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
-    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
+    const size_t tile = tsr_x16_tile_bytes(wtype);
     for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
         const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
         const int n = tsr_x16_pair_blocks((size_t)nb, b0);
@@ -170,7 +170,7 @@ X16_INLINE void x16_tile_pair(const int32_t wtype, const int nt, float *y, int64
                     ib[t] = _mm512_dpbusd_epi32(ib[t], wb, q);
                 }
             }
-            const uint8_t *sa = pair + n * tile + j * sb, *sbp = sa + group_bytes;
+            const uint8_t *sa = pair + tsr_x16_pair_scales_at(wtype, n, j), *sbp = sa + group_bytes;
             const __m512 dwa = x16_scales(sa, 0), dwb = x16_scales(sbp, 0);
             for (int t = 0; t < nt; t++) {
                 const float dx = xb->d[t_off + t], s = xb->s[t_off + t];
@@ -272,7 +272,7 @@ X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int
                                 int64_t nb, const x16_xdec *xd) {
     /* plain nibbles: the high ones read in place */
     const int in_place = wtype == TSR_DTYPE_Q4_0 || wtype == TSR_DTYPE_Q4_1;
-    const size_t tile = tsr_x16_tile_bytes(wtype), sb = tsr_x16_scale_bytes(wtype);
+    const size_t tile = tsr_x16_tile_bytes(wtype);
     const uint8_t *grps[2] = {ga, ga + (n_g == 2 ? partner : 0)};
     __m512 acc[2][X16_DEC_TOK];
     for (int s = 0; s < 2; s++)
@@ -283,11 +283,12 @@ X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int
         const int n = tsr_x16_pair_blocks((size_t)nb, b0);
         if (wtype != TSR_DTYPE_Q8_0)
             for (int s = 0; s < 2; s++)
-                for (size_t o = 0; o < 2 * (tile + sb); o += 64)
+                for (size_t o = 0; o < tsr_x16_pair_bytes(wtype); o += 64)
                     _mm_prefetch(grps[s] + at + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
         for (int j = 0; j < n; j++, xd += nt)
             for (int s = 0; s < 2; s++) {
-                const uint8_t *p = grps[s] + at + j * tile, *sc = grps[s] + at + n * tile + j * sb;
+                const uint8_t *p = grps[s] + at + j * tile,
+                              *sc = grps[s] + at + tsr_x16_pair_scales_at(wtype, n, j);
                 __m512i wv[8];
                 if (in_place)
                     for (int k = 0; k < 4; k++) {

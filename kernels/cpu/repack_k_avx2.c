@@ -79,17 +79,17 @@ YK_INLINE void yk_decode_scales(const int qm, const uint8_t *c, yk_scales *s) {
             yk_store(s->sc[j], _mm_and_si128(p, m4));
             yk_store(s->mn[j], _mm_and_si128(_mm_srli_epi16(p, 4), m4));
         }
-    if (qm == TSR_QM_IQ4_XS) {
-        uint16_t high[TSR_X16_ROWS];
-        memcpy(high, c + TSR_XK16_IQ4_XS_SCALES_H, sizeof high);
+    if (qm == TSR_QM_IQ4_XS) { /* scales_h: rows 0-7, then 8-15, two bytes a row */
+        const __m128i high[2] = {yk_plane(c, TSR_XK16_IQ4_XS_SCALES_H, 0),
+                                 yk_plane(c, TSR_XK16_IQ4_XS_SCALES_H, 1)};
+        const __m128i m3 = _mm_set1_epi16(3);
         for (int j = 0; j < 8; j++) {
             __m128i lo = yk_plane(c, TSR_XK16_IQ4_XS_SCALES_L, j / 2);
             lo = _mm_and_si128(j % 2 ? _mm_srli_epi16(lo, 4) : lo, m4);
-            uint8_t h[TSR_X16_ROWS];
-            for (int r = 0; r < TSR_X16_ROWS; r++)
-                h[r] = (uint8_t)(((high[r] >> (2 * j)) & 3) << 4);
-            yk_store(s->sc[j], _mm_sub_epi8(_mm_or_si128(lo, _mm_loadu_si128((const __m128i *)h)),
-                                            _mm_set1_epi8(32)));
+            const __m128i h = _mm_packus_epi16( /* bits 2j, 2j + 1 of each row's word at 4, 5 */
+                _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high[0], 2 * j), m3), 4),
+                _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high[1], 2 * j), m3), 4));
+            yk_store(s->sc[j], _mm_sub_epi8(_mm_or_si128(lo, h), _mm_set1_epi8(32)));
         }
     }
 }
@@ -244,7 +244,9 @@ YK_INLINE void yk_tile(const int qm, const int nt, float *y, int64_t ldy, const 
             __m256i isum[YK_TOK];
             for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
             yk_sums(qm, nt, isum, c, h, &s, xq, xi);
-            const __m256 dw = yk_halves(c, tsr_xk16_d_at(qm), h);
+            const __m256 dw = yk_halves(c, tsr_xk16_d_at(qm), h),
+                         dmin = tsr_xk16_min_pairs(qm) ? yk_halves(c, tsr_xk16_dmin_at(qm), h)
+                                                       : _mm256_setzero_ps();
             __m256i mins[8];
             for (int m = 0; m < tsr_xk16_min_pairs(qm); m++) /* groups 2m, 2m + 1: int16 pairs */
                 mins[m] = _mm256_or_si256(yk_lanes(s.mn[2 * m], h, 0),
@@ -259,8 +261,6 @@ YK_INLINE void yk_tile(const int qm, const int nt, float *y, int64_t ldy, const 
                     for (int k = 0; k < tsr_xk16_min_pairs(qm); k++)
                         m = _mm256_add_epi32(
                             m, _mm256_madd_epi16(mins[k], _mm256_set1_epi32(xi[t]->aux[k])));
-                    const __m256 dmin = yk_halves(
-                        c, qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN : TSR_XK16_Q4_K_DMIN, h);
                     a = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dx), a);
                 }
                 _mm256_store_ps(at, a);

@@ -251,11 +251,10 @@ XK_INLINE void xk_iq4_xs(const int nt, __m512i *isum, const uint8_t *c, const xk
 XK_INLINE void xk_finish(const int qm, const int nt, float *acc, int stride, const __m512i *isum,
                          const __m512i *mins, const uint8_t *c, const xk_xblock *xb, int t_off) {
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + tsr_xk16_d_at(qm))));
-    const __m512 dmin = tsr_xk16_min_pairs(qm)
-                            ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
-                                  c + (qm == TSR_QM_Q2_K ? TSR_XK16_Q2_K_DMIN
-                                                         : TSR_XK16_Q4_K_DMIN))))
-                            : _mm512_setzero_ps();
+    const __m512 dmin =
+        tsr_xk16_min_pairs(qm)
+            ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c + tsr_xk16_dmin_at(qm))))
+            : _mm512_setzero_ps();
     for (int t = 0; t < nt; t++) {
         const __m512 dx = _mm512_set1_ps(xb->d[t_off + t]);
         float *at = acc + t * stride;
