@@ -471,15 +471,21 @@ END_TEST
 static const int32_t panel_types[] = {TSR_DTYPE_F16, TSR_DTYPE_BF16};
 
 /* Rows not a multiple of 16 or 32, tokens not a multiple of a tile (8 at avx512, 6 at avx2) nor of
- * a prepared block, odd n_in, n_in over TSR_PANEL_K (the chain crosses chunks), and more tokens
- * than one run of the panels (512). */
+ * a prepared block, odd n_in, n_in over TSR_PANEL_K (the chain crosses chunks), more tokens
+ * than one run of the panels (512), and decode's one and two tokens over pairs of panels (an
+ * odd count: the last alone, part of a panel; an even one). */
 static const shape panel_shapes[] = {{1, 16, 1},   {7, 3, 2},     {33, 17, 5},  {100, 40, 17},
                                      {257, 13, 23}, {64, 32, 16}, {1000, 70, 9}, {15, 5, 33},
-                                     {TSR_PANEL_K + 37, 20, 7}, {70, 40, 530}};
+                                     {TSR_PANEL_K + 37, 20, 7}, {70, 40, 530}, {300, 70, 1},
+                                     {130, 200, 2}, {TSR_PANEL_K + 5, 128, 1}};
 
-/* tsr_panel_prepare then tsr_panel_matmul at the current level, nth slices each; y has 3
- * columns past n_out, which must stay untouched. */
+/* tsr_panel_pack, tsr_panel_prepare then tsr_panel_matmul at the current level, nth slices
+ * each; y has 3 columns past n_out, which must stay untouched. */
 static float *run_panel(int32_t type, const void *w, const float *x, shape s, int nth) {
+    void *p = malloc(tsr_panel_bytes(s.n_in, s.n_out));
+    const int64_t panels = (s.n_out + TSR_PANEL_ROWS - 1) / TSR_PANEL_ROWS;
+    for (int ith = 0; ith < nth; ith++)
+        tsr_panel_pack(p, w, s.n_in, s.n_out, panels * ith / nth, panels * (ith + 1) / nth);
     float *xp = malloc(tsr_panel_act_bytes(s.n_tok, s.n_in));
     for (int ith = 0; ith < nth; ith++)
         ck_assert_int_eq(tsr_panel_prepare(xp, type, x, s.n_tok, s.n_in, ith, nth), TSR_OK);
@@ -488,10 +494,11 @@ static float *run_panel(int32_t type, const void *w, const float *x, shape s, in
     for (int64_t i = 0; i < s.n_tok * ldy; i++) y[i] = -7.0f;
     for (int ith = 0; ith < nth; ith++)
         ck_assert_int_eq(
-            tsr_panel_matmul(y, ldy, w, type, xp, s.n_tok, s.n_in, s.n_out, ith, nth), TSR_OK);
+            tsr_panel_matmul(y, ldy, p, type, xp, s.n_tok, s.n_in, s.n_out, ith, nth), TSR_OK);
     for (int64_t t = 0; t < s.n_tok; t++)
         for (int64_t c = s.n_out; c < ldy; c++) ck_assert(y[t * ldy + c] == -7.0f);
     free(xp);
+    free(p);
     return y;
 }
 
@@ -528,8 +535,9 @@ START_TEST(test_panel_reference) {
 }
 END_TEST
 
-/* The prepared layout: block b, element k, token t at (b * n_in + k) * 16 + t, rounded to the
- * weights' type, zeros past the last token; the same bits at every level and in any slicing. */
+/* The prepared layout: block b, element k, token t at b * 16 * n_in + k * n_b + t, n_b 16 but
+ * in the last block (5 of 21 tokens), rounded to the weights' type; nothing written past the
+ * last token; the same bits at every level and in any slicing. */
 START_TEST(test_panel_prepare_layout) {
     const int64_t n_tok = 21, n_in = 300;
     float x[21 * 300];
@@ -544,17 +552,21 @@ START_TEST(test_panel_prepare_layout) {
         use_level(TSR_CPU_LEVEL_SCALAR);
         memset(ref, 0xff, bytes);
         ck_assert_int_eq(tsr_panel_prepare(ref, type, x, n_tok, n_in, 0, 1), TSR_OK);
-        for (int64_t b = 0; b < 2; b++)
+        for (int64_t b = 0; b < 2; b++) {
+            const int64_t n_b = b ? n_tok - 16 : 16;
             for (int64_t k = 0; k < n_in; k++)
-                for (int64_t t = 0; t < 16; t++) {
+                for (int64_t t = 0; t < n_b; t++) {
                     const int64_t tok = b * 16 + t;
-                    const float v = ref[(b * n_in + k) * 16 + t];
-                    const float xv = tok < n_tok ? x[tok * n_in + k] : 0.0f;
+                    const float v = ref[b * 16 * n_in + k * n_b + t];
+                    const float xv = x[tok * n_in + k];
                     const float want = type == TSR_DTYPE_F16
                                            ? tsr_fp16_to_fp32(tsr_fp32_to_fp16(xv))
                                            : tsr_bf16_to_fp32(tsr_fp32_to_bf16(xv));
                     ck_assert(f32_bits(v) == f32_bits(want));
                 }
+        }
+        for (int64_t at = 21 * n_in; at < 32 * n_in; at++)
+            ck_assert_uint_eq(f32_bits(ref[at]), 0xffffffffu);
         for (int l = 0; l <= (int)tsr_cpu_level_best(); l++) {
             use_level(l);
             for (int nth = 1; nth <= 3; nth++) {
@@ -632,6 +644,35 @@ START_TEST(test_panel_slices_and_batches) {
         free(y1);
     }
     free(w), free(x);
+}
+END_TEST
+
+/* The panels' layout: panel b, element k, row r at (b * n_in + k) * 32 + r, zeros for the rows
+ * past n_out (40: a partial second panel); packed in slices the same; each row unpacks to the
+ * file's. */
+START_TEST(test_panel_pack_layout) {
+    const int64_t n_in = 5, n_out = 40;
+    ck_assert_uint_eq(tsr_panel_bytes(n_in, n_out), 2 * 32 * 5 * sizeof(uint16_t));
+    ck_assert_uint_eq(tsr_panel_bytes(n_in, 32), 32 * 5 * sizeof(uint16_t));
+    uint16_t w[40 * 5], p[64 * 5], q[64 * 5], row[5];
+    for (int i = 0; i < 40 * 5; i++) w[i] = (uint16_t)(1000 + i);
+    memset(p, 0xff, sizeof p);
+    tsr_panel_pack(p, w, n_in, n_out, 0, 2);
+    for (int64_t b = 0; b < 2; b++)
+        for (int64_t k = 0; k < n_in; k++)
+            for (int64_t r = 0; r < 32; r++) {
+                const int64_t row_at = 32 * b + r;
+                ck_assert_uint_eq(p[(b * n_in + k) * 32 + r],
+                                  row_at < n_out ? w[row_at * n_in + k] : 0);
+            }
+    memset(q, 0xff, sizeof q);
+    tsr_panel_pack(q, w, n_in, n_out, 1, 2);
+    tsr_panel_pack(q, w, n_in, n_out, 0, 1);
+    ck_assert_int_eq(memcmp(p, q, sizeof p), 0);
+    for (int64_t r = 0; r < n_out; r++) {
+        tsr_panel_unpack_row(row, p, n_in, r);
+        ck_assert_int_eq(memcmp(row, w + r * n_in, sizeof row), 0);
+    }
 }
 END_TEST
 
@@ -978,6 +1019,7 @@ static Suite *kernels_suite(void) {
     ADD(test_panel_reference);
     ADD(test_panel_prepare_layout);
     ADD(test_panel_errors);
+    ADD(test_panel_pack_layout);
     ADD(test_panel_pays);
     ADD(test_rms_norm);
     ADD(test_softmax);

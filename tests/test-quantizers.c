@@ -1574,15 +1574,13 @@ START_TEST(gguf_fast_order_repacks) {
 END_TEST
 
 /* order fast with the cpu backend, F16 and (below the avx512 level, where the backend's BF16
- * tiles are faster: TESSERA_CPU_LEVEL) BF16: the matrix keeps the file's rows (the same
- * pointer, not owned) under a type of gguf's own; they dequantize as the file's; a batch of
- * TSR_PANEL_MIN_TOK tokens or more gives the panels' reference bits, fewer the tiles' ones
- * (tsr_row_dot on activations rounded to the type), whatever the pool. 40 rows: a partial
- * block of 16. */
+ * tiles are faster: TESSERA_CPU_LEVEL) BF16: the matrix is replaced by an owned copy in panels
+ * under a type of gguf's own; its rows dequantize as the file's; every token count (decode's
+ * one, a tile's remainder, a batch) gives the panels' reference bits, whatever the pool. 40
+ * rows: a partial panel of 32. */
 START_TEST(gguf_fast_order_panels) {
     const int32_t types[] = {TSR_DTYPE_F16, TSR_DTYPE_BF16};
-    const int64_t n_in = 300, n_out = 40, n_big = TSR_PANEL_MIN_TOK,
-                  n_small = TSR_PANEL_MIN_TOK - 1;
+    const int64_t n_in = 300, n_out = 40, n_toks[] = {1, 3, 24};
     for (int i = 0; i < 2; i++)
         for (int threads = 1; threads <= 2; threads++) {
             qz q;
@@ -1596,37 +1594,29 @@ START_TEST(gguf_fast_order_panels) {
                 continue;
             }
             ck_assert_int_ge(out.dst.dtype, TSR_DTYPE_PLUGIN_FIRST);
-            ck_assert_int_eq(out.owns_data, 0);
-            ck_assert_ptr_eq(out.dst.data, file);
+            ck_assert_int_eq(out.owns_data, 1);
+            ck_assert_ptr_ne(out.dst.data, file);
             const size_t row = tsr_row_size(types[i], n_in);
             ck_assert_uint_eq(out.dst.row_bytes, row);
             assert_rows_are_the_files(&q, &out.dst, types[i], file);
-            float *x = gauss((size_t)(n_in * n_big), 17);
-            float *y = malloc(sizeof(float) * n_out * n_big);
-            uint16_t *xh = malloc(row);
-            ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_big), TSR_OK);
-            for (int64_t t = 0; t < n_big; t++)
-                for (int64_t r = 0; r < n_out; r++) {
-                    float ref = tsr_panel_row_dot_ref(types[i], n_in, (char *)file + r * row,
-                                                      x + t * n_in);
-                    ck_assert_msg(memcmp(&y[t * n_out + r], &ref, sizeof ref) == 0,
-                                  "type %d threads %d (%lld, %lld): %.9g vs %.9g", types[i],
-                                  threads, (long long)t, (long long)r, y[t * n_out + r], ref);
-                }
-            ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_small), TSR_OK);
-            for (int64_t t = 0; t < n_small; t++) {
-                ck_assert_int_eq(tsr_matmul_prepare(xh, types[i], x + t * n_in, 1, n_in, 0, 1),
-                                 TSR_OK);
-                for (int64_t r = 0; r < n_out; r++) {
-                    float ref = tsr_row_dot(types[i], n_in, (char *)file + r * row, xh);
-                    ck_assert_mem_eq(&y[t * n_out + r], &ref, sizeof ref);
-                }
+            float *x = gauss((size_t)(n_in * 24), 17);
+            float *y = malloc(sizeof(float) * n_out * 24);
+            for (int n = 0; n < 3; n++) {
+                ck_assert_int_eq(q.vt->matmul(q.inst->self, y, &out.dst, x, n_toks[n]), TSR_OK);
+                for (int64_t t = 0; t < n_toks[n]; t++)
+                    for (int64_t r = 0; r < n_out; r++) {
+                        float ref = tsr_panel_row_dot_ref(types[i], n_in,
+                                                          (char *)file + r * row, x + t * n_in);
+                        ck_assert_msg(memcmp(&y[t * n_out + r], &ref, sizeof ref) == 0,
+                                      "type %d threads %d tokens %lld (%lld, %lld): %.9g vs %.9g",
+                                      types[i], threads, (long long)n_toks[n], (long long)t,
+                                      (long long)r, y[t * n_out + r], ref);
+                    }
             }
             q.vt->release(q.inst->self, &out.dst);
             qz_close(&q);
             free(x);
             free(y);
-            free(xh);
             free(file);
         }
 }

@@ -5,28 +5,25 @@
 
 #include "internal.h"
 
-/* Rows per panel: one 512-bit register of f32, two 256-bit ones. AVX-512 takes two such
- * panels side by side (`rows` 32), so that each broadcast activation feeds two fmas. */
-#define TSR_PANEL_ROWS 16
-
-/* One level's two steps. `build` converts k in [k0, k0 + kn) of the n_r (<= rows) rows at w
- * (w_stride bytes apart) into p[(k - k0) * rows + r], zeros for r >= n_r. `tile` runs one
- * chain per pair over those kn elements for the n_r rows and the n_t (<= tile_toks) tokens
- * at x (x[k * TSR_PANEL_TOK + t], k from k0): from 0 when `first`, else from the values y
- * holds (the chains of the previous chunk of n_in), into y[t * ldy + r]. */
+/* One level's tile: one chain per pair over kn elements of the panel at p (its element k at
+ * p[k * TSR_PANEL_ROWS], `rows` of them from there, of which the first n_r are written) and
+ * the n_t (<= tile_toks) tokens at x (x[k * xs + t]): from 0 when `first`, else
+ * from the values y holds (the chains of the previous chunk of n_in), into y[t * ldy + r].
+ * A level whose `rows` is 16 takes a panel's two halves in turn. */
 typedef struct tsr_panel_isa {
-    void (*build)(float *p, const char *w, size_t w_stride, int32_t wtype, int n_r, int64_t k0,
-                  int64_t kn);
-    void (*tile)(float *y, int64_t ldy, const float *p, const float *x, int64_t kn, int n_r,
-                 int n_t, int first);
+    void (*tile)(float *y, int64_t ldy, const uint16_t *p, int bf16, const float *x, int64_t xs,
+                 int64_t kn, int n_r, int n_t, int first);
+    /* n_t (<= TSR_PANEL_DEC_TOK) tokens at x (x[k * n_t + t], the prepared block of a batch
+     * this small) over the whole n_in, two panels at a time: the n_ra rows of panel a into y,
+     * the n_rb of panel b (0: none, pb then a's again) y_b columns further, each (row, token)
+     * in the tile's order. NULL: the tiles take decode too. */
+    void (*decode)(float *y, int64_t ldy, int64_t y_b, const uint16_t *pa, const uint16_t *pb,
+                   int bf16, const float *x, int64_t n_in, int n_ra, int n_rb, int n_t);
     int rows, tile_toks;
 } tsr_panel_isa;
 
-/* `build` one element at a time, for k in [k_begin, k_end) of the chunk, into a panel of
- * `rows`: the scalar level's build, and the ISA files' tail of a chunk that is not a whole
- * number of vectors. */
-void tsr_panel_build_range(float *p, int rows, const char *w, size_t w_stride, int32_t wtype,
-                           int n_r, int64_t k0, int64_t k_begin, int64_t k_end);
+/* Decode's token counts, which tsr_panel_isa.decode takes. */
+#define TSR_PANEL_DEC_TOK 2
 
 #if defined(TSR_KERNELS_X86)
 extern const tsr_panel_isa tsr_panel_isa_avx2;   /* panel_avx2.c */

@@ -11,10 +11,10 @@
  * or converted) are repacked at load into the kernels' row-interleaved x16 layout, a type of
  * this plugin's own that it multiplies itself (tsr_x16_matmul: activations quantized to Q8_0,
  * Q8_1 for Q4_1 and Q5_1, or Q8_K for the K types, once per product, the fast order); the
- * file's bytes are then no longer read. F16 (and below the avx512 level BF16) matrices keep
- * their rows where they are, under a type of this plugin's own too: a batch of
- * TSR_PANEL_MIN_TOK tokens or more goes through tsr_panel_matmul (the fast order), fewer
- * through the backend's kernel (tsr_matmul). With `ggml` every type stays the backend's to
+ * file's bytes are then no longer read. F16 (and below the avx512 level BF16) matrices are
+ * repacked the same way into k-major panels of 32 rows (tsr_panel_pack), a type of this
+ * plugin's own too, which tsr_panel_matmul multiplies for any number of tokens (the fast
+ * order). With `ggml` every type stays the backend's to
  * multiply in llama.cpp's order, which the parity tests against llama.cpp's logits need.
  */
 #include <tessera/kernels_cpu.h>
@@ -62,7 +62,8 @@ static const tsr_param_def gguf_params[] = {
 #define GGUF_DTYPE_Q8_0_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x161)
 #define GGUF_DTYPE_Q4_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x162)
 #define GGUF_DTYPE_Q6_K_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x163)
-/* F16 and BF16 file rows this plugin multiplies (tsr_panel_matmul for a batch). */
+/* F16 and BF16 matrices repacked into panels (tsr_panel_pack), which tsr_panel_matmul
+ * multiplies. */
 #define GGUF_DTYPE_F16_PANEL (TSR_DTYPE_PLUGIN_FIRST + 0x164)
 #define GGUF_DTYPE_BF16_PANEL (TSR_DTYPE_PLUGIN_FIRST + 0x165)
 #define GGUF_DTYPE_Q4_1_X16 (TSR_DTYPE_PLUGIN_FIRST + 0x168)
@@ -373,10 +374,17 @@ static void repack_groups(void *arg, int ith, int nth) {
                        n_groups * ith / nth, n_groups * (ith + 1) / nth);
 }
 
+static void repack_panels(void *arg, int ith, int nth) {
+    repack_job *j = arg;
+    int64_t n_panels = (j->src->ne[1] + TSR_PANEL_ROWS - 1) / TSR_PANEL_ROWS;
+    tsr_panel_pack(j->dst, j->src->data, j->src->ne[0], j->src->ne[1], n_panels * ith / nth,
+                   n_panels * (ith + 1) / nth);
+}
+
 /* The fast order's layout for a prepared matrix the products read. A matrix of a type
- * tsr_x16_supported takes is replaced by a copy in x16 tiles (a converted matrix is freed; a
- * kept one stays in the file's mapping, unread); an F16 (or below AVX-512 a BF16, tsr_panel_pays) one keeps its
- * rows, only its type becomes a panel type. The embeddings' rows are read by get_rows in the
+ * tsr_x16_supported takes is replaced by a copy in x16 tiles, an F16 (or below AVX-512 a
+ * BF16, tsr_panel_pays) one by a copy in panels (a converted matrix is freed; a kept one stays
+ * in the file's mapping, unread). The embeddings' rows are read by get_rows in the
  * file's layout: left alone. So are a mixture's routed experts: a router may read them from
  * the file on demand and let their pages go (expert offloading), which a resident copy would
  * defeat. And types whose x16 product would be slower at the running level
@@ -387,23 +395,26 @@ static tsr_status fast_layout(gguf_quantizer *q, const tsr_weight_in *in, tsr_we
                          in->expert >= 0;
     if (!q->fast || routed_expert || !strcmp(in->role, "token_embd") || t->ne[2] * t->ne[3] != 1)
         return TSR_OK;
-    if (tsr_panel_pays(t->dtype)) {
-        t->dtype = t->dtype == TSR_DTYPE_F16 ? GGUF_DTYPE_F16_PANEL : GGUF_DTYPE_BF16_PANEL;
-        return TSR_OK;
-    }
-    if (!tsr_x16_repack_pays(t->dtype) || !tsr_x16_supported(t->dtype, t->ne[0], t->ne[1]))
+    const bool panel = tsr_panel_pays(t->dtype);
+    if (!panel && (!tsr_x16_repack_pays(t->dtype) ||
+                   !tsr_x16_supported(t->dtype, t->ne[0], t->ne[1])))
         return TSR_OK;
     const tsr_host *h = q->host;
     repack_job j = {.src = t};
-    j.dst = h->alloc(h->ctx, t->row_bytes * (size_t)t->ne[1], 64);
+    j.dst = h->alloc(h->ctx,
+                     panel ? tsr_panel_bytes(t->ne[0], t->ne[1])
+                           : t->row_bytes * (size_t)t->ne[1],
+                     64);
     if (!j.dst) {
         h->set_error(h->ctx, "prepare: %s: out of memory repacking %s", t->name ? t->name : in->role,
                      gguf_type_name(t->dtype));
         return TSR_E_NOMEM;
     }
-    h->parallel_for(h->ctx, repack_groups, &j);
+    h->parallel_for(h->ctx, panel ? repack_panels : repack_groups, &j);
     h->free(h->ctx, t->extra);
-    t->dtype = x16_type(t->dtype);
+    t->dtype = !panel                       ? x16_type(t->dtype)
+               : t->dtype == TSR_DTYPE_F16 ? GGUF_DTYPE_F16_PANEL
+                                           : GGUF_DTYPE_BF16_PANEL;
     t->data = t->extra = j.dst;
     out->owns_data = 1;
     return TSR_OK;
@@ -419,9 +430,8 @@ static tsr_status gguf_prepare(void *self, const tsr_weight_in *in, tsr_weight_o
 
 /* How this plugin multiplies one of its own types. */
 typedef enum product {
-    PRODUCT_X16,   /* tsr_x16_matmul on the repacked tiles */
-    PRODUCT_PANEL, /* tsr_panel_matmul: an F16 / BF16 batch */
-    PRODUCT_TILES  /* tsr_matmul on the F16 / BF16 file rows: decode's few tokens */
+    PRODUCT_X16,  /* tsr_x16_matmul on the repacked tiles */
+    PRODUCT_PANEL /* tsr_panel_matmul on the F16 / BF16 panels */
 } product;
 
 typedef struct product_job {
@@ -447,21 +457,12 @@ static void product_prepare_task(void *arg, int ith, int nth) {
 static void product_task(void *arg, int ith, int nth) {
     product_job *j = arg;
     const tsr_tensor *w = j->w;
-    tsr_status st;
-    switch (j->kind) {
-    case PRODUCT_X16:
-        st = tsr_x16_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0], w->ne[1],
-                            ith, nth);
-        break;
-    case PRODUCT_PANEL:
-        st = tsr_panel_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0],
-                              w->ne[1], ith, nth);
-        break;
-    default:
-        st = tsr_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0], w->ne[1], ith,
-                        nth);
-        break;
-    }
+    tsr_status st =
+        j->kind == PRODUCT_PANEL
+            ? tsr_panel_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0],
+                               w->ne[1], ith, nth)
+            : tsr_x16_matmul(j->y, w->ne[1], w->data, j->wtype, j->xp, j->n, w->ne[0],
+                             w->ne[1], ith, nth);
     if (st < 0) atomic_store(&j->failed, 1);
 }
 
@@ -489,9 +490,7 @@ static tsr_status gguf_matmul(void *self, float *y, const tsr_tensor *w, const f
         return TSR_E_UNSUPPORTED;
     }
     if (n <= 0) return TSR_OK;
-    j.kind = !is_panel(w->dtype) ? PRODUCT_X16
-             : n >= TSR_PANEL_MIN_TOK ? PRODUCT_PANEL
-                                      : PRODUCT_TILES;
+    j.kind = is_panel(w->dtype) ? PRODUCT_PANEL : PRODUCT_X16;
     size_t bytes = prepared_bytes(&j);
     if (!bytes) {
         h->set_error(h->ctx, "matmul: %lld prepared rows of %lld elements overflow",
@@ -513,7 +512,7 @@ static tsr_status gguf_matmul(void *self, float *y, const tsr_tensor *w, const f
     else product_prepare_task(&j, 0, 1);
     h->parallel_for(h->ctx, product_task, &j);
     if (atomic_load(&j.failed)) {
-        static const char *const names[] = {"x16", "panel", "F16/BF16 tile"};
+        static const char *const names[] = {"x16", "panel"};
         h->set_error(h->ctx, "matmul: %s: the %s product failed (%lld x %lld, out of memory for "
                      "its scratch)", w->name ? w->name : "weight", names[j.kind],
                      (long long)w->ne[1], (long long)w->ne[0]);
@@ -526,7 +525,7 @@ static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w
                                        int64_t n_rows) {
     gguf_quantizer *q = self;
     const int32_t base = own_base(w->dtype);
-    const bool x16 = base >= 0 && !is_panel(w->dtype); /* a panel type keeps the file's rows */
+    const bool repacked = base >= 0;
     tsr_status st = base >= 0 ? TSR_OK : gguf_check(q, "dequantize_rows", w);
     if (st < 0) return st;
     int64_t total = 1;
@@ -538,14 +537,17 @@ static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w
         return TSR_E_RANGE;
     }
     void *file_row = NULL;
-    if (x16 && n_rows > 0 && !(file_row = tsr_calloc(q->host, 1, w->row_bytes))) {
+    if (repacked && n_rows > 0 && !(file_row = tsr_calloc(q->host, 1, w->row_bytes))) {
         q->host->set_error(q->host->ctx, "dequantize_rows: out of memory");
         return TSR_E_NOMEM;
     }
     for (int64_t r = 0; r < n_rows; r++) {
         const void *src = (const char *)w->data + (size_t)(row0 + r) * w->row_bytes;
-        if (x16) {
-            tsr_x16_unpack_row(file_row, w->data, base, w->ne[0], row0 + r);
+        if (repacked) {
+            if (is_panel(w->dtype))
+                tsr_panel_unpack_row(file_row, w->data, w->ne[0], row0 + r);
+            else
+                tsr_x16_unpack_row(file_row, w->data, base, w->ne[0], row0 + r);
             src = file_row;
         }
         (void)tsr_row_to_f32(y + r * w->ne[0], base >= 0 ? base : w->dtype, src, w->ne[0]);

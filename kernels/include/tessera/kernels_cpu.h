@@ -184,51 +184,63 @@ tsr_status tsr_x16_matmul(float *y, int64_t ldy, const void *w, int32_t wtype, c
 float tsr_x16_row_dot_ref(int32_t wtype, int64_t n_in, const void *w, const void *xp);
 
 /* ---------------------------------------------------------------------------------------- */
-/* F16 and BF16 prefill in the fast order ("panels")                                         */
+/* F16 and BF16 products in the fast order ("panels")                                        */
 /*                                                                                           */
-/* The weights stay the file's rows. Each thread converts 16 rows at a time (n_in in chunks  */
-/* of TSR_PANEL_K) into a k-major f32 panel of its own, which every token of the batch then  */
-/* reads: one conversion per weight and product, however many tokens. The activations are    */
-/* rounded to the weights' type (F16 or BF16, as tsr_matmul_prepare does) and laid out k-    */
-/* major in blocks of TSR_PANEL_TOK tokens by tsr_panel_prepare.                             */
+/* The weights are repacked at load (tsr_panel_pack) into k-major panels of TSR_PANEL_ROWS   */
+/* rows in their own type: panel b holds rows [32 b, 32 b + 32), element k of its row r at   */
+/* p[(b * n_in + k) * TSR_PANEL_ROWS + r], zeros for the rows past n_out. A tile reads one   */
+/* 64-byte line per k for 32 rows, converting it to f32 as it multiplies: one sequential     */
+/* stream, where the file's rows were 32 pages read a half line at a time. The activations   */
+/* are rounded to the weights' type (F16 or BF16, as tsr_matmul_prepare does) and laid out   */
+/* k-major in blocks of TSR_PANEL_TOK tokens by tsr_panel_prepare.                           */
 /*                                                                                           */
 /* The fast order: a (row, token) value is acc = fmaf(w_k, x_k, acc) over k = 0..n_in-1 in   */
 /* order, from 0, with w_k the weight and x_k the rounded activation as f32. One chain per    */
-/* pair: a value never depends on the tile, the thread slice or n_tok, and every level gives  */
-/* the same bits. It is not llama.cpp's order (kernels/README.md).                           */
+/* pair: a value never depends on the tile, the thread slice or n_tok (decode's one token    */
+/* gives the bits of the same token in a batch), and every level gives the same bits. It is  */
+/* not llama.cpp's order (kernels/README.md).                                                */
 
+#define TSR_PANEL_ROWS 32
 #define TSR_PANEL_TOK 16
 #define TSR_PANEL_K 2048
-
-/* Below this many tokens tsr_matmul's tiles are as fast or faster (measured,
- * docs/benchmarks.md): building a matrix's panels costs about as much as a dozen tokens'
- * products. */
-#define TSR_PANEL_MIN_TOK 24
 
 /* 1 when the panels beat tsr_matmul's tiles for `wtype` at the running level: F16 at every
  * level, BF16 below AVX-512 (whose tiles multiply with vdpbf16ps, two multiply-adds per f32
  * lane and instruction: the panels ran at 0.72-0.83x of them). */
 int tsr_panel_pays(int32_t wtype);
 
+/* Bytes of the panels of an (n_out, n_in) F16 or BF16 matrix: n_out rounded up to
+ * TSR_PANEL_ROWS, times n_in, times 2. */
+size_t tsr_panel_bytes(int64_t n_in, int64_t n_out);
+
+/* Panels [b0, b1) of the (n_out, n_in) F16 or BF16 file rows at w into p (tsr_panel_bytes),
+ * so that threads can take slices. */
+void tsr_panel_pack(void *p, const void *w, int64_t n_in, int64_t n_out, int64_t b0,
+                    int64_t b1);
+
+/* Row r of the panels at p, as the file held it (n_in elements of 2 bytes). */
+void tsr_panel_unpack_row(void *row, const void *p, int64_t n_in, int64_t r);
+
 /* Bytes tsr_panel_prepare writes for n_tok tokens: n_tok rounded up to TSR_PANEL_TOK, times
  * n_in floats. */
 size_t tsr_panel_act_bytes(int64_t n_tok, int64_t n_in);
 
 /* Rounds the activations to `wtype` (F16 or BF16) and back, and lays them out for
- * tsr_panel_matmul: block b of TSR_PANEL_TOK tokens, element k of its token t at
- * xp[(b * n_in + k) * TSR_PANEL_TOK + t], 0 for the tokens past n_tok. Slices the blocks.
+ * tsr_panel_matmul: block b of n_b tokens (TSR_PANEL_TOK, the last block what is left of
+ * n_tok), element k of its token t at xp[b * TSR_PANEL_TOK * n_in + k * n_b + t]: decode's
+ * one token reads its activations as one row. Slices the blocks.
  * TSR_E_UNSUPPORTED for another type, TSR_E_INVALID for n_in < 1 or n_tok < 0. */
 tsr_status tsr_panel_prepare(float *xp,        // tsr_panel_act_bytes(n_tok, n_in)
                              int32_t wtype,
                              const float *x,   // (n_tok, n_in)
                              int64_t n_tok, int64_t n_in, int ith, int nth);
 
-/* The product of F16 or BF16 file rows with prepared activations, in the fast order, for the
- * output rows of slice ith of nth (multiples of 16). Errors as tsr_panel_prepare, and
- * TSR_E_INVALID for ldy < n_out, TSR_E_NOMEM when the panel could not be allocated. */
+/* The product of F16 or BF16 panels with prepared activations, in the fast order, for the
+ * output rows of slice ith of nth (whole panels). Errors as tsr_panel_prepare, and
+ * TSR_E_INVALID for ldy < n_out. */
 tsr_status tsr_panel_matmul(float *y,          // (n_tok, ldy), columns [0, n_out) written
                             int64_t ldy,
-                            const void *w,     // (n_out, tsr_row_size(wtype, n_in)) bytes
+                            const void *p,     // tsr_panel_pack's panels
                             int32_t wtype,
                             const float *xp,   // from tsr_panel_prepare
                             int64_t n_tok, int64_t n_in, int64_t n_out, int ith, int nth);
