@@ -52,9 +52,9 @@ static const tsr_param_def gguf_params[] = {
      .min = 1, .max = 0, .choices = order_choices,
      .doc = "fast: on the cpu backend, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K..Q6_K and IQ4_XS "
             "matrices repacked at load into 16-row interleaved tiles and multiplied here in the "
-            "fast order, F16 (below avx512 BF16 too) batches multiplied here through f32 "
-            "panels; ggml: every matrix left to the backend, in llama.cpp's order (bit-exact "
-            "parity)"},
+            "fast order, F16 (below avx512 BF16 too) repacked at load into 32-row panels and "
+            "multiplied here; ggml: every matrix left to the backend, in llama.cpp's order "
+            "(bit-exact parity)"},
 };
 
 /* The x16 layouts of the repacked types, as types of this plugin. */
