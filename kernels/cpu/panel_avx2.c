@@ -48,13 +48,17 @@ TSR_INLINE void tile_t(float *y, int64_t ldy, const uint16_t *p, int bf16, const
 #undef PANEL_FMA
 #undef PANEL_STORE
 
-/* Half a panel (n_r of its 16 rows) as two lane masks: the last panel's others are neither
- * read nor written. */
+/* Rows [8 i, 8 i + 8) of n_r as a lane mask: the last panel's others are neither read nor
+ * written. */
+static __m256i rows_mask(int n_r, int i) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n_r - 8 * i),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Half a panel: n_r of its 16 rows. */
 static void tile(float *y, int64_t ldy, const uint16_t *p, int bf16, const float *x, int64_t xs,
                  int64_t kn, int n_r, int n_t, int first) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_r), lane);
-    const __m256i hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_r - 8), lane);
+    const __m256i lo = rows_mask(n_r, 0), hi = rows_mask(n_r, 1);
     switch (n_t) {
     case 1: tile_t(y, ldy, p, bf16, x, xs, kn, lo, hi, first, 1); break;
     case 2: tile_t(y, ldy, p, bf16, x, xs, kn, lo, hi, first, 2); break;
@@ -63,12 +67,6 @@ static void tile(float *y, int64_t ldy, const uint16_t *p, int bf16, const float
     case 5: tile_t(y, ldy, p, bf16, x, xs, kn, lo, hi, first, 5); break;
     default: tile_t(y, ldy, p, bf16, x, xs, kn, lo, hi, first, 6); break;
     }
-}
-
-/* Rows [8 i, 8 i + 8) of n_r as a lane mask. */
-static __m256i rows_mask(int n_r, int i) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n_r - 8 * i),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 /* Decode: whole panels, four chains per panel and token, where the tiles' half panels gave

@@ -50,10 +50,16 @@ TSR_INLINE void tile_t(float *y, int64_t ldy, const uint16_t *p, int bf16, const
     default: tile_t(y, ldy, p, bf16, x, xs, kn, lo, hi, first, H, TILE_TOKS); break;            \
     }
 
+/* Rows [16 i, 16 i + 16) of a panel's n_r as a lane mask: the last panel's others are neither
+ * read nor written. */
+TSR_INLINE __mmask16 rows_mask(int n_r, int i) {
+    const int n = n_r - 16 * i;
+    return (__mmask16)((1u << (n < 0 ? 0 : n > 16 ? 16 : n)) - 1);
+}
+
 static void tile(float *y, int64_t ldy, const uint16_t *p, int bf16, const float *x, int64_t xs,
                  int64_t kn, int n_r, int n_t, int first) {
-    const __mmask16 lo = (__mmask16)((1u << (n_r < 16 ? n_r : 16)) - 1);
-    const __mmask16 hi = (__mmask16)((1u << (n_r > 16 ? n_r - 16 : 0)) - 1);
+    const __mmask16 lo = rows_mask(n_r, 0), hi = rows_mask(n_r, 1);
     if (n_r > 16) {
         TILE_SWITCH(2)
     } else {
@@ -89,11 +95,8 @@ TSR_INLINE void decode_t(float *y, int64_t ldy, int64_t y_b, const uint16_t *pa,
 
 static void decode(float *y, int64_t ldy, int64_t y_b, const uint16_t *pa, const uint16_t *pb,
                    int bf16, const float *x, int64_t n_in, int n_ra, int n_rb, int n_t) {
-    const __mmask16 rows[4] = {
-        (__mmask16)((1u << (n_ra < 16 ? n_ra : 16)) - 1),
-        (__mmask16)((1u << (n_ra > 16 ? n_ra - 16 : 0)) - 1),
-        (__mmask16)((1u << (n_rb < 16 ? n_rb : 16)) - 1),
-        (__mmask16)((1u << (n_rb > 16 ? n_rb - 16 : 0)) - 1)};
+    const __mmask16 rows[4] = {rows_mask(n_ra, 0), rows_mask(n_ra, 1), rows_mask(n_rb, 0),
+                               rows_mask(n_rb, 1)};
     if (n_t == 1)
         decode_t(y, ldy, y_b, pa, pb, bf16, x, n_in, rows, 1);
     else

@@ -63,6 +63,12 @@ static inline size_t tsr_x16_pair_scales_at(int32_t wtype, int n, int j) {
     return (size_t)n * tsr_x16_tile_bytes(wtype) + (size_t)j * tsr_x16_scale_bytes(wtype);
 }
 
+/* Decode's prefetch of the pair of blocks `ahead` bytes past `pair`, every line into L1. */
+static inline void tsr_x16_prefetch_pair(int32_t wtype, const uint8_t *pair, size_t ahead) {
+    for (size_t o = 0; o < tsr_x16_pair_bytes(wtype); o += 64)
+        __builtin_prefetch(pair + ahead + o, 0, 3);
+}
+
 /* The offset of the unsigned quants the SIMD kernels multiply: the value of a quant is
  * (u - offset) for Q4_0 (8), Q5_0 (16), Q8_0 (stored + 128) and IQ4_NL (its table lifted by
  * 128 into unsigned bytes); 0 for Q4_1 and Q5_1, whose minimum takes the place of one. */

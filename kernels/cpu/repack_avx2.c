@@ -119,9 +119,7 @@ X8_INLINE void x8_tile(const int32_t wtype, const int nt, float *y, int64_t ldy,
     for (size_t b0 = 0; b0 < (size_t)nb; b0 += 2) {
         const uint8_t *pair = grp + tsr_x16_pair_at(wtype, b0);
         const int n = tsr_x16_pair_blocks((size_t)nb, b0);
-        if (nt <= X8_DEC_TOK)
-            for (size_t o = 0; o < tsr_x16_pair_bytes(wtype); o += 64)
-                _mm_prefetch((const char *)pair + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
+        if (nt <= X8_DEC_TOK) tsr_x16_prefetch_pair(wtype, pair, TSR_STREAM_PREFETCH);
         for (int j = 0; j < n; j++) {
             const size_t b = b0 + (size_t)j;
             for (int u = 0; u < X8_HALVES(nt); u++) {

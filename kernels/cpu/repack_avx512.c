@@ -283,8 +283,7 @@ X16_INLINE void x16_decode_pair(const int32_t wtype, const int nt, float *y, int
         const int n = tsr_x16_pair_blocks((size_t)nb, b0);
         if (wtype != TSR_DTYPE_Q8_0)
             for (int s = 0; s < 2; s++)
-                for (size_t o = 0; o < tsr_x16_pair_bytes(wtype); o += 64)
-                    _mm_prefetch(grps[s] + at + TSR_STREAM_PREFETCH + o, _MM_HINT_T0);
+                tsr_x16_prefetch_pair(wtype, grps[s] + at, TSR_STREAM_PREFETCH);
         for (int j = 0; j < n; j++, xd += nt)
             for (int s = 0; s < 2; s++) {
                 const uint8_t *p = grps[s] + at + j * tile,

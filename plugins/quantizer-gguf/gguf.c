@@ -526,7 +526,7 @@ static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w
     gguf_quantizer *q = self;
     const int32_t base = own_base(w->dtype);
     const bool repacked = base >= 0;
-    tsr_status st = base >= 0 ? TSR_OK : gguf_check(q, "dequantize_rows", w);
+    tsr_status st = repacked ? TSR_OK : gguf_check(q, "dequantize_rows", w);
     if (st < 0) return st;
     int64_t total = 1;
     for (uint32_t d = 1; d < TSR_MAX_DIMS; d++) total *= w->ne[d];
@@ -550,7 +550,7 @@ static tsr_status gguf_dequantize_rows(void *self, float *y, const tsr_tensor *w
                 tsr_x16_unpack_row(file_row, w->data, base, w->ne[0], row0 + r);
             src = file_row;
         }
-        (void)tsr_row_to_f32(y + r * w->ne[0], base >= 0 ? base : w->dtype, src, w->ne[0]);
+        (void)tsr_row_to_f32(y + r * w->ne[0], repacked ? base : w->dtype, src, w->ne[0]);
     }
     q->host->free(q->host->ctx, file_row);
     return TSR_OK;
