@@ -809,6 +809,179 @@ START_TEST(dot_packed_scaled_levels) {
 }
 END_TEST
 
+/* ---- 16 interleaved rows of a uniform codec --------------------------------------------- */
+
+/* A uniform codec whose configuration is its tsr_rq_uniform, rows laid out as fp16 d[n_g],
+ * fp16 m[n_g] (with a minimum), then the packed codes. */
+static size_t x16_codec_row_bytes(const void *cfg, int64_t n_in) {
+    const tsr_rq_uniform *u = cfg;
+    return u->codes_at + tsr_rq_packed_bytes(tsr_rq_groups(n_in, u->group) * u->group, u->bits);
+}
+
+static int x16_codec_uniform(const void *cfg, int64_t n_in, tsr_rq_uniform *u) {
+    (void)n_in;
+    *u = *(const tsr_rq_uniform *)cfg;
+    return 1;
+}
+
+static const tsr_rq_codec x16_codec = {.dtype = TSR_DTYPE_PLUGIN_FIRST,
+                                       .name = "x16 test",
+                                       .row_bytes = x16_codec_row_bytes,
+                                       .uniform = x16_codec_uniform};
+
+/* n_out random rows of the codec u describes for rows of n_in (codes anywhere in their
+ * range, scales of both signs), and their x16 form; *rows and *x16 are malloc'd. */
+static tsr_rq_matrix x16_matrix(tsr_rq_uniform *u, int64_t n_in, int64_t n_out, uint64_t seed,
+                                uint8_t **rows, uint8_t **x16) {
+    int64_t n_g = tsr_rq_groups(n_in, u->group), n_codes = n_g * u->group;
+    u->d_at = 0;
+    u->m_at = 2 * (size_t)n_g;
+    u->codes_at = (u->has_min ? 4 : 2) * (size_t)n_g;
+    tsr_rq_matrix m = {&x16_codec, u, n_in, n_out, x16_codec_row_bytes(u, n_in), NULL, NULL,
+                       NULL, NULL};
+    *rows = calloc((size_t)n_out, m.row_bytes);
+    uint8_t *codes = malloc((size_t)n_codes);
+    for (int64_t r = 0; r < n_out; r++) {
+        uint8_t *row = *rows + (size_t)r * m.row_bytes;
+        for (int64_t g = 0; g < n_g; g++) {
+            next_seed(&seed);
+            tsr_rq_store_f16(row + 2 * g, 0.001f * (float)((int)(seed >> 50) - 8192));
+            tsr_rq_store_f16(row + u->m_at + 2 * g,
+                             0.01f * (float)((int)(seed >> 40 & 1023) - 512));
+        }
+        for (int64_t i = 0; i < n_codes; i++) {
+            next_seed(&seed);
+            codes[i] = (uint8_t)((seed >> 33) & ((1u << u->bits) - 1));
+        }
+        tsr_rq_pack(row + u->codes_at, codes, n_codes, u->bits);
+    }
+    free(codes);
+    m.rows = *rows;
+    *x16 = malloc(tsr_rq_x16_bytes(u, n_in, n_out));
+    memset(*x16, 0x5a, tsr_rq_x16_bytes(u, n_in, n_out)); /* every byte must be written */
+    for (int ith = 0; ith < 3; ith++) tsr_rq_x16_pack(*x16, &m, u, ith, 3);
+    return m;
+}
+
+/* The layout by hand: 3-bit codes with a minimum, groups of 8 in rows of 12 (a short last
+ * group), 17 rows (a second block of one row and 15 of zeros): the scales of 16 rows side by
+ * side, then unit k holding codes 4k..4k+3 of each row as codes 4r..4r+3 of its stream. */
+START_TEST(x16_layout_by_hand) {
+    tsr_rq_uniform u = {.bits = 3, .zero = 2, .has_min = 1, .group = 8};
+    uint8_t *rows, *x16;
+    tsr_rq_matrix m = x16_matrix(&u, 12, 17, 5, &rows, &x16);
+    const size_t unit = 24, group_bytes = 64 + 2 * unit, block = 2 * group_bytes;
+    ck_assert_uint_eq(tsr_rq_x16_bytes(&u, 12, 17), 2 * block);
+    for (int64_t r = 0; r < 32; r++)
+        for (int64_t g = 0; g < 2; g++) {
+            const uint8_t *gp = x16 + (size_t)(r / 16) * block + (size_t)g * group_bytes;
+            const uint8_t *row = rows + (size_t)r * m.row_bytes;
+            uint16_t d, mn, want_d = 0, want_m = 0;
+            memcpy(&d, gp + 2 * (r % 16), 2);
+            memcpy(&mn, gp + 32 + 2 * (r % 16), 2);
+            if (r < 17) {
+                memcpy(&want_d, row + 2 * g, 2);
+                memcpy(&want_m, row + u.m_at + 2 * g, 2);
+            }
+            ck_assert_uint_eq(d, want_d);
+            ck_assert_uint_eq(mn, want_m);
+            for (int64_t i = 0; i < 8; i++) {
+                uint8_t got = tsr_rq_code_at(gp + 64 + (size_t)(i / 4) * unit,
+                                             4 * (r % 16) + i % 4, 3);
+                uint8_t want = r < 17 ? tsr_rq_code_at(row + u.codes_at, 8 * g + i, 3) : 0;
+                ck_assert_msg(got == want, "row %lld group %lld code %lld", (long long)r,
+                              (long long)g, (long long)i);
+            }
+        }
+    /* dequantized from x16: m + d (c - zero), each step rounded */
+    m.x16 = x16;
+    float y[17 * 12];
+    tsr_rq_matrix_dequantize(y, &m, 0, 17);
+    for (int64_t r = 0; r < 17; r++)
+        for (int64_t i = 0; i < 12; i++) {
+            const uint8_t *row = rows + (size_t)r * m.row_bytes;
+            float d = tsr_rq_load_f16(row + 2 * (i / 8));
+            float mn = tsr_rq_load_f16(row + u.m_at + 2 * (i / 8));
+            float v = d * (float)((int)tsr_rq_code_at(row + u.codes_at, i, 3) - 2);
+            ck_assert_msg(y[r * 12 + i] == mn + v, "(%lld, %lld)", (long long)r, (long long)i);
+        }
+    free(rows);
+    free(x16);
+}
+END_TEST
+
+/* The int8 product of an x16 matrix: the formula within the rounding of its float sums, every
+ * level the reference's bits, each token alone as in a batch of 1 to 11 (tiles of 8 and what
+ * is left, one to three tokens in several chains), threads splitting blocks: every width,
+ * with and without a minimum, a scale per group or per token, groups of 4 to 256 (units that
+ * are and are not a multiple of the chains), rows that end inside a group, a last block of
+ * fewer than 16 rows. */
+START_TEST(x16_mul_levels) {
+    static const struct {
+        int bits, zero, has_min, group_scales;
+        int64_t group, n_in, n_out;
+    } cases[] = {
+        {2, 1, 0, 1, 32, 96, 48},   {3, 0, 1, 1, 32, 100, 33},  {4, 7, 0, 1, 64, 200, 17},
+        {5, 15, 1, 0, 8, 60, 16},   {6, 32, 0, 0, 128, 300, 20}, {7, 0, 1, 1, 4, 30, 40},
+        {8, 127, 0, 1, 256, 256, 31}, {8, 0, 1, 0, 12, 50, 9},   {3, 3, 0, 1, 40, 120, 64},
+    };
+    tsr_cpu_level best = tsr_cpu_level_best();
+    const int64_t max_tok = 11;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        tsr_rq_uniform u = {.bits = cases[k].bits, .zero = cases[k].zero,
+                            .has_min = cases[k].has_min, .group = cases[k].group};
+        int64_t n_in = cases[k].n_in, n_out = cases[k].n_out, group = u.group;
+        int64_t n_pad = tsr_rq_groups(n_in, group) * group, n_g = n_pad / group;
+        uint8_t *rows, *x16;
+        tsr_rq_matrix m = x16_matrix(&u, n_in, n_out, 11 + k, &rows, &x16);
+        float *w = malloc((size_t)(n_in * n_out) * sizeof *w);
+        m.x16 = x16;
+        tsr_rq_matrix_dequantize(w, &m, 0, n_out);
+        float *x = gauss((size_t)(max_tok * n_in), 20 + k);
+        int8_t *q = malloc((size_t)(max_tok * n_pad));
+        int32_t *gsum = malloc((size_t)(max_tok * n_g) * sizeof *gsum);
+        float *da = malloc((size_t)(max_tok * n_g) * sizeof *da);
+        int64_t n_scales = cases[k].group_scales ? n_g : 1;
+        tsr_rq_act_quantize(q, NULL, TSR_RQ_ORDER_NONE, gsum, da, x, max_tok, n_in, n_pad, group,
+                            cases[k].group_scales, 0, 1);
+        tsr_rq_act act = {q, gsum, da, n_pad, group, n_scales, NULL, TSR_RQ_ORDER_NONE};
+        float *ys = malloc((size_t)(max_tok * n_out) * sizeof *ys);
+        float *yv = malloc((size_t)(max_tok * n_out) * sizeof *yv);
+        ck_assert_int_eq(tsr_cpu_level_set(TSR_CPU_LEVEL_SCALAR), TSR_OK);
+        tsr_rq_matrix_mul(ys, &m, NULL, &act, max_tok, NULL, 0, 1);
+        for (int64_t t = 0; t < max_tok; t++)
+            for (int64_t r = 0; r < n_out; r++) {
+                double want = 0, mag = 0;
+                for (int64_t i = 0; i < n_in; i++) {
+                    double term = (double)w[r * n_in + i] * da[t * n_scales +
+                                                               (n_scales > 1 ? i / group : 0)] *
+                                  q[t * n_pad + i];
+                    want += term;
+                    mag += fabs(term);
+                }
+                ck_assert_msg(fabs(ys[t * n_out + r] - want) <= 1e-6 * mag,
+                              "case %zu (%lld, %lld): %.9g vs %.9g", k, (long long)t,
+                              (long long)r, ys[t * n_out + r], want);
+            }
+        for (int lv = TSR_CPU_LEVEL_SCALAR; lv <= (int)best; lv++) {
+            ck_assert_int_eq(tsr_cpu_level_set((tsr_cpu_level)lv), TSR_OK);
+            for (int64_t nt = 1; nt <= max_tok; nt++) {
+                int nth = 1 + (int)(nt % 3);
+                memset(yv, 0, (size_t)(nt * n_out) * sizeof *yv);
+                for (int ith = 0; ith < nth; ith++)
+                    tsr_rq_matrix_mul(yv, &m, NULL, &act, nt, NULL, ith, nth);
+                ck_assert_msg(memcmp(ys, yv, (size_t)(nt * n_out) * sizeof *yv) == 0,
+                              "case %zu n_tok %lld at %s", k, (long long)nt,
+                              tsr_cpu_level_name((tsr_cpu_level)lv));
+            }
+        }
+        free(rows), free(x16), free(w), free(x), free(q), free(gsum), free(da), free(ys),
+            free(yv);
+    }
+    ck_assert_int_eq(tsr_cpu_level_set(best), TSR_OK);
+}
+END_TEST
+
 /* The fused f32 products on packed codes: every level gives the reference's bits for 1 to 6
  * tokens (tiles of four and what is left; decode's single-token loop where the groups are
  * whole, with its narrow reading of codes of 4 bits or fewer, and the unpacked one for the
@@ -1707,6 +1880,8 @@ static Suite *suite(bool model_cases) {
     tcase_add_test(tc, act_steps_order_by_hand);
     tcase_add_test(tc, dot_packed_int_scaled_levels);
     tcase_add_test(tc, dot_packed_f32_levels);
+    tcase_add_test(tc, x16_layout_by_hand);
+    tcase_add_test(tc, x16_mul_levels);
     tcase_add_test(tc, act_f32_sums_order);
     tcase_add_test(tc, stats_affine_levels);
     tcase_set_timeout(tc, 60);

@@ -1714,6 +1714,244 @@ void tsr_rq_stats_affine(float *d, float *b, const uint8_t *sc, const uint8_t *z
     stats_affine_ref(d, b, sc, zc, bits, lo_step16, 0, n_g, run);
 }
 
+/* ---- uniform codecs interleaved by 16 rows ---------------------------------------------- */
+
+/* What a walk over an x16 matrix needs: groups per row, units (four codes of 16 rows) per
+ * group, and the bytes of a unit, of a group's scales, of a group and of a block. */
+typedef struct x16_dims {
+    int64_t n_g, units;
+    size_t unit_bytes, scale_bytes, group_bytes, block_bytes;
+} x16_dims;
+
+static x16_dims x16_dims_of(const tsr_rq_uniform *u, int64_t n_in) {
+    x16_dims x;
+    x.n_g = tsr_rq_groups(n_in, u->group);
+    x.units = u->group / 4;
+    x.unit_bytes = 8 * (size_t)u->bits;
+    x.scale_bytes = (u->has_min ? 2 : 1) * 16 * sizeof(uint16_t);
+    x.group_bytes = x.scale_bytes + (size_t)x.units * x.unit_bytes;
+    x.block_bytes = (size_t)x.n_g * x.group_bytes;
+    return x;
+}
+
+size_t tsr_rq_x16_bytes(const tsr_rq_uniform *u, int64_t n_in, int64_t n_out) {
+    return (size_t)((n_out + 15) / 16) * x16_dims_of(u, n_in).block_bytes;
+}
+
+void tsr_rq_x16_pack(uint8_t *dst, const tsr_rq_matrix *m, const tsr_rq_uniform *u, int ith,
+                     int nth) {
+    x16_dims x = x16_dims_of(u, m->n_in);
+    int64_t b0, b1;
+    tsr_thread_slice(&b0, &b1, (m->n_out + 15) / 16, 1, ith, nth);
+    uint8_t unit[64];
+    for (int64_t b = b0; b < b1; b++) {
+        uint8_t *blk = dst + (size_t)b * x.block_bytes;
+        int n_r = m->n_out - 16 * b < 16 ? (int)(m->n_out - 16 * b) : 16;
+        memset(blk, 0, x.block_bytes);
+        for (int64_t g = 0; g < x.n_g; g++) {
+            uint8_t *gp = blk + (size_t)g * x.group_bytes;
+            for (int r = 0; r < n_r; r++) {
+                const uint8_t *row = m->rows + (size_t)(16 * b + r) * m->row_bytes;
+                memcpy(gp + 2 * r, row + u->d_at + 2 * g, 2);
+                if (u->has_min) memcpy(gp + 32 + 2 * r, row + u->m_at + 2 * g, 2);
+            }
+            for (int64_t k = 0; k < x.units; k++) {
+                memset(unit, 0, sizeof unit);
+                for (int r = 0; r < n_r; r++) {
+                    const uint8_t *codes = m->rows + (size_t)(16 * b + r) * m->row_bytes +
+                                           u->codes_at;
+                    for (int i = 0; i < 4; i++)
+                        unit[4 * r + i] = tsr_rq_code_at(codes, g * u->group + 4 * k + i, u->bits);
+                }
+                tsr_rq_pack(gp + x.scale_bytes + (size_t)k * x.unit_bytes, unit, 64, u->bits);
+            }
+        }
+    }
+}
+
+/* Row r of block blk as f32, by tsr_rq_uniform's formula. */
+static void x16_dequantize_row(float *y, const uint8_t *blk, int r, const tsr_rq_uniform *u,
+                               const x16_dims *x, int64_t n_in) {
+    for (int64_t g = 0; g < x->n_g; g++) {
+        const uint8_t *gp = blk + (size_t)g * x->group_bytes;
+        float d = tsr_rq_load_f16(gp + 2 * r), m = u->has_min ? tsr_rq_load_f16(gp + 32 + 2 * r)
+                                                              : 0.0f;
+        int64_t len = tsr_rq_group_len(g, u->group, n_in);
+        for (int64_t i = 0; i < len; i++) {
+            const uint8_t *unit = gp + x->scale_bytes + (size_t)(i / 4) * x->unit_bytes;
+            float v = d * (float)((int32_t)tsr_rq_code_at(unit, 4 * r + i % 4, u->bits) - u->zero);
+            y[g * u->group + i] = u->has_min ? m + v : v;
+        }
+    }
+}
+
+/* The reference product of block blk (its first n_r rows) with tokens [t0, t1): the order
+ * of tsr_rq_matrix_mul's contract. */
+static void x16_block_ref(float *y, int64_t ldy, const uint8_t *blk, int n_r,
+                          const tsr_rq_uniform *u, const x16_dims *x, const tsr_rq_act *act,
+                          int64_t t0, int64_t t1) {
+    uint8_t c[64];
+    for (int64_t t = t0; t < t1; t++) {
+        const int8_t *a = act->q + t * act->n_pad;
+        float acc[16] = {0};
+        for (int64_t g = 0; g < x->n_g; g++) {
+            const uint8_t *gp = blk + (size_t)g * x->group_bytes;
+            int32_t s[16] = {0};
+            for (int64_t k = 0; k < x->units; k++) {
+                unpack_words(c, gp + x->scale_bytes + (size_t)k * x->unit_bytes, 64, u->bits);
+                const int8_t *ak = a + g * u->group + 4 * k;
+                for (int r = 0; r < 16; r++)
+                    for (int i = 0; i < 4; i++) s[r] += c[4 * r + i] * ak[i];
+            }
+            int32_t sum_a = act->gsum[t * x->n_g + g];
+            float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
+            for (int r = 0; r < 16; r++) {
+                float inner = tsr_rq_load_f16(gp + 2 * r) * (float)(s[r] - u->zero * sum_a);
+                if (u->has_min)
+                    inner = fmaf(tsr_rq_load_f16(gp + 32 + 2 * r), (float)sum_a, inner);
+                acc[r] = fmaf(da, inner, acc[r]);
+            }
+        }
+        for (int r = 0; r < n_r; r++) y[t * ldy + r] = acc[r];
+    }
+}
+
+#ifdef RQ_X86
+#define X16_TOK 8
+
+/* nt tokens from t0 times n_blk blocks (both constants in each caller, so that the arrays
+ * live in registers): each unit unpacked once, then one vpdpbusd per token. Decode takes two
+ * blocks side by side, block i and block i + h of the slice, so that each is the next block of
+ * a sequential stream (as tsr_stream_row_pairs does for rows), prefetched
+ * TSR_STREAM_PREFETCH bytes ahead; with fewer than four products per unit the units alternate
+ * between chains, so that no vpdpbusd waits on the one before. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+x16_blocks_vbmi(float *const *y, int64_t ldy, const uint8_t *const *blk, const __mmask16 *rows,
+                const tsr_rq_uniform *u, const x16_dims *x, const vbmi_codes *vc,
+                const tsr_rq_act *act, int64_t t0, const int nt, const int n_blk) {
+    const int chains = nt * n_blk >= 4 ? 1 : 4 / (nt * n_blk), n_acc = nt * n_blk;
+    __m512 acc[X16_TOK];
+    __m512i s[X16_TOK];
+    const int8_t *a = act->q + t0 * act->n_pad;
+#pragma GCC unroll 8
+    for (int j = 0; j < n_acc; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < x->n_g; g++) {
+        const size_t at = (size_t)g * x->group_bytes;
+        const int8_t *ag = a + g * u->group;
+        if (n_blk == 2)
+            for (int bi = 0; bi < 2; bi++)
+                for (size_t o = 0; o < x->group_bytes; o += 64)
+                    __builtin_prefetch(blk[bi] + at + o + TSR_STREAM_PREFETCH, 0, 3);
+#pragma GCC unroll 8
+        for (int j = 0; j < n_acc * chains; j++) s[j] = _mm512_setzero_si512();
+        for (int64_t k = 0; k < x->units; k += chains)
+#pragma GCC unroll 4
+            for (int c = 0; c < chains; c++) {
+                if (k + c >= x->units) break;
+                int32_t a4[X16_TOK];
+#pragma GCC unroll 8
+                for (int j = 0; j < nt; j++)
+                    memcpy(&a4[j], ag + j * act->n_pad + 4 * (k + c), sizeof a4[j]);
+#pragma GCC unroll 2
+                for (int bi = 0; bi < n_blk; bi++) {
+                    __m512i v = vbmi_codes_masked(
+                        vc, blk[bi] + at + x->scale_bytes + (size_t)(k + c) * x->unit_bytes,
+                        vc->full_bytes);
+#pragma GCC unroll 8
+                    for (int j = 0; j < nt; j++) {
+                        const int i = (bi * nt + j) * chains + c;
+                        s[i] = _mm512_dpbusd_epi32(s[i], v, _mm512_set1_epi32(a4[j]));
+                    }
+                }
+            }
+#pragma GCC unroll 2
+        for (int bi = 0; bi < n_blk; bi++) {
+            const uint8_t *gp = blk[bi] + at;
+            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gp));
+            __m512 m = u->has_min
+                           ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gp + 32)))
+                           : _mm512_setzero_ps();
+#pragma GCC unroll 8
+            for (int j = 0; j < nt; j++) {
+                const int i = bi * nt + j;
+                int64_t t = t0 + j;
+                __m512i sj = s[i * chains];
+#pragma GCC unroll 4
+                for (int c = 1; c < chains; c++) sj = _mm512_add_epi32(sj, s[i * chains + c]);
+                int32_t sum_a = act->gsum[t * x->n_g + g];
+                float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
+                __m512 inner = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                                                    sj, _mm512_set1_epi32(u->zero * sum_a))));
+                if (u->has_min) inner = _mm512_fmadd_ps(m, _mm512_set1_ps((float)sum_a), inner);
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(da), inner, acc[i]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int bi = 0; bi < n_blk; bi++)
+#pragma GCC unroll 8
+        for (int j = 0; j < nt; j++)
+            _mm512_mask_storeu_ps(y[bi] + j * ldy, rows[bi], acc[bi * nt + j]);
+}
+
+RQ_VBMI_TARGET static void x16_mul_vbmi(float *y, int64_t ldy, const uint8_t *x16,
+                                        int64_t n_out, const tsr_rq_uniform *u,
+                                        const x16_dims *x, const tsr_rq_act *act,
+                                        int64_t n_tok, int64_t b0, int64_t b1) {
+    vbmi_codes vc = vbmi_codes_of(u->bits, 64);
+    const uint8_t *blk[2];
+    float *yb[2];
+    __mmask16 rows[2];
+    /* decode: blocks i and i + h side by side; else one block, tokens by tiles of 8 */
+    const int pair = n_tok <= 2;
+    const int64_t h = pair ? (b1 - b0 + 1) / 2 : b1 - b0;
+    for (int64_t i = 0; i < h; i++) {
+        int n_blk = 0;
+        for (int64_t b = b0 + i; b < b1 && n_blk < 1 + pair; b += h, n_blk++) {
+            int64_t n_r = n_out - 16 * b < 16 ? n_out - 16 * b : 16;
+            blk[n_blk] = x16 + (size_t)b * x->block_bytes;
+            yb[n_blk] = y + 16 * b;
+            rows[n_blk] = (__mmask16)((1u << n_r) - 1);
+        }
+        if (pair && n_blk == 2) {
+            if (n_tok == 1) x16_blocks_vbmi(yb, ldy, blk, rows, u, x, &vc, act, 0, 1, 2);
+            else x16_blocks_vbmi(yb, ldy, blk, rows, u, x, &vc, act, 0, 2, 2);
+            continue;
+        }
+        for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOK) {
+            float *yt[1] = {yb[0] + t0 * ldy};
+            switch (n_tok - t0 < X16_TOK ? n_tok - t0 : X16_TOK) {
+            case 1: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 1, 1); break;
+            case 2: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 2, 1); break;
+            case 3: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 3, 1); break;
+            case 4: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 4, 1); break;
+            case 5: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 5, 1); break;
+            case 6: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 6, 1); break;
+            case 7: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 7, 1); break;
+            default: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 8, 1); break;
+            }
+        }
+    }
+}
+#endif
+
+/* The int8 product of blocks [b0, b1) of m->x16. */
+static void x16_mul(float *y, const tsr_rq_matrix *m, const tsr_rq_uniform *u,
+                    const tsr_rq_act *act, int64_t n_tok, int64_t b0, int64_t b1) {
+    x16_dims x = x16_dims_of(u, m->n_in);
+#ifdef RQ_X86
+    if (tsr_cpu_avx512_vbmi()) {
+        x16_mul_vbmi(y, m->n_out, m->x16, m->n_out, u, &x, act, n_tok, b0, b1);
+        return;
+    }
+#endif
+    for (int64_t b = b0; b < b1; b++) {
+        int n_r = m->n_out - 16 * b < 16 ? (int)(m->n_out - 16 * b) : 16;
+        x16_block_ref(y + 16 * b, m->n_out, m->x16 + (size_t)b * x.block_bytes, n_r, u, &x, act,
+                      0, n_tok);
+    }
+}
+
 /* ---- matrices of a row codec ------------------------------------------------------------ */
 
 typedef struct rq_row {
@@ -1767,11 +2005,26 @@ void tsr_rq_matrix_quantize(const tsr_rq_matrix *m, double *err, double *norm, c
     }
 }
 
-void tsr_rq_matrix_dequantize(float *y, const tsr_rq_matrix *m, int64_t row0, int64_t n_rows) {
-    for (int64_t r = 0; r < n_rows; r++) {
-        rq_row q = row_at(m, row0 + r);
-        m->codec->dequantize_row(m->cfg, y + r * m->n_in, q.row, q.tail, q.tail_bytes, m->n_in);
+static tsr_rq_uniform uniform_of(const tsr_rq_matrix *m) {
+    tsr_rq_uniform u;
+    m->codec->uniform(m->cfg, m->n_in, &u);
+    return u;
+}
+
+static void dequantize_row_at(float *y, const tsr_rq_matrix *m, int64_t r) {
+    if (m->x16) {
+        tsr_rq_uniform u = uniform_of(m);
+        x16_dims x = x16_dims_of(&u, m->n_in);
+        x16_dequantize_row(y, m->x16 + (size_t)(r / 16) * x.block_bytes, (int)(r % 16), &u, &x,
+                           m->n_in);
+        return;
     }
+    rq_row q = row_at(m, r);
+    m->codec->dequantize_row(m->cfg, y, q.row, q.tail, q.tail_bytes, m->n_in);
+}
+
+void tsr_rq_matrix_dequantize(float *y, const tsr_rq_matrix *m, int64_t row0, int64_t n_rows) {
+    for (int64_t r = 0; r < n_rows; r++) dequantize_row_at(y + r * m->n_in, m, row0 + r);
 }
 
 /* One token's product of a row with the codec's fused product: int8 (act) or f32 (xf). */
@@ -1817,8 +2070,13 @@ void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const t
                        int64_t n_tok, uint8_t *scratch, int ith, int nth) {
     int64_t n_in = m->n_in, n_out = m->n_out, r0, r1;
     tsr_thread_slice(&r0, &r1, n_out, 16, ith, nth);
+    if (m->x16 && act) {
+        tsr_rq_uniform u = uniform_of(m);
+        x16_mul(y, m, &u, act, n_tok, r0 / 16, (r1 + 15) / 16);
+        return;
+    }
     tsr_rq_act_f32 xf = {x, NULL, n_in, 0};
-    int fused_f32 = !act && m->codec->dot_f32;
+    int fused_f32 = !act && m->codec->dot_f32 && !m->x16;
     if (fused_f32) { /* every thread sums the few activations itself: no second pass to wait for */
         xf.group = m->codec->f32_group(m->cfg);
         float *xsum = (float *)(scratch + f32_row_scratch(n_in));
@@ -1832,15 +2090,16 @@ void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const t
     }
     float *row = (float *)scratch;
     for (int64_t r = r0; r < r1; r++) {
-        rq_row q = row_at(m, r);
-        if (act) {
-            m->codec->dot_q8(m->cfg, y + r, n_out, q.row, q.tail, q.tail_bytes, act, n_tok, n_in,
-                             scratch);
-        } else if (fused_f32) {
-            m->codec->dot_f32(m->cfg, y + r, n_out, q.row, q.tail, q.tail_bytes, &xf, n_tok,
-                              n_in, row);
+        if (act || fused_f32) {
+            rq_row q = row_at(m, r);
+            if (act)
+                m->codec->dot_q8(m->cfg, y + r, n_out, q.row, q.tail, q.tail_bytes, act, n_tok,
+                                 n_in, scratch);
+            else
+                m->codec->dot_f32(m->cfg, y + r, n_out, q.row, q.tail, q.tail_bytes, &xf, n_tok,
+                                  n_in, row);
         } else {
-            m->codec->dequantize_row(m->cfg, row, q.row, q.tail, q.tail_bytes, n_in);
+            dequantize_row_at(row, m, r);
             for (int64_t t = 0; t < n_tok; t++)
                 y[t * n_out + r] = tsr_dot_f32(row, x + t * n_in, n_in);
         }

@@ -6,8 +6,9 @@
  * w = d * (c - 32), c in [1, 63], d = amax / 31 (symmetric).
  * act_bits 16: f32 activations, the product on the packed codes (tsr_rq_dot_packed_f32):
  * y = sum_g d_g * (sum c * x - 32 * sum x), the scale once per group.
- * act_bits 8: activations are quantized per token to int8 (d_a = amax / 127) and each group
- * is an exact integer dot on the packed codes (tsr_rq_dot_packed_scaled):
+ * act_bits 8: activations are quantized per token to int8 (d_a = amax / 127), the matrix is
+ * held interleaved by 16 rows (tsr_rq_x16_pack) and each group is an exact integer dot on the
+ * packed codes of 16 rows at once:
  * y = sum_g d_a * d_g * (sum c * a - 32 * sum a).
  */
 #include <stdio.h>
@@ -69,18 +70,6 @@ static int64_t int6_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
-static void int6_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                        const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act,
-                        int64_t n_tok, int64_t n_in, uint8_t *scratch) {
-    (void)tail;
-    (void)tail_bytes;
-    (void)scratch;
-    const int6_cfg *c = cfg;
-    int64_t n_g = tsr_rq_groups(n_in, c->group);
-    tsr_rq_gscales s = {.d16 = row, .zero = 32};
-    tsr_rq_dot_packed_scaled(y, ldy, row + 2 * n_g, 6, &s, act, n_tok, n_g);
-}
-
 static int64_t int6_f32_group(const void *cfg) {
     return ((const int6_cfg *)cfg)->group;
 }
@@ -97,6 +86,14 @@ static void int6_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *
     tsr_rq_dot_packed_f32(y, ldy, row + 2 * n_g, 6, &s, x, n_tok, n_g);
 }
 
+/* With int8 activations the matrix is held interleaved by 16 rows (tsr_rq_x16_pack). */
+static int int6_uniform(const void *cfg, int64_t n_in, tsr_rq_uniform *u) {
+    const int6_cfg *c = cfg;
+    *u = (tsr_rq_uniform){.bits = 6, .zero = 32, .group = c->group,
+                          .codes_at = 2 * (size_t)tsr_rq_groups(n_in, c->group)};
+    return c->act8;
+}
+
 static void int6_describe(const void *cfg, char *buf, size_t size) {
     const int6_cfg *c = cfg;
     snprintf(buf, size, "int6 group %d, %s activations", (int)c->group,
@@ -110,10 +107,10 @@ static const tsr_rq_codec int6_codec = {
     .quantize_row = int6_quantize_row,
     .dequantize_row = int6_dequantize_row,
     .act_group = int6_act_group,
-    .dot_q8 = int6_dot_q8,
     .describe = int6_describe,
     .dot_f32 = int6_dot_f32,
     .f32_group = int6_f32_group,
+    .uniform = int6_uniform,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */

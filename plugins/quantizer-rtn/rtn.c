@@ -10,10 +10,11 @@
  * converted to f32 in registers, the scale once per group, the zero point or minimum through
  * the group's activation sum): y = sum_g d_g * sum c * x + b_g * sum x, b_g = -qmax * d_g
  * (symmetric) or m_g (asymmetric). act_bits 8: the activations are quantized to int8 once per
- * product with a scale per weight group (d_a[g] = amax / 127 of the group), and each group is
- * an exact integer dot on the packed codes (tsr_rq_dot_packed_scaled):
+ * product with a scale per weight group (d_a[g] = amax / 127 of the group), the matrix is held
+ * interleaved by 16 rows (tsr_rq_uniform, tsr_rq_x16_pack) and each group is an exact integer
+ * dot on the packed codes of 16 rows at once:
  *   symmetric:  y = sum_g d_a[g] * d_g * (sum c * a - qmax * sum a)
- *   asymmetric: y = sum_g d_a[g] * (d_g * sum c * a + m_g * sum a)
+ *   asymmetric: y = sum_g d_a[g] * (d_g * (sum c * a) + m_g * sum a)
  * That is not the paper's arithmetic (it changes the numerics by the activations' rounding),
  * an option for speed.
  */
@@ -103,28 +104,10 @@ static int64_t rtn_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
-static int32_t rtn_act_order(const void *cfg) {
-    const rtn_cfg *c = cfg;
-    return tsr_rq_scaled_order(c->bits, c->group);
-}
-
 /* The row's group scales: fp16 scales, then the minima of an asymmetric row. */
 static tsr_rq_gscales rtn_gscales(const rtn_cfg *c, const uint8_t *row, int64_t n_g) {
     return (tsr_rq_gscales){.d16 = row, .m16 = c->symmetric ? NULL : row + 2 * n_g,
                             .zero = c->symmetric ? (1 << (c->bits - 1)) - 1 : 0};
-}
-
-static void rtn_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                       const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act,
-                       int64_t n_tok, int64_t n_in, uint8_t *scratch) {
-    (void)tail;
-    (void)tail_bytes;
-    (void)scratch;
-    const rtn_cfg *c = cfg;
-    int64_t n_g = tsr_rq_groups(n_in, c->group);
-    tsr_rq_gscales s = rtn_gscales(c, row, n_g);
-    tsr_rq_dot_packed_scaled(y, ldy, row + rtn_stat_bytes(c, n_in), c->bits, &s, act, n_tok,
-                             n_g);
 }
 
 static int64_t rtn_f32_group(const void *cfg) {
@@ -143,6 +126,17 @@ static void rtn_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *r
     tsr_rq_dot_packed_f32(y, ldy, row + rtn_stat_bytes(c, n_in), c->bits, &s, x, n_tok, n_g);
 }
 
+/* With int8 activations the matrix is held interleaved by 16 rows: a group's scale is then
+ * one vector operation for 16 rows, and a unit of codes one vpdpbusd. */
+static int rtn_uniform(const void *cfg, int64_t n_in, tsr_rq_uniform *u) {
+    const rtn_cfg *c = cfg;
+    int64_t n_g = tsr_rq_groups(n_in, c->group);
+    *u = (tsr_rq_uniform){.bits = c->bits, .zero = c->symmetric ? (1 << (c->bits - 1)) - 1 : 0,
+                          .has_min = !c->symmetric, .group = c->group, .d_at = 0,
+                          .m_at = 2 * (size_t)n_g, .codes_at = rtn_stat_bytes(c, n_in)};
+    return c->act8;
+}
+
 static void rtn_describe(const void *cfg, char *buf, size_t size) {
     const rtn_cfg *c = cfg;
     snprintf(buf, size, "rtn %d-bit %s group %d, %s activations", (int)c->bits,
@@ -156,12 +150,11 @@ static const tsr_rq_codec rtn_codec = {
     .quantize_row = rtn_quantize_row,
     .dequantize_row = rtn_dequantize_row,
     .act_group = rtn_act_group,
-    .dot_q8 = rtn_dot_q8,
     .describe = rtn_describe,
     .act_group_scales = 1,
-    .act_order = rtn_act_order,
     .dot_f32 = rtn_dot_f32,
     .f32_group = rtn_f32_group,
+    .uniform = rtn_uniform,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */

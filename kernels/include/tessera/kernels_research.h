@@ -274,6 +274,18 @@ void tsr_rq_stats_affine(float *d, float *b,           // (n_g) each
 /* bytes plus, for codecs with a variable part (SpQR's outliers), a tail of its own length.  */
 /* `cfg` is the codec's configuration (bits, group...), opaque to the kernels.               */
 
+/* A row of uniform groups: n_g = ceil(n_in / group) groups of `group` codes of `bits`, code c
+ * of group g worth
+ *   has_min ? m_g + d_g * (float)(c - zero) : d_g * (float)(c - zero)
+ * (one product and one sum, each rounded), d_g and m_g fp16 at byte d_at + 2 g and
+ * m_at + 2 g of the row, the codes packed from codes_at as tsr_rq_pack does (n_g * group).
+ * group: a multiple of 4; zero: 0..255. */
+typedef struct tsr_rq_uniform {
+    int32_t bits, zero, has_min;
+    int64_t group;
+    size_t d_at, m_at, codes_at;
+} tsr_rq_uniform;
+
 typedef struct tsr_rq_codec {
     int32_t dtype;         /* the plugin dtype (>= TSR_DTYPE_PLUGIN_FIRST) of the tensors */
     const char *name;      /* for messages */
@@ -291,7 +303,8 @@ typedef struct tsr_rq_codec {
     /* Optional: group of int8 activations that dot_q8 wants (returns 0 for f32 activations,
      * and tsr_rq_matrix_mul then multiplies dequantized rows with tsr_dot_f32). */
     int64_t (*act_group)(const void *cfg);
-    /* With int8 activations: y[t * ldy] (t < n_tok) = the product of the row and its tail
+    /* With int8 activations (of a matrix of rows; optional for a uniform codec, see
+     * `uniform`): y[t * ldy] (t < n_tok) = the product of the row and its tail
      * (NULL, 0 without) with token t. scratch: act->n_pad bytes of the calling thread, 64-byte
      * aligned (room for the per-group dots of tsr_rq_dot_packed_groups when groups are 4
      * codes or more). */
@@ -317,6 +330,12 @@ typedef struct tsr_rq_codec {
                     const uint8_t *tail, size_t tail_bytes, const tsr_rq_act_f32 *x,
                     int64_t n_tok, int64_t n_in, float *scratch);
     int64_t (*f32_group)(const void *cfg);
+    /* Optional (added after the first release of this header): 1 when the rows of n_in
+     * weights are uniform groups (*u filled: an fp16 scale, optionally an fp16 minimum, and
+     * codes of one width per group, no tail) and the matrix should be held interleaved by 16
+     * rows for its int8 products (tsr_rq_x16_pack); 0 to keep the rows. The codec's
+     * dequantize_row must then give what tsr_rq_uniform states, and dot_q8 is not called. */
+    int (*uniform)(const void *cfg, int64_t n_in, tsr_rq_uniform *u);
 } tsr_rq_codec;
 
 /* A matrix in a codec's format: n_out rows of row_bytes, and for a codec with tails the
@@ -331,7 +350,24 @@ typedef struct tsr_rq_matrix {
     const uint32_t *tail_off;  // (n_out + 1): row r's tail is tails[tail_off[r], tail_off[r+1]);
                                // NULL when the codec has no tails
     uint8_t *tails;            // (tail_off[n_out]) bytes
+    /* Added with tsr_rq_codec.uniform: the matrix interleaved by 16 rows (tsr_rq_x16_pack),
+     * which the loops below read instead of rows; NULL for a matrix of rows. */
+    uint8_t *x16;
 } tsr_rq_matrix;
+
+/* The interleaved form of a uniform codec's matrix ("x16", as the gguf quantizer's tiles):
+ * ceil(n_out / 16) blocks of 16 rows (rows past n_out are zero), a block its n_g groups one
+ * after another, a group the 16 rows' fp16 d (32 bytes), with a minimum their 16 fp16 m, then
+ * group / 4 units of 64 codes: unit k holds codes 4k..4k+3 of the group for each of the 16
+ * rows, code i of row r as code 4 r + i of a stream of `bits` packed as tsr_rq_pack does
+ * (8 * bits bytes), so that once unpacked a unit is the 16 rows' 32-bit lanes that one
+ * vpdpbusd multiplies with four broadcast activations. A block is one sequential stream. */
+size_t tsr_rq_x16_bytes(const tsr_rq_uniform *u, int64_t n_in, int64_t n_out);
+
+/* Packs the rows of m (m->rows, the codec uniform as u says) into dst
+ * (tsr_rq_x16_bytes). Slices blocks. */
+void tsr_rq_x16_pack(uint8_t *dst, const tsr_rq_matrix *m, const tsr_rq_uniform *u, int ith,
+                     int nth);
 
 /* Tail bytes of each row of src (n_out, n_in) as codec->tail_bytes counts them, the sizing
  * pass before the tails can be laid out: only m->codec, cfg, n_in and n_out are read, and
@@ -354,12 +390,19 @@ void tsr_rq_matrix_quantize(const tsr_rq_matrix *m,
                             float *scratch,              // (2, n_in)
                             int ith, int nth);
 
-/* Rows [row0, row0 + n_rows) of m as f32; the caller checks the range. */
+/* Rows [row0, row0 + n_rows) of m as f32 (of its rows, or of x16 by tsr_rq_uniform's
+ * formula); the caller checks the range. */
 void tsr_rq_matrix_dequantize(float *y,                  // (n_rows, n_in)
                               const tsr_rq_matrix *m, int64_t row0, int64_t n_rows);
 
 /* y = x . W^T for the output rows of slice ith of nth (rows split in multiples of 16).
- * act NULL: with the codec's dot_f32, the sums of x's groups (tsr_rq_act_f32_sums, each
+ * m->x16 with act: per token t, block row r and group g (da the token's scale of the group,
+ * S = sum c a over the group's codes and activations, A = the group's activation sum, both
+ * exact in 32 bits)
+ *   y = sum_g fma(da, inner, y),  inner = d_g * (float)(S - zero * A) [then fma(m_g, A, inner)]
+ * in the order of g, for any n_tok the same bits; AVX-512 with VBMI unpacks each unit once in
+ * registers for up to eight tokens, the other levels take the scalar reference. act NULL:
+ * with the codec's dot_f32, the sums of x's groups (tsr_rq_act_f32_sums, each
  * thread its own) and codec->dot_f32 on each row; without it, each value is
  * tsr_dot_f32(dequantized row, x row). act non-NULL (x quantized by tsr_rq_act_quantize with
  * the codec's act_group): codec->dot_q8 multiplies, x is not read. scratch:

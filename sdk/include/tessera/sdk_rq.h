@@ -14,7 +14,8 @@
  *
  * A quantized tensor is one host->alloc block: a header, a copy of the codec's configuration,
  * the n_out rows of row_bytes each, and for codecs with a variable part (SpQR's outliers) the
- * uint32 offsets (n_out + 1) of each row's tail followed by the tails. Memory goes through the
+ * uint32 offsets (n_out + 1) of each row's tail followed by the tails; or, for a codec whose
+ * `uniform` asks for it, the rows interleaved by 16 (tsr_rq_x16_pack) in place of the rows. Memory goes through the
  * host's allocator, threads through host->parallel_for, errors through host->set_error; the
  * row loops are the kernels' (tsr_rq_matrix_*).
  *
@@ -69,6 +70,7 @@ typedef struct tsr_rq_header_ {
     int64_t n_in, n_out;
     uint64_t row_bytes;
     uint64_t cfg_off, rows_off, ptr_off, tail_off, total; /* ptr_off = 0: no tails */
+    uint64_t x16_off; /* not 0: the matrix interleaved (tsr_rq_x16_pack), rows_off 0 */
 } tsr_rq_header_;
 
 static inline uint64_t tsr_rq_align_up_(uint64_t x) {
@@ -88,7 +90,8 @@ static inline const tsr_rq_header_ *tsr_rq_header_of_(const tsr_rq_codec *codec,
 static inline tsr_rq_matrix tsr_rq_matrix_of_(const tsr_rq_codec *codec, uint8_t *block) {
     const tsr_rq_header_ *h = (const tsr_rq_header_ *)block;
     tsr_rq_matrix m = {codec, block + h->cfg_off, h->n_in, h->n_out, (size_t)h->row_bytes,
-                       block + h->rows_off, NULL, NULL};
+                       h->rows_off ? block + h->rows_off : NULL, NULL, NULL,
+                       h->x16_off ? block + h->x16_off : NULL};
     if (h->ptr_off) {
         m.tail_off = (const uint32_t *)(block + h->ptr_off);
         m.tails = block + h->tail_off;
@@ -130,18 +133,24 @@ static inline void *tsr_rq_alloc_or_fail_(const tsr_host *host, size_t bytes, co
     return p;
 }
 
-/* One parallel_for of tsr_rq_quantize: with m.rows NULL the sizing pass (tail_len), else the
- * quantization (err, norm). */
+/* One parallel_for of tsr_rq_quantize: with m.rows NULL the sizing pass (tail_len), with x16
+ * the interleaving of m's rows into it, else the quantization (err, norm). */
 typedef struct tsr_rq_quant_job_ {
     tsr_rq_matrix m;
     const tsr_tensor *src;
     float *scratch;     // (nth, 2, n_in)
     uint32_t *tail_len; // (n_out)
     double *err, *norm; // (n_out)
+    uint8_t *x16;
+    tsr_rq_uniform uniform;
 } tsr_rq_quant_job_;
 
 static inline void tsr_rq_quant_task_(void *arg, int ith, int nth) {
     tsr_rq_quant_job_ *j = arg;
+    if (j->x16) {
+        tsr_rq_x16_pack(j->x16, &j->m, &j->uniform, ith, nth);
+        return;
+    }
     const tsr_tensor *src = j->src;
     float *scratch = j->scratch + (size_t)ith * 2 * (size_t)j->m.n_in;
     if (!j->m.rows)
@@ -180,8 +189,8 @@ static inline tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_code
         return TSR_E_UNSUPPORTED;
     }
     int nth = host->n_threads(host->ctx);
-    tsr_rq_quant_job_ j = {{codec, cfg, n_in, n_out, 0, NULL, NULL, NULL}, src, NULL, NULL,
-                           NULL, NULL};
+    tsr_rq_quant_job_ j = {.m = {codec, cfg, n_in, n_out, 0, NULL, NULL, NULL, NULL},
+                           .src = src};
     size_t n_rows = (size_t)n_out;
     tsr_status st = TSR_E_NOMEM;
     uint8_t *block = NULL;
@@ -230,6 +239,21 @@ static inline tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_code
     for (int64_t r = 0; r < n_out; r++) {
         e += j.err[r];
         s += j.norm[r];
+    }
+    if (!codec->tail_bytes && codec->uniform && codec->uniform(cfg, n_in, &j.uniform)) {
+        /* the rows interleaved into a block of their own, which replaces theirs */
+        tsr_rq_header_ hx = h;
+        hx.rows_off = 0;
+        hx.x16_off = h.rows_off;
+        hx.total = hx.x16_off + tsr_rq_x16_bytes(&j.uniform, n_in, n_out);
+        uint8_t *x16_block = tsr_rq_alloc_or_fail_(host, (size_t)hx.total, name);
+        if (!x16_block) goto done;
+        memcpy(x16_block, &hx, sizeof hx);
+        memcpy(x16_block + hx.cfg_off, cfg, cfg_bytes);
+        j.x16 = x16_block + hx.x16_off;
+        host->parallel_for(host->ctx, tsr_rq_quant_task_, &j);
+        host->free(host->ctx, block);
+        block = x16_block;
     }
     report->rel_rmse = s > 0 ? sqrt(e / s) : 0.0;
     report->bits_per_weight = 8.0 * (double)(h.total - h.rows_off) / ((double)n_in * n_rows);
@@ -307,7 +331,7 @@ static inline void tsr_rq_mm_task_(void *arg, int ith, int nth) {
  * codec's dot_f32 multiplies the packed rows (each value tsr_dot_f32(dequantized row, x row)
  * for a codec without one); with int8 activations (codec->act_group > 0) x is quantized per
  * token (or per group: codec->act_group_scales) by tsr_rq_act_quantize and the codec's dot_q8
- * multiplies.
+ * multiplies, or for an interleaved matrix the kernels' product of 16 rows at a time.
  * TSR_E_UNSUPPORTED for a tensor of another codec, TSR_E_NOMEM. */
 static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec *codec, float *y,
                                        const tsr_tensor *w, const float *x, int64_t n) {
@@ -332,7 +356,8 @@ static inline tsr_status tsr_rq_matmul(const tsr_host *host, const tsr_rq_codec 
     j.scratch_bytes = tsr_rq_matrix_mul_scratch(&j.m, n, n_pad);
     /* One block: per-thread scratch, then the int8 activations (twice for act_order: as
      * they are and in the codec's order), group sums and scales. */
-    int32_t order = group > 0 && codec->act_order ? codec->act_order(j.m.cfg) : TSR_RQ_ORDER_NONE;
+    int32_t order = group > 0 && codec->act_order && !j.m.x16 ? codec->act_order(j.m.cfg)
+                                                              : TSR_RQ_ORDER_NONE;
     size_t nq_ord = order != TSR_RQ_ORDER_NONE ? (size_t)tsr_rq_align_up_(nq) : 0;
     size_t off_q = j.scratch_bytes * (size_t)nth;
     size_t off_g = off_q + (size_t)tsr_rq_align_up_(nq) + nq_ord;
