@@ -871,7 +871,8 @@ START_TEST(x16_layout_by_hand) {
     uint8_t *rows, *x16;
     tsr_rq_matrix m = x16_matrix(&u, 12, 17, 5, &rows, &x16);
     const size_t unit = 24, group_bytes = 64 + 2 * unit, block = 2 * group_bytes;
-    ck_assert_uint_eq(tsr_rq_x16_bytes(&u, 12, 17), 2 * block);
+    ck_assert_uint_eq(tsr_rq_x16_bytes(&u, 12, 17), 2 * block + 8); /* 8 to read past */
+    for (size_t i = 0; i < 8; i++) ck_assert_uint_eq(x16[2 * block + i], 0);
     for (int64_t r = 0; r < 32; r++)
         for (int64_t g = 0; g < 2; g++) {
             const uint8_t *gp = x16 + (size_t)(r / 16) * block + (size_t)g * group_bytes;

@@ -51,7 +51,9 @@ static tsr_cpu_level detect(void) {
     unsigned xlo, xhi;
     __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
     if ((xlo & 0x6u) != 0x6u) return TSR_CPU_LEVEL_SCALAR; /* XMM and YMM state */
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 5))) /* AVX2 */
+    /* AVX2, and BMI2 (every AVX2 CPU has it; the research products' pdep) */
+    const unsigned avx2_bmi2 = 1u << 5 | 1u << 8;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (b & avx2_bmi2) != avx2_bmi2)
         return TSR_CPU_LEVEL_SCALAR;
     /* AVX-512 F, DQ, BW, VL; VNNI; opmask and ZMM state; BF16 in leaf 7 subleaf 1 */
     const unsigned f_dq_bw_vl = 1u << 16 | 1u << 17 | 1u << 30 | 1u << 31;

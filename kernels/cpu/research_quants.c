@@ -1734,15 +1734,19 @@ static x16_dims x16_dims_of(const tsr_rq_uniform *u, int64_t n_in) {
     return x;
 }
 
+/* Past the blocks, room for a 64-bit read from the last unit's last word. */
+#define X16_SLACK 8
+
 size_t tsr_rq_x16_bytes(const tsr_rq_uniform *u, int64_t n_in, int64_t n_out) {
-    return (size_t)((n_out + 15) / 16) * x16_dims_of(u, n_in).block_bytes;
+    return (size_t)((n_out + 15) / 16) * x16_dims_of(u, n_in).block_bytes + X16_SLACK;
 }
 
 void tsr_rq_x16_pack(uint8_t *dst, const tsr_rq_matrix *m, const tsr_rq_uniform *u, int ith,
                      int nth) {
     x16_dims x = x16_dims_of(u, m->n_in);
-    int64_t b0, b1;
-    tsr_thread_slice(&b0, &b1, (m->n_out + 15) / 16, 1, ith, nth);
+    int64_t nb = (m->n_out + 15) / 16, b0, b1;
+    tsr_thread_slice(&b0, &b1, nb, 1, ith, nth);
+    if (b1 == nb && b0 < b1) memset(dst + (size_t)nb * x.block_bytes, 0, X16_SLACK);
     uint8_t unit[64];
     for (int64_t b = b0; b < b1; b++) {
         uint8_t *blk = dst + (size_t)b * x.block_bytes;
@@ -1818,6 +1822,8 @@ static void x16_block_ref(float *y, int64_t ldy, const uint8_t *blk, int n_r,
 
 #ifdef RQ_X86
 #define X16_TOK 8
+/* The largest group whose unpacked codes (16 rows) the AVX2 product keeps on the stack. */
+#define RQ_X16_GROUP_MAX 256
 
 /* nt tokens from t0 times n_blk blocks (both constants in each caller, so that the arrays
  * live in registers): each unit unpacked once, then one vpdpbusd per token. Decode takes two
@@ -1933,6 +1939,79 @@ RQ_VBMI_TARGET static void x16_mul_vbmi(float *y, int64_t ldy, const uint8_t *x1
         }
     }
 }
+
+/* A unit's 64 codes, one per byte: each 64-bit word of eight codes spread by one pdep (the
+ * word read whole: tsr_rq_x16_bytes leaves room past the last unit). */
+__attribute__((target("bmi2"))) static inline void x16_unit_bmi2(uint8_t *c, const uint8_t *p,
+                                                                 int bits) {
+    const uint64_t spread = 0x0101010101010101ull * ((1u << bits) - 1);
+    for (int w = 0; w < 8; w++) {
+        uint64_t v;
+        memcpy(&v, p + w * bits, sizeof v);
+        v = _pdep_u64(v, spread);
+        memcpy(c + 8 * w, &v, sizeof v);
+    }
+}
+
+/* Without VBMI: a group's units unpacked once to the stack (x16_unit_bmi2), then for each token of a tile of 8 the codes widened to 16 bits and multiplied by vpmaddwd
+ * with the four activations, whose pairs of 32-bit lanes (a row's two pairs) one vphaddd folds;
+ * the float steps are the reference's, eight rows a vector. */
+__attribute__((target("avx2,fma,f16c,bmi2"))) static void
+x16_block_avx2(float *y, int64_t ldy, const uint8_t *blk, int n_r, const tsr_rq_uniform *u,
+               const x16_dims *x, const tsr_rq_act *act, int64_t n_tok) {
+    uint8_t c[16 * RQ_X16_GROUP_MAX];
+    float acc[X16_TOK][16];
+    for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOK) {
+        const int64_t nt = n_tok - t0 < X16_TOK ? n_tok - t0 : X16_TOK;
+        memset(acc, 0, sizeof acc);
+        for (int64_t g = 0; g < x->n_g; g++) {
+            const uint8_t *gp = blk + (size_t)g * x->group_bytes;
+            for (int64_t k = 0; k < x->units; k++)
+                x16_unit_bmi2(c + 64 * k, gp + x->scale_bytes + (size_t)k * x->unit_bytes,
+                              u->bits);
+            __m256 d[2], m[2];
+            for (int h = 0; h < 2; h++) {
+                d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + 16 * h)));
+                m[h] = u->has_min
+                           ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + 32 + 16 * h)))
+                           : _mm256_setzero_ps();
+            }
+            for (int64_t j = 0; j < nt; j++) {
+                const int64_t t = t0 + j;
+                const int8_t *ag = act->q + t * act->n_pad + g * u->group;
+                __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(),
+                                _mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int64_t k = 0; k < x->units; k++) {
+                    int32_t a4;
+                    memcpy(&a4, ag + 4 * k, sizeof a4);
+                    const __m256i av = _mm256_cvtepi8_epi16(_mm_set1_epi32(a4));
+                    for (int q = 0; q < 4; q++) {
+                        __m256i cw = _mm256_cvtepu8_epi16(
+                            _mm_loadu_si128((const __m128i *)(c + 64 * k + 16 * q)));
+                        s[q] = _mm256_add_epi32(s[q], _mm256_madd_epi16(cw, av));
+                    }
+                }
+                int32_t sum_a = act->gsum[t * x->n_g + g];
+                float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
+                for (int h = 0; h < 2; h++) {
+                    /* rows 8h..8h+7 in order: vphaddd interleaves the 128-bit halves */
+                    __m256i rows8 = _mm256_permute4x64_epi64(
+                        _mm256_hadd_epi32(s[2 * h], s[2 * h + 1]), 0xd8);
+                    __m256 inner = _mm256_mul_ps(
+                        d[h], _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                                  rows8, _mm256_set1_epi32(u->zero * sum_a))));
+                    if (u->has_min)
+                        inner = _mm256_fmadd_ps(m[h], _mm256_set1_ps((float)sum_a), inner);
+                    _mm256_storeu_ps(acc[j] + 8 * h,
+                                     _mm256_fmadd_ps(_mm256_set1_ps(da), inner,
+                                                     _mm256_loadu_ps(acc[j] + 8 * h)));
+                }
+            }
+        }
+        for (int64_t j = 0; j < nt; j++)
+            memcpy(y + (t0 + j) * ldy, acc[j], (size_t)n_r * sizeof(float));
+    }
+}
 #endif
 
 /* The int8 product of blocks [b0, b1) of m->x16. */
@@ -1944,11 +2023,18 @@ static void x16_mul(float *y, const tsr_rq_matrix *m, const tsr_rq_uniform *u,
         x16_mul_vbmi(y, m->n_out, m->x16, m->n_out, u, &x, act, n_tok, b0, b1);
         return;
     }
+    const int avx2 = tsr_cpu_level_get() >= TSR_CPU_LEVEL_AVX2 && u->group <= RQ_X16_GROUP_MAX;
 #endif
     for (int64_t b = b0; b < b1; b++) {
         int n_r = m->n_out - 16 * b < 16 ? (int)(m->n_out - 16 * b) : 16;
-        x16_block_ref(y + 16 * b, m->n_out, m->x16 + (size_t)b * x.block_bytes, n_r, u, &x, act,
-                      0, n_tok);
+        const uint8_t *blk = m->x16 + (size_t)b * x.block_bytes;
+#ifdef RQ_X86
+        if (avx2) {
+            x16_block_avx2(y + 16 * b, m->n_out, blk, n_r, u, &x, act, n_tok);
+            continue;
+        }
+#endif
+        x16_block_ref(y + 16 * b, m->n_out, blk, n_r, u, &x, act, 0, n_tok);
     }
 }
 

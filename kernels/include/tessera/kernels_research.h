@@ -361,7 +361,8 @@ typedef struct tsr_rq_matrix {
  * group / 4 units of 64 codes: unit k holds codes 4k..4k+3 of the group for each of the 16
  * rows, code i of row r as code 4 r + i of a stream of `bits` packed as tsr_rq_pack does
  * (8 * bits bytes), so that once unpacked a unit is the 16 rows' 32-bit lanes that one
- * vpdpbusd multiplies with four broadcast activations. A block is one sequential stream. */
+ * vpdpbusd multiplies with four broadcast activations. A block is one sequential stream.
+ * The size counts 8 bytes past the last block, which a kernel may read (never use). */
 size_t tsr_rq_x16_bytes(const tsr_rq_uniform *u, int64_t n_in, int64_t n_out);
 
 /* Packs the rows of m (m->rows, the codec uniform as u says) into dst
