@@ -602,6 +602,45 @@ START_TEST(matmul_equals_dequantized_product) {
 }
 END_TEST
 
+/* With int8 activations rtn, int6 and spqr hold their matrices interleaved by 16 rows, spqr's
+ * outliers beside them: the weights they give back are the rows' of the same quantizer with
+ * f32 activations, bit for bit (a last block of 7 rows, a short last group, outliers). */
+START_TEST(interleaved_dequantizes_as_rows) {
+    static const char *const pairs[][2] = {
+        {"{ plugin: rtn, bits: 3, group: 32 }", "{ plugin: rtn, bits: 3, group: 32, act_bits: 8 }"},
+        {"{ plugin: rtn, bits: 2, symmetric: false }",
+         "{ plugin: rtn, bits: 2, symmetric: false, act_bits: 8 }"},
+        {"{ plugin: int6, group: 64 }", "{ plugin: int6, group: 64, act_bits: 8 }"},
+        {"{ plugin: spqr, outlier_threshold: 2 }",
+         "{ plugin: spqr, outlier_threshold: 2, act_bits: 8 }"},
+    };
+    const int64_t n_in = 300, n_out = 39;
+    float *w = gauss((size_t)(n_in * n_out), 13);
+    tsr_tensor src = tensor_of(TSR_DTYPE_F32, w, n_in, n_out);
+    for (size_t k = 0; k < sizeof pairs / sizeof pairs[0]; k++) {
+        float *back[2];
+        double bpw[2];
+        for (int v = 0; v < 2; v++) {
+            qz q;
+            qz_open(&q, pairs[k][v], 2);
+            tsr_weight_out out;
+            ck_assert_int_eq(qz_prepare(&q, &src, &out), TSR_OK);
+            back[v] = qz_dequant(&q, &out.dst);
+            bpw[v] = out.bits_per_weight;
+            q.vt->release(q.inst->self, &out.dst);
+            qz_close(&q);
+        }
+        ck_assert_msg(memcmp(back[0], back[1], (size_t)(n_in * n_out) * sizeof(float)) == 0,
+                      "%s", pairs[k][1]);
+        ck_assert_msg(bpw[0] == bpw[1], "%s: %g bits/weight, rows %g", pairs[k][1], bpw[1],
+                      bpw[0]);
+        free(back[0]);
+        free(back[1]);
+    }
+    free(w);
+}
+END_TEST
+
 /* The same bits whatever the thread count and the batch: a token alone gives the row it
  * gets inside a batch of 7. */
 START_TEST(matmul_independent_of_threads_and_batch) {
@@ -830,24 +869,38 @@ static const tsr_rq_codec x16_codec = {.dtype = TSR_DTYPE_PLUGIN_FIRST,
                                        .uniform = x16_codec_uniform};
 
 /* n_out random rows of the codec u describes for rows of n_in (codes anywhere in their
- * range, scales of both signs), and their x16 form; *rows and *x16 are malloc'd. */
+ * range, scales of both signs), and their x16 form; *rows and *x16 are malloc'd. Rows with
+ * statistics: fp16 (s_min, s_step, z_min, z_step) per run, then the scale codes, the zero
+ * codes and the weight codes, as spqr's. */
 static tsr_rq_matrix x16_matrix(tsr_rq_uniform *u, int64_t n_in, int64_t n_out, uint64_t seed,
                                 uint8_t **rows, uint8_t **x16) {
     int64_t n_g = tsr_rq_groups(n_in, u->group), n_codes = n_g * u->group;
+    int64_t n_f16 = u->stats_bits ? 4 * tsr_rq_groups(n_g, u->stats_run)
+                                  : (u->has_min ? 2 : 1) * n_g;
     u->d_at = 0;
     u->m_at = 2 * (size_t)n_g;
-    u->codes_at = (u->has_min ? 4 : 2) * (size_t)n_g;
+    u->sc_at = 2 * (size_t)n_f16;
+    u->zc_at = u->sc_at + (u->stats_bits ? tsr_rq_packed_bytes(n_g, u->stats_bits) : 0);
+    u->codes_at = u->zc_at + (u->stats_bits ? tsr_rq_packed_bytes(n_g, u->stats_bits) : 0);
     tsr_rq_matrix m = {&x16_codec, u, n_in, n_out, x16_codec_row_bytes(u, n_in), NULL, NULL,
-                       NULL, NULL};
+                       NULL, NULL, NULL, NULL};
     *rows = calloc((size_t)n_out, m.row_bytes);
     uint8_t *codes = malloc((size_t)n_codes);
     for (int64_t r = 0; r < n_out; r++) {
         uint8_t *row = *rows + (size_t)r * m.row_bytes;
-        for (int64_t g = 0; g < n_g; g++) {
+        for (int64_t i = 0; i < n_f16; i++) {
             next_seed(&seed);
-            tsr_rq_store_f16(row + 2 * g, 0.001f * (float)((int)(seed >> 50) - 8192));
-            tsr_rq_store_f16(row + u->m_at + 2 * g,
-                             0.01f * (float)((int)(seed >> 40 & 1023) - 512));
+            float v = 0.001f * (float)((int)(seed >> 50) - 8192);
+            tsr_rq_store_f16(row + 2 * i, u->stats_bits && i % 2 ? fabsf(v) / 64 : v);
+        }
+        if (u->stats_bits)
+            for (int64_t i = 0; i < 2 * n_g; i++) {
+                next_seed(&seed);
+                codes[i] = (uint8_t)((seed >> 33) & ((1u << u->stats_bits) - 1));
+            }
+        if (u->stats_bits) {
+            tsr_rq_pack(row + u->sc_at, codes, n_g, u->stats_bits);
+            tsr_rq_pack(row + u->zc_at, codes + n_g, n_g, u->stats_bits);
         }
         for (int64_t i = 0; i < n_codes; i++) {
             next_seed(&seed);
@@ -861,6 +914,22 @@ static tsr_rq_matrix x16_matrix(tsr_rq_uniform *u, int64_t n_in, int64_t n_out, 
     memset(*x16, 0x5a, tsr_rq_x16_bytes(u, n_in, n_out)); /* every byte must be written */
     for (int ith = 0; ith < 3; ith++) tsr_rq_x16_pack(*x16, &m, u, ith, 3);
     return m;
+}
+
+/* Weight i of a row of the codec u describes, by tsr_rq_uniform's formula. */
+static float uniform_value(const tsr_rq_uniform *u, const uint8_t *row, int64_t i) {
+    int64_t g = i / u->group;
+    int32_t c = tsr_rq_code_at(row + u->codes_at, i, u->bits);
+    if (u->stats_bits) {
+        const uint8_t *st = row + u->d_at + 8 * (g / u->stats_run);
+        float s = tsr_rq_load_f16(st) +
+                  tsr_rq_load_f16(st + 2) * (float)tsr_rq_code_at(row + u->sc_at, g, u->stats_bits);
+        float z = tsr_rq_load_f16(st + 4) +
+                  tsr_rq_load_f16(st + 6) * (float)tsr_rq_code_at(row + u->zc_at, g, u->stats_bits);
+        return s * ((float)c - z);
+    }
+    float v = tsr_rq_load_f16(row + u->d_at + 2 * g) * (float)(c - u->zero);
+    return u->has_min ? tsr_rq_load_f16(row + u->m_at + 2 * g) + v : v;
 }
 
 /* The layout by hand: 3-bit codes with a minimum, groups of 8 in rows of 12 (a short last
@@ -914,23 +983,31 @@ END_TEST
 /* The int8 product of an x16 matrix: the formula within the rounding of its float sums, every
  * level the reference's bits, each token alone as in a batch of 1 to 11 (tiles of 8 and what
  * is left, one to three tokens in several chains), threads splitting blocks: every width,
- * with and without a minimum, a scale per group or per token, groups of 4 to 256 (units that
- * are and are not a multiple of the chains), rows that end inside a group, a last block of
- * fewer than 16 rows. */
+ * with and without a minimum, with SpQR's statistics (runs of 16, runs of 3 with a short last
+ * one, runs of 1), a scale per group or per token, groups of 4 to 256 (units that are and are
+ * not a multiple of the chains), rows that end inside a group, a last block of fewer than 16
+ * rows. The weights are the x16 form's dequantized, each checked against the codec's formula
+ * on the rows. */
 START_TEST(x16_mul_levels) {
     static const struct {
         int bits, zero, has_min, group_scales;
         int64_t group, n_in, n_out;
+        int stats_bits;
+        int64_t stats_run;
     } cases[] = {
-        {2, 1, 0, 1, 32, 96, 48},   {3, 0, 1, 1, 32, 100, 33},  {4, 7, 0, 1, 64, 200, 17},
-        {5, 15, 1, 0, 8, 60, 16},   {6, 32, 0, 0, 128, 300, 20}, {7, 0, 1, 1, 4, 30, 40},
-        {8, 127, 0, 1, 256, 256, 31}, {8, 0, 1, 0, 12, 50, 9},   {3, 3, 0, 1, 40, 120, 64},
+        {2, 1, 0, 1, 32, 96, 48, 0, 0},    {3, 0, 1, 1, 32, 100, 33, 0, 0},
+        {4, 7, 0, 1, 64, 200, 17, 0, 0},   {5, 15, 1, 0, 8, 60, 16, 0, 0},
+        {6, 32, 0, 0, 128, 300, 20, 0, 0}, {7, 0, 1, 1, 4, 30, 40, 0, 0},
+        {8, 127, 0, 1, 256, 256, 31, 0, 0}, {8, 0, 1, 0, 12, 50, 9, 0, 0},
+        {3, 3, 0, 1, 40, 120, 64, 0, 0},   {3, 0, 0, 1, 16, 300, 35, 3, 16},
+        {4, 0, 0, 0, 8, 70, 18, 2, 3},     {2, 0, 0, 1, 32, 64, 16, 8, 1},
     };
     tsr_cpu_level best = tsr_cpu_level_best();
     const int64_t max_tok = 11;
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         tsr_rq_uniform u = {.bits = cases[k].bits, .zero = cases[k].zero,
-                            .has_min = cases[k].has_min, .group = cases[k].group};
+                            .has_min = cases[k].has_min, .group = cases[k].group,
+                            .stats_bits = cases[k].stats_bits, .stats_run = cases[k].stats_run};
         int64_t n_in = cases[k].n_in, n_out = cases[k].n_out, group = u.group;
         int64_t n_pad = tsr_rq_groups(n_in, group) * group, n_g = n_pad / group;
         uint8_t *rows, *x16;
@@ -938,6 +1015,10 @@ START_TEST(x16_mul_levels) {
         float *w = malloc((size_t)(n_in * n_out) * sizeof *w);
         m.x16 = x16;
         tsr_rq_matrix_dequantize(w, &m, 0, n_out);
+        for (int64_t r = 0; r < n_out; r++)
+            for (int64_t i = 0; i < n_in; i++)
+                ck_assert_msg(w[r * n_in + i] == uniform_value(&u, rows + r * m.row_bytes, i),
+                              "case %zu (%lld, %lld)", k, (long long)r, (long long)i);
         float *x = gauss((size_t)(max_tok * n_in), 20 + k);
         int8_t *q = malloc((size_t)(max_tok * n_pad));
         int32_t *gsum = malloc((size_t)(max_tok * n_g) * sizeof *gsum);
@@ -1872,6 +1953,7 @@ static Suite *suite(bool model_cases) {
     tc = tcase_create("products");
     tcase_add_loop_test(tc, matmul_equals_dequantized_product, 0, N_QUANTIZERS);
     tcase_add_loop_test(tc, matmul_independent_of_threads_and_batch, 0, N_QUANTIZERS);
+    tcase_add_test(tc, interleaved_dequantizes_as_rows);
     tcase_add_test(tc, simd_equals_scalar);
     tcase_add_test(tc, dot_packed_groups_equals_unpacked);
     tcase_add_test(tc, act_quantize_groups);

@@ -1716,22 +1716,48 @@ void tsr_rq_stats_affine(float *d, float *b, const uint8_t *sc, const uint8_t *z
 
 /* ---- uniform codecs interleaved by 16 rows ---------------------------------------------- */
 
-/* What a walk over an x16 matrix needs: groups per row, units (four codes of 16 rows) per
- * group, and the bytes of a unit, of a group's scales, of a group and of a block. */
+/* What a walk over an x16 matrix needs: groups per row and per run, units (four codes of 16
+ * rows) per group, and the bytes of a unit, of a run's head, of a group's statistics, of a
+ * group (statistics and units), of a whole run and of a block. */
 typedef struct x16_dims {
-    int64_t n_g, units;
-    size_t unit_bytes, scale_bytes, group_bytes, block_bytes;
+    int64_t n_g, run, units;
+    size_t unit_bytes, head_bytes, stat_bytes, group_bytes, run_bytes, block_bytes;
 } x16_dims;
 
 static x16_dims x16_dims_of(const tsr_rq_uniform *u, int64_t n_in) {
     x16_dims x;
     x.n_g = tsr_rq_groups(n_in, u->group);
+    x.run = u->stats_bits ? u->stats_run : 1;
     x.units = u->group / 4;
     x.unit_bytes = 8 * (size_t)u->bits;
-    x.scale_bytes = (u->has_min ? 2 : 1) * 16 * sizeof(uint16_t);
-    x.group_bytes = x.scale_bytes + (size_t)x.units * x.unit_bytes;
-    x.block_bytes = (size_t)x.n_g * x.group_bytes;
+    x.head_bytes = (u->stats_bits ? 4 : u->has_min ? 2 : 1) * 16 * sizeof(uint16_t);
+    x.stat_bytes = 4 * (size_t)u->stats_bits;
+    x.group_bytes = x.stat_bytes + (size_t)x.units * x.unit_bytes;
+    x.run_bytes = x.head_bytes + (size_t)x.run * x.group_bytes;
+    int64_t rest = x.n_g % x.run;
+    x.block_bytes = (size_t)(x.n_g / x.run) * x.run_bytes +
+                    (rest ? x.head_bytes + (size_t)rest * x.group_bytes : 0);
     return x;
+}
+
+/* A walk over a block's groups in order: where in the block group g starts (its statistics,
+ * then its units) and where its run's head does, without a division per group. */
+typedef struct x16_walk {
+    size_t head, at;
+    int64_t in_run;
+} x16_walk;
+
+static inline x16_walk x16_walk_start(const x16_dims *x) {
+    return (x16_walk){0, x->head_bytes, 0};
+}
+
+static inline void x16_walk_next(x16_walk *w, const x16_dims *x) {
+    w->at += x->group_bytes;
+    if (++w->in_run == x->run) {
+        w->in_run = 0;
+        w->head = w->at;
+        w->at += x->head_bytes;
+    }
 }
 
 /* Past the blocks, room for a 64-bit read from the last unit's last word. */
@@ -1739,6 +1765,34 @@ static x16_dims x16_dims_of(const tsr_rq_uniform *u, int64_t n_in) {
 
 size_t tsr_rq_x16_bytes(const tsr_rq_uniform *u, int64_t n_in, int64_t n_out) {
     return (size_t)((n_out + 15) / 16) * x16_dims_of(u, n_in).block_bytes + X16_SLACK;
+}
+
+/* Group g's head (at its run's first group) and statistics for the n_r rows from `rows`. */
+static void x16_pack_affine(uint8_t *blk, const x16_walk *w, const uint8_t *rows,
+                            size_t row_bytes, int n_r, int64_t g, const tsr_rq_uniform *u,
+                            const x16_dims *x) {
+    uint8_t *head = blk + w->head, *gp = blk + w->at;
+    if (w->in_run == 0)
+        for (int r = 0; r < n_r; r++) {
+            const uint8_t *row = rows + (size_t)r * row_bytes;
+            if (u->stats_bits)
+                for (int f = 0; f < 4; f++)
+                    memcpy(head + 32 * f + 2 * r, row + u->d_at + 8 * (size_t)(g / x->run) + 2 * f,
+                           2);
+            else {
+                memcpy(head + 2 * r, row + u->d_at + 2 * g, 2);
+                if (u->has_min) memcpy(head + 32 + 2 * r, row + u->m_at + 2 * g, 2);
+            }
+        }
+    if (u->stats_bits) {
+        uint8_t codes[32] = {0};
+        for (int r = 0; r < n_r; r++) {
+            const uint8_t *row = rows + (size_t)r * row_bytes;
+            codes[r] = tsr_rq_code_at(row + u->sc_at, g, u->stats_bits);
+            codes[16 + r] = tsr_rq_code_at(row + u->zc_at, g, u->stats_bits);
+        }
+        tsr_rq_pack(gp, codes, 32, u->stats_bits);
+    }
 }
 
 void tsr_rq_x16_pack(uint8_t *dst, const tsr_rq_matrix *m, const tsr_rq_uniform *u, int ith,
@@ -1750,42 +1804,96 @@ void tsr_rq_x16_pack(uint8_t *dst, const tsr_rq_matrix *m, const tsr_rq_uniform 
     uint8_t unit[64];
     for (int64_t b = b0; b < b1; b++) {
         uint8_t *blk = dst + (size_t)b * x.block_bytes;
+        const uint8_t *rows = m->rows + (size_t)(16 * b) * m->row_bytes;
         int n_r = m->n_out - 16 * b < 16 ? (int)(m->n_out - 16 * b) : 16;
         memset(blk, 0, x.block_bytes);
-        for (int64_t g = 0; g < x.n_g; g++) {
-            uint8_t *gp = blk + (size_t)g * x.group_bytes;
-            for (int r = 0; r < n_r; r++) {
-                const uint8_t *row = m->rows + (size_t)(16 * b + r) * m->row_bytes;
-                memcpy(gp + 2 * r, row + u->d_at + 2 * g, 2);
-                if (u->has_min) memcpy(gp + 32 + 2 * r, row + u->m_at + 2 * g, 2);
-            }
+        x16_walk w = x16_walk_start(&x);
+        for (int64_t g = 0; g < x.n_g; g++, x16_walk_next(&w, &x)) {
+            x16_pack_affine(blk, &w, rows, m->row_bytes, n_r, g, u, &x);
+            uint8_t *units = blk + w.at + x.stat_bytes;
             for (int64_t k = 0; k < x.units; k++) {
                 memset(unit, 0, sizeof unit);
                 for (int r = 0; r < n_r; r++) {
-                    const uint8_t *codes = m->rows + (size_t)(16 * b + r) * m->row_bytes +
-                                           u->codes_at;
+                    const uint8_t *codes = rows + (size_t)r * m->row_bytes + u->codes_at;
                     for (int i = 0; i < 4; i++)
                         unit[4 * r + i] = tsr_rq_code_at(codes, g * u->group + 4 * k + i, u->bits);
                 }
-                tsr_rq_pack(gp + x.scale_bytes + (size_t)k * x.unit_bytes, unit, 64, u->bits);
+                tsr_rq_pack(units + (size_t)k * x.unit_bytes, unit, 64, u->bits);
             }
         }
     }
 }
 
+/* Group g's affine map for rows [r0, r1) of a block: the product's d and m (inner = d (S - zero
+ * A), then fma(m, A, inner) when m is used) and, with statistics, the zero z of the value
+ * s (c - z). */
+typedef struct x16_affine {
+    float d[16], m[16], z[16];
+} x16_affine;
+
+static void x16_affine_ref(x16_affine *a, const uint8_t *blk, const x16_walk *w,
+                           const tsr_rq_uniform *u, int r0, int r1) {
+    const uint8_t *head = blk + w->head, *gp = blk + w->at;
+    for (int r = r0; r < r1; r++) {
+        if (u->stats_bits) {
+            float sc = (float)tsr_rq_code_at(gp, r, u->stats_bits);
+            float zc = (float)tsr_rq_code_at(gp, 16 + r, u->stats_bits);
+            float s = tsr_rq_load_f16(head + 2 * r) + tsr_rq_load_f16(head + 32 + 2 * r) * sc;
+            float z = tsr_rq_load_f16(head + 64 + 2 * r) + tsr_rq_load_f16(head + 96 + 2 * r) * zc;
+            a->d[r] = s, a->m[r] = -(s * z), a->z[r] = z;
+        } else {
+            a->d[r] = tsr_rq_load_f16(head + 2 * r);
+            a->m[r] = u->has_min ? tsr_rq_load_f16(head + 32 + 2 * r) : 0.0f;
+            a->z[r] = 0.0f;
+        }
+    }
+}
+
+/* Whether the product takes m (a minimum, or the statistics' offset). */
+static int x16_has_m(const tsr_rq_uniform *u) {
+    return u->has_min || u->stats_bits;
+}
+
 /* Row r of block blk as f32, by tsr_rq_uniform's formula. */
 static void x16_dequantize_row(float *y, const uint8_t *blk, int r, const tsr_rq_uniform *u,
                                const x16_dims *x, int64_t n_in) {
-    for (int64_t g = 0; g < x->n_g; g++) {
-        const uint8_t *gp = blk + (size_t)g * x->group_bytes;
-        float d = tsr_rq_load_f16(gp + 2 * r), m = u->has_min ? tsr_rq_load_f16(gp + 32 + 2 * r)
-                                                              : 0.0f;
+    x16_affine a;
+    x16_walk w = x16_walk_start(x);
+    for (int64_t g = 0; g < x->n_g; g++, x16_walk_next(&w, x)) {
+        x16_affine_ref(&a, blk, &w, u, r, r + 1);
+        const uint8_t *units = blk + w.at + x->stat_bytes;
         int64_t len = tsr_rq_group_len(g, u->group, n_in);
         for (int64_t i = 0; i < len; i++) {
-            const uint8_t *unit = gp + x->scale_bytes + (size_t)(i / 4) * x->unit_bytes;
-            float v = d * (float)((int32_t)tsr_rq_code_at(unit, 4 * r + i % 4, u->bits) - u->zero);
-            y[g * u->group + i] = u->has_min ? m + v : v;
+            int32_t c = tsr_rq_code_at(units + (size_t)(i / 4) * x->unit_bytes, 4 * r + i % 4,
+                                       u->bits);
+            float v = u->stats_bits ? a.d[r] * ((float)c - a.z[r])
+                                    : a.d[r] * (float)(c - u->zero);
+            y[g * u->group + i] = u->has_min ? a.m[r] + v : v;
         }
+    }
+}
+
+void tsr_rq_x16_deltas(uint32_t *count, tsr_rq_delta *deltas, const uint32_t *delta_off,
+                       const tsr_rq_matrix *m, const tsr_rq_uniform *u, float *scratch, int ith,
+                       int nth) {
+    x16_dims x = x16_dims_of(u, m->n_in);
+    float *full = scratch, *dense = scratch + m->n_in;
+    int64_t r0, r1;
+    tsr_thread_slice(&r0, &r1, m->n_out, 1, ith, nth);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *tail = m->tails + m->tail_off[r];
+        m->codec->dequantize_row(m->cfg, full, m->rows + (size_t)r * m->row_bytes, tail,
+                                 m->tail_off[r + 1] - m->tail_off[r], m->n_in);
+        x16_dequantize_row(dense, m->x16 + (size_t)(r / 16) * x.block_bytes, (int)(r % 16), u,
+                           &x, m->n_in);
+        uint32_t n = 0;
+        for (int64_t i = 0; i < m->n_in; i++) {
+            if (full[i] == dense[i]) continue;
+            if (deltas) deltas[delta_off[r] + n] = (tsr_rq_delta){(uint32_t)i, full[i],
+                                                                  full[i] - dense[i]};
+            n++;
+        }
+        if (count) count[r] = n;
     }
 }
 
@@ -1795,24 +1903,26 @@ static void x16_block_ref(float *y, int64_t ldy, const uint8_t *blk, int n_r,
                           const tsr_rq_uniform *u, const x16_dims *x, const tsr_rq_act *act,
                           int64_t t0, int64_t t1) {
     uint8_t c[64];
+    x16_affine af;
     for (int64_t t = t0; t < t1; t++) {
         const int8_t *a = act->q + t * act->n_pad;
         float acc[16] = {0};
-        for (int64_t g = 0; g < x->n_g; g++) {
-            const uint8_t *gp = blk + (size_t)g * x->group_bytes;
+        x16_walk w = x16_walk_start(x);
+        for (int64_t g = 0; g < x->n_g; g++, x16_walk_next(&w, x)) {
+            const uint8_t *units = blk + w.at + x->stat_bytes;
             int32_t s[16] = {0};
             for (int64_t k = 0; k < x->units; k++) {
-                unpack_words(c, gp + x->scale_bytes + (size_t)k * x->unit_bytes, 64, u->bits);
+                unpack_words(c, units + (size_t)k * x->unit_bytes, 64, u->bits);
                 const int8_t *ak = a + g * u->group + 4 * k;
                 for (int r = 0; r < 16; r++)
                     for (int i = 0; i < 4; i++) s[r] += c[4 * r + i] * ak[i];
             }
+            x16_affine_ref(&af, blk, &w, u, 0, 16);
             int32_t sum_a = act->gsum[t * x->n_g + g];
             float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
             for (int r = 0; r < 16; r++) {
-                float inner = tsr_rq_load_f16(gp + 2 * r) * (float)(s[r] - u->zero * sum_a);
-                if (u->has_min)
-                    inner = fmaf(tsr_rq_load_f16(gp + 32 + 2 * r), (float)sum_a, inner);
+                float inner = af.d[r] * (float)(s[r] - u->zero * sum_a);
+                if (x16_has_m(u)) inner = fmaf(af.m[r], (float)sum_a, inner);
                 acc[r] = fmaf(da, inner, acc[r]);
             }
         }
@@ -1825,6 +1935,33 @@ static void x16_block_ref(float *y, int64_t ldy, const uint8_t *blk, int n_r,
 /* The largest group whose unpacked codes (16 rows) the AVX2 product keeps on the stack. */
 #define RQ_X16_GROUP_MAX 256
 
+/* The head of a run as f32 vectors: d (and m), or s_min, s_step, z_min, z_step. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+x16_head_vbmi(__m512 h[4], const uint8_t *head, const tsr_rq_uniform *u) {
+    const int n = u->stats_bits ? 4 : u->has_min ? 2 : 1;
+    for (int f = 0; f < 4; f++)
+        h[f] = f < n ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32 * f)))
+                     : _mm512_setzero_ps();
+}
+
+/* x16_affine_ref's d and m of the group at p (its statistics, 32 codes unpacked by sc) from
+ * its run's head h. */
+RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
+x16_affine_vbmi(__m512 *d, __m512 *m, const __m512 h[4], const uint8_t *p,
+                const tsr_rq_uniform *u, const vbmi_codes *sc) {
+    if (!u->stats_bits) {
+        *d = h[0], *m = h[1];
+        return;
+    }
+    __m512i codes = vbmi_codes_masked(sc, p, sc->full_bytes);
+    __m512 scf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(codes)));
+    __m512 zcf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 1)));
+    __m512 s = _mm512_add_ps(h[0], _mm512_mul_ps(h[1], scf));
+    __m512 z = _mm512_add_ps(h[2], _mm512_mul_ps(h[3], zcf));
+    *d = s;
+    *m = _mm512_sub_ps(_mm512_set1_ps(-0.0f), _mm512_mul_ps(s, z));
+}
+
 /* nt tokens from t0 times n_blk blocks (both constants in each caller, so that the arrays
  * live in registers): each unit unpacked once, then one vpdpbusd per token. Decode takes two
  * blocks side by side, block i and block i + h of the slice, so that each is the next block of
@@ -1834,20 +1971,29 @@ static void x16_block_ref(float *y, int64_t ldy, const uint8_t *blk, int n_r,
 RQ_VBMI_TARGET __attribute__((always_inline)) static inline void
 x16_blocks_vbmi(float *const *y, int64_t ldy, const uint8_t *const *blk, const __mmask16 *rows,
                 const tsr_rq_uniform *u, const x16_dims *x, const vbmi_codes *vc,
-                const tsr_rq_act *act, int64_t t0, const int nt, const int n_blk) {
+                const vbmi_codes *sc, const tsr_rq_act *act, int64_t t0, const int nt,
+                const int n_blk) {
     const int chains = nt * n_blk >= 4 ? 1 : 4 / (nt * n_blk), n_acc = nt * n_blk;
     __m512 acc[X16_TOK];
     __m512i s[X16_TOK];
     const int8_t *a = act->q + t0 * act->n_pad;
 #pragma GCC unroll 8
     for (int j = 0; j < n_acc; j++) acc[j] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < x->n_g; g++) {
-        const size_t at = (size_t)g * x->group_bytes;
+    __m512 head[2][4];
+    x16_walk w = x16_walk_start(x);
+    for (int64_t g = 0; g < x->n_g; g++, x16_walk_next(&w, x)) {
+        const size_t at = w.at + x->stat_bytes;
         const int8_t *ag = a + g * u->group;
-        if (n_blk == 2)
+        if (w.in_run == 0)
+#pragma GCC unroll 2
+            for (int bi = 0; bi < n_blk; bi++) x16_head_vbmi(head[bi], blk[bi] + w.head, u);
+        if (n_blk == 2) {
+            /* the group, and at a run's start its head */
+            const size_t from = w.in_run ? w.at : w.head;
             for (int bi = 0; bi < 2; bi++)
-                for (size_t o = 0; o < x->group_bytes; o += 64)
-                    __builtin_prefetch(blk[bi] + at + o + TSR_STREAM_PREFETCH, 0, 3);
+                for (size_t o = from; o < at + x->group_bytes - x->stat_bytes; o += 64)
+                    __builtin_prefetch(blk[bi] + o + TSR_STREAM_PREFETCH, 0, 3);
+        }
 #pragma GCC unroll 8
         for (int j = 0; j < n_acc * chains; j++) s[j] = _mm512_setzero_si512();
         for (int64_t k = 0; k < x->units; k += chains)
@@ -1860,9 +2006,8 @@ x16_blocks_vbmi(float *const *y, int64_t ldy, const uint8_t *const *blk, const _
                     memcpy(&a4[j], ag + j * act->n_pad + 4 * (k + c), sizeof a4[j]);
 #pragma GCC unroll 2
                 for (int bi = 0; bi < n_blk; bi++) {
-                    __m512i v = vbmi_codes_masked(
-                        vc, blk[bi] + at + x->scale_bytes + (size_t)(k + c) * x->unit_bytes,
-                        vc->full_bytes);
+                    const uint8_t *unit = blk[bi] + at + (size_t)(k + c) * x->unit_bytes;
+                    __m512i v = vbmi_codes_masked(vc, unit, vc->full_bytes);
 #pragma GCC unroll 8
                     for (int j = 0; j < nt; j++) {
                         const int i = (bi * nt + j) * chains + c;
@@ -1872,11 +2017,8 @@ x16_blocks_vbmi(float *const *y, int64_t ldy, const uint8_t *const *blk, const _
             }
 #pragma GCC unroll 2
         for (int bi = 0; bi < n_blk; bi++) {
-            const uint8_t *gp = blk[bi] + at;
-            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gp));
-            __m512 m = u->has_min
-                           ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gp + 32)))
-                           : _mm512_setzero_ps();
+            __m512 d, m;
+            x16_affine_vbmi(&d, &m, head[bi], blk[bi] + w.at, u, sc);
 #pragma GCC unroll 8
             for (int j = 0; j < nt; j++) {
                 const int i = bi * nt + j;
@@ -1886,9 +2028,9 @@ x16_blocks_vbmi(float *const *y, int64_t ldy, const uint8_t *const *blk, const _
                 for (int c = 1; c < chains; c++) sj = _mm512_add_epi32(sj, s[i * chains + c]);
                 int32_t sum_a = act->gsum[t * x->n_g + g];
                 float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
-                __m512 inner = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(
-                                                    sj, _mm512_set1_epi32(u->zero * sum_a))));
-                if (u->has_min) inner = _mm512_fmadd_ps(m, _mm512_set1_ps((float)sum_a), inner);
+                if (u->zero) sj = _mm512_sub_epi32(sj, _mm512_set1_epi32(u->zero * sum_a));
+                __m512 inner = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sj));
+                if (x16_has_m(u)) inner = _mm512_fmadd_ps(m, _mm512_set1_ps((float)sum_a), inner);
                 acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(da), inner, acc[i]);
             }
         }
@@ -1905,6 +2047,8 @@ RQ_VBMI_TARGET static void x16_mul_vbmi(float *y, int64_t ldy, const uint8_t *x1
                                         const x16_dims *x, const tsr_rq_act *act,
                                         int64_t n_tok, int64_t b0, int64_t b1) {
     vbmi_codes vc = vbmi_codes_of(u->bits, 64);
+    vbmi_codes sc = vbmi_codes_of(u->stats_bits ? u->stats_bits : 8, 64);
+    sc.full_bytes = ((__mmask64)1 << x->stat_bytes) - 1;
     const uint8_t *blk[2];
     float *yb[2];
     __mmask16 rows[2];
@@ -1920,21 +2064,21 @@ RQ_VBMI_TARGET static void x16_mul_vbmi(float *y, int64_t ldy, const uint8_t *x1
             rows[n_blk] = (__mmask16)((1u << n_r) - 1);
         }
         if (pair && n_blk == 2) {
-            if (n_tok == 1) x16_blocks_vbmi(yb, ldy, blk, rows, u, x, &vc, act, 0, 1, 2);
-            else x16_blocks_vbmi(yb, ldy, blk, rows, u, x, &vc, act, 0, 2, 2);
+            if (n_tok == 1) x16_blocks_vbmi(yb, ldy, blk, rows, u, x, &vc, &sc, act, 0, 1, 2);
+            else x16_blocks_vbmi(yb, ldy, blk, rows, u, x, &vc, &sc, act, 0, 2, 2);
             continue;
         }
         for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOK) {
             float *yt[1] = {yb[0] + t0 * ldy};
             switch (n_tok - t0 < X16_TOK ? n_tok - t0 : X16_TOK) {
-            case 1: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 1, 1); break;
-            case 2: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 2, 1); break;
-            case 3: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 3, 1); break;
-            case 4: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 4, 1); break;
-            case 5: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 5, 1); break;
-            case 6: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 6, 1); break;
-            case 7: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 7, 1); break;
-            default: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, act, t0, 8, 1); break;
+            case 1: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 1, 1); break;
+            case 2: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 2, 1); break;
+            case 3: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 3, 1); break;
+            case 4: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 4, 1); break;
+            case 5: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 5, 1); break;
+            case 6: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 6, 1); break;
+            case 7: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 7, 1); break;
+            default: x16_blocks_vbmi(yt, ldy, blk, rows, u, x, &vc, &sc, act, t0, 8, 1); break;
             }
         }
     }
@@ -1953,9 +2097,10 @@ __attribute__((target("bmi2"))) static inline void x16_unit_bmi2(uint8_t *c, con
     }
 }
 
-/* Without VBMI: a group's units unpacked once to the stack (x16_unit_bmi2), then for each token of a tile of 8 the codes widened to 16 bits and multiplied by vpmaddwd
- * with the four activations, whose pairs of 32-bit lanes (a row's two pairs) one vphaddd folds;
- * the float steps are the reference's, eight rows a vector. */
+/* Without VBMI: a group's units unpacked once to the stack (x16_unit_bmi2), then for each
+ * token of a tile of 8 the codes widened to 16 bits and multiplied by vpmaddwd with the four
+ * activations, whose pairs of 32-bit lanes (a row's two pairs) one vphaddd folds; the float
+ * steps are the reference's, eight rows a vector (statistics decoded by the reference). */
 __attribute__((target("avx2,fma,f16c,bmi2"))) static void
 x16_block_avx2(float *y, int64_t ldy, const uint8_t *blk, int n_r, const tsr_rq_uniform *u,
                const x16_dims *x, const tsr_rq_act *act, int64_t n_tok) {
@@ -1964,17 +2109,25 @@ x16_block_avx2(float *y, int64_t ldy, const uint8_t *blk, int n_r, const tsr_rq_
     for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOK) {
         const int64_t nt = n_tok - t0 < X16_TOK ? n_tok - t0 : X16_TOK;
         memset(acc, 0, sizeof acc);
-        for (int64_t g = 0; g < x->n_g; g++) {
-            const uint8_t *gp = blk + (size_t)g * x->group_bytes;
+        x16_walk w = x16_walk_start(x);
+        for (int64_t g = 0; g < x->n_g; g++, x16_walk_next(&w, x)) {
+            const uint8_t *units = blk + w.at + x->stat_bytes;
+            const uint8_t *head = blk + w.head;
             for (int64_t k = 0; k < x->units; k++)
-                x16_unit_bmi2(c + 64 * k, gp + x->scale_bytes + (size_t)k * x->unit_bytes,
-                              u->bits);
+                x16_unit_bmi2(c + 64 * k, units + (size_t)k * x->unit_bytes, u->bits);
             __m256 d[2], m[2];
+            x16_affine af;
+            if (u->stats_bits) x16_affine_ref(&af, blk, &w, u, 0, 16);
             for (int h = 0; h < 2; h++) {
-                d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + 16 * h)));
-                m[h] = u->has_min
-                           ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + 32 + 16 * h)))
-                           : _mm256_setzero_ps();
+                if (u->stats_bits) {
+                    d[h] = _mm256_loadu_ps(af.d + 8 * h);
+                    m[h] = _mm256_loadu_ps(af.m + 8 * h);
+                    continue;
+                }
+                d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(head + 16 * h)));
+                m[h] = u->has_min ? _mm256_cvtph_ps(
+                                        _mm_loadu_si128((const __m128i *)(head + 32 + 16 * h)))
+                                  : _mm256_setzero_ps();
             }
             for (int64_t j = 0; j < nt; j++) {
                 const int64_t t = t0 + j;
@@ -2000,7 +2153,7 @@ x16_block_avx2(float *y, int64_t ldy, const uint8_t *blk, int n_r, const tsr_rq_
                     __m256 inner = _mm256_mul_ps(
                         d[h], _mm256_cvtepi32_ps(_mm256_sub_epi32(
                                   rows8, _mm256_set1_epi32(u->zero * sum_a))));
-                    if (u->has_min)
+                    if (x16_has_m(u))
                         inner = _mm256_fmadd_ps(m[h], _mm256_set1_ps((float)sum_a), inner);
                     _mm256_storeu_ps(acc[j] + 8 * h,
                                      _mm256_fmadd_ps(_mm256_set1_ps(da), inner,
@@ -2036,6 +2189,21 @@ static void x16_mul(float *y, const tsr_rq_matrix *m, const tsr_rq_uniform *u,
 #endif
         x16_block_ref(y + 16 * b, m->n_out, blk, n_r, u, &x, act, 0, n_tok);
     }
+}
+
+/* The deltas of rows [r0, r1) times n_tok tokens' int8 activations, into y. */
+static void x16_add_deltas(float *y, const tsr_rq_matrix *m, const tsr_rq_act *act,
+                           int64_t n_tok, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (uint32_t k = m->delta_off[r]; k < m->delta_off[r + 1]; k++) {
+            const tsr_rq_delta e = m->deltas[k];
+            const int64_t g = e.col / act->group;
+            for (int64_t t = 0; t < n_tok; t++) {
+                float a = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)] *
+                          (float)act->q[t * act->n_pad + e.col];
+                y[t * m->n_out + r] = fmaf(e.delta, a, y[t * m->n_out + r]);
+            }
+        }
 }
 
 /* ---- matrices of a row codec ------------------------------------------------------------ */
@@ -2103,6 +2271,9 @@ static void dequantize_row_at(float *y, const tsr_rq_matrix *m, int64_t r) {
         x16_dims x = x16_dims_of(&u, m->n_in);
         x16_dequantize_row(y, m->x16 + (size_t)(r / 16) * x.block_bytes, (int)(r % 16), &u, &x,
                            m->n_in);
+        if (m->delta_off)
+            for (uint32_t k = m->delta_off[r]; k < m->delta_off[r + 1]; k++)
+                y[m->deltas[k].col] = m->deltas[k].value;
         return;
     }
     rq_row q = row_at(m, r);
@@ -2159,6 +2330,7 @@ void tsr_rq_matrix_mul(float *y, const tsr_rq_matrix *m, const float *x, const t
     if (m->x16 && act) {
         tsr_rq_uniform u = uniform_of(m);
         x16_mul(y, m, &u, act, n_tok, r0 / 16, (r1 + 15) / 16);
+        if (m->delta_off) x16_add_deltas(y, m, act, n_tok, r0, r1);
         return;
     }
     tsr_rq_act_f32 xf = {x, NULL, n_in, 0};

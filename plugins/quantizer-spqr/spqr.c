@@ -21,10 +21,12 @@
  * offset through the group's activation sum), then the outliers as a separate pass over the
  * row's tail: each adds (value - its dense code's s c - s z) times its activation.
  * act_bits 8: the activations are quantized to int8 once per product with a scale per weight
- * group (d_a[g] = amax / 127 of the group), the dense codes are an exact integer dot per group
- * (tsr_rq_dot_packed_scaled: y = sum_g d_a[g] * (s_g * sum c * a - s_g z_g * sum a)), and the
- * outliers' pass takes the same int8 activations (d_a a). Not the paper's arithmetic (it
- * changes the numerics by the activations' rounding), an option for speed.
+ * group (d_a[g] = amax / 127 of the group); the matrix is held interleaved by 16 rows
+ * (tsr_rq_x16_pack), the dense codes an exact integer dot per group of 16 rows
+ * (y = sum_g d_a[g] * (s_g * sum c * a - s_g z_g * sum a), the statistics decoded 16 rows at
+ * a time), and the outliers are kept beside it as (column, value - dense value) pairs
+ * (tsr_rq_x16_deltas), a pass that takes the same int8 activations (d_a a). Not the paper's
+ * arithmetic (it changes the numerics by the activations' rounding), an option for speed.
  */
 #include <stdio.h>
 
@@ -212,29 +214,11 @@ static int64_t spqr_act_group(const void *cfg) {
     return c->act8 ? c->group : 0;
 }
 
-static int32_t spqr_act_order(const void *cfg) {
-    const spqr_cfg *c = cfg;
-    return tsr_rq_scaled_order(c->bits, c->group);
-}
-
-/* Token t's activation at column col: f32 (x), or int8 (act) as d_a a. */
-typedef struct spqr_acts {
-    const tsr_rq_act_f32 *x;
-    const tsr_rq_act *act;
-} spqr_acts;
-
-static float spqr_act_at(const spqr_acts *a, int64_t t, int64_t col) {
-    if (a->x) return a->x->x[t * a->x->n + col];
-    const tsr_rq_act *q = a->act;
-    return q->d[t * q->n_scales + (q->n_scales > 1 ? col / q->group : 0)] *
-           (float)q->q[t * q->n_pad + col];
-}
-
 /* The outliers' pass over a row's tail: each adds (value - what the dense product counted for
  * its column, d_g c + b_g) times its activation, for each of n_tok tokens. */
 static void spqr_add_outliers(const spqr_cfg *c, const spqr_layout *l, float *y, int64_t ldy,
                               const uint8_t *row, const uint8_t *tail, size_t tail_bytes,
-                              const float *d, const float *b, const spqr_acts *a,
+                              const float *d, const float *b, const tsr_rq_act_f32 *x,
                               int64_t n_tok) {
     for (size_t k = 0; k + SPQR_OUTLIER_BYTES <= tail_bytes; k += SPQR_OUTLIER_BYTES) {
         uint16_t col;
@@ -243,7 +227,7 @@ static void spqr_add_outliers(const spqr_cfg *c, const spqr_layout *l, float *y,
         float dense = fmaf(d[g], (float)tsr_rq_code_at(row + l->wcodes, col, c->bits), b[g]);
         float delta = tsr_rq_load_f16(tail + k + 2) - dense;
         for (int64_t t = 0; t < n_tok; t++)
-            y[t * ldy] = fmaf(delta, spqr_act_at(a, t, col), y[t * ldy]);
+            y[t * ldy] = fmaf(delta, x->x[t * x->n + col], y[t * ldy]);
     }
 }
 
@@ -257,21 +241,18 @@ static void spqr_dot_f32(const void *cfg, float *y, int64_t ldy, const uint8_t *
     spqr_group_affine(c, &l, row, d, b);
     tsr_rq_gscales s = {.d = d, .b = b};
     tsr_rq_dot_packed_f32(y, ldy, row + l.wcodes, c->bits, &s, x, n_tok, l.n_g);
-    spqr_add_outliers(c, &l, y, ldy, row, tail, tail_bytes, d, b, &(spqr_acts){x, NULL}, n_tok);
+    spqr_add_outliers(c, &l, y, ldy, row, tail, tail_bytes, d, b, x, n_tok);
 }
 
-/* scratch: act->n_pad >= n_in bytes hold the 2 n_g floats of d and b (group >= 8). */
-static void spqr_dot_q8(const void *cfg, float *y, int64_t ldy, const uint8_t *row,
-                        const uint8_t *tail, size_t tail_bytes, const tsr_rq_act *act,
-                        int64_t n_tok, int64_t n_in, uint8_t *scratch) {
+/* With int8 activations the matrix is held interleaved by 16 rows (tsr_rq_x16_pack), the
+ * statistics decoded for 16 rows at a time, the outliers kept beside it as deltas. */
+static int spqr_uniform(const void *cfg, int64_t n_in, tsr_rq_uniform *u) {
     const spqr_cfg *c = cfg;
     spqr_layout l = spqr_layout_of(c, n_in);
-    float *d = (float *)scratch, *b = d + l.n_g;
-    spqr_group_affine(c, &l, row, d, b);
-    tsr_rq_gscales s = {.d = d, .b = b};
-    tsr_rq_dot_packed_scaled(y, ldy, row + l.wcodes, c->bits, &s, act, n_tok, l.n_g);
-    spqr_add_outliers(c, &l, y, ldy, row, tail, tail_bytes, d, b, &(spqr_acts){NULL, act},
-                      n_tok);
+    *u = (tsr_rq_uniform){.bits = c->bits, .group = c->group, .d_at = l.stats,
+                          .codes_at = l.wcodes, .stats_bits = c->stats_bits,
+                          .stats_run = c->stats_group, .sc_at = l.scodes, .zc_at = l.zcodes};
+    return c->act8;
 }
 
 static void spqr_describe(const void *cfg, char *buf, size_t size) {
@@ -289,11 +270,10 @@ static const tsr_rq_codec spqr_codec = {
     .dequantize_row = spqr_dequantize_row,
     .describe = spqr_describe,
     .act_group = spqr_act_group,
-    .dot_q8 = spqr_dot_q8,
-    .act_order = spqr_act_order,
     .act_group_scales = 1,
     .dot_f32 = spqr_dot_f32,
     .f32_group = spqr_f32_group,
+    .uniform = spqr_uniform,
 };
 
 /* ---- plugin ---------------------------------------------------------------------------- */

@@ -274,16 +274,22 @@ void tsr_rq_stats_affine(float *d, float *b,           // (n_g) each
 /* bytes plus, for codecs with a variable part (SpQR's outliers), a tail of its own length.  */
 /* `cfg` is the codec's configuration (bits, group...), opaque to the kernels.               */
 
-/* A row of uniform groups: n_g = ceil(n_in / group) groups of `group` codes of `bits`, code c
- * of group g worth
- *   has_min ? m_g + d_g * (float)(c - zero) : d_g * (float)(c - zero)
- * (one product and one sum, each rounded), d_g and m_g fp16 at byte d_at + 2 g and
- * m_at + 2 g of the row, the codes packed from codes_at as tsr_rq_pack does (n_g * group).
- * group: a multiple of 4; zero: 0..255. */
+/* A row of uniform groups: n_g = ceil(n_in / group) groups of `group` codes of `bits`, packed
+ * from codes_at as tsr_rq_pack does (n_g * group), and per group an affine map of the codes:
+ * - stats_bits 0: an fp16 scale d_g at d_at + 2 g and, with has_min, an fp16 minimum m_g at
+ *   m_at + 2 g; code c is worth has_min ? m_g + d_g * (float)(c - zero) : d_g * (float)(c - zero);
+ * - stats_bits > 0 (SpQR's statistics): the group's scale and zero as codes sc_g and zc_g of
+ *   stats_bits, packed from sc_at and zc_at, decoded with the fp16 (s_min, s_step, z_min,
+ *   z_step) of run r = g / stats_run at d_at + 8 r: s = s_min + s_step * sc_g and
+ *   z = z_min + z_step * zc_g; code c is worth s * ((float)c - z).
+ * Each product and sum rounded on its own. group: a multiple of 4; zero: 0..255. */
 typedef struct tsr_rq_uniform {
     int32_t bits, zero, has_min;
     int64_t group;
     size_t d_at, m_at, codes_at;
+    int32_t stats_bits;
+    int64_t stats_run;
+    size_t sc_at, zc_at;
 } tsr_rq_uniform;
 
 typedef struct tsr_rq_codec {
@@ -331,10 +337,11 @@ typedef struct tsr_rq_codec {
                     int64_t n_tok, int64_t n_in, float *scratch);
     int64_t (*f32_group)(const void *cfg);
     /* Optional (added after the first release of this header): 1 when the rows of n_in
-     * weights are uniform groups (*u filled: an fp16 scale, optionally an fp16 minimum, and
-     * codes of one width per group, no tail) and the matrix should be held interleaved by 16
-     * rows for its int8 products (tsr_rq_x16_pack); 0 to keep the rows. The codec's
-     * dequantize_row must then give what tsr_rq_uniform states, and dot_q8 is not called. */
+     * weights are uniform groups (*u filled) and the matrix should be held interleaved by 16
+     * rows for its int8 products (tsr_rq_x16_pack); 0 to keep the rows. dot_q8 is then not
+     * called, and the codec's dequantize_row must give what tsr_rq_uniform states wherever
+     * its tail (if it has tails) adds nothing: the values a tail sets are kept beside the
+     * interleaved matrix (tsr_rq_x16_deltas). */
     int (*uniform)(const void *cfg, int64_t n_in, tsr_rq_uniform *u);
 } tsr_rq_codec;
 
@@ -351,16 +358,31 @@ typedef struct tsr_rq_matrix {
                                // NULL when the codec has no tails
     uint8_t *tails;            // (tail_off[n_out]) bytes
     /* Added with tsr_rq_codec.uniform: the matrix interleaved by 16 rows (tsr_rq_x16_pack),
-     * which the loops below read instead of rows; NULL for a matrix of rows. */
+     * which the loops below read instead of rows; NULL for a matrix of rows. With tails, the
+     * columns the tails set (tsr_rq_x16_deltas): row r's are deltas[delta_off[r] ..
+     * delta_off[r + 1]). */
     uint8_t *x16;
+    const uint32_t *delta_off;        // (n_out + 1), or NULL
+    const struct tsr_rq_delta *deltas;
 } tsr_rq_matrix;
 
+/* A column of a row where the codec's value (its tail's) differs from the interleaved form's:
+ * the value, and the value minus the interleaved form's, which the product adds times the
+ * column's activation. */
+typedef struct tsr_rq_delta {
+    uint32_t col;
+    float value, delta;
+} tsr_rq_delta;
+
 /* The interleaved form of a uniform codec's matrix ("x16", as the gguf quantizer's tiles):
- * ceil(n_out / 16) blocks of 16 rows (rows past n_out are zero), a block its n_g groups one
- * after another, a group the 16 rows' fp16 d (32 bytes), with a minimum their 16 fp16 m, then
- * group / 4 units of 64 codes: unit k holds codes 4k..4k+3 of the group for each of the 16
- * rows, code i of row r as code 4 r + i of a stream of `bits` packed as tsr_rq_pack does
- * (8 * bits bytes), so that once unpacked a unit is the 16 rows' 32-bit lanes that one
+ * ceil(n_out / 16) blocks of 16 rows (rows past n_out are zero), a block its n_g groups by
+ * runs (stats_run groups with SpQR's statistics, else one; the last run may be short). A run
+ * starts with its head: the 16 rows' fp16 d (32 bytes) and with a minimum their 16 fp16 m;
+ * with statistics the 16 rows' fp16 s_min, then s_step, z_min, z_step (128 bytes). Then each
+ * group of the run: with statistics the 16 rows' sc then their zc, 32 codes of stats_bits
+ * packed as tsr_rq_pack does; then group / 4 units of 64 codes: unit k holds codes 4k..4k+3
+ * of the group for each of the 16 rows, code i of row r as code 4 r + i of a stream of
+ * `bits` (8 * bits bytes), so that once unpacked a unit is the 16 rows' 32-bit lanes that one
  * vpdpbusd multiplies with four broadcast activations. A block is one sequential stream.
  * The size counts 8 bytes past the last block, which a kernel may read (never use). */
 size_t tsr_rq_x16_bytes(const tsr_rq_uniform *u, int64_t n_in, int64_t n_out);
@@ -369,6 +391,17 @@ size_t tsr_rq_x16_bytes(const tsr_rq_uniform *u, int64_t n_in, int64_t n_out);
  * (tsr_rq_x16_bytes). Slices blocks. */
 void tsr_rq_x16_pack(uint8_t *dst, const tsr_rq_matrix *m, const tsr_rq_uniform *u, int ith,
                      int nth);
+
+/* The columns where a row's value (the codec's dequantize_row, its tail included) differs
+ * from the interleaved form's, for m with its rows, tails and x16 (u its uniform): with
+ * deltas NULL, count[r] = how many of row r; else row r's are written from
+ * deltas + delta_off[r], by column. scratch: 2 n_in floats of the calling thread. Slices
+ * rows. */
+void tsr_rq_x16_deltas(uint32_t *count,                 // (n_out), or NULL
+                       tsr_rq_delta *deltas,            // or NULL
+                       const uint32_t *delta_off,       // (n_out + 1), with deltas
+                       const tsr_rq_matrix *m, const tsr_rq_uniform *u, float *scratch,
+                       int ith, int nth);
 
 /* Tail bytes of each row of src (n_out, n_in) as codec->tail_bytes counts them, the sizing
  * pass before the tails can be laid out: only m->codec, cfg, n_in and n_out are read, and
@@ -401,8 +434,10 @@ void tsr_rq_matrix_dequantize(float *y,                  // (n_rows, n_in)
  * S = sum c a over the group's codes and activations, A = the group's activation sum, both
  * exact in 32 bits)
  *   y = sum_g fma(da, inner, y),  inner = d_g * (float)(S - zero * A) [then fma(m_g, A, inner)]
- * in the order of g, for any n_tok the same bits; AVX-512 with VBMI unpacks each unit once in
- * registers for up to eight tokens, the other levels take the scalar reference. act NULL:
+ * in the order of g (with statistics d_g = s and m_g = -(s * z), zero 0), then for each
+ * delta of the row in turn y = fma(delta, da * (float)a, y): for any n_tok the same bits.
+ * AVX-512 with VBMI unpacks each unit once in registers for up to eight tokens, AVX2 to the
+ * stack by pdep (then 16-bit products); the scalar reference does the rest. act NULL:
  * with the codec's dot_f32, the sums of x's groups (tsr_rq_act_f32_sums, each
  * thread its own) and codec->dot_f32 on each row; without it, each value is
  * tsr_dot_f32(dequantized row, x row). act non-NULL (x quantized by tsr_rq_act_quantize with

@@ -15,9 +15,11 @@
  * A quantized tensor is one host->alloc block: a header, a copy of the codec's configuration,
  * the n_out rows of row_bytes each, and for codecs with a variable part (SpQR's outliers) the
  * uint32 offsets (n_out + 1) of each row's tail followed by the tails; or, for a codec whose
- * `uniform` asks for it, the rows interleaved by 16 (tsr_rq_x16_pack) in place of the rows. Memory goes through the
- * host's allocator, threads through host->parallel_for, errors through host->set_error; the
- * row loops are the kernels' (tsr_rq_matrix_*).
+ * `uniform` asks for it, the rows interleaved by 16 (tsr_rq_x16_pack) in place of the rows
+ * and tails, with tails followed by the offsets and the deltas (tsr_rq_x16_deltas) of each
+ * row's values that the tails set. Memory goes through the host's allocator, threads through
+ * host->parallel_for, errors through host->set_error; the row loops are the kernels'
+ * (tsr_rq_matrix_*).
  *
  * Header-only, like <tessera/sdk.h>, but it calls the kernels: link Tessera::kernels
  * (`pkg-config --libs tessera`). Every function runs on the thread that called into the
@@ -71,6 +73,7 @@ typedef struct tsr_rq_header_ {
     uint64_t row_bytes;
     uint64_t cfg_off, rows_off, ptr_off, tail_off, total; /* ptr_off = 0: no tails */
     uint64_t x16_off; /* not 0: the matrix interleaved (tsr_rq_x16_pack), rows_off 0 */
+    uint64_t delta_off_off, deltas_off; /* with x16 and tails: tsr_rq_x16_deltas' */
 } tsr_rq_header_;
 
 static inline uint64_t tsr_rq_align_up_(uint64_t x) {
@@ -91,7 +94,11 @@ static inline tsr_rq_matrix tsr_rq_matrix_of_(const tsr_rq_codec *codec, uint8_t
     const tsr_rq_header_ *h = (const tsr_rq_header_ *)block;
     tsr_rq_matrix m = {codec, block + h->cfg_off, h->n_in, h->n_out, (size_t)h->row_bytes,
                        h->rows_off ? block + h->rows_off : NULL, NULL, NULL,
-                       h->x16_off ? block + h->x16_off : NULL};
+                       h->x16_off ? block + h->x16_off : NULL, NULL, NULL};
+    if (h->delta_off_off) {
+        m.delta_off = (const uint32_t *)(block + h->delta_off_off);
+        m.deltas = (const tsr_rq_delta *)(block + h->deltas_off);
+    }
     if (h->ptr_off) {
         m.tail_off = (const uint32_t *)(block + h->ptr_off);
         m.tails = block + h->tail_off;
@@ -133,32 +140,101 @@ static inline void *tsr_rq_alloc_or_fail_(const tsr_host *host, size_t bytes, co
     return p;
 }
 
-/* One parallel_for of tsr_rq_quantize: with m.rows NULL the sizing pass (tail_len), with x16
- * the interleaving of m's rows into it, else the quantization (err, norm). */
+/* The passes of tsr_rq_quantize, each one parallel_for. */
+enum { TSR_RQ_PASS_SIZE_, TSR_RQ_PASS_QUANTIZE_, TSR_RQ_PASS_PACK_, TSR_RQ_PASS_DELTAS_ };
+
 typedef struct tsr_rq_quant_job_ {
+    int pass;
     tsr_rq_matrix m;
     const tsr_tensor *src;
     float *scratch;     // (nth, 2, n_in)
-    uint32_t *tail_len; // (n_out)
+    uint32_t *tail_len; // (n_out): the tails' sizes, then the deltas' counts
     double *err, *norm; // (n_out)
-    uint8_t *x16;
+    uint8_t *x16;       // PACK's destination
     tsr_rq_uniform uniform;
+    tsr_rq_delta *deltas; // DELTAS: NULL to count them into tail_len
+    const uint32_t *delta_off;
 } tsr_rq_quant_job_;
 
 static inline void tsr_rq_quant_task_(void *arg, int ith, int nth) {
     tsr_rq_quant_job_ *j = arg;
-    if (j->x16) {
-        tsr_rq_x16_pack(j->x16, &j->m, &j->uniform, ith, nth);
-        return;
-    }
     const tsr_tensor *src = j->src;
     float *scratch = j->scratch + (size_t)ith * 2 * (size_t)j->m.n_in;
-    if (!j->m.rows)
+    if (j->pass == TSR_RQ_PASS_PACK_)
+        tsr_rq_x16_pack(j->x16, &j->m, &j->uniform, ith, nth);
+    else if (j->pass == TSR_RQ_PASS_DELTAS_)
+        tsr_rq_x16_deltas(j->deltas ? NULL : j->tail_len, j->deltas, j->delta_off, &j->m,
+                          &j->uniform, scratch, ith, nth);
+    else if (j->pass == TSR_RQ_PASS_SIZE_)
         tsr_rq_matrix_tail_sizes(j->tail_len, &j->m, src->data, src->dtype, src->row_bytes,
                                  scratch, ith, nth);
     else
         tsr_rq_matrix_quantize(&j->m, j->err, j->norm, src->data, src->dtype, src->row_bytes,
                                scratch, ith, nth);
+}
+
+/* [main] Replaces the quantized rows in *block (header *h, j->m their matrix) by a block of
+ * their interleaved form (j->uniform) and, for a codec with tails, the deltas the tails set.
+ * The deltas are counted on an interleaved copy before the block that holds them is sized. */
+static inline tsr_status tsr_rq_interleave_(const tsr_host *host, tsr_rq_quant_job_ *j,
+                                            const tsr_rq_header_ *h, uint8_t **block,
+                                            size_t cfg_bytes, const char *name) {
+    const int64_t n_out = h->n_out;
+    const size_t x16_bytes = tsr_rq_x16_bytes(&j->uniform, h->n_in, n_out);
+    const int tails = j->m.tail_off != NULL;
+    uint64_t n_deltas = 0;
+    uint8_t *copy = NULL;
+    if (tails) {
+        if (!(copy = tsr_rq_alloc_or_fail_(host, x16_bytes, name))) return TSR_E_NOMEM;
+        j->x16 = copy;
+        j->pass = TSR_RQ_PASS_PACK_;
+        host->parallel_for(host->ctx, tsr_rq_quant_task_, j);
+        j->m.x16 = copy;
+        j->pass = TSR_RQ_PASS_DELTAS_;
+        host->parallel_for(host->ctx, tsr_rq_quant_task_, j);
+        for (int64_t r = 0; r < n_out; r++) n_deltas += j->tail_len[r];
+        if (n_deltas > UINT32_MAX) {
+            host->set_error(host->ctx, "%s: %llu values beside the interleaved rows exceed "
+                            "2^32", name, (unsigned long long)n_deltas);
+            host->free(host->ctx, copy);
+            return TSR_E_RANGE;
+        }
+    }
+    tsr_rq_header_ hx = *h;
+    hx.rows_off = hx.ptr_off = hx.tail_off = 0;
+    hx.x16_off = h->rows_off;
+    hx.total = hx.x16_off + x16_bytes;
+    if (tails) {
+        hx.delta_off_off = tsr_rq_align_up_(hx.total);
+        hx.deltas_off = tsr_rq_align_up_(hx.delta_off_off + ((uint64_t)n_out + 1) * 4);
+        hx.total = hx.deltas_off + n_deltas * sizeof(tsr_rq_delta);
+    }
+    uint8_t *out = tsr_rq_alloc_or_fail_(host, (size_t)hx.total, name);
+    if (!out) {
+        host->free(host->ctx, copy);
+        return TSR_E_NOMEM;
+    }
+    memset(out, 0, (size_t)hx.x16_off);
+    memcpy(out, &hx, sizeof hx);
+    memcpy(out + hx.cfg_off, j->m.cfg, cfg_bytes);
+    j->x16 = out + hx.x16_off;
+    if (copy) {
+        memcpy(j->x16, copy, x16_bytes);
+        host->free(host->ctx, copy);
+        uint32_t *off = (uint32_t *)(out + hx.delta_off_off);
+        off[0] = 0;
+        for (int64_t r = 0; r < n_out; r++) off[r + 1] = off[r] + j->tail_len[r];
+        j->m.x16 = j->x16;
+        j->deltas = (tsr_rq_delta *)(out + hx.deltas_off);
+        j->delta_off = off;
+        host->parallel_for(host->ctx, tsr_rq_quant_task_, j);
+    } else {
+        j->pass = TSR_RQ_PASS_PACK_;
+        host->parallel_for(host->ctx, tsr_rq_quant_task_, j);
+    }
+    host->free(host->ctx, *block);
+    *block = out;
+    return TSR_OK;
 }
 
 /* [main] Quantizes the 2-D F32/F16/BF16 tensor `src` (ne = {n_in, n_out}) with `codec` and
@@ -189,7 +265,8 @@ static inline tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_code
         return TSR_E_UNSUPPORTED;
     }
     int nth = host->n_threads(host->ctx);
-    tsr_rq_quant_job_ j = {.m = {codec, cfg, n_in, n_out, 0, NULL, NULL, NULL, NULL},
+    tsr_rq_quant_job_ j = {.m = {codec, cfg, n_in, n_out, 0, NULL, NULL, NULL, NULL, NULL,
+                                 NULL},
                            .src = src};
     size_t n_rows = (size_t)n_out;
     tsr_status st = TSR_E_NOMEM;
@@ -203,6 +280,7 @@ static inline tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_code
 
     uint64_t tail_total = 0;
     if (codec->tail_bytes) {
+        j.pass = TSR_RQ_PASS_SIZE_;
         host->parallel_for(host->ctx, tsr_rq_quant_task_, &j);
         for (int64_t r = 0; r < n_out; r++) tail_total += j.tail_len[r];
         if (tail_total > UINT32_MAX) {
@@ -233,6 +311,7 @@ static inline tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_code
         for (int64_t r = 0; r < n_out; r++) ptr[r + 1] = ptr[r] + j.tail_len[r];
     }
     j.m = tsr_rq_matrix_of_(codec, block);
+    j.pass = TSR_RQ_PASS_QUANTIZE_;
     host->parallel_for(host->ctx, tsr_rq_quant_task_, &j);
 
     double e = 0, s = 0;
@@ -240,20 +319,10 @@ static inline tsr_status tsr_rq_quantize(const tsr_host *host, const tsr_rq_code
         e += j.err[r];
         s += j.norm[r];
     }
-    if (!codec->tail_bytes && codec->uniform && codec->uniform(cfg, n_in, &j.uniform)) {
-        /* the rows interleaved into a block of their own, which replaces theirs */
-        tsr_rq_header_ hx = h;
-        hx.rows_off = 0;
-        hx.x16_off = h.rows_off;
-        hx.total = hx.x16_off + tsr_rq_x16_bytes(&j.uniform, n_in, n_out);
-        uint8_t *x16_block = tsr_rq_alloc_or_fail_(host, (size_t)hx.total, name);
-        if (!x16_block) goto done;
-        memcpy(x16_block, &hx, sizeof hx);
-        memcpy(x16_block + hx.cfg_off, cfg, cfg_bytes);
-        j.x16 = x16_block + hx.x16_off;
-        host->parallel_for(host->ctx, tsr_rq_quant_task_, &j);
-        host->free(host->ctx, block);
-        block = x16_block;
+    if (codec->uniform && codec->uniform(cfg, n_in, &j.uniform)) {
+        st = tsr_rq_interleave_(host, &j, &h, &block, cfg_bytes, name);
+        if (st < 0) goto done;
+        st = TSR_E_NOMEM;
     }
     report->rel_rmse = s > 0 ? sqrt(e / s) : 0.0;
     report->bits_per_weight = 8.0 * (double)(h.total - h.rows_off) / ((double)n_in * n_rows);
