@@ -1716,6 +1716,11 @@ void tsr_rq_stats_affine(float *d, float *b, const uint8_t *sc, const uint8_t *z
 
 /* ---- uniform codecs interleaved by 16 rows ---------------------------------------------- */
 
+/* Token t's activation scale for group g (its one scale, or the group's). */
+static inline float act_scale(const tsr_rq_act *act, int64_t t, int64_t g) {
+    return act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
+}
+
 /* What a walk over an x16 matrix needs: groups per row and per run, units (four codes of 16
  * rows) per group, and the bytes of a unit, of a run's head, of a group's statistics, of a
  * group (statistics and units), of a whole run and of a block. */
@@ -1919,7 +1924,7 @@ static void x16_block_ref(float *y, int64_t ldy, const uint8_t *blk, int n_r,
             }
             x16_affine_ref(&af, blk, &w, u, 0, 16);
             int32_t sum_a = act->gsum[t * x->n_g + g];
-            float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
+            float da = act_scale(act, t, g);
             for (int r = 0; r < 16; r++) {
                 float inner = af.d[r] * (float)(s[r] - u->zero * sum_a);
                 if (x16_has_m(u)) inner = fmaf(af.m[r], (float)sum_a, inner);
@@ -2027,7 +2032,7 @@ x16_blocks_vbmi(float *const *y, int64_t ldy, const uint8_t *const *blk, const _
 #pragma GCC unroll 4
                 for (int c = 1; c < chains; c++) sj = _mm512_add_epi32(sj, s[i * chains + c]);
                 int32_t sum_a = act->gsum[t * x->n_g + g];
-                float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
+                float da = act_scale(act, t, g);
                 if (u->zero) sj = _mm512_sub_epi32(sj, _mm512_set1_epi32(u->zero * sum_a));
                 __m512 inner = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sj));
                 if (x16_has_m(u)) inner = _mm512_fmadd_ps(m, _mm512_set1_ps((float)sum_a), inner);
@@ -2145,7 +2150,7 @@ x16_block_avx2(float *y, int64_t ldy, const uint8_t *blk, int n_r, const tsr_rq_
                     }
                 }
                 int32_t sum_a = act->gsum[t * x->n_g + g];
-                float da = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)];
+                float da = act_scale(act, t, g);
                 for (int h = 0; h < 2; h++) {
                     /* rows 8h..8h+7 in order: vphaddd interleaves the 128-bit halves */
                     __m256i rows8 = _mm256_permute4x64_epi64(
@@ -2199,7 +2204,7 @@ static void x16_add_deltas(float *y, const tsr_rq_matrix *m, const tsr_rq_act *a
             const tsr_rq_delta e = m->deltas[k];
             const int64_t g = e.col / act->group;
             for (int64_t t = 0; t < n_tok; t++) {
-                float a = act->d[t * act->n_scales + (act->n_scales > 1 ? g : 0)] *
+                float a = act_scale(act, t, g) *
                           (float)act->q[t * act->n_pad + e.col];
                 y[t * m->n_out + r] = fmaf(e.delta, a, y[t * m->n_out + r]);
             }
